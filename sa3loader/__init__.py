@@ -1,0 +1,40 @@
+"""sa3loader: load Stable Audio 3 from an automatic fp16 sibling checkpoint.
+
+``from sa3loader import load_diffusion_cond`` is a drop-in replacement for
+``stable_audio_3.loading_utils.load_diffusion_cond``.
+"""
+
+from ._install import install, installed, uninstall
+from ._plan import LoadResult
+from .errors import (
+    CheckpointIsADirectoryError,
+    CheckpointNotFoundError,
+    ConversionError,
+    HeaderError,
+    LockTimeoutError,
+    Sa3LoaderError,
+    UpstreamNotFoundError,
+    VerificationError,
+)
+from .loader import LoadInfo, last_load_info, load_diffusion_cond, load_into_module
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointIsADirectoryError",
+    "CheckpointNotFoundError",
+    "ConversionError",
+    "HeaderError",
+    "LoadInfo",
+    "LoadResult",
+    "LockTimeoutError",
+    "Sa3LoaderError",
+    "UpstreamNotFoundError",
+    "VerificationError",
+    "install",
+    "installed",
+    "last_load_info",
+    "load_diffusion_cond",
+    "load_into_module",
+    "uninstall",
+]

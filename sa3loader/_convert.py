@@ -1,0 +1,248 @@
+"""Write the fp16 sibling of a checkpoint: streamed, bounded memory, crash-safe.
+
+``safetensors.torch.save_file`` needs every tensor in memory at once, so the
+writer lays out the header itself (``_format.layout``, byte-compatible with
+``save_file``) and streams each tensor from the source with plain reads,
+converting float32 chunks to float16 on the way. The file is written as
+``<dest>.incomplete-<unique>``, fsynced, then published with ``os.replace``;
+a reader can never find it half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ._format import Header, TensorEntry, layout, read_exact
+from .errors import ConversionError, VerificationError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+META_PREFIX = "sa3loader."
+MARKER_KEY = META_PREFIX + "format_version"
+INCOMPLETE_INFIX = ".incomplete-"
+CHUNK_ELEMENTS = 8 * 1024 * 1024  # 32 MiB of float32 in flight, whatever the model size
+DEFAULT_FILE_MODE = 0o644
+PROGRESS_MIN_BYTES = 256 * 1024 * 1024
+
+# Test-only: called with the name of each phase ("header", "data", "fsync",
+# "rename") so that fault tests can kill the process at a known point.
+phase_hook: Callable[[str], None] | None = None
+
+
+def _phase(name: str) -> None:
+    if phase_hook is not None:
+        phase_hook(name)
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    path: str
+    size: int
+    header_sha256: str
+    overflow_to_inf: int
+    flushed_to_zero: int
+    seconds: float
+
+
+def has_float32(header: Header) -> bool:
+    return any(e.dtype == "F32" for e in header.entries)
+
+
+def converted_dtype(dtype: str) -> str:
+    return "F16" if dtype == "F32" else dtype
+
+
+def sibling_size(header: Header, metadata: dict[str, str]) -> int:
+    prefix, entries = _sibling_layout(header, metadata)
+    return len(prefix) + (entries[-1].end if entries else 0)
+
+
+def sibling_metadata(header: Header, identity: dict[str, Any], fingerprint: str) -> dict[str, str]:
+    """The source's metadata plus ours, so that a sibling describes its source."""
+    ours = {
+        MARKER_KEY: FORMAT_VERSION,
+        META_PREFIX + "source_name": os.path.basename(header.path),
+        META_PREFIX + "source_size": str(identity["size"]),
+        META_PREFIX + "source_mtime_ns": str(identity["mtime_ns"]),
+        META_PREFIX + "source_header_sha256": identity["header_sha256"],
+        META_PREFIX + "source_fingerprint": fingerprint,
+    }
+    return {**header.metadata, **ours}
+
+
+def is_sa3loader_file(header: Header) -> bool:
+    return MARKER_KEY in header.metadata
+
+
+def _sibling_layout(header: Header, metadata: dict[str, str]) -> tuple[bytes, list[TensorEntry]]:
+    return layout([(e.name, converted_dtype(e.dtype), e.shape) for e in header.entries], metadata)
+
+
+def progress_enabled() -> bool:
+    if os.environ.get("SA3LOADER_PROGRESS", "").strip() == "0" or os.environ.get("TQDM_DISABLE"):
+        return False
+    return sys.stderr.isatty()
+
+
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def convert(header: Header, dest: str, metadata: dict[str, str]) -> ConversionResult:
+    """Write the fp16 sibling of ``header``'s file to ``dest`` and publish it atomically."""
+    started = time.perf_counter()
+    prefix, out_entries = _sibling_layout(header, metadata)
+    total = len(prefix) + (out_entries[-1].end if out_entries else 0)
+    tmp = f"{dest}{INCOMPLETE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    mode = os.stat(header.path).st_mode & 0o666 or DEFAULT_FILE_MODE
+    counts = {"inf": 0, "zero": 0}
+    try:
+        out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except OSError as exc:
+        raise ConversionError(exc.errno, f"cannot create {tmp}: {exc.strerror}") from exc
+    try:
+        with open(header.path, "rb", buffering=0) as src, tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"fp16 {os.path.basename(header.path)}",
+            disable=not progress_enabled() or total < PROGRESS_MIN_BYTES,
+        ) as bar:
+            _phase("header")
+            _write_all(out_fd, prefix)
+            bar.update(len(prefix))
+            _phase("data")
+            _stream_tensors(header, out_entries, src.fileno(), out_fd, counts, bar)
+        _phase("fsync")
+        os.fsync(out_fd)
+        os.close(out_fd)
+        out_fd = -1
+        _phase("rename")
+        os.replace(tmp, dest)
+        _fsync_dir(os.path.dirname(dest) or ".")
+    except BaseException as exc:
+        if out_fd >= 0:
+            os.close(out_fd)
+        _unlink_quietly(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, ConversionError):
+            raise ConversionError(
+                exc.errno, f"cannot write fp16 sibling {dest}: {exc.strerror or exc}"
+            ) from exc
+        raise
+    seconds = time.perf_counter() - started
+    if counts["inf"] or counts["zero"]:
+        logger.warning(
+            "%s: fp16 range: %d finite values overflowed to inf, %d nonzero values flushed to zero "
+            "(the same values model.to(torch.float16) produces)",
+            header.path, counts["inf"], counts["zero"],
+        )
+    header_sha = hashlib.sha256(prefix[8:]).hexdigest()
+    return ConversionResult(dest, total, header_sha, counts["inf"], counts["zero"], seconds)
+
+
+def _stream_tensors(
+    header: Header,
+    out_entries: list[TensorEntry],
+    src_fd: int,
+    out_fd: int,
+    counts: dict[str, int],
+    bar: Any,
+) -> None:
+    in_buf = bytearray(CHUNK_ELEMENTS * 4)
+    out_buf = bytearray(CHUNK_ELEMENTS * 2)
+    in_f32 = torch.frombuffer(in_buf, dtype=torch.float32)
+    out_f16 = torch.frombuffer(out_buf, dtype=torch.float16)
+    for out in out_entries:
+        entry = header.by_name[out.name]
+        offset = header.data_start + entry.begin
+        if entry.dtype != "F32":
+            remaining = entry.nbytes
+            while remaining:
+                step = min(remaining, len(in_buf))
+                _write_all(out_fd, read_exact(src_fd, offset, step, header.path))
+                offset += step
+                remaining -= step
+                bar.update(step)
+            continue
+        remaining = entry.numel
+        while remaining:
+            n = min(remaining, CHUNK_ELEMENTS)
+            view = memoryview(in_buf)[: n * 4]
+            got = os.preadv(src_fd, [view], offset)
+            if got != n * 4:
+                view[got:] = read_exact(src_fd, offset + got, n * 4 - got, header.path)
+            src, dst = in_f32[:n], out_f16[:n]
+            dst.copy_(src)
+            counts["inf"] += int((dst.isinf() & src.isfinite()).sum())
+            counts["zero"] += int(((dst == 0) & (src != 0)).sum())
+            _write_all(out_fd, memoryview(out_buf)[: n * 2])
+            offset += n * 4
+            remaining -= n
+            bar.update(n * 2)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def verify(source: Header, sibling: Header) -> None:
+    """Full content check: every sibling byte equals fp16(source) (reads both files)."""
+    in_buf = bytearray(CHUNK_ELEMENTS * 4)
+    out_buf = bytearray(CHUNK_ELEMENTS * 2)
+    in_f32 = torch.frombuffer(in_buf, dtype=torch.float32)
+    out_f16 = torch.frombuffer(out_buf, dtype=torch.float16)
+    with open(source.path, "rb", buffering=0) as src, open(sibling.path, "rb", buffering=0) as sib:
+        for entry in source.entries:
+            other = sibling.by_name[entry.name]
+            src_off = source.data_start + entry.begin
+            sib_off = sibling.data_start + other.begin
+            remaining = entry.numel if entry.dtype == "F32" else entry.nbytes
+            step_items = CHUNK_ELEMENTS if entry.dtype == "F32" else len(in_buf)
+            while remaining:
+                n = min(remaining, step_items)
+                if entry.dtype == "F32":
+                    in_buf[: n * 4] = read_exact(src.fileno(), src_off, n * 4, source.path)
+                    out_f16[:n].copy_(in_f32[:n])
+                    expected = bytes(out_buf[: n * 2])
+                    src_off += n * 4
+                else:
+                    expected = read_exact(src.fileno(), src_off, n, source.path)
+                    src_off += n
+                actual = read_exact(sib.fileno(), sib_off, len(expected), sibling.path)
+                sib_off += len(expected)
+                if actual != expected:
+                    raise VerificationError(
+                        f"{sibling.path}: tensor {entry.name!r} differs from fp16 of {source.path}"
+                    )
+                remaining -= n

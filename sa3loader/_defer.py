@@ -1,0 +1,84 @@
+"""Build a model without allocating or initialising its parameters.
+
+While active, every ``nn.Parameter`` registered (in this thread) is swapped for
+a meta-device stand-in, so the factory's random init of gigabytes of weights
+costs nothing. Only parameters are deferred: buffers, plain tensor
+attributes and objects outside the module tree are built as upstream builds
+them. Parameters registered while a ``load_state_dict`` runs (transformers
+loading the T5Gemma encoder with ``assign=True``, say) carry loaded values
+and are never deferred. The caller must then give every deferred parameter a real value, or
+throw the model away (``still_deferred`` tells which are left).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+_META = torch.device("meta")
+# One deferred build at a time: the patch is process-wide, the flag per thread.
+_build_lock = threading.Lock()
+_state = threading.local()
+_original_register = nn.Module.register_parameter
+_original_load_state_dict = nn.Module.load_state_dict
+
+
+class DeferredParameters:
+    """Records each deferred (module, name) pair."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[weakref.ref[nn.Module], str]] = []
+
+    def still_deferred(self) -> list[tuple[nn.Module, str]]:
+        """Deferred parameters that are still on the meta device."""
+        left = []
+        for ref, name in self.records:
+            module = ref()
+            if module is None:
+                continue
+            param = module._parameters.get(name)
+            if param is not None and param.device == _META:
+                left.append((module, name))
+        return left
+
+
+def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    recorder: DeferredParameters | None = getattr(_state, "recorder", None)
+    loading = getattr(_state, "loading", 0)
+    if recorder is not None and not loading and type(param) is nn.Parameter:
+        # Parameters derived from deferred ones (weight_norm's g and v) are meta already.
+        if param.device != _META:
+            param = nn.Parameter(torch.empty_like(param, device=_META), requires_grad=param.requires_grad)
+        _original_register(self, name, param)
+        recorder.records.append((weakref.ref(self), name))
+        return
+    _original_register(self, name, param)
+
+
+def _load_state_dict_not_deferred(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    _state.loading = getattr(_state, "loading", 0) + 1
+    try:
+        return _original_load_state_dict(self, *args, **kwargs)
+    finally:
+        _state.loading -= 1
+
+
+@contextlib.contextmanager
+def deferred_parameters() -> Iterator[DeferredParameters]:
+    recorder = DeferredParameters()
+    with _build_lock:
+        nn.Module.register_parameter = _register_deferred  # type: ignore[method-assign]
+        nn.Module.load_state_dict = _load_state_dict_not_deferred  # type: ignore[method-assign]
+        _state.recorder = recorder
+        try:
+            yield recorder
+        finally:
+            _state.recorder = None
+            nn.Module.register_parameter = _original_register  # type: ignore[method-assign]
+            nn.Module.load_state_dict = _original_load_state_dict  # type: ignore[method-assign]

@@ -1,0 +1,234 @@
+"""The safetensors file format: read and validate a header, lay out a new one.
+
+No torch here: parsing is pure Python over bytes read with plain ``os.pread``
+(never mmap: a file truncated under a mapping kills the reader with SIGBUS).
+Every check that safetensors itself makes is made here too, so that a hostile
+header fails with a :class:`HeaderError` naming the file before anything is
+allocated from the numbers it claims.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CheckpointIsADirectoryError, CheckpointNotFoundError, HeaderError
+
+HEADER_LENGTH_BYTES = 8
+# safetensors refuses headers above 100 MB; so do we, before reading them.
+MAX_HEADER_BYTES = 100_000_000
+# save_file pads the JSON header with spaces to this alignment.
+HEADER_ALIGNMENT = 8
+METADATA_KEY = "__metadata__"
+
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "C64": 8, "F64": 8, "I64": 8, "U64": 8,
+}  # fmt: skip
+
+# The order of safetensors' Rust ``Dtype`` enum: ``save_file`` writes tensors
+# sorted by this rank, largest first, then by name.
+DTYPE_RANK: dict[str, int] = {
+    name: rank
+    for rank, name in enumerate(
+        ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3",
+         "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64",
+         "F64", "I64", "U64"]  # fmt: skip
+    )
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a header; offsets are relative to the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header.
+
+    ``entries`` are in data-offset order, which is the order in which
+    ``safetensors.torch.load_file`` returns tensors (and so the order in which
+    upstream's ``remap_state_dict_keys`` sees them).
+    """
+
+    path: str
+    file_size: int
+    header_size: int
+    entries: tuple[TensorEntry, ...]
+    metadata: dict[str, str]
+    sha256: str
+    by_name: dict[str, TensorEntry] = field(repr=False, compare=False)
+
+    @property
+    def data_start(self) -> int:
+        return HEADER_LENGTH_BYTES + self.header_size
+
+    def dtypes(self) -> set[str]:
+        return {e.dtype for e in self.entries}
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and validate the header of the safetensors file at ``path``."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint file") from exc
+    except IsADirectoryError as exc:
+        raise CheckpointIsADirectoryError(f"{path}: is a directory, not a .safetensors file") from exc
+    try:
+        if os.path.isdir(path):
+            raise CheckpointIsADirectoryError(f"{path}: is a directory, not a .safetensors file")
+        file_size = os.fstat(fd).st_size
+        if file_size < HEADER_LENGTH_BYTES:
+            raise HeaderError(f"{path}: {file_size} bytes is too small to be a safetensors file")
+        (header_size,) = struct.unpack("<Q", read_exact(fd, 0, HEADER_LENGTH_BYTES, path))
+        if header_size > min(MAX_HEADER_BYTES, file_size - HEADER_LENGTH_BYTES):
+            raise HeaderError(
+                f"{path}: header claims {header_size} bytes but the file holds "
+                f"{file_size - HEADER_LENGTH_BYTES} after the length field"
+            )
+        raw = read_exact(fd, HEADER_LENGTH_BYTES, header_size, path)
+    finally:
+        os.close(fd)
+    return parse_header(raw, path=path, file_size=file_size)
+
+
+def read_exact(fd: int, offset: int, length: int, path: str) -> bytes:
+    """``pread`` exactly ``length`` bytes or raise: a short read means truncation."""
+    chunks = []
+    remaining = length
+    while remaining:
+        chunk = os.pread(fd, remaining, offset)
+        if not chunk:
+            raise HeaderError(f"{path}: file ends early (truncated at byte {offset})")
+        chunks.append(chunk)
+        offset += len(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
+    """Validate header bytes against the file size; pure, no I/O."""
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise HeaderError(f"{path}: header is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise HeaderError(f"{path}: header is a JSON {type(obj).__name__}, not an object")
+    metadata = obj.pop(METADATA_KEY, None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise HeaderError(f"{path}: __metadata__ must map strings to strings")
+
+    entries = [_parse_entry(name, info, path) for name, info in obj.items()]
+    entries.sort(key=lambda e: (e.begin, e.end, e.name))
+    data_size = file_size - HEADER_LENGTH_BYTES - len(raw)
+    position = 0
+    for entry in entries:
+        if entry.begin != position:
+            raise HeaderError(
+                f"{path}: tensor {entry.name!r} starts at {entry.begin}, expected {position} "
+                "(offsets overlap or leave a gap)"
+            )
+        position = entry.end
+    if position != data_size:
+        raise HeaderError(
+            f"{path}: tensors need {position} data bytes but the file holds {data_size} "
+            "(truncated or padded file)"
+        )
+    return Header(
+        path=path,
+        file_size=file_size,
+        header_size=len(raw),
+        entries=tuple(entries),
+        metadata=metadata,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        by_name={e.name: e for e in entries},
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise HeaderError(f"{where}: entry must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in DTYPE_SIZES:
+        raise HeaderError(f"{where}: unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise HeaderError(f"{where}: shape must be a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise HeaderError(f"{where}: data_offsets must be two integers 0 <= begin <= end")
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if offsets[1] - offsets[0] != expected:
+        raise HeaderError(
+            f"{where}: {offsets[1] - offsets[0]} data bytes do not match "
+            f"{dtype} x {shape} = {expected} bytes"
+        )
+    return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def layout(
+    tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
+) -> tuple[bytes, list[TensorEntry]]:
+    """Header bytes and entries, in file order, exactly as ``save_file`` lays them out.
+
+    ``tensors`` holds (name, dtype, shape). Returns the full prefix to write
+    (length field + padded JSON) and the entries with their new offsets.
+    """
+    ordered = sorted(tensors, key=lambda t: (-DTYPE_RANK[t[1]], t[0]))
+    entries = []
+    position = 0
+    for name, dtype, shape in ordered:
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        entries.append(TensorEntry(name, dtype, tuple(shape), position, position + nbytes))
+        position += nbytes
+    obj: dict[str, Any] = {}
+    if metadata:
+        obj[METADATA_KEY] = metadata
+    for e in entries:
+        obj[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % HEADER_ALIGNMENT)
+    return struct.pack("<Q", len(text)) + text, entries

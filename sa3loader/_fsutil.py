@@ -1,0 +1,180 @@
+"""Where files go and who may write them: sibling paths, cache dir, locks.
+
+The conversion lock is ``fcntl.flock`` on ``<sibling>.lock``: the kernel
+releases it when the holder dies, so a crash never leaves a stale lock, and
+it is keyed by the sibling's path, so callers with different cache dirs that
+target one sibling still convert once. Lock files are never deleted (deleting
+one while another process waits on it would let two writers in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import glob
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+
+from ._convert import INCOMPLETE_INFIX
+from .errors import LockTimeoutError
+
+logger = logging.getLogger(__name__)
+
+SIBLING_SUFFIX = ".fp16.safetensors"
+SAFETENSORS_SUFFIX = ".safetensors"
+CACHE_DIR_ENV = "SA3LOADER_CACHE_DIR"
+CACHE_APP_NAME = "sa3loader"
+SIBLINGS_SUBDIR = "siblings"
+LOCK_SUFFIX = ".lock"
+LOCK_TIMEOUT_ENV = "SA3LOADER_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT_S = 3600.0
+LOCK_POLL_S = 0.05
+LOCK_LOG_EVERY_S = 5.0
+# Filesystems (some NFS, FUSE) that do not support flock answer with these.
+UNSUPPORTED_LOCK_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str, *args: object) -> None:
+    """Log a warning once per process: a misconfigured cache must not flood the log."""
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message, *args)
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """``cache_dir``, else $SA3LOADER_CACHE_DIR, else $XDG_CACHE_HOME/sa3loader, else ~/.cache/sa3loader.
+
+    Falls back to a per-user temp dir (with a warning) when there is no usable home.
+    """
+    if cache_dir is not None:
+        return os.path.abspath(os.fspath(cache_dir))
+    if os.environ.get(CACHE_DIR_ENV):
+        return os.path.abspath(os.environ[CACHE_DIR_ENV])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return os.path.join(os.path.abspath(os.environ["XDG_CACHE_HOME"]), CACHE_APP_NAME)
+    home = os.path.expanduser("~")
+    candidate = os.path.join(home, ".cache", CACHE_APP_NAME)
+    if home != "~" and _can_create(candidate):
+        return candidate
+    fallback = os.path.join(tempfile.gettempdir(), f"{CACHE_APP_NAME}-{os.getuid()}")
+    warn_once("no-home", "no usable home directory for the sa3loader cache; using %s", fallback)
+    return fallback
+
+
+def _can_create(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def in_hf_hub_cache(path: str) -> bool:
+    """True for paths inside a Hugging Face hub cache (``models--*/snapshots|blobs``)."""
+    for candidate in {os.path.abspath(path), os.path.realpath(path)}:
+        parts = candidate.split(os.sep)
+        for i, part in enumerate(parts[:-1]):
+            if part.startswith("models--") and parts[i + 1] in ("snapshots", "blobs"):
+                return True
+    return False
+
+
+def sibling_name(source_path: str) -> str:
+    name = os.path.basename(source_path)
+    if name.endswith(SAFETENSORS_SUFFIX):
+        name = name[: -len(SAFETENSORS_SUFFIX)]
+    return name + SIBLING_SUFFIX
+
+
+def beside_path(source_path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(source_path)), sibling_name(source_path))
+
+
+def cache_path(cache_dir: str, source_path: str, real_source: str) -> str:
+    """Sibling location in the cache dir, keyed by the real file (a hub blob, for instance)."""
+    digest = hashlib.sha256(real_source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return os.path.join(cache_dir, SIBLINGS_SUBDIR, digest, sibling_name(source_path))
+
+
+def dir_writable(path: str) -> bool:
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def lock_timeout() -> float:
+    try:
+        return float(os.environ.get(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT_S))
+    except ValueError:
+        return DEFAULT_LOCK_TIMEOUT_S
+
+
+@contextlib.contextmanager
+def conversion_lock(sibling_path: str, timeout: float | None = None) -> Iterator[bool]:
+    """Hold the exclusive lock for ``sibling_path``; yields False when locking is unsupported.
+
+    Without a lock, conversion is still safe (temp file + rename), only possibly
+    duplicated, so an unsupported filesystem degrades to a warning, not a failure.
+    """
+    timeout = lock_timeout() if timeout is None else timeout
+    lock_path = sibling_path + LOCK_SUFFIX
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + timeout
+        next_log = time.monotonic() + LOCK_LOG_EVERY_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno not in UNSUPPORTED_LOCK_ERRNOS:
+                    raise
+                warn_once(
+                    "flock:" + os.path.dirname(lock_path),
+                    "file locking is not supported for %s (%s); converting without a lock",
+                    lock_path, exc.strerror,
+                )
+                yield False
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                raise LockTimeoutError(
+                    f"waited {timeout:.0f}s for {lock_path}; another process is still converting. "
+                    f"Raise ${LOCK_TIMEOUT_ENV} or remove the stuck process."
+                )
+            if now >= next_log:
+                logger.info("waiting for %s (another process is converting)", lock_path)
+                next_log = now + LOCK_LOG_EVERY_S
+            time.sleep(LOCK_POLL_S)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def remove_stray_incomplete(sibling_path: str) -> list[str]:
+    """Delete leftovers of crashed writers. Call only while holding the lock."""
+    removed = []
+    for path in glob.glob(glob.escape(sibling_path) + INCOMPLETE_INFIX + "*"):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    if removed:
+        logger.info("removed %d incomplete file(s) left by a crashed conversion", len(removed))
+    return removed

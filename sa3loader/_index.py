@@ -1,0 +1,156 @@
+"""The diskcache index: real source path -> JSON record of its sibling.
+
+Rows are plain JSON. diskcache's own ``JSONDisk`` still unpickles rows stored
+in pickle mode, so a planted row could run code: ``SafeJSONDisk`` refuses
+every mode but raw bytes. The index is an accelerator, never a requirement:
+when it cannot be opened or read, loading goes on without it (a sibling's own
+metadata is enough to adopt it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from typing import Any
+
+import diskcache
+from diskcache.core import MODE_RAW, UNKNOWN
+
+from ._fsutil import warn_once
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+INDEX_SUBDIR = "index"
+INDEX_TIMEOUT_S = 2.0
+# Rows are a few hundred bytes; keep every one inside SQLite, never in side files.
+MAX_ROW_BYTES = 1 << 20
+
+
+class UnsafeRowError(ValueError):
+    """A row was not stored by sa3loader (pickled key or value)."""
+
+
+class SafeJSONDisk(diskcache.Disk):
+    """diskcache ``Disk`` that stores str keys and JSON values, and never unpickles."""
+
+    def __init__(self, directory: str, **kwargs: Any) -> None:
+        kwargs["min_file_size"] = MAX_ROW_BYTES
+        super().__init__(directory, **kwargs)
+
+    def put(self, key: Any) -> tuple[Any, bool]:
+        if type(key) is not str:
+            raise TypeError("index keys are str paths")
+        return key, True
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw or type(key) is not str:
+            raise UnsafeRowError("refusing a non-raw index key (pickled data)")
+        return key
+
+    def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple[Any, ...]:
+        data = json.dumps(value, sort_keys=True).encode("utf-8")
+        if read or len(data) >= MAX_ROW_BYTES:
+            raise ValueError("index rows are small JSON objects")
+        return 0, MODE_RAW, None, sqlite3.Binary(data)
+
+    def fetch(self, mode: int, filename: Any, value: Any, read: bool) -> Any:
+        if mode != MODE_RAW or not isinstance(value, (bytes, sqlite3.Binary)):
+            raise UnsafeRowError(f"refusing an index row stored in mode {mode} (only JSON is read)")
+        return json.loads(bytes(value).decode("utf-8"))
+
+
+class Index:
+    """Small wrapper that turns every index failure into 'no row' plus one warning."""
+
+    def __init__(self, cache_dir: str) -> None:
+        self.directory = os.path.join(cache_dir, INDEX_SUBDIR)
+        self._cache: diskcache.Cache | None = None
+        self._broken = False
+
+    def _open(self) -> diskcache.Cache | None:
+        if self._cache is None and not self._broken:
+            try:
+                self._cache = diskcache.Cache(
+                    self.directory, timeout=INDEX_TIMEOUT_S, disk=SafeJSONDisk
+                )
+            except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+                self._failed("open", exc)
+        return self._cache
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self._broken = what == "open"
+        warn_once(
+            f"index:{self.directory}:{what}",
+            "sa3loader index at %s cannot %s (%s); loading without it",
+            self.directory, what, exc,
+        )
+
+    def get(self, source_real: str) -> dict[str, Any] | None:
+        cache = self._open()
+        if cache is None:
+            return None
+        try:
+            row = cache.get(source_real)
+        except UnsafeRowError as exc:
+            logger.warning("%s: dropping unsafe index row for %s (%s)", self.directory, source_real, exc)
+            self.delete(source_real)
+            return None
+        except (OSError, sqlite3.Error, diskcache.Timeout, ValueError) as exc:
+            self._failed("be read", exc)
+            return None
+        if not isinstance(row, dict) or row.get("schema") != SCHEMA_VERSION:
+            return None
+        return row
+
+    def put(self, source_real: str, row: dict[str, Any]) -> None:
+        cache = self._open()
+        if cache is None:
+            return
+        try:
+            cache.set(source_real, {**row, "schema": SCHEMA_VERSION})
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            self._failed("be written", exc)
+
+    def delete(self, source_real: str) -> None:
+        cache = self._open()
+        if cache is None:
+            return
+        try:
+            # Delete through SQL: diskcache's own delete would fetch the row first.
+            with cache.transact():
+                cache._sql("DELETE FROM Cache WHERE key = ?", (source_real,))
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            self._failed("be written", exc)
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every readable row; unsafe or unreadable rows are skipped."""
+        cache = self._open()
+        if cache is None:
+            return []
+        rows = []
+        try:
+            keys = [k for (k,) in cache._sql("SELECT key FROM Cache WHERE raw = 1").fetchall()]
+        except (sqlite3.Error, diskcache.Timeout) as exc:
+            self._failed("be read", exc)
+            return []
+        for key in keys:
+            if isinstance(key, str) and (row := self.get(key)) is not None:
+                rows.append((key, row))
+        return rows
+
+    def clear(self) -> int:
+        cache = self._open()
+        if cache is None:
+            return 0
+        with cache.transact():
+            (count,) = cache._sql("SELECT COUNT(*) FROM Cache").fetchone()
+            cache._sql("DELETE FROM Cache")
+        return int(count)
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None

@@ -1,0 +1,68 @@
+"""Opt-in switch of a whole application to sa3loader, without editing call sites.
+
+``stable_audio_3.model`` imports ``load_diffusion_cond`` by name, so replacing
+it in ``loading_utils`` alone would miss ``StableAudioModel.from_pretrained``:
+``install()`` rebinds it in every already-imported module that bound
+upstream's function, and ``uninstall()`` puts each one back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+UPSTREAM_MODULES = ("stable_audio_3.loading_utils", "stable_audio_3.model")
+FUNCTION_NAME = "load_diffusion_cond"
+
+_original: Callable[..., Any] | None = None
+_patched: list[tuple[Any, Callable[..., Any]]] = []
+
+
+def original_load_diffusion_cond() -> Callable[..., Any] | None:
+    """Upstream's own function, even while ``install()`` is active."""
+    if _original is not None:
+        return _original
+    try:
+        module = importlib.import_module(UPSTREAM_MODULES[0])
+    except ImportError:
+        return None
+    return getattr(module, FUNCTION_NAME)  # type: ignore[no-any-return]
+
+
+def install() -> None:
+    """Make upstream's ``load_diffusion_cond`` call sa3loader's, everywhere it is bound."""
+    global _original
+    from .loader import load_diffusion_cond
+
+    if _patched:
+        return
+    for name in UPSTREAM_MODULES:
+        importlib.import_module(name)  # raises ImportError when stable_audio_3 is absent
+    original = getattr(sys.modules[UPSTREAM_MODULES[0]], FUNCTION_NAME)
+    _original = original
+    for module in list(sys.modules.values()):
+        if getattr(module, FUNCTION_NAME, None) is original:
+            setattr(module, FUNCTION_NAME, load_diffusion_cond)
+            _patched.append((module, original))
+
+
+def uninstall() -> None:
+    """Undo ``install()``; a no-op when it was not installed."""
+    global _original
+    while _patched:
+        module, original = _patched.pop()
+        setattr(module, FUNCTION_NAME, original)
+    _original = None
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """``with sa3loader.installed(): ...``: ``install()`` for the block only."""
+    install()
+    try:
+        yield
+    finally:
+        uninstall()

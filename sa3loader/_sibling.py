@@ -1,0 +1,249 @@
+"""Find, validate or create the fp16 sibling of a source checkpoint.
+
+Check, lock, check again: look for a valid sibling (index row, beside the
+source, in the cache dir), take the lock for the chosen location, look again,
+and only then convert. Every failure to write degrades to loading the fp32
+source with one warning; nothing here may stop a load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _convert
+from ._convert import META_PREFIX, ConversionResult, is_sa3loader_file
+from ._format import Header, read_header
+from ._fsutil import (
+    beside_path,
+    cache_path,
+    conversion_lock,
+    dir_writable,
+    free_bytes,
+    in_hf_hub_cache,
+    remove_stray_incomplete,
+    warn_once,
+)
+from ._identity import fingerprint, hard_match, soft_match, source_identity
+from ._index import Index
+from .errors import ConversionError, HeaderError, LockTimeoutError, VerificationError
+
+logger = logging.getLogger(__name__)
+
+# Room left on the filesystem after writing a sibling.
+FREE_SPACE_MARGIN_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class SiblingOutcome:
+    """What happened while resolving a sibling (reported by ``last_load_info``)."""
+
+    sibling: Header | None = None
+    converted: ConversionResult | None = None
+    reason: str = ""
+    events: list[str] = field(default_factory=list)
+
+
+def _sibling_identity(sibling: Header) -> dict[str, Any]:
+    meta = sibling.metadata
+    try:
+        return {
+            "size": int(meta[META_PREFIX + "source_size"]),
+            "mtime_ns": int(meta[META_PREFIX + "source_mtime_ns"]),
+            "header_sha256": meta[META_PREFIX + "source_header_sha256"],
+            "fingerprint": meta[META_PREFIX + "source_fingerprint"],
+        }
+    except (KeyError, ValueError):
+        return {}
+
+
+def describes(sibling: Header, source: Header) -> bool:
+    """The sibling holds exactly the converted tensors of ``source`` (header level)."""
+    if len(sibling.entries) != len(source.entries):
+        return False
+    for entry in source.entries:
+        other = sibling.by_name.get(entry.name)
+        if other is None or other.shape != entry.shape:
+            return False
+        if other.dtype != _convert.converted_dtype(entry.dtype):
+            return False
+    return True
+
+
+class SiblingResolver:
+    """Resolves the sibling of one source for one cache dir."""
+
+    def __init__(self, source: Header, cache_dir: str, *, verify: bool = False) -> None:
+        self.source = source
+        self.cache_dir = cache_dir
+        self.verify = verify
+        self.real = os.path.realpath(source.path)
+        self.identity = source_identity(source)
+        self.index = Index(cache_dir)
+        self.outcome = SiblingOutcome()
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.source.path, self.identity["size"])
+        return self._fingerprint
+
+    def candidates(self, row: dict[str, Any] | None) -> list[str]:
+        paths = []
+        if row is not None:
+            paths.append(row["sibling"]["path"])
+        if not in_hf_hub_cache(self.source.path):
+            paths.append(beside_path(self.source.path))
+        paths.append(cache_path(self.cache_dir, self.source.path, self.real))
+        return list(dict.fromkeys(paths))
+
+    def accept(self, path: str, row: dict[str, Any] | None) -> Header | None:
+        """The sibling at ``path`` if it is valid for the current source, else None."""
+        try:
+            sibling = read_header(path)
+        except (HeaderError, OSError):
+            return None
+        if not is_sa3loader_file(sibling) or not describes(sibling, self.source):
+            return None
+        claimed = _sibling_identity(sibling)
+        if not hard_match(claimed, self.identity):
+            self.outcome.events.append(f"stale sibling {path}")
+            return None
+        from_row = row is not None and row["sibling"]["path"] == path
+        if from_row and (
+            row["sibling"]["header_sha256"] != sibling.sha256
+            or row["sibling"]["size"] != sibling.file_size
+        ):
+            self.outcome.events.append(f"sibling {path} changed since it was indexed")
+            from_row = False
+        trusted = from_row and soft_match(row["source"], self.identity)
+        if not trusted and claimed["fingerprint"] != self.fingerprint():
+            self.outcome.events.append(f"source content changed since {path} was written")
+            return None
+        if self.verify:
+            try:
+                _convert.verify(self.source, sibling)
+            except VerificationError as exc:
+                logger.warning("%s", exc)
+                self.outcome.events.append(f"content check failed for {path}")
+                return None
+        if not trusted:
+            self.outcome.events.append("adopted" if row is None else "revalidated")
+            self.index.put(self.real, self._row(sibling, row))
+        return sibling
+
+    def _row(self, sibling: Header, old: dict[str, Any] | None, result: ConversionResult | None = None) -> dict[str, Any]:
+        created = time.time() if result is not None or old is None else old.get("created", time.time())
+        range_report = (
+            {"overflow_to_inf": result.overflow_to_inf, "flushed_to_zero": result.flushed_to_zero}
+            if result is not None
+            else (old or {}).get("range")
+        )
+        return {
+            "source": {**self.identity, "path": self.source.path, "real_path": self.real},
+            "fingerprint": self.fingerprint(),
+            "sibling": {"path": sibling.path, "size": sibling.file_size, "header_sha256": sibling.sha256},
+            "converter_version": _convert.FORMAT_VERSION,
+            "created": created,
+            "range": range_report,
+        }
+
+    def find(self) -> Header | None:
+        row = self.index.get(self.real)
+        if row is not None and not hard_match(row["source"], self.identity):
+            self.outcome.events.append("source changed since it was indexed")
+            row = None
+        for path in self.candidates(row):
+            sibling = self.accept(path, row)
+            if sibling is not None:
+                return sibling
+        return None
+
+    def target(self, needed: int) -> str | None:
+        """Where to write a new sibling, or None when nowhere has room."""
+        options = []
+        beside = beside_path(self.source.path)
+        if not in_hf_hub_cache(self.source.path) and dir_writable(os.path.dirname(beside)):
+            if not os.path.exists(beside) or self._is_ours(beside):
+                options.append(beside)
+        options.append(cache_path(self.cache_dir, self.source.path, self.real))
+        for path in options:
+            directory = os.path.dirname(path)
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                warn_once("mkdir:" + directory, "cannot create %s (%s)", directory, exc.strerror)
+                continue
+            if not dir_writable(directory):
+                continue
+            if free_bytes(directory) >= needed + FREE_SPACE_MARGIN_BYTES:
+                return path
+            warn_once(
+                "space:" + directory,
+                "not enough free space in %s for a %.1f GB fp16 sibling",
+                directory, needed / 1e9,
+            )
+        return None
+
+    @staticmethod
+    def _is_ours(path: str) -> bool:
+        try:
+            return is_sa3loader_file(read_header(path))
+        except (HeaderError, OSError):
+            return False
+
+    def resolve(self) -> SiblingOutcome:
+        out = self.outcome
+        if not _convert.has_float32(self.source):
+            out.reason = "no float32 tensors: loaded as is"
+            return out
+        out.sibling = self.find()
+        if out.sibling is not None:
+            out.reason = "cache hit"
+            return out
+        metadata = _convert.sibling_metadata(self.source, self.identity, self.fingerprint())
+        target = self.target(_convert.sibling_size(self.source, metadata))
+        if target is None:
+            out.reason = "no writable location with enough space: loading the fp32 source"
+            warn_once("fallback:" + self.real, "%s: %s", self.source.path, out.reason)
+            return out
+        try:
+            with conversion_lock(target):
+                # Check again: another process may have converted while we waited.
+                out.sibling = self.accept(target, None)
+                if out.sibling is not None:
+                    out.reason = "converted by another process"
+                    return out
+                remove_stray_incomplete(target)
+                if os.path.exists(target) and not self._is_ours(target):
+                    raise ConversionError(f"{target} appeared and is not an sa3loader file; leaving it alone")
+                logger.info("converting %s to fp16 at %s", self.source.path, target)
+                result = _convert.convert(self.source, target, metadata)
+                out.converted = result
+                out.sibling = read_header(target)
+                _convert._phase("index")
+                self.index.put(self.real, self._row(out.sibling, None, result))
+        except LockTimeoutError:
+            raise
+        except (ConversionError, OSError) as exc:
+            out.sibling = None
+            out.reason = f"could not write the fp16 sibling ({exc}): loading the fp32 source"
+            warn_once("convert:" + self.real, "%s: %s", self.source.path, out.reason)
+            return out
+        out.reason = "converted"
+        logger.info(
+            "converted %s (%.2f GB) to %s (%.2f GB) in %.1fs",
+            self.source.path, self.source.file_size / 1e9, target, result.size / 1e9, result.seconds,
+        )
+        return out
+
+
+def resolve_sibling(source: Header, cache_dir: str, *, verify: bool = False) -> SiblingOutcome:
+    resolver = SiblingResolver(source, cache_dir, verify=verify)
+    try:
+        return resolver.resolve()
+    finally:
+        resolver.index.close()

@@ -1,0 +1,39 @@
+"""Every exception type sa3loader raises.
+
+Each one also subclasses the builtin a caller would naturally catch, so code
+written for plain safetensors/torch errors keeps working.
+"""
+
+from __future__ import annotations
+
+
+class Sa3LoaderError(Exception):
+    """Base class of every error raised by sa3loader."""
+
+
+class HeaderError(Sa3LoaderError, ValueError):
+    """A safetensors header is malformed, truncated or hostile."""
+
+
+class CheckpointNotFoundError(Sa3LoaderError, FileNotFoundError):
+    """The checkpoint path does not exist."""
+
+
+class CheckpointIsADirectoryError(Sa3LoaderError, IsADirectoryError):
+    """The checkpoint path is a directory, not a safetensors file."""
+
+
+class ConversionError(Sa3LoaderError, OSError):
+    """The fp16 sibling could not be written."""
+
+
+class LockTimeoutError(Sa3LoaderError, TimeoutError):
+    """Another process held the conversion lock for longer than allowed."""
+
+
+class UpstreamNotFoundError(Sa3LoaderError, ImportError):
+    """stable_audio_3 is not importable and no model factory was given."""
+
+
+class VerificationError(Sa3LoaderError, ValueError):
+    """A sibling's content does not match fp16 of its source."""

@@ -1,0 +1,291 @@
+"""``load_diffusion_cond`` and the generic load-into-module it is built on.
+
+Two ways to build, one result. The fast path builds the model with deferred
+parameters (no random init, no fp32 allocation) and places each weight as a
+view of the file or one cast copy. The faithful path is upstream's own: real
+init, then ``load_state_dict``. The fast path is taken only when it can give
+the identical model: every deferred parameter is covered by the checkpoint
+and no module customises state-dict loading; otherwise the faithful path runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.weight_norm import WeightNorm
+
+from ._defer import deferred_parameters
+from ._format import Header, read_header
+from ._fsutil import resolve_cache_dir
+from ._plan import LoadResult, plan_keys
+from ._sibling import SiblingOutcome, resolve_sibling
+from ._tensors import MappedFile
+from .errors import UpstreamNotFoundError
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV = "SA3LOADER_DISABLE"
+VERIFY_ENV = "SA3LOADER_VERIFY"
+# A sibling value f16(x) equals upstream's result for x only when the model
+# tensor it lands in holds x exactly first (f16, f32, f64); else read the source.
+SIBLING_SAFE_DTYPES = {torch.float16, torch.float32, torch.float64}
+
+Factory = Callable[[Any], nn.Module]
+
+
+@dataclass
+class LoadInfo:
+    """What the last ``load_diffusion_cond`` in this process did."""
+
+    source: str = ""
+    sibling: str | None = None
+    model_half: bool = False
+    cache_hit: bool = False
+    converted: bool = False
+    build: str = ""  # "fast", "faithful" or "upstream" (SA3LOADER_DISABLE)
+    reason: str = ""
+    fallback: str | None = None
+    overflow_to_inf: int | None = None
+    flushed_to_zero: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+    result: LoadResult = field(default_factory=LoadResult)
+
+
+_last_info = LoadInfo()
+
+
+def last_load_info() -> LoadInfo:
+    """Report of the last load in this process (cache hit, conversion, fallback, timings)."""
+    return _last_info
+
+
+class _Values:
+    """Final tensor values for checkpoint names, following upstream's cast chain."""
+
+    def __init__(self, source: Header, sibling: Header | None, half: bool) -> None:
+        self.source = MappedFile(source)
+        self.sibling = MappedFile(sibling) if sibling is not None else None
+        self.half = half
+
+    def get(self, name: str, model_dtype: torch.dtype) -> torch.Tensor:
+        """The value upstream ends with: copy into ``model_dtype``, then fp16 if half."""
+        entry = self.source.header.by_name[name]
+        if self.sibling is not None and entry.dtype == "F32" and model_dtype in SIBLING_SAFE_DTYPES:
+            return self.sibling.by_name(name)  # already fp16(x): final
+        value = self.source.tensor(entry)
+        if value.dtype != model_dtype:
+            value = value.to(model_dtype)
+        if self.half and value.is_floating_point() and value.dtype != torch.float16:
+            value = value.to(torch.float16)
+        return value
+
+
+def _finish(model: nn.Module, device: torch.device | str, half: bool) -> nn.Module:
+    model.to(device).eval().requires_grad_(False)
+    if half:
+        model.to(torch.float16)
+    return model
+
+
+def _customises_loading(model: nn.Module) -> bool:
+    return any(
+        type(m)._load_from_state_dict is not nn.Module._load_from_state_dict
+        or m._load_state_dict_pre_hooks
+        or m._load_state_dict_post_hooks
+        for m in model.modules()
+    )
+
+
+def _load_faithful(model: nn.Module, source: Header, values: _Values) -> LoadResult:
+    """Upstream's ``copy_state_dict`` with values from ``values``."""
+    state = model.state_dict()
+    assign, result = plan_keys(source, state)
+    for key, name in assign.items():
+        state[key] = values.get(name, state[key].dtype)
+    model.load_state_dict(state, strict=False)
+    return result
+
+
+def _weight_norm_hooks(model: nn.Module) -> list[tuple[str, nn.Module, WeightNorm]]:
+    return [
+        (prefix, module, hook)
+        for prefix, module in model.named_modules()
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, WeightNorm)
+    ]
+
+
+def _build_fast(
+    factory: Factory, config: Any, source: Header, values: _Values, device: torch.device
+) -> tuple[nn.Module | None, LoadResult | None, str]:
+    """Model with every parameter placed from the file, or (None, None, why not)."""
+    with deferred_parameters() as deferred:
+        model = factory(config)
+    if _customises_loading(model):
+        return None, None, "a module customises state-dict loading"
+    state = model.state_dict(keep_vars=True)
+    assign, result = plan_keys(source, state)
+    keys_of: dict[int, list[str]] = defaultdict(list)
+    for key, param in model.named_parameters(remove_duplicate=False):
+        keys_of[id(param)].append(key)
+    deferred_ids = set()
+    for module, name in deferred.still_deferred():
+        param = module._parameters[name]
+        if not any(k in assign for k in keys_of.get(id(param), ())):
+            return None, None, f"parameter {type(module).__name__}.{name} is not in the checkpoint"
+        deferred_ids.add(id(param))
+
+    wn_hooks = _weight_norm_hooks(model)
+    wn_attrs = {(id(m), h.name) for _, m, h in wn_hooks}
+    for module in model.modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.is_meta and (id(module), attr) not in wn_attrs:
+                return None, None, f"{type(module).__name__}.{attr} was computed from a parameter"
+
+    placed: dict[int, nn.Parameter] = {}
+    with torch.no_grad():
+        for key, name in assign.items():
+            target = state[key]
+            value = values.get(name, target.dtype)
+            if id(target) in deferred_ids:
+                placed[id(target)] = nn.Parameter(value.to(device), requires_grad=False)
+            else:
+                target.copy_(value)
+    for module in model.modules():
+        for pname, param in module._parameters.items():
+            if param is not None and id(param) in placed:
+                module._parameters[pname] = placed[id(param)]
+
+    if any(t.is_meta for t in model.state_dict(keep_vars=True).values()):
+        return None, None, "a parameter could not be placed"
+
+    # Old-style weight_norm keeps ``weight`` as a plain fp32 CPU attribute computed
+    # at construction. Upstream's is computed from its random init; ours from the
+    # checkpoint's g and v (what every forward recomputes it to anyway).
+    for prefix, module, hook in wn_hooks:
+        g_key, v_key = f"{prefix}.{hook.name}_g".lstrip("."), f"{prefix}.{hook.name}_v".lstrip(".")
+        g = values.source.by_name(assign[g_key]).to(torch.float32)
+        v = values.source.by_name(assign[v_key]).to(torch.float32)
+        setattr(module, hook.name, torch._weight_norm(v, g, hook.dim))
+    return model, result, ""
+
+
+def load_into_module(
+    module: nn.Module, ckpt_path: str | os.PathLike[str]
+) -> LoadResult:
+    """Load a safetensors checkpoint into any module with upstream's semantics.
+
+    Same as ``copy_state_dict(module, load_file(ckpt_path))``: keys are remapped
+    by dropping one component, unknown keys and shape mismatches are skipped,
+    parameters missing from the file keep their values. Returns what was skipped.
+    """
+    source = read_header(ckpt_path)
+    return _load_faithful(module, source, _Values(source, None, half=False))
+
+
+def _upstream_factory() -> Factory:
+    try:
+        from stable_audio_3.factory import create_diffusion_cond_from_config
+    except ImportError as exc:
+        raise UpstreamNotFoundError(
+            "sa3loader needs stable_audio_3 to build the model: install it "
+            "(pip install --no-deps -e path/to/stable-audio-3) or pass model_factory=..."
+        ) from exc
+    return create_diffusion_cond_from_config  # type: ignore[no-any-return]
+
+
+def _upstream_original() -> Callable[..., nn.Module]:
+    from . import _install
+
+    original = _install.original_load_diffusion_cond()
+    if original is None:
+        raise UpstreamNotFoundError(
+            f"{DISABLE_ENV}=1 calls upstream's load_diffusion_cond, but stable_audio_3 is not importable"
+        )
+    return original
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_diffusion_cond(
+    model_config: Any,
+    ckpt_path: str | os.PathLike[str],
+    device: str | torch.device = "cuda",
+    model_half: bool = False,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    model_factory: Factory | None = None,
+    verify: bool | None = None,
+) -> nn.Module:
+    """Drop-in for ``stable_audio_3.loading_utils.load_diffusion_cond``.
+
+    With ``model_half=True`` the fp32 checkpoint is converted once to an fp16
+    sibling, which later loads read instead. The model is bit for bit the one
+    upstream returns. ``verify`` (or $SA3LOADER_VERIFY=1) re-checks the sibling's
+    full content against the source before using it.
+    """
+    global _last_info
+    info = LoadInfo(source=os.fspath(ckpt_path), model_half=bool(model_half))
+    _last_info = info
+    if _env_flag(DISABLE_ENV):
+        info.build = "upstream"
+        if model_factory is None:
+            return _upstream_original()(model_config, ckpt_path, device, model_half)
+        model = model_factory(model_config)
+        info.result = load_into_module(model, ckpt_path)
+        return _finish(model, device, bool(model_half))
+
+    started = time.perf_counter()
+    factory = model_factory if model_factory is not None else _upstream_factory()
+    target = torch.device(device)
+    torch.empty(0).to(target)  # raises exactly as upstream's model.to(device) would, before any work
+    source = read_header(ckpt_path)
+
+    outcome = SiblingOutcome(reason="fp32 load")
+    if model_half:
+        verify = _env_flag(VERIFY_ENV) if verify is None else verify
+        outcome = resolve_sibling(source, resolve_cache_dir(cache_dir), verify=verify)
+    info.timings["sibling_s"] = time.perf_counter() - started
+    info.reason, info.events = outcome.reason, outcome.events
+    info.sibling = outcome.sibling.path if outcome.sibling is not None else None
+    info.converted = outcome.converted is not None
+    info.cache_hit = outcome.sibling is not None and not info.converted
+    if outcome.converted is not None:
+        info.overflow_to_inf = outcome.converted.overflow_to_inf
+        info.flushed_to_zero = outcome.converted.flushed_to_zero
+        info.timings["convert_s"] = outcome.converted.seconds
+
+    build_started = time.perf_counter()
+    values = _Values(source, outcome.sibling, bool(model_half))
+    rng = torch.random.get_rng_state()
+    model, result, why_not = _build_fast(factory, model_config, source, values, target)
+    if model is None:
+        logger.info("%s: using upstream's full build (%s)", source.path, why_not)
+        info.fallback = why_not
+        torch.random.set_rng_state(rng)
+        model = factory(model_config)
+        result = _load_faithful(model, source, values)
+        info.build = "faithful"
+    else:
+        info.build = "fast"
+    assert result is not None
+    info.result = result
+    _finish(model, target, bool(model_half))
+    now = time.perf_counter()
+    info.timings["build_s"] = now - build_started
+    info.timings["total_s"] = now - started
+    logger.info(
+        "loaded %s: %s, %s build, %.2fs", source.path, info.reason, info.build, info.timings["total_s"]
+    )
+    return model
