@@ -116,13 +116,16 @@ def convert(header: Header, dest: str, metadata: dict[str, str]) -> ConversionRe
     except OSError as exc:
         raise ConversionError(exc.errno, f"cannot create {tmp}: {exc.strerror}") from exc
     try:
-        with open(header.path, "rb", buffering=0) as src, tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            desc=f"fp16 {os.path.basename(header.path)}",
-            disable=not progress_enabled() or total < PROGRESS_MIN_BYTES,
-        ) as bar:
+        with (
+            open(header.path, "rb", buffering=0) as src,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"fp16 {os.path.basename(header.path)}",
+                disable=not progress_enabled() or total < PROGRESS_MIN_BYTES,
+            ) as bar,
+        ):
             _phase("header")
             _write_all(out_fd, prefix)
             bar.update(len(prefix))
@@ -149,7 +152,9 @@ def convert(header: Header, dest: str, metadata: dict[str, str]) -> ConversionRe
         logger.warning(
             "%s: fp16 range: %d finite values overflowed to inf, %d nonzero values flushed to zero "
             "(the same values model.to(torch.float16) produces)",
-            header.path, counts["inf"], counts["zero"],
+            header.path,
+            counts["inf"],
+            counts["zero"],
         )
     header_sha = hashlib.sha256(prefix[8:]).hexdigest()
     return ConversionResult(dest, total, header_sha, counts["inf"], counts["zero"], seconds)

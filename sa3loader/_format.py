@@ -38,9 +38,28 @@ DTYPE_SIZES: dict[str, int] = {
 DTYPE_RANK: dict[str, int] = {
     name: rank
     for rank, name in enumerate(
-        ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3",
-         "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64",
-         "F64", "I64", "U64"]  # fmt: skip
+        [
+            "BOOL",
+            "F4",
+            "F6_E2M3",
+            "F6_E3M2",
+            "U8",
+            "I8",
+            "F8_E5M2",
+            "F8_E4M3",
+            "F8_E8M0",
+            "I16",
+            "U16",
+            "F16",
+            "BF16",
+            "I32",
+            "U32",
+            "F32",
+            "C64",
+            "F64",
+            "I64",
+            "U64",
+        ]  # fmt: skip
     )
 }
 
@@ -203,8 +222,7 @@ def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if offsets[1] - offsets[0] != expected:
         raise HeaderError(
-            f"{where}: {offsets[1] - offsets[0]} data bytes do not match "
-            f"{dtype} x {shape} = {expected} bytes"
+            f"{where}: {offsets[1] - offsets[0]} data bytes do not match {dtype} x {shape} = {expected} bytes"
         )
     return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
 

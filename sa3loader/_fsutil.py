@@ -144,7 +144,8 @@ def conversion_lock(sibling_path: str, timeout: float | None = None) -> Iterator
                 warn_once(
                     "flock:" + os.path.dirname(lock_path),
                     "file locking is not supported for %s (%s); converting without a lock",
-                    lock_path, exc.strerror,
+                    lock_path,
+                    exc.strerror,
                 )
                 yield False
                 return

@@ -73,9 +73,7 @@ class Index:
     def _open(self) -> diskcache.Cache | None:
         if self._cache is None and not self._broken:
             try:
-                self._cache = diskcache.Cache(
-                    self.directory, timeout=INDEX_TIMEOUT_S, disk=SafeJSONDisk
-                )
+                self._cache = diskcache.Cache(self.directory, timeout=INDEX_TIMEOUT_S, disk=SafeJSONDisk)
             except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
                 self._failed("open", exc)
         return self._cache
@@ -85,7 +83,9 @@ class Index:
         warn_once(
             f"index:{self.directory}:{what}",
             "sa3loader index at %s cannot %s (%s); loading without it",
-            self.directory, what, exc,
+            self.directory,
+            what,
+            exc,
         )
 
     def get(self, source_real: str) -> dict[str, Any] | None:

@@ -114,8 +114,7 @@ class SiblingResolver:
             return None
         from_row = row is not None and row["sibling"]["path"] == path
         if from_row and (
-            row["sibling"]["header_sha256"] != sibling.sha256
-            or row["sibling"]["size"] != sibling.file_size
+            row["sibling"]["header_sha256"] != sibling.sha256 or row["sibling"]["size"] != sibling.file_size
         ):
             self.outcome.events.append(f"sibling {path} changed since it was indexed")
             from_row = False
@@ -135,7 +134,9 @@ class SiblingResolver:
             self.index.put(self.real, self._row(sibling, row))
         return sibling
 
-    def _row(self, sibling: Header, old: dict[str, Any] | None, result: ConversionResult | None = None) -> dict[str, Any]:
+    def _row(
+        self, sibling: Header, old: dict[str, Any] | None, result: ConversionResult | None = None
+    ) -> dict[str, Any]:
         created = time.time() if result is not None or old is None else old.get("created", time.time())
         range_report = (
             {"overflow_to_inf": result.overflow_to_inf, "flushed_to_zero": result.flushed_to_zero}
@@ -184,7 +185,8 @@ class SiblingResolver:
             warn_once(
                 "space:" + directory,
                 "not enough free space in %s for a %.1f GB fp16 sibling",
-                directory, needed / 1e9,
+                directory,
+                needed / 1e9,
             )
         return None
 
@@ -236,7 +238,11 @@ class SiblingResolver:
         out.reason = "converted"
         logger.info(
             "converted %s (%.2f GB) to %s (%.2f GB) in %.1fs",
-            self.source.path, self.source.file_size / 1e9, target, result.size / 1e9, result.seconds,
+            self.source.path,
+            self.source.file_size / 1e9,
+            target,
+            result.size / 1e9,
+            result.seconds,
         )
         return out
 

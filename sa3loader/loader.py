@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,15 +173,16 @@ def _build_fast(
     # checkpoint's g and v (what every forward recomputes it to anyway).
     for prefix, module, hook in wn_hooks:
         g_key, v_key = f"{prefix}.{hook.name}_g".lstrip("."), f"{prefix}.{hook.name}_v".lstrip(".")
-        g = values.source.by_name(assign[g_key]).to(torch.float32)
-        v = values.source.by_name(assign[v_key]).to(torch.float32)
-        setattr(module, hook.name, torch._weight_norm(v, g, hook.dim))
+        # The meta stand-in computed during the build tells whether upstream's had a graph.
+        needs_grad = getattr(module, hook.name).requires_grad
+        g = values.source.by_name(assign[g_key]).to(torch.float32, copy=True).requires_grad_(needs_grad)
+        v = values.source.by_name(assign[v_key]).to(torch.float32, copy=True).requires_grad_(needs_grad)
+        with torch.set_grad_enabled(needs_grad):
+            setattr(module, hook.name, torch._weight_norm(v, g, hook.dim))
     return model, result, ""
 
 
-def load_into_module(
-    module: nn.Module, ckpt_path: str | os.PathLike[str]
-) -> LoadResult:
+def load_into_module(module: nn.Module, ckpt_path: str | os.PathLike[str]) -> LoadResult:
     """Load a safetensors checkpoint into any module with upstream's semantics.
 
     Same as ``copy_state_dict(module, load_file(ckpt_path))``: keys are remapped

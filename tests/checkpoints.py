@@ -1,0 +1,37 @@
+"""Synthetic checkpoints whose every float value differs from a model's init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+# Bit patterns that expose a sloppy cast: signed zero, NaN, infinities,
+# fp16 overflow, values that flush to zero in fp16, fp16 subnormals.
+SPECIAL_VALUES = [-0.0, float("nan"), float("inf"), float("-inf"), 70000.0, -1e-9, 3e-6, 6.1e-5]
+
+
+def random_like_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """New values for every state-dict entry, keeping dtype and shape."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            fresh = torch.randn(value.shape, generator=gen, dtype=torch.float32) * 0.5 + 0.01
+            if fresh.numel() >= len(SPECIAL_VALUES):
+                fresh.view(-1)[: len(SPECIAL_VALUES)] = torch.tensor(SPECIAL_VALUES)
+            out[key] = fresh.to(value.dtype)
+        else:
+            out[key] = value.clone() + 1
+    return out
+
+
+def save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def first_key(state: dict[str, torch.Tensor], *, contains: str, min_numel: int = 2) -> str:
+    return next(k for k, v in state.items() if contains in k and v.numel() >= min_numel)

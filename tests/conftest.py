@@ -1,0 +1,120 @@
+"""Shared fixtures: the upstream source, synthetic checkpoints, bitwise model comparison."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+UPSTREAM_ENV = "SA3LOADER_UPSTREAM"
+DEFAULT_UPSTREAM = REPO_ROOT.parent / "shared" / "upstream"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def find_upstream() -> Path | None:
+    """$SA3LOADER_UPSTREAM, else ../shared/upstream beside the repo."""
+    candidate = Path(os.environ.get(UPSTREAM_ENV) or DEFAULT_UPSTREAM)
+    if (candidate / "stable-audio-3" / "stable_audio_3" / "loading_utils.py").is_file():
+        return candidate
+    return None
+
+
+def _install_torchaudio_standin() -> None:
+    """PyPI has no torchaudio for torch 2.13 CPU; building SA3 models never calls it."""
+    try:
+        importlib.import_module("torchaudio")
+        return
+    except Exception:
+        pass
+
+    class ResampleStandIn:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError("torchaudio stand-in (tests only): Resample is not available")
+
+    module = types.ModuleType("torchaudio")
+    transforms = types.ModuleType("torchaudio.transforms")
+    transforms.Resample = ResampleStandIn  # type: ignore[attr-defined]
+    module.transforms = transforms  # type: ignore[attr-defined]
+    sys.modules["torchaudio"] = module
+    sys.modules["torchaudio.transforms"] = transforms
+
+
+class Upstream(types.SimpleNamespace):
+    root: Path
+    loading_utils: types.ModuleType
+    factory: types.ModuleType
+    tiny_config: dict
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Upstream:
+    root = find_upstream()
+    if root is None:
+        pytest.skip(
+            f"upstream stable_audio_3 source not found at {DEFAULT_UPSTREAM} "
+            f"(set ${UPSTREAM_ENV} to its folder)"
+        )
+    source = str(root / "stable-audio-3")
+    if source not in sys.path:
+        sys.path.insert(0, source)
+    _install_torchaudio_standin()
+    loading_utils = importlib.import_module("stable_audio_3.loading_utils")
+    factory = importlib.import_module("stable_audio_3.factory")
+    tiny = json.loads((root / "configs" / "tiny_sa3.json").read_text())
+    return Upstream(root=root, loading_utils=loading_utils, factory=factory, tiny_config=tiny)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view of a tensor's bytes: equal bits, not equal values (-0.0, NaN)."""
+    t = t.detach().cpu().contiguous()
+    if t.numel() == 0:
+        return t.reshape(-1).view(torch.uint8)
+    return t.reshape(-1).view(torch.uint8)
+
+
+def assert_same_tensor(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert type(a) is type(b), f"{what}: {type(a).__name__} vs {type(b).__name__}"
+    assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} vs {b.dtype}"
+    assert a.device == b.device, f"{what}: device {a.device} vs {b.device}"
+    assert a.shape == b.shape, f"{what}: shape {a.shape} vs {b.shape}"
+    assert a.requires_grad == b.requires_grad, f"{what}: requires_grad"
+    assert torch.equal(bits(a), bits(b)), f"{what}: bit patterns differ"
+
+
+def assert_same_model(ours: nn.Module, ref: nn.Module, *, plain_attr_values: bool = False) -> None:
+    """Same module tree, attributes, training flags, and bit-identical params and buffers."""
+    ours_mods, ref_mods = dict(ours.named_modules()), dict(ref.named_modules())
+    assert list(ours_mods) == list(ref_mods)
+    for name, mod in ref_mods.items():
+        other = ours_mods[name]
+        assert type(other) is type(mod), name
+        assert other.training == mod.training, f"{name}: training"
+        assert set(vars(other)) == set(vars(mod)), f"{name}: attributes differ"
+        assert list(other._parameters) == list(mod._parameters), name
+        assert list(other._buffers) == list(mod._buffers), name
+        assert other._non_persistent_buffers_set == mod._non_persistent_buffers_set, name
+        for attr, value in vars(mod).items():
+            if isinstance(value, torch.Tensor):
+                mine = vars(other)[attr]
+                assert mine.dtype == value.dtype and mine.device == value.device, f"{name}.{attr}"
+                assert mine.shape == value.shape and not mine.is_meta, f"{name}.{attr}"
+                if plain_attr_values:
+                    assert_same_tensor(mine, value, f"{name}.{attr}")
+            elif isinstance(value, nn.Module) and attr not in mod._modules:
+                assert_same_model(vars(other)[attr], value, plain_attr_values=True)
+    ours_params = dict(ours.named_parameters(remove_duplicate=False))
+    for key, value in ref.named_parameters(remove_duplicate=False):
+        assert_same_tensor(ours_params[key], value, key)
+    ours_buffers = dict(ours.named_buffers(remove_duplicate=False))
+    for key, value in ref.named_buffers(remove_duplicate=False):
+        assert_same_tensor(ours_buffers[key], value, key)
+    assert list(ours.state_dict()) == list(ref.state_dict())

@@ -1,0 +1,227 @@
+"""Cache behaviour on a toy SA3-shaped model (no upstream needed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from checkpoints import random_like_state, save
+from conftest import assert_same_model
+from safetensors.torch import load_file
+from toymodel import build
+
+import sa3loader
+from sa3loader import _convert
+from sa3loader._index import Index
+
+
+@pytest.fixture
+def conversions(monkeypatch):
+    """Counts real conversions."""
+    calls = []
+    real = _convert.convert
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_convert, "convert", spy)
+    return calls
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    return save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+
+
+def load(path, cache_dir, half=True, **kwargs):
+    torch.manual_seed(0)
+    return sa3loader.load_diffusion_cond(
+        {}, path, "cpu", half, cache_dir=cache_dir, model_factory=build, **kwargs
+    )
+
+
+def reference(path, half=True):
+    """Upstream's recipe written out with plain torch."""
+    torch.manual_seed(0)
+    model = build()
+    model.load_state_dict(load_file(str(path)), strict=False)
+    model.eval().requires_grad_(False)
+    return model.half() if half else model
+
+
+@pytest.mark.parametrize("half", [True, False])
+def test_toy_model_matches_plain_torch_recipe(ckpt, tmp_path, half):
+    model = load(ckpt, tmp_path / "cache", half)
+    assert sa3loader.last_load_info().build == "fast"
+    assert_same_model(model, reference(ckpt, half))
+    assert model.blocks[0].rope.scale.dtype == (torch.float16 if half else torch.float32)  # non-persistent
+
+
+def test_first_load_converts_second_does_not(ckpt, tmp_path, conversions):
+    load(ckpt, tmp_path / "cache")
+    assert len(conversions) == 1 and sa3loader.last_load_info().converted
+    load(ckpt, tmp_path / "cache")
+    assert len(conversions) == 1 and sa3loader.last_load_info().cache_hit
+    rows = Index(str(tmp_path / "cache")).items()
+    assert [key for key, _ in rows] == [os.path.realpath(ckpt)]
+    row = rows[0][1]
+    assert row["sibling"]["path"] == str(tmp_path / "model.fp16.safetensors")
+    assert row["sibling"]["size"] == os.path.getsize(tmp_path / "model.fp16.safetensors")
+    assert row["source"]["size"] == os.path.getsize(ckpt)
+
+
+def test_fp32_load_never_creates_a_sibling(ckpt, tmp_path, conversions):
+    load(ckpt, tmp_path / "cache", half=False)
+    assert conversions == []
+    assert not (tmp_path / "model.fp16.safetensors").exists()
+
+
+def rewrite_same_size(path, seed, keep_mtime):
+    st = os.stat(path)
+    torch.manual_seed(0)
+    save(random_like_state(build(), seed=seed), path)
+    assert os.path.getsize(path) == st.st_size
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True], ids=["new-mtime", "mtime-restored"])
+def test_source_rewritten_in_place_is_reconverted(ckpt, tmp_path, conversions, keep_mtime):
+    load(ckpt, tmp_path / "cache")
+    rewrite_same_size(ckpt, seed=99, keep_mtime=keep_mtime)
+    model = load(ckpt, tmp_path / "cache")
+    assert len(conversions) == 2
+    assert_same_model(model, reference(ckpt))
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "flip-header", "other-checkpoint"])
+def test_damaged_sibling_is_reconverted(ckpt, tmp_path, conversions, damage):
+    load(ckpt, tmp_path / "cache")
+    sibling = tmp_path / "model.fp16.safetensors"
+    if damage == "delete":
+        sibling.unlink()
+    elif damage == "truncate":
+        os.truncate(sibling, os.path.getsize(sibling) // 2)
+    elif damage == "flip-header":
+        raw = bytearray(sibling.read_bytes())
+        raw[20] ^= 0x01
+        sibling.write_bytes(bytes(raw))
+    else:  # another valid sa3loader sibling, of a different source
+        other = tmp_path / "other" / "model.safetensors"
+        other.parent.mkdir()
+        torch.manual_seed(0)
+        save(random_like_state(build(), seed=5), other)
+        load(other, tmp_path / "cache")
+        shutil.copyfile(other.parent / "model.fp16.safetensors", sibling)
+    model = load(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted
+    assert_same_model(model, reference(ckpt))
+
+
+def test_copied_source_is_revalidated_not_reconverted(ckpt, tmp_path, conversions):
+    load(ckpt, tmp_path / "cache")
+    st = os.stat(ckpt)
+    copy = tmp_path / "copy.tmp"
+    shutil.copyfile(ckpt, copy)
+    os.replace(copy, ckpt)  # new inode and ctime, same bytes
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(ckpt).st_ino != st.st_ino
+    load(ckpt, tmp_path / "cache")
+    info = sa3loader.last_load_info()
+    assert len(conversions) == 1 and info.cache_hit and "revalidated" in info.events
+    row = Index(str(tmp_path / "cache")).get(os.path.realpath(ckpt))
+    assert row["source"]["inode"] == os.stat(ckpt).st_ino
+
+
+def test_lost_index_adopts_the_sibling(ckpt, tmp_path, conversions):
+    load(ckpt, tmp_path / "cache")
+    shutil.rmtree(tmp_path / "cache")
+    load(ckpt, tmp_path / "cache")
+    assert len(conversions) == 1 and "adopted" in sa3loader.last_load_info().events
+
+
+def test_two_cache_dirs_keep_their_own_rows(ckpt, tmp_path, conversions):
+    load(ckpt, tmp_path / "a")
+    assert Index(str(tmp_path / "b")).items() == []
+    load(ckpt, tmp_path / "b")  # adopts the shared sibling beside the source, writes its own row
+    assert len(conversions) == 1
+    assert len(Index(str(tmp_path / "a")).items()) == 1 and len(Index(str(tmp_path / "b")).items()) == 1
+
+
+def test_read_only_source_dir_puts_sibling_in_each_cache(ckpt, tmp_path, conversions, monkeypatch):
+    # Tests run as root, who can write anywhere: make the source dir read-only by decree.
+    from sa3loader import _sibling
+
+    real = _sibling.dir_writable
+    monkeypatch.setattr(_sibling, "dir_writable", lambda d: d != str(tmp_path) and real(d))
+    for name in ("a", "b"):
+        model = load(ckpt, tmp_path / name)
+        assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / name))
+        assert_same_model(model, reference(ckpt))
+    assert len(conversions) == 2
+    assert not (tmp_path / "model.fp16.safetensors").exists()
+
+
+def test_foreign_fp16_file_is_never_touched(ckpt, tmp_path, conversions):
+    foreign = tmp_path / "model.fp16.safetensors"
+    foreign.write_bytes(b"diffusers-style fp16 weights, not ours")
+    model = load(ckpt, tmp_path / "cache")
+    assert foreign.read_bytes() == b"diffusers-style fp16 weights, not ours"
+    info = sa3loader.last_load_info()
+    assert info.converted and info.sibling.startswith(str(tmp_path / "cache"))
+    assert_same_model(model, reference(ckpt))
+    load(ckpt, tmp_path / "cache")
+    assert len(conversions) == 1
+
+
+def hub_snapshot(tmp_path, ckpt, revision):
+    repo = tmp_path / "hub" / "models--org--sa3"
+    blob = repo / "blobs" / "abc123"
+    if not blob.exists():
+        blob.parent.mkdir(parents=True)
+        shutil.copyfile(ckpt, blob)
+    snap = repo / "snapshots" / revision
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(os.path.relpath(blob, snap))
+    return snap / "model.safetensors"
+
+
+def test_hub_cache_sibling_goes_to_cache_and_follows_the_blob(ckpt, tmp_path, conversions):
+    first = hub_snapshot(tmp_path, ckpt, "rev1")
+    second = hub_snapshot(tmp_path, ckpt, "rev2")
+    model = load(first, tmp_path / "cache")
+    info = sa3loader.last_load_info()
+    assert info.converted and info.sibling.startswith(str(tmp_path / "cache"))
+    assert not any("fp16" in p.name for p in (tmp_path / "hub").rglob("*"))
+    assert_same_model(model, reference(ckpt))
+    load(second, tmp_path / "cache")
+    assert len(conversions) == 1 and sa3loader.last_load_info().sibling == info.sibling
+
+
+def test_mutating_a_loaded_parameter_leaves_the_sibling_unchanged(ckpt, tmp_path):
+    load(ckpt, tmp_path / "cache")
+    sibling = tmp_path / "model.fp16.safetensors"
+    before = sibling.read_bytes()
+    model = load(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().cache_hit
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    assert sibling.read_bytes() == before
+
+
+def test_verify_option_catches_a_flipped_data_byte(ckpt, tmp_path, conversions):
+    load(ckpt, tmp_path / "cache")
+    sibling = tmp_path / "model.fp16.safetensors"
+    raw = bytearray(sibling.read_bytes())
+    raw[-5] ^= 0xFF
+    sibling.write_bytes(bytes(raw))
+    model = load(ckpt, tmp_path / "cache", verify=True)
+    assert len(conversions) == 2
+    assert_same_model(model, reference(ckpt))

@@ -1,0 +1,146 @@
+"""The original converter's contract: only F32 -> F16, everything else byte-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sa3loader import _convert
+from sa3loader._format import read_header
+from sa3loader._sibling import resolve_sibling
+
+IDENTITY = {"size": 1, "mtime_ns": 2, "header_sha256": "h"}
+
+
+def source_tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    big = torch.randn(1000, generator=gen)
+    big[:6] = torch.tensor([-0.0, float("nan"), float("inf"), 1e6, 1e-9, -70000.0])
+    return {
+        "big": big,
+        "matrix": torch.randn(17, 33, generator=gen),
+        "zero": torch.zeros(0, 3),
+        "bf16": torch.randn(9, generator=gen).to(torch.bfloat16),
+        "f16": torch.randn(4, generator=gen).to(torch.float16),
+        "f64": torch.randn(5, generator=gen, dtype=torch.float64),
+        "ints": torch.arange(-3, 4, dtype=torch.int32),
+        "mask": torch.tensor([True, False]),
+    }
+
+
+def split(raw: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+@pytest.fixture(params=[None, 7], ids=["one-chunk", "many-chunks"])
+def chunk(request, monkeypatch):
+    if request.param:
+        monkeypatch.setattr(_convert, "CHUNK_ELEMENTS", request.param)
+    return request.param
+
+
+def test_sibling_equals_save_file_of_converted_tensors(tmp_path, chunk):
+    tensors = source_tensors()
+    src = tmp_path / "model.safetensors"
+    save_file(tensors, str(src), metadata={"format": "pt", "note": "user"})
+    header = read_header(src)
+    metadata = _convert.sibling_metadata(header, IDENTITY, "fp")
+    result = _convert.convert(header, str(tmp_path / "out.safetensors"), metadata)
+
+    expected = tmp_path / "expected.safetensors"
+    converted = {k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}
+    save_file(converted, str(expected), metadata=metadata)
+    ours_header, ours_data = split((tmp_path / "out.safetensors").read_bytes())
+    ref_header, ref_data = split(expected.read_bytes())
+    assert ours_header == ref_header
+    assert ours_data == ref_data
+    assert result.size == os.path.getsize(tmp_path / "out.safetensors")
+    assert ours_header["__metadata__"]["note"] == "user"
+    assert ours_header["__metadata__"][_convert.MARKER_KEY] == _convert.FORMAT_VERSION
+    assert result.overflow_to_inf == 2 and result.flushed_to_zero >= 1
+
+
+def test_only_float32_changes_and_fp16_is_exact_cast(tmp_path):
+    tensors = source_tensors()
+    src = tmp_path / "model.safetensors"
+    save_file(tensors, str(src))
+    header = read_header(src)
+    out = tmp_path / "out.safetensors"
+    _convert.convert(header, str(out), _convert.sibling_metadata(header, IDENTITY, "fp"))
+    loaded = load_file(str(out))
+    for key, value in tensors.items():
+        got = loaded[key]
+        if value.dtype == torch.float32:
+            assert got.dtype == torch.float16
+            cast = value.to(torch.float16)
+            assert torch.equal(got.view(torch.int16), cast.view(torch.int16))
+            finite = cast.isfinite() & got.isfinite()
+            diff = (got.float() - cast.float())[finite].abs()
+            assert diff.numel() == 0 or diff.max().item() == 0.0  # MAX_ABS_DIFF = 0.0
+        else:
+            assert got.dtype == value.dtype
+            assert got.view(torch.uint8).tolist() == value.contiguous().view(torch.uint8).tolist()
+
+
+def test_sibling_permissions_follow_source_not_mkstemp(tmp_path):
+    src = tmp_path / "model.safetensors"
+    save_file(source_tensors(), str(src))
+    os.chmod(src, 0o644)
+    outcome = resolve_sibling(read_header(src), str(tmp_path / "cache"))
+    assert outcome.converted is not None
+    mode = os.stat(outcome.sibling.path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o644 & ~umask
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {},
+        {"bf16": torch.ones(3, dtype=torch.bfloat16), "i": torch.arange(2)},
+        {"h": torch.ones(3, dtype=torch.float16)},
+    ],
+    ids=["no-tensors", "bf16-and-int", "already-fp16"],
+)
+def test_no_float32_means_no_sibling(tmp_path, tensors):
+    src = tmp_path / "model.safetensors"
+    save_file(tensors, str(src))
+    before = sorted(os.listdir(tmp_path))
+    outcome = resolve_sibling(read_header(src), str(tmp_path / "cache"))
+    assert outcome.sibling is None and outcome.converted is None
+    assert sorted(p for p in os.listdir(tmp_path) if p != "cache") == before
+
+
+def test_converting_a_sibling_again_changes_nothing(tmp_path):
+    src = tmp_path / "model.safetensors"
+    save_file(source_tensors(), str(src))
+    first = resolve_sibling(read_header(src), str(tmp_path / "cache"))
+    raw = open(first.sibling.path, "rb").read()
+    again = resolve_sibling(read_header(first.sibling.path), str(tmp_path / "cache"))
+    assert again.converted is None and again.sibling is None
+    assert open(first.sibling.path, "rb").read() == raw
+    second = resolve_sibling(read_header(src), str(tmp_path / "cache"))
+    assert second.converted is None and second.sibling.path == first.sibling.path
+
+
+def test_verify_accepts_a_true_sibling_and_catches_a_data_flip(tmp_path):
+    src = tmp_path / "model.safetensors"
+    save_file(source_tensors(), str(src))
+    outcome = resolve_sibling(read_header(src), str(tmp_path / "cache"))
+    _convert.verify(read_header(src), outcome.sibling)
+    with open(outcome.sibling.path, "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    from sa3loader import VerificationError
+
+    with pytest.raises(VerificationError):
+        _convert.verify(read_header(src), read_header(outcome.sibling.path))

@@ -1,0 +1,181 @@
+"""Header parsing and layout: byte-compatible with safetensors, hostile input refused."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sa3loader import HeaderError, Sa3LoaderError
+from sa3loader._format import layout, parse_header, read_header
+from sa3loader._tensors import TORCH_DTYPES
+
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    return {
+        "b.f32": torch.randn(3, 5),
+        "a.f32": torch.randn(7),
+        "zero": torch.zeros(0, 4),
+        "bf16": torch.randn(5).to(torch.bfloat16),
+        "f16": torch.randn(3).to(torch.float16),
+        "f64": torch.randn(2, dtype=torch.float64),
+        "i64": torch.arange(3),
+        "i8": torch.tensor([1, -2, 3], dtype=torch.int8),
+        "bool": torch.tensor([True, False, True]),
+        "u8": torch.tensor([1, 2, 3, 4, 5], dtype=torch.uint8),
+    }
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt", "b": "2", "ü": "ß"}])
+def test_layout_matches_save_file(tmp_path, metadata):
+    tensors = mixed_tensors()
+    path = tmp_path / "ref.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    raw = path.read_bytes()
+    prefix, entries = layout(
+        [(k, DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in tensors.items()], metadata or {}
+    )
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert len(prefix) == 8 + n and prefix[:8] == raw[:8]
+    assert json.loads(prefix[8:]) == json.loads(raw[8 : 8 + n])
+    assert n % 8 == 0
+    if metadata is None:  # with no metadata there is no key order left to differ
+        assert prefix == raw[: 8 + n]
+    header = read_header(path)
+    assert [e.name for e in header.entries] == [e.name for e in entries]
+    with safe_open(str(path), "pt") as f:
+        assert set(f.keys()) == set(header.by_name)
+
+
+def test_entries_are_in_load_file_order(tmp_path):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "x.safetensors"
+    save_file(mixed_tensors(), str(path))
+    assert [e.name for e in read_header(path).entries] == list(load_file(str(path)))
+
+
+def _file(tmp_path: Path, header: bytes | str, data: bytes = b"", length: int | None = None) -> Path:
+    raw = header.encode() if isinstance(header, str) else header
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def _entry(dtype="F32", shape=(2,), offsets=(0, 8)) -> dict:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+HOSTILE = {
+    "length-past-eof": dict(header="{}", length=1 << 20),
+    "length-near-2^64": dict(header="{}", length=(1 << 64) - 8),
+    "not-json": dict(header="{not json"),
+    "not-utf8": dict(header=b"\xff\xfe{}"),
+    "json-list": dict(header="[1, 2]"),
+    "json-string": dict(header='"hello"'),
+    "negative-offset": dict(header=json.dumps({"t": _entry(offsets=(-8, 0))}), data=b"\0" * 8),
+    "overlap": dict(
+        header=json.dumps({"a": _entry(offsets=(0, 8)), "b": _entry(offsets=(4, 12))}), data=b"\0" * 12
+    ),
+    "gap": dict(header=json.dumps({"a": _entry(offsets=(8, 16))}), data=b"\0" * 16),
+    "out-of-file": dict(header=json.dumps({"a": _entry(offsets=(0, 8))}), data=b"\0" * 4),
+    "size-mismatch": dict(header=json.dumps({"a": _entry(shape=(3,), offsets=(0, 8))}), data=b"\0" * 8),
+    "unknown-dtype": dict(header=json.dumps({"a": _entry(dtype="F128")}), data=b"\0" * 8),
+    "duplicate-key": dict(
+        header=f'{{"a":{json.dumps(_entry())},"a":{json.dumps(_entry())}}}', data=b"\0" * 8
+    ),
+    "huge-shape": dict(
+        header=json.dumps({"a": _entry(shape=(1 << 40, 1 << 40), offsets=(0, 8))}), data=b"\0" * 8
+    ),
+    "float-shape": dict(header=json.dumps({"a": _entry(shape=(2.0,))}), data=b"\0" * 8),
+    "bool-offset": dict(header=json.dumps({"a": _entry(offsets=(False, 8))}), data=b"\0" * 8),
+    "metadata-not-strings": dict(header=json.dumps({"__metadata__": {"a": 1}})),
+    "entry-extra-field": dict(header=json.dumps({"a": {**_entry(), "x": 1}}), data=b"\0" * 8),
+    "truncated-data": dict(header=json.dumps({"a": _entry(shape=(4,), offsets=(0, 16))}), data=b"\0" * 9),
+    "deep-nesting": dict(header="[" * 100000 + "]" * 100000),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_headers_raise_header_error_naming_the_file(tmp_path, case):
+    path = _file(tmp_path, **HOSTILE[case])
+    with pytest.raises(HeaderError) as err:
+        read_header(path)
+    assert str(path) in str(err.value)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, Sa3LoaderError)
+
+
+@pytest.mark.parametrize("size", [0, 3, 7])
+def test_tiny_files(tmp_path, size):
+    path = tmp_path / "tiny.safetensors"
+    path.write_bytes(b"\0" * size)
+    with pytest.raises(HeaderError):
+        read_header(path)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        read_header(tmp_path / "nope.safetensors")
+    assert isinstance(err.value, Sa3LoaderError)
+    with pytest.raises(IsADirectoryError) as err:
+        read_header(tmp_path)
+    assert isinstance(err.value, Sa3LoaderError)
+
+
+def test_file_with_no_tensors(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    save_file({}, str(path))
+    assert read_header(path).entries == ()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=st.binary(max_size=300), extra=st.integers(min_value=0, max_value=64))
+def test_fuzz_random_bytes_never_crash(raw, extra):
+    try:
+        parse_header(raw, path="fuzz", file_size=8 + len(raw) + extra)
+    except HeaderError:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "BOOL", "X"]),
+        "shape": st.lists(st.integers(-2, 5), max_size=3),
+        "data_offsets": st.lists(st.integers(-4, 64), min_size=1, max_size=3),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    header=st.dictionaries(st.text(max_size=4), entries | json_values, max_size=4),
+    data_size=st.integers(0, 64),
+)
+def test_fuzz_structured_headers(header, data_size):
+    raw = json.dumps(header).encode()
+    try:
+        parsed = parse_header(raw, path="fuzz", file_size=8 + len(raw) + data_size)
+    except HeaderError:
+        return
+    # Whatever is accepted is self-consistent: contiguous and inside the file.
+    position = 0
+    for entry in parsed.entries:
+        assert entry.begin == position and entry.end >= entry.begin
+        position = entry.end
+    assert position == data_size

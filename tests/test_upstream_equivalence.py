@@ -1,0 +1,126 @@
+"""sa3loader returns upstream's model bit for bit (real upstream source, tiny SA3 config)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import first_key, random_like_state, save
+from conftest import assert_same_model
+
+import sa3loader
+
+SEED = 1234
+
+
+def upstream_model(upstream, config, path, half):
+    torch.manual_seed(SEED)
+    return upstream.loading_utils.load_diffusion_cond(config, str(path), device="cpu", model_half=half)
+
+
+def ours(upstream, config, path, half, cache_dir):
+    torch.manual_seed(SEED)
+    return sa3loader.load_diffusion_cond(
+        config, path, "cpu", half, cache_dir=cache_dir,
+        model_factory=upstream.factory.create_diffusion_cond_from_config,
+    )  # fmt: skip
+
+
+def tricky_checkpoint(upstream, tmp_path: Path, *, complete: bool) -> Path:
+    """Every float differs from init, plus bf16/fp16/f64 tensors, remapped and unknown keys."""
+    torch.manual_seed(0)
+    model = upstream.factory.create_diffusion_cond_from_config(upstream.tiny_config)
+    state = random_like_state(model, seed=7)
+    for part, dtype in [
+        ("transformer.layers.0.", torch.bfloat16),
+        ("transformer.layers.1.", torch.float16),
+        ("to_timestep_embed", torch.float64),
+    ]:
+        k = first_key(state, contains=part)
+        state[k] = state[k].to(dtype)
+    # Needs the remap: an extra component that dropping restores.
+    k = first_key(state, contains="transformer.layers.2.")
+    state[k.replace("model.model.", "model.extra.model.", 1)] = state.pop(k)
+    # Two checkpoint keys that land on one model key: the later in file order wins.
+    k = first_key(state, contains="transformer.layers.3.")
+    state[k.replace("model.model.", "model.zz.model.", 1)] = state[k] * 2
+    # Quirk: the first component is never dropped, so this stays unknown.
+    k = first_key(state, contains="conditioner.")
+    state["_orig_mod." + k] = state[k].clone()
+    state["totally.unknown.key"] = torch.ones(3)
+    # A shape mismatch on a persistent buffer (skipped; the buffer keeps its value).
+    k = first_key(state, contains="inv_freq")
+    state[k] = torch.ones(state[k].numel() + 1)
+    if not complete:
+        del state[first_key(state, contains="transformer.layers.0.", min_numel=1)]
+    return save(state, tmp_path / f"model-{'complete' if complete else 'partial'}.safetensors")
+
+
+@pytest.mark.parametrize("half", [True, False], ids=["half", "fp32"])
+@pytest.mark.parametrize("complete", [True, False], ids=["complete", "missing-key"])
+def test_same_model_as_upstream(upstream, tmp_path, half, complete, caplog):
+    path = tricky_checkpoint(upstream, tmp_path, complete=complete)
+    ref = upstream_model(upstream, upstream.tiny_config, path, half)
+    rng_after_upstream = torch.random.get_rng_state()
+    with caplog.at_level(logging.WARNING, logger="sa3loader"):
+        model = ours(upstream, upstream.tiny_config, path, half, tmp_path / "cache")
+    info = sa3loader.last_load_info()
+    assert info.build == ("fast" if complete else "faithful")
+    assert_same_model(model, ref)
+    assert "totally.unknown.key" in info.result.unexpected_keys
+    assert any("inv_freq" in k for k in info.result.mismatched_keys)
+    assert "Key totally.unknown.key not found in target state_dict" in caplog.text
+    if half:
+        assert info.converted and info.sibling is not None
+        again = ours(upstream, upstream.tiny_config, path, half, tmp_path / "cache")
+        assert sa3loader.last_load_info().cache_hit
+        assert_same_model(again, ref)
+    else:
+        assert info.sibling is None
+        assert [p.name for p in tmp_path.iterdir() if "fp16" in p.name] == []
+    if not complete:  # the faithful path advances the RNG exactly as upstream does
+        assert torch.equal(torch.random.get_rng_state(), rng_after_upstream)
+
+
+def test_weight_norm_attribute_matches_when_checkpoint_is_init(upstream, tmp_path):
+    """Old-style weight_norm's plain ``weight``: upstream leaves the value computed at init.
+
+    When the checkpoint holds the init values, ours (computed from the loaded g and v)
+    is bit-identical; it stays a plain fp32 CPU tensor as upstream leaves it.
+    """
+    torch.manual_seed(SEED)
+    init = upstream.factory.create_diffusion_cond_from_config(upstream.tiny_config)
+    path = save(dict(init.state_dict()), tmp_path / "init.safetensors")
+    ref = upstream_model(upstream, upstream.tiny_config, path, True)
+    model = ours(upstream, upstream.tiny_config, path, True, tmp_path / "cache")
+    assert sa3loader.last_load_info().build == "fast"
+    assert_same_model(model, ref, plain_attr_values=True)
+    mapping = model.pretransform.model.encoder.layers[0].mapping
+    assert type(mapping.weight) is torch.Tensor and mapping.weight.dtype == torch.float32
+
+
+def test_cuda_without_cuda_raises_like_upstream_before_converting(upstream, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = tricky_checkpoint(upstream, tmp_path, complete=True)
+    with pytest.raises(Exception) as theirs:
+        upstream.loading_utils.load_diffusion_cond(upstream.tiny_config, str(path), "cuda", True)
+    with pytest.raises(type(theirs.value)):
+        ours_cuda = sa3loader.load_diffusion_cond
+        ours_cuda(upstream.tiny_config, path, "cuda", True, cache_dir=tmp_path / "cache",
+                  model_factory=upstream.factory.create_diffusion_cond_from_config)  # fmt: skip
+    assert not any("fp16" in p.name for p in tmp_path.iterdir())
+    assert not os.path.exists(tmp_path / "cache")
+
+
+def test_default_factory_is_upstream(upstream, tmp_path):
+    path = tricky_checkpoint(upstream, tmp_path, complete=True)
+    ref = upstream_model(upstream, upstream.tiny_config, path, True)
+    torch.manual_seed(SEED)
+    model = sa3loader.load_diffusion_cond(
+        upstream.tiny_config, str(path), "cpu", True, cache_dir=tmp_path / "c"
+    )
+    assert_same_model(model, ref)
