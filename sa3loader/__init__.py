@@ -16,7 +16,7 @@ from .errors import (
     UpstreamNotFoundError,
     VerificationError,
 )
-from .loader import LoadInfo, last_load_info, load_diffusion_cond, load_into_module
+from .loader import LoadInfo, last_load_info, load_autoencoder, load_diffusion_cond, load_into_module
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "install",
     "installed",
     "last_load_info",
+    "load_autoencoder",
     "load_diffusion_cond",
     "load_into_module",
     "uninstall",

@@ -9,6 +9,7 @@ allocated from the numbers it claims.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -104,8 +105,14 @@ class Header:
     def data_start(self) -> int:
         return HEADER_LENGTH_BYTES + self.header_size
 
-    def dtypes(self) -> set[str]:
-        return {e.dtype for e in self.entries}
+    def subset(self, prefix: str) -> Header:
+        """The tensors under ``prefix``, renamed without it (same file, same offsets)."""
+        entries = tuple(
+            dataclasses.replace(e, name=e.name[len(prefix) :])
+            for e in self.entries
+            if e.name.startswith(prefix)
+        )
+        return dataclasses.replace(self, entries=entries, by_name={e.name: e for e in entries})
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:

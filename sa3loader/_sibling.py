@@ -144,7 +144,7 @@ class SiblingResolver:
             else (old or {}).get("range")
         )
         return {
-            "source": {**self.identity, "path": self.source.path, "real_path": self.real},
+            "source": {**self.identity, "path": os.path.abspath(self.source.path), "real_path": self.real},
             "fingerprint": self.fingerprint(),
             "sibling": {"path": sibling.path, "size": sibling.file_size, "header_sha256": sibling.sha256},
             "converter_version": _convert.FORMAT_VERSION,

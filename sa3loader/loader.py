@@ -10,6 +10,7 @@ and no module customises state-dict loading; otherwise the faithful path runs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -157,7 +158,7 @@ def _build_fast(
             target = state[key]
             value = values.get(name, target.dtype)
             if id(target) in deferred_ids:
-                placed[id(target)] = nn.Parameter(value.to(device), requires_grad=False)
+                placed[id(target)] = nn.Parameter(value.to(device), requires_grad=target.requires_grad)
             else:
                 target.copy_(value)
     for module in model.modules():
@@ -182,6 +183,26 @@ def _build_fast(
     return model, result, ""
 
 
+def _build(
+    factory: Factory, config: Any, source: Header, values: _Values, device: torch.device, info: LoadInfo
+) -> nn.Module:
+    """Fast build when it gives upstream's model, else upstream's own build."""
+    rng = torch.random.get_rng_state()
+    model, result, why_not = _build_fast(factory, config, source, values, device)
+    if model is None:
+        logger.info("%s: using upstream's full build (%s)", source.path, why_not)
+        info.fallback = why_not
+        torch.random.set_rng_state(rng)
+        model = factory(config)
+        result = _load_faithful(model, source, values)
+        info.build = "faithful"
+    else:
+        info.build = "fast"
+    assert result is not None
+    info.result = result
+    return model
+
+
 def load_into_module(module: nn.Module, ckpt_path: str | os.PathLike[str]) -> LoadResult:
     """Load a safetensors checkpoint into any module with upstream's semantics.
 
@@ -202,6 +223,16 @@ def _upstream_factory() -> Factory:
             "(pip install --no-deps -e path/to/stable-audio-3) or pass model_factory=..."
         ) from exc
     return create_diffusion_cond_from_config  # type: ignore[no-any-return]
+
+
+def _upstream_autoencoder_factory() -> Factory:
+    try:
+        from stable_audio_3.factory import create_autoencoder_from_config
+    except ImportError as exc:
+        raise UpstreamNotFoundError(
+            "sa3loader needs stable_audio_3 to build the autoencoder: install it or pass model_factory=..."
+        ) from exc
+    return lambda config: create_autoencoder_from_config(config["model"], config["sample_rate"])
 
 
 def _upstream_original() -> Callable[..., nn.Module]:
@@ -269,19 +300,7 @@ def load_diffusion_cond(
 
     build_started = time.perf_counter()
     values = _Values(source, outcome.sibling, bool(model_half))
-    rng = torch.random.get_rng_state()
-    model, result, why_not = _build_fast(factory, model_config, source, values, target)
-    if model is None:
-        logger.info("%s: using upstream's full build (%s)", source.path, why_not)
-        info.fallback = why_not
-        torch.random.set_rng_state(rng)
-        model = factory(model_config)
-        result = _load_faithful(model, source, values)
-        info.build = "faithful"
-    else:
-        info.build = "fast"
-    assert result is not None
-    info.result = result
+    model = _build(factory, model_config, source, values, target, info)
     _finish(model, target, bool(model_half))
     now = time.perf_counter()
     info.timings["build_s"] = now - build_started
@@ -290,3 +309,34 @@ def load_diffusion_cond(
         "loaded %s: %s, %s build, %.2fs", source.path, info.reason, info.build, info.timings["total_s"]
     )
     return model
+
+
+AUTOENCODER_PREFIX = "pretransform.model."
+
+
+def load_autoencoder(
+    config_path: str | os.PathLike[str],
+    ckpt_path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    *,
+    model_factory: Factory | None = None,
+) -> nn.Module:
+    """Drop-in for ``stable_audio_3.loading_utils.load_autoencoder``.
+
+    Reads only the ``pretransform.model.`` tensors of a combined checkpoint (or
+    every tensor of a bare autoencoder checkpoint), fp32, and returns
+    ``autoencoder.to(device)``: like upstream, not switched to eval mode.
+    """
+    global _last_info
+    info = LoadInfo(source=os.fspath(ckpt_path), reason="autoencoder fp32 load")
+    _last_info = info
+    with open(config_path) as f:
+        config = json.load(f)
+    factory = model_factory if model_factory is not None else _upstream_autoencoder_factory()
+    target = torch.device(device)
+    torch.empty(0).to(target)
+    source = read_header(ckpt_path)
+    if any(e.name.startswith(AUTOENCODER_PREFIX) for e in source.entries):
+        source = source.subset(AUTOENCODER_PREFIX)
+    model = _build(factory, config, source, _Values(source, None, half=False), target, info)
+    return model.to(target)

@@ -1,0 +1,130 @@
+"""Inspect and clean a cache dir: list rows, check content, prune, clear.
+
+Nothing here deletes a file that lacks sa3loader's metadata marker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import _convert
+from ._format import read_header
+from ._identity import hard_match
+from ._index import Index
+from .errors import Sa3LoaderError, VerificationError
+
+OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
+
+
+@dataclass
+class Entry:
+    source: str
+    sibling: str
+    source_size: int
+    sibling_size: int
+    created: float
+    status: str
+
+
+def _status(row: dict[str, Any]) -> str:
+    source, sibling = row["source"]["real_path"], row["sibling"]["path"]
+    if not os.path.exists(source):
+        return MISSING_SOURCE
+    if not os.path.exists(sibling):
+        return MISSING_SIBLING
+    try:
+        current = _identity_now(source)
+        sib = read_header(sibling)
+    except (Sa3LoaderError, OSError):
+        return STALE
+    if not hard_match(current, row["source"]) or sib.sha256 != row["sibling"]["header_sha256"]:
+        return STALE
+    return OK
+
+
+def _identity_now(path: str) -> dict[str, Any]:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": read_header(path).sha256}
+
+
+def _entry(row: dict[str, Any]) -> Entry:
+    return Entry(
+        source=row["source"]["path"],
+        sibling=row["sibling"]["path"],
+        source_size=row["source"]["size"],
+        sibling_size=row["sibling"]["size"],
+        created=row.get("created", 0.0),
+        status=_status(row),
+    )
+
+
+def entries(cache_dir: str) -> list[Entry]:
+    index = Index(cache_dir)
+    try:
+        return [_entry(row) for _, row in index.items()]
+    finally:
+        index.close()
+
+
+def verify_all(cache_dir: str) -> list[tuple[Entry, str]]:
+    """Full content check of every ok row: (entry, "ok" or what is wrong)."""
+    results = []
+    for entry in entries(cache_dir):
+        if entry.status != OK:
+            results.append((entry, entry.status))
+            continue
+        try:
+            _convert.verify(read_header(entry.source), read_header(entry.sibling))
+            results.append((entry, OK))
+        except (VerificationError, Sa3LoaderError, OSError) as exc:
+            results.append((entry, f"content mismatch: {exc}"))
+    return results
+
+
+def _remove_sibling(path: str) -> bool:
+    """Delete ``path`` only if it is an sa3loader sibling."""
+    try:
+        if not _convert.is_sa3loader_file(read_header(path)):
+            return False
+    except (Sa3LoaderError, OSError):
+        return False
+    os.unlink(path)
+    return True
+
+
+def prune(cache_dir: str, *, dry_run: bool = False) -> list[Entry]:
+    """Drop rows (and their siblings) whose source is gone or changed."""
+    index = Index(cache_dir)
+    pruned = []
+    try:
+        for key, row in index.items():
+            entry = _entry(row)
+            if entry.status == OK:
+                continue
+            pruned.append(entry)
+            if dry_run:
+                continue
+            if entry.status in (STALE, MISSING_SOURCE) and os.path.exists(entry.sibling):
+                _remove_sibling(entry.sibling)
+            index.delete(key)
+    finally:
+        index.close()
+    return pruned
+
+
+def clear(cache_dir: str) -> int:
+    """Remove every row and every sibling they name (sa3loader files only)."""
+    index = Index(cache_dir)
+    try:
+        for _, row in index.items():
+            if os.path.exists(row["sibling"]["path"]):
+                _remove_sibling(row["sibling"]["path"])
+        return index.clear()
+    finally:
+        index.close()
+
+
+def as_dict(entry: Entry) -> dict[str, Any]:
+    return asdict(entry)

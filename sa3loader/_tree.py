@@ -1,0 +1,157 @@
+"""Ahead-of-time conversion: one file, or a whole checkpoint directory.
+
+A checkpoint directory (``model.safetensors``, ``model_config.json``, a
+``t5gemma-b-b-ul2/`` folder of bf16 weights and tokenizer files) becomes
+``<dir>-fp16`` or is converted in place: every ``.safetensors`` file with fp32
+tensors is streamed to fp16, everything else is copied byte for byte,
+``.cache`` folders and sa3loader's own siblings, locks and temp files are
+skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+
+from . import _convert
+from ._format import Header, read_header
+from ._fsutil import LOCK_SUFFIX, SAFETENSORS_SUFFIX, SIBLING_SUFFIX, in_hf_hub_cache, resolve_cache_dir
+from ._identity import fingerprint, source_identity
+from ._sibling import resolve_sibling
+from .errors import ConversionError, Sa3LoaderError
+
+logger = logging.getLogger(__name__)
+
+SKIPPED_DIRS = {".cache"}
+OUTPUT_DIR_SUFFIX = "-fp16"
+
+
+class OutputExistsError(Sa3LoaderError, FileExistsError):
+    """The output already exists and ``force`` was not given."""
+
+
+class HubSymlinkError(Sa3LoaderError, ValueError):
+    """In-place conversion would replace a Hugging Face hub cache symlink."""
+
+
+@dataclass
+class FileAction:
+    """What happened to one file."""
+
+    source: str
+    output: str
+    action: str  # "converted", "copied", "skipped", "unchanged"
+    overflow_to_inf: int = 0
+    flushed_to_zero: int = 0
+    verified: bool = False
+
+
+def _is_our_artifact(name: str, path: str) -> bool:
+    if _convert.INCOMPLETE_INFIX in name or name.endswith(SIBLING_SUFFIX + LOCK_SUFFIX):
+        return True
+    if name.endswith(SIBLING_SUFFIX):
+        try:
+            return _convert.is_sa3loader_file(read_header(path))
+        except (Sa3LoaderError, OSError):
+            return False
+    return False
+
+
+def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
+    identity = source_identity(header)
+    metadata = _convert.sibling_metadata(header, identity, fingerprint(header.path, identity["size"]))
+    staged = dest if not verify else f"{dest}{_convert.INCOMPLETE_INFIX}verify-{os.getpid()}"
+    result = _convert.convert(header, staged, metadata)
+    action = FileAction(header.path, dest, "converted", result.overflow_to_inf, result.flushed_to_zero)
+    if verify:
+        try:
+            _convert.verify(header, read_header(staged))
+        except BaseException:
+            os.unlink(staged)
+            raise
+        os.replace(staged, dest)
+        action.verified = True
+    return action
+
+
+def convert_file(
+    src: str, out: str | None = None, *, in_place: bool = False, force: bool = False,
+    verify: bool = False, cache_dir: str | None = None,
+) -> FileAction:  # fmt: skip
+    """Convert one checkpoint file; by default to where a load would look for its sibling."""
+    header = read_header(src)
+    if _convert.is_sa3loader_file(header) or not _convert.has_float32(header):
+        if in_place or out is None:
+            return FileAction(src, src, "unchanged")
+        _copy(src, out, force)
+        return FileAction(src, out, "copied")
+    if in_place:
+        target = _in_place_target(src)
+        return _convert_to(read_header(target), target, verify)
+    if out is None:
+        outcome = resolve_sibling(header, resolve_cache_dir(cache_dir), verify=verify)
+        if outcome.sibling is None:
+            raise ConversionError(f"{src}: {outcome.reason}")
+        converted = outcome.converted
+        return FileAction(
+            src, outcome.sibling.path, "converted" if converted else "unchanged",
+            converted.overflow_to_inf if converted else 0, converted.flushed_to_zero if converted else 0,
+            verified=verify,
+        )  # fmt: skip
+    if os.path.exists(out) and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    return _convert_to(header, out, verify)
+
+
+def _in_place_target(path: str) -> str:
+    if os.path.islink(path):
+        if in_hf_hub_cache(path):
+            raise HubSymlinkError(
+                f"{path} is a Hugging Face hub cache symlink; converting in place would break the "
+                "hub's cache. Convert a copy (--out) or let loads keep their sibling in the cache dir."
+            )
+        return os.path.realpath(path)
+    return path
+
+
+def _copy(src: str, dst: str, force: bool) -> None:
+    if os.path.exists(dst) and not force:
+        raise OutputExistsError(f"{dst} exists; pass --force to replace it")
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    shutil.copyfile(src, dst)
+    shutil.copymode(src, dst)
+
+
+def convert_tree(
+    src_dir: str, out_dir: str | None = None, *, in_place: bool = False, force: bool = False,
+    verify: bool = False,
+) -> list[FileAction]:  # fmt: skip
+    """Convert a checkpoint directory to ``<dir>-fp16`` (or in place)."""
+    src_dir = os.path.abspath(src_dir)
+    if not in_place:
+        out_dir = os.path.abspath(out_dir or src_dir.rstrip(os.sep) + OUTPUT_DIR_SUFFIX)
+        if os.path.exists(out_dir) and not force:
+            raise OutputExistsError(f"{out_dir} exists; pass --force to replace its files")
+    actions = []
+    for root, dirs, files in os.walk(src_dir):
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and os.path.join(root, d) != out_dir)
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, src_dir)
+            dest = path if in_place else os.path.join(out_dir, rel)  # type: ignore[arg-type]
+            if _is_our_artifact(name, path):
+                actions.append(FileAction(path, dest, "skipped"))
+                continue
+            if name.endswith(SAFETENSORS_SUFFIX):
+                actions.append(convert_file(path, None if in_place else dest, in_place=in_place, force=True,
+                                            verify=verify))  # fmt: skip
+                continue
+            if in_place:
+                actions.append(FileAction(path, path, "unchanged"))
+            else:
+                _copy(path, dest, force=True)
+                actions.append(FileAction(path, dest, "copied"))
+    return actions

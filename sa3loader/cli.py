@@ -1,0 +1,209 @@
+"""``python -m sa3loader`` / ``sa3loader``: convert ahead of time, warm, inspect the cache.
+
+The only module that prints. Exit codes: 0 success, 1 error (one line on
+stderr; ``--debug`` for the traceback), 2 bad usage, 3 a check found a problem
+(``--verify``, ``cache verify``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from . import _cachetools, _convert
+from ._format import read_header
+from ._fsutil import resolve_cache_dir
+from ._sibling import resolve_sibling
+from ._tree import convert_file, convert_tree
+from .errors import Sa3LoaderError, VerificationError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
+
+
+def _emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        for line in lines:
+            print(line)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.src):
+        actions = convert_tree(
+            args.src, args.out, in_place=args.in_place, force=args.force, verify=args.verify
+        )
+    else:
+        actions = [
+            convert_file(
+                args.src,
+                args.out,
+                in_place=args.in_place,
+                force=args.force,
+                verify=args.verify,
+                cache_dir=args.cache_dir,
+            )  # fmt: skip
+        ]
+    lines = [f"{a.action:9} {a.source} -> {a.output}" for a in actions]
+    converted = [a for a in actions if a.action == "converted"]
+    if args.verify:
+        lines.append(f"verify: max abs diff of fp16(source) vs output = 0.0 over {len(converted)} file(s)")
+    overflow = sum(a.overflow_to_inf for a in converted)
+    flushed = sum(a.flushed_to_zero for a in converted)
+    lines.append(f"fp16 range: {overflow} values overflowed to inf, {flushed} nonzero values flushed to zero")
+    _emit(args, [asdict(a) for a in actions], lines)
+    return EXIT_OK
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    header = read_header(args.ckpt)
+    started = time.perf_counter()
+    outcome = resolve_sibling(header, resolve_cache_dir(args.cache_dir), verify=args.verify)
+    data = {
+        "source": header.path,
+        "sibling": outcome.sibling.path if outcome.sibling else None,
+        "converted": outcome.converted is not None,
+        "reason": outcome.reason,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    _emit(args, data, [f"{data['reason']}: {data['sibling'] or header.path} ({data['seconds']}s)"])
+    if outcome.sibling is None and _convert.has_float32(header):
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    header = read_header(args.ckpt)
+    counts: Counter[str] = Counter()
+    nbytes: Counter[str] = Counter()
+    for entry in header.entries:
+        counts[entry.dtype] += 1
+        nbytes[entry.dtype] += entry.nbytes
+    f32 = nbytes.get("F32", 0)
+    data = {
+        "path": header.path,
+        "file_size": header.file_size,
+        "tensors": len(header.entries),
+        "by_dtype": {d: {"tensors": counts[d], "bytes": nbytes[d]} for d in sorted(counts)},
+        "fp16_sibling_size": header.file_size - f32 // 2 if f32 else None,
+        "saves_bytes": f32 // 2,
+        "is_sa3loader_sibling": _convert.is_sa3loader_file(header),
+        "metadata": header.metadata,
+    }
+    lines = [f"{header.path}: {len(header.entries)} tensors, {_gb(header.file_size)}"]
+    lines += [f"  {d:8} {counts[d]:6} tensors  {_gb(nbytes[d])}" for d in sorted(counts)]
+    lines.append(
+        f"conversion would save {_gb(f32 // 2)} (fp16 sibling about {_gb(header.file_size - f32 // 2)})"
+        if f32
+        else "no float32 tensors: nothing to convert"
+    )
+    _emit(args, data, lines)
+    return EXIT_OK
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    cache_dir = resolve_cache_dir(args.cache_dir)
+    if args.cache_command == "ls":
+        rows = _cachetools.entries(cache_dir)
+        lines = [f"cache dir: {cache_dir}"] + [
+            f"{e.status:15} {e.source} ({_gb(e.source_size)}) -> {e.sibling} ({_gb(e.sibling_size)}), "
+            f"created {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.created))}"
+            for e in rows
+        ]
+        _emit(args, [asdict(e) for e in rows], lines)
+        return EXIT_OK
+    if args.cache_command == "verify":
+        results = _cachetools.verify_all(cache_dir)
+        _emit(
+            args,
+            [{**asdict(e), "check": check} for e, check in results],
+            [f"{check}: {e.source} -> {e.sibling}" for e, check in results] or ["no rows"],
+        )
+        return EXIT_OK if all(check == _cachetools.OK for _, check in results) else EXIT_CHECK_FAILED
+    if args.cache_command == "prune":
+        pruned = _cachetools.prune(cache_dir, dry_run=args.dry_run)
+        verb = "would prune" if args.dry_run else "pruned"
+        _emit(args, [asdict(e) for e in pruned], [f"{verb} ({e.status}): {e.source}" for e in pruned]
+              + [f"{verb} {len(pruned)} row(s)"])  # fmt: skip
+        return EXIT_OK
+    count = _cachetools.clear(cache_dir)
+    _emit(args, {"cleared_rows": count}, [f"cleared {count} row(s) from {cache_dir}"])
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sa3loader",
+        description="Convert Stable Audio 3 checkpoints to fp16 ahead of time and manage sa3loader's cache.",
+        epilog="Exit codes: 0 ok, 1 error, 2 bad usage, 3 a check found a problem.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--cache-dir", help="cache dir (default: $SA3LOADER_CACHE_DIR or ~/.cache/sa3loader)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = add("convert", "convert a checkpoint file or directory to fp16 (only float32 tensors change)")
+    p.add_argument("src", help="a .safetensors file or a checkpoint directory")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out", help="output file or directory (default: the sibling a load uses / <dir>-fp16)"
+    )
+    where.add_argument("--in-place", action="store_true", help="replace each file (temp file + rename)")
+    p.add_argument("--verify", action="store_true", help="re-read both sides: output must equal fp16(source)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_convert)
+
+    p = add("warm", "create or validate the fp16 sibling of a checkpoint (for image builds, entrypoints)")
+    p.add_argument("ckpt")
+    p.add_argument("--verify", action="store_true", help="full content check of an existing sibling")
+    p.set_defaults(func=cmd_warm)
+
+    p = add("info", "tensors by dtype, sizes, and what conversion would save")
+    p.add_argument("ckpt")
+    p.set_defaults(func=cmd_info)
+
+    p = add("cache", "list, check, prune or clear the cache")
+    p.add_argument("cache_command", choices=["ls", "verify", "prune", "clear"])
+    p.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
+    p.set_defaults(func=cmd_cache)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="sa3loader: %(levelname)s: %(message)s"
+    )
+    try:
+        return int(args.func(args))
+    except VerificationError as exc:
+        print(f"sa3loader: check failed: {exc}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    except (Sa3LoaderError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"sa3loader: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The CLI, run as a subprocess on synthetic checkpoint directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sa3loader._format import read_header
+
+
+def run(*args: str, cache: Path, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sa3loader", "--cache-dir", str(cache), *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr + proc.stdout
+    return proc
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path) -> Path:
+    """The shape of a real SA3 checkpoint directory, plus things to skip."""
+    root = tmp_path / "sa3"
+    (root / "t5gemma-b-b-ul2").mkdir(parents=True)
+    (root / ".cache" / "huggingface").mkdir(parents=True)
+    save_file({"w": torch.randn(8, 8), "i": torch.arange(4)}, str(root / "model.safetensors"), {"k": "v"})
+    (root / "model_config.json").write_text('{"model": {}}')
+    save_file({"e": torch.randn(6).bfloat16()}, str(root / "t5gemma-b-b-ul2" / "model.safetensors"))
+    (root / "t5gemma-b-b-ul2" / "tokenizer.json").write_text("{}")
+    (root / ".cache" / "huggingface" / "junk.lock").write_text("x")
+    (root / "README.md").write_text("readme")
+    return root
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_convert_directory_copy(ckpt_dir, tmp_path):
+    before = files(ckpt_dir)
+    proc = run("convert", str(ckpt_dir), "--verify", cache=tmp_path / "c")
+    assert "max abs diff of fp16(source) vs output = 0.0" in proc.stdout
+    out = tmp_path / "sa3-fp16"
+    got = files(out)
+    assert set(got) == {"model.safetensors", "model_config.json", "README.md",
+                        "t5gemma-b-b-ul2/model.safetensors", "t5gemma-b-b-ul2/tokenizer.json"}  # fmt: skip
+    for name in (
+        "model_config.json",
+        "README.md",
+        "t5gemma-b-b-ul2/model.safetensors",
+        "t5gemma-b-b-ul2/tokenizer.json",
+    ):
+        assert got[name] == before[name]
+    converted = load_file(str(out / "model.safetensors"))
+    source = load_file(str(ckpt_dir / "model.safetensors"))
+    assert converted["w"].dtype == torch.float16
+    assert torch.equal(converted["w"].view(torch.int16), source["w"].half().view(torch.int16))
+    assert torch.equal(converted["i"], source["i"])
+    assert read_header(out / "model.safetensors").metadata["k"] == "v"
+    assert files(ckpt_dir) == before  # source untouched
+
+    again = run("convert", str(ckpt_dir), cache=tmp_path / "c", check_rc=1)
+    assert "exists" in again.stderr and "--force" in again.stderr and "Traceback" not in again.stderr
+    run("convert", str(ckpt_dir), "--force", cache=tmp_path / "c")
+
+
+def test_convert_in_place_is_idempotent_and_skips_auto_siblings(ckpt_dir, tmp_path):
+    run("warm", str(ckpt_dir / "model.safetensors"), cache=tmp_path / "c")
+    assert (ckpt_dir / "model.fp16.safetensors").exists()
+    run("convert", str(ckpt_dir), "--in-place", cache=tmp_path / "c")
+    once = files(ckpt_dir)
+    assert {e.dtype for e in read_header(ckpt_dir / "model.safetensors").entries} == {"F16", "I64"}
+    run("convert", str(ckpt_dir), "--in-place", cache=tmp_path / "c")
+    assert files(ckpt_dir) == once
+    copy = run("convert", str(ckpt_dir), "--out", str(tmp_path / "copy"), cache=tmp_path / "c")
+    assert "model.fp16.safetensors" not in files(tmp_path / "copy"), copy.stdout
+
+
+def test_foreign_fp16_file_is_copied_not_skipped(ckpt_dir, tmp_path):
+    save_file({"x": torch.ones(2).half()}, str(ckpt_dir / "unet.fp16.safetensors"))
+    run("convert", str(ckpt_dir), cache=tmp_path / "c")
+    assert (tmp_path / "sa3-fp16" / "unet.fp16.safetensors").read_bytes() == (
+        ckpt_dir / "unet.fp16.safetensors"
+    ).read_bytes()
+
+
+def test_in_place_refuses_hub_symlinks(tmp_path):
+    blob = tmp_path / "hub" / "models--org--m" / "blobs" / "abc"
+    blob.parent.mkdir(parents=True)
+    save_file({"w": torch.randn(3)}, str(blob))
+    snap = tmp_path / "hub" / "models--org--m" / "snapshots" / "r1"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(blob)
+    before = blob.read_bytes()
+    proc = run("convert", str(snap / "model.safetensors"), "--in-place", cache=tmp_path / "c", check_rc=1)
+    assert "hub" in proc.stderr and blob.read_bytes() == before and (snap / "model.safetensors").is_symlink()
+
+
+def test_convert_single_file_is_recorded_so_loads_hit(ckpt_dir, tmp_path):
+    src = ckpt_dir / "model.safetensors"
+    run("convert", str(src), cache=tmp_path / "c")
+    rows = json.loads(run("cache", "ls", "--json", cache=tmp_path / "c").stdout)
+    assert [(r["source"], r["status"]) for r in rows] == [(str(src), "ok")]
+    assert rows[0]["sibling"] == str(ckpt_dir / "model.fp16.safetensors")
+    warm = json.loads(run("warm", str(src), "--json", cache=tmp_path / "c").stdout)
+    assert warm["converted"] is False and warm["reason"] == "cache hit"
+
+
+def test_cache_verify_prune_clear(ckpt_dir, tmp_path):
+    cache = tmp_path / "c"
+    src = ckpt_dir / "model.safetensors"
+    run("warm", str(src), cache=cache)
+    assert json.loads(run("cache", "verify", "--json", cache=cache).stdout)[0]["check"] == "ok"
+    sibling = ckpt_dir / "model.fp16.safetensors"
+    raw = bytearray(sibling.read_bytes())
+    raw[-2] ^= 0xFF
+    sibling.write_bytes(bytes(raw))
+    run("cache", "verify", cache=cache, check_rc=3)
+
+    save_file({"w": torch.randn(8, 8) * 3, "i": torch.arange(4)}, str(src))  # source changed
+    rows = json.loads(run("cache", "ls", "--json", cache=cache).stdout)
+    assert rows[0]["status"] == "stale"
+    dry = run("cache", "prune", "--dry-run", cache=cache)
+    assert "would prune" in dry.stdout and sibling.exists()
+    run("cache", "prune", cache=cache)
+    assert not sibling.exists()
+    assert json.loads(run("cache", "ls", "--json", cache=cache).stdout) == []
+
+    run("warm", str(src), cache=cache)
+    foreign = ckpt_dir / "keep.safetensors"
+    foreign.write_bytes(b"not ours")
+    assert json.loads(run("cache", "clear", "--json", cache=cache).stdout)["cleared_rows"] == 1
+    assert not sibling.exists() and foreign.exists() and src.exists()
+
+
+def test_info_and_errors(ckpt_dir, tmp_path):
+    data = json.loads(run("info", str(ckpt_dir / "model.safetensors"), "--json", cache=tmp_path / "c").stdout)
+    assert data["by_dtype"]["F32"] == {"tensors": 1, "bytes": 256}
+    assert data["saves_bytes"] == 128
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 16)
+    proc = run("info", str(bad), cache=tmp_path / "c", check_rc=1)
+    assert proc.stderr.startswith("sa3loader: error:") and str(bad) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "Traceback" in run("--debug", "info", str(bad), cache=tmp_path / "c", check_rc=None).stderr
+    assert run("bogus", cache=tmp_path / "c", check_rc=2).returncode == 2
+
+
+def test_help_reads_well(tmp_path):
+    out = run("--help", cache=tmp_path).stdout
+    for word in ("convert", "warm", "info", "cache", "Exit codes"):
+        assert word in out
+    assert os.path.basename(sys.executable)

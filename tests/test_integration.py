@@ -1,0 +1,100 @@
+"""install()/uninstall() and load_autoencoder against the real upstream source."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+from checkpoints import random_like_state, save
+from conftest import assert_same_model
+
+import sa3loader
+
+SEED = 99
+
+
+@pytest.fixture
+def tiny_files(upstream, tmp_path):
+    torch.manual_seed(0)
+    model = upstream.factory.create_diffusion_cond_from_config(upstream.tiny_config)
+    ckpt = save(random_like_state(model, seed=11), tmp_path / "model.safetensors")
+    config = tmp_path / "model_config.json"
+    config.write_text(json.dumps(upstream.tiny_config))
+    return config, ckpt
+
+
+@pytest.fixture
+def upstream_model_module(upstream, tiny_files, monkeypatch):
+    model_mod = importlib.import_module("stable_audio_3.model")
+
+    class LocalFiles:
+        def resolve(self):
+            return tuple(map(str, tiny_files))
+
+    monkeypatch.setattr(model_mod, "all_models", {"tiny": LocalFiles()})
+    yield model_mod
+    sa3loader.uninstall()
+
+
+def from_pretrained(model_mod):
+    torch.manual_seed(SEED)
+    return model_mod.StableAudioModel.from_pretrained("tiny", device="cpu").model
+
+
+def test_install_routes_from_pretrained_through_sa3loader(upstream_model_module, tmp_path, monkeypatch):
+    monkeypatch.setenv("SA3LOADER_CACHE_DIR", str(tmp_path / "cache"))
+    lu = importlib.import_module("stable_audio_3.loading_utils")
+    original = lu.load_diffusion_cond
+    reference = from_pretrained(upstream_model_module)
+
+    sa3loader.install()
+    assert lu.load_diffusion_cond is sa3loader.load_diffusion_cond
+    assert upstream_model_module.load_diffusion_cond is sa3loader.load_diffusion_cond
+    assert sa3loader._install.original_load_diffusion_cond() is original
+    ours = from_pretrained(upstream_model_module)
+    info = sa3loader.last_load_info()
+    assert info.source.endswith("model.safetensors") and info.build == "fast"
+    assert not info.model_half  # upstream forces model_half=False without CUDA
+    assert_same_model(ours, reference)
+
+    monkeypatch.setenv("SA3LOADER_DISABLE", "1")  # calls the saved original: no recursion
+    disabled = from_pretrained(upstream_model_module)
+    assert sa3loader.last_load_info().build == "upstream"
+    assert_same_model(disabled, reference)
+
+    sa3loader.uninstall()
+    assert lu.load_diffusion_cond is original and upstream_model_module.load_diffusion_cond is original
+
+
+def test_installed_context_manager_restores(upstream_model_module):
+    lu = importlib.import_module("stable_audio_3.loading_utils")
+    original = lu.load_diffusion_cond
+    with sa3loader.installed():
+        assert upstream_model_module.load_diffusion_cond is sa3loader.load_diffusion_cond
+    assert upstream_model_module.load_diffusion_cond is original and lu.load_diffusion_cond is original
+
+
+def test_import_has_no_side_effects(upstream):
+    lu = importlib.import_module("stable_audio_3.loading_utils")
+    importlib.reload(sa3loader)
+    assert lu.load_diffusion_cond is not sa3loader.load_diffusion_cond
+
+
+@pytest.mark.parametrize("bare", [False, True], ids=["combined", "bare-ae"])
+def test_load_autoencoder_matches_upstream(upstream, tiny_files, tmp_path, bare):
+    config, ckpt = tiny_files
+    if bare:
+        from safetensors.torch import load_file
+
+        prefix = "pretransform.model."
+        tensors = {k[len(prefix) :]: v for k, v in load_file(str(ckpt)).items() if k.startswith(prefix)}
+        ckpt = save(tensors, tmp_path / "ae.safetensors")
+    torch.manual_seed(SEED)
+    ref = upstream.loading_utils.load_autoencoder(str(config), str(ckpt), device="cpu")
+    torch.manual_seed(SEED)
+    ours = sa3loader.load_autoencoder(config, ckpt, "cpu")
+    assert sa3loader.last_load_info().build == "fast"
+    assert ours.training and ref.training
+    assert_same_model(ours, ref)
