@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import sys
 import types
 from pathlib import Path
@@ -13,39 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-UPSTREAM_ENV = "SA3LOADER_UPSTREAM"
-DEFAULT_UPSTREAM = REPO_ROOT.parent / "shared" / "upstream"
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def find_upstream() -> Path | None:
-    """$SA3LOADER_UPSTREAM, else ../shared/upstream beside the repo."""
-    candidate = Path(os.environ.get(UPSTREAM_ENV) or DEFAULT_UPSTREAM)
-    if (candidate / "stable-audio-3" / "stable_audio_3" / "loading_utils.py").is_file():
-        return candidate
-    return None
-
-
-def _install_torchaudio_standin() -> None:
-    """PyPI has no torchaudio for torch 2.13 CPU; building SA3 models never calls it."""
-    try:
-        importlib.import_module("torchaudio")
-        return
-    except Exception:
-        pass
-
-    class ResampleStandIn:
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            raise RuntimeError("torchaudio stand-in (tests only): Resample is not available")
-
-    module = types.ModuleType("torchaudio")
-    transforms = types.ModuleType("torchaudio.transforms")
-    transforms.Resample = ResampleStandIn  # type: ignore[attr-defined]
-    module.transforms = transforms  # type: ignore[attr-defined]
-    sys.modules["torchaudio"] = module
-    sys.modules["torchaudio.transforms"] = transforms
+from upstream_env import DEFAULT_UPSTREAM, UPSTREAM_ENV, find_upstream, import_upstream  # noqa: E402
 
 
 class Upstream(types.SimpleNamespace):
@@ -63,12 +32,8 @@ def upstream() -> Upstream:
             f"upstream stable_audio_3 source not found at {DEFAULT_UPSTREAM} "
             f"(set ${UPSTREAM_ENV} to its folder)"
         )
-    source = str(root / "stable-audio-3")
-    if source not in sys.path:
-        sys.path.insert(0, source)
-    _install_torchaudio_standin()
+    factory = import_upstream(root)
     loading_utils = importlib.import_module("stable_audio_3.loading_utils")
-    factory = importlib.import_module("stable_audio_3.factory")
     tiny = json.loads((root / "configs" / "tiny_sa3.json").read_text())
     return Upstream(root=root, loading_utils=loading_utils, factory=factory, tiny_config=tiny)
 
