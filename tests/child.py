@@ -1,0 +1,72 @@
+"""Subprocess entry points for the concurrency and crash tests.
+
+python child.py load CKPT CACHE            -> prints {"converted", "cache_hit", "digest"}
+python child.py kill-at PHASE CKPT CACHE   -> SIGKILLs itself when conversion reaches PHASE
+python child.py convert CKPT CACHE         -> prints "ready", then converts (parent kills it)
+python child.py republish CKPT N           -> rewrites the published sibling N times
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+
+import torch
+from toymodel import build
+
+import sa3loader
+from sa3loader import _convert
+from sa3loader._format import read_header
+from sa3loader._sibling import resolve_sibling
+
+
+def digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, value in list(model.state_dict().items()) + list(model.named_buffers()):
+        t = value.detach().contiguous().reshape(-1)
+        h.update(f"{key}:{t.dtype}:{tuple(value.shape)}".encode())
+        h.update(bytes(t.view(torch.uint8).untyped_storage()) if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load(ckpt: str, cache: str) -> dict:
+    torch.manual_seed(0)
+    config = {"dim": int(os.environ.get("TOY_DIM", "32"))}
+    model = sa3loader.load_diffusion_cond(config, ckpt, "cpu", True, cache_dir=cache, model_factory=build)
+    info = sa3loader.last_load_info()
+    return {"converted": info.converted, "cache_hit": info.cache_hit, "digest": digest(model)}
+
+
+def main() -> None:
+    command = sys.argv[1]
+    if command == "load":
+        print(json.dumps(load(*sys.argv[2:4])), flush=True)
+    elif command == "kill-at":
+        phase, ckpt, cache = sys.argv[2:5]
+
+        def hook(name: str) -> None:
+            if name == phase:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        _convert.phase_hook = hook
+        load(ckpt, cache)
+    elif command == "convert":
+        ckpt, cache = sys.argv[2:4]
+        header = read_header(ckpt)
+        print("ready", flush=True)
+        resolve_sibling(header, cache)
+    elif command == "republish":
+        ckpt, count = sys.argv[2], int(sys.argv[3])
+        header = read_header(ckpt)
+        sibling = read_header(ckpt.replace(".safetensors", ".fp16.safetensors"))
+        metadata = dict(sibling.metadata)
+        print("ready", flush=True)
+        for _ in range(count):
+            _convert.convert(header, sibling.path, metadata)
+
+
+if __name__ == "__main__":
+    main()

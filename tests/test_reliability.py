@@ -1,0 +1,385 @@
+"""Concurrency, crashes, corruption, hostile input and environment faults.
+
+Each test checks one promise of the README's Guarantees section.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import random_like_state, save
+from child import digest
+from safetensors.torch import load_file
+from toymodel import build
+
+import sa3loader
+from sa3loader import _convert, _fsutil, _sibling
+from sa3loader._format import read_header
+from sa3loader._fsutil import conversion_lock
+from sa3loader._index import Index
+
+HERE = Path(__file__).resolve().parent
+KILL_PHASES = ["header", "data", "fsync", "rename", "index"]
+RANDOM_KILL_TRIALS = 30
+PROCESSES = 8
+BIG_DIM = 512
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings():
+    _fsutil._warned.clear()
+
+
+def make_ckpt(path: Path, dim: int = 32, seed: int = 3) -> Path:
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save(random_like_state(build({"dim": dim}), seed=seed), path)
+
+
+def reference_digest(path: Path, dim: int = 32) -> str:
+    torch.manual_seed(0)
+    model = build({"dim": dim})
+    model.load_state_dict(load_file(str(path)), strict=False)
+    return digest(model.eval().requires_grad_(False).half())
+
+
+def child(*args: str, dim: int = 32, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "TOY_DIM": str(dim), "PYTHONPATH": str(HERE), "SA3LOADER_PROGRESS": "0"}
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "child.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env, **kwargs,
+    )  # fmt: skip
+
+
+def load_here(path: Path, cache: Path, dim: int = 32, **kwargs):
+    torch.manual_seed(0)
+    return sa3loader.load_diffusion_cond(
+        {"dim": dim}, path, "cpu", True, cache_dir=cache, model_factory=build, **kwargs
+    )
+
+
+def lock_is_free(sibling: Path) -> bool:
+    with conversion_lock(str(sibling), timeout=0.5) as locked:
+        return locked
+
+
+# ------------------------------------------------------------------ concurrency
+@pytest.mark.slow
+@pytest.mark.parametrize("shared_cache", [True, False], ids=["one-cache", "eight-caches"])
+def test_processes_loading_a_cold_checkpoint_convert_once(tmp_path, shared_cache):
+    ckpt = make_ckpt(tmp_path / "model.safetensors", dim=BIG_DIM)
+    caches = [tmp_path / ("cache" if shared_cache else f"cache{i}") for i in range(PROCESSES)]
+    procs = [child("load", str(ckpt), str(c), dim=BIG_DIM) for c in caches]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sum(r["converted"] for r in results) == 1
+    assert {r["digest"] for r in results} == {reference_digest(ckpt, BIG_DIM)}
+    assert not list(tmp_path.glob("*.incomplete-*"))
+
+
+@pytest.mark.slow
+def test_reader_while_a_new_sibling_is_published(tmp_path):
+    ckpt = make_ckpt(tmp_path / "model.safetensors", dim=BIG_DIM)
+    load_here(ckpt, tmp_path / "cache", BIG_DIM)
+    expected = reference_digest(ckpt, BIG_DIM)
+    writer = child("republish", str(ckpt), "40")
+    assert writer.stdout.readline().strip() == "ready"
+    seen = 0
+    while writer.poll() is None or seen < 3:
+        model = load_here(ckpt, tmp_path / "cache", BIG_DIM)
+        assert digest(model) == expected
+        seen += 1
+        if seen > 200:
+            break
+    writer.communicate(timeout=120)
+    assert writer.returncode == 0 and seen >= 3
+
+
+# ----------------------------------------------------------------------- crashes
+def assert_healed(ckpt: Path, cache: Path, dim: int) -> None:
+    sibling = ckpt.with_name("model.fp16.safetensors")
+    assert lock_is_free(sibling)
+    if sibling.exists():  # only a complete, correct file may have been published
+        _convert.verify(read_header(ckpt), read_header(sibling))
+    model = load_here(ckpt, cache, dim)
+    assert digest(model) == reference_digest(ckpt, dim)
+    assert sa3loader.last_load_info().sibling == str(sibling)
+    assert not list(ckpt.parent.glob("*.incomplete-*"))
+    _convert.verify(read_header(ckpt), read_header(sibling))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", KILL_PHASES)
+def test_sigkill_at_each_phase_heals(tmp_path, phase):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    proc = child("kill-at", phase, str(ckpt), str(tmp_path / "cache"))
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    if phase in ("header", "data", "fsync"):
+        assert list(tmp_path.glob("*.incomplete-*"))  # the crash left its temp file behind
+    assert_healed(ckpt, tmp_path / "cache", 32)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_times_never_leaves_a_bad_sibling(tmp_path):
+    rng = random.Random(20261125)
+    ckpt = make_ckpt(tmp_path / "model.safetensors", dim=BIG_DIM)
+    started = time.perf_counter()
+    sa3loader._sibling.resolve_sibling(read_header(ckpt), str(tmp_path / "probe"))
+    duration = time.perf_counter() - started
+    (tmp_path / "model.fp16.safetensors").unlink()
+    outcomes = {"killed": 0, "finished": 0}
+    for trial in range(RANDOM_KILL_TRIALS):
+        cache = tmp_path / f"cache{trial}"
+        proc = child("convert", str(ckpt), str(cache), dim=BIG_DIM)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0, duration * 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        outcomes["killed" if proc.returncode == -signal.SIGKILL else "finished"] += 1
+        assert_healed(ckpt, cache, BIG_DIM)
+        (tmp_path / "model.fp16.safetensors").unlink()
+    assert outcomes["killed"] >= RANDOM_KILL_TRIALS // 2, outcomes
+
+
+# ------------------------------------------------------------ corruption, index
+@pytest.fixture
+def loaded(tmp_path):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    load_here(ckpt, tmp_path / "cache")
+    return ckpt, tmp_path / "cache"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "deleted", "empty"])
+def test_broken_index_database_never_breaks_loading(loaded, damage, caplog):
+    ckpt, cache = loaded
+    db = cache / "index" / "cache.db"
+    if damage == "garbage":
+        db.write_bytes(b"this is not a sqlite database" * 100)
+    elif damage == "deleted":
+        db.unlink()
+    else:
+        db.write_bytes(b"")
+    model = load_here(ckpt, cache)
+    assert digest(model) == reference_digest(ckpt)
+    info = sa3loader.last_load_info()
+    assert info.cache_hit and not info.converted  # adopted from the sibling's own metadata
+
+
+def test_locked_index_does_not_stall_loading(loaded):
+    ckpt, cache = loaded
+    holder = sqlite3.connect(cache / "index" / "cache.db", timeout=0)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.perf_counter()
+        model = load_here(ckpt, cache)
+        assert time.perf_counter() - started < 30
+        assert digest(model) == reference_digest(ckpt)
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_index_row_pointing_at_a_missing_file(loaded):
+    ckpt, cache = loaded
+    index = Index(str(cache))
+    row = index.get(os.path.realpath(ckpt))
+    row["sibling"]["path"] = str(cache / "gone.fp16.safetensors")
+    index.put(os.path.realpath(ckpt), row)
+    index.close()
+    model = load_here(ckpt, cache)
+    assert digest(model) == reference_digest(ckpt)
+    assert sa3loader.last_load_info().sibling == str(ckpt.with_name("model.fp16.safetensors"))
+
+
+def test_planted_pickle_row_is_refused_and_never_runs(loaded, tmp_path):
+    ckpt, cache = loaded
+    marker = tmp_path / "pwned"
+    payload = (
+        b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    )  # pickle protocol 0: os.system("touch ...")
+    index = Index(str(cache))
+    index._open()
+    index.close()
+    with sqlite3.connect(cache / "index" / "cache.db") as db:
+        db.execute("DELETE FROM Cache")
+        cols = (
+            "key, raw, store_time, expire_time, access_time, access_count, tag, size, mode, filename, value"
+        )
+        db.execute(
+            f"INSERT INTO Cache ({cols}) VALUES (?, 1, 0, NULL, 0, 0, NULL, 0, 4, NULL, ?)",
+            (os.path.realpath(ckpt), payload),
+        )
+        db.execute(
+            f"INSERT INTO Cache ({cols}) VALUES (?, 0, 0, NULL, 0, 0, NULL, 0, 1, NULL, ?)",
+            (payload, b"{}"),
+        )
+    model = load_here(ckpt, cache)
+    assert not marker.exists()
+    assert digest(model) == reference_digest(ckpt)
+    assert Index(str(cache)).get(os.path.realpath(ckpt))["schema"] == 1  # healed with a JSON row
+    assert not marker.exists()
+
+
+def test_library_never_imports_pickle_or_torch_load():
+    package = Path(sa3loader.__file__).parent
+    for source in package.glob("*.py"):
+        text = source.read_text()
+        assert "import pickle" not in text and "torch.load(" not in text, source
+
+
+# ------------------------------------------------------------- hostile input
+def rss_anon() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        (2**64 - 1).to_bytes(8, "little") + b"{}",
+        (50_000_000).to_bytes(8, "little") + b"{",
+        b"",
+        (2).to_bytes(8, "little") + b"{}" + b"\0" * 3,
+    ],
+    ids=["length-2^64", "length-past-eof", "empty", "data-without-tensors"],
+)
+def test_hostile_checkpoint_fails_clearly_and_writes_nothing(tmp_path, raw):
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(raw)
+    before = rss_anon()
+    with pytest.raises(sa3loader.HeaderError) as err:
+        load_here(ckpt, tmp_path / "cache")
+    assert rss_anon() - before < 50 * 1024 * 1024
+    assert str(ckpt) in str(err.value) and isinstance(err.value, ValueError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["dir with spaces/model.safetensors", "müsik ☃/モデル.safetensors"])
+def test_odd_paths_load_normally(tmp_path, name):
+    ckpt = make_ckpt(tmp_path / name)
+    for _ in range(2):
+        model = load_here(ckpt, tmp_path / "cache")
+        assert digest(model) == reference_digest(ckpt)
+    assert sa3loader.last_load_info().cache_hit
+
+
+def test_missing_checkpoint_and_directory(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_here(tmp_path / "nope.safetensors", tmp_path / "cache")
+    with pytest.raises(IsADirectoryError):
+        load_here(tmp_path, tmp_path / "cache")
+
+
+# -------------------------------------------------------- environment faults
+def assert_fp32_fallback(ckpt: Path, cache: Path, caplog, expect: str) -> None:
+    model = load_here(ckpt, cache)
+    info = sa3loader.last_load_info()
+    assert info.sibling is None and not info.converted
+    assert digest(model) == reference_digest(ckpt)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and expect in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert not list(ckpt.parent.rglob("*.incomplete-*"))
+    assert not ckpt.with_name("model.fp16.safetensors").exists()
+
+
+def test_enospc_during_write(tmp_path, monkeypatch, caplog):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    real_write = os.write
+    written = {"n": 0}
+
+    def full_disk(fd, data):
+        written["n"] += 1
+        if written["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(_convert.os, "write", full_disk)
+    assert_fp32_fallback(ckpt, tmp_path / "cache", caplog, "could not write")
+
+
+def test_not_enough_free_space_up_front(tmp_path, monkeypatch, caplog):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    monkeypatch.setattr(_sibling, "free_bytes", lambda path: 1024)
+    assert_fp32_fallback(ckpt, tmp_path / "cache", caplog, "not enough free space")
+
+
+def test_read_only_source_and_unusable_cache_dir(tmp_path, monkeypatch, caplog):
+    ckpt = make_ckpt(tmp_path / "src" / "model.safetensors")
+    real = _sibling.dir_writable
+    monkeypatch.setattr(_sibling, "dir_writable", lambda d: "src" not in d and real(d))
+    not_a_dir = tmp_path / "cache-is-a-file"
+    not_a_dir.write_text("x")
+    assert_fp32_fallback(ckpt, not_a_dir, caplog, "cannot create")
+
+
+def test_no_home_falls_back_to_temp_with_a_warning(tmp_path, monkeypatch, caplog):
+    for var in ("HOME", "XDG_CACHE_HOME", "SA3LOADER_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_fsutil.os.path, "expanduser", lambda p: p)
+    monkeypatch.setattr(_fsutil.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert _fsutil.resolve_cache_dir().startswith(str(tmp_path / "tmp"))
+    assert "no usable home" in caplog.text
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_flock_unsupported_still_loads(tmp_path, monkeypatch, caplog, code):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+
+    def no_locks(fd, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(_fsutil.fcntl, "flock", no_locks)
+    model = load_here(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted
+    assert digest(model) == reference_digest(ckpt)
+    assert len([r for r in caplog.records if "locking is not supported" in r.getMessage()]) == 1
+
+
+def test_lock_timeout_raises_typed_error(tmp_path, monkeypatch):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    monkeypatch.setenv("SA3LOADER_LOCK_TIMEOUT", "0.3")
+    lock = os.open(str(ckpt.with_name("model.fp16.safetensors.lock")), os.O_RDWR | os.O_CREAT)
+    other = os.fork()
+    if other == 0:  # a second process holds the lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        time.sleep(5)
+        os._exit(0)
+    try:
+        time.sleep(0.3)
+        with pytest.raises(sa3loader.LockTimeoutError) as err:
+            load_here(ckpt, tmp_path / "cache")
+        assert isinstance(err.value, TimeoutError)
+    finally:
+        os.kill(other, signal.SIGKILL)
+        os.waitpid(other, 0)
+        os.close(lock)
+
+
+def test_bad_sibling_data_is_caught_by_verify_env(loaded, monkeypatch):
+    ckpt, cache = loaded
+    sibling = ckpt.with_name("model.fp16.safetensors")
+    raw = bytearray(sibling.read_bytes())
+    raw[-7] ^= 0x55
+    sibling.write_bytes(bytes(raw))
+    monkeypatch.setenv("SA3LOADER_VERIFY", "1")
+    model = load_here(ckpt, cache)
+    assert sa3loader.last_load_info().converted
+    assert digest(model) == reference_digest(ckpt)
