@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 INDEX_SUBDIR = "index"
 INDEX_TIMEOUT_S = 2.0
+DATABASE_NAME = diskcache.core.DBNAME
 # Rows are a few hundred bytes; keep every one inside SQLite, never in side files.
 MAX_ROW_BYTES = 1 << 20
 
@@ -73,10 +74,24 @@ class Index:
     def _open(self) -> diskcache.Cache | None:
         if self._cache is None and not self._broken:
             try:
+                self._probe()
                 self._cache = diskcache.Cache(self.directory, timeout=INDEX_TIMEOUT_S, disk=SafeJSONDisk)
             except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
                 self._failed("open", exc)
         return self._cache
+
+    def _probe(self) -> None:
+        """Fail fast on a locked or corrupt database: diskcache's own open retries for 60 s."""
+        path = os.path.join(self.directory, DATABASE_NAME)
+        if not os.path.exists(path):
+            return
+        con = sqlite3.connect(path, timeout=INDEX_TIMEOUT_S, isolation_level=None)
+        try:
+            # diskcache writes while opening; in WAL mode only a write lock tells us it would wait.
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self._broken = what == "open"

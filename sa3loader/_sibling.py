@@ -163,32 +163,29 @@ class SiblingResolver:
                 return sibling
         return None
 
-    def target(self, needed: int) -> str | None:
-        """Where to write a new sibling, or None when nowhere has room."""
+    def target(self, needed: int) -> tuple[str | None, list[str]]:
+        """Where to write a new sibling, or None and why nowhere has room."""
         options = []
         beside = beside_path(self.source.path)
         if not in_hf_hub_cache(self.source.path) and dir_writable(os.path.dirname(beside)):
             if not os.path.exists(beside) or self._is_ours(beside):
                 options.append(beside)
         options.append(cache_path(self.cache_dir, self.source.path, self.real))
+        problems = []
         for path in options:
             directory = os.path.dirname(path)
             try:
                 os.makedirs(directory, exist_ok=True)
             except OSError as exc:
-                warn_once("mkdir:" + directory, "cannot create %s (%s)", directory, exc.strerror)
+                problems.append(f"cannot create {directory} ({exc.strerror})")
                 continue
             if not dir_writable(directory):
-                continue
-            if free_bytes(directory) >= needed + FREE_SPACE_MARGIN_BYTES:
-                return path
-            warn_once(
-                "space:" + directory,
-                "not enough free space in %s for a %.1f GB fp16 sibling",
-                directory,
-                needed / 1e9,
-            )
-        return None
+                problems.append(f"{directory} is not writable")
+            elif free_bytes(directory) < needed + FREE_SPACE_MARGIN_BYTES:
+                problems.append(f"not enough free space in {directory} for a {needed / 1e9:.2f} GB sibling")
+            else:
+                return path, problems
+        return None, problems
 
     @staticmethod
     def _is_ours(path: str) -> bool:
@@ -207,9 +204,9 @@ class SiblingResolver:
             out.reason = "cache hit"
             return out
         metadata = _convert.sibling_metadata(self.source, self.identity, self.fingerprint())
-        target = self.target(_convert.sibling_size(self.source, metadata))
+        target, problems = self.target(_convert.sibling_size(self.source, metadata))
         if target is None:
-            out.reason = "no writable location with enough space: loading the fp32 source"
+            out.reason = f"no place for the fp16 sibling ({'; '.join(problems)}): loading the fp32 source"
             warn_once("fallback:" + self.real, "%s: %s", self.source.path, out.reason)
             return out
         try:

@@ -28,7 +28,7 @@ def digest(model: torch.nn.Module) -> str:
     for key, value in list(model.state_dict().items()) + list(model.named_buffers()):
         t = value.detach().contiguous().reshape(-1)
         h.update(f"{key}:{t.dtype}:{tuple(value.shape)}".encode())
-        h.update(bytes(t.view(torch.uint8).untyped_storage()) if t.numel() else b"")
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
