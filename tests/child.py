@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import torch
 from toymodel import build
@@ -43,6 +44,10 @@ def load(ckpt: str, cache: str) -> dict:
 def main() -> None:
     command = sys.argv[1]
     if command == "load":
+        if os.environ.get("CHILD_SLOW_CONVERT"):  # hold the conversion open so loaders overlap
+            _convert.phase_hook = lambda name: (
+                time.sleep(float(os.environ["CHILD_SLOW_CONVERT"])) if name == "data" else None
+            )
         print(json.dumps(load(*sys.argv[2:4])), flush=True)
     elif command == "kill-at":
         phase, ckpt, cache = sys.argv[2:5]

@@ -55,10 +55,10 @@ def reference_digest(path: Path, dim: int = 32) -> str:
     return digest(model.eval().requires_grad_(False).half())
 
 
-def child(*args: str, dim: int = 32, **kwargs) -> subprocess.Popen:
+def child(*args: str, dim: int = 32, extra_env: dict | None = None, **kwargs) -> subprocess.Popen:
     # One thread each: eight processes on two cores otherwise spin in OpenMP barriers.
     env = {**os.environ, "TOY_DIM": str(dim), "PYTHONPATH": str(HERE), "SA3LOADER_PROGRESS": "0",
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
+           "OMP_NUM_THREADS": "1", **(extra_env or {})}  # fmt: skip
     return subprocess.Popen(
         [sys.executable, str(HERE / "child.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env=env, **kwargs,
@@ -83,13 +83,16 @@ def lock_is_free(sibling: Path) -> bool:
 def test_processes_loading_a_cold_checkpoint_convert_once(tmp_path, shared_cache):
     ckpt = make_ckpt(tmp_path / "model.safetensors", dim=BIG_DIM)
     caches = [tmp_path / ("cache" if shared_cache else f"cache{i}") for i in range(PROCESSES)]
-    procs = [child("load", str(ckpt), str(c), dim=BIG_DIM) for c in caches]
+    # Whoever converts sleeps 3 s mid-write, so every loader arrives while it converts.
+    slow = {"CHILD_SLOW_CONVERT": "3"}
+    procs = [child("load", str(ckpt), str(c), dim=BIG_DIM, extra_env=slow) for c in caches]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert sum(r["converted"] for r in results) == 1
+    assert all(r["converted"] or r["cache_hit"] for r in results)  # nobody fell back to fp32
     assert {r["digest"] for r in results} == {reference_digest(ckpt, BIG_DIM)}
     assert not list(tmp_path.glob("*.incomplete-*"))
 
@@ -157,6 +160,18 @@ def test_sigkill_at_random_times_never_leaves_a_bad_sibling(tmp_path):
         assert_healed(ckpt, cache, BIG_DIM)
         (tmp_path / "model.fp16.safetensors").unlink()
     assert outcomes["killed"] >= RANDOM_KILL_TRIALS // 2, outcomes
+
+
+def test_hard_identity_change_rejects_even_when_samples_match(tmp_path, monkeypatch):
+    """A size/mtime change the sampled fingerprint misses still means reconvert."""
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    load_here(ckpt, tmp_path / "cache")
+    claimed = read_header(ckpt.with_name("model.fp16.safetensors")).metadata["sa3loader.source_fingerprint"]
+    monkeypatch.setattr(_sibling, "fingerprint", lambda path, size: claimed)
+    st = os.stat(ckpt)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    load_here(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted
 
 
 # ------------------------------------------------------------ corruption, index
