@@ -5,20 +5,17 @@ Mirrors ``stable_audio_3.loading_utils.copy_state_dict`` and
 component dropped (never the first; dropping the last leaves a trailing dot
 that never matches); when two checkpoint keys land on one model key the later
 one, in the order ``load_file`` yields them (data-offset order), wins; unknown
-keys and shape mismatches are skipped with a warning.
+keys and shape mismatches are skipped (the caller logs them).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from ._format import Header
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,7 +51,6 @@ def plan_keys(source: Header, model_state: Mapping[str, torch.Tensor]) -> tuple[
             chosen[key] = name
             continue
         (result.unexpected_keys if target is None else result.mismatched_keys).append(key)
-        logger.warning("Key %s not found in target state_dict or shape mismatch. Skipping.", key)
     assign = {key: chosen[key] for key in model_state if key in chosen}
     result.missing_keys = [key for key in model_state if key not in chosen]
     return assign, result

@@ -77,15 +77,19 @@ class _Values:
         self.sibling = MappedFile(sibling) if sibling is not None else None
         self.half = half
 
-    def get(self, name: str, model_dtype: torch.dtype) -> torch.Tensor:
-        """The value upstream ends with: copy into ``model_dtype``, then fp16 if half."""
+    def get(self, name: str, model_dtype: torch.dtype, *, final: bool = True) -> torch.Tensor:
+        """The value upstream ends with: copy into ``model_dtype``, then fp16 if half.
+
+        ``final=False`` stops after the copy into ``model_dtype``: for copying into
+        an existing tensor, which the closing ``model.to(float16)`` casts.
+        """
         entry = self.source.header.by_name[name]
         if self.sibling is not None and entry.dtype == "F32" and model_dtype in SIBLING_SAFE_DTYPES:
             return self.sibling.by_name(name)  # already fp16(x): final
         value = self.source.tensor(entry)
         if value.dtype != model_dtype:
             value = value.to(model_dtype)
-        if self.half and value.is_floating_point() and value.dtype != torch.float16:
+        if final and self.half and value.is_floating_point() and value.dtype != torch.float16:
             value = value.to(torch.float16)
         return value
 
@@ -111,9 +115,15 @@ def _load_faithful(model: nn.Module, source: Header, values: _Values) -> LoadRes
     state = model.state_dict()
     assign, result = plan_keys(source, state)
     for key, name in assign.items():
-        state[key] = values.get(name, state[key].dtype)
+        state[key] = values.get(name, state[key].dtype, final=False)
     model.load_state_dict(state, strict=False)
     return result
+
+
+def _log_skipped(result: LoadResult) -> None:
+    """Upstream prints one line per skipped key; we log the same words once per load."""
+    for key in result.unexpected_keys + result.mismatched_keys:
+        logger.warning("Key %s not found in target state_dict or shape mismatch. Skipping.", key)
 
 
 def _weight_norm_hooks(model: nn.Module) -> list[tuple[str, nn.Module, WeightNorm]]:
@@ -129,8 +139,11 @@ def _build_fast(
     factory: Factory, config: Any, source: Header, values: _Values, device: torch.device
 ) -> tuple[nn.Module | None, LoadResult | None, str]:
     """Model with every parameter placed from the file, or (None, None, why not)."""
-    with deferred_parameters() as deferred:
-        model = factory(config)
+    try:
+        with deferred_parameters() as deferred:
+            model = factory(config)
+    except Exception as exc:  # e.g. a constructor that reads a parameter's value
+        return None, None, f"the factory needs real parameters ({type(exc).__name__}: {exc})"
     if _customises_loading(model):
         return None, None, "a module customises state-dict loading"
     state = model.state_dict(keep_vars=True)
@@ -156,11 +169,11 @@ def _build_fast(
     with torch.no_grad():
         for key, name in assign.items():
             target = state[key]
-            value = values.get(name, target.dtype)
             if id(target) in deferred_ids:
+                value = values.get(name, target.dtype)
                 placed[id(target)] = nn.Parameter(value.to(device), requires_grad=target.requires_grad)
             else:
-                target.copy_(value)
+                target.copy_(values.get(name, target.dtype, final=False))
     for module in model.modules():
         for pname, param in module._parameters.items():
             if param is not None and id(param) in placed:
@@ -199,6 +212,7 @@ def _build(
     else:
         info.build = "fast"
     assert result is not None
+    _log_skipped(result)
     info.result = result
     return model
 
@@ -211,7 +225,9 @@ def load_into_module(module: nn.Module, ckpt_path: str | os.PathLike[str]) -> Lo
     parameters missing from the file keep their values. Returns what was skipped.
     """
     source = read_header(ckpt_path)
-    return _load_faithful(module, source, _Values(source, None, half=False))
+    result = _load_faithful(module, source, _Values(source, None, half=False))
+    _log_skipped(result)
+    return result
 
 
 def _upstream_factory() -> Factory:

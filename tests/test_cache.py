@@ -225,3 +225,22 @@ def test_verify_option_catches_a_flipped_data_byte(ckpt, tmp_path, conversions):
     model = load(ckpt, tmp_path / "cache", verify=True)
     assert len(conversions) == 2
     assert_same_model(model, reference(ckpt))
+
+
+def test_factory_that_reads_parameters_falls_back_to_the_faithful_build(ckpt, tmp_path):
+    def reading_factory(config):
+        model = build(config)
+        model.initial_norm = float(model.blocks[0].ff.weight.norm())  # needs real values
+        return model
+
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=reading_factory
+    )
+    info = sa3loader.last_load_info()
+    assert info.build == "faithful" and "needs real parameters" in info.fallback
+    torch.manual_seed(0)
+    ref = reading_factory({})
+    ref.load_state_dict(load_file(str(ckpt)), strict=False)
+    assert_same_model(model, ref.eval().requires_grad_(False).half())
+    assert model.initial_norm == ref.initial_norm
