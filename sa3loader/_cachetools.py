@@ -11,7 +11,7 @@ from typing import Any
 
 from . import _convert
 from ._format import read_header
-from ._identity import hard_match
+from ._identity import hard_match, source_identity
 from ._index import Index
 from .errors import Sa3LoaderError, VerificationError
 
@@ -35,18 +35,13 @@ def _status(row: dict[str, Any]) -> str:
     if not os.path.exists(sibling):
         return MISSING_SIBLING
     try:
-        current = _identity_now(source)
+        current = source_identity(read_header(source))
         sib = read_header(sibling)
     except (Sa3LoaderError, OSError):
         return STALE
     if not hard_match(current, row["source"]) or sib.sha256 != row["sibling"]["header_sha256"]:
         return STALE
     return OK
-
-
-def _identity_now(path: str) -> dict[str, Any]:
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": read_header(path).sha256}
 
 
 def _entry(row: dict[str, Any]) -> Entry:
