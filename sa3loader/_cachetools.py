@@ -6,7 +6,7 @@ Nothing here deletes a file that lacks sa3loader's metadata marker.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from . import _convert
@@ -80,10 +80,7 @@ def verify_all(cache_dir: str) -> list[tuple[Entry, str]]:
 
 def _remove_sibling(path: str) -> bool:
     """Delete ``path`` only if it is an sa3loader sibling."""
-    try:
-        if not _convert.is_sa3loader_file(read_header(path)):
-            return False
-    except (Sa3LoaderError, OSError):
+    if not _convert.is_sa3loader_path(path):
         return False
     os.unlink(path)
     return True
@@ -119,7 +116,3 @@ def clear(cache_dir: str) -> int:
         return index.clear()
     finally:
         index.close()
-
-
-def as_dict(entry: Entry) -> dict[str, Any]:
-    return asdict(entry)

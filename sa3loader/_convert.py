@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._format import Header, TensorEntry, layout, read_exact
-from .errors import ConversionError, VerificationError
+from ._format import Header, TensorEntry, layout, read_exact, read_header
+from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,14 @@ def sibling_metadata(header: Header, identity: dict[str, Any], fingerprint: str)
 
 def is_sa3loader_file(header: Header) -> bool:
     return MARKER_KEY in header.metadata
+
+
+def is_sa3loader_path(path: str) -> bool:
+    """True only for a readable safetensors file that carries sa3loader's marker."""
+    try:
+        return is_sa3loader_file(read_header(path))
+    except (Sa3LoaderError, OSError):
+        return False
 
 
 def _sibling_layout(header: Header, metadata: dict[str, str]) -> tuple[bytes, list[TensorEntry]]:

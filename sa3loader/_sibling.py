@@ -168,7 +168,7 @@ class SiblingResolver:
         options = []
         beside = beside_path(self.source.path)
         if not in_hf_hub_cache(self.source.path) and dir_writable(os.path.dirname(beside)):
-            if not os.path.exists(beside) or self._is_ours(beside):
+            if not os.path.exists(beside) or _convert.is_sa3loader_path(beside):
                 options.append(beside)
         options.append(cache_path(self.cache_dir, self.source.path, self.real))
         problems = []
@@ -186,13 +186,6 @@ class SiblingResolver:
             else:
                 return path, problems
         return None, problems
-
-    @staticmethod
-    def _is_ours(path: str) -> bool:
-        try:
-            return is_sa3loader_file(read_header(path))
-        except (HeaderError, OSError):
-            return False
 
     def resolve(self) -> SiblingOutcome:
         out = self.outcome
@@ -217,7 +210,7 @@ class SiblingResolver:
                     out.reason = "converted by another process"
                     return out
                 remove_stray_incomplete(target)
-                if os.path.exists(target) and not self._is_ours(target):
+                if os.path.exists(target) and not _convert.is_sa3loader_path(target):
                     raise ConversionError(f"{target} appeared and is not an sa3loader file; leaving it alone")
                 logger.info("converting %s to fp16 at %s", self.source.path, target)
                 result = _convert.convert(self.source, target, metadata)

@@ -10,7 +10,6 @@ skipped.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,20 +19,10 @@ from ._format import Header, read_header
 from ._fsutil import LOCK_SUFFIX, SAFETENSORS_SUFFIX, SIBLING_SUFFIX, in_hf_hub_cache, resolve_cache_dir
 from ._identity import fingerprint, source_identity
 from ._sibling import resolve_sibling
-from .errors import ConversionError, Sa3LoaderError
-
-logger = logging.getLogger(__name__)
+from .errors import ConversionError, HubSymlinkError, OutputExistsError
 
 SKIPPED_DIRS = {".cache"}
 OUTPUT_DIR_SUFFIX = "-fp16"
-
-
-class OutputExistsError(Sa3LoaderError, FileExistsError):
-    """The output already exists and ``force`` was not given."""
-
-
-class HubSymlinkError(Sa3LoaderError, ValueError):
-    """In-place conversion would replace a Hugging Face hub cache symlink."""
 
 
 @dataclass
@@ -51,12 +40,7 @@ class FileAction:
 def _is_our_artifact(name: str, path: str) -> bool:
     if _convert.INCOMPLETE_INFIX in name or name.endswith(SIBLING_SUFFIX + LOCK_SUFFIX):
         return True
-    if name.endswith(SIBLING_SUFFIX):
-        try:
-            return _convert.is_sa3loader_file(read_header(path))
-        except (Sa3LoaderError, OSError):
-            return False
-    return False
+    return name.endswith(SIBLING_SUFFIX) and _convert.is_sa3loader_path(path)
 
 
 def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:

@@ -37,3 +37,11 @@ class UpstreamNotFoundError(Sa3LoaderError, ImportError):
 
 class VerificationError(Sa3LoaderError, ValueError):
     """A sibling's content does not match fp16 of its source."""
+
+
+class OutputExistsError(Sa3LoaderError, FileExistsError):
+    """The output already exists and ``force`` was not given."""
+
+
+class HubSymlinkError(Sa3LoaderError, ValueError):
+    """In-place conversion would replace a Hugging Face hub cache symlink."""

@@ -10,6 +10,7 @@ and no module customises state-dict loading; otherwise the faithful path runs.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -230,25 +231,16 @@ def load_into_module(module: nn.Module, ckpt_path: str | os.PathLike[str]) -> Lo
     return result
 
 
-def _upstream_factory() -> Factory:
+def _upstream_factory_function(name: str) -> Callable[..., nn.Module]:
+    """``stable_audio_3.factory.<name>``, imported only when a load needs it."""
     try:
-        from stable_audio_3.factory import create_diffusion_cond_from_config
+        factory = importlib.import_module("stable_audio_3.factory")
     except ImportError as exc:
         raise UpstreamNotFoundError(
             "sa3loader needs stable_audio_3 to build the model: install it "
             "(pip install --no-deps -e path/to/stable-audio-3) or pass model_factory=..."
         ) from exc
-    return create_diffusion_cond_from_config  # type: ignore[no-any-return]
-
-
-def _upstream_autoencoder_factory() -> Factory:
-    try:
-        from stable_audio_3.factory import create_autoencoder_from_config
-    except ImportError as exc:
-        raise UpstreamNotFoundError(
-            "sa3loader needs stable_audio_3 to build the autoencoder: install it or pass model_factory=..."
-        ) from exc
-    return lambda config: create_autoencoder_from_config(config["model"], config["sample_rate"])
+    return getattr(factory, name)  # type: ignore[no-any-return]
 
 
 def _upstream_original() -> Callable[..., nn.Module]:
@@ -295,7 +287,11 @@ def load_diffusion_cond(
         return _finish(model, device, bool(model_half))
 
     started = time.perf_counter()
-    factory = model_factory if model_factory is not None else _upstream_factory()
+    factory = (
+        model_factory
+        if model_factory is not None
+        else _upstream_factory_function("create_diffusion_cond_from_config")
+    )
     target = torch.device(device)
     torch.empty(0).to(target)  # raises exactly as upstream's model.to(device) would, before any work
     source = read_header(ckpt_path)
@@ -348,7 +344,10 @@ def load_autoencoder(
     _last_info = info
     with open(config_path) as f:
         config = json.load(f)
-    factory = model_factory if model_factory is not None else _upstream_autoencoder_factory()
+    if model_factory is None:
+        create = _upstream_factory_function("create_autoencoder_from_config")
+        model_factory = lambda cfg: create(cfg["model"], cfg["sample_rate"])  # noqa: E731
+    factory = model_factory
     target = torch.device(device)
     torch.empty(0).to(target)
     source = read_header(ckpt_path)

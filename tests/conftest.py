@@ -40,10 +40,7 @@ def upstream() -> Upstream:
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view of a tensor's bytes: equal bits, not equal values (-0.0, NaN)."""
-    t = t.detach().cpu().contiguous()
-    if t.numel() == 0:
-        return t.reshape(-1).view(torch.uint8)
-    return t.reshape(-1).view(torch.uint8)
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
 
 def assert_same_tensor(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
