@@ -8,11 +8,13 @@ pages that are only read stay shared with the page cache.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Sequence
 
 import torch
 
 from ._format import Header, TensorEntry
 
+PAGE_BYTES = mmap.PAGESIZE
 _DTYPE_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
@@ -31,9 +33,7 @@ class MappedFile:
     def __init__(self, header: Header) -> None:
         self.header = header
         with open(header.path, "rb") as f:
-            self._map = mmap.mmap(
-                f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
-            )
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # MAP_PRIVATE
         if len(self._map) != header.file_size:
             raise OSError(f"{header.path} changed size while it was being opened")
         if hasattr(mmap, "MADV_WILLNEED"):
@@ -50,5 +50,14 @@ class MappedFile:
             return torch.frombuffer(data, dtype=dtype).view(entry.shape)
         return torch.frombuffer(self._map, dtype=dtype, count=entry.numel, offset=offset).view(entry.shape)
 
-    def by_name(self, name: str) -> torch.Tensor:
-        return self.tensor(self.header.by_name[name])
+    def prefetch(self, offsets: Sequence[int], sizes: Sequence[int]) -> None:
+        """Fault in the pages of these ranges in file order.
+
+        Touched lazily, weights fault in model order, which jumps around the
+        file and defeats readahead: a cold load then took 1.6x ``cat``.
+        One read per page in file order lets readahead stream the file.
+        """
+        view = torch.frombuffer(self._map, dtype=torch.uint8)
+        for offset, size in sorted(zip(offsets, sizes, strict=True)):
+            if size:
+                view[offset : offset + size : PAGE_BYTES].sum()

@@ -29,7 +29,8 @@ from ._format import Header, read_header
 from ._fsutil import resolve_cache_dir
 from ._plan import LoadResult, plan_keys
 from ._sibling import SiblingOutcome, resolve_sibling
-from ._tensors import MappedFile
+from ._stream import read_into, stream_into
+from ._tensors import TORCH_DTYPES, MappedFile
 from .errors import UpstreamNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class LoadInfo:
     cache_hit: bool = False
     converted: bool = False
     build: str = ""  # "fast", "faithful" or "upstream" (SA3LOADER_DISABLE)
+    io: str = ""  # "mmap" or "read" on the CPU; "stream" straight to another device
+    bytes_read: int = 0  # weight bytes placed as read from a file, with no cast
     reason: str = ""
     fallback: str | None = None
     overflow_to_inf: int | None = None
@@ -70,29 +73,124 @@ def last_load_info() -> LoadInfo:
     return _last_info
 
 
+_CPU = torch.device("cpu")
+IO_ENV = "SA3LOADER_IO"
+IO_MODES = ("mmap", "read")
+# Measured cold on a virtio disk (benchmarks/bench_load.py): mapping and touching
+# pages in file order beats parallel reads into fresh memory, which also pay for
+# faulting in anonymous pages. "read" stays for where mappings are unreliable.
+DEFAULT_IO = "mmap"
+
+
+def resolve_io(io: str | None) -> str:
+    """``io`` argument, else $SA3LOADER_IO, else the measured default."""
+    chosen = (io or os.environ.get(IO_ENV, "").strip().lower() or DEFAULT_IO).lower()
+    if chosen not in IO_MODES:
+        raise ValueError(f"io must be one of {', '.join(IO_MODES)}, not {chosen!r} (argument or ${IO_ENV})")
+    return chosen
+
+
 class _Values:
     """Final tensor values for checkpoint names, following upstream's cast chain."""
 
-    def __init__(self, source: Header, sibling: Header | None, half: bool) -> None:
-        self.source = MappedFile(source)
-        self.sibling = MappedFile(sibling) if sibling is not None else None
+    def __init__(self, source: Header, sibling: Header | None, half: bool, io: str = DEFAULT_IO) -> None:
+        self.source = source
+        self.sibling = sibling
         self.half = half
+        self.io = io
+        self._maps: dict[str, MappedFile] = {}
+        self.bytes_read = 0
+        self.read_seconds = 0.0
 
-    def get(self, name: str, model_dtype: torch.dtype, *, final: bool = True) -> torch.Tensor:
-        """The value upstream ends with: copy into ``model_dtype``, then fp16 if half.
+    def tensor(self, header: Header, name: str) -> torch.Tensor:
+        """The file's tensor on the CPU: a view of the mapping, or a fresh read."""
+        entry = header.by_name[name]
+        if self.io == "read":
+            out = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
+            read_into(header.path, [out], [header.data_start + entry.begin])
+            return out
+        if header.path not in self._maps:
+            self._maps[header.path] = MappedFile(header)
+        return self._maps[header.path].tensor(entry)
+
+    def _as_is(self, name: str, model_dtype: torch.dtype) -> Header | None:
+        """The file whose bytes are already the final value, if one is."""
+        dtype = self.source.by_name[name].dtype
+        if self.sibling is not None and dtype == "F32" and model_dtype in SIBLING_SAFE_DTYPES:
+            return self.sibling  # fp16(x): what upstream ends with
+        if TORCH_DTYPES[dtype] == model_dtype and not (
+            self.half and model_dtype.is_floating_point and model_dtype != torch.float16
+        ):
+            return self.source
+        return None
+
+    def get(
+        self, name: str, model_dtype: torch.dtype, *, final: bool = True, device: torch.device = _CPU
+    ) -> torch.Tensor:
+        """The value upstream ends with: copy into ``model_dtype`` (CPU), move, then fp16 if half.
 
         ``final=False`` stops after the copy into ``model_dtype``: for copying into
         an existing tensor, which the closing ``model.to(float16)`` casts.
         """
-        entry = self.source.header.by_name[name]
-        if self.sibling is not None and entry.dtype == "F32" and model_dtype in SIBLING_SAFE_DTYPES:
-            return self.sibling.by_name(name)  # already fp16(x): final
-        value = self.source.tensor(entry)
+        header = self._as_is(name, model_dtype) if final else None
+        if header is not None:
+            return self.tensor(header, name).to(device)
+        value = self.tensor(self.source, name)
         if value.dtype != model_dtype:
             value = value.to(model_dtype)
+        value = value.to(device)
         if final and self.half and value.is_floating_point() and value.dtype != torch.float16:
-            value = value.to(torch.float16)
+            value = value.to(torch.float16)  # on the device, as upstream's model.to(float16)
         return value
+
+    def get_many(self, wanted: list[tuple[str, torch.dtype]], device: torch.device) -> list[torch.Tensor]:
+        """``get`` for many names, the byte-exact ones read in bulk, in file order."""
+        out: list[torch.Tensor | None] = [None] * len(wanted)
+        by_file: dict[str, list[int]] = defaultdict(list)
+        for i, (name, dtype) in enumerate(wanted):
+            header = self._as_is(name, dtype)
+            if header is None:
+                out[i] = self.get(name, dtype, device=device)
+            else:
+                by_file[header.path].append(i)
+        for path, indices in by_file.items():
+            header = self.sibling if self.sibling is not None and path == self.sibling.path else self.source
+            assert header is not None
+            entries = [header.by_name[wanted[i][0]] for i in indices]
+            offsets = [header.data_start + e.begin for e in entries]
+            self.bytes_read += sum(e.nbytes for e in entries)
+            if device.type == "cpu" and self.io == "mmap":
+                for i, entry in zip(indices, entries, strict=True):
+                    out[i] = self.tensor(header, entry.name)
+                self._maps[path].prefetch(offsets, [e.nbytes for e in entries])
+                continue
+            dests = [torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device=device) for e in entries]
+            if device.type == "cpu":
+                read_into(header.path, dests, offsets)
+            else:
+                stream_into(header.path, dests, offsets)
+                if header is self.sibling:
+                    self._recast_nans_on_device([wanted[i][0] for i in indices], dests, device)
+            for i, dest in zip(indices, dests, strict=True):
+                out[i] = dest
+        return [t for t in out if t is not None]
+
+    def _recast_nans_on_device(
+        self, names: list[str], values: list[torch.Tensor], device: torch.device
+    ) -> None:
+        """Redo fp16 casts of NaN-holding tensors on the device, as upstream casts there.
+
+        The sibling was cast on the CPU, which keeps a NaN's payload; CUDA's cast
+        gives the canonical NaN. Only NaN bits can differ, so only those tensors
+        are read again from the fp32 source.
+        """
+        if not values:
+            return
+        flags = torch.stack([v.isnan().any() if v.numel() else v.new_zeros((), dtype=torch.bool)
+                             for v in values]).cpu()  # fmt: skip
+        for i in flags.nonzero().flatten().tolist():
+            fp32 = self.tensor(self.source, names[i]).to(device)
+            values[i].copy_(fp32.to(torch.float16))
 
 
 def _finish(model: nn.Module, device: torch.device | str, half: bool) -> nn.Module:
@@ -168,13 +266,16 @@ def _build_fast(
 
     placed: dict[int, nn.Parameter] = {}
     with torch.no_grad():
-        for key, name in assign.items():
+        to_place = [(key, name) for key, name in assign.items() if id(state[key]) in deferred_ids]
+        read_started = time.perf_counter()
+        loaded = values.get_many([(name, state[key].dtype) for key, name in to_place], device)
+        values.read_seconds = time.perf_counter() - read_started
+        for (key, _), value in zip(to_place, loaded, strict=True):
             target = state[key]
-            if id(target) in deferred_ids:
-                value = values.get(name, target.dtype)
-                placed[id(target)] = nn.Parameter(value.to(device), requires_grad=target.requires_grad)
-            else:
-                target.copy_(values.get(name, target.dtype, final=False))
+            placed[id(target)] = nn.Parameter(value, requires_grad=target.requires_grad)
+        for key, name in assign.items():
+            if id(state[key]) not in deferred_ids:
+                state[key].copy_(values.get(name, state[key].dtype, final=False))
     for module in model.modules():
         for pname, param in module._parameters.items():
             if param is not None and id(param) in placed:
@@ -190,8 +291,16 @@ def _build_fast(
         g_key, v_key = f"{prefix}.{hook.name}_g".lstrip("."), f"{prefix}.{hook.name}_v".lstrip(".")
         # The meta stand-in computed during the build tells whether upstream's had a graph.
         needs_grad = getattr(module, hook.name).requires_grad
-        g = values.source.by_name(assign[g_key]).to(torch.float32, copy=True).requires_grad_(needs_grad)
-        v = values.source.by_name(assign[v_key]).to(torch.float32, copy=True).requires_grad_(needs_grad)
+        g = (
+            values.tensor(values.source, assign[g_key])
+            .to(torch.float32, copy=True)
+            .requires_grad_(needs_grad)
+        )
+        v = (
+            values.tensor(values.source, assign[v_key])
+            .to(torch.float32, copy=True)
+            .requires_grad_(needs_grad)
+        )
         with torch.set_grad_enabled(needs_grad):
             setattr(module, hook.name, torch._weight_norm(v, g, hook.dim))
     return model, result, ""
@@ -212,13 +321,17 @@ def _build(
         info.build = "faithful"
     else:
         info.build = "fast"
+    info.io = values.io if device.type == "cpu" else "stream"
+    info.bytes_read = values.bytes_read
     assert result is not None
     _log_skipped(result)
     info.result = result
     return model
 
 
-def load_into_module(module: nn.Module, ckpt_path: str | os.PathLike[str]) -> LoadResult:
+def load_into_module(
+    module: nn.Module, ckpt_path: str | os.PathLike[str], *, io: str | None = None
+) -> LoadResult:
     """Load a safetensors checkpoint into any module with upstream's semantics.
 
     Same as ``copy_state_dict(module, load_file(ckpt_path))``: keys are remapped
@@ -226,7 +339,7 @@ def load_into_module(module: nn.Module, ckpt_path: str | os.PathLike[str]) -> Lo
     parameters missing from the file keep their values. Returns what was skipped.
     """
     source = read_header(ckpt_path)
-    result = _load_faithful(module, source, _Values(source, None, half=False))
+    result = _load_faithful(module, source, _Values(source, None, half=False, io=resolve_io(io)))
     _log_skipped(result)
     return result
 
@@ -267,13 +380,17 @@ def load_diffusion_cond(
     cache_dir: str | os.PathLike[str] | None = None,
     model_factory: Factory | None = None,
     verify: bool | None = None,
+    io: str | None = None,
 ) -> nn.Module:
     """Drop-in for ``stable_audio_3.loading_utils.load_diffusion_cond``.
 
     With ``model_half=True`` the fp32 checkpoint is converted once to an fp16
     sibling, which later loads read instead. The model is bit for bit the one
     upstream returns. ``verify`` (or $SA3LOADER_VERIFY=1) re-checks the sibling's
-    full content against the source before using it.
+    full content against the source before using it. For a CPU ``device``,
+    ``io`` (or $SA3LOADER_IO) picks "mmap" (default, zero-copy) or "read" (plain
+    reads into fresh memory); other devices are streamed to through a small
+    ring of pinned buffers.
     """
     global _last_info
     info = LoadInfo(source=os.fspath(ckpt_path), model_half=bool(model_half))
@@ -287,6 +404,7 @@ def load_diffusion_cond(
         return _finish(model, device, bool(model_half))
 
     started = time.perf_counter()
+    io = resolve_io(io)
     factory = (
         model_factory
         if model_factory is not None
@@ -311,11 +429,12 @@ def load_diffusion_cond(
         info.timings["convert_s"] = outcome.converted.seconds
 
     build_started = time.perf_counter()
-    values = _Values(source, outcome.sibling, bool(model_half))
+    values = _Values(source, outcome.sibling, bool(model_half), io)
     model = _build(factory, model_config, source, values, target, info)
     _finish(model, target, bool(model_half))
     now = time.perf_counter()
     info.timings["build_s"] = now - build_started
+    info.timings["read_s"] = values.read_seconds
     info.timings["total_s"] = now - started
     logger.info(
         "loaded %s: %s, %s build, %.2fs", source.path, info.reason, info.build, info.timings["total_s"]
@@ -332,6 +451,7 @@ def load_autoencoder(
     device: str | torch.device = "cpu",
     *,
     model_factory: Factory | None = None,
+    io: str | None = None,
 ) -> nn.Module:
     """Drop-in for ``stable_audio_3.loading_utils.load_autoencoder``.
 
@@ -353,5 +473,6 @@ def load_autoencoder(
     source = read_header(ckpt_path)
     if any(e.name.startswith(AUTOENCODER_PREFIX) for e in source.entries):
         source = source.subset(AUTOENCODER_PREFIX)
-    model = _build(factory, config, source, _Values(source, None, half=False), target, info)
+    values = _Values(source, None, half=False, io=resolve_io(io))
+    model = _build(factory, config, source, values, target, info)
     return model.to(target)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from checkpoints import random_like_state, save
-from conftest import assert_same_model
+from conftest import assert_same_model, bits
 from safetensors.torch import load_file
 from toymodel import build
 
@@ -61,3 +61,62 @@ def test_load_into_module_reports_skipped_keys(tmp_path):
     assert result.mismatched_keys == ["half_part.bias"]
     assert set(result.missing_keys) == {"blocks.0.ff.weight", "half_part.bias"}
     assert torch.equal(module.blocks[0].ff.weight, before)
+
+
+def reference_half(ckpt) -> torch.nn.Module:
+    torch.manual_seed(0)
+    ref = build()
+    ref.load_state_dict(load_file(str(ckpt)), strict=False)
+    return ref.eval().requires_grad_(False).half()
+
+
+def test_io_read_never_maps_a_file(tmp_path, monkeypatch):
+    """Where mappings are unreliable (SIGBUS on truncation, Windows commit limits)."""
+    from sa3loader import _tensors
+
+    def no_mmap(*args, **kwargs):
+        raise AssertionError("io='read' mapped a file")
+
+    monkeypatch.setattr(_tensors.mmap, "mmap", no_mmap)
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+    for expect_hit in (False, True):
+        torch.manual_seed(0)
+        model = sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", True, cache_dir=tmp_path / "cache", model_factory=build, io="read"
+        )
+        info = sa3loader.last_load_info()
+        assert (info.cache_hit, info.build, info.io) == (expect_hit, "fast", "read")
+        assert_same_model(model, reference_half(ckpt))
+
+
+def test_io_from_environment_and_bad_values(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+    monkeypatch.setenv("SA3LOADER_IO", "read")
+    sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
+    assert sa3loader.last_load_info().io == "read"
+    monkeypatch.setenv("SA3LOADER_IO", "")
+    sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
+    assert sa3loader.last_load_info().io == "mmap"
+    with pytest.raises(ValueError, match="io must be one of"):
+        sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build, io="fast"
+        )
+
+
+def test_nan_tensors_are_cast_again_from_the_source(tmp_path):
+    """CUDA casts NaN to the canonical NaN, the CPU keeps its payload: tensors with a NaN
+    are recast on the device from fp32, the others keep the sibling's bytes."""
+    from sa3loader._format import read_header
+    from sa3loader.loader import _Values
+
+    payload_nan = torch.tensor([1.0, 2.0], dtype=torch.float32)
+    payload_nan.view(torch.int32)[1] = 0x7FC12345  # a NaN with payload bits
+    src = save({"nan": payload_nan, "plain": torch.tensor([3.0, 4.0])}, tmp_path / "src.safetensors")
+    values = _Values(read_header(src), None, half=True, io="read")
+    stale = [torch.zeros(2, dtype=torch.float16), torch.zeros(2, dtype=torch.float16)]
+    stale[0].view(torch.int16)[1] = 0x7FFF  # a NaN, but not the bits a cast of this source gives
+    values._recast_nans_on_device(["nan", "plain"], stale, torch.device("cpu"))
+    assert torch.equal(bits(stale[0]), bits(payload_nan.to(torch.float16)))
+    assert torch.equal(stale[1], torch.zeros(2, dtype=torch.float16))  # no NaN: untouched

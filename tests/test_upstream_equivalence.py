@@ -16,15 +16,18 @@ import sa3loader
 SEED = 1234
 
 
-def upstream_model(upstream, config, path, half):
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+def upstream_model(upstream, config, path, half, device="cpu"):
     torch.manual_seed(SEED)
-    return upstream.loading_utils.load_diffusion_cond(config, str(path), device="cpu", model_half=half)
+    return upstream.loading_utils.load_diffusion_cond(config, str(path), device=device, model_half=half)
 
 
-def ours(upstream, config, path, half, cache_dir):
+def ours(upstream, config, path, half, cache_dir, device="cpu", io=None):
     torch.manual_seed(SEED)
     return sa3loader.load_diffusion_cond(
-        config, path, "cpu", half, cache_dir=cache_dir,
+        config, path, device, half, cache_dir=cache_dir, io=io,
         model_factory=upstream.factory.create_diffusion_cond_from_config,
     )  # fmt: skip
 
@@ -59,23 +62,30 @@ def tricky_checkpoint(upstream, tmp_path: Path, *, complete: bool) -> Path:
     return save(state, tmp_path / f"model-{'complete' if complete else 'partial'}.safetensors")
 
 
+@pytest.mark.parametrize(
+    ("device", "io"),
+    [("cpu", "mmap"), ("cpu", "read"), pytest.param("cuda", None, marks=needs_cuda)],
+    ids=["cpu-mmap", "cpu-read", "cuda"],
+)
 @pytest.mark.parametrize("half", [True, False], ids=["half", "fp32"])
 @pytest.mark.parametrize("complete", [True, False], ids=["complete", "missing-key"])
-def test_same_model_as_upstream(upstream, tmp_path, half, complete, caplog):
+def test_same_model_as_upstream(upstream, tmp_path, half, complete, device, io, caplog):
     path = tricky_checkpoint(upstream, tmp_path, complete=complete)
-    ref = upstream_model(upstream, upstream.tiny_config, path, half)
+    ref = upstream_model(upstream, upstream.tiny_config, path, half, device)
     rng_after_upstream = torch.random.get_rng_state()
     with caplog.at_level(logging.WARNING, logger="sa3loader"):
-        model = ours(upstream, upstream.tiny_config, path, half, tmp_path / "cache")
+        model = ours(upstream, upstream.tiny_config, path, half, tmp_path / "cache", device, io)
     info = sa3loader.last_load_info()
     assert info.build == ("fast" if complete else "faithful")
+    if complete:
+        assert info.io == (io if device == "cpu" else "stream") and info.bytes_read > 0
     assert_same_model(model, ref)
     assert "totally.unknown.key" in info.result.unexpected_keys
     assert any("inv_freq" in k for k in info.result.mismatched_keys)
     assert "Key totally.unknown.key not found in target state_dict" in caplog.text
     if half:
         assert info.converted and info.sibling is not None
-        again = ours(upstream, upstream.tiny_config, path, half, tmp_path / "cache")
+        again = ours(upstream, upstream.tiny_config, path, half, tmp_path / "cache", device, io)
         assert sa3loader.last_load_info().cache_hit
         assert_same_model(again, ref)
     else:

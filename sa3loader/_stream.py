@@ -1,0 +1,250 @@
+"""Read byte ranges of a file in large chunks, in parallel, into tensors anywhere.
+
+Two sinks share one plan. On the CPU, ``read_into`` scatters each chunk
+straight into the destination tensors with one ``preadv`` (no staging copy).
+For another device, ``stream_into`` reads chunks into a small ring of pinned
+host buffers and copies each piece to the device with non-blocking copies on a
+side stream, so disk or page-cache reads overlap host-to-device transfers. The
+ring is the only host memory used, whatever the model size.
+
+Plain reads (never mmap) also serve where a mapping is unreliable: a file
+truncated under a mapping kills the reader with SIGBUS, and Windows commits
+the whole size of a copy-on-write mapping up front.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 64 * 1024 * 1024
+# 4 x 64 MB of pinned memory: enough to keep a PCIe 5 link busy, small on any host.
+RING_SLOTS = 4
+READ_THREADS = 4
+# Unused bytes between two wanted ranges are read through up to this size,
+# beyond it the chunk ends (so a skipped tensor is never read).
+MAX_GAP_BYTES = 1024 * 1024
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 1024
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes ``[dest_offset, dest_offset + length)`` of destination ``index``."""
+
+    index: int
+    dest_offset: int
+    chunk_offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One contiguous read of the file and where its wanted bytes go."""
+
+    file_offset: int
+    length: int
+    pieces: tuple[Piece, ...]
+
+
+def plan_chunks(ranges: Sequence[tuple[int, int]], chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
+    """Cut ``(file_offset, nbytes)`` ranges into reads of at most ``chunk_bytes``.
+
+    Pure: no I/O. Ranges may be in any order and may cross chunk boundaries;
+    empty ranges get no piece. Gaps up to ``MAX_GAP_BYTES`` are read through.
+    """
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, not {chunk_bytes}")
+    order = sorted((off, n, i) for i, (off, n) in enumerate(ranges) if n > 0)
+    chunks: list[Chunk] = []
+    start = end = 0
+    pieces: list[Piece] = []
+
+    def close() -> None:
+        if pieces:
+            chunks.append(Chunk(start, end - start, tuple(pieces)))
+
+    for offset, nbytes, index in order:
+        done = 0
+        while done < nbytes:
+            at = offset + done
+            if not pieces or at - end > MAX_GAP_BYTES or at < end or at >= start + chunk_bytes:
+                close()
+                start, end, pieces = at, at, []
+            length = min(nbytes - done, start + chunk_bytes - at)
+            pieces.append(Piece(index, done, at - start, length))
+            end = max(end, at + length)
+            done += length
+    close()
+    return chunks
+
+
+def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _preadv_full(fd: int, views: list[memoryview], offset: int) -> None:
+    """Fill every view from ``offset`` on, across short reads and the iovec limit."""
+    views = [v for v in views if len(v)]
+    while views:
+        batch = views[:_IOV_MAX]
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, batch, offset)
+        else:  # Windows: no preadv, no pread
+            got = _read_at(fd, batch[0], offset)
+        if got == 0:
+            raise EOFError(f"file ended at byte {offset} while more data was expected")
+        offset += got
+        while got:
+            if got >= len(views[0]):
+                got -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][got:]
+                got = 0
+
+
+_read_lock = threading.Lock()
+
+
+def _read_at(fd: int, view: memoryview, offset: int) -> int:
+    with _read_lock:  # seek + read share the descriptor's position
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.readv(fd, [view]) if hasattr(os, "readv") else _readinto(fd, view)
+
+
+def _readinto(fd: int, view: memoryview) -> int:
+    data = os.read(fd, len(view))
+    view[: len(data)] = data
+    return len(data)
+
+
+def _chunk_views(chunk: Chunk, dests: list[memoryview], scratch: memoryview) -> list[memoryview]:
+    """The chunk's bytes as destination slices, gaps going to ``scratch``."""
+    views: list[memoryview] = []
+    at = 0
+    for piece in sorted(chunk.pieces, key=lambda p: p.chunk_offset):
+        if piece.chunk_offset > at:
+            views.append(scratch[: piece.chunk_offset - at])
+        views.append(dests[piece.index][piece.dest_offset : piece.dest_offset + piece.length])
+        at = piece.chunk_offset + piece.length
+    return views
+
+
+def read_into(
+    path: str,
+    dests: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    threads: int = READ_THREADS,
+) -> None:
+    """Read ``dests[i].nbytes`` bytes at file offset ``offsets[i]`` into each CPU tensor."""
+    ranges = [(off, t.numel() * t.element_size()) for off, t in zip(offsets, dests, strict=True)]
+    views = [memoryview(_byte_view(t).numpy()) if t.numel() else memoryview(b"") for t in dests]
+    chunks = plan_chunks(ranges, chunk_bytes)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        with ThreadPoolExecutor(max(1, min(threads, len(chunks)))) as pool:
+            scratches = threading.local()
+
+            def read(chunk: Chunk) -> None:
+                if not hasattr(scratches, "buf"):
+                    scratches.buf = memoryview(bytearray(MAX_GAP_BYTES))
+                _preadv_full(fd, _chunk_views(chunk, views, scratches.buf), chunk.file_offset)
+
+            for future in [pool.submit(read, c) for c in chunks]:
+                future.result()
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class StreamStats:
+    """What one ``stream_into`` did: for the benchmark and ``LoadInfo``."""
+
+    bytes: int = 0
+    chunks: int = 0
+    pinned: bool = False
+    staging_bytes: int = 0
+
+
+def _staging(slots: int, nbytes: int, pin: bool) -> tuple[list[torch.Tensor], bool]:
+    if pin:
+        try:
+            return [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)], True
+        except RuntimeError as exc:  # no CUDA driver, or a locked-memory limit
+            logger.info("pinned host memory unavailable (%s); staging in pageable memory", exc)
+    return [torch.empty(nbytes, dtype=torch.uint8) for _ in range(slots)], False
+
+
+def stream_into(
+    path: str,
+    dests: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    slots: int = RING_SLOTS,
+    pin: bool = True,
+) -> StreamStats:
+    """Like ``read_into`` for tensors on any device, through a bounded ring of host buffers."""
+    ranges = [(off, t.numel() * t.element_size()) for off, t in zip(offsets, dests, strict=True)]
+    chunks = plan_chunks(ranges, chunk_bytes)
+    stats = StreamStats(bytes=sum(n for _, n in ranges), chunks=len(chunks))
+    if not chunks:
+        return stats
+    device = next(t.device for t in dests if t.numel())
+    cuda = device.type == "cuda"
+    slots = max(1, min(slots, len(chunks)))
+    ring, stats.pinned = _staging(slots, max(c.length for c in chunks), pin and cuda)
+    stats.staging_bytes = sum(t.numel() for t in ring)
+    ring_views = [memoryview(t.numpy()) for t in ring]
+    targets = [_byte_view(t) if t.numel() else t for t in dests]
+    stream = torch.cuda.Stream(device) if cuda else None
+    # done[slot]: the device has finished reading that slot, so it may be refilled.
+    done: list[torch.cuda.Event | None] = [None] * slots
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        with ThreadPoolExecutor(slots) as pool:
+
+            def read(i: int) -> None:
+                slot = i % slots
+                event = done[slot]
+                if event is not None:
+                    event.synchronize()
+                chunk = chunks[i]
+                _preadv_full(fd, [ring_views[slot][: chunk.length]], chunk.file_offset)
+
+            pending = {i: pool.submit(read, i) for i in range(slots)}
+            for i, chunk in enumerate(chunks):
+                pending.pop(i).result()
+                slot = i % slots
+                buffer = ring[slot]
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        for p in chunk.pieces:
+                            src = buffer[p.chunk_offset : p.chunk_offset + p.length]
+                            targets[p.index][p.dest_offset : p.dest_offset + p.length].copy_(
+                                src, non_blocking=True
+                            )
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                        done[slot] = event
+                else:
+                    for p in chunk.pieces:
+                        src = buffer[p.chunk_offset : p.chunk_offset + p.length]
+                        targets[p.index][p.dest_offset : p.dest_offset + p.length].copy_(src)
+                if i + slots < len(chunks):
+                    pending[i + slots] = pool.submit(read, i + slots)
+    finally:
+        if stream is not None:
+            stream.synchronize()
+        os.close(fd)
+    return stats

@@ -1,0 +1,172 @@
+"""The chunked reader: plan, CPU scatter reads, the staging ring, and its fallbacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import bits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from sa3loader import _stream
+from sa3loader._format import read_header
+from sa3loader._stream import MAX_GAP_BYTES, plan_chunks, read_into, stream_into
+from sa3loader._tensors import TORCH_DTYPES
+
+
+def covered_bytes(chunks, ranges):
+    """For each range, the file offsets its pieces cover, in destination order."""
+    seen: dict[int, list[int]] = {i: [] for i in range(len(ranges))}
+    for chunk in chunks:
+        for p in chunk.pieces:
+            assert 0 <= p.chunk_offset and p.chunk_offset + p.length <= chunk.length
+            assert p.length > 0
+            for b in range(p.length):
+                seen[p.index].append((p.dest_offset + b, chunk.file_offset + p.chunk_offset + b))
+    return seen
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ranges=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 300)), max_size=12),
+    chunk_bytes=st.integers(1, 700),
+)
+def test_plan_covers_every_wanted_byte_once(ranges, chunk_bytes):
+    chunks = plan_chunks(ranges, chunk_bytes)
+    for chunk in chunks:
+        assert 0 < chunk.length <= chunk_bytes
+    seen = covered_bytes(chunks, ranges)
+    for i, (offset, nbytes) in enumerate(ranges):
+        assert sorted(seen[i]) == [(b, offset + b) for b in range(nbytes)]
+
+
+def test_plan_skips_large_gaps_and_reads_through_small_ones():
+    small_gap = [(0, 100), (100 + MAX_GAP_BYTES, 100)]
+    assert len(plan_chunks(small_gap, 10 * MAX_GAP_BYTES)) == 1
+    large_gap = [(0, 100), (101 + MAX_GAP_BYTES, 100)]
+    chunks = plan_chunks(large_gap, 10 * MAX_GAP_BYTES)
+    assert [(c.file_offset, c.length) for c in chunks] == [(0, 100), (101 + MAX_GAP_BYTES, 100)]
+
+
+def test_plan_rejects_a_non_positive_chunk():
+    with pytest.raises(ValueError):
+        plan_chunks([(0, 1)], 0)
+
+
+def mixed_file(tmp_path: Path) -> Path:
+    """bf16 next to fp16, f32, f64, ints, bool and a zero-element tensor."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = {
+        "a.bf16": torch.randn(37, 5, generator=gen).to(torch.bfloat16),
+        "b.fp16": torch.randn(129, generator=gen).to(torch.float16),
+        "c.f32": torch.randn(8, 33, generator=gen),
+        "d.f64": torch.randn(7, generator=gen, dtype=torch.float64),
+        "e.i64": torch.arange(11),
+        "f.bool": torch.tensor([True, False, True]),
+        "g.i8": torch.arange(5, dtype=torch.int8),
+        "h.empty": torch.empty(0, 4),
+    }
+    tensors["c.f32"].view(-1)[:3] = torch.tensor([float("nan"), -0.0, float("inf")])
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def odd_file(tmp_path: Path) -> Path:
+    """Tensors at odd file offsets, as a writer other than safetensors may leave them."""
+    data = bytes(range(3)) + torch.arange(6, dtype=torch.float16).numpy().tobytes()
+    data += torch.tensor([1.5, -2.25, 3.0]).numpy().tobytes()
+    header = {
+        "i8": {"dtype": "I8", "shape": [3], "data_offsets": [0, 3]},
+        "f16": {"dtype": "F16", "shape": [2, 3], "data_offsets": [3, 15]},
+        "f32": {"dtype": "F32", "shape": [3], "data_offsets": [15, 27]},
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * ((len(raw) % 2) == 0)  # an odd header length: every offset shifts by one
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def load_with(reader, path: Path, **kwargs) -> dict[str, torch.Tensor]:
+    header = read_header(path)
+    names = [e.name for e in header.entries][::-1]  # not file order on purpose
+    dests = [torch.empty(header.by_name[n].shape, dtype=TORCH_DTYPES[header.by_name[n].dtype]) for n in names]
+    reader(str(path), dests, [header.data_start + header.by_name[n].begin for n in names], **kwargs)
+    return dict(zip(names, dests, strict=True))
+
+
+def assert_same_tensors(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    assert ours.keys() == ref.keys()
+    for name, value in ref.items():
+        assert ours[name].dtype == value.dtype and ours[name].shape == value.shape, name
+        assert torch.equal(bits(ours[name]), bits(value)), name
+
+
+@pytest.mark.parametrize("reader", [read_into, stream_into], ids=["read_into", "stream_into"])
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 1000, 1 << 20])
+@pytest.mark.parametrize("make", [mixed_file, odd_file], ids=["mixed", "odd-offsets"])
+def test_reads_match_load_file(tmp_path, reader, chunk_bytes, make):
+    path = make(tmp_path)
+    assert_same_tensors(load_with(reader, path, chunk_bytes=chunk_bytes), load_file(str(path)))
+
+
+def test_short_reads_are_completed(tmp_path, monkeypatch):
+    path = mixed_file(tmp_path)
+    real = os.preadv
+
+    def stingy(fd, buffers, offset):  # at most 5 bytes and only from the first buffer
+        return real(fd, [memoryview(buffers[0])[:5]], offset)
+
+    monkeypatch.setattr(os, "preadv", stingy)
+    assert_same_tensors(load_with(read_into, path, chunk_bytes=300), load_file(str(path)))
+
+
+def test_without_preadv_uses_positioned_reads(tmp_path, monkeypatch):
+    """Windows has no preadv: the fallback must give the same bytes, from several threads."""
+    path = mixed_file(tmp_path)
+    monkeypatch.delattr(os, "preadv")
+    assert_same_tensors(load_with(read_into, path, chunk_bytes=50, threads=4), load_file(str(path)))
+
+
+def test_more_pieces_than_the_iovec_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(_stream, "_IOV_MAX", 3)
+    tensors = {f"t{i:03d}": torch.full((i % 5,), float(i)) for i in range(50)}
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    assert_same_tensors(load_with(read_into, path, chunk_bytes=1 << 20), load_file(str(path)))
+
+
+def test_truncated_file_raises(tmp_path):
+    path = mixed_file(tmp_path)
+    header = read_header(path)
+    entry = max(header.entries, key=lambda e: e.end)
+    dest = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
+    with open(path, "r+b") as f:
+        f.truncate(header.data_start + entry.end - 1)
+    with pytest.raises(EOFError):
+        read_into(str(path), [dest], [header.data_start + entry.begin])
+
+
+def test_staging_is_bounded_and_falls_back_to_pageable(tmp_path):
+    tensors = {f"w{i}": torch.randn(1000) for i in range(20)}  # 80 kB
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    header = read_header(path)
+    dests = [torch.empty(1000) for _ in header.entries]
+    stats = stream_into(
+        str(path), dests, [header.data_start + e.begin for e in header.entries], chunk_bytes=4096, slots=3
+    )
+    assert stats.chunks == 20 and stats.bytes == 80_000
+    assert stats.staging_bytes <= 3 * 4096
+    for entry, dest in zip(header.entries, dests, strict=True):
+        assert torch.equal(dest, tensors[entry.name])
+    if not torch.cuda.is_available():
+        ring, pinned = _stream._staging(2, 16, pin=True)
+        assert not pinned and not any(t.is_pinned() for t in ring)
