@@ -10,7 +10,12 @@ load call timed (imports excluded), hot (file in page cache) and cold
 - upstream's ``load_diffusion_cond(model_half=True)`` on the fp32 file;
 - sa3loader's first load (convert + load) and cache hit (load, then a touch of
   one byte per page of every weight, timed separately);
-- conversion alone, and ``cat`` of the sibling to /dev/null (the floor).
+- conversion alone, and ``cat`` of the sibling to /dev/null (the floor);
+- the cache hit again with ``io="read"`` (plain reads, no mapping).
+
+``--device cuda`` instead times hot loads to the GPU: upstream's loader, the
+cache hit (its transfer phase in GB/s), ``safetensors.torch.load_file(sibling,
+device="cuda")`` and pinned host-to-device copies of the same bytes (the floor).
 
 Peak RssAnon is sampled from /proc/self/status every 2 ms (``ru_maxrss``
 counts mapped file pages and misleads). Prints medians and the ratios of the
@@ -46,6 +51,10 @@ GOALS = {
     "first load / upstream": ("<=", 1.0),
     "conversion peak RssAnon over baseline (MB)": ("<=", 300.0),
     "hit peak RssAnon over baseline / sibling size": ("<=", 0.1),
+    "hit (load+touch) / cat, cold": ("<=", 1.3),
+    "transfer phase GB/s / pinned H2D GB/s": (">=", 0.8),
+    "upstream to GPU / hit to GPU": (">=", 30.0),
+    "staging host memory (MB)": ("<=", 512.0),
 }
 
 
@@ -80,6 +89,25 @@ class PeakSampler:
         self.peak = max(self.peak, rss_anon())
 
 
+def pinned_h2d(nbytes: int) -> dict:
+    """The floor for the transfer phase: pinned host-to-device copies of ``nbytes``."""
+    import torch
+
+    piece = 256 * 1024 * 1024
+    host = torch.empty(piece, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(piece, dtype=torch.uint8, device="cuda")
+    dev.copy_(host, non_blocking=True)  # warm-up
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    done = 0
+    while done < nbytes:
+        n = min(piece, nbytes - done)
+        dev[:n].copy_(host[:n], non_blocking=True)
+        done += n
+    torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - started, "bytes": nbytes}
+
+
 def model_config(scale: float) -> dict:
     root = find_upstream()
     config = json.loads((root / "configs" / "sa3_medium_model_config.json").read_text())
@@ -101,19 +129,37 @@ def child(args: argparse.Namespace) -> None:
     from sa3loader._sibling import resolve_sibling
 
     config = model_config(args.scale)
+    device = args.device
     out: dict = {}
+    if device == "cuda":  # CUDA context set up before the clock, as a warm server has it
+        torch.empty(1, device="cuda")
+        torch.cuda.synchronize()
+    if args.child == "h2d":
+        out.update(pinned_h2d(Path(args.ckpt).stat().st_size))
+        print("RESULT " + json.dumps(out))
+        return
     with PeakSampler() as sampler:
         started = time.perf_counter()
         if args.child == "upstream":
-            model = lu.load_diffusion_cond(config, args.ckpt, device="cpu", model_half=True)
+            model = lu.load_diffusion_cond(config, args.ckpt, device=device, model_half=True)
         elif args.child == "convert":
             model = resolve_sibling(read_header(args.ckpt), args.cache)
+        elif args.child == "load_file":
+            from safetensors.torch import load_file
+
+            model = load_file(args.ckpt, device=device)
         else:
-            model = sa3loader.load_diffusion_cond(config, args.ckpt, "cpu", True, cache_dir=args.cache)
+            model = sa3loader.load_diffusion_cond(
+                config, args.ckpt, device, True, cache_dir=args.cache, io=args.io
+            )
             info = sa3loader.last_load_info()
-            out.update(build=info.build, cache_hit=info.cache_hit, converted=info.converted)
+            out.update(build=info.build, cache_hit=info.cache_hit, converted=info.converted, io=info.io,
+                       read_s=info.timings["read_s"], bytes_read=info.bytes_read,
+                       staging_bytes=info.staging_bytes)  # fmt: skip
+        if device == "cuda":
+            torch.cuda.synchronize()
         out["seconds"] = time.perf_counter() - started
-        if args.child == "hit":
+        if args.child == "hit" and device == "cpu":
             started = time.perf_counter()
             total = 0
             for t in list(model.parameters()) + list(model.buffers()):
@@ -140,9 +186,9 @@ def warm(path: Path) -> None:
     subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
 
 
-def run_child(mode: str, args: argparse.Namespace, ckpt: Path, cache: Path) -> dict:
+def run_child(mode: str, args: argparse.Namespace, ckpt: Path, cache: Path, io: str = "mmap") -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--ckpt", str(ckpt), "--cache", str(cache),
-           "--scale", str(args.scale)]  # fmt: skip
+           "--scale", str(args.scale), "--device", args.device, "--io", io]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SA3LOADER_PROGRESS": "0"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -230,6 +276,8 @@ def parent(args: argparse.Namespace) -> None:
     def record(temp: str, name: str, value: float) -> None:
         results.setdefault(temp, {}).setdefault(name, []).append(value)
 
+    if args.device == "cuda":
+        return measure_cuda(args, ckpt, sibling, cache, fresh, size)
     for temp in ("hot", "cold"):
         for _ in range(args.runs):
             # upstream
@@ -260,6 +308,11 @@ def parent(args: argparse.Namespace) -> None:
             record(temp, "hit touch s", r["touch_seconds"])
             record(temp, "hit (load+touch) s", r["seconds"] + r["touch_seconds"])
             record(temp, "hit peak RssAnon MB", (r["peak_anon"] - r["base_anon"]) / 1e6)
+            # cache hit with plain reads instead of a mapping
+            drop_cache(ckpt, sibling) if temp == "cold" else warm(sibling)
+            r = run_child("hit", args, ckpt, cache, io="read")
+            assert r["cache_hit"] and r["io"] == "read", r
+            record(temp, "hit io=read (load+touch) s", r["seconds"] + r["touch_seconds"])
             # cat floor
             drop_cache(sibling) if temp == "cold" else warm(sibling)
             record(temp, "cat sibling s", time_cat(sibling))
@@ -282,12 +335,21 @@ def parent(args: argparse.Namespace) -> None:
         )
         ratios[f"upstream / hit (load only), {temp}"] = median(m["upstream s"]) / median(m["hit load s"])
         ratios[f"first load / upstream, {temp}"] = median(m["first load s"]) / median(m["upstream s"])
+        ratios[f"hit io=read (load+touch) / cat, {temp}"] = median(m["hit io=read (load+touch) s"]) / median(
+            m["cat sibling s"]
+        )
     hot = results["hot"]
     ratios["first load / upstream"] = ratios["first load / upstream, hot"]
     ratios["conversion peak RssAnon over baseline (MB)"] = max(
         max(results[t]["conversion peak RssAnon over baseline (MB)"]) for t in results
     )
     ratios["hit peak RssAnon over baseline / sibling size"] = max(hot["hit peak RssAnon MB"]) / sib_mb
+    print_ratios(ratios)
+    if not args.keep:
+        shutil.rmtree(work)
+
+
+def print_ratios(ratios: dict[str, float]) -> None:
     print("\nratios (goal)")
     for name, value in ratios.items():
         goal = GOALS.get(name)
@@ -296,8 +358,44 @@ def parent(args: argparse.Namespace) -> None:
             ok = value <= goal[1] if goal[0] == "<=" else value >= goal[1]
             verdict = f"goal {goal[0]} {goal[1]}: {'met' if ok else 'NOT met'}"
         print(f"  {name:52} {value:10.3f}  {verdict}")
-    if not args.keep:
-        shutil.rmtree(work)
+
+
+def measure_cuda(args: argparse.Namespace, ckpt: Path, sibling: Path, cache: Path, fresh, size: int) -> None:
+    """Hot page cache, model_half=True, device="cuda": each figure in a fresh process."""
+    import torch
+
+    fresh()
+    assert run_child("first", args, ckpt, cache)["converted"]
+    m: dict[str, list[float]] = {}
+    for _ in range(args.runs):
+        warm(ckpt)
+        r = run_child("upstream", args, ckpt, cache)
+        m.setdefault("upstream to GPU s", []).append(r["seconds"])
+        warm(sibling)
+        r = run_child("hit", args, ckpt, cache)
+        assert r["cache_hit"] and r["build"] == "fast" and r["io"] == "stream", r
+        m.setdefault("hit to GPU s", []).append(r["seconds"])
+        m.setdefault("transfer phase s", []).append(r["read_s"])
+        m.setdefault("transfer phase GB/s", []).append(r["bytes_read"] / r["read_s"] / 1e9)
+        m.setdefault("staging host memory (MB)", []).append(r["staging_bytes"] / 1e6)
+        warm(sibling)
+        r = run_child("load_file", args, sibling, cache)
+        m.setdefault("safetensors load_file(sibling, cuda) s", []).append(r["seconds"])
+        r = run_child("h2d", args, sibling, cache)
+        m.setdefault("pinned H2D GB/s", []).append(r["bytes"] / r["seconds"] / 1e9)
+        print("run done: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in m.items()))
+    sib_gb = sibling.stat().st_size / 1e9
+    print(f"\nmachine: {torch.cuda.get_device_name()}, {os.cpu_count()} cores, fp32 {size / 1e9:.2f} GB, "
+          f"sibling {sib_gb:.2f} GB, scale {args.scale}, {args.runs} runs, medians")  # fmt: skip
+    for name, values in m.items():
+        print(f"  {name:48} {median(values):10.3f}")
+    med = {k: median(v) for k, v in m.items()}
+    print_ratios({
+        "transfer phase GB/s / pinned H2D GB/s": med["transfer phase GB/s"] / med["pinned H2D GB/s"],
+        "upstream to GPU / hit to GPU": med["upstream to GPU s"] / med["hit to GPU s"],
+        "load_file to GPU / hit to GPU": med["safetensors load_file(sibling, cuda) s"] / med["hit to GPU s"],
+        "staging host memory (MB)": max(m["staging host memory (MB)"]),
+    })  # fmt: skip
 
 
 def main() -> None:
@@ -309,6 +407,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", default=str(REPO / "bench-data"))
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu",
+        help="cuda: hot loads to the GPU vs upstream, load_file and a pinned copy",
+    )  # fmt: skip
+    parser.add_argument("--io", default="mmap", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)

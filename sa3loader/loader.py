@@ -56,6 +56,7 @@ class LoadInfo:
     build: str = ""  # "fast", "faithful" or "upstream" (SA3LOADER_DISABLE)
     io: str = ""  # "mmap" or "read" on the CPU; "stream" straight to another device
     bytes_read: int = 0  # weight bytes placed as read from a file, with no cast
+    staging_bytes: int = 0  # host buffers (pinned when possible) used to stream to a device
     reason: str = ""
     fallback: str | None = None
     overflow_to_inf: int | None = None
@@ -101,6 +102,7 @@ class _Values:
         self._maps: dict[str, MappedFile] = {}
         self.bytes_read = 0
         self.read_seconds = 0.0
+        self.staging_bytes = 0
 
     def tensor(self, header: Header, name: str) -> torch.Tensor:
         """The file's tensor on the CPU: a view of the mapping, or a fresh read."""
@@ -168,7 +170,8 @@ class _Values:
             if device.type == "cpu":
                 read_into(header.path, dests, offsets)
             else:
-                stream_into(header.path, dests, offsets)
+                stats = stream_into(header.path, dests, offsets)
+                self.staging_bytes = max(self.staging_bytes, stats.staging_bytes)
                 if header is self.sibling:
                     self._recast_nans_on_device([wanted[i][0] for i in indices], dests, device)
             for i, dest in zip(indices, dests, strict=True):
@@ -323,6 +326,7 @@ def _build(
         info.build = "fast"
     info.io = values.io if device.type == "cpu" else "stream"
     info.bytes_read = values.bytes_read
+    info.staging_bytes = values.staging_bytes
     assert result is not None
     _log_skipped(result)
     info.result = result
