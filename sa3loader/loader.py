@@ -172,8 +172,10 @@ class _Values:
             else:
                 stats = stream_into(header.path, dests, offsets)
                 self.staging_bytes = max(self.staging_bytes, stats.staging_bytes)
-                if header is self.sibling:
-                    self._recast_nans_on_device([wanted[i][0] for i in indices], dests, device)
+                if header is self.sibling:  # an fp16 model tensor was cast on the CPU upstream too
+                    recast = [k for k, i in enumerate(indices) if wanted[i][1] != torch.float16]
+                    names = [wanted[indices[k]][0] for k in recast]
+                    self._recast_nans_on_device(names, [dests[k] for k in recast], device)
             for i, dest in zip(indices, dests, strict=True):
                 out[i] = dest
         return [t for t in out if t is not None]
