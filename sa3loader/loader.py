@@ -326,7 +326,8 @@ def _build(
         info.build = "faithful"
     else:
         info.build = "fast"
-    info.io = values.io if device.type == "cpu" else "stream"
+    # The faithful build reads on the CPU and moves the model, as upstream does.
+    info.io = "stream" if device.type != "cpu" and info.build == "fast" else values.io
     info.bytes_read = values.bytes_read
     info.staging_bytes = values.staging_bytes
     assert result is not None
