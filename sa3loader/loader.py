@@ -91,6 +91,11 @@ def resolve_io(io: str | None) -> str:
     return chosen
 
 
+def streams_to(device: torch.device) -> bool:
+    """Whether weights go to ``device`` through the staging ring (every non-CPU device)."""
+    return device.type != "cpu"
+
+
 class _Values:
     """Final tensor values for checkpoint names, following upstream's cast chain."""
 
@@ -161,13 +166,14 @@ class _Values:
             entries = [header.by_name[wanted[i][0]] for i in indices]
             offsets = [header.data_start + e.begin for e in entries]
             self.bytes_read += sum(e.nbytes for e in entries)
-            if device.type == "cpu" and self.io == "mmap":
+            streamed = streams_to(device)
+            if not streamed and self.io == "mmap":
                 for i, entry in zip(indices, entries, strict=True):
                     out[i] = self.tensor(header, entry.name)
                 self._maps[path].prefetch(offsets, [e.nbytes for e in entries])
                 continue
             dests = [torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device=device) for e in entries]
-            if device.type == "cpu":
+            if not streamed:
                 read_into(header.path, dests, offsets)
             else:
                 stats = stream_into(header.path, dests, offsets)
@@ -327,7 +333,7 @@ def _build(
     else:
         info.build = "fast"
     # The faithful build reads on the CPU and moves the model, as upstream does.
-    info.io = "stream" if device.type != "cpu" and info.build == "fast" else values.io
+    info.io = "stream" if streams_to(device) and info.build == "fast" else values.io
     info.bytes_read = values.bytes_read
     info.staging_bytes = values.staging_bytes
     assert result is not None

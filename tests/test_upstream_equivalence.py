@@ -134,3 +134,20 @@ def test_default_factory_is_upstream(upstream, tmp_path):
         upstream.tiny_config, str(path), "cpu", True, cache_dir=tmp_path / "c"
     )
     assert_same_model(model, ref)
+
+
+@pytest.mark.parametrize("half", [True, False], ids=["half", "fp32"])
+def test_device_streaming_path_on_the_cpu(upstream, tmp_path, half, monkeypatch):
+    """The path every non-CPU device takes (staging ring, device casts, NaN recast), run
+    on the CPU so that CI covers it: it must give upstream's model all the same."""
+    from sa3loader import loader
+
+    monkeypatch.setattr(loader, "streams_to", lambda device: True)
+    path = tricky_checkpoint(upstream, tmp_path, complete=True)
+    ref = upstream_model(upstream, upstream.tiny_config, path, half)
+    for _ in range(2 if half else 1):  # conversion, then cache hit
+        model = ours(upstream, upstream.tiny_config, path, half, tmp_path / "cache")
+        info = sa3loader.last_load_info()
+        assert (info.build, info.io) == ("fast", "stream") and info.bytes_read > 0
+        assert 0 < info.staging_bytes <= 4 * 64 * 1024 * 1024
+        assert_same_model(model, ref)
