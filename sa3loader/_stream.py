@@ -26,9 +26,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 * 1024 * 1024
-# 4 x 64 MB of pinned memory: enough to keep a PCIe 5 link busy, small on any host.
-RING_SLOTS = 4
 READ_THREADS = 4
+# The staging ring is 256 MB of pinned memory whatever the model size. Each slot
+# has its own reader thread, so bigger hosts get more, smaller chunks in flight
+# (2 x 128 MB on 2 cores, 8 x 32 MB on 16 or more).
+RING_BYTES = 256 * 1024 * 1024
+RING_SLOTS = min(8, max(2, (os.cpu_count() or 2) // 2))
 # Unused bytes between two wanted ranges are read through up to this size,
 # beyond it the chunk ends (so a skipped tensor is never read).
 MAX_GAP_BYTES = 1024 * 1024
@@ -190,7 +193,7 @@ def stream_into(
     dests: Sequence[torch.Tensor],
     offsets: Sequence[int],
     *,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int = RING_BYTES // RING_SLOTS,
     slots: int = RING_SLOTS,
     pin: bool = True,
 ) -> StreamStats:
