@@ -141,8 +141,9 @@ def test_default_factory_is_upstream(upstream, tmp_path):
 def test_device_streaming_path_on_the_cpu(upstream, tmp_path, half, monkeypatch):
     """The path every non-CPU device takes (staging ring, device casts, NaN recast), run
     on the CPU so that CI covers it: it must give upstream's model all the same."""
-    from sa3loader import loader
+    from sa3loader import _values, loader
 
+    monkeypatch.setattr(_values, "streams_to", lambda device: True)
     monkeypatch.setattr(loader, "streams_to", lambda device: True)
     path = tricky_checkpoint(upstream, tmp_path, complete=True)
     ref = upstream_model(upstream, upstream.tiny_config, path, half)

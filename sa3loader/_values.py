@@ -1,0 +1,153 @@
+"""Final tensor values for checkpoint names, read the fastest way for the device.
+
+Upstream copies each checkpoint tensor into the model's tensor (a cast on the
+CPU), moves the model, then casts to fp16 on the device. ``Values`` gives the
+same bits: a tensor whose file bytes already are the final value (the fp16
+sibling's, or a source tensor of the model's dtype) is read as is, in bulk and
+in file order; any other is cast in upstream's order. On the CPU the bytes are
+mapped (default) or read; to other devices they are streamed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import torch
+
+from ._format import Header
+from ._stream import read_into, stream_into
+from ._tensors import TORCH_DTYPES, MappedFile
+
+# A sibling value f16(x) equals upstream's result for x only when the model
+# tensor it lands in holds x exactly first (f16, f32, f64); else read the source.
+SIBLING_SAFE_DTYPES = {torch.float16, torch.float32, torch.float64}
+
+_CPU = torch.device("cpu")
+IO_ENV = "SA3LOADER_IO"
+IO_MODES = ("mmap", "read")
+# Measured cold on a virtio disk (benchmarks/bench_load.py): mapping and touching
+# pages in file order beats parallel reads into fresh memory, which also pay for
+# faulting in anonymous pages. "read" stays for where mappings are unreliable.
+DEFAULT_IO = "mmap"
+
+
+def resolve_io(io: str | None) -> str:
+    """``io`` argument, else $SA3LOADER_IO, else the measured default."""
+    chosen = (io or os.environ.get(IO_ENV, "").strip().lower() or DEFAULT_IO).lower()
+    if chosen not in IO_MODES:
+        raise ValueError(f"io must be one of {', '.join(IO_MODES)}, not {chosen!r} (argument or ${IO_ENV})")
+    return chosen
+
+
+def streams_to(device: torch.device) -> bool:
+    """Whether weights go to ``device`` through the staging ring (every non-CPU device)."""
+    return device.type != "cpu"
+
+
+class Values:
+    """Final tensor values for checkpoint names, following upstream's cast chain."""
+
+    def __init__(self, source: Header, sibling: Header | None, half: bool, io: str = DEFAULT_IO) -> None:
+        self.source = source
+        self.sibling = sibling
+        self.half = half
+        self.io = io
+        self._maps: dict[str, MappedFile] = {}
+        self.bytes_read = 0
+        self.read_seconds = 0.0
+        self.staging_bytes = 0
+
+    def tensor(self, header: Header, name: str) -> torch.Tensor:
+        """The file's tensor on the CPU: a view of the mapping, or a fresh read."""
+        entry = header.by_name[name]
+        if self.io == "read":
+            out = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
+            read_into(header.path, [out], [header.data_start + entry.begin])
+            return out
+        if header.path not in self._maps:
+            self._maps[header.path] = MappedFile(header)
+        return self._maps[header.path].tensor(entry)
+
+    def _as_is(self, name: str, model_dtype: torch.dtype) -> Header | None:
+        """The file whose bytes are already the final value, if one is."""
+        dtype = self.source.by_name[name].dtype
+        if self.sibling is not None and dtype == "F32" and model_dtype in SIBLING_SAFE_DTYPES:
+            return self.sibling  # fp16(x): what upstream ends with
+        if TORCH_DTYPES[dtype] == model_dtype and not (
+            self.half and model_dtype.is_floating_point and model_dtype != torch.float16
+        ):
+            return self.source
+        return None
+
+    def get(
+        self, name: str, model_dtype: torch.dtype, *, final: bool = True, device: torch.device = _CPU
+    ) -> torch.Tensor:
+        """The value upstream ends with: copy into ``model_dtype`` (CPU), move, then fp16 if half.
+
+        ``final=False`` stops after the copy into ``model_dtype``: for copying into
+        an existing tensor, which the closing ``model.to(float16)`` casts.
+        """
+        header = self._as_is(name, model_dtype) if final else None
+        if header is not None:
+            return self.tensor(header, name).to(device)
+        value = self.tensor(self.source, name)
+        if value.dtype != model_dtype:
+            value = value.to(model_dtype)
+        value = value.to(device)
+        if final and self.half and value.is_floating_point() and value.dtype != torch.float16:
+            value = value.to(torch.float16)  # on the device, as upstream's model.to(float16)
+        return value
+
+    def get_many(self, wanted: list[tuple[str, torch.dtype]], device: torch.device) -> list[torch.Tensor]:
+        """``get`` for many names, the byte-exact ones read in bulk, in file order."""
+        out: list[torch.Tensor | None] = [None] * len(wanted)
+        by_file: dict[str, list[int]] = defaultdict(list)
+        for i, (name, dtype) in enumerate(wanted):
+            header = self._as_is(name, dtype)
+            if header is None:
+                out[i] = self.get(name, dtype, device=device)
+            else:
+                by_file[header.path].append(i)
+        for path, indices in by_file.items():
+            header = self.sibling if self.sibling is not None and path == self.sibling.path else self.source
+            assert header is not None
+            entries = [header.by_name[wanted[i][0]] for i in indices]
+            offsets = [header.data_start + e.begin for e in entries]
+            self.bytes_read += sum(e.nbytes for e in entries)
+            streamed = streams_to(device)
+            if not streamed and self.io == "mmap":
+                for i, entry in zip(indices, entries, strict=True):
+                    out[i] = self.tensor(header, entry.name)
+                self._maps[path].prefetch(offsets, [e.nbytes for e in entries])
+                continue
+            dests = [torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device=device) for e in entries]
+            if not streamed:
+                read_into(header.path, dests, offsets)
+            else:
+                stats = stream_into(header.path, dests, offsets)
+                self.staging_bytes = max(self.staging_bytes, stats.staging_bytes)
+                if header is self.sibling:  # an fp16 model tensor was cast on the CPU upstream too
+                    recast = [k for k, i in enumerate(indices) if wanted[i][1] != torch.float16]
+                    names = [wanted[indices[k]][0] for k in recast]
+                    self._recast_nans_on_device(names, [dests[k] for k in recast], device)
+            for i, dest in zip(indices, dests, strict=True):
+                out[i] = dest
+        return [t for t in out if t is not None]
+
+    def _recast_nans_on_device(
+        self, names: list[str], values: list[torch.Tensor], device: torch.device
+    ) -> None:
+        """Redo fp16 casts of NaN-holding tensors on the device, as upstream casts there.
+
+        The sibling was cast on the CPU, which keeps a NaN's payload; CUDA's cast
+        gives the canonical NaN. Only NaN bits can differ, so only those tensors
+        are read again from the fp32 source.
+        """
+        if not values:
+            return
+        flags = torch.stack([v.isnan().any() if v.numel() else v.new_zeros((), dtype=torch.bool)
+                             for v in values]).cpu()  # fmt: skip
+        for i in flags.nonzero().flatten().tolist():
+            fp32 = self.tensor(self.source, names[i]).to(device)
+            values[i].copy_(fp32.to(torch.float16))
