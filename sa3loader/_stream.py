@@ -14,6 +14,7 @@ the whole size of a copy-on-write mapping up front.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -93,6 +94,14 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8)
 
 
+def _byte_ranges(dests: Sequence[torch.Tensor], offsets: Sequence[int]) -> list[tuple[int, int]]:
+    return [(off, t.numel() * t.element_size()) for off, t in zip(offsets, dests, strict=True)]
+
+
+def _open_for_reading(path: str) -> int:
+    return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+
 def _preadv_full(fd: int, views: list[memoryview], offset: int) -> None:
     """Fill every view from ``offset`` on, across short reads and the iovec limit."""
     views = [v for v in views if len(v)]
@@ -150,10 +159,10 @@ def read_into(
     threads: int = READ_THREADS,
 ) -> None:
     """Read ``dests[i].nbytes`` bytes at file offset ``offsets[i]`` into each CPU tensor."""
-    ranges = [(off, t.numel() * t.element_size()) for off, t in zip(offsets, dests, strict=True)]
+    ranges = _byte_ranges(dests, offsets)
     views = [memoryview(_byte_view(t).numpy()) if t.numel() else memoryview(b"") for t in dests]
     chunks = plan_chunks(ranges, chunk_bytes)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    fd = _open_for_reading(path)
     try:
         with ThreadPoolExecutor(max(1, min(threads, len(chunks)))) as pool:
             scratches = threading.local()
@@ -198,7 +207,7 @@ def stream_into(
     pin: bool = True,
 ) -> StreamStats:
     """Like ``read_into`` for tensors on any device, through a bounded ring of host buffers."""
-    ranges = [(off, t.numel() * t.element_size()) for off, t in zip(offsets, dests, strict=True)]
+    ranges = _byte_ranges(dests, offsets)
     chunks = plan_chunks(ranges, chunk_bytes)
     stats = StreamStats(bytes=sum(n for _, n in ranges), chunks=len(chunks))
     if not chunks:
@@ -213,7 +222,7 @@ def stream_into(
     stream = torch.cuda.Stream(device) if cuda else None
     # done[slot]: the device has finished reading that slot, so it may be refilled.
     done: list[torch.cuda.Event | None] = [None] * slots
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    fd = _open_for_reading(path)
     try:
         with ThreadPoolExecutor(slots) as pool:
 
@@ -230,20 +239,14 @@ def stream_into(
                 pending.pop(i).result()
                 slot = i % slots
                 buffer = ring[slot]
-                if stream is not None:
-                    with torch.cuda.stream(stream):
-                        for p in chunk.pieces:
-                            src = buffer[p.chunk_offset : p.chunk_offset + p.length]
-                            targets[p.index][p.dest_offset : p.dest_offset + p.length].copy_(
-                                src, non_blocking=True
-                            )
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                        done[slot] = event
-                else:
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     for p in chunk.pieces:
                         src = buffer[p.chunk_offset : p.chunk_offset + p.length]
-                        targets[p.index][p.dest_offset : p.dest_offset + p.length].copy_(src)
+                        dest = targets[p.index][p.dest_offset : p.dest_offset + p.length]
+                        dest.copy_(src, non_blocking=stream is not None)
+                    if stream is not None:
+                        done[slot] = torch.cuda.Event()
+                        done[slot].record(stream)
                 if i + slots < len(chunks):
                     pending[i + slots] = pool.submit(read, i + slots)
     finally:

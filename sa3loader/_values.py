@@ -103,6 +103,7 @@ class Values:
         """``get`` for many names, the byte-exact ones read in bulk, in file order."""
         out: list[torch.Tensor | None] = [None] * len(wanted)
         by_file: dict[str, list[int]] = defaultdict(list)
+        headers = {h.path: h for h in (self.source, self.sibling) if h is not None}
         for i, (name, dtype) in enumerate(wanted):
             header = self._as_is(name, dtype)
             if header is None:
@@ -110,8 +111,7 @@ class Values:
             else:
                 by_file[header.path].append(i)
         for path, indices in by_file.items():
-            header = self.sibling if self.sibling is not None and path == self.sibling.path else self.source
-            assert header is not None
+            header = headers[path]
             entries = [header.by_name[wanted[i][0]] for i in indices]
             offsets = [header.data_start + e.begin for e in entries]
             self.bytes_read += sum(e.nbytes for e in entries)

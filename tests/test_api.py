@@ -41,10 +41,7 @@ def test_disable_env_touches_no_cache(tmp_path, monkeypatch):
     )
     assert sa3loader.last_load_info().build == "upstream"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
-    torch.manual_seed(0)
-    ref = build()
-    ref.load_state_dict(load_file(str(ckpt)), strict=False)
-    assert_same_model(model, ref.eval().requires_grad_(False).half())
+    assert_same_model(model, reference_half(ckpt))
 
 
 def test_load_into_module_reports_skipped_keys(tmp_path):
