@@ -5,7 +5,7 @@
 Writes an fp32 checkpoint with the exact key/shape/dtype layout of the real
 checkpoint (random values), then times, each in a fresh process with only the
 load call timed (imports excluded), hot (file in page cache) and cold
-(``posix_fadvise(DONTNEED)`` first):
+(``posix_fadvise(DONTNEED)``, then ``COLD_SETTLE_S`` seconds, just before timing):
 
 - upstream's ``load_diffusion_cond(model_half=True)`` on the fp32 file;
 - sa3loader's first load (convert + load) and cache hit (load, then a touch of
@@ -45,6 +45,11 @@ DEFAULT_LAYOUT = REPO.parent / "shared" / "layouts" / "sa3_medium_layout.json"
 SAMPLE_EVERY_S = 0.002
 PAGE = os.sysconf("SC_PAGE_SIZE")
 DISK_MARGIN = 1.15
+# On the dev box's virtual disk a read right after POSIX_FADV_DONTNEED is still
+# served fast (the host caches it); a few seconds later it is truly cold: a
+# 4.6 GB cat took 1.6-1.8 s at once and 4.4-4.7 s after 6 s. Every cold figure
+# (loads and cat alike) waits this long after the drop, so they compare fairly.
+COLD_SETTLE_S = 8.0
 GOALS = {
     "hit (load+touch) / cat, hot": ("<=", 1.3),
     "upstream / hit (load+touch), hot": (">=", 30.0),
@@ -134,6 +139,8 @@ def child(args: argparse.Namespace) -> None:
     if device == "cuda":  # CUDA context set up before the clock, as a warm server has it
         torch.empty(1, device="cuda")
         torch.cuda.synchronize()
+    if args.drop:  # after the imports, so the timed load starts as cold as cat does
+        settle_cold([Path(p) for p in args.drop.split(",")])
     if args.child == "h2d":
         out.update(pinned_h2d(Path(args.ckpt).stat().st_size))
         print("RESULT " + json.dumps(out))
@@ -186,9 +193,30 @@ def warm(path: Path) -> None:
     subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
 
 
-def run_child(mode: str, args: argparse.Namespace, ckpt: Path, cache: Path, io: str = "mmap") -> dict:
+def hot_or_cold(temp: str, drop: tuple[Path, ...], hot: Path) -> tuple[Path, ...]:
+    """Hot: read ``hot`` into the page cache now. Cold: the files to drop just before timing."""
+    if temp == "hot":
+        warm(hot)
+        return ()
+    return drop
+
+
+def settle_cold(paths: tuple[Path, ...] | list[Path]) -> None:
+    drop_cache(*paths)
+    time.sleep(COLD_SETTLE_S)
+
+
+def run_child(
+    mode: str,
+    args: argparse.Namespace,
+    ckpt: Path,
+    cache: Path,
+    io: str = "mmap",
+    drop: tuple[Path, ...] = (),
+) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--ckpt", str(ckpt), "--cache", str(cache),
-           "--scale", str(args.scale), "--device", args.device, "--io", io]  # fmt: skip
+           "--scale", str(args.scale), "--device", args.device, "--io", io,
+           "--drop", ",".join(str(p) for p in drop)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SA3LOADER_PROGRESS": "0"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -196,7 +224,9 @@ def run_child(mode: str, args: argparse.Namespace, ckpt: Path, cache: Path, io: 
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def time_cat(path: Path) -> float:
+def time_cat(path: Path, cold: bool = False) -> float:
+    if cold:
+        settle_cold([path])
     started = time.perf_counter()
     subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
     return time.perf_counter() - started
@@ -281,41 +311,36 @@ def parent(args: argparse.Namespace) -> None:
     for temp in ("hot", "cold"):
         for _ in range(args.runs):
             # upstream
-            drop_cache(ckpt) if temp == "cold" else warm(ckpt)
-            r = run_child("upstream", args, ckpt, cache)
+            r = run_child("upstream", args, ckpt, cache, drop=hot_or_cold(temp, (ckpt,), ckpt))
             record(temp, "upstream s", r["seconds"])
             record(temp, "upstream peak RssAnon MB", (r["peak_anon"] - r["base_anon"]) / 1e6)
             # conversion alone
             fresh()
-            drop_cache(ckpt) if temp == "cold" else warm(ckpt)
-            r = run_child("convert", args, ckpt, cache)
+            r = run_child("convert", args, ckpt, cache, drop=hot_or_cold(temp, (ckpt,), ckpt))
             record(temp, "convert s", r["seconds"])
             record(
                 temp, "conversion peak RssAnon over baseline (MB)", (r["peak_anon"] - r["base_anon"]) / 1e6
             )
             # first load
             fresh()
-            drop_cache(ckpt) if temp == "cold" else warm(ckpt)
-            r = run_child("first", args, ckpt, cache)
+            r = run_child("first", args, ckpt, cache, drop=hot_or_cold(temp, (ckpt,), ckpt))
             assert r["converted"], r
             record(temp, "first load s", r["seconds"])
             record(temp, "first load peak RssAnon MB", (r["peak_anon"] - r["base_anon"]) / 1e6)
             # cache hit
-            drop_cache(ckpt, sibling) if temp == "cold" else warm(sibling)
-            r = run_child("hit", args, ckpt, cache)
+            r = run_child("hit", args, ckpt, cache, drop=hot_or_cold(temp, (ckpt, sibling), sibling))
             assert r["cache_hit"] and r["build"] == "fast", r
             record(temp, "hit load s", r["seconds"])
             record(temp, "hit touch s", r["touch_seconds"])
             record(temp, "hit (load+touch) s", r["seconds"] + r["touch_seconds"])
             record(temp, "hit peak RssAnon MB", (r["peak_anon"] - r["base_anon"]) / 1e6)
             # cache hit with plain reads instead of a mapping
-            drop_cache(ckpt, sibling) if temp == "cold" else warm(sibling)
-            r = run_child("hit", args, ckpt, cache, io="read")
+            both = hot_or_cold(temp, (ckpt, sibling), sibling)
+            r = run_child("hit", args, ckpt, cache, io="read", drop=both)
             assert r["cache_hit"] and r["io"] == "read", r
             record(temp, "hit io=read (load+touch) s", r["seconds"] + r["touch_seconds"])
             # cat floor
-            drop_cache(sibling) if temp == "cold" else warm(sibling)
-            record(temp, "cat sibling s", time_cat(sibling))
+            record(temp, "cat sibling s", time_cat(sibling, cold=temp == "cold"))
             print(f"{temp} run done: " + ", ".join(f"{k}={v[-1]:.2f}" for k, v in results[temp].items()))
 
     sib_mb = sibling.stat().st_size / 1e6
@@ -412,6 +437,7 @@ def main() -> None:
         help="cuda: hot loads to the GPU vs upstream, load_file and a pinned copy",
     )  # fmt: skip
     parser.add_argument("--io", default="mmap", help=argparse.SUPPRESS)
+    parser.add_argument("--drop", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from ._format import Header, TensorEntry
+from ._stream import plan_chunks
 
 PAGE_BYTES = mmap.PAGESIZE
+PREFETCH_PIECE_BYTES = 64 * 1024 * 1024
+PREFETCH_THREADS = 4
 _DTYPE_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
@@ -36,8 +40,6 @@ class MappedFile:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # MAP_PRIVATE
         if len(self._map) != header.file_size:
             raise OSError(f"{header.path} changed size while it was being opened")
-        if hasattr(mmap, "MADV_WILLNEED"):
-            self._map.madvise(mmap.MADV_WILLNEED)
 
     def tensor(self, entry: TensorEntry) -> torch.Tensor:
         dtype = TORCH_DTYPES[entry.dtype]
@@ -51,13 +53,19 @@ class MappedFile:
         return torch.frombuffer(self._map, dtype=dtype, count=entry.numel, offset=offset).view(entry.shape)
 
     def prefetch(self, offsets: Sequence[int], sizes: Sequence[int]) -> None:
-        """Fault in the pages of these ranges in file order.
+        """Fault in the pages of these ranges now, 64 MB pieces on 4 threads.
 
         Touched lazily, weights fault in model order, which jumps around the
-        file and defeats readahead: a cold load then took 1.6x ``cat``.
-        One read per page in file order lets readahead stream the file.
+        file and defeats readahead (a cold load took 1.6x ``cat``). One touch
+        per page, in file order within each piece, with several pieces in
+        flight keeps the disk's queue full: on the dev box's virtual disk, a
+        truly cold 4.6 GB sibling faulted in 1.9 s this way, 4.8 s on one
+        thread, 5.4 s for ``cat``.
         """
         view = torch.frombuffer(self._map, dtype=torch.uint8)
-        for offset, size in sorted(zip(offsets, sizes, strict=True)):
-            if size:
-                view[offset : offset + size : PAGE_BYTES].sum()
+        chunks = plan_chunks(list(zip(offsets, sizes, strict=True)), PREFETCH_PIECE_BYTES)
+        with ThreadPoolExecutor(PREFETCH_THREADS) as pool:
+            for _ in pool.map(
+                lambda c: view[c.file_offset : c.file_offset + c.length : PAGE_BYTES].sum(), chunks
+            ):
+                pass
