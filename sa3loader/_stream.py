@@ -102,7 +102,7 @@ def _open_for_reading(path: str) -> int:
     return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
 
 
-def _preadv_full(fd: int, views: list[memoryview], offset: int) -> None:
+def _preadv_full(fd: int, views: list[memoryview], offset: int, path: str) -> None:
     """Fill every view from ``offset`` on, across short reads and the iovec limit."""
     views = [v for v in views if len(v)]
     while views:
@@ -112,7 +112,7 @@ def _preadv_full(fd: int, views: list[memoryview], offset: int) -> None:
         else:  # Windows: no preadv, no pread
             got = _read_at(fd, batch[0], offset)
         if got == 0:
-            raise EOFError(f"file ended at byte {offset} while more data was expected")
+            raise EOFError(f"{path}: file ended at byte {offset} while more data was expected")
         offset += got
         while got:
             if got >= len(views[0]):
@@ -138,12 +138,13 @@ def _readinto(fd: int, view: memoryview) -> int:
     return len(data)
 
 
-def _chunk_views(chunk: Chunk, dests: list[memoryview], scratch: memoryview) -> list[memoryview]:
+def _chunk_views(chunk: Chunk, dests: list[memoryview], scratch: memoryview | None) -> list[memoryview]:
     """The chunk's bytes as destination slices, gaps going to ``scratch``."""
     views: list[memoryview] = []
     at = 0
     for piece in sorted(chunk.pieces, key=lambda p: p.chunk_offset):
         if piece.chunk_offset > at:
+            assert scratch is not None, "a chunk with gaps needs a scratch buffer"
             views.append(scratch[: piece.chunk_offset - at])
         views.append(dests[piece.index][piece.dest_offset : piece.dest_offset + piece.length])
         at = piece.chunk_offset + piece.length
@@ -163,17 +164,23 @@ def read_into(
     views = [memoryview(_byte_view(t).numpy()) if t.numel() else memoryview(b"") for t in dests]
     chunks = plan_chunks(ranges, chunk_bytes)
     fd = _open_for_reading(path)
+    local = threading.local()
+
+    def read(chunk: Chunk) -> None:
+        # Gap bytes are read and dropped; most chunks have none, so no scratch.
+        if chunk.length > sum(p.length for p in chunk.pieces) and not hasattr(local, "scratch"):
+            local.scratch = memoryview(bytearray(MAX_GAP_BYTES))
+        targets = _chunk_views(chunk, views, getattr(local, "scratch", None))
+        _preadv_full(fd, targets, chunk.file_offset, path)
+
     try:
-        with ThreadPoolExecutor(max(1, min(threads, len(chunks)))) as pool:
-            scratches = threading.local()
-
-            def read(chunk: Chunk) -> None:
-                if not hasattr(scratches, "buf"):
-                    scratches.buf = memoryview(bytearray(MAX_GAP_BYTES))
-                _preadv_full(fd, _chunk_views(chunk, views, scratches.buf), chunk.file_offset)
-
-            for future in [pool.submit(read, c) for c in chunks]:
-                future.result()
+        if len(chunks) <= 1:  # one tensor, say: not worth starting threads
+            for chunk in chunks:
+                read(chunk)
+        else:
+            with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
+                for _ in pool.map(read, chunks):
+                    pass
     finally:
         os.close(fd)
 
@@ -232,7 +239,7 @@ def stream_into(
                 if event is not None:
                     event.synchronize()
                 chunk = chunks[i]
-                _preadv_full(fd, [ring_views[slot][: chunk.length]], chunk.file_offset)
+                _preadv_full(fd, [ring_views[slot][: chunk.length]], chunk.file_offset, path)
 
             pending = {i: pool.submit(read, i) for i in range(slots)}
             for i, chunk in enumerate(chunks):

@@ -147,8 +147,7 @@ class Values:
         """
         if not values:
             return
-        flags = torch.stack([v.isnan().any() if v.numel() else v.new_zeros((), dtype=torch.bool)
-                             for v in values]).cpu()  # fmt: skip
+        flags = torch.stack([v.isnan().any() for v in values]).cpu()  # one sync for all
         for i in flags.nonzero().flatten().tolist():
             fp32 = self.tensor(self.source, names[i]).to(device)
             values[i].copy_(fp32.to(torch.float16))

@@ -117,6 +117,20 @@ def test_reads_match_load_file(tmp_path, reader, chunk_bytes, make):
     assert_same_tensors(load_with(reader, path, chunk_bytes=chunk_bytes), load_file(str(path)))
 
 
+@pytest.mark.parametrize("reader", [read_into, stream_into], ids=["read_into", "stream_into"])
+def test_skipped_tensors_between_wanted_ones(tmp_path, reader):
+    """Unwanted bytes inside a chunk are read and dropped, never written anywhere."""
+    path = mixed_file(tmp_path)
+    header = read_header(path)
+    wanted = [e for e in header.entries if e.nbytes][::2]
+    dests = [torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype]) for e in wanted]
+    reader(str(path), dests, [header.data_start + e.begin for e in wanted], chunk_bytes=1 << 20)
+    ref = load_file(str(path))
+    assert_same_tensors(
+        {e.name: d for e, d in zip(wanted, dests, strict=True)}, {e.name: ref[e.name] for e in wanted}
+    )
+
+
 def test_short_reads_are_completed(tmp_path, monkeypatch):
     path = mixed_file(tmp_path)
     real = os.preadv
@@ -150,7 +164,7 @@ def test_truncated_file_raises(tmp_path):
     dest = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
     with open(path, "r+b") as f:
         f.truncate(header.data_start + entry.end - 1)
-    with pytest.raises(EOFError):
+    with pytest.raises(EOFError, match="mixed.safetensors"):
         read_into(str(path), [dest], [header.data_start + entry.begin])
 
 
