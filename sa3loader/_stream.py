@@ -14,7 +14,6 @@ the whole size of a copy-on-write mapping up front.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -204,6 +203,51 @@ def _staging(slots: int, nbytes: int, pin: bool) -> tuple[list[torch.Tensor], bo
     return [torch.empty(nbytes, dtype=torch.uint8) for _ in range(slots)], False
 
 
+class DeviceCopies:
+    """Copies out of ring slots into device tensors; this base copies synchronously.
+
+    The ring's contract: ``send`` issues a slot's copies, ``wait`` returns once
+    that slot may be refilled, ``finish`` once every copy has landed.
+    """
+
+    def send(self, slot: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for dest, src in pairs:
+            dest.copy_(src)
+
+    def wait(self, slot: int) -> None:
+        """Called from reader threads before refilling ``slot``."""
+
+    def finish(self) -> None:
+        pass
+
+
+class CudaCopies(DeviceCopies):
+    """Non-blocking copies on a side stream; one event per slot guards its refill."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device)
+        # The destinations were allocated on the current stream, whose queued work
+        # may still use that memory: the side stream's writes wait for it.
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+        self.done: dict[int, torch.cuda.Event] = {}
+
+    def send(self, slot: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        with torch.cuda.stream(self.stream):
+            for dest, src in pairs:
+                dest.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.done[slot] = event
+
+    def wait(self, slot: int) -> None:
+        event = self.done.get(slot)
+        if event is not None:
+            event.synchronize()
+
+    def finish(self) -> None:
+        self.stream.synchronize()
+
+
 def stream_into(
     path: str,
     dests: Sequence[torch.Tensor],
@@ -212,6 +256,7 @@ def stream_into(
     chunk_bytes: int = RING_BYTES // RING_SLOTS,
     slots: int = RING_SLOTS,
     pin: bool = True,
+    copies: DeviceCopies | None = None,
 ) -> StreamStats:
     """Like ``read_into`` for tensors on any device, through a bounded ring of host buffers."""
     ranges = _byte_ranges(dests, offsets)
@@ -221,43 +266,39 @@ def stream_into(
         return stats
     device = next(t.device for t in dests if t.numel())
     cuda = device.type == "cuda"
+    if copies is None:
+        copies = CudaCopies(device) if cuda else DeviceCopies()
     slots = max(1, min(slots, len(chunks)))
     ring, stats.pinned = _staging(slots, max(c.length for c in chunks), pin and cuda)
     stats.staging_bytes = sum(t.numel() for t in ring)
     ring_views = [memoryview(t.numpy()) for t in ring]
     targets = [_byte_view(t) if t.numel() else t for t in dests]
-    stream = torch.cuda.Stream(device) if cuda else None
-    # done[slot]: the device has finished reading that slot, so it may be refilled.
-    done: list[torch.cuda.Event | None] = [None] * slots
     fd = _open_for_reading(path)
+
+    def read(i: int) -> None:
+        slot = i % slots
+        copies.wait(slot)  # its previous chunk's copies must have left the buffer
+        chunk = chunks[i]
+        _preadv_full(fd, [ring_views[slot][: chunk.length]], chunk.file_offset, path)
+
     try:
         with ThreadPoolExecutor(slots) as pool:
-
-            def read(i: int) -> None:
-                slot = i % slots
-                event = done[slot]
-                if event is not None:
-                    event.synchronize()
-                chunk = chunks[i]
-                _preadv_full(fd, [ring_views[slot][: chunk.length]], chunk.file_offset, path)
-
             pending = {i: pool.submit(read, i) for i in range(slots)}
             for i, chunk in enumerate(chunks):
                 pending.pop(i).result()
                 slot = i % slots
                 buffer = ring[slot]
-                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    for p in chunk.pieces:
-                        src = buffer[p.chunk_offset : p.chunk_offset + p.length]
-                        dest = targets[p.index][p.dest_offset : p.dest_offset + p.length]
-                        dest.copy_(src, non_blocking=stream is not None)
-                    if stream is not None:
-                        done[slot] = torch.cuda.Event()
-                        done[slot].record(stream)
+                pairs = [
+                    (
+                        targets[p.index][p.dest_offset : p.dest_offset + p.length],
+                        buffer[p.chunk_offset : p.chunk_offset + p.length],
+                    )
+                    for p in chunk.pieces
+                ]
+                copies.send(slot, pairs)
                 if i + slots < len(chunks):
                     pending[i + slots] = pool.submit(read, i + slots)
     finally:
-        if stream is not None:
-            stream.synchronize()
+        copies.finish()
         os.close(fd)
     return stats

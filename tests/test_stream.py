@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -147,6 +150,44 @@ def test_without_preadv_uses_positioned_reads(tmp_path, monkeypatch):
     path = mixed_file(tmp_path)
     monkeypatch.delattr(os, "preadv")
     assert_same_tensors(load_with(read_into, path, chunk_bytes=50, threads=4), load_file(str(path)))
+
+
+class LateCopies(_stream.DeviceCopies):
+    """Copies that land later, on another thread, as a GPU runs them after the host moves on."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        self.landed: dict[int, threading.Event] = {}
+        self.worker = threading.Thread(target=self._run, daemon=True)
+        self.worker.start()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            pairs, landed = job
+            time.sleep(0.002)  # long enough for a reader to refill the slot if allowed
+            for dest, src in pairs:
+                dest.copy_(src)
+            landed.set()
+
+    def send(self, slot, pairs):
+        self.landed[slot] = threading.Event()
+        self.jobs.put((pairs, self.landed[slot]))
+
+    def wait(self, slot):
+        if slot in self.landed:
+            self.landed[slot].wait()
+
+    def finish(self):
+        self.jobs.put(None)
+        self.worker.join()
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_ring_waits_for_late_copies_before_refilling_and_returning(tmp_path, slots):
+    """The ring's protocol with asynchronous copies, which a CPU run never has otherwise."""
+    path = mixed_file(tmp_path)
+    ours = load_with(stream_into, path, chunk_bytes=64, slots=slots, copies=LateCopies())
+    assert_same_tensors(ours, load_file(str(path)))
 
 
 def test_more_pieces_than_the_iovec_limit(tmp_path, monkeypatch):
