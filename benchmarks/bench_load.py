@@ -15,7 +15,8 @@ load call timed (imports excluded), hot (file in page cache) and cold
 
 ``--device cuda`` instead times hot loads to the GPU: upstream's loader, the
 cache hit (its transfer phase in GB/s), ``safetensors.torch.load_file(sibling,
-device="cuda")`` and pinned host-to-device copies of the same bytes (the floor).
+device="cuda")`` and pinned host-to-device copies of the same bytes (the floor),
+then sweeps the staging ring's shape (slots x chunk size) to say what to tune.
 
 Peak RssAnon is sampled from /proc/self/status every 2 ms (``ru_maxrss``
 counts mapped file pages and misleads). Prints medians and the ratios of the
@@ -50,6 +51,9 @@ DISK_MARGIN = 1.15
 # 4.6 GB cat took 1.6-1.8 s at once and 4.4-4.7 s after 6 s. Every cold figure
 # (loads and cat alike) waits this long after the drop, so they compare fairly.
 COLD_SETTLE_S = 8.0
+# Ring shapes (slots, MB per slot) the --device cuda sweep tries, all within the
+# 512 MB staging goal; the library's default is RING_SLOTS x RING_BYTES / RING_SLOTS.
+RING_SWEEP = [(2, 128), (4, 64), (8, 32), (16, 16), (4, 32), (8, 16), (16, 8), (8, 64)]
 GOALS = {
     "hit (load+touch) / cat, hot": ("<=", 1.3),
     "upstream / hit (load+touch), hot": (">=", 30.0),
@@ -113,6 +117,55 @@ def pinned_h2d(nbytes: int) -> dict:
     return {"seconds": time.perf_counter() - started, "bytes": nbytes}
 
 
+def ring_sweep(path: str, device: str) -> dict:
+    """Each ring shape's GB/s into tensors already on ``device``, and with reads alone.
+
+    Destinations are allocated once, outside the clock, so this isolates the
+    ring: reads into staging plus copies out of it. "reads only" drops the
+    copies, which says whether the disk side or the copy side is the limit.
+    """
+    import torch
+
+    from sa3loader._format import read_header
+    from sa3loader._stream import DeviceCopies, stream_into
+    from sa3loader._tensors import TORCH_DTYPES
+
+    class ReadsOnly(DeviceCopies):
+        def send(self, slot: int, pairs: list) -> None:
+            pass
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    out: dict = {}
+    started = time.perf_counter()  # the first pinned allocation, before any is cached
+    torch.empty(256 * 1024 * 1024, dtype=torch.uint8, pin_memory=device == "cuda")
+    out["first 256 MB staging allocation s"] = time.perf_counter() - started
+    header = read_header(path)
+    dests = [torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device=device) for e in header.entries]
+    offsets = [header.data_start + e.begin for e in header.entries]
+    nbytes = sum(e.nbytes for e in header.entries)
+    shapes = []
+    for slots, chunk_mb in RING_SWEEP:
+        row: dict = {"slots": slots, "chunk MB": chunk_mb}
+        for name, copies in (("GB/s", None), ("reads only GB/s", ReadsOnly())):
+            times = []
+            for _ in range(3):
+                sync()
+                started = time.perf_counter()
+                stream_into(path, dests, offsets, chunk_bytes=chunk_mb << 20, slots=slots, copies=copies)
+                sync()
+                times.append(time.perf_counter() - started)
+            row[name] = nbytes / statistics.median(times) / 1e9
+        shapes.append(row)
+    out["ring"] = shapes
+    if device == "cuda":
+        floor = pinned_h2d(nbytes)
+        out["pinned H2D GB/s"] = floor["bytes"] / floor["seconds"] / 1e9
+    return out
+
+
 def model_config(scale: float) -> dict:
     root = find_upstream()
     config = json.loads((root / "configs" / "sa3_medium_model_config.json").read_text())
@@ -141,8 +194,12 @@ def child(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
     if args.drop:  # after the imports, so the timed load starts as cold as cat does
         settle_cold([Path(p) for p in args.drop.split(",")])
-    if args.child == "h2d":
-        out.update(pinned_h2d(Path(args.ckpt).stat().st_size))
+    if args.child in ("h2d", "ring"):
+        out.update(
+            pinned_h2d(Path(args.ckpt).stat().st_size)
+            if args.child == "h2d"
+            else ring_sweep(args.ckpt, device)
+        )
         print("RESULT " + json.dumps(out))
         return
     with PeakSampler() as sampler:
@@ -421,6 +478,18 @@ def measure_cuda(args: argparse.Namespace, ckpt: Path, sibling: Path, cache: Pat
         "load_file to GPU / hit to GPU": med["safetensors load_file(sibling, cuda) s"] / med["hit to GPU s"],
         "staging host memory (MB)": max(m["staging host memory (MB)"]),
     })  # fmt: skip
+    print_ring_sweep(run_child("ring", args, sibling, cache))
+
+
+def print_ring_sweep(r: dict) -> None:
+    print(f"\nstaging ring sweep (hot sibling, destinations preallocated; medians of 3); "
+          f"first 256 MB staging allocation {r['first 256 MB staging allocation s'] * 1e3:.0f} ms, "
+          f"pinned H2D {r.get('pinned H2D GB/s', float('nan')):.1f} GB/s")  # fmt: skip
+    best = max(r["ring"], key=lambda row: row["GB/s"])
+    for row in r["ring"]:
+        mark = "  <- best" if row is best else ""
+        print(f"  {row['slots']:3d} slots x {row['chunk MB']:4d} MB  {row['GB/s']:7.2f} GB/s  "
+              f"reads only {row['reads only GB/s']:7.2f} GB/s{mark}")  # fmt: skip
 
 
 def main() -> None:
