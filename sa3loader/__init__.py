@@ -15,6 +15,7 @@ from .errors import (
     LockTimeoutError,
     OutputExistsError,
     Sa3LoaderError,
+    TruncatedFileError,
     UpstreamNotFoundError,
     VerificationError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "LockTimeoutError",
     "OutputExistsError",
     "Sa3LoaderError",
+    "TruncatedFileError",
     "UpstreamNotFoundError",
     "VerificationError",
     "install",

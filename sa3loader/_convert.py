@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._format import Header, TensorEntry, layout, read_exact, read_header
+from ._stream import preadv_exact
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -187,7 +188,8 @@ def _stream_tensors(
             remaining = entry.nbytes
             while remaining:
                 step = min(remaining, len(in_buf))
-                _write_all(out_fd, read_exact(src_fd, offset, step, header.path))
+                preadv_exact(src_fd, [memoryview(in_buf)[:step]], offset, header.path)
+                _write_all(out_fd, memoryview(in_buf)[:step])
                 offset += step
                 remaining -= step
                 bar.update(step)
@@ -195,10 +197,7 @@ def _stream_tensors(
         remaining = entry.numel
         while remaining:
             n = min(remaining, CHUNK_ELEMENTS)
-            view = memoryview(in_buf)[: n * 4]
-            got = os.preadv(src_fd, [view], offset)
-            if got != n * 4:
-                view[got:] = read_exact(src_fd, offset + got, n * 4 - got, header.path)
+            preadv_exact(src_fd, [memoryview(in_buf)[: n * 4]], offset, header.path)
             src, dst = in_f32[:n], out_f16[:n]
             dst.copy_(src)
             _count_range(src, dst, counts)

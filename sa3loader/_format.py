@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CheckpointIsADirectoryError, CheckpointNotFoundError, HeaderError
+from .errors import CheckpointIsADirectoryError, CheckpointNotFoundError, HeaderError, TruncatedFileError
 
 HEADER_LENGTH_BYTES = 8
 # safetensors refuses headers above 100 MB; so do we, before reading them.
@@ -149,7 +149,7 @@ def read_exact(fd: int, offset: int, length: int, path: str) -> bytes:
     while remaining:
         chunk = os.pread(fd, remaining, offset)
         if not chunk:
-            raise HeaderError(f"{path}: file ends early (truncated at byte {offset})")
+            raise TruncatedFileError(f"{path}: file ends early (truncated at byte {offset})")
         chunks.append(chunk)
         offset += len(chunk)
         remaining -= len(chunk)

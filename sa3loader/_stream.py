@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import TruncatedFileError
+
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -101,8 +103,11 @@ def _open_for_reading(path: str) -> int:
     return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
 
 
-def _preadv_full(fd: int, views: list[memoryview], offset: int, path: str) -> None:
-    """Fill every view from ``offset`` on, across short reads and the iovec limit."""
+def preadv_exact(fd: int, views: list[memoryview], offset: int, path: str) -> None:
+    """Fill every view from ``offset`` on, across short reads and the iovec limit.
+
+    A file that ends first raises ``TruncatedFileError`` (a ``HeaderError`` and an ``EOFError``).
+    """
     views = [v for v in views if len(v)]
     while views:
         batch = views[:_IOV_MAX]
@@ -111,7 +116,7 @@ def _preadv_full(fd: int, views: list[memoryview], offset: int, path: str) -> No
         else:  # Windows: no preadv, no pread
             got = _read_at(fd, batch[0], offset)
         if got == 0:
-            raise EOFError(f"{path}: file ended at byte {offset} while more data was expected")
+            raise TruncatedFileError(f"{path}: file ends early (truncated at byte {offset})")
         offset += got
         while got:
             if got >= len(views[0]):
@@ -170,7 +175,7 @@ def read_into(
         if chunk.length > sum(p.length for p in chunk.pieces) and not hasattr(local, "scratch"):
             local.scratch = memoryview(bytearray(MAX_GAP_BYTES))
         targets = _chunk_views(chunk, views, getattr(local, "scratch", None))
-        _preadv_full(fd, targets, chunk.file_offset, path)
+        preadv_exact(fd, targets, chunk.file_offset, path)
 
     try:
         if len(chunks) <= 1:  # one tensor, say: not worth starting threads
@@ -279,7 +284,7 @@ def stream_into(
         slot = i % slots
         copies.wait(slot)  # its previous chunk's copies must have left the buffer
         chunk = chunks[i]
-        _preadv_full(fd, [ring_views[slot][: chunk.length]], chunk.file_offset, path)
+        preadv_exact(fd, [ring_views[slot][: chunk.length]], chunk.file_offset, path)
 
     try:
         with ThreadPoolExecutor(slots) as pool:

@@ -15,6 +15,10 @@ class HeaderError(Sa3LoaderError, ValueError):
     """A safetensors header is malformed, truncated or hostile."""
 
 
+class TruncatedFileError(HeaderError, EOFError):
+    """A file ended before the bytes its header promised (truncated, or shrunk while read)."""
+
+
 class CheckpointNotFoundError(Sa3LoaderError, FileNotFoundError):
     """The checkpoint path does not exist."""
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sa3loader import _convert
+from sa3loader import TruncatedFileError, _convert
 from sa3loader._format import read_header
 from sa3loader._sibling import resolve_sibling
 
@@ -66,6 +66,21 @@ def test_sibling_equals_save_file_of_converted_tensors(tmp_path, chunk):
     f32 = [v for v in tensors.values() if v.dtype == torch.float32]
     assert result.overflow_to_inf == sum(int((v.half().isinf() & v.isfinite()).sum()) for v in f32) == 2
     assert result.flushed_to_zero == sum(int(((v.half() == 0) & (v != 0)).sum()) for v in f32) >= 1
+
+
+@pytest.mark.parametrize("inside", ["F32", "BF16"])
+def test_source_shrinking_during_conversion_fails_typed_and_leaves_nothing(tmp_path, chunk, inside):
+    src = tmp_path / "model.safetensors"
+    save_file(source_tensors(), str(src))
+    header = read_header(src)
+    entry = next(e for e in header.entries if e.dtype == inside)
+    os.truncate(src, header.data_start + entry.end - 1)  # after the header was read
+    with pytest.raises(TruncatedFileError, match="model.safetensors") as err:
+        _convert.convert(
+            header, str(tmp_path / "out.safetensors"), _convert.sibling_metadata(header, IDENTITY, "fp")
+        )
+    assert isinstance(err.value, ValueError) and isinstance(err.value, EOFError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
 def test_only_float32_changes_and_fp16_is_exact_cast(tmp_path):

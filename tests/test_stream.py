@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from sa3loader import _stream
+from sa3loader import TruncatedFileError, _stream
 from sa3loader._format import read_header
 from sa3loader._stream import MAX_GAP_BYTES, plan_chunks, read_into, stream_into
 from sa3loader._tensors import TORCH_DTYPES
@@ -205,8 +205,10 @@ def test_truncated_file_raises(tmp_path):
     dest = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
     with open(path, "r+b") as f:
         f.truncate(header.data_start + entry.end - 1)
-    with pytest.raises(EOFError, match="mixed.safetensors"):
-        read_into(str(path), [dest], [header.data_start + entry.begin])
+    for reader in (read_into, stream_into):
+        with pytest.raises(TruncatedFileError, match="mixed.safetensors") as err:
+            reader(str(path), [dest], [header.data_start + entry.begin])
+        assert isinstance(err.value, EOFError) and isinstance(err.value, ValueError)
 
 
 def test_staging_is_bounded_and_falls_back_to_pageable(tmp_path):
