@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import struct
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 from conftest import bits
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from late_copies import LateCopies
 from safetensors.torch import load_file, save_file
 
 from sa3loader import TruncatedFileError, _stream
@@ -150,36 +148,6 @@ def test_without_preadv_uses_positioned_reads(tmp_path, monkeypatch):
     path = mixed_file(tmp_path)
     monkeypatch.delattr(os, "preadv")
     assert_same_tensors(load_with(read_into, path, chunk_bytes=50, threads=4), load_file(str(path)))
-
-
-class LateCopies(_stream.DeviceCopies):
-    """Copies that land later, on another thread, as a GPU runs them after the host moves on."""
-
-    def __init__(self) -> None:
-        self.jobs: queue.Queue = queue.Queue()
-        self.landed: dict[int, threading.Event] = {}
-        self.worker = threading.Thread(target=self._run, daemon=True)
-        self.worker.start()
-
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            pairs, landed = job
-            time.sleep(0.002)  # long enough for a reader to refill the slot if allowed
-            for dest, src in pairs:
-                dest.copy_(src)
-            landed.set()
-
-    def send(self, slot, pairs):
-        self.landed[slot] = threading.Event()
-        self.jobs.put((pairs, self.landed[slot]))
-
-    def wait(self, slot):
-        if slot in self.landed:
-            self.landed[slot].wait()
-
-    def finish(self):
-        self.jobs.put(None)
-        self.worker.join()
 
 
 @pytest.mark.parametrize("slots", [1, 2, 3])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from checkpoints import first_key, random_like_state, save
 from conftest import assert_same_model
+from late_copies import LateCopies
 
 import sa3loader
 from sa3loader._stream import RING_BYTES
@@ -137,14 +138,23 @@ def test_default_factory_is_upstream(upstream, tmp_path):
     assert_same_model(model, ref)
 
 
+@pytest.mark.parametrize("copies", ["in-order", "late"])
 @pytest.mark.parametrize("half", [True, False], ids=["half", "fp32"])
-def test_device_streaming_path_on_the_cpu(upstream, tmp_path, half, monkeypatch):
+def test_device_streaming_path_on_the_cpu(upstream, tmp_path, half, copies, monkeypatch):
     """The path every non-CPU device takes (staging ring, device casts, NaN recast), run
-    on the CPU so that CI covers it: it must give upstream's model all the same."""
-    from sa3loader import _values, loader
+    on the CPU so that CI covers it: it must give upstream's model all the same. "late":
+    small ring slots whose copies land later on another thread, as a GPU's do."""
+    from sa3loader import _stream, _values, loader
 
     monkeypatch.setattr(_values, "streams_to", lambda device: True)
     monkeypatch.setattr(loader, "streams_to", lambda device: True)
+    if copies == "late":
+
+        def late_ring(path, dests, offsets):
+            chunk = max(4096, sum(t.nbytes for t in dests) // 64)  # dozens of refills per slot
+            return _stream.stream_into(path, dests, offsets, chunk_bytes=chunk, slots=2, copies=LateCopies())
+
+        monkeypatch.setattr(_values, "stream_into", late_ring)
     path = tricky_checkpoint(upstream, tmp_path, complete=True)
     ref = upstream_model(upstream, upstream.tiny_config, path, half)
     for _ in range(2 if half else 1):  # conversion, then cache hit
