@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._format import Header, TensorEntry, layout, read_exact, read_header
-from ._stream import preadv_exact
+from ._format import Header, TensorEntry, layout, preadv_exact, read_exact, read_header
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -257,7 +256,7 @@ def verify(source: Header, sibling: Header) -> None:
             while remaining:
                 n = min(remaining, step_items)
                 if entry.dtype == "F32":
-                    in_buf[: n * 4] = read_exact(src.fileno(), src_off, n * 4, source.path)
+                    preadv_exact(src.fileno(), [memoryview(in_buf)[: n * 4]], src_off, source.path)
                     out_f16[:n].copy_(in_f32[:n])
                     expected = bytes(out_buf[: n * 2])
                     src_off += n * 4

@@ -1,7 +1,8 @@
 """The safetensors file format: read and validate a header, lay out a new one.
 
-No torch here: parsing is pure Python over bytes read with plain ``os.pread``
-(never mmap: a file truncated under a mapping kills the reader with SIGBUS).
+No torch here: parsing is pure Python over bytes read with positioned reads
+(``preadv_exact``, which every reader in the package shares; never mmap: a file
+truncated under a mapping kills the reader with SIGBUS).
 Every check that safetensors itself makes is made here too, so that a hostile
 header fails with a :class:`HeaderError` naming the file before anything is
 allocated from the numbers it claims.
@@ -15,12 +16,15 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointIsADirectoryError, CheckpointNotFoundError, HeaderError, TruncatedFileError
 
 HEADER_LENGTH_BYTES = 8
+# preadv takes at most this many buffers per call.
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 1024
 # safetensors refuses headers above 100 MB; so do we, before reading them.
 MAX_HEADER_BYTES = 100_000_000
 # save_file pads the JSON header with spaces to this alignment.
@@ -142,18 +146,50 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     return parse_header(raw, path=path, file_size=file_size)
 
 
-def read_exact(fd: int, offset: int, length: int, path: str) -> bytes:
-    """``pread`` exactly ``length`` bytes or raise: a short read means truncation."""
-    chunks = []
-    remaining = length
-    while remaining:
-        chunk = os.pread(fd, remaining, offset)
-        if not chunk:
+def read_exact(fd: int, offset: int, length: int, path: str) -> bytearray:
+    """Exactly ``length`` bytes at ``offset``, or ``TruncatedFileError``."""
+    data = bytearray(length)
+    preadv_exact(fd, [memoryview(data)], offset, path)
+    return data
+
+
+def preadv_exact(fd: int, views: list[memoryview], offset: int, path: str) -> None:
+    """Fill every view from ``offset`` on, across short reads and the iovec limit.
+
+    A file that ends first raises ``TruncatedFileError`` (a ``HeaderError`` and an ``EOFError``).
+    """
+    views = [v for v in views if len(v)]
+    while views:
+        batch = views[:_IOV_MAX]
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, batch, offset)
+        else:  # Windows: no preadv, no pread
+            got = _read_at(fd, batch[0], offset)
+        if got == 0:
             raise TruncatedFileError(f"{path}: file ends early (truncated at byte {offset})")
-        chunks.append(chunk)
-        offset += len(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+        offset += got
+        while got:
+            if got >= len(views[0]):
+                got -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][got:]
+                got = 0
+
+
+_read_lock = threading.Lock()
+
+
+def _read_at(fd: int, view: memoryview, offset: int) -> int:
+    with _read_lock:  # seek + read share the descriptor's position
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.readv(fd, [view]) if hasattr(os, "readv") else _readinto(fd, view)
+
+
+def _readinto(fd: int, view: memoryview) -> int:
+    data = os.read(fd, len(view))
+    view[: len(data)] = data
+    return len(data)
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import TruncatedFileError
+from ._format import preadv_exact
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ RING_SLOTS = min(8, max(2, (os.cpu_count() or 2) // 2))
 # Unused bytes between two wanted ranges are read through up to this size,
 # beyond it the chunk ends (so a skipped tensor is never read).
 MAX_GAP_BYTES = 1024 * 1024
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 @dataclass(frozen=True)
@@ -101,45 +100,6 @@ def _byte_ranges(dests: Sequence[torch.Tensor], offsets: Sequence[int]) -> list[
 
 def _open_for_reading(path: str) -> int:
     return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-
-
-def preadv_exact(fd: int, views: list[memoryview], offset: int, path: str) -> None:
-    """Fill every view from ``offset`` on, across short reads and the iovec limit.
-
-    A file that ends first raises ``TruncatedFileError`` (a ``HeaderError`` and an ``EOFError``).
-    """
-    views = [v for v in views if len(v)]
-    while views:
-        batch = views[:_IOV_MAX]
-        if hasattr(os, "preadv"):
-            got = os.preadv(fd, batch, offset)
-        else:  # Windows: no preadv, no pread
-            got = _read_at(fd, batch[0], offset)
-        if got == 0:
-            raise TruncatedFileError(f"{path}: file ends early (truncated at byte {offset})")
-        offset += got
-        while got:
-            if got >= len(views[0]):
-                got -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][got:]
-                got = 0
-
-
-_read_lock = threading.Lock()
-
-
-def _read_at(fd: int, view: memoryview, offset: int) -> int:
-    with _read_lock:  # seek + read share the descriptor's position
-        os.lseek(fd, offset, os.SEEK_SET)
-        return os.readv(fd, [view]) if hasattr(os, "readv") else _readinto(fd, view)
-
-
-def _readinto(fd: int, view: memoryview) -> int:
-    data = os.read(fd, len(view))
-    view[: len(data)] = data
-    return len(data)
 
 
 def _chunk_views(chunk: Chunk, dests: list[memoryview], scratch: memoryview | None) -> list[memoryview]:

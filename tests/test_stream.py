@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from late_copies import LateCopies
 from safetensors.torch import load_file, save_file
 
-from sa3loader import TruncatedFileError, _stream
+from sa3loader import TruncatedFileError, _format, _stream
 from sa3loader._format import read_header
 from sa3loader._stream import MAX_GAP_BYTES, plan_chunks, read_into, stream_into
 from sa3loader._tensors import TORCH_DTYPES
@@ -159,7 +159,7 @@ def test_ring_waits_for_late_copies_before_refilling_and_returning(tmp_path, slo
 
 
 def test_more_pieces_than_the_iovec_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(_stream, "_IOV_MAX", 3)
+    monkeypatch.setattr(_format, "_IOV_MAX", 3)
     tensors = {f"t{i:03d}": torch.full((i % 5,), float(i)) for i in range(50)}
     path = tmp_path / "many.safetensors"
     save_file(tensors, str(path))
