@@ -26,10 +26,11 @@ SIBLING_SAFE_DTYPES = {torch.float16, torch.float32, torch.float64}
 _CPU = torch.device("cpu")
 IO_ENV = "SA3LOADER_IO"
 IO_MODES = ("mmap", "read")
-# Measured with benchmarks/bench_load.py (4.6 GB sibling, virtual disk): the
-# mapping, faulted in on 4 threads, took 2.07 s cold and 0.19 s hot; parallel
-# reads into fresh tensors 4.01 s and 1.46 s, as they also fault in and zero
-# anonymous pages. "read" stays for where mappings are unreliable.
+# Measured with benchmarks/bench_load.py (4.6 GB sibling, virtual disk, load
+# plus touch, medians of 3): the mapping, faulted in on 4 threads, took 2.30 s
+# cold and 0.23 s hot; parallel reads into fresh tensors 3.97 s and 1.34 s, as
+# they also fault in and zero anonymous pages. "read" stays for where mappings
+# are unreliable.
 DEFAULT_IO = "mmap"
 
 
