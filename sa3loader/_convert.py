@@ -186,9 +186,10 @@ def _stream_tensors(
         if entry.dtype != "F32":
             remaining = entry.nbytes
             while remaining:
-                step = min(remaining, len(in_buf))
-                preadv_exact(src_fd, [memoryview(in_buf)[:step]], offset, header.path)
-                _write_all(out_fd, memoryview(in_buf)[:step])
+                piece = memoryview(in_buf)[: min(remaining, len(in_buf))]
+                preadv_exact(src_fd, [piece], offset, header.path)
+                _write_all(out_fd, piece)
+                step = len(piece)
                 offset += step
                 remaining -= step
                 bar.update(step)

@@ -201,7 +201,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
+def parse_header(raw: bytes | bytearray, *, path: str, file_size: int) -> Header:
     """Validate header bytes against the file size; pure, no I/O."""
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
