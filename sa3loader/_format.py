@@ -1,8 +1,8 @@
 """The safetensors file format: read and validate a header, lay out a new one.
 
 No torch here: parsing is pure Python over bytes read with positioned reads
-(``preadv_exact``, which every reader in the package shares; never mmap: a file
-truncated under a mapping kills the reader with SIGBUS).
+(``preadv_exact``, which header, tensor and conversion reads share; never mmap:
+a file truncated under a mapping kills the reader with SIGBUS).
 Every check that safetensors itself makes is made here too, so that a hostile
 header fails with a :class:`HeaderError` naming the file before anything is
 allocated from the numbers it claims.
