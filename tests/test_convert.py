@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,10 +140,10 @@ def test_converting_a_sibling_again_changes_nothing(tmp_path):
     src = tmp_path / "model.safetensors"
     save_file(source_tensors(), str(src))
     first = resolve_sibling(read_header(src), str(tmp_path / "cache"))
-    raw = open(first.sibling.path, "rb").read()
+    raw = Path(first.sibling.path).read_bytes()
     again = resolve_sibling(read_header(first.sibling.path), str(tmp_path / "cache"))
     assert again.converted is None and again.sibling is None
-    assert open(first.sibling.path, "rb").read() == raw
+    assert Path(first.sibling.path).read_bytes() == raw
     second = resolve_sibling(read_header(src), str(tmp_path / "cache"))
     assert second.converted is None and second.sibling.path == first.sibling.path
 
