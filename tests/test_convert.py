@@ -148,17 +148,19 @@ def test_converting_a_sibling_again_changes_nothing(tmp_path):
     assert second.converted is None and second.sibling.path == first.sibling.path
 
 
-def test_verify_accepts_a_true_sibling_and_catches_a_data_flip(tmp_path):
+@pytest.mark.parametrize("flipped", [k for k, v in source_tensors().items() if v.numel()])
+def test_verify_accepts_a_true_sibling_and_catches_a_data_flip(tmp_path, chunk, flipped):
     src = tmp_path / "model.safetensors"
     save_file(source_tensors(), str(src))
     outcome = resolve_sibling(read_header(src), str(tmp_path / "cache"))
     _convert.verify(read_header(src), outcome.sibling)
-    with open(outcome.sibling.path, "r+b") as f:
-        f.seek(-3, os.SEEK_END)
+    entry = outcome.sibling.by_name[flipped]
+    with open(outcome.sibling.path, "r+b") as f:  # the tensor's last byte, past any first chunk
+        f.seek(outcome.sibling.data_start + entry.end - 1)
         byte = f.read(1)
-        f.seek(-3, os.SEEK_END)
+        f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
     from sa3loader import VerificationError
 
-    with pytest.raises(VerificationError):
+    with pytest.raises(VerificationError, match=repr(flipped)):
         _convert.verify(read_header(src), read_header(outcome.sibling.path))
