@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +168,36 @@ def convert(header: Header, dest: str, metadata: dict[str, str]) -> ConversionRe
     return ConversionResult(dest, total, header_sha, counts["inf"], counts["zero"], seconds)
 
 
+def _sibling_pieces(
+    header: Header, entries: Iterable[TensorEntry], fd: int
+) -> Iterator[tuple[TensorEntry, memoryview, tuple[torch.Tensor, torch.Tensor] | None]]:
+    """Each entry's sibling bytes, in order, one bounded piece at a time.
+
+    F32 pieces come cast to fp16, with the (fp32, fp16) pair for the range
+    report; any other dtype as read. The buffers are reused: use each piece
+    before asking for the next.
+    """
+    raw = bytearray(CHUNK_ELEMENTS * 4)
+    half = bytearray(CHUNK_ELEMENTS * 2)
+    raw_f32 = torch.frombuffer(raw, dtype=torch.float32)
+    half_f16 = torch.frombuffer(half, dtype=torch.float16)
+    for entry in entries:
+        offset = header.data_start + entry.begin
+        remaining = entry.nbytes
+        while remaining:
+            piece = memoryview(raw)[: min(remaining, len(raw))]
+            preadv_exact(fd, [piece], offset, header.path)
+            offset += len(piece)
+            remaining -= len(piece)
+            if entry.dtype != "F32":
+                yield entry, piece, None
+                continue
+            n = len(piece) // 4
+            src, dst = raw_f32[:n], half_f16[:n]
+            dst.copy_(src)
+            yield entry, memoryview(half)[: n * 2], (src, dst)
+
+
 def _stream_tensors(
     header: Header,
     out_entries: list[TensorEntry],
@@ -176,35 +206,12 @@ def _stream_tensors(
     counts: dict[str, int],
     bar: Any,
 ) -> None:
-    in_buf = bytearray(CHUNK_ELEMENTS * 4)
-    out_buf = bytearray(CHUNK_ELEMENTS * 2)
-    in_f32 = torch.frombuffer(in_buf, dtype=torch.float32)
-    out_f16 = torch.frombuffer(out_buf, dtype=torch.float16)
-    for out in out_entries:
-        entry = header.by_name[out.name]
-        offset = header.data_start + entry.begin
-        if entry.dtype != "F32":
-            remaining = entry.nbytes
-            while remaining:
-                piece = memoryview(in_buf)[: min(remaining, len(in_buf))]
-                preadv_exact(src_fd, [piece], offset, header.path)
-                _write_all(out_fd, piece)
-                step = len(piece)
-                offset += step
-                remaining -= step
-                bar.update(step)
-            continue
-        remaining = entry.numel
-        while remaining:
-            n = min(remaining, CHUNK_ELEMENTS)
-            preadv_exact(src_fd, [memoryview(in_buf)[: n * 4]], offset, header.path)
-            src, dst = in_f32[:n], out_f16[:n]
-            dst.copy_(src)
-            _count_range(src, dst, counts)
-            _write_all(out_fd, memoryview(out_buf)[: n * 2])
-            offset += n * 4
-            remaining -= n
-            bar.update(n * 2)
+    entries = [header.by_name[out.name] for out in out_entries]  # the sibling's order
+    for _, piece, cast in _sibling_pieces(header, entries, src_fd):
+        if cast is not None:
+            _count_range(*cast, counts)
+        _write_all(out_fd, piece)
+        bar.update(len(piece))
 
 
 def _count_range(src: torch.Tensor, dst: torch.Tensor, counts: dict[str, int]) -> None:
@@ -243,31 +250,12 @@ def _unlink_quietly(path: str) -> None:
 
 def verify(source: Header, sibling: Header) -> None:
     """Full content check: every sibling byte equals fp16(source) (reads both files)."""
-    in_buf = bytearray(CHUNK_ELEMENTS * 4)
-    out_buf = bytearray(CHUNK_ELEMENTS * 2)
-    in_f32 = torch.frombuffer(in_buf, dtype=torch.float32)
-    out_f16 = torch.frombuffer(out_buf, dtype=torch.float16)
+    at = {e.name: sibling.data_start + sibling.by_name[e.name].begin for e in source.entries}
     with open(source.path, "rb", buffering=0) as src, open(sibling.path, "rb", buffering=0) as sib:
-        for entry in source.entries:
-            other = sibling.by_name[entry.name]
-            src_off = source.data_start + entry.begin
-            sib_off = sibling.data_start + other.begin
-            remaining = entry.numel if entry.dtype == "F32" else entry.nbytes
-            step_items = CHUNK_ELEMENTS if entry.dtype == "F32" else len(in_buf)
-            while remaining:
-                n = min(remaining, step_items)
-                if entry.dtype == "F32":
-                    preadv_exact(src.fileno(), [memoryview(in_buf)[: n * 4]], src_off, source.path)
-                    out_f16[:n].copy_(in_f32[:n])
-                    expected = bytes(out_buf[: n * 2])
-                    src_off += n * 4
-                else:
-                    expected = read_exact(src.fileno(), src_off, n, source.path)
-                    src_off += n
-                actual = read_exact(sib.fileno(), sib_off, len(expected), sibling.path)
-                sib_off += len(expected)
-                if actual != expected:
-                    raise VerificationError(
-                        f"{sibling.path}: tensor {entry.name!r} differs from fp16 of {source.path}"
-                    )
-                remaining -= n
+        for entry, expected, _ in _sibling_pieces(source, source.entries, src.fileno()):
+            actual = read_exact(sib.fileno(), at[entry.name], len(expected), sibling.path)
+            at[entry.name] += len(expected)
+            if actual != expected:
+                raise VerificationError(
+                    f"{sibling.path}: tensor {entry.name!r} differs from fp16 of {source.path}"
+                )
