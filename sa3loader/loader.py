@@ -169,15 +169,9 @@ def _build_fast(
         g_key, v_key = f"{prefix}.{hook.name}_g".lstrip("."), f"{prefix}.{hook.name}_v".lstrip(".")
         # The meta stand-in computed during the build tells whether upstream's had a graph.
         needs_grad = getattr(module, hook.name).requires_grad
-        g = (
-            values.tensor(values.source, assign[g_key])
-            .to(torch.float32, copy=True)
-            .requires_grad_(needs_grad)
-        )
-        v = (
-            values.tensor(values.source, assign[v_key])
-            .to(torch.float32, copy=True)
-            .requires_grad_(needs_grad)
+        g, v = (
+            values.tensor(values.source, assign[key]).to(torch.float32, copy=True).requires_grad_(needs_grad)
+            for key in (g_key, v_key)
         )
         with torch.set_grad_enabled(needs_grad):
             setattr(module, hook.name, torch._weight_norm(v, g, hook.dim))
