@@ -4,15 +4,27 @@ While active, every ``nn.Parameter`` registered (in this thread) is swapped for
 a meta-device stand-in, so the factory's random init of gigabytes of weights
 costs nothing. Only parameters are deferred: buffers, plain tensor
 attributes and objects outside the module tree are built as upstream builds
-them. Parameters registered while a ``load_state_dict`` runs (transformers
-loading the T5Gemma encoder with ``assign=True``, say) carry loaded values
-and are never deferred. The caller must then give every deferred parameter a real value, or
-throw the model away (``still_deferred`` tells which are left).
+them.
+
+A factory may run a loader of its own: SA3's ``t5gemma`` conditioner calls
+transformers' ``T5GemmaEncoderModel.from_pretrained`` in its constructor.
+What a loader registers carries loaded values, so it is never deferred:
+
+- anything registered while a function named ``from_pretrained`` is on the
+  call stack (the convention of transformers, diffusers, peft, timm: no
+  import of any of them needed), or while ``nn.Module.load_state_dict`` runs;
+- a parameter assigned over one already registered under that name: that is
+  how loaders place values (transformers' ``setattr`` of each loaded weight,
+  ``load_state_dict(assign=True)``), while construction registers new names.
+
+The caller must then give every deferred parameter a real value, or throw
+the model away (``still_deferred`` tells which are left).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -27,6 +39,7 @@ _build_lock = threading.Lock()
 _state = threading.local()
 _original_register = nn.Module.register_parameter
 _original_load_state_dict = nn.Module.load_state_dict
+LOADER_FUNCTION_NAMES = frozenset({"from_pretrained"})
 
 
 class DeferredParameters:
@@ -48,10 +61,27 @@ class DeferredParameters:
         return left
 
 
+def _inside_loader_function() -> bool:
+    frame: Any = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name in LOADER_FUNCTION_NAMES:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _constructing(module: nn.Module, name: str) -> bool:
+    """Whether this registration builds a new parameter (defer it) rather than loads one."""
+    if getattr(_state, "loading", 0):
+        return False
+    if module._parameters.get(name) is not None:
+        return False  # a value assigned over a registered parameter
+    return not _inside_loader_function()
+
+
 def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
     recorder: DeferredParameters | None = getattr(_state, "recorder", None)
-    loading = getattr(_state, "loading", 0)
-    if recorder is not None and not loading and type(param) is nn.Parameter:
+    if recorder is not None and type(param) is nn.Parameter and _constructing(self, name):
         # Parameters derived from deferred ones (weight_norm's g and v) are meta already.
         if param.device != _META:
             param = nn.Parameter(torch.empty_like(param, device=_META), requires_grad=param.requires_grad)

@@ -117,3 +117,27 @@ def test_nan_tensors_are_cast_again_from_the_source(tmp_path):
     values._recast_nans_on_device(["nan", "plain"], stale, torch.device("cpu"))
     assert torch.equal(bits(stale[0]), bits(payload_nan.to(torch.float16)))
     assert torch.equal(stale[1], torch.zeros(2, dtype=torch.float16))  # no NaN: untouched
+
+
+@pytest.mark.parametrize("style", ["load_state_dict", "assign", "from_pretrained"])
+def test_encoder_loaded_inside_the_factory_keeps_the_fast_build(tmp_path, style):
+    """What a nested loader registers carries loaded values: never deferred, loaded once."""
+    from toymodel import OutsideEncoder
+
+    config = {"encoder_style": style}
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(config), seed=1), tmp_path / "model.safetensors")
+    calls = []
+    factory = lambda cfg: calls.append(cfg) or build(cfg)  # noqa: E731
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(config, ckpt, "cpu", True, cache_dir=tmp_path / "c",
+                                          model_factory=factory)  # fmt: skip
+    assert (sa3loader.last_load_info().build, sa3loader.last_load_info().fallback) == ("fast", None)
+    assert len(calls) == 1
+    encoder = model.conditioner.encoder
+    assert isinstance(encoder, OutsideEncoder) and "encoder" not in model.conditioner._modules
+    torch.manual_seed(0)
+    ref = build(config)
+    ref.load_state_dict(load_file(str(ckpt)), strict=False)
+    assert_same_model(model, ref.eval().requires_grad_(False).half())
+    assert encoder.embed.weight.dtype == torch.bfloat16 and not encoder.embed.weight.is_meta

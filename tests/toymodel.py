@@ -21,27 +21,61 @@ class Rope(nn.Module):
         self.register_buffer("scale", torch.linspace(0.5, 1.5, dim), persistent=False)
 
 
-class OutsideEncoder(nn.Module):
-    """Loaded the way transformers loads T5Gemma: built on meta, weights assigned."""
+def encoder_weights() -> dict[str, torch.Tensor]:
+    return {
+        "embed.weight": torch.linspace(-1, 1, 32).reshape(8, 4).to(torch.bfloat16),
+        "embed.bias": torch.linspace(0, 1, 8).to(torch.bfloat16),
+    }
 
-    def __init__(self) -> None:
+
+class OutsideEncoder(nn.Module):
+    """A text encoder loaded by a nested loader, three ways (``style``):
+
+    - "load_state_dict": built on meta, then ``load_state_dict(assign=True)``;
+    - "assign": built on meta, each weight assigned with ``setattr`` by a plain
+      function, as transformers 5 places what it loads;
+    - "from_pretrained": built with real init inside a ``from_pretrained`` that
+      copies the weights in place, as older loaders do.
+    """
+
+    def __init__(self, on_meta: bool = True) -> None:
         super().__init__()
-        with torch.device("meta"):
+        with torch.device("meta" if on_meta else "cpu"):
             self.embed = nn.Linear(4, 8, dtype=torch.bfloat16)
-        weights = {
-            "embed.weight": torch.linspace(-1, 1, 32).reshape(8, 4).to(torch.bfloat16),
-            "embed.bias": torch.linspace(0, 1, 8).to(torch.bfloat16),
-        }
-        self.load_state_dict(weights, assign=True)
-        self.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls) -> OutsideEncoder:
+        encoder = cls(on_meta=False)
+        with torch.no_grad():
+            for name, value in encoder_weights().items():
+                encoder.get_parameter(name).copy_(value)
+        return encoder
+
+
+def place_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    for name, value in weights.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(owner), attr, nn.Parameter(value))
+
+
+def load_encoder(style: str) -> OutsideEncoder:
+    if style == "from_pretrained":
+        encoder = OutsideEncoder.from_pretrained()
+    elif style == "assign":
+        encoder = OutsideEncoder()
+        place_weights(encoder, encoder_weights())
+    else:
+        encoder = OutsideEncoder()
+        encoder.load_state_dict(encoder_weights(), assign=True)
+    return encoder.requires_grad_(False)
 
 
 class Conditioner(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, encoder_style: str = "load_state_dict") -> None:
         super().__init__()
         self.proj_out = nn.Linear(8, 16)
         self.padding_embedding = nn.Parameter(torch.randn(16) * 0.02)
-        self.__dict__["encoder"] = OutsideEncoder()  # not a submodule, like T5Gemma
+        self.__dict__["encoder"] = load_encoder(encoder_style)  # not a submodule, like T5Gemma
 
 
 class Block(nn.Module):
@@ -54,16 +88,19 @@ class Block(nn.Module):
 
 
 class ToyDiT(nn.Module):
-    def __init__(self, dim: int = 32, depth: int = 2) -> None:
+    def __init__(self, dim: int = 32, depth: int = 2, encoder_style: str = "load_state_dict") -> None:
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
         self.mapping = weight_norm(nn.Conv1d(dim, dim, 3))
         self.half_part = nn.Linear(dim, 4).to(torch.bfloat16)
         self.noise_scaling_factor = nn.Parameter(torch.zeros(1, 0, 1))
         self.register_buffer("step", torch.tensor([3], dtype=torch.int64))
-        self.conditioner = Conditioner()
+        self.conditioner = Conditioner(encoder_style)
 
 
 def build(config: dict | None = None) -> ToyDiT:
     config = config or {}
-    return ToyDiT(dim=config.get("dim", 32), depth=config.get("depth", 2))
+    return ToyDiT(
+        dim=config.get("dim", 32), depth=config.get("depth", 2),
+        encoder_style=config.get("encoder_style", "load_state_dict"),
+    )  # fmt: skip

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import os
 import sys
 import types
@@ -43,6 +44,9 @@ def install_torchaudio_standin() -> None:
 
     module = types.ModuleType("torchaudio")
     transforms = types.ModuleType("torchaudio.transforms")
+    # transformers asks importlib.util.find_spec, which needs a spec on a module in sys.modules.
+    module.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+    transforms.__spec__ = importlib.machinery.ModuleSpec("torchaudio.transforms", None)
     transforms.Resample = ResampleStandIn  # type: ignore[attr-defined]
     module.transforms = transforms  # type: ignore[attr-defined]
     sys.modules["torchaudio"] = module
