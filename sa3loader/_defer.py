@@ -23,11 +23,9 @@ the model away (``still_deferred`` tells which are left).
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -62,8 +60,10 @@ class DeferredParameters:
 
 
 def _inside_loader_function() -> bool:
+    """Whether a loader function runs between the ``with deferred_parameters()`` and here."""
     frame: Any = sys._getframe()
-    while frame is not None:
+    outer = getattr(_state, "outer_frame", None)
+    while frame is not None and frame is not outer:
         if frame.f_code.co_name in LOADER_FUNCTION_NAMES:
             return True
         frame = frame.f_back
@@ -99,16 +99,23 @@ def _load_state_dict_not_deferred(self: nn.Module, *args: Any, **kwargs: Any) ->
         _state.loading -= 1
 
 
-@contextlib.contextmanager
-def deferred_parameters() -> Iterator[DeferredParameters]:
-    recorder = DeferredParameters()
-    with _build_lock:
+class deferred_parameters:  # noqa: N801  (used as ``with deferred_parameters() as deferred:``)
+    """Defer parameters registered in this thread until exit; yields the ``DeferredParameters``."""
+
+    def __enter__(self) -> DeferredParameters:
+        _build_lock.acquire()
+        recorder = DeferredParameters()
         nn.Module.register_parameter = _register_deferred  # type: ignore[method-assign]
         nn.Module.load_state_dict = _load_state_dict_not_deferred  # type: ignore[method-assign]
         _state.recorder = recorder
-        try:
-            yield recorder
-        finally:
-            _state.recorder = None
-            nn.Module.register_parameter = _original_register  # type: ignore[method-assign]
-            nn.Module.load_state_dict = _original_load_state_dict  # type: ignore[method-assign]
+        # Only loaders called from inside the block count: the whole load may itself
+        # run inside one (upstream's ``StableAudioModel.from_pretrained``).
+        _state.outer_frame = sys._getframe(1)
+        return recorder
+
+    def __exit__(self, *exc: object) -> None:
+        _state.recorder = None
+        _state.outer_frame = None
+        nn.Module.register_parameter = _original_register  # type: ignore[method-assign]
+        nn.Module.load_state_dict = _original_load_state_dict  # type: ignore[method-assign]
+        _build_lock.release()

@@ -123,7 +123,8 @@ def load(loader: str, half: bool, cache: str) -> dict:
     if loader.startswith("sa3loader"):
         info = sa3loader.last_load_info()
         out["info"] = {"build": info.build, "fallback": info.fallback, "cache_hit": info.cache_hit,
-                       "converted": info.converted, "model_half": info.model_half}  # fmt: skip
+                       "converted": info.converted, "model_half": info.model_half,
+                       "bytes_read": info.bytes_read}  # fmt: skip
     return out
 
 

@@ -141,3 +141,19 @@ def test_encoder_loaded_inside_the_factory_keeps_the_fast_build(tmp_path, style)
     ref.load_state_dict(load_file(str(ckpt)), strict=False)
     assert_same_model(model, ref.eval().requires_grad_(False).half())
     assert encoder.embed.weight.dtype == torch.bfloat16 and not encoder.embed.weight.is_meta
+
+
+def test_a_load_called_from_a_from_pretrained_still_defers(tmp_path):
+    """Upstream's ``StableAudioModel.from_pretrained`` calls the loader: only loaders
+    running inside the factory keep their parameters, the DiT's are still placed."""
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+
+    def from_pretrained():
+        return sa3loader.load_diffusion_cond({}, ckpt, "cpu", False, model_factory=build)
+
+    from_pretrained()
+    info = sa3loader.last_load_info()
+    parameters = dict(build().named_parameters())
+    placed = sum(v.nbytes for k, v in load_file(str(ckpt)).items() if k in parameters)
+    assert (info.build, info.bytes_read) == ("fast", placed)
