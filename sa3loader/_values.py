@@ -11,6 +11,7 @@ mapped (default) or read; to other devices they are streamed.
 from __future__ import annotations
 
 import os
+import threading
 from collections import defaultdict
 
 import torch
@@ -56,6 +57,8 @@ class Values:
         self.half = half
         self.io = io
         self._maps: dict[str, MappedFile] = {}
+        self._early: dict[str, threading.Thread] = {}  # path -> thread faulting in its data
+        self._stop_early = threading.Event()
         self.bytes_read = 0
         self.read_seconds = 0.0
         self.staging_bytes = 0
@@ -67,9 +70,41 @@ class Values:
             out = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
             read_into(header.path, [out], [header.data_start + entry.begin])
             return out
+        return self._mapped(header).tensor(entry)
+
+    def _mapped(self, header: Header) -> MappedFile:
         if header.path not in self._maps:
             self._maps[header.path] = MappedFile(header)
-        return self._maps[header.path].tensor(entry)
+        return self._maps[header.path]
+
+    def prefetch_early(self, device: torch.device) -> None:
+        """Start faulting in the file most weights will come from, on a background thread.
+
+        Called before the factory runs: building the model (SA3's factory loads the
+        text encoder too) then overlaps with reading the DiT's weights. Only the
+        mapping is touched early; nothing is placed until the build asks.
+        """
+        if streams_to(device) or self.io != "mmap":
+            return
+        header = self.sibling if self.sibling is not None else self.source
+        entries = [e for e in header.entries if e.nbytes]
+        if not entries:
+            return
+        mapped = self._mapped(header)
+        offsets = [header.data_start + e.begin for e in entries]
+        thread = threading.Thread(
+            target=mapped.prefetch, args=(offsets, [e.nbytes for e in entries], self._stop_early),
+            daemon=True, name="sa3loader-prefetch",
+        )  # fmt: skip
+        thread.start()
+        self._early[header.path] = thread
+
+    def wait_for_prefetch(self, *, cancel: bool = False) -> None:
+        """Join the early prefetch; ``cancel`` first stops it where it is (a failed build)."""
+        if cancel:
+            self._stop_early.set()
+        for thread in self._early.values():
+            thread.join()
 
     def _as_is(self, name: str, model_dtype: torch.dtype) -> Header | None:
         """The file whose bytes are already the final value, if one is."""
@@ -121,7 +156,11 @@ class Values:
             if not streamed and self.io == "mmap":
                 for i, entry in zip(indices, entries, strict=True):
                     out[i] = self.tensor(header, entry.name)
-                self._maps[path].prefetch(offsets, [e.nbytes for e in entries])
+                early = self._early.get(path)
+                if early is not None:  # it faults in every tensor of the file
+                    early.join()
+                else:
+                    self._maps[path].prefetch(offsets, [e.nbytes for e in entries])
                 continue
             dests = [torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device=device) for e in entries]
             if not streamed:

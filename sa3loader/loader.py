@@ -305,7 +305,13 @@ def load_diffusion_cond(
 
     build_started = time.perf_counter()
     values = Values(source, outcome.sibling, bool(model_half), io)
-    model = _build(factory, model_config, source, values, target, info)
+    values.prefetch_early(target)
+    try:
+        model = _build(factory, model_config, source, values, target, info)
+    except BaseException:
+        values.wait_for_prefetch(cancel=True)
+        raise
+    values.wait_for_prefetch()
     _finish(model, target, bool(model_half))
     now = time.perf_counter()
     info.timings["build_s"] = now - build_started

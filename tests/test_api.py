@@ -157,3 +157,19 @@ def test_a_load_called_from_a_from_pretrained_still_defers(tmp_path):
     parameters = dict(build().named_parameters())
     placed = sum(v.nbytes for k, v in load_file(str(ckpt)).items() if k in parameters)
     assert (info.build, info.bytes_read) == ("fast", placed)
+
+
+def test_a_failing_factory_stops_the_early_prefetch(tmp_path):
+    """The sibling is faulted in while the factory runs; a factory error stops it and propagates."""
+    import threading
+
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+    sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
+
+    def broken(config):
+        raise RuntimeError("factory broke")
+
+    with pytest.raises(RuntimeError, match="factory broke"):
+        sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=broken)
+    assert not [t for t in threading.enumerate() if t.name == "sa3loader-prefetch"]
