@@ -1,17 +1,28 @@
-"""Benchmark: upstream's loader vs sa3loader on a synthetic full-size SA3 checkpoint.
+"""Benchmark: upstream's loader vs sa3loader on a synthetic full-size SA3 checkpoint,
+built and served the way the released models are: the real ``t5gemma`` conditioner
+loads a T5Gemma encoder at the released b-b size with transformers, from an offline
+Hugging Face hub cache (``tests/hub_fixture.py``), inside the factory.
 
-    python benchmarks/bench_load.py [--layout ../shared/layouts/sa3_medium_layout.json] [--scale 1.0]
+    python benchmarks/bench_load.py [--model medium|small-music] [--scale 1.0] [--runs 3]
 
-Writes an fp32 checkpoint with the exact key/shape/dtype layout of the real
-checkpoint (random values), then times, each in a fresh process with only the
-load call timed (imports excluded), hot (file in page cache) and cold
-(``posix_fadvise(DONTNEED)``, then ``COLD_SETTLE_S`` seconds, just before timing):
+Writes an fp32 checkpoint with the exact key/shape/dtype layout of the real one
+(random values) and serves it with its config under the repo id upstream's
+``model_configs`` uses. Then, each in a fresh process, hot (files in the page
+cache) and cold (``posix_fadvise(DONTNEED)``, then ``COLD_SETTLE_S`` seconds):
 
-- upstream's ``load_diffusion_cond(model_half=True)`` on the fp32 file;
-- sa3loader's first load (convert + load) and cache hit (load, then a touch of
-  one byte per page of every weight, timed separately);
-- conversion alone, and ``cat`` of the sibling to /dev/null (the floor);
-- the cache hit again with ``io="read"`` (plain reads, no mapping).
+- load rows, imports excluded (the child imports torch, stable_audio_3 and
+  transformers before the clock starts): upstream's
+  ``load_diffusion_cond(model_half=True)``, sa3loader's first load (convert +
+  load) and cache hit (load, then a touch of one byte per page of every weight,
+  timed apart), the hit with ``io="read"``, conversion alone, the text encoder
+  alone (tokenizer + config + ``from_pretrained``, as the conditioner makes them)
+  and ``cat`` of the sibling (the floor);
+- start-up rows: ``python -c`` to a model ready for ``generate``, imports
+  included, for ``load_diffusion_cond(model_half=True)`` and for
+  ``StableAudioModel.from_pretrained`` (fp32 on a CPU machine, as upstream forces
+  it), upstream against sa3loader's cache hit, split into importing, loading the
+  text encoder and placing the DiT. Cold drops the checkpoint, sibling and encoder
+  files, not the Python environment.
 
 ``--device cuda`` instead times hot loads to the GPU: upstream's loader, the
 cache hit (its transfer phase in GB/s), ``safetensors.torch.load_file(sibling,
@@ -28,39 +39,60 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "tests"))
+TESTS = REPO / "tests"
+sys.path.insert(0, str(TESTS))
 
+from hub_fixture import SA3_REPO, hf_env  # noqa: E402
 from upstream_env import find_upstream  # noqa: E402
 
-DEFAULT_LAYOUT = REPO.parent / "shared" / "layouts" / "sa3_medium_layout.json"
+SHARED = REPO.parent / "shared"
+
+
+@dataclass(frozen=True)
+class Model:
+    layout: Path
+    config: str  # file name under the upstream source's configs/
+    repo_id: str  # where upstream's model_configs looks for it
+
+
+MODELS = {
+    "medium": Model(SHARED / "layouts" / "sa3_medium_layout.json", "sa3_medium_model_config.json",
+                    "stabilityai/stable-audio-3-medium"),
+    "small-music": Model(SHARED / "layouts" / "sa3_small_music_layout.json",
+                         "sa3_small_music_model_config.reconstructed.json", SA3_REPO),
+}  # fmt: skip
+ENCODER_SIZE = "b-b"
 SAMPLE_EVERY_S = 0.002
 PAGE = os.sysconf("SC_PAGE_SIZE")
 DISK_MARGIN = 1.15
 # On the dev box's virtual disk a read right after POSIX_FADV_DONTNEED is still
-# served fast (the host caches it); a few seconds later it is truly cold: a
-# 4.6 GB cat took 1.6-1.8 s at once and 4.4-4.7 s after 6 s. Every cold figure
-# (loads and cat alike) waits this long after the drop, so they compare fairly.
+# served fast (the host caches it); a few seconds later it is truly cold. Every
+# cold figure (loads and cat alike) waits this long after the drop, so they compare fairly.
 COLD_SETTLE_S = 8.0
 # Ring shapes (slots, MB per slot) the --device cuda sweep tries, all within the
 # 512 MB staging goal; the library's default is RING_SLOTS x RING_BYTES / RING_SLOTS.
 RING_SWEEP = [(2, 128), (4, 64), (8, 32), (16, 16), (4, 32), (8, 16), (16, 8), (8, 64)]
 GOALS = {
-    "hit (load+touch) / cat, hot": ("<=", 1.3),
     "upstream / hit (load+touch), hot": (">=", 30.0),
+    "hit (load+touch) / (text encoder alone + cat sibling), hot": ("<=", 1.3),
+    "from_pretrained: sa3loader / upstream load, hot": ("<=", 0.3),
     "first load / upstream": ("<=", 1.0),
+    "hit (load+touch) / cat, hot": ("<=", 1.3),
+    "hit (load+touch) / cat, cold": ("<=", 1.3),
     "conversion peak RssAnon over baseline (MB)": ("<=", 300.0),
     "hit peak RssAnon over baseline / sibling size": ("<=", 0.1),
-    "hit (load+touch) / cat, cold": ("<=", 1.3),
     "transfer phase GB/s / pinned H2D GB/s": (">=", 0.8),
     "upstream to GPU / hit to GPU": (">=", 30.0),
     "staging host memory (MB)": ("<=", 512.0),
@@ -166,27 +198,67 @@ def ring_sweep(path: str, device: str) -> dict:
     return out
 
 
-def model_config(scale: float) -> dict:
-    root = find_upstream()
-    config = json.loads((root / "configs" / "sa3_medium_model_config.json").read_text())
+def model_config(model: Model, scale: float) -> dict:
+    config = json.loads((find_upstream() / "configs" / model.config).read_text())
     dit = config["model"]["diffusion"]["config"]
     dit["depth"] = max(1, round(dit["depth"] * scale))
     return config
 
 
+def time_text_encoder() -> list[float]:
+    """Seconds spent in the loads upstream's t5gemma conditioner makes: tokenizer, config, encoder.
+
+    Each class's ``from_pretrained`` is wrapped; only the outermost call counts, as
+    ``AutoTokenizer`` may load the config itself. Returns a one-element list that grows.
+    """
+    import transformers
+
+    spent = [0.0]
+    depth = [0]
+    for cls in (transformers.AutoTokenizer, transformers.AutoConfig, transformers.T5GemmaEncoderModel):
+        original = cls.from_pretrained.__func__
+
+        def timed(klass, *args, _original=original, **kwargs):
+            depth[0] += 1
+            started = time.perf_counter()
+            try:
+                return _original(klass, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    spent[0] += time.perf_counter() - started
+
+        cls.from_pretrained = classmethod(timed)
+    return spent
+
+
+def load_text_encoder(config: dict) -> object:
+    """The three loads the t5gemma conditioner makes, with its arguments, and nothing else."""
+    from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel
+
+    prompt = next(c["config"] for c in config["model"]["conditioning"]["configs"] if c["type"] == "t5gemma")
+    repo, kwargs = prompt["repo_id"], {"subfolder": prompt["subfolder"]}
+    AutoTokenizer.from_pretrained(repo, **kwargs)
+    encoder_config = AutoConfig.from_pretrained(repo, **kwargs)
+    encoder_config.is_encoder_decoder = False
+    return T5GemmaEncoderModel.from_pretrained(repo, config=encoder_config, **kwargs).train(False)
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
-    from upstream_env import import_upstream, install_t5gemma_standin
+    from upstream_env import import_upstream
 
-    factory = import_upstream(find_upstream())
-    install_t5gemma_standin(factory)
+    import_upstream(find_upstream())
     import stable_audio_3.loading_utils as lu
+    import transformers  # noqa: F401  upstream imports it inside the factory: kept out of the clock
+    from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel  # noqa: F401
 
     import sa3loader
     from sa3loader._format import read_header
     from sa3loader._sibling import resolve_sibling
 
-    config = model_config(args.scale)
+    encoder_seconds = time_text_encoder()
+    config = json.loads(Path(args.config).read_text())
     device = args.device
     out: dict = {}
     if device == "cuda":  # CUDA context set up before the clock, as a warm server has it
@@ -206,6 +278,8 @@ def child(args: argparse.Namespace) -> None:
             model = lu.load_diffusion_cond(config, args.ckpt, device=device, model_half=True)
         elif args.child == "convert":
             model = resolve_sibling(read_header(args.ckpt), args.cache)
+        elif args.child == "encoder":
+            model = load_text_encoder(config)
         elif args.child == "load_file":
             from safetensors.torch import load_file
 
@@ -215,12 +289,14 @@ def child(args: argparse.Namespace) -> None:
                 config, args.ckpt, device, True, cache_dir=args.cache, io=args.io
             )
             info = sa3loader.last_load_info()
-            out.update(build=info.build, cache_hit=info.cache_hit, converted=info.converted, io=info.io,
+            out.update(build=info.build, fallback=info.fallback, cache_hit=info.cache_hit,
+                       converted=info.converted, io=info.io, sibling=info.sibling,
                        read_s=info.timings["read_s"], bytes_read=info.bytes_read,
                        staging_bytes=info.staging_bytes)  # fmt: skip
         if device == "cuda":
             torch.cuda.synchronize()
         out["seconds"] = time.perf_counter() - started
+        out["encoder_s"] = encoder_seconds[0]
         if args.child == "hit" and device == "cpu":
             started = time.perf_counter()
             total = 0
@@ -230,6 +306,45 @@ def child(args: argparse.Namespace) -> None:
             out["touch_seconds"] = time.perf_counter() - started
     out.update(peak_anon=sampler.peak, base_anon=sampler.base)
     print("RESULT " + json.dumps(out))
+
+
+# What a user runs, timed from the interpreter's start to a model ready for generate.
+# The upstream source is not installed, so the first lines put it on sys.path.
+STARTUP_SCRIPT = """
+import time, sys, json
+sys.path[:0] = [{tests!r}, {bench!r}]
+from upstream_env import find_upstream, import_upstream
+import_upstream(find_upstream())
+import torch, stable_audio_3.model, stable_audio_3.loading_utils
+from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel
+{import_ours}
+import bench_load
+spent = bench_load.time_text_encoder()
+imported = time.time()
+{load}
+ready = time.time()
+print("RESULT " + json.dumps({{"imported": imported, "ready": ready, "encoder_s": spent[0]}}))
+"""
+STARTUP_LOADS = {
+    "load_diffusion_cond": """
+from huggingface_hub import hf_hub_download
+config = json.load(open(hf_hub_download({repo!r}, "model_config.json")))
+model = {function}(config, hf_hub_download({repo!r}, "model.safetensors"), device="cpu", model_half=True)
+""",
+    "from_pretrained": """
+model = stable_audio_3.model.StableAudioModel.from_pretrained({name!r}, device="cpu")
+""",
+}
+
+
+def startup_script(api: str, ours: bool, name: str) -> str:
+    function = "sa3loader.load_diffusion_cond" if ours else "stable_audio_3.loading_utils.load_diffusion_cond"
+    if api == "from_pretrained":
+        import_ours = "import sa3loader; sa3loader.install()" if ours else ""
+    else:
+        import_ours = "import sa3loader" if ours else ""
+    load = STARTUP_LOADS[api].format(repo=MODELS[name].repo_id, name=name, function=function)
+    return STARTUP_SCRIPT.format(tests=str(TESTS), bench=str(HERE), import_ours=import_ours, load=load)
 
 
 # --------------------------------------------------------------- parent side
@@ -248,35 +363,58 @@ def warm(path: Path) -> None:
     subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
 
 
-def hot_or_cold(temp: str, drop: tuple[Path, ...], hot: Path) -> tuple[Path, ...]:
-    """Hot: read ``hot`` into the page cache now. Cold: the files to drop just before timing."""
-    if temp == "hot":
-        warm(hot)
-        return ()
-    return drop
-
-
 def settle_cold(paths: tuple[Path, ...] | list[Path]) -> None:
     drop_cache(*paths)
     time.sleep(COLD_SETTLE_S)
 
 
-def run_child(
-    mode: str,
-    args: argparse.Namespace,
-    ckpt: Path,
-    cache: Path,
-    io: str = "mmap",
-    drop: tuple[Path, ...] = (),
-) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--ckpt", str(ckpt), "--cache", str(cache),
-           "--scale", str(args.scale), "--device", args.device, "--io", io,
-           "--drop", ",".join(str(p) for p in drop)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SA3LOADER_PROGRESS": "0"})
+@dataclass
+class Bench:
+    """Where this run's files are: the hub (HF_HOME), the served checkpoint, the cache dir."""
+
+    args: argparse.Namespace
+    hf_home: Path
+    ckpt: Path  # the snapshot's model.safetensors (a symlink to its blob)
+    config: Path
+    encoder: Path  # the T5Gemma weights, dropped with the checkpoint for cold runs
+    cache: Path
+    sibling: Path | None = None
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **hf_env(self.hf_home), "SA3LOADER_PROGRESS": "0",
+                "SA3LOADER_CACHE_DIR": str(self.cache)}  # fmt: skip
+
+    def files(self) -> tuple[Path, ...]:
+        return tuple(p for p in (self.ckpt, self.encoder, self.sibling) if p is not None)
+
+
+def result_of(proc: subprocess.CompletedProcess, what: str) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        raise SystemExit(f"{mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{what} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def run_child(mode: str, bench: Bench, io: str = "mmap", drop: tuple[Path, ...] = (),
+              ckpt: Path | None = None) -> dict:  # fmt: skip
+    args = bench.args
+    cmd = [sys.executable, __file__, "--child", mode, "--ckpt", str(ckpt or bench.ckpt),
+           "--config", str(bench.config), "--cache", str(bench.cache), "--device", args.device,
+           "--io", io, "--drop", ",".join(str(p) for p in drop)]  # fmt: skip
+    return result_of(subprocess.run(cmd, capture_output=True, text=True, env=bench.env()), mode)
+
+
+def run_startup(api: str, ours: bool, bench: Bench, cold: bool) -> dict:
+    """``python -c`` to a model ready for generate: total, import, text encoder and DiT seconds."""
+    if cold:
+        settle_cold(bench.files())
+    script = startup_script(api, ours, bench.args.model)
+    launched = time.time()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=bench.env())
+    r = result_of(proc, f"start-up {api}")
+    load = r["ready"] - r["imported"]
+    return {"total": r["ready"] - launched, "import": r["imported"] - launched, "load": load,
+            "text encoder": r["encoder_s"], "DiT": load - r["encoder_s"]}  # fmt: skip
 
 
 def time_cat(path: Path, cold: bool = False) -> float:
@@ -287,28 +425,22 @@ def time_cat(path: Path, cold: bool = False) -> float:
     return time.perf_counter() - started
 
 
-def write_checkpoint(layout_path: Path, scale: float, path: Path) -> int:
-    """Random fp32 values in the layout's keys/shapes/dtypes, for the scaled model's keys."""
+def write_checkpoint(layout_path: Path, depth: int, path: Path) -> int:
+    """Random fp32 values in the layout's keys/shapes, without DiT blocks at or past ``depth``.
+
+    The model is not built to list its keys: that would load the text encoder. A
+    layout that does not fit the config shows up as a hit that is not fast.
+    """
     import torch
-    from upstream_env import import_upstream, install_t5gemma_standin
 
     from sa3loader._convert import CHUNK_ELEMENTS
     from sa3loader._format import layout
-    from sa3loader._tensors import TORCH_DTYPES
 
-    factory = import_upstream(find_upstream())
-    install_t5gemma_standin(factory)
-    with torch.device("meta"):
-        model = factory.create_diffusion_cond_from_config(model_config(scale))
-    wanted = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    block = re.compile(r"^model\.model\.transformer\.layers\.(\d+)\.")
     entries = json.loads(layout_path.read_text())["state_dict"]
-    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "bool": "BOOL"}
-    tensors = [(e["key"], names[e["dtype"]], tuple(e["shape"])) for e in entries if e["key"] in wanted]
-    for key, dtype, shape in tensors:
-        assert wanted[key] == (shape, TORCH_DTYPES[dtype]), f"layout and model differ at {key}"
-    assert len(tensors) == len(wanted), "the model has keys the layout lacks"
-    prefix, placed = layout(tensors, {"format": "pt"})
-    assert {e.dtype for e in placed} <= {"F32"}, "the synthetic writer fills float32 tensors only"
+    kept = [e for e in entries if not ((m := block.match(e["key"])) and int(m.group(1)) >= depth)]
+    assert {e["dtype"] for e in kept} <= {"float32"}, "the synthetic writer fills float32 tensors only"
+    prefix, placed = layout([(e["key"], "F32", tuple(e["shape"])) for e in kept], {"format": "pt"})
     gen = torch.Generator().manual_seed(0)
     buf = bytearray(CHUNK_ELEMENTS * 4)
     values = torch.frombuffer(buf, dtype=torch.float32)
@@ -324,8 +456,44 @@ def write_checkpoint(layout_path: Path, scale: float, path: Path) -> int:
     return path.stat().st_size
 
 
+def set_up(args: argparse.Namespace, work: Path) -> Bench:
+    """The offline hub: the b-b encoder in the small-music repo, the model in its own repo."""
+    from hub_fixture import ENCODER_SUBFOLDER, REVISION, write_encoder, write_model
+
+    model = MODELS[args.model]
+    hf_home = work / "hf"
+    marker = work / "written.json"
+    wanted = {"model": args.model, "scale": args.scale, "encoder": ENCODER_SIZE}
+    config = model_config(model, args.scale)
+    snapshot = hf_home / "hub" / ("models--" + model.repo_id.replace("/", "--")) / "snapshots" / REVISION
+    if not (args.keep and marker.exists() and json.loads(marker.read_text()) == wanted):
+        shutil.rmtree(hf_home, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+        started = time.perf_counter()
+        write_encoder(hf_home, ENCODER_SIZE)
+        raw = work / "model.safetensors"
+        size = write_checkpoint(model.layout, config["model"]["diffusion"]["config"]["depth"], raw)
+        assert write_model(hf_home, config, raw, model.repo_id) == snapshot
+        marker.write_text(json.dumps(wanted))
+        print(f"wrote {args.model} ({size / 1e9:.2f} GB fp32, scale {args.scale}) and the {ENCODER_SIZE} "
+              f"text encoder into {hf_home} in {time.perf_counter() - started:.0f}s")  # fmt: skip
+    encoder = next(hf_home.glob(f"hub/*/snapshots/*/{ENCODER_SUBFOLDER}/model.safetensors"))
+    return Bench(args, hf_home, snapshot / "model.safetensors", snapshot / "model_config.json", encoder,
+                 work / "cache")  # fmt: skip
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def prepare(temp: str, bench: Bench) -> tuple[Path, ...]:
+    """Hot: read every file into the page cache now. Cold: the files to drop just before timing."""
+    if temp == "hot":
+        for path in bench.files():
+            if path.exists():
+                warm(path)
+        return ()
+    return bench.files()
 
 
 def parent(args: argparse.Namespace) -> None:
@@ -335,133 +503,152 @@ def parent(args: argparse.Namespace) -> None:
     if str(work).startswith("/dev/shm"):
         raise SystemExit("--workdir must be on disk, not /dev/shm (RAM)")
     work.mkdir(parents=True, exist_ok=True)
-    layout_info = json.loads(Path(args.layout).read_text())["summary"]
-    scale = args.scale
+    layout_info = json.loads(MODELS[args.model].layout.read_text())["summary"]
     free = shutil.disk_usage(work).free
     need = lambda s: (layout_info["bytes_fp32"] + layout_info["bytes_fp16"]) * s * DISK_MARGIN  # noqa: E731
-    while need(scale) > free and scale > 0.05:
-        new = round(scale / 2, 3)
-        print(f"only {free / 1e9:.1f} GB free in {work}: scale {scale} needs {need(scale) / 1e9:.1f} GB; "
-              f"trying scale {new}")  # fmt: skip
-        scale = new
-    args.scale = scale
-    ckpt = work / "model.safetensors"
-    sibling = work / "model.fp16.safetensors"
-    cache = work / "cache"
-    started = time.perf_counter()
-    size = write_checkpoint(Path(args.layout), scale, ckpt)
-    print(f"wrote {ckpt} ({size / 1e9:.2f} GB fp32, scale {scale}) in {time.perf_counter() - started:.0f}s")
+    while need(args.scale) > free and args.scale > 0.05:
+        new = round(args.scale / 2, 3)
+        print(f"only {free / 1e9:.1f} GB free in {work}: scale {args.scale} needs "
+              f"{need(args.scale) / 1e9:.1f} GB; trying scale {new}")  # fmt: skip
+        args.scale = new
+    bench = set_up(args, work)
+    size = bench.ckpt.stat().st_size
 
     def fresh() -> None:
-        shutil.rmtree(cache, ignore_errors=True)
-        sibling.unlink(missing_ok=True)
+        shutil.rmtree(bench.cache, ignore_errors=True)
 
+    if args.device == "cuda":
+        return measure_cuda(bench, fresh, size)
     results: dict[str, dict[str, list]] = {}
 
     def record(temp: str, name: str, value: float) -> None:
         results.setdefault(temp, {}).setdefault(name, []).append(value)
 
-    if args.device == "cuda":
-        return measure_cuda(args, ckpt, sibling, cache, fresh, size)
     for temp in ("hot", "cold"):
         for _ in range(args.runs):
-            # upstream
-            r = run_child("upstream", args, ckpt, cache, drop=hot_or_cold(temp, (ckpt,), ckpt))
+            r = run_child("upstream", bench, drop=prepare(temp, bench))
             record(temp, "upstream s", r["seconds"])
             record(temp, "upstream peak RssAnon MB", (r["peak_anon"] - r["base_anon"]) / 1e6)
-            # conversion alone
             fresh()
-            r = run_child("convert", args, ckpt, cache, drop=hot_or_cold(temp, (ckpt,), ckpt))
+            r = run_child("convert", bench, drop=prepare(temp, bench))
             record(temp, "convert s", r["seconds"])
             record(
                 temp, "conversion peak RssAnon over baseline (MB)", (r["peak_anon"] - r["base_anon"]) / 1e6
             )
-            # first load
             fresh()
-            r = run_child("first", args, ckpt, cache, drop=hot_or_cold(temp, (ckpt,), ckpt))
-            assert r["converted"], r
+            r = run_child("first", bench, drop=prepare(temp, bench))
+            assert r["converted"] and r["build"] == "fast", r
+            bench.sibling = Path(r["sibling"])
             record(temp, "first load s", r["seconds"])
             record(temp, "first load peak RssAnon MB", (r["peak_anon"] - r["base_anon"]) / 1e6)
-            # cache hit
-            r = run_child("hit", args, ckpt, cache, drop=hot_or_cold(temp, (ckpt, sibling), sibling))
+            r = run_child("hit", bench, drop=prepare(temp, bench))
             assert r["cache_hit"] and r["build"] == "fast", r
             record(temp, "hit load s", r["seconds"])
             record(temp, "hit touch s", r["touch_seconds"])
             record(temp, "hit (load+touch) s", r["seconds"] + r["touch_seconds"])
+            record(temp, "hit text encoder s", r["encoder_s"])
             record(temp, "hit peak RssAnon MB", (r["peak_anon"] - r["base_anon"]) / 1e6)
-            # cache hit with plain reads instead of a mapping
-            both = hot_or_cold(temp, (ckpt, sibling), sibling)
-            r = run_child("hit", args, ckpt, cache, io="read", drop=both)
+            r = run_child("hit", bench, io="read", drop=prepare(temp, bench))
             assert r["cache_hit"] and r["io"] == "read", r
             record(temp, "hit io=read (load+touch) s", r["seconds"] + r["touch_seconds"])
-            # cat floor
-            record(temp, "cat sibling s", time_cat(sibling, cold=temp == "cold"))
+            r = run_child("encoder", bench, drop=prepare(temp, bench))
+            record(temp, "text encoder alone s", r["seconds"])
+            prepare(temp, bench)
+            record(temp, "cat sibling s", time_cat(bench.sibling, cold=temp == "cold"))
+            for api in STARTUP_LOADS:
+                for side in ("upstream", "sa3loader"):
+                    prepare(temp, bench)
+                    parts = run_startup(api, side == "sa3loader", bench, cold=temp == "cold")
+                    for part, seconds in parts.items():
+                        record(temp, f"start-up {api} {side}: {part} s", seconds)
             print(f"{temp} run done: " + ", ".join(f"{k}={v[-1]:.2f}" for k, v in results[temp].items()))
 
-    sib_mb = sibling.stat().st_size / 1e6
-    print(f"\nmachine: {os.cpu_count()} cores, fp32 {size / 1e9:.2f} GB, sibling {sib_mb / 1e3:.2f} GB, "
-          f"scale {scale}, {args.runs} runs, medians")  # fmt: skip
+    assert bench.sibling is not None
+    sib_mb = bench.sibling.stat().st_size / 1e6
+    print(f"\nmachine: {os.cpu_count()} cores; {args.model}: fp32 {size / 1e9:.2f} GB, "
+          f"sibling {sib_mb / 1e3:.2f} GB, scale {args.scale}; text encoder {ENCODER_SIZE}; "
+          f"{args.runs} runs, medians")  # fmt: skip
     for temp, metrics in results.items():
         print(f"\n[{temp}]")
         for name, values in metrics.items():
-            print(f"  {name:48} {median(values):10.3f}")
-    ratios = {}
-    for temp, m in results.items():
-        ratios[f"hit (load+touch) / cat, {temp}"] = median(m["hit (load+touch) s"]) / median(
-            m["cat sibling s"]
-        )
-        ratios[f"upstream / hit (load+touch), {temp}"] = median(m["upstream s"]) / median(
-            m["hit (load+touch) s"]
-        )
-        ratios[f"upstream / hit (load only), {temp}"] = median(m["upstream s"]) / median(m["hit load s"])
-        ratios[f"first load / upstream, {temp}"] = median(m["first load s"]) / median(m["upstream s"])
-        ratios[f"hit io=read (load+touch) / cat, {temp}"] = median(m["hit io=read (load+touch) s"]) / median(
-            m["cat sibling s"]
-        )
-    hot = results["hot"]
-    ratios["first load / upstream"] = ratios["first load / upstream, hot"]
-    ratios["conversion peak RssAnon over baseline (MB)"] = max(
-        max(results[t]["conversion peak RssAnon over baseline (MB)"]) for t in results
-    )
-    ratios["hit peak RssAnon over baseline / sibling size"] = max(hot["hit peak RssAnon MB"]) / sib_mb
-    print_ratios(ratios)
+            print(f"  {name:56} {median(values):10.3f}")
+    print_ratios(ratios_of(results, sib_mb))
     if not args.keep:
         shutil.rmtree(work)
 
 
+def ratios_of(results: dict[str, dict[str, list]], sib_mb: float) -> dict[str, float]:
+    def m(temp: str, name: str) -> float:
+        return median(results[temp][name])
+
+    ratios = {}
+    for temp in results:
+        hit = m(temp, "hit (load+touch) s")
+        ratios[f"upstream / hit (load+touch), {temp}"] = m(temp, "upstream s") / hit
+        ratios[f"hit (load+touch) / (text encoder alone + cat sibling), {temp}"] = hit / (
+            m(temp, "text encoder alone s") + m(temp, "cat sibling s")
+        )
+        ratios[f"hit (load+touch) / cat, {temp}"] = hit / m(temp, "cat sibling s")
+        ratios[f"hit io=read (load+touch) / cat, {temp}"] = m(temp, "hit io=read (load+touch) s") / m(
+            temp, "cat sibling s"
+        )
+        ratios[f"first load / upstream, {temp}"] = m(temp, "first load s") / m(temp, "upstream s")
+        ratios[f"hit (load+touch) / upstream, {temp}"] = hit / m(temp, "upstream s")
+        for api in STARTUP_LOADS:
+            for part in ("load", "total"):
+                ours = m(temp, f"start-up {api} sa3loader: {part} s")
+                theirs = m(temp, f"start-up {api} upstream: {part} s")
+                label = "load" if part == "load" else "start-up"
+                ratios[f"{api}: sa3loader / upstream {label}, {temp}"] = ours / theirs
+    ratios["first load / upstream"] = ratios["first load / upstream, hot"]
+    ratios["conversion peak RssAnon over baseline (MB)"] = max(
+        max(results[t]["conversion peak RssAnon over baseline (MB)"]) for t in results
+    )
+    ratios["hit peak RssAnon over baseline / sibling size"] = (
+        max(results["hot"]["hit peak RssAnon MB"]) / sib_mb
+    )
+    return ratios
+
+
 def print_ratios(ratios: dict[str, float]) -> None:
+    """Each ratio with its goal; every sa3loader-over-upstream figure must stay <= 1."""
     print("\nratios (goal)")
     for name, value in ratios.items():
         goal = GOALS.get(name)
+        if goal is None and (" / upstream" in name or name.startswith("first load / upstream")):
+            goal = ("<=", 1.0)
         verdict = ""
         if goal:
             ok = value <= goal[1] if goal[0] == "<=" else value >= goal[1]
             verdict = f"goal {goal[0]} {goal[1]}: {'met' if ok else 'NOT met'}"
-        print(f"  {name:52} {value:10.3f}  {verdict}")
+        print(f"  {name:62} {value:10.3f}  {verdict}")
 
 
-def measure_cuda(args: argparse.Namespace, ckpt: Path, sibling: Path, cache: Path, fresh, size: int) -> None:
+def measure_cuda(bench: Bench, fresh, size: int) -> None:
     """Hot page cache, model_half=True, device="cuda": each figure in a fresh process."""
     import torch
 
+    args = bench.args
     fresh()
-    assert run_child("first", args, ckpt, cache)["converted"]
+    r = run_child("first", bench)
+    assert r["converted"], r
+    sibling = bench.sibling = Path(r["sibling"])
     m: dict[str, list[float]] = {}
     for _ in range(args.runs):
-        warm(ckpt)
-        r = run_child("upstream", args, ckpt, cache)
+        prepare("hot", bench)
+        r = run_child("upstream", bench)
         m.setdefault("upstream to GPU s", []).append(r["seconds"])
-        warm(sibling)
-        r = run_child("hit", args, ckpt, cache)
+        prepare("hot", bench)
+        r = run_child("hit", bench)
         assert r["cache_hit"] and r["build"] == "fast" and r["io"] == "stream", r
         m.setdefault("hit to GPU s", []).append(r["seconds"])
         m.setdefault("transfer phase s", []).append(r["read_s"])
         m.setdefault("transfer phase GB/s", []).append(r["bytes_read"] / r["read_s"] / 1e9)
         m.setdefault("staging host memory (MB)", []).append(r["staging_bytes"] / 1e6)
         warm(sibling)
-        r = run_child("load_file", args, sibling, cache)
+        r = run_child("load_file", bench, ckpt=sibling)
         m.setdefault("safetensors load_file(sibling, cuda) s", []).append(r["seconds"])
-        r = run_child("h2d", args, sibling, cache)
+        r = run_child("h2d", bench, ckpt=sibling)
         m.setdefault("pinned H2D GB/s", []).append(r["bytes"] / r["seconds"] / 1e9)
         print("run done: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in m.items()))
     sib_gb = sibling.stat().st_size / 1e9
@@ -476,7 +663,7 @@ def measure_cuda(args: argparse.Namespace, ckpt: Path, sibling: Path, cache: Pat
         "load_file to GPU / hit to GPU": med["safetensors load_file(sibling, cuda) s"] / med["hit to GPU s"],
         "staging host memory (MB)": max(m["staging host memory (MB)"]),
     })  # fmt: skip
-    print_ring_sweep(run_child("ring", args, sibling, cache))
+    print_ring_sweep(run_child("ring", bench, ckpt=sibling))
 
 
 def print_ring_sweep(r: dict) -> None:
@@ -494,11 +681,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--layout", default=str(DEFAULT_LAYOUT))
+    parser.add_argument("--model", choices=sorted(MODELS), default="medium", help="which layout and config")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", default=str(REPO / "bench-data"))
-    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    parser.add_argument(
+        "--keep", action="store_true",
+        help="keep the synthetic files, and reuse them when a later run asks for the same model and scale",
+    )  # fmt: skip
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu",
         help="cuda: hot loads to the GPU vs upstream, load_file and a pinned copy",
@@ -508,6 +698,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
     child(args) if args.child else parent(args)
 

@@ -140,10 +140,10 @@ def write_encoder(hf_home: Path, size: str = "small") -> Path:
     return write_repo(hf_home, SA3_REPO, files)
 
 
-def write_model(hf_home: Path, sa3_config: dict, sa3_checkpoint: Path) -> Path:
-    """The SA3 config and fp32 checkpoint (moved into the cache) at the top of the small-music repo."""
+def write_model(hf_home: Path, sa3_config: dict, sa3_checkpoint: Path, repo_id: str = SA3_REPO) -> Path:
+    """The SA3 config and fp32 checkpoint (moved into the cache) at the top of ``repo_id``."""
     files: dict[str, bytes | Path] = {
         "model_config.json": json.dumps(sa3_config, indent=1).encode(),
         "model.safetensors": sa3_checkpoint,
     }
-    return write_repo(hf_home, SA3_REPO, files)
+    return write_repo(hf_home, repo_id, files)
