@@ -88,7 +88,7 @@ class SiblingResolver:
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.source.path, self.identity["size"])
+            self._fingerprint = fingerprint(self.source)
         return self._fingerprint
 
     def candidates(self, row: dict[str, Any] | None) -> list[str]:

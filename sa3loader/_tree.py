@@ -45,7 +45,7 @@ def _is_our_artifact(name: str, path: str) -> bool:
 
 def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
     identity = source_identity(header)
-    metadata = _convert.sibling_metadata(header, identity, fingerprint(header.path, identity["size"]))
+    metadata = _convert.sibling_metadata(header, identity, fingerprint(header))
     staged = dest if not verify else f"{dest}{_convert.INCOMPLETE_INFIX}verify-{os.getpid()}"
     result = _convert.convert(header, staged, metadata)
     action = FileAction(header.path, dest, "converted", result.overflow_to_inf, result.flushed_to_zero)

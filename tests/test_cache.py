@@ -244,3 +244,69 @@ def test_factory_that_reads_parameters_falls_back_to_the_faithful_build(ckpt, tm
     ref.load_state_dict(load_file(str(ckpt)), strict=False)
     assert_same_model(model, ref.eval().requires_grad_(False).half())
     assert model.initial_norm == ref.initial_norm
+
+
+def test_fingerprint_sees_a_change_in_any_tensor(tmp_path):
+    """Small tensors are hashed whole; large ones at spots including their first and last byte."""
+    from sa3loader._format import read_header
+    from sa3loader._identity import WHOLE_TENSOR_BYTES, fingerprint
+
+    big = WHOLE_TENSOR_BYTES // 4 + 1000  # float32 elements: just over the whole-hash limit
+    tensors = {"a.bias": torch.randn(7), "b.weight": torch.randn(big), "c.norm": torch.randn(300),
+               "d.empty": torch.empty(0), "e.weight": torch.randn(WHOLE_TENSOR_BYTES // 4)}  # fmt: skip
+    path = save(tensors, tmp_path / "model.safetensors")
+    header = read_header(path)
+    original = fingerprint(header)
+    raw = bytearray(path.read_bytes())
+    spots = []
+    for entry in header.entries:
+        start = header.data_start + entry.begin
+        if entry.nbytes <= WHOLE_TENSOR_BYTES:
+            spots += [(entry.name, start + k) for k in range(0, entry.nbytes, 997)]
+        else:
+            spots += [(entry.name, start), (entry.name, start + entry.nbytes - 1)]
+    assert {name for name, _ in spots} == {"a.bias", "b.weight", "c.norm", "e.weight"}
+    for name, offset in spots:
+        raw[offset] ^= 0x40
+        path.write_bytes(raw)
+        assert fingerprint(read_header(path)) != original, f"a change in {name} at byte {offset} was missed"
+        raw[offset] ^= 0x40
+    path.write_bytes(raw)
+    assert fingerprint(read_header(path)) == original
+
+
+def test_copied_source_differing_in_one_small_tensor_is_reconverted(tmp_path, conversions):
+    """Same size, header and mtime (cp -p of a rebuilt file): a change in one small tensor,
+    outside where the old 64-window fingerprint looked, must not serve the old weights."""
+    from sa3loader._format import read_header
+
+    config = {"dim": 256, "depth": 8}
+    torch.manual_seed(0)
+    state = random_like_state(build(config), seed=3)
+    ckpt = save(state, tmp_path / "model.safetensors")
+    header = read_header(ckpt)
+    span, window = header.file_size - 65536, 65536
+    windows = [(span * i // 63, span * i // 63 + window) for i in range(64)]
+    hidden = next(
+        e for e in header.entries
+        if e.nbytes >= 4 and not any(a < header.data_start + e.end and header.data_start + e.begin < b
+                                     for a, b in windows)
+    )  # fmt: skip
+    factory = lambda cfg: build(config)  # noqa: E731
+    load_half = lambda: sa3loader.load_diffusion_cond(  # noqa: E731
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "cache", model_factory=factory
+    )
+    load_half()
+    st = os.stat(ckpt)
+    state[hidden.name] = state[hidden.name] + 1
+    rebuilt = save(state, tmp_path / "rebuilt.safetensors")
+    assert read_header(rebuilt).sha256 == header.sha256 and rebuilt.stat().st_size == st.st_size
+    os.utime(rebuilt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(rebuilt, ckpt)  # a new inode, as cp -p or an image layer gives
+    torch.manual_seed(0)
+    model = load_half()
+    info = sa3loader.last_load_info()
+    assert len(conversions) == 2 and info.converted, (hidden.name, info.reason, info.events)
+    ref = build(config)
+    ref.load_state_dict(load_file(str(ckpt)), strict=False)
+    assert_same_model(model, ref.eval().requires_grad_(False).half())

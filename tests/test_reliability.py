@@ -167,7 +167,7 @@ def test_hard_identity_change_rejects_even_when_samples_match(tmp_path, monkeypa
     ckpt = make_ckpt(tmp_path / "model.safetensors")
     load_here(ckpt, tmp_path / "cache")
     claimed = read_header(ckpt.with_name("model.fp16.safetensors")).metadata["sa3loader.source_fingerprint"]
-    monkeypatch.setattr(_sibling, "fingerprint", lambda path, size: claimed)
+    monkeypatch.setattr(_sibling, "fingerprint", lambda header: claimed)
     st = os.stat(ckpt)
     os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     load_here(ckpt, tmp_path / "cache")
