@@ -16,6 +16,7 @@ from ._index import Index
 from .errors import Sa3LoaderError, VerificationError
 
 OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
+INVALID = "invalid"  # a row of the wrong shape: treated as absent by loads
 
 
 @dataclass
@@ -44,7 +45,9 @@ def _status(row: dict[str, Any]) -> str:
     return OK
 
 
-def _entry(row: dict[str, Any]) -> Entry:
+def _entry(key: str, row: dict[str, Any] | None) -> Entry:
+    if row is None:
+        return Entry(source=key, sibling="", source_size=0, sibling_size=0, created=0.0, status=INVALID)
     return Entry(
         source=row["source"]["path"],
         sibling=row["sibling"]["path"],
@@ -58,7 +61,7 @@ def _entry(row: dict[str, Any]) -> Entry:
 def entries(cache_dir: str) -> list[Entry]:
     index = Index(cache_dir)
     try:
-        return [_entry(row) for _, row in index.items()]
+        return [_entry(key, row) for key, row in index.items()]
     finally:
         index.close()
 
@@ -87,12 +90,12 @@ def _remove_sibling(path: str) -> bool:
 
 
 def prune(cache_dir: str, *, dry_run: bool = False) -> list[Entry]:
-    """Drop rows (and their siblings) whose source is gone or changed."""
+    """Drop rows (and their siblings) whose source is gone or changed, and invalid rows."""
     index = Index(cache_dir)
     pruned = []
     try:
         for key, row in index.items():
-            entry = _entry(row)
+            entry = _entry(key, row)
             if entry.status == OK:
                 continue
             pruned.append(entry)
@@ -111,7 +114,7 @@ def clear(cache_dir: str) -> int:
     index = Index(cache_dir)
     try:
         for _, row in index.items():
-            if os.path.exists(row["sibling"]["path"]):
+            if row is not None and os.path.exists(row["sibling"]["path"]):
                 _remove_sibling(row["sibling"]["path"])
         return index.clear()
     finally:

@@ -2,9 +2,12 @@
 
 Rows are plain JSON. diskcache's own ``JSONDisk`` still unpickles rows stored
 in pickle mode, so a planted row could run code: ``SafeJSONDisk`` refuses
-every mode but raw bytes. The index is an accelerator, never a requirement:
-when it cannot be opened or read, loading goes on without it (a sibling's own
-metadata is enough to adopt it).
+every mode but raw bytes. Every row is checked against ``ROW_SHAPE`` before
+use: a row of another shape is treated as absent (and replaced by the next
+write). Keys are paths, which on POSIX are bytes: a path that is not valid
+UTF-8 is stored hex-encoded behind a NUL, which no path can contain. The
+index is an accelerator, never a requirement: when it cannot be opened or
+read, loading goes on without it (a sibling's own metadata is enough to adopt it).
 """
 
 from __future__ import annotations
@@ -28,6 +31,54 @@ INDEX_TIMEOUT_S = 2.0
 DATABASE_NAME = diskcache.core.DBNAME
 # Rows are a few hundred bytes; keep every one inside SQLite, never in side files.
 MAX_ROW_BYTES = 1 << 20
+_BYTES_KEY_PREFIX = "\x00bytes:"
+_INT = "int"
+_NUMBER = "number"
+_OPTIONAL = "optional"
+_IDENTITY_SHAPE = {"size": _INT, "mtime_ns": _INT, "header_sha256": str, "inode": _INT, "device": _INT,
+                   "ctime_ns": _INT}  # fmt: skip
+# What every use of a row reads; extra keys are allowed (newer writers).
+ROW_SHAPE: dict[str, Any] = {
+    "schema": _INT,
+    "source": {**_IDENTITY_SHAPE, "path": str, "real_path": str},
+    "fingerprint": str,
+    "sibling": {"path": str, "size": _INT, "header_sha256": str},
+    "converter_version": str,
+    "created": _NUMBER,
+    "range": (_OPTIONAL, {"overflow_to_inf": _INT, "flushed_to_zero": _INT}),
+}
+
+
+def _matches(value: Any, shape: Any) -> bool:
+    if isinstance(shape, tuple):  # (_OPTIONAL, shape)
+        return value is None or _matches(value, shape[1])
+    if isinstance(shape, dict):
+        return isinstance(value, dict) and all(k in value and _matches(value[k], v) for k, v in shape.items())
+    if shape == _INT:
+        return type(value) is int
+    if shape == _NUMBER:
+        return type(value) in (int, float)
+    return type(value) is shape
+
+
+def valid_row(row: Any) -> bool:
+    """Whether ``row`` has every field sa3loader reads, with the right types and schema."""
+    return _matches(row, ROW_SHAPE) and row["schema"] == SCHEMA_VERSION
+
+
+def encode_key(path: str) -> str:
+    """A str SQLite can store for any path, even one that is not valid UTF-8."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return _BYTES_KEY_PREFIX + os.fsencode(path).hex()
+    return path
+
+
+def decode_key(key: str) -> str:
+    if key.startswith(_BYTES_KEY_PREFIX):
+        return os.fsdecode(bytes.fromhex(key[len(_BYTES_KEY_PREFIX) :]))
+    return key
 
 
 class UnsafeRowError(ValueError):
@@ -104,28 +155,29 @@ class Index:
         )
 
     def get(self, source_real: str) -> dict[str, Any] | None:
+        """The row for this source, or None when there is none or it is not a valid row."""
+        row = self._read(source_real)
+        return row if valid_row(row) else None
+
+    def _read(self, source_real: str) -> Any:
         cache = self._open()
         if cache is None:
             return None
         try:
-            row = cache.get(source_real)
+            return cache.get(encode_key(source_real))
         except UnsafeRowError as exc:
             logger.warning("%s: dropping unsafe index row for %s (%s)", self.directory, source_real, exc)
             self.delete(source_real)
-            return None
         except (OSError, sqlite3.Error, diskcache.Timeout, ValueError) as exc:
             self._failed("be read", exc)
-            return None
-        if not isinstance(row, dict) or row.get("schema") != SCHEMA_VERSION:
-            return None
-        return row
+        return None
 
     def put(self, source_real: str, row: dict[str, Any]) -> None:
         cache = self._open()
         if cache is None:
             return
         try:
-            cache.set(source_real, {**row, "schema": SCHEMA_VERSION})
+            cache.set(encode_key(source_real), {**row, "schema": SCHEMA_VERSION})
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             self._failed("be written", exc)
 
@@ -136,24 +188,26 @@ class Index:
         try:
             # Delete through SQL: diskcache's own delete would fetch the row first.
             with cache.transact():
-                cache._sql("DELETE FROM Cache WHERE key = ?", (source_real,))
+                cache._sql("DELETE FROM Cache WHERE key = ?", (encode_key(source_real),))
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             self._failed("be written", exc)
 
-    def items(self) -> list[tuple[str, dict[str, Any]]]:
-        """Every readable row; unsafe or unreadable rows are skipped."""
+    def items(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """Every row as (source path, row); the row is None when it is not a valid row."""
         cache = self._open()
         if cache is None:
             return []
-        rows = []
         try:
             keys = [k for (k,) in cache._sql("SELECT key FROM Cache WHERE raw = 1").fetchall()]
         except (sqlite3.Error, diskcache.Timeout) as exc:
             self._failed("be read", exc)
             return []
+        rows: list[tuple[str, dict[str, Any] | None]] = []
         for key in keys:
-            if isinstance(key, str) and (row := self.get(key)) is not None:
-                rows.append((key, row))
+            if isinstance(key, str):
+                path = decode_key(key)
+                row = self._read(path)
+                rows.append((path, row if valid_row(row) else None))
         return rows
 
     def clear(self) -> int:

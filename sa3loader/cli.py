@@ -113,17 +113,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ls_line(e: _cachetools.Entry) -> str:
+    if e.status == _cachetools.INVALID:
+        return f"{e.status:15} {e.source}: not a valid index row (loads ignore it; `cache prune` drops it)"
+    return (
+        f"{e.status:15} {e.source} ({_gb(e.source_size)}) -> {e.sibling} ({_gb(e.sibling_size)}), "
+        f"created {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.created))}"
+    )
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     cache_dir = resolve_cache_dir(args.cache_dir)
     if args.cache_command == "ls":
         rows = _cachetools.entries(cache_dir)
-        lines = [f"cache dir: {cache_dir}"] + [
-            f"{e.status:15} {e.source} ({_gb(e.source_size)}) -> {e.sibling} ({_gb(e.sibling_size)}), "
-            f"created {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.created))}"
-            for e in rows
-        ]
+        lines = [f"cache dir: {cache_dir}"] + [_ls_line(e) for e in rows]
         _emit(args, [asdict(e) for e in rows], lines)
-        return EXIT_OK
+        return EXIT_CHECK_FAILED if any(e.status == _cachetools.INVALID for e in rows) else EXIT_OK
     if args.cache_command == "verify":
         results = _cachetools.verify_all(cache_dir)
         _emit(

@@ -253,6 +253,65 @@ def test_planted_pickle_row_is_refused_and_never_runs(loaded, tmp_path):
     assert not marker.exists()
 
 
+BAD_ROWS = {
+    "list": [1, 2],
+    "string": "row",
+    "empty": {"schema": 1},
+    "source-not-a-dict": "SOURCE_LIST",
+    "sibling-size-a-string": "SIBLING_SIZE",
+    "range-a-list": "RANGE_LIST",
+    "schema-from-the-future": "SCHEMA_2",
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_ROWS))
+def test_index_row_of_the_wrong_shape_is_treated_as_absent(loaded, bad, capsys):
+    """JSON-valid rows of another shape: loads ignore and replace them, ``cache ls`` says invalid."""
+    from sa3loader import cli
+
+    ckpt, cache = loaded
+    key = os.path.realpath(ckpt)
+    index = Index(str(cache))
+    row = index.get(key)
+    value = BAD_ROWS[bad]
+    if value == "SOURCE_LIST":
+        value = {**row, "source": [1, 2]}
+    elif value == "SIBLING_SIZE":
+        value = {**row, "sibling": {**row["sibling"], "size": "big"}}
+    elif value == "RANGE_LIST":
+        value = {**row, "range": [0, 0]}
+    elif value == "SCHEMA_2":
+        value = {**row, "schema": 2}
+    index._open().set(key, value)
+    index.close()
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 3
+    assert "invalid" in capsys.readouterr().out
+    model = load_here(ckpt, cache)
+    assert digest(model) == reference_digest(ckpt)
+    assert sa3loader.last_load_info().cache_hit
+    assert Index(str(cache)).get(key) is not None  # replaced by a valid row
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
+    index._open().set(key, value)
+    index.close()
+    assert cli.main(["--cache-dir", str(cache), "cache", "prune"]) == 0
+    assert Index(str(cache)).items() == []
+    assert ckpt.with_name("model.fp16.safetensors").exists()  # prune of an invalid row deletes no file
+
+
+def test_source_path_that_is_not_utf8_round_trips_through_the_index(tmp_path):
+    raw_dir = os.fsencode(str(tmp_path)) + b"/caf\xe9-\xff"
+    os.mkdir(raw_dir)
+    ckpt = make_ckpt(Path(os.fsdecode(raw_dir)) / "model.safetensors")
+    expected = reference_digest(make_ckpt(tmp_path / "same.safetensors"))  # load_file wants UTF-8 paths
+    for expect_hit in (False, True):
+        model = load_here(ckpt, tmp_path / "cache")
+        info = sa3loader.last_load_info()
+        assert (info.cache_hit, info.converted) == (expect_hit, not expect_hit)
+        assert digest(model) == expected
+    [(key, row)] = Index(str(tmp_path / "cache")).items()
+    assert os.fsencode(key) == os.fsencode(os.path.realpath(ckpt)) and row is not None
+
+
 def test_library_never_imports_pickle_or_torch_load():
     package = Path(sa3loader.__file__).parent
     for source in package.glob("*.py"):
