@@ -2,7 +2,7 @@
 
 python child.py load CKPT CACHE            -> prints {"converted", "cache_hit", "digest"}
 python child.py kill-at PHASE CKPT CACHE   -> SIGKILLs itself when conversion reaches PHASE
-python child.py convert CKPT CACHE         -> prints "ready", then converts (parent kills it)
+python child.py kill-after N CKPT CACHE    -> SIGKILLs itself once conversion has written N bytes
 python child.py republish CKPT N           -> rewrites the published sibling N times
 """
 
@@ -58,11 +58,20 @@ def main() -> None:
 
         _convert.phase_hook = hook
         load(ckpt, cache)
-    elif command == "convert":
-        ckpt, cache = sys.argv[2:4]
-        header = read_header(ckpt)
-        print("ready", flush=True)
-        resolve_sibling(header, cache)
+    elif command == "kill-after":
+        limit, (ckpt, cache) = int(sys.argv[2]), sys.argv[3:5]
+        written = [0]
+        real_write = os.write
+
+        def counting_write(fd: int, data) -> int:  # the converter's only writer
+            n = real_write(fd, data)
+            written[0] += n
+            if written[0] >= limit:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return n
+
+        os.write = counting_write
+        resolve_sibling(read_header(ckpt), cache)
     elif command == "republish":
         ckpt, count = sys.argv[2], int(sys.argv[3])
         header = read_header(ckpt)
