@@ -111,13 +111,21 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
         view = view[written:]
 
 
-def convert(header: Header, dest: str, metadata: dict[str, str]) -> ConversionResult:
-    """Write the fp16 sibling of ``header``'s file to ``dest`` and publish it atomically."""
+def convert(
+    header: Header, dest: str, metadata: dict[str, str], *, read_only: bool = False
+) -> ConversionResult:
+    """Write the fp16 sibling of ``header``'s file to ``dest`` and publish it atomically.
+
+    The output gets the source's mode; ``read_only`` (siblings that loads map)
+    clears every write bit, so no one but root edits a mapped file in place.
+    """
     started = time.perf_counter()
     prefix, out_entries = _sibling_layout(header, metadata)
     total = len(prefix) + (out_entries[-1].end if out_entries else 0)
     tmp = f"{dest}{INCOMPLETE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     mode = os.stat(header.path).st_mode & 0o666 or DEFAULT_FILE_MODE
+    if read_only:
+        mode &= ~0o222
     counts = {"inf": 0, "zero": 0}
     try:
         out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)

@@ -213,7 +213,7 @@ class SiblingResolver:
                 if os.path.exists(target) and not _convert.is_sa3loader_path(target):
                     raise ConversionError(f"{target} appeared and is not an sa3loader file; leaving it alone")
                 logger.info("converting %s to fp16 at %s", self.source.path, target)
-                result = _convert.convert(self.source, target, metadata)
+                result = _convert.convert(self.source, target, metadata, read_only=True)
                 out.converted = result
                 out.sibling = read_header(target)
                 _convert._phase("index")

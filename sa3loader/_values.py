@@ -1,11 +1,17 @@
-"""Final tensor values for checkpoint names, read the fastest way for the device.
+"""Final tensor values for checkpoint names, read the fastest safe way for the device.
 
 Upstream copies each checkpoint tensor into the model's tensor (a cast on the
 CPU), moves the model, then casts to fp16 on the device. ``Values`` gives the
 same bits: a tensor whose file bytes already are the final value (the fp16
 sibling's, or a source tensor of the model's dtype) is read as is, in bulk and
-in file order; any other is cast in upstream's order. On the CPU the bytes are
-mapped (default) or read; to other devices they are streamed.
+in file order; any other is cast in upstream's order.
+
+Only sa3loader's own sibling, which it publishes atomically (a rewrite is a
+new inode) and read-only, may back weights by a mapping (``io="mmap"``). The
+user's checkpoint is always read into fresh memory: training jobs rewrite
+checkpoints in place, which would change a mapped model's weights under it,
+and a truncation would kill it with SIGBUS. On other devices every file is
+streamed through the staging ring.
 """
 
 from __future__ import annotations
@@ -63,10 +69,18 @@ class Values:
         self.read_seconds = 0.0
         self.staging_bytes = 0
 
+    @property
+    def cpu_io(self) -> str:
+        """How CPU weights are read: ``io`` for the sibling; the user's checkpoint is always read."""
+        return self.io if self.sibling is not None else "read"
+
+    def _maps_allowed(self, header: Header) -> bool:
+        return header is self.sibling and self.io == "mmap"
+
     def tensor(self, header: Header, name: str) -> torch.Tensor:
-        """The file's tensor on the CPU: a view of the mapping, or a fresh read."""
+        """The file's tensor on the CPU: a view of the sibling's mapping, or a fresh read."""
         entry = header.by_name[name]
-        if self.io == "read":
+        if not self._maps_allowed(header):
             out = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
             read_into(header.path, [out], [header.data_start + entry.begin])
             return out
@@ -82,11 +96,11 @@ class Values:
 
         Called before the factory runs: building the model (SA3's factory loads the
         text encoder too) then overlaps with reading the DiT's weights. Only the
-        mapping is touched early; nothing is placed until the build asks.
+        sibling's mapping is touched early; nothing is placed until the build asks.
         """
-        if streams_to(device) or self.io != "mmap":
+        header = self.sibling
+        if streams_to(device) or header is None or not self._maps_allowed(header):
             return
-        header = self.sibling if self.sibling is not None else self.source
         entries = [e for e in header.entries if e.nbytes]
         if not entries:
             return
@@ -114,7 +128,8 @@ class Values:
         if TORCH_DTYPES[dtype] == model_dtype and not (
             self.half and model_dtype.is_floating_point and model_dtype != torch.float16
         ):
-            return self.source
+            # The sibling holds every other dtype byte for byte, and may be mapped.
+            return self.sibling if self.sibling is not None else self.source
         return None
 
     def get(
@@ -153,7 +168,7 @@ class Values:
             offsets = [header.data_start + e.begin for e in entries]
             self.bytes_read += sum(e.nbytes for e in entries)
             streamed = streams_to(device)
-            if not streamed and self.io == "mmap":
+            if not streamed and self._maps_allowed(header):
                 for i, entry in zip(indices, entries, strict=True):
                     out[i] = self.tensor(header, entry.name)
                 early = self._early.get(path)

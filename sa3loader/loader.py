@@ -195,7 +195,7 @@ def _build(
     else:
         info.build = "fast"
     # The faithful build reads on the CPU and moves the model, as upstream does.
-    info.io = "stream" if streams_to(device) and info.build == "fast" else values.io
+    info.io = "stream" if streams_to(device) and info.build == "fast" else values.cpu_io
     info.bytes_read = values.bytes_read
     info.staging_bytes = values.staging_bytes
     assert result is not None

@@ -38,6 +38,14 @@ def upstream() -> Upstream:
     return Upstream(root=root, loading_utils=loading_utils, factory=factory, tiny_config=tiny)
 
 
+def writable(path) -> Path:
+    """Give back the owner's write bit: siblings are published read-only, and the tests
+    that corrupt one on purpose must also work as a user other than root."""
+    path = Path(path)
+    path.chmod(path.stat().st_mode | 0o200)
+    return path
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view of a tensor's bytes: equal bits, not equal values (-0.0, NaN)."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)

@@ -8,12 +8,14 @@ import shutil
 import pytest
 import torch
 from checkpoints import random_like_state, save
-from conftest import assert_same_model
+from conftest import assert_same_model, bits, writable
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 from toymodel import build
 
 import sa3loader
 from sa3loader import _convert
+from sa3loader._format import read_header
 from sa3loader._index import Index
 
 
@@ -107,11 +109,11 @@ def test_damaged_sibling_is_reconverted(ckpt, tmp_path, conversions, damage):
     if damage == "delete":
         sibling.unlink()
     elif damage == "truncate":
-        os.truncate(sibling, os.path.getsize(sibling) // 2)
+        os.truncate(writable(sibling), os.path.getsize(sibling) // 2)
     elif damage == "flip-header":
         raw = bytearray(sibling.read_bytes())
         raw[20] ^= 0x01
-        sibling.write_bytes(bytes(raw))
+        writable(sibling).write_bytes(bytes(raw))
     else:  # another valid sa3loader sibling, of a different source
         other = tmp_path / "other" / "model.safetensors"
         other.parent.mkdir()
@@ -221,7 +223,7 @@ def test_verify_option_catches_a_flipped_data_byte(ckpt, tmp_path, conversions):
     sibling = tmp_path / "model.fp16.safetensors"
     raw = bytearray(sibling.read_bytes())
     raw[-5] ^= 0xFF
-    sibling.write_bytes(bytes(raw))
+    writable(sibling).write_bytes(bytes(raw))
     model = load(ckpt, tmp_path / "cache", verify=True)
     assert len(conversions) == 2
     assert_same_model(model, reference(ckpt))
@@ -310,3 +312,66 @@ def test_copied_source_differing_in_one_small_tensor_is_reconverted(tmp_path, co
     ref = build(config)
     ref.load_state_dict(load_file(str(ckpt)), strict=False)
     assert_same_model(model, ref.eval().requires_grad_(False).half())
+
+
+def mapped_files() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+
+
+needs_proc_maps = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="no /proc/self/maps")
+
+
+class WithHalfWeights(torch.nn.Module):
+    """A parameter stored as F16 in the checkpoint: taken as is by a model_half=True hit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fp16 = torch.nn.Linear(64, 64).half()
+        self.fp32 = torch.nn.Linear(64, 64)
+
+
+@needs_proc_maps
+@pytest.mark.parametrize("how", ["fp32", "hit", "load_into_module"])
+def test_a_rewrite_of_the_checkpoint_never_changes_a_loaded_model(tmp_path, how):
+    """The user's checkpoint is read, never mapped: an in-place rewrite (cp over it, r+b) or a
+    truncation after the load leaves the model as loaded (a mapping would change or SIGBUS)."""
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(WithHalfWeights(), seed=3), tmp_path / "model.safetensors")
+    factory = lambda config: WithHalfWeights()  # noqa: E731
+    half = how == "hit"
+    if how == "load_into_module":
+        model = WithHalfWeights()
+        sa3loader.load_into_module(model, ckpt)
+    else:
+        for _ in range(2):  # conversion, then the hit
+            model = sa3loader.load_diffusion_cond({}, ckpt, "cpu", half, cache_dir=tmp_path / "c",
+                                                  model_factory=factory)  # fmt: skip
+    expected = {k: v.half() if half else v for k, v in safetensors_load(ckpt.read_bytes()).items()}
+    assert str(ckpt) not in mapped_files()
+    with open(ckpt, "r+b") as f:  # what training jobs and `cp new old` do
+        f.seek(read_header(ckpt).data_start)
+        f.write(b"\x7f" * (os.path.getsize(ckpt) - read_header(ckpt).data_start))
+    os.truncate(ckpt, 1000)
+    for key, value in model.state_dict().items():
+        assert torch.equal(bits(value), bits(expected[key])), key
+
+
+@needs_proc_maps
+def test_a_hit_maps_only_its_own_read_only_sibling(ckpt, tmp_path):
+    os.chmod(ckpt, 0o640)
+    load(ckpt, tmp_path / "cache")
+    model = load(ckpt, tmp_path / "cache")
+    sibling = tmp_path / "model.fp16.safetensors"
+    assert sa3loader.last_load_info().io == "mmap"
+    assert str(sibling) in mapped_files() and str(ckpt) not in mapped_files()
+    assert os.stat(sibling).st_mode & 0o777 == 0o440  # the source's mode minus every write bit
+    del model
+
+
+def test_convert_outputs_keep_the_source_mode(ckpt, tmp_path):
+    from sa3loader._tree import convert_file
+
+    os.chmod(ckpt, 0o640)
+    convert_file(str(ckpt), str(tmp_path / "out.safetensors"))
+    assert os.stat(tmp_path / "out.safetensors").st_mode & 0o777 == 0o640

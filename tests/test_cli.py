@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import writable
 from safetensors.torch import load_file, save_file
 
 from sa3loader._format import read_header
@@ -122,7 +123,7 @@ def test_cache_verify_prune_clear(ckpt_dir, tmp_path):
     sibling = ckpt_dir / "model.fp16.safetensors"
     raw = bytearray(sibling.read_bytes())
     raw[-2] ^= 0xFF
-    sibling.write_bytes(bytes(raw))
+    writable(sibling).write_bytes(bytes(raw))
     run("cache", "verify", cache=cache, check_rc=3)
 
     save_file({"w": torch.randn(8, 8) * 3, "i": torch.arange(4)}, str(src))  # source changed

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import writable
 from safetensors.torch import load_file, save_file
 
 from sa3loader import TruncatedFileError, _convert
@@ -106,16 +107,17 @@ def test_only_float32_changes_and_fp16_is_exact_cast(tmp_path):
             assert got.view(torch.uint8).tolist() == value.contiguous().view(torch.uint8).tolist()
 
 
-def test_sibling_permissions_follow_source_not_mkstemp(tmp_path):
+def test_sibling_permissions_follow_source_minus_write_bits(tmp_path):
+    """Readable by whoever may read the source (not mkstemp's 0600); writable by no one but root."""
     src = tmp_path / "model.safetensors"
     save_file(source_tensors(), str(src))
-    os.chmod(src, 0o644)
+    os.chmod(src, 0o664)
     outcome = resolve_sibling(read_header(src), str(tmp_path / "cache"))
     assert outcome.converted is not None
     mode = os.stat(outcome.sibling.path).st_mode & 0o777
     umask = os.umask(0)
     os.umask(umask)
-    assert mode == 0o644 & ~umask
+    assert mode == 0o444 & ~umask
 
 
 @pytest.mark.parametrize(
@@ -155,7 +157,7 @@ def test_verify_accepts_a_true_sibling_and_catches_a_data_flip(tmp_path, chunk, 
     outcome = resolve_sibling(read_header(src), str(tmp_path / "cache"))
     _convert.verify(read_header(src), outcome.sibling)
     entry = outcome.sibling.by_name[flipped]
-    with open(outcome.sibling.path, "r+b") as f:  # the tensor's last byte, past any first chunk
+    with open(writable(outcome.sibling.path), "r+b") as f:  # the tensor's last byte, past any first chunk
         f.seek(outcome.sibling.data_start + entry.end - 1)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)

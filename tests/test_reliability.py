@@ -20,6 +20,7 @@ import pytest
 import torch
 from checkpoints import random_like_state, save
 from child import digest
+from conftest import writable
 from safetensors.torch import load_file
 from toymodel import build
 
@@ -447,7 +448,7 @@ def test_bad_sibling_data_is_caught_by_verify_env(loaded, monkeypatch):
     sibling = ckpt.with_name("model.fp16.safetensors")
     raw = bytearray(sibling.read_bytes())
     raw[-7] ^= 0x55
-    sibling.write_bytes(bytes(raw))
+    writable(sibling).write_bytes(bytes(raw))
     monkeypatch.setenv("SA3LOADER_VERIFY", "1")
     model = load_here(ckpt, cache)
     assert sa3loader.last_load_info().converted
