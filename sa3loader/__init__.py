@@ -16,6 +16,7 @@ from .errors import (
     OutputExistsError,
     Sa3LoaderError,
     TruncatedFileError,
+    UntrustedCacheDirError,
     UpstreamNotFoundError,
     VerificationError,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "OutputExistsError",
     "Sa3LoaderError",
     "TruncatedFileError",
+    "UntrustedCacheDirError",
     "UpstreamNotFoundError",
     "VerificationError",
     "install",

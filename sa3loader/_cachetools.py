@@ -11,9 +11,10 @@ from typing import Any
 
 from . import _convert
 from ._format import read_header
+from ._fsutil import SHARED_CACHE_ENV, cache_dir_trust
 from ._identity import hard_match, source_identity
 from ._index import Index
-from .errors import Sa3LoaderError, VerificationError
+from .errors import Sa3LoaderError, UntrustedCacheDirError, VerificationError
 
 OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
 INVALID = "invalid"  # a row of the wrong shape: treated as absent by loads
@@ -58,8 +59,19 @@ def _entry(key: str, row: dict[str, Any] | None) -> Entry:
     )
 
 
+def _open_index(cache_dir: str) -> Index:
+    """The index, only of a dir no one else controls: its rows name files to check and delete."""
+    distrust = cache_dir_trust(cache_dir)
+    if distrust is not None:
+        raise UntrustedCacheDirError(
+            f"refusing the cache dir {cache_dir}: {distrust} "
+            f"(set ${SHARED_CACHE_ENV}=1 for a shared team cache)"
+        )
+    return Index(cache_dir)
+
+
 def entries(cache_dir: str) -> list[Entry]:
-    index = Index(cache_dir)
+    index = _open_index(cache_dir)
     try:
         return [_entry(key, row) for key, row in index.items()]
     finally:
@@ -91,7 +103,7 @@ def _remove_sibling(path: str) -> bool:
 
 def prune(cache_dir: str, *, dry_run: bool = False) -> list[Entry]:
     """Drop rows (and their siblings) whose source is gone or changed, and invalid rows."""
-    index = Index(cache_dir)
+    index = _open_index(cache_dir)
     pruned = []
     try:
         for key, row in index.items():
@@ -111,7 +123,7 @@ def prune(cache_dir: str, *, dry_run: bool = False) -> list[Entry]:
 
 def clear(cache_dir: str) -> int:
     """Remove every row and every sibling they name (sa3loader files only)."""
-    index = Index(cache_dir)
+    index = _open_index(cache_dir)
     try:
         for _, row in index.items():
             if row is not None and os.path.exists(row["sibling"]["path"]):

@@ -1,5 +1,9 @@
 """Where files go and who may write them: sibling paths, cache dir, locks.
 
+A cache dir is trusted only when no one else can plant files in it (see
+``cache_dir_trust``): siblings and index rows found there decide which weights
+a load returns. Dirs sa3loader creates are private (0700).
+
 The conversion lock is ``fcntl.flock`` on ``<sibling>.lock``: the kernel
 releases it when the holder dies, so a crash never leaves a stale lock, and
 it is keyed by the sibling's path, so callers with different cache dirs that
@@ -13,9 +17,12 @@ import contextlib
 import errno
 import fcntl
 import glob
+import grp
 import hashlib
 import logging
 import os
+import pwd
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,6 +35,9 @@ logger = logging.getLogger(__name__)
 SIBLING_SUFFIX = ".fp16.safetensors"
 SAFETENSORS_SUFFIX = ".safetensors"
 CACHE_DIR_ENV = "SA3LOADER_CACHE_DIR"
+# A team cache shared through group or world write permission: trusted on purpose.
+SHARED_CACHE_ENV = "SA3LOADER_SHARED_CACHE"
+PRIVATE_DIR_MODE = 0o700
 CACHE_APP_NAME = "sa3loader"
 SIBLINGS_SUBDIR = "siblings"
 LOCK_SUFFIX = ".lock"
@@ -51,7 +61,8 @@ def warn_once(key: str, message: str, *args: object) -> None:
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
     """``cache_dir``, else $SA3LOADER_CACHE_DIR, else $XDG_CACHE_HOME/sa3loader, else ~/.cache/sa3loader.
 
-    Falls back to a per-user temp dir (with a warning) when there is no usable home.
+    Falls back to a per-user temp dir (with a warning) when there is no usable home;
+    when someone else controls that fixed name, to a fresh private one instead.
     """
     if cache_dir is not None:
         return os.path.abspath(os.fspath(cache_dir))
@@ -64,16 +75,77 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
     if home != "~" and _can_create(candidate):
         return candidate
     fallback = os.path.join(tempfile.gettempdir(), f"{CACHE_APP_NAME}-{os.getuid()}")
-    warn_once("no-home", "no usable home directory for the sa3loader cache; using %s", fallback)
-    return fallback
+    if _can_create(fallback) and cache_dir_trust(fallback) is None:
+        warn_once("no-home", "no usable home directory for the sa3loader cache; using %s", fallback)
+        return fallback
+    fresh = tempfile.mkdtemp(prefix=f"{CACHE_APP_NAME}-{os.getuid()}-")
+    warn_once(
+        "no-home",
+        "no usable home directory for the sa3loader cache, and %s is not yours alone (%s); using %s",
+        fallback, cache_dir_trust(fallback), fresh,
+    )  # fmt: skip
+    return fresh
 
 
 def _can_create(path: str) -> bool:
     try:
-        os.makedirs(path, exist_ok=True)
+        make_private_dirs(path)
     except OSError:
         return False
     return os.access(path, os.W_OK | os.X_OK)
+
+
+def make_private_dirs(path: str) -> None:
+    """``os.makedirs`` with mode 0700 for every dir it creates, as ``tempfile.mkdtemp`` does."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        make_private_dirs(parent)
+    try:
+        os.mkdir(path, PRIVATE_DIR_MODE)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+
+
+def _private_group(gid: int) -> bool:
+    """The user's own group: named after the user, with no other member."""
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return gid == os.getgid() and group.gr_name == user and set(group.gr_mem) <= {user}
+
+
+def cache_dir_trust(path: str) -> str | None:
+    """None when ``path`` is a dir only you (or root) can plant files in, else why not.
+
+    Trusted: not a symlink (``lstat``), owned by you or root, not world-writable,
+    group-writable only for your own private group. ``$SA3LOADER_SHARED_CACHE=1``
+    trusts a shared team cache on purpose. A missing dir is trusted: it will be
+    created private.
+    """
+    if os.environ.get(SHARED_CACHE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot inspect it ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return None  # nothing can be planted in it; creating the dirs inside fails and says so
+    if st.st_uid not in (os.getuid(), 0):
+        return f"it is owned by uid {st.st_uid}"
+    if st.st_mode & stat.S_IWOTH:
+        return "it is world-writable"
+    if st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid):
+        return "it is group-writable"
+    return None
 
 
 def in_hf_hub_cache(path: str) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 import diskcache
 from diskcache.core import MODE_RAW, UNKNOWN
 
-from ._fsutil import warn_once
+from ._fsutil import make_private_dirs, warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -117,15 +117,16 @@ class SafeJSONDisk(diskcache.Disk):
 class Index:
     """Small wrapper that turns every index failure into 'no row' plus one warning."""
 
-    def __init__(self, cache_dir: str) -> None:
+    def __init__(self, cache_dir: str, *, usable: bool = True) -> None:
         self.directory = os.path.join(cache_dir, INDEX_SUBDIR)
         self._cache: diskcache.Cache | None = None
-        self._broken = False
+        self._broken = not usable
 
     def _open(self) -> diskcache.Cache | None:
         if self._cache is None and not self._broken:
             try:
                 self._probe()
+                make_private_dirs(self.directory)
                 self._cache = diskcache.Cache(self.directory, timeout=INDEX_TIMEOUT_S, disk=SafeJSONDisk)
             except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
                 self._failed("open", exc)

@@ -18,12 +18,15 @@ from . import _convert
 from ._convert import META_PREFIX, ConversionResult, is_sa3loader_file
 from ._format import Header, read_header
 from ._fsutil import (
+    SHARED_CACHE_ENV,
     beside_path,
+    cache_dir_trust,
     cache_path,
     conversion_lock,
     dir_writable,
     free_bytes,
     in_hf_hub_cache,
+    make_private_dirs,
     remove_stray_incomplete,
     warn_once,
 )
@@ -82,7 +85,12 @@ class SiblingResolver:
         self.verify = verify
         self.real = os.path.realpath(source.path)
         self.identity = source_identity(source)
-        self.index = Index(cache_dir)
+        distrust = cache_dir_trust(cache_dir)
+        if distrust is not None:
+            warn_once(f"untrusted:{cache_dir}", "ignoring the sa3loader cache dir %s: %s (set $%s=1 for a "
+                      "shared team cache)", cache_dir, distrust, SHARED_CACHE_ENV)  # fmt: skip
+        self.cache_trusted = distrust is None
+        self.index = Index(cache_dir, usable=self.cache_trusted)
         self.outcome = SiblingOutcome()
         self._fingerprint: str | None = None
 
@@ -97,7 +105,8 @@ class SiblingResolver:
             paths.append(row["sibling"]["path"])
         if not in_hf_hub_cache(self.source.path):
             paths.append(beside_path(self.source.path))
-        paths.append(cache_path(self.cache_dir, self.source.path, self.real))
+        if self.cache_trusted:
+            paths.append(cache_path(self.cache_dir, self.source.path, self.real))
         return list(dict.fromkeys(paths))
 
     def accept(self, path: str, row: dict[str, Any] | None) -> Header | None:
@@ -170,12 +179,13 @@ class SiblingResolver:
         if not in_hf_hub_cache(self.source.path) and dir_writable(os.path.dirname(beside)):
             if not os.path.exists(beside) or _convert.is_sa3loader_path(beside):
                 options.append(beside)
-        options.append(cache_path(self.cache_dir, self.source.path, self.real))
-        problems = []
+        if self.cache_trusted:
+            options.append(cache_path(self.cache_dir, self.source.path, self.real))
+        problems = [] if self.cache_trusted else [f"the cache dir {self.cache_dir} is not trusted"]
         for path in options:
             directory = os.path.dirname(path)
             try:
-                os.makedirs(directory, exist_ok=True)
+                make_private_dirs(directory)
             except OSError as exc:
                 problems.append(f"cannot create {directory} ({exc.strerror})")
                 continue

@@ -49,3 +49,7 @@ class OutputExistsError(Sa3LoaderError, FileExistsError):
 
 class HubSymlinkError(Sa3LoaderError, ValueError):
     """In-place conversion would replace a Hugging Face hub cache symlink."""
+
+
+class UntrustedCacheDirError(Sa3LoaderError, PermissionError):
+    """The cache dir is one that others can plant files in (see $SA3LOADER_SHARED_CACHE)."""

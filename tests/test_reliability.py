@@ -453,3 +453,82 @@ def test_bad_sibling_data_is_caught_by_verify_env(loaded, monkeypatch):
     model = load_here(ckpt, cache)
     assert sa3loader.last_load_info().converted
     assert digest(model) == reference_digest(ckpt)
+
+
+# ------------------------------------------------------------------- cache trust
+def no_home(monkeypatch, tmp_path) -> Path:
+    for var in ("HOME", "XDG_CACHE_HOME", "SA3LOADER_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_fsutil.os.path, "expanduser", lambda p: p)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    monkeypatch.setattr(_fsutil.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(_fsutil.tempfile, "tempdir", str(tmp_path / "tmp"))
+    return tmp_path / "tmp" / f"sa3loader-{os.getuid()}"
+
+
+def plant(fixed: Path, ckpt: Path) -> Path:
+    """Another user's doing: a sibling with the victim's identity and other weights, in ``fixed``."""
+    outcome = sa3loader._sibling.resolve_sibling(read_header(ckpt), str(fixed))
+    planted = Path(outcome.sibling.path)
+    assert str(planted).startswith(str(fixed))  # a hub-style source: the sibling went to the cache
+    raw = bytearray(planted.read_bytes())
+    raw[-64:] = b"\x11" * 64
+    writable(planted).write_bytes(bytes(raw))
+    return planted
+
+
+@pytest.mark.parametrize("how", ["world-writable", "symlink", "other-owner"])
+def test_a_planted_fallback_cache_dir_is_never_used(tmp_path, monkeypatch, how):
+    """Without a home the cache falls back to <tmp>/sa3loader-<uid>; someone else may have made it."""
+    hub = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc"
+    ckpt = make_ckpt(hub / "model.safetensors")  # in a hub cache: siblings go to the cache dir
+    fixed = no_home(monkeypatch, tmp_path)
+    if how == "symlink":
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        plant(elsewhere, ckpt)
+        fixed.symlink_to(elsewhere)
+    else:
+        fixed.mkdir(mode=0o700)
+        plant(fixed, ckpt)
+        if how == "world-writable":
+            fixed.chmod(0o777)
+        elif os.getuid() == 0:
+            os.chown(fixed, 65534, 65534)
+        else:
+            pytest.skip("only root can give a dir to another user")
+    chosen = _fsutil.resolve_cache_dir()
+    assert chosen != str(fixed) and os.stat(chosen).st_mode & 0o777 == 0o700
+    model = load_here(ckpt, Path(chosen))
+    assert digest(model) == reference_digest(ckpt)
+    assert not sa3loader.last_load_info().sibling.startswith(str(fixed) + os.sep)
+
+
+def test_an_untrusted_cache_dir_is_ignored_unless_shared_on_purpose(tmp_path, monkeypatch, caplog):
+    from sa3loader import cli
+
+    hub = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc"
+    ckpt = make_ckpt(hub / "model.safetensors")
+    cache = tmp_path / "team-cache"
+    cache.mkdir()
+    planted = plant(cache, ckpt)
+    cache.chmod(0o777)
+    model = load_here(ckpt, cache)
+    assert digest(model) == reference_digest(ckpt)
+    assert sa3loader.last_load_info().sibling is None  # nowhere trusted to write: fp32
+    assert "ignoring the sa3loader cache dir" in caplog.text
+    assert cli.main(["--cache-dir", str(cache), "cache", "clear"]) == 1
+    assert planted.exists()
+    monkeypatch.setenv("SA3LOADER_SHARED_CACHE", "1")  # a team cache, shared on purpose
+    load_here(ckpt, cache)
+    assert sa3loader.last_load_info().sibling == str(planted)
+
+
+def test_dirs_sa3loader_creates_are_private(tmp_path):
+    hub = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc"
+    ckpt = make_ckpt(hub / "model.safetensors")
+    cache = tmp_path / "new" / "cache"
+    load_here(ckpt, cache)
+    sibling = Path(sa3loader.last_load_info().sibling)
+    for directory in (cache, cache / "index", sibling.parent, sibling.parent.parent):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
