@@ -106,14 +106,18 @@ def prune(cache_dir: str, *, dry_run: bool = False) -> list[Entry]:
     index = _open_index(cache_dir)
     pruned = []
     try:
-        for key, row in index.items():
-            entry = _entry(key, row)
+        listed = [(key, _entry(key, row)) for key, row in index.items()]
+        # A sibling path can outlive its row's source: a symlinked checkpoint repointed
+        # to another file reuses it. Never delete what a valid row still names.
+        in_use = {entry.sibling for _, entry in listed if entry.status == OK}
+        for key, entry in listed:
             if entry.status == OK:
                 continue
             pruned.append(entry)
             if dry_run:
                 continue
-            if entry.status in (STALE, MISSING_SOURCE) and os.path.exists(entry.sibling):
+            stale_file = entry.status in (STALE, MISSING_SOURCE) and entry.sibling not in in_use
+            if stale_file and os.path.exists(entry.sibling):
                 _remove_sibling(entry.sibling)
             index.delete(key)
     finally:

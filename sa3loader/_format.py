@@ -146,6 +146,15 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     return parse_header(raw, path=path, file_size=file_size)
 
 
+def fd_path(fd: int, path: str) -> str:
+    """A path that opens the file behind ``fd`` even after ``path`` was unlinked or replaced.
+
+    ``/dev/fd/N`` does that on Linux and macOS; where it is missing, ``path`` itself.
+    """
+    candidate = f"/dev/fd/{fd}"
+    return candidate if os.path.exists(candidate) else path
+
+
 def read_exact(fd: int, offset: int, length: int, path: str) -> bytearray:
     """Exactly ``length`` bytes at ``offset``, or ``TruncatedFileError``."""
     data = bytearray(length)

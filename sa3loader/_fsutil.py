@@ -33,6 +33,7 @@ from .errors import LockTimeoutError
 logger = logging.getLogger(__name__)
 
 SIBLING_SUFFIX = ".fp16.safetensors"
+UNSUFFIXED_SIBLING_SUFFIX = "-fp16.safetensors"
 SAFETENSORS_SUFFIX = ".safetensors"
 CACHE_DIR_ENV = "SA3LOADER_CACHE_DIR"
 # A team cache shared through group or world write permission: trusted on purpose.
@@ -159,10 +160,22 @@ def in_hf_hub_cache(path: str) -> bool:
 
 
 def sibling_name(source_path: str) -> str:
+    """``<stem>.fp16.safetensors`` for ``<stem>.safetensors``; ``<name>-fp16.safetensors`` otherwise.
+
+    A source named without the suffix (``model``) must not share its sibling with
+    ``model.safetensors`` beside it: the two would reconvert on every other load.
+    """
     name = os.path.basename(source_path)
     if name.endswith(SAFETENSORS_SUFFIX):
-        name = name[: -len(SAFETENSORS_SUFFIX)]
-    return name + SIBLING_SUFFIX
+        return name[: -len(SAFETENSORS_SUFFIX)] + SIBLING_SUFFIX
+    return name + UNSUFFIXED_SIBLING_SUFFIX
+
+
+def legacy_beside_path(source_path: str) -> str | None:
+    """Where earlier versions put the sibling of a source named without the suffix."""
+    if os.path.basename(source_path).endswith(SAFETENSORS_SUFFIX):
+        return None
+    return os.path.abspath(source_path) + SIBLING_SUFFIX
 
 
 def beside_path(source_path: str) -> str:

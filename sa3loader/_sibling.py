@@ -16,7 +16,7 @@ from typing import Any
 
 from . import _convert
 from ._convert import META_PREFIX, ConversionResult, is_sa3loader_file
-from ._format import Header, read_header
+from ._format import Header, fd_path, read_header
 from ._fsutil import (
     SHARED_CACHE_ENV,
     beside_path,
@@ -26,6 +26,7 @@ from ._fsutil import (
     dir_writable,
     free_bytes,
     in_hf_hub_cache,
+    legacy_beside_path,
     make_private_dirs,
     remove_stray_incomplete,
     warn_once,
@@ -45,6 +46,8 @@ class SiblingOutcome:
     """What happened while resolving a sibling (reported by ``last_load_info``)."""
 
     sibling: Header | None = None
+    # An open descriptor of ``sibling`` (``pin=True``): the caller reads through it and closes it.
+    sibling_fd: int | None = None
     converted: ConversionResult | None = None
     reason: str = ""
     events: list[str] = field(default_factory=list)
@@ -105,6 +108,9 @@ class SiblingResolver:
             paths.append(row["sibling"]["path"])
         if not in_hf_hub_cache(self.source.path):
             paths.append(beside_path(self.source.path))
+            legacy = legacy_beside_path(self.source.path)
+            if legacy is not None:  # adopted only if its metadata says it is this source's
+                paths.append(legacy)
         if self.cache_trusted:
             paths.append(cache_path(self.cache_dir, self.source.path, self.real))
         return list(dict.fromkeys(paths))
@@ -247,9 +253,46 @@ class SiblingResolver:
         return out
 
 
-def resolve_sibling(source: Header, cache_dir: str, *, verify: bool = False) -> SiblingOutcome:
+PIN_ATTEMPTS = 3
+
+
+def open_pinned(sibling: Header) -> int | None:
+    """An open descriptor of exactly the validated ``sibling``, or None if it is gone or changed.
+
+    Held from validation to the end of the load, it keeps the file readable
+    whatever happens to its name meanwhile (``cache clear``, a republish).
+    """
+    try:
+        fd = os.open(sibling.path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if read_header(fd_path(fd, sibling.path)).sha256 == sibling.sha256:
+            return fd
+    except (HeaderError, OSError):
+        pass
+    os.close(fd)
+    return None
+
+
+def resolve_sibling(
+    source: Header, cache_dir: str, *, verify: bool = False, pin: bool = False
+) -> SiblingOutcome:
+    """The sibling to read (found, adopted or converted now); with ``pin``, also an open descriptor."""
     resolver = SiblingResolver(source, cache_dir, verify=verify)
     try:
-        return resolver.resolve()
+        for _ in range(PIN_ATTEMPTS):
+            outcome = resolver.resolve()
+            if not pin or outcome.sibling is None:
+                return outcome
+            outcome.sibling_fd = open_pinned(outcome.sibling)
+            if outcome.sibling_fd is not None:
+                return outcome
+            vanished = f"{outcome.sibling.path} vanished before it was opened"
+            resolver.outcome = SiblingOutcome(events=[*outcome.events, vanished])
+        outcome.sibling = None
+        outcome.reason = "the fp16 sibling kept vanishing before it could be opened: loading the fp32 source"
+        warn_once("pin:" + resolver.real, "%s: %s", source.path, outcome.reason)
+        return outcome
     finally:
         resolver.index.close()

@@ -35,9 +35,10 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 class MappedFile:
     """A safetensors file mapped copy-on-write; ``tensor()`` returns zero-copy views."""
 
-    def __init__(self, header: Header) -> None:
+    def __init__(self, header: Header, path: str | None = None) -> None:
+        """Map ``header``'s file, opened at ``path`` (a ``/dev/fd`` path, say) when given."""
         self.header = header
-        with open(header.path, "rb") as f:
+        with open(path or header.path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # MAP_PRIVATE
         if len(self._map) != header.file_size:
             raise OSError(f"{header.path} changed size while it was being opened")

@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import torch
 
-from ._format import Header
+from ._format import Header, fd_path
 from ._stream import read_into, stream_into
 from ._tensors import TORCH_DTYPES, MappedFile
 
@@ -57,9 +57,13 @@ def streams_to(device: torch.device) -> bool:
 class Values:
     """Final tensor values for checkpoint names, following upstream's cast chain."""
 
-    def __init__(self, source: Header, sibling: Header | None, half: bool, io: str = DEFAULT_IO) -> None:
+    def __init__(
+        self, source: Header, sibling: Header | None, half: bool, io: str = DEFAULT_IO,
+        sibling_fd: int | None = None,
+    ) -> None:  # fmt: skip
         self.source = source
         self.sibling = sibling
+        self.sibling_fd = sibling_fd
         self.half = half
         self.io = io
         self._maps: dict[str, MappedFile] = {}
@@ -74,6 +78,18 @@ class Values:
         """How CPU weights are read: ``io`` for the sibling; the user's checkpoint is always read."""
         return self.io if self.sibling is not None else "read"
 
+    def _open_path(self, header: Header) -> str:
+        """Where to open ``header``'s file: the sibling through the descriptor the load holds."""
+        if header is self.sibling and self.sibling_fd is not None:
+            return fd_path(self.sibling_fd, header.path)
+        return header.path
+
+    def close(self) -> None:
+        """Drop the sibling's descriptor; mappings and read tensors no longer need it."""
+        if self.sibling_fd is not None:
+            os.close(self.sibling_fd)
+            self.sibling_fd = None
+
     def _maps_allowed(self, header: Header) -> bool:
         return header is self.sibling and self.io == "mmap"
 
@@ -82,13 +98,13 @@ class Values:
         entry = header.by_name[name]
         if not self._maps_allowed(header):
             out = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
-            read_into(header.path, [out], [header.data_start + entry.begin])
+            read_into(self._open_path(header), [out], [header.data_start + entry.begin])
             return out
         return self._mapped(header).tensor(entry)
 
     def _mapped(self, header: Header) -> MappedFile:
         if header.path not in self._maps:
-            self._maps[header.path] = MappedFile(header)
+            self._maps[header.path] = MappedFile(header, self._open_path(header))
         return self._maps[header.path]
 
     def prefetch_early(self, device: torch.device) -> None:
@@ -179,9 +195,9 @@ class Values:
                 continue
             dests = [torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device=device) for e in entries]
             if not streamed:
-                read_into(header.path, dests, offsets)
+                read_into(self._open_path(header), dests, offsets)
             else:
-                stats = stream_into(header.path, dests, offsets)
+                stats = stream_into(self._open_path(header), dests, offsets)
                 self.staging_bytes = max(self.staging_bytes, stats.staging_bytes)
                 if header is self.sibling:  # an fp16 model tensor was cast on the CPU upstream too
                     recast = [k for k, i in enumerate(indices) if wanted[i][1] != torch.float16]

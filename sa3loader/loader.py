@@ -292,7 +292,7 @@ def load_diffusion_cond(
     outcome = SiblingOutcome(reason="fp32 load")
     if model_half:
         verify = _env_flag(VERIFY_ENV) if verify is None else verify
-        outcome = resolve_sibling(source, resolve_cache_dir(cache_dir), verify=verify)
+        outcome = resolve_sibling(source, resolve_cache_dir(cache_dir), verify=verify, pin=True)
     info.timings["sibling_s"] = time.perf_counter() - started
     info.reason, info.events = outcome.reason, outcome.events
     info.sibling = outcome.sibling.path if outcome.sibling is not None else None
@@ -304,14 +304,16 @@ def load_diffusion_cond(
         info.timings["convert_s"] = outcome.converted.seconds
 
     build_started = time.perf_counter()
-    values = Values(source, outcome.sibling, bool(model_half), io)
+    values = Values(source, outcome.sibling, bool(model_half), io, outcome.sibling_fd)
     values.prefetch_early(target)
     try:
         model = _build(factory, model_config, source, values, target, info)
     except BaseException:
         values.wait_for_prefetch(cancel=True)
         raise
-    values.wait_for_prefetch()
+    finally:
+        values.wait_for_prefetch()
+        values.close()
     _finish(model, target, bool(model_half))
     now = time.perf_counter()
     info.timings["build_s"] = now - build_started

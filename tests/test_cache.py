@@ -375,3 +375,74 @@ def test_convert_outputs_keep_the_source_mode(ckpt, tmp_path):
     os.chmod(ckpt, 0o640)
     convert_file(str(ckpt), str(tmp_path / "out.safetensors"))
     assert os.stat(tmp_path / "out.safetensors").st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("io", ["mmap", "read"])
+@pytest.mark.parametrize("command", ["clear", "unlink"])
+def test_cache_commands_during_a_load_never_break_it(ckpt, tmp_path, command, io):
+    """The load holds the sibling open from validation on: deleting its name mid-build is harmless."""
+    from sa3loader import _cachetools
+
+    cache = tmp_path / "cache"
+    load(ckpt, cache)
+    sibling = tmp_path / "model.fp16.safetensors"
+
+    def factory_that_races(config):
+        if command == "clear":
+            _cachetools.clear(str(cache))
+        else:
+            sibling.unlink()
+        assert not sibling.exists()
+        return build()
+
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=cache, model_factory=factory_that_races, io=io
+    )
+    info = sa3loader.last_load_info()
+    assert info.cache_hit and info.build == "fast" and info.io == io
+    assert_same_model(model, reference(ckpt))
+
+
+def test_prune_keeps_a_sibling_that_a_repointed_symlink_reuses(tmp_path):
+    from sa3loader import _cachetools
+
+    torch.manual_seed(0)
+    a = save(random_like_state(build(), seed=3), tmp_path / "a.safetensors")
+    b = save(random_like_state(build(), seed=4), tmp_path / "b.safetensors")
+    link = tmp_path / "model.safetensors"
+    link.symlink_to(a.name)
+    cache = tmp_path / "cache"
+    load(link, cache)
+    link.unlink()
+    link.symlink_to(b.name)  # the same sibling name now belongs to b
+    load(link, cache)
+    sibling = tmp_path / "model.fp16.safetensors"
+    pruned = _cachetools.prune(str(cache))
+    assert [e.status for e in pruned] == ["stale"] and sibling.exists()
+    model = load(link, cache)
+    assert sa3loader.last_load_info().cache_hit
+    assert_same_model(model, reference(b))
+
+
+def test_model_and_model_safetensors_keep_their_own_siblings(tmp_path, conversions):
+    torch.manual_seed(0)
+    plain = save(random_like_state(build(), seed=3), tmp_path / "model")
+    suffixed = save(random_like_state(build(), seed=4), tmp_path / "model.safetensors")
+    for _ in range(2):
+        for path in (plain, suffixed):
+            assert_same_model(load(path, tmp_path / "cache"), reference(path))
+    assert len(conversions) == 2
+    assert sorted(p.name for p in tmp_path.glob("*fp16*") if not p.name.endswith(".lock")) == [
+        "model-fp16.safetensors", "model.fp16.safetensors"
+    ]  # fmt: skip
+
+
+def test_a_sibling_under_the_old_name_is_adopted(tmp_path, conversions):
+    torch.manual_seed(0)
+    plain = save(random_like_state(build(), seed=3), tmp_path / "model")
+    load(plain, tmp_path / "cache")
+    os.rename(tmp_path / "model-fp16.safetensors", tmp_path / "model.fp16.safetensors")  # the old name
+    shutil.rmtree(tmp_path / "cache")
+    assert_same_model(load(plain, tmp_path / "cache"), reference(plain))
+    assert len(conversions) == 1 and sa3loader.last_load_info().cache_hit
