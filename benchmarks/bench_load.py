@@ -160,7 +160,7 @@ def ring_sweep(path: str, device: str) -> dict:
 
     from sa3loader._format import read_header
     from sa3loader._stream import DeviceCopies, stream_into
-    from sa3loader._tensors import TORCH_DTYPES
+    from sa3loader._tensors import torch_dtype
 
     class ReadsOnly(DeviceCopies):
         def send(self, slot: int, pairs: list) -> None:
@@ -175,7 +175,9 @@ def ring_sweep(path: str, device: str) -> dict:
     torch.empty(256 * 1024 * 1024, dtype=torch.uint8, pin_memory=device == "cuda")
     out["first 256 MB staging allocation s"] = time.perf_counter() - started
     header = read_header(path)
-    dests = [torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device=device) for e in header.entries]
+    dests = [
+        torch.empty(e.torch_shape, dtype=torch_dtype(e.dtype, path), device=device) for e in header.entries
+    ]
     offsets = [header.data_start + e.begin for e in header.entries]
     nbytes = sum(e.nbytes for e in header.entries)
     shapes = []

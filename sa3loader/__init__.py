@@ -9,7 +9,9 @@ from ._plan import LoadResult
 from .errors import (
     CheckpointIsADirectoryError,
     CheckpointNotFoundError,
+    CheckpointPermissionError,
     ConversionError,
+    FileAccessError,
     HeaderError,
     HubSymlinkError,
     LockTimeoutError,
@@ -27,7 +29,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointIsADirectoryError",
     "CheckpointNotFoundError",
+    "CheckpointPermissionError",
     "ConversionError",
+    "FileAccessError",
     "HeaderError",
     "HubSymlinkError",
     "LoadInfo",

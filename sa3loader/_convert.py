@@ -23,7 +23,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._format import Header, TensorEntry, layout, preadv_exact, read_exact, read_header
+from ._format import (
+    HEADER_LENGTH_BYTES,
+    MAX_HEADER_BYTES,
+    Header,
+    TensorEntry,
+    layout,
+    preadv_exact,
+    read_exact,
+    read_header,
+)
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -65,7 +74,13 @@ def converted_dtype(dtype: str) -> str:
 
 
 def sibling_size(header: Header, metadata: dict[str, str]) -> int:
+    """Bytes of the sibling; ``ConversionError`` when its header would pass safetensors' limit."""
     prefix, entries = _sibling_layout(header, metadata)
+    if len(prefix) - HEADER_LENGTH_BYTES > MAX_HEADER_BYTES:
+        raise ConversionError(
+            f"{header.path}: its fp16 sibling's header would be {len(prefix) - HEADER_LENGTH_BYTES} bytes, "
+            f"above the {MAX_HEADER_BYTES}-byte limit safetensors reads"
+        )
     return len(prefix) + (entries[-1].end if entries else 0)
 
 
@@ -120,6 +135,7 @@ def convert(
     clears every write bit, so no one but root edits a mapped file in place.
     """
     started = time.perf_counter()
+    sibling_size(header, metadata)  # refuses a header too big to read back, before writing anything
     prefix, out_entries = _sibling_layout(header, metadata)
     total = len(prefix) + (out_entries[-1].end if out_entries else 0)
     tmp = f"{dest}{INCOMPLETE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -20,7 +20,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CheckpointIsADirectoryError, CheckpointNotFoundError, HeaderError, TruncatedFileError
+from .errors import (
+    CheckpointIsADirectoryError,
+    CheckpointNotFoundError,
+    CheckpointPermissionError,
+    FileAccessError,
+    HeaderError,
+    TruncatedFileError,
+)
 
 HEADER_LENGTH_BYTES = 8
 # preadv takes at most this many buffers per call.
@@ -31,12 +38,22 @@ MAX_HEADER_BYTES = 100_000_000
 HEADER_ALIGNMENT = 8
 METADATA_KEY = "__metadata__"
 
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "C64": 8, "F64": 8, "I64": 8, "U64": 8,
+# Bits per element of every safetensors dtype that torch can hold (F6_* has no torch dtype).
+DTYPE_BITS: dict[str, int] = {
+    "F4": 4,
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }  # fmt: skip
+# torch packs F4 two to a byte (float4_e2m1fn_x2): its last dimension is half the header's.
+PACKED_PAIRS = {"F4"}
+
+
+def data_bytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
+    return math.prod(shape) * DTYPE_BITS[dtype] // 8
+
 
 # The order of safetensors' Rust ``Dtype`` enum: ``save_file`` writes tensors
 # sorted by this rank, largest first, then by name.
@@ -53,6 +70,8 @@ DTYPE_RANK: dict[str, int] = {
             "F8_E5M2",
             "F8_E4M3",
             "F8_E8M0",
+            "F8_E4M3FNUZ",
+            "F8_E5M2FNUZ",
             "I16",
             "U16",
             "F16",
@@ -85,7 +104,14 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        return math.prod(self.shape)
+        """Elements of the torch tensor (``torch_shape``)."""
+        return math.prod(self.torch_shape)
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        if self.dtype in PACKED_PAIRS:
+            return (*self.shape[:-1], self.shape[-1] // 2)
+        return self.shape
 
 
 @dataclass(frozen=True)
@@ -119,15 +145,24 @@ class Header:
         return dataclasses.replace(self, entries=entries, by_name={e.name: e for e in entries})
 
 
-def read_header(path: str | os.PathLike[str]) -> Header:
-    """Read and validate the header of the safetensors file at ``path``."""
-    path = os.fspath(path)
+def open_for_reading(path: str) -> int:
+    """A read-only descriptor of ``path``; every failure is a typed error naming the file."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{path}: no such checkpoint file") from exc
     except IsADirectoryError as exc:
         raise CheckpointIsADirectoryError(f"{path}: is a directory, not a .safetensors file") from exc
+    except PermissionError as exc:
+        raise CheckpointPermissionError(exc.errno, f"{path}: permission denied ({exc.strerror})") from exc
+    except OSError as exc:
+        raise FileAccessError(exc.errno, f"{path}: cannot open ({exc.strerror})") from exc
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and validate the header of the safetensors file at ``path``."""
+    path = os.fspath(path)
+    fd = open_for_reading(path)
     try:
         if os.path.isdir(path):
             raise CheckpointIsADirectoryError(f"{path}: is a directory, not a .safetensors file")
@@ -170,10 +205,15 @@ def preadv_exact(fd: int, views: list[memoryview], offset: int, path: str) -> No
     views = [v for v in views if len(v)]
     while views:
         batch = views[:_IOV_MAX]
-        if hasattr(os, "preadv"):
-            got = os.preadv(fd, batch, offset)
-        else:  # Windows: no preadv, no pread
-            got = _read_at(fd, batch[0], offset)
+        try:
+            if hasattr(os, "preadv"):
+                got = os.preadv(fd, batch, offset)
+            else:  # Windows: no preadv, no pread
+                got = _read_at(fd, batch[0], offset)
+        except OSError as exc:
+            raise FileAccessError(
+                exc.errno, f"{path}: read failed at byte {offset} ({exc.strerror})"
+            ) from exc
         if got == 0:
             raise TruncatedFileError(f"{path}: file ends early (truncated at byte {offset})")
         offset += got
@@ -223,6 +263,12 @@ def parse_header(raw: bytes | bytearray, *, path: str, file_size: int) -> Header
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise HeaderError(f"{path}: __metadata__ must map strings to strings")
+    # JSON allows escaped lone surrogates; safetensors' parser (serde) refuses them.
+    for text in [*obj, *metadata, *metadata.values()]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HeaderError(f"{path}: header string {text!r} is not valid Unicode") from None
 
     entries = [_parse_entry(name, info, path) for name, info in obj.items()]
     entries.sort(key=lambda e: (e.begin, e.end, e.name))
@@ -260,7 +306,7 @@ def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise HeaderError(f"{where}: entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_SIZES:
+    if dtype not in DTYPE_BITS:
         raise HeaderError(f"{where}: unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise HeaderError(f"{where}: shape must be a list of non-negative integers")
@@ -271,7 +317,9 @@ def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise HeaderError(f"{where}: data_offsets must be two integers 0 <= begin <= end")
-    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if (math.prod(shape) * DTYPE_BITS[dtype]) % 8 or (dtype in PACKED_PAIRS and (not shape or shape[-1] % 2)):
+        raise HeaderError(f"{where}: {dtype} x {shape} does not fill whole bytes")
+    expected = data_bytes(dtype, shape)
     if offsets[1] - offsets[0] != expected:
         raise HeaderError(
             f"{where}: {offsets[1] - offsets[0]} data bytes do not match {dtype} x {shape} = {expected} bytes"
@@ -291,7 +339,7 @@ def layout(
     entries = []
     position = 0
     for name, dtype, shape in ordered:
-        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        nbytes = data_bytes(dtype, shape)
         entries.append(TensorEntry(name, dtype, tuple(shape), position, position + nbytes))
         position += nbytes
     obj: dict[str, Any] = {}

@@ -47,7 +47,7 @@ def plan_keys(source: Header, model_state: Mapping[str, torch.Tensor]) -> tuple[
     chosen: dict[str, str] = {}
     for key, name in remapped.items():
         target = model_state.get(key)
-        if target is not None and tuple(target.shape) == source.by_name[name].shape:
+        if target is not None and tuple(target.shape) == source.by_name[name].torch_shape:
             chosen[key] = name
             continue
         (result.unexpected_keys if target is None else result.mismatched_keys).append(key)

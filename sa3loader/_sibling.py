@@ -213,7 +213,13 @@ class SiblingResolver:
             out.reason = "cache hit"
             return out
         metadata = _convert.sibling_metadata(self.source, self.identity, self.fingerprint())
-        target, problems = self.target(_convert.sibling_size(self.source, metadata))
+        try:
+            size = _convert.sibling_size(self.source, metadata)
+        except ConversionError as exc:
+            out.reason = f"{exc}: loading the fp32 source"
+            warn_once("fallback:" + self.real, "%s", out.reason)
+            return out
+        target, problems = self.target(size)
         if target is None:
             out.reason = f"no place for the fp16 sibling ({'; '.join(problems)}): loading the fp32 source"
             warn_once("fallback:" + self.real, "%s: %s", self.source.path, out.reason)

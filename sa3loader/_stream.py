@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._format import preadv_exact
+from ._format import open_for_reading, preadv_exact
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +98,6 @@ def _byte_ranges(dests: Sequence[torch.Tensor], offsets: Sequence[int]) -> list[
     return [(off, t.numel() * t.element_size()) for off, t in zip(offsets, dests, strict=True)]
 
 
-def _open_for_reading(path: str) -> int:
-    return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-
-
 def _chunk_views(chunk: Chunk, dests: list[memoryview], scratch: memoryview | None) -> list[memoryview]:
     """The chunk's bytes as destination slices, gaps going to ``scratch``."""
     views: list[memoryview] = []
@@ -127,7 +123,7 @@ def read_into(
     ranges = _byte_ranges(dests, offsets)
     views = [memoryview(_byte_view(t).numpy()) if t.numel() else memoryview(b"") for t in dests]
     chunks = plan_chunks(ranges, chunk_bytes)
-    fd = _open_for_reading(path)
+    fd = open_for_reading(path)
     local = threading.local()
 
     def read(chunk: Chunk) -> None:
@@ -238,7 +234,7 @@ def stream_into(
     stats.staging_bytes = sum(t.numel() for t in ring)
     ring_views = [memoryview(t.numpy()) for t in ring]
     targets = [_byte_view(t) if t.numel() else t for t in dests]
-    fd = _open_for_reading(path)
+    fd = open_for_reading(path)
 
     def read(i: int) -> None:
         slot = i % slots

@@ -16,6 +16,7 @@ import torch
 
 from ._format import Header, TensorEntry
 from ._stream import plan_chunks
+from .errors import HeaderError
 
 PAGE_BYTES = mmap.PAGESIZE
 PREFETCH_PIECE_BYTES = 64 * 1024 * 1024
@@ -25,11 +26,21 @@ _DTYPE_NAMES = {
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
     "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64",
     "BOOL": "bool", "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
+    "F4": "float4_e2m1fn_x2",
 }  # fmt: skip
-# uint16/32/64 arrived in torch 2.3; older releases simply cannot load those tensors.
+# Some arrived late (uint16/32/64 in torch 2.3, e8m0 and fp4 later): older releases cannot load them.
 TORCH_DTYPES: dict[str, torch.dtype] = {
     st: getattr(torch, name) for st, name in _DTYPE_NAMES.items() if hasattr(torch, name)
 }
+
+
+def torch_dtype(dtype: str, path: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype, or a ``HeaderError`` naming the file."""
+    try:
+        return TORCH_DTYPES[dtype]
+    except KeyError:
+        raise HeaderError(f"{path}: torch {torch.__version__} has no dtype for {dtype} tensors") from None
 
 
 class MappedFile:
@@ -44,15 +55,16 @@ class MappedFile:
             raise OSError(f"{header.path} changed size while it was being opened")
 
     def tensor(self, entry: TensorEntry) -> torch.Tensor:
-        dtype = TORCH_DTYPES[entry.dtype]
+        dtype = torch_dtype(entry.dtype, self.header.path)
         if entry.numel == 0:
-            return torch.empty(entry.shape, dtype=dtype)
+            return torch.empty(entry.torch_shape, dtype=dtype)
         offset = self.header.data_start + entry.begin
         if offset % dtype.itemsize:
             # Files from other writers may misalign a tensor: copy it instead of viewing.
             data = bytearray(self._map[offset : offset + entry.nbytes])
-            return torch.frombuffer(data, dtype=dtype).view(entry.shape)
-        return torch.frombuffer(self._map, dtype=dtype, count=entry.numel, offset=offset).view(entry.shape)
+            return torch.frombuffer(data, dtype=dtype).view(entry.torch_shape)
+        tensor = torch.frombuffer(self._map, dtype=dtype, count=entry.numel, offset=offset)
+        return tensor.view(entry.torch_shape)
 
     def prefetch(
         self, offsets: Sequence[int], sizes: Sequence[int], stop: threading.Event | None = None

@@ -24,7 +24,7 @@ import torch
 
 from ._format import Header, fd_path
 from ._stream import read_into, stream_into
-from ._tensors import TORCH_DTYPES, MappedFile
+from ._tensors import MappedFile, torch_dtype
 
 # A sibling value f16(x) equals upstream's result for x only when the model
 # tensor it lands in holds x exactly first (f16, f32, f64); else read the source.
@@ -97,7 +97,7 @@ class Values:
         """The file's tensor on the CPU: a view of the sibling's mapping, or a fresh read."""
         entry = header.by_name[name]
         if not self._maps_allowed(header):
-            out = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
+            out = torch.empty(entry.torch_shape, dtype=torch_dtype(entry.dtype, header.path))
             read_into(self._open_path(header), [out], [header.data_start + entry.begin])
             return out
         return self._mapped(header).tensor(entry)
@@ -141,7 +141,7 @@ class Values:
         dtype = self.source.by_name[name].dtype
         if self.sibling is not None and dtype == "F32" and model_dtype in SIBLING_SAFE_DTYPES:
             return self.sibling  # fp16(x): what upstream ends with
-        if TORCH_DTYPES[dtype] == model_dtype and not (
+        if torch_dtype(dtype, self.source.path) == model_dtype and not (
             self.half and model_dtype.is_floating_point and model_dtype != torch.float16
         ):
             # The sibling holds every other dtype byte for byte, and may be mapped.
@@ -193,7 +193,10 @@ class Values:
                 else:
                     self._maps[path].prefetch(offsets, [e.nbytes for e in entries])
                 continue
-            dests = [torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device=device) for e in entries]
+            dests = [
+                torch.empty(e.torch_shape, dtype=torch_dtype(e.dtype, header.path), device=device)
+                for e in entries
+            ]
             if not streamed:
                 read_into(self._open_path(header), dests, offsets)
             else:

@@ -27,6 +27,14 @@ class CheckpointIsADirectoryError(Sa3LoaderError, IsADirectoryError):
     """The checkpoint path is a directory, not a safetensors file."""
 
 
+class CheckpointPermissionError(Sa3LoaderError, PermissionError):
+    """The checkpoint (or a file sa3loader needs) may not be read by this user."""
+
+
+class FileAccessError(Sa3LoaderError, OSError):
+    """A file sa3loader reads could not be opened or read (a symlink loop, an I/O error, ...)."""
+
+
 class ConversionError(Sa3LoaderError, OSError):
     """The fp16 sibling could not be written."""
 

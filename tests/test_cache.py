@@ -446,3 +446,18 @@ def test_a_sibling_under_the_old_name_is_adopted(tmp_path, conversions):
     shutil.rmtree(tmp_path / "cache")
     assert_same_model(load(plain, tmp_path / "cache"), reference(plain))
     assert len(conversions) == 1 and sa3loader.last_load_info().cache_hit
+
+
+def test_a_sibling_header_over_the_limit_loads_fp32_and_leaves_nothing(ckpt, tmp_path, monkeypatch, caplog):
+    """Near safetensors' 100 MB header limit, our metadata would push the sibling's header over."""
+    source_header = read_header(ckpt).header_size
+    monkeypatch.setattr(_convert, "MAX_HEADER_BYTES", source_header + 16)  # the source fits, ours not
+    before = set(tmp_path.rglob("*"))
+    for _ in range(2):
+        model = load(ckpt, tmp_path / "cache")
+        info = sa3loader.last_load_info()
+        assert info.sibling is None and not info.converted and "limit" in info.reason
+        assert_same_model(model, reference(ckpt))
+    created = {p for p in set(tmp_path.rglob("*")) - before if p.is_file() and "index" not in p.parts}
+    assert created == set(), created
+    assert len([r for r in caplog.records if "limit" in r.getMessage()]) == 1

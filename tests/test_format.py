@@ -179,3 +179,99 @@ def test_fuzz_structured_headers(header, data_size):
         assert entry.begin == position and entry.end >= entry.begin
         position = entry.end
     assert position == data_size
+
+
+def every_dtype() -> dict[str, torch.Tensor]:
+    """One tensor of each dtype safetensors stores and this torch has (F4 packs two per byte)."""
+    gen = torch.Generator().manual_seed(5)
+    out = {}
+    for st_name, dtype in TORCH_DTYPES.items():
+        high = 2 if dtype == torch.bool else 256  # any other byte is not a bool
+        raw = torch.randint(0, high, (3, 4 * dtype.itemsize), dtype=torch.uint8, generator=gen)
+        out[f"t.{st_name.lower()}"] = raw.view(dtype)
+    return out
+
+
+def test_every_dtype_is_laid_out_read_and_converted_like_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from sa3loader import load_into_module
+    from sa3loader._sibling import resolve_sibling
+
+    tensors = every_dtype()
+    assert {"F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4"} <= set(TORCH_DTYPES)
+    path = tmp_path / "all.safetensors"
+    save_file(tensors, str(path))
+    header = read_header(path)
+    prefix, _ = layout([(e.name, e.dtype, e.shape) for e in header.entries], {})
+    assert prefix == path.read_bytes()[: len(prefix)]  # save_file's order, F4 and E8M0 included
+    module = torch.nn.Sequential()
+    holder = torch.nn.Module()
+    for name, value in tensors.items():
+        holder.register_buffer(
+            name.split(".")[1], torch.zeros_like(value.view(torch.uint8)).view(value.dtype)
+        )
+    module.add_module("t", holder)
+    result = load_into_module(module, path)
+    assert result.unexpected_keys == result.mismatched_keys == []
+    expected = load_file(str(path))
+    for name, value in module.state_dict().items():
+        assert value.dtype == expected[name].dtype and value.shape == expected[name].shape, name
+        assert torch.equal(value.view(torch.uint8), expected[name].view(torch.uint8)), name
+    resolve_sibling(header, str(tmp_path / "cache"))  # nothing to convert: loaded as is
+    tensors["w"] = torch.randn(4)
+    save_file(tensors, str(path))
+    outcome = resolve_sibling(read_header(path), str(tmp_path / "cache"))
+    sibling = load_file(outcome.sibling.path)
+    for name, value in tensors.items():
+        want = value.half() if value.dtype == torch.float32 else value
+        assert torch.equal(sibling[name].view(torch.uint8), want.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"caf\udce9": _entry()},
+        {"__metadata__": {"k\udc80": "v"}, "a": _entry()},
+        {"a": _entry("F4", (3,), (0, 1))},
+        {"a": _entry("F6_E2M3", (4,), (0, 3))},
+    ],
+    ids=["lone-surrogate-name", "lone-surrogate-metadata", "odd-f4", "f6-torch-lacks"],
+)
+def test_headers_safetensors_refuses_are_refused(tmp_path, bad):
+    path = _file(tmp_path, json.dumps(bad), b"\0" * 8)
+    with pytest.raises(HeaderError, match="bad.safetensors"):
+        read_header(path)
+
+
+@pytest.mark.parametrize("failure", ["symlink-loop", "permission", "read-error"])
+def test_os_failures_are_typed_and_name_the_file(tmp_path, monkeypatch, failure):
+    import errno
+    import os
+
+    import sa3loader
+    from sa3loader import _format
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(4)}, str(path))
+    if failure == "symlink-loop":
+        path.unlink()
+        path.symlink_to(tmp_path / "other.safetensors")
+        (tmp_path / "other.safetensors").symlink_to(path)
+        builtin = OSError
+    elif failure == "permission":
+        real_open = os.open
+
+        def refuse(p, *args, **kwargs):
+            if os.fspath(p) == str(path):
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return real_open(p, *args, **kwargs)
+
+        monkeypatch.setattr(_format.os, "open", refuse)
+        builtin = PermissionError
+    else:
+        monkeypatch.setattr(_format.os, "preadv", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+        builtin = OSError
+    with pytest.raises(sa3loader.Sa3LoaderError, match="model.safetensors") as err:
+        sa3loader.load_into_module(torch.nn.Linear(2, 2), path)
+    assert isinstance(err.value, builtin)
