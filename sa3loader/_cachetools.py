@@ -5,16 +5,27 @@ Nothing here deletes a file that lacks sa3loader's metadata marker.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from . import _convert
+from ._convert import INCOMPLETE_INFIX
 from ._format import read_header
-from ._fsutil import SHARED_CACHE_ENV, cache_dir_trust
+from ._fsutil import (
+    LOCK_SUFFIX,
+    SHARED_CACHE_ENV,
+    SIBLINGS_SUBDIR,
+    cache_dir_trust,
+    conversion_lock,
+    remove_stray_incomplete,
+)
 from ._identity import hard_match, source_identity
 from ._index import Index
-from .errors import Sa3LoaderError, UntrustedCacheDirError, VerificationError
+from .errors import LockTimeoutError, Sa3LoaderError, UntrustedCacheDirError, VerificationError
 
 OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
 INVALID = "invalid"  # a row of the wrong shape: treated as absent by loads
@@ -101,8 +112,52 @@ def _remove_sibling(path: str) -> bool:
     return True
 
 
-def prune(cache_dir: str, *, dry_run: bool = False) -> list[Entry]:
-    """Drop rows (and their siblings) whose source is gone or changed, and invalid rows."""
+def _sweep_one(sibling: str, dry_run: bool) -> list[str]:
+    """Temp files and the lock of a sibling nobody is converting now, deleted under that lock."""
+    pattern = glob.escape(sibling) + INCOMPLETE_INFIX + "*"
+    lock = sibling + LOCK_SUFFIX
+    if dry_run:
+        return sorted(glob.glob(pattern)) + ([lock] if os.path.exists(lock) else [])
+    if not os.path.exists(lock) and not glob.glob(pattern):
+        return []
+    try:
+        with conversion_lock(sibling, timeout=0) as locked:
+            if not locked:
+                return []
+            removed = remove_stray_incomplete(sibling)
+            os.unlink(lock)
+            return [*removed, lock]
+    except (LockTimeoutError, OSError):  # a conversion is running, or the dir is read-only
+        return []
+
+
+def sweep(cache_dir: str, siblings: Iterable[str] = (), *, dry_run: bool = False) -> list[str]:
+    """Remove what crashed or killed conversions left: temp files, lock files, empty dirs.
+
+    Covers the given siblings (those rows name, often beside their sources) and
+    everything under the cache dir's ``siblings/``. Each sibling's leftovers go
+    only while holding its conversion lock, so a running conversion is never touched.
+    """
+    root = os.path.join(cache_dir, SIBLINGS_SUBDIR)
+    found = set(siblings)
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(LOCK_SUFFIX):
+                found.add(os.path.join(directory, name[: -len(LOCK_SUFFIX)]))
+            elif INCOMPLETE_INFIX in name:
+                found.add(os.path.join(directory, name.split(INCOMPLETE_INFIX)[0]))
+    removed = [path for sibling in sorted(found) for path in _sweep_one(sibling, dry_run)]
+    for directory, _, _ in sorted(os.walk(root, topdown=False), reverse=True):
+        if directory != root and not dry_run:
+            with contextlib.suppress(OSError):  # only empty dirs go
+                os.rmdir(directory)
+                removed.append(directory + os.sep)
+    return removed
+
+
+def prune(cache_dir: str, *, dry_run: bool = False) -> tuple[list[Entry], list[str]]:
+    """Drop rows (and their siblings) whose source is gone or changed, and invalid rows;
+    then ``sweep`` leftovers. Returns the rows and the leftover files removed."""
     index = _open_index(cache_dir)
     pruned = []
     try:
@@ -122,16 +177,21 @@ def prune(cache_dir: str, *, dry_run: bool = False) -> list[Entry]:
             index.delete(key)
     finally:
         index.close()
-    return pruned
+    return pruned, sweep(cache_dir, [e.sibling for _, e in listed if e.sibling], dry_run=dry_run)
 
 
-def clear(cache_dir: str) -> int:
-    """Remove every row and every sibling they name (sa3loader files only)."""
+def clear(cache_dir: str) -> tuple[int, list[str]]:
+    """Remove every row and every sibling they name (sa3loader files only), then ``sweep``.
+
+    Returns the number of rows and the leftover files removed.
+    """
     index = _open_index(cache_dir)
     try:
-        for _, row in index.items():
-            if row is not None and os.path.exists(row["sibling"]["path"]):
-                _remove_sibling(row["sibling"]["path"])
-        return index.clear()
+        siblings = [row["sibling"]["path"] for _, row in index.items() if row is not None]
+        for sibling in siblings:
+            if os.path.exists(sibling):
+                _remove_sibling(sibling)
+        count = index.clear()
     finally:
         index.close()
+    return count, sweep(cache_dir, siblings)

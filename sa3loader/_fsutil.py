@@ -7,8 +7,9 @@ a load returns. Dirs sa3loader creates are private (0700).
 The conversion lock is ``fcntl.flock`` on ``<sibling>.lock``: the kernel
 releases it when the holder dies, so a crash never leaves a stale lock, and
 it is keyed by the sibling's path, so callers with different cache dirs that
-target one sibling still convert once. Lock files are never deleted (deleting
-one while another process waits on it would let two writers in).
+target one sibling still convert once. Cache commands delete lock files only
+while holding them; whoever takes a lock then checks that its descriptor is
+still the file at the path, and starts over if not.
 """
 
 from __future__ import annotations
@@ -204,25 +205,36 @@ def lock_timeout() -> float:
         return DEFAULT_LOCK_TIMEOUT_S
 
 
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st, now = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_ino, st.st_dev) == (now.st_ino, now.st_dev)
+
+
 @contextlib.contextmanager
 def conversion_lock(sibling_path: str, timeout: float | None = None) -> Iterator[bool]:
     """Hold the exclusive lock for ``sibling_path``; yields False when locking is unsupported.
 
     Without a lock, conversion is still safe (temp file + rename), only possibly
     duplicated, so an unsupported filesystem degrades to a warning, not a failure.
+    ``cache prune`` and ``clear`` delete lock files while holding them, so a lock
+    taken on a file that is no longer at the path is dropped and taken again.
     """
     timeout = lock_timeout() if timeout is None else timeout
     lock_path = sibling_path + LOCK_SUFFIX
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        deadline = time.monotonic() + timeout
-        next_log = time.monotonic() + LOCK_LOG_EVERY_S
-        while True:
+    deadline = time.monotonic() + timeout
+    next_log = time.monotonic() + LOCK_LOG_EVERY_S
+    while True:
+        # flock needs only read access; 0o666 lets others who share the dir take it too.
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                locked = True
             except BlockingIOError:
-                pass
+                locked = False
             except OSError as exc:
                 if exc.errno not in UNSUPPORTED_LOCK_ERRNOS:
                     raise
@@ -234,22 +246,25 @@ def conversion_lock(sibling_path: str, timeout: float | None = None) -> Iterator
                 )
                 yield False
                 return
-            now = time.monotonic()
-            if now >= deadline:
-                raise LockTimeoutError(
-                    f"waited {timeout:.0f}s for {lock_path}; another process is still converting. "
-                    f"Raise ${LOCK_TIMEOUT_ENV} or remove the stuck process."
-                )
-            if now >= next_log:
-                logger.info("waiting for %s (another process is converting)", lock_path)
-                next_log = now + LOCK_LOG_EVERY_S
-            time.sleep(LOCK_POLL_S)
-        try:
-            yield True
+            if locked and _same_file(fd, lock_path):
+                try:
+                    yield True
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                return
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+            os.close(fd)
+        now = time.monotonic()
+        if now >= deadline:
+            raise LockTimeoutError(
+                f"waited {timeout:.0f}s for {lock_path}; another process is still converting. "
+                f"Raise ${LOCK_TIMEOUT_ENV} or remove the stuck process."
+            )
+        if now >= next_log:
+            logger.info("waiting for %s (another process is converting)", lock_path)
+            next_log = now + LOCK_LOG_EVERY_S
+        if not locked:
+            time.sleep(LOCK_POLL_S)
 
 
 def remove_stray_incomplete(sibling_path: str) -> list[str]:

@@ -138,13 +138,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
         )
         return EXIT_OK if all(check == _cachetools.OK for _, check in results) else EXIT_CHECK_FAILED
     if args.cache_command == "prune":
-        pruned = _cachetools.prune(cache_dir, dry_run=args.dry_run)
+        pruned, files = _cachetools.prune(cache_dir, dry_run=args.dry_run)
         verb = "would prune" if args.dry_run else "pruned"
-        _emit(args, [asdict(e) for e in pruned], [f"{verb} ({e.status}): {e.source}" for e in pruned]
-              + [f"{verb} {len(pruned)} row(s)"])  # fmt: skip
+        remove = "would remove" if args.dry_run else "removed"
+        lines = [f"{verb} ({e.status}): {e.source}" for e in pruned] + [
+            f"{remove} leftover {f}" for f in files
+        ]
+        lines.append(f"{verb} {len(pruned)} row(s), {remove} {len(files)} leftover file(s)")
+        _emit(args, {"rows": [asdict(e) for e in pruned], "leftovers": files}, lines)
         return EXIT_OK
-    count = _cachetools.clear(cache_dir)
-    _emit(args, {"cleared_rows": count}, [f"cleared {count} row(s) from {cache_dir}"])
+    count, files = _cachetools.clear(cache_dir)
+    lines = [f"removed leftover {f}" for f in files]
+    lines.append(f"cleared {count} row(s) from {cache_dir}, removed {len(files)} leftover file(s)")
+    _emit(args, {"cleared_rows": count, "leftovers": files}, lines)
     return EXIT_OK
 
 

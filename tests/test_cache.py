@@ -418,7 +418,7 @@ def test_prune_keeps_a_sibling_that_a_repointed_symlink_reuses(tmp_path):
     link.symlink_to(b.name)  # the same sibling name now belongs to b
     load(link, cache)
     sibling = tmp_path / "model.fp16.safetensors"
-    pruned = _cachetools.prune(str(cache))
+    pruned, _ = _cachetools.prune(str(cache))
     assert [e.status for e in pruned] == ["stale"] and sibling.exists()
     model = load(link, cache)
     assert sa3loader.last_load_info().cache_hit
@@ -461,3 +461,45 @@ def test_a_sibling_header_over_the_limit_loads_fp32_and_leaves_nothing(ckpt, tmp
     created = {p for p in set(tmp_path.rglob("*")) - before if p.is_file() and "index" not in p.parts}
     assert created == set(), created
     assert len([r for r in caplog.records if "limit" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("command", ["prune", "clear"])
+def test_prune_and_clear_sweep_leftovers_but_not_a_running_conversion(tmp_path, command):
+    """A SIGTERM mid-conversion leaves a temp file; locks and emptied dirs stay behind too."""
+    import fcntl
+
+    from sa3loader import _cachetools
+
+    torch.manual_seed(0)
+    beside = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    hub = tmp_path / "hub" / "models--o--n" / "snapshots" / "r" / "model.safetensors"
+    hub.parent.mkdir(parents=True)
+    save(random_like_state(build(), seed=4), hub)
+    cache = tmp_path / "cache"
+    load(beside, cache)
+    load(hub, cache)
+    killed = tmp_path / "model.fp16.safetensors.incomplete-999-deadbeef"
+    killed.write_bytes(b"half a sibling")
+    stray_dir = cache / "siblings" / "0123456789abcdef"
+    stray_dir.mkdir()
+    (stray_dir / "old.fp16.safetensors.incomplete-1-2").write_bytes(b"x")
+    running_dir = cache / "siblings" / "fedcba9876543210"
+    running_dir.mkdir()
+    running = running_dir / "busy.fp16.safetensors.incomplete-5-6"
+    running.write_bytes(b"being written")
+    holder = os.open(running_dir / "busy.fp16.safetensors.lock", os.O_RDONLY | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # a conversion in progress
+    try:
+        if command == "prune":
+            _, removed = _cachetools.prune(str(cache))
+        else:
+            _, removed = _cachetools.clear(str(cache))
+    finally:
+        os.close(holder)
+    assert not killed.exists() and not stray_dir.exists()
+    assert str(killed) in removed and str(tmp_path / "model.fp16.safetensors.lock") in removed
+    assert running.exists()  # its lock is held: never touched
+    assert not list(tmp_path.glob("*.lock"))
+    assert (tmp_path / "model.fp16.safetensors").exists() == (command == "prune")
+    load(beside, cache)  # and loading still works
+    assert sa3loader.last_load_info().build == "fast"
