@@ -532,3 +532,23 @@ def test_dirs_sa3loader_creates_are_private(tmp_path):
     sibling = Path(sa3loader.last_load_info().sibling)
     for directory in (cache, cache / "index", sibling.parent, sibling.parent.parent):
         assert directory.stat().st_mode & 0o777 == 0o700, directory
+
+
+def test_a_lock_taken_on_a_deleted_lock_file_is_taken_again(tmp_path, monkeypatch):
+    """prune deletes lock files under the lock; a waiter that then gets the old inode must retry."""
+    sibling = tmp_path / "model.fp16.safetensors"
+    real_flock = _fsutil.fcntl.flock
+    calls = []
+
+    def flock_then_lose_the_file(fd, op):
+        real_flock(fd, op)
+        if op & fcntl.LOCK_EX:
+            calls.append(os.fstat(fd).st_ino)
+            if len(calls) == 1:  # as if a prune removed it just before we got it
+                os.unlink(str(sibling) + ".lock")
+
+    monkeypatch.setattr(_fsutil.fcntl, "flock", flock_then_lose_the_file)
+    with conversion_lock(str(sibling), timeout=5) as locked:
+        assert locked
+        held = os.stat(str(sibling) + ".lock").st_ino
+    assert len(calls) == 2 and calls[-1] == held
