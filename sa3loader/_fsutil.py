@@ -150,6 +150,45 @@ def cache_dir_trust(path: str) -> str | None:
     return None
 
 
+MOUNTINFO = "/proc/self/mountinfo"
+# Filesystems reached over a network (or through FUSE, often a network client):
+# mappings there are many times slower and die with SIGBUS on a server hiccup.
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "9p", "afs", "glusterfs", "gpfs",
+     "beegfs", "ocfs2", "gfs2", "davfs", "fuseblk", "virtiofs"}
+)  # fmt: skip
+
+
+def _unescape_mount(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def network_filesystem(path: str) -> str | None:
+    """The type of the network or FUSE filesystem holding ``path``, or None (local, or unknown).
+
+    Reads ``/proc/self/mountinfo`` (Linux); the longest mount point containing the real path wins.
+    """
+    try:
+        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, best_type = "", None
+    for line in lines:
+        before, sep, after = line.partition(" - ")
+        fields = before.split()
+        if not sep or len(fields) < 5 or not after.split():
+            continue
+        mount = _unescape_mount(fields[4])
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, best_type = mount, after.split()[0]
+    if best_type is not None and (best_type in NETWORK_FILESYSTEMS or best_type.startswith("fuse")):
+        return best_type
+    return None
+
+
 def in_hf_hub_cache(path: str) -> bool:
     """True for paths inside a Hugging Face hub cache (``models--*/snapshots|blobs``)."""
     for candidate in {os.path.abspath(path), os.path.realpath(path)}:

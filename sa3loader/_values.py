@@ -16,6 +16,7 @@ streamed through the staging ring.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import defaultdict
@@ -23,6 +24,7 @@ from collections import defaultdict
 import torch
 
 from ._format import Header, fd_path
+from ._fsutil import network_filesystem
 from ._stream import read_into, stream_into
 from ._tensors import MappedFile, torch_dtype
 
@@ -30,23 +32,30 @@ from ._tensors import MappedFile, torch_dtype
 # tensor it lands in holds x exactly first (f16, f32, f64); else read the source.
 SIBLING_SAFE_DTYPES = {torch.float16, torch.float32, torch.float64}
 
+logger = logging.getLogger(__name__)
+
 _CPU = torch.device("cpu")
 IO_ENV = "SA3LOADER_IO"
 IO_MODES = ("mmap", "read")
-# Measured with benchmarks/bench_load.py (4.6 GB sibling, virtual disk, load
-# plus touch, medians of 3): the mapping, faulted in on 4 threads, took 2.30 s
-# cold and 0.23 s hot; parallel reads into fresh tensors 3.97 s and 1.34 s, as
-# they also fault in and zero anonymous pages. "read" stays for where mappings
-# are unreliable.
+# The mapping measured faster than plain reads both hot and cold, and costs no
+# anonymous memory (benchmarks/README.md). "read" stays for where mappings are
+# unreliable, and is what network filesystems get unless asked otherwise.
 DEFAULT_IO = "mmap"
 
 
-def resolve_io(io: str | None) -> str:
-    """``io`` argument, else $SA3LOADER_IO, else the measured default."""
-    chosen = (io or os.environ.get(IO_ENV, "").strip().lower() or DEFAULT_IO).lower()
-    if chosen not in IO_MODES:
+def resolve_io(io: str | None, path: str | None = None) -> str:
+    """``io`` argument, else $SA3LOADER_IO, else "read" when ``path`` is on a network
+    filesystem (mappings there are slow and die with SIGBUS on a server hiccup), else mmap."""
+    chosen = (io or os.environ.get(IO_ENV, "").strip().lower() or "").lower()
+    if chosen and chosen not in IO_MODES:
         raise ValueError(f"io must be one of {', '.join(IO_MODES)}, not {chosen!r} (argument or ${IO_ENV})")
-    return chosen
+    if chosen:
+        return chosen
+    remote = network_filesystem(path) if path is not None else None
+    if remote is not None:
+        logger.info("%s is on %s: reading it instead of mapping it", path, remote)
+        return "read"
+    return DEFAULT_IO
 
 
 def streams_to(device: torch.device) -> bool:

@@ -279,7 +279,7 @@ def load_diffusion_cond(
         return _finish(model, device, bool(model_half))
 
     started = time.perf_counter()
-    io = resolve_io(io)
+    requested_io, io = io, resolve_io(io)
     factory = (
         model_factory
         if model_factory is not None
@@ -304,6 +304,8 @@ def load_diffusion_cond(
         info.timings["convert_s"] = outcome.converted.seconds
 
     build_started = time.perf_counter()
+    if outcome.sibling is not None:
+        io = resolve_io(requested_io, outcome.sibling.path)
     values = Values(source, outcome.sibling, bool(model_half), io, outcome.sibling_fd)
     values.prefetch_early(target)
     try:
