@@ -159,6 +159,22 @@ def open_for_reading(path: str) -> int:
         raise FileAccessError(exc.errno, f"{path}: cannot open ({exc.strerror})") from exc
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_MAGIC = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
+_OTHER_FORMATS = (_ZIP_MAGIC, *_PICKLE_MAGIC)
+
+
+def _guess_format(first: bytes) -> str:
+    """What the first bytes say a file that is not safetensors is, for the error message."""
+    if first.startswith(_ZIP_MAGIC):
+        return " (it is a zip archive: a PyTorch .pt/.ckpt checkpoint? Convert it to safetensors first)"
+    if first.startswith(_PICKLE_MAGIC):
+        return " (it is a pickle: a PyTorch checkpoint? Convert it to safetensors first)"
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in first):
+        return " (it starts with text)"
+    return ""
+
+
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and validate the header of the safetensors file at ``path``."""
     path = os.fspath(path)
@@ -169,7 +185,10 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         file_size = os.fstat(fd).st_size
         if file_size < HEADER_LENGTH_BYTES:
             raise HeaderError(f"{path}: {file_size} bytes is too small to be a safetensors file")
-        (header_size,) = struct.unpack("<Q", read_exact(fd, 0, HEADER_LENGTH_BYTES, path))
+        length_field = read_exact(fd, 0, HEADER_LENGTH_BYTES, path)
+        (header_size,) = struct.unpack("<Q", length_field)
+        if header_size > file_size - HEADER_LENGTH_BYTES or length_field.startswith(_OTHER_FORMATS):
+            raise HeaderError(f"{path}: not a safetensors file{_guess_format(bytes(length_field))}")
         if header_size > min(MAX_HEADER_BYTES, file_size - HEADER_LENGTH_BYTES):
             raise HeaderError(
                 f"{path}: header claims {header_size} bytes but the file holds "

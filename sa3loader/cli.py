@@ -161,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 error, 2 bad usage, 3 a check found a problem.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("--cache-dir", help="cache dir (default: $SA3LOADER_CACHE_DIR or ~/.cache/sa3loader)")
+    parser.add_argument(
+        "--cache-dir",
+        help="cache dir (default: $SA3LOADER_CACHE_DIR, else $XDG_CACHE_HOME/sa3loader, "
+        "else ~/.cache/sa3loader)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -175,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--out", help="output file or directory (default: the sibling a load uses / <dir>-fp16)"
     )
-    where.add_argument("--in-place", action="store_true", help="replace each file (temp file + rename)")
+    where.add_argument(
+        "--in-place", action="store_true",
+        help="replace each file (temp file + rename): atomic per file, not for the directory as a whole",
+    )  # fmt: skip
     p.add_argument("--verify", action="store_true", help="re-read both sides: output must equal fp16(source)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_convert)
@@ -190,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = add("cache", "list, check, prune or clear the cache")
-    p.add_argument("cache_command", choices=["ls", "verify", "prune", "clear"])
+    p.add_argument(
+        "cache_command", choices=["ls", "verify", "prune", "clear"], metavar="ACTION",
+        help="ls: list rows; verify: full content check; prune: drop stale rows and leftovers; clear: all",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
     p.set_defaults(func=cmd_cache)
     return parser

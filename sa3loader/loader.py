@@ -200,8 +200,26 @@ def _build(
     info.staging_bytes = values.staging_bytes
     assert result is not None
     _log_skipped(result)
+    _warn_random_init(model, result, source)
     info.result = result
     return model
+
+
+MISSING_NAMES_SHOWN = 5
+
+
+def _warn_random_init(model: nn.Module, result: LoadResult, source: Header) -> None:
+    """Upstream is silent when a config is deeper than its checkpoint; say it once."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    missing = [key for key in result.missing_keys if key in parameters]
+    if missing:
+        shown = ", ".join(missing[:MISSING_NAMES_SHOWN]) + (
+            ", ..." if len(missing) > MISSING_NAMES_SHOWN else ""
+        )
+        logger.warning(
+            "%s: %d parameters are not in the checkpoint and keep their random init (%s)",
+            source.path, len(missing), shown,
+        )  # fmt: skip
 
 
 def load_into_module(
@@ -285,6 +303,8 @@ def load_diffusion_cond(
         if model_factory is not None
         else _upstream_factory_function("create_diffusion_cond_from_config")
     )
+    info.timings["import_s"] = time.perf_counter() - started  # stable_audio_3's, the first time
+    sibling_started = time.perf_counter()
     target = torch.device(device)
     torch.empty(0).to(target)  # raises exactly as upstream's model.to(device) would, before any work
     source = read_header(ckpt_path)
@@ -293,7 +313,7 @@ def load_diffusion_cond(
     if model_half:
         verify = _env_flag(VERIFY_ENV) if verify is None else verify
         outcome = resolve_sibling(source, resolve_cache_dir(cache_dir), verify=verify, pin=True)
-    info.timings["sibling_s"] = time.perf_counter() - started
+    info.timings["sibling_s"] = time.perf_counter() - sibling_started
     info.reason, info.events = outcome.reason, outcome.events
     info.sibling = outcome.sibling.path if outcome.sibling is not None else None
     info.converted = outcome.converted is not None
@@ -302,6 +322,11 @@ def load_diffusion_cond(
         info.overflow_to_inf = outcome.converted.overflow_to_inf
         info.flushed_to_zero = outcome.converted.flushed_to_zero
         info.timings["convert_s"] = outcome.converted.seconds
+        if info.overflow_to_inf:
+            logger.warning(
+                "%s: %d finite values overflow fp16 and became inf (model.to(torch.float16) does the same)",
+                source.path, info.overflow_to_inf,
+            )  # fmt: skip
 
     build_started = time.perf_counter()
     if outcome.sibling is not None:

@@ -173,3 +173,96 @@ def test_a_failing_factory_stops_the_early_prefetch(tmp_path):
     with pytest.raises(RuntimeError, match="factory broke"):
         sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=broken)
     assert not [t for t in threading.enumerate() if t.name == "sa3loader-prefetch"]
+
+
+def test_range_report_warns_only_about_overflow(tmp_path, caplog):
+    """Flushing tiny values to zero is normal for fp16 (INFO); overflow to inf is worth one WARNING."""
+    import logging
+
+    torch.manual_seed(0)
+    state = random_like_state(build(), seed=1)
+    for key, value in state.items():
+        if value.is_floating_point():
+            state[key] = value.float().clamp(-60000, 60000).nan_to_num(0.0, 0.0, 0.0).to(value.dtype)
+    flushed_only = save(state, tmp_path / "flushed.safetensors")  # holds 3e-6, -1e-9: flushed
+    caplog.set_level(logging.INFO, logger="sa3loader")
+    sa3loader.load_diffusion_cond(
+        {}, flushed_only, "cpu", True, cache_dir=tmp_path / "c", model_factory=build
+    )
+    info = sa3loader.last_load_info()
+    assert info.flushed_to_zero > 0 and info.overflow_to_inf == 0
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert any("flushed to zero" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    caplog.clear()
+    overflowing = save(random_like_state(build(), seed=1), tmp_path / "overflow.safetensors")  # 70000.0
+    sa3loader.load_diffusion_cond({}, overflowing, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "overflow" in warnings[0], warnings
+
+
+def test_parameters_missing_from_the_checkpoint_get_one_warning(tmp_path, caplog):
+    import logging
+
+    torch.manual_seed(0)
+    state = random_like_state(build({"depth": 3}), seed=1)
+    shallow = {k: v for k, v in state.items() if not k.startswith("blocks.2.")}
+    ckpt = save(shallow, tmp_path / "model.safetensors")
+    caplog.set_level(logging.WARNING, logger="sa3loader")
+    sa3loader.load_diffusion_cond(
+        {"depth": 3}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build
+    )
+    warnings = [r.getMessage() for r in caplog.records if "random init" in r.getMessage()]
+    missing_params = [k for k, _ in build({"depth": 3}).named_parameters() if k.startswith("blocks.2.")]
+    assert len(warnings) == 1 and f"{len(missing_params)} parameters" in warnings[0]
+    assert missing_params[0] in warnings[0]
+
+
+def test_timings_split_the_upstream_import_from_the_sibling(tmp_path, monkeypatch):
+    """The first load imports stable_audio_3 (seconds): that is import_s, not sibling_s."""
+    import time as real_time
+    import types
+
+    from sa3loader import loader
+
+    offset = [0.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + offset[0])
+    monkeypatch.setattr(loader, "time", clock)
+
+    def slow_import(name):
+        offset[0] += 1000.0  # a fake clock: deterministic on any machine
+        return build
+
+    monkeypatch.setattr(loader, "_upstream_factory_function", slow_import)
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+    sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c")
+    timings = sa3loader.last_load_info().timings
+    assert timings["import_s"] >= 1000 > timings["sibling_s"]
+
+
+@pytest.mark.parametrize("kind", ["zip", "pickle", "text"])
+def test_other_formats_are_named_before_any_header_arithmetic(tmp_path, kind):
+    import pickle
+
+    path = tmp_path / "model.ckpt"
+    if kind == "zip":
+        torch.save({"w": torch.ones(2)}, str(path))
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+    else:
+        path.write_text("this is a README, not weights\n" * 50)
+    with pytest.raises(sa3loader.HeaderError, match=r"model\.ckpt: not a safetensors file") as err:
+        sa3loader.load_into_module(torch.nn.Linear(2, 2), path)
+    assert {"zip": "zip archive", "pickle": "pickle", "text": "text"}[kind] in str(err.value)
+    assert "claims" not in str(err.value)
+
+
+def test_cli_names_its_arguments_for_people(capsys):
+    from sa3loader import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["cache"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "ACTION" in err and "cache_command" not in err
+    assert "XDG_CACHE_HOME" in cli.build_parser().format_help()
