@@ -49,6 +49,8 @@ class SiblingOutcome:
     # An open descriptor of ``sibling`` (``pin=True``): the caller reads through it and closes it.
     sibling_fd: int | None = None
     converted: ConversionResult | None = None
+    # The fp16 range report stored when the sibling found was made (a hit converts nothing now).
+    stored_range: dict[str, int] | None = None
     reason: str = ""
     events: list[str] = field(default_factory=list)
 
@@ -96,6 +98,7 @@ class SiblingResolver:
         self.index = Index(cache_dir, usable=self.cache_trusted)
         self.outcome = SiblingOutcome()
         self._fingerprint: str | None = None
+        self._failed_verify: set[str] = set()  # checked once: the re-check under the lock skips them
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -117,6 +120,8 @@ class SiblingResolver:
 
     def accept(self, path: str, row: dict[str, Any] | None) -> Header | None:
         """The sibling at ``path`` if it is valid for the current source, else None."""
+        if path in self._failed_verify:
+            return None
         try:
             sibling = read_header(path)
         except (HeaderError, OSError):
@@ -143,6 +148,7 @@ class SiblingResolver:
             except VerificationError as exc:
                 logger.warning("%s", exc)
                 self.outcome.events.append(f"content check failed for {path}")
+                self._failed_verify.add(path)
                 return None
         if not trusted:
             self.outcome.events.append("adopted" if row is None else "revalidated")
@@ -211,6 +217,8 @@ class SiblingResolver:
         out.sibling = self.find()
         if out.sibling is not None:
             out.reason = "cache hit"
+            row = self.index.get(self.real)
+            out.stored_range = row["range"] if row is not None else None
             return out
         metadata = _convert.sibling_metadata(self.source, self.identity, self.fingerprint())
         try:

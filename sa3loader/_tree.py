@@ -79,10 +79,14 @@ def convert_file(
         if outcome.sibling is None:
             raise ConversionError(f"{src}: {outcome.reason}")
         converted = outcome.converted
+        report = (
+            {"overflow_to_inf": converted.overflow_to_inf, "flushed_to_zero": converted.flushed_to_zero}
+            if converted is not None
+            else outcome.stored_range or {"overflow_to_inf": 0, "flushed_to_zero": 0}
+        )
         return FileAction(
             src, outcome.sibling.path, "converted" if converted else "unchanged",
-            converted.overflow_to_inf if converted else 0, converted.flushed_to_zero if converted else 0,
-            verified=verify,
+            report["overflow_to_inf"], report["flushed_to_zero"], verified=verify,
         )  # fmt: skip
     if os.path.exists(out) and not force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it")

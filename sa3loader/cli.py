@@ -60,8 +60,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     converted = [a for a in actions if a.action == "converted"]
     if args.verify:
         lines.append(f"verify: max abs diff of fp16(source) vs output = 0.0 over {len(converted)} file(s)")
-    overflow = sum(a.overflow_to_inf for a in converted)
-    flushed = sum(a.flushed_to_zero for a in converted)
+    # An unchanged sibling reports what was stored when it was made.
+    reported = [a for a in actions if a.action in ("converted", "unchanged")]
+    overflow = sum(a.overflow_to_inf for a in reported)
+    flushed = sum(a.flushed_to_zero for a in reported)
     lines.append(f"fp16 range: {overflow} values overflowed to inf, {flushed} nonzero values flushed to zero")
     _emit(args, [asdict(a) for a in actions], lines)
     return EXIT_OK

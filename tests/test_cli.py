@@ -1,11 +1,14 @@
-"""The CLI, run as a subprocess on synthetic checkpoint directories."""
+"""The CLI on synthetic checkpoint directories: ``cli.main`` in-process with captured output,
+plus subprocess runs of ``python -m sa3loader`` where logging set-up matters."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -13,17 +16,32 @@ import torch
 from conftest import writable
 from safetensors.torch import load_file, save_file
 
+from sa3loader import cli
 from sa3loader._format import read_header
 
 
 def run(*args: str, cache: Path, check_rc: int | None = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "sa3loader", "--cache-dir", str(cache), *args],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    """``sa3loader --cache-dir CACHE ARGS`` in this process, output captured as a subprocess's would be."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli.main(["--cache-dir", str(cache), *args])
+        except SystemExit as exc:  # argparse: --help, bad usage
+            rc = int(exc.code or 0)
+        except Exception:  # --debug lets errors through, with their traceback
+            traceback.print_exc()
+            rc = 1
+    proc = subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stderr + proc.stdout
     return proc
+
+
+def run_process(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sa3loader", "--cache-dir", str(cache), *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -159,4 +177,39 @@ def test_help_reads_well(tmp_path):
     out = run("--help", cache=tmp_path).stdout
     for word in ("convert", "warm", "info", "cache", "Exit codes"):
         assert word in out
-    assert os.path.basename(sys.executable)
+    smoke = run_process("--help", cache=tmp_path)
+    assert smoke.returncode == 0 and smoke.stdout == out  # python -m sa3loader is the same CLI
+
+
+def test_convert_says_each_thing_once_in_exact_words(tmp_path):
+    """Converting again reports the stored range figures, not zeros."""
+    src = tmp_path / "model.safetensors"
+    save_file({"w": torch.tensor([1.0, 70000.0, 1e-9, 3e-6]), "i": torch.arange(2)}, str(src))
+    sibling = tmp_path / "model.fp16.safetensors"
+    report = "fp16 range: 1 values overflowed to inf, 1 nonzero values flushed to zero\n"
+    first = run("convert", str(src), cache=tmp_path / "c")
+    assert (first.stdout, first.stderr) == (f"converted {src} -> {sibling}\n{report}", "")
+    again = run("convert", str(src), cache=tmp_path / "c")
+    assert (again.stdout, again.stderr) == (f"unchanged {src} -> {sibling}\n{report}", "")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    save_file(
+        {"w": torch.tensor([1.0, 70000.0, 1e-9, 3e-6]), "i": torch.arange(2)}, str(fresh / "m.safetensors")
+    )
+    proc = run_process("convert", str(fresh / "m.safetensors"), cache=tmp_path / "c2")  # real logging set-up
+    assert proc.returncode == 0 and (proc.stdout + proc.stderr).count("fp16 range") == 1, proc
+
+
+def test_warm_verify_reports_a_mismatch_once(ckpt_dir, tmp_path, caplog):
+    import logging
+
+    src = ckpt_dir / "model.safetensors"
+    run("warm", str(src), cache=tmp_path / "c")
+    sibling = ckpt_dir / "model.fp16.safetensors"
+    raw = bytearray(sibling.read_bytes())
+    raw[-2] ^= 0xFF
+    writable(sibling).write_bytes(bytes(raw))
+    caplog.set_level(logging.WARNING, logger="sa3loader")
+    proc = run("warm", str(src), "--verify", cache=tmp_path / "c")
+    assert proc.stdout.startswith("converted: ")
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
