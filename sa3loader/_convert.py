@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -41,7 +43,8 @@ FORMAT_VERSION = "1"
 META_PREFIX = "sa3loader."
 MARKER_KEY = META_PREFIX + "format_version"
 INCOMPLETE_INFIX = ".incomplete-"
-CHUNK_ELEMENTS = 8 * 1024 * 1024  # 32 MiB of float32 in flight, whatever the model size
+CHUNK_ELEMENTS = 4 * 1024 * 1024  # 16 MiB of float32 per buffer, whatever the model size
+PIPELINE_SLOTS = 4  # buffers in flight: being read, cast and counted, written
 DEFAULT_FILE_MODE = 0o644
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 
@@ -192,34 +195,127 @@ def convert(
     return ConversionResult(dest, total, header_sha, counts["inf"], counts["zero"], seconds)
 
 
+def _piece_plan(header: Header, entries: Iterable[TensorEntry]) -> list[tuple[TensorEntry, int, int]]:
+    """(entry, file offset, bytes) of every piece, at most one chunk each, in the given order."""
+    plan = []
+    for entry in entries:
+        offset, remaining = header.data_start + entry.begin, entry.nbytes
+        while remaining:
+            length = min(remaining, CHUNK_ELEMENTS * 4)
+            plan.append((entry, offset, length))
+            offset += length
+            remaining -= length
+    return plan
+
+
+class _Pieces:
+    """The sibling's bytes for ``entries``, one bounded piece at a time, read ahead on a thread.
+
+    F32 pieces come cast to fp16, with the (fp32, fp16) pair for the range
+    report; any other dtype as read. Each piece lives in one of
+    ``PIPELINE_SLOTS`` buffers until ``release(slot)``: reading the next pieces
+    overlaps whatever the caller does with this one (counting, writing).
+    """
+
+    def __init__(self, header: Header, entries: Iterable[TensorEntry], fd: int) -> None:
+        self._header, self._fd = header, fd
+        self._plan = _piece_plan(header, entries)
+        self._slots = [
+            (bytearray(CHUNK_ELEMENTS * 4), bytearray(CHUNK_ELEMENTS * 2)) for _ in range(PIPELINE_SLOTS)
+        ]
+        self._free: queue.Queue[int | None] = queue.Queue()
+        for slot in range(PIPELINE_SLOTS):
+            self._free.put(slot)
+        self._ready: queue.Queue[tuple[int, TensorEntry, int] | BaseException | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read_ahead, name="sa3loader-read-ahead", daemon=True)
+
+    def __enter__(self) -> _Pieces:
+        self._reader.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._free.put(None)  # stops the reader at its next wait for a buffer
+        self._reader.join()
+
+    def _read_ahead(self) -> None:
+        try:
+            for entry, offset, length in self._plan:
+                slot = self._free.get()
+                if slot is None:  # the caller stopped early
+                    return
+                preadv_exact(self._fd, [memoryview(self._slots[slot][0])[:length]], offset, self._header.path)
+                self._ready.put((slot, entry, length))
+            self._ready.put(None)
+        except BaseException as exc:  # handed to the caller, which raises it
+            self._ready.put(exc)
+
+    def __iter__(
+        self,
+    ) -> Iterator[tuple[int, TensorEntry, memoryview, tuple[torch.Tensor, torch.Tensor] | None]]:
+        while (item := self._ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            slot, entry, length = item
+            raw, half = self._slots[slot]
+            if entry.dtype != "F32":
+                yield slot, entry, memoryview(raw)[:length], None
+                continue
+            n = length // 4
+            src = torch.frombuffer(raw, dtype=torch.float32, count=n)
+            dst = torch.frombuffer(half, dtype=torch.float16, count=n)
+            dst.copy_(src)
+            yield slot, entry, memoryview(half)[: n * 2], (src, dst)
+
+    def release(self, slot: int) -> None:
+        self._free.put(slot)
+
+
 def _sibling_pieces(
     header: Header, entries: Iterable[TensorEntry], fd: int
 ) -> Iterator[tuple[TensorEntry, memoryview, tuple[torch.Tensor, torch.Tensor] | None]]:
-    """Each entry's sibling bytes, in order, one bounded piece at a time.
+    """``_Pieces`` for a caller that is done with each piece when it asks for the next."""
+    with _Pieces(header, entries, fd) as pieces:
+        for slot, entry, piece, cast in pieces:
+            yield entry, piece, cast
+            pieces.release(slot)
 
-    F32 pieces come cast to fp16, with the (fp32, fp16) pair for the range
-    report; any other dtype as read. The buffers are reused: use each piece
-    before asking for the next.
+
+class _Writer:
+    """Writes pieces on a thread, in order, releasing each buffer once it is written.
+
+    A write error is kept and raised in the caller at its next ``put`` or at exit.
     """
-    raw = bytearray(CHUNK_ELEMENTS * 4)
-    half = bytearray(CHUNK_ELEMENTS * 2)
-    raw_f32 = torch.frombuffer(raw, dtype=torch.float32)
-    half_f16 = torch.frombuffer(half, dtype=torch.float16)
-    for entry in entries:
-        offset = header.data_start + entry.begin
-        remaining = entry.nbytes
-        while remaining:
-            piece = memoryview(raw)[: min(remaining, len(raw))]
-            preadv_exact(fd, [piece], offset, header.path)
-            offset += len(piece)
-            remaining -= len(piece)
-            if entry.dtype != "F32":
-                yield entry, piece, None
-                continue
-            n = len(piece) // 4
-            src, dst = raw_f32[:n], half_f16[:n]
-            dst.copy_(src)
-            yield entry, memoryview(half)[: n * 2], (src, dst)
+
+    def __init__(self, fd: int, release: Callable[[int], None]) -> None:
+        self._fd, self._release = fd, release
+        self._queue: queue.Queue[tuple[int, memoryview] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sa3loader-writer", daemon=True)
+
+    def __enter__(self) -> _Writer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            slot, piece = item
+            if self._error is None:
+                try:
+                    _write_all(self._fd, piece)
+                except BaseException as exc:
+                    self._error = exc
+            self._release(slot)  # even after an error: the reader must not wait forever
+
+    def put(self, slot: int, piece: memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((slot, piece))
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
 
 
 def _stream_tensors(
@@ -230,12 +326,14 @@ def _stream_tensors(
     counts: dict[str, int],
     bar: Any,
 ) -> None:
+    """Read, cast and count, and write, three stages on three threads."""
     entries = [header.by_name[out.name] for out in out_entries]  # the sibling's order
-    for _, piece, cast in _sibling_pieces(header, entries, src_fd):
-        if cast is not None:
-            _count_range(*cast, counts)
-        _write_all(out_fd, piece)
-        bar.update(len(piece))
+    with _Pieces(header, entries, src_fd) as pieces, _Writer(out_fd, pieces.release) as writer:
+        for slot, _, piece, cast in pieces:
+            if cast is not None:
+                _count_range(*cast, counts)
+            writer.put(slot, piece)
+            bar.update(len(piece))
 
 
 def _count_range(src: torch.Tensor, dst: torch.Tensor, counts: dict[str, int]) -> None:
