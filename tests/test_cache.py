@@ -232,7 +232,7 @@ def test_verify_option_catches_a_flipped_data_byte(ckpt, tmp_path, conversions):
 def test_factory_that_reads_parameters_falls_back_to_the_faithful_build(ckpt, tmp_path):
     def reading_factory(config):
         model = build(config)
-        model.initial_norm = float(model.blocks[0].ff.weight.norm())  # needs real values
+        model.initial_norm = float(model.blocks[0].ff.weight.detach().norm())  # needs real values
         return model
 
     torch.manual_seed(0)
