@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 
 from . import _convert
@@ -113,23 +114,96 @@ def _copy(src: str, dst: str, force: bool) -> None:
     shutil.copymode(src, dst)
 
 
+STAGING_INFIX = ".incomplete-"
+ASIDE_INFIX = ".replaced-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _writer_pid(name: str, infix: str) -> int | None:
+    try:
+        return int(name.split(infix, 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _heal_output(out_dir: str) -> None:
+    """Undo what a killed ``convert DIR`` left beside ``out_dir``: the previous state comes back."""
+    parent, base = os.path.split(out_dir)
+    for name in sorted(os.listdir(parent or ".")):
+        path = os.path.join(parent, name)
+        for infix in (ASIDE_INFIX, STAGING_INFIX):
+            if not name.startswith(base + infix):
+                continue
+            pid = _writer_pid(name, base + infix)
+            if pid is not None and pid != os.getpid() and _process_alive(pid):
+                continue  # another convert is still at work
+            if infix == ASIDE_INFIX and not os.path.exists(out_dir):
+                os.rename(path, out_dir)  # killed between its two renames: put the old output back
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _publish_dir(staging: str, out_dir: str) -> None:
+    """Rename the finished output into place; an old one goes aside first, then away."""
+    if not os.path.exists(out_dir):
+        os.rename(staging, out_dir)
+        return
+    aside = f"{out_dir}{ASIDE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.rename(out_dir, aside)
+    os.rename(staging, out_dir)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def convert_tree(
     src_dir: str, out_dir: str | None = None, *, in_place: bool = False, force: bool = False,
     verify: bool = False,
 ) -> list[FileAction]:  # fmt: skip
-    """Convert a checkpoint directory to ``<dir>-fp16`` (or in place)."""
+    """Convert a checkpoint directory to ``<dir>-fp16`` (or in place, atomically per file).
+
+    A new output is built in a temp dir beside it and renamed into place at the
+    end: a failure, Ctrl-C or kill leaves the previous state (the next run
+    clears what a kill left), never a half-filled output.
+    """
     src_dir = os.path.abspath(src_dir)
-    if not in_place:
-        out_dir = os.path.abspath(out_dir or src_dir.rstrip(os.sep) + OUTPUT_DIR_SUFFIX)
-        if os.path.exists(out_dir) and not force:
-            raise OutputExistsError(f"{out_dir} exists; pass --force to replace its files")
+    if in_place:
+        return _convert_files(src_dir, None, in_place=True, verify=verify, excluded=set())
+    out_dir = os.path.abspath(out_dir or src_dir.rstrip(os.sep) + OUTPUT_DIR_SUFFIX)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    _heal_output(out_dir)
+    if os.path.exists(out_dir) and not force:
+        raise OutputExistsError(f"{out_dir} exists; pass --force to replace it")
+    staging = f"{out_dir}{STAGING_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.mkdir(staging)
+    try:
+        actions = _convert_files(src_dir, staging, in_place=False, verify=verify, excluded={out_dir, staging})
+        _publish_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for action in actions:  # report where the files are now
+        if action.output.startswith(staging + os.sep):
+            action.output = out_dir + action.output[len(staging) :]
+    return actions
+
+
+def _convert_files(
+    src_dir: str, out_dir: str | None, *, in_place: bool, verify: bool, excluded: set[str]
+) -> list[FileAction]:
     actions = []
     for root, dirs, files in os.walk(src_dir):
-        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and os.path.join(root, d) != out_dir)
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and os.path.join(root, d) not in excluded)
         for name in sorted(files):
             path = os.path.join(root, name)
-            rel = os.path.relpath(path, src_dir)
-            dest = path if in_place else os.path.join(out_dir, rel)  # type: ignore[arg-type]
+            dest = path if out_dir is None else os.path.join(out_dir, os.path.relpath(path, src_dir))
             if _is_our_artifact(name, path):
                 actions.append(FileAction(path, dest, "skipped"))
                 continue

@@ -213,3 +213,58 @@ def test_warm_verify_reports_a_mismatch_once(ckpt_dir, tmp_path, caplog):
     proc = run("warm", str(src), "--verify", cache=tmp_path / "c")
     assert proc.stdout.startswith("converted: ")
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_convert_dir_is_all_or_nothing(ckpt_dir, tmp_path, monkeypatch):
+    """A bad file in the middle, or Ctrl-C, leaves no output and no --force trap."""
+    from sa3loader import _convert
+
+    out = Path(str(ckpt_dir) + "-fp16")
+    bad = ckpt_dir / "t5gemma-b-b-ul2" / "model.safetensors"
+    good = bad.read_bytes()
+    bad.write_bytes(b"\xff" * 64)  # a file that is not safetensors, after model.safetensors
+    assert "not a safetensors file" in run("convert", str(ckpt_dir), cache=tmp_path / "c", check_rc=1).stderr
+    assert not out.exists() and not list(ckpt_dir.parent.glob("sa3-fp16*"))
+    bad.write_bytes(good)
+
+    real = _convert.convert
+
+    def interrupted(*args, **kwargs):  # README.md is already copied by then
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_convert, "convert", interrupted)
+    assert run("convert", str(ckpt_dir), cache=tmp_path / "c", check_rc=130).returncode == 130
+    assert not out.exists() and not list(ckpt_dir.parent.glob("sa3-fp16*"))
+    monkeypatch.setattr(_convert, "convert", real)
+    run("convert", str(ckpt_dir), cache=tmp_path / "c")  # no --force needed
+    assert (out / "model.safetensors").exists() and (out / "t5gemma-b-b-ul2" / "tokenizer.json").exists()
+
+
+def test_convert_dir_force_replaces_the_whole_output(ckpt_dir, tmp_path):
+    out = Path(str(ckpt_dir) + "-fp16")
+    run("convert", str(ckpt_dir), cache=tmp_path / "c")
+    (out / "stale.txt").write_text("from an older conversion")
+    run("convert", str(ckpt_dir), cache=tmp_path / "c", check_rc=1)  # exists: needs --force
+    run("convert", str(ckpt_dir), "--force", cache=tmp_path / "c")
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in ckpt_dir.parent.iterdir() if p.name.startswith("sa3-fp16")) == ["sa3-fp16"]
+
+
+def test_convert_dir_heals_what_a_kill_left(ckpt_dir, tmp_path):
+    """Killed between its two renames: the old output is aside, the new one complete but unplaced."""
+    out = Path(str(ckpt_dir) + "-fp16")
+    run("convert", str(ckpt_dir), cache=tmp_path / "c")
+    pid = dead_pid()
+    aside = Path(f"{out}.replaced-{pid}-abcd1234")
+    staging = Path(f"{out}.incomplete-{pid}-abcd1234")
+    out.rename(aside)
+    staging.mkdir()
+    (staging / "half.safetensors").write_bytes(b"partial")
+    run("convert", str(ckpt_dir), cache=tmp_path / "c", check_rc=1)  # the old output is back: --force
+    assert (out / "model.safetensors").exists() and not aside.exists() and not staging.exists()
