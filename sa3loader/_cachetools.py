@@ -104,34 +104,54 @@ def verify_all(cache_dir: str) -> list[tuple[Entry, str]]:
     return results
 
 
-def _remove_sibling(path: str) -> bool:
-    """Delete ``path`` only if it is an sa3loader sibling."""
-    if not _convert.is_sa3loader_path(path):
-        return False
-    os.unlink(path)
-    return True
+@dataclass
+class Removal:
+    """A file (or empty dir) a cache command removed, or would remove with ``dry_run``."""
+
+    path: str
+    bytes: int
+    kind: str  # "sibling", "temp file", "lock file", "empty dir"
 
 
-def _sweep_one(sibling: str, dry_run: bool) -> list[str]:
+def _size(path: str) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
+
+
+def _remove_sibling(path: str, dry_run: bool) -> list[Removal]:
+    """``path`` if it exists and is an sa3loader sibling; nothing else is ever deleted."""
+    if not os.path.exists(path) or not _convert.is_sa3loader_path(path):
+        return []
+    removal = Removal(path, _size(path), "sibling")
+    if not dry_run:
+        os.unlink(path)
+    return [removal]
+
+
+def _sweep_one(sibling: str, dry_run: bool) -> list[Removal]:
     """Temp files and the lock of a sibling nobody is converting now, deleted under that lock."""
     pattern = glob.escape(sibling) + INCOMPLETE_INFIX + "*"
     lock = sibling + LOCK_SUFFIX
-    if dry_run:
-        return sorted(glob.glob(pattern)) + ([lock] if os.path.exists(lock) else [])
-    if not os.path.exists(lock) and not glob.glob(pattern):
-        return []
+    temps = sorted(glob.glob(pattern))
+    planned = [Removal(t, _size(t), "temp file") for t in temps]
+    planned += [Removal(lock, _size(lock), "lock file")] if os.path.exists(lock) else []
+    if dry_run or not planned:
+        return planned
     try:
         with conversion_lock(sibling, timeout=0) as locked:
             if not locked:
                 return []
-            removed = remove_stray_incomplete(sibling)
+            sizes = {t: _size(t) for t in glob.glob(pattern)}
+            removed = [Removal(t, sizes.get(t, 0), "temp file") for t in remove_stray_incomplete(sibling)]
             os.unlink(lock)
-            return [*removed, lock]
+            return [*removed, Removal(lock, 0, "lock file")]
     except (LockTimeoutError, OSError):  # a conversion is running, or the dir is read-only
         return []
 
 
-def sweep(cache_dir: str, siblings: Iterable[str] = (), *, dry_run: bool = False) -> list[str]:
+def sweep(cache_dir: str, siblings: Iterable[str] = (), *, dry_run: bool = False) -> list[Removal]:
     """Remove what crashed or killed conversions left: temp files, lock files, empty dirs.
 
     Covers the given siblings (those rows name, often beside their sources) and
@@ -146,20 +166,21 @@ def sweep(cache_dir: str, siblings: Iterable[str] = (), *, dry_run: bool = False
                 found.add(os.path.join(directory, name[: -len(LOCK_SUFFIX)]))
             elif INCOMPLETE_INFIX in name:
                 found.add(os.path.join(directory, name.split(INCOMPLETE_INFIX)[0]))
-    removed = [path for sibling in sorted(found) for path in _sweep_one(sibling, dry_run)]
+    removed = [r for sibling in sorted(found) for r in _sweep_one(sibling, dry_run)]
     for directory, _, _ in sorted(os.walk(root, topdown=False), reverse=True):
         if directory != root and not dry_run:
             with contextlib.suppress(OSError):  # only empty dirs go
                 os.rmdir(directory)
-                removed.append(directory + os.sep)
+                removed.append(Removal(directory + os.sep, 0, "empty dir"))
     return removed
 
 
-def prune(cache_dir: str, *, dry_run: bool = False) -> tuple[list[Entry], list[str]]:
+def prune(cache_dir: str, *, dry_run: bool = False) -> tuple[list[Entry], list[Removal]]:
     """Drop rows (and their siblings) whose source is gone or changed, and invalid rows;
-    then ``sweep`` leftovers. Returns the rows and the leftover files removed."""
+    then ``sweep`` leftovers. Returns the rows dropped and every file removed."""
     index = _open_index(cache_dir)
-    pruned = []
+    pruned: list[Entry] = []
+    removed: list[Removal] = []
     try:
         listed = [(key, _entry(key, row)) for key, row in index.items()]
         # A sibling path can outlive its row's source: a symlinked checkpoint repointed
@@ -169,29 +190,26 @@ def prune(cache_dir: str, *, dry_run: bool = False) -> tuple[list[Entry], list[s
             if entry.status == OK:
                 continue
             pruned.append(entry)
-            if dry_run:
-                continue
-            stale_file = entry.status in (STALE, MISSING_SOURCE) and entry.sibling not in in_use
-            if stale_file and os.path.exists(entry.sibling):
-                _remove_sibling(entry.sibling)
-            index.delete(key)
+            if entry.status in (STALE, MISSING_SOURCE) and entry.sibling not in in_use:
+                removed += _remove_sibling(entry.sibling, dry_run)
+            if not dry_run:
+                index.delete(key)
     finally:
         index.close()
-    return pruned, sweep(cache_dir, [e.sibling for _, e in listed if e.sibling], dry_run=dry_run)
+    return pruned, removed + sweep(cache_dir, [e.sibling for _, e in listed if e.sibling], dry_run=dry_run)
 
 
-def clear(cache_dir: str) -> tuple[int, list[str]]:
+def clear(cache_dir: str, *, dry_run: bool = False) -> tuple[int, list[Removal]]:
     """Remove every row and every sibling they name (sa3loader files only), then ``sweep``.
 
-    Returns the number of rows and the leftover files removed.
+    Returns the number of rows and every file removed.
     """
     index = _open_index(cache_dir)
     try:
-        siblings = [row["sibling"]["path"] for _, row in index.items() if row is not None]
-        for sibling in siblings:
-            if os.path.exists(sibling):
-                _remove_sibling(sibling)
-        count = index.clear()
+        rows = index.items()
+        siblings = [row["sibling"]["path"] for _, row in rows if row is not None]
+        removed = [r for sibling in siblings for r in _remove_sibling(sibling, dry_run)]
+        count = len(rows) if dry_run else index.clear()
     finally:
         index.close()
-    return count, sweep(cache_dir, siblings)
+    return count, removed + sweep(cache_dir, siblings, dry_run=dry_run)

@@ -40,6 +40,13 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def _human(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     if os.path.isdir(args.src):
         actions = convert_tree(
@@ -140,20 +147,38 @@ def cmd_cache(args: argparse.Namespace) -> int:
         )
         return EXIT_OK if all(check == _cachetools.OK for _, check in results) else EXIT_CHECK_FAILED
     if args.cache_command == "prune":
-        pruned, files = _cachetools.prune(cache_dir, dry_run=args.dry_run)
+        pruned, removed = _cachetools.prune(cache_dir, dry_run=args.dry_run)
         verb = "would prune" if args.dry_run else "pruned"
-        remove = "would remove" if args.dry_run else "removed"
-        lines = [f"{verb} ({e.status}): {e.source}" for e in pruned] + [
-            f"{remove} leftover {f}" for f in files
-        ]
-        lines.append(f"{verb} {len(pruned)} row(s), {remove} {len(files)} leftover file(s)")
-        _emit(args, {"rows": [asdict(e) for e in pruned], "leftovers": files}, lines)
+        lines = [f"{verb} ({e.status}): {e.source}" for e in pruned] + _removal_lines(removed, args.dry_run)
+        lines.append(f"{verb} {len(pruned)} row(s)")
+        _emit(args, {"rows": [asdict(e) for e in pruned], "removed": [asdict(r) for r in removed]}, lines)
         return EXIT_OK
-    count, files = _cachetools.clear(cache_dir)
-    lines = [f"removed leftover {f}" for f in files]
-    lines.append(f"cleared {count} row(s) from {cache_dir}, removed {len(files)} leftover file(s)")
-    _emit(args, {"cleared_rows": count, "leftovers": files}, lines)
+    count, removed = _cachetools.clear(cache_dir, dry_run=True)
+    if not args.dry_run and not args.yes and not args.json and _interactive():
+        print("\n".join(_removal_lines(removed, dry_run=True)))
+        answer = input(f"clear {count} row(s) from {cache_dir} and delete these files? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return EXIT_OK
+    if not args.dry_run:
+        count, removed = _cachetools.clear(cache_dir)
+    verb = "would clear" if args.dry_run else "cleared"
+    lines = [*_removal_lines(removed, args.dry_run), f"{verb} {count} row(s) from {cache_dir}"]
+    _emit(args, {"cleared_rows": count, "removed": [asdict(r) for r in removed]}, lines)
     return EXIT_OK
+
+
+def _interactive() -> bool:
+    """A person at a terminal, who can be asked before files are deleted."""
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _removal_lines(removed: list[_cachetools.Removal], dry_run: bool) -> list[str]:
+    """One line per file with its size, then the total."""
+    verb = "would remove" if dry_run else "removed"
+    lines = [f"{verb} {r.kind} {r.path} ({_human(r.bytes)})" for r in removed]
+    total = sum(r.bytes for r in removed)
+    return [*lines, f"{verb} {len(removed)} file(s), {_human(total)} in all"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cache_command", choices=["ls", "verify", "prune", "clear"], metavar="ACTION",
         help="ls: list rows; verify: full content check; prune: drop stale rows and leftovers; clear: all",
     )  # fmt: skip
-    p.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
+    p.add_argument("--dry-run", action="store_true", help="prune, clear: only list what would go")
+    p.add_argument("--yes", action="store_true", help="clear: do not ask on a terminal")
     p.set_defaults(func=cmd_cache)
     return parser
 

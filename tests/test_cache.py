@@ -491,9 +491,10 @@ def test_prune_and_clear_sweep_leftovers_but_not_a_running_conversion(tmp_path, 
     fcntl.flock(holder, fcntl.LOCK_EX)  # a conversion in progress
     try:
         if command == "prune":
-            _, removed = _cachetools.prune(str(cache))
+            _, removals = _cachetools.prune(str(cache))
         else:
-            _, removed = _cachetools.clear(str(cache))
+            _, removals = _cachetools.clear(str(cache))
+        removed = [r.path for r in removals]
     finally:
         os.close(holder)
     assert not killed.exists() and not stray_dir.exists()

@@ -268,3 +268,33 @@ def test_convert_dir_heals_what_a_kill_left(ckpt_dir, tmp_path):
     (staging / "half.safetensors").write_bytes(b"partial")
     run("convert", str(ckpt_dir), cache=tmp_path / "c", check_rc=1)  # the old output is back: --force
     assert (out / "model.safetensors").exists() and not aside.exists() and not staging.exists()
+
+
+def test_clear_and_prune_list_every_file_with_its_size(tmp_path, monkeypatch):
+    src = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(1000)}, str(src))
+    cache = tmp_path / "c"
+    run("warm", str(src), cache=cache)
+    sibling = tmp_path / "model.fp16.safetensors"
+    size = sibling.stat().st_size
+    (tmp_path / "model.fp16.safetensors.incomplete-1-dead").write_bytes(b"x" * 10)
+    listing = (
+        f"would remove sibling {sibling} ({size / 1e3:.1f} kB)\n"
+        f"would remove temp file {tmp_path}/model.fp16.safetensors.incomplete-1-dead (10 B)\n"
+        f"would remove lock file {sibling}.lock (0 B)\n"
+        f"would remove 3 file(s), {(size + 10) / 1e3:.1f} kB in all\n"
+    )
+    dry = run("cache", "clear", "--dry-run", cache=cache)
+    assert dry.stdout == listing + f"would clear 1 row(s) from {cache}\n" and sibling.exists()
+    listed = json.loads(run("cache", "clear", "--dry-run", "--json", cache=cache).stdout)
+    assert [(r["kind"], r["bytes"]) for r in listed["removed"]] == [("sibling", size), ("temp file", 10),
+                                                                    ("lock file", 0)]  # fmt: skip
+    monkeypatch.setattr(cli, "_interactive", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert "nothing deleted" in run("cache", "clear", cache=cache).stdout and sibling.exists()
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    out = run("cache", "clear", cache=cache).stdout
+    assert out.endswith(
+        f"removed 3 file(s), {(size + 10) / 1e3:.1f} kB in all\ncleared 1 row(s) from {cache}\n"
+    )
+    assert not sibling.exists() and not list(tmp_path.glob("*.incomplete-*"))
