@@ -67,11 +67,11 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
     when someone else controls that fixed name, to a fresh private one instead.
     """
     if cache_dir is not None:
-        return os.path.abspath(os.fspath(cache_dir))
+        return os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
     if os.environ.get(CACHE_DIR_ENV):
-        return os.path.abspath(os.environ[CACHE_DIR_ENV])
+        return _env_path(os.environ[CACHE_DIR_ENV])
     if os.environ.get("XDG_CACHE_HOME"):
-        return os.path.join(os.path.abspath(os.environ["XDG_CACHE_HOME"]), CACHE_APP_NAME)
+        return os.path.join(_env_path(os.environ["XDG_CACHE_HOME"]), CACHE_APP_NAME)
     home = os.path.expanduser("~")
     candidate = os.path.join(home, ".cache", CACHE_APP_NAME)
     if home != "~" and _can_create(candidate):
@@ -89,12 +89,37 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
     return fresh
 
 
+def _env_path(value: str) -> str:
+    """``~`` and ``$VARS`` expanded, as shells and huggingface_hub do (``'~/x'`` is not ``$PWD/~/x``)."""
+    return os.path.abspath(os.path.expandvars(os.path.expanduser(value)))
+
+
 def _can_create(path: str) -> bool:
     try:
         make_private_dirs(path)
     except OSError:
         return False
     return os.access(path, os.W_OK | os.X_OK)
+
+
+CACHEDIR_TAG = "CACHEDIR.TAG"
+CACHEDIR_TAG_TEXT = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by sa3loader.\n"
+    "# For information about cache directory tags see https://bford.info/cachedir/\n"
+)
+
+
+def tag_cache_dir(cache_dir: str) -> None:
+    """Write a CACHEDIR.TAG, so backup tools skip gigabytes of siblings; best effort."""
+    path = os.path.join(cache_dir, CACHEDIR_TAG)
+    if os.path.exists(path):
+        return
+    try:
+        with open(path, "x", encoding="ascii") as f:
+            f.write(CACHEDIR_TAG_TEXT)
+    except OSError:
+        pass  # a read-only or racing cache dir: the tag is a courtesy
 
 
 def make_private_dirs(path: str) -> None:

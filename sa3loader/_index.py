@@ -21,7 +21,7 @@ from typing import Any
 import diskcache
 from diskcache.core import MODE_RAW, UNKNOWN
 
-from ._fsutil import make_private_dirs, warn_once
+from ._fsutil import make_private_dirs, tag_cache_dir, warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class Index:
             try:
                 self._probe()
                 make_private_dirs(self.directory)
+                tag_cache_dir(os.path.dirname(self.directory))
                 self._cache = diskcache.Cache(self.directory, timeout=INDEX_TIMEOUT_S, disk=SafeJSONDisk)
             except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
                 self._failed("open", exc)

@@ -526,3 +526,21 @@ def test_network_filesystems_are_read_not_mapped(ckpt, tmp_path, monkeypatch, fs
     assert sa3loader.last_load_info().cache_hit and sa3loader.last_load_info().io == expected
     assert (str(tmp_path / "model.fp16.safetensors") in mapped_files()) == (expected == "mmap")
     assert_same_model(model, reference(ckpt))
+
+
+def test_the_cache_dir_carries_a_cachedir_tag(ckpt, tmp_path):
+    load(ckpt, tmp_path / "cache")
+    tag = (tmp_path / "cache" / "CACHEDIR.TAG").read_text()
+    assert tag.startswith("Signature: 8a477f597d28d172789f06886806bc55\n")
+
+
+def test_cache_dir_variables_expand_tilde_and_vars(tmp_path, monkeypatch):
+    from sa3loader._fsutil import resolve_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SA3LOADER_CACHE_DIR", "~/caches/$SA3_PART")
+    monkeypatch.setenv("SA3_PART", "sa3")
+    assert resolve_cache_dir() == str(tmp_path / "home" / "caches" / "sa3")
+    monkeypatch.delenv("SA3LOADER_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    assert resolve_cache_dir() == str(tmp_path / "home" / "xdg" / "sa3loader")
