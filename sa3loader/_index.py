@@ -85,8 +85,17 @@ class UnsafeRowError(ValueError):
     """A row was not stored by sa3loader (pickled key or value)."""
 
 
+# What ``SafeJSONDisk.get`` gives for a key it will not unpickle: iteration skips it.
+UNSAFE_KEY = object()
+
+
 class SafeJSONDisk(diskcache.Disk):
-    """diskcache ``Disk`` that stores str keys and JSON values, and never unpickles."""
+    """diskcache ``Disk`` that stores str keys and JSON values, never unpickles, never deletes.
+
+    Rows never own files (values live in SQLite), so ``remove`` does nothing:
+    diskcache calls it with a file name taken from the row being replaced or
+    deleted, and a planted row could name any file.
+    """
 
     def __init__(self, directory: str, **kwargs: Any) -> None:
         kwargs["min_file_size"] = MAX_ROW_BYTES
@@ -99,8 +108,11 @@ class SafeJSONDisk(diskcache.Disk):
 
     def get(self, key: Any, raw: bool) -> Any:
         if not raw or type(key) is not str:
-            raise UnsafeRowError("refusing a non-raw index key (pickled data)")
+            return UNSAFE_KEY  # a pickled key: never loaded
         return key
+
+    def remove(self, file_path: str) -> None:
+        pass
 
     def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple[Any, ...]:
         data = json.dumps(value, sort_keys=True).encode("utf-8")
@@ -188,9 +200,7 @@ class Index:
         if cache is None:
             return
         try:
-            # Delete through SQL: diskcache's own delete would fetch the row first.
-            with cache.transact():
-                cache._sql("DELETE FROM Cache WHERE key = ?", (encode_key(source_real),))
+            cache.delete(encode_key(source_real))
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             self._failed("be written", exc)
 
@@ -200,26 +210,22 @@ class Index:
         if cache is None:
             return []
         try:
-            keys = [k for (k,) in cache._sql("SELECT key FROM Cache WHERE raw = 1").fetchall()]
-        except (sqlite3.Error, diskcache.Timeout) as exc:
+            keys = [k for k in cache.iterkeys() if isinstance(k, str)]
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             self._failed("be read", exc)
             return []
         rows: list[tuple[str, dict[str, Any] | None]] = []
         for key in keys:
-            if isinstance(key, str):
-                path = decode_key(key)
-                row = self._read(path)
-                rows.append((path, row if valid_row(row) else None))
+            path = decode_key(key)
+            row = self._read(path)
+            rows.append((path, row if valid_row(row) else None))
         return rows
 
     def clear(self) -> int:
         cache = self._open()
         if cache is None:
             return 0
-        with cache.transact():
-            (count,) = cache._sql("SELECT COUNT(*) FROM Cache").fetchone()
-            cache._sql("DELETE FROM Cache")
-        return int(count)
+        return int(cache.clear())
 
     def close(self) -> None:
         if self._cache is not None:

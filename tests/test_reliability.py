@@ -552,3 +552,19 @@ def test_a_lock_taken_on_a_deleted_lock_file_is_taken_again(tmp_path, monkeypatc
         assert locked
         held = os.stat(str(sibling) + ".lock").st_ino
     assert len(calls) == 2 and calls[-1] == held
+
+
+def test_a_planted_row_cannot_make_the_index_delete_a_file(loaded, tmp_path):
+    """diskcache removes the file a replaced or deleted row names; our rows own no files."""
+    ckpt, cache = loaded
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    with sqlite3.connect(cache / "index" / "cache.db") as db:
+        db.execute("UPDATE Cache SET filename = ?", (os.path.relpath(victim, cache / "index"),))
+    index = Index(str(cache))
+    row = index.get(os.path.realpath(ckpt))
+    index.put(os.path.realpath(ckpt), row)  # replacing the row
+    index.delete(os.path.realpath(ckpt))  # and deleting it
+    index.clear()
+    index.close()
+    assert victim.read_text() == "keep me"
