@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,66 +247,79 @@ def load_text_encoder(config: dict) -> object:
     return T5GemmaEncoderModel.from_pretrained(repo, config=encoder_config, **kwargs).train(False)
 
 
-def child(args: argparse.Namespace) -> None:
-    import torch
-    from upstream_env import import_upstream
-
-    import_upstream(find_upstream())
+def timed_load(args: argparse.Namespace, config: dict, out: dict) -> object:
+    """The one call a load row times; sa3loader's report goes into ``out``."""
     import stable_audio_3.loading_utils as lu
-    import transformers  # noqa: F401  upstream imports it inside the factory: kept out of the clock
-    from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel  # noqa: F401
 
     import sa3loader
     from sa3loader._format import read_header
     from sa3loader._sibling import resolve_sibling
 
+    if args.child == "upstream":
+        return lu.load_diffusion_cond(config, args.ckpt, device=args.device, model_half=True)
+    if args.child == "convert":
+        return resolve_sibling(read_header(args.ckpt), args.cache)
+    if args.child == "encoder":
+        return load_text_encoder(config)
+    if args.child == "load_file":
+        from safetensors.torch import load_file
+
+        return load_file(args.ckpt, device=args.device)
+    model = sa3loader.load_diffusion_cond(
+        config, args.ckpt, args.device, True, cache_dir=args.cache, io=args.io
+    )
+    info = sa3loader.last_load_info()
+    out.update(build=info.build, fallback=info.fallback, cache_hit=info.cache_hit,
+               converted=info.converted, io=info.io, sibling=info.sibling,
+               read_s=info.timings["read_s"], bytes_read=info.bytes_read,
+               staging_bytes=info.staging_bytes)  # fmt: skip
+    return model
+
+
+def touch_every_page(model) -> float:
+    """Seconds to read one byte per page of every weight (what a first forward pass faults in)."""
+    import torch
+
+    started = time.perf_counter()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.numel():
+            int(t.detach().reshape(-1).view(torch.uint8)[::PAGE].sum())
+    return time.perf_counter() - started
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+    from upstream_env import import_upstream
+
+    import_upstream(find_upstream())
+    import stable_audio_3.loading_utils  # noqa: F401
+    import transformers  # noqa: F401  upstream imports it inside the factory: kept out of the clock
+    from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel  # noqa: F401
+
+    import sa3loader  # noqa: F401
+
     encoder_seconds = time_text_encoder()
     config = json.loads(Path(args.config).read_text())
-    device = args.device
-    out: dict = {}
-    if device == "cuda":  # CUDA context set up before the clock, as a warm server has it
+    if args.device == "cuda":  # CUDA context set up before the clock, as a warm server has it
         torch.empty(1, device="cuda")
         torch.cuda.synchronize()
     if args.drop:  # after the imports, so the timed load starts as cold as cat does
         settle_cold([Path(p) for p in args.drop.split(",")])
-    if args.child == "h2d":
-        print("RESULT " + json.dumps(pinned_h2d(Path(args.ckpt).stat().st_size)))
+    if args.child in ("h2d", "ring"):
+        result = pinned_h2d(Path(args.ckpt).stat().st_size) if args.child == "h2d" else ring_sweep(
+            args.ckpt, args.device)  # fmt: skip
+        print("RESULT " + json.dumps(result))
         return
-    if args.child == "ring":
-        print("RESULT " + json.dumps(ring_sweep(args.ckpt, device)))
-        return
+    out: dict = {}
     with PeakSampler() as sampler:
         started = time.perf_counter()
-        if args.child == "upstream":
-            model = lu.load_diffusion_cond(config, args.ckpt, device=device, model_half=True)
-        elif args.child == "convert":
-            model = resolve_sibling(read_header(args.ckpt), args.cache)
-        elif args.child == "encoder":
-            model = load_text_encoder(config)
-        elif args.child == "load_file":
-            from safetensors.torch import load_file
-
-            model = load_file(args.ckpt, device=device)
-        else:
-            model = sa3loader.load_diffusion_cond(
-                config, args.ckpt, device, True, cache_dir=args.cache, io=args.io
-            )
-            info = sa3loader.last_load_info()
-            out.update(build=info.build, fallback=info.fallback, cache_hit=info.cache_hit,
-                       converted=info.converted, io=info.io, sibling=info.sibling,
-                       read_s=info.timings["read_s"], bytes_read=info.bytes_read,
-                       staging_bytes=info.staging_bytes)  # fmt: skip
-        if device == "cuda":
+        model = timed_load(args, config, out)
+        if args.device == "cuda":
             torch.cuda.synchronize()
         out["seconds"] = time.perf_counter() - started
         out["encoder_s"] = encoder_seconds[0]
-        if args.child == "hit" and device == "cpu":
-            started = time.perf_counter()
-            total = 0
-            for t in list(model.parameters()) + list(model.buffers()):
-                if t.numel():
-                    total += int(t.detach().reshape(-1).view(torch.uint8)[::PAGE].sum())
-            out["touch_seconds"] = time.perf_counter() - started
+        if args.child == "hit" and args.device == "cpu":
+            out["touch_seconds"] = touch_every_page(model)
     out.update(peak_anon=sampler.peak, base_anon=sampler.base)
     print("RESULT " + json.dumps(out))
 
@@ -502,9 +516,8 @@ def prepare(temp: str, bench: Bench) -> tuple[Path, ...]:
     return bench.files()
 
 
-def parent(args: argparse.Namespace) -> None:
-    if find_upstream() is None:
-        raise SystemExit("upstream source not found: set SA3LOADER_UPSTREAM")
+def workdir_and_scale(args: argparse.Namespace) -> Path:
+    """The work dir (on disk), shrinking ``--scale`` with a message when it lacks room."""
     work = Path(args.workdir).resolve()
     if str(work).startswith("/dev/shm"):
         raise SystemExit("--workdir must be on disk, not /dev/shm (RAM)")
@@ -517,60 +530,58 @@ def parent(args: argparse.Namespace) -> None:
         print(f"only {free / 1e9:.1f} GB free in {work}: scale {args.scale} needs "
               f"{need(args.scale) / 1e9:.1f} GB; trying scale {new}")  # fmt: skip
         args.scale = new
-    bench = set_up(args, work)
-    size = bench.ckpt.stat().st_size
+    return work
 
-    def fresh() -> None:
-        shutil.rmtree(bench.cache, ignore_errors=True)
 
-    if args.device == "cuda":
-        return measure_cuda(bench, fresh, size)
-    results: dict[str, dict[str, list]] = {}
+Record = Callable[[str, float], None]
 
-    def record(temp: str, name: str, value: float) -> None:
-        results.setdefault(temp, {}).setdefault(name, []).append(value)
 
-    for temp in ("hot", "cold"):
-        for _ in range(args.runs):
-            r = run_child("upstream", bench, drop=prepare(temp, bench))
-            record(temp, "upstream s", r["seconds"])
-            record(temp, "upstream peak RssAnon MB", (r["peak_anon"] - r["base_anon"]) / 1e6)
-            fresh()
-            r = run_child("convert", bench, drop=prepare(temp, bench))
-            record(temp, "convert s", r["seconds"])
-            record(
-                temp, "conversion peak RssAnon over baseline (MB)", (r["peak_anon"] - r["base_anon"]) / 1e6
-            )
-            fresh()
-            r = run_child("first", bench, drop=prepare(temp, bench))
-            assert r["converted"] and r["build"] == "fast", r
-            bench.sibling = Path(r["sibling"])
-            record(temp, "first load s", r["seconds"])
-            record(temp, "first load peak RssAnon MB", (r["peak_anon"] - r["base_anon"]) / 1e6)
-            r = run_child("hit", bench, drop=prepare(temp, bench))
-            assert r["cache_hit"] and r["build"] == "fast", r
-            record(temp, "hit load s", r["seconds"])
-            record(temp, "hit touch s", r["touch_seconds"])
-            record(temp, "hit (load+touch) s", r["seconds"] + r["touch_seconds"])
-            record(temp, "hit text encoder s", r["encoder_s"])
-            record(temp, "hit peak RssAnon MB", (r["peak_anon"] - r["base_anon"]) / 1e6)
-            r = run_child("hit", bench, io="read", drop=prepare(temp, bench))
-            assert r["cache_hit"] and r["io"] == "read", r
-            record(temp, "hit io=read (load+touch) s", r["seconds"] + r["touch_seconds"])
-            r = run_child("encoder", bench, drop=prepare(temp, bench))
-            record(temp, "text encoder alone s", r["seconds"])
+def anon_mb(r: dict) -> float:
+    return (r["peak_anon"] - r["base_anon"]) / 1e6
+
+
+def measure_loads(temp: str, bench: Bench, record: Record) -> None:
+    """One round of the load rows: upstream, conversion, first load, hits, encoder, cat."""
+    r = run_child("upstream", bench, drop=prepare(temp, bench))
+    record("upstream s", r["seconds"])
+    record("upstream peak RssAnon MB", anon_mb(r))
+    shutil.rmtree(bench.cache, ignore_errors=True)
+    r = run_child("convert", bench, drop=prepare(temp, bench))
+    record("convert s", r["seconds"])
+    record("conversion peak RssAnon over baseline (MB)", anon_mb(r))
+    shutil.rmtree(bench.cache, ignore_errors=True)
+    r = run_child("first", bench, drop=prepare(temp, bench))
+    assert r["converted"] and r["build"] == "fast", r
+    bench.sibling = Path(r["sibling"])
+    record("first load s", r["seconds"])
+    record("first load peak RssAnon MB", anon_mb(r))
+    r = run_child("hit", bench, drop=prepare(temp, bench))
+    assert r["cache_hit"] and r["build"] == "fast", r
+    record("hit load s", r["seconds"])
+    record("hit touch s", r["touch_seconds"])
+    record("hit (load+touch) s", r["seconds"] + r["touch_seconds"])
+    record("hit text encoder s", r["encoder_s"])
+    record("hit peak RssAnon MB", anon_mb(r))
+    r = run_child("hit", bench, io="read", drop=prepare(temp, bench))
+    assert r["cache_hit"] and r["io"] == "read", r
+    record("hit io=read (load+touch) s", r["seconds"] + r["touch_seconds"])
+    r = run_child("encoder", bench, drop=prepare(temp, bench))
+    record("text encoder alone s", r["seconds"])
+    prepare(temp, bench)
+    record("cat sibling s", time_cat(bench.sibling, cold=temp == "cold"))
+
+
+def measure_startups(temp: str, bench: Bench, record: Record) -> None:
+    for api in STARTUP_LOADS:
+        for side in ("upstream", "sa3loader"):
             prepare(temp, bench)
-            record(temp, "cat sibling s", time_cat(bench.sibling, cold=temp == "cold"))
-            for api in STARTUP_LOADS:
-                for side in ("upstream", "sa3loader"):
-                    prepare(temp, bench)
-                    parts = run_startup(api, side == "sa3loader", bench, cold=temp == "cold")
-                    for part, seconds in parts.items():
-                        record(temp, f"start-up {api} {side}: {part} s", seconds)
-            print(f"{temp} run done: " + ", ".join(f"{k}={v[-1]:.2f}" for k, v in results[temp].items()))
+            for part, seconds in run_startup(api, side == "sa3loader", bench, cold=temp == "cold").items():
+                record(f"start-up {api} {side}: {part} s", seconds)
 
+
+def report(args: argparse.Namespace, bench: Bench, results: dict[str, dict[str, list]]) -> None:
     assert bench.sibling is not None
-    sib_mb = bench.sibling.stat().st_size / 1e6
+    size, sib_mb = bench.ckpt.stat().st_size, bench.sibling.stat().st_size / 1e6
     print(f"\nmachine: {os.cpu_count()} cores; {args.model}: fp32 {size / 1e9:.2f} GB, "
           f"sibling {sib_mb / 1e3:.2f} GB, scale {args.scale}; text encoder {ENCODER_SIZE}; "
           f"{args.runs} runs, medians")  # fmt: skip
@@ -581,6 +592,25 @@ def parent(args: argparse.Namespace) -> None:
     ratios = ratios_of(results, sib_mb)
     print_ratios(ratios)
     print("\n" + markdown_tables(results, ratios))
+
+
+def parent(args: argparse.Namespace) -> None:
+    if find_upstream() is None:
+        raise SystemExit("upstream source not found: set SA3LOADER_UPSTREAM")
+    work = workdir_and_scale(args)
+    bench = set_up(args, work)
+    if args.device == "cuda":
+        measure_cuda(bench)
+    else:
+        results: dict[str, dict[str, list]] = {}
+        for temp in ("hot", "cold"):
+            metrics = results.setdefault(temp, {})
+            record: Record = lambda name, value, m=metrics: m.setdefault(name, []).append(value)  # noqa: E731
+            for _ in range(args.runs):
+                measure_loads(temp, bench, record)
+                measure_startups(temp, bench, record)
+                print(f"{temp} run done: " + ", ".join(f"{k}={v[-1]:.2f}" for k, v in metrics.items()))
+        report(args, bench, results)
     if not args.keep:
         shutil.rmtree(work)
 
@@ -676,12 +706,13 @@ def print_ratios(ratios: dict[str, float]) -> None:
         print(f"  {name:62} {value:10.3f}  {verdict}")
 
 
-def measure_cuda(bench: Bench, fresh, size: int) -> None:
+def measure_cuda(bench: Bench) -> None:
     """Hot page cache, model_half=True, device="cuda": each figure in a fresh process."""
     import torch
 
     args = bench.args
-    fresh()
+    size = bench.ckpt.stat().st_size
+    shutil.rmtree(bench.cache, ignore_errors=True)
     r = run_child("first", bench)
     assert r["converted"], r
     sibling = bench.sibling = Path(r["sibling"])

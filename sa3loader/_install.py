@@ -29,7 +29,8 @@ def original_load_diffusion_cond() -> Callable[..., Any] | None:
         module = importlib.import_module(UPSTREAM_MODULES[0])
     except ImportError:
         return None
-    return getattr(module, FUNCTION_NAME)  # type: ignore[no-any-return]
+    function: Callable[..., Any] = getattr(module, FUNCTION_NAME)
+    return function
 
 
 def install() -> None:
@@ -41,7 +42,7 @@ def install() -> None:
         return
     for name in UPSTREAM_MODULES:
         importlib.import_module(name)  # raises ImportError when stable_audio_3 is absent
-    original = getattr(sys.modules[UPSTREAM_MODULES[0]], FUNCTION_NAME)
+    original: Callable[..., Any] = getattr(sys.modules[UPSTREAM_MODULES[0]], FUNCTION_NAME)
     _original = original
     for module in list(sys.modules.values()):
         if getattr(module, FUNCTION_NAME, None) is original:

@@ -132,28 +132,37 @@ class SiblingResolver:
         if not hard_match(claimed, self.identity):
             self.outcome.events.append(f"stale sibling {path}")
             return None
-        from_row = row is not None and row["sibling"]["path"] == path
-        if from_row and (
-            row["sibling"]["header_sha256"] != sibling.sha256 or row["sibling"]["size"] != sibling.file_size
-        ):
-            self.outcome.events.append(f"sibling {path} changed since it was indexed")
-            from_row = False
-        trusted = from_row and soft_match(row["source"], self.identity)
+        trusted = self._vouched_for_by(row, sibling)
         if not trusted and claimed["fingerprint"] != self.fingerprint():
             self.outcome.events.append(f"source content changed since {path} was written")
             return None
-        if self.verify:
-            try:
-                _convert.verify(self.source, sibling)
-            except VerificationError as exc:
-                logger.warning("%s", exc)
-                self.outcome.events.append(f"content check failed for {path}")
-                self._failed_verify.add(path)
-                return None
+        if self.verify and not self._content_matches(sibling):
+            return None
         if not trusted:
             self.outcome.events.append("adopted" if row is None else "revalidated")
             self.index.put(self.real, self._row(sibling, row))
         return sibling
+
+    def _vouched_for_by(self, row: dict[str, Any] | None, sibling: Header) -> bool:
+        """The index row names this very sibling, and the source's soft identity is unchanged:
+        no need to read the fingerprint again."""
+        if row is None or row["sibling"]["path"] != sibling.path:
+            return False
+        if row["sibling"]["header_sha256"] != sibling.sha256 or row["sibling"]["size"] != sibling.file_size:
+            self.outcome.events.append(f"sibling {sibling.path} changed since it was indexed")
+            return False
+        return soft_match(row["source"], self.identity)
+
+    def _content_matches(self, sibling: Header) -> bool:
+        """The full content check (``verify``); a failure is logged once per resolve."""
+        try:
+            _convert.verify(self.source, sibling)
+        except VerificationError as exc:
+            logger.warning("%s", exc)
+            self.outcome.events.append(f"content check failed for {sibling.path}")
+            self._failed_verify.add(sibling.path)
+            return False
+        return True
 
     def _row(
         self, sibling: Header, old: dict[str, Any] | None, result: ConversionResult | None = None

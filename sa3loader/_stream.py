@@ -121,7 +121,7 @@ def read_into(
 ) -> None:
     """Read ``dests[i].nbytes`` bytes at file offset ``offsets[i]`` into each CPU tensor."""
     ranges = _byte_ranges(dests, offsets)
-    views = [memoryview(_byte_view(t).numpy()) if t.numel() else memoryview(b"") for t in dests]
+    views = [_byte_view(t).numpy().data if t.numel() else memoryview(b"") for t in dests]
     chunks = plan_chunks(ranges, chunk_bytes)
     fd = open_for_reading(path)
     local = threading.local()
@@ -232,7 +232,7 @@ def stream_into(
     slots = max(1, min(slots, len(chunks)))
     ring, stats.pinned = _staging(slots, max(c.length for c in chunks), pin and cuda)
     stats.staging_bytes = sum(t.numel() for t in ring)
-    ring_views = [memoryview(t.numpy()) for t in ring]
+    ring_views = [t.numpy().data for t in ring]
     targets = [_byte_view(t) if t.numel() else t for t in dests]
     fd = open_for_reading(path)
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ._defer import deferred_parameters
+from ._defer import DeferredParameters, deferred_parameters
 from ._format import Header, read_header
 from ._fsutil import resolve_cache_dir
 from ._plan import LoadResult, plan_keys
@@ -112,36 +112,52 @@ def _weight_norm_hooks(model: nn.Module) -> list[tuple[str, nn.Module, WeightNor
     ]
 
 
-def _build_fast(
-    factory: Factory, config: Any, source: Header, values: Values, device: torch.device
-) -> tuple[nn.Module | None, LoadResult | None, str]:
-    """Model with every parameter placed from the file, or (None, None, why not)."""
+class _FastBuildRefused(Exception):
+    """Why the fast build cannot give upstream's model: the faithful build runs instead."""
+
+
+def _build_deferred(factory: Factory, config: Any) -> tuple[nn.Module, DeferredParameters]:
     try:
         with deferred_parameters() as deferred:
-            model = factory(config)
+            return factory(config), deferred
     except Exception as exc:  # e.g. a constructor that reads a parameter's value
-        return None, None, f"the factory needs real parameters ({type(exc).__name__}: {exc})"
-    if _customises_loading(model):
-        return None, None, "a module customises state-dict loading"
-    state = model.state_dict(keep_vars=True)
-    assign, result = plan_keys(source, state)
+        raise _FastBuildRefused(f"the factory needs real parameters ({type(exc).__name__}: {exc})") from exc
+
+
+def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[str, str]) -> set[int]:
+    """The deferred parameters, each of which the checkpoint must cover."""
     keys_of: dict[int, list[str]] = defaultdict(list)
     for key, param in model.named_parameters(remove_duplicate=False):
         keys_of[id(param)].append(key)
-    deferred_ids = set()
+    ids = set()
     for module, name in deferred.still_deferred():
-        param = module._parameters[name]
-        if not any(k in assign for k in keys_of.get(id(param), ())):
-            return None, None, f"parameter {type(module).__name__}.{name} is not in the checkpoint"
-        deferred_ids.add(id(param))
+        deferred_param = module._parameters[name]
+        if not any(k in assign for k in keys_of.get(id(deferred_param), ())):
+            raise _FastBuildRefused(f"parameter {type(module).__name__}.{name} is not in the checkpoint")
+        ids.add(id(deferred_param))
+    return ids
 
-    wn_hooks = _weight_norm_hooks(model)
-    wn_attrs = {(id(m), h.name) for _, m, h in wn_hooks}
+
+def _refuse_computed_attributes(model: nn.Module, wn_hooks: list[tuple[str, nn.Module, WeightNorm]]) -> None:
+    """A plain tensor attribute computed from a deferred parameter is meta; only weight_norm's is redone."""
+    recomputed = {(id(m), h.name) for _, m, h in wn_hooks}
     for module in model.modules():
         for attr, value in vars(module).items():
-            if isinstance(value, torch.Tensor) and value.is_meta and (id(module), attr) not in wn_attrs:
-                return None, None, f"{type(module).__name__}.{attr} was computed from a parameter"
+            if isinstance(value, torch.Tensor) and value.is_meta and (id(module), attr) not in recomputed:
+                raise _FastBuildRefused(f"{type(module).__name__}.{attr} was computed from a parameter")
 
+
+def _place_parameters(
+    model: nn.Module, assign: dict[str, str], deferred_ids: set[int], values: Values, device: torch.device
+) -> None:
+    """Give every deferred parameter its final value; copy the rest (buffers) as upstream does.
+
+    Not ``load_state_dict(assign=True)``: it would keep each file tensor's own
+    dtype, where upstream copies into the model's dtype and casts after; placing
+    here keeps upstream's cast chain (``Values``) and lets weights go straight
+    to the device.
+    """
+    state = model.state_dict(keep_vars=True)
     placed: dict[int, nn.Parameter] = {}
     with torch.no_grad():
         to_place = [(key, name) for key, name in assign.items() if id(state[key]) in deferred_ids]
@@ -149,22 +165,24 @@ def _build_fast(
         loaded = values.get_many([(name, state[key].dtype) for key, name in to_place], device)
         values.read_seconds = time.perf_counter() - read_started
         for (key, _), value in zip(to_place, loaded, strict=True):
-            target = state[key]
-            placed[id(target)] = nn.Parameter(value, requires_grad=target.requires_grad)
+            placed[id(state[key])] = nn.Parameter(value, requires_grad=state[key].requires_grad)
         for key, name in assign.items():
             if id(state[key]) not in deferred_ids:
                 state[key].copy_(values.get(name, state[key].dtype, final=False))
     for module in model.modules():
-        for pname, param in module._parameters.items():
-            if param is not None and id(param) in placed:
-                module._parameters[pname] = placed[id(param)]
-
+        for pname, registered in module._parameters.items():
+            if registered is not None and id(registered) in placed:
+                module._parameters[pname] = placed[id(registered)]
     if any(t.is_meta for t in model.state_dict(keep_vars=True).values()):
-        return None, None, "a parameter could not be placed"
+        raise _FastBuildRefused("a parameter could not be placed")
 
-    # Old-style weight_norm keeps ``weight`` as a plain fp32 CPU attribute computed
-    # at construction. Upstream's is computed from its random init; ours from the
-    # checkpoint's g and v (what every forward recomputes it to anyway).
+
+def _recompute_weight_norm(
+    wn_hooks: list[tuple[str, nn.Module, WeightNorm]], assign: dict[str, str], values: Values
+) -> None:
+    """Old-style weight_norm keeps ``weight`` as a plain fp32 CPU attribute computed at
+    construction. Upstream's is computed from its random init; ours from the
+    checkpoint's g and v (what every forward recomputes it to anyway)."""
     for prefix, module, hook in wn_hooks:
         g_key, v_key = f"{prefix}.{hook.name}_g".lstrip("."), f"{prefix}.{hook.name}_v".lstrip(".")
         # The meta stand-in computed during the build tells whether upstream's had a graph.
@@ -175,7 +193,22 @@ def _build_fast(
         )
         with torch.set_grad_enabled(needs_grad):
             setattr(module, hook.name, torch._weight_norm(v, g, hook.dim))
-    return model, result, ""
+
+
+def _build_fast(
+    factory: Factory, config: Any, source: Header, values: Values, device: torch.device
+) -> tuple[nn.Module, LoadResult]:
+    """Model with every parameter placed from the file, or ``_FastBuildRefused`` saying why not."""
+    model, deferred = _build_deferred(factory, config)
+    if _customises_loading(model):
+        raise _FastBuildRefused("a module customises state-dict loading")
+    assign, result = plan_keys(source, model.state_dict(keep_vars=True))
+    deferred_ids = _deferred_ids(model, deferred, assign)
+    wn_hooks = _weight_norm_hooks(model)
+    _refuse_computed_attributes(model, wn_hooks)
+    _place_parameters(model, assign, deferred_ids, values, device)
+    _recompute_weight_norm(wn_hooks, assign, values)
+    return model, result
 
 
 def _build(
@@ -183,8 +216,10 @@ def _build(
 ) -> nn.Module:
     """Fast build when it gives upstream's model, else upstream's own build."""
     rng = torch.random.get_rng_state()
-    model, result, why_not = _build_fast(factory, config, source, values, device)
-    if model is None:
+    try:
+        model, result = _build_fast(factory, config, source, values, device)
+    except _FastBuildRefused as refused:
+        why_not = str(refused)
         logger.info("%s: using upstream's full build (%s)", source.path, why_not)
         info.fallback = why_not
         values.bytes_read = 0  # what the abandoned fast build read does not count
@@ -198,7 +233,6 @@ def _build(
     info.io = "stream" if streams_to(device) and info.build == "fast" else values.cpu_io
     info.bytes_read = values.bytes_read
     info.staging_bytes = values.staging_bytes
-    assert result is not None
     _log_skipped(result)
     _warn_random_init(model, result, source)
     info.result = result
@@ -246,7 +280,8 @@ def _upstream_factory_function(name: str) -> Callable[..., nn.Module]:
             "sa3loader needs stable_audio_3 to build the model: install it "
             "(pip install --no-deps -e path/to/stable-audio-3) or pass model_factory=..."
         ) from exc
-    return getattr(factory, name)  # type: ignore[no-any-return]
+    function: Callable[..., nn.Module] = getattr(factory, name)
+    return function
 
 
 def _upstream_original() -> Callable[..., nn.Module]:
@@ -262,6 +297,23 @@ def _upstream_original() -> Callable[..., nn.Module]:
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _record_sibling(info: LoadInfo, outcome: SiblingOutcome, source: Header) -> None:
+    """What resolving the sibling did, into ``info``; one warning if values overflowed."""
+    info.reason, info.events = outcome.reason, outcome.events
+    info.sibling = outcome.sibling.path if outcome.sibling is not None else None
+    info.converted = outcome.converted is not None
+    info.cache_hit = outcome.sibling is not None and not info.converted
+    if outcome.converted is not None:
+        info.overflow_to_inf = outcome.converted.overflow_to_inf
+        info.flushed_to_zero = outcome.converted.flushed_to_zero
+        info.timings["convert_s"] = outcome.converted.seconds
+        if info.overflow_to_inf:
+            logger.warning(
+                "%s: %d finite values overflow fp16 and became inf (model.to(torch.float16) does the same)",
+                source.path, info.overflow_to_inf,
+            )  # fmt: skip
 
 
 def load_diffusion_cond(
@@ -314,19 +366,7 @@ def load_diffusion_cond(
         verify = _env_flag(VERIFY_ENV) if verify is None else verify
         outcome = resolve_sibling(source, resolve_cache_dir(cache_dir), verify=verify, pin=True)
     info.timings["sibling_s"] = time.perf_counter() - sibling_started
-    info.reason, info.events = outcome.reason, outcome.events
-    info.sibling = outcome.sibling.path if outcome.sibling is not None else None
-    info.converted = outcome.converted is not None
-    info.cache_hit = outcome.sibling is not None and not info.converted
-    if outcome.converted is not None:
-        info.overflow_to_inf = outcome.converted.overflow_to_inf
-        info.flushed_to_zero = outcome.converted.flushed_to_zero
-        info.timings["convert_s"] = outcome.converted.seconds
-        if info.overflow_to_inf:
-            logger.warning(
-                "%s: %d finite values overflow fp16 and became inf (model.to(torch.float16) does the same)",
-                source.path, info.overflow_to_inf,
-            )  # fmt: skip
+    _record_sibling(info, outcome, source)
 
     build_started = time.perf_counter()
     if outcome.sibling is not None:

@@ -41,46 +41,54 @@ def load(ckpt: str, cache: str) -> dict:
     return {"converted": info.converted, "cache_hit": info.cache_hit, "digest": digest(model)}
 
 
-def main() -> None:
-    command = sys.argv[1]
-    if command == "load":
-        if os.environ.get("CHILD_SLOW_CONVERT"):  # hold the conversion open so loaders overlap
-            _convert.phase_hook = lambda name: (
-                time.sleep(float(os.environ["CHILD_SLOW_CONVERT"])) if name == "data" else None
-            )
-        print(json.dumps(load(*sys.argv[2:4])), flush=True)
-    elif command == "kill-at":
-        phase, ckpt, cache = sys.argv[2:5]
+def cmd_load(ckpt: str, cache: str) -> None:
+    if os.environ.get("CHILD_SLOW_CONVERT"):  # hold the conversion open so loaders overlap
+        _convert.phase_hook = lambda name: (
+            time.sleep(float(os.environ["CHILD_SLOW_CONVERT"])) if name == "data" else None
+        )
+    print(json.dumps(load(ckpt, cache)), flush=True)
 
-        def hook(name: str) -> None:
-            if name == phase:
-                os.kill(os.getpid(), signal.SIGKILL)
 
-        _convert.phase_hook = hook
-        load(ckpt, cache)
-    elif command == "kill-after":
-        limit, (ckpt, cache) = int(sys.argv[2]), sys.argv[3:5]
-        written = [0]
-        real_write = os.write
+def cmd_kill_at(phase: str, ckpt: str, cache: str) -> None:
+    def hook(name: str) -> None:
+        if name == phase:
+            os.kill(os.getpid(), signal.SIGKILL)
 
-        def counting_write(fd: int, data) -> int:  # the converter's only writer
-            n = real_write(fd, data)
-            written[0] += n
-            if written[0] >= limit:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return n
+    _convert.phase_hook = hook
+    load(ckpt, cache)
 
-        os.write = counting_write
-        resolve_sibling(read_header(ckpt), cache)
-    elif command == "republish":
-        ckpt, count = sys.argv[2], int(sys.argv[3])
-        header = read_header(ckpt)
-        sibling = read_header(ckpt.replace(".safetensors", ".fp16.safetensors"))
-        metadata = dict(sibling.metadata)
-        print("ready", flush=True)
-        for _ in range(count):
-            _convert.convert(header, sibling.path, metadata)
+
+def cmd_kill_after(limit: str, ckpt: str, cache: str) -> None:
+    written = [0]
+    real_write = os.write
+
+    def counting_write(fd: int, data) -> int:  # the converter's only writer
+        n = real_write(fd, data)
+        written[0] += n
+        if written[0] >= int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return n
+
+    os.write = counting_write
+    resolve_sibling(read_header(ckpt), cache)
+
+
+def cmd_republish(ckpt: str, count: str) -> None:
+    header = read_header(ckpt)
+    sibling = read_header(ckpt.replace(".safetensors", ".fp16.safetensors"))
+    metadata = dict(sibling.metadata)
+    print("ready", flush=True)
+    for _ in range(int(count)):
+        _convert.convert(header, sibling.path, metadata)
+
+
+COMMANDS = {
+    "load": cmd_load,
+    "kill-at": cmd_kill_at,
+    "kill-after": cmd_kill_after,
+    "republish": cmd_republish,
+}
 
 
 if __name__ == "__main__":
-    main()
+    COMMANDS[sys.argv[1]](*sys.argv[2:])
