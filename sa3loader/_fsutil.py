@@ -23,9 +23,12 @@ import hashlib
 import logging
 import os
 import pwd
+import socket
 import stat
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 from ._convert import INCOMPLETE_INFIX
@@ -277,6 +280,78 @@ def _same_file(fd: int, path: str) -> bool:
     return (st.st_ino, st.st_dev) == (now.st_ino, now.st_dev)
 
 
+LEASE_SUFFIX = ".lease"
+LEASE_REFRESH_S = 10.0
+# A lease not refreshed for this long belongs to a dead holder (or a host that
+# lost the volume); generous, so that clock skew between hosts does not matter.
+LEASE_STALE_S = 60.0
+
+
+def _take_over(lease: str) -> None:
+    """Remove a stale lease: renamed aside first, so only one of several takers removes it."""
+    aside = f"{lease}.stale-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(lease, aside)
+    except FileNotFoundError:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(aside)
+
+
+@contextlib.contextmanager
+def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
+    """One converter across hosts on a network filesystem, where flock may not reach them.
+
+    The holder creates ``<sibling>.lease`` with O_EXCL and refreshes its mtime every
+    ``LEASE_REFRESH_S``; a lease left unrefreshed for ``LEASE_STALE_S`` is taken over.
+    Two converters at once would still publish a correct file (temp file + rename):
+    the lease saves the duplicated work.
+    """
+    lease = sibling_path + LEASE_SUFFIX
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}".encode()
+    while True:
+        try:
+            fd = os.open(lease, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                age = time.time() - os.stat(lease).st_mtime
+            except FileNotFoundError:
+                continue
+            if age > LEASE_STALE_S:
+                logger.info("taking over %s, not refreshed for %.0fs", lease, age)
+                _take_over(lease)
+                continue
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(
+                    f"waited for {lease}; a process on another host is converting. "
+                    f"Raise ${LOCK_TIMEOUT_ENV}, or delete the file if no one is."
+                ) from None
+            time.sleep(LOCK_POLL_S)
+            continue
+        try:
+            os.write(fd, token)
+        finally:
+            os.close(fd)
+        break
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(LEASE_REFRESH_S):
+            with contextlib.suppress(OSError):
+                os.utime(lease)
+
+    refresher = threading.Thread(target=refresh, name="sa3loader-lease", daemon=True)
+    refresher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        refresher.join()
+        with contextlib.suppress(OSError), open(lease, "rb") as f:
+            if f.read() == token:  # still ours, not taken over meanwhile
+                os.unlink(lease)
+
+
 @contextlib.contextmanager
 def conversion_lock(sibling_path: str, timeout: float | None = None) -> Iterator[bool]:
     """Hold the exclusive lock for ``sibling_path``; yields False when locking is unsupported.
@@ -289,6 +364,8 @@ def conversion_lock(sibling_path: str, timeout: float | None = None) -> Iterator
     timeout = lock_timeout() if timeout is None else timeout
     lock_path = sibling_path + LOCK_SUFFIX
     deadline = time.monotonic() + timeout
+    # flock may not reach other hosts on a network filesystem: a lease file does.
+    across_hosts = host_lease if network_filesystem(sibling_path) is not None else None
     next_log = time.monotonic() + LOCK_LOG_EVERY_S
     while True:
         # flock needs only read access; 0o666 lets others who share the dir take it too.
@@ -302,6 +379,10 @@ def conversion_lock(sibling_path: str, timeout: float | None = None) -> Iterator
             except OSError as exc:
                 if exc.errno not in UNSUPPORTED_LOCK_ERRNOS:
                     raise
+                if across_hosts is not None:
+                    with across_hosts(sibling_path, deadline):
+                        yield True
+                    return
                 warn_once(
                     "flock:" + os.path.dirname(lock_path),
                     "file locking is not supported for %s (%s); converting without a lock",
@@ -312,7 +393,8 @@ def conversion_lock(sibling_path: str, timeout: float | None = None) -> Iterator
                 return
             if locked and _same_file(fd, lock_path):
                 try:
-                    yield True
+                    with across_hosts(sibling_path, deadline) if across_hosts else contextlib.nullcontext():
+                        yield True
                 finally:
                     fcntl.flock(fd, fcntl.LOCK_UN)
                 return

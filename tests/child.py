@@ -14,12 +14,13 @@ import os
 import signal
 import sys
 import time
+import types
 
 import torch
 from toymodel import build
 
 import sa3loader
-from sa3loader import _convert
+from sa3loader import _convert, _fsutil
 from sa3loader._format import read_header
 from sa3loader._sibling import resolve_sibling
 
@@ -82,6 +83,12 @@ def cmd_republish(ckpt: str, count: str) -> None:
         _convert.convert(header, sibling.path, metadata)
 
 
+def fake_network_filesystem_without_flock() -> None:
+    """As on an NFS mount whose flock does not reach other hosts: every lock "succeeds"."""
+    _fsutil.network_filesystem = lambda path: "nfs4"
+    _fsutil.fcntl = types.SimpleNamespace(flock=lambda fd, op: None, LOCK_EX=2, LOCK_NB=4, LOCK_UN=8)
+
+
 COMMANDS = {
     "load": cmd_load,
     "kill-at": cmd_kill_at,
@@ -91,4 +98,6 @@ COMMANDS = {
 
 
 if __name__ == "__main__":
+    if os.environ.get("CHILD_FAKE_NFS"):
+        fake_network_filesystem_without_flock()
     COMMANDS[sys.argv[1]](*sys.argv[2:])

@@ -568,3 +568,43 @@ def test_a_planted_row_cannot_make_the_index_delete_a_file(loaded, tmp_path):
     index.clear()
     index.close()
     assert victim.read_text() == "keep me"
+
+
+# ------------------------------------------------------------ network filesystems
+@pytest.mark.slow
+def test_hosts_without_a_shared_flock_still_convert_once(tmp_path):
+    """On NFS flock may not reach other hosts: faked here by a flock that always succeeds.
+    The lease file keeps it to one conversion among processes that all arrive at once."""
+    ckpt = make_ckpt(tmp_path / "model.safetensors", dim=BIG_DIM)
+    env = {"CHILD_SLOW_CONVERT": "3", "CHILD_FAKE_NFS": "1"}
+    procs = [
+        child("load", str(ckpt), str(tmp_path / f"cache{i}"), dim=BIG_DIM, extra_env=env) for i in range(4)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sum(r["converted"] for r in results) == 1
+    assert {r["digest"] for r in results} == {reference_digest(ckpt, BIG_DIM)}
+    assert not (tmp_path / "model.fp16.safetensors.lease").exists()
+
+
+@pytest.mark.parametrize("age", [0, 3600], ids=["held", "stale"])
+def test_a_lease_from_another_host(tmp_path, monkeypatch, age):
+    """A fresh lease means wait (then LockTimeoutError); one left unrefreshed is taken over."""
+    monkeypatch.setattr(_fsutil, "network_filesystem", lambda path: "nfs4")
+    sibling = tmp_path / "model.fp16.safetensors"
+    lease = Path(str(sibling) + ".lease")
+    lease.write_text("other-host:123:abc")
+    then = lease.stat().st_mtime - age
+    os.utime(lease, (then, then))
+    if age == 0:
+        with pytest.raises(sa3loader.LockTimeoutError, match="another host"):
+            with conversion_lock(str(sibling), 0.3):
+                pass
+        assert lease.read_text() == "other-host:123:abc"
+    else:
+        with conversion_lock(str(sibling), 5) as locked:
+            assert locked and lease.read_text() != "other-host:123:abc"
+        assert not lease.exists()
