@@ -88,7 +88,7 @@ DTYPE_RANK: dict[str, int] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no per-entry __dict__: headers can hold millions
 class TensorEntry:
     """One tensor of a header; offsets are relative to the data section."""
 
@@ -289,7 +289,10 @@ def parse_header(raw: bytes | bytearray, *, path: str, file_size: int) -> Header
         except UnicodeEncodeError:
             raise HeaderError(f"{path}: header string {text!r} is not valid Unicode") from None
 
-    entries = [_parse_entry(name, info, path) for name, info in obj.items()]
+    entries = []
+    while obj:  # popped one by one, so each parsed JSON entry is freed as its TensorEntry is made
+        name, info = obj.popitem()
+        entries.append(_parse_entry(name, info, path))
     entries.sort(key=lambda e: (e.begin, e.end, e.name))
     data_size = file_size - HEADER_LENGTH_BYTES - len(raw)
     position = 0
