@@ -5,7 +5,7 @@
 """
 
 from ._install import install, installed, uninstall
-from ._plan import LoadResult
+from ._keys import LoadResult
 from .errors import (
     CheckpointIsADirectoryError,
     CheckpointNotFoundError,

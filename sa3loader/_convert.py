@@ -35,6 +35,7 @@ from ._format import (
     read_exact,
     read_header,
 )
+from ._fsutil import INCOMPLETE_INFIX
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = "1"
 META_PREFIX = "sa3loader."
 MARKER_KEY = META_PREFIX + "format_version"
-INCOMPLETE_INFIX = ".incomplete-"
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # 16 MiB of float32 per buffer, whatever the model size
 PIPELINE_SLOTS = 4  # buffers in flight: being read, cast and counted, written
 DEFAULT_FILE_MODE = 0o644
@@ -53,7 +53,7 @@ PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 phase_hook: Callable[[str], None] | None = None
 
 
-def _phase(name: str) -> None:
+def phase(name: str) -> None:
     if phase_hook is not None:
         phase_hook(name)
 
@@ -161,16 +161,16 @@ def convert(
                 disable=not progress_enabled() or total < PROGRESS_MIN_BYTES,
             ) as bar,
         ):
-            _phase("header")
+            phase("header")
             _write_all(out_fd, prefix)
             bar.update(len(prefix))
-            _phase("data")
+            phase("data")
             _stream_tensors(header, out_entries, src.fileno(), out_fd, counts, bar)
-        _phase("fsync")
+        phase("fsync")
         os.fsync(out_fd)
         os.close(out_fd)
         out_fd = -1
-        _phase("rename")
+        phase("rename")
         os.replace(tmp, dest)
         _fsync_dir(os.path.dirname(dest) or ".")
     except BaseException as exc:
@@ -219,7 +219,7 @@ class _Pieces:
 
     def __init__(self, header: Header, entries: Iterable[TensorEntry], fd: int) -> None:
         self._header, self._fd = header, fd
-        self._plan = _piece_plan(header, entries)
+        self._keys = _piece_plan(header, entries)
         self._slots = [
             (bytearray(CHUNK_ELEMENTS * 4), bytearray(CHUNK_ELEMENTS * 2)) for _ in range(PIPELINE_SLOTS)
         ]
@@ -239,7 +239,7 @@ class _Pieces:
 
     def _read_ahead(self) -> None:
         try:
-            for entry, offset, length in self._plan:
+            for entry, offset, length in self._keys:
                 slot = self._free.get()
                 if slot is None:  # the caller stopped early
                     return

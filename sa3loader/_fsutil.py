@@ -31,12 +31,13 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from ._convert import INCOMPLETE_INFIX
 from .errors import LockTimeoutError
 
 logger = logging.getLogger(__name__)
 
 SIBLING_SUFFIX = ".fp16.safetensors"
+# A file being written: <final name><INCOMPLETE_INFIX><pid>-<random>, renamed into place when done.
+INCOMPLETE_INFIX = ".incomplete-"
 UNSUFFIXED_SIBLING_SUFFIX = "-fp16.safetensors"
 SAFETENSORS_SUFFIX = ".safetensors"
 CACHE_DIR_ENV = "SA3LOADER_CACHE_DIR"

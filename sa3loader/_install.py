@@ -14,36 +14,24 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-UPSTREAM_MODULES = ("stable_audio_3.loading_utils", "stable_audio_3.model")
-FUNCTION_NAME = "load_diffusion_cond"
+from . import _upstream
 
-_original: Callable[..., Any] | None = None
+UPSTREAM_MODULES = (_upstream.LOADING_UTILS_MODULE, _upstream.MODEL_MODULE)
+FUNCTION_NAME = _upstream.LOADER_NAME
+
 _patched: list[tuple[Any, Callable[..., Any]]] = []
-
-
-def original_load_diffusion_cond() -> Callable[..., Any] | None:
-    """Upstream's own function, even while ``install()`` is active."""
-    if _original is not None:
-        return _original
-    try:
-        module = importlib.import_module(UPSTREAM_MODULES[0])
-    except ImportError:
-        return None
-    function: Callable[..., Any] = getattr(module, FUNCTION_NAME)
-    return function
 
 
 def install() -> None:
     """Make upstream's ``load_diffusion_cond`` call sa3loader's, everywhere it is bound."""
-    global _original
-    from .loader import load_diffusion_cond
+    from .loader import load_diffusion_cond  # one way only: loader never imports this module
 
     if _patched:
         return
     for name in UPSTREAM_MODULES:
         importlib.import_module(name)  # raises ImportError when stable_audio_3 is absent
     original: Callable[..., Any] = getattr(sys.modules[UPSTREAM_MODULES[0]], FUNCTION_NAME)
-    _original = original
+    _upstream.replaced_original = original
     for module in list(sys.modules.values()):
         if getattr(module, FUNCTION_NAME, None) is original:
             setattr(module, FUNCTION_NAME, load_diffusion_cond)
@@ -52,11 +40,10 @@ def install() -> None:
 
 def uninstall() -> None:
     """Undo ``install()``; a no-op when it was not installed."""
-    global _original
     while _patched:
         module, original = _patched.pop()
         setattr(module, FUNCTION_NAME, original)
-    _original = None
+    _upstream.replaced_original = None
 
 
 @contextlib.contextmanager

@@ -255,7 +255,7 @@ class SiblingResolver:
                 result = _convert.convert(self.source, target, metadata, read_only=True)
                 out.converted = result
                 out.sibling = read_header(target)
-                _convert._phase("index")
+                _convert.phase("index")
                 self.index.put(self.real, self._row(out.sibling, None, result))
         except LockTimeoutError:
             raise

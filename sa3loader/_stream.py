@@ -24,70 +24,16 @@ from dataclasses import dataclass
 import torch
 
 from ._format import open_for_reading, preadv_exact
+from ._ranges import CHUNK_BYTES, MAX_GAP_BYTES, Chunk, plan_chunks
 
 logger = logging.getLogger(__name__)
 
-CHUNK_BYTES = 64 * 1024 * 1024
 READ_THREADS = 4
 # The staging ring is 256 MB of pinned memory whatever the model size. Each slot
 # has its own reader thread, so bigger hosts get more, smaller chunks in flight
 # (2 x 128 MB on 2 cores, 8 x 32 MB on 16 or more).
 RING_BYTES = 256 * 1024 * 1024
 RING_SLOTS = min(8, max(2, (os.cpu_count() or 2) // 2))
-# Unused bytes between two wanted ranges are read through up to this size,
-# beyond it the chunk ends (so a skipped tensor is never read).
-MAX_GAP_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Bytes ``[dest_offset, dest_offset + length)`` of destination ``index``."""
-
-    index: int
-    dest_offset: int
-    chunk_offset: int
-    length: int
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One contiguous read of the file and where its wanted bytes go."""
-
-    file_offset: int
-    length: int
-    pieces: tuple[Piece, ...]
-
-
-def plan_chunks(ranges: Sequence[tuple[int, int]], chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
-    """Cut ``(file_offset, nbytes)`` ranges into reads of at most ``chunk_bytes``.
-
-    Pure: no I/O. Ranges may be in any order and may cross chunk boundaries;
-    empty ranges get no piece. Gaps up to ``MAX_GAP_BYTES`` are read through.
-    """
-    if chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be positive, not {chunk_bytes}")
-    order = sorted((off, n, i) for i, (off, n) in enumerate(ranges) if n > 0)
-    chunks: list[Chunk] = []
-    start = end = 0
-    pieces: list[Piece] = []
-
-    def close() -> None:
-        if pieces:
-            chunks.append(Chunk(start, end - start, tuple(pieces)))
-
-    for offset, nbytes, index in order:
-        done = 0
-        while done < nbytes:
-            at = offset + done
-            if not pieces or at - end > MAX_GAP_BYTES or at < end or at >= start + chunk_bytes:
-                close()
-                start, end, pieces = at, at, []
-            length = min(nbytes - done, start + chunk_bytes - at)
-            pieces.append(Piece(index, done, at - start, length))
-            end = max(end, at + length)
-            done += length
-    close()
-    return chunks
 
 
 def _byte_view(tensor: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import defaultdict
 
 import torch
 
 from ._format import Header, fd_path
 from ._fsutil import network_filesystem
+from ._mapped import MappedFile, torch_dtype
 from ._stream import read_into, stream_into
-from ._tensors import MappedFile, torch_dtype
 
 # A sibling value f16(x) equals upstream's result for x only when the model
 # tensor it lands in holds x exactly first (f16, f32, f64); else read the source.
@@ -176,8 +177,21 @@ class Values:
             value = value.to(torch.float16)  # on the device, as upstream's model.to(float16)
         return value
 
+    def forget_counts(self) -> None:
+        """Start the counters again (a build that was abandoned does not count)."""
+        self.bytes_read = 0
+        self.read_seconds = 0.0
+        self.staging_bytes = 0
+
     def get_many(self, wanted: list[tuple[str, torch.dtype]], device: torch.device) -> list[torch.Tensor]:
-        """``get`` for many names, the byte-exact ones read in bulk, in file order."""
+        """``get`` for many names, the byte-exact ones read in bulk, in file order; timed."""
+        started = time.perf_counter()
+        try:
+            return self._get_many(wanted, device)
+        finally:
+            self.read_seconds += time.perf_counter() - started
+
+    def _get_many(self, wanted: list[tuple[str, torch.dtype]], device: torch.device) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(wanted)
         by_file: dict[str, list[int]] = defaultdict(list)
         headers = {h.path: h for h in (self.source, self.sibling) if h is not None}

@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from . import _cachetools, _convert
+from . import _cache_admin, _convert
+from ._convert_dir import FileAction, convert_file, convert_tree
 from ._format import read_header
 from ._fsutil import resolve_cache_dir
 from ._sibling import resolve_sibling
-from ._tree import convert_file, convert_tree
-from .errors import Sa3LoaderError, VerificationError
+from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
 
@@ -47,21 +47,36 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAction:
+    """``convert FILE``: the sibling a load would use, made (or found) and recorded as a load would."""
+    header = read_header(src)
+    if _convert.is_sa3loader_file(header) or not _convert.has_float32(header):
+        return FileAction(src, src, "unchanged")
+    outcome = resolve_sibling(header, resolve_cache_dir(cache_dir), verify=verify)
+    if outcome.sibling is None:
+        raise ConversionError(f"{src}: {outcome.reason}")
+    converted = outcome.converted
+    report = (
+        {"overflow_to_inf": converted.overflow_to_inf, "flushed_to_zero": converted.flushed_to_zero}
+        if converted is not None
+        else outcome.stored_range or {"overflow_to_inf": 0, "flushed_to_zero": 0}
+    )
+    return FileAction(
+        src, outcome.sibling.path, "converted" if converted else "unchanged",
+        report["overflow_to_inf"], report["flushed_to_zero"], verified=verify,
+    )  # fmt: skip
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     if os.path.isdir(args.src):
         actions = convert_tree(
             args.src, args.out, in_place=args.in_place, force=args.force, verify=args.verify
         )
+    elif args.out is None and not args.in_place:
+        actions = [_convert_to_sibling(args.src, args.cache_dir, args.verify)]
     else:
         actions = [
-            convert_file(
-                args.src,
-                args.out,
-                in_place=args.in_place,
-                force=args.force,
-                verify=args.verify,
-                cache_dir=args.cache_dir,
-            )  # fmt: skip
+            convert_file(args.src, args.out, in_place=args.in_place, force=args.force, verify=args.verify)
         ]
     lines = [f"{a.action:9} {a.source} -> {a.output}" for a in actions]
     converted = [a for a in actions if a.action == "converted"]
@@ -122,8 +137,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _ls_line(e: _cachetools.Entry) -> str:
-    if e.status == _cachetools.INVALID:
+def _ls_line(e: _cache_admin.Entry) -> str:
+    if e.status == _cache_admin.INVALID:
         return f"{e.status:15} {e.source}: not a valid index row (loads ignore it; `cache prune` drops it)"
     return (
         f"{e.status:15} {e.source} ({_gb(e.source_size)}) -> {e.sibling} ({_gb(e.sibling_size)}), "
@@ -134,26 +149,26 @@ def _ls_line(e: _cachetools.Entry) -> str:
 def cmd_cache(args: argparse.Namespace) -> int:
     cache_dir = resolve_cache_dir(args.cache_dir)
     if args.cache_command == "ls":
-        rows = _cachetools.entries(cache_dir)
+        rows = _cache_admin.entries(cache_dir)
         lines = [f"cache dir: {cache_dir}"] + [_ls_line(e) for e in rows]
         _emit(args, [asdict(e) for e in rows], lines)
-        return EXIT_CHECK_FAILED if any(e.status == _cachetools.INVALID for e in rows) else EXIT_OK
+        return EXIT_CHECK_FAILED if any(e.status == _cache_admin.INVALID for e in rows) else EXIT_OK
     if args.cache_command == "verify":
-        results = _cachetools.verify_all(cache_dir)
+        results = _cache_admin.verify_all(cache_dir)
         _emit(
             args,
             [{**asdict(e), "check": check} for e, check in results],
             [f"{check}: {e.source} -> {e.sibling}" for e, check in results] or ["no rows"],
         )
-        return EXIT_OK if all(check == _cachetools.OK for _, check in results) else EXIT_CHECK_FAILED
+        return EXIT_OK if all(check == _cache_admin.OK for _, check in results) else EXIT_CHECK_FAILED
     if args.cache_command == "prune":
-        pruned, removed = _cachetools.prune(cache_dir, dry_run=args.dry_run)
+        pruned, removed = _cache_admin.prune(cache_dir, dry_run=args.dry_run)
         verb = "would prune" if args.dry_run else "pruned"
         lines = [f"{verb} ({e.status}): {e.source}" for e in pruned] + _removal_lines(removed, args.dry_run)
         lines.append(f"{verb} {len(pruned)} row(s)")
         _emit(args, {"rows": [asdict(e) for e in pruned], "removed": [asdict(r) for r in removed]}, lines)
         return EXIT_OK
-    count, removed = _cachetools.clear(cache_dir, dry_run=True)
+    count, removed = _cache_admin.clear(cache_dir, dry_run=True)
     if not args.dry_run and not args.yes and not args.json and _interactive():
         print("\n".join(_removal_lines(removed, dry_run=True)))
         answer = input(f"clear {count} row(s) from {cache_dir} and delete these files? [y/N] ")
@@ -161,7 +176,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print("nothing deleted")
             return EXIT_OK
     if not args.dry_run:
-        count, removed = _cachetools.clear(cache_dir)
+        count, removed = _cache_admin.clear(cache_dir)
     verb = "would clear" if args.dry_run else "cleared"
     lines = [*_removal_lines(removed, args.dry_run), f"{verb} {count} row(s) from {cache_dir}"]
     _emit(args, {"cleared_rows": count, "removed": [asdict(r) for r in removed]}, lines)
@@ -173,7 +188,7 @@ def _interactive() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
-def _removal_lines(removed: list[_cachetools.Removal], dry_run: bool) -> list[str]:
+def _removal_lines(removed: list[_cache_admin.Removal], dry_run: bool) -> list[str]:
     """One line per file with its size, then the total."""
     verb = "would remove" if dry_run else "removed"
     lines = [f"{verb} {r.kind} {r.path} ({_human(r.bytes)})" for r in removed]

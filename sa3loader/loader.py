@@ -11,7 +11,6 @@ and no module customises state-dict loading; otherwise the faithful path runs.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -25,10 +24,11 @@ import torch
 from torch import nn
 from torch.nn.utils.weight_norm import WeightNorm
 
+from . import _upstream
 from ._defer import DeferredParameters, deferred_parameters
 from ._format import Header, read_header
 from ._fsutil import resolve_cache_dir
-from ._plan import LoadResult, plan_keys
+from ._keys import LoadResult, plan_keys
 from ._sibling import SiblingOutcome, resolve_sibling
 from ._values import Values, resolve_io, streams_to
 from .errors import UpstreamNotFoundError
@@ -161,9 +161,7 @@ def _place_parameters(
     placed: dict[int, nn.Parameter] = {}
     with torch.no_grad():
         to_place = [(key, name) for key, name in assign.items() if id(state[key]) in deferred_ids]
-        read_started = time.perf_counter()
         loaded = values.get_many([(name, state[key].dtype) for key, name in to_place], device)
-        values.read_seconds = time.perf_counter() - read_started
         for (key, _), value in zip(to_place, loaded, strict=True):
             placed[id(state[key])] = nn.Parameter(value, requires_grad=state[key].requires_grad)
         for key, name in assign.items():
@@ -222,7 +220,7 @@ def _build(
         why_not = str(refused)
         logger.info("%s: using upstream's full build (%s)", source.path, why_not)
         info.fallback = why_not
-        values.bytes_read = 0  # what the abandoned fast build read does not count
+        values.forget_counts()  # what the abandoned fast build read does not count
         torch.random.set_rng_state(rng)
         model = factory(config)
         result = _load_faithful(model, source, values)
@@ -271,23 +269,8 @@ def load_into_module(
     return result
 
 
-def _upstream_factory_function(name: str) -> Callable[..., nn.Module]:
-    """``stable_audio_3.factory.<name>``, imported only when a load needs it."""
-    try:
-        factory = importlib.import_module("stable_audio_3.factory")
-    except ImportError as exc:
-        raise UpstreamNotFoundError(
-            "sa3loader needs stable_audio_3 to build the model: install it "
-            "(pip install --no-deps -e path/to/stable-audio-3) or pass model_factory=..."
-        ) from exc
-    function: Callable[..., nn.Module] = getattr(factory, name)
-    return function
-
-
 def _upstream_original() -> Callable[..., nn.Module]:
-    from . import _install
-
-    original = _install.original_load_diffusion_cond()
+    original = _upstream.original_load_diffusion_cond()
     if original is None:
         raise UpstreamNotFoundError(
             f"{DISABLE_ENV}=1 calls upstream's load_diffusion_cond, but stable_audio_3 is not importable"
@@ -353,7 +336,7 @@ def load_diffusion_cond(
     factory = (
         model_factory
         if model_factory is not None
-        else _upstream_factory_function("create_diffusion_cond_from_config")
+        else _upstream.factory_function("create_diffusion_cond_from_config")
     )
     info.timings["import_s"] = time.perf_counter() - started  # stable_audio_3's, the first time
     sibling_started = time.perf_counter()
@@ -415,7 +398,7 @@ def load_autoencoder(
     with open(config_path) as f:
         config = json.load(f)
     if model_factory is None:
-        create = _upstream_factory_function("create_autoencoder_from_config")
+        create = _upstream.factory_function("create_autoencoder_from_config")
         model_factory = lambda cfg: create(cfg["model"], cfg["sample_rate"])  # noqa: E731
     factory = model_factory
     target = torch.device(device)

@@ -69,12 +69,12 @@ def reference_half(ckpt) -> torch.nn.Module:
 
 def test_io_read_never_maps_a_file(tmp_path, monkeypatch):
     """Where mappings are unreliable (SIGBUS on truncation, Windows commit limits)."""
-    from sa3loader import _tensors
+    from sa3loader import _mapped
 
     def no_mmap(*args, **kwargs):
         raise AssertionError("io='read' mapped a file")
 
-    monkeypatch.setattr(_tensors.mmap, "mmap", no_mmap)
+    monkeypatch.setattr(_mapped.mmap, "mmap", no_mmap)
     torch.manual_seed(0)
     ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
     for expect_hit in (False, True):
@@ -222,7 +222,7 @@ def test_timings_split_the_upstream_import_from_the_sibling(tmp_path, monkeypatc
     import time as real_time
     import types
 
-    from sa3loader import loader
+    from sa3loader import _upstream, loader
 
     offset = [0.0]
     clock = types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + offset[0])
@@ -232,7 +232,7 @@ def test_timings_split_the_upstream_import_from_the_sibling(tmp_path, monkeypatc
         offset[0] += 1000.0  # a fake clock: deterministic on any machine
         return build
 
-    monkeypatch.setattr(loader, "_upstream_factory_function", slow_import)
+    monkeypatch.setattr(_upstream, "factory_function", slow_import)
     torch.manual_seed(0)
     ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
     sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c")

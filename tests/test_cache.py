@@ -370,7 +370,7 @@ def test_a_hit_maps_only_its_own_read_only_sibling(ckpt, tmp_path):
 
 
 def test_convert_outputs_keep_the_source_mode(ckpt, tmp_path):
-    from sa3loader._tree import convert_file
+    from sa3loader._convert_dir import convert_file
 
     os.chmod(ckpt, 0o640)
     convert_file(str(ckpt), str(tmp_path / "out.safetensors"))
@@ -381,7 +381,7 @@ def test_convert_outputs_keep_the_source_mode(ckpt, tmp_path):
 @pytest.mark.parametrize("command", ["clear", "unlink"])
 def test_cache_commands_during_a_load_never_break_it(ckpt, tmp_path, command, io):
     """The load holds the sibling open from validation on: deleting its name mid-build is harmless."""
-    from sa3loader import _cachetools
+    from sa3loader import _cache_admin
 
     cache = tmp_path / "cache"
     load(ckpt, cache)
@@ -389,7 +389,7 @@ def test_cache_commands_during_a_load_never_break_it(ckpt, tmp_path, command, io
 
     def factory_that_races(config):
         if command == "clear":
-            _cachetools.clear(str(cache))
+            _cache_admin.clear(str(cache))
         else:
             sibling.unlink()
         assert not sibling.exists()
@@ -405,7 +405,7 @@ def test_cache_commands_during_a_load_never_break_it(ckpt, tmp_path, command, io
 
 
 def test_prune_keeps_a_sibling_that_a_repointed_symlink_reuses(tmp_path):
-    from sa3loader import _cachetools
+    from sa3loader import _cache_admin
 
     torch.manual_seed(0)
     a = save(random_like_state(build(), seed=3), tmp_path / "a.safetensors")
@@ -418,7 +418,7 @@ def test_prune_keeps_a_sibling_that_a_repointed_symlink_reuses(tmp_path):
     link.symlink_to(b.name)  # the same sibling name now belongs to b
     load(link, cache)
     sibling = tmp_path / "model.fp16.safetensors"
-    pruned, _ = _cachetools.prune(str(cache))
+    pruned, _ = _cache_admin.prune(str(cache))
     assert [e.status for e in pruned] == ["stale"] and sibling.exists()
     model = load(link, cache)
     assert sa3loader.last_load_info().cache_hit
@@ -471,7 +471,7 @@ def test_prune_and_clear_sweep_leftovers_but_not_a_running_conversion(tmp_path, 
     """A SIGTERM mid-conversion leaves a temp file; locks and emptied dirs stay behind too."""
     import fcntl
 
-    from sa3loader import _cachetools
+    from sa3loader import _cache_admin
 
     torch.manual_seed(0)
     beside = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
@@ -494,9 +494,9 @@ def test_prune_and_clear_sweep_leftovers_but_not_a_running_conversion(tmp_path, 
     fcntl.flock(holder, fcntl.LOCK_EX)  # a conversion in progress
     try:
         if command == "prune":
-            _, removals = _cachetools.prune(str(cache))
+            _, removals = _cache_admin.prune(str(cache))
         else:
-            _, removals = _cachetools.clear(str(cache))
+            _, removals = _cache_admin.clear(str(cache))
         removed = [r.path for r in removals]
     finally:
         os.close(holder)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from sa3loader import HeaderError, Sa3LoaderError
 from sa3loader._format import layout, parse_header, read_header
-from sa3loader._tensors import TORCH_DTYPES
+from sa3loader._mapped import TORCH_DTYPES
 
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 

@@ -52,7 +52,7 @@ def test_install_routes_from_pretrained_through_sa3loader(upstream_model_module,
     sa3loader.install()
     assert lu.load_diffusion_cond is sa3loader.load_diffusion_cond
     assert upstream_model_module.load_diffusion_cond is sa3loader.load_diffusion_cond
-    assert sa3loader._install.original_load_diffusion_cond() is original
+    assert sa3loader._upstream.original_load_diffusion_cond() is original
     ours = from_pretrained(upstream_model_module)
     info = sa3loader.last_load_info()
     assert info.source.endswith("model.safetensors") and info.build == "fast"

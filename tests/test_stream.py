@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from sa3loader import TruncatedFileError, _format, _stream
 from sa3loader._format import read_header
-from sa3loader._stream import MAX_GAP_BYTES, plan_chunks, read_into, stream_into
-from sa3loader._tensors import TORCH_DTYPES
+from sa3loader._mapped import TORCH_DTYPES
+from sa3loader._ranges import MAX_GAP_BYTES, plan_chunks
+from sa3loader._stream import read_into, stream_into
 
 
 def covered_bytes(chunks, ranges):

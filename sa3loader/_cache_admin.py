@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _convert
-from ._convert import INCOMPLETE_INFIX
 from ._format import read_header
 from ._fsutil import (
+    INCOMPLETE_INFIX,
     LOCK_SUFFIX,
     SHARED_CACHE_ENV,
     SIBLINGS_SUBDIR,

@@ -17,10 +17,15 @@ from dataclasses import dataclass
 
 from . import _convert
 from ._format import Header, read_header
-from ._fsutil import LOCK_SUFFIX, SAFETENSORS_SUFFIX, SIBLING_SUFFIX, in_hf_hub_cache, resolve_cache_dir
+from ._fsutil import (
+    INCOMPLETE_INFIX,
+    LOCK_SUFFIX,
+    SAFETENSORS_SUFFIX,
+    SIBLING_SUFFIX,
+    in_hf_hub_cache,
+)
 from ._identity import fingerprint, source_identity
-from ._sibling import resolve_sibling
-from .errors import ConversionError, HubSymlinkError, OutputExistsError
+from .errors import HubSymlinkError, OutputExistsError
 
 SKIPPED_DIRS = {".cache"}
 OUTPUT_DIR_SUFFIX = "-fp16"
@@ -39,7 +44,7 @@ class FileAction:
 
 
 def _is_our_artifact(name: str, path: str) -> bool:
-    if _convert.INCOMPLETE_INFIX in name or name.endswith(SIBLING_SUFFIX + LOCK_SUFFIX):
+    if INCOMPLETE_INFIX in name or name.endswith(SIBLING_SUFFIX + LOCK_SUFFIX):
         return True
     return name.endswith(SIBLING_SUFFIX) and _convert.is_sa3loader_path(path)
 
@@ -47,7 +52,7 @@ def _is_our_artifact(name: str, path: str) -> bool:
 def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
     identity = source_identity(header)
     metadata = _convert.sibling_metadata(header, identity, fingerprint(header))
-    staged = dest if not verify else f"{dest}{_convert.INCOMPLETE_INFIX}verify-{os.getpid()}"
+    staged = dest if not verify else f"{dest}{INCOMPLETE_INFIX}verify-{os.getpid()}"
     result = _convert.convert(header, staged, metadata)
     action = FileAction(header.path, dest, "converted", result.overflow_to_inf, result.flushed_to_zero)
     if verify:
@@ -62,10 +67,9 @@ def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
 
 
 def convert_file(
-    src: str, out: str | None = None, *, in_place: bool = False, force: bool = False,
-    verify: bool = False, cache_dir: str | None = None,
+    src: str, out: str | None = None, *, in_place: bool = False, force: bool = False, verify: bool = False
 ) -> FileAction:  # fmt: skip
-    """Convert one checkpoint file; by default to where a load would look for its sibling."""
+    """Convert one checkpoint file to ``out``, or in place (the sibling a load uses: ``cli``)."""
     header = read_header(src)
     if _convert.is_sa3loader_file(header) or not _convert.has_float32(header):
         if in_place or out is None:
@@ -76,19 +80,7 @@ def convert_file(
         target = _in_place_target(src)
         return _convert_to(read_header(target), target, verify)
     if out is None:
-        outcome = resolve_sibling(header, resolve_cache_dir(cache_dir), verify=verify)
-        if outcome.sibling is None:
-            raise ConversionError(f"{src}: {outcome.reason}")
-        converted = outcome.converted
-        report = (
-            {"overflow_to_inf": converted.overflow_to_inf, "flushed_to_zero": converted.flushed_to_zero}
-            if converted is not None
-            else outcome.stored_range or {"overflow_to_inf": 0, "flushed_to_zero": 0}
-        )
-        return FileAction(
-            src, outcome.sibling.path, "converted" if converted else "unchanged",
-            report["overflow_to_inf"], report["flushed_to_zero"], verified=verify,
-        )  # fmt: skip
+        raise ValueError("convert_file needs out= or in_place=True")
     if os.path.exists(out) and not force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

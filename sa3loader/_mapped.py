@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ._format import Header, TensorEntry
-from ._stream import plan_chunks
+from ._ranges import plan_chunks
 from .errors import HeaderError
 
 PAGE_BYTES = mmap.PAGESIZE
@@ -72,11 +72,10 @@ class MappedFile:
         """Fault in the pages of these ranges now, 64 MB pieces on 4 threads.
 
         Touched lazily, weights fault in model order, which jumps around the
-        file and defeats readahead (a cold load took 1.6x ``cat``). One touch
-        per page, in file order within each piece, with several pieces in
-        flight keeps the disk's queue full: on the dev box's virtual disk, a
-        truly cold 4.6 GB sibling faulted in 1.9 s this way, 4.8 s on one
-        thread, 5.4 s for ``cat``. ``stop`` abandons the pieces not yet started.
+        file and defeats readahead. One touch per page, in file order within
+        each piece, with several pieces in flight keeps the disk's queue full
+        (figures in benchmarks/README.md). ``stop`` abandons the pieces not yet
+        started.
         """
         view = torch.frombuffer(self._map, dtype=torch.uint8)
         chunks = plan_chunks(list(zip(offsets, sizes, strict=True)), PREFETCH_PIECE_BYTES)
