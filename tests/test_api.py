@@ -10,7 +10,7 @@ import torch
 from checkpoints import random_like_state, save
 from conftest import assert_same_model, bits
 from safetensors.torch import load_file
-from toymodel import build
+from toymodel import build, reference
 
 import sa3loader
 
@@ -41,7 +41,7 @@ def test_disable_env_touches_no_cache(tmp_path, monkeypatch):
     )
     assert sa3loader.last_load_info().build == "upstream"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
-    assert_same_model(model, reference_half(ckpt))
+    assert_same_model(model, reference(ckpt))
 
 
 def test_load_into_module_reports_skipped_keys(tmp_path):
@@ -58,13 +58,6 @@ def test_load_into_module_reports_skipped_keys(tmp_path):
     assert result.mismatched_keys == ["half_part.bias"]
     assert set(result.missing_keys) == {"blocks.0.ff.weight", "half_part.bias"}
     assert torch.equal(module.blocks[0].ff.weight, before)
-
-
-def reference_half(ckpt) -> torch.nn.Module:
-    torch.manual_seed(0)
-    ref = build()
-    ref.load_state_dict(load_file(str(ckpt)), strict=False)
-    return ref.eval().requires_grad_(False).half()
 
 
 def test_io_read_never_maps_a_file(tmp_path, monkeypatch):
@@ -84,7 +77,7 @@ def test_io_read_never_maps_a_file(tmp_path, monkeypatch):
         )
         info = sa3loader.last_load_info()
         assert (info.cache_hit, info.build, info.io) == (expect_hit, "fast", "read")
-        assert_same_model(model, reference_half(ckpt))
+        assert_same_model(model, reference(ckpt))
 
 
 def test_io_from_environment_and_bad_values(tmp_path, monkeypatch):
@@ -136,10 +129,7 @@ def test_encoder_loaded_inside_the_factory_keeps_the_fast_build(tmp_path, style)
     assert len(calls) == 1
     encoder = model.conditioner.encoder
     assert isinstance(encoder, OutsideEncoder) and "encoder" not in model.conditioner._modules
-    torch.manual_seed(0)
-    ref = build(config)
-    ref.load_state_dict(load_file(str(ckpt)), strict=False)
-    assert_same_model(model, ref.eval().requires_grad_(False).half())
+    assert_same_model(model, reference(ckpt, config=config))
     assert encoder.embed.weight.dtype == torch.bfloat16 and not encoder.embed.weight.is_meta
 
 

@@ -11,7 +11,7 @@ from checkpoints import random_like_state, save
 from conftest import assert_same_model, bits, writable
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
-from toymodel import build
+from toymodel import build, reference
 
 import sa3loader
 from sa3loader import _convert
@@ -44,15 +44,6 @@ def load(path, cache_dir, half=True, **kwargs):
     return sa3loader.load_diffusion_cond(
         {}, path, "cpu", half, cache_dir=cache_dir, model_factory=build, **kwargs
     )
-
-
-def reference(path, half=True):
-    """Upstream's recipe written out with plain torch."""
-    torch.manual_seed(0)
-    model = build()
-    model.load_state_dict(load_file(str(path)), strict=False)
-    model.eval().requires_grad_(False)
-    return model.half() if half else model
 
 
 @pytest.mark.parametrize("half", [True, False])
@@ -218,14 +209,17 @@ def test_mutating_a_loaded_parameter_leaves_the_sibling_unchanged(ckpt, tmp_path
     assert sibling.read_bytes() == before
 
 
-def test_verify_option_catches_a_flipped_data_byte(ckpt, tmp_path, conversions):
+@pytest.mark.parametrize("asked", ["argument", "environment"])
+def test_verify_catches_a_flipped_data_byte(ckpt, tmp_path, conversions, monkeypatch, asked):
     load(ckpt, tmp_path / "cache")
     sibling = tmp_path / "model.fp16.safetensors"
     raw = bytearray(sibling.read_bytes())
     raw[-5] ^= 0xFF
     writable(sibling).write_bytes(bytes(raw))
-    model = load(ckpt, tmp_path / "cache", verify=True)
-    assert len(conversions) == 2
+    if asked == "environment":
+        monkeypatch.setenv("SA3LOADER_VERIFY", "1")
+    model = load(ckpt, tmp_path / "cache", **({"verify": True} if asked == "argument" else {}))
+    assert len(conversions) == 2 and sa3loader.last_load_info().converted
     assert_same_model(model, reference(ckpt))
 
 
@@ -309,9 +303,7 @@ def test_copied_source_differing_in_one_small_tensor_is_reconverted(tmp_path, co
     model = load_half()
     info = sa3loader.last_load_info()
     assert len(conversions) == 2 and info.converted, (hidden.name, info.reason, info.events)
-    ref = build(config)
-    ref.load_state_dict(load_file(str(ckpt)), strict=False)
-    assert_same_model(model, ref.eval().requires_grad_(False).half())
+    assert_same_model(model, reference(ckpt, config=config))
 
 
 def mapped_files() -> set[str]:

@@ -98,6 +98,17 @@ class ToyDiT(nn.Module):
         self.conditioner = Conditioner(encoder_style)
 
 
+def reference(path, half: bool = True, config: dict | None = None) -> nn.Module:
+    """Upstream's recipe for the toy model, in plain torch: seeded build, load, eval, cast."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = build(config)
+    model.load_state_dict(load_file(str(path)), strict=False)
+    model.eval().requires_grad_(False)
+    return model.half() if half else model
+
+
 def build(config: dict | None = None) -> ToyDiT:
     config = config or {}
     return ToyDiT(
