@@ -14,7 +14,9 @@ the whole size of a copy-on-write mapping up front.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import os
 import threading
 from collections.abc import Sequence
@@ -57,6 +59,27 @@ def _chunk_views(chunk: Chunk, dests: list[memoryview], scratch: memoryview | No
     return views
 
 
+HUGE_PAGE_BYTES = 2 * 1024 * 1024
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+_libc = ctypes.CDLL(None) if _MADV_HUGEPAGE is not None else None
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask for transparent huge pages for a large CPU tensor about to be filled.
+
+    Fresh anonymous memory is faulted in and zeroed a page at a time; with 2 MB
+    pages reading into it went about 1.5x as fast (benchmarks/README.md).
+    A no-op where the kernel or platform has no such advice.
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    if _libc is None or tensor.device.type != "cpu" or nbytes < 2 * HUGE_PAGE_BYTES:
+        return
+    start = -(-tensor.data_ptr() // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+    end = (tensor.data_ptr() + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+
+
 def read_into(
     path: str,
     dests: Sequence[torch.Tensor],
@@ -66,6 +89,8 @@ def read_into(
     threads: int = READ_THREADS,
 ) -> None:
     """Read ``dests[i].nbytes`` bytes at file offset ``offsets[i]`` into each CPU tensor."""
+    for dest in dests:
+        advise_huge_pages(dest)
     ranges = _byte_ranges(dests, offsets)
     views = [_byte_view(t).numpy().data if t.numel() else memoryview(b"") for t in dests]
     chunks = plan_chunks(ranges, chunk_bytes)

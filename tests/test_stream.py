@@ -196,3 +196,15 @@ def test_staging_is_bounded_and_falls_back_to_pageable(tmp_path):
     if not torch.cuda.is_available():
         ring, pinned = _stream._staging(2, 16, pin=True)
         assert not pinned and not any(t.is_pinned() for t in ring)
+
+
+def test_large_destinations_read_right_with_huge_page_advice(tmp_path):
+    """Tensors of 4 MB and more get transparent huge pages before the read fills them."""
+    big = torch.randn(3 * 1024 * 1024 + 7)  # 12 MB, not a multiple of 2 MB
+    path = tmp_path / "big.safetensors"
+    save_file({"big": big, "small": torch.arange(5)}, str(path))
+    header = read_header(path)
+    dests = [torch.empty_like(big), torch.empty(5, dtype=torch.int64)]
+    read_into(str(path), dests, [header.data_start + header.by_name[n].begin for n in ("big", "small")])
+    assert torch.equal(dests[0].view(torch.int32), big.view(torch.int32))
+    assert torch.equal(dests[1], torch.arange(5))
