@@ -111,7 +111,7 @@ def test_damaged_sibling_is_reconverted(ckpt, tmp_path, conversions, damage):
         torch.manual_seed(0)
         save(random_like_state(build(), seed=5), other)
         load(other, tmp_path / "cache")
-        shutil.copyfile(other.parent / "model.fp16.safetensors", sibling)
+        shutil.copyfile(other.parent / "model.fp16.safetensors", writable(sibling))
     model = load(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().converted
     assert_same_model(model, reference(ckpt))
