@@ -60,6 +60,9 @@ def _chunk_views(chunk: Chunk, dests: list[memoryview], scratch: memoryview | No
 
 
 HUGE_PAGE_BYTES = 2 * 1024 * 1024
+# Below this, asking for huge pages cost more (the kernel compacts memory to find
+# them) than the fewer faults saved; measured on the medium and small-music layouts.
+HUGE_PAGE_MIN_TENSOR_BYTES = 32 * 1024 * 1024
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
 _libc = ctypes.CDLL(None) if _MADV_HUGEPAGE is not None else None
 
@@ -68,11 +71,11 @@ def advise_huge_pages(tensor: torch.Tensor) -> None:
     """Ask for transparent huge pages for a large CPU tensor about to be filled.
 
     Fresh anonymous memory is faulted in and zeroed a page at a time; with 2 MB
-    pages reading into it went about 1.5x as fast (benchmarks/README.md).
+    pages, reading into tensors of 32 MB and more went faster (benchmarks/README.md).
     A no-op where the kernel or platform has no such advice.
     """
     nbytes = tensor.numel() * tensor.element_size()
-    if _libc is None or tensor.device.type != "cpu" or nbytes < 2 * HUGE_PAGE_BYTES:
+    if _libc is None or tensor.device.type != "cpu" or nbytes < HUGE_PAGE_MIN_TENSOR_BYTES:
         return
     start = -(-tensor.data_ptr() // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
     end = (tensor.data_ptr() + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES

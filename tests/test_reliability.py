@@ -61,6 +61,17 @@ def child(*args: str, dim: int = 32, extra_env: dict | None = None, **kwargs) ->
     )  # fmt: skip
 
 
+def load_at_once(ckpt: Path, caches: list[Path], env: dict[str, str]) -> list[dict]:
+    """One child process per cache dir, all started together; their reports, in order."""
+    procs = [child("load", str(ckpt), str(cache), dim=BIG_DIM, extra_env=env) for cache in caches]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
 def load_here(path: Path, cache: Path, dim: int = 32, **kwargs):
     torch.manual_seed(0)
     return sa3loader.load_diffusion_cond(
@@ -80,13 +91,7 @@ def test_processes_loading_a_cold_checkpoint_convert_once(tmp_path, shared_cache
     ckpt = make_ckpt(tmp_path / "model.safetensors", dim=BIG_DIM)
     caches = [tmp_path / ("cache" if shared_cache else f"cache{i}") for i in range(PROCESSES)]
     # Whoever converts sleeps 3 s mid-write, so every loader arrives while it converts.
-    slow = {"CHILD_SLOW_CONVERT": "3"}
-    procs = [child("load", str(ckpt), str(c), dim=BIG_DIM, extra_env=slow) for c in caches]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = load_at_once(ckpt, caches, {"CHILD_SLOW_CONVERT": "3"})
     assert sum(r["converted"] for r in results) == 1
     assert all(r["converted"] or r["cache_hit"] for r in results)  # nobody fell back to fp32
     assert {r["digest"] for r in results} == {reference_digest(ckpt, BIG_DIM)}
@@ -560,15 +565,8 @@ def test_hosts_without_a_shared_flock_still_convert_once(tmp_path):
     """On NFS flock may not reach other hosts: faked here by a flock that always succeeds.
     The lease file keeps it to one conversion among processes that all arrive at once."""
     ckpt = make_ckpt(tmp_path / "model.safetensors", dim=BIG_DIM)
-    env = {"CHILD_SLOW_CONVERT": "3", "CHILD_FAKE_NFS": "1"}
-    procs = [
-        child("load", str(ckpt), str(tmp_path / f"cache{i}"), dim=BIG_DIM, extra_env=env) for i in range(4)
-    ]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    caches = [tmp_path / f"cache{i}" for i in range(4)]
+    results = load_at_once(ckpt, caches, {"CHILD_SLOW_CONVERT": "3", "CHILD_FAKE_NFS": "1"})
     assert sum(r["converted"] for r in results) == 1
     assert {r["digest"] for r in results} == {reference_digest(ckpt, BIG_DIM)}
     assert not (tmp_path / "model.fp16.safetensors.lease").exists()

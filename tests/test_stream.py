@@ -199,8 +199,8 @@ def test_staging_is_bounded_and_falls_back_to_pageable(tmp_path):
 
 
 def test_large_destinations_read_right_with_huge_page_advice(tmp_path):
-    """Tensors of 4 MB and more get transparent huge pages before the read fills them."""
-    big = torch.randn(3 * 1024 * 1024 + 7)  # 12 MB, not a multiple of 2 MB
+    """Tensors of 32 MB and more get transparent huge pages before the read fills them."""
+    big = torch.randn(9 * 1024 * 1024 + 7)  # 36 MB, not a multiple of 2 MB
     path = tmp_path / "big.safetensors"
     save_file({"big": big, "small": torch.arange(5)}, str(path))
     header = read_header(path)
