@@ -79,11 +79,6 @@ def converted_dtype(dtype: str) -> str:
 def sibling_size(header: Header, metadata: dict[str, str]) -> int:
     """Bytes of the sibling; ``ConversionError`` when its header would pass safetensors' limit."""
     prefix, entries = _sibling_layout(header, metadata)
-    if len(prefix) - HEADER_LENGTH_BYTES > MAX_HEADER_BYTES:
-        raise ConversionError(
-            f"{header.path}: its fp16 sibling's header would be {len(prefix) - HEADER_LENGTH_BYTES} bytes, "
-            f"above the {MAX_HEADER_BYTES}-byte limit safetensors reads"
-        )
     return len(prefix) + (entries[-1].end if entries else 0)
 
 
@@ -113,7 +108,14 @@ def is_sa3loader_path(path: str) -> bool:
 
 
 def _sibling_layout(header: Header, metadata: dict[str, str]) -> tuple[bytes, list[TensorEntry]]:
-    return layout([(e.name, converted_dtype(e.dtype), e.shape) for e in header.entries], metadata)
+    """The sibling's header bytes and entries; ``ConversionError`` when safetensors could not read it back."""
+    prefix, entries = layout([(e.name, converted_dtype(e.dtype), e.shape) for e in header.entries], metadata)
+    if len(prefix) - HEADER_LENGTH_BYTES > MAX_HEADER_BYTES:
+        raise ConversionError(
+            f"{header.path}: its fp16 sibling's header would be {len(prefix) - HEADER_LENGTH_BYTES} bytes, "
+            f"above the {MAX_HEADER_BYTES}-byte limit safetensors reads"
+        )
+    return prefix, entries
 
 
 def progress_enabled() -> bool:
@@ -138,8 +140,7 @@ def convert(
     clears every write bit, so no one but root edits a mapped file in place.
     """
     started = time.perf_counter()
-    sibling_size(header, metadata)  # refuses a header too big to read back, before writing anything
-    prefix, out_entries = _sibling_layout(header, metadata)
+    prefix, out_entries = _sibling_layout(header, metadata)  # refuses a header too big, before writing
     total = len(prefix) + (out_entries[-1].end if out_entries else 0)
     tmp = f"{dest}{INCOMPLETE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     mode = os.stat(header.path).st_mode & 0o666 or DEFAULT_FILE_MODE
