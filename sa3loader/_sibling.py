@@ -190,6 +190,8 @@ class SiblingResolver:
         for path in self.candidates(row):
             sibling = self.accept(path, row)
             if sibling is not None:
+                # What the row now says, also after accept() rewrote it: it keeps the old report.
+                self.outcome.stored_range = row["range"] if row is not None else None
                 return sibling
         return None
 
@@ -226,8 +228,6 @@ class SiblingResolver:
         out.sibling = self.find()
         if out.sibling is not None:
             out.reason = "cache hit"
-            row = self.index.get(self.real)
-            out.stored_range = row["range"] if row is not None else None
             return out
         metadata = _convert.sibling_metadata(self.source, self.identity, self.fingerprint())
         try:
