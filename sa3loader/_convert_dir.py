@@ -106,7 +106,8 @@ def _copy(src: str, dst: str, force: bool) -> None:
     shutil.copymode(src, dst)
 
 
-STAGING_INFIX = ".incomplete-"
+# A new output dir is staged as <out>INCOMPLETE_INFIX<pid>-<random>, like a file being written;
+# the output it replaces waits as <out>ASIDE_INFIX<pid>-<random> until the new one is in.
 ASIDE_INFIX = ".replaced-"
 
 
@@ -132,7 +133,7 @@ def _heal_output(out_dir: str) -> None:
     parent, base = os.path.split(out_dir)
     for name in sorted(os.listdir(parent or ".")):
         path = os.path.join(parent, name)
-        for infix in (ASIDE_INFIX, STAGING_INFIX):
+        for infix in (ASIDE_INFIX, INCOMPLETE_INFIX):
             if not name.startswith(base + infix):
                 continue
             pid = _writer_pid(name, base + infix)
@@ -173,7 +174,7 @@ def convert_tree(
     _heal_output(out_dir)
     if os.path.exists(out_dir) and not force:
         raise OutputExistsError(f"{out_dir} exists; pass --force to replace it")
-    staging = f"{out_dir}{STAGING_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = f"{out_dir}{INCOMPLETE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.mkdir(staging)
     try:
         actions = _convert_files(src_dir, staging, in_place=False, verify=verify, excluded={out_dir, staging})
