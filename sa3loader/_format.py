@@ -189,10 +189,10 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         (header_size,) = struct.unpack("<Q", length_field)
         if header_size > file_size - HEADER_LENGTH_BYTES or length_field.startswith(_OTHER_FORMATS):
             raise HeaderError(f"{path}: not a safetensors file{_guess_format(bytes(length_field))}")
-        if header_size > min(MAX_HEADER_BYTES, file_size - HEADER_LENGTH_BYTES):
+        if header_size > MAX_HEADER_BYTES:  # the file has the bytes; safetensors would not read them
             raise HeaderError(
-                f"{path}: header claims {header_size} bytes but the file holds "
-                f"{file_size - HEADER_LENGTH_BYTES} after the length field"
+                f"{path}: header of {header_size} bytes is above the {MAX_HEADER_BYTES}-byte limit "
+                "safetensors reads"
             )
         raw = read_exact(fd, HEADER_LENGTH_BYTES, header_size, path)
     finally:

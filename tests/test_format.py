@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sa3loader import HeaderError, Sa3LoaderError
-from sa3loader._format import layout, parse_header, read_header
+from sa3loader import HeaderError, Sa3LoaderError, _format
+from sa3loader._format import MAX_HEADER_BYTES, layout, parse_header, read_header
 from sa3loader._mapped import TORCH_DTYPES
 
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -112,6 +112,25 @@ def test_hostile_headers_raise_header_error_naming_the_file(tmp_path, case):
         read_header(path)
     assert str(path) in str(err.value)
     assert isinstance(err.value, ValueError) and isinstance(err.value, Sa3LoaderError)
+
+
+def test_a_header_above_the_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """The file holds the bytes, but safetensors would not read such a header: neither do we."""
+    path = tmp_path / "big-header.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", MAX_HEADER_BYTES + 1))
+        f.truncate(8 + MAX_HEADER_BYTES + 1 + 8)  # sparse: nothing of it is written
+    read, real_read_exact = [], _format.read_exact
+
+    def counted(fd, offset, length, where):
+        read.append(length)
+        return real_read_exact(fd, offset, length, where)
+
+    monkeypatch.setattr(_format, "read_exact", counted)
+    with pytest.raises(HeaderError, match=f"above the {MAX_HEADER_BYTES}-byte limit") as err:
+        read_header(path)
+    assert str(path) in str(err.value)
+    assert read == [8]  # the length field only
 
 
 @pytest.mark.parametrize("size", [0, 3, 7])
