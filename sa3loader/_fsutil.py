@@ -81,14 +81,15 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
     if home != "~" and _can_create(candidate):
         return candidate
     fallback = os.path.join(tempfile.gettempdir(), f"{CACHE_APP_NAME}-{os.getuid()}")
-    if _can_create(fallback) and cache_dir_trust(fallback) is None:
+    unusable = cache_dir_trust(fallback) if _can_create(fallback) else "it cannot be created or written"
+    if unusable is None:
         warn_once("no-home", "no usable home directory for the sa3loader cache; using %s", fallback)
         return fallback
     fresh = tempfile.mkdtemp(prefix=f"{CACHE_APP_NAME}-{os.getuid()}-")
     warn_once(
         "no-home",
-        "no usable home directory for the sa3loader cache, and %s is not yours alone (%s); using %s",
-        fallback, cache_dir_trust(fallback), fresh,
+        "no usable home directory for the sa3loader cache, and %s is not usable (%s); using %s",
+        fallback, unusable, fresh,
     )  # fmt: skip
     return fresh
 

@@ -466,13 +466,23 @@ def plant(fixed: Path, ckpt: Path) -> Path:
     return planted
 
 
-@pytest.mark.parametrize("how", ["world-writable", "symlink", "other-owner"])
-def test_a_planted_fallback_cache_dir_is_never_used(tmp_path, monkeypatch, how):
+PLANTED_BECAUSE = {
+    "world-writable": "it is world-writable",
+    "symlink": "it is a symlink",
+    "other-owner": "it is owned by uid 65534",
+    "a-file": "it cannot be created or written",
+}
+
+
+@pytest.mark.parametrize("how", sorted(PLANTED_BECAUSE))
+def test_a_planted_fallback_cache_dir_is_never_used(tmp_path, monkeypatch, caplog, how):
     """Without a home the cache falls back to <tmp>/sa3loader-<uid>; someone else may have made it."""
     hub = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc"
     ckpt = make_ckpt(hub / "model.safetensors")  # in a hub cache: siblings go to the cache dir
     fixed = no_home(monkeypatch, tmp_path)
-    if how == "symlink":
+    if how == "a-file":
+        fixed.write_bytes(b"not a dir")
+    elif how == "symlink":
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir(mode=0o700)
         plant(elsewhere, ckpt)
@@ -488,6 +498,7 @@ def test_a_planted_fallback_cache_dir_is_never_used(tmp_path, monkeypatch, how):
             pytest.skip("only root can give a dir to another user")
     chosen = _fsutil.resolve_cache_dir()
     assert chosen != str(fixed) and os.stat(chosen).st_mode & 0o777 == 0o700
+    assert f"{fixed} is not usable ({PLANTED_BECAUSE[how]}); using {chosen}" in caplog.text
     model = load_here(ckpt, Path(chosen))
     assert digest(model) == reference_digest(ckpt)
     assert not sa3loader.last_load_info().sibling.startswith(str(fixed) + os.sep)
