@@ -7,9 +7,12 @@
 from ._install import install, installed, uninstall
 from ._keys import LoadResult
 from .errors import (
+    CacheIndexError,
+    CheckpointChangedError,
     CheckpointIsADirectoryError,
     CheckpointNotFoundError,
     CheckpointPermissionError,
+    ConfigError,
     ConversionError,
     FileAccessError,
     HeaderError,
@@ -19,6 +22,7 @@ from .errors import (
     Sa3LoaderError,
     TruncatedFileError,
     UntrustedCacheDirError,
+    UnusableLockError,
     UpstreamNotFoundError,
     VerificationError,
 )
@@ -27,9 +31,12 @@ from .loader import LoadInfo, last_load_info, load_autoencoder, load_diffusion_c
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheIndexError",
+    "CheckpointChangedError",
     "CheckpointIsADirectoryError",
     "CheckpointNotFoundError",
     "CheckpointPermissionError",
+    "ConfigError",
     "ConversionError",
     "FileAccessError",
     "HeaderError",
@@ -40,6 +47,7 @@ __all__ = [
     "OutputExistsError",
     "Sa3LoaderError",
     "TruncatedFileError",
+    "UnusableLockError",
     "UntrustedCacheDirError",
     "UpstreamNotFoundError",
     "VerificationError",

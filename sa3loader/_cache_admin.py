@@ -12,12 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _convert
+from . import _config, _convert
 from ._format import read_header
 from ._fsutil import (
     INCOMPLETE_INFIX,
     LOCK_SUFFIX,
-    SHARED_CACHE_ENV,
     SIBLINGS_SUBDIR,
     cache_dir_trust,
     conversion_lock,
@@ -76,7 +75,7 @@ def _open_index(cache_dir: str) -> Index:
     if distrust is not None:
         raise UntrustedCacheDirError(
             f"refusing the cache dir {cache_dir}: {distrust} "
-            f"(set ${SHARED_CACHE_ENV}=1 for a shared team cache)"
+            f"(set ${_config.SHARED_CACHE_ENV}=1 for a shared team cache)"
         )
     return Index(cache_dir)
 

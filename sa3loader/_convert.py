@@ -25,15 +25,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import _config
 from ._format import (
     HEADER_LENGTH_BYTES,
     MAX_HEADER_BYTES,
     Header,
     TensorEntry,
+    check_unchanged,
     layout,
     preadv_exact,
     read_exact,
     read_header,
+    reading,
 )
 from ._fsutil import INCOMPLETE_INFIX
 from .errors import ConversionError, Sa3LoaderError, VerificationError
@@ -100,9 +103,9 @@ def is_sa3loader_file(header: Header) -> bool:
 
 
 def is_sa3loader_path(path: str) -> bool:
-    """True only for a readable safetensors file that carries sa3loader's marker."""
+    """True only for a readable safetensors file (not a symlink) that carries sa3loader's marker."""
     try:
-        return is_sa3loader_file(read_header(path))
+        return is_sa3loader_file(read_header(path, follow_symlinks=False))
     except (Sa3LoaderError, OSError):
         return False
 
@@ -113,15 +116,14 @@ def _sibling_layout(header: Header, metadata: dict[str, str]) -> tuple[bytes, li
     if len(prefix) - HEADER_LENGTH_BYTES > MAX_HEADER_BYTES:
         raise ConversionError(
             f"{header.path}: its fp16 sibling's header would be {len(prefix) - HEADER_LENGTH_BYTES} bytes, "
-            f"above the {MAX_HEADER_BYTES}-byte limit safetensors reads"
+            f"above the {MAX_HEADER_BYTES}-byte limit safetensors reads",
+            filename=header.path,
         )
     return prefix, entries
 
 
 def progress_enabled() -> bool:
-    if os.environ.get("SA3LOADER_PROGRESS", "").strip() == "0" or os.environ.get("TQDM_DISABLE"):
-        return False
-    return sys.stderr.isatty()
+    return _config.progress() and sys.stderr.isatty()
 
 
 def _write_all(fd: int, data: memoryview | bytes) -> None:
@@ -143,17 +145,20 @@ def convert(
     prefix, out_entries = _sibling_layout(header, metadata)  # refuses a header too big, before writing
     total = len(prefix) + (out_entries[-1].end if out_entries else 0)
     tmp = f"{dest}{INCOMPLETE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    mode = os.stat(header.path).st_mode & 0o666 or DEFAULT_FILE_MODE
+    source_stat = header.handle.stat if header.handle is not None else os.stat(header.path)
+    mode = source_stat.st_mode & 0o666 or DEFAULT_FILE_MODE
     if read_only:
         mode &= ~0o222
     counts = {"inf": 0, "zero": 0}
     try:
-        out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        # O_EXCL never follows a symlink planted at the name; O_NOFOLLOW says so twice.
+        out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as exc:
-        raise ConversionError(exc.errno, f"cannot create {tmp}: {exc.strerror}") from exc
+        raise ConversionError(f"cannot create {tmp}: {exc.strerror}", filename=tmp, errno=exc.errno) from exc
     try:
+        _keep_group(out_fd, source_stat, mode)
         with (
-            open(header.path, "rb", buffering=0) as src,
+            reading(header) as src_fd,
             tqdm(
                 total=total,
                 unit="B",
@@ -166,7 +171,8 @@ def convert(
             _write_all(out_fd, prefix)
             bar.update(len(prefix))
             phase("data")
-            _stream_tensors(header, out_entries, src.fileno(), out_fd, counts, bar)
+            _stream_tensors(header, out_entries, src_fd, out_fd, counts, bar)
+        check_unchanged(header)  # a rewrite in place meanwhile: the sibling would mix two versions
         phase("fsync")
         os.fsync(out_fd)
         os.close(out_fd)
@@ -178,9 +184,9 @@ def convert(
         if out_fd >= 0:
             os.close(out_fd)
         _unlink_quietly(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, ConversionError):
+        if isinstance(exc, OSError) and not isinstance(exc, Sa3LoaderError):
             raise ConversionError(
-                exc.errno, f"cannot write fp16 sibling {dest}: {exc.strerror or exc}"
+                f"cannot write fp16 sibling {dest}: {exc.strerror or exc}", filename=dest, errno=exc.errno
             ) from exc
         raise
     seconds = time.perf_counter() - started
@@ -351,6 +357,20 @@ def _count_range(src: torch.Tensor, dst: torch.Tensor, counts: dict[str, int]) -
         counts["zero"] += int(torch.count_nonzero(dst == 0) - torch.count_nonzero(src == 0))
 
 
+def _keep_group(fd: int, source: os.stat_result, mode: int) -> None:
+    """Give the new file the source's group; where that is not allowed, no group access at all.
+
+    A file is created with the process's group (or the directory's): left so, a
+    copy of a checkpoint readable by one group would be readable by another.
+    """
+    if os.fstat(fd).st_gid == source.st_gid:
+        return
+    try:
+        os.fchown(fd, -1, source.st_gid)
+    except PermissionError:
+        os.fchmod(fd, mode & ~0o070)
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -374,11 +394,12 @@ def _unlink_quietly(path: str) -> None:
 def verify(source: Header, sibling: Header) -> None:
     """Full content check: every sibling byte equals fp16(source) (reads both files)."""
     at = {e.name: sibling.data_start + sibling.by_name[e.name].begin for e in source.entries}
-    with open(source.path, "rb", buffering=0) as src, open(sibling.path, "rb", buffering=0) as sib:
-        for entry, expected, _ in _sibling_pieces(source, source.entries, src.fileno()):
-            actual = read_exact(sib.fileno(), at[entry.name], len(expected), sibling.path)
+    with reading(source) as src_fd, reading(sibling) as sib_fd:
+        for entry, expected, _ in _sibling_pieces(source, source.entries, src_fd):
+            actual = read_exact(sib_fd, at[entry.name], len(expected), sibling.path)
             at[entry.name] += len(expected)
             if actual != expected:
                 raise VerificationError(
-                    f"{sibling.path}: tensor {entry.name!r} differs from fp16 of {source.path}"
+                    f"{sibling.path}: tensor {entry.name!r} differs from fp16 of {source.path}",
+                    filename=sibling.path,
                 )

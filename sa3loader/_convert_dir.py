@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from . import _convert
-from ._format import Header, read_header
+from ._format import Header, open_header, read_header
 from ._fsutil import (
     INCOMPLETE_INFIX,
     LOCK_SUFFIX,
@@ -70,21 +70,21 @@ def convert_file(
     src: str, out: str | None = None, *, in_place: bool = False, force: bool = False, verify: bool = False
 ) -> FileAction:  # fmt: skip
     """Convert one checkpoint file to ``out``, or in place (the sibling a load uses: ``cli``)."""
-    header = read_header(src)
-    if _convert.is_sa3loader_file(header) or not _convert.has_float32(header):
-        if in_place or out is None:
-            return FileAction(src, src, "unchanged")
-        _copy(src, out, force)
-        return FileAction(src, out, "copied")
-    if in_place:
-        target = _in_place_target(src)
-        return _convert_to(read_header(target), target, verify)
-    if out is None:
+    if out is None and not in_place:
         raise ValueError("convert_file needs out= or in_place=True")
-    if os.path.exists(out) and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to replace it")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    return _convert_to(header, out, verify)
+    with open_header(src) as header:
+        if _convert.is_sa3loader_file(header) or not _convert.has_float32(header):
+            if in_place or out is None:
+                return FileAction(src, src, "unchanged")
+            _copy(src, out, force)
+            return FileAction(src, out, "copied")
+        if in_place:  # the file the symlink points to: the same one ``header`` reads
+            return _convert_to(header, _in_place_target(src), verify)
+        assert out is not None
+        if os.path.exists(out) and not force:
+            raise OutputExistsError(f"{out} exists; pass --force to replace it", filename=out)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        return _convert_to(header, out, verify)
 
 
 def _in_place_target(path: str) -> str:
@@ -92,7 +92,8 @@ def _in_place_target(path: str) -> str:
         if in_hf_hub_cache(path):
             raise HubSymlinkError(
                 f"{path} is a Hugging Face hub cache symlink; converting in place would break the "
-                "hub's cache. Convert a copy (--out) or let loads keep their sibling in the cache dir."
+                "hub's cache. Convert a copy (--out) or let loads keep their sibling in the cache dir.",
+                filename=path,
             )
         return os.path.realpath(path)
     return path
@@ -100,7 +101,7 @@ def _in_place_target(path: str) -> str:
 
 def _copy(src: str, dst: str, force: bool) -> None:
     if os.path.exists(dst) and not force:
-        raise OutputExistsError(f"{dst} exists; pass --force to replace it")
+        raise OutputExistsError(f"{dst} exists; pass --force to replace it", filename=dst)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     shutil.copyfile(src, dst)
     shutil.copymode(src, dst)
@@ -173,7 +174,7 @@ def convert_tree(
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     _heal_output(out_dir)
     if os.path.exists(out_dir) and not force:
-        raise OutputExistsError(f"{out_dir} exists; pass --force to replace it")
+        raise OutputExistsError(f"{out_dir} exists; pass --force to replace it", filename=out_dir)
     staging = f"{out_dir}{INCOMPLETE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.mkdir(staging)
     try:

@@ -23,17 +23,21 @@ the model away (``still_deferred`` tells which are left).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 _META = torch.device("meta")
-# One deferred build at a time: the patch is process-wide, the flag per thread.
-_build_lock = threading.Lock()
+# One deferred build at a time: the patch is process-wide, the recorder per thread.
+# Reentrant: a factory may itself load a model (a teacher inside a student).
+_build_lock = threading.RLock()
+_depth = 0  # active deferral blocks; only changed while holding _build_lock
 _state = threading.local()
 _original_register = nn.Module.register_parameter
 _original_load_state_dict = nn.Module.load_state_dict
@@ -100,13 +104,21 @@ def _load_state_dict_not_deferred(self: nn.Module, *args: Any, **kwargs: Any) ->
 
 
 class deferred_parameters:  # noqa: N801  (used as ``with deferred_parameters() as deferred:``)
-    """Defer parameters registered in this thread until exit; yields the ``DeferredParameters``."""
+    """Defer parameters registered in this thread until exit; yields the ``DeferredParameters``.
+
+    Blocks nest: an inner block records its own parameters, and the outer
+    block's recorder is back when it exits.
+    """
 
     def __enter__(self) -> DeferredParameters:
+        global _depth
         _build_lock.acquire()
+        self._saved = (getattr(_state, "recorder", None), getattr(_state, "outer_frame", None))
+        if _depth == 0:
+            nn.Module.register_parameter = _register_deferred  # type: ignore[method-assign]
+            nn.Module.load_state_dict = _load_state_dict_not_deferred  # type: ignore[method-assign]
+        _depth += 1
         recorder = DeferredParameters()
-        nn.Module.register_parameter = _register_deferred  # type: ignore[method-assign]
-        nn.Module.load_state_dict = _load_state_dict_not_deferred  # type: ignore[method-assign]
         _state.recorder = recorder
         # Only loaders called from inside the block count: the whole load may itself
         # run inside one (upstream's ``StableAudioModel.from_pretrained``).
@@ -114,8 +126,21 @@ class deferred_parameters:  # noqa: N801  (used as ``with deferred_parameters() 
         return recorder
 
     def __exit__(self, *exc: object) -> None:
-        _state.recorder = None
-        _state.outer_frame = None
-        nn.Module.register_parameter = _original_register  # type: ignore[method-assign]
-        nn.Module.load_state_dict = _original_load_state_dict  # type: ignore[method-assign]
+        global _depth
+        _state.recorder, _state.outer_frame = self._saved
+        _depth -= 1
+        if _depth == 0:
+            nn.Module.register_parameter = _original_register  # type: ignore[method-assign]
+            nn.Module.load_state_dict = _original_load_state_dict  # type: ignore[method-assign]
         _build_lock.release()
+
+
+@contextlib.contextmanager
+def not_deferred() -> Iterator[None]:
+    """Build for real inside a deferral block (a nested load's faithful build, say)."""
+    saved = (getattr(_state, "recorder", None), getattr(_state, "outer_frame", None))
+    _state.recorder = None
+    try:
+        yield
+    finally:
+        _state.recorder, _state.outer_frame = saved

@@ -10,17 +10,23 @@ allocated from the numbers it claims.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
+import stat
 import struct
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import (
+    CheckpointChangedError,
     CheckpointIsADirectoryError,
     CheckpointNotFoundError,
     CheckpointPermissionError,
@@ -130,6 +136,15 @@ class Header:
     metadata: dict[str, str]
     sha256: str
     by_name: dict[str, TensorEntry] = field(repr=False, compare=False)
+    # The open file the header was parsed from (``open_header``); None once only the numbers matter.
+    handle: FileHandle | None = field(default=None, repr=False, compare=False)
+
+    def __enter__(self) -> Header:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.close()
 
     @property
     def data_start(self) -> int:
@@ -145,18 +160,89 @@ class Header:
         return dataclasses.replace(self, entries=entries, by_name={e.name: e for e in entries})
 
 
-def open_for_reading(path: str) -> int:
-    """A read-only descriptor of ``path``; every failure is a typed error naming the file."""
+_IS_A_DIRECTORY = "{}: is a directory, not a .safetensors file"
+
+
+def open_for_reading(path: str, *, follow_symlinks: bool = True) -> int:
+    """A read-only descriptor of the regular file at ``path``; every failure is a typed error.
+
+    Opened non-blocking, so a FIFO planted at the name never hangs the caller
+    (it is refused as not a regular file). ``follow_symlinks=False`` refuses a
+    symlink at the name: for files sa3loader names itself (siblings), never the user's.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
-        return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        fd = os.open(path, flags)
     except FileNotFoundError as exc:
-        raise CheckpointNotFoundError(f"{path}: no such checkpoint file") from exc
+        raise CheckpointNotFoundError(
+            f"{path}: no such checkpoint file", filename=path, errno=errno.ENOENT
+        ) from exc
     except IsADirectoryError as exc:
-        raise CheckpointIsADirectoryError(f"{path}: is a directory, not a .safetensors file") from exc
+        raise CheckpointIsADirectoryError(
+            _IS_A_DIRECTORY.format(path), filename=path, errno=errno.EISDIR
+        ) from exc
     except PermissionError as exc:
-        raise CheckpointPermissionError(exc.errno, f"{path}: permission denied ({exc.strerror})") from exc
+        raise CheckpointPermissionError(
+            f"{path}: permission denied ({exc.strerror})", filename=path, errno=exc.errno
+        ) from exc
     except OSError as exc:
-        raise FileAccessError(exc.errno, f"{path}: cannot open ({exc.strerror})") from exc
+        raise FileAccessError(
+            f"{path}: cannot open ({exc.strerror})", filename=path, errno=exc.errno
+        ) from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise CheckpointIsADirectoryError(_IS_A_DIRECTORY.format(path), filename=path, errno=errno.EISDIR)
+        if not stat.S_ISREG(mode):
+            raise FileAccessError(
+                f"{path}: not a regular file (a FIFO, socket or device)", filename=path, errno=errno.EINVAL
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class FileHandle:
+    """One open descriptor of a file, and what ``fstat`` said when it was opened.
+
+    Every read of a load goes through the descriptor whose header was parsed,
+    so a checkpoint replaced by path meanwhile (``os.replace``, ``cp`` to a new
+    inode) is never mixed into the load; ``changed()`` tells whether the file
+    itself was rewritten in place since.
+    """
+
+    def __init__(self, path: str, *, follow_symlinks: bool = True) -> None:
+        self.path = path
+        # Taken before the open: a write after it is seen as a change (see ``racy``).
+        self.opened_ns = time.time_ns()
+        self._fd: int | None = open_for_reading(path, follow_symlinks=follow_symlinks)
+        self.stat = os.fstat(self._fd)
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path}: the file was closed")
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FileHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def changed(self) -> bool:
+        """Whether the file was written since it was opened (its size or mtime moved).
+
+        Not ctime: renaming a new file over this one's name (a republish) moves
+        the old inode's ctime too, and its content is intact.
+        """
+        now = os.fstat(self.fileno())
+        return (now.st_size, now.st_mtime_ns) != (self.stat.st_size, self.stat.st_mtime_ns)
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -175,38 +261,75 @@ def _guess_format(first: bytes) -> str:
     return ""
 
 
-def read_header(path: str | os.PathLike[str]) -> Header:
-    """Read and validate the header of the safetensors file at ``path``."""
+def open_header(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> Header:
+    """Open the safetensors file at ``path`` and parse its header; the header owns the descriptor.
+
+    Use it as a context manager (``with open_header(p) as header:``): the
+    descriptor closes at the end, and every read of ``header``'s tensors until
+    then goes through it (``reading``).
+    """
     path = os.fspath(path)
-    fd = open_for_reading(path)
+    handle = FileHandle(path, follow_symlinks=follow_symlinks)
     try:
-        if os.path.isdir(path):
-            raise CheckpointIsADirectoryError(f"{path}: is a directory, not a .safetensors file")
-        file_size = os.fstat(fd).st_size
-        if file_size < HEADER_LENGTH_BYTES:
-            raise HeaderError(f"{path}: {file_size} bytes is too small to be a safetensors file")
-        length_field = read_exact(fd, 0, HEADER_LENGTH_BYTES, path)
-        (header_size,) = struct.unpack("<Q", length_field)
-        if header_size > file_size - HEADER_LENGTH_BYTES or length_field.startswith(_OTHER_FORMATS):
-            raise HeaderError(f"{path}: not a safetensors file{_guess_format(bytes(length_field))}")
-        if header_size > MAX_HEADER_BYTES:  # the file has the bytes; safetensors would not read them
-            raise HeaderError(
-                f"{path}: header of {header_size} bytes is above the {MAX_HEADER_BYTES}-byte limit "
-                "safetensors reads"
-            )
-        raw = read_exact(fd, HEADER_LENGTH_BYTES, header_size, path)
+        header = _parse_file(handle.fileno(), path, handle.stat.st_size)
+    except BaseException:
+        handle.close()
+        raise
+    return dataclasses.replace(header, handle=handle)
+
+
+def read_header(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> Header:
+    """Parse the header of the file at ``path``; nothing stays open (for inspection, not loads)."""
+    with open_header(path, follow_symlinks=follow_symlinks) as header:
+        return dataclasses.replace(header, handle=None)
+
+
+def check_unchanged(header: Header) -> None:
+    """``CheckpointChangedError`` when ``header``'s open file was rewritten in place since it was
+    opened: its size or mtime moved, or its header bytes differ. Reads through it may mix versions."""
+    handle = header.handle
+    if handle is None:
+        return
+    prefix = read_exact(handle.fileno(), 0, header.data_start, header.path) if not handle.changed() else None
+    if prefix is not None and hashlib.sha256(prefix[HEADER_LENGTH_BYTES:]).hexdigest() == header.sha256:
+        return
+    raise CheckpointChangedError(
+        f"{header.path}: the checkpoint was rewritten while it was being read; "
+        "load it again once it is written",
+        filename=header.path,
+    )
+
+
+@contextlib.contextmanager
+def reading(header: Header) -> Iterator[int]:
+    """A descriptor of ``header``'s file: the one it was parsed from when it is open, else opened now."""
+    if header.handle is not None:
+        yield header.handle.fileno()
+        return
+    fd = open_for_reading(header.path)
+    try:
+        yield fd
     finally:
         os.close(fd)
+
+
+def _parse_file(fd: int, path: str, file_size: int) -> Header:
+    if file_size < HEADER_LENGTH_BYTES:
+        raise HeaderError(f"{path}: {file_size} bytes is too small to be a safetensors file", filename=path)
+    length_field = read_exact(fd, 0, HEADER_LENGTH_BYTES, path)
+    (header_size,) = struct.unpack("<Q", length_field)
+    if header_size > file_size - HEADER_LENGTH_BYTES or length_field.startswith(_OTHER_FORMATS):
+        raise HeaderError(
+            f"{path}: not a safetensors file{_guess_format(bytes(length_field))}", filename=path
+        )
+    if header_size > MAX_HEADER_BYTES:  # the file has the bytes; safetensors would not read them
+        raise HeaderError(
+            f"{path}: header of {header_size} bytes is above the {MAX_HEADER_BYTES}-byte limit "
+            "safetensors reads",
+            filename=path,
+        )
+    raw = read_exact(fd, HEADER_LENGTH_BYTES, header_size, path)
     return parse_header(raw, path=path, file_size=file_size)
-
-
-def fd_path(fd: int, path: str) -> str:
-    """A path that opens the file behind ``fd`` even after ``path`` was unlinked or replaced.
-
-    ``/dev/fd/N`` does that on Linux and macOS; where it is missing, ``path`` itself.
-    """
-    candidate = f"/dev/fd/{fd}"
-    return candidate if os.path.exists(candidate) else path
 
 
 def read_exact(fd: int, offset: int, length: int, path: str) -> bytearray:
@@ -231,10 +354,10 @@ def preadv_exact(fd: int, views: list[memoryview], offset: int, path: str) -> No
                 got = _read_at(fd, batch[0], offset)
         except OSError as exc:
             raise FileAccessError(
-                exc.errno, f"{path}: read failed at byte {offset} ({exc.strerror})"
+                f"{path}: read failed at byte {offset} ({exc.strerror})", filename=path, errno=exc.errno
             ) from exc
         if got == 0:
-            raise TruncatedFileError(f"{path}: file ends early (truncated at byte {offset})")
+            raise TruncatedFileError(f"{path}: file ends early (truncated at byte {offset})", filename=path)
         offset += got
         while got:
             if got >= len(views[0]):
@@ -274,20 +397,20 @@ def parse_header(raw: bytes | bytearray, *, path: str, file_size: int) -> Header
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise HeaderError(f"{path}: header is not valid JSON ({exc})") from None
+        raise HeaderError(f"{path}: header is not valid JSON ({exc})", filename=path) from None
     if not isinstance(obj, dict):
-        raise HeaderError(f"{path}: header is a JSON {type(obj).__name__}, not an object")
+        raise HeaderError(f"{path}: header is a JSON {type(obj).__name__}, not an object", filename=path)
     metadata = obj.pop(METADATA_KEY, None) or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise HeaderError(f"{path}: __metadata__ must map strings to strings")
+        raise HeaderError(f"{path}: __metadata__ must map strings to strings", filename=path)
     # JSON allows escaped lone surrogates; safetensors' parser (serde) refuses them.
     for text in [*obj, *metadata, *metadata.values()]:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise HeaderError(f"{path}: header string {text!r} is not valid Unicode") from None
+            raise HeaderError(f"{path}: header string {text!r} is not valid Unicode", filename=path) from None
 
     entries = []
     while obj:  # popped one by one, so each parsed JSON entry is freed as its TensorEntry is made
@@ -300,13 +423,15 @@ def parse_header(raw: bytes | bytearray, *, path: str, file_size: int) -> Header
         if entry.begin != position:
             raise HeaderError(
                 f"{path}: tensor {entry.name!r} starts at {entry.begin}, expected {position} "
-                "(offsets overlap or leave a gap)"
+                "(offsets overlap or leave a gap)",
+                filename=path,
             )
         position = entry.end
     if position != data_size:
         raise HeaderError(
             f"{path}: tensors need {position} data bytes but the file holds {data_size} "
-            "(truncated or padded file)"
+            "(truncated or padded file)",
+            filename=path,
         )
     return Header(
         path=path,
@@ -326,25 +451,27 @@ def _is_int(value: Any) -> bool:
 def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
     where = f"{path}: tensor {name!r}"
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise HeaderError(f"{where}: entry must have exactly dtype, shape and data_offsets")
+        raise HeaderError(f"{where}: entry must have exactly dtype, shape and data_offsets", filename=path)
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype not in DTYPE_BITS:
-        raise HeaderError(f"{where}: unsupported dtype {dtype!r}")
+        raise HeaderError(f"{where}: unsupported dtype {dtype!r}", filename=path)
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise HeaderError(f"{where}: shape must be a list of non-negative integers")
+        raise HeaderError(f"{where}: shape must be a list of non-negative integers", filename=path)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_int(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise HeaderError(f"{where}: data_offsets must be two integers 0 <= begin <= end")
+        raise HeaderError(f"{where}: data_offsets must be two integers 0 <= begin <= end", filename=path)
     if (math.prod(shape) * DTYPE_BITS[dtype]) % 8 or (dtype in PACKED_PAIRS and (not shape or shape[-1] % 2)):
-        raise HeaderError(f"{where}: {dtype} x {shape} does not fill whole bytes")
+        raise HeaderError(f"{where}: {dtype} x {shape} does not fill whole bytes", filename=path)
     expected = data_bytes(dtype, shape)
     if offsets[1] - offsets[0] != expected:
         raise HeaderError(
-            f"{where}: {offsets[1] - offsets[0]} data bytes do not match {dtype} x {shape} = {expected} bytes"
+            f"{where}: {offsets[1] - offsets[0]} data bytes do not match "
+            f"{dtype} x {shape} = {expected} bytes",
+            filename=path,
         )
     return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
 

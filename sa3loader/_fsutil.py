@@ -31,7 +31,9 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from .errors import LockTimeoutError
+from . import _config
+from ._config import LOCK_TIMEOUT_ENV, warn_once
+from .errors import LockTimeoutError, UnusableLockError
 
 logger = logging.getLogger(__name__)
 
@@ -40,28 +42,14 @@ SIBLING_SUFFIX = ".fp16.safetensors"
 INCOMPLETE_INFIX = ".incomplete-"
 UNSUFFIXED_SIBLING_SUFFIX = "-fp16.safetensors"
 SAFETENSORS_SUFFIX = ".safetensors"
-CACHE_DIR_ENV = "SA3LOADER_CACHE_DIR"
-# A team cache shared through group or world write permission: trusted on purpose.
-SHARED_CACHE_ENV = "SA3LOADER_SHARED_CACHE"
 PRIVATE_DIR_MODE = 0o700
 CACHE_APP_NAME = "sa3loader"
 SIBLINGS_SUBDIR = "siblings"
 LOCK_SUFFIX = ".lock"
-LOCK_TIMEOUT_ENV = "SA3LOADER_LOCK_TIMEOUT"
-DEFAULT_LOCK_TIMEOUT_S = 3600.0
 LOCK_POLL_S = 0.05
 LOCK_LOG_EVERY_S = 5.0
 # Filesystems (some NFS, FUSE) that do not support flock answer with these.
 UNSUPPORTED_LOCK_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str, *args: object) -> None:
-    """Log a warning once per process: a misconfigured cache must not flood the log."""
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(message, *args)
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
@@ -72,10 +60,12 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
     """
     if cache_dir is not None:
         return os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
-    if os.environ.get(CACHE_DIR_ENV):
-        return _env_path(os.environ[CACHE_DIR_ENV])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return os.path.join(_env_path(os.environ["XDG_CACHE_HOME"]), CACHE_APP_NAME)
+    from_env = _config.env_path(_config.CACHE_DIR_ENV)
+    if from_env is not None:
+        return from_env
+    xdg = _config.env_path(_config.XDG_CACHE_HOME_ENV)
+    if xdg is not None:
+        return os.path.join(xdg, CACHE_APP_NAME)
     home = os.path.expanduser("~")
     candidate = os.path.join(home, ".cache", CACHE_APP_NAME)
     if home != "~" and _can_create(candidate):
@@ -92,11 +82,6 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
         fallback, unusable, fresh,
     )  # fmt: skip
     return fresh
-
-
-def _env_path(value: str) -> str:
-    """``~`` and ``$VARS`` expanded, as shells and huggingface_hub do (``'~/x'`` is not ``$PWD/~/x``)."""
-    return os.path.abspath(os.path.expandvars(os.path.expanduser(value)))
 
 
 def _can_create(path: str) -> bool:
@@ -159,7 +144,7 @@ def cache_dir_trust(path: str) -> str | None:
     trusts a shared team cache on purpose. A missing dir is trusted: it will be
     created private.
     """
-    if os.environ.get(SHARED_CACHE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+    if _config.shared_cache():
         return None
     try:
         st = os.lstat(path)
@@ -219,12 +204,17 @@ def network_filesystem(path: str) -> str | None:
     return None
 
 
+# huggingface_hub names a repo's cache folder by its type: models--org--name, datasets--…, spaces--….
+HF_REPO_FOLDER_PREFIXES = ("models--", "datasets--", "spaces--")
+HF_REPO_SUBFOLDERS = ("snapshots", "blobs")
+
+
 def in_hf_hub_cache(path: str) -> bool:
-    """True for paths inside a Hugging Face hub cache (``models--*/snapshots|blobs``)."""
+    """True for paths inside a Hugging Face hub cache (``<type>s--*/snapshots|blobs``, every repo type)."""
     for candidate in {os.path.abspath(path), os.path.realpath(path)}:
         parts = candidate.split(os.sep)
         for i, part in enumerate(parts[:-1]):
-            if part.startswith("models--") and parts[i + 1] in ("snapshots", "blobs"):
+            if part.startswith(HF_REPO_FOLDER_PREFIXES) and parts[i + 1] in HF_REPO_SUBFOLDERS:
                 return True
     return False
 
@@ -239,13 +229,6 @@ def sibling_name(source_path: str) -> str:
     if name.endswith(SAFETENSORS_SUFFIX):
         return name[: -len(SAFETENSORS_SUFFIX)] + SIBLING_SUFFIX
     return name + UNSUFFIXED_SIBLING_SUFFIX
-
-
-def legacy_beside_path(source_path: str) -> str | None:
-    """Where earlier versions put the sibling of a source named without the suffix."""
-    if os.path.basename(source_path).endswith(SAFETENSORS_SUFFIX):
-        return None
-    return os.path.abspath(source_path) + SIBLING_SUFFIX
 
 
 def beside_path(source_path: str) -> str:
@@ -267,11 +250,40 @@ def free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def lock_timeout() -> float:
+def writable_by_others(directory: str, owner: int | None = None) -> bool:
+    """Whether someone other than ``owner`` (default: you) and root can create files in ``directory``.
+
+    An unreadable or missing dir counts as writable by others: nothing in it is vouched for.
+    """
+    owner = os.getuid() if owner is None else owner
     try:
-        return float(os.environ.get(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT_S))
-    except ValueError:
-        return DEFAULT_LOCK_TIMEOUT_S
+        st = os.stat(directory)
+    except OSError:
+        return True
+    if st.st_uid not in (owner, 0) or st.st_mode & stat.S_IWOTH:
+        return True
+    return bool(st.st_mode & stat.S_IWGRP) and not (owner == os.getuid() and _private_group(st.st_gid))
+
+
+def owned_file_problem(path: str) -> str | None:
+    """None when ``path`` is absent or a regular file of yours (not a symlink), else what it is.
+
+    For names sa3loader writes itself (siblings, locks): another user's file, a
+    symlink or a FIFO at one of them is never written through or waited on.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot inspect it ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symlink"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if st.st_uid != os.getuid():
+        return f"it is owned by uid {st.st_uid}"
+    return None
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -313,7 +325,7 @@ def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}".encode()
     while True:
         try:
-            fd = os.open(lease, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(lease, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except FileExistsError:
             try:
                 age = time.time() - os.stat(lease).st_mtime
@@ -354,6 +366,43 @@ def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
                 os.unlink(lease)
 
 
+LOCK_FILE_MODE = 0o600
+
+
+def _open_lock_file(lock_path: str) -> int:
+    """Open (creating) a lock file that only you can open: ``flock`` needs no more than read
+    access, so a lock file others can read is a lock others can hold against you.
+
+    Never through a symlink, never blocking on a FIFO; a lock file of another
+    user's is ``UnusableLockError``: the caller writes somewhere else.
+    """
+    flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(lock_path, flags, LOCK_FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnusableLockError(
+                f"{lock_path}: a symlink is in the lock file's place", filename=lock_path
+            ) from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnusableLockError(
+                f"{lock_path}: not a regular file in the lock file's place", filename=lock_path
+            )
+        if st.st_uid != os.getuid():
+            raise UnusableLockError(
+                f"{lock_path}: the lock file is owned by uid {st.st_uid}", filename=lock_path
+            )
+        if st.st_mode & 0o077:  # made by an older sa3loader, open to all
+            os.fchmod(fd, LOCK_FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 @contextlib.contextmanager
 def conversion_lock(sibling_path: str, timeout: float | None = None) -> Iterator[bool]:
     """Hold the exclusive lock for ``sibling_path``; yields False when locking is unsupported.
@@ -363,15 +412,14 @@ def conversion_lock(sibling_path: str, timeout: float | None = None) -> Iterator
     ``cache prune`` and ``clear`` delete lock files while holding them, so a lock
     taken on a file that is no longer at the path is dropped and taken again.
     """
-    timeout = lock_timeout() if timeout is None else timeout
+    timeout = _config.lock_timeout() if timeout is None else timeout
     lock_path = sibling_path + LOCK_SUFFIX
     deadline = time.monotonic() + timeout
     # flock may not reach other hosts on a network filesystem: a lease file does.
     across_hosts = host_lease if network_filesystem(sibling_path) is not None else None
     next_log = time.monotonic() + LOCK_LOG_EVERY_S
     while True:
-        # flock needs only read access; 0o666 lets others who share the dir take it too.
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666)
+        fd = _open_lock_file(lock_path)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -419,6 +467,8 @@ def remove_stray_incomplete(sibling_path: str) -> list[str]:
     """Delete leftovers of crashed writers. Call only while holding the lock."""
     removed = []
     for path in glob.glob(glob.escape(sibling_path) + INCOMPLETE_INFIX + "*"):
+        if owned_file_problem(path) is not None:
+            continue  # another user's: not ours to judge
         try:
             os.unlink(path)
             removed.append(path)

@@ -19,7 +19,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ._format import Header, read_exact
+from ._format import Header, read_exact, reading
 
 HARD_FIELDS = ("size", "mtime_ns", "header_sha256")
 SOFT_FIELDS = ("inode", "device", "ctime_ns")
@@ -34,8 +34,8 @@ MERGE_GAP_BYTES = 64 * 1024
 
 
 def source_identity(header: Header) -> dict[str, Any]:
-    """Identity of the file behind ``header`` (stat taken now)."""
-    st = os.stat(header.path)
+    """Identity of the file behind ``header``: the stat taken when it was opened, else now."""
+    st = header.handle.stat if header.handle is not None else os.stat(header.path)
     return {
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
@@ -82,12 +82,8 @@ def fingerprint(header: Header) -> str:
     """sha256 over every small tensor and spots of every large one (see the module doc)."""
     ranges = fingerprint_ranges(header)
     reads = _merged(ranges)
-    fd = os.open(header.path, os.O_RDONLY)
-    try:
-        with ThreadPoolExecutor(READ_THREADS) as pool:
-            blocks = list(pool.map(lambda r: read_exact(fd, r[0], r[1], header.path), reads))
-    finally:
-        os.close(fd)
+    with reading(header) as fd, ThreadPoolExecutor(READ_THREADS) as pool:
+        blocks = list(pool.map(lambda r: read_exact(fd, r[0], r[1], header.path), reads))
     digest = hashlib.sha256(f"{FINGERPRINT_VERSION}:{header.file_size}:{header.sha256}".encode())
     block = 0
     for offset, length in ranges:

@@ -21,7 +21,8 @@ from typing import Any
 import diskcache
 from diskcache.core import MODE_RAW, UNKNOWN
 
-from ._fsutil import make_private_dirs, tag_cache_dir, warn_once
+from ._config import warn_once
+from ._fsutil import make_private_dirs, tag_cache_dir
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ._format import Header, TensorEntry
+from ._format import Header, TensorEntry, reading
 from ._ranges import plan_chunks
-from .errors import HeaderError
+from .errors import FileAccessError, HeaderError, TruncatedFileError
 
 PAGE_BYTES = mmap.PAGESIZE
 PREFETCH_PIECE_BYTES = 64 * 1024 * 1024
@@ -40,19 +40,31 @@ def torch_dtype(dtype: str, path: str) -> torch.dtype:
     try:
         return TORCH_DTYPES[dtype]
     except KeyError:
-        raise HeaderError(f"{path}: torch {torch.__version__} has no dtype for {dtype} tensors") from None
+        raise HeaderError(
+            f"{path}: torch {torch.__version__} has no dtype for {dtype} tensors", filename=path
+        ) from None
 
 
 class MappedFile:
     """A safetensors file mapped copy-on-write; ``tensor()`` returns zero-copy views."""
 
-    def __init__(self, header: Header, path: str | None = None) -> None:
-        """Map ``header``'s file, opened at ``path`` (a ``/dev/fd`` path, say) when given."""
+    def __init__(self, header: Header) -> None:
+        """Map ``header``'s file, through the descriptor it was parsed from when it is open."""
         self.header = header
-        with open(path or header.path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # MAP_PRIVATE
+        with reading(header) as fd:
+            try:
+                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)  # MAP_PRIVATE
+            except OSError as exc:  # ENOMEM under an address-space limit, say
+                raise FileAccessError(
+                    f"{header.path}: cannot map it ({exc.strerror}); SA3LOADER_IO=read reads it instead",
+                    filename=header.path,
+                    errno=exc.errno,
+                ) from exc
         if len(self._map) != header.file_size:
-            raise OSError(f"{header.path} changed size while it was being opened")
+            self._map.close()
+            raise TruncatedFileError(
+                f"{header.path}: changed size while it was being opened", filename=header.path
+            )
 
     def tensor(self, entry: TensorEntry) -> torch.Tensor:
         dtype = torch_dtype(entry.dtype, self.header.path)

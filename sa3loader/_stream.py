@@ -14,12 +14,13 @@ the whole size of a copy-on-write mapping up front.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -90,14 +91,17 @@ def read_into(
     *,
     chunk_bytes: int = CHUNK_BYTES,
     threads: int = READ_THREADS,
+    fd: int | None = None,
 ) -> None:
-    """Read ``dests[i].nbytes`` bytes at file offset ``offsets[i]`` into each CPU tensor."""
+    """Read ``dests[i].nbytes`` bytes at file offset ``offsets[i]`` into each CPU tensor.
+
+    Through ``fd`` when given (a load's own descriptor of the file), else ``path`` opened now.
+    """
     for dest in dests:
         advise_huge_pages(dest)
     ranges = _byte_ranges(dests, offsets)
     views = [_byte_view(t).numpy().data if t.numel() else memoryview(b"") for t in dests]
     chunks = plan_chunks(ranges, chunk_bytes)
-    fd = open_for_reading(path)
     local = threading.local()
 
     def read(chunk: Chunk) -> None:
@@ -105,9 +109,9 @@ def read_into(
         if chunk.length > sum(p.length for p in chunk.pieces) and not hasattr(local, "scratch"):
             local.scratch = memoryview(bytearray(MAX_GAP_BYTES))
         targets = _chunk_views(chunk, views, getattr(local, "scratch", None))
-        preadv_exact(fd, targets, chunk.file_offset, path)
+        preadv_exact(descriptor, targets, chunk.file_offset, path)
 
-    try:
+    with _descriptor(path, fd) as descriptor:
         if len(chunks) <= 1:  # one tensor, say: not worth starting threads
             for chunk in chunks:
                 read(chunk)
@@ -115,8 +119,19 @@ def read_into(
             with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
                 for _ in pool.map(read, chunks):
                     pass
+
+
+@contextlib.contextmanager
+def _descriptor(path: str, fd: int | None) -> Iterator[int]:
+    """``fd`` as it is (its owner closes it), or ``path`` opened for the block."""
+    if fd is not None:
+        yield fd
+        return
+    own = open_for_reading(path)
+    try:
+        yield own
     finally:
-        os.close(fd)
+        os.close(own)
 
 
 @dataclass
@@ -192,6 +207,7 @@ def stream_into(
     slots: int = RING_SLOTS,
     pin: bool = True,
     copies: DeviceCopies | None = None,
+    fd: int | None = None,
 ) -> StreamStats:
     """Like ``read_into`` for tensors on any device, through a bounded ring of host buffers."""
     ranges = _byte_ranges(dests, offsets)
@@ -208,16 +224,15 @@ def stream_into(
     stats.staging_bytes = sum(t.numel() for t in ring)
     ring_views = [t.numpy().data for t in ring]
     targets = [_byte_view(t) if t.numel() else t for t in dests]
-    fd = open_for_reading(path)
 
     def read(i: int) -> None:
         slot = i % slots
         copies.wait(slot)  # its previous chunk's copies must have left the buffer
         chunk = chunks[i]
-        preadv_exact(fd, [ring_views[slot][: chunk.length]], chunk.file_offset, path)
+        preadv_exact(descriptor, [ring_views[slot][: chunk.length]], chunk.file_offset, path)
 
     try:
-        with ThreadPoolExecutor(slots) as pool:
+        with _descriptor(path, fd) as descriptor, ThreadPoolExecutor(slots) as pool:
             pending = {i: pool.submit(read, i) for i in range(slots)}
             for i, chunk in enumerate(chunks):
                 pending.pop(i).result()
@@ -235,5 +250,4 @@ def stream_into(
                     pending[i + slots] = pool.submit(read, i + slots)
     finally:
         copies.finish()
-        os.close(fd)
     return stats

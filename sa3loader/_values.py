@@ -17,14 +17,14 @@ streamed through the staging ring.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import defaultdict
 
 import torch
 
-from ._format import Header, fd_path
+from . import _config
+from ._format import Header, reading
 from ._fsutil import network_filesystem
 from ._mapped import MappedFile, torch_dtype
 from ._stream import read_into, stream_into
@@ -36,8 +36,6 @@ SIBLING_SAFE_DTYPES = {torch.float16, torch.float32, torch.float64}
 logger = logging.getLogger(__name__)
 
 _CPU = torch.device("cpu")
-IO_ENV = "SA3LOADER_IO"
-IO_MODES = ("mmap", "read")
 # The mapping measured faster than plain reads both hot and cold, and costs no
 # anonymous memory (benchmarks/README.md). "read" stays for where mappings are
 # unreliable, and is what network filesystems get unless asked otherwise.
@@ -47,10 +45,8 @@ DEFAULT_IO = "mmap"
 def resolve_io(io: str | None, path: str | None = None) -> str:
     """``io`` argument, else $SA3LOADER_IO, else "read" when ``path`` is on a network
     filesystem (mappings there are slow and die with SIGBUS on a server hiccup), else mmap."""
-    chosen = (io or os.environ.get(IO_ENV, "").strip().lower() or "").lower()
-    if chosen and chosen not in IO_MODES:
-        raise ValueError(f"io must be one of {', '.join(IO_MODES)}, not {chosen!r} (argument or ${IO_ENV})")
-    if chosen:
+    chosen = _config.io_mode(io)
+    if chosen is not None:
         return chosen
     remote = network_filesystem(path) if path is not None else None
     if remote is not None:
@@ -67,13 +63,9 @@ def streams_to(device: torch.device) -> bool:
 class Values:
     """Final tensor values for checkpoint names, following upstream's cast chain."""
 
-    def __init__(
-        self, source: Header, sibling: Header | None, half: bool, io: str = DEFAULT_IO,
-        sibling_fd: int | None = None,
-    ) -> None:  # fmt: skip
+    def __init__(self, source: Header, sibling: Header | None, half: bool, io: str = DEFAULT_IO) -> None:
         self.source = source
         self.sibling = sibling
-        self.sibling_fd = sibling_fd
         self.half = half
         self.io = io
         self._maps: dict[str, MappedFile] = {}
@@ -88,17 +80,15 @@ class Values:
         """How CPU weights are read: ``io`` for the sibling; the user's checkpoint is always read."""
         return self.io if self.sibling is not None else "read"
 
-    def _open_path(self, header: Header) -> str:
-        """Where to open ``header``'s file: the sibling through the descriptor the load holds."""
-        if header is self.sibling and self.sibling_fd is not None:
-            return fd_path(self.sibling_fd, header.path)
-        return header.path
+    def __enter__(self) -> Values:
+        return self
 
-    def close(self) -> None:
-        """Drop the sibling's descriptor; mappings and read tensors no longer need it."""
-        if self.sibling_fd is not None:
-            os.close(self.sibling_fd)
-            self.sibling_fd = None
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        """Join the early prefetch; after a failure, first stop it where it is."""
+        if exc_type is not None:
+            self._stop_early.set()
+        for thread in self._early.values():
+            thread.join()
 
     def _maps_allowed(self, header: Header) -> bool:
         return header is self.sibling and self.io == "mmap"
@@ -108,13 +98,14 @@ class Values:
         entry = header.by_name[name]
         if not self._maps_allowed(header):
             out = torch.empty(entry.torch_shape, dtype=torch_dtype(entry.dtype, header.path))
-            read_into(self._open_path(header), [out], [header.data_start + entry.begin])
+            with reading(header) as fd:
+                read_into(header.path, [out], [header.data_start + entry.begin], fd=fd)
             return out
         return self._mapped(header).tensor(entry)
 
     def _mapped(self, header: Header) -> MappedFile:
         if header.path not in self._maps:
-            self._maps[header.path] = MappedFile(header, self._open_path(header))
+            self._maps[header.path] = MappedFile(header)
         return self._maps[header.path]
 
     def prefetch_early(self, device: torch.device) -> None:
@@ -138,13 +129,6 @@ class Values:
         )  # fmt: skip
         thread.start()
         self._early[header.path] = thread
-
-    def wait_for_prefetch(self, *, cancel: bool = False) -> None:
-        """Join the early prefetch; ``cancel`` first stops it where it is (a failed build)."""
-        if cancel:
-            self._stop_early.set()
-        for thread in self._early.values():
-            thread.join()
 
     def _as_is(self, name: str, model_dtype: torch.dtype) -> Header | None:
         """The file whose bytes are already the final value, if one is."""
@@ -221,9 +205,11 @@ class Values:
                 for e in entries
             ]
             if not streamed:
-                read_into(self._open_path(header), dests, offsets)
+                with reading(header) as fd:
+                    read_into(header.path, dests, offsets, fd=fd)
             else:
-                stats = stream_into(self._open_path(header), dests, offsets)
+                with reading(header) as fd:
+                    stats = stream_into(header.path, dests, offsets, fd=fd)
                 self.staging_bytes = max(self.staging_bytes, stats.staging_bytes)
                 if header is self.sibling:  # an fp16 model tensor was cast on the CPU upstream too
                     recast = [k for k, i in enumerate(indices) if wanted[i][1] != torch.float16]

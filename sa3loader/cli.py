@@ -20,7 +20,7 @@ from typing import Any
 
 from . import _cache_admin, _convert
 from ._convert_dir import FileAction, convert_file, convert_tree
-from ._format import read_header
+from ._format import open_header, read_header
 from ._fsutil import resolve_cache_dir
 from ._sibling import resolve_sibling
 from .errors import ConversionError, Sa3LoaderError, VerificationError
@@ -49,10 +49,10 @@ def _human(n: int) -> str:
 
 def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAction:
     """``convert FILE``: the sibling a load would use, made (or found) and recorded as a load would."""
-    header = read_header(src)
-    if _convert.is_sa3loader_file(header) or not _convert.has_float32(header):
-        return FileAction(src, src, "unchanged")
-    outcome = resolve_sibling(header, resolve_cache_dir(cache_dir), verify=verify)
+    with open_header(src) as header:
+        if _convert.is_sa3loader_file(header) or not _convert.has_float32(header):
+            return FileAction(src, src, "unchanged")
+        outcome = resolve_sibling(header, resolve_cache_dir(cache_dir), verify=verify)
     if outcome.sibling is None:
         raise ConversionError(f"{src}: {outcome.reason}")
     converted = outcome.converted
@@ -92,9 +92,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
-    header = read_header(args.ckpt)
     started = time.perf_counter()
-    outcome = resolve_sibling(header, resolve_cache_dir(args.cache_dir), verify=args.verify)
+    with open_header(args.ckpt) as header:
+        outcome = resolve_sibling(header, resolve_cache_dir(args.cache_dir), verify=args.verify)
     data = {
         "source": header.path,
         "sibling": outcome.sibling.path if outcome.sibling else None,

@@ -1,14 +1,30 @@
 """Every exception type sa3loader raises.
 
 Each one also subclasses the builtin a caller would naturally catch, so code
-written for plain safetensors/torch errors keeps working.
+written for plain safetensors/torch errors keeps working. Each names the file
+it is about in its message and in ``.filename`` (None only where no file is
+involved, as for a bad argument).
 """
 
 from __future__ import annotations
 
+import os
+
 
 class Sa3LoaderError(Exception):
     """Base class of every error raised by sa3loader."""
+
+    def __init__(
+        self, message: str, *, filename: str | os.PathLike[str] | None = None, errno: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.filename = os.fspath(filename) if filename is not None else None
+        if errno is not None:  # the OSError subclasses' errno (set by name: OSError types it)
+            setattr(self, "errno", errno)  # noqa: B010
+
+    def __str__(self) -> str:
+        # OSError would print "[Errno N] strerror: filename"; the message already says it better.
+        return str(self.args[0]) if self.args else ""
 
 
 class HeaderError(Sa3LoaderError, ValueError):
@@ -32,7 +48,12 @@ class CheckpointPermissionError(Sa3LoaderError, PermissionError):
 
 
 class FileAccessError(Sa3LoaderError, OSError):
-    """A file sa3loader reads could not be opened or read (a symlink loop, an I/O error, ...)."""
+    """A file sa3loader reads could not be opened, read or mapped (a symlink loop, an I/O
+    error, too many open files, no address space left, ...)."""
+
+
+class CheckpointChangedError(Sa3LoaderError, OSError):
+    """The checkpoint was rewritten in place while it was being loaded: the load would mix two versions."""
 
 
 class ConversionError(Sa3LoaderError, OSError):
@@ -41,6 +62,10 @@ class ConversionError(Sa3LoaderError, OSError):
 
 class LockTimeoutError(Sa3LoaderError, TimeoutError):
     """Another process held the conversion lock for longer than allowed."""
+
+
+class UnusableLockError(Sa3LoaderError, PermissionError):
+    """A lock file sa3loader cannot use safely: another user's, a symlink or a FIFO in its place."""
 
 
 class UpstreamNotFoundError(Sa3LoaderError, ImportError):
@@ -61,3 +86,11 @@ class HubSymlinkError(Sa3LoaderError, ValueError):
 
 class UntrustedCacheDirError(Sa3LoaderError, PermissionError):
     """The cache dir is one that others can plant files in (see $SA3LOADER_SHARED_CACHE)."""
+
+
+class CacheIndexError(Sa3LoaderError, OSError):
+    """A cache command could not read or write the index (locked by another process, or corrupt)."""
+
+
+class ConfigError(Sa3LoaderError, ValueError):
+    """An argument or an ``SA3LOADER_*`` environment variable has a value sa3loader cannot use."""

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.nn.utils.weight_norm import WeightNorm
 
-from . import _upstream
-from ._defer import DeferredParameters, deferred_parameters
-from ._format import Header, read_header
+from . import _config, _upstream
+from ._defer import DeferredParameters, deferred_parameters, not_deferred
+from ._format import Header, check_unchanged, open_header
 from ._fsutil import resolve_cache_dir
 from ._keys import LoadResult, plan_keys
 from ._sibling import SiblingOutcome, resolve_sibling
@@ -34,9 +34,6 @@ from ._values import Values, resolve_io, streams_to
 from .errors import UpstreamNotFoundError
 
 logger = logging.getLogger(__name__)
-
-DISABLE_ENV = "SA3LOADER_DISABLE"
-VERIFY_ENV = "SA3LOADER_VERIFY"
 
 Factory = Callable[[Any], nn.Module]
 
@@ -116,11 +113,28 @@ class _FastBuildRefused(Exception):
     """Why the fast build cannot give upstream's model: the faithful build runs instead."""
 
 
+def _about_meta(exc: BaseException) -> bool:
+    """Whether an error (or one it came from) is torch refusing a meta tensor's data."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if "meta" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _build_deferred(factory: Factory, config: Any) -> tuple[nn.Module, DeferredParameters]:
+    """The factory's model with its parameters deferred. Its own errors pass through as they
+    are, so it runs once; only an error about meta tensors (a constructor that reads a
+    parameter's value) means: build it for real instead."""
     try:
         with deferred_parameters() as deferred:
             return factory(config), deferred
-    except Exception as exc:  # e.g. a constructor that reads a parameter's value
+    except Exception as exc:
+        if not _about_meta(exc):
+            raise
         raise _FastBuildRefused(f"the factory needs real parameters ({type(exc).__name__}: {exc})") from exc
 
 
@@ -138,13 +152,35 @@ def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[s
     return ids
 
 
-def _refuse_computed_attributes(model: nn.Module, wn_hooks: list[tuple[str, nn.Module, WeightNorm]]) -> None:
-    """A plain tensor attribute computed from a deferred parameter is meta; only weight_norm's is redone."""
-    recomputed = {(id(m), h.name) for _, m, h in wn_hooks}
-    for module in model.modules():
+# Nested containers (dicts, lists, tuples, sets) searched for tensors in module attributes.
+CONTAINER_DEPTH = 4
+
+
+def _holds_meta(value: Any, depth: int = CONTAINER_DEPTH) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_meta
+    if depth and isinstance(value, dict):
+        return any(_holds_meta(v, depth - 1) for v in value.values())
+    if depth and isinstance(value, (list, tuple, set, frozenset)):
+        return any(_holds_meta(v, depth - 1) for v in value)
+    return False
+
+
+def _refuse_meta(model: nn.Module, *, skip: set[tuple[int, str]], parameters: bool) -> None:
+    """``_FastBuildRefused`` when a tensor anywhere in the model is still on meta.
+
+    A tensor the constructor derived from a deferred parameter (a buffer, an
+    attribute, a value kept in a dict) is meta, and only weight_norm's is redone
+    from the file: any other means upstream's model cannot be given fast.
+    ``parameters=False`` leaves parameters out (before they are placed).
+    """
+    for prefix, module in model.named_modules():
         for attr, value in vars(module).items():
-            if isinstance(value, torch.Tensor) and value.is_meta and (id(module), attr) not in recomputed:
-                raise _FastBuildRefused(f"{type(module).__name__}.{attr} was computed from a parameter")
+            if attr == "_modules" or (attr == "_parameters" and not parameters) or (id(module), attr) in skip:
+                continue
+            if _holds_meta(value):
+                where = f"{prefix}.{attr}" if prefix else attr
+                raise _FastBuildRefused(f"{where} ({type(module).__name__}) was computed from a parameter")
 
 
 def _place_parameters(
@@ -171,8 +207,6 @@ def _place_parameters(
         for pname, registered in module._parameters.items():
             if registered is not None and id(registered) in placed:
                 module._parameters[pname] = placed[id(registered)]
-    if any(t.is_meta for t in model.state_dict(keep_vars=True).values()):
-        raise _FastBuildRefused("a parameter could not be placed")
 
 
 def _recompute_weight_norm(
@@ -203,9 +237,10 @@ def _build_fast(
     assign, result = plan_keys(source, model.state_dict(keep_vars=True))
     deferred_ids = _deferred_ids(model, deferred, assign)
     wn_hooks = _weight_norm_hooks(model)
-    _refuse_computed_attributes(model, wn_hooks)
+    _refuse_meta(model, skip={(id(m), h.name) for _, m, h in wn_hooks}, parameters=False)
     _place_parameters(model, assign, deferred_ids, values, device)
     _recompute_weight_norm(wn_hooks, assign, values)
+    _refuse_meta(model, skip=set(), parameters=True)
     return model, result
 
 
@@ -222,7 +257,8 @@ def _build(
         info.fallback = why_not
         values.forget_counts()  # what the abandoned fast build read does not count
         torch.random.set_rng_state(rng)
-        model = factory(config)
+        with not_deferred():  # inside a factory that is itself being built deferred
+            model = factory(config)
         result = _load_faithful(model, source, values)
         info.build = "faithful"
     else:
@@ -263,8 +299,10 @@ def load_into_module(
     by dropping one component, unknown keys and shape mismatches are skipped,
     parameters missing from the file keep their values. Returns what was skipped.
     """
-    source = read_header(ckpt_path)
-    result = _load_faithful(module, source, Values(source, None, half=False, io=resolve_io(io)))
+    io_mode = resolve_io(io)
+    with open_header(ckpt_path) as source, Values(source, None, half=False, io=io_mode) as values:
+        result = _load_faithful(module, source, values)
+        check_unchanged(source)
     _log_skipped(result)
     return result
 
@@ -273,13 +311,10 @@ def _upstream_original() -> Callable[..., nn.Module]:
     original = _upstream.original_load_diffusion_cond()
     if original is None:
         raise UpstreamNotFoundError(
-            f"{DISABLE_ENV}=1 calls upstream's load_diffusion_cond, but stable_audio_3 is not importable"
+            f"${_config.DISABLE_ENV}=1 calls upstream's load_diffusion_cond, "
+            "but stable_audio_3 is not importable"
         )
     return original
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _record_sibling(info: LoadInfo, outcome: SiblingOutcome, source: Header) -> None:
@@ -323,16 +358,17 @@ def load_diffusion_cond(
     global _last_info
     info = LoadInfo(source=os.fspath(ckpt_path), model_half=bool(model_half))
     _last_info = info
-    if _env_flag(DISABLE_ENV):
+    if _config.disabled():
         info.build = "upstream"
-        if model_factory is None:
-            return _upstream_original()(model_config, ckpt_path, device, model_half)
-        model = model_factory(model_config)
+        with not_deferred():  # a load nested in a factory being built deferred
+            if model_factory is None:
+                return _upstream_original()(model_config, ckpt_path, device, model_half)
+            model = model_factory(model_config)
         info.result = load_into_module(model, ckpt_path)
         return _finish(model, device, bool(model_half))
 
     started = time.perf_counter()
-    requested_io, io = io, resolve_io(io)
+    requested_io = _config.io_mode(io)  # a bad value fails before any work
     factory = (
         model_factory
         if model_factory is not None
@@ -342,28 +378,21 @@ def load_diffusion_cond(
     sibling_started = time.perf_counter()
     target = torch.device(device)
     torch.empty(0).to(target)  # raises exactly as upstream's model.to(device) would, before any work
-    source = read_header(ckpt_path)
-
-    outcome = SiblingOutcome(reason="fp32 load")
-    if model_half:
-        verify = _env_flag(VERIFY_ENV) if verify is None else verify
-        outcome = resolve_sibling(source, resolve_cache_dir(cache_dir), verify=verify, pin=True)
-    info.timings["sibling_s"] = time.perf_counter() - sibling_started
-    _record_sibling(info, outcome, source)
-
-    build_started = time.perf_counter()
-    if outcome.sibling is not None:
-        io = resolve_io(requested_io, outcome.sibling.path)
-    values = Values(source, outcome.sibling, bool(model_half), io, outcome.sibling_fd)
-    values.prefetch_early(target)
-    try:
-        model = _build(factory, model_config, source, values, target, info)
-    except BaseException:
-        values.wait_for_prefetch(cancel=True)
-        raise
-    finally:
-        values.wait_for_prefetch()
-        values.close()
+    with open_header(ckpt_path) as source:
+        outcome = SiblingOutcome(reason="fp32 load")
+        if model_half:
+            outcome = resolve_sibling(
+                source, resolve_cache_dir(cache_dir), verify=_config.verify(verify), keep_open=True
+            )
+        with outcome:
+            info.timings["sibling_s"] = time.perf_counter() - sibling_started
+            _record_sibling(info, outcome, source)
+            build_started = time.perf_counter()
+            io_mode = resolve_io(requested_io, outcome.sibling.path if outcome.sibling is not None else None)
+            with Values(source, outcome.sibling, bool(model_half), io_mode) as values:
+                values.prefetch_early(target)
+                model = _build(factory, model_config, source, values, target, info)
+            check_unchanged(source)  # a rewrite in place during the load: never a mix of two versions
     _finish(model, target, bool(model_half))
     now = time.perf_counter()
     info.timings["build_s"] = now - build_started
@@ -372,6 +401,7 @@ def load_diffusion_cond(
     logger.info(
         "loaded %s: %s, %s build, %.2fs", source.path, info.reason, info.build, info.timings["total_s"]
     )
+    _last_info = info  # again: loads nested in the factory set it meanwhile
     return model
 
 
@@ -401,11 +431,15 @@ def load_autoencoder(
         create = _upstream.factory_function("create_autoencoder_from_config")
         model_factory = lambda cfg: create(cfg["model"], cfg["sample_rate"])  # noqa: E731
     factory = model_factory
+    io_mode = resolve_io(io)
     target = torch.device(device)
     torch.empty(0).to(target)
-    source = read_header(ckpt_path)
-    if any(e.name.startswith(AUTOENCODER_PREFIX) for e in source.entries):
-        source = source.subset(AUTOENCODER_PREFIX)
-    values = Values(source, None, half=False, io=resolve_io(io))
-    model = _build(factory, config, source, values, target, info)
+    with open_header(ckpt_path) as whole:
+        source = whole
+        if any(e.name.startswith(AUTOENCODER_PREFIX) for e in whole.entries):
+            source = whole.subset(AUTOENCODER_PREFIX)
+        with Values(source, None, half=False, io=io_mode) as values:
+            model = _build(factory, config, source, values, target, info)
+        check_unchanged(whole)
+    _last_info = info
     return model.to(target)

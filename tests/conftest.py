@@ -17,6 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from upstream_env import DEFAULT_UPSTREAM, UPSTREAM_ENV, find_upstream, import_upstream  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def fresh_warnings():
+    """Each test sees the warnings sa3loader gives once per process."""
+    from sa3loader import _config
+
+    _config._warned.clear()
+
+
 class Upstream(types.SimpleNamespace):
     root: Path
     loading_utils: types.ModuleType

@@ -430,16 +430,6 @@ def test_model_and_model_safetensors_keep_their_own_siblings(tmp_path, conversio
     ]  # fmt: skip
 
 
-def test_a_sibling_under_the_old_name_is_adopted(tmp_path, conversions):
-    torch.manual_seed(0)
-    plain = save(random_like_state(build(), seed=3), tmp_path / "model")
-    load(plain, tmp_path / "cache")
-    os.rename(tmp_path / "model-fp16.safetensors", tmp_path / "model.fp16.safetensors")  # the old name
-    shutil.rmtree(tmp_path / "cache")
-    assert_same_model(load(plain, tmp_path / "cache"), reference(plain))
-    assert len(conversions) == 1 and sa3loader.last_load_info().cache_hit
-
-
 def test_a_sibling_header_over_the_limit_loads_fp32_and_leaves_nothing(ckpt, tmp_path, monkeypatch, caplog):
     """Near safetensors' 100 MB header limit, our metadata would push the sibling's header over."""
     source_header = read_header(ckpt).header_size

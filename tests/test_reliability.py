@@ -36,11 +36,6 @@ PROCESSES = 8
 BIG_DIM = 512
 
 
-@pytest.fixture(autouse=True)
-def fresh_warnings():
-    _fsutil._warned.clear()
-
-
 def make_ckpt(path: Path, dim: int = 32, seed: int = 3) -> Path:
     torch.manual_seed(0)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -151,9 +151,11 @@ def test_device_streaming_path_on_the_cpu(upstream, tmp_path, half, copies, monk
     monkeypatch.setattr(loader, "streams_to", lambda device: True)
     if copies == "late":
 
-        def late_ring(path, dests, offsets):
+        def late_ring(path, dests, offsets, *, fd):
             chunk = max(4096, sum(t.nbytes for t in dests) // 64)  # dozens of refills per slot
-            return _stream.stream_into(path, dests, offsets, chunk_bytes=chunk, slots=2, copies=LateCopies())
+            return _stream.stream_into(
+                path, dests, offsets, chunk_bytes=chunk, slots=2, copies=LateCopies(), fd=fd
+            )
 
         monkeypatch.setattr(_values, "stream_into", late_ring)
     path = tricky_checkpoint(upstream, tmp_path, complete=True)

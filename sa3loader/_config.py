@@ -1,0 +1,126 @@
+"""Every ``SA3LOADER_*`` environment variable: its name, default and parser, read at call time.
+
+A value that cannot be used is never a silent surprise: a bad ``io`` is a
+``ConfigError``; a bad timeout or path gets one warning and the default.
+``warn_once`` keeps a misconfiguration from flooding a log.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR_ENV = "SA3LOADER_CACHE_DIR"
+SHARED_CACHE_ENV = "SA3LOADER_SHARED_CACHE"
+DISABLE_ENV = "SA3LOADER_DISABLE"
+VERIFY_ENV = "SA3LOADER_VERIFY"
+IO_ENV = "SA3LOADER_IO"
+LOCK_TIMEOUT_ENV = "SA3LOADER_LOCK_TIMEOUT"
+PROGRESS_ENV = "SA3LOADER_PROGRESS"
+XDG_CACHE_HOME_ENV = "XDG_CACHE_HOME"
+
+DEFAULT_LOCK_TIMEOUT_S = 3600.0
+IO_MODES = ("mmap", "read")
+_TRUE = ("1", "true", "yes", "on")
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str, *args: object) -> None:
+    """Log a warning once per process: a misconfigured cache must not flood the log."""
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message, *args)
+
+
+def is_true(name: str) -> bool:
+    """A flag variable: 1, true, yes or on (any case) sets it."""
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def shared_cache() -> bool:
+    """$SA3LOADER_SHARED_CACHE=1: a group- or world-writable cache dir is trusted on purpose."""
+    return is_true(SHARED_CACHE_ENV)
+
+
+def disabled() -> bool:
+    """$SA3LOADER_DISABLE=1: every load is upstream's own."""
+    return is_true(DISABLE_ENV)
+
+
+def verify(argument: bool | None) -> bool:
+    """The ``verify`` argument, else $SA3LOADER_VERIFY."""
+    return is_true(VERIFY_ENV) if argument is None else bool(argument)
+
+
+def io_mode(argument: str | None) -> str | None:
+    """The ``io`` argument, else $SA3LOADER_IO; None when neither is set. A bad value is a ``ConfigError``."""
+    if argument is not None:
+        chosen, where = argument, "io"
+    else:
+        chosen, where = os.environ.get(IO_ENV, "").strip().lower(), f"${IO_ENV}"
+        if not chosen:
+            return None
+    if chosen not in IO_MODES:
+        raise ConfigError(f"io must be one of {', '.join(IO_MODES)}, not {chosen!r} ({where})")
+    return chosen
+
+
+def lock_timeout() -> float:
+    """$SA3LOADER_LOCK_TIMEOUT seconds; not a finite number >= 0: one warning and the default."""
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        warn_once(
+            f"env:{LOCK_TIMEOUT_ENV}",
+            "$%s=%r is not a number of seconds >= 0; using %.0f",
+            LOCK_TIMEOUT_ENV,
+            raw,
+            DEFAULT_LOCK_TIMEOUT_S,
+        )
+        return DEFAULT_LOCK_TIMEOUT_S
+    return value
+
+
+def progress() -> bool:
+    """False when $SA3LOADER_PROGRESS=0 or $TQDM_DISABLE is set (bars show only on a terminal anyway)."""
+    return os.environ.get(PROGRESS_ENV, "").strip() != "0" and not os.environ.get("TQDM_DISABLE")
+
+
+_UNEXPANDED = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def env_path(name: str) -> str | None:
+    """An absolute path from variable ``name``, ``~`` and ``$VARS`` expanded as shells do.
+
+    None when unset or empty, and, with one warning, when it cannot be a path the
+    user meant: a ``$VAR`` that is not set, a ``~user`` that does not exist, or
+    a relative path (the XDG rule: relative paths are ignored).
+    """
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return None
+    value = os.path.expandvars(os.path.expanduser(raw))
+    problem = None
+    unexpanded = _UNEXPANDED.search(value)
+    if unexpanded is not None:
+        problem = f"{unexpanded.group(0)} is not set"
+    elif value.startswith("~"):
+        problem = f"{value.split(os.sep, 1)[0]} is not a user"
+    elif not os.path.isabs(value):
+        problem = "it is a relative path"
+    if problem is not None:
+        warn_once(f"env:{name}", "ignoring $%s=%r: %s", name, raw, problem)
+        return None
+    return os.path.normpath(value)

@@ -1,0 +1,119 @@
+"""The model upstream gives, with any factory.
+
+A tensor the constructor derives from a parameter (kept in a dict, or a
+non-persistent buffer) is never left on the meta device; loads nest (a
+teacher inside a student); a factory that fails runs once and its error
+passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import random_like_state, save
+from conftest import assert_same_model, bits
+from safetensors.torch import load_file
+from toymodel import ToyDiT, build
+
+import sa3loader
+
+HERE = Path(__file__).resolve().parent
+
+
+class DerivedInADict(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.derived = {"scaled": [self.blocks[0].ff.weight.detach() * 2]}
+
+
+class DerivedBuffer(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scaled", self.blocks[0].ff.weight.detach() * 2, persistent=False)
+
+
+def upstream_recipe(cls, ckpt, half):
+    torch.manual_seed(0)
+    model = cls()
+    model.load_state_dict(load_file(str(ckpt)), strict=False)
+    model.eval().requires_grad_(False)
+    return model.half() if half else model
+
+
+@pytest.mark.parametrize("cls", [DerivedInADict, DerivedBuffer], ids=["in-a-dict", "non-persistent-buffer"])
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_a_tensor_derived_from_a_parameter_is_upstreams(tmp_path, cls, half):
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", half, cache_dir=tmp_path / "c", model_factory=lambda config: cls()
+    )
+    info = sa3loader.last_load_info()
+    assert info.build == "faithful" and "computed from a parameter" in info.fallback
+    ref = upstream_recipe(cls, ckpt, half)
+    assert_same_model(model, ref)
+    ours = model.derived["scaled"][0] if cls is DerivedInADict else model.scaled
+    theirs = ref.derived["scaled"][0] if cls is DerivedInADict else ref.scaled
+    assert not ours.is_meta and torch.equal(bits(ours), bits(theirs))
+
+
+def test_a_failing_factory_runs_once_and_its_error_passes_through(tmp_path):
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    calls = []
+
+    class FactoryError(Exception):
+        pass
+
+    def failing(config):
+        calls.append(config)
+        raise FactoryError("no such encoder: t5gemma-xl")
+
+    with pytest.raises(FactoryError, match="no such encoder") as err:
+        sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=failing)
+    assert len(calls) == 1 and type(err.value) is FactoryError
+
+
+NESTED = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import sa3loader
+from toymodel import build
+
+def teacher_reading_parameters(config):  # its own fast build is refused: faithful, nested
+    model = build(config)
+    model.norm_at_init = float(model.blocks[0].ff.weight.detach().norm())
+    return model
+
+def student(config):
+    model = build(config)
+    model.__dict__["teacher"] = sa3loader.load_diffusion_cond(
+        {{}}, {teacher!r}, "cpu", False, model_factory=build)
+    model.__dict__["reader"] = sa3loader.load_diffusion_cond(
+        {{}}, {teacher!r}, "cpu", False, model_factory=teacher_reading_parameters)
+    return model
+
+torch.manual_seed(0)
+model = sa3loader.load_diffusion_cond(
+    {{}}, {student!r}, "cpu", True, cache_dir={cache!r}, model_factory=student)
+print(sa3loader.last_load_info().build, model.teacher.blocks[0].ff.weight.is_meta,
+      model.reader.blocks[0].ff.weight.is_meta, model.blocks[0].ff.weight.dtype)
+"""
+
+
+def test_loads_nest_inside_a_factory(tmp_path):
+    """A factory that loads a teacher itself (or a nested call under install()) never deadlocks."""
+    torch.manual_seed(0)
+    teacher = save(random_like_state(build(), seed=4), tmp_path / "teacher.safetensors")
+    student = save(random_like_state(build(), seed=3), tmp_path / "student.safetensors")
+    script = NESTED.format(
+        here=str(HERE), teacher=str(teacher), student=str(student), cache=str(tmp_path / "c")
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["fast", "False", "False", "torch.float16"]

@@ -1,0 +1,108 @@
+"""One load, one file: every read of a load goes through the descriptor whose header it parsed.
+
+A checkpoint republished by path during a load (temp file + ``os.replace``, as
+trainers publish) never mixes into it: the model is exactly the version that
+was opened. A checkpoint rewritten in place during a load is a typed error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from checkpoints import random_like_state, save
+from conftest import assert_same_model
+from toymodel import build, reference
+
+import sa3loader
+from sa3loader import _convert, loader
+
+
+def versions(tmp_path):
+    """The checkpoint (v1, and a copy for the reference) and a v2 with other values and offsets."""
+    torch.manual_seed(0)
+    v1 = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    shutil.copyfile(v1, tmp_path / "v1-copy.safetensors")
+    # Metadata makes v2's header longer: read at v1's offsets, every tensor would be garbage.
+    v2 = save(random_like_state(build(), seed=4), tmp_path / "v2.safetensors", metadata={"pad": "x" * 999})
+    return v1, v2, tmp_path / "v1-copy.safetensors"
+
+
+def republish(new, path) -> None:
+    """What a trainer does: write elsewhere, then rename over the published name."""
+    staged = f"{path}.tmp"
+    shutil.copyfile(new, staged)
+    os.replace(staged, path)
+
+
+def load(path, cache, half, factory=build):
+    torch.manual_seed(0)
+    return sa3loader.load_diffusion_cond({}, path, "cpu", half, cache_dir=cache, model_factory=factory)
+
+
+@pytest.mark.parametrize("when", ["fp32", "first-load", "hit"])
+def test_a_checkpoint_republished_during_a_load_gives_the_version_opened(tmp_path, when):
+    v1, v2, v1_copy = versions(tmp_path)
+    half = when != "fp32"
+    if when == "hit":
+        load(v1, tmp_path / "cache", half)
+
+    def republishing_factory(config):
+        republish(v2, v1)
+        return build(config)
+
+    if when == "first-load":  # between the sibling's conversion and the buffers read from the source
+        _convert.phase_hook = lambda name: republish(v2, v1) if name == "index" else None
+        try:
+            model = load(v1, tmp_path / "cache", half)
+        finally:
+            _convert.phase_hook = None
+        assert sa3loader.last_load_info().converted
+    else:
+        model = load(v1, tmp_path / "cache", half, republishing_factory)
+    assert_same_model(model, reference(v1_copy, half))
+
+
+def test_load_into_module_and_load_autoencoder_read_one_file(tmp_path, monkeypatch):
+    v1, v2, v1_copy = versions(tmp_path)
+    real_plan = loader.plan_keys
+
+    def republish_then_plan(*args):
+        republish(v2, v1)
+        return real_plan(*args)
+
+    monkeypatch.setattr(loader, "plan_keys", republish_then_plan)
+    torch.manual_seed(0)
+    model = build()
+    sa3loader.load_into_module(model, v1)
+    assert_same_model(model.eval().requires_grad_(False), reference(v1_copy, half=False))
+
+    republish(v1_copy, v1)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({}))
+    torch.manual_seed(0)
+    autoencoder = sa3loader.load_autoencoder(config, v1, "cpu", model_factory=build)
+    assert_same_model(autoencoder.eval().requires_grad_(False), reference(v1_copy, half=False))
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_a_checkpoint_rewritten_in_place_during_a_load_is_a_typed_error(tmp_path, half):
+    """``cp new old`` or ``open(old, "r+b")`` during a load: no version is whole, so it says so."""
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    same_layout = save(random_like_state(build(), seed=4), tmp_path / "same-layout.safetensors")
+    assert os.path.getsize(same_layout) == os.path.getsize(ckpt)
+    if half:
+        load(ckpt, tmp_path / "cache", half)
+
+    def rewriting_factory(config):
+        with open(ckpt, "r+b") as f:
+            f.write(same_layout.read_bytes())
+        return build(config)
+
+    with pytest.raises(sa3loader.CheckpointChangedError, match="rewritten while it was being read") as err:
+        load(ckpt, tmp_path / "cache", half, rewriting_factory)
+    assert isinstance(err.value, OSError) and err.value.filename == str(ckpt)

@@ -1,0 +1,174 @@
+"""Trust only what you own: files another user, a symlink or a FIFO puts at a name sa3loader uses.
+
+A sibling beside the source is used only when it is a regular file of yours or
+root's (or of the source's owner, in a directory no one else can write);
+locks are files only you can open; no load blocks on a FIFO or writes through
+a symlink; siblings never widen who can read the weights.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import random_like_state, save
+from conftest import assert_same_model, writable
+from toymodel import build, reference
+
+import sa3loader
+from sa3loader._format import read_header
+
+HERE = Path(__file__).resolve().parent
+NEIGHBOUR = 65534  # another user (nobody); files are given to them with chown, which needs root
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="making files owned by another user needs root (CI runs as root)"
+)
+LOAD_TIMEOUT_S = 60
+
+
+def checkpoint(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    return save(random_like_state(build(), seed=3), directory / "model.safetensors")
+
+
+def load(path, cache, **kwargs):
+    torch.manual_seed(0)
+    return sa3loader.load_diffusion_cond(
+        {}, path, "cpu", True, cache_dir=cache, model_factory=build, **kwargs
+    )
+
+
+def load_in_a_child(ckpt: Path, cache: Path) -> dict:
+    """A load in a fresh process, so that a load that hangs fails the test instead of the suite."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "SA3LOADER_PROGRESS": "0"}
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "child.py"), "load", str(ckpt), str(cache)],
+        capture_output=True, text=True, env=env, timeout=LOAD_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return {"stderr": proc.stderr, "stdout": proc.stdout}
+
+
+@needs_root
+def test_a_neighbours_sibling_in_a_shared_dir_is_never_adopted(tmp_path):
+    """In a sticky world-writable dir (/tmp), another user makes a genuine sibling of your
+    public checkpoint and swaps its data: your load converts its own instead."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    ckpt = checkpoint(shared)
+    load(ckpt, tmp_path / "neighbour-cache")  # the neighbour's genuine sibling, beside the source
+    planted = writable(shared / "model.fp16.safetensors")
+    header = read_header(planted)
+    with open(planted, "r+b") as f:  # then the swap: one data byte
+        f.seek(header.data_start + 100)
+        f.write(b"\x55")
+    os.chown(planted, NEIGHBOUR, NEIGHBOUR)
+    planted_bytes = planted.read_bytes()
+
+    model = load(ckpt, tmp_path / "my-cache")
+    info = sa3loader.last_load_info()
+    assert info.converted and info.sibling.startswith(str(tmp_path / "my-cache"))
+    assert f"untrusted sibling {planted}" in info.events
+    assert_same_model(model, reference(ckpt))
+    assert planted.read_bytes() == planted_bytes  # never written over either
+
+
+@needs_root
+def test_a_sibling_of_the_sources_owner_in_their_own_dir_is_used(tmp_path):
+    """The source's owner controls the source too: their sibling, in a dir only they can write, is fine."""
+    theirs = tmp_path / "theirs"
+    ckpt = checkpoint(theirs)
+    load(ckpt, tmp_path / "their-cache")
+    for path in (theirs, ckpt, theirs / "model.fp16.safetensors"):
+        os.chown(path, NEIGHBOUR, NEIGHBOUR)
+    theirs.chmod(0o755)
+    load(ckpt, tmp_path / "my-cache")
+    info = sa3loader.last_load_info()
+    assert info.cache_hit and info.sibling == str(theirs / "model.fp16.safetensors")
+
+
+@pytest.mark.parametrize("name", ["sibling", "lock"])
+def test_a_fifo_at_a_name_sa3loader_uses_never_hangs_a_load(tmp_path, name):
+    ckpt = checkpoint(tmp_path / "ckpt")
+    fifo = tmp_path / "ckpt" / ("model.fp16.safetensors" + (".lock" if name == "lock" else ""))
+    os.mkfifo(fifo)
+    load_in_a_child(ckpt, tmp_path / "cache")  # a blocking open would hang it past the timeout
+    assert (tmp_path / "cache" / "siblings").is_dir()
+    assert fifo.is_fifo()
+
+
+def test_a_symlink_at_the_lock_name_is_never_followed(tmp_path):
+    ckpt = checkpoint(tmp_path / "ckpt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "ckpt" / "model.fp16.safetensors.lock").symlink_to(elsewhere / "created-through-the-link")
+    model = load(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / "cache"))
+    assert list(elsewhere.iterdir()) == []
+    assert_same_model(model, reference(ckpt))
+
+
+@needs_root
+def test_a_lock_held_by_another_user_never_makes_a_load_wait(tmp_path, monkeypatch):
+    """Lock files are yours alone (0600); another user's file at the lock's name, held, is
+    passed over at once: the load converts into your cache dir instead of waiting."""
+    monkeypatch.setenv("SA3LOADER_LOCK_TIMEOUT", "5")
+    ckpt = checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt").chmod(0o1777)
+    lock = tmp_path / "ckpt" / "model.fp16.safetensors.lock"
+    lock.touch(mode=0o644)
+    os.chown(lock, NEIGHBOUR, NEIGHBOUR)
+    with open(lock, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        model = load(ckpt, tmp_path / "cache")
+    info = sa3loader.last_load_info()
+    assert info.converted and info.sibling.startswith(str(tmp_path / "cache"))
+    assert_same_model(model, reference(ckpt))
+
+
+def test_lock_files_are_yours_alone(tmp_path):
+    ckpt = checkpoint(tmp_path / "ckpt")
+    old = tmp_path / "ckpt" / "model.fp16.safetensors.lock"
+    old.touch(mode=0o666)  # as an older sa3loader left it
+    old.chmod(0o666)
+    load(ckpt, tmp_path / "cache")
+    assert old.stat().st_mode & 0o777 == 0o600
+    cache_locks = list((tmp_path / "cache").rglob("*.lock"))
+    load(tmp_path / "ckpt" / "model.safetensors", tmp_path / "cache")
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in cache_locks)
+
+
+@needs_root
+def test_a_sibling_keeps_the_sources_group(tmp_path):
+    """A checkpoint readable by one group never gets a copy readable by another."""
+    ckpt = checkpoint(tmp_path / "ckpt")
+    os.chown(ckpt, -1, NEIGHBOUR)
+    ckpt.chmod(0o640)
+    load(ckpt, tmp_path / "cache")
+    sibling = os.stat(tmp_path / "ckpt" / "model.fp16.safetensors")
+    assert (sibling.st_gid, sibling.st_mode & 0o777) == (NEIGHBOUR, 0o440)
+
+
+@pytest.mark.parametrize("kind", ["models", "datasets", "spaces"])
+def test_no_hub_repo_type_is_ever_written_into(tmp_path, kind):
+    """huggingface_hub caches every repo type the same way; none is written into."""
+    ckpt = checkpoint(tmp_path / "src")
+    repo = tmp_path / "hub" / f"{kind}--org--name"
+    blob = repo / "blobs" / "0123abcd"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(ckpt.read_bytes())
+    snapshot = repo / "snapshots" / "rev1"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(os.path.relpath(blob, snapshot))
+    before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
+    model = load(snapshot / "model.safetensors", tmp_path / "cache")
+    assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
+    assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / "cache"))
+    assert_same_model(model, reference(ckpt))
