@@ -1,6 +1,11 @@
-"""Inspect and clean a cache dir: list rows, check content, prune, clear.
+"""Inspect and clean a cache dir: list rows, check content, prune, clear, repair.
 
-Nothing here deletes a file that lacks sa3loader's metadata marker.
+``prune`` and ``clear`` build one ``Plan`` (the rows to drop and every file
+and dir to remove, each with its size), which ``--dry-run`` shows and a real
+run executes as it is: each step is checked again, under the sibling's
+conversion lock, when it is carried out, and a step whose file changed meanwhile
+is kept and reported, never replaced by what a second scan finds. Nothing
+without sa3loader's metadata marker, and nothing of another user's, is deleted.
 """
 
 from __future__ import annotations
@@ -8,23 +13,25 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import _config, _convert
-from ._format import read_header
+from ._format import open_header, read_header
 from ._fsutil import (
     INCOMPLETE_INFIX,
     LOCK_SUFFIX,
     SIBLINGS_SUBDIR,
     cache_dir_trust,
     conversion_lock,
-    remove_stray_incomplete,
+    owned_file_problem,
 )
 from ._identity import hard_match, source_identity
 from ._index import Index
-from .errors import LockTimeoutError, Sa3LoaderError, UntrustedCacheDirError, VerificationError
+from ._sibling import sibling_matches_source
+from .errors import LockTimeoutError, Sa3LoaderError, UntrustedCacheDirError, UnusableLockError
 
 OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
 INVALID = "invalid"  # a row of the wrong shape: treated as absent by loads
@@ -38,6 +45,7 @@ class Entry:
     sibling_size: int
     created: float
     status: str
+    key: str = field(default="", repr=False)  # the index key (the source's real path)
 
 
 def _status(row: dict[str, Any]) -> str:
@@ -48,7 +56,7 @@ def _status(row: dict[str, Any]) -> str:
         return MISSING_SIBLING
     try:
         current = source_identity(read_header(source))
-        sib = read_header(sibling)
+        sib = read_header(sibling, follow_symlinks=False)
     except (Sa3LoaderError, OSError):
         return STALE
     if not hard_match(current, row["source"]) or sib.sha256 != row["sibling"]["header_sha256"]:
@@ -58,7 +66,9 @@ def _status(row: dict[str, Any]) -> str:
 
 def _entry(key: str, row: dict[str, Any] | None) -> Entry:
     if row is None:
-        return Entry(source=key, sibling="", source_size=0, sibling_size=0, created=0.0, status=INVALID)
+        return Entry(
+            source=key, sibling="", source_size=0, sibling_size=0, created=0.0, status=INVALID, key=key
+        )
     return Entry(
         source=row["source"]["path"],
         sibling=row["sibling"]["path"],
@@ -66,50 +76,85 @@ def _entry(key: str, row: dict[str, Any] | None) -> Entry:
         sibling_size=row["sibling"]["size"],
         created=row.get("created", 0.0),
         status=_status(row),
+        key=key,
     )
 
 
-def _open_index(cache_dir: str) -> Index:
-    """The index, only of a dir no one else controls: its rows name files to check and delete."""
+@contextlib.contextmanager
+def _index(cache_dir: str) -> Iterator[Index]:
+    """The index, strict, only of a dir no one else controls: its rows name files to check and delete."""
     distrust = cache_dir_trust(cache_dir)
     if distrust is not None:
         raise UntrustedCacheDirError(
             f"refusing the cache dir {cache_dir}: {distrust} "
-            f"(set ${_config.SHARED_CACHE_ENV}=1 for a shared team cache)"
+            f"(set ${_config.SHARED_CACHE_ENV}=1 for a shared team cache)",
+            filename=cache_dir,
         )
-    return Index(cache_dir)
+    with Index(cache_dir, strict=True) as index:
+        yield index
 
 
 def entries(cache_dir: str) -> list[Entry]:
-    index = _open_index(cache_dir)
-    try:
+    with _index(cache_dir) as index:
         return [_entry(key, row) for key, row in index.items()]
-    finally:
-        index.close()
 
 
-def verify_all(cache_dir: str) -> list[tuple[Entry, str]]:
-    """Full content check of every ok row: (entry, "ok" or what is wrong)."""
-    results = []
+@dataclass
+class Check:
+    """What ``verify_all`` found for one row."""
+
+    entry: Entry
+    result: str  # "ok", or what is wrong
+    max_abs_diff: float | None = None  # over the float tensors, when both files could be compared
+
+
+def verify_all(cache_dir: str, progress: bool = False) -> list[Check]:
+    """Full content check of every ok row."""
+    checks = []
     for entry in entries(cache_dir):
         if entry.status != OK:
-            results.append((entry, entry.status))
+            checks.append(Check(entry, entry.status))
             continue
         try:
-            _convert.verify(read_header(entry.source), read_header(entry.sibling))
-            results.append((entry, OK))
-        except (VerificationError, Sa3LoaderError, OSError) as exc:
-            results.append((entry, f"content mismatch: {exc}"))
-    return results
+            with (
+                open_header(entry.source) as source,
+                open_header(entry.sibling, follow_symlinks=False) as sib,
+            ):
+                diff = _convert.compare(source, sib, progress=progress)
+        except (Sa3LoaderError, OSError) as exc:
+            checks.append(Check(entry, f"cannot be checked: {exc}"))
+            continue
+        result = OK if diff.equal else f"content mismatch: {', '.join(diff.mismatched[:3])} differ"
+        checks.append(Check(entry, result, diff.max_abs_diff))
+    return checks
 
 
 @dataclass
 class Removal:
-    """A file (or empty dir) a cache command removed, or would remove with ``dry_run``."""
+    """A file or empty dir a cache command removes (or, in a dry run, would remove)."""
 
     path: str
     bytes: int
     kind: str  # "sibling", "temp file", "lock file", "empty dir"
+    # The sibling whose conversion lock guards this step ("" for dirs).
+    guard: str = field(default="", repr=False)
+
+
+@dataclass
+class Plan:
+    """What ``prune`` or ``clear`` will do: rows to drop, then files and dirs to remove, in order."""
+
+    rows: list[Entry]
+    removals: list[Removal]
+
+
+@dataclass
+class Outcome:
+    """What executing a plan did: every step done, and every step kept with why."""
+
+    rows: list[Entry]
+    removed: list[Removal]
+    kept: list[tuple[Removal, str]]
 
 
 def _size(path: str) -> int:
@@ -119,96 +164,189 @@ def _size(path: str) -> int:
         return 0
 
 
-def _remove_sibling(path: str, dry_run: bool) -> list[Removal]:
-    """``path`` if it exists and is an sa3loader sibling; nothing else is ever deleted."""
-    if not os.path.exists(path) or not _convert.is_sa3loader_path(path):
-        return []
-    removal = Removal(path, _size(path), "sibling")
-    if not dry_run:
-        os.unlink(path)
-    return [removal]
+def _ours(path: str) -> bool:
+    """A regular file of yours that carries sa3loader's marker."""
+    return owned_file_problem(path) is None and os.path.lexists(path) and _convert.is_sa3loader_path(path)
 
 
-def _sweep_one(sibling: str, dry_run: bool) -> list[Removal]:
-    """Temp files and the lock of a sibling nobody is converting now, deleted under that lock."""
-    pattern = glob.escape(sibling) + INCOMPLETE_INFIX + "*"
+def _leftovers(sibling: str) -> list[Removal]:
+    """Temp files a killed conversion of ``sibling`` left, and its lock file: yours only."""
+    found = [
+        Removal(t, _size(t), "temp file", sibling)
+        for t in sorted(glob.glob(glob.escape(sibling) + INCOMPLETE_INFIX + "*"))
+        if owned_file_problem(t) is None
+    ]
     lock = sibling + LOCK_SUFFIX
-    temps = sorted(glob.glob(pattern))
-    planned = [Removal(t, _size(t), "temp file") for t in temps]
-    planned += [Removal(lock, _size(lock), "lock file")] if os.path.exists(lock) else []
-    if dry_run or not planned:
-        return planned
-    try:
-        with conversion_lock(sibling, timeout=0) as locked:
-            if not locked:
-                return []
-            sizes = {t: _size(t) for t in glob.glob(pattern)}
-            removed = [Removal(t, sizes.get(t, 0), "temp file") for t in remove_stray_incomplete(sibling)]
-            os.unlink(lock)
-            return [*removed, Removal(lock, 0, "lock file")]
-    except (LockTimeoutError, OSError):  # a conversion is running, or the dir is read-only
-        return []
+    if os.path.lexists(lock) and owned_file_problem(lock) is None:
+        found.append(Removal(lock, _size(lock), "lock file", sibling))
+    return found
 
 
-def sweep(cache_dir: str, siblings: Iterable[str] = (), *, dry_run: bool = False) -> list[Removal]:
-    """Remove what crashed or killed conversions left: temp files, lock files, empty dirs.
-
-    Covers the given siblings (those rows name, often beside their sources) and
-    everything under the cache dir's ``siblings/``. Each sibling's leftovers go
-    only while holding its conversion lock, so a running conversion is never touched.
-    """
-    root = os.path.join(cache_dir, SIBLINGS_SUBDIR)
-    found = set(siblings)
-    for directory, _, files in os.walk(root):
+def _siblings_under(cache_dir: str) -> set[str]:
+    """Every sibling name under ``<cache>/siblings`` that has a lock or temp file beside it."""
+    found = set()
+    for directory, _, files in os.walk(os.path.join(cache_dir, SIBLINGS_SUBDIR)):
         for name in files:
             if name.endswith(LOCK_SUFFIX):
                 found.add(os.path.join(directory, name[: -len(LOCK_SUFFIX)]))
             elif INCOMPLETE_INFIX in name:
                 found.add(os.path.join(directory, name.split(INCOMPLETE_INFIX)[0]))
-    removed = [r for sibling in sorted(found) for r in _sweep_one(sibling, dry_run)]
-    for directory, _, _ in sorted(os.walk(root, topdown=False), reverse=True):
-        if directory != root and not dry_run:
-            with contextlib.suppress(OSError):  # only empty dirs go
-                os.rmdir(directory)
-                removed.append(Removal(directory + os.sep, 0, "empty dir"))
-    return removed
+    return found
 
 
-def prune(cache_dir: str, *, dry_run: bool = False) -> tuple[list[Entry], list[Removal]]:
-    """Drop rows (and their siblings) whose source is gone or changed, and invalid rows;
-    then ``sweep`` leftovers. Returns the rows dropped and every file removed."""
-    index = _open_index(cache_dir)
-    pruned: list[Entry] = []
-    removed: list[Removal] = []
+def _emptied_dirs(cache_dir: str, removals: list[Removal]) -> list[Removal]:
+    """Dirs under ``<cache>/siblings`` that hold nothing once ``removals`` are gone, deepest first."""
+    root = os.path.join(cache_dir, SIBLINGS_SUBDIR)
+    going = {r.path for r in removals}
+    empty: list[Removal] = []
+    for directory, dirs, files in sorted(os.walk(root, topdown=False), reverse=True):
+        if directory == root:
+            continue
+        left = [f for f in files if os.path.join(directory, f) not in going]
+        left += [d for d in dirs if os.path.join(directory, d) + os.sep not in going]
+        if not left:
+            empty.append(Removal(directory + os.sep, 0, "empty dir"))
+            going.add(directory + os.sep)
+    return empty
+
+
+def _plan(cache_dir: str, rows: list[Entry], siblings: list[str], named: list[str]) -> Plan:
+    """Each sibling to delete, then what conversions of it left; then the dirs that leaves empty."""
+    doomed = {s for s in siblings if _ours(s)}
+    removals = []
+    for sibling in sorted(set(named) | _siblings_under(cache_dir) | doomed):
+        if sibling in doomed:
+            removals.append(Removal(sibling, _size(sibling), "sibling", sibling))
+        removals += _leftovers(sibling)
+    return Plan(rows, removals + _emptied_dirs(cache_dir, removals))
+
+
+def plan_prune(cache_dir: str) -> Plan:
+    """Rows whose source is gone or changed, and invalid rows; the siblings only they name; leftovers."""
+    listed = entries(cache_dir)
+    # A sibling path can outlive its row's source: a symlinked checkpoint repointed
+    # to another file reuses it. Never delete what a valid row still names.
+    in_use = {e.sibling for e in listed if e.status == OK}
+    dropped = [e for e in listed if e.status != OK]
+    siblings = [e.sibling for e in dropped if e.status in (STALE, MISSING_SOURCE) and e.sibling not in in_use]
+    return _plan(cache_dir, dropped, siblings, [e.sibling for e in listed if e.sibling])
+
+
+def plan_clear(cache_dir: str) -> Plan:
+    """Every row, every sibling they name (sa3loader's, yours), and the leftovers."""
+    listed = entries(cache_dir)
+    named = [e.sibling for e in listed if e.sibling]
+    return _plan(cache_dir, listed, named, named)
+
+
+def _still_needed(sibling: str, live: list[Entry]) -> str | None:
+    """Why a sibling a prune planned to delete must stay: a live row names it, or it is
+    valid for the current source (republished through another cache dir), else None."""
+    if any(e.sibling == sibling and e.status == OK for e in live):
+        return "a valid row names it"
     try:
-        listed = [(key, _entry(key, row)) for key, row in index.items()]
-        # A sibling path can outlive its row's source: a symlinked checkpoint repointed
-        # to another file reuses it. Never delete what a valid row still names.
-        in_use = {entry.sibling for _, entry in listed if entry.status == OK}
-        for key, entry in listed:
-            if entry.status == OK:
-                continue
-            pruned.append(entry)
-            if entry.status in (STALE, MISSING_SOURCE) and entry.sibling not in in_use:
-                removed += _remove_sibling(entry.sibling, dry_run)
-            if not dry_run:
-                index.delete(key)
-    finally:
-        index.close()
-    return pruned, removed + sweep(cache_dir, [e.sibling for _, e in listed if e.sibling], dry_run=dry_run)
+        with open_header(sibling, follow_symlinks=False) as header:
+            sources = {e.source for e in live if e.sibling == sibling}
+            for source in sources:
+                with contextlib.suppress(Sa3LoaderError, OSError), open_header(source) as current:
+                    if sibling_matches_source(header, current):
+                        return f"it is valid for the current {source}"
+    except (Sa3LoaderError, OSError):
+        return None
+    return None
 
 
-def clear(cache_dir: str, *, dry_run: bool = False) -> tuple[int, list[Removal]]:
-    """Remove every row and every sibling they name (sa3loader files only), then ``sweep``.
+def _carry_out(step: Removal, live: list[Entry] | None) -> str | None:
+    """Remove one planned file; None when done, else why it was kept."""
+    if step.kind == "sibling":
+        if not _ours(step.path):
+            return "it is no longer an sa3loader sibling of yours"
+        if live is not None:
+            reason = _still_needed(step.path, live)
+            if reason is not None:
+                return reason
+    elif owned_file_problem(step.path) is not None:
+        return "it is no longer a file of yours"
+    if not os.path.lexists(step.path):
+        return "it is already gone"
+    os.unlink(step.path)
+    return None
 
-    Returns the number of rows and every file removed.
+
+def _execute_guarded(sibling: str, steps: list[Removal], live: list[Entry] | None, outcome: Outcome) -> None:
+    """The steps one sibling's conversion lock guards, carried out while holding it (never waiting)."""
+    lock = sibling + LOCK_SUFFIX
+    had_lock = os.path.lexists(lock)
+    try:
+        with conversion_lock(sibling, timeout=0) as locked:
+            if not locked:
+                outcome.kept += [(s, "locking is not supported there") for s in steps]
+                return
+            for step in steps:
+                why = _carry_out(step, live)
+                if why is None:
+                    outcome.removed.append(step)
+                else:
+                    outcome.kept.append((step, why))
+            if not had_lock and os.path.lexists(lock):  # made just now to hold it: not left behind
+                os.unlink(lock)
+    except LockTimeoutError:
+        outcome.kept += [(s, "a conversion holds its lock") for s in steps]
+    except UnusableLockError as exc:
+        outcome.kept += [(s, str(exc)) for s in steps]
+    except OSError as exc:
+        outcome.kept += [(s, f"cannot remove it ({exc.strerror or exc})") for s in steps]
+
+
+def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
+    """Carry out ``plan`` as it is: rows first, then each file under its sibling's lock, then dirs."""
+    with _index(cache_dir) as index:
+        for entry in plan.rows:
+            index.delete(entry.key)
+    # Rows a prune keeps, and the sources of those it dropped: a sibling valid for either stays.
+    live = entries(cache_dir) + plan.rows if pruning else None
+    outcome = Outcome(plan.rows, [], [])
+    guarded: dict[str, list[Removal]] = {}
+    for step in plan.removals:
+        if step.kind != "empty dir":
+            guarded.setdefault(step.guard, []).append(step)
+    for sibling, steps in guarded.items():
+        _execute_guarded(sibling, steps, live, outcome)
+    for step in plan.removals:
+        if step.kind == "empty dir":
+            try:
+                os.rmdir(step.path)
+                outcome.removed.append(step)
+            except OSError:
+                outcome.kept.append((step, "it is not empty"))
+    order = {id(step): i for i, step in enumerate(plan.removals)}  # report in the plan's order
+    outcome.removed.sort(key=lambda step: order[id(step)])
+    outcome.kept.sort(key=lambda kept: order[id(kept[0])])
+    return outcome
+
+
+def prune(cache_dir: str) -> Outcome:
+    """``plan_prune`` carried out."""
+    return execute(cache_dir, plan_prune(cache_dir), pruning=True)
+
+
+def clear(cache_dir: str) -> Outcome:
+    """``plan_clear`` carried out."""
+    return execute(cache_dir, plan_clear(cache_dir), pruning=False)
+
+
+def repair(cache_dir: str) -> str | None:
+    """Set a corrupt index aside and start a new one; returns where it went, or None if it was fine.
+
+    A locked index is not corrupt: ``CacheIndexError``. Siblings are not touched:
+    loads adopt them again from their own metadata.
     """
-    index = _open_index(cache_dir)
-    try:
-        rows = index.items()
-        siblings = [row["sibling"]["path"] for _, row in rows if row is not None]
-        removed = [r for sibling in siblings for r in _remove_sibling(sibling, dry_run)]
-        count = len(rows) if dry_run else index.clear()
-    finally:
-        index.close()
-    return count, removed + sweep(cache_dir, siblings, dry_run=dry_run)
+    with _index(cache_dir) as index:  # refuses an untrusted dir before anything moves
+        problem = index.diagnose()
+    if problem is None:
+        return None
+    aside = f"{index.directory}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    os.rename(index.directory, aside)
+    with _index(cache_dir) as index:
+        index.items()  # a new, empty index
+    return aside

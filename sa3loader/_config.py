@@ -39,6 +39,16 @@ def warn_once(key: str, message: str, *args: object) -> None:
         logger.warning(message, *args)
 
 
+_said: set[str] = set()
+
+
+def info_once(key: str, message: str, *args: object) -> None:
+    """Log at INFO once per process: a state that is fine (a read-only baked index) but worth knowing."""
+    if key not in _said:
+        _said.add(key)
+        logger.info(message, *args)
+
+
 def is_true(name: str) -> bool:
     """A flag variable: 1, true, yes or on (any case) sets it."""
     return os.environ.get(name, "").strip().lower() in _TRUE

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import queue
 import sys
@@ -39,6 +40,7 @@ from ._format import (
     reading,
 )
 from ._fsutil import INCOMPLETE_INFIX
+from ._mapped import torch_dtype
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -391,15 +393,67 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def verify(source: Header, sibling: Header) -> None:
-    """Full content check: every sibling byte equals fp16(source) (reads both files)."""
+@dataclass
+class Comparison:
+    """What comparing a sibling with fp16 of its source measured."""
+
+    float_tensors: int  # float tensors compared, zero-element ones included
+    max_abs_diff: float  # over them: 0.0 when every value is equal (a NaN equals a NaN of the same bits)
+    mismatched: list[str]  # every tensor with a differing byte, float or not
+
+    @property
+    def equal(self) -> bool:
+        return not self.mismatched
+
+
+def _max_abs_diff(dtype: str, actual: bytes | bytearray, expected: memoryview, path: str) -> float:
+    """Largest |actual - expected| of one piece that differs; inf where a NaN meets a number."""
+    try:
+        kind = torch_dtype(converted_dtype(dtype), path)
+        a = torch.frombuffer(bytearray(actual), dtype=kind).to(torch.float64)
+        e = torch.frombuffer(bytearray(expected), dtype=kind).to(torch.float64)
+    except (RuntimeError, TypeError, ValueError):  # a float8 or packed type without a cast
+        return math.inf
+    diff = (a - e).abs()
+    diff[a.isnan() & e.isnan()] = 0.0
+    diff[a.isnan() ^ e.isnan()] = math.inf
+    diff[(a == e)] = 0.0  # inf == inf
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def compare(source: Header, sibling: Header, *, progress: bool = False) -> Comparison:
+    """Read both files: every sibling byte against fp16(source), and the largest difference."""
     at = {e.name: sibling.data_start + sibling.by_name[e.name].begin for e in source.entries}
-    with reading(source) as src_fd, reading(sibling) as sib_fd:
+    float_names = {
+        e.name for e in source.entries if torch_dtype(converted_dtype(e.dtype), source.path).is_floating_point
+    }
+    mismatched: dict[str, None] = {}
+    worst = 0.0
+    total = sum(sibling.by_name[e.name].nbytes for e in source.entries)
+    with (
+        reading(source) as src_fd,
+        reading(sibling) as sib_fd,
+        tqdm(total=total, unit="B", unit_scale=True, desc=f"check {os.path.basename(sibling.path)}",
+             disable=not (progress and progress_enabled())) as bar,
+    ):  # fmt: skip
         for entry, expected, _ in _sibling_pieces(source, source.entries, src_fd):
             actual = read_exact(sib_fd, at[entry.name], len(expected), sibling.path)
             at[entry.name] += len(expected)
-            if actual != expected:
-                raise VerificationError(
-                    f"{sibling.path}: tensor {entry.name!r} differs from fp16 of {source.path}",
-                    filename=sibling.path,
-                )
+            bar.update(len(expected))
+            if actual == expected:
+                continue
+            mismatched[entry.name] = None
+            if entry.name in float_names:
+                worst = max(worst, _max_abs_diff(entry.dtype, actual, expected, sibling.path))
+    return Comparison(len(float_names), worst, list(mismatched))
+
+
+def verify(source: Header, sibling: Header) -> Comparison:
+    """Full content check: ``VerificationError`` unless every sibling byte equals fp16(source)."""
+    comparison = compare(source, sibling)
+    if not comparison.equal:
+        raise VerificationError(
+            f"{sibling.path}: tensor {comparison.mismatched[0]!r} differs from fp16 of {source.path}",
+            filename=sibling.path,
+        )
+    return comparison

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from . import _convert
-from ._format import Header, open_header, read_header
+from ._format import Header, open_header
 from ._fsutil import (
     INCOMPLETE_INFIX,
     LOCK_SUFFIX,
@@ -40,7 +40,10 @@ class FileAction:
     action: str  # "converted", "copied", "skipped", "unchanged"
     overflow_to_inf: int = 0
     flushed_to_zero: int = 0
-    verified: bool = False
+    # The content check of the output (``--verify``): None when none was made.
+    max_abs_diff: float | None = None
+    float_tensors: int = 0
+    replaced_damaged: bool = False  # a sibling that failed the check was converted again
 
 
 def _is_our_artifact(name: str, path: str) -> bool:
@@ -57,12 +60,19 @@ def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
     action = FileAction(header.path, dest, "converted", result.overflow_to_inf, result.flushed_to_zero)
     if verify:
         try:
-            _convert.verify(header, read_header(staged))
+            with open_header(staged, follow_symlinks=False) as output:
+                checked(action, _convert.verify(header, output))
         except BaseException:
             os.unlink(staged)
             raise
         os.replace(staged, dest)
-        action.verified = True
+    return action
+
+
+def checked(action: FileAction, comparison: _convert.Comparison) -> FileAction:
+    """Record in ``action`` what its output's content check measured."""
+    action.max_abs_diff = comparison.max_abs_diff
+    action.float_tensors = comparison.float_tensors
     return action
 
 

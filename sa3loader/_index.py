@@ -16,13 +16,15 @@ import json
 import logging
 import os
 import sqlite3
+import urllib.parse
 from typing import Any
 
 import diskcache
 from diskcache.core import MODE_RAW, UNKNOWN
 
-from ._config import warn_once
+from ._config import info_once, warn_once
 from ._fsutil import make_private_dirs, tag_cache_dir
+from .errors import CacheIndexError
 
 logger = logging.getLogger(__name__)
 
@@ -122,26 +124,103 @@ class SafeJSONDisk(diskcache.Disk):
         return 0, MODE_RAW, None, sqlite3.Binary(data)
 
     def fetch(self, mode: int, filename: Any, value: Any, read: bool) -> Any:
-        if mode != MODE_RAW or not isinstance(value, (bytes, sqlite3.Binary)):
-            raise UnsafeRowError(f"refusing an index row stored in mode {mode} (only JSON is read)")
-        return json.loads(bytes(value).decode("utf-8"))
+        return decode_row(mode, value)
+
+
+def decode_row(mode: int, value: Any) -> Any:
+    """A row's JSON value; ``UnsafeRowError`` for any other way of storing it (pickle above all)."""
+    if mode != MODE_RAW or not isinstance(value, (bytes, sqlite3.Binary)):
+        raise UnsafeRowError(f"refusing an index row stored in mode {mode} (only JSON is read)")
+    return json.loads(bytes(value).decode("utf-8"))
+
+
+def _database_error(directory: str, what: str, exc: BaseException) -> CacheIndexError:
+    path = os.path.join(directory, DATABASE_NAME)
+    return CacheIndexError(
+        f"{path}: the sa3loader index cannot {what} ({exc}). If another process holds it, try again; "
+        "if it is corrupt, `sa3loader cache repair` sets it aside and starts a new one "
+        "(siblings are kept and adopted again by the next load)",
+        filename=path,
+    )
+
+
+def read_only(directory: str) -> bool:
+    """An index that exists but cannot be written here: a baked image layer, a read-only mount."""
+    path = os.path.join(directory, DATABASE_NAME)
+    if not os.path.exists(path):
+        return False
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return True
+    except OSError:
+        pass
+    return not (os.access(directory, os.W_OK | os.X_OK) and os.access(path, os.R_OK | os.W_OK))
+
+
+class _ReadOnlyRows:
+    """diskcache's table read with SQLite alone, opened read-only: no write lock, nothing created.
+
+    Only rows as ``SafeJSONDisk`` stores them are read (a str key stored raw, a
+    JSON value stored raw); anything else is absent, never unpickled.
+    """
+
+    def __init__(self, directory: str) -> None:
+        path = os.path.join(directory, DATABASE_NAME)
+        uri = "file:" + urllib.parse.quote(path)
+        try:
+            self._con = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=INDEX_TIMEOUT_S)
+            self._con.execute("SELECT count(*) FROM Cache").fetchone()
+        except sqlite3.Error:
+            # A WAL database on a read-only layer: no -shm file can be made, and nothing
+            # can change the file either, so it is read as immutable.
+            self._con = sqlite3.connect(uri + "?immutable=1", uri=True, timeout=INDEX_TIMEOUT_S)
+
+    def get(self, key: str) -> Any:
+        found = self._con.execute(
+            "SELECT mode, value FROM Cache WHERE key = ? AND raw = 1", (key,)
+        ).fetchone()
+        return None if found is None else decode_row(found[0], found[1])
+
+    def iterkeys(self) -> list[Any]:
+        return [key for (key,) in self._con.execute("SELECT key FROM Cache WHERE raw = 1 ORDER BY rowid")]
+
+    def close(self) -> None:
+        self._con.close()
 
 
 class Index:
-    """Small wrapper that turns every index failure into 'no row' plus one warning."""
+    """The index of one cache dir.
 
-    def __init__(self, cache_dir: str, *, usable: bool = True) -> None:
+    For a load (default) every failure means 'no row' plus one warning: the index
+    only speeds loads up. For a cache command (``strict``) a failure is a
+    ``CacheIndexError``: reporting an empty cache would say what is not true.
+    An index that cannot be written here (a baked image) is read without any
+    lock and nothing is recorded in it, with one INFO line.
+    """
+
+    def __init__(self, cache_dir: str, *, usable: bool = True, strict: bool = False) -> None:
         self.directory = os.path.join(cache_dir, INDEX_SUBDIR)
-        self._cache: diskcache.Cache | None = None
+        self._cache: diskcache.Cache | _ReadOnlyRows | None = None
         self._broken = not usable
+        self.strict = strict
+        self.read_only = False
 
-    def _open(self) -> diskcache.Cache | None:
+    def _open(self) -> diskcache.Cache | _ReadOnlyRows | None:
         if self._cache is None and not self._broken:
             try:
-                self._probe()
-                make_private_dirs(self.directory)
-                tag_cache_dir(os.path.dirname(self.directory))
-                self._cache = diskcache.Cache(self.directory, timeout=INDEX_TIMEOUT_S, disk=SafeJSONDisk)
+                if read_only(self.directory):
+                    self._cache = _ReadOnlyRows(self.directory)
+                    self.read_only = True
+                    info_once(
+                        f"index-read-only:{self.directory}",
+                        "sa3loader index at %s is read-only: reading it, recording nothing",
+                        self.directory,
+                    )
+                else:
+                    self._probe()
+                    make_private_dirs(self.directory)
+                    tag_cache_dir(os.path.dirname(self.directory))
+                    self._cache = diskcache.Cache(self.directory, timeout=INDEX_TIMEOUT_S, disk=SafeJSONDisk)
             except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
                 self._failed("open", exc)
         return self._cache
@@ -160,6 +239,8 @@ class Index:
             con.close()
 
     def _failed(self, what: str, exc: BaseException) -> None:
+        if self.strict:
+            raise _database_error(self.directory, what, exc) from exc
         self._broken = what == "open"
         warn_once(
             f"index:{self.directory}:{what}",
@@ -187,8 +268,12 @@ class Index:
             self._failed("be read", exc)
         return None
 
-    def put(self, source_real: str, row: dict[str, Any]) -> None:
+    def _writable(self) -> diskcache.Cache | None:
         cache = self._open()
+        return None if self.read_only else cache
+
+    def put(self, source_real: str, row: dict[str, Any]) -> None:
+        cache = self._writable()
         if cache is None:
             return
         try:
@@ -197,7 +282,7 @@ class Index:
             self._failed("be written", exc)
 
     def delete(self, source_real: str) -> None:
-        cache = self._open()
+        cache = self._writable()
         if cache is None:
             return
         try:
@@ -223,12 +308,47 @@ class Index:
         return rows
 
     def clear(self) -> int:
-        cache = self._open()
+        cache = self._writable()
         if cache is None:
+            if self.strict and self.read_only:
+                raise _database_error(self.directory, "be written", PermissionError("it is read-only"))
             return 0
-        return int(cache.clear())
+        try:
+            return int(cache.clear())
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            self._failed("be written", exc)
+            return 0
+
+    def diagnose(self) -> str | None:
+        """None when the database is sound (or absent), else what is wrong with it.
+
+        A database another process holds is not corrupt: ``CacheIndexError``.
+        """
+        path = os.path.join(self.directory, DATABASE_NAME)
+        if not os.path.exists(path):
+            return None
+        try:
+            con = sqlite3.connect(path, timeout=INDEX_TIMEOUT_S)
+            try:
+                (result,) = con.execute("PRAGMA quick_check").fetchone()
+                con.execute("SELECT count(*) FROM Cache").fetchone()
+            finally:
+                con.close()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise _database_error(self.directory, "be checked", exc) from exc
+            return str(exc)
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        return None if result == "ok" else str(result)
 
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
             self._cache = None
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

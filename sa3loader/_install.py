@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _upstream
+from .errors import UpstreamNotFoundError
 
 UPSTREAM_MODULES = (_upstream.LOADING_UTILS_MODULE, _upstream.MODEL_MODULE)
 FUNCTION_NAME = _upstream.LOADER_NAME
@@ -29,7 +30,12 @@ def install() -> None:
     if _patched:
         return
     for name in UPSTREAM_MODULES:
-        importlib.import_module(name)  # raises ImportError when stable_audio_3 is absent
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise UpstreamNotFoundError(
+                f"sa3loader.install() patches stable_audio_3, which is not importable ({exc})"
+            ) from exc
     original: Callable[..., Any] = getattr(sys.modules[UPSTREAM_MODULES[0]], FUNCTION_NAME)
     _upstream.replaced_original = original
     for module in list(sys.modules.values()):

@@ -25,7 +25,7 @@ from typing import Any
 
 from . import _config, _convert
 from ._config import warn_once
-from ._convert import META_PREFIX, ConversionResult, is_sa3loader_file
+from ._convert import META_PREFIX, Comparison, ConversionResult, is_sa3loader_file
 from ._format import Header, open_header
 from ._fsutil import (
     LOCK_SUFFIX,
@@ -59,6 +59,7 @@ FREE_SPACE_MARGIN_BYTES = 64 * 1024 * 1024
 # git's racy-clean rule: a row checked within this long of the source's mtime may
 # predate a write in the same timestamp tick (FAT counts in 2 s), so it is checked again.
 RACY_WINDOW_NS = 2_000_000_000
+CONTENT_CHECK_FAILED = "content check failed for"
 
 
 @dataclass
@@ -74,6 +75,13 @@ class SiblingOutcome:
     stored_range: dict[str, int] | None = None
     reason: str = ""
     events: list[str] = field(default_factory=list)
+    # The content check of ``sibling`` (``verify``), when one was made while resolving it.
+    checked: Comparison | None = None
+
+    @property
+    def replaced_damaged(self) -> bool:
+        """A sibling failed the content check and was converted again."""
+        return any(e.startswith(CONTENT_CHECK_FAILED) for e in self.events)
 
     def __enter__(self) -> SiblingOutcome:
         return self
@@ -121,6 +129,16 @@ def describes(sibling: Header, source: Header) -> bool:
         if other.dtype != _convert.converted_dtype(entry.dtype):
             return False
     return True
+
+
+def sibling_matches_source(sibling: Header, source: Header) -> bool:
+    """Whether ``sibling`` is sa3loader's sibling of the file ``source`` is now (header and identity)."""
+    claimed = _sibling_identity(sibling)
+    return (
+        is_sa3loader_file(sibling)
+        and describes(sibling, source)
+        and hard_match(claimed, source_identity(source))
+    )
 
 
 class SiblingResolver:
@@ -255,10 +273,10 @@ class SiblingResolver:
     def _content_matches(self, sibling: Header) -> bool:
         """The full content check (``verify``); a failure is logged once per resolve."""
         try:
-            _convert.verify(self.source, sibling)
+            self.outcome.checked = _convert.verify(self.source, sibling)
         except VerificationError as exc:
             logger.warning("%s", exc)
-            self.outcome.events.append(f"content check failed for {sibling.path}")
+            self.outcome.events.append(f"{CONTENT_CHECK_FAILED} {sibling.path}")
             self._failed_verify.add(sibling.path)
             return False
         return True

@@ -2,7 +2,9 @@
 
 The only module that prints. Exit codes: 0 success, 1 error (one line on
 stderr; ``--debug`` for the traceback), 2 bad usage, 3 a check found a problem
-(``--verify``, ``cache verify``).
+(``--verify``, ``cache verify``, ``cache ls`` with invalid rows). With
+``--json`` every outcome, errors included, is one JSON document on stdout.
+Global options (``--cache-dir``, ``--json``, ``--debug``) go before or after the command.
 """
 
 from __future__ import annotations
@@ -16,16 +18,30 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NoReturn
 
-from . import _cache_admin, _convert
-from ._convert_dir import FileAction, convert_file, convert_tree
+from . import __version__, _cache_admin, _convert
+from ._convert_dir import FileAction, checked, convert_file, convert_tree
 from ._format import open_header, read_header
 from ._fsutil import resolve_cache_dir
 from ._sibling import resolve_sibling
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130
+
+
+class _UsageError(Exception):
+    """argparse's complaint, raised instead of printed, so ``--json`` can report it as JSON."""
+
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message, self.format_usage())
 
 
 def _emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
@@ -48,23 +64,31 @@ def _human(n: int) -> str:
 
 
 def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAction:
-    """``convert FILE``: the sibling a load would use, made (or found) and recorded as a load would."""
+    """``convert FILE``: the sibling a load would use, made (or found) and recorded as a load would.
+
+    With ``verify``, the sibling reported is the one checked, new or old; one that
+    failed the check was converted again (``replaced_damaged``).
+    """
     with open_header(src) as header:
         if _convert.is_sa3loader_file(header) or not _convert.has_float32(header):
             return FileAction(src, src, "unchanged")
-        outcome = resolve_sibling(header, resolve_cache_dir(cache_dir), verify=verify)
-    if outcome.sibling is None:
-        raise ConversionError(f"{src}: {outcome.reason}")
-    converted = outcome.converted
-    report = (
-        {"overflow_to_inf": converted.overflow_to_inf, "flushed_to_zero": converted.flushed_to_zero}
-        if converted is not None
-        else outcome.stored_range or {"overflow_to_inf": 0, "flushed_to_zero": 0}
-    )
-    return FileAction(
-        src, outcome.sibling.path, "converted" if converted else "unchanged",
-        report["overflow_to_inf"], report["flushed_to_zero"], verified=verify,
-    )  # fmt: skip
+        with resolve_sibling(header, resolve_cache_dir(cache_dir), verify=verify, keep_open=True) as outcome:
+            if outcome.sibling is None:
+                raise ConversionError(f"{src}: {outcome.reason}", filename=src)
+            converted = outcome.converted
+            report = (
+                {"overflow_to_inf": converted.overflow_to_inf, "flushed_to_zero": converted.flushed_to_zero}
+                if converted is not None
+                else outcome.stored_range or {"overflow_to_inf": 0, "flushed_to_zero": 0}
+            )
+            action = FileAction(
+                src, outcome.sibling.path, "converted" if converted else "unchanged",
+                report["overflow_to_inf"], report["flushed_to_zero"],
+                replaced_damaged=outcome.replaced_damaged,
+            )  # fmt: skip
+            if verify:
+                checked(action, outcome.checked or _convert.verify(header, outcome.sibling))
+    return action
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -79,16 +103,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
             convert_file(args.src, args.out, in_place=args.in_place, force=args.force, verify=args.verify)
         ]
     lines = [f"{a.action:9} {a.source} -> {a.output}" for a in actions]
-    converted = [a for a in actions if a.action == "converted"]
+    repaired = [a for a in actions if a.replaced_damaged]
+    lines += [f"replaced  {a.output}: it failed the content check" for a in repaired]
     if args.verify:
-        lines.append(f"verify: max abs diff of fp16(source) vs output = 0.0 over {len(converted)} file(s)")
+        compared = [a for a in actions if a.max_abs_diff is not None]
+        worst = max((a.max_abs_diff for a in compared if a.max_abs_diff is not None), default=0.0)
+        tensors = sum(a.float_tensors for a in compared)
+        lines.append(
+            f"verify: max abs diff of fp16(source) vs output = {worst} "
+            f"over {tensors} float tensor(s) in {len(compared)} file(s)"
+        )
     # An unchanged sibling reports what was stored when it was made.
     reported = [a for a in actions if a.action in ("converted", "unchanged")]
     overflow = sum(a.overflow_to_inf for a in reported)
     flushed = sum(a.flushed_to_zero for a in reported)
     lines.append(f"fp16 range: {overflow} values overflowed to inf, {flushed} nonzero values flushed to zero")
     _emit(args, [asdict(a) for a in actions], lines)
-    return EXIT_OK
+    return EXIT_CHECK_FAILED if repaired else EXIT_OK
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
@@ -146,41 +177,112 @@ def _ls_line(e: _cache_admin.Entry) -> str:
     )
 
 
+def _entry_data(e: _cache_admin.Entry) -> dict[str, Any]:
+    data = asdict(e)
+    data.pop("key")
+    return data
+
+
+def _removal_data(r: _cache_admin.Removal) -> dict[str, Any]:
+    return {"path": r.path, "bytes": r.bytes, "kind": r.kind}
+
+
+def _removal_lines(removed: list[_cache_admin.Removal], dry_run: bool) -> list[str]:
+    """One line per file or dir with its size, then the total."""
+    verb = "would remove" if dry_run else "removed"
+    lines = [f"{verb} {r.kind} {r.path} ({_human(r.bytes)})" for r in removed]
+    files = [r for r in removed if r.kind != "empty dir"]
+    dirs = len(removed) - len(files)
+    total = f"{verb} {len(files)} file(s)" + (f" and {dirs} empty dir(s)" if dirs else "")
+    return [*lines, f"{total}, {_human(sum(r.bytes for r in removed))} in all"]
+
+
+def _plan_data(plan: _cache_admin.Plan) -> dict[str, Any]:
+    return {"rows": [_entry_data(e) for e in plan.rows], "removed": [_removal_data(r) for r in plan.removals]}
+
+
+def _outcome_data(outcome: _cache_admin.Outcome) -> dict[str, Any]:
+    return {
+        "rows": [_entry_data(e) for e in outcome.rows],
+        "removed": [_removal_data(r) for r in outcome.removed],
+        "kept": [{**_removal_data(r), "why": why} for r, why in outcome.kept],
+    }
+
+
+def _ask(question: str) -> bool | None:
+    """The person's answer; None when they ended the input (Ctrl-D) or pressed Ctrl-C."""
+    try:
+        answer = input(question)
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return None
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
+    pruning = args.cache_command == "prune"
+    plan = _cache_admin.plan_prune(cache_dir) if pruning else _cache_admin.plan_clear(cache_dir)
+    rows = f"{len(plan.rows)} row(s)" + ("" if pruning else f" from {cache_dir}")
+    verb = "prune" if pruning else "clear"
+    if args.dry_run:
+        lines = [f"would prune ({e.status}): {e.source}" for e in plan.rows] if pruning else []
+        lines += [*_removal_lines(plan.removals, dry_run=True), f"would {verb} {rows}"]
+        _emit(args, {"dry_run": True, **_plan_data(plan)}, lines)
+        return EXIT_OK
+    if not pruning and not args.yes and not args.json and _interactive():
+        print("\n".join(_removal_lines(plan.removals, dry_run=True)))
+        answer = _ask(f"clear {rows} and delete these files? [y/N] ")
+        if answer is None:
+            print("sa3loader: cancelled: nothing deleted", file=sys.stderr)
+            return EXIT_ERROR
+        if not answer:
+            print("nothing deleted")
+            return EXIT_OK
+    outcome = _cache_admin.execute(cache_dir, plan, pruning=pruning)
+    lines = [f"pruned ({e.status}): {e.source}" for e in outcome.rows] if pruning else []
+    lines += _removal_lines(outcome.removed, dry_run=False)
+    lines += [f"kept {r.kind} {r.path}: {why}" for r, why in outcome.kept]
+    lines.append(f"{verb}ed {rows}" if pruning else f"cleared {rows}")
+    _emit(args, {"dry_run": False, **_outcome_data(outcome)}, lines)
+    return EXIT_OK
+
+
+def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:
+    checks = _cache_admin.verify_all(cache_dir, progress=not args.json)
+    lines = [
+        f"{c.result}: {c.entry.source} -> {c.entry.sibling}"
+        + (f" (max abs diff {c.max_abs_diff})" if c.max_abs_diff is not None else "")
+        for c in checks
+    ]
+    data = [{**_entry_data(c.entry), "check": c.result, "max_abs_diff": c.max_abs_diff} for c in checks]
+    _emit(args, data, lines or ["no rows"])
+    return EXIT_OK if all(c.result == _cache_admin.OK for c in checks) else EXIT_CHECK_FAILED
+
+
+def _repair(args: argparse.Namespace, cache_dir: str) -> int:
+    aside = _cache_admin.repair(cache_dir)
+    line = (
+        f"the index in {cache_dir} is sound: nothing to repair"
+        if aside is None
+        else f"set the corrupt index aside as {aside} and started a new one; "
+        "loads adopt the siblings again from their own metadata"
+    )
+    _emit(args, {"repaired": aside is not None, "set_aside": aside}, [line])
+    return EXIT_OK
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     cache_dir = resolve_cache_dir(args.cache_dir)
     if args.cache_command == "ls":
         rows = _cache_admin.entries(cache_dir)
         lines = [f"cache dir: {cache_dir}"] + [_ls_line(e) for e in rows]
-        _emit(args, [asdict(e) for e in rows], lines)
+        _emit(args, [_entry_data(e) for e in rows], lines)
         return EXIT_CHECK_FAILED if any(e.status == _cache_admin.INVALID for e in rows) else EXIT_OK
     if args.cache_command == "verify":
-        results = _cache_admin.verify_all(cache_dir)
-        _emit(
-            args,
-            [{**asdict(e), "check": check} for e, check in results],
-            [f"{check}: {e.source} -> {e.sibling}" for e, check in results] or ["no rows"],
-        )
-        return EXIT_OK if all(check == _cache_admin.OK for _, check in results) else EXIT_CHECK_FAILED
-    if args.cache_command == "prune":
-        pruned, removed = _cache_admin.prune(cache_dir, dry_run=args.dry_run)
-        verb = "would prune" if args.dry_run else "pruned"
-        lines = [f"{verb} ({e.status}): {e.source}" for e in pruned] + _removal_lines(removed, args.dry_run)
-        lines.append(f"{verb} {len(pruned)} row(s)")
-        _emit(args, {"rows": [asdict(e) for e in pruned], "removed": [asdict(r) for r in removed]}, lines)
-        return EXIT_OK
-    count, removed = _cache_admin.clear(cache_dir, dry_run=True)
-    if not args.dry_run and not args.yes and not args.json and _interactive():
-        print("\n".join(_removal_lines(removed, dry_run=True)))
-        answer = input(f"clear {count} row(s) from {cache_dir} and delete these files? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            print("nothing deleted")
-            return EXIT_OK
-    if not args.dry_run:
-        count, removed = _cache_admin.clear(cache_dir)
-    verb = "would clear" if args.dry_run else "cleared"
-    lines = [*_removal_lines(removed, args.dry_run), f"{verb} {count} row(s) from {cache_dir}"]
-    _emit(args, {"cleared_rows": count, "removed": [asdict(r) for r in removed]}, lines)
-    return EXIT_OK
+        return _verify_cache(args, cache_dir)
+    if args.cache_command == "repair":
+        return _repair(args, cache_dir)
+    return _prune_or_clear(args, cache_dir)
 
 
 def _interactive() -> bool:
@@ -188,31 +290,33 @@ def _interactive() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
-def _removal_lines(removed: list[_cache_admin.Removal], dry_run: bool) -> list[str]:
-    """One line per file with its size, then the total."""
-    verb = "would remove" if dry_run else "removed"
-    lines = [f"{verb} {r.kind} {r.path} ({_human(r.bytes)})" for r in removed]
-    total = sum(r.bytes for r in removed)
-    return [*lines, f"{verb} {len(removed)} file(s), {_human(total)} in all"]
+def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    """The options every command takes, before or after its name (``hf``, ``pip`` and git do the same)."""
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show tracebacks and debug logs"
+    )
+    parser.add_argument("--json", action="store_true", default=default, help="machine-readable output")
+    parser.add_argument(
+        "--cache-dir",
+        default=default,
+        help="cache dir (default: $SA3LOADER_CACHE_DIR, else $XDG_CACHE_HOME/sa3loader, "
+        "else ~/.cache/sa3loader)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sa3loader",
         description="Convert Stable Audio 3 checkpoints to fp16 ahead of time and manage sa3loader's cache.",
         epilog="Exit codes: 0 ok, 1 error, 2 bad usage, 3 a check found a problem.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument(
-        "--cache-dir",
-        help="cache dir (default: $SA3LOADER_CACHE_DIR, else $XDG_CACHE_HOME/sa3loader, "
-        "else ~/.cache/sa3loader)",
-    )
+    parser.add_argument("--version", action="version", version=f"sa3loader {__version__}")
+    _global_options(parser, default=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        _global_options(p, default=argparse.SUPPRESS)  # given here, they win; else the global value
         return p
 
     p = add("convert", "convert a checkpoint file or directory to fp16 (only float32 tensors change)")
@@ -238,10 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt")
     p.set_defaults(func=cmd_info)
 
-    p = add("cache", "list, check, prune or clear the cache")
+    p = add("cache", "list, check, prune, clear or repair the cache")
     p.add_argument(
-        "cache_command", choices=["ls", "verify", "prune", "clear"], metavar="ACTION",
-        help="ls: list rows; verify: full content check; prune: drop stale rows and leftovers; clear: all",
+        "cache_command", choices=["ls", "verify", "prune", "clear", "repair"], metavar="ACTION",
+        help="ls: list rows; verify: full content check; prune: drop stale rows and leftovers; clear: all; "
+        "repair: set a corrupt index aside and start a new one",
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="prune, clear: only list what would go")
     p.add_argument("--yes", action="store_true", help="clear: do not ask on a terminal")
@@ -249,24 +354,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(as_json: bool, code: int, exc: BaseException, kind: str) -> int:
+    """Report an error: one JSON document on stdout with ``--json``, else one line on stderr."""
+    if as_json:
+        error = {"type": type(exc).__name__, "message": str(exc), "filename": getattr(exc, "filename", None)}
+        print(json.dumps({"error": error, "exit_code": code}, indent=2, default=str))
+    else:
+        print(f"sa3loader: {kind}: {exc}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        if "--json" in argv:
+            return _fail(True, EXIT_USAGE, exc, "usage")
+        sys.stderr.write(exc.usage)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING, format="sa3loader: %(levelname)s: %(message)s"
     )
     try:
         return int(args.func(args))
     except VerificationError as exc:
-        print(f"sa3loader: check failed: {exc}", file=sys.stderr)
-        return EXIT_CHECK_FAILED
+        return _fail(args.json, EXIT_CHECK_FAILED, exc, "check failed")
     except (Sa3LoaderError, OSError) as exc:
         if args.debug:
             raise
-        print(f"sa3loader: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(args.json, EXIT_ERROR, exc, "error")
     except KeyboardInterrupt:
-        return 130
+        return _fail(args.json, EXIT_INTERRUPTED, KeyboardInterrupt("stopped by Ctrl-C"), "interrupted")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ COMMANDS = {
 
 
 if __name__ == "__main__":
+    if os.environ.get("CHILD_LOG_LEVEL"):  # what a service's log would show, on stderr
+        import logging
+
+        logging.basicConfig(level=os.environ["CHILD_LOG_LEVEL"], format="%(levelname)s %(name)s: %(message)s")
     if os.environ.get("CHILD_FAKE_NFS"):
         fake_network_filesystem_without_flock()
     COMMANDS[sys.argv[1]](*sys.argv[2:])

@@ -410,7 +410,7 @@ def test_prune_keeps_a_sibling_that_a_repointed_symlink_reuses(tmp_path):
     link.symlink_to(b.name)  # the same sibling name now belongs to b
     load(link, cache)
     sibling = tmp_path / "model.fp16.safetensors"
-    pruned, _ = _cache_admin.prune(str(cache))
+    pruned = _cache_admin.prune(str(cache)).rows
     assert [e.status for e in pruned] == ["stale"] and sibling.exists()
     model = load(link, cache)
     assert sa3loader.last_load_info().cache_hit
@@ -476,9 +476,9 @@ def test_prune_and_clear_sweep_leftovers_but_not_a_running_conversion(tmp_path, 
     fcntl.flock(holder, fcntl.LOCK_EX)  # a conversion in progress
     try:
         if command == "prune":
-            _, removals = _cache_admin.prune(str(cache))
+            removals = _cache_admin.prune(str(cache)).removed
         else:
-            _, removals = _cache_admin.clear(str(cache))
+            removals = _cache_admin.clear(str(cache)).removed
         removed = [r.path for r in removals]
     finally:
         os.close(holder)

@@ -156,7 +156,7 @@ def test_cache_verify_prune_clear(ckpt_dir, tmp_path):
     run("warm", str(src), cache=cache)
     foreign = ckpt_dir / "keep.safetensors"
     foreign.write_bytes(b"not ours")
-    assert json.loads(run("cache", "clear", "--json", cache=cache).stdout)["cleared_rows"] == 1
+    assert len(json.loads(run("cache", "clear", "--json", cache=cache).stdout)["rows"]) == 1
     assert not sibling.exists() and foreign.exists() and src.exists()
 
 

@@ -1,0 +1,88 @@
+"""An image built by root and served by another user: the baked index and sibling are read,
+nothing is written, and nothing above INFO is logged (docs/deploying.md).
+
+Needs two users: CI runs as root and switches to ``nobody`` with ``setpriv``; elsewhere skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import random_like_state, save
+from toymodel import build
+
+from sa3loader import cli
+
+HERE = Path(__file__).resolve().parent
+SERVICE_UID = 65534  # nobody
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="runs the service as a second user (nobody) with setpriv, which needs root (CI runs as root)",
+)
+
+
+@pytest.fixture
+def image_root():
+    """A folder every user can traverse (pytest's tmp_path is private to root)."""
+    root = Path(tempfile.mkdtemp(prefix="sa3loader-image-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root)
+
+
+def hub_checkpoint(root: Path) -> Path:
+    repo = root / "hf" / "hub" / "models--stabilityai--stable-audio-3-small-music"
+    blob = repo / "blobs" / "3b5c0ffee"
+    blob.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    save(random_like_state(build(), seed=3), blob)
+    snapshot = repo / "snapshots" / "rev1"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(os.path.relpath(blob, snapshot))
+    for path in (root / "hf", *(root / "hf").rglob("*")):
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    return snapshot / "model.safetensors"
+
+
+def as_service(root: Path, ckpt: Path, cache: Path) -> subprocess.CompletedProcess:
+    env = {
+        "PATH": os.environ["PATH"], "HOME": "/nonexistent", "PYTHONPATH": str(HERE),
+        "SA3LOADER_CACHE_DIR": str(cache), "SA3LOADER_PROGRESS": "0", "CHILD_LOG_LEVEL": "INFO",
+    }  # fmt: skip
+    command = [sys.executable, str(HERE / "child.py"), "load", str(ckpt), str(cache)]
+    uid = str(SERVICE_UID)
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *command],
+        capture_output=True, text=True, env=env, cwd=root, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_baked_cache_serves_another_user_read_only_and_quietly(image_root, capsys):
+    ckpt = hub_checkpoint(image_root)
+    cache = image_root / "sa3loader-cache"
+    assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["converted"]
+    subprocess.run(["chmod", "-R", "a+rX", str(cache)], check=True)  # the build step docs/deploying.md gives
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
+
+    served = as_service(image_root, ckpt, cache)
+    assert served.returncode == 0, served.stderr
+    report = json.loads(served.stdout.strip().splitlines()[-1])
+    assert report["cache_hit"] and not report["converted"]
+    levels = [
+        line.split(" ", 1)[0] for line in served.stderr.splitlines() if line.startswith(("INFO", "WARN"))
+    ]
+    assert "WARNING" not in levels, served.stderr
+    assert (
+        f"sa3loader index at {cache / 'index'} is read-only: reading it, recording nothing" in served.stderr
+    )
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == before  # nothing written

@@ -1,0 +1,130 @@
+"""Every exception sa3loader raises is a ``Sa3LoaderError`` and the builtin a caller would catch,
+with the file in ``.filename``; values in the environment that cannot be used warn and fall back.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+
+import pytest
+import torch
+from checkpoints import random_like_state, save
+from conftest import assert_same_model
+from toymodel import build, reference
+
+import sa3loader
+from sa3loader import _mapped
+from sa3loader._fsutil import resolve_cache_dir
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    return save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+
+
+def load(path, cache, **kwargs):
+    torch.manual_seed(0)
+    return sa3loader.load_diffusion_cond(
+        {}, path, "cpu", True, cache_dir=cache, model_factory=build, **kwargs
+    )
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_a_bad_io_value_is_a_config_error(ckpt, tmp_path, monkeypatch, how):
+    if how == "environment":
+        monkeypatch.setenv("SA3LOADER_IO", "fast")
+    with pytest.raises(sa3loader.Sa3LoaderError, match="io must be one of mmap, read, not 'fast'") as err:
+        load(ckpt, tmp_path / "c", **({"io": "fast"} if how == "argument" else {}))
+    assert type(err.value).__name__ == "ConfigError" and isinstance(err.value, ValueError)
+    assert err.value.filename is None
+
+
+def test_too_many_open_files_after_the_first_open_still_loads(ckpt, tmp_path, monkeypatch, caplog):
+    """EMFILE once the checkpoint is open: the load reads through the descriptor it has
+    (fingerprint, conversion), and where it cannot open the new sibling it says so and reads fp32."""
+    real_open = os.open
+    opened = []
+
+    def open_once(path, flags, *args, **kwargs):
+        if os.fspath(path).endswith(".safetensors"):
+            opened.append(path)
+            if len(opened) > 1:
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_once)
+    with caplog.at_level(logging.WARNING, logger="sa3loader"):
+        model = load(ckpt, tmp_path / "c")
+    monkeypatch.setattr(os, "open", real_open)
+    assert_same_model(model, reference(ckpt))
+    assert "Too many open files" in sa3loader.last_load_info().reason
+
+
+def test_a_mapping_refused_by_an_address_space_limit_names_the_file(ckpt, tmp_path, monkeypatch):
+    load(ckpt, tmp_path / "c")
+
+    def no_address_space(*args, **kwargs):
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    monkeypatch.setattr(_mapped.mmap, "mmap", no_address_space)
+    sibling = str(tmp_path / "model.fp16.safetensors")
+    with pytest.raises(sa3loader.FileAccessError, match="SA3LOADER_IO=read") as err:
+        load(ckpt, tmp_path / "c")
+    assert (err.value.errno, err.value.filename) == (errno.ENOMEM, sibling) and sibling in str(err.value)
+
+
+def test_install_without_upstream_is_upstream_not_found(monkeypatch):
+    monkeypatch.setitem(sys.modules, "stable_audio_3", None)  # import fails as if absent
+    monkeypatch.setitem(sys.modules, "stable_audio_3.loading_utils", None)
+    with pytest.raises(sa3loader.UpstreamNotFoundError) as err:
+        sa3loader.install()
+    assert isinstance(err.value, ImportError)
+
+
+def test_errors_name_their_file(tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    for path, kind in [
+        (garbage, sa3loader.HeaderError),
+        (tmp_path / "nope", sa3loader.CheckpointNotFoundError),
+    ]:
+        with pytest.raises(kind) as err:
+            sa3loader.load_into_module(build(), path)
+        assert err.value.filename == str(path) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "soon"])
+def test_a_lock_timeout_that_is_not_a_number_of_seconds_warns_and_uses_the_default(
+    monkeypatch, caplog, value
+):
+    from sa3loader import _config
+
+    monkeypatch.setenv("SA3LOADER_LOCK_TIMEOUT", value)
+    with caplog.at_level(logging.WARNING, logger="sa3loader"):
+        assert _config.lock_timeout() == _config.DEFAULT_LOCK_TIMEOUT_S
+    assert [r.getMessage() for r in caplog.records] == [
+        f"$SA3LOADER_LOCK_TIMEOUT={value!r} is not a number of seconds >= 0; using 3600"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("$SA3_UNSET_FOR_TEST/x", "$SA3_UNSET_FOR_TEST is not set"),
+     ("~no-such-user-here/x", "~no-such-user-here is not a user"),
+     ("relative/dir", "it is a relative path")],
+)  # fmt: skip
+def test_a_cache_dir_variable_that_is_no_path_warns_and_is_ignored(
+    tmp_path, monkeypatch, caplog, value, problem
+):
+    monkeypatch.delenv("SA3_UNSET_FOR_TEST", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SA3LOADER_CACHE_DIR", value)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with caplog.at_level(logging.WARNING, logger="sa3loader"):
+        assert resolve_cache_dir() == str(tmp_path / "xdg" / "sa3loader")
+    assert [r.getMessage() for r in caplog.records] == [f"ignoring $SA3LOADER_CACHE_DIR={value!r}: {problem}"]
+    assert list(tmp_path.iterdir()) == []  # nothing made under the working directory
