@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import first_key, random_like_state, save
-from conftest import assert_same_model
+from conftest import assert_same_model, bits
 from late_copies import LateCopies
 
 import sa3loader
@@ -166,3 +166,28 @@ def test_device_streaming_path_on_the_cpu(upstream, tmp_path, half, copies, monk
         assert (info.build, info.io) == ("fast", "stream") and info.bytes_read > 0
         assert 0 < info.staging_bytes <= RING_BYTES <= 512 * 1024 * 1024  # the issue's bound
         assert_same_model(model, ref)
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_a_short_generation_gives_upstreams_audio(upstream, tmp_path, half):
+    """Not only the same tensors: the same samples out of upstream's own sampler (two steps,
+    about a second of audio, fixed seed), first load and cache hit."""
+    from stable_audio_3.model import StableAudioModel
+
+    torch.manual_seed(0)  # weights of the scale a trained model has, unlike the loads' own init (SEED)
+    trained = upstream.factory.create_diffusion_cond_from_config(upstream.tiny_config)
+    path = save(dict(trained.state_dict()), tmp_path / "model.safetensors")
+
+    def audio(model) -> torch.Tensor:
+        sampler = StableAudioModel(model, upstream.tiny_config, "cpu", half)
+        return sampler.generate(
+            conditioning=[{"seconds_total": 1.0}], duration=1.0, steps=2, seed=123,
+            sample_size=upstream.tiny_config["sample_rate"], duration_padding_sec=0.0,
+        )  # fmt: skip
+
+    expected = audio(upstream_model(upstream, upstream.tiny_config, path, half))
+    assert expected.numel() > 0 and bool(expected.isfinite().all()) and bool(expected.abs().max() > 0)
+    for _ in range(2 if half else 1):  # the conversion, then the cache hit
+        got = audio(ours(upstream, upstream.tiny_config, path, half, tmp_path / "cache"))
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert torch.equal(bits(got), bits(expected))
