@@ -160,8 +160,7 @@ def ring_sweep(path: str, device: str) -> dict:
     import torch
 
     from sa3loader._format import read_header
-    from sa3loader._mapped import torch_dtype
-    from sa3loader._stream import DeviceCopies, stream_into
+    from sa3loader._io import DeviceCopies, stream_into, torch_dtype
 
     class ReadsOnly(DeviceCopies):
         def send(self, slot: int, pairs: list) -> None:

@@ -4,8 +4,8 @@
 ``stable_audio_3.loading_utils.load_diffusion_cond``.
 """
 
-from ._install import install, installed, uninstall
-from ._keys import LoadResult
+from ._build import LoadResult
+from ._upstream import install, installed, uninstall
 from .errors import (
     CacheIndexError,
     CheckpointChangedError,

@@ -23,14 +23,12 @@ from ._format import open_header, read_header
 from ._fsutil import (
     INCOMPLETE_INFIX,
     LOCK_SUFFIX,
-    SIBLINGS_SUBDIR,
     cache_dir_trust,
     conversion_lock,
     owned_file_problem,
 )
-from ._identity import hard_match, source_identity
 from ._index import Index
-from ._sibling import sibling_matches_source
+from ._sibling import SIBLINGS_SUBDIR, hard_match, is_sa3loader_path, sibling_matches_source, source_identity
 from .errors import LockTimeoutError, Sa3LoaderError, UntrustedCacheDirError, UnusableLockError
 
 OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
@@ -166,7 +164,7 @@ def _size(path: str) -> int:
 
 def _ours(path: str) -> bool:
     """A regular file of yours that carries sa3loader's marker."""
-    return owned_file_problem(path) is None and os.path.lexists(path) and _convert.is_sa3loader_path(path)
+    return owned_file_problem(path) is None and os.path.lexists(path) and is_sa3loader_path(path)
 
 
 def _leftovers(sibling: str) -> list[Removal]:

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+from dataclasses import dataclass
 
 from .errors import ConfigError
 
@@ -64,7 +65,7 @@ def disabled() -> bool:
     return is_true(DISABLE_ENV)
 
 
-def verify(argument: bool | None) -> bool:
+def verify_asked(argument: bool | None) -> bool:
     """The ``verify`` argument, else $SA3LOADER_VERIFY."""
     return is_true(VERIFY_ENV) if argument is None else bool(argument)
 
@@ -106,6 +107,30 @@ def lock_timeout() -> float:
 def progress() -> bool:
     """False when $SA3LOADER_PROGRESS=0 or $TQDM_DISABLE is set (bars show only on a terminal anyway)."""
     return os.environ.get(PROGRESS_ENV, "").strip() != "0" and not os.environ.get("TQDM_DISABLE")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting one load uses, read once when it starts (arguments win over the environment)."""
+
+    disabled: bool  # $SA3LOADER_DISABLE: upstream's own loader
+    verify: bool  # full content check of the sibling before use
+    io: str | None  # "mmap" or "read" when asked for; None: the default for the file
+    lock_timeout: float  # seconds to wait for another process's conversion
+    progress: bool  # bars allowed (still only on a terminal)
+    shared_cache: bool  # a group- or world-writable cache dir is trusted on purpose
+
+
+def settings(*, io: str | None = None, verify: bool | None = None) -> Settings:
+    """The settings now: the arguments given, else the environment, else the defaults."""
+    return Settings(
+        disabled=disabled(),
+        verify=verify_asked(verify),
+        io=io_mode(io),
+        lock_timeout=lock_timeout(),
+        progress=progress(),
+        shared_cache=shared_cache(),
+    )
 
 
 _UNEXPANDED = re.compile(r"\$(\w+|\{[^}]*\})")

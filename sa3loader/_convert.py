@@ -36,18 +36,14 @@ from ._format import (
     layout,
     preadv_exact,
     read_exact,
-    read_header,
     reading,
 )
 from ._fsutil import INCOMPLETE_INFIX
-from ._mapped import torch_dtype
+from ._io import torch_dtype
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
-META_PREFIX = "sa3loader."
-MARKER_KEY = META_PREFIX + "format_version"
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # 16 MiB of float32 per buffer, whatever the model size
 PIPELINE_SLOTS = 4  # buffers in flight: being read, cast and counted, written
 DEFAULT_FILE_MODE = 0o644
@@ -73,47 +69,19 @@ class ConversionResult:
     seconds: float
 
 
-def has_float32(header: Header) -> bool:
-    return any(e.dtype == "F32" for e in header.entries)
-
-
 def converted_dtype(dtype: str) -> str:
     return "F16" if dtype == "F32" else dtype
 
 
-def sibling_size(header: Header, metadata: dict[str, str]) -> int:
-    """Bytes of the sibling; ``ConversionError`` when its header would pass safetensors' limit."""
-    prefix, entries = _sibling_layout(header, metadata)
+def output_size(header: Header, metadata: dict[str, str]) -> int:
+    """Bytes of the converted file; ``ConversionError`` when its header would pass safetensors' limit."""
+    prefix, entries = _output_layout(header, metadata)
     return len(prefix) + (entries[-1].end if entries else 0)
 
 
-def sibling_metadata(header: Header, identity: dict[str, Any], fingerprint: str) -> dict[str, str]:
-    """The source's metadata plus ours, so that a sibling describes its source."""
-    ours = {
-        MARKER_KEY: FORMAT_VERSION,
-        META_PREFIX + "source_name": os.path.basename(header.path),
-        META_PREFIX + "source_size": str(identity["size"]),
-        META_PREFIX + "source_mtime_ns": str(identity["mtime_ns"]),
-        META_PREFIX + "source_header_sha256": identity["header_sha256"],
-        META_PREFIX + "source_fingerprint": fingerprint,
-    }
-    return {**header.metadata, **ours}
-
-
-def is_sa3loader_file(header: Header) -> bool:
-    return MARKER_KEY in header.metadata
-
-
-def is_sa3loader_path(path: str) -> bool:
-    """True only for a readable safetensors file (not a symlink) that carries sa3loader's marker."""
-    try:
-        return is_sa3loader_file(read_header(path, follow_symlinks=False))
-    except (Sa3LoaderError, OSError):
-        return False
-
-
-def _sibling_layout(header: Header, metadata: dict[str, str]) -> tuple[bytes, list[TensorEntry]]:
-    """The sibling's header bytes and entries; ``ConversionError`` when safetensors could not read it back."""
+def _output_layout(header: Header, metadata: dict[str, str]) -> tuple[bytes, list[TensorEntry]]:
+    """The converted file's header bytes and entries; ``ConversionError`` when safetensors could
+    not read it back."""
     prefix, entries = layout([(e.name, converted_dtype(e.dtype), e.shape) for e in header.entries], metadata)
     if len(prefix) - HEADER_LENGTH_BYTES > MAX_HEADER_BYTES:
         raise ConversionError(
@@ -124,8 +92,9 @@ def _sibling_layout(header: Header, metadata: dict[str, str]) -> tuple[bytes, li
     return prefix, entries
 
 
-def progress_enabled() -> bool:
-    return _config.progress() and sys.stderr.isatty()
+def progress_enabled(allowed: bool | None = None) -> bool:
+    """A bar only on a terminal, and only when the settings allow it (read now when not given)."""
+    return (_config.progress() if allowed is None else allowed) and sys.stderr.isatty()
 
 
 def _write_all(fd: int, data: memoryview | bytes) -> None:
@@ -136,7 +105,12 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
 
 
 def convert(
-    header: Header, dest: str, metadata: dict[str, str], *, read_only: bool = False
+    header: Header,
+    dest: str,
+    metadata: dict[str, str],
+    *,
+    read_only: bool = False,
+    progress: bool | None = None,
 ) -> ConversionResult:
     """Write the fp16 sibling of ``header``'s file to ``dest`` and publish it atomically.
 
@@ -144,7 +118,7 @@ def convert(
     clears every write bit, so no one but root edits a mapped file in place.
     """
     started = time.perf_counter()
-    prefix, out_entries = _sibling_layout(header, metadata)  # refuses a header too big, before writing
+    prefix, out_entries = _output_layout(header, metadata)  # refuses a header too big, before writing
     total = len(prefix) + (out_entries[-1].end if out_entries else 0)
     tmp = f"{dest}{INCOMPLETE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     source_stat = header.handle.stat if header.handle is not None else os.stat(header.path)
@@ -166,7 +140,7 @@ def convert(
                 unit="B",
                 unit_scale=True,
                 desc=f"fp16 {os.path.basename(header.path)}",
-                disable=not progress_enabled() or total < PROGRESS_MIN_BYTES,
+                disable=not progress_enabled(progress) or total < PROGRESS_MIN_BYTES,
             ) as bar,
         ):
             phase("header")

@@ -17,14 +17,18 @@ from dataclasses import dataclass
 
 from . import _convert
 from ._format import Header, open_header
-from ._fsutil import (
-    INCOMPLETE_INFIX,
-    LOCK_SUFFIX,
+from ._fsutil import INCOMPLETE_INFIX, LOCK_SUFFIX
+from ._sibling import (
     SAFETENSORS_SUFFIX,
     SIBLING_SUFFIX,
+    fingerprint,
+    has_float32,
     in_hf_hub_cache,
+    is_sa3loader_file,
+    is_sa3loader_path,
+    sibling_metadata,
+    source_identity,
 )
-from ._identity import fingerprint, source_identity
 from .errors import HubSymlinkError, OutputExistsError
 
 SKIPPED_DIRS = {".cache"}
@@ -49,12 +53,12 @@ class FileAction:
 def _is_our_artifact(name: str, path: str) -> bool:
     if INCOMPLETE_INFIX in name or name.endswith(SIBLING_SUFFIX + LOCK_SUFFIX):
         return True
-    return name.endswith(SIBLING_SUFFIX) and _convert.is_sa3loader_path(path)
+    return name.endswith(SIBLING_SUFFIX) and is_sa3loader_path(path)
 
 
 def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
     identity = source_identity(header)
-    metadata = _convert.sibling_metadata(header, identity, fingerprint(header))
+    metadata = sibling_metadata(header, identity, fingerprint(header))
     staged = dest if not verify else f"{dest}{INCOMPLETE_INFIX}verify-{os.getpid()}"
     result = _convert.convert(header, staged, metadata)
     action = FileAction(header.path, dest, "converted", result.overflow_to_inf, result.flushed_to_zero)
@@ -83,7 +87,7 @@ def convert_file(
     if out is None and not in_place:
         raise ValueError("convert_file needs out= or in_place=True")
     with open_header(src) as header:
-        if _convert.is_sa3loader_file(header) or not _convert.has_float32(header):
+        if is_sa3loader_file(header) or not has_float32(header):
             if in_place or out is None:
                 return FileAction(src, src, "unchanged")
             _copy(src, out, force)

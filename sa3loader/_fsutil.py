@@ -19,7 +19,6 @@ import errno
 import fcntl
 import glob
 import grp
-import hashlib
 import logging
 import os
 import pwd
@@ -37,14 +36,10 @@ from .errors import LockTimeoutError, UnusableLockError
 
 logger = logging.getLogger(__name__)
 
-SIBLING_SUFFIX = ".fp16.safetensors"
 # A file being written: <final name><INCOMPLETE_INFIX><pid>-<random>, renamed into place when done.
 INCOMPLETE_INFIX = ".incomplete-"
-UNSUFFIXED_SIBLING_SUFFIX = "-fp16.safetensors"
-SAFETENSORS_SUFFIX = ".safetensors"
 PRIVATE_DIR_MODE = 0o700
 CACHE_APP_NAME = "sa3loader"
-SIBLINGS_SUBDIR = "siblings"
 LOCK_SUFFIX = ".lock"
 LOCK_POLL_S = 0.05
 LOCK_LOG_EVERY_S = 5.0
@@ -100,6 +95,12 @@ CACHEDIR_TAG_TEXT = (
 )
 
 
+def create_cache_dir(path: str) -> None:
+    """Make a cache dir's ``path`` (private, as every dir sa3loader creates) and tag the cache dir."""
+    make_private_dirs(path)
+    tag_cache_dir(os.path.dirname(path))
+
+
 def tag_cache_dir(cache_dir: str) -> None:
     """Write a CACHEDIR.TAG, so backup tools skip gigabytes of siblings; best effort."""
     path = os.path.join(cache_dir, CACHEDIR_TAG)
@@ -136,7 +137,7 @@ def _private_group(gid: int) -> bool:
     return gid == os.getgid() and group.gr_name == user and set(group.gr_mem) <= {user}
 
 
-def cache_dir_trust(path: str) -> str | None:
+def cache_dir_trust(path: str, *, shared: bool | None = None) -> str | None:
     """None when ``path`` is a dir only you (or root) can plant files in, else why not.
 
     Trusted: not a symlink (``lstat``), owned by you or root, not world-writable,
@@ -144,7 +145,7 @@ def cache_dir_trust(path: str) -> str | None:
     trusts a shared team cache on purpose. A missing dir is trusted: it will be
     created private.
     """
-    if _config.shared_cache():
+    if _config.shared_cache() if shared is None else shared:
         return None
     try:
         st = os.lstat(path)
@@ -202,52 +203,6 @@ def network_filesystem(path: str) -> str | None:
     if best_type is not None and (best_type in NETWORK_FILESYSTEMS or best_type.startswith("fuse")):
         return best_type
     return None
-
-
-# huggingface_hub names a repo's cache folder by its type: models--org--name, datasets--…, spaces--….
-HF_REPO_FOLDER_PREFIXES = ("models--", "datasets--", "spaces--")
-HF_REPO_SUBFOLDERS = ("snapshots", "blobs")
-
-
-def in_hf_hub_cache(path: str) -> bool:
-    """True for paths inside a Hugging Face hub cache (``<type>s--*/snapshots|blobs``, every repo type)."""
-    for candidate in {os.path.abspath(path), os.path.realpath(path)}:
-        parts = candidate.split(os.sep)
-        for i, part in enumerate(parts[:-1]):
-            if part.startswith(HF_REPO_FOLDER_PREFIXES) and parts[i + 1] in HF_REPO_SUBFOLDERS:
-                return True
-    return False
-
-
-def sibling_name(source_path: str) -> str:
-    """``<stem>.fp16.safetensors`` for ``<stem>.safetensors``; ``<name>-fp16.safetensors`` otherwise.
-
-    A source named without the suffix (``model``) must not share its sibling with
-    ``model.safetensors`` beside it: the two would reconvert on every other load.
-    """
-    name = os.path.basename(source_path)
-    if name.endswith(SAFETENSORS_SUFFIX):
-        return name[: -len(SAFETENSORS_SUFFIX)] + SIBLING_SUFFIX
-    return name + UNSUFFIXED_SIBLING_SUFFIX
-
-
-def beside_path(source_path: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(source_path)), sibling_name(source_path))
-
-
-def cache_path(cache_dir: str, source_path: str, real_source: str) -> str:
-    """Sibling location in the cache dir, keyed by the real file (a hub blob, for instance)."""
-    digest = hashlib.sha256(real_source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return os.path.join(cache_dir, SIBLINGS_SUBDIR, digest, sibling_name(source_path))
-
-
-def dir_writable(path: str) -> bool:
-    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
-
-
-def free_bytes(path: str) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def writable_by_others(directory: str, owner: int | None = None) -> bool:

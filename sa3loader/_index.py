@@ -23,7 +23,7 @@ import diskcache
 from diskcache.core import MODE_RAW, UNKNOWN
 
 from ._config import info_once, warn_once
-from ._fsutil import make_private_dirs, tag_cache_dir
+from ._fsutil import create_cache_dir
 from .errors import CacheIndexError
 
 logger = logging.getLogger(__name__)
@@ -218,8 +218,8 @@ class Index:
                     )
                 else:
                     self._probe()
-                    make_private_dirs(self.directory)
-                    tag_cache_dir(os.path.dirname(self.directory))
+                    if not os.path.isdir(self.directory):  # a new cache dir
+                        create_cache_dir(self.directory)
                     self._cache = diskcache.Cache(self.directory, timeout=INDEX_TIMEOUT_S, disk=SafeJSONDisk)
             except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
                 self._failed("open", exc)

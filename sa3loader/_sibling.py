@@ -16,43 +16,216 @@ The accepted sibling stays open: the load reads exactly the file it checked.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _config, _convert
 from ._config import warn_once
-from ._convert import META_PREFIX, Comparison, ConversionResult, is_sa3loader_file
-from ._format import Header, open_header
+from ._convert import Comparison, ConversionResult
+from ._format import Header, open_header, read_exact, read_header, reading
 from ._fsutil import (
     LOCK_SUFFIX,
-    beside_path,
     cache_dir_trust,
-    cache_path,
     conversion_lock,
-    dir_writable,
-    free_bytes,
-    in_hf_hub_cache,
     make_private_dirs,
     owned_file_problem,
     remove_stray_incomplete,
     writable_by_others,
 )
-from ._identity import FINGERPRINT_VERSION, fingerprint, hard_match, soft_match, source_identity
 from ._index import Index
 from .errors import (
     CheckpointChangedError,
     ConversionError,
     HeaderError,
     LockTimeoutError,
+    Sa3LoaderError,
     UnusableLockError,
     VerificationError,
 )
 
 logger = logging.getLogger(__name__)
+
+# Name and place.
+SIBLING_SUFFIX = ".fp16.safetensors"
+UNSUFFIXED_SIBLING_SUFFIX = "-fp16.safetensors"
+SAFETENSORS_SUFFIX = ".safetensors"
+SIBLINGS_SUBDIR = "siblings"
+
+
+# huggingface_hub names a repo's cache folder by its type: models--org--name, datasets--…, spaces--….
+HF_REPO_FOLDER_PREFIXES = ("models--", "datasets--", "spaces--")
+HF_REPO_SUBFOLDERS = ("snapshots", "blobs")
+
+
+def in_hf_hub_cache(path: str) -> bool:
+    """True for paths inside a Hugging Face hub cache (``<type>s--*/snapshots|blobs``, every repo type)."""
+    for candidate in {os.path.abspath(path), os.path.realpath(path)}:
+        parts = candidate.split(os.sep)
+        for i, part in enumerate(parts[:-1]):
+            if part.startswith(HF_REPO_FOLDER_PREFIXES) and parts[i + 1] in HF_REPO_SUBFOLDERS:
+                return True
+    return False
+
+
+def dir_writable(path: str) -> bool:
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def sibling_name(source_path: str) -> str:
+    """``<stem>.fp16.safetensors`` for ``<stem>.safetensors``; ``<name>-fp16.safetensors`` otherwise.
+
+    A source named without the suffix (``model``) must not share its sibling with
+    ``model.safetensors`` beside it: the two would reconvert on every other load.
+    """
+    name = os.path.basename(source_path)
+    if name.endswith(SAFETENSORS_SUFFIX):
+        return name[: -len(SAFETENSORS_SUFFIX)] + SIBLING_SUFFIX
+    return name + UNSUFFIXED_SIBLING_SUFFIX
+
+
+def beside_path(source_path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(source_path)), sibling_name(source_path))
+
+
+def cache_path(cache_dir: str, source_path: str, real_source: str) -> str:
+    """Sibling location in the cache dir, keyed by the real file (a hub blob, for instance)."""
+    digest = hashlib.sha256(real_source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return os.path.join(cache_dir, SIBLINGS_SUBDIR, digest, sibling_name(source_path))
+
+
+# Identity of a source: hard fields, soft fields and a content fingerprint.
+#
+# Who a source checkpoint is: hard fields, soft fields and a content fingerprint.
+#
+# Hard fields (size, mtime_ns, header sha256) change when the weights may have
+# changed: any mismatch means reconvert. Soft fields (inode, device, ctime_ns)
+# change when the same bytes are copied to a new image layer or mount: a
+# mismatch there alone is settled by re-reading a sampled fingerprint, not by
+# reconverting gigabytes.
+#
+# The fingerprint sees every tensor: tensors up to ``WHOLE_TENSOR_BYTES`` are
+# hashed whole, larger ones at ``SPOTS`` evenly spaced spots that include their
+# first and last bytes. A change confined to one tensor is caught unless it hides
+# in the unsampled interior of a large tensor; only ``verify`` reads every byte.
+HARD_FIELDS = ("size", "mtime_ns", "header_sha256")
+SOFT_FIELDS = ("inode", "device", "ctime_ns")
+FINGERPRINT_VERSION = "v2"
+WHOLE_TENSOR_BYTES = 1 << 20
+SPOT_BYTES = 4096
+SPOTS = 5  # first, last and three between
+# Cold, the spots are random reads: several in flight keep the disk's queue full.
+READ_THREADS = 8
+# Ranges closer than this are read as one.
+MERGE_GAP_BYTES = 64 * 1024
+
+
+def source_identity(header: Header) -> dict[str, Any]:
+    """Identity of the file behind ``header``: the stat taken when it was opened, else now."""
+    st = header.handle.stat if header.handle is not None else os.stat(header.path)
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "header_sha256": header.sha256,
+        "inode": st.st_ino,
+        "device": st.st_dev,
+        "ctime_ns": st.st_ctime_ns,
+    }
+
+
+def hard_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a.get(f) == b.get(f) for f in HARD_FIELDS)
+
+
+def soft_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a.get(f) == b.get(f) for f in SOFT_FIELDS)
+
+
+def fingerprint_ranges(header: Header) -> list[tuple[int, int]]:
+    """File (offset, length) ranges the fingerprint hashes, in file order."""
+    ranges = []
+    for entry in sorted(header.entries, key=lambda e: e.begin):
+        start = header.data_start + entry.begin
+        if entry.nbytes <= WHOLE_TENSOR_BYTES:
+            if entry.nbytes:
+                ranges.append((start, entry.nbytes))
+            continue
+        span = entry.nbytes - SPOT_BYTES
+        ranges += [(start + span * i // (SPOTS - 1), SPOT_BYTES) for i in range(SPOTS)]
+    return ranges
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for offset, length in ranges:
+        if merged and offset - sum(merged[-1]) <= MERGE_GAP_BYTES:
+            merged[-1] = (merged[-1][0], max(sum(merged[-1]), offset + length) - merged[-1][0])
+        else:
+            merged.append((offset, length))
+    return merged
+
+
+def fingerprint(header: Header) -> str:
+    """sha256 over every small tensor and spots of every large one (see the module doc)."""
+    ranges = fingerprint_ranges(header)
+    reads = _merged(ranges)
+    with reading(header) as fd, ThreadPoolExecutor(READ_THREADS) as pool:
+        blocks = list(pool.map(lambda r: read_exact(fd, r[0], r[1], header.path), reads))
+    digest = hashlib.sha256(f"{FINGERPRINT_VERSION}:{header.file_size}:{header.sha256}".encode())
+    block = 0
+    for offset, length in ranges:
+        while offset >= reads[block][0] + reads[block][1]:
+            block += 1
+        start = offset - reads[block][0]
+        digest.update(memoryview(blocks[block])[start : start + length])
+    return f"{FINGERPRINT_VERSION}:{digest.hexdigest()}"
+
+
+# The sibling's own metadata: what it says about its source.
+FORMAT_VERSION = "1"
+META_PREFIX = "sa3loader."
+MARKER_KEY = META_PREFIX + "format_version"
+
+
+def sibling_metadata(header: Header, identity: dict[str, Any], fingerprint: str) -> dict[str, str]:
+    """The source's metadata plus ours, so that a sibling describes its source."""
+    ours = {
+        MARKER_KEY: FORMAT_VERSION,
+        META_PREFIX + "source_name": os.path.basename(header.path),
+        META_PREFIX + "source_size": str(identity["size"]),
+        META_PREFIX + "source_mtime_ns": str(identity["mtime_ns"]),
+        META_PREFIX + "source_header_sha256": identity["header_sha256"],
+        META_PREFIX + "source_fingerprint": fingerprint,
+    }
+    return {**header.metadata, **ours}
+
+
+def has_float32(header: Header) -> bool:
+    """Whether the source has a sibling at all: only float32 tensors become float16."""
+    return any(e.dtype == "F32" for e in header.entries)
+
+
+def is_sa3loader_file(header: Header) -> bool:
+    return MARKER_KEY in header.metadata
+
+
+def is_sa3loader_path(path: str) -> bool:
+    """True only for a readable safetensors file (not a symlink) that carries sa3loader's marker."""
+    try:
+        return is_sa3loader_file(read_header(path, follow_symlinks=False))
+    except (Sa3LoaderError, OSError):
+        return False
+
 
 # Room left on the filesystem after writing a sibling.
 FREE_SPACE_MARGIN_BYTES = 64 * 1024 * 1024
@@ -144,15 +317,16 @@ def sibling_matches_source(sibling: Header, source: Header) -> bool:
 class SiblingResolver:
     """Resolves the sibling of one source for one cache dir."""
 
-    def __init__(self, source: Header, cache_dir: str, *, verify: bool = False) -> None:
+    def __init__(self, source: Header, cache_dir: str, settings: _config.Settings) -> None:
         self.source = source
         self.cache_dir = cache_dir
-        self.verify = verify
+        self.settings = settings
+        self.verify = settings.verify
         self.real = os.path.realpath(source.path)
         self.identity = source_identity(source)
         # When the identity was taken: a write after it changes the stat (or is racy).
         self.checked_ns = source.handle.opened_ns if source.handle is not None else time.time_ns()
-        distrust = cache_dir_trust(cache_dir)
+        distrust = cache_dir_trust(cache_dir, shared=settings.shared_cache)
         if distrust is not None:
             warn_once(
                 f"untrusted:{cache_dir}",
@@ -192,7 +366,7 @@ class SiblingResolver:
         """None when the sibling's owner may choose this load's weights, else why not."""
         if st.st_uid in (os.getuid(), 0):
             return None
-        if _config.shared_cache() and self.cache_trusted and self._in_cache_dir(path):
+        if self.settings.shared_cache and self.cache_trusted and self._in_cache_dir(path):
             return None  # a team cache, trusted on purpose
         source_owner = self._source_owner()
         if st.st_uid == source_owner and not writable_by_others(os.path.dirname(path), source_owner):
@@ -295,7 +469,7 @@ class SiblingResolver:
             "fingerprint": self.fingerprint(),
             "checked_ns": self.checked_ns,
             "sibling": {"path": sibling.path, "size": sibling.file_size, "header_sha256": sibling.sha256},
-            "converter_version": _convert.FORMAT_VERSION,
+            "converter_version": FORMAT_VERSION,
             "created": created,
             "range": range_report,
         }
@@ -325,7 +499,7 @@ class SiblingResolver:
             return problem
         if path in self._other_version:
             return "another sa3loader version's sibling is there"
-        if not self._in_cache_dir(path) and os.path.lexists(path) and not _convert.is_sa3loader_path(path):
+        if not self._in_cache_dir(path) and os.path.lexists(path) and not is_sa3loader_path(path):
             return "a file that is not an sa3loader sibling is there"
         return None
 
@@ -361,16 +535,16 @@ class SiblingResolver:
 
     def resolve(self) -> SiblingOutcome:
         out = self.outcome
-        if not _convert.has_float32(self.source):
+        if not has_float32(self.source):
             out.reason = "no float32 tensors: loaded as is"
             return out
         out.sibling = self.find()
         if out.sibling is not None:
             out.reason = "cache hit"
             return out
-        metadata = _convert.sibling_metadata(self.source, self.identity, self.fingerprint())
+        metadata = sibling_metadata(self.source, self.identity, self.fingerprint())
         try:
-            size = _convert.sibling_size(self.source, metadata)
+            size = _convert.output_size(self.source, metadata)
         except ConversionError as exc:
             out.reason = f"{exc}: loading the fp32 source"
             warn_once("fallback:" + self.real, "%s", out.reason)
@@ -392,7 +566,7 @@ class SiblingResolver:
         """Convert to ``target`` under its lock, unless another process did meanwhile."""
         out = self.outcome
         try:
-            with conversion_lock(target):
+            with conversion_lock(target, timeout=self.settings.lock_timeout):
                 # Check again: another process may have converted while we waited.
                 out.sibling = self.accept(target, None)
                 if out.sibling is not None:
@@ -403,7 +577,9 @@ class SiblingResolver:
                 if problem is not None:
                     raise ConversionError(f"{target}: {problem}; leaving it alone", filename=target)
                 logger.info("converting %s to fp16 at %s", self.source.path, target)
-                result = _convert.convert(self.source, target, metadata, read_only=True)
+                result = _convert.convert(
+                    self.source, target, metadata, read_only=True, progress=self.settings.progress
+                )
                 out.converted = result
                 out.sibling = self._published(target, result)
                 _convert.phase("index")
@@ -434,7 +610,12 @@ class SiblingResolver:
 
 
 def resolve_sibling(
-    source: Header, cache_dir: str, *, verify: bool = False, keep_open: bool = False
+    source: Header,
+    cache_dir: str,
+    *,
+    verify: bool = False,
+    keep_open: bool = False,
+    settings: _config.Settings | None = None,
 ) -> SiblingOutcome:
     """The sibling to read (found, adopted or converted now).
 
@@ -442,11 +623,9 @@ def resolve_sibling(
     context manager): a load reads exactly the file that was checked, whatever
     happens to its name meanwhile (``cache clear``, a republish).
     """
-    resolver = SiblingResolver(source, cache_dir, verify=verify)
-    try:
+    resolver = SiblingResolver(source, cache_dir, settings or _config.settings(verify=verify))
+    with resolver.index:
         outcome = resolver.resolve()
-    finally:
-        resolver.index.close()
     if not keep_open and outcome.sibling is not None:
         outcome.close()
         outcome.sibling = dataclasses.replace(outcome.sibling, handle=None)

@@ -1,19 +1,24 @@
-"""What sa3loader takes from stable_audio_3, imported only when a load needs it.
+"""Everything that touches stable_audio_3: lazy imports, and the opt-in ``install()`` patch.
 
-stable_audio_3 is not on PyPI: ``import sa3loader`` never imports it. The
-model factories are looked up at load time, and upstream's own
-``load_diffusion_cond`` is remembered here when ``install()`` replaces it, so
-that ``SA3LOADER_DISABLE=1`` can still call it.
-"""
+stable_audio_3 is not on PyPI: ``import sa3loader`` never imports it. The model
+factories are looked up at load time. ``stable_audio_3.model`` imports
+``load_diffusion_cond`` by name, so replacing it in ``loading_utils`` alone would
+miss ``StableAudioModel.from_pretrained``: ``install()`` rebinds it in every
+already-imported module that bound upstream's function, and ``uninstall()`` puts
+each one back. Upstream's own function is remembered meanwhile, so that
+``SA3LOADER_DISABLE=1`` can still call it."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .errors import UpstreamNotFoundError
 
+# Lazy imports.
 FACTORY_MODULE = "stable_audio_3.factory"
 LOADING_UTILS_MODULE = "stable_audio_3.loading_utils"
 MODEL_MODULE = "stable_audio_3.model"
@@ -46,3 +51,50 @@ def original_load_diffusion_cond() -> Callable[..., Any] | None:
         return None
     function: Callable[..., Any] = getattr(module, LOADER_NAME)
     return function
+
+
+# The opt-in patch: a whole application switched to sa3loader without editing call sites.
+UPSTREAM_MODULES = (LOADING_UTILS_MODULE, MODEL_MODULE)
+
+_patched: list[tuple[Any, Callable[..., Any]]] = []
+
+
+def install() -> None:
+    """Make upstream's ``load_diffusion_cond`` call sa3loader's, everywhere it is bound."""
+    from .loader import load_diffusion_cond  # here, not at the top: loader imports this module
+
+    if _patched:
+        return
+    for name in UPSTREAM_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise UpstreamNotFoundError(
+                f"sa3loader.install() patches stable_audio_3, which is not importable ({exc})"
+            ) from exc
+    original: Callable[..., Any] = getattr(sys.modules[UPSTREAM_MODULES[0]], LOADER_NAME)
+    global replaced_original
+    replaced_original = original
+    for module in list(sys.modules.values()):
+        if getattr(module, LOADER_NAME, None) is original:
+            setattr(module, LOADER_NAME, load_diffusion_cond)
+            _patched.append((module, original))
+
+
+def uninstall() -> None:
+    """Undo ``install()``; a no-op when it was not installed."""
+    while _patched:
+        module, original = _patched.pop()
+        setattr(module, LOADER_NAME, original)
+    global replaced_original
+    replaced_original = None
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """``with sa3loader.installed(): ...``: ``install()`` for the block only."""
+    install()
+    try:
+        yield
+    finally:
+        uninstall()

@@ -23,11 +23,9 @@ from collections import defaultdict
 
 import torch
 
-from . import _config
 from ._format import Header, reading
 from ._fsutil import network_filesystem
-from ._mapped import MappedFile, torch_dtype
-from ._stream import read_into, stream_into
+from ._io import MappedFile, read_into, stream_into, torch_dtype
 
 # A sibling value f16(x) equals upstream's result for x only when the model
 # tensor it lands in holds x exactly first (f16, f32, f64); else read the source.
@@ -42,10 +40,9 @@ _CPU = torch.device("cpu")
 DEFAULT_IO = "mmap"
 
 
-def resolve_io(io: str | None, path: str | None = None) -> str:
-    """``io`` argument, else $SA3LOADER_IO, else "read" when ``path`` is on a network
+def resolve_io(chosen: str | None, path: str | None = None) -> str:
+    """The mode asked for (``Settings.io``), else "read" when ``path`` is on a network
     filesystem (mappings there are slow and die with SIGBUS on a server hiccup), else mmap."""
-    chosen = _config.io_mode(io)
     if chosen is not None:
         return chosen
     remote = network_filesystem(path) if path is not None else None

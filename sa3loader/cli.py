@@ -24,7 +24,7 @@ from . import __version__, _cache_admin, _convert
 from ._convert_dir import FileAction, checked, convert_file, convert_tree
 from ._format import open_header, read_header
 from ._fsutil import resolve_cache_dir
-from ._sibling import resolve_sibling
+from ._sibling import has_float32, is_sa3loader_file, resolve_sibling
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
@@ -70,7 +70,7 @@ def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAc
     failed the check was converted again (``replaced_damaged``).
     """
     with open_header(src) as header:
-        if _convert.is_sa3loader_file(header) or not _convert.has_float32(header):
+        if is_sa3loader_file(header) or not has_float32(header):
             return FileAction(src, src, "unchanged")
         with resolve_sibling(header, resolve_cache_dir(cache_dir), verify=verify, keep_open=True) as outcome:
             if outcome.sibling is None:
@@ -134,7 +134,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - started, 3),
     }
     _emit(args, data, [f"{data['reason']}: {data['sibling'] or header.path} ({data['seconds']}s)"])
-    if outcome.sibling is None and _convert.has_float32(header):
+    if outcome.sibling is None and has_float32(header):
         return EXIT_ERROR
     return EXIT_OK
 
@@ -154,7 +154,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "by_dtype": {d: {"tensors": counts[d], "bytes": nbytes[d]} for d in sorted(counts)},
         "fp16_sibling_size": header.file_size - f32 // 2 if f32 else None,
         "saves_bytes": f32 // 2,
-        "is_sa3loader_sibling": _convert.is_sa3loader_file(header),
+        "is_sa3loader_sibling": is_sa3loader_file(header),
         "metadata": header.metadata,
     }
     lines = [f"{header.path}: {len(header.entries)} tensors, {_gb(header.file_size)}"]

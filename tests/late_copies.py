@@ -6,7 +6,7 @@ import queue
 import threading
 import time
 
-from sa3loader._stream import DeviceCopies
+from sa3loader._io import DeviceCopies
 
 LATE_S = 0.002  # long enough for a reader to refill a slot, were it allowed to
 

@@ -62,12 +62,12 @@ def test_load_into_module_reports_skipped_keys(tmp_path):
 
 def test_io_read_never_maps_a_file(tmp_path, monkeypatch):
     """Where mappings are unreliable (SIGBUS on truncation, Windows commit limits)."""
-    from sa3loader import _mapped
+    from sa3loader import _io
 
     def no_mmap(*args, **kwargs):
         raise AssertionError("io='read' mapped a file")
 
-    monkeypatch.setattr(_mapped.mmap, "mmap", no_mmap)
+    monkeypatch.setattr(_io.mmap, "mmap", no_mmap)
     torch.manual_seed(0)
     ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
     for expect_hit in (False, True):

@@ -245,7 +245,7 @@ def test_factory_that_reads_parameters_falls_back_to_the_faithful_build(ckpt, tm
 def test_fingerprint_sees_a_change_in_any_tensor(tmp_path):
     """Small tensors are hashed whole; large ones at spots including their first and last byte."""
     from sa3loader._format import read_header
-    from sa3loader._identity import WHOLE_TENSOR_BYTES, fingerprint
+    from sa3loader._sibling import WHOLE_TENSOR_BYTES, fingerprint
 
     big = WHOLE_TENSOR_BYTES // 4 + 1000  # float32 elements: just over the whole-hash limit
     tensors = {"a.bias": torch.randn(7), "b.weight": torch.randn(big), "c.norm": torch.randn(300),

@@ -12,7 +12,7 @@ import torch
 from conftest import writable
 from safetensors.torch import load_file, save_file
 
-from sa3loader import TruncatedFileError, _convert
+from sa3loader import TruncatedFileError, _convert, _sibling
 from sa3loader._format import read_header
 from sa3loader._sibling import resolve_sibling
 
@@ -52,7 +52,7 @@ def test_sibling_equals_save_file_of_converted_tensors(tmp_path, chunk):
     src = tmp_path / "model.safetensors"
     save_file(tensors, str(src), metadata={"format": "pt", "note": "user"})
     header = read_header(src)
-    metadata = _convert.sibling_metadata(header, IDENTITY, "fp")
+    metadata = _sibling.sibling_metadata(header, IDENTITY, "fp")
     result = _convert.convert(header, str(tmp_path / "out.safetensors"), metadata)
 
     expected = tmp_path / "expected.safetensors"
@@ -64,7 +64,7 @@ def test_sibling_equals_save_file_of_converted_tensors(tmp_path, chunk):
     assert ours_data == ref_data
     assert result.size == os.path.getsize(tmp_path / "out.safetensors")
     assert ours_header["__metadata__"]["note"] == "user"
-    assert ours_header["__metadata__"][_convert.MARKER_KEY] == _convert.FORMAT_VERSION
+    assert ours_header["__metadata__"][_sibling.MARKER_KEY] == _sibling.FORMAT_VERSION
     f32 = [v for v in tensors.values() if v.dtype == torch.float32]
     assert result.overflow_to_inf == sum(int((v.half().isinf() & v.isfinite()).sum()) for v in f32) == 2
     assert result.flushed_to_zero == sum(int(((v.half() == 0) & (v != 0)).sum()) for v in f32) >= 1
@@ -79,7 +79,7 @@ def test_source_shrinking_during_conversion_fails_typed_and_leaves_nothing(tmp_p
     os.truncate(src, header.data_start + entry.end - 1)  # after the header was read
     with pytest.raises(TruncatedFileError, match="model.safetensors") as err:
         _convert.convert(
-            header, str(tmp_path / "out.safetensors"), _convert.sibling_metadata(header, IDENTITY, "fp")
+            header, str(tmp_path / "out.safetensors"), _sibling.sibling_metadata(header, IDENTITY, "fp")
         )
     assert isinstance(err.value, ValueError) and isinstance(err.value, EOFError)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
@@ -91,7 +91,7 @@ def test_only_float32_changes_and_fp16_is_exact_cast(tmp_path):
     save_file(tensors, str(src))
     header = read_header(src)
     out = tmp_path / "out.safetensors"
-    _convert.convert(header, str(out), _convert.sibling_metadata(header, IDENTITY, "fp"))
+    _convert.convert(header, str(out), _sibling.sibling_metadata(header, IDENTITY, "fp"))
     loaded = load_file(str(out))
     for key, value in tensors.items():
         got = loaded[key]

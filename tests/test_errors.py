@@ -16,7 +16,7 @@ from conftest import assert_same_model
 from toymodel import build, reference
 
 import sa3loader
-from sa3loader import _mapped
+from sa3loader import _io
 from sa3loader._fsutil import resolve_cache_dir
 
 
@@ -70,7 +70,7 @@ def test_a_mapping_refused_by_an_address_space_limit_names_the_file(ckpt, tmp_pa
     def no_address_space(*args, **kwargs):
         raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
 
-    monkeypatch.setattr(_mapped.mmap, "mmap", no_address_space)
+    monkeypatch.setattr(_io.mmap, "mmap", no_address_space)
     sibling = str(tmp_path / "model.fp16.safetensors")
     with pytest.raises(sa3loader.FileAccessError, match="SA3LOADER_IO=read") as err:
         load(ckpt, tmp_path / "c")

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from sa3loader import HeaderError, Sa3LoaderError, _format
 from sa3loader._format import MAX_HEADER_BYTES, layout, parse_header, read_header
-from sa3loader._mapped import TORCH_DTYPES
+from sa3loader._io import TORCH_DTYPES
 
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 

@@ -18,7 +18,7 @@ from conftest import assert_same_model
 from toymodel import build, reference
 
 import sa3loader
-from sa3loader import _convert, loader
+from sa3loader import _build, _convert
 
 
 def versions(tmp_path):
@@ -68,13 +68,13 @@ def test_a_checkpoint_republished_during_a_load_gives_the_version_opened(tmp_pat
 
 def test_load_into_module_and_load_autoencoder_read_one_file(tmp_path, monkeypatch):
     v1, v2, v1_copy = versions(tmp_path)
-    real_plan = loader.plan_keys
+    real_plan = _build.plan_keys
 
     def republish_then_plan(*args):
         republish(v2, v1)
         return real_plan(*args)
 
-    monkeypatch.setattr(loader, "plan_keys", republish_then_plan)
+    monkeypatch.setattr(_build, "plan_keys", republish_then_plan)
     torch.manual_seed(0)
     model = build()
     sa3loader.load_into_module(model, v1)

@@ -15,11 +15,9 @@ from hypothesis import strategies as st
 from late_copies import LateCopies
 from safetensors.torch import load_file, save_file
 
-from sa3loader import TruncatedFileError, _format, _stream
+from sa3loader import TruncatedFileError, _format, _io
 from sa3loader._format import read_header
-from sa3loader._mapped import TORCH_DTYPES
-from sa3loader._ranges import MAX_GAP_BYTES, plan_chunks
-from sa3loader._stream import read_into, stream_into
+from sa3loader._io import MAX_GAP_BYTES, TORCH_DTYPES, plan_chunks, read_into, stream_into
 
 
 def covered_bytes(chunks, ranges):
@@ -194,7 +192,7 @@ def test_staging_is_bounded_and_falls_back_to_pageable(tmp_path):
     for entry, dest in zip(header.entries, dests, strict=True):
         assert torch.equal(dest, tensors[entry.name])
     if not torch.cuda.is_available():
-        ring, pinned = _stream._staging(2, 16, pin=True)
+        ring, pinned = _io._staging(2, 16, pin=True)
         assert not pinned and not any(t.is_pinned() for t in ring)
 
 

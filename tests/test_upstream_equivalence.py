@@ -13,7 +13,7 @@ from conftest import assert_same_model, bits
 from late_copies import LateCopies
 
 import sa3loader
-from sa3loader._stream import RING_BYTES
+from sa3loader._io import RING_BYTES
 
 SEED = 1234
 
@@ -145,7 +145,7 @@ def test_device_streaming_path_on_the_cpu(upstream, tmp_path, half, copies, monk
     """The path every non-CPU device takes (staging ring, device casts, NaN recast), run
     on the CPU so that CI covers it: it must give upstream's model all the same. "late":
     small ring slots whose copies land later on another thread, as a GPU's do."""
-    from sa3loader import _stream, _values, loader
+    from sa3loader import _io, _values, loader
 
     monkeypatch.setattr(_values, "streams_to", lambda device: True)
     monkeypatch.setattr(loader, "streams_to", lambda device: True)
@@ -153,7 +153,7 @@ def test_device_streaming_path_on_the_cpu(upstream, tmp_path, half, copies, monk
 
         def late_ring(path, dests, offsets, *, fd):
             chunk = max(4096, sum(t.nbytes for t in dests) // 64)  # dozens of refills per slot
-            return _stream.stream_into(
+            return _io.stream_into(
                 path, dests, offsets, chunk_bytes=chunk, slots=2, copies=LateCopies(), fd=fd
             )
 

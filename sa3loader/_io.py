@@ -1,16 +1,17 @@
-"""Read byte ranges of a file in large chunks, in parallel, into tensors anywhere.
+"""Bytes into tensors: read plans, parallel reads, the pinned staging ring, mappings, dtypes.
 
-Two sinks share one plan. On the CPU, ``read_into`` scatters each chunk
-straight into the destination tensors with one ``preadv`` (no staging copy).
-For another device, ``stream_into`` reads chunks into a small ring of pinned
-host buffers and copies each piece to the device with non-blocking copies on a
-side stream, so disk or page-cache reads overlap host-to-device transfers. The
-ring is the only host memory used, whatever the model size.
+- ``plan_chunks``: which contiguous reads cover the wanted byte ranges of a file
+  (pure arithmetic; shared by the reader and the mapping's prefetch);
+- ``read_into``: parallel ``preadv`` straight into CPU tensors, no staging copy;
+- ``stream_into``: reads into a small ring of pinned host buffers, copied to
+  another device with non-blocking copies on a side stream, so disk reads
+  overlap transfers; the ring is the only host memory used, whatever the model size;
+- ``MappedFile``: tensors that are views of a private, copy-on-write mapping;
+- ``torch_dtype``: the torch dtype of each safetensors dtype.
 
-Plain reads (never mmap) also serve where a mapping is unreliable: a file
-truncated under a mapping kills the reader with SIGBUS, and Windows commits
-the whole size of a copy-on-write mapping up front.
-"""
+Plain reads (never mmap) serve wherever a mapping is unreliable: a file truncated
+under a mapping kills the reader with SIGBUS. Every reader takes the descriptor
+of a load (``fd=``) so that a load reads one file, whatever happens to its name."""
 
 from __future__ import annotations
 
@@ -26,9 +27,152 @@ from dataclasses import dataclass
 
 import torch
 
-from ._format import open_for_reading, preadv_exact
-from ._ranges import CHUNK_BYTES, MAX_GAP_BYTES, Chunk, plan_chunks
+from ._format import Header, TensorEntry, open_for_reading, preadv_exact, reading
+from .errors import FileAccessError, HeaderError, TruncatedFileError
 
+# Read plans: pure arithmetic, no I/O.
+CHUNK_BYTES = 64 * 1024 * 1024
+# Unused bytes between two wanted ranges are read through up to this size,
+# beyond it the chunk ends (so a skipped tensor is never read).
+MAX_GAP_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes ``[dest_offset, dest_offset + length)`` of destination ``index``."""
+
+    index: int
+    dest_offset: int
+    chunk_offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One contiguous read of the file and where its wanted bytes go."""
+
+    file_offset: int
+    length: int
+    pieces: tuple[Piece, ...]
+
+
+def plan_chunks(ranges: Sequence[tuple[int, int]], chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
+    """Cut ``(file_offset, nbytes)`` ranges into reads of at most ``chunk_bytes``.
+
+    Pure: no I/O. Ranges may be in any order and may cross chunk boundaries;
+    empty ranges get no piece. Gaps up to ``MAX_GAP_BYTES`` are read through.
+    """
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, not {chunk_bytes}")
+    order = sorted((off, n, i) for i, (off, n) in enumerate(ranges) if n > 0)
+    chunks: list[Chunk] = []
+    start = end = 0
+    pieces: list[Piece] = []
+
+    def close() -> None:
+        if pieces:
+            chunks.append(Chunk(start, end - start, tuple(pieces)))
+
+    for offset, nbytes, index in order:
+        done = 0
+        while done < nbytes:
+            at = offset + done
+            if not pieces or at - end > MAX_GAP_BYTES or at < end or at >= start + chunk_bytes:
+                close()
+                start, end, pieces = at, at, []
+            length = min(nbytes - done, start + chunk_bytes - at)
+            pieces.append(Piece(index, done, at - start, length))
+            end = max(end, at + length)
+            done += length
+    close()
+    return chunks
+
+
+# Mappings: tensors that are views of a private, copy-on-write mapping of a sibling.
+PAGE_BYTES = mmap.PAGESIZE
+PREFETCH_PIECE_BYTES = 64 * 1024 * 1024
+PREFETCH_THREADS = 4
+_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+    "BOOL": "bool", "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
+    "F4": "float4_e2m1fn_x2",
+}  # fmt: skip
+# Some arrived late (uint16/32/64 in torch 2.3, e8m0 and fp4 later): older releases cannot load them.
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    st: getattr(torch, name) for st, name in _DTYPE_NAMES.items() if hasattr(torch, name)
+}
+
+
+def torch_dtype(dtype: str, path: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype, or a ``HeaderError`` naming the file."""
+    try:
+        return TORCH_DTYPES[dtype]
+    except KeyError:
+        raise HeaderError(
+            f"{path}: torch {torch.__version__} has no dtype for {dtype} tensors", filename=path
+        ) from None
+
+
+class MappedFile:
+    """A safetensors file mapped copy-on-write; ``tensor()`` returns zero-copy views."""
+
+    def __init__(self, header: Header) -> None:
+        """Map ``header``'s file, through the descriptor it was parsed from when it is open."""
+        self.header = header
+        with reading(header) as fd:
+            try:
+                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)  # MAP_PRIVATE
+            except OSError as exc:  # ENOMEM under an address-space limit, say
+                raise FileAccessError(
+                    f"{header.path}: cannot map it ({exc.strerror}); SA3LOADER_IO=read reads it instead",
+                    filename=header.path,
+                    errno=exc.errno,
+                ) from exc
+        if len(self._map) != header.file_size:
+            self._map.close()
+            raise TruncatedFileError(
+                f"{header.path}: changed size while it was being opened", filename=header.path
+            )
+
+    def tensor(self, entry: TensorEntry) -> torch.Tensor:
+        dtype = torch_dtype(entry.dtype, self.header.path)
+        if entry.numel == 0:
+            return torch.empty(entry.torch_shape, dtype=dtype)
+        offset = self.header.data_start + entry.begin
+        if offset % dtype.itemsize:
+            # Files from other writers may misalign a tensor: copy it instead of viewing.
+            data = bytearray(self._map[offset : offset + entry.nbytes])
+            return torch.frombuffer(data, dtype=dtype).view(entry.torch_shape)
+        tensor = torch.frombuffer(self._map, dtype=dtype, count=entry.numel, offset=offset)
+        return tensor.view(entry.torch_shape)
+
+    def prefetch(
+        self, offsets: Sequence[int], sizes: Sequence[int], stop: threading.Event | None = None
+    ) -> None:
+        """Fault in the pages of these ranges now, 64 MB pieces on 4 threads.
+
+        Touched lazily, weights fault in model order, which jumps around the
+        file and defeats readahead. One touch per page, in file order within
+        each piece, with several pieces in flight keeps the disk's queue full
+        (figures in benchmarks/README.md). ``stop`` abandons the pieces not yet
+        started.
+        """
+        view = torch.frombuffer(self._map, dtype=torch.uint8)
+        chunks = plan_chunks(list(zip(offsets, sizes, strict=True)), PREFETCH_PIECE_BYTES)
+
+        def touch(start: int, length: int) -> None:
+            if stop is None or not stop.is_set():
+                view[start : start + length : PAGE_BYTES].sum()
+
+        with ThreadPoolExecutor(PREFETCH_THREADS) as pool:
+            for _ in pool.map(lambda c: touch(c.file_offset, c.length), chunks):
+                pass
+
+
+# Reads: chunks in parallel, straight into CPU tensors or through the staging ring to a device.
 logger = logging.getLogger(__name__)
 
 READ_THREADS = 4
