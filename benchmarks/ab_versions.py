@@ -52,9 +52,15 @@ def run(checkout: Path, bench: object, half: bool, cache: Path) -> dict:
     from hub_fixture import hf_env
 
     script = CHILD.format(
-        checkout=str(checkout), tests=str(TESTS), bench=str(HERE), env=hf_env(bench.hf_home),  # type: ignore[attr-defined]
-        config=str(bench.config), ckpt=str(bench.ckpt), half=half, cache=str(cache),  # type: ignore[attr-defined]
-    )  # fmt: skip
+        checkout=str(checkout),
+        tests=str(TESTS),
+        bench=str(HERE),
+        env=hf_env(bench.hf_home),  # type: ignore[attr-defined]
+        config=str(bench.config),
+        ckpt=str(bench.ckpt),
+        half=half,
+        cache=str(cache),  # type: ignore[attr-defined]
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:

@@ -69,11 +69,17 @@ class Model:
 
 
 MODELS = {
-    "medium": Model(SHARED / "layouts" / "sa3_medium_layout.json", "sa3_medium_model_config.json",
-                    "stabilityai/stable-audio-3-medium"),
-    "small-music": Model(SHARED / "layouts" / "sa3_small_music_layout.json",
-                         "sa3_small_music_model_config.reconstructed.json", SA3_REPO),
-}  # fmt: skip
+    "medium": Model(
+        SHARED / "layouts" / "sa3_medium_layout.json",
+        "sa3_medium_model_config.json",
+        "stabilityai/stable-audio-3-medium",
+    ),
+    "small-music": Model(
+        SHARED / "layouts" / "sa3_small_music_layout.json",
+        "sa3_small_music_model_config.reconstructed.json",
+        SA3_REPO,
+    ),
+}
 ENCODER_SIZE = "b-b"
 SAMPLE_EVERY_S = 0.002
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -268,10 +274,17 @@ def timed_load(args: argparse.Namespace, config: dict, out: dict) -> object:
         config, args.ckpt, args.device, True, cache_dir=args.cache, io=args.io
     )
     info = sa3loader.last_load_info()
-    out.update(build=info.build, fallback=info.fallback, cache_hit=info.cache_hit,
-               converted=info.converted, io=info.io, sibling=info.sibling,
-               read_s=info.timings["read_s"], bytes_read=info.bytes_read,
-               staging_bytes=info.staging_bytes)  # fmt: skip
+    out.update(
+        build=info.build,
+        fallback=info.fallback,
+        cache_hit=info.cache_hit,
+        converted=info.converted,
+        io=info.io,
+        sibling=info.sibling,
+        read_s=info.timings["read_s"],
+        bytes_read=info.bytes_read,
+        staging_bytes=info.staging_bytes,
+    )
     return model
 
 
@@ -305,8 +318,11 @@ def child(args: argparse.Namespace) -> None:
     if args.drop:  # after the imports, so the timed load starts as cold as cat does
         settle_cold([Path(p) for p in args.drop.split(",")])
     if args.child in ("h2d", "ring"):
-        result = pinned_h2d(Path(args.ckpt).stat().st_size) if args.child == "h2d" else ring_sweep(
-            args.ckpt, args.device)  # fmt: skip
+        result = (
+            pinned_h2d(Path(args.ckpt).stat().st_size)
+            if args.child == "h2d"
+            else ring_sweep(args.ckpt, args.device)
+        )
         print("RESULT " + json.dumps(result))
         return
     out: dict = {}
@@ -396,8 +412,12 @@ class Bench:
     sibling: Path | None = None
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, **hf_env(self.hf_home), "SA3LOADER_PROGRESS": "0",
-                "SA3LOADER_CACHE_DIR": str(self.cache)}  # fmt: skip
+        return {
+            **os.environ,
+            **hf_env(self.hf_home),
+            "SA3LOADER_PROGRESS": "0",
+            "SA3LOADER_CACHE_DIR": str(self.cache),
+        }
 
     def files(self) -> tuple[Path, ...]:
         return tuple(p for p in (self.ckpt, self.encoder, self.sibling) if p is not None)
@@ -410,12 +430,28 @@ def result_of(proc: subprocess.CompletedProcess, what: str) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def run_child(mode: str, bench: Bench, io: str = "mmap", drop: tuple[Path, ...] = (),
-              ckpt: Path | None = None) -> dict:  # fmt: skip
+def run_child(
+    mode: str, bench: Bench, io: str = "mmap", drop: tuple[Path, ...] = (), ckpt: Path | None = None
+) -> dict:
     args = bench.args
-    cmd = [sys.executable, __file__, "--child", mode, "--ckpt", str(ckpt or bench.ckpt),
-           "--config", str(bench.config), "--cache", str(bench.cache), "--device", args.device,
-           "--io", io, "--drop", ",".join(str(p) for p in drop)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--ckpt",
+        str(ckpt or bench.ckpt),
+        "--config",
+        str(bench.config),
+        "--cache",
+        str(bench.cache),
+        "--device",
+        args.device,
+        "--io",
+        io,
+        "--drop",
+        ",".join(str(p) for p in drop),
+    ]
     return result_of(subprocess.run(cmd, capture_output=True, text=True, env=bench.env()), mode)
 
 
@@ -432,8 +468,13 @@ def run_startup(api: str, ours: bool, bench: Bench, cold: bool) -> dict:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=bench.env())
     r = result_of(proc, f"start-up {api}")
     load = r["ready"] - r["imported"]
-    return {"total": r["ready"] - launched, "import": r["imported"] - launched, "load": load,
-            "text encoder": r["encoder_s"], "DiT": load - r["encoder_s"]}  # fmt: skip
+    return {
+        "total": r["ready"] - launched,
+        "import": r["imported"] - launched,
+        "load": load,
+        "text encoder": r["encoder_s"],
+        "DiT": load - r["encoder_s"],
+    }
 
 
 def time_cat(path: Path, cold: bool = False) -> float:
@@ -494,11 +535,14 @@ def set_up(args: argparse.Namespace, work: Path) -> Bench:
         size = write_checkpoint(model.layout, config["model"]["diffusion"]["config"]["depth"], raw)
         assert write_model(hf_home, config, raw, model.repo_id) == snapshot
         marker.write_text(json.dumps(wanted))
-        print(f"wrote {args.model} ({size / 1e9:.2f} GB fp32, scale {args.scale}) and the {ENCODER_SIZE} "
-              f"text encoder into {hf_home} in {time.perf_counter() - started:.0f}s")  # fmt: skip
+        print(
+            f"wrote {args.model} ({size / 1e9:.2f} GB fp32, scale {args.scale}) and the {ENCODER_SIZE} "
+            f"text encoder into {hf_home} in {time.perf_counter() - started:.0f}s"
+        )
     encoder = next(hf_home.glob(f"hub/*/snapshots/*/{ENCODER_SUBFOLDER}/model.safetensors"))
-    return Bench(args, hf_home, snapshot / "model.safetensors", snapshot / "model_config.json", encoder,
-                 work / "cache")  # fmt: skip
+    return Bench(
+        args, hf_home, snapshot / "model.safetensors", snapshot / "model_config.json", encoder, work / "cache"
+    )
 
 
 def median(values: list[float]) -> float:
@@ -526,8 +570,10 @@ def workdir_and_scale(args: argparse.Namespace) -> Path:
     need = lambda s: (layout_info["bytes_fp32"] + layout_info["bytes_fp16"]) * s * DISK_MARGIN  # noqa: E731
     while need(args.scale) > free and args.scale > 0.05:
         new = round(args.scale / 2, 3)
-        print(f"only {free / 1e9:.1f} GB free in {work}: scale {args.scale} needs "
-              f"{need(args.scale) / 1e9:.1f} GB; trying scale {new}")  # fmt: skip
+        print(
+            f"only {free / 1e9:.1f} GB free in {work}: scale {args.scale} needs "
+            f"{need(args.scale) / 1e9:.1f} GB; trying scale {new}"
+        )
         args.scale = new
     return work
 
@@ -581,9 +627,11 @@ def measure_startups(temp: str, bench: Bench, record: Record) -> None:
 def report(args: argparse.Namespace, bench: Bench, results: dict[str, dict[str, list]]) -> None:
     assert bench.sibling is not None
     size, sib_mb = bench.ckpt.stat().st_size, bench.sibling.stat().st_size / 1e6
-    print(f"\nmachine: {os.cpu_count()} cores; {args.model}: fp32 {size / 1e9:.2f} GB, "
-          f"sibling {sib_mb / 1e3:.2f} GB, scale {args.scale}; text encoder {ENCODER_SIZE}; "
-          f"{args.runs} runs, medians")  # fmt: skip
+    print(
+        f"\nmachine: {os.cpu_count()} cores; {args.model}: fp32 {size / 1e9:.2f} GB, "
+        f"sibling {sib_mb / 1e3:.2f} GB, scale {args.scale}; text encoder {ENCODER_SIZE}; "
+        f"{args.runs} runs, medians"
+    )
     for temp, metrics in results.items():
         print(f"\n[{temp}]")
         for name, values in metrics.items():
@@ -671,14 +719,20 @@ def markdown_tables(results: dict[str, dict[str, list]], ratios: dict[str, float
     lines = ["| load (imports excluded) | hot | cold | peak RssAnon (hot) |", "|---|---|---|---|"]
     for label, name, rss in LOAD_ROWS:
         lines.append(f"| {label} | {cell('hot', name)} | {cell('cold', name)} | {cell('hot', rss, 'MB')} |")
-    lines += ["", "| start-up, `python -c` to a model ready | hot: total = import + text encoder + DiT | "
-              "cold: total = import + text encoder + DiT |", "|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| start-up, `python -c` to a model ready | hot: total = import + text encoder + DiT | "
+        "cold: total = import + text encoder + DiT |",
+        "|---|---|---|",
+    ]
     for api in STARTUP_LOADS:
         for side in ("upstream", "sa3loader"):
             parts = []
             for temp in ("hot", "cold"):
-                m = {p: median(results[temp][f"start-up {api} {side}: {p} s"]) for p in
-                     ("total", "import", "text encoder", "DiT")}  # fmt: skip
+                m = {
+                    p: median(results[temp][f"start-up {api} {side}: {p} s"])
+                    for p in ("total", "import", "text encoder", "DiT")
+                }
                 parts.append(
                     f"{m['total']:.2f} = {m['import']:.2f} + {m['text encoder']:.2f} + {m['DiT']:.2f}"
                 )
@@ -686,8 +740,11 @@ def markdown_tables(results: dict[str, dict[str, list]], ratios: dict[str, float
     lines += ["", "| ratio (same run) | measured | goal |", "|---|---|---|"]
     for name, value in ratios.items():
         goal = GOALS.get(name) or (("<=", 1.0) if " / upstream" in name else None)
-        lines.append(f"| {name} | {value:.3g} | {goal[0].replace('<=', '≤').replace('>=', '≥')} {goal[1]:g} |"
-                     if goal else f"| {name} | {value:.3g} | |")  # fmt: skip
+        lines.append(
+            f"| {name} | {value:.3g} | {goal[0].replace('<=', '≤').replace('>=', '≥')} {goal[1]:g} |"
+            if goal
+            else f"| {name} | {value:.3g} | |"
+        )
     return "\n".join(lines)
 
 
@@ -734,29 +791,38 @@ def measure_cuda(bench: Bench) -> None:
         m.setdefault("pinned H2D GB/s", []).append(r["bytes"] / r["seconds"] / 1e9)
         print("run done: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in m.items()))
     sib_gb = sibling.stat().st_size / 1e9
-    print(f"\nmachine: {torch.cuda.get_device_name()}, {os.cpu_count()} cores, fp32 {size / 1e9:.2f} GB, "
-          f"sibling {sib_gb:.2f} GB, scale {args.scale}, {args.runs} runs, medians")  # fmt: skip
+    print(
+        f"\nmachine: {torch.cuda.get_device_name()}, {os.cpu_count()} cores, fp32 {size / 1e9:.2f} GB, "
+        f"sibling {sib_gb:.2f} GB, scale {args.scale}, {args.runs} runs, medians"
+    )
     for name, values in m.items():
         print(f"  {name:48} {median(values):10.3f}")
     med = {k: median(v) for k, v in m.items()}
-    print_ratios({
-        "transfer phase GB/s / pinned H2D GB/s": med["transfer phase GB/s"] / med["pinned H2D GB/s"],
-        "upstream to GPU / hit to GPU": med["upstream to GPU s"] / med["hit to GPU s"],
-        "load_file to GPU / hit to GPU": med["safetensors load_file(sibling, cuda) s"] / med["hit to GPU s"],
-        "staging host memory (MB)": max(m["staging host memory (MB)"]),
-    })  # fmt: skip
+    print_ratios(
+        {
+            "transfer phase GB/s / pinned H2D GB/s": med["transfer phase GB/s"] / med["pinned H2D GB/s"],
+            "upstream to GPU / hit to GPU": med["upstream to GPU s"] / med["hit to GPU s"],
+            "load_file to GPU / hit to GPU": med["safetensors load_file(sibling, cuda) s"]
+            / med["hit to GPU s"],
+            "staging host memory (MB)": max(m["staging host memory (MB)"]),
+        }
+    )
     print_ring_sweep(run_child("ring", bench, ckpt=sibling))
 
 
 def print_ring_sweep(r: dict) -> None:
-    print(f"\nstaging ring sweep (hot sibling, destinations preallocated; medians of 3); "
-          f"first 256 MB staging allocation {r['first 256 MB staging allocation s'] * 1e3:.0f} ms, "
-          f"pinned H2D {r.get('pinned H2D GB/s', float('nan')):.1f} GB/s")  # fmt: skip
+    print(
+        f"\nstaging ring sweep (hot sibling, destinations preallocated; medians of 3); "
+        f"first 256 MB staging allocation {r['first 256 MB staging allocation s'] * 1e3:.0f} ms, "
+        f"pinned H2D {r.get('pinned H2D GB/s', float('nan')):.1f} GB/s"
+    )
     best = max(r["ring"], key=lambda row: row["GB/s"])
     for row in r["ring"]:
         mark = "  <- best" if row is best else ""
-        print(f"  {row['slots']:3d} slots x {row['chunk MB']:4d} MB  {row['GB/s']:7.2f} GB/s  "
-              f"reads only {row['reads only GB/s']:7.2f} GB/s{mark}")  # fmt: skip
+        print(
+            f"  {row['slots']:3d} slots x {row['chunk MB']:4d} MB  {row['GB/s']:7.2f} GB/s  "
+            f"reads only {row['reads only GB/s']:7.2f} GB/s{mark}"
+        )
 
 
 def main() -> None:
@@ -768,13 +834,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", default=str(REPO / "bench-data"))
     parser.add_argument(
-        "--keep", action="store_true",
+        "--keep",
+        action="store_true",
         help="keep the synthetic files, and reuse them when a later run asks for the same model and scale",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cpu",
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
         help="cuda: hot loads to the GPU vs upstream, load_file and a pinned copy",
-    )  # fmt: skip
+    )
     parser.add_argument("--io", default="mmap", help=argparse.SUPPRESS)
     parser.add_argument("--drop", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)

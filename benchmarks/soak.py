@@ -109,8 +109,9 @@ class Soak:
         self.published.append((time.time(), version))
 
     def start_loader(self) -> subprocess.Popen:
-        script = LOADER.format(tests=str(TESTS), ckpt=str(self.ckpt), cache=str(self.cache),
-                               log=str(self.log), dim=self.args.dim)  # fmt: skip
+        script = LOADER.format(
+            tests=str(TESTS), ckpt=str(self.ckpt), cache=str(self.cache), log=str(self.log), dim=self.args.dim
+        )
         env = {**os.environ, "SA3LOADER_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
         return subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.DEVNULL)
 
@@ -121,8 +122,9 @@ class Soak:
         command = random.choice([["prune"], ["clear", "--yes"]])
         self.admin_proc = subprocess.Popen(
             [sys.executable, "-m", "sa3loader", "cache", *command, "--cache-dir", str(self.cache)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.counts["prunes" if command == ["prune"] else "clears"] += 1
 
     def run(self) -> None:
@@ -180,16 +182,27 @@ class Soak:
         untyped = [r for r in loads if not r["ok"] and r["error"].startswith("UNTYPED")]
         cli = [sys.executable, "-m", "sa3loader", "--cache-dir", str(self.cache)]
         subprocess.run([*cli, "cache", "prune"], capture_output=True, timeout=300)
-        debris = [str(p) for p in self.work.rglob("*")
-                  if ".incomplete-" in p.name or p.name.endswith((".lock", ".lease"))
-                  or (p.is_dir() and p.parent.name == "siblings" and not any(p.iterdir()))]  # fmt: skip
+        debris = [
+            str(p)
+            for p in self.work.rglob("*")
+            if ".incomplete-" in p.name
+            or p.name.endswith((".lock", ".lease"))
+            or (p.is_dir() and p.parent.name == "siblings" and not any(p.iterdir()))
+        ]
         verify = subprocess.run([*cli, "cache", "verify"], capture_output=True, text=True, timeout=600)
         return {
-            "minutes": self.args.minutes, "loaders": self.args.loaders, "loads": len(loads),
-            "returned": len(returned), "mixed": len(mixed), "failures": failures, "untyped": len(untyped),
-            **self.counts, "debris_after_prune": debris, "verify_rc": verify.returncode,
+            "minutes": self.args.minutes,
+            "loaders": self.args.loaders,
+            "loads": len(loads),
+            "returned": len(returned),
+            "mixed": len(mixed),
+            "failures": failures,
+            "untyped": len(untyped),
+            **self.counts,
+            "debris_after_prune": debris,
+            "verify_rc": verify.returncode,
             "examples": {"mixed": mixed[:3], "untyped": untyped[:3]},
-        }  # fmt: skip
+        }
 
 
 def main() -> int:

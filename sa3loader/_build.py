@@ -19,7 +19,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from ._values import Values
 logger = logging.getLogger(__name__)
 
 Factory = Callable[[Any], nn.Module]
+BuildKind = Literal["fast", "faithful"]
 
 
 # Key rules: which checkpoint tensor goes to which model key. Mirrors
@@ -385,7 +386,7 @@ class Built:
 
     model: nn.Module
     result: LoadResult  # what was skipped, as copy_state_dict would have
-    kind: str  # "fast" or "faithful"
+    kind: BuildKind
     fallback: str | None  # why not fast
 
 
@@ -421,5 +422,7 @@ def _warn_random_init(model: nn.Module, result: LoadResult, source: Header) -> N
         )
         logger.warning(
             "%s: %d parameters are not in the checkpoint and keep their random init (%s)",
-            source.path, len(missing), shown,
-        )  # fmt: skip
+            source.path,
+            len(missing),
+            shown,
+        )

@@ -12,6 +12,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from .errors import ConfigError
 
@@ -27,7 +28,8 @@ PROGRESS_ENV = "SA3LOADER_PROGRESS"
 XDG_CACHE_HOME_ENV = "XDG_CACHE_HOME"
 
 DEFAULT_LOCK_TIMEOUT_S = 3600.0
-IO_MODES = ("mmap", "read")
+IoMode = Literal["mmap", "read"]  # how CPU weights are read: mapped, or read into fresh memory
+IO_MODES: tuple[IoMode, ...] = ("mmap", "read")
 _TRUE = ("1", "true", "yes", "on")
 
 _warned: set[str] = set()
@@ -70,7 +72,7 @@ def verify_asked(argument: bool | None) -> bool:
     return is_true(VERIFY_ENV) if argument is None else bool(argument)
 
 
-def io_mode(argument: str | None) -> str | None:
+def io_mode(argument: str | None) -> IoMode | None:
     """The ``io`` argument, else $SA3LOADER_IO; None when neither is set. A bad value is a ``ConfigError``."""
     if argument is not None:
         chosen, where = argument, "io"
@@ -115,7 +117,7 @@ class Settings:
 
     disabled: bool  # $SA3LOADER_DISABLE: upstream's own loader
     verify: bool  # full content check of the sibling before use
-    io: str | None  # "mmap" or "read" when asked for; None: the default for the file
+    io: IoMode | None  # when asked for; None: the default for the file
     lock_timeout: float  # seconds to wait for another process's conversion
     progress: bool  # bars allowed (still only on a terminal)
     shared_cache: bool  # a group- or world-writable cache dir is trusted on purpose

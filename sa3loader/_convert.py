@@ -407,9 +407,14 @@ def compare(source: Header, sibling: Header, *, progress: bool = False) -> Compa
     with (
         reading(source) as src_fd,
         reading(sibling) as sib_fd,
-        tqdm(total=total, unit="B", unit_scale=True, desc=f"check {os.path.basename(sibling.path)}",
-             disable=not (progress and progress_enabled())) as bar,
-    ):  # fmt: skip
+        tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"check {os.path.basename(sibling.path)}",
+            disable=not (progress and progress_enabled()),
+        ) as bar,
+    ):
         for entry, expected, _ in _sibling_pieces(source, source.entries, src_fd):
             actual = read_exact(sib_fd, at[entry.name], len(expected), sibling.path)
             at[entry.name] += len(expected)

@@ -82,7 +82,7 @@ def checked(action: FileAction, comparison: _convert.Comparison) -> FileAction:
 
 def convert_file(
     src: str, out: str | None = None, *, in_place: bool = False, force: bool = False, verify: bool = False
-) -> FileAction:  # fmt: skip
+) -> FileAction:
     """Convert one checkpoint file to ``out``, or in place (the sibling a load uses: ``cli``)."""
     if out is None and not in_place:
         raise ValueError("convert_file needs out= or in_place=True")
@@ -172,9 +172,13 @@ def _publish_dir(staging: str, out_dir: str) -> None:
 
 
 def convert_tree(
-    src_dir: str, out_dir: str | None = None, *, in_place: bool = False, force: bool = False,
+    src_dir: str,
+    out_dir: str | None = None,
+    *,
+    in_place: bool = False,
+    force: bool = False,
     verify: bool = False,
-) -> list[FileAction]:  # fmt: skip
+) -> list[FileAction]:
     """Convert a checkpoint directory to ``<dir>-fp16`` (or in place, atomically per file).
 
     A new output is built in a temp dir beside it and renamed into place at the
@@ -216,8 +220,11 @@ def _convert_files(
                 actions.append(FileAction(path, dest, "skipped"))
                 continue
             if name.endswith(SAFETENSORS_SUFFIX):
-                actions.append(convert_file(path, None if in_place else dest, in_place=in_place, force=True,
-                                            verify=verify))  # fmt: skip
+                actions.append(
+                    convert_file(
+                        path, None if in_place else dest, in_place=in_place, force=True, verify=verify
+                    )
+                )
                 continue
             if in_place:
                 actions.append(FileAction(path, path, "unchanged"))

@@ -19,7 +19,6 @@ import math
 import os
 import stat
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from .errors import (
 
 HEADER_LENGTH_BYTES = 8
 # preadv takes at most this many buffers per call.
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 1024
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 # safetensors refuses headers above 100 MB; so do we, before reading them.
 MAX_HEADER_BYTES = 100_000_000
 # save_file pads the JSON header with spaces to this alignment.
@@ -47,12 +46,26 @@ METADATA_KEY = "__metadata__"
 # Bits per element of every safetensors dtype that torch can hold (F6_* has no torch dtype).
 DTYPE_BITS: dict[str, int] = {
     "F4": 4,
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
-}  # fmt: skip
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
 # torch packs F4 two to a byte (float4_e2m1fn_x2): its last dimension is half the header's.
 PACKED_PAIRS = {"F4"}
 
@@ -89,7 +102,7 @@ DTYPE_RANK: dict[str, int] = {
             "F64",
             "I64",
             "U64",
-        ]  # fmt: skip
+        ]
     )
 }
 
@@ -350,8 +363,8 @@ def preadv_exact(fd: int, views: list[memoryview], offset: int, path: str) -> No
         try:
             if hasattr(os, "preadv"):
                 got = os.preadv(fd, batch, offset)
-            else:  # Windows: no preadv, no pread
-                got = _read_at(fd, batch[0], offset)
+            else:  # Python builds for macOS before 11 have pread but not preadv
+                got = _pread_into(fd, batch[0], offset)
         except OSError as exc:
             raise FileAccessError(
                 f"{path}: read failed at byte {offset} ({exc.strerror})", filename=path, errno=exc.errno
@@ -368,17 +381,8 @@ def preadv_exact(fd: int, views: list[memoryview], offset: int, path: str) -> No
                 got = 0
 
 
-_read_lock = threading.Lock()
-
-
-def _read_at(fd: int, view: memoryview, offset: int) -> int:
-    with _read_lock:  # seek + read share the descriptor's position
-        os.lseek(fd, offset, os.SEEK_SET)
-        return os.readv(fd, [view]) if hasattr(os, "readv") else _readinto(fd, view)
-
-
-def _readinto(fd: int, view: memoryview) -> int:
-    data = os.read(fd, len(view))
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    data = os.pread(fd, len(view), offset)
     view[: len(data)] = data
     return len(data)
 

@@ -74,8 +74,10 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
     warn_once(
         "no-home",
         "no usable home directory for the sa3loader cache, and %s is not usable (%s); using %s",
-        fallback, unusable, fresh,
-    )  # fmt: skip
+        fallback,
+        unusable,
+        fresh,
+    )
     return fresh
 
 
@@ -170,9 +172,26 @@ MOUNTINFO = "/proc/self/mountinfo"
 # Filesystems reached over a network (or through FUSE, often a network client):
 # mappings there are many times slower and die with SIGBUS on a server hiccup.
 NETWORK_FILESYSTEMS = frozenset(
-    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "9p", "afs", "glusterfs", "gpfs",
-     "beegfs", "ocfs2", "gfs2", "davfs", "fuseblk", "virtiofs"}
-)  # fmt: skip
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "lustre",
+        "ceph",
+        "9p",
+        "afs",
+        "glusterfs",
+        "gpfs",
+        "beegfs",
+        "ocfs2",
+        "gfs2",
+        "davfs",
+        "fuseblk",
+        "virtiofs",
+    }
+)
 
 
 def _unescape_mount(field: str) -> str:

@@ -38,8 +38,14 @@ _BYTES_KEY_PREFIX = "\x00bytes:"
 _INT = "int"
 _NUMBER = "number"
 _OPTIONAL = "optional"
-_IDENTITY_SHAPE = {"size": _INT, "mtime_ns": _INT, "header_sha256": str, "inode": _INT, "device": _INT,
-                   "ctime_ns": _INT}  # fmt: skip
+_IDENTITY_SHAPE = {
+    "size": _INT,
+    "mtime_ns": _INT,
+    "header_sha256": str,
+    "inode": _INT,
+    "device": _INT,
+    "ctime_ns": _INT,
+}
 # What every use of a row reads; extra keys are allowed (newer writers).
 ROW_SHAPE: dict[str, Any] = {
     "schema": _INT,

@@ -331,8 +331,10 @@ class SiblingResolver:
             warn_once(
                 f"untrusted:{cache_dir}",
                 "ignoring the sa3loader cache dir %s: %s (set $%s=1 for a shared team cache)",
-                cache_dir, distrust, _config.SHARED_CACHE_ENV,
-            )  # fmt: skip
+                cache_dir,
+                distrust,
+                _config.SHARED_CACHE_ENV,
+            )
         self.cache_trusted = distrust is None
         self.index = Index(cache_dir, usable=self.cache_trusted)
         self.outcome = SiblingOutcome()
@@ -595,8 +597,12 @@ class SiblingResolver:
         out.reason = "converted"
         logger.info(
             "converted %s (%.2f GB) to %s (%.2f GB) in %.1fs",
-            self.source.path, self.source.file_size / 1e9, target, result.size / 1e9, result.seconds,
-        )  # fmt: skip
+            self.source.path,
+            self.source.file_size / 1e9,
+            target,
+            result.size / 1e9,
+            result.seconds,
+        )
         return out
 
     def _published(self, target: str, result: ConversionResult) -> Header:

@@ -23,6 +23,7 @@ from collections import defaultdict
 
 import torch
 
+from ._config import IoMode
 from ._format import Header, reading
 from ._fsutil import network_filesystem
 from ._io import MappedFile, read_into, stream_into, torch_dtype
@@ -37,10 +38,10 @@ _CPU = torch.device("cpu")
 # The mapping measured faster than plain reads both hot and cold, and costs no
 # anonymous memory (benchmarks/README.md). "read" stays for where mappings are
 # unreliable, and is what network filesystems get unless asked otherwise.
-DEFAULT_IO = "mmap"
+DEFAULT_IO: IoMode = "mmap"
 
 
-def resolve_io(chosen: str | None, path: str | None = None) -> str:
+def resolve_io(chosen: IoMode | None, path: str | None = None) -> IoMode:
     """The mode asked for (``Settings.io``), else "read" when ``path`` is on a network
     filesystem (mappings there are slow and die with SIGBUS on a server hiccup), else mmap."""
     if chosen is not None:
@@ -60,7 +61,7 @@ def streams_to(device: torch.device) -> bool:
 class Values:
     """Final tensor values for checkpoint names, following upstream's cast chain."""
 
-    def __init__(self, source: Header, sibling: Header | None, half: bool, io: str = DEFAULT_IO) -> None:
+    def __init__(self, source: Header, sibling: Header | None, half: bool, io: IoMode = DEFAULT_IO) -> None:
         self.source = source
         self.sibling = sibling
         self.half = half
@@ -73,7 +74,7 @@ class Values:
         self.staging_bytes = 0
 
     @property
-    def cpu_io(self) -> str:
+    def cpu_io(self) -> IoMode:
         """How CPU weights are read: ``io`` for the sibling; the user's checkpoint is always read."""
         return self.io if self.sibling is not None else "read"
 
@@ -121,9 +122,11 @@ class Values:
         mapped = self._mapped(header)
         offsets = [header.data_start + e.begin for e in entries]
         thread = threading.Thread(
-            target=mapped.prefetch, args=(offsets, [e.nbytes for e in entries], self._stop_early),
-            daemon=True, name="sa3loader-prefetch",
-        )  # fmt: skip
+            target=mapped.prefetch,
+            args=(offsets, [e.nbytes for e in entries], self._stop_early),
+            daemon=True,
+            name="sa3loader-prefetch",
+        )
         thread.start()
         self._early[header.path] = thread
 

@@ -82,10 +82,13 @@ def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAc
                 else outcome.stored_range or {"overflow_to_inf": 0, "flushed_to_zero": 0}
             )
             action = FileAction(
-                src, outcome.sibling.path, "converted" if converted else "unchanged",
-                report["overflow_to_inf"], report["flushed_to_zero"],
+                src,
+                outcome.sibling.path,
+                "converted" if converted else "unchanged",
+                report["overflow_to_inf"],
+                report["flushed_to_zero"],
                 replaced_damaged=outcome.replaced_damaged,
-            )  # fmt: skip
+            )
             if verify:
                 checked(action, outcome.checked or _convert.verify(header, outcome.sibling))
     return action
@@ -326,9 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="output file or directory (default: the sibling a load uses / <dir>-fp16)"
     )
     where.add_argument(
-        "--in-place", action="store_true",
+        "--in-place",
+        action="store_true",
         help="replace each file (temp file + rename): atomic per file, not for the directory as a whole",
-    )  # fmt: skip
+    )
     p.add_argument("--verify", action="store_true", help="re-read both sides: output must equal fp16(source)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_convert)
@@ -344,10 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("cache", "list, check, prune, clear or repair the cache")
     p.add_argument(
-        "cache_command", choices=["ls", "verify", "prune", "clear", "repair"], metavar="ACTION",
+        "cache_command",
+        choices=["ls", "verify", "prune", "clear", "repair"],
+        metavar="ACTION",
         help="ls: list rows; verify: full content check; prune: drop stale rows and leftovers; clear: all; "
         "repair: set a corrupt index aside and start a new one",
-    )  # fmt: skip
+    )
     p.add_argument("--dry-run", action="store_true", help="prune, clear: only list what would go")
     p.add_argument("--yes", action="store_true", help="clear: do not ask on a terminal")
     p.set_defaults(func=cmd_cache)

@@ -15,13 +15,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from . import _config, _upstream
-from ._build import Built, Factory, LoadResult, build, load_faithful, log_skipped, not_deferred
+from ._build import BuildKind, Built, Factory, LoadResult, build, load_faithful, log_skipped, not_deferred
+from ._config import IoMode
 from ._format import Header, check_unchanged, open_header
 from ._fsutil import resolve_cache_dir
 from ._sibling import SiblingOutcome, resolve_sibling
@@ -40,8 +41,8 @@ class LoadInfo:
     model_half: bool = False
     cache_hit: bool = False
     converted: bool = False
-    build: str = ""  # "fast", "faithful" or "upstream" (SA3LOADER_DISABLE)
-    io: str = ""  # "mmap" or "read" on the CPU; "stream" straight to another device
+    build: BuildKind | Literal["upstream", ""] = ""  # "upstream": SA3LOADER_DISABLE; "": not built yet
+    io: IoMode | Literal["stream", ""] = ""  # "stream": straight to another device
     bytes_read: int = 0  # weight bytes placed as read from a file, with no cast
     staging_bytes: int = 0  # host buffers (pinned when possible) used to stream to a device
     reason: str = ""
@@ -118,8 +119,9 @@ def _record_sibling(info: LoadInfo, outcome: SiblingOutcome, source: Header) -> 
         if info.overflow_to_inf:
             logger.warning(
                 "%s: %d finite values overflow fp16 and became inf (model.to(torch.float16) does the same)",
-                source.path, info.overflow_to_inf,
-            )  # fmt: skip
+                source.path,
+                info.overflow_to_inf,
+            )
 
 
 def load_diffusion_cond(

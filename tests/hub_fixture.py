@@ -28,11 +28,25 @@ ENCODER_SUBFOLDER = "t5gemma-b-b-ul2"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 # The released b-b encoder; "small" keeps the width the conditioner hard-codes (768).
 ENCODER_SIZES = {
-    "b-b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
-                head_dim=64, intermediate_size=2048, vocab_size=256000),
-    "small": dict(hidden_size=768, num_hidden_layers=2, num_attention_heads=12, num_key_value_heads=12,
-                  head_dim=64, intermediate_size=256, vocab_size=512),
-}  # fmt: skip
+    "b-b": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        head_dim=64,
+        intermediate_size=2048,
+        vocab_size=256000,
+    ),
+    "small": dict(
+        hidden_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        head_dim=64,
+        intermediate_size=256,
+        vocab_size=512,
+    ),
+}
 WORDS = "the a an of and drum bass piano guitar synth ambient loud soft fast slow warm bright".split()
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 PROMPTS = ["warm ambient piano", "a loud fast drum and bass loop with bright synth"]
@@ -40,20 +54,31 @@ PROMPTS = ["warm ambient piano", "a loud fast drum and bass loop with bright syn
 
 def hf_env(hf_home: Path) -> dict[str, str]:
     """Environment for a process that must resolve everything from ``hf_home``, offline."""
-    return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    return {
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
 
 
 def with_t5gemma_prompt(config: dict, max_length: int = 256) -> dict:
     """``config`` with the released ``t5gemma`` prompt conditioner added (same repo and subfolder)."""
     config = copy.deepcopy(config)
     model = config["model"]
-    model["conditioning"]["configs"].insert(0, {
-        "id": "prompt",
-        "type": "t5gemma",
-        "config": {"max_length": max_length, "padding_mode": "learned",
-                   "repo_id": SA3_REPO, "subfolder": ENCODER_SUBFOLDER},
-    })  # fmt: skip
+    model["conditioning"]["configs"].insert(
+        0,
+        {
+            "id": "prompt",
+            "type": "t5gemma",
+            "config": {
+                "max_length": max_length,
+                "padding_mode": "learned",
+                "repo_id": SA3_REPO,
+                "subfolder": ENCODER_SUBFOLDER,
+            },
+        },
+    )
     ids = model["diffusion"]["cross_attention_cond_ids"]
     if "prompt" not in ids:
         ids.insert(0, "prompt")
@@ -65,9 +90,14 @@ def t5gemma_config(size: str):
 
     module = ENCODER_SIZES[size]
     return T5GemmaConfig(
-        encoder=T5GemmaModuleConfig(**module), decoder=T5GemmaModuleConfig(**module),
-        vocab_size=module["vocab_size"], pad_token_id=0, eos_token_id=1, bos_token_id=2, dtype="bfloat16",
-    )  # fmt: skip
+        encoder=T5GemmaModuleConfig(**module),
+        decoder=T5GemmaModuleConfig(**module),
+        vocab_size=module["vocab_size"],
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        dtype="bfloat16",
+    )
 
 
 def encoder_weights(size: str, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from hub_fixture import (  # noqa: E402
     with_t5gemma_prompt,
     write_encoder,
     write_model,
-)  # fmt: skip
+)
 from upstream_env import find_upstream, import_upstream  # noqa: E402
 
 SEED = 4321
@@ -41,8 +41,14 @@ def digest(t: torch.Tensor) -> str:
 
 
 def describe_tensor(t: torch.Tensor, *, values: bool = True) -> dict:
-    out = {"type": type(t).__name__, "dtype": str(t.dtype), "device": str(t.device),
-           "shape": list(t.shape), "requires_grad": t.requires_grad, "meta": t.is_meta}  # fmt: skip
+    out = {
+        "type": type(t).__name__,
+        "dtype": str(t.dtype),
+        "device": str(t.device),
+        "shape": list(t.shape),
+        "requires_grad": t.requires_grad,
+        "meta": t.is_meta,
+    }
     if values:
         out["sha256"] = digest(t)
     return out
@@ -53,10 +59,12 @@ def describe(model: nn.Module, *, plain_attr_values: bool = False) -> dict:
     out: dict = {"modules": {}, "tensors": {}, "outside": {}}
     for name, module in model.named_modules():
         out["modules"][name] = {
-            "type": type(module).__name__, "training": module.training,
-            "parameters": list(module._parameters), "buffers": list(module._buffers),
+            "type": type(module).__name__,
+            "training": module.training,
+            "parameters": list(module._parameters),
+            "buffers": list(module._buffers),
             "non_persistent": sorted(module._non_persistent_buffers_set),
-        }  # fmt: skip
+        }
         for attr, value in sorted(vars(module).items()):
             if isinstance(value, torch.Tensor):
                 described = describe_tensor(value, values=plain_attr_values)
@@ -88,13 +96,16 @@ def count_encoder_loads() -> list[int]:
 
 def prompt_outputs(model: nn.Module) -> dict:
     conditioner = model.conditioner.conditioners["prompt"]
-    encoded = conditioner.tokenizer(PROMPTS, truncation=True, max_length=conditioner.max_length,
-                                    padding="max_length", return_tensors="pt")  # fmt: skip
+    encoded = conditioner.tokenizer(
+        PROMPTS, truncation=True, max_length=conditioner.max_length, padding="max_length", return_tensors="pt"
+    )
     embeddings, mask = conditioner(PROMPTS, "cpu")
     return {
-        "input_ids": encoded["input_ids"].tolist(), "attention_mask": encoded["attention_mask"].tolist(),
-        "embeddings": describe_tensor(embeddings), "mask": describe_tensor(mask),
-    }  # fmt: skip
+        "input_ids": encoded["input_ids"].tolist(),
+        "attention_mask": encoded["attention_mask"].tolist(),
+        "embeddings": describe_tensor(embeddings),
+        "mask": describe_tensor(mask),
+    }
 
 
 def load(loader: str, half: bool, cache: str) -> dict:
@@ -122,9 +133,14 @@ def load(loader: str, half: bool, cache: str) -> dict:
     out: dict = {"encoder_loads": calls[0], "model": describe(model), "prompt": prompt_outputs(model)}
     if loader.startswith("sa3loader"):
         info = sa3loader.last_load_info()
-        out["info"] = {"build": info.build, "fallback": info.fallback, "cache_hit": info.cache_hit,
-                       "converted": info.converted, "model_half": info.model_half,
-                       "bytes_read": info.bytes_read}  # fmt: skip
+        out["info"] = {
+            "build": info.build,
+            "fallback": info.fallback,
+            "cache_hit": info.cache_hit,
+            "converted": info.converted,
+            "model_half": info.model_half,
+            "bytes_read": info.bytes_read,
+        }
     return out
 
 

@@ -123,8 +123,9 @@ def test_encoder_loaded_inside_the_factory_keeps_the_fast_build(tmp_path, style)
     calls = []
     factory = lambda cfg: calls.append(cfg) or build(cfg)  # noqa: E731
     torch.manual_seed(0)
-    model = sa3loader.load_diffusion_cond(config, ckpt, "cpu", True, cache_dir=tmp_path / "c",
-                                          model_factory=factory)  # fmt: skip
+    model = sa3loader.load_diffusion_cond(
+        config, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory
+    )
     assert (sa3loader.last_load_info().build, sa3loader.last_load_info().fallback) == ("fast", None)
     assert len(calls) == 1
     encoder = model.conditioner.encoder

@@ -55,15 +55,23 @@ def hub_checkpoint(root: Path) -> Path:
 
 def as_service(root: Path, ckpt: Path, cache: Path) -> subprocess.CompletedProcess:
     env = {
-        "PATH": os.environ["PATH"], "HOME": "/nonexistent", "PYTHONPATH": str(HERE),
-        "SA3LOADER_CACHE_DIR": str(cache), "SA3LOADER_PROGRESS": "0", "CHILD_LOG_LEVEL": "INFO",
-    }  # fmt: skip
+        "PATH": os.environ["PATH"],
+        "HOME": "/nonexistent",
+        "PYTHONPATH": str(HERE),
+        "SA3LOADER_CACHE_DIR": str(cache),
+        "SA3LOADER_PROGRESS": "0",
+        "CHILD_LOG_LEVEL": "INFO",
+    }
     command = [sys.executable, str(HERE / "child.py"), "load", str(ckpt), str(cache)]
     uid = str(SERVICE_UID)
     return subprocess.run(
         ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *command],
-        capture_output=True, text=True, env=env, cwd=root, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=120,
+    )
 
 
 def test_a_baked_cache_serves_another_user_read_only_and_quietly(image_root, capsys):

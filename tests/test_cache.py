@@ -248,8 +248,13 @@ def test_fingerprint_sees_a_change_in_any_tensor(tmp_path):
     from sa3loader._sibling import WHOLE_TENSOR_BYTES, fingerprint
 
     big = WHOLE_TENSOR_BYTES // 4 + 1000  # float32 elements: just over the whole-hash limit
-    tensors = {"a.bias": torch.randn(7), "b.weight": torch.randn(big), "c.norm": torch.randn(300),
-               "d.empty": torch.empty(0), "e.weight": torch.randn(WHOLE_TENSOR_BYTES // 4)}  # fmt: skip
+    tensors = {
+        "a.bias": torch.randn(7),
+        "b.weight": torch.randn(big),
+        "c.norm": torch.randn(300),
+        "d.empty": torch.empty(0),
+        "e.weight": torch.randn(WHOLE_TENSOR_BYTES // 4),
+    }
     path = save(tensors, tmp_path / "model.safetensors")
     header = read_header(path)
     original = fingerprint(header)
@@ -284,10 +289,11 @@ def test_copied_source_differing_in_one_small_tensor_is_reconverted(tmp_path, co
     span, window = header.file_size - 65536, 65536
     windows = [(span * i // 63, span * i // 63 + window) for i in range(64)]
     hidden = next(
-        e for e in header.entries
-        if e.nbytes >= 4 and not any(a < header.data_start + e.end and header.data_start + e.begin < b
-                                     for a, b in windows)
-    )  # fmt: skip
+        e
+        for e in header.entries
+        if e.nbytes >= 4
+        and not any(a < header.data_start + e.end and header.data_start + e.begin < b for a, b in windows)
+    )
     factory = lambda cfg: build(config)  # noqa: E731
     load_half = lambda: sa3loader.load_diffusion_cond(  # noqa: E731
         {}, ckpt, "cpu", True, cache_dir=tmp_path / "cache", model_factory=factory
@@ -337,8 +343,9 @@ def test_a_rewrite_of_the_checkpoint_never_changes_a_loaded_model(tmp_path, how)
         sa3loader.load_into_module(model, ckpt)
     else:
         for _ in range(2):  # conversion, then the hit
-            model = sa3loader.load_diffusion_cond({}, ckpt, "cpu", half, cache_dir=tmp_path / "c",
-                                                  model_factory=factory)  # fmt: skip
+            model = sa3loader.load_diffusion_cond(
+                {}, ckpt, "cpu", half, cache_dir=tmp_path / "c", model_factory=factory
+            )
     expected = {k: v.half() if half else v for k, v in safetensors_load(ckpt.read_bytes()).items()}
     assert str(ckpt) not in mapped_files()
     with open(ckpt, "r+b") as f:  # what training jobs and `cp new old` do
@@ -426,8 +433,9 @@ def test_model_and_model_safetensors_keep_their_own_siblings(tmp_path, conversio
             assert_same_model(load(path, tmp_path / "cache"), reference(path))
     assert len(conversions) == 2
     assert sorted(p.name for p in tmp_path.glob("*fp16*") if not p.name.endswith(".lock")) == [
-        "model-fp16.safetensors", "model.fp16.safetensors"
-    ]  # fmt: skip
+        "model-fp16.safetensors",
+        "model.fp16.safetensors",
+    ]
 
 
 def test_a_sibling_header_over_the_limit_loads_fp32_and_leaves_nothing(ckpt, tmp_path, monkeypatch, caplog):
@@ -491,9 +499,15 @@ def test_prune_and_clear_sweep_leftovers_but_not_a_running_conversion(tmp_path, 
     assert sa3loader.last_load_info().build == "fast"
 
 
-@pytest.mark.parametrize(("fstype", "io", "expected"), [
-    ("nfs4", None, "read"), ("fuse.sshfs", None, "read"), ("cifs", "mmap", "mmap"), ("ext4", None, "mmap"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("fstype", "io", "expected"),
+    [
+        ("nfs4", None, "read"),
+        ("fuse.sshfs", None, "read"),
+        ("cifs", "mmap", "mmap"),
+        ("ext4", None, "mmap"),
+    ],
+)
 def test_network_filesystems_are_read_not_mapped(ckpt, tmp_path, monkeypatch, fstype, io, expected):
     """mmap on NFS/SMB/FUSE is slow and dies with SIGBUS on a server hiccup: read there, unless asked."""
     from sa3loader import _fsutil

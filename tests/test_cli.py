@@ -40,8 +40,10 @@ def run(*args: str, cache: Path, check_rc: int | None = 0) -> subprocess.Complet
 def run_process(*args: str, cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "sa3loader", "--cache-dir", str(cache), *args],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -69,8 +71,13 @@ def test_convert_directory_copy(ckpt_dir, tmp_path):
     assert "max abs diff of fp16(source) vs output = 0.0" in proc.stdout
     out = tmp_path / "sa3-fp16"
     got = files(out)
-    assert set(got) == {"model.safetensors", "model_config.json", "README.md",
-                        "t5gemma-b-b-ul2/model.safetensors", "t5gemma-b-b-ul2/tokenizer.json"}  # fmt: skip
+    assert set(got) == {
+        "model.safetensors",
+        "model_config.json",
+        "README.md",
+        "t5gemma-b-b-ul2/model.safetensors",
+        "t5gemma-b-b-ul2/tokenizer.json",
+    }
     for name in (
         "model_config.json",
         "README.md",
@@ -287,8 +294,11 @@ def test_clear_and_prune_list_every_file_with_its_size(tmp_path, monkeypatch):
     dry = run("cache", "clear", "--dry-run", cache=cache)
     assert dry.stdout == listing + f"would clear 1 row(s) from {cache}\n" and sibling.exists()
     listed = json.loads(run("cache", "clear", "--dry-run", "--json", cache=cache).stdout)
-    assert [(r["kind"], r["bytes"]) for r in listed["removed"]] == [("sibling", size), ("temp file", 10),
-                                                                    ("lock file", 0)]  # fmt: skip
+    assert [(r["kind"], r["bytes"]) for r in listed["removed"]] == [
+        ("sibling", size),
+        ("temp file", 10),
+        ("lock file", 0),
+    ]
     monkeypatch.setattr(cli, "_interactive", lambda: True)
     monkeypatch.setattr("builtins.input", lambda prompt: "n")
     assert "nothing deleted" in run("cache", "clear", cache=cache).stdout and sibling.exists()

@@ -113,10 +113,12 @@ def test_a_lock_timeout_that_is_not_a_number_of_seconds_warns_and_uses_the_defau
 
 @pytest.mark.parametrize(
     ("value", "problem"),
-    [("$SA3_UNSET_FOR_TEST/x", "$SA3_UNSET_FOR_TEST is not set"),
-     ("~no-such-user-here/x", "~no-such-user-here is not a user"),
-     ("relative/dir", "it is a relative path")],
-)  # fmt: skip
+    [
+        ("$SA3_UNSET_FOR_TEST/x", "$SA3_UNSET_FOR_TEST is not set"),
+        ("~no-such-user-here/x", "~no-such-user-here is not a user"),
+        ("relative/dir", "it is a relative path"),
+    ],
+)
 def test_a_cache_dir_variable_that_is_no_path_warns_and_is_ignored(
     tmp_path, monkeypatch, caplog, value, problem
 ):

@@ -48,12 +48,22 @@ def reference_digest(path: Path, dim: int = 32) -> str:
 
 def child(*args: str, dim: int = 32, extra_env: dict | None = None, **kwargs) -> subprocess.Popen:
     # One thread each: eight processes on two cores otherwise spin in OpenMP barriers.
-    env = {**os.environ, "TOY_DIM": str(dim), "PYTHONPATH": str(HERE), "SA3LOADER_PROGRESS": "0",
-           "OMP_NUM_THREADS": "1", **(extra_env or {})}  # fmt: skip
+    env = {
+        **os.environ,
+        "TOY_DIM": str(dim),
+        "PYTHONPATH": str(HERE),
+        "SA3LOADER_PROGRESS": "0",
+        "OMP_NUM_THREADS": "1",
+        **(extra_env or {}),
+    }
     return subprocess.Popen(
-        [sys.executable, str(HERE / "child.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=env, **kwargs,
-    )  # fmt: skip
+        [sys.executable, str(HERE / "child.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
 
 
 def load_at_once(ckpt: Path, caches: list[Path], env: dict[str, str]) -> list[dict]:

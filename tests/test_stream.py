@@ -143,7 +143,7 @@ def test_short_reads_are_completed(tmp_path, monkeypatch):
 
 
 def test_without_preadv_uses_positioned_reads(tmp_path, monkeypatch):
-    """Windows has no preadv: the fallback must give the same bytes, from several threads."""
+    """Older macOS Python builds have no preadv: the pread fallback gives the same bytes, on threads."""
     path = mixed_file(tmp_path)
     monkeypatch.delattr(os, "preadv")
     assert_same_tensors(load_with(read_into, path, chunk_bytes=50, threads=4), load_file(str(path)))

@@ -49,8 +49,11 @@ def load_in_a_child(ckpt: Path, cache: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(HERE), "SA3LOADER_PROGRESS": "0"}
     proc = subprocess.run(
         [sys.executable, str(HERE / "child.py"), "load", str(ckpt), str(cache)],
-        capture_output=True, text=True, env=env, timeout=LOAD_TIMEOUT_S,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=LOAD_TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr
     return {"stderr": proc.stderr, "stdout": proc.stdout}
 

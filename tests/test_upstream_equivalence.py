@@ -29,9 +29,14 @@ def upstream_model(upstream, config, path, half, device="cpu"):
 def ours(upstream, config, path, half, cache_dir, device="cpu", io=None):
     torch.manual_seed(SEED)
     return sa3loader.load_diffusion_cond(
-        config, path, device, half, cache_dir=cache_dir, io=io,
+        config,
+        path,
+        device,
+        half,
+        cache_dir=cache_dir,
+        io=io,
         model_factory=upstream.factory.create_diffusion_cond_from_config,
-    )  # fmt: skip
+    )
 
 
 def tricky_checkpoint(upstream, tmp_path: Path, *, complete: bool) -> Path:
@@ -123,8 +128,14 @@ def test_cuda_without_cuda_raises_like_upstream_before_converting(upstream, tmp_
         upstream.loading_utils.load_diffusion_cond(upstream.tiny_config, str(path), "cuda", True)
     with pytest.raises(type(theirs.value)):
         ours_cuda = sa3loader.load_diffusion_cond
-        ours_cuda(upstream.tiny_config, path, "cuda", True, cache_dir=tmp_path / "cache",
-                  model_factory=upstream.factory.create_diffusion_cond_from_config)  # fmt: skip
+        ours_cuda(
+            upstream.tiny_config,
+            path,
+            "cuda",
+            True,
+            cache_dir=tmp_path / "cache",
+            model_factory=upstream.factory.create_diffusion_cond_from_config,
+        )
     assert not any("fp16" in p.name for p in tmp_path.iterdir())
     assert not os.path.exists(tmp_path / "cache")
 
@@ -181,9 +192,13 @@ def test_a_short_generation_gives_upstreams_audio(upstream, tmp_path, half):
     def audio(model) -> torch.Tensor:
         sampler = StableAudioModel(model, upstream.tiny_config, "cpu", half)
         return sampler.generate(
-            conditioning=[{"seconds_total": 1.0}], duration=1.0, steps=2, seed=123,
-            sample_size=upstream.tiny_config["sample_rate"], duration_padding_sec=0.0,
-        )  # fmt: skip
+            conditioning=[{"seconds_total": 1.0}],
+            duration=1.0,
+            steps=2,
+            seed=123,
+            sample_size=upstream.tiny_config["sample_rate"],
+            duration_padding_sec=0.0,
+        )
 
     expected = audio(upstream_model(upstream, upstream.tiny_config, path, half))
     assert expected.numel() > 0 and bool(expected.isfinite().all()) and bool(expected.abs().max() > 0)

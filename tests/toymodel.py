@@ -112,6 +112,7 @@ def reference(path, half: bool = True, config: dict | None = None) -> nn.Module:
 def build(config: dict | None = None) -> ToyDiT:
     config = config or {}
     return ToyDiT(
-        dim=config.get("dim", 32), depth=config.get("depth", 2),
+        dim=config.get("dim", 32),
+        depth=config.get("depth", 2),
         encoder_style=config.get("encoder_style", "load_state_dict"),
-    )  # fmt: skip
+    )

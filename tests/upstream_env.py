@@ -68,9 +68,18 @@ def install_t5gemma_standin(factory: types.ModuleType) -> None:
     class T5GemmaStandIn(Conditioner):
         """Offline stand-in: the real conditioner's state-dict share, no encoder."""
 
-        def __init__(self, output_dim, model_name="google/t5gemma-b-b-ul2", max_length=128,
-                     enable_grad=False, project_out=False, padding_mode="zero", model_path=None,
-                     repo_id=None, subfolder=None):  # fmt: skip
+        def __init__(
+            self,
+            output_dim,
+            model_name="google/t5gemma-b-b-ul2",
+            max_length=128,
+            enable_grad=False,
+            project_out=False,
+            padding_mode="zero",
+            model_path=None,
+            repo_id=None,
+            subfolder=None,
+        ):
             super().__init__(T5GEMMA_DIM, output_dim, project_out=project_out, padding_mode=padding_mode)
             self.max_length = max_length
             self.enable_grad = enable_grad
