@@ -31,7 +31,7 @@ import json, sys, time
 sys.path[:0] = [{checkout!r}, {tests!r}, {bench!r}]
 import os
 os.environ.update({env!r})
-from upstream_env import find_upstream, import_upstream
+from support.upstream_env import find_upstream, import_upstream
 import_upstream(find_upstream())
 import stable_audio_3.loading_utils, transformers, torch
 import sa3loader
@@ -49,7 +49,7 @@ print("RESULT " + json.dumps({{"load_s": loaded, "touch_s": touched, "cache_hit"
 
 
 def run(checkout: Path, bench: object, half: bool, cache: Path) -> dict:
-    from hub_fixture import hf_env
+    from support.hub_fixture import hf_env
 
     script = CHILD.format(
         checkout=str(checkout),

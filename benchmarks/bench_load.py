@@ -55,8 +55,9 @@ REPO = HERE.parent
 TESTS = REPO / "tests"
 sys.path.insert(0, str(TESTS))
 
-from hub_fixture import SA3_REPO, hf_env  # noqa: E402
-from upstream_env import find_upstream  # noqa: E402
+from support.hub_fixture import SA3_REPO, hf_env  # noqa: E402
+from support.memory import rss_anon  # noqa: E402
+from support.upstream_env import find_upstream  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 
@@ -107,14 +108,6 @@ GOALS = {
 
 
 # ---------------------------------------------------------------- child side
-def rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 class PeakSampler:
     def __init__(self) -> None:
         self.base = rss_anon()
@@ -301,7 +294,7 @@ def touch_every_page(model) -> float:
 
 def child(args: argparse.Namespace) -> None:
     import torch
-    from upstream_env import import_upstream
+    from support.upstream_env import import_upstream
 
     import_upstream(find_upstream())
     import stable_audio_3.loading_utils  # noqa: F401
@@ -344,7 +337,7 @@ def child(args: argparse.Namespace) -> None:
 STARTUP_SCRIPT = """
 import time, sys, json
 sys.path[:0] = [{tests!r}, {bench!r}]
-from upstream_env import find_upstream, import_upstream
+from support.upstream_env import find_upstream, import_upstream
 import_upstream(find_upstream())
 import torch, stable_audio_3.model, stable_audio_3.loading_utils
 from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel
@@ -518,7 +511,7 @@ def write_checkpoint(layout_path: Path, depth: int, path: Path) -> int:
 
 def set_up(args: argparse.Namespace, work: Path) -> Bench:
     """The offline hub: the b-b encoder in the small-music repo, the model in its own repo."""
-    from hub_fixture import ENCODER_SUBFOLDER, REVISION, write_encoder, write_model
+    from support.hub_fixture import ENCODER_SUBFOLDER, REVISION, write_encoder, write_model
 
     model = MODELS[args.model]
     hf_home = work / "hf"

@@ -101,8 +101,8 @@ class Walk:
 def main() -> int:
     sys.path.insert(0, str(TESTS))
     import torch
-    from checkpoints import random_like_state, save
-    from toymodel import build
+    from support.checkpoints import random_like_state, save
+    from support.toymodel import build
 
     import sa3loader
 

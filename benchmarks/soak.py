@@ -41,8 +41,8 @@ import json, os, random, sys, time, traceback
 sys.path.insert(0, {tests!r})
 import torch
 import sa3loader
-from child import digest
-from toymodel import build
+from support.child import digest
+from support.toymodel import build
 ckpt, cache, log, dim = {ckpt!r}, {cache!r}, {log!r}, {dim}
 rng = random.Random(os.getpid())
 with open(log, "a", buffering=1) as out:
@@ -66,16 +66,16 @@ with open(log, "a", buffering=1) as out:
 
 def reference_digests(path: Path, dim: int) -> dict[bool, str]:
     """The digest of upstream's recipe for this file, for each ``model_half``."""
-    from child import digest
-    from toymodel import reference
+    from support.child import digest
+    from support.toymodel import reference
 
     return {half: digest(reference(path, half=half, config={"dim": dim})) for half in (False, True)}
 
 
 def write_version(work: Path, index: int, dim: int) -> Path:
     import torch
-    from checkpoints import random_like_state, save
-    from toymodel import build
+    from support.checkpoints import random_like_state, save
+    from support.toymodel import build
 
     torch.manual_seed(0)
     return save(random_like_state(build({"dim": dim}), seed=1000 + index), work / f"v{index}.safetensors")

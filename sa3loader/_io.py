@@ -177,13 +177,18 @@ class MappedFile:
         view = torch.frombuffer(self._map, dtype=torch.uint8)
         chunks = plan_chunks(list(zip(offsets, sizes, strict=True)), PREFETCH_PIECE_BYTES)
 
-        def touch(start: int, length: int) -> None:
+        def piece(chunk: Chunk) -> None:
             if stop is None or not stop.is_set():
-                view[start : start + length : PAGE_BYTES].sum()
+                touch_pages(view, chunk.file_offset, chunk.length)
 
         with ThreadPoolExecutor(PREFETCH_THREADS) as pool:
-            for _ in pool.map(lambda c: touch(c.file_offset, c.length), chunks):
+            for _ in pool.map(piece, chunks):
                 pass
+
+
+def touch_pages(view: torch.Tensor, start: int, length: int) -> None:
+    """Read one byte of every page of ``view[start:start + length]``, faulting the pages in."""
+    view[start : start + length : PAGE_BYTES].sum()
 
 
 # Reads: chunks in parallel, straight into CPU tensors or through the staging ring to a device.

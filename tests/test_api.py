@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-from checkpoints import random_like_state, save
-from conftest import assert_same_model, bits
 from safetensors.torch import load_file
-from toymodel import build, reference
+from support.checkpoints import random_like_state, save
+from support.compare import assert_same_model, bits
+from support.toymodel import build, reference
 
 import sa3loader
 
@@ -115,7 +115,7 @@ def test_nan_tensors_are_cast_again_from_the_source(tmp_path):
 @pytest.mark.parametrize("style", ["load_state_dict", "assign", "from_pretrained"])
 def test_encoder_loaded_inside_the_factory_keeps_the_fast_build(tmp_path, style):
     """What a nested loader registers carries loaded values: never deferred, loaded once."""
-    from toymodel import OutsideEncoder
+    from support.toymodel import OutsideEncoder
 
     config = {"encoder_style": style}
     torch.manual_seed(0)
@@ -150,20 +150,41 @@ def test_a_load_called_from_a_from_pretrained_still_defers(tmp_path):
     assert (info.build, info.bytes_read) == ("fast", placed)
 
 
-def test_a_failing_factory_stops_the_early_prefetch(tmp_path):
-    """The sibling is faulted in while the factory runs; a factory error stops it and propagates."""
+def test_a_failing_factory_stops_the_early_prefetch(tmp_path, monkeypatch):
+    """The sibling is faulted in while the factory runs; a factory error stops it where it is
+    (the pieces not yet started are never touched) and propagates."""
     import threading
+    import time
+
+    from sa3loader import _io
 
     torch.manual_seed(0)
-    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
-    sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
+    ckpt = save(random_like_state(build({"dim": 256}), seed=1), tmp_path / "model.safetensors")
+    sa3loader.load_diffusion_cond(
+        {"dim": 256}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build
+    )
+    touched = []
+    started = threading.Event()
+
+    def slow_touch(view, start, length):  # a cold disk: every piece takes a while
+        touched.append(start)
+        started.set()
+        time.sleep(0.05)
+
+    monkeypatch.setattr(_io, "PREFETCH_PIECE_BYTES", 16 * 1024)
+    monkeypatch.setattr(_io, "touch_pages", slow_touch)
 
     def broken(config):
+        assert started.wait(10)  # the prefetch is under way
         raise RuntimeError("factory broke")
 
     with pytest.raises(RuntimeError, match="factory broke"):
-        sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=broken)
+        sa3loader.load_diffusion_cond(
+            {"dim": 256}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=broken
+        )
     assert not [t for t in threading.enumerate() if t.name == "sa3loader-prefetch"]
+    pieces = (tmp_path / "model.fp16.safetensors").stat().st_size // (16 * 1024)
+    assert 0 < len(touched) < pieces // 2, (len(touched), pieces)
 
 
 def test_range_report_warns_only_about_overflow(tmp_path, caplog):
@@ -246,12 +267,3 @@ def test_other_formats_are_named_before_any_header_arithmetic(tmp_path, kind):
         sa3loader.load_into_module(torch.nn.Linear(2, 2), path)
     assert {"zip": "zip archive", "pickle": "pickle", "text": "text"}[kind] in str(err.value)
     assert "claims" not in str(err.value)
-
-
-def test_cli_names_its_arguments_for_people(capsys):
-    from sa3loader import cli
-
-    assert cli.main(["cache"]) == 2
-    err = capsys.readouterr().err
-    assert "ACTION" in err and "cache_command" not in err
-    assert "XDG_CACHE_HOME" in cli.build_parser().format_help()

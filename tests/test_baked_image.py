@@ -10,18 +10,17 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import random_like_state, save
-from toymodel import build
+from support.checkpoints import random_like_state, save
+from support.processes import TESTS, child_command
+from support.toymodel import build
 
 from sa3loader import cli
 
-HERE = Path(__file__).resolve().parent
 SERVICE_UID = 65534  # nobody
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
@@ -57,12 +56,12 @@ def as_service(root: Path, ckpt: Path, cache: Path) -> subprocess.CompletedProce
     env = {
         "PATH": os.environ["PATH"],
         "HOME": "/nonexistent",
-        "PYTHONPATH": str(HERE),
+        "PYTHONPATH": str(TESTS),
         "SA3LOADER_CACHE_DIR": str(cache),
         "SA3LOADER_PROGRESS": "0",
         "CHILD_LOG_LEVEL": "INFO",
     }
-    command = [sys.executable, str(HERE / "child.py"), "load", str(ckpt), str(cache)]
+    command = child_command("load", str(ckpt), str(cache))
     uid = str(SERVICE_UID)
     return subprocess.run(
         ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *command],

@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 import torch
-from checkpoints import random_like_state, save
-from conftest import assert_same_model, bits, writable
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
-from toymodel import build, reference
+from support.checkpoints import random_like_state, save
+from support.compare import assert_same_model, bits, writable
+from support.loads import load_toy
+from support.toymodel import build, reference
 
 import sa3loader
 from sa3loader import _convert
@@ -39,25 +40,18 @@ def ckpt(tmp_path):
     return save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
 
 
-def load(path, cache_dir, half=True, **kwargs):
-    torch.manual_seed(0)
-    return sa3loader.load_diffusion_cond(
-        {}, path, "cpu", half, cache_dir=cache_dir, model_factory=build, **kwargs
-    )
-
-
 @pytest.mark.parametrize("half", [True, False])
 def test_toy_model_matches_plain_torch_recipe(ckpt, tmp_path, half):
-    model = load(ckpt, tmp_path / "cache", half)
+    model = load_toy(ckpt, tmp_path / "cache", half)
     assert sa3loader.last_load_info().build == "fast"
     assert_same_model(model, reference(ckpt, half))
     assert model.blocks[0].rope.scale.dtype == (torch.float16 if half else torch.float32)  # non-persistent
 
 
 def test_first_load_converts_second_does_not(ckpt, tmp_path, conversions):
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     assert len(conversions) == 1 and sa3loader.last_load_info().converted
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     assert len(conversions) == 1 and sa3loader.last_load_info().cache_hit
     rows = Index(str(tmp_path / "cache")).items()
     assert [key for key, _ in rows] == [os.path.realpath(ckpt)]
@@ -68,7 +62,7 @@ def test_first_load_converts_second_does_not(ckpt, tmp_path, conversions):
 
 
 def test_fp32_load_never_creates_a_sibling(ckpt, tmp_path, conversions):
-    load(ckpt, tmp_path / "cache", half=False)
+    load_toy(ckpt, tmp_path / "cache", half=False)
     assert conversions == []
     assert not (tmp_path / "model.fp16.safetensors").exists()
 
@@ -86,16 +80,16 @@ def rewrite_same_size(path, seed, keep_mtime):
 
 @pytest.mark.parametrize("keep_mtime", [False, True], ids=["new-mtime", "mtime-restored"])
 def test_source_rewritten_in_place_is_reconverted(ckpt, tmp_path, conversions, keep_mtime):
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     rewrite_same_size(ckpt, seed=99, keep_mtime=keep_mtime)
-    model = load(ckpt, tmp_path / "cache")
+    model = load_toy(ckpt, tmp_path / "cache")
     assert len(conversions) == 2
     assert_same_model(model, reference(ckpt))
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "flip-header", "other-checkpoint"])
 def test_damaged_sibling_is_reconverted(ckpt, tmp_path, conversions, damage):
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     sibling = tmp_path / "model.fp16.safetensors"
     if damage == "delete":
         sibling.unlink()
@@ -110,22 +104,22 @@ def test_damaged_sibling_is_reconverted(ckpt, tmp_path, conversions, damage):
         other.parent.mkdir()
         torch.manual_seed(0)
         save(random_like_state(build(), seed=5), other)
-        load(other, tmp_path / "cache")
+        load_toy(other, tmp_path / "cache")
         shutil.copyfile(other.parent / "model.fp16.safetensors", writable(sibling))
-    model = load(ckpt, tmp_path / "cache")
+    model = load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().converted
     assert_same_model(model, reference(ckpt))
 
 
 def test_copied_source_is_revalidated_not_reconverted(ckpt, tmp_path, conversions):
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     st = os.stat(ckpt)
     copy = tmp_path / "copy.tmp"
     shutil.copyfile(ckpt, copy)
     os.replace(copy, ckpt)  # new inode and ctime, same bytes
     os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert os.stat(ckpt).st_ino != st.st_ino
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     info = sa3loader.last_load_info()
     assert len(conversions) == 1 and info.cache_hit and "revalidated" in info.events
     row = Index(str(tmp_path / "cache")).get(os.path.realpath(ckpt))
@@ -133,16 +127,16 @@ def test_copied_source_is_revalidated_not_reconverted(ckpt, tmp_path, conversion
 
 
 def test_lost_index_adopts_the_sibling(ckpt, tmp_path, conversions):
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     shutil.rmtree(tmp_path / "cache")
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     assert len(conversions) == 1 and "adopted" in sa3loader.last_load_info().events
 
 
 def test_two_cache_dirs_keep_their_own_rows(ckpt, tmp_path, conversions):
-    load(ckpt, tmp_path / "a")
+    load_toy(ckpt, tmp_path / "a")
     assert Index(str(tmp_path / "b")).items() == []
-    load(ckpt, tmp_path / "b")  # adopts the shared sibling beside the source, writes its own row
+    load_toy(ckpt, tmp_path / "b")  # adopts the shared sibling beside the source, writes its own row
     assert len(conversions) == 1
     assert len(Index(str(tmp_path / "a")).items()) == 1 and len(Index(str(tmp_path / "b")).items()) == 1
 
@@ -154,7 +148,7 @@ def test_read_only_source_dir_puts_sibling_in_each_cache(ckpt, tmp_path, convers
     real = _sibling.dir_writable
     monkeypatch.setattr(_sibling, "dir_writable", lambda d: d != str(tmp_path) and real(d))
     for name in ("a", "b"):
-        model = load(ckpt, tmp_path / name)
+        model = load_toy(ckpt, tmp_path / name)
         assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / name))
         assert_same_model(model, reference(ckpt))
     assert len(conversions) == 2
@@ -164,12 +158,12 @@ def test_read_only_source_dir_puts_sibling_in_each_cache(ckpt, tmp_path, convers
 def test_foreign_fp16_file_is_never_touched(ckpt, tmp_path, conversions):
     foreign = tmp_path / "model.fp16.safetensors"
     foreign.write_bytes(b"diffusers-style fp16 weights, not ours")
-    model = load(ckpt, tmp_path / "cache")
+    model = load_toy(ckpt, tmp_path / "cache")
     assert foreign.read_bytes() == b"diffusers-style fp16 weights, not ours"
     info = sa3loader.last_load_info()
     assert info.converted and info.sibling.startswith(str(tmp_path / "cache"))
     assert_same_model(model, reference(ckpt))
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     assert len(conversions) == 1
 
 
@@ -188,20 +182,20 @@ def hub_snapshot(tmp_path, ckpt, revision):
 def test_hub_cache_sibling_goes_to_cache_and_follows_the_blob(ckpt, tmp_path, conversions):
     first = hub_snapshot(tmp_path, ckpt, "rev1")
     second = hub_snapshot(tmp_path, ckpt, "rev2")
-    model = load(first, tmp_path / "cache")
+    model = load_toy(first, tmp_path / "cache")
     info = sa3loader.last_load_info()
     assert info.converted and info.sibling.startswith(str(tmp_path / "cache"))
     assert not any("fp16" in p.name for p in (tmp_path / "hub").rglob("*"))
     assert_same_model(model, reference(ckpt))
-    load(second, tmp_path / "cache")
+    load_toy(second, tmp_path / "cache")
     assert len(conversions) == 1 and sa3loader.last_load_info().sibling == info.sibling
 
 
 def test_mutating_a_loaded_parameter_leaves_the_sibling_unchanged(ckpt, tmp_path):
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     sibling = tmp_path / "model.fp16.safetensors"
     before = sibling.read_bytes()
-    model = load(ckpt, tmp_path / "cache")
+    model = load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().cache_hit
     with torch.no_grad():
         for p in model.parameters():
@@ -211,14 +205,14 @@ def test_mutating_a_loaded_parameter_leaves_the_sibling_unchanged(ckpt, tmp_path
 
 @pytest.mark.parametrize("asked", ["argument", "environment"])
 def test_verify_catches_a_flipped_data_byte(ckpt, tmp_path, conversions, monkeypatch, asked):
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     sibling = tmp_path / "model.fp16.safetensors"
     raw = bytearray(sibling.read_bytes())
     raw[-5] ^= 0xFF
     writable(sibling).write_bytes(bytes(raw))
     if asked == "environment":
         monkeypatch.setenv("SA3LOADER_VERIFY", "1")
-    model = load(ckpt, tmp_path / "cache", **({"verify": True} if asked == "argument" else {}))
+    model = load_toy(ckpt, tmp_path / "cache", **({"verify": True} if asked == "argument" else {}))
     assert len(conversions) == 2 and sa3loader.last_load_info().converted
     assert_same_model(model, reference(ckpt))
 
@@ -359,8 +353,8 @@ def test_a_rewrite_of_the_checkpoint_never_changes_a_loaded_model(tmp_path, how)
 @needs_proc_maps
 def test_a_hit_maps_only_its_own_read_only_sibling(ckpt, tmp_path):
     os.chmod(ckpt, 0o640)
-    load(ckpt, tmp_path / "cache")
-    model = load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
+    model = load_toy(ckpt, tmp_path / "cache")
     sibling = tmp_path / "model.fp16.safetensors"
     assert sa3loader.last_load_info().io == "mmap"
     assert str(sibling) in mapped_files() and str(ckpt) not in mapped_files()
@@ -383,7 +377,7 @@ def test_cache_commands_during_a_load_never_break_it(ckpt, tmp_path, command, io
     from sa3loader import _cache_admin
 
     cache = tmp_path / "cache"
-    load(ckpt, cache)
+    load_toy(ckpt, cache)
     sibling = tmp_path / "model.fp16.safetensors"
 
     def factory_that_races(config):
@@ -412,14 +406,14 @@ def test_prune_keeps_a_sibling_that_a_repointed_symlink_reuses(tmp_path):
     link = tmp_path / "model.safetensors"
     link.symlink_to(a.name)
     cache = tmp_path / "cache"
-    load(link, cache)
+    load_toy(link, cache)
     link.unlink()
     link.symlink_to(b.name)  # the same sibling name now belongs to b
-    load(link, cache)
+    load_toy(link, cache)
     sibling = tmp_path / "model.fp16.safetensors"
     pruned = _cache_admin.prune(str(cache)).rows
     assert [e.status for e in pruned] == ["stale"] and sibling.exists()
-    model = load(link, cache)
+    model = load_toy(link, cache)
     assert sa3loader.last_load_info().cache_hit
     assert_same_model(model, reference(b))
 
@@ -430,7 +424,7 @@ def test_model_and_model_safetensors_keep_their_own_siblings(tmp_path, conversio
     suffixed = save(random_like_state(build(), seed=4), tmp_path / "model.safetensors")
     for _ in range(2):
         for path in (plain, suffixed):
-            assert_same_model(load(path, tmp_path / "cache"), reference(path))
+            assert_same_model(load_toy(path, tmp_path / "cache"), reference(path))
     assert len(conversions) == 2
     assert sorted(p.name for p in tmp_path.glob("*fp16*") if not p.name.endswith(".lock")) == [
         "model-fp16.safetensors",
@@ -444,7 +438,7 @@ def test_a_sibling_header_over_the_limit_loads_fp32_and_leaves_nothing(ckpt, tmp
     monkeypatch.setattr(_convert, "MAX_HEADER_BYTES", source_header + 16)  # the source fits, ours not
     before = set(tmp_path.rglob("*"))
     for _ in range(2):
-        model = load(ckpt, tmp_path / "cache")
+        model = load_toy(ckpt, tmp_path / "cache")
         info = sa3loader.last_load_info()
         assert info.sibling is None and not info.converted and "limit" in info.reason
         assert_same_model(model, reference(ckpt))
@@ -469,8 +463,8 @@ def test_prune_and_clear_sweep_leftovers_but_not_a_running_conversion(tmp_path, 
     hub.parent.mkdir(parents=True)
     save(random_like_state(build(), seed=4), hub)
     cache = tmp_path / "cache"
-    load(beside, cache)
-    load(hub, cache)
+    load_toy(beside, cache)
+    load_toy(hub, cache)
     killed = tmp_path / "model.fp16.safetensors.incomplete-999-deadbeef"
     killed.write_bytes(b"half a sibling")
     stray_dir = cache / "siblings" / "0123456789abcdef"
@@ -495,7 +489,7 @@ def test_prune_and_clear_sweep_leftovers_but_not_a_running_conversion(tmp_path, 
     assert running.exists()  # its lock is held: never touched
     assert not list(tmp_path.glob("*.lock"))
     assert (tmp_path / "model.fp16.safetensors").exists() == (command == "prune")
-    load(beside, cache)  # and loading still works
+    load_toy(beside, cache)  # and loading still works
     assert sa3loader.last_load_info().build == "fast"
 
 
@@ -521,14 +515,14 @@ def test_network_filesystems_are_read_not_mapped(ckpt, tmp_path, monkeypatch, fs
     monkeypatch.setattr(_fsutil, "MOUNTINFO", str(mountinfo))
     assert _fsutil.network_filesystem(str(ckpt)) == (None if fstype == "ext4" else fstype)
     for _ in range(2):  # conversion, then the hit
-        model = load(ckpt, tmp_path / "cache", io=io)
+        model = load_toy(ckpt, tmp_path / "cache", io=io)
     assert sa3loader.last_load_info().cache_hit and sa3loader.last_load_info().io == expected
     assert (str(tmp_path / "model.fp16.safetensors") in mapped_files()) == (expected == "mmap")
     assert_same_model(model, reference(ckpt))
 
 
 def test_the_cache_dir_carries_a_cachedir_tag(ckpt, tmp_path):
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     tag = (tmp_path / "cache" / "CACHEDIR.TAG").read_text()
     assert tag.startswith("Signature: 8a477f597d28d172789f06886806bc55\n")
 

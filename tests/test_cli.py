@@ -3,47 +3,19 @@ plus subprocess runs of ``python -m sa3loader`` where logging set-up matters."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import writable
 from safetensors.torch import load_file, save_file
+from support.cli import run, run_process
+from support.compare import writable
 
 from sa3loader import cli
 from sa3loader._format import read_header
-
-
-def run(*args: str, cache: Path, check_rc: int | None = 0) -> subprocess.CompletedProcess:
-    """``sa3loader --cache-dir CACHE ARGS`` in this process, output captured as a subprocess's would be."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = cli.main(["--cache-dir", str(cache), *args])
-        except SystemExit as exc:  # argparse: --help, bad usage
-            rc = int(exc.code or 0)
-        except Exception:  # --debug lets errors through, with their traceback
-            traceback.print_exc()
-            rc = 1
-    proc = subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
-    if check_rc is not None:
-        assert proc.returncode == check_rc, proc.stderr + proc.stdout
-    return proc
-
-
-def run_process(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sa3loader", "--cache-dir", str(cache), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture
@@ -308,3 +280,10 @@ def test_clear_and_prune_list_every_file_with_its_size(tmp_path, monkeypatch):
         f"removed 3 file(s), {(size + 10) / 1e3:.1f} kB in all\ncleared 1 row(s) from {cache}\n"
     )
     assert not sibling.exists() and not list(tmp_path.glob("*.incomplete-*"))
+
+
+def test_cli_names_its_arguments_for_people(capsys):
+    assert cli.main(["cache"]) == 2
+    err = capsys.readouterr().err
+    assert "ACTION" in err and "cache_command" not in err
+    assert "XDG_CACHE_HOME" in cli.build_parser().format_help()

@@ -18,9 +18,9 @@ import sqlite3
 
 import pytest
 import torch
-from conftest import writable
 from safetensors.torch import save_file
-from test_cli import run
+from support.cli import run
+from support.compare import writable
 
 from sa3loader import __version__, cli
 from sa3loader._format import read_header

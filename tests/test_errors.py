@@ -11,9 +11,10 @@ import sys
 
 import pytest
 import torch
-from checkpoints import random_like_state, save
-from conftest import assert_same_model
-from toymodel import build, reference
+from support.checkpoints import random_like_state, save
+from support.compare import assert_same_model
+from support.loads import load_toy
+from support.toymodel import build, reference
 
 import sa3loader
 from sa3loader import _io
@@ -26,19 +27,12 @@ def ckpt(tmp_path):
     return save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
 
 
-def load(path, cache, **kwargs):
-    torch.manual_seed(0)
-    return sa3loader.load_diffusion_cond(
-        {}, path, "cpu", True, cache_dir=cache, model_factory=build, **kwargs
-    )
-
-
 @pytest.mark.parametrize("how", ["argument", "environment"])
 def test_a_bad_io_value_is_a_config_error(ckpt, tmp_path, monkeypatch, how):
     if how == "environment":
         monkeypatch.setenv("SA3LOADER_IO", "fast")
     with pytest.raises(sa3loader.Sa3LoaderError, match="io must be one of mmap, read, not 'fast'") as err:
-        load(ckpt, tmp_path / "c", **({"io": "fast"} if how == "argument" else {}))
+        load_toy(ckpt, tmp_path / "c", **({"io": "fast"} if how == "argument" else {}))
     assert type(err.value).__name__ == "ConfigError" and isinstance(err.value, ValueError)
     assert err.value.filename is None
 
@@ -58,14 +52,14 @@ def test_too_many_open_files_after_the_first_open_still_loads(ckpt, tmp_path, mo
 
     monkeypatch.setattr(os, "open", open_once)
     with caplog.at_level(logging.WARNING, logger="sa3loader"):
-        model = load(ckpt, tmp_path / "c")
+        model = load_toy(ckpt, tmp_path / "c")
     monkeypatch.setattr(os, "open", real_open)
     assert_same_model(model, reference(ckpt))
     assert "Too many open files" in sa3loader.last_load_info().reason
 
 
 def test_a_mapping_refused_by_an_address_space_limit_names_the_file(ckpt, tmp_path, monkeypatch):
-    load(ckpt, tmp_path / "c")
+    load_toy(ckpt, tmp_path / "c")
 
     def no_address_space(*args, **kwargs):
         raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
@@ -73,7 +67,7 @@ def test_a_mapping_refused_by_an_address_space_limit_names_the_file(ckpt, tmp_pa
     monkeypatch.setattr(_io.mmap, "mmap", no_address_space)
     sibling = str(tmp_path / "model.fp16.safetensors")
     with pytest.raises(sa3loader.FileAccessError, match="SA3LOADER_IO=read") as err:
-        load(ckpt, tmp_path / "c")
+        load_toy(ckpt, tmp_path / "c")
     assert (err.value.errno, err.value.filename) == (errno.ENOMEM, sibling) and sibling in str(err.value)
 
 

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import random_like_state, save
-from conftest import assert_same_model, bits
 from safetensors.torch import load_file
-from toymodel import ToyDiT, build
+from support.checkpoints import random_like_state, save
+from support.compare import assert_same_model, bits
+from support.processes import child_env
+from support.toymodel import ToyDiT, build
 
 import sa3loader
-
-HERE = Path(__file__).resolve().parent
 
 
 class DerivedInADict(ToyDiT):
@@ -80,10 +78,9 @@ def test_a_failing_factory_runs_once_and_its_error_passes_through(tmp_path):
 
 
 NESTED = """
-import sys, torch
-sys.path.insert(0, {here!r})
+import torch
 import sa3loader
-from toymodel import build
+from support.toymodel import build
 
 def teacher_reading_parameters(config):  # its own fast build is refused: faithful, nested
     model = build(config)
@@ -111,9 +108,9 @@ def test_loads_nest_inside_a_factory(tmp_path):
     torch.manual_seed(0)
     teacher = save(random_like_state(build(), seed=4), tmp_path / "teacher.safetensors")
     student = save(random_like_state(build(), seed=3), tmp_path / "student.safetensors")
-    script = NESTED.format(
-        here=str(HERE), teacher=str(teacher), student=str(student), cache=str(tmp_path / "c")
+    script = NESTED.format(teacher=str(teacher), student=str(student), cache=str(tmp_path / "c"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=child_env()
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["fast", "False", "False", "torch.float16"]

@@ -13,13 +13,14 @@ import time
 
 import pytest
 import torch
-from checkpoints import random_like_state, save
-from conftest import assert_same_model, writable
 from safetensors.torch import load_file, save_file
-from toymodel import build, reference
+from support.checkpoints import random_like_state, save
+from support.compare import assert_same_model, writable
+from support.loads import load_toy, make_ckpt
+from support.toymodel import build, reference
 
 import sa3loader
-from sa3loader import _convert
+from sa3loader import _convert, _sibling
 from sa3loader._format import read_header
 from sa3loader._index import Index
 
@@ -35,11 +36,6 @@ def conversions(monkeypatch):
 
     monkeypatch.setattr(_convert, "convert", spy)
     return calls
-
-
-def load(path, cache):
-    torch.manual_seed(0)
-    return sa3loader.load_diffusion_cond({}, path, "cpu", True, cache_dir=cache, model_factory=build)
 
 
 def write_version(path, seed: int, mtime_ns: int | None = None):
@@ -61,7 +57,7 @@ def test_a_row_an_older_version_revalidated_is_checked_again(tmp_path, conversio
     vouching for the old sibling: the current one recomputes before trusting it."""
     ckpt = write_version(tmp_path / "model.safetensors", seed=3)
     cache = tmp_path / "cache"
-    load(ckpt, cache)
+    load_toy(ckpt, cache)
     mtime = os.stat(ckpt).st_mtime_ns
     write_version(ckpt, seed=4, mtime_ns=mtime)  # same size, header and mtime: only content moved
     index = Index(str(cache))
@@ -72,7 +68,7 @@ def test_a_row_an_older_version_revalidated_is_checked_again(tmp_path, conversio
     row["checked_ns"] = time.time_ns() + 10**12
     index.put(key, row)
     index.close()
-    model = load(ckpt, cache)
+    model = load_toy(ckpt, cache)
     assert len(conversions) == 2 and sa3loader.last_load_info().converted
     assert_same_model(model, reference(ckpt))
 
@@ -130,34 +126,32 @@ def test_a_rewrite_in_the_same_second_as_the_conversion_is_seen(tmp_path, conver
     now = time.time_ns()
     ckpt = write_version(tmp_path / "model.safetensors", seed=3, mtime_ns=now)
     cache = tmp_path / "cache"
-    load(ckpt, cache)
+    load_toy(ckpt, cache)
     write_version(ckpt, seed=4, mtime_ns=now)
-    model = load(ckpt, cache)
+    model = load_toy(ckpt, cache)
     assert len(conversions) == 2
     assert_same_model(model, reference(ckpt))
 
 
 def test_a_racy_row_is_checked_again_once_then_trusted(tmp_path, monkeypatch):
     """The re-check is paid while a row is racy, not forever: it is rewritten as checked now."""
-    from sa3loader import _sibling
-
     fingerprints = []
     real = _sibling.fingerprint
     monkeypatch.setattr(_sibling, "fingerprint", lambda h: fingerprints.append(h.path) or real(h))
     ckpt = write_version(tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10 * 10**9)
     cache = tmp_path / "cache"
-    load(ckpt, cache)
+    load_toy(ckpt, cache)
     fingerprints.clear()
-    load(ckpt, cache)
+    load_toy(ckpt, cache)
     assert fingerprints == []  # checked long after the mtime: not racy, the row vouches
     index = Index(str(cache))
     ((key, row),) = index.items()
     row["checked_ns"] = row["source"]["mtime_ns"] + 1  # as if checked in the mtime's own tick
     index.put(key, row)
     index.close()
-    load(ckpt, cache)
+    load_toy(ckpt, cache)
     assert fingerprints == [str(ckpt)] and "revalidated" in sa3loader.last_load_info().events
-    load(ckpt, cache)
+    load_toy(ckpt, cache)
     assert fingerprints == [str(ckpt)] and sa3loader.last_load_info().cache_hit
 
 
@@ -175,13 +169,25 @@ def test_two_versions_sharing_a_checkpoint_dir_convert_once_each(tmp_path, conve
     """Another version's sibling beside the source is neither trusted (its fingerprint cannot
     be compared) nor overwritten (no ping-pong): this version keeps its own in its cache dir."""
     ckpt = write_version(tmp_path / "model.safetensors", seed=3)
-    load(ckpt, tmp_path / "their-cache")
+    load_toy(ckpt, tmp_path / "their-cache")
     beside = tmp_path / "model.fp16.safetensors"
     with_fingerprint(beside, f"{other}:" + "ab" * 32)
     theirs = beside.read_bytes()
     for _ in range(2):
-        model = load(ckpt, tmp_path / "my-cache")
+        model = load_toy(ckpt, tmp_path / "my-cache")
     assert len(conversions) == 2 and sa3loader.last_load_info().cache_hit
     assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / "my-cache"))
     assert beside.read_bytes() == theirs
     assert_same_model(model, reference(ckpt))
+
+
+def test_hard_identity_change_rejects_even_when_samples_match(tmp_path, monkeypatch):
+    """A size/mtime change the sampled fingerprint misses still means reconvert."""
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    load_toy(ckpt, tmp_path / "cache")
+    claimed = read_header(ckpt.with_name("model.fp16.safetensors")).metadata["sa3loader.source_fingerprint"]
+    monkeypatch.setattr(_sibling, "fingerprint", lambda header: claimed)
+    st = os.stat(ckpt)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from checkpoints import random_like_state, save
-from conftest import assert_same_model
+from support.checkpoints import random_like_state, save
+from support.compare import assert_same_model
 
 import sa3loader
 

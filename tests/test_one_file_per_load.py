@@ -13,9 +13,10 @@ import shutil
 
 import pytest
 import torch
-from checkpoints import random_like_state, save
-from conftest import assert_same_model
-from toymodel import build, reference
+from support.checkpoints import random_like_state, save
+from support.compare import assert_same_model
+from support.loads import load_toy
+from support.toymodel import build, reference
 
 import sa3loader
 from sa3loader import _build, _convert
@@ -38,17 +39,12 @@ def republish(new, path) -> None:
     os.replace(staged, path)
 
 
-def load(path, cache, half, factory=build):
-    torch.manual_seed(0)
-    return sa3loader.load_diffusion_cond({}, path, "cpu", half, cache_dir=cache, model_factory=factory)
-
-
 @pytest.mark.parametrize("when", ["fp32", "first-load", "hit"])
 def test_a_checkpoint_republished_during_a_load_gives_the_version_opened(tmp_path, when):
     v1, v2, v1_copy = versions(tmp_path)
     half = when != "fp32"
     if when == "hit":
-        load(v1, tmp_path / "cache", half)
+        load_toy(v1, tmp_path / "cache", half)
 
     def republishing_factory(config):
         republish(v2, v1)
@@ -57,12 +53,12 @@ def test_a_checkpoint_republished_during_a_load_gives_the_version_opened(tmp_pat
     if when == "first-load":  # between the sibling's conversion and the buffers read from the source
         _convert.phase_hook = lambda name: republish(v2, v1) if name == "index" else None
         try:
-            model = load(v1, tmp_path / "cache", half)
+            model = load_toy(v1, tmp_path / "cache", half)
         finally:
             _convert.phase_hook = None
         assert sa3loader.last_load_info().converted
     else:
-        model = load(v1, tmp_path / "cache", half, republishing_factory)
+        model = load_toy(v1, tmp_path / "cache", half, factory=republishing_factory)
     assert_same_model(model, reference(v1_copy, half))
 
 
@@ -96,7 +92,7 @@ def test_a_checkpoint_rewritten_in_place_during_a_load_is_a_typed_error(tmp_path
     same_layout = save(random_like_state(build(), seed=4), tmp_path / "same-layout.safetensors")
     assert os.path.getsize(same_layout) == os.path.getsize(ckpt)
     if half:
-        load(ckpt, tmp_path / "cache", half)
+        load_toy(ckpt, tmp_path / "cache", half)
 
     def rewriting_factory(config):
         with open(ckpt, "r+b") as f:
@@ -104,5 +100,5 @@ def test_a_checkpoint_rewritten_in_place_during_a_load_is_a_typed_error(tmp_path
         return build(config)
 
     with pytest.raises(sa3loader.CheckpointChangedError, match="rewritten while it was being read") as err:
-        load(ckpt, tmp_path / "cache", half, rewriting_factory)
+        load_toy(ckpt, tmp_path / "cache", half, factory=rewriting_factory)
     assert isinstance(err.value, OSError) and err.value.filename == str(ckpt)

@@ -1,7 +1,7 @@
 """The released pipeline, real parts: upstream's ``t5gemma`` conditioner loads a T5Gemma
 encoder with transformers, from an offline hub cache, inside the factory.
 
-Every load runs in a fresh process (``real_pipeline_child.py``), as a user's would,
+Every load runs in a fresh process (``support/real_pipeline_child.py``), as a user's would,
 and is described by the SHA-256 of every tensor's bytes, flags, the encoder kept
 outside the module tree, the tokenizer's output and the prompt embeddings. Ours must
 equal upstream's, take the fast build, and load the text encoder exactly once.
@@ -19,15 +19,16 @@ import pytest
 
 pytest.importorskip("transformers", reason="the real T5Gemma conditioner needs transformers (test extras)")
 
-from hub_fixture import hf_env  # noqa: E402
+from support.hub_fixture import hf_env  # noqa: E402
+from support.processes import TESTS  # noqa: E402
 
-CHILD = Path(__file__).resolve().parent / "real_pipeline_child.py"
 pytestmark = pytest.mark.slow
 
 
 def run_child(hf_home: Path, *args: str) -> dict:
-    env = {**os.environ, **hf_env(hf_home), "SA3LOADER_PROGRESS": "0"}
-    proc = subprocess.run([sys.executable, str(CHILD), *args], capture_output=True, text=True, env=env)
+    env = {**os.environ, **hf_env(hf_home), "SA3LOADER_PROGRESS": "0", "PYTHONPATH": str(TESTS)}
+    command = [sys.executable, "-m", "support.real_pipeline_child", *args]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and (lines or args[0] == "setup"), proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT ") :]) if lines else {}

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bits
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from late_copies import LateCopies
 from safetensors.torch import load_file, save_file
+from support.compare import bits
+from support.late_copies import LateCopies
 
 from sa3loader import TruncatedFileError, _format, _io
 from sa3loader._format import read_header

@@ -10,52 +10,29 @@ from __future__ import annotations
 
 import fcntl
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import random_like_state, save
-from conftest import assert_same_model, writable
-from toymodel import build, reference
+from support.checkpoints import random_like_state, save
+from support.compare import assert_same_model, writable
+from support.loads import load_toy
+from support.processes import load_in_a_child
+from support.toymodel import build, reference
 
 import sa3loader
 from sa3loader._format import read_header
 
-HERE = Path(__file__).resolve().parent
 NEIGHBOUR = 65534  # another user (nobody); files are given to them with chown, which needs root
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="making files owned by another user needs root (CI runs as root)"
 )
-LOAD_TIMEOUT_S = 60
 
 
 def checkpoint(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     return save(random_like_state(build(), seed=3), directory / "model.safetensors")
-
-
-def load(path, cache, **kwargs):
-    torch.manual_seed(0)
-    return sa3loader.load_diffusion_cond(
-        {}, path, "cpu", True, cache_dir=cache, model_factory=build, **kwargs
-    )
-
-
-def load_in_a_child(ckpt: Path, cache: Path) -> dict:
-    """A load in a fresh process, so that a load that hangs fails the test instead of the suite."""
-    env = {**os.environ, "PYTHONPATH": str(HERE), "SA3LOADER_PROGRESS": "0"}
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "child.py"), "load", str(ckpt), str(cache)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=LOAD_TIMEOUT_S,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return {"stderr": proc.stderr, "stdout": proc.stdout}
 
 
 @needs_root
@@ -66,7 +43,7 @@ def test_a_neighbours_sibling_in_a_shared_dir_is_never_adopted(tmp_path):
     shared.mkdir()
     shared.chmod(0o1777)
     ckpt = checkpoint(shared)
-    load(ckpt, tmp_path / "neighbour-cache")  # the neighbour's genuine sibling, beside the source
+    load_toy(ckpt, tmp_path / "neighbour-cache")  # the neighbour's genuine sibling, beside the source
     planted = writable(shared / "model.fp16.safetensors")
     header = read_header(planted)
     with open(planted, "r+b") as f:  # then the swap: one data byte
@@ -75,7 +52,7 @@ def test_a_neighbours_sibling_in_a_shared_dir_is_never_adopted(tmp_path):
     os.chown(planted, NEIGHBOUR, NEIGHBOUR)
     planted_bytes = planted.read_bytes()
 
-    model = load(ckpt, tmp_path / "my-cache")
+    model = load_toy(ckpt, tmp_path / "my-cache")
     info = sa3loader.last_load_info()
     assert info.converted and info.sibling.startswith(str(tmp_path / "my-cache"))
     assert f"untrusted sibling {planted}" in info.events
@@ -88,11 +65,11 @@ def test_a_sibling_of_the_sources_owner_in_their_own_dir_is_used(tmp_path):
     """The source's owner controls the source too: their sibling, in a dir only they can write, is fine."""
     theirs = tmp_path / "theirs"
     ckpt = checkpoint(theirs)
-    load(ckpt, tmp_path / "their-cache")
+    load_toy(ckpt, tmp_path / "their-cache")
     for path in (theirs, ckpt, theirs / "model.fp16.safetensors"):
         os.chown(path, NEIGHBOUR, NEIGHBOUR)
     theirs.chmod(0o755)
-    load(ckpt, tmp_path / "my-cache")
+    load_toy(ckpt, tmp_path / "my-cache")
     info = sa3loader.last_load_info()
     assert info.cache_hit and info.sibling == str(theirs / "model.fp16.safetensors")
 
@@ -112,7 +89,7 @@ def test_a_symlink_at_the_lock_name_is_never_followed(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (tmp_path / "ckpt" / "model.fp16.safetensors.lock").symlink_to(elsewhere / "created-through-the-link")
-    model = load(ckpt, tmp_path / "cache")
+    model = load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / "cache"))
     assert list(elsewhere.iterdir()) == []
     assert_same_model(model, reference(ckpt))
@@ -130,7 +107,7 @@ def test_a_lock_held_by_another_user_never_makes_a_load_wait(tmp_path, monkeypat
     os.chown(lock, NEIGHBOUR, NEIGHBOUR)
     with open(lock, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        model = load(ckpt, tmp_path / "cache")
+        model = load_toy(ckpt, tmp_path / "cache")
     info = sa3loader.last_load_info()
     assert info.converted and info.sibling.startswith(str(tmp_path / "cache"))
     assert_same_model(model, reference(ckpt))
@@ -141,10 +118,10 @@ def test_lock_files_are_yours_alone(tmp_path):
     old = tmp_path / "ckpt" / "model.fp16.safetensors.lock"
     old.touch(mode=0o666)  # as an older sa3loader left it
     old.chmod(0o666)
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     assert old.stat().st_mode & 0o777 == 0o600
     cache_locks = list((tmp_path / "cache").rglob("*.lock"))
-    load(tmp_path / "ckpt" / "model.safetensors", tmp_path / "cache")
+    load_toy(tmp_path / "ckpt" / "model.safetensors", tmp_path / "cache")
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in cache_locks)
 
 
@@ -154,7 +131,7 @@ def test_a_sibling_keeps_the_sources_group(tmp_path):
     ckpt = checkpoint(tmp_path / "ckpt")
     os.chown(ckpt, -1, NEIGHBOUR)
     ckpt.chmod(0o640)
-    load(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
     sibling = os.stat(tmp_path / "ckpt" / "model.fp16.safetensors")
     assert (sibling.st_gid, sibling.st_mode & 0o777) == (NEIGHBOUR, 0o440)
 
@@ -171,7 +148,7 @@ def test_no_hub_repo_type_is_ever_written_into(tmp_path, kind):
     snapshot.mkdir(parents=True)
     (snapshot / "model.safetensors").symlink_to(os.path.relpath(blob, snapshot))
     before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
-    model = load(snapshot / "model.safetensors", tmp_path / "cache")
+    model = load_toy(snapshot / "model.safetensors", tmp_path / "cache")
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
     assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / "cache"))
     assert_same_model(model, reference(ckpt))

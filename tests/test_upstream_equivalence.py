@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import first_key, random_like_state, save
-from conftest import assert_same_model, bits
-from late_copies import LateCopies
+from support.checkpoints import first_key, random_like_state, save
+from support.compare import assert_same_model, bits
+from support.late_copies import LateCopies
 
 import sa3loader
 from sa3loader._io import RING_BYTES

@@ -1,9 +1,11 @@
 """Subprocess entry points for the concurrency and crash tests.
 
-python child.py load CKPT CACHE            -> prints {"converted", "cache_hit", "digest"}
-python child.py kill-at PHASE CKPT CACHE   -> SIGKILLs itself when conversion reaches PHASE
-python child.py kill-after N CKPT CACHE    -> SIGKILLs itself once conversion has written N bytes
-python child.py republish CKPT N           -> rewrites the published sibling N times
+python -m support.child load CKPT CACHE            -> prints {"converted", "cache_hit", "digest"}
+python -m support.child kill-at PHASE CKPT CACHE   -> SIGKILLs itself when conversion reaches PHASE
+python -m support.child kill-after N CKPT CACHE    -> SIGKILLs itself once conversion has written N bytes
+python -m support.child republish CKPT N           -> rewrites the published sibling N times
+
+(with ``PYTHONPATH=tests``; ``support.processes`` starts them).
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import time
 import types
 
 import torch
-from toymodel import build
 
 import sa3loader
 from sa3loader import _convert, _fsutil
 from sa3loader._format import read_header
 from sa3loader._sibling import resolve_sibling
+from support.toymodel import build
 
 
 def digest(model: torch.nn.Module) -> str:

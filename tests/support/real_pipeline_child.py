@@ -1,7 +1,9 @@
 """One SA3 load with the real T5Gemma conditioner, in a fresh process, described as JSON.
 
-    python real_pipeline_child.py setup HF_HOME SIZE       -> writes the offline hub (hub_fixture)
-    python real_pipeline_child.py LOADER HALF CACHE        -> prints "RESULT {json}"
+    python -m support.real_pipeline_child setup HF_HOME SIZE  -> writes the offline hub (hub_fixture)
+    python -m support.real_pipeline_child LOADER HALF CACHE   -> prints "RESULT {json}"
+
+(with ``PYTHONPATH=tests``).
 
 LOADER is ``upstream`` or ``sa3loader`` (``load_diffusion_cond`` on the hub's files),
 or ``upstream-pretrained`` or ``sa3loader-pretrained`` (``StableAudioModel.from_pretrained``,
@@ -20,9 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hub_fixture import (  # noqa: E402
+from support.hub_fixture import (
     MODEL_NAME,
     PROMPTS,
     SA3_REPO,
@@ -30,7 +30,7 @@ from hub_fixture import (  # noqa: E402
     write_encoder,
     write_model,
 )
-from upstream_env import find_upstream, import_upstream  # noqa: E402
+from support.upstream_env import find_upstream, import_upstream
 
 SEED = 4321
 
@@ -146,7 +146,7 @@ def load(loader: str, half: bool, cache: str) -> dict:
 
 def setup(hf_home: Path, size: str) -> None:
     """Encoder first: building the SA3 model for its layout loads the real encoder."""
-    from checkpoints import random_like_state, save
+    from support.checkpoints import random_like_state, save
 
     factory = import_upstream(find_upstream())
     config = with_t5gemma_prompt(json.loads((find_upstream() / "configs" / "tiny_sa3.json").read_text()))

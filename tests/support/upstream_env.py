@@ -18,7 +18,7 @@ import sys
 import types
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM_ENV = "SA3LOADER_UPSTREAM"
 DEFAULT_UPSTREAM = REPO_ROOT.parent / "shared" / "upstream"
 T5GEMMA_DIM = 768

@@ -1,0 +1,68 @@
+"""A conversion killed at any point leaves only complete, correct siblings, and the next load heals."""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+
+import pytest
+from support.child import digest
+from support.loads import load_toy, make_ckpt, reference_digest
+from support.processes import start_child
+
+import sa3loader
+from sa3loader import _convert
+from sa3loader._format import read_header
+from sa3loader._fsutil import conversion_lock
+
+BIG_DIM = 512
+KILL_PHASES = ["header", "data", "fsync", "rename", "index"]
+
+RANDOM_KILL_TRIALS = 30
+
+
+def lock_is_free(sibling: Path) -> bool:
+    with conversion_lock(str(sibling), timeout=0.5) as locked:
+        return locked
+
+
+def assert_healed(ckpt: Path, cache: Path, dim: int) -> None:
+    sibling = ckpt.with_name("model.fp16.safetensors")
+    assert lock_is_free(sibling)
+    if sibling.exists():  # only a complete, correct file may have been published
+        _convert.verify(read_header(ckpt), read_header(sibling))
+    model = load_toy(ckpt, cache, dim=dim)
+    assert digest(model) == reference_digest(ckpt, dim)
+    assert sa3loader.last_load_info().sibling == str(sibling)
+    assert not list(ckpt.parent.glob("*.incomplete-*"))
+    _convert.verify(read_header(ckpt), read_header(sibling))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", KILL_PHASES)
+def test_sigkill_at_each_phase_heals(tmp_path, phase):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    proc = start_child("kill-at", phase, str(ckpt), str(tmp_path / "cache"))
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    if phase in ("header", "data", "fsync"):
+        assert list(tmp_path.glob("*.incomplete-*"))  # the crash left its temp file behind
+    assert_healed(ckpt, tmp_path / "cache", 32)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_never_leaves_a_bad_sibling(tmp_path):
+    """Kill points are chosen by progress (bytes written), never by the clock: deterministic."""
+    rng = random.Random(20261125)
+    ckpt = make_ckpt(tmp_path / "model.safetensors", dim=BIG_DIM)
+    total = sa3loader._sibling.resolve_sibling(read_header(ckpt), str(tmp_path / "probe")).converted.size
+    (tmp_path / "model.fp16.safetensors").unlink()
+    for trial, limit in enumerate(sorted(rng.randint(1, total) for _ in range(RANDOM_KILL_TRIALS))):
+        cache = tmp_path / f"cache{trial}"
+        proc = start_child("kill-after", str(limit), str(ckpt), str(cache), dim=BIG_DIM)
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, f"not killed after {limit} of {total} bytes"
+        assert not (tmp_path / "model.fp16.safetensors").exists()  # nothing published mid-write
+        assert_healed(ckpt, cache, BIG_DIM)
+        (tmp_path / "model.fp16.safetensors").unlink()

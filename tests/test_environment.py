@@ -1,0 +1,187 @@
+"""Environment faults: a full disk, read-only dirs, no home, no flock, a lock held too long, a cache
+dir others control. The load still succeeds (with one warning) or fails with a typed error; nothing
+is half-written.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+from support.child import digest
+from support.compare import writable
+from support.loads import load_toy, make_ckpt, reference_digest
+
+import sa3loader
+from sa3loader import _convert, _fsutil, _sibling
+from sa3loader._format import read_header
+
+
+def assert_fp32_fallback(ckpt: Path, cache: Path, caplog, expect: str) -> None:
+    model = load_toy(ckpt, cache)
+    info = sa3loader.last_load_info()
+    assert info.sibling is None and not info.converted
+    assert digest(model) == reference_digest(ckpt)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and expect in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert not list(ckpt.parent.rglob("*.incomplete-*"))
+    assert not ckpt.with_name("model.fp16.safetensors").exists()
+
+
+def test_enospc_during_write(tmp_path, monkeypatch, caplog):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    real_write = os.write
+    written = {"n": 0}
+
+    def full_disk(fd, data):
+        written["n"] += 1
+        if written["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(_convert.os, "write", full_disk)
+    assert_fp32_fallback(ckpt, tmp_path / "cache", caplog, "could not write")
+
+
+def test_not_enough_free_space_up_front(tmp_path, monkeypatch, caplog):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    monkeypatch.setattr(_sibling, "free_bytes", lambda path: 1024)
+    assert_fp32_fallback(ckpt, tmp_path / "cache", caplog, "not enough free space")
+
+
+def test_read_only_source_and_unusable_cache_dir(tmp_path, monkeypatch, caplog):
+    ckpt = make_ckpt(tmp_path / "src" / "model.safetensors")
+    real = _sibling.dir_writable
+    monkeypatch.setattr(_sibling, "dir_writable", lambda d: "src" not in d and real(d))
+    not_a_dir = tmp_path / "cache-is-a-file"
+    not_a_dir.write_text("x")
+    assert_fp32_fallback(ckpt, not_a_dir, caplog, "cannot create")
+
+
+def test_no_home_falls_back_to_temp_with_a_warning(tmp_path, monkeypatch, caplog):
+    for var in ("HOME", "XDG_CACHE_HOME", "SA3LOADER_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_fsutil.os.path, "expanduser", lambda p: p)
+    monkeypatch.setattr(_fsutil.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert _fsutil.resolve_cache_dir().startswith(str(tmp_path / "tmp"))
+    assert "no usable home" in caplog.text
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_flock_unsupported_still_loads(tmp_path, monkeypatch, caplog, code):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+
+    def no_locks(fd, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(_fsutil.fcntl, "flock", no_locks)
+    model = load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted
+    assert digest(model) == reference_digest(ckpt)
+    assert len([r for r in caplog.records if "locking is not supported" in r.getMessage()]) == 1
+
+
+def test_lock_timeout_raises_typed_error(tmp_path, monkeypatch):
+    """flock locks belong to open file descriptions: one held here blocks the load's own."""
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    monkeypatch.setenv("SA3LOADER_LOCK_TIMEOUT", "0.3")
+    lock = os.open(str(ckpt.with_name("model.fp16.safetensors.lock")), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(sa3loader.LockTimeoutError) as err:
+            load_toy(ckpt, tmp_path / "cache")
+        assert isinstance(err.value, TimeoutError)
+    finally:
+        os.close(lock)
+
+
+def no_home(monkeypatch, tmp_path) -> Path:
+    for var in ("HOME", "XDG_CACHE_HOME", "SA3LOADER_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_fsutil.os.path, "expanduser", lambda p: p)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    monkeypatch.setattr(_fsutil.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(_fsutil.tempfile, "tempdir", str(tmp_path / "tmp"))
+    return tmp_path / "tmp" / f"sa3loader-{os.getuid()}"
+
+
+def plant(fixed: Path, ckpt: Path) -> Path:
+    """Another user's doing: a sibling with the victim's identity and other weights, in ``fixed``."""
+    outcome = sa3loader._sibling.resolve_sibling(read_header(ckpt), str(fixed))
+    planted = Path(outcome.sibling.path)
+    assert str(planted).startswith(str(fixed))  # a hub-style source: the sibling went to the cache
+    raw = bytearray(planted.read_bytes())
+    raw[-64:] = b"\x11" * 64
+    writable(planted).write_bytes(bytes(raw))
+    return planted
+
+
+PLANTED_BECAUSE = {
+    "world-writable": "it is world-writable",
+    "symlink": "it is a symlink",
+    "other-owner": "it is owned by uid 65534",
+    "a-file": "it cannot be created or written",
+}
+
+
+@pytest.mark.parametrize("how", sorted(PLANTED_BECAUSE))
+def test_a_planted_fallback_cache_dir_is_never_used(tmp_path, monkeypatch, caplog, how):
+    """Without a home the cache falls back to <tmp>/sa3loader-<uid>; someone else may have made it."""
+    hub = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc"
+    ckpt = make_ckpt(hub / "model.safetensors")  # in a hub cache: siblings go to the cache dir
+    fixed = no_home(monkeypatch, tmp_path)
+    if how == "a-file":
+        fixed.write_bytes(b"not a dir")
+    elif how == "symlink":
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        plant(elsewhere, ckpt)
+        fixed.symlink_to(elsewhere)
+    else:
+        fixed.mkdir(mode=0o700)
+        plant(fixed, ckpt)
+        if how == "world-writable":
+            fixed.chmod(0o777)
+        elif os.getuid() == 0:
+            os.chown(fixed, 65534, 65534)
+        else:
+            pytest.skip("only root can give a dir to another user")
+    chosen = _fsutil.resolve_cache_dir()
+    assert chosen != str(fixed) and os.stat(chosen).st_mode & 0o777 == 0o700
+    assert f"{fixed} is not usable ({PLANTED_BECAUSE[how]}); using {chosen}" in caplog.text
+    model = load_toy(ckpt, Path(chosen))
+    assert digest(model) == reference_digest(ckpt)
+    assert not sa3loader.last_load_info().sibling.startswith(str(fixed) + os.sep)
+
+
+def test_an_untrusted_cache_dir_is_ignored_unless_shared_on_purpose(tmp_path, monkeypatch, caplog):
+    from sa3loader import cli
+
+    hub = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc"
+    ckpt = make_ckpt(hub / "model.safetensors")
+    cache = tmp_path / "team-cache"
+    cache.mkdir()
+    planted = plant(cache, ckpt)
+    cache.chmod(0o777)
+    model = load_toy(ckpt, cache)
+    assert digest(model) == reference_digest(ckpt)
+    assert sa3loader.last_load_info().sibling is None  # nowhere trusted to write: fp32
+    assert "ignoring the sa3loader cache dir" in caplog.text
+    assert cli.main(["--cache-dir", str(cache), "cache", "clear"]) == 1
+    assert planted.exists()
+    monkeypatch.setenv("SA3LOADER_SHARED_CACHE", "1")  # a team cache, shared on purpose
+    load_toy(ckpt, cache)
+    assert sa3loader.last_load_info().sibling == str(planted)
+
+
+def test_dirs_sa3loader_creates_are_private(tmp_path):
+    hub = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc"
+    ckpt = make_ckpt(hub / "model.safetensors")
+    cache = tmp_path / "new" / "cache"
+    load_toy(ckpt, cache)
+    sibling = Path(sa3loader.last_load_info().sibling)
+    for directory in (cache, cache / "index", sibling.parent, sibling.parent.parent):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory

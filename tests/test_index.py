@@ -1,0 +1,181 @@
+"""The index is an accelerator, never a requirement or a door: broken, locked, planted or odd rows
+never break a load or run code.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from support.child import digest
+from support.loads import load_toy, make_ckpt, reference_digest
+
+import sa3loader
+from sa3loader._index import Index
+
+
+@pytest.fixture
+def loaded(tmp_path):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    load_toy(ckpt, tmp_path / "cache")
+    return ckpt, tmp_path / "cache"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "deleted", "empty"])
+def test_broken_index_database_never_breaks_loading(loaded, damage, caplog):
+    ckpt, cache = loaded
+    db = cache / "index" / "cache.db"
+    if damage == "garbage":
+        db.write_bytes(b"this is not a sqlite database" * 100)
+    elif damage == "deleted":
+        db.unlink()
+    else:
+        db.write_bytes(b"")
+    model = load_toy(ckpt, cache)
+    assert digest(model) == reference_digest(ckpt)
+    info = sa3loader.last_load_info()
+    assert info.cache_hit and not info.converted  # adopted from the sibling's own metadata
+
+
+def test_locked_index_does_not_stall_loading(loaded, monkeypatch):
+    """diskcache's own open retries a locked database for 60 s; the probe gives up first."""
+    import diskcache
+
+    ckpt, cache = loaded
+    opened = []
+    real_cache = diskcache.Cache
+    monkeypatch.setattr(diskcache, "Cache", lambda *a, **k: opened.append(a) or real_cache(*a, **k))
+    holder = sqlite3.connect(cache / "index" / "cache.db", timeout=0)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        model = load_toy(ckpt, cache)
+        assert digest(model) == reference_digest(ckpt)
+        assert opened == []  # never handed to diskcache's retrying open
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_index_row_pointing_at_a_missing_file(loaded):
+    ckpt, cache = loaded
+    index = Index(str(cache))
+    row = index.get(os.path.realpath(ckpt))
+    row["sibling"]["path"] = str(cache / "gone.fp16.safetensors")
+    index.put(os.path.realpath(ckpt), row)
+    index.close()
+    model = load_toy(ckpt, cache)
+    assert digest(model) == reference_digest(ckpt)
+    assert sa3loader.last_load_info().sibling == str(ckpt.with_name("model.fp16.safetensors"))
+
+
+def test_planted_pickle_row_is_refused_and_never_runs(loaded, tmp_path):
+    ckpt, cache = loaded
+    marker = tmp_path / "pwned"
+    payload = (
+        b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    )  # pickle protocol 0: os.system("touch ...")
+    index = Index(str(cache))
+    index._open()
+    index.close()
+    with sqlite3.connect(cache / "index" / "cache.db") as db:
+        db.execute("DELETE FROM Cache")
+        cols = (
+            "key, raw, store_time, expire_time, access_time, access_count, tag, size, mode, filename, value"
+        )
+        db.execute(
+            f"INSERT INTO Cache ({cols}) VALUES (?, 1, 0, NULL, 0, 0, NULL, 0, 4, NULL, ?)",
+            (os.path.realpath(ckpt), payload),
+        )
+        db.execute(
+            f"INSERT INTO Cache ({cols}) VALUES (?, 0, 0, NULL, 0, 0, NULL, 0, 1, NULL, ?)",
+            (payload, b"{}"),
+        )
+    model = load_toy(ckpt, cache)
+    assert not marker.exists()
+    assert digest(model) == reference_digest(ckpt)
+    assert Index(str(cache)).get(os.path.realpath(ckpt))["schema"] == 1  # healed with a JSON row
+    assert not marker.exists()
+
+
+BAD_ROWS = {
+    "list": [1, 2],
+    "string": "row",
+    "empty": {"schema": 1},
+    "source-not-a-dict": "SOURCE_LIST",
+    "sibling-size-a-string": "SIBLING_SIZE",
+    "range-a-list": "RANGE_LIST",
+    "schema-from-the-future": "SCHEMA_2",
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_ROWS))
+def test_index_row_of_the_wrong_shape_is_treated_as_absent(loaded, bad, capsys):
+    """JSON-valid rows of another shape: loads ignore and replace them, ``cache ls`` says invalid."""
+    from sa3loader import cli
+
+    ckpt, cache = loaded
+    key = os.path.realpath(ckpt)
+    index = Index(str(cache))
+    row = index.get(key)
+    value = BAD_ROWS[bad]
+    if value == "SOURCE_LIST":
+        value = {**row, "source": [1, 2]}
+    elif value == "SIBLING_SIZE":
+        value = {**row, "sibling": {**row["sibling"], "size": "big"}}
+    elif value == "RANGE_LIST":
+        value = {**row, "range": [0, 0]}
+    elif value == "SCHEMA_2":
+        value = {**row, "schema": 2}
+    index._open().set(key, value)
+    index.close()
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 3
+    assert "invalid" in capsys.readouterr().out
+    model = load_toy(ckpt, cache)
+    assert digest(model) == reference_digest(ckpt)
+    assert sa3loader.last_load_info().cache_hit
+    assert Index(str(cache)).get(key) is not None  # replaced by a valid row
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
+    index._open().set(key, value)
+    index.close()
+    assert cli.main(["--cache-dir", str(cache), "cache", "prune"]) == 0
+    assert Index(str(cache)).items() == []
+    assert ckpt.with_name("model.fp16.safetensors").exists()  # prune of an invalid row deletes no file
+
+
+def test_source_path_that_is_not_utf8_round_trips_through_the_index(tmp_path):
+    raw_dir = os.fsencode(str(tmp_path)) + b"/caf\xe9-\xff"
+    os.mkdir(raw_dir)
+    ckpt = make_ckpt(Path(os.fsdecode(raw_dir)) / "model.safetensors")
+    expected = reference_digest(make_ckpt(tmp_path / "same.safetensors"))  # load_file wants UTF-8 paths
+    for expect_hit in (False, True):
+        model = load_toy(ckpt, tmp_path / "cache")
+        info = sa3loader.last_load_info()
+        assert (info.cache_hit, info.converted) == (expect_hit, not expect_hit)
+        assert digest(model) == expected
+    [(key, row)] = Index(str(tmp_path / "cache")).items()
+    assert os.fsencode(key) == os.fsencode(os.path.realpath(ckpt)) and row is not None
+
+
+def test_a_planted_row_cannot_make_the_index_delete_a_file(loaded, tmp_path):
+    """diskcache removes the file a replaced or deleted row names; our rows own no files."""
+    ckpt, cache = loaded
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    with sqlite3.connect(cache / "index" / "cache.db") as db:
+        db.execute("UPDATE Cache SET filename = ?", (os.path.relpath(victim, cache / "index"),))
+    index = Index(str(cache))
+    row = index.get(os.path.realpath(ckpt))
+    index.put(os.path.realpath(ckpt), row)  # replacing the row
+    index.delete(os.path.realpath(ckpt))  # and deleting it
+    index.clear()
+    index.close()
+    assert victim.read_text() == "keep me"
+
+
+def test_library_never_imports_pickle_or_torch_load():
+    package = Path(sa3loader.__file__).parent
+    for source in package.glob("*.py"):
+        text = source.read_text()
+        assert "import pickle" not in text and "torch.load(" not in text, source
