@@ -22,9 +22,19 @@ from typing import Any, NoReturn
 
 from . import __version__, _cache_admin, _convert
 from ._convert_dir import FileAction, checked, convert_file, convert_tree
-from ._format import open_header, read_header
+from ._format import Header, open_header, read_header
 from ._fsutil import resolve_cache_dir
-from ._sibling import has_float32, is_sa3loader_file, resolve_sibling
+from ._sibling import (
+    FINGERPRINT_VERSION,
+    beside_path,
+    cache_path,
+    has_float32,
+    is_sa3loader_file,
+    resolve_sibling,
+    sibling_matches_source,
+    sibling_metadata,
+    source_identity,
+)
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
@@ -52,15 +62,26 @@ def _emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
             print(line)
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
-def _human(n: int) -> str:
+def _size(n: int) -> str:
+    """Every size the CLI prints, in one format: three significant digits, decimal units (as pip)."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
-            return f"{n / scale:.1f} {unit}"
+            return f"{n / scale:.3g} {unit}"
     return f"{n} B"
+
+
+HUB_REPO_TYPES = {"models": "", "datasets": "datasets/", "spaces": "spaces/"}
+
+
+def hub_name(path: str) -> str | None:
+    """``org/name@revision file`` for a file in a Hugging Face hub cache snapshot, as ``hf`` names it."""
+    parts = os.path.abspath(path).split(os.sep)
+    for i, part in enumerate(parts[:-3]):
+        kind, sep, repo = part.partition("--")
+        if sep and kind in HUB_REPO_TYPES and parts[i + 1] == "snapshots":
+            repo_id = HUB_REPO_TYPES[kind] + repo.replace("--", "/", 1)
+            return f"{repo_id}@{parts[i + 2][:8]} {'/'.join(parts[i + 3 :])}"
+    return None
 
 
 def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAction:
@@ -142,6 +163,27 @@ def cmd_warm(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _existing_sibling(header: Header, cache_dir: str) -> str | None:
+    """The sibling a load would use, when one made for this very checkpoint is there already."""
+    real = os.path.realpath(header.path)
+    for path in (beside_path(header.path), cache_path(cache_dir, header.path, real)):
+        try:
+            sibling = read_header(path, follow_symlinks=False)
+        except (Sa3LoaderError, OSError):
+            continue
+        if sibling_matches_source(sibling, header):
+            return path
+    return None
+
+
+def _sibling_size(header: Header) -> int:
+    """The exact size of the sibling a load would write: its header holds sa3loader's metadata,
+    whose one unknown before reading the file, the fingerprint, has a fixed length."""
+    placeholder = FINGERPRINT_VERSION + ":" + "0" * 64
+    metadata = sibling_metadata(header, source_identity(header), placeholder)
+    return _convert.output_size(header, metadata)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     header = read_header(args.ckpt)
     counts: Counter[str] = Counter()
@@ -150,39 +192,59 @@ def cmd_info(args: argparse.Namespace) -> int:
         counts[entry.dtype] += 1
         nbytes[entry.dtype] += entry.nbytes
     f32 = nbytes.get("F32", 0)
+    existing = _existing_sibling(header, resolve_cache_dir(args.cache_dir)) if f32 else None
+    sibling_size = os.path.getsize(existing) if existing else _sibling_size(header) if f32 else 0
     data = {
         "path": header.path,
         "file_size": header.file_size,
         "tensors": len(header.entries),
         "by_dtype": {d: {"tensors": counts[d], "bytes": nbytes[d]} for d in sorted(counts)},
-        "fp16_sibling_size": header.file_size - f32 // 2 if f32 else None,
-        "saves_bytes": f32 // 2,
+        "fp16_sibling_size": sibling_size if f32 else None,
+        "sibling": existing,
         "is_sa3loader_sibling": is_sa3loader_file(header),
         "metadata": header.metadata,
     }
-    lines = [f"{header.path}: {len(header.entries)} tensors, {_gb(header.file_size)}"]
-    lines += [f"  {d:8} {counts[d]:6} tensors  {_gb(nbytes[d])}" for d in sorted(counts)]
-    lines.append(
-        f"conversion would save {_gb(f32 // 2)} (fp16 sibling about {_gb(header.file_size - f32 // 2)})"
-        if f32
-        else "no float32 tensors: nothing to convert"
-    )
+    lines = [f"{header.path}: {len(header.entries)} tensors, {_size(header.file_size)}"]
+    lines += [f"  {d:8} {counts[d]:6} tensors  {_size(nbytes[d])}" for d in sorted(counts)]
+    if not f32:
+        lines.append("no float32 tensors: nothing to convert")
+    else:
+        lines.append(
+            f"fp16 sibling: {_size(sibling_size)} more on disk; model_half=True loads take their weights "
+            f"from it ({_size(sibling_size)}) instead of from the checkpoint ({_size(header.file_size)})"
+        )
+        lines.append(
+            f"sibling: {existing} (made for this checkpoint)"
+            if existing
+            else "sibling: none yet (the first model_half=True load or `sa3loader warm` makes it)"
+        )
     _emit(args, data, lines)
     return EXIT_OK
 
 
-def _ls_line(e: _cache_admin.Entry) -> str:
+def _ls_line(e: _cache_admin.Entry, paths: bool) -> str:
     if e.status == _cache_admin.INVALID:
         return f"{e.status:15} {e.source}: not a valid index row (loads ignore it; `cache prune` drops it)"
+    source = e.source if paths else hub_name(e.source) or e.source
+    sibling = f" -> {e.sibling}" if paths else ""
     return (
-        f"{e.status:15} {e.source} ({_gb(e.source_size)}) -> {e.sibling} ({_gb(e.sibling_size)}), "
+        f"{e.status:15} {source}{sibling}  {_size(e.source_size)} -> {_size(e.sibling_size)} sibling, "
         f"created {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.created))}"
+    )
+
+
+def _ls_total(rows: list[_cache_admin.Entry]) -> str:
+    valid = [e for e in rows if e.status != _cache_admin.INVALID]
+    return (
+        f"{len(rows)} row(s): {_size(sum(e.source_size for e in valid))} of checkpoints, "
+        f"{_size(sum(e.sibling_size for e in valid))} of siblings"
     )
 
 
 def _entry_data(e: _cache_admin.Entry) -> dict[str, Any]:
     data = asdict(e)
     data.pop("key")
+    data["hub"] = hub_name(e.source)
     return data
 
 
@@ -193,11 +255,11 @@ def _removal_data(r: _cache_admin.Removal) -> dict[str, Any]:
 def _removal_lines(removed: list[_cache_admin.Removal], dry_run: bool) -> list[str]:
     """One line per file or dir with its size, then the total."""
     verb = "would remove" if dry_run else "removed"
-    lines = [f"{verb} {r.kind} {r.path} ({_human(r.bytes)})" for r in removed]
+    lines = [f"{verb} {r.kind} {r.path} ({_size(r.bytes)})" for r in removed]
     files = [r for r in removed if r.kind != "empty dir"]
     dirs = len(removed) - len(files)
     total = f"{verb} {len(files)} file(s)" + (f" and {dirs} empty dir(s)" if dirs else "")
-    return [*lines, f"{total}, {_human(sum(r.bytes for r in removed))} in all"]
+    return [*lines, f"{total}, {_size(sum(r.bytes for r in removed))} in all"]
 
 
 def _plan_data(plan: _cache_admin.Plan) -> dict[str, Any]:
@@ -278,7 +340,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     cache_dir = resolve_cache_dir(args.cache_dir)
     if args.cache_command == "ls":
         rows = _cache_admin.entries(cache_dir)
-        lines = [f"cache dir: {cache_dir}"] + [_ls_line(e) for e in rows]
+        lines = [f"cache dir: {cache_dir}", *(_ls_line(e, args.paths) for e in rows), _ls_total(rows)]
         _emit(args, [_entry_data(e) for e in rows], lines)
         return EXIT_CHECK_FAILED if any(e.status == _cache_admin.INVALID for e in rows) else EXIT_OK
     if args.cache_command == "verify":
@@ -355,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         "repair: set a corrupt index aside and start a new one",
     )
     p.add_argument("--dry-run", action="store_true", help="prune, clear: only list what would go")
+    p.add_argument("--paths", action="store_true", help="ls: full paths (hub files are named repo@revision)")
     p.add_argument("--yes", action="store_true", help="clear: do not ask on a terminal")
     p.set_defaults(func=cmd_cache)
     return parser

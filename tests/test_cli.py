@@ -142,7 +142,7 @@ def test_cache_verify_prune_clear(ckpt_dir, tmp_path):
 def test_info_and_errors(ckpt_dir, tmp_path):
     data = json.loads(run("info", str(ckpt_dir / "model.safetensors"), "--json", cache=tmp_path / "c").stdout)
     assert data["by_dtype"]["F32"] == {"tensors": 1, "bytes": 256}
-    assert data["saves_bytes"] == 128
+    assert data["sibling"] is None  # the exact size it would have: test_cli_truth.py
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\xff" * 16)
     proc = run("info", str(bad), cache=tmp_path / "c", check_rc=1)
@@ -258,10 +258,10 @@ def test_clear_and_prune_list_every_file_with_its_size(tmp_path, monkeypatch):
     size = sibling.stat().st_size
     (tmp_path / "model.fp16.safetensors.incomplete-1-dead").write_bytes(b"x" * 10)
     listing = (
-        f"would remove sibling {sibling} ({size / 1e3:.1f} kB)\n"
+        f"would remove sibling {sibling} ({size / 1e3:.3g} kB)\n"
         f"would remove temp file {tmp_path}/model.fp16.safetensors.incomplete-1-dead (10 B)\n"
         f"would remove lock file {sibling}.lock (0 B)\n"
-        f"would remove 3 file(s), {(size + 10) / 1e3:.1f} kB in all\n"
+        f"would remove 3 file(s), {(size + 10) / 1e3:.3g} kB in all\n"
     )
     dry = run("cache", "clear", "--dry-run", cache=cache)
     assert dry.stdout == listing + f"would clear 1 row(s) from {cache}\n" and sibling.exists()
@@ -277,7 +277,7 @@ def test_clear_and_prune_list_every_file_with_its_size(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda prompt: "y")
     out = run("cache", "clear", cache=cache).stdout
     assert out.endswith(
-        f"removed 3 file(s), {(size + 10) / 1e3:.1f} kB in all\ncleared 1 row(s) from {cache}\n"
+        f"removed 3 file(s), {(size + 10) / 1e3:.3g} kB in all\ncleared 1 row(s) from {cache}\n"
     )
     assert not sibling.exists() and not list(tmp_path.glob("*.incomplete-*"))
 

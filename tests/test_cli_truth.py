@@ -175,3 +175,41 @@ def test_ending_input_at_the_prompt_cancels_with_exit_1(src, tmp_path, monkeypat
     proc = run("cache", "clear", cache=tmp_path / "c", check_rc=1)
     assert proc.stderr == "sa3loader: cancelled: nothing deleted\n"
     assert (tmp_path / "model.fp16.safetensors").exists()
+
+
+def test_cache_ls_names_hub_files_as_hf_does_with_one_size_format_and_a_total(tmp_path):
+    repo = tmp_path / "hub" / "models--stabilityai--stable-audio-3-medium"
+    blob = repo / "blobs" / "0123abcd"
+    blob.parent.mkdir(parents=True)
+    save_file({"w": torch.ones(250_000)}, str(blob))
+    snapshot = repo / "snapshots" / "9f3a1c27e0d4b5a6"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(os.path.relpath(blob, snapshot))
+    cache = tmp_path / "c"
+    run("warm", str(snapshot / "model.safetensors"), cache=cache)
+    (entry,) = json.loads(run("cache", "ls", "--json", cache=cache).stdout)
+    assert entry["hub"] == "stabilityai/stable-audio-3-medium@9f3a1c27 model.safetensors"
+    lines = run("cache", "ls", cache=cache).stdout.splitlines()
+    assert lines[0] == f"cache dir: {cache}"
+    assert lines[1].startswith(
+        "ok              stabilityai/stable-audio-3-medium@9f3a1c27 model.safetensors  "
+    )
+    assert "  1 MB -> 500 kB sibling, created " in lines[1]
+    assert lines[2] == "1 row(s): 1 MB of checkpoints, 500 kB of siblings"
+    full = run("cache", "ls", "--paths", cache=cache).stdout.splitlines()[1]
+    assert f" {snapshot / 'model.safetensors'} -> {entry['sibling']}  1 MB -> 500 kB sibling" in full
+
+
+def test_info_says_what_a_sibling_costs_and_whether_one_exists(src, tmp_path):
+    size = src.stat().st_size
+    before = run("info", str(src), cache=tmp_path / "c").stdout.splitlines()
+    run("warm", str(src), cache=tmp_path / "c")
+    sibling_size = (tmp_path / "model.fp16.safetensors").stat().st_size  # predicted exactly
+    assert before[-2:] == [
+        f"fp16 sibling: {sibling_size} B more on disk; model_half=True loads take their weights "
+        f"from it ({sibling_size} B) instead of from the checkpoint ({size} B)",
+        "sibling: none yet (the first model_half=True load or `sa3loader warm` makes it)",
+    ]
+    after = json.loads(run("info", str(src), "--json", cache=tmp_path / "c").stdout)
+    assert after["sibling"] == str(tmp_path / "model.fp16.safetensors")
+    assert after["fp16_sibling_size"] == (tmp_path / "model.fp16.safetensors").stat().st_size == sibling_size

@@ -1,0 +1,258 @@
+"""The pure rules, tested without I/O: upstream's key rules, read plans, a source's identity, the
+sibling's name and metadata. These are what mutation testing runs against (tests/README.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sa3loader import _build, _sibling
+from sa3loader._format import layout, parse_header
+from sa3loader._io import MAX_GAP_BYTES, plan_chunks
+
+# ------------------------------------------------------------------ key rules
+
+
+def upstream_remap(state_dict: dict, model_keys: dict) -> dict:
+    """``stable_audio_3.loading_utils.remap_state_dict_keys``, as written upstream."""
+    remapped = {}
+    for key, value in state_dict.items():
+        if key not in model_keys:
+            parts = key.split(".")
+            for i in range(1, len(parts)):
+                candidate = ".".join(parts[:i]) + "." + ".".join(parts[i + 1 :])
+                if candidate in model_keys:
+                    key = candidate
+                    break
+        remapped[key] = value
+    return remapped
+
+
+KEY_PARTS = st.sampled_from(["model", "blocks", "0", "1", "weight", "bias", "extra", "_orig_mod", ""])
+KEYS = st.lists(KEY_PARTS, min_size=1, max_size=5).map(".".join)
+
+
+@given(st.lists(KEYS, max_size=8, unique=True), st.lists(KEYS, max_size=8, unique=True))
+def test_remap_key_is_upstreams(checkpoint_keys, model_keys):
+    model = dict.fromkeys(model_keys)
+    expected = upstream_remap({k: k for k in checkpoint_keys}, model)
+    ours = {_build.remap_key(k, model): k for k in checkpoint_keys}
+    assert ours == expected
+
+
+def test_remap_quirks():
+    model = {"a.b": None, "x.y.z": None, "p": None}
+    assert _build.remap_key("a.b", model) == "a.b"  # present: kept
+    assert _build.remap_key("a.extra.b", model) == "a.b"  # one component dropped
+    assert _build.remap_key("extra.a.b", model) == "extra.a.b"  # never the first
+    assert _build.remap_key("p.q", model) == "p.q"  # dropping the last leaves "p.", not "p"
+    assert _build.remap_key("x.y.extra.z", model) == "x.y.z"
+    assert _build.remap_key("x.extra.extra.y.z", model) == "x.extra.extra.y.z"  # only one dropped
+
+
+def header_of(tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    """The parsed header of a file holding ``tensors`` (name: (dtype, shape)), without writing one."""
+    prefix, _ = layout([(name, dtype, shape) for name, (dtype, shape) in tensors.items()], metadata or {})
+    size = len(prefix) + sum(
+        torch.empty(shape, dtype=torch.float32 if d == "F32" else torch.float16).nbytes
+        for d, shape in tensors.values()
+    )
+    return parse_header(prefix[8:], path="model.safetensors", file_size=size)
+
+
+def test_plan_keys_skips_what_upstream_skips_and_the_later_key_wins():
+    header = header_of(
+        {
+            "blocks.0.weight": ("F32", (2, 2)),
+            "blocks.extra.0.weight": ("F32", (2, 2)),  # lands on blocks.0.weight too
+            "blocks.1.weight": ("F32", (3,)),  # shape mismatch
+            "unknown.key": ("F32", (1,)),
+            "bias": ("F16", (4,)),
+        }
+    )
+    model = {
+        "bias": torch.zeros(4),
+        "blocks.0.weight": torch.zeros(2, 2),
+        "blocks.1.weight": torch.zeros(2),
+        "missing": torch.zeros(1),
+    }
+    assign, result = _build.plan_keys(header, model)
+    later = max(("blocks.0.weight", "blocks.extra.0.weight"), key=lambda n: header.by_name[n].begin)
+    assert assign == {"bias": "bias", "blocks.0.weight": later}
+    assert list(assign) == [k for k in model if k in assign]  # model state order
+    assert result.unexpected_keys == ["unknown.key"]
+    assert result.mismatched_keys == ["blocks.1.weight"]
+    assert result.missing_keys == ["blocks.1.weight", "missing"]
+
+
+# ------------------------------------------------------------------ read plans
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 700)), max_size=12),
+    st.integers(1, 2048),
+)
+def test_plan_chunks_covers_every_wanted_byte_once_within_limits(ranges, chunk_bytes):
+    chunks = plan_chunks(ranges, chunk_bytes)
+    got: dict[int, list[tuple[int, int]]] = {}
+    for chunk in chunks:
+        assert 0 < chunk.length <= chunk_bytes
+        covered = 0
+        for piece in chunk.pieces:
+            assert 0 <= piece.chunk_offset and piece.chunk_offset + piece.length <= chunk.length
+            got.setdefault(piece.index, []).append((piece.dest_offset, piece.length))
+            covered += piece.length
+            file_at = chunk.file_offset + piece.chunk_offset
+            assert file_at == ranges[piece.index][0] + piece.dest_offset
+        assert chunk.length - covered <= MAX_GAP_BYTES * len(chunk.pieces)
+    for index, (_, nbytes) in enumerate(ranges):
+        pieces = sorted(got.get(index, []))
+        at = 0
+        for offset, length in pieces:
+            assert offset == at and length > 0
+            at += length
+        assert at == nbytes
+
+
+def test_plan_chunks_gaps_and_refusals():
+    far = MAX_GAP_BYTES + 1
+    assert len(plan_chunks([(0, 10), (10 + MAX_GAP_BYTES, 10)], 1 << 30)) == 1  # gap read through
+    assert len(plan_chunks([(0, 10), (10 + far, 10)], 1 << 30)) == 2  # a skipped tensor is not read
+    assert plan_chunks([(0, 0), (5, 0)]) == []
+    with pytest.raises(ValueError, match="chunk_bytes must be positive"):
+        plan_chunks([(0, 1)], 0)
+
+
+# ------------------------------------------------------------------ identity
+
+
+IDENTITY = {"size": 10, "mtime_ns": 20, "header_sha256": "h", "inode": 1, "device": 2, "ctime_ns": 3}
+
+
+@pytest.mark.parametrize("field", ["size", "mtime_ns", "header_sha256"])
+def test_hard_match_needs_every_hard_field(field):
+    assert _sibling.hard_match(IDENTITY, dict(IDENTITY))
+    assert not _sibling.hard_match(IDENTITY, {**IDENTITY, field: "other"})
+    assert _sibling.soft_match(IDENTITY, {**IDENTITY, field: "other"})
+
+
+@pytest.mark.parametrize("field", ["inode", "device", "ctime_ns"])
+def test_soft_match_needs_every_soft_field(field):
+    assert _sibling.soft_match(IDENTITY, dict(IDENTITY))
+    assert not _sibling.soft_match(IDENTITY, {**IDENTITY, field: -1})
+    assert _sibling.hard_match(IDENTITY, {**IDENTITY, field: -1})
+
+
+def test_a_fingerprint_of_another_version_is_not_current():
+    version = _sibling.FINGERPRINT_VERSION
+    assert _sibling.current_fingerprint(f"{version}:abc")
+    assert not _sibling.current_fingerprint(f"{version}abc")
+    assert not _sibling.current_fingerprint("v1:abc")
+    assert not _sibling.current_fingerprint(None)
+
+
+def test_racy_rows():
+    row = {"source": {"mtime_ns": 10_000_000_000}, "checked_ns": 10_000_000_000 + _sibling.RACY_WINDOW_NS}
+    assert not _sibling.racy(row)  # checked a full window after the mtime
+    assert _sibling.racy({**row, "checked_ns": row["checked_ns"] - 1})
+    assert _sibling.racy({"source": row["source"]})  # an older version's row: no check time
+    assert _sibling.racy({**row, "checked_ns": float(row["checked_ns"])})  # not an int: not ours
+
+
+def entries_header(sizes: list[int]):
+    return header_of({f"t{i}": ("F32", (n,)) for i, n in enumerate(sizes)})
+
+
+def test_fingerprint_ranges_take_small_tensors_whole_and_spots_of_large_ones():
+    whole = _sibling.WHOLE_TENSOR_BYTES // 4
+    header = entries_header([3, whole, whole + 1, 0])
+    ranges = _sibling.fingerprint_ranges(header)
+    entries = sorted(header.entries, key=lambda e: e.begin)
+    small, exact, large = (e for e in entries if e.nbytes)
+    at = {e.name: header.data_start + e.begin for e in entries}
+    assert (at[small.name], small.nbytes) in ranges and (at[exact.name], exact.nbytes) in ranges
+    spots = [r for r in ranges if at[large.name] <= r[0] < at[large.name] + large.nbytes]
+    assert len(spots) == _sibling.SPOTS and all(n == _sibling.SPOT_BYTES for _, n in spots)
+    assert spots[0][0] == at[large.name]  # the first byte
+    assert spots[-1][0] + _sibling.SPOT_BYTES == at[large.name] + large.nbytes  # the last byte
+    assert len(ranges) == 2 + _sibling.SPOTS  # nothing for the empty tensor
+    assert [r[0] for r in ranges] == sorted(r[0] for r in ranges)
+
+
+def test_merged_reads_join_ranges_closer_than_the_gap():
+    gap = _sibling.MERGE_GAP_BYTES
+    assert _sibling._merged([(0, 10), (10 + gap, 5)]) == [(0, 15 + gap)]
+    assert _sibling._merged([(0, 10), (11 + gap, 5)]) == [(0, 10), (11 + gap, 5)]
+    assert _sibling._merged([(0, 10), (5, 3)]) == [(0, 10)]  # inside: no growth
+    assert _sibling._merged([]) == []
+
+
+# ------------------------------------------------------------------ name and metadata
+
+
+@pytest.mark.parametrize(
+    ("source", "sibling"),
+    [
+        ("/m/model.safetensors", "model.fp16.safetensors"),
+        ("/m/model", "model-fp16.safetensors"),
+        ("/m/a.b.safetensors", "a.b.fp16.safetensors"),
+        ("/m/model.SAFETENSORS", "model.SAFETENSORS-fp16.safetensors"),
+    ],
+)
+def test_sibling_names(source, sibling):
+    assert _sibling.sibling_name(source) == sibling
+    assert _sibling.beside_path(source) == "/m/" + sibling
+
+
+def test_cache_path_is_keyed_by_the_real_file():
+    path = _sibling.cache_path("/c", "/snap/rev1/model.safetensors", "/blobs/abc")
+    digest = hashlib.sha256(b"/blobs/abc").hexdigest()[:16]
+    assert path == f"/c/siblings/{digest}/model.fp16.safetensors"
+    assert _sibling.cache_path("/c", "/snap/rev2/model.safetensors", "/blobs/abc") == path
+
+
+@pytest.mark.parametrize("kind", ["models", "datasets", "spaces"])
+def test_hub_caches_of_every_repo_type(kind):
+    assert _sibling.in_hf_hub_cache(f"/hf/hub/{kind}--org--name/snapshots/rev/model.safetensors")
+    assert _sibling.in_hf_hub_cache(f"/hf/hub/{kind}--org--name/blobs/abc")
+    assert not _sibling.in_hf_hub_cache(f"/hf/hub/{kind}--org--name/refs/main")
+    assert not _sibling.in_hf_hub_cache(f"/data/{kind}/model.safetensors")
+
+
+def test_sibling_metadata_says_what_it_was_made_from_and_keeps_the_users():
+    header = header_of({"w": ("F32", (2,))})
+    header.metadata["format"] = "pt"
+    meta = _sibling.sibling_metadata(header, IDENTITY, "v2:fp")
+    assert meta["format"] == "pt" and meta[_sibling.MARKER_KEY] == _sibling.FORMAT_VERSION
+    prefix = _sibling.META_PREFIX
+    assert (meta[prefix + "source_size"], meta[prefix + "source_mtime_ns"]) == ("10", "20")
+    assert (meta[prefix + "source_header_sha256"], meta[prefix + "source_fingerprint"]) == ("h", "v2:fp")
+    assert meta[prefix + "source_name"] == "model.safetensors"
+    sibling = header_of({"w": ("F16", (2,))}, meta)
+    assert _sibling._sibling_identity(sibling) == {
+        "size": 10,
+        "mtime_ns": 20,
+        "header_sha256": "h",
+        "fingerprint": "v2:fp",
+    }
+    assert _sibling.is_sa3loader_file(sibling) and not _sibling.is_sa3loader_file(header)
+    assert _sibling.describes(sibling, header)
+    unreadable = header_of({"w": ("F16", (2,))}, {**meta, prefix + "source_size": "ten"})
+    assert _sibling._sibling_identity(unreadable) == {}
+    incomplete = header_of({"w": ("F16", (2,))}, {_sibling.MARKER_KEY: "1"})
+    assert _sibling._sibling_identity(incomplete) == {}
+
+
+def test_describes_needs_the_same_names_shapes_and_converted_dtypes():
+    source = header_of({"w": ("F32", (2,)), "h": ("F16", (3,))})
+    assert _sibling.describes(header_of({"w": ("F16", (2,)), "h": ("F16", (3,))}), source)
+    assert not _sibling.describes(header_of({"w": ("F32", (2,)), "h": ("F16", (3,))}), source)  # not cast
+    assert not _sibling.describes(header_of({"w": ("F16", (3,)), "h": ("F16", (3,))}), source)  # shape
+    assert not _sibling.describes(header_of({"w": ("F16", (2,))}), source)  # missing one
+    assert not _sibling.describes(header_of({"x": ("F16", (2,)), "h": ("F16", (3,))}), source)  # name
+    assert _sibling.has_float32(source) and not _sibling.has_float32(header_of({"h": ("F16", (3,))}))
