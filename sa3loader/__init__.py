@@ -4,6 +4,7 @@
 ``stable_audio_3.loading_utils.load_diffusion_cond``.
 """
 
+from . import _config
 from ._build import LoadResult
 from ._upstream import install, installed, uninstall
 from .errors import (
@@ -29,6 +30,8 @@ from .errors import (
 from .loader import LoadInfo, last_load_info, load_autoencoder, load_diffusion_cond, load_into_module
 
 __version__ = "0.1.0"
+
+_config.apply_verbosity()
 
 __all__ = [
     "CacheIndexError",

@@ -25,6 +25,15 @@ VERIFY_ENV = "SA3LOADER_VERIFY"
 IO_ENV = "SA3LOADER_IO"
 LOCK_TIMEOUT_ENV = "SA3LOADER_LOCK_TIMEOUT"
 PROGRESS_ENV = "SA3LOADER_PROGRESS"
+VERBOSITY_ENV = "SA3LOADER_VERBOSITY"
+LOGGER_NAME = "sa3loader"
+VERBOSITY_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 XDG_CACHE_HOME_ENV = "XDG_CACHE_HOME"
 
 DEFAULT_LOCK_TIMEOUT_S = 3600.0
@@ -50,6 +59,38 @@ def info_once(key: str, message: str, *args: object) -> None:
     if key not in _said:
         _said.add(key)
         logger.info(message, *args)
+
+
+def verbosity() -> int | None:
+    """$SA3LOADER_VERBOSITY as a logging level (debug, info, warning, error, critical); None when unset."""
+    raw = os.environ.get(VERBOSITY_ENV, "").strip().lower()
+    if not raw:
+        return None
+    if raw not in VERBOSITY_LEVELS:
+        warn_once(
+            f"env:{VERBOSITY_ENV}",
+            "ignoring $%s=%r: not one of %s",
+            VERBOSITY_ENV,
+            raw,
+            ", ".join(VERBOSITY_LEVELS),
+        )
+        return None
+    return VERBOSITY_LEVELS[raw]
+
+
+def apply_verbosity() -> None:
+    """As huggingface_hub does with $HF_HUB_VERBOSITY: when set, the ``sa3loader`` logger gets that
+    level and its own handler on stderr, so the messages show even where logging is not configured."""
+    level = verbosity()
+    if level is None:
+        return
+    library = logging.getLogger(LOGGER_NAME)
+    library.setLevel(level)
+    if not library.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("sa3loader: %(levelname)s: %(message)s"))
+        library.addHandler(handler)
+        library.propagate = False
 
 
 def is_true(name: str) -> bool:

@@ -103,6 +103,34 @@ def create_cache_dir(path: str) -> None:
     tag_cache_dir(os.path.dirname(path))
 
 
+SHARED_DIR_BITS = 0o555  # r-x for all: anyone may list and traverse, no one else may write
+SHARED_FILE_BITS = 0o444
+
+
+def open_cache_dir_to_all(cache_dir: str) -> list[str]:
+    """Let every user read a cache dir you built (an image built as root, served as another user).
+
+    Dirs get r-x for all and the index's files r-- for all; write bits are not
+    touched, so the dir stays trusted (no one else can plant files in it).
+    Siblings keep their own mode, the source's read bits: never wider than the
+    checkpoint. Returns the paths changed.
+    """
+    changed = []
+    for directory, _, files in os.walk(cache_dir):
+        targets = [(directory, SHARED_DIR_BITS)]
+        targets += [
+            (os.path.join(directory, name), SHARED_FILE_BITS)
+            for name in files
+            if not name.endswith((".safetensors", LOCK_SUFFIX)) and INCOMPLETE_INFIX not in name
+        ]
+        for path, bits in targets:
+            st = os.lstat(path)
+            if st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) and st.st_mode & bits != bits:
+                os.chmod(path, stat.S_IMODE(st.st_mode) | bits)
+                changed.append(path)
+    return changed
+
+
 def tag_cache_dir(cache_dir: str) -> None:
     """Write a CACHEDIR.TAG, so backup tools skip gigabytes of siblings; best effort."""
     path = os.path.join(cache_dir, CACHEDIR_TAG)

@@ -341,6 +341,7 @@ class SiblingResolver:
         self._fingerprint: str | None = None
         self._failed_verify: set[str] = set()  # checked once: the re-check under the lock skips them
         self._other_version: set[str] = set()  # another sa3loader's siblings: never overwritten
+        self._unreadable: dict[str, str] = {}  # siblings this user may not open, and why
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -383,6 +384,9 @@ class SiblingResolver:
         """The sibling at ``path``, open, if it is a regular sa3loader file we may trust."""
         try:
             sibling = open_header(path, follow_symlinks=False)
+        except PermissionError as exc:  # there, maybe, but not ours to read: say so if nothing else works
+            self._unreadable[path] = os.strerror(exc.errno) if exc.errno else "permission denied"
+            return None
         except (HeaderError, OSError):
             return None
         assert sibling.handle is not None
@@ -538,7 +542,11 @@ class SiblingResolver:
     def resolve(self) -> SiblingOutcome:
         out = self.outcome
         if not has_float32(self.source):
-            out.reason = "no float32 tensors: loaded as is"
+            out.reason = (
+                "already fp16 (an sa3loader output): loaded as is"
+                if is_sa3loader_file(self.source)
+                else "no float32 tensors: loaded as is"
+            )
             return out
         out.sibling = self.find()
         if out.sibling is not None:
@@ -560,6 +568,11 @@ class SiblingResolver:
                 except UnusableLockError as exc:
                     problem = str(exc)
             problems.append(problem)
+        if self._unreadable:  # the likeliest fix first: a sibling is there, unreadable to this user
+            path, why = next(iter(self._unreadable.items()))
+            problems.insert(
+                0, f"{path} may be there but cannot be read by this user ({why}): make it readable"
+            )
         out.reason = f"no place for the fp16 sibling ({'; '.join(problems)}): loading the fp32 source"
         warn_once("fallback:" + self.real, "%s: %s", self.source.path, out.reason)
         return out

@@ -69,7 +69,8 @@ class Values:
         self._maps: dict[str, MappedFile] = {}
         self._early: dict[str, threading.Thread] = {}  # path -> thread faulting in its data
         self._stop_early = threading.Event()
-        self.bytes_read = 0
+        self.bytes_read = 0  # placed by reading the file into fresh memory (or streaming it)
+        self.bytes_mapped = 0  # placed as views of the sibling's mapping: read when first touched
         self.read_seconds = 0.0
         self.staging_bytes = 0
 
@@ -163,7 +164,7 @@ class Values:
 
     def forget_counts(self) -> None:
         """Start the counters again (a build that was abandoned does not count)."""
-        self.bytes_read = 0
+        self.bytes_read = self.bytes_mapped = 0
         self.read_seconds = 0.0
         self.staging_bytes = 0
 
@@ -189,9 +190,10 @@ class Values:
             header = headers[path]
             entries = [header.by_name[wanted[i][0]] for i in indices]
             offsets = [header.data_start + e.begin for e in entries]
-            self.bytes_read += sum(e.nbytes for e in entries)
+            nbytes = sum(e.nbytes for e in entries)
             streamed = streams_to(device)
             if not streamed and self._maps_allowed(header):
+                self.bytes_mapped += nbytes
                 for i, entry in zip(indices, entries, strict=True):
                     out[i] = self.tensor(header, entry.name)
                 early = self._early.get(path)
@@ -200,6 +202,7 @@ class Values:
                 else:
                     self._maps[path].prefetch(offsets, [e.nbytes for e in entries])
                 continue
+            self.bytes_read += nbytes
             dests = [
                 torch.empty(e.torch_shape, dtype=torch_dtype(e.dtype, header.path), device=device)
                 for e in entries

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn
 
-from . import __version__, _cache_admin, _convert
+from . import __version__, _cache_admin, _config, _convert
 from ._convert_dir import FileAction, checked, convert_file, convert_tree
 from ._format import Header, open_header, read_header
-from ._fsutil import resolve_cache_dir
+from ._fsutil import open_cache_dir_to_all, resolve_cache_dir
 from ._sibling import (
     FINGERPRINT_VERSION,
     beside_path,
@@ -150,14 +150,21 @@ def cmd_warm(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with open_header(args.ckpt) as header:
         outcome = resolve_sibling(header, resolve_cache_dir(args.cache_dir), verify=args.verify)
-    data = {
+    data: dict[str, Any] = {
         "source": header.path,
         "sibling": outcome.sibling.path if outcome.sibling else None,
         "converted": outcome.converted is not None,
         "reason": outcome.reason,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    _emit(args, data, [f"{data['reason']}: {data['sibling'] or header.path} ({data['seconds']}s)"])
+    lines = [f"{data['reason']}: {data['sibling'] or header.path} ({data['seconds']}s)"]
+    if args.readable_by_all:
+        cache_dir = resolve_cache_dir(args.cache_dir)
+        data["opened_to_all"] = open_cache_dir_to_all(cache_dir)
+        lines.append(
+            f"made {cache_dir} readable by every user ({len(data['opened_to_all'])} path(s) changed)"
+        )
+    _emit(args, data, lines)
     if outcome.sibling is None and has_float32(header):
         return EXIT_ERROR
     return EXIT_OK
@@ -402,6 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("warm", "create or validate the fp16 sibling of a checkpoint (for image builds, entrypoints)")
     p.add_argument("ckpt")
     p.add_argument("--verify", action="store_true", help="full content check of an existing sibling")
+    p.add_argument(
+        "--readable-by-all",
+        action="store_true",
+        help="image builds: let every user read the cache dir (dirs r-x, index r--); "
+        "siblings keep the checkpoint's own read bits",
+    )
     p.set_defaults(func=cmd_warm)
 
     p = add("info", "tensors by dtype, sizes, and what conversion would save")
@@ -444,9 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(exc.usage)
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING, format="sa3loader: %(levelname)s: %(message)s"
-    )
+    level = logging.DEBUG if args.debug else _config.verbosity() or logging.WARNING
+    logging.basicConfig(level=level, format="sa3loader: %(levelname)s: %(message)s")
+    logging.getLogger(_config.LOGGER_NAME).setLevel(level)
     try:
         return int(args.func(args))
     except VerificationError as exc:

@@ -43,7 +43,8 @@ class LoadInfo:
     converted: bool = False
     build: BuildKind | Literal["upstream", ""] = ""  # "upstream": SA3LOADER_DISABLE; "": not built yet
     io: IoMode | Literal["stream", ""] = ""  # "stream": straight to another device
-    bytes_read: int = 0  # weight bytes placed as read from a file, with no cast
+    bytes_read: int = 0  # weight bytes read from a file into fresh memory (or streamed), with no cast
+    bytes_mapped: int = 0  # weight bytes placed as views of the sibling's mapping (faulted in on use)
     staging_bytes: int = 0  # host buffers (pinned when possible) used to stream to a device
     reason: str = ""
     fallback: str | None = None
@@ -75,6 +76,7 @@ def _built(built: Built, values: Values, device: torch.device, info: LoadInfo) -
     # The faithful build reads on the CPU and moves the model, as upstream does.
     info.io = "stream" if streams_to(device) and built.kind == "fast" else values.cpu_io
     info.bytes_read = values.bytes_read
+    info.bytes_mapped = values.bytes_mapped
     info.staging_bytes = values.staging_bytes
     return built.model
 

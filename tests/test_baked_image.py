@@ -73,12 +73,28 @@ def as_service(root: Path, ckpt: Path, cache: Path) -> subprocess.CompletedProce
     )
 
 
-def test_a_baked_cache_serves_another_user_read_only_and_quietly(image_root, capsys):
+def test_a_private_cache_says_the_sibling_is_there_but_unreadable(image_root, capsys):
+    """Baked without --readable-by-all, the cache dir is root's alone (0700): the service reads
+    fp32 and says exactly why, not that it could not create something."""
     ckpt = hub_checkpoint(image_root)
     cache = image_root / "sa3loader-cache"
     assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["converted"]
-    subprocess.run(["chmod", "-R", "a+rX", str(cache)], check=True)  # the build step docs/deploying.md gives
+    sibling = json.loads(capsys.readouterr().out)["sibling"]
+    served = as_service(image_root, ckpt, cache)
+    assert served.returncode == 0, served.stderr
+    assert not json.loads(served.stdout.strip().splitlines()[-1])["cache_hit"]
+    assert f"{sibling} may be there but cannot be read by this user (Permission denied)" in served.stderr
+
+
+def test_a_baked_cache_serves_another_user_read_only_and_quietly(image_root, capsys):
+    ckpt = hub_checkpoint(image_root)
+    cache = image_root / "sa3loader-cache"
+    assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--readable-by-all", "--json"]) == 0
+    warmed = json.loads(capsys.readouterr().out)
+    assert warmed["converted"] and str(cache / "index") in warmed["opened_to_all"]
+    sibling = Path(warmed["sibling"])
+    assert sibling.stat().st_mode & 0o777 == 0o444  # the checkpoint's own read bits, not wider
+    assert (cache / "index").stat().st_mode & 0o777 == 0o755  # traversable, writable by root only
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
 
     served = as_service(image_root, ckpt, cache)

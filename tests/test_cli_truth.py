@@ -213,3 +213,10 @@ def test_info_says_what_a_sibling_costs_and_whether_one_exists(src, tmp_path):
     after = json.loads(run("info", str(src), "--json", cache=tmp_path / "c").stdout)
     assert after["sibling"] == str(tmp_path / "model.fp16.safetensors")
     assert after["fp16_sibling_size"] == (tmp_path / "model.fp16.safetensors").stat().st_size == sibling_size
+
+
+def test_warm_on_a_convert_output_says_it_is_already_fp16(src, tmp_path):
+    out = tmp_path / "out.safetensors"
+    run("convert", str(src), "--out", str(out), cache=tmp_path / "c")
+    warm = json.loads(run("warm", str(out), "--json", cache=tmp_path / "c").stdout)
+    assert warm["reason"] == "already fp16 (an sa3loader output): loaded as is" and warm["sibling"] is None

@@ -140,6 +140,7 @@ def load(loader: str, half: bool, cache: str) -> dict:
             "converted": info.converted,
             "model_half": info.model_half,
             "bytes_read": info.bytes_read,
+            "bytes_mapped": info.bytes_mapped,
         }
     return out
 

@@ -1,0 +1,48 @@
+"""Logging: the ``sa3loader`` logger, quiet by default, and the SA3LOADER_VERBOSITY switch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from support.checkpoints import random_like_state, save
+from support.processes import child_env
+from support.toymodel import build
+
+LOAD = """
+import sys, torch
+import sa3loader
+from support.toymodel import build
+torch.manual_seed(0)
+sa3loader.load_diffusion_cond({{}}, {ckpt!r}, "cpu", True, cache_dir={cache!r}, model_factory=build)
+"""
+
+
+@pytest.mark.parametrize(("verbosity", "shown"), [(None, False), ("info", True), ("WARNING", False)])
+def test_sa3loader_verbosity_shows_the_librarys_log_where_logging_is_not_configured(
+    tmp_path, verbosity, shown
+):
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    env = child_env(extra={"SA3LOADER_VERBOSITY": verbosity} if verbosity else {})
+    script = LOAD.format(ckpt=str(ckpt), cache=str(tmp_path / "c"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("sa3loader: INFO: ")]
+    assert bool(lines) == shown, proc.stderr
+    if shown:
+        assert f"sa3loader: INFO: loaded {ckpt}: converted, fast build" in proc.stderr
+
+
+def test_a_verbosity_that_is_no_level_warns(tmp_path):
+    env = child_env(extra={"SA3LOADER_VERBOSITY": "loud"})
+    proc = subprocess.run([sys.executable, "-c", "import sa3loader"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0
+    assert (
+        "ignoring $SA3LOADER_VERBOSITY='loud': not one of debug, info, warning, error, critical"
+        in proc.stderr
+    )
