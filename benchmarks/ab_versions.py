@@ -3,7 +3,7 @@
     python benchmarks/ab_versions.py --baseline /path/to/other/checkout [--model medium] [--runs 5]
 
 For a change that should cost nothing (or win something) on the loads users make:
-the released pipeline from ``bench_load.py``'s offline hub (the real ``t5gemma``
+the released pipeline from ``fixtures.py``'s offline hub (the real ``t5gemma``
 conditioner, the b-b text encoder, a full-size synthetic DiT), hot (files in the
 page cache). Rows: the ``model_half=True`` cache hit (load, then a touch of every
 weight page) and the fp32 load (``model_half=False``). Imports are excluded: the
@@ -36,12 +36,12 @@ import_upstream(find_upstream())
 import stable_audio_3.loading_utils, transformers, torch
 import sa3loader
 assert sa3loader.__file__.startswith({checkout!r}), sa3loader.__file__
-import bench_load
+import load_child
 config = json.loads(open({config!r}).read())
 started = time.perf_counter()
 model = sa3loader.load_diffusion_cond(config, {ckpt!r}, "cpu", {half}, cache_dir={cache!r})
 loaded = time.perf_counter() - started
-touched = bench_load.touch_every_page(model)
+touched = load_child.touch_every_page(model)
 info = sa3loader.last_load_info()
 print("RESULT " + json.dumps({{"load_s": loaded, "touch_s": touched, "cache_hit": info.cache_hit,
                                "build": info.build}}))
@@ -83,10 +83,10 @@ def main() -> int:
     parser.add_argument("--rows", nargs="+", default=["hit", "fp32"], choices=["hit", "fp32"])
     args = parser.parse_args()
     sys.path[:0] = [str(TESTS), str(HERE)]
-    import bench_load
+    import fixtures
 
     args.work.mkdir(parents=True, exist_ok=True)
-    bench = bench_load.set_up(args, args.work)
+    bench = fixtures.set_up(args, args.work)
     sides = {"baseline": args.baseline.resolve(), "this": REPO}
     caches = {name: args.work / f"cache-{name}" for name in sides}
     rows = {"hit (load + touch)": True, "fp32 load (load + touch)": False}
@@ -94,7 +94,7 @@ def main() -> int:
     for side, checkout in sides.items():  # convert once each, and warm every file
         run(checkout, bench, True, caches[side])
     for path in [*bench.files(), *args.work.glob("cache-*/siblings/*/*.safetensors")]:
-        bench_load.warm(path)
+        fixtures.warm(path)
     rows = {row: half for row, half in rows.items() if ("hit" if half else "fp32") in args.rows}
     for i in range(args.runs):
         for row, half in rows.items():
@@ -102,7 +102,7 @@ def main() -> int:
             for side in order:
                 # Hot means hot: an fp32 load's 9 GB of anonymous memory may have evicted the files.
                 for path in [bench.ckpt, bench.encoder, *caches[side].glob("siblings/*/*.safetensors")]:
-                    bench_load.warm(path)
+                    fixtures.warm(path)
                 result = run(sides[side], bench, half, caches[side])
                 assert result["build"] == "fast" and result["cache_hit"] == half, result
                 times[(row, side)].append(result["load_s"] + result["touch_s"])

@@ -32,6 +32,9 @@ then sweeps the staging ring's shape (slots x chunk size) to say what to tune.
 Peak RssAnon is sampled from /proc/self/status every 2 ms (``ru_maxrss``
 counts mapped file pages and misleads). Prints medians and the ratios of the
 goals. ``--scale`` < 1 keeps that fraction of the DiT blocks.
+
+In three parts: ``fixtures.py`` (the files, hot and cold), ``load_child.py`` (one
+timed load in a fresh process) and this report, with the one goals table.
 """
 
 from __future__ import annotations
@@ -39,59 +42,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-TESTS = REPO / "tests"
-sys.path.insert(0, str(TESTS))
+from fixtures import (
+    ENCODER_SIZE,
+    HERE,
+    MODELS,
+    REPO,
+    TESTS,
+    Bench,
+    find_upstream,
+    prepare,
+    set_up,
+    settle_cold,
+    time_cat,
+    warm,
+    workdir_and_scale,
+)
 
-from support.hub_fixture import SA3_REPO, hf_env  # noqa: E402
-from support.memory import rss_anon  # noqa: E402
-from support.upstream_env import find_upstream  # noqa: E402
-
-SHARED = REPO.parent / "shared"
-
-
-@dataclass(frozen=True)
-class Model:
-    layout: Path
-    config: str  # file name under the upstream source's configs/
-    repo_id: str  # where upstream's model_configs looks for it
-
-
-MODELS = {
-    "medium": Model(
-        SHARED / "layouts" / "sa3_medium_layout.json",
-        "sa3_medium_model_config.json",
-        "stabilityai/stable-audio-3-medium",
-    ),
-    "small-music": Model(
-        SHARED / "layouts" / "sa3_small_music_layout.json",
-        "sa3_small_music_model_config.reconstructed.json",
-        SA3_REPO,
-    ),
-}
-ENCODER_SIZE = "b-b"
-SAMPLE_EVERY_S = 0.002
-PAGE = os.sysconf("SC_PAGE_SIZE")
-DISK_MARGIN = 1.15
-# On the dev box's virtual disk a read right after POSIX_FADV_DONTNEED is still
-# served fast (the host caches it); a few seconds later it is truly cold. Every
-# cold figure (loads and cat alike) waits this long after the drop, so they compare fairly.
-COLD_SETTLE_S = 8.0
-# Ring shapes (slots, MB per slot) the --device cuda sweep tries, all within the
-# 512 MB staging goal; the library's default is RING_SLOTS x RING_BYTES / RING_SLOTS.
-RING_SWEEP = [(2, 128), (4, 64), (8, 32), (16, 16), (4, 32), (8, 16), (16, 8), (8, 64)]
 GOALS = {
     "upstream / hit (load+touch), hot": (">=", 30.0),
     "hit (load+touch) / (text encoder alone + cat sibling), hot": ("<=", 1.3),
@@ -106,232 +80,6 @@ GOALS = {
     "staging host memory (MB)": ("<=", 512.0),
 }
 
-
-# ---------------------------------------------------------------- child side
-class PeakSampler:
-    def __init__(self) -> None:
-        self.base = rss_anon()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_anon())
-            time.sleep(SAMPLE_EVERY_S)
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_anon())
-
-
-def pinned_h2d(nbytes: int) -> dict:
-    """The floor for the transfer phase: pinned host-to-device copies of ``nbytes``."""
-    import torch
-
-    piece = 256 * 1024 * 1024
-    host = torch.empty(piece, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(piece, dtype=torch.uint8, device="cuda")
-    dev.copy_(host, non_blocking=True)  # warm-up
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    done = 0
-    while done < nbytes:
-        n = min(piece, nbytes - done)
-        dev[:n].copy_(host[:n], non_blocking=True)
-        done += n
-    torch.cuda.synchronize()
-    return {"seconds": time.perf_counter() - started, "bytes": nbytes}
-
-
-def ring_sweep(path: str, device: str) -> dict:
-    """Each ring shape's GB/s into tensors already on ``device``, and with reads alone.
-
-    Destinations are allocated once, outside the clock, so this isolates the
-    ring: reads into staging plus copies out of it. "reads only" drops the
-    copies, which says whether the disk side or the copy side is the limit.
-    """
-    import torch
-
-    from sa3loader._format import read_header
-    from sa3loader._io import DeviceCopies, stream_into, torch_dtype
-
-    class ReadsOnly(DeviceCopies):
-        def send(self, slot: int, pairs: list) -> None:
-            pass
-
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    out: dict = {}
-    started = time.perf_counter()  # the first pinned allocation, before any is cached
-    torch.empty(256 * 1024 * 1024, dtype=torch.uint8, pin_memory=device == "cuda")
-    out["first 256 MB staging allocation s"] = time.perf_counter() - started
-    header = read_header(path)
-    dests = [
-        torch.empty(e.torch_shape, dtype=torch_dtype(e.dtype, path), device=device) for e in header.entries
-    ]
-    offsets = [header.data_start + e.begin for e in header.entries]
-    nbytes = sum(e.nbytes for e in header.entries)
-    shapes = []
-    for slots, chunk_mb in RING_SWEEP:
-        row: dict = {"slots": slots, "chunk MB": chunk_mb}
-        for name, copies in (("GB/s", None), ("reads only GB/s", ReadsOnly())):
-            times = []
-            for _ in range(3):
-                sync()
-                started = time.perf_counter()
-                stream_into(path, dests, offsets, chunk_bytes=chunk_mb << 20, slots=slots, copies=copies)
-                sync()
-                times.append(time.perf_counter() - started)
-            row[name] = nbytes / statistics.median(times) / 1e9
-        shapes.append(row)
-    out["ring"] = shapes
-    if device == "cuda":
-        floor = pinned_h2d(nbytes)
-        out["pinned H2D GB/s"] = floor["bytes"] / floor["seconds"] / 1e9
-    return out
-
-
-def model_config(model: Model, scale: float) -> dict:
-    config = json.loads((find_upstream() / "configs" / model.config).read_text())
-    dit = config["model"]["diffusion"]["config"]
-    dit["depth"] = max(1, round(dit["depth"] * scale))
-    return config
-
-
-def time_text_encoder() -> list[float]:
-    """Seconds spent in the loads upstream's t5gemma conditioner makes: tokenizer, config, encoder.
-
-    Each class's ``from_pretrained`` is wrapped; only the outermost call counts, as
-    ``AutoTokenizer`` may load the config itself. Returns a one-element list that grows.
-    """
-    import transformers
-
-    spent = [0.0]
-    depth = [0]
-    for cls in (transformers.AutoTokenizer, transformers.AutoConfig, transformers.T5GemmaEncoderModel):
-        original = cls.from_pretrained.__func__
-
-        def timed(klass, *args, _original=original, **kwargs):
-            depth[0] += 1
-            started = time.perf_counter()
-            try:
-                return _original(klass, *args, **kwargs)
-            finally:
-                depth[0] -= 1
-                if not depth[0]:
-                    spent[0] += time.perf_counter() - started
-
-        cls.from_pretrained = classmethod(timed)
-    return spent
-
-
-def load_text_encoder(config: dict) -> object:
-    """The three loads the t5gemma conditioner makes, with its arguments, and nothing else."""
-    from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel
-
-    prompt = next(c["config"] for c in config["model"]["conditioning"]["configs"] if c["type"] == "t5gemma")
-    repo, kwargs = prompt["repo_id"], {"subfolder": prompt["subfolder"]}
-    AutoTokenizer.from_pretrained(repo, **kwargs)
-    encoder_config = AutoConfig.from_pretrained(repo, **kwargs)
-    encoder_config.is_encoder_decoder = False
-    return T5GemmaEncoderModel.from_pretrained(repo, config=encoder_config, **kwargs).train(False)
-
-
-def timed_load(args: argparse.Namespace, config: dict, out: dict) -> object:
-    """The one call a load row times; sa3loader's report goes into ``out``."""
-    import stable_audio_3.loading_utils as lu
-
-    import sa3loader
-    from sa3loader._format import read_header
-    from sa3loader._sibling import resolve_sibling
-
-    if args.child == "upstream":
-        return lu.load_diffusion_cond(config, args.ckpt, device=args.device, model_half=True)
-    if args.child == "convert":
-        return resolve_sibling(read_header(args.ckpt), args.cache)
-    if args.child == "encoder":
-        return load_text_encoder(config)
-    if args.child == "load_file":
-        from safetensors.torch import load_file
-
-        return load_file(args.ckpt, device=args.device)
-    model = sa3loader.load_diffusion_cond(
-        config, args.ckpt, args.device, True, cache_dir=args.cache, io=args.io
-    )
-    info = sa3loader.last_load_info()
-    out.update(
-        build=info.build,
-        fallback=info.fallback,
-        cache_hit=info.cache_hit,
-        converted=info.converted,
-        io=info.io,
-        sibling=info.sibling,
-        read_s=info.timings["read_s"],
-        bytes_read=info.bytes_read,
-        staging_bytes=info.staging_bytes,
-    )
-    return model
-
-
-def touch_every_page(model) -> float:
-    """Seconds to read one byte per page of every weight (what a first forward pass faults in)."""
-    import torch
-
-    started = time.perf_counter()
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.numel():
-            int(t.detach().reshape(-1).view(torch.uint8)[::PAGE].sum())
-    return time.perf_counter() - started
-
-
-def child(args: argparse.Namespace) -> None:
-    import torch
-    from support.upstream_env import import_upstream
-
-    import_upstream(find_upstream())
-    import stable_audio_3.loading_utils  # noqa: F401
-    import transformers  # noqa: F401  upstream imports it inside the factory: kept out of the clock
-    from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel  # noqa: F401
-
-    import sa3loader  # noqa: F401
-
-    encoder_seconds = time_text_encoder()
-    config = json.loads(Path(args.config).read_text())
-    if args.device == "cuda":  # CUDA context set up before the clock, as a warm server has it
-        torch.empty(1, device="cuda")
-        torch.cuda.synchronize()
-    if args.drop:  # after the imports, so the timed load starts as cold as cat does
-        settle_cold([Path(p) for p in args.drop.split(",")])
-    if args.child in ("h2d", "ring"):
-        result = (
-            pinned_h2d(Path(args.ckpt).stat().st_size)
-            if args.child == "h2d"
-            else ring_sweep(args.ckpt, args.device)
-        )
-        print("RESULT " + json.dumps(result))
-        return
-    out: dict = {}
-    with PeakSampler() as sampler:
-        started = time.perf_counter()
-        model = timed_load(args, config, out)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        out["seconds"] = time.perf_counter() - started
-        out["encoder_s"] = encoder_seconds[0]
-        if args.child == "hit" and args.device == "cpu":
-            out["touch_seconds"] = touch_every_page(model)
-    out.update(peak_anon=sampler.peak, base_anon=sampler.base)
-    print("RESULT " + json.dumps(out))
-
-
 # What a user runs, timed from the interpreter's start to a model ready for generate.
 # The upstream source is not installed, so the first lines put it on sys.path.
 STARTUP_SCRIPT = """
@@ -342,13 +90,14 @@ import_upstream(find_upstream())
 import torch, stable_audio_3.model, stable_audio_3.loading_utils
 from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel
 {import_ours}
-import bench_load
-spent = bench_load.time_text_encoder()
+import load_child
+spent = load_child.time_text_encoder()
 imported = time.time()
 {load}
 ready = time.time()
 print("RESULT " + json.dumps({{"imported": imported, "ready": ready, "encoder_s": spent[0]}}))
 """
+
 STARTUP_LOADS = {
     "load_diffusion_cond": """
 from huggingface_hub import hf_hub_download
@@ -371,51 +120,6 @@ def startup_script(api: str, ours: bool, name: str) -> str:
     return STARTUP_SCRIPT.format(tests=str(TESTS), bench=str(HERE), import_ours=import_ours, load=load)
 
 
-# --------------------------------------------------------------- parent side
-def drop_cache(*paths: Path) -> None:
-    for path in paths:
-        if path.exists():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def warm(path: Path) -> None:
-    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
-
-
-def settle_cold(paths: tuple[Path, ...] | list[Path]) -> None:
-    drop_cache(*paths)
-    time.sleep(COLD_SETTLE_S)
-
-
-@dataclass
-class Bench:
-    """Where this run's files are: the hub (HF_HOME), the served checkpoint, the cache dir."""
-
-    args: argparse.Namespace
-    hf_home: Path
-    ckpt: Path  # the snapshot's model.safetensors (a symlink to its blob)
-    config: Path
-    encoder: Path  # the T5Gemma weights, dropped with the checkpoint for cold runs
-    cache: Path
-    sibling: Path | None = None
-
-    def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            **hf_env(self.hf_home),
-            "SA3LOADER_PROGRESS": "0",
-            "SA3LOADER_CACHE_DIR": str(self.cache),
-        }
-
-    def files(self) -> tuple[Path, ...]:
-        return tuple(p for p in (self.ckpt, self.encoder, self.sibling) if p is not None)
-
-
 def result_of(proc: subprocess.CompletedProcess, what: str) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -429,7 +133,7 @@ def run_child(
     args = bench.args
     cmd = [
         sys.executable,
-        __file__,
+        str(HERE / "load_child.py"),
         "--child",
         mode,
         "--ckpt",
@@ -470,105 +174,8 @@ def run_startup(api: str, ours: bool, bench: Bench, cold: bool) -> dict:
     }
 
 
-def time_cat(path: Path, cold: bool = False) -> float:
-    if cold:
-        settle_cold([path])
-    started = time.perf_counter()
-    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - started
-
-
-def write_checkpoint(layout_path: Path, depth: int, path: Path) -> int:
-    """Random fp32 values in the layout's keys/shapes, without DiT blocks at or past ``depth``.
-
-    The model is not built to list its keys: that would load the text encoder. A
-    layout that does not fit the config shows up as a hit that is not fast.
-    """
-    import torch
-
-    from sa3loader._convert import CHUNK_ELEMENTS
-    from sa3loader._format import layout
-
-    block = re.compile(r"^model\.model\.transformer\.layers\.(\d+)\.")
-    entries = json.loads(layout_path.read_text())["state_dict"]
-    kept = [e for e in entries if not ((m := block.match(e["key"])) and int(m.group(1)) >= depth)]
-    assert {e["dtype"] for e in kept} <= {"float32"}, "the synthetic writer fills float32 tensors only"
-    prefix, placed = layout([(e["key"], "F32", tuple(e["shape"])) for e in kept], {"format": "pt"})
-    gen = torch.Generator().manual_seed(0)
-    buf = bytearray(CHUNK_ELEMENTS * 4)
-    values = torch.frombuffer(buf, dtype=torch.float32)
-    with open(path, "wb") as f:
-        f.write(prefix)
-        for entry in placed:
-            remaining = entry.numel
-            while remaining:
-                n = min(remaining, CHUNK_ELEMENTS)
-                values[:n].normal_(0.0, 0.02, generator=gen)
-                f.write(memoryview(buf)[: n * 4])
-                remaining -= n
-    return path.stat().st_size
-
-
-def set_up(args: argparse.Namespace, work: Path) -> Bench:
-    """The offline hub: the b-b encoder in the small-music repo, the model in its own repo."""
-    from support.hub_fixture import ENCODER_SUBFOLDER, REVISION, write_encoder, write_model
-
-    model = MODELS[args.model]
-    hf_home = work / "hf"
-    marker = work / "written.json"
-    wanted = {"model": args.model, "scale": args.scale, "encoder": ENCODER_SIZE}
-    config = model_config(model, args.scale)
-    snapshot = hf_home / "hub" / ("models--" + model.repo_id.replace("/", "--")) / "snapshots" / REVISION
-    if not (args.keep and marker.exists() and json.loads(marker.read_text()) == wanted):
-        shutil.rmtree(hf_home, ignore_errors=True)
-        marker.unlink(missing_ok=True)
-        started = time.perf_counter()
-        write_encoder(hf_home, ENCODER_SIZE)
-        raw = work / "model.safetensors"
-        size = write_checkpoint(model.layout, config["model"]["diffusion"]["config"]["depth"], raw)
-        assert write_model(hf_home, config, raw, model.repo_id) == snapshot
-        marker.write_text(json.dumps(wanted))
-        print(
-            f"wrote {args.model} ({size / 1e9:.2f} GB fp32, scale {args.scale}) and the {ENCODER_SIZE} "
-            f"text encoder into {hf_home} in {time.perf_counter() - started:.0f}s"
-        )
-    encoder = next(hf_home.glob(f"hub/*/snapshots/*/{ENCODER_SUBFOLDER}/model.safetensors"))
-    return Bench(
-        args, hf_home, snapshot / "model.safetensors", snapshot / "model_config.json", encoder, work / "cache"
-    )
-
-
 def median(values: list[float]) -> float:
     return statistics.median(values)
-
-
-def prepare(temp: str, bench: Bench) -> tuple[Path, ...]:
-    """Hot: read every file into the page cache now. Cold: the files to drop just before timing."""
-    if temp == "hot":
-        for path in bench.files():
-            if path.exists():
-                warm(path)
-        return ()
-    return bench.files()
-
-
-def workdir_and_scale(args: argparse.Namespace) -> Path:
-    """The work dir (on disk), shrinking ``--scale`` with a message when it lacks room."""
-    work = Path(args.workdir).resolve()
-    if str(work).startswith("/dev/shm"):
-        raise SystemExit("--workdir must be on disk, not /dev/shm (RAM)")
-    work.mkdir(parents=True, exist_ok=True)
-    layout_info = json.loads(MODELS[args.model].layout.read_text())["summary"]
-    free = shutil.disk_usage(work).free
-    need = lambda s: (layout_info["bytes_fp32"] + layout_info["bytes_fp16"]) * s * DISK_MARGIN  # noqa: E731
-    while need(args.scale) > free and args.scale > 0.05:
-        new = round(args.scale / 2, 3)
-        print(
-            f"only {free / 1e9:.1f} GB free in {work}: scale {args.scale} needs "
-            f"{need(args.scale) / 1e9:.1f} GB; trying scale {new}"
-        )
-        args.scale = new
-    return work
 
 
 Record = Callable[[str, float], None]
@@ -809,22 +416,9 @@ def measure_cuda(bench: Bench) -> None:
             "staging host memory (MB)": max(m["staging host memory (MB)"]),
         }
     )
+    from ring_sweep import print_ring_sweep
+
     print_ring_sweep(run_child("ring", bench, ckpt=sibling))
-
-
-def print_ring_sweep(r: dict) -> None:
-    print(
-        f"\nstaging ring sweep (hot sibling, destinations preallocated; medians of 3); "
-        f"first 256 MB staging allocation {r['first 256 MB staging allocation s'] * 1e3:.0f} ms, "
-        f"pinned H2D {r.get('pinned H2D GB/s', float('nan')):.1f} GB/s"
-    )
-    best = max(r["ring"], key=lambda row: row["GB/s"])
-    for row in r["ring"]:
-        mark = "  <- best" if row is best else ""
-        print(
-            f"  {row['slots']:3d} slots x {row['chunk MB']:4d} MB  {row['GB/s']:7.2f} GB/s  "
-            f"reads only {row['reads only GB/s']:7.2f} GB/s{mark}"
-        )
 
 
 def main() -> None:
@@ -846,14 +440,7 @@ def main() -> None:
         default="cpu",
         help="cuda: hot loads to the GPU vs upstream, load_file and a pinned copy",
     )
-    parser.add_argument("--io", default="mmap", help=argparse.SUPPRESS)
-    parser.add_argument("--drop", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--ckpt", help=argparse.SUPPRESS)
-    parser.add_argument("--cache", help=argparse.SUPPRESS)
-    parser.add_argument("--config", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    child(args) if args.child else parent(args)
+    parent(parser.parse_args())
 
 
 if __name__ == "__main__":

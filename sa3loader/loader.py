@@ -63,11 +63,33 @@ def last_load_info() -> LoadInfo:
     return _last_info
 
 
-def _finish(model: nn.Module, device: torch.device | str, half: bool) -> nn.Module:
+def _finish(model: nn.Module, device: torch.device | str | int | None, half: bool) -> nn.Module:
     model.to(device).eval().requires_grad_(False)
     if half:
         model.to(torch.float16)
     return model
+
+
+def _target_device(device: str | torch.device | int | None) -> torch.device:
+    """The device weights go to; None is the CPU, as upstream's ``model.to(None)`` leaves it.
+
+    Fails exactly as upstream's ``model.to(device)`` would, before any work.
+    """
+    target = torch.device("cpu") if device is None else torch.device(device)
+    torch.empty(0).to(target)
+    return target
+
+
+def _on_meta(factory: Factory, config: Any, device: Any, half: bool, info: LoadInfo) -> nn.Module:
+    """Upstream's build, then ``.to("meta")``: its tensors have no data, so no file is read.
+
+    The factory runs with its real init, as upstream's does, so what stays on the
+    CPU (plain attributes computed from the init) and the random state match.
+    """
+    with not_deferred():
+        model = factory(config)
+    info.build, info.reason = "faithful", "meta device: nothing read"
+    return _finish(model, device, half)
 
 
 def _built(built: Built, values: Values, device: torch.device, info: LoadInfo) -> nn.Module:
@@ -129,7 +151,7 @@ def _record_sibling(info: LoadInfo, outcome: SiblingOutcome, source: Header) -> 
 def load_diffusion_cond(
     model_config: Any,
     ckpt_path: str | os.PathLike[str],
-    device: str | torch.device = "cuda",
+    device: str | torch.device | int | None = "cuda",
     model_half: bool = False,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -168,8 +190,9 @@ def load_diffusion_cond(
     )
     info.timings["import_s"] = time.perf_counter() - started  # stable_audio_3's, the first time
     sibling_started = time.perf_counter()
-    target = torch.device(device)
-    torch.empty(0).to(target)  # raises exactly as upstream's model.to(device) would, before any work
+    target = _target_device(device)
+    if target.type == "meta":  # upstream's model.to("meta"): shapes only, nothing to read
+        return _on_meta(factory, model_config, device, bool(model_half), info)
     with open_header(ckpt_path) as source:
         outcome = SiblingOutcome(reason="fp32 load")
         if model_half:
@@ -201,7 +224,7 @@ AUTOENCODER_PREFIX = "pretransform.model."
 def load_autoencoder(
     config_path: str | os.PathLike[str],
     ckpt_path: str | os.PathLike[str],
-    device: str | torch.device = "cpu",
+    device: str | torch.device | int | None = "cpu",
     *,
     model_factory: Factory | None = None,
     io: str | None = None,
@@ -222,8 +245,7 @@ def load_autoencoder(
         model_factory = lambda cfg: create(cfg["model"], cfg["sample_rate"])  # noqa: E731
     factory = model_factory
     io_mode = resolve_io(_config.io_mode(io))
-    target = torch.device(device)
-    torch.empty(0).to(target)
+    target = _target_device(device)
     with open_header(ckpt_path) as whole:
         source = whole
         if any(e.name.startswith(AUTOENCODER_PREFIX) for e in whole.entries):

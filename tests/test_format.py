@@ -110,7 +110,7 @@ def test_hostile_headers_raise_header_error_naming_the_file(tmp_path, case):
     path = _file(tmp_path, **HOSTILE[case])
     with pytest.raises(HeaderError) as err:
         read_header(path)
-    assert str(path) in str(err.value)
+    assert str(path) in str(err.value) and err.value.filename == str(path)
     assert isinstance(err.value, ValueError) and isinstance(err.value, Sa3LoaderError)
 
 

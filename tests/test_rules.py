@@ -5,14 +5,16 @@ sibling's name and metadata. These are what mutation testing runs against (tests
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sa3loader import _build, _sibling
-from sa3loader._format import layout, parse_header
+from sa3loader import HeaderError, _build, _sibling
+from sa3loader._format import _guess_format, layout, parse_header
 from sa3loader._io import MAX_GAP_BYTES, plan_chunks
 
 # ------------------------------------------------------------------ key rules
@@ -256,3 +258,86 @@ def test_describes_needs_the_same_names_shapes_and_converted_dtypes():
     assert not _sibling.describes(header_of({"w": ("F16", (2,))}), source)  # missing one
     assert not _sibling.describes(header_of({"x": ("F16", (2,)), "h": ("F16", (3,))}), source)  # name
     assert _sibling.has_float32(source) and not _sibling.has_float32(header_of({"h": ("F16", (3,))}))
+
+
+# ------------------------------------------------------------------ header validation, word for word
+
+
+def entry(dtype="F32", shape=(2,), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+def bad(tensors: dict) -> bytes:
+    return json.dumps(tensors).encode()
+
+
+BEGIN_AFTER_END = "data_offsets must be two integers 0 <= begin <= end"
+BAD_HEADERS = {
+    "not-json": (b"{nope", 0, "header is not valid JSON"),
+    "a-list": (b"[1]", 0, "header is a JSON list, not an object"),
+    "metadata": (bad({"__metadata__": {"a": 1}}), 0, "__metadata__ must map strings to strings"),
+    "surrogate": (b'{"__metadata__": {"a": "\\ud800"}}', 0, "header string '\\ud800' is not valid Unicode"),
+    "duplicate": (b'{"a": {}, "a": {}}', 0, "(duplicate key 'a')"),
+    "fields": (bad({"t": {"dtype": "F32"}}), 0, "entry must have exactly dtype, shape and"),
+    "dtype": (bad({"t": entry(dtype="F128")}), 8, "unsupported dtype 'F128'"),
+    "shape": (bad({"t": entry(shape=(-1,))}), 8, "shape must be a list of non-negative integers"),
+    "begin-after-end": (bad({"t": entry(offsets=(8, 0))}), 8, BEGIN_AFTER_END),
+    "f4-odd-bits": (bad({"t": entry("F4", (3,), (0, 1))}), 1, "F4 x [3] does not fill whole bytes"),
+    "f4-odd-last": (bad({"t": entry("F4", (4, 1), (0, 2))}), 2, "F4 x [4, 1] does not fill whole bytes"),
+    "f4-scalar": (bad({"t": entry("F4", (), (0, 1))}), 1, "F4 x [] does not fill whole bytes"),
+    "size": (bad({"t": entry(shape=(3,))}), 8, "8 data bytes do not match F32 x [3] = 12 bytes"),
+    "gap": (bad({"t": entry(offsets=(4, 12))}), 12, "tensor 't' starts at 4, expected 0"),
+    "short": (bad({"t": entry()}), 4, "tensors need 8 data bytes but the file holds 4"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HEADERS))
+def test_each_bad_header_is_named_for_what_it_is(case):
+    raw, data_size, message = BAD_HEADERS[case]
+    with pytest.raises(HeaderError) as err:
+        parse_header(raw, path="m.safetensors", file_size=8 + len(raw) + data_size)
+    assert message in str(err.value) and str(err.value).startswith("m.safetensors: ")
+    assert err.value.filename == "m.safetensors"
+
+
+def test_a_parsed_header_keeps_the_file_size_and_the_hash_of_its_bytes():
+    raw = json.dumps({"t": entry()}).encode()
+    header = parse_header(raw, path="m", file_size=8 + len(raw) + 8)
+    assert (header.file_size, header.header_size) == (8 + len(raw) + 8, len(raw))
+    assert header.sha256 == hashlib.sha256(raw).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("first", "guess"),
+    [
+        (b"{ \t\r\n~ab", " (it starts with text)"),
+        (b"ab\x7fcdefg", ""),
+        (b"ab\x1fcdefg", ""),
+        (
+            b"PK\x03\x04abcd",
+            " (it is a zip archive: a PyTorch .pt/.ckpt checkpoint? Convert it to safetensors first)",
+        ),
+        (b"\x80\x02abcdef", " (it is a pickle: a PyTorch checkpoint? Convert it to safetensors first)"),
+    ],
+)
+def test_what_a_file_that_is_not_safetensors_looks_like(first, guess):
+    assert _guess_format(first) == guess
+
+
+def test_contiguous_ranges_are_one_read():
+    assert len(plan_chunks([(0, 10), (10, 10), (20, 5)], 1 << 20)) == 1
+
+
+def test_remap_never_drops_the_first_component_even_into_a_key_with_a_leading_dot():
+    assert _build.remap_key("a.b", {".b": None}) == "a.b"
+
+
+def test_hub_cache_recognised_at_the_snapshots_dir_itself():
+    assert _sibling.in_hf_hub_cache("/hf/hub/models--o--n/snapshots")
+
+
+def test_cache_path_of_a_path_that_is_not_utf8():
+    name = os.fsdecode(b"/data/caf\xe9/model.safetensors")  # latin-1 bytes: a surrogate escape
+    path = _sibling.cache_path("/c", name, name)
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    assert path == f"/c/siblings/{digest}/model.fp16.safetensors"

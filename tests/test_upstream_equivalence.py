@@ -208,3 +208,31 @@ def test_a_short_generation_gives_upstreams_audio(upstream, tmp_path, half):
         got = audio(ours(upstream, upstream.tiny_config, path, half, tmp_path / "cache"))
         assert got.dtype == expected.dtype and got.shape == expected.shape
         assert torch.equal(bits(got), bits(expected))
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_device_none_and_meta_give_upstreams_model(upstream, tmp_path, half):
+    """``device=None`` leaves upstream's model on the CPU; ``"meta"`` gives its shapes with no data:
+    nothing is read, no sibling is made, and the random state ends where upstream's does."""
+    path = tricky_checkpoint(upstream, tmp_path, complete=True)
+    ref = upstream_model(upstream, upstream.tiny_config, path, half, device=None)
+    assert_same_model(ours(upstream, upstream.tiny_config, path, half, tmp_path / "cache", device=None), ref)
+
+    ref = upstream_model(upstream, upstream.tiny_config, path, half, device="meta")
+    rng_after_upstream = torch.random.get_rng_state()
+    model = ours(upstream, upstream.tiny_config, path, half, tmp_path / "meta-cache", device="meta")
+    assert torch.equal(torch.random.get_rng_state(), rng_after_upstream)
+    assert sa3loader.last_load_info().reason == "meta device: nothing read"
+    assert not (tmp_path / "meta-cache").exists()
+    theirs = dict(ref.state_dict(keep_vars=True))
+    mine = dict(model.state_dict(keep_vars=True))
+    assert list(mine) == list(theirs)
+    for key, value in theirs.items():
+        got = mine[key]
+        assert (got.device, got.dtype, got.shape, got.requires_grad) == (
+            value.device,
+            value.dtype,
+            value.shape,
+            value.requires_grad,
+        ), key
+    assert [m.training for m in model.modules()] == [m.training for m in ref.modules()]
