@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 
 import pytest
@@ -286,6 +287,7 @@ BAD_HEADERS = {
     "f4-odd-last": (bad({"t": entry("F4", (4, 1), (0, 2))}), 2, "F4 x [4, 1] does not fill whole bytes"),
     "f4-scalar": (bad({"t": entry("F4", (), (0, 1))}), 1, "F4 x [] does not fill whole bytes"),
     "size": (bad({"t": entry(shape=(3,))}), 8, "8 data bytes do not match F32 x [3] = 12 bytes"),
+    "size-later": (bad({"t": entry(shape=(3,), offsets=(4, 12))}), 12, "8 data bytes do not match"),
     "gap": (bad({"t": entry(offsets=(4, 12))}), 12, "tensor 't' starts at 4, expected 0"),
     "short": (bad({"t": entry()}), 4, "tensors need 8 data bytes but the file holds 4"),
 }
@@ -341,3 +343,11 @@ def test_cache_path_of_a_path_that_is_not_utf8():
     path = _sibling.cache_path("/c", name, name)
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
     assert path == f"/c/siblings/{digest}/model.fp16.safetensors"
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 2), (2, 1, 4)])
+def test_f4_tensors_with_an_even_last_dimension_are_valid(shape):
+    nbytes = math.prod(shape) // 2
+    raw = bad({"t": entry("F4", shape, (0, nbytes))})
+    header = parse_header(raw, path="m", file_size=8 + len(raw) + nbytes)
+    assert header.by_name["t"].torch_shape == (*shape[:-1], shape[-1] // 2)
