@@ -12,7 +12,7 @@ import time
 from load_child import pinned_h2d
 
 # Ring shapes (slots, MB per slot) the --device cuda sweep tries, all within the
-# 512 MB staging goal; the library's default is RING_SLOTS x RING_BYTES / RING_SLOTS.
+# 512 MB staging goal; the library's default is RING_SLOTS x RING_SLOT_BYTES (ring_shape).
 RING_SWEEP = [(2, 128), (4, 64), (8, 32), (16, 16), (4, 32), (8, 16), (16, 8), (8, 64)]
 
 

@@ -25,6 +25,7 @@ VERIFY_ENV = "SA3LOADER_VERIFY"
 IO_ENV = "SA3LOADER_IO"
 LOCK_TIMEOUT_ENV = "SA3LOADER_LOCK_TIMEOUT"
 PROGRESS_ENV = "SA3LOADER_PROGRESS"
+PIN_ENV = "SA3LOADER_PIN"
 VERBOSITY_ENV = "SA3LOADER_VERBOSITY"
 LOGGER_NAME = "sa3loader"
 VERBOSITY_LEVELS = {
@@ -147,6 +148,12 @@ def lock_timeout() -> float:
     return value
 
 
+def pin() -> bool:
+    """False when $SA3LOADER_PIN=0 (or false, no, off): stage in pageable memory, as where
+    pinning is slow or limited (WSL, containers with a small memlock limit)."""
+    return os.environ.get(PIN_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+
+
 def progress() -> bool:
     """False when $SA3LOADER_PROGRESS=0 or $TQDM_DISABLE is set (bars show only on a terminal anyway)."""
     return os.environ.get(PROGRESS_ENV, "").strip() != "0" and not os.environ.get("TQDM_DISABLE")
@@ -162,6 +169,7 @@ class Settings:
     lock_timeout: float  # seconds to wait for another process's conversion
     progress: bool  # bars allowed (still only on a terminal)
     shared_cache: bool  # a group- or world-writable cache dir is trusted on purpose
+    pin: bool  # stage transfers to a device in pinned host memory
 
 
 def settings(*, io: str | None = None, verify: bool | None = None) -> Settings:
@@ -173,6 +181,7 @@ def settings(*, io: str | None = None, verify: bool | None = None) -> Settings:
         lock_timeout=lock_timeout(),
         progress=progress(),
         shared_cache=shared_cache(),
+        pin=pin(),
     )
 
 

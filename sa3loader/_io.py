@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._config import warn_once
 from ._format import Header, TensorEntry, open_for_reading, preadv_exact, reading
 from .errors import FileAccessError, HeaderError, TruncatedFileError
 
@@ -195,11 +196,40 @@ def touch_pages(view: torch.Tensor, start: int, length: int) -> None:
 logger = logging.getLogger(__name__)
 
 READ_THREADS = 4
-# The staging ring is 256 MB of pinned memory whatever the model size. Each slot
-# has its own reader thread, so bigger hosts get more, smaller chunks in flight
-# (2 x 128 MB on 2 cores, 8 x 32 MB on 16 or more).
+# The staging ring is at most 256 MB of pinned memory whatever the model size. Each
+# slot has its own reader thread, so bigger hosts get more, smaller chunks in flight.
 RING_BYTES = 256 * 1024 * 1024
-RING_SLOTS = min(8, max(2, (os.cpu_count() or 2) // 2))
+MAX_RING_SLOTS = 8
+
+
+def ring_shape(cpu_count: int) -> tuple[int, int]:
+    """(slots, bytes per slot) for a host with ``cpu_count`` cores.
+
+    torch's pinned-memory cache rounds every block up to a power of two and keeps
+    it, so a slot is a power of two: what the ring reports is what it pins, and the
+    whole stays within RING_BYTES (2 x 128 MB on 2-5 cores, 3-4 x 64 MB up to 9,
+    5-8 x 32 MB beyond).
+    """
+    slots = min(MAX_RING_SLOTS, max(2, cpu_count // 2))
+    return slots, 1 << ((RING_BYTES // slots).bit_length() - 1)
+
+
+RING_SLOTS, RING_SLOT_BYTES = ring_shape(os.cpu_count() or 2)
+
+
+def pinned_block_bytes(nbytes: int) -> int:
+    """What torch's pinned-memory cache takes for a request of ``nbytes``: the next power of two."""
+    return 1 << max(0, nbytes - 1).bit_length()
+
+
+def release_pinned_cache() -> None:
+    """Give the pinned blocks torch keeps cached back to the system (upstream pins nothing).
+
+    ``torch.accelerator.empty_host_cache`` where this torch has it; a no-op elsewhere.
+    """
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if empty is not None:
+        empty()
 
 
 def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
@@ -308,20 +338,26 @@ class StreamStats:
 
 
 def _staging(slots: int, nbytes: int, pin: bool) -> tuple[list[torch.Tensor], bool]:
+    """The ring's buffers: pinned blocks of the size torch's cache really takes, else pageable."""
     if pin:
         try:
-            return [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)], True
+            size = pinned_block_bytes(nbytes)
+            return [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(slots)], True
         except RuntimeError as exc:  # no CUDA driver, or a locked-memory limit
-            logger.info("pinned host memory unavailable (%s); staging in pageable memory", exc)
+            warn_once("pinned", "pinned host memory unavailable (%s); staging in pageable memory", exc)
     return [torch.empty(nbytes, dtype=torch.uint8) for _ in range(slots)], False
 
 
 class DeviceCopies:
     """Copies out of ring slots into device tensors; this base copies synchronously.
 
-    The ring's contract: ``send`` issues a slot's copies, ``wait`` returns once
-    that slot may be refilled, ``finish`` once every copy has landed.
+    The ring's contract: ``select`` runs first in each reader thread (it makes the
+    target device current there), ``send`` issues a slot's copies, ``wait``
+    returns once that slot may be refilled, ``finish`` once every copy has landed.
     """
+
+    def select(self) -> None:
+        """Called once in each reader thread before any of its waits."""
 
     def send(self, slot: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for dest, src in pairs:
@@ -338,6 +374,7 @@ class CudaCopies(DeviceCopies):
     """Non-blocking copies on a side stream; one event per slot guards its refill."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.stream = torch.cuda.Stream(device)
         # The destinations were allocated on the current stream, whose queued work
         # may still use that memory: the side stream's writes wait for it.
@@ -351,6 +388,11 @@ class CudaCopies(DeviceCopies):
             event = torch.cuda.Event()
             event.record(self.stream)
         self.done[slot] = event
+
+    def select(self) -> None:
+        # A thread's current device is its own (0 by default): an event wait there on a
+        # load to cuda:1 would set up a second context on GPU 0.
+        torch.cuda.set_device(self.device)
 
     def wait(self, slot: int) -> None:
         event = self.done.get(slot)
@@ -366,7 +408,7 @@ def stream_into(
     dests: Sequence[torch.Tensor],
     offsets: Sequence[int],
     *,
-    chunk_bytes: int = RING_BYTES // RING_SLOTS,
+    chunk_bytes: int = RING_SLOT_BYTES,
     slots: int = RING_SLOTS,
     pin: bool = True,
     copies: DeviceCopies | None = None,
@@ -388,7 +430,12 @@ def stream_into(
     ring_views = [t.numpy().data for t in ring]
     targets = [_byte_view(t) if t.numel() else t for t in dests]
 
+    local = threading.local()
+
     def read(i: int) -> None:
+        if not getattr(local, "selected", False):
+            copies.select()
+            local.selected = True
         slot = i % slots
         copies.wait(slot)  # its previous chunk's copies must have left the buffer
         chunk = chunks[i]
@@ -413,4 +460,8 @@ def stream_into(
                     pending[i + slots] = pool.submit(read, i + slots)
     finally:
         copies.finish()
+        ring_views.clear()  # the last references to the ring's memory
+        ring.clear()
+        if stats.pinned:
+            release_pinned_cache()
     return stats

@@ -61,11 +61,14 @@ def streams_to(device: torch.device) -> bool:
 class Values:
     """Final tensor values for checkpoint names, following upstream's cast chain."""
 
-    def __init__(self, source: Header, sibling: Header | None, half: bool, io: IoMode = DEFAULT_IO) -> None:
+    def __init__(
+        self, source: Header, sibling: Header | None, half: bool, io: IoMode = DEFAULT_IO, *, pin: bool = True
+    ) -> None:
         self.source = source
         self.sibling = sibling
         self.half = half
         self.io = io
+        self.pin = pin  # stage in pinned memory when streaming to a device ($SA3LOADER_PIN)
         self._maps: dict[str, MappedFile] = {}
         self._early: dict[str, threading.Thread] = {}  # path -> thread faulting in its data
         self._stop_early = threading.Event()
@@ -73,6 +76,7 @@ class Values:
         self.bytes_mapped = 0  # placed as views of the sibling's mapping: read when first touched
         self.read_seconds = 0.0
         self.staging_bytes = 0
+        self.staging_pinned = False
 
     @property
     def cpu_io(self) -> IoMode:
@@ -212,10 +216,15 @@ class Values:
                     read_into(header.path, dests, offsets, fd=fd)
             else:
                 with reading(header) as fd:
-                    stats = stream_into(header.path, dests, offsets, fd=fd)
+                    stats = stream_into(header.path, dests, offsets, fd=fd, pin=self.pin)
                 self.staging_bytes = max(self.staging_bytes, stats.staging_bytes)
+                self.staging_pinned = self.staging_pinned or stats.pinned
                 if header is self.sibling:  # an fp16 model tensor was cast on the CPU upstream too
-                    recast = [k for k, i in enumerate(indices) if wanted[i][1] != torch.float16]
+                    recast = [
+                        k
+                        for k, i in enumerate(indices)
+                        if wanted[i][1] != torch.float16 and dests[k].is_floating_point()  # NaN needs a float
+                    ]
                     names = [wanted[indices[k]][0] for k in recast]
                     self._recast_nans_on_device(names, [dests[k] for k in recast], device)
             for i, dest in zip(indices, dests, strict=True):
@@ -233,7 +242,9 @@ class Values:
         """
         if not values:
             return
-        flags = torch.stack([v.isnan().any() for v in values]).cpu()  # one sync for all
+        # A sum is NaN when a value is (or when +inf meets -inf: a harmless recast), and
+        # needs no full-size temporary as isnan() does. One sync for all.
+        flags = torch.stack([v.sum(dtype=torch.float32).isnan() for v in values]).cpu()
         for i in flags.nonzero().flatten().tolist():
             fp32 = self.tensor(self.source, names[i]).to(device)
             values[i].copy_(fp32.to(torch.float16))

@@ -45,7 +45,8 @@ class LoadInfo:
     io: IoMode | Literal["stream", ""] = ""  # "stream": straight to another device
     bytes_read: int = 0  # weight bytes read from a file into fresh memory (or streamed), with no cast
     bytes_mapped: int = 0  # weight bytes placed as views of the sibling's mapping (faulted in on use)
-    staging_bytes: int = 0  # host buffers (pinned when possible) used to stream to a device
+    staging_bytes: int = 0  # host buffers used to stream to a device (what was pinned, when pinned)
+    staging_pinned: bool = False  # the staging buffers were pinned (page-locked) memory
     reason: str = ""
     fallback: str | None = None
     overflow_to_inf: int | None = None
@@ -100,6 +101,7 @@ def _built(built: Built, values: Values, device: torch.device, info: LoadInfo) -
     info.bytes_read = values.bytes_read
     info.bytes_mapped = values.bytes_mapped
     info.staging_bytes = values.staging_bytes
+    info.staging_pinned = values.staging_pinned
     return built.model
 
 
@@ -202,7 +204,7 @@ def load_diffusion_cond(
             _record_sibling(info, outcome, source)
             build_started = time.perf_counter()
             io_mode = resolve_io(settings.io, outcome.sibling.path if outcome.sibling is not None else None)
-            with Values(source, outcome.sibling, bool(model_half), io_mode) as values:
+            with Values(source, outcome.sibling, bool(model_half), io_mode, pin=settings.pin) as values:
                 values.prefetch_early(target)
                 model = _built(build(factory, model_config, source, values, target), values, target, info)
             check_unchanged(source)  # a rewrite in place during the load: never a mix of two versions

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,65 @@ def test_large_destinations_read_right_with_huge_page_advice(tmp_path):
     read_into(str(path), dests, [header.data_start + header.by_name[n].begin for n in ("big", "small")])
     assert torch.equal(dests[0].view(torch.int32), big.view(torch.int32))
     assert torch.equal(dests[1], torch.arange(5))
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 5, 6, 7, 8, 9, 10, 14, 16, 64])
+def test_the_ring_pins_what_it_reports(cores):
+    """torch's pinned cache rounds each block up to a power of two and keeps it: slots are
+    powers of two, so the ring's figure is what is pinned, and the whole stays within 256 MB."""
+    slots, slot_bytes = _io.ring_shape(cores)
+    assert 2 <= slots <= _io.MAX_RING_SLOTS
+    assert _io.pinned_block_bytes(slot_bytes) == slot_bytes
+    assert slots * slot_bytes <= _io.RING_BYTES < slots * slot_bytes * 2
+
+
+def test_pinned_blocks_are_the_next_power_of_two():
+    assert [_io.pinned_block_bytes(n) for n in (1, 2, 3, 4096, 4097, 100 << 20)] == [
+        1,
+        2,
+        4,
+        4096,
+        8192,
+        128 << 20,
+    ]
+
+
+class SelectingCopies(_io.DeviceCopies):
+    """Records, per thread, the order of select() and wait() calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, str]] = []
+        self.lock = threading.Lock()
+
+    def select(self) -> None:
+        with self.lock:
+            self.calls.append((threading.get_ident(), "select"))
+
+    def wait(self, slot: int) -> None:
+        with self.lock:
+            self.calls.append((threading.get_ident(), "wait"))
+
+
+def test_reader_threads_select_the_device_before_any_wait(tmp_path):
+    """A thread's current CUDA device is its own: each reader makes the target current first."""
+    path = mixed_file(tmp_path)
+    header = read_header(path)
+    dests = [torch.empty(e.torch_shape, dtype=TORCH_DTYPES[e.dtype]) for e in header.entries]
+    copies = SelectingCopies()
+    stream_into(
+        str(path), dests, [header.data_start + e.begin for e in header.entries], chunk_bytes=64, copies=copies
+    )
+    by_thread: dict[int, list[str]] = {}
+    for thread, call in copies.calls:
+        by_thread.setdefault(thread, []).append(call)
+    assert by_thread and all(
+        calls[0] == "select" and calls.count("select") == 1 for calls in by_thread.values()
+    )
+
+
+def test_sa3loader_pin_0_stages_in_pageable_memory(monkeypatch):
+    from sa3loader import _config
+
+    assert _config.settings().pin
+    monkeypatch.setenv("SA3LOADER_PIN", "0")
+    assert not _config.settings().pin

@@ -164,10 +164,10 @@ def test_device_streaming_path_on_the_cpu(upstream, tmp_path, half, copies, monk
     monkeypatch.setattr(loader, "streams_to", lambda device: True)
     if copies == "late":
 
-        def late_ring(path, dests, offsets, *, fd):
+        def late_ring(path, dests, offsets, *, fd, pin):
             chunk = max(4096, sum(t.nbytes for t in dests) // 64)  # dozens of refills per slot
             return _io.stream_into(
-                path, dests, offsets, chunk_bytes=chunk, slots=2, copies=LateCopies(), fd=fd
+                path, dests, offsets, chunk_bytes=chunk, slots=2, copies=LateCopies(), fd=fd, pin=pin
             )
 
         monkeypatch.setattr(_values, "stream_into", late_ring)
@@ -178,6 +178,7 @@ def test_device_streaming_path_on_the_cpu(upstream, tmp_path, half, copies, monk
         info = sa3loader.last_load_info()
         assert (info.build, info.io) == ("fast", "stream") and info.bytes_read > 0
         assert 0 < info.staging_bytes <= RING_BYTES <= 512 * 1024 * 1024  # the bound
+        assert not info.staging_pinned  # nothing to pin for on a CPU
         assert_same_model(model, ref)
 
 
