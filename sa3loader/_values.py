@@ -31,6 +31,9 @@ from ._io import MappedFile, read_into, stream_into, torch_dtype
 # A sibling value f16(x) equals upstream's result for x only when the model
 # tensor it lands in holds x exactly first (f16, f32, f64); else read the source.
 SIBLING_SAFE_DTYPES = {torch.float16, torch.float32, torch.float64}
+# Devices whose fp32 -> fp16 cast gives the CPU's bits for every value but NaN payloads
+# (tested on the CPU; CUDA's cvt.rn rounds to nearest even and keeps subnormals).
+SIBLING_CAST_DEVICES = frozenset({"cpu", "cuda"})
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +138,14 @@ class Values:
         thread.start()
         self._early[header.path] = thread
 
-    def _as_is(self, name: str, model_dtype: torch.dtype) -> Header | None:
-        """The file whose bytes are already the final value, if one is."""
+    def _as_is(self, name: str, model_dtype: torch.dtype, device: torch.device) -> Header | None:
+        """The file whose bytes are already the final value on ``device``, if one is."""
         dtype = self.source.by_name[name].dtype
         if self.sibling is not None and dtype == "F32" and model_dtype in SIBLING_SAFE_DTYPES:
-            return self.sibling  # fp16(x): what upstream ends with
+            # fp16(x), what upstream ends with, where the device's cast is known to be the
+            # CPU's: round to nearest even, subnormals kept (CUDA's cvt.rn has no flush to
+            # zero). Elsewhere (mps, ...) upstream's own cast runs on the device.
+            return self.sibling if device.type in SIBLING_CAST_DEVICES else None
         if torch_dtype(dtype, self.source.path) == model_dtype and not (
             self.half and model_dtype.is_floating_point and model_dtype != torch.float16
         ):
@@ -155,7 +161,7 @@ class Values:
         ``final=False`` stops after the copy into ``model_dtype``: for copying into
         an existing tensor, which the closing ``model.to(float16)`` casts.
         """
-        header = self._as_is(name, model_dtype) if final else None
+        header = self._as_is(name, model_dtype, device) if final else None
         if header is not None:
             return self.tensor(header, name).to(device)
         value = self.tensor(self.source, name)
@@ -185,7 +191,7 @@ class Values:
         by_file: dict[str, list[int]] = defaultdict(list)
         headers = {h.path: h for h in (self.source, self.sibling) if h is not None}
         for i, (name, dtype) in enumerate(wanted):
-            header = self._as_is(name, dtype)
+            header = self._as_is(name, dtype, device)
             if header is None:
                 out[i] = self.get(name, dtype, device=device)
             else:

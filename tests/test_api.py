@@ -267,3 +267,24 @@ def test_other_formats_are_named_before_any_header_arithmetic(tmp_path, kind):
         sa3loader.load_into_module(torch.nn.Linear(2, 2), path)
     assert {"zip": "zip archive", "pickle": "pickle", "text": "text"}[kind] in str(err.value)
     assert "claims" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("device", "from_sibling"), [("cpu", True), ("cuda", True), ("mps", False), ("xpu", False)]
+)
+def test_the_siblings_fp16_is_final_only_where_the_device_casts_as_the_cpu_does(
+    tmp_path, device, from_sibling
+):
+    """On other devices upstream's own cast runs there (fp32 moved, then cast): nothing assumes
+    their rounding of subnormals matches the CPU's."""
+    from sa3loader._format import read_header
+    from sa3loader._sibling import resolve_sibling
+    from sa3loader._values import Values
+
+    src = save({"w": torch.tensor([1.0, 3e-6]), "i": torch.arange(2)}, tmp_path / "model.safetensors")
+    source = read_header(src)
+    sibling = resolve_sibling(source, str(tmp_path / "c")).sibling
+    values = Values(source, sibling, half=True)
+    target = torch.device(device)
+    assert (values._as_is("w", torch.float32, target) is sibling) == from_sibling
+    assert values._as_is("i", torch.int64, target) is sibling  # other dtypes: the same bytes everywhere
