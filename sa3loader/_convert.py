@@ -97,6 +97,13 @@ def progress_enabled(allowed: bool | None = None) -> bool:
     return (_config.progress() if allowed is None else allowed) and sys.stderr.isatty()
 
 
+def byte_bar(desc: str, total: int, enabled: bool) -> tqdm[Any]:
+    """A progress bar in bytes, shown only when enabled and for work long enough to watch."""
+    return tqdm(
+        total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled or total < PROGRESS_MIN_BYTES
+    )
+
+
 def _write_all(fd: int, data: memoryview | bytes) -> None:
     view = memoryview(data)
     while view:
@@ -135,13 +142,7 @@ def convert(
         _keep_group(out_fd, source_stat, mode)
         with (
             reading(header) as src_fd,
-            tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                desc=f"fp16 {os.path.basename(header.path)}",
-                disable=not progress_enabled(progress) or total < PROGRESS_MIN_BYTES,
-            ) as bar,
+            byte_bar(f"fp16 {os.path.basename(header.path)}", total, progress_enabled(progress)) as bar,
         ):
             phase("header")
             _write_all(out_fd, prefix)
@@ -407,13 +408,7 @@ def compare(source: Header, sibling: Header, *, progress: bool = False) -> Compa
     with (
         reading(source) as src_fd,
         reading(sibling) as sib_fd,
-        tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            desc=f"check {os.path.basename(sibling.path)}",
-            disable=not (progress and progress_enabled()),
-        ) as bar,
+        byte_bar(f"check {os.path.basename(sibling.path)}", total, progress and progress_enabled()) as bar,
     ):
         for entry, expected, _ in _sibling_pieces(source, source.entries, src_fd):
             actual = read_exact(sib_fd, at[entry.name], len(expected), sibling.path)

@@ -167,6 +167,20 @@ def _private_group(gid: int) -> bool:
     return gid == os.getgid() and group.gr_name == user and set(group.gr_mem) <= {user}
 
 
+def _lstat(path: str) -> tuple[os.stat_result | None, str | None]:
+    """``path``'s own stat (a symlink is not followed), or None and why there is nothing to
+    judge: absent (None: nothing is there), unreadable, or a symlink."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"cannot inspect it ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return None, "it is a symlink"
+    return st, None
+
+
 def cache_dir_trust(path: str, *, shared: bool | None = None) -> str | None:
     """None when ``path`` is a dir only you (or root) can plant files in, else why not.
 
@@ -177,14 +191,9 @@ def cache_dir_trust(path: str, *, shared: bool | None = None) -> str | None:
     """
     if _config.shared_cache() if shared is None else shared:
         return None
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"cannot inspect it ({exc.strerror})"
-    if stat.S_ISLNK(st.st_mode):
-        return "it is a symlink"
+    st, problem = _lstat(path)
+    if st is None:
+        return problem
     if not stat.S_ISDIR(st.st_mode):
         return None  # nothing can be planted in it; creating the dirs inside fails and says so
     if st.st_uid not in (os.getuid(), 0):
@@ -273,14 +282,9 @@ def owned_file_problem(path: str) -> str | None:
     For names sa3loader writes itself (siblings, locks): another user's file, a
     symlink or a FIFO at one of them is never written through or waited on.
     """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"cannot inspect it ({exc.strerror})"
-    if stat.S_ISLNK(st.st_mode):
-        return "it is a symlink"
+    st, problem = _lstat(path)
+    if st is None:
+        return problem
     if not stat.S_ISREG(st.st_mode):
         return "it is not a regular file"
     if st.st_uid != os.getuid():

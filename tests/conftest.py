@@ -19,6 +19,22 @@ def fresh_warnings():
     _config._warned.clear()
 
 
+@pytest.fixture
+def conversions(monkeypatch):
+    """The destination of every real conversion, in order."""
+    from sa3loader import _convert
+
+    calls = []
+    real = _convert.convert
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_convert, "convert", spy)
+    return calls
+
+
 class Upstream(types.SimpleNamespace):
     root: Path
     loading_utils: types.ModuleType

@@ -14,10 +14,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
-from support.checkpoints import random_like_state, save
+from support.checkpoints import toy_hub_checkpoint
 from support.processes import TESTS, child_command
-from support.toymodel import build
 
 from sa3loader import cli
 
@@ -38,18 +36,11 @@ def image_root():
 
 
 def hub_checkpoint(root: Path) -> Path:
-    repo = root / "hf" / "hub" / "models--stabilityai--stable-audio-3-small-music"
-    blob = repo / "blobs" / "3b5c0ffee"
-    blob.parent.mkdir(parents=True)
-    torch.manual_seed(0)
-    save(random_like_state(build(), seed=3), blob)
-    snapshot = repo / "snapshots" / "rev1"
-    snapshot.mkdir(parents=True)
-    (snapshot / "model.safetensors").symlink_to(os.path.relpath(blob, snapshot))
-    for path in (root / "hf", *(root / "hf").rglob("*")):
+    ckpt = toy_hub_checkpoint(root / "hf", "stabilityai/stable-audio-3-small-music", "rev1")
+    for path in (root / "hf", *(root / "hf").rglob("*")):  # what hf download leaves: readable by all
         if not path.is_symlink():
             path.chmod(0o755 if path.is_dir() else 0o644)
-    return snapshot / "model.safetensors"
+    return ckpt
 
 
 def as_service(root: Path, ckpt: Path, cache: Path) -> subprocess.CompletedProcess:

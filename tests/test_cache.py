@@ -21,20 +21,6 @@ from sa3loader._index import Index
 
 
 @pytest.fixture
-def conversions(monkeypatch):
-    """Counts real conversions."""
-    calls = []
-    real = _convert.convert
-
-    def spy(*args, **kwargs):
-        calls.append(args[1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_convert, "convert", spy)
-    return calls
-
-
-@pytest.fixture
 def ckpt(tmp_path):
     torch.manual_seed(0)
     return save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")

@@ -18,9 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
-from support.checkpoints import random_like_state, save
-from support.toymodel import build
+from support.checkpoints import toy_hub_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYING = REPO / "docs" / "deploying.md"
@@ -35,26 +33,11 @@ def dockerfile_runs() -> list[str]:
     return [line[4:] for line in text.splitlines() if line.startswith("RUN ")]
 
 
-def offline_hub(hf_home: Path) -> Path:
-    """The medium repo's checkpoint as hf downloads it into a hub cache (a toy one: no network)."""
-    repo = hf_home / "hub" / ("models--" + MEDIUM.replace("/", "--"))
-    blob = repo / "blobs" / "3f2c9b1e"
-    blob.parent.mkdir(parents=True)
-    torch.manual_seed(0)
-    save(random_like_state(build(), seed=3), blob)
-    snapshot = repo / "snapshots" / "0123456789abcdef"
-    snapshot.mkdir(parents=True)
-    (snapshot / "model.safetensors").symlink_to(os.path.relpath(blob, snapshot))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(snapshot.name)
-    return snapshot / "model.safetensors"
-
-
 @pytest.mark.skipif(shutil.which("hf") is None, reason="huggingface_hub's hf command is not installed")
 def test_the_image_builds_download_and_warm_step_runs_as_written(tmp_path):
     (step,) = [run for run in dockerfile_runs() if "sa3loader warm" in run]
     hf_home, cache = tmp_path / "hf", tmp_path / "sa3loader-cache"
-    ckpt = offline_hub(hf_home)
+    ckpt = toy_hub_checkpoint(hf_home, MEDIUM, "0123456789abcdef", blob="3f2c9b1e")  # as hf leaves it
     command = step.replace("/opt/hf", str(hf_home))
     env = {
         **os.environ,

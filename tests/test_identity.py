@@ -20,22 +20,9 @@ from support.loads import load_toy, make_ckpt
 from support.toymodel import build, reference
 
 import sa3loader
-from sa3loader import _convert, _sibling
+from sa3loader import _sibling
 from sa3loader._format import read_header
 from sa3loader._index import Index
-
-
-@pytest.fixture
-def conversions(monkeypatch):
-    calls = []
-    real = _convert.convert
-
-    def spy(*args, **kwargs):
-        calls.append(args[1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_convert, "convert", spy)
-    return calls
 
 
 def write_version(path, seed: int, mtime_ns: int | None = None):

@@ -35,3 +35,22 @@ def save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] 
 
 def first_key(state: dict[str, torch.Tensor], *, contains: str, min_numel: int = 2) -> str:
     return next(k for k, v in state.items() if contains in k and v.numel() >= min_numel)
+
+
+def toy_hub_checkpoint(hf_home: Path, repo_id: str, revision: str, blob: str = "3b5c0ffee") -> Path:
+    """The toy model's checkpoint as ``hf download`` leaves it in a hub cache: a blob, a
+    snapshot symlink to it, and ``refs/main`` naming the revision. No network."""
+    import os
+
+    from support.toymodel import build
+
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True)
+    torch.manual_seed(0)
+    save(random_like_state(build(), seed=3), repo / "blobs" / blob)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(os.path.relpath(repo / "blobs" / blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot / "model.safetensors"
