@@ -335,7 +335,9 @@ def _place_parameters(
         to_place = [(key, name) for key, name in assign.items() if id(state[key]) in deferred_ids]
         loaded = values.get_many([(name, state[key].dtype) for key, name in to_place], device)
         for (key, _), value in zip(to_place, loaded, strict=True):
-            placed[id(state[key])] = nn.Parameter(value, requires_grad=state[key].requires_grad)
+            placed[id(state[key])] = nn.Parameter(
+                _with_strides_of(state[key], value), requires_grad=state[key].requires_grad
+            )
         for key, name in assign.items():
             if id(state[key]) not in deferred_ids:
                 state[key].copy_(values.get(name, state[key].dtype, final=False))
@@ -343,6 +345,19 @@ def _place_parameters(
         for pname, registered in module._parameters.items():
             if registered is not None and id(registered) in placed:
                 module._parameters[pname] = placed[id(registered)]
+
+
+def _with_strides_of(stand_in: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` laid out as the constructor laid out its parameter (transposed, channels-last):
+    upstream copies into the parameter it built, so its strides are the constructor's.
+
+    The deferred stand-in kept them (``empty_like``); file values are contiguous. The
+    rare parameter that is not costs one copy (and, on a hit, is no longer a mapped view).
+    """
+    if value.numel() < 2 or stand_in.stride() == value.stride():
+        return value
+    laid_out = torch.empty_strided(stand_in.shape, stand_in.stride(), dtype=value.dtype, device=value.device)
+    return laid_out.copy_(value)
 
 
 def _recompute_weight_norm(

@@ -114,3 +114,33 @@ def test_loads_nest_inside_a_factory(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["fast", "False", "False", "torch.float16"]
+
+
+class Strided(ToyDiT):
+    """Parameters laid out as a constructor may lay them out: transposed, channels-last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transposed = torch.nn.Parameter(torch.randn(8, 4).t())
+        self.conv2d = torch.nn.Conv2d(4, 8, 3)
+        self.conv2d.weight = torch.nn.Parameter(self.conv2d.weight.to(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+@pytest.mark.parametrize("io", ["mmap", "read"])
+def test_parameters_keep_the_strides_upstream_gives_them(tmp_path, half, io):
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(Strided(), seed=3), tmp_path / "model.safetensors")
+    for _ in range(2 if half else 1):  # the conversion, then the hit
+        torch.manual_seed(0)
+        model = sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", half, cache_dir=tmp_path / "c", model_factory=lambda config: Strided(), io=io
+        )
+        assert sa3loader.last_load_info().build == "fast"
+        ref = upstream_recipe(Strided, ckpt, half)
+        assert_same_model(model, ref)
+        for name, value in ref.named_parameters():
+            assert dict(model.named_parameters())[name].stride() == value.stride(), name
+    assert model.transposed.stride() == (1, 4) and model.conv2d.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
