@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from support.child import digest
 from support.loads import load_toy, make_ckpt, reference_digest
-from support.processes import start_child
+from support.processes import fork_child
 
 import sa3loader
 from sa3loader import _convert
@@ -43,7 +43,7 @@ def assert_healed(ckpt: Path, cache: Path, dim: int) -> None:
 @pytest.mark.parametrize("phase", KILL_PHASES)
 def test_sigkill_at_each_phase_heals(tmp_path, phase):
     ckpt = make_ckpt(tmp_path / "model.safetensors")
-    proc = start_child("kill-at", phase, str(ckpt), str(tmp_path / "cache"))
+    proc = fork_child("kill-at", phase, str(ckpt), str(tmp_path / "cache"))
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL
     if phase in ("header", "data", "fsync"):
@@ -60,7 +60,7 @@ def test_sigkill_at_random_points_never_leaves_a_bad_sibling(tmp_path):
     (tmp_path / "model.fp16.safetensors").unlink()
     for trial, limit in enumerate(sorted(rng.randint(1, total) for _ in range(RANDOM_KILL_TRIALS))):
         cache = tmp_path / f"cache{trial}"
-        proc = start_child("kill-after", str(limit), str(ckpt), str(cache), dim=BIG_DIM)
+        proc = fork_child("kill-after", str(limit), str(ckpt), str(cache), dim=BIG_DIM)
         proc.communicate(timeout=60)
         assert proc.returncode == -signal.SIGKILL, f"not killed after {limit} of {total} bytes"
         assert not (tmp_path / "model.fp16.safetensors").exists()  # nothing published mid-write

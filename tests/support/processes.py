@@ -1,12 +1,23 @@
-"""Loads in fresh processes, as users' would be: ``python -m support.child ...``."""
+"""Loads in fresh processes, as users' would be: ``python -m support.child ...``.
+
+Most are forked from a zygote that has done the imports already (``support.zygote``):
+the same fresh process, without 3 s of importing torch each time.
+"""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from support.zygote import READY
 
 TESTS = Path(__file__).resolve().parents[1]
 # A load in a fresh process takes seconds; one that hangs fails its test instead of the suite.
@@ -41,25 +52,115 @@ def start_child(*args: str, dim: int = 32, extra_env: dict | None = None, **kwar
     )
 
 
+def fork_child(*args: str, dim: int = 32, extra_env: dict | None = None) -> ForkedChild:
+    """``support.child`` forked now from the session's zygote, its output captured."""
+    return toy_zygote().start("support.child", *args, env=child_env(dim, extra_env))
+
+
+def report(child: ForkedChild | subprocess.Popen, timeout: float = LOAD_TIMEOUT_S) -> dict:
+    """The JSON report a ``load`` child printed last, once it has exited well."""
+    out, err = child.communicate(timeout=timeout)
+    assert child.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def load_in_a_child(ckpt: Path, cache: Path, dim: int = 32, extra_env: dict | None = None) -> dict:
     """One toy load in a fresh process; its report (converted, cache_hit, digest)."""
-    proc = subprocess.run(
-        child_command("load", str(ckpt), str(cache)),
-        capture_output=True,
-        text=True,
-        env=child_env(dim, extra_env),
-        timeout=LOAD_TIMEOUT_S,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return report(fork_child("load", str(ckpt), str(cache), dim=dim, extra_env=extra_env))
 
 
 def load_at_once(ckpt: Path, caches: list[Path], env: dict[str, str], dim: int) -> list[dict]:
     """One child process per cache dir, all started together; their reports, in order."""
-    procs = [start_child("load", str(ckpt), str(cache), dim=dim, extra_env=env) for cache in caches]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    children = [fork_child("load", str(ckpt), str(cache), dim=dim, extra_env=env) for cache in caches]
+    return [report(child, timeout=300) for child in children]
+
+
+class ForkedChild:
+    """A child forked by a ``Zygote``: ``communicate`` and ``returncode`` as ``subprocess.Popen``'s."""
+
+    def __init__(self, zygote: Zygote, argv: list[str], pid: int, stdout: Path, stderr: Path) -> None:
+        self.args, self.pid, self.returncode = argv, pid, None
+        self._zygote, self._stdout, self._stderr = zygote, stdout, stderr
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        if self.returncode is None:
+            try:
+                self.returncode = self._zygote.ask({"wait": self.pid}, timeout)["returncode"]
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)  # as subprocess.run does; the zygote reaps it
+                self.returncode = self._zygote.ask({"wait": self.pid}, LOAD_TIMEOUT_S)["returncode"]
+                raise subprocess.TimeoutExpired(self.args, timeout or 0) from None
+        return self._stdout.read_text(errors="replace"), self._stderr.read_text(errors="replace")
+
+
+class Zygote:
+    """A ``support.zygote`` process: its children start with their imports done (see there).
+
+    ``env`` is the environment it imports under; each child gets its own.
+    """
+
+    def __init__(self, preload: list[str], env: dict[str, str]) -> None:
+        self._outputs = tempfile.TemporaryDirectory(prefix="sa3loader-zygote-")
+        self._children = 0
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "support.zygote", *preload],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        ready = self._readline(LOAD_TIMEOUT_S)
+        assert ready.strip() == READY, f"the zygote did not start: {ready!r}"
+
+    def _readline(self, timeout: float | None) -> str:
+        assert self._proc.stdout is not None
+        readable, _, _ = select.select([self._proc.stdout], [], [], timeout)
+        if not readable:
+            raise subprocess.TimeoutExpired(self._proc.args, timeout or 0)
+        return self._proc.stdout.readline()
+
+    def ask(self, request: dict, timeout: float | None) -> dict:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        line = self._readline(timeout)
+        assert line, f"the zygote exited ({self._proc.poll()})"
+        return json.loads(line)
+
+    def start(self, module: str, *args: str, env: dict[str, str]) -> ForkedChild:
+        """``python -m module args`` with ``env``, forked now."""
+        self._children += 1
+        out = Path(self._outputs.name) / f"{self._children}"
+        argv = [module, *args]
+        request = {"start": argv, "env": env, "stdout": f"{out}.out", "stderr": f"{out}.err"}
+        pid = self.ask(request, LOAD_TIMEOUT_S)["pid"]
+        return ForkedChild(self, argv, pid, Path(f"{out}.out"), Path(f"{out}.err"))
+
+    def run(
+        self, module: str, *args: str, env: dict[str, str], timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        """``subprocess.run(..., capture_output=True, text=True)`` of ``python -m module args``."""
+        child = self.start(module, *args, env=env)
+        out, err = child.communicate(timeout)
+        return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)  # and any child a failed test left running
+            self._proc.wait()
+        self._outputs.cleanup()
+
+    def __enter__(self) -> Zygote:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@functools.cache
+def toy_zygote() -> Zygote:
+    """One zygote for the toy children of the whole session (closed when it ends)."""
+    zygote = Zygote(["support.child"], child_env())
+    atexit.register(zygote.close)
+    return zygote

@@ -157,6 +157,16 @@ def setup(hf_home: Path, size: str) -> None:
     write_model(hf_home, config, save(random_like_state(model, seed=17), hf_home / "sa3.safetensors"))
 
 
+def preload() -> None:
+    """What every load imports, imported once by the zygote the tests fork these children from."""
+    import_upstream(find_upstream())
+    import huggingface_hub  # noqa: F401
+    import stable_audio_3.model  # noqa: F401
+    import transformers.models.t5gemma.modeling_t5gemma  # noqa: F401
+
+    import sa3loader  # noqa: F401
+
+
 def main() -> None:
     if sys.argv[1] == "setup":
         setup(Path(sys.argv[2]), sys.argv[3])
