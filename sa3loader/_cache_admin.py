@@ -28,7 +28,14 @@ from ._fsutil import (
     owned_file_problem,
 )
 from ._index import Index
-from ._sibling import SIBLINGS_SUBDIR, hard_match, is_sa3loader_path, sibling_matches_source, source_identity
+from ._sibling import (
+    SIBLINGS_SUBDIR,
+    hard_match,
+    is_sa3loader_path,
+    same_blob,
+    sibling_matches_source,
+    source_identity,
+)
 from .errors import LockTimeoutError, Sa3LoaderError, UntrustedCacheDirError, UnusableLockError
 
 OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
@@ -57,7 +64,8 @@ def _status(row: dict[str, Any]) -> str:
         sib = read_header(sibling, follow_symlinks=False)
     except (Sa3LoaderError, OSError):
         return STALE
-    if not hard_match(current, row["source"]) or sib.sha256 != row["sibling"]["header_sha256"]:
+    same_source = hard_match(current, row["source"]) or same_blob(row["source"], current)
+    if not same_source or sib.sha256 != row["sibling"]["header_sha256"]:
         return STALE
     return OK
 

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,27 @@ def in_hf_hub_cache(path: str) -> bool:
     return False
 
 
+# An LFS file's blob is named by the sha256 of its content (huggingface_hub checks it on download).
+HF_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def hub_blob(path: str, st: os.stat_result) -> str | None:
+    """The sha256 a hub cache names this file's content by, when ``path`` resolves to
+    ``<type>s--*/blobs/<sha256>`` and that blob is the very file ``st`` describes (not one
+    a repointed snapshot link leads to now)."""
+    real = os.path.realpath(path)
+    parts = real.split(os.sep)
+    if len(parts) < 3 or parts[-2] != "blobs" or not parts[-3].startswith(HF_REPO_FOLDER_PREFIXES):
+        return None
+    if not HF_BLOB_NAME.fullmatch(parts[-1]):
+        return None  # a git blob (sha1 of a small text file), not an LFS content hash
+    try:
+        now = os.stat(real)
+    except OSError:
+        return None
+    return parts[-1] if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) else None
+
+
 def dir_writable(path: str) -> bool:
     return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
@@ -98,9 +120,11 @@ def beside_path(source_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(source_path)), sibling_name(source_path))
 
 
-def cache_path(cache_dir: str, source_path: str, real_source: str) -> str:
-    """Sibling location in the cache dir, keyed by the real file (a hub blob, for instance)."""
-    digest = hashlib.sha256(real_source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+def cache_path(cache_dir: str, source_path: str, real_source: str, blob: str | None = None) -> str:
+    """Sibling location in the cache dir, keyed by the hub blob's content hash when the
+    source is one (every copy of that blob shares it), else by the real file."""
+    key = f"blob:{blob}" if blob is not None else real_source
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return os.path.join(cache_dir, SIBLINGS_SUBDIR, digest, sibling_name(source_path))
 
 
@@ -140,6 +164,7 @@ def source_identity(header: Header) -> dict[str, Any]:
         "inode": st.st_ino,
         "device": st.st_dev,
         "ctime_ns": st.st_ctime_ns,
+        "blob": hub_blob(header.path, st),
     }
 
 
@@ -207,6 +232,10 @@ def sibling_metadata(header: Header, identity: dict[str, Any], fingerprint: str)
         META_PREFIX + "source_header_sha256": identity["header_sha256"],
         META_PREFIX + "source_fingerprint": fingerprint,
     }
+    if identity.get("blob") is not None:  # and which file it was, to tell a rewrite in place
+        ours[META_PREFIX + "source_blob_sha256"] = identity["blob"]
+        ours[META_PREFIX + "source_device"] = str(identity["device"])
+        ours[META_PREFIX + "source_inode"] = str(identity["inode"])
     return {**header.metadata, **ours}
 
 
@@ -275,6 +304,9 @@ def _sibling_identity(sibling: Header) -> dict[str, Any]:
             "mtime_ns": int(meta[META_PREFIX + "source_mtime_ns"]),
             "header_sha256": meta[META_PREFIX + "source_header_sha256"],
             "fingerprint": meta[META_PREFIX + "source_fingerprint"],
+            "blob": meta.get(META_PREFIX + "source_blob_sha256"),
+            "device": int(meta.get(META_PREFIX + "source_device", -1)),
+            "inode": int(meta.get(META_PREFIX + "source_inode", -1)),
         }
     except (KeyError, ValueError):
         return {}
@@ -304,13 +336,30 @@ def describes(sibling: Header, source: Header) -> bool:
     return True
 
 
+def changed_in_place(then: dict[str, Any], now: dict[str, Any]) -> bool:
+    """The same file (device and inode), written since: its name no longer vouches for it."""
+    same_file = all(then.get(f) == now.get(f) for f in ("device", "inode"))
+    return same_file and then.get("mtime_ns") != now.get("mtime_ns")
+
+
+def same_blob(claimed: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """Both name the same hub blob (same content), with the same size and header, and the
+    file is not the one the sibling was made from, rewritten in place since."""
+    return (
+        identity.get("blob") is not None
+        and claimed.get("blob") == identity["blob"]
+        and all(claimed.get(f) == identity[f] for f in ("size", "header_sha256"))
+        and not changed_in_place(claimed, identity)
+    )
+
+
 def sibling_matches_source(sibling: Header, source: Header) -> bool:
     """Whether ``sibling`` is sa3loader's sibling of the file ``source`` is now (header and identity)."""
-    claimed = _sibling_identity(sibling)
+    claimed, identity = _sibling_identity(sibling), source_identity(source)
     return (
         is_sa3loader_file(sibling)
         and describes(sibling, source)
-        and hard_match(claimed, source_identity(source))
+        and (hard_match(claimed, identity) or same_blob(claimed, identity))
     )
 
 
@@ -324,6 +373,7 @@ class SiblingResolver:
         self.verify = settings.verify
         self.real = os.path.realpath(source.path)
         self.identity = source_identity(source)
+        self.blob: str | None = self.identity["blob"]
         # When the identity was taken: a write after it changes the stat (or is racy).
         self.checked_ns = source.handle.opened_ns if source.handle is not None else time.time_ns()
         distrust = cache_dir_trust(cache_dir, shared=settings.shared_cache)
@@ -358,7 +408,9 @@ class SiblingResolver:
         if self._beside_allowed():
             paths.append(beside_path(self.source.path))
         if self.cache_trusted:
-            paths.append(cache_path(self.cache_dir, self.source.path, self.real))
+            paths.append(cache_path(self.cache_dir, self.source.path, self.real, self.blob))
+            if self.blob is not None:  # where a version that keyed hub files by path put it
+                paths.append(cache_path(self.cache_dir, self.source.path, self.real))
         return list(dict.fromkeys(paths))
 
     def _in_cache_dir(self, path: str) -> bool:
@@ -419,7 +471,8 @@ class SiblingResolver:
         if not is_sa3loader_file(sibling) or not describes(sibling, self.source):
             return False
         claimed = _sibling_identity(sibling)
-        if not hard_match(claimed, self.identity):
+        by_blob = same_blob(claimed, self.identity)
+        if not hard_match(claimed, self.identity) and not by_blob:
             self.outcome.events.append(f"stale sibling {path}")
             return False
         if not current_fingerprint(claimed["fingerprint"]):
@@ -427,15 +480,30 @@ class SiblingResolver:
             self._other_version.add(path)
             return False
         vouched = self._vouched_for_by(row, sibling, claimed["fingerprint"])
+        named = not vouched and by_blob and self._blob_trusted()
+        if named:  # the same content by its hub name: its fingerprint is the one claimed
+            self._fingerprint = claimed["fingerprint"]
         if not vouched and claimed["fingerprint"] != self.fingerprint():
             self.outcome.events.append(f"source content changed since {path} was written")
             return False
         if self.verify and not self._content_matches(sibling):
             return False
         if not vouched:
-            self.outcome.events.append("adopted" if row is None else "revalidated")
+            self.outcome.events.append(
+                f"recognised by its hub blob {self.blob}"
+                if named
+                else "adopted"
+                if row is None
+                else "revalidated"
+            )
             self.index.put(self.real, self._row(sibling, row))
         return True
+
+    def _blob_trusted(self) -> bool:
+        """Whether the blob's name may stand for its content: a file of yours (or root's)
+        in a blobs dir nobody else can write to. In a shared hub cache the fingerprint decides."""
+        st = self.source.handle.stat if self.source.handle is not None else os.stat(self.source.path)
+        return st.st_uid in (os.getuid(), 0) and not writable_by_others(os.path.dirname(self.real), st.st_uid)
 
     def _vouched_for_by(self, row: dict[str, Any] | None, sibling: Header, claimed: str) -> bool:
         """The index row names this very sibling, made from the fingerprint it claims, and
@@ -522,7 +590,7 @@ class SiblingResolver:
             elif dir_writable(directory):
                 problems.append(f"not beside the source ({beside}: {why_not})")
         if self.cache_trusted:
-            options.append(cache_path(self.cache_dir, self.source.path, self.real))
+            options.append(cache_path(self.cache_dir, self.source.path, self.real, self.blob))
         else:
             problems.append(f"the cache dir {self.cache_dir} is not trusted")
         return options, problems

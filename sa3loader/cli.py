@@ -172,8 +172,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 def _existing_sibling(header: Header, cache_dir: str) -> str | None:
     """The sibling a load would use, when one made for this very checkpoint is there already."""
-    real = os.path.realpath(header.path)
-    for path in (beside_path(header.path), cache_path(cache_dir, header.path, real)):
+    real, blob = os.path.realpath(header.path), source_identity(header)["blob"]
+    for path in (beside_path(header.path), cache_path(cache_dir, header.path, real, blob)):
         try:
             sibling = read_header(path, follow_symlinks=False)
         except (Sa3LoaderError, OSError):

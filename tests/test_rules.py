@@ -242,6 +242,9 @@ def test_sibling_metadata_says_what_it_was_made_from_and_keeps_the_users():
         "mtime_ns": 20,
         "header_sha256": "h",
         "fingerprint": "v2:fp",
+        "blob": None,  # not a hub blob: which file it was is not recorded
+        "device": -1,
+        "inode": -1,
     }
     assert _sibling.is_sa3loader_file(sibling) and not _sibling.is_sa3loader_file(header)
     assert _sibling.describes(sibling, header)
@@ -249,6 +252,26 @@ def test_sibling_metadata_says_what_it_was_made_from_and_keeps_the_users():
     assert _sibling._sibling_identity(unreadable) == {}
     incomplete = header_of({"w": ("F16", (2,))}, {_sibling.MARKER_KEY: "1"})
     assert _sibling._sibling_identity(incomplete) == {}
+    blob = "ab" * 32
+    meta = _sibling.sibling_metadata(header, {**IDENTITY, "blob": blob}, "v2:fp")
+    claimed = _sibling._sibling_identity(header_of({"w": ("F16", (2,))}, meta))
+    assert (claimed["blob"], claimed["device"], claimed["inode"]) == (
+        blob,
+        IDENTITY["device"],
+        IDENTITY["inode"],
+    )
+
+
+def test_a_blob_name_stands_for_the_content_unless_that_very_file_was_rewritten():
+    blob = "ab" * 32
+    made = {**IDENTITY, "blob": blob}
+    copied = {**made, "mtime_ns": 99, "inode": 77, "ctime_ns": 98}  # re-downloaded, or another layer
+    assert _sibling.same_blob(made, copied) and not _sibling.hard_match(made, copied)
+    assert not _sibling.same_blob(made, {**made, "mtime_ns": 99})  # same inode and device, written since
+    assert _sibling.same_blob(made, {**made, "mtime_ns": 99, "device": 5})  # another device: a copy
+    for differing in ({"blob": "cd" * 32}, {"blob": None}, {"size": 11}, {"header_sha256": "x"}):
+        assert not _sibling.same_blob(made, {**copied, **differing})
+    assert not _sibling.same_blob({**made, "blob": None}, {**copied, "blob": None})
 
 
 def test_describes_needs_the_same_names_shapes_and_converted_dtypes():

@@ -37,20 +37,26 @@ def first_key(state: dict[str, torch.Tensor], *, contains: str, min_numel: int =
     return next(k for k, v in state.items() if contains in k and v.numel() >= min_numel)
 
 
-def toy_hub_checkpoint(hf_home: Path, repo_id: str, revision: str, blob: str = "3b5c0ffee") -> Path:
-    """The toy model's checkpoint as ``hf download`` leaves it in a hub cache: a blob, a
-    snapshot symlink to it, and ``refs/main`` naming the revision. No network."""
+def toy_hub_checkpoint(
+    hf_home: Path, repo_id: str, revision: str, blob: str | None = None, seed: int = 3
+) -> Path:
+    """The toy model's checkpoint as ``hf download`` leaves it in a hub cache: a blob named
+    by the sha256 of its content (unless ``blob`` names it), a snapshot symlink to it, and
+    ``refs/main`` naming the revision. Another revision may be added beside. No network."""
+    import hashlib
     import os
 
     from support.toymodel import build
 
     repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    save(random_like_state(build(), seed=3), repo / "blobs" / blob)
+    written = save(random_like_state(build(), seed=seed), repo / "blobs" / "incoming")
+    name = blob or hashlib.sha256(written.read_bytes()).hexdigest()
+    written.rename(repo / "blobs" / name)
     snapshot = repo / "snapshots" / revision
     snapshot.mkdir(parents=True)
-    (snapshot / "model.safetensors").symlink_to(os.path.relpath(repo / "blobs" / blob, snapshot))
-    (repo / "refs").mkdir()
+    (snapshot / "model.safetensors").symlink_to(os.path.relpath(repo / "blobs" / name, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     return snapshot / "model.safetensors"
