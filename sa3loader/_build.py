@@ -4,10 +4,11 @@ The fast build runs the factory with parameter registration deferred to the
 meta device (no random init, no fp32 allocation; ``deferred_parameters``) and
 places each weight straight from the file (``Values``). It is taken only when it
 gives upstream's model: every deferred parameter is covered by the checkpoint,
-no module customises state-dict loading, and no tensor anywhere in the model is
-left on meta. Otherwise the faithful build runs: upstream's own build, then
-``load_state_dict`` (``copy_state_dict``'s semantics). Which checkpoint tensor
-goes to which model key follows upstream's rules, quirks included (``plan_keys``)."""
+no module customises state-dict loading, no tensor anywhere in the model is
+left on meta, and the model keeps no value drawn at random while it was built.
+Otherwise the faithful build runs: upstream's own build, then ``load_state_dict``
+(``copy_state_dict``'s semantics). Which checkpoint tensor goes to which model key
+follows upstream's rules, quirks included (``plan_keys``)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.nn.utils.weight_norm import WeightNorm
+from torch.overrides import TorchFunctionMode
 
 from ._format import Header
 from ._values import Values
@@ -261,13 +263,13 @@ def _about_meta(exc: BaseException) -> bool:
     return False
 
 
-def _build_deferred(factory: Factory, config: Any) -> tuple[nn.Module, DeferredParameters]:
-    """The factory's model with its parameters deferred. Its own errors pass through as they
-    are, so it runs once; only an error about meta tensors (a constructor that reads a
-    parameter's value) means: build it for real instead."""
+def _build_deferred(factory: Factory, config: Any) -> tuple[nn.Module, DeferredParameters, RandomDraws]:
+    """The factory's model with its parameters deferred, and what it drew at random. Its
+    own errors pass through as they are, so it runs once; only an error about meta tensors
+    (a constructor that reads a parameter's value) means: build it for real instead."""
     try:
-        with deferred_parameters() as deferred:
-            return factory(config), deferred
+        with deferred_parameters() as deferred, RandomDraws() as draws:
+            return factory(config), deferred, draws
     except Exception as exc:
         if not _about_meta(exc):
             raise
@@ -292,14 +294,76 @@ def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[s
 CONTAINER_DEPTH = 4
 
 
-def _holds_meta(value: Any, depth: int = CONTAINER_DEPTH) -> bool:
+def _tensors_in(value: Any, depth: int = CONTAINER_DEPTH) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
-        return value.is_meta
-    if depth and isinstance(value, dict):
-        return any(_holds_meta(v, depth - 1) for v in value.values())
-    if depth and isinstance(value, (list, tuple, set, frozenset)):
-        return any(_holds_meta(v, depth - 1) for v in value)
-    return False
+        yield value
+    elif depth and isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_in(v, depth - 1)
+    elif depth and isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            yield from _tensors_in(v, depth - 1)
+
+
+def _holds_meta(value: Any) -> bool:
+    return any(t.is_meta for t in _tensors_in(value))
+
+
+# torch functions that draw from a generator.
+RANDOM_DRAWS = frozenset(
+    "rand randn randint randperm rand_like randn_like randint_like normal bernoulli multinomial"
+    " poisson dropout uniform_ normal_ random_ exponential_ geometric_ log_normal_ cauchy_ bernoulli_".split()
+)
+
+
+class RandomDraws(TorchFunctionMode):
+    """While active, marks every real tensor that holds values drawn at random, or
+    computed from such (an in-place op marks the tensor it writes).
+
+    A value drawn while the factory runs deferred is not upstream's: upstream's
+    generator is further on by then, having run the random init the fast build skips.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._drawn: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in RANDOM_DRAWS or any(self.drawn(t) for t in _tensors_in((args, kwargs), 2)):
+            written = list(_tensors_in(out, 2))
+            if name.endswith("_") and args and isinstance(args[0], torch.Tensor):
+                written.append(args[0])
+            for t in written:
+                self._mark(t)
+        return out
+
+    def _mark(self, tensor: torch.Tensor) -> None:
+        for t in (tensor, tensor._base):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                self._drawn[id(t)] = weakref.ref(t)
+
+    def drawn(self, tensor: torch.Tensor) -> bool:
+        return any((ref := self._drawn.get(id(t))) is not None and ref() is t for t in (tensor, tensor._base))
+
+
+def _refuse_random(model: nn.Module, assign: dict[str, str], draws: RandomDraws) -> None:
+    """``_FastBuildRefused`` when the model keeps a value drawn at random while it was
+    built: a buffer the checkpoint does not replace, or a tensor attribute."""
+    for prefix, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if attr in ("_modules", "_parameters"):  # every parameter is placed from the file
+                continue
+            if attr == "_buffers":
+                value = {n: b for n, b in value.items() if f"{prefix}.{n}".lstrip(".") not in assign}
+            for tensor in _tensors_in(value):
+                if draws.drawn(tensor):
+                    where = f"{prefix}.{attr}" if prefix else attr
+                    raise _FastBuildRefused(
+                        f"{where} ({type(module).__name__}) keeps values drawn at random while it was built"
+                    )
 
 
 def _refuse_meta(model: nn.Module, *, skip: set[tuple[int, str]], parameters: bool) -> None:
@@ -382,10 +446,11 @@ def _build_fast(
     factory: Factory, config: Any, source: Header, values: Values, device: torch.device
 ) -> tuple[nn.Module, LoadResult]:
     """Model with every parameter placed from the file, or ``_FastBuildRefused`` saying why not."""
-    model, deferred = _build_deferred(factory, config)
+    model, deferred, draws = _build_deferred(factory, config)
     if _customises_loading(model):
         raise _FastBuildRefused("a module customises state-dict loading")
     assign, result = plan_keys(source, model.state_dict(keep_vars=True))
+    _refuse_random(model, assign, draws)
     deferred_ids = _deferred_ids(model, deferred, assign)
     wn_hooks = _weight_norm_hooks(model)
     _refuse_meta(model, skip={(id(m), h.name) for _, m, h in wn_hooks}, parameters=False)

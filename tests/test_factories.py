@@ -18,6 +18,7 @@ from support.checkpoints import random_like_state, save
 from support.compare import assert_same_model, bits
 from support.processes import child_env
 from support.toymodel import ToyDiT, build
+from torch import nn
 
 import sa3loader
 
@@ -58,6 +59,80 @@ def test_a_tensor_derived_from_a_parameter_is_upstreams(tmp_path, cls, half):
     ours = model.derived["scaled"][0] if cls is DerivedInADict else model.scaled
     theirs = ref.derived["scaled"][0] if cls is DerivedInADict else ref.scaled
     assert not ours.is_meta and torch.equal(bits(ours), bits(theirs))
+
+
+class RandomBuffer(ToyDiT):
+    """A non-persistent buffer drawn at random after the init upstream runs and we skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("noise", torch.randn(8), persistent=False)
+
+
+class RandomScaledAttribute(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = {"scaled": torch.randn(8) * 0.5 + 1}
+
+
+class RandomInPlace(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("noise", torch.zeros(8), persistent=False)
+        nn.init.normal_(self.noise[:4])  # through a view
+
+
+class RandomAssignedInto(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("noise", torch.zeros(8), persistent=False)
+        self.noise[2:6] = torch.randn(4)
+
+
+class RandomButSaved(ToyDiT):
+    """A persistent buffer drawn at random, which the checkpoint then replaces: nothing kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("noise", torch.randn(8))
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [RandomBuffer, RandomScaledAttribute, RandomInPlace, RandomAssignedInto],
+    ids=["buffer", "computed-attribute", "in-place-on-a-view", "assigned-into"],
+)
+def test_a_value_drawn_at_random_and_kept_is_upstreams(tmp_path, cls):
+    """The fast build skips the random init, so its generator is elsewhere when the value is
+    drawn: upstream's build runs instead, and the value (and the generator after) are upstream's."""
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
+    )
+    ours_after = torch.rand(4)
+    info = sa3loader.last_load_info()
+    assert info.build == "faithful" and "drawn at random" in info.fallback
+    ref = upstream_recipe(cls, ckpt, True)
+    assert torch.equal(ours_after, torch.rand(4))  # the generator where upstream's load leaves it
+    assert_same_model(model, ref)
+    for name in ("noise", "table"):
+        if hasattr(ref, name):
+            ours, theirs = getattr(model, name), getattr(ref, name)
+            ours, theirs = (ours["scaled"], theirs["scaled"]) if name == "table" else (ours, theirs)
+            assert torch.equal(bits(ours), bits(theirs))
+
+
+def test_a_value_drawn_at_random_that_the_checkpoint_replaces_keeps_the_fast_build(tmp_path):
+    torch.manual_seed(0)
+    state = random_like_state(RandomButSaved(), seed=3)
+    ckpt = save(state, tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: RandomButSaved()
+    )
+    assert sa3loader.last_load_info().build == "fast"
+    assert_same_model(model, upstream_recipe(RandomButSaved, ckpt, True))
 
 
 def test_a_failing_factory_runs_once_and_its_error_passes_through(tmp_path):
