@@ -161,6 +161,6 @@ class Zygote:
 @functools.cache
 def toy_zygote() -> Zygote:
     """One zygote for the toy children of the whole session (closed when it ends)."""
-    zygote = Zygote(["support.child"], child_env())
+    zygote = Zygote(["support.child:preload"], child_env())
     atexit.register(zygote.close)
     return zygote

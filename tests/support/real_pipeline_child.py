@@ -1,7 +1,7 @@
 """One SA3 load with the real T5Gemma conditioner, in a fresh process, described as JSON.
 
     python -m support.real_pipeline_child setup HF_HOME SIZE  -> writes the offline hub (hub_fixture)
-    python -m support.real_pipeline_child LOADER HALF CACHE   -> prints "RESULT {json}"
+    python -m support.real_pipeline_child LOADER HALF CACHE [no-embeddings]  -> prints "RESULT {json}"
 
 (with ``PYTHONPATH=tests``).
 
@@ -94,21 +94,22 @@ def count_encoder_loads() -> list[int]:
     return calls
 
 
-def prompt_outputs(model: nn.Module) -> dict:
+def prompt_outputs(model: nn.Module, *, embed: bool = True) -> dict:
+    """The tokenizer's output for ``PROMPTS``, and the conditioner's embeddings unless ``embed``
+    is False (at the released size a forward pass costs 8 s here, and equal encoder bits give
+    equal embeddings: the small size checks them)."""
     conditioner = model.conditioner.conditioners["prompt"]
     encoded = conditioner.tokenizer(
         PROMPTS, truncation=True, max_length=conditioner.max_length, padding="max_length", return_tensors="pt"
     )
-    embeddings, mask = conditioner(PROMPTS, "cpu")
-    return {
-        "input_ids": encoded["input_ids"].tolist(),
-        "attention_mask": encoded["attention_mask"].tolist(),
-        "embeddings": describe_tensor(embeddings),
-        "mask": describe_tensor(mask),
-    }
+    out = {"input_ids": encoded["input_ids"].tolist(), "attention_mask": encoded["attention_mask"].tolist()}
+    if embed:
+        embeddings, mask = conditioner(PROMPTS, "cpu")
+        out.update(embeddings=describe_tensor(embeddings), mask=describe_tensor(mask))
+    return out
 
 
-def load(loader: str, half: bool, cache: str) -> dict:
+def load(loader: str, half: bool, cache: str, embed: bool = True) -> dict:
     import os
 
     os.environ["SA3LOADER_CACHE_DIR"] = cache
@@ -130,7 +131,8 @@ def load(loader: str, half: bool, cache: str) -> dict:
         ckpt = hf_hub_download(SA3_REPO, "model.safetensors")
         load_function = sa3loader.load_diffusion_cond if loader == "sa3loader" else lu.load_diffusion_cond
         model = load_function(config, ckpt, device="cpu", model_half=half)
-    out: dict = {"encoder_loads": calls[0], "model": describe(model), "prompt": prompt_outputs(model)}
+    prompt = prompt_outputs(model, embed=embed)
+    out: dict = {"encoder_loads": calls[0], "model": describe(model), "prompt": prompt}
     if loader.startswith("sa3loader"):
         info = sa3loader.last_load_info()
         out["info"] = {
@@ -172,7 +174,8 @@ def main() -> None:
         setup(Path(sys.argv[2]), sys.argv[3])
         return
     loader, half, cache = sys.argv[1], sys.argv[2] == "half", sys.argv[3]
-    print("RESULT " + json.dumps(load(loader, half, cache)), flush=True)
+    embed = sys.argv[4:] != ["no-embeddings"]
+    print("RESULT " + json.dumps(load(loader, half, cache, embed)), flush=True)
 
 
 if __name__ == "__main__":
