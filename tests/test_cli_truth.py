@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from support.cli import run
 from support.compare import writable
 
-from sa3loader import __version__, cli
+from sa3loader import __version__, _index, cli
 from sa3loader._format import read_header
 
 
@@ -68,7 +68,10 @@ def test_cache_verify_prints_the_difference_it_measured(src, tmp_path):
 
 @pytest.mark.parametrize("command", [["ls"], ["clear", "--yes"], ["prune"], ["verify"]])
 @pytest.mark.parametrize("damage", ["locked", "corrupt"])
-def test_a_locked_or_corrupt_index_is_an_error_not_an_empty_cache(src, tmp_path, command, damage):
+def test_a_locked_or_corrupt_index_is_an_error_not_an_empty_cache(
+    src, tmp_path, monkeypatch, command, damage
+):
+    monkeypatch.setattr(_index, "INDEX_TIMEOUT_S", 0.2)  # how long a locked index is waited for
     cache = tmp_path / "c"
     run("warm", str(src), cache=cache)
     db = cache / "index" / "cache.db"

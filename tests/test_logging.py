@@ -1,14 +1,14 @@
-"""Logging: the ``sa3loader`` logger, quiet by default, and the SA3LOADER_VERBOSITY switch."""
+"""Logging: the ``sa3loader`` logger, quiet by default, and the SA3LOADER_VERBOSITY switch.
+
+Each case is a fresh process that imports sa3loader itself (forked from a zygote that
+has imported torch only), as SA3LOADER_VERBOSITY is applied on import."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 import torch
 from support.checkpoints import random_like_state, save
-from support.processes import child_env
+from support.processes import child_env, torch_zygote
 from support.toymodel import build
 
 LOAD = """
@@ -28,9 +28,7 @@ def test_sa3loader_verbosity_shows_the_librarys_log_where_logging_is_not_configu
     ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
     env = child_env(extra={"SA3LOADER_VERBOSITY": verbosity} if verbosity else {})
     script = LOAD.format(ckpt=str(ckpt), cache=str(tmp_path / "c"))
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
-    )
+    proc = torch_zygote().run("-c", script, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("sa3loader: INFO: ")]
     assert bool(lines) == shown, proc.stderr
@@ -40,7 +38,7 @@ def test_sa3loader_verbosity_shows_the_librarys_log_where_logging_is_not_configu
 
 def test_a_verbosity_that_is_no_level_warns(tmp_path):
     env = child_env(extra={"SA3LOADER_VERBOSITY": "loud"})
-    proc = subprocess.run([sys.executable, "-c", "import sa3loader"], capture_output=True, text=True, env=env)
+    proc = torch_zygote().run("-c", "import sa3loader", env=env, timeout=120)
     assert proc.returncode == 0
     assert (
         "ignoring $SA3LOADER_VERBOSITY='loud': not one of debug, info, warning, error, critical"

@@ -91,13 +91,6 @@ def fake_network_filesystem_without_flock() -> None:
     _fsutil.fcntl = types.SimpleNamespace(flock=lambda fd, op: None, LOCK_EX=2, LOCK_NB=4, LOCK_UN=8)
 
 
-def preload() -> None:
-    """For the zygote: a first weight_norm on the meta device imports torch._refs, sympy and
-    more (3 s here); do it once there. Nothing runs on the CPU, so no thread pool is forked."""
-    with torch.device("meta"):
-        torch.nn.utils.weight_norm(torch.nn.Linear(2, 2))
-
-
 COMMANDS = {
     "load": cmd_load,
     "kill-at": cmd_kill_at,

@@ -159,8 +159,16 @@ class Zygote:
 
 
 @functools.cache
+def torch_zygote() -> Zygote:
+    """A zygote that has imported torch but not sa3loader, for what sa3loader does on import."""
+    zygote = Zygote(["support.zygote:torch_lazy_imports", "support.toymodel"], child_env())
+    atexit.register(zygote.close)
+    return zygote
+
+
+@functools.cache
 def toy_zygote() -> Zygote:
     """One zygote for the toy children of the whole session (closed when it ends)."""
-    zygote = Zygote(["support.child:preload"], child_env())
+    zygote = Zygote(["support.zygote:torch_lazy_imports", "support.child"], child_env())
     atexit.register(zygote.close)
     return zygote

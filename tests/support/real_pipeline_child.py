@@ -167,6 +167,9 @@ def preload() -> None:
     import transformers.models.t5gemma.modeling_t5gemma  # noqa: F401
 
     import sa3loader  # noqa: F401
+    from support.zygote import torch_lazy_imports
+
+    torch_lazy_imports()
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ that needs set-up, such as upstream's source put on ``sys.path``).
 
 reads one JSON request per line on stdin and answers each with one line:
 ``{"start": [module, arg...], "env": {...}, "stdout": path, "stderr": path}`` forks a
-child that runs ``python -m module arg...`` with exactly that environment and its
+child that runs ``python -m module arg...`` (or ``python -c CODE`` for ``["-c", CODE]``)
+with exactly that environment and its
 output in those files, and answers ``{"pid": n}`` at once (children run side by
 side); ``{"wait": pid}`` answers ``{"returncode": n}`` when that child has exited
 (negative: killed by that signal), as ``subprocess`` reports it.
@@ -47,9 +48,13 @@ def _run_child(request: dict) -> int:
         os.dup2(out, fd)
         os.close(out)
     module, *args = request["start"]
-    sys.argv = [module, *args]
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if module == "-c":  # python -c CODE
+            sys.argv = ["-c", *args[1:]]
+            exec(compile(args[0], "<string>", "exec"), {"__name__": "__main__"})
+        else:
+            sys.argv = [module, *args]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
         return 0
     except SystemExit as exit_:
         code = exit_.code
@@ -60,6 +65,15 @@ def _run_child(request: dict) -> int:
     except BaseException:
         traceback.print_exc()
         return 1
+
+
+def torch_lazy_imports() -> None:
+    """A first weight_norm on the meta device imports torch._refs, sympy and more (3 s
+    here): done once in the zygote. Nothing runs on the CPU, so no thread pool is forked."""
+    import torch
+
+    with torch.device("meta"):
+        torch.nn.utils.weight_norm(torch.nn.Linear(2, 2))
 
 
 def _fork(request: dict) -> int:
