@@ -153,9 +153,11 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
     recorder: DeferredParameters | None = getattr(_state, "recorder", None)
     if recorder is not None and type(param) is nn.Parameter and _constructing(self, name):
         # Parameters derived from deferred ones (weight_norm's g and v) are meta already.
-        if param.device != _META:
-            param = nn.Parameter(torch.empty_like(param, device=_META), requires_grad=param.requires_grad)
-        _original_register(self, name, param)
+        # Our own ops here need no RandomDraws' look (a meta stand-in holds no value).
+        with torch._C.DisableTorchFunction():
+            if param.device != _META:
+                param = nn.Parameter(torch.empty_like(param, device=_META), requires_grad=param.requires_grad)
+            _original_register(self, name, param)
         recorder.records.append((weakref.ref(self), name))
         return
     _original_register(self, name, param)
@@ -329,16 +331,27 @@ class RandomDraws(TorchFunctionMode):
         self._drawn: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = func(*args, **kwargs) if kwargs else func(*args)
         name = getattr(func, "__name__", "")
-        if name in RANDOM_DRAWS or any(self.drawn(t) for t in _tensors_in((args, kwargs), 2)):
+        # Nothing is scanned until something real was drawn: a build on meta costs one call per op.
+        if name in RANDOM_DRAWS or (self._drawn and self._reads_drawn(args, kwargs)):
             written = list(_tensors_in(out, 2))
             if name.endswith("_") and args and isinstance(args[0], torch.Tensor):
-                written.append(args[0])
+                written.append(args[0])  # in place (also __setitem__, which returns None)
             for t in written:
                 self._mark(t)
         return out
+
+    def _reads_drawn(self, args: tuple, kwargs: dict | None) -> bool:
+        """Whether an argument (or a tensor in a list or tuple argument) holds drawn values."""
+        for value in (*args, *kwargs.values()) if kwargs else args:
+            if isinstance(value, torch.Tensor):
+                if self.drawn(value):
+                    return True
+            elif isinstance(value, (list, tuple)):
+                if any(isinstance(v, torch.Tensor) and self.drawn(v) for v in value):
+                    return True
+        return False
 
     def _mark(self, tensor: torch.Tensor) -> None:
         for t in (tensor, tensor._base):
@@ -346,7 +359,11 @@ class RandomDraws(TorchFunctionMode):
                 self._drawn[id(t)] = weakref.ref(t)
 
     def drawn(self, tensor: torch.Tensor) -> bool:
-        return any((ref := self._drawn.get(id(t))) is not None and ref() is t for t in (tensor, tensor._base))
+        for t in (tensor, tensor._base):
+            ref = self._drawn.get(id(t))
+            if ref is not None and ref() is t:
+                return True
+        return False
 
 
 def _refuse_random(model: nn.Module, assign: dict[str, str], draws: RandomDraws) -> None:
