@@ -8,15 +8,12 @@ passes through unchanged.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 from support.checkpoints import random_like_state, save
 from support.compare import assert_same_model, bits
-from support.processes import child_env
+from support.processes import child_env, toy_zygote
 from support.toymodel import ToyDiT, build
 from torch import nn
 
@@ -184,9 +181,7 @@ def test_loads_nest_inside_a_factory(tmp_path):
     teacher = save(random_like_state(build(), seed=4), tmp_path / "teacher.safetensors")
     student = save(random_like_state(build(), seed=3), tmp_path / "student.safetensors")
     script = NESTED.format(teacher=str(teacher), student=str(student), cache=str(tmp_path / "c"))
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=child_env()
-    )
+    proc = toy_zygote().run("-c", script, env=child_env(), timeout=120)  # a deadlock fails, not hangs
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["fast", "False", "False", "torch.float16"]
 
