@@ -459,9 +459,11 @@ def stream_into(
                 if i + slots < len(chunks):
                     pending[i + slots] = pool.submit(read, i + slots)
     finally:
-        copies.finish()
-        ring_views.clear()  # the last references to the ring's memory
-        ring.clear()
-        if stats.pinned:
-            release_pinned_cache()
+        try:
+            copies.finish()  # a sticky device error raises here: the ring is given back all the same
+        finally:
+            ring_views.clear()  # the last references to the ring's memory
+            ring.clear()
+            if stats.pinned:
+                release_pinned_cache()
     return stats

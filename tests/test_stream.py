@@ -269,3 +269,58 @@ def test_sa3loader_pin_0_stages_in_pageable_memory(monkeypatch):
     assert _config.settings().pin
     monkeypatch.setenv("SA3LOADER_PIN", "0")
     assert not _config.settings().pin
+
+
+class StickyError(RuntimeError):
+    """As a sticky CUDA error surfaces: at the stream's synchronize, after every copy was sent."""
+
+
+class FailingFinish(_io.DeviceCopies):
+    def finish(self) -> None:
+        raise StickyError("CUDA error: an illegal memory access was encountered")
+
+
+def open_descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_failing_finish_still_closes_the_file_and_gives_the_ring_back(tmp_path, monkeypatch):
+    """The ring is faked pinned, so that giving it back is seen; the error passes through."""
+    path = mixed_file(tmp_path)
+    header = read_header(path)
+    dests = [torch.empty(e.torch_shape, dtype=TORCH_DTYPES[e.dtype]) for e in header.entries]
+    released = []
+    real_staging = _io._staging
+    monkeypatch.setattr(_io, "_staging", lambda *args: (real_staging(*args)[0], True))
+    monkeypatch.setattr(_io, "release_pinned_cache", lambda: released.append(True))
+    before = open_descriptors()
+    with pytest.raises(StickyError, match="illegal memory access"):
+        stream_into(
+            str(path),
+            dests,
+            [header.data_start + e.begin for e in header.entries],
+            chunk_bytes=64,
+            copies=FailingFinish(),
+        )
+    assert open_descriptors() == before and released == [True]
+
+
+def test_a_failing_finish_in_a_load_closes_every_descriptor(tmp_path, monkeypatch):
+    """Through a whole load on the streaming path (forced on the CPU): the source's and the
+    sibling's descriptors are closed when the device's error ends the load."""
+    from support.loads import load_toy, make_ckpt
+
+    from sa3loader import _values, loader
+
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    load_toy(ckpt, tmp_path / "cache")  # the sibling exists: the failing load is a hit
+    monkeypatch.setattr(_values, "streams_to", lambda device: True)
+    monkeypatch.setattr(loader, "streams_to", lambda device: True)
+    real_stream = _io.stream_into
+    monkeypatch.setattr(
+        _values, "stream_into", lambda *a, **k: real_stream(*a, **{**k, "copies": FailingFinish()})
+    )
+    before = open_descriptors()
+    with pytest.raises(StickyError):
+        load_toy(ckpt, tmp_path / "cache")
+    assert open_descriptors() == before
