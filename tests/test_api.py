@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 
 import pytest
@@ -17,7 +17,9 @@ import sa3loader
 
 def test_import_needs_no_upstream():
     code = "import sys, sa3loader; assert 'stable_audio_3' not in sys.modules; print(sa3loader.__all__)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode == 0
+    from support.processes import torch_zygote  # a fresh process that has imported torch only
+
+    assert torch_zygote().run("-c", code, env=dict(os.environ), timeout=120).returncode == 0
 
 
 def test_missing_upstream_without_factory_is_a_clear_import_error(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 nothing is written, and nothing above INFO is logged (docs/deploying.md).
 
 Needs two users: CI runs as root and switches to ``nobody`` with ``setpriv``; elsewhere skipped.
+The service's loads are fresh processes of ``nobody``, forked from a zygote started as
+``nobody`` with the service's environment.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from support.checkpoints import toy_hub_checkpoint
-from support.processes import TESTS, child_command
+from support.processes import TESTS, Zygote
 
 from sa3loader import cli
 
@@ -43,41 +45,44 @@ def hub_checkpoint(root: Path) -> Path:
     return ckpt
 
 
-def as_service(root: Path, ckpt: Path, cache: Path) -> subprocess.CompletedProcess:
+SERVICE_ENV = {"PATH": os.environ["PATH"], "HOME": "/nonexistent", "PYTHONPATH": str(TESTS)}
+
+
+@pytest.fixture(scope="module")
+def service():
+    """A zygote running as the service user: its children are that user's fresh processes."""
+    uid = str(SERVICE_UID)
+    as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    with Zygote(
+        ["support.zygote:torch_lazy_imports", "support.child"], SERVICE_ENV, as_user=as_user
+    ) as zygote:
+        yield zygote
+
+
+def as_service(service: Zygote, root: Path, ckpt: Path, cache: Path) -> subprocess.CompletedProcess:
     env = {
-        "PATH": os.environ["PATH"],
-        "HOME": "/nonexistent",
-        "PYTHONPATH": str(TESTS),
+        **SERVICE_ENV,
         "SA3LOADER_CACHE_DIR": str(cache),
         "SA3LOADER_PROGRESS": "0",
         "CHILD_LOG_LEVEL": "INFO",
     }
-    command = child_command("load", str(ckpt), str(cache))
-    uid = str(SERVICE_UID)
-    return subprocess.run(
-        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *command],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=120,
-    )
+    return service.run("support.child", "load", str(ckpt), str(cache), env=env, cwd=root, timeout=120)
 
 
-def test_a_private_cache_says_the_sibling_is_there_but_unreadable(image_root, capsys):
+def test_a_private_cache_says_the_sibling_is_there_but_unreadable(service, image_root, capsys):
     """Baked without --readable-by-all, the cache dir is root's alone (0700): the service reads
     fp32 and says exactly why, not that it could not create something."""
     ckpt = hub_checkpoint(image_root)
     cache = image_root / "sa3loader-cache"
     assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--json"]) == 0
     sibling = json.loads(capsys.readouterr().out)["sibling"]
-    served = as_service(image_root, ckpt, cache)
+    served = as_service(service, image_root, ckpt, cache)
     assert served.returncode == 0, served.stderr
     assert not json.loads(served.stdout.strip().splitlines()[-1])["cache_hit"]
     assert f"{sibling} may be there but cannot be read by this user (Permission denied)" in served.stderr
 
 
-def test_a_baked_cache_serves_another_user_read_only_and_quietly(image_root, capsys):
+def test_a_baked_cache_serves_another_user_read_only_and_quietly(service, image_root, capsys):
     ckpt = hub_checkpoint(image_root)
     cache = image_root / "sa3loader-cache"
     assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--readable-by-all", "--json"]) == 0
@@ -88,7 +93,7 @@ def test_a_baked_cache_serves_another_user_read_only_and_quietly(image_root, cap
     assert (cache / "index").stat().st_mode & 0o777 == 0o755  # traversable, writable by root only
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
 
-    served = as_service(image_root, ckpt, cache)
+    served = as_service(service, image_root, ckpt, cache)
     assert served.returncode == 0, served.stderr
     report = json.loads(served.stdout.strip().splitlines()[-1])
     assert report["cache_hit"] and not report["converted"]

@@ -1,5 +1,5 @@
 """The CLI on synthetic checkpoint directories: ``cli.main`` in-process with captured output,
-plus subprocess runs of ``python -m sa3loader`` where logging set-up matters."""
+plus fresh-process runs of ``python -m sa3loader`` where logging set-up matters."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import subprocess
-import sys
 import traceback
 from pathlib import Path
 
@@ -30,9 +30,10 @@ def run(*args: str, cache: Path, check_rc: int | None = 0) -> subprocess.Complet
 
 
 def run_process(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sa3loader", "--cache-dir", str(cache), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    """``python -m sa3loader --cache-dir CACHE ARGS`` in a fresh process that imports sa3loader
+    itself (forked from a zygote that has imported torch only)."""
+    from support.processes import torch_zygote
+
+    return torch_zygote().run(
+        "sa3loader", "--cache-dir", str(cache), *args, env=dict(os.environ), timeout=120
     )

@@ -99,15 +99,18 @@ class Zygote:
     ``env`` is the environment it imports under; each child gets its own.
     """
 
-    def __init__(self, preload: list[str], env: dict[str, str]) -> None:
+    def __init__(self, preload: list[str], env: dict[str, str], *, as_user: list[str] | None = None) -> None:
+        """``as_user``: a command that runs the rest as another user (``setpriv ...``)."""
         self._outputs = tempfile.TemporaryDirectory(prefix="sa3loader-zygote-")
+        os.chmod(self._outputs.name, 0o711)  # its children may run as another user
         self._children = 0
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "support.zygote", *preload],
+            [*(as_user or []), sys.executable, "-m", "support.zygote", *preload],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             env=env,
+            cwd="/",
             start_new_session=True,
         )
         ready = self._readline(LOAD_TIMEOUT_S)
@@ -128,20 +131,23 @@ class Zygote:
         assert line, f"the zygote exited ({self._proc.poll()})"
         return json.loads(line)
 
-    def start(self, module: str, *args: str, env: dict[str, str]) -> ForkedChild:
-        """``python -m module args`` with ``env``, forked now."""
+    def start(self, module: str, *args: str, env: dict[str, str], cwd: Path | None = None) -> ForkedChild:
+        """``python -m module args`` (``module`` ``-c``: ``python -c CODE``) with ``env``, forked now."""
         self._children += 1
-        out = Path(self._outputs.name) / f"{self._children}"
+        out, err = (Path(self._outputs.name) / f"{self._children}.{kind}" for kind in ("out", "err"))
+        for path in (out, err):  # writable by a child that runs as another user
+            path.touch()
+            path.chmod(0o666)
         argv = [module, *args]
-        request = {"start": argv, "env": env, "stdout": f"{out}.out", "stderr": f"{out}.err"}
+        request = {"start": argv, "env": env, "stdout": str(out), "stderr": str(err), "cwd": str(cwd or "")}
         pid = self.ask(request, LOAD_TIMEOUT_S)["pid"]
-        return ForkedChild(self, argv, pid, Path(f"{out}.out"), Path(f"{out}.err"))
+        return ForkedChild(self, argv, pid, out, err)
 
     def run(
-        self, module: str, *args: str, env: dict[str, str], timeout: float
+        self, module: str, *args: str, env: dict[str, str], timeout: float, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         """``subprocess.run(..., capture_output=True, text=True)`` of ``python -m module args``."""
-        child = self.start(module, *args, env=env)
+        child = self.start(module, *args, env=env, cwd=cwd)
         out, err = child.communicate(timeout)
         return subprocess.CompletedProcess(child.args, child.returncode, out, err)
 

@@ -16,7 +16,7 @@ PRELOAD is a module to import, or ``module:function`` to import and call (an imp
 that needs set-up, such as upstream's source put on ``sys.path``).
 
 reads one JSON request per line on stdin and answers each with one line:
-``{"start": [module, arg...], "env": {...}, "stdout": path, "stderr": path}`` forks a
+``{"start": [module, arg...], "env": {...}, "stdout": path, "stderr": path, "cwd": dir}`` forks a
 child that runs ``python -m module arg...`` (or ``python -c CODE`` for ``["-c", CODE]``)
 with exactly that environment and its
 output in those files, and answers ``{"pid": n}`` at once (children run side by
@@ -41,6 +41,8 @@ def _run_child(request: dict) -> int:
     """In the forked child: become ``python -m argv[0] argv[1:]``; its exit code."""
     os.environ.clear()
     os.environ.update(request["env"])
+    if request.get("cwd"):
+        os.chdir(request["cwd"])
     with open(os.devnull, "rb") as devnull:
         os.dup2(devnull.fileno(), 0)  # never the zygote's request stream
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
