@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 from pathlib import Path
 
 from fixtures import PAGE, find_upstream, settle_cold
-from support.memory import rss_anon
+from support.memory import rss_anon, rss_file
 
 SAMPLE_EVERY_S = 0.002
 
@@ -173,6 +174,10 @@ def child(args: argparse.Namespace) -> None:
         )
         print("RESULT " + json.dumps(result))
         return
+    if args.start_file:  # many_workers.py: the N processes start their loads together
+        print("READY", flush=True)
+        while not os.path.exists(args.start_file):
+            time.sleep(0.001)
     out: dict = {}
     with PeakSampler() as sampler:
         started = time.perf_counter()
@@ -183,7 +188,7 @@ def child(args: argparse.Namespace) -> None:
         out["encoder_s"] = encoder_seconds[0]
         if args.child == "hit" and args.device == "cpu":
             out["touch_seconds"] = touch_every_page(model)
-    out.update(peak_anon=sampler.peak, base_anon=sampler.base)
+    out.update(peak_anon=sampler.peak, base_anon=sampler.base, rss_file=rss_file(), ended_at=time.time())
     print("RESULT " + json.dumps(out))
 
 
@@ -196,6 +201,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--io", default="mmap")
     parser.add_argument("--drop", default="", help="files to drop from the page cache before timing")
+    parser.add_argument(
+        "--start-file", default="", help="print READY, then start the load once this file exists"
+    )
     child(parser.parse_args())
 
 
