@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from support.checkpoints import toy_hub_checkpoint
-from support.processes import TESTS, Zygote
+from support.processes import TESTS, TOY_PRELOAD, Zygote
 
 from sa3loader import cli
 
@@ -53,9 +53,7 @@ def service():
     """A zygote running as the service user: its children are that user's fresh processes."""
     uid = str(SERVICE_UID)
     as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-    with Zygote(
-        ["support.zygote:torch_lazy_imports", "support.child"], SERVICE_ENV, as_user=as_user
-    ) as zygote:
+    with Zygote(list(TOY_PRELOAD), SERVICE_ENV, as_user=as_user) as zygote:
         yield zygote
 
 

@@ -164,17 +164,24 @@ class Zygote:
         self.close()
 
 
+# What a toy child imports before it runs: torch (with its lazy meta-device imports), then ours.
+TORCH_PRELOAD = ("support.zygote:torch_lazy_imports", "support.toymodel")
+TOY_PRELOAD = ("support.zygote:torch_lazy_imports", "support.child")
+
+
 @functools.cache
+def _session_zygote(preload: tuple[str, ...]) -> Zygote:
+    """One zygote per preload for the whole session, closed when it ends."""
+    zygote = Zygote(list(preload), child_env())
+    atexit.register(zygote.close)
+    return zygote
+
+
 def torch_zygote() -> Zygote:
     """A zygote that has imported torch but not sa3loader, for what sa3loader does on import."""
-    zygote = Zygote(["support.zygote:torch_lazy_imports", "support.toymodel"], child_env())
-    atexit.register(zygote.close)
-    return zygote
+    return _session_zygote(TORCH_PRELOAD)
 
 
-@functools.cache
 def toy_zygote() -> Zygote:
-    """One zygote for the toy children of the whole session (closed when it ends)."""
-    zygote = Zygote(["support.zygote:torch_lazy_imports", "support.child"], child_env())
-    atexit.register(zygote.close)
-    return zygote
+    """The zygote of the toy children (``support.child``, sa3loader imported)."""
+    return _session_zygote(TOY_PRELOAD)
