@@ -44,6 +44,8 @@ def split(raw: bytes) -> tuple[dict, bytes]:
 def chunk(request, monkeypatch):
     if request.param:
         monkeypatch.setattr(_convert, "CHUNK_ELEMENTS", request.param)
+        monkeypatch.setattr(_convert, "PIECE_ELEMENTS", request.param)
+        monkeypatch.setattr(_convert, "STRIPE_PIECES", 2)
     return request.param
 
 

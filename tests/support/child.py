@@ -63,16 +63,17 @@ def cmd_kill_at(phase: str, ckpt: str, cache: str) -> None:
 
 def cmd_kill_after(limit: str, ckpt: str, cache: str) -> None:
     written = [0]
-    real_write = os.write
+    real_write, real_pwrite = os.write, os.pwrite
 
-    def counting_write(fd: int, data) -> int:  # the converter's only writer
-        n = real_write(fd, data)
-        written[0] += n
+    def counted(n: int) -> int:
+        written[0] += n  # workers race here: a kill a few bytes late is still a kill mid-write
         if written[0] >= int(limit):
             os.kill(os.getpid(), signal.SIGKILL)
         return n
 
-    os.write = counting_write
+    # The converter's only writers: the header with write, the tensors with pwrite.
+    os.write = lambda fd, data: counted(real_write(fd, data))
+    os.pwrite = lambda fd, data, offset: counted(real_pwrite(fd, data, offset))
     resolve_sibling(read_header(ckpt), cache)
 
 
