@@ -186,6 +186,11 @@ def child(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         out["seconds"] = time.perf_counter() - started
         out["encoder_s"] = encoder_seconds[0]
+        if args.child == "first":  # the sibling's fsync, rename and index row run on after the load
+            import sa3loader
+
+            sa3loader.wait_for_publishing()
+            out["published_s"] = time.perf_counter() - started
         if args.child == "hit" and args.device == "cpu":
             out["touch_seconds"] = touch_every_page(model)
     out.update(peak_anon=sampler.peak, base_anon=sampler.base, rss_file=rss_file(), ended_at=time.time())

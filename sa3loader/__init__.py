@@ -6,6 +6,7 @@
 
 from . import _config
 from ._build import LoadResult
+from ._publication import wait_for_publishing
 from ._upstream import install, installed, uninstall
 from .errors import (
     CacheIndexError,
@@ -61,4 +62,5 @@ __all__ = [
     "load_diffusion_cond",
     "load_into_module",
     "uninstall",
+    "wait_for_publishing",
 ]

@@ -30,9 +30,11 @@ from . import _config
 from ._format import (
     HEADER_LENGTH_BYTES,
     MAX_HEADER_BYTES,
+    FileHandle,
     Header,
     TensorEntry,
     check_unchanged,
+    header_of,
     layout,
     preadv_exact,
     read_exact,
@@ -119,6 +121,63 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
         view = view[written:]
 
 
+@dataclass
+class WrittenSibling:
+    """A sibling whose bytes are all in its temp file, not yet durable or at its name.
+
+    ``publish`` fsyncs it and renames it to ``dest``; ``discard`` removes it.
+    Until one of them, the temp file is the writer's, under the conversion lock.
+    """
+
+    tmp: str
+    dest: str
+    fd: int  # the temp file, open for reading and writing
+    result: ConversionResult
+
+    def open_header(self) -> Header:
+        """The file just written, through a descriptor of its own, under ``dest``'s name.
+
+        Not opened by name: it is the inode written, whatever is at the temp name now.
+        """
+        handle = FileHandle.adopt(os.dup(self.fd), self.dest)
+        try:
+            return header_of(handle)
+        except BaseException:
+            handle.close()
+            raise
+
+    def publish(self) -> None:
+        """fsync, then ``os.replace`` to ``dest``: a reader never finds it half-written."""
+        try:
+            phase("fsync")
+            os.fsync(self.fd)
+            self._close()
+            phase("rename")
+            os.replace(self.tmp, self.dest)
+            _fsync_dir(os.path.dirname(self.dest) or ".")
+        except BaseException as exc:
+            self.discard()
+            raise _as_conversion_error(exc, self.dest) from exc
+
+    def discard(self) -> None:
+        self._close()
+        _unlink_quietly(self.tmp)
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _as_conversion_error(exc: BaseException, dest: str) -> BaseException:
+    """An ``OSError`` while writing, as a ``ConversionError``; any other error as it is."""
+    if isinstance(exc, OSError) and not isinstance(exc, Sa3LoaderError):
+        return ConversionError(
+            f"cannot write fp16 sibling {dest}: {exc.strerror or exc}", filename=dest, errno=exc.errno
+        )
+    return exc
+
+
 def convert(
     header: Header,
     dest: str,
@@ -127,7 +186,21 @@ def convert(
     read_only: bool = False,
     progress: bool | None = None,
 ) -> ConversionResult:
-    """Write the fp16 sibling of ``header``'s file to ``dest`` and publish it atomically.
+    """Write the fp16 sibling of ``header``'s file to ``dest`` and publish it atomically."""
+    written = write_sibling(header, dest, metadata, read_only=read_only, progress=progress)
+    written.publish()
+    return written.result
+
+
+def write_sibling(
+    header: Header,
+    dest: str,
+    metadata: dict[str, str],
+    *,
+    read_only: bool = False,
+    progress: bool | None = None,
+) -> WrittenSibling:
+    """Write the fp16 sibling of ``header``'s file to a temp file beside ``dest``; not published.
 
     The output gets the source's mode; ``read_only`` (siblings that loads map)
     clears every write bit, so no one but root edits a mapped file in place.
@@ -143,7 +216,7 @@ def convert(
     counts = {"inf": 0, "zero": 0}
     try:
         # O_EXCL never follows a symlink planted at the name; O_NOFOLLOW says so twice.
-        out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        out_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as exc:
         raise ConversionError(f"cannot create {tmp}: {exc.strerror}", filename=tmp, errno=exc.errno) from exc
     try:
@@ -158,22 +231,10 @@ def convert(
             phase("data")
             _stream_tensors(header, out_entries, len(prefix), src_fd, out_fd, counts, bar)
         check_unchanged(header)  # a rewrite in place meanwhile: the sibling would mix two versions
-        phase("fsync")
-        os.fsync(out_fd)
-        os.close(out_fd)
-        out_fd = -1
-        phase("rename")
-        os.replace(tmp, dest)
-        _fsync_dir(os.path.dirname(dest) or ".")
     except BaseException as exc:
-        if out_fd >= 0:
-            os.close(out_fd)
+        os.close(out_fd)
         _unlink_quietly(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, Sa3LoaderError):
-            raise ConversionError(
-                f"cannot write fp16 sibling {dest}: {exc.strerror or exc}", filename=dest, errno=exc.errno
-            ) from exc
-        raise
+        raise _as_conversion_error(exc, dest) from exc
     seconds = time.perf_counter() - started
     # Flushing tiny values to zero is normal for fp16; callers warn about overflow.
     logger.info(
@@ -184,7 +245,8 @@ def convert(
         counts["zero"],
     )
     header_sha = hashlib.sha256(prefix[8:]).hexdigest()
-    return ConversionResult(dest, total, header_sha, counts["inf"], counts["zero"], seconds)
+    result = ConversionResult(dest, total, header_sha, counts["inf"], counts["zero"], seconds)
+    return WrittenSibling(tmp, dest, out_fd, result)
 
 
 def _pieces_of(offset: int, nbytes: int, piece_bytes: int) -> Iterator[tuple[int, int]]:

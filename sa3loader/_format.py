@@ -225,12 +225,17 @@ class FileHandle:
     itself was rewritten in place since.
     """
 
-    def __init__(self, path: str, *, follow_symlinks: bool = True) -> None:
+    def __init__(self, path: str, *, follow_symlinks: bool = True, fd: int | None = None) -> None:
         self.path = path
         # Taken before the open: a write after it is seen as a change (see ``racy``).
         self.opened_ns = time.time_ns()
-        self._fd: int | None = open_for_reading(path, follow_symlinks=follow_symlinks)
+        self._fd: int | None = open_for_reading(path, follow_symlinks=follow_symlinks) if fd is None else fd
         self.stat = os.fstat(self._fd)
+
+    @classmethod
+    def adopt(cls, fd: int, path: str) -> FileHandle:
+        """A handle that owns ``fd``, an open descriptor of a regular file, named ``path``."""
+        return cls(path, fd=fd)
 
     def fileno(self) -> int:
         if self._fd is None:
@@ -281,13 +286,17 @@ def open_header(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -
     descriptor closes at the end, and every read of ``header``'s tensors until
     then goes through it (``reading``).
     """
-    path = os.fspath(path)
-    handle = FileHandle(path, follow_symlinks=follow_symlinks)
+    handle = FileHandle(os.fspath(path), follow_symlinks=follow_symlinks)
     try:
-        header = _parse_file(handle.fileno(), path, handle.stat.st_size)
+        return header_of(handle)
     except BaseException:
         handle.close()
         raise
+
+
+def header_of(handle: FileHandle) -> Header:
+    """Parse the header of ``handle``'s file; the header owns the handle (the caller closes it on error)."""
+    header = _parse_file(handle.fileno(), handle.path, handle.stat.st_size)
     return dataclasses.replace(header, handle=handle)
 
 

@@ -15,12 +15,13 @@ The accepted sibling stays open: the load reads exactly the file it checked.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
 import re
-import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from ._fsutil import (
     writable_by_others,
 )
 from ._index import Index
+from ._publication import publish_in_background
 from .errors import (
     CheckpointChangedError,
     ConversionError,
@@ -366,8 +368,11 @@ def sibling_matches_source(sibling: Header, source: Header) -> bool:
 class SiblingResolver:
     """Resolves the sibling of one source for one cache dir."""
 
-    def __init__(self, source: Header, cache_dir: str, settings: _config.Settings) -> None:
+    def __init__(
+        self, source: Header, cache_dir: str, settings: _config.Settings, *, publish_later: bool = False
+    ) -> None:
         self.source = source
+        self.publish_later = publish_later
         self.cache_dir = cache_dir
         self.settings = settings
         self.verify = settings.verify
@@ -646,10 +651,15 @@ class SiblingResolver:
         return out
 
     def _convert_at(self, target: str, metadata: dict[str, str]) -> SiblingOutcome:
-        """Convert to ``target`` under its lock, unless another process did meanwhile."""
+        """Convert to ``target`` under its lock, unless another process did meanwhile.
+
+        With ``publish_later`` the outcome's sibling is the temp file just written,
+        and a thread that holds the lock publishes it (``_publication``).
+        """
         out = self.outcome
         try:
-            with conversion_lock(target, timeout=self.settings.lock_timeout):
+            with contextlib.ExitStack() as held:
+                held.enter_context(conversion_lock(target, timeout=self.settings.lock_timeout))
                 # Check again: another process may have converted while we waited.
                 out.sibling = self.accept(target, None)
                 if out.sibling is not None:
@@ -660,18 +670,30 @@ class SiblingResolver:
                 if problem is not None:
                     raise ConversionError(f"{target}: {problem}; leaving it alone", filename=target)
                 logger.info("converting %s to fp16 at %s", self.source.path, target)
-                result = _convert.convert(
+                written = _convert.write_sibling(
                     self.source, target, metadata, read_only=True, progress=self.settings.progress
                 )
-                out.converted = result
-                out.sibling = self._published(target, result)
-                _convert.phase("index")
-                self.index.put(self.real, self._row(out.sibling, None, result))
+                held.callback(written.discard)  # until published: a no-op after the rename
+                result = out.converted = written.result
+                out.sibling = written.open_header()
+                row = self._row(out.sibling, None, result)
+                if self.publish_later:
+                    out.events.append("publishing the sibling in the background")
+                    publish_in_background(
+                        functools.partial(
+                            _publish, written, self.cache_dir, self.cache_trusted, self.real, row
+                        ),
+                        held.pop_all(),
+                        target,
+                    )
+                else:
+                    _publish(written, self.cache_dir, self.cache_trusted, self.real, row, self.index)
         except (LockTimeoutError, UnusableLockError, CheckpointChangedError):
             raise
         except (ConversionError, OSError) as exc:
             out.close()
             out.sibling = None
+            out.converted = None
             out.reason = f"could not write the fp16 sibling ({exc}): loading the fp32 source"
             warn_once("convert:" + self.real, "%s: %s", self.source.path, out.reason)
             return out
@@ -686,14 +708,23 @@ class SiblingResolver:
         )
         return out
 
-    def _published(self, target: str, result: ConversionResult) -> Header:
-        """The sibling just published, open; still under the lock, so it is the file just written."""
-        sibling = open_header(target, follow_symlinks=False)
-        assert sibling.handle is not None
-        if sibling.sha256 != result.header_sha256 or not stat.S_ISREG(sibling.handle.stat.st_mode):
-            sibling.handle.close()
-            raise ConversionError(f"{target} changed right after it was written", filename=target)
-        return sibling
+
+def _publish(
+    written: _convert.WrittenSibling,
+    cache_dir: str,
+    usable: bool,
+    key: str,
+    row: dict[str, Any],
+    index: Index | None = None,
+) -> None:
+    """fsync and rename the written sibling, then record it in the index (a new connection
+    when none is given: this may run on the publishing thread)."""
+    written.publish()
+    _convert.phase("index")
+    with contextlib.ExitStack() as stack:
+        if index is None:
+            index = stack.enter_context(Index(cache_dir, usable=usable))
+        index.put(key, row)
 
 
 def resolve_sibling(
@@ -703,14 +734,22 @@ def resolve_sibling(
     verify: bool = False,
     keep_open: bool = False,
     settings: _config.Settings | None = None,
+    publish_later: bool = False,
 ) -> SiblingOutcome:
     """The sibling to read (found, adopted or converted now).
 
     With ``keep_open``, ``outcome.sibling`` stays open (use the outcome as a
     context manager): a load reads exactly the file that was checked, whatever
-    happens to its name meanwhile (``cache clear``, a republish).
+    happens to its name meanwhile (``cache clear``, a republish). With
+    ``publish_later`` (and ``keep_open``), a sibling converted now is returned
+    before it is published, which a background thread finishes (``_publication``).
     """
-    resolver = SiblingResolver(source, cache_dir, settings or _config.settings(verify=verify))
+    resolver = SiblingResolver(
+        source,
+        cache_dir,
+        settings or _config.settings(verify=verify),
+        publish_later=publish_later and keep_open,
+    )
     with resolver.index:
         outcome = resolver.resolve()
     if not keep_open and outcome.sibling is not None:

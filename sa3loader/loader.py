@@ -198,7 +198,9 @@ def load_diffusion_cond(
     with open_header(ckpt_path) as source:
         outcome = SiblingOutcome(reason="fp32 load")
         if model_half:
-            outcome = resolve_sibling(source, resolve_cache_dir(cache_dir), keep_open=True, settings=settings)
+            outcome = resolve_sibling(
+                source, resolve_cache_dir(cache_dir), keep_open=True, settings=settings, publish_later=True
+            )
         with outcome:
             info.timings["sibling_s"] = time.perf_counter() - sibling_started
             _record_sibling(info, outcome, source)

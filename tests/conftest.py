@@ -25,13 +25,13 @@ def conversions(monkeypatch):
     from sa3loader import _convert
 
     calls = []
-    real = _convert.convert
+    real = _convert.write_sibling  # what every conversion calls, published now or later
 
     def spy(*args, **kwargs):
         calls.append(args[1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_convert, "convert", spy)
+    monkeypatch.setattr(_convert, "write_sibling", spy)
     return calls
 
 
@@ -54,3 +54,12 @@ def upstream() -> Upstream:
     loading_utils = importlib.import_module("stable_audio_3.loading_utils")
     tiny = json.loads((root / "configs" / "tiny_sa3.json").read_text())
     return Upstream(root=root, loading_utils=loading_utils, factory=factory, tiny_config=tiny)
+
+
+@pytest.fixture(autouse=True)
+def publications_finish():
+    """A sibling a test's first load converted is published before the next test starts."""
+    yield
+    import sa3loader
+
+    assert sa3loader.wait_for_publishing(60), "a sibling was still being published after 60 s"

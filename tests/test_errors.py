@@ -38,24 +38,31 @@ def test_a_bad_io_value_is_a_config_error(ckpt, tmp_path, monkeypatch, how):
 
 
 def test_too_many_open_files_after_the_first_open_still_loads(ckpt, tmp_path, monkeypatch, caplog):
-    """EMFILE once the checkpoint is open: the load reads through the descriptor it has
-    (fingerprint, conversion), and where it cannot open the new sibling it says so and reads fp32."""
+    """EMFILE once the checkpoint and the temp file are open: the load reads through the
+    descriptors it has (fingerprint, conversion), and where it cannot get one for the new
+    sibling it says so and reads fp32."""
     real_open = os.open
     opened = []
 
     def open_once(path, flags, *args, **kwargs):
-        if os.fspath(path).endswith(".safetensors"):
+        if ".safetensors" in os.fspath(path):
             opened.append(path)
-            if len(opened) > 1:
+            if len(opened) > 2:
                 raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
         return real_open(path, flags, *args, **kwargs)
 
+    def no_more_descriptors(fd):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
     monkeypatch.setattr(os, "open", open_once)
+    monkeypatch.setattr(os, "dup", no_more_descriptors)
     with caplog.at_level(logging.WARNING, logger="sa3loader"):
         model = load_toy(ckpt, tmp_path / "c")
     monkeypatch.setattr(os, "open", real_open)
+    monkeypatch.undo()
     assert_same_model(model, reference(ckpt))
     assert "Too many open files" in sa3loader.last_load_info().reason
+    assert not list(tmp_path.glob("*.incomplete-*"))
 
 
 def test_a_mapping_refused_by_an_address_space_limit_names_the_file(ckpt, tmp_path, monkeypatch):

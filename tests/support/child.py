@@ -3,6 +3,8 @@
 python -m support.child load CKPT CACHE            -> prints {"converted", "cache_hit", "digest"}
 python -m support.child kill-at PHASE CKPT CACHE   -> SIGKILLs itself when conversion reaches PHASE
 python -m support.child kill-after N CKPT CACHE    -> SIGKILLs itself once conversion has written N bytes
+python -m support.child kill-publishing CKPT CACHE -> prints the load's result, then SIGKILLs itself
+                                                      while the sibling is being published
 python -m support.child republish CKPT N           -> rewrites the published sibling N times
 
 (with ``PYTHONPATH=tests``; ``support.processes`` starts them).
@@ -15,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import types
 
@@ -45,11 +48,25 @@ def load(ckpt: str, cache: str) -> dict:
 
 
 def cmd_load(ckpt: str, cache: str) -> None:
-    if os.environ.get("CHILD_SLOW_CONVERT"):  # hold the conversion open so loaders overlap
-        _convert.phase_hook = lambda name: (
-            time.sleep(float(os.environ["CHILD_SLOW_CONVERT"])) if name == "data" else None
-        )
+    # Hold a phase open: the conversion's, so loaders overlap; the publication's, so
+    # the process ends while its sibling is still being published.
+    slow = {"data": os.environ.get("CHILD_SLOW_CONVERT"), "fsync": os.environ.get("CHILD_SLOW_PUBLISH")}
+    _convert.phase_hook = lambda name: time.sleep(float(slow[name])) if slow.get(name) else None
     print(json.dumps(load(ckpt, cache)), flush=True)
+
+
+def cmd_kill_publishing(ckpt: str, cache: str) -> None:
+    returned = threading.Event()
+
+    def hook(name: str) -> None:
+        if name == "fsync":  # on the publishing thread, once the load has returned
+            returned.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _convert.phase_hook = hook
+    print(json.dumps(load(ckpt, cache)), flush=True)
+    returned.set()
+    time.sleep(60)  # killed long before
 
 
 def cmd_kill_at(phase: str, ckpt: str, cache: str) -> None:
@@ -95,6 +112,7 @@ def fake_network_filesystem_without_flock() -> None:
 COMMANDS = {
     "load": cmd_load,
     "kill-at": cmd_kill_at,
+    "kill-publishing": cmd_kill_publishing,
     "kill-after": cmd_kill_after,
     "republish": cmd_republish,
 }

@@ -22,9 +22,26 @@ def reference_digest(path: Path, dim: int = 32) -> str:
     return digest(reference(path, config={"dim": dim}))
 
 
-def load_toy(path: Path, cache: Path, half: bool = True, *, dim: int = 32, factory=build, **kwargs):
-    """The toy model as upstream's recipe seeds it (``manual_seed(0)``), loaded by sa3loader on the CPU."""
+def load_toy(
+    path: Path,
+    cache: Path,
+    half: bool = True,
+    *,
+    dim: int = 32,
+    factory=build,
+    published: bool = True,
+    **kwargs,
+):
+    """The toy model as upstream's recipe seeds it (``manual_seed(0)``), loaded by sa3loader on the CPU.
+
+    ``published``: a sibling this load converted is published before it returns, so
+    that the test's next step finds the files and rows in place (tests/test_publication.py
+    checks what happens before).
+    """
     torch.manual_seed(0)
-    return sa3loader.load_diffusion_cond(
+    model = sa3loader.load_diffusion_cond(
         {"dim": dim}, path, "cpu", half, cache_dir=cache, model_factory=factory, **kwargs
     )
+    if published:
+        assert sa3loader.wait_for_publishing(60)
+    return model

@@ -32,6 +32,7 @@ import json
 import os
 import runpy
 import sys
+import threading
 import traceback
 
 READY = "zygote ready"
@@ -78,6 +79,14 @@ def torch_lazy_imports() -> None:
         torch.nn.utils.weight_norm(torch.nn.Linear(2, 2))
 
 
+def _join_threads() -> None:
+    """What the interpreter does at exit, and ``os._exit`` skips: wait for every non-daemon
+    thread (sa3loader publishes a converted sibling on one)."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+
+
 def _fork(request: dict) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -86,6 +95,7 @@ def _fork(request: dict) -> int:
         code = 1
         try:
             code = _run_child(request)
+            _join_threads()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

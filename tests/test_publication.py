@@ -1,0 +1,149 @@
+"""A first load returns before its sibling is published; the publication finishes on a thread
+that holds the lock, the process waits for it at exit, and a kill or a failure there heals."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from support.child import digest
+from support.loads import load_toy, make_ckpt, reference_digest
+from support.processes import fork_child
+
+import sa3loader
+from sa3loader import _convert
+from sa3loader._format import read_header
+from sa3loader._fsutil import conversion_lock
+
+WAIT_S = 30
+
+
+def lock_is_free(sibling: Path) -> bool:
+    try:
+        with conversion_lock(str(sibling), timeout=0.2) as locked:
+            return locked
+    except sa3loader.LockTimeoutError:
+        return False
+
+
+@pytest.fixture
+def held_at_fsync(monkeypatch):
+    """Holds the publication at its fsync until ``release.set()``; ``reached`` says it got there."""
+    reached, release = threading.Event(), threading.Event()
+
+    def hook(name: str) -> None:
+        if name == "fsync":
+            reached.set()
+            assert release.wait(WAIT_S)
+
+    monkeypatch.setattr(_convert, "phase_hook", hook)
+    yield reached, release
+    release.set()
+    assert sa3loader.wait_for_publishing(WAIT_S)
+
+
+def test_a_first_load_returns_a_correct_model_before_its_sibling_is_published(tmp_path, held_at_fsync):
+    reached, release = held_at_fsync
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    sibling = tmp_path / "model.fp16.safetensors"
+
+    model = load_toy(ckpt, tmp_path / "cache", published=False)
+
+    info = sa3loader.last_load_info()
+    assert info.converted and info.sibling == str(sibling)
+    assert digest(model) == reference_digest(ckpt)  # built from the temp file, before any fsync
+    assert reached.is_set() and not sibling.exists()
+    assert len(list(tmp_path.glob("*.incomplete-*"))) == 1
+    assert not lock_is_free(sibling)  # the publishing thread holds it
+    assert not sa3loader.wait_for_publishing(0.1)
+
+    release.set()
+    assert sa3loader.wait_for_publishing(WAIT_S)
+    assert lock_is_free(sibling) and not list(tmp_path.glob("*.incomplete-*"))
+    _convert.verify(read_header(ckpt), read_header(sibling))
+    load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().cache_hit  # the index row was written too
+
+
+def test_a_second_load_in_the_same_process_waits_for_the_publication(tmp_path, held_at_fsync):
+    _, release = held_at_fsync
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    load_toy(ckpt, tmp_path / "cache", published=False)
+    threading.Timer(0.5, release.set).start()
+
+    model = load_toy(ckpt, tmp_path / "cache", published=False)  # waits on the lock, then finds it
+
+    info = sa3loader.last_load_info()
+    assert not info.converted and info.sibling == str(tmp_path / "model.fp16.safetensors")
+    assert digest(model) == reference_digest(ckpt)
+
+
+def test_a_publication_that_fails_leaves_nothing_and_the_next_load_converts(tmp_path, monkeypatch, caplog):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+
+    def hook(name: str) -> None:
+        if name == "rename":
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_convert, "phase_hook", hook)
+    with caplog.at_level(logging.WARNING, logger="sa3loader"):
+        model = load_toy(ckpt, tmp_path / "cache", published=False)
+        assert sa3loader.wait_for_publishing(WAIT_S)
+    assert digest(model) == reference_digest(ckpt)
+    assert any("could not publish the fp16 sibling" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "model.fp16.safetensors").exists()
+    assert not list(tmp_path.glob("*.incomplete-*"))
+    monkeypatch.setattr(_convert, "phase_hook", None)
+
+    load_toy(ckpt, tmp_path / "cache", published=False)
+    assert sa3loader.last_load_info().converted
+    assert sa3loader.wait_for_publishing(WAIT_S)
+    assert (tmp_path / "model.fp16.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_process_that_ends_waits_for_its_publication(tmp_path):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    proc = fork_child("load", str(ckpt), str(tmp_path / "cache"), extra_env={"CHILD_SLOW_PUBLISH": "1"})
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and json.loads(out)["converted"]
+    sibling = tmp_path / "model.fp16.safetensors"
+    assert sibling.exists() and lock_is_free(sibling)
+    assert not list(tmp_path.glob("*.incomplete-*"))
+    load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().cache_hit
+
+
+@pytest.mark.slow
+def test_a_kill_while_publishing_leaves_a_temp_file_that_the_next_load_removes(tmp_path):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    proc = fork_child("kill-publishing", str(ckpt), str(tmp_path / "cache"))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads(out)["digest"] == reference_digest(ckpt)  # the load had returned
+    sibling = tmp_path / "model.fp16.safetensors"
+    assert not sibling.exists() and list(tmp_path.glob("*.incomplete-*"))
+    assert lock_is_free(sibling)
+
+    model = load_toy(ckpt, tmp_path / "cache", published=False)
+    assert sa3loader.last_load_info().converted
+    assert sa3loader.wait_for_publishing(WAIT_S)
+    assert digest(model) == reference_digest(ckpt)
+    assert not list(tmp_path.glob("*.incomplete-*"))
+    _convert.verify(read_header(ckpt), read_header(sibling))
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_publication(tmp_path, held_at_fsync):
+    """A server that forks workers after a first load: the publishing thread is the parent's."""
+    load_toy(make_ckpt(tmp_path / "model.safetensors"), tmp_path / "cache", published=False)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if sa3loader.wait_for_publishing(2) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not sa3loader.wait_for_publishing(0.1)  # the parent's is still held at its fsync
