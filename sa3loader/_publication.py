@@ -5,7 +5,8 @@ model from the temp file it has just written (the same inode, read through a
 descriptor of its own). Making the file durable and findable, that is fsync,
 rename, the directory's fsync and the index row, costs about as long as
 writing it on the development machine's disk (benchmarks/README.md), so it runs
-on a thread that holds the conversion lock until it is done:
+on a thread, started once the model is built, that holds the conversion lock
+until it is done:
 
 - other processes wait on the lock as they did while the file was written, then
   find the published sibling;
@@ -30,24 +31,31 @@ _pending: set[threading.Thread] = set()
 _pending_lock = threading.Lock()
 
 
-def publish_in_background(publish: Callable[[], None], held: contextlib.ExitStack, what: str) -> None:
-    """Run ``publish`` on a thread, then close ``held`` (the conversion lock) there."""
+class Publication:
+    """``publish`` to run on a thread once ``start`` is called, then close ``held`` (the
+    conversion lock) there. Started when the load is done with the sibling: a cold load's
+    reads (the text encoder, the checkpoint) do not share the disk with the fsync's writes."""
 
-    def run() -> None:
-        warning = "could not publish the fp16 sibling %s (%s); the next load converts it again"
+    def __init__(self, publish: Callable[[], None], held: contextlib.ExitStack, what: str) -> None:
+        self._publish, self._held, self._what = publish, held, what
+        self._thread = threading.Thread(target=self._run, name="sa3loader-publish", daemon=False)
+
+    def _run(self) -> None:
         try:
-            with held:
-                publish()
+            with self._held:
+                self._publish()
         except Exception as exc:  # nobody is left to raise it to
-            logger.warning(warning, what, exc)
+            logger.warning(
+                "could not publish the fp16 sibling %s (%s); the next load converts it again", self._what, exc
+            )
         finally:
             with _pending_lock:
-                _pending.discard(thread)
+                _pending.discard(self._thread)
 
-    thread = threading.Thread(target=run, name="sa3loader-publish", daemon=False)
-    with _pending_lock:
-        _pending.add(thread)
-    thread.start()
+    def start(self) -> None:
+        with _pending_lock:
+            _pending.add(self._thread)
+        self._thread.start()
 
 
 def wait_for_publishing(timeout: float | None = None) -> bool:

@@ -41,7 +41,7 @@ from ._fsutil import (
     writable_by_others,
 )
 from ._index import Index
-from ._publication import publish_in_background
+from ._publication import Publication
 from .errors import (
     CheckpointChangedError,
     ConversionError,
@@ -281,6 +281,8 @@ class SiblingOutcome:
     events: list[str] = field(default_factory=list)
     # The content check of ``sibling`` (``verify``), when one was made while resolving it.
     checked: Comparison | None = None
+    # A sibling converted now and not yet published: started by ``close``, once the load is done with it.
+    publication: Publication | None = None
 
     @property
     def replaced_damaged(self) -> bool:
@@ -296,6 +298,9 @@ class SiblingOutcome:
     def close(self) -> None:
         if self.sibling is not None and self.sibling.handle is not None:
             self.sibling.handle.close()
+        if self.publication is not None:
+            self.publication.start()
+            self.publication = None
 
 
 def _sibling_identity(sibling: Header) -> dict[str, Any]:
@@ -679,13 +684,10 @@ class SiblingResolver:
                 row = self._row(out.sibling, None, result)
                 if self.publish_later:
                     out.events.append("publishing the sibling in the background")
-                    publish_in_background(
-                        functools.partial(
-                            _publish, written, self.cache_dir, self.cache_trusted, self.real, row
-                        ),
-                        held.pop_all(),
-                        target,
+                    publish = functools.partial(
+                        _publish, written, self.cache_dir, self.cache_trusted, self.real, row
                     )
+                    out.publication = Publication(publish, held.pop_all(), target)
                 else:
                     _publish(written, self.cache_dir, self.cache_trusted, self.real, row, self.index)
         except (LockTimeoutError, UnusableLockError, CheckpointChangedError):
