@@ -20,12 +20,11 @@ pairs' ratios); peak RssAnon of a first load <= 0.6 x upstream's.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 
 from bench_load import anon_mb, run_child
-from fixtures import MODELS, REPO, Bench, prepare, set_up, workdir_and_scale
+from fixtures import Bench, cpu_bench_parser, prepare, set_up, workdir_and_scale
 
 GOAL_TIME, GOAL_ANON = 0.5, 0.6
 
@@ -74,14 +73,7 @@ def report(results: dict[str, list[dict[str, float]]], bench: Bench) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", choices=sorted(MODELS), default="small-music")
-    parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workdir", default=str(REPO / "bench-data"))
-    parser.add_argument("--keep", action="store_true", help="reuse the synthetic files of an earlier run")
+    parser = cpu_bench_parser(__doc__, runs=3)
     parser.add_argument("--temps", nargs="+", default=["hot", "cold"], choices=["hot", "cold"])
     args = parser.parse_args()
     args.device = "cpu"

@@ -219,3 +219,14 @@ def workdir_and_scale(args: argparse.Namespace) -> Path:
         )
         args.scale = new
     return work
+
+
+def cpu_bench_parser(doc: str | None, runs: int) -> argparse.ArgumentParser:
+    """The options every CPU benchmark on the synthetic hub takes: model, scale, runs, workdir, keep."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="small-music")
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--workdir", default=str(REPO / "bench-data"))
+    parser.add_argument("--keep", action="store_true", help="reuse the synthetic files of an earlier run")
+    return parser

@@ -14,25 +14,17 @@ Goal (issue 23): small-model hit <= 1.3 x cat.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
 from bench_load import run_child
-from fixtures import MODELS, REPO, prepare, set_up, time_cat, workdir_and_scale
+from fixtures import cpu_bench_parser, prepare, set_up, time_cat, workdir_and_scale
 
 GOAL = 1.3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", choices=sorted(MODELS), default="small-music")
-    parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--workdir", default=str(REPO / "bench-data"))
-    parser.add_argument("--keep", action="store_true", help="reuse the synthetic files of an earlier run")
+    parser = cpu_bench_parser(__doc__, runs=5)
     args = parser.parse_args()
     args.device = "cpu"
     bench = set_up(args, workdir_and_scale(args))

@@ -27,7 +27,6 @@ the slowest of N hits takes at most 1.25 x ceil(N / cores) x one hit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -38,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fixtures import HERE, MODELS, REPO, Bench, prepare, set_up, workdir_and_scale
+from fixtures import HERE, Bench, cpu_bench_parser, prepare, set_up, workdir_and_scale
 
 COUNTS = (1, 2, 4)
 CORES = os.cpu_count() or 1
@@ -122,17 +121,10 @@ def report(rows: dict[tuple[str, int], list[dict]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", choices=sorted(MODELS), default="small-music")
-    parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--runs", type=int, default=3)
+    parser = cpu_bench_parser(__doc__, runs=3)
     parser.add_argument(
         "--upstream-up-to", type=int, default=4, help="largest N to run upstream for (memory)"
     )
-    parser.add_argument("--workdir", default=str(REPO / "bench-data"))
-    parser.add_argument("--keep", action="store_true", help="reuse the synthetic files of an earlier run")
     args = parser.parse_args()
     args.device = "cpu"
     work = workdir_and_scale(args)
