@@ -146,13 +146,18 @@ class WrittenSibling:
             handle.close()
             raise
 
-    def publish(self) -> None:
-        """fsync, then ``os.replace`` to ``dest``: a reader never finds it half-written."""
+    def publish(self, before_rename: Callable[[], None] | None = None) -> None:
+        """fsync, then ``os.replace`` to ``dest``: a reader never finds it half-written.
+
+        ``before_rename`` may raise to leave ``dest`` alone (the temp file is removed).
+        """
         try:
             phase("fsync")
             os.fsync(self.fd)
             self._close()
             phase("rename")
+            if before_rename is not None:
+                before_rename()
             os.replace(self.tmp, self.dest)
             _fsync_dir(os.path.dirname(self.dest) or ".")
         except BaseException as exc:
@@ -390,6 +395,8 @@ def _convert_pieces(job: _Job, header: Header, src_fd: int, out_fd: int, counts:
         while stripe := job.take():
             written = 0
             for entry, offset, length, out_offset in stripe:
+                if job.errors:  # another worker failed, or the caller was interrupted
+                    return
                 n = length // 4
                 # Most pieces are whole: slicing a tensor costs as much as casting one.
                 src, dst, work, raw_view, half_view = (
@@ -449,8 +456,14 @@ def _stream_tensors(
     ]
     for worker in workers:
         worker.start()
-    for worker in workers:
-        worker.join()
+    try:
+        for worker in workers:
+            worker.join()
+    except BaseException as exc:  # KeyboardInterrupt: the workers must not write once fd is closed
+        job.failed(exc)
+        for worker in workers:
+            worker.join()
+        raise
     job.raise_first()
     for mine in per_worker:
         for key, value in mine.items():

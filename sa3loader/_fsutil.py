@@ -409,6 +409,11 @@ def _open_lock_file(lock_path: str) -> int:
     return fd
 
 
+# The descriptor of each conversion lock this process holds, by lock path: a publication
+# that outlives the load closes its copy in a forked child (``_publication``).
+held_lock_descriptors: dict[str, int] = {}
+
+
 @contextlib.contextmanager
 def conversion_lock(sibling_path: str, timeout: float | None = None) -> Iterator[bool]:
     """Hold the exclusive lock for ``sibling_path``; yields False when locking is unsupported.
@@ -448,10 +453,12 @@ def conversion_lock(sibling_path: str, timeout: float | None = None) -> Iterator
                 yield False
                 return
             if locked and _same_file(fd, lock_path):
+                held_lock_descriptors[lock_path] = fd
                 try:
                     with across_hosts(sibling_path, deadline) if across_hosts else contextlib.nullcontext():
                         yield True
                 finally:
+                    held_lock_descriptors.pop(lock_path, None)
                     fcntl.flock(fd, fcntl.LOCK_UN)
                 return
         finally:

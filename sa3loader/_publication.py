@@ -27,18 +27,37 @@ from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
-_pending: set[threading.Thread] = set()
+_pending: dict[str, Publication] = {}  # by the source's real path: one conversion per source at a time
 _pending_lock = threading.Lock()
+# Kept for good in a forked child: collected there, a publication's lock would be unlocked (and
+# its descriptors closed) under the parent, which still publishes.
+_orphans: list[Publication] = []
 
 
 class Publication:
-    """``publish`` to run on a thread once ``start`` is called, then close ``held`` (the
-    conversion lock) there. Started when the load is done with the sibling: a cold load's
-    reads (the text encoder, the checkpoint) do not share the disk with the fsync's writes."""
+    """``publish`` to run on a thread, then close ``held`` (the conversion lock) there.
 
-    def __init__(self, publish: Callable[[], None], held: contextlib.ExitStack, what: str) -> None:
-        self._publish, self._held, self._what = publish, held, what
-        self._thread = threading.Thread(target=self._run, name="sa3loader-publish", daemon=False)
+    Started when the load is done with the sibling, so that a cold load's reads
+    (the text encoder) do not share the disk with the fsync's writes; or sooner,
+    by anything in this process that needs it published (``finish``,
+    ``wait_for_publishing``): a nested load of the same checkpoint, another thread.
+    ``descriptors`` (the lock's, the temp file's) are closed in a forked child.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        publish: Callable[[], None],
+        held: contextlib.ExitStack,
+        what: str,
+        descriptors: list[int],
+    ) -> None:
+        self._key, self._publish, self._held, self._what = key, publish, held, what
+        self.descriptors = [(fd, _identity(fd)) for fd in descriptors]
+        self._started, self._done = False, threading.Event()
+        self._start_lock = threading.Lock()
+        with _pending_lock:
+            _pending[key] = self
 
     def _run(self) -> None:
         try:
@@ -50,12 +69,34 @@ class Publication:
             )
         finally:
             with _pending_lock:
-                _pending.discard(self._thread)
+                if _pending.get(self._key) is self:
+                    del _pending[self._key]
+            self._done.set()
 
     def start(self) -> None:
-        with _pending_lock:
-            _pending.add(self._thread)
-        self._thread.start()
+        """Start publishing, once; where no thread can be started, publish here and now."""
+        with self._start_lock:
+            if self._started:
+                return
+            self._started = True
+        try:
+            threading.Thread(target=self._run, name="sa3loader-publish", daemon=False).start()
+        except RuntimeError:  # "can't start new thread": a pids limit
+            self._run()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Start it if it is not yet, and wait for it to be done; False on timeout."""
+        self.start()
+        return self._done.wait(timeout)
+
+
+def finish(key: str) -> None:
+    """Publish now, and wait for, what this process converted from the source ``key``: a load
+    of it must not wait on a lock that this process holds until its own load is done."""
+    with _pending_lock:
+        pending = _pending.get(key)
+    if pending is not None:
+        pending.wait()
 
 
 def wait_for_publishing(timeout: float | None = None) -> bool:
@@ -68,20 +109,40 @@ def wait_for_publishing(timeout: float | None = None) -> bool:
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         with _pending_lock:
-            pending = next(iter(_pending), None)
+            pending = next(iter(_pending.values()), None)
         if pending is None:
             return True
         left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
+        if (left is not None and left <= 0) or not pending.wait(left):
             return False
-        pending.join(left)
 
 
 def _forget_in_child() -> None:
-    """A forked child has none of the parent's threads: nothing of theirs to wait for."""
+    """A forked child has none of the parent's threads: nothing of theirs to wait for.
+
+    Its copies of their descriptors are closed, so that a parent that dies
+    before it publishes leaves no lock behind in a child that lives on; the
+    publications are kept, never collected (see ``_orphans``).
+    """
     global _pending_lock
-    _pending.clear()
     _pending_lock = threading.Lock()
+    for publication in _pending.values():
+        _orphans.append(publication)
+        publication._started = True  # the parent publishes it, never this child
+        publication._done.set()
+        for fd, identity in publication.descriptors:
+            if _identity(fd) == identity:  # not a number the parent closed and opened again
+                os.close(fd)
+        publication.descriptors = []
+    _pending.clear()
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 if hasattr(os, "register_at_fork"):

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,13 +36,14 @@ from ._fsutil import (
     LOCK_SUFFIX,
     cache_dir_trust,
     conversion_lock,
+    held_lock_descriptors,
     make_private_dirs,
     owned_file_problem,
     remove_stray_incomplete,
     writable_by_others,
 )
 from ._index import Index
-from ._publication import Publication
+from ._publication import Publication, finish
 from .errors import (
     CheckpointChangedError,
     ConversionError,
@@ -587,6 +589,12 @@ class SiblingResolver:
             return "a file that is not an sa3loader sibling is there"
         return None
 
+    def _refuse_to_overwrite(self, path: str) -> None:
+        """``ConversionError`` when ``path`` may no longer be written (a file saved there since)."""
+        problem = self._overwritable(path)
+        if problem is not None:
+            raise ConversionError(f"{path}: {problem}; leaving it alone", filename=path)
+
     def targets(self) -> tuple[list[str], list[str]]:
         """Where a new sibling may go, best first, and why the other places may not."""
         options, problems = [], []
@@ -619,6 +627,7 @@ class SiblingResolver:
 
     def resolve(self) -> SiblingOutcome:
         out = self.outcome
+        finish(self.real)  # a sibling this process converted and has not yet published, first
         if not has_float32(self.source):
             out.reason = (
                 "already fp16 (an sa3loader output): loaded as is"
@@ -685,9 +694,17 @@ class SiblingResolver:
                 if self.publish_later:
                     out.events.append("publishing the sibling in the background")
                     publish = functools.partial(
-                        _publish, written, self.cache_dir, self.cache_trusted, self.real, row
+                        _publish,
+                        written,
+                        self.cache_dir,
+                        self.cache_trusted,
+                        self.real,
+                        row,
+                        recheck=functools.partial(self._refuse_to_overwrite, target),
                     )
-                    out.publication = Publication(publish, held.pop_all(), target)
+                    lock_fd = held_lock_descriptors.get(target + LOCK_SUFFIX)
+                    descriptors = [written.fd] + ([lock_fd] if lock_fd is not None else [])
+                    out.publication = Publication(self.real, publish, held.pop_all(), target, descriptors)
                 else:
                     _publish(written, self.cache_dir, self.cache_trusted, self.real, row, self.index)
         except (LockTimeoutError, UnusableLockError, CheckpointChangedError):
@@ -718,10 +735,12 @@ def _publish(
     key: str,
     row: dict[str, Any],
     index: Index | None = None,
+    recheck: Callable[[], None] | None = None,
 ) -> None:
     """fsync and rename the written sibling, then record it in the index (a new connection
-    when none is given: this may run on the publishing thread)."""
-    written.publish()
+    when none is given: this may run on the publishing thread). ``recheck``, just before the
+    rename, raises when the name may no longer be written (the load has long returned)."""
+    written.publish(before_rename=recheck)
     _convert.phase("index")
     with contextlib.ExitStack() as stack:
         if index is None:

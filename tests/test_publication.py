@@ -14,11 +14,12 @@ import pytest
 from support.child import digest
 from support.loads import load_toy, make_ckpt, reference_digest
 from support.processes import fork_child
+from support.toymodel import build
 
 import sa3loader
 from sa3loader import _convert
 from sa3loader._format import read_header
-from sa3loader._fsutil import conversion_lock
+from sa3loader._fsutil import conversion_lock, held_lock_descriptors
 
 WAIT_S = 30
 
@@ -147,3 +148,83 @@ def test_a_forked_child_does_not_wait_for_its_parents_publication(tmp_path, held
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert not sa3loader.wait_for_publishing(0.1)  # the parent's is still held at its fsync
+
+
+def test_a_load_of_the_same_checkpoint_inside_the_factory_does_not_wait_on_its_own_lock(
+    tmp_path, monkeypatch
+):
+    """The outer load holds the conversion lock until its model is built; the inner one
+    publishes the pending sibling first instead of waiting on that lock."""
+    monkeypatch.setenv("SA3LOADER_LOCK_TIMEOUT", "0")
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    inner = []
+
+    def factory(config):
+        if not inner:
+            inner.append(load_toy(ckpt, tmp_path / "cache", published=False))
+        return build(config)
+
+    model = load_toy(ckpt, tmp_path / "cache", factory=factory, published=False)
+    assert digest(model) == digest(inner[0]) == reference_digest(ckpt)
+    assert sa3loader.wait_for_publishing(WAIT_S)
+    assert (tmp_path / "model.fp16.safetensors").exists()
+
+
+def test_a_second_load_with_no_lock_timeout_finds_the_sibling_being_published(
+    tmp_path, monkeypatch, held_at_fsync
+):
+    _, release = held_at_fsync
+    monkeypatch.setenv("SA3LOADER_LOCK_TIMEOUT", "0")
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    load_toy(ckpt, tmp_path / "cache", published=False)
+    threading.Timer(0.5, release.set).start()
+    model = load_toy(ckpt, tmp_path / "cache", published=False)
+    assert sa3loader.last_load_info().cache_hit
+    assert digest(model) == reference_digest(ckpt)
+
+
+def test_a_file_saved_at_the_siblings_name_meanwhile_is_left_alone(tmp_path, held_at_fsync, caplog):
+    _, release = held_at_fsync
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    sibling = tmp_path / "model.fp16.safetensors"
+    load_toy(ckpt, tmp_path / "cache", published=False)
+    sibling.write_bytes(b"the user's own export")
+    with caplog.at_level(logging.WARNING, logger="sa3loader"):
+        release.set()
+        assert sa3loader.wait_for_publishing(WAIT_S)
+    assert sibling.read_bytes() == b"the user's own export"
+    assert not list(tmp_path.glob("*.incomplete-*"))
+    assert any("could not publish the fp16 sibling" in r.getMessage() for r in caplog.records)
+
+
+def test_where_no_thread_can_be_started_the_sibling_is_published_in_the_load(tmp_path, monkeypatch):
+    real_start = threading.Thread.start
+
+    def no_new_threads(thread):
+        if thread.name == "sa3loader-publish":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_new_threads)
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    model = load_toy(ckpt, tmp_path / "cache", published=False)
+    assert digest(model) == reference_digest(ckpt)
+    assert (tmp_path / "model.fp16.safetensors").exists()  # published before the load returned
+    assert sa3loader.wait_for_publishing(0)
+    assert lock_is_free(tmp_path / "model.fp16.safetensors")
+
+
+def test_a_forked_child_closes_its_copy_of_the_lock(tmp_path, held_at_fsync):
+    """A parent that dies before it publishes must not leave its lock held by a child that lives on."""
+    load_toy(make_ckpt(tmp_path / "model.safetensors"), tmp_path / "cache", published=False)
+    lock_fd = held_lock_descriptors[str(tmp_path / "model.fp16.safetensors.lock")]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.fstat(lock_fd)
+            os._exit(1)
+        except OSError:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    os.fstat(lock_fd)  # the parent's is still open
