@@ -314,7 +314,7 @@ def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
     lines = [f"pruned ({e.status}): {e.source}" for e in outcome.rows] if pruning else []
     lines += _removal_lines(outcome.removed, dry_run=False)
     lines += [f"kept {r.kind} {r.path}: {why}" for r, why in outcome.kept]
-    lines.append(f"{verb}ed {rows}" if pruning else f"cleared {rows}")
+    lines.append(f"pruned {rows}" if pruning else f"cleared {rows}")
     _emit(args, {"dry_run": False, **_outcome_data(outcome)}, lines)
     return EXIT_OK
 

@@ -128,7 +128,8 @@ def test_cache_verify_prune_clear(ckpt_dir, tmp_path):
     assert rows[0]["status"] == "stale"
     dry = run("cache", "prune", "--dry-run", cache=cache)
     assert "would prune" in dry.stdout and sibling.exists()
-    run("cache", "prune", cache=cache)
+    pruned = run("cache", "prune", cache=cache)
+    assert pruned.stdout.endswith("\npruned 1 row(s)\n"), pruned.stdout
     assert not sibling.exists()
     assert json.loads(run("cache", "ls", "--json", cache=cache).stdout) == []
 
