@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,32 @@ def test_verify_accepts_a_true_sibling_and_catches_a_data_flip(tmp_path, chunk, 
 
     with pytest.raises(VerificationError, match=repr(flipped)):
         _convert.verify(read_header(src), read_header(outcome.sibling.path))
+
+
+def test_an_interrupt_while_converting_stops_every_worker_before_the_file_is_closed(tmp_path, monkeypatch):
+    """Ctrl-C lands in the main thread's wait for the workers: none may write on after the
+    temp file's descriptor is closed (the number could be reused by then)."""
+    src = tmp_path / "model.safetensors"
+    save_file({f"w{i}": torch.randn(64, 64) for i in range(64)}, str(src))
+    header = read_header(src)
+    monkeypatch.setattr(_convert, "PIECE_ELEMENTS", 1024)
+    monkeypatch.setattr(_convert, "STRIPE_PIECES", 1)
+    real_read = _convert.preadv_exact
+    monkeypatch.setattr(_convert, "preadv_exact", lambda *a: (time.sleep(0.005), real_read(*a))[1])
+    real_join = threading.Thread.join
+    interrupted = []
+
+    def join(thread, timeout=None):
+        if thread.name == "sa3loader-convert" and not interrupted:
+            interrupted.append(thread)
+            raise KeyboardInterrupt
+        return real_join(thread, timeout)
+
+    monkeypatch.setattr(threading.Thread, "join", join)
+    with pytest.raises(KeyboardInterrupt):
+        _convert.convert(
+            header, str(tmp_path / "out.safetensors"), _sibling.sibling_metadata(header, IDENTITY, "fp")
+        )
+    assert interrupted
+    assert not [t for t in threading.enumerate() if t.name == "sa3loader-convert" and t.is_alive()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
