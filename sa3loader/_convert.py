@@ -114,13 +114,6 @@ def byte_bar(desc: str, total: int, enabled: bool) -> tqdm[Any]:
     )
 
 
-def _write_all(fd: int, data: memoryview | bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
 @dataclass
 class WrittenSibling:
     """A sibling whose bytes are all in its temp file, not yet durable or at its name.
@@ -139,7 +132,7 @@ class WrittenSibling:
 
         Not opened by name: it is the inode written, whatever is at the temp name now.
         """
-        handle = FileHandle.adopt(os.dup(self.fd), self.dest)
+        handle = FileHandle(self.dest, fd=os.dup(self.fd))
         try:
             return header_of(handle)
         except BaseException:
@@ -231,7 +224,7 @@ def write_sibling(
             byte_bar(f"fp16 {os.path.basename(header.path)}", total, progress_enabled(progress)) as bar,
         ):
             phase("header")
-            _write_all(out_fd, prefix)
+            _pwrite_all(out_fd, memoryview(prefix), 0)
             bar.update(len(prefix))
             phase("data")
             _stream_tensors(header, out_entries, len(prefix), src_fd, out_fd, counts, bar)
@@ -443,8 +436,8 @@ def _stream_tensors(
     for out in out_entries:  # the sibling's order
         entry = header.by_name[out.name]
         shrink = 2 if entry.dtype == "F32" else 1
-        for offset, length in _pieces_of(header.data_start + entry.begin, entry.nbytes, PIECE_ELEMENTS * 4):
-            relative = offset - header.data_start - entry.begin
+        for relative, length in _pieces_of(0, entry.nbytes, PIECE_ELEMENTS * 4):
+            offset = header.data_start + entry.begin + relative
             plan.append((entry, offset, length, out_data_start + out.begin + relative // shrink))
     job = _Job(plan, src_fd, bar)
     per_worker = [{"inf": 0, "zero": 0} for _ in range(WORKERS)]
@@ -470,9 +463,7 @@ def _stream_tensors(
             counts[key] += value
 
 
-def _count_range(
-    src: torch.Tensor, dst: torch.Tensor, counts: dict[str, int], scratch: torch.Tensor | None = None
-) -> None:
+def _count_range(src: torch.Tensor, dst: torch.Tensor, counts: dict[str, int], scratch: torch.Tensor) -> None:
     """Add this chunk's fp16 overflows and flushes to ``counts``.
 
     Exact and cheap: inf in fp16 comes from inf in fp32 or an overflow, zero from
@@ -480,9 +471,7 @@ def _count_range(
     fp16 chunk skips them when there is no inf, NaN or zero at all.
     """
     # Python floats: a test on a 0-d tensor costs ten times the aminmax of a piece.
-    low, high = (
-        t.item() for t in torch.aminmax(torch.abs(dst, out=scratch) if scratch is not None else dst.abs())
-    )
+    low, high = (t.item() for t in torch.aminmax(torch.abs(dst, out=scratch)))
     if not math.isfinite(high):
         counts["inf"] += int(torch.count_nonzero(dst.isinf()) - torch.count_nonzero(src.isinf()))
     if not low > 0:  # also when NaN made aminmax NaN

@@ -226,16 +226,12 @@ class FileHandle:
     """
 
     def __init__(self, path: str, *, follow_symlinks: bool = True, fd: int | None = None) -> None:
+        """``fd``: a descriptor already open (of a regular file), which the handle then owns."""
         self.path = path
         # Taken before the open: a write after it is seen as a change (see ``racy``).
         self.opened_ns = time.time_ns()
         self._fd: int | None = open_for_reading(path, follow_symlinks=follow_symlinks) if fd is None else fd
         self.stat = os.fstat(self._fd)
-
-    @classmethod
-    def adopt(cls, fd: int, path: str) -> FileHandle:
-        """A handle that owns ``fd``, an open descriptor of a regular file, named ``path``."""
-        return cls(path, fd=fd)
 
     def fileno(self) -> int:
         if self._fd is None:

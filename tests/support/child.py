@@ -80,7 +80,7 @@ def cmd_kill_at(phase: str, ckpt: str, cache: str) -> None:
 
 def cmd_kill_after(limit: str, ckpt: str, cache: str) -> None:
     written = [0]
-    real_write, real_pwrite = os.write, os.pwrite
+    real_pwrite = os.pwrite
 
     def counted(n: int) -> int:
         written[0] += n  # workers race here: a kill a few bytes late is still a kill mid-write
@@ -88,8 +88,7 @@ def cmd_kill_after(limit: str, ckpt: str, cache: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return n
 
-    # The converter's only writers: the header with write, the tensors with pwrite.
-    os.write = lambda fd, data: counted(real_write(fd, data))
+    # The converter's only writer, for the header and every piece.
     os.pwrite = lambda fd, data, offset: counted(real_pwrite(fd, data, offset))
     resolve_sibling(read_header(ckpt), cache)
 
