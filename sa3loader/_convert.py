@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import _config
+from . import _config, _faults
 from ._format import (
     HEADER_LENGTH_BYTES,
     MAX_HEADER_BYTES,
@@ -42,7 +42,7 @@ from ._format import (
 )
 from ._fsutil import INCOMPLETE_INFIX
 from ._io import torch_dtype
-from .errors import ConversionError, Sa3LoaderError, VerificationError
+from .errors import ConversionError, HeaderError, Sa3LoaderError, VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +58,6 @@ READ_AHEAD_STRIPES = 4  # stripes the kernel is asked to read ahead of the worke
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 DEFAULT_FILE_MODE = 0o644
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
-
-# Test-only: called with the name of each phase ("header", "data", "fsync",
-# "rename") so that fault tests can kill the process at a known point.
-phase_hook: Callable[[str], None] | None = None
-
-
-def phase(name: str) -> None:
-    if phase_hook is not None:
-        phase_hook(name)
 
 
 @dataclass(frozen=True)
@@ -131,10 +122,21 @@ class WrittenSibling:
         """The file just written, through a descriptor of its own, under ``dest``'s name.
 
         Not opened by name: it is the inode written, whatever is at the temp name now.
+        A file that does not read back as the header written (it cannot happen, unless
+        something wrote into it) is a ``ConversionError``: the load reads the source.
         """
+        _faults.point("written")
         handle = FileHandle(self.dest, fd=os.dup(self.fd))
         try:
-            return header_of(handle)
+            header = header_of(handle)
+            if header.sha256 != self.result.header_sha256 or header.file_size != self.result.size:
+                raise HeaderError(f"{self.tmp}: not the header that was written", filename=self.tmp)
+            return header
+        except HeaderError as exc:
+            handle.close()
+            raise ConversionError(
+                f"the fp16 sibling just written cannot be read back ({exc})", filename=self.dest
+            ) from exc
         except BaseException:
             handle.close()
             raise
@@ -145,10 +147,10 @@ class WrittenSibling:
         ``before_rename`` may raise to leave ``dest`` alone (the temp file is removed).
         """
         try:
-            phase("fsync")
+            _faults.point("fsync")
             os.fsync(self.fd)
             self._close()
-            phase("rename")
+            _faults.point("rename")
             if before_rename is not None:
                 before_rename()
             os.replace(self.tmp, self.dest)
@@ -223,10 +225,10 @@ def write_sibling(
             reading(header) as src_fd,
             byte_bar(f"fp16 {os.path.basename(header.path)}", total, progress_enabled(progress)) as bar,
         ):
-            phase("header")
+            _faults.point("header")
             _pwrite_all(out_fd, memoryview(prefix), 0)
             bar.update(len(prefix))
-            phase("data")
+            _faults.point("data")
             _stream_tensors(header, out_entries, len(prefix), src_fd, out_fd, counts, bar)
         check_unchanged(header)  # a rewrite in place meanwhile: the sibling would mix two versions
     except BaseException as exc:

@@ -261,11 +261,15 @@ class FileHandle:
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_MAGIC = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
-_OTHER_FORMATS = (_ZIP_MAGIC, *_PICKLE_MAGIC)
 
 
 def _guess_format(first: bytes) -> str:
-    """What the first bytes say a file that is not safetensors is, for the error message."""
+    """What the first bytes say a file that is not safetensors is, for the error message.
+
+    Only words: a file is refused by the format's own rules (``_parse_file``), never by
+    these bytes. A valid header of 640, 896, 1152 or 1408 bytes (mod 65536) starts
+    with a pickle's magic too.
+    """
     if first.startswith(_ZIP_MAGIC):
         return " (it is a zip archive: a PyTorch .pt/.ckpt checkpoint? Convert it to safetensors first)"
     if first.startswith(_PICKLE_MAGIC):
@@ -336,10 +340,9 @@ def _parse_file(fd: int, path: str, file_size: int) -> Header:
         raise HeaderError(f"{path}: {file_size} bytes is too small to be a safetensors file", filename=path)
     length_field = read_exact(fd, 0, HEADER_LENGTH_BYTES, path)
     (header_size,) = struct.unpack("<Q", length_field)
-    if header_size > file_size - HEADER_LENGTH_BYTES or length_field.startswith(_OTHER_FORMATS):
-        raise HeaderError(
-            f"{path}: not a safetensors file{_guess_format(bytes(length_field))}", filename=path
-        )
+    guess = _guess_format(bytes(length_field))
+    if header_size > file_size - HEADER_LENGTH_BYTES:
+        raise HeaderError(f"{path}: not a safetensors file{guess}", filename=path)
     if header_size > MAX_HEADER_BYTES:  # the file has the bytes; safetensors would not read them
         raise HeaderError(
             f"{path}: header of {header_size} bytes is above the {MAX_HEADER_BYTES}-byte limit "
@@ -347,7 +350,12 @@ def _parse_file(fd: int, path: str, file_size: int) -> Header:
             filename=path,
         )
     raw = read_exact(fd, HEADER_LENGTH_BYTES, header_size, path)
-    return parse_header(raw, path=path, file_size=file_size)
+    try:
+        return parse_header(raw, path=path, file_size=file_size)
+    except HeaderError as exc:
+        if not guess:
+            raise
+        raise HeaderError(f"{exc}{guess}", filename=path) from None
 
 
 def read_exact(fd: int, offset: int, length: int, path: str) -> bytearray:

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _config, _convert
+from . import _config, _convert, _faults
 from ._config import warn_once
 from ._convert import Comparison, ConversionResult
 from ._format import Header, open_header, read_exact, read_header, reading
@@ -741,7 +741,7 @@ def _publish(
     when none is given: this may run on the publishing thread). ``recheck``, just before the
     rename, raises when the name may no longer be written (the load has long returned)."""
     written.publish(before_rename=recheck)
-    _convert.phase("index")
+    _faults.point("index")
     with contextlib.ExitStack() as stack:
         if index is None:
             index = stack.enter_context(Index(cache_dir, usable=usable))

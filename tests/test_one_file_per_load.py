@@ -15,11 +15,12 @@ import pytest
 import torch
 from support.checkpoints import random_like_state, save
 from support.compare import assert_same_model
+from support.faults import at, injected
 from support.loads import load_toy
 from support.toymodel import build, reference
 
 import sa3loader
-from sa3loader import _build, _convert
+from sa3loader import _build
 
 
 def versions(tmp_path):
@@ -51,11 +52,8 @@ def test_a_checkpoint_republished_during_a_load_gives_the_version_opened(tmp_pat
         return build(config)
 
     if when == "first-load":  # between the sibling's conversion and the buffers read from the source
-        _convert.phase_hook = lambda name: republish(v2, v1) if name == "index" else None
-        try:
+        with injected(at("index", lambda: republish(v2, v1))):
             model = load_toy(v1, tmp_path / "cache", half)
-        finally:
-            _convert.phase_hook = None
         assert sa3loader.last_load_info().converted
     else:
         model = load_toy(v1, tmp_path / "cache", half, factory=republishing_factory)

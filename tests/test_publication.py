@@ -17,7 +17,7 @@ from support.processes import fork_child
 from support.toymodel import build
 
 import sa3loader
-from sa3loader import _convert
+from sa3loader import _convert, _faults
 from sa3loader._format import read_header
 from sa3loader._fsutil import conversion_lock, held_lock_descriptors
 
@@ -42,7 +42,7 @@ def held_at_fsync(monkeypatch):
             reached.set()
             assert release.wait(WAIT_S)
 
-    monkeypatch.setattr(_convert, "phase_hook", hook)
+    monkeypatch.setattr(_faults, "hook", hook)
     yield reached, release
     release.set()
     assert sa3loader.wait_for_publishing(WAIT_S)
@@ -91,7 +91,7 @@ def test_a_publication_that_fails_leaves_nothing_and_the_next_load_converts(tmp_
         if name == "rename":
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_convert, "phase_hook", hook)
+    monkeypatch.setattr(_faults, "hook", hook)
     with caplog.at_level(logging.WARNING, logger="sa3loader"):
         model = load_toy(ckpt, tmp_path / "cache", published=False)
         assert sa3loader.wait_for_publishing(WAIT_S)
@@ -99,7 +99,7 @@ def test_a_publication_that_fails_leaves_nothing_and_the_next_load_converts(tmp_
     assert any("could not publish the fp16 sibling" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "model.fp16.safetensors").exists()
     assert not list(tmp_path.glob("*.incomplete-*"))
-    monkeypatch.setattr(_convert, "phase_hook", None)
+    monkeypatch.setattr(_faults, "hook", None)
 
     load_toy(ckpt, tmp_path / "cache", published=False)
     assert sa3loader.last_load_info().converted

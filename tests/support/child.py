@@ -27,6 +27,7 @@ import sa3loader
 from sa3loader import _convert, _fsutil
 from sa3loader._format import read_header
 from sa3loader._sibling import resolve_sibling
+from support.faults import set_hook
 from support.toymodel import build
 
 
@@ -51,7 +52,7 @@ def cmd_load(ckpt: str, cache: str) -> None:
     # Hold a phase open: the conversion's, so loaders overlap; the publication's, so
     # the process ends while its sibling is still being published.
     slow = {"data": os.environ.get("CHILD_SLOW_CONVERT"), "fsync": os.environ.get("CHILD_SLOW_PUBLISH")}
-    _convert.phase_hook = lambda name: time.sleep(float(slow[name])) if slow.get(name) else None
+    set_hook(lambda name: time.sleep(float(slow[name])) if slow.get(name) else None)
     print(json.dumps(load(ckpt, cache)), flush=True)
 
 
@@ -63,7 +64,7 @@ def cmd_kill_publishing(ckpt: str, cache: str) -> None:
             returned.wait()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    _convert.phase_hook = hook
+    set_hook(hook)
     print(json.dumps(load(ckpt, cache)), flush=True)
     returned.set()
     time.sleep(60)  # killed long before
@@ -74,7 +75,7 @@ def cmd_kill_at(phase: str, ckpt: str, cache: str) -> None:
         if name == phase:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    _convert.phase_hook = hook
+    set_hook(hook)
     load(ckpt, cache)
 
 
