@@ -53,6 +53,7 @@ PIPELINE_SLOTS = 4  # buffers in flight: being read, cast and counted, compared
 # worker while it is in that core's cache (128 KiB to 1 MiB measured alike; 16 MiB,
 # or smaller pieces, whose per-call costs add up, were slower: benchmarks/README.md).
 PIECE_ELEMENTS = 128 * 1024
+WIDEST_ELEMENT_BYTES = 8  # f64, i64, c64
 STRIPE_PIECES = 16  # pieces a worker takes at once (8 MiB): reads stay sequential
 READ_AHEAD_STRIPES = 4  # stripes the kernel is asked to read ahead of the workers (a cold disk)
 WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -361,9 +362,11 @@ class _Job:
             self._next += 1
             ahead = self._next + READ_AHEAD_STRIPES - 1
         if ahead < len(self._stripes) and hasattr(os, "posix_fadvise"):
-            _, offset, _, _ = self._stripes[ahead][0]
-            _, last, length, _ = self._stripes[ahead][-1]
-            os.posix_fadvise(self._fd, offset, last + length - offset, os.POSIX_FADV_WILLNEED)
+            # The sibling's order, not the source's (f32 sorts elsewhere as f16): a stripe
+            # that spans two dtypes may go backwards in the source.
+            offset = min(piece[1] for piece in self._stripes[ahead])
+            end = max(piece[1] + piece[2] for piece in self._stripes[ahead])
+            os.posix_fadvise(self._fd, offset, end - offset, os.POSIX_FADV_WILLNEED)
         return stripe
 
     def failed(self, exc: BaseException) -> None:
@@ -405,6 +408,8 @@ def _convert_pieces(job: _Job, header: Header, src_fd: int, out_fd: int, counts:
                     dst.copy_(src)
                     _count_range(src, dst, counts, work)
                     piece = half_view
+                elif entry.dtype in WIDER_THAN_FP16:  # kept as is here, cast to fp16 by the load
+                    _count_cast_range(entry.dtype, raw_view, counts)
                 _pwrite_all(out_fd, piece, out_offset)
                 written += len(piece)
             job.done(written)
@@ -435,10 +440,13 @@ def _stream_tensors(
     which release the GIL.
     """
     plan = []
+    # Whole elements of every dtype in each piece (8 bytes, f64's, divides them all): a
+    # piece is counted (``_count_cast_range``) as well as copied.
+    piece_bytes = max(WIDEST_ELEMENT_BYTES, PIECE_ELEMENTS * 4 // WIDEST_ELEMENT_BYTES * WIDEST_ELEMENT_BYTES)
     for out in out_entries:  # the sibling's order
         entry = header.by_name[out.name]
         shrink = 2 if entry.dtype == "F32" else 1
-        for relative, length in _pieces_of(0, entry.nbytes, PIECE_ELEMENTS * 4):
+        for relative, length in _pieces_of(0, entry.nbytes, piece_bytes):
             offset = header.data_start + entry.begin + relative
             plan.append((entry, offset, length, out_data_start + out.begin + relative // shrink))
     job = _Job(plan, src_fd, bar)
@@ -478,6 +486,29 @@ def _count_range(src: torch.Tensor, dst: torch.Tensor, counts: dict[str, int], s
         counts["inf"] += int(torch.count_nonzero(dst.isinf()) - torch.count_nonzero(src.isinf()))
     if not low > 0:  # also when NaN made aminmax NaN
         counts["zero"] += int(torch.count_nonzero(dst == 0) - torch.count_nonzero(src == 0))
+
+
+# Float dtypes a sibling keeps as they are, whose values may still leave fp16's range when
+# the load casts them (``model.to(float16)``), and the chain upstream casts them through:
+# f64 is copied into the model's fp32 first.
+WIDER_THAN_FP16: dict[str, tuple[torch.dtype, ...]] = {
+    "BF16": (torch.bfloat16,),
+    "F64": (torch.float64, torch.float32),
+    "F8_E8M0": (torch.float8_e8m0fnu,) if hasattr(torch, "float8_e8m0fnu") else (),
+}
+
+
+def _count_cast_range(dtype: str, raw: memoryview, counts: dict[str, int]) -> None:
+    """The range report of a piece the load casts (bf16, f64): what its cast to fp16 makes inf or 0."""
+    chain = WIDER_THAN_FP16[dtype]
+    if not chain or not len(raw):
+        return
+    src = torch.frombuffer(raw, dtype=chain[0])
+    dst = src
+    for step in (*chain[1:], torch.float16):
+        dst = dst.to(step)
+    counts["inf"] += int(torch.count_nonzero(dst.isinf()) - torch.count_nonzero(src.isinf()))
+    counts["zero"] += int(torch.count_nonzero(dst == 0) - torch.count_nonzero(src == 0))
 
 
 def _keep_group(fd: int, source: os.stat_result, mode: int) -> None:

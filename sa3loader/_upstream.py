@@ -41,6 +41,19 @@ def factory_function(name: str) -> Callable[..., Any]:
     return function
 
 
+def loading_utils_function(name: str) -> Callable[..., Any]:
+    """``stable_audio_3.loading_utils.<name>``, as upstream has it (``install()`` does not
+    replace any function but ``load_diffusion_cond``)."""
+    try:
+        module = importlib.import_module(LOADING_UTILS_MODULE)
+    except ImportError as exc:
+        raise UpstreamNotFoundError(
+            f"$SA3LOADER_DISABLE=1 calls upstream's {name}, but stable_audio_3 is not importable ({exc})"
+        ) from exc
+    function: Callable[..., Any] = getattr(module, name)
+    return function
+
+
 def original_load_diffusion_cond() -> Callable[..., Any] | None:
     """Upstream's own function, even while ``install()`` is active; None without stable_audio_3."""
     if replaced_original is not None:

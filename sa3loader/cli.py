@@ -41,7 +41,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
 
 
-class _UsageError(Exception):
+class UsageError(Exception):
     """argparse's complaint, raised instead of printed, so ``--json`` can report it as JSON."""
 
     def __init__(self, message: str, usage: str) -> None:
@@ -49,9 +49,21 @@ class _UsageError(Exception):
         self.usage = usage
 
 
+class _VersionAsked(Exception):
+    """``--version``: printed by ``main``, as JSON too when ``--json`` is given (before or after)."""
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise _VersionAsked
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise _UsageError(message, self.format_usage())
+        raise UsageError(message, self.format_usage())
 
 
 def _emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
@@ -382,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert Stable Audio 3 checkpoints to fp16 ahead of time and manage sa3loader's cache.",
         epilog="Exit codes: 0 ok, 1 error, 2 bad usage, 3 a check found a problem.",
     )
-    parser.add_argument("--version", action="version", version=f"sa3loader {__version__}")
+    parser.add_argument("--version", action=_Version)
     _global_options(parser, default=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -451,7 +463,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except _UsageError as exc:
+    except _VersionAsked:
+        if "--json" in argv:
+            print(json.dumps({"version": __version__}, indent=2))
+        else:
+            print(f"sa3loader {__version__}")
+        return EXIT_OK
+    except UsageError as exc:
         if "--json" in argv:
             return _fail(True, EXIT_USAGE, exc, "usage")
         sys.stderr.write(exc.usage)

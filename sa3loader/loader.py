@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,10 +32,12 @@ from .errors import UpstreamNotFoundError
 
 logger = logging.getLogger(__name__)
 
+DISABLED_REASON = f"${_config.DISABLE_ENV}=1: upstream's own loader"
+
 
 @dataclass
 class LoadInfo:
-    """What the last ``load_diffusion_cond`` in this process did."""
+    """What one load did (``last_load_info()``)."""
 
     source: str = ""
     sibling: str | None = None
@@ -54,14 +57,38 @@ class LoadInfo:
     timings: dict[str, float] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
     result: LoadResult = field(default_factory=LoadResult)
+    settings: _config.Settings | None = None  # what the load read from its arguments and the environment
 
 
-_last_info = LoadInfo()
+class _Reports:
+    """The last load of each thread, and of the process: the one owner of load reports.
+
+    Per thread, so that in a threaded server a thread reads the load it made; a
+    thread that made none (asking from an event loop for a load run in an
+    executor) reads the last load in the process.
+    """
+
+    def __init__(self) -> None:
+        self._mine = threading.local()
+        self._process = LoadInfo()
+
+    def record(self, info: LoadInfo) -> None:
+        self._mine.info = info
+        self._process = info
+
+    def last(self) -> LoadInfo:
+        mine: LoadInfo | None = getattr(self._mine, "info", None)
+        return mine if mine is not None else self._process
+
+
+_reports = _Reports()
 
 
 def last_load_info() -> LoadInfo:
-    """Report of the last load in this process (cache hit, conversion, fallback, timings)."""
-    return _last_info
+    """What the last load made by this thread did (cache hit, conversion, fallback, timings);
+    where this thread made none, the last load in the process. A load nested in a model
+    factory does not replace its outer load's report."""
+    return _reports.last()
 
 
 def _finish(model: nn.Module, device: torch.device | str | int | None, half: bool) -> nn.Module:
@@ -138,6 +165,9 @@ def _record_sibling(info: LoadInfo, outcome: SiblingOutcome, source: Header) -> 
     info.sibling = outcome.sibling.path if outcome.sibling is not None else None
     info.converted = outcome.converted is not None
     info.cache_hit = outcome.sibling is not None and not info.converted
+    if info.cache_hit and outcome.stored_range is not None:  # what the conversion counted
+        info.overflow_to_inf = outcome.stored_range.get("overflow_to_inf")
+        info.flushed_to_zero = outcome.stored_range.get("flushed_to_zero")
     if outcome.converted is not None:
         info.overflow_to_inf = outcome.converted.overflow_to_inf
         info.flushed_to_zero = outcome.converted.flushed_to_zero
@@ -171,20 +201,23 @@ def load_diffusion_cond(
     reads into fresh memory); other devices are streamed to through a small
     ring of pinned buffers.
     """
-    global _last_info
     info = LoadInfo(source=os.fspath(ckpt_path), model_half=bool(model_half))
-    _last_info = info
-    settings = _config.settings(io=io, verify=verify)  # a bad value fails before any work
+    _reports.record(info)
+    started = time.perf_counter()
+    info.settings = settings = _config.settings(io=io, verify=verify)  # a bad value fails before any work
     if settings.disabled:
-        info.build = "upstream"
+        info.build, info.reason = "upstream", DISABLED_REASON
         with not_deferred():  # a load nested in a factory being built deferred
             if model_factory is None:
-                return _upstream_original()(model_config, ckpt_path, device, model_half)
-            model = model_factory(model_config)
-        info.result = load_into_module(model, ckpt_path)
-        return _finish(model, device, bool(model_half))
+                model = _upstream_original()(model_config, ckpt_path, device, model_half)
+            else:
+                model = model_factory(model_config)
+                info.result = load_into_module(model, ckpt_path)
+                _finish(model, device, bool(model_half))
+        info.timings["total_s"] = time.perf_counter() - started
+        _reports.record(info)
+        return model
 
-    started = time.perf_counter()
     factory = (
         model_factory
         if model_factory is not None
@@ -218,7 +251,7 @@ def load_diffusion_cond(
     logger.info(
         "loaded %s: %s, %s build, %.2fs", source.path, info.reason, info.build, info.timings["total_s"]
     )
-    _last_info = info  # again: loads nested in the factory set it meanwhile
+    _reports.record(info)  # again: loads nested in the factory recorded theirs meanwhile
     return model
 
 
@@ -239,23 +272,36 @@ def load_autoencoder(
     every tensor of a bare autoencoder checkpoint), fp32, and returns
     ``autoencoder.to(device)``: like upstream, not switched to eval mode.
     """
-    global _last_info
     info = LoadInfo(source=os.fspath(ckpt_path), reason="autoencoder fp32 load")
-    _last_info = info
+    _reports.record(info)
+    started = time.perf_counter()
+    info.settings = settings = _config.settings(io=io)  # the same settings as load_diffusion_cond
+    if settings.disabled and model_factory is None:
+        info.build, info.reason = "upstream", DISABLED_REASON
+        model = _upstream.loading_utils_function("load_autoencoder")(config_path, ckpt_path, device)
+        info.timings["total_s"] = time.perf_counter() - started
+        _reports.record(info)
+        return model
     with open(config_path) as f:
         config = json.load(f)
     if model_factory is None:
         create = _upstream.factory_function("create_autoencoder_from_config")
         model_factory = lambda cfg: create(cfg["model"], cfg["sample_rate"])  # noqa: E731
     factory = model_factory
-    io_mode = resolve_io(_config.io_mode(io))
     target = _target_device(device)
     with open_header(ckpt_path) as whole:
         source = whole
         if any(e.name.startswith(AUTOENCODER_PREFIX) for e in whole.entries):
             source = whole.subset(AUTOENCODER_PREFIX)
-        with Values(source, None, half=False, io=io_mode) as values:
-            model = _built(build(factory, config, source, values, target), values, target, info)
+        with Values(source, None, half=False, io=resolve_io(settings.io), pin=settings.pin) as values:
+            if settings.disabled:  # upstream's build with the given factory
+                info.build, info.reason = "upstream", DISABLED_REASON
+                with not_deferred():
+                    model = factory(config)
+                info.result = load_faithful(model, source, values)
+            else:
+                model = _built(build(factory, config, source, values, target), values, target, info)
         check_unchanged(whole)
-    _last_info = info
+    info.timings["total_s"] = time.perf_counter() - started
+    _reports.record(info)
     return model.to(target)

@@ -161,9 +161,18 @@ def test_global_options_go_before_or_after_the_command_and_version(src, tmp_path
     assert cli.main(["--cache-dir", str(tmp_path / "before"), "warm", str(src)]) == 0
     assert (tmp_path / "before" / "index").is_dir()
     capsys.readouterr()
-    with pytest.raises(SystemExit) as done:
-        cli.main(["--version"])
-    assert done.value.code == 0 and capsys.readouterr().out == f"sa3loader {__version__}\n"
+    assert cli.main(["--version"]) == 0 and capsys.readouterr().out == f"sa3loader {__version__}\n"
+
+
+@pytest.mark.parametrize("argv", [["--json", "--version"], ["--version", "--json"]], ids=["before", "after"])
+def test_json_version_is_one_json_document(argv, capsys):
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == {"version": __version__}
+
+
+def test_a_usage_error_in_json_names_a_public_type(tmp_path):
+    usage = run("cache", "lss", "--json", cache=tmp_path / "c", check_rc=2)
+    assert json.loads(usage.stdout)["error"]["type"] == "UsageError"
 
 
 @pytest.mark.parametrize("key", [EOFError, KeyboardInterrupt], ids=["ctrl-d", "ctrl-c"])

@@ -196,3 +196,18 @@ def test_an_interrupt_while_converting_stops_every_worker_before_the_file_is_clo
     assert interrupted
     assert not [t for t in threading.enumerate() if t.name == "sa3loader-convert" and t.is_alive()]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_a_stripe_that_goes_back_in_the_source_is_read_ahead_too(tmp_path):
+    """The sibling's order is not the source's (f32 sorts after bf16 once it is f16): a stripe
+    read ahead across that boundary spans backwards in the source, which must not fail the
+    conversion (it did, with EINVAL from posix_fadvise, for such a checkpoint over 32 MiB)."""
+    tensors = {
+        "a.f32": torch.randn(4 << 20),  # 16 MiB, first in the source, last in the sibling
+        "b.bf16": torch.randn(17 << 20).to(torch.bfloat16),  # 34 MiB: the boundary is in a stripe read ahead
+    }
+    src = tmp_path / "model.safetensors"
+    save_file(tensors, str(src))
+    sibling = tmp_path / "model.fp16.safetensors"
+    _convert.convert(read_header(src), str(sibling), {})
+    assert _convert.compare(read_header(src), read_header(sibling)).equal

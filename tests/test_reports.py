@@ -1,0 +1,125 @@
+"""What a load reports is the whole truth: the fp16 range report counts every finite value of
+the checkpoint that the returned model holds as inf (bf16 and f64 too), a hit reports what its
+conversion counted, ``last_load_info()`` is the calling thread's own load, and every loader
+reads the same settings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from support.checkpoints import save
+from support.loads import load_toy, make_ckpt
+from torch import nn
+
+import sa3loader
+
+# Finite in the checkpoint, inf once the model is cast to fp16 (f64 through fp32, as upstream).
+WIDE = {
+    "f32": torch.tensor([7e4, -1e5, 1.0, float("inf")], dtype=torch.float32),
+    "bf16": torch.tensor([1e5, -7e4, 65504.0, 2.0], dtype=torch.bfloat16),
+    "f64": torch.tensor([1e6, 1e300, -1e40, 3.0, float("-inf")], dtype=torch.float64),
+}
+
+
+class Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        for name, value in WIDE.items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(value.shape)))
+
+
+def became_inf(ckpt, model: nn.Module) -> int:
+    """Finite checkpoint values that the returned model holds as inf, counted from both."""
+    params = dict(model.named_parameters())
+    return sum(
+        int((value.isfinite() & params[name].isinf()).sum()) for name, value in load_file(str(ckpt)).items()
+    )
+
+
+def test_the_range_report_counts_every_value_the_model_holds_as_inf(tmp_path, caplog):
+    ckpt = save(WIDE, tmp_path / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="sa3loader"):
+        model = sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: Wide()
+        )
+    assert sa3loader.wait_for_publishing(60)
+    expected = became_inf(ckpt, model)
+    assert expected == 2 + 3 + 3  # 7e4, -1e5; 1e5, -7e4, 65504 (rounds up in bf16); 1e6, 1e300, -1e40
+    info = sa3loader.last_load_info()
+    assert info.converted and info.overflow_to_inf == expected
+    assert any(f"{expected} finite values overflow fp16" in r.getMessage() for r in caplog.records)
+
+    sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: Wide()
+    )
+    hit = sa3loader.last_load_info()
+    assert hit.cache_hit and hit.overflow_to_inf == expected  # what the conversion recorded
+
+
+def test_last_load_info_is_the_calling_threads_own_load(tmp_path):
+    """Thread A loads, then thread B, then A asks: A's load. A thread that made none (the event
+    loop asking about a load run in an executor) gets the last load in the process."""
+    first = make_ckpt(tmp_path / "a" / "model.safetensors")
+    second = make_ckpt(tmp_path / "b" / "model.safetensors", seed=4)
+    a_loaded, b_loaded = threading.Event(), threading.Event()
+    seen: dict[str, str] = {}
+
+    def a() -> None:
+        load_toy(first, tmp_path / "c", False)
+        a_loaded.set()
+        assert b_loaded.wait(60)
+        seen["a"] = sa3loader.last_load_info().source
+
+    def b() -> None:
+        assert a_loaded.wait(60)
+        load_toy(second, tmp_path / "c", False)
+        seen["b"] = sa3loader.last_load_info().source
+        b_loaded.set()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert seen == {"a": str(first), "b": str(second)}
+
+    asker = {}
+    waiter = threading.Thread(target=lambda: asker.setdefault("source", sa3loader.last_load_info().source))
+    waiter.start()
+    waiter.join()
+    assert asker["source"] == str(second)
+
+
+def test_load_autoencoder_reads_the_same_settings(tmp_path, monkeypatch):
+    ckpt = save({"pretransform.model.weight": torch.randn(4, 4)}, tmp_path / "model.safetensors")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": {}, "sample_rate": 44100}))
+    monkeypatch.setenv("SA3LOADER_PIN", "0")
+    monkeypatch.setenv("SA3LOADER_IO", "read")
+    model = sa3loader.load_autoencoder(
+        config, ckpt, "cpu", model_factory=lambda c: nn.Linear(4, 4, bias=False)
+    )
+    info = sa3loader.last_load_info()
+    assert info.settings is not None and not info.settings.pin and info.settings.io == "read"
+    assert torch.equal(model.weight, load_file(str(ckpt))["pretransform.model.weight"])
+
+
+@pytest.mark.parametrize("loader", ["diffusion", "autoencoder"])
+def test_a_disabled_load_says_why_and_how_long(tmp_path, monkeypatch, loader):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    monkeypatch.setenv("SA3LOADER_DISABLE", "1")
+    if loader == "diffusion":
+        load_toy(ckpt, tmp_path / "c")
+    else:
+        config = tmp_path / "config.json"
+        config.write_text("{}")
+        sa3loader.load_autoencoder(config, ckpt, "cpu", model_factory=lambda c: nn.Linear(4, 4))
+    info = sa3loader.last_load_info()
+    assert info.build == "upstream" and "SA3LOADER_DISABLE=1" in info.reason
+    assert info.timings["total_s"] > 0 and info.settings is not None and info.settings.disabled
+    assert not (tmp_path / "model.fp16.safetensors").exists()
