@@ -20,14 +20,9 @@ from typing import Any
 
 from . import _config, _convert
 from ._format import open_header, read_header
-from ._fsutil import (
-    INCOMPLETE_INFIX,
-    LOCK_SUFFIX,
-    cache_dir_trust,
-    conversion_lock,
-    owned_file_problem,
-)
+from ._fsutil import INCOMPLETE_INFIX, cache_dir_trust, owned_file_problem
 from ._index import Index
+from ._lock import LOCK_SUFFIX, conversion_lock
 from ._sibling import (
     SIBLINGS_SUBDIR,
     hard_match,

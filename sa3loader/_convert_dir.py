@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from . import _convert
 from ._format import Header, open_header
-from ._fsutil import INCOMPLETE_INFIX, LOCK_SUFFIX
+from ._fsutil import INCOMPLETE_INFIX
+from ._lock import LOCK_SUFFIX
 from ._sibling import (
     SAFETENSORS_SUFFIX,
     SIBLING_SUFFIX,

@@ -1,4 +1,5 @@
-"""Named fault points: the one seam through which tests reach inside a load.
+"""The one seam through which tests reach inside a load: named fault points, and the
+OS facts a test may need to fake.
 
 Production code calls ``point(name)`` where a test may need to stop, slow or
 fail it, and a test sets ``hook`` (``tests/support/faults.py``). Names:
@@ -16,6 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 hook: Callable[[str], None] | None = None
+
+# Where the mount table is read (``_mounts``): a test points it at a table of its own to
+# put a directory on NFS, FAT or squashfs without mounting one.
+MOUNT_TABLE = "/proc/self/mountinfo"
 
 
 def point(name: str) -> None:

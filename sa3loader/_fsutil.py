@@ -1,38 +1,23 @@
-"""Where files go and who may write them: sibling paths, cache dir, locks.
+"""The cache dir and who may write files: where the cache is, whether a dir or file is trusted.
 
 A cache dir is trusted only when no one else can plant files in it (see
 ``cache_dir_trust``): siblings and index rows found there decide which weights
 a load returns. Dirs sa3loader creates are private (0700).
-
-The conversion lock is ``fcntl.flock`` on ``<sibling>.lock``: the kernel
-releases it when the holder dies, so a crash never leaves a stale lock, and
-it is keyed by the sibling's path, so callers with different cache dirs that
-target one sibling still convert once. Cache commands delete lock files only
-while holding them; whoever takes a lock then checks that its descriptor is
-still the file at the path, and starts over if not.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import glob
 import grp
 import logging
 import os
 import pwd
-import socket
 import stat
 import tempfile
-import threading
-import time
-import uuid
-from collections.abc import Iterator
 
 from . import _config
-from ._config import LOCK_TIMEOUT_ENV, warn_once
-from .errors import LockTimeoutError, UnusableLockError
+from ._config import warn_once
+from ._lock import LOCK_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +25,6 @@ logger = logging.getLogger(__name__)
 INCOMPLETE_INFIX = ".incomplete-"
 PRIVATE_DIR_MODE = 0o700
 CACHE_APP_NAME = "sa3loader"
-LOCK_SUFFIX = ".lock"
-LOCK_POLL_S = 0.05
-LOCK_LOG_EVERY_S = 5.0
-# Filesystems (some NFS, FUSE) that do not support flock answer with these.
-UNSUPPORTED_LOCK_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
@@ -205,62 +185,6 @@ def cache_dir_trust(path: str, *, shared: bool | None = None) -> str | None:
     return None
 
 
-MOUNTINFO = "/proc/self/mountinfo"
-# Filesystems reached over a network (or through FUSE, often a network client):
-# mappings there are many times slower and die with SIGBUS on a server hiccup.
-NETWORK_FILESYSTEMS = frozenset(
-    {
-        "nfs",
-        "nfs4",
-        "cifs",
-        "smb3",
-        "smbfs",
-        "lustre",
-        "ceph",
-        "9p",
-        "afs",
-        "glusterfs",
-        "gpfs",
-        "beegfs",
-        "ocfs2",
-        "gfs2",
-        "davfs",
-        "fuseblk",
-        "virtiofs",
-    }
-)
-
-
-def _unescape_mount(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-def network_filesystem(path: str) -> str | None:
-    """The type of the network or FUSE filesystem holding ``path``, or None (local, or unknown).
-
-    Reads ``/proc/self/mountinfo`` (Linux); the longest mount point containing the real path wins.
-    """
-    try:
-        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    real = os.path.realpath(path)
-    best, best_type = "", None
-    for line in lines:
-        before, sep, after = line.partition(" - ")
-        fields = before.split()
-        if not sep or len(fields) < 5 or not after.split():
-            continue
-        mount = _unescape_mount(fields[4])
-        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) >= len(best):
-            best, best_type = mount, after.split()[0]
-    if best_type is not None and (best_type in NETWORK_FILESYSTEMS or best_type.startswith("fuse")):
-        return best_type
-    return None
-
-
 def writable_by_others(directory: str, owner: int | None = None) -> bool:
     """Whether someone other than ``owner`` (default: you) and root can create files in ``directory``.
 
@@ -290,190 +214,6 @@ def owned_file_problem(path: str) -> str | None:
     if st.st_uid != os.getuid():
         return f"it is owned by uid {st.st_uid}"
     return None
-
-
-def _same_file(fd: int, path: str) -> bool:
-    try:
-        st, now = os.fstat(fd), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (st.st_ino, st.st_dev) == (now.st_ino, now.st_dev)
-
-
-LEASE_SUFFIX = ".lease"
-LEASE_REFRESH_S = 10.0
-# A lease not refreshed for this long belongs to a dead holder (or a host that
-# lost the volume); generous, so that clock skew between hosts does not matter.
-LEASE_STALE_S = 60.0
-
-
-def _take_over(lease: str) -> None:
-    """Remove a stale lease: renamed aside first, so only one of several takers removes it."""
-    aside = f"{lease}.stale-{uuid.uuid4().hex[:8]}"
-    try:
-        os.rename(lease, aside)
-    except FileNotFoundError:
-        return
-    with contextlib.suppress(OSError):
-        os.unlink(aside)
-
-
-@contextlib.contextmanager
-def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
-    """One converter across hosts on a network filesystem, where flock may not reach them.
-
-    The holder creates ``<sibling>.lease`` with O_EXCL and refreshes its mtime every
-    ``LEASE_REFRESH_S``; a lease left unrefreshed for ``LEASE_STALE_S`` is taken over.
-    Two converters at once would still publish a correct file (temp file + rename):
-    the lease saves the duplicated work.
-    """
-    lease = sibling_path + LEASE_SUFFIX
-    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}".encode()
-    while True:
-        try:
-            fd = os.open(lease, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except FileExistsError:
-            try:
-                age = time.time() - os.stat(lease).st_mtime
-            except FileNotFoundError:
-                continue
-            if age > LEASE_STALE_S:
-                logger.info("taking over %s, not refreshed for %.0fs", lease, age)
-                _take_over(lease)
-                continue
-            if time.monotonic() >= deadline:
-                raise LockTimeoutError(
-                    f"waited for {lease}; a process on another host is converting. "
-                    f"Raise ${LOCK_TIMEOUT_ENV}, or delete the file if no one is."
-                ) from None
-            time.sleep(LOCK_POLL_S)
-            continue
-        try:
-            os.write(fd, token)
-        finally:
-            os.close(fd)
-        break
-    stop = threading.Event()
-
-    def refresh() -> None:
-        while not stop.wait(LEASE_REFRESH_S):
-            with contextlib.suppress(OSError):
-                os.utime(lease)
-
-    refresher = threading.Thread(target=refresh, name="sa3loader-lease", daemon=True)
-    refresher.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        refresher.join()
-        with contextlib.suppress(OSError), open(lease, "rb") as f:
-            if f.read() == token:  # still ours, not taken over meanwhile
-                os.unlink(lease)
-
-
-LOCK_FILE_MODE = 0o600
-
-
-def _open_lock_file(lock_path: str) -> int:
-    """Open (creating) a lock file that only you can open: ``flock`` needs no more than read
-    access, so a lock file others can read is a lock others can hold against you.
-
-    Never through a symlink, never blocking on a FIFO; a lock file of another
-    user's is ``UnusableLockError``: the caller writes somewhere else.
-    """
-    flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(lock_path, flags, LOCK_FILE_MODE)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnusableLockError(
-                f"{lock_path}: a symlink is in the lock file's place", filename=lock_path
-            ) from exc
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnusableLockError(
-                f"{lock_path}: not a regular file in the lock file's place", filename=lock_path
-            )
-        if st.st_uid != os.getuid():
-            raise UnusableLockError(
-                f"{lock_path}: the lock file is owned by uid {st.st_uid}", filename=lock_path
-            )
-        if st.st_mode & 0o077:  # made by an older sa3loader, open to all
-            os.fchmod(fd, LOCK_FILE_MODE)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-# The descriptor of each conversion lock this process holds, by lock path: a publication
-# that outlives the load closes its copy in a forked child (``_publication``).
-held_lock_descriptors: dict[str, int] = {}
-
-
-@contextlib.contextmanager
-def conversion_lock(sibling_path: str, timeout: float | None = None) -> Iterator[bool]:
-    """Hold the exclusive lock for ``sibling_path``; yields False when locking is unsupported.
-
-    Without a lock, conversion is still safe (temp file + rename), only possibly
-    duplicated, so an unsupported filesystem degrades to a warning, not a failure.
-    ``cache prune`` and ``clear`` delete lock files while holding them, so a lock
-    taken on a file that is no longer at the path is dropped and taken again.
-    """
-    timeout = _config.lock_timeout() if timeout is None else timeout
-    lock_path = sibling_path + LOCK_SUFFIX
-    deadline = time.monotonic() + timeout
-    # flock may not reach other hosts on a network filesystem: a lease file does.
-    across_hosts = host_lease if network_filesystem(sibling_path) is not None else None
-    next_log = time.monotonic() + LOCK_LOG_EVERY_S
-    while True:
-        fd = _open_lock_file(lock_path)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                locked = True
-            except BlockingIOError:
-                locked = False
-            except OSError as exc:
-                if exc.errno not in UNSUPPORTED_LOCK_ERRNOS:
-                    raise
-                if across_hosts is not None:
-                    with across_hosts(sibling_path, deadline):
-                        yield True
-                    return
-                warn_once(
-                    "flock:" + os.path.dirname(lock_path),
-                    "file locking is not supported for %s (%s); converting without a lock",
-                    lock_path,
-                    exc.strerror,
-                )
-                yield False
-                return
-            if locked and _same_file(fd, lock_path):
-                held_lock_descriptors[lock_path] = fd
-                try:
-                    with across_hosts(sibling_path, deadline) if across_hosts else contextlib.nullcontext():
-                        yield True
-                finally:
-                    held_lock_descriptors.pop(lock_path, None)
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                return
-        finally:
-            os.close(fd)
-        now = time.monotonic()
-        if now >= deadline:
-            raise LockTimeoutError(
-                f"waited {timeout:.0f}s for {lock_path}; another process is still converting. "
-                f"Raise ${LOCK_TIMEOUT_ENV} or remove the stuck process."
-            )
-        if now >= next_log:
-            logger.info("waiting for %s (another process is converting)", lock_path)
-            next_log = now + LOCK_LOG_EVERY_S
-        if not locked:
-            time.sleep(LOCK_POLL_S)
 
 
 def remove_stray_incomplete(sibling_path: str) -> list[str]:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
-_pending: dict[str, Publication] = {}  # by the source's real path: one conversion per source at a time
+_pending: dict[str, Publication] = {}  # by the sibling's path: one conversion per sibling at a time
 _pending_lock = threading.Lock()
 # Kept for good in a forked child: collected there, a publication's lock would be unlocked (and
 # its descriptors closed) under the parent, which still publishes.
@@ -41,23 +41,19 @@ class Publication:
     (the text encoder) do not share the disk with the fsync's writes; or sooner,
     by anything in this process that needs it published (``finish``,
     ``wait_for_publishing``): a nested load of the same checkpoint, another thread.
-    ``descriptors`` (the lock's, the temp file's) are closed in a forked child.
+    ``descriptors`` (the temp file's) are closed in a forked child; the lock closes its own
+    (``_lock``).
     """
 
     def __init__(
-        self,
-        key: str,
-        publish: Callable[[], None],
-        held: contextlib.ExitStack,
-        what: str,
-        descriptors: list[int],
+        self, sibling: str, publish: Callable[[], None], held: contextlib.ExitStack, descriptors: list[int]
     ) -> None:
-        self._key, self._publish, self._held, self._what = key, publish, held, what
+        self._key, self._publish, self._held, self._what = sibling, publish, held, sibling
         self.descriptors = [(fd, _identity(fd)) for fd in descriptors]
         self._started, self._done = False, threading.Event()
         self._start_lock = threading.Lock()
         with _pending_lock:
-            _pending[key] = self
+            _pending[sibling] = self
 
     def _run(self) -> None:
         try:
@@ -90,11 +86,11 @@ class Publication:
         return self._done.wait(timeout)
 
 
-def finish(key: str) -> None:
-    """Publish now, and wait for, what this process converted from the source ``key``: a load
-    of it must not wait on a lock that this process holds until its own load is done."""
+def finish(sibling: str) -> None:
+    """Publish now, and wait for, the sibling at ``sibling`` if this process converted it: a
+    load must not wait on a lock that this process holds until its own load is done."""
     with _pending_lock:
-        pending = _pending.get(key)
+        pending = _pending.get(sibling)
     if pending is not None:
         pending.wait()
 

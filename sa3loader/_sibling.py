@@ -33,16 +33,14 @@ from ._config import warn_once
 from ._convert import Comparison, ConversionResult
 from ._format import Header, open_header, read_exact, read_header, reading
 from ._fsutil import (
-    LOCK_SUFFIX,
     cache_dir_trust,
-    conversion_lock,
-    held_lock_descriptors,
     make_private_dirs,
     owned_file_problem,
     remove_stray_incomplete,
     writable_by_others,
 )
 from ._index import Index
+from ._lock import LOCK_SUFFIX, ConversionLock
 from ._publication import Publication, finish
 from .errors import (
     CheckpointChangedError,
@@ -627,7 +625,10 @@ class SiblingResolver:
 
     def resolve(self) -> SiblingOutcome:
         out = self.outcome
-        finish(self.real)  # a sibling this process converted and has not yet published, first
+        # A sibling this process converted and has not yet published, first: its lock is ours
+        # until then (a load nested in the factory, another copy of the same hub blob).
+        for path in self.candidates(None):
+            finish(path)
         if not has_float32(self.source):
             out.reason = (
                 "already fp16 (an sa3loader output): loaded as is"
@@ -673,7 +674,7 @@ class SiblingResolver:
         out = self.outcome
         try:
             with contextlib.ExitStack() as held:
-                held.enter_context(conversion_lock(target, timeout=self.settings.lock_timeout))
+                held.enter_context(ConversionLock(target, timeout=self.settings.lock_timeout))
                 # Check again: another process may have converted while we waited.
                 out.sibling = self.accept(target, None)
                 if out.sibling is not None:
@@ -702,9 +703,7 @@ class SiblingResolver:
                         row,
                         recheck=functools.partial(self._refuse_to_overwrite, target),
                     )
-                    lock_fd = held_lock_descriptors.get(target + LOCK_SUFFIX)
-                    descriptors = [written.fd] + ([lock_fd] if lock_fd is not None else [])
-                    out.publication = Publication(self.real, publish, held.pop_all(), target, descriptors)
+                    out.publication = Publication(target, publish, held.pop_all(), [written.fd])
                 else:
                     _publish(written, self.cache_dir, self.cache_trusted, self.real, row, self.index)
         except (LockTimeoutError, UnusableLockError, CheckpointChangedError):

@@ -11,6 +11,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 from support.checkpoints import random_like_state, save
 from support.compare import assert_same_model, bits, writable
+from support.faults import mounted
 from support.loads import load_toy
 from support.toymodel import build, reference
 
@@ -496,18 +497,12 @@ def test_prune_and_clear_sweep_leftovers_but_not_a_running_conversion(tmp_path, 
 )
 def test_network_filesystems_are_read_not_mapped(ckpt, tmp_path, monkeypatch, fstype, io, expected):
     """mmap on NFS/SMB/FUSE is slow and dies with SIGBUS on a server hiccup: read there, unless asked."""
-    from sa3loader import _fsutil
+    from sa3loader._mounts import network_filesystem
 
-    spaced = str(tmp_path).replace(" ", "\\040")
-    mountinfo = tmp_path / "mountinfo"
-    mountinfo.write_text(
-        "22 27 0:21 / / rw,relatime - ext4 /dev/vda rw\n"
-        f"90 22 0:50 / {spaced} rw,relatime shared:1 - {fstype} server:/export rw,vers=4.2\n"
-    )
-    monkeypatch.setattr(_fsutil, "MOUNTINFO", str(mountinfo))
-    assert _fsutil.network_filesystem(str(ckpt)) == (None if fstype == "ext4" else fstype)
-    for _ in range(2):  # conversion, then the hit
-        model = load_toy(ckpt, tmp_path / "cache", io=io)
+    with mounted(tmp_path / "mountinfo", {tmp_path: fstype}):
+        assert network_filesystem(str(ckpt)) == (None if fstype == "ext4" else fstype)
+        for _ in range(2):  # conversion, then the hit
+            model = load_toy(ckpt, tmp_path / "cache", io=io)
     assert sa3loader.last_load_info().cache_hit and sa3loader.last_load_info().io == expected
     assert (str(tmp_path / "model.fp16.safetensors") in mapped_files()) == (expected == "mmap")
     assert_same_model(model, reference(ckpt))

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 from support.child import digest
+from support.faults import fake_mount_table
 from support.loads import load_toy, make_ckpt, reference_digest
 from support.processes import load_at_once, start_child
 
 import sa3loader
-from sa3loader import _fsutil
-from sa3loader._fsutil import conversion_lock
+from sa3loader import _faults
+from sa3loader._lock import conversion_lock
 
 PROCESSES = 8
 
@@ -61,7 +62,7 @@ def test_reader_while_a_new_sibling_is_published(tmp_path):
 def test_a_lock_taken_on_a_deleted_lock_file_is_taken_again(tmp_path, monkeypatch):
     """prune deletes lock files under the lock; a waiter that then gets the old inode must retry."""
     sibling = tmp_path / "model.fp16.safetensors"
-    real_flock = _fsutil.fcntl.flock
+    real_flock = fcntl.flock
     calls = []
 
     def flock_then_lose_the_file(fd, op):
@@ -71,7 +72,7 @@ def test_a_lock_taken_on_a_deleted_lock_file_is_taken_again(tmp_path, monkeypatc
             if len(calls) == 1:  # as if a prune removed it just before we got it
                 os.unlink(str(sibling) + ".lock")
 
-    monkeypatch.setattr(_fsutil.fcntl, "flock", flock_then_lose_the_file)
+    monkeypatch.setattr(fcntl, "flock", flock_then_lose_the_file)
     with conversion_lock(str(sibling), timeout=5) as locked:
         assert locked
         held = os.stat(str(sibling) + ".lock").st_ino
@@ -84,7 +85,9 @@ def test_hosts_without_a_shared_flock_still_convert_once(tmp_path):
     The lease file keeps it to one conversion among processes that all arrive at once."""
     ckpt = make_ckpt(tmp_path / "model.safetensors", dim=BIG_DIM)
     caches = [tmp_path / f"cache{i}" for i in range(4)]
-    results = load_at_once(ckpt, caches, {"CHILD_SLOW_CONVERT": "3", "CHILD_FAKE_NFS": "1"}, BIG_DIM)
+    results = load_at_once(
+        ckpt, caches, {"CHILD_SLOW_CONVERT": "3", "CHILD_FAKE_NFS": str(tmp_path)}, BIG_DIM
+    )
     assert sum(r["converted"] for r in results) == 1
     assert {r["digest"] for r in results} == {reference_digest(ckpt, BIG_DIM)}
     assert not (tmp_path / "model.fp16.safetensors.lease").exists()
@@ -93,7 +96,9 @@ def test_hosts_without_a_shared_flock_still_convert_once(tmp_path):
 @pytest.mark.parametrize("age", [0, 3600], ids=["held", "stale"])
 def test_a_lease_from_another_host(tmp_path, monkeypatch, age):
     """A fresh lease means wait (then LockTimeoutError); one left unrefreshed is taken over."""
-    monkeypatch.setattr(_fsutil, "network_filesystem", lambda path: "nfs4")
+    monkeypatch.setattr(
+        _faults, "MOUNT_TABLE", str(fake_mount_table(tmp_path / "mountinfo", {tmp_path: "nfs4"}))
+    )
     sibling = tmp_path / "model.fp16.safetensors"
     lease = Path(str(sibling) + ".lease")
     lease.write_text("other-host:123:abc")

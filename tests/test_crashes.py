@@ -14,7 +14,7 @@ from support.processes import fork_child
 import sa3loader
 from sa3loader import _convert
 from sa3loader._format import read_header
-from sa3loader._fsutil import conversion_lock
+from sa3loader._lock import conversion_lock
 
 BIG_DIM = 512
 KILL_PHASES = ["header", "data", "fsync", "rename", "index"]

@@ -77,7 +77,7 @@ def test_flock_unsupported_still_loads(tmp_path, monkeypatch, caplog, code):
     def no_locks(fd, op):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(_fsutil.fcntl, "flock", no_locks)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
     model = load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().converted
     assert digest(model) == reference_digest(ckpt)

@@ -3,6 +3,7 @@ that holds the lock, the process waits for it at exit, and a kill or a failure t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from support.toymodel import build
 import sa3loader
 from sa3loader import _convert, _faults
 from sa3loader._format import read_header
-from sa3loader._fsutil import conversion_lock, held_lock_descriptors
+from sa3loader._lock import conversion_lock
 
 WAIT_S = 30
 
@@ -214,17 +215,26 @@ def test_where_no_thread_can_be_started_the_sibling_is_published_in_the_load(tmp
     assert lock_is_free(tmp_path / "model.fp16.safetensors")
 
 
+def lock_descriptors(sibling: Path) -> int:
+    """How many of this process's descriptors are open on ``sibling``'s lock file."""
+    lock = os.stat(str(sibling) + ".lock")
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/proc/self/fd/{fd}")
+            count += (st.st_dev, st.st_ino) == (lock.st_dev, lock.st_ino)
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd (Linux)")
 def test_a_forked_child_closes_its_copy_of_the_lock(tmp_path, held_at_fsync):
     """A parent that dies before it publishes must not leave its lock held by a child that lives on."""
+    sibling = tmp_path / "model.fp16.safetensors"
     load_toy(make_ckpt(tmp_path / "model.safetensors"), tmp_path / "cache", published=False)
-    lock_fd = held_lock_descriptors[str(tmp_path / "model.fp16.safetensors.lock")]
+    assert lock_descriptors(sibling) == 1
     pid = os.fork()
     if pid == 0:
-        try:
-            os.fstat(lock_fd)
-            os._exit(1)
-        except OSError:
-            os._exit(0)
+        os._exit(lock_descriptors(sibling))
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    os.fstat(lock_fd)  # the parent's is still open
+    assert lock_descriptors(sibling) == 1 and not lock_is_free(sibling)  # the parent's is still held

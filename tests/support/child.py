@@ -19,15 +19,15 @@ import signal
 import sys
 import threading
 import time
-import types
+from pathlib import Path
 
 import torch
 
 import sa3loader
-from sa3loader import _convert, _fsutil
+from sa3loader import _convert, _faults
 from sa3loader._format import read_header
 from sa3loader._sibling import resolve_sibling
-from support.faults import set_hook
+from support.faults import fake_mount_table, set_hook
 from support.toymodel import build
 
 
@@ -103,13 +103,39 @@ def cmd_republish(ckpt: str, count: str) -> None:
         _convert.convert(header, sibling.path, metadata)
 
 
-def fake_network_filesystem_without_flock() -> None:
+def fake_network_filesystem_without_flock(directory: str) -> None:
     """As on an NFS mount whose flock does not reach other hosts: every lock "succeeds"."""
-    _fsutil.network_filesystem = lambda path: "nfs4"
-    _fsutil.fcntl = types.SimpleNamespace(flock=lambda fd, op: None, LOCK_EX=2, LOCK_NB=4, LOCK_UN=8)
+    import fcntl
+    import tempfile
+
+    table = Path(tempfile.mkdtemp()) / "mountinfo"
+    _faults.MOUNT_TABLE = str(fake_mount_table(table, {directory: "nfs4"}))
+    fcntl.flock = lambda fd, op: None  # this process's OS, faked: it lives only for the test
+
+
+def cmd_fork_while_converting(ckpt: str, cache: str, marker: str) -> None:
+    """A pre-fork server: a thread converts (held mid-write) while the main thread forks a
+    worker, whose pid goes to ``marker``; the test then kills this process."""
+    converting = threading.Event()
+
+    def hook(name: str) -> None:
+        if name == "data":
+            converting.set()
+            time.sleep(3600)
+
+    set_hook(hook)
+    threading.Thread(target=load, args=(ckpt, cache), daemon=True).start()
+    assert converting.wait(60)
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(120)  # a worker that lives on
+        os._exit(0)
+    Path(marker).write_text(str(pid))
+    time.sleep(3600)
 
 
 COMMANDS = {
+    "fork-while-converting": cmd_fork_while_converting,
     "load": cmd_load,
     "kill-at": cmd_kill_at,
     "kill-publishing": cmd_kill_publishing,
@@ -124,5 +150,5 @@ if __name__ == "__main__":
 
         logging.basicConfig(level=os.environ["CHILD_LOG_LEVEL"], format="%(levelname)s %(name)s: %(message)s")
     if os.environ.get("CHILD_FAKE_NFS"):
-        fake_network_filesystem_without_flock()
+        fake_network_filesystem_without_flock(os.environ["CHILD_FAKE_NFS"])
     COMMANDS[sys.argv[1]](*sys.argv[2:])
