@@ -41,6 +41,7 @@ from ._fsutil import (
 )
 from ._index import Index
 from ._lock import LOCK_SUFFIX, ConversionLock
+from ._mounts import stat_vouches
 from ._publication import Publication, finish
 from .errors import (
     CheckpointChangedError,
@@ -402,6 +403,8 @@ class SiblingResolver:
         self._failed_verify: set[str] = set()  # checked once: the re-check under the lock skips them
         self._other_version: set[str] = set()  # another sa3loader's siblings: never overwritten
         self._unreadable: dict[str, str] = {}  # siblings this user may not open, and why
+        self._content_differs: set[str] = set()  # siblings whose source fingerprint is another
+        self._stat_problem: tuple[str] | None = None  # why the stat cannot vouch ("": it can)
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -481,7 +484,10 @@ class SiblingResolver:
         if not is_sa3loader_file(sibling) or not describes(sibling, self.source):
             return False
         claimed = _sibling_identity(sibling)
-        by_blob = same_blob(claimed, self.identity)
+        # Another mtime is another file, unless the hub names both by their content: a
+        # re-downloaded blob. The name only lets the fingerprint decide (below); it never
+        # stands for the content itself (a copied cache's blob may be rewritten in place).
+        by_blob = not hard_match(claimed, self.identity) and same_blob(claimed, self.identity)
         if not hard_match(claimed, self.identity) and not by_blob:
             self.outcome.events.append(f"stale sibling {path}")
             return False
@@ -490,18 +496,16 @@ class SiblingResolver:
             self._other_version.add(path)
             return False
         vouched = self._vouched_for_by(row, sibling, claimed["fingerprint"])
-        named = not vouched and by_blob and self._blob_trusted()
-        if named:  # the same content by its hub name: its fingerprint is the one claimed
-            self._fingerprint = claimed["fingerprint"]
         if not vouched and claimed["fingerprint"] != self.fingerprint():
             self.outcome.events.append(f"source content changed since {path} was written")
+            self._content_differs.add(path)
             return False
         if self.verify and not self._content_matches(sibling):
             return False
         if not vouched:
             self.outcome.events.append(
                 f"recognised by its hub blob {self.blob}"
-                if named
+                if by_blob
                 else "adopted"
                 if row is None
                 else "revalidated"
@@ -509,24 +513,32 @@ class SiblingResolver:
             self.index.put(self.real, self._row(sibling, row))
         return True
 
-    def _blob_trusted(self) -> bool:
-        """Whether the blob's name may stand for its content: a file of yours (or root's)
-        in a blobs dir nobody else can write to. In a shared hub cache the fingerprint decides."""
-        st = self.source.handle.stat if self.source.handle is not None else os.stat(self.source.path)
-        return st.st_uid in (os.getuid(), 0) and not writable_by_others(os.path.dirname(self.real), st.st_uid)
-
     def _vouched_for_by(self, row: dict[str, Any] | None, sibling: Header, claimed: str) -> bool:
-        """The index row names this very sibling, made from the fingerprint it claims, and
-        the source's soft identity is unchanged since a check that no same-tick write can
-        have slipped past: no need to read the fingerprint again."""
+        """No need to read the fingerprint again: the index row names this very sibling, made
+        from the fingerprint it claims, and the source is the very file that was checked then.
+
+        The invariant: a file's content changes only with its stat (size, mtime, ctime,
+        device and inode together), unless (a) the change came within a timestamp tick of
+        the check (``racy``), or (b) the filesystem keeps no real ctime, or may give another
+        file the same device and inode after a remount (``_mounts.stat_vouches``). In
+        either case the fingerprint decides."""
         if row is None or row["sibling"]["path"] != sibling.path:
             return False
         if row["sibling"]["header_sha256"] != sibling.sha256 or row["sibling"]["size"] != sibling.file_size:
             self.outcome.events.append(f"sibling {sibling.path} changed since it was indexed")
             return False
-        if row["fingerprint"] != claimed or racy(row):
+        if row["fingerprint"] != claimed or racy(row) or not soft_match(row["source"], self.identity):
             return False
-        return soft_match(row["source"], self.identity)
+        return self._stat_vouches()
+
+    def _stat_vouches(self) -> bool:
+        if self._stat_problem is None:
+            self._stat_problem = (stat_vouches(self.real) or "",)
+            if self._stat_problem[0]:
+                logger.debug(
+                    "%s: the fingerprint is read on every load: %s", self.source.path, self._stat_problem[0]
+                )
+        return not self._stat_problem[0]
 
     def _content_matches(self, sibling: Header) -> bool:
         """The full content check (``verify``); a failure is logged once per resolve."""
@@ -606,7 +618,11 @@ class SiblingResolver:
             elif dir_writable(directory):
                 problems.append(f"not beside the source ({beside}: {why_not})")
         if self.cache_trusted:
-            options.append(cache_path(self.cache_dir, self.source.path, self.real, self.blob))
+            shared = cache_path(self.cache_dir, self.source.path, self.real, self.blob)
+            # A file whose content is not what its blob's name says (a copied cache, edited):
+            # its own place, or it and the true blob would convert in turn.
+            own = shared in self._content_differs and self.blob is not None
+            options.append(cache_path(self.cache_dir, self.source.path, self.real) if own else shared)
         else:
             problems.append(f"the cache dir {self.cache_dir} is not trusted")
         return options, problems
