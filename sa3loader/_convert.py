@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import queue
+import stat
 import sys
 import threading
 import time
@@ -40,7 +41,7 @@ from ._format import (
     read_exact,
     reading,
 )
-from ._fsutil import INCOMPLETE_INFIX
+from ._fsutil import INCOMPLETE_INFIX, boot_id
 from ._io import torch_dtype
 from .errors import ConversionError, HeaderError, Sa3LoaderError, VerificationError
 
@@ -232,6 +233,7 @@ def write_sibling(
             _faults.point("data")
             _stream_tensors(header, out_entries, len(prefix), src_fd, out_fd, counts, bar)
         check_unchanged(header)  # a rewrite in place meanwhile: the sibling would mix two versions
+        tmp = _mark_written(tmp, dest, counts)
     except BaseException as exc:
         os.close(out_fd)
         _unlink_quietly(tmp)
@@ -248,6 +250,59 @@ def write_sibling(
     header_sha = hashlib.sha256(prefix[8:]).hexdigest()
     result = ConversionResult(dest, total, header_sha, counts["inf"], counts["zero"], seconds)
     return WrittenSibling(tmp, dest, out_fd, result)
+
+
+# A temp file whose every byte is written, from a source unchanged meanwhile, is renamed
+# <dest>.incomplete-written-<boot>-<overflow>-<flushed>-<pid>-<random>: should its process end
+# before publishing it (an exec, a kill), a later load of this boot may publish it as it is
+# (``unpublished_sibling``). The page cache keeps what a dead process wrote; a restart may not.
+WRITTEN_TAG = "written-"
+
+
+def _mark_written(tmp: str, dest: str, counts: dict[str, int]) -> str:
+    boot = boot_id()
+    if boot is None:
+        return tmp  # nothing can prove it complete after this process: it is converted again
+    unique = tmp[len(dest) + len(INCOMPLETE_INFIX) :]  # <pid>-<random>
+    written = f"{dest}{INCOMPLETE_INFIX}{WRITTEN_TAG}{boot}-{counts['inf']}-{counts['zero']}-{unique}"
+    os.rename(tmp, written)
+    return written
+
+
+def unpublished_sibling(
+    path: str, dest: str, source: Header, metadata: dict[str, str]
+) -> WrittenSibling | None:
+    """The temp file at ``path`` as a ``WrittenSibling`` to publish, when it provably holds every
+    byte of the sibling ``metadata`` describes for ``source`` (a process that wrote it, then ended
+    before it published it); else None.
+
+    The proof: its name says it was complete (renamed after its last byte, from a source
+    unchanged meanwhile) in this boot, so the page cache holds what was written, and its
+    header and size are exactly those of the sibling of the source as it is now. Publishing
+    fsyncs it first, as for any conversion.
+    """
+    tag = os.path.basename(path).split(INCOMPLETE_INFIX, 1)[-1]
+    fields = tag[len(WRITTEN_TAG) :].split("-") if tag.startswith(WRITTEN_TAG) else []
+    if len(fields) != 5 or fields[0] != boot_id() or not all(f.isdigit() for f in fields[1:3]):
+        return None
+    prefix, entries = _output_layout(source, metadata)
+    total = len(prefix) + (entries[-1].end if entries else 0)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        first = os.pread(fd, len(prefix), 0) if stat.S_ISREG(st.st_mode) and st.st_size == total else b""
+    except OSError:
+        first = b""
+    if first != prefix:
+        os.close(fd)
+        return None
+    result = ConversionResult(
+        dest, total, hashlib.sha256(prefix[8:]).hexdigest(), int(fields[1]), int(fields[2]), 0.0
+    )
+    return WrittenSibling(path, dest, fd, result)
 
 
 def _pieces_of(offset: int, nbytes: int, piece_bytes: int) -> Iterator[tuple[int, int]]:

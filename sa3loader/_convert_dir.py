@@ -20,6 +20,7 @@ from ._format import Header, open_header
 from ._fsutil import INCOMPLETE_INFIX
 from ._lock import LOCK_SUFFIX
 from ._sibling import (
+    HF_REPO_FOLDER_PREFIXES,
     SAFETENSORS_SUFFIX,
     SIBLING_SUFFIX,
     fingerprint,
@@ -30,7 +31,7 @@ from ._sibling import (
     sibling_metadata,
     source_identity,
 )
-from .errors import HubSymlinkError, OutputExistsError
+from .errors import HubCacheError, HubSymlinkError, OutputExistsError
 
 SKIPPED_DIRS = {".cache"}
 OUTPUT_DIR_SUFFIX = "-fp16"
@@ -100,6 +101,18 @@ def convert_file(
             raise OutputExistsError(f"{out} exists; pass --force to replace it", filename=out)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         return _convert_to(header, out, verify)
+
+
+HUB_HARM = {
+    True: "its blobs would no longer hold what their content hashes name",
+    False: "huggingface_hub would list the output as a revision that does not exist",
+}
+
+
+def _in_hub_cache(directory: str) -> bool:
+    """Inside a hub repo folder (``models--org--name`` and below), or its snapshots and blobs."""
+    parts = os.path.realpath(directory).split(os.sep) + directory.split(os.sep)
+    return in_hf_hub_cache(directory) or any(p.startswith(HF_REPO_FOLDER_PREFIXES) for p in parts)
 
 
 def _in_place_target(path: str) -> str:
@@ -187,6 +200,13 @@ def convert_tree(
     clears what a kill left), never a half-filled output.
     """
     src_dir = os.path.abspath(src_dir)
+    if out_dir is None and _in_hub_cache(src_dir):
+        raise HubCacheError(
+            f"{src_dir} is inside a Hugging Face hub cache, which sa3loader never writes into "
+            f"({HUB_HARM[in_place]}). Pass --out DIR to write the fp16 copy elsewhere; "
+            "loads keep their siblings in the sa3loader cache dir.",
+            filename=src_dir,
+        )
     if in_place:
         return _convert_files(src_dir, None, in_place=True, verify=verify, excluded=set())
     out_dir = os.path.abspath(out_dir or src_dir.rstrip(os.sep) + OUTPUT_DIR_SUFFIX)

@@ -17,12 +17,25 @@ import tempfile
 
 from . import _config
 from ._config import warn_once
-from ._lock import LOCK_SUFFIX
 
 logger = logging.getLogger(__name__)
 
 # A file being written: <final name><INCOMPLETE_INFIX><pid>-<random>, renamed into place when done.
 INCOMPLETE_INFIX = ".incomplete-"
+LOCK_SUFFIX = ".lock"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str | None:
+    """This boot of this machine (Linux), or None where it cannot be told: what a page cache
+    holds is this boot's, and was lost by a restart."""
+    try:
+        with open(BOOT_ID, encoding="ascii") as f:
+            return f.read().strip().replace("-", "") or None
+    except OSError:
+        return None
+
+
 PRIVATE_DIR_MODE = 0o700
 CACHE_APP_NAME = "sa3loader"
 
@@ -216,17 +229,11 @@ def owned_file_problem(path: str) -> str | None:
     return None
 
 
-def remove_stray_incomplete(sibling_path: str) -> list[str]:
-    """Delete leftovers of crashed writers. Call only while holding the lock."""
-    removed = []
-    for path in glob.glob(glob.escape(sibling_path) + INCOMPLETE_INFIX + "*"):
-        if owned_file_problem(path) is not None:
-            continue  # another user's: not ours to judge
-        try:
-            os.unlink(path)
-            removed.append(path)
-        except OSError:
-            pass
-    if removed:
-        logger.info("removed %d incomplete file(s) left by a crashed conversion", len(removed))
-    return removed
+def stray_incomplete(sibling_path: str) -> list[str]:
+    """Temp files of earlier writers of ``sibling_path`` that are yours (another user's are not
+    ours to judge). Call only while holding the lock: then no one is writing them."""
+    return [
+        path
+        for path in sorted(glob.glob(glob.escape(sibling_path) + INCOMPLETE_INFIX + "*"))
+        if owned_file_problem(path) is None
+    ]

@@ -34,12 +34,12 @@ from collections.abc import Iterator
 
 from . import _config, _faults
 from ._config import LOCK_TIMEOUT_ENV, warn_once
+from ._fsutil import LOCK_SUFFIX, boot_id
 from ._mounts import network_filesystem
 from .errors import LockTimeoutError, UnusableLockError
 
 logger = logging.getLogger(__name__)
 
-LOCK_SUFFIX = ".lock"
 LOCK_FILE_MODE = 0o600
 LOCK_POLL_S = 0.05
 LOCK_LOG_EVERY_S = 5.0
@@ -246,12 +246,10 @@ def _this_host() -> str:
     """Who may judge a lease's pid: this host's name and boot, and this pid namespace
     (containers on one host share the boot, not the pids)."""
     try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            boot = f.read().strip()
         pids = os.readlink("/proc/self/ns/pid")
     except OSError:
-        boot = pids = "?"
-    return f"{socket.gethostname()}|{boot}|{pids}"
+        pids = "?"
+    return f"{socket.gethostname()}|{boot_id() or '?'}|{pids}"
 
 
 def _lease_token() -> str:

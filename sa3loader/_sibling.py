@@ -36,7 +36,7 @@ from ._fsutil import (
     cache_dir_trust,
     make_private_dirs,
     owned_file_problem,
-    remove_stray_incomplete,
+    stray_incomplete,
     writable_by_others,
 )
 from ._index import Index
@@ -682,7 +682,8 @@ class SiblingResolver:
         return out
 
     def _convert_at(self, target: str, metadata: dict[str, str]) -> SiblingOutcome:
-        """Convert to ``target`` under its lock, unless another process did meanwhile.
+        """Convert to ``target`` under its lock, unless another process did meanwhile, or
+        wrote it and ended before publishing it (``_unpublished``).
 
         With ``publish_later`` the outcome's sibling is the temp file just written,
         and a thread that holds the lock publishes it (``_publication``).
@@ -696,32 +697,18 @@ class SiblingResolver:
                 if out.sibling is not None:
                     out.reason = "converted by another process"
                     return out
-                remove_stray_incomplete(target)
-                problem = self._overwritable(target)
-                if problem is not None:
-                    raise ConversionError(f"{target}: {problem}; leaving it alone", filename=target)
-                logger.info("converting %s to fp16 at %s", self.source.path, target)
-                written = _convert.write_sibling(
-                    self.source, target, metadata, read_only=True, progress=self.settings.progress
-                )
-                held.callback(written.discard)  # until published: a no-op after the rename
-                result = out.converted = written.result
-                out.sibling = written.open_header()
-                row = self._row(out.sibling, None, result)
-                if self.publish_later:
-                    out.events.append("publishing the sibling in the background")
-                    publish = functools.partial(
-                        _publish,
-                        written,
-                        self.cache_dir,
-                        self.cache_trusted,
-                        self.real,
-                        row,
-                        recheck=functools.partial(self._refuse_to_overwrite, target),
+                written = self._unpublished(target, metadata)
+                if written is None:
+                    problem = self._overwritable(target)
+                    if problem is not None:
+                        raise ConversionError(f"{target}: {problem}; leaving it alone", filename=target)
+                    logger.info("converting %s to fp16 at %s", self.source.path, target)
+                    written = _convert.write_sibling(
+                        self.source, target, metadata, read_only=True, progress=self.settings.progress
                     )
-                    out.publication = Publication(target, publish, held.pop_all(), [written.fd])
-                else:
-                    _publish(written, self.cache_dir, self.cache_trusted, self.real, row, self.index)
+                    out.converted = written.result
+                held.callback(written.discard)  # until published: a no-op after the rename
+                self._hand_off(written, held, target)
         except (LockTimeoutError, UnusableLockError, CheckpointChangedError):
             raise
         except (ConversionError, OSError) as exc:
@@ -730,6 +717,14 @@ class SiblingResolver:
             out.converted = None
             out.reason = f"could not write the fp16 sibling ({exc}): loading the fp32 source"
             warn_once("convert:" + self.real, "%s: %s", self.source.path, out.reason)
+            return out
+        result = written.result
+        if out.converted is None:
+            out.reason = "cache hit (published what a previous process wrote)"
+            out.stored_range = {
+                "overflow_to_inf": result.overflow_to_inf,
+                "flushed_to_zero": result.flushed_to_zero,
+            }
             return out
         out.reason = "converted"
         logger.info(
@@ -741,6 +736,53 @@ class SiblingResolver:
             result.seconds,
         )
         return out
+
+    def _hand_off(self, written: _convert.WrittenSibling, held: contextlib.ExitStack, target: str) -> None:
+        """Open what was written for the load, then publish it: now, or (``publish_later``) on a
+        thread that takes over ``held`` (the lock, the temp file) once the load is done."""
+        out = self.outcome
+        out.sibling = written.open_header()
+        row = self._row(out.sibling, None, written.result)
+        if not self.publish_later:
+            _publish(written, self.cache_dir, self.cache_trusted, self.real, row, self.index)
+            return
+        out.events.append("publishing the sibling in the background")
+        publish = functools.partial(
+            _publish,
+            written,
+            self.cache_dir,
+            self.cache_trusted,
+            self.real,
+            row,
+            recheck=functools.partial(self._refuse_to_overwrite, target),
+        )
+        out.publication = Publication(target, publish, held.pop_all(), [written.fd])
+
+    def _unpublished(self, target: str, metadata: dict[str, str]) -> _convert.WrittenSibling | None:
+        """Under the lock: what earlier writers of ``target`` left. A temp file a process wrote
+        whole and did not publish (it ended first: an ``exec``, a kill) is published as it is
+        when it provably holds this source's sibling; every other leftover is removed, and
+        when one was, the conversion that follows says why at WARNING."""
+        found = None
+        for path in stray_incomplete(target):
+            if found is None:
+                found = _convert.unpublished_sibling(path, target, self.source, metadata)
+                if found is not None:
+                    self.outcome.events.append(f"published {path}, which a previous process wrote")
+                    logger.info("publishing %s, which a previous process wrote and did not publish", path)
+                    continue
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            if found is None:
+                warn_once(
+                    "unpublished:" + target,
+                    "%s: a previous process ended before publishing the fp16 sibling it was writing (%s); "
+                    "converting again. A process that exec()s after a first load should call "
+                    "sa3loader.wait_for_publishing() first",
+                    self.source.path,
+                    os.path.basename(path),
+                )
+        return found
 
 
 def _publish(

@@ -84,6 +84,10 @@ class HubSymlinkError(Sa3LoaderError, ValueError):
     """In-place conversion would replace a Hugging Face hub cache symlink."""
 
 
+class HubCacheError(Sa3LoaderError, ValueError):
+    """``convert DIR`` would write into a Hugging Face hub cache (give ``--out``)."""
+
+
 class UntrustedCacheDirError(Sa3LoaderError, PermissionError):
     """The cache dir is one that others can plant files in (see $SA3LOADER_SHARED_CACHE)."""
 

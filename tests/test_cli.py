@@ -102,6 +102,31 @@ def test_in_place_refuses_hub_symlinks(tmp_path):
     assert "hub" in proc.stderr and blob.read_bytes() == before and (snap / "model.safetensors").is_symlink()
 
 
+@pytest.mark.parametrize("where", ["snapshot", "blobs", "repo"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["to-dir-fp16", "in-place"])
+def test_convert_dir_never_writes_into_a_hub_cache(tmp_path, where, in_place):
+    """``convert <hub>/snapshots/<rev>/`` would write ``<rev>-fp16`` beside it, a revision that does
+    not exist to huggingface_hub; in place, blobs would no longer hold what their names hash.
+    Refused with a message that says to give --out, which then works."""
+    from support.checkpoints import toy_hub_checkpoint
+
+    ckpt = toy_hub_checkpoint(tmp_path / "hf", "org/m", "r1")
+    repo = tmp_path / "hf" / "hub" / "models--org--m"
+    target = {"snapshot": ckpt.parent, "blobs": repo / "blobs", "repo": repo}[where]
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    listing = sorted(str(p) for p in (tmp_path / "hf").rglob("*"))
+    proc = run(
+        "convert", str(target), *(["--in-place"] if in_place else []), cache=tmp_path / "c", check_rc=1
+    )
+    assert "Hugging Face hub cache" in proc.stderr and "--out" in proc.stderr
+    assert sorted(str(p) for p in (tmp_path / "hf").rglob("*")) == listing
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+    err = run("--json", "convert", str(target), cache=tmp_path / "c", check_rc=1)
+    assert json.loads(err.stdout)["error"]["type"] == "HubCacheError"
+    run("convert", str(target), "--out", str(tmp_path / "out"), cache=tmp_path / "c")
+    assert list((tmp_path / "out").rglob("*"))  # blobs carry no .safetensors name: copied as they are
+
+
 def test_convert_single_file_is_recorded_so_loads_hit(ckpt_dir, tmp_path):
     src = ckpt_dir / "model.safetensors"
     run("convert", str(src), cache=tmp_path / "c")

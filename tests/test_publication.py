@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from support.child import digest
+from support.faults import injected
 from support.loads import load_toy, make_ckpt, reference_digest
 from support.processes import fork_child
 from support.toymodel import build
@@ -122,22 +123,55 @@ def test_a_process_that_ends_waits_for_its_publication(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_kill_while_publishing_leaves_a_temp_file_that_the_next_load_removes(tmp_path):
+@pytest.mark.parametrize("end", ["kill", "exec"])
+def test_a_process_that_ends_while_publishing_leaves_a_sibling_the_next_load_publishes(tmp_path, end):
+    """A kill, or a launcher that exec()s the real server after a first load: the publishing
+    thread is gone and the whole sibling is in its temp file. The next load publishes it
+    (fsync first, then the rename), converting nothing."""
     ckpt = make_ckpt(tmp_path / "model.safetensors")
-    proc = fork_child("kill-publishing", str(ckpt), str(tmp_path / "cache"))
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == -signal.SIGKILL
-    assert json.loads(out)["digest"] == reference_digest(ckpt)  # the load had returned
+    proc = fork_child(f"{end}-publishing", str(ckpt), str(tmp_path / "cache"))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == (-signal.SIGKILL if end == "kill" else 0), err
+    assert json.loads(out.splitlines()[0])["digest"] == reference_digest(ckpt)  # the load had returned
     sibling = tmp_path / "model.fp16.safetensors"
-    assert not sibling.exists() and list(tmp_path.glob("*.incomplete-*"))
+    assert not sibling.exists() and list(tmp_path.glob("*.incomplete-written-*"))
     assert lock_is_free(sibling)
 
-    model = load_toy(ckpt, tmp_path / "cache", published=False)
-    assert sa3loader.last_load_info().converted
-    assert sa3loader.wait_for_publishing(WAIT_S)
+    points = []
+    with injected(points.append):
+        model = load_toy(ckpt, tmp_path / "cache", published=False)
+        assert sa3loader.wait_for_publishing(WAIT_S)
+    info = sa3loader.last_load_info()
+    assert info.cache_hit and not info.converted and "data" not in points
+    assert any(e.startswith("published ") and "previous process" in e for e in info.events)
+    assert points.index("fsync") < points.index("rename")
     assert digest(model) == reference_digest(ckpt)
     assert not list(tmp_path.glob("*.incomplete-*"))
     _convert.verify(read_header(ckpt), read_header(sibling))
+    load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().cache_hit  # and indexed: found again
+
+
+@pytest.mark.parametrize("why", ["another-boot", "interrupted"])
+def test_a_leftover_that_cannot_be_proved_whole_is_converted_again_with_a_warning(tmp_path, caplog, why):
+    """A temp file written before a restart (its pages may never have reached the disk), or by a
+    conversion killed mid-write: converted again, and the WARNING says why and what to do."""
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    load_toy(ckpt, tmp_path / "probe")
+    sibling = tmp_path / "model.fp16.safetensors"
+    if why == "another-boot":
+        leftover = tmp_path / f"model.fp16.safetensors.incomplete-written-{'0' * 32}-0-0-1-abcd1234"
+        leftover.write_bytes(sibling.read_bytes())
+    else:
+        leftover = tmp_path / "model.fp16.safetensors.incomplete-1-abcd1234"
+        leftover.write_bytes(sibling.read_bytes()[:1000])
+    sibling.unlink()
+    with caplog.at_level(logging.WARNING, logger="sa3loader"):
+        model = load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted
+    warnings = [r.getMessage() for r in caplog.records if "ended before publishing" in r.getMessage()]
+    assert len(warnings) == 1 and "wait_for_publishing()" in warnings[0] and leftover.name in warnings[0]
+    assert not leftover.exists() and digest(model) == reference_digest(ckpt)
 
 
 def test_a_forked_child_does_not_wait_for_its_parents_publication(tmp_path, held_at_fsync):

@@ -70,6 +70,22 @@ def cmd_kill_publishing(ckpt: str, cache: str) -> None:
     time.sleep(60)  # killed long before
 
 
+def cmd_exec_publishing(ckpt: str, cache: str) -> None:
+    """A launcher: load (converting), then exec the real program while the sibling is still
+    being published; the publishing thread dies with the old program."""
+    reached = threading.Event()
+
+    def hook(name: str) -> None:
+        if name == "fsync":
+            reached.set()
+            time.sleep(60)
+
+    set_hook(hook)
+    print(json.dumps(load(ckpt, cache)), flush=True)
+    assert reached.wait(60)
+    os.execv(sys.executable, [sys.executable, "-c", "print('exec')"])
+
+
 def cmd_kill_at(phase: str, ckpt: str, cache: str) -> None:
     def hook(name: str) -> None:
         if name == phase:
@@ -139,6 +155,7 @@ COMMANDS = {
     "load": cmd_load,
     "kill-at": cmd_kill_at,
     "kill-publishing": cmd_kill_publishing,
+    "exec-publishing": cmd_exec_publishing,
     "kill-after": cmd_kill_after,
     "republish": cmd_republish,
 }
