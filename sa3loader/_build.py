@@ -12,11 +12,10 @@ follows upstream's rules, quirks included (``plan_keys``)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import random
 import sys
-import threading
-import weakref
+import types
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,8 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.nn.utils.weight_norm import WeightNorm
-from torch.overrides import TorchFunctionMode
 
+from ._defer import BuildWatch, DeferredParameters, not_deferred, watched_build
 from ._format import Header
 from ._values import Values
 
@@ -81,139 +80,6 @@ def plan_keys(source: Header, model_state: Mapping[str, torch.Tensor]) -> tuple[
     return assign, result
 
 
-# Deferral: build a model without allocating or initialising its parameters.
-#
-# While active, every ``nn.Parameter`` registered (in this thread) is swapped for
-# a meta-device stand-in, so the factory's random init of gigabytes of weights
-# costs nothing. Only parameters are deferred: buffers, plain tensor attributes
-# and objects outside the module tree are built as upstream builds them.
-#
-# A factory may run a loader of its own: SA3's ``t5gemma`` conditioner calls
-# transformers' ``T5GemmaEncoderModel.from_pretrained`` in its constructor. What
-# a loader registers carries loaded values, so it is never deferred:
-# - anything registered while a function named ``from_pretrained`` is on the
-#   call stack (the convention of transformers, diffusers, peft, timm: no import
-#   of any of them needed), or while ``nn.Module.load_state_dict`` runs;
-# - a parameter assigned over one already registered under that name: that is
-#   how loaders place values (transformers' ``setattr`` of each loaded weight,
-#   ``load_state_dict(assign=True)``), while construction registers new names.
-# The caller must then give every deferred parameter a real value, or throw the
-# model away (``still_deferred`` tells which are left).
-_META = torch.device("meta")
-# One deferred build at a time: the patch is process-wide, the recorder per thread.
-# Reentrant: a factory may itself load a model (a teacher inside a student).
-_build_lock = threading.RLock()
-_depth = 0  # active deferral blocks; only changed while holding _build_lock
-_state = threading.local()
-_original_register = nn.Module.register_parameter
-_original_load_state_dict = nn.Module.load_state_dict
-LOADER_FUNCTION_NAMES = frozenset({"from_pretrained"})
-
-
-class DeferredParameters:
-    """Records each deferred (module, name) pair."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[weakref.ref[nn.Module], str]] = []
-
-    def still_deferred(self) -> list[tuple[nn.Module, str]]:
-        """Deferred parameters that are still on the meta device."""
-        left = []
-        for ref, name in self.records:
-            module = ref()
-            if module is None:
-                continue
-            param = module._parameters.get(name)
-            if param is not None and param.device == _META:
-                left.append((module, name))
-        return left
-
-
-def _inside_loader_function() -> bool:
-    """Whether a loader function runs between the ``with deferred_parameters()`` and here."""
-    frame: Any = sys._getframe()
-    outer = getattr(_state, "outer_frame", None)
-    while frame is not None and frame is not outer:
-        if frame.f_code.co_name in LOADER_FUNCTION_NAMES:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _constructing(module: nn.Module, name: str) -> bool:
-    """Whether this registration builds a new parameter (defer it) rather than loads one."""
-    if getattr(_state, "loading", 0):
-        return False
-    if module._parameters.get(name) is not None:
-        return False  # a value assigned over a registered parameter
-    return not _inside_loader_function()
-
-
-def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-    recorder: DeferredParameters | None = getattr(_state, "recorder", None)
-    if recorder is not None and type(param) is nn.Parameter and _constructing(self, name):
-        # Parameters derived from deferred ones (weight_norm's g and v) are meta already.
-        # Our own ops here need no RandomDraws' look (a meta stand-in holds no value).
-        with torch._C.DisableTorchFunction():
-            if param.device != _META:
-                param = nn.Parameter(torch.empty_like(param, device=_META), requires_grad=param.requires_grad)
-            _original_register(self, name, param)
-        recorder.records.append((weakref.ref(self), name))
-        return
-    _original_register(self, name, param)
-
-
-def _load_state_dict_not_deferred(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    _state.loading = getattr(_state, "loading", 0) + 1
-    try:
-        return _original_load_state_dict(self, *args, **kwargs)
-    finally:
-        _state.loading -= 1
-
-
-class deferred_parameters:  # noqa: N801  (used as ``with deferred_parameters() as deferred:``)
-    """Defer parameters registered in this thread until exit; yields the ``DeferredParameters``.
-
-    Blocks nest: an inner block records its own parameters, and the outer
-    block's recorder is back when it exits.
-    """
-
-    def __enter__(self) -> DeferredParameters:
-        global _depth
-        _build_lock.acquire()
-        self._saved = (getattr(_state, "recorder", None), getattr(_state, "outer_frame", None))
-        if _depth == 0:
-            nn.Module.register_parameter = _register_deferred  # type: ignore[method-assign]
-            nn.Module.load_state_dict = _load_state_dict_not_deferred  # type: ignore[method-assign]
-        _depth += 1
-        recorder = DeferredParameters()
-        _state.recorder = recorder
-        # Only loaders called from inside the block count: the whole load may itself
-        # run inside one (upstream's ``StableAudioModel.from_pretrained``).
-        _state.outer_frame = sys._getframe(1)
-        return recorder
-
-    def __exit__(self, *exc: object) -> None:
-        global _depth
-        _state.recorder, _state.outer_frame = self._saved
-        _depth -= 1
-        if _depth == 0:
-            nn.Module.register_parameter = _original_register  # type: ignore[method-assign]
-            nn.Module.load_state_dict = _original_load_state_dict  # type: ignore[method-assign]
-        _build_lock.release()
-
-
-@contextlib.contextmanager
-def not_deferred() -> Iterator[None]:
-    """Build for real inside a deferral block (a nested load's faithful build, say)."""
-    saved = (getattr(_state, "recorder", None), getattr(_state, "outer_frame", None))
-    _state.recorder = None
-    try:
-        yield
-    finally:
-        _state.recorder, _state.outer_frame = saved
-
-
 # The two builds.
 def _customises_loading(model: nn.Module) -> bool:
     return any(
@@ -253,29 +119,20 @@ class _FastBuildRefused(Exception):
     """Why the fast build cannot give upstream's model: the faithful build runs instead."""
 
 
-def _about_meta(exc: BaseException) -> bool:
-    """Whether an error (or one it came from) is torch refusing a meta tensor's data."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if "meta" in str(seen).lower():
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _build_deferred(factory: Factory, config: Any) -> tuple[nn.Module, DeferredParameters, RandomDraws]:
+def _build_deferred(factory: Factory, config: Any) -> tuple[nn.Module, DeferredParameters, BuildWatch]:
     """The factory's model with its parameters deferred, and what it drew at random. Its
-    own errors pass through as they are, so it runs once; only an error about meta tensors
-    (a constructor that reads a parameter's value) means: build it for real instead."""
-    try:
-        with deferred_parameters() as deferred, RandomDraws() as draws:
-            return factory(config), deferred, draws
-    except Exception as exc:
-        if not _about_meta(exc):
-            raise
-        raise _FastBuildRefused(f"the factory needs real parameters ({type(exc).__name__}: {exc})") from exc
+    own errors pass through as they are, so it runs once; only an error that torch raised
+    over a meta tensor (a constructor that reads a parameter's value), or one raised because
+    of it, means: build it for real instead. Told by origin, never by the words of a message."""
+    with watched_build() as (deferred, watch):
+        try:
+            return factory(config), deferred, watch
+        except Exception as exc:
+            if not watch.refused_meta(exc):
+                raise
+            raise _FastBuildRefused(
+                f"the factory needs real parameters ({type(exc).__name__}: {exc})"
+            ) from exc
 
 
 def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[str, str]) -> set[int]:
@@ -292,127 +149,118 @@ def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[s
     return ids
 
 
-# Nested containers (dicts, lists, tuples, sets) searched for tensors in module attributes.
-CONTAINER_DEPTH = 4
+# How deep the walk for tensors goes from a module's attribute: containers (dicts, lists,
+# tuples, sets), plain objects (their ``__dict__``), modules outside the model's tree.
+REACH_DEPTH = 12
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+# Never walked into: what holds no tensor of the model's (classes, functions, Python modules).
+_OPAQUE = (
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    str,
+    bytes,
+)
 
 
-def _tensors_in(value: Any, depth: int = CONTAINER_DEPTH) -> Iterator[torch.Tensor]:
+def _tensors_in(
+    value: Any, tree: frozenset[int] = frozenset(), seen: set[int] | None = None, depth: int = REACH_DEPTH
+) -> Iterator[torch.Tensor]:
+    """Every tensor ``value`` holds: in containers, in plain objects' attributes, in modules
+    kept outside the model's tree (a text encoder in a ``__dict__``), once each. Modules of
+    the tree (ids in ``tree``) are not entered: each is walked as itself."""
     if isinstance(value, torch.Tensor):
         yield value
-    elif depth and isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors_in(v, depth - 1)
-    elif depth and isinstance(value, (list, tuple, set, frozenset)):
-        for v in value:
-            yield from _tensors_in(v, depth - 1)
+        return
+    if depth == 0 or isinstance(value, _OPAQUE) or value is None or isinstance(value, (int, float, bool)):
+        return
+    seen = set() if seen is None else seen
+    if id(value) in seen or id(value) in tree:
+        return
+    seen.add(id(value))
+    if isinstance(value, dict):
+        children: Any = value.values()
+    elif isinstance(value, _CONTAINERS):
+        children = value
+    else:
+        children = getattr(value, "__dict__", None)
+        children = children.values() if isinstance(children, dict) else ()
+    for child in list(children):
+        yield from _tensors_in(child, tree, seen, depth - 1)
 
 
 def _is_meta(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_meta
 
 
-def _holds_meta(value: Any) -> bool:
-    return any(t.is_meta for t in _tensors_in(value))
-
-
-# torch functions that draw from a generator.
-RANDOM_DRAWS = frozenset(
-    "rand randn randint randperm rand_like randn_like randint_like normal bernoulli multinomial"
-    " poisson dropout uniform_ normal_ random_ exponential_ geometric_ log_normal_ cauchy_ bernoulli_".split()
-)
-
-
-class RandomDraws(TorchFunctionMode):
-    """While active, marks every real tensor that holds values drawn at random, or
-    computed from such (an in-place op marks the tensor it writes).
-
-    A value drawn while the factory runs deferred is not upstream's: upstream's
-    generator is further on by then, having run the random init the fast build skips.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._drawn: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in RANDOM_DRAWS and name.endswith("_") and args and _is_meta(args[0]):
-            return args[0]  # the init of a deferred stand-in: meta draws nothing, so skip it
-        out = func(*args, **kwargs) if kwargs else func(*args)
-        # Nothing is scanned until something real was drawn: a build on meta costs one call per op.
-        if name in RANDOM_DRAWS or (self._drawn and self._reads_drawn(args, kwargs)):
-            written = list(_tensors_in(out, 2))
-            if name.endswith("_") and args and isinstance(args[0], torch.Tensor):
-                written.append(args[0])  # in place (also __setitem__, which returns None)
-            for t in written:
-                self._mark(t)
-        return out
-
-    def _reads_drawn(self, args: tuple, kwargs: dict | None) -> bool:
-        """Whether an argument (or a tensor in a list or tuple argument) holds drawn values."""
-        for value in (*args, *kwargs.values()) if kwargs else args:
-            if isinstance(value, torch.Tensor):
-                if self.drawn(value):
-                    return True
-            elif isinstance(value, (list, tuple)):
-                if any(isinstance(v, torch.Tensor) and self.drawn(v) for v in value):
-                    return True
-        return False
-
-    def _mark(self, tensor: torch.Tensor) -> None:
-        for t in (tensor, tensor._base):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                self._drawn[id(t)] = weakref.ref(t)
-
-    def any_drawn(self) -> bool:
-        return bool(self._drawn)
-
-    def drawn(self, tensor: torch.Tensor) -> bool:
-        for t in (tensor, tensor._base):
-            ref = self._drawn.get(id(t))
-            if ref is not None and ref() is t:
-                return True
-        return False
+def _holds_meta(value: Any, tree: frozenset[int]) -> bool:
+    return any(t.is_meta for t in _tensors_in(value, tree))
 
 
 # What every nn.Module keeps about itself (hooks, flags, the child modules): never a
 # tensor of the model's own, so the checks below need not look inside.
 _MODULE_BOOKKEEPING = frozenset(vars(nn.Module())) - {"_parameters", "_buffers"}
-_CONTAINERS = (torch.Tensor, dict, list, tuple, set, frozenset)
 Attributes = list[tuple[str, nn.Module, str, Any]]
 
 
 def _tensor_attributes(model: nn.Module) -> Attributes:
     """(module prefix, module, attribute, value) of every attribute that is or may hold a
     tensor, parameters and buffers included: one walk for every check of the build
-    (three walks of every attribute were a fifth of a small model's cache hit)."""
+    (three walks of every attribute were a fifth of a small model's cache hit). Modules of
+    the tree are walked as themselves, never through another's attribute."""
+    tree = {id(m) for m in model.modules()}
     return [
         (prefix, module, attr, value)
         for prefix, module in model.named_modules()
         for attr, value in vars(module).items()
-        if attr not in _MODULE_BOOKKEEPING and isinstance(value, _CONTAINERS)
+        if attr not in _MODULE_BOOKKEEPING
+        and not isinstance(value, _OPAQUE)
+        and not (isinstance(value, nn.Module) and id(value) in tree)
+        and not isinstance(value, (int, float, bool, type(None)))
     ]
 
 
-def _refuse_random(attributes: Attributes, assign: dict[str, str], draws: RandomDraws) -> None:
-    """``_FastBuildRefused`` when the model keeps a value drawn at random while it was
-    built: a buffer the checkpoint does not replace, or a tensor attribute."""
-    if not draws.any_drawn():  # the usual build draws nothing real, so keeps nothing drawn
+def _refuse_random(
+    model: nn.Module, attributes: Attributes, assign: dict[str, str], watch: BuildWatch, tree: frozenset[int]
+) -> None:
+    """``_FastBuildRefused`` when the model may keep a value drawn at random while it was built
+    (the fast build's generator was elsewhere when it was drawn), or a parameter the
+    constructor replaced and the checkpoint does not cover."""
+    keys_of: dict[int, list[str]] = defaultdict(list)
+    for key, param in model.named_parameters(remove_duplicate=False):
+        keys_of[id(param)].append(key)
+    for ref, name in watch.replaced:
+        module = ref()
+        replaced = module._parameters.get(name) if module is not None else None
+        # Of the model's own parameters (one of a module kept outside the tree is not the
+        # checkpoint's to give; a drawn value there is found below).
+        keys = keys_of.get(id(replaced), []) if replaced is not None else []
+        if keys and not any(k in assign for k in keys):
+            raise _FastBuildRefused(
+                f"{type(module).__name__}.{name} was replaced by the constructor and is not in the checkpoint"
+            )
+    if watch.escapes:  # a number, list or array from drawn values: Python cannot be followed
+        raise _FastBuildRefused(
+            f"a value drawn at random left torch through {watch.escapes[0]} while it was built"
+        )
+    if not watch.any_drawn():  # the usual build draws nothing real, so keeps nothing drawn
         return
     for prefix, module, attr, value in attributes:
-        if attr == "_parameters":  # every parameter is placed from the file
-            continue
-        if attr == "_buffers":
-            value = {n: b for n, b in value.items() if f"{prefix}.{n}".lstrip(".") not in assign}
-        for tensor in _tensors_in(value):
-            if draws.drawn(tensor):
+        if attr in ("_parameters", "_buffers"):  # what the checkpoint replaces is not kept
+            value = {n: t for n, t in value.items() if f"{prefix}.{n}".lstrip(".") not in assign}
+        for tensor in _tensors_in(value, tree):
+            if watch.drawn(tensor):
                 where = f"{prefix}.{attr}" if prefix else attr
                 raise _FastBuildRefused(
                     f"{where} ({type(module).__name__}) keeps values drawn at random while it was built"
                 )
 
 
-def _refuse_meta(attributes: Attributes, *, skip: set[tuple[int, str]], parameters: bool) -> None:
+def _refuse_meta(
+    attributes: Attributes, tree: frozenset[int], *, skip: set[tuple[int, str]], parameters: bool
+) -> None:
     """``_FastBuildRefused`` when a tensor in ``attributes`` (their values now) is still on meta.
 
     A tensor the constructor derived from a deferred parameter (a buffer, an
@@ -423,7 +271,7 @@ def _refuse_meta(attributes: Attributes, *, skip: set[tuple[int, str]], paramete
     for prefix, module, attr, _ in attributes:
         if (attr == "_parameters" and not parameters) or (id(module), attr) in skip:
             continue
-        if _holds_meta(vars(module).get(attr)):  # read now: placing replaced some
+        if _holds_meta(vars(module).get(attr), tree):  # read now: placing replaced some
             where = f"{prefix}.{attr}" if prefix else attr
             raise _FastBuildRefused(f"{where} ({type(module).__name__}) was computed from a parameter")
 
@@ -491,21 +339,22 @@ def _build_fast(
     factory: Factory, config: Any, source: Header, values: Values, device: torch.device
 ) -> tuple[nn.Module, LoadResult]:
     """Model with every parameter placed from the file, or ``_FastBuildRefused`` saying why not."""
-    model, deferred, draws = _build_deferred(factory, config)
+    model, deferred, watch = _build_deferred(factory, config)
     if _customises_loading(model):
         raise _FastBuildRefused("a module customises state-dict loading")
     assign, result = plan_keys(source, model.state_dict(keep_vars=True))
+    tree = frozenset(id(m) for m in model.modules())
     attributes = _tensor_attributes(model)
-    _refuse_random(attributes, assign, draws)
+    _refuse_random(model, attributes, assign, watch, tree)
     deferred_ids = _deferred_ids(model, deferred, assign)
     wn_hooks = _weight_norm_hooks(model)
     recomputed = {(id(m), h.name) for _, m, h in wn_hooks}
-    _refuse_meta(attributes, skip=recomputed, parameters=False)
+    _refuse_meta(attributes, tree, skip=recomputed, parameters=False)
     _place_parameters(model, assign, deferred_ids, values, device)
     _recompute_weight_norm(wn_hooks, assign, values)
     # Only the parameters and weight_norm's attributes were replaced since the check above.
     replaced = [a for a in attributes if a[2] == "_parameters" or (id(a[1]), a[2]) in recomputed]
-    _refuse_meta(replaced, skip=set(), parameters=True)
+    _refuse_meta(replaced, tree, skip=set(), parameters=True)
     return model, result
 
 
@@ -519,9 +368,34 @@ class Built:
     fallback: str | None  # why not fast
 
 
+class Generators:
+    """Every generator a factory may draw from, as it was: put back before the factory runs
+    again, so that upstream's build after a refused fast one draws what upstream's draws.
+
+    torch's CPU generator; CUDA's only where CUDA is initialised already (reading it would
+    initialise it); numpy's global one where numpy is imported; Python's ``random``.
+    """
+
+    def __init__(self) -> None:
+        self.torch = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        numpy = sys.modules.get("numpy")
+        self.numpy = numpy.random.get_state() if numpy is not None else None
+        self.python = random.getstate()
+
+    def restore(self) -> None:
+        torch.random.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        numpy = sys.modules.get("numpy")
+        if self.numpy is not None and numpy is not None:
+            numpy.random.set_state(self.numpy)
+        random.setstate(self.python)
+
+
 def build(factory: Factory, config: Any, source: Header, values: Values, device: torch.device) -> Built:
     """Fast build when it gives upstream's model, else upstream's own build."""
-    rng = torch.random.get_rng_state()
+    generators = Generators()
     fallback = None
     try:
         model, result = _build_fast(factory, config, source, values, device)
@@ -529,7 +403,7 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
         fallback = str(refused)
         logger.info("%s: using upstream's full build (%s)", source.path, fallback)
         values.forget_counts()  # what the abandoned fast build read does not count
-        torch.random.set_rng_state(rng)
+        generators.restore()
         with not_deferred():  # inside a factory that is itself being built deferred
             model = factory(config)
         result = load_faithful(model, source, values)

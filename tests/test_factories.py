@@ -8,6 +8,10 @@ passes through unchanged.
 
 from __future__ import annotations
 
+import random
+import types
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -32,8 +36,9 @@ class DerivedBuffer(ToyDiT):
         self.register_buffer("scaled", self.blocks[0].ff.weight.detach() * 2, persistent=False)
 
 
-def upstream_recipe(cls, ckpt, half):
-    torch.manual_seed(0)
+def upstream_recipe(cls, ckpt, half, seed=True):
+    if seed:
+        torch.manual_seed(0)
     model = cls()
     model.load_state_dict(load_file(str(ckpt)), strict=False)
     model.eval().requires_grad_(False)
@@ -163,27 +168,35 @@ def student(config):
     model = build(config)
     model.__dict__["teacher"] = sa3loader.load_diffusion_cond(
         {{}}, {teacher!r}, "cpu", False, model_factory=build)
-    model.__dict__["reader"] = sa3loader.load_diffusion_cond(
-        {{}}, {teacher!r}, "cpu", False, model_factory=teacher_reading_parameters)
+    if {with_reader!r}:
+        model.__dict__["reader"] = sa3loader.load_diffusion_cond(
+            {{}}, {teacher!r}, "cpu", False, model_factory=teacher_reading_parameters)
     return model
 
 torch.manual_seed(0)
 model = sa3loader.load_diffusion_cond(
     {{}}, {student!r}, "cpu", True, cache_dir={cache!r}, model_factory=student)
+reader = model.__dict__.get("reader", model.teacher)
 print(sa3loader.last_load_info().build, model.teacher.blocks[0].ff.weight.is_meta,
-      model.reader.blocks[0].ff.weight.is_meta, model.blocks[0].ff.weight.dtype)
+      reader.blocks[0].ff.weight.is_meta, model.blocks[0].ff.weight.dtype)
 """
 
 
-def test_loads_nest_inside_a_factory(tmp_path):
-    """A factory that loads a teacher itself (or a nested call under install()) never deadlocks."""
+@pytest.mark.parametrize("with_reader", [False, True], ids=["teacher", "teacher-and-reader"])
+def test_loads_nest_inside_a_factory(tmp_path, with_reader):
+    """A factory that loads a teacher itself (or a nested call under install()) never deadlocks.
+    A nested model whose own build read its random init (``float(weight.norm())``) keeps a number
+    drawn where the outer fast build's generator was elsewhere: the outer build is upstream's."""
     torch.manual_seed(0)
     teacher = save(random_like_state(build(), seed=4), tmp_path / "teacher.safetensors")
     student = save(random_like_state(build(), seed=3), tmp_path / "student.safetensors")
-    script = NESTED.format(teacher=str(teacher), student=str(student), cache=str(tmp_path / "c"))
+    script = NESTED.format(
+        teacher=str(teacher), student=str(student), cache=str(tmp_path / "c"), with_reader=with_reader
+    )
     proc = toy_zygote().run("-c", script, env=child_env(), timeout=120)  # a deadlock fails, not hangs
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["fast", "False", "False", "torch.float16"]
+    outer = "faithful" if with_reader else "fast"
+    assert proc.stdout.split() == [outer, "False", "False", "torch.float16"]
 
 
 class Strided(ToyDiT):
@@ -214,3 +227,151 @@ def test_parameters_keep_the_strides_upstream_gives_them(tmp_path, half, io):
     assert model.transposed.stride() == (1, 4) and model.conv2d.weight.is_contiguous(
         memory_format=torch.channels_last
     )
+
+
+class KeptAsPythonList(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.order = torch.randperm(8).tolist()
+
+
+class KeptAsPythonNumber(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.rand(()).item() * 2 + 1  # Python arithmetic on a drawn number
+
+
+class KeptAsFloatOfATensor(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = float(torch.rand(()) * 2 + 1)
+
+
+class NumpySeededFromTorch(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = np.random.default_rng(torch.randint(0, 2**31, ()).item()).standard_normal(4)
+
+
+class KeptRngState(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("state", torch.get_rng_state(), persistent=False)
+
+
+class InAPlainObject(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.extras = types.SimpleNamespace(noise=torch.randn(4), weight=nn.Parameter(torch.randn(3)))
+
+
+KEPT = {
+    "list": (KeptAsPythonList, lambda m: m.order),
+    "number": (KeptAsPythonNumber, lambda m: m.scale),
+    "float-of-a-tensor": (KeptAsFloatOfATensor, lambda m: m.scale),
+    "numpy-seeded-from-torch": (NumpySeededFromTorch, lambda m: m.table.tolist()),
+    "rng-state": (KeptRngState, lambda m: m.state.tolist()),
+    "plain-object": (InAPlainObject, lambda m: (m.extras.noise.tolist(), m.extras.weight.tolist())),
+}
+
+
+@pytest.mark.parametrize("kind", list(KEPT))
+def test_a_value_drawn_at_random_and_kept_outside_a_tensor_is_upstreams(tmp_path, kind):
+    """Python numbers, lists, numpy arrays, RNG states, tensors in plain objects: the watch
+    follows drawn values through item(), tolist(), float() and into objects, and the model
+    that keeps one is upstream's build, with the generator where upstream's load leaves it."""
+    cls, kept = KEPT[kind]
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(cls(), seed=3), tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
+    )
+    after = torch.rand(4)
+    info = sa3loader.last_load_info()
+    assert info.build == "faithful", info.fallback
+    ref = upstream_recipe(cls, ckpt, True)
+    assert torch.equal(after, torch.rand(4))
+    assert kept(model) == kept(ref)
+    assert_same_model(model, ref)
+
+
+class DrawsFromNumpyAndRandom(ToyDiT):
+    """Draws from numpy's and Python's generators; its checkpoint lacks a parameter, so the fast
+    build is refused after the factory ran once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numpy_noise = np.random.standard_normal(3).tolist()
+        self.python_noise = random.random()
+        self.extra = nn.Linear(2, 2)
+
+
+def test_after_a_refused_fast_build_every_generator_is_where_upstreams_is(tmp_path):
+    torch.manual_seed(0)
+    state = random_like_state(DrawsFromNumpyAndRandom(), seed=3)
+    ckpt = save(
+        {k: v for k, v in state.items() if not k.startswith("extra.")}, tmp_path / "model.safetensors"
+    )
+
+    def seeded():
+        torch.manual_seed(0)
+        np.random.seed(1)
+        random.seed(2)
+
+    seeded()
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: DrawsFromNumpyAndRandom()
+    )
+    ours_after = (torch.rand(2).tolist(), np.random.rand(), random.random())
+    assert sa3loader.last_load_info().build == "faithful"
+    seeded()
+    ref = upstream_recipe(DrawsFromNumpyAndRandom, ckpt, True, seed=False)
+    assert ours_after == (torch.rand(2).tolist(), np.random.rand(), random.random())
+    assert (model.numpy_noise, model.python_noise) == (ref.numpy_noise, ref.python_noise)
+    assert_same_model(model, ref)
+
+
+def test_a_factory_error_that_mentions_meta_passes_through_after_one_call(tmp_path):
+    """Only torch's refusal of a meta tensor's data means "build it for real": told by where
+    the error came from, never by the word "meta" in a message."""
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    calls = []
+
+    def factory(config):
+        calls.append(config)
+        build(config)
+        raise KeyError("the config has no 'metadata' section")
+
+    with pytest.raises(KeyError, match="metadata") as err:
+        sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory)
+    assert len(calls) == 1 and type(err.value) is KeyError
+
+
+class ReplacesARegisteredParameter(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 4)
+        self.head.weight = nn.Parameter(torch.randn(4, 4) * 0.02)  # its own init, over the registered one
+
+
+@pytest.mark.parametrize("covered", [False, True], ids=["not-in-the-checkpoint", "in-the-checkpoint"])
+def test_a_parameter_the_constructor_replaces_is_upstreams(tmp_path, covered):
+    torch.manual_seed(0)
+    state = random_like_state(ReplacesARegisteredParameter(), seed=3)
+    if not covered:
+        del state["head.weight"]
+    ckpt = save(state, tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {},
+        ckpt,
+        "cpu",
+        True,
+        cache_dir=tmp_path / "c",
+        model_factory=lambda c: ReplacesARegisteredParameter(),
+    )
+    info = sa3loader.last_load_info()
+    assert info.build == ("fast" if covered else "faithful"), info.fallback
+    assert_same_model(model, upstream_recipe(ReplacesARegisteredParameter, ckpt, True))
