@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils.weight_norm import WeightNorm
 
+from . import _faults
 from ._defer import BuildWatch, DeferredParameters, not_deferred, watched_build
 from ._format import Header
 from ._values import Values
@@ -94,6 +95,7 @@ def load_faithful(model: nn.Module, source: Header, values: Values) -> LoadResul
     """Upstream's ``copy_state_dict`` with values from ``values``."""
     state = model.state_dict()
     assign, result = plan_keys(source, state)
+    _faults.point("planned", source.path)
     for key, name in assign.items():
         state[key] = values.get(name, state[key].dtype, final=False)
     model.load_state_dict(state, strict=False)
@@ -343,6 +345,7 @@ def _build_fast(
     if _customises_loading(model):
         raise _FastBuildRefused("a module customises state-dict loading")
     assign, result = plan_keys(source, model.state_dict(keep_vars=True))
+    _faults.point("planned", source.path)
     tree = frozenset(id(m) for m in model.modules())
     attributes = _tensor_attributes(model)
     _refuse_random(model, attributes, assign, watch, tree)

@@ -118,7 +118,7 @@ def verify_all(cache_dir: str, progress: bool = False) -> list[Check]:
             continue
         try:
             with (
-                open_header(entry.source) as source,
+                open_header(entry.key or entry.source) as source,  # the file the row is about
                 open_header(entry.sibling, follow_symlinks=False) as sib,
             ):
                 diff = _convert.compare(source, sib, progress=progress)

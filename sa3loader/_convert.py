@@ -56,6 +56,16 @@ PIPELINE_SLOTS = 4  # buffers in flight: being read, cast and counted, compared
 PIECE_ELEMENTS = 128 * 1024
 WIDEST_ELEMENT_BYTES = 8  # f64, i64, c64
 STRIPE_PIECES = 16  # pieces a worker takes at once (8 MiB): reads stay sequential
+
+
+def _piece_elements() -> int:
+    return _faults.tuned("piece_elements", PIECE_ELEMENTS)
+
+
+def _chunk_elements() -> int:
+    return _faults.tuned("chunk_elements", CHUNK_ELEMENTS)
+
+
 READ_AHEAD_STRIPES = 4  # stripes the kernel is asked to read ahead of the workers (a cold disk)
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 DEFAULT_FILE_MODE = 0o644
@@ -86,10 +96,11 @@ def _output_layout(header: Header, metadata: dict[str, str]) -> tuple[bytes, lis
     """The converted file's header bytes and entries; ``ConversionError`` when safetensors could
     not read it back."""
     prefix, entries = layout([(e.name, converted_dtype(e.dtype), e.shape) for e in header.entries], metadata)
-    if len(prefix) - HEADER_LENGTH_BYTES > MAX_HEADER_BYTES:
+    limit = _faults.tuned("max_header_bytes", MAX_HEADER_BYTES)
+    if len(prefix) - HEADER_LENGTH_BYTES > limit:
         raise ConversionError(
             f"{header.path}: its fp16 sibling's header would be {len(prefix) - HEADER_LENGTH_BYTES} bytes, "
-            f"above the {MAX_HEADER_BYTES}-byte limit safetensors reads",
+            f"above the {limit}-byte limit safetensors reads",
             filename=header.path,
         )
     return prefix, entries
@@ -207,6 +218,7 @@ def write_sibling(
     The output gets the source's mode; ``read_only`` (siblings that loads map)
     clears every write bit, so no one but root edits a mapped file in place.
     """
+    _faults.point("convert", dest)
     started = time.perf_counter()
     prefix, out_entries = _output_layout(header, metadata)  # refuses a header too big, before writing
     total = len(prefix) + (out_entries[-1].end if out_entries else 0)
@@ -318,7 +330,7 @@ def _piece_plan(header: Header, entries: Iterable[TensorEntry]) -> list[tuple[Te
     return [
         (entry, offset, length)
         for entry in entries
-        for offset, length in _pieces_of(header.data_start + entry.begin, entry.nbytes, CHUNK_ELEMENTS * 4)
+        for offset, length in _pieces_of(header.data_start + entry.begin, entry.nbytes, _chunk_elements() * 4)
     ]
 
 
@@ -335,7 +347,8 @@ class _Pieces:
         self._header, self._fd = header, fd
         self._keys = _piece_plan(header, entries)
         self._slots = [
-            (bytearray(CHUNK_ELEMENTS * 4), bytearray(CHUNK_ELEMENTS * 2)) for _ in range(PIPELINE_SLOTS)
+            (bytearray(_chunk_elements() * 4), bytearray(_chunk_elements() * 2))
+            for _ in range(PIPELINE_SLOTS)
         ]
         self._free: queue.Queue[int | None] = queue.Queue()
         for slot in range(PIPELINE_SLOTS):
@@ -402,7 +415,8 @@ class _Job:
     """
 
     def __init__(self, plan: list[tuple[TensorEntry, int, int, int]], fd: int, bar: Any) -> None:
-        self._stripes = [plan[i : i + STRIPE_PIECES] for i in range(0, len(plan), STRIPE_PIECES)]
+        stripe = _faults.tuned("stripe_pieces", STRIPE_PIECES)
+        self._stripes = [plan[i : i + stripe] for i in range(0, len(plan), stripe)]
         self._next = 0
         self._fd, self._bar = fd, bar
         self._lock = threading.Lock()
@@ -439,7 +453,7 @@ class _Job:
 
 def _convert_pieces(job: _Job, header: Header, src_fd: int, out_fd: int, counts: dict[str, int]) -> None:
     """One worker: read, cast and count, and write each piece of the stripes it takes."""
-    raw_bytes, half_bytes = bytearray(PIECE_ELEMENTS * 4), bytearray(PIECE_ELEMENTS * 2)
+    raw_bytes, half_bytes = bytearray(_piece_elements() * 4), bytearray(_piece_elements() * 2)
     raw = torch.frombuffer(raw_bytes, dtype=torch.float32)
     half = torch.frombuffer(half_bytes, dtype=torch.float16)
     scratch = torch.empty_like(half)  # |half|, without a new allocation per piece
@@ -497,7 +511,9 @@ def _stream_tensors(
     plan = []
     # Whole elements of every dtype in each piece (8 bytes, f64's, divides them all): a
     # piece is counted (``_count_cast_range``) as well as copied.
-    piece_bytes = max(WIDEST_ELEMENT_BYTES, PIECE_ELEMENTS * 4 // WIDEST_ELEMENT_BYTES * WIDEST_ELEMENT_BYTES)
+    piece_bytes = max(
+        WIDEST_ELEMENT_BYTES, _piece_elements() * 4 // WIDEST_ELEMENT_BYTES * WIDEST_ELEMENT_BYTES
+    )
     for out in out_entries:  # the sibling's order
         entry = header.by_name[out.name]
         shrink = 2 if entry.dtype == "F32" else 1

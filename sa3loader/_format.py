@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _faults
 from .errors import (
     CheckpointChangedError,
     CheckpointIsADirectoryError,
@@ -372,7 +373,7 @@ def preadv_exact(fd: int, views: list[memoryview], offset: int, path: str) -> No
     """
     views = [v for v in views if len(v)]
     while views:
-        batch = views[:_IOV_MAX]
+        batch = views[: _faults.tuned("iov_max", _IOV_MAX)]
         try:
             if hasattr(os, "preadv"):
                 got = os.preadv(fd, batch, offset)

@@ -22,6 +22,7 @@ from typing import Any
 import diskcache
 from diskcache.core import MODE_RAW, UNKNOWN
 
+from . import _faults
 from ._config import info_once, warn_once
 from ._fsutil import create_cache_dir
 from .errors import CacheIndexError
@@ -32,6 +33,12 @@ SCHEMA_VERSION = 1
 INDEX_SUBDIR = "index"
 INDEX_TIMEOUT_S = 2.0
 DATABASE_NAME = diskcache.core.DBNAME
+
+
+def _index_timeout() -> float:
+    return _faults.tuned("index_timeout_s", INDEX_TIMEOUT_S)
+
+
 # Rows are a few hundred bytes; keep every one inside SQLite, never in side files.
 MAX_ROW_BYTES = 1 << 20
 _BYTES_KEY_PREFIX = "\x00bytes:"
@@ -174,12 +181,12 @@ class _ReadOnlyRows:
         path = os.path.join(directory, DATABASE_NAME)
         uri = "file:" + urllib.parse.quote(path)
         try:
-            self._con = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=INDEX_TIMEOUT_S)
+            self._con = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=_index_timeout())
             self._con.execute("SELECT count(*) FROM Cache").fetchone()
         except sqlite3.Error:
             # A WAL database on a read-only layer: no -shm file can be made, and nothing
             # can change the file either, so it is read as immutable.
-            self._con = sqlite3.connect(uri + "?immutable=1", uri=True, timeout=INDEX_TIMEOUT_S)
+            self._con = sqlite3.connect(uri + "?immutable=1", uri=True, timeout=_index_timeout())
 
     def get(self, key: str) -> Any:
         found = self._con.execute(
@@ -226,7 +233,7 @@ class Index:
                     self._probe()
                     if not os.path.isdir(self.directory):  # a new cache dir
                         create_cache_dir(self.directory)
-                    self._cache = diskcache.Cache(self.directory, timeout=INDEX_TIMEOUT_S, disk=SafeJSONDisk)
+                    self._cache = diskcache.Cache(self.directory, timeout=_index_timeout(), disk=SafeJSONDisk)
             except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
                 self._failed("open", exc)
         return self._cache
@@ -236,7 +243,7 @@ class Index:
         path = os.path.join(self.directory, DATABASE_NAME)
         if not os.path.exists(path):
             return
-        con = sqlite3.connect(path, timeout=INDEX_TIMEOUT_S, isolation_level=None)
+        con = sqlite3.connect(path, timeout=_index_timeout(), isolation_level=None)
         try:
             # diskcache writes while opening; in WAL mode only a write lock tells us it would wait.
             con.execute("BEGIN IMMEDIATE")
@@ -334,7 +341,7 @@ class Index:
         if not os.path.exists(path):
             return None
         try:
-            con = sqlite3.connect(path, timeout=INDEX_TIMEOUT_S)
+            con = sqlite3.connect(path, timeout=_index_timeout())
             try:
                 (result,) = con.execute("PRAGMA quick_check").fetchone()
                 con.execute("SELECT count(*) FROM Cache").fetchone()

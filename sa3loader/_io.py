@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _faults
 from ._config import warn_once
 from ._format import Header, TensorEntry, open_for_reading, preadv_exact, reading
 from .errors import FileAccessError, HeaderError, TruncatedFileError
@@ -176,10 +177,12 @@ class MappedFile:
         started.
         """
         view = torch.frombuffer(self._map, dtype=torch.uint8)
-        chunks = plan_chunks(list(zip(offsets, sizes, strict=True)), PREFETCH_PIECE_BYTES)
+        piece_bytes = _faults.tuned("prefetch_piece_bytes", PREFETCH_PIECE_BYTES)
+        chunks = plan_chunks(list(zip(offsets, sizes, strict=True)), piece_bytes)
 
         def piece(chunk: Chunk) -> None:
             if stop is None or not stop.is_set():
+                _faults.point("touch", str(chunk.file_offset))
                 touch_pages(view, chunk.file_offset, chunk.length)
 
         with ThreadPoolExecutor(PREFETCH_THREADS) as pool:
@@ -227,8 +230,11 @@ def release_pinned_cache() -> None:
 
     ``torch.accelerator.empty_host_cache`` where this torch has it; a no-op elsewhere.
     """
-    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
-    if empty is not None:
+    _faults.point("release_pinned")
+    accelerator = getattr(torch, "accelerator", None)
+    empty = getattr(accelerator, "empty_host_cache", None)
+    available = getattr(accelerator, "is_available", lambda: True)
+    if empty is not None and available():  # without one, nothing was pinned
         empty()
 
 
@@ -408,13 +414,16 @@ def stream_into(
     dests: Sequence[torch.Tensor],
     offsets: Sequence[int],
     *,
-    chunk_bytes: int = RING_SLOT_BYTES,
-    slots: int = RING_SLOTS,
+    chunk_bytes: int | None = None,
+    slots: int | None = None,
     pin: bool = True,
     copies: DeviceCopies | None = None,
     fd: int | None = None,
 ) -> StreamStats:
-    """Like ``read_into`` for tensors on any device, through a bounded ring of host buffers."""
+    """Like ``read_into`` for tensors on any device, through a bounded ring of host buffers
+    (``chunk_bytes`` x ``slots``; by default the ring this machine's cores call for)."""
+    chunk_bytes = _faults.tuned("ring_slot_bytes", RING_SLOT_BYTES) if chunk_bytes is None else chunk_bytes
+    slots = _faults.tuned("ring_slots", RING_SLOTS) if slots is None else slots
     ranges = _byte_ranges(dests, offsets)
     chunks = plan_chunks(ranges, chunk_bytes)
     stats = StreamStats(bytes=sum(n for _, n in ranges), chunks=len(chunks))
@@ -423,9 +432,10 @@ def stream_into(
     device = next(t.device for t in dests if t.numel())
     cuda = device.type == "cuda"
     if copies is None:
-        copies = CudaCopies(device) if cuda else DeviceCopies()
+        copies = _faults.fact("device_copies", device.type, CudaCopies(device) if cuda else DeviceCopies())
     slots = max(1, min(slots, len(chunks)))
-    ring, stats.pinned = _staging(slots, max(c.length for c in chunks), pin and cuda)
+    ring, pinned = _staging(slots, max(c.length for c in chunks), pin and cuda)
+    stats.pinned = _faults.fact("pinned", None, pinned)
     stats.staging_bytes = sum(t.numel() for t in ring)
     ring_views = [t.numpy().data for t in ring]
     targets = [_byte_view(t) if t.numel() else t for t in dests]

@@ -9,7 +9,7 @@ Two decisions rest on it:
   that keeps a real change time and whose device number names one filesystem for
   good (``stat_vouches``).
 
-Linux reads ``/proc/self/mountinfo`` (``_faults.MOUNT_TABLE``); where no mount table
+Linux reads ``/proc/self/mountinfo`` (a test may point it elsewhere); where no mount table
 can be read, nothing is known, and the stat never vouches alone.
 """
 
@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 
 from . import _faults
+
+MOUNT_TABLE = "/proc/self/mountinfo"
 
 # Filesystems reached over a network (or through FUSE, often a network client).
 NETWORK_FILESYSTEMS = frozenset(
@@ -49,7 +51,7 @@ def _unescape(field: str) -> str:
 
 def _mounts() -> list[Mount] | None:
     try:
-        with open(_faults.MOUNT_TABLE, encoding="utf-8", errors="surrogateescape") as f:
+        with open(_faults.tuned("mount_table", MOUNT_TABLE), encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except OSError:
         return None

@@ -99,12 +99,12 @@ def hub_blob(path: str, st: os.stat_result) -> str | None:
 
 
 def dir_writable(path: str) -> bool:
-    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+    return _faults.fact("dir_writable", path, os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK))
 
 
 def free_bytes(path: str) -> int:
     st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
+    return _faults.fact("free_bytes", path, st.f_bavail * st.f_frsize)
 
 
 def sibling_name(source_path: str) -> str:
@@ -205,6 +205,7 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def fingerprint(header: Header) -> str:
     """sha256 over every small tensor and spots of every large one (see the module doc)."""
+    _faults.point("fingerprint", header.path)
     ranges = fingerprint_ranges(header)
     reads = _merged(ranges)
     with reading(header) as fd, ThreadPoolExecutor(READ_THREADS) as pool:

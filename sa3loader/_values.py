@@ -23,6 +23,7 @@ from collections import defaultdict
 
 import torch
 
+from . import _faults
 from ._config import IoMode
 from ._format import Header, reading
 from ._io import MappedFile, read_into, stream_into, torch_dtype
@@ -58,7 +59,7 @@ def resolve_io(chosen: IoMode | None, path: str | None = None) -> IoMode:
 
 def streams_to(device: torch.device) -> bool:
     """Whether weights go to ``device`` through the staging ring (every non-CPU device)."""
-    return device.type != "cpu"
+    return _faults.fact("streams_to", device.type, device.type != "cpu")
 
 
 class Values:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn
 
-from . import __version__, _cache_admin, _config, _convert
+from . import __version__, _cache_admin, _config, _convert, _faults
 from ._convert_dir import FileAction, checked, convert_file, convert_tree
 from ._format import Header, open_header, read_header
 from ._fsutil import open_cache_dir_to_all, resolve_cache_dir
@@ -313,7 +313,7 @@ def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
         lines += [*_removal_lines(plan.removals, dry_run=True), f"would {verb} {rows}"]
         _emit(args, {"dry_run": True, **_plan_data(plan)}, lines)
         return EXIT_OK
-    if not pruning and not args.yes and not args.json and _interactive():
+    if not pruning and not args.yes and not args.json and _faults.fact("interactive", None, _interactive()):
         print("\n".join(_removal_lines(plan.removals, dry_run=True)))
         answer = _ask(f"clear {rows} and delete these files? [y/N] ")
         if answer is None:

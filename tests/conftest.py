@@ -20,19 +20,13 @@ def fresh_warnings():
 
 
 @pytest.fixture
-def conversions(monkeypatch):
+def conversions():
     """The destination of every real conversion, in order."""
-    from sa3loader import _convert
+    from support.faults import injected
 
-    calls = []
-    real = _convert.write_sibling  # what every conversion calls, published now or later
-
-    def spy(*args, **kwargs):
-        calls.append(args[1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_convert, "write_sibling", spy)
-    return calls
+    calls: list[str] = []
+    with injected(lambda name, subject=None: calls.append(subject) if name == "convert" else None):
+        yield calls
 
 
 class Upstream(types.SimpleNamespace):

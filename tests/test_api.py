@@ -13,6 +13,7 @@ from support.compare import assert_same_model, bits
 from support.toymodel import build, reference
 
 import sa3loader
+from sa3loader import _faults
 
 
 def test_import_needs_no_upstream():
@@ -64,12 +65,12 @@ def test_load_into_module_reports_skipped_keys(tmp_path):
 
 def test_io_read_never_maps_a_file(tmp_path, monkeypatch):
     """Where mappings are unreliable (SIGBUS on truncation, Windows commit limits)."""
-    from sa3loader import _io
+    import mmap
 
     def no_mmap(*args, **kwargs):
         raise AssertionError("io='read' mapped a file")
 
-    monkeypatch.setattr(_io.mmap, "mmap", no_mmap)
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
     torch.manual_seed(0)
     ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
     for expect_hit in (False, True):
@@ -158,8 +159,6 @@ def test_a_failing_factory_stops_the_early_prefetch(tmp_path, monkeypatch):
     import threading
     import time
 
-    from sa3loader import _io
-
     torch.manual_seed(0)
     ckpt = save(random_like_state(build({"dim": 256}), seed=1), tmp_path / "model.safetensors")
     sa3loader.load_diffusion_cond(
@@ -168,13 +167,14 @@ def test_a_failing_factory_stops_the_early_prefetch(tmp_path, monkeypatch):
     touched = []
     started = threading.Event()
 
-    def slow_touch(view, start, length):  # a cold disk: every piece takes a while
-        touched.append(start)
-        started.set()
-        time.sleep(0.05)
+    def slow_touch(name, subject=None):  # a cold disk: every piece takes a while
+        if name == "touch":
+            touched.append(subject)
+            started.set()
+            time.sleep(0.05)
 
-    monkeypatch.setattr(_io, "PREFETCH_PIECE_BYTES", 16 * 1024)
-    monkeypatch.setattr(_io, "touch_pages", slow_touch)
+    monkeypatch.setitem(_faults.tunings, "prefetch_piece_bytes", 16 * 1024)
+    monkeypatch.setattr(_faults, "hook", slow_touch)
 
     def broken(config):
         assert started.wait(10)  # the prefetch is under way
@@ -233,23 +233,17 @@ def test_parameters_missing_from_the_checkpoint_get_one_warning(tmp_path, caplog
 
 def test_timings_split_the_upstream_import_from_the_sibling(tmp_path, monkeypatch):
     """The first load imports stable_audio_3 (seconds): that is import_s, not sibling_s."""
-    import time as real_time
-    import types
-
-    from sa3loader import _upstream, loader
-
     offset = [0.0]
-    clock = types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + offset[0])
-    monkeypatch.setattr(loader, "time", clock)
+    monkeypatch.setitem(_faults.facts, "clock", lambda subject, real: real + offset[0])
 
-    def slow_import(name):
-        offset[0] += 1000.0  # a fake clock: deterministic on any machine
-        return build
+    def slow_import(name, subject=None):
+        if name == "import":
+            offset[0] += 1000.0  # a fake clock: deterministic on any machine
 
-    monkeypatch.setattr(_upstream, "factory_function", slow_import)
+    monkeypatch.setattr(_faults, "hook", slow_import)
     torch.manual_seed(0)
     ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
-    sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c")
+    sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
     timings = sa3loader.last_load_info().timings
     assert timings["import_s"] >= 1000 > timings["sibling_s"]
 

@@ -11,12 +11,12 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 from support.checkpoints import random_like_state, save
 from support.compare import assert_same_model, bits, writable
-from support.faults import mounted
+from support.faults import faked, mounted
 from support.loads import load_toy
 from support.toymodel import build, reference
 
 import sa3loader
-from sa3loader import _convert
+from sa3loader import _faults
 from sa3loader._format import read_header
 from sa3loader._index import Index
 
@@ -130,14 +130,11 @@ def test_two_cache_dirs_keep_their_own_rows(ckpt, tmp_path, conversions):
 
 def test_read_only_source_dir_puts_sibling_in_each_cache(ckpt, tmp_path, conversions, monkeypatch):
     # Tests run as root, who can write anywhere: make the source dir read-only by decree.
-    from sa3loader import _sibling
-
-    real = _sibling.dir_writable
-    monkeypatch.setattr(_sibling, "dir_writable", lambda d: d != str(tmp_path) and real(d))
-    for name in ("a", "b"):
-        model = load_toy(ckpt, tmp_path / name)
-        assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / name))
-        assert_same_model(model, reference(ckpt))
+    with faked(dir_writable=lambda d, real: d != str(tmp_path) and real):
+        for name in ("a", "b"):
+            model = load_toy(ckpt, tmp_path / name)
+            assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / name))
+            assert_same_model(model, reference(ckpt))
     assert len(conversions) == 2
     assert not (tmp_path / "model.fp16.safetensors").exists()
 
@@ -428,7 +425,7 @@ def test_model_and_model_safetensors_keep_their_own_siblings(tmp_path, conversio
 def test_a_sibling_header_over_the_limit_loads_fp32_and_leaves_nothing(ckpt, tmp_path, monkeypatch, caplog):
     """Near safetensors' 100 MB header limit, our metadata would push the sibling's header over."""
     source_header = read_header(ckpt).header_size
-    monkeypatch.setattr(_convert, "MAX_HEADER_BYTES", source_header + 16)  # the source fits, ours not
+    monkeypatch.setitem(_faults.tunings, "max_header_bytes", source_header + 16)  # the source fits, ours not
     before = set(tmp_path.rglob("*"))
     for _ in range(2):
         model = load_toy(ckpt, tmp_path / "cache")

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from support.cli import run, run_process
 from support.compare import writable
+from support.faults import at, injected
 
-from sa3loader import cli
+from sa3loader import _faults, cli
 from sa3loader._format import read_header
 
 
@@ -228,7 +229,6 @@ def dead_pid() -> int:
 
 def test_convert_dir_is_all_or_nothing(ckpt_dir, tmp_path, monkeypatch):
     """A bad file in the middle, or Ctrl-C, leaves no output and no --force trap."""
-    from sa3loader import _convert
 
     out = Path(str(ckpt_dir) + "-fp16")
     bad = ckpt_dir / "t5gemma-b-b-ul2" / "model.safetensors"
@@ -238,15 +238,12 @@ def test_convert_dir_is_all_or_nothing(ckpt_dir, tmp_path, monkeypatch):
     assert not out.exists() and not list(ckpt_dir.parent.glob("sa3-fp16*"))
     bad.write_bytes(good)
 
-    real = _convert.convert
-
-    def interrupted(*args, **kwargs):  # README.md is already copied by then
+    def interrupted():  # README.md is already copied by then
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_convert, "convert", interrupted)
-    assert run("convert", str(ckpt_dir), cache=tmp_path / "c", check_rc=130).returncode == 130
+    with injected(at("convert", interrupted)):
+        assert run("convert", str(ckpt_dir), cache=tmp_path / "c", check_rc=130).returncode == 130
     assert not out.exists() and not list(ckpt_dir.parent.glob("sa3-fp16*"))
-    monkeypatch.setattr(_convert, "convert", real)
     run("convert", str(ckpt_dir), cache=tmp_path / "c")  # no --force needed
     assert (out / "model.safetensors").exists() and (out / "t5gemma-b-b-ul2" / "tokenizer.json").exists()
 
@@ -297,7 +294,7 @@ def test_clear_and_prune_list_every_file_with_its_size(tmp_path, monkeypatch):
         ("temp file", 10),
         ("lock file", 0),
     ]
-    monkeypatch.setattr(cli, "_interactive", lambda: True)
+    monkeypatch.setitem(_faults.facts, "interactive", lambda subject, real: True)
     monkeypatch.setattr("builtins.input", lambda prompt: "n")
     assert "nothing deleted" in run("cache", "clear", cache=cache).stdout and sibling.exists()
     monkeypatch.setattr("builtins.input", lambda prompt: "y")

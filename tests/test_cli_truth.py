@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from support.cli import run
 from support.compare import writable
 
-from sa3loader import __version__, _index, cli
+from sa3loader import __version__, _faults, cli
 from sa3loader._format import read_header
 
 
@@ -71,7 +71,7 @@ def test_cache_verify_prints_the_difference_it_measured(src, tmp_path):
 def test_a_locked_or_corrupt_index_is_an_error_not_an_empty_cache(
     src, tmp_path, monkeypatch, command, damage
 ):
-    monkeypatch.setattr(_index, "INDEX_TIMEOUT_S", 0.2)  # how long a locked index is waited for
+    monkeypatch.setitem(_faults.tunings, "index_timeout_s", 0.2)  # how long a locked index is waited for
     cache = tmp_path / "c"
     run("warm", str(src), cache=cache)
     db = cache / "index" / "cache.db"
@@ -178,7 +178,7 @@ def test_a_usage_error_in_json_names_a_public_type(tmp_path):
 @pytest.mark.parametrize("key", [EOFError, KeyboardInterrupt], ids=["ctrl-d", "ctrl-c"])
 def test_ending_input_at_the_prompt_cancels_with_exit_1(src, tmp_path, monkeypatch, key):
     run("warm", str(src), cache=tmp_path / "c")
-    monkeypatch.setattr(cli, "_interactive", lambda: True)
+    monkeypatch.setitem(_faults.facts, "interactive", lambda subject, real: True)
 
     def no_answer(prompt):
         raise key
@@ -232,3 +232,21 @@ def test_warm_on_a_convert_output_says_it_is_already_fp16(src, tmp_path):
     run("convert", str(src), "--out", str(out), cache=tmp_path / "c")
     warm = json.loads(run("warm", str(out), "--json", cache=tmp_path / "c").stdout)
     assert warm["reason"] == "already fp16 (an sa3loader output): loaded as is" and warm["sibling"] is None
+
+
+def test_cache_verify_checks_each_row_against_the_file_it_was_made_from(tmp_path):
+    """A hub row is keyed by its blob: once the snapshot link moves to a new revision, the old
+    row still describes the old blob, which is intact. ``cache verify`` is about that file, not
+    about whatever the link names now (it said "content mismatch" and exited 3)."""
+    from support.checkpoints import toy_hub_checkpoint
+    from support.loads import load_toy
+
+    first = toy_hub_checkpoint(tmp_path / "hf", "org/m", "r1")
+    load_toy(first, tmp_path / "c")
+    second = toy_hub_checkpoint(tmp_path / "hf", "org/m", "r2", seed=4)
+    load_toy(second, tmp_path / "c")
+    first.unlink()
+    first.symlink_to(os.readlink(second))  # r1's link now names r2's blob
+    checked = run("cache", "verify", "--json", cache=tmp_path / "c")
+    assert checked.returncode == 0, checked.stdout
+    assert [c["check"] for c in json.loads(checked.stdout)] == ["ok", "ok"]

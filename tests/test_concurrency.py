@@ -96,8 +96,8 @@ def test_hosts_without_a_shared_flock_still_convert_once(tmp_path):
 @pytest.mark.parametrize("age", [0, 3600], ids=["held", "stale"])
 def test_a_lease_from_another_host(tmp_path, monkeypatch, age):
     """A fresh lease means wait (then LockTimeoutError); one left unrefreshed is taken over."""
-    monkeypatch.setattr(
-        _faults, "MOUNT_TABLE", str(fake_mount_table(tmp_path / "mountinfo", {tmp_path: "nfs4"}))
+    monkeypatch.setitem(
+        _faults.tunings, "mount_table", str(fake_mount_table(tmp_path / "mountinfo", {tmp_path: "nfs4"}))
     )
     sibling = tmp_path / "model.fp16.safetensors"
     lease = Path(str(sibling) + ".lease")

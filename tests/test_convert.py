@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from support.compare import writable
 
-from sa3loader import TruncatedFileError, _convert, _sibling
+from sa3loader import TruncatedFileError, _convert, _faults, _sibling
 from sa3loader._format import read_header
 from sa3loader._sibling import resolve_sibling
 
@@ -45,9 +45,12 @@ def split(raw: bytes) -> tuple[dict, bytes]:
 @pytest.fixture(params=[None, 7], ids=["one-chunk", "many-chunks"])
 def chunk(request, monkeypatch):
     if request.param:
-        monkeypatch.setattr(_convert, "CHUNK_ELEMENTS", request.param)
-        monkeypatch.setattr(_convert, "PIECE_ELEMENTS", request.param)
-        monkeypatch.setattr(_convert, "STRIPE_PIECES", 2)
+        for name, value in {
+            "chunk_elements": request.param,
+            "piece_elements": request.param,
+            "stripe_pieces": 2,
+        }.items():
+            monkeypatch.setitem(_faults.tunings, name, value)
     return request.param
 
 
@@ -175,10 +178,10 @@ def test_an_interrupt_while_converting_stops_every_worker_before_the_file_is_clo
     src = tmp_path / "model.safetensors"
     save_file({f"w{i}": torch.randn(64, 64) for i in range(64)}, str(src))
     header = read_header(src)
-    monkeypatch.setattr(_convert, "PIECE_ELEMENTS", 1024)
-    monkeypatch.setattr(_convert, "STRIPE_PIECES", 1)
-    real_read = _convert.preadv_exact
-    monkeypatch.setattr(_convert, "preadv_exact", lambda *a: (time.sleep(0.005), real_read(*a))[1])
+    monkeypatch.setitem(_faults.tunings, "piece_elements", 1024)
+    monkeypatch.setitem(_faults.tunings, "stripe_pieces", 1)
+    real_read = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *a: (time.sleep(0.005), real_read(*a))[1])
     real_join = threading.Thread.join
     interrupted = []
 

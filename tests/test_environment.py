@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from support.compare import writable
 from support.loads import load_toy, make_ckpt, reference_digest
 
 import sa3loader
-from sa3loader import _convert, _fsutil, _sibling
+from sa3loader import _faults, _fsutil
 from sa3loader._format import read_header
 
 
@@ -42,20 +43,19 @@ def test_enospc_during_write(tmp_path, monkeypatch, caplog):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(_convert.os, "pwrite", full_disk)  # the header's and every piece's writer
+    monkeypatch.setattr(os, "pwrite", full_disk)  # the header's and every piece's writer
     assert_fp32_fallback(ckpt, tmp_path / "cache", caplog, "could not write")
 
 
 def test_not_enough_free_space_up_front(tmp_path, monkeypatch, caplog):
     ckpt = make_ckpt(tmp_path / "model.safetensors")
-    monkeypatch.setattr(_sibling, "free_bytes", lambda path: 1024)
+    monkeypatch.setitem(_faults.facts, "free_bytes", lambda path, real: 1024)
     assert_fp32_fallback(ckpt, tmp_path / "cache", caplog, "not enough free space")
 
 
 def test_read_only_source_and_unusable_cache_dir(tmp_path, monkeypatch, caplog):
     ckpt = make_ckpt(tmp_path / "src" / "model.safetensors")
-    real = _sibling.dir_writable
-    monkeypatch.setattr(_sibling, "dir_writable", lambda d: "src" not in d and real(d))
+    monkeypatch.setitem(_faults.facts, "dir_writable", lambda d, real: "src" not in d and real)
     not_a_dir = tmp_path / "cache-is-a-file"
     not_a_dir.write_text("x")
     assert_fp32_fallback(ckpt, not_a_dir, caplog, "cannot create")
@@ -64,8 +64,8 @@ def test_read_only_source_and_unusable_cache_dir(tmp_path, monkeypatch, caplog):
 def test_no_home_falls_back_to_temp_with_a_warning(tmp_path, monkeypatch, caplog):
     for var in ("HOME", "XDG_CACHE_HOME", "SA3LOADER_CACHE_DIR"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(_fsutil.os.path, "expanduser", lambda p: p)
-    monkeypatch.setattr(_fsutil.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(os.path, "expanduser", lambda p: p)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     assert _fsutil.resolve_cache_dir().startswith(str(tmp_path / "tmp"))
     assert "no usable home" in caplog.text
 
@@ -101,10 +101,10 @@ def test_lock_timeout_raises_typed_error(tmp_path, monkeypatch):
 def no_home(monkeypatch, tmp_path) -> Path:
     for var in ("HOME", "XDG_CACHE_HOME", "SA3LOADER_CACHE_DIR"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(_fsutil.os.path, "expanduser", lambda p: p)
+    monkeypatch.setattr(os.path, "expanduser", lambda p: p)
     (tmp_path / "tmp").mkdir(exist_ok=True)
-    monkeypatch.setattr(_fsutil.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    monkeypatch.setattr(_fsutil.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     return tmp_path / "tmp" / f"sa3loader-{os.getuid()}"
 
 

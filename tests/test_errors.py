@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import sys
 
@@ -17,7 +18,6 @@ from support.loads import load_toy
 from support.toymodel import build, reference
 
 import sa3loader
-from sa3loader import _io
 from sa3loader._fsutil import resolve_cache_dir
 
 
@@ -71,7 +71,7 @@ def test_a_mapping_refused_by_an_address_space_limit_names_the_file(ckpt, tmp_pa
     def no_address_space(*args, **kwargs):
         raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
 
-    monkeypatch.setattr(_io.mmap, "mmap", no_address_space)
+    monkeypatch.setattr(mmap, "mmap", no_address_space)
     sibling = str(tmp_path / "model.fp16.safetensors")
     with pytest.raises(sa3loader.FileAccessError, match="SA3LOADER_IO=read") as err:
         load_toy(ckpt, tmp_path / "c")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sa3loader import HeaderError, Sa3LoaderError, _format
+from sa3loader import HeaderError, Sa3LoaderError
 from sa3loader._format import MAX_HEADER_BYTES, layout, parse_header, read_header
 from sa3loader._io import TORCH_DTYPES
 
@@ -120,13 +121,13 @@ def test_a_header_above_the_limit_is_refused_before_it_is_read(tmp_path, monkeyp
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", MAX_HEADER_BYTES + 1))
         f.truncate(8 + MAX_HEADER_BYTES + 1 + 8)  # sparse: nothing of it is written
-    read, real_read_exact = [], _format.read_exact
+    read, real_preadv = [], os.preadv
 
-    def counted(fd, offset, length, where):
-        read.append(length)
-        return real_read_exact(fd, offset, length, where)
+    def counted(fd, buffers, offset):
+        read.append(sum(len(b) for b in buffers))
+        return real_preadv(fd, buffers, offset)
 
-    monkeypatch.setattr(_format, "read_exact", counted)
+    monkeypatch.setattr(os, "preadv", counted)
     with pytest.raises(HeaderError, match=f"above the {MAX_HEADER_BYTES}-byte limit") as err:
         read_header(path)
     assert str(path) in str(err.value)
@@ -269,7 +270,6 @@ def test_os_failures_are_typed_and_name_the_file(tmp_path, monkeypatch, failure)
     import os
 
     import sa3loader
-    from sa3loader import _format
 
     path = tmp_path / "model.safetensors"
     save_file({"w": torch.randn(4)}, str(path))
@@ -286,10 +286,10 @@ def test_os_failures_are_typed_and_name_the_file(tmp_path, monkeypatch, failure)
                 raise PermissionError(errno.EACCES, "Permission denied")
             return real_open(p, *args, **kwargs)
 
-        monkeypatch.setattr(_format.os, "open", refuse)
+        monkeypatch.setattr(os, "open", refuse)
         builtin = PermissionError
     else:
-        monkeypatch.setattr(_format.os, "preadv", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+        monkeypatch.setattr(os, "preadv", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
         builtin = OSError
     with pytest.raises(sa3loader.Sa3LoaderError, match="model.safetensors") as err:
         sa3loader.load_into_module(torch.nn.Linear(2, 2), path)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from support.checkpoints import toy_hub_checkpoint
 from support.compare import assert_same_model
+from support.faults import injected
 from support.loads import load_toy
 from support.toymodel import reference
 
@@ -29,17 +30,11 @@ REPO = "org/model"
 
 
 @pytest.fixture
-def fingerprint_reads(monkeypatch):
+def fingerprint_reads():
     """The source fingerprints read, by path."""
-    reads = []
-    real = _sibling.fingerprint
-
-    def counting(header):
-        reads.append(header.path)
-        return real(header)
-
-    monkeypatch.setattr(_sibling, "fingerprint", counting)
-    return reads
+    reads: list[str | None] = []
+    with injected(lambda name, subject=None: reads.append(subject) if name == "fingerprint" else None):
+        yield reads
 
 
 def redownload(ckpt: Path) -> None:
@@ -156,9 +151,12 @@ def test_one_cache_place_per_blob():
 def test_a_sibling_keyed_by_path_by_an_earlier_version_is_still_found(tmp_path, monkeypatch, conversions):
     """Before blobs were identities the cache dir keyed a hub file's sibling by its real path."""
     ckpt = toy_hub_checkpoint(tmp_path / "hf", REPO, "rev1")
-    with monkeypatch.context() as earlier:
-        earlier.setattr(_sibling, "hub_blob", lambda path, st: None)
-        load_toy(ckpt, tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
+    real = str(ckpt.resolve())
+    by_blob = Path(_sibling.cache_path(str(tmp_path / "cache"), str(ckpt), real, ckpt.resolve().name))
+    by_path = Path(_sibling.cache_path(str(tmp_path / "cache"), str(ckpt), real))
+    by_path.parent.mkdir(parents=True)
+    by_blob.rename(by_path)  # where that version put it
     shutil.rmtree(tmp_path / "cache" / "index")
     model = load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().cache_hit and len(conversions) == 1

@@ -13,7 +13,7 @@ from support.child import digest
 from support.loads import load_toy, make_ckpt, reference_digest
 
 import sa3loader
-from sa3loader import _index
+from sa3loader import _faults
 from sa3loader._index import Index
 
 
@@ -45,7 +45,7 @@ def test_locked_index_does_not_stall_loading(loaded, monkeypatch):
     import diskcache
 
     ckpt, cache = loaded
-    monkeypatch.setattr(_index, "INDEX_TIMEOUT_S", 0.2)  # how long a locked index is waited for
+    monkeypatch.setitem(_faults.tunings, "index_timeout_s", 0.2)  # how long a locked index is waited for
     opened = []
     real_cache = diskcache.Cache
     monkeypatch.setattr(diskcache, "Cache", lambda *a, **k: opened.append(a) or real_cache(*a, **k))

@@ -130,8 +130,8 @@ def test_a_load_nested_in_the_factory_does_not_wait_for_another_copy_of_the_same
 def test_a_lease_whose_holder_on_this_host_is_gone_is_taken_over_at_once(tmp_path, monkeypatch):
     """On a network filesystem the lock adds a lease file; one left by a process of this host
     that no longer exists is taken at once, not after a minute of silence."""
-    monkeypatch.setattr(
-        _faults, "MOUNT_TABLE", str(fake_mount_table(tmp_path / "mountinfo", {tmp_path: "nfs4"}))
+    monkeypatch.setitem(
+        _faults.tunings, "mount_table", str(fake_mount_table(tmp_path / "mountinfo", {tmp_path: "nfs4"}))
     )
     pid = os.fork()
     if pid == 0:

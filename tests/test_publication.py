@@ -39,7 +39,7 @@ def held_at_fsync(monkeypatch):
     """Holds the publication at its fsync until ``release.set()``; ``reached`` says it got there."""
     reached, release = threading.Event(), threading.Event()
 
-    def hook(name: str) -> None:
+    def hook(name: str, subject: str | None = None) -> None:
         if name == "fsync":
             reached.set()
             assert release.wait(WAIT_S)
@@ -89,7 +89,7 @@ def test_a_second_load_in_the_same_process_waits_for_the_publication(tmp_path, h
 def test_a_publication_that_fails_leaves_nothing_and_the_next_load_converts(tmp_path, monkeypatch, caplog):
     ckpt = make_ckpt(tmp_path / "model.safetensors")
 
-    def hook(name: str) -> None:
+    def hook(name: str, subject: str | None = None) -> None:
         if name == "rename":
             raise OSError(28, "No space left on device")
 
@@ -138,7 +138,7 @@ def test_a_process_that_ends_while_publishing_leaves_a_sibling_the_next_load_pub
     assert lock_is_free(sibling)
 
     points = []
-    with injected(points.append):
+    with injected(lambda name, subject=None: points.append(name)):
         model = load_toy(ckpt, tmp_path / "cache", published=False)
         assert sa3loader.wait_for_publishing(WAIT_S)
     info = sa3loader.last_load_info()

@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from support.compare import bits
+from support.faults import faked, injected
 from support.late_copies import LateCopies
 
-from sa3loader import TruncatedFileError, _format, _io
+from sa3loader import TruncatedFileError, _faults, _io
 from sa3loader._format import read_header
 from sa3loader._io import MAX_GAP_BYTES, TORCH_DTYPES, plan_chunks, read_into, stream_into
 
@@ -159,7 +160,7 @@ def test_ring_waits_for_late_copies_before_refilling_and_returning(tmp_path, slo
 
 
 def test_more_pieces_than_the_iovec_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(_format, "_IOV_MAX", 3)
+    monkeypatch.setitem(_faults.tunings, "iov_max", 3)
     tensors = {f"t{i:03d}": torch.full((i % 5,), float(i)) for i in range(50)}
     path = tmp_path / "many.safetensors"
     save_file(tensors, str(path))
@@ -290,11 +291,12 @@ def test_a_failing_finish_still_closes_the_file_and_gives_the_ring_back(tmp_path
     header = read_header(path)
     dests = [torch.empty(e.torch_shape, dtype=TORCH_DTYPES[e.dtype]) for e in header.entries]
     released = []
-    real_staging = _io._staging
-    monkeypatch.setattr(_io, "_staging", lambda *args: (real_staging(*args)[0], True))
-    monkeypatch.setattr(_io, "release_pinned_cache", lambda: released.append(True))
     before = open_descriptors()
-    with pytest.raises(StickyError, match="illegal memory access"):
+    with (
+        faked(pinned=lambda subject, real: True),
+        injected(lambda name, subject=None: released.append(True) if name == "release_pinned" else None),
+        pytest.raises(StickyError, match="illegal memory access"),
+    ):
         stream_into(
             str(path),
             dests,
@@ -310,17 +312,12 @@ def test_a_failing_finish_in_a_load_closes_every_descriptor(tmp_path, monkeypatc
     sibling's descriptors are closed when the device's error ends the load."""
     from support.loads import load_toy, make_ckpt
 
-    from sa3loader import _values, loader
-
     ckpt = make_ckpt(tmp_path / "model.safetensors")
     load_toy(ckpt, tmp_path / "cache")  # the sibling exists: the failing load is a hit
-    monkeypatch.setattr(_values, "streams_to", lambda device: True)
-    monkeypatch.setattr(loader, "streams_to", lambda device: True)
-    real_stream = _io.stream_into
-    monkeypatch.setattr(
-        _values, "stream_into", lambda *a, **k: real_stream(*a, **{**k, "copies": FailingFinish()})
-    )
     before = open_descriptors()
-    with pytest.raises(StickyError):
+    with (
+        faked(streams_to=lambda device, real: True, device_copies=lambda device, real: FailingFinish()),
+        pytest.raises(StickyError),
+    ):
         load_toy(ckpt, tmp_path / "cache")
     assert open_descriptors() == before

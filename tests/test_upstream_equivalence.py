@@ -13,6 +13,7 @@ from support.compare import assert_same_model, bits
 from support.late_copies import LateCopies
 
 import sa3loader
+from sa3loader import _faults
 from sa3loader._io import RING_BYTES
 
 SEED = 1234
@@ -158,19 +159,11 @@ def test_device_streaming_path_on_the_cpu(upstream, tmp_path, half, copies, monk
     """The path every non-CPU device takes (staging ring, device casts, NaN recast), run
     on the CPU so that CI covers it: it must give upstream's model all the same. "late":
     small ring slots whose copies land later on another thread, as a GPU's do."""
-    from sa3loader import _io, _values, loader
-
-    monkeypatch.setattr(_values, "streams_to", lambda device: True)
-    monkeypatch.setattr(loader, "streams_to", lambda device: True)
-    if copies == "late":
-
-        def late_ring(path, dests, offsets, *, fd, pin):
-            chunk = max(4096, sum(t.nbytes for t in dests) // 64)  # dozens of refills per slot
-            return _io.stream_into(
-                path, dests, offsets, chunk_bytes=chunk, slots=2, copies=LateCopies(), fd=fd, pin=pin
-            )
-
-        monkeypatch.setattr(_values, "stream_into", late_ring)
+    monkeypatch.setitem(_faults.facts, "streams_to", lambda device, real: True)
+    if copies == "late":  # many refills per slot, whose copies land later on another thread
+        monkeypatch.setitem(_faults.facts, "device_copies", lambda device, real: LateCopies())
+        monkeypatch.setitem(_faults.tunings, "ring_slot_bytes", 1 << 18)
+        monkeypatch.setitem(_faults.tunings, "ring_slots", 2)
     path = tricky_checkpoint(upstream, tmp_path, complete=True)
     ref = upstream_model(upstream, upstream.tiny_config, path, half)
     for _ in range(2 if half else 1):  # conversion, then cache hit

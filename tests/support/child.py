@@ -52,14 +52,14 @@ def cmd_load(ckpt: str, cache: str) -> None:
     # Hold a phase open: the conversion's, so loaders overlap; the publication's, so
     # the process ends while its sibling is still being published.
     slow = {"data": os.environ.get("CHILD_SLOW_CONVERT"), "fsync": os.environ.get("CHILD_SLOW_PUBLISH")}
-    set_hook(lambda name: time.sleep(float(slow[name])) if slow.get(name) else None)
+    set_hook(lambda name, subject=None: time.sleep(float(slow[name])) if slow.get(name) else None)
     print(json.dumps(load(ckpt, cache)), flush=True)
 
 
 def cmd_kill_publishing(ckpt: str, cache: str) -> None:
     returned = threading.Event()
 
-    def hook(name: str) -> None:
+    def hook(name: str, subject: str | None = None) -> None:
         if name == "fsync":  # on the publishing thread, once the load has returned
             returned.wait()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -75,7 +75,7 @@ def cmd_exec_publishing(ckpt: str, cache: str) -> None:
     being published; the publishing thread dies with the old program."""
     reached = threading.Event()
 
-    def hook(name: str) -> None:
+    def hook(name: str, subject: str | None = None) -> None:
         if name == "fsync":
             reached.set()
             time.sleep(60)
@@ -87,7 +87,7 @@ def cmd_exec_publishing(ckpt: str, cache: str) -> None:
 
 
 def cmd_kill_at(phase: str, ckpt: str, cache: str) -> None:
-    def hook(name: str) -> None:
+    def hook(name: str, subject: str | None = None) -> None:
         if name == phase:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -125,7 +125,7 @@ def fake_network_filesystem_without_flock(directory: str) -> None:
     import tempfile
 
     table = Path(tempfile.mkdtemp()) / "mountinfo"
-    _faults.MOUNT_TABLE = str(fake_mount_table(table, {directory: "nfs4"}))
+    _faults.tunings["mount_table"] = str(fake_mount_table(table, {directory: "nfs4"}))
     fcntl.flock = lambda fd, op: None  # this process's OS, faked: it lives only for the test
 
 
@@ -134,7 +134,7 @@ def cmd_fork_while_converting(ckpt: str, cache: str, marker: str) -> None:
     worker, whose pid goes to ``marker``; the test then kills this process."""
     converting = threading.Event()
 
-    def hook(name: str) -> None:
+    def hook(name: str, subject: str | None = None) -> None:
         if name == "data":
             converting.set()
             time.sleep(3600)

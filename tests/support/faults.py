@@ -1,33 +1,79 @@
-"""The one way tests reach inside a load: sa3loader's named fault points (``sa3loader._faults``)."""
+"""The one way tests reach inside sa3loader: its seam, ``sa3loader._faults``.
+
+- ``injected(hook)``: ``hook(name, subject)`` runs at every fault point reached in the block
+  (``at(point, action)`` makes one that acts at one point);
+- ``faked(**facts)``: each ``fact(subject, real)`` answers in place of the OS;
+- ``tuned(**sizes)``: smaller sizes, to reach a case cheaply;
+- ``mounted(table, {dir: fstype})``: a mount table in which each dir is of its type.
+
+No test replaces a name inside the package; patching ``os``, ``fcntl``, ``mmap``,
+``threading`` or torch itself is fine where a fault is the OS's.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from sa3loader import _faults
 
+Hook = Callable[[str, "str | None"], object]
 
-def set_hook(hook: Callable[[str], None] | None) -> None:
+
+def set_hook(hook: Hook | None) -> None:
     """For a child process that lives only for the test: the hook stays set."""
-    _faults.hook = hook
+    _faults.hook = hook  # type: ignore[assignment]
 
 
 @contextlib.contextmanager
-def injected(hook: Callable[[str], None]) -> Iterator[None]:
-    """``hook(name)`` runs at every fault point reached inside the block."""
+def injected(hook: Hook) -> Iterator[None]:
+    """``hook(name, subject)`` runs at every fault point reached inside the block (then any hook
+    set outside it)."""
     saved = _faults.hook
-    _faults.hook = hook
+
+    def both(name: str, subject: str | None) -> None:
+        hook(name, subject)
+        if saved is not None:
+            saved(name, subject)
+
+    _faults.hook = both
     try:
         yield
     finally:
         _faults.hook = saved
 
 
-def at(point: str, action: Callable[[], object]) -> Callable[[str], None]:
+def at(point: str, action: Callable[[], object]) -> Hook:
     """A hook that runs ``action`` at ``point`` only."""
-    return lambda name: action() if name == point else None
+    return lambda name, subject=None: action() if name == point else None
+
+
+def recorded(points: list[tuple[str, str | None]]) -> Hook:
+    """A hook that appends every (point, subject) reached to ``points``."""
+    return lambda name, subject=None: points.append((name, subject))
+
+
+@contextlib.contextmanager
+def _set(table: dict[str, Any], values: dict[str, Any]) -> Iterator[None]:
+    saved = dict(table)
+    table.update(values)
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(saved)
+
+
+def faked(**facts: Callable[[Any, Any], Any]) -> contextlib.AbstractContextManager[None]:
+    """Inside the block, ``facts[name](subject, real)`` is what the OS said."""
+    return _set(_faults.facts, facts)
+
+
+def tuned(**sizes: Any) -> contextlib.AbstractContextManager[None]:
+    """Inside the block, these sizes replace sa3loader's (``piece_elements=7``, ...)."""
+    return _set(_faults.tunings, sizes)
 
 
 def fake_mount_table(table: Path, mounts: dict[Path | str, str]) -> Path:
@@ -41,12 +87,6 @@ def fake_mount_table(table: Path, mounts: dict[Path | str, str]) -> Path:
     return table
 
 
-@contextlib.contextmanager
-def mounted(table: Path, mounts: dict[Path | str, str]) -> Iterator[None]:
+def mounted(table: Path, mounts: dict[Path | str, str]) -> contextlib.AbstractContextManager[None]:
     """Inside the block, sa3loader reads a mount table in which each of ``mounts`` is of its type."""
-    saved = _faults.MOUNT_TABLE
-    _faults.MOUNT_TABLE = str(fake_mount_table(table, mounts))
-    try:
-        yield
-    finally:
-        _faults.MOUNT_TABLE = saved
+    return tuned(mount_table=str(fake_mount_table(table, mounts)))
