@@ -8,7 +8,12 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
+from support.checkpoints import random_like_state, save
+from support.toymodel import build
 from support.upstream_env import DEFAULT_UPSTREAM, UPSTREAM_ENV, find_upstream, import_upstream
+
+import sa3loader
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +59,11 @@ def upstream() -> Upstream:
 def publications_finish():
     """A sibling a test's first load converted is published before the next test starts."""
     yield
-    import sa3loader
 
     assert sa3loader.wait_for_publishing(60), "a sibling was still being published after 60 s"
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    return save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")

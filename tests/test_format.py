@@ -1,8 +1,11 @@
-"""Header parsing and layout: byte-compatible with safetensors, hostile input refused."""
+"""The safetensors format: headers parsed and laid out as safetensors does, files refused only
+by its rules (never by first bytes that look like a pickle or a zip), a sibling that does not
+read back is never used, and other formats named in the message of a refused file."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from pathlib import Path
@@ -12,11 +15,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from support.checkpoints import random_like_state, save
+from support.compare import assert_same_model
+from support.faults import at, injected
+from support.loads import load_toy, make_ckpt
+from support.toymodel import build, reference
 
-from sa3loader import HeaderError, Sa3LoaderError
+import sa3loader
+from sa3loader import HeaderError, Sa3LoaderError, _faults
 from sa3loader._format import MAX_HEADER_BYTES, layout, parse_header, read_header
 from sa3loader._io import TORCH_DTYPES
+
+PICKLE_LOOKING = [0x0280, 0x0380, 0x0480, 0x0580]
+
 
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
@@ -294,3 +306,122 @@ def test_os_failures_are_typed_and_name_the_file(tmp_path, monkeypatch, failure)
     with pytest.raises(sa3loader.Sa3LoaderError, match="model.safetensors") as err:
         sa3loader.load_into_module(torch.nn.Linear(2, 2), path)
     assert isinstance(err.value, builtin)
+
+
+def test_a_sibling_header_over_the_limit_loads_fp32_and_leaves_nothing(ckpt, tmp_path, monkeypatch, caplog):
+    """Near safetensors' 100 MB header limit, our metadata would push the sibling's header over."""
+    source_header = read_header(ckpt).header_size
+    monkeypatch.setitem(_faults.tunings, "max_header_bytes", source_header + 16)  # the source fits, ours not
+    before = set(tmp_path.rglob("*"))
+    for _ in range(2):
+        model = load_toy(ckpt, tmp_path / "cache")
+        info = sa3loader.last_load_info()
+        assert info.sibling is None and not info.converted and "limit" in info.reason
+        assert_same_model(model, reference(ckpt))
+    infrastructure = {"index", "CACHEDIR.TAG"}  # the cache dir's own, made by any load
+    created = {
+        p for p in set(tmp_path.rglob("*")) - before if p.is_file() and not infrastructure & set(p.parts)
+    }
+    assert created == set(), created
+    assert len([r for r in caplog.records if "limit" in r.getMessage()]) == 1
+
+
+def header_length(path) -> int:
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+def padded_to(path, target: int, state: dict[str, torch.Tensor]) -> None:
+    """Rewrite ``path`` with ``state`` and a metadata pad that makes its JSON header ``target`` bytes."""
+    save(state, path, metadata={"pad": ""})
+    pad = target - header_length(path)
+    assert pad >= 0 and pad % 8 == 0
+    save(state, path, metadata={"pad": "x" * pad})
+    assert header_length(path) == target
+
+
+@pytest.mark.parametrize("length", PICKLE_LOOKING, ids=hex)
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_a_checkpoint_whose_header_length_looks_like_pickle_magic_loads(tmp_path, length, half):
+    torch.manual_seed(0)
+    state = random_like_state(build(), seed=3)
+    ckpt = tmp_path / "model.safetensors"
+    padded_to(ckpt, 65536 + length, state)
+    assert open(ckpt, "rb").read(2) == bytes([0x80, length >> 8])
+    assert load_file(str(ckpt)).keys() == state.keys()  # safetensors reads it
+
+    model = load_toy(ckpt, tmp_path / "cache", half)
+
+    assert_same_model(model, reference(ckpt, half))
+
+
+def test_a_sibling_whose_header_length_looks_like_pickle_magic_is_used(tmp_path):
+    """The sibling's header length depends on the source's name and metadata: pad the source
+    until the sibling's lands on a pickle-looking length, then load it twice (convert, hit)."""
+    torch.manual_seed(0)
+    state = random_like_state(build(), seed=3)
+    ckpt = tmp_path / "model.safetensors"
+    sibling = tmp_path / "model.fp16.safetensors"
+    pad = 0
+    for _ in range(3):  # the source's size, written in the sibling's metadata, may gain a digit
+        save(state, ckpt, metadata={"pad": "x" * pad})
+        load_toy(ckpt, tmp_path / "probe")
+        pad += 65536 + PICKLE_LOOKING[2] - header_length(sibling)
+    assert header_length(sibling) == 65536 + PICKLE_LOOKING[2]
+    sibling.unlink()
+
+    for _ in range(2):
+        model = load_toy(ckpt, tmp_path / "cache")
+        info = sa3loader.last_load_info()
+        assert info.sibling == str(sibling), info.reason
+        assert open(sibling, "rb").read(2) == bytes([0x80, 0x04])
+        assert_same_model(model, reference(ckpt))
+    assert info.cache_hit
+
+
+@pytest.mark.parametrize("first", [b"\x80\x04", b"PK\x03\x04"], ids=["pickle", "zip"])
+def test_the_guess_only_adds_words_to_a_refusal(tmp_path, first):
+    """A file of those first bytes whose header is not valid JSON is refused by the JSON rule,
+    and the message adds what its first bytes suggest."""
+    path = tmp_path / "model.safetensors"
+    length = int.from_bytes(first + b"\x00" * (8 - len(first)), "little")
+    path.write_bytes(struct.pack("<Q", length) + b"\x01" * length)
+    with pytest.raises(sa3loader.HeaderError, match="not valid JSON") as err:
+        sa3loader.load_into_module(torch.nn.Linear(2, 2), path)
+    assert ("pickle" if first.startswith(b"\x80") else "zip archive") in str(err.value)
+
+
+def test_a_sibling_that_does_not_read_back_warns_and_reads_the_source(tmp_path, caplog):
+    """Something writes into the temp file between the conversion and the load's read of it:
+    the load warns, reads the fp32 source (a model upstream's), and publishes nothing."""
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+
+    def scribble() -> None:
+        (tmp,) = tmp_path.glob("*.incomplete-*")
+        with open(tmp, "r+b") as f:
+            f.write(b"\xff" * 8)
+
+    with caplog.at_level(logging.WARNING, logger="sa3loader"), injected(at("written", scribble)):
+        model = load_toy(ckpt, tmp_path / "cache")
+    info = sa3loader.last_load_info()
+    assert info.sibling is None and "cannot be read back" in info.reason
+    assert any("cannot be read back" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "model.fp16.safetensors").exists() and not list(tmp_path.glob("*.incomplete-*"))
+    assert_same_model(model, reference(ckpt))
+
+
+@pytest.mark.parametrize("kind", ["zip", "pickle", "text"])
+def test_other_formats_are_named_before_any_header_arithmetic(tmp_path, kind):
+    import pickle
+
+    path = tmp_path / "model.ckpt"
+    if kind == "zip":
+        torch.save({"w": torch.ones(2)}, str(path))
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+    else:
+        path.write_text("this is a README, not weights\n" * 50)
+    with pytest.raises(sa3loader.HeaderError, match=r"model\.ckpt: not a safetensors file") as err:
+        sa3loader.load_into_module(torch.nn.Linear(2, 2), path)
+    assert {"zip": "zip archive", "pickle": "pickle", "text": "text"}[kind] in str(err.value)
+    assert "claims" not in str(err.value)

@@ -1,14 +1,15 @@
-"""Identity that survives history and coarse clocks.
+"""A source's identity: a sibling is used only for the very content it was made from.
 
-An index row or a sibling whose fingerprint another sa3loader version wrote is
-never trusted without recomputing; a row checked within a timestamp tick of the
-source's mtime is checked again (git's racy-clean rule); two versions sharing
-a checkpoint dir each convert once and never overwrite each other's sibling.
-"""
+A rewrite in place (same size, mtime kept or not) is reconverted, a copy is revalidated by its
+fingerprint, not reconverted; a damaged sibling is reconverted, and ``verify`` catches a flipped
+data byte; an index row or a sibling another sa3loader version wrote is never trusted without
+recomputing; a row checked within a timestamp tick of the source's mtime is checked again (git's
+racy-clean rule); two versions sharing a checkpoint dir each convert once."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import pytest
@@ -177,3 +178,152 @@ def test_hard_identity_change_rejects_even_when_samples_match(tmp_path, monkeypa
     os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().converted
+
+
+def rewrite_same_size(path, seed, keep_mtime):
+    st = os.stat(path)
+    torch.manual_seed(0)
+    save(random_like_state(build(), seed=seed), path)
+    assert os.path.getsize(path) == st.st_size
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True], ids=["new-mtime", "mtime-restored"])
+def test_source_rewritten_in_place_is_reconverted(ckpt, tmp_path, conversions, keep_mtime):
+    load_toy(ckpt, tmp_path / "cache")
+    rewrite_same_size(ckpt, seed=99, keep_mtime=keep_mtime)
+    model = load_toy(ckpt, tmp_path / "cache")
+    assert len(conversions) == 2
+    assert_same_model(model, reference(ckpt))
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "flip-header", "other-checkpoint"])
+def test_damaged_sibling_is_reconverted(ckpt, tmp_path, conversions, damage):
+    load_toy(ckpt, tmp_path / "cache")
+    sibling = tmp_path / "model.fp16.safetensors"
+    if damage == "delete":
+        sibling.unlink()
+    elif damage == "truncate":
+        os.truncate(writable(sibling), os.path.getsize(sibling) // 2)
+    elif damage == "flip-header":
+        raw = bytearray(sibling.read_bytes())
+        raw[20] ^= 0x01
+        writable(sibling).write_bytes(bytes(raw))
+    else:  # another valid sa3loader sibling, of a different source
+        other = tmp_path / "other" / "model.safetensors"
+        other.parent.mkdir()
+        torch.manual_seed(0)
+        save(random_like_state(build(), seed=5), other)
+        load_toy(other, tmp_path / "cache")
+        shutil.copyfile(other.parent / "model.fp16.safetensors", writable(sibling))
+    model = load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted
+    assert_same_model(model, reference(ckpt))
+
+
+def test_copied_source_is_revalidated_not_reconverted(ckpt, tmp_path, conversions):
+    load_toy(ckpt, tmp_path / "cache")
+    st = os.stat(ckpt)
+    copy = tmp_path / "copy.tmp"
+    shutil.copyfile(ckpt, copy)
+    os.replace(copy, ckpt)  # new inode and ctime, same bytes
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(ckpt).st_ino != st.st_ino
+    load_toy(ckpt, tmp_path / "cache")
+    info = sa3loader.last_load_info()
+    assert len(conversions) == 1 and info.cache_hit and "revalidated" in info.events
+    row = Index(str(tmp_path / "cache")).get(os.path.realpath(ckpt))
+    assert row["source"]["inode"] == os.stat(ckpt).st_ino
+
+
+@pytest.mark.parametrize("asked", ["argument", "environment"])
+def test_verify_catches_a_flipped_data_byte(ckpt, tmp_path, conversions, monkeypatch, asked):
+    load_toy(ckpt, tmp_path / "cache")
+    sibling = tmp_path / "model.fp16.safetensors"
+    raw = bytearray(sibling.read_bytes())
+    raw[-5] ^= 0xFF
+    writable(sibling).write_bytes(bytes(raw))
+    if asked == "environment":
+        monkeypatch.setenv("SA3LOADER_VERIFY", "1")
+    model = load_toy(ckpt, tmp_path / "cache", **({"verify": True} if asked == "argument" else {}))
+    assert len(conversions) == 2 and sa3loader.last_load_info().converted
+    assert_same_model(model, reference(ckpt))
+
+
+def test_fingerprint_sees_a_change_in_any_tensor(tmp_path):
+    """Small tensors are hashed whole; large ones at spots including their first and last byte."""
+    from sa3loader._format import read_header
+    from sa3loader._sibling import WHOLE_TENSOR_BYTES, fingerprint
+
+    big = WHOLE_TENSOR_BYTES // 4 + 1000  # float32 elements: just over the whole-hash limit
+    tensors = {
+        "a.bias": torch.randn(7),
+        "b.weight": torch.randn(big),
+        "c.norm": torch.randn(300),
+        "d.empty": torch.empty(0),
+        "e.weight": torch.randn(WHOLE_TENSOR_BYTES // 4),
+    }
+    path = save(tensors, tmp_path / "model.safetensors")
+    header = read_header(path)
+    original = fingerprint(header)
+    spots = []
+    for entry in header.entries:
+        start = header.data_start + entry.begin
+        if entry.nbytes <= WHOLE_TENSOR_BYTES:
+            spots += [(entry.name, start + k) for k in range(0, entry.nbytes, 997)]
+        else:
+            spots += [(entry.name, start), (entry.name, start + entry.nbytes - 1)]
+    assert {name for name, _ in spots} == {"a.bias", "b.weight", "c.norm", "e.weight"}
+    with open(path, "r+b") as f:
+        for name, offset in spots:
+            f.seek(offset)
+            byte = f.read(1)[0]
+            f.seek(offset)
+            f.write(bytes([byte ^ 0x40]))  # one bit flipped
+            f.flush()
+            assert fingerprint(read_header(path)) != original, (
+                f"a change in {name} at byte {offset} was missed"
+            )
+            f.seek(offset)
+            f.write(bytes([byte]))
+            f.flush()
+    assert fingerprint(read_header(path)) == original
+
+
+def test_copied_source_differing_in_one_small_tensor_is_reconverted(tmp_path, conversions):
+    """Same size, header and mtime (cp -p of a rebuilt file): a change in one small tensor,
+    outside where the old 64-window fingerprint looked, must not serve the old weights."""
+    from sa3loader._format import read_header
+
+    config = {"dim": 256, "depth": 8}
+    torch.manual_seed(0)
+    state = random_like_state(build(config), seed=3)
+    ckpt = save(state, tmp_path / "model.safetensors")
+    header = read_header(ckpt)
+    span, window = header.file_size - 65536, 65536
+    windows = [(span * i // 63, span * i // 63 + window) for i in range(64)]
+    hidden = next(
+        e
+        for e in header.entries
+        if e.nbytes >= 4
+        and not any(a < header.data_start + e.end and header.data_start + e.begin < b for a, b in windows)
+    )
+    factory = lambda cfg: build(config)  # noqa: E731
+    load_half = lambda: sa3loader.load_diffusion_cond(  # noqa: E731
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "cache", model_factory=factory
+    )
+    load_half()
+    st = os.stat(ckpt)
+    state[hidden.name] = state[hidden.name] + 1
+    rebuilt = save(state, tmp_path / "rebuilt.safetensors")
+    assert read_header(rebuilt).sha256 == header.sha256 and rebuilt.stat().st_size == st.st_size
+    os.utime(rebuilt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(rebuilt, ckpt)  # a new inode, as cp -p or an image layer gives
+    torch.manual_seed(0)
+    model = load_half()
+    info = sa3loader.last_load_info()
+    assert len(conversions) == 2 and info.converted, (hidden.name, info.reason, info.events)
+    assert_same_model(model, reference(ckpt, config=config))

@@ -13,14 +13,28 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load as safetensors_load
 from support.checkpoints import random_like_state, save
-from support.compare import assert_same_model
+from support.compare import assert_same_model, bits
 from support.faults import at, injected
 from support.loads import load_toy
+from support.memory import mapped_files
 from support.toymodel import build, reference
 
 import sa3loader
 from sa3loader import _faults
+from sa3loader._format import read_header
+
+needs_proc_maps = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="no /proc/self/maps")
+
+
+class WithHalfWeights(torch.nn.Module):
+    """A parameter stored as F16 in the checkpoint: taken as is by a model_half=True hit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fp16 = torch.nn.Linear(64, 64).half()
+        self.fp32 = torch.nn.Linear(64, 64)
 
 
 def versions(tmp_path):
@@ -94,3 +108,54 @@ def test_a_checkpoint_rewritten_in_place_during_a_load_is_a_typed_error(tmp_path
     with pytest.raises(sa3loader.CheckpointChangedError, match="rewritten while it was being read") as err:
         load_toy(ckpt, tmp_path / "cache", half, factory=rewriting_factory)
     assert isinstance(err.value, OSError) and err.value.filename == str(ckpt)
+
+
+def test_mutating_a_loaded_parameter_leaves_the_sibling_unchanged(ckpt, tmp_path):
+    load_toy(ckpt, tmp_path / "cache")
+    sibling = tmp_path / "model.fp16.safetensors"
+    before = sibling.read_bytes()
+    model = load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().cache_hit
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    assert sibling.read_bytes() == before
+
+
+@needs_proc_maps
+@pytest.mark.parametrize("how", ["fp32", "hit", "load_into_module"])
+def test_a_rewrite_of_the_checkpoint_never_changes_a_loaded_model(tmp_path, how):
+    """The user's checkpoint is read, never mapped: an in-place rewrite (cp over it, r+b) or a
+    truncation after the load leaves the model as loaded (a mapping would change or SIGBUS)."""
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(WithHalfWeights(), seed=3), tmp_path / "model.safetensors")
+    factory = lambda config: WithHalfWeights()  # noqa: E731
+    half = how == "hit"
+    if how == "load_into_module":
+        model = WithHalfWeights()
+        sa3loader.load_into_module(model, ckpt)
+    else:
+        for _ in range(2):  # conversion, then the hit
+            model = sa3loader.load_diffusion_cond(
+                {}, ckpt, "cpu", half, cache_dir=tmp_path / "c", model_factory=factory
+            )
+    expected = {k: v.half() if half else v for k, v in safetensors_load(ckpt.read_bytes()).items()}
+    assert str(ckpt) not in mapped_files()
+    with open(ckpt, "r+b") as f:  # what training jobs and `cp new old` do
+        f.seek(read_header(ckpt).data_start)
+        f.write(b"\x7f" * (os.path.getsize(ckpt) - read_header(ckpt).data_start))
+    os.truncate(ckpt, 1000)
+    for key, value in model.state_dict().items():
+        assert torch.equal(bits(value), bits(expected[key])), key
+
+
+@needs_proc_maps
+def test_a_hit_maps_only_its_own_read_only_sibling(ckpt, tmp_path):
+    os.chmod(ckpt, 0o640)
+    load_toy(ckpt, tmp_path / "cache")
+    model = load_toy(ckpt, tmp_path / "cache")
+    sibling = tmp_path / "model.fp16.safetensors"
+    assert sa3loader.last_load_info().io == "mmap"
+    assert str(sibling) in mapped_files() and str(ckpt) not in mapped_files()
+    assert os.stat(sibling).st_mode & 0o777 == 0o440  # the source's mode minus every write bit
+    del model

@@ -12,11 +12,13 @@ import threading
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.checkpoints import save
+from support.checkpoints import random_like_state, save
 from support.loads import load_toy, make_ckpt
+from support.toymodel import build
 from torch import nn
 
 import sa3loader
+from sa3loader import _faults
 
 # Finite in the checkpoint, inf once the model is cast to fp16 (f64 through fp32, as upstream).
 WIDE = {
@@ -123,3 +125,62 @@ def test_a_disabled_load_says_why_and_how_long(tmp_path, monkeypatch, loader):
     assert info.build == "upstream" and "SA3LOADER_DISABLE=1" in info.reason
     assert info.timings["total_s"] > 0 and info.settings is not None and info.settings.disabled
     assert not (tmp_path / "model.fp16.safetensors").exists()
+
+
+def test_range_report_warns_only_about_overflow(tmp_path, caplog):
+    """Flushing tiny values to zero is normal for fp16 (INFO); overflow to inf is worth one WARNING."""
+    import logging
+
+    torch.manual_seed(0)
+    state = random_like_state(build(), seed=1)
+    for key, value in state.items():
+        if value.is_floating_point():
+            state[key] = value.float().clamp(-60000, 60000).nan_to_num(0.0, 0.0, 0.0).to(value.dtype)
+    flushed_only = save(state, tmp_path / "flushed.safetensors")  # holds 3e-6, -1e-9: flushed
+    caplog.set_level(logging.INFO, logger="sa3loader")
+    sa3loader.load_diffusion_cond(
+        {}, flushed_only, "cpu", True, cache_dir=tmp_path / "c", model_factory=build
+    )
+    info = sa3loader.last_load_info()
+    assert info.flushed_to_zero > 0 and info.overflow_to_inf == 0
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert any("flushed to zero" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    caplog.clear()
+    overflowing = save(random_like_state(build(), seed=1), tmp_path / "overflow.safetensors")  # 70000.0
+    sa3loader.load_diffusion_cond({}, overflowing, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "overflow" in warnings[0], warnings
+
+
+def test_parameters_missing_from_the_checkpoint_get_one_warning(tmp_path, caplog):
+    import logging
+
+    torch.manual_seed(0)
+    state = random_like_state(build({"depth": 3}), seed=1)
+    shallow = {k: v for k, v in state.items() if not k.startswith("blocks.2.")}
+    ckpt = save(shallow, tmp_path / "model.safetensors")
+    caplog.set_level(logging.WARNING, logger="sa3loader")
+    sa3loader.load_diffusion_cond(
+        {"depth": 3}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build
+    )
+    warnings = [r.getMessage() for r in caplog.records if "random init" in r.getMessage()]
+    missing_params = [k for k, _ in build({"depth": 3}).named_parameters() if k.startswith("blocks.2.")]
+    assert len(warnings) == 1 and f"{len(missing_params)} parameters" in warnings[0]
+    assert missing_params[0] in warnings[0]
+
+
+def test_timings_split_the_upstream_import_from_the_sibling(tmp_path, monkeypatch):
+    """The first load imports stable_audio_3 (seconds): that is import_s, not sibling_s."""
+    offset = [0.0]
+    monkeypatch.setitem(_faults.facts, "clock", lambda subject, real: real + offset[0])
+
+    def slow_import(name, subject=None):
+        if name == "import":
+            offset[0] += 1000.0  # a fake clock: deterministic on any machine
+
+    monkeypatch.setattr(_faults, "hook", slow_import)
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+    sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
+    timings = sa3loader.last_load_info().timings
+    assert timings["import_s"] >= 1000 > timings["sibling_s"]

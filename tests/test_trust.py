@@ -152,3 +152,23 @@ def test_no_hub_repo_type_is_ever_written_into(tmp_path, kind):
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
     assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / "cache"))
     assert_same_model(model, reference(ckpt))
+
+
+def test_foreign_fp16_file_is_never_touched(ckpt, tmp_path, conversions):
+    foreign = tmp_path / "model.fp16.safetensors"
+    foreign.write_bytes(b"diffusers-style fp16 weights, not ours")
+    model = load_toy(ckpt, tmp_path / "cache")
+    assert foreign.read_bytes() == b"diffusers-style fp16 weights, not ours"
+    info = sa3loader.last_load_info()
+    assert info.converted and info.sibling.startswith(str(tmp_path / "cache"))
+    assert_same_model(model, reference(ckpt))
+    load_toy(ckpt, tmp_path / "cache")
+    assert len(conversions) == 1
+
+
+def test_convert_outputs_keep_the_source_mode(ckpt, tmp_path):
+    from sa3loader._convert_dir import convert_file
+
+    os.chmod(ckpt, 0o640)
+    convert_file(str(ckpt), str(tmp_path / "out.safetensors"))
+    assert os.stat(tmp_path / "out.safetensors").st_mode & 0o777 == 0o640

@@ -21,3 +21,9 @@ def rss_file() -> int:
     """Resident pages of mapped files (``RssFile``): page cache this process maps, which other
     processes mapping the same file share."""
     return _status_bytes("RssFile")
+
+
+def mapped_files() -> set[str]:
+    """The files this process maps now (``/proc/self/maps``)."""
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}

@@ -1,10 +1,11 @@
 """The model upstream gives, with any factory.
 
-A tensor the constructor derives from a parameter (kept in a dict, or a
-non-persistent buffer) is never left on the meta device; loads nest (a
-teacher inside a student); a factory that fails runs once and its error
-passes through unchanged.
-"""
+A tensor the constructor derives from a parameter is never left on the meta device; a value
+drawn at random while the model is built and kept anywhere (a buffer, a Python number, a list,
+an RNG state, a plain object) gives upstream's build, generators included; a parameter the
+constructor replaces must be in the checkpoint; a text encoder loaded inside the factory keeps
+the fast build; loads nest (a teacher inside a student); a factory that fails runs once and its
+error passes through unchanged."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ import torch
 from safetensors.torch import load_file
 from support.checkpoints import random_like_state, save
 from support.compare import assert_same_model, bits
+from support.loads import load_toy
 from support.processes import child_env, toy_zygote
-from support.toymodel import ToyDiT, build
+from support.toymodel import ToyDiT, build, reference
 from torch import nn
 
 import sa3loader
+from sa3loader import _faults
 
 
 class DerivedInADict(ToyDiT):
@@ -375,3 +378,120 @@ def test_a_parameter_the_constructor_replaces_is_upstreams(tmp_path, covered):
     info = sa3loader.last_load_info()
     assert info.build == ("fast" if covered else "faithful"), info.fallback
     assert_same_model(model, upstream_recipe(ReplacesARegisteredParameter, ckpt, True))
+
+
+@pytest.mark.parametrize("half", [True, False])
+def test_toy_model_matches_plain_torch_recipe(ckpt, tmp_path, half):
+    model = load_toy(ckpt, tmp_path / "cache", half)
+    assert sa3loader.last_load_info().build == "fast"
+    assert_same_model(model, reference(ckpt, half))
+    assert model.blocks[0].rope.scale.dtype == (torch.float16 if half else torch.float32)  # non-persistent
+
+
+def test_factory_that_reads_parameters_falls_back_to_the_faithful_build(ckpt, tmp_path):
+    def reading_factory(config):
+        model = build(config)
+        model.initial_norm = float(model.blocks[0].ff.weight.detach().norm())  # needs real values
+        return model
+
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=reading_factory
+    )
+    info = sa3loader.last_load_info()
+    assert info.build == "faithful" and "needs real parameters" in info.fallback
+    torch.manual_seed(0)
+    ref = reading_factory({})
+    ref.load_state_dict(load_file(str(ckpt)), strict=False)
+    assert_same_model(model, ref.eval().requires_grad_(False).half())
+    assert model.initial_norm == ref.initial_norm
+
+
+def test_load_into_module_reports_skipped_keys(tmp_path):
+    torch.manual_seed(0)
+    state = random_like_state(build(), seed=1)
+    state["unknown.key"] = torch.ones(2)
+    state["half_part.bias"] = torch.ones(7)  # wrong shape
+    del state["blocks.0.ff.weight"]
+    ckpt = save(state, tmp_path / "model.safetensors")
+    module = build()
+    before = module.blocks[0].ff.weight.detach().clone()
+    result = sa3loader.load_into_module(module, ckpt)
+    assert result.unexpected_keys == ["unknown.key"]
+    assert result.mismatched_keys == ["half_part.bias"]
+    assert set(result.missing_keys) == {"blocks.0.ff.weight", "half_part.bias"}
+    assert torch.equal(module.blocks[0].ff.weight, before)
+
+
+@pytest.mark.parametrize("style", ["load_state_dict", "assign", "from_pretrained"])
+def test_encoder_loaded_inside_the_factory_keeps_the_fast_build(tmp_path, style):
+    """What a nested loader registers carries loaded values: never deferred, loaded once."""
+    from support.toymodel import OutsideEncoder
+
+    config = {"encoder_style": style}
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(config), seed=1), tmp_path / "model.safetensors")
+    calls = []
+    factory = lambda cfg: calls.append(cfg) or build(cfg)  # noqa: E731
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        config, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory
+    )
+    assert (sa3loader.last_load_info().build, sa3loader.last_load_info().fallback) == ("fast", None)
+    assert len(calls) == 1
+    encoder = model.conditioner.encoder
+    assert isinstance(encoder, OutsideEncoder) and "encoder" not in model.conditioner._modules
+    assert_same_model(model, reference(ckpt, config=config))
+    assert encoder.embed.weight.dtype == torch.bfloat16 and not encoder.embed.weight.is_meta
+
+
+def test_a_load_called_from_a_from_pretrained_still_defers(tmp_path):
+    """Upstream's ``StableAudioModel.from_pretrained`` calls the loader: only loaders
+    running inside the factory keep their parameters, the DiT's are still placed."""
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+
+    def from_pretrained():
+        return sa3loader.load_diffusion_cond({}, ckpt, "cpu", False, model_factory=build)
+
+    from_pretrained()
+    info = sa3loader.last_load_info()
+    parameters = dict(build().named_parameters())
+    placed = sum(v.nbytes for k, v in load_file(str(ckpt)).items() if k in parameters)
+    assert (info.build, info.bytes_read) == ("fast", placed)
+
+
+def test_a_failing_factory_stops_the_early_prefetch(tmp_path, monkeypatch):
+    """The sibling is faulted in while the factory runs; a factory error stops it where it is
+    (the pieces not yet started are never touched) and propagates."""
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build({"dim": 256}), seed=1), tmp_path / "model.safetensors")
+    sa3loader.load_diffusion_cond(
+        {"dim": 256}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build
+    )
+    touched = []
+    started = threading.Event()
+
+    def slow_touch(name, subject=None):  # a cold disk: every piece takes a while
+        if name == "touch":
+            touched.append(subject)
+            started.set()
+            time.sleep(0.05)
+
+    monkeypatch.setitem(_faults.tunings, "prefetch_piece_bytes", 16 * 1024)
+    monkeypatch.setattr(_faults, "hook", slow_touch)
+
+    def broken(config):
+        assert started.wait(10)  # the prefetch is under way
+        raise RuntimeError("factory broke")
+
+    with pytest.raises(RuntimeError, match="factory broke"):
+        sa3loader.load_diffusion_cond(
+            {"dim": 256}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=broken
+        )
+    assert not [t for t in threading.enumerate() if t.name == "sa3loader-prefetch"]
+    pieces = (tmp_path / "model.fp16.safetensors").stat().st_size // (16 * 1024)
+    assert 0 < len(touched) < pieces // 2, (len(touched), pieces)

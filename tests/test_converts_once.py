@@ -1,21 +1,28 @@
-"""Many processes at once: one conversion between them, readers never see a torn file, locks taken
-again when their file was replaced, hosts without a shared flock, leases.
-"""
+"""Converts once: a first load converts and later loads hit; an fp32 load never converts; many
+processes at once convert once between them; each cache dir keeps its own rows and adopts a
+sibling it did not make; readers never see a torn file; locks are taken again when their file
+was replaced; hosts without a shared flock use a lease."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from support.checkpoints import random_like_state, save
 from support.child import digest
-from support.faults import fake_mount_table
+from support.compare import assert_same_model
+from support.faults import fake_mount_table, faked
 from support.loads import load_toy, make_ckpt, reference_digest
 from support.processes import load_at_once, start_child
+from support.toymodel import build, reference
 
 import sa3loader
 from sa3loader import _faults
+from sa3loader._index import Index
 from sa3loader._lock import conversion_lock
 
 PROCESSES = 8
@@ -113,3 +120,86 @@ def test_a_lease_from_another_host(tmp_path, monkeypatch, age):
         with conversion_lock(str(sibling), 5) as locked:
             assert locked and lease.read_text() != "other-host:123:abc"
         assert not lease.exists()
+
+
+def test_first_load_converts_second_does_not(ckpt, tmp_path, conversions):
+    load_toy(ckpt, tmp_path / "cache")
+    assert len(conversions) == 1 and sa3loader.last_load_info().converted
+    load_toy(ckpt, tmp_path / "cache")
+    assert len(conversions) == 1 and sa3loader.last_load_info().cache_hit
+    rows = Index(str(tmp_path / "cache")).items()
+    assert [key for key, _ in rows] == [os.path.realpath(ckpt)]
+    row = rows[0][1]
+    assert row["sibling"]["path"] == str(tmp_path / "model.fp16.safetensors")
+    assert row["sibling"]["size"] == os.path.getsize(tmp_path / "model.fp16.safetensors")
+    assert row["source"]["size"] == os.path.getsize(ckpt)
+
+
+def test_fp32_load_never_creates_a_sibling(ckpt, tmp_path, conversions):
+    load_toy(ckpt, tmp_path / "cache", half=False)
+    assert conversions == []
+    assert not (tmp_path / "model.fp16.safetensors").exists()
+
+
+def test_lost_index_adopts_the_sibling(ckpt, tmp_path, conversions):
+    load_toy(ckpt, tmp_path / "cache")
+    shutil.rmtree(tmp_path / "cache")
+    load_toy(ckpt, tmp_path / "cache")
+    assert len(conversions) == 1 and "adopted" in sa3loader.last_load_info().events
+
+
+def test_two_cache_dirs_keep_their_own_rows(ckpt, tmp_path, conversions):
+    load_toy(ckpt, tmp_path / "a")
+    assert Index(str(tmp_path / "b")).items() == []
+    load_toy(ckpt, tmp_path / "b")  # adopts the shared sibling beside the source, writes its own row
+    assert len(conversions) == 1
+    assert len(Index(str(tmp_path / "a")).items()) == 1 and len(Index(str(tmp_path / "b")).items()) == 1
+
+
+def test_read_only_source_dir_puts_sibling_in_each_cache(ckpt, tmp_path, conversions, monkeypatch):
+    # Tests run as root, who can write anywhere: make the source dir read-only by decree.
+    with faked(dir_writable=lambda d, real: d != str(tmp_path) and real):
+        for name in ("a", "b"):
+            model = load_toy(ckpt, tmp_path / name)
+            assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / name))
+            assert_same_model(model, reference(ckpt))
+    assert len(conversions) == 2
+    assert not (tmp_path / "model.fp16.safetensors").exists()
+
+
+def hub_snapshot(tmp_path, ckpt, revision):
+    repo = tmp_path / "hub" / "models--org--sa3"
+    blob = repo / "blobs" / "abc123"
+    if not blob.exists():
+        blob.parent.mkdir(parents=True)
+        shutil.copyfile(ckpt, blob)
+    snap = repo / "snapshots" / revision
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(os.path.relpath(blob, snap))
+    return snap / "model.safetensors"
+
+
+def test_hub_cache_sibling_goes_to_cache_and_follows_the_blob(ckpt, tmp_path, conversions):
+    first = hub_snapshot(tmp_path, ckpt, "rev1")
+    second = hub_snapshot(tmp_path, ckpt, "rev2")
+    model = load_toy(first, tmp_path / "cache")
+    info = sa3loader.last_load_info()
+    assert info.converted and info.sibling.startswith(str(tmp_path / "cache"))
+    assert not any("fp16" in p.name for p in (tmp_path / "hub").rglob("*"))
+    assert_same_model(model, reference(ckpt))
+    load_toy(second, tmp_path / "cache")
+    assert len(conversions) == 1 and sa3loader.last_load_info().sibling == info.sibling
+
+
+def test_model_and_model_safetensors_keep_their_own_siblings(tmp_path, conversions):
+    torch.manual_seed(0)
+    plain = save(random_like_state(build(), seed=3), tmp_path / "model")
+    suffixed = save(random_like_state(build(), seed=4), tmp_path / "model.safetensors")
+    for _ in range(2):
+        for path in (plain, suffixed):
+            assert_same_model(load_toy(path, tmp_path / "cache"), reference(path))
+    assert len(conversions) == 2
+    assert sorted(p.name for p in tmp_path.glob("*fp16*") if not p.name.endswith(".lock")) == [
+        "model-fp16.safetensors",
+        "model.fp16.safetensors",
+    ]

@@ -1,4 +1,6 @@
-"""The chunked reader: plan, CPU scatter reads, the staging ring, and its fallbacks."""
+"""Every read path gives the file's bytes: the read plan, CPU scatter reads, the mapping, the
+staging ring to a device (and its fallbacks), ``io="read"``; NaN and the device's own cast; a
+network filesystem is read, not mapped."""
 
 from __future__ import annotations
 
@@ -13,10 +15,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from support.compare import bits
-from support.faults import faked, injected
+from support.checkpoints import random_like_state, save
+from support.compare import assert_same_model, bits
+from support.faults import faked, injected, mounted
 from support.late_copies import LateCopies
+from support.loads import load_toy
+from support.memory import mapped_files
+from support.toymodel import build, reference
 
+import sa3loader
 from sa3loader import TruncatedFileError, _faults, _io
 from sa3loader._format import read_header
 from sa3loader._io import MAX_GAP_BYTES, TORCH_DTYPES, plan_chunks, read_into, stream_into
@@ -321,3 +328,83 @@ def test_a_failing_finish_in_a_load_closes_every_descriptor(tmp_path, monkeypatc
     ):
         load_toy(ckpt, tmp_path / "cache")
     assert open_descriptors() == before
+
+
+@pytest.mark.parametrize(
+    ("fstype", "io", "expected"),
+    [
+        ("nfs4", None, "read"),
+        ("fuse.sshfs", None, "read"),
+        ("cifs", "mmap", "mmap"),
+        ("ext4", None, "mmap"),
+    ],
+)
+def test_network_filesystems_are_read_not_mapped(ckpt, tmp_path, monkeypatch, fstype, io, expected):
+    """mmap on NFS/SMB/FUSE is slow and dies with SIGBUS on a server hiccup: read there, unless asked."""
+    from sa3loader._mounts import network_filesystem
+
+    with mounted(tmp_path / "mountinfo", {tmp_path: fstype}):
+        assert network_filesystem(str(ckpt)) == (None if fstype == "ext4" else fstype)
+        for _ in range(2):  # conversion, then the hit
+            model = load_toy(ckpt, tmp_path / "cache", io=io)
+    assert sa3loader.last_load_info().cache_hit and sa3loader.last_load_info().io == expected
+    assert (str(tmp_path / "model.fp16.safetensors") in mapped_files()) == (expected == "mmap")
+    assert_same_model(model, reference(ckpt))
+
+
+def test_io_read_never_maps_a_file(tmp_path, monkeypatch):
+    """Where mappings are unreliable (SIGBUS on truncation, Windows commit limits)."""
+    import mmap
+
+    def no_mmap(*args, **kwargs):
+        raise AssertionError("io='read' mapped a file")
+
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+    for expect_hit in (False, True):
+        torch.manual_seed(0)
+        model = sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", True, cache_dir=tmp_path / "cache", model_factory=build, io="read"
+        )
+        info = sa3loader.last_load_info()
+        assert (info.cache_hit, info.build, info.io) == (expect_hit, "fast", "read")
+        assert_same_model(model, reference(ckpt))
+
+
+def test_nan_tensors_are_cast_again_from_the_source(tmp_path):
+    """CUDA casts NaN to the canonical NaN, the CPU keeps its payload: tensors with a NaN
+    are recast on the device from fp32, the others keep the sibling's bytes."""
+    from sa3loader._format import read_header
+    from sa3loader._values import Values
+
+    payload_nan = torch.tensor([1.0, 2.0], dtype=torch.float32)
+    payload_nan.view(torch.int32)[1] = 0x7FC12345  # a NaN with payload bits
+    src = save({"nan": payload_nan, "plain": torch.tensor([3.0, 4.0])}, tmp_path / "src.safetensors")
+    values = Values(read_header(src), None, half=True, io="read")
+    stale = [torch.zeros(2, dtype=torch.float16), torch.zeros(2, dtype=torch.float16)]
+    stale[0].view(torch.int16)[1] = 0x7FFF  # a NaN, but not the bits a cast of this source gives
+    values._recast_nans_on_device(["nan", "plain"], stale, torch.device("cpu"))
+    assert torch.equal(bits(stale[0]), bits(payload_nan.to(torch.float16)))
+    assert torch.equal(stale[1], torch.zeros(2, dtype=torch.float16))  # no NaN: untouched
+
+
+@pytest.mark.parametrize(
+    ("device", "from_sibling"), [("cpu", True), ("cuda", True), ("mps", False), ("xpu", False)]
+)
+def test_the_siblings_fp16_is_final_only_where_the_device_casts_as_the_cpu_does(
+    tmp_path, device, from_sibling
+):
+    """On other devices upstream's own cast runs there (fp32 moved, then cast): nothing assumes
+    their rounding of subnormals matches the CPU's."""
+    from sa3loader._format import read_header
+    from sa3loader._sibling import resolve_sibling
+    from sa3loader._values import Values
+
+    src = save({"w": torch.tensor([1.0, 3e-6]), "i": torch.arange(2)}, tmp_path / "model.safetensors")
+    source = read_header(src)
+    sibling = resolve_sibling(source, str(tmp_path / "c")).sibling
+    values = Values(source, sibling, half=True)
+    target = torch.device(device)
+    assert (values._as_is("w", torch.float32, target) is sibling) == from_sibling
+    assert values._as_is("i", torch.int64, target) is sibling  # other dtypes: the same bytes everywhere

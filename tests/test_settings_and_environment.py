@@ -8,13 +8,17 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+from support.checkpoints import random_like_state, save
 from support.child import digest
-from support.compare import writable
+from support.compare import assert_same_model, writable
 from support.loads import load_toy, make_ckpt, reference_digest
+from support.toymodel import build, reference
 
 import sa3loader
 from sa3loader import _faults, _fsutil
@@ -185,3 +189,61 @@ def test_dirs_sa3loader_creates_are_private(tmp_path):
     sibling = Path(sa3loader.last_load_info().sibling)
     for directory in (cache, cache / "index", sibling.parent, sibling.parent.parent):
         assert directory.stat().st_mode & 0o777 == 0o700, directory
+
+
+def test_cache_dir_variables_expand_tilde_and_vars(tmp_path, monkeypatch):
+    from sa3loader._fsutil import resolve_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SA3LOADER_CACHE_DIR", "~/caches/$SA3_PART")
+    monkeypatch.setenv("SA3_PART", "sa3")
+    assert resolve_cache_dir() == str(tmp_path / "home" / "caches" / "sa3")
+    monkeypatch.delenv("SA3LOADER_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    assert resolve_cache_dir() == str(tmp_path / "home" / "xdg" / "sa3loader")
+
+
+def test_import_needs_no_upstream():
+    code = "import sys, sa3loader; assert 'stable_audio_3' not in sys.modules; print(sa3loader.__all__)"
+    from support.processes import torch_zygote  # a fresh process that has imported torch only
+
+    assert torch_zygote().run("-c", code, env=dict(os.environ), timeout=120).returncode == 0
+
+
+def test_missing_upstream_without_factory_is_a_clear_import_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "stable_audio_3.factory", None)  # import now fails
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+    with pytest.raises(ImportError) as err:
+        sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "cache")
+    assert isinstance(err.value, sa3loader.UpstreamNotFoundError)
+    assert "model_factory" in str(err.value)
+    assert not (tmp_path / "model.fp16.safetensors").exists()
+
+
+def test_disable_env_touches_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SA3LOADER_DISABLE", "1")
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "cache", model_factory=build
+    )
+    assert sa3loader.last_load_info().build == "upstream"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    assert_same_model(model, reference(ckpt))
+
+
+def test_io_from_environment_and_bad_values(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+    monkeypatch.setenv("SA3LOADER_IO", "read")
+    sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
+    assert sa3loader.last_load_info().io == "read"
+    monkeypatch.setenv("SA3LOADER_IO", "")
+    sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
+    assert sa3loader.last_load_info().io == "mmap"
+    with pytest.raises(ValueError, match="io must be one of"):
+        sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build, io="fast"
+        )
