@@ -7,7 +7,6 @@
 from . import _config
 from ._build import LoadResult
 from ._publication import wait_for_publishing
-from ._upstream import install, installed, uninstall
 from .errors import (
     CacheIndexError,
     CheckpointChangedError,
@@ -29,7 +28,16 @@ from .errors import (
     UpstreamNotFoundError,
     VerificationError,
 )
-from .loader import LoadInfo, last_load_info, load_autoencoder, load_diffusion_cond, load_into_module
+from .loader import (
+    LoadInfo,
+    install,
+    installed,
+    last_load_info,
+    load_autoencoder,
+    load_diffusion_cond,
+    load_into_module,
+    uninstall,
+)
 
 __version__ = "0.1.0"
 

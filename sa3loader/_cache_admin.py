@@ -16,21 +16,14 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
-from . import _config, _convert
+from . import _compare, _config
 from ._format import open_header, read_header
-from ._fsutil import INCOMPLETE_INFIX, cache_dir_trust, owned_file_problem
-from ._index import Index
-from ._lock import LOCK_SUFFIX, conversion_lock
-from ._sibling import (
-    SIBLINGS_SUBDIR,
-    hard_match,
-    is_sa3loader_path,
-    same_blob,
-    sibling_matches_source,
-    source_identity,
-)
+from ._identity import SourceIdentity, hard_match, is_sa3loader_path, sibling_matches_source
+from ._index import Index, IndexRow
+from ._lock import conversion_lock
+from ._places import INCOMPLETE_INFIX, LOCK_SUFFIX, SIBLINGS_SUBDIR
+from ._trust import cache_dir_trust, owned_file_problem
 from .errors import LockTimeoutError, Sa3LoaderError, UntrustedCacheDirError, UnusableLockError
 
 OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
@@ -48,34 +41,40 @@ class Entry:
     key: str = field(default="", repr=False)  # the index key (the source's real path)
 
 
-def _status(row: dict[str, Any]) -> str:
-    source, sibling = row["source"]["real_path"], row["sibling"]["path"]
-    if not os.path.exists(source):
+def _status(row: IndexRow) -> str:
+    """Whether the row still describes its source and sibling (header level: nothing is
+    read but headers; ``verify`` reads every byte)."""
+    if not os.path.exists(row.real_path):
         return MISSING_SOURCE
-    if not os.path.exists(sibling):
+    if not os.path.exists(row.sibling_path):
         return MISSING_SIBLING
     try:
-        current = source_identity(read_header(source))
-        sib = read_header(sibling, follow_symlinks=False)
+        with open_header(row.real_path) as source:
+            current = SourceIdentity.of(source)
+        sib = read_header(row.sibling_path, follow_symlinks=False)
     except (Sa3LoaderError, OSError):
         return STALE
-    same_source = hard_match(current, row["source"]) or same_blob(row["source"], current)
-    if not same_source or sib.sha256 != row["sibling"]["header_sha256"]:
+    same_source = hard_match(current, row.source) or (
+        current.blob is not None
+        and current.blob == row.source.blob
+        and (current.size, current.header_sha256) == (row.source.size, row.source.header_sha256)
+    )
+    if not same_source or sib.sha256 != row.sibling_header_sha256:
         return STALE
     return OK
 
 
-def _entry(key: str, row: dict[str, Any] | None) -> Entry:
+def _entry(key: str, row: IndexRow | None) -> Entry:
     if row is None:
         return Entry(
             source=key, sibling="", source_size=0, sibling_size=0, created=0.0, status=INVALID, key=key
         )
     return Entry(
-        source=row["source"]["path"],
-        sibling=row["sibling"]["path"],
-        source_size=row["source"]["size"],
-        sibling_size=row["sibling"]["size"],
-        created=row.get("created", 0.0),
+        source=row.source_path,
+        sibling=row.sibling_path,
+        source_size=row.source.size,
+        sibling_size=row.sibling_size,
+        created=row.created,
         status=_status(row),
         key=key,
     )
@@ -121,7 +120,7 @@ def verify_all(cache_dir: str, progress: bool = False) -> list[Check]:
                 open_header(entry.key or entry.source) as source,  # the file the row is about
                 open_header(entry.sibling, follow_symlinks=False) as sib,
             ):
-                diff = _convert.compare(source, sib, progress=progress)
+                diff = _compare.compare(source, sib, progress=progress)
         except (Sa3LoaderError, OSError) as exc:
             checks.append(Check(entry, f"cannot be checked: {exc}"))
             continue

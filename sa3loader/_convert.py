@@ -14,42 +14,35 @@ import hashlib
 import logging
 import math
 import os
-import queue
-import stat
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from . import _config, _faults
+from ._file import preadv_exact
 from ._format import (
     HEADER_LENGTH_BYTES,
     MAX_HEADER_BYTES,
-    FileHandle,
     Header,
     TensorEntry,
     check_unchanged,
-    header_of,
     layout,
-    preadv_exact,
-    read_exact,
     reading,
 )
-from ._fsutil import INCOMPLETE_INFIX, boot_id
-from ._io import torch_dtype
-from .errors import ConversionError, HeaderError, Sa3LoaderError, VerificationError
+from ._identity import converted_dtype
+from ._places import INCOMPLETE_INFIX
+from ._written import ConversionResult, WrittenSibling, _as_conversion_error, _unlink_quietly, mark_written
+from .errors import ConversionError
 
 logger = logging.getLogger(__name__)
 
 # Comparing (``verify``): 16 MiB of float32 per buffer, whatever the model size.
-CHUNK_ELEMENTS = 4 * 1024 * 1024
-PIPELINE_SLOTS = 4  # buffers in flight: being read, cast and counted, compared
 # Converting: 512 KiB of float32 per piece, read, cast, counted and written by one
 # worker while it is in that core's cache (128 KiB to 1 MiB measured alike; 16 MiB,
 # or smaller pieces, whose per-call costs add up, were slower: benchmarks/README.md).
@@ -62,34 +55,21 @@ def _piece_elements() -> int:
     return _faults.tuned("piece_elements", PIECE_ELEMENTS)
 
 
-def _chunk_elements() -> int:
-    return _faults.tuned("chunk_elements", CHUNK_ELEMENTS)
-
-
 READ_AHEAD_STRIPES = 4  # stripes the kernel is asked to read ahead of the workers (a cold disk)
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 DEFAULT_FILE_MODE = 0o644
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class ConversionResult:
-    path: str
-    size: int
-    header_sha256: str
-    overflow_to_inf: int
-    flushed_to_zero: int
-    seconds: float
-
-
-def converted_dtype(dtype: str) -> str:
-    return "F16" if dtype == "F32" else dtype
-
-
 def output_size(header: Header, metadata: dict[str, str]) -> int:
     """Bytes of the converted file; ``ConversionError`` when its header would pass safetensors' limit."""
+    return output_prefix(header, metadata)[1]
+
+
+def output_prefix(header: Header, metadata: dict[str, str]) -> tuple[bytes, int]:
+    """The converted file's first bytes (length field and header) and its size."""
     prefix, entries = _output_layout(header, metadata)
-    return len(prefix) + (entries[-1].end if entries else 0)
+    return prefix, len(prefix) + (entries[-1].end if entries else 0)
 
 
 def _output_layout(header: Header, metadata: dict[str, str]) -> tuple[bytes, list[TensorEntry]]:
@@ -116,79 +96,6 @@ def byte_bar(desc: str, total: int, enabled: bool) -> tqdm[Any]:
     return tqdm(
         total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled or total < PROGRESS_MIN_BYTES
     )
-
-
-@dataclass
-class WrittenSibling:
-    """A sibling whose bytes are all in its temp file, not yet durable or at its name.
-
-    ``publish`` fsyncs it and renames it to ``dest``; ``discard`` removes it.
-    Until one of them, the temp file is the writer's, under the conversion lock.
-    """
-
-    tmp: str
-    dest: str
-    fd: int  # the temp file, open for reading and writing
-    result: ConversionResult
-
-    def open_header(self) -> Header:
-        """The file just written, through a descriptor of its own, under ``dest``'s name.
-
-        Not opened by name: it is the inode written, whatever is at the temp name now.
-        A file that does not read back as the header written (it cannot happen, unless
-        something wrote into it) is a ``ConversionError``: the load reads the source.
-        """
-        _faults.point("written")
-        handle = FileHandle(self.dest, fd=os.dup(self.fd))
-        try:
-            header = header_of(handle)
-            if header.sha256 != self.result.header_sha256 or header.file_size != self.result.size:
-                raise HeaderError(f"{self.tmp}: not the header that was written", filename=self.tmp)
-            return header
-        except HeaderError as exc:
-            handle.close()
-            raise ConversionError(
-                f"the fp16 sibling just written cannot be read back ({exc})", filename=self.dest
-            ) from exc
-        except BaseException:
-            handle.close()
-            raise
-
-    def publish(self, before_rename: Callable[[], None] | None = None) -> None:
-        """fsync, then ``os.replace`` to ``dest``: a reader never finds it half-written.
-
-        ``before_rename`` may raise to leave ``dest`` alone (the temp file is removed).
-        """
-        try:
-            _faults.point("fsync")
-            os.fsync(self.fd)
-            self._close()
-            _faults.point("rename")
-            if before_rename is not None:
-                before_rename()
-            os.replace(self.tmp, self.dest)
-            _fsync_dir(os.path.dirname(self.dest) or ".")
-        except BaseException as exc:
-            self.discard()
-            raise _as_conversion_error(exc, self.dest) from exc
-
-    def discard(self) -> None:
-        self._close()
-        _unlink_quietly(self.tmp)
-
-    def _close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _as_conversion_error(exc: BaseException, dest: str) -> BaseException:
-    """An ``OSError`` while writing, as a ``ConversionError``; any other error as it is."""
-    if isinstance(exc, OSError) and not isinstance(exc, Sa3LoaderError):
-        return ConversionError(
-            f"cannot write fp16 sibling {dest}: {exc.strerror or exc}", filename=dest, errno=exc.errno
-        )
-    return exc
 
 
 def convert(
@@ -245,7 +152,7 @@ def write_sibling(
             _faults.point("data")
             _stream_tensors(header, out_entries, len(prefix), src_fd, out_fd, counts, bar)
         check_unchanged(header)  # a rewrite in place meanwhile: the sibling would mix two versions
-        tmp = _mark_written(tmp, dest, counts)
+        tmp = mark_written(tmp, dest, counts)
     except BaseException as exc:
         os.close(out_fd)
         _unlink_quietly(tmp)
@@ -268,53 +175,6 @@ def write_sibling(
 # <dest>.incomplete-written-<boot>-<overflow>-<flushed>-<pid>-<random>: should its process end
 # before publishing it (an exec, a kill), a later load of this boot may publish it as it is
 # (``unpublished_sibling``). The page cache keeps what a dead process wrote; a restart may not.
-WRITTEN_TAG = "written-"
-
-
-def _mark_written(tmp: str, dest: str, counts: dict[str, int]) -> str:
-    boot = boot_id()
-    if boot is None:
-        return tmp  # nothing can prove it complete after this process: it is converted again
-    unique = tmp[len(dest) + len(INCOMPLETE_INFIX) :]  # <pid>-<random>
-    written = f"{dest}{INCOMPLETE_INFIX}{WRITTEN_TAG}{boot}-{counts['inf']}-{counts['zero']}-{unique}"
-    os.rename(tmp, written)
-    return written
-
-
-def unpublished_sibling(
-    path: str, dest: str, source: Header, metadata: dict[str, str]
-) -> WrittenSibling | None:
-    """The temp file at ``path`` as a ``WrittenSibling`` to publish, when it provably holds every
-    byte of the sibling ``metadata`` describes for ``source`` (a process that wrote it, then ended
-    before it published it); else None.
-
-    The proof: its name says it was complete (renamed after its last byte, from a source
-    unchanged meanwhile) in this boot, so the page cache holds what was written, and its
-    header and size are exactly those of the sibling of the source as it is now. Publishing
-    fsyncs it first, as for any conversion.
-    """
-    tag = os.path.basename(path).split(INCOMPLETE_INFIX, 1)[-1]
-    fields = tag[len(WRITTEN_TAG) :].split("-") if tag.startswith(WRITTEN_TAG) else []
-    if len(fields) != 5 or fields[0] != boot_id() or not all(f.isdigit() for f in fields[1:3]):
-        return None
-    prefix, entries = _output_layout(source, metadata)
-    total = len(prefix) + (entries[-1].end if entries else 0)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        first = os.pread(fd, len(prefix), 0) if stat.S_ISREG(st.st_mode) and st.st_size == total else b""
-    except OSError:
-        first = b""
-    if first != prefix:
-        os.close(fd)
-        return None
-    result = ConversionResult(
-        dest, total, hashlib.sha256(prefix[8:]).hexdigest(), int(fields[1]), int(fields[2]), 0.0
-    )
-    return WrittenSibling(path, dest, fd, result)
 
 
 def _pieces_of(offset: int, nbytes: int, piece_bytes: int) -> Iterator[tuple[int, int]]:
@@ -323,88 +183,6 @@ def _pieces_of(offset: int, nbytes: int, piece_bytes: int) -> Iterator[tuple[int
     while offset < end:
         yield offset, min(piece_bytes, end - offset)
         offset += piece_bytes
-
-
-def _piece_plan(header: Header, entries: Iterable[TensorEntry]) -> list[tuple[TensorEntry, int, int]]:
-    """(entry, file offset, bytes) of every piece, at most one chunk each, in the given order."""
-    return [
-        (entry, offset, length)
-        for entry in entries
-        for offset, length in _pieces_of(header.data_start + entry.begin, entry.nbytes, _chunk_elements() * 4)
-    ]
-
-
-class _Pieces:
-    """The sibling's bytes for ``entries``, one bounded piece at a time, read ahead on a thread.
-
-    F32 pieces come cast to fp16, with the (fp32, fp16) pair for the range
-    report; any other dtype as read. Each piece lives in one of
-    ``PIPELINE_SLOTS`` buffers until ``release(slot)``: reading the next pieces
-    overlaps whatever the caller does with this one (counting, writing).
-    """
-
-    def __init__(self, header: Header, entries: Iterable[TensorEntry], fd: int) -> None:
-        self._header, self._fd = header, fd
-        self._keys = _piece_plan(header, entries)
-        self._slots = [
-            (bytearray(_chunk_elements() * 4), bytearray(_chunk_elements() * 2))
-            for _ in range(PIPELINE_SLOTS)
-        ]
-        self._free: queue.Queue[int | None] = queue.Queue()
-        for slot in range(PIPELINE_SLOTS):
-            self._free.put(slot)
-        self._ready: queue.Queue[tuple[int, TensorEntry, int] | BaseException | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read_ahead, name="sa3loader-read-ahead", daemon=True)
-
-    def __enter__(self) -> _Pieces:
-        self._reader.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._free.put(None)  # stops the reader at its next wait for a buffer
-        self._reader.join()
-
-    def _read_ahead(self) -> None:
-        try:
-            for entry, offset, length in self._keys:
-                slot = self._free.get()
-                if slot is None:  # the caller stopped early
-                    return
-                preadv_exact(self._fd, [memoryview(self._slots[slot][0])[:length]], offset, self._header.path)
-                self._ready.put((slot, entry, length))
-            self._ready.put(None)
-        except BaseException as exc:  # handed to the caller, which raises it
-            self._ready.put(exc)
-
-    def __iter__(
-        self,
-    ) -> Iterator[tuple[int, TensorEntry, memoryview, tuple[torch.Tensor, torch.Tensor] | None]]:
-        while (item := self._ready.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            slot, entry, length = item
-            raw, half = self._slots[slot]
-            if entry.dtype != "F32":
-                yield slot, entry, memoryview(raw)[:length], None
-                continue
-            n = length // 4
-            src = torch.frombuffer(raw, dtype=torch.float32, count=n)
-            dst = torch.frombuffer(half, dtype=torch.float16, count=n)
-            dst.copy_(src)
-            yield slot, entry, memoryview(half)[: n * 2], (src, dst)
-
-    def release(self, slot: int) -> None:
-        self._free.put(slot)
-
-
-def _sibling_pieces(
-    header: Header, entries: Iterable[TensorEntry], fd: int
-) -> Iterator[tuple[TensorEntry, memoryview, tuple[torch.Tensor, torch.Tensor] | None]]:
-    """``_Pieces`` for a caller that is done with each piece when it asks for the next."""
-    with _Pieces(header, entries, fd) as pieces:
-        for slot, entry, piece, cast in pieces:
-            yield entry, piece, cast
-            pieces.release(slot)
 
 
 class _Job:
@@ -596,88 +374,3 @@ def _keep_group(fd: int, source: os.stat_result, mode: int) -> None:
         os.fchown(fd, -1, source.st_gid)
     except PermissionError:
         os.fchmod(fd, mode & ~0o070)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-@dataclass
-class Comparison:
-    """What comparing a sibling with fp16 of its source measured."""
-
-    float_tensors: int  # float tensors compared, zero-element ones included
-    max_abs_diff: float  # over them: 0.0 when every value is equal (a NaN equals a NaN of the same bits)
-    mismatched: list[str]  # every tensor with a differing byte, float or not
-
-    @property
-    def equal(self) -> bool:
-        return not self.mismatched
-
-
-def _max_abs_diff(dtype: str, actual: bytes | bytearray, expected: memoryview, path: str) -> float:
-    """Largest |actual - expected| of one piece that differs; inf where a NaN meets a number."""
-    try:
-        kind = torch_dtype(converted_dtype(dtype), path)
-        a = torch.frombuffer(bytearray(actual), dtype=kind).to(torch.float64)
-        e = torch.frombuffer(bytearray(expected), dtype=kind).to(torch.float64)
-    except (RuntimeError, TypeError, ValueError):  # a float8 or packed type without a cast
-        return math.inf
-    diff = (a - e).abs()
-    diff[a.isnan() & e.isnan()] = 0.0
-    diff[a.isnan() ^ e.isnan()] = math.inf
-    diff[(a == e)] = 0.0  # inf == inf
-    return float(diff.max()) if diff.numel() else 0.0
-
-
-def compare(source: Header, sibling: Header, *, progress: bool = False) -> Comparison:
-    """Read both files: every sibling byte against fp16(source), and the largest difference."""
-    at = {e.name: sibling.data_start + sibling.by_name[e.name].begin for e in source.entries}
-    float_names = {
-        e.name for e in source.entries if torch_dtype(converted_dtype(e.dtype), source.path).is_floating_point
-    }
-    mismatched: dict[str, None] = {}
-    worst = 0.0
-    total = sum(sibling.by_name[e.name].nbytes for e in source.entries)
-    with (
-        reading(source) as src_fd,
-        reading(sibling) as sib_fd,
-        byte_bar(f"check {os.path.basename(sibling.path)}", total, progress and progress_enabled()) as bar,
-    ):
-        for entry, expected, _ in _sibling_pieces(source, source.entries, src_fd):
-            actual = read_exact(sib_fd, at[entry.name], len(expected), sibling.path)
-            at[entry.name] += len(expected)
-            bar.update(len(expected))
-            if actual == expected:
-                continue
-            mismatched[entry.name] = None
-            if entry.name in float_names:
-                worst = max(worst, _max_abs_diff(entry.dtype, actual, expected, sibling.path))
-    return Comparison(len(float_names), worst, list(mismatched))
-
-
-def verify(source: Header, sibling: Header) -> Comparison:
-    """Full content check: ``VerificationError`` unless every sibling byte equals fp16(source)."""
-    comparison = compare(source, sibling)
-    if not comparison.equal:
-        raise VerificationError(
-            f"{sibling.path}: tensor {comparison.mismatched[0]!r} differs from fp16 of {source.path}",
-            filename=sibling.path,
-        )
-    return comparison

@@ -15,21 +15,23 @@ import shutil
 import uuid
 from dataclasses import dataclass
 
-from . import _convert
+from . import _compare, _convert
 from ._format import Header, open_header
-from ._fsutil import INCOMPLETE_INFIX
-from ._lock import LOCK_SUFFIX
-from ._sibling import (
-    HF_REPO_FOLDER_PREFIXES,
-    SAFETENSORS_SUFFIX,
-    SIBLING_SUFFIX,
+from ._identity import (
+    SourceIdentity,
     fingerprint,
     has_float32,
-    in_hf_hub_cache,
     is_sa3loader_file,
     is_sa3loader_path,
     sibling_metadata,
-    source_identity,
+)
+from ._places import (
+    INCOMPLETE_INFIX,
+    LOCK_SUFFIX,
+    SAFETENSORS_SUFFIX,
+    SIBLING_SUFFIX,
+    in_hf_hub_cache,
+    in_hub_repo,
 )
 from .errors import HubCacheError, HubSymlinkError, OutputExistsError
 
@@ -59,7 +61,7 @@ def _is_our_artifact(name: str, path: str) -> bool:
 
 
 def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
-    identity = source_identity(header)
+    identity = SourceIdentity.of(header)
     metadata = sibling_metadata(header, identity, fingerprint(header))
     staged = dest if not verify else f"{dest}{INCOMPLETE_INFIX}verify-{os.getpid()}"
     result = _convert.convert(header, staged, metadata)
@@ -67,7 +69,7 @@ def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
     if verify:
         try:
             with open_header(staged, follow_symlinks=False) as output:
-                checked(action, _convert.verify(header, output))
+                checked(action, _compare.verify(header, output))
         except BaseException:
             os.unlink(staged)
             raise
@@ -75,7 +77,7 @@ def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
     return action
 
 
-def checked(action: FileAction, comparison: _convert.Comparison) -> FileAction:
+def checked(action: FileAction, comparison: _compare.Comparison) -> FileAction:
     """Record in ``action`` what its output's content check measured."""
     action.max_abs_diff = comparison.max_abs_diff
     action.float_tensors = comparison.float_tensors
@@ -107,12 +109,6 @@ HUB_HARM = {
     True: "its blobs would no longer hold what their content hashes name",
     False: "huggingface_hub would list the output as a revision that does not exist",
 }
-
-
-def _in_hub_cache(directory: str) -> bool:
-    """Inside a hub repo folder (``models--org--name`` and below), or its snapshots and blobs."""
-    parts = os.path.realpath(directory).split(os.sep) + directory.split(os.sep)
-    return in_hf_hub_cache(directory) or any(p.startswith(HF_REPO_FOLDER_PREFIXES) for p in parts)
 
 
 def _in_place_target(path: str) -> str:
@@ -200,7 +196,7 @@ def convert_tree(
     clears what a kill left), never a half-filled output.
     """
     src_dir = os.path.abspath(src_dir)
-    if out_dir is None and _in_hub_cache(src_dir):
+    if out_dir is None and in_hub_repo(src_dir):
         raise HubCacheError(
             f"{src_dir} is inside a Hugging Face hub cache, which sa3loader never writes into "
             f"({HUB_HARM[in_place]}). Pass --out DIR to write the fp16 copy elsewhere; "

@@ -12,19 +12,22 @@ read, loading goes on without it (a sibling's own metadata is enough to adopt it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sqlite3
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 import diskcache
 from diskcache.core import MODE_RAW, UNKNOWN
 
 from . import _faults
+from ._cache_dir import create_cache_dir
 from ._config import info_once, warn_once
-from ._fsutil import create_cache_dir
+from ._identity import FORMAT_VERSION, SourceIdentity
 from .errors import CacheIndexError
 
 logger = logging.getLogger(__name__)
@@ -80,6 +83,68 @@ def _matches(value: Any, shape: Any) -> bool:
 def valid_row(row: Any) -> bool:
     """Whether ``row`` has every field sa3loader reads, with the right types and schema."""
     return _matches(row, ROW_SHAPE) and row["schema"] == SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class RangeReport:
+    """What a conversion counted: finite values fp16 made inf, nonzero values it made 0."""
+
+    overflow_to_inf: int
+    flushed_to_zero: int
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    """One index row, keyed by the source's real path: the source as it was when it was last
+    checked, and the sibling made from it. One definition, read and written as JSON only."""
+
+    source: SourceIdentity
+    source_path: str  # as the load was given it
+    real_path: str
+    fingerprint: str
+    checked_ns: int | None  # when the source's identity was taken (``_identity.racy``)
+    sibling_path: str
+    sibling_size: int
+    sibling_header_sha256: str
+    created: float
+    range: RangeReport | None
+    converter_version: str = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "source": {**self.source.to_json(), "path": self.source_path, "real_path": self.real_path},
+            "fingerprint": self.fingerprint,
+            "checked_ns": self.checked_ns,
+            "sibling": {
+                "path": self.sibling_path,
+                "size": self.sibling_size,
+                "header_sha256": self.sibling_header_sha256,
+            },
+            "converter_version": self.converter_version,
+            "created": self.created,
+            "range": dataclasses.asdict(self.range) if self.range is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> IndexRow | None:
+        """The row ``obj`` holds, or None when it is not a valid row (of another shape or schema)."""
+        if not valid_row(obj):
+            return None
+        source, sibling, checked = obj["source"], obj["sibling"], obj.get("checked_ns")
+        return cls(
+            source=SourceIdentity.from_json(source),
+            source_path=source["path"],
+            real_path=source["real_path"],
+            fingerprint=obj["fingerprint"],
+            checked_ns=checked if type(checked) is int else None,
+            sibling_path=sibling["path"],
+            sibling_size=sibling["size"],
+            sibling_header_sha256=sibling["header_sha256"],
+            created=obj["created"],
+            range=RangeReport(**obj["range"]) if obj["range"] is not None else None,
+            converter_version=obj["converter_version"],
+        )
 
 
 def encode_key(path: str) -> str:
@@ -263,10 +328,9 @@ class Index:
             exc,
         )
 
-    def get(self, source_real: str) -> dict[str, Any] | None:
+    def get(self, source_real: str) -> IndexRow | None:
         """The row for this source, or None when there is none or it is not a valid row."""
-        row = self._read(source_real)
-        return row if valid_row(row) else None
+        return IndexRow.from_json(self._read(source_real))
 
     def _read(self, source_real: str) -> Any:
         cache = self._open()
@@ -285,12 +349,12 @@ class Index:
         cache = self._open()
         return None if self.read_only else cache
 
-    def put(self, source_real: str, row: dict[str, Any]) -> None:
+    def put(self, source_real: str, row: IndexRow) -> None:
         cache = self._writable()
         if cache is None:
             return
         try:
-            cache.set(encode_key(source_real), {**row, "schema": SCHEMA_VERSION})
+            cache.set(encode_key(source_real), row.to_json())
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             self._failed("be written", exc)
 
@@ -303,7 +367,7 @@ class Index:
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             self._failed("be written", exc)
 
-    def items(self) -> list[tuple[str, dict[str, Any] | None]]:
+    def items(self) -> list[tuple[str, IndexRow | None]]:
         """Every row as (source path, row); the row is None when it is not a valid row."""
         cache = self._open()
         if cache is None:
@@ -313,11 +377,10 @@ class Index:
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             self._failed("be read", exc)
             return []
-        rows: list[tuple[str, dict[str, Any] | None]] = []
+        rows: list[tuple[str, IndexRow | None]] = []
         for key in keys:
             path = decode_key(key)
-            row = self._read(path)
-            rows.append((path, row if valid_row(row) else None))
+            rows.append((path, IndexRow.from_json(self._read(path))))
         return rows
 
     def clear(self) -> int:

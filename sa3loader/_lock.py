@@ -34,8 +34,8 @@ from collections.abc import Iterator
 
 from . import _config, _faults
 from ._config import LOCK_TIMEOUT_ENV, warn_once
-from ._fsutil import LOCK_SUFFIX, boot_id
-from ._mounts import network_filesystem
+from ._host import boot_id, network_filesystem
+from ._places import LOCK_SUFFIX
 from .errors import LockTimeoutError, UnusableLockError
 
 logger = logging.getLogger(__name__)

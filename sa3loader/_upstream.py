@@ -72,10 +72,9 @@ UPSTREAM_MODULES = (LOADING_UTILS_MODULE, MODEL_MODULE)
 _patched: list[tuple[Any, Callable[..., Any]]] = []
 
 
-def install() -> None:
-    """Make upstream's ``load_diffusion_cond`` call sa3loader's, everywhere it is bound."""
-    from .loader import load_diffusion_cond  # here, not at the top: loader imports this module
-
+def install(load_diffusion_cond: Callable[..., Any]) -> None:
+    """Make upstream's ``load_diffusion_cond`` call ``load_diffusion_cond`` (sa3loader's),
+    everywhere it is bound."""
     if _patched:
         return
     for name in UPSTREAM_MODULES:
@@ -104,9 +103,9 @@ def uninstall() -> None:
 
 
 @contextlib.contextmanager
-def installed() -> Iterator[None]:
-    """``with sa3loader.installed(): ...``: ``install()`` for the block only."""
-    install()
+def installed(load_diffusion_cond: Callable[..., Any]) -> Iterator[None]:
+    """``install(load_diffusion_cond)`` for the block only."""
+    install(load_diffusion_cond)
     try:
         yield
     finally:

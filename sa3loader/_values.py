@@ -26,8 +26,8 @@ import torch
 from . import _faults
 from ._config import IoMode
 from ._format import Header, reading
+from ._host import network_filesystem
 from ._io import MappedFile, read_into, stream_into, torch_dtype
-from ._mounts import network_filesystem
 
 # A sibling value f16(x) equals upstream's result for x only when the model
 # tensor it lands in holds x exactly first (f16, f32, f64); else read the source.

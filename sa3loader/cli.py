@@ -20,21 +20,21 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn
 
-from . import __version__, _cache_admin, _config, _convert, _faults
+from . import __version__, _cache_admin, _compare, _config, _convert, _faults
+from ._cache_dir import open_cache_dir_to_all, resolve_cache_dir
 from ._convert_dir import FileAction, checked, convert_file, convert_tree
 from ._format import Header, open_header, read_header
-from ._fsutil import open_cache_dir_to_all, resolve_cache_dir
-from ._sibling import (
+from ._identity import (
     FINGERPRINT_VERSION,
-    beside_path,
-    cache_path,
+    SourceIdentity,
     has_float32,
     is_sa3loader_file,
-    resolve_sibling,
     sibling_matches_source,
     sibling_metadata,
-    source_identity,
 )
+from ._index import RangeReport
+from ._places import beside_path, cache_path, hub_name
+from ._resolver import resolve_sibling
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
@@ -82,20 +82,6 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-HUB_REPO_TYPES = {"models": "", "datasets": "datasets/", "spaces": "spaces/"}
-
-
-def hub_name(path: str) -> str | None:
-    """``org/name@revision file`` for a file in a Hugging Face hub cache snapshot, as ``hf`` names it."""
-    parts = os.path.abspath(path).split(os.sep)
-    for i, part in enumerate(parts[:-3]):
-        kind, sep, repo = part.partition("--")
-        if sep and kind in HUB_REPO_TYPES and parts[i + 1] == "snapshots":
-            repo_id = HUB_REPO_TYPES[kind] + repo.replace("--", "/", 1)
-            return f"{repo_id}@{parts[i + 2][:8]} {'/'.join(parts[i + 3 :])}"
-    return None
-
-
 def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAction:
     """``convert FILE``: the sibling a load would use, made (or found) and recorded as a load would.
 
@@ -110,20 +96,20 @@ def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAc
                 raise ConversionError(f"{src}: {outcome.reason}", filename=src)
             converted = outcome.converted
             report = (
-                {"overflow_to_inf": converted.overflow_to_inf, "flushed_to_zero": converted.flushed_to_zero}
+                RangeReport(converted.overflow_to_inf, converted.flushed_to_zero)
                 if converted is not None
-                else outcome.stored_range or {"overflow_to_inf": 0, "flushed_to_zero": 0}
+                else outcome.stored_range or RangeReport(0, 0)
             )
             action = FileAction(
                 src,
                 outcome.sibling.path,
                 "converted" if converted else "unchanged",
-                report["overflow_to_inf"],
-                report["flushed_to_zero"],
+                report.overflow_to_inf,
+                report.flushed_to_zero,
                 replaced_damaged=outcome.replaced_damaged,
             )
             if verify:
-                checked(action, outcome.checked or _convert.verify(header, outcome.sibling))
+                checked(action, outcome.checked or _compare.verify(header, outcome.sibling))
     return action
 
 
@@ -184,7 +170,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 def _existing_sibling(header: Header, cache_dir: str) -> str | None:
     """The sibling a load would use, when one made for this very checkpoint is there already."""
-    real, blob = os.path.realpath(header.path), source_identity(header)["blob"]
+    real, blob = os.path.realpath(header.path), SourceIdentity.of(header).blob
     for path in (beside_path(header.path), cache_path(cache_dir, header.path, real, blob)):
         try:
             sibling = read_header(path, follow_symlinks=False)
@@ -199,7 +185,7 @@ def _sibling_size(header: Header) -> int:
     """The exact size of the sibling a load would write: its header holds sa3loader's metadata,
     whose one unknown before reading the file, the fingerprint, has a fixed length."""
     placeholder = FINGERPRINT_VERSION + ":" + "0" * 64
-    metadata = sibling_metadata(header, source_identity(header), placeholder)
+    metadata = sibling_metadata(header, SourceIdentity.of(header), placeholder)
     return _convert.output_size(header, metadata)
 
 

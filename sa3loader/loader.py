@@ -9,12 +9,13 @@ the last load did.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,10 +24,11 @@ from torch import nn
 
 from . import _config, _faults, _upstream
 from ._build import BuildKind, Built, Factory, LoadResult, build, load_faithful, log_skipped, not_deferred
+from ._cache_dir import resolve_cache_dir
 from ._config import IoMode
 from ._format import Header, check_unchanged, open_header
-from ._fsutil import resolve_cache_dir
-from ._sibling import SiblingOutcome, resolve_sibling
+from ._resolver import resolve_sibling
+from ._sibling import SiblingOutcome
 from ._values import Values, resolve_io, streams_to
 from .errors import UpstreamNotFoundError
 
@@ -171,8 +173,8 @@ def _record_sibling(info: LoadInfo, outcome: SiblingOutcome, source: Header) -> 
     info.converted = outcome.converted is not None
     info.cache_hit = outcome.sibling is not None and not info.converted
     if info.cache_hit and outcome.stored_range is not None:  # what the conversion counted
-        info.overflow_to_inf = outcome.stored_range.get("overflow_to_inf")
-        info.flushed_to_zero = outcome.stored_range.get("flushed_to_zero")
+        info.overflow_to_inf = outcome.stored_range.overflow_to_inf
+        info.flushed_to_zero = outcome.stored_range.flushed_to_zero
     if outcome.converted is not None:
         info.overflow_to_inf = outcome.converted.overflow_to_inf
         info.flushed_to_zero = outcome.converted.flushed_to_zero
@@ -311,3 +313,21 @@ def load_autoencoder(
     info.timings["total_s"] = _now() - started
     _reports.record(info)
     return model.to(target)
+
+
+def install() -> None:
+    """Make upstream's ``load_diffusion_cond`` call sa3loader's, everywhere it is bound (so
+    ``StableAudioModel.from_pretrained`` too); nothing is patched at import time."""
+    _upstream.install(load_diffusion_cond)
+
+
+def uninstall() -> None:
+    """Undo ``install()``; a no-op when it was not installed."""
+    _upstream.uninstall()
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """``with sa3loader.installed(): ...``: ``install()`` for the block only."""
+    with _upstream.installed(load_diffusion_cond):
+        yield

@@ -130,9 +130,9 @@ def test_first_load_converts_second_does_not(ckpt, tmp_path, conversions):
     rows = Index(str(tmp_path / "cache")).items()
     assert [key for key, _ in rows] == [os.path.realpath(ckpt)]
     row = rows[0][1]
-    assert row["sibling"]["path"] == str(tmp_path / "model.fp16.safetensors")
-    assert row["sibling"]["size"] == os.path.getsize(tmp_path / "model.fp16.safetensors")
-    assert row["source"]["size"] == os.path.getsize(ckpt)
+    assert row is not None and row.sibling_path == str(tmp_path / "model.fp16.safetensors")
+    assert row.sibling_size == os.path.getsize(tmp_path / "model.fp16.safetensors")
+    assert row.source.size == os.path.getsize(ckpt)
 
 
 def test_fp32_load_never_creates_a_sibling(ckpt, tmp_path, conversions):

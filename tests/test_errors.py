@@ -18,7 +18,7 @@ from support.loads import load_toy
 from support.toymodel import build, reference
 
 import sa3loader
-from sa3loader._fsutil import resolve_cache_dir
+from sa3loader._cache_dir import resolve_cache_dir
 
 
 @pytest.fixture

@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from support.compare import writable
 
-from sa3loader import TruncatedFileError, _convert, _faults, _sibling
+from sa3loader import TruncatedFileError, _compare, _convert, _faults, _identity
 from sa3loader._format import read_header
-from sa3loader._sibling import resolve_sibling
+from sa3loader._identity import SourceIdentity
+from sa3loader._resolver import resolve_sibling
 
-IDENTITY = {"size": 1, "mtime_ns": 2, "header_sha256": "h"}
+IDENTITY = SourceIdentity(size=1, mtime_ns=2, header_sha256="h", inode=0, device=0, ctime_ns=0)
 
 
 def source_tensors() -> dict[str, torch.Tensor]:
@@ -59,7 +60,7 @@ def test_sibling_equals_save_file_of_converted_tensors(tmp_path, chunk):
     src = tmp_path / "model.safetensors"
     save_file(tensors, str(src), metadata={"format": "pt", "note": "user"})
     header = read_header(src)
-    metadata = _sibling.sibling_metadata(header, IDENTITY, "fp")
+    metadata = _identity.sibling_metadata(header, IDENTITY, "fp")
     result = _convert.convert(header, str(tmp_path / "out.safetensors"), metadata)
 
     expected = tmp_path / "expected.safetensors"
@@ -71,7 +72,7 @@ def test_sibling_equals_save_file_of_converted_tensors(tmp_path, chunk):
     assert ours_data == ref_data
     assert result.size == os.path.getsize(tmp_path / "out.safetensors")
     assert ours_header["__metadata__"]["note"] == "user"
-    assert ours_header["__metadata__"][_sibling.MARKER_KEY] == _sibling.FORMAT_VERSION
+    assert ours_header["__metadata__"][_identity.MARKER_KEY] == _identity.FORMAT_VERSION
     f32 = [v for v in tensors.values() if v.dtype == torch.float32]
     assert result.overflow_to_inf == sum(int((v.half().isinf() & v.isfinite()).sum()) for v in f32) == 2
     assert result.flushed_to_zero == sum(int(((v.half() == 0) & (v != 0)).sum()) for v in f32) >= 1
@@ -86,7 +87,7 @@ def test_source_shrinking_during_conversion_fails_typed_and_leaves_nothing(tmp_p
     os.truncate(src, header.data_start + entry.end - 1)  # after the header was read
     with pytest.raises(TruncatedFileError, match="model.safetensors") as err:
         _convert.convert(
-            header, str(tmp_path / "out.safetensors"), _sibling.sibling_metadata(header, IDENTITY, "fp")
+            header, str(tmp_path / "out.safetensors"), _identity.sibling_metadata(header, IDENTITY, "fp")
         )
     assert isinstance(err.value, ValueError) and isinstance(err.value, EOFError)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
@@ -98,7 +99,7 @@ def test_only_float32_changes_and_fp16_is_exact_cast(tmp_path):
     save_file(tensors, str(src))
     header = read_header(src)
     out = tmp_path / "out.safetensors"
-    _convert.convert(header, str(out), _sibling.sibling_metadata(header, IDENTITY, "fp"))
+    _convert.convert(header, str(out), _identity.sibling_metadata(header, IDENTITY, "fp"))
     loaded = load_file(str(out))
     for key, value in tensors.items():
         got = loaded[key]
@@ -159,7 +160,7 @@ def test_verify_accepts_a_true_sibling_and_catches_a_data_flip(tmp_path, chunk, 
     src = tmp_path / "model.safetensors"
     save_file(source_tensors(), str(src))
     outcome = resolve_sibling(read_header(src), str(tmp_path / "cache"))
-    _convert.verify(read_header(src), outcome.sibling)
+    _compare.verify(read_header(src), outcome.sibling)
     entry = outcome.sibling.by_name[flipped]
     with open(writable(outcome.sibling.path), "r+b") as f:  # the tensor's last byte, past any first chunk
         f.seek(outcome.sibling.data_start + entry.end - 1)
@@ -169,7 +170,7 @@ def test_verify_accepts_a_true_sibling_and_catches_a_data_flip(tmp_path, chunk, 
     from sa3loader import VerificationError
 
     with pytest.raises(VerificationError, match=repr(flipped)):
-        _convert.verify(read_header(src), read_header(outcome.sibling.path))
+        _compare.verify(read_header(src), read_header(outcome.sibling.path))
 
 
 def test_an_interrupt_while_converting_stops_every_worker_before_the_file_is_closed(tmp_path, monkeypatch):
@@ -194,7 +195,7 @@ def test_an_interrupt_while_converting_stops_every_worker_before_the_file_is_clo
     monkeypatch.setattr(threading.Thread, "join", join)
     with pytest.raises(KeyboardInterrupt):
         _convert.convert(
-            header, str(tmp_path / "out.safetensors"), _sibling.sibling_metadata(header, IDENTITY, "fp")
+            header, str(tmp_path / "out.safetensors"), _identity.sibling_metadata(header, IDENTITY, "fp")
         )
     assert interrupted
     assert not [t for t in threading.enumerate() if t.name == "sa3loader-convert" and t.is_alive()]
@@ -213,4 +214,4 @@ def test_a_stripe_that_goes_back_in_the_source_is_read_ahead_too(tmp_path):
     save_file(tensors, str(src))
     sibling = tmp_path / "model.fp16.safetensors"
     _convert.convert(read_header(src), str(sibling), {})
-    assert _convert.compare(read_header(src), read_header(sibling)).equal
+    assert _compare.compare(read_header(src), read_header(sibling)).equal

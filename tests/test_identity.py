@@ -8,6 +8,7 @@ racy-clean rule); two versions sharing a checkpoint dir each convert once."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -51,9 +52,11 @@ def test_a_row_an_older_version_revalidated_is_checked_again(tmp_path, conversio
     index = Index(str(cache))
     ((key, row),) = index.items()
     st = os.stat(ckpt)
-    row["source"].update(inode=st.st_ino, device=st.st_dev, ctime_ns=st.st_ctime_ns)
-    row["fingerprint"] = "v1:" + "0" * 64  # what the older version's revalidation wrote
-    row["checked_ns"] = time.time_ns() + 10**12
+    source = dataclasses.replace(row.source, inode=st.st_ino, device=st.st_dev, ctime_ns=st.st_ctime_ns)
+    # what the older version's revalidation wrote
+    row = dataclasses.replace(
+        row, source=source, fingerprint="v1:" + "0" * 64, checked_ns=time.time_ns() + 10**12
+    )
     index.put(key, row)
     index.close()
     model = load_toy(ckpt, cache)
@@ -134,7 +137,7 @@ def test_a_racy_row_is_checked_again_once_then_trusted(tmp_path, monkeypatch):
     assert fingerprints == []  # checked long after the mtime: not racy, the row vouches
     index = Index(str(cache))
     ((key, row),) = index.items()
-    row["checked_ns"] = row["source"]["mtime_ns"] + 1  # as if checked in the mtime's own tick
+    row = dataclasses.replace(row, checked_ns=row.source.mtime_ns + 1)  # as if checked in the mtime's tick
     index.put(key, row)
     index.close()
     load_toy(ckpt, cache)
@@ -236,7 +239,7 @@ def test_copied_source_is_revalidated_not_reconverted(ckpt, tmp_path, conversion
     info = sa3loader.last_load_info()
     assert len(conversions) == 1 and info.cache_hit and "revalidated" in info.events
     row = Index(str(tmp_path / "cache")).get(os.path.realpath(ckpt))
-    assert row["source"]["inode"] == os.stat(ckpt).st_ino
+    assert row is not None and row.source.inode == os.stat(ckpt).st_ino
 
 
 @pytest.mark.parametrize("asked", ["argument", "environment"])
@@ -256,7 +259,7 @@ def test_verify_catches_a_flipped_data_byte(ckpt, tmp_path, conversions, monkeyp
 def test_fingerprint_sees_a_change_in_any_tensor(tmp_path):
     """Small tensors are hashed whole; large ones at spots including their first and last byte."""
     from sa3loader._format import read_header
-    from sa3loader._sibling import WHOLE_TENSOR_BYTES, fingerprint
+    from sa3loader._identity import WHOLE_TENSOR_BYTES, fingerprint
 
     big = WHOLE_TENSOR_BYTES // 4 + 1000  # float32 elements: just over the whole-hash limit
     tensors = {

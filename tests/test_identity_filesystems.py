@@ -25,7 +25,7 @@ from support.loads import load_toy, make_ckpt
 from support.toymodel import build, reference
 
 import sa3loader
-from sa3loader._mounts import stat_vouches
+from sa3loader._host import stat_vouches
 
 NO_VOUCH = ["vfat", "exfat", "fuseblk", "fuse.sshfs", "squashfs", "erofs", "iso9660"]
 

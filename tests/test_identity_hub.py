@@ -23,7 +23,7 @@ from support.loads import load_toy
 from support.toymodel import reference
 
 import sa3loader
-from sa3loader import _sibling
+from sa3loader import _identity, _places
 from sa3loader._format import read_header
 
 REPO = "org/model"
@@ -131,21 +131,21 @@ def test_in_a_blobs_dir_others_can_write_to_the_fingerprint_decides(tmp_path, fi
 def test_hub_blob_names_only_the_file_opened(tmp_path):
     ckpt = toy_hub_checkpoint(tmp_path / "hf", REPO, "rev1")
     blob = ckpt.resolve()
-    assert _sibling.hub_blob(str(ckpt), os.stat(ckpt)) == hashlib.sha256(blob.read_bytes()).hexdigest()
-    assert _sibling.hub_blob(str(ckpt), os.stat(tmp_path / "hf" / "hub")) is None  # repointed since
+    assert _identity.hub_blob(str(ckpt), os.stat(ckpt)) == hashlib.sha256(blob.read_bytes()).hexdigest()
+    assert _identity.hub_blob(str(ckpt), os.stat(tmp_path / "hf" / "hub")) is None  # repointed since
     short = toy_hub_checkpoint(tmp_path / "hf2", REPO, "rev1", blob="0123abcd")  # a git (non-LFS) blob
-    assert _sibling.hub_blob(str(short), os.stat(short)) is None
+    assert _identity.hub_blob(str(short), os.stat(short)) is None
     outside = tmp_path / "blobs" / blob.name  # a sha-like name outside any hub repo folder
     outside.parent.mkdir()
     shutil.copy(blob, outside)
-    assert _sibling.hub_blob(str(outside), os.stat(outside)) is None
+    assert _identity.hub_blob(str(outside), os.stat(outside)) is None
 
 
 def test_one_cache_place_per_blob():
     blob = "ab" * 32
-    one = _sibling.cache_path("/c", "/a/snapshots/r1/model.safetensors", f"/a/blobs/{blob}", blob)
-    other = _sibling.cache_path("/c", "/b/snapshots/r2/model.safetensors", f"/b/blobs/{blob}", blob)
-    assert one == other != _sibling.cache_path("/c", "/a/snapshots/r1/model.safetensors", f"/a/blobs/{blob}")
+    one = _places.cache_path("/c", "/a/snapshots/r1/model.safetensors", f"/a/blobs/{blob}", blob)
+    other = _places.cache_path("/c", "/b/snapshots/r2/model.safetensors", f"/b/blobs/{blob}", blob)
+    assert one == other != _places.cache_path("/c", "/a/snapshots/r1/model.safetensors", f"/a/blobs/{blob}")
 
 
 def test_a_sibling_keyed_by_path_by_an_earlier_version_is_still_found(tmp_path, monkeypatch, conversions):
@@ -153,8 +153,8 @@ def test_a_sibling_keyed_by_path_by_an_earlier_version_is_still_found(tmp_path, 
     ckpt = toy_hub_checkpoint(tmp_path / "hf", REPO, "rev1")
     load_toy(ckpt, tmp_path / "cache")
     real = str(ckpt.resolve())
-    by_blob = Path(_sibling.cache_path(str(tmp_path / "cache"), str(ckpt), real, ckpt.resolve().name))
-    by_path = Path(_sibling.cache_path(str(tmp_path / "cache"), str(ckpt), real))
+    by_blob = Path(_places.cache_path(str(tmp_path / "cache"), str(ckpt), real, ckpt.resolve().name))
+    by_path = Path(_places.cache_path(str(tmp_path / "cache"), str(ckpt), real))
     by_path.parent.mkdir(parents=True)
     by_blob.rename(by_path)  # where that version put it
     shutil.rmtree(tmp_path / "cache" / "index")

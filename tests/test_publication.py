@@ -19,7 +19,7 @@ from support.processes import fork_child
 from support.toymodel import build
 
 import sa3loader
-from sa3loader import _convert, _faults
+from sa3loader import _compare, _faults
 from sa3loader._format import read_header
 from sa3loader._lock import conversion_lock
 
@@ -68,7 +68,7 @@ def test_a_first_load_returns_a_correct_model_before_its_sibling_is_published(tm
     release.set()
     assert sa3loader.wait_for_publishing(WAIT_S)
     assert lock_is_free(sibling) and not list(tmp_path.glob("*.incomplete-*"))
-    _convert.verify(read_header(ckpt), read_header(sibling))
+    _compare.verify(read_header(ckpt), read_header(sibling))
     load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().cache_hit  # the index row was written too
 
@@ -147,7 +147,7 @@ def test_a_process_that_ends_while_publishing_leaves_a_sibling_the_next_load_pub
     assert points.index("fsync") < points.index("rename")
     assert digest(model) == reference_digest(ckpt)
     assert not list(tmp_path.glob("*.incomplete-*"))
-    _convert.verify(read_header(ckpt), read_header(sibling))
+    _compare.verify(read_header(ckpt), read_header(sibling))
     load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().cache_hit  # and indexed: found again
 

@@ -341,7 +341,7 @@ def test_a_failing_finish_in_a_load_closes_every_descriptor(tmp_path, monkeypatc
 )
 def test_network_filesystems_are_read_not_mapped(ckpt, tmp_path, monkeypatch, fstype, io, expected):
     """mmap on NFS/SMB/FUSE is slow and dies with SIGBUS on a server hiccup: read there, unless asked."""
-    from sa3loader._mounts import network_filesystem
+    from sa3loader._host import network_filesystem
 
     with mounted(tmp_path / "mountinfo", {tmp_path: fstype}):
         assert network_filesystem(str(ckpt)) == (None if fstype == "ext4" else fstype)
@@ -398,7 +398,7 @@ def test_the_siblings_fp16_is_final_only_where_the_device_casts_as_the_cpu_does(
     """On other devices upstream's own cast runs there (fp32 moved, then cast): nothing assumes
     their rounding of subnormals matches the CPU's."""
     from sa3loader._format import read_header
-    from sa3loader._sibling import resolve_sibling
+    from sa3loader._resolver import resolve_sibling
     from sa3loader._values import Values
 
     src = save({"w": torch.tensor([1.0, 3e-6]), "i": torch.arange(2)}, tmp_path / "model.safetensors")

@@ -4,6 +4,7 @@ sibling's name and metadata. These are what mutation testing runs against (tests
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -14,8 +15,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sa3loader import HeaderError, _build, _sibling
+from sa3loader import HeaderError, _build, _identity, _places
 from sa3loader._format import _guess_format, layout, parse_header
+from sa3loader._identity import SiblingClaim, SourceIdentity
+from sa3loader._index import IndexRow, RangeReport
 from sa3loader._io import MAX_GAP_BYTES, plan_chunks
 
 # ------------------------------------------------------------------ key rules
@@ -134,37 +137,55 @@ def test_plan_chunks_gaps_and_refusals():
 # ------------------------------------------------------------------ identity
 
 
-IDENTITY = {"size": 10, "mtime_ns": 20, "header_sha256": "h", "inode": 1, "device": 2, "ctime_ns": 3}
+IDENTITY = SourceIdentity(size=10, mtime_ns=20, header_sha256="h", inode=1, device=2, ctime_ns=3)
 
 
 @pytest.mark.parametrize("field", ["size", "mtime_ns", "header_sha256"])
 def test_hard_match_needs_every_hard_field(field):
-    assert _sibling.hard_match(IDENTITY, dict(IDENTITY))
-    assert not _sibling.hard_match(IDENTITY, {**IDENTITY, field: "other"})
-    assert _sibling.soft_match(IDENTITY, {**IDENTITY, field: "other"})
+    other = dataclasses.replace(IDENTITY, **{field: "other"})
+    assert _identity.hard_match(IDENTITY, dataclasses.replace(IDENTITY))
+    assert not _identity.hard_match(IDENTITY, other) and _identity.soft_match(IDENTITY, other)
 
 
 @pytest.mark.parametrize("field", ["inode", "device", "ctime_ns"])
 def test_soft_match_needs_every_soft_field(field):
-    assert _sibling.soft_match(IDENTITY, dict(IDENTITY))
-    assert not _sibling.soft_match(IDENTITY, {**IDENTITY, field: -1})
-    assert _sibling.hard_match(IDENTITY, {**IDENTITY, field: -1})
+    other = dataclasses.replace(IDENTITY, **{field: -1})
+    assert _identity.soft_match(IDENTITY, dataclasses.replace(IDENTITY))
+    assert not _identity.soft_match(IDENTITY, other) and _identity.hard_match(IDENTITY, other)
 
 
 def test_a_fingerprint_of_another_version_is_not_current():
-    version = _sibling.FINGERPRINT_VERSION
-    assert _sibling.current_fingerprint(f"{version}:abc")
-    assert not _sibling.current_fingerprint(f"{version}abc")
-    assert not _sibling.current_fingerprint("v1:abc")
-    assert not _sibling.current_fingerprint(None)
+    version = _identity.FINGERPRINT_VERSION
+    assert _identity.current_fingerprint(f"{version}:abc")
+    assert not _identity.current_fingerprint(f"{version}abc")
+    assert not _identity.current_fingerprint("v1:abc")
+    assert not _identity.current_fingerprint(None)
 
 
-def test_racy_rows():
-    row = {"source": {"mtime_ns": 10_000_000_000}, "checked_ns": 10_000_000_000 + _sibling.RACY_WINDOW_NS}
-    assert not _sibling.racy(row)  # checked a full window after the mtime
-    assert _sibling.racy({**row, "checked_ns": row["checked_ns"] - 1})
-    assert _sibling.racy({"source": row["source"]})  # an older version's row: no check time
-    assert _sibling.racy({**row, "checked_ns": float(row["checked_ns"])})  # not an int: not ours
+def test_racy_checks():
+    mtime, checked = 10_000_000_000, 10_000_000_000 + _identity.RACY_WINDOW_NS
+    assert not _identity.racy(mtime, checked)  # checked a full window after the mtime
+    assert _identity.racy(mtime, checked - 1)
+    assert _identity.racy(mtime, None)  # an older version's row: no check time
+    assert _identity.racy(mtime, float(checked))  # type: ignore[arg-type]  # not an int: not ours
+
+
+def test_an_index_row_round_trips_through_json():
+    row = IndexRow(
+        source=dataclasses.replace(IDENTITY, blob="ab" * 32),
+        source_path="/a/model.safetensors",
+        real_path="/b/model.safetensors",
+        fingerprint="v2:fp",
+        checked_ns=5,
+        sibling_path="/a/model.fp16.safetensors",
+        sibling_size=7,
+        sibling_header_sha256="s",
+        created=1.5,
+        range=RangeReport(1, 2),
+    )
+    assert IndexRow.from_json(json.loads(json.dumps(row.to_json()))) == row
+    assert IndexRow.from_json({**row.to_json(), "schema": 0}) is None
+    assert IndexRow.from_json({**row.to_json(), "range": None}) == dataclasses.replace(row, range=None)
 
 
 def entries_header(sizes: list[int]):
@@ -172,27 +193,27 @@ def entries_header(sizes: list[int]):
 
 
 def test_fingerprint_ranges_take_small_tensors_whole_and_spots_of_large_ones():
-    whole = _sibling.WHOLE_TENSOR_BYTES // 4
+    whole = _identity.WHOLE_TENSOR_BYTES // 4
     header = entries_header([3, whole, whole + 1, 0])
-    ranges = _sibling.fingerprint_ranges(header)
+    ranges = _identity.fingerprint_ranges(header)
     entries = sorted(header.entries, key=lambda e: e.begin)
     small, exact, large = (e for e in entries if e.nbytes)
     at = {e.name: header.data_start + e.begin for e in entries}
     assert (at[small.name], small.nbytes) in ranges and (at[exact.name], exact.nbytes) in ranges
     spots = [r for r in ranges if at[large.name] <= r[0] < at[large.name] + large.nbytes]
-    assert len(spots) == _sibling.SPOTS and all(n == _sibling.SPOT_BYTES for _, n in spots)
+    assert len(spots) == _identity.SPOTS and all(n == _identity.SPOT_BYTES for _, n in spots)
     assert spots[0][0] == at[large.name]  # the first byte
-    assert spots[-1][0] + _sibling.SPOT_BYTES == at[large.name] + large.nbytes  # the last byte
-    assert len(ranges) == 2 + _sibling.SPOTS  # nothing for the empty tensor
+    assert spots[-1][0] + _identity.SPOT_BYTES == at[large.name] + large.nbytes  # the last byte
+    assert len(ranges) == 2 + _identity.SPOTS  # nothing for the empty tensor
     assert [r[0] for r in ranges] == sorted(r[0] for r in ranges)
 
 
 def test_merged_reads_join_ranges_closer_than_the_gap():
-    gap = _sibling.MERGE_GAP_BYTES
-    assert _sibling._merged([(0, 10), (10 + gap, 5)]) == [(0, 15 + gap)]
-    assert _sibling._merged([(0, 10), (11 + gap, 5)]) == [(0, 10), (11 + gap, 5)]
-    assert _sibling._merged([(0, 10), (5, 3)]) == [(0, 10)]  # inside: no growth
-    assert _sibling._merged([]) == []
+    gap = _identity.MERGE_GAP_BYTES
+    assert _identity._merged([(0, 10), (10 + gap, 5)]) == [(0, 15 + gap)]
+    assert _identity._merged([(0, 10), (11 + gap, 5)]) == [(0, 10), (11 + gap, 5)]
+    assert _identity._merged([(0, 10), (5, 3)]) == [(0, 10)]  # inside: no growth
+    assert _identity._merged([]) == []
 
 
 # ------------------------------------------------------------------ name and metadata
@@ -208,80 +229,72 @@ def test_merged_reads_join_ranges_closer_than_the_gap():
     ],
 )
 def test_sibling_names(source, sibling):
-    assert _sibling.sibling_name(source) == sibling
-    assert _sibling.beside_path(source) == "/m/" + sibling
+    assert _places.sibling_name(source) == sibling
+    assert _places.beside_path(source) == "/m/" + sibling
 
 
 def test_cache_path_is_keyed_by_the_real_file():
-    path = _sibling.cache_path("/c", "/snap/rev1/model.safetensors", "/blobs/abc")
+    path = _places.cache_path("/c", "/snap/rev1/model.safetensors", "/blobs/abc")
     digest = hashlib.sha256(b"/blobs/abc").hexdigest()[:16]
     assert path == f"/c/siblings/{digest}/model.fp16.safetensors"
-    assert _sibling.cache_path("/c", "/snap/rev2/model.safetensors", "/blobs/abc") == path
+    assert _places.cache_path("/c", "/snap/rev2/model.safetensors", "/blobs/abc") == path
 
 
 @pytest.mark.parametrize("kind", ["models", "datasets", "spaces"])
 def test_hub_caches_of_every_repo_type(kind):
-    assert _sibling.in_hf_hub_cache(f"/hf/hub/{kind}--org--name/snapshots/rev/model.safetensors")
-    assert _sibling.in_hf_hub_cache(f"/hf/hub/{kind}--org--name/blobs/abc")
-    assert not _sibling.in_hf_hub_cache(f"/hf/hub/{kind}--org--name/refs/main")
-    assert not _sibling.in_hf_hub_cache(f"/data/{kind}/model.safetensors")
+    assert _places.in_hf_hub_cache(f"/hf/hub/{kind}--org--name/snapshots/rev/model.safetensors")
+    assert _places.in_hf_hub_cache(f"/hf/hub/{kind}--org--name/blobs/abc")
+    assert not _places.in_hf_hub_cache(f"/hf/hub/{kind}--org--name/refs/main")
+    assert not _places.in_hf_hub_cache(f"/data/{kind}/model.safetensors")
 
 
 def test_sibling_metadata_says_what_it_was_made_from_and_keeps_the_users():
     header = header_of({"w": ("F32", (2,))})
     header.metadata["format"] = "pt"
-    meta = _sibling.sibling_metadata(header, IDENTITY, "v2:fp")
-    assert meta["format"] == "pt" and meta[_sibling.MARKER_KEY] == _sibling.FORMAT_VERSION
-    prefix = _sibling.META_PREFIX
+    meta = _identity.sibling_metadata(header, IDENTITY, "v2:fp")
+    assert meta["format"] == "pt" and meta[_identity.MARKER_KEY] == _identity.FORMAT_VERSION
+    prefix = _identity.META_PREFIX
     assert (meta[prefix + "source_size"], meta[prefix + "source_mtime_ns"]) == ("10", "20")
     assert (meta[prefix + "source_header_sha256"], meta[prefix + "source_fingerprint"]) == ("h", "v2:fp")
     assert meta[prefix + "source_name"] == "model.safetensors"
     sibling = header_of({"w": ("F16", (2,))}, meta)
-    assert _sibling._sibling_identity(sibling) == {
-        "size": 10,
-        "mtime_ns": 20,
-        "header_sha256": "h",
-        "fingerprint": "v2:fp",
-        "blob": None,  # not a hub blob: which file it was is not recorded
-        "device": -1,
-        "inode": -1,
-    }
-    assert _sibling.is_sa3loader_file(sibling) and not _sibling.is_sa3loader_file(header)
-    assert _sibling.describes(sibling, header)
+    # not a hub blob: which file it was is not recorded
+    assert SiblingClaim.of(sibling) == SiblingClaim(10, 20, "h", "v2:fp", None, -1, -1)
+    assert _identity.is_sa3loader_file(sibling) and not _identity.is_sa3loader_file(header)
+    assert _identity.describes(sibling, header)
     unreadable = header_of({"w": ("F16", (2,))}, {**meta, prefix + "source_size": "ten"})
-    assert _sibling._sibling_identity(unreadable) == {}
-    incomplete = header_of({"w": ("F16", (2,))}, {_sibling.MARKER_KEY: "1"})
-    assert _sibling._sibling_identity(incomplete) == {}
+    assert SiblingClaim.of(unreadable) is None
+    incomplete = header_of({"w": ("F16", (2,))}, {_identity.MARKER_KEY: "1"})
+    assert SiblingClaim.of(incomplete) is None
     blob = "ab" * 32
-    meta = _sibling.sibling_metadata(header, {**IDENTITY, "blob": blob}, "v2:fp")
-    claimed = _sibling._sibling_identity(header_of({"w": ("F16", (2,))}, meta))
-    assert (claimed["blob"], claimed["device"], claimed["inode"]) == (
-        blob,
-        IDENTITY["device"],
-        IDENTITY["inode"],
-    )
+    meta = _identity.sibling_metadata(header, dataclasses.replace(IDENTITY, blob=blob), "v2:fp")
+    claimed = SiblingClaim.of(header_of({"w": ("F16", (2,))}, meta))
+    assert claimed is not None and (claimed.blob, claimed.device, claimed.inode) == (blob, 2, 1)
 
 
-def test_a_blob_name_stands_for_the_content_unless_that_very_file_was_rewritten():
+def test_a_blob_name_lets_the_fingerprint_decide_unless_that_very_file_was_rewritten():
     blob = "ab" * 32
-    made = {**IDENTITY, "blob": blob}
-    copied = {**made, "mtime_ns": 99, "inode": 77, "ctime_ns": 98}  # re-downloaded, or another layer
-    assert _sibling.same_blob(made, copied) and not _sibling.hard_match(made, copied)
-    assert not _sibling.same_blob(made, {**made, "mtime_ns": 99})  # same inode and device, written since
-    assert _sibling.same_blob(made, {**made, "mtime_ns": 99, "device": 5})  # another device: a copy
+    made = SiblingClaim(10, 20, "h", "v2:fp", blob, device=2, inode=1)
+    copied = dataclasses.replace(IDENTITY, blob=blob, mtime_ns=99, inode=77, ctime_ns=98)  # re-downloaded
+    assert _identity.same_blob(made, copied) and not _identity.hard_match(made, copied)
+    rewritten = dataclasses.replace(IDENTITY, blob=blob, mtime_ns=99)  # same inode and device, written since
+    assert not _identity.same_blob(made, rewritten)
+    assert _identity.same_blob(made, dataclasses.replace(rewritten, device=5))  # another device: a copy
     for differing in ({"blob": "cd" * 32}, {"blob": None}, {"size": 11}, {"header_sha256": "x"}):
-        assert not _sibling.same_blob(made, {**copied, **differing})
-    assert not _sibling.same_blob({**made, "blob": None}, {**copied, "blob": None})
+        assert not _identity.same_blob(made, dataclasses.replace(copied, **differing))
+    assert not _identity.same_blob(
+        dataclasses.replace(made, blob=None), dataclasses.replace(copied, blob=None)
+    )
 
 
 def test_describes_needs_the_same_names_shapes_and_converted_dtypes():
     source = header_of({"w": ("F32", (2,)), "h": ("F16", (3,))})
-    assert _sibling.describes(header_of({"w": ("F16", (2,)), "h": ("F16", (3,))}), source)
-    assert not _sibling.describes(header_of({"w": ("F32", (2,)), "h": ("F16", (3,))}), source)  # not cast
-    assert not _sibling.describes(header_of({"w": ("F16", (3,)), "h": ("F16", (3,))}), source)  # shape
-    assert not _sibling.describes(header_of({"w": ("F16", (2,))}), source)  # missing one
-    assert not _sibling.describes(header_of({"x": ("F16", (2,)), "h": ("F16", (3,))}), source)  # name
-    assert _sibling.has_float32(source) and not _sibling.has_float32(header_of({"h": ("F16", (3,))}))
+    assert _identity.describes(header_of({"w": ("F16", (2,)), "h": ("F16", (3,))}), source)
+    assert not _identity.describes(header_of({"w": ("F32", (2,)), "h": ("F16", (3,))}), source)  # not cast
+    assert not _identity.describes(header_of({"w": ("F16", (3,)), "h": ("F16", (3,))}), source)  # shape
+    assert not _identity.describes(header_of({"w": ("F16", (2,))}), source)  # missing one
+    assert not _identity.describes(header_of({"x": ("F16", (2,)), "h": ("F16", (3,))}), source)  # name
+    assert _identity.has_float32(source) and not _identity.has_float32(header_of({"h": ("F16", (3,))}))
 
 
 # ------------------------------------------------------------------ header validation, word for word
@@ -358,12 +371,12 @@ def test_remap_never_drops_the_first_component_even_into_a_key_with_a_leading_do
 
 
 def test_hub_cache_recognised_at_the_snapshots_dir_itself():
-    assert _sibling.in_hf_hub_cache("/hf/hub/models--o--n/snapshots")
+    assert _places.in_hf_hub_cache("/hf/hub/models--o--n/snapshots")
 
 
 def test_cache_path_of_a_path_that_is_not_utf8():
     name = os.fsdecode(b"/data/caf\xe9/model.safetensors")  # latin-1 bytes: a surrogate escape
-    path = _sibling.cache_path("/c", name, name)
+    path = _places.cache_path("/c", name, name)
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
     assert path == f"/c/siblings/{digest}/model.fp16.safetensors"
 

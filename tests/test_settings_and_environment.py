@@ -21,7 +21,7 @@ from support.loads import load_toy, make_ckpt, reference_digest
 from support.toymodel import build, reference
 
 import sa3loader
-from sa3loader import _faults, _fsutil
+from sa3loader import _cache_dir, _faults
 from sa3loader._format import read_header
 
 
@@ -70,7 +70,7 @@ def test_no_home_falls_back_to_temp_with_a_warning(tmp_path, monkeypatch, caplog
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(os.path, "expanduser", lambda p: p)
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    assert _fsutil.resolve_cache_dir().startswith(str(tmp_path / "tmp"))
+    assert _cache_dir.resolve_cache_dir().startswith(str(tmp_path / "tmp"))
     assert "no usable home" in caplog.text
 
 
@@ -114,7 +114,7 @@ def no_home(monkeypatch, tmp_path) -> Path:
 
 def plant(fixed: Path, ckpt: Path) -> Path:
     """Another user's doing: a sibling with the victim's identity and other weights, in ``fixed``."""
-    outcome = sa3loader._sibling.resolve_sibling(read_header(ckpt), str(fixed))
+    outcome = sa3loader._resolver.resolve_sibling(read_header(ckpt), str(fixed))
     planted = Path(outcome.sibling.path)
     assert str(planted).startswith(str(fixed))  # a hub-style source: the sibling went to the cache
     raw = bytearray(planted.read_bytes())
@@ -153,7 +153,7 @@ def test_a_planted_fallback_cache_dir_is_never_used(tmp_path, monkeypatch, caplo
             os.chown(fixed, 65534, 65534)
         else:
             pytest.skip("only root can give a dir to another user")
-    chosen = _fsutil.resolve_cache_dir()
+    chosen = _cache_dir.resolve_cache_dir()
     assert chosen != str(fixed) and os.stat(chosen).st_mode & 0o777 == 0o700
     assert f"{fixed} is not usable ({PLANTED_BECAUSE[how]}); using {chosen}" in caplog.text
     model = load_toy(ckpt, Path(chosen))
@@ -192,7 +192,7 @@ def test_dirs_sa3loader_creates_are_private(tmp_path):
 
 
 def test_cache_dir_variables_expand_tilde_and_vars(tmp_path, monkeypatch):
-    from sa3loader._fsutil import resolve_cache_dir
+    from sa3loader._cache_dir import resolve_cache_dir
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("SA3LOADER_CACHE_DIR", "~/caches/$SA3_PART")

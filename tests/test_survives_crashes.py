@@ -12,7 +12,7 @@ from support.loads import load_toy, make_ckpt, reference_digest
 from support.processes import fork_child
 
 import sa3loader
-from sa3loader import _convert
+from sa3loader import _compare
 from sa3loader._format import read_header
 from sa3loader._lock import conversion_lock
 
@@ -32,12 +32,12 @@ def assert_healed(ckpt: Path, cache: Path, dim: int, expected: str | None = None
     sibling = ckpt.with_name("model.fp16.safetensors")
     assert lock_is_free(sibling)
     if sibling.exists():  # only a complete, correct file may have been published
-        _convert.verify(read_header(ckpt), read_header(sibling))
+        _compare.verify(read_header(ckpt), read_header(sibling))
     model = load_toy(ckpt, cache, dim=dim)
     assert digest(model) == (expected or reference_digest(ckpt, dim))
     assert sa3loader.last_load_info().sibling == str(sibling)
     assert not list(ckpt.parent.glob("*.incomplete-*"))
-    _convert.verify(read_header(ckpt), read_header(sibling))
+    _compare.verify(read_header(ckpt), read_header(sibling))
 
 
 @pytest.mark.slow
@@ -57,7 +57,7 @@ def test_sigkill_at_random_points_never_leaves_a_bad_sibling(tmp_path):
     """Kill points are chosen by progress (bytes written), never by the clock: deterministic."""
     rng = random.Random(20261125)
     ckpt = make_ckpt(tmp_path / "model.safetensors", dim=BIG_DIM)
-    total = sa3loader._sibling.resolve_sibling(read_header(ckpt), str(tmp_path / "probe")).converted.size
+    total = sa3loader._resolver.resolve_sibling(read_header(ckpt), str(tmp_path / "probe")).converted.size
     (tmp_path / "model.fp16.safetensors").unlink()
     expected = reference_digest(ckpt, BIG_DIM)
     for trial, limit in enumerate(sorted(rng.randint(1, total) for _ in range(RANDOM_KILL_TRIALS))):

@@ -26,7 +26,7 @@ import torch
 import sa3loader
 from sa3loader import _convert, _faults
 from sa3loader._format import read_header
-from sa3loader._sibling import resolve_sibling
+from sa3loader._resolver import resolve_sibling
 from support.faults import fake_mount_table, set_hook
 from support.toymodel import build
 

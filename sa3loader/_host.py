@@ -1,4 +1,5 @@
-"""What the mount table says about the filesystem that holds a path.
+"""Facts of this host: what its mount table says about the filesystem that holds a path, and
+which boot this is (what a page cache holds is this boot's).
 
 Two decisions rest on it:
 
@@ -96,3 +97,16 @@ def stat_vouches(path: str) -> str | None:
     if mount.fstype in STAT_DOES_NOT_VOUCH or mount.fstype.startswith("fuse"):
         return f"on {mount.fstype}, a file's stat does not tell its content"
     return None
+
+
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str | None:
+    """This boot of this machine (Linux), or None where it cannot be told: what a page cache
+    holds is this boot's, and was lost by a restart."""
+    try:
+        with open(BOOT_ID, encoding="ascii") as f:
+            return f.read().strip().replace("-", "") or None
+    except OSError:
+        return None

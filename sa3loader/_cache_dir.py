@@ -1,0 +1,134 @@
+"""The cache dir: where it is, how it is created (private, tagged), and opening one to every
+user for a baked image.
+
+A cache dir is used only when no one else can plant files in it (``_trust.cache_dir_trust``):
+siblings and index rows found there decide which weights a load returns. Dirs sa3loader
+creates are private (0700).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+
+from . import _config
+from ._config import warn_once
+from ._places import INCOMPLETE_INFIX, LOCK_SUFFIX
+from ._trust import cache_dir_trust
+
+PRIVATE_DIR_MODE = 0o700
+
+CACHE_APP_NAME = "sa3loader"
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """``cache_dir``, else $SA3LOADER_CACHE_DIR, else $XDG_CACHE_HOME/sa3loader, else ~/.cache/sa3loader.
+
+    Falls back to a per-user temp dir (with a warning) when there is no usable home;
+    when someone else controls that fixed name, to a fresh private one instead.
+    """
+    if cache_dir is not None:
+        return os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
+    from_env = _config.env_path(_config.CACHE_DIR_ENV)
+    if from_env is not None:
+        return from_env
+    xdg = _config.env_path(_config.XDG_CACHE_HOME_ENV)
+    if xdg is not None:
+        return os.path.join(xdg, CACHE_APP_NAME)
+    home = os.path.expanduser("~")
+    candidate = os.path.join(home, ".cache", CACHE_APP_NAME)
+    if home != "~" and _can_create(candidate):
+        return candidate
+    fallback = os.path.join(tempfile.gettempdir(), f"{CACHE_APP_NAME}-{os.getuid()}")
+    unusable = cache_dir_trust(fallback) if _can_create(fallback) else "it cannot be created or written"
+    if unusable is None:
+        warn_once("no-home", "no usable home directory for the sa3loader cache; using %s", fallback)
+        return fallback
+    fresh = tempfile.mkdtemp(prefix=f"{CACHE_APP_NAME}-{os.getuid()}-")
+    warn_once(
+        "no-home",
+        "no usable home directory for the sa3loader cache, and %s is not usable (%s); using %s",
+        fallback,
+        unusable,
+        fresh,
+    )
+    return fresh
+
+
+def _can_create(path: str) -> bool:
+    try:
+        make_private_dirs(path)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+CACHEDIR_TAG = "CACHEDIR.TAG"
+
+CACHEDIR_TAG_TEXT = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by sa3loader.\n"
+    "# For information about cache directory tags see https://bford.info/cachedir/\n"
+)
+
+
+def create_cache_dir(path: str) -> None:
+    """Make a cache dir's ``path`` (private, as every dir sa3loader creates) and tag the cache dir."""
+    make_private_dirs(path)
+    tag_cache_dir(os.path.dirname(path))
+
+
+SHARED_DIR_BITS = 0o555  # r-x for all: anyone may list and traverse, no one else may write
+
+SHARED_FILE_BITS = 0o444
+
+
+def open_cache_dir_to_all(cache_dir: str) -> list[str]:
+    """Let every user read a cache dir you built (an image built as root, served as another user).
+
+    Dirs get r-x for all and the index's files r-- for all; write bits are not
+    touched, so the dir stays trusted (no one else can plant files in it).
+    Siblings keep their own mode, the source's read bits: never wider than the
+    checkpoint. Returns the paths changed.
+    """
+    changed = []
+    for directory, _, files in os.walk(cache_dir):
+        targets = [(directory, SHARED_DIR_BITS)]
+        targets += [
+            (os.path.join(directory, name), SHARED_FILE_BITS)
+            for name in files
+            if not name.endswith((".safetensors", LOCK_SUFFIX)) and INCOMPLETE_INFIX not in name
+        ]
+        for path, bits in targets:
+            st = os.lstat(path)
+            if st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) and st.st_mode & bits != bits:
+                os.chmod(path, stat.S_IMODE(st.st_mode) | bits)
+                changed.append(path)
+    return changed
+
+
+def tag_cache_dir(cache_dir: str) -> None:
+    """Write a CACHEDIR.TAG, so backup tools skip gigabytes of siblings; best effort."""
+    path = os.path.join(cache_dir, CACHEDIR_TAG)
+    if os.path.exists(path):
+        return
+    try:
+        with open(path, "x", encoding="ascii") as f:
+            f.write(CACHEDIR_TAG_TEXT)
+    except OSError:
+        pass  # a read-only or racing cache dir: the tag is a courtesy
+
+
+def make_private_dirs(path: str) -> None:
+    """``os.makedirs`` with mode 0700 for every dir it creates, as ``tempfile.mkdtemp`` does."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        make_private_dirs(parent)
+    try:
+        os.mkdir(path, PRIVATE_DIR_MODE)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise

@@ -1,0 +1,270 @@
+"""Who a source checkpoint is, and what a sibling claims about the source it was made from.
+
+Hard fields (size, mtime_ns, header sha256) change when the weights may have changed: any
+mismatch means reconvert. Soft fields (inode, device, ctime_ns) change when the same bytes
+are copied to a new image layer or mount: a mismatch there alone is settled by reading a
+sampled fingerprint again, not by reconverting gigabytes.
+
+The fingerprint sees every tensor: tensors up to ``WHOLE_TENSOR_BYTES`` are hashed whole,
+larger ones at ``SPOTS`` evenly spaced spots that include their first and last bytes. A
+change confined to one tensor is caught unless it hides in the unsampled interior of a large
+tensor; only ``verify`` reads every byte.
+
+A sibling carries ``sa3loader.*`` metadata (``SiblingClaim``): the source's hard fields and
+fingerprint, and for a hub blob its name and which file it was (device, inode), so that a
+sibling found without an index row is checked against its source all the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import _faults
+from ._file import read_exact
+from ._format import Header, read_header, reading
+from ._places import blob_name
+from .errors import Sa3LoaderError
+
+FINGERPRINT_VERSION = "v2"
+WHOLE_TENSOR_BYTES = 1 << 20
+SPOT_BYTES = 4096
+SPOTS = 5  # first, last and three between
+# Cold, the spots are random reads: several in flight keep the disk's queue full.
+READ_THREADS = 8
+# Ranges closer than this are read as one.
+MERGE_GAP_BYTES = 64 * 1024
+# git's racy-clean rule: a check within this long of the source's mtime may predate a write
+# in the same timestamp tick (FAT counts in 2 s), so it is made again.
+RACY_WINDOW_NS = 2_000_000_000
+
+FORMAT_VERSION = "1"
+META_PREFIX = "sa3loader."
+MARKER_KEY = META_PREFIX + "format_version"
+
+
+@dataclass(frozen=True)
+class SourceIdentity:
+    """The file behind a header, as its stat and header said when it was opened."""
+
+    size: int
+    mtime_ns: int
+    header_sha256: str
+    inode: int
+    device: int
+    ctime_ns: int
+    blob: str | None = None  # the hub blob's content hash, when the file is one
+
+    @classmethod
+    def of(cls, header: Header) -> SourceIdentity:
+        st = header.handle.stat if header.handle is not None else os.stat(header.path)
+        return cls(
+            st.st_size,
+            st.st_mtime_ns,
+            header.sha256,
+            st.st_ino,
+            st.st_dev,
+            st.st_ctime_ns,
+            hub_blob(header.path, st),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> SourceIdentity:
+        """From an index row's ``source`` (its shape checked by the index)."""
+        return cls(
+            obj["size"],
+            obj["mtime_ns"],
+            obj["header_sha256"],
+            obj["inode"],
+            obj["device"],
+            obj["ctime_ns"],
+            obj.get("blob"),
+        )
+
+
+@dataclass(frozen=True)
+class SiblingClaim:
+    """What a sibling's metadata says about the source it was made from."""
+
+    size: int
+    mtime_ns: int
+    header_sha256: str
+    fingerprint: str
+    blob: str | None
+    device: int  # -1: not recorded
+    inode: int
+
+    @classmethod
+    def of(cls, sibling: Header) -> SiblingClaim | None:
+        meta = sibling.metadata
+        try:
+            return cls(
+                int(meta[META_PREFIX + "source_size"]),
+                int(meta[META_PREFIX + "source_mtime_ns"]),
+                meta[META_PREFIX + "source_header_sha256"],
+                meta[META_PREFIX + "source_fingerprint"],
+                meta.get(META_PREFIX + "source_blob_sha256"),
+                int(meta.get(META_PREFIX + "source_device", -1)),
+                int(meta.get(META_PREFIX + "source_inode", -1)),
+            )
+        except (KeyError, ValueError):
+            return None
+
+
+def hub_blob(path: str, st: os.stat_result) -> str | None:
+    """The sha256 a hub cache names this file's content by, when ``path`` resolves to a blob
+    and that blob is the very file ``st`` describes (not one a repointed link leads to now)."""
+    real = os.path.realpath(path)
+    name = blob_name(real)
+    if name is None:
+        return None
+    try:
+        now = os.stat(real)
+    except OSError:
+        return None
+    return name if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) else None
+
+
+def hard_match(a: SourceIdentity | SiblingClaim, b: SourceIdentity | SiblingClaim) -> bool:
+    """Same size, mtime and header: nothing says the weights changed."""
+    return (a.size, a.mtime_ns, a.header_sha256) == (b.size, b.mtime_ns, b.header_sha256)
+
+
+def soft_match(a: SourceIdentity, b: SourceIdentity) -> bool:
+    """The same file: same inode, device and ctime."""
+    return (a.inode, a.device, a.ctime_ns) == (b.inode, b.device, b.ctime_ns)
+
+
+def changed_in_place(then: SiblingClaim, now: SourceIdentity) -> bool:
+    """The same file (device and inode), written since."""
+    return (then.device, then.inode) == (now.device, now.inode) and then.mtime_ns != now.mtime_ns
+
+
+def same_blob(claimed: SiblingClaim, identity: SourceIdentity) -> bool:
+    """Both name the same hub blob, with the same size and header, and the file is not the one
+    the sibling was made from, rewritten in place since. The name alone never stands for the
+    content: the fingerprint is read too (``_sibling``)."""
+    return (
+        identity.blob is not None
+        and claimed.blob == identity.blob
+        and (claimed.size, claimed.header_sha256) == (identity.size, identity.header_sha256)
+        and not changed_in_place(claimed, identity)
+    )
+
+
+def racy(mtime_ns: int, checked_ns: int | None) -> bool:
+    """A check that may predate a same-tick write of the source (git's racy-clean rule)."""
+    return type(checked_ns) is not int or mtime_ns + RACY_WINDOW_NS > checked_ns
+
+
+def current_fingerprint(value: object) -> bool:
+    """Whether a stored fingerprint was made by this version's algorithm (another's cannot be compared)."""
+    return isinstance(value, str) and value.startswith(FINGERPRINT_VERSION + ":")
+
+
+def fingerprint_ranges(header: Header) -> list[tuple[int, int]]:
+    """File (offset, length) ranges the fingerprint hashes, in file order."""
+    ranges = []
+    for entry in sorted(header.entries, key=lambda e: e.begin):
+        start = header.data_start + entry.begin
+        if entry.nbytes <= WHOLE_TENSOR_BYTES:
+            if entry.nbytes:
+                ranges.append((start, entry.nbytes))
+            continue
+        span = entry.nbytes - SPOT_BYTES
+        ranges += [(start + span * i // (SPOTS - 1), SPOT_BYTES) for i in range(SPOTS)]
+    return ranges
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for offset, length in ranges:
+        if merged and offset - sum(merged[-1]) <= MERGE_GAP_BYTES:
+            merged[-1] = (merged[-1][0], max(sum(merged[-1]), offset + length) - merged[-1][0])
+        else:
+            merged.append((offset, length))
+    return merged
+
+
+def fingerprint(header: Header) -> str:
+    """sha256 over every small tensor and spots of every large one (see the module doc)."""
+    _faults.point("fingerprint", header.path)
+    ranges = fingerprint_ranges(header)
+    reads = _merged(ranges)
+    with reading(header) as fd, ThreadPoolExecutor(READ_THREADS) as pool:
+        blocks = list(pool.map(lambda r: read_exact(fd, r[0], r[1], header.path), reads))
+    digest = hashlib.sha256(f"{FINGERPRINT_VERSION}:{header.file_size}:{header.sha256}".encode())
+    block = 0
+    for offset, length in ranges:
+        while offset >= reads[block][0] + reads[block][1]:
+            block += 1
+        start = offset - reads[block][0]
+        digest.update(memoryview(blocks[block])[start : start + length])
+    return f"{FINGERPRINT_VERSION}:{digest.hexdigest()}"
+
+
+def sibling_metadata(header: Header, identity: SourceIdentity, fingerprint: str) -> dict[str, str]:
+    """The source's metadata plus ours, so that a sibling describes its source."""
+    ours = {
+        MARKER_KEY: FORMAT_VERSION,
+        META_PREFIX + "source_name": os.path.basename(header.path),
+        META_PREFIX + "source_size": str(identity.size),
+        META_PREFIX + "source_mtime_ns": str(identity.mtime_ns),
+        META_PREFIX + "source_header_sha256": identity.header_sha256,
+        META_PREFIX + "source_fingerprint": fingerprint,
+    }
+    if identity.blob is not None:  # and which file it was, to tell a rewrite in place
+        ours[META_PREFIX + "source_blob_sha256"] = identity.blob
+        ours[META_PREFIX + "source_device"] = str(identity.device)
+        ours[META_PREFIX + "source_inode"] = str(identity.inode)
+    return {**header.metadata, **ours}
+
+
+def converted_dtype(dtype: str) -> str:
+    """Only float32 becomes float16; every other dtype is kept as it is."""
+    return "F16" if dtype == "F32" else dtype
+
+
+def has_float32(header: Header) -> bool:
+    """Whether the source has a sibling at all: only float32 tensors become float16."""
+    return any(e.dtype == "F32" for e in header.entries)
+
+
+def is_sa3loader_file(header: Header) -> bool:
+    return MARKER_KEY in header.metadata
+
+
+def is_sa3loader_path(path: str) -> bool:
+    """True only for a readable safetensors file (not a symlink) that carries sa3loader's marker."""
+    try:
+        return is_sa3loader_file(read_header(path, follow_symlinks=False))
+    except (Sa3LoaderError, OSError):
+        return False
+
+
+def describes(sibling: Header, source: Header) -> bool:
+    """The sibling holds exactly the converted tensors of ``source`` (header level)."""
+    if len(sibling.entries) != len(source.entries):
+        return False
+    for entry in source.entries:
+        other = sibling.by_name.get(entry.name)
+        if other is None or other.shape != entry.shape or other.dtype != converted_dtype(entry.dtype):
+            return False
+    return True
+
+
+def sibling_matches_source(sibling: Header, source: Header) -> bool:
+    """Whether ``sibling`` is sa3loader's sibling of the file ``source`` is now (header and identity)."""
+    claimed, identity = SiblingClaim.of(sibling), SourceIdentity.of(source)
+    return (
+        claimed is not None
+        and is_sa3loader_file(sibling)
+        and describes(sibling, source)
+        and (hard_match(claimed, identity) or same_blob(claimed, identity))
+    )

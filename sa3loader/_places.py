@@ -1,0 +1,112 @@
+"""Where siblings go: their names, the places a load may put one, and the Hugging Face hub
+cache's layout (known here only).
+
+- The sibling of ``<stem>.safetensors`` is ``<stem>.fp16.safetensors``; a source named
+  without the suffix gets ``<name>-fp16.safetensors``.
+- It goes beside the source when that dir is writable and not inside a hub cache, else to
+  ``<cache_dir>/siblings/<key>/<name>``, keyed by the hub blob's content hash when the source
+  is one (every copy of the blob shares it), else by the source's real path.
+- A hub cache is ``<type>s--<org>--<name>/{snapshots/<rev>/<files>, blobs/<sha256>}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+from . import _faults
+
+SIBLING_SUFFIX = ".fp16.safetensors"
+UNSUFFIXED_SIBLING_SUFFIX = "-fp16.safetensors"
+SAFETENSORS_SUFFIX = ".safetensors"
+SIBLINGS_SUBDIR = "siblings"
+# Room left on the filesystem after writing a sibling.
+FREE_SPACE_MARGIN_BYTES = 64 * 1024 * 1024
+
+# huggingface_hub names a repo's cache folder by its type: models--org--name, datasets--…, spaces--….
+HF_REPO_FOLDER_PREFIXES = ("models--", "datasets--", "spaces--")
+HF_REPO_SUBFOLDERS = ("snapshots", "blobs")
+HUB_REPO_TYPES = {"models": "", "datasets": "datasets/", "spaces": "spaces/"}
+# An LFS file's blob is named by the sha256 of its content (huggingface_hub checks it on download).
+HF_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def in_hf_hub_cache(path: str) -> bool:
+    """True for paths inside a Hugging Face hub cache (``<type>s--*/snapshots|blobs``, every repo type)."""
+    for candidate in {os.path.abspath(path), os.path.realpath(path)}:
+        parts = candidate.split(os.sep)
+        for i, part in enumerate(parts[:-1]):
+            if part.startswith(HF_REPO_FOLDER_PREFIXES) and parts[i + 1] in HF_REPO_SUBFOLDERS:
+                return True
+    return False
+
+
+def in_hub_repo(directory: str) -> bool:
+    """Inside a hub repo folder (``models--org--name`` and below), or its snapshots and blobs."""
+    parts = os.path.realpath(directory).split(os.sep) + directory.split(os.sep)
+    return in_hf_hub_cache(directory) or any(p.startswith(HF_REPO_FOLDER_PREFIXES) for p in parts)
+
+
+def blob_name(real_path: str) -> str | None:
+    """The sha256 a hub cache names the file at ``real_path`` by, when it is
+    ``<type>s--*/blobs/<sha256>`` (a 64-hex LFS name, not a git blob's sha1)."""
+    parts = real_path.split(os.sep)
+    if len(parts) < 3 or parts[-2] != "blobs" or not parts[-3].startswith(HF_REPO_FOLDER_PREFIXES):
+        return None
+    return parts[-1] if HF_BLOB_NAME.fullmatch(parts[-1]) else None
+
+
+def hub_name(path: str) -> str | None:
+    """``org/name@revision file`` for a file in a Hugging Face hub cache snapshot, as ``hf`` names it."""
+    parts = os.path.abspath(path).split(os.sep)
+    for i, part in enumerate(parts[:-3]):
+        kind, sep, repo = part.partition("--")
+        if sep and kind in HUB_REPO_TYPES and parts[i + 1] == "snapshots":
+            repo_id = HUB_REPO_TYPES[kind] + repo.replace("--", "/", 1)
+            return f"{repo_id}@{parts[i + 2][:8]} {'/'.join(parts[i + 3 :])}"
+    return None
+
+
+def sibling_name(source_path: str) -> str:
+    """``<stem>.fp16.safetensors`` for ``<stem>.safetensors``; ``<name>-fp16.safetensors`` otherwise.
+
+    A source named without the suffix (``model``) must not share its sibling with
+    ``model.safetensors`` beside it: the two would reconvert on every other load.
+    """
+    name = os.path.basename(source_path)
+    if name.endswith(SAFETENSORS_SUFFIX):
+        return name[: -len(SAFETENSORS_SUFFIX)] + SIBLING_SUFFIX
+    return name + UNSUFFIXED_SIBLING_SUFFIX
+
+
+def beside_path(source_path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(source_path)), sibling_name(source_path))
+
+
+def cache_path(cache_dir: str, source_path: str, real_source: str, blob: str | None = None) -> str:
+    """Sibling location in the cache dir, keyed by the hub blob's content hash when the
+    source is one (every copy of that blob shares it), else by the real file."""
+    key = f"blob:{blob}" if blob is not None else real_source
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return os.path.join(cache_dir, SIBLINGS_SUBDIR, digest, sibling_name(source_path))
+
+
+def in_cache_dir(path: str, cache_dir: str) -> bool:
+    """Whether ``path`` is a sibling place of the cache dir (``<cache>/siblings/<key>/<name>``)."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(path))) == cache_dir
+
+
+def dir_writable(path: str) -> bool:
+    return _faults.fact("dir_writable", path, os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK))
+
+
+def free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return _faults.fact("free_bytes", path, st.f_bavail * st.f_frsize)
+
+
+# A file being written: <final name><INCOMPLETE_INFIX><pid>-<random>, renamed into place when done.
+INCOMPLETE_INFIX = ".incomplete-"
+
+LOCK_SUFFIX = ".lock"

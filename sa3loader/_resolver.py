@@ -1,0 +1,297 @@
+"""The sibling a load reads: found, adopted, or converted now.
+
+Check, lock, check again: look for a valid sibling (index row, beside the source, in the
+cache dir: ``SiblingFinder``), take the lock for the chosen place, look again, and only then
+convert. What an earlier writer left under the lock is published as it is when it is
+provably whole (``_unpublished``), or removed. Every failure to write degrades to loading
+the fp32 source with one warning; nothing here may stop a load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import glob
+import logging
+import os
+from collections.abc import Callable
+
+from . import _config, _convert, _faults
+from ._cache_dir import make_private_dirs
+from ._config import warn_once
+from ._format import Header
+from ._identity import has_float32, is_sa3loader_file, sibling_metadata
+from ._index import Index, IndexRow, RangeReport
+from ._lock import ConversionLock
+from ._places import (
+    FREE_SPACE_MARGIN_BYTES,
+    INCOMPLETE_INFIX,
+    beside_path,
+    cache_path,
+    dir_writable,
+    free_bytes,
+    in_cache_dir,
+)
+from ._publication import Publication, finish
+from ._sibling import SiblingFinder, SiblingOutcome
+from ._trust import overwrite_problem, owned_file_problem
+from ._written import WrittenSibling, unpublished_sibling
+from .errors import CheckpointChangedError, ConversionError, LockTimeoutError, UnusableLockError
+
+logger = logging.getLogger(__name__)
+
+
+def stray_incomplete(sibling_path: str) -> list[str]:
+    """Temp files of earlier writers of ``sibling_path`` that are yours (another user's are not
+    ours to judge). Call only while holding the lock: then no one is writing them."""
+    return [
+        path
+        for path in sorted(glob.glob(glob.escape(sibling_path) + INCOMPLETE_INFIX + "*"))
+        if owned_file_problem(path) is None
+    ]
+
+
+def _room_problem(path: str, needed: int) -> str | None:
+    directory = os.path.dirname(path)
+    try:
+        make_private_dirs(directory)
+    except OSError as exc:
+        return f"cannot create {directory} ({exc.strerror})"
+    if not dir_writable(directory):
+        return f"{directory} is not writable"
+    if free_bytes(directory) < needed + FREE_SPACE_MARGIN_BYTES:
+        return f"not enough free space in {directory} for a {needed / 1e9:.2f} GB sibling"
+    return None
+
+
+class SiblingResolver:
+    """Resolves the sibling of one source for one cache dir: find, lock, find again, convert."""
+
+    def __init__(self, finder: SiblingFinder, *, publish_later: bool = False) -> None:
+        self.finder = finder
+        self.source, self.outcome = finder.source, finder.outcome
+        self.publish_later = publish_later
+
+    def _overwritable(self, path: str) -> str | None:
+        """None when a new sibling may be written at ``path``, else why not (``_trust``)."""
+        f = self.finder
+        return overwrite_problem(
+            path, in_cache_dir=in_cache_dir(path, f.cache_dir), other_version=path in f.other_version
+        )
+
+    def _refuse_to_overwrite(self, path: str) -> None:
+        """``ConversionError`` when ``path`` may no longer be written (a file saved there since)."""
+        problem = self._overwritable(path)
+        if problem is not None:
+            raise ConversionError(f"{path}: {problem}; leaving it alone", filename=path)
+
+    def targets(self) -> tuple[list[str], list[str]]:
+        """Where a new sibling may go, best first, and why the other places may not."""
+        f = self.finder
+        options, problems = [], []
+        if f.beside_allowed():
+            beside = beside_path(self.source.path)
+            directory = os.path.dirname(beside)
+            why_not = None if dir_writable(directory) else f"{directory} is not writable"
+            why_not = why_not or self._overwritable(beside)
+            if why_not is None:
+                options.append(beside)
+            elif dir_writable(directory):
+                problems.append(f"not beside the source ({beside}: {why_not})")
+        if f.cache_trusted:
+            shared = cache_path(f.cache_dir, self.source.path, f.real, f.blob)
+            # A file whose content is not what its blob's name says (a copied cache, edited):
+            # its own place, or it and the true blob would convert in turn.
+            own = shared in f.content_differs and f.blob is not None
+            options.append(cache_path(f.cache_dir, self.source.path, f.real) if own else shared)
+        else:
+            problems.append(f"the cache dir {f.cache_dir} is not trusted")
+        return options, problems
+
+    def resolve(self) -> SiblingOutcome:
+        out, f = self.outcome, self.finder
+        # A sibling this process converted and has not yet published, first: its lock is ours
+        # until then (a load nested in the factory, another copy of the same hub blob).
+        for path in f.candidates(None):
+            finish(path)
+        if not has_float32(self.source):
+            out.reason = (
+                "already fp16 (an sa3loader output): loaded as is"
+                if is_sa3loader_file(self.source)
+                else "no float32 tensors: loaded as is"
+            )
+            return out
+        out.sibling = f.find()
+        if out.sibling is not None:
+            out.reason = "cache hit"
+            return out
+        metadata = sibling_metadata(self.source, f.identity, f.fingerprint())
+        try:
+            size = _convert.output_size(self.source, metadata)
+        except ConversionError as exc:
+            out.reason = f"{exc}: loading the fp32 source"
+            warn_once("fallback:" + f.real, "%s", out.reason)
+            return out
+        options, problems = self.targets()
+        for target in options:
+            problem = _room_problem(target, size)
+            if problem is None:
+                try:
+                    return self._convert_at(target, metadata)
+                except UnusableLockError as exc:
+                    problem = str(exc)
+            problems.append(problem)
+        if f.unreadable:  # the likeliest fix first: a sibling is there, unreadable to this user
+            path, why = next(iter(f.unreadable.items()))
+            problems.insert(
+                0, f"{path} may be there but cannot be read by this user ({why}): make it readable"
+            )
+        out.reason = f"no place for the fp16 sibling ({'; '.join(problems)}): loading the fp32 source"
+        warn_once("fallback:" + f.real, "%s: %s", self.source.path, out.reason)
+        return out
+
+    def _convert_at(self, target: str, metadata: dict[str, str]) -> SiblingOutcome:
+        """Convert to ``target`` under its lock, unless another process did meanwhile, or
+        wrote it and ended before publishing it (``_unpublished``).
+
+        With ``publish_later`` the outcome's sibling is the temp file just written,
+        and a thread that holds the lock publishes it (``_publication``).
+        """
+        out, f = self.outcome, self.finder
+        try:
+            with contextlib.ExitStack() as held:
+                held.enter_context(ConversionLock(target, timeout=f.settings.lock_timeout))
+                # Check again: another process may have converted while we waited.
+                out.sibling = f.accept(target, None)
+                if out.sibling is not None:
+                    out.reason = "converted by another process"
+                    return out
+                written = self._unpublished(target, metadata)
+                if written is None:
+                    self._refuse_to_overwrite(target)
+                    logger.info("converting %s to fp16 at %s", self.source.path, target)
+                    written = _convert.write_sibling(
+                        self.source, target, metadata, read_only=True, progress=f.settings.progress
+                    )
+                    out.converted = written.result
+                held.callback(written.discard)  # until published: a no-op after the rename
+                self._hand_off(written, held, target)
+        except (LockTimeoutError, UnusableLockError, CheckpointChangedError):
+            raise
+        except (ConversionError, OSError) as exc:
+            out.close()
+            out.sibling = None
+            out.converted = None
+            out.reason = f"could not write the fp16 sibling ({exc}): loading the fp32 source"
+            warn_once("convert:" + f.real, "%s: %s", self.source.path, out.reason)
+            return out
+        result = written.result
+        if out.converted is None:
+            out.reason = "cache hit (published what a previous process wrote)"
+            out.stored_range = RangeReport(result.overflow_to_inf, result.flushed_to_zero)
+            return out
+        out.reason = "converted"
+        logger.info(
+            "converted %s (%.2f GB) to %s (%.2f GB) in %.1fs",
+            self.source.path,
+            self.source.file_size / 1e9,
+            target,
+            result.size / 1e9,
+            result.seconds,
+        )
+        return out
+
+    def _hand_off(self, written: WrittenSibling, held: contextlib.ExitStack, target: str) -> None:
+        """Open what was written for the load, then publish it: now, or (``publish_later``) on a
+        thread that takes over ``held`` (the lock, the temp file) once the load is done."""
+        out, f = self.outcome, self.finder
+        out.sibling = written.open_header()
+        row = f.row(out.sibling, None, written.result)
+        if not self.publish_later:
+            _publish(written, f.cache_dir, f.cache_trusted, f.real, row, f.index)
+            return
+        out.events.append("publishing the sibling in the background")
+        publish = functools.partial(
+            _publish,
+            written,
+            f.cache_dir,
+            f.cache_trusted,
+            f.real,
+            row,
+            recheck=functools.partial(self._refuse_to_overwrite, target),
+        )
+        out.publication = Publication(target, publish, held.pop_all(), [written.fd])
+
+    def _unpublished(self, target: str, metadata: dict[str, str]) -> WrittenSibling | None:
+        """Under the lock: what earlier writers of ``target`` left. A temp file a process wrote
+        whole and did not publish (it ended first: an ``exec``, a kill) is published as it is
+        when it provably holds this source's sibling; every other leftover is removed, and
+        when one was, the conversion that follows says why at WARNING."""
+        found = None
+        prefix, total = _convert.output_prefix(self.source, metadata)
+        for path in stray_incomplete(target):
+            if found is None:
+                found = unpublished_sibling(path, target, prefix, total)
+                if found is not None:
+                    self.outcome.events.append(f"published {path}, which a previous process wrote")
+                    logger.info("publishing %s, which a previous process wrote and did not publish", path)
+                    continue
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            if found is None:
+                warn_once(
+                    "unpublished:" + target,
+                    "%s: a previous process ended before publishing the fp16 sibling it was writing (%s); "
+                    "converting again. A process that exec()s after a first load should call "
+                    "sa3loader.wait_for_publishing() first",
+                    self.source.path,
+                    os.path.basename(path),
+                )
+        return found
+
+
+def _publish(
+    written: WrittenSibling,
+    cache_dir: str,
+    usable: bool,
+    key: str,
+    row: IndexRow,
+    index: Index | None = None,
+    recheck: Callable[[], None] | None = None,
+) -> None:
+    """fsync and rename the written sibling, then record it in the index (a new connection
+    when none is given: this may run on the publishing thread). ``recheck``, just before the
+    rename, raises when the name may no longer be written (the load has long returned)."""
+    written.publish(before_rename=recheck)
+    _faults.point("index")
+    with contextlib.ExitStack() as stack:
+        if index is None:
+            index = stack.enter_context(Index(cache_dir, usable=usable))
+        index.put(key, row)
+
+
+def resolve_sibling(
+    source: Header,
+    cache_dir: str,
+    *,
+    verify: bool = False,
+    keep_open: bool = False,
+    settings: _config.Settings | None = None,
+    publish_later: bool = False,
+) -> SiblingOutcome:
+    """The sibling to read (found, adopted or converted now).
+
+    With ``keep_open``, ``outcome.sibling`` stays open (use the outcome as a
+    context manager): a load reads exactly the file that was checked, whatever
+    happens to its name meanwhile (``cache clear``, a republish). With
+    ``publish_later`` (and ``keep_open``), a sibling converted now is returned
+    before it is published, which a background thread finishes (``_publication``).
+    """
+    finder = SiblingFinder(source, cache_dir, settings or _config.settings(verify=verify))
+    with finder.index:
+        outcome = SiblingResolver(finder, publish_later=publish_later and keep_open).resolve()
+    if not keep_open and outcome.sibling is not None:
+        outcome.close()
+        outcome.sibling = dataclasses.replace(outcome.sibling, handle=None)
+    return outcome

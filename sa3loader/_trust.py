@@ -1,0 +1,125 @@
+"""Every "may I use or write this" rule, in one place.
+
+Siblings, lock files and index rows found on disk decide which weights a load returns, so
+what someone else could have put there is never trusted: a cache dir others can write to, a
+sibling owned by another user in a dir others can write to, another user's file, a symlink
+or a FIFO at a name sa3loader writes. Within one user, everything is trusted.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+
+from . import _config
+from ._identity import is_sa3loader_path
+from ._places import LOCK_SUFFIX
+
+
+def _private_group(gid: int) -> bool:
+    """The user's own group: named after the user, with no other member."""
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return gid == os.getgid() and group.gr_name == user and set(group.gr_mem) <= {user}
+
+
+def _lstat(path: str) -> tuple[os.stat_result | None, str | None]:
+    """``path``'s own stat (a symlink is not followed), or None and why there is nothing to
+    judge: absent (None: nothing is there), unreadable, or a symlink."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"cannot inspect it ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return None, "it is a symlink"
+    return st, None
+
+
+def cache_dir_trust(path: str, *, shared: bool | None = None) -> str | None:
+    """None when ``path`` is a dir only you (or root) can plant files in, else why not.
+
+    Trusted: not a symlink (``lstat``), owned by you or root, not world-writable,
+    group-writable only for your own private group. ``$SA3LOADER_SHARED_CACHE=1``
+    trusts a shared team cache on purpose. A missing dir is trusted: it will be
+    created private.
+    """
+    if _config.shared_cache() if shared is None else shared:
+        return None
+    st, problem = _lstat(path)
+    if st is None:
+        return problem
+    if not stat.S_ISDIR(st.st_mode):
+        return None  # nothing can be planted in it; creating the dirs inside fails and says so
+    if st.st_uid not in (os.getuid(), 0):
+        return f"it is owned by uid {st.st_uid}"
+    if st.st_mode & stat.S_IWOTH:
+        return "it is world-writable"
+    if st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid):
+        return "it is group-writable"
+    return None
+
+
+def writable_by_others(directory: str, owner: int | None = None) -> bool:
+    """Whether someone other than ``owner`` (default: you) and root can create files in ``directory``.
+
+    An unreadable or missing dir counts as writable by others: nothing in it is vouched for.
+    """
+    owner = os.getuid() if owner is None else owner
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return True
+    if st.st_uid not in (owner, 0) or st.st_mode & stat.S_IWOTH:
+        return True
+    return bool(st.st_mode & stat.S_IWGRP) and not (owner == os.getuid() and _private_group(st.st_gid))
+
+
+def owned_file_problem(path: str) -> str | None:
+    """None when ``path`` is absent or a regular file of yours (not a symlink), else what it is.
+
+    For names sa3loader writes itself (siblings, locks): another user's file, a
+    symlink or a FIFO at one of them is never written through or waited on.
+    """
+    st, problem = _lstat(path)
+    if st is None:
+        return problem
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if st.st_uid != os.getuid():
+        return f"it is owned by uid {st.st_uid}"
+    return None
+
+
+def owner_problem(path: str, st: os.stat_result, source_owner: int, *, shared: bool) -> str | None:
+    """None when the owner of the sibling at ``path`` may choose this load's weights, else why not:
+    you or root; anyone, in a team cache shared on purpose (``shared``); the source's owner in a
+    directory no one else can write to (they control the source anyway)."""
+    if st.st_uid in (os.getuid(), 0) or shared:
+        return None
+    if st.st_uid == source_owner and not writable_by_others(os.path.dirname(path), source_owner):
+        return None
+    return f"it is owned by uid {st.st_uid}, in a directory others can write to"
+
+
+def overwrite_problem(path: str, *, in_cache_dir: bool, other_version: bool) -> str | None:
+    """None when a new sibling may be written at ``path``, else why not.
+
+    Never through another user's file, a symlink or a FIFO, at the sibling's name or its
+    lock's; never over another sa3loader version's sibling; and beside the source, never
+    over a file that is not an sa3loader sibling.
+    """
+    problem = owned_file_problem(path) or owned_file_problem(path + LOCK_SUFFIX)
+    if problem is not None:
+        return problem
+    if other_version:
+        return "another sa3loader version's sibling is there"
+    if not in_cache_dir and os.path.lexists(path) and not is_sa3loader_path(path):
+        return "a file that is not an sa3loader sibling is there"
+    return None
