@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 from . import _compare, _config
 from ._format import open_header, read_header
-from ._identity import SourceIdentity, hard_match, is_sa3loader_path, sibling_matches_source
-from ._index import Index, IndexRow
+from ._identity import hard_match, identity_of, is_sa3loader_path, sibling_matches_source
+from ._index import Index
 from ._lock import conversion_lock
 from ._places import INCOMPLETE_INFIX, LOCK_SUFFIX, SIBLINGS_SUBDIR
+from ._records import IndexRow
 from ._trust import cache_dir_trust, owned_file_problem
 from .errors import LockTimeoutError, Sa3LoaderError, UntrustedCacheDirError, UnusableLockError
 
@@ -50,7 +51,7 @@ def _status(row: IndexRow) -> str:
         return MISSING_SIBLING
     try:
         with open_header(row.real_path) as source:
-            current = SourceIdentity.of(source)
+            current = identity_of(source)
         sib = read_header(row.sibling_path, follow_symlinks=False)
     except (Sa3LoaderError, OSError):
         return STALE

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from . import _faults
-from ._convert import _pieces_of, byte_bar, progress_enabled
-from ._file import preadv_exact, read_exact
+from ._file import pieces_of, preadv_exact, read_exact
 from ._format import Header, TensorEntry, reading
 from ._identity import converted_dtype
 from ._io import torch_dtype
+from ._progress import byte_bar, progress_enabled
 from .errors import VerificationError
 
 CHUNK_ELEMENTS = 4 * 1024 * 1024
@@ -36,7 +36,7 @@ def _piece_plan(header: Header, entries: Iterable[TensorEntry]) -> list[tuple[Te
     return [
         (entry, offset, length)
         for entry in entries
-        for offset, length in _pieces_of(header.data_start + entry.begin, entry.nbytes, _chunk_elements() * 4)
+        for offset, length in pieces_of(header.data_start + entry.begin, entry.nbytes, _chunk_elements() * 4)
     ]
 
 

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,23 +43,41 @@ IoMode = Literal["mmap", "read"]  # how CPU weights are read: mapped, or read in
 IO_MODES: tuple[IoMode, ...] = ("mmap", "read")
 _TRUE = ("1", "true", "yes", "on")
 
-_warned: set[str] = set()
+
+class Once:
+    """The messages this process has logged already (``warn_once``, ``info_once``): a
+    misconfigured cache must not flood the log with the same line on every load."""
+
+    def __init__(self) -> None:
+        self._keys: set[str] = set()
+        self._guard = threading.Lock()
+
+    def first(self, key: str) -> bool:
+        """True the first time ``key`` is seen in this process."""
+        with self._guard:
+            if key in self._keys:
+                return False
+            self._keys.add(key)
+            return True
+
+    def forget(self) -> None:
+        """Say everything again (a test that checks each message)."""
+        with self._guard:
+            self._keys.clear()
+
+
+ONCE = Once()
 
 
 def warn_once(key: str, message: str, *args: object) -> None:
     """Log a warning once per process: a misconfigured cache must not flood the log."""
-    if key not in _warned:
-        _warned.add(key)
+    if ONCE.first("warning:" + key):
         logger.warning(message, *args)
-
-
-_said: set[str] = set()
 
 
 def info_once(key: str, message: str, *args: object) -> None:
     """Log at INFO once per process: a state that is fine (a read-only baked index) but worth knowing."""
-    if key not in _said:
-        _said.add(key)
+    if ONCE.first("info:" + key):
         logger.info(message, *args)
 
 

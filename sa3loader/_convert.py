@@ -14,18 +14,15 @@ import hashlib
 import logging
 import math
 import os
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from . import _config, _faults
-from ._file import preadv_exact
+from . import _faults
+from ._file import pieces_of, preadv_exact
 from ._format import (
     HEADER_LENGTH_BYTES,
     MAX_HEADER_BYTES,
@@ -37,6 +34,7 @@ from ._format import (
 )
 from ._identity import converted_dtype
 from ._places import INCOMPLETE_INFIX
+from ._progress import byte_bar, progress_enabled
 from ._written import ConversionResult, WrittenSibling, _as_conversion_error, _unlink_quietly, mark_written
 from .errors import ConversionError
 
@@ -58,7 +56,6 @@ def _piece_elements() -> int:
 READ_AHEAD_STRIPES = 4  # stripes the kernel is asked to read ahead of the workers (a cold disk)
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 DEFAULT_FILE_MODE = 0o644
-PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 
 
 def output_size(header: Header, metadata: dict[str, str]) -> int:
@@ -84,18 +81,6 @@ def _output_layout(header: Header, metadata: dict[str, str]) -> tuple[bytes, lis
             filename=header.path,
         )
     return prefix, entries
-
-
-def progress_enabled(allowed: bool | None = None) -> bool:
-    """A bar only on a terminal, and only when the settings allow it (read now when not given)."""
-    return (_config.progress() if allowed is None else allowed) and sys.stderr.isatty()
-
-
-def byte_bar(desc: str, total: int, enabled: bool) -> tqdm[Any]:
-    """A progress bar in bytes, shown only when enabled and for work long enough to watch."""
-    return tqdm(
-        total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled or total < PROGRESS_MIN_BYTES
-    )
 
 
 def convert(
@@ -175,14 +160,6 @@ def write_sibling(
 # <dest>.incomplete-written-<boot>-<overflow>-<flushed>-<pid>-<random>: should its process end
 # before publishing it (an exec, a kill), a later load of this boot may publish it as it is
 # (``unpublished_sibling``). The page cache keeps what a dead process wrote; a restart may not.
-
-
-def _pieces_of(offset: int, nbytes: int, piece_bytes: int) -> Iterator[tuple[int, int]]:
-    """(file offset, bytes) of the pieces of ``nbytes`` at ``offset``, at most ``piece_bytes`` each."""
-    end = offset + nbytes
-    while offset < end:
-        yield offset, min(piece_bytes, end - offset)
-        offset += piece_bytes
 
 
 class _Job:
@@ -295,7 +272,7 @@ def _stream_tensors(
     for out in out_entries:  # the sibling's order
         entry = header.by_name[out.name]
         shrink = 2 if entry.dtype == "F32" else 1
-        for relative, length in _pieces_of(0, entry.nbytes, piece_bytes):
+        for relative, length in pieces_of(0, entry.nbytes, piece_bytes):
             offset = header.data_start + entry.begin + relative
             plan.append((entry, offset, length, out_data_start + out.begin + relative // shrink))
     job = _Job(plan, src_fd, bar)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from . import _compare, _convert
 from ._format import Header, open_header
 from ._identity import (
-    SourceIdentity,
     fingerprint,
     has_float32,
+    identity_of,
     is_sa3loader_file,
     is_sa3loader_path,
     sibling_metadata,
@@ -61,7 +61,7 @@ def _is_our_artifact(name: str, path: str) -> bool:
 
 
 def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
-    identity = SourceIdentity.of(header)
+    identity = identity_of(header)
     metadata = sibling_metadata(header, identity, fingerprint(header))
     staged = dest if not verify else f"{dest}{INCOMPLETE_INFIX}verify-{os.getpid()}"
     result = _convert.convert(header, staged, metadata)

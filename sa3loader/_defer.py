@@ -211,6 +211,8 @@ class _Patches:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.depth = 0  # watched builds running; only changed while holding ``lock``
+        # Each thread's recorder, watch, outer frame and loading depth: what its build records.
+        self.local = threading.local()
 
     def enter(self) -> None:
         self.lock.acquire()
@@ -232,13 +234,12 @@ class _Patches:
 
 
 _patches = _Patches()
-_state = threading.local()  # this thread's recorder, watch, outer frame and loading depth
 
 
 def _inside_loader_function() -> bool:
     """Whether a loader function runs between the ``with watched_build()`` and here."""
     frame: Any = sys._getframe()
-    outer = getattr(_state, "outer_frame", None)
+    outer = getattr(_patches.local, "outer_frame", None)
     while frame is not None and frame is not outer:
         if frame.f_code.co_name in LOADER_FUNCTION_NAMES:
             return True
@@ -247,8 +248,8 @@ def _inside_loader_function() -> bool:
 
 
 def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-    recorder: DeferredParameters | None = getattr(_state, "recorder", None)
-    if recorder is None or type(param) is not nn.Parameter or getattr(_state, "loading", 0) > 0:
+    recorder: DeferredParameters | None = getattr(_patches.local, "recorder", None)
+    if recorder is None or type(param) is not nn.Parameter or getattr(_patches.local, "loading", 0) > 0:
         _original_register(self, name, param)
         return
     if _inside_loader_function():  # a loader's value
@@ -257,7 +258,7 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
     if self._parameters.get(name) is not None:
         # A value assigned over a registered parameter, by the constructor: it must come from
         # the checkpoint, or the fast build keeps a value upstream's would not have.
-        _state.watch.replaced.append((weakref.ref(self), name))
+        _patches.local.watch.replaced.append((weakref.ref(self), name))
         _original_register(self, name, param)
         return
     # Parameters derived from deferred ones (weight_norm's g and v) are meta already.
@@ -270,16 +271,16 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
 
 
 def _load_state_dict_not_deferred(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    _state.loading = getattr(_state, "loading", 0) + 1
+    _patches.local.loading = getattr(_patches.local, "loading", 0) + 1
     try:
         return _original_load_state_dict(self, *args, **kwargs)
     finally:
-        _state.loading -= 1
+        _patches.local.loading -= 1
 
 
 def _get_rng_state_drawn() -> torch.Tensor:
     state = _original_get_rng_state()
-    watch: BuildWatch | None = getattr(_state, "watch", None)
+    watch: BuildWatch | None = getattr(_patches.local, "watch", None)
     if watch is not None:
         watch.mark(state)
     return state
@@ -287,7 +288,7 @@ def _get_rng_state_drawn() -> torch.Tensor:
 
 def _parameter_new(cls: type, data: torch.Tensor | None = None, requires_grad: bool = True) -> Any:
     param: torch.Tensor = _original_parameter_new(cls, data, requires_grad)
-    watch: BuildWatch | None = getattr(_state, "watch", None)
+    watch: BuildWatch | None = getattr(_patches.local, "watch", None)
     if watch is not None and isinstance(data, torch.Tensor) and watch.drawn(data):
         watch.mark(param)
     return param
@@ -295,9 +296,9 @@ def _parameter_new(cls: type, data: torch.Tensor | None = None, requires_grad: b
 
 def _saved_state() -> tuple[Any, Any, Any]:
     return (
-        getattr(_state, "recorder", None),
-        getattr(_state, "watch", None),
-        getattr(_state, "outer_frame", None),
+        getattr(_patches.local, "recorder", None),
+        getattr(_patches.local, "watch", None),
+        getattr(_patches.local, "outer_frame", None),
     )
 
 
@@ -311,15 +312,15 @@ def watched_build() -> Iterator[tuple[DeferredParameters, BuildWatch]]:
     _patches.enter()
     saved = _saved_state()
     recorder, watch = DeferredParameters(), BuildWatch()
-    _state.recorder, _state.watch = recorder, watch
+    _patches.local.recorder, _patches.local.watch = recorder, watch
     # Only loaders called from inside the block count: the whole load may itself
     # run inside one (upstream's ``StableAudioModel.from_pretrained``).
-    _state.outer_frame = sys._getframe(2)
+    _patches.local.outer_frame = sys._getframe(2)
     try:
         with watch:
             yield recorder, watch
     finally:
-        _state.recorder, _state.watch, _state.outer_frame = saved
+        _patches.local.recorder, _patches.local.watch, _patches.local.outer_frame = saved
         _patches.exit()
 
 
@@ -327,11 +328,11 @@ def watched_build() -> Iterator[tuple[DeferredParameters, BuildWatch]]:
 def not_deferred() -> Iterator[None]:
     """Build for real inside a watched build (a nested load's faithful build, say)."""
     saved = _saved_state()
-    _state.recorder, _state.watch = None, None
+    _patches.local.recorder, _patches.local.watch = None, None
     try:
         yield
     finally:
-        _state.recorder, _state.watch, _state.outer_frame = saved
+        _patches.local.recorder, _patches.local.watch, _patches.local.outer_frame = saved
 
 
 def run_unwatched(function: Callable[[], Any]) -> Any:

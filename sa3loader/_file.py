@@ -10,6 +10,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Iterator
 
 from . import _faults
 from .errors import (
@@ -150,3 +151,11 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
     data = os.pread(fd, len(view), offset)
     view[: len(data)] = data
     return len(data)
+
+
+def pieces_of(offset: int, nbytes: int, piece_bytes: int) -> Iterator[tuple[int, int]]:
+    """(file offset, bytes) of the pieces of ``nbytes`` at ``offset``, at most ``piece_bytes`` each."""
+    end = offset + nbytes
+    while offset < end:
+        yield offset, min(piece_bytes, end - offset)
+        offset += piece_bytes

@@ -20,13 +20,12 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Any
 
 from . import _faults
 from ._file import read_exact
 from ._format import Header, read_header, reading
 from ._places import blob_name
+from ._records import FORMAT_VERSION, MARKER_KEY, META_PREFIX, SiblingClaim, SourceIdentity
 from .errors import Sa3LoaderError
 
 FINGERPRINT_VERSION = "v2"
@@ -41,80 +40,19 @@ MERGE_GAP_BYTES = 64 * 1024
 # in the same timestamp tick (FAT counts in 2 s), so it is made again.
 RACY_WINDOW_NS = 2_000_000_000
 
-FORMAT_VERSION = "1"
-META_PREFIX = "sa3loader."
-MARKER_KEY = META_PREFIX + "format_version"
+
+def identity_of(header: Header) -> SourceIdentity:
+    """The identity of the file behind ``header``: the stat taken when it was opened, else now."""
+    st = header.handle.stat if header.handle is not None else os.stat(header.path)
+    blob = hub_blob(header.path, st)
+    return SourceIdentity(
+        st.st_size, st.st_mtime_ns, header.sha256, st.st_ino, st.st_dev, st.st_ctime_ns, blob
+    )
 
 
-@dataclass(frozen=True)
-class SourceIdentity:
-    """The file behind a header, as its stat and header said when it was opened."""
-
-    size: int
-    mtime_ns: int
-    header_sha256: str
-    inode: int
-    device: int
-    ctime_ns: int
-    blob: str | None = None  # the hub blob's content hash, when the file is one
-
-    @classmethod
-    def of(cls, header: Header) -> SourceIdentity:
-        st = header.handle.stat if header.handle is not None else os.stat(header.path)
-        return cls(
-            st.st_size,
-            st.st_mtime_ns,
-            header.sha256,
-            st.st_ino,
-            st.st_dev,
-            st.st_ctime_ns,
-            hub_blob(header.path, st),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> SourceIdentity:
-        """From an index row's ``source`` (its shape checked by the index)."""
-        return cls(
-            obj["size"],
-            obj["mtime_ns"],
-            obj["header_sha256"],
-            obj["inode"],
-            obj["device"],
-            obj["ctime_ns"],
-            obj.get("blob"),
-        )
-
-
-@dataclass(frozen=True)
-class SiblingClaim:
-    """What a sibling's metadata says about the source it was made from."""
-
-    size: int
-    mtime_ns: int
-    header_sha256: str
-    fingerprint: str
-    blob: str | None
-    device: int  # -1: not recorded
-    inode: int
-
-    @classmethod
-    def of(cls, sibling: Header) -> SiblingClaim | None:
-        meta = sibling.metadata
-        try:
-            return cls(
-                int(meta[META_PREFIX + "source_size"]),
-                int(meta[META_PREFIX + "source_mtime_ns"]),
-                meta[META_PREFIX + "source_header_sha256"],
-                meta[META_PREFIX + "source_fingerprint"],
-                meta.get(META_PREFIX + "source_blob_sha256"),
-                int(meta.get(META_PREFIX + "source_device", -1)),
-                int(meta.get(META_PREFIX + "source_inode", -1)),
-            )
-        except (KeyError, ValueError):
-            return None
+def claim_of(sibling: Header) -> SiblingClaim | None:
+    """What ``sibling``'s metadata says about its source."""
+    return SiblingClaim.of(sibling.metadata)
 
 
 def hub_blob(path: str, st: os.stat_result) -> str | None:
@@ -261,7 +199,7 @@ def describes(sibling: Header, source: Header) -> bool:
 
 def sibling_matches_source(sibling: Header, source: Header) -> bool:
     """Whether ``sibling`` is sa3loader's sibling of the file ``source`` is now (header and identity)."""
-    claimed, identity = SiblingClaim.of(sibling), SourceIdentity.of(source)
+    claimed, identity = claim_of(sibling), identity_of(source)
     return (
         claimed is not None
         and is_sa3loader_file(sibling)

@@ -12,13 +12,11 @@ read, loading goes on without it (a sibling's own metadata is enough to adopt it
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import sqlite3
 import urllib.parse
-from dataclasses import dataclass
 from typing import Any
 
 import diskcache
@@ -27,12 +25,11 @@ from diskcache.core import MODE_RAW, UNKNOWN
 from . import _faults
 from ._cache_dir import create_cache_dir
 from ._config import info_once, warn_once
-from ._identity import FORMAT_VERSION, SourceIdentity
+from ._records import IndexRow
 from .errors import CacheIndexError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 INDEX_SUBDIR = "index"
 INDEX_TIMEOUT_S = 2.0
 DATABASE_NAME = diskcache.core.DBNAME
@@ -45,106 +42,6 @@ def _index_timeout() -> float:
 # Rows are a few hundred bytes; keep every one inside SQLite, never in side files.
 MAX_ROW_BYTES = 1 << 20
 _BYTES_KEY_PREFIX = "\x00bytes:"
-_INT = "int"
-_NUMBER = "number"
-_OPTIONAL = "optional"
-_IDENTITY_SHAPE = {
-    "size": _INT,
-    "mtime_ns": _INT,
-    "header_sha256": str,
-    "inode": _INT,
-    "device": _INT,
-    "ctime_ns": _INT,
-}
-# What every use of a row reads; extra keys are allowed (newer writers).
-ROW_SHAPE: dict[str, Any] = {
-    "schema": _INT,
-    "source": {**_IDENTITY_SHAPE, "path": str, "real_path": str},
-    "fingerprint": str,
-    "sibling": {"path": str, "size": _INT, "header_sha256": str},
-    "converter_version": str,
-    "created": _NUMBER,
-    "range": (_OPTIONAL, {"overflow_to_inf": _INT, "flushed_to_zero": _INT}),
-}
-
-
-def _matches(value: Any, shape: Any) -> bool:
-    if isinstance(shape, tuple):  # (_OPTIONAL, shape)
-        return value is None or _matches(value, shape[1])
-    if isinstance(shape, dict):
-        return isinstance(value, dict) and all(k in value and _matches(value[k], v) for k, v in shape.items())
-    if shape == _INT:
-        return type(value) is int
-    if shape == _NUMBER:
-        return type(value) in (int, float)
-    return type(value) is shape
-
-
-def valid_row(row: Any) -> bool:
-    """Whether ``row`` has every field sa3loader reads, with the right types and schema."""
-    return _matches(row, ROW_SHAPE) and row["schema"] == SCHEMA_VERSION
-
-
-@dataclass(frozen=True)
-class RangeReport:
-    """What a conversion counted: finite values fp16 made inf, nonzero values it made 0."""
-
-    overflow_to_inf: int
-    flushed_to_zero: int
-
-
-@dataclass(frozen=True)
-class IndexRow:
-    """One index row, keyed by the source's real path: the source as it was when it was last
-    checked, and the sibling made from it. One definition, read and written as JSON only."""
-
-    source: SourceIdentity
-    source_path: str  # as the load was given it
-    real_path: str
-    fingerprint: str
-    checked_ns: int | None  # when the source's identity was taken (``_identity.racy``)
-    sibling_path: str
-    sibling_size: int
-    sibling_header_sha256: str
-    created: float
-    range: RangeReport | None
-    converter_version: str = FORMAT_VERSION
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA_VERSION,
-            "source": {**self.source.to_json(), "path": self.source_path, "real_path": self.real_path},
-            "fingerprint": self.fingerprint,
-            "checked_ns": self.checked_ns,
-            "sibling": {
-                "path": self.sibling_path,
-                "size": self.sibling_size,
-                "header_sha256": self.sibling_header_sha256,
-            },
-            "converter_version": self.converter_version,
-            "created": self.created,
-            "range": dataclasses.asdict(self.range) if self.range is not None else None,
-        }
-
-    @classmethod
-    def from_json(cls, obj: Any) -> IndexRow | None:
-        """The row ``obj`` holds, or None when it is not a valid row (of another shape or schema)."""
-        if not valid_row(obj):
-            return None
-        source, sibling, checked = obj["source"], obj["sibling"], obj.get("checked_ns")
-        return cls(
-            source=SourceIdentity.from_json(source),
-            source_path=source["path"],
-            real_path=source["real_path"],
-            fingerprint=obj["fingerprint"],
-            checked_ns=checked if type(checked) is int else None,
-            sibling_path=sibling["path"],
-            sibling_size=sibling["size"],
-            sibling_header_sha256=sibling["header_sha256"],
-            created=obj["created"],
-            range=RangeReport(**obj["range"]) if obj["range"] is not None else None,
-            converter_version=obj["converter_version"],
-        )
 
 
 def encode_key(path: str) -> str:

@@ -27,12 +27,6 @@ from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
-_pending: dict[str, Publication] = {}  # by the sibling's path: one conversion per sibling at a time
-_pending_lock = threading.Lock()
-# Kept for good in a forked child: collected there, a publication's lock would be unlocked (and
-# its descriptors closed) under the parent, which still publishes.
-_orphans: list[Publication] = []
-
 
 class Publication:
     """``publish`` to run on a thread, then close ``held`` (the conversion lock) there.
@@ -52,8 +46,7 @@ class Publication:
         self.descriptors = [(fd, _identity(fd)) for fd in descriptors]
         self._started, self._done = False, threading.Event()
         self._start_lock = threading.Lock()
-        with _pending_lock:
-            _pending[sibling] = self
+        _pending.add(sibling, self)
 
     def _run(self) -> None:
         try:
@@ -64,9 +57,7 @@ class Publication:
                 "could not publish the fp16 sibling %s (%s); the next load converts it again", self._what, exc
             )
         finally:
-            with _pending_lock:
-                if _pending.get(self._key) is self:
-                    del _pending[self._key]
+            _pending.remove(self._key, self)
             self._done.set()
 
     def start(self) -> None:
@@ -80,17 +71,73 @@ class Publication:
         except RuntimeError:  # "can't start new thread": a pids limit
             self._run()
 
+    def orphan(self) -> None:
+        """In a forked child: the parent publishes this, never the child, which closes its
+        copies of the temp file's descriptor (checked by identity, not by a reused number)."""
+        self._started = True
+        self._done.set()
+        for fd, identity in self.descriptors:
+            if _identity(fd) == identity:
+                os.close(fd)
+        self.descriptors = []
+
     def wait(self, timeout: float | None = None) -> bool:
         """Start it if it is not yet, and wait for it to be done; False on timeout."""
         self.start()
         return self._done.wait(timeout)
 
 
+class _Pending:
+    """The publications this process has not finished, by the sibling's path (one conversion
+    per sibling at a time), and what a forked child does with them: the one owner of this state.
+    """
+
+    def __init__(self) -> None:
+        self._by_sibling: dict[str, Publication] = {}
+        self._guard = threading.Lock()
+        # Kept for good in a forked child: collected there, a publication's lock would be unlocked
+        # (and its temp file removed) under the parent, which still publishes.
+        self._orphans: list[Publication] = []
+
+    def add(self, sibling: str, publication: Publication) -> None:
+        with self._guard:
+            self._by_sibling[sibling] = publication
+
+    def remove(self, sibling: str, publication: Publication) -> None:
+        with self._guard:
+            if self._by_sibling.get(sibling) is publication:
+                del self._by_sibling[sibling]
+
+    def get(self, sibling: str) -> Publication | None:
+        with self._guard:
+            return self._by_sibling.get(sibling)
+
+    def any(self) -> Publication | None:
+        with self._guard:
+            return next(iter(self._by_sibling.values()), None)
+
+    def forget_in_child(self) -> None:
+        """A forked child has none of the parent's threads: nothing of theirs to wait for.
+
+        Its copies of their temp files' descriptors are closed (the locks close their own,
+        ``_lock``); the publications are kept, never collected (``_orphans``).
+        """
+        self._guard = threading.Lock()
+        for publication in self._by_sibling.values():
+            self._orphans.append(publication)
+            publication.orphan()
+        self._by_sibling.clear()
+
+
+_pending = _Pending()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_pending.forget_in_child)
+
+
 def finish(sibling: str) -> None:
     """Publish now, and wait for, the sibling at ``sibling`` if this process converted it: a
     load must not wait on a lock that this process holds until its own load is done."""
-    with _pending_lock:
-        pending = _pending.get(sibling)
+    pending = _pending.get(sibling)
     if pending is not None:
         pending.wait()
 
@@ -104,33 +151,12 @@ def wait_for_publishing(timeout: float | None = None) -> bool:
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        with _pending_lock:
-            pending = next(iter(_pending.values()), None)
+        pending = _pending.any()
         if pending is None:
             return True
         left = None if deadline is None else deadline - time.monotonic()
         if (left is not None and left <= 0) or not pending.wait(left):
             return False
-
-
-def _forget_in_child() -> None:
-    """A forked child has none of the parent's threads: nothing of theirs to wait for.
-
-    Its copies of their descriptors are closed, so that a parent that dies
-    before it publishes leaves no lock behind in a child that lives on; the
-    publications are kept, never collected (see ``_orphans``).
-    """
-    global _pending_lock
-    _pending_lock = threading.Lock()
-    for publication in _pending.values():
-        _orphans.append(publication)
-        publication._started = True  # the parent publishes it, never this child
-        publication._done.set()
-        for fd, identity in publication.descriptors:
-            if _identity(fd) == identity:  # not a number the parent closed and opened again
-                os.close(fd)
-        publication.descriptors = []
-    _pending.clear()
 
 
 def _identity(fd: int) -> tuple[int, int] | None:
@@ -139,7 +165,3 @@ def _identity(fd: int) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_in_child)

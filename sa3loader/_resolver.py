@@ -21,12 +21,13 @@ from . import _config, _convert, _faults
 from ._cache_dir import make_private_dirs
 from ._config import warn_once
 from ._format import Header
-from ._identity import has_float32, is_sa3loader_file, sibling_metadata
-from ._index import Index, IndexRow, RangeReport
+from ._identity import has_float32, is_sa3loader_file, is_sa3loader_path, sibling_metadata
+from ._index import Index
 from ._lock import ConversionLock
 from ._places import (
     FREE_SPACE_MARGIN_BYTES,
     INCOMPLETE_INFIX,
+    LOCK_SUFFIX,
     beside_path,
     cache_path,
     dir_writable,
@@ -34,8 +35,9 @@ from ._places import (
     in_cache_dir,
 )
 from ._publication import Publication, finish
+from ._records import IndexRow, RangeReport
 from ._sibling import SiblingFinder, SiblingOutcome
-from ._trust import overwrite_problem, owned_file_problem
+from ._trust import owned_file_problem
 from ._written import WrittenSibling, unpublished_sibling
 from .errors import CheckpointChangedError, ConversionError, LockTimeoutError, UnusableLockError
 
@@ -50,6 +52,23 @@ def stray_incomplete(sibling_path: str) -> list[str]:
         for path in sorted(glob.glob(glob.escape(sibling_path) + INCOMPLETE_INFIX + "*"))
         if owned_file_problem(path) is None
     ]
+
+
+def overwrite_problem(path: str, *, in_cache_dir: bool, other_version: bool) -> str | None:
+    """None when a new sibling may be written at ``path``, else why not.
+
+    Never through another user's file, a symlink or a FIFO, at the sibling's name or its
+    lock's; never over another sa3loader version's sibling; and beside the source, never
+    over a file that is not an sa3loader sibling.
+    """
+    problem = owned_file_problem(path) or owned_file_problem(path + LOCK_SUFFIX)
+    if problem is not None:
+        return problem
+    if other_version:
+        return "another sa3loader version's sibling is there"
+    if not in_cache_dir and os.path.lexists(path) and not is_sa3loader_path(path):
+        return "a file that is not an sa3loader sibling is there"
+    return None
 
 
 def _room_problem(path: str, needed: int) -> str | None:

@@ -25,20 +25,21 @@ from ._config import warn_once
 from ._format import Header, open_header
 from ._host import stat_vouches
 from ._identity import (
-    SiblingClaim,
-    SourceIdentity,
+    claim_of,
     current_fingerprint,
     describes,
     fingerprint,
     hard_match,
+    identity_of,
     is_sa3loader_file,
     racy,
     same_blob,
     soft_match,
 )
-from ._index import Index, IndexRow, RangeReport
+from ._index import Index
 from ._places import beside_path, cache_path, in_cache_dir, in_hf_hub_cache
 from ._publication import Publication
+from ._records import IndexRow, RangeReport
 from ._trust import cache_dir_trust, owner_problem
 from ._written import ConversionResult
 from .errors import HeaderError, VerificationError
@@ -93,7 +94,7 @@ class SiblingFinder:
         self.cache_dir = cache_dir
         self.settings = settings
         self.real = os.path.realpath(source.path)
-        self.identity = SourceIdentity.of(source)
+        self.identity = identity_of(source)
         self.blob = self.identity.blob
         # When the identity was taken: a write after it changes the stat (or is racy).
         self.checked_ns = source.handle.opened_ns if source.handle is not None else time.time_ns()
@@ -175,7 +176,7 @@ class SiblingFinder:
 
     def _valid(self, sibling: Header, row: IndexRow | None) -> bool:
         path = sibling.path
-        claimed = SiblingClaim.of(sibling)
+        claimed = claim_of(sibling)
         if claimed is None or not is_sa3loader_file(sibling) or not describes(sibling, self.source):
             return False
         # Another mtime is another file, unless the hub names both by their content: a

@@ -14,8 +14,6 @@ import pwd
 import stat
 
 from . import _config
-from ._identity import is_sa3loader_path
-from ._places import LOCK_SUFFIX
 
 
 def _private_group(gid: int) -> bool:
@@ -106,20 +104,3 @@ def owner_problem(path: str, st: os.stat_result, source_owner: int, *, shared: b
     if st.st_uid == source_owner and not writable_by_others(os.path.dirname(path), source_owner):
         return None
     return f"it is owned by uid {st.st_uid}, in a directory others can write to"
-
-
-def overwrite_problem(path: str, *, in_cache_dir: bool, other_version: bool) -> str | None:
-    """None when a new sibling may be written at ``path``, else why not.
-
-    Never through another user's file, a symlink or a FIFO, at the sibling's name or its
-    lock's; never over another sa3loader version's sibling; and beside the source, never
-    over a file that is not an sa3loader sibling.
-    """
-    problem = owned_file_problem(path) or owned_file_problem(path + LOCK_SUFFIX)
-    if problem is not None:
-        return problem
-    if other_version:
-        return "another sa3loader version's sibling is there"
-    if not in_cache_dir and os.path.lexists(path) and not is_sa3loader_path(path):
-        return "a file that is not an sa3loader sibling is there"
-    return None

@@ -24,9 +24,6 @@ LOADING_UTILS_MODULE = "stable_audio_3.loading_utils"
 MODEL_MODULE = "stable_audio_3.model"
 LOADER_NAME = "load_diffusion_cond"
 
-# Upstream's load_diffusion_cond while install() has replaced it; None otherwise.
-replaced_original: Callable[..., Any] | None = None
-
 
 def factory_function(name: str) -> Callable[..., Any]:
     """``stable_audio_3.factory.<name>``."""
@@ -56,8 +53,8 @@ def loading_utils_function(name: str) -> Callable[..., Any]:
 
 def original_load_diffusion_cond() -> Callable[..., Any] | None:
     """Upstream's own function, even while ``install()`` is active; None without stable_audio_3."""
-    if replaced_original is not None:
-        return replaced_original
+    if _installation.original is not None:
+        return _installation.original
     try:
         module = importlib.import_module(LOADING_UTILS_MODULE)
     except ImportError:
@@ -69,13 +66,23 @@ def original_load_diffusion_cond() -> Callable[..., Any] | None:
 # The opt-in patch: a whole application switched to sa3loader without editing call sites.
 UPSTREAM_MODULES = (LOADING_UTILS_MODULE, MODEL_MODULE)
 
-_patched: list[tuple[Any, Callable[..., Any]]] = []
+
+class _Installation:
+    """What ``install()`` replaced, so that ``uninstall()`` puts it back and
+    ``SA3LOADER_DISABLE=1`` can still call upstream's own function: the one owner of this state."""
+
+    def __init__(self) -> None:
+        self.patched: list[tuple[Any, Callable[..., Any]]] = []  # (module, upstream's function)
+        self.original: Callable[..., Any] | None = None  # upstream's, while installed
+
+
+_installation = _Installation()
 
 
 def install(load_diffusion_cond: Callable[..., Any]) -> None:
     """Make upstream's ``load_diffusion_cond`` call ``load_diffusion_cond`` (sa3loader's),
     everywhere it is bound."""
-    if _patched:
+    if _installation.patched:
         return
     for name in UPSTREAM_MODULES:
         try:
@@ -85,21 +92,19 @@ def install(load_diffusion_cond: Callable[..., Any]) -> None:
                 f"sa3loader.install() patches stable_audio_3, which is not importable ({exc})"
             ) from exc
     original: Callable[..., Any] = getattr(sys.modules[UPSTREAM_MODULES[0]], LOADER_NAME)
-    global replaced_original
-    replaced_original = original
+    _installation.original = original
     for module in list(sys.modules.values()):
         if getattr(module, LOADER_NAME, None) is original:
             setattr(module, LOADER_NAME, load_diffusion_cond)
-            _patched.append((module, original))
+            _installation.patched.append((module, original))
 
 
 def uninstall() -> None:
     """Undo ``install()``; a no-op when it was not installed."""
-    while _patched:
-        module, original = _patched.pop()
+    while _installation.patched:
+        module, original = _installation.patched.pop()
         setattr(module, LOADER_NAME, original)
-    global replaced_original
-    replaced_original = None
+    _installation.original = None
 
 
 @contextlib.contextmanager

@@ -26,14 +26,14 @@ from ._convert_dir import FileAction, checked, convert_file, convert_tree
 from ._format import Header, open_header, read_header
 from ._identity import (
     FINGERPRINT_VERSION,
-    SourceIdentity,
     has_float32,
+    identity_of,
     is_sa3loader_file,
     sibling_matches_source,
     sibling_metadata,
 )
-from ._index import RangeReport
 from ._places import beside_path, cache_path, hub_name
+from ._records import RangeReport
 from ._resolver import resolve_sibling
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
@@ -170,7 +170,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 def _existing_sibling(header: Header, cache_dir: str) -> str | None:
     """The sibling a load would use, when one made for this very checkpoint is there already."""
-    real, blob = os.path.realpath(header.path), SourceIdentity.of(header).blob
+    real, blob = os.path.realpath(header.path), identity_of(header).blob
     for path in (beside_path(header.path), cache_path(cache_dir, header.path, real, blob)):
         try:
             sibling = read_header(path, follow_symlinks=False)
@@ -185,7 +185,7 @@ def _sibling_size(header: Header) -> int:
     """The exact size of the sibling a load would write: its header holds sa3loader's metadata,
     whose one unknown before reading the file, the fingerprint, has a fixed length."""
     placeholder = FINGERPRINT_VERSION + ":" + "0" * 64
-    metadata = sibling_metadata(header, SourceIdentity.of(header), placeholder)
+    metadata = sibling_metadata(header, identity_of(header), placeholder)
     return _convert.output_size(header, metadata)
 
 

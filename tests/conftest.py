@@ -21,7 +21,7 @@ def fresh_warnings():
     """Each test sees the warnings sa3loader gives once per process."""
     from sa3loader import _config
 
-    _config._warned.clear()
+    _config.ONCE.forget()
 
 
 @pytest.fixture

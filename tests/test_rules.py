@@ -17,9 +17,8 @@ from hypothesis import strategies as st
 
 from sa3loader import HeaderError, _build, _identity, _places
 from sa3loader._format import _guess_format, layout, parse_header
-from sa3loader._identity import SiblingClaim, SourceIdentity
-from sa3loader._index import IndexRow, RangeReport
 from sa3loader._io import MAX_GAP_BYTES, plan_chunks
+from sa3loader._records import IndexRow, RangeReport, SiblingClaim, SourceIdentity
 
 # ------------------------------------------------------------------ key rules
 
@@ -259,16 +258,16 @@ def test_sibling_metadata_says_what_it_was_made_from_and_keeps_the_users():
     assert meta[prefix + "source_name"] == "model.safetensors"
     sibling = header_of({"w": ("F16", (2,))}, meta)
     # not a hub blob: which file it was is not recorded
-    assert SiblingClaim.of(sibling) == SiblingClaim(10, 20, "h", "v2:fp", None, -1, -1)
+    assert SiblingClaim.of(sibling.metadata) == SiblingClaim(10, 20, "h", "v2:fp", None, -1, -1)
     assert _identity.is_sa3loader_file(sibling) and not _identity.is_sa3loader_file(header)
     assert _identity.describes(sibling, header)
     unreadable = header_of({"w": ("F16", (2,))}, {**meta, prefix + "source_size": "ten"})
-    assert SiblingClaim.of(unreadable) is None
+    assert SiblingClaim.of(unreadable.metadata) is None
     incomplete = header_of({"w": ("F16", (2,))}, {_identity.MARKER_KEY: "1"})
-    assert SiblingClaim.of(incomplete) is None
+    assert SiblingClaim.of(incomplete.metadata) is None
     blob = "ab" * 32
     meta = _identity.sibling_metadata(header, dataclasses.replace(IDENTITY, blob=blob), "v2:fp")
-    claimed = SiblingClaim.of(header_of({"w": ("F16", (2,))}, meta))
+    claimed = SiblingClaim.of(meta)
     assert claimed is not None and (claimed.blob, claimed.device, claimed.inode) == (blob, 2, 1)
 
 
