@@ -62,7 +62,6 @@ from fixtures import (
     set_up,
     settle_cold,
     time_cat,
-    warm,
     workdir_and_scale,
 )
 
@@ -247,6 +246,8 @@ def parent(args: argparse.Namespace) -> None:
     work = workdir_and_scale(args)
     bench = set_up(args, work)
     if args.device == "cuda":
+        from bench_gpu import measure_cuda  # here: bench_gpu imports this module
+
         measure_cuda(bench)
     else:
         results: dict[str, dict[str, list]] = {}
@@ -369,56 +370,6 @@ def print_ratios(ratios: dict[str, float]) -> None:
         goal = goal_of(name)
         verdict = f"goal {goal[0]} {goal[1]}: {'met' if goal_met(value, goal) else 'NOT met'}" if goal else ""
         print(f"  {name:62} {value:10.3f}  {verdict}")
-
-
-def measure_cuda(bench: Bench) -> None:
-    """Hot page cache, model_half=True, device="cuda": each figure in a fresh process."""
-    import torch
-
-    args = bench.args
-    size = bench.ckpt.stat().st_size
-    shutil.rmtree(bench.cache, ignore_errors=True)
-    r = run_child("first", bench)
-    assert r["converted"], r
-    sibling = bench.sibling = Path(r["sibling"])
-    m: dict[str, list[float]] = {}
-    for _ in range(args.runs):
-        prepare("hot", bench)
-        r = run_child("upstream", bench)
-        m.setdefault("upstream to GPU s", []).append(r["seconds"])
-        prepare("hot", bench)
-        r = run_child("hit", bench)
-        assert r["cache_hit"] and r["build"] == "fast" and r["io"] == "stream", r
-        m.setdefault("hit to GPU s", []).append(r["seconds"])
-        m.setdefault("transfer phase s", []).append(r["read_s"])
-        m.setdefault("transfer phase GB/s", []).append(r["bytes_read"] / r["read_s"] / 1e9)
-        m.setdefault("staging host memory (MB)", []).append(r["staging_bytes"] / 1e6)
-        warm(sibling)
-        r = run_child("load_file", bench, ckpt=sibling)
-        m.setdefault("safetensors load_file(sibling, cuda) s", []).append(r["seconds"])
-        r = run_child("h2d", bench, ckpt=sibling)
-        m.setdefault("pinned H2D GB/s", []).append(r["bytes"] / r["seconds"] / 1e9)
-        print("run done: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in m.items()))
-    sib_gb = sibling.stat().st_size / 1e9
-    print(
-        f"\nmachine: {torch.cuda.get_device_name()}, {os.cpu_count()} cores, fp32 {size / 1e9:.2f} GB, "
-        f"sibling {sib_gb:.2f} GB, scale {args.scale}, {args.runs} runs, medians"
-    )
-    for name, values in m.items():
-        print(f"  {name:48} {median(values):10.3f}")
-    med = {k: median(v) for k, v in m.items()}
-    print_ratios(
-        {
-            "transfer phase GB/s / pinned H2D GB/s": med["transfer phase GB/s"] / med["pinned H2D GB/s"],
-            "upstream to GPU / hit to GPU": med["upstream to GPU s"] / med["hit to GPU s"],
-            "load_file to GPU / hit to GPU": med["safetensors load_file(sibling, cuda) s"]
-            / med["hit to GPU s"],
-            "staging host memory (MB)": max(m["staging host memory (MB)"]),
-        }
-    )
-    from ring_sweep import print_ring_sweep
-
-    print_ring_sweep(run_child("ring", bench, ckpt=sibling))
 
 
 def main() -> None:

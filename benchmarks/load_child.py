@@ -3,8 +3,7 @@
     python benchmarks/load_child.py --child upstream|convert|first|hit|encoder|load_file|h2d|ring ...
 
 Imports (torch, stable_audio_3, transformers, sa3loader) happen before the clock
-starts; peak RssAnon is sampled every 2 ms. Only sa3loader's public API is used
-(``ring`` is the one exception: ``ring_sweep.py`` measures internals on purpose).
+starts; peak RssAnon is sampled every 2 ms. Only sa3loader's public API is used.
 """
 
 from __future__ import annotations
@@ -170,7 +169,7 @@ def child(args: argparse.Namespace) -> None:
         result = (
             pinned_h2d(Path(args.ckpt).stat().st_size)
             if args.child == "h2d"
-            else __import__("ring_sweep").ring_sweep(args.ckpt, args.device)
+            else __import__("bench_gpu").ring_sweep(args.ckpt, config, args.device)
         )
         print("RESULT " + json.dumps(result))
         return

@@ -7,6 +7,7 @@
 from . import _config
 from ._build import LoadResult
 from ._publication import wait_for_publishing
+from ._version import __version__ as __version__
 from .errors import (
     CacheIndexError,
     CheckpointChangedError,
@@ -38,8 +39,6 @@ from .loader import (
     load_into_module,
     uninstall,
 )
-
-__version__ = "0.1.0"
 
 _config.apply_verbosity()
 

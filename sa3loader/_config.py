@@ -167,6 +167,23 @@ def lock_timeout() -> float:
     return value
 
 
+RING_ENV = "SA3LOADER_RING"
+
+
+def ring() -> tuple[int, int] | None:
+    """$SA3LOADER_RING=SLOTSxMB (``4x64``): the staging ring's shape for transfers to a device,
+    for tuning on unusual hardware (``benchmarks/ring_sweep.py``); None: the shape this
+    machine's cores call for. Not two positive numbers: one warning and the default."""
+    raw = os.environ.get(RING_ENV, "").strip().lower()
+    if not raw:
+        return None
+    slots, _, mb = raw.partition("x")
+    if slots.isdigit() and mb.isdigit() and int(slots) > 0 and int(mb) > 0:
+        return int(slots), int(mb) << 20
+    warn_once(f"env:{RING_ENV}", "$%s=%r is not SLOTSxMB (like 4x64); using the default ring", RING_ENV, raw)
+    return None
+
+
 def pin() -> bool:
     """False when $SA3LOADER_PIN=0 (or false, no, off): stage in pageable memory, as where
     pinning is slow or limited (WSL, containers with a small memlock limit)."""
@@ -189,6 +206,7 @@ class Settings:
     progress: bool  # bars allowed (still only on a terminal)
     shared_cache: bool  # a group- or world-writable cache dir is trusted on purpose
     pin: bool  # stage transfers to a device in pinned host memory
+    ring: tuple[int, int] | None = None  # the staging ring's (slots, bytes per slot); None: the default
 
 
 def settings(*, io: str | None = None, verify: bool | None = None) -> Settings:
@@ -201,6 +219,7 @@ def settings(*, io: str | None = None, verify: bool | None = None) -> Settings:
         progress=progress(),
         shared_cache=shared_cache(),
         pin=pin(),
+        ring=ring(),
     )
 
 

@@ -66,13 +66,21 @@ class Values:
     """Final tensor values for checkpoint names, following upstream's cast chain."""
 
     def __init__(
-        self, source: Header, sibling: Header | None, half: bool, io: IoMode = DEFAULT_IO, *, pin: bool = True
+        self,
+        source: Header,
+        sibling: Header | None,
+        half: bool,
+        io: IoMode = DEFAULT_IO,
+        *,
+        pin: bool = True,
+        ring: tuple[int, int] | None = None,
     ) -> None:
         self.source = source
         self.sibling = sibling
         self.half = half
         self.io = io
         self.pin = pin  # stage in pinned memory when streaming to a device ($SA3LOADER_PIN)
+        self.ring = ring  # (slots, bytes per slot) of the staging ring ($SA3LOADER_RING), or the default
         self._maps: dict[str, MappedFile] = {}
         self._early: dict[str, threading.Thread] = {}  # path -> thread faulting in its data
         self._stop_early = threading.Event()
@@ -223,7 +231,10 @@ class Values:
                     read_into(header.path, dests, offsets, fd=fd)
             else:
                 with reading(header) as fd:
-                    stats = stream_into(header.path, dests, offsets, fd=fd, pin=self.pin)
+                    slots, chunk = self.ring if self.ring is not None else (None, None)
+                    stats = stream_into(
+                        header.path, dests, offsets, fd=fd, pin=self.pin, slots=slots, chunk_bytes=chunk
+                    )
                 self.staging_bytes = max(self.staging_bytes, stats.staging_bytes)
                 self.staging_pinned = self.staging_pinned or stats.pinned
                 if header is self.sibling:  # an fp16 model tensor was cast on the CPU upstream too
@@ -233,25 +244,26 @@ class Values:
                         if wanted[i][1] != torch.float16 and dests[k].is_floating_point()  # NaN needs a float
                     ]
                     names = [wanted[indices[k]][0] for k in recast]
-                    self._recast_nans_on_device(names, [dests[k] for k in recast], device)
+                    _recast_nans_on_device(self, names, [dests[k] for k in recast], device)
             for i, dest in zip(indices, dests, strict=True):
                 out[i] = dest
         return [t for t in out if t is not None]
 
-    def _recast_nans_on_device(
-        self, names: list[str], values: list[torch.Tensor], device: torch.device
-    ) -> None:
-        """Redo fp16 casts of NaN-holding tensors on the device, as upstream casts there.
 
-        The sibling was cast on the CPU, which keeps a NaN's payload; CUDA's cast
-        gives the canonical NaN. Only NaN bits can differ, so only those tensors
-        are read again from the fp32 source.
-        """
-        if not values:
-            return
-        # A sum is NaN when a value is (or when +inf meets -inf: a harmless recast), and
-        # needs no full-size temporary as isnan() does. One sync for all.
-        flags = torch.stack([v.sum(dtype=torch.float32).isnan() for v in values]).cpu()
-        for i in flags.nonzero().flatten().tolist():
-            fp32 = self.tensor(self.source, names[i]).to(device)
-            values[i].copy_(fp32.to(torch.float16))
+def _recast_nans_on_device(
+    values_of: Values, names: list[str], values: list[torch.Tensor], device: torch.device
+) -> None:
+    """Redo fp16 casts of NaN-holding tensors on the device, as upstream casts there.
+
+    The sibling was cast on the CPU, which keeps a NaN's payload; CUDA's cast
+    gives the canonical NaN. Only NaN bits can differ, so only those tensors
+    are read again from the fp32 source.
+    """
+    if not values:
+        return
+    # A sum is NaN when a value is (or when +inf meets -inf: a harmless recast), and
+    # needs no full-size temporary as isnan() does. One sync for all.
+    flags = torch.stack([v.sum(dtype=torch.float32).isnan() for v in values]).cpu()
+    for i in flags.nonzero().flatten().tolist():
+        fp32 = values_of.tensor(values_of.source, names[i]).to(device)
+        values[i].copy_(fp32.to(torch.float16))

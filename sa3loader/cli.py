@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn
 
-from . import __version__, _cache_admin, _compare, _config, _convert, _faults
+from . import _cache_admin, _compare, _config, _convert, _faults
 from ._cache_dir import open_cache_dir_to_all, resolve_cache_dir
 from ._convert_dir import FileAction, checked, convert_file, convert_tree
 from ._format import Header, open_header, read_header
@@ -35,6 +35,7 @@ from ._identity import (
 from ._places import beside_path, cache_path, hub_name
 from ._records import RangeReport
 from ._resolver import resolve_sibling
+from ._version import __version__
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3

@@ -39,25 +39,47 @@ DISABLED_REASON = f"${_config.DISABLE_ENV}=1: upstream's own loader"
 
 @dataclass
 class LoadInfo:
-    """What one load did (``last_load_info()``)."""
+    """What one load did (``last_load_info()``).
 
-    source: str = ""
-    sibling: str | None = None
+    ``reason`` is one line: ``fp32 load``, ``cache hit``, ``converted``, ``converted by another
+    process``, ``no float32 tensors: loaded as is``, ``already fp16 (an sa3loader output): loaded
+    as is``, or why no sibling could be used, ending in ``loading the fp32 source``.
+
+    ``events``, in order, what the sibling check met: ``adopted`` (a valid sibling without an
+    index row), ``revalidated`` (its fingerprint read again: the source was copied or touched,
+    the row was racy or another version's, or the filesystem's stat cannot vouch),
+    ``recognised by its hub blob H`` (a re-downloaded or copied blob, its fingerprint read),
+    ``stale sibling P``, ``source changed since it was indexed``, ``source content changed since
+    P was written``, ``sibling P changed since it was indexed``, ``P was written by another
+    sa3loader version``, ``untrusted sibling P``, ``content check failed for P`` (``verify``),
+    ``published P, which a previous process wrote``, ``publishing the sibling in the background``.
+
+    ``timings`` in seconds: ``import_s`` (``stable_audio_3``'s factory, the first time),
+    ``sibling_s`` (finding, checking or converting the sibling), ``build_s``, ``read_s``
+    (placing weights), ``total_s``, and ``convert_s`` when it converted.
+    """
+
+    source: str = ""  # the checkpoint as given
+    sibling: str | None = None  # the sibling read; None: the fp32 checkpoint was read
     model_half: bool = False
-    cache_hit: bool = False
-    converted: bool = False
+    cache_hit: bool = False  # a valid sibling was found (or published from what a process left)
+    converted: bool = False  # this load wrote the sibling
     build: BuildKind | Literal["upstream", ""] = ""  # "upstream": SA3LOADER_DISABLE; "": not built yet
-    io: IoMode | Literal["stream", ""] = ""  # "stream": straight to another device
+    io: IoMode | Literal["stream", ""] = ""  # how CPU weights were read; "stream": to another device
     bytes_read: int = 0  # weight bytes read from a file into fresh memory (or streamed), with no cast
     bytes_mapped: int = 0  # weight bytes placed as views of the sibling's mapping (faulted in on use)
     staging_bytes: int = 0  # host buffers used to stream to a device (what was pinned, when pinned)
     staging_pinned: bool = False  # the staging buffers were pinned (page-locked) memory
-    reason: str = ""
-    fallback: str | None = None
+    reason: str = ""  # see above
+    fallback: str | None = None  # why the fast build was refused
+    # The fp16 range report: finite checkpoint values the fp16 model holds as inf, nonzero ones
+    # it holds as 0, over every float dtype; counted by the conversion (a hit reports what its
+    # conversion recorded); None when nothing was converted.
     overflow_to_inf: int | None = None
     flushed_to_zero: int | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    events: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # see above
+    events: list[str] = field(default_factory=list)  # see above
+    # The keys upstream's copy_state_dict would skip, and the parameters left at their init.
     result: LoadResult = field(default_factory=LoadResult)
     settings: _config.Settings | None = None  # what the load read from its arguments and the environment
 
@@ -247,7 +269,9 @@ def load_diffusion_cond(
             _record_sibling(info, outcome, source)
             build_started = _now()
             io_mode = resolve_io(settings.io, outcome.sibling.path if outcome.sibling is not None else None)
-            with Values(source, outcome.sibling, bool(model_half), io_mode, pin=settings.pin) as values:
+            with Values(
+                source, outcome.sibling, bool(model_half), io_mode, pin=settings.pin, ring=settings.ring
+            ) as values:
                 values.prefetch_early(target)
                 model = _built(build(factory, model_config, source, values, target), values, target, info)
             check_unchanged(source)  # a rewrite in place during the load: never a mix of two versions
@@ -301,7 +325,8 @@ def load_autoencoder(
         source = whole
         if any(e.name.startswith(AUTOENCODER_PREFIX) for e in whole.entries):
             source = whole.subset(AUTOENCODER_PREFIX)
-        with Values(source, None, half=False, io=resolve_io(settings.io), pin=settings.pin) as values:
+        io_mode = resolve_io(settings.io)
+        with Values(source, None, half=False, io=io_mode, pin=settings.pin, ring=settings.ring) as values:
             if settings.disabled:  # upstream's build with the given factory
                 info.build, info.reason = "upstream", DISABLED_REASON
                 with not_deferred():

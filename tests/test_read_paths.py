@@ -376,7 +376,7 @@ def test_nan_tensors_are_cast_again_from_the_source(tmp_path):
     """CUDA casts NaN to the canonical NaN, the CPU keeps its payload: tensors with a NaN
     are recast on the device from fp32, the others keep the sibling's bytes."""
     from sa3loader._format import read_header
-    from sa3loader._values import Values
+    from sa3loader._values import Values, _recast_nans_on_device
 
     payload_nan = torch.tensor([1.0, 2.0], dtype=torch.float32)
     payload_nan.view(torch.int32)[1] = 0x7FC12345  # a NaN with payload bits
@@ -384,7 +384,7 @@ def test_nan_tensors_are_cast_again_from_the_source(tmp_path):
     values = Values(read_header(src), None, half=True, io="read")
     stale = [torch.zeros(2, dtype=torch.float16), torch.zeros(2, dtype=torch.float16)]
     stale[0].view(torch.int16)[1] = 0x7FFF  # a NaN, but not the bits a cast of this source gives
-    values._recast_nans_on_device(["nan", "plain"], stale, torch.device("cpu"))
+    _recast_nans_on_device(values, ["nan", "plain"], stale, torch.device("cpu"))
     assert torch.equal(bits(stale[0]), bits(payload_nan.to(torch.float16)))
     assert torch.equal(stale[1], torch.zeros(2, dtype=torch.float16))  # no NaN: untouched
 

@@ -1,0 +1,162 @@
+"""The house rules, checked so that a change that breaks them fails CI instead of waiting for a
+review: sizes of modules, classes and functions; state with an owner; benchmarks on the public
+API; docs sized to be read. The import layers (no loops) are ``lint-imports``'s, in the test
+command."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "sa3loader"
+MODULE_LINES, CLASS_LINES, FUNCTION_CODE_LINES = 500, 200, 60
+# The longest chain of module-level imports inside the package (``__init__`` -> ... -> ``errors``).
+# The goal is 6; the split into modules of at most 500 lines made it 9 (it was 8 before), and it
+# may not grow while a flatter layering is worked out.
+IMPORT_CHAIN = 9
+DOC_BYTES = {
+    "README.md": 8_000,
+    "docs/design.md": 15_000,
+    "tests/README.md": 8_000,
+    "benchmarks/README.md": 10_000,
+}
+ALL_MARKDOWN_BYTES = 45_000
+BENCH_LOAD_LINES = 400
+# Module-level state that stays, each with its owner and why (at most two pieces).
+ALLOWED_STATE = {
+    "_faults": "the test seam: a hook, faked facts and tuned sizes, all empty in production",
+}
+
+
+def modules() -> list[Path]:
+    return sorted(PACKAGE.glob("*.py"))
+
+
+def code_lines(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of code in a function: no docstring, blank lines or comments."""
+    body = node.body
+    start = body[0].lineno
+    if ast.get_docstring(node, clean=False) is not None:
+        start = body[0].end_lineno + 1  # type: ignore[operator]
+    return sum(
+        1 for line in lines[start - 1 : node.end_lineno] if line.strip() and not line.strip().startswith("#")
+    )
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: p.name)
+def test_modules_classes_and_functions_are_sized_to_be_read(path):
+    source = path.read_text()
+    lines = source.splitlines()
+    assert len(lines) <= MODULE_LINES, f"{path.name}: {len(lines)} lines"
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            assert node.end_lineno - node.lineno + 1 <= CLASS_LINES, f"{path.name}: class {node.name}"
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            assert code_lines(lines, node) <= FUNCTION_CODE_LINES, f"{path.name}: {node.name}"
+
+
+MUTABLE_CALLS = {"dict", "list", "set", "local", "defaultdict", "OrderedDict", "deque"}
+MUTATIONS = {"append", "add", "update", "clear", "pop", "setdefault", "extend", "remove", "discard", "insert"}
+
+
+def module_state(path: Path) -> set[str]:
+    """Module-level dicts, lists and sets that the package mutates, module-level thread-locals,
+    and names rebound with ``global``."""
+    tree = ast.parse(path.read_text())
+    candidates, thread_locals = set(), set()
+    for node in tree.body:
+        if not isinstance(node, (ast.Assign, ast.AnnAssign)) or node.value is None:
+            continue
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        names = {t.id for t in targets if isinstance(t, ast.Name)}
+        value = node.value
+        called = (
+            getattr(value.func, "attr", getattr(value.func, "id", "")) if isinstance(value, ast.Call) else ""
+        )
+        if isinstance(value, (ast.Dict, ast.List, ast.Set)) or called in MUTABLE_CALLS:
+            candidates |= names
+        if called == "local":
+            thread_locals |= names
+    state = {name for node in ast.walk(tree) if isinstance(node, ast.Global) for name in node.names}
+    package = ast.parse("\n".join(p.read_text() for p in modules()))
+    for node in ast.walk(package):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in MUTATIONS
+        ):
+            owner = node.func.value
+            if isinstance(owner, ast.Name) and owner.id in candidates:
+                state.add(owner.id)
+        for target in getattr(node, "targets", []) if isinstance(node, (ast.Assign, ast.Delete)) else []:
+            if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name):
+                state |= {target.value.id} & candidates
+    return state | thread_locals
+
+
+def test_module_level_mutable_state_has_an_owner():
+    """At most two pieces of module-level mutable state; everything else is held by an object
+    that owns it (and its fork behaviour)."""
+    found = {path.stem: module_state(path) for path in modules()}
+    found = {module: names for module, names in found.items() if names}
+    assert set(found) <= set(ALLOWED_STATE), found
+    assert len(ALLOWED_STATE) <= 2
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph = {}
+    for path in modules():
+        deps = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        graph[path.stem] = deps & {p.stem for p in modules()} - {path.stem}
+    return graph
+
+
+def test_import_chains_stay_short():
+    graph = import_graph()
+
+    @functools.cache
+    def longest(module: str) -> int:
+        return 1 + max((longest(d) for d in graph[module]), default=0)
+
+    chain = max(longest(m) for m in graph)
+    assert chain <= IMPORT_CHAIN, f"the longest import chain is {chain} modules"
+
+
+def test_benchmarks_use_the_public_api_and_stay_readable():
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in getattr(node, "names", [])]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            assert not any(n.startswith("sa3loader._") for n in names), f"{path.name} imports {names}"
+    assert len((REPO / "benchmarks" / "bench_load.py").read_text().splitlines()) < BENCH_LOAD_LINES
+
+
+def markdown_files() -> list[Path]:
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "*.md"], cwd=REPO, capture_output=True, text=True, check=True
+        )
+        return [REPO / line for line in listed.stdout.split()]
+    except (OSError, subprocess.CalledProcessError):  # not a checkout: every Markdown file but a venv's
+        return [p for p in REPO.rglob("*.md") if ".venv" not in p.parts]
+
+
+def test_docs_are_sized_to_be_read():
+    for name, limit in DOC_BYTES.items():
+        size = len((REPO / name).read_bytes())
+        assert size <= limit, f"{name}: {size} bytes, over {limit}"
+    total = sum(len(p.read_bytes()) for p in markdown_files())
+    assert total <= ALL_MARKDOWN_BYTES, f"all Markdown: {total} bytes"
