@@ -71,7 +71,20 @@ def overwrite_problem(path: str, *, in_cache_dir: bool, other_version: bool) -> 
     return None
 
 
-def _room_problem(path: str, needed: int) -> str | None:
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def _room_problem(path: str, needed: int, source_bytes: int) -> str | None:
+    """None when a sibling of ``needed`` bytes may be written at ``path``, else why not.
+
+    The disk is the user's: a sibling is a cache and never takes the space a job needs.
+    Written only where, after it, another file as large as its source (the trainer's next
+    checkpoint) still fits, with a margin.
+    """
     directory = os.path.dirname(path)
     try:
         make_private_dirs(directory)
@@ -79,8 +92,12 @@ def _room_problem(path: str, needed: int) -> str | None:
         return f"cannot create {directory} ({exc.strerror})"
     if not dir_writable(directory):
         return f"{directory} is not writable"
-    if free_bytes(directory) < needed + FREE_SPACE_MARGIN_BYTES:
-        return f"not enough free space in {directory} for a {needed / 1e9:.2f} GB sibling"
+    free = free_bytes(directory)
+    if free < needed + source_bytes + FREE_SPACE_MARGIN_BYTES:
+        return (
+            f"not enough free space in {directory} ({_size(free)} free): a {_size(needed)} sibling "
+            f"would leave less than another {_size(source_bytes)} checkpoint needs"
+        )
     return None
 
 
@@ -116,8 +133,10 @@ class SiblingResolver:
             why_not = why_not or self._overwritable(beside)
             if why_not is None:
                 options.append(beside)
-            elif dir_writable(directory):
+            else:
                 problems.append(f"not beside the source ({beside}: {why_not})")
+        else:
+            problems.append("the source is in a Hugging Face hub cache, which sa3loader never writes into")
         if f.cache_trusted:
             shared = cache_path(f.cache_dir, self.source.path, f.real, f.blob)
             # A file whose content is not what its blob's name says (a copied cache, edited):
@@ -154,8 +173,10 @@ class SiblingResolver:
             return out
         options, problems = self.targets()
         for target in options:
-            problem = _room_problem(target, size)
+            problem = _room_problem(target, size, self.source.file_size)
             if problem is None:
+                if problems:  # not where it would go first: say where, and why
+                    logger.info("%s: fp16 sibling at %s (%s)", self.source.path, target, "; ".join(problems))
                 try:
                     return self._convert_at(target, metadata)
                 except UnusableLockError as exc:

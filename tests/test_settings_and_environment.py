@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from support.checkpoints import random_like_state, save
 from support.child import digest
 from support.compare import assert_same_model, writable
@@ -247,3 +250,42 @@ def test_io_from_environment_and_bad_values(tmp_path, monkeypatch):
         sa3loader.load_diffusion_cond(
             {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build, io="fast"
         )
+
+
+class Big(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(6000, 6000, bias=False)  # 144 MB of fp32: the sibling is 72 MB
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs of a chosen size")
+def test_a_sibling_never_takes_the_space_the_next_checkpoint_needs(tmp_path, caplog):
+    """A trainer saves a checkpoint every few minutes on a small volume; the eval job's first load
+    must leave room for the next one: the sibling goes to the cache dir instead, and says so."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    source_mb, sibling_mb = 144, 72
+    size_mb = source_mb + sibling_mb + 64 + source_mb // 2  # room for the sibling, not for both
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(volume)], capture_output=True
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        ckpt = volume / "step_000011.safetensors"
+        torch.manual_seed(0)
+        save_file({"a.weight": torch.randn(6000, 6000)}, str(ckpt))
+        with caplog.at_level(logging.INFO, logger="sa3loader"):
+            sa3loader.load_diffusion_cond(
+                {}, ckpt, "cpu", True, cache_dir=tmp_path / "cache", model_factory=lambda c: Big()
+            )
+            assert sa3loader.wait_for_publishing(60)
+        info = sa3loader.last_load_info()
+        assert info.converted and info.sibling.startswith(str(tmp_path / "cache"))
+        assert any(
+            "fp16 sibling at" in r.getMessage() and "not enough free space" in r.getMessage()
+            for r in caplog.records
+        )
+        save_file({"a.weight": torch.randn(6000, 6000)}, str(volume / "step_000012.safetensors"))  # fits
+    finally:
+        subprocess.run(["umount", str(volume)], capture_output=True)
