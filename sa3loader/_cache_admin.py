@@ -55,12 +55,7 @@ def _status(row: IndexRow) -> str:
         sib = read_header(row.sibling_path, follow_symlinks=False)
     except (Sa3LoaderError, OSError):
         return STALE
-    same_source = hard_match(current, row.source) or (
-        current.blob is not None
-        and current.blob == row.source.blob
-        and (current.size, current.header_sha256) == (row.source.size, row.source.header_sha256)
-    )
-    if not same_source or sib.sha256 != row.sibling_header_sha256:
+    if not hard_match(current, row.source) or sib.sha256 != row.sibling_header_sha256:
         return STALE
     return OK
 

@@ -11,8 +11,9 @@ change confined to one tensor is caught unless it hides in the unsampled interio
 tensor; only ``verify`` reads every byte.
 
 A sibling carries ``sa3loader.*`` metadata (``SiblingClaim``): the source's hard fields and
-fingerprint, and for a hub blob its name and which file it was (device, inode), so that a
-sibling found without an index row is checked against its source all the same.
+fingerprint, so that a sibling found without an index row is checked against its source all
+the same. A hub blob's name only places its sibling (``_places.cache_path``): it never stands
+for the content.
 """
 
 from __future__ import annotations
@@ -79,23 +80,6 @@ def soft_match(a: SourceIdentity, b: SourceIdentity) -> bool:
     return (a.inode, a.device, a.ctime_ns) == (b.inode, b.device, b.ctime_ns)
 
 
-def changed_in_place(then: SiblingClaim, now: SourceIdentity) -> bool:
-    """The same file (device and inode), written since."""
-    return (then.device, then.inode) == (now.device, now.inode) and then.mtime_ns != now.mtime_ns
-
-
-def same_blob(claimed: SiblingClaim, identity: SourceIdentity) -> bool:
-    """Both name the same hub blob, with the same size and header, and the file is not the one
-    the sibling was made from, rewritten in place since. The name alone never stands for the
-    content: the fingerprint is read too (``_sibling``)."""
-    return (
-        identity.blob is not None
-        and claimed.blob == identity.blob
-        and (claimed.size, claimed.header_sha256) == (identity.size, identity.header_sha256)
-        and not changed_in_place(claimed, identity)
-    )
-
-
 def racy(mtime_ns: int, checked_ns: int | None) -> bool:
     """A check that may predate a same-tick write of the source (git's racy-clean rule)."""
     return type(checked_ns) is not int or mtime_ns + RACY_WINDOW_NS > checked_ns
@@ -157,10 +141,6 @@ def sibling_metadata(header: Header, identity: SourceIdentity, fingerprint: str)
         META_PREFIX + "source_header_sha256": identity.header_sha256,
         META_PREFIX + "source_fingerprint": fingerprint,
     }
-    if identity.blob is not None:  # and which file it was, to tell a rewrite in place
-        ours[META_PREFIX + "source_blob_sha256"] = identity.blob
-        ours[META_PREFIX + "source_device"] = str(identity.device)
-        ours[META_PREFIX + "source_inode"] = str(identity.inode)
     return {**header.metadata, **ours}
 
 
@@ -204,5 +184,5 @@ def sibling_matches_source(sibling: Header, source: Header) -> bool:
         claimed is not None
         and is_sa3loader_file(sibling)
         and describes(sibling, source)
-        and (hard_match(claimed, identity) or same_blob(claimed, identity))
+        and hard_match(claimed, identity)
     )

@@ -53,9 +53,6 @@ class SiblingClaim:
     mtime_ns: int
     header_sha256: str
     fingerprint: str
-    blob: str | None
-    device: int  # -1: not recorded
-    inode: int
 
     @classmethod
     def of(cls, meta: dict[str, str]) -> SiblingClaim | None:
@@ -66,9 +63,6 @@ class SiblingClaim:
                 int(meta[META_PREFIX + "source_mtime_ns"]),
                 meta[META_PREFIX + "source_header_sha256"],
                 meta[META_PREFIX + "source_fingerprint"],
-                meta.get(META_PREFIX + "source_blob_sha256"),
-                int(meta.get(META_PREFIX + "source_device", -1)),
-                int(meta.get(META_PREFIX + "source_inode", -1)),
             )
         except (KeyError, ValueError):
             return None

@@ -139,9 +139,9 @@ class SiblingResolver:
             problems.append("the source is in a Hugging Face hub cache, which sa3loader never writes into")
         if f.cache_trusted:
             shared = cache_path(f.cache_dir, self.source.path, f.real, f.blob)
-            # A file whose content is not what its blob's name says (a copied cache, edited):
-            # its own place, or it and the true blob would convert in turn.
-            own = shared in f.content_differs and f.blob is not None
+            # A file whose sibling at its blob's place was made from another file (a copied
+            # cache, edited through its link): its own place, or the two would convert in turn.
+            own = shared in f.made_from_another and f.blob is not None
             options.append(cache_path(f.cache_dir, self.source.path, f.real) if own else shared)
         else:
             problems.append(f"the cache dir {f.cache_dir} is not trusted")
@@ -251,7 +251,7 @@ class SiblingResolver:
         if not self.publish_later:
             _publish(written, f.cache_dir, f.cache_trusted, f.real, row, f.index)
             return
-        out.events.append("publishing the sibling in the background")
+        out.note("publishing the sibling in the background")
         publish = functools.partial(
             _publish,
             written,
@@ -274,7 +274,7 @@ class SiblingResolver:
             if found is None:
                 found = unpublished_sibling(path, target, prefix, total)
                 if found is not None:
-                    self.outcome.events.append(f"published {path}, which a previous process wrote")
+                    self.outcome.note(f"published {path}, which a previous process wrote")
                     logger.info("publishing %s, which a previous process wrote and did not publish", path)
                     continue
             with contextlib.suppress(OSError):

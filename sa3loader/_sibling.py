@@ -33,7 +33,6 @@ from ._identity import (
     identity_of,
     is_sa3loader_file,
     racy,
-    same_blob,
     soft_match,
 )
 from ._index import Index
@@ -66,6 +65,11 @@ class SiblingOutcome:
     # The content check of ``sibling`` (``verify``), when one was made while resolving it.
     checked: Comparison | None = None
     publication: Publication | None = None
+
+    def note(self, event: str) -> None:
+        """Record what the check met, once (a sibling is checked again under the lock)."""
+        if event not in self.events:
+            self.events.append(event)
 
     @property
     def replaced_damaged(self) -> bool:
@@ -114,7 +118,7 @@ class SiblingFinder:
         self.failed_verify: set[str] = set()  # checked once: the re-check under the lock skips them
         self.other_version: set[str] = set()  # another sa3loader's siblings: never overwritten
         self.unreadable: dict[str, str] = {}  # siblings this user may not open, and why
-        self.content_differs: set[str] = set()  # siblings whose source fingerprint is another
+        self.made_from_another: set[str] = set()  # siblings made from another file or content
         self._stat_problem: str | None = None  # why the stat cannot vouch ("": it can)
 
     def fingerprint(self) -> str:
@@ -149,7 +153,7 @@ class SiblingFinder:
         problem = owner_problem(path, sibling.handle.stat, self.identity_owner(), shared=shared)
         if problem is not None:
             sibling.handle.close()
-            self.outcome.events.append(f"untrusted sibling {path}")
+            self.outcome.note(f"untrusted sibling {path}")
             warn_once(f"untrusted-sibling:{path}", "ignoring %s: %s; using your own cache dir", path, problem)
             return None
         return sibling
@@ -179,33 +183,26 @@ class SiblingFinder:
         claimed = claim_of(sibling)
         if claimed is None or not is_sa3loader_file(sibling) or not describes(sibling, self.source):
             return False
-        # Another mtime is another file, unless the hub names both by their content: a
-        # re-downloaded blob. The name only lets the fingerprint decide (below); it never
-        # stands for the content itself (a copied cache's blob may be rewritten in place).
-        by_blob = not hard_match(claimed, self.identity) and same_blob(claimed, self.identity)
-        if not hard_match(claimed, self.identity) and not by_blob:
-            self.outcome.events.append(f"stale sibling {path}")
+        # Another size, mtime or header is another file, hub blob or not: a blob's name never
+        # stands for its content (a copied cache's blob may be rewritten in place through its
+        # link, in a part of a large tensor the fingerprint does not sample).
+        if not hard_match(claimed, self.identity):
+            self.outcome.note(f"stale sibling {path}")
+            self.made_from_another.add(path)
             return False
         if not current_fingerprint(claimed.fingerprint):
-            self.outcome.events.append(f"{path} was written by another sa3loader version")
+            self.outcome.note(f"{path} was written by another sa3loader version")
             self.other_version.add(path)
             return False
         vouched = self._vouched_for_by(row, sibling, claimed.fingerprint)
         if not vouched and claimed.fingerprint != self.fingerprint():
-            self.outcome.events.append(f"source content changed since {path} was written")
-            self.content_differs.add(path)
+            self.outcome.note(f"source content changed since {path} was written")
+            self.made_from_another.add(path)
             return False
         if self.settings.verify and not self._content_matches(sibling):
             return False
         if not vouched:
-            event = (
-                f"recognised by its hub blob {self.blob}"
-                if by_blob
-                else "adopted"
-                if row is None
-                else "revalidated"
-            )
-            self.outcome.events.append(event)
+            self.outcome.note("adopted" if row is None else "revalidated")
             self.index.put(self.real, self.row(sibling, row))
         return True
 
@@ -221,7 +218,7 @@ class SiblingFinder:
         if row is None or row.sibling_path != sibling.path:
             return False
         if row.sibling_header_sha256 != sibling.sha256 or row.sibling_size != sibling.file_size:
-            self.outcome.events.append(f"sibling {sibling.path} changed since it was indexed")
+            self.outcome.note(f"sibling {sibling.path} changed since it was indexed")
             return False
         if row.fingerprint != claimed or racy(row.source.mtime_ns, row.checked_ns):
             return False
@@ -242,7 +239,7 @@ class SiblingFinder:
             self.outcome.checked = _compare.verify(self.source, sibling)
         except VerificationError as exc:
             logger.warning("%s", exc)
-            self.outcome.events.append(f"{CONTENT_CHECK_FAILED} {sibling.path}")
+            self.outcome.note(f"{CONTENT_CHECK_FAILED} {sibling.path}")
             self.failed_verify.add(sibling.path)
             return False
         return True
@@ -268,7 +265,7 @@ class SiblingFinder:
     def find(self) -> Header | None:
         row = self.index.get(self.real)
         if row is not None and not hard_match(row.source, self.identity):
-            self.outcome.events.append("source changed since it was indexed")
+            self.outcome.note("source changed since it was indexed")
             row = None
         for path in self.candidates(row):
             sibling = self.accept(path, row)

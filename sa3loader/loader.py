@@ -41,14 +41,15 @@ DISABLED_REASON = f"${_config.DISABLE_ENV}=1: upstream's own loader"
 class LoadInfo:
     """What one load did (``last_load_info()``).
 
-    ``reason`` is one line: ``fp32 load``, ``cache hit``, ``converted``, ``converted by another
-    process``, ``no float32 tensors: loaded as is``, ``already fp16 (an sa3loader output): loaded
-    as is``, or why no sibling could be used, ending in ``loading the fp32 source``.
+    ``reason`` is one line: ``fp32 load``, ``cache hit``, ``cache hit (published what a previous
+    process wrote)``, ``converted``, ``converted by another process``, ``no float32 tensors:
+    loaded as is``, ``already fp16 (an sa3loader output): loaded as is``, ``meta device: nothing
+    read``, ``autoencoder fp32 load``, ``DISABLED_REASON`` (``$SA3LOADER_DISABLE=1: upstream's own
+    loader``), or why no sibling could be used, ending in ``loading the fp32 source``.
 
     ``events``, in order, what the sibling check met: ``adopted`` (a valid sibling without an
     index row), ``revalidated`` (its fingerprint read again: the source was copied or touched,
     the row was racy or another version's, or the filesystem's stat cannot vouch),
-    ``recognised by its hub blob H`` (a re-downloaded or copied blob, its fingerprint read),
     ``stale sibling P``, ``source changed since it was indexed``, ``source content changed since
     P was written``, ``sibling P changed since it was indexed``, ``P was written by another
     sa3loader version``, ``untrusted sibling P``, ``content check failed for P`` (``verify``),

@@ -330,3 +330,14 @@ def test_copied_source_differing_in_one_small_tensor_is_reconverted(tmp_path, co
     info = sa3loader.last_load_info()
     assert len(conversions) == 2 and info.converted, (hidden.name, info.reason, info.events)
     assert_same_model(model, reference(ckpt, config=config))
+
+
+def test_a_reconversion_says_each_thing_once(tmp_path):
+    """The sibling is checked before the lock and again under it: its events are listed once."""
+    ckpt = write_version(tmp_path / "model.safetensors", seed=3)
+    load_toy(ckpt, tmp_path / "cache")
+    write_version(ckpt, seed=4, mtime_ns=os.stat(ckpt).st_mtime_ns + 10**9)
+    load_toy(ckpt, tmp_path / "cache")
+    events = sa3loader.last_load_info().events
+    assert sa3loader.last_load_info().converted
+    assert len(events) == len(set(events)), events
