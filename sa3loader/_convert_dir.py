@@ -16,13 +16,15 @@ import uuid
 from dataclasses import dataclass
 
 from . import _compare, _convert
-from ._format import Header, open_header
+from ._format import Header, open_header, read_header
 from ._identity import (
+    FINGERPRINT_VERSION,
     fingerprint,
     has_float32,
     identity_of,
     is_sa3loader_file,
     is_sa3loader_path,
+    sibling_matches_source,
     sibling_metadata,
 )
 from ._places import (
@@ -30,10 +32,17 @@ from ._places import (
     LOCK_SUFFIX,
     SAFETENSORS_SUFFIX,
     SIBLING_SUFFIX,
+    beside_path,
+    cache_path,
     in_hf_hub_cache,
     in_hub_repo,
 )
-from .errors import HubCacheError, HubSymlinkError, OutputExistsError
+from .errors import (
+    HubCacheError,
+    HubSymlinkError,
+    OutputExistsError,
+    Sa3LoaderError,
+)
 
 SKIPPED_DIRS = {".cache"}
 OUTPUT_DIR_SUFFIX = "-fp16"
@@ -52,6 +61,20 @@ class FileAction:
     max_abs_diff: float | None = None
     float_tensors: int = 0
     replaced_damaged: bool = False  # a sibling that failed the check was converted again
+
+
+def checkpoints_in(directory: str) -> list[str]:
+    """Every ``.safetensors`` checkpoint under ``directory``, in order: not sa3loader's own
+    siblings, locks or temp files, nothing under ``.cache``."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS)
+        found += [
+            os.path.join(root, name)
+            for name in sorted(files)
+            if name.endswith(SAFETENSORS_SUFFIX) and not _is_our_artifact(name, os.path.join(root, name))
+        ]
+    return found
 
 
 def _is_our_artifact(name: str, path: str) -> bool:
@@ -249,3 +272,24 @@ def _convert_files(
                 _copy(path, dest, force=True)
                 actions.append(FileAction(path, dest, "copied"))
     return actions
+
+
+def existing_sibling(header: Header, cache_dir: str) -> str | None:
+    """The sibling a load would use, when one made for this very checkpoint is there already."""
+    real, blob = os.path.realpath(header.path), identity_of(header).blob
+    for path in (beside_path(header.path), cache_path(cache_dir, header.path, real, blob)):
+        try:
+            sibling = read_header(path, follow_symlinks=False)
+        except (Sa3LoaderError, OSError):
+            continue
+        if sibling_matches_source(sibling, header):
+            return path
+    return None
+
+
+def sibling_size(header: Header) -> int:
+    """The exact size of the sibling a load would write: its header holds sa3loader's metadata,
+    whose one unknown before reading the file, the fingerprint, has a fixed length."""
+    placeholder = FINGERPRINT_VERSION + ":" + "0" * 64
+    metadata = sibling_metadata(header, identity_of(header), placeholder)
+    return _convert.output_size(header, metadata)

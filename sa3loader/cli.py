@@ -20,19 +20,23 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn
 
-from . import _cache_admin, _compare, _config, _convert, _faults
+from . import _cache_admin, _compare, _config, _faults
 from ._cache_dir import open_cache_dir_to_all, resolve_cache_dir
-from ._convert_dir import FileAction, checked, convert_file, convert_tree
-from ._format import Header, open_header, read_header
-from ._identity import (
-    FINGERPRINT_VERSION,
-    has_float32,
-    identity_of,
-    is_sa3loader_file,
-    sibling_matches_source,
-    sibling_metadata,
+from ._convert_dir import (
+    FileAction,
+    checked,
+    checkpoints_in,
+    convert_file,
+    convert_tree,
+    existing_sibling,
+    sibling_size,
 )
-from ._places import beside_path, cache_path, hub_name
+from ._format import open_header, read_header
+from ._identity import (
+    has_float32,
+    is_sa3loader_file,
+)
+from ._places import hub_name
 from ._records import RangeReport
 from ._resolver import resolve_sibling
 from ._version import __version__
@@ -146,9 +150,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
+    """Create or check the sibling of a checkpoint, or of every checkpoint in a directory."""
+    cache_dir = resolve_cache_dir(args.cache_dir)
+    paths = checkpoints_in(args.ckpt) if os.path.isdir(args.ckpt) else [args.ckpt]
+    results, lines, code = [], [], EXIT_OK
+    for path in paths:
+        data, line, rc = _warm_one(path, cache_dir, args.verify)
+        results.append(data)
+        lines += line
+        code = max(code, rc)
+    if not paths:
+        lines.append(f"no .safetensors checkpoint in {args.ckpt}")
+    if args.readable_by_all:
+        opened = open_cache_dir_to_all(cache_dir)
+        lines.append(f"made {cache_dir} readable by every user ({len(opened)} path(s) changed)")
+        results = [{**r, "opened_to_all": opened} for r in results]
+    _emit(args, results if os.path.isdir(args.ckpt) else results[0], lines)
+    return code
+
+
+def _warm_one(path: str, cache_dir: str, verify: bool) -> tuple[dict[str, Any], list[str], int]:
     started = time.perf_counter()
-    with open_header(args.ckpt) as header:
-        outcome = resolve_sibling(header, resolve_cache_dir(args.cache_dir), verify=args.verify)
+    with open_header(path) as header:
+        outcome = resolve_sibling(header, cache_dir, verify=verify, keep_open=verify)
+        with outcome:
+            if verify and outcome.sibling is not None and outcome.checked is None:  # converted now
+                outcome.checked = _compare.verify(header, outcome.sibling)
     data: dict[str, Any] = {
         "source": header.path,
         "sibling": outcome.sibling.path if outcome.sibling else None,
@@ -157,37 +184,15 @@ def cmd_warm(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - started, 3),
     }
     lines = [f"{data['reason']}: {data['sibling'] or header.path} ({data['seconds']}s)"]
-    if args.readable_by_all:
-        cache_dir = resolve_cache_dir(args.cache_dir)
-        data["opened_to_all"] = open_cache_dir_to_all(cache_dir)
+    if outcome.checked is not None:
+        data["max_abs_diff"] = outcome.checked.max_abs_diff
         lines.append(
-            f"made {cache_dir} readable by every user ({len(data['opened_to_all'])} path(s) changed)"
+            f"checked every byte against fp16 of the source: max abs diff {outcome.checked.max_abs_diff} "
+            f"over {outcome.checked.float_tensors} float tensors"
         )
-    _emit(args, data, lines)
     if outcome.sibling is None and has_float32(header):
-        return EXIT_ERROR
-    return EXIT_OK
-
-
-def _existing_sibling(header: Header, cache_dir: str) -> str | None:
-    """The sibling a load would use, when one made for this very checkpoint is there already."""
-    real, blob = os.path.realpath(header.path), identity_of(header).blob
-    for path in (beside_path(header.path), cache_path(cache_dir, header.path, real, blob)):
-        try:
-            sibling = read_header(path, follow_symlinks=False)
-        except (Sa3LoaderError, OSError):
-            continue
-        if sibling_matches_source(sibling, header):
-            return path
-    return None
-
-
-def _sibling_size(header: Header) -> int:
-    """The exact size of the sibling a load would write: its header holds sa3loader's metadata,
-    whose one unknown before reading the file, the fingerprint, has a fixed length."""
-    placeholder = FINGERPRINT_VERSION + ":" + "0" * 64
-    metadata = sibling_metadata(header, identity_of(header), placeholder)
-    return _convert.output_size(header, metadata)
+        return data, lines, EXIT_ERROR
+    return data, lines, EXIT_CHECK_FAILED if outcome.replaced_damaged else EXIT_OK
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -198,14 +203,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         counts[entry.dtype] += 1
         nbytes[entry.dtype] += entry.nbytes
     f32 = nbytes.get("F32", 0)
-    existing = _existing_sibling(header, resolve_cache_dir(args.cache_dir)) if f32 else None
-    sibling_size = os.path.getsize(existing) if existing else _sibling_size(header) if f32 else 0
+    existing = existing_sibling(header, resolve_cache_dir(args.cache_dir)) if f32 else None
+    size = os.path.getsize(existing) if existing else sibling_size(header) if f32 else 0
     data = {
         "path": header.path,
         "file_size": header.file_size,
         "tensors": len(header.entries),
         "by_dtype": {d: {"tensors": counts[d], "bytes": nbytes[d]} for d in sorted(counts)},
-        "fp16_sibling_size": sibling_size if f32 else None,
+        "fp16_sibling_size": size if f32 else None,
         "sibling": existing,
         "is_sa3loader_sibling": is_sa3loader_file(header),
         "metadata": header.metadata,
@@ -216,8 +221,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append("no float32 tensors: nothing to convert")
     else:
         lines.append(
-            f"fp16 sibling: {_size(sibling_size)} more on disk; model_half=True loads take their weights "
-            f"from it ({_size(sibling_size)}) instead of from the checkpoint ({_size(header.file_size)})"
+            f"fp16 sibling: {_size(size)} more on disk; model_half=True loads take their weights "
+            f"from it ({_size(size)}) instead of from the checkpoint ({_size(header.file_size)})"
         )
         lines.append(
             f"sibling: {existing} (made for this checkpoint)"
@@ -239,11 +244,17 @@ def _ls_line(e: _cache_admin.Entry, paths: bool) -> str:
     )
 
 
+def _bytes_on_disk(paths: set[str]) -> int:
+    """The size of each file that exists, once each (rows of copies of a hub blob share one)."""
+    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+
+
 def _ls_total(rows: list[_cache_admin.Entry]) -> str:
     valid = [e for e in rows if e.status != _cache_admin.INVALID]
+    checkpoints, siblings = {e.key or e.source for e in valid}, {e.sibling for e in valid}
     return (
-        f"{len(rows)} row(s): {_size(sum(e.source_size for e in valid))} of checkpoints, "
-        f"{_size(sum(e.sibling_size for e in valid))} of siblings"
+        f"{len(rows)} row(s): {_size(_bytes_on_disk(checkpoints))} of checkpoints, "
+        f"{_size(_bytes_on_disk(siblings))} of siblings on disk"
     )
 
 
@@ -327,7 +338,10 @@ def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:
     ]
     data = [{**_entry_data(c.entry), "check": c.result, "max_abs_diff": c.max_abs_diff} for c in checks]
     _emit(args, data, lines or ["no rows"])
-    return EXIT_OK if all(c.result == _cache_admin.OK for c in checks) else EXIT_CHECK_FAILED
+    # Exit 3 means a problem with a sibling: one whose checkpoint is gone or changed since is
+    # not damaged (``cache prune`` tidies it away).
+    fine = (_cache_admin.OK, _cache_admin.MISSING_SOURCE, _cache_admin.STALE)
+    return EXIT_OK if all(c.result in fine for c in checks) else EXIT_CHECK_FAILED
 
 
 def _repair(args: argparse.Namespace, cache_dir: str) -> int:
@@ -405,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_convert)
 
-    p = add("warm", "create or validate the fp16 sibling of a checkpoint (for image builds, entrypoints)")
+    p = add("warm", "create or check the fp16 sibling of a checkpoint, or of each in a dir (image builds)")
     p.add_argument("ckpt")
     p.add_argument("--verify", action="store_true", help="full content check of an existing sibling")
     p.add_argument(

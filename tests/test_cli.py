@@ -229,9 +229,22 @@ def test_warm_verify_reports_a_mismatch_once(ckpt_dir, tmp_path, caplog):
     raw[-2] ^= 0xFF
     writable(sibling).write_bytes(bytes(raw))
     caplog.set_level(logging.WARNING, logger="sa3loader")
-    proc = run("warm", str(src), "--verify", cache=tmp_path / "c")
+    proc = run("warm", str(src), "--verify", cache=tmp_path / "c", check_rc=3)  # a damaged sibling replaced
     assert proc.stdout.startswith("converted: ")
+    assert "checked every byte against fp16 of the source: max abs diff 0.0 over " in proc.stdout
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+    hit = run("warm", str(src), "--verify", "--json", cache=tmp_path / "c")
+    assert json.loads(hit.stdout)["max_abs_diff"] == 0.0 and json.loads(hit.stdout)["reason"] == "cache hit"
+
+
+def test_warm_takes_a_directory_as_convert_does(ckpt_dir, tmp_path):
+    """``warm DIR`` creates (or checks) the sibling of every checkpoint in it, as ``convert DIR``
+    takes a directory; sa3loader's own siblings in it are not checkpoints."""
+    run("warm", str(ckpt_dir), cache=tmp_path / "c")
+    again = json.loads(run("warm", str(ckpt_dir), "--json", cache=tmp_path / "c").stdout)
+    sources = sorted(str(p) for p in ckpt_dir.rglob("*.safetensors") if ".fp16." not in p.name)
+    assert sorted(r["source"] for r in again) == sources
+    assert all(r["sibling"] for r in again if r["reason"] != "no float32 tensors: loaded as is")
 
 
 def dead_pid() -> int:
@@ -506,7 +519,7 @@ def test_cache_ls_names_hub_files_as_hf_does_with_one_size_format_and_a_total(tm
         "ok              stabilityai/stable-audio-3-medium@9f3a1c27 model.safetensors  "
     )
     assert "  1 MB -> 500 kB sibling, created " in lines[1]
-    assert lines[2] == "1 row(s): 1 MB of checkpoints, 500 kB of siblings"
+    assert lines[2] == "1 row(s): 1 MB of checkpoints, 500 kB of siblings on disk"
     full = run("cache", "ls", "--paths", cache=cache).stdout.splitlines()[1]
     assert f" {snapshot / 'model.safetensors'} -> {entry['sibling']}  1 MB -> 500 kB sibling" in full
 
@@ -549,3 +562,22 @@ def test_cache_verify_checks_each_row_against_the_file_it_was_made_from(tmp_path
     checked = run("cache", "verify", "--json", cache=tmp_path / "c")
     assert checked.returncode == 0, checked.stdout
     assert [c["check"] for c in json.loads(checked.stdout)] == ["ok", "ok"]
+
+
+def test_cache_ls_totals_what_is_on_disk_and_verify_fails_only_for_a_sibling(tmp_path):
+    """A sibling deleted by hand is not counted; a row whose checkpoint is gone is no problem
+    with a sibling (``cache verify`` exit 0; ``prune`` tidies it), a missing sibling is (3)."""
+    cache = tmp_path / "c"
+    paths = []
+    for name in ("a", "b"):
+        src = tmp_path / name / "model.safetensors"
+        src.parent.mkdir()
+        save_file({"w": torch.ones(250_000)}, str(src))
+        run("warm", str(src), cache=cache)
+        paths.append(src)
+    paths[0].unlink()  # a checkpoint deleted: its row's sibling stays, intact
+    assert run("cache", "verify", cache=cache).returncode == 0
+    (tmp_path / "b" / "model.fp16.safetensors").unlink()  # a sibling deleted by hand
+    total = run("cache", "ls", cache=cache).stdout.splitlines()[-1]
+    assert total == "2 row(s): 1 MB of checkpoints, 500 kB of siblings on disk", total
+    assert run("cache", "verify", cache=cache, check_rc=3).returncode == 3
