@@ -122,6 +122,7 @@ def convert_file(
         if in_place:  # the file the symlink points to: the same one ``header`` reads
             return _convert_to(header, _in_place_target(src), verify)
         assert out is not None
+        _refuse_hub_output(out, os.path.dirname(os.path.abspath(out)))
         if os.path.exists(out) and not force:
             raise OutputExistsError(f"{out} exists; pass --force to replace it", filename=out)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -143,7 +144,23 @@ def _in_place_target(path: str) -> str:
                 filename=path,
             )
         return os.path.realpath(path)
+    if in_hub_repo(os.path.dirname(os.path.abspath(path))):  # a hub that stores files, not links
+        raise HubCacheError(
+            f"{path} is in a Hugging Face hub cache, which sa3loader never writes into "
+            f"({HUB_HARM[True]}). Convert a copy (--out) outside it.",
+            filename=path,
+        )
     return path
+
+
+def _refuse_hub_output(out: str, directory: str) -> None:
+    """An output inside a hub cache would be taken for one of its revisions."""
+    if in_hub_repo(directory):
+        raise HubCacheError(
+            f"{out} is inside a Hugging Face hub cache, which sa3loader never writes into "
+            f"({HUB_HARM[False]}). Pick an --out outside it.",
+            filename=out,
+        )
 
 
 def _copy(src: str, dst: str, force: bool) -> None:
@@ -227,8 +244,11 @@ def convert_tree(
             filename=src_dir,
         )
     if in_place:
+        for path in checkpoints_in(src_dir):  # a hub inside is refused before anything is written
+            _in_place_target(path)
         return _convert_files(src_dir, None, in_place=True, verify=verify, excluded=set())
     out_dir = os.path.abspath(out_dir or src_dir.rstrip(os.sep) + OUTPUT_DIR_SUFFIX)
+    _refuse_hub_output(out_dir, out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     _heal_output(out_dir)
     if os.path.exists(out_dir) and not force:

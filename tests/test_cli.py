@@ -141,6 +141,39 @@ def test_convert_dir_never_writes_into_a_hub_cache(tmp_path, where, in_place):
     assert list((tmp_path / "out").rglob("*"))  # blobs carry no .safetensors name: copied as they are
 
 
+@pytest.mark.parametrize("what", ["snapshot-dir", "file"])
+def test_convert_out_inside_a_hub_cache_is_refused(tmp_path, what):
+    """``--out <repo>/snapshots/fp16`` would be listed by huggingface_hub as a revision."""
+    from support.checkpoints import toy_hub_checkpoint
+
+    ckpt = toy_hub_checkpoint(tmp_path / "hf", "org/m", "r1")
+    listing = sorted(str(p) for p in (tmp_path / "hf").rglob("*"))
+    src, out = (
+        (ckpt.parent, ckpt.parent.parent / "fp16")
+        if what == "snapshot-dir"
+        else (ckpt, ckpt.parent / "m16.safetensors")
+    )
+    err = run("--json", "convert", str(src), "--out", str(out), cache=tmp_path / "c", check_rc=1)
+    assert json.loads(err.stdout)["error"]["type"] == "HubCacheError"
+    assert sorted(str(p) for p in (tmp_path / "hf").rglob("*")) == listing
+
+
+@pytest.mark.parametrize("target", ["hub-root", "file"])
+def test_in_place_refuses_a_hub_that_stores_files_not_links(tmp_path, target):
+    """huggingface_hub stores regular files where it cannot make links (Windows, some mounts):
+    converting one in place, or a folder above the hub, would rewrite the download."""
+    snap = tmp_path / "hub" / "models--org--y" / "snapshots" / "r1"
+    snap.mkdir(parents=True)
+    save_file({"w": torch.randn(4, 4)}, str(snap / "model.safetensors"))
+    plain = tmp_path / "hub" / "a.safetensors"  # beside the hub: converted only if nothing is refused
+    save_file({"w": torch.randn(4, 4)}, str(plain))
+    before = {p: p.read_bytes() for p in (tmp_path / "hub").rglob("*") if p.is_file()}
+    src = tmp_path / "hub" if target == "hub-root" else snap / "model.safetensors"
+    err = run("--json", "convert", str(src), "--in-place", cache=tmp_path / "c", check_rc=1)
+    assert json.loads(err.stdout)["error"]["type"] == "HubCacheError"
+    assert {p: p.read_bytes() for p in (tmp_path / "hub").rglob("*") if p.is_file()} == before
+
+
 def test_convert_single_file_is_recorded_so_loads_hit(ckpt_dir, tmp_path):
     src = ckpt_dir / "model.safetensors"
     run("convert", str(src), cache=tmp_path / "c")
