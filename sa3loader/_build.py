@@ -12,11 +12,12 @@ follows upstream's rules, quirks included (``plan_keys``)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import sys
 import types
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -152,27 +153,56 @@ def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[s
 
 
 # How deep the walk for tensors goes from a module's attribute: containers (dicts, lists,
-# tuples, sets), plain objects (their ``__dict__``), modules outside the model's tree.
+# tuples, sets, deques), plain objects (their ``__dict__`` and ``__slots__``), what a function
+# closes over or defaults to, a partial's arguments, a bound method's object, modules outside
+# the model's tree.
 REACH_DEPTH = 12
-_CONTAINERS = (dict, list, tuple, set, frozenset)
-# Never walked into: what holds no tensor of the model's (classes, functions, Python modules).
-_OPAQUE = (
-    type,
-    types.ModuleType,
-    types.FunctionType,
-    types.BuiltinFunctionType,
-    types.MethodType,
-    str,
-    bytes,
-)
+_CONTAINERS = (list, tuple, set, frozenset, deque)
+# Never walked into: what holds no tensor of the model's (classes, Python modules, C functions).
+_OPAQUE = (type, types.ModuleType, types.BuiltinFunctionType, str, bytes)
+
+
+def _slots(value: Any) -> list[Any]:
+    names = (
+        n for cls in type(value).__mro__ for n in _slot_names(cls) if n not in ("__dict__", "__weakref__")
+    )
+    return [getattr(value, n) for n in names if hasattr(value, n)]
+
+
+def _slot_names(cls: type) -> tuple[str, ...]:
+    slots = cls.__dict__.get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(slots)
+
+
+def _held_by(value: Any) -> list[Any]:
+    """What ``value`` holds that may be or hold a tensor."""
+    if isinstance(value, Mapping):
+        return list(value.values())
+    if isinstance(value, _CONTAINERS):
+        return list(value)
+    if isinstance(value, types.FunctionType):  # a hook or a lambda: what it closes over
+        cells = [c.cell_contents for c in value.__closure__ or () if _filled(c)]
+        return cells + list(value.__defaults__ or ()) + list((value.__kwdefaults__ or {}).values())
+    if isinstance(value, types.MethodType):
+        return [value.__self__, value.__func__]
+    held = [value.func, *value.args, *value.keywords.values()] if isinstance(value, functools.partial) else []
+    attributes = getattr(value, "__dict__", None)
+    return held + (list(attributes.values()) if isinstance(attributes, dict) else []) + _slots(value)
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
 
 
 def _tensors_in(
     value: Any, tree: frozenset[int] = frozenset(), seen: set[int] | None = None, depth: int = REACH_DEPTH
 ) -> Iterator[torch.Tensor]:
-    """Every tensor ``value`` holds: in containers, in plain objects' attributes, in modules
-    kept outside the model's tree (a text encoder in a ``__dict__``), once each. Modules of
-    the tree (ids in ``tree``) are not entered: each is walked as itself."""
+    """Every tensor ``value`` holds (``_held_by``, to ``REACH_DEPTH``), once each. Modules of the
+    tree (ids in ``tree``) are not entered: each is walked as itself."""
     if isinstance(value, torch.Tensor):
         yield value
         return
@@ -182,14 +212,7 @@ def _tensors_in(
     if id(value) in seen or id(value) in tree:
         return
     seen.add(id(value))
-    if isinstance(value, dict):
-        children: Any = value.values()
-    elif isinstance(value, _CONTAINERS):
-        children = value
-    else:
-        children = getattr(value, "__dict__", None)
-        children = children.values() if isinstance(children, dict) else ()
-    for child in list(children):
+    for child in _held_by(value):
         yield from _tensors_in(child, tree, seen, depth - 1)
 
 
@@ -201,9 +224,13 @@ def _holds_meta(value: Any, tree: frozenset[int]) -> bool:
     return any(t.is_meta for t in _tensors_in(value, tree))
 
 
-# What every nn.Module keeps about itself (hooks, flags, the child modules): never a
-# tensor of the model's own, so the checks below need not look inside.
-_MODULE_BOOKKEEPING = frozenset(vars(nn.Module())) - {"_parameters", "_buffers"}
+# What every nn.Module keeps about itself (flags, the child modules): never a tensor of the
+# model's own, so the checks below need not look inside. Its hooks are walked: a hook may
+# close over a tensor.
+_MODULE_BOOKKEEPING = frozenset(k for k in vars(nn.Module()) if not k.endswith("_hooks")) - {
+    "_parameters",
+    "_buffers",
+}
 Attributes = list[tuple[str, nn.Module, str, Any]]
 
 
@@ -224,12 +251,8 @@ def _tensor_attributes(model: nn.Module) -> Attributes:
     ]
 
 
-def _refuse_random(
-    model: nn.Module, attributes: Attributes, assign: dict[str, str], watch: BuildWatch, tree: frozenset[int]
-) -> None:
-    """``_FastBuildRefused`` when the model may keep a value drawn at random while it was built
-    (the fast build's generator was elsewhere when it was drawn), or a parameter the
-    constructor replaced and the checkpoint does not cover."""
+def _refuse_replaced(model: nn.Module, assign: dict[str, str], watch: BuildWatch) -> None:
+    """``_FastBuildRefused`` for a parameter the constructor replaced that the checkpoint does not cover."""
     keys_of: dict[int, list[str]] = defaultdict(list)
     for key, param in model.named_parameters(remove_duplicate=False):
         keys_of[id(param)].append(key)
@@ -243,6 +266,17 @@ def _refuse_random(
             raise _FastBuildRefused(
                 f"{type(module).__name__}.{name} was replaced by the constructor and is not in the checkpoint"
             )
+
+
+def _refuse_random(
+    model: nn.Module, attributes: Attributes, assign: dict[str, str], watch: BuildWatch, tree: frozenset[int]
+) -> None:
+    """``_FastBuildRefused`` when the model may keep a value drawn at random while it was built
+    (the fast build's generator was elsewhere when it was drawn), or a parameter the
+    constructor replaced and the checkpoint does not cover."""
+    _refuse_replaced(model, assign, watch)
+    if not watch.check_generator():  # a draw through a function the watch does not know
+        raise _FastBuildRefused("torch's generator was drawn from by a function the build does not follow")
     if watch.escapes:  # a number, list or array from drawn values: Python cannot be followed
         raise _FastBuildRefused(
             f"a value drawn at random left torch through {watch.escapes[0]} while it was built"

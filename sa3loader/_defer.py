@@ -15,9 +15,15 @@ Inside ``with watched_build() as watch:`` (``_build`` opens it around the factor
   every tensor computed from one, skips the random init of meta stand-ins, notes
   each way a drawn value leaves torch (``item()``, ``tolist()``, ``numpy()``,
   ``float()``, ``bool()``, printing: from there on Python arithmetic cannot be
-  followed), and notes each error torch raises over a meta tensor, so that the
-  caller can tell torch refusing a stand-in's data (build upstream's way instead)
-  from the factory's own errors (passed through), by origin, never by message.
+  followed), and notes each error torch raises over a deferred stand-in or a meta
+  tensor computed from one, so that the caller can tell torch refusing a stand-in's
+  data (build upstream's way instead) from the factory's own errors, its own meta
+  tensors' included (passed through), by origin, never by message.
+- The CPU generator's state is compared before each draw the watch sees with the state
+  after the previous one (and at the end): a difference is a draw through a function
+  it does not know, so the build cannot say what it kept (``manual_seed`` and
+  ``set_rng_state`` are patched to say they are not draws). ``Tensor.set_``, which
+  never reaches a torch function mode, is patched to mark what it shares.
 
 The patches are process-wide while any watched build runs (one ``_Patches`` object
 owns them and their depth, under a reentrant lock: a factory may load a model itself);
@@ -44,6 +50,8 @@ LOADER_FUNCTION_NAMES = frozenset({"from_pretrained"})
 RANDOM_DRAWS = frozenset(
     "rand randn randint randperm rand_like randn_like randint_like normal bernoulli multinomial"
     " poisson dropout uniform_ normal_ random_ exponential_ geometric_ log_normal_ cauchy_ bernoulli_"
+    " dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout rrelu rrelu_ gumbel_softmax"
+    " binomial _standard_gamma _sample_dirichlet native_dropout"
     # torch.nn.init's, which the watch sees whole (the draws inside them are not looked at)
     " trunc_normal_ kaiming_uniform_ kaiming_normal_ xavier_uniform_ xavier_normal_"
     " orthogonal_ sparse_".split()
@@ -63,6 +71,10 @@ METADATA_PROPERTIES = frozenset(
 )
 # Containers searched for tensors in what a function returns.
 OUTPUT_DEPTH = 2
+
+
+def _generator_state() -> torch.Tensor:
+    return torch.default_generator.get_state()
 
 
 def _tensors_out(value: Any, depth: int = OUTPUT_DEPTH) -> Iterator[torch.Tensor]:
@@ -91,33 +103,80 @@ class BuildWatch(TorchFunctionMode):
         super().__init__()
         self._drawn: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
         self.escapes: list[str] = []  # how drawn values left torch: "Tensor.item()", ...
-        self._meta_errors: list[BaseException] = []  # errors torch raised over a meta tensor
+        self._meta_errors: list[BaseException] = []  # errors torch raised over a stand-in's data
+        self._stand_ins: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
         self.replaced: list[tuple[weakref.ref[nn.Module], str]] = []  # parameters the constructor replaced
+        # The CPU generator's state after the last draw the watch saw: a state it did not leave
+        # means a draw it did not see (a function missing from RANDOM_DRAWS), whose values it
+        # cannot have marked.
+        self._generator_after: torch.Tensor = _generator_state()
+        self.unseen_draw = False
+
+    def generator_set(self) -> None:
+        """The factory set the generator (``manual_seed``, ``set_rng_state``): not a draw."""
+        self._generator_after = _generator_state()
+
+    def check_generator(self) -> bool:
+        """Whether every draw from the CPU generator so far went through a function the watch sees."""
+        if not self.unseen_draw and not torch.equal(_generator_state(), self._generator_after):
+            self.unseen_draw = True
+        return not self.unseen_draw
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in RANDOM_DRAWS and name.endswith("_") and args and _is_meta(args[0]):
+        name = getattr(func, "__name__", "").split(".", 1)[0]  # torch.ops' "randn.default" is randn
+        draws = name in RANDOM_DRAWS
+        if draws and name.endswith("_") and args and _is_meta(args[0]):
             return args[0]  # the init of a deferred stand-in: meta draws nothing, so skip it
+        if draws:
+            self.check_generator()
         try:
             out = func(*args, **kwargs) if kwargs else func(*args)
         except Exception as exc:
-            if self._touches_meta(args, kwargs):
+            if self._from_stand_in(args, kwargs):
                 self._meta_errors.append(exc)
             raise
+        finally:
+            if draws:
+                self._generator_after = _generator_state()
+        if self._stand_ins:
+            self._follow_stand_ins(args, kwargs, out)
         # Nothing is scanned until something real was drawn: a build on meta costs one call per op.
-        if name in RANDOM_DRAWS or (self._drawn and self._reads_drawn(args, kwargs)):
-            returned = list(_tensors_out(out))
-            written = list(returned)
-            if name.endswith("_") and args and isinstance(args[0], torch.Tensor):
-                written.append(args[0])  # in place (also __setitem__, which returns None)
-            if name == "copy_" and len(args) > 1 and not self._reads_drawn(args[1:], kwargs):
-                self.unmark(args[0])  # every value of the destination is now the source's
-                written = []
-            for t in written:
-                self.mark(t)
-            if not returned and out is not None and self._escapes(func, name, out):
-                self.escapes.append(f"Tensor.{_name(func).lstrip('.')}")
+        if draws or (self._drawn and self._reads_drawn(args, kwargs)):
+            self._follow_draws(func, name, args, kwargs, out)
         return out
+
+    def _follow_draws(self, func: Any, name: str, args: tuple, kwargs: dict | None, out: Any) -> None:
+        returned = list(_tensors_out(out))
+        written = list(returned)
+        if name.endswith("_") and args and isinstance(args[0], torch.Tensor):
+            written.append(args[0])  # in place (also __setitem__, which returns None)
+        if name == "copy_" and len(args) > 1 and not self._reads_drawn(args[1:], kwargs):
+            self.unmark(args[0])  # every value of the destination is now the source's
+            written = []
+        for t in written:
+            self.mark(t)
+        if not returned and out is not None and self._escapes(func, name, out):
+            self.escapes.append(f"Tensor.{_name(func).lstrip('.')}")
+
+    def stand_in(self, tensor: torch.Tensor) -> None:
+        """``tensor`` is a deferred parameter's meta stand-in, or was computed from one."""
+        self._stand_ins[id(tensor)] = weakref.ref(tensor)
+
+    def _follow_stand_ins(self, args: tuple, kwargs: dict | None, out: Any) -> None:
+        metas = [t for t in _tensors_out(out) if t.is_meta]
+        if metas and self._from_stand_in(args, kwargs):
+            for t in metas:
+                self.stand_in(t)
+
+    def _from_stand_in(self, args: tuple, kwargs: dict | None) -> bool:
+        values = (*args, *kwargs.values()) if kwargs else args
+        for v in values:
+            for t in _tensors_out(v):
+                for candidate in (t, t._base) if t.is_meta else ():
+                    ref = self._stand_ins.get(id(candidate))
+                    if ref is not None and ref() is candidate:
+                        return True
+        return False
 
     @staticmethod
     def _escapes(func: Any, name: str, out: Any) -> bool:
@@ -128,11 +187,6 @@ class BuildWatch(TorchFunctionMode):
         if name in METADATA_FUNCTIONS:
             return False
         return not isinstance(out, (torch.dtype, torch.device, torch.Size))
-
-    @staticmethod
-    def _touches_meta(args: tuple, kwargs: dict | None) -> bool:
-        values = (*args, *kwargs.values()) if kwargs else args
-        return any(_is_meta(t) for v in values for t in _tensors_out(v))
 
     def _reads_drawn(self, args: tuple, kwargs: dict | None) -> bool:
         """Whether an argument (or a tensor in a list or tuple argument) holds drawn values."""
@@ -157,7 +211,7 @@ class BuildWatch(TorchFunctionMode):
             del self._drawn[id(tensor)]
 
     def any_drawn(self) -> bool:
-        return bool(self._drawn) or bool(self.escapes)
+        return bool(self._drawn) or bool(self.escapes) or not self.check_generator()
 
     def drawn(self, tensor: torch.Tensor) -> bool:
         for t in (tensor, tensor._base):
@@ -167,7 +221,7 @@ class BuildWatch(TorchFunctionMode):
         return False
 
     def refused_meta(self, exc: BaseException) -> bool:
-        """Whether ``exc``, or an error it came from, is one torch raised over a meta tensor."""
+        """Whether ``exc``, or an error it came from, is one torch raised over a stand-in's data."""
         seen: BaseException | None = exc
         for _ in range(8):
             if seen is None:
@@ -202,6 +256,9 @@ _original_load_state_dict = nn.Module.load_state_dict
 _original_get_rng_state = torch.random.get_rng_state
 _original_parameter_new = nn.Parameter.__new__
 _original_parameter_new_slot = nn.Parameter.__dict__["__new__"]  # the staticmethod itself, put back as it was
+_original_set_ = torch.Tensor.set_  # never reaches a torch function mode
+_original_manual_seed = torch.random.manual_seed
+_original_set_rng_state = torch.random.set_rng_state
 
 
 class _Patches:
@@ -221,6 +278,9 @@ class _Patches:
             nn.Module.load_state_dict = _load_state_dict_not_deferred  # type: ignore[method-assign]
             torch.get_rng_state = torch.random.get_rng_state = _get_rng_state_drawn
             nn.Parameter.__new__ = staticmethod(_parameter_new)  # type: ignore[method-assign]
+            torch.manual_seed = torch.random.manual_seed = _manual_seed_seen
+            torch.Tensor.set_ = _set_seen  # type: ignore[method-assign,assignment]
+            torch.set_rng_state = torch.random.set_rng_state = _set_rng_state_seen
         self.depth += 1
 
     def exit(self) -> None:
@@ -230,6 +290,9 @@ class _Patches:
             nn.Module.load_state_dict = _original_load_state_dict  # type: ignore[method-assign]
             torch.get_rng_state = torch.random.get_rng_state = _original_get_rng_state
             nn.Parameter.__new__ = _original_parameter_new_slot  # type: ignore[method-assign]
+            torch.manual_seed = torch.random.manual_seed = _original_manual_seed
+            torch.Tensor.set_ = _original_set_  # type: ignore[method-assign]
+            torch.set_rng_state = torch.random.set_rng_state = _original_set_rng_state
         self.lock.release()
 
 
@@ -268,6 +331,7 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
             param = nn.Parameter(torch.empty_like(param, device=_META), requires_grad=param.requires_grad)
         _original_register(self, name, param)
     recorder.records.append((weakref.ref(self), name))
+    _patches.local.watch.stand_in(param)
 
 
 def _load_state_dict_not_deferred(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -284,6 +348,35 @@ def _get_rng_state_drawn() -> torch.Tensor:
     if watch is not None:
         watch.mark(state)
     return state
+
+
+def _set_seen(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``set_`` makes ``self`` share another tensor's values, unseen by the watch: drawn ones too."""
+    out = _original_set_(self, *args, **kwargs)
+    watch: BuildWatch | None = getattr(_patches.local, "watch", None)
+    source = args[0] if args else kwargs.get("source")
+    if watch is not None and isinstance(source, torch.Tensor) and watch.drawn(source):
+        watch.mark(self)
+    return out
+
+
+def _manual_seed_seen(seed: int) -> torch.Generator:
+    watch: BuildWatch | None = getattr(_patches.local, "watch", None)
+    if watch is not None:
+        watch.check_generator()  # an unseen draw before it stays seen (``fork_rng`` sets it back)
+    generator = _original_manual_seed(seed)
+    if watch is not None:
+        watch.generator_set()
+    return generator
+
+
+def _set_rng_state_seen(new_state: torch.Tensor) -> None:
+    watch: BuildWatch | None = getattr(_patches.local, "watch", None)
+    if watch is not None:
+        watch.check_generator()
+    _original_set_rng_state(new_state)
+    if watch is not None:
+        watch.generator_set()
 
 
 def _parameter_new(cls: type, data: torch.Tensor | None = None, requires_grad: bool = True) -> Any:

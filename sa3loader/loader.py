@@ -73,9 +73,10 @@ class LoadInfo:
     staging_pinned: bool = False  # the staging buffers were pinned (page-locked) memory
     reason: str = ""  # see above
     fallback: str | None = None  # why the fast build was refused
-    # The fp16 range report: finite checkpoint values the fp16 model holds as inf, nonzero ones
-    # it holds as 0, over every float dtype; counted by the conversion (a hit reports what its
-    # conversion recorded); None when nothing was converted.
+    # The fp16 range report: finite checkpoint values that are inf in fp16, nonzero ones that
+    # are 0, over every float dtype; counted by the conversion from the checkpoint's dtypes (a
+    # hit reports what its conversion recorded); None when nothing was converted. A value the
+    # model casts elsewhere (an fp32 tensor into a bf16 parameter) is counted as fp16 holds it.
     overflow_to_inf: int | None = None
     flushed_to_zero: int | None = None
     timings: dict[str, float] = field(default_factory=dict)  # see above

@@ -1,14 +1,19 @@
 """The model upstream gives, with any factory.
 
 A tensor the constructor derives from a parameter is never left on the meta device; a value
-drawn at random while the model is built and kept anywhere (a buffer, a Python number, a list,
-an RNG state, a plain object) gives upstream's build, generators included; a parameter the
+drawn at random while the model is built, by any function (one no torch function mode sees
+included), and kept anywhere (a buffer, a Python number, a list, an RNG state, a plain or
+slotted object, a deque, a closure, a partial, a hook) gives upstream's build, generators
+included; a parameter the
 constructor replaces must be in the checkpoint; a text encoder loaded inside the factory keeps
 the fast build; loads nest (a teacher inside a student); a factory that fails runs once and its
-error passes through unchanged."""
+error passes through unchanged, an error over its own meta tensors too."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import random
 import types
 
@@ -268,6 +273,50 @@ class InAPlainObject(ToyDiT):
         self.extras = types.SimpleNamespace(noise=torch.randn(4), weight=nn.Parameter(torch.randn(3)))
 
 
+@dataclasses.dataclass(slots=True)
+class SlottedBox:
+    value: torch.Tensor
+
+
+class InASlottedObject(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.box = SlottedBox(torch.randn(4))
+
+
+class InADeque(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.history = collections.deque([torch.randn(4)])
+
+
+class InAClosure(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        noise = torch.randn(4)
+        self.noise = lambda: noise
+
+
+class InAPartial(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = functools.partial(torch.add, torch.randn(4))
+
+
+class InAHook(ToyDiT):
+    """Only a hook holds the draw (as a default argument)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        noise = torch.randn(4)
+        self.register_forward_pre_hook(lambda module, args, noise=noise: None)
+
+
+def _hook_noise(model: nn.Module) -> list[float]:
+    hooks = list(model._forward_pre_hooks.values())
+    return hooks[-1].__defaults__[0].tolist()
+
+
 KEPT = {
     "list": (KeptAsPythonList, lambda m: m.order),
     "number": (KeptAsPythonNumber, lambda m: m.scale),
@@ -275,6 +324,11 @@ KEPT = {
     "numpy-seeded-from-torch": (NumpySeededFromTorch, lambda m: m.table.tolist()),
     "rng-state": (KeptRngState, lambda m: m.state.tolist()),
     "plain-object": (InAPlainObject, lambda m: (m.extras.noise.tolist(), m.extras.weight.tolist())),
+    "slotted-object": (InASlottedObject, lambda m: m.box.value.tolist()),
+    "deque": (InADeque, lambda m: m.history[0].tolist()),
+    "closure": (InAClosure, lambda m: m.noise().tolist()),
+    "partial": (InAPartial, lambda m: m.shift.args[0].tolist()),
+    "hook": (InAHook, _hook_noise),
 }
 
 
@@ -297,6 +351,96 @@ def test_a_value_drawn_at_random_and_kept_outside_a_tensor_is_upstreams(tmp_path
     assert torch.equal(after, torch.rand(4))
     assert kept(model) == kept(ref)
     assert_same_model(model, ref)
+
+
+def _shared_with_a_draw() -> torch.Tensor:
+    return torch.zeros(8).set_(torch.randn(8))  # set_ never reaches a torch function mode
+
+
+def _data_of_a_draw() -> torch.Tensor:
+    kept = torch.zeros(8)
+    kept.data = torch.randn(8)
+    return kept
+
+
+def _hidden_draw() -> torch.Tensor:
+    with torch._C.DisableTorchFunction():  # no mode sees this: only the generator tells
+        return torch.randn(8)
+
+
+def _hidden_draw_then_state_put_back() -> torch.Tensor:
+    with torch.random.fork_rng():  # draws unseen, then sets the generator back
+        _hidden_draw()
+    return torch.ones(8)
+
+
+# Draws the watch knows by name, through torch.ops, through torch.distributions, by sharing
+# storage, and draws it cannot see at all (only the generator's state shows them).
+DRAWS = {
+    "dropout2d": lambda: nn.functional.dropout2d(torch.ones(1, 8, 1, 1), 0.5, True).flatten(),
+    "alpha_dropout": lambda: nn.functional.alpha_dropout(torch.ones(8), 0.5, True),
+    "rrelu": lambda: nn.functional.rrelu(-torch.ones(8), training=True),
+    "gumbel_softmax": lambda: nn.functional.gumbel_softmax(torch.zeros(8)),
+    "binomial": lambda: torch.binomial(torch.full((8,), 10.0), torch.full((8,), 0.5)),
+    "gamma-sample": lambda: torch.distributions.Gamma(torch.ones(8), torch.ones(8)).sample(),
+    "dirichlet-sample": lambda: torch.distributions.Dirichlet(torch.ones(8)).sample(),
+    "torch.ops": lambda: torch.ops.aten.randn.default([8]),
+    "set_": _shared_with_a_draw,
+    "data=": _data_of_a_draw,
+    "unseen": _hidden_draw,
+}
+
+
+class KeepsADraw(ToyDiT):
+    draw = staticmethod(DRAWS["unseen"])
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("kept", type(self).draw(), persistent=False)
+
+
+@pytest.mark.parametrize("how", list(DRAWS))
+def test_a_value_drawn_by_any_function_and_kept_is_upstreams(tmp_path, how):
+    cls = type("Keeps", (KeepsADraw,), {"draw": staticmethod(DRAWS[how])})
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(cls(), seed=3), tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
+    )
+    info = sa3loader.last_load_info()
+    assert info.build == "faithful", info.fallback
+    ref = upstream_recipe(cls, ckpt, True)
+    assert torch.equal(bits(model.kept), bits(ref.kept))
+    assert_same_model(model, ref)
+
+
+def test_an_unseen_draw_hidden_by_putting_the_generator_back_is_still_seen(tmp_path):
+    """``fork_rng`` sets the state back after a draw no mode saw: the check before the set
+    catches it (a factory that then keeps nothing drawn is refused all the same: safe)."""
+    cls = type("Keeps", (KeepsADraw,), {"draw": staticmethod(_hidden_draw_then_state_put_back)})
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(cls(), seed=3), tmp_path / "model.safetensors")
+    sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
+    )
+    assert "generator" in sa3loader.last_load_info().fallback
+
+
+def test_a_factory_that_seeds_the_generator_keeps_the_fast_build(tmp_path):
+    """``manual_seed`` is not a draw: a factory that seeds and then only builds layers stays fast."""
+
+    class Seeded(ToyDiT):
+        def __init__(self) -> None:
+            torch.manual_seed(5)
+            super().__init__()
+
+    ckpt = save(random_like_state(Seeded(), seed=3), tmp_path / "model.safetensors")
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: Seeded()
+    )
+    assert sa3loader.last_load_info().build == "fast"
+    assert_same_model(model, upstream_recipe(Seeded, ckpt, True))
 
 
 class DrawsFromNumpyAndRandom(ToyDiT):
@@ -350,6 +494,25 @@ def test_a_factory_error_that_mentions_meta_passes_through_after_one_call(tmp_pa
     with pytest.raises(KeyError, match="metadata") as err:
         sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory)
     assert len(calls) == 1 and type(err.value) is KeyError
+
+
+def test_a_factory_error_over_its_own_meta_tensors_passes_through_after_one_call(tmp_path):
+    """A factory may use meta tensors itself (shape inference without memory): torch's error
+    over one of those is the factory's own, not a refusal of a deferred parameter's data."""
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    calls = []
+
+    def factory(config):
+        calls.append(config)
+        model = build(config)
+        probe = torch.empty(1, 5, device="meta")
+        model.out_width = (probe @ torch.empty(16, 4, device="meta")).shape[-1]  # 5 != 16: torch raises
+        return model
+
+    with pytest.raises(RuntimeError) as err:
+        sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory)
+    assert len(calls) == 1 and type(err.value) is RuntimeError
 
 
 class ReplacesARegisteredParameter(ToyDiT):
