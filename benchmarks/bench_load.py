@@ -1,7 +1,7 @@
 """Benchmark: upstream's loader vs sa3loader on a synthetic full-size SA3 checkpoint,
 built and served the way the released models are: the real ``t5gemma`` conditioner
 loads a T5Gemma encoder at the released b-b size with transformers, from an offline
-Hugging Face hub cache (``tests/hub_fixture.py``), inside the factory.
+Hugging Face hub cache (``tests/support/hub_fixture.py``), inside the factory.
 
     python benchmarks/bench_load.py [--model medium|small-music] [--scale 1.0] [--runs 3]
 

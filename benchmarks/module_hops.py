@@ -2,7 +2,7 @@
 
     python benchmarks/module_hops.py
 
-Runs a first load and then a cache hit of the toy model (``tests/toymodel.py``) under
+Runs a first load and then a cache hit of the toy model (``tests/support/toymodel.py``) under
 ``sys.setprofile`` and follows them as a reader would: each sa3loader function is
 read once, at its first call, with everything it calls (a function called again is
 not read again; dunder methods and properties are followed into, but are not
@@ -19,6 +19,7 @@ top to bottom, visiting each concept once.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -99,6 +100,9 @@ class Walk:
 
 
 def main() -> int:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     sys.path.insert(0, str(TESTS))
     import torch
     from support.checkpoints import random_like_state, save

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from . import _compare, _config
 from ._format import open_header, read_header
 from ._identity import hard_match, identity_of, is_sa3loader_path, sibling_matches_source
-from ._index import Index
+from ._index import INDEX_SUBDIR, Index
 from ._lock import conversion_lock
 from ._places import INCOMPLETE_INFIX, LOCK_SUFFIX, SIBLINGS_SUBDIR
 from ._records import IndexRow
@@ -79,6 +79,12 @@ def _entry(key: str, row: IndexRow | None) -> Entry:
 @contextlib.contextmanager
 def _index(cache_dir: str) -> Iterator[Index]:
     """The index, strict, only of a dir no one else controls: its rows name files to check and delete."""
+    _refuse_untrusted(cache_dir)
+    with Index(cache_dir, strict=True) as index:
+        yield index
+
+
+def _refuse_untrusted(cache_dir: str) -> None:
     distrust = cache_dir_trust(cache_dir)
     if distrust is not None:
         raise UntrustedCacheDirError(
@@ -86,11 +92,16 @@ def _index(cache_dir: str) -> Iterator[Index]:
             f"(set ${_config.SHARED_CACHE_ENV}=1 for a shared team cache)",
             filename=cache_dir,
         )
-    with Index(cache_dir, strict=True) as index:
-        yield index
+
+
+def _has_index(cache_dir: str) -> bool:
+    """Reading a cache that was never made creates nothing: no dir, no index."""
+    return os.path.isdir(os.path.join(cache_dir, INDEX_SUBDIR))
 
 
 def entries(cache_dir: str) -> list[Entry]:
+    if not _has_index(cache_dir):
+        return []
     with _index(cache_dir) as index:
         return [_entry(key, row) for key, row in index.items()]
 
@@ -296,9 +307,12 @@ def _execute_guarded(sibling: str, steps: list[Removal], live: list[Entry] | Non
 
 def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
     """Carry out ``plan`` as it is: rows first, then each file under its sibling's lock, then dirs."""
-    with _index(cache_dir) as index:
-        for entry in plan.rows:
-            index.delete(entry.key)
+    if plan.rows or _has_index(cache_dir):
+        with _index(cache_dir) as index:
+            for entry in plan.rows:
+                index.delete(entry.key)
+    else:
+        _refuse_untrusted(cache_dir)
     # Rows a prune keeps, and the sources of those it dropped: a sibling valid for either stays.
     live = entries(cache_dir) + plan.rows if pruning else None
     outcome = Outcome(plan.rows, [], [])

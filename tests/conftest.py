@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import types
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def upstream() -> Upstream:
     root = find_upstream()
     if root is None:
         pytest.skip(
-            f"upstream stable_audio_3 source not found at {DEFAULT_UPSTREAM} "
+            f"upstream stable_audio_3 source not found at {os.environ.get(UPSTREAM_ENV) or DEFAULT_UPSTREAM} "
             f"(set ${UPSTREAM_ENV} to its folder)"
         )
     factory = import_upstream(root)

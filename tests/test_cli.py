@@ -614,3 +614,21 @@ def test_cache_ls_totals_what_is_on_disk_and_verify_fails_only_for_a_sibling(tmp
     total = run("cache", "ls", cache=cache).stdout.splitlines()[-1]
     assert total == "2 row(s): 1 MB of checkpoints, 500 kB of siblings on disk", total
     assert run("cache", "verify", cache=cache, check_rc=3).returncode == 3
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("cache", "ls"),
+        ("cache", "verify"),
+        ("cache", "prune"),
+        ("cache", "clear"),
+        ("cache", "prune", "--dry-run"),
+        ("info",),
+    ],
+)
+def test_commands_that_only_read_the_cache_create_nothing(ckpt_dir, tmp_path, command):
+    """Looking at a cache that was never made leaves no cache dir, index or tag behind."""
+    args = (*command, str(ckpt_dir / "model.safetensors")) if command == ("info",) else command
+    run(*args, cache=tmp_path / "never" / "made")
+    assert not (tmp_path / "never").exists()
