@@ -22,7 +22,7 @@ from ._format import open_header, read_header
 from ._identity import hard_match, identity_of, is_sa3loader_path, sibling_matches_source
 from ._index import INDEX_SUBDIR, Index
 from ._lock import conversion_lock
-from ._places import INCOMPLETE_INFIX, LOCK_SUFFIX, SIBLINGS_SUBDIR
+from ._places import INCOMPLETE_INFIX, LOCK_SUFFIX, SIBLINGS_SUBDIR, incomplete_prefix
 from ._records import IndexRow
 from ._trust import cache_dir_trust, owned_file_problem
 from .errors import LockTimeoutError, Sa3LoaderError, UntrustedCacheDirError, UnusableLockError
@@ -180,7 +180,7 @@ def _leftovers(sibling: str) -> list[Removal]:
     """Temp files a killed conversion of ``sibling`` left, and its lock file: yours only."""
     found = [
         Removal(t, _size(t), "temp file", sibling)
-        for t in sorted(glob.glob(glob.escape(sibling) + INCOMPLETE_INFIX + "*"))
+        for t in sorted(glob.glob(glob.escape(incomplete_prefix(sibling)) + "*"))
         if owned_file_problem(t) is None
     ]
     lock = sibling + LOCK_SUFFIX

@@ -33,7 +33,7 @@ from ._format import (
     reading,
 )
 from ._identity import converted_dtype
-from ._places import INCOMPLETE_INFIX
+from ._places import incomplete_prefix
 from ._progress import byte_bar, progress_enabled
 from ._written import ConversionResult, WrittenSibling, _as_conversion_error, _unlink_quietly, mark_written
 from .errors import ConversionError
@@ -114,7 +114,7 @@ def write_sibling(
     started = time.perf_counter()
     prefix, out_entries = _output_layout(header, metadata)  # refuses a header too big, before writing
     total = len(prefix) + (out_entries[-1].end if out_entries else 0)
-    tmp = f"{dest}{INCOMPLETE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = f"{incomplete_prefix(dest)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     source_stat = header.handle.stat if header.handle is not None else os.stat(header.path)
     mode = source_stat.st_mode & 0o666 or DEFAULT_FILE_MODE
     if read_only:

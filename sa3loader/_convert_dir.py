@@ -36,6 +36,7 @@ from ._places import (
     cache_path,
     in_hf_hub_cache,
     in_hub_repo,
+    incomplete_prefix,
 )
 from .errors import (
     HubCacheError,
@@ -86,7 +87,7 @@ def _is_our_artifact(name: str, path: str) -> bool:
 def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
     identity = identity_of(header)
     metadata = sibling_metadata(header, identity, fingerprint(header))
-    staged = dest if not verify else f"{dest}{INCOMPLETE_INFIX}verify-{os.getpid()}"
+    staged = dest if not verify else f"{incomplete_prefix(dest)}verify-{os.getpid()}"
     result = _convert.convert(header, staged, metadata)
     action = FileAction(header.path, dest, "converted", result.overflow_to_inf, result.flushed_to_zero)
     if verify:

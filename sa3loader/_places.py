@@ -68,16 +68,48 @@ def hub_name(path: str) -> str | None:
     return None
 
 
+# A file name's limit, in bytes (Linux and macOS filesystems), and the most that sa3loader
+# appends to a sibling's name: ".incomplete-written-<boot id>-<inf>-<zero>-<pid>-<random>"
+# (about 100 bytes) or ".lock".
+NAME_MAX = 255
+DERIVED_NAME_ROOM = 110
+MAX_SIBLING_NAME = NAME_MAX - DERIVED_NAME_ROOM
+
+
+def _name_bytes(name: str) -> int:
+    return len(os.fsencode(name))
+
+
+def fitted(name: str, suffix: str, limit: int) -> str:
+    """``name + suffix``, or where that is over ``limit`` bytes, the start of ``name``, a hash of
+    all of it (two long names that start alike stay apart) and ``suffix``."""
+    if _name_bytes(name + suffix) <= limit:
+        return name + suffix
+    digest = "-" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    kept = name
+    while kept and _name_bytes(kept + digest + suffix) > limit:
+        kept = kept[:-1]
+    return kept + digest + suffix
+
+
 def sibling_name(source_path: str) -> str:
     """``<stem>.fp16.safetensors`` for ``<stem>.safetensors``; ``<name>-fp16.safetensors`` otherwise.
 
     A source named without the suffix (``model``) must not share its sibling with
-    ``model.safetensors`` beside it: the two would reconvert on every other load.
+    ``model.safetensors`` beside it: the two would reconvert on every other load. A long
+    name is shortened (``fitted``) so that its lock's and temp files' names fit too.
     """
     name = os.path.basename(source_path)
     if name.endswith(SAFETENSORS_SUFFIX):
-        return name[: -len(SAFETENSORS_SUFFIX)] + SIBLING_SUFFIX
-    return name + UNSUFFIXED_SIBLING_SUFFIX
+        return fitted(name[: -len(SAFETENSORS_SUFFIX)], SIBLING_SUFFIX, MAX_SIBLING_NAME)
+    return fitted(name, UNSUFFIXED_SIBLING_SUFFIX, MAX_SIBLING_NAME)
+
+
+def incomplete_prefix(dest: str) -> str:
+    """What the temp files of ``dest`` are named from: ``<dest>.incomplete-``, shortened for a
+    long name (a file converted in place)."""
+    directory, name = os.path.split(dest)
+    return os.path.join(directory, fitted(name, "", MAX_SIBLING_NAME)) + INCOMPLETE_INFIX
 
 
 def beside_path(source_path: str) -> str:

@@ -26,13 +26,13 @@ from ._index import Index
 from ._lock import ConversionLock
 from ._places import (
     FREE_SPACE_MARGIN_BYTES,
-    INCOMPLETE_INFIX,
     LOCK_SUFFIX,
     beside_path,
     cache_path,
     dir_writable,
     free_bytes,
     in_cache_dir,
+    incomplete_prefix,
 )
 from ._publication import Publication, finish
 from ._records import IndexRow, RangeReport
@@ -49,7 +49,7 @@ def stray_incomplete(sibling_path: str) -> list[str]:
     ours to judge). Call only while holding the lock: then no one is writing them."""
     return [
         path
-        for path in sorted(glob.glob(glob.escape(sibling_path) + INCOMPLETE_INFIX + "*"))
+        for path in sorted(glob.glob(glob.escape(incomplete_prefix(sibling_path)) + "*"))
         if owned_file_problem(path) is None
     ]
 

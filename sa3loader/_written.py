@@ -20,7 +20,7 @@ from . import _faults
 from ._file import FileHandle
 from ._format import Header, header_of
 from ._host import boot_id
-from ._places import INCOMPLETE_INFIX
+from ._places import INCOMPLETE_INFIX, incomplete_prefix
 from .errors import ConversionError, HeaderError, Sa3LoaderError
 
 
@@ -114,8 +114,9 @@ def mark_written(tmp: str, dest: str, counts: dict[str, int]) -> str:
     boot = boot_id()
     if boot is None:
         return tmp  # nothing can prove it complete after this process: it is converted again
-    unique = tmp[len(dest) + len(INCOMPLETE_INFIX) :]  # <pid>-<random>
-    written = f"{dest}{INCOMPLETE_INFIX}{WRITTEN_TAG}{boot}-{counts['inf']}-{counts['zero']}-{unique}"
+    prefix = incomplete_prefix(dest)
+    unique = tmp[len(prefix) :]  # <pid>-<random>
+    written = f"{prefix}{WRITTEN_TAG}{boot}-{counts['inf']}-{counts['zero']}-{unique}"
     os.rename(tmp, written)
     return written
 

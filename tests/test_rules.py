@@ -370,3 +370,35 @@ def test_f4_tensors_with_an_even_last_dimension_are_valid(shape):
     raw = bad({"t": entry("F4", shape, (0, nbytes))})
     header = parse_header(raw, path="m", file_size=8 + len(raw) + nbytes)
     assert header.by_name["t"].torch_shape == (*shape[:-1], shape[-1] // 2)
+
+
+@given(
+    st.text(
+        alphabet=st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)),
+        min_size=1,
+        max_size=300,
+    )
+)
+def test_a_sibling_name_and_every_name_derived_from_it_fit_name_max(stem):
+    name = stem + ".safetensors"
+    if len(os.fsencode(name)) > _places.NAME_MAX:
+        return  # not a legal file name to begin with
+    sibling = _places.sibling_name("/m/" + name)
+    assert len(os.fsencode(sibling)) <= _places.MAX_SIBLING_NAME
+    assert sibling.endswith(_places.SIBLING_SUFFIX)
+    longest = (
+        os.path.basename(_places.incomplete_prefix("/m/" + sibling))
+        + "written-"
+        + "f" * 36
+        + "-"
+        + "9" * 12 * 2
+        + "--4194304-abcdef01"
+    )
+    assert len(os.fsencode(longest)) <= _places.NAME_MAX
+    if len(os.fsencode(name)) <= _places.MAX_SIBLING_NAME - 5:  # short names are kept as they are
+        assert sibling == stem + _places.SIBLING_SUFFIX
+
+
+def test_two_long_names_that_start_alike_get_different_siblings():
+    a, b = "x" * 230 + "a.safetensors", "x" * 230 + "b.safetensors"
+    assert _places.sibling_name(a) != _places.sibling_name(b)

@@ -24,8 +24,9 @@ from support.loads import load_toy, make_ckpt, reference_digest
 from support.toymodel import build, reference
 
 import sa3loader
-from sa3loader import _cache_dir, _faults
+from sa3loader import _cache_dir, _convert_dir, _faults
 from sa3loader._format import read_header
+from sa3loader._identity import is_sa3loader_file
 
 
 def assert_fp32_fallback(ckpt: Path, cache: Path, caplog, expect: str) -> None:
@@ -289,3 +290,29 @@ def test_a_sibling_never_takes_the_space_the_next_checkpoint_needs(tmp_path, cap
         save_file({"a.weight": torch.randn(6000, 6000)}, str(volume / "step_000012.safetensors"))  # fits
     finally:
         subprocess.run(["umount", str(volume)], capture_output=True)
+
+
+@pytest.mark.parametrize("length", [200, 248, 255])
+@pytest.mark.parametrize("where", ["beside", "cache-dir"])
+def test_a_checkpoint_with_the_longest_legal_name_gets_a_sibling(tmp_path, monkeypatch, length, where):
+    """Every name sa3loader derives (sibling, lock, temp files) fits NAME_MAX, however long the
+    checkpoint's name is (in bytes: ten 2-byte characters among them): a load converts, the
+    next hits, and ``convert --in-place`` works."""
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    stem = "é" * 10 + "x" * (length - len(".safetensors") - 20)
+    assert len(os.fsencode(stem + ".safetensors")) == length
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=3), folder / (stem + ".safetensors"))
+    if where == "cache-dir":
+        monkeypatch.setitem(_faults.facts, "dir_writable", lambda d, real: d != str(folder) and real)
+    load_toy(ckpt, tmp_path / "cache")
+    first = sa3loader.last_load_info()
+    assert first.converted and first.sibling is not None, first.reason
+    assert (os.path.dirname(first.sibling) == str(folder)) == (where == "beside")
+    model = load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().cache_hit
+    assert_same_model(model, reference(ckpt))
+    if where == "beside":
+        _convert_dir.convert_file(str(ckpt), in_place=True)
+        assert is_sa3loader_file(read_header(ckpt))
