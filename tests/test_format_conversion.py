@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from support.compare import writable
 
+import sa3loader
 from sa3loader import TruncatedFileError, _compare, _convert, _faults, _identity
 from sa3loader._format import read_header
 from sa3loader._records import SourceIdentity
@@ -215,3 +216,27 @@ def test_a_stripe_that_goes_back_in_the_source_is_read_ahead_too(tmp_path):
     sibling = tmp_path / "model.fp16.safetensors"
     _convert.convert(read_header(src), str(sibling), {})
     assert _compare.compare(read_header(src), read_header(sibling)).equal
+
+
+def test_a_load_interrupted_while_converting_leaves_only_the_empty_lock(tmp_path):
+    """README: Ctrl-C during a first load leaves the checkpoint as it was, no sibling and no temp
+    file; only the empty lock file, which the next load takes and converts."""
+    from support.checkpoints import random_like_state, save
+    from support.faults import at, injected
+    from support.loads import load_toy
+    from support.toymodel import build
+
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    before = ckpt.read_bytes()
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with injected(at("data", interrupted)), pytest.raises(KeyboardInterrupt):
+        load_toy(ckpt, tmp_path / "cache")
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "cache")
+    assert left == ["model.fp16.safetensors.lock", "model.safetensors"], left
+    assert (tmp_path / "model.fp16.safetensors.lock").stat().st_size == 0 and ckpt.read_bytes() == before
+    load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted

@@ -159,3 +159,21 @@ def test_a_hit_maps_only_its_own_read_only_sibling(ckpt, tmp_path):
     assert str(sibling) in mapped_files() and str(ckpt) not in mapped_files()
     assert os.stat(sibling).st_mode & 0o777 == 0o440  # the source's mode minus every write bit
     del model
+
+
+@needs_proc_maps
+def test_one_kept_parameter_keeps_the_whole_sibling_mapped_and_a_clone_does_not(ckpt, tmp_path):
+    """design.md: every mapped weight is a view of one mapping of the whole sibling."""
+    import gc
+
+    load_toy(ckpt, tmp_path / "cache")
+    sibling = str(tmp_path / "model.fp16.safetensors")
+    model = load_toy(ckpt, tmp_path / "cache")
+    kept = next(p for p in model.parameters() if p.numel() > 1)
+    cloned = next(p for p in model.parameters() if p.numel() > 1).clone()
+    del model
+    gc.collect()
+    assert sibling in mapped_files()  # the one parameter holds the whole mapping
+    del kept
+    gc.collect()
+    assert sibling not in mapped_files() and cloned.numel() > 1
