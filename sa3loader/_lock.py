@@ -107,9 +107,8 @@ def _open_lock_file(lock_path: str) -> int:
     Never through a symlink, never blocking on a FIFO; a lock file of another
     user's is ``UnusableLockError``: the caller writes somewhere else.
     """
-    flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = _registry.opened(lock_path, flags)
+        fd, created = _open_or_create(lock_path)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnusableLockError(
@@ -123,6 +122,8 @@ def _open_lock_file(lock_path: str) -> int:
                 f"{lock_path}: not a regular file in the lock file's place", filename=lock_path
             )
         if st.st_uid != os.getuid():
+            if created and _same_file(fd, lock_path):  # a mount that gives files its own owner
+                os.unlink(lock_path)  # (uid=, as desktops mount USB disks): ours, and useless
             raise UnusableLockError(
                 f"{lock_path}: the lock file is owned by uid {st.st_uid}", filename=lock_path
             )
@@ -132,6 +133,20 @@ def _open_lock_file(lock_path: str) -> int:
         _registry.close(fd)
         raise
     return fd
+
+
+def _open_or_create(lock_path: str) -> tuple[int, bool]:
+    """The lock file's descriptor, and whether this call created the file."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    while True:
+        try:
+            return _registry.opened(lock_path, flags), False
+        except FileNotFoundError:
+            pass
+        try:
+            return _registry.opened(lock_path, flags | os.O_CREAT | os.O_EXCL), True
+        except FileExistsError:
+            continue  # another process created it meanwhile: open theirs
 
 
 def _same_file(fd: int, path: str) -> bool:

@@ -172,3 +172,37 @@ def test_convert_outputs_keep_the_source_mode(ckpt, tmp_path):
     os.chmod(ckpt, 0o640)
     convert_file(str(ckpt), str(tmp_path / "out.safetensors"))
     assert os.stat(tmp_path / "out.safetensors").st_mode & 0o777 == 0o640
+
+
+def test_a_lock_file_on_a_mount_that_gives_files_another_owner_is_not_left_behind(tmp_path, monkeypatch):
+    """A drive mounted for another user (``uid=``, as desktops mount USB disks) gives every file
+    that user as owner: the lock file a load creates there is refused, and must not stay."""
+    ckpt = checkpoint(tmp_path / "usb")
+    mount = str(tmp_path / "usb")
+    real_fstat, real_stat, real_lstat = os.fstat, os.stat, os.lstat
+
+    def as_mounted(st: os.stat_result, path: str) -> os.stat_result:
+        if not path.startswith(mount):
+            return st
+        fields = list(st)
+        fields[4] = fields[5] = NEIGHBOUR  # st_uid, st_gid
+        return os.stat_result(
+            fields, {n: getattr(st, n) for n in ("st_atime_ns", "st_mtime_ns", "st_ctime_ns")}
+        )
+
+    def fstat(fd):
+        return as_mounted(real_fstat(fd), os.readlink(f"/proc/self/fd/{fd}"))
+
+    def stat_(path, *args, **kwargs):
+        return as_mounted(real_stat(path, *args, **kwargs), os.path.abspath(os.fsdecode(path)))
+
+    def lstat(path, *args, **kwargs):
+        return as_mounted(real_lstat(path, *args, **kwargs), os.path.abspath(os.fsdecode(path)))
+
+    monkeypatch.setattr(os, "fstat", fstat)
+    monkeypatch.setattr(os, "stat", stat_)
+    monkeypatch.setattr(os, "lstat", lstat)
+    model = load_toy(ckpt, tmp_path / "cache")
+    assert sorted(os.listdir(mount)) == ["model.safetensors"]
+    assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / "cache"))
+    assert_same_model(model, reference(ckpt))
