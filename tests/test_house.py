@@ -160,3 +160,28 @@ def test_docs_are_sized_to_be_read():
         assert size <= limit, f"{name}: {size} bytes, over {limit}"
     total = sum(len(p.read_bytes()) for p in markdown_files())
     assert total <= ALL_MARKDOWN_BYTES, f"all Markdown: {total} bytes"
+
+
+def test_tests_that_run_as_another_user_see_a_private_checkout():
+    """A checkout cloned into a private home (0700): the service user cannot reach it, so the
+    baked-image tests skip saying so, rather than fail to start their zygote."""
+    import shutil
+    import tempfile
+
+    from support.processes import hidden_from_others
+
+    root = Path(tempfile.mkdtemp(prefix="sa3loader-home-"))  # in /tmp, which all may traverse
+    try:
+        root.chmod(0o755)
+        (root / "home" / "repo").mkdir(parents=True)
+        source = root / "home" / "repo" / "x.py"
+        source.write_text("")
+        source.chmod(0o644)
+        assert hidden_from_others(source) is None
+        (root / "home").chmod(0o700)
+        assert hidden_from_others(source) == str(root / "home")
+        (root / "home").chmod(0o755)
+        source.chmod(0o600)
+        assert hidden_from_others(source) == str(source)
+    finally:
+        shutil.rmtree(root)

@@ -12,12 +12,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from support.checkpoints import toy_hub_checkpoint
-from support.processes import TESTS, TOY_PRELOAD, Zygote
+from support.processes import TESTS, TOY_PRELOAD, Zygote, hidden_from_others
 
 from sa3loader import cli
 
@@ -51,6 +53,11 @@ SERVICE_ENV = {"PATH": os.environ["PATH"], "HOME": "/nonexistent", "PYTHONPATH":
 @pytest.fixture(scope="module")
 def service():
     """A zygote running as the service user: its children are that user's fresh processes."""
+    hidden = hidden_from_others(sys.executable, sys.prefix, cli.__file__, TESTS, torch.__file__)
+    if hidden is not None:
+        pytest.skip(
+            f"the service user (nobody) cannot read {hidden}: clone and install where others can read"
+        )
     uid = str(SERVICE_UID)
     as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     with Zygote(list(TOY_PRELOAD), SERVICE_ENV, as_user=as_user) as zygote:

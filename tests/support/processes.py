@@ -75,6 +75,19 @@ def load_at_once(ckpt: Path, caches: list[Path], env: dict[str, str], dim: int) 
     return [report(child, timeout=300) for child in children]
 
 
+def hidden_from_others(*paths: str | Path) -> str | None:
+    """The first of ``paths`` (or a folder above one) that a user who is neither its owner nor in
+    its group cannot reach: a checkout cloned into a private home, say. None: all readable."""
+    for path in paths:
+        path = Path(os.path.abspath(path))  # as named: a link's target is the OS's to check
+        for folder in reversed(path.parents):
+            if not folder.stat().st_mode & 0o001:
+                return str(folder)
+        if not path.stat().st_mode & (0o005 if path.is_dir() else 0o004):
+            return str(path)
+    return None
+
+
 class ForkedChild:
     """A child forked by a ``Zygote``: ``communicate`` and ``returncode`` as ``subprocess.Popen``'s."""
 
