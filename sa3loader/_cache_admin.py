@@ -22,7 +22,15 @@ from ._format import open_header, read_header
 from ._identity import hard_match, identity_of, is_sa3loader_path, sibling_matches_source
 from ._index import INDEX_SUBDIR, Index
 from ._lock import conversion_lock
-from ._places import INCOMPLETE_INFIX, LOCK_SUFFIX, SIBLINGS_SUBDIR, incomplete_prefix
+from ._places import (
+    INCOMPLETE_INFIX,
+    LOCK_SUFFIX,
+    SIBLINGS_SUBDIR,
+    beside_path,
+    blob_name,
+    cache_path,
+    incomplete_prefix,
+)
 from ._records import IndexRow
 from ._trust import cache_dir_trust, owned_file_problem
 from .errors import LockTimeoutError, Sa3LoaderError, UntrustedCacheDirError, UnusableLockError
@@ -217,15 +225,21 @@ def _emptied_dirs(cache_dir: str, removals: list[Removal]) -> list[Removal]:
     return empty
 
 
-def _plan(cache_dir: str, rows: list[Entry], siblings: list[str], named: list[str]) -> Plan:
-    """Each sibling to delete, then what conversions of it left; then the dirs that leaves empty."""
+def _plan(
+    cache_dir: str, rows: list[Entry], siblings: list[str], named: list[str], *, sweep: bool = True
+) -> Plan:
+    """Each sibling to delete, then what conversions of it (and, with ``sweep``, of any sibling in
+    the cache dir) left; then the dirs that leaves empty (with ``sweep``, any empty one)."""
     doomed = {s for s in siblings if _ours(s)}
     removals = []
-    for sibling in sorted(set(named) | _siblings_under(cache_dir) | doomed):
+    for sibling in sorted(set(named) | (_siblings_under(cache_dir) if sweep else set()) | doomed):
         if sibling in doomed:
             removals.append(Removal(sibling, _size(sibling), "sibling", sibling))
         removals += _leftovers(sibling)
-    return Plan(rows, removals + _emptied_dirs(cache_dir, removals))
+    emptied = _emptied_dirs(cache_dir, removals)
+    if not sweep:
+        emptied = [d for d in emptied if any(r.path.startswith(d.path) for r in removals if r not in emptied)]
+    return Plan(rows, removals + emptied)
 
 
 def plan_prune(cache_dir: str) -> Plan:
@@ -244,6 +258,22 @@ def plan_clear(cache_dir: str) -> Plan:
     listed = entries(cache_dir)
     named = [e.sibling for e in listed if e.sibling]
     return _plan(cache_dir, listed, named, named)
+
+
+def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
+    """For each checkpoint (there or gone): the rows about it, and sa3loader's siblings of yours
+    at every place a load of it would look (beside it, its places in the cache dir), with
+    what conversions of them left."""
+    listed = entries(cache_dir)
+    rows, siblings = [], []
+    for checkpoint in checkpoints:
+        named, real = os.path.abspath(checkpoint), os.path.realpath(checkpoint)
+        about = [e for e in listed if e.source == named or (e.key or e.source) == real]
+        rows += [e for e in about if e not in rows]
+        places = [beside_path(named), cache_path(cache_dir, named, real, blob_name(real))]
+        places.append(cache_path(cache_dir, named, real))
+        siblings += [s for s in [*(e.sibling for e in about if e.sibling), *places] if s not in siblings]
+    return _plan(cache_dir, rows, siblings, siblings, sweep=False)
 
 
 def _still_needed(sibling: str, live: list[Entry]) -> str | None:

@@ -1,6 +1,7 @@
 """``python -m sa3loader`` / ``sa3loader``: convert ahead of time, warm, inspect the cache.
 
-The only module that prints. Exit codes: 0 success, 1 error (one line on
+With ``_cli_cache`` (the ``cache`` commands) and ``_cli_output``, the only code that
+prints. Exit codes: 0 success, 1 error (one line on
 stderr; ``--debug`` for the traceback), 2 bad usage, 3 a check found a problem
 (``--verify``, ``cache verify``, ``cache ls`` with invalid rows). With
 ``--json`` every outcome, errors included, is one JSON document on stdout.
@@ -20,8 +21,18 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn
 
-from . import _cache_admin, _compare, _config, _faults
+from . import _compare, _config
 from ._cache_dir import open_cache_dir_to_all, resolve_cache_dir
+from ._cli_cache import cmd_cache
+from ._cli_output import (
+    EXIT_CHECK_FAILED,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    emit,
+    human_size,
+)
 from ._convert_dir import (
     FileAction,
     checked,
@@ -36,14 +47,10 @@ from ._identity import (
     has_float32,
     is_sa3loader_file,
 )
-from ._places import hub_name
 from ._records import RangeReport
 from ._resolver import resolve_sibling
 from ._version import __version__
 from .errors import ConversionError, Sa3LoaderError, VerificationError
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
-EXIT_INTERRUPTED = 130
 
 
 class UsageError(Exception):
@@ -69,22 +76,6 @@ class _Version(argparse.Action):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message, self.format_usage())
-
-
-def _emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
-    if args.json:
-        print(json.dumps(data, indent=2, default=str))
-    else:
-        for line in lines:
-            print(line)
-
-
-def _size(n: int) -> str:
-    """Every size the CLI prints, in one format: three significant digits, decimal units (as pip)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} B"
 
 
 def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAction:
@@ -145,7 +136,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     overflow = sum(a.overflow_to_inf for a in reported)
     flushed = sum(a.flushed_to_zero for a in reported)
     lines.append(f"fp16 range: {overflow} values overflowed to inf, {flushed} nonzero values flushed to zero")
-    _emit(args, [asdict(a) for a in actions], lines)
+    emit(args, [asdict(a) for a in actions], lines)
     return EXIT_CHECK_FAILED if repaired else EXIT_OK
 
 
@@ -165,7 +156,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         opened = open_cache_dir_to_all(cache_dir)
         lines.append(f"made {cache_dir} readable by every user ({len(opened)} path(s) changed)")
         results = [{**r, "opened_to_all": opened} for r in results]
-    _emit(args, results if os.path.isdir(args.ckpt) else results[0], lines)
+    emit(args, results if os.path.isdir(args.ckpt) else results[0], lines)
     return code
 
 
@@ -215,164 +206,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         "is_sa3loader_sibling": is_sa3loader_file(header),
         "metadata": header.metadata,
     }
-    lines = [f"{header.path}: {len(header.entries)} tensors, {_size(header.file_size)}"]
-    lines += [f"  {d:8} {counts[d]:6} tensors  {_size(nbytes[d])}" for d in sorted(counts)]
+    lines = [f"{header.path}: {len(header.entries)} tensors, {human_size(header.file_size)}"]
+    lines += [f"  {d:8} {counts[d]:6} tensors  {human_size(nbytes[d])}" for d in sorted(counts)]
     if not f32:
         lines.append("no float32 tensors: nothing to convert")
     else:
         lines.append(
-            f"fp16 sibling: {_size(size)} more on disk; model_half=True loads take their weights "
-            f"from it ({_size(size)}) instead of from the checkpoint ({_size(header.file_size)})"
+            f"fp16 sibling: {human_size(size)} more on disk; model_half=True loads take their weights "
+            f"from it ({human_size(size)}) instead of from the checkpoint ({human_size(header.file_size)})"
         )
         lines.append(
             f"sibling: {existing} (made for this checkpoint)"
             if existing
             else "sibling: none yet (the first model_half=True load or `sa3loader warm` makes it)"
         )
-    _emit(args, data, lines)
+    emit(args, data, lines)
     return EXIT_OK
-
-
-def _ls_line(e: _cache_admin.Entry, paths: bool) -> str:
-    if e.status == _cache_admin.INVALID:
-        return f"{e.status:15} {e.source}: not a valid index row (loads ignore it; `cache prune` drops it)"
-    source = e.source if paths else hub_name(e.source) or e.source
-    sibling = f" -> {e.sibling}" if paths else ""
-    return (
-        f"{e.status:15} {source}{sibling}  {_size(e.source_size)} -> {_size(e.sibling_size)} sibling, "
-        f"created {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.created))}"
-    )
-
-
-def _bytes_on_disk(paths: set[str]) -> int:
-    """The size of each file that exists, once each (rows of copies of a hub blob share one)."""
-    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
-
-
-def _ls_total(rows: list[_cache_admin.Entry]) -> str:
-    valid = [e for e in rows if e.status != _cache_admin.INVALID]
-    checkpoints, siblings = {e.key or e.source for e in valid}, {e.sibling for e in valid}
-    return (
-        f"{len(rows)} row(s): {_size(_bytes_on_disk(checkpoints))} of checkpoints, "
-        f"{_size(_bytes_on_disk(siblings))} of siblings on disk"
-    )
-
-
-def _entry_data(e: _cache_admin.Entry) -> dict[str, Any]:
-    data = asdict(e)
-    data.pop("key")
-    data["hub"] = hub_name(e.source)
-    return data
-
-
-def _removal_data(r: _cache_admin.Removal) -> dict[str, Any]:
-    return {"path": r.path, "bytes": r.bytes, "kind": r.kind}
-
-
-def _removal_lines(removed: list[_cache_admin.Removal], dry_run: bool) -> list[str]:
-    """One line per file or dir with its size, then the total."""
-    verb = "would remove" if dry_run else "removed"
-    lines = [f"{verb} {r.kind} {r.path} ({_size(r.bytes)})" for r in removed]
-    files = [r for r in removed if r.kind != "empty dir"]
-    dirs = len(removed) - len(files)
-    total = f"{verb} {len(files)} file(s)" + (f" and {dirs} empty dir(s)" if dirs else "")
-    return [*lines, f"{total}, {_size(sum(r.bytes for r in removed))} in all"]
-
-
-def _plan_data(plan: _cache_admin.Plan) -> dict[str, Any]:
-    return {"rows": [_entry_data(e) for e in plan.rows], "removed": [_removal_data(r) for r in plan.removals]}
-
-
-def _outcome_data(outcome: _cache_admin.Outcome) -> dict[str, Any]:
-    return {
-        "rows": [_entry_data(e) for e in outcome.rows],
-        "removed": [_removal_data(r) for r in outcome.removed],
-        "kept": [{**_removal_data(r), "why": why} for r, why in outcome.kept],
-    }
-
-
-def _ask(question: str) -> bool | None:
-    """The person's answer; None when they ended the input (Ctrl-D) or pressed Ctrl-C."""
-    try:
-        answer = input(question)
-    except (EOFError, KeyboardInterrupt):
-        print()
-        return None
-    return answer.strip().lower() in ("y", "yes")
-
-
-def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
-    pruning = args.cache_command == "prune"
-    plan = _cache_admin.plan_prune(cache_dir) if pruning else _cache_admin.plan_clear(cache_dir)
-    rows = f"{len(plan.rows)} row(s)" + ("" if pruning else f" from {cache_dir}")
-    verb = "prune" if pruning else "clear"
-    if args.dry_run:
-        lines = [f"would prune ({e.status}): {e.source}" for e in plan.rows] if pruning else []
-        lines += [*_removal_lines(plan.removals, dry_run=True), f"would {verb} {rows}"]
-        _emit(args, {"dry_run": True, **_plan_data(plan)}, lines)
-        return EXIT_OK
-    if not pruning and not args.yes and not args.json and _faults.fact("interactive", None, _interactive()):
-        print("\n".join(_removal_lines(plan.removals, dry_run=True)))
-        answer = _ask(f"clear {rows} and delete these files? [y/N] ")
-        if answer is None:
-            print("sa3loader: cancelled: nothing deleted", file=sys.stderr)
-            return EXIT_ERROR
-        if not answer:
-            print("nothing deleted")
-            return EXIT_OK
-    outcome = _cache_admin.execute(cache_dir, plan, pruning=pruning)
-    lines = [f"pruned ({e.status}): {e.source}" for e in outcome.rows] if pruning else []
-    lines += _removal_lines(outcome.removed, dry_run=False)
-    lines += [f"kept {r.kind} {r.path}: {why}" for r, why in outcome.kept]
-    lines.append(f"pruned {rows}" if pruning else f"cleared {rows}")
-    _emit(args, {"dry_run": False, **_outcome_data(outcome)}, lines)
-    return EXIT_OK
-
-
-def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:
-    checks = _cache_admin.verify_all(cache_dir, progress=not args.json)
-    lines = [
-        f"{c.result}: {c.entry.source} -> {c.entry.sibling}"
-        + (f" (max abs diff {c.max_abs_diff})" if c.max_abs_diff is not None else "")
-        for c in checks
-    ]
-    data = [{**_entry_data(c.entry), "check": c.result, "max_abs_diff": c.max_abs_diff} for c in checks]
-    _emit(args, data, lines or ["no rows"])
-    # Exit 3 means a problem with a sibling: one whose checkpoint is gone or changed since is
-    # not damaged (``cache prune`` tidies it away).
-    fine = (_cache_admin.OK, _cache_admin.MISSING_SOURCE, _cache_admin.STALE)
-    return EXIT_OK if all(c.result in fine for c in checks) else EXIT_CHECK_FAILED
-
-
-def _repair(args: argparse.Namespace, cache_dir: str) -> int:
-    aside = _cache_admin.repair(cache_dir)
-    line = (
-        f"the index in {cache_dir} is sound: nothing to repair"
-        if aside is None
-        else f"set the corrupt index aside as {aside} and started a new one; "
-        "loads adopt the siblings again from their own metadata"
-    )
-    _emit(args, {"repaired": aside is not None, "set_aside": aside}, [line])
-    return EXIT_OK
-
-
-def cmd_cache(args: argparse.Namespace) -> int:
-    cache_dir = resolve_cache_dir(args.cache_dir)
-    if args.cache_command == "ls":
-        rows = _cache_admin.entries(cache_dir)
-        lines = [f"cache dir: {cache_dir}", *(_ls_line(e, args.paths) for e in rows), _ls_total(rows)]
-        _emit(args, [_entry_data(e) for e in rows], lines)
-        return EXIT_CHECK_FAILED if any(e.status == _cache_admin.INVALID for e in rows) else EXIT_OK
-    if args.cache_command == "verify":
-        return _verify_cache(args, cache_dir)
-    if args.cache_command == "repair":
-        return _repair(args, cache_dir)
-    return _prune_or_clear(args, cache_dir)
-
-
-def _interactive() -> bool:
-    """A person at a terminal, who can be asked before files are deleted."""
-    return sys.stdin.isatty() and sys.stdout.isatty()
 
 
 def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
@@ -434,15 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt")
     p.set_defaults(func=cmd_info)
 
-    p = add("cache", "list, check, prune, clear or repair the cache")
+    p = add("cache", "list, check, prune, clear or repair the cache, or remove some siblings")
     p.add_argument(
         "cache_command",
-        choices=["ls", "verify", "prune", "clear", "repair"],
+        choices=["ls", "verify", "prune", "clear", "repair", "rm"],
         metavar="ACTION",
         help="ls: list rows; verify: full content check; prune: drop stale rows and leftovers; clear: all; "
-        "repair: set a corrupt index aside and start a new one",
+        "repair: set a corrupt index aside and start a new one; rm CHECKPOINT...: their siblings",
     )
-    p.add_argument("--dry-run", action="store_true", help="prune, clear: only list what would go")
+    p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT", help="rm: checkpoints (there or gone)")
+    p.add_argument("--dry-run", action="store_true", help="prune, clear, rm: only list what would go")
     p.add_argument("--paths", action="store_true", help="ls: full paths (hub files are named repo@revision)")
     p.add_argument("--yes", action="store_true", help="clear: do not ask on a terminal")
     p.set_defaults(func=cmd_cache)
@@ -464,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "cache_command", None) and (args.cache_command == "rm") != bool(args.checkpoints):
+            parser.error("cache rm takes one or more CHECKPOINTs; the other cache actions take none")
     except _VersionAsked:
         if "--json" in argv:
             print(json.dumps({"version": __version__}, indent=2))

@@ -632,3 +632,63 @@ def test_commands_that_only_read_the_cache_create_nothing(ckpt_dir, tmp_path, co
     args = (*command, str(ckpt_dir / "model.safetensors")) if command == ("info",) else command
     run(*args, cache=tmp_path / "never" / "made")
     assert not (tmp_path / "never").exists()
+
+
+def test_cache_rm_removes_exactly_the_siblings_of_the_checkpoints_given(tmp_path):
+    """Its row, its sibling, its lock, beside the checkpoint or in the cache dir; a checkpoint
+    already deleted too; another checkpoint's sibling and lock stay."""
+    cache = tmp_path / "c"
+    kept, gone, hub_like = (tmp_path / f"{n}.safetensors" for n in ("kept", "gone", "other"))
+    for path in (kept, gone):
+        save_file({"w": torch.ones(1000)}, str(path))
+        run("warm", str(path), cache=cache)
+    sibling = tmp_path / "gone.fp16.safetensors"
+    size = sibling.stat().st_size
+    gone.unlink()  # the user deleted the checkpoint first
+    expected = (
+        f"would remove sibling {sibling} ({size / 1e3:.3g} kB)\n"
+        f"would remove lock file {sibling}.lock (0 B)\n"
+        f"would remove 2 file(s), {size / 1e3:.3g} kB in all\n"
+        "would remove 1 row(s)\n"
+    )
+    assert run("cache", "rm", str(gone), "--dry-run", cache=cache).stdout == expected and sibling.exists()
+    data = json.loads(run("--json", "cache", "rm", str(gone), cache=cache).stdout)
+    assert [(r["kind"], r["path"], r["bytes"]) for r in data["removed"]] == [
+        ("sibling", str(sibling), size),
+        ("lock file", f"{sibling}.lock", 0),
+    ]
+    assert [r["source"] for r in data["rows"]] == [str(gone)] and data["kept"] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "c",
+        "kept.fp16.safetensors",
+        "kept.fp16.safetensors.lock",
+        "kept.safetensors",
+    ]
+    rows = json.loads(run("cache", "ls", "--json", cache=cache).stdout)
+    assert [r["source"] for r in rows] == [str(kept)]
+    assert (
+        run("cache", "rm", str(hub_like), cache=cache).stdout
+        == "removed 0 file(s), 0 B in all\nremoved 0 row(s)\n"
+    )
+
+
+def test_cache_rm_removes_a_sibling_in_the_cache_dir_and_its_emptied_folder(tmp_path):
+    """A hub file's sibling lives in the cache dir: rm removes it, its lock and the folder."""
+    from support.checkpoints import toy_hub_checkpoint
+
+    src = toy_hub_checkpoint(tmp_path / "hf", "org/m", "r1")
+    cache = tmp_path / "c"
+    warmed = json.loads(run("--json", "warm", str(src), cache=cache).stdout)
+    sibling = (warmed[0] if isinstance(warmed, list) else warmed)["sibling"]
+    assert sibling.startswith(str(cache))
+    out = run("cache", "rm", str(src), cache=cache).stdout
+    assert f"removed sibling {sibling}" in out and f"removed empty dir {os.path.dirname(sibling)}/" in out
+    assert not os.path.exists(os.path.dirname(sibling)) and os.path.isdir(cache / "siblings")
+
+
+def test_cache_rm_needs_checkpoints_and_the_others_take_none(tmp_path):
+    assert (
+        "cache rm takes one or more CHECKPOINTs"
+        in run("cache", "rm", cache=tmp_path / "c", check_rc=2).stderr
+    )
+    run("cache", "ls", str(tmp_path / "x.safetensors"), cache=tmp_path / "c", check_rc=2)

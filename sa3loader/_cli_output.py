@@ -1,0 +1,26 @@
+"""What every command's output shares: exit codes, sizes in one format, text or one JSON document."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130
+
+
+def emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        for line in lines:
+            print(line)
+
+
+def human_size(n: int) -> str:
+    """Every size the CLI prints, in one format: three significant digits, decimal units (as pip)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
