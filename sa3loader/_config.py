@@ -28,6 +28,8 @@ LOCK_TIMEOUT_ENV = "SA3LOADER_LOCK_TIMEOUT"
 PROGRESS_ENV = "SA3LOADER_PROGRESS"
 PIN_ENV = "SA3LOADER_PIN"
 VERBOSITY_ENV = "SA3LOADER_VERBOSITY"
+PLACE_ENV = "SA3LOADER_PLACE"
+PLACES = ("beside", "cache")
 LOGGER_NAME = "sa3loader"
 VERBOSITY_LEVELS = {
     "debug": logging.DEBUG,
@@ -146,6 +148,15 @@ def io_mode(argument: str | None) -> IoMode | None:
     return chosen
 
 
+def place() -> str:
+    """$SA3LOADER_PLACE: ``beside`` (default: beside the checkpoint where allowed) or ``cache``
+    (every new sibling in the cache dir). A bad value is a ``ConfigError``."""
+    chosen = os.environ.get(PLACE_ENV, "").strip().lower() or PLACES[0]
+    if chosen not in PLACES:
+        raise ConfigError(f"${PLACE_ENV} must be one of {', '.join(PLACES)}, not {chosen!r}")
+    return chosen
+
+
 def lock_timeout() -> float:
     """$SA3LOADER_LOCK_TIMEOUT seconds; not a finite number >= 0: one warning and the default."""
     raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
@@ -207,6 +218,7 @@ class Settings:
     shared_cache: bool  # a group- or world-writable cache dir is trusted on purpose
     pin: bool  # stage transfers to a device in pinned host memory
     ring: tuple[int, int] | None = None  # the staging ring's (slots, bytes per slot); None: the default
+    place: str = PLACES[0]  # $SA3LOADER_PLACE: where new siblings go ("beside" where allowed, or "cache")
 
 
 def settings(*, io: str | None = None, verify: bool | None = None) -> Settings:
@@ -220,6 +232,7 @@ def settings(*, io: str | None = None, verify: bool | None = None) -> Settings:
         shared_cache=shared_cache(),
         pin=pin(),
         ring=ring(),
+        place=place(),
     )
 
 

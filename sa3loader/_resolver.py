@@ -126,7 +126,9 @@ class SiblingResolver:
         """Where a new sibling may go, best first, and why the other places may not."""
         f = self.finder
         options, problems = [], []
-        if f.beside_allowed():
+        if f.settings.place == "cache":
+            problems.append(f"${_config.PLACE_ENV}=cache")
+        elif f.beside_allowed():
             beside = beside_path(self.source.path)
             directory = os.path.dirname(beside)
             why_not = None if dir_writable(directory) else f"{directory} is not writable"

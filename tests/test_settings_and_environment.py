@@ -316,3 +316,26 @@ def test_a_checkpoint_with_the_longest_legal_name_gets_a_sibling(tmp_path, monke
     if where == "beside":
         _convert_dir.convert_file(str(ckpt), in_place=True)
         assert is_sa3loader_file(read_header(ckpt))
+
+
+def test_place_cache_writes_nothing_beside_checkpoints(tmp_path, monkeypatch, caplog):
+    """README: ``SA3LOADER_PLACE=cache`` puts every new sibling in the cache dir, says so at INFO,
+    and still uses a sibling already beside a checkpoint; a bad value is a ConfigError."""
+    folder = tmp_path / "ckpts"
+    ckpt = make_ckpt(folder / "model.safetensors")
+    other = make_ckpt(folder / "other.safetensors")
+    load_toy(other, tmp_path / "cache")  # an older sibling, beside
+    before = sorted(p.name for p in folder.iterdir())
+    monkeypatch.setenv("SA3LOADER_PLACE", "cache")
+    with caplog.at_level(logging.INFO, logger="sa3loader"):
+        model = load_toy(ckpt, tmp_path / "cache")
+    info = sa3loader.last_load_info()
+    assert info.converted and info.sibling.startswith(str(tmp_path / "cache"))
+    assert "$SA3LOADER_PLACE=cache" in caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert_same_model(model, reference(ckpt))
+    load_toy(other, tmp_path / "cache")
+    assert sa3loader.last_load_info().sibling == str(folder / "other.fp16.safetensors")
+    monkeypatch.setenv("SA3LOADER_PLACE", "elsewhere")
+    with pytest.raises(sa3loader.ConfigError, match="SA3LOADER_PLACE"):
+        load_toy(ckpt, tmp_path / "cache")
