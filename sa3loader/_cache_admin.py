@@ -25,11 +25,15 @@ from ._lock import conversion_lock
 from ._places import (
     INCOMPLETE_INFIX,
     LOCK_SUFFIX,
+    SAFETENSORS_SUFFIX,
+    SIBLING_SUFFIX,
     SIBLINGS_SUBDIR,
+    UNSUFFIXED_SIBLING_SUFFIX,
     beside_path,
     blob_name,
     cache_path,
     incomplete_prefix,
+    sibling_name,
 )
 from ._records import IndexRow
 from ._trust import cache_dir_trust, owned_file_problem
@@ -390,3 +394,61 @@ def repair(cache_dir: str) -> str | None:
     with _index(cache_dir) as index:
         index.items()  # a new, empty index
     return aside
+
+
+@dataclass
+class Found:
+    """A sibling ``scan`` found on disk, whether or not an index knows it."""
+
+    sibling: str
+    bytes: int
+    source: str  # the checkpoint beside it it was made from, or a row's, or the one its name says
+    status: str  # OK: made from the source as it is now; STALE; MISSING_SOURCE
+    indexed: bool  # a row of this cache dir names it
+
+
+def scan(directories: list[str], cache_dir: str) -> list[Found]:
+    """Every sa3loader sibling under ``directories`` (its name a sibling's, its marker in its
+    header), with the checkpoint it belongs to: the file beside it whose sibling it is named
+    as, else the one a row of ``cache_dir`` names, else none that is still there."""
+    rows = {e.sibling: e for e in entries(cache_dir)}
+    found = []
+    for directory in directories:
+        for root, dirs, files in os.walk(directory):
+            dirs.sort()
+            names = set(files)
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                if not name.endswith((SIBLING_SUFFIX, UNSUFFIXED_SIBLING_SUFFIX)) or not is_sa3loader_path(
+                    path
+                ):
+                    continue
+                row = rows.get(path)
+                source = _source_beside(root, name, names) or (row.source if row is not None else None)
+                source = source or _named_source(root, name)
+                found.append(Found(path, _size(path), source, _scanned_status(path, source), row is not None))
+    return found
+
+
+def _source_beside(directory: str, sibling: str, names: set[str]) -> str | None:
+    for name in sorted(names):
+        if name != sibling and sibling_name(name) == sibling:
+            return os.path.join(directory, name)
+    return None
+
+
+def _named_source(directory: str, sibling: str) -> str:
+    """The checkpoint a sibling's name says it was made from (``cache rm`` of it finds the sibling)."""
+    if sibling.endswith(SIBLING_SUFFIX):
+        return os.path.join(directory, sibling[: -len(SIBLING_SUFFIX)] + SAFETENSORS_SUFFIX)
+    return os.path.join(directory, sibling[: -len(UNSUFFIXED_SIBLING_SUFFIX)])
+
+
+def _scanned_status(sibling: str, source: str) -> str:
+    if not os.path.exists(source):
+        return MISSING_SOURCE
+    try:
+        with open_header(source) as current, open_header(sibling, follow_symlinks=False) as made:
+            return OK if sibling_matches_source(made, current) else STALE
+    except (Sa3LoaderError, OSError):
+        return STALE

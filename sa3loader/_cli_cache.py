@@ -1,4 +1,4 @@
-"""``sa3loader cache ls | verify | prune | clear | repair | rm``: the index and the files it names."""
+"""``sa3loader cache ls | verify | prune | clear | repair | rm | scan``: the index and the files it names."""
 
 from __future__ import annotations
 
@@ -127,6 +127,23 @@ def _rm(args: argparse.Namespace, cache_dir: str) -> int:
     return EXIT_OK
 
 
+def _scan(args: argparse.Namespace, cache_dir: str) -> int:
+    found = _cache_admin.scan(args.checkpoints, cache_dir)
+    lines = [
+        f"{f.status:15} {f.sibling}  {human_size(f.bytes)}  source: {f.source}"
+        + (" (gone)" if f.status == _cache_admin.MISSING_SOURCE else "")
+        + ("" if f.indexed else "  (no row)")
+        for f in found
+    ]
+    gone = sum(f.status == _cache_admin.MISSING_SOURCE for f in found)
+    lines.append(
+        f"{len(found)} sibling(s), {human_size(sum(f.bytes for f in found))} on disk; "
+        f"{gone} whose checkpoint is gone (remove with `sa3loader cache rm CHECKPOINT`)"
+    )
+    emit(args, [asdict(f) for f in found], lines)
+    return EXIT_OK
+
+
 def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:
     checks = _cache_admin.verify_all(cache_dir, progress=not args.json)
     lines = [
@@ -167,6 +184,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return _repair(args, cache_dir)
     if args.cache_command == "rm":
         return _rm(args, cache_dir)
+    if args.cache_command == "scan":
+        return _scan(args, cache_dir)
     return _prune_or_clear(args, cache_dir)
 
 

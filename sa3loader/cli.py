@@ -52,6 +52,8 @@ from ._resolver import resolve_sibling
 from ._version import __version__
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
+PATH_ACTIONS = ("rm", "scan")  # cache actions that take paths
+
 
 class UsageError(Exception):
     """argparse's complaint, raised instead of printed, so ``--json`` can report it as JSON."""
@@ -286,12 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cache", "list, check, prune, clear or repair the cache, or remove some siblings")
     p.add_argument(
         "cache_command",
-        choices=["ls", "verify", "prune", "clear", "repair", "rm"],
+        choices=["ls", "verify", "prune", "clear", "repair", "rm", "scan"],
         metavar="ACTION",
         help="ls: list rows; verify: full content check; prune: drop stale rows and leftovers; clear: all; "
-        "repair: set a corrupt index aside and start a new one; rm CHECKPOINT...: their siblings",
+        "repair: set a corrupt index aside and start a new one; rm CHECKPOINT...: their siblings; "
+        "scan DIR...: every sibling there, indexed or not",
     )
-    p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT", help="rm: checkpoints (there or gone)")
+    p.add_argument(
+        "checkpoints", nargs="*", metavar="PATH", help="rm: checkpoints (there or gone); scan: dirs"
+    )
     p.add_argument("--dry-run", action="store_true", help="prune, clear, rm: only list what would go")
     p.add_argument("--paths", action="store_true", help="ls: full paths (hub files are named repo@revision)")
     p.add_argument("--yes", action="store_true", help="clear: do not ask on a terminal")
@@ -314,8 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        if getattr(args, "cache_command", None) and (args.cache_command == "rm") != bool(args.checkpoints):
-            parser.error("cache rm takes one or more CHECKPOINTs; the other cache actions take none")
+        if getattr(args, "cache_command", None) and (args.cache_command in PATH_ACTIONS) != bool(
+            args.checkpoints
+        ):
+            parser.error("cache rm and scan take one or more paths; the other cache actions take none")
     except _VersionAsked:
         if "--json" in argv:
             print(json.dumps({"version": __version__}, indent=2))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -688,7 +689,51 @@ def test_cache_rm_removes_a_sibling_in_the_cache_dir_and_its_emptied_folder(tmp_
 
 def test_cache_rm_needs_checkpoints_and_the_others_take_none(tmp_path):
     assert (
-        "cache rm takes one or more CHECKPOINTs"
+        "cache rm and scan take one or more paths"
         in run("cache", "rm", cache=tmp_path / "c", check_rc=2).stderr
     )
     run("cache", "ls", str(tmp_path / "x.safetensors"), cache=tmp_path / "c", check_rc=2)
+
+
+def test_cache_scan_finds_siblings_no_index_knows_and_says_whose_they_are(tmp_path):
+    """After ``rm -rf`` of the cache dir, the siblings beside checkpoints are still listed, with
+    their checkpoint (there, changed or gone) and size; a user's own fp16 file is not ours."""
+    folder, cache = tmp_path / "ckpts", tmp_path / "c"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        save_file({"w": torch.ones(1000)}, str(folder / f"{name}.safetensors"))
+        run("warm", str(folder / f"{name}.safetensors"), cache=cache)
+    save_file({"w": torch.ones(10).half()}, str(folder / "unet.fp16.safetensors"))  # diffusers' variant
+    (folder / "b.safetensors").unlink()
+    save_file({"w": torch.zeros(1000)}, str(folder / "c.safetensors"))  # retrained: another file
+    size = (folder / "a.fp16.safetensors").stat().st_size
+    shutil.rmtree(cache)
+    out = run("cache", "scan", str(folder), cache=cache).stdout
+    kb = f"{size / 1e3:.3g} kB"
+    assert out == (
+        f"ok              {folder}/a.fp16.safetensors  {kb}  source: {folder}/a.safetensors  (no row)\n"
+        f"missing source  {folder}/b.fp16.safetensors  {kb}  source: {folder}/b.safetensors (gone)"
+        "  (no row)\n"
+        f"stale           {folder}/c.fp16.safetensors  {kb}  source: {folder}/c.safetensors  (no row)\n"
+        f"3 sibling(s), {3 * size / 1e3:.3g} kB on disk; 1 whose checkpoint is gone "
+        "(remove with `sa3loader cache rm CHECKPOINT`)\n"
+    )
+    data = json.loads(run("--json", "cache", "scan", str(folder), cache=cache).stdout)
+    assert [(f["sibling"], f["bytes"], f["source"], f["status"], f["indexed"]) for f in data] == [
+        (f"{folder}/a.fp16.safetensors", size, f"{folder}/a.safetensors", "ok", False),
+        (f"{folder}/b.fp16.safetensors", size, f"{folder}/b.safetensors", "missing source", False),
+        (f"{folder}/c.fp16.safetensors", size, f"{folder}/c.safetensors", "stale", False),
+    ]
+    run("cache", "rm", str(folder / "b.safetensors"), cache=cache)  # what the total line says to do
+    assert not (folder / "b.fp16.safetensors").exists()
+
+
+def test_cache_scan_of_the_cache_dir_names_each_siblings_checkpoint_from_its_row(tmp_path):
+    from support.checkpoints import toy_hub_checkpoint
+
+    src = toy_hub_checkpoint(tmp_path / "hf", "org/m", "r1")
+    cache = tmp_path / "c"
+    run("warm", str(src), cache=cache)
+    [found] = json.loads(run("--json", "cache", "scan", str(cache), cache=cache).stdout)
+    assert (found["source"], found["status"], found["indexed"]) == (str(src), "ok", True)
+    assert found["sibling"].startswith(str(cache / "siblings"))
