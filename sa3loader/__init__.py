@@ -30,10 +30,12 @@ from .errors import (
     VerificationError,
 )
 from .loader import (
+    Loaded,
     LoadInfo,
     install,
     installed,
     last_load_info,
+    load,
     load_autoencoder,
     load_diffusion_cond,
     load_into_module,
@@ -55,6 +57,7 @@ __all__ = [
     "HubCacheError",
     "HubSymlinkError",
     "LoadInfo",
+    "Loaded",
     "LoadResult",
     "LockTimeoutError",
     "OutputExistsError",
@@ -67,6 +70,7 @@ __all__ = [
     "install",
     "installed",
     "last_load_info",
+    "load",
     "load_autoencoder",
     "load_diffusion_cond",
     "load_into_module",

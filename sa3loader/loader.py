@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -211,6 +211,41 @@ def _record_sibling(info: LoadInfo, outcome: SiblingOutcome, source: Header) -> 
             )
 
 
+class Loaded(NamedTuple):
+    """What ``load`` returns: the model, and what this load did."""
+
+    model: nn.Module
+    info: LoadInfo
+
+
+def load(
+    model_config: Any,
+    ckpt_path: str | os.PathLike[str],
+    device: str | torch.device | int | None = "cuda",
+    model_half: bool = False,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    model_factory: Factory | None = None,
+    verify: bool | None = None,
+    io: str | None = None,
+) -> Loaded:
+    """``load_diffusion_cond``'s model with this load's ``LoadInfo``: for code that makes loads
+    in several threads or tasks and wants each one's report, not the thread's last."""
+    info = LoadInfo(source=os.fspath(ckpt_path), model_half=bool(model_half))
+    model = _load_into(
+        info,
+        model_config,
+        ckpt_path,
+        device,
+        model_half,
+        cache_dir=cache_dir,
+        model_factory=model_factory,
+        verify=verify,
+        io=io,
+    )
+    return Loaded(model, info)
+
+
 def load_diffusion_cond(
     model_config: Any,
     ckpt_path: str | os.PathLike[str],
@@ -234,6 +269,35 @@ def load_diffusion_cond(
     """
     info = LoadInfo(source=os.fspath(ckpt_path), model_half=bool(model_half))
     _reports.record(info)
+    try:
+        return _load_into(
+            info,
+            model_config,
+            ckpt_path,
+            device,
+            model_half,
+            cache_dir=cache_dir,
+            model_factory=model_factory,
+            verify=verify,
+            io=io,
+        )
+    finally:
+        _reports.record(info)  # again: loads nested in the factory recorded theirs meanwhile
+
+
+def _load_into(
+    info: LoadInfo,
+    model_config: Any,
+    ckpt_path: str | os.PathLike[str],
+    device: str | torch.device | int | None = "cuda",
+    model_half: bool = False,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    model_factory: Factory | None = None,
+    verify: bool | None = None,
+    io: str | None = None,
+) -> nn.Module:
+    """The load itself, recording what it does in ``info`` (``load`` and ``load_diffusion_cond``)."""
     started = _now()
     info.settings = settings = _config.settings(io=io, verify=verify)  # a bad value fails before any work
     if settings.disabled:
@@ -246,7 +310,6 @@ def load_diffusion_cond(
                 info.result = load_into_module(model, ckpt_path)
                 _finish(model, device, bool(model_half))
         info.timings["total_s"] = _now() - started
-        _reports.record(info)
         return model
 
     _faults.point("import")
@@ -285,7 +348,6 @@ def load_diffusion_cond(
     logger.info(
         "loaded %s: %s, %s build, %.2fs", source.path, info.reason, info.build, info.timings["total_s"]
     )
-    _reports.record(info)  # again: loads nested in the factory recorded theirs meanwhile
     return model
 
 

@@ -97,6 +97,35 @@ def test_last_load_info_is_the_calling_threads_own_load(tmp_path):
     assert asker["source"] == str(second)
 
 
+def test_the_core_load_returns_each_loads_own_report_and_the_drop_in_wraps_it(tmp_path):
+    """``sa3loader.load`` gives the model load_diffusion_cond gives, with that load's LoadInfo,
+    in any thread or task; it leaves the thread's ``last_load_info()`` alone."""
+    from support.compare import assert_same_model
+
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    model, info = sa3loader.load({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
+    assert info.converted and info.source == str(ckpt) and info.timings["total_s"] > 0
+    dropped_in = load_toy(ckpt, tmp_path / "c")
+    assert_same_model(model, dropped_in)
+    hit = sa3loader.last_load_info()
+    assert hit.cache_hit and hit is not info
+    other = make_ckpt(tmp_path / "other" / "model.safetensors", seed=4)
+    reports = {}
+
+    def load_in_a_thread(path):
+        torch.manual_seed(0)
+        reports[path] = sa3loader.load({}, path, "cpu", False, model_factory=build).info
+
+    threads = [threading.Thread(target=load_in_a_thread, args=(p,)) for p in (ckpt, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert {p: r.source for p, r in reports.items()} == {ckpt: str(ckpt), other: str(other)}
+    assert sa3loader.last_load_info() is hit
+
+
 def test_load_autoencoder_reads_the_same_settings(tmp_path, monkeypatch):
     ckpt = save({"pretransform.model.weight": torch.randn(4, 4)}, tmp_path / "model.safetensors")
     config = tmp_path / "config.json"
