@@ -23,6 +23,7 @@ from ._identity import hard_match, identity_of, is_sa3loader_path, sibling_match
 from ._index import INDEX_SUBDIR, Index
 from ._lock import conversion_lock
 from ._places import (
+    BESIDE_SUBDIR,
     INCOMPLETE_INFIX,
     LOCK_SUFFIX,
     SAFETENSORS_SUFFIX,
@@ -33,6 +34,7 @@ from ._places import (
     blob_name,
     cache_path,
     incomplete_prefix,
+    legacy_beside_path,
     sibling_name,
 )
 from ._records import IndexRow
@@ -274,10 +276,25 @@ def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
         named, real = os.path.abspath(checkpoint), os.path.realpath(checkpoint)
         about = [e for e in listed if e.source == named or (e.key or e.source) == real]
         rows += [e for e in about if e not in rows]
-        places = [beside_path(named), cache_path(cache_dir, named, real, blob_name(real))]
-        places.append(cache_path(cache_dir, named, real))
+        places = [beside_path(named), legacy_beside_path(named)]
+        places += [cache_path(cache_dir, named, real, blob_name(real)), cache_path(cache_dir, named, real)]
         siblings += [s for s in [*(e.sibling for e in about if e.sibling), *places] if s not in siblings]
-    return _plan(cache_dir, rows, siblings, siblings, sweep=False)
+    plan = _plan(cache_dir, rows, siblings, siblings, sweep=False)
+    plan.removals += _emptied_beside_dirs(plan.removals)
+    return plan
+
+
+def _emptied_beside_dirs(removals: list[Removal]) -> list[Removal]:
+    """The hidden folders beside checkpoints (``.cache/sa3loader``) that ``removals`` empty."""
+    emptied = []
+    for hidden in sorted({os.path.dirname(r.path) for r in removals if r.kind != "empty dir"}):
+        if not hidden.endswith(os.sep + BESIDE_SUBDIR):
+            continue
+        going = {r.path for r in removals}
+        with contextlib.suppress(OSError):
+            if all(os.path.join(hidden, name) in going for name in os.listdir(hidden)):
+                emptied.append(Removal(hidden + os.sep, 0, "empty dir"))
+    return emptied
 
 
 def _still_needed(sibling: str, live: list[Entry]) -> str | None:
@@ -416,7 +433,10 @@ def scan(directories: list[str], cache_dir: str) -> list[Found]:
     for directory in directories:
         for root, dirs, files in os.walk(directory):
             dirs.sort()
-            names = set(files)
+            # In a checkpoint folder's hidden .cache/sa3loader, the checkpoints are two levels up.
+            hidden = root.endswith(os.sep + BESIDE_SUBDIR)
+            folder = os.path.dirname(os.path.dirname(root)) if hidden else root
+            names = set(os.listdir(folder)) if hidden else set(files)
             for name in sorted(files):
                 path = os.path.join(root, name)
                 if not name.endswith((SIBLING_SUFFIX, UNSUFFIXED_SIBLING_SUFFIX)) or not is_sa3loader_path(
@@ -424,8 +444,8 @@ def scan(directories: list[str], cache_dir: str) -> list[Found]:
                 ):
                     continue
                 row = rows.get(path)
-                source = _source_beside(root, name, names) or (row.source if row is not None else None)
-                source = source or _named_source(root, name)
+                source = _source_beside(folder, name, names) or (row.source if row is not None else None)
+                source = source or _named_source(folder, name)
                 found.append(Found(path, _size(path), source, _scanned_status(path, source), row is not None))
     return found
 

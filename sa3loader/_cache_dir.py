@@ -132,3 +132,33 @@ def make_private_dirs(path: str) -> None:
     except FileExistsError:
         if not os.path.isdir(path):
             raise
+
+
+def make_beside_dirs(hidden: str) -> list[str]:
+    """Create ``<folder>/.cache/sa3loader`` as readable as ``<folder>`` and never writable by
+    others (a service user who reads the checkpoint reads its sibling); the dirs created.
+    Best effort: a folder that cannot be created is reported by the room check after."""
+    folder = os.path.dirname(os.path.dirname(hidden))
+    try:
+        mode = stat.S_IMODE(os.stat(folder).st_mode) & 0o755
+    except OSError:
+        return []
+    made = []
+    for directory in (os.path.dirname(hidden), hidden):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            continue
+        except OSError:
+            break
+        made.append(directory)
+    return made
+
+
+def remove_if_empty(dirs: list[str]) -> None:
+    """Remove the dirs ``make_beside_dirs`` made, deepest first, where nothing was put in them."""
+    for directory in reversed(dirs):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return

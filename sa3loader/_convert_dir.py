@@ -37,6 +37,7 @@ from ._places import (
     in_hf_hub_cache,
     in_hub_repo,
     incomplete_prefix,
+    legacy_beside_path,
 )
 from .errors import (
     HubCacheError,
@@ -298,7 +299,12 @@ def _convert_files(
 def existing_sibling(header: Header, cache_dir: str) -> str | None:
     """The sibling a load would use, when one made for this very checkpoint is there already."""
     real, blob = os.path.realpath(header.path), identity_of(header).blob
-    for path in (beside_path(header.path), cache_path(cache_dir, header.path, real, blob)):
+    places = (
+        beside_path(header.path),
+        legacy_beside_path(header.path),
+        cache_path(cache_dir, header.path, real, blob),
+    )
+    for path in places:
         try:
             sibling = read_header(path, follow_symlinks=False)
         except (Sa3LoaderError, OSError):

@@ -3,7 +3,8 @@ cache's layout (known here only).
 
 - The sibling of ``<stem>.safetensors`` is ``<stem>.fp16.safetensors``; a source named
   without the suffix gets ``<name>-fp16.safetensors``.
-- It goes beside the source when that dir is writable and not inside a hub cache, else to
+- It goes beside the source, in ``<folder>/.cache/sa3loader/``, when that folder is writable
+  and not inside a hub cache (older versions wrote it next to the source: still found), else to
   ``<cache_dir>/siblings/<key>/<name>``, keyed by the hub blob's content hash when the source
   is one (every copy of the blob shares it), else by the source's real path.
 - A hub cache is ``<type>s--<org>--<name>/{snapshots/<rev>/<files>, blobs/<sha256>}``.
@@ -112,7 +113,23 @@ def incomplete_prefix(dest: str) -> str:
     return os.path.join(directory, fitted(name, "", MAX_SIBLING_NAME)) + INCOMPLETE_INFIX
 
 
+# Beside a checkpoint, sa3loader's files live in one hidden folder, as huggingface_hub keeps
+# its local-dir metadata in .cache/huggingface/: no glob of the checkpoint's folder, no
+# newest-file pick over its files, no `hf upload` of it (with this ignore pattern) sees them.
+BESIDE_SUBDIR = os.path.join(".cache", "sa3loader")
+
+
+def beside_dir(source_path: str) -> str:
+    """The hidden folder beside a checkpoint that holds its sibling (``<folder>/.cache/sa3loader``)."""
+    return os.path.join(os.path.dirname(os.path.abspath(source_path)), BESIDE_SUBDIR)
+
+
 def beside_path(source_path: str) -> str:
+    return os.path.join(beside_dir(source_path), sibling_name(source_path))
+
+
+def legacy_beside_path(source_path: str) -> str:
+    """Where older versions put the sibling (next to the checkpoint): still found, never written."""
     return os.path.join(os.path.dirname(os.path.abspath(source_path)), sibling_name(source_path))
 
 

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 
 from . import _config, _convert, _faults
-from ._cache_dir import make_private_dirs
+from ._cache_dir import make_beside_dirs, make_private_dirs, remove_if_empty
 from ._config import warn_once
 from ._format import Header
 from ._identity import has_float32, is_sa3loader_file, is_sa3loader_path, sibling_metadata
@@ -37,7 +37,7 @@ from ._places import (
 from ._publication import Publication, finish
 from ._records import IndexRow, RangeReport
 from ._sibling import SiblingFinder, SiblingOutcome
-from ._trust import owned_file_problem
+from ._trust import beside_dir_problem, owned_file_problem
 from ._written import WrittenSibling, unpublished_sibling
 from .errors import CheckpointChangedError, ConversionError, LockTimeoutError, UnusableLockError
 
@@ -130,9 +130,7 @@ class SiblingResolver:
             problems.append(f"${_config.PLACE_ENV}=cache")
         elif f.beside_allowed():
             beside = beside_path(self.source.path)
-            directory = os.path.dirname(beside)
-            why_not = None if dir_writable(directory) else f"{directory} is not writable"
-            why_not = why_not or self._overwritable(beside)
+            why_not = beside_dir_problem(os.path.dirname(beside)) or self._overwritable(beside)
             if why_not is None:
                 options.append(beside)
             else:
@@ -175,6 +173,7 @@ class SiblingResolver:
             return out
         options, problems = self.targets()
         for target in options:
+            made = make_beside_dirs(os.path.dirname(target)) if not in_cache_dir(target, f.cache_dir) else []
             problem = _room_problem(target, size, self.source.file_size)
             if problem is None:
                 if problems:  # not where it would go first: say where, and why
@@ -183,6 +182,7 @@ class SiblingResolver:
                     return self._convert_at(target, metadata)
                 except UnusableLockError as exc:
                     problem = str(exc)
+            remove_if_empty(made)  # not used: no empty hidden folder left beside the checkpoint
             problems.append(problem)
         if f.unreadable:  # the likeliest fix first: a sibling is there, unreadable to this user
             path, why = next(iter(f.unreadable.items()))

@@ -36,7 +36,7 @@ from ._identity import (
     soft_match,
 )
 from ._index import Index
-from ._places import beside_path, cache_path, in_cache_dir, in_hf_hub_cache
+from ._places import beside_path, cache_path, in_cache_dir, in_hf_hub_cache, legacy_beside_path
 from ._publication import Publication
 from ._records import IndexRow, RangeReport
 from ._trust import cache_dir_trust, owner_problem
@@ -132,7 +132,7 @@ class SiblingFinder:
     def candidates(self, row: IndexRow | None) -> list[str]:
         paths = [row.sibling_path] if row is not None else []
         if self.beside_allowed():
-            paths.append(beside_path(self.source.path))
+            paths += [beside_path(self.source.path), legacy_beside_path(self.source.path)]
         if self.cache_trusted:
             paths.append(cache_path(self.cache_dir, self.source.path, self.real, self.blob))
             if self.blob is not None:  # where a version that keyed hub files by path put it

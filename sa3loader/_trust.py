@@ -14,6 +14,7 @@ import pwd
 import stat
 
 from . import _config
+from ._places import dir_writable
 
 
 def _private_group(gid: int) -> bool:
@@ -104,3 +105,18 @@ def owner_problem(path: str, st: os.stat_result, source_owner: int, *, shared: b
     if st.st_uid == source_owner and not writable_by_others(os.path.dirname(path), source_owner):
         return None
     return f"it is owned by uid {st.st_uid}, in a directory others can write to"
+
+
+def beside_dir_problem(hidden: str) -> str | None:
+    """None when a sibling may be written in the hidden folder beside a checkpoint
+    (``<folder>/.cache/sa3loader``), else why not: no symlink at either name (it would send
+    the sibling elsewhere), and the first of them that exists writable by you."""
+    for directory in (os.path.dirname(hidden), hidden):
+        _, problem = _lstat(directory)
+        if problem is not None:
+            return f"{directory}: {problem}"
+    dot_cache = os.path.dirname(hidden)
+    existing = next((d for d in (hidden, dot_cache) if os.path.isdir(d)), os.path.dirname(dot_cache))
+    if not dir_writable(existing):
+        return f"{existing} is not writable"
+    return None

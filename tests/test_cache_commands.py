@@ -24,7 +24,7 @@ def test_cache_commands_during_a_load_never_break_it(ckpt, tmp_path, command, io
 
     cache = tmp_path / "cache"
     load_toy(ckpt, cache)
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
 
     def factory_that_races(config):
         if command == "clear":
@@ -56,7 +56,7 @@ def test_prune_keeps_a_sibling_that_a_repointed_symlink_reuses(tmp_path):
     link.unlink()
     link.symlink_to(b.name)  # the same sibling name now belongs to b
     load_toy(link, cache)
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     pruned = _cache_admin.prune(str(cache)).rows
     assert [e.status for e in pruned] == ["stale"] and sibling.exists()
     model = load_toy(link, cache)
@@ -79,7 +79,7 @@ def test_prune_and_clear_sweep_leftovers_but_not_a_running_conversion(tmp_path, 
     cache = tmp_path / "cache"
     load_toy(beside, cache)
     load_toy(hub, cache)
-    killed = tmp_path / "model.fp16.safetensors.incomplete-999-deadbeef"
+    killed = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors.incomplete-999-deadbeef"
     killed.write_bytes(b"half a sibling")
     stray_dir = cache / "siblings" / "0123456789abcdef"
     stray_dir.mkdir()
@@ -99,10 +99,13 @@ def test_prune_and_clear_sweep_leftovers_but_not_a_running_conversion(tmp_path, 
     finally:
         os.close(holder)
     assert not killed.exists() and not stray_dir.exists()
-    assert str(killed) in removed and str(tmp_path / "model.fp16.safetensors.lock") in removed
+    assert (
+        str(killed) in removed
+        and str(tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors.lock") in removed
+    )
     assert running.exists()  # its lock is held: never touched
     assert not list(tmp_path.glob("*.lock"))
-    assert (tmp_path / "model.fp16.safetensors").exists() == (command == "prune")
+    assert (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists() == (command == "prune")
     load_toy(beside, cache)  # and loading still works
     assert sa3loader.last_load_info().build == "fast"
 

@@ -87,7 +87,7 @@ def test_convert_directory_copy(ckpt_dir, tmp_path):
 
 def test_convert_in_place_is_idempotent_and_skips_auto_siblings(ckpt_dir, tmp_path):
     run("warm", str(ckpt_dir / "model.safetensors"), cache=tmp_path / "c")
-    assert (ckpt_dir / "model.fp16.safetensors").exists()
+    assert (ckpt_dir / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
     run("convert", str(ckpt_dir), "--in-place", cache=tmp_path / "c")
     once = files(ckpt_dir)
     assert {e.dtype for e in read_header(ckpt_dir / "model.safetensors").entries} == {"F16", "I64"}
@@ -180,7 +180,7 @@ def test_convert_single_file_is_recorded_so_loads_hit(ckpt_dir, tmp_path):
     run("convert", str(src), cache=tmp_path / "c")
     rows = json.loads(run("cache", "ls", "--json", cache=tmp_path / "c").stdout)
     assert [(r["source"], r["status"]) for r in rows] == [(str(src), "ok")]
-    assert rows[0]["sibling"] == str(ckpt_dir / "model.fp16.safetensors")
+    assert rows[0]["sibling"] == str(ckpt_dir / ".cache" / "sa3loader" / "model.fp16.safetensors")
     warm = json.loads(run("warm", str(src), "--json", cache=tmp_path / "c").stdout)
     assert warm["converted"] is False and warm["reason"] == "cache hit"
 
@@ -190,7 +190,7 @@ def test_cache_verify_prune_clear(ckpt_dir, tmp_path):
     src = ckpt_dir / "model.safetensors"
     run("warm", str(src), cache=cache)
     assert json.loads(run("cache", "verify", "--json", cache=cache).stdout)[0]["check"] == "ok"
-    sibling = ckpt_dir / "model.fp16.safetensors"
+    sibling = ckpt_dir / ".cache" / "sa3loader" / "model.fp16.safetensors"
     raw = bytearray(sibling.read_bytes())
     raw[-2] ^= 0xFF
     writable(sibling).write_bytes(bytes(raw))
@@ -238,7 +238,7 @@ def test_convert_says_each_thing_once_in_exact_words(tmp_path):
     """Converting again reports the stored range figures, not zeros."""
     src = tmp_path / "model.safetensors"
     save_file({"w": torch.tensor([1.0, 70000.0, 1e-9, 3e-6]), "i": torch.arange(2)}, str(src))
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     report = "fp16 range: 1 values overflowed to inf, 1 nonzero values flushed to zero\n"
     first = run("convert", str(src), cache=tmp_path / "c")
     assert (first.stdout, first.stderr) == (f"converted {src} -> {sibling}\n{report}", "")
@@ -258,7 +258,7 @@ def test_warm_verify_reports_a_mismatch_once(ckpt_dir, tmp_path, caplog):
 
     src = ckpt_dir / "model.safetensors"
     run("warm", str(src), cache=tmp_path / "c")
-    sibling = ckpt_dir / "model.fp16.safetensors"
+    sibling = ckpt_dir / ".cache" / "sa3loader" / "model.fp16.safetensors"
     raw = bytearray(sibling.read_bytes())
     raw[-2] ^= 0xFF
     writable(sibling).write_bytes(bytes(raw))
@@ -337,12 +337,12 @@ def test_clear_and_prune_list_every_file_with_its_size(tmp_path, monkeypatch):
     save_file({"w": torch.ones(1000)}, str(src))
     cache = tmp_path / "c"
     run("warm", str(src), cache=cache)
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     size = sibling.stat().st_size
-    (tmp_path / "model.fp16.safetensors.incomplete-1-dead").write_bytes(b"x" * 10)
+    (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors.incomplete-1-dead").write_bytes(b"x" * 10)
     listing = (
         f"would remove sibling {sibling} ({size / 1e3:.3g} kB)\n"
-        f"would remove temp file {tmp_path}/model.fp16.safetensors.incomplete-1-dead (10 B)\n"
+        f"would remove temp file {sibling}.incomplete-1-dead (10 B)\n"
         f"would remove lock file {sibling}.lock (0 B)\n"
         f"would remove 3 file(s), {(size + 10) / 1e3:.3g} kB in all\n"
     )
@@ -362,7 +362,7 @@ def test_clear_and_prune_list_every_file_with_its_size(tmp_path, monkeypatch):
     assert out.endswith(
         f"removed 3 file(s), {(size + 10) / 1e3:.3g} kB in all\ncleared 1 row(s) from {cache}\n"
     )
-    assert not sibling.exists() and not list(tmp_path.glob("*.incomplete-*"))
+    assert not sibling.exists() and not list(tmp_path.rglob("*.incomplete-*"))
 
 
 def test_cli_names_its_arguments_for_people(capsys):
@@ -392,7 +392,7 @@ def flip_last_value(sibling, to: float) -> float:
 
 
 def test_convert_verify_checks_new_and_existing_siblings_with_measured_figures(src, tmp_path):
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     verdict = "verify: max abs diff of fp16(source) vs output = 0.0 over 1 float tensor(s) in 1 file(s)\n"
     first = run("convert", str(src), "--verify", cache=tmp_path / "c")
     assert first.stdout.startswith(f"converted {src} -> {sibling}\n{verdict}")
@@ -406,7 +406,7 @@ def test_convert_verify_checks_new_and_existing_siblings_with_measured_figures(s
 
 def test_cache_verify_prints_the_difference_it_measured(src, tmp_path):
     run("warm", str(src), cache=tmp_path / "c")
-    made = flip_last_value(tmp_path / "model.fp16.safetensors", 1000.0)
+    made = flip_last_value(tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors", 1000.0)
     checks = json.loads(run("cache", "verify", "--json", cache=tmp_path / "c", check_rc=3).stdout)
     assert checks[0]["check"].startswith("content mismatch: w differ")
     assert checks[0]["max_abs_diff"] == pytest.approx(made) and made > 900
@@ -435,7 +435,10 @@ def test_a_locked_or_corrupt_index_is_an_error_not_an_empty_cache(
             holder.close()
     assert proc.stdout == ""
     assert proc.stderr.startswith(f"sa3loader: error: {db}: the sa3loader index cannot ")
-    assert "sa3loader cache repair" in proc.stderr and (tmp_path / "model.fp16.safetensors").exists()
+    assert (
+        "sa3loader cache repair" in proc.stderr
+        and (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
+    )
 
 
 def test_cache_repair_sets_a_corrupt_index_aside_and_loads_adopt_again(src, tmp_path):
@@ -456,7 +459,7 @@ def test_prune_keeps_a_sibling_valid_for_the_current_source(src, tmp_path):
     run("warm", str(src), cache=tmp_path / "a")
     save_file({"w": torch.linspace(-3, 3, 64).reshape(8, 8), "i": torch.arange(4)}, str(src))
     run("warm", str(src), cache=tmp_path / "b")  # republished beside the source
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     republished = sibling.read_bytes()
     dry = json.loads(run("cache", "prune", "--dry-run", "--json", cache=tmp_path / "a").stdout)
     assert [r["status"] for r in dry["rows"]] == ["stale"]
@@ -532,7 +535,7 @@ def test_ending_input_at_the_prompt_cancels_with_exit_1(src, tmp_path, monkeypat
     monkeypatch.setattr("builtins.input", no_answer)
     proc = run("cache", "clear", cache=tmp_path / "c", check_rc=1)
     assert proc.stderr == "sa3loader: cancelled: nothing deleted\n"
-    assert (tmp_path / "model.fp16.safetensors").exists()
+    assert (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
 
 
 def test_cache_ls_names_hub_files_as_hf_does_with_one_size_format_and_a_total(tmp_path):
@@ -562,15 +565,21 @@ def test_info_says_what_a_sibling_costs_and_whether_one_exists(src, tmp_path):
     size = src.stat().st_size
     before = run("info", str(src), cache=tmp_path / "c").stdout.splitlines()
     run("warm", str(src), cache=tmp_path / "c")
-    sibling_size = (tmp_path / "model.fp16.safetensors").stat().st_size  # predicted exactly
+    sibling_size = (
+        (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").stat().st_size
+    )  # predicted exactly
     assert before[-2:] == [
         f"fp16 sibling: {sibling_size} B more on disk; model_half=True loads take their weights "
         f"from it ({sibling_size} B) instead of from the checkpoint ({size} B)",
         "sibling: none yet (the first model_half=True load or `sa3loader warm` makes it)",
     ]
     after = json.loads(run("info", str(src), "--json", cache=tmp_path / "c").stdout)
-    assert after["sibling"] == str(tmp_path / "model.fp16.safetensors")
-    assert after["fp16_sibling_size"] == (tmp_path / "model.fp16.safetensors").stat().st_size == sibling_size
+    assert after["sibling"] == str(tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors")
+    assert (
+        after["fp16_sibling_size"]
+        == (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").stat().st_size
+        == sibling_size
+    )
 
 
 def test_warm_on_a_convert_output_says_it_is_already_fp16(src, tmp_path):
@@ -611,7 +620,7 @@ def test_cache_ls_totals_what_is_on_disk_and_verify_fails_only_for_a_sibling(tmp
         paths.append(src)
     paths[0].unlink()  # a checkpoint deleted: its row's sibling stays, intact
     assert run("cache", "verify", cache=cache).returncode == 0
-    (tmp_path / "b" / "model.fp16.safetensors").unlink()  # a sibling deleted by hand
+    (tmp_path / "b" / ".cache" / "sa3loader" / "model.fp16.safetensors").unlink()  # a sibling deleted by hand
     total = run("cache", "ls", cache=cache).stdout.splitlines()[-1]
     assert total == "2 row(s): 1 MB of checkpoints, 500 kB of siblings on disk", total
     assert run("cache", "verify", cache=cache, check_rc=3).returncode == 3
@@ -643,7 +652,7 @@ def test_cache_rm_removes_exactly_the_siblings_of_the_checkpoints_given(tmp_path
     for path in (kept, gone):
         save_file({"w": torch.ones(1000)}, str(path))
         run("warm", str(path), cache=cache)
-    sibling = tmp_path / "gone.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "gone.fp16.safetensors"
     size = sibling.stat().st_size
     gone.unlink()  # the user deleted the checkpoint first
     expected = (
@@ -659,12 +668,9 @@ def test_cache_rm_removes_exactly_the_siblings_of_the_checkpoints_given(tmp_path
         ("lock file", f"{sibling}.lock", 0),
     ]
     assert [r["source"] for r in data["rows"]] == [str(gone)] and data["kept"] == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "c",
-        "kept.fp16.safetensors",
-        "kept.fp16.safetensors.lock",
-        "kept.safetensors",
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "c", "kept.safetensors"]
+    hidden = tmp_path / ".cache" / "sa3loader"
+    assert sorted(p.name for p in hidden.iterdir()) == ["kept.fp16.safetensors", "kept.fp16.safetensors.lock"]
     rows = json.loads(run("cache", "ls", "--json", cache=cache).stdout)
     assert [r["source"] for r in rows] == [str(kept)]
     assert (
@@ -706,26 +712,32 @@ def test_cache_scan_finds_siblings_no_index_knows_and_says_whose_they_are(tmp_pa
     save_file({"w": torch.ones(10).half()}, str(folder / "unet.fp16.safetensors"))  # diffusers' variant
     (folder / "b.safetensors").unlink()
     save_file({"w": torch.zeros(1000)}, str(folder / "c.safetensors"))  # retrained: another file
-    size = (folder / "a.fp16.safetensors").stat().st_size
+    size = (folder / ".cache" / "sa3loader" / "a.fp16.safetensors").stat().st_size
     shutil.rmtree(cache)
     out = run("cache", "scan", str(folder), cache=cache).stdout
-    kb = f"{size / 1e3:.3g} kB"
+    kb, hidden = f"{size / 1e3:.3g} kB", folder / ".cache" / "sa3loader"
     assert out == (
-        f"ok              {folder}/a.fp16.safetensors  {kb}  source: {folder}/a.safetensors  (no row)\n"
-        f"missing source  {folder}/b.fp16.safetensors  {kb}  source: {folder}/b.safetensors (gone)"
+        f"ok              {hidden}/a.fp16.safetensors  {kb}  source: {folder}/a.safetensors  (no row)\n"
+        f"missing source  {hidden}/b.fp16.safetensors  {kb}  source: {folder}/b.safetensors (gone)"
         "  (no row)\n"
-        f"stale           {folder}/c.fp16.safetensors  {kb}  source: {folder}/c.safetensors  (no row)\n"
+        f"stale           {hidden}/c.fp16.safetensors  {kb}  source: {folder}/c.safetensors  (no row)\n"
         f"3 sibling(s), {3 * size / 1e3:.3g} kB on disk; 1 whose checkpoint is gone "
         "(remove with `sa3loader cache rm CHECKPOINT`)\n"
     )
     data = json.loads(run("--json", "cache", "scan", str(folder), cache=cache).stdout)
     assert [(f["sibling"], f["bytes"], f["source"], f["status"], f["indexed"]) for f in data] == [
-        (f"{folder}/a.fp16.safetensors", size, f"{folder}/a.safetensors", "ok", False),
-        (f"{folder}/b.fp16.safetensors", size, f"{folder}/b.safetensors", "missing source", False),
-        (f"{folder}/c.fp16.safetensors", size, f"{folder}/c.safetensors", "stale", False),
+        (f"{folder}/.cache/sa3loader/a.fp16.safetensors", size, f"{folder}/a.safetensors", "ok", False),
+        (
+            f"{folder}/.cache/sa3loader/b.fp16.safetensors",
+            size,
+            f"{folder}/b.safetensors",
+            "missing source",
+            False,
+        ),
+        (f"{folder}/.cache/sa3loader/c.fp16.safetensors", size, f"{folder}/c.safetensors", "stale", False),
     ]
     run("cache", "rm", str(folder / "b.safetensors"), cache=cache)  # what the total line says to do
-    assert not (folder / "b.fp16.safetensors").exists()
+    assert not (folder / ".cache" / "sa3loader" / "b.fp16.safetensors").exists()
 
 
 def test_cache_scan_of_the_cache_dir_names_each_siblings_checkpoint_from_its_row(tmp_path):
@@ -737,3 +749,13 @@ def test_cache_scan_of_the_cache_dir_names_each_siblings_checkpoint_from_its_row
     [found] = json.loads(run("--json", "cache", "scan", str(cache), cache=cache).stdout)
     assert (found["source"], found["status"], found["indexed"]) == (str(src), "ok", True)
     assert found["sibling"].startswith(str(cache / "siblings"))
+
+
+def test_cache_rm_of_a_folders_last_sibling_removes_the_hidden_folder(tmp_path):
+    src = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(1000)}, str(src))
+    run("warm", str(src), cache=tmp_path / "c")
+    out = run("cache", "rm", str(src), cache=tmp_path / "c").stdout
+    assert f"removed empty dir {tmp_path}/.cache/sa3loader/" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "c", "model.safetensors"]
+    assert list((tmp_path / ".cache").iterdir()) == []

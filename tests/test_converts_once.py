@@ -45,7 +45,7 @@ def test_processes_loading_a_cold_checkpoint_convert_once(tmp_path, shared_cache
     assert sum(r["converted"] for r in results) == 1
     assert all(r["converted"] or r["cache_hit"] for r in results)  # nobody fell back to fp32
     assert {r["digest"] for r in results} == {reference_digest(ckpt, BIG_DIM)}
-    assert not list(tmp_path.glob("*.incomplete-*"))
+    assert not list(tmp_path.rglob("*.incomplete-*"))
 
 
 @pytest.mark.slow
@@ -68,7 +68,8 @@ def test_reader_while_a_new_sibling_is_published(tmp_path):
 
 def test_a_lock_taken_on_a_deleted_lock_file_is_taken_again(tmp_path, monkeypatch):
     """prune deletes lock files under the lock; a waiter that then gets the old inode must retry."""
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    sibling.parent.mkdir(parents=True)
     real_flock = fcntl.flock
     calls = []
 
@@ -97,7 +98,7 @@ def test_hosts_without_a_shared_flock_still_convert_once(tmp_path):
     )
     assert sum(r["converted"] for r in results) == 1
     assert {r["digest"] for r in results} == {reference_digest(ckpt, BIG_DIM)}
-    assert not (tmp_path / "model.fp16.safetensors.lease").exists()
+    assert not (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors.lease").exists()
 
 
 @pytest.mark.parametrize("age", [0, 3600], ids=["held", "stale"])
@@ -106,8 +107,9 @@ def test_a_lease_from_another_host(tmp_path, monkeypatch, age):
     monkeypatch.setitem(
         _faults.tunings, "mount_table", str(fake_mount_table(tmp_path / "mountinfo", {tmp_path: "nfs4"}))
     )
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     lease = Path(str(sibling) + ".lease")
+    lease.parent.mkdir(parents=True)
     lease.write_text("other-host:123:abc")
     then = lease.stat().st_mtime - age
     os.utime(lease, (then, then))
@@ -130,15 +132,17 @@ def test_first_load_converts_second_does_not(ckpt, tmp_path, conversions):
     rows = Index(str(tmp_path / "cache")).items()
     assert [key for key, _ in rows] == [os.path.realpath(ckpt)]
     row = rows[0][1]
-    assert row is not None and row.sibling_path == str(tmp_path / "model.fp16.safetensors")
-    assert row.sibling_size == os.path.getsize(tmp_path / "model.fp16.safetensors")
+    assert row is not None and row.sibling_path == str(
+        tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    )
+    assert row.sibling_size == os.path.getsize(tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors")
     assert row.source.size == os.path.getsize(ckpt)
 
 
 def test_fp32_load_never_creates_a_sibling(ckpt, tmp_path, conversions):
     load_toy(ckpt, tmp_path / "cache", half=False)
     assert conversions == []
-    assert not (tmp_path / "model.fp16.safetensors").exists()
+    assert not (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
 
 
 def test_lost_index_adopts_the_sibling(ckpt, tmp_path, conversions):
@@ -164,7 +168,7 @@ def test_read_only_source_dir_puts_sibling_in_each_cache(ckpt, tmp_path, convers
             assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / name))
             assert_same_model(model, reference(ckpt))
     assert len(conversions) == 2
-    assert not (tmp_path / "model.fp16.safetensors").exists()
+    assert not (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
 
 
 def hub_snapshot(tmp_path, ckpt, revision):
@@ -199,7 +203,8 @@ def test_model_and_model_safetensors_keep_their_own_siblings(tmp_path, conversio
         for path in (plain, suffixed):
             assert_same_model(load_toy(path, tmp_path / "cache"), reference(path))
     assert len(conversions) == 2
-    assert sorted(p.name for p in tmp_path.glob("*fp16*") if not p.name.endswith(".lock")) == [
+    hidden = tmp_path / ".cache" / "sa3loader"
+    assert sorted(p.name for p in hidden.glob("*fp16*") if not p.name.endswith(".lock")) == [
         "model-fp16.safetensors",
         "model.fp16.safetensors",
     ]

@@ -62,7 +62,7 @@ def test_too_many_open_files_after_the_first_open_still_loads(ckpt, tmp_path, mo
     monkeypatch.undo()
     assert_same_model(model, reference(ckpt))
     assert "Too many open files" in sa3loader.last_load_info().reason
-    assert not list(tmp_path.glob("*.incomplete-*"))
+    assert not list(tmp_path.rglob("*.incomplete-*"))
 
 
 def test_a_mapping_refused_by_an_address_space_limit_names_the_file(ckpt, tmp_path, monkeypatch):
@@ -72,7 +72,7 @@ def test_a_mapping_refused_by_an_address_space_limit_names_the_file(ckpt, tmp_pa
         raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
 
     monkeypatch.setattr(mmap, "mmap", no_address_space)
-    sibling = str(tmp_path / "model.fp16.safetensors")
+    sibling = str(tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors")
     with pytest.raises(sa3loader.FileAccessError, match="SA3LOADER_IO=read") as err:
         load_toy(ckpt, tmp_path / "c")
     assert (err.value.errno, err.value.filename) == (errno.ENOMEM, sibling) and sibling in str(err.value)

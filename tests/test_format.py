@@ -361,7 +361,7 @@ def test_a_sibling_whose_header_length_looks_like_pickle_magic_is_used(tmp_path)
     torch.manual_seed(0)
     state = random_like_state(build(), seed=3)
     ckpt = tmp_path / "model.safetensors"
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     pad = 0
     for _ in range(3):  # the source's size, written in the sibling's metadata, may gain a digit
         save(state, ckpt, metadata={"pad": "x" * pad})
@@ -397,7 +397,7 @@ def test_a_sibling_that_does_not_read_back_warns_and_reads_the_source(tmp_path, 
     ckpt = make_ckpt(tmp_path / "model.safetensors")
 
     def scribble() -> None:
-        (tmp,) = tmp_path.glob("*.incomplete-*")
+        (tmp,) = tmp_path.rglob("*.incomplete-*")
         with open(tmp, "r+b") as f:
             f.write(b"\xff" * 8)
 
@@ -406,7 +406,9 @@ def test_a_sibling_that_does_not_read_back_warns_and_reads_the_source(tmp_path, 
     info = sa3loader.last_load_info()
     assert info.sibling is None and "cannot be read back" in info.reason
     assert any("cannot be read back" in r.getMessage() for r in caplog.records)
-    assert not (tmp_path / "model.fp16.safetensors").exists() and not list(tmp_path.glob("*.incomplete-*"))
+    assert not (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists() and not list(
+        tmp_path.rglob("*.incomplete-*")
+    )
     assert_same_model(model, reference(ckpt))
 
 

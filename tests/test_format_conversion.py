@@ -235,8 +235,13 @@ def test_a_load_interrupted_while_converting_leaves_only_the_empty_lock(tmp_path
 
     with injected(at("data", interrupted)), pytest.raises(KeyboardInterrupt):
         load_toy(ckpt, tmp_path / "cache")
-    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "cache")
-    assert left == ["model.fp16.safetensors.lock", "model.safetensors"], left
-    assert (tmp_path / "model.fp16.safetensors.lock").stat().st_size == 0 and ckpt.read_bytes() == before
+    cache = tmp_path / "cache"  # the index's own files are not the load's leftovers
+    left = sorted(
+        str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and cache not in p.parents
+    )
+    assert left == [".cache/sa3loader/model.fp16.safetensors.lock", "model.safetensors"], left
+    assert (
+        tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors.lock"
+    ).stat().st_size == 0 and ckpt.read_bytes() == before
     load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().converted

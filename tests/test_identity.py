@@ -161,7 +161,7 @@ def test_two_versions_sharing_a_checkpoint_dir_convert_once_each(tmp_path, conve
     be compared) nor overwritten (no ping-pong): this version keeps its own in its cache dir."""
     ckpt = write_version(tmp_path / "model.safetensors", seed=3)
     load_toy(ckpt, tmp_path / "their-cache")
-    beside = tmp_path / "model.fp16.safetensors"
+    beside = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     with_fingerprint(beside, f"{other}:" + "ab" * 32)
     theirs = beside.read_bytes()
     for _ in range(2):
@@ -206,7 +206,7 @@ def test_source_rewritten_in_place_is_reconverted(ckpt, tmp_path, conversions, k
 @pytest.mark.parametrize("damage", ["delete", "truncate", "flip-header", "other-checkpoint"])
 def test_damaged_sibling_is_reconverted(ckpt, tmp_path, conversions, damage):
     load_toy(ckpt, tmp_path / "cache")
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     if damage == "delete":
         sibling.unlink()
     elif damage == "truncate":
@@ -221,7 +221,7 @@ def test_damaged_sibling_is_reconverted(ckpt, tmp_path, conversions, damage):
         torch.manual_seed(0)
         save(random_like_state(build(), seed=5), other)
         load_toy(other, tmp_path / "cache")
-        shutil.copyfile(other.parent / "model.fp16.safetensors", writable(sibling))
+        shutil.copyfile(other.parent / ".cache" / "sa3loader" / "model.fp16.safetensors", writable(sibling))
     model = load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().converted
     assert_same_model(model, reference(ckpt))
@@ -245,7 +245,7 @@ def test_copied_source_is_revalidated_not_reconverted(ckpt, tmp_path, conversion
 @pytest.mark.parametrize("asked", ["argument", "environment"])
 def test_verify_catches_a_flipped_data_byte(ckpt, tmp_path, conversions, monkeypatch, asked):
     load_toy(ckpt, tmp_path / "cache")
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     raw = bytearray(sibling.read_bytes())
     raw[-5] ^= 0xFF
     writable(sibling).write_bytes(bytes(raw))

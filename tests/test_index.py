@@ -71,7 +71,9 @@ def test_index_row_pointing_at_a_missing_file(loaded):
     index.close()
     model = load_toy(ckpt, cache)
     assert digest(model) == reference_digest(ckpt)
-    assert sa3loader.last_load_info().sibling == str(ckpt.with_name("model.fp16.safetensors"))
+    assert sa3loader.last_load_info().sibling == str(
+        ckpt.with_name(".cache") / "sa3loader" / "model.fp16.safetensors"
+    )
 
 
 def test_planted_pickle_row_is_refused_and_never_runs(loaded, tmp_path):
@@ -145,7 +147,9 @@ def test_index_row_of_the_wrong_shape_is_treated_as_absent(loaded, bad, capsys):
     index.close()
     assert cli.main(["--cache-dir", str(cache), "cache", "prune"]) == 0
     assert Index(str(cache)).items() == []
-    assert ckpt.with_name("model.fp16.safetensors").exists()  # prune of an invalid row deletes no file
+    assert (
+        ckpt.with_name(".cache") / "sa3loader" / "model.fp16.safetensors"
+    ).exists()  # prune of an invalid row deletes no file
 
 
 def test_source_path_that_is_not_utf8_round_trips_through_the_index(tmp_path):

@@ -53,7 +53,7 @@ def wait_for(condition, what: str) -> None:
 @needs_proc
 def test_a_child_forked_while_another_thread_converts_holds_no_lock(tmp_path):
     ckpt = make_ckpt(tmp_path / "model.safetensors")
-    lock = tmp_path / "model.fp16.safetensors.lock"
+    lock = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors.lock"
     converting, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -137,7 +137,7 @@ def test_a_lease_whose_holder_on_this_host_is_gone_is_taken_over_at_once(tmp_pat
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)  # a pid that no longer exists
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / "model.fp16.safetensors"  # the lock, wherever its sibling lives
     lease = Path(str(sibling) + ".lease")
     mine = _lease_token()
     lease.write_text(mine.replace(f":{os.getpid()}:", f":{pid}:"))

@@ -112,7 +112,7 @@ def test_a_checkpoint_rewritten_in_place_during_a_load_is_a_typed_error(tmp_path
 
 def test_mutating_a_loaded_parameter_leaves_the_sibling_unchanged(ckpt, tmp_path):
     load_toy(ckpt, tmp_path / "cache")
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     before = sibling.read_bytes()
     model = load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().cache_hit
@@ -154,7 +154,7 @@ def test_a_hit_maps_only_its_own_read_only_sibling(ckpt, tmp_path):
     os.chmod(ckpt, 0o640)
     load_toy(ckpt, tmp_path / "cache")
     model = load_toy(ckpt, tmp_path / "cache")
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     assert sa3loader.last_load_info().io == "mmap"
     assert str(sibling) in mapped_files() and str(ckpt) not in mapped_files()
     assert os.stat(sibling).st_mode & 0o777 == 0o440  # the source's mode minus every write bit
@@ -167,7 +167,7 @@ def test_one_kept_parameter_keeps_the_whole_sibling_mapped_and_a_clone_does_not(
     import gc
 
     load_toy(ckpt, tmp_path / "cache")
-    sibling = str(tmp_path / "model.fp16.safetensors")
+    sibling = str(tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors")
     model = load_toy(ckpt, tmp_path / "cache")
     kept = next(p for p in model.parameters() if p.numel() > 1)
     cloned = next(p for p in model.parameters() if p.numel() > 1).clone()

@@ -53,7 +53,7 @@ def held_at_fsync(monkeypatch):
 def test_a_first_load_returns_a_correct_model_before_its_sibling_is_published(tmp_path, held_at_fsync):
     reached, release = held_at_fsync
     ckpt = make_ckpt(tmp_path / "model.safetensors")
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
 
     model = load_toy(ckpt, tmp_path / "cache", published=False)
 
@@ -61,13 +61,13 @@ def test_a_first_load_returns_a_correct_model_before_its_sibling_is_published(tm
     assert info.converted and info.sibling == str(sibling)
     assert digest(model) == reference_digest(ckpt)  # built from the temp file, before any fsync
     assert reached.is_set() and not sibling.exists()
-    assert len(list(tmp_path.glob("*.incomplete-*"))) == 1
+    assert len(list(tmp_path.rglob("*.incomplete-*"))) == 1
     assert not lock_is_free(sibling)  # the publishing thread holds it
     assert not sa3loader.wait_for_publishing(0.1)
 
     release.set()
     assert sa3loader.wait_for_publishing(WAIT_S)
-    assert lock_is_free(sibling) and not list(tmp_path.glob("*.incomplete-*"))
+    assert lock_is_free(sibling) and not list(tmp_path.rglob("*.incomplete-*"))
     _compare.verify(read_header(ckpt), read_header(sibling))
     load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().cache_hit  # the index row was written too
@@ -82,7 +82,9 @@ def test_a_second_load_in_the_same_process_waits_for_the_publication(tmp_path, h
     model = load_toy(ckpt, tmp_path / "cache", published=False)  # waits on the lock, then finds it
 
     info = sa3loader.last_load_info()
-    assert not info.converted and info.sibling == str(tmp_path / "model.fp16.safetensors")
+    assert not info.converted and info.sibling == str(
+        tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    )
     assert digest(model) == reference_digest(ckpt)
 
 
@@ -99,14 +101,14 @@ def test_a_publication_that_fails_leaves_nothing_and_the_next_load_converts(tmp_
         assert sa3loader.wait_for_publishing(WAIT_S)
     assert digest(model) == reference_digest(ckpt)
     assert any("could not publish the fp16 sibling" in r.getMessage() for r in caplog.records)
-    assert not (tmp_path / "model.fp16.safetensors").exists()
-    assert not list(tmp_path.glob("*.incomplete-*"))
+    assert not (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
+    assert not list(tmp_path.rglob("*.incomplete-*"))
     monkeypatch.setattr(_faults, "hook", None)
 
     load_toy(ckpt, tmp_path / "cache", published=False)
     assert sa3loader.last_load_info().converted
     assert sa3loader.wait_for_publishing(WAIT_S)
-    assert (tmp_path / "model.fp16.safetensors").exists()
+    assert (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -115,9 +117,9 @@ def test_a_process_that_ends_waits_for_its_publication(tmp_path):
     proc = fork_child("load", str(ckpt), str(tmp_path / "cache"), extra_env={"CHILD_SLOW_PUBLISH": "1"})
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and json.loads(out)["converted"]
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     assert sibling.exists() and lock_is_free(sibling)
-    assert not list(tmp_path.glob("*.incomplete-*"))
+    assert not list(tmp_path.rglob("*.incomplete-*"))
     load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().cache_hit
 
@@ -133,8 +135,8 @@ def test_a_process_that_ends_while_publishing_leaves_a_sibling_the_next_load_pub
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == (-signal.SIGKILL if end == "kill" else 0), err
     assert json.loads(out.splitlines()[0])["digest"] == reference_digest(ckpt)  # the load had returned
-    sibling = tmp_path / "model.fp16.safetensors"
-    assert not sibling.exists() and list(tmp_path.glob("*.incomplete-written-*"))
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    assert not sibling.exists() and list(tmp_path.rglob("*.incomplete-written-*"))
     assert lock_is_free(sibling)
 
     points = []
@@ -146,7 +148,7 @@ def test_a_process_that_ends_while_publishing_leaves_a_sibling_the_next_load_pub
     assert any(e.startswith("published ") and "previous process" in e for e in info.events)
     assert points.index("fsync") < points.index("rename")
     assert digest(model) == reference_digest(ckpt)
-    assert not list(tmp_path.glob("*.incomplete-*"))
+    assert not list(tmp_path.rglob("*.incomplete-*"))
     _compare.verify(read_header(ckpt), read_header(sibling))
     load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().cache_hit  # and indexed: found again
@@ -158,12 +160,17 @@ def test_a_leftover_that_cannot_be_proved_whole_is_converted_again_with_a_warnin
     conversion killed mid-write: converted again, and the WARNING says why and what to do."""
     ckpt = make_ckpt(tmp_path / "model.safetensors")
     load_toy(ckpt, tmp_path / "probe")
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     if why == "another-boot":
-        leftover = tmp_path / f"model.fp16.safetensors.incomplete-written-{'0' * 32}-0-0-1-abcd1234"
+        leftover = (
+            tmp_path
+            / ".cache"
+            / "sa3loader"
+            / f"model.fp16.safetensors.incomplete-written-{'0' * 32}-0-0-1-abcd1234"
+        )
         leftover.write_bytes(sibling.read_bytes())
     else:
-        leftover = tmp_path / "model.fp16.safetensors.incomplete-1-abcd1234"
+        leftover = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors.incomplete-1-abcd1234"
         leftover.write_bytes(sibling.read_bytes()[:1000])
     sibling.unlink()
     with caplog.at_level(logging.WARNING, logger="sa3loader"):
@@ -202,7 +209,7 @@ def test_a_load_of_the_same_checkpoint_inside_the_factory_does_not_wait_on_its_o
     model = load_toy(ckpt, tmp_path / "cache", factory=factory, published=False)
     assert digest(model) == digest(inner[0]) == reference_digest(ckpt)
     assert sa3loader.wait_for_publishing(WAIT_S)
-    assert (tmp_path / "model.fp16.safetensors").exists()
+    assert (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
 
 
 def test_a_second_load_with_no_lock_timeout_finds_the_sibling_being_published(
@@ -221,14 +228,14 @@ def test_a_second_load_with_no_lock_timeout_finds_the_sibling_being_published(
 def test_a_file_saved_at_the_siblings_name_meanwhile_is_left_alone(tmp_path, held_at_fsync, caplog):
     _, release = held_at_fsync
     ckpt = make_ckpt(tmp_path / "model.safetensors")
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     load_toy(ckpt, tmp_path / "cache", published=False)
     sibling.write_bytes(b"the user's own export")
     with caplog.at_level(logging.WARNING, logger="sa3loader"):
         release.set()
         assert sa3loader.wait_for_publishing(WAIT_S)
     assert sibling.read_bytes() == b"the user's own export"
-    assert not list(tmp_path.glob("*.incomplete-*"))
+    assert not list(tmp_path.rglob("*.incomplete-*"))
     assert any("could not publish the fp16 sibling" in r.getMessage() for r in caplog.records)
 
 
@@ -244,9 +251,11 @@ def test_where_no_thread_can_be_started_the_sibling_is_published_in_the_load(tmp
     ckpt = make_ckpt(tmp_path / "model.safetensors")
     model = load_toy(ckpt, tmp_path / "cache", published=False)
     assert digest(model) == reference_digest(ckpt)
-    assert (tmp_path / "model.fp16.safetensors").exists()  # published before the load returned
+    assert (
+        tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    ).exists()  # published before the load returned
     assert sa3loader.wait_for_publishing(0)
-    assert lock_is_free(tmp_path / "model.fp16.safetensors")
+    assert lock_is_free(tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors")
 
 
 def lock_descriptors(sibling: Path) -> int:
@@ -263,7 +272,7 @@ def lock_descriptors(sibling: Path) -> int:
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd (Linux)")
 def test_a_forked_child_closes_its_copy_of_the_lock(tmp_path, held_at_fsync):
     """A parent that dies before it publishes must not leave its lock held by a child that lives on."""
-    sibling = tmp_path / "model.fp16.safetensors"
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     load_toy(make_ckpt(tmp_path / "model.safetensors"), tmp_path / "cache", published=False)
     assert lock_descriptors(sibling) == 1
     pid = os.fork()

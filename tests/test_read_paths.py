@@ -348,7 +348,9 @@ def test_network_filesystems_are_read_not_mapped(ckpt, tmp_path, monkeypatch, fs
         for _ in range(2):  # conversion, then the hit
             model = load_toy(ckpt, tmp_path / "cache", io=io)
     assert sa3loader.last_load_info().cache_hit and sa3loader.last_load_info().io == expected
-    assert (str(tmp_path / "model.fp16.safetensors") in mapped_files()) == (expected == "mmap")
+    assert (str(tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors") in mapped_files()) == (
+        expected == "mmap"
+    )
     assert_same_model(model, reference(ckpt))
 
 

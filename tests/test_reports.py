@@ -153,7 +153,7 @@ def test_a_disabled_load_says_why_and_how_long(tmp_path, monkeypatch, loader):
     info = sa3loader.last_load_info()
     assert info.build == "upstream" and "SA3LOADER_DISABLE=1" in info.reason
     assert info.timings["total_s"] > 0 and info.settings is not None and info.settings.disabled
-    assert not (tmp_path / "model.fp16.safetensors").exists()
+    assert not (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
 
 
 def test_range_report_warns_only_about_overflow(tmp_path, caplog):

@@ -229,7 +229,8 @@ def test_merged_reads_join_ranges_closer_than_the_gap():
 )
 def test_sibling_names(source, sibling):
     assert _places.sibling_name(source) == sibling
-    assert _places.beside_path(source) == "/m/" + sibling
+    assert _places.beside_path(source) == "/m/.cache/sa3loader/" + sibling
+    assert _places.legacy_beside_path(source) == "/m/" + sibling
 
 
 def test_cache_path_is_keyed_by_the_real_file():

@@ -9,6 +9,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ def assert_fp32_fallback(ckpt: Path, cache: Path, caplog, expect: str) -> None:
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and expect in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     assert not list(ckpt.parent.rglob("*.incomplete-*"))
-    assert not ckpt.with_name("model.fp16.safetensors").exists()
+    assert not (ckpt.with_name(".cache") / "sa3loader" / "model.fp16.safetensors").exists()
 
 
 def test_enospc_during_write(tmp_path, monkeypatch, caplog):
@@ -96,7 +97,10 @@ def test_lock_timeout_raises_typed_error(tmp_path, monkeypatch):
     """flock locks belong to open file descriptions: one held here blocks the load's own."""
     ckpt = make_ckpt(tmp_path / "model.safetensors")
     monkeypatch.setenv("SA3LOADER_LOCK_TIMEOUT", "0.3")
-    lock = os.open(str(ckpt.with_name("model.fp16.safetensors.lock")), os.O_RDWR | os.O_CREAT)
+    (tmp_path / ".cache" / "sa3loader").mkdir(parents=True)
+    lock = os.open(
+        str(ckpt.with_name(".cache") / "sa3loader" / "model.fp16.safetensors.lock"), os.O_RDWR | os.O_CREAT
+    )
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         with pytest.raises(sa3loader.LockTimeoutError) as err:
@@ -222,7 +226,7 @@ def test_missing_upstream_without_factory_is_a_clear_import_error(tmp_path, monk
         sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "cache")
     assert isinstance(err.value, sa3loader.UpstreamNotFoundError)
     assert "model_factory" in str(err.value)
-    assert not (tmp_path / "model.fp16.safetensors").exists()
+    assert not (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
 
 
 def test_disable_env_touches_no_cache(tmp_path, monkeypatch):
@@ -309,7 +313,7 @@ def test_a_checkpoint_with_the_longest_legal_name_gets_a_sibling(tmp_path, monke
     load_toy(ckpt, tmp_path / "cache")
     first = sa3loader.last_load_info()
     assert first.converted and first.sibling is not None, first.reason
-    assert (os.path.dirname(first.sibling) == str(folder)) == (where == "beside")
+    assert (os.path.dirname(first.sibling) == str(folder / ".cache" / "sa3loader")) == (where == "beside")
     model = load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().cache_hit
     assert_same_model(model, reference(ckpt))
@@ -335,7 +339,75 @@ def test_place_cache_writes_nothing_beside_checkpoints(tmp_path, monkeypatch, ca
     assert sorted(p.name for p in folder.iterdir()) == before
     assert_same_model(model, reference(ckpt))
     load_toy(other, tmp_path / "cache")
-    assert sa3loader.last_load_info().sibling == str(folder / "other.fp16.safetensors")
+    assert sa3loader.last_load_info().sibling == str(
+        folder / ".cache" / "sa3loader" / "other.fp16.safetensors"
+    )
     monkeypatch.setenv("SA3LOADER_PLACE", "elsewhere")
     with pytest.raises(sa3loader.ConfigError, match="SA3LOADER_PLACE"):
         load_toy(ckpt, tmp_path / "cache")
+
+
+def test_nothing_sa3loader_writes_beside_checkpoints_shows_in_globs_or_newest_file_picks(tmp_path):
+    """A trainer's folder after an eval load of each checkpoint: ``*`` and ``*.safetensors`` globs
+    and "resume from the newest file" see only the user's checkpoints; the siblings and locks
+    are in the hidden ``.cache/sa3loader/``, which convert DIR skips and cache scan finds."""
+    import glob
+
+    folder = tmp_path / "ckpts"
+    steps = [make_ckpt(folder / f"step_{i:06d}.safetensors", seed=3 + i) for i in range(3)]
+    for i, step in enumerate(steps):
+        os.utime(step, (1_700_000_000 + i, 1_700_000_000 + i))  # saved in order, long ago
+        load_toy(step, tmp_path / "cache")
+        assert sa3loader.last_load_info().converted
+    assert sorted(glob.glob(str(folder / "*"))) == [str(s) for s in steps]
+    assert sorted(glob.glob(str(folder / "step_*.safetensors"))) == [str(s) for s in steps]
+    newest = max((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+    assert newest == steps[-1]
+    hidden = folder / ".cache" / "sa3loader"
+    assert sorted(p.name for p in hidden.iterdir()) == sorted(
+        name for s in steps for name in (s.stem + ".fp16.safetensors", s.stem + ".fp16.safetensors.lock")
+    )
+
+
+def test_a_sibling_an_older_version_put_next_to_the_checkpoint_is_still_used(tmp_path, conversions):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    load_toy(ckpt, tmp_path / "cache")
+    (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").rename(tmp_path / "model.fp16.safetensors")
+    shutil.rmtree(tmp_path / ".cache")
+    model = load_toy(ckpt, tmp_path / "cache")
+    info = sa3loader.last_load_info()
+    assert (
+        info.cache_hit and info.sibling == str(tmp_path / "model.fp16.safetensors") and len(conversions) == 1
+    )
+    assert_same_model(model, reference(ckpt))
+    assert not (tmp_path / ".cache").exists()  # found, not moved or written
+
+
+@pytest.mark.parametrize("folder_mode", [0o755, 0o750, 0o700])
+def test_the_hidden_folder_is_as_readable_as_the_checkpoints_folder_and_no_wider(tmp_path, folder_mode):
+    folder = tmp_path / "ckpts"
+    ckpt = make_ckpt(folder / "model.safetensors")
+    folder.chmod(folder_mode)
+    old = os.umask(0o022)
+    try:
+        load_toy(ckpt, tmp_path / "cache")
+    finally:
+        os.umask(old)
+    for hidden in (folder / ".cache", folder / ".cache" / "sa3loader"):
+        assert hidden.stat().st_mode & 0o777 == folder_mode & 0o755
+
+
+@pytest.mark.parametrize("planted", [".cache", ".cache/sa3loader"])
+def test_a_symlink_at_the_hidden_folder_is_never_followed(tmp_path, planted):
+    """In a shared folder, a link at ``.cache`` or ``.cache/sa3loader`` would send the sibling
+    (and its lock) elsewhere: the load converts into the cache dir instead."""
+    ckpt = make_ckpt(tmp_path / "ckpts" / "model.safetensors")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / "ckpts" / planted
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(elsewhere, target_is_directory=True)
+    model = load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / "cache"))
+    assert list(elsewhere.rglob("*")) == []
+    assert_same_model(model, reference(ckpt))

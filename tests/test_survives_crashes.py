@@ -29,14 +29,14 @@ def lock_is_free(sibling: Path) -> bool:
 
 def assert_healed(ckpt: Path, cache: Path, dim: int, expected: str | None = None) -> None:
     """``expected``: the reference digest, when the caller has it already."""
-    sibling = ckpt.with_name("model.fp16.safetensors")
+    sibling = ckpt.with_name(".cache") / "sa3loader" / "model.fp16.safetensors"
     assert lock_is_free(sibling)
     if sibling.exists():  # only a complete, correct file may have been published
         _compare.verify(read_header(ckpt), read_header(sibling))
     model = load_toy(ckpt, cache, dim=dim)
     assert digest(model) == (expected or reference_digest(ckpt, dim))
     assert sa3loader.last_load_info().sibling == str(sibling)
-    assert not list(ckpt.parent.glob("*.incomplete-*"))
+    assert not list(ckpt.parent.rglob("*.incomplete-*"))
     _compare.verify(read_header(ckpt), read_header(sibling))
 
 
@@ -48,7 +48,7 @@ def test_sigkill_at_each_phase_heals(tmp_path, phase):
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL
     if phase in ("header", "data", "fsync"):
-        assert list(tmp_path.glob("*.incomplete-*"))  # the crash left its temp file behind
+        assert list(tmp_path.rglob("*.incomplete-*"))  # the crash left its temp file behind
     assert_healed(ckpt, tmp_path / "cache", 32)
 
 
@@ -58,13 +58,15 @@ def test_sigkill_at_random_points_never_leaves_a_bad_sibling(tmp_path):
     rng = random.Random(20261125)
     ckpt = make_ckpt(tmp_path / "model.safetensors", dim=BIG_DIM)
     total = sa3loader._resolver.resolve_sibling(read_header(ckpt), str(tmp_path / "probe")).converted.size
-    (tmp_path / "model.fp16.safetensors").unlink()
+    (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").unlink()
     expected = reference_digest(ckpt, BIG_DIM)
     for trial, limit in enumerate(sorted(rng.randint(1, total) for _ in range(RANDOM_KILL_TRIALS))):
         cache = tmp_path / f"cache{trial}"
         proc = fork_child("kill-after", str(limit), str(ckpt), str(cache), dim=BIG_DIM)
         proc.communicate(timeout=60)
         assert proc.returncode == -signal.SIGKILL, f"not killed after {limit} of {total} bytes"
-        assert not (tmp_path / "model.fp16.safetensors").exists()  # nothing published mid-write
+        assert not (
+            tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+        ).exists()  # nothing published mid-write
         assert_healed(ckpt, cache, BIG_DIM, expected)
-        (tmp_path / "model.fp16.safetensors").unlink()
+        (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").unlink()

@@ -44,7 +44,7 @@ def test_a_neighbours_sibling_in_a_shared_dir_is_never_adopted(tmp_path):
     shared.chmod(0o1777)
     ckpt = checkpoint(shared)
     load_toy(ckpt, tmp_path / "neighbour-cache")  # the neighbour's genuine sibling, beside the source
-    planted = writable(shared / "model.fp16.safetensors")
+    planted = writable(shared / ".cache" / "sa3loader" / "model.fp16.safetensors")
     header = read_header(planted)
     with open(planted, "r+b") as f:  # then the swap: one data byte
         f.seek(header.data_start + 100)
@@ -66,18 +66,20 @@ def test_a_sibling_of_the_sources_owner_in_their_own_dir_is_used(tmp_path):
     theirs = tmp_path / "theirs"
     ckpt = checkpoint(theirs)
     load_toy(ckpt, tmp_path / "their-cache")
-    for path in (theirs, ckpt, theirs / "model.fp16.safetensors"):
+    for path in (theirs, ckpt, theirs / ".cache" / "sa3loader" / "model.fp16.safetensors"):
         os.chown(path, NEIGHBOUR, NEIGHBOUR)
     theirs.chmod(0o755)
     load_toy(ckpt, tmp_path / "my-cache")
     info = sa3loader.last_load_info()
-    assert info.cache_hit and info.sibling == str(theirs / "model.fp16.safetensors")
+    assert info.cache_hit and info.sibling == str(theirs / ".cache" / "sa3loader" / "model.fp16.safetensors")
 
 
 @pytest.mark.parametrize("name", ["sibling", "lock"])
 def test_a_fifo_at_a_name_sa3loader_uses_never_hangs_a_load(tmp_path, name):
     ckpt = checkpoint(tmp_path / "ckpt")
-    fifo = tmp_path / "ckpt" / ("model.fp16.safetensors" + (".lock" if name == "lock" else ""))
+    hidden = tmp_path / "ckpt" / ".cache" / "sa3loader"
+    hidden.mkdir(parents=True)
+    fifo = hidden / ("model.fp16.safetensors" + (".lock" if name == "lock" else ""))
     os.mkfifo(fifo)
     load_in_a_child(ckpt, tmp_path / "cache")  # a blocking open would hang it past the timeout
     assert (tmp_path / "cache" / "siblings").is_dir()
@@ -88,7 +90,10 @@ def test_a_symlink_at_the_lock_name_is_never_followed(tmp_path):
     ckpt = checkpoint(tmp_path / "ckpt")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    (tmp_path / "ckpt" / "model.fp16.safetensors.lock").symlink_to(elsewhere / "created-through-the-link")
+    (tmp_path / "ckpt" / ".cache" / "sa3loader").mkdir(parents=True)
+    (tmp_path / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors.lock").symlink_to(
+        elsewhere / "created-through-the-link"
+    )
     model = load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / "cache"))
     assert list(elsewhere.iterdir()) == []
@@ -102,7 +107,8 @@ def test_a_lock_held_by_another_user_never_makes_a_load_wait(tmp_path, monkeypat
     monkeypatch.setenv("SA3LOADER_LOCK_TIMEOUT", "5")
     ckpt = checkpoint(tmp_path / "ckpt")
     (tmp_path / "ckpt").chmod(0o1777)
-    lock = tmp_path / "ckpt" / "model.fp16.safetensors.lock"
+    lock = tmp_path / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors.lock"
+    lock.parent.mkdir(parents=True)
     lock.touch(mode=0o644)
     os.chown(lock, NEIGHBOUR, NEIGHBOUR)
     with open(lock, "rb") as held:
@@ -115,7 +121,8 @@ def test_a_lock_held_by_another_user_never_makes_a_load_wait(tmp_path, monkeypat
 
 def test_lock_files_are_yours_alone(tmp_path):
     ckpt = checkpoint(tmp_path / "ckpt")
-    old = tmp_path / "ckpt" / "model.fp16.safetensors.lock"
+    old = tmp_path / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors.lock"
+    old.parent.mkdir(parents=True)
     old.touch(mode=0o666)  # as an older sa3loader left it
     old.chmod(0o666)
     load_toy(ckpt, tmp_path / "cache")
@@ -132,7 +139,7 @@ def test_a_sibling_keeps_the_sources_group(tmp_path):
     os.chown(ckpt, -1, NEIGHBOUR)
     ckpt.chmod(0o640)
     load_toy(ckpt, tmp_path / "cache")
-    sibling = os.stat(tmp_path / "ckpt" / "model.fp16.safetensors")
+    sibling = os.stat(tmp_path / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors")
     assert (sibling.st_gid, sibling.st_mode & 0o777) == (NEIGHBOUR, 0o440)
 
 
@@ -154,13 +161,19 @@ def test_no_hub_repo_type_is_ever_written_into(tmp_path, kind):
     assert_same_model(model, reference(ckpt))
 
 
-def test_foreign_fp16_file_is_never_touched(ckpt, tmp_path, conversions):
-    foreign = tmp_path / "model.fp16.safetensors"
+@pytest.mark.parametrize("where", ["next-to-the-checkpoint", "in-the-hidden-folder"])
+def test_foreign_fp16_file_is_never_touched(ckpt, tmp_path, conversions, where):
+    """A diffusers-style ``model.fp16.safetensors`` of the user's, next to the checkpoint (where
+    older versions put siblings) or at the sibling's own name: never read as ours, never written."""
+    folder = tmp_path if where == "next-to-the-checkpoint" else tmp_path / ".cache" / "sa3loader"
+    folder.mkdir(parents=True, exist_ok=True)
+    foreign = folder / "model.fp16.safetensors"
     foreign.write_bytes(b"diffusers-style fp16 weights, not ours")
     model = load_toy(ckpt, tmp_path / "cache")
     assert foreign.read_bytes() == b"diffusers-style fp16 weights, not ours"
     info = sa3loader.last_load_info()
-    assert info.converted and info.sibling.startswith(str(tmp_path / "cache"))
+    elsewhere = tmp_path / ".cache" / "sa3loader" if where == "next-to-the-checkpoint" else tmp_path / "cache"
+    assert info.converted and info.sibling.startswith(str(elsewhere))
     assert_same_model(model, reference(ckpt))
     load_toy(ckpt, tmp_path / "cache")
     assert len(conversions) == 1

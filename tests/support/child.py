@@ -26,6 +26,7 @@ import torch
 import sa3loader
 from sa3loader import _convert, _faults
 from sa3loader._format import read_header
+from sa3loader._places import beside_path
 from sa3loader._resolver import resolve_sibling
 from support.faults import fake_mount_table, set_hook
 from support.toymodel import build
@@ -112,7 +113,7 @@ def cmd_kill_after(limit: str, ckpt: str, cache: str) -> None:
 
 def cmd_republish(ckpt: str, count: str) -> None:
     header = read_header(ckpt)
-    sibling = read_header(ckpt.replace(".safetensors", ".fp16.safetensors"))
+    sibling = read_header(beside_path(ckpt))
     metadata = dict(sibling.metadata)
     print("ready", flush=True)
     for _ in range(int(count)):
