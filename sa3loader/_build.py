@@ -12,12 +12,10 @@ follows upstream's rules, quirks included (``plan_keys``)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import sys
-import types
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,9 +25,11 @@ from torch import nn
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _faults
-from ._defer import BuildWatch, DeferredParameters, not_deferred, watched_build
+from ._defer import DeferredParameters, not_deferred, swap_in_place, watched_build
 from ._format import Header
+from ._reach import OPAQUE, REACH_DEPTH, TOO_DEEP, leaves
 from ._values import Values
+from ._watch import BuildWatch
 
 logger = logging.getLogger(__name__)
 
@@ -122,16 +122,20 @@ class _FastBuildRefused(Exception):
     """Why the fast build cannot give upstream's model: the faithful build runs instead."""
 
 
-def _build_deferred(factory: Factory, config: Any) -> tuple[nn.Module, DeferredParameters, BuildWatch]:
+def _build_deferred(
+    factory: Factory, config: Any, generators: Generators
+) -> tuple[nn.Module, DeferredParameters, BuildWatch]:
     """The factory's model with its parameters deferred, and what it drew at random. Its
     own errors pass through as they are, so it runs once; only an error that torch raised
     over a meta tensor (a constructor that reads a parameter's value), or one raised because
     of it, means: build it for real instead. Told by origin, never by the words of a message."""
-    with watched_build() as (deferred, watch):
+    with watched_build(generators.private) as (deferred, watch):
         try:
             return factory(config), deferred, watch
         except Exception as exc:
-            if not watch.refused_meta(exc):
+            # torch refused a stand-in's data, in this error's chain or caught by the constructor
+            # before it failed: the error may be the stand-in's doing.
+            if not (watch.refused_meta(exc) or watch.read_a_stand_in()):
                 raise
             raise _FastBuildRefused(
                 f"the factory needs real parameters ({type(exc).__name__}: {exc})"
@@ -152,76 +156,8 @@ def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[s
     return ids
 
 
-# How deep the walk for tensors goes from a module's attribute: containers (dicts, lists,
-# tuples, sets, deques), plain objects (their ``__dict__`` and ``__slots__``), what a function
-# closes over or defaults to, a partial's arguments, a bound method's object, modules outside
-# the model's tree.
-REACH_DEPTH = 12
-_CONTAINERS = (list, tuple, set, frozenset, deque)
-# Never walked into: what holds no tensor of the model's (classes, Python modules, C functions).
-_OPAQUE = (type, types.ModuleType, types.BuiltinFunctionType, str, bytes)
-
-
-def _slots(value: Any) -> list[Any]:
-    names = (
-        n for cls in type(value).__mro__ for n in _slot_names(cls) if n not in ("__dict__", "__weakref__")
-    )
-    return [getattr(value, n) for n in names if hasattr(value, n)]
-
-
-def _slot_names(cls: type) -> tuple[str, ...]:
-    slots = cls.__dict__.get("__slots__", ())
-    return (slots,) if isinstance(slots, str) else tuple(slots)
-
-
-def _held_by(value: Any) -> list[Any]:
-    """What ``value`` holds that may be or hold a tensor."""
-    if isinstance(value, Mapping):
-        return list(value.values())
-    if isinstance(value, _CONTAINERS):
-        return list(value)
-    if isinstance(value, types.FunctionType):  # a hook or a lambda: what it closes over
-        cells = [c.cell_contents for c in value.__closure__ or () if _filled(c)]
-        return cells + list(value.__defaults__ or ()) + list((value.__kwdefaults__ or {}).values())
-    if isinstance(value, types.MethodType):
-        return [value.__self__, value.__func__]
-    held = [value.func, *value.args, *value.keywords.values()] if isinstance(value, functools.partial) else []
-    attributes = getattr(value, "__dict__", None)
-    return held + (list(attributes.values()) if isinstance(attributes, dict) else []) + _slots(value)
-
-
-def _filled(cell: types.CellType) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018 - an empty cell raises
-    except ValueError:
-        return False
-    return True
-
-
-def _tensors_in(
-    value: Any, tree: frozenset[int] = frozenset(), seen: set[int] | None = None, depth: int = REACH_DEPTH
-) -> Iterator[torch.Tensor]:
-    """Every tensor ``value`` holds (``_held_by``, to ``REACH_DEPTH``), once each. Modules of the
-    tree (ids in ``tree``) are not entered: each is walked as itself."""
-    if isinstance(value, torch.Tensor):
-        yield value
-        return
-    if depth == 0 or isinstance(value, _OPAQUE) or value is None or isinstance(value, (int, float, bool)):
-        return
-    seen = set() if seen is None else seen
-    if id(value) in seen or id(value) in tree:
-        return
-    seen.add(id(value))
-    for child in _held_by(value):
-        yield from _tensors_in(child, tree, seen, depth - 1)
-
-
 def _is_meta(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_meta
-
-
-def _holds_meta(value: Any, tree: frozenset[int]) -> bool:
-    return any(t.is_meta for t in _tensors_in(value, tree))
 
 
 # What every nn.Module keeps about itself (flags, the child modules): never a tensor of the
@@ -245,7 +181,7 @@ def _tensor_attributes(model: nn.Module) -> Attributes:
         for prefix, module in model.named_modules()
         for attr, value in vars(module).items()
         if attr not in _MODULE_BOOKKEEPING
-        and not isinstance(value, _OPAQUE)
+        and not isinstance(value, OPAQUE)
         and not (isinstance(value, nn.Module) and id(value) in tree)
         and not isinstance(value, (int, float, bool, type(None)))
     ]
@@ -283,33 +219,73 @@ def _refuse_random(
         )
     if not watch.any_drawn():  # the usual build draws nothing real, so keeps nothing drawn
         return
-    for prefix, module, attr, value in attributes:
-        if attr in ("_parameters", "_buffers"):  # what the checkpoint replaces is not kept
-            value = {n: t for n, t in value.items() if f"{prefix}.{n}".lstrip(".") not in assign}
-        for tensor in _tensors_in(value, tree):
-            if watch.drawn(tensor):
-                where = f"{prefix}.{attr}" if prefix else attr
-                raise _FastBuildRefused(
-                    f"{where} ({type(module).__name__}) keeps values drawn at random while it was built"
-                )
+    kept = [
+        (f"{p}.{a}".lstrip(".") + f" ({type(m).__name__})", _not_replaced(p, a, v, assign), REACH_DEPTH)
+        for p, m, a, v in attributes
+    ]
+    kept += [(where, value, OUTSIDE_DEPTH) for where, value in _kept_outside_instances(model)]
+    for where, value, depth in kept:
+        for leaf in leaves(value, tree, depth=depth):
+            # Below an instance's attributes, what the walk did not reach may be drawn; outside
+            # them (class attributes, module globals), the walk is shallow on purpose.
+            if leaf is TOO_DEEP and depth == REACH_DEPTH:
+                raise _FastBuildRefused(f"{where} holds values nested too deep to follow")
+            if isinstance(leaf, torch.Tensor) and watch.drawn(leaf):
+                raise _FastBuildRefused(f"{where} keeps values drawn at random while it was built")
+
+
+# How far the walk goes into what a constructor may have stored outside the model's
+# instances: its classes' attributes and their modules' globals.
+OUTSIDE_DEPTH = 3
+
+
+def _not_replaced(prefix: str, attr: str, value: Any, assign: dict[str, str]) -> Any:
+    """What the checkpoint replaces (loaded parameters and buffers) is not kept."""
+    if attr not in ("_parameters", "_buffers"):
+        return value
+    return {n: t for n, t in value.items() if f"{prefix}.{n}".lstrip(".") not in assign}
+
+
+def _kept_outside_instances(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """(where, value) of what a constructor may have stored on its class or in its module's
+    globals (``type(self).table = ...``, ``global NOISE``): classes outside torch only."""
+    for cls in {type(m) for m in model.modules()}:
+        if cls.__module__.split(".")[0] == "torch":
+            continue
+        yield from ((f"{cls.__qualname__}.{n}", v) for n, v in vars(cls).items())
+        module = sys.modules.get(cls.__module__)
+        if module is not None:
+            yield from (
+                (f"{cls.__module__}.{n}", v) for n, v in vars(module).items() if not n.startswith("__")
+            )
 
 
 def _refuse_meta(
-    attributes: Attributes, tree: frozenset[int], *, skip: set[tuple[int, str]], parameters: bool
+    attributes: Attributes,
+    tree: frozenset[int],
+    *,
+    skip: set[tuple[int, str]],
+    parameters: bool,
+    stand_ins: set[int],
 ) -> None:
-    """``_FastBuildRefused`` when a tensor in ``attributes`` (their values now) is still on meta.
+    """``_FastBuildRefused`` when a tensor in ``attributes`` (their values now) is still on meta,
+    or a device kept there is the meta device.
 
     A tensor the constructor derived from a deferred parameter (a buffer, an
     attribute, a value kept in a dict) is meta, and only weight_norm's is redone
-    from the file: any other means upstream's model cannot be given fast.
+    from the file: any other means upstream's model cannot be given fast. The stand-ins
+    themselves (ids in ``stand_ins``) may be held anywhere: they are placed in place.
     ``parameters=False`` leaves parameters out (before they are placed).
     """
     for prefix, module, attr, _ in attributes:
         if (attr == "_parameters" and not parameters) or (id(module), attr) in skip:
             continue
-        if _holds_meta(vars(module).get(attr), tree):  # read now: placing replaced some
-            where = f"{prefix}.{attr}" if prefix else attr
-            raise _FastBuildRefused(f"{where} ({type(module).__name__}) was computed from a parameter")
+        where = f"{prefix}.{attr}" if prefix else attr
+        for leaf in leaves(vars(module).get(attr), tree):  # read now: placing replaced some
+            if isinstance(leaf, torch.Tensor) and leaf.is_meta and id(leaf) not in stand_ins:
+                raise _FastBuildRefused(f"{where} ({type(module).__name__}) was computed from a parameter")
+            if isinstance(leaf, torch.device) and leaf.type == "meta":
+                raise _FastBuildRefused(f"{where} ({type(module).__name__}) keeps a parameter's device")
 
 
 def _place_parameters(
@@ -323,21 +299,21 @@ def _place_parameters(
     to the device.
     """
     state = model.state_dict(keep_vars=True)
-    placed: dict[int, nn.Parameter] = {}
+    # stand-in -> its value (a tied one's last key wins, as load_state_dict's copies do)
+    final: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
         to_place = [(key, name) for key, name in assign.items() if id(state[key]) in deferred_ids]
         loaded = values.get_many([(name, state[key].dtype) for key, name in to_place], device)
         for (key, _), value in zip(to_place, loaded, strict=True):
-            placed[id(state[key])] = nn.Parameter(
-                _with_strides_of(state[key], value), requires_grad=state[key].requires_grad
-            )
+            final[id(state[key])] = (state[key], _with_strides_of(state[key], value))
         for key, name in assign.items():
             if id(state[key]) not in deferred_ids:
                 state[key].copy_(values.get(name, state[key].dtype, final=False))
-    for module in model.modules():
-        for pname, registered in module._parameters.items():
-            if registered is not None and id(registered) in placed:
-                module._parameters[pname] = placed[id(registered)]
+    for stand_in, value in final.values():  # in place: every holder of the stand-in sees the weight
+        if not swap_in_place(stand_in, nn.Parameter(value, requires_grad=stand_in.requires_grad)):
+            raise _FastBuildRefused(
+                f"a parameter ({tuple(stand_in.shape)}) is weakly referenced: cannot place it"
+            )
 
 
 def _with_strides_of(stand_in: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -353,16 +329,29 @@ def _with_strides_of(stand_in: torch.Tensor, value: torch.Tensor) -> torch.Tenso
     return laid_out.copy_(value)
 
 
+WeightNormHooks = list[tuple[str, nn.Module, WeightNorm]]
+
+
+def _drop_weight_norm_weights(wn_hooks: WeightNormHooks) -> dict[int, bool]:
+    """Drop the ``weight`` weight_norm computed from the stand-ins (its graph holds them, and a
+    tensor a graph holds cannot be placed in place); whether each had a graph, by module."""
+    had_graph = {}
+    for _, module, hook in wn_hooks:
+        had_graph[id(module)] = getattr(module, hook.name).requires_grad
+        delattr(module, hook.name)
+    return had_graph
+
+
 def _recompute_weight_norm(
-    wn_hooks: list[tuple[str, nn.Module, WeightNorm]], assign: dict[str, str], values: Values
+    wn_hooks: WeightNormHooks, assign: dict[str, str], values: Values, had_graph: dict[int, bool]
 ) -> None:
     """Old-style weight_norm keeps ``weight`` as a plain fp32 CPU attribute computed at
     construction. Upstream's is computed from its random init; ours from the
     checkpoint's g and v (what every forward recomputes it to anyway)."""
     for prefix, module, hook in wn_hooks:
         g_key, v_key = f"{prefix}.{hook.name}_g".lstrip("."), f"{prefix}.{hook.name}_v".lstrip(".")
-        # The meta stand-in computed during the build tells whether upstream's had a graph.
-        needs_grad = getattr(module, hook.name).requires_grad
+        # The meta stand-in computed during the build told whether upstream's had a graph.
+        needs_grad = had_graph[id(module)]
         g, v = (
             values.tensor(values.source, assign[key]).to(torch.float32, copy=True).requires_grad_(needs_grad)
             for key in (g_key, v_key)
@@ -372,10 +361,21 @@ def _recompute_weight_norm(
 
 
 def _build_fast(
-    factory: Factory, config: Any, source: Header, values: Values, device: torch.device
+    factory: Factory,
+    config: Any,
+    source: Header,
+    values: Values,
+    device: torch.device,
+    generators: Generators,
 ) -> tuple[nn.Module, LoadResult]:
     """Model with every parameter placed from the file, or ``_FastBuildRefused`` saying why not."""
-    model, deferred, watch = _build_deferred(factory, config)
+    model, deferred, watch = _build_deferred(factory, config, generators)
+    if deferred.unswapped:
+        raise _FastBuildRefused(
+            f"{deferred.unswapped[0]} could not be deferred in place (torch.utils.swap_tensors, torch >= 2.3)"
+        )
+    if watch.read_a_stand_in():  # an error over a stand-in's data the constructor caught itself
+        raise _FastBuildRefused("the factory read a parameter's value while it was built")
     if _customises_loading(model):
         raise _FastBuildRefused("a module customises state-dict loading")
     assign, result = plan_keys(source, model.state_dict(keep_vars=True))
@@ -386,12 +386,19 @@ def _build_fast(
     deferred_ids = _deferred_ids(model, deferred, assign)
     wn_hooks = _weight_norm_hooks(model)
     recomputed = {(id(m), h.name) for _, m, h in wn_hooks}
-    _refuse_meta(attributes, tree, skip=recomputed, parameters=False)
+    _refuse_meta(attributes, tree, skip=recomputed, parameters=False, stand_ins=deferred_ids)
+    # Only the parameters and weight_norm's attributes change from here: checked again after.
+    # Nothing may hold what was computed from a stand-in (its graph holds the stand-in, which
+    # could then not be placed in place): not the watch, weight_norm's weight or these values.
+    replaced: Attributes = [
+        (p, m, a, None) for p, m, a, _ in attributes if a == "_parameters" or (id(m), a) in recomputed
+    ]
+    del attributes
+    watch.release()
+    had_graph = _drop_weight_norm_weights(wn_hooks)
     _place_parameters(model, assign, deferred_ids, values, device)
-    _recompute_weight_norm(wn_hooks, assign, values)
-    # Only the parameters and weight_norm's attributes were replaced since the check above.
-    replaced = [a for a in attributes if a[2] == "_parameters" or (id(a[1]), a[2]) in recomputed]
-    _refuse_meta(replaced, tree, skip=set(), parameters=True)
+    _recompute_weight_norm(wn_hooks, assign, values, had_graph)
+    _refuse_meta(replaced, tree, skip=set(), parameters=True, stand_ins=set())
     return model, result
 
 
@@ -410,7 +417,8 @@ class Generators:
     again, so that upstream's build after a refused fast one draws what upstream's draws.
 
     torch's CPU generator; CUDA's only where CUDA is initialised already (reading it would
-    initialise it); numpy's global one where numpy is imported; Python's ``random``.
+    initialise it); numpy's global one where numpy is imported; Python's ``random``; every
+    ``torch.Generator`` of the factory's own it drew from (``private``, filled by the watch).
     """
 
     def __init__(self) -> None:
@@ -419,6 +427,7 @@ class Generators:
         numpy = sys.modules.get("numpy")
         self.numpy = numpy.random.get_state() if numpy is not None else None
         self.python = random.getstate()
+        self.private: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
 
     def restore(self) -> None:
         torch.random.set_rng_state(self.torch)
@@ -428,6 +437,8 @@ class Generators:
         if self.numpy is not None and numpy is not None:
             numpy.random.set_state(self.numpy)
         random.setstate(self.python)
+        for generator, state in self.private.values():
+            generator.set_state(state)
 
 
 def build(factory: Factory, config: Any, source: Header, values: Values, device: torch.device) -> Built:
@@ -435,7 +446,7 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
     generators = Generators()
     fallback = None
     try:
-        model, result = _build_fast(factory, config, source, values, device)
+        model, result = _build_fast(factory, config, source, values, device, generators)
     except _FastBuildRefused as refused:
         fallback = str(refused)
         logger.info("%s: using upstream's full build (%s)", source.path, fallback)

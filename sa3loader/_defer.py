@@ -2,8 +2,9 @@
 
 Inside ``with watched_build() as watch:`` (``_build`` opens it around the factory):
 
-- ``nn.Module.register_parameter`` swaps every new parameter for a meta-device stand-in
-  (no random init, no fp32 allocation), except what a loader registers: anything
+- ``nn.Module.register_parameter`` turns every new parameter into a meta-device stand-in,
+  in place (``swap_in_place``: every holder of the object holds the stand-in, later the
+  weight; no random init, no fp32 allocation), except what a loader registers: anything
   registered while a function named ``from_pretrained`` runs inside the build (the
   convention of transformers, diffusers, peft, timm: nothing of theirs is imported),
   or while ``nn.Module.load_state_dict`` runs. A value assigned over a registered
@@ -41,195 +42,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
+
+from ._watch import BuildWatch
 
 _META = torch.device("meta")
 LOADER_FUNCTION_NAMES = frozenset({"from_pretrained"})
-
-# torch functions that draw from a generator.
-RANDOM_DRAWS = frozenset(
-    "rand randn randint randperm rand_like randn_like randint_like normal bernoulli multinomial"
-    " poisson dropout uniform_ normal_ random_ exponential_ geometric_ log_normal_ cauchy_ bernoulli_"
-    " dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout rrelu rrelu_ gumbel_softmax"
-    " binomial _standard_gamma _sample_dirichlet native_dropout"
-    # torch.nn.init's, which the watch sees whole (the draws inside them are not looked at)
-    " trunc_normal_ kaiming_uniform_ kaiming_normal_ xavier_uniform_ xavier_normal_"
-    " orthogonal_ sparse_".split()
-)
-# Functions whose answer about a tensor is not its values: reading them from a drawn tensor
-# lets nothing drawn out. Anything else that returns no tensor (a number, a list, an array,
-# a string) carries drawn values out of torch.
-METADATA_FUNCTIONS = frozenset(
-    "size dim ndimension numel nelement stride storage_offset element_size is_contiguous"
-    " is_floating_point is_complex is_signed is_pinned is_shared data_ptr get_device __len__"
-    " is_set_to is_nonzero_shape type __hash__ __get__ __set__ requires_grad_ register_hook".split()
-)
-# Properties (read through ``__get__``) that are not values.
-METADATA_PROPERTIES = frozenset(
-    "shape dtype device requires_grad is_leaf is_cuda is_meta is_cpu is_sparse is_quantized is_mkldnn"
-    " layout ndim names itemsize nbytes grad_fn output_nr _version _base".split()
-)
-# Containers searched for tensors in what a function returns.
-OUTPUT_DEPTH = 2
-
-
-def _generator_state() -> torch.Tensor:
-    return torch.default_generator.get_state()
-
-
-def _tensors_out(value: Any, depth: int = OUTPUT_DEPTH) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif depth and isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors_out(v, depth - 1)
-
-
-def _is_meta(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.is_meta
-
-
-def _name(func: Any) -> str:
-    name = getattr(func, "__name__", "")
-    if name == "__get__":  # a property: say which
-        return "." + getattr(getattr(func, "__self__", None), "__name__", "?")
-    return name
-
-
-class BuildWatch(TorchFunctionMode):
-    """What a factory did with random draws and meta tensors while it ran (see the module doc)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._drawn: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
-        self.escapes: list[str] = []  # how drawn values left torch: "Tensor.item()", ...
-        self._meta_errors: list[BaseException] = []  # errors torch raised over a stand-in's data
-        self._stand_ins: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
-        self.replaced: list[tuple[weakref.ref[nn.Module], str]] = []  # parameters the constructor replaced
-        # The CPU generator's state after the last draw the watch saw: a state it did not leave
-        # means a draw it did not see (a function missing from RANDOM_DRAWS), whose values it
-        # cannot have marked.
-        self._generator_after: torch.Tensor = _generator_state()
-        self.unseen_draw = False
-
-    def generator_set(self) -> None:
-        """The factory set the generator (``manual_seed``, ``set_rng_state``): not a draw."""
-        self._generator_after = _generator_state()
-
-    def check_generator(self) -> bool:
-        """Whether every draw from the CPU generator so far went through a function the watch sees."""
-        if not self.unseen_draw and not torch.equal(_generator_state(), self._generator_after):
-            self.unseen_draw = True
-        return not self.unseen_draw
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "").split(".", 1)[0]  # torch.ops' "randn.default" is randn
-        draws = name in RANDOM_DRAWS
-        if draws and name.endswith("_") and args and _is_meta(args[0]):
-            return args[0]  # the init of a deferred stand-in: meta draws nothing, so skip it
-        if draws:
-            self.check_generator()
-        try:
-            out = func(*args, **kwargs) if kwargs else func(*args)
-        except Exception as exc:
-            if self._from_stand_in(args, kwargs):
-                self._meta_errors.append(exc)
-            raise
-        finally:
-            if draws:
-                self._generator_after = _generator_state()
-        if self._stand_ins:
-            self._follow_stand_ins(args, kwargs, out)
-        # Nothing is scanned until something real was drawn: a build on meta costs one call per op.
-        if draws or (self._drawn and self._reads_drawn(args, kwargs)):
-            self._follow_draws(func, name, args, kwargs, out)
-        return out
-
-    def _follow_draws(self, func: Any, name: str, args: tuple, kwargs: dict | None, out: Any) -> None:
-        returned = list(_tensors_out(out))
-        written = list(returned)
-        if name.endswith("_") and args and isinstance(args[0], torch.Tensor):
-            written.append(args[0])  # in place (also __setitem__, which returns None)
-        if name == "copy_" and len(args) > 1 and not self._reads_drawn(args[1:], kwargs):
-            self.unmark(args[0])  # every value of the destination is now the source's
-            written = []
-        for t in written:
-            self.mark(t)
-        if not returned and out is not None and self._escapes(func, name, out):
-            self.escapes.append(f"Tensor.{_name(func).lstrip('.')}")
-
-    def stand_in(self, tensor: torch.Tensor) -> None:
-        """``tensor`` is a deferred parameter's meta stand-in, or was computed from one."""
-        self._stand_ins[id(tensor)] = weakref.ref(tensor)
-
-    def _follow_stand_ins(self, args: tuple, kwargs: dict | None, out: Any) -> None:
-        metas = [t for t in _tensors_out(out) if t.is_meta]
-        if metas and self._from_stand_in(args, kwargs):
-            for t in metas:
-                self.stand_in(t)
-
-    def _from_stand_in(self, args: tuple, kwargs: dict | None) -> bool:
-        values = (*args, *kwargs.values()) if kwargs else args
-        for v in values:
-            for t in _tensors_out(v):
-                for candidate in (t, t._base) if t.is_meta else ():
-                    ref = self._stand_ins.get(id(candidate))
-                    if ref is not None and ref() is candidate:
-                        return True
-        return False
-
-    @staticmethod
-    def _escapes(func: Any, name: str, out: Any) -> bool:
-        """Whether ``out`` (no tensor, not None), computed from drawn values, carries values out of
-        torch: a number, a list, an array, a string, a storage. Metadata does not."""
-        if name == "__get__":
-            return _name(func)[1:] not in METADATA_PROPERTIES
-        if name in METADATA_FUNCTIONS:
-            return False
-        return not isinstance(out, (torch.dtype, torch.device, torch.Size))
-
-    def _reads_drawn(self, args: tuple, kwargs: dict | None) -> bool:
-        """Whether an argument (or a tensor in a list or tuple argument) holds drawn values."""
-        for value in (*args, *kwargs.values()) if kwargs else args:
-            if isinstance(value, torch.Tensor):
-                if self.drawn(value):
-                    return True
-            elif isinstance(value, (list, tuple)):
-                if any(isinstance(v, torch.Tensor) and self.drawn(v) for v in value):
-                    return True
-        return False
-
-    def mark(self, tensor: torch.Tensor) -> None:
-        for t in (tensor, tensor._base):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                self._drawn[id(t)] = weakref.ref(t)
-
-    def unmark(self, tensor: torch.Tensor) -> None:
-        """``tensor`` no longer holds drawn values (its base may: other elements of it)."""
-        ref = self._drawn.get(id(tensor))
-        if ref is not None and ref() is tensor:
-            del self._drawn[id(tensor)]
-
-    def any_drawn(self) -> bool:
-        return bool(self._drawn) or bool(self.escapes) or not self.check_generator()
-
-    def drawn(self, tensor: torch.Tensor) -> bool:
-        for t in (tensor, tensor._base):
-            ref = self._drawn.get(id(t))
-            if ref is not None and ref() is t:
-                return True
-        return False
-
-    def refused_meta(self, exc: BaseException) -> bool:
-        """Whether ``exc``, or an error it came from, is one torch raised over a stand-in's data."""
-        seen: BaseException | None = exc
-        for _ in range(8):
-            if seen is None:
-                return False
-            if any(seen is e for e in self._meta_errors):
-                return True
-            seen = seen.__cause__ or seen.__context__
-        return False
 
 
 class DeferredParameters:
@@ -237,6 +54,7 @@ class DeferredParameters:
 
     def __init__(self) -> None:
         self.records: list[tuple[weakref.ref[nn.Module], str]] = []
+        self.unswapped: list[str] = []  # deferred as a new object: references to the old one are stale
 
     def still_deferred(self) -> list[tuple[nn.Module, str]]:
         """Deferred parameters that are still on the meta device."""
@@ -326,12 +144,35 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
         return
     # Parameters derived from deferred ones (weight_norm's g and v) are meta already.
     # Our own ops here need no look from the watch (a meta stand-in holds no value).
+    # The constructor's own object becomes the stand-in (its data swapped for meta), so every
+    # reference it keeps (a tied module, a list of parameters, attributes set on it) stays
+    # the model's parameter, as in upstream's build.
     with torch._C.DisableTorchFunction():
         if param.device != _META:
-            param = nn.Parameter(torch.empty_like(param, device=_META), requires_grad=param.requires_grad)
+            stand_in = nn.Parameter(torch.empty_like(param, device=_META), requires_grad=param.requires_grad)
+            _patches.local.watch.unmark_everywhere(param)  # its value is dropped (and the weak refs with it)
+            if not swap_in_place(param, stand_in):
+                recorder.unswapped.append(f"{type(self).__name__}.{name}")
+                param = stand_in
         _original_register(self, name, param)
     recorder.records.append((weakref.ref(self), name))
     _patches.local.watch.stand_in(param)
+
+
+def swap_in_place(target: torch.Tensor, replacement: torch.Tensor) -> bool:
+    """Give ``target`` (the object its holders refer to) ``replacement``'s data and class, keeping
+    its own attributes; False where torch cannot (before 2.3, or a weak reference to either)."""
+    swap = getattr(torch.utils, "swap_tensors", None)
+    if swap is None:
+        return False
+    attributes = dict(target.__dict__)
+    try:
+        swap(target, replacement)
+    except RuntimeError:
+        return False
+    target.__dict__.clear()
+    target.__dict__.update(attributes)
+    return True
 
 
 def _load_state_dict_not_deferred(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -396,15 +237,19 @@ def _saved_state() -> tuple[Any, Any, Any]:
 
 
 @contextlib.contextmanager
-def watched_build() -> Iterator[tuple[DeferredParameters, BuildWatch]]:
-    """Run a factory inside: its parameters deferred, its random draws and meta errors watched.
+def watched_build(
+    generators: dict[int, tuple[torch.Generator, torch.Tensor]] | None = None,
+) -> Iterator[tuple[DeferredParameters, BuildWatch]]:
+    """Run a factory inside: its parameters deferred, its random draws and meta errors watched;
+    the factory's own generators, as they were before its first draw from each, go into
+    ``generators``.
 
     Blocks nest: an inner block records its own parameters, and the outer block's
     recorder is back when it exits.
     """
     _patches.enter()
     saved = _saved_state()
-    recorder, watch = DeferredParameters(), BuildWatch()
+    recorder, watch = DeferredParameters(), BuildWatch(generators, outer=saved[1])
     _patches.local.recorder, _patches.local.watch = recorder, watch
     # Only loaders called from inside the block count: the whole load may itself
     # run inside one (upstream's ``StableAudioModel.from_pretrained``).

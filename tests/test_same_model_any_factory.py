@@ -658,3 +658,239 @@ def test_a_failing_factory_stops_the_early_prefetch(tmp_path, monkeypatch):
     assert not [t for t in threading.enumerate() if t.name == "sa3loader-prefetch"]
     pieces = (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").stat().st_size // (16 * 1024)
     assert 0 < len(touched) < pieces // 2, (len(touched), pieces)
+
+
+# Ordinary constructors that hold on to what they register, or to where it lives: the fast
+# build keeps every holder pointing at the model's parameter (deferred and placed in place)
+# or, where it cannot, is refused. Each compares with upstream's recipe under the same seed.
+class TiedThroughALocal(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        shared = nn.Parameter(torch.zeros(4))
+        self.enc, self.dec = nn.Module(), nn.Module()
+        self.enc.pos = shared
+        self.dec.pos = shared
+
+
+class KeepsItsOwnHandle(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        scale = nn.Parameter(torch.ones(4))
+        self.scale = scale
+        self.decay_exempt = [scale, self.blocks[0].ff.bias]
+
+
+class TagsItsParameters(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks[0].ff.bias._no_weight_decay = True
+
+
+class KeepsTheDevice(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.device = self.blocks[0].ff.weight.device
+
+
+class CatchesTorchsRefusal(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        try:
+            self.init_scale = float(self.blocks[0].ff.weight.detach().abs().max())
+        except RuntimeError:  # a fallback value upstream never takes
+            self.init_scale = 1.0
+
+
+HOLDERS = {
+    "tied-through-a-local": (
+        TiedThroughALocal,
+        "fast",
+        lambda m: (m.enc.pos is m.dec.pos, bits(m.dec.pos).tolist()),
+    ),
+    "own-handle": (
+        KeepsItsOwnHandle,
+        "fast",
+        lambda m: [h is p for h, p in zip(m.decay_exempt, (m.scale, m.blocks[0].ff.bias), strict=True)],
+    ),
+    "tagged-parameter": (
+        TagsItsParameters,
+        "fast",
+        lambda m: getattr(m.blocks[0].ff.bias, "_no_weight_decay", None),
+    ),
+    "kept-device": (KeepsTheDevice, "faithful", lambda m: str(m.device)),
+    "caught-refusal": (CatchesTorchsRefusal, "faithful", lambda m: m.init_scale),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOLDERS))
+def test_what_a_constructor_holds_of_its_parameters_is_upstreams(tmp_path, kind):
+    cls, build_kind, held = HOLDERS[kind]
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(cls(), seed=3), tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
+    )
+    info = sa3loader.last_load_info()
+    assert info.build == build_kind, info.fallback
+    ref = upstream_recipe(cls, ckpt, True)
+    assert held(model) == held(ref)
+    assert_same_model(model, ref)
+
+
+def test_torchs_refusal_wrapped_any_number_of_times_or_caught_builds_upstreams_way(tmp_path):
+    """A constructor that catches torch's refusal of a stand-in's data and then fails, or wraps
+    it in nine layers of ``raise ... from``: the faithful build runs, as upstream's would."""
+
+    class Layered(ToyDiT):
+        def __init__(self) -> None:
+            super().__init__()
+            try:
+                self.s = float(self.blocks[0].ff.weight.detach().sum())
+            except RuntimeError as exc:
+                error: Exception = exc
+                for i in range(9):
+                    try:
+                        raise ValueError(f"layer {i} failed") from error
+                    except ValueError as wrapped:
+                        error = wrapped
+                raise error from None
+
+    class FailsLater(ToyDiT):
+        def __init__(self) -> None:
+            super().__init__()
+            try:
+                norm = float(self.blocks[0].ff.weight.detach().norm())
+            except RuntimeError:
+                norm = None
+            self.inv_norm = 1.0 / norm  # TypeError on the fast build only
+
+    for cls in (Layered, FailsLater):
+        torch.manual_seed(0)
+        ckpt = save(random_like_state(cls(), seed=3), tmp_path / f"{cls.__name__}.safetensors")
+        torch.manual_seed(0)
+        model = sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c, cls=cls: cls()
+        )
+        assert sa3loader.last_load_info().build == "faithful"
+        assert_same_model(model, upstream_recipe(cls, ckpt, True))
+
+
+class AliasedBeforeTheDraw(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("noise", torch.zeros(4), persistent=False)
+        torch.empty(0).set_(self.noise).normal_()  # drawn through an alias made before
+
+
+class AliasedThroughNumpy(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("noise", torch.zeros(4), persistent=False)
+        torch.from_numpy(self.noise.numpy()).normal_()
+
+
+class FromNestedLists(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        x = torch.randn(4)
+        self.register_buffer("noise", torch.tensor([[x[0], x[1]], [x[2], x[3]]]), persistent=False)
+
+
+class ReadThroughAnAddress(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        import ctypes
+
+        drawn = torch.randn(4)
+        raw = ctypes.string_at(drawn.data_ptr(), 16)
+        self.register_buffer("noise", torch.frombuffer(bytearray(raw), dtype=torch.float32), persistent=False)
+
+
+class KeyedByADraw(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.codebook = {torch.randn(4): "first"}
+
+    @property
+    def noise(self) -> torch.Tensor:  # only the dict's key holds it
+        return next(iter(self.codebook))
+
+
+class KeptOnTheClass(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        type(self).noise = torch.randn(4)
+
+
+class NestedTooDeep(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        value: object = torch.randn(4)
+        for _ in range(20):
+            value = [value]
+        self.history = value
+
+    @property
+    def noise(self) -> torch.Tensor:  # only the nested lists hold it
+        deepest = self.history
+        while isinstance(deepest, list):
+            deepest = deepest[0]
+        return deepest
+
+
+class KeptInAModuleGlobal(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        global _NOISE
+        _NOISE = torch.randn(4)
+
+    @property
+    def noise(self) -> torch.Tensor:
+        return _NOISE
+
+
+_NOISE = torch.zeros(4)
+PRIVATE = torch.Generator().manual_seed(7)
+
+
+class DrawsFromItsOwnGenerator(ToyDiT):
+    """Through aten's functional ``uniform``; its checkpoint lacks a parameter (refused fast)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer(
+            "noise", torch.ops.aten.uniform.default(torch.zeros(4), generator=PRIVATE), persistent=False
+        )
+
+
+MISSED = {
+    "alias-set_": AliasedBeforeTheDraw,
+    "alias-numpy": AliasedThroughNumpy,
+    "nested-lists": FromNestedLists,
+    "data_ptr": ReadThroughAnAddress,
+    "dict-key": KeyedByADraw,
+    "class-attribute": KeptOnTheClass,
+    "module-global": KeptInAModuleGlobal,
+    "nested-too-deep": NestedTooDeep,
+    "own-generator": DrawsFromItsOwnGenerator,
+}
+
+
+@pytest.mark.parametrize("kind", list(MISSED))
+def test_a_draw_kept_where_the_watch_once_missed_it_is_upstreams(tmp_path, kind):
+    cls = MISSED[kind]
+    torch.manual_seed(0)
+    PRIVATE.manual_seed(7)
+    ckpt = save(random_like_state(cls(), seed=3), tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    PRIVATE.manual_seed(7)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
+    )
+    ours = model.noise.clone()
+    assert sa3loader.last_load_info().build == "faithful", sa3loader.last_load_info().fallback
+    PRIVATE.manual_seed(7)
+    ref = upstream_recipe(cls, ckpt, True)
+    assert torch.equal(bits(ours), bits(ref.noise))
+    assert_same_model(model, ref)

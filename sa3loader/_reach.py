@@ -1,0 +1,93 @@
+"""What a model holds, found by walking its attributes: the tensors (and devices) kept in
+containers, plain and slotted objects, closures, defaults, partials, bound methods and
+modules outside the model's tree. The build's refusal checks (``_build``) read through it."""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections import deque
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+# How deep the walk for tensors goes from a module's attribute: containers (dicts, lists,
+# tuples, sets, deques), plain objects (their ``__dict__`` and ``__slots__``), what a function
+# closes over or defaults to, a partial's arguments, a bound method's object, modules outside
+# the model's tree.
+REACH_DEPTH = 12
+_CONTAINERS = (list, tuple, set, frozenset, deque)
+# Never walked into: what holds no tensor of the model's (classes, Python modules, C functions).
+OPAQUE = (type, types.ModuleType, types.BuiltinFunctionType, str, bytes)
+
+
+def _slots(value: Any) -> list[Any]:
+    names = (
+        n for cls in type(value).__mro__ for n in _slot_names(cls) if n not in ("__dict__", "__weakref__")
+    )
+    return [getattr(value, n) for n in names if hasattr(value, n)]
+
+
+def _slot_names(cls: type) -> tuple[str, ...]:
+    slots = cls.__dict__.get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(slots)
+
+
+def _held_by(value: Any) -> list[Any]:
+    """What ``value`` holds that may be or hold a tensor."""
+    if isinstance(value, Mapping):  # keys too: a tensor may key a dict
+        return [*value.keys(), *value.values()]
+    if isinstance(value, _CONTAINERS):
+        return list(value)
+    if isinstance(value, types.FunctionType):  # a hook or a lambda: what it closes over
+        cells = [c.cell_contents for c in value.__closure__ or () if _filled(c)]
+        return cells + list(value.__defaults__ or ()) + list((value.__kwdefaults__ or {}).values())
+    if isinstance(value, types.MethodType):
+        return [value.__self__, value.__func__]
+    held = [value.func, *value.args, *value.keywords.values()] if isinstance(value, functools.partial) else []
+    attributes = getattr(value, "__dict__", None)
+    return held + (list(attributes.values()) if isinstance(attributes, dict) else []) + _slots(value)
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
+class TooDeep:
+    """Where the walk stopped at ``REACH_DEPTH`` with more to see: what is below is not known."""
+
+
+TOO_DEEP = TooDeep()
+Leaf = torch.Tensor | torch.device | TooDeep
+
+
+def leaves(
+    value: Any, tree: frozenset[int] = frozenset(), seen: set[int] | None = None, depth: int = REACH_DEPTH
+) -> Iterator[Leaf]:
+    """Every tensor and device ``value`` holds (``_held_by``), once each, and ``TOO_DEEP`` where
+    the walk stopped short. Modules of the tree (ids in ``tree``) are not entered: each is walked
+    as itself."""
+    if isinstance(value, (torch.Tensor, torch.device)):
+        yield value
+        return
+    if isinstance(value, OPAQUE) or value is None or isinstance(value, (int, float, bool, complex)):
+        return
+    seen = set() if seen is None else seen
+    if id(value) in seen or id(value) in tree:
+        return
+    if depth == 0:
+        yield TOO_DEEP
+        return
+    seen.add(id(value))
+    for child in _held_by(value):
+        yield from leaves(child, tree, seen, depth - 1)
+
+
+def tensors_in(value: Any, tree: frozenset[int] = frozenset()) -> Iterator[torch.Tensor]:
+    """The tensors among ``leaves``."""
+    return (leaf for leaf in leaves(value, tree) if isinstance(leaf, torch.Tensor))

@@ -1,0 +1,268 @@
+"""What a factory does with random draws and meta tensors while a model is built fast:
+``BuildWatch``, a torch function mode that ``_defer.watched_build`` opens (its doc says
+what the watch marks and notes)."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+_META = torch.device("meta")
+
+# torch functions that draw from a generator.
+RANDOM_DRAWS = frozenset(
+    "rand randn randint randperm rand_like randn_like randint_like normal bernoulli multinomial"
+    " poisson dropout uniform_ normal_ random_ exponential_ geometric_ log_normal_ cauchy_ bernoulli_"
+    " dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout rrelu rrelu_ gumbel_softmax"
+    " binomial _standard_gamma _sample_dirichlet native_dropout"
+    # functional forms (torch.ops.aten's), drawing into a new tensor
+    " uniform exponential cauchy log_normal geometric normal_functional random"
+    # torch.nn.init's, which the watch sees whole (the draws inside them are not looked at)
+    " trunc_normal_ kaiming_uniform_ kaiming_normal_ xavier_uniform_ xavier_normal_"
+    " orthogonal_ sparse_".split()
+)
+
+# Functions whose answer about a tensor is not its values: reading them from a drawn tensor
+# lets nothing drawn out. Anything else that returns no tensor (a number, a list, an array,
+# a string) carries drawn values out of torch.
+METADATA_FUNCTIONS = frozenset(
+    "size dim ndimension numel nelement stride storage_offset element_size is_contiguous"
+    " is_floating_point is_complex is_signed is_pinned is_shared get_device __len__"
+    " is_set_to is_nonzero_shape type __hash__ __get__ __set__ requires_grad_ register_hook"
+    " _has_compatible_shallow_copy_type _is_view is_inference is_conj is_neg".split()
+)
+
+
+# Properties (read through ``__get__``) that are not values.
+METADATA_PROPERTIES = frozenset(
+    "shape dtype device requires_grad is_leaf is_cuda is_meta is_cpu is_sparse is_quantized is_mkldnn"
+    " layout ndim names itemsize nbytes grad_fn output_nr _version _base".split()
+)
+
+
+# Containers searched for tensors in what a function returns, and in its arguments
+# (``torch.tensor([[x[0], x[1]], [x[2], x[3]]])``).
+OUTPUT_DEPTH = 2
+
+
+ARGUMENT_DEPTH = 4
+
+
+def _generator_state() -> torch.Tensor:
+    return torch.default_generator.get_state()
+
+
+def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
+    """The memory ``tensor`` lives in; None for meta, empty or storage-less tensors."""
+    with torch._C.DisableTorchFunction():  # the watch's own look: not the factory's
+        if tensor.is_meta or tensor.numel() == 0:
+            return None
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return None
+        return storage if storage.data_ptr() else None
+
+
+def _tensors_out(value: Any, depth: int = OUTPUT_DEPTH) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth and isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors_out(v, depth - 1)
+
+
+def _is_meta(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_meta
+
+
+def _name(func: Any) -> str:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property: say which
+        return "." + getattr(getattr(func, "__self__", None), "__name__", "?")
+    return name
+
+
+class BuildWatch(TorchFunctionMode):
+    """What a factory did with random draws and meta tensors while it ran (see the module doc)."""
+
+    def __init__(
+        self,
+        generators: dict[int, tuple[torch.Generator, torch.Tensor]] | None = None,
+        outer: BuildWatch | None = None,
+    ) -> None:
+        super().__init__()
+        self.outer = outer  # the watch of a build this one runs inside (a load in a factory)
+        # Each generator of the factory's own (not torch's default) as it was before its first draw:
+        # put back before upstream's build runs after a refused fast one.
+        self.generators = {} if generators is None else generators
+        self._drawn: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
+        # The memory drawn values were written to, kept alive until the build's checks are done
+        # (so no other tensor can get the address): a tensor on it is an alias of a draw.
+        self._drawn_storages: dict[int, torch.UntypedStorage] = {}
+        self.escapes: list[str] = []  # how drawn values left torch: "Tensor.item()", ...
+        self._meta_errors: list[BaseException] = []  # errors torch raised over a stand-in's data
+        self._stand_ins: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
+        self.replaced: list[tuple[weakref.ref[nn.Module], str]] = []  # parameters the constructor replaced
+        # The CPU generator's state after the last draw the watch saw: a state it did not leave
+        # means a draw it did not see (a function missing from RANDOM_DRAWS), whose values it
+        # cannot have marked.
+        self._generator_after: torch.Tensor = _generator_state()
+        self.unseen_draw = False
+
+    def generator_set(self) -> None:
+        """The factory set the generator (``manual_seed``, ``set_rng_state``): not a draw."""
+        self._generator_after = _generator_state()
+
+    def check_generator(self) -> bool:
+        """Whether every draw from the CPU generator so far went through a function the watch sees."""
+        if not self.unseen_draw and not torch.equal(_generator_state(), self._generator_after):
+            self.unseen_draw = True
+        return not self.unseen_draw
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "").split(".", 1)[0]  # torch.ops' "randn.default" is randn
+        draws = name in RANDOM_DRAWS
+        if draws and name.endswith("_") and args and _is_meta(args[0]):
+            return args[0]  # the init of a deferred stand-in: meta draws nothing, so skip it
+        if draws:
+            self.check_generator()
+            self._remember_generator(kwargs)
+        try:
+            out = func(*args, **kwargs) if kwargs else func(*args)
+        except Exception as exc:
+            if self._from_stand_in(args, kwargs):
+                self._meta_errors.append(exc)
+            raise
+        finally:
+            if draws:
+                self._generator_after = _generator_state()
+        if self._stand_ins:
+            self._follow_stand_ins(args, kwargs, out)
+        # Nothing is scanned until something real was drawn: a build on meta costs one call per op.
+        if draws or (self._drawn and self._reads_drawn(args, kwargs)):
+            self._follow_draws(func, name, args, kwargs, out)
+        return out
+
+    def _remember_generator(self, kwargs: dict | None) -> None:
+        generator = kwargs.get("generator") if kwargs else None
+        if isinstance(generator, torch.Generator) and generator is not torch.default_generator:
+            self.generators.setdefault(id(generator), (generator, generator.get_state()))
+
+    def _follow_draws(self, func: Any, name: str, args: tuple, kwargs: dict | None, out: Any) -> None:
+        returned = list(_tensors_out(out))
+        written = list(returned)
+        if name.endswith("_") and args and isinstance(args[0], torch.Tensor):
+            written.append(args[0])  # in place (also __setitem__, which returns None)
+        if name == "copy_" and len(args) > 1 and not self._reads_drawn(args[1:], kwargs):
+            self.unmark(args[0])  # every value of the destination is now the source's
+            written = []
+        for t in written:
+            self.mark(t)
+        if not returned and out is not None and self._escapes(func, name, out):
+            self.escapes.append(f"Tensor.{_name(func).lstrip('.')}")
+
+    def stand_in(self, tensor: torch.Tensor) -> None:
+        """``tensor`` is a deferred parameter's meta stand-in, or was computed from one."""
+        self._stand_ins[id(tensor)] = weakref.ref(tensor)
+
+    def _follow_stand_ins(self, args: tuple, kwargs: dict | None, out: Any) -> None:
+        metas = [t for t in _tensors_out(out) if t.is_meta]
+        if metas and self._from_stand_in(args, kwargs):
+            for t in metas:
+                self.stand_in(t)
+
+    def _from_stand_in(self, args: tuple, kwargs: dict | None) -> bool:
+        values = (*args, *kwargs.values()) if kwargs else args
+        for v in values:
+            for t in _tensors_out(v):
+                for candidate in (t, t._base) if t.is_meta else ():
+                    ref = self._stand_ins.get(id(candidate))
+                    if ref is not None and ref() is candidate:
+                        return True
+        return False
+
+    @staticmethod
+    def _escapes(func: Any, name: str, out: Any) -> bool:
+        """Whether ``out`` (no tensor, not None), computed from drawn values, carries values out of
+        torch: a number, a list, an array, a string, a storage. Metadata does not."""
+        if name == "__get__":
+            return _name(func)[1:] not in METADATA_PROPERTIES
+        if name in METADATA_FUNCTIONS:
+            return False
+        return not isinstance(out, (torch.dtype, torch.device, torch.Size))
+
+    def _reads_drawn(self, args: tuple | list, kwargs: dict | None, depth: int = ARGUMENT_DEPTH) -> bool:
+        """Whether an argument (or a tensor in nested lists or tuples of them) holds drawn values."""
+        for value in (*args, *kwargs.values()) if kwargs else args:
+            if isinstance(value, torch.Tensor):
+                if self.drawn(value):
+                    return True
+            elif depth and isinstance(value, (list, tuple)) and self._reads_drawn(value, None, depth - 1):
+                return True
+        return False
+
+    def mark(self, tensor: torch.Tensor) -> None:
+        for t in (tensor, tensor._base):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                self._drawn[id(t)] = weakref.ref(t)
+                storage = _storage(t)
+                if storage is not None:  # any other tensor on this memory (an alias) holds it too
+                    self._drawn_storages[storage.data_ptr()] = storage
+
+    def unmark_everywhere(self, tensor: torch.Tensor) -> None:
+        """``unmark`` in this watch and every watch it runs inside (they all see the same ops)."""
+        watch: BuildWatch | None = self
+        while watch is not None:
+            watch.unmark(tensor)
+            watch = watch.outer
+
+    def unmark(self, tensor: torch.Tensor) -> None:
+        """``tensor`` no longer holds drawn values (its base may: other elements of it)."""
+        ref = self._drawn.get(id(tensor))
+        if ref is not None and ref() is tensor:
+            del self._drawn[id(tensor)]
+        storage = _storage(tensor)
+        if storage is not None and tensor.storage_offset() == 0 and tensor.nbytes == storage.nbytes():
+            self._drawn_storages.pop(storage.data_ptr(), None)  # all of its memory overwritten
+
+    def release(self) -> None:
+        """Drop every reference the watch holds (``swap_in_place`` refuses a tensor with a weak one)."""
+        self._drawn.clear()
+        self._drawn_storages.clear()
+        self._stand_ins.clear()
+
+    def any_drawn(self) -> bool:
+        return bool(self._drawn) or bool(self.escapes) or not self.check_generator()
+
+    def drawn(self, tensor: torch.Tensor) -> bool:
+        for t in (tensor, tensor._base):
+            ref = self._drawn.get(id(t))
+            if ref is not None and ref() is t:
+                return True
+        if self._drawn_storages:
+            storage = _storage(tensor)
+            return storage is not None and storage.data_ptr() in self._drawn_storages
+        return False
+
+    def refused_meta(self, exc: BaseException) -> bool:
+        """Whether ``exc``, or an error it came from (however many times wrapped), is one torch
+        raised over a stand-in's data."""
+        visited: set[int] = set()
+        seen: BaseException | None = exc
+        while seen is not None and id(seen) not in visited:
+            if any(seen is e for e in self._meta_errors):
+                return True
+            visited.add(id(seen))
+            seen = seen.__cause__ or seen.__context__
+        return False
+
+    def read_a_stand_in(self) -> bool:
+        """Whether torch refused a stand-in's data during the build, even where the constructor
+        caught the error itself (its fallback value is not upstream's)."""
+        return bool(self._meta_errors)
