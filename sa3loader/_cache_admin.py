@@ -11,7 +11,6 @@ without sa3loader's metadata marker, and nothing of another user's, is deleted.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import time
 from collections.abc import Iterator
@@ -33,9 +32,10 @@ from ._places import (
     beside_path,
     blob_name,
     cache_path,
-    incomplete_prefix,
+    is_temp_name,
     legacy_beside_path,
     sibling_name,
+    temp_files_of,
 )
 from ._records import IndexRow
 from ._trust import cache_dir_trust, owned_file_problem
@@ -194,7 +194,7 @@ def _leftovers(sibling: str) -> list[Removal]:
     """Temp files a killed conversion of ``sibling`` left, and its lock file: yours only."""
     found = [
         Removal(t, _size(t), "temp file", sibling)
-        for t in sorted(glob.glob(glob.escape(incomplete_prefix(sibling)) + "*"))
+        for t in temp_files_of(sibling)
         if owned_file_problem(t) is None
     ]
     lock = sibling + LOCK_SUFFIX
@@ -210,8 +210,8 @@ def _siblings_under(cache_dir: str) -> set[str]:
         for name in files:
             if name.endswith(LOCK_SUFFIX):
                 found.add(os.path.join(directory, name[: -len(LOCK_SUFFIX)]))
-            elif INCOMPLETE_INFIX in name:
-                found.add(os.path.join(directory, name.split(INCOMPLETE_INFIX)[0]))
+            elif is_temp_name(name):
+                found.add(os.path.join(directory, name.rpartition(INCOMPLETE_INFIX)[0]))
     return found
 
 

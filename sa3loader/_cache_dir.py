@@ -14,7 +14,7 @@ import tempfile
 
 from . import _config
 from ._config import warn_once
-from ._places import INCOMPLETE_INFIX, LOCK_SUFFIX
+from ._places import LOCK_SUFFIX, is_temp_name
 from ._trust import cache_dir_trust
 
 PRIVATE_DIR_MODE = 0o700
@@ -98,7 +98,7 @@ def open_cache_dir_to_all(cache_dir: str) -> list[str]:
         targets += [
             (os.path.join(directory, name), SHARED_FILE_BITS)
             for name in files
-            if not name.endswith((".safetensors", LOCK_SUFFIX)) and INCOMPLETE_INFIX not in name
+            if not name.endswith((".safetensors", LOCK_SUFFIX)) and not is_temp_name(name)
         ]
         for path, bits in targets:
             st = os.lstat(path)

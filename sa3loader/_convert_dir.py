@@ -11,6 +11,7 @@ skipped.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from ._places import (
     in_hf_hub_cache,
     in_hub_repo,
     incomplete_prefix,
+    is_temp_name,
     legacy_beside_path,
 )
 from .errors import (
@@ -80,7 +82,7 @@ def checkpoints_in(directory: str) -> list[str]:
 
 
 def _is_our_artifact(name: str, path: str) -> bool:
-    if INCOMPLETE_INFIX in name or name.endswith(SIBLING_SUFFIX + LOCK_SUFFIX):
+    if is_temp_name(name) or name.endswith(SIBLING_SUFFIX + LOCK_SUFFIX):
         return True
     return name.endswith(SIBLING_SUFFIX) and is_sa3loader_path(path)
 
@@ -188,11 +190,15 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+# What follows <out>.incomplete- or <out>.replaced- in the name of a staging or set-aside
+# output dir: <pid>-<8 hex>. Only a dir named exactly so is ours to heal or remove.
+STAGING_TAIL = re.compile(r"(\d+)-[0-9a-f]{8}")
+
+
 def _writer_pid(name: str, infix: str) -> int | None:
-    try:
-        return int(name.split(infix, 1)[1].split("-", 1)[0])
-    except (IndexError, ValueError):
-        return None
+    """The pid in a name ``_heal_output`` may act on; None: not a name convert gave."""
+    match = STAGING_TAIL.fullmatch(name.split(infix, 1)[1]) if infix in name else None
+    return int(match.group(1)) if match else None
 
 
 def _heal_output(out_dir: str) -> None:
@@ -204,7 +210,9 @@ def _heal_output(out_dir: str) -> None:
             if not name.startswith(base + infix):
                 continue
             pid = _writer_pid(name, base + infix)
-            if pid is not None and pid != os.getpid() and _process_alive(pid):
+            if pid is None:
+                continue  # not a name convert gives: someone's own folder
+            if pid != os.getpid() and _process_alive(pid):
                 continue  # another convert is still at work
             if infix == ASIDE_INFIX and not os.path.exists(out_dir):
                 os.rename(path, out_dir)  # killed between its two renames: put the old output back

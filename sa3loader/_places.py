@@ -12,6 +12,7 @@ cache's layout (known here only).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -104,6 +105,29 @@ def sibling_name(source_path: str) -> str:
     if name.endswith(SAFETENSORS_SUFFIX):
         return fitted(name[: -len(SAFETENSORS_SUFFIX)], SIBLING_SUFFIX, MAX_SIBLING_NAME)
     return fitted(name, UNSUFFIXED_SIBLING_SUFFIX, MAX_SIBLING_NAME)
+
+
+# What follows the prefix in a name sa3loader gave a temp file: <pid>-<8 hex> (being written),
+# written-<boot id>-<inf>-<zero>-<pid>-<8 hex> (all written, not yet published), verify-<pid>.
+# Only a name of exactly this shape is sa3loader's: a user's file that merely starts like
+# one (``a.fp16.safetensors.incomplete-epoch3.safetensors``) is never taken for a temp file.
+INCOMPLETE_TAIL = re.compile(r"(?:written-[0-9a-f]+-\d+-\d+-)?\d+-[0-9a-f]{8}|verify-\d+")
+
+
+def temp_files_of(dest: str) -> list[str]:
+    """The temp files sa3loader named for ``dest`` that are there, by the exact shape of their names."""
+    prefix = incomplete_prefix(dest)
+    return sorted(
+        path
+        for path in glob.glob(glob.escape(prefix) + "*")
+        if INCOMPLETE_TAIL.fullmatch(path[len(prefix) :])
+    )
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name has the shape of one sa3loader gives a temp file (of any sibling)."""
+    head, infix, tail = name.rpartition(INCOMPLETE_INFIX)
+    return bool(infix and head and INCOMPLETE_TAIL.fullmatch(tail))
 
 
 def incomplete_prefix(dest: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import glob
 import logging
 import os
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from ._places import (
     dir_writable,
     free_bytes,
     in_cache_dir,
-    incomplete_prefix,
+    temp_files_of,
 )
 from ._publication import Publication, finish
 from ._records import IndexRow, RangeReport
@@ -47,11 +46,7 @@ logger = logging.getLogger(__name__)
 def stray_incomplete(sibling_path: str) -> list[str]:
     """Temp files of earlier writers of ``sibling_path`` that are yours (another user's are not
     ours to judge). Call only while holding the lock: then no one is writing them."""
-    return [
-        path
-        for path in sorted(glob.glob(glob.escape(incomplete_prefix(sibling_path)) + "*"))
-        if owned_file_problem(path) is None
-    ]
+    return [path for path in temp_files_of(sibling_path) if owned_file_problem(path) is None]
 
 
 def overwrite_problem(path: str, *, in_cache_dir: bool, other_version: bool) -> str | None:

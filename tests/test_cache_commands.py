@@ -83,10 +83,10 @@ def test_prune_and_clear_sweep_leftovers_but_not_a_running_conversion(tmp_path, 
     killed.write_bytes(b"half a sibling")
     stray_dir = cache / "siblings" / "0123456789abcdef"
     stray_dir.mkdir()
-    (stray_dir / "old.fp16.safetensors.incomplete-1-2").write_bytes(b"x")
+    (stray_dir / "old.fp16.safetensors.incomplete-1-2a2a2a2a").write_bytes(b"x")
     running_dir = cache / "siblings" / "fedcba9876543210"
     running_dir.mkdir()
-    running = running_dir / "busy.fp16.safetensors.incomplete-5-6"
+    running = running_dir / "busy.fp16.safetensors.incomplete-5-6b6b6b6b"
     running.write_bytes(b"being written")
     holder = os.open(running_dir / "busy.fp16.safetensors.lock", os.O_RDONLY | os.O_CREAT)
     fcntl.flock(holder, fcntl.LOCK_EX)  # a conversion in progress
@@ -114,3 +114,29 @@ def test_the_cache_dir_carries_a_cachedir_tag(ckpt, tmp_path):
     load_toy(ckpt, tmp_path / "cache")
     tag = (tmp_path / "cache" / "CACHEDIR.TAG").read_text()
     assert tag.startswith("Signature: 8a477f597d28d172789f06886806bc55\n")
+
+
+@pytest.mark.parametrize("command", ["load", "prune", "clear", "rm"])
+def test_a_users_file_named_like_a_temp_file_is_never_removed(ckpt, tmp_path, command):
+    """Only a name of exactly the shape sa3loader gives a temp file is taken for one: a user's
+    ``<sibling>.incomplete-epoch3.safetensors`` (or one beside the checkpoint) is theirs."""
+    from sa3loader import _cache_admin
+
+    cache = tmp_path / "cache"
+    hidden = tmp_path / ".cache" / "sa3loader"
+    hidden.mkdir(parents=True)
+    users = [
+        hidden / "model.fp16.safetensors.incomplete-epoch3.safetensors",
+        hidden / "model.fp16.safetensors.incomplete-1-2",
+        tmp_path / "model.safetensors.incomplete-keep",
+    ]
+    for path in users:
+        path.write_bytes(b"mine")
+    load_toy(ckpt, cache)  # converts, sweeping what earlier writers of the sibling left
+    if command == "prune":
+        _cache_admin.prune(str(cache))
+    elif command == "clear":
+        _cache_admin.clear(str(cache))
+    elif command == "rm":
+        _cache_admin.execute(str(cache), _cache_admin.plan_rm(str(cache), [str(ckpt)]), pruning=False)
+    assert all(path.read_bytes() == b"mine" for path in users)

@@ -332,6 +332,18 @@ def test_convert_dir_heals_what_a_kill_left(ckpt_dir, tmp_path):
     assert (out / "model.safetensors").exists() and not aside.exists() and not staging.exists()
 
 
+def test_convert_dir_leaves_a_users_folder_named_like_its_staging(ckpt_dir, tmp_path):
+    """Only <out>.incomplete-<pid>-<8 hex> and <out>.replaced-<pid>-<8 hex> are convert's own."""
+    out = Path(str(ckpt_dir) + "-fp16")
+    mine = [Path(f"{out}.incomplete-old"), Path(f"{out}.replaced-1"), Path(f"{out}.incomplete-1-2")]
+    for folder in mine:
+        folder.mkdir()
+        (folder / "notes.txt").write_text("mine")
+    run("convert", str(ckpt_dir), cache=tmp_path / "c")
+    run("convert", str(ckpt_dir), "--force", cache=tmp_path / "c")
+    assert all((folder / "notes.txt").read_text() == "mine" for folder in mine)
+
+
 def test_clear_and_prune_list_every_file_with_its_size(tmp_path, monkeypatch):
     src = tmp_path / "model.safetensors"
     save_file({"w": torch.ones(1000)}, str(src))
@@ -339,10 +351,10 @@ def test_clear_and_prune_list_every_file_with_its_size(tmp_path, monkeypatch):
     run("warm", str(src), cache=cache)
     sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     size = sibling.stat().st_size
-    (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors.incomplete-1-dead").write_bytes(b"x" * 10)
+    (sibling.parent / "model.fp16.safetensors.incomplete-1-deadbeef").write_bytes(b"x" * 10)
     listing = (
         f"would remove sibling {sibling} ({size / 1e3:.3g} kB)\n"
-        f"would remove temp file {sibling}.incomplete-1-dead (10 B)\n"
+        f"would remove temp file {sibling}.incomplete-1-deadbeef (10 B)\n"
         f"would remove lock file {sibling}.lock (0 B)\n"
         f"would remove 3 file(s), {(size + 10) / 1e3:.3g} kB in all\n"
     )
