@@ -25,23 +25,18 @@ from ._places import (
     BESIDE_SUBDIR,
     INCOMPLETE_INFIX,
     LOCK_SUFFIX,
-    SAFETENSORS_SUFFIX,
-    SIBLING_SUFFIX,
     SIBLINGS_SUBDIR,
-    UNSUFFIXED_SIBLING_SUFFIX,
     beside_path,
     blob_name,
     cache_path,
     is_temp_name,
     legacy_beside_path,
-    sibling_name,
     temp_files_of,
 )
-from ._records import IndexRow
+from ._records import MISSING_SIBLING, MISSING_SOURCE, OK, STALE, IndexRow
 from ._trust import cache_dir_trust, owned_file_problem
 from .errors import LockTimeoutError, Sa3LoaderError, UntrustedCacheDirError, UnusableLockError
 
-OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
 INVALID = "invalid"  # a row of the wrong shape: treated as absent by loads
 
 
@@ -167,6 +162,7 @@ class Plan:
 
     rows: list[Entry]
     removals: list[Removal]
+    kept: list[tuple[Removal, str]] = field(default_factory=list)  # not removed, with why
 
 
 @dataclass
@@ -178,7 +174,7 @@ class Outcome:
     kept: list[tuple[Removal, str]]
 
 
-def _size(path: str) -> int:
+def file_size(path: str) -> int:
     try:
         return os.lstat(path).st_size
     except OSError:
@@ -193,13 +189,13 @@ def _ours(path: str) -> bool:
 def _leftovers(sibling: str) -> list[Removal]:
     """Temp files a killed conversion of ``sibling`` left, and its lock file: yours only."""
     found = [
-        Removal(t, _size(t), "temp file", sibling)
+        Removal(t, file_size(t), "temp file", sibling)
         for t in temp_files_of(sibling)
         if owned_file_problem(t) is None
     ]
     lock = sibling + LOCK_SUFFIX
     if os.path.lexists(lock) and owned_file_problem(lock) is None:
-        found.append(Removal(lock, _size(lock), "lock file", sibling))
+        found.append(Removal(lock, file_size(lock), "lock file", sibling))
     return found
 
 
@@ -240,7 +236,7 @@ def _plan(
     removals = []
     for sibling in sorted(set(named) | (_siblings_under(cache_dir) if sweep else set()) | doomed):
         if sibling in doomed:
-            removals.append(Removal(sibling, _size(sibling), "sibling", sibling))
+            removals.append(Removal(sibling, file_size(sibling), "sibling", sibling))
         removals += _leftovers(sibling)
     emptied = _emptied_dirs(cache_dir, removals)
     if not sweep:
@@ -266,10 +262,22 @@ def plan_clear(cache_dir: str) -> Plan:
     return _plan(cache_dir, listed, named, named)
 
 
+def _canonical(path: str) -> str:
+    """``path`` with its folder's symlinks resolved: one name per sibling, however it was reached."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def _foreign_lock(sibling: str) -> bool:
+    lock = sibling + LOCK_SUFFIX
+    return os.path.lexists(lock) and owned_file_problem(lock) is not None
+
+
 def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
     """For each checkpoint (there or gone): the rows about it, and sa3loader's siblings of yours
     at every place a load of it would look (beside it, its places in the cache dir), with
-    what conversions of them left."""
+    what conversions of them left. A sibling another checkpoint's valid row names (a copy of a
+    hub cache shares its blob's sibling) stays, and so does one whose lock is another user's,
+    with the rows that name it: the plan says so, and executing it does just that."""
     listed = entries(cache_dir)
     rows, siblings = [], []
     for checkpoint in checkpoints:
@@ -278,22 +286,35 @@ def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
         rows += [e for e in about if e not in rows]
         places = [beside_path(named), legacy_beside_path(named)]
         places += [cache_path(cache_dir, named, real, blob_name(real)), cache_path(cache_dir, named, real)]
-        siblings += [s for s in [*(e.sibling for e in about if e.sibling), *places] if s not in siblings]
+        for sibling in [*(e.sibling for e in about if e.sibling), *places]:
+            if _canonical(sibling) not in siblings:
+                siblings.append(_canonical(sibling))
+    others = {_canonical(e.sibling) for e in listed if e.sibling and e.status == OK and e not in rows}
+    shared = [s for s in siblings if s in others]
+    locked = [s for s in siblings if s not in others and _ours(s) and _foreign_lock(s)]
+    rows = [e for e in rows if not e.sibling or _canonical(e.sibling) not in locked]
+    siblings = [s for s in siblings if s not in shared and s not in locked]
+    kept = [(Removal(s, file_size(s), "sibling", s), "another checkpoint's row uses it") for s in shared]
+    kept += [(Removal(s, file_size(s), "sibling", s), "its lock file is another user's") for s in locked]
     plan = _plan(cache_dir, rows, siblings, siblings, sweep=False)
     plan.removals += _emptied_beside_dirs(plan.removals)
+    plan.kept = kept
     return plan
 
 
 def _emptied_beside_dirs(removals: list[Removal]) -> list[Removal]:
-    """The hidden folders beside checkpoints (``.cache/sa3loader``) that ``removals`` empty."""
-    emptied = []
+    """The hidden folders beside checkpoints (``.cache/sa3loader``, then ``.cache``) that
+    ``removals`` empty, deepest first."""
+    emptied: list[Removal] = []
+    going = {r.path.rstrip(os.sep) for r in removals}
     for hidden in sorted({os.path.dirname(r.path) for r in removals if r.kind != "empty dir"}):
         if not hidden.endswith(os.sep + BESIDE_SUBDIR):
             continue
-        going = {r.path for r in removals}
-        with contextlib.suppress(OSError):
-            if all(os.path.join(hidden, name) in going for name in os.listdir(hidden)):
-                emptied.append(Removal(hidden + os.sep, 0, "empty dir"))
+        for folder in (hidden, os.path.dirname(hidden)):
+            with contextlib.suppress(OSError):
+                if all(os.path.join(folder, name) in going for name in os.listdir(folder)):
+                    emptied.append(Removal(folder + os.sep, 0, "empty dir"))
+                    going.add(folder)
     return emptied
 
 
@@ -411,64 +432,3 @@ def repair(cache_dir: str) -> str | None:
     with _index(cache_dir) as index:
         index.items()  # a new, empty index
     return aside
-
-
-@dataclass
-class Found:
-    """A sibling ``scan`` found on disk, whether or not an index knows it."""
-
-    sibling: str
-    bytes: int
-    source: str  # the checkpoint beside it it was made from, or a row's, or the one its name says
-    status: str  # OK: made from the source as it is now; STALE; MISSING_SOURCE
-    indexed: bool  # a row of this cache dir names it
-
-
-def scan(directories: list[str], cache_dir: str) -> list[Found]:
-    """Every sa3loader sibling under ``directories`` (its name a sibling's, its marker in its
-    header), with the checkpoint it belongs to: the file beside it whose sibling it is named
-    as, else the one a row of ``cache_dir`` names, else none that is still there."""
-    rows = {e.sibling: e for e in entries(cache_dir)}
-    found = []
-    for directory in directories:
-        for root, dirs, files in os.walk(directory):
-            dirs.sort()
-            # In a checkpoint folder's hidden .cache/sa3loader, the checkpoints are two levels up.
-            hidden = root.endswith(os.sep + BESIDE_SUBDIR)
-            folder = os.path.dirname(os.path.dirname(root)) if hidden else root
-            names = set(os.listdir(folder)) if hidden else set(files)
-            for name in sorted(files):
-                path = os.path.join(root, name)
-                if not name.endswith((SIBLING_SUFFIX, UNSUFFIXED_SIBLING_SUFFIX)) or not is_sa3loader_path(
-                    path
-                ):
-                    continue
-                row = rows.get(path)
-                source = _source_beside(folder, name, names) or (row.source if row is not None else None)
-                source = source or _named_source(folder, name)
-                found.append(Found(path, _size(path), source, _scanned_status(path, source), row is not None))
-    return found
-
-
-def _source_beside(directory: str, sibling: str, names: set[str]) -> str | None:
-    for name in sorted(names):
-        if name != sibling and sibling_name(name) == sibling:
-            return os.path.join(directory, name)
-    return None
-
-
-def _named_source(directory: str, sibling: str) -> str:
-    """The checkpoint a sibling's name says it was made from (``cache rm`` of it finds the sibling)."""
-    if sibling.endswith(SIBLING_SUFFIX):
-        return os.path.join(directory, sibling[: -len(SIBLING_SUFFIX)] + SAFETENSORS_SUFFIX)
-    return os.path.join(directory, sibling[: -len(UNSUFFIXED_SIBLING_SUFFIX)])
-
-
-def _scanned_status(sibling: str, source: str) -> str:
-    if not os.path.exists(source):
-        return MISSING_SOURCE
-    try:
-        with open_header(source) as current, open_header(sibling, follow_symlinks=False) as made:
-            return OK if sibling_matches_source(made, current) else STALE
-    except (Sa3LoaderError, OSError):
-        return STALE

@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from . import _cache_admin, _faults
+from . import _cache_admin, _cache_scan, _faults
 from ._cache_dir import resolve_cache_dir
 from ._cli_output import EXIT_CHECK_FAILED, EXIT_ERROR, EXIT_OK, emit, human_size
 from ._places import hub_name
@@ -116,10 +116,14 @@ def _rm(args: argparse.Namespace, cache_dir: str) -> int:
     plan = _cache_admin.plan_rm(cache_dir, args.checkpoints)
     verb = "would remove" if args.dry_run else "removed"
     if args.dry_run:
-        lines = [*_removal_lines(plan.removals, dry_run=True), f"{verb} {len(plan.rows)} row(s)"]
-        emit(args, {"dry_run": True, **_plan_data(plan)}, lines)
+        lines = _removal_lines(plan.removals, dry_run=True)
+        lines += [f"would keep {r.kind} {r.path}: {why}" for r, why in plan.kept]
+        lines.append(f"{verb} {len(plan.rows)} row(s)")
+        kept = [{**_removal_data(r), "why": why} for r, why in plan.kept]
+        emit(args, {"dry_run": True, **_plan_data(plan), "kept": kept}, lines)
         return EXIT_OK
     outcome = _cache_admin.execute(cache_dir, plan, pruning=False)
+    outcome.kept = plan.kept + outcome.kept
     lines = _removal_lines(outcome.removed, dry_run=False)
     lines += [f"kept {r.kind} {r.path}: {why}" for r, why in outcome.kept]
     lines.append(f"{verb} {len(outcome.rows)} row(s)")
@@ -128,7 +132,7 @@ def _rm(args: argparse.Namespace, cache_dir: str) -> int:
 
 
 def _scan(args: argparse.Namespace, cache_dir: str) -> int:
-    found = _cache_admin.scan(args.checkpoints, cache_dir)
+    found = _cache_scan.scan(args.checkpoints, {e.sibling: e.source for e in _cache_admin.entries(cache_dir)})
     lines = [
         f"{f.status:15} {f.sibling}  {human_size(f.bytes)}  source: {f.source}"
         + (" (gone)" if f.status == _cache_admin.MISSING_SOURCE else "")

@@ -10,6 +10,9 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# What a row (or a sibling found on disk) says of its files now, as the cache commands report it.
+OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
+
 SCHEMA_VERSION = 1
 FORMAT_VERSION = "1"
 META_PREFIX = "sa3loader."

@@ -769,5 +769,64 @@ def test_cache_rm_of_a_folders_last_sibling_removes_the_hidden_folder(tmp_path):
     run("warm", str(src), cache=tmp_path / "c")
     out = run("cache", "rm", str(src), cache=tmp_path / "c").stdout
     assert f"removed empty dir {tmp_path}/.cache/sa3loader/" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "c", "model.safetensors"]
-    assert list((tmp_path / ".cache").iterdir()) == []
+    assert f"removed empty dir {tmp_path}/.cache/" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "model.safetensors"]
+    save_file({"w": torch.ones(1000)}, str(src))
+    run("warm", str(src), cache=tmp_path / "c")
+    (tmp_path / ".cache" / "huggingface").mkdir()  # the user's (hf download --local-dir)
+    run("cache", "rm", str(src), cache=tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / ".cache").iterdir()) == ["huggingface"]
+
+
+def test_cache_rm_of_one_hub_copy_keeps_the_sibling_the_other_copys_row_uses(tmp_path):
+    """Two copies of a hub cache (cp -a) share their blob's sibling in the cache dir."""
+    from support.checkpoints import toy_hub_checkpoint
+
+    src = toy_hub_checkpoint(tmp_path / "a", "org/m", "r1")
+    shutil.copytree(tmp_path / "a", tmp_path / "b", symlinks=True)
+    copy = tmp_path / "b" / src.relative_to(tmp_path / "a")
+    cache = tmp_path / "c"
+    run("warm", str(src), cache=cache)
+    sibling = json.loads(run("--json", "warm", str(copy), cache=cache).stdout)["sibling"]
+    dry = run("cache", "rm", str(src), "--dry-run", cache=cache).stdout
+    assert dry == (
+        "would remove 0 file(s), 0 B in all\n"
+        f"would keep sibling {sibling}: another checkpoint's row uses it\n"
+        "would remove 1 row(s)\n"
+    )
+    out = run("cache", "rm", str(src), cache=cache).stdout
+    assert f"kept sibling {sibling}: another checkpoint's row uses it" in out
+    [row] = json.loads(run("cache", "ls", "--json", cache=cache).stdout)
+    assert (row["source"], row["status"]) == (str(copy), "ok") and os.path.exists(sibling)
+
+
+def test_cache_rm_through_a_symlinked_folder_names_each_file_once(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    save_file({"w": torch.ones(1000)}, str(tmp_path / "real" / "a.safetensors"))
+    cache = tmp_path / "c"
+    run("warm", str(tmp_path / "real" / "a.safetensors"), cache=cache)
+    size = (tmp_path / "real" / ".cache" / "sa3loader" / "a.fp16.safetensors").stat().st_size
+    dry = run("cache", "rm", str(tmp_path / "link" / "a.safetensors"), "--dry-run", cache=cache).stdout
+    assert f"would remove 2 file(s) and 2 empty dir(s), {size / 1e3:.3g} kB in all\n" in dry
+    out = run("cache", "rm", str(tmp_path / "link" / "a.safetensors"), cache=cache).stdout
+    assert "kept" not in out and f"removed sibling {tmp_path}/real/.cache/sa3loader/a.fp16.safetensors" in out
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["a.safetensors"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root (CI runs as root)")
+def test_cache_rm_keeps_a_sibling_whose_lock_is_another_users_and_says_so_first(tmp_path):
+    """Its lock cannot be taken: the dry run and the real run both keep the sibling and its row."""
+    src = tmp_path / "d.safetensors"
+    save_file({"w": torch.ones(1000)}, str(src))
+    cache = tmp_path / "c"
+    run("warm", str(src), cache=cache)
+    sibling = tmp_path / ".cache" / "sa3loader" / "d.fp16.safetensors"
+    os.chown(f"{sibling}.lock", 65534, 65534)  # a teammate's load in a shared folder
+    keep = f"keep sibling {sibling}: its lock file is another user's\n"
+    assert run("cache", "rm", str(src), "--dry-run", cache=cache).stdout.endswith(
+        f"would {keep}would remove 0 row(s)\n"
+    )
+    assert run("cache", "rm", str(src), cache=cache).stdout.endswith(f"kept {keep[5:]}removed 0 row(s)\n")
+    [row] = json.loads(run("cache", "ls", "--json", cache=cache).stdout)
+    assert row["source"] == str(src) and sibling.exists()

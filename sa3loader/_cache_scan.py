@@ -1,0 +1,87 @@
+"""Find sa3loader siblings on disk whether or not an index knows them (``cache scan``): after
+``rm -rf`` of the cache dir, the siblings beside checkpoints are still found, each with the
+checkpoint it belongs to and whether it still matches it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ._format import open_header
+from ._identity import is_sa3loader_path, sibling_matches_source
+from ._places import (
+    BESIDE_SUBDIR,
+    SAFETENSORS_SUFFIX,
+    SIBLING_SUFFIX,
+    UNSUFFIXED_SIBLING_SUFFIX,
+    sibling_name,
+)
+from ._records import MISSING_SOURCE, OK, STALE
+from .errors import Sa3LoaderError
+
+
+@dataclass
+class Found:
+    """A sibling ``scan`` found on disk, whether or not an index knows it."""
+
+    sibling: str
+    bytes: int
+    source: str  # the checkpoint beside it it was made from, or a row's, or the one its name says
+    status: str  # OK: made from the source as it is now; STALE; MISSING_SOURCE
+    indexed: bool  # a row of this cache dir names it
+
+
+def scan(directories: list[str], rows: dict[str, str]) -> list[Found]:
+    """Every sa3loader sibling under ``directories`` (its name a sibling's, its marker in its
+    header), with the checkpoint it belongs to: the file beside it whose sibling it is named
+    as, else the one ``rows`` (an index's sibling -> source) names, else the one its name says."""
+    found = []
+    for directory in directories:
+        for root, dirs, files in os.walk(directory):
+            dirs.sort()
+            # In a checkpoint folder's hidden .cache/sa3loader, the checkpoints are two levels up.
+            hidden = root.endswith(os.sep + BESIDE_SUBDIR)
+            folder = os.path.dirname(os.path.dirname(root)) if hidden else root
+            names = set(os.listdir(folder)) if hidden else set(files)
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                if not name.endswith((SIBLING_SUFFIX, UNSUFFIXED_SIBLING_SUFFIX)) or not is_sa3loader_path(
+                    path
+                ):
+                    continue
+                row = rows.get(path)
+                source = _source_beside(folder, name, names) or row
+                source = source or _named_source(folder, name)
+                found.append(Found(path, _size(path), source, _scanned_status(path, source), row is not None))
+    return found
+
+
+def _size(path: str) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0  # removed while the scan ran
+
+
+def _source_beside(directory: str, sibling: str, names: set[str]) -> str | None:
+    for name in sorted(names):
+        if name != sibling and sibling_name(name) == sibling:
+            return os.path.join(directory, name)
+    return None
+
+
+def _named_source(directory: str, sibling: str) -> str:
+    """The checkpoint a sibling's name says it was made from (``cache rm`` of it finds the sibling)."""
+    if sibling.endswith(SIBLING_SUFFIX):
+        return os.path.join(directory, sibling[: -len(SIBLING_SUFFIX)] + SAFETENSORS_SUFFIX)
+    return os.path.join(directory, sibling[: -len(UNSUFFIXED_SIBLING_SUFFIX)])
+
+
+def _scanned_status(sibling: str, source: str) -> str:
+    if not os.path.exists(source):
+        return MISSING_SOURCE
+    try:
+        with open_header(source) as current, open_header(sibling, follow_symlinks=False) as made:
+            return OK if sibling_matches_source(made, current) else STALE
+    except (Sa3LoaderError, OSError):
+        return STALE
