@@ -12,7 +12,9 @@ from ._identity import is_sa3loader_path, sibling_matches_source
 from ._places import (
     BESIDE_SUBDIR,
     SAFETENSORS_SUFFIX,
+    SHORTENED_SUFFIXES,
     SIBLING_SUFFIX,
+    SIBLING_SUFFIXES,
     UNSUFFIXED_SIBLING_SUFFIX,
     sibling_name,
 )
@@ -45,9 +47,7 @@ def scan(directories: list[str], rows: dict[str, str]) -> list[Found]:
             names = set(os.listdir(folder)) if hidden else set(files)
             for name in sorted(files):
                 path = os.path.join(root, name)
-                if not name.endswith((SIBLING_SUFFIX, UNSUFFIXED_SIBLING_SUFFIX)) or not is_sa3loader_path(
-                    path
-                ):
+                if not name.endswith(SIBLING_SUFFIXES) or not is_sa3loader_path(path):
                     continue
                 row = rows.get(path)
                 source = _source_beside(folder, name, names) or row
@@ -71,7 +71,11 @@ def _source_beside(directory: str, sibling: str, names: set[str]) -> str | None:
 
 
 def _named_source(directory: str, sibling: str) -> str:
-    """The checkpoint a sibling's name says it was made from (``cache rm`` of it finds the sibling)."""
+    """The checkpoint a sibling's name says it was made from (``cache rm`` of it finds the
+    sibling); of a shortened name only the start is known: ``<start>…``."""
+    for shortened in SHORTENED_SUFFIXES.values():
+        if sibling.endswith(shortened):
+            return os.path.join(directory, sibling[: -len(shortened)].rpartition("-")[0] + "…")
     if sibling.endswith(SIBLING_SUFFIX):
         return os.path.join(directory, sibling[: -len(SIBLING_SUFFIX)] + SAFETENSORS_SUFFIX)
     return os.path.join(directory, sibling[: -len(UNSUFFIXED_SIBLING_SUFFIX)])

@@ -32,7 +32,7 @@ from ._places import (
     INCOMPLETE_INFIX,
     LOCK_SUFFIX,
     SAFETENSORS_SUFFIX,
-    SIBLING_SUFFIX,
+    SIBLING_SUFFIXES,
     beside_path,
     cache_path,
     in_hf_hub_cache,
@@ -82,9 +82,9 @@ def checkpoints_in(directory: str) -> list[str]:
 
 
 def _is_our_artifact(name: str, path: str) -> bool:
-    if is_temp_name(name) or name.endswith(SIBLING_SUFFIX + LOCK_SUFFIX):
+    if is_temp_name(name) or name.endswith(tuple(suffix + LOCK_SUFFIX for suffix in SIBLING_SUFFIXES)):
         return True
-    return name.endswith(SIBLING_SUFFIX) and is_sa3loader_path(path)
+    return name.endswith(SIBLING_SUFFIXES) and is_sa3loader_path(path)
 
 
 def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:

@@ -133,9 +133,11 @@ def fingerprint(header: Header) -> str:
 
 def sibling_metadata(header: Header, identity: SourceIdentity, fingerprint: str) -> dict[str, str]:
     """The source's metadata plus ours, so that a sibling describes its source."""
+    # For people reading the header; a name that is not UTF-8 (legal on Linux) as its bytes.
+    name = os.fsencode(os.path.basename(header.path)).decode("utf-8", "backslashreplace")
     ours = {
         MARKER_KEY: FORMAT_VERSION,
-        META_PREFIX + "source_name": os.path.basename(header.path),
+        META_PREFIX + "source_name": name,
         META_PREFIX + "source_size": str(identity.size),
         META_PREFIX + "source_mtime_ns": str(identity.mtime_ns),
         META_PREFIX + "source_header_sha256": identity.header_sha256,

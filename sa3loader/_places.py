@@ -21,6 +21,8 @@ from . import _faults
 
 SIBLING_SUFFIX = ".fp16.safetensors"
 UNSUFFIXED_SIBLING_SUFFIX = "-fp16.safetensors"
+SHORTENED_SUFFIXES = {SIBLING_SUFFIX: ".fp16h.safetensors", UNSUFFIXED_SIBLING_SUFFIX: "-fp16h.safetensors"}
+SIBLING_SUFFIXES = (SIBLING_SUFFIX, UNSUFFIXED_SIBLING_SUFFIX, *SHORTENED_SUFFIXES.values())
 SAFETENSORS_SUFFIX = ".safetensors"
 SIBLINGS_SUBDIR = "siblings"
 # Room left on the filesystem after writing a sibling.
@@ -103,8 +105,14 @@ def sibling_name(source_path: str) -> str:
     """
     name = os.path.basename(source_path)
     if name.endswith(SAFETENSORS_SUFFIX):
-        return fitted(name[: -len(SAFETENSORS_SUFFIX)], SIBLING_SUFFIX, MAX_SIBLING_NAME)
-    return fitted(name, UNSUFFIXED_SIBLING_SUFFIX, MAX_SIBLING_NAME)
+        stem, suffix = name[: -len(SAFETENSORS_SUFFIX)], SIBLING_SUFFIX
+    else:
+        stem, suffix = name, UNSUFFIXED_SIBLING_SUFFIX
+    if _name_bytes(stem + suffix) <= MAX_SIBLING_NAME:
+        return stem + suffix
+    # A shortened name ends as no natural one can: a file named like the short form of a long
+    # name (a legal, shorter name) never shares its sibling with it.
+    return fitted(stem, SHORTENED_SUFFIXES[suffix], MAX_SIBLING_NAME)
 
 
 # What follows the prefix in a name sa3loader gave a temp file: <pid>-<8 hex> (being written),

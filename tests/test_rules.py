@@ -386,7 +386,10 @@ def test_a_sibling_name_and_every_name_derived_from_it_fit_name_max(stem):
         return  # not a legal file name to begin with
     sibling = _places.sibling_name("/m/" + name)
     assert len(os.fsencode(sibling)) <= _places.MAX_SIBLING_NAME
-    assert sibling.endswith(_places.SIBLING_SUFFIX)
+    shortened = len(os.fsencode(stem + _places.SIBLING_SUFFIX)) > _places.MAX_SIBLING_NAME
+    assert sibling.endswith(
+        _places.SHORTENED_SUFFIXES[_places.SIBLING_SUFFIX] if shortened else _places.SIBLING_SUFFIX
+    )
     longest = (
         os.path.basename(_places.incomplete_prefix("/m/" + sibling))
         + "written-"
@@ -403,3 +406,17 @@ def test_a_sibling_name_and_every_name_derived_from_it_fit_name_max(stem):
 def test_two_long_names_that_start_alike_get_different_siblings():
     a, b = "x" * 230 + "a.safetensors", "x" * 230 + "b.safetensors"
     assert _places.sibling_name(a) != _places.sibling_name(b)
+
+
+@given(st.text(alphabet="x.-fp16hsafetnor", min_size=1, max_size=40), st.sampled_from(["", ".safetensors"]))
+def test_no_legal_name_has_the_sibling_a_long_name_was_shortened_to(stem, suffix):
+    """A shortened sibling name ends as no natural one can, so two checkpoints in one folder, a
+    long name and one named like its short form, never share a sibling."""
+    long_name = "run-" + "x" * 230 + suffix
+    short = _places.sibling_name(long_name)
+    shortened_suffix = _places.SHORTENED_SUFFIXES[_places.SIBLING_SUFFIX if suffix else "-fp16.safetensors"]
+    assert short.endswith(shortened_suffix)
+    named_like_it = short.removesuffix(shortened_suffix) + suffix  # a legal, shorter name
+    assert _places.sibling_name(named_like_it) != short
+    natural = _places.sibling_name(stem + suffix)
+    assert not natural.endswith(tuple(_places.SHORTENED_SUFFIXES.values()))

@@ -322,6 +322,20 @@ def test_a_checkpoint_with_the_longest_legal_name_gets_a_sibling(tmp_path, monke
         assert is_sa3loader_file(read_header(ckpt))
 
 
+def test_a_checkpoint_whose_name_is_not_utf8_gets_a_sibling(tmp_path):
+    """A file name is bytes on Linux: ``model-\\xff.safetensors`` converts, hits and gives the
+    model a UTF-8 copy of it gives (safetensors' own load_file refuses the path)."""
+    torch.manual_seed(0)
+    plain = save(random_like_state(build(), seed=3), tmp_path / "plain.safetensors")
+    odd = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/model-\xff.safetensors"))
+    shutil.copyfile(plain, odd)
+    load_toy(odd, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted, sa3loader.last_load_info().reason
+    model = load_toy(odd, tmp_path / "cache")
+    assert sa3loader.last_load_info().cache_hit
+    assert_same_model(model, reference(plain))
+
+
 def test_place_cache_writes_nothing_beside_checkpoints(tmp_path, monkeypatch, caplog):
     """README: ``SA3LOADER_PLACE=cache`` puts every new sibling in the cache dir, says so at INFO,
     and still uses a sibling already beside a checkpoint; a bad value is a ConfigError."""
