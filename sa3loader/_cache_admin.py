@@ -11,6 +11,7 @@ without sa3loader's metadata marker, and nothing of another user's, is deleted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from ._trust import cache_dir_trust, owned_file_problem
 from .errors import LockTimeoutError, Sa3LoaderError, UntrustedCacheDirError, UnusableLockError
 
 INVALID = "invalid"  # a row of the wrong shape: treated as absent by loads
+OVER_CAP = "over cap"  # a valid row whose sibling a cap removes, least recently used first
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Entry:
     created: float
     status: str
     key: str = field(default="", repr=False)  # the index key (the source's real path)
+    last_used: float = 0.0  # when a load last used the sibling (to the hour), or made it
 
 
 def _status(row: IndexRow) -> str:
@@ -82,6 +85,7 @@ def _entry(key: str, row: IndexRow | None) -> Entry:
         created=row.created,
         status=_status(row),
         key=key,
+        last_used=row.used(),
     )
 
 
@@ -244,14 +248,20 @@ def _plan(
     return Plan(rows, removals + emptied)
 
 
-def plan_prune(cache_dir: str) -> Plan:
-    """Rows whose source is gone or changed, and invalid rows; the siblings only they name; leftovers."""
+def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
+    """Rows whose source is gone or changed, and invalid rows; the siblings only they name; leftovers.
+    With ``max_bytes``, also the least recently used valid ones over that cap (``_over_cap``)."""
     listed = entries(cache_dir)
     # A sibling path can outlive its row's source: a symlinked checkpoint repointed
     # to another file reuses it. Never delete what a valid row still names.
     in_use = {e.sibling for e in listed if e.status == OK}
     dropped = [e for e in listed if e.status != OK]
     siblings = [e.sibling for e in dropped if e.status in (STALE, MISSING_SOURCE) and e.sibling not in in_use]
+    if max_bytes is not None:
+        valid = [e for e in listed if e.status == OK]
+        over = _least_used(valid, sum(st.st_size for _, st, _ in _by_last_use(valid)) - max_bytes)
+        dropped += over
+        siblings += list(dict.fromkeys(e.sibling for e in over))
     return _plan(cache_dir, dropped, siblings, [e.sibling for e in listed if e.sibling])
 
 
@@ -325,7 +335,7 @@ def _still_needed(sibling: str, live: list[Entry]) -> str | None:
         return "a valid row names it"
     try:
         with open_header(sibling, follow_symlinks=False) as header:
-            sources = {e.source for e in live if e.sibling == sibling}
+            sources = {e.source for e in live if e.sibling == sibling and e.status != OVER_CAP}
             for source in sources:
                 with contextlib.suppress(Sa3LoaderError, OSError), open_header(source) as current:
                     if sibling_matches_source(header, current):
@@ -405,6 +415,62 @@ def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
     outcome.removed.sort(key=lambda step: order[id(step)])
     outcome.kept.sort(key=lambda kept: order[id(kept[0])])
     return outcome
+
+
+_Used = tuple[str, os.stat_result, list[Entry]]  # a sibling, its stat, the rows that name it
+
+
+def _by_last_use(listed: list[Entry], keep: frozenset[str] = frozenset()) -> list[_Used]:
+    """Each sibling of yours the rows name (once, with its size on disk and the rows naming
+    it), first those no valid row names, then least recently used first; ``keep`` left out."""
+    named: dict[str, list[Entry]] = {}
+    for entry in listed:
+        if entry.sibling and entry.sibling not in keep:
+            named.setdefault(entry.sibling, []).append(entry)
+    found = []
+    for sibling, rows in named.items():
+        with contextlib.suppress(OSError):
+            if _ours(sibling):
+                found.append((sibling, os.lstat(sibling), rows))
+    return sorted(found, key=lambda f: (any(e.status == OK for e in f[2]), max(e.last_used for e in f[2])))
+
+
+def _least_used(
+    listed: list[Entry], excess: int, keep: frozenset[str] = frozenset(), device: int | None = None
+) -> list[Entry]:
+    """The rows (marked ``OVER_CAP``) of the least recently used siblings (on ``device``, when
+    given; never one in ``keep``) whose sizes add up to ``excess`` bytes, or all there are."""
+    over: list[Entry] = []
+    for _, st, rows in _by_last_use(listed, keep):
+        if excess <= 0:
+            break
+        if device is None or st.st_dev == device:
+            over += [dataclasses.replace(e, status=OVER_CAP) for e in rows]
+            excess -= st.st_size
+    return over
+
+
+def _eviction(cache_dir: str, over: list[Entry]) -> Plan:
+    siblings = list(dict.fromkeys(e.sibling for e in over))
+    return _plan(cache_dir, over, siblings, siblings, sweep=False)
+
+
+def plan_cap(cache_dir: str, max_bytes: int, *, adding: int, keep: frozenset[str]) -> Plan | None:
+    """The least recently used siblings to remove so that those the index names, and a new
+    one of ``adding`` bytes at a place in ``keep`` (what is there is replaced), take at most
+    ``max_bytes``; None when the new one alone is larger."""
+    if adding > max_bytes:
+        return None
+    listed = entries(cache_dir)
+    total = sum(st.st_size for _, st, _ in _by_last_use(listed, keep))
+    return _eviction(cache_dir, _least_used(listed, total + adding - max_bytes, keep))
+
+
+def plan_room(cache_dir: str, directory: str, needed: int, keep: frozenset[str]) -> Plan:
+    """The least recently used siblings on ``directory``'s filesystem that free ``needed`` bytes
+    there (as many as there are), never one in ``keep``."""
+    device = os.stat(directory).st_dev
+    return _eviction(cache_dir, _least_used(entries(cache_dir), needed, keep, device))
 
 
 def prune(cache_dir: str) -> Outcome:

@@ -20,10 +20,10 @@ def _ls_line(e: _cache_admin.Entry, paths: bool) -> str:
         return f"{e.status:15} {e.source}: not a valid index row (loads ignore it; `cache prune` drops it)"
     source = e.source if paths else hub_name(e.source) or e.source
     sibling = f" -> {e.sibling}" if paths else ""
-    created = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created))
+    created, used = (time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) for t in (e.created, e.last_used))
     return (
         f"{e.status:15} {source}{sibling}  {human_size(e.source_size)} -> "
-        f"{human_size(e.sibling_size)} sibling, created {created}"
+        f"{human_size(e.sibling_size)} sibling, created {created}, last used {used}"
     )
 
 
@@ -86,7 +86,9 @@ def _ask(question: str) -> bool | None:
 
 def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
     pruning = args.cache_command == "prune"
-    plan = _cache_admin.plan_prune(cache_dir) if pruning else _cache_admin.plan_clear(cache_dir)
+    plan = (
+        _cache_admin.plan_prune(cache_dir, args.max_size) if pruning else _cache_admin.plan_clear(cache_dir)
+    )
     rows = f"{len(plan.rows)} row(s)" + ("" if pruning else f" from {cache_dir}")
     verb = "prune" if pruning else "clear"
     if args.dry_run:
@@ -178,7 +180,7 @@ def _repair(args: argparse.Namespace, cache_dir: str) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     cache_dir = resolve_cache_dir(args.cache_dir)
     if args.cache_command == "ls":
-        rows = _cache_admin.entries(cache_dir)
+        rows = sorted(_cache_admin.entries(cache_dir), key=lambda e: e.last_used)  # least recently used first
         lines = [f"cache dir: {cache_dir}", *(_ls_line(e, args.paths) for e in rows), _ls_total(rows)]
         emit(args, [_entry_data(e) for e in rows], lines)
         return EXIT_CHECK_FAILED if any(e.status == _cache_admin.INVALID for e in rows) else EXIT_OK

@@ -30,6 +30,13 @@ PIN_ENV = "SA3LOADER_PIN"
 VERBOSITY_ENV = "SA3LOADER_VERBOSITY"
 PLACE_ENV = "SA3LOADER_PLACE"
 PLACES = ("beside", "cache")
+CACHE_MAX_ENV = "SA3LOADER_CACHE_MAX"
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12} | {
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
 LOGGER_NAME = "sa3loader"
 VERBOSITY_LEVELS = {
     "debug": logging.DEBUG,
@@ -157,6 +164,28 @@ def place() -> str:
     return chosen
 
 
+def parse_size(text: str) -> int:
+    """Bytes from ``20GB``, ``500MiB``, ``1.5TB`` or ``1000000``; ``ValueError`` for anything else
+    (``20G`` too: decimal or binary is the user's to say)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size (like 20GB, 500MiB or a number of bytes)")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+def cache_max() -> int | None:
+    """$SA3LOADER_CACHE_MAX as bytes: the most the siblings an index names may take on disk;
+    None when unset. A bad value is a ``ConfigError``."""
+    raw = os.environ.get(CACHE_MAX_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        return parse_size(raw)
+    except ValueError as exc:
+        raise ConfigError(f"${CACHE_MAX_ENV}: {exc}") from None
+
+
 def lock_timeout() -> float:
     """$SA3LOADER_LOCK_TIMEOUT seconds; not a finite number >= 0: one warning and the default."""
     raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
@@ -219,6 +248,7 @@ class Settings:
     pin: bool  # stage transfers to a device in pinned host memory
     ring: tuple[int, int] | None = None  # the staging ring's (slots, bytes per slot); None: the default
     place: str = PLACES[0]  # $SA3LOADER_PLACE: where new siblings go ("beside" where allowed, or "cache")
+    cache_max: int | None = None  # $SA3LOADER_CACHE_MAX in bytes: the siblings' cap; None: no cap
 
 
 def settings(*, io: str | None = None, verify: bool | None = None) -> Settings:
@@ -233,6 +263,7 @@ def settings(*, io: str | None = None, verify: bool | None = None) -> Settings:
         pin=pin(),
         ring=ring(),
         place=place(),
+        cache_max=cache_max(),
     )
 
 

@@ -7,6 +7,7 @@ before any field is used. Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -135,6 +136,11 @@ class IndexRow:
     created: float
     range: RangeReport | None
     converter_version: str = FORMAT_VERSION
+    last_used: float | None = None  # when a load last used the sibling (hours apart); None: never since made
+
+    def used(self) -> float:
+        """When the sibling was last used, as far as the row knows (made counts as a use)."""
+        return self.last_used if self.last_used is not None else self.created
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -150,6 +156,7 @@ class IndexRow:
             "converter_version": self.converter_version,
             "created": self.created,
             "range": dataclasses.asdict(self.range) if self.range is not None else None,
+            "last_used": self.last_used,
         }
 
     @classmethod
@@ -158,6 +165,7 @@ class IndexRow:
         if not valid_row(obj):
             return None
         source, sibling, checked = obj["source"], obj["sibling"], obj.get("checked_ns")
+        used = obj.get("last_used")  # absent from rows older versions wrote
         return cls(
             source=SourceIdentity.from_json(source),
             source_path=source["path"],
@@ -170,4 +178,5 @@ class IndexRow:
             created=obj["created"],
             range=RangeReport(**obj["range"]) if obj["range"] is not None else None,
             converter_version=obj["converter_version"],
+            last_used=float(used) if type(used) in (int, float) and math.isfinite(used) else None,
         )

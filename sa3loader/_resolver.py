@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 
 from . import _config, _convert, _faults
+from ._cache_admin import Plan, execute, plan_cap, plan_room
 from ._cache_dir import make_beside_dirs, make_private_dirs, remove_if_empty
 from ._config import warn_once
 from ._format import Header
@@ -38,7 +39,13 @@ from ._records import IndexRow, RangeReport
 from ._sibling import SiblingFinder, SiblingOutcome
 from ._trust import beside_dir_problem, owned_file_problem
 from ._written import WrittenSibling, unpublished_sibling
-from .errors import CheckpointChangedError, ConversionError, LockTimeoutError, UnusableLockError
+from .errors import (
+    CheckpointChangedError,
+    ConversionError,
+    LockTimeoutError,
+    Sa3LoaderError,
+    UnusableLockError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +95,64 @@ def _room_problem(path: str, needed: int, source_bytes: int) -> str | None:
     if not dir_writable(directory):
         return f"{directory} is not writable"
     free = free_bytes(directory)
-    if free < needed + source_bytes + FREE_SPACE_MARGIN_BYTES:
+    if _shortfall(directory, needed, source_bytes) > 0:
         return (
             f"not enough free space in {directory} ({_size(free)} free): a {_size(needed)} sibling "
             f"would leave less than another {_size(source_bytes)} checkpoint needs"
         )
     return None
+
+
+def _shortfall(directory: str, needed: int, source_bytes: int) -> int:
+    """How many bytes more ``directory``'s filesystem needs free for the room rule to hold."""
+    return needed + source_bytes + FREE_SPACE_MARGIN_BYTES - free_bytes(directory)
+
+
+def _keep_under_cap(f: SiblingFinder, size: int, targets: frozenset[str]) -> str | None:
+    """Under $SA3LOADER_CACHE_MAX, remove the least recently used siblings so the new one
+    fits; None when it does (or there is no cap), else why the load reads fp32."""
+    cap = f.settings.cache_max
+    if cap is None:
+        return None
+    if size > cap:
+        return f"the {_size(size)} fp16 sibling is larger than ${_config.CACHE_MAX_ENV} ({_size(cap)})"
+    _evict(f, lambda: plan_cap(f.cache_dir, cap, adding=size, keep=targets), f"to stay under {_size(cap)}")
+    return None
+
+
+def _evict(f: SiblingFinder, plan: Callable[[], Plan | None], why: str) -> bool:
+    """Carry out an eviction plan of this cache dir (never one of a read-only or untrusted
+    index); True when it removed something."""
+    if not f.cache_trusted or f.index.read_only:
+        return False
+    try:
+        planned = plan()
+        done = execute(f.cache_dir, planned, pruning=False) if planned is not None else None
+    except (Sa3LoaderError, OSError) as exc:
+        warn_once("evict:" + f.cache_dir, "sa3loader cannot remove old siblings %s: %s", why, exc)
+        return False
+    if done is None:
+        return False
+    for step in done.removed:
+        if step.kind == "sibling":
+            logger.info(
+                "removed the least recently used sibling %s (%s) %s", step.path, _size(step.bytes), why
+            )
+    return any(step.kind == "sibling" for step in done.removed)
+
+
+def _room_for(f: SiblingFinder, target: str, size: int, keep: frozenset[str]) -> str | None:
+    """``_room_problem`` at ``target``, after removing the least recently used siblings on
+    its filesystem where it is short of space (before any fallback)."""
+    problem = _room_problem(target, size, f.source.file_size)
+    directory = os.path.dirname(target)
+    if problem is None or not os.path.isdir(directory):
+        return problem
+    needed = _shortfall(directory, size, f.source.file_size)
+    plan = functools.partial(plan_room, f.cache_dir, directory, needed, keep)
+    if needed > 0 and _evict(f, plan, "to make room"):
+        return _room_problem(target, size, f.source.file_size)
+    return problem
 
 
 class SiblingResolver:
@@ -166,10 +225,10 @@ class SiblingResolver:
             out.reason = f"{exc}: loading the fp32 source"
             warn_once("fallback:" + f.real, "%s", out.reason)
             return out
-        options, problems = self.targets()
+        options, problems = self._places_for(size)
         for target in options:
             made = make_beside_dirs(os.path.dirname(target)) if not in_cache_dir(target, f.cache_dir) else []
-            problem = _room_problem(target, size, self.source.file_size)
+            problem = _room_for(f, target, size, frozenset(options))
             if problem is None:
                 if problems:  # not where it would go first: say where, and why
                     logger.info("%s: fp16 sibling at %s (%s)", self.source.path, target, "; ".join(problems))
@@ -187,6 +246,12 @@ class SiblingResolver:
         out.reason = f"no place for the fp16 sibling ({'; '.join(problems)}): loading the fp32 source"
         warn_once("fallback:" + f.real, "%s: %s", self.source.path, out.reason)
         return out
+
+    def _places_for(self, size: int) -> tuple[list[str], list[str]]:
+        """``targets``, once the cap has room for a sibling of ``size`` bytes; none where it cannot."""
+        options, problems = self.targets()
+        over_cap = _keep_under_cap(self.finder, size, frozenset(options))
+        return ([], [over_cap]) if over_cap is not None else (options, problems)
 
     def _convert_at(self, target: str, metadata: dict[str, str]) -> SiblingOutcome:
         """Convert to ``target`` under its lock, unless another process did meanwhile, or

@@ -14,12 +14,13 @@ again unless the index row proves the source is the very file that was checked
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 
-from . import _compare, _config
+from . import _compare, _config, _faults
 from ._compare import Comparison
 from ._config import warn_once
 from ._format import Header, open_header
@@ -46,6 +47,8 @@ from .errors import HeaderError, VerificationError
 logger = logging.getLogger(__name__)
 
 CONTENT_CHECK_FAILED = "content check failed for"
+# How far apart two records of a sibling's last use are: a cap needs hours, not seconds.
+LAST_USE_STEP_S = 3600.0
 
 
 @dataclass
@@ -204,6 +207,8 @@ class SiblingFinder:
         if not vouched:
             self.outcome.note("adopted" if row is None else "revalidated")
             self.index.put(self.real, self.row(sibling, row))
+        elif row is not None:
+            self._note_use(row)
         return True
 
     def _vouched_for_by(self, row: IndexRow | None, sibling: Header, claimed: str) -> bool:
@@ -260,6 +265,7 @@ class SiblingFinder:
             sibling_header_sha256=sibling.sha256,
             created=time.time() if converted or old is None else old.created,
             range=report if report is not None else (old.range if old is not None else None),
+            last_used=time.time(),
         )
 
     def find(self) -> Header | None:
@@ -274,3 +280,10 @@ class SiblingFinder:
                 self.outcome.stored_range = row.range if row is not None else None
                 return sibling
         return None
+
+    def _note_use(self, row: IndexRow) -> None:
+        """Record that the sibling was used now, at most once per ``LAST_USE_STEP_S``: a cap
+        evicts the least recently used, and a hit never pays an index write more often."""
+        now = time.time()
+        if abs(now - row.used()) >= _faults.tuned("last_use_step_s", LAST_USE_STEP_S):
+            self.index.put(self.real, dataclasses.replace(row, last_used=now))

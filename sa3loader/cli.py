@@ -240,6 +240,30 @@ def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
     )
 
 
+def _cache_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "cache_command",
+        choices=["ls", "verify", "prune", "clear", "repair", "rm", "scan"],
+        metavar="ACTION",
+        help="ls: list rows; verify: full content check; prune: drop stale rows and leftovers; clear: all; "
+        "repair: set a corrupt index aside and start a new one; rm CHECKPOINT...: their siblings; "
+        "scan DIR...: every sibling there, indexed or not",
+    )
+    p.add_argument(
+        "checkpoints", nargs="*", metavar="PATH", help="rm: checkpoints (there or gone); scan: dirs"
+    )
+    p.add_argument("--dry-run", action="store_true", help="prune, clear, rm: only list what would go")
+    p.add_argument("--paths", action="store_true", help="ls: full paths (hub files are named repo@revision)")
+    p.add_argument("--yes", action="store_true", help="clear: do not ask on a terminal")
+    p.add_argument(
+        "--max-size",
+        type=_size_argument,
+        metavar="SIZE",
+        help="prune: also remove the least recently used siblings until they take at most SIZE (20GB)",
+    )
+    p.set_defaults(func=cmd_cache)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sa3loader",
@@ -285,23 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt")
     p.set_defaults(func=cmd_info)
 
-    p = add("cache", "list, check, prune, clear or repair the cache, or remove some siblings")
-    p.add_argument(
-        "cache_command",
-        choices=["ls", "verify", "prune", "clear", "repair", "rm", "scan"],
-        metavar="ACTION",
-        help="ls: list rows; verify: full content check; prune: drop stale rows and leftovers; clear: all; "
-        "repair: set a corrupt index aside and start a new one; rm CHECKPOINT...: their siblings; "
-        "scan DIR...: every sibling there, indexed or not",
-    )
-    p.add_argument(
-        "checkpoints", nargs="*", metavar="PATH", help="rm: checkpoints (there or gone); scan: dirs"
-    )
-    p.add_argument("--dry-run", action="store_true", help="prune, clear, rm: only list what would go")
-    p.add_argument("--paths", action="store_true", help="ls: full paths (hub files are named repo@revision)")
-    p.add_argument("--yes", action="store_true", help="clear: do not ask on a terminal")
-    p.set_defaults(func=cmd_cache)
+    _cache_options(add("cache", "list, check, prune, clear or repair the cache, or remove some siblings"))
     return parser
+
+
+def _check_cache_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not getattr(args, "cache_command", None):
+        return
+    if (args.cache_command in PATH_ACTIONS) != bool(args.checkpoints):
+        parser.error("cache rm and scan take one or more paths; the other cache actions take none")
+    if args.max_size is not None and args.cache_command != "prune":
+        parser.error("--max-size goes with cache prune")
+
+
+def _size_argument(text: str) -> int:
+    try:
+        return _config.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fail(as_json: bool, code: int, exc: BaseException, kind: str) -> int:
@@ -319,10 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        if getattr(args, "cache_command", None) and (args.cache_command in PATH_ACTIONS) != bool(
-            args.checkpoints
-        ):
-            parser.error("cache rm and scan take one or more paths; the other cache actions take none")
+        _check_cache_arguments(parser, args)
     except _VersionAsked:
         if "--json" in argv:
             print(json.dumps({"version": __version__}, indent=2))

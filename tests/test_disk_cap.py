@@ -1,0 +1,170 @@
+"""A cap on the siblings' disk, least recently used first: ``SA3LOADER_CACHE_MAX`` bounds what
+the siblings an index names take on disk, a load records a sibling's last use (at most once an
+hour), a filesystem short of space loses its least recently used siblings before a load falls
+back, ``cache ls`` shows and sorts by last use and ``cache prune --max-size`` applies a cap once."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from support.cli import run
+from support.compare import assert_same_model
+from support.faults import faked, tuned
+from support.loads import load_toy, make_ckpt
+from support.toymodel import reference
+
+import sa3loader
+from sa3loader import _config
+from sa3loader._index import Index
+from sa3loader._records import IndexRow
+
+SIBLING = os.path.join(".cache", "sa3loader")
+
+
+def three_checkpoints(tmp_path):
+    """Saved a while ago: a hit is a plain hit, never a revalidation (which rewrites the row)."""
+    made = [make_ckpt(tmp_path / f"{name}.safetensors", seed=seed) for seed, name in enumerate("abc", 3)]
+    for path in made:
+        os.utime(path, (time.time() - 100, time.time() - 100))
+    return made
+
+
+def sibling_of(ckpt):
+    return ckpt.parent / SIBLING / ckpt.name.replace(".safetensors", ".fp16.safetensors")
+
+
+def test_a_cap_removes_the_least_recently_used_sibling_not_the_oldest(tmp_path, monkeypatch, caplog):
+    a, b, c = three_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    with tuned(last_use_step_s=0.0):  # every use recorded: the order is the test's, not the clock's
+        load_toy(a, cache)  # made first
+        load_toy(b, cache)
+        load_toy(a, cache)  # used again: b is now the least recently used
+    size = sibling_of(a).stat().st_size
+    monkeypatch.setenv(_config.CACHE_MAX_ENV, str(2 * size + size // 2))  # room for two
+    caplog.set_level("INFO", logger="sa3loader")
+    model = load_toy(c, cache)
+    assert sa3loader.last_load_info().converted
+    assert_same_model(model, reference(c))
+    assert sibling_of(a).exists() and sibling_of(c).exists() and not sibling_of(b).exists()
+    assert f"removed the least recently used sibling {sibling_of(b)}" in caplog.text
+    rows = json.loads(run("--json", "cache", "ls", cache=cache).stdout)
+    assert [r["source"] for r in rows] == [str(a), str(c)]  # least recently used first
+    assert rows[0]["last_used"] <= rows[1]["last_used"]
+    assert ", last used " in run("cache", "ls", cache=cache).stdout
+    load_toy(b, cache)  # needs its sibling again: converted, and now a goes
+    assert sa3loader.last_load_info().converted and not sibling_of(a).exists()
+
+
+def test_a_sibling_larger_than_the_cap_is_not_written_and_the_load_says_why(tmp_path, monkeypatch):
+    a, b, _ = three_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    load_toy(a, cache)
+    monkeypatch.setenv(_config.CACHE_MAX_ENV, "1kB")
+    model = load_toy(b, cache)
+    info = sa3loader.last_load_info()
+    assert info.sibling is None and f"larger than ${_config.CACHE_MAX_ENV} (1 kB)" in info.reason
+    assert sibling_of(a).exists() and not sibling_of(b).exists()  # nothing was removed for nothing
+    assert_same_model(model, reference(b))
+
+
+def test_a_hit_records_its_use_at_most_once_an_hour(tmp_path):
+    a, _, _ = three_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    load_toy(a, cache)
+    with Index(str(cache)) as index:
+        made = index.get(os.path.realpath(a))
+        assert made is not None and made.used() >= made.created
+    load_toy(a, cache)
+    with Index(str(cache)) as index:
+        assert index.get(os.path.realpath(a)) == made  # within the hour: no write at all
+        hour_ago = time.time() - 3700
+        index.put(os.path.realpath(a), IndexRow(**{**made.__dict__, "last_used": hour_ago}))
+    load_toy(a, cache)
+    assert sa3loader.last_load_info().cache_hit
+    with Index(str(cache)) as index:
+        assert index.get(os.path.realpath(a)).used() > hour_ago + 3600
+
+
+def test_a_row_an_older_version_wrote_was_last_used_when_it_was_made():
+    row = {
+        "schema": 1,
+        "source": {"size": 1, "mtime_ns": 1, "header_sha256": "h", "inode": 1, "device": 1, "ctime_ns": 1},
+    }
+    row["source"].update({"path": "/m", "real_path": "/m"})
+    row.update(
+        fingerprint="f",
+        sibling={"path": "/s", "size": 1, "header_sha256": "h"},
+        converter_version="1",
+        created=12.5,
+        range=None,
+    )
+    from sa3loader._records import SCHEMA_VERSION
+
+    row["schema"] = SCHEMA_VERSION
+    parsed = IndexRow.from_json(row)
+    assert parsed is not None and parsed.last_used is None and parsed.used() == 12.5
+    for planted in (float("nan"), float("inf"), True, "yesterday"):
+        assert IndexRow.from_json({**row, "last_used": planted}).used() == 12.5
+
+
+def test_a_full_disk_loses_its_least_recently_used_sibling_before_the_load_falls_back(tmp_path):
+    """The checkpoint folder's filesystem holds room for one more sibling only once the least
+    recently used one there is gone: the new sibling still goes beside its checkpoint."""
+    a, b, c = three_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    load_toy(a, cache)
+    load_toy(b, cache)
+    size, source = sibling_of(a).stat().st_size, a.stat().st_size
+
+    def disk_free(path, real):  # a disk that has room for one sibling besides the room rule's
+        if str(path).startswith(str(tmp_path / SIBLING)) or str(path) == str(tmp_path / ".cache"):
+            used = sum(p.stat().st_size for p in (tmp_path / SIBLING).glob("*.fp16.safetensors"))
+            return (64 << 20) + source + 3 * size - used - 1
+        return 0  # nowhere else: no fallback to the cache dir
+
+    with faked(free_bytes=disk_free):
+        model = load_toy(c, cache)
+    assert sa3loader.last_load_info().converted and sibling_of(c).exists()
+    assert not sibling_of(a).exists() and sibling_of(b).exists()
+    assert_same_model(model, reference(c))
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [("20GB", 20 * 10**9), ("500MiB", 500 << 20), ("1.5 TB", 15 * 10**11), ("1000", 1000), ("2kib", 2048)],
+)
+def test_sizes_are_read_as_written(text, size):
+    assert _config.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["20G", "-1GB", "lots", "1e9", ""])
+def test_a_size_that_does_not_say_its_unit_is_refused(text, monkeypatch, tmp_path):
+    with pytest.raises(ValueError):
+        _config.parse_size(text)
+    if text:
+        monkeypatch.setenv(_config.CACHE_MAX_ENV, text)
+        with pytest.raises(sa3loader.ConfigError, match=_config.CACHE_MAX_ENV):
+            load_toy(make_ckpt(tmp_path / "m.safetensors"), tmp_path / "cache")
+
+
+def test_prune_max_size_removes_the_least_recently_used_until_the_rest_fit(tmp_path):
+    a, b, c = three_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    with tuned(last_use_step_s=0.0):
+        for ckpt in (a, b, c, a):
+            load_toy(ckpt, cache)
+    size = sibling_of(a).stat().st_size
+    dry = run("cache", "prune", "--max-size", str(size + 1), "--dry-run", cache=cache).stdout
+    assert dry.startswith(f"would prune (over cap): {b}\nwould prune (over cap): {c}\n")
+    assert sibling_of(b).exists()
+    run("cache", "prune", "--max-size", str(size + 1), cache=cache)
+    assert [p.name for p in (tmp_path / SIBLING).glob("*.fp16.safetensors")] == ["a.fp16.safetensors"]
+    assert [r["source"] for r in json.loads(run("--json", "cache", "ls", cache=cache).stdout)] == [str(a)]
+    assert (
+        "goes with cache prune" in run("cache", "clear", "--max-size", "1GB", cache=cache, check_rc=2).stderr
+    )
+    assert "not a size" in run("cache", "prune", "--max-size", "20G", cache=cache, check_rc=2).stderr
