@@ -13,20 +13,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from . import _compare, _config
-from ._format import open_header, read_header
-from ._identity import hard_match, identity_of, is_sa3loader_path, sibling_matches_source
-from ._index import INDEX_SUBDIR, Index
+from . import _compare
+from ._format import open_header
+from ._identity import is_sa3loader_path, sibling_matches_source
+from ._index import Entry, command_index, entries, has_index, refuse_untrusted
 from ._lock import conversion_lock
 from ._places import (
     BESIDE_SUBDIR,
     INCOMPLETE_INFIX,
     LOCK_SUFFIX,
     SIBLINGS_SUBDIR,
+    at_sibling_place,
     beside_path,
     blob_name,
     cache_path,
@@ -34,89 +34,15 @@ from ._places import (
     legacy_beside_path,
     temp_files_of,
 )
-from ._records import MISSING_SIBLING, MISSING_SOURCE, OK, STALE, IndexRow
-from ._trust import cache_dir_trust, owned_file_problem
-from .errors import LockTimeoutError, Sa3LoaderError, UntrustedCacheDirError, UnusableLockError
+from ._records import MISSING_SOURCE, OK, STALE
+from ._trust import owned_file_problem
+from .errors import LockTimeoutError, Sa3LoaderError, UnusableLockError
 
-INVALID = "invalid"  # a row of the wrong shape: treated as absent by loads
+NOT_A_SIBLING_PLACE = (
+    "it is not in a .cache/sa3loader or the cache dir (an older version's sibling, or your own "
+    "converted file): remove it yourself if you do not need it"
+)
 OVER_CAP = "over cap"  # a valid row whose sibling a cap removes, least recently used first
-
-
-@dataclass
-class Entry:
-    source: str
-    sibling: str
-    source_size: int
-    sibling_size: int
-    created: float
-    status: str
-    key: str = field(default="", repr=False)  # the index key (the source's real path)
-    last_used: float = 0.0  # when a load last used the sibling (to the hour), or made it
-
-
-def _status(row: IndexRow) -> str:
-    """Whether the row still describes its source and sibling (header level: nothing is
-    read but headers; ``verify`` reads every byte)."""
-    if not os.path.exists(row.real_path):
-        return MISSING_SOURCE
-    if not os.path.exists(row.sibling_path):
-        return MISSING_SIBLING
-    try:
-        with open_header(row.real_path) as source:
-            current = identity_of(source)
-        sib = read_header(row.sibling_path, follow_symlinks=False)
-    except (Sa3LoaderError, OSError):
-        return STALE
-    if not hard_match(current, row.source) or sib.sha256 != row.sibling_header_sha256:
-        return STALE
-    return OK
-
-
-def _entry(key: str, row: IndexRow | None) -> Entry:
-    if row is None:
-        return Entry(
-            source=key, sibling="", source_size=0, sibling_size=0, created=0.0, status=INVALID, key=key
-        )
-    return Entry(
-        source=row.source_path,
-        sibling=row.sibling_path,
-        source_size=row.source.size,
-        sibling_size=row.sibling_size,
-        created=row.created,
-        status=_status(row),
-        key=key,
-        last_used=row.used(),
-    )
-
-
-@contextlib.contextmanager
-def _index(cache_dir: str) -> Iterator[Index]:
-    """The index, strict, only of a dir no one else controls: its rows name files to check and delete."""
-    _refuse_untrusted(cache_dir)
-    with Index(cache_dir, strict=True) as index:
-        yield index
-
-
-def _refuse_untrusted(cache_dir: str) -> None:
-    distrust = cache_dir_trust(cache_dir)
-    if distrust is not None:
-        raise UntrustedCacheDirError(
-            f"refusing the cache dir {cache_dir}: {distrust} "
-            f"(set ${_config.SHARED_CACHE_ENV}=1 for a shared team cache)",
-            filename=cache_dir,
-        )
-
-
-def _has_index(cache_dir: str) -> bool:
-    """Reading a cache that was never made creates nothing: no dir, no index."""
-    return os.path.isdir(os.path.join(cache_dir, INDEX_SUBDIR))
-
-
-def entries(cache_dir: str) -> list[Entry]:
-    if not _has_index(cache_dir):
-        return []
-    with _index(cache_dir) as index:
-        return [_entry(key, row) for key, row in index.items()]
 
 
 @dataclass
@@ -158,6 +84,16 @@ class Removal:
     kind: str  # "sibling", "temp file", "lock file", "empty dir"
     # The sibling whose conversion lock guards this step ("" for dirs).
     guard: str = field(default="", repr=False)
+    # A sibling's (device, inode, size, mtime) when planned: another file there since is kept.
+    identity: tuple[int, int, int, int] | None = field(default=None, repr=False)
+
+
+def _identity(path: str) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.lstat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 @dataclass
@@ -191,15 +127,16 @@ def _ours(path: str) -> bool:
 
 
 def _leftovers(sibling: str) -> list[Removal]:
-    """Temp files a killed conversion of ``sibling`` left, and its lock file: yours only."""
+    """Temp files a killed conversion of ``sibling`` left, and its (empty) lock file: yours only.
+    Call only for a sibling ``at_sibling_place``: a row may name any path."""
     found = [
         Removal(t, file_size(t), "temp file", sibling)
         for t in temp_files_of(sibling)
         if owned_file_problem(t) is None
     ]
     lock = sibling + LOCK_SUFFIX
-    if os.path.lexists(lock) and owned_file_problem(lock) is None:
-        found.append(Removal(lock, file_size(lock), "lock file", sibling))
+    if os.path.lexists(lock) and owned_file_problem(lock) is None and file_size(lock) == 0:
+        found.append(Removal(lock, 0, "lock file", sibling))
     return found
 
 
@@ -236,16 +173,21 @@ def _plan(
 ) -> Plan:
     """Each sibling to delete, then what conversions of it (and, with ``sweep``, of any sibling in
     the cache dir) left; then the dirs that leaves empty (with ``sweep``, any empty one)."""
-    doomed = {s for s in siblings if _ours(s)}
+    placed = {s for s in set(named) | set(siblings) if at_sibling_place(s, cache_dir)}
+    doomed = {s for s in siblings if s in placed and _ours(s)}
     removals = []
-    for sibling in sorted(set(named) | (_siblings_under(cache_dir) if sweep else set()) | doomed):
+    for sibling in sorted(placed | (_siblings_under(cache_dir) if sweep else set())):
         if sibling in doomed:
-            removals.append(Removal(sibling, file_size(sibling), "sibling", sibling))
+            removals.append(Removal(sibling, file_size(sibling), "sibling", sibling, _identity(sibling)))
         removals += _leftovers(sibling)
     emptied = _emptied_dirs(cache_dir, removals)
     if not sweep:
         emptied = [d for d in emptied if any(r.path.startswith(d.path) for r in removals if r not in emptied)]
-    return Plan(rows, removals + emptied)
+    kept = [
+        (Removal(s, file_size(s), "sibling", s), NOT_A_SIBLING_PLACE) for s in siblings if s not in placed
+    ]
+    kept = [k for k in kept if _ours(k[0].path)]
+    return Plan(rows, removals + emptied, kept)
 
 
 def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
@@ -258,8 +200,8 @@ def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     dropped = [e for e in listed if e.status != OK]
     siblings = [e.sibling for e in dropped if e.status in (STALE, MISSING_SOURCE) and e.sibling not in in_use]
     if max_bytes is not None:
-        valid = [e for e in listed if e.status == OK]
-        over = _least_used(valid, sum(st.st_size for _, st, _ in _by_last_use(valid)) - max_bytes)
+        used = _by_last_use(cache_dir, [e for e in listed if e.status == OK])
+        over = _least_used(used, sum(u.st.st_size for u in used) - max_bytes, partial=True)
         dropped += over
         siblings += list(dict.fromkeys(e.sibling for e in over))
     return _plan(cache_dir, dropped, siblings, [e.sibling for e in listed if e.sibling])
@@ -306,9 +248,14 @@ def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
     siblings = [s for s in siblings if s not in shared and s not in locked]
     kept = [(Removal(s, file_size(s), "sibling", s), "another checkpoint's row uses it") for s in shared]
     kept += [(Removal(s, file_size(s), "sibling", s), "its lock file is another user's") for s in locked]
+    kept += [
+        (Removal(s, file_size(s), "sibling", s), problem)
+        for s in siblings
+        if at_sibling_place(s, cache_dir) and (problem := owned_file_problem(s)) is not None
+    ]
     plan = _plan(cache_dir, rows, siblings, siblings, sweep=False)
     plan.removals += _emptied_beside_dirs(plan.removals)
-    plan.kept = kept
+    plan.kept = kept + plan.kept
     return plan
 
 
@@ -350,6 +297,8 @@ def _carry_out(step: Removal, live: list[Entry] | None) -> str | None:
     if step.kind == "sibling":
         if not _ours(step.path):
             return "it is no longer an sa3loader sibling of yours"
+        if step.identity is not None and _identity(step.path) != step.identity:
+            return "another file was put there since the plan was made"
         if live is not None:
             reason = _still_needed(step.path, live)
             if reason is not None:
@@ -389,15 +338,17 @@ def _execute_guarded(sibling: str, steps: list[Removal], live: list[Entry] | Non
 
 def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
     """Carry out ``plan`` as it is: rows first, then each file under its sibling's lock, then dirs."""
-    if plan.rows or _has_index(cache_dir):
-        with _index(cache_dir) as index:
+    if plan.rows or has_index(cache_dir):
+        with command_index(cache_dir) as index:
             for entry in plan.rows:
-                index.delete(entry.key)
+                now = index.get(entry.key)  # rewritten since the plan (converted again): kept
+                if now is None or (now.sibling_path, now.created) == (entry.sibling, entry.created):
+                    index.delete(entry.key)
     else:
-        _refuse_untrusted(cache_dir)
+        refuse_untrusted(cache_dir)
     # Rows a prune keeps, and the sources of those it dropped: a sibling valid for either stays.
     live = entries(cache_dir) + plan.rows if pruning else None
-    outcome = Outcome(plan.rows, [], [])
+    outcome = Outcome(plan.rows, [], list(plan.kept))
     guarded: dict[str, list[Removal]] = {}
     for step in plan.removals:
         if step.kind != "empty dir":
@@ -413,41 +364,49 @@ def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
                 outcome.kept.append((step, "it is not empty"))
     order = {id(step): i for i, step in enumerate(plan.removals)}  # report in the plan's order
     outcome.removed.sort(key=lambda step: order[id(step)])
-    outcome.kept.sort(key=lambda kept: order[id(kept[0])])
+    outcome.kept.sort(key=lambda kept: order.get(id(kept[0]), -1))  # the plan's own first
     return outcome
 
 
-_Used = tuple[str, os.stat_result, list[Entry]]  # a sibling, its stat, the rows that name it
+class _Used(NamedTuple):
+    """A sibling the rows name, its stat, those rows, and whether removing it frees its
+    bytes and may be done now (one link only; its lock not another user's)."""
+
+    sibling: str
+    st: os.stat_result
+    rows: list[Entry]
+    evictable: bool
 
 
-def _by_last_use(listed: list[Entry], keep: frozenset[str] = frozenset()) -> list[_Used]:
-    """Each sibling of yours the rows name (once, with its size on disk and the rows naming
-    it), first those no valid row names, then least recently used first; ``keep`` left out."""
+def _by_last_use(cache_dir: str, listed: list[Entry], keep: frozenset[str] = frozenset()) -> list[_Used]:
+    """Each sibling of yours ``at_sibling_place`` the rows name, once per file (hard links to one
+    file count once), first those no valid row names, then least recently used first."""
     named: dict[str, list[Entry]] = {}
     for entry in listed:
-        if entry.sibling and entry.sibling not in keep:
+        if entry.sibling not in keep and at_sibling_place(entry.sibling, cache_dir):
             named.setdefault(entry.sibling, []).append(entry)
-    found = []
+    found, seen = [], set()
     for sibling, rows in named.items():
-        with contextlib.suppress(OSError):
-            if _ours(sibling):
-                found.append((sibling, os.lstat(sibling), rows))
-    return sorted(found, key=lambda f: (any(e.status == OK for e in f[2]), max(e.last_used for e in f[2])))
+        st = os.lstat(sibling) if _ours(sibling) else None
+        if st is not None and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            found.append(_Used(sibling, st, rows, st.st_nlink == 1 and not _foreign_lock(sibling)))
+    return sorted(
+        found, key=lambda u: (any(e.status == OK for e in u.rows), max(e.last_used for e in u.rows))
+    )
 
 
-def _least_used(
-    listed: list[Entry], excess: int, keep: frozenset[str] = frozenset(), device: int | None = None
-) -> list[Entry]:
-    """The rows (marked ``OVER_CAP``) of the least recently used siblings (on ``device``, when
-    given; never one in ``keep``) whose sizes add up to ``excess`` bytes, or all there are."""
+def _least_used(used: list[_Used], excess: int, *, partial: bool = False) -> list[Entry]:
+    """The rows (marked ``OVER_CAP``) of the first evictable siblings of ``used`` whose sizes add up
+    to ``excess`` bytes; none when all of them would not (``partial``: all of them then)."""
     over: list[Entry] = []
-    for _, st, rows in _by_last_use(listed, keep):
+    for u in used:
         if excess <= 0:
             break
-        if device is None or st.st_dev == device:
-            over += [dataclasses.replace(e, status=OVER_CAP) for e in rows]
-            excess -= st.st_size
-    return over
+        if u.evictable:
+            over += [dataclasses.replace(e, status=OVER_CAP) for e in u.rows]
+            excess -= u.st.st_size
+    return over if excess <= 0 or partial else []
 
 
 def _eviction(cache_dir: str, over: list[Entry]) -> Plan:
@@ -458,19 +417,25 @@ def _eviction(cache_dir: str, over: list[Entry]) -> Plan:
 def plan_cap(cache_dir: str, max_bytes: int, *, adding: int, keep: frozenset[str]) -> Plan | None:
     """The least recently used siblings to remove so that those the index names, and a new
     one of ``adding`` bytes at a place in ``keep`` (what is there is replaced), take at most
-    ``max_bytes``; None when the new one alone is larger."""
-    if adding > max_bytes:
-        return None
-    listed = entries(cache_dir)
-    total = sum(st.st_size for _, st, _ in _by_last_use(listed, keep))
-    return _eviction(cache_dir, _least_used(listed, total + adding - max_bytes, keep))
+    ``max_bytes``; None when that cannot be (the new one alone is larger, or the others that
+    would have to go cannot)."""
+    used = _by_last_use(cache_dir, entries(cache_dir), keep)
+    excess = sum(u.st.st_size for u in used) + adding - max_bytes
+    over = _least_used(used, excess)
+    return None if adding > max_bytes or (excess > 0 and not over) else _eviction(cache_dir, over)
 
 
-def plan_room(cache_dir: str, directory: str, needed: int, keep: frozenset[str]) -> Plan:
-    """The least recently used siblings on ``directory``'s filesystem that free ``needed`` bytes
-    there (as many as there are), never one in ``keep``."""
+def plan_room(cache_dir: str, directory: str, needed: int, keep: frozenset[str], used_before: float) -> Plan:
+    """The least recently used siblings on ``directory``'s filesystem, none used since
+    ``used_before`` (two loads would take turns evicting each other), that free ``needed``
+    bytes there; none when they would not."""
     device = os.stat(directory).st_dev
-    return _eviction(cache_dir, _least_used(entries(cache_dir), needed, keep, device))
+    used = [
+        u
+        for u in _by_last_use(cache_dir, entries(cache_dir), keep)
+        if u.st.st_dev == device and max(e.last_used for e in u.rows) < used_before
+    ]
+    return _eviction(cache_dir, _least_used(used, needed))
 
 
 def prune(cache_dir: str) -> Outcome:
@@ -481,20 +446,3 @@ def prune(cache_dir: str) -> Outcome:
 def clear(cache_dir: str) -> Outcome:
     """``plan_clear`` carried out."""
     return execute(cache_dir, plan_clear(cache_dir), pruning=False)
-
-
-def repair(cache_dir: str) -> str | None:
-    """Set a corrupt index aside and start a new one; returns where it went, or None if it was fine.
-
-    A locked index is not corrupt: ``CacheIndexError``. Siblings are not touched:
-    loads adopt them again from their own metadata.
-    """
-    with _index(cache_dir) as index:  # refuses an untrusted dir before anything moves
-        problem = index.diagnose()
-    if problem is None:
-        return None
-    aside = f"{index.directory}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    os.rename(index.directory, aside)
-    with _index(cache_dir) as index:
-        index.items()  # a new, empty index
-    return aside

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import stat
 import sys
 import time
 from dataclasses import asdict
 from typing import Any
 
-from . import _cache_admin, _cache_scan, _faults
+from . import _cache_admin, _cache_scan, _faults, _index
 from ._cache_dir import resolve_cache_dir
 from ._cli_output import EXIT_CHECK_FAILED, EXIT_ERROR, EXIT_OK, emit, human_size
 from ._places import hub_name
 
 
-def _ls_line(e: _cache_admin.Entry, paths: bool) -> str:
-    if e.status == _cache_admin.INVALID:
+def _ls_line(e: _index.Entry, paths: bool) -> str:
+    if e.status == _index.INVALID:
         return f"{e.status:15} {e.source}: not a valid index row (loads ignore it; `cache prune` drops it)"
     source = e.source if paths else hub_name(e.source) or e.source
     sibling = f" -> {e.sibling}" if paths else ""
@@ -28,12 +30,18 @@ def _ls_line(e: _cache_admin.Entry, paths: bool) -> str:
 
 
 def _bytes_on_disk(paths: set[str]) -> int:
-    """The size of each file that exists, once each (rows of copies of a hub blob share one)."""
-    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+    """The size of each file that exists, once each (rows of copies of a hub blob share one;
+    hard links to one file are one file)."""
+    files = {}
+    for path in paths:
+        with contextlib.suppress(OSError, ValueError):
+            st = os.stat(path)
+            files[st.st_dev, st.st_ino] = st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return sum(files.values())
 
 
-def _ls_total(rows: list[_cache_admin.Entry]) -> str:
-    valid = [e for e in rows if e.status != _cache_admin.INVALID]
+def _ls_total(rows: list[_index.Entry]) -> str:
+    valid = [e for e in rows if e.status != _index.INVALID]
     checkpoints, siblings = {e.key or e.source for e in valid}, {e.sibling for e in valid}
     return (
         f"{len(rows)} row(s): {human_size(_bytes_on_disk(checkpoints))} of checkpoints, "
@@ -41,7 +49,7 @@ def _ls_total(rows: list[_cache_admin.Entry]) -> str:
     )
 
 
-def _entry_data(e: _cache_admin.Entry) -> dict[str, Any]:
+def _entry_data(e: _index.Entry) -> dict[str, Any]:
     data = asdict(e)
     data.pop("key")
     data["hub"] = hub_name(e.source)
@@ -63,7 +71,16 @@ def _removal_lines(removed: list[_cache_admin.Removal], dry_run: bool) -> list[s
 
 
 def _plan_data(plan: _cache_admin.Plan) -> dict[str, Any]:
-    return {"rows": [_entry_data(e) for e in plan.rows], "removed": [_removal_data(r) for r in plan.removals]}
+    return {
+        "rows": [_entry_data(e) for e in plan.rows],
+        "removed": [_removal_data(r) for r in plan.removals],
+        "kept": [{**_removal_data(r), "why": why} for r, why in plan.kept],
+    }
+
+
+def _kept_lines(kept: list[tuple[_cache_admin.Removal, str]], dry_run: bool) -> list[str]:
+    verb = "would keep" if dry_run else "kept"
+    return [f"{verb} {r.kind} {r.path}: {why}" for r, why in kept]
 
 
 def _outcome_data(outcome: _cache_admin.Outcome) -> dict[str, Any]:
@@ -93,7 +110,8 @@ def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
     verb = "prune" if pruning else "clear"
     if args.dry_run:
         lines = [f"would prune ({e.status}): {e.source}" for e in plan.rows] if pruning else []
-        lines += [*_removal_lines(plan.removals, dry_run=True), f"would {verb} {rows}"]
+        lines += [*_removal_lines(plan.removals, dry_run=True), *_kept_lines(plan.kept, dry_run=True)]
+        lines.append(f"would {verb} {rows}")
         emit(args, {"dry_run": True, **_plan_data(plan)}, lines)
         return EXIT_OK
     if not pruning and not args.yes and not args.json and _faults.fact("interactive", None, interactive()):
@@ -107,8 +125,7 @@ def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
             return EXIT_OK
     outcome = _cache_admin.execute(cache_dir, plan, pruning=pruning)
     lines = [f"pruned ({e.status}): {e.source}" for e in outcome.rows] if pruning else []
-    lines += _removal_lines(outcome.removed, dry_run=False)
-    lines += [f"kept {r.kind} {r.path}: {why}" for r, why in outcome.kept]
+    lines += [*_removal_lines(outcome.removed, dry_run=False), *_kept_lines(outcome.kept, dry_run=False)]
     lines.append(f"pruned {rows}" if pruning else f"cleared {rows}")
     emit(args, {"dry_run": False, **_outcome_data(outcome)}, lines)
     return EXIT_OK
@@ -118,23 +135,19 @@ def _rm(args: argparse.Namespace, cache_dir: str) -> int:
     plan = _cache_admin.plan_rm(cache_dir, args.checkpoints)
     verb = "would remove" if args.dry_run else "removed"
     if args.dry_run:
-        lines = _removal_lines(plan.removals, dry_run=True)
-        lines += [f"would keep {r.kind} {r.path}: {why}" for r, why in plan.kept]
+        lines = [*_removal_lines(plan.removals, dry_run=True), *_kept_lines(plan.kept, dry_run=True)]
         lines.append(f"{verb} {len(plan.rows)} row(s)")
-        kept = [{**_removal_data(r), "why": why} for r, why in plan.kept]
-        emit(args, {"dry_run": True, **_plan_data(plan), "kept": kept}, lines)
+        emit(args, {"dry_run": True, **_plan_data(plan)}, lines)
         return EXIT_OK
     outcome = _cache_admin.execute(cache_dir, plan, pruning=False)
-    outcome.kept = plan.kept + outcome.kept
-    lines = _removal_lines(outcome.removed, dry_run=False)
-    lines += [f"kept {r.kind} {r.path}: {why}" for r, why in outcome.kept]
+    lines = [*_removal_lines(outcome.removed, dry_run=False), *_kept_lines(outcome.kept, dry_run=False)]
     lines.append(f"{verb} {len(outcome.rows)} row(s)")
     emit(args, {"dry_run": False, **_outcome_data(outcome)}, lines)
     return EXIT_OK
 
 
 def _scan(args: argparse.Namespace, cache_dir: str) -> int:
-    found = _cache_scan.scan(args.checkpoints, {e.sibling: e.source for e in _cache_admin.entries(cache_dir)})
+    found = _cache_scan.scan(args.checkpoints, {e.sibling: e.source for e in _index.entries(cache_dir)})
     lines = [
         f"{f.status:15} {f.sibling}  {human_size(f.bytes)}  source: {f.source}"
         + (" (gone)" if f.status == _cache_admin.MISSING_SOURCE else "")
@@ -166,7 +179,7 @@ def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:
 
 
 def _repair(args: argparse.Namespace, cache_dir: str) -> int:
-    aside = _cache_admin.repair(cache_dir)
+    aside = _index.repair(cache_dir)
     line = (
         f"the index in {cache_dir} is sound: nothing to repair"
         if aside is None
@@ -180,10 +193,10 @@ def _repair(args: argparse.Namespace, cache_dir: str) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     cache_dir = resolve_cache_dir(args.cache_dir)
     if args.cache_command == "ls":
-        rows = sorted(_cache_admin.entries(cache_dir), key=lambda e: e.last_used)  # least recently used first
+        rows = sorted(_index.entries(cache_dir), key=lambda e: e.last_used)  # least recently used first
         lines = [f"cache dir: {cache_dir}", *(_ls_line(e, args.paths) for e in rows), _ls_total(rows)]
         emit(args, [_entry_data(e) for e in rows], lines)
-        return EXIT_CHECK_FAILED if any(e.status == _cache_admin.INVALID for e in rows) else EXIT_OK
+        return EXIT_CHECK_FAILED if any(e.status == _index.INVALID for e in rows) else EXIT_OK
     if args.cache_command == "verify":
         return _verify_cache(args, cache_dir)
     if args.cache_command == "repair":

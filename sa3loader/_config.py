@@ -169,9 +169,10 @@ def parse_size(text: str) -> int:
     (``20G`` too: decimal or binary is the user's to say)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else ""
-    if match is None or unit not in SIZE_UNITS:
+    value = float(match.group(1)) * SIZE_UNITS.get(unit, 0) if match else math.nan
+    if match is None or unit not in SIZE_UNITS or not value < 2**63:  # no disk is larger (nor is inf)
         raise ValueError(f"{text!r} is not a size (like 20GB, 500MiB or a number of bytes)")
-    return int(float(match.group(1)) * SIZE_UNITS[unit])
+    return int(value)
 
 
 def cache_max() -> int | None:

@@ -192,7 +192,7 @@ def _process_alive(pid: int) -> bool:
 
 # What follows <out>.incomplete- or <out>.replaced- in the name of a staging or set-aside
 # output dir: <pid>-<8 hex>. Only a dir named exactly so is ours to heal or remove.
-STAGING_TAIL = re.compile(r"(\d+)-[0-9a-f]{8}")
+STAGING_TAIL = re.compile(r"([0-9]+)-[0-9a-f]{8}")
 
 
 def _writer_pid(name: str, infix: str) -> int | None:

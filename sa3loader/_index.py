@@ -12,21 +12,32 @@ read, loading goes on without it (a sibling's own metadata is enough to adopt it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sqlite3
+import time
 import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import diskcache
 from diskcache.core import MODE_RAW, UNKNOWN
 
-from . import _faults
+from . import _config, _faults
 from ._cache_dir import create_cache_dir
 from ._config import info_once, warn_once
-from ._records import IndexRow
-from .errors import CacheIndexError
+from ._format import open_header, read_header
+from ._identity import hard_match, identity_of
+from ._records import MISSING_SIBLING, MISSING_SOURCE, OK, STALE, IndexRow
+from ._trust import cache_dir_trust
+from .errors import (
+    CacheIndexError,
+    Sa3LoaderError,
+    UntrustedCacheDirError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -325,3 +336,100 @@ class Index:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def command_index(cache_dir: str) -> Iterator[Index]:
+    """The index, strict, only of a dir no one else controls: its rows name files to check and delete."""
+    refuse_untrusted(cache_dir)
+    with Index(cache_dir, strict=True) as index:
+        yield index
+
+
+def refuse_untrusted(cache_dir: str) -> None:
+    distrust = cache_dir_trust(cache_dir)
+    if distrust is not None:
+        raise UntrustedCacheDirError(
+            f"refusing the cache dir {cache_dir}: {distrust} "
+            f"(set ${_config.SHARED_CACHE_ENV}=1 for a shared team cache)",
+            filename=cache_dir,
+        )
+
+
+def has_index(cache_dir: str) -> bool:
+    """Reading a cache that was never made creates nothing: no dir, no index."""
+    return os.path.isdir(os.path.join(cache_dir, INDEX_SUBDIR))
+
+
+def repair(cache_dir: str) -> str | None:
+    """Set a corrupt index aside and start a new one; returns where it went, or None if it was fine.
+
+    A locked index is not corrupt: ``CacheIndexError``. Siblings are not touched:
+    loads adopt them again from their own metadata.
+    """
+    with command_index(cache_dir) as index:  # refuses an untrusted dir before anything moves
+        problem = index.diagnose()
+    if problem is None:
+        return None
+    aside = f"{index.directory}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    os.rename(index.directory, aside)
+    with command_index(cache_dir) as index:
+        index.items()  # a new, empty index
+    return aside
+
+
+INVALID = "invalid"  # a row of the wrong shape: treated as absent by loads
+
+
+@dataclass
+class Entry:
+    source: str
+    sibling: str
+    source_size: int
+    sibling_size: int
+    created: float
+    status: str
+    key: str = field(default="", repr=False)  # the index key (the source's real path)
+    last_used: float = 0.0  # when a load last used the sibling (to the hour), or made it
+
+
+def _status(row: IndexRow) -> str:
+    """Whether the row still describes its source and sibling (header level: nothing is
+    read but headers; ``verify`` reads every byte)."""
+    if not os.path.exists(row.real_path):
+        return MISSING_SOURCE
+    if not os.path.exists(row.sibling_path):
+        return MISSING_SIBLING
+    try:
+        with open_header(row.real_path) as source:
+            current = identity_of(source)
+        sib = read_header(row.sibling_path, follow_symlinks=False)
+    except (Sa3LoaderError, OSError):
+        return STALE
+    if not hard_match(current, row.source) or sib.sha256 != row.sibling_header_sha256:
+        return STALE
+    return OK
+
+
+def _entry(key: str, row: IndexRow | None) -> Entry:
+    if row is None:
+        return Entry(
+            source=key, sibling="", source_size=0, sibling_size=0, created=0.0, status=INVALID, key=key
+        )
+    return Entry(
+        source=row.source_path,
+        sibling=row.sibling_path,
+        source_size=row.source.size,
+        sibling_size=row.sibling_size,
+        created=row.created,
+        status=_status(row),
+        key=key,
+        last_used=row.used(),
+    )
+
+
+def entries(cache_dir: str) -> list[Entry]:
+    if not has_index(cache_dir):
+        return []
+    with command_index(cache_dir) as index:
+        return [_entry(key, row) for key, row in index.items()]

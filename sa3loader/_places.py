@@ -119,7 +119,7 @@ def sibling_name(source_path: str) -> str:
 # written-<boot id>-<inf>-<zero>-<pid>-<8 hex> (all written, not yet published), verify-<pid>.
 # Only a name of exactly this shape is sa3loader's: a user's file that merely starts like
 # one (``a.fp16.safetensors.incomplete-epoch3.safetensors``) is never taken for a temp file.
-INCOMPLETE_TAIL = re.compile(r"(?:written-[0-9a-f]+-\d+-\d+-)?\d+-[0-9a-f]{8}|verify-\d+")
+INCOMPLETE_TAIL = re.compile(r"(?:written-[0-9a-f]+-[0-9]+-[0-9]+-)?[0-9]+-[0-9a-f]{8}|verify-[0-9]+")
 
 
 def temp_files_of(dest: str) -> list[str]:
@@ -171,6 +171,18 @@ def cache_path(cache_dir: str, source_path: str, real_source: str, blob: str | N
     key = f"blob:{blob}" if blob is not None else real_source
     digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return os.path.join(cache_dir, SIBLINGS_SUBDIR, digest, sibling_name(source_path))
+
+
+def at_sibling_place(path: str, cache_dir: str) -> bool:
+    """Whether ``path`` has a sibling's name where only sa3loader writes siblings: a checkpoint
+    folder's hidden ``.cache/sa3loader`` or ``<cache>/siblings/<key>``. A file next to a
+    checkpoint (an older version's sibling, or your own ``convert --out``), a converted
+    checkpoint, anything a row merely names: not, and so never deleted by a cache command or the cap."""
+    folder = os.path.dirname(path)
+    return os.path.basename(path).endswith(SIBLING_SUFFIXES) and (
+        folder.endswith(os.sep + BESIDE_SUBDIR)
+        or os.path.dirname(folder) == os.path.join(cache_dir, SIBLINGS_SUBDIR)
+    )
 
 
 def in_cache_dir(path: str, cache_dir: str) -> bool:

@@ -7,10 +7,12 @@ before any field is used. Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# How far apart two records of a sibling's last use are: a cap needs hours, not seconds.
+LAST_USE_STEP_S = 3600.0
+MAX_TIME = 2**33  # seconds: the year 2242
 # What a row (or a sibling found on disk) says of its files now, as the cache commands report it.
 OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
 
@@ -103,8 +105,15 @@ def _matches(value: Any, shape: Any) -> bool:
     if shape == _INT:
         return type(value) is int
     if shape == _NUMBER:
-        return type(value) in (int, float)
+        return _a_time(value)
+    if shape is str:
+        return type(value) is str and "\x00" not in value  # no file name holds a NUL
     return type(value) is shape
+
+
+def _a_time(value: Any) -> bool:
+    """A timestamp any clock and ``time.localtime`` can hold (a planted 1e300 or NaN is not)."""
+    return type(value) in (int, float) and 0 <= value < MAX_TIME
 
 
 def valid_row(row: Any) -> bool:
@@ -178,5 +187,5 @@ class IndexRow:
             created=obj["created"],
             range=RangeReport(**obj["range"]) if obj["range"] is not None else None,
             converter_version=obj["converter_version"],
-            last_used=float(used) if type(used) in (int, float) and math.isfinite(used) else None,
+            last_used=float(used) if _a_time(used) else None,
         )

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from . import _config, _convert, _faults
@@ -34,9 +35,9 @@ from ._places import (
     in_cache_dir,
     temp_files_of,
 )
-from ._publication import Publication, finish
-from ._records import IndexRow, RangeReport
-from ._sibling import SiblingFinder, SiblingOutcome
+from ._publication import Publication, finish, wait_for_publishing
+from ._records import LAST_USE_STEP_S, IndexRow, RangeReport
+from ._sibling import SiblingFinder, SiblingOutcome, index_row
 from ._trust import beside_dir_problem, owned_file_problem
 from ._written import WrittenSibling, unpublished_sibling
 from .errors import (
@@ -112,11 +113,22 @@ def _keep_under_cap(f: SiblingFinder, size: int, targets: frozenset[str]) -> str
     """Under $SA3LOADER_CACHE_MAX, remove the least recently used siblings so the new one
     fits; None when it does (or there is no cap), else why the load reads fp32."""
     cap = f.settings.cache_max
-    if cap is None:
+    if cap is None or not f.cache_trusted:  # an untrusted cache dir's index is not read at all
         return None
     if size > cap:
         return f"the {_size(size)} fp16 sibling is larger than ${_config.CACHE_MAX_ENV} ({_size(cap)})"
-    _evict(f, lambda: plan_cap(f.cache_dir, cap, adding=size, keep=targets), f"to stay under {_size(cap)}")
+    wait_for_publishing()  # what this process converted counts once its row is there
+    try:
+        plan = plan_cap(f.cache_dir, cap, adding=size, keep=targets)
+    except (Sa3LoaderError, OSError) as exc:
+        warn_once("cap:" + f.cache_dir, "sa3loader cannot apply $%s: %s", _config.CACHE_MAX_ENV, exc)
+        return None
+    over = f"${_config.CACHE_MAX_ENV} ({_size(cap)})"
+    if plan is None:
+        return f"the {_size(size)} fp16 sibling does not fit under {over}, even with older siblings removed"
+    if plan.removals and f.index.read_only:
+        return f"the {_size(size)} fp16 sibling does not fit under {over}, and the index is read-only"
+    _evict(f, lambda: plan, f"to stay under {_size(cap)}")
     return None
 
 
@@ -149,7 +161,7 @@ def _room_for(f: SiblingFinder, target: str, size: int, keep: frozenset[str]) ->
     if problem is None or not os.path.isdir(directory):
         return problem
     needed = _shortfall(directory, size, f.source.file_size)
-    plan = functools.partial(plan_room, f.cache_dir, directory, needed, keep)
+    plan = functools.partial(plan_room, f.cache_dir, directory, needed, keep, time.time() - LAST_USE_STEP_S)
     if needed > 0 and _evict(f, plan, "to make room"):
         return _room_problem(target, size, f.source.file_size)
     return problem
@@ -309,7 +321,7 @@ class SiblingResolver:
         thread that takes over ``held`` (the lock, the temp file) once the load is done."""
         out, f = self.outcome, self.finder
         out.sibling = written.open_header()
-        row = f.row(out.sibling, None, written.result)
+        row = index_row(f, out.sibling, None, written.result)
         if not self.publish_later:
             _publish(written, f.cache_dir, f.cache_trusted, f.real, row, f.index)
             return

@@ -39,7 +39,7 @@ from ._identity import (
 from ._index import Index
 from ._places import beside_path, cache_path, in_cache_dir, in_hf_hub_cache, legacy_beside_path
 from ._publication import Publication
-from ._records import IndexRow, RangeReport
+from ._records import LAST_USE_STEP_S, IndexRow, RangeReport
 from ._trust import cache_dir_trust, owner_problem
 from ._written import ConversionResult
 from .errors import HeaderError, VerificationError
@@ -47,8 +47,6 @@ from .errors import HeaderError, VerificationError
 logger = logging.getLogger(__name__)
 
 CONTENT_CHECK_FAILED = "content check failed for"
-# How far apart two records of a sibling's last use are: a cap needs hours, not seconds.
-LAST_USE_STEP_S = 3600.0
 
 
 @dataclass
@@ -206,10 +204,21 @@ class SiblingFinder:
             return False
         if not vouched:
             self.outcome.note("adopted" if row is None else "revalidated")
-            self.index.put(self.real, self.row(sibling, row))
+            self._record(sibling, row)
         elif row is not None:
             self._note_use(row)
         return True
+
+    def _record(self, sibling: Header, row: IndexRow | None) -> None:
+        """Write the row for ``sibling``; where stat cannot vouch, a row that says the same
+        already is kept (a hit there reads the fingerprint, and must not write every time)."""
+        new = index_row(self, sibling, row)
+        same = row is not None and dataclasses.replace(
+            new, checked_ns=row.checked_ns, last_used=row.last_used
+        )
+        if row is not None and self._stat_problem and same == row:
+            return self._note_use(row)
+        self.index.put(self.real, new)
 
     def _vouched_for_by(self, row: IndexRow | None, sibling: Header, claimed: str) -> bool:
         """No need to read the fingerprint again: the index row names this very sibling, made
@@ -249,25 +258,6 @@ class SiblingFinder:
             return False
         return True
 
-    def row(self, sibling: Header, old: IndexRow | None, result: ConversionResult | None = None) -> IndexRow:
-        """The index row for ``sibling`` of this source as it is now (a new conversion's
-        report, else the old row's, which a revalidation keeps)."""
-        converted = result is not None or old is None
-        report = RangeReport(result.overflow_to_inf, result.flushed_to_zero) if result is not None else None
-        return IndexRow(
-            source=self.identity,
-            source_path=os.path.abspath(self.source.path),
-            real_path=self.real,
-            fingerprint=self.fingerprint(),
-            checked_ns=self.checked_ns,
-            sibling_path=sibling.path,
-            sibling_size=sibling.file_size,
-            sibling_header_sha256=sibling.sha256,
-            created=time.time() if converted or old is None else old.created,
-            range=report if report is not None else (old.range if old is not None else None),
-            last_used=time.time(),
-        )
-
     def find(self) -> Header | None:
         row = self.index.get(self.real)
         if row is not None and not hard_match(row.source, self.identity):
@@ -287,3 +277,25 @@ class SiblingFinder:
         now = time.time()
         if abs(now - row.used()) >= _faults.tuned("last_use_step_s", LAST_USE_STEP_S):
             self.index.put(self.real, dataclasses.replace(row, last_used=now))
+
+
+def index_row(
+    finder: SiblingFinder, sibling: Header, old: IndexRow | None, result: ConversionResult | None = None
+) -> IndexRow:
+    """The index row for ``sibling`` of the finder's source as it is now (a new conversion's
+    report, else the old row's, which a revalidation keeps)."""
+    converted = result is not None or old is None
+    report = RangeReport(result.overflow_to_inf, result.flushed_to_zero) if result is not None else None
+    return IndexRow(
+        source=finder.identity,
+        source_path=os.path.abspath(finder.source.path),
+        real_path=finder.real,
+        fingerprint=finder.fingerprint(),
+        checked_ns=finder.checked_ns,
+        sibling_path=sibling.path,
+        sibling_size=sibling.file_size,
+        sibling_header_sha256=sibling.sha256,
+        created=time.time() if converted or old is None else old.created,
+        range=report if report is not None else (old.range if old is not None else None),
+        last_used=time.time(),
+    )

@@ -36,6 +36,8 @@ def _lstat(path: str) -> tuple[os.stat_result | None, str | None]:
         return None, None
     except OSError as exc:
         return None, f"cannot inspect it ({exc.strerror})"
+    except ValueError:  # a NUL in a path a row names: no file can have that name
+        return None, "it is not a possible file name"
     if stat.S_ISLNK(st.st_mode):
         return None, "it is a symlink"
     return st, None

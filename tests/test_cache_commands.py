@@ -5,15 +5,18 @@ conversions left but never touch a running one; the cache dir carries a CACHEDIR
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 from support.checkpoints import random_like_state, save
 from support.compare import assert_same_model
-from support.loads import load_toy
+from support.loads import load_toy, make_ckpt
 from support.toymodel import build, reference
 
 import sa3loader
+from sa3loader._format import read_header
+from sa3loader._identity import is_sa3loader_file
 
 
 @pytest.mark.parametrize("io", ["mmap", "read"])
@@ -128,6 +131,8 @@ def test_a_users_file_named_like_a_temp_file_is_never_removed(ckpt, tmp_path, co
     users = [
         hidden / "model.fp16.safetensors.incomplete-epoch3.safetensors",
         hidden / "model.fp16.safetensors.incomplete-1-2",
+        hidden / "model.fp16.safetensors.incomplete-\u0661\u0662-deadbeef",  # digits, not ASCII ones
+        hidden / "model.fp16.safetensors.incomplete-verify-\uff11",
         tmp_path / "model.safetensors.incomplete-keep",
     ]
     for path in users:
@@ -140,3 +145,89 @@ def test_a_users_file_named_like_a_temp_file_is_never_removed(ckpt, tmp_path, co
     elif command == "rm":
         _cache_admin.execute(str(cache), _cache_admin.plan_rm(str(cache), [str(ckpt)]), pruning=False)
     assert all(path.read_bytes() == b"mine" for path in users)
+
+
+def plant_row(cache, source, sibling):
+    """A row in the index naming ``sibling`` for ``source``, as a team-mate could add to a shared
+    cache (or an older version wrote): whatever it names, only sa3loader's places are touched."""
+    from sa3loader._index import Index
+    from sa3loader._records import IndexRow, SourceIdentity
+
+    identity = SourceIdentity(1, 1, "h", 1, 1, 1)
+    row = IndexRow(
+        identity, str(source), str(source), "f", None, str(sibling), 1, "h", time.time() - 9e4, None
+    )
+    with Index(str(cache)) as index:
+        index.put(str(source), row)
+
+
+@pytest.mark.parametrize("command", ["prune", "clear", "cap", "prune --max-size"])
+def test_what_a_row_names_outside_sa3loaders_places_is_never_deleted(tmp_path, command, monkeypatch):
+    """A checkpoint converted in place carries sa3loader's marker, as does your own ``convert
+    --out`` file; a row naming them, or naming ``project/poetry`` (whose lock would be
+    ``poetry.lock``), deletes nothing: only ``.cache/sa3loader`` and the cache dir's siblings."""
+    from sa3loader import _cache_admin, _config, _convert_dir
+
+    cache = tmp_path / "cache"
+    converted = make_ckpt(tmp_path / "ck" / "model.safetensors")
+    _convert_dir.convert_file(str(converted), in_place=True)
+    mine = make_ckpt(tmp_path / "m" / "a.safetensors")
+    _convert_dir.convert_file(str(mine), out=str(tmp_path / "m" / "a.fp16.safetensors"))
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "poetry.lock").write_text("[[package]]\n")
+    plant_row(cache, tmp_path / "gone-1.safetensors", converted)
+    plant_row(cache, tmp_path / "gone-2.safetensors", tmp_path / "m" / "a.fp16.safetensors")
+    plant_row(cache, tmp_path / "gone-3.safetensors", tmp_path / "project" / "poetry")
+    if command == "prune":
+        outcome = _cache_admin.prune(str(cache))
+        assert (str(converted), _cache_admin.NOT_A_SIBLING_PLACE) in [
+            (r.path, why) for r, why in outcome.kept
+        ]
+    elif command == "clear":
+        _cache_admin.clear(str(cache))
+    elif command == "cap":
+        monkeypatch.setenv(_config.CACHE_MAX_ENV, "60kB")  # room for b only once the others go
+        load_toy(make_ckpt(tmp_path / "n" / "b.safetensors"), cache)
+    else:
+        _cache_admin.execute(str(cache), _cache_admin.plan_prune(str(cache), 1), pruning=True)
+    assert is_sa3loader_file(read_header(converted)) and (tmp_path / "m" / "a.fp16.safetensors").exists()
+    assert (tmp_path / "project" / "poetry.lock").read_text() == "[[package]]\n"
+
+
+def test_a_sibling_replaced_after_the_plan_is_kept_with_its_row(tmp_path):
+    """The plan is carried out as made: a sibling converted again meanwhile (another process, a
+    retrained checkpoint) is another file, and its new row another row: both stay."""
+    from sa3loader import _cache_admin
+
+    cache = tmp_path / "cache"
+    a = make_ckpt(tmp_path / "a.safetensors")
+    load_toy(a, cache)
+    plan = _cache_admin.plan_prune(str(cache), max_bytes=0)  # a is over a cap of nothing
+    assert [e.source for e in plan.rows] == [str(a)]
+    make_ckpt(a, seed=9)  # retrained
+    load_toy(a, cache)  # converted again: a new sibling and row
+    outcome = _cache_admin.execute(str(cache), plan, pruning=True)
+    sibling = tmp_path / ".cache" / "sa3loader" / "a.fp16.safetensors"
+    assert (str(sibling), "another file was put there since the plan was made") in [
+        (r.path, why) for r, why in outcome.kept
+    ]
+    assert sibling.exists() and [e.source for e in _cache_admin.entries(str(cache))] == [str(a)]
+    assert_same_model(load_toy(a, cache), reference(a))
+    assert sa3loader.last_load_info().cache_hit
+
+
+def test_a_row_naming_an_impossible_path_is_invalid_and_harms_no_load(tmp_path, monkeypatch):
+    from sa3loader import _config
+
+    cache = tmp_path / "cache"
+    a = make_ckpt(tmp_path / "a.safetensors")
+    load_toy(a, cache)
+    plant_row(cache, tmp_path / "gone.safetensors", tmp_path / "x\x00y.fp16.safetensors")
+    monkeypatch.setenv(_config.CACHE_MAX_ENV, "20GB")
+    load_toy(make_ckpt(tmp_path / "b.safetensors"), cache)
+    assert sa3loader.last_load_info().converted
+    from sa3loader import _cache_admin
+
+    assert "invalid" in [e.status for e in _cache_admin.entries(str(cache))]
+    _cache_admin.prune(str(cache))
+    assert "invalid" not in [e.status for e in _cache_admin.entries(str(cache))]

@@ -12,7 +12,7 @@ import time
 import pytest
 from support.cli import run
 from support.compare import assert_same_model
-from support.faults import faked, tuned
+from support.faults import at, faked, injected, tuned
 from support.loads import load_toy, make_ckpt
 from support.toymodel import reference
 
@@ -107,17 +107,31 @@ def test_a_row_an_older_version_wrote_was_last_used_when_it_was_made():
     row["schema"] = SCHEMA_VERSION
     parsed = IndexRow.from_json(row)
     assert parsed is not None and parsed.last_used is None and parsed.used() == 12.5
-    for planted in (float("nan"), float("inf"), True, "yesterday"):
+    for planted in (float("nan"), float("inf"), 1e300, -5, True, "yesterday"):
         assert IndexRow.from_json({**row, "last_used": planted}).used() == 12.5
+        assert IndexRow.from_json({**row, "created": planted}) is None  # `cache ls` cannot print it
 
 
-def test_a_full_disk_loses_its_least_recently_used_sibling_before_the_load_falls_back(tmp_path):
+def used_hours_ago(cache, ckpt, hours):
+    with Index(str(cache)) as index:
+        row = index.get(os.path.realpath(ckpt))
+        index.put(
+            os.path.realpath(ckpt), IndexRow(**{**row.__dict__, "last_used": time.time() - hours * 3600})
+        )
+
+
+@pytest.mark.parametrize("idle", [True, False])
+def test_a_full_disk_loses_its_least_recently_used_sibling_before_the_load_falls_back(tmp_path, idle):
     """The checkpoint folder's filesystem holds room for one more sibling only once the least
-    recently used one there is gone: the new sibling still goes beside its checkpoint."""
+    recently used one there is gone: the new sibling still goes beside its checkpoint. A sibling
+    used within the hour is never taken (two loads would take turns evicting each other)."""
     a, b, c = three_checkpoints(tmp_path)
     cache = tmp_path / "cache"
     load_toy(a, cache)
     load_toy(b, cache)
+    if idle:
+        used_hours_ago(cache, a, 3)
+        used_hours_ago(cache, b, 2)
     size, source = sibling_of(a).stat().st_size, a.stat().st_size
 
     def disk_free(path, real):  # a disk that has room for one sibling besides the room rule's
@@ -128,8 +142,8 @@ def test_a_full_disk_loses_its_least_recently_used_sibling_before_the_load_falls
 
     with faked(free_bytes=disk_free):
         model = load_toy(c, cache)
-    assert sa3loader.last_load_info().converted and sibling_of(c).exists()
-    assert not sibling_of(a).exists() and sibling_of(b).exists()
+    assert sa3loader.last_load_info().converted == idle and sibling_of(c).exists() == idle
+    assert sibling_of(a).exists() != idle and sibling_of(b).exists()
     assert_same_model(model, reference(c))
 
 
@@ -141,7 +155,7 @@ def test_sizes_are_read_as_written(text, size):
     assert _config.parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["20G", "-1GB", "lots", "1e9", ""])
+@pytest.mark.parametrize("text", ["20G", "-1GB", "lots", "1e9", "", "1" * 400, "9" * 30 + "TB"])
 def test_a_size_that_does_not_say_its_unit_is_refused(text, monkeypatch, tmp_path):
     with pytest.raises(ValueError):
         _config.parse_size(text)
@@ -168,3 +182,63 @@ def test_prune_max_size_removes_the_least_recently_used_until_the_rest_fit(tmp_p
         "goes with cache prune" in run("cache", "clear", "--max-size", "1GB", cache=cache, check_rc=2).stderr
     )
     assert "not a size" in run("cache", "prune", "--max-size", "20G", cache=cache, check_rc=2).stderr
+
+
+def test_a_conversion_not_yet_published_counts_under_the_cap(tmp_path, monkeypatch):
+    """Two first loads one after the other in one process: the first one's sibling is still
+    being published (no row yet) when the second one checks the cap."""
+    a, b, _ = three_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    load_toy(a, cache)
+    size = sibling_of(a).stat().st_size
+    sibling_of(a).unlink()
+    monkeypatch.setenv(_config.CACHE_MAX_ENV, str(size + size // 2))  # room for one
+    with injected(at("index", lambda: time.sleep(0.5))):  # the row comes late
+        load_toy(a, cache, published=False)
+        load_toy(b, cache)
+    on_disk = [p for p in (tmp_path / SIBLING).glob("*.fp16.safetensors")]
+    assert sum(p.stat().st_size for p in on_disk) <= size + size // 2, on_disk
+
+
+def test_hard_links_to_one_sibling_count_once_and_are_never_evicted(tmp_path, monkeypatch):
+    """``cp -al run1 run1-copy``: two rows, one file. Removing one link frees nothing."""
+    (tmp_path / "run1").mkdir()
+    a = make_ckpt(tmp_path / "run1" / "a.safetensors")
+    cache = tmp_path / "cache"
+    load_toy(a, cache)
+    os.system(f"cp -al {tmp_path / 'run1'} {tmp_path / 'run1-copy'}")
+    load_toy(tmp_path / "run1-copy" / "a.safetensors", cache)
+    size = sibling_of(a).stat().st_size
+    assert f"{size / 1e3:.3g} kB of siblings on disk" in run("cache", "ls", cache=cache).stdout
+    monkeypatch.setenv(_config.CACHE_MAX_ENV, str(2 * size + size // 2))
+    load_toy(make_ckpt(tmp_path / "b.safetensors"), cache)  # fits: the links count once
+    assert sa3loader.last_load_info().converted and sibling_of(a).exists()
+
+
+def test_a_full_disk_where_removing_every_sibling_would_not_do_removes_none(tmp_path):
+    a, b, c = three_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    load_toy(a, cache)
+    used_hours_ago(cache, a, 3)
+    with faked(free_bytes=lambda path, real: 1000):  # far too little, anywhere
+        load_toy(c, cache)
+    assert "no place for the fp16 sibling" in sa3loader.last_load_info().reason
+    assert sibling_of(a).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root (CI runs as root)")
+def test_a_sibling_whose_lock_is_another_users_is_not_removed_and_the_cap_holds(tmp_path, monkeypatch):
+    a, b, _ = three_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    load_toy(a, cache)
+    os.chown(f"{sibling_of(a)}.lock", 65534, 65534)  # a teammate's load in a shared folder
+    size = sibling_of(a).stat().st_size
+    monkeypatch.setenv(_config.CACHE_MAX_ENV, str(size + size // 2))
+    load_toy(b, cache)
+    info = sa3loader.last_load_info()
+    assert info.sibling is None and "does not fit under" in info.reason
+    assert sibling_of(a).exists() and [
+        r["source"] for r in json.loads(run("--json", "cache", "ls", cache=cache).stdout)
+    ] == [str(a)]
+    dry = run("cache", "prune", "--max-size", "1kB", "--dry-run", cache=cache).stdout
+    assert "would remove sibling" not in dry

@@ -46,6 +46,25 @@ def test_the_fingerprint_is_read_on_every_load_where_the_stat_cannot_vouch(tmp_p
     assert_same_model(model, reference(ckpt))
 
 
+def test_where_the_stat_cannot_vouch_a_hit_does_not_rewrite_its_row(tmp_path):
+    """The fingerprint is read on every load there, but a row that says the same is kept:
+    a hit writes the index at most once an hour (its last use), not on every load."""
+    from sa3loader._index import Index
+
+    ckpt = make_ckpt(tmp_path / "models" / "model.safetensors")
+    an_hour_ago = ckpt.stat().st_mtime_ns - 3600 * 10**9
+    os.utime(ckpt, ns=(an_hour_ago, an_hour_ago))
+    with mounted(tmp_path / "mountinfo", {tmp_path / "models": "vfat"}):
+        load_toy(ckpt, tmp_path / "cache")
+        load_toy(ckpt, tmp_path / "cache")
+        with Index(str(tmp_path / "cache")) as index:
+            row = index.get(os.path.realpath(ckpt))
+        load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().events == ["revalidated"]
+    with Index(str(tmp_path / "cache")) as index:
+        assert index.get(os.path.realpath(ckpt)) == row
+
+
 def test_without_a_mount_table_the_stat_never_vouches_alone(tmp_path):
     ckpt = make_ckpt(tmp_path / "model.safetensors")
     an_hour_ago = ckpt.stat().st_mtime_ns - 3600 * 10**9

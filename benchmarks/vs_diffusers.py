@@ -1,0 +1,197 @@
+"""sa3loader against diffusers (issue 32), on the very same file: diffusers' ``StableAudio3DiTModel``
+(its default config: SA3 medium's diffusion transformer) saved by diffusers' own
+``save_pretrained``, fp32 and an fp16 variant.
+
+    python benchmarks/vs_diffusers.py [--runs 5] [--keep] [--workdir bench-data]
+
+Each side is a fresh process (imports of torch, diffusers and sa3loader before the clock),
+timed from imports done to a model in fp16 with one element per 4 KiB page touched:
+
+- first load: sa3loader's ``load_diffusion_cond(model_factory=StableAudio3DiTModel.from_config)``
+  of the fp32 file with an empty cache dir (it converts), against diffusers'
+  ``from_pretrained(fp32 dir, torch_dtype=float16)``. The sibling's fsync, rename and index
+  row run on after the load returns, as for a user; that time is reported beside.
+- cache hit: the same load with the sibling in place, against diffusers'
+  ``from_pretrained(variant="fp16", torch_dtype=float16)`` of the same weights.
+
+Hot page cache: every file is read just before each side. The two sides of a pair run one
+after the other, the order alternating from pair to pair; a pair counts as quiet when the
+1-minute load average is under 0.5 as it starts (recorded). The floor: a hot ``cat`` of the
+file each side reads. Peak RssAnon is sampled every 2 ms (``load_child.PeakSampler``).
+
+Goals: first load / diffusers fp32 -> fp16 <= 1.0; hit / diffusers fp16 variant <= 1.0 (medians
+of the pairs' ratios); peak RssAnon of the first load < 5% of diffusers' fp32 load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FP32 = "diffusion_pytorch_model.safetensors"
+FP16 = "diffusion_pytorch_model.fp16.safetensors"
+GOAL_FIRST, GOAL_HIT, GOAL_ANON = 1.0, 1.0, 0.05
+QUIET_LOAD = 0.5
+
+
+def write_models(folder: Path) -> None:
+    """The default DiT with diffusers' own init, saved fp32 and as the fp16 variant."""
+    import torch
+    from diffusers import StableAudio3DiTModel
+
+    torch.manual_seed(0)
+    model = StableAudio3DiTModel()
+    model.save_pretrained(folder)
+    model.half().save_pretrained(folder, variant="fp16")
+
+
+def child(side: str, folder: Path, cache: Path) -> None:
+    import torch
+    from diffusers import StableAudio3DiTModel
+    from load_child import PeakSampler, touch_every_page
+
+    import sa3loader
+
+    config = json.loads((folder / "config.json").read_text())
+    out: dict = {}
+    with PeakSampler() as sampler:
+        started = time.perf_counter()
+        if side == "diffusers fp32":
+            model = StableAudio3DiTModel.from_pretrained(folder, torch_dtype=torch.float16)
+        elif side == "diffusers fp16":
+            model = StableAudio3DiTModel.from_pretrained(folder, variant="fp16", torch_dtype=torch.float16)
+        else:
+            model, info = sa3loader.load(
+                config,
+                folder / FP32,
+                "cpu",
+                True,
+                cache_dir=cache,
+                model_factory=StableAudio3DiTModel.from_config,
+            )
+            assert info.build == "fast" and info.converted == (side == "first"), info
+        touch_every_page(model)
+        out["seconds"] = time.perf_counter() - started
+        if side == "first":
+            sa3loader.wait_for_publishing()
+            out["published_s"] = time.perf_counter() - started
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+    out.update(peak_anon_mb=(sampler.peak - sampler.base) / 1e6)
+    print("RESULT " + json.dumps(out))
+
+
+def run_side(side: str, folder: Path, cache: Path) -> dict:
+    if side == "first":
+        shutil.rmtree(cache, ignore_errors=True)
+    for name in (FP16 if side in ("hit", "diffusers fp16") else FP32,):
+        subprocess.run(["cat", str(folder / name)], stdout=subprocess.DEVNULL, check=True)  # hot
+    if side == "hit":
+        for sibling in cache.rglob("*.safetensors"):
+            subprocess.run(["cat", str(sibling)], stdout=subprocess.DEVNULL, check=True)
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "SA3LOADER_PROGRESS": "0", "PYTHONPATH": path}
+    cmd = [sys.executable, __file__, "--child", side, "--workdir", str(folder.parent)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT ") :])
+
+
+def hot_cat(path: Path) -> float:
+    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+    started = time.perf_counter()
+    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - started
+
+
+def measure(folder: Path, cache: Path, runs: int) -> dict[str, list[dict]]:
+    results: dict[str, list[dict]] = {"first": [], "hit": []}
+    for run in range(runs):
+        for ours, theirs in (("first", "diffusers fp32"), ("hit", "diffusers fp16")):
+            if ours == "hit" and not any(cache.rglob("*.fp16.safetensors")):
+                run_side("first", folder, cache)  # the hit needs the sibling
+            load = os.getloadavg()[0]
+            pair = {}
+            for side in (ours, theirs) if run % 2 == 0 else (theirs, ours):
+                pair[side] = run_side(side, folder, cache)
+            pair["load"] = load
+            pair["ratio"] = pair[ours]["seconds"] / pair[theirs]["seconds"]
+            results[ours].append(pair)
+            print(f"pair {run + 1} {ours}: {pair['ratio']:.2f} (load average {load:.2f})", flush=True)
+    return results
+
+
+def report(results: dict[str, list[dict]], folder: Path, cache: Path) -> None:
+    med = statistics.median
+    first, hit = results["first"], results["hit"]
+    sibling = next(cache.rglob("*.fp16.safetensors"))
+    print("\n| | diffusers | sa3loader | sa3loader / diffusers (median of pairs; each) | quiet pairs |")
+    print("|---|---|---|---|---|")
+    for rows, ours, theirs, label in (
+        (first, "first", "diffusers fp32", "first load vs fp32 -> fp16 (s)"),
+        (hit, "hit", "diffusers fp16", "cache hit vs fp16 variant (s)"),
+    ):
+        each = ", ".join(f"{p['ratio']:.2f}" for p in rows)
+        quiet = sum(p["load"] < QUIET_LOAD for p in rows)
+        print(
+            f"| {label} | {med(p[theirs]['seconds'] for p in rows):.3f} | "
+            f"{med(p[ours]['seconds'] for p in rows):.3f} | {med(p['ratio'] for p in rows):.2f} ({each}) | "
+            f"{quiet} of {len(rows)} |"
+        )
+    anon = {s: med(p[s]["peak_anon_mb"] for p in first) for s in ("first", "diffusers fp32")}
+    print(
+        f"| first load: peak RssAnon added (MB) | {anon['diffusers fp32']:.0f} | {anon['first']:.0f} | "
+        f"{anon['first'] / anon['diffusers fp32']:.3f} | |"
+    )
+    print(
+        "| first load: sibling published after (s) | | "
+        f"{med(p['first']['published_s'] for p in first):.2f} | | |"
+    )
+    print(
+        f"\nfloor (hot cat): fp32 {hot_cat(folder / FP32):.3f} s, "
+        f"fp16 variant {hot_cat(folder / FP16):.3f} s, sibling {hot_cat(sibling):.3f} s"
+    )
+    ratios = {k: med(p["ratio"] for p in v) for k, v in results.items()}
+    print("\n| goal | measured | met |\n|---|---|---|")
+    for name, value, goal in (
+        ("first load / diffusers fp32 -> fp16", ratios["first"], GOAL_FIRST),
+        ("hit / diffusers fp16 variant", ratios["hit"], GOAL_HIT),
+        ("peak RssAnon first load / diffusers'", anon["first"] / anon["diffusers fp32"], GOAL_ANON),
+    ):
+        print(f"| {name} <= {goal} | {value:.3f} | {'met' if value <= goal else 'MISSED'} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--workdir", default=str(HERE.parent / "bench-data"))
+    parser.add_argument("--keep", action="store_true", help="reuse the saved models of an earlier run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    folder, cache = Path(args.workdir).resolve() / "dit", Path(args.workdir).resolve() / "dit-cache"
+    if args.child:
+        child(args.child, folder, cache)
+        return
+    if not (args.keep and (folder / FP16).exists()):
+        shutil.rmtree(folder, ignore_errors=True)
+        started = time.perf_counter()
+        write_models(folder)
+        print(
+            f"saved the default StableAudio3DiTModel (fp32 and fp16) in {time.perf_counter() - started:.0f}s"
+        )
+    report(measure(folder, cache, args.runs), folder, cache)
+
+
+if __name__ == "__main__":
+    main()
