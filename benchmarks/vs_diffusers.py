@@ -16,7 +16,8 @@ timed from imports done to a model in fp16 with one element per 4 KiB page touch
 
 Hot page cache: every file is read just before each side. The two sides of a pair run one
 after the other, the order alternating from pair to pair; a pair counts as quiet when the
-1-minute load average is under 0.5 as it starts (recorded). The floor: a hot ``cat`` of the
+1-minute load average is under 0.5 as it starts (each pair waits up to ``--settle``
+seconds for that; the load average is recorded). The floor: a hot ``cat`` of the
 file each side reads. Peak RssAnon is sampled every 2 ms (``load_child.PeakSampler``).
 
 Goals: first load / diffusers fp32 -> fp16 <= 1.0; hit / diffusers fp16 variant <= 1.0 (medians
@@ -88,13 +89,19 @@ def child(side: str, folder: Path, cache: Path) -> None:
     print("RESULT " + json.dumps(out))
 
 
+def siblings(folder: Path, cache: Path) -> list[Path]:
+    """sa3loader's sibling of the fp32 file: beside it (``.cache/sa3loader``) or in the cache dir."""
+    return [*(folder / ".cache").rglob("*.safetensors"), *cache.rglob("*.safetensors")]
+
+
 def run_side(side: str, folder: Path, cache: Path) -> dict:
-    if side == "first":
+    if side == "first":  # no sibling anywhere: the cache dir's, or beside in .cache/sa3loader
         shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(folder / ".cache", ignore_errors=True)
     for name in (FP16 if side in ("hit", "diffusers fp16") else FP32,):
         subprocess.run(["cat", str(folder / name)], stdout=subprocess.DEVNULL, check=True)  # hot
     if side == "hit":
-        for sibling in cache.rglob("*.safetensors"):
+        for sibling in siblings(folder, cache):
             subprocess.run(["cat", str(sibling)], stdout=subprocess.DEVNULL, check=True)
     path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "SA3LOADER_PROGRESS": "0", "PYTHONPATH": path}
@@ -113,13 +120,22 @@ def hot_cat(path: Path) -> float:
     return time.perf_counter() - started
 
 
-def measure(folder: Path, cache: Path, runs: int) -> dict[str, list[dict]]:
+def settle(most_s: float) -> float:
+    """Wait (at most ``most_s``) for the 1-minute load average to fall under ``QUIET_LOAD``: the
+    pair before raised it. Returns the load average the pair starts with."""
+    deadline = time.monotonic() + most_s
+    while os.getloadavg()[0] >= QUIET_LOAD and time.monotonic() < deadline:
+        time.sleep(2)
+    return os.getloadavg()[0]
+
+
+def measure(folder: Path, cache: Path, runs: int, settle_s: float) -> dict[str, list[dict]]:
     results: dict[str, list[dict]] = {"first": [], "hit": []}
     for run in range(runs):
         for ours, theirs in (("first", "diffusers fp32"), ("hit", "diffusers fp16")):
-            if ours == "hit" and not any(cache.rglob("*.fp16.safetensors")):
+            if ours == "hit" and not siblings(folder, cache):
                 run_side("first", folder, cache)  # the hit needs the sibling
-            load = os.getloadavg()[0]
+            load = settle(settle_s)
             pair = {}
             for side in (ours, theirs) if run % 2 == 0 else (theirs, ours):
                 pair[side] = run_side(side, folder, cache)
@@ -133,7 +149,7 @@ def measure(folder: Path, cache: Path, runs: int) -> dict[str, list[dict]]:
 def report(results: dict[str, list[dict]], folder: Path, cache: Path) -> None:
     med = statistics.median
     first, hit = results["first"], results["hit"]
-    sibling = next(cache.rglob("*.fp16.safetensors"))
+    sibling = siblings(folder, cache)[0]
     print("\n| | diffusers | sa3loader | sa3loader / diffusers (median of pairs; each) | quiet pairs |")
     print("|---|---|---|---|---|")
     for rows, ours, theirs, label in (
@@ -177,6 +193,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--workdir", default=str(HERE.parent / "bench-data"))
     parser.add_argument("--keep", action="store_true", help="reuse the saved models of an earlier run")
+    parser.add_argument("--settle", type=float, default=120.0, help="most seconds to wait for quiet per pair")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder, cache = Path(args.workdir).resolve() / "dit", Path(args.workdir).resolve() / "dit-cache"
@@ -190,7 +207,7 @@ def main() -> None:
         print(
             f"saved the default StableAudio3DiTModel (fp32 and fp16) in {time.perf_counter() - started:.0f}s"
         )
-    report(measure(folder, cache, args.runs), folder, cache)
+    report(measure(folder, cache, args.runs, args.settle), folder, cache)
 
 
 if __name__ == "__main__":

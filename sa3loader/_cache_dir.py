@@ -14,7 +14,7 @@ import tempfile
 
 from . import _config
 from ._config import warn_once
-from ._places import LOCK_SUFFIX, is_temp_name
+from ._places import BESIDE_SUBDIR, LOCK_SUFFIX, is_temp_name
 from ._trust import cache_dir_trust
 
 PRIVATE_DIR_MODE = 0o700
@@ -100,6 +100,26 @@ def open_cache_dir_to_all(cache_dir: str) -> list[str]:
             for name in files
             if not name.endswith((".safetensors", LOCK_SUFFIX)) and not is_temp_name(name)
         ]
+        for path, bits in targets:
+            st = os.lstat(path)
+            if st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) and st.st_mode & bits != bits:
+                os.chmod(path, stat.S_IMODE(st.st_mode) | bits)
+                changed.append(path)
+    return changed
+
+
+def open_siblings_to_all(warmed: list[tuple[str, str]]) -> list[str]:
+    """For each (checkpoint, sibling) warmed: the sibling gets the checkpoint's read bits (made
+    under a umask like 077, it had fewer), and a hidden ``.cache/sa3loader`` holding it the
+    checkpoint folder's r-x bits: never wider than the checkpoint, never writable by others.
+    Returns the paths changed."""
+    changed = []
+    for checkpoint, sibling in warmed:
+        hidden = os.path.dirname(sibling)
+        targets = [(sibling, stat.S_IMODE(os.stat(checkpoint).st_mode) & 0o444)]
+        if hidden.endswith(os.sep + BESIDE_SUBDIR):
+            folder_bits = stat.S_IMODE(os.stat(os.path.dirname(os.path.dirname(hidden))).st_mode)
+            targets += [(d, folder_bits & SHARED_DIR_BITS) for d in (os.path.dirname(hidden), hidden)]
         for path, bits in targets:
             st = os.lstat(path)
             if st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) and st.st_mode & bits != bits:

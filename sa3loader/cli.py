@@ -22,7 +22,7 @@ from dataclasses import asdict
 from typing import Any, NoReturn
 
 from . import _compare, _config
-from ._cache_dir import open_cache_dir_to_all, resolve_cache_dir
+from ._cache_dir import open_cache_dir_to_all, open_siblings_to_all, resolve_cache_dir
 from ._cli_cache import cmd_cache
 from ._cli_output import (
     EXIT_CHECK_FAILED,
@@ -155,8 +155,12 @@ def cmd_warm(args: argparse.Namespace) -> int:
     if not paths:
         lines.append(f"no .safetensors checkpoint in {args.ckpt}")
     if args.readable_by_all:
-        opened = open_cache_dir_to_all(cache_dir)
-        lines.append(f"made {cache_dir} readable by every user ({len(opened)} path(s) changed)")
+        warmed = [(r["source"], r["sibling"]) for r in results if r.get("sibling")]
+        opened = open_cache_dir_to_all(cache_dir) + open_siblings_to_all(warmed)
+        lines.append(
+            f"made {cache_dir} readable by every user, and each sibling as readable as its checkpoint "
+            f"({len(opened)} path(s) changed)"
+        )
         results = [{**r, "opened_to_all": opened} for r in results]
     emit(args, results if os.path.isdir(args.ckpt) else results[0], lines)
     return code
@@ -300,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--readable-by-all",
         action="store_true",
-        help="image builds: let every user read the cache dir (dirs r-x, index r--); "
-        "siblings keep the checkpoint's own read bits",
+        help="image builds: let every user read the cache dir (dirs r-x, index r--); each sibling "
+        "gets its checkpoint's read bits (whatever the umask), its .cache/sa3loader its folder's",
     )
     p.set_defaults(func=cmd_warm)
 

@@ -110,3 +110,31 @@ def test_a_baked_cache_serves_another_user_read_only_and_quietly(service, image_
         f"sa3loader index at {cache / 'index'} is read-only: reading it, recording nothing" in served.stderr
     )
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == before  # nothing written
+
+
+def test_a_checkpoint_baked_beside_its_sibling_under_umask_077_serves_another_user(
+    service, image_root, capsys
+):
+    """A model folder copied into the image (0755, files 0644), warmed as root under umask 077:
+    ``--readable-by-all`` opens the hidden ``.cache/sa3loader`` as far as the folder is open."""
+    from support.loads import make_ckpt
+
+    folder = image_root / "models"
+    ckpt = make_ckpt(folder / "model.safetensors")
+    folder.chmod(0o755)
+    ckpt.chmod(0o644)
+    cache = image_root / "sa3loader-cache"
+    old = os.umask(0o077)
+    try:
+        assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--readable-by-all", "--json"]) == 0
+    finally:
+        os.umask(old)
+    warmed = json.loads(capsys.readouterr().out)
+    hidden = folder / ".cache" / "sa3loader"
+    assert (
+        warmed["sibling"] == str(hidden / "model.fp16.safetensors") and str(hidden) in warmed["opened_to_all"]
+    )
+    assert hidden.stat().st_mode & 0o777 == 0o755 and (folder / ".cache").stat().st_mode & 0o777 == 0o755
+    served = as_service(service, image_root, ckpt, cache)
+    assert served.returncode == 0, served.stderr
+    assert json.loads(served.stdout.strip().splitlines()[-1])["cache_hit"], served.stderr
