@@ -2,6 +2,7 @@
 (its default config: SA3 medium's diffusion transformer) saved by diffusers' own
 ``save_pretrained``, fp32 and an fp16 variant.
 
+    pip install diffusers accelerate   # benchmark-only: never the package's dependencies
     python benchmarks/vs_diffusers.py [--runs 5] [--keep] [--workdir bench-data]
 
 Each side is a fresh process (imports of torch, diffusers and sa3loader before the clock),
@@ -27,6 +28,7 @@ of the pairs' ratios); peak RssAnon of the first load < 5% of diffusers' fp32 lo
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -197,6 +199,8 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder, cache = Path(args.workdir).resolve() / "dit", Path(args.workdir).resolve() / "dit-cache"
+    if importlib.util.find_spec("accelerate") is None:  # diffusers would build with a random init
+        raise SystemExit("pip install diffusers accelerate: diffusers loads as users run it with accelerate")
     if args.child:
         child(args.child, folder, cache)
         return
@@ -207,6 +211,13 @@ def main() -> None:
         print(
             f"saved the default StableAudio3DiTModel (fp32 and fp16) in {time.perf_counter() - started:.0f}s"
         )
+    import accelerate
+    import diffusers
+    import torch
+
+    print(
+        f"diffusers {diffusers.__version__}, accelerate {accelerate.__version__}, torch {torch.__version__}"
+    )
     report(measure(folder, cache, args.runs, args.settle), folder, cache)
 
 
