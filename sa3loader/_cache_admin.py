@@ -169,10 +169,17 @@ def _emptied_dirs(cache_dir: str, removals: list[Removal]) -> list[Removal]:
 
 
 def _plan(
-    cache_dir: str, rows: list[Entry], siblings: list[str], named: list[str], *, sweep: bool = True
+    cache_dir: str,
+    rows: list[Entry],
+    siblings: list[str],
+    named: list[str],
+    *,
+    sweep: bool = True,
+    tidy: bool = True,
 ) -> Plan:
     """Each sibling to delete, then what conversions of it (and, with ``sweep``, of any sibling in
-    the cache dir) left; then the dirs that leaves empty (with ``sweep``, any empty one)."""
+    the cache dir) left; then the dirs that leaves empty (with ``sweep``, any empty one; with
+    ``tidy``, the hidden folders beside checkpoints: not while a load may be about to write one)."""
     placed = {s for s in set(named) | set(siblings) if at_sibling_place(s, cache_dir)}
     doomed = {s for s in siblings if s in placed and _ours(s)}
     removals = []
@@ -187,7 +194,8 @@ def _plan(
         (Removal(s, file_size(s), "sibling", s), NOT_A_SIBLING_PLACE) for s in siblings if s not in placed
     ]
     kept = [k for k in kept if _ours(k[0].path)]
-    return Plan(rows, removals + emptied, kept)
+    beside = _emptied_beside_dirs(removals) if tidy else []
+    return Plan(rows, removals + emptied + beside, kept)
 
 
 def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
@@ -254,7 +262,6 @@ def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
         if at_sibling_place(s, cache_dir) and (problem := owned_file_problem(s)) is not None
     ]
     plan = _plan(cache_dir, rows, siblings, siblings, sweep=False)
-    plan.removals += _emptied_beside_dirs(plan.removals)
     plan.kept = kept + plan.kept
     return plan
 
@@ -336,16 +343,22 @@ def _execute_guarded(sibling: str, steps: list[Removal], live: list[Entry] | Non
         outcome.kept += [(s, f"cannot remove it ({exc.strerror or exc})") for s in steps]
 
 
+def _drop_rows(cache_dir: str, rows: list[Entry]) -> None:
+    """Delete each planned row that is as it was planned (one rewritten since, by a conversion
+    of the source again, is another row: kept)."""
+    if not rows and not has_index(cache_dir):
+        refuse_untrusted(cache_dir)
+        return
+    with command_index(cache_dir) as index:
+        for entry in rows:
+            now = index.get(entry.key)
+            if now is None or (now.sibling_path, now.created) == (entry.sibling, entry.created):
+                index.delete(entry.key)
+
+
 def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
     """Carry out ``plan`` as it is: rows first, then each file under its sibling's lock, then dirs."""
-    if plan.rows or has_index(cache_dir):
-        with command_index(cache_dir) as index:
-            for entry in plan.rows:
-                now = index.get(entry.key)  # rewritten since the plan (converted again): kept
-                if now is None or (now.sibling_path, now.created) == (entry.sibling, entry.created):
-                    index.delete(entry.key)
-    else:
-        refuse_untrusted(cache_dir)
+    _drop_rows(cache_dir, plan.rows)
     # Rows a prune keeps, and the sources of those it dropped: a sibling valid for either stays.
     live = entries(cache_dir) + plan.rows if pruning else None
     outcome = Outcome(plan.rows, [], list(plan.kept))
@@ -361,7 +374,9 @@ def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
                 os.rmdir(step.path)
                 outcome.removed.append(step)
             except OSError:
-                outcome.kept.append((step, "it is not empty"))
+                # Not empty because a file in it was kept (said already): nothing more to say.
+                if not any(kept.path.startswith(step.path) for kept, _ in outcome.kept):
+                    outcome.kept.append((step, "it is not empty"))
     order = {id(step): i for i, step in enumerate(plan.removals)}  # report in the plan's order
     outcome.removed.sort(key=lambda step: order[id(step)])
     outcome.kept.sort(key=lambda kept: order.get(id(kept[0]), -1))  # the plan's own first
@@ -411,7 +426,7 @@ def _least_used(used: list[_Used], excess: int, *, partial: bool = False) -> lis
 
 def _eviction(cache_dir: str, over: list[Entry]) -> Plan:
     siblings = list(dict.fromkeys(e.sibling for e in over))
-    return _plan(cache_dir, over, siblings, siblings, sweep=False)
+    return _plan(cache_dir, over, siblings, siblings, sweep=False, tidy=False)  # a load writes next
 
 
 def plan_cap(cache_dir: str, max_bytes: int, *, adding: int, keep: frozenset[str]) -> Plan | None:

@@ -231,3 +231,22 @@ def test_a_row_naming_an_impossible_path_is_invalid_and_harms_no_load(tmp_path, 
     assert "invalid" in [e.status for e in _cache_admin.entries(str(cache))]
     _cache_admin.prune(str(cache))
     assert "invalid" not in [e.status for e in _cache_admin.entries(str(cache))]
+
+
+@pytest.mark.parametrize("command", ["clear", "prune --max-size"])
+def test_a_cache_command_that_empties_a_hidden_folder_removes_it(ckpt, tmp_path, command):
+    """Nothing of sa3loader's is left in a checkpoint's folder once its siblings are gone: no empty
+    ``.cache/sa3loader``, no empty ``.cache`` (one holding your own files stays)."""
+    from sa3loader import _cache_admin
+
+    cache = tmp_path / "cache"
+    load_toy(ckpt, cache)
+    if command == "clear":
+        _cache_admin.clear(str(cache))
+    else:
+        _cache_admin.execute(str(cache), _cache_admin.plan_prune(str(cache), max_bytes=0), pruning=True)
+    assert not (tmp_path / ".cache").exists()
+    (tmp_path / ".cache" / "huggingface").mkdir(parents=True)  # yours: hf download --local-dir
+    load_toy(ckpt, cache)
+    _cache_admin.clear(str(cache))
+    assert [p.name for p in (tmp_path / ".cache").iterdir()] == ["huggingface"]

@@ -356,7 +356,9 @@ def test_clear_and_prune_list_every_file_with_its_size(tmp_path, monkeypatch):
         f"would remove sibling {sibling} ({size / 1e3:.3g} kB)\n"
         f"would remove temp file {sibling}.incomplete-1-deadbeef (10 B)\n"
         f"would remove lock file {sibling}.lock (0 B)\n"
-        f"would remove 3 file(s), {(size + 10) / 1e3:.3g} kB in all\n"
+        f"would remove empty dir {sibling.parent}/ (0 B)\n"
+        f"would remove empty dir {sibling.parent.parent}/ (0 B)\n"
+        f"would remove 3 file(s) and 2 empty dir(s), {(size + 10) / 1e3:.3g} kB in all\n"
     )
     dry = run("cache", "clear", "--dry-run", cache=cache)
     assert dry.stdout == listing + f"would clear 1 row(s) from {cache}\n" and sibling.exists()
@@ -365,6 +367,8 @@ def test_clear_and_prune_list_every_file_with_its_size(tmp_path, monkeypatch):
         ("sibling", size),
         ("temp file", 10),
         ("lock file", 0),
+        ("empty dir", 0),
+        ("empty dir", 0),
     ]
     monkeypatch.setitem(_faults.facts, "interactive", lambda subject, real: True)
     monkeypatch.setattr("builtins.input", lambda prompt: "n")
@@ -372,9 +376,10 @@ def test_clear_and_prune_list_every_file_with_its_size(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda prompt: "y")
     out = run("cache", "clear", cache=cache).stdout
     assert out.endswith(
-        f"removed 3 file(s), {(size + 10) / 1e3:.3g} kB in all\ncleared 1 row(s) from {cache}\n"
+        f"removed 3 file(s) and 2 empty dir(s), {(size + 10) / 1e3:.3g} kB in all\n"
+        f"cleared 1 row(s) from {cache}\n"
     )
-    assert not sibling.exists() and not list(tmp_path.rglob("*.incomplete-*"))
+    assert not sibling.exists() and not (tmp_path / ".cache").exists()
 
 
 def test_cli_names_its_arguments_for_people(capsys):
