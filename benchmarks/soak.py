@@ -275,7 +275,7 @@ class Soak:
             str(p)
             for p in self.work.rglob("*")
             if ".incomplete-" in p.name
-            or p.name.endswith((".lock", ".lease"))
+            or (p.name.endswith((".lock", ".lease")) and not p.with_suffix("").exists())  # kept by a sibling
             or (p.is_dir() and p.parent.name == "siblings" and not any(p.iterdir()))
         ]
         verify = subprocess.run([*cli, "cache", "verify"], capture_output=True, text=True, timeout=600)

@@ -25,6 +25,7 @@ from ._places import (
     BESIDE_SUBDIR,
     INCOMPLETE_INFIX,
     LOCK_SUFFIX,
+    SIBLING_SUFFIXES,
     SIBLINGS_SUBDIR,
     at_sibling_place,
     beside_path,
@@ -126,16 +127,18 @@ def _ours(path: str) -> bool:
     return owned_file_problem(path) is None and os.path.lexists(path) and is_sa3loader_path(path)
 
 
-def _leftovers(sibling: str) -> list[Removal]:
-    """Temp files a killed conversion of ``sibling`` left, and its (empty) lock file: yours only.
-    Call only for a sibling ``at_sibling_place``: a row may name any path."""
+def _leftovers(sibling: str, going: bool) -> list[Removal]:
+    """Temp files a killed conversion of ``sibling`` left, and its (empty) lock file when the
+    sibling goes or is gone (a sibling that stays keeps its lock): yours only. Call only for a
+    sibling ``at_sibling_place``: a row may name any path."""
     found = [
         Removal(t, file_size(t), "temp file", sibling)
         for t in temp_files_of(sibling)
         if owned_file_problem(t) is None
     ]
     lock = sibling + LOCK_SUFFIX
-    if os.path.lexists(lock) and owned_file_problem(lock) is None and file_size(lock) == 0:
+    stays = not going and os.path.lexists(sibling)
+    if not stays and os.path.lexists(lock) and owned_file_problem(lock) is None and file_size(lock) == 0:
         found.append(Removal(lock, 0, "lock file", sibling))
     return found
 
@@ -186,7 +189,7 @@ def _plan(
     for sibling in sorted(placed | (_siblings_under(cache_dir) if sweep else set())):
         if sibling in doomed:
             removals.append(Removal(sibling, file_size(sibling), "sibling", sibling, _identity(sibling)))
-        removals += _leftovers(sibling)
+        removals += _leftovers(sibling, going=sibling in doomed)
     emptied = _emptied_dirs(cache_dir, removals)
     if not sweep:
         emptied = [d for d in emptied if any(r.path.startswith(d.path) for r in removals if r not in emptied)]
@@ -216,9 +219,14 @@ def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
 
 
 def plan_clear(cache_dir: str) -> Plan:
-    """Every row, every sibling they name (sa3loader's, yours), and the leftovers."""
+    """Every row, every sibling they name (sa3loader's, yours), every sibling in the cache dir
+    no row names (after ``cache repair``, a deleted index), and the leftovers."""
     listed = entries(cache_dir)
     named = [e.sibling for e in listed if e.sibling]
+    root = os.path.join(cache_dir, SIBLINGS_SUBDIR)
+    for directory, _, files in os.walk(root):
+        named += [os.path.join(directory, n) for n in sorted(files) if n.endswith(SIBLING_SUFFIXES)]
+    named = list(dict.fromkeys(named))
     return _plan(cache_dir, listed, named, named)
 
 

@@ -15,11 +15,14 @@ from ._places import (
     SHORTENED_SUFFIXES,
     SIBLING_SUFFIX,
     SIBLING_SUFFIXES,
+    SIBLINGS_SUBDIR,
     UNSUFFIXED_SIBLING_SUFFIX,
     sibling_name,
 )
 from ._records import MISSING_SOURCE, OK, STALE
-from .errors import Sa3LoaderError
+from .errors import CheckpointNotFoundError, Sa3LoaderError
+
+UNKNOWN_SOURCE = "unknown source"  # a sibling in a cache dir no row names: `cache clear` removes it
 
 
 @dataclass
@@ -38,7 +41,9 @@ def scan(directories: list[str], rows: dict[str, str]) -> list[Found]:
     header), with the checkpoint it belongs to: the file beside it whose sibling it is named
     as, else the one ``rows`` (an index's sibling -> source) names, else the one its name says."""
     found = []
-    for directory in directories:
+    for directory in map(os.path.abspath, directories):  # rows name absolute paths
+        if not os.path.isdir(directory):
+            raise CheckpointNotFoundError(f"no such directory: {directory}", filename=directory)
         for root, dirs, files in os.walk(directory):
             dirs.sort()
             # In a checkpoint folder's hidden .cache/sa3loader, the checkpoints are two levels up.
@@ -51,6 +56,10 @@ def scan(directories: list[str], rows: dict[str, str]) -> list[Found]:
                     continue
                 row = rows.get(path)
                 source = _source_beside(folder, name, names) or row
+                if source is None and os.path.basename(os.path.dirname(root)) == SIBLINGS_SUBDIR:
+                    # In a cache dir, with no row: its name says nothing of its checkpoint's folder.
+                    found.append(Found(path, _size(path), "", UNKNOWN_SOURCE, False))
+                    continue
                 source = source or _named_source(folder, name)
                 found.append(Found(path, _size(path), source, _scanned_status(path, source), row is not None))
     return found

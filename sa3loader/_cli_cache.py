@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import stat
 import sys
@@ -149,7 +150,7 @@ def _rm(args: argparse.Namespace, cache_dir: str) -> int:
 def _scan(args: argparse.Namespace, cache_dir: str) -> int:
     found = _cache_scan.scan(args.checkpoints, {e.sibling: e.source for e in _index.entries(cache_dir)})
     lines = [
-        f"{f.status:15} {f.sibling}  {human_size(f.bytes)}  source: {f.source}"
+        f"{f.status:15} {f.sibling}  {human_size(f.bytes)}  source: {f.source or 'not recorded'}"
         + (" (gone)" if f.status == _cache_admin.MISSING_SOURCE else "")
         + ("" if f.indexed else "  (no row)")
         for f in found
@@ -170,7 +171,9 @@ def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:
         + (f" (max abs diff {c.max_abs_diff})" if c.max_abs_diff is not None else "")
         for c in checks
     ]
-    data = [{**_entry_data(c.entry), "check": c.result, "max_abs_diff": c.max_abs_diff} for c in checks]
+    data = [
+        {**_entry_data(c.entry), "check": c.result, "max_abs_diff": _finite(c.max_abs_diff)} for c in checks
+    ]
     emit(args, data, lines or ["no rows"])
     # Exit 3 means a problem with a sibling: one whose checkpoint is gone or changed since is
     # not damaged (``cache prune`` tidies it away).
@@ -178,15 +181,21 @@ def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:
     return EXIT_OK if all(c.result in fine for c in checks) else EXIT_CHECK_FAILED
 
 
+def _finite(value: float | None) -> float | str | None:
+    """A number JSON can hold; inf and nan (a sibling that differs that much) as text."""
+    return value if value is None or math.isfinite(value) else str(value)
+
+
 def _repair(args: argparse.Namespace, cache_dir: str) -> int:
-    aside = _index.repair(cache_dir)
+    aside = _index.repair(cache_dir, dry_run=args.dry_run)
+    verb = "would set" if args.dry_run else "set"
     line = (
         f"the index in {cache_dir} is sound: nothing to repair"
         if aside is None
-        else f"set the corrupt index aside as {aside} and started a new one; "
+        else f"{verb} the corrupt index aside as {aside} and start a new one; "
         "loads adopt the siblings again from their own metadata"
     )
-    emit(args, {"repaired": aside is not None, "set_aside": aside}, [line])
+    emit(args, {"dry_run": args.dry_run, "repaired": aside is not None, "set_aside": aside}, [line])
     return EXIT_OK
 
 

@@ -361,16 +361,17 @@ def has_index(cache_dir: str) -> bool:
     return os.path.isdir(os.path.join(cache_dir, INDEX_SUBDIR))
 
 
-def repair(cache_dir: str) -> str | None:
-    """Set a corrupt index aside and start a new one; returns where it went, or None if it was fine.
+def repair(cache_dir: str, *, dry_run: bool = False) -> str | None:
+    """Set a corrupt index aside and start a new one; returns where it went (with ``dry_run``,
+    where it would go, and nothing moves), or None if it was fine.
 
     A locked index is not corrupt: ``CacheIndexError``. Siblings are not touched:
     loads adopt them again from their own metadata.
     """
     with command_index(cache_dir) as index:  # refuses an untrusted dir before anything moves
         problem = index.diagnose()
-    if problem is None:
-        return None
+    if problem is None or dry_run:
+        return None if problem is None else f"{index.directory}.corrupt-<time>-<pid>"
     aside = f"{index.directory}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     os.rename(index.directory, aside)
     with command_index(cache_dir) as index:

@@ -99,7 +99,8 @@ def _room_problem(path: str, needed: int, source_bytes: int) -> str | None:
     if _shortfall(directory, needed, source_bytes) > 0:
         return (
             f"not enough free space in {directory} ({_size(free)} free): a {_size(needed)} sibling "
-            f"would leave less than another {_size(source_bytes)} checkpoint needs"
+            f"would leave less than another {_size(source_bytes)} checkpoint and "
+            f"{FREE_SPACE_MARGIN_BYTES >> 20} MiB to spare need"
         )
     return None
 

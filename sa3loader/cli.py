@@ -256,7 +256,9 @@ def _cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "checkpoints", nargs="*", metavar="PATH", help="rm: checkpoints (there or gone); scan: dirs"
     )
-    p.add_argument("--dry-run", action="store_true", help="prune, clear, rm: only list what would go")
+    p.add_argument(
+        "--dry-run", action="store_true", help="prune, clear, rm, repair: only say what would be done"
+    )
     p.add_argument("--paths", action="store_true", help="ls: full paths (hub files are named repo@revision)")
     p.add_argument("--yes", action="store_true", help="clear: do not ask on a terminal")
     p.add_argument(

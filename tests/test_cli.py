@@ -835,3 +835,40 @@ def test_cache_rm_keeps_a_sibling_whose_lock_is_another_users_and_says_so_first(
     assert run("cache", "rm", str(src), cache=cache).stdout.endswith(f"kept {keep[5:]}removed 0 row(s)\n")
     [row] = json.loads(run("cache", "ls", "--json", cache=cache).stdout)
     assert row["source"] == str(src) and sibling.exists()
+
+
+def test_repair_dry_run_moves_nothing(tmp_path):
+    src = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(1000)}, str(src))
+    cache = tmp_path / "c"
+    run("warm", str(src), cache=cache)
+    (cache / "index" / "cache.db").write_bytes(b"garbage" * 100)
+    out = json.loads(run("cache", "repair", "--dry-run", "--json", cache=cache).stdout)
+    assert out["dry_run"] and out["repaired"] and not os.path.exists(out["set_aside"])
+    assert (cache / "index" / "cache.db").read_bytes() == b"garbage" * 100
+    assert not list(cache.glob("index.corrupt-*"))
+
+
+def test_after_repair_scan_and_clear_still_find_the_cache_dirs_siblings(tmp_path, monkeypatch):
+    """A sibling in the cache dir that no row names: scan says its checkpoint is not recorded
+    (never a guessed path it calls gone), and clear removes it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    save_file({"w": torch.ones(1000)}, "models/c.safetensors")
+    cache = tmp_path / "c"
+    monkeypatch.setenv("SA3LOADER_PLACE", "cache")
+    run("warm", "models/c.safetensors", cache=cache)
+    [row] = json.loads(run("--json", "cache", "scan", "c", cache=cache).stdout)  # a relative DIR
+    assert (row["status"], row["indexed"], row["source"]) == (
+        "ok",
+        True,
+        str(tmp_path / "models/c.safetensors"),
+    )
+    (cache / "index" / "cache.db").write_bytes(b"garbage" * 100)
+    run("cache", "repair", cache=cache)
+    [orphan] = json.loads(run("--json", "cache", "scan", str(cache), cache=cache).stdout)
+    assert (orphan["status"], orphan["source"], orphan["indexed"]) == ("unknown source", "", False)
+    assert "source: not recorded  (no row)" in run("cache", "scan", str(cache), cache=cache).stdout
+    out = run("cache", "clear", "--yes", cache=cache).stdout
+    assert f"removed sibling {orphan['sibling']}" in out and not os.path.exists(orphan["sibling"])
+    assert "no such directory" in run("cache", "scan", str(tmp_path / "nope"), cache=cache, check_rc=1).stderr
