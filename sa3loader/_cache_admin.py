@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from . import _compare
 from ._format import open_header
-from ._identity import is_sa3loader_path, sibling_matches_source
+from ._identity import marked_by_sa3loader, sibling_matches_source
 from ._index import Entry, command_index, entries, has_index, refuse_untrusted
 from ._lock import conversion_lock
 from ._places import (
@@ -123,8 +123,8 @@ def file_size(path: str) -> int:
 
 
 def _ours(path: str) -> bool:
-    """A regular file of yours that carries sa3loader's marker."""
-    return owned_file_problem(path) is None and os.path.lexists(path) and is_sa3loader_path(path)
+    """A regular file of yours that carries sa3loader's marker (a truncated one too)."""
+    return owned_file_problem(path) is None and os.path.lexists(path) and marked_by_sa3loader(path)
 
 
 def _leftovers(sibling: str, going: bool) -> list[Removal]:

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from ._format import open_header
-from ._identity import is_sa3loader_path, sibling_matches_source
+from ._identity import marked_by_sa3loader, sibling_matches_source
 from ._places import (
     BESIDE_SUBDIR,
     SAFETENSORS_SUFFIX,
@@ -52,7 +52,7 @@ def scan(directories: list[str], rows: dict[str, str]) -> list[Found]:
             names = set(os.listdir(folder)) if hidden else set(files)
             for name in sorted(files):
                 path = os.path.join(root, name)
-                if not name.endswith(SIBLING_SUFFIXES) or not is_sa3loader_path(path):
+                if not name.endswith(SIBLING_SUFFIXES) or not marked_by_sa3loader(path):
                     continue
                 row = rows.get(path)
                 source = _source_beside(folder, name, names) or row

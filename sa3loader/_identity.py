@@ -19,12 +19,15 @@ for the content.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import stat
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 from . import _faults
 from ._file import read_exact
-from ._format import Header, read_header, reading
+from ._format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, Header, read_header, reading
 from ._places import blob_name
 from ._records import FORMAT_VERSION, MARKER_KEY, META_PREFIX, SiblingClaim, SourceIdentity
 from .errors import Sa3LoaderError
@@ -166,6 +169,30 @@ def is_sa3loader_path(path: str) -> bool:
         return is_sa3loader_file(read_header(path, follow_symlinks=False))
     except (Sa3LoaderError, OSError):
         return False
+
+
+def marked_by_sa3loader(path: str) -> bool:
+    """Whether the regular file at ``path`` (never through a symlink) says in its header's own
+    metadata that sa3loader wrote it, even where its data was cut short (a truncated sibling,
+    which ``is_sa3loader_path`` refuses): what sa3loader may replace or remove at a sibling
+    place. JSON only, the header's length bounded as safetensors bounds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        first = os.pread(fd, HEADER_LENGTH_BYTES, 0)
+        (length,) = struct.unpack("<Q", first) if len(first) == HEADER_LENGTH_BYTES else (0,)
+        if not 0 < length <= MAX_HEADER_BYTES:
+            return False
+        metadata = json.loads(os.pread(fd, length, HEADER_LENGTH_BYTES)).get("__metadata__")
+        return isinstance(metadata, dict) and MARKER_KEY in metadata
+    except (OSError, ValueError, AttributeError):
+        return False
+    finally:
+        os.close(fd)
 
 
 def describes(sibling: Header, source: Header) -> bool:

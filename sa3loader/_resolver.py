@@ -22,7 +22,7 @@ from ._cache_admin import Plan, execute, plan_cap, plan_room
 from ._cache_dir import make_beside_dirs, make_private_dirs, remove_if_empty
 from ._config import warn_once
 from ._format import Header
-from ._identity import has_float32, is_sa3loader_file, is_sa3loader_path, sibling_metadata
+from ._identity import has_float32, is_sa3loader_file, marked_by_sa3loader, sibling_metadata
 from ._index import Index
 from ._lock import ConversionLock
 from ._places import (
@@ -69,7 +69,7 @@ def overwrite_problem(path: str, *, in_cache_dir: bool, other_version: bool) -> 
         return problem
     if other_version:
         return "another sa3loader version's sibling is there"
-    if not in_cache_dir and os.path.lexists(path) and not is_sa3loader_path(path):
+    if not in_cache_dir and os.path.lexists(path) and not marked_by_sa3loader(path):  # a cut-off one too
         return "a file that is not an sa3loader sibling is there"
     return None
 

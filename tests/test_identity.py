@@ -341,3 +341,30 @@ def test_a_reconversion_says_each_thing_once(tmp_path):
     events = sa3loader.last_load_info().events
     assert sa3loader.last_load_info().converted
     assert len(events) == len(set(events)), events
+
+
+def test_a_sibling_cut_short_is_converted_again_in_its_place_and_found_by_the_cache_commands(tmp_path):
+    """A disk that filled, a copy cut off: the header (with sa3loader's marker) is whole, the data
+    is not. The next load converts again at the same place (not a second sibling in the cache
+    dir beside a damaged one), and scan and rm see a cut-off sibling as sa3loader's."""
+    from support.cli import run
+
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    cache = tmp_path / "cache"
+    load_toy(ckpt, cache)
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    header_end = 8 + int.from_bytes(sibling.read_bytes()[:8], "little")
+    os.chmod(sibling, 0o600)
+    with open(sibling, "r+b") as f:
+        f.truncate(header_end + 100)
+    model = load_toy(ckpt, cache)
+    info = sa3loader.last_load_info()
+    assert info.converted and info.sibling == str(sibling), info.reason
+    assert_same_model(model, reference(ckpt))
+    assert not (cache / "siblings").exists() or not any((cache / "siblings").rglob("*.safetensors"))
+    os.chmod(sibling, 0o600)
+    with open(sibling, "r+b") as f:
+        f.truncate(header_end + 100)
+    assert f"{sibling}" in run("cache", "scan", str(tmp_path), cache=cache).stdout
+    assert f"removed sibling {sibling}" in run("cache", "rm", str(ckpt), cache=cache).stdout
+    assert not sibling.exists()
