@@ -16,7 +16,7 @@ import logging
 import random
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,7 +27,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from . import _faults
 from ._defer import DeferredParameters, not_deferred, swap_in_place, watched_build
 from ._format import Header
-from ._reach import OPAQUE, REACH_DEPTH, TOO_DEEP, leaves
+from ._refusals import Attributes, FastBuildRefused, refuse_meta, refuse_random_or_meta, tensor_attributes
 from ._values import Values
 from ._watch import BuildWatch
 
@@ -118,10 +118,6 @@ def _weight_norm_hooks(model: nn.Module) -> list[tuple[str, nn.Module, WeightNor
     ]
 
 
-class _FastBuildRefused(Exception):
-    """Why the fast build cannot give upstream's model: the faithful build runs instead."""
-
-
 def _build_deferred(
     factory: Factory, config: Any, generators: Generators
 ) -> tuple[nn.Module, DeferredParameters, BuildWatch]:
@@ -137,7 +133,7 @@ def _build_deferred(
             # before it failed: the error may be the stand-in's doing.
             if not (watch.refused_meta(exc) or watch.read_a_stand_in()):
                 raise
-            raise _FastBuildRefused(
+            raise FastBuildRefused(
                 f"the factory needs real parameters ({type(exc).__name__}: {exc})"
             ) from exc
 
@@ -151,141 +147,18 @@ def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[s
     for module, name in deferred.still_deferred():
         deferred_param = module._parameters[name]
         if not any(k in assign for k in keys_of.get(id(deferred_param), ())):
-            raise _FastBuildRefused(f"parameter {type(module).__name__}.{name} is not in the checkpoint")
+            raise FastBuildRefused(f"parameter {type(module).__name__}.{name} is not in the checkpoint")
         ids.add(id(deferred_param))
     return ids
-
-
-def _is_meta(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.is_meta
 
 
 # What every nn.Module keeps about itself (flags, the child modules): never a tensor of the
 # model's own, so the checks below need not look inside. Its hooks are walked: a hook may
 # close over a tensor.
-_MODULE_BOOKKEEPING = frozenset(k for k in vars(nn.Module()) if not k.endswith("_hooks")) - {
-    "_parameters",
-    "_buffers",
-}
-Attributes = list[tuple[str, nn.Module, str, Any]]
-
-
-def _tensor_attributes(model: nn.Module) -> Attributes:
-    """(module prefix, module, attribute, value) of every attribute that is or may hold a
-    tensor, parameters and buffers included: one walk for every check of the build
-    (three walks of every attribute were a fifth of a small model's cache hit). Modules of
-    the tree are walked as themselves, never through another's attribute."""
-    tree = {id(m) for m in model.modules()}
-    return [
-        (prefix, module, attr, value)
-        for prefix, module in model.named_modules()
-        for attr, value in vars(module).items()
-        if attr not in _MODULE_BOOKKEEPING
-        and not isinstance(value, OPAQUE)
-        and not (isinstance(value, nn.Module) and id(value) in tree)
-        and not isinstance(value, (int, float, bool, type(None)))
-    ]
-
-
-def _refuse_replaced(model: nn.Module, assign: dict[str, str], watch: BuildWatch) -> None:
-    """``_FastBuildRefused`` for a parameter the constructor replaced that the checkpoint does not cover."""
-    keys_of: dict[int, list[str]] = defaultdict(list)
-    for key, param in model.named_parameters(remove_duplicate=False):
-        keys_of[id(param)].append(key)
-    for ref, name in watch.replaced:
-        module = ref()
-        replaced = module._parameters.get(name) if module is not None else None
-        # Of the model's own parameters (one of a module kept outside the tree is not the
-        # checkpoint's to give; a drawn value there is found below).
-        keys = keys_of.get(id(replaced), []) if replaced is not None else []
-        if keys and not any(k in assign for k in keys):
-            raise _FastBuildRefused(
-                f"{type(module).__name__}.{name} was replaced by the constructor and is not in the checkpoint"
-            )
-
-
-def _refuse_random(
-    model: nn.Module, attributes: Attributes, assign: dict[str, str], watch: BuildWatch, tree: frozenset[int]
-) -> None:
-    """``_FastBuildRefused`` when the model may keep a value drawn at random while it was built
-    (the fast build's generator was elsewhere when it was drawn), or a parameter the
-    constructor replaced and the checkpoint does not cover."""
-    _refuse_replaced(model, assign, watch)
-    if not watch.check_generator():  # a draw through a function the watch does not know
-        raise _FastBuildRefused("torch's generator was drawn from by a function the build does not follow")
-    if watch.escapes:  # a number, list or array from drawn values: Python cannot be followed
-        raise _FastBuildRefused(
-            f"a value drawn at random left torch through {watch.escapes[0]} while it was built"
-        )
-    if not watch.any_drawn():  # the usual build draws nothing real, so keeps nothing drawn
-        return
-    kept = [
-        (f"{p}.{a}".lstrip(".") + f" ({type(m).__name__})", _not_replaced(p, a, v, assign), REACH_DEPTH)
-        for p, m, a, v in attributes
-    ]
-    kept += [(where, value, OUTSIDE_DEPTH) for where, value in _kept_outside_instances(model)]
-    for where, value, depth in kept:
-        for leaf in leaves(value, tree, depth=depth):
-            # Below an instance's attributes, what the walk did not reach may be drawn; outside
-            # them (class attributes, module globals), the walk is shallow on purpose.
-            if leaf is TOO_DEEP and depth == REACH_DEPTH:
-                raise _FastBuildRefused(f"{where} holds values nested too deep to follow")
-            if isinstance(leaf, torch.Tensor) and watch.drawn(leaf):
-                raise _FastBuildRefused(f"{where} keeps values drawn at random while it was built")
 
 
 # How far the walk goes into what a constructor may have stored outside the model's
 # instances: its classes' attributes and their modules' globals.
-OUTSIDE_DEPTH = 3
-
-
-def _not_replaced(prefix: str, attr: str, value: Any, assign: dict[str, str]) -> Any:
-    """What the checkpoint replaces (loaded parameters and buffers) is not kept."""
-    if attr not in ("_parameters", "_buffers"):
-        return value
-    return {n: t for n, t in value.items() if f"{prefix}.{n}".lstrip(".") not in assign}
-
-
-def _kept_outside_instances(model: nn.Module) -> Iterator[tuple[str, Any]]:
-    """(where, value) of what a constructor may have stored on its class or in its module's
-    globals (``type(self).table = ...``, ``global NOISE``): classes outside torch only."""
-    for cls in {type(m) for m in model.modules()}:
-        if cls.__module__.split(".")[0] == "torch":
-            continue
-        yield from ((f"{cls.__qualname__}.{n}", v) for n, v in vars(cls).items())
-        module = sys.modules.get(cls.__module__)
-        if module is not None:
-            yield from (
-                (f"{cls.__module__}.{n}", v) for n, v in vars(module).items() if not n.startswith("__")
-            )
-
-
-def _refuse_meta(
-    attributes: Attributes,
-    tree: frozenset[int],
-    *,
-    skip: set[tuple[int, str]],
-    parameters: bool,
-    stand_ins: set[int],
-) -> None:
-    """``_FastBuildRefused`` when a tensor in ``attributes`` (their values now) is still on meta,
-    or a device kept there is the meta device.
-
-    A tensor the constructor derived from a deferred parameter (a buffer, an
-    attribute, a value kept in a dict) is meta, and only weight_norm's is redone
-    from the file: any other means upstream's model cannot be given fast. The stand-ins
-    themselves (ids in ``stand_ins``) may be held anywhere: they are placed in place.
-    ``parameters=False`` leaves parameters out (before they are placed).
-    """
-    for prefix, module, attr, _ in attributes:
-        if (attr == "_parameters" and not parameters) or (id(module), attr) in skip:
-            continue
-        where = f"{prefix}.{attr}" if prefix else attr
-        for leaf in leaves(vars(module).get(attr), tree):  # read now: placing replaced some
-            if isinstance(leaf, torch.Tensor) and leaf.is_meta and id(leaf) not in stand_ins:
-                raise _FastBuildRefused(f"{where} ({type(module).__name__}) was computed from a parameter")
-            if isinstance(leaf, torch.device) and leaf.type == "meta":
-                raise _FastBuildRefused(f"{where} ({type(module).__name__}) keeps a parameter's device")
 
 
 def _place_parameters(
@@ -311,7 +184,7 @@ def _place_parameters(
                 state[key].copy_(values.get(name, state[key].dtype, final=False))
     for stand_in, value in final.values():  # in place: every holder of the stand-in sees the weight
         if not swap_in_place(stand_in, nn.Parameter(value, requires_grad=stand_in.requires_grad)):
-            raise _FastBuildRefused(
+            raise FastBuildRefused(
                 f"a parameter ({tuple(stand_in.shape)}) is weakly referenced: cannot place it"
             )
 
@@ -368,25 +241,30 @@ def _build_fast(
     device: torch.device,
     generators: Generators,
 ) -> tuple[nn.Module, LoadResult]:
-    """Model with every parameter placed from the file, or ``_FastBuildRefused`` saying why not."""
+    """Model with every parameter placed from the file, or ``FastBuildRefused`` saying why not."""
     model, deferred, watch = _build_deferred(factory, config, generators)
     if deferred.unswapped:
-        raise _FastBuildRefused(
+        raise FastBuildRefused(
             f"{deferred.unswapped[0]} could not be deferred in place (torch.utils.swap_tensors, torch >= 2.3)"
         )
     if watch.read_a_stand_in():  # an error over a stand-in's data the constructor caught itself
-        raise _FastBuildRefused("the factory read a parameter's value while it was built")
+        raise FastBuildRefused("the factory read a parameter's value while it was built")
     if _customises_loading(model):
-        raise _FastBuildRefused("a module customises state-dict loading")
+        raise FastBuildRefused("a module customises state-dict loading")
     assign, result = plan_keys(source, model.state_dict(keep_vars=True))
     _faults.point("planned", source.path)
     tree = frozenset(id(m) for m in model.modules())
-    attributes = _tensor_attributes(model)
-    _refuse_random(model, attributes, assign, watch, tree)
-    deferred_ids = _deferred_ids(model, deferred, assign)
+    attributes = tensor_attributes(model)
+    missing = None
+    try:
+        deferred_ids = _deferred_ids(model, deferred, assign)
+    except FastBuildRefused as refused:  # said after a kept draw, as it always was
+        deferred_ids, missing = set(), refused
     wn_hooks = _weight_norm_hooks(model)
     recomputed = {(id(m), h.name) for _, m, h in wn_hooks}
-    _refuse_meta(attributes, tree, skip=recomputed, parameters=False, stand_ins=deferred_ids)
+    refuse_random_or_meta(
+        model, attributes, assign, watch, tree, skip=recomputed, stand_ins=deferred_ids, missing=missing
+    )
     # Only the parameters and weight_norm's attributes change from here: checked again after.
     # Nothing may hold what was computed from a stand-in (its graph holds the stand-in, which
     # could then not be placed in place): not the watch, weight_norm's weight or these values.
@@ -398,7 +276,7 @@ def _build_fast(
     had_graph = _drop_weight_norm_weights(wn_hooks)
     _place_parameters(model, assign, deferred_ids, values, device)
     _recompute_weight_norm(wn_hooks, assign, values, had_graph)
-    _refuse_meta(replaced, tree, skip=set(), parameters=True, stand_ins=set())
+    refuse_meta(replaced, tree, skip=set(), parameters=True, stand_ins=set())
     return model, result
 
 
@@ -447,7 +325,7 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
     fallback = None
     try:
         model, result = _build_fast(factory, config, source, values, device, generators)
-    except _FastBuildRefused as refused:
+    except FastBuildRefused as refused:
         fallback = str(refused)
         logger.info("%s: using upstream's full build (%s)", source.path, fallback)
         values.forget_counts()  # what the abandoned fast build read does not count

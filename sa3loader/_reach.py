@@ -5,6 +5,7 @@ modules outside the model's tree. The build's refusal checks (``_build``) read t
 from __future__ import annotations
 
 import functools
+import sys
 import types
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -91,3 +92,17 @@ def leaves(
 def tensors_in(value: Any, tree: frozenset[int] = frozenset()) -> Iterator[torch.Tensor]:
     """The tensors among ``leaves``."""
     return (leaf for leaf in leaves(value, tree) if isinstance(leaf, torch.Tensor))
+
+
+def kept_outside_instances(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
+    """(where, value) of what a constructor may have stored on its class or in its module's
+    globals (``type(self).table = ...``, ``global NOISE``): classes outside torch only."""
+    for cls in {type(m) for m in model.modules()}:
+        if cls.__module__.split(".")[0] == "torch":
+            continue
+        yield from ((f"{cls.__qualname__}.{n}", v) for n, v in vars(cls).items())
+        module = sys.modules.get(cls.__module__)
+        if module is not None:
+            yield from (
+                (f"{cls.__module__}.{n}", v) for n, v in vars(module).items() if not n.startswith("__")
+            )

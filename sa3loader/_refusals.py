@@ -1,0 +1,179 @@
+"""What the fast build refuses, so that the faithful build gives upstream's model: values drawn at
+random and kept, parameters replaced and not covered, tensors left on meta. Read through one
+walk of every attribute that may hold a tensor (``_reach``)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._reach import OPAQUE, REACH_DEPTH, TOO_DEEP, kept_outside_instances, leaves
+from ._watch import BuildWatch
+
+
+class FastBuildRefused(Exception):
+    """Why the fast build cannot give upstream's model: the faithful build runs instead."""
+
+
+_MODULE_BOOKKEEPING = frozenset(k for k in vars(nn.Module()) if not k.endswith("_hooks")) - {
+    "_parameters",
+    "_buffers",
+}
+
+
+Attributes = list[tuple[str, nn.Module, str, Any]]
+
+
+def tensor_attributes(model: nn.Module) -> Attributes:
+    """(module prefix, module, attribute, value) of every attribute that is or may hold a
+    tensor, parameters and buffers included: one walk for every check of the build
+    (three walks of every attribute were a fifth of a small model's cache hit). Modules of
+    the tree are walked as themselves, never through another's attribute."""
+    tree = {id(m) for m in model.modules()}
+    return [
+        (prefix, module, attr, value)
+        for prefix, module in model.named_modules()
+        for attr, value in vars(module).items()
+        if attr not in _MODULE_BOOKKEEPING
+        and not isinstance(value, OPAQUE)
+        and not (isinstance(value, nn.Module) and id(value) in tree)
+        and not isinstance(value, (int, float, bool, type(None)))
+    ]
+
+
+def _refuse_replaced(model: nn.Module, assign: dict[str, str], watch: BuildWatch) -> None:
+    """``FastBuildRefused`` for a parameter the constructor replaced that the checkpoint does not cover."""
+    keys_of: dict[int, list[str]] = defaultdict(list)
+    for key, param in model.named_parameters(remove_duplicate=False):
+        keys_of[id(param)].append(key)
+    for ref, name in watch.replaced:
+        module = ref()
+        replaced = module._parameters.get(name) if module is not None else None
+        # Of the model's own parameters (one of a module kept outside the tree is not the
+        # checkpoint's to give; a drawn value there is found below).
+        keys = keys_of.get(id(replaced), []) if replaced is not None else []
+        if keys and not any(k in assign for k in keys):
+            raise FastBuildRefused(
+                f"{type(module).__name__}.{name} was replaced by the constructor and is not in the checkpoint"
+            )
+
+
+def refuse_random_or_meta(
+    model: nn.Module,
+    attributes: Attributes,
+    assign: dict[str, str],
+    watch: BuildWatch,
+    tree: frozenset[int],
+    *,
+    skip: set[tuple[int, str]],
+    stand_ins: set[int],
+    missing: FastBuildRefused | None,
+) -> None:
+    """``FastBuildRefused`` when the model may keep a value drawn at random while it was built
+    (the fast build's generator was elsewhere when it was drawn), or a parameter the
+    constructor replaced and the checkpoint does not cover; then ``missing`` (a parameter the
+    checkpoint lacks); then as ``refuse_meta`` with ``parameters=False``. One walk of each
+    attribute serves both checks (two were a quarter of a large model's cache hit); the
+    refusals and their order are those of the separate walks."""
+    _refuse_replaced(model, assign, watch)
+    if not watch.check_generator():  # a draw through a function the watch does not know
+        raise FastBuildRefused("torch's generator was drawn from by a function the build does not follow")
+    if watch.escapes:  # a number, list or array from drawn values: Python cannot be followed
+        raise FastBuildRefused(
+            f"a value drawn at random left torch through {watch.escapes[0]} while it was built"
+        )
+    drawn = watch.any_drawn()  # the usual build draws nothing real, so keeps nothing drawn
+    meta_problem = None
+    for p, m, a, v in attributes:
+        meta_wanted = meta_problem is None and a != "_parameters" and (id(m), a) not in skip
+        kept = _not_replaced(p, a, v, assign)  # ``v`` itself but for parameters and buffers
+        walks: list[tuple[Any, bool, bool]] = [(v, True, True)] if drawn and meta_wanted and kept is v else []
+        walks = walks or [(kept, drawn, False), (v, False, meta_wanted)]
+        where = f"{p}.{a}".lstrip(".") + f" ({type(m).__name__})"
+        for value, for_draws, for_meta in walks:
+            found = _walk(value, where, tree, watch if for_draws else None, stand_ins if for_meta else None)
+            meta_problem = meta_problem or found
+    if drawn:
+        _refuse_kept_outside(model, watch, tree)
+    if missing is not None:
+        raise missing
+    if meta_problem is not None:
+        raise FastBuildRefused(meta_problem)
+
+
+def _walk(
+    value: Any, where: str, tree: frozenset[int], watch: BuildWatch | None, stand_ins: set[int] | None
+) -> str | None:
+    """Raise for a drawn value ``value`` keeps (with ``watch``); the first meta problem in it
+    (with ``stand_ins``), or None."""
+    if watch is None and stand_ins is None:
+        return None
+    problem = None
+    for leaf in leaves(value, tree, depth=REACH_DEPTH):
+        if watch is not None and leaf is TOO_DEEP:
+            raise FastBuildRefused(f"{where} holds values nested too deep to follow")
+        if watch is not None and isinstance(leaf, torch.Tensor) and watch.drawn(leaf):
+            raise FastBuildRefused(f"{where} {_DRAWN}")
+        if stand_ins is not None and problem is None:
+            problem = _meta_problem(leaf, where, stand_ins)
+    return problem
+
+
+_DRAWN = "keeps values drawn at random while it was built"
+
+
+def _refuse_kept_outside(model: nn.Module, watch: BuildWatch, tree: frozenset[int]) -> None:
+    """A drawn value a constructor stored on its class or in its module (walked shallow on purpose)."""
+    for where, value in kept_outside_instances(model):
+        for leaf in leaves(value, tree, depth=OUTSIDE_DEPTH):
+            if isinstance(leaf, torch.Tensor) and watch.drawn(leaf):
+                raise FastBuildRefused(f"{where} {_DRAWN}")
+
+
+def _meta_problem(leaf: Any, where: str, stand_ins: set[int]) -> str | None:
+    """What ``refuse_meta`` says of ``leaf`` held at ``where``, or None."""
+    if isinstance(leaf, torch.Tensor) and leaf.is_meta and id(leaf) not in stand_ins:
+        return f"{where} was computed from a parameter"
+    if isinstance(leaf, torch.device) and leaf.type == "meta":
+        return f"{where} keeps a parameter's device"
+    return None
+
+
+OUTSIDE_DEPTH = 3
+
+
+def _not_replaced(prefix: str, attr: str, value: Any, assign: dict[str, str]) -> Any:
+    """What the checkpoint replaces (loaded parameters and buffers) is not kept."""
+    if attr not in ("_parameters", "_buffers"):
+        return value
+    return {n: t for n, t in value.items() if f"{prefix}.{n}".lstrip(".") not in assign}
+
+
+def refuse_meta(
+    attributes: Attributes,
+    tree: frozenset[int],
+    *,
+    skip: set[tuple[int, str]],
+    parameters: bool,
+    stand_ins: set[int],
+) -> None:
+    """``FastBuildRefused`` when a tensor in ``attributes`` (their values now) is still on meta,
+    or a device kept there is the meta device.
+
+    A tensor the constructor derived from a deferred parameter (a buffer, an
+    attribute, a value kept in a dict) is meta, and only weight_norm's is redone
+    from the file: any other means upstream's model cannot be given fast. The stand-ins
+    themselves (ids in ``stand_ins``) may be held anywhere: they are placed in place.
+    ``parameters=False`` leaves parameters out (before they are placed).
+    """
+    for prefix, module, attr, _ in attributes:
+        if (attr == "_parameters" and not parameters) or (id(module), attr) in skip:
+            continue
+        where = (f"{prefix}.{attr}" if prefix else attr) + f" ({type(module).__name__})"
+        for leaf in leaves(vars(module).get(attr), tree):  # read now: placing replaced some
+            problem = _meta_problem(leaf, where, stand_ins)
+            if problem is not None:
+                raise FastBuildRefused(problem)
