@@ -85,7 +85,12 @@ def leaves(
         yield TOO_DEEP
         return
     seen.add(id(value))
-    for child in _held_by(value):
+    try:
+        children = _held_by(value)
+    except Exception:  # its attributes raise when read (a config's __getattr__): not seen into
+        yield TOO_DEEP
+        return
+    for child in children:
         yield from leaves(child, tree, seen, depth - 1)
 
 

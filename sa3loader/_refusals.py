@@ -88,14 +88,18 @@ def refuse_random_or_meta(
     drawn = watch.any_drawn()  # the usual build draws nothing real, so keeps nothing drawn
     meta_problem = None
     for p, m, a, v in attributes:
-        meta_wanted = meta_problem is None and a != "_parameters" and (id(m), a) not in skip
+        # A parameter the checkpoint lacks is said before any meta tensor, unwalked: as ever.
+        meta_wanted = (
+            missing is None and meta_problem is None and a != "_parameters" and (id(m), a) not in skip
+        )
         kept = _not_replaced(p, a, v, assign)  # ``v`` itself but for parameters and buffers
         walks: list[tuple[Any, bool, bool]] = [(v, True, True)] if drawn and meta_wanted and kept is v else []
         walks = walks or [(kept, drawn, False), (v, False, meta_wanted)]
-        where = f"{p}.{a}".lstrip(".") + f" ({type(m).__name__})"
+        owner = f" ({type(m).__name__})"
+        where, meta_where = f"{p}.{a}".lstrip(".") + owner, (f"{p}.{a}" if p else a) + owner
         for value, for_draws, for_meta in walks:
             found = _walk(value, where, tree, watch if for_draws else None, stand_ins if for_meta else None)
-            meta_problem = meta_problem or found
+            meta_problem = meta_problem or (found.replace(where, meta_where, 1) if found else None)
     if drawn:
         _refuse_kept_outside(model, watch, tree)
     if missing is not None:

@@ -894,3 +894,68 @@ def test_a_draw_kept_where_the_watch_once_missed_it_is_upstreams(tmp_path, kind)
     ref = upstream_recipe(cls, ckpt, True)
     assert torch.equal(bits(ours), bits(ref.noise))
     assert_same_model(model, ref)
+
+
+class Settings:
+    """A config object as many codebases keep one: unknown attributes raise (``__dict__`` too)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_data", {"width": 8})
+
+    def __getattr__(self, name):
+        return self._data[name]
+
+
+class KeepsSettings(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.settings = Settings()
+
+
+class DerivedUnderADottedName(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        setattr(self, ".scaled", self.blocks[0].ff.weight.detach() * 2)
+
+
+@pytest.mark.parametrize("missing", [False, True], ids=["covered", "a-parameter-missing"])
+def test_an_attribute_the_walk_cannot_read_into_neither_breaks_the_load_nor_the_refusal_order(
+    tmp_path, missing
+):
+    """A config whose attributes raise when read is not seen into (the load raised before): the
+    toy model draws at random, so what the config may hide refuses the fast build, before a
+    parameter the checkpoint lacks would, as the separate walks did; upstream's model either way."""
+    torch.manual_seed(0)
+    state = random_like_state(build(), seed=3)
+    if missing:
+        state.pop(next(k for k in state if k.endswith("ff.weight")))
+    ckpt = save(state, tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda config: KeepsSettings()
+    )
+    info = sa3loader.last_load_info()
+    assert (info.build, info.fallback) == (
+        "faithful",
+        "settings (KeepsSettings) holds values nested too deep to follow",
+    )
+    assert_same_model(model, upstream_recipe(KeepsSettings, ckpt, True))
+
+
+def test_a_refusal_names_the_attribute_as_it_is_named(tmp_path):
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    sa3loader.load_diffusion_cond(
+        {},
+        ckpt,
+        "cpu",
+        True,
+        cache_dir=tmp_path / "c",
+        model_factory=lambda config: DerivedUnderADottedName(),
+    )
+    assert (
+        sa3loader.last_load_info().fallback
+        == ".scaled (DerivedUnderADottedName) was computed from a parameter"
+    )
