@@ -84,6 +84,17 @@ SHARED_DIR_BITS = 0o555  # r-x for all: anyone may list and traverse, no one els
 SHARED_FILE_BITS = 0o444
 
 
+def _add_bits(targets: list[tuple[str, int]]) -> list[str]:
+    """Add ``bits`` to each path's mode where it is yours and no symlink; the paths changed."""
+    changed = []
+    for path, bits in targets:
+        st = os.lstat(path)
+        if st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) and st.st_mode & bits != bits:
+            os.chmod(path, stat.S_IMODE(st.st_mode) | bits)
+            changed.append(path)
+    return changed
+
+
 def open_cache_dir_to_all(cache_dir: str) -> list[str]:
     """Let every user read a cache dir you built (an image built as root, served as another user).
 
@@ -100,11 +111,7 @@ def open_cache_dir_to_all(cache_dir: str) -> list[str]:
             for name in files
             if not name.endswith((".safetensors", LOCK_SUFFIX)) and not is_temp_name(name)
         ]
-        for path, bits in targets:
-            st = os.lstat(path)
-            if st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) and st.st_mode & bits != bits:
-                os.chmod(path, stat.S_IMODE(st.st_mode) | bits)
-                changed.append(path)
+        changed += _add_bits(targets)
     return changed
 
 
@@ -120,11 +127,7 @@ def open_siblings_to_all(warmed: list[tuple[str, str]]) -> list[str]:
         if hidden.endswith(os.sep + BESIDE_SUBDIR):
             folder_bits = stat.S_IMODE(os.stat(os.path.dirname(os.path.dirname(hidden))).st_mode)
             targets += [(d, folder_bits & SHARED_DIR_BITS) for d in (os.path.dirname(hidden), hidden)]
-        for path, bits in targets:
-            st = os.lstat(path)
-            if st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) and st.st_mode & bits != bits:
-                os.chmod(path, stat.S_IMODE(st.st_mode) | bits)
-                changed.append(path)
+        changed += _add_bits(targets)
     return changed
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from . import _config, _convert, _faults
 from ._cache_admin import Plan, execute, plan_cap, plan_room
 from ._cache_dir import make_beside_dirs, make_private_dirs, remove_if_empty
+from ._cli_output import human_size
 from ._config import warn_once
 from ._format import Header
 from ._identity import has_float32, is_sa3loader_file, marked_by_sa3loader, sibling_metadata
@@ -74,13 +75,6 @@ def overwrite_problem(path: str, *, in_cache_dir: bool, other_version: bool) -> 
     return None
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} B"
-
-
 def _room_problem(path: str, needed: int, source_bytes: int) -> str | None:
     """None when a sibling of ``needed`` bytes may be written at ``path``, else why not.
 
@@ -98,8 +92,8 @@ def _room_problem(path: str, needed: int, source_bytes: int) -> str | None:
     free = free_bytes(directory)
     if _shortfall(directory, needed, source_bytes) > 0:
         return (
-            f"not enough free space in {directory} ({_size(free)} free): a {_size(needed)} sibling "
-            f"would leave less than another {_size(source_bytes)} checkpoint and "
+            f"not enough free space in {directory} ({human_size(free)} free): a {human_size(needed)} sibling "
+            f"would leave less than another {human_size(source_bytes)} checkpoint and "
             f"{FREE_SPACE_MARGIN_BYTES >> 20} MiB to spare need"
         )
     return None
@@ -116,20 +110,21 @@ def _keep_under_cap(f: SiblingFinder, size: int, targets: frozenset[str]) -> str
     cap = f.settings.cache_max
     if cap is None or not f.cache_trusted:  # an untrusted cache dir's index is not read at all
         return None
+    over = f"${_config.CACHE_MAX_ENV} ({human_size(cap)})"
+    new = f"the {human_size(size)} fp16 sibling"
     if size > cap:
-        return f"the {_size(size)} fp16 sibling is larger than ${_config.CACHE_MAX_ENV} ({_size(cap)})"
+        return f"{new} is larger than {over}"
     wait_for_publishing()  # what this process converted counts once its row is there
     try:
         plan = plan_cap(f.cache_dir, cap, adding=size, keep=targets)
     except (Sa3LoaderError, OSError) as exc:
         warn_once("cap:" + f.cache_dir, "sa3loader cannot apply $%s: %s", _config.CACHE_MAX_ENV, exc)
         return None
-    over = f"${_config.CACHE_MAX_ENV} ({_size(cap)})"
     if plan is None:
-        return f"the {_size(size)} fp16 sibling does not fit under {over}, even with older siblings removed"
+        return f"{new} does not fit under {over}, even with older siblings removed"
     if plan.removals and f.index.read_only:
-        return f"the {_size(size)} fp16 sibling does not fit under {over}, and the index is read-only"
-    _evict(f, lambda: plan, f"to stay under {_size(cap)}")
+        return f"{new} does not fit under {over}, and the index is read-only"
+    _evict(f, lambda: plan, f"to stay under {human_size(cap)}")
     return None
 
 
@@ -149,7 +144,7 @@ def _evict(f: SiblingFinder, plan: Callable[[], Plan | None], why: str) -> bool:
     for step in done.removed:
         if step.kind == "sibling":
             logger.info(
-                "removed the least recently used sibling %s (%s) %s", step.path, _size(step.bytes), why
+                "removed the least recently used sibling %s (%s) %s", step.path, human_size(step.bytes), why
             )
     return any(step.kind == "sibling" for step in done.removed)
 
