@@ -427,3 +427,54 @@ def test_other_formats_are_named_before_any_header_arithmetic(tmp_path, kind):
         sa3loader.load_into_module(torch.nn.Linear(2, 2), path)
     assert {"zip": "zip archive", "pickle": "pickle", "text": "text"}[kind] in str(err.value)
     assert "claims" not in str(err.value)
+
+
+def header_error(path: Path) -> HeaderError:
+    with pytest.raises(HeaderError) as caught:
+        read_header(path)
+    assert caught.value.filename == str(path)  # every refusal names the file
+    return caught.value
+
+
+def test_each_refusal_of_a_file_names_it_and_says_what_is_wrong(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"\x05\x00")
+    assert "2 bytes is too small" in str(header_error(path))
+    path.write_bytes(bytes(8))  # a length field and nothing else: an empty header, not too small
+    assert "too small" not in str(header_error(path))
+    path.write_bytes(struct.pack("<Q", 12) + b"{}")  # says 12 header bytes, has 2
+    assert "not a safetensors file" in str(header_error(path))
+    path.write_bytes(b"\x80\x02" + bytes(6) + bytes(640))  # a pickle's first bytes, as a length: 640
+    assert "pickle" in str(header_error(path)).lower()
+
+
+def test_the_header_limit_is_safetensors_own(tmp_path):
+    path = tmp_path / "m.safetensors"
+    for size, over in ((MAX_HEADER_BYTES, False), (MAX_HEADER_BYTES + 1, True)):
+        with open(path, "wb") as f:  # sparse: the bytes are there, zeros
+            f.write(struct.pack("<Q", size))
+            f.truncate(8 + size + 8)
+        assert ("above the" in str(header_error(path))) is over
+
+
+def test_a_file_touched_since_it_was_opened_counts_as_changed(tmp_path):
+    from sa3loader import CheckpointChangedError
+    from sa3loader._format import check_unchanged, open_header
+
+    path = save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    with open_header(path) as header:
+        check_unchanged(header)
+        stat = os.stat(path)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # same bytes, new mtime
+        with pytest.raises(CheckpointChangedError) as caught:
+            check_unchanged(header)
+        assert caught.value.filename == str(path)
+    check_unchanged(read_header(path))  # nothing open: nothing to check
+
+
+def test_a_symlink_is_refused_where_links_are_not_followed(tmp_path):
+    path = save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    (tmp_path / "link.safetensors").symlink_to(path)
+    assert read_header(tmp_path / "link.safetensors").entries == read_header(path).entries
+    with pytest.raises(Sa3LoaderError):
+        read_header(tmp_path / "link.safetensors", follow_symlinks=False)

@@ -368,3 +368,70 @@ def test_a_sibling_cut_short_is_converted_again_in_its_place_and_found_by_the_ca
     assert f"{sibling}" in run("cache", "scan", str(tmp_path), cache=cache).stdout
     assert f"removed sibling {sibling}" in run("cache", "rm", str(ckpt), cache=cache).stdout
     assert not sibling.exists()
+
+
+def test_marked_by_sa3loader_reads_only_a_regular_files_own_header(tmp_path):
+    """What a cache command may remove at a sibling place: never a FIFO (no hang), never
+    through a symlink, never a file too short to have a header."""
+    import threading
+
+    from sa3loader._identity import marked_by_sa3loader
+    from sa3loader._records import MARKER_KEY
+
+    marked = save({"w": torch.ones(2)}, tmp_path / "m.fp16.safetensors", metadata={MARKER_KEY: "1"})
+    assert marked_by_sa3loader(str(marked))
+    (tmp_path / "link.fp16.safetensors").symlink_to(marked)
+    assert not marked_by_sa3loader(str(tmp_path / "link.fp16.safetensors"))
+    for short in (b"", b"\x05\x00\x00"):
+        (tmp_path / "short").write_bytes(short)
+        assert not marked_by_sa3loader(str(tmp_path / "short"))
+    os.mkfifo(tmp_path / "fifo")
+    answers: list[bool] = []
+    reader = threading.Thread(
+        target=lambda: answers.append(marked_by_sa3loader(str(tmp_path / "fifo"))), daemon=True
+    )
+    reader.start()
+    reader.join(10)
+    assert answers == [False]
+
+
+def test_an_identity_is_the_open_files_not_whatever_has_the_name_now(tmp_path):
+    from sa3loader._format import open_header
+    from sa3loader._identity import identity_of
+
+    path = save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    closed = read_header(path)  # no descriptor: the identity is the path's
+    assert identity_of(closed).inode == os.stat(path).st_ino
+    with open_header(path) as header:
+        first = os.stat(path)
+        save({"w": torch.zeros(3)}, tmp_path / "new.safetensors")
+        os.replace(tmp_path / "new.safetensors", path)
+        identity = identity_of(header)
+    assert (identity.inode, identity.size) == (first.st_ino, first.st_size)
+    assert identity.inode != os.stat(path).st_ino
+
+
+def test_a_siblings_metadata_names_a_source_whose_name_is_not_utf8():
+    from sa3loader._format import Header
+    from sa3loader._identity import sibling_metadata
+    from sa3loader._records import META_PREFIX, SourceIdentity
+
+    name = os.fsdecode(b"/d/\xffm.safetensors")  # legal on Linux; only the name is read here
+    header = Header(path=name, file_size=8, header_size=0, entries=(), metadata={}, sha256="h", by_name={})
+    identity = SourceIdentity(size=8, mtime_ns=1, header_sha256="h", inode=1, device=1, ctime_ns=1)
+    assert sibling_metadata(header, identity, "fp")[META_PREFIX + "source_name"] == "\\xffm.safetensors"
+
+
+def test_the_fingerprint_hashes_exactly_its_ranges_however_the_reads_are_merged(tmp_path):
+    import hashlib
+
+    from sa3loader._identity import FINGERPRINT_VERSION, fingerprint, fingerprint_ranges
+
+    tensors = {f"t{i}": torch.randn(n) for i, n in enumerate([3, 600_000, 5, 900_000, 400_000, 7, 2_000_000])}
+    path = save(tensors, tmp_path / "m.safetensors")
+    header = read_header(path)
+    data = path.read_bytes()
+    expected = hashlib.sha256(f"{FINGERPRINT_VERSION}:{header.file_size}:{header.sha256}".encode())
+    for offset, length in fingerprint_ranges(header):
+        expected.update(data[offset : offset + length])
+    assert fingerprint(header) == f"{FINGERPRINT_VERSION}:{expected.hexdigest()}"

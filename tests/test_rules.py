@@ -420,3 +420,142 @@ def test_no_legal_name_has_the_sibling_a_long_name_was_shortened_to(stem, suffix
     assert _places.sibling_name(named_like_it) != short
     natural = _places.sibling_name(stem + suffix)
     assert not natural.endswith(tuple(_places.SHORTENED_SUFFIXES.values()))
+
+
+# ------------------------------------------------------------------ edges mutation testing found untested
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        (
+            "/hf/hub/models--org--name/snapshots/abcdef123456/model.safetensors",
+            "org/name@abcdef12 model.safetensors",
+        ),
+        ("/models--org--name/snapshots/rev/m.safetensors", "org/name@rev m.safetensors"),
+        ("/a/b/c/d/e/datasets--o--n--x/snapshots/r/sub/m.safetensors", "datasets/o/n--x@r sub/m.safetensors"),
+        ("/hf/spaces--o--n/snapshots/r/m", "spaces/o/n@r m"),
+        ("/data/foo/snapshots/rev/model.safetensors", None),  # no repo folder before snapshots
+        ("/data/a--b/snapshots/rev/model.safetensors", None),  # a -- folder of no repo type
+        ("/hf/models--org--name/blobs/abc/x", None),
+        ("/hf/models--org--name/snapshots/rev", None),  # the revision dir itself: no file
+    ],
+)
+def test_hub_name_is_what_hf_calls_the_file(path, name):
+    assert _places.hub_name(path) == name
+
+
+def test_a_name_exactly_at_the_limit_is_kept_and_one_over_is_shortened_to_the_limit():
+    assert _places.fitted("a" * 10, ".x", 12) == "a" * 10 + ".x"
+    digest = hashlib.sha256(b"a" * 40).hexdigest()[:16]
+    assert _places.fitted("a" * 40, ".s", 30) == "a" * 11 + "-" + digest + ".s"
+    assert len(_places.fitted("a" * 40, ".s", 30)) == 30
+    stem = "m" * (_places.MAX_SIBLING_NAME - len(".fp16.safetensors"))
+    assert _places.sibling_name(f"/d/{stem}.safetensors") == f"{stem}.fp16.safetensors"
+
+
+def test_temp_files_are_named_from_the_whole_destination_name():
+    assert _places.incomplete_prefix("/d/m.fp16.safetensors") == "/d/m.fp16.safetensors.incomplete-"
+
+
+@pytest.mark.parametrize(
+    ("path", "is_place"),
+    [
+        ("/c/siblings/key/m.fp16.safetensors", True),
+        ("/c/siblings/key/m-fp16.safetensors", True),
+        ("/x/.cache/sa3loader/m.fp16.safetensors", True),
+        ("/c/siblings/key/m.safetensors", False),  # not a sibling's name
+        ("/x/.cache/sa3loader/poetry.lock", False),
+        ("/other/siblings/key/m.fp16.safetensors", False),  # another cache's siblings dir
+        ("/c/key/m.fp16.safetensors", False),
+        ("/x/m.fp16.safetensors", False),  # beside a checkpoint: an older version's, or the user's
+    ],
+)
+def test_only_sibling_names_at_sibling_places_are_sa3loaders(path, is_place):
+    assert _places.at_sibling_place(path, "/c") is is_place
+
+
+def test_blob_names_need_a_repo_folder_a_blobs_dir_and_a_sha256():
+    sha = "ab" * 32
+    assert _places.blob_name(f"models--o--n/blobs/{sha}") == sha
+    assert _places.blob_name(f"/hf/datasets--o--n/blobs/{sha}") == sha
+    assert _places.blob_name(sha) is None
+    assert _places.blob_name(f"blobs/{sha}") is None
+    assert _places.blob_name(f"/hf/models--o--n/snapshots/{sha}") is None
+    assert _places.blob_name(f"/hf/other/blobs/{sha}") is None
+    assert _places.blob_name(f"/hf/models--o--n/blobs/{'ab' * 20}") is None  # a git blob's sha1
+
+
+def test_in_hub_repo_sees_the_repo_folder_below_snapshots_too(tmp_path):
+    assert _places.in_hub_repo(str(tmp_path / "models--o--n" / "refs"))
+    assert not _places.in_hub_repo(str(tmp_path / "plain"))
+    repo = tmp_path / "models--o--n"
+    (repo / "refs").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(repo / "refs")
+    assert _places.in_hub_repo(str(tmp_path / "link"))  # by where it really is
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "datasets--o--n").symlink_to(tmp_path / "plain")
+    assert _places.in_hub_repo(str(tmp_path / "datasets--o--n"))  # by the name it is given
+
+
+def test_dir_writable_and_free_bytes_answer_for_the_path_asked(tmp_path):
+    from support.faults import faked
+
+    (tmp_path / "f").write_bytes(b"")
+    (tmp_path / "f").chmod(0o700)
+    assert _places.dir_writable(str(tmp_path))
+    assert not _places.dir_writable(str(tmp_path / "f"))  # a file, however writable
+    asked = []
+    with faked(dir_writable=lambda p, real: asked.append(p) or False, free_bytes=lambda p, real: 7):
+        assert not _places.dir_writable(str(tmp_path))
+        assert _places.free_bytes(str(tmp_path)) == 7
+    assert asked == [str(tmp_path)]
+
+
+ROW = IndexRow(
+    source=IDENTITY,
+    source_path="/a/model.safetensors",
+    real_path="/a/model.safetensors",
+    fingerprint="v2:fp",
+    checked_ns=5,
+    sibling_path="/a/model.fp16.safetensors",
+    sibling_size=7,
+    sibling_header_sha256="s",
+    created=1.0,
+    range=None,
+)
+
+
+def test_a_rows_last_use_round_trips_and_is_its_creation_until_used():
+    used = dataclasses.replace(ROW, last_used=3.5)
+    assert IndexRow.from_json(json.loads(json.dumps(used.to_json()))) == used
+    assert used.used() == 3.5
+    assert ROW.used() == 1.0
+    old = {k: v for k, v in ROW.to_json().items() if k != "last_used"}  # an older version's row
+    assert IndexRow.from_json(old) == ROW
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "valid"),
+    [
+        ("created", 0, True),
+        ("created", 2**33 - 1, True),
+        ("created", 2**33, False),
+        ("created", -1, False),
+        ("created", float("nan"), False),
+        ("created", True, False),
+        ("fingerprint", "v2:\x00", False),
+        ("fingerprint", "\x00", False),
+    ],
+)
+def test_rows_with_impossible_times_or_nul_names_are_not_rows(field, value, valid):
+    row = IndexRow.from_json({**ROW.to_json(), field: value})
+    assert (row is not None) is valid
+
+
+def test_a_last_use_no_clock_can_hold_or_an_odd_check_time_is_dropped():
+    for used in (0, 2**33 - 1):
+        assert IndexRow.from_json({**ROW.to_json(), "last_used": used}).last_used == used
+    for used in (2**33, -1, "1", float("inf")):
+        assert IndexRow.from_json({**ROW.to_json(), "last_used": used}).last_used is None
+    assert IndexRow.from_json({**ROW.to_json(), "checked_ns": "5"}).checked_ns is None

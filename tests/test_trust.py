@@ -21,6 +21,7 @@ from support.processes import load_in_a_child
 from support.toymodel import build, reference
 
 import sa3loader
+from sa3loader import _trust as trust
 from sa3loader._format import read_header
 
 NEIGHBOUR = 65534  # another user (nobody); files are given to them with chown, which needs root
@@ -219,3 +220,124 @@ def test_a_lock_file_on_a_mount_that_gives_files_another_owner_is_not_left_behin
     assert sorted(os.listdir(mount)) == ["model.safetensors"]
     assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / "cache"))
     assert_same_model(model, reference(ckpt))
+
+
+# ------------------------------------------------------------------ the rules, in a world of made-up owners
+
+ME, MY_GROUP, TEAM = 4321, 4321, 5000
+
+
+@pytest.fixture
+def world(monkeypatch):
+    """You are uid 4321 with your own private group 4321; group 5000 is a team. ``world[path] =
+    (uid, gid, mode)`` says who owns a dir, as stat and lstat answer (other paths are real)."""
+    import grp
+    import pwd
+    import stat as stat_module
+
+    owners: dict[str, tuple[int, int, int]] = {}
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def faked(real):
+        def answer(path, *args, **kwargs):
+            if os.fspath(path) in owners:
+                uid, gid, mode = owners[os.fspath(path)]
+                return os.stat_result((stat_module.S_IFDIR | mode, 1, 1, 2, uid, gid, 4096, 0, 0, 0))
+            return real(path, *args, **kwargs)
+
+        return answer
+
+    monkeypatch.setattr(os, "stat", faked(real_stat))
+    monkeypatch.setattr(os, "lstat", faked(real_lstat))
+    monkeypatch.setattr(os, "getuid", lambda: ME)
+    monkeypatch.setattr(os, "getgid", lambda: MY_GROUP)
+    monkeypatch.setattr(
+        pwd, "getpwuid", lambda uid: pwd.struct_passwd(("me", "x", ME, MY_GROUP, "", "/", "/"))
+    )
+    groups = {MY_GROUP: ("me", []), TEAM: ("team", ["me", "you"])}
+
+    def getgrgid(gid):
+        if gid not in groups:
+            raise KeyError(gid)
+        return grp.struct_group((groups[gid][0], "x", gid, groups[gid][1]))
+
+    monkeypatch.setattr(grp, "getgrgid", getgrgid)
+    return owners
+
+
+@pytest.mark.parametrize(
+    ("owner", "gid", "mode", "problem"),
+    [
+        (ME, TEAM, 0o755, None),
+        (0, TEAM, 0o755, None),  # root's
+        (ME, MY_GROUP, 0o775, None),  # group-writable by your own private group only
+        (ME, TEAM, 0o775, "it is group-writable"),
+        (ME, TEAM, 0o757, "it is world-writable"),
+        (1234, TEAM, 0o755, "it is owned by uid 1234"),
+    ],
+)
+def test_a_cache_dir_is_trusted_only_when_no_one_else_can_plant_files(world, owner, gid, mode, problem):
+    world["/c"] = (owner, gid, mode)
+    assert trust.cache_dir_trust("/c", shared=False) == problem
+    assert trust.cache_dir_trust("/c", shared=True) is None  # a team cache, shared on purpose
+
+
+def test_the_shared_cache_setting_is_read_only_when_not_given(world, monkeypatch):
+    world["/c"] = (1234, TEAM, 0o777)
+    monkeypatch.setenv("SA3LOADER_SHARED_CACHE", "1")
+    assert trust.cache_dir_trust("/c") is None
+    assert trust.cache_dir_trust("/c", shared=False) == "it is owned by uid 1234"
+    monkeypatch.delenv("SA3LOADER_SHARED_CACHE")
+    assert trust.cache_dir_trust("/c") == "it is owned by uid 1234"
+
+
+def test_a_symlink_or_a_file_where_the_cache_dir_goes(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "file").write_bytes(b"")
+    assert trust.cache_dir_trust(str(tmp_path / "link"), shared=False) == "it is a symlink"
+    assert trust.owned_file_problem(str(tmp_path / "link")) == "it is a symlink"
+    assert trust.cache_dir_trust(str(tmp_path / "file"), shared=False) is None  # making dirs in it fails
+    assert trust.cache_dir_trust(str(tmp_path / "absent"), shared=False) is None
+
+
+@pytest.mark.parametrize(
+    ("owner", "gid", "mode", "asked_for", "writable"),
+    [
+        (ME, TEAM, 0o755, None, False),
+        (0, TEAM, 0o755, None, False),
+        (ME, MY_GROUP, 0o775, None, False),  # only your private group
+        (ME, TEAM, 0o775, None, True),
+        (ME, TEAM, 0o757, None, True),
+        (1234, TEAM, 0o755, None, True),
+        (1234, TEAM, 0o755, 1234, False),  # asked for its owner
+        (1234, MY_GROUP, 0o775, 1234, True),  # your private group is not theirs
+        (ME, TEAM, 0o755, 1234, True),
+    ],
+)
+def test_who_else_can_write_a_directory(world, owner, gid, mode, asked_for, writable):
+    world["/d"] = (owner, gid, mode)
+    assert trust.writable_by_others("/d", asked_for) is writable
+    assert trust.writable_by_others("/absent-dir-for-sure", asked_for)  # nothing in it is vouched for
+
+
+@pytest.mark.parametrize(
+    ("sibling_owner", "source_owner", "dir_owner", "shared", "trusted"),
+    [
+        (ME, 1234, ME, False, True),
+        (0, 1234, 1234, False, True),
+        (1234, 999, ME, True, True),  # a team cache
+        (1234, 1234, 1234, False, True),  # the source's owner, in their own dir
+        (1234, 1234, ME, False, False),  # ... in a dir someone else (you) can write
+        (1234, 999, 1234, False, False),
+    ],
+)
+def test_whose_sibling_may_choose_a_loads_weights(
+    world, sibling_owner, source_owner, dir_owner, shared, trusted
+):
+    world["/d"] = (dir_owner, TEAM, 0o755)
+    sibling = os.stat_result((0o100644, 1, 1, 1, sibling_owner, TEAM, 10, 0, 0, 0))
+    problem = trust.owner_problem("/d/m.fp16.safetensors", sibling, source_owner, shared=shared)
+    assert (problem is None) is trusted
+    if not trusted:
+        assert problem == f"it is owned by uid {sibling_owner}, in a directory others can write to"
