@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import sys
 import types
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -19,6 +19,8 @@ import torch
 # the model's tree.
 REACH_DEPTH = 12
 _CONTAINERS = (list, tuple, set, frozenset, deque)
+# Told by exact type before the slower ``Mapping`` check; a module holds ten (its hook dicts).
+_PLAIN_DICTS = (dict, OrderedDict)
 # Never walked into: what holds no tensor of the model's (classes, Python modules, C functions).
 OPAQUE = (type, types.ModuleType, types.BuiltinFunctionType, str, bytes)
 
@@ -37,7 +39,7 @@ def _slot_names(cls: type) -> tuple[str, ...]:
 
 def _held_by(value: Any) -> list[Any]:
     """What ``value`` holds that may be or hold a tensor."""
-    if isinstance(value, Mapping):  # keys too: a tensor may key a dict
+    if type(value) in _PLAIN_DICTS or isinstance(value, Mapping):  # keys too: a tensor may key a dict
         return [*value.keys(), *value.values()]
     if isinstance(value, _CONTAINERS):
         return list(value)
@@ -57,6 +59,15 @@ def _filled(cell: types.CellType) -> bool:
     except ValueError:
         return False
     return True
+
+
+_PLAIN_EMPTY_TYPES = frozenset({dict, OrderedDict, list, tuple, set, frozenset})
+
+
+def holds_nothing(value: Any) -> bool:
+    """An empty plain container (told by exact type: a subclass may hold more than its items),
+    as most of a module's hook dicts are."""
+    return type(value) in _PLAIN_EMPTY_TYPES and not value
 
 
 class TooDeep:
@@ -83,6 +94,8 @@ def leaves(
         return
     if depth == 0:
         yield TOO_DEEP
+        return
+    if holds_nothing(value):
         return
     seen.add(id(value))
     try:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._reach import OPAQUE, REACH_DEPTH, TOO_DEEP, kept_outside_instances, leaves
+from ._reach import OPAQUE, REACH_DEPTH, TOO_DEEP, holds_nothing, kept_outside_instances, leaves
 from ._watch import BuildWatch
 
 
@@ -38,6 +38,7 @@ def tensor_attributes(model: nn.Module) -> Attributes:
         for prefix, module in model.named_modules()
         for attr, value in vars(module).items()
         if attr not in _MODULE_BOOKKEEPING
+        and not holds_nothing(value)  # most of a module's hook dicts: nothing to check, now or after placing
         and not isinstance(value, OPAQUE)
         and not (isinstance(value, nn.Module) and id(value) in tree)
         and not isinstance(value, (int, float, bool, type(None)))
@@ -95,11 +96,11 @@ def refuse_random_or_meta(
         kept = _not_replaced(p, a, v, assign)  # ``v`` itself but for parameters and buffers
         walks: list[tuple[Any, bool, bool]] = [(v, True, True)] if drawn and meta_wanted and kept is v else []
         walks = walks or [(kept, drawn, False), (v, False, meta_wanted)]
-        owner = f" ({type(m).__name__})"
-        where, meta_where = f"{p}.{a}".lstrip(".") + owner, (f"{p}.{a}" if p else a) + owner
         for value, for_draws, for_meta in walks:
-            found = _walk(value, where, tree, watch if for_draws else None, stand_ins if for_meta else None)
-            meta_problem = meta_problem or (found.replace(where, meta_where, 1) if found else None)
+            found = _walk(
+                value, (p, m, a), tree, watch if for_draws else None, stand_ins if for_meta else None
+            )
+            meta_problem = meta_problem or found
     if drawn:
         _refuse_kept_outside(model, watch, tree)
     if missing is not None:
@@ -109,20 +110,29 @@ def refuse_random_or_meta(
 
 
 def _walk(
-    value: Any, where: str, tree: frozenset[int], watch: BuildWatch | None, stand_ins: set[int] | None
+    value: Any,
+    held_at: tuple[str, nn.Module, str],
+    tree: frozenset[int],
+    watch: BuildWatch | None,
+    stand_ins: set[int] | None,
 ) -> str | None:
     """Raise for a drawn value ``value`` keeps (with ``watch``); the first meta problem in it
-    (with ``stand_ins``), or None."""
+    (with ``stand_ins``), or None. ``held_at``: (module prefix, module, attribute), put into
+    words only for a problem (most attributes have none)."""
     if watch is None and stand_ins is None:
         return None
+    prefix, module, attr = held_at
+    owner = f" ({type(module).__name__})"
     problem = None
     for leaf in leaves(value, tree, depth=REACH_DEPTH):
         if watch is not None and leaf is TOO_DEEP:
-            raise FastBuildRefused(f"{where} holds values nested too deep to follow")
+            raise FastBuildRefused(
+                f"{f'{prefix}.{attr}'.lstrip('.')}{owner} holds values nested too deep to follow"
+            )
         if watch is not None and isinstance(leaf, torch.Tensor) and watch.drawn(leaf):
-            raise FastBuildRefused(f"{where} {_DRAWN}")
+            raise FastBuildRefused(f"{f'{prefix}.{attr}'.lstrip('.')}{owner} {_DRAWN}")
         if stand_ins is not None and problem is None:
-            problem = _meta_problem(leaf, where, stand_ins)
+            problem = _meta_problem(leaf, (f"{prefix}.{attr}" if prefix else attr) + owner, stand_ins)
     return problem
 
 

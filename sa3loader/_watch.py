@@ -129,9 +129,14 @@ class BuildWatch(TorchFunctionMode):
         name = getattr(func, "__name__", "").split(".", 1)[0]  # torch.ops' "randn.default" is randn
         draws = name in RANDOM_DRAWS
         if draws and name.endswith("_") and args and _is_meta(args[0]):
-            return args[0]  # the init of a deferred stand-in: meta draws nothing, so skip it
-        if draws:
+            return args[0]  # a draw into a deferred stand-in: meta draws nothing, so skip it
+        # nn.init's functions take their tensor by keyword. Into a meta one they draw nothing:
+        # they run as in upstream's build (their checks, warnings and errors), with no look at
+        # the generator; a draw they make elsewhere moves it unseen, and check_generator says so.
+        looked_at = draws and not (kwargs and not args and _is_meta(kwargs.get("tensor")))
+        if looked_at:
             self.check_generator()
+        if draws:
             self._remember_generator(kwargs)
         try:
             out = func(*args, **kwargs) if kwargs else func(*args)
@@ -140,8 +145,10 @@ class BuildWatch(TorchFunctionMode):
                 self._meta_errors.append(exc)
             raise
         finally:
-            if draws:
+            if looked_at:
                 self._generator_after = _generator_state()
+        if draws and not looked_at:
+            return out
         if self._stand_ins:
             self._follow_stand_ins(args, kwargs, out)
         # Nothing is scanned until something real was drawn: a build on meta costs one call per op.
@@ -241,10 +248,16 @@ class BuildWatch(TorchFunctionMode):
         return bool(self._drawn) or bool(self.escapes) or not self.check_generator()
 
     def drawn(self, tensor: torch.Tensor) -> bool:
-        for t in (tensor, tensor._base):
-            ref = self._drawn.get(id(t))
-            if ref is not None and ref() is t:
-                return True
+        if not self._drawn and not self._drawn_storages:
+            return False  # nothing drawn yet
+        ref = self._drawn.get(id(tensor))
+        if ref is not None and ref() is tensor:
+            return True
+        with torch._C.DisableTorchFunction():  # the watch's own look (called from a patch too)
+            base = tensor._base
+        ref = self._drawn.get(id(base))
+        if base is not None and ref is not None and ref() is base:
+            return True
         if self._drawn_storages:
             storage = _storage(tensor)
             return storage is not None and storage.data_ptr() in self._drawn_storages

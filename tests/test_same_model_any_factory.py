@@ -959,3 +959,60 @@ def test_a_refusal_names_the_attribute_as_it_is_named(tmp_path):
         sa3loader.last_load_info().fallback
         == ".scaled (DerivedUnderADottedName) was computed from a parameter"
     )
+
+
+class InitsAnEmptyParameter(ToyDiT):
+    """nn.init's functions take the tensor by keyword through torch's override protocol: on a
+    deferred parameter they still run (a zero-element one warns, as upstream's build does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.empty = nn.Parameter(torch.empty(0, 4))
+        nn.init.kaiming_uniform_(self.empty)
+
+
+class InitsSparsely(ToyDiT):
+    """``sparse_`` draws on the CPU besides its draw into the parameter (``randperm``), and
+    reaches the watch op by op (it takes no part in torch's override protocol)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sparse = nn.Parameter(torch.empty(6, 4))
+        nn.init.sparse_(self.sparse, 0.5)
+
+
+class InitsAVectorWithAFan(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.vector = nn.Parameter(torch.empty(4))
+        nn.init.kaiming_uniform_(self.vector)  # no fan for one dimension: upstream's build raises
+
+
+def test_nn_inits_checks_and_warnings_run_on_a_deferred_parameter(tmp_path):
+    ckpt = save(random_like_state(InitsAnEmptyParameter(), seed=3), tmp_path / "model.safetensors")
+    with pytest.warns(UserWarning, match="zero-element") as ours:
+        model = sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: InitsAnEmptyParameter()
+        )
+    assert sa3loader.last_load_info().build == "fast"
+    with pytest.warns(UserWarning, match="zero-element") as theirs:
+        ref = upstream_recipe(InitsAnEmptyParameter, ckpt, True)
+    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]
+    assert_same_model(model, ref)
+
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "vector.safetensors")
+    with pytest.raises(ValueError, match="fewer than 2 dimensions"):
+        InitsAVectorWithAFan()
+    with pytest.raises(ValueError, match="fewer than 2 dimensions"):
+        sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: InitsAVectorWithAFan()
+        )
+
+
+def test_an_init_that_draws_beside_its_parameter_is_upstreams(tmp_path):
+    ckpt = save(random_like_state(InitsSparsely(), seed=3), tmp_path / "model.safetensors")
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: InitsSparsely()
+    )
+    assert sa3loader.last_load_info().build == "fast"  # the permutation is seen, and not kept
+    assert_same_model(model, upstream_recipe(InitsSparsely, ckpt, True))
