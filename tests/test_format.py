@@ -466,9 +466,11 @@ def test_a_file_touched_since_it_was_opened_counts_as_changed(tmp_path):
         check_unchanged(header)
         stat = os.stat(path)
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # same bytes, new mtime
-        with pytest.raises(CheckpointChangedError) as caught:
+        with pytest.raises(CheckpointChangedError, match="rewritten while it was being read") as caught:
             check_unchanged(header)
         assert caught.value.filename == str(path)
+    with pytest.raises(ValueError, match="closed"):
+        header.handle.fileno()  # the block closed its descriptor
     check_unchanged(read_header(path))  # nothing open: nothing to check
 
 

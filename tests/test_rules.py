@@ -506,10 +506,29 @@ def test_dir_writable_and_free_bytes_answer_for_the_path_asked(tmp_path):
     assert _places.dir_writable(str(tmp_path))
     assert not _places.dir_writable(str(tmp_path / "f"))  # a file, however writable
     asked = []
-    with faked(dir_writable=lambda p, real: asked.append(p) or False, free_bytes=lambda p, real: 7):
+    with faked(
+        dir_writable=lambda p, real: asked.append(p) or False,
+        free_bytes=lambda p, real: asked.append(p) or 7,
+    ):
         assert not _places.dir_writable(str(tmp_path))
-        assert _places.free_bytes(str(tmp_path)) == 7
-    assert asked == [str(tmp_path)]
+        assert _places.free_bytes(str(tmp_path / "f")) == 7
+    assert asked == [str(tmp_path), str(tmp_path / "f")]
+
+
+def test_a_dir_is_writable_only_where_one_may_write_into_it_and_enter_it(tmp_path, monkeypatch):
+    modes = []
+    monkeypatch.setattr(os, "access", lambda path, mode: modes.append(mode) or not mode & os.W_OK)
+    assert not _places.dir_writable(str(tmp_path))  # one may look in, not write (root may always)
+    assert modes == [os.W_OK | os.X_OK]
+
+
+def test_temp_files_of_a_sibling_are_found_by_the_shape_of_their_names(tmp_path):
+    dest = str(tmp_path / "model.fp16.safetensors")
+    prefix = _places.incomplete_prefix(dest)
+    temps = [prefix + "123-abcdef12", prefix + "9-00000000"]
+    for path in [*temps, dest, prefix + "x", str(tmp_path / "other.fp16.safetensors.incomplete-1-a")]:
+        open(path, "wb").close()
+    assert _places.temp_files_of(dest) == sorted(temps)  # by sa3loader's shape only
 
 
 ROW = IndexRow(
@@ -529,6 +548,8 @@ ROW = IndexRow(
 def test_a_rows_last_use_round_trips_and_is_its_creation_until_used():
     used = dataclasses.replace(ROW, last_used=3.5)
     assert IndexRow.from_json(json.loads(json.dumps(used.to_json()))) == used
+    older = dataclasses.replace(ROW, converter_version="0.9")  # a row an older converter wrote
+    assert IndexRow.from_json(json.loads(json.dumps(older.to_json()))) == older
     assert used.used() == 3.5
     assert ROW.used() == 1.0
     old = {k: v for k, v in ROW.to_json().items() if k != "last_used"}  # an older version's row

@@ -251,10 +251,10 @@ def world(monkeypatch):
     monkeypatch.setattr(os, "lstat", faked(real_lstat))
     monkeypatch.setattr(os, "getuid", lambda: ME)
     monkeypatch.setattr(os, "getgid", lambda: MY_GROUP)
-    monkeypatch.setattr(
-        pwd, "getpwuid", lambda uid: pwd.struct_passwd(("me", "x", ME, MY_GROUP, "", "/", "/"))
-    )
+    users = {ME: pwd.struct_passwd(("me", "x", ME, MY_GROUP, "", "/", "/"))}
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: users[uid])  # KeyError for anyone else
     groups = {MY_GROUP: ("me", []), TEAM: ("team", ["me", "you"])}
+    owners["groups"] = groups  # type: ignore[assignment]  # a test may add groups
 
     def getgrgid(gid):
         if gid not in groups:
@@ -341,3 +341,21 @@ def test_whose_sibling_may_choose_a_loads_weights(
     assert (problem is None) is trusted
     if not trusted:
         assert problem == f"it is owned by uid {sibling_owner}, in a directory others can write to"
+
+
+@pytest.mark.parametrize(
+    ("primary", "name", "members", "private"),
+    [
+        (True, "me", [], True),
+        (True, "me", ["me"], True),
+        (True, "me", ["me", "you"], False),  # named after you, with another member
+        (True, "staff", [], False),  # your primary group, not named after you
+        (False, "me", [], False),  # named after you, not your primary group
+    ],
+)
+def test_a_private_group_is_your_primary_one_named_after_you_with_no_other_member(
+    world, monkeypatch, primary, name, members, private
+):
+    gid = MY_GROUP if primary else 6000
+    world["groups"][gid] = (name, members)
+    assert trust._private_group(gid) is private
