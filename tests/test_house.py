@@ -1,7 +1,7 @@
 """The house rules, checked so that a change that breaks them fails CI instead of waiting for a
-review: sizes of modules, classes and functions; state with an owner; benchmarks on the public
-API; docs sized to be read. The import layers (no loops) are ``lint-imports``'s, in the test
-command."""
+review: sizes of modules, classes and functions; state with an owner; tests reach inside only
+through the seam; benchmarks on the public API; docs sized to be read. The import layers (no
+loops) are ``lint-imports``'s, in the test command."""
 
 from __future__ import annotations
 
@@ -128,6 +128,64 @@ def test_import_chains_stay_short():
 
     chain = max(longest(m) for m in graph)
     assert chain <= IMPORT_CHAIN, f"the longest import chain is {chain} modules"
+
+
+def package_names(tree: ast.Module) -> set[str]:
+    """Names a test file binds to sa3loader or one of its modules (``from sa3loader import
+    _convert``, ``import sa3loader._io as io``), the seam's module left out."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sa3loader":
+            names |= {a.asname or a.name for a in node.names if a.name != "_faults"}
+        elif isinstance(node, ast.Import):
+            names |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("sa3loader")}
+    return names
+
+
+def patches_inside_the_package(source: str) -> list[str]:
+    """Each place ``source`` replaces a name inside sa3loader: ``setattr`` (monkeypatch's or the
+    builtin) on a name bound to the package, a dotted-string target naming it, an assignment to
+    one of its attributes."""
+    tree = ast.parse(source)
+    names = package_names(tree)
+
+    def inside(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value.startswith("sa3loader.") and not node.value.startswith("sa3loader._faults.")
+        while isinstance(node, ast.Attribute):
+            node = node.value
+        return isinstance(node, ast.Name) and node.id in names
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+            "setattr",
+            "patch",
+            "delattr",
+        ):
+            if node.args and inside(node.args[0]):
+                found.append(f"line {node.lineno}")
+        for target in node.targets if isinstance(node, ast.Assign) else []:
+            if isinstance(target, ast.Attribute) and inside(target.value):
+                found.append(f"line {node.lineno}")
+    return sorted(found, key=lambda where: int(where.split()[1]))
+
+
+def test_no_test_replaces_a_name_inside_the_package_but_through_the_seam():
+    """Tests reach inside only through ``sa3loader._faults`` (``tests/support/faults.py``):
+    a restructuring then breaks no test that checks nothing about it."""
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        assert not patches_inside_the_package(path.read_text()), (
+            path.name,
+            patches_inside_the_package(path.read_text()),
+        )
+    caught = patches_inside_the_package(
+        "import sa3loader\nfrom sa3loader import _convert, _faults as f\nimport sa3loader._io as io\n"
+        "monkeypatch.setattr(_convert, 'x', 1)\nmonkeypatch.setattr('sa3loader.loader.y', 2)\n"
+        "sa3loader.loader.z = 3\nsetattr(io, 'w', 4)\nmonkeypatch.setattr(f, 'hook', None)\n"
+        "monkeypatch.setattr(os, 'stat', None)\n"
+    )
+    assert caught == ["line 4", "line 5", "line 6", "line 7"]  # the seam and os are fine
 
 
 def test_benchmarks_use_the_public_api_and_stay_readable():
