@@ -84,10 +84,17 @@ def leaves(
     """Every tensor and device ``value`` holds (``_held_by``), once each, and ``TOO_DEEP`` where
     the walk stopped short. Modules of the tree (ids in ``tree``) are not entered: each is walked
     as itself."""
-    if isinstance(value, (torch.Tensor, torch.device)):
+    if isinstance(value, torch.device):
         yield value
         return
-    if isinstance(value, OPAQUE) or value is None or isinstance(value, (int, float, bool, complex)):
+    if isinstance(value, torch.Tensor):
+        yield value
+        # What a constructor set on the tensor object itself (``self.buffer.noise = ...``).
+        attributes = value.__dict__
+        if attributes:
+            yield from _leaves_of_attributes(value, attributes, tree, seen, depth)
+        return
+    if isinstance(value, _HOLD_NOTHING):
         return
     seen = set() if seen is None else seen
     if id(value) in seen or id(value) in tree:
@@ -104,6 +111,25 @@ def leaves(
         yield TOO_DEEP
         return
     for child in children:
+        yield from leaves(child, tree, seen, depth - 1)
+
+
+_HOLD_NOTHING = (*OPAQUE, int, float, bool, complex, type(None))
+
+
+def _leaves_of_attributes(
+    tensor: torch.Tensor, attributes: dict[str, Any], tree: frozenset[int], seen: set[int] | None, depth: int
+) -> Iterator[Leaf]:
+    seen = set() if seen is None else seen
+    if id(tensor) in seen:  # its attributes were walked already (the tensor itself is yielded each time)
+        return
+    # Flags (transformers' ``_is_hf_initialized``) hold nothing: no reason to stop short.
+    holding = [v for v in attributes.values() if not isinstance(v, _HOLD_NOTHING)]
+    if holding and depth == 0:
+        yield TOO_DEEP
+        return
+    seen.add(id(tensor))
+    for child in holding:
         yield from leaves(child, tree, seen, depth - 1)
 
 

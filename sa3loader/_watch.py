@@ -27,6 +27,9 @@ RANDOM_DRAWS = frozenset(
     " orthogonal_ sparse_".split()
 )
 
+# torch.nn.init's functions among them, by identity (see ``BuildWatch.__torch_function__``).
+_NN_INIT_DRAWS = frozenset(f for name, f in vars(nn.init).items() if name in RANDOM_DRAWS and callable(f))
+
 # Functions whose answer about a tensor is not its values: reading them from a drawn tensor
 # lets nothing drawn out. Anything else that returns no tensor (a number, a list, an array,
 # a string) carries drawn values out of torch.
@@ -130,10 +133,14 @@ class BuildWatch(TorchFunctionMode):
         draws = name in RANDOM_DRAWS
         if draws and name.endswith("_") and args and _is_meta(args[0]):
             return args[0]  # a draw into a deferred stand-in: meta draws nothing, so skip it
-        # nn.init's functions take their tensor by keyword. Into a meta one they draw nothing:
+        # torch.nn.init's own functions (told by identity: another function of the same name is
+        # looked at as any other) take their tensor by keyword. Into a meta one they draw nothing:
         # they run as in upstream's build (their checks, warnings and errors), with no look at
         # the generator; a draw they make elsewhere moves it unseen, and check_generator says so.
-        looked_at = draws and not (kwargs and not args and _is_meta(kwargs.get("tensor")))
+        init_into_meta = bool(
+            draws and func in _NN_INIT_DRAWS and kwargs and not args and _is_meta(kwargs.get("tensor"))
+        )
+        looked_at = draws and not init_into_meta
         if looked_at:
             self.check_generator()
         if draws:
@@ -147,7 +154,7 @@ class BuildWatch(TorchFunctionMode):
         finally:
             if looked_at:
                 self._generator_after = _generator_state()
-        if draws and not looked_at:
+        if init_into_meta and out is kwargs["tensor"]:  # nothing new came out: nothing to follow
             return out
         if self._stand_ins:
             self._follow_stand_ins(args, kwargs, out)

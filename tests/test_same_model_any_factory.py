@@ -1016,3 +1016,47 @@ def test_an_init_that_draws_beside_its_parameter_is_upstreams(tmp_path):
     )
     assert sa3loader.last_load_info().build == "fast"  # the permutation is seen, and not kept
     assert_same_model(model, upstream_recipe(InitsSparsely, ckpt, True))
+
+
+def uniform_(tensor):
+    """Named like nn.init's draw and dispatched the same way (its tensor by keyword), but not
+    nn.init's: it computes a new tensor from the parameter."""
+    if torch.overrides.has_torch_function_variadic(tensor):
+        return torch.overrides.handle_torch_function(uniform_, (tensor,), tensor=tensor)
+    return tensor * 2
+
+
+class KeepsANumberFromALookalikeInit(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        try:  # the fast build's meta read is caught: the number must still be upstream's
+            self.scale = float(uniform_(self.blocks[0].ff.weight).abs().sum())
+        except RuntimeError:
+            self.scale = 1.0
+
+
+class KeepsADrawOnATensorsOwnAttribute(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("marker", torch.zeros(1), persistent=False)
+        self.marker.noise = torch.randn(3)  # a Python attribute of the buffer's tensor
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [KeepsANumberFromALookalikeInit, KeepsADrawOnATensorsOwnAttribute],
+    ids=["lookalike-init", "tensor-attribute"],
+)
+def test_what_an_attacker_found_kept_is_upstreams(tmp_path, cls):
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(  # fp32: a cast would make new tensors, without the attribute
+        {}, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
+    )
+    assert sa3loader.last_load_info().build == "faithful"
+    ref = upstream_recipe(cls, ckpt, False)
+    assert_same_model(model, ref)
+    if cls is KeepsANumberFromALookalikeInit:
+        assert model.scale == ref.scale != 1.0
+    else:
+        assert torch.equal(model.marker.noise, ref.marker.noise)
