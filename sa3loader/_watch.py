@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator
+from types import FunctionType
 from typing import Any
 
 import torch
@@ -84,11 +85,42 @@ def _is_meta(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_meta
 
 
+def _init_into_meta(func: Any, args: tuple, kwargs: dict | None) -> bool:
+    """An nn.init function of torch's own (by identity) given a meta tensor (by keyword)."""
+    return bool(func in _NN_INIT_DRAWS and kwargs and not args and _is_meta(kwargs.get("tensor")))
+
+
 def _name(func: Any) -> str:
     name = getattr(func, "__name__", "")
     if name == "__get__":  # a property: say which
         return "." + getattr(getattr(func, "__self__", None), "__name__", "?")
     return name
+
+
+def _escapes(func: Any, name: str, out: Any) -> bool:
+    """Whether ``out`` (no tensor, not None), computed from drawn values, carries values out of
+    torch: a number, a list, an array, a string, a storage. Metadata does not."""
+    if name == "__get__":
+        return _name(func)[1:] not in METADATA_PROPERTIES
+    if name in METADATA_FUNCTIONS:
+        return False
+    return not isinstance(out, (torch.dtype, torch.device, torch.Size))
+
+
+GeneratorStates = dict[int, tuple[torch.Generator, torch.Tensor]]
+
+
+def _generator_states(known: GeneratorStates, args: tuple, kwargs: dict | None) -> GeneratorStates:
+    """The state now of each generator of the factory's own in ``known`` or passed here (added to
+    ``known`` as it is: put back before upstream's build)."""
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(value, torch.Generator) and value is not torch.default_generator:
+            known.setdefault(id(value), (value, value.get_state()))
+    return {key: (g, g.get_state()) for key, (g, _) in known.items()}
+
+
+def _any_moved(before: GeneratorStates | None) -> bool:
+    return any(not torch.equal(g.get_state(), state) for g, state in (before or {}).values())
 
 
 class BuildWatch(TorchFunctionMode):
@@ -137,14 +169,17 @@ class BuildWatch(TorchFunctionMode):
         # looked at as any other) take their tensor by keyword. Into a meta one they draw nothing:
         # they run as in upstream's build (their checks, warnings and errors), with no look at
         # the generator; a draw they make elsewhere moves it unseen, and check_generator says so.
-        init_into_meta = bool(
-            draws and func in _NN_INIT_DRAWS and kwargs and not args and _is_meta(kwargs.get("tensor"))
-        )
+        init_into_meta = draws and _init_into_meta(func, args, kwargs)
         looked_at = draws and not init_into_meta
         if looked_at:
             self.check_generator()
         if draws:
             self._remember_generator(kwargs)
+        # A Python function dispatched through torch's override protocol runs its body with the
+        # watch off: a draw in it from a generator of the factory's own is told, as an unseen draw
+        # from torch's is, by the generator's state after it (nn.init's draw only into their tensor).
+        hidden = isinstance(func, FunctionType) and func not in _NN_INIT_DRAWS
+        private = _generator_states(self.generators, args, kwargs) if hidden else None
         try:
             out = func(*args, **kwargs) if kwargs else func(*args)
         except Exception as exc:
@@ -154,6 +189,7 @@ class BuildWatch(TorchFunctionMode):
         finally:
             if looked_at:
                 self._generator_after = _generator_state()
+            self.unseen_draw = self.unseen_draw or _any_moved(private)
         if init_into_meta and out is kwargs["tensor"]:  # nothing new came out: nothing to follow
             return out
         if self._stand_ins:
@@ -178,7 +214,7 @@ class BuildWatch(TorchFunctionMode):
             written = []
         for t in written:
             self.mark(t)
-        if not returned and out is not None and self._escapes(func, name, out):
+        if not returned and out is not None and _escapes(func, name, out):
             self.escapes.append(f"Tensor.{_name(func).lstrip('.')}")
 
     def stand_in(self, tensor: torch.Tensor) -> None:
@@ -200,16 +236,6 @@ class BuildWatch(TorchFunctionMode):
                     if ref is not None and ref() is candidate:
                         return True
         return False
-
-    @staticmethod
-    def _escapes(func: Any, name: str, out: Any) -> bool:
-        """Whether ``out`` (no tensor, not None), computed from drawn values, carries values out of
-        torch: a number, a list, an array, a string, a storage. Metadata does not."""
-        if name == "__get__":
-            return _name(func)[1:] not in METADATA_PROPERTIES
-        if name in METADATA_FUNCTIONS:
-            return False
-        return not isinstance(out, (torch.dtype, torch.device, torch.Size))
 
     def _reads_drawn(self, args: tuple | list, kwargs: dict | None, depth: int = ARGUMENT_DEPTH) -> bool:
         """Whether an argument (or a tensor in nested lists or tuples of them) holds drawn values."""
