@@ -160,10 +160,17 @@ OUTSIDE_DEPTH = 3
 
 
 def _not_replaced(prefix: str, attr: str, value: Any, assign: dict[str, str]) -> Any:
-    """What the checkpoint replaces (loaded parameters and buffers) is not kept."""
+    """What the checkpoint replaces (loaded parameters' and buffers' values) is not kept; what was
+    set on such a tensor object is (loading copies the values in, the object stays)."""
     if attr not in ("_parameters", "_buffers"):
         return value
-    return {n: t for n, t in value.items() if f"{prefix}.{n}".lstrip(".") not in assign}
+    kept = {}
+    for n, t in value.items():
+        if f"{prefix}.{n}".lstrip(".") not in assign:
+            kept[n] = t
+        elif t is not None and t.__dict__:
+            kept[n] = dict(t.__dict__)
+    return kept
 
 
 def refuse_meta(

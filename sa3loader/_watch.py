@@ -85,6 +85,13 @@ def _is_meta(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_meta
 
 
+def _torchs_own(func: Any) -> bool:
+    """A builtin, or a Python function of torch's own (nn.init, nn.functional, Tensor's methods)."""
+    return not isinstance(func, FunctionType) or (getattr(func, "__module__", None) or "").startswith(
+        "torch."
+    )
+
+
 def _init_into_meta(func: Any, args: tuple, kwargs: dict | None) -> bool:
     """An nn.init function of torch's own (by identity) given a meta tensor (by keyword)."""
     return bool(func in _NN_INIT_DRAWS and kwargs and not args and _is_meta(kwargs.get("tensor")))
@@ -113,7 +120,8 @@ GeneratorStates = dict[int, tuple[torch.Generator, torch.Tensor]]
 def _generator_states(known: GeneratorStates, args: tuple, kwargs: dict | None) -> GeneratorStates:
     """The state now of each generator of the factory's own in ``known`` or passed here (added to
     ``known`` as it is: put back before upstream's build)."""
-    for value in (*args, *kwargs.values()) if kwargs else args:
+    passed = (*args, *kwargs.values()) if kwargs else args
+    for value in (*passed, *(v for c in passed if isinstance(c, (list, tuple)) for v in c)):
         if isinstance(value, torch.Generator) and value is not torch.default_generator:
             known.setdefault(id(value), (value, value.get_state()))
     return {key: (g, g.get_state()) for key, (g, _) in known.items()}
@@ -163,23 +171,22 @@ class BuildWatch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "").split(".", 1)[0]  # torch.ops' "randn.default" is randn
         draws = name in RANDOM_DRAWS
-        if draws and name.endswith("_") and args and _is_meta(args[0]):
-            return args[0]  # a draw into a deferred stand-in: meta draws nothing, so skip it
-        # torch.nn.init's own functions (told by identity: another function of the same name is
-        # looked at as any other) take their tensor by keyword. Into a meta one they draw nothing:
-        # they run as in upstream's build (their checks, warnings and errors), with no look at
-        # the generator; a draw they make elsewhere moves it unseen, and check_generator says so.
-        init_into_meta = draws and _init_into_meta(func, args, kwargs)
-        looked_at = draws and not init_into_meta
-        if looked_at:
-            self.check_generator()
+        # A function of torch's own draws only what it returns or writes into its tensor. Any
+        # other Python function dispatched through torch's override protocol runs its body with
+        # the watch off: what it draws there is told by the generators' states after it.
+        own = _torchs_own(func)
         if draws:
             self._remember_generator(kwargs)
-        # A Python function dispatched through torch's override protocol runs its body with the
-        # watch off: a draw in it from a generator of the factory's own is told, as an unseen draw
-        # from torch's is, by the generator's state after it (nn.init's draw only into their tensor).
-        hidden = isinstance(func, FunctionType) and func not in _NN_INIT_DRAWS
-        private = _generator_states(self.generators, args, kwargs) if hidden else None
+        if draws and own and name.endswith("_") and args and _is_meta(args[0]):
+            return args[0]  # torch's draw into a deferred stand-in: meta draws nothing, so skip it
+        # torch.nn.init's functions (by identity) take their tensor by keyword. Into a meta one
+        # they draw nothing: they run as in upstream's build (their checks, warnings and errors),
+        # with no look at the generator; a draw they make elsewhere shows as unseen.
+        init_into_meta = draws and _init_into_meta(func, args, kwargs)
+        looked_at = draws and own and not init_into_meta
+        if looked_at:
+            self.check_generator()
+        private = None if own else _generator_states(self.generators, args, kwargs)
         try:
             out = func(*args, **kwargs) if kwargs else func(*args)
         except Exception as exc:

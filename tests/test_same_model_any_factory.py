@@ -1059,12 +1059,74 @@ class KeepsAHiddenDrawFromItsOwnGenerator(ToyDiT):
         self.register_buffer("noise", noise_like(self.blocks[0].ff.weight, generator), persistent=False)
 
 
+SET_ASIDE: dict[str, torch.Tensor] = {}
+
+
+def normal_(tensor, by_keyword=False):
+    """Named like a draw, not torch's: it draws elsewhere, and records a call on its tensor."""
+    if torch.overrides.has_torch_function_variadic(tensor):
+        if by_keyword:  # as nn.init passes its tensor
+            return torch.overrides.handle_torch_function(normal_, (tensor,), tensor=tensor, by_keyword=True)
+        return torch.overrides.handle_torch_function(normal_, (tensor,), tensor)
+    SET_ASIDE["last"] = torch.randn(3)
+    tensor.label = "initialised"
+    return tensor
+
+
+class KeepsWhatALookalikeDrewAside(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        for by_keyword in (False, True):
+            normal_(self.blocks[0].ff.weight, by_keyword=by_keyword)
+            self.register_buffer(f"aside_{by_keyword}", SET_ASIDE["last"], persistent=False)
+        self.label = self.blocks[0].ff.weight.label
+
+
+class KeepsADrawOnALoadedParameter(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks[0].ff.weight.noise = torch.randn(3)  # the checkpoint loads its values, not this
+
+
+OWN_GENERATOR = torch.Generator()
+
+
+def noise_from_own_generator(tensor):
+    if torch.overrides.has_torch_function_variadic(tensor):
+        return torch.overrides.handle_torch_function(noise_from_own_generator, (tensor,), tensor)
+    return torch.randn(4, generator=OWN_GENERATOR)  # a generator it closes over
+
+
+class KeepsAHiddenDrawFromAGeneratorATensorDrewFrom(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        OWN_GENERATOR.manual_seed(1)
+        with torch.no_grad():
+            self.blocks[0].ff.weight.normal_(generator=OWN_GENERATOR)  # moves it in upstream's build only
+        self.register_buffer("noise", noise_from_own_generator(self.blocks[0].ff.weight), persistent=False)
+
+
 @pytest.mark.parametrize(
     "cls",
-    [KeepsANumberFromALookalikeInit, KeepsADrawOnATensorsOwnAttribute, KeepsAHiddenDrawFromItsOwnGenerator],
-    ids=["lookalike-init", "tensor-attribute", "hidden-private-draw"],
+    [
+        KeepsANumberFromALookalikeInit,
+        KeepsADrawOnATensorsOwnAttribute,
+        KeepsAHiddenDrawFromItsOwnGenerator,
+        KeepsWhatALookalikeDrewAside,
+        KeepsADrawOnALoadedParameter,
+        KeepsAHiddenDrawFromAGeneratorATensorDrewFrom,
+    ],
+    ids=[
+        "lookalike-init",
+        "tensor-attribute",
+        "hidden-private-draw",
+        "lookalike-draws-aside",
+        "loaded-parameter-attribute",
+        "generator-a-tensor-drew-from",
+    ],
 )
 def test_what_an_attacker_found_kept_is_upstreams(tmp_path, cls):
+    SET_ASIDE.clear()
     ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
     torch.manual_seed(0)
     model = sa3loader.load_diffusion_cond(  # fp32: a cast would make new tensors, without the attribute
@@ -1077,5 +1139,11 @@ def test_what_an_attacker_found_kept_is_upstreams(tmp_path, cls):
         assert model.scale == ref.scale != 1.0
     elif cls is KeepsADrawOnATensorsOwnAttribute:
         assert torch.equal(model.marker.noise, ref.marker.noise)
+    elif cls is KeepsWhatALookalikeDrewAside:
+        assert model.label == ref.label == "initialised"
+        for name in ("aside_False", "aside_True"):
+            assert torch.equal(getattr(model, name), getattr(ref, name))
+    elif cls is KeepsADrawOnALoadedParameter:
+        assert torch.equal(model.blocks[0].ff.weight.noise, ref.blocks[0].ff.weight.noise)
     else:
         assert torch.equal(bits(model.noise), bits(ref.noise))
