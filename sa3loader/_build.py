@@ -152,15 +152,6 @@ def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[s
     return ids
 
 
-# What every nn.Module keeps about itself (flags, the child modules): never a tensor of the
-# model's own, so the checks below need not look inside. Its hooks are walked: a hook may
-# close over a tensor.
-
-
-# How far the walk goes into what a constructor may have stored outside the model's
-# instances: its classes' attributes and their modules' globals.
-
-
 def _place_parameters(
     model: nn.Module, assign: dict[str, str], deferred_ids: set[int], values: Values, device: torch.device
 ) -> None:

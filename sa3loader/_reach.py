@@ -23,6 +23,8 @@ _CONTAINERS = (list, tuple, set, frozenset, deque)
 _PLAIN_DICTS = (dict, OrderedDict)
 # Never walked into: what holds no tensor of the model's (classes, Python modules, C functions).
 OPAQUE = (type, types.ModuleType, types.BuiltinFunctionType, str, bytes)
+# ... and, with numbers and None, what the walk passes over.
+HOLD_NO_TENSOR = (*OPAQUE, int, float, bool, complex, type(None))
 
 
 def _slots(value: Any) -> list[Any]:
@@ -94,7 +96,7 @@ def leaves(
         if attributes:
             yield from _leaves_of_attributes(value, attributes, tree, seen, depth)
         return
-    if isinstance(value, _HOLD_NOTHING):
+    if isinstance(value, HOLD_NO_TENSOR):
         return
     seen = set() if seen is None else seen
     if id(value) in seen or id(value) in tree:
@@ -114,9 +116,6 @@ def leaves(
         yield from leaves(child, tree, seen, depth - 1)
 
 
-_HOLD_NOTHING = (*OPAQUE, int, float, bool, complex, type(None))
-
-
 def _leaves_of_attributes(
     tensor: torch.Tensor, attributes: dict[str, Any], tree: frozenset[int], seen: set[int] | None, depth: int
 ) -> Iterator[Leaf]:
@@ -124,7 +123,7 @@ def _leaves_of_attributes(
     if id(tensor) in seen:  # its attributes were walked already (the tensor itself is yielded each time)
         return
     # Flags (transformers' ``_is_hf_initialized``) hold nothing: no reason to stop short.
-    holding = [v for v in attributes.values() if not isinstance(v, _HOLD_NOTHING)]
+    holding = [v for v in attributes.values() if not isinstance(v, HOLD_NO_TENSOR)]
     if holding and depth == 0:
         yield TOO_DEEP
         return

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._reach import OPAQUE, REACH_DEPTH, TOO_DEEP, holds_nothing, kept_outside_instances, leaves
+from ._reach import HOLD_NO_TENSOR, REACH_DEPTH, TOO_DEEP, holds_nothing, kept_outside_instances, leaves
 from ._watch import BuildWatch
 
 
@@ -18,6 +18,9 @@ class FastBuildRefused(Exception):
     """Why the fast build cannot give upstream's model: the faithful build runs instead."""
 
 
+# What every nn.Module keeps about itself (flags, the child modules): never a tensor of the
+# model's own, so the checks need not look inside. Its hooks are walked: a hook may close
+# over a tensor.
 _MODULE_BOOKKEEPING = frozenset(k for k in vars(nn.Module()) if not k.endswith("_hooks")) - {
     "_parameters",
     "_buffers",
@@ -39,9 +42,8 @@ def tensor_attributes(model: nn.Module) -> Attributes:
         for attr, value in vars(module).items()
         if attr not in _MODULE_BOOKKEEPING
         and not holds_nothing(value)  # most of a module's hook dicts: nothing to check, now or after placing
-        and not isinstance(value, OPAQUE)
+        and not isinstance(value, HOLD_NO_TENSOR)
         and not (isinstance(value, nn.Module) and id(value) in tree)
-        and not isinstance(value, (int, float, bool, type(None)))
     ]
 
 
@@ -156,6 +158,8 @@ def _meta_problem(leaf: Any, where: str, stand_ins: set[int]) -> str | None:
     return None
 
 
+# How far the walk goes into what a constructor may have stored outside the model's
+# instances: its classes' attributes and their modules' globals.
 OUTSIDE_DEPTH = 3
 
 
@@ -169,7 +173,7 @@ def _not_replaced(prefix: str, attr: str, value: Any, assign: dict[str, str]) ->
         if f"{prefix}.{n}".lstrip(".") not in assign:
             kept[n] = t
         elif t is not None and t.__dict__:
-            kept[n] = dict(t.__dict__)
+            kept[n] = t.__dict__
     return kept
 
 

@@ -117,13 +117,19 @@ def _escapes(func: Any, name: str, out: Any) -> bool:
 GeneratorStates = dict[int, tuple[torch.Generator, torch.Tensor]]
 
 
+def _remember(known: GeneratorStates, value: Any) -> None:
+    """``value``, if a generator of the factory's own, into ``known`` as it is before its first
+    draw (put back before upstream's build runs after a refused fast one)."""
+    if isinstance(value, torch.Generator) and value is not torch.default_generator:
+        known.setdefault(id(value), (value, value.get_state()))
+
+
 def _generator_states(known: GeneratorStates, args: tuple, kwargs: dict | None) -> GeneratorStates:
     """The state now of each generator of the factory's own in ``known`` or passed here (added to
-    ``known`` as it is: put back before upstream's build)."""
+    ``known``)."""
     passed = (*args, *kwargs.values()) if kwargs else args
     for value in (*passed, *(v for c in passed if isinstance(c, (list, tuple)) for v in c)):
-        if isinstance(value, torch.Generator) and value is not torch.default_generator:
-            known.setdefault(id(value), (value, value.get_state()))
+        _remember(known, value)
     return {key: (g, g.get_state()) for key, (g, _) in known.items()}
 
 
@@ -175,8 +181,8 @@ class BuildWatch(TorchFunctionMode):
         # other Python function dispatched through torch's override protocol runs its body with
         # the watch off: what it draws there is told by the generators' states after it.
         own = _torchs_own(func)
-        if draws:
-            self._remember_generator(kwargs)
+        if draws and kwargs:
+            _remember(self.generators, kwargs.get("generator"))
         if draws and own and name.endswith("_") and args and _is_meta(args[0]):
             return args[0]  # torch's draw into a deferred stand-in: meta draws nothing, so skip it
         # torch.nn.init's functions (by identity) take their tensor by keyword. Into a meta one
@@ -205,11 +211,6 @@ class BuildWatch(TorchFunctionMode):
         if draws or (self._drawn and self._reads_drawn(args, kwargs)):
             self._follow_draws(func, name, args, kwargs, out)
         return out
-
-    def _remember_generator(self, kwargs: dict | None) -> None:
-        generator = kwargs.get("generator") if kwargs else None
-        if isinstance(generator, torch.Generator) and generator is not torch.default_generator:
-            self.generators.setdefault(id(generator), (generator, generator.get_state()))
 
     def _follow_draws(self, func: Any, name: str, args: tuple, kwargs: dict | None, out: Any) -> None:
         returned = list(_tensors_out(out))
