@@ -1106,9 +1106,30 @@ class KeepsAHiddenDrawFromAGeneratorATensorDrewFrom(ToyDiT):
         self.register_buffer("noise", noise_from_own_generator(self.blocks[0].ff.weight), persistent=False)
 
 
+class LooksEmpty(dict):
+    """Says it is empty, yet holds a tensor: what ``len`` says is not what the walk reads."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        super().__init__()
+        self.tensor = tensor
+
+    def __len__(self) -> int:
+        return 0
+
+    def values(self):
+        return [self.tensor]
+
+
+class KeepsADrawInAContainerThatLooksEmpty(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = LooksEmpty(torch.randn(3))
+
+
 @pytest.mark.parametrize(
     "cls",
     [
+        KeepsADrawInAContainerThatLooksEmpty,
         KeepsANumberFromALookalikeInit,
         KeepsADrawOnATensorsOwnAttribute,
         KeepsAHiddenDrawFromItsOwnGenerator,
@@ -1117,6 +1138,7 @@ class KeepsAHiddenDrawFromAGeneratorATensorDrewFrom(ToyDiT):
         KeepsAHiddenDrawFromAGeneratorATensorDrewFrom,
     ],
     ids=[
+        "looks-empty",
         "lookalike-init",
         "tensor-attribute",
         "hidden-private-draw",
@@ -1143,6 +1165,8 @@ def test_what_an_attacker_found_kept_is_upstreams(tmp_path, cls):
         assert model.label == ref.label == "initialised"
         for name in ("aside_False", "aside_True"):
             assert torch.equal(getattr(model, name), getattr(ref, name))
+    elif cls is KeepsADrawInAContainerThatLooksEmpty:
+        assert torch.equal(model.table.tensor, ref.table.tensor)
     elif cls is KeepsADrawOnALoadedParameter:
         assert torch.equal(model.blocks[0].ff.weight.noise, ref.blocks[0].ff.weight.noise)
     else:
