@@ -515,6 +515,111 @@ def test_a_factory_error_over_its_own_meta_tensors_passes_through_after_one_call
     assert len(calls) == 1 and type(err.value) is RuntimeError
 
 
+def _uniform_backwards(model: ToyDiT) -> None:
+    with torch.no_grad():
+        model.blocks[0].ff.weight.uniform_(1, 0)
+
+
+def _bernoulli_above_one(model: ToyDiT) -> None:
+    with torch.no_grad():
+        model.blocks[0].ff.weight.bernoulli_(2.0)
+
+
+def _random_backwards(model: ToyDiT) -> None:
+    with torch.no_grad():
+        model.blocks[0].ff.weight.random_(5, 2)
+
+
+def _in_place_into_a_leaf_that_needs_a_gradient(model: ToyDiT) -> None:
+    model.blocks[0].ff.weight.uniform_(0, 1)  # without no_grad
+
+
+def _init_uniform_backwards(model: ToyDiT) -> None:
+    nn.init.uniform_(model.blocks[0].ff.weight, 1, 0)
+
+
+def _xavier_with_a_negative_gain(model: ToyDiT) -> None:
+    nn.init.xavier_uniform_(model.blocks[0].ff.weight, gain=-1.0)
+
+
+def _init_normal_negative_std(model: ToyDiT) -> None:
+    nn.init.normal_(model.blocks[0].ff.weight, 0.0, -1.0)
+
+
+INVALID_DRAWS = [
+    _uniform_backwards,
+    _bernoulli_above_one,
+    _random_backwards,
+    _in_place_into_a_leaf_that_needs_a_gradient,
+    _init_uniform_backwards,
+    _xavier_with_a_negative_gain,
+    _init_normal_negative_std,
+]
+
+
+@pytest.mark.parametrize("draw", INVALID_DRAWS, ids=lambda f: f.__name__.strip("_"))
+def test_a_draw_into_a_parameter_that_torch_refuses_fails_as_upstreams_does(tmp_path, draw):
+    """A deferred parameter is meta, where torch draws nothing and checks few arguments; on
+    upstream's real parameter torch refuses these draws. The load raises upstream's error."""
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+
+    def factory(config):
+        model = build(config)
+        draw(model)
+        return model
+
+    with pytest.raises(RuntimeError) as upstreams:
+        factory({})
+    with pytest.raises(RuntimeError) as ours:
+        sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory)
+    assert type(ours.value) is type(upstreams.value) and str(ours.value) == str(upstreams.value)
+    assert torch.Tensor.uniform_ is torch._C.TensorBase.uniform_  # the checks are off after a load
+
+
+class DrawsInPlaceThenRegisters(ToyDiT):
+    """An in-place draw (a patched method while the fast build runs) into a real tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        weight = torch.empty(3, 3)
+        weight.normal_()
+        self.extra = nn.Parameter(weight)
+
+
+def test_an_in_place_draw_the_checkpoint_replaces_keeps_the_fast_build(tmp_path):
+    """The fast build checks an in-place draw's arguments through a patch of the method; the
+    watch still sees torch's own draw (a patch it did not trust would count as a draw it
+    could not see, and refuse)."""
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(DrawsInPlaceThenRegisters(), seed=3), tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: DrawsInPlaceThenRegisters()
+    )
+    assert sa3loader.last_load_info().build == "fast", sa3loader.last_load_info().fallback
+    assert_same_model(model, upstream_recipe(DrawsInPlaceThenRegisters, ckpt, True))
+
+
+def test_a_draw_into_the_factorys_own_meta_tensor_is_checked_no_more_than_upstream_checks_it(tmp_path):
+    """Upstream draws into a meta tensor of the factory's own on meta too: torch checks
+    nothing there, so neither does the fast build, which is kept."""
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+
+    def factory(config):
+        model = build(config)
+        torch.empty(3, device="meta").uniform_(1, 0)
+        return model
+
+    factory({})  # upstream: no error
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory
+    )
+    assert sa3loader.last_load_info().build == "fast"
+    assert_same_model(model, upstream_recipe(build, ckpt, True))
+
+
 class ReplacesARegisteredParameter(ToyDiT):
     def __init__(self) -> None:
         super().__init__()
