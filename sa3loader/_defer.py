@@ -12,11 +12,6 @@ Inside ``with watched_build() as watch:`` (``_build`` opens it around the factor
 - ``torch.get_rng_state`` (as ``torch`` and ``torch.random`` name it) marks the state
   it returns as drawn: the fast build's generator is elsewhere.
 - ``nn.Parameter`` made from a drawn tensor is drawn too.
-- A tensor method that draws in place (``uniform_``, ``normal_``, ...) called on a
-  deferred stand-in first makes the same call on an empty tensor of the parameter's
-  device and dtype: a meta tensor draws nothing and skips torch's checks of the
-  arguments (``uniform_(1, 0)``), which upstream's real parameter makes; an empty
-  one makes them and draws nothing either. Called directly or inside ``nn.init``.
 - ``BuildWatch``, a torch function mode, marks every tensor a random draw writes and
   every tensor computed from one, skips the random init of meta stand-ins, notes
   each way a drawn value leaves torch (``item()``, ``tolist()``, ``numpy()``,
@@ -82,10 +77,6 @@ _original_parameter_new_slot = nn.Parameter.__dict__["__new__"]  # the staticmet
 _original_set_ = torch.Tensor.set_  # never reaches a torch function mode
 _original_manual_seed = torch.random.manual_seed
 _original_set_rng_state = torch.random.set_rng_state
-# Tensor methods that draw into their own tensor (``_checked_draw``).
-IN_PLACE_DRAWS = ("uniform_ normal_ random_ exponential_ geometric_ log_normal_ cauchy_ bernoulli_").split()
-_original_draws = {name: getattr(torch.Tensor, name) for name in IN_PLACE_DRAWS}
-_tensor_defines = {name: name in vars(torch.Tensor) for name in IN_PLACE_DRAWS}  # else TensorBase does
 
 
 class _Patches:
@@ -108,8 +99,6 @@ class _Patches:
             torch.manual_seed = torch.random.manual_seed = _manual_seed_seen
             torch.Tensor.set_ = _set_seen  # type: ignore[method-assign,assignment]
             torch.set_rng_state = torch.random.set_rng_state = _set_rng_state_seen
-            for name, checked in _CHECKED_DRAWS.items():
-                setattr(torch.Tensor, name, checked)
         self.depth += 1
 
     def exit(self) -> None:
@@ -122,11 +111,6 @@ class _Patches:
             torch.manual_seed = torch.random.manual_seed = _original_manual_seed
             torch.Tensor.set_ = _original_set_  # type: ignore[method-assign]
             torch.set_rng_state = torch.random.set_rng_state = _original_set_rng_state
-            for name in IN_PLACE_DRAWS:
-                if _tensor_defines[name]:
-                    setattr(torch.Tensor, name, _original_draws[name])
-                else:
-                    delattr(torch.Tensor, name)
         self.lock.release()
 
 
@@ -163,10 +147,8 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
     # The constructor's own object becomes the stand-in (its data swapped for meta), so every
     # reference it keeps (a tied module, a list of parameters, attributes set on it) stays
     # the model's parameter, as in upstream's build.
-    made_on = None
     with torch._C.DisableTorchFunction():
         if param.device != _META:
-            made_on = param.device
             stand_in = nn.Parameter(torch.empty_like(param, device=_META), requires_grad=param.requires_grad)
             _patches.local.watch.unmark_everywhere(param)  # its value is dropped (and the weak refs with it)
             if not swap_in_place(param, stand_in):
@@ -174,7 +156,7 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
                 param = stand_in
         _original_register(self, name, param)
     recorder.records.append((weakref.ref(self), name))
-    _patches.local.watch.stand_in(param, made_on)
+    _patches.local.watch.stand_in(param)
 
 
 def swap_in_place(target: torch.Tensor, replacement: torch.Tensor) -> bool:
@@ -238,28 +220,6 @@ def _set_rng_state_seen(new_state: torch.Tensor) -> None:
         watch.generator_set()
 
 
-def _checked_draw(name: str) -> Callable[..., Any]:
-    original = _original_draws[name]
-
-    def draw(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        watch: BuildWatch | None = getattr(_patches.local, "watch", None)
-        made_on = watch.made_on(self) if watch is not None else None
-        # Another tensor argument (``bernoulli_(p)``) is checked against the real shape: not here.
-        if made_on is not None and not any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
-            with torch._C.DisableTorchFunction():  # the watch's own look
-                # requires_grad too: in place into a leaf that needs a gradient fails first
-                probe = torch.empty(0, dtype=self.dtype, device=made_on, requires_grad=self.requires_grad)
-                original(probe, *args, **kwargs)
-        return original(self, *args, **kwargs)
-
-    draw.__name__ = draw.__qualname__ = name
-    return draw
-
-
-_CHECKED_DRAWS = {name: _checked_draw(name) for name in IN_PLACE_DRAWS}
-_ORIGINAL_OF = {checked: _original_draws[name] for name, checked in _CHECKED_DRAWS.items()}
-
-
 def _parameter_new(cls: type, data: torch.Tensor | None = None, requires_grad: bool = True) -> Any:
     param: torch.Tensor = _original_parameter_new(cls, data, requires_grad)
     watch: BuildWatch | None = getattr(_patches.local, "watch", None)
@@ -289,7 +249,7 @@ def watched_build(
     """
     _patches.enter()
     saved = _saved_state()
-    recorder, watch = DeferredParameters(), BuildWatch(generators, outer=saved[1], originals=_ORIGINAL_OF)
+    recorder, watch = DeferredParameters(), BuildWatch(generators, outer=saved[1])
     _patches.local.recorder, _patches.local.watch = recorder, watch
     # Only loaders called from inside the block count: the whole load may itself
     # run inside one (upstream's ``StableAudioModel.from_pretrained``).

@@ -5,7 +5,7 @@ what the watch marks and notes)."""
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from types import FunctionType
 from typing import Any
 
@@ -114,11 +114,6 @@ def _escapes(func: Any, name: str, out: Any) -> bool:
     return not isinstance(out, (torch.dtype, torch.device, torch.Size))
 
 
-def _unpatched(originals: Mapping[Any, Any], func: Any) -> Any:
-    """torch's own function for a patch of it (which checked the arguments and calls it)."""
-    return originals.get(func, func) if type(func) is FunctionType else func
-
-
 GeneratorStates = dict[int, tuple[torch.Generator, torch.Tensor]]
 
 
@@ -149,11 +144,9 @@ class BuildWatch(TorchFunctionMode):
         self,
         generators: dict[int, tuple[torch.Generator, torch.Tensor]] | None = None,
         outer: BuildWatch | None = None,
-        originals: Mapping[Any, Any] | None = None,
     ) -> None:
         super().__init__()
         self.outer = outer  # the watch of a build this one runs inside (a load in a factory)
-        self._originals = originals or {}  # patched Tensor methods (``_defer``) -> torch's own
         # Each generator of the factory's own (not torch's default) as it was before its first draw:
         # put back before upstream's build runs after a refused fast one.
         self.generators = {} if generators is None else generators
@@ -164,7 +157,6 @@ class BuildWatch(TorchFunctionMode):
         self.escapes: list[str] = []  # how drawn values left torch: "Tensor.item()", ...
         self._meta_errors: list[BaseException] = []  # errors torch raised over a stand-in's data
         self._stand_ins: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
-        self._made_on: dict[int, torch.device] = {}  # a deferred parameter's device, by id
         self.replaced: list[tuple[weakref.ref[nn.Module], str]] = []  # parameters the constructor replaced
         # The CPU generator's state after the last draw the watch saw: a state it did not leave
         # means a draw it did not see (a function missing from RANDOM_DRAWS), whose values it
@@ -183,7 +175,6 @@ class BuildWatch(TorchFunctionMode):
         return not self.unseen_draw
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        func = _unpatched(self._originals, func)  # torch hands the mode a patch: follow torch's own
         name = getattr(func, "__name__", "").split(".", 1)[0]  # torch.ops' "randn.default" is randn
         draws = name in RANDOM_DRAWS
         # A function of torch's own draws only what it returns or writes into its tensor. Any
@@ -193,9 +184,9 @@ class BuildWatch(TorchFunctionMode):
         if draws and kwargs:
             _remember(self.generators, kwargs.get("generator"))
         if draws and own and name.endswith("_") and args and _is_meta(args[0]):
-            return args[0]  # a draw into a stand-in: meta draws nothing (_defer checked its arguments)
+            return args[0]  # a draw into a stand-in: meta draws nothing (its arguments go unchecked)
         # torch.nn.init's functions (by identity) take their tensor by keyword. Into a meta one
-        # they draw nothing: they run as in upstream's build (their checks, warnings and errors),
+        # they draw nothing: they run their own checks, warnings and errors as upstream's build does,
         # with no look at the generator; a draw they make elsewhere shows as unseen.
         init_into_meta = draws and _init_into_meta(func, args, kwargs)
         looked_at = draws and own and not init_into_meta
@@ -234,18 +225,9 @@ class BuildWatch(TorchFunctionMode):
         if not returned and out is not None and _escapes(func, name, out):
             self.escapes.append(f"Tensor.{_name(func).lstrip('.')}")
 
-    def stand_in(self, tensor: torch.Tensor, made_on: torch.device | None = None) -> None:
-        """``tensor`` is a deferred parameter's stand-in (made on ``made_on``), or computed from one."""
+    def stand_in(self, tensor: torch.Tensor) -> None:
+        """``tensor`` is a deferred parameter's meta stand-in, or was computed from one."""
         self._stand_ins[id(tensor)] = weakref.ref(tensor)
-        if made_on is None:
-            self._made_on.pop(id(tensor), None)
-        else:
-            self._made_on[id(tensor)] = made_on
-
-    def made_on(self, tensor: torch.Tensor) -> torch.device | None:
-        """The device a deferred parameter's stand-in was made on; None for any other tensor."""
-        ref = self._stand_ins.get(id(tensor))
-        return self._made_on.get(id(tensor)) if ref is not None and ref() is tensor else None
 
     def _follow_stand_ins(self, args: tuple, kwargs: dict | None, out: Any) -> None:
         metas = [t for t in _tensors_out(out) if t.is_meta]
@@ -302,7 +284,6 @@ class BuildWatch(TorchFunctionMode):
         self._drawn.clear()
         self._drawn_storages.clear()
         self._stand_ins.clear()
-        self._made_on.clear()
 
     def any_drawn(self) -> bool:
         return bool(self._drawn) or bool(self.escapes) or not self.check_generator()
