@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _faults
-from ._defer import DeferredParameters, not_deferred, swap_in_place, watched_build
+from ._defer import DeferredParameters, PatchesBusy, not_deferred, swap_in_place, watched_build
 from ._format import Header
 from ._refusals import Attributes, FastBuildRefused, refuse_meta, refuse_random_or_meta, tensor_attributes
 from ._values import Values
@@ -125,17 +125,20 @@ def _build_deferred(
     own errors pass through as they are, so it runs once; only an error that torch raised
     over a meta tensor (a constructor that reads a parameter's value), or one raised because
     of it, means: build it for real instead. Told by origin, never by the words of a message."""
-    with watched_build(generators.private) as (deferred, watch):
-        try:
-            return factory(config), deferred, watch
-        except Exception as exc:
-            # torch refused a stand-in's data, in this error's chain or caught by the constructor
-            # before it failed: the error may be the stand-in's doing.
-            if not (watch.refused_meta(exc) or watch.read_a_stand_in()):
-                raise
-            raise FastBuildRefused(
-                f"the factory needs real parameters ({type(exc).__name__}: {exc})"
-            ) from exc
+    try:
+        with watched_build(generators.private) as (deferred, watch):
+            try:
+                return factory(config), deferred, watch
+            except Exception as exc:
+                # torch refused a stand-in's data, in this error's chain or caught by the
+                # constructor before it failed: the error may be the stand-in's doing.
+                if not (watch.refused_meta(exc) or watch.read_a_stand_in()):
+                    raise
+                raise FastBuildRefused(
+                    f"the factory needs real parameters ({type(exc).__name__}: {exc})"
+                ) from exc
+    except PatchesBusy as busy:  # raised only before the factory ran: upstream's build needs none
+        raise FastBuildRefused(str(busy)) from None
 
 
 def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[str, str]) -> set[int]:

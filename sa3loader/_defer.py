@@ -28,7 +28,10 @@ Inside ``with watched_build() as watch:`` (``_build`` opens it around the factor
 
 The patches are process-wide while any watched build runs (one ``_Patches`` object
 owns them and their depth, under a reentrant lock: a factory may load a model itself);
-what they record is per thread.
+what they record is per thread. A build waits at most ``PATCHES_WAIT_S`` for another
+thread's build to end, then raises ``PatchesBusy`` (the caller builds upstream's way): the
+other build may be waiting for this thread (a factory that loads a part in a worker thread
+and joins it), and upstream's build needs no patches.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _faults
 from ._watch import BuildWatch
 
 _META = torch.device("meta")
@@ -79,6 +83,13 @@ _original_manual_seed = torch.random.manual_seed
 _original_set_rng_state = torch.random.set_rng_state
 
 
+PATCHES_WAIT_S = 10.0
+
+
+class PatchesBusy(Exception):
+    """Another thread's watched build held the patches for ``PATCHES_WAIT_S``."""
+
+
 class _Patches:
     """The process-wide patches and their depth: installed while any watched build runs,
     in any thread; each thread's build records into its own ``_state``."""
@@ -90,7 +101,9 @@ class _Patches:
         self.local = threading.local()
 
     def enter(self) -> None:
-        self.lock.acquire()
+        wait_s = _faults.tuned("patches_wait_s", PATCHES_WAIT_S)
+        if not self.lock.acquire(timeout=wait_s):
+            raise PatchesBusy(f"another thread's fast build held the build patches for {wait_s:g} s")
         if self.depth == 0:
             nn.Module.register_parameter = _register_deferred  # type: ignore[method-assign]
             nn.Module.load_state_dict = _load_state_dict_not_deferred  # type: ignore[method-assign]

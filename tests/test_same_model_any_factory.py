@@ -207,6 +207,54 @@ def test_loads_nest_inside_a_factory(tmp_path, with_reader):
     assert proc.stdout.split() == [outer, "False", "False", "torch.float16"]
 
 
+NESTED_IN_A_THREAD = """
+import threading
+import torch
+from safetensors.torch import load_file
+import sa3loader
+from support.faults import tuned
+from support.toymodel import build
+
+TEACHER_LOADS = []
+
+def student(config):
+    model = build(config)
+
+    def load_teacher():
+        teacher = sa3loader.load_diffusion_cond({{}}, {teacher!r}, "cpu", False, model_factory=build)
+        TEACHER_LOADS.append((teacher, sa3loader.last_load_info()))
+
+    worker = threading.Thread(target=load_teacher)
+    worker.start()
+    worker.join()
+    model.__dict__["teacher"] = TEACHER_LOADS[-1][0]
+    return model
+
+torch.manual_seed(0)
+with tuned(patches_wait_s=0.5):
+    model = sa3loader.load_diffusion_cond(
+        {{}}, {student!r}, "cpu", True, cache_dir={cache!r}, model_factory=student)
+weight = load_file({teacher!r})["blocks.0.ff.weight"]
+print(sa3loader.last_load_info().build, *[info.build for _, info in TEACHER_LOADS],
+      "held the build patches" in str(TEACHER_LOADS[0][1].fallback),
+      torch.equal(model.teacher.blocks[0].ff.weight.view(torch.int32), weight.view(torch.int32)))
+"""
+
+
+def test_a_factory_that_loads_a_part_in_a_worker_thread_and_joins_it_does_not_hang(tmp_path):
+    """The outer fast build holds the build patches while its factory waits for the worker; the
+    worker's load waits for them only so long, then builds upstream's way (which needs none).
+    Its random init, drawn meanwhile from torch's generator, then refuses the outer fast build
+    (another thread drawing), whose faithful build loads the teacher again, fast."""
+    torch.manual_seed(0)
+    teacher = save(random_like_state(build(), seed=4), tmp_path / "teacher.safetensors")
+    student = save(random_like_state(build(), seed=3), tmp_path / "student.safetensors")
+    script = NESTED_IN_A_THREAD.format(teacher=str(teacher), student=str(student), cache=str(tmp_path / "c"))
+    proc = toy_zygote().run("-c", script, env=child_env(), timeout=60)  # a deadlock fails, not hangs
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["faithful", "faithful", "fast", "True", "True"]
+
+
 class Strided(ToyDiT):
     """Parameters laid out as a constructor may lay them out: transposed, channels-last."""
 
