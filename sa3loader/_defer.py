@@ -83,7 +83,10 @@ _original_manual_seed = torch.random.manual_seed
 _original_set_rng_state = torch.random.set_rng_state
 
 
-PATCHES_WAIT_S = 10.0
+# Long enough for any factory of another thread to run (a cold text encoder included): two
+# independent loads should both build fast; a factory that waits for a worker that loads
+# stalls this long once instead of for ever.
+PATCHES_WAIT_S = 60.0
 
 
 class PatchesBusy(Exception):
