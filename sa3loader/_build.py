@@ -118,6 +118,11 @@ def _weight_norm_hooks(model: nn.Module) -> list[tuple[str, nn.Module, WeightNor
     ]
 
 
+class _NothingRan(FastBuildRefused):
+    """Refused before the factory ran: no generator moved that needs putting back (another
+    thread's draws since, which rewinding them would undo, stay)."""
+
+
 def _build_deferred(
     factory: Factory, config: Any, generators: Generators
 ) -> tuple[nn.Module, DeferredParameters, BuildWatch]:
@@ -138,7 +143,7 @@ def _build_deferred(
                     f"the factory needs real parameters ({type(exc).__name__}: {exc})"
                 ) from exc
     except PatchesBusy as busy:  # raised only before the factory ran: upstream's build needs none
-        raise FastBuildRefused(str(busy)) from None
+        raise _NothingRan(str(busy)) from None
 
 
 def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[str, str]) -> set[int]:
@@ -323,7 +328,8 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
         fallback = str(refused)
         logger.info("%s: using upstream's full build (%s)", source.path, fallback)
         values.forget_counts()  # what the abandoned fast build read does not count
-        generators.restore()
+        if not isinstance(refused, _NothingRan):
+            generators.restore()
         with not_deferred():  # inside a factory that is itself being built deferred
             model = factory(config)
         result = load_faithful(model, source, values)

@@ -105,8 +105,10 @@ class _Patches:
 
     def enter(self) -> None:
         wait_s = _faults.tuned("patches_wait_s", PATCHES_WAIT_S)
-        if not self.lock.acquire(timeout=wait_s):
-            raise PatchesBusy(f"another thread's fast build held the build patches for {wait_s:g} s")
+        if not self.lock.acquire(blocking=False):
+            _faults.point("patches busy")  # another thread's build holds them: wait
+            if not self.lock.acquire(timeout=wait_s):
+                raise PatchesBusy(f"another thread's fast build held the build patches for {wait_s:g} s")
         if self.depth == 0:
             nn.Module.register_parameter = _register_deferred  # type: ignore[method-assign]
             nn.Module.load_state_dict = _load_state_dict_not_deferred  # type: ignore[method-assign]

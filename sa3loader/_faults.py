@@ -15,7 +15,7 @@ it, before the load reads it back), ``fsync``, ``rename``, ``index`` (a sibling 
 published), ``locked`` (a conversion lock just taken), ``fingerprint`` (a source's
 fingerprint is read; the subject is its path), ``built`` (the factory returned, before
 any weight is placed), ``import`` (upstream's factory looked up), ``touch`` (the early
-prefetch faults in a piece).
+prefetch faults in a piece), ``patches busy`` (a build starts waiting for another thread's).
 """
 
 from __future__ import annotations

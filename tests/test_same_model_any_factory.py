@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import functools
 import random
+import threading
 import types
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 from support.checkpoints import random_like_state, save
 from support.compare import assert_same_model, bits
+from support.faults import at, injected, tuned
 from support.loads import load_toy
 from support.processes import child_env, toy_zygote
 from support.toymodel import ToyDiT, build, reference
@@ -253,6 +255,54 @@ def test_a_factory_that_loads_a_part_in_a_worker_thread_and_joins_it_does_not_ha
     proc = toy_zygote().run("-c", script, env=child_env(), timeout=60)  # a deadlock fails, not hangs
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["faithful", "faithful", "fast", "True", "True"]
+
+
+class ZerosOnly(nn.Module):
+    """Draws nothing when built: its faithful build leaves torch's generator where it was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(4))
+
+
+def test_a_load_that_gave_up_waiting_for_another_threads_build_rewinds_no_draw(tmp_path):
+    """A load that waited too long for the build patches builds upstream's way without having
+    run its factory, so it puts no generator back: a draw the other thread's build made
+    meanwhile stays where it is, and that build stays fast."""
+    torch.manual_seed(0)
+    ckpt_a = save(random_like_state(build(), seed=3), tmp_path / "a.safetensors")
+    ckpt_b = save({"w": torch.ones(4)}, tmp_path / "b.safetensors")
+    a_building, b_waiting, b_done = threading.Event(), threading.Event(), threading.Event()
+    infos = {}
+
+    def factory_a(config):
+        model = build(config)
+        a_building.set()
+        assert b_waiting.wait(30)
+        torch.randn(3)  # a draw the model does not keep: the fast build stands
+        assert b_done.wait(30)
+        return model
+
+    def load_a():
+        sa3loader.load_diffusion_cond(
+            {}, ckpt_a, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory_a
+        )
+        infos["a"] = sa3loader.last_load_info()
+
+    thread = threading.Thread(target=load_a)
+    with tuned(patches_wait_s=2.0), injected(at("patches busy", b_waiting.set)):
+        thread.start()
+        assert a_building.wait(30)
+        try:
+            sa3loader.load_diffusion_cond(
+                {}, ckpt_b, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: ZerosOnly()
+            )
+            infos["b"] = sa3loader.last_load_info()
+        finally:
+            b_done.set()
+            thread.join(60)
+    assert infos["b"].build == "faithful" and "held the build patches" in infos["b"].fallback
+    assert infos["a"].build == "fast", infos["a"].fallback
 
 
 class Strided(ToyDiT):
