@@ -12,6 +12,7 @@ follows upstream's rules, quirks included (``plan_keys``)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import sys
@@ -25,7 +26,15 @@ from torch import nn
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _faults
-from ._defer import DeferredParameters, PatchesBusy, not_deferred, swap_in_place, watched_build
+from ._defer import (
+    DeferredParameters,
+    PatchesBusy,
+    built_outside,
+    not_deferred,
+    outside_builds,
+    swap_in_place,
+    watched_build,
+)
 from ._format import Header
 from ._refusals import Attributes, FastBuildRefused, refuse_meta, refuse_random_or_meta, tensor_attributes
 from ._values import Values
@@ -320,7 +329,7 @@ class Generators:
 
 def build(factory: Factory, config: Any, source: Header, values: Values, device: torch.device) -> Built:
     """Fast build when it gives upstream's model, else upstream's own build."""
-    generators = Generators()
+    generators, others = Generators(), outside_builds()
     fallback = None
     try:
         model, result = _build_fast(factory, config, source, values, device, generators)
@@ -328,9 +337,12 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
         fallback = str(refused)
         logger.info("%s: using upstream's full build (%s)", source.path, fallback)
         values.forget_counts()  # what the abandoned fast build read does not count
-        if not isinstance(refused, _NothingRan):
+        # Put back what the fast attempt moved, unless its factory never ran (it gave up
+        # waiting) or another thread that gave up drew meanwhile (rewinding would undo that).
+        nothing_ran = isinstance(refused, _NothingRan)
+        if not nothing_ran and others[0] == 0 and outside_builds() == others:
             generators.restore()
-        with not_deferred():  # inside a factory that is itself being built deferred
+        with not_deferred(), built_outside() if nothing_ran else contextlib.nullcontext():
             model = factory(config)
         result = load_faithful(model, source, values)
     log_skipped(result)

@@ -102,6 +102,10 @@ class _Patches:
         self.depth = 0  # watched builds running; only changed while holding ``lock``
         # Each thread's recorder, watch, outer frame and loading depth: what its build records.
         self.local = threading.local()
+        # Upstream's builds run by threads that gave up waiting (``PatchesBusy``): running now,
+        # and started ever. Their draws are theirs: a refused build must not rewind them.
+        self.outside = [0, 0]
+        self.outside_lock = threading.Lock()
 
     def enter(self) -> None:
         wait_s = _faults.tuned("patches_wait_s", PATCHES_WAIT_S)
@@ -278,6 +282,26 @@ def watched_build(
     finally:
         _patches.local.recorder, _patches.local.watch, _patches.local.outer_frame = saved
         _patches.exit()
+
+
+@contextlib.contextmanager
+def built_outside() -> Iterator[None]:
+    """Upstream's build of a thread that gave up waiting for another thread's build."""
+    with _patches.outside_lock:
+        _patches.outside[0] += 1
+        _patches.outside[1] += 1
+    try:
+        yield
+    finally:
+        with _patches.outside_lock:
+            _patches.outside[0] -= 1
+
+
+def outside_builds() -> tuple[int, int]:
+    """(running, started) of ``built_outside`` builds: unchanged and (0, n) over a build means
+    no other thread's upstream build drew meanwhile."""
+    with _patches.outside_lock:
+        return _patches.outside[0], _patches.outside[1]
 
 
 @contextlib.contextmanager
