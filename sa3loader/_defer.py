@@ -104,13 +104,13 @@ class _Patches:
         self.local = threading.local()
         # Upstream's builds run by threads that gave up waiting (``PatchesBusy``): running now,
         # and started ever. Their draws are theirs: a refused build must not rewind them.
-        self.outside = [0, 0]
+        self.outside_running = self.outside_started = 0
         self.outside_lock = threading.Lock()
 
     def enter(self) -> None:
-        wait_s = _faults.tuned("patches_wait_s", PATCHES_WAIT_S)
         if not self.lock.acquire(blocking=False):
             _faults.point("patches busy")  # another thread's build holds them: wait
+            wait_s = _faults.tuned("patches_wait_s", PATCHES_WAIT_S)
             if not self.lock.acquire(timeout=wait_s):
                 raise PatchesBusy(f"another thread's fast build held the build patches for {wait_s:g} s")
         if self.depth == 0:
@@ -288,20 +288,20 @@ def watched_build(
 def built_outside() -> Iterator[None]:
     """Upstream's build of a thread that gave up waiting for another thread's build."""
     with _patches.outside_lock:
-        _patches.outside[0] += 1
-        _patches.outside[1] += 1
+        _patches.outside_running += 1
+        _patches.outside_started += 1
     try:
         yield
     finally:
         with _patches.outside_lock:
-            _patches.outside[0] -= 1
+            _patches.outside_running -= 1
 
 
 def outside_builds() -> tuple[int, int]:
     """(running, started) of ``built_outside`` builds: unchanged and (0, n) over a build means
     no other thread's upstream build drew meanwhile."""
     with _patches.outside_lock:
-        return _patches.outside[0], _patches.outside[1]
+        return _patches.outside_running, _patches.outside_started
 
 
 @contextlib.contextmanager

@@ -305,42 +305,35 @@ def test_a_load_that_gave_up_waiting_for_another_threads_build_rewinds_no_draw(t
     assert infos["a"].build == "fast", infos["a"].fallback
 
 
-class ReadsItsWeight(nn.Module):
-    """Refuses the fast build (reads a parameter's value); waits for ``go`` the first time."""
-
-    inside, go = threading.Event(), threading.Event()
-    waited = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(4))
-        if not ReadsItsWeight.waited:
-            ReadsItsWeight.waited = True
-            ReadsItsWeight.inside.set()  # holding the build patches
-            assert ReadsItsWeight.go.wait(30)
-        self.total = float(self.w.detach().sum())
-
-
-class SeedsThenDraws(nn.Module):
-    """Seeds, lets the other thread go on, then keeps a draw the checkpoint does not replace."""
-
-    drawn = threading.Event()
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(4))
-        torch.manual_seed(123)
-        ReadsItsWeight.go.set()
-        assert SeedsThenDraws.drawn.wait(30)
-        self.extra = nn.Parameter(torch.randn(4))
-
-
 def test_a_refused_build_does_not_rewind_a_thread_that_gave_up_waiting_for_it(tmp_path):
     """Thread B gave up waiting for A's build and runs upstream's build meanwhile; A's build is
     then refused. A must not put torch's generator back: that would rewind B's seeded draws."""
     pa = save({"w": torch.ones(4)}, tmp_path / "a.safetensors")
     pb = save({"w": torch.ones(4)}, tmp_path / "b.safetensors")
+    inside, go, drawn = threading.Event(), threading.Event(), threading.Event()
     models = {}
+
+    class ReadsItsWeight(nn.Module):
+        """Refuses the fast build (reads a parameter's value); waits for ``go`` the first time."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4))
+            if not inside.is_set():
+                inside.set()  # holding the build patches
+                assert go.wait(30)
+            self.total = float(self.w.detach().sum())
+
+    class SeedsThenDraws(nn.Module):
+        """Seeds, lets A go on, then keeps a draw the checkpoint does not replace."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4))
+            torch.manual_seed(123)
+            go.set()
+            assert drawn.wait(30)
+            self.extra = nn.Parameter(torch.randn(4))
 
     def load(key, cls, path):
         models[key] = sa3loader.load_diffusion_cond(
@@ -351,10 +344,10 @@ def test_a_refused_build_does_not_rewind_a_thread_that_gave_up_waiting_for_it(tm
     waiter = threading.Thread(target=load, args=("b", SeedsThenDraws, pb))
     with tuned(patches_wait_s=0.3):
         holder.start()
-        assert ReadsItsWeight.inside.wait(30)
+        assert inside.wait(30)
         waiter.start()
         holder.join(60)  # A's refused build and its upstream build end before B draws
-        SeedsThenDraws.drawn.set()
+        drawn.set()
         waiter.join(60)
     torch.manual_seed(123)
     assert torch.equal(models["b"].extra, torch.randn(4))
