@@ -37,6 +37,7 @@ and joins it), and upstream's build needs no patches.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import weakref
@@ -106,6 +107,18 @@ class _Patches:
         # and started ever. Their draws are theirs: a refused build must not rewind them.
         self.outside_running = self.outside_started = 0
         self.outside_lock = threading.Lock()
+        self.owner: int | None = None  # the thread holding ``lock``, while one does
+
+    def reset_in_child(self) -> None:
+        """A forked child has only the thread that forked: a build another thread held at the fork
+        never ends there, so its patches come off and its lock goes (or every load in the
+        child waits ``PATCHES_WAIT_S``, then builds upstream's way). The forking thread's own
+        build (a factory that forks) goes on in the child and keeps them."""
+        self.outside_lock = threading.Lock()
+        self.outside_running = getattr(self.local, "outside", 0)
+        if self.owner != threading.get_ident():  # no build, or another thread's (maybe half-way in)
+            self.depth, self.lock = 0, threading.RLock()
+            self._uninstall()
 
     def enter(self) -> None:
         if not self.lock.acquire(blocking=False):
@@ -113,30 +126,47 @@ class _Patches:
             wait_s = _faults.tuned("patches_wait_s", PATCHES_WAIT_S)
             if not self.lock.acquire(timeout=wait_s):
                 raise PatchesBusy(f"another thread's fast build held the build patches for {wait_s:g} s")
-        if self.depth == 0:
-            nn.Module.register_parameter = _register_deferred  # type: ignore[method-assign]
-            nn.Module.load_state_dict = _load_state_dict_not_deferred  # type: ignore[method-assign]
-            torch.get_rng_state = torch.random.get_rng_state = _get_rng_state_drawn
-            nn.Parameter.__new__ = staticmethod(_parameter_new)  # type: ignore[method-assign]
-            torch.manual_seed = torch.random.manual_seed = _manual_seed_seen
-            torch.Tensor.set_ = _set_seen  # type: ignore[method-assign,assignment]
-            torch.set_rng_state = torch.random.set_rng_state = _set_rng_state_seen
-        self.depth += 1
+        try:  # an interrupt here leaves neither the lock held nor a patch on
+            if self.depth == 0:
+                self.owner = threading.get_ident()
+                self._install()
+            self.depth += 1
+        except BaseException:
+            if self.depth == 0:
+                self._uninstall()
+            self.lock.release()
+            raise
 
     def exit(self) -> None:
         self.depth -= 1
         if self.depth == 0:
-            nn.Module.register_parameter = _original_register  # type: ignore[method-assign]
-            nn.Module.load_state_dict = _original_load_state_dict  # type: ignore[method-assign]
-            torch.get_rng_state = torch.random.get_rng_state = _original_get_rng_state
-            nn.Parameter.__new__ = _original_parameter_new_slot  # type: ignore[method-assign]
-            torch.manual_seed = torch.random.manual_seed = _original_manual_seed
-            torch.Tensor.set_ = _original_set_  # type: ignore[method-assign]
-            torch.set_rng_state = torch.random.set_rng_state = _original_set_rng_state
+            self._uninstall()
         self.lock.release()
+
+    @staticmethod
+    def _install() -> None:
+        nn.Module.register_parameter = _register_deferred  # type: ignore[method-assign]
+        nn.Module.load_state_dict = _load_state_dict_not_deferred  # type: ignore[method-assign]
+        torch.get_rng_state = torch.random.get_rng_state = _get_rng_state_drawn
+        nn.Parameter.__new__ = staticmethod(_parameter_new)  # type: ignore[method-assign]
+        torch.manual_seed = torch.random.manual_seed = _manual_seed_seen
+        torch.Tensor.set_ = _set_seen  # type: ignore[method-assign,assignment]
+        torch.set_rng_state = torch.random.set_rng_state = _set_rng_state_seen
+
+    def _uninstall(self) -> None:
+        nn.Module.register_parameter = _original_register  # type: ignore[method-assign]
+        nn.Module.load_state_dict = _original_load_state_dict  # type: ignore[method-assign]
+        torch.get_rng_state = torch.random.get_rng_state = _original_get_rng_state
+        nn.Parameter.__new__ = _original_parameter_new_slot  # type: ignore[method-assign]
+        torch.manual_seed = torch.random.manual_seed = _original_manual_seed
+        torch.Tensor.set_ = _original_set_  # type: ignore[method-assign]
+        torch.set_rng_state = torch.random.set_rng_state = _original_set_rng_state
+        self.owner = None
 
 
 _patches = _Patches()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_patches.reset_in_child)
 
 
 def _inside_loader_function() -> bool:
@@ -269,14 +299,15 @@ def watched_build(
     Blocks nest: an inner block records its own parameters, and the outer block's
     recorder is back when it exits.
     """
-    _patches.enter()
     saved = _saved_state()
     recorder, watch = DeferredParameters(), BuildWatch(generators, outer=saved[1])
-    _patches.local.recorder, _patches.local.watch = recorder, watch
     # Only loaders called from inside the block count: the whole load may itself
     # run inside one (upstream's ``StableAudioModel.from_pretrained``).
-    _patches.local.outer_frame = sys._getframe(2)
-    try:
+    outer_frame = sys._getframe(2)
+    _patches.enter()
+    try:  # from the moment the lock is held: an interrupt anywhere after leaks neither
+        _patches.local.recorder, _patches.local.watch = recorder, watch
+        _patches.local.outer_frame = outer_frame
         with watch:
             yield recorder, watch
     finally:
@@ -290,9 +321,11 @@ def built_outside() -> Iterator[None]:
     with _patches.outside_lock:
         _patches.outside_running += 1
         _patches.outside_started += 1
+    _patches.local.outside = getattr(_patches.local, "outside", 0) + 1  # what a forked child keeps
     try:
         yield
     finally:
+        _patches.local.outside -= 1
         with _patches.outside_lock:
             _patches.outside_running -= 1
 

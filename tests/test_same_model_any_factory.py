@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import functools
 import random
+import sys
 import threading
 import types
 
@@ -352,6 +353,119 @@ def test_a_refused_build_does_not_rewind_a_thread_that_gave_up_waiting_for_it(tm
     torch.manual_seed(123)
     assert torch.equal(models["b"].extra, torch.randn(4))
     assert torch.equal(models["a"].w, torch.ones(4))
+
+
+FORKED = """
+import os, threading, torch
+from torch import nn
+import sa3loader
+from support.faults import tuned
+from support.toymodel import build
+
+ORIGINAL = nn.Module.register_parameter
+building, release, children = threading.Event(), threading.Event(), []
+
+
+def holding(config):
+    model = build(config)
+    building.set()
+    assert release.wait(60)
+    return model
+
+
+def forking(config):
+    model = build(config)
+    children.append(os.fork())
+    return model
+
+
+def load(factory, path):
+    return sa3loader.load_diffusion_cond({{}}, path, "cpu", True, cache_dir={cache!r}, model_factory=factory)
+
+
+def in_child(work, report):
+    try:
+        work()
+        patches_off = nn.Module.register_parameter is ORIGINAL
+        os.write(report, f"{{sa3loader.last_load_info().build}} {{patches_off}}".encode())
+    finally:
+        os._exit(0)
+
+
+def reported(pid, report):
+    os.waitpid(pid, 0)
+    return os.read(report, 200).decode() or "nothing"
+
+
+torch.manual_seed(0)
+with tuned(patches_wait_s=1.0):
+    thread = threading.Thread(target=load, args=(holding, {a!r}))
+    thread.start()
+    assert building.wait(60)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        in_child(lambda: load(build, {b!r}), write)
+    print(reported(pid, read))
+    release.set()
+    thread.join(60)
+
+    read, write = os.pipe()
+    try:
+        load(forking, {b!r})
+    except BaseException as error:
+        if children[-1] == 0:  # the child's end of the build failed: say so, and go
+            os.write(write, type(error).__name__.encode())
+            os._exit(1)
+        raise
+    if children[-1] == 0:
+        in_child(lambda: None, write)
+    print(reported(children[-1], read), sa3loader.last_load_info().build)
+"""
+
+
+def test_a_child_forked_while_a_build_runs_builds_fast_and_finishes_its_own(tmp_path):
+    """A child forked while another thread's build holds the build patches has no such thread:
+    the patches are off there and its load builds fast at once (it waited, then built
+    upstream's way). A child forked by the build's own factory finishes that build, fast, and
+    takes the patches off."""
+    torch.manual_seed(0)
+    a = save(random_like_state(build(), seed=4), tmp_path / "a.safetensors")
+    b = save(random_like_state(build(), seed=3), tmp_path / "b.safetensors")
+    script = FORKED.format(a=str(a), b=str(b), cache=str(tmp_path / "c"))
+    proc = toy_zygote().run("-c", script, env=child_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["fast", "True", "fast", "True", "fast"], proc.stderr
+
+
+def test_an_interrupt_as_the_build_patches_go_on_leaves_them_off(tmp_path, monkeypatch):
+    """A ``KeyboardInterrupt`` after the build patches' lock is taken releases it and takes off
+    what was put on: the next load, in any thread, builds fast."""
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "m.safetensors")
+    original, real_get_ident = nn.Module.register_parameter, threading.get_ident
+
+    def interrupted_once() -> int:
+        if sys._getframe(1).f_code.co_name == "enter" and not interrupted_once.done:
+            interrupted_once.done = True
+            raise KeyboardInterrupt
+        return real_get_ident()
+
+    interrupted_once.done = False
+    monkeypatch.setattr(threading, "get_ident", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        load_toy(ckpt, tmp_path / "c")
+    assert interrupted_once.done and nn.Module.register_parameter is original
+    builds = []
+
+    def load_in_a_thread() -> None:
+        load_toy(ckpt, tmp_path / "c")
+        builds.append(sa3loader.last_load_info().build)
+
+    with tuned(patches_wait_s=0.5):  # a leaked lock: this waits, then builds upstream's way
+        worker = threading.Thread(target=load_in_a_thread)
+        worker.start()
+        worker.join(60)
+    assert builds == ["fast"]
 
 
 class Strided(ToyDiT):
