@@ -31,7 +31,8 @@ owns them and their depth, under a reentrant lock: a factory may load a model it
 what they record is per thread. A build waits at most ``PATCHES_WAIT_S`` for another
 thread's build to end, then raises ``PatchesBusy`` (the caller builds upstream's way): the
 other build may be waiting for this thread (a factory that loads a part in a worker thread
-and joins it), and upstream's build needs no patches.
+and joins it), and upstream's build needs no patches. Once a load gave up on a build, later
+ones give up on it at once (the worker's next part).
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ class _Patches:
         self.outside_running = self.outside_started = 0
         self.outside_lock = threading.Lock()
         self.owner: int | None = None  # the thread holding ``lock``, while one does
+        # Builds started (depth 0 to 1), and the one a load last gave up waiting for: a factory
+        # that joins a worker which loads would make each of the worker's loads wait in turn.
+        self.builds, self.given_up_on = 0, -1
 
     def reset_in_child(self) -> None:
         """A forked child has only the thread that forked: a build another thread held at the fork
@@ -122,13 +126,11 @@ class _Patches:
 
     def enter(self) -> None:
         if not self.lock.acquire(blocking=False):
-            _faults.point("patches busy")  # another thread's build holds them: wait
-            wait_s = _faults.tuned("patches_wait_s", PATCHES_WAIT_S)
-            if not self.lock.acquire(timeout=wait_s):
-                raise PatchesBusy(f"another thread's fast build held the build patches for {wait_s:g} s")
+            self._wait()
         try:  # an interrupt here leaves neither the lock held nor a patch on
             if self.depth == 0:
                 self.owner = threading.get_ident()
+                self.builds += 1
                 self._install()
             self.depth += 1
         except BaseException:
@@ -136,6 +138,22 @@ class _Patches:
                 self._uninstall()
             self.lock.release()
             raise
+
+    def _wait(self) -> None:
+        """Take the lock another thread's build holds, waiting at most ``PATCHES_WAIT_S``, and not
+        at all while a build that a load gave up waiting for holds it; else ``PatchesBusy``."""
+        holding = self.builds  # the build holding the lock: the next starts only once it ends
+        if self.given_up_on == holding:
+            if self.lock.acquire(blocking=False):  # it ended meanwhile
+                return
+            raise PatchesBusy(
+                "another thread's fast build, which a load gave up waiting for, held the build patches"
+            )
+        _faults.point("patches busy")  # wait
+        wait_s = _faults.tuned("patches_wait_s", PATCHES_WAIT_S)
+        if not self.lock.acquire(timeout=wait_s):
+            self.given_up_on = holding
+            raise PatchesBusy(f"another thread's fast build held the build patches for {wait_s:g} s")
 
     def exit(self) -> None:
         self.depth -= 1

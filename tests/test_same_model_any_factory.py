@@ -258,6 +258,48 @@ def test_a_factory_that_loads_a_part_in_a_worker_thread_and_joins_it_does_not_ha
     assert proc.stdout.split() == ["faithful", "faithful", "fast", "True", "True"]
 
 
+PARTS_IN_A_THREAD = """
+import threading
+import torch
+import sa3loader
+from support.faults import at, injected, tuned
+from support.toymodel import build
+
+WAITS, BUILDS = [], []
+
+def student(config):
+    model = build(config)
+
+    def load_parts():
+        for _ in range(3):
+            sa3loader.load_diffusion_cond({{}}, {teacher!r}, "cpu", False, model_factory=build)
+            BUILDS.append(sa3loader.last_load_info().build)
+
+    worker = threading.Thread(target=load_parts)
+    worker.start()
+    worker.join()
+    return model
+
+torch.manual_seed(0)
+with tuned(patches_wait_s=0.5), injected(at("patches busy", lambda: WAITS.append(1))):
+    sa3loader.load_diffusion_cond({{}}, {student!r}, "cpu", True, cache_dir={cache!r}, model_factory=student)
+print(len(WAITS), *BUILDS)
+"""
+
+
+def test_a_worker_that_loads_parts_for_a_waiting_factory_waits_once(tmp_path):
+    """The worker's first load waits for the outer build, gives up and builds upstream's way; its
+    next loads give up on that build at once (each waited in turn). The outer build, refused
+    (the worker drew meanwhile), runs the factory again: the worker's loads then build fast."""
+    torch.manual_seed(0)
+    teacher = save(random_like_state(build(), seed=4), tmp_path / "teacher.safetensors")
+    student = save(random_like_state(build(), seed=3), tmp_path / "student.safetensors")
+    script = PARTS_IN_A_THREAD.format(teacher=str(teacher), student=str(student), cache=str(tmp_path / "c"))
+    proc = toy_zygote().run("-c", script, env=child_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1"] + ["faithful"] * 3 + ["fast"] * 3
+
+
 class ZerosOnly(nn.Module):
     """Draws nothing when built: its faithful build leaves torch's generator where it was."""
 
