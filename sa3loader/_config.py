@@ -74,8 +74,14 @@ class Once:
         with self._guard:
             self._keys.clear()
 
+    def unlock_in_child(self) -> None:
+        """A child forked while another thread held the guard would wait on it for ever."""
+        self._guard = threading.Lock()
+
 
 ONCE = Once()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=ONCE.unlock_in_child)
 
 
 def warn_once(key: str, message: str, *args: object) -> None:

@@ -44,3 +44,33 @@ def test_a_verbosity_that_is_no_level_warns(tmp_path):
         "ignoring $SA3LOADER_VERBOSITY='loud': not one of debug, info, warning, error, critical"
         in proc.stderr
     )
+
+
+FORK_WHILE_LOGGING = """
+import os, signal, threading
+from sa3loader import _config
+
+holding, release = threading.Event(), threading.Event()
+
+def hold():
+    with _config.ONCE._guard:  # another thread inside warn_once at the fork
+        holding.set()
+        release.wait(30)
+
+threading.Thread(target=hold).start()
+holding.wait(30)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(10)  # a child that waits on the guard dies here
+    _config.warn_once("fork", "logged in the child")
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+release.set()
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_child_forked_while_another_thread_logs_can_log():
+    proc = torch_zygote().run("-c", FORK_WHILE_LOGGING, env=child_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0"], proc.stderr
