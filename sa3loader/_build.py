@@ -93,12 +93,22 @@ def plan_keys(source: Header, model_state: Mapping[str, torch.Tensor]) -> tuple[
 
 # The two builds.
 def _customises_loading(model: nn.Module) -> bool:
+    """Whether loading, or the state dict the fast build finds the model's tensors through, is
+    the model's own: ``load_state_dict`` (which upstream calls on the model), extra state, a
+    state dict of its own or hooks on either."""
+    if type(model).load_state_dict is not nn.Module.load_state_dict:
+        return True
     return any(
-        type(m)._load_from_state_dict is not nn.Module._load_from_state_dict
+        any(getattr(type(m), method) is not getattr(nn.Module, method) for method in _LOADING_METHODS)
         or m._load_state_dict_pre_hooks
         or m._load_state_dict_post_hooks
+        or m._state_dict_pre_hooks
+        or m._state_dict_hooks
         for m in model.modules()
     )
+
+
+_LOADING_METHODS = ("_load_from_state_dict", "set_extra_state", "state_dict", "_save_to_state_dict")
 
 
 def load_faithful(model: nn.Module, source: Header, values: Values) -> LoadResult:
@@ -107,7 +117,9 @@ def load_faithful(model: nn.Module, source: Header, values: Values) -> LoadResul
     assign, result = plan_keys(source, state)
     _faults.point("planned", source.path)
     for key, name in assign.items():
-        state[key] = values.get(name, state[key].dtype, final=False)
+        # The file's own tensor, as ``load_file`` gives it: ``load_state_dict`` casts it into the
+        # model's tensor (a state dict's entry may be a hook's copy in another dtype).
+        state[key] = values.tensor(values.source, name)
     model.load_state_dict(state, strict=False)
     return result
 
@@ -146,7 +158,7 @@ def _build_deferred(
             except Exception as exc:
                 # torch refused a stand-in's data, in this error's chain or caught by the
                 # constructor before it failed: the error may be the stand-in's doing.
-                if not (watch.refused_meta(exc) or watch.read_a_stand_in()):
+                if not (watch.refused_meta(exc) or watch.read_a_stand_in() or watch.device_reads):
                     raise
                 raise FastBuildRefused(
                     f"the factory needs real parameters ({type(exc).__name__}: {exc})"
@@ -167,6 +179,22 @@ def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[s
             raise FastBuildRefused(f"parameter {type(module).__name__}.{name} is not in the checkpoint")
         ids.add(id(deferred_param))
     return ids
+
+
+def _refuse_what_placing_loses(model: nn.Module, deferred_ids: set[int]) -> None:
+    """Placing gives each deferred parameter memory of its own and no grad: refuse where the
+    constructor gave two of them one memory (upstream's later copy overwrites the earlier)
+    or set a grad."""
+    memories: dict[int, int] = {}
+    with torch._C.DisableTorchFunction():
+        for key, param in model.named_parameters():
+            if id(param) not in deferred_ids:
+                continue
+            if param.grad is not None:
+                raise FastBuildRefused(f"{key} has a grad set while it was built")
+            memory = param.untyped_storage()._cdata
+            if memories.setdefault(memory, id(param)) != id(param):
+                raise FastBuildRefused(f"{key} shares memory with another parameter")
 
 
 def _place_parameters(
@@ -255,8 +283,12 @@ def _build_fast(
         raise FastBuildRefused(
             f"{deferred.unswapped[0]} could not be deferred in place (torch.utils.swap_tensors, torch >= 2.3)"
         )
+    if deferred.laid_out:  # a stand-in is dense: upstream copies into the constructor's layout
+        raise FastBuildRefused(f"{deferred.laid_out[0]} has gaps, an offset, spare or shared memory")
     if watch.read_a_stand_in():  # an error over a stand-in's data the constructor caught itself
         raise FastBuildRefused("the factory read a parameter's value while it was built")
+    if watch.device_reads:  # a stand-in's says meta
+        raise FastBuildRefused(f"the factory read a parameter's device ({watch.device_reads[0]})")
     if _customises_loading(model):
         raise FastBuildRefused("a module customises state-dict loading")
     assign, result = plan_keys(source, model.state_dict(keep_vars=True))
@@ -268,6 +300,7 @@ def _build_fast(
         deferred_ids = _deferred_ids(model, deferred, assign)
     except FastBuildRefused as refused:  # said after a kept draw, as it always was
         deferred_ids, missing = set(), refused
+    _refuse_what_placing_loses(model, deferred_ids)
     wn_hooks = _weight_norm_hooks(model)
     recomputed = {(id(m), h.name) for _, m, h in wn_hooks}
     refuse_random_or_meta(

@@ -61,6 +61,7 @@ class DeferredParameters:
     def __init__(self) -> None:
         self.records: list[tuple[weakref.ref[nn.Module], str]] = []
         self.unswapped: list[str] = []  # deferred as a new object: references to the old one are stale
+        self.laid_out: list[str] = []  # laid out in a way a (dense) stand-in does not keep
 
     def still_deferred(self) -> list[tuple[nn.Module, str]]:
         """Deferred parameters that are still on the meta device."""
@@ -220,6 +221,8 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
     with torch._C.DisableTorchFunction():
         if param.device != _META:
             stand_in = nn.Parameter(torch.empty_like(param, device=_META), requires_grad=param.requires_grad)
+            if not _layout_kept(param, stand_in):
+                recorder.laid_out.append(f"{type(self).__name__}.{name}")
             _patches.local.watch.unmark_everywhere(param)  # its value is dropped (and the weak refs with it)
             if not swap_in_place(param, stand_in):
                 recorder.unswapped.append(f"{type(self).__name__}.{name}")
@@ -227,6 +230,15 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
         _original_register(self, name, param)
     recorder.records.append((weakref.ref(self), name))
     _patches.local.watch.stand_in(param)
+
+
+def _layout_kept(param: torch.Tensor, stand_in: torch.Tensor) -> bool:
+    """Whether ``stand_in`` is laid out as ``param`` is: same strides, no offset, no spare memory."""
+    return (
+        stand_in.stride() == param.stride()
+        and param.storage_offset() == 0
+        and param.untyped_storage().nbytes() == param.numel() * param.element_size()
+    )
 
 
 def swap_in_place(target: torch.Tensor, replacement: torch.Tensor) -> bool:

@@ -4,6 +4,7 @@ what the watch marks and notes)."""
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Iterator
 from types import FunctionType
@@ -47,6 +48,27 @@ METADATA_PROPERTIES = frozenset(
     "shape dtype device requires_grad is_leaf is_cuda is_meta is_cpu is_sparse is_quantized is_mkldnn"
     " layout ndim names itemsize nbytes grad_fn output_nr _version _base".split()
 )
+
+
+# What tells a stand-in (meta) from upstream's parameter, read into a plain value (a string, a
+# bool) that the build cannot follow: the device, and the text of the tensor.
+DEVICE_PROPERTIES = frozenset(
+    "device is_cpu is_cuda is_meta is_mps is_xpu is_xla is_ipu is_hpu is_mtia is_maia is_vulkan".split()
+)
+DEVICE_METHODS = frozenset("get_device __repr__ __str__ __format__".split())
+
+
+# Where torch dispatches a Python method of a tensor to a mode: not the code that called it.
+_DISPATCH_MODULES = frozenset({"torch.overrides", "torch._tensor"})
+
+
+def _read_by_torch(frame: Any) -> bool:
+    """Whether the code at ``frame`` (past torch's dispatch) is torch's own: ``nn.init`` or
+    ``load_state_dict`` asking ``is_meta`` act on the answer and keep nothing of it."""
+    while frame is not None and frame.f_globals.get("__name__") in _DISPATCH_MODULES:
+        frame = frame.f_back
+    module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    return module == "torch" or module.startswith("torch.")
 
 
 # Containers searched for tensors in what a function returns, and in its arguments
@@ -156,6 +178,7 @@ class BuildWatch(TorchFunctionMode):
         self._drawn_storages: dict[int, torch.UntypedStorage] = {}
         self.escapes: list[str] = []  # how drawn values left torch: "Tensor.item()", ...
         self._meta_errors: list[BaseException] = []  # errors torch raised over a stand-in's data
+        self.device_reads: list[str] = []  # how a stand-in's device was read: "Tensor.is_cpu", ...
         self._stand_ins: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
         self.replaced: list[tuple[weakref.ref[nn.Module], str]] = []  # parameters the constructor replaced
         # The CPU generator's state after the last draw the watch saw: a state it did not leave
@@ -206,7 +229,7 @@ class BuildWatch(TorchFunctionMode):
         if init_into_meta and out is kwargs["tensor"]:  # nothing new came out: nothing to follow
             return out
         if self._stand_ins:
-            self._follow_stand_ins(args, kwargs, out)
+            self._follow_stand_ins(func, name, args, kwargs, out)
         # Nothing is scanned until something real was drawn: a build on meta costs one call per op.
         if draws or (self._drawn and self._reads_drawn(args, kwargs)):
             self._follow_draws(func, name, args, kwargs, out)
@@ -229,11 +252,14 @@ class BuildWatch(TorchFunctionMode):
         """``tensor`` is a deferred parameter's meta stand-in, or was computed from one."""
         self._stand_ins[id(tensor)] = weakref.ref(tensor)
 
-    def _follow_stand_ins(self, args: tuple, kwargs: dict | None, out: Any) -> None:
+    def _follow_stand_ins(self, func: Any, name: str, args: tuple, kwargs: dict | None, out: Any) -> None:
         metas = [t for t in _tensors_out(out) if t.is_meta]
-        if metas and self._from_stand_in(args, kwargs):
+        reveals = name in DEVICE_METHODS or (name == "__get__" and _name(func)[1:] in DEVICE_PROPERTIES)
+        if (metas or reveals) and self._from_stand_in(args, kwargs):
             for t in metas:
                 self.stand_in(t)
+            if reveals and not _read_by_torch(sys._getframe(2)):
+                self.device_reads.append(f"Tensor.{_name(func).lstrip('.')}")
 
     def _from_stand_in(self, args: tuple, kwargs: dict | None) -> bool:
         values = (*args, *kwargs.values()) if kwargs else args
@@ -256,12 +282,13 @@ class BuildWatch(TorchFunctionMode):
         return False
 
     def mark(self, tensor: torch.Tensor) -> None:
-        for t in (tensor, tensor._base):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                self._drawn[id(t)] = weakref.ref(t)
-                storage = _storage(t)
-                if storage is not None:  # any other tensor on this memory (an alias) holds it too
-                    self._drawn_storages[storage.data_ptr()] = storage
+        with torch._C.DisableTorchFunction():  # the watch's own look (called from a patch too)
+            for t in (tensor, tensor._base):
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    self._drawn[id(t)] = weakref.ref(t)
+                    storage = _storage(t)
+                    if storage is not None:  # any other tensor on this memory (an alias) holds it too
+                        self._drawn_storages[storage.data_ptr()] = storage
 
     def unmark_everywhere(self, tensor: torch.Tensor) -> None:
         """``unmark`` in this watch and every watch it runs inside (they all see the same ops)."""

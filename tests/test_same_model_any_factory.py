@@ -7,7 +7,9 @@ slotted object, a deque, a closure, a partial, a hook) gives upstream's build, g
 included; a parameter the
 constructor replaces must be in the checkpoint; a text encoder loaded inside the factory keeps
 the fast build; loads nest (a teacher inside a student); a factory that fails runs once and its
-error passes through unchanged, an error over its own meta tensors too."""
+error passes through unchanged, an error over its own meta tensors too. Loading or a state dict
+that the model customises, parameters that share memory or are laid out with gaps, grads set
+in the constructor and a parameter's device read into a plain value give upstream's build."""
 
 from __future__ import annotations
 
@@ -1474,3 +1476,173 @@ def test_what_an_attacker_found_kept_is_upstreams(tmp_path, cls):
         assert torch.equal(model.blocks[0].ff.weight.noise, ref.blocks[0].ff.weight.noise)
     else:
         assert torch.equal(bits(model.noise), bits(ref.noise))
+
+
+# What a second outside attack found: loading that a module customises, parameters that share
+# memory or are laid out in ways a stand-in cannot keep, grads set in the constructor, and a
+# parameter's device read into a plain value.
+class StateDictInBf16(nn.Module):
+    """A state-dict hook that hands out bf16 copies: upstream still copies the fp32 file value
+    into the fp32 parameter (rounding through bf16 was the fast and faithful builds' error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_state_dict_post_hook(self.in_bf16)
+
+    @staticmethod
+    def in_bf16(module, state, prefix, local_metadata):
+        for key in list(state):
+            state[key] = state[key].detach().to(torch.bfloat16)
+
+
+class StateDictSwapsNames(nn.Module):
+    """A state-dict hook that swaps two entries: the fast build finds the model's tensors through
+    the state dict; upstream's ``load_state_dict`` copies by the modules' own names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.register_state_dict_post_hook(self.swapped)
+
+    @staticmethod
+    def swapped(module, state, prefix, local_metadata):
+        state["a.weight"], state["b.weight"] = state["b.weight"], state["a.weight"]
+
+
+class WithExtraState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = 1.0
+
+    def get_extra_state(self):
+        return torch.tensor([self.scale])
+
+    def set_extra_state(self, state):
+        self.scale = float(state[0])
+
+
+class OverridesLoadStateDict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.loaded = False
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.loaded = True
+        return out
+
+
+class SharesMemory(nn.Module):
+    """Two parameters over one memory: upstream's second copy overwrites the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.zeros(4, 4))
+        self.w2 = nn.Parameter(self.w1.data)
+        self.head = nn.Parameter(self.w1[:2].detach())
+
+
+class LaidOutWithGaps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gaps = nn.Parameter(torch.zeros(4, 8)[:, :4])
+        self.offset = nn.Parameter(torch.zeros(10)[2:])
+        self.strided = nn.Parameter(torch.zeros(4, 4)[::2])
+        self.spare = nn.Parameter(torch.zeros(10)[:8])  # its memory is larger than it
+
+
+class OneValueRepeated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1).expand(4))
+
+
+class SetsGrads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        for p in self.lin.parameters():
+            p.grad = torch.zeros_like(p)
+
+
+class KeepsItsDevice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.device_type = self.lin.weight.device.type
+        self.device_name = str(next(self.parameters()).device)
+        self.on_cpu = self.lin.weight.is_cpu
+        self.described = repr(self.lin.bias)
+
+
+class RefusesMeta(nn.Module):
+    """Raises its own error on meta parameters: upstream's never are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        if self.lin.weight.is_meta:
+            raise RuntimeError("this model cannot be built on the meta device")
+
+
+def fp32_state(cls) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    shapes = {k: v.shape for k, v in cls().state_dict().items() if isinstance(v, torch.Tensor)}
+    return {k: torch.randn(shape, generator=gen) for k, shape in shapes.items()}
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        StateDictInBf16,
+        StateDictSwapsNames,
+        WithExtraState,
+        OverridesLoadStateDict,
+        SharesMemory,
+        LaidOutWithGaps,
+        SetsGrads,
+        KeepsItsDevice,
+        RefusesMeta,
+    ],
+    ids=lambda c: c.__name__,
+)
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_what_an_attacker_found_in_loading_and_layouts_is_upstreams(tmp_path, cls, half):
+    state = fp32_state(cls)
+    if cls is WithExtraState:
+        state["_extra_state"] = torch.tensor([0.125])
+    ckpt = save(state, tmp_path / "model.safetensors")
+    ref = upstream_recipe(cls, ckpt, half)
+    for _ in ("converts", "hit"):
+        torch.manual_seed(0)
+        model = sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", half, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
+        )
+        sa3loader.wait_for_publishing()
+        assert sa3loader.last_load_info().build == "faithful"
+        assert_same_model(model, ref)
+        for key, value in ref.named_parameters(remove_duplicate=False):
+            mine = model.get_parameter(key)
+            assert (mine.stride(), mine.storage_offset()) == (value.stride(), value.storage_offset()), key
+            assert mine.untyped_storage().nbytes() == value.untyped_storage().nbytes(), key
+            assert (mine.grad is None) == (value.grad is None), key
+            if value.grad is not None:
+                assert torch.equal(bits(mine.grad), bits(value.grad)) and mine.grad.dtype == value.grad.dtype
+        plain = {k: v for k, v in vars(ref).items() if isinstance(v, (bool, int, float, str))}
+        assert {k: vars(model)[k] for k in plain} == plain
+        if cls is SharesMemory and not half:
+            assert model.w1.data_ptr() == model.w2.data_ptr() == model.head.data_ptr()
+
+
+def test_a_parameter_laid_over_one_value_fails_as_upstreams(tmp_path):
+    ckpt = save(fp32_state(OneValueRepeated), tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError) as upstream_error:
+        upstream_recipe(OneValueRepeated, ckpt, True, seed=False)
+    with pytest.raises(RuntimeError) as ours:
+        sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: OneValueRepeated()
+        )
+    assert str(ours.value) == str(upstream_error.value)
