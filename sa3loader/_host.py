@@ -1,14 +1,17 @@
 """Facts of this host: what its mount table says about the filesystem that holds a path, and
 which boot this is (what a page cache holds is this boot's).
 
-Two decisions rest on it:
+Three decisions rest on it:
 
 - a file on a network (or FUSE) filesystem is read, not mapped (mappings there are
   slow and die with SIGBUS on a server hiccup), and its conversion lock adds a lease
   file, as flock may not reach other hosts;
 - a file's stat vouches for its content (no fingerprint read) only on a filesystem
   that keeps a real change time and whose device number names one filesystem for
-  good (``stat_vouches``).
+  good (``stat_vouches``);
+- and only when no page of it was waiting to be written as its stat was taken
+  (``unwritten_pages``): a write through a shared mapping into a page that is already
+  dirty moves no timestamp.
 
 Linux reads ``/proc/self/mountinfo`` (a test may point it elsewhere); where no mount table
 can be read, nothing is known, and the stat never vouches alone.
@@ -16,7 +19,10 @@ can be read, nothing is known, and the stat never vouches alone.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
+import sys
 from dataclasses import dataclass
 
 from . import _faults
@@ -40,10 +46,16 @@ STAT_DOES_NOT_VOUCH = frozenset(
 )
 
 
+# Block devices that are files (loop): another image can come up on the same device number.
+LOOP_MAJOR = 7
+
+
 @dataclass(frozen=True)
 class Mount:
     point: str
     fstype: str
+    device: str = "0:0"  # major:minor of the filesystem's device
+    read_only: bool = False  # the filesystem itself (an image), not one read-only bind mount of it
 
 
 def _unescape(field: str) -> str:
@@ -60,8 +72,10 @@ def _mounts() -> list[Mount] | None:
     for line in lines:
         before, sep, after = line.partition(" - ")
         fields = before.split()
-        if sep and len(fields) >= 5 and after.split():
-            mounts.append(Mount(_unescape(fields[4]), after.split()[0]))
+        tail = after.split()
+        if sep and len(fields) >= 5 and tail:
+            read_only = len(tail) >= 3 and "ro" in tail[2].split(",")
+            mounts.append(Mount(_unescape(fields[4]), tail[0], fields[2], read_only))
     return mounts
 
 
@@ -96,6 +110,12 @@ def stat_vouches(path: str) -> str | None:
         return "the filesystem's type is unknown (no mount table)"
     if mount.fstype in STAT_DOES_NOT_VOUCH or mount.fstype.startswith("fuse"):
         return f"on {mount.fstype}, a file's stat does not tell its content"
+    # As the images above: another image, read-only or on a loop device, can come up on the
+    # same device number with the same inodes and times.
+    if mount.read_only:
+        return f"{mount.point} is a read-only {mount.fstype} filesystem (an image)"
+    if mount.device.split(":")[0] == str(LOOP_MAJOR):
+        return f"{mount.point} is on a loop device (an image)"
     return None
 
 
@@ -110,3 +130,34 @@ def boot_id() -> str | None:
             return f.read().strip().replace("-", "") or None
     except OSError:
         return None
+
+
+# cachestat(2), Linux 6.5: one number on every architecture but alpha.
+CACHESTAT_SYSCALL = 451
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")
+    ]
+
+
+def unwritten_pages(fd: int) -> int | None:
+    """Pages of the file open at ``fd`` that the page cache holds dirty or being written back, or
+    None where that cannot be told (not Linux, a kernel before 6.5).
+
+    A page written through a shared mapping stamps the file's mtime and ctime when it is first
+    made dirty; later writes into it stamp nothing until it has been written back. So a stat
+    stands for the content from then on only if no page was dirty as it was taken."""
+    real: int | None = None
+    if sys.platform == "linux" and platform.machine() != "alpha":
+        stat = _Cachestat()
+        libc = ctypes.CDLL(None, use_errno=True)
+        whole = _CachestatRange(0, 0)  # to the end of the file
+        if libc.syscall(CACHESTAT_SYSCALL, fd, ctypes.byref(whole), ctypes.byref(stat), 0) == 0:
+            real = stat.dirty + stat.writeback
+    return _faults.fact("unwritten_pages", None, real)

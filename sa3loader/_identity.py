@@ -43,6 +43,10 @@ MERGE_GAP_BYTES = 64 * 1024
 # git's racy-clean rule: a check within this long of the source's mtime may predate a write
 # in the same timestamp tick (FAT counts in 2 s), so it is made again.
 RACY_WINDOW_NS = 2_000_000_000
+# A change is stamped from the kernel's coarse clock: a tick of 1/HZ, at most 10 ms. A ctime of
+# whole seconds (ext3, ext4 with small inodes) gets the window above.
+CTIME_TICK_NS = 20_000_000
+SECOND_NS = 1_000_000_000
 
 
 def identity_of(header: Header) -> SourceIdentity:
@@ -83,9 +87,15 @@ def soft_match(a: SourceIdentity, b: SourceIdentity) -> bool:
     return (a.inode, a.device, a.ctime_ns) == (b.inode, b.device, b.ctime_ns)
 
 
-def racy(mtime_ns: int, checked_ns: int | None) -> bool:
-    """A check that may predate a same-tick write of the source (git's racy-clean rule)."""
-    return type(checked_ns) is not int or mtime_ns + RACY_WINDOW_NS > checked_ns
+def racy(source: SourceIdentity, checked_ns: int | None) -> bool:
+    """A check that may predate a write of the source in the same timestamp tick: the mtime's
+    (git's racy-clean rule) or the ctime's (a rewrite that sets the mtime back keeps every
+    field when the ctime does not move either)."""
+    if type(checked_ns) is not int:
+        return True
+    whole_seconds = source.ctime_ns % SECOND_NS == 0  # a filesystem that keeps only seconds
+    ctime_tick = RACY_WINDOW_NS if whole_seconds else CTIME_TICK_NS
+    return source.mtime_ns + RACY_WINDOW_NS > checked_ns or source.ctime_ns + ctime_tick > checked_ns
 
 
 def current_fingerprint(value: object) -> bool:

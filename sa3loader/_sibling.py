@@ -24,7 +24,7 @@ from . import _compare, _config, _faults
 from ._compare import Comparison
 from ._config import warn_once
 from ._format import Header, open_header
-from ._host import stat_vouches
+from ._host import stat_vouches, unwritten_pages
 from ._identity import (
     claim_of,
     current_fingerprint,
@@ -101,8 +101,12 @@ class SiblingFinder:
         self.real = os.path.realpath(source.path)
         self.identity = identity_of(source)
         self.blob = self.identity.blob
-        # When the identity was taken: a write after it changes the stat (or is racy).
-        self.checked_ns = source.handle.opened_ns if source.handle is not None else time.time_ns()
+        # When the identity was taken: a write after it changes the stat (or is racy). Unless a
+        # page waited to be written then (a write through a mapping stamps no time into such a
+        # page): no time is recorded, so the row is racy until a later load checks a clean file.
+        self.checked_ns: int | None = source.handle.opened_ns if source.handle is not None else time.time_ns()
+        if source.handle is not None and unwritten_pages(source.handle.fileno()):
+            self.checked_ns = None
         distrust = cache_dir_trust(cache_dir, shared=settings.shared_cache)
         if distrust is not None:
             warn_once(
@@ -234,7 +238,7 @@ class SiblingFinder:
         if row.sibling_header_sha256 != sibling.sha256 or row.sibling_size != sibling.file_size:
             self.outcome.note(f"sibling {sibling.path} changed since it was indexed")
             return False
-        if row.fingerprint != claimed or racy(row.source.mtime_ns, row.checked_ns):
+        if row.fingerprint != claimed or racy(row.source, row.checked_ns):
             return False
         return soft_match(row.source, self.identity) and self._stat_vouches()
 

@@ -10,6 +10,7 @@ import os
 import time
 
 import pytest
+from support.checkpoints import settled
 from support.cli import run
 from support.compare import assert_same_model
 from support.faults import at, faked, injected, tuned
@@ -29,6 +30,7 @@ def three_checkpoints(tmp_path):
     made = [make_ckpt(tmp_path / f"{name}.safetensors", seed=seed) for seed, name in enumerate("abc", 3)]
     for path in made:
         os.utime(path, (time.time() - 100, time.time() - 100))
+    settled(*made)
     return made
 
 

@@ -9,26 +9,29 @@ racy-clean rule); two versions sharing a checkpoint dir each convert once."""
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import shutil
+import struct
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from support.checkpoints import random_like_state, save
+from support.checkpoints import random_like_state, save, settled
 from support.compare import assert_same_model, writable
 from support.loads import load_toy, make_ckpt
 from support.toymodel import build, reference
 
 import sa3loader
-from sa3loader import _faults
+from sa3loader import _faults, _identity
 from sa3loader._format import read_header
 from sa3loader._index import Index
 
 
-def write_version(path, seed: int, mtime_ns: int | None = None):
-    """Write a version of the checkpoint in place (same inode, same size and layout)."""
+def write_version(path, seed: int, mtime_ns: int | None = None, *, settle: bool = False):
+    """Write a version of the checkpoint in place (same inode, same size and layout); ``settle``:
+    then wait out its ctime's tick, so that a row checked next may vouch for it."""
     torch.manual_seed(0)
     state = random_like_state(build(), seed=seed)
     size = os.path.getsize(path) if os.path.exists(path) else None
@@ -38,6 +41,8 @@ def write_version(path, seed: int, mtime_ns: int | None = None):
     assert size is None or os.path.getsize(path) == size
     if mtime_ns is not None:
         os.utime(path, ns=(mtime_ns, mtime_ns))
+    if settle:
+        settled(path)
     return path
 
 
@@ -65,9 +70,8 @@ def test_a_row_an_older_version_revalidated_is_checked_again(tmp_path, conversio
 
 
 def coarse(st: os.stat_result) -> os.stat_result:
-    """``st`` as a filesystem with one-second timestamps reports it, ctime moving with mtime."""
-    second = st.st_mtime_ns // 10**9
-    ns = second * 10**9
+    """``st`` as a filesystem with one-second timestamps reports it."""
+    second, changed = st.st_mtime_ns // 10**9, st.st_ctime_ns // 10**9
     head = [
         st.st_mode,
         st.st_ino,
@@ -78,9 +82,9 @@ def coarse(st: os.stat_result) -> os.stat_result:
         st.st_size,
         second,
         second,
-        second,
+        changed,
     ]
-    times = [float(second)] * 3 + [ns] * 3
+    times = [float(second), float(second), float(changed), second * 10**9, second * 10**9, changed * 10**9]
     return os.stat_result(head + times + [st.st_blksize, st.st_blocks, st.st_rdev])
 
 
@@ -124,12 +128,63 @@ def test_a_rewrite_in_the_same_second_as_the_conversion_is_seen(tmp_path, conver
     assert_same_model(model, reference(ckpt))
 
 
+def test_a_rewrite_that_sets_the_mtime_back_in_the_conversions_second_is_seen(
+    tmp_path, conversions, one_second_timestamps
+):
+    """On one-second timestamps a rewrite in the conversion's second that sets the mtime back (an
+    older version unpacked by ``tar -x``, ``cp -p``) keeps size, mtime, ctime and inode: the row
+    was checked within the ctime's tick, so it is racy and the fingerprint is read again."""
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    cache = tmp_path / "cache"
+    load_toy(write_version(tmp_path / "warm.safetensors", seed=5), cache)  # the first load's own costs
+    conversions.clear()
+    time.sleep(1.01 - time.time() % 1)  # all of it inside one second
+    started = time.time()
+    ckpt = write_version(tmp_path / "model.safetensors", seed=3, mtime_ns=an_hour_ago)
+    load_toy(ckpt, cache)
+    write_version(ckpt, seed=4, mtime_ns=an_hour_ago)
+    assert int(time.time()) == int(started), "the second rolled over: the case was not reached"
+    model = load_toy(ckpt, cache)
+    assert len(conversions) == 2
+    assert_same_model(model, reference(ckpt))
+
+
+def test_a_write_through_a_mapping_into_a_dirty_page_is_seen(tmp_path, conversions):
+    """A page written through a shared mapping stamps the file's times when it is first made dirty,
+    and no later write into it does until it has been written back. A row checked while a page
+    waited to be written is racy: the next load reads the fingerprint and sees the new values."""
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(ckpt, ns=(an_hour_ago, an_hour_ago))
+    settled(ckpt)
+    entry = read_header(ckpt).by_name["blocks.0.ff.weight"]
+    start = read_header(ckpt).data_start + entry.begin
+    for attempt in range(3):  # writeback between the two writes stamps the times: try again
+        with open(ckpt, "r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
+            mapped[start : start + 4] = struct.pack("<f", 1.5 + attempt)  # dirty, and stamped
+            os.utime(ckpt, ns=(an_hour_ago, an_hour_ago))  # a time no racy rule looks at
+            time.sleep(2 * _identity.CTIME_TICK_NS / 1e9)
+            load_toy(ckpt, tmp_path / "cache")
+            before = os.stat(ckpt)
+            mapped[start : start + 4] = struct.pack("<f", -2.5 - attempt)  # into the dirty page
+            after = os.stat(ckpt)
+        if (before.st_mtime_ns, before.st_ctime_ns) == (after.st_mtime_ns, after.st_ctime_ns):
+            break
+    else:
+        pytest.fail("every second write stamped the file's times: the case was not reached")
+    model = load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted
+    assert_same_model(model, reference(ckpt))
+
+
 def test_a_racy_row_is_checked_again_once_then_trusted(tmp_path, monkeypatch):
     """The re-check is paid while a row is racy, not forever: it is rewritten as checked now."""
     fingerprints: list[str | None] = []
     hook = lambda name, subject=None: fingerprints.append(subject) if name == "fingerprint" else None  # noqa: E731
     monkeypatch.setattr(_faults, "hook", hook)
-    ckpt = write_version(tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10 * 10**9)
+    ckpt = write_version(
+        tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10 * 10**9, settle=True
+    )
     cache = tmp_path / "cache"
     load_toy(ckpt, cache)
     fingerprints.clear()

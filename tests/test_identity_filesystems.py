@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.checkpoints import random_like_state, save
+from support.checkpoints import random_like_state, save, settled
 from support.compare import assert_same_model
 from support.faults import mounted
 from support.loads import load_toy, make_ckpt
@@ -27,7 +27,9 @@ from support.toymodel import build, reference
 import sa3loader
 from sa3loader._host import stat_vouches
 
-NO_VOUCH = ["vfat", "exfat", "fuseblk", "fuse.sshfs", "squashfs", "erofs", "iso9660"]
+# A read-only ext4 image, and a writable one on a loop device: another image can come up on the
+# same device with the same inodes and times.
+NO_VOUCH = ["vfat", "exfat", "fuseblk", "fuse.sshfs", "squashfs", "erofs", "iso9660", "ext4 ro", "ext4@7:3"]
 
 
 @pytest.mark.parametrize("fstype", [*NO_VOUCH, "ext4", "xfs", "btrfs", "overlay", "nfs4"])
@@ -35,6 +37,7 @@ def test_the_fingerprint_is_read_on_every_load_where_the_stat_cannot_vouch(tmp_p
     ckpt = make_ckpt(tmp_path / "models" / "model.safetensors")
     an_hour_ago = ckpt.stat().st_mtime_ns - 3600 * 10**9  # out of the racy window of a same-tick write
     os.utime(ckpt, ns=(an_hour_ago, an_hour_ago))
+    settled(ckpt)
     with mounted(tmp_path / "mountinfo", {tmp_path / "models": fstype}):
         load_toy(ckpt, tmp_path / "cache")
         assert sa3loader.last_load_info().converted
@@ -54,6 +57,7 @@ def test_where_the_stat_cannot_vouch_a_hit_does_not_rewrite_its_row(tmp_path):
     ckpt = make_ckpt(tmp_path / "models" / "model.safetensors")
     an_hour_ago = ckpt.stat().st_mtime_ns - 3600 * 10**9
     os.utime(ckpt, ns=(an_hour_ago, an_hour_ago))
+    settled(ckpt)
     with mounted(tmp_path / "mountinfo", {tmp_path / "models": "vfat"}):
         load_toy(ckpt, tmp_path / "cache")
         load_toy(ckpt, tmp_path / "cache")

@@ -163,10 +163,19 @@ def test_a_fingerprint_of_another_version_is_not_current():
 
 def test_racy_checks():
     mtime, checked = 10_000_000_000, 10_000_000_000 + _identity.RACY_WINDOW_NS
-    assert not _identity.racy(mtime, checked)  # checked a full window after the mtime
-    assert _identity.racy(mtime, checked - 1)
-    assert _identity.racy(mtime, None)  # an older version's row: no check time
-    assert _identity.racy(mtime, float(checked))  # type: ignore[arg-type]  # not an int: not ours
+    source = dataclasses.replace(IDENTITY, mtime_ns=mtime, ctime_ns=mtime - 1)
+    assert not _identity.racy(source, checked)  # checked a full window after the mtime
+    assert _identity.racy(source, checked - 1)
+    assert _identity.racy(source, None)  # an older version's row: no check time
+    assert _identity.racy(source, float(checked))  # type: ignore[arg-type]  # not an int: not ours
+    # The ctime (which a rewrite cannot set back): a tick of the coarse clock, or of whole seconds.
+    an_hour_before = mtime - 3600 * _identity.SECOND_NS
+    fine = dataclasses.replace(IDENTITY, mtime_ns=an_hour_before, ctime_ns=mtime + 1)
+    assert _identity.racy(fine, mtime + _identity.CTIME_TICK_NS)
+    assert not _identity.racy(fine, mtime + 1 + _identity.CTIME_TICK_NS)
+    seconds = dataclasses.replace(IDENTITY, mtime_ns=an_hour_before, ctime_ns=mtime)
+    assert _identity.racy(seconds, mtime + _identity.RACY_WINDOW_NS - 1)
+    assert not _identity.racy(seconds, mtime + _identity.RACY_WINDOW_NS)
 
 
 def test_an_index_row_round_trips_through_json():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -60,3 +62,17 @@ def toy_hub_checkpoint(
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     return snapshot / "model.safetensors"
+
+
+def settled(*paths: Path) -> None:
+    """Write each file's pages out and wait until a check of it comes after its ctime's tick: then
+    a load's index row may vouch for it (a check within the tick, or of a file with pages still
+    to write, is racy: ``sa3loader._identity.racy``, ``sa3loader._host.unwritten_pages``)."""
+    from sa3loader import _identity
+
+    for path in paths:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        ctime = path.stat().st_ctime_ns
+        tick = _identity.RACY_WINDOW_NS if ctime % _identity.SECOND_NS == 0 else _identity.CTIME_TICK_NS
+        time.sleep(max(0.0, (ctime + tick - time.time_ns()) / 1e9))

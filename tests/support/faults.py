@@ -78,11 +78,15 @@ def tuned(**sizes: Any) -> contextlib.AbstractContextManager[None]:
 
 def fake_mount_table(table: Path, mounts: dict[Path | str, str]) -> Path:
     """Write a mount table at ``table``: ``/`` on ext4, and each of ``mounts`` (a directory and
-    its filesystem type) mounted there, as ``/proc/self/mountinfo`` lays it out."""
+    its filesystem type) mounted there, as ``/proc/self/mountinfo`` lays it out. A type may say
+    more: ``ext4@7:3`` on that device, ``ext4 ro`` a read-only filesystem."""
     lines = ["22 1 0:21 / / rw,relatime - ext4 /dev/vda rw"]
-    for i, (point, fstype) in enumerate(mounts.items()):
+    for i, (point, described) in enumerate(mounts.items()):
         escaped = str(point).replace("\\", "\\134").replace(" ", "\\040")
-        lines.append(f"{90 + i} 22 0:{50 + i} / {escaped} rw,relatime shared:1 - {fstype} server:/x rw")
+        typed, _, options = described.partition(" ")
+        fstype, _, device = typed.partition("@")
+        device = device or f"0:{50 + i}"
+        lines.append(f"{90 + i} 22 {device} / {escaped} rw shared:1 - {fstype} server:/x {options or 'rw'}")
     table.write_text("\n".join(lines) + "\n")
     return table
 
