@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from . import _faults
 from ._file import read_exact
 from ._format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, Header, read_header, reading
+from ._host import stat_vouches
 from ._places import blob_name
 from ._records import FORMAT_VERSION, MARKER_KEY, META_PREFIX, SiblingClaim, SourceIdentity
 from .errors import Sa3LoaderError
@@ -217,11 +218,28 @@ def describes(sibling: Header, source: Header) -> bool:
 
 
 def sibling_matches_source(sibling: Header, source: Header) -> bool:
-    """Whether ``sibling`` is sa3loader's sibling of the file ``source`` is now (header and identity)."""
+    """Whether ``sibling`` is sa3loader's sibling of the file ``source`` is now: header, hard
+    fields and fingerprint (a rewrite that sets the mtime back keeps the hard fields)."""
     claimed, identity = claim_of(sibling), identity_of(source)
     return (
         claimed is not None
         and is_sa3loader_file(sibling)
         and describes(sibling, source)
         and hard_match(claimed, identity)
+        and current_fingerprint(claimed.fingerprint)
+        and fingerprint(source) == claimed.fingerprint
     )
+
+
+def still_recorded(
+    source: Header, recorded: SourceIdentity, recorded_fingerprint: str, checked_ns: int | None
+) -> bool:
+    """Whether ``source`` is the file an index row recorded, by a load's rule: the hard fields
+    match, and the stat vouches (the same file, not racy, on a filesystem whose stat can) or
+    the fingerprint reads the same."""
+    current = identity_of(source)
+    if not hard_match(current, recorded):
+        return False
+    if soft_match(recorded, current) and not racy(recorded, checked_ns) and stat_vouches(source.path) is None:
+        return True
+    return current_fingerprint(recorded_fingerprint) and fingerprint(source) == recorded_fingerprint

@@ -30,7 +30,7 @@ from . import _config, _faults
 from ._cache_dir import create_cache_dir
 from ._config import info_once, warn_once
 from ._format import open_header, read_header
-from ._identity import hard_match, identity_of
+from ._identity import still_recorded
 from ._records import MISSING_SIBLING, MISSING_SOURCE, OK, STALE, IndexRow
 from ._trust import cache_dir_trust
 from .errors import (
@@ -395,19 +395,19 @@ class Entry:
 
 
 def _status(row: IndexRow) -> str:
-    """Whether the row still describes its source and sibling (header level: nothing is
-    read but headers; ``verify`` reads every byte)."""
+    """Whether the row still describes its source and sibling, by a load's rule (headers, and
+    the fingerprint where the stat does not vouch; ``verify`` reads every byte)."""
     if not os.path.exists(row.real_path):
         return MISSING_SOURCE
     if not os.path.exists(row.sibling_path):
         return MISSING_SIBLING
     try:
         with open_header(row.real_path) as source:
-            current = identity_of(source)
+            unchanged = still_recorded(source, row.source, row.fingerprint, row.checked_ns)
         sib = read_header(row.sibling_path, follow_symlinks=False)
     except (Sa3LoaderError, OSError):
         return STALE
-    if not hard_match(current, row.source) or sib.sha256 != row.sibling_header_sha256:
+    if not unchanged or sib.sha256 != row.sibling_header_sha256:
         return STALE
     return OK
 

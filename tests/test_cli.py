@@ -185,6 +185,30 @@ def test_convert_single_file_is_recorded_so_loads_hit(ckpt_dir, tmp_path):
     assert warm["converted"] is False and warm["reason"] == "cache hit"
 
 
+def test_a_checkpoint_rewritten_with_its_mtime_set_back_is_stale_to_every_command(ckpt_dir, tmp_path):
+    """Same size, mtime and header, other weights: the commands judge it by a load's rule (the
+    fingerprint, where the stat does not vouch), not by the hard fields alone."""
+    cache = tmp_path / "c"
+    src = ckpt_dir / "model.safetensors"
+    run("warm", str(src), cache=cache)
+    before = src.stat()
+    with open(src, "r+b") as f:  # in place: other weights, the header untouched
+        f.write(tensors_rewritten(src))
+    os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert [r["status"] for r in json.loads(run("cache", "ls", "--json", cache=cache).stdout)] == ["stale"]
+    assert [c["check"] for c in json.loads(run("cache", "verify", "--json", cache=cache).stdout)] == ["stale"]
+    assert "would prune 1 row(s)" in run("cache", "prune", "--dry-run", cache=cache).stdout
+    assert json.loads(run("warm", str(src), "--json", cache=cache).stdout)["converted"] is True
+
+
+def tensors_rewritten(path: Path) -> bytes:
+    """The file's bytes with every tensor's data changed, its header and size kept."""
+    raw = bytearray(path.read_bytes())
+    start = read_header(path).data_start
+    raw[start:] = bytes((b + 1) % 256 for b in raw[start:])
+    return bytes(raw)
+
+
 def test_cache_verify_prune_clear(ckpt_dir, tmp_path):
     cache = tmp_path / "c"
     src = ckpt_dir / "model.safetensors"
