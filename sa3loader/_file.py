@@ -102,13 +102,14 @@ class FileHandle:
         self.close()
 
     def changed(self) -> bool:
-        """Whether the file was written since it was opened (its size or mtime moved).
-
-        Not ctime: renaming a new file over this one's name (a republish) moves
-        the old inode's ctime too, and its content is intact.
-        """
+        """Whether the file may have been written since it was opened: its size or mtime moved, or
+        its ctime did with its link count unchanged (a rewrite that sets the mtime back). Renaming
+        a new file over this one's name (a republish) moves the ctime too, but takes a link away,
+        and the content is intact."""
         now = os.fstat(self.fileno())
-        return (now.st_size, now.st_mtime_ns) != (self.stat.st_size, self.stat.st_mtime_ns)
+        if (now.st_size, now.st_mtime_ns) != (self.stat.st_size, self.stat.st_mtime_ns):
+            return True
+        return now.st_ctime_ns != self.stat.st_ctime_ns and now.st_nlink == self.stat.st_nlink
 
 
 def read_exact(fd: int, offset: int, length: int, path: str) -> bytearray:

@@ -110,6 +110,33 @@ def test_a_checkpoint_rewritten_in_place_during_a_load_is_a_typed_error(tmp_path
     assert isinstance(err.value, OSError) and err.value.filename == str(ckpt)
 
 
+def test_a_rewrite_that_sets_the_mtime_back_during_a_conversion_is_a_typed_error(tmp_path):
+    """Only the ctime moves (size, mtime and header kept): the converted sibling may mix two
+    versions while claiming the first's fingerprint, so the load fails and publishes nothing;
+    back at the first version, the next load converts it whole."""
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    first = ckpt.read_bytes()
+    other = save(random_like_state(build(), seed=4), tmp_path / "other.safetensors").read_bytes()
+    assert len(other) == len(first)
+    stamp = ckpt.stat()
+
+    def rewrite(content: bytes) -> None:
+        with open(ckpt, "r+b") as f:
+            f.write(content)
+        os.utime(ckpt, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+    with (
+        injected(at("data", lambda: rewrite(other))),
+        pytest.raises(sa3loader.CheckpointChangedError, match="rewritten while it was being read"),
+    ):
+        load_toy(ckpt, tmp_path / "cache")
+    rewrite(first)
+    model = load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted
+    assert_same_model(model, reference(ckpt))
+
+
 def test_mutating_a_loaded_parameter_leaves_the_sibling_unchanged(ckpt, tmp_path):
     load_toy(ckpt, tmp_path / "cache")
     sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
