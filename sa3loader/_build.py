@@ -96,10 +96,11 @@ def _customises_loading(model: nn.Module) -> bool:
     """Whether loading, or the state dict the fast build finds the model's tensors through, is
     the model's own: ``load_state_dict`` (which upstream calls on the model), extra state, a
     state dict of its own or hooks on either."""
-    if type(model).load_state_dict is not nn.Module.load_state_dict:
+    if type(model).load_state_dict is not nn.Module.load_state_dict or "load_state_dict" in vars(model):
         return True
     return any(
         any(getattr(type(m), method) is not getattr(nn.Module, method) for method in _LOADING_METHODS)
+        or any(method in vars(m) for method in _LOADING_METHODS)  # set on the instance
         or m._load_state_dict_pre_hooks
         or m._load_state_dict_post_hooks
         or m._state_dict_pre_hooks
@@ -182,9 +183,9 @@ def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[s
 
 
 def _refuse_what_placing_loses(model: nn.Module, deferred_ids: set[int]) -> None:
-    """Placing gives each deferred parameter memory of its own and no grad: refuse where the
-    constructor gave two of them one memory (upstream's later copy overwrites the earlier)
-    or set a grad."""
+    """Placing gives each deferred parameter memory of its own, no grad and no hook: refuse
+    where the constructor gave two of them one memory (upstream's later copy overwrites the
+    earlier), set a grad or registered a hook on one."""
     memories: dict[int, int] = {}
     with torch._C.DisableTorchFunction():
         for key, param in model.named_parameters():
@@ -192,6 +193,8 @@ def _refuse_what_placing_loses(model: nn.Module, deferred_ids: set[int]) -> None
                 continue
             if param.grad is not None:
                 raise FastBuildRefused(f"{key} has a grad set while it was built")
+            if getattr(param, "_backward_hooks", None) or getattr(param, "_post_accumulate_grad_hooks", None):
+                raise FastBuildRefused(f"{key} has a hook registered while it was built")
             memory = param.untyped_storage()._cdata
             if memories.setdefault(memory, id(param)) != id(param):
                 raise FastBuildRefused(f"{key} shares memory with another parameter")

@@ -227,9 +227,9 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
             if not swap_in_place(param, stand_in):
                 recorder.unswapped.append(f"{type(self).__name__}.{name}")
                 param = stand_in
-        _original_register(self, name, param)
-    recorder.records.append((weakref.ref(self), name))
     _patches.local.watch.stand_in(param)
+    _original_register(self, name, param)  # watched: what a registration hook reads of it is seen
+    recorder.records.append((weakref.ref(self), name))
 
 
 def _layout_kept(param: torch.Tensor, stand_in: torch.Tensor) -> bool:
@@ -338,11 +338,30 @@ def watched_build(
     try:  # from the moment the lock is held: an interrupt anywhere after leaks neither
         _patches.local.recorder, _patches.local.watch = recorder, watch
         _patches.local.outer_frame = outer_frame
-        with watch:
+        with _watching(watch):
             yield recorder, watch
     finally:
         _patches.local.recorder, _patches.local.watch, _patches.local.outer_frame = saved
         _patches.exit()
+
+
+@contextlib.contextmanager
+def _watching(watch: BuildWatch) -> Iterator[None]:
+    """``with watch:``, except that leaving takes the watch itself off the mode stack, not the
+    mode on top: a constructor that enters a mode of its own and never leaves it keeps that mode
+    on, as upstream's build does, and the watch (which keeps drawn memory alive) does not."""
+    watch.__enter__()
+    try:
+        yield
+    finally:
+        above = []
+        while torch._C._len_torch_function_stack():
+            mode = torch._C._pop_torch_function_stack()
+            if mode is watch:
+                break
+            above.append(mode)
+        for mode in reversed(above):
+            torch._C._push_on_torch_function_stack(mode)
 
 
 @contextlib.contextmanager

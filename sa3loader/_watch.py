@@ -55,7 +55,7 @@ METADATA_PROPERTIES = frozenset(
 DEVICE_PROPERTIES = frozenset(
     "device is_cpu is_cuda is_meta is_mps is_xpu is_xla is_ipu is_hpu is_mtia is_maia is_vulkan".split()
 )
-DEVICE_METHODS = frozenset("get_device __repr__ __str__ __format__".split())
+DEVICE_METHODS = frozenset("get_device data_ptr __repr__ __str__ __format__".split())
 
 
 # Where torch dispatches a Python method of a tensor to a mode: not the code that called it.
@@ -65,7 +65,9 @@ _DISPATCH_MODULES = frozenset({"torch.overrides", "torch._tensor"})
 def _read_by_torch(frame: Any) -> bool:
     """Whether the code at ``frame`` (past torch's dispatch) is torch's own: ``nn.init`` or
     ``load_state_dict`` asking ``is_meta`` act on the answer and keep nothing of it."""
-    while frame is not None and frame.f_globals.get("__name__") in _DISPATCH_MODULES:
+    while frame is not None and (
+        frame.f_globals.get("__name__") in _DISPATCH_MODULES or frame.f_code.co_name == "__torch_function__"
+    ):  # torch's dispatch, and any mode above the watch (``with torch.device(...)``'s): not the reader
         frame = frame.f_back
     module = frame.f_globals.get("__name__", "") if frame is not None else ""
     return module == "torch" or module.startswith("torch.")

@@ -32,6 +32,7 @@ from support.loads import load_toy
 from support.processes import child_env, toy_zygote
 from support.toymodel import ToyDiT, build, reference
 from torch import nn
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 import sa3loader
 from sa3loader import _faults
@@ -1588,6 +1589,72 @@ class RefusesMeta(nn.Module):
             raise RuntimeError("this model cannot be built on the meta device")
 
 
+class OverridesLoadingOnInstances(nn.Module):
+    """``load_state_dict``, ``state_dict`` and ``_load_from_state_dict`` set on instances."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        load, state = self.load_state_dict, self.state_dict
+
+        def doubled(state_dict, *args, **kwargs):
+            return load({k: v * 2 for k, v in state_dict.items()}, *args, **kwargs)
+
+        self.load_state_dict = doubled
+
+        def swapped(*args, **kwargs):
+            out = state(*args, **kwargs)
+            out["a.bias"], out["b.bias"] = out["b.bias"], out["a.bias"]
+            return out
+
+        self.state_dict = swapped
+        base = self.b._load_from_state_dict
+
+        def flipped(state_dict, prefix, *rest):
+            state_dict[prefix + "weight"] = state_dict[prefix + "weight"].flip(0)
+            return base(state_dict, prefix, *rest)
+
+        self.b._load_from_state_dict = flipped
+
+
+class HooksItsParameters(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.lin.weight.register_hook(lambda grad: grad * 3)
+        self.lin.bias.register_post_accumulate_grad_hook(lambda p: None)
+
+
+class ReadsItsDeviceInsideADeviceContext(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.device("cpu"):
+            self.lin = nn.Linear(4, 4)
+            self.device_type = self.lin.weight.device.type
+            self.on_cpu = self.lin.weight.is_cpu
+
+
+class TiesByAddress(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.tied = self.a.weight.data_ptr() == self.b.weight.data_ptr()
+
+
+class RegistrationHookReadsTheDevice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+
+        def hook(module, name, param):
+            self.registered_on = param.device.type
+
+        handle = nn.modules.module.register_module_parameter_registration_hook(hook)
+        try:
+            self.lin = nn.Linear(4, 4)
+        finally:
+            handle.remove()
+
+
 def fp32_state(cls) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
     shapes = {k: v.shape for k, v in cls().state_dict().items() if isinstance(v, torch.Tensor)}
@@ -1606,6 +1673,11 @@ def fp32_state(cls) -> dict[str, torch.Tensor]:
         SetsGrads,
         KeepsItsDevice,
         RefusesMeta,
+        OverridesLoadingOnInstances,
+        HooksItsParameters,
+        ReadsItsDeviceInsideADeviceContext,
+        TiesByAddress,
+        RegistrationHookReadsTheDevice,
     ],
     ids=lambda c: c.__name__,
 )
@@ -1629,6 +1701,8 @@ def test_what_an_attacker_found_in_loading_and_layouts_is_upstreams(tmp_path, cl
             assert (mine.stride(), mine.storage_offset()) == (value.stride(), value.storage_offset()), key
             assert mine.untyped_storage().nbytes() == value.untyped_storage().nbytes(), key
             assert (mine.grad is None) == (value.grad is None), key
+            for hooks in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+                assert bool(getattr(mine, hooks, None)) == bool(getattr(value, hooks, None)), (key, hooks)
             if value.grad is not None:
                 assert torch.equal(bits(mine.grad), bits(value.grad)) and mine.grad.dtype == value.grad.dtype
         plain = {k: v for k, v in vars(ref).items() if isinstance(v, (bool, int, float, str))}
@@ -1646,3 +1720,28 @@ def test_a_parameter_laid_over_one_value_fails_as_upstreams(tmp_path):
             {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: OneValueRepeated()
         )
     assert str(ours.value) == str(upstream_error.value)
+
+
+class PassesThrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class EntersAModeAndStays(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        PassesThrough().__enter__()  # never left
+        self.lin = nn.Linear(4, 4)
+
+
+def test_a_mode_the_constructor_leaves_on_stays_on_and_the_watch_does_not(tmp_path):
+    ckpt = save({"lin.weight": torch.randn(4, 4), "lin.bias": torch.randn(4)}, tmp_path / "model.safetensors")
+    try:
+        sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: EntersAModeAndStays()
+        )
+        stack = [type(mode) for mode in _get_current_function_mode_stack()]
+    finally:
+        while torch._C._len_torch_function_stack():
+            torch._C._pop_torch_function_stack()
+    assert stack == [PassesThrough]
