@@ -41,12 +41,16 @@ NETWORK_FILESYSTEMS = frozenset(
 # - read-only images (squashfs, erofs, iso9660, ...): a new image mounted at the same path, on a
 #   reused loop device, gives another file the same device, inode, size and times (reproducible
 #   builds fix every mtime), so the fingerprint decides.
+# - memory filesystems (tmpfs, ramfs, hugetlbfs): a write through a shared mapping stamps the
+#   times at its page's first fault only, as the page is never written back (and cachestat
+#   counts none of it dirty).
 STAT_DOES_NOT_VOUCH = frozenset(
-    "vfat msdos fat exfat ntfs fuseblk squashfs erofs iso9660 udf cramfs romfs".split()
+    "vfat msdos fat exfat ntfs fuseblk squashfs erofs iso9660 udf cramfs romfs tmpfs ramfs hugetlbfs".split()
 )
+# Block devices that are files or remote (loop, nbd): another image can come up on the same one.
+IMAGE_DEVICES = ("/dev/loop", "/dev/nbd")
 
 
-# Block devices that are files (loop): another image can come up on the same device number.
 LOOP_MAJOR = 7
 
 
@@ -54,8 +58,10 @@ LOOP_MAJOR = 7
 class Mount:
     point: str
     fstype: str
-    device: str = "0:0"  # major:minor of the filesystem's device
+    device: str = "0:0"  # major:minor of the filesystem's device (btrfs: an anonymous one)
     read_only: bool = False  # the filesystem itself (an image), not one read-only bind mount of it
+    source: str = ""  # what was mounted: /dev/loop3, server:/export, overlay
+    lower: tuple[str, ...] = ()  # an overlay's lower dirs, whose files it shows as they are
 
 
 def _unescape(field: str) -> str:
@@ -74,8 +80,18 @@ def _mounts() -> list[Mount] | None:
         fields = before.split()
         tail = after.split()
         if sep and len(fields) >= 5 and tail:
-            read_only = len(tail) >= 3 and "ro" in tail[2].split(",")
-            mounts.append(Mount(_unescape(fields[4]), tail[0], fields[2], read_only))
+            options = tail[2].split(",") if len(tail) >= 3 else []
+            lower = next((o[len("lowerdir=") :] for o in options if o.startswith("lowerdir=")), "")
+            mounts.append(
+                Mount(
+                    _unescape(fields[4]),
+                    tail[0],
+                    fields[2],
+                    "ro" in options,
+                    _unescape(tail[1]) if len(tail) >= 2 else "",
+                    tuple(_unescape(d) for d in lower.split(":") if d),
+                )
+            )
     return mounts
 
 
@@ -114,8 +130,12 @@ def stat_vouches(path: str) -> str | None:
     # same device number with the same inodes and times.
     if mount.read_only:
         return f"{mount.point} is a read-only {mount.fstype} filesystem (an image)"
-    if mount.device.split(":")[0] == str(LOOP_MAJOR):
-        return f"{mount.point} is on a loop device (an image)"
+    if mount.device.split(":")[0] == str(LOOP_MAJOR) or mount.source.startswith(IMAGE_DEVICES):
+        return f"{mount.point} is on {mount.source or 'a loop device'} (an image)"
+    for lower in mount.lower:  # an overlay shows its lower files' inodes and times as they are
+        problem = stat_vouches(lower) if lower != mount.point else None
+        if problem is not None:
+            return f"{mount.point} is an overlay on {lower}: {problem}"
     return None
 
 

@@ -79,14 +79,16 @@ def tuned(**sizes: Any) -> contextlib.AbstractContextManager[None]:
 def fake_mount_table(table: Path, mounts: dict[Path | str, str]) -> Path:
     """Write a mount table at ``table``: ``/`` on ext4, and each of ``mounts`` (a directory and
     its filesystem type) mounted there, as ``/proc/self/mountinfo`` lays it out. A type may say
-    more: ``ext4@7:3`` on that device, ``ext4 ro`` a read-only filesystem."""
+    more: ``ext4@7:3`` on that device, ``btrfs@/dev/loop3`` from that source, ``ext4 ro`` a
+    read-only filesystem, ``overlay rw,lowerdir=/a:/b`` an overlay on those dirs."""
     lines = ["22 1 0:21 / / rw,relatime - ext4 /dev/vda rw"]
     for i, (point, described) in enumerate(mounts.items()):
         escaped = str(point).replace("\\", "\\134").replace(" ", "\\040")
         typed, _, options = described.partition(" ")
         fstype, _, device = typed.partition("@")
-        device = device or f"0:{50 + i}"
-        lines.append(f"{90 + i} 22 {device} / {escaped} rw shared:1 - {fstype} server:/x {options or 'rw'}")
+        source = device if device.startswith("/dev/") else "server:/x"
+        device = device if device and source == "server:/x" else f"0:{50 + i}"
+        lines.append(f"{90 + i} 22 {device} / {escaped} rw shared:1 - {fstype} {source} {options or 'rw'}")
     table.write_text("\n".join(lines) + "\n")
     return table
 
