@@ -30,8 +30,8 @@ from . import _config, _faults
 from ._cache_dir import create_cache_dir
 from ._config import info_once, warn_once
 from ._format import open_header, read_header
-from ._identity import still_recorded
-from ._records import MISSING_SIBLING, MISSING_SOURCE, OK, STALE, IndexRow
+from ._identity import claim_of, hard_match, still_recorded
+from ._records import DAMAGED, MISSING_SIBLING, MISSING_SOURCE, OK, STALE, IndexRow
 from ._trust import cache_dir_trust
 from .errors import (
     CacheIndexError,
@@ -404,12 +404,21 @@ def _status(row: IndexRow) -> str:
     try:
         with open_header(row.real_path) as source:
             unchanged = still_recorded(source, row.source, row.fingerprint, row.checked_ns)
-        sib = read_header(row.sibling_path, follow_symlinks=False)
     except (Sa3LoaderError, OSError):
         return STALE
-    if not unchanged or sib.sha256 != row.sibling_header_sha256:
+    try:
+        sib = read_header(row.sibling_path, follow_symlinks=False)
+    except (Sa3LoaderError, OSError):
+        return DAMAGED
+    if not unchanged:
         return STALE
-    return OK
+    if sib.sha256 == row.sibling_header_sha256:
+        return OK
+    # Another header: the sibling of another file now (a repointed link's, converted over it), or
+    # this source's, altered since it was indexed.
+    claim = claim_of(sib)
+    ours = claim is not None and hard_match(claim, row.source) and claim.fingerprint == row.fingerprint
+    return DAMAGED if ours else STALE
 
 
 def _entry(key: str, row: IndexRow | None) -> Entry:

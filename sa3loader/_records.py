@@ -15,6 +15,7 @@ LAST_USE_STEP_S = 3600.0
 MAX_TIME = 2**33  # seconds: the year 2242
 # What a row (or a sibling found on disk) says of its files now, as the cache commands report it.
 OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
+DAMAGED = "damaged sibling"  # unreadable, or not the file the row indexed (its header changed)
 
 SCHEMA_VERSION = 1
 FORMAT_VERSION = "1"

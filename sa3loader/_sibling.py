@@ -39,7 +39,7 @@ from ._identity import (
 from ._index import Index
 from ._places import beside_path, cache_path, in_cache_dir, in_hf_hub_cache, legacy_beside_path
 from ._publication import Publication
-from ._records import LAST_USE_STEP_S, IndexRow, RangeReport
+from ._records import LAST_USE_STEP_S, IndexRow, RangeReport, SiblingClaim
 from ._trust import cache_dir_trust, owner_problem
 from ._written import ConversionResult
 from .errors import HeaderError, VerificationError
@@ -124,6 +124,7 @@ class SiblingFinder:
         self.other_version: set[str] = set()  # another sa3loader's siblings: never overwritten
         self.unreadable: dict[str, str] = {}  # siblings this user may not open, and why
         self.made_from_another: set[str] = set()  # siblings made from another file or content
+        self.altered: set[str] = set()  # siblings edited since indexed: never adopted again
         self._stat_problem: str | None = None  # why the stat cannot vouch ("": it can)
 
     def fingerprint(self) -> str:
@@ -169,7 +170,7 @@ class SiblingFinder:
 
     def accept(self, path: str, row: IndexRow | None) -> Header | None:
         """The sibling at ``path``, open, if it is valid for the current source, else None."""
-        if path in self.failed_verify:
+        if path in self.failed_verify or path in self.altered:
             return None
         sibling = self._open(path)
         if sibling is None:
@@ -200,6 +201,11 @@ class SiblingFinder:
             self.other_version.add(path)
             return False
         vouched = self._vouched_for_by(row, sibling, claimed.fingerprint)
+        if not vouched and _altered(row, sibling, claimed):
+            self.outcome.note(f"{path} was altered since it was indexed")
+            self.made_from_another.add(path)
+            self.altered.add(path)
+            return False
         if not vouched and claimed.fingerprint != self.fingerprint():
             self.outcome.note(f"source content changed since {path} was written")
             self.made_from_another.add(path)
@@ -302,4 +308,16 @@ def index_row(
         created=time.time() if converted or old is None else old.created,
         range=report if report is not None else (old.range if old is not None else None),
         last_used=time.time(),
+    )
+
+
+def _altered(row: IndexRow | None, sibling: Header, claimed: SiblingClaim) -> bool:
+    """Whether the row indexed this very sibling, made from the source it still claims, with
+    another header: edited since (its claim and fingerprint prove nothing about its data)."""
+    return (
+        row is not None
+        and row.sibling_path == sibling.path
+        and row.sibling_header_sha256 != sibling.sha256
+        and row.fingerprint == claimed.fingerprint
+        and hard_match(claimed, row.source)
     )

@@ -209,6 +209,31 @@ def tensors_rewritten(path: Path) -> bytes:
     return bytes(raw)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "length", "header", "symlink", "directory"])
+def test_a_damaged_sibling_is_damaged_to_verify_not_stale(ckpt_dir, tmp_path, damage):
+    """Exit 3 means a damaged or missing sibling: one cut short, with its header broken or edited,
+    or replaced by a link or a directory is damaged (its checkpoint did not change)."""
+    cache = tmp_path / "c"
+    run("warm", str(ckpt_dir / "model.safetensors"), cache=cache)
+    sibling = ckpt_dir / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    raw = sibling.read_bytes()
+    writable(sibling)
+    if damage == "truncated":
+        sibling.write_bytes(raw[: len(raw) // 2])
+    elif damage == "length":
+        sibling.write_bytes(b"\xff" * 8 + raw[8:])
+    elif damage == "header":  # same length, other JSON: the metadata's value edited
+        sibling.write_bytes(raw.replace(b'"k":"v"', b'"k":"w"'))
+    else:
+        sibling.unlink()
+        sibling.symlink_to(tmp_path) if damage == "symlink" else sibling.mkdir()
+    checked = run("cache", "verify", "--json", cache=cache, check_rc=3)
+    assert [c["check"] for c in json.loads(checked.stdout)] == ["damaged sibling"]
+    assert [r["status"] for r in json.loads(run("cache", "ls", "--json", cache=cache).stdout)] == [
+        "damaged sibling"
+    ]
+
+
 def test_cache_verify_prune_clear(ckpt_dir, tmp_path):
     cache = tmp_path / "c"
     src = ckpt_dir / "model.safetensors"

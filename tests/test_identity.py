@@ -9,6 +9,7 @@ racy-clean rule); two versions sharing a checkpoint dir each convert once."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import mmap
 import os
 import shutil
@@ -174,6 +175,29 @@ def test_a_write_through_a_mapping_into_a_dirty_page_is_seen(tmp_path, conversio
         pytest.fail("every second write stamped the file's times: the case was not reached")
     model = load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().converted
+    assert_same_model(model, reference(ckpt))
+
+
+def test_a_sibling_altered_since_it_was_indexed_is_converted_again(tmp_path, conversions):
+    """Two tensors' places swapped in the sibling's header: its claim and the source's fingerprint
+    still match, but the row knew another header, so the sibling is not adopted."""
+    ckpt = write_version(
+        tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11, settle=True
+    )
+    load_toy(ckpt, tmp_path / "cache")
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    raw = bytearray(sibling.read_bytes())
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    a, b = header["blocks.0.ff.weight"], header["blocks.1.ff.weight"]
+    assert (a["shape"], a["dtype"]) == (b["shape"], b["dtype"])
+    a["data_offsets"], b["data_offsets"] = b["data_offsets"], a["data_offsets"]
+    swapped = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+    assert len(swapped) == length
+    raw[8 : 8 + length] = swapped
+    writable(sibling).write_bytes(bytes(raw))
+    model = load_toy(ckpt, tmp_path / "cache")
+    assert len(conversions) == 2 and "altered since it was indexed" in str(sa3loader.last_load_info().events)
     assert_same_model(model, reference(ckpt))
 
 
