@@ -345,11 +345,22 @@ def _fail(as_json: bool, code: int, exc: BaseException, kind: str) -> int:
     return code
 
 
+def _parsed(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parse_args``, but paths after an option (``cache rm --dry-run CKPT``), which argparse
+    leaves unparsed where a command's paths follow its action, are the command's paths."""
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "func", None) is cmd_cache and not any(a.startswith("-") for a in extra):
+        args.checkpoints, extra = [*args.checkpoints, *extra], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = _parsed(parser, argv)
         _check_cache_arguments(parser, args)
     except _VersionAsked:
         if "--json" in argv:

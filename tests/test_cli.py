@@ -728,6 +728,11 @@ def test_cache_rm_removes_exactly_the_siblings_of_the_checkpoints_given(tmp_path
         "would remove 1 row(s)\n"
     )
     assert run("cache", "rm", str(gone), "--dry-run", cache=cache).stdout == expected and sibling.exists()
+    assert run("cache", "rm", "--dry-run", str(gone), cache=cache).stdout == expected  # options first
+    assert (
+        "unrecognized arguments: --bogus"
+        in run("cache", "rm", str(gone), "--bogus", cache=cache, check_rc=2).stderr
+    )
     data = json.loads(run("--json", "cache", "rm", str(gone), cache=cache).stdout)
     assert [(r["kind"], r["path"], r["bytes"]) for r in data["removed"]] == [
         ("sibling", str(sibling), size),
