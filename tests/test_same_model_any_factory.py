@@ -213,6 +213,21 @@ def test_loads_nest_inside_a_factory(tmp_path, with_reader):
     assert proc.stdout.split() == [outer, "False", "False", "torch.float16"]
 
 
+def child_output(template: str, tmp_path, **seeds: int) -> list[str]:
+    """The words ``template`` prints, run in a fresh process with a checkpoint per name in
+    ``seeds`` (its path formatted in under that name) and a cache dir (``cache``)."""
+    torch.manual_seed(0)
+    paths = {
+        name: str(save(random_like_state(build(), seed=seed), tmp_path / f"{name}.safetensors"))
+        for name, seed in seeds.items()
+    }
+    proc = toy_zygote().run(
+        "-c", template.format(cache=str(tmp_path / "c"), **paths), env=child_env(), timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
 NESTED_IN_A_THREAD = """
 import threading
 import torch
@@ -252,13 +267,8 @@ def test_a_factory_that_loads_a_part_in_a_worker_thread_and_joins_it_does_not_ha
     worker's load waits for them only so long, then builds upstream's way (which needs none).
     Its random init, drawn meanwhile from torch's generator, then refuses the outer fast build
     (another thread drawing), whose faithful build loads the teacher again, fast."""
-    torch.manual_seed(0)
-    teacher = save(random_like_state(build(), seed=4), tmp_path / "teacher.safetensors")
-    student = save(random_like_state(build(), seed=3), tmp_path / "student.safetensors")
-    script = NESTED_IN_A_THREAD.format(teacher=str(teacher), student=str(student), cache=str(tmp_path / "c"))
-    proc = toy_zygote().run("-c", script, env=child_env(), timeout=60)  # a deadlock fails, not hangs
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["faithful", "faithful", "fast", "True", "True"]
+    out = child_output(NESTED_IN_A_THREAD, tmp_path, teacher=4, student=3)  # a deadlock fails, not hangs
+    assert out == ["faithful", "faithful", "fast", "True", "True"]
 
 
 PARTS_IN_A_THREAD = """
@@ -294,13 +304,10 @@ def test_a_worker_that_loads_parts_for_a_waiting_factory_waits_once(tmp_path):
     """The worker's first load waits for the outer build, gives up and builds upstream's way; its
     next loads give up on that build at once (each waited in turn). The outer build, refused
     (the worker drew meanwhile), runs the factory again: the worker's loads then build fast."""
-    torch.manual_seed(0)
-    teacher = save(random_like_state(build(), seed=4), tmp_path / "teacher.safetensors")
-    student = save(random_like_state(build(), seed=3), tmp_path / "student.safetensors")
-    script = PARTS_IN_A_THREAD.format(teacher=str(teacher), student=str(student), cache=str(tmp_path / "c"))
-    proc = toy_zygote().run("-c", script, env=child_env(), timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["1"] + ["faithful"] * 3 + ["fast"] * 3
+    assert (
+        child_output(PARTS_IN_A_THREAD, tmp_path, teacher=4, student=3)
+        == ["1"] + ["faithful"] * 3 + ["fast"] * 3
+    )
 
 
 class ZerosOnly(nn.Module):
@@ -474,13 +481,7 @@ def test_a_child_forked_while_a_build_runs_builds_fast_and_finishes_its_own(tmp_
     the patches are off there and its load builds fast at once (it waited, then built
     upstream's way). A child forked by the build's own factory finishes that build, fast, and
     takes the patches off."""
-    torch.manual_seed(0)
-    a = save(random_like_state(build(), seed=4), tmp_path / "a.safetensors")
-    b = save(random_like_state(build(), seed=3), tmp_path / "b.safetensors")
-    script = FORKED.format(a=str(a), b=str(b), cache=str(tmp_path / "c"))
-    proc = toy_zygote().run("-c", script, env=child_env(), timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["fast", "True", "fast", "True", "fast"], proc.stderr
+    assert child_output(FORKED, tmp_path, a=4, b=3) == ["fast", "True", "fast", "True", "fast"]
 
 
 def test_an_interrupt_as_the_build_patches_go_on_leaves_them_off(tmp_path, monkeypatch):
