@@ -21,12 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from support.checkpoints import random_like_state, save, settled
 from support.compare import assert_same_model, writable
+from support.faults import mounted
 from support.loads import load_toy, make_ckpt
 from support.toymodel import build, reference
 
 import sa3loader
 from sa3loader import _faults, _identity
-from sa3loader._format import read_header
+from sa3loader._format import open_header, read_header
 from sa3loader._index import Index
 
 
@@ -514,3 +515,36 @@ def test_the_fingerprint_hashes_exactly_its_ranges_however_the_reads_are_merged(
     for offset, length in fingerprint_ranges(header):
         expected.update(data[offset : offset + length])
     assert fingerprint(header) == f"{FINGERPRINT_VERSION}:{expected.hexdigest()}"
+
+
+def test_the_commands_judge_a_recorded_source_by_a_loads_rule(tmp_path, monkeypatch):
+    """``still_recorded`` (the cache commands' judge): the hard fields, then the stat where it
+    vouches (no read), else the fingerprint of this version."""
+    fingerprints: list[str | None] = []
+    monkeypatch.setattr(
+        _faults, "hook", lambda name, subject=None: fingerprints.append(name == "fingerprint")
+    )
+    hour_ago = time.time_ns() - 3600 * 10**9
+    ckpt = write_version(tmp_path / "model.safetensors", seed=3, mtime_ns=hour_ago, settle=True)
+    with open_header(ckpt) as header:
+        recorded, printed, checked = (
+            _identity.identity_of(header),
+            _identity.fingerprint(header),
+            time.time_ns(),
+        )
+
+    def judged(checked_ns: int | None = checked, fingerprint: str = printed, fstype: str = "ext4") -> tuple:
+        fingerprints.clear()
+        with mounted(tmp_path / "mountinfo", {tmp_path: fstype}), open_header(ckpt) as header:
+            return _identity.still_recorded(header, recorded, fingerprint, checked_ns), any(fingerprints)
+
+    assert judged() == (True, False)  # the stat vouches: nothing read
+    assert judged(checked_ns=None) == (True, True)  # racy: read, and the same
+    assert judged(fstype="vfat") == (True, True)  # a stat that cannot vouch: read
+    os.utime(ckpt, ns=(hour_ago, hour_ago))  # the ctime moves, the content does not
+    assert judged() == (True, True)
+    assert judged(fingerprint="v1:" + "0" * 64)[0] is False  # another version's: cannot tell
+    write_version(ckpt, seed=4, mtime_ns=hour_ago)  # other weights, the mtime set back
+    assert judged()[0] is False
+    write_version(ckpt, seed=3, mtime_ns=hour_ago + 1)  # the same weights, another mtime
+    assert judged() == (False, False)
