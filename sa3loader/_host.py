@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import re
 import sys
 from dataclasses import dataclass
 
@@ -81,24 +82,30 @@ def _mounts() -> list[Mount] | None:
         tail = after.split()
         if sep and len(fields) >= 5 and tail:
             options = tail[2].split(",") if len(tail) >= 3 else []
-            lower = next((o[len("lowerdir=") :] for o in options if o.startswith("lowerdir=")), "")
-            mounts.append(
-                Mount(
-                    _unescape(fields[4]),
-                    tail[0],
-                    fields[2],
-                    "ro" in options,
-                    _unescape(tail[1]) if len(tail) >= 2 else "",
-                    tuple(_unescape(d) for d in lower.split(":") if d),
-                )
-            )
+            source = _unescape(tail[1]) if len(tail) >= 2 else ""
+            point = _unescape(fields[4])
+            mounts.append(Mount(point, tail[0], fields[2], "ro" in options, source, _lower_dirs(options)))
     return mounts
 
 
-def mount_of(path: str) -> Mount | None:
+def _lower_dirs(options: list[str]) -> tuple[str, ...]:
+    """An overlay's lower dirs, as its options list them: ``lowerdir=a:b`` (a colon in a path
+    escaped), or one per ``lowerdir+=`` / ``datadir+=`` (the new mount API)."""
+    dirs: list[str] = []
+    for option in options:
+        name, _, value = option.partition("=")
+        if name == "lowerdir":
+            dirs += [d.replace("\\:", ":") for d in re.split(r"(?<!\\):", value) if d]
+        elif name in ("lowerdir+", "datadir+") and value:
+            dirs.append(value)
+    return tuple(_unescape(d) for d in dirs)
+
+
+def mount_of(path: str, mounts: list[Mount] | None = None) -> Mount | None:
     """The mount holding ``path``'s real path (the last of the longest mount points: the one
-    on top), or None where no mount table can be read."""
-    mounts = _mounts()
+    on top) in ``mounts`` (the mount table, read now if not given), or None where no mount
+    table can be read."""
+    mounts = _mounts() if mounts is None else mounts
     if mounts is None:
         return None
     real = os.path.realpath(path)
@@ -121,9 +128,27 @@ def network_filesystem(path: str) -> str | None:
 def stat_vouches(path: str) -> str | None:
     """None when the stat of the file at ``path`` may stand for its content (same device,
     inode, size, mtime and ctime: the same bytes); else why it may not."""
-    mount = mount_of(path)
+    mounts = _mounts()
+    mount = mount_of(path, mounts) if mounts is not None else None
     if mount is None:
         return "the filesystem's type is unknown (no mount table)"
+    problem = _image_problem(mount)
+    if problem is not None:
+        return problem
+    for lower in mount.lower:  # an overlay shows its lower files' inodes and times as they are
+        if not os.path.isabs(lower):  # as typed at mount time: where it lies cannot be told
+            return f"{mount.point} is an overlay on {lower}, a relative path"
+        below = mount_of(lower, mounts)
+        # One level down, never further (no loop through overlays). A lower dir outside this
+        # mount namespace (a container's) resolves to a mount seen here: the overlay itself.
+        problem = _image_problem(below) if below is not None and below.point != mount.point else None
+        if problem is not None:
+            return f"{mount.point} is an overlay on {lower}: {problem}"
+    return None
+
+
+def _image_problem(mount: Mount) -> str | None:
+    """Why a file's stat on ``mount`` does not stand for its content, from the mount alone."""
     if mount.fstype in STAT_DOES_NOT_VOUCH or mount.fstype.startswith("fuse"):
         return f"on {mount.fstype}, a file's stat does not tell its content"
     # As the images above: another image, read-only or on a loop device, can come up on the
@@ -132,10 +157,6 @@ def stat_vouches(path: str) -> str | None:
         return f"{mount.point} is a read-only {mount.fstype} filesystem (an image)"
     if mount.device.split(":")[0] == str(LOOP_MAJOR) or mount.source.startswith(IMAGE_DEVICES):
         return f"{mount.point} is on {mount.source or 'a loop device'} (an image)"
-    for lower in mount.lower:  # an overlay shows its lower files' inodes and times as they are
-        problem = stat_vouches(lower) if lower != mount.point else None
-        if problem is not None:
-            return f"{mount.point} is an overlay on {lower}: {problem}"
     return None
 
 

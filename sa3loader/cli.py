@@ -349,8 +349,10 @@ def _parsed(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namesp
     """``parse_args``, but paths after an option (``cache rm --dry-run CKPT``), which argparse
     leaves unparsed where a command's paths follow its action, are the command's paths."""
     args, extra = parser.parse_known_args(argv)
-    if getattr(args, "func", None) is cmd_cache and not any(a.startswith("-") for a in extra):
-        args.checkpoints, extra = [*args.checkpoints, *extra], []
+    ended = extra[:1] == ["--"]  # after "--", even "-x.safetensors" is a path
+    paths = extra[1:] if ended else extra
+    if getattr(args, "func", None) is cmd_cache and (ended or not any(a.startswith("-") for a in paths)):
+        args.checkpoints, extra = [*args.checkpoints, *paths], []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args

@@ -729,6 +729,7 @@ def test_cache_rm_removes_exactly_the_siblings_of_the_checkpoints_given(tmp_path
     )
     assert run("cache", "rm", str(gone), "--dry-run", cache=cache).stdout == expected and sibling.exists()
     assert run("cache", "rm", "--dry-run", str(gone), cache=cache).stdout == expected  # options first
+    assert run("cache", "rm", "--dry-run", "--", str(gone), cache=cache).stdout == expected
     assert (
         "unrecognized arguments: --bogus"
         in run("cache", "rm", str(gone), "--bogus", cache=cache, check_rc=2).stderr

@@ -170,3 +170,26 @@ def test_an_overlay_vouches_as_its_lower_dirs_do(tmp_path, lower):
     with mounted(tmp_path / "mountinfo", {image: lower, tmp_path / "models": overlay}):
         problem = stat_vouches(str(ckpt))
     assert (problem is None) == (lower == "ext4"), problem
+
+
+@pytest.mark.parametrize(
+    ("lower", "vouches"),
+    [
+        ("lowerdir={models}/base", True),  # its own dir (a container's lower dirs are not in its view)
+        ("lowerdir=image", False),  # relative, as typed at mount time: where it lies is unknown
+        ("lowerdir+={image},datadir+={tmp}/data", False),  # the new mount API
+        ("lowerdir={tmp}/im\\:age", False),  # an escaped colon in a path
+    ],
+    ids=["itself", "relative", "lowerdir+", "escaped-colon"],
+)
+def test_an_overlay_is_judged_one_level_down_without_looping(tmp_path, lower, vouches):
+    ckpt = make_ckpt(tmp_path / "models" / "model.safetensors")
+    options = lower.format(models=tmp_path / "models", image=tmp_path / "image", tmp=tmp_path)
+    mounts = {
+        tmp_path / "image": "squashfs",
+        tmp_path / "im:age": "squashfs",
+        tmp_path / "models": f"overlay rw,{options}",
+    }
+    with mounted(tmp_path / "mountinfo", mounts):
+        problem = stat_vouches(str(ckpt))
+    assert (problem is None) == vouches, problem
