@@ -397,7 +397,7 @@ class Entry:
 def _status(row: IndexRow) -> str:
     """Whether the row still describes its source and sibling, by a load's rule (headers, and
     the fingerprint where the stat does not vouch; ``verify`` reads every byte)."""
-    if not os.path.exists(row.real_path):
+    if not os.path.isfile(row.real_path):  # gone, or a directory, FIFO or device in its place
         return MISSING_SOURCE
     if not os.path.exists(row.sibling_path):
         return MISSING_SIBLING

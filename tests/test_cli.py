@@ -234,6 +234,17 @@ def test_a_damaged_sibling_is_damaged_to_verify_not_stale(ckpt_dir, tmp_path, da
     ]
 
 
+def test_a_checkpoint_replaced_by_a_directory_is_a_missing_source(ckpt_dir, tmp_path):
+    cache = tmp_path / "c"
+    src = ckpt_dir / "model.safetensors"
+    run("warm", str(src), cache=cache)
+    src.unlink()
+    src.mkdir()
+    assert [r["status"] for r in json.loads(run("cache", "ls", "--json", cache=cache).stdout)] == [
+        "missing source"
+    ]
+
+
 def test_cache_verify_prune_clear(ckpt_dir, tmp_path):
     cache = tmp_path / "c"
     src = ckpt_dir / "model.safetensors"
