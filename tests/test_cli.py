@@ -195,10 +195,15 @@ def test_a_checkpoint_rewritten_with_its_mtime_set_back_is_stale_to_every_comman
     with open(src, "r+b") as f:  # in place: other weights, the header untouched
         f.write(tensors_rewritten(src))
     os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert [r["status"] for r in json.loads(run("cache", "ls", "--json", cache=cache).stdout)] == ["stale"]
+    assert statuses(cache) == ["stale"]
     assert [c["check"] for c in json.loads(run("cache", "verify", "--json", cache=cache).stdout)] == ["stale"]
     assert "would prune 1 row(s)" in run("cache", "prune", "--dry-run", cache=cache).stdout
     assert json.loads(run("warm", str(src), "--json", cache=cache).stdout)["converted"] is True
+
+
+def statuses(cache: Path) -> list[str]:
+    """What ``cache ls`` says of each row."""
+    return [r["status"] for r in json.loads(run("cache", "ls", "--json", cache=cache).stdout)]
 
 
 def tensors_rewritten(path: Path) -> bytes:
@@ -229,9 +234,7 @@ def test_a_damaged_sibling_is_damaged_to_verify_not_stale(ckpt_dir, tmp_path, da
         sibling.symlink_to(tmp_path) if damage == "symlink" else sibling.mkdir()
     checked = run("cache", "verify", "--json", cache=cache, check_rc=3)
     assert [c["check"] for c in json.loads(checked.stdout)] == ["damaged sibling"]
-    assert [r["status"] for r in json.loads(run("cache", "ls", "--json", cache=cache).stdout)] == [
-        "damaged sibling"
-    ]
+    assert statuses(cache) == ["damaged sibling"]
 
 
 def test_a_checkpoint_replaced_by_a_directory_is_a_missing_source(ckpt_dir, tmp_path):
@@ -240,9 +243,7 @@ def test_a_checkpoint_replaced_by_a_directory_is_a_missing_source(ckpt_dir, tmp_
     run("warm", str(src), cache=cache)
     src.unlink()
     src.mkdir()
-    assert [r["status"] for r in json.loads(run("cache", "ls", "--json", cache=cache).stdout)] == [
-        "missing source"
-    ]
+    assert statuses(cache) == ["missing source"]
 
 
 def test_cache_verify_prune_clear(ckpt_dir, tmp_path):
