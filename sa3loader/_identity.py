@@ -23,6 +23,7 @@ import json
 import os
 import stat
 import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from . import _faults
@@ -240,6 +241,26 @@ def still_recorded(
     current = identity_of(source)
     if not hard_match(current, recorded):
         return False
-    if soft_match(recorded, current) and not racy(recorded, checked_ns) and stat_vouches(source.path) is None:
+    if stat_stands_for(recorded, current, checked_ns, lambda: stat_vouches(source.path) is None):
         return True
     return current_fingerprint(recorded_fingerprint) and fingerprint(source) == recorded_fingerprint
+
+
+def stat_stands_for(
+    recorded: SourceIdentity, current: SourceIdentity, checked_ns: int | None, vouches: Callable[[], bool]
+) -> bool:
+    """Whether the file's stat stands for the content recorded, so that no fingerprint is read:
+    the very file checked then (inode, device, ctime), not racy, and ``vouches()`` (its
+    filesystem's stat can: ``_host.stat_vouches``; asked last, as it reads the mount table).
+
+    The invariant: a file's content changes only with its stat (size, mtime, ctime, device
+    and inode together), unless (a) the change came within a timestamp tick of the check, or
+    a page waited to be written then (``racy``: such a check records no time), or (b) the
+    filesystem keeps no real ctime, or may give another file the same device and inode after
+    a remount. In either case the fingerprint decides."""
+    return soft_match(recorded, current) and not racy(recorded, checked_ns) and vouches()
+
+
+def claims_recorded(claim: SiblingClaim | None, recorded: SourceIdentity, recorded_fingerprint: str) -> bool:
+    """Whether a sibling's claim names the source an index row recorded: hard fields and fingerprint."""
+    return claim is not None and hard_match(claim, recorded) and claim.fingerprint == recorded_fingerprint

@@ -30,7 +30,7 @@ from . import _config, _faults
 from ._cache_dir import create_cache_dir
 from ._config import info_once, warn_once
 from ._format import open_header, read_header
-from ._identity import claim_of, hard_match, still_recorded
+from ._identity import claim_of, claims_recorded, still_recorded
 from ._records import DAMAGED, MISSING_SIBLING, MISSING_SOURCE, OK, STALE, IndexRow
 from ._trust import cache_dir_trust
 from .errors import (
@@ -416,9 +416,7 @@ def _status(row: IndexRow) -> str:
         return OK
     # Another header: the sibling of another file now (a repointed link's, converted over it), or
     # this source's, altered since it was indexed.
-    claim = claim_of(sib)
-    ours = claim is not None and hard_match(claim, row.source) and claim.fingerprint == row.fingerprint
-    return DAMAGED if ours else STALE
+    return DAMAGED if claims_recorded(claim_of(sib), row.source, row.fingerprint) else STALE
 
 
 def _entry(key: str, row: IndexRow | None) -> Entry:

@@ -27,14 +27,14 @@ from ._format import Header, open_header
 from ._host import stat_vouches, unwritten_pages
 from ._identity import (
     claim_of,
+    claims_recorded,
     current_fingerprint,
     describes,
     fingerprint,
     hard_match,
     identity_of,
     is_sa3loader_file,
-    racy,
-    soft_match,
+    stat_stands_for,
 )
 from ._index import Index
 from ._places import beside_path, cache_path, in_cache_dir, in_hf_hub_cache, legacy_beside_path
@@ -232,21 +232,16 @@ class SiblingFinder:
 
     def _vouched_for_by(self, row: IndexRow | None, sibling: Header, claimed: str) -> bool:
         """No need to read the fingerprint again: the index row names this very sibling, made
-        from the fingerprint it claims, and the source is the very file that was checked then.
-
-        The invariant: a file's content changes only with its stat (size, mtime, ctime,
-        device and inode together), unless (a) the change came within a timestamp tick of
-        the check (``racy``), or (b) the filesystem keeps no real ctime, or may give another
-        file the same device and inode after a remount (``_host.stat_vouches``). In
-        either case the fingerprint decides."""
+        from the fingerprint it claims, and the source's stat stands for the content checked
+        then (``_identity.stat_stands_for``, which says when it can)."""
         if row is None or row.sibling_path != sibling.path:
             return False
         if row.sibling_header_sha256 != sibling.sha256 or row.sibling_size != sibling.file_size:
             self.outcome.note(f"sibling {sibling.path} changed since it was indexed")
             return False
-        if row.fingerprint != claimed or racy(row.source, row.checked_ns):
+        if row.fingerprint != claimed:
             return False
-        return soft_match(row.source, self.identity) and self._stat_vouches()
+        return stat_stands_for(row.source, self.identity, row.checked_ns, self._stat_vouches)
 
     def _stat_vouches(self) -> bool:
         if self._stat_problem is None:
@@ -318,6 +313,5 @@ def _altered(row: IndexRow | None, sibling: Header, claimed: SiblingClaim) -> bo
         row is not None
         and row.sibling_path == sibling.path
         and row.sibling_header_sha256 != sibling.sha256
-        and row.fingerprint == claimed.fingerprint
-        and hard_match(claimed, row.source)
+        and claims_recorded(claimed, row.source, row.fingerprint)
     )
