@@ -49,9 +49,8 @@ STAT_DOES_NOT_VOUCH = frozenset(
     "vfat msdos fat exfat ntfs fuseblk squashfs erofs iso9660 udf cramfs romfs tmpfs ramfs hugetlbfs".split()
 )
 # Block devices that are files or remote (loop, nbd): another image can come up on the same one.
+# Told by the mount's source, or by the loop driver's device number (btrfs shows an anonymous one).
 IMAGE_DEVICES = ("/dev/loop", "/dev/nbd")
-
-
 LOOP_MAJOR = 7
 
 

@@ -584,3 +584,12 @@ def test_a_last_use_no_clock_can_hold_or_an_odd_check_time_is_dropped():
     for used in (2**33, -1, "1", float("inf")):
         assert IndexRow.from_json({**ROW.to_json(), "last_used": used}).last_used is None
     assert IndexRow.from_json({**ROW.to_json(), "checked_ns": "5"}).checked_ns is None
+
+
+def test_a_claim_names_a_recorded_source_by_its_hard_fields_and_fingerprint():
+    claim = SiblingClaim(IDENTITY.size, IDENTITY.mtime_ns, IDENTITY.header_sha256, "v2:f")
+    assert _identity.claims_recorded(claim, IDENTITY, "v2:f")
+    assert not _identity.claims_recorded(None, IDENTITY, "v2:f")
+    assert not _identity.claims_recorded(claim, IDENTITY, "v2:g")  # another fingerprint
+    assert not _identity.claims_recorded(dataclasses.replace(claim, size=11), IDENTITY, "v2:f")
+    assert not _identity.claims_recorded(dataclasses.replace(claim, fingerprint="v2:g"), IDENTITY, "v2:f")
