@@ -41,7 +41,9 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
     if home != "~" and _can_create(candidate):
         return candidate
     fallback = os.path.join(tempfile.gettempdir(), f"{CACHE_APP_NAME}-{os.getuid()}")
-    unusable = cache_dir_trust(fallback) if _can_create(fallback) else "it cannot be created or written"
+    unusable: str | None = "it cannot be created or written"
+    if _can_create(fallback):
+        unusable = cache_dir_trust(fallback, shared=_config.shared_cache())
     if unusable is None:
         warn_once("no-home", "no usable home directory for the sa3loader cache; using %s", fallback)
         return fallback

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _faults
-from ._file import pieces_of, preadv_exact, read_exact
-from ._format import Header, TensorEntry, reading
+from ._format import Header, TensorEntry, pieces_of, preadv_exact, read_exact, reading
 from ._identity import converted_dtype
 from ._io import torch_dtype
 from ._progress import byte_bar, progress_enabled

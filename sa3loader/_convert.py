@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from . import _faults
-from ._file import pieces_of, preadv_exact
 from ._format import (
     HEADER_LENGTH_BYTES,
     MAX_HEADER_BYTES,
@@ -30,6 +29,8 @@ from ._format import (
     TensorEntry,
     check_unchanged,
     layout,
+    pieces_of,
+    preadv_exact,
     reading,
 )
 from ._identity import converted_dtype

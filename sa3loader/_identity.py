@@ -27,8 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from . import _faults
-from ._file import read_exact
-from ._format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, Header, read_header, reading
+from ._format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, Header, read_exact, read_header, reading
 from ._host import stat_vouches
 from ._places import blob_name
 from ._records import FORMAT_VERSION, MARKER_KEY, META_PREFIX, SiblingClaim, SourceIdentity

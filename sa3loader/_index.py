@@ -347,7 +347,7 @@ def command_index(cache_dir: str) -> Iterator[Index]:
 
 
 def refuse_untrusted(cache_dir: str) -> None:
-    distrust = cache_dir_trust(cache_dir)
+    distrust = cache_dir_trust(cache_dir, shared=_config.shared_cache())
     if distrust is not None:
         raise UntrustedCacheDirError(
             f"refusing the cache dir {cache_dir}: {distrust} "

@@ -29,8 +29,7 @@ import torch
 
 from . import _faults
 from ._config import warn_once
-from ._file import open_for_reading, preadv_exact
-from ._format import Header, TensorEntry, reading
+from ._format import Header, TensorEntry, open_for_reading, preadv_exact, reading
 from .errors import FileAccessError, HeaderError, TruncatedFileError
 
 # Read plans: pure arithmetic, no I/O.

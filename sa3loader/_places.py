@@ -190,10 +190,6 @@ def in_cache_dir(path: str, cache_dir: str) -> bool:
     return os.path.dirname(os.path.dirname(os.path.dirname(path))) == cache_dir
 
 
-def dir_writable(path: str) -> bool:
-    return _faults.fact("dir_writable", path, os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK))
-
-
 def free_bytes(path: str) -> int:
     st = os.statvfs(path)
     return _faults.fact("free_bytes", path, st.f_bavail * st.f_frsize)

@@ -31,7 +31,6 @@ from ._places import (
     LOCK_SUFFIX,
     beside_path,
     cache_path,
-    dir_writable,
     free_bytes,
     in_cache_dir,
     temp_files_of,
@@ -39,7 +38,7 @@ from ._places import (
 from ._publication import Publication, finish, wait_for_publishing
 from ._records import LAST_USE_STEP_S, IndexRow, RangeReport
 from ._sibling import SiblingFinder, SiblingOutcome, index_row
-from ._trust import beside_dir_problem, owned_file_problem
+from ._trust import beside_dir_problem, dir_writable, owned_file_problem
 from ._written import WrittenSibling, unpublished_sibling
 from .errors import (
     CheckpointChangedError,

@@ -13,8 +13,12 @@ import os
 import pwd
 import stat
 
-from . import _config
-from ._places import dir_writable
+from . import _faults
+
+
+def dir_writable(path: str) -> bool:
+    """Whether you may create files in the dir at ``path`` (write into it and enter it)."""
+    return _faults.fact("dir_writable", path, os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK))
 
 
 def _private_group(gid: int) -> bool:
@@ -43,7 +47,7 @@ def _lstat(path: str) -> tuple[os.stat_result | None, str | None]:
     return st, None
 
 
-def cache_dir_trust(path: str, *, shared: bool | None = None) -> str | None:
+def cache_dir_trust(path: str, *, shared: bool) -> str | None:
     """None when ``path`` is a dir only you (or root) can plant files in, else why not.
 
     Trusted: not a symlink (``lstat``), owned by you or root, not world-writable,
@@ -51,7 +55,7 @@ def cache_dir_trust(path: str, *, shared: bool | None = None) -> str | None:
     trusts a shared team cache on purpose. A missing dir is trusted: it will be
     created private.
     """
-    if _config.shared_cache() if shared is None else shared:
+    if shared:
         return None
     st, problem = _lstat(path)
     if st is None:

@@ -17,8 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import _faults
-from ._file import FileHandle
-from ._format import Header, header_of
+from ._format import FileHandle, Header, header_of
 from ._host import boot_id
 from ._places import INCOMPLETE_INFIX, incomplete_prefix
 from .errors import ConversionError, HeaderError, Sa3LoaderError

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sa3loader import HeaderError, _build, _identity, _places
+from sa3loader import HeaderError, _build, _identity, _places, _trust
 from sa3loader._format import _guess_format, layout, parse_header
 from sa3loader._io import MAX_GAP_BYTES, plan_chunks
 from sa3loader._records import IndexRow, RangeReport, SiblingClaim, SourceIdentity
@@ -507,14 +507,14 @@ def test_dir_writable_and_free_bytes_answer_for_the_path_asked(tmp_path):
 
     (tmp_path / "f").write_bytes(b"")
     (tmp_path / "f").chmod(0o700)
-    assert _places.dir_writable(str(tmp_path))
-    assert not _places.dir_writable(str(tmp_path / "f"))  # a file, however writable
+    assert _trust.dir_writable(str(tmp_path))
+    assert not _trust.dir_writable(str(tmp_path / "f"))  # a file, however writable
     asked = []
     with faked(
         dir_writable=lambda p, real: asked.append(p) or False,
         free_bytes=lambda p, real: asked.append(p) or 7,
     ):
-        assert not _places.dir_writable(str(tmp_path))
+        assert not _trust.dir_writable(str(tmp_path))
         assert _places.free_bytes(str(tmp_path / "f")) == 7
     assert asked == [str(tmp_path), str(tmp_path / "f")]
 
@@ -522,7 +522,7 @@ def test_dir_writable_and_free_bytes_answer_for_the_path_asked(tmp_path):
 def test_a_dir_is_writable_only_where_one_may_write_into_it_and_enter_it(tmp_path, monkeypatch):
     modes = []
     monkeypatch.setattr(os, "access", lambda path, mode: modes.append(mode) or not mode & os.W_OK)
-    assert not _places.dir_writable(str(tmp_path))  # one may look in, not write (root may always)
+    assert not _trust.dir_writable(str(tmp_path))  # one may look in, not write (root may always)
     assert modes == [os.W_OK | os.X_OK]
 
 

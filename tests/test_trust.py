@@ -21,6 +21,7 @@ from support.processes import load_in_a_child
 from support.toymodel import build, reference
 
 import sa3loader
+from sa3loader import UntrustedCacheDirError, _index
 from sa3loader import _trust as trust
 from sa3loader._format import read_header
 
@@ -282,13 +283,14 @@ def test_a_cache_dir_is_trusted_only_when_no_one_else_can_plant_files(world, own
     assert trust.cache_dir_trust("/c", shared=True) is None  # a team cache, shared on purpose
 
 
-def test_the_shared_cache_setting_is_read_only_when_not_given(world, monkeypatch):
+def test_the_cache_commands_read_the_shared_cache_setting(world, monkeypatch):
     world["/c"] = (1234, TEAM, 0o777)
     monkeypatch.setenv("SA3LOADER_SHARED_CACHE", "1")
-    assert trust.cache_dir_trust("/c") is None
+    _index.refuse_untrusted("/c")  # a team cache, shared on purpose
     assert trust.cache_dir_trust("/c", shared=False) == "it is owned by uid 1234"
     monkeypatch.delenv("SA3LOADER_SHARED_CACHE")
-    assert trust.cache_dir_trust("/c") == "it is owned by uid 1234"
+    with pytest.raises(UntrustedCacheDirError, match="owned by uid 1234"):
+        _index.refuse_untrusted("/c")
 
 
 def test_a_symlink_or_a_file_where_the_cache_dir_goes(tmp_path):
