@@ -16,14 +16,13 @@ import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from . import _compare
+from . import _compare, _index
 from ._format import open_header
-from ._identity import marked_by_sa3loader, sibling_matches_source
-from ._index import Entry, command_index, entries, has_index, refuse_untrusted
+from ._identity import marked_by_sa3loader, row_status, sibling_matches_source
+from ._index import command_index, has_index, refuse_untrusted
 from ._lock import conversion_lock
 from ._places import (
     BESIDE_SUBDIR,
-    INCOMPLETE_INFIX,
     LOCK_SUFFIX,
     SIBLING_SUFFIXES,
     SIBLINGS_SUBDIR,
@@ -31,11 +30,11 @@ from ._places import (
     beside_path,
     blob_name,
     cache_path,
-    is_temp_name,
     legacy_beside_path,
+    siblings_with_leftovers,
     temp_files_of,
 )
-from ._records import MISSING_SOURCE, OK, STALE
+from ._records import MISSING_SOURCE, OK, STALE, IndexRow
 from ._trust import owned_file_problem
 from .errors import LockTimeoutError, Sa3LoaderError, UnusableLockError
 
@@ -44,6 +43,43 @@ NOT_A_SIBLING_PLACE = (
     "converted file): remove it yourself if you do not need it"
 )
 OVER_CAP = "over cap"  # a valid row whose sibling a cap removes, least recently used first
+
+
+INVALID = "invalid"  # a row of the wrong shape: treated as absent by loads
+
+
+@dataclass
+class Entry:
+    source: str
+    sibling: str
+    source_size: int
+    sibling_size: int
+    created: float
+    status: str
+    key: str = field(default="", repr=False)  # the index key (the source's real path)
+    last_used: float = 0.0  # when a load last used the sibling (to the hour), or made it
+
+
+def _entry(key: str, row: IndexRow | None) -> Entry:
+    if row is None:
+        return Entry(
+            source=key, sibling="", source_size=0, sibling_size=0, created=0.0, status=INVALID, key=key
+        )
+    return Entry(
+        source=row.source_path,
+        sibling=row.sibling_path,
+        source_size=row.source.size,
+        sibling_size=row.sibling_size,
+        created=row.created,
+        status=row_status(row),
+        key=key,
+        last_used=row.used(),
+    )
+
+
+def entries(cache_dir: str) -> list[Entry]:
+    """Every row of the index as ``cache ls`` shows it, with its status by a load's rule."""
+    return [_entry(key, row) for key, row in _index.rows(cache_dir)]
 
 
 @dataclass
@@ -143,18 +179,6 @@ def _leftovers(sibling: str, going: bool) -> list[Removal]:
     return found
 
 
-def _siblings_under(cache_dir: str) -> set[str]:
-    """Every sibling name under ``<cache>/siblings`` that has a lock or temp file beside it."""
-    found = set()
-    for directory, _, files in os.walk(os.path.join(cache_dir, SIBLINGS_SUBDIR)):
-        for name in files:
-            if name.endswith(LOCK_SUFFIX):
-                found.add(os.path.join(directory, name[: -len(LOCK_SUFFIX)]))
-            elif is_temp_name(name):
-                found.add(os.path.join(directory, name.rpartition(INCOMPLETE_INFIX)[0]))
-    return found
-
-
 def _emptied_dirs(cache_dir: str, removals: list[Removal]) -> list[Removal]:
     """Dirs under ``<cache>/siblings`` that hold nothing once ``removals`` are gone, deepest first."""
     root = os.path.join(cache_dir, SIBLINGS_SUBDIR)
@@ -186,7 +210,7 @@ def _plan(
     placed = {s for s in set(named) | set(siblings) if at_sibling_place(s, cache_dir)}
     doomed = {s for s in siblings if s in placed and _ours(s)}
     removals = []
-    for sibling in sorted(placed | (_siblings_under(cache_dir) if sweep else set())):
+    for sibling in sorted(placed | (siblings_with_leftovers(cache_dir) if sweep else set())):
         if sibling in doomed:
             removals.append(Removal(sibling, file_size(sibling), "sibling", sibling, _identity(sibling)))
         removals += _leftovers(sibling, going=sibling in doomed)

@@ -1,5 +1,5 @@
-"""The cache dir: where it is, how it is created (private, tagged), and opening one to every
-user for a baked image.
+"""The cache dir: where it is, and opening one to every user for a baked image (the dirs
+sa3loader creates, private and tagged, are made in ``_places``).
 
 A cache dir is used only when no one else can plant files in it (``_trust.cache_dir_trust``):
 siblings and index rows found there decide which weights a load returns. Dirs sa3loader
@@ -14,10 +14,8 @@ import tempfile
 
 from . import _config
 from ._config import warn_once
-from ._places import BESIDE_SUBDIR, LOCK_SUFFIX, is_temp_name
+from ._places import BESIDE_SUBDIR, LOCK_SUFFIX, is_temp_name, make_private_dirs
 from ._trust import cache_dir_trust
-
-PRIVATE_DIR_MODE = 0o700
 
 CACHE_APP_NAME = "sa3loader"
 
@@ -64,21 +62,6 @@ def _can_create(path: str) -> bool:
     except OSError:
         return False
     return os.access(path, os.W_OK | os.X_OK)
-
-
-CACHEDIR_TAG = "CACHEDIR.TAG"
-
-CACHEDIR_TAG_TEXT = (
-    "Signature: 8a477f597d28d172789f06886806bc55\n"
-    "# This file is a cache directory tag created by sa3loader.\n"
-    "# For information about cache directory tags see https://bford.info/cachedir/\n"
-)
-
-
-def create_cache_dir(path: str) -> None:
-    """Make a cache dir's ``path`` (private, as every dir sa3loader creates) and tag the cache dir."""
-    make_private_dirs(path)
-    tag_cache_dir(os.path.dirname(path))
 
 
 SHARED_DIR_BITS = 0o555  # r-x for all: anyone may list and traverse, no one else may write
@@ -131,59 +114,3 @@ def open_siblings_to_all(warmed: list[tuple[str, str]]) -> list[str]:
             targets += [(d, folder_bits & SHARED_DIR_BITS) for d in (os.path.dirname(hidden), hidden)]
         changed += _add_bits(targets)
     return changed
-
-
-def tag_cache_dir(cache_dir: str) -> None:
-    """Write a CACHEDIR.TAG, so backup tools skip gigabytes of siblings; best effort."""
-    path = os.path.join(cache_dir, CACHEDIR_TAG)
-    if os.path.exists(path):
-        return
-    try:
-        with open(path, "x", encoding="ascii") as f:
-            f.write(CACHEDIR_TAG_TEXT)
-    except OSError:
-        pass  # a read-only or racing cache dir: the tag is a courtesy
-
-
-def make_private_dirs(path: str) -> None:
-    """``os.makedirs`` with mode 0700 for every dir it creates, as ``tempfile.mkdtemp`` does."""
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(path)
-    if parent and parent != path:
-        make_private_dirs(parent)
-    try:
-        os.mkdir(path, PRIVATE_DIR_MODE)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise
-
-
-def make_beside_dirs(hidden: str) -> list[str]:
-    """Create ``<folder>/.cache/sa3loader`` as readable as ``<folder>`` and never writable by
-    others (a service user who reads the checkpoint reads its sibling); the dirs created.
-    Best effort: a folder that cannot be created is reported by the room check after."""
-    folder = os.path.dirname(os.path.dirname(hidden))
-    try:
-        mode = stat.S_IMODE(os.stat(folder).st_mode) & 0o755
-    except OSError:
-        return []
-    made = []
-    for directory in (os.path.dirname(hidden), hidden):
-        try:
-            os.mkdir(directory, mode)
-        except FileExistsError:
-            continue
-        except OSError:
-            break
-        made.append(directory)
-    return made
-
-
-def remove_if_empty(dirs: list[str]) -> None:
-    """Remove the dirs ``make_beside_dirs`` made, deepest first, where nothing was put in them."""
-    for directory in reversed(dirs):
-        try:
-            os.rmdir(directory)
-        except OSError:
-            return

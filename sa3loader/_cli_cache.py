@@ -18,8 +18,8 @@ from ._cli_output import EXIT_CHECK_FAILED, EXIT_ERROR, EXIT_OK, emit, human_siz
 from ._places import hub_name
 
 
-def _ls_line(e: _index.Entry, paths: bool) -> str:
-    if e.status == _index.INVALID:
+def _ls_line(e: _cache_admin.Entry, paths: bool) -> str:
+    if e.status == _cache_admin.INVALID:
         return f"{e.status:15} {e.source}: not a valid index row (loads ignore it; `cache prune` drops it)"
     source = e.source if paths else hub_name(e.source) or e.source
     sibling = f" -> {e.sibling}" if paths else ""
@@ -41,8 +41,8 @@ def _bytes_on_disk(paths: set[str]) -> int:
     return sum(files.values())
 
 
-def _ls_total(rows: list[_index.Entry]) -> str:
-    valid = [e for e in rows if e.status != _index.INVALID]
+def _ls_total(rows: list[_cache_admin.Entry]) -> str:
+    valid = [e for e in rows if e.status != _cache_admin.INVALID]
     checkpoints, siblings = {e.key or e.source for e in valid}, {e.sibling for e in valid}
     return (
         f"{len(rows)} row(s): {human_size(_bytes_on_disk(checkpoints))} of checkpoints, "
@@ -50,7 +50,7 @@ def _ls_total(rows: list[_index.Entry]) -> str:
     )
 
 
-def _entry_data(e: _index.Entry) -> dict[str, Any]:
+def _entry_data(e: _cache_admin.Entry) -> dict[str, Any]:
     data = asdict(e)
     data.pop("key")
     data["hub"] = hub_name(e.source)
@@ -148,7 +148,7 @@ def _rm(args: argparse.Namespace, cache_dir: str) -> int:
 
 
 def _scan(args: argparse.Namespace, cache_dir: str) -> int:
-    found = _cache_scan.scan(args.checkpoints, {e.sibling: e.source for e in _index.entries(cache_dir)})
+    found = _cache_scan.scan(args.checkpoints, {e.sibling: e.source for e in _cache_admin.entries(cache_dir)})
     lines = [
         f"{f.status:15} {f.sibling}  {human_size(f.bytes)}  source: {f.source or 'not recorded'}"
         + (" (gone)" if f.status == _cache_admin.MISSING_SOURCE else "")
@@ -202,10 +202,10 @@ def _repair(args: argparse.Namespace, cache_dir: str) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     cache_dir = resolve_cache_dir(args.cache_dir)
     if args.cache_command == "ls":
-        rows = sorted(_index.entries(cache_dir), key=lambda e: e.last_used)  # least recently used first
+        rows = sorted(_cache_admin.entries(cache_dir), key=lambda e: e.last_used)  # least recently used first
         lines = [f"cache dir: {cache_dir}", *(_ls_line(e, args.paths) for e in rows), _ls_total(rows)]
         emit(args, [_entry_data(e) for e in rows], lines)
-        return EXIT_CHECK_FAILED if any(e.status == _index.INVALID for e in rows) else EXIT_OK
+        return EXIT_CHECK_FAILED if any(e.status == _cache_admin.INVALID for e in rows) else EXIT_OK
     if args.cache_command == "verify":
         return _verify_cache(args, cache_dir)
     if args.cache_command == "repair":

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _faults
+from . import _config, _faults
+from ._dtypes import converted_dtype, torch_dtype
 from ._format import Header, TensorEntry, pieces_of, preadv_exact, read_exact, reading
-from ._identity import converted_dtype
-from ._io import torch_dtype
 from ._progress import byte_bar, progress_enabled
 from .errors import VerificationError
 
@@ -146,10 +145,11 @@ def compare(source: Header, sibling: Header, *, progress: bool = False) -> Compa
     mismatched: dict[str, None] = {}
     worst = 0.0
     total = sum(sibling.by_name[e.name].nbytes for e in source.entries)
+    shown = progress_enabled(progress and _config.progress())
     with (
         reading(source) as src_fd,
         reading(sibling) as sib_fd,
-        byte_bar(f"check {os.path.basename(sibling.path)}", total, progress and progress_enabled()) as bar,
+        byte_bar(f"check {os.path.basename(sibling.path)}", total, shown) as bar,
     ):
         for entry, expected in _sibling_pieces(source, source.entries, src_fd):
             actual = read_exact(sib_fd, at[entry.name], len(expected), sibling.path)

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from . import _faults
+from . import _config, _faults
+from ._dtypes import converted_dtype
 from ._format import (
     HEADER_LENGTH_BYTES,
     MAX_HEADER_BYTES,
@@ -33,7 +34,6 @@ from ._format import (
     preadv_exact,
     reading,
 )
-from ._identity import converted_dtype
 from ._places import incomplete_prefix
 from ._progress import byte_bar, progress_enabled
 from ._written import ConversionResult, WrittenSibling, _as_conversion_error, _unlink_quietly, mark_written
@@ -128,10 +128,9 @@ def write_sibling(
         raise ConversionError(f"cannot create {tmp}: {exc.strerror}", filename=tmp, errno=exc.errno) from exc
     try:
         _keep_group(out_fd, source_stat, mode)
-        with (
-            reading(header) as src_fd,
-            byte_bar(f"fp16 {os.path.basename(header.path)}", total, progress_enabled(progress)) as bar,
-        ):
+        shown = progress_enabled(_config.progress() if progress is None else progress)
+        desc = f"fp16 {os.path.basename(header.path)}"
+        with reading(header) as src_fd, byte_bar(desc, total, shown) as bar:
             _faults.point("header")
             _pwrite_all(out_fd, memoryview(prefix), 0)
             bar.update(len(prefix))

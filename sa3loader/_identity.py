@@ -27,10 +27,31 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from . import _faults
-from ._format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, Header, read_exact, read_header, reading
+from ._dtypes import converted_dtype
+from ._format import (
+    HEADER_LENGTH_BYTES,
+    MAX_HEADER_BYTES,
+    Header,
+    open_header,
+    read_exact,
+    read_header,
+    reading,
+)
 from ._host import stat_vouches
 from ._places import blob_name
-from ._records import FORMAT_VERSION, MARKER_KEY, META_PREFIX, SiblingClaim, SourceIdentity
+from ._records import (
+    DAMAGED,
+    FORMAT_VERSION,
+    MARKER_KEY,
+    META_PREFIX,
+    MISSING_SIBLING,
+    MISSING_SOURCE,
+    OK,
+    STALE,
+    IndexRow,
+    SiblingClaim,
+    SourceIdentity,
+)
 from .errors import Sa3LoaderError
 
 FINGERPRINT_VERSION = "v2"
@@ -160,11 +181,6 @@ def sibling_metadata(header: Header, identity: SourceIdentity, fingerprint: str)
     return {**header.metadata, **ours}
 
 
-def converted_dtype(dtype: str) -> str:
-    """Only float32 becomes float16; every other dtype is kept as it is."""
-    return "F16" if dtype == "F32" else dtype
-
-
 def has_float32(header: Header) -> bool:
     """Whether the source has a sibling at all: only float32 tensors become float16."""
     return any(e.dtype == "F32" for e in header.entries)
@@ -263,3 +279,28 @@ def stat_stands_for(
 def claims_recorded(claim: SiblingClaim | None, recorded: SourceIdentity, recorded_fingerprint: str) -> bool:
     """Whether a sibling's claim names the source an index row recorded: hard fields and fingerprint."""
     return claim is not None and hard_match(claim, recorded) and claim.fingerprint == recorded_fingerprint
+
+
+def row_status(row: IndexRow) -> str:
+    """Whether the row still describes its source and sibling, by a load's rule (headers, and
+    the fingerprint where the stat does not vouch; ``verify`` reads every byte)."""
+    if not os.path.isfile(row.real_path):  # gone, or a directory, FIFO or device in its place
+        return MISSING_SOURCE
+    if not os.path.exists(row.sibling_path):
+        return MISSING_SIBLING
+    try:
+        with open_header(row.real_path) as source:
+            unchanged = still_recorded(source, row.source, row.fingerprint, row.checked_ns)
+    except (Sa3LoaderError, OSError):
+        return STALE
+    try:
+        sib = read_header(row.sibling_path, follow_symlinks=False)
+    except (Sa3LoaderError, OSError):
+        return DAMAGED
+    if not unchanged:
+        return STALE
+    if sib.sha256 == row.sibling_header_sha256:
+        return OK
+    # Another header: the sibling of another file now (a repointed link's, converted over it), or
+    # this source's, altered since it was indexed.
+    return DAMAGED if claims_recorded(claim_of(sib), row.source, row.fingerprint) else STALE

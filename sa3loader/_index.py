@@ -20,22 +20,18 @@ import sqlite3
 import time
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import diskcache
 from diskcache.core import MODE_RAW, UNKNOWN
 
 from . import _config, _faults
-from ._cache_dir import create_cache_dir
 from ._config import info_once, warn_once
-from ._format import open_header, read_header
-from ._identity import claim_of, claims_recorded, still_recorded
-from ._records import DAMAGED, MISSING_SIBLING, MISSING_SOURCE, OK, STALE, IndexRow
+from ._places import create_cache_dir
+from ._records import IndexRow
 from ._trust import cache_dir_trust
 from .errors import (
     CacheIndexError,
-    Sa3LoaderError,
     UntrustedCacheDirError,
 )
 
@@ -379,65 +375,10 @@ def repair(cache_dir: str, *, dry_run: bool = False) -> str | None:
     return aside
 
 
-INVALID = "invalid"  # a row of the wrong shape: treated as absent by loads
-
-
-@dataclass
-class Entry:
-    source: str
-    sibling: str
-    source_size: int
-    sibling_size: int
-    created: float
-    status: str
-    key: str = field(default="", repr=False)  # the index key (the source's real path)
-    last_used: float = 0.0  # when a load last used the sibling (to the hour), or made it
-
-
-def _status(row: IndexRow) -> str:
-    """Whether the row still describes its source and sibling, by a load's rule (headers, and
-    the fingerprint where the stat does not vouch; ``verify`` reads every byte)."""
-    if not os.path.isfile(row.real_path):  # gone, or a directory, FIFO or device in its place
-        return MISSING_SOURCE
-    if not os.path.exists(row.sibling_path):
-        return MISSING_SIBLING
-    try:
-        with open_header(row.real_path) as source:
-            unchanged = still_recorded(source, row.source, row.fingerprint, row.checked_ns)
-    except (Sa3LoaderError, OSError):
-        return STALE
-    try:
-        sib = read_header(row.sibling_path, follow_symlinks=False)
-    except (Sa3LoaderError, OSError):
-        return DAMAGED
-    if not unchanged:
-        return STALE
-    if sib.sha256 == row.sibling_header_sha256:
-        return OK
-    # Another header: the sibling of another file now (a repointed link's, converted over it), or
-    # this source's, altered since it was indexed.
-    return DAMAGED if claims_recorded(claim_of(sib), row.source, row.fingerprint) else STALE
-
-
-def _entry(key: str, row: IndexRow | None) -> Entry:
-    if row is None:
-        return Entry(
-            source=key, sibling="", source_size=0, sibling_size=0, created=0.0, status=INVALID, key=key
-        )
-    return Entry(
-        source=row.source_path,
-        sibling=row.sibling_path,
-        source_size=row.source.size,
-        sibling_size=row.sibling_size,
-        created=row.created,
-        status=_status(row),
-        key=key,
-        last_used=row.used(),
-    )
-
-
-def entries(cache_dir: str) -> list[Entry]:
+def rows(cache_dir: str) -> list[tuple[str, IndexRow | None]]:
+    """Every (key, row) of a cache dir's index, a row of the wrong shape as None; none where
+    there is no index (reading a cache that was never made creates nothing)."""
     if not has_index(cache_dir):
         return []
     with command_index(cache_dir) as index:
-        return [_entry(key, row) for key, row in index.items()]
+        return list(index.items())

@@ -1,4 +1,4 @@
-"""Bytes into tensors: read plans, parallel reads, the pinned staging ring, mappings, dtypes.
+"""Bytes into tensors: read plans, parallel reads, the pinned staging ring, mappings.
 
 - ``plan_chunks``: which contiguous reads cover the wanted byte ranges of a file
   (pure arithmetic; shared by the reader and the mapping's prefetch);
@@ -6,8 +6,7 @@
 - ``stream_into``: reads into a small ring of pinned host buffers, copied to
   another device with non-blocking copies on a side stream, so disk reads
   overlap transfers; the ring is the only host memory used, whatever the model size;
-- ``MappedFile``: tensors that are views of a private, copy-on-write mapping;
-- ``torch_dtype``: the torch dtype of each safetensors dtype.
+- ``MappedFile``: tensors that are views of a private, copy-on-write mapping.
 
 Plain reads (never mmap) serve wherever a mapping is unreliable: a file truncated
 under a mapping kills the reader with SIGBUS. Every reader takes the descriptor
@@ -29,8 +28,9 @@ import torch
 
 from . import _faults
 from ._config import warn_once
+from ._dtypes import torch_dtype
 from ._format import Header, TensorEntry, open_for_reading, preadv_exact, reading
-from .errors import FileAccessError, HeaderError, TruncatedFileError
+from .errors import FileAccessError, TruncatedFileError
 
 # Read plans: pure arithmetic, no I/O.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -94,42 +94,6 @@ def plan_chunks(ranges: Sequence[tuple[int, int]], chunk_bytes: int = CHUNK_BYTE
 PAGE_BYTES = mmap.PAGESIZE
 PREFETCH_PIECE_BYTES = 64 * 1024 * 1024
 PREFETCH_THREADS = 4
-_DTYPE_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "BOOL": "bool",
-    "C64": "complex64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    "F8_E8M0": "float8_e8m0fnu",
-    "F4": "float4_e2m1fn_x2",
-}
-# Some arrived late (uint16/32/64 in torch 2.3, e8m0 and fp4 later): older releases cannot load them.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    st: getattr(torch, name) for st, name in _DTYPE_NAMES.items() if hasattr(torch, name)
-}
-
-
-def torch_dtype(dtype: str, path: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype, or a ``HeaderError`` naming the file."""
-    try:
-        return TORCH_DTYPES[dtype]
-    except KeyError:
-        raise HeaderError(
-            f"{path}: torch {torch.__version__} has no dtype for {dtype} tensors", filename=path
-        ) from None
 
 
 class MappedFile:

@@ -8,6 +8,8 @@ cache's layout (known here only).
   ``<cache_dir>/siblings/<key>/<name>``, keyed by the hub blob's content hash when the source
   is one (every copy of the blob shares it), else by the source's real path.
 - A hub cache is ``<type>s--<org>--<name>/{snapshots/<rev>/<files>, blobs/<sha256>}``.
+- Dirs sa3loader makes for them are private (0700; a hidden folder beside a checkpoint is as
+  readable as the checkpoint's folder), and the cache dir is tagged so backups skip it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import glob
 import hashlib
 import os
 import re
+import stat
 
 from . import _faults
 
@@ -199,3 +202,88 @@ def free_bytes(path: str) -> int:
 INCOMPLETE_INFIX = ".incomplete-"
 
 LOCK_SUFFIX = ".lock"
+
+
+PRIVATE_DIR_MODE = 0o700
+
+CACHEDIR_TAG = "CACHEDIR.TAG"
+
+CACHEDIR_TAG_TEXT = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by sa3loader.\n"
+    "# For information about cache directory tags see https://bford.info/cachedir/\n"
+)
+
+
+def create_cache_dir(path: str) -> None:
+    """Make a cache dir's ``path`` (private, as every dir sa3loader creates) and tag the cache dir."""
+    make_private_dirs(path)
+    tag_cache_dir(os.path.dirname(path))
+
+
+def tag_cache_dir(cache_dir: str) -> None:
+    """Write a CACHEDIR.TAG, so backup tools skip gigabytes of siblings; best effort."""
+    path = os.path.join(cache_dir, CACHEDIR_TAG)
+    if os.path.exists(path):
+        return
+    try:
+        with open(path, "x", encoding="ascii") as f:
+            f.write(CACHEDIR_TAG_TEXT)
+    except OSError:
+        pass  # a read-only or racing cache dir: the tag is a courtesy
+
+
+def make_private_dirs(path: str) -> None:
+    """``os.makedirs`` with mode 0700 for every dir it creates, as ``tempfile.mkdtemp`` does."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        make_private_dirs(parent)
+    try:
+        os.mkdir(path, PRIVATE_DIR_MODE)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+
+
+def make_beside_dirs(hidden: str) -> list[str]:
+    """Create ``<folder>/.cache/sa3loader`` as readable as ``<folder>`` and never writable by
+    others (a service user who reads the checkpoint reads its sibling); the dirs created.
+    Best effort: a folder that cannot be created is reported by the room check after."""
+    folder = os.path.dirname(os.path.dirname(hidden))
+    try:
+        mode = stat.S_IMODE(os.stat(folder).st_mode) & 0o755
+    except OSError:
+        return []
+    made = []
+    for directory in (os.path.dirname(hidden), hidden):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            continue
+        except OSError:
+            break
+        made.append(directory)
+    return made
+
+
+def remove_if_empty(dirs: list[str]) -> None:
+    """Remove the dirs ``make_beside_dirs`` made, deepest first, where nothing was put in them."""
+    for directory in reversed(dirs):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+
+
+def siblings_with_leftovers(cache_dir: str) -> set[str]:
+    """Every sibling name under ``<cache>/siblings`` that has a lock or temp file beside it."""
+    found = set()
+    for directory, _, files in os.walk(os.path.join(cache_dir, SIBLINGS_SUBDIR)):
+        for name in files:
+            if name.endswith(LOCK_SUFFIX):
+                found.add(os.path.join(directory, name[: -len(LOCK_SUFFIX)]))
+            elif is_temp_name(name):
+                found.add(os.path.join(directory, name.rpartition(INCOMPLETE_INFIX)[0]))
+    return found

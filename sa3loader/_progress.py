@@ -7,14 +7,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import _config
-
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 
 
-def progress_enabled(allowed: bool | None = None) -> bool:
-    """A bar only on a terminal, and only when the settings allow it (read now when not given)."""
-    return (_config.progress() if allowed is None else allowed) and sys.stderr.isatty()
+def progress_enabled(allowed: bool) -> bool:
+    """A bar only on a terminal, and only when the settings allow it."""
+    return allowed and sys.stderr.isatty()
 
 
 def byte_bar(desc: str, total: int, enabled: bool) -> tqdm[Any]:

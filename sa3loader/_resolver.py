@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 from . import _config, _convert, _faults
 from ._cache_admin import Plan, execute, plan_cap, plan_room
-from ._cache_dir import make_beside_dirs, make_private_dirs, remove_if_empty
 from ._cli_output import human_size
 from ._config import warn_once
 from ._format import Header
@@ -33,6 +32,9 @@ from ._places import (
     cache_path,
     free_bytes,
     in_cache_dir,
+    make_beside_dirs,
+    make_private_dirs,
+    remove_if_empty,
     temp_files_of,
 )
 from ._publication import Publication, finish, wait_for_publishing

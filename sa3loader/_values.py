@@ -25,9 +25,10 @@ import torch
 
 from . import _faults
 from ._config import IoMode
+from ._dtypes import torch_dtype
 from ._format import Header, reading
 from ._host import network_filesystem
-from ._io import MappedFile, read_into, stream_into, torch_dtype
+from ._io import MappedFile, read_into, stream_into
 
 # A sibling value f16(x) equals upstream's result for x only when the model
 # tensor it lands in holds x exactly first (f16, f32, f64); else read the source.

@@ -24,8 +24,8 @@ from support.toymodel import build, reference
 
 import sa3loader
 from sa3loader import HeaderError, Sa3LoaderError, _faults
+from sa3loader._dtypes import TORCH_DTYPES
 from sa3loader._format import MAX_HEADER_BYTES, layout, parse_header, read_header
-from sa3loader._io import TORCH_DTYPES
 
 PICKLE_LOOKING = [0x0280, 0x0380, 0x0480, 0x0580]
 

@@ -25,8 +25,9 @@ from support.toymodel import build, reference
 
 import sa3loader
 from sa3loader import TruncatedFileError, _faults, _io
+from sa3loader._dtypes import TORCH_DTYPES
 from sa3loader._format import read_header
-from sa3loader._io import MAX_GAP_BYTES, TORCH_DTYPES, plan_chunks, read_into, stream_into
+from sa3loader._io import MAX_GAP_BYTES, plan_chunks, read_into, stream_into
 
 
 def covered_bytes(chunks, ranges):
