@@ -19,7 +19,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -37,8 +37,10 @@ from ._defer import (
 )
 from ._format import Header
 from ._refusals import Attributes, FastBuildRefused, refuse_meta, refuse_random_or_meta, tensor_attributes
-from ._values import Values
 from ._watch import BuildWatch
+
+if TYPE_CHECKING:  # the loader hands the values in: a build reads them, never makes them
+    from ._values import Values
 
 logger = logging.getLogger(__name__)
 

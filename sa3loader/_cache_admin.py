@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from . import _compare, _index
@@ -34,7 +34,7 @@ from ._places import (
     siblings_with_leftovers,
     temp_files_of,
 )
-from ._records import MISSING_SOURCE, OK, STALE, IndexRow
+from ._records import INVALID, MISSING_SOURCE, OK, STALE, Entry, IndexRow, Outcome, Plan, Removal
 from ._trust import owned_file_problem
 from .errors import LockTimeoutError, Sa3LoaderError, UnusableLockError
 
@@ -43,21 +43,6 @@ NOT_A_SIBLING_PLACE = (
     "converted file): remove it yourself if you do not need it"
 )
 OVER_CAP = "over cap"  # a valid row whose sibling a cap removes, least recently used first
-
-
-INVALID = "invalid"  # a row of the wrong shape: treated as absent by loads
-
-
-@dataclass
-class Entry:
-    source: str
-    sibling: str
-    source_size: int
-    sibling_size: int
-    created: float
-    status: str
-    key: str = field(default="", repr=False)  # the index key (the source's real path)
-    last_used: float = 0.0  # when a load last used the sibling (to the hour), or made it
 
 
 def _entry(key: str, row: IndexRow | None) -> Entry:
@@ -112,43 +97,12 @@ def verify_all(cache_dir: str, progress: bool = False) -> list[Check]:
     return checks
 
 
-@dataclass
-class Removal:
-    """A file or empty dir a cache command removes (or, in a dry run, would remove)."""
-
-    path: str
-    bytes: int
-    kind: str  # "sibling", "temp file", "lock file", "empty dir"
-    # The sibling whose conversion lock guards this step ("" for dirs).
-    guard: str = field(default="", repr=False)
-    # A sibling's (device, inode, size, mtime) when planned: another file there since is kept.
-    identity: tuple[int, int, int, int] | None = field(default=None, repr=False)
-
-
 def _identity(path: str) -> tuple[int, int, int, int] | None:
     try:
         st = os.lstat(path)
     except (OSError, ValueError):
         return None
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-@dataclass
-class Plan:
-    """What ``prune`` or ``clear`` will do: rows to drop, then files and dirs to remove, in order."""
-
-    rows: list[Entry]
-    removals: list[Removal]
-    kept: list[tuple[Removal, str]] = field(default_factory=list)  # not removed, with why
-
-
-@dataclass
-class Outcome:
-    """What executing a plan did: every step done, and every step kept with why."""
-
-    rows: list[Entry]
-    removed: list[Removal]
-    kept: list[tuple[Removal, str]]
 
 
 def file_size(path: str) -> int:
@@ -483,6 +437,23 @@ def plan_room(cache_dir: str, directory: str, needed: int, keep: frozenset[str],
         if u.st.st_dev == device and max(e.last_used for e in u.rows) < used_before
     ]
     return _eviction(cache_dir, _least_used(used, needed))
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """Room for a load: the least recently used siblings of one cache dir, planned and removed
+    as the ``cache`` commands remove them (each step checked again under its lock)."""
+
+    cache_dir: str
+
+    def over_cap(self, cap: int, *, adding: int, keep: frozenset[str]) -> Plan | None:
+        return plan_cap(self.cache_dir, cap, adding=adding, keep=keep)
+
+    def for_room(self, directory: str, needed: int, keep: frozenset[str], used_before: float) -> Plan:
+        return plan_room(self.cache_dir, directory, needed, keep, used_before)
+
+    def carry_out(self, plan: Plan) -> Outcome:
+        return execute(self.cache_dir, plan, pruning=False)
 
 
 def prune(cache_dir: str) -> Outcome:

@@ -4,8 +4,9 @@
 writer lays out the header itself (``_format.layout``, byte-compatible with
 ``save_file``) and streams each tensor from the source with plain reads,
 converting float32 chunks to float16 on the way. The file is written as
-``<dest>.incomplete-<unique>``, fsynced, then published with ``os.replace``;
-a reader can never find it half-written.
+``<dest>.incomplete-<unique>``, held as a ``WrittenSibling`` until it is published
+(fsync, then ``os.replace``: a reader never finds it half-written) or discarded. What a
+process that ended before publishing left is found again by ``unpublished_sibling``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import hashlib
 import logging
 import math
 import os
+import stat
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,18 +30,21 @@ from ._dtypes import converted_dtype
 from ._format import (
     HEADER_LENGTH_BYTES,
     MAX_HEADER_BYTES,
+    FileHandle,
     Header,
     TensorEntry,
     check_unchanged,
+    header_of,
     layout,
     pieces_of,
     preadv_exact,
     reading,
 )
-from ._places import incomplete_prefix
+from ._host import boot_id
+from ._places import INCOMPLETE_INFIX, incomplete_prefix
 from ._progress import byte_bar, progress_enabled
-from ._written import ConversionResult, WrittenSibling, _as_conversion_error, _unlink_quietly, mark_written
-from .errors import ConversionError
+from ._records import ConversionResult
+from .errors import ConversionError, HeaderError, Sa3LoaderError
 
 logger = logging.getLogger(__name__)
 
@@ -351,3 +358,142 @@ def _keep_group(fd: int, source: os.stat_result, mode: int) -> None:
         os.fchown(fd, -1, source.st_gid)
     except PermissionError:
         os.fchmod(fd, mode & ~0o070)
+
+
+@dataclass
+class WrittenSibling:
+    """A sibling whose bytes are all in its temp file, not yet durable or at its name.
+
+    ``publish`` fsyncs it and renames it to ``dest``; ``discard`` removes it.
+    Until one of them, the temp file is the writer's, under the conversion lock.
+    """
+
+    tmp: str
+    dest: str
+    fd: int  # the temp file, open for reading and writing
+    result: ConversionResult
+
+    def open_header(self) -> Header:
+        """The file just written, through a descriptor of its own, under ``dest``'s name.
+
+        Not opened by name: it is the inode written, whatever is at the temp name now.
+        A file that does not read back as the header written (it cannot happen, unless
+        something wrote into it) is a ``ConversionError``: the load reads the source.
+        """
+        _faults.point("written")
+        handle = FileHandle(self.dest, fd=os.dup(self.fd))
+        try:
+            header = header_of(handle)
+            if header.sha256 != self.result.header_sha256 or header.file_size != self.result.size:
+                raise HeaderError(f"{self.tmp}: not the header that was written", filename=self.tmp)
+            return header
+        except HeaderError as exc:
+            handle.close()
+            raise ConversionError(
+                f"the fp16 sibling just written cannot be read back ({exc})", filename=self.dest
+            ) from exc
+        except BaseException:
+            handle.close()
+            raise
+
+    def publish(self, before_rename: Callable[[], None] | None = None) -> None:
+        """fsync, then ``os.replace`` to ``dest``: a reader never finds it half-written.
+
+        ``before_rename`` may raise to leave ``dest`` alone (the temp file is removed).
+        """
+        try:
+            _faults.point("fsync")
+            os.fsync(self.fd)
+            self._close()
+            _faults.point("rename")
+            if before_rename is not None:
+                before_rename()
+            os.replace(self.tmp, self.dest)
+            _fsync_dir(os.path.dirname(self.dest) or ".")
+        except BaseException as exc:
+            self.discard()
+            raise _as_conversion_error(exc, self.dest) from exc
+
+    def discard(self) -> None:
+        self._close()
+        _unlink_quietly(self.tmp)
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _as_conversion_error(exc: BaseException, dest: str) -> BaseException:
+    """An ``OSError`` while writing, as a ``ConversionError``; any other error as it is."""
+    if isinstance(exc, OSError) and not isinstance(exc, Sa3LoaderError):
+        return ConversionError(
+            f"cannot write fp16 sibling {dest}: {exc.strerror or exc}", filename=dest, errno=exc.errno
+        )
+    return exc
+
+
+WRITTEN_TAG = "written-"
+
+
+def mark_written(tmp: str, dest: str, counts: dict[str, int]) -> str:
+    boot = boot_id()
+    if boot is None:
+        return tmp  # nothing can prove it complete after this process: it is converted again
+    prefix = incomplete_prefix(dest)
+    unique = tmp[len(prefix) :]  # <pid>-<random>
+    written = f"{prefix}{WRITTEN_TAG}{boot}-{counts['inf']}-{counts['zero']}-{unique}"
+    os.rename(tmp, written)
+    return written
+
+
+def unpublished_sibling(path: str, dest: str, prefix: bytes, total: int) -> WrittenSibling | None:
+    """The temp file at ``path`` as a ``WrittenSibling`` to publish, when it provably holds every
+    byte of the sibling whose header bytes are ``prefix`` and size ``total`` (the current source's:
+    ``_convert.output_prefix``), written by a process that ended before it published it; else None.
+
+    The proof: its name (``.incomplete-written-<boot>-<overflow>-<flushed>-<pid>-<random>``)
+    says it was complete (renamed after its last byte, from a source unchanged meanwhile) in
+    this boot, so the page cache holds what was written (a restart may not), and its header and
+    size are those of the sibling of the source as it is now. Publishing fsyncs it first.
+    """
+    tag = os.path.basename(path).split(INCOMPLETE_INFIX, 1)[-1]
+    fields = tag[len(WRITTEN_TAG) :].split("-") if tag.startswith(WRITTEN_TAG) else []
+    if len(fields) != 5 or fields[0] != boot_id() or not all(f.isdigit() for f in fields[1:3]):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        first = os.pread(fd, len(prefix), 0) if stat.S_ISREG(st.st_mode) and st.st_size == total else b""
+    except OSError:
+        first = b""
+    if first != prefix:
+        os.close(fd)
+        return None
+    result = ConversionResult(
+        dest, total, hashlib.sha256(prefix[8:]).hexdigest(), int(fields[1]), int(fields[2]), 0.0
+    )
+    return WrittenSibling(path, dest, fd, result)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

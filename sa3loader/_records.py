@@ -7,7 +7,7 @@ before any field is used. Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # How far apart two records of a sibling's last use are: a cap needs hours, not seconds.
@@ -120,6 +120,64 @@ def _a_time(value: Any) -> bool:
 def valid_row(row: Any) -> bool:
     """Whether ``row`` has every field sa3loader reads, with the right types and schema."""
     return _matches(row, ROW_SHAPE) and row["schema"] == SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What writing a sibling did: its name, size and header, and the range report's counts."""
+
+    path: str
+    size: int
+    header_sha256: str
+    overflow_to_inf: int
+    flushed_to_zero: int
+    seconds: float
+
+
+INVALID = "invalid"  # a row of the wrong shape: treated as absent by loads
+
+
+@dataclass
+class Entry:
+    source: str
+    sibling: str
+    source_size: int
+    sibling_size: int
+    created: float
+    status: str
+    key: str = field(default="", repr=False)  # the index key (the source's real path)
+    last_used: float = 0.0  # when a load last used the sibling (to the hour), or made it
+
+
+@dataclass
+class Removal:
+    """A file or empty dir a cache command removes (or, in a dry run, would remove)."""
+
+    path: str
+    bytes: int
+    kind: str  # "sibling", "temp file", "lock file", "empty dir"
+    # The sibling whose conversion lock guards this step ("" for dirs).
+    guard: str = field(default="", repr=False)
+    # A sibling's (device, inode, size, mtime) when planned: another file there since is kept.
+    identity: tuple[int, int, int, int] | None = field(default=None, repr=False)
+
+
+@dataclass
+class Plan:
+    """What ``prune`` or ``clear`` will do: rows to drop, then files and dirs to remove, in order."""
+
+    rows: list[Entry]
+    removals: list[Removal]
+    kept: list[tuple[Removal, str]] = field(default_factory=list)  # not removed, with why
+
+
+@dataclass
+class Outcome:
+    """What executing a plan did: every step done, and every step kept with why."""
+
+    rows: list[Entry]
+    removed: list[Removal]
+    kept: list[tuple[Removal, str]]
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import _config, _convert, _faults
-from ._cache_admin import Plan, execute, plan_cap, plan_room
 from ._cli_output import human_size
 from ._config import warn_once
-from ._format import Header
+from ._convert import WrittenSibling, unpublished_sibling
 from ._identity import has_float32, is_sa3loader_file, marked_by_sa3loader, sibling_metadata
 from ._index import Index
 from ._lock import ConversionLock
@@ -38,10 +38,8 @@ from ._places import (
     temp_files_of,
 )
 from ._publication import Publication, finish, wait_for_publishing
-from ._records import LAST_USE_STEP_S, IndexRow, RangeReport
-from ._sibling import SiblingFinder, SiblingOutcome, index_row
+from ._records import LAST_USE_STEP_S, IndexRow, Plan, RangeReport
 from ._trust import beside_dir_problem, dir_writable, owned_file_problem
-from ._written import WrittenSibling, unpublished_sibling
 from .errors import (
     CheckpointChangedError,
     ConversionError,
@@ -49,6 +47,10 @@ from .errors import (
     Sa3LoaderError,
     UnusableLockError,
 )
+
+if TYPE_CHECKING:  # the loader and the CLI hand them in: both are above this module
+    from ._cache_admin import Eviction
+    from ._sibling import SiblingFinder, SiblingOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ def _shortfall(directory: str, needed: int, source_bytes: int) -> int:
     return needed + source_bytes + FREE_SPACE_MARGIN_BYTES - free_bytes(directory)
 
 
-def _keep_under_cap(f: SiblingFinder, size: int, targets: frozenset[str]) -> str | None:
+def _keep_under_cap(f: SiblingFinder, evict: Eviction, size: int, targets: frozenset[str]) -> str | None:
     """Under $SA3LOADER_CACHE_MAX, remove the least recently used siblings so the new one
     fits; None when it does (or there is no cap), else why the load reads fp32."""
     cap = f.settings.cache_max
@@ -117,7 +119,7 @@ def _keep_under_cap(f: SiblingFinder, size: int, targets: frozenset[str]) -> str
         return f"{new} is larger than {over}"
     wait_for_publishing()  # what this process converted counts once its row is there
     try:
-        plan = plan_cap(f.cache_dir, cap, adding=size, keep=targets)
+        plan = evict.over_cap(cap, adding=size, keep=targets)
     except (Sa3LoaderError, OSError) as exc:
         warn_once("cap:" + f.cache_dir, "sa3loader cannot apply $%s: %s", _config.CACHE_MAX_ENV, exc)
         return None
@@ -125,18 +127,18 @@ def _keep_under_cap(f: SiblingFinder, size: int, targets: frozenset[str]) -> str
         return f"{new} does not fit under {over}, even with older siblings removed"
     if plan.removals and f.index.read_only:
         return f"{new} does not fit under {over}, and the index is read-only"
-    _evict(f, lambda: plan, f"to stay under {human_size(cap)}")
+    _evict(f, evict, lambda: plan, f"to stay under {human_size(cap)}")
     return None
 
 
-def _evict(f: SiblingFinder, plan: Callable[[], Plan | None], why: str) -> bool:
+def _evict(f: SiblingFinder, evict: Eviction, plan: Callable[[], Plan | None], why: str) -> bool:
     """Carry out an eviction plan of this cache dir (never one of a read-only or untrusted
     index); True when it removed something."""
     if not f.cache_trusted or f.index.read_only:
         return False
     try:
         planned = plan()
-        done = execute(f.cache_dir, planned, pruning=False) if planned is not None else None
+        done = evict.carry_out(planned) if planned is not None else None
     except (Sa3LoaderError, OSError) as exc:
         warn_once("evict:" + f.cache_dir, "sa3loader cannot remove old siblings %s: %s", why, exc)
         return False
@@ -150,7 +152,7 @@ def _evict(f: SiblingFinder, plan: Callable[[], Plan | None], why: str) -> bool:
     return any(step.kind == "sibling" for step in done.removed)
 
 
-def _room_for(f: SiblingFinder, target: str, size: int, keep: frozenset[str]) -> str | None:
+def _room_for(f: SiblingFinder, evict: Eviction, target: str, size: int, keep: frozenset[str]) -> str | None:
     """``_room_problem`` at ``target``, after removing the least recently used siblings on
     its filesystem where it is short of space (before any fallback)."""
     problem = _room_problem(target, size, f.source.file_size)
@@ -158,8 +160,8 @@ def _room_for(f: SiblingFinder, target: str, size: int, keep: frozenset[str]) ->
     if problem is None or not os.path.isdir(directory):
         return problem
     needed = _shortfall(directory, size, f.source.file_size)
-    plan = functools.partial(plan_room, f.cache_dir, directory, needed, keep, time.time() - LAST_USE_STEP_S)
-    if needed > 0 and _evict(f, plan, "to make room"):
+    plan = functools.partial(evict.for_room, directory, needed, keep, time.time() - LAST_USE_STEP_S)
+    if needed > 0 and _evict(f, evict, plan, "to make room"):
         return _room_problem(target, size, f.source.file_size)
     return problem
 
@@ -167,8 +169,8 @@ def _room_for(f: SiblingFinder, target: str, size: int, keep: frozenset[str]) ->
 class SiblingResolver:
     """Resolves the sibling of one source for one cache dir: find, lock, find again, convert."""
 
-    def __init__(self, finder: SiblingFinder, *, publish_later: bool = False) -> None:
-        self.finder = finder
+    def __init__(self, finder: SiblingFinder, evict: Eviction, *, publish_later: bool = False) -> None:
+        self.finder, self.evict = finder, evict
         self.source, self.outcome = finder.source, finder.outcome
         self.publish_later = publish_later
 
@@ -237,7 +239,7 @@ class SiblingResolver:
         options, problems = self._places_for(size)
         for target in options:
             made = make_beside_dirs(os.path.dirname(target)) if not in_cache_dir(target, f.cache_dir) else []
-            problem = _room_for(f, target, size, frozenset(options))
+            problem = _room_for(f, self.evict, target, size, frozenset(options))
             if problem is None:
                 if problems:  # not where it would go first: say where, and why
                     logger.info("%s: fp16 sibling at %s (%s)", self.source.path, target, "; ".join(problems))
@@ -259,7 +261,7 @@ class SiblingResolver:
     def _places_for(self, size: int) -> tuple[list[str], list[str]]:
         """``targets``, once the cap has room for a sibling of ``size`` bytes; none where it cannot."""
         options, problems = self.targets()
-        over_cap = _keep_under_cap(self.finder, size, frozenset(options))
+        over_cap = _keep_under_cap(self.finder, self.evict, size, frozenset(options))
         return ([], [over_cap]) if over_cap is not None else (options, problems)
 
     def _convert_at(self, target: str, metadata: dict[str, str]) -> SiblingOutcome:
@@ -318,7 +320,7 @@ class SiblingResolver:
         thread that takes over ``held`` (the lock, the temp file) once the load is done."""
         out, f = self.outcome, self.finder
         out.sibling = written.open_header()
-        row = index_row(f, out.sibling, None, written.result)
+        row = f.row_for(out.sibling, None, written.result)
         if not self.publish_later:
             _publish(written, f.cache_dir, f.cache_trusted, f.real, row, f.index)
             return
@@ -383,15 +385,10 @@ def _publish(
 
 
 def resolve_sibling(
-    source: Header,
-    cache_dir: str,
-    *,
-    verify: bool = False,
-    keep_open: bool = False,
-    settings: _config.Settings | None = None,
-    publish_later: bool = False,
+    finder: SiblingFinder, evict: Eviction, *, keep_open: bool = False, publish_later: bool = False
 ) -> SiblingOutcome:
-    """The sibling to read (found, adopted or converted now).
+    """The sibling to read of ``finder``'s source (found, adopted or converted now); ``evict``
+    removes the least recently used siblings where the cap or a full disk asks for room.
 
     With ``keep_open``, ``outcome.sibling`` stays open (use the outcome as a
     context manager): a load reads exactly the file that was checked, whatever
@@ -399,9 +396,8 @@ def resolve_sibling(
     ``publish_later`` (and ``keep_open``), a sibling converted now is returned
     before it is published, which a background thread finishes (``_publication``).
     """
-    finder = SiblingFinder(source, cache_dir, settings or _config.settings(verify=verify))
     with finder.index:
-        outcome = SiblingResolver(finder, publish_later=publish_later and keep_open).resolve()
+        outcome = SiblingResolver(finder, evict, publish_later=publish_later and keep_open).resolve()
     if not keep_open and outcome.sibling is not None:
         outcome.close()
         outcome.sibling = dataclasses.replace(outcome.sibling, handle=None)

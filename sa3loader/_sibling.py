@@ -39,9 +39,8 @@ from ._identity import (
 from ._index import Index
 from ._places import beside_path, cache_path, in_cache_dir, in_hf_hub_cache, legacy_beside_path
 from ._publication import Publication
-from ._records import LAST_USE_STEP_S, IndexRow, RangeReport, SiblingClaim
+from ._records import LAST_USE_STEP_S, ConversionResult, IndexRow, RangeReport, SiblingClaim
 from ._trust import cache_dir_trust, owner_problem
-from ._written import ConversionResult
 from .errors import HeaderError, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -275,6 +274,11 @@ class SiblingFinder:
                 self.outcome.stored_range = row.range if row is not None else None
                 return sibling
         return None
+
+    def row_for(
+        self, sibling: Header, old: IndexRow | None, result: ConversionResult | None = None
+    ) -> IndexRow:
+        return index_row(self, sibling, old, result)
 
     def _note_use(self, row: IndexRow) -> None:
         """Record that the sibling was used now, at most once per ``LAST_USE_STEP_S``: a cap

@@ -1,29 +1,32 @@
 """``python -m sa3loader`` / ``sa3loader``: convert ahead of time, warm, inspect the cache.
 
-With ``_cli_cache`` (the ``cache`` commands) and ``_cli_output``, the only code that
-prints. Exit codes: 0 success, 1 error (one line on
-stderr; ``--debug`` for the traceback), 2 bad usage, 3 a check found a problem
-(``--verify``, ``cache verify``, ``cache ls`` with invalid rows). With
-``--json`` every outcome, errors included, is one JSON document on stdout.
-Global options (``--cache-dir``, ``--json``, ``--debug``) go before or after the command.
+With ``_cli_output``, the only code that prints (``_cli_args`` holds the parser). Exit
+codes: 0 success, 1 error (one line on stderr; ``--debug`` for the traceback), 2 bad usage,
+3 a check found a problem (``--verify``, ``cache verify``, ``cache ls`` with invalid rows).
+With ``--json`` every outcome, errors included, is one JSON document on stdout. Global
+options (``--cache-dir``, ``--json``, ``--debug``) go before or after the command.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
+import stat
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, NoReturn
+from typing import Any
 
-from . import _compare, _config
+from . import _cache_admin, _cache_scan, _compare, _config, _faults, _index
+from ._cache_admin import Eviction
 from ._cache_dir import open_cache_dir_to_all, open_siblings_to_all, resolve_cache_dir
-from ._cli_cache import cmd_cache
+from ._cli_args import UsageError, VersionAsked, build_parser, check_cache_arguments, parsed
 from ._cli_output import (
     EXIT_CHECK_FAILED,
     EXIT_ERROR,
@@ -42,42 +45,23 @@ from ._convert_dir import (
     existing_sibling,
     sibling_size,
 )
-from ._format import open_header, read_header
+from ._format import Header, open_header, read_header
 from ._identity import (
     has_float32,
     is_sa3loader_file,
 )
-from ._records import RangeReport
+from ._places import hub_name
+from ._records import INVALID, MISSING_SOURCE, OK, STALE, Entry, Outcome, Plan, RangeReport, Removal
 from ._resolver import resolve_sibling
+from ._sibling import SiblingFinder, SiblingOutcome
 from ._version import __version__
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
-PATH_ACTIONS = ("rm", "scan")  # cache actions that take paths
 
-
-class UsageError(Exception):
-    """argparse's complaint, raised instead of printed, so ``--json`` can report it as JSON."""
-
-    def __init__(self, message: str, usage: str) -> None:
-        super().__init__(message)
-        self.usage = usage
-
-
-class _VersionAsked(Exception):
-    """``--version``: printed by ``main``, as JSON too when ``--json`` is given (before or after)."""
-
-
-class _Version(argparse.Action):
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
-
-    def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise _VersionAsked
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message, self.format_usage())
+def _resolved(header: Header, cache_dir: str, verify: bool, *, keep_open: bool) -> SiblingOutcome:
+    """The sibling a load of ``header``'s file would read, found or made now as a load would."""
+    finder = SiblingFinder(header, cache_dir, _config.settings(verify=verify))
+    return resolve_sibling(finder, Eviction(cache_dir), keep_open=keep_open)
 
 
 def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAction:
@@ -89,7 +73,7 @@ def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAc
     with open_header(src) as header:
         if is_sa3loader_file(header) or not has_float32(header):
             return FileAction(src, src, "unchanged")
-        with resolve_sibling(header, resolve_cache_dir(cache_dir), verify=verify, keep_open=True) as outcome:
+        with _resolved(header, resolve_cache_dir(cache_dir), verify, keep_open=True) as outcome:
             if outcome.sibling is None:
                 raise ConversionError(f"{src}: {outcome.reason}", filename=src)
             converted = outcome.converted
@@ -169,7 +153,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
 def _warm_one(path: str, cache_dir: str, verify: bool) -> tuple[dict[str, Any], list[str], int]:
     started = time.perf_counter()
     with open_header(path) as header:
-        outcome = resolve_sibling(header, cache_dir, verify=verify, keep_open=verify)
+        outcome = _resolved(header, cache_dir, verify, keep_open=verify)
         with outcome:
             if verify and outcome.sibling is not None and outcome.checked is None:  # converted now
                 outcome.checked = _compare.verify(header, outcome.sibling)
@@ -230,109 +214,211 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
-    """The options every command takes, before or after its name (``hf``, ``pip`` and git do the same)."""
-    parser.add_argument(
-        "--debug", action="store_true", default=default, help="show tracebacks and debug logs"
-    )
-    parser.add_argument("--json", action="store_true", default=default, help="machine-readable output")
-    parser.add_argument(
-        "--cache-dir",
-        default=default,
-        help="cache dir (default: $SA3LOADER_CACHE_DIR, else $XDG_CACHE_HOME/sa3loader, "
-        "else ~/.cache/sa3loader)",
+def _ls_line(e: Entry, paths: bool) -> str:
+    if e.status == INVALID:
+        return f"{e.status:15} {e.source}: not a valid index row (loads ignore it; `cache prune` drops it)"
+    source = e.source if paths else hub_name(e.source) or e.source
+    sibling = f" -> {e.sibling}" if paths else ""
+    created, used = (time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) for t in (e.created, e.last_used))
+    return (
+        f"{e.status:15} {source}{sibling}  {human_size(e.source_size)} -> "
+        f"{human_size(e.sibling_size)} sibling, created {created}, last used {used}"
     )
 
 
-def _cache_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "cache_command",
-        choices=["ls", "verify", "prune", "clear", "repair", "rm", "scan"],
-        metavar="ACTION",
-        help="ls: list rows; verify: full content check; prune: drop stale rows and leftovers; clear: all; "
-        "repair: set a corrupt index aside and start a new one; rm CHECKPOINT...: their siblings; "
-        "scan DIR...: every sibling there, indexed or not",
+def _bytes_on_disk(paths: set[str]) -> int:
+    """The size of each file that exists, once each (rows of copies of a hub blob share one;
+    hard links to one file are one file)."""
+    files = {}
+    for path in paths:
+        with contextlib.suppress(OSError, ValueError):
+            st = os.stat(path)
+            files[st.st_dev, st.st_ino] = st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return sum(files.values())
+
+
+def _ls_total(rows: list[Entry]) -> str:
+    valid = [e for e in rows if e.status != INVALID]
+    checkpoints, siblings = {e.key or e.source for e in valid}, {e.sibling for e in valid}
+    return (
+        f"{len(rows)} row(s): {human_size(_bytes_on_disk(checkpoints))} of checkpoints, "
+        f"{human_size(_bytes_on_disk(siblings))} of siblings on disk"
     )
-    p.add_argument(
-        "checkpoints", nargs="*", metavar="PATH", help="rm: checkpoints (there or gone); scan: dirs"
-    )
-    p.add_argument(
-        "--dry-run", action="store_true", help="prune, clear, rm, repair: only say what would be done"
-    )
-    p.add_argument("--paths", action="store_true", help="ls: full paths (hub files are named repo@revision)")
-    p.add_argument("--yes", action="store_true", help="clear: do not ask on a terminal")
-    p.add_argument(
-        "--max-size",
-        type=_size_argument,
-        metavar="SIZE",
-        help="prune: also remove the least recently used siblings until they take at most SIZE (20GB)",
-    )
-    p.set_defaults(func=cmd_cache)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="sa3loader",
-        description="Convert Stable Audio 3 checkpoints to fp16 ahead of time and manage sa3loader's cache.",
-        epilog="Exit codes: 0 ok, 1 error, 2 bad usage, 3 a check found a problem.",
-    )
-    parser.add_argument("--version", action=_Version)
-    _global_options(parser, default=None)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        _global_options(p, default=argparse.SUPPRESS)  # given here, they win; else the global value
-        return p
-
-    p = add("convert", "convert a checkpoint file or directory to fp16 (only float32 tensors change)")
-    p.add_argument("src", help="a .safetensors file or a checkpoint directory")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument(
-        "--out", help="output file or directory (default: the sibling a load uses / <dir>-fp16)"
-    )
-    where.add_argument(
-        "--in-place",
-        action="store_true",
-        help="replace each file (temp file + rename): atomic per file, not for the directory as a whole",
-    )
-    p.add_argument("--verify", action="store_true", help="re-read both sides: output must equal fp16(source)")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.set_defaults(func=cmd_convert)
-
-    p = add("warm", "create or check the fp16 sibling of a checkpoint, or of each in a dir (image builds)")
-    p.add_argument("ckpt")
-    p.add_argument("--verify", action="store_true", help="full content check of an existing sibling")
-    p.add_argument(
-        "--readable-by-all",
-        action="store_true",
-        help="image builds: let every user read the cache dir (dirs r-x, index r--); each sibling "
-        "gets its checkpoint's read bits (whatever the umask), its .cache/sa3loader its folder's",
-    )
-    p.set_defaults(func=cmd_warm)
-
-    p = add("info", "tensors by dtype, sizes, and what conversion would save")
-    p.add_argument("ckpt")
-    p.set_defaults(func=cmd_info)
-
-    _cache_options(add("cache", "list, check, prune, clear or repair the cache, or remove some siblings"))
-    return parser
+def _entry_data(e: Entry) -> dict[str, Any]:
+    data = asdict(e)
+    data.pop("key")
+    data["hub"] = hub_name(e.source)
+    return data
 
 
-def _check_cache_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not getattr(args, "cache_command", None):
-        return
-    if (args.cache_command in PATH_ACTIONS) != bool(args.checkpoints):
-        parser.error("cache rm and scan take one or more paths; the other cache actions take none")
-    if args.max_size is not None and args.cache_command != "prune":
-        parser.error("--max-size goes with cache prune")
+def _removal_data(r: Removal) -> dict[str, Any]:
+    return {"path": r.path, "bytes": r.bytes, "kind": r.kind}
 
 
-def _size_argument(text: str) -> int:
+def _removal_lines(removed: list[Removal], dry_run: bool) -> list[str]:
+    """One line per file or dir with its size, then the total."""
+    verb = "would remove" if dry_run else "removed"
+    lines = [f"{verb} {r.kind} {r.path} ({human_size(r.bytes)})" for r in removed]
+    files = [r for r in removed if r.kind != "empty dir"]
+    dirs = len(removed) - len(files)
+    total = f"{verb} {len(files)} file(s)" + (f" and {dirs} empty dir(s)" if dirs else "")
+    return [*lines, f"{total}, {human_size(sum(r.bytes for r in removed))} in all"]
+
+
+def _plan_data(plan: Plan) -> dict[str, Any]:
+    return {
+        "rows": [_entry_data(e) for e in plan.rows],
+        "removed": [_removal_data(r) for r in plan.removals],
+        "kept": [{**_removal_data(r), "why": why} for r, why in plan.kept],
+    }
+
+
+def _kept_lines(kept: list[tuple[Removal, str]], dry_run: bool) -> list[str]:
+    verb = "would keep" if dry_run else "kept"
+    return [f"{verb} {r.kind} {r.path}: {why}" for r, why in kept]
+
+
+def _outcome_data(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "rows": [_entry_data(e) for e in outcome.rows],
+        "removed": [_removal_data(r) for r in outcome.removed],
+        "kept": [{**_removal_data(r), "why": why} for r, why in outcome.kept],
+    }
+
+
+def _ask(question: str) -> bool | None:
+    """The person's answer; None when they ended the input (Ctrl-D) or pressed Ctrl-C."""
     try:
-        return _config.parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        answer = input(question)
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return None
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
+    pruning = args.cache_command == "prune"
+    plan = (
+        _cache_admin.plan_prune(cache_dir, args.max_size) if pruning else _cache_admin.plan_clear(cache_dir)
+    )
+    rows = f"{len(plan.rows)} row(s)" + ("" if pruning else f" from {cache_dir}")
+    verb = "prune" if pruning else "clear"
+    if args.dry_run:
+        lines = [f"would prune ({e.status}): {e.source}" for e in plan.rows] if pruning else []
+        lines += [*_removal_lines(plan.removals, dry_run=True), *_kept_lines(plan.kept, dry_run=True)]
+        lines.append(f"would {verb} {rows}")
+        emit(args, {"dry_run": True, **_plan_data(plan)}, lines)
+        return EXIT_OK
+    if not pruning and not args.yes and not args.json and _faults.fact("interactive", None, interactive()):
+        print("\n".join(_removal_lines(plan.removals, dry_run=True)))
+        answer = _ask(f"clear {rows} and delete these files? [y/N] ")
+        if answer is None:
+            print("sa3loader: cancelled: nothing deleted", file=sys.stderr)
+            return EXIT_ERROR
+        if not answer:
+            print("nothing deleted")
+            return EXIT_OK
+    outcome = _cache_admin.execute(cache_dir, plan, pruning=pruning)
+    lines = [f"pruned ({e.status}): {e.source}" for e in outcome.rows] if pruning else []
+    lines += [*_removal_lines(outcome.removed, dry_run=False), *_kept_lines(outcome.kept, dry_run=False)]
+    lines.append(f"pruned {rows}" if pruning else f"cleared {rows}")
+    emit(args, {"dry_run": False, **_outcome_data(outcome)}, lines)
+    return EXIT_OK
+
+
+def _rm(args: argparse.Namespace, cache_dir: str) -> int:
+    plan = _cache_admin.plan_rm(cache_dir, args.checkpoints)
+    verb = "would remove" if args.dry_run else "removed"
+    if args.dry_run:
+        lines = [*_removal_lines(plan.removals, dry_run=True), *_kept_lines(plan.kept, dry_run=True)]
+        lines.append(f"{verb} {len(plan.rows)} row(s)")
+        emit(args, {"dry_run": True, **_plan_data(plan)}, lines)
+        return EXIT_OK
+    outcome = _cache_admin.execute(cache_dir, plan, pruning=False)
+    lines = [*_removal_lines(outcome.removed, dry_run=False), *_kept_lines(outcome.kept, dry_run=False)]
+    lines.append(f"{verb} {len(outcome.rows)} row(s)")
+    emit(args, {"dry_run": False, **_outcome_data(outcome)}, lines)
+    return EXIT_OK
+
+
+def _scan(args: argparse.Namespace, cache_dir: str) -> int:
+    found = _cache_scan.scan(args.checkpoints, {e.sibling: e.source for e in _cache_admin.entries(cache_dir)})
+    lines = [
+        f"{f.status:15} {f.sibling}  {human_size(f.bytes)}  source: {f.source or 'not recorded'}"
+        + (" (gone)" if f.status == MISSING_SOURCE else "")
+        + ("" if f.indexed else "  (no row)")
+        for f in found
+    ]
+    gone = sum(f.status == MISSING_SOURCE for f in found)
+    lines.append(
+        f"{len(found)} sibling(s), {human_size(sum(f.bytes for f in found))} on disk; "
+        f"{gone} whose checkpoint is gone (remove with `sa3loader cache rm CHECKPOINT`)"
+    )
+    emit(args, [asdict(f) for f in found], lines)
+    return EXIT_OK
+
+
+def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:
+    checks = _cache_admin.verify_all(cache_dir, progress=not args.json)
+    lines = [
+        f"{c.result}: {c.entry.source} -> {c.entry.sibling}"
+        + (f" (max abs diff {c.max_abs_diff})" if c.max_abs_diff is not None else "")
+        for c in checks
+    ]
+    data = [
+        {**_entry_data(c.entry), "check": c.result, "max_abs_diff": _finite(c.max_abs_diff)} for c in checks
+    ]
+    emit(args, data, lines or ["no rows"])
+    # Exit 3 means a problem with a sibling: one whose checkpoint is gone or changed since is
+    # not damaged (``cache prune`` tidies it away).
+    fine = (OK, MISSING_SOURCE, STALE)
+    return EXIT_OK if all(c.result in fine for c in checks) else EXIT_CHECK_FAILED
+
+
+def _finite(value: float | None) -> float | str | None:
+    """A number JSON can hold; inf and nan (a sibling that differs that much) as text."""
+    return value if value is None or math.isfinite(value) else str(value)
+
+
+def _repair(args: argparse.Namespace, cache_dir: str) -> int:
+    aside = _index.repair(cache_dir, dry_run=args.dry_run)
+    verb = "would set" if args.dry_run else "set"
+    line = (
+        f"the index in {cache_dir} is sound: nothing to repair"
+        if aside is None
+        else f"{verb} the corrupt index aside as {aside} and start a new one; "
+        "loads adopt the siblings again from their own metadata"
+    )
+    emit(args, {"dry_run": args.dry_run, "repaired": aside is not None, "set_aside": aside}, [line])
+    return EXIT_OK
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    cache_dir = resolve_cache_dir(args.cache_dir)
+    if args.cache_command == "ls":
+        rows = sorted(_cache_admin.entries(cache_dir), key=lambda e: e.last_used)  # least recently used first
+        lines = [f"cache dir: {cache_dir}", *(_ls_line(e, args.paths) for e in rows), _ls_total(rows)]
+        emit(args, [_entry_data(e) for e in rows], lines)
+        return EXIT_CHECK_FAILED if any(e.status == INVALID for e in rows) else EXIT_OK
+    if args.cache_command == "verify":
+        return _verify_cache(args, cache_dir)
+    if args.cache_command == "repair":
+        return _repair(args, cache_dir)
+    if args.cache_command == "rm":
+        return _rm(args, cache_dir)
+    if args.cache_command == "scan":
+        return _scan(args, cache_dir)
+    return _prune_or_clear(args, cache_dir)
+
+
+def interactive() -> bool:
+    """A person at a terminal, who can be asked before files are deleted."""
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+COMMANDS = {"convert": cmd_convert, "warm": cmd_warm, "info": cmd_info, "cache": cmd_cache}
 
 
 def _fail(as_json: bool, code: int, exc: BaseException, kind: str) -> int:
@@ -345,26 +431,13 @@ def _fail(as_json: bool, code: int, exc: BaseException, kind: str) -> int:
     return code
 
 
-def _parsed(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """``parse_args``, but paths after an option (``cache rm --dry-run CKPT``), which argparse
-    leaves unparsed where a command's paths follow its action, are the command's paths."""
-    args, extra = parser.parse_known_args(argv)
-    ended = extra[:1] == ["--"]  # after "--", even "-x.safetensors" is a path
-    paths = extra[1:] if ended else extra
-    if getattr(args, "func", None) is cmd_cache and (ended or not any(a.startswith("-") for a in paths)):
-        args.checkpoints, extra = [*args.checkpoints, *paths], []
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        args = _parsed(parser, argv)
-        _check_cache_arguments(parser, args)
-    except _VersionAsked:
+        args = parsed(parser, argv)
+        check_cache_arguments(parser, args)
+    except VersionAsked:
         if "--json" in argv:
             print(json.dumps({"version": __version__}, indent=2))
         else:
@@ -380,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="sa3loader: %(levelname)s: %(message)s")
     logging.getLogger(_config.LOGGER_NAME).setLevel(level)
     try:
-        return int(args.func(args))
+        return int(COMMANDS[args.command](args))
     except VerificationError as exc:
         return _fail(args.json, EXIT_CHECK_FAILED, exc, "check failed")
     except (Sa3LoaderError, OSError) as exc:

@@ -24,11 +24,12 @@ from torch import nn
 
 from . import _config, _faults, _upstream
 from ._build import BuildKind, Built, Factory, LoadResult, build, load_faithful, log_skipped, not_deferred
+from ._cache_admin import Eviction
 from ._cache_dir import resolve_cache_dir
 from ._config import IoMode
 from ._format import Header, check_unchanged, open_header
 from ._resolver import resolve_sibling
-from ._sibling import SiblingOutcome
+from ._sibling import SiblingFinder, SiblingOutcome
 from ._values import Values, resolve_io, streams_to
 from .errors import UpstreamNotFoundError
 
@@ -326,9 +327,8 @@ def _load_into(
     with open_header(ckpt_path) as source:
         outcome = SiblingOutcome(reason="fp32 load")
         if model_half:
-            outcome = resolve_sibling(
-                source, resolve_cache_dir(cache_dir), keep_open=True, settings=settings, publish_later=True
-            )
+            finder = SiblingFinder(source, resolve_cache_dir(cache_dir), settings)
+            outcome = resolve_sibling(finder, Eviction(finder.cache_dir), keep_open=True, publish_later=True)
         with outcome:
             info.timings["sibling_s"] = _now() - sibling_started
             _record_sibling(info, outcome, source)

@@ -226,9 +226,9 @@ def every_dtype() -> dict[str, torch.Tensor]:
 
 def test_every_dtype_is_laid_out_read_and_converted_like_safetensors(tmp_path):
     from safetensors.torch import load_file
+    from support.siblings import resolve_sibling
 
     from sa3loader import load_into_module
-    from sa3loader._resolver import resolve_sibling
 
     tensors = every_dtype()
     assert {"F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4"} <= set(TORCH_DTYPES)

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support.compare import writable
+from support.siblings import resolve_sibling
 
 import sa3loader
 from sa3loader import TruncatedFileError, _compare, _convert, _faults, _identity
 from sa3loader._format import read_header
 from sa3loader._records import SourceIdentity
-from sa3loader._resolver import resolve_sibling
 
 IDENTITY = SourceIdentity(size=1, mtime_ns=2, header_sha256="h", inode=0, device=0, ctime_ns=0)
 

@@ -400,8 +400,9 @@ def test_the_siblings_fp16_is_final_only_where_the_device_casts_as_the_cpu_does(
 ):
     """On other devices upstream's own cast runs there (fp32 moved, then cast): nothing assumes
     their rounding of subnormals matches the CPU's."""
+    from support.siblings import resolve_sibling
+
     from sa3loader._format import read_header
-    from sa3loader._resolver import resolve_sibling
     from sa3loader._values import Values
 
     src = save({"w": torch.tensor([1.0, 3e-6]), "i": torch.arange(2)}, tmp_path / "model.safetensors")

@@ -22,6 +22,7 @@ from support.checkpoints import random_like_state, save
 from support.child import digest
 from support.compare import assert_same_model, writable
 from support.loads import load_toy, make_ckpt, reference_digest
+from support.siblings import resolve_sibling
 from support.toymodel import build, reference
 
 import sa3loader
@@ -122,7 +123,7 @@ def no_home(monkeypatch, tmp_path) -> Path:
 
 def plant(fixed: Path, ckpt: Path) -> Path:
     """Another user's doing: a sibling with the victim's identity and other weights, in ``fixed``."""
-    outcome = sa3loader._resolver.resolve_sibling(read_header(ckpt), str(fixed))
+    outcome = resolve_sibling(read_header(ckpt), str(fixed))
     planted = Path(outcome.sibling.path)
     assert str(planted).startswith(str(fixed))  # a hub-style source: the sibling went to the cache
     raw = bytearray(planted.read_bytes())

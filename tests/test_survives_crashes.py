@@ -10,6 +10,7 @@ import pytest
 from support.child import digest
 from support.loads import load_toy, make_ckpt, reference_digest
 from support.processes import fork_child
+from support.siblings import resolve_sibling
 
 import sa3loader
 from sa3loader import _compare
@@ -57,7 +58,7 @@ def test_sigkill_at_random_points_never_leaves_a_bad_sibling(tmp_path):
     """Kill points are chosen by progress (bytes written), never by the clock: deterministic."""
     rng = random.Random(20261125)
     ckpt = make_ckpt(tmp_path / "model.safetensors", dim=BIG_DIM)
-    total = sa3loader._resolver.resolve_sibling(read_header(ckpt), str(tmp_path / "probe")).converted.size
+    total = resolve_sibling(read_header(ckpt), str(tmp_path / "probe")).converted.size
     (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").unlink()
     expected = reference_digest(ckpt, BIG_DIM)
     for trial, limit in enumerate(sorted(rng.randint(1, total) for _ in range(RANDOM_KILL_TRIALS))):

@@ -27,8 +27,8 @@ import sa3loader
 from sa3loader import _convert, _faults
 from sa3loader._format import read_header
 from sa3loader._places import beside_path
-from sa3loader._resolver import resolve_sibling
 from support.faults import fake_mount_table, set_hook
+from support.siblings import resolve_sibling
 from support.toymodel import build
 
 
