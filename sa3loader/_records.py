@@ -1,7 +1,8 @@
 """The records sa3loader keeps and compares, one definition each: who a source is
-(``SourceIdentity``), what a sibling says about its source (``SiblingClaim``), and an index
-row (``IndexRow``), which is read and written as JSON only and checked against its shape
-before any field is used. Pure: no I/O.
+(``SourceIdentity``), what a sibling says about its source (``SiblingClaim``), an index row
+(``IndexRow``), read and written as JSON only and checked against its shape before any field
+is used, what a conversion wrote (``ConversionResult``), and what the cache commands list,
+plan and did (``Entry``, ``Removal``, ``Plan``, ``Outcome``). Pure: no I/O.
 """
 
 from __future__ import annotations

@@ -4,10 +4,13 @@ read back is never used, and other formats named in the message of a refused fil
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -23,9 +26,9 @@ from support.loads import load_toy, make_ckpt
 from support.toymodel import build, reference
 
 import sa3loader
-from sa3loader import HeaderError, Sa3LoaderError, _faults
+from sa3loader import CheckpointPermissionError, HeaderError, Sa3LoaderError, _faults
 from sa3loader._dtypes import TORCH_DTYPES
-from sa3loader._format import MAX_HEADER_BYTES, layout, parse_header, read_header
+from sa3loader._format import MAX_HEADER_BYTES, layout, open_for_reading, parse_header, read_header
 
 PICKLE_LOOKING = [0x0280, 0x0380, 0x0480, 0x0580]
 
@@ -154,13 +157,50 @@ def test_tiny_files(tmp_path, size):
         read_header(path)
 
 
-def test_missing_file_and_directory(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
-        read_header(tmp_path / "nope.safetensors")
-    assert isinstance(err.value, Sa3LoaderError)
-    with pytest.raises(IsADirectoryError) as err:
+@pytest.mark.parametrize(
+    "make, follow, kind, errno_, words",
+    [
+        (lambda p: None, True, "CheckpointNotFoundError", errno.ENOENT, "no such checkpoint file"),
+        (lambda p: p.mkdir(), True, "CheckpointIsADirectoryError", errno.EISDIR, "is a directory, not a"),
+        (lambda p: os.mkfifo(p), True, "FileAccessError", errno.EINVAL, "not a regular file"),  # no hang
+        (lambda p: p.symlink_to(p.with_name("x")), False, "FileAccessError", errno.ELOOP, "cannot open"),
+    ],
+    ids=["missing", "directory", "fifo", "symlink-refused"],
+)
+def test_every_failure_to_open_is_typed_and_names_the_file(tmp_path, make, follow, kind, errno_, words):
+    path = tmp_path / "model.safetensors"
+    make(path)
+    with pytest.raises(Sa3LoaderError) as err:
+        open_for_reading(str(path), follow_symlinks=follow)
+    assert type(err.value).__name__ == kind and isinstance(err.value, OSError)
+    assert (err.value.filename, err.value.errno) == (str(path), errno_)
+    assert str(err.value).startswith(f"{path}: {words}")
+
+
+def test_permission_denied_is_typed_and_names_the_file(tmp_path, monkeypatch):
+    """As the OS says it (root may open anything, so the open itself is made to refuse)."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(CheckpointPermissionError) as err:
+        open_for_reading(str(tmp_path / "m.safetensors"))
+    assert (err.value.filename, err.value.errno) == (str(tmp_path / "m.safetensors"), errno.EACCES)
+    assert str(err.value) == f"{tmp_path / 'm.safetensors'}: permission denied (Permission denied)"
+
+
+def test_a_file_is_opened_read_only_and_non_blocking(tmp_path):
+    path = save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    fd = open_for_reading(str(path))
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        assert flags & os.O_ACCMODE == os.O_RDONLY and flags & os.O_NONBLOCK
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    finally:
+        os.close(fd)
+    with pytest.raises(IsADirectoryError):  # the builtin types still catch them
         read_header(tmp_path)
-    assert isinstance(err.value, Sa3LoaderError)
 
 
 def test_file_with_no_tensors(tmp_path):
@@ -472,6 +512,52 @@ def test_a_file_touched_since_it_was_opened_counts_as_changed(tmp_path):
     with pytest.raises(ValueError, match="closed"):
         header.handle.fileno()  # the block closed its descriptor
     check_unchanged(read_header(path))  # nothing open: nothing to check
+
+
+def test_a_republish_over_the_name_is_no_change_and_a_rewrite_that_keeps_the_mtime_is(tmp_path):
+    """``FileHandle.changed``: a new file renamed over the name moves the old one's ctime and takes
+    a link away (its bytes are intact); a ctime moved with the link count kept is a rewrite."""
+    from sa3loader._format import FileHandle
+
+    path = save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    with FileHandle(str(path)) as handle:
+        time.sleep(0.02)
+        os.replace(save({"w": torch.zeros(2)}, tmp_path / "new.safetensors"), path)
+        assert not handle.changed()
+    with FileHandle(str(path)) as handle:
+        time.sleep(0.02)
+        os.chmod(path, 0o600)  # the ctime moves, nothing else
+        assert handle.changed()
+
+
+def test_a_failed_read_is_typed_and_says_where(tmp_path, monkeypatch):
+    from sa3loader._format import preadv_exact
+
+    def fail(fd, buffers, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    path = save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    monkeypatch.setattr(os, "preadv", fail)
+    with pytest.raises(sa3loader.FileAccessError) as err, open(path, "rb") as f:
+        preadv_exact(f.fileno(), [memoryview(bytearray(4))], 8, str(path))
+    assert (err.value.filename, err.value.errno) == (str(path), errno.EIO)
+    assert str(err.value) == f"{path}: read failed at byte 8 (Input/output error)"
+
+
+def test_reads_go_on_from_where_a_short_read_ended_and_stop_at_the_end(tmp_path, monkeypatch):
+    from sa3loader._format import TruncatedFileError, pieces_of, preadv_exact
+
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(100)))
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, offset: real(fd, [bufs[0][:3]], offset))
+    with open(path, "rb") as f:
+        views = [memoryview(bytearray(5)), memoryview(bytearray(4))]
+        preadv_exact(f.fileno(), views, 10, str(path))
+        assert bytes(views[0]) + bytes(views[1]) == bytes(range(10, 19))
+        with pytest.raises(TruncatedFileError, match="truncated at byte 100"):
+            preadv_exact(f.fileno(), [memoryview(bytearray(5))], 98, str(path))
+    assert list(pieces_of(10, 25, 10)) == [(10, 10), (20, 10), (30, 5)]
 
 
 def test_a_symlink_is_refused_where_links_are_not_followed(tmp_path):

@@ -548,3 +548,34 @@ def test_the_commands_judge_a_recorded_source_by_a_loads_rule(tmp_path, monkeypa
     assert judged()[0] is False
     write_version(ckpt, seed=3, mtime_ns=hour_ago + 1)  # the same weights, another mtime
     assert judged() == (False, False)
+
+
+def test_a_rows_status_is_a_loads_rule(tmp_path):
+    """``cache ls``'s status of a row, by a load's rule: the fingerprint is read only where the
+    stat cannot vouch; a symlink at the sibling's name is never followed."""
+    from sa3loader._records import DAMAGED, MISSING_SIBLING, MISSING_SOURCE, OK, STALE
+
+    ckpt = write_version(
+        tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11, settle=True
+    )
+    with mounted(tmp_path / "mountinfo", {tmp_path: "ext4"}):
+        load_toy(ckpt, tmp_path / "cache")
+        ((_, row),) = Index(str(tmp_path / "cache")).items()
+        status = _identity.row_status
+        assert status(row) == OK
+        assert status(dataclasses.replace(row, checked_ns=None)) == OK  # racy: the fingerprint matches
+        assert status(dataclasses.replace(row, fingerprint="other")) == OK  # the stat vouches
+        assert status(dataclasses.replace(row, checked_ns=None, fingerprint="other")) == STALE
+        assert (
+            status(dataclasses.replace(row, sibling_header_sha256="other")) == DAMAGED
+        )  # claims this source
+        assert status(dataclasses.replace(row, sibling_path=str(tmp_path / "gone"))) == MISSING_SIBLING
+        copy = tmp_path / "copy.safetensors"
+        shutil.copyfile(row.sibling_path, copy)
+        (tmp_path / "link.safetensors").symlink_to(copy)
+        assert status(dataclasses.replace(row, sibling_path=str(tmp_path / "link.safetensors"))) == DAMAGED
+        assert status(dataclasses.replace(row, real_path=str(tmp_path))) == MISSING_SOURCE  # a directory
+        write_version(ckpt, seed=4)
+        assert status(row) == STALE
+        os.unlink(ckpt)
+        assert status(row) == MISSING_SOURCE

@@ -535,6 +535,45 @@ def test_temp_files_of_a_sibling_are_found_by_the_shape_of_their_names(tmp_path)
     assert _places.temp_files_of(dest) == sorted(temps)  # by sa3loader's shape only
 
 
+def test_the_dirs_sa3loader_makes_are_private_and_the_cache_dir_tagged(tmp_path, monkeypatch):
+    old = os.umask(0)
+    try:
+        _places.create_cache_dir(str(tmp_path / "cache" / "index"))
+        folder = tmp_path / "ckpts"
+        folder.mkdir(0o775)
+        (folder / ".cache").mkdir(0o700)  # made earlier: kept, and the hidden folder made in it
+        made = _places.make_beside_dirs(str(folder / ".cache" / "sa3loader"))
+        (tmp_path / "shared").mkdir(0o750)
+        also = _places.make_beside_dirs(str(tmp_path / "shared" / ".cache" / "sa3loader"))
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "cache", tmp_path / "cache" / "index"):
+        assert d.stat().st_mode & 0o777 == 0o700
+    tag = tmp_path / "cache" / "CACHEDIR.TAG"
+    assert tag.read_text(encoding="ascii").startswith("Signature: 8a477f597d28d172789f06886806bc55\n")
+    tag.write_text("Signature: 8a477f597d28d172789f06886806bc55\n# yours\n")
+    _places.tag_cache_dir(str(tmp_path / "cache"))
+    assert tag.read_text().endswith("# yours\n")  # an existing tag is left as it is
+    assert made == [str(folder / ".cache" / "sa3loader")]
+    assert (folder / ".cache" / "sa3loader").stat().st_mode & 0o777 == 0o755  # the folder's, never g+w
+    assert also == [str(tmp_path / "shared" / ".cache"), str(tmp_path / "shared" / ".cache" / "sa3loader")]
+    assert (tmp_path / "shared" / ".cache").stat().st_mode & 0o777 == 0o750
+    monkeypatch.chdir(tmp_path)
+    _places.make_private_dirs("relative")  # a relative path: no parent beyond it to make
+    assert (tmp_path / "relative").is_dir()
+
+
+def test_siblings_with_leftovers_are_found_by_their_lock_and_temp_names(tmp_path):
+    place = tmp_path / "siblings" / "k"
+    place.mkdir(parents=True)
+    (place / "a.fp16.safetensors.lock").write_bytes(b"")
+    (place / "b.fp16.safetensors.incomplete-1-abcdef12").write_bytes(b"")
+    (place / "c.fp16.safetensors").write_bytes(b"")
+    (tmp_path / "d.fp16.safetensors.lock").write_bytes(b"")  # not under siblings/
+    found = _places.siblings_with_leftovers(str(tmp_path))
+    assert found == {str(place / "a.fp16.safetensors"), str(place / "b.fp16.safetensors")}
+
+
 ROW = IndexRow(
     source=IDENTITY,
     source_path="/a/model.safetensors",
