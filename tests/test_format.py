@@ -555,8 +555,9 @@ def test_reads_go_on_from_where_a_short_read_ended_and_stop_at_the_end(tmp_path,
         views = [memoryview(bytearray(5)), memoryview(bytearray(4))]
         preadv_exact(f.fileno(), views, 10, str(path))
         assert bytes(views[0]) + bytes(views[1]) == bytes(range(10, 19))
-        with pytest.raises(TruncatedFileError, match="truncated at byte 100"):
+        with pytest.raises(TruncatedFileError, match="truncated at byte 100") as err:
             preadv_exact(f.fileno(), [memoryview(bytearray(5))], 98, str(path))
+        assert err.value.filename == str(path)
     assert list(pieces_of(10, 25, 10)) == [(10, 10), (20, 10), (30, 5)]
 
 

@@ -566,9 +566,9 @@ def test_a_rows_status_is_a_loads_rule(tmp_path):
         assert status(dataclasses.replace(row, checked_ns=None)) == OK  # racy: the fingerprint matches
         assert status(dataclasses.replace(row, fingerprint="other")) == OK  # the stat vouches
         assert status(dataclasses.replace(row, checked_ns=None, fingerprint="other")) == STALE
-        assert (
-            status(dataclasses.replace(row, sibling_header_sha256="other")) == DAMAGED
-        )  # claims this source
+        other_header = dataclasses.replace(row, sibling_header_sha256="other")
+        assert status(other_header) == DAMAGED  # still claims this source
+        assert status(dataclasses.replace(other_header, fingerprint="other")) == STALE  # another content's
         assert status(dataclasses.replace(row, sibling_path=str(tmp_path / "gone"))) == MISSING_SIBLING
         copy = tmp_path / "copy.safetensors"
         shutil.copyfile(row.sibling_path, copy)

@@ -569,9 +569,16 @@ def test_siblings_with_leftovers_are_found_by_their_lock_and_temp_names(tmp_path
     (place / "a.fp16.safetensors.lock").write_bytes(b"")
     (place / "b.fp16.safetensors.incomplete-1-abcdef12").write_bytes(b"")
     (place / "c.fp16.safetensors").write_bytes(b"")
+    (place / "e.incomplete-x.fp16.safetensors.incomplete-2-abcdef12").write_bytes(b"")  # the last infix
+    (place / "f.fp16.safetensors.incomplete-zz").write_bytes(b"")  # not sa3loader's shape
+    (place / "1-abcdef12").write_bytes(b"")  # the shape's tail alone
     (tmp_path / "d.fp16.safetensors.lock").write_bytes(b"")  # not under siblings/
     found = _places.siblings_with_leftovers(str(tmp_path))
-    assert found == {str(place / "a.fp16.safetensors"), str(place / "b.fp16.safetensors")}
+    assert found == {
+        str(place / "a.fp16.safetensors"),
+        str(place / "b.fp16.safetensors"),
+        str(place / "e.incomplete-x.fp16.safetensors"),
+    }
 
 
 ROW = IndexRow(
