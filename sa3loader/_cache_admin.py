@@ -1,4 +1,5 @@
-"""Inspect and clean a cache dir: list rows, check content, prune, clear, repair.
+"""Inspect and clean a cache dir: list rows, check content, prune, clear, repair, and make room
+for a load (``Eviction``: the least recently used siblings, under the cap or on a full disk).
 
 ``prune`` and ``clear`` build one ``Plan`` (the rows to drop and every file
 and dir to remove, each with its size), which ``--dry-run`` shows and a real
