@@ -26,12 +26,16 @@ import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from . import _faults
 from ._dtypes import converted_dtype
 from ._format import (
+    DTYPE_BITS,
     HEADER_LENGTH_BYTES,
     MAX_HEADER_BYTES,
     Header,
+    TensorEntry,
     open_header,
     read_exact,
     read_header,
@@ -125,18 +129,23 @@ def current_fingerprint(value: object) -> bool:
     return isinstance(value, str) and value.startswith(FINGERPRINT_VERSION + ":")
 
 
-def fingerprint_ranges(header: Header) -> list[tuple[int, int]]:
-    """File (offset, length) ranges the fingerprint hashes, in file order."""
-    ranges = []
+def fingerprint_spots(header: Header) -> list[tuple[TensorEntry, int, int]]:
+    """(tensor, offset in its bytes, length) of every spot the fingerprint hashes, in file order:
+    small tensors whole, large ones at ``SPOTS`` evenly spaced places."""
+    spots = []
     for entry in sorted(header.entries, key=lambda e: e.begin):
-        start = header.data_start + entry.begin
         if entry.nbytes <= WHOLE_TENSOR_BYTES:
             if entry.nbytes:
-                ranges.append((start, entry.nbytes))
+                spots.append((entry, 0, entry.nbytes))
             continue
         span = entry.nbytes - SPOT_BYTES
-        ranges += [(start + span * i // (SPOTS - 1), SPOT_BYTES) for i in range(SPOTS)]
-    return ranges
+        spots += [(entry, span * i // (SPOTS - 1), SPOT_BYTES) for i in range(SPOTS)]
+    return spots
+
+
+def fingerprint_ranges(header: Header) -> list[tuple[int, int]]:
+    """File (offset, length) ranges the fingerprint hashes, in file order."""
+    return [(header.data_start + e.begin + offset, n) for e, offset, n in fingerprint_spots(header)]
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -259,6 +268,27 @@ def still_recorded(
     if stat_stands_for(recorded, current, checked_ns, lambda: stat_vouches(source.path) is None):
         return True
     return current_fingerprint(recorded_fingerprint) and fingerprint(source) == recorded_fingerprint
+
+
+def holds_fp16_of(sibling: Header, source: Header) -> bool:
+    """Whether ``sibling`` holds fp16(source) at every spot the fingerprint reads, widened to
+    whole elements. A claim is fingerprinted before the conversion reads the source, and a
+    write through a shared mapping into a dirty page stamps nothing: a claim that matches the
+    source says nothing of what was converted, so where the stat cannot vouch the sibling is
+    read too."""
+    with reading(source) as src_fd, reading(sibling) as sib_fd:
+        for entry, offset, length in fingerprint_spots(source):
+            item = max(1, DTYPE_BITS[entry.dtype] // 8)
+            start, end = offset // item * item, min(entry.nbytes, -(-(offset + length) // item) * item)
+            raw = read_exact(src_fd, source.data_start + entry.begin + start, end - start, source.path)
+            expected = bytes(raw)
+            if converted_dtype(entry.dtype) != entry.dtype:  # F32 -> F16, cast as the converter does
+                half = torch.frombuffer(raw, dtype=torch.float32).to(torch.float16)
+                expected, start = half.view(torch.uint8).numpy().tobytes(), start // 2
+            at = sibling.data_start + sibling.by_name[entry.name].begin + start
+            if bytes(read_exact(sib_fd, at, len(expected), sibling.path)) != expected:
+                return False
+    return True
 
 
 def stat_stands_for(

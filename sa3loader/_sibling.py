@@ -32,6 +32,7 @@ from ._identity import (
     describes,
     fingerprint,
     hard_match,
+    holds_fp16_of,
     identity_of,
     is_sa3loader_file,
     stat_stands_for,
@@ -88,6 +89,28 @@ class SiblingOutcome:
         if self.publication is not None:
             self.publication.start()
             self.publication = None
+
+
+def index_row(
+    finder: SiblingFinder, sibling: Header, old: IndexRow | None, result: ConversionResult | None = None
+) -> IndexRow:
+    """The index row for ``sibling`` of the finder's source as it is now (a new conversion's
+    report, else the old row's, which a revalidation keeps)."""
+    converted = result is not None or old is None
+    report = RangeReport(result.overflow_to_inf, result.flushed_to_zero) if result is not None else None
+    return IndexRow(
+        source=finder.identity,
+        source_path=os.path.abspath(finder.source.path),
+        real_path=finder.real,
+        fingerprint=finder.fingerprint(),
+        checked_ns=finder.checked_ns,
+        sibling_path=sibling.path,
+        sibling_size=sibling.file_size,
+        sibling_header_sha256=sibling.sha256,
+        created=time.time() if converted or old is None else old.created,
+        range=report if report is not None else (old.range if old is not None else None),
+        last_used=time.time(),
+    )
 
 
 class SiblingFinder:
@@ -209,7 +232,8 @@ class SiblingFinder:
             self.outcome.note(f"source content changed since {path} was written")
             self.made_from_another.add(path)
             return False
-        if self.settings.verify and not self._content_matches(sibling):
+        # A claim predates the conversion's reads (a mapped write stamps nothing): read the sibling.
+        if (self.settings.verify or not vouched) and not self._content_matches(sibling, self.settings.verify):
             return False
         if not vouched:
             self.outcome.note("adopted" if row is None else "revalidated")
@@ -251,10 +275,16 @@ class SiblingFinder:
                 )
         return not self._stat_problem
 
-    def _content_matches(self, sibling: Header) -> bool:
-        """The full content check (``verify``); a failure is logged once per resolve."""
+    def _content_matches(self, sibling: Header, full: bool) -> bool:
+        """Every byte (``verify``), or the fingerprint's spots; a failure is logged once a resolve."""
         try:
-            self.outcome.checked = _compare.verify(self.source, sibling)
+            if full:
+                self.outcome.checked = _compare.verify(self.source, sibling)
+            elif not holds_fp16_of(sibling, self.source):
+                raise VerificationError(
+                    f"{sibling.path}: not fp16 of {self.source.path} where the fingerprint reads it",
+                    filename=sibling.path,
+                )
         except VerificationError as exc:
             logger.warning("%s", exc)
             self.outcome.note(f"{CONTENT_CHECK_FAILED} {sibling.path}")
@@ -275,10 +305,7 @@ class SiblingFinder:
                 return sibling
         return None
 
-    def row_for(
-        self, sibling: Header, old: IndexRow | None, result: ConversionResult | None = None
-    ) -> IndexRow:
-        return index_row(self, sibling, old, result)
+    row_for = index_row  # the row for a sibling of this source (the resolver's, too)
 
     def _note_use(self, row: IndexRow) -> None:
         """Record that the sibling was used now, at most once per ``LAST_USE_STEP_S``: a cap
@@ -286,28 +313,6 @@ class SiblingFinder:
         now = time.time()
         if abs(now - row.used()) >= _faults.tuned("last_use_step_s", LAST_USE_STEP_S):
             self.index.put(self.real, dataclasses.replace(row, last_used=now))
-
-
-def index_row(
-    finder: SiblingFinder, sibling: Header, old: IndexRow | None, result: ConversionResult | None = None
-) -> IndexRow:
-    """The index row for ``sibling`` of the finder's source as it is now (a new conversion's
-    report, else the old row's, which a revalidation keeps)."""
-    converted = result is not None or old is None
-    report = RangeReport(result.overflow_to_inf, result.flushed_to_zero) if result is not None else None
-    return IndexRow(
-        source=finder.identity,
-        source_path=os.path.abspath(finder.source.path),
-        real_path=finder.real,
-        fingerprint=finder.fingerprint(),
-        checked_ns=finder.checked_ns,
-        sibling_path=sibling.path,
-        sibling_size=sibling.file_size,
-        sibling_header_sha256=sibling.sha256,
-        created=time.time() if converted or old is None else old.created,
-        range=report if report is not None else (old.range if old is not None else None),
-        last_used=time.time(),
-    )
 
 
 def _altered(row: IndexRow | None, sibling: Header, claimed: SiblingClaim) -> bool:

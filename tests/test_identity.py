@@ -579,3 +579,37 @@ def test_a_rows_status_is_a_loads_rule(tmp_path):
         assert status(row) == STALE
         os.unlink(ckpt)
         assert status(row) == MISSING_SOURCE
+
+
+@pytest.mark.parametrize("row", ["none", "racy"])
+def test_a_sibling_whose_claim_matches_but_whose_data_does_not_is_converted_again(tmp_path, conversions, row):
+    """What a write through a shared mapping into a dirty page during the conversion leaves, once
+    the file is put back: the claim was fingerprinted before the conversion read the other value,
+    so it matches the source while the data does not. Where the stat cannot vouch (no row, or a
+    racy one) the sibling itself is read where the fingerprint reads: it is never adopted."""
+    ckpt = write_version(
+        tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11, settle=True
+    )
+    load_toy(ckpt, tmp_path / "cache")
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    header = read_header(sibling)
+    entry = header.by_name["blocks.0.ff.weight"]
+    assert entry.dtype == "F16" and entry.nbytes <= _identity.WHOLE_TENSOR_BYTES
+    raw = bytearray(sibling.read_bytes())
+    at = header.data_start + entry.begin
+    raw[at : at + 2] = (
+        (torch.tensor([2.0], dtype=torch.float16) + torch.frombuffer(raw[at : at + 2], dtype=torch.float16))
+        .view(torch.uint8)
+        .numpy()
+        .tobytes()
+    )
+    writable(sibling).write_bytes(bytes(raw))
+    if row == "none":
+        shutil.rmtree(tmp_path / "cache")
+    else:
+        index = Index(str(tmp_path / "cache"))
+        ((key, indexed),) = index.items()
+        index.put(key, dataclasses.replace(indexed, checked_ns=None))
+    model = load_toy(ckpt, tmp_path / "cache")
+    assert len(conversions) == 2, sa3loader.last_load_info().events
+    assert_same_model(model, reference(ckpt))
