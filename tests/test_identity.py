@@ -613,3 +613,22 @@ def test_a_sibling_whose_claim_matches_but_whose_data_does_not_is_converted_agai
     model = load_toy(ckpt, tmp_path / "cache")
     assert len(conversions) == 2, sa3loader.last_load_info().events
     assert_same_model(model, reference(ckpt))
+
+
+def test_a_sibling_holds_fp16_of_its_source_at_every_spot_of_a_large_tensor(tmp_path):
+    """The spots of a tensor above 1 MiB start anywhere (widened to whole elements, halved in
+    the sibling); an element changed at the last one is seen."""
+    from support.siblings import resolve_sibling
+
+    tensors = {"big": torch.randn(300_001), "small": torch.randn(7), "i": torch.arange(5)}
+    src = save(tensors, tmp_path / "m.safetensors")
+    sibling = resolve_sibling(read_header(src), str(tmp_path / "c")).sibling.path
+    with open_header(src) as source, open_header(sibling) as sib:
+        assert source.by_name["big"].nbytes > _identity.WHOLE_TENSOR_BYTES
+        assert _identity.holds_fp16_of(sib, source)
+        at = sib.data_start + sib.by_name["big"].end - 2
+    with open(writable(sibling), "r+b") as f:
+        f.seek(at)
+        f.write(b"\x00\x7c")  # +inf in its last element
+    with open_header(src) as source, open_header(sibling) as sib:
+        assert not _identity.holds_fp16_of(sib, source)
