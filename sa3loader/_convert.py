@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import stat
 import threading
@@ -43,7 +42,9 @@ from ._format import (
 from ._host import boot_id
 from ._places import INCOMPLETE_INFIX, incomplete_prefix
 from ._progress import byte_bar, progress_enabled
+from ._range_report import WIDER_THAN_FP16, count_cast_range, count_range
 from ._records import ConversionResult
+from ._serial import loaded_openmp, serial_ops
 from .errors import ConversionError, HeaderError, Sa3LoaderError
 
 logger = logging.getLogger(__name__)
@@ -213,39 +214,50 @@ class _Job:
             raise self.errors[0]
 
 
-def _convert_pieces(job: _Job, header: Header, src_fd: int, out_fd: int, counts: dict[str, int]) -> None:
+def _convert_pieces(
+    job: _Job, header: Header, src_fd: int, out_fd: int, counts: dict[str, int], openmp: list[Any]
+) -> None:
     """One worker: read, cast and count, and write each piece of the stripes it takes."""
     raw_bytes, half_bytes = bytearray(_piece_elements() * 4), bytearray(_piece_elements() * 2)
     raw = torch.frombuffer(raw_bytes, dtype=torch.float32)
     half = torch.frombuffer(half_bytes, dtype=torch.float16)
-    scratch = torch.empty_like(half)  # |half|, without a new allocation per piece
+    scratch = torch.empty(len(half), dtype=torch.int16)  # half's bits, without an allocation per piece
     full = (raw, half, scratch, memoryview(raw_bytes), memoryview(half_bytes))
     try:
-        while stripe := job.take():
-            written = 0
-            for entry, offset, length, out_offset in stripe:
-                if job.errors:  # another worker failed, or the caller was interrupted
-                    return
-                n = length // 4
-                # Most pieces are whole: slicing a tensor costs as much as casting one.
-                src, dst, work, raw_view, half_view = (
-                    full
-                    if length == len(raw_bytes)
-                    else (raw[:n], half[:n], scratch[:n], full[3][:length], full[4][: n * 2])
-                )
-                preadv_exact(src_fd, [raw_view], offset, header.path)
-                piece = raw_view
-                if entry.dtype == "F32":
-                    dst.copy_(src)
-                    _count_range(src, dst, counts, work)
-                    piece = half_view
-                elif entry.dtype in WIDER_THAN_FP16:  # kept as is here, cast to fp16 by the load
-                    _count_cast_range(entry.dtype, raw_view, counts)
-                _pwrite_all(out_fd, piece, out_offset)
-                written += len(piece)
-            job.done(written)
+        with serial_ops(openmp):
+            _convert_stripes(job, header, src_fd, out_fd, counts, full)
     except BaseException as exc:  # handed to the caller, which raises it
         job.failed(exc)
+
+
+def _convert_stripes(
+    job: _Job, header: Header, src_fd: int, out_fd: int, counts: dict[str, int], full: tuple
+) -> None:
+    """Each piece of the stripes this worker takes, in ``full``'s buffers."""
+    raw, half, scratch, raw_bytes, _ = full
+    while stripe := job.take():
+        written = 0
+        for entry, offset, length, out_offset in stripe:
+            if job.errors:  # another worker failed, or the caller was interrupted
+                return
+            n = length // 4
+            # Most pieces are whole: slicing a tensor costs as much as casting one.
+            src, dst, work, raw_view, half_view = (
+                full
+                if length == len(raw_bytes)
+                else (raw[:n], half[:n], scratch[:n], full[3][:length], full[4][: n * 2])
+            )
+            preadv_exact(src_fd, [raw_view], offset, header.path)
+            piece = raw_view
+            if entry.dtype == "F32":
+                dst.copy_(src)
+                count_range(src, dst, counts, work)
+                piece = half_view
+            elif entry.dtype in WIDER_THAN_FP16:  # kept as is here, cast to fp16 by the load
+                count_cast_range(entry.dtype, raw_view, counts)
+            _pwrite_all(out_fd, piece, out_offset)
+            written += len(piece)
+        job.done(written)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -282,11 +294,11 @@ def _stream_tensors(
         for relative, length in pieces_of(0, entry.nbytes, piece_bytes):
             offset = header.data_start + entry.begin + relative
             plan.append((entry, offset, length, out_data_start + out.begin + relative // shrink))
-    job = _Job(plan, src_fd, bar)
+    job, openmp = _Job(plan, src_fd, bar), _faults.fact("openmp", None, loaded_openmp())
     per_worker = [{"inf": 0, "zero": 0} for _ in range(WORKERS)]
     workers = [
         threading.Thread(
-            target=_convert_pieces, args=(job, header, src_fd, out_fd, mine), name="sa3loader-convert"
+            target=_convert_pieces, args=(job, header, src_fd, out_fd, mine, openmp), name="sa3loader-convert"
         )
         for mine in per_worker
     ]
@@ -304,46 +316,6 @@ def _stream_tensors(
     for mine in per_worker:
         for key, value in mine.items():
             counts[key] += value
-
-
-def _count_range(src: torch.Tensor, dst: torch.Tensor, counts: dict[str, int], scratch: torch.Tensor) -> None:
-    """Add this chunk's fp16 overflows and flushes to ``counts``.
-
-    Exact and cheap: inf in fp16 comes from inf in fp32 or an overflow, zero from
-    zero or a flush, so the counts are differences; one aminmax pass over the
-    fp16 chunk skips them when there is no inf, NaN or zero at all.
-    """
-    # Python floats: a test on a 0-d tensor costs ten times the aminmax of a piece.
-    low, high = (t.item() for t in torch.aminmax(torch.abs(dst, out=scratch)))
-    if not math.isfinite(high):
-        counts["inf"] += int(torch.count_nonzero(dst.isinf()) - torch.count_nonzero(src.isinf()))
-    if not low > 0:  # also when NaN made aminmax NaN
-        counts["zero"] += int(torch.count_nonzero(dst == 0) - torch.count_nonzero(src == 0))
-
-
-# Float dtypes a sibling keeps as they are, whose values may still leave fp16's range when
-# the load casts them (``model.to(float16)``), and the chain upstream casts them through:
-# f64 is copied into the model's fp32 first.
-WIDER_THAN_FP16: dict[str, tuple[torch.dtype, ...]] = {
-    "BF16": (torch.bfloat16,),
-    "F64": (torch.float64, torch.float32),
-    "F8_E8M0": (torch.float8_e8m0fnu,) if hasattr(torch, "float8_e8m0fnu") else (),
-}
-
-
-def _count_cast_range(dtype: str, raw: memoryview, counts: dict[str, int]) -> None:
-    """The range report of a piece the load casts (bf16, f64): what its cast to fp16 makes inf or 0."""
-    chain = WIDER_THAN_FP16[dtype]
-    if not chain or not len(raw):
-        return
-    src = torch.frombuffer(raw, dtype=chain[0])
-    dst = src
-    for step in (*chain[1:], torch.float16):
-        dst = dst.to(step)
-    if src.dtype.itemsize == 1:  # float8 has no isinf: count in float32, which holds every value
-        src = src.to(torch.float32)
-    counts["inf"] += int(torch.count_nonzero(dst.isinf()) - torch.count_nonzero(src.isinf()))
-    counts["zero"] += int(torch.count_nonzero(dst == 0) - torch.count_nonzero(src == 0))
 
 
 def _keep_group(fd: int, source: os.stat_result, mode: int) -> None:

@@ -1,0 +1,155 @@
+"""The converter's two speed paths give the same answers as the plain ones: the fp16 range
+count read from the bits (``_range_report.count_range``), and each worker's torch ops kept on
+its own thread (``_serial``) without touching the thread count of any other thread."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+from support.faults import faked
+
+from sa3loader import _convert, _identity
+from sa3loader._format import read_header
+from sa3loader._range_report import count_range
+from sa3loader._records import SourceIdentity
+from sa3loader._serial import loaded_openmp, serial_ops
+
+SPECIAL = [
+    0.0,
+    -0.0,
+    float("nan"),
+    float("inf"),
+    -float("inf"),
+    65504.0,
+    65520.0,
+    -1e6,
+    1e-8,
+    -3e-8,
+    6e-8,
+    1e-45,
+]
+
+
+def expected_counts(src: torch.Tensor) -> dict[str, int]:
+    dst = src.half()
+    return {
+        "inf": int((dst.isinf() & src.isfinite()).sum()),
+        "zero": int(((dst == 0) & (src != 0)).sum()),
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.floats(width=32), st.sampled_from(SPECIAL)), min_size=1, max_size=64))
+def test_range_count_from_bits_equals_the_counts_of_the_cast(values):
+    src = torch.tensor(values, dtype=torch.float32)
+    counts = {"inf": 0, "zero": 0}
+    count_range(src, src.half(), counts, torch.empty(len(values), dtype=torch.int16))
+    assert counts == expected_counts(src)
+
+
+@pytest.mark.parametrize(
+    ("values", "inf", "zero"),
+    [
+        ([-0.0, 1.0], 0, 0),  # a zero of the source's own, negative: no flush
+        ([1e-8, 1.0], 0, 1),  # flushed (positive)
+        ([-1e-8, -0.0], 0, 1),  # flushed to -0, beside the source's own -0
+        ([float("nan"), 2.0], 0, 0),  # NaN's bits are above inf's: counted, and none is inf
+        ([float("inf"), 7e4], 1, 0),  # the source's inf is not an overflow; 70000 is
+        ([65504.0, 1.0], 0, 0),  # fp16's largest: kept
+    ],
+)
+def test_range_count_edges(values, inf, zero):
+    src = torch.tensor(values, dtype=torch.float32)
+    counts = {"inf": 0, "zero": 0}
+    count_range(src, src.half(), counts, torch.empty(len(values), dtype=torch.int16))
+    assert counts == {"inf": inf, "zero": zero}
+
+
+needs_openmp = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info(),
+    reason="torch runs its ops on OpenMP here only on Linux builds with OpenMP",
+)
+
+
+def in_thread(work):
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(work()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+@needs_openmp
+def test_openmp_runtime_torch_loaded_is_found():
+    assert loaded_openmp(), "torch's OpenMP runtime is mapped into this process"
+
+
+@needs_openmp
+def test_serial_ops_holds_for_the_calling_thread_only_and_is_put_back():
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread already: nothing to see")
+    # As a user who set it: torch then sets each thread's count at its first op (from this).
+    torch.set_num_threads(torch.get_num_threads())
+    before = torch.get_num_threads()
+    runtimes = loaded_openmp()
+
+    def worker():
+        with serial_ops(runtimes):
+            inside = torch.get_num_threads()
+            other = in_thread(torch.get_num_threads)  # a thread started meanwhile
+        return inside, other, torch.get_num_threads()
+
+    assert in_thread(worker) == (1, before, before)
+    assert torch.get_num_threads() == before
+
+
+def test_a_conversion_leaves_every_threads_count_as_it_was(tmp_path):
+    torch.set_num_threads(torch.get_num_threads())  # as a user who set it would have
+    before = torch.get_num_threads(), in_thread(torch.get_num_threads)
+    src = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(300_000), "b": torch.randn(5)}, str(src))
+    header = read_header(src)
+    identity = SourceIdentity(size=1, mtime_ns=2, header_sha256="h", inode=0, device=0, ctime_ns=0)
+    metadata = _identity.sibling_metadata(header, identity, "fp")
+    _convert.convert(header, str(tmp_path / "out.safetensors"), metadata)
+    assert (torch.get_num_threads(), in_thread(torch.get_num_threads)) == before
+
+
+class RuntimeSpy:
+    """An OpenMP runtime's two calls, recorded with the thread that made them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[threading.Thread, str, int | None]] = []
+
+    def omp_get_max_threads(self) -> int:
+        self.calls.append((threading.current_thread(), "get", None))
+        return 5
+
+    def omp_set_num_threads(self, count: int) -> None:
+        self.calls.append((threading.current_thread(), "set", count))
+
+
+def test_each_worker_runs_its_ops_on_its_own_thread_and_puts_the_count_back(tmp_path):
+    spy = RuntimeSpy()
+    src = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(300_000)}, str(src))
+    header = read_header(src)
+    identity = SourceIdentity(size=1, mtime_ns=2, header_sha256="h", inode=0, device=0, ctime_ns=0)
+    with faked(openmp=lambda subject, real: [spy]):
+        _convert.convert(
+            header, str(tmp_path / "out.safetensors"), _identity.sibling_metadata(header, identity, "fp")
+        )
+    workers = {thread for thread, _, _ in spy.calls}
+    assert len(workers) == _convert.WORKERS and all(t.name == "sa3loader-convert" for t in workers)
+    for worker in workers:
+        assert [(call, n) for t, call, n in spy.calls if t is worker] == [
+            ("get", None),
+            ("set", 1),
+            ("set", 5),
+        ]
