@@ -217,47 +217,43 @@ class _Job:
 def _convert_pieces(
     job: _Job, header: Header, src_fd: int, out_fd: int, counts: dict[str, int], openmp: list[Any]
 ) -> None:
-    """One worker: read, cast and count, and write each piece of the stripes it takes."""
-    raw_bytes, half_bytes = bytearray(_piece_elements() * 4), bytearray(_piece_elements() * 2)
-    raw = torch.frombuffer(raw_bytes, dtype=torch.float32)
-    half = torch.frombuffer(half_bytes, dtype=torch.float16)
-    scratch = torch.empty(len(half), dtype=torch.int16)  # half's bits, without an allocation per piece
-    full = (raw, half, scratch, memoryview(raw_bytes), memoryview(half_bytes))
+    """One worker: read, cast and count each piece of the stripes it takes, and write each stripe."""
     try:
         with serial_ops(openmp):
-            _convert_stripes(job, header, src_fd, out_fd, counts, full)
+            _convert_stripes(job, header, src_fd, out_fd, counts)
     except BaseException as exc:  # handed to the caller, which raises it
         job.failed(exc)
 
 
-def _convert_stripes(
-    job: _Job, header: Header, src_fd: int, out_fd: int, counts: dict[str, int], full: tuple
-) -> None:
-    """Each piece of the stripes this worker takes, in ``full``'s buffers."""
-    raw, half, scratch, raw_bytes, _ = full
+def _convert_stripes(job: _Job, header: Header, src_fd: int, out_fd: int, counts: dict[str, int]) -> None:
+    """Each stripe cast into one buffer and written with one call: the page cache keeps written
+    pages in folios as large as the write, and a later mapping faults a folio in at once (a
+    2.9 GB sibling written 256 KiB at a time took 66-87 ms to fault in, 4 MiB at a time 18-23)."""
+    raw_bytes = bytearray(_piece_elements() * 4)
+    raw, raw_view = torch.frombuffer(raw_bytes, dtype=torch.float32), memoryview(raw_bytes)
+    scratch = torch.empty(_piece_elements(), dtype=torch.int16)  # fp16 bits, for the count
+    out_bytes = bytearray(len(raw_bytes) * _faults.tuned("stripe_pieces", STRIPE_PIECES))
+    out_view, out_u8 = memoryview(out_bytes), torch.frombuffer(out_bytes, dtype=torch.uint8)
     while stripe := job.take():
-        written = 0
+        start, (last, _, last_length, last_offset) = stripe[0][3], stripe[-1]
         for entry, offset, length, out_offset in stripe:
             if job.errors:  # another worker failed, or the caller was interrupted
                 return
-            n = length // 4
-            # Most pieces are whole: slicing a tensor costs as much as casting one.
-            src, dst, work, raw_view, half_view = (
-                full
-                if length == len(raw_bytes)
-                else (raw[:n], half[:n], scratch[:n], full[3][:length], full[4][: n * 2])
-            )
-            preadv_exact(src_fd, [raw_view], offset, header.path)
-            piece = raw_view
-            if entry.dtype == "F32":
-                dst.copy_(src)
-                count_range(src, dst, counts, work)
-                piece = half_view
-            elif entry.dtype in WIDER_THAN_FP16:  # kept as is here, cast to fp16 by the load
-                count_cast_range(entry.dtype, raw_view, counts)
-            _pwrite_all(out_fd, piece, out_offset)
-            written += len(piece)
-        job.done(written)
+            at = out_offset - start
+            if entry.dtype != "F32":  # kept as it is: read straight into the stripe
+                preadv_exact(src_fd, [out_view[at : at + length]], offset, header.path)
+                if entry.dtype in WIDER_THAN_FP16:  # cast to fp16 by the load
+                    count_cast_range(entry.dtype, out_view[at : at + length], counts)
+                continue
+            n = length // 4  # most pieces are whole: slicing a tensor costs as much as casting one
+            src, bits = (raw, scratch) if n == len(raw) else (raw[:n], scratch[:n])
+            preadv_exact(src_fd, [raw_view if n == len(raw) else raw_view[:length]], offset, header.path)
+            dst = out_u8[at : at + 2 * n].view(torch.float16)  # fp16 offsets are even: see layout
+            dst.copy_(src)
+            count_range(src, dst, counts, bits)
+        end = last_offset + (last_length // 2 if last.dtype == "F32" else last_length)
+        _pwrite_all(out_fd, out_view[: end - start], start)
+        job.done(end - start)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

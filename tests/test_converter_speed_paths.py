@@ -4,6 +4,7 @@ its own thread (``_serial``) without touching the thread count of any other thre
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -12,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from support.faults import faked
+from support.faults import faked, tuned
 
 from sa3loader import _convert, _identity
 from sa3loader._format import read_header
@@ -109,6 +110,7 @@ def test_serial_ops_holds_for_the_calling_thread_only_and_is_put_back():
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.filterwarnings("error")  # torch warns where a buffer is the wrong size
 def test_a_conversion_leaves_every_threads_count_as_it_was(tmp_path):
     torch.set_num_threads(torch.get_num_threads())  # as a user who set it would have
     before = torch.get_num_threads(), in_thread(torch.get_num_threads)
@@ -153,3 +155,27 @@ def test_each_worker_runs_its_ops_on_its_own_thread_and_puts_the_count_back(tmp_
             ("set", 1),
             ("set", 5),
         ]
+
+
+def test_each_stripe_is_written_with_one_call(tmp_path, monkeypatch):
+    """Pages a write leaves in the page cache are in folios as large as the write: a later
+    mapping of the sibling faults in a folio at once (benchmarks/README.md)."""
+    src = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(40 * 1024), "i": torch.arange(3000, dtype=torch.int64)}, str(src))
+    header = read_header(src)
+    identity = SourceIdentity(size=1, mtime_ns=2, header_sha256="h", inode=0, device=0, ctime_ns=0)
+    writes: list[tuple[int, int]] = []
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(
+        os, "pwrite", lambda fd, data, at: writes.append((at, len(data))) or real_pwrite(fd, data, at)
+    )
+    with tuned(piece_elements=1024, stripe_pieces=4):
+        result = _convert.convert(
+            header, str(tmp_path / "out.safetensors"), _identity.sibling_metadata(header, identity, "fp")
+        )
+    data = sorted(writes)[1:]  # after the header
+    # The plan, in the sibling's order: i (24,000 bytes in 4 KiB pieces: 5 whole and one of 3,520),
+    # then w (40 pieces of 2 KiB in fp16); a stripe is 4 pieces, across tensors.
+    assert [n for _, n in data] == [16384, 4096 + 3520 + 2 * 2048] + [8192] * 9 + [4096]
+    assert all(at + n == next_at for (at, n), (next_at, _) in zip(data, data[1:], strict=False))
+    assert data[-1][0] + data[-1][1] == result.size
