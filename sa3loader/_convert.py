@@ -35,7 +35,6 @@ from ._format import (
     check_unchanged,
     header_of,
     layout,
-    pieces_of,
     preadv_exact,
     reading,
 )
@@ -50,12 +49,17 @@ from .errors import ConversionError, HeaderError, Sa3LoaderError
 logger = logging.getLogger(__name__)
 
 # Comparing (``verify``): 16 MiB of float32 per buffer, whatever the model size.
-# Converting: 512 KiB of float32 per piece, read, cast, counted and written by one
+# Converting: 512 KiB of float32 per piece, read, cast and counted into its stripe by one
 # worker while it is in that core's cache (128 KiB to 1 MiB measured alike; 16 MiB,
 # or smaller pieces, whose per-call costs add up, were slower: benchmarks/README.md).
 PIECE_ELEMENTS = 128 * 1024
 WIDEST_ELEMENT_BYTES = 8  # f64, i64, c64
-STRIPE_PIECES = 16  # pieces a worker takes at once (8 MiB): reads stay sequential
+# A worker takes a stripe at a time: the pieces of one aligned 4 MiB of the sibling (reads
+# stay sequential), cast into one buffer and written with one call. The page cache keeps
+# written pages in folios as large and as aligned as the writes, and a mapping faults a
+# folio in at once: a 2.9 GB sibling written 256 KiB at a time took 66-87 ms to fault in,
+# 4 MiB at a time 18-26, 4 MiB aligned 9-12 (benchmarks/README.md).
+STRIPE_BYTES = 4 << 20
 
 
 def _piece_elements() -> int:
@@ -170,6 +174,9 @@ def write_sibling(
 # (``unpublished_sibling``). The page cache keeps what a dead process wrote; a restart may not.
 
 
+Piece = tuple[TensorEntry, int, int, int]  # source tensor, source offset, bytes, sibling offset
+
+
 class _Job:
     """The pieces of a conversion, handed to workers a stripe at a time, in file order.
 
@@ -177,15 +184,14 @@ class _Job:
     is raised by ``raise_first``.
     """
 
-    def __init__(self, plan: list[tuple[TensorEntry, int, int, int]], fd: int, bar: Any) -> None:
-        stripe = _faults.tuned("stripe_pieces", STRIPE_PIECES)
-        self._stripes = [plan[i : i + stripe] for i in range(0, len(plan), stripe)]
+    def __init__(self, stripes: list[list[Piece]], fd: int, bar: Any) -> None:
+        self._stripes = stripes
         self._next = 0
         self._fd, self._bar = fd, bar
         self._lock = threading.Lock()
         self.errors: list[BaseException] = []
 
-    def take(self) -> list[tuple[TensorEntry, int, int, int]]:
+    def take(self) -> list[Piece]:
         """The next stripe (empty when done or stopped); asks the kernel to read ahead of it."""
         with self._lock:
             if self.errors or self._next >= len(self._stripes):
@@ -226,20 +232,19 @@ def _convert_pieces(
 
 
 def _convert_stripes(job: _Job, header: Header, src_fd: int, out_fd: int, counts: dict[str, int]) -> None:
-    """Each stripe cast into one buffer and written with one call: the page cache keeps written
-    pages in folios as large as the write, and a later mapping faults a folio in at once (a
-    2.9 GB sibling written 256 KiB at a time took 66-87 ms to fault in, 4 MiB at a time 18-23)."""
+    """Each stripe: its pieces read (and cast and counted) into one buffer, written with one call."""
     raw_bytes = bytearray(_piece_elements() * 4)
     raw, raw_view = torch.frombuffer(raw_bytes, dtype=torch.float32), memoryview(raw_bytes)
     scratch = torch.empty(_piece_elements(), dtype=torch.int16)  # fp16 bits, for the count
-    out_bytes = bytearray(len(raw_bytes) * _faults.tuned("stripe_pieces", STRIPE_PIECES))
+    window = _stripe_bytes()
+    out_bytes = bytearray(window)
     out_view, out_u8 = memoryview(out_bytes), torch.frombuffer(out_bytes, dtype=torch.uint8)
     while stripe := job.take():
-        start, (last, _, last_length, last_offset) = stripe[0][3], stripe[-1]
+        start, base = stripe[0][3], stripe[0][3] // window * window  # where the stripe's window begins
         for entry, offset, length, out_offset in stripe:
             if job.errors:  # another worker failed, or the caller was interrupted
                 return
-            at = out_offset - start
+            at = out_offset - base
             if entry.dtype != "F32":  # kept as it is: read straight into the stripe
                 preadv_exact(src_fd, [out_view[at : at + length]], offset, header.path)
                 if entry.dtype in WIDER_THAN_FP16:  # cast to fp16 by the load
@@ -248,12 +253,42 @@ def _convert_stripes(job: _Job, header: Header, src_fd: int, out_fd: int, counts
             n = length // 4  # most pieces are whole: slicing a tensor costs as much as casting one
             src, bits = (raw, scratch) if n == len(raw) else (raw[:n], scratch[:n])
             preadv_exact(src_fd, [raw_view if n == len(raw) else raw_view[:length]], offset, header.path)
-            dst = out_u8[at : at + 2 * n].view(torch.float16)  # fp16 offsets are even: see layout
+            dst = out_u8[at : at + 2 * n].view(torch.float16)  # at is even: see _stripes
             dst.copy_(src)
             count_range(src, dst, counts, bits)
+        last, _, last_length, last_offset = stripe[-1]
         end = last_offset + (last_length // 2 if last.dtype == "F32" else last_length)
-        _pwrite_all(out_fd, out_view[: end - start], start)
+        _pwrite_all(out_fd, out_view[start - base : end - base], start)
         job.done(end - start)
+
+
+def _stripe_bytes() -> int:
+    return _faults.tuned("stripe_bytes", STRIPE_BYTES)
+
+
+def _stripes(header: Header, out_entries: list[TensorEntry], out_data_start: int) -> list[list[Piece]]:
+    """Every piece of the conversion, in the sibling's order, grouped by the aligned window of the
+    sibling it fills. A piece ends at a window's end: where the sibling puts each tensor at a
+    multiple of its element size (``layout``: the largest elements first, from an 8-aligned data
+    section), a window's end (a multiple of 8) cuts no element, and an fp16 piece starts at an
+    even offset of its window (its float16 view needs that)."""
+    # Whole elements of every dtype in each piece (8 bytes, f64's, divides them all): a
+    # piece is counted (``count_cast_range``) as well as copied.
+    piece_bytes = max(
+        WIDEST_ELEMENT_BYTES, _piece_elements() * 4 // WIDEST_ELEMENT_BYTES * WIDEST_ELEMENT_BYTES
+    )
+    window = _stripe_bytes()
+    stripes: dict[int, list[Piece]] = {}
+    for out in out_entries:  # the sibling's order
+        entry = header.by_name[out.name]
+        shrink = 2 if entry.dtype == "F32" else 1
+        at, end = out_data_start + out.begin, out_data_start + out.end
+        while at < end:
+            cut = min(at + piece_bytes // shrink, (at // window + 1) * window, end)
+            offset = header.data_start + entry.begin + (at - out_data_start - out.begin) * shrink
+            stripes.setdefault(at // window, []).append((entry, offset, (cut - at) * shrink, at))
+            at = cut
+    return list(stripes.values())
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -278,19 +313,10 @@ def _stream_tensors(
     three threads (benchmarks/README.md); the work is in torch and system calls,
     which release the GIL.
     """
-    plan = []
-    # Whole elements of every dtype in each piece (8 bytes, f64's, divides them all): a
-    # piece is counted (``_count_cast_range``) as well as copied.
-    piece_bytes = max(
-        WIDEST_ELEMENT_BYTES, _piece_elements() * 4 // WIDEST_ELEMENT_BYTES * WIDEST_ELEMENT_BYTES
+    job, openmp = (
+        _Job(_stripes(header, out_entries, out_data_start), src_fd, bar),
+        _faults.fact("openmp", None, loaded_openmp()),
     )
-    for out in out_entries:  # the sibling's order
-        entry = header.by_name[out.name]
-        shrink = 2 if entry.dtype == "F32" else 1
-        for relative, length in pieces_of(0, entry.nbytes, piece_bytes):
-            offset = header.data_start + entry.begin + relative
-            plan.append((entry, offset, length, out_data_start + out.begin + relative // shrink))
-    job, openmp = _Job(plan, src_fd, bar), _faults.fact("openmp", None, loaded_openmp())
     per_worker = [{"inf": 0, "zero": 0} for _ in range(WORKERS)]
     workers = [
         threading.Thread(

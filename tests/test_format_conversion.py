@@ -50,7 +50,7 @@ def chunk(request, monkeypatch):
         for name, value in {
             "chunk_elements": request.param,
             "piece_elements": request.param,
-            "stripe_pieces": 2,
+            "stripe_bytes": 40,
         }.items():
             monkeypatch.setitem(_faults.tunings, name, value)
     return request.param
@@ -181,7 +181,7 @@ def test_an_interrupt_while_converting_stops_every_worker_before_the_file_is_clo
     save_file({f"w{i}": torch.randn(64, 64) for i in range(64)}, str(src))
     header = read_header(src)
     monkeypatch.setitem(_faults.tunings, "piece_elements", 1024)
-    monkeypatch.setitem(_faults.tunings, "stripe_pieces", 1)
+    monkeypatch.setitem(_faults.tunings, "stripe_bytes", 2048)
     real_read = os.preadv
     monkeypatch.setattr(os, "preadv", lambda *a: (time.sleep(0.005), real_read(*a))[1])
     real_join = threading.Thread.join

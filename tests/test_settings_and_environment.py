@@ -49,11 +49,11 @@ def test_enospc_during_write(tmp_path, monkeypatch, caplog):
 
     def full_disk(fd, data, offset):
         written["n"] += 1
-        if written["n"] > 2:
+        if written["n"] > 1:  # after the header: the data
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(os, "pwrite", full_disk)  # the header's and every piece's writer
+    monkeypatch.setattr(os, "pwrite", full_disk)  # the header's and every stripe's writer
     assert_fp32_fallback(ckpt, tmp_path / "cache", caplog, "could not write")
 
 
