@@ -18,7 +18,7 @@ from support.faults import faked, tuned
 
 from sa3loader import _convert, _identity
 from sa3loader._format import read_header
-from sa3loader._range_report import count_range
+from sa3loader._range_report import count_cast_range, count_range
 from sa3loader._records import SourceIdentity
 from sa3loader._serial import loaded_openmp, serial_ops
 
@@ -50,9 +50,10 @@ def expected_counts(src: torch.Tensor) -> dict[str, int]:
 @given(st.lists(st.one_of(st.floats(width=32), st.sampled_from(SPECIAL)), min_size=1, max_size=64))
 def test_range_count_from_bits_equals_the_counts_of_the_cast(values):
     src = torch.tensor(values, dtype=torch.float32)
-    counts = {"inf": 0, "zero": 0}
+    counts = {"inf": 3, "zero": 5}  # what earlier pieces counted: added to
     count_range(src, src.half(), counts, torch.empty(len(values), dtype=torch.int16))
-    assert counts == expected_counts(src)
+    expected = expected_counts(src)
+    assert counts == {"inf": 3 + expected["inf"], "zero": 5 + expected["zero"]}
 
 
 @pytest.mark.parametrize(
@@ -180,3 +181,48 @@ def test_each_aligned_window_of_the_sibling_is_written_with_one_call(tmp_path, m
     edges = [data_start, *range((data_start // window + 1) * window, result.size, window), result.size]
     assert sorted(writes)[1:] == [(a, b - a) for a, b in zip(edges, edges[1:], strict=False)]
     assert result.size == data_start + 3001 * 8 + 40 * 1024 * 2
+
+
+def cast_chain_counts(src: torch.Tensor, chain: tuple[torch.dtype, ...]) -> dict[str, int]:
+    """What upstream's casts make of ``src``: through ``chain``, then to fp16."""
+    dst = src
+    for step in (*chain, torch.float16):
+        dst = dst.to(step)
+    wide = src.to(torch.float64)
+    return {
+        "inf": int((dst.isinf() & wide.isfinite()).sum()),
+        "zero": int(((dst == 0) & (wide != 0)).sum()),
+    }
+
+
+@pytest.mark.parametrize(
+    ("dtype", "chain", "values"),
+    [
+        ("BF16", (), [1e5, -7e4, 1e-9, -0.0, 0.0, float("inf"), float("nan"), 3.0, 65504.0]),
+        ("F64", (torch.float32,), [1e5, 1e39, -1e-9, 1e-46, -0.0, float("-inf"), float("nan"), 2.5]),
+    ],
+)
+def test_cast_range_counts_what_the_loads_casts_make(dtype, chain, values):
+    source_dtype = {"BF16": torch.bfloat16, "F64": torch.float64}[dtype]
+    src = torch.tensor(values, dtype=source_dtype)
+    counts = {"inf": 3, "zero": 5}  # what earlier pieces counted: added to
+    count_cast_range(dtype, memoryview(bytearray(src.view(torch.uint8).tolist())), counts)
+    expected = cast_chain_counts(src, chain)
+    assert counts == {"inf": 3 + expected["inf"], "zero": 5 + expected["zero"]}
+    assert expected["inf"] >= 2 and expected["zero"] >= 1
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e8m0fnu"), reason="this torch has no float8_e8m0fnu")
+def test_cast_range_counts_float8_e8m0_through_float32():
+    src = torch.tensor([2.0**100, 2.0**-100, 1.0, 2.0**15, 2.0**16], dtype=torch.float32).to(
+        torch.float8_e8m0fnu
+    )
+    counts = {"inf": 0, "zero": 0}
+    count_cast_range("F8_E8M0", memoryview(bytearray(src.view(torch.uint8).tolist())), counts)
+    assert counts == cast_chain_counts(src.to(torch.float32), ()) == {"inf": 2, "zero": 1}
+
+
+def test_cast_range_of_an_empty_piece_counts_nothing():
+    counts = {"inf": 0, "zero": 0}
+    count_cast_range("BF16", memoryview(b""), counts)
+    assert counts == {"inf": 0, "zero": 0}
