@@ -62,8 +62,11 @@ WIDEST_ELEMENT_BYTES = 8  # f64, i64, c64
 STRIPE_BYTES = 4 << 20
 
 
-def _piece_elements() -> int:
-    return _faults.tuned("piece_elements", PIECE_ELEMENTS)
+def _piece_bytes() -> int:
+    """Bytes of the source a piece holds: whole elements of every dtype (8, f64's, divides
+    them all), as a piece is counted (``count_cast_range``) as well as copied."""
+    elements = _faults.tuned("piece_elements", PIECE_ELEMENTS)
+    return max(WIDEST_ELEMENT_BYTES, elements * 4 // WIDEST_ELEMENT_BYTES * WIDEST_ELEMENT_BYTES)
 
 
 READ_AHEAD_STRIPES = 4  # stripes the kernel is asked to read ahead of the workers (a cold disk)
@@ -233,9 +236,9 @@ def _convert_pieces(
 
 def _convert_stripes(job: _Job, header: Header, src_fd: int, out_fd: int, counts: dict[str, int]) -> None:
     """Each stripe: its pieces read (and cast and counted) into one buffer, written with one call."""
-    raw_bytes = bytearray(_piece_elements() * 4)
+    raw_bytes = bytearray(_piece_bytes())
     raw, raw_view = torch.frombuffer(raw_bytes, dtype=torch.float32), memoryview(raw_bytes)
-    scratch = torch.empty(_piece_elements(), dtype=torch.int16)  # fp16 bits, for the count
+    scratch = torch.empty(len(raw_bytes) // 4, dtype=torch.int16)  # fp16 bits, for the count
     window = _stripe_bytes()
     out_bytes = bytearray(window)
     out_view, out_u8 = memoryview(out_bytes), torch.frombuffer(out_bytes, dtype=torch.uint8)
@@ -272,11 +275,7 @@ def _stripes(header: Header, out_entries: list[TensorEntry], out_data_start: int
     multiple of its element size (``layout``: the largest elements first, from an 8-aligned data
     section), a window's end (a multiple of 8) cuts no element, and an fp16 piece starts at an
     even offset of its window (its float16 view needs that)."""
-    # Whole elements of every dtype in each piece (8 bytes, f64's, divides them all): a
-    # piece is counted (``count_cast_range``) as well as copied.
-    piece_bytes = max(
-        WIDEST_ELEMENT_BYTES, _piece_elements() * 4 // WIDEST_ELEMENT_BYTES * WIDEST_ELEMENT_BYTES
-    )
+    piece_bytes = _piece_bytes()
     window = _stripe_bytes()
     stripes: dict[int, list[Piece]] = {}
     for out in out_entries:  # the sibling's order

@@ -44,7 +44,7 @@ def split(raw: bytes) -> tuple[dict, bytes]:
     return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
-@pytest.fixture(params=[None, 7], ids=["one-chunk", "many-chunks"])
+@pytest.fixture(params=[None, 7, 1], ids=["one-chunk", "many-chunks", "one-element-pieces"])
 def chunk(request, monkeypatch):
     if request.param:
         for name, value in {
