@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -448,8 +449,12 @@ def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype not in DTYPE_BITS:
         raise HeaderError(f"{where}: unsupported dtype {dtype!r}", filename=path)
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise HeaderError(f"{where}: shape must be a list of non-negative integers", filename=path)
+    # As safetensors and torch read it: dimensions are int64, and their product, taken left to
+    # right in 64 bits, must not overflow even where a later 0 makes the count 0.
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 1 << 63 for d in shape):
+        raise HeaderError(f"{where}: shape must be a list of integers 0 <= n < 2**63", filename=path)
+    if not all(count < 1 << 64 for count in itertools.accumulate(shape, lambda a, b: a * b)):
+        raise HeaderError(f"{where}: shape {shape} overflows 64 bits", filename=path)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2

@@ -316,6 +316,32 @@ def test_headers_safetensors_refuses_are_refused(tmp_path, bad):
         read_header(path)
 
 
+@pytest.mark.parametrize(
+    ("shape", "read"),
+    [
+        ((0, 1 << 64), False),  # not a 64-bit number: safetensors refuses the header
+        ((0, 1 << 63), False),  # torch's dimensions are int64: load_file fails in torch
+        ((1 << 40, 1 << 40, 0), False),  # safetensors' count overflows before it reaches the 0
+        ((1 << 32, 1 << 32, 0), False),  # ... reaches 2**64 exactly
+        ((1 << 31, 1 << 32, 0), True),  # 2**63, then 0
+        ((0, (1 << 63) - 1), True),
+        ((0, 1 << 40, 1 << 40), True),  # 0 first: the count never grows
+        ((3, 0), True),
+    ],
+)
+def test_zero_element_shapes_are_read_where_safetensors_reads_them(tmp_path, shape, read):
+    """A zero-element tensor has no bytes to check its shape against: the shape alone decides."""
+    path = _file(tmp_path, json.dumps({"a": _entry(shape=shape, offsets=(0, 0))}))
+    if read:
+        assert load_file(str(path))["a"].shape == shape
+        assert read_header(path).by_name["a"].shape == shape
+        return
+    with pytest.raises(Exception):  # noqa: B017 (safetensors' or torch's own error)
+        load_file(str(path))
+    with pytest.raises(HeaderError, match=r"bad.safetensors.*'a'.*(2\*\*63|overflows 64 bits)"):
+        read_header(path)
+
+
 @pytest.mark.parametrize("failure", ["symlink-loop", "permission", "read-error"])
 def test_os_failures_are_typed_and_name_the_file(tmp_path, monkeypatch, failure):
     import errno

@@ -305,7 +305,7 @@ BAD_HEADERS = {
     "duplicate": (b'{"a": {}, "a": {}}', 0, "(duplicate key 'a')"),
     "fields": (bad({"t": {"dtype": "F32"}}), 0, "entry must have exactly dtype, shape and"),
     "dtype": (bad({"t": entry(dtype="F128")}), 8, "unsupported dtype 'F128'"),
-    "shape": (bad({"t": entry(shape=(-1,))}), 8, "shape must be a list of non-negative integers"),
+    "shape": (bad({"t": entry(shape=(-1,))}), 8, "shape must be a list of integers 0 <= n < 2**63"),
     "begin-after-end": (bad({"t": entry(offsets=(8, 0))}), 8, BEGIN_AFTER_END),
     "f4-odd-bits": (bad({"t": entry("F4", (3,), (0, 1))}), 1, "F4 x [3] does not fill whole bytes"),
     "f4-odd-last": (bad({"t": entry("F4", (4, 1), (0, 2))}), 2, "F4 x [4, 1] does not fill whole bytes"),
