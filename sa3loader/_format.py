@@ -201,8 +201,7 @@ def data_bytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
     return math.prod(shape) * DTYPE_BITS[dtype] // 8
 
 
-# The order of safetensors' Rust ``Dtype`` enum: ``save_file`` writes tensors
-# sorted by this rank, largest first, then by name.
+# safetensors' Rust ``Dtype`` enum order: ``save_file`` sorts tensors by it, largest first, then by name.
 DTYPE_RANK: dict[str, int] = {
     name: rank
     for rank, name in enumerate(
@@ -438,6 +437,9 @@ def parse_header(raw: bytes | bytearray, *, path: str, file_size: int) -> Header
     )
 
 
+DIM_LIMIT, COUNT_LIMIT = 1 << 63, 1 << 64  # torch's int64 dimension; safetensors' 64-bit count
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -449,11 +451,10 @@ def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype not in DTYPE_BITS:
         raise HeaderError(f"{where}: unsupported dtype {dtype!r}", filename=path)
-    # As safetensors and torch read it: dimensions are int64, and their product, taken left to
-    # right in 64 bits, must not overflow even where a later 0 makes the count 0.
-    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 1 << 63 for d in shape):
+    # Its product, left to right, must not overflow even before a 0 makes it 0 (safetensors').
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < DIM_LIMIT for d in shape):
         raise HeaderError(f"{where}: shape must be a list of integers 0 <= n < 2**63", filename=path)
-    if not all(count < 1 << 64 for count in itertools.accumulate(shape, lambda a, b: a * b)):
+    if not all(count < COUNT_LIMIT for count in itertools.accumulate(shape, lambda a, b: a * b)):
         raise HeaderError(f"{where}: shape {shape} overflows 64 bits", filename=path)
     if (
         not isinstance(offsets, list)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-FP16_INF_BITS = 0x7C00
+FP16_INF_BITS = 0x7C00  # an fp16's bits less its sign: 0 is a zero, this inf, above it NaN
+FP16_SIGN_CLEARED = 0x7FFF
 
 
 def count_range(src: torch.Tensor, dst: torch.Tensor, counts: dict[str, int], scratch: torch.Tensor) -> None:
@@ -18,7 +19,7 @@ def count_range(src: torch.Tensor, dst: torch.Tensor, counts: dict[str, int], sc
     them when there is no inf or zero at all (half the time of |x| in fp16).
     """
     # Python ints: a test on a 0-d tensor costs ten times the aminmax of a piece.
-    bits = torch.bitwise_and(dst.view(torch.int16), 0x7FFF, out=scratch)
+    bits = torch.bitwise_and(dst.view(torch.int16), FP16_SIGN_CLEARED, out=scratch)
     low, high = (t.item() for t in torch.aminmax(bits))
     if high >= FP16_INF_BITS:
         counts["inf"] += int(torch.count_nonzero(dst.isinf()) - torch.count_nonzero(src.isinf()))
