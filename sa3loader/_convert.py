@@ -254,8 +254,10 @@ def _convert_stripes(job: _Job, header: Header, src_fd: int, out_fd: int, counts
                     count_cast_range(entry.dtype, out_view[at : at + length], counts)
                 continue
             n = length // 4  # most pieces are whole: slicing a tensor costs as much as casting one
-            src, bits = (raw, scratch) if n == len(raw) else (raw[:n], scratch[:n])
-            preadv_exact(src_fd, [raw_view if n == len(raw) else raw_view[:length]], offset, header.path)
+            src, bits, into = (
+                (raw, scratch, raw_view) if n == len(raw) else (raw[:n], scratch[:n], raw_view[:length])
+            )
+            preadv_exact(src_fd, [into], offset, header.path)
             dst = out_u8[at : at + 2 * n].view(torch.float16)  # at is even: see _stripes
             dst.copy_(src)
             count_range(src, dst, counts, bits)

@@ -451,9 +451,9 @@ def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype not in DTYPE_BITS:
         raise HeaderError(f"{where}: unsupported dtype {dtype!r}", filename=path)
-    # Its product, left to right, must not overflow even before a 0 makes it 0 (safetensors').
     if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < DIM_LIMIT for d in shape):
         raise HeaderError(f"{where}: shape must be a list of integers 0 <= n < 2**63", filename=path)
+    # Its product, left to right, must not overflow even before a 0 makes it 0 (safetensors').
     if not all(count < COUNT_LIMIT for count in itertools.accumulate(shape, lambda a, b: a * b)):
         raise HeaderError(f"{where}: shape {shape} overflows 64 bits", filename=path)
     if (
