@@ -283,8 +283,9 @@ def holds_fp16_of(sibling: Header, source: Header) -> bool:
             raw = read_exact(src_fd, source.data_start + entry.begin + start, end - start, source.path)
             expected = bytes(raw)
             if converted_dtype(entry.dtype) != entry.dtype:  # F32 -> F16, cast as the converter does
-                half = torch.frombuffer(raw, dtype=torch.float32).to(torch.float16)
-                expected, start = half.view(torch.uint8).numpy().tobytes(), start // 2
+                half = bytearray(len(raw) // 2)
+                torch.frombuffer(half, dtype=torch.float16).copy_(torch.frombuffer(raw, dtype=torch.float32))
+                expected, start = bytes(half), start // 2
             at = sibling.data_start + sibling.by_name[entry.name].begin + start
             if bytes(read_exact(sib_fd, at, len(expected), sibling.path)) != expected:
                 return False
