@@ -8,6 +8,7 @@ import os
 import struct
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from support.faults import faked, tuned
 from sa3loader import _convert, _identity
 from sa3loader._format import read_header
 from sa3loader._range_report import count_cast_range, count_range
-from sa3loader._records import SourceIdentity
+from sa3loader._records import ConversionResult, SourceIdentity
 from sa3loader._serial import loaded_openmp, serial_ops
 
 SPECIAL = [
@@ -80,6 +81,15 @@ needs_openmp = pytest.mark.skipif(
 )
 
 
+def convert_saved(tensors: dict[str, torch.Tensor], folder: Path) -> tuple[ConversionResult, Path]:
+    """``tensors`` saved by safetensors, then converted by sa3loader: the result and the sibling."""
+    src, out = folder / "model.safetensors", folder / "out.safetensors"
+    save_file(tensors, str(src))
+    header = read_header(src)
+    identity = SourceIdentity(size=1, mtime_ns=2, header_sha256="h", inode=0, device=0, ctime_ns=0)
+    return _convert.convert(header, str(out), _identity.sibling_metadata(header, identity, "fp")), out
+
+
 def in_thread(work):
     seen = []
     thread = threading.Thread(target=lambda: seen.append(work()))
@@ -116,12 +126,7 @@ def test_serial_ops_holds_for_the_calling_thread_only_and_is_put_back():
 def test_a_conversion_leaves_every_threads_count_as_it_was(tmp_path):
     torch.set_num_threads(torch.get_num_threads())  # as a user who set it would have
     before = torch.get_num_threads(), in_thread(torch.get_num_threads)
-    src = tmp_path / "model.safetensors"
-    save_file({"w": torch.randn(300_000), "b": torch.randn(5)}, str(src))
-    header = read_header(src)
-    identity = SourceIdentity(size=1, mtime_ns=2, header_sha256="h", inode=0, device=0, ctime_ns=0)
-    metadata = _identity.sibling_metadata(header, identity, "fp")
-    _convert.convert(header, str(tmp_path / "out.safetensors"), metadata)
+    convert_saved({"w": torch.randn(300_000), "b": torch.randn(5)}, tmp_path)
     assert (torch.get_num_threads(), in_thread(torch.get_num_threads)) == before
 
 
@@ -141,14 +146,8 @@ class RuntimeSpy:
 
 def test_each_worker_runs_its_ops_on_its_own_thread_and_puts_the_count_back(tmp_path):
     spy = RuntimeSpy()
-    src = tmp_path / "model.safetensors"
-    save_file({"w": torch.randn(300_000)}, str(src))
-    header = read_header(src)
-    identity = SourceIdentity(size=1, mtime_ns=2, header_sha256="h", inode=0, device=0, ctime_ns=0)
     with faked(openmp=lambda subject, real: [spy]):
-        _convert.convert(
-            header, str(tmp_path / "out.safetensors"), _identity.sibling_metadata(header, identity, "fp")
-        )
+        convert_saved({"w": torch.randn(300_000)}, tmp_path)
     workers = {thread for thread, _, _ in spy.calls}
     assert len(workers) == _convert.WORKERS and all(t.name == "sa3loader-convert" for t in workers)
     for worker in workers:
@@ -162,10 +161,7 @@ def test_each_worker_runs_its_ops_on_its_own_thread_and_puts_the_count_back(tmp_
 def test_each_aligned_window_of_the_sibling_is_written_with_one_call(tmp_path, monkeypatch):
     """Pages a write leaves in the page cache are in folios as large and as aligned as the
     write: a later mapping of the sibling faults in a folio at once (benchmarks/README.md)."""
-    src = tmp_path / "model.safetensors"
-    save_file({"w": torch.randn(40 * 1024), "i": torch.arange(3001, dtype=torch.int64)}, str(src))
-    header = read_header(src)
-    identity = SourceIdentity(size=1, mtime_ns=2, header_sha256="h", inode=0, device=0, ctime_ns=0)
+    tensors = {"w": torch.randn(40 * 1024), "i": torch.arange(3001, dtype=torch.int64)}
     writes: list[tuple[int, int]] = []
     real_pwrite = os.pwrite
     monkeypatch.setattr(
@@ -173,10 +169,8 @@ def test_each_aligned_window_of_the_sibling_is_written_with_one_call(tmp_path, m
     )
     window = 8192
     with tuned(piece_elements=1024, stripe_bytes=window):  # pieces of 4 KiB read: 2 KiB of fp16 written
-        result = _convert.convert(
-            header, str(tmp_path / "out.safetensors"), _identity.sibling_metadata(header, identity, "fp")
-        )
-    data_start = 8 + struct.unpack("<Q", (tmp_path / "out.safetensors").read_bytes()[:8])[0]
+        result, out = convert_saved(tensors, tmp_path)
+    data_start = 8 + struct.unpack("<Q", out.read_bytes()[:8])[0]
     # Every window the data touches, once, cut at the data's start and end: 3001 x 8 bytes, then 40 KiB x 2.
     edges = [data_start, *range((data_start // window + 1) * window, result.size, window), result.size]
     assert sorted(writes)[1:] == [(a, b - a) for a, b in zip(edges, edges[1:], strict=False)]
