@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from support.faults import faked, tuned
 
 from sa3loader import _convert, _identity
-from sa3loader._format import read_header
+from sa3loader._format import DTYPE_BITS, layout, read_header
 from sa3loader._range_report import count_cast_range, count_range
 from sa3loader._records import ConversionResult, SourceIdentity
 from sa3loader._serial import loaded_openmp, serial_ops
@@ -220,3 +220,24 @@ def test_cast_range_of_an_empty_piece_counts_nothing():
     counts = {"inf": 0, "zero": 0}
     count_cast_range("BF16", memoryview(b""), counts)
     assert counts == {"inf": 0, "zero": 0}
+
+
+WHOLE_BYTE_DTYPES = sorted(d for d, bits in DTYPE_BITS.items() if bits % 8 == 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(WHOLE_BYTE_DTYPES), st.lists(st.integers(0, 7), max_size=3)),
+        max_size=12,
+    ),
+    st.text(max_size=9),
+)
+def test_the_layout_puts_every_tensor_at_a_multiple_of_its_element_size(tensors, note):
+    """What the converter's windows rely on: a window's end (a multiple of 8 in the file) cuts
+    no element, and an fp16 piece's float16 view starts at an even offset."""
+    named = [(f"t{i}", dtype, tuple(shape)) for i, (dtype, shape) in enumerate(tensors)]
+    prefix, entries = layout(named, {"note": note} if note else {})
+    assert len(prefix) % 8 == 0  # the data section starts 8-aligned
+    for entry in entries:
+        assert entry.begin % (DTYPE_BITS[entry.dtype] // 8) == 0, entry
