@@ -46,7 +46,7 @@ NOT_A_SIBLING_PLACE = (
 OVER_CAP = "over cap"  # a valid row whose sibling a cap removes, least recently used first
 
 
-def _entry(key: str, row: IndexRow | None) -> Entry:
+def _entry(key: str, row: IndexRow | None, spots: bool = True) -> Entry:
     if row is None:
         return Entry(
             source=key, sibling="", source_size=0, sibling_size=0, created=0.0, status=INVALID, key=key
@@ -57,15 +57,16 @@ def _entry(key: str, row: IndexRow | None) -> Entry:
         source_size=row.source.size,
         sibling_size=row.sibling_size,
         created=row.created,
-        status=row_status(row),
+        status=row_status(row, spots=spots),
         key=key,
         last_used=row.used(),
     )
 
 
-def entries(cache_dir: str) -> list[Entry]:
-    """Every row of the index as ``cache ls`` shows it, with its status by a load's rule."""
-    return [_entry(key, row) for key, row in _index.rows(cache_dir)]
+def entries(cache_dir: str, *, spots: bool = True) -> list[Entry]:
+    """Every row of the index as ``cache ls`` shows it, with its status by a load's rule
+    (``row_status``; without ``spots`` where the caller compares every byte)."""
+    return [_entry(key, row, spots) for key, row in _index.rows(cache_dir)]
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Check:
 def verify_all(cache_dir: str, progress: bool = False) -> list[Check]:
     """Full content check of every ok row."""
     checks = []
-    for entry in entries(cache_dir):
+    for entry in entries(cache_dir, spots=False):  # every byte is compared below
         if entry.status != OK:
             checks.append(Check(entry, entry.status))
             continue

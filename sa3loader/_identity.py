@@ -256,18 +256,23 @@ def sibling_matches_source(sibling: Header, source: Header) -> bool:
     )
 
 
-def still_recorded(
+READ_STAT, READ_FINGERPRINT = "stat", "fingerprint"  # what showed a source is the one recorded
+
+
+def recorded_by(
     source: Header, recorded: SourceIdentity, recorded_fingerprint: str, checked_ns: int | None
-) -> bool:
-    """Whether ``source`` is the file an index row recorded, by a load's rule: the hard fields
-    match, and the stat vouches (the same file, not racy, on a filesystem whose stat can) or
-    the fingerprint reads the same."""
+) -> str | None:
+    """What shows ``source`` is the file an index row recorded, by a load's rule: the hard
+    fields match, and the stat vouches (``READ_STAT``: the same file, not racy, on a filesystem
+    whose stat can) or the fingerprint reads the same (``READ_FINGERPRINT``); None if neither."""
     current = identity_of(source)
     if not hard_match(current, recorded):
-        return False
+        return None
     if stat_stands_for(recorded, current, checked_ns, lambda: stat_vouches(source.path) is None):
-        return True
-    return current_fingerprint(recorded_fingerprint) and fingerprint(source) == recorded_fingerprint
+        return READ_STAT
+    if current_fingerprint(recorded_fingerprint) and fingerprint(source) == recorded_fingerprint:
+        return READ_FINGERPRINT
+    return None
 
 
 def holds_fp16_of(sibling: Header, source: Header) -> bool:
@@ -312,26 +317,34 @@ def claims_recorded(claim: SiblingClaim | None, recorded: SourceIdentity, record
     return claim is not None and hard_match(claim, recorded) and claim.fingerprint == recorded_fingerprint
 
 
-def row_status(row: IndexRow) -> str:
-    """Whether the row still describes its source and sibling, by a load's rule (headers, and
-    the fingerprint where the stat does not vouch; ``verify`` reads every byte)."""
+def row_status(row: IndexRow, *, spots: bool = True) -> str:
+    """Whether the row still describes its source and sibling, by a load's rule (headers; where
+    the stat does not vouch, the fingerprint and, with ``spots``, the sibling where it reads;
+    ``cache verify`` reads every byte instead)."""
     if not os.path.isfile(row.real_path):  # gone, or a directory, FIFO or device in its place
         return MISSING_SOURCE
     if not os.path.exists(row.sibling_path):
         return MISSING_SIBLING
     try:
         with open_header(row.real_path) as source:
-            unchanged = still_recorded(source, row.source, row.fingerprint, row.checked_ns)
+            shown_by = recorded_by(source, row.source, row.fingerprint, row.checked_ns)
+            if shown_by == READ_FINGERPRINT and not spots:
+                shown_by = READ_STAT  # the caller reads every byte: the spots would add nothing
+            return _sibling_status(row, source, shown_by)
     except (Sa3LoaderError, OSError):
         return STALE
+
+
+def _sibling_status(row: IndexRow, source: Header, shown_by: str | None) -> str:
     try:
-        sib = read_header(row.sibling_path, follow_symlinks=False)
+        with open_header(row.sibling_path, follow_symlinks=False) as sib:
+            if shown_by is None:
+                return STALE
+            if sib.sha256 != row.sibling_header_sha256:
+                # Another header: the sibling of another file now (a repointed link's, converted
+                # over it), or this source's, altered since it was indexed.
+                return DAMAGED if claims_recorded(claim_of(sib), row.source, row.fingerprint) else STALE
+            # Where the stat cannot vouch a load reads the sibling at the spots and converts again.
+            return OK if shown_by == READ_STAT or holds_fp16_of(sib, source) else DAMAGED
     except (Sa3LoaderError, OSError):
         return DAMAGED
-    if not unchanged:
-        return STALE
-    if sib.sha256 == row.sibling_header_sha256:
-        return OK
-    # Another header: the sibling of another file now (a repointed link's, converted over it), or
-    # this source's, altered since it was indexed.
-    return DAMAGED if claims_recorded(claim_of(sib), row.source, row.fingerprint) else STALE

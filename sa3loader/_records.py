@@ -16,7 +16,7 @@ LAST_USE_STEP_S = 3600.0
 MAX_TIME = 2**33  # seconds: the year 2242
 # What a row (or a sibling found on disk) says of its files now, as the cache commands report it.
 OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
-DAMAGED = "damaged sibling"  # unreadable, or not the file the row indexed (its header changed)
+DAMAGED = "damaged sibling"  # unreadable, not the file indexed, or not fp16 of its source at a spot
 
 SCHEMA_VERSION = 1
 FORMAT_VERSION = "1"

@@ -518,7 +518,7 @@ def test_the_fingerprint_hashes_exactly_its_ranges_however_the_reads_are_merged(
 
 
 def test_the_commands_judge_a_recorded_source_by_a_loads_rule(tmp_path, monkeypatch):
-    """``still_recorded`` (the cache commands' judge): the hard fields, then the stat where it
+    """``recorded_by`` (the cache commands' judge): the hard fields, then the stat where it
     vouches (no read), else the fingerprint of this version."""
     fingerprints: list[str | None] = []
     monkeypatch.setattr(
@@ -536,18 +536,19 @@ def test_the_commands_judge_a_recorded_source_by_a_loads_rule(tmp_path, monkeypa
     def judged(checked_ns: int | None = checked, fingerprint: str = printed, fstype: str = "ext4") -> tuple:
         fingerprints.clear()
         with mounted(tmp_path / "mountinfo", {tmp_path: fstype}), open_header(ckpt) as header:
-            return _identity.still_recorded(header, recorded, fingerprint, checked_ns), any(fingerprints)
+            return _identity.recorded_by(header, recorded, fingerprint, checked_ns), any(fingerprints)
 
-    assert judged() == (True, False)  # the stat vouches: nothing read
-    assert judged(checked_ns=None) == (True, True)  # racy: read, and the same
-    assert judged(fstype="vfat") == (True, True)  # a stat that cannot vouch: read
+    stat, read = _identity.READ_STAT, _identity.READ_FINGERPRINT
+    assert judged() == (stat, False)  # the stat vouches: nothing read
+    assert judged(checked_ns=None) == (read, True)  # racy: read, and the same
+    assert judged(fstype="vfat") == (read, True)  # a stat that cannot vouch: read
     os.utime(ckpt, ns=(hour_ago, hour_ago))  # the ctime moves, the content does not
-    assert judged() == (True, True)
-    assert judged(fingerprint="v1:" + "0" * 64)[0] is False  # another version's: cannot tell
+    assert judged() == (read, True)
+    assert judged(fingerprint="v1:" + "0" * 64)[0] is None  # another version's: cannot tell
     write_version(ckpt, seed=4, mtime_ns=hour_ago)  # other weights, the mtime set back
-    assert judged()[0] is False
+    assert judged()[0] is None
     write_version(ckpt, seed=3, mtime_ns=hour_ago + 1)  # the same weights, another mtime
-    assert judged() == (False, False)
+    assert judged() == (None, False)
 
 
 def test_a_rows_status_is_a_loads_rule(tmp_path):
@@ -570,6 +571,17 @@ def test_a_rows_status_is_a_loads_rule(tmp_path):
         assert status(other_header) == DAMAGED  # still claims this source
         assert status(dataclasses.replace(other_header, fingerprint="other")) == STALE  # another content's
         assert status(dataclasses.replace(row, sibling_path=str(tmp_path / "gone"))) == MISSING_SIBLING
+        copy = tmp_path / "altered.safetensors"
+        shutil.copyfile(row.sibling_path, copy)
+        with open(copy, "r+b") as f, open_header(row.sibling_path) as sib:
+            f.seek(sib.data_start + sib.by_name["blocks.0.ff.weight"].begin)
+            f.write(b"\x00\x7c")  # +inf where the fingerprint reads: a load converts again
+        altered = dataclasses.replace(row, sibling_path=str(copy))
+        assert status(altered) == OK  # the stat vouches: a load reads no data either
+        assert status(dataclasses.replace(altered, checked_ns=None)) == DAMAGED
+        assert (
+            status(dataclasses.replace(altered, checked_ns=None), spots=False) == OK
+        )  # verify's: it reads all
         copy = tmp_path / "copy.safetensors"
         shutil.copyfile(row.sibling_path, copy)
         (tmp_path / "link.safetensors").symlink_to(copy)
