@@ -206,6 +206,18 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8)
 
 
+def writable_bytes(tensor: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes as a writable memoryview, for reads straight into it.
+    Through ctypes, not ``Tensor.numpy()``: numpy is not a dependency. The view does not keep
+    the tensor alive: the caller holds it while the view is used."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("reads go straight into contiguous CPU tensors only")
+    nbytes = tensor.numel() * tensor.element_size()
+    if not nbytes:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
 def _byte_ranges(dests: Sequence[torch.Tensor], offsets: Sequence[int]) -> list[tuple[int, int]]:
     return [(off, t.numel() * t.element_size()) for off, t in zip(offsets, dests, strict=True)]
 
@@ -263,7 +275,7 @@ def read_into(
     for dest in dests:
         advise_huge_pages(dest)
     ranges = _byte_ranges(dests, offsets)
-    views = [_byte_view(t).numpy().data if t.numel() else memoryview(b"") for t in dests]
+    views = [writable_bytes(t) for t in dests]
     chunks = plan_chunks(ranges, chunk_bytes)
     local = threading.local()
 
@@ -401,7 +413,7 @@ def stream_into(
     ring, pinned = _staging(slots, max(c.length for c in chunks), pin and cuda)
     stats.pinned = _faults.fact("pinned", None, pinned)
     stats.staging_bytes = sum(t.numel() for t in ring)
-    ring_views = [t.numpy().data for t in ring]
+    ring_views = [writable_bytes(t) for t in ring]
     targets = [_byte_view(t) if t.numel() else t for t in dests]
 
     local = threading.local()

@@ -433,3 +433,65 @@ def test_touching_a_range_of_a_mapping_maps_every_page_of_it(tmp_path):
         touch_pages(view, start, length)
         assert rss_file() - before >= length - mmap.PAGESIZE
         del view
+
+
+WITHOUT_NUMPY = """
+import json, sys
+sys.modules["numpy"] = None  # `import numpy` now fails, as where it is not installed
+import torch
+from support.loads import load_toy
+from sa3loader._dtypes import TORCH_DTYPES
+from sa3loader._format import read_header
+from sa3loader._io import read_into, stream_into
+
+ckpt, cache = sys.argv[1:3]
+seen = {}
+for io in ("read", "mmap"):  # the first converts and reads its sibling; the second maps it
+    model = load_toy(ckpt, cache, io=io)
+    seen[io] = {k: v.view(torch.uint8).reshape(-1).tolist() for k, v in model.state_dict().items()}
+header = read_header(ckpt)
+for reader in (read_into, stream_into):  # the CPU scatter reads; the staging ring
+    dests = [torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype]) for e in header.entries]
+    reader(ckpt, dests, [header.data_start + e.begin for e in header.entries], chunk_bytes=256)
+    named = zip(header.entries, dests)
+    seen[reader.__name__] = {e.name: d.view(torch.uint8).reshape(-1).tolist() for e, d in named}
+print(json.dumps(seen))
+"""
+
+
+def test_loads_and_reads_need_no_numpy(tmp_path):
+    """numpy is not a dependency: a conversion, a read load, a mapped load and both readers run
+    where importing it fails, and give the same bytes as where it is installed."""
+    import subprocess
+    import sys
+
+    from support.loads import make_ckpt
+    from support.processes import child_env
+
+    ckpt = make_ckpt(tmp_path / "m.safetensors")
+    run = subprocess.run(
+        [sys.executable, "-c", WITHOUT_NUMPY, str(ckpt), str(tmp_path / "c")],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout)
+    expected = {k: v.view(torch.uint8).reshape(-1).tolist() for k, v in reference(ckpt).state_dict().items()}
+    assert seen["read"] == expected and seen["mmap"] == expected
+    source = {k: v.view(torch.uint8).reshape(-1).tolist() for k, v in load_file(str(ckpt)).items()}
+    assert seen["read_into"] == source and seen["stream_into"] == source
+
+
+def test_reads_go_only_into_contiguous_cpu_tensors():
+    """A strided tensor's bytes are not one run from its data pointer: a read there would land
+    in the wrong elements (or past the storage), so it is refused."""
+    matrix = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        _io.writable_bytes(matrix.t())
+    view = _io.writable_bytes(matrix[1])
+    view[:4] = struct.pack("<f", 2.5)
+    assert matrix[1, 0] == 2.5 and matrix.count_nonzero() == 1
+    assert len(_io.writable_bytes(torch.empty(0))) == 0
