@@ -179,6 +179,46 @@ def test_a_write_through_a_mapping_into_a_dirty_page_is_seen(tmp_path, conversio
     assert_same_model(model, reference(ckpt))
 
 
+def test_pages_waiting_to_be_written_are_asked_about_before_the_content_is_read(tmp_path, monkeypatch):
+    """Whether a page of the source waits to be written is asked before the first read of the
+    content a row records (the fingerprint, before a conversion), and a page waiting then leaves
+    the row racy. A hit the stat vouches for reads no content and does not ask (the question
+    walks the file's page cache)."""
+    from support.faults import faked
+
+    events: list[str] = []
+    monkeypatch.setattr(_faults, "hook", lambda name, subject=None: events.append(name))
+    waiting = {"pages": 0}
+
+    def asked(subject, real):
+        events.append("asked")
+        return waiting["pages"]
+
+    ckpt = write_version(
+        tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11, settle=True
+    )
+    index = Index(str(tmp_path / "cache"))
+
+    def load() -> tuple[list[str], int | None]:
+        events.clear()
+        with mounted(tmp_path / "mountinfo", {tmp_path: "ext4"}), faked(unwritten_pages=asked):
+            load_toy(ckpt, tmp_path / "cache")
+        ((_, row),) = index.items()
+        return [e for e in events if e in ("asked", "fingerprint", "convert")], row.checked_ns
+
+    seen, checked = load()
+    assert seen[:3] == ["asked", "fingerprint", "convert"] and seen.count("asked") == 1 and checked
+    assert load() == ([], checked)  # a hit the stat vouches for: nothing read, nothing asked
+    ((key, row),) = index.items()
+    index.put(key, dataclasses.replace(row, checked_ns=None))  # racy: the next load reads
+    waiting["pages"] = 3
+    assert load() == (["asked", "fingerprint"], None)  # read while pages waited: still racy
+    waiting["pages"] = 0
+    seen, checked = load()
+    assert seen == ["asked", "fingerprint"] and checked is not None
+    assert load() == ([], checked)
+
+
 def test_a_sibling_altered_since_it_was_indexed_is_converted_again(tmp_path, conversions):
     """Two tensors' places swapped in the sibling's header: its claim and the source's fingerprint
     still match, but the row knew another header, so the sibling is not adopted."""
