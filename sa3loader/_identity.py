@@ -18,6 +18,7 @@ for the content.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -150,7 +151,7 @@ def fingerprint_ranges(header: Header) -> list[tuple[int, int]]:
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     merged: list[tuple[int, int]] = []
-    for offset, length in ranges:
+    for offset, length in sorted(ranges):
         if merged and offset - sum(merged[-1]) <= MERGE_GAP_BYTES:
             merged[-1] = (merged[-1][0], max(sum(merged[-1]), offset + length) - merged[-1][0])
         else:
@@ -158,20 +159,51 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def fingerprint(header: Header) -> str:
-    """sha256 over every small tensor and spots of every large one (see the module doc)."""
+class FileBytes:
+    """Bytes of one file at many small ranges, read together: nearby ranges as one read,
+    several reads in flight (cold, they are random reads)."""
+
+    def __init__(self, header: Header, ranges: list[tuple[int, int]]) -> None:
+        _faults.point("spots", header.path)
+        self.reads = _merged(ranges)
+        # One task per thread, each a run of reads: a task per read costs more than a hot read.
+        runs = [self.reads[i::READ_THREADS] for i in range(min(READ_THREADS, len(self.reads)))]
+        with reading(header) as fd, ThreadPoolExecutor(READ_THREADS) as pool:
+            done = list(pool.map(lambda run: [read_exact(fd, o, n, header.path) for o, n in run], runs))
+        self.blocks = [done[i % len(runs)][i // len(runs)] for i in range(len(self.reads))]
+        self._starts = [offset for offset, _ in self.reads]
+
+    def at(self, offset: int, length: int) -> memoryview:
+        """The file's bytes at ``offset`` (within one of the ranges read)."""
+        block = bisect.bisect_right(self._starts, offset) - 1
+        start = offset - self._starts[block]
+        return memoryview(self.blocks[block])[start : start + length]
+
+
+def _whole_elements(entry: TensorEntry, offset: int, length: int) -> tuple[int, int]:
+    """A spot of ``entry``'s bytes widened to whole elements: (start, end) in its bytes."""
+    item = max(1, DTYPE_BITS[entry.dtype] // 8)
+    return offset // item * item, min(entry.nbytes, -(-(offset + length) // item) * item)
+
+
+def read_spots(header: Header) -> FileBytes:
+    """The file's bytes at every spot the fingerprint reads, widened to whole elements, so that
+    the fingerprint and the sibling's spot check (``holds_fp16_of``) read the source once."""
+    ranges = []
+    for entry, offset, length in fingerprint_spots(header):
+        start, end = _whole_elements(entry, offset, length)
+        ranges.append((header.data_start + entry.begin + start, end - start))
+    return FileBytes(header, ranges)
+
+
+def fingerprint(header: Header, spots: FileBytes | None = None) -> str:
+    """sha256 over every small tensor and spots of every large one (see the module doc);
+    from ``spots`` (``read_spots`` of this header) when given."""
     _faults.point("fingerprint", header.path)
-    ranges = fingerprint_ranges(header)
-    reads = _merged(ranges)
-    with reading(header) as fd, ThreadPoolExecutor(READ_THREADS) as pool:
-        blocks = list(pool.map(lambda r: read_exact(fd, r[0], r[1], header.path), reads))
+    spots = read_spots(header) if spots is None else spots
     digest = hashlib.sha256(f"{FINGERPRINT_VERSION}:{header.file_size}:{header.sha256}".encode())
-    block = 0
-    for offset, length in ranges:
-        while offset >= reads[block][0] + reads[block][1]:
-            block += 1
-        start = offset - reads[block][0]
-        digest.update(memoryview(blocks[block])[start : start + length])
+    for offset, length in fingerprint_ranges(header):
+        digest.update(spots.at(offset, length))
     return f"{FINGERPRINT_VERSION}:{digest.hexdigest()}"
 
 
@@ -275,25 +307,29 @@ def recorded_by(
     return None
 
 
-def holds_fp16_of(sibling: Header, source: Header) -> bool:
+def holds_fp16_of(sibling: Header, source: Header, spots: FileBytes | None = None) -> bool:
     """Whether ``sibling`` holds fp16(source) at every spot the fingerprint reads, widened to
-    whole elements. A claim is fingerprinted before the conversion reads the source, and a
-    write through a shared mapping into a dirty page stamps nothing: a claim that matches the
-    source says nothing of what was converted, so where the stat cannot vouch the sibling is
-    read too."""
-    with reading(source) as src_fd, reading(sibling) as sib_fd:
-        for entry, offset, length in fingerprint_spots(source):
-            item = max(1, DTYPE_BITS[entry.dtype] // 8)
-            start, end = offset // item * item, min(entry.nbytes, -(-(offset + length) // item) * item)
-            raw = read_exact(src_fd, source.data_start + entry.begin + start, end - start, source.path)
-            expected = bytes(raw)
-            if converted_dtype(entry.dtype) != entry.dtype:  # F32 -> F16, cast as the converter does
-                half = bytearray(len(raw) // 2)
-                torch.frombuffer(half, dtype=torch.float16).copy_(torch.frombuffer(raw, dtype=torch.float32))
-                expected, start = bytes(half), start // 2
-            at = sibling.data_start + sibling.by_name[entry.name].begin + start
-            if bytes(read_exact(sib_fd, at, len(expected), sibling.path)) != expected:
-                return False
+    whole elements (the source's bytes there from ``spots`` when given: ``read_spots``). A claim
+    is fingerprinted before the conversion reads the source, and a write through a shared
+    mapping into a dirty page stamps nothing: a claim that matches the source says nothing of
+    what was converted, so where the stat cannot vouch the sibling is read too."""
+    spots = read_spots(source) if spots is None else spots
+    wanted = []  # (source offset, length, sibling offset, whether cast)
+    for entry, offset, length in fingerprint_spots(source):
+        start, end = _whole_elements(entry, offset, length)
+        cast = converted_dtype(entry.dtype) != entry.dtype  # F32 -> F16, as the converter casts
+        at = sibling.data_start + sibling.by_name[entry.name].begin + (start // 2 if cast else start)
+        wanted.append((source.data_start + entry.begin + start, end - start, at, cast))
+    found = FileBytes(sibling, [(at, n // 2 if cast else n) for _, n, at, cast in wanted])
+    for src_at, length, at, cast in wanted:
+        raw = spots.at(src_at, length)
+        expected = raw
+        if cast:
+            half = bytearray(length // 2)
+            torch.frombuffer(half, dtype=torch.float16).copy_(torch.frombuffer(raw, dtype=torch.float32))
+            expected = memoryview(half)
+        if bytes(found.at(at, len(expected))) != bytes(expected):  # memoryviews compare by element
+            return False
     return True
 
 

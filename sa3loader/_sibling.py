@@ -26,6 +26,7 @@ from ._config import warn_once
 from ._format import Header, open_header
 from ._host import stat_vouches, unwritten_pages
 from ._identity import (
+    FileBytes,
     claim_of,
     claims_recorded,
     current_fingerprint,
@@ -35,6 +36,7 @@ from ._identity import (
     holds_fp16_of,
     identity_of,
     is_sa3loader_file,
+    read_spots,
     stat_stands_for,
 )
 from ._index import Index
@@ -114,6 +116,32 @@ def index_row(
     )
 
 
+def _trusted(cache_dir: str, settings: _config.Settings) -> bool:
+    distrust = cache_dir_trust(cache_dir, shared=settings.shared_cache)
+    if distrust is not None:
+        warn_once(
+            f"untrusted:{cache_dir}",
+            "ignoring the sa3loader cache dir %s: %s (set $%s=1 for a shared team cache)",
+            cache_dir,
+            distrust,
+            _config.SHARED_CACHE_ENV,
+        )
+    return distrust is None
+
+
+def clean_since(source: Header, opened_ns: int) -> int | None:
+    """When the source's identity was taken (``opened_ns``), for a row's racy check: a write
+    after it changes the stat. Unless a page waits to be written now, before the content is read
+    (a write through a mapping into such a page stamps no time): then no time, and the row is
+    racy until a later load checks a clean file. Asked only before the first read of the content
+    (``SiblingFinder.fingerprint``): a hit the stat vouches for reads none and records nothing (the
+    question walks the file's page cache: 8 ms a 5.8 GB file)."""
+    handle = source.handle
+    if handle is not None and unwritten_pages(handle.fileno()):
+        return None
+    return opened_ns
+
+
 class SiblingFinder:
     """Finds and checks the sibling of one source for one cache dir."""
 
@@ -126,19 +154,14 @@ class SiblingFinder:
         self.blob = self.identity.blob
         self._opened_ns = source.handle.opened_ns if source.handle is not None else time.time_ns()
         self.checked_ns: int | None = None  # set as the content is first read: ``fingerprint``
-        distrust = cache_dir_trust(cache_dir, shared=settings.shared_cache)
-        if distrust is not None:
-            warn_once(
-                f"untrusted:{cache_dir}",
-                "ignoring the sa3loader cache dir %s: %s (set $%s=1 for a shared team cache)",
-                cache_dir,
-                distrust,
-                _config.SHARED_CACHE_ENV,
-            )
-        self.cache_trusted = distrust is None
+        self.cache_trusted = _trusted(cache_dir, settings)
         self.index = Index(cache_dir, usable=self.cache_trusted)
         self.outcome = SiblingOutcome()
         self._fingerprint: str | None = None
+        # The source's bytes the fingerprint read: the spot checks of this find() compare the
+        # candidates with them (one read of the source), then they are let go.
+        self._spots: FileBytes | None = None
+        self._finding = False
         self.failed_verify: set[str] = set()  # checked once: the re-check under the lock skips them
         self.other_version: set[str] = set()  # another sa3loader's siblings: never overwritten
         self.unreadable: dict[str, str] = {}  # siblings this user may not open, and why
@@ -150,20 +173,11 @@ class SiblingFinder:
         """The source's fingerprint: the first read of the content a row records (a conversion,
         a spot check and an index row all ask for it first)."""
         if self._fingerprint is None:
-            self.checked_ns = self._clean_since_opened()
-            self._fingerprint = fingerprint(self.source)
+            self.checked_ns = clean_since(self.source, self._opened_ns)
+            spots = read_spots(self.source)
+            self._fingerprint = fingerprint(self.source, spots)
+            self._spots = spots if self._finding else None
         return self._fingerprint
-
-    def _clean_since_opened(self) -> int | None:
-        """When the identity was taken, for the row's racy check: a write after it changes the
-        stat. Unless a page waits to be written now, before the content is read (a write through
-        a mapping into such a page stamps no time): then no time, and the row is racy until a
-        later load checks a clean file. Asked only here: a hit the stat vouches for reads no
-        content and records nothing (the question walks the file's page cache: 8 ms a 5.8 GB file)."""
-        handle = self.source.handle
-        if handle is not None and unwritten_pages(handle.fileno()):
-            return None
-        return self._opened_ns
 
     def beside_allowed(self) -> bool:
         return not in_hf_hub_cache(self.source.path)
@@ -291,7 +305,7 @@ class SiblingFinder:
         try:
             if full:
                 self.outcome.checked = _compare.verify(self.source, sibling)
-            elif not holds_fp16_of(sibling, self.source):
+            elif not holds_fp16_of(sibling, self.source, self._spots):
                 raise VerificationError(
                     f"{sibling.path}: not fp16 of {self.source.path} where the fingerprint reads it",
                     filename=sibling.path,
@@ -308,13 +322,17 @@ class SiblingFinder:
         if row is not None and not hard_match(row.source, self.identity):
             self.outcome.note("source changed since it was indexed")
             row = None
-        for path in self.candidates(row):
-            sibling = self.accept(path, row)
-            if sibling is not None:
-                # What the row now says, also after accept() rewrote it: it keeps the old report.
-                self.outcome.stored_range = row.range if row is not None else None
-                return sibling
-        return None
+        self._finding = True
+        try:
+            for path in self.candidates(row):
+                sibling = self.accept(path, row)
+                if sibling is not None:
+                    # What the row now says, also after accept() rewrote it: it keeps the old report.
+                    self.outcome.stored_range = row.range if row is not None else None
+                    return sibling
+            return None
+        finally:
+            self._finding, self._spots = False, None  # megabytes, for a conversion's length otherwise
 
     row_for = index_row  # the row for a sibling of this source (the resolver's, too)
 

@@ -12,16 +12,19 @@ import dataclasses
 import json
 import mmap
 import os
+import random
 import shutil
 import struct
 import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from support.checkpoints import random_like_state, save, settled
 from support.compare import assert_same_model, writable
-from support.faults import mounted
+from support.faults import injected, mounted, recorded
 from support.loads import load_toy, make_ckpt
 from support.toymodel import build, reference
 
@@ -664,6 +667,43 @@ def test_a_sibling_whose_claim_matches_but_whose_data_does_not_is_converted_agai
         index.put(key, dataclasses.replace(indexed, checked_ns=None))
     model = load_toy(ckpt, tmp_path / "cache")
     assert len(conversions) == 2, sa3loader.last_load_info().events
+    assert_same_model(model, reference(ckpt))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    spans=st.lists(st.tuples(st.integers(0, 399_999), st.integers(1, 5000)), min_size=1, max_size=40),
+)
+def test_file_bytes_gives_the_files_bytes_at_every_range(tmp_path_factory, seed, spans):
+    """Ranges read together (merged when near, a run of reads per thread, in any order given)
+    give the file's own bytes at each of them."""
+    data = random.Random(seed).randbytes(400_000)  # ranges far apart are read apart
+    path = tmp_path_factory.mktemp("fb") / "f.safetensors"
+    entry = {"dtype": "U8", "shape": [len(data)], "data_offsets": [0, len(data)]}
+    header_bytes = json.dumps({"t": entry}).encode()
+    path.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes + data)
+    whole, start = path.read_bytes(), 8 + len(header_bytes)
+    ranges = [(start + o, min(n, len(data) - o)) for o, n in spans]
+    with open_header(path) as header:
+        got = _identity.FileBytes(header, ranges)
+    for offset, length in ranges:
+        assert bytes(got.at(offset, length)) == whole[offset : offset + length]
+
+
+def test_a_spot_check_compares_with_the_bytes_the_fingerprint_read(tmp_path):
+    """Where the stat cannot vouch, a hit reads the source's spots once, for the fingerprint and
+    the sibling's spot check both."""
+    ckpt = write_version(tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11)
+    points: list[tuple[str, str | None]] = []
+    with mounted(tmp_path / "mountinfo", {tmp_path: "vfat"}):
+        load_toy(ckpt, tmp_path / "cache")
+        with injected(recorded(points)):
+            model = load_toy(ckpt, tmp_path / "cache")
+    info = sa3loader.last_load_info()
+    assert info.cache_hit and not info.converted
+    sibling = str(tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors")
+    assert [subject for name, subject in points if name == "spots"] == [str(ckpt), sibling]
     assert_same_model(model, reference(ckpt))
 
 
