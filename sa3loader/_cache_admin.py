@@ -300,6 +300,8 @@ def _carry_out(step: Removal, live: list[Entry] | None) -> str | None:
                 return reason
     elif owned_file_problem(step.path) is not None:
         return "it is no longer a file of yours"
+    elif step.kind == "lock file" and os.path.lexists(step.guard):  # kept above, or put back since
+        return "its sibling stays"
     if not os.path.lexists(step.path):
         return "it is already gone"
     os.unlink(step.path)

@@ -364,23 +364,35 @@ def row_status(row: IndexRow, *, spots: bool = True) -> str:
     try:
         with open_header(row.real_path) as source:
             shown_by = recorded_by(source, row.source, row.fingerprint, row.checked_ns)
-            if shown_by == READ_FINGERPRINT and not spots:
-                shown_by = READ_STAT  # the caller reads every byte: the spots would add nothing
-            return _sibling_status(row, source, shown_by)
+            return _sibling_status(row, source, shown_by, spots)
     except (Sa3LoaderError, OSError):
         return STALE
 
 
-def _sibling_status(row: IndexRow, source: Header, shown_by: str | None) -> str:
+def _sibling_status(row: IndexRow, source: Header, shown_by: str | None, spots: bool) -> str:
     try:
         with open_header(row.sibling_path, follow_symlinks=False) as sib:
             if shown_by is None:
                 return STALE
+            claim = claim_of(sib)
             if sib.sha256 != row.sibling_header_sha256:
                 # Another header: the sibling of another file now (a repointed link's, converted
                 # over it), or this source's, altered since it was indexed.
-                return DAMAGED if claims_recorded(claim_of(sib), row.source, row.fingerprint) else STALE
-            # Where the stat cannot vouch a load reads the sibling at the spots and converts again.
-            return OK if shown_by == READ_STAT or holds_fp16_of(sib, source) else DAMAGED
+                return DAMAGED if claims_recorded(claim, row.source, row.fingerprint) else STALE
+            if claim is None or not _could_be_used(sib, claim, row.source, source):
+                return STALE  # a load passes it by: another version's, or another file's
+            if shown_by == READ_STAT and claim.fingerprint == row.fingerprint:
+                return OK  # a load reads nothing either
+            if fingerprint(source) != claim.fingerprint:
+                return STALE
+            # Where the row cannot vouch a load reads the sibling at the spots and converts again.
+            return OK if not spots or holds_fp16_of(sib, source) else DAMAGED
     except (Sa3LoaderError, OSError):
         return DAMAGED
+
+
+def _could_be_used(sibling: Header, claim: SiblingClaim, recorded: SourceIdentity, source: Header) -> bool:
+    """What a load asks of a sibling before its content: of this version, made from a file with
+    the recorded hard fields, holding exactly the source's tensors converted."""
+    of_this_version = current_fingerprint(claim.fingerprint)
+    return of_this_version and hard_match(claim, recorded) and describes(sibling, source)

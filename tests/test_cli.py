@@ -533,7 +533,8 @@ def test_cache_repair_sets_a_corrupt_index_aside_and_loads_adopt_again(src, tmp_
 
 def test_prune_keeps_a_sibling_valid_for_the_current_source(src, tmp_path):
     """A row left stale by a change of source names a sibling that another cache dir's load
-    has since republished for the new source: that sibling is the current one, and stays."""
+    has since republished for the new source: that sibling is the current one, and stays, with
+    its lock."""
     run("warm", str(src), cache=tmp_path / "a")
     save_file({"w": torch.linspace(-3, 3, 64).reshape(8, 8), "i": torch.arange(4)}, str(src))
     run("warm", str(src), cache=tmp_path / "b")  # republished beside the source
@@ -544,8 +545,10 @@ def test_prune_keeps_a_sibling_valid_for_the_current_source(src, tmp_path):
     real = json.loads(run("cache", "prune", "--json", cache=tmp_path / "a").stdout)
     assert sibling.read_bytes() == republished
     assert [(k["path"], k["why"]) for k in real["kept"]] == [
-        (str(sibling), f"it is valid for the current {src}")
+        (str(sibling), f"it is valid for the current {src}"),
+        (f"{sibling}.lock", "its sibling stays"),  # a sibling that stays keeps its lock
     ]
+    assert Path(f"{sibling}.lock").exists()
 
 
 def test_dry_run_lists_exactly_what_the_real_run_removes(tmp_path):

@@ -16,6 +16,7 @@ import random
 import shutil
 import struct
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -621,10 +622,10 @@ def test_a_rows_status_is_a_loads_rule(tmp_path):
             f.write(b"\x00\x7c")  # +inf where the fingerprint reads: a load converts again
         altered = dataclasses.replace(row, sibling_path=str(copy))
         assert status(altered) == OK  # the stat vouches: a load reads no data either
+        assert status(dataclasses.replace(altered, fingerprint="other")) == DAMAGED  # unvouched: read
         assert status(dataclasses.replace(altered, checked_ns=None)) == DAMAGED
-        assert (
-            status(dataclasses.replace(altered, checked_ns=None), spots=False) == OK
-        )  # verify's: it reads all
+        racy_altered = dataclasses.replace(altered, checked_ns=None)
+        assert status(racy_altered, spots=False) == OK  # verify's: it reads every byte instead
         copy = tmp_path / "copy.safetensors"
         shutil.copyfile(row.sibling_path, copy)
         (tmp_path / "link.safetensors").symlink_to(copy)
@@ -634,6 +635,52 @@ def test_a_rows_status_is_a_loads_rule(tmp_path):
         assert status(row) == STALE
         os.unlink(ckpt)
         assert status(row) == MISSING_SOURCE
+
+
+def test_a_row_naming_a_sibling_a_load_passes_by_is_stale(tmp_path):
+    """A row whose sibling, its header as the row recorded, a load would not use: another
+    version's, another checkpoint's, or made from the same bytes in another file: stale, with
+    the stat vouching or not (never an error: a row may name any path)."""
+    from sa3loader._records import STALE
+
+    ckpt = write_version(
+        tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11, settle=True
+    )
+    with mounted(tmp_path / "mountinfo", {tmp_path: "ext4"}):
+        load_toy(ckpt, tmp_path / "cache")
+        ((_, row),) = Index(str(tmp_path / "cache")).items()
+        status = _identity.row_status
+        raw = bytearray(Path(row.sibling_path).read_bytes())
+        claim = b'"sa3loader.source_fingerprint":"' + _identity.FINGERPRINT_VERSION.encode()
+        assert raw.count(claim) == 1
+        raw[raw.index(claim) + len(claim) - 2 : raw.index(claim) + len(claim)] = b"v1"  # another version's
+        older = tmp_path / "older.safetensors"
+        older.write_bytes(bytes(raw))
+        older_row = dataclasses.replace(
+            row, sibling_path=str(older), sibling_header_sha256=read_header(older).sha256
+        )
+        for checked in (row.checked_ns, None):  # a load never uses another version's sibling
+            assert status(dataclasses.replace(older_row, checked_ns=checked)) == STALE
+        other = write_version(tmp_path / "other.safetensors", seed=5, mtime_ns=time.time_ns() - 10**11)
+        load_toy(other, tmp_path / "cache")
+        (other_row,) = [r for _, r in Index(str(tmp_path / "cache")).items() if r.real_path != row.real_path]
+        named = dataclasses.replace(
+            row, sibling_path=other_row.sibling_path, sibling_header_sha256=other_row.sibling_header_sha256
+        )
+        for checked in (row.checked_ns, None):  # another checkpoint's sibling, its header as recorded
+            assert status(dataclasses.replace(named, checked_ns=checked)) == STALE
+        twin = tmp_path / "twin" / "model.safetensors"  # the same bytes, another mtime: another file
+        twin.parent.mkdir()
+        shutil.copyfile(ckpt, twin)
+        os.utime(twin, ns=(row.source.mtime_ns - 10**9, row.source.mtime_ns - 10**9))
+        load_toy(twin, tmp_path / "cache")
+        (twin_row,) = [r for _, r in Index(str(tmp_path / "cache")).items() if r.real_path == str(twin)]
+        assert twin_row.fingerprint == row.fingerprint
+        of_twin = dataclasses.replace(
+            row, sibling_path=twin_row.sibling_path, sibling_header_sha256=twin_row.sibling_header_sha256
+        )
+        for checked in (row.checked_ns, None):  # a load refuses a claim of other hard fields
+            assert status(dataclasses.replace(of_twin, checked_ns=checked)) == STALE
 
 
 @pytest.mark.parametrize("row", ["none", "racy"])
