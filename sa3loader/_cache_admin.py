@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from . import _compare, _index
+from ._config import shared_cache
 from ._format import open_header
 from ._identity import marked_by_sa3loader, row_status, sibling_matches_source
 from ._index import command_index, has_index, refuse_untrusted
@@ -31,6 +32,7 @@ from ._places import (
     beside_path,
     blob_name,
     cache_path,
+    in_cache_dir,
     legacy_beside_path,
     siblings_with_leftovers,
     temp_files_of,
@@ -46,18 +48,20 @@ NOT_A_SIBLING_PLACE = (
 OVER_CAP = "over cap"  # a valid row whose sibling a cap removes, least recently used first
 
 
-def _entry(key: str, row: IndexRow | None, spots: bool = True) -> Entry:
+def _entry(key: str, row: IndexRow | None, cache_dir: str, spots: bool = True) -> Entry:
     if row is None:
         return Entry(
             source=key, sibling="", source_size=0, sibling_size=0, created=0.0, status=INVALID, key=key
         )
+    # As a load trusts siblings: anyone's in a cache dir shared on purpose.
+    shared = in_cache_dir(row.sibling_path, cache_dir) and shared_cache()
     return Entry(
         source=row.source_path,
         sibling=row.sibling_path,
         source_size=row.source.size,
         sibling_size=row.sibling_size,
         created=row.created,
-        status=row_status(row, spots=spots),
+        status=row_status(row, spots=spots, shared=shared),
         key=key,
         last_used=row.used(),
     )
@@ -66,7 +70,7 @@ def _entry(key: str, row: IndexRow | None, spots: bool = True) -> Entry:
 def entries(cache_dir: str, *, spots: bool = True) -> list[Entry]:
     """Every row of the index as ``cache ls`` shows it, with its status by a load's rule
     (``row_status``; without ``spots`` where the caller compares every byte)."""
-    return [_entry(key, row, spots) for key, row in _index.rows(cache_dir)]
+    return [_entry(key, row, cache_dir, spots) for key, row in _index.rows(cache_dir)]
 
 
 @dataclass

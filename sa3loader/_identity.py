@@ -53,10 +53,12 @@ from ._records import (
     MISSING_SOURCE,
     OK,
     STALE,
+    UNTRUSTED,
     IndexRow,
     SiblingClaim,
     SourceIdentity,
 )
+from ._trust import owner_problem
 from .errors import Sa3LoaderError
 
 FINGERPRINT_VERSION = "v2"
@@ -353,10 +355,11 @@ def claims_recorded(claim: SiblingClaim | None, recorded: SourceIdentity, record
     return claim is not None and hard_match(claim, recorded) and claim.fingerprint == recorded_fingerprint
 
 
-def row_status(row: IndexRow, *, spots: bool = True) -> str:
-    """Whether the row still describes its source and sibling, by a load's rule (headers; where
-    the stat does not vouch, the fingerprint and, with ``spots``, the sibling where it reads;
-    ``cache verify`` reads every byte instead)."""
+def row_status(row: IndexRow, *, spots: bool = True, shared: bool = False) -> str:
+    """Whether the row still describes its source and sibling, by a load's rule (the sibling's
+    owner, as in a cache shared on purpose with ``shared``; headers; where the stat does not
+    vouch, the fingerprint and, with ``spots``, the sibling where it reads; ``cache verify``
+    reads every byte instead)."""
     if not os.path.isfile(row.real_path):  # gone, or a directory, FIFO or device in its place
         return MISSING_SOURCE
     if not os.path.exists(row.sibling_path):
@@ -364,16 +367,19 @@ def row_status(row: IndexRow, *, spots: bool = True) -> str:
     try:
         with open_header(row.real_path) as source:
             shown_by = recorded_by(source, row.source, row.fingerprint, row.checked_ns)
-            return _sibling_status(row, source, shown_by, spots)
+            return _sibling_status(row, source, shown_by, spots, shared)
     except (Sa3LoaderError, OSError):
         return STALE
 
 
-def _sibling_status(row: IndexRow, source: Header, shown_by: str | None, spots: bool) -> str:
+def _sibling_status(row: IndexRow, source: Header, shown_by: str | None, spots: bool, shared: bool) -> str:
     try:
         with open_header(row.sibling_path, follow_symlinks=False) as sib:
             if shown_by is None:
                 return STALE
+            assert sib.handle is not None and source.handle is not None
+            if owner_problem(sib.path, sib.handle.stat, source.handle.stat.st_uid, shared=shared):
+                return UNTRUSTED
             claim = claim_of(sib)
             if sib.sha256 != row.sibling_header_sha256:
                 # Another header: the sibling of another file now (a repointed link's, converted

@@ -21,7 +21,7 @@ from support.processes import load_in_a_child
 from support.toymodel import build, reference
 
 import sa3loader
-from sa3loader import UntrustedCacheDirError, _index
+from sa3loader import UntrustedCacheDirError, _index, cli
 from sa3loader import _trust as trust
 from sa3loader._format import read_header
 
@@ -60,6 +60,41 @@ def test_a_neighbours_sibling_in_a_shared_dir_is_never_adopted(tmp_path):
     assert f"untrusted sibling {planted}" in info.events
     assert_same_model(model, reference(ckpt))
     assert planted.read_bytes() == planted_bytes  # never written over either
+
+
+@needs_root
+def test_cache_ls_calls_a_sibling_untrusted_where_a_load_will_not_use_it(tmp_path, monkeypatch):
+    """A sibling another user owns: beside a checkpoint in a dir others can write, or in your
+    cache dir, a load takes its own instead, and ``cache ls`` says why its row is not ok; in a
+    team cache shared on purpose both use it."""
+    from sa3loader import _cache_admin
+    from sa3loader._records import OK, UNTRUSTED
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    ckpt, cache = checkpoint(shared), tmp_path / "cache"
+    load_toy(ckpt, cache)
+    beside = shared / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    os.chown(beside, NEIGHBOUR, NEIGHBOUR)
+    assert [e.status for e in _cache_admin.entries(str(cache))] == [UNTRUSTED]
+    assert cli.main(["--cache-dir", str(cache), "cache", "verify"]) == 3  # as the README says
+    load_toy(ckpt, cache)
+    assert f"untrusted sibling {beside}" in sa3loader.last_load_info().events
+
+    monkeypatch.setenv("SA3LOADER_PLACE", "cache")
+    other = checkpoint(tmp_path / "other")
+    load_toy(other, cache)
+    placed = Path(sa3loader.last_load_info().sibling)
+    assert placed.is_relative_to(cache)
+    os.chown(placed, NEIGHBOUR, NEIGHBOUR)
+    statuses = {e.source: e.status for e in _cache_admin.entries(str(cache))}
+    assert statuses[str(other)] == UNTRUSTED
+    monkeypatch.setenv("SA3LOADER_SHARED_CACHE", "1")  # a team cache: anyone's siblings in it
+    statuses = {e.source: e.status for e in _cache_admin.entries(str(cache))}
+    assert statuses[str(other)] == OK
+    load_toy(other, cache)
+    assert sa3loader.last_load_info().cache_hit and sa3loader.last_load_info().sibling == str(placed)
 
 
 @needs_root
