@@ -414,6 +414,8 @@ def stream_into(
     stats.pinned = _faults.fact("pinned", None, pinned)
     stats.staging_bytes = sum(t.numel() for t in ring)
     ring_views = [writable_bytes(t) for t in ring]
+    if not all(t.is_contiguous() for t in dests):  # reshape would copy: the bytes would land there
+        raise ValueError("reads go straight into contiguous tensors only")
     targets = [_byte_view(t) if t.numel() else t for t in dests]
 
     local = threading.local()

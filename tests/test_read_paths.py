@@ -485,12 +485,15 @@ def test_loads_and_reads_need_no_numpy(tmp_path):
     assert seen["read_into"] == source and seen["stream_into"] == source
 
 
-def test_reads_go_only_into_contiguous_cpu_tensors():
+def test_reads_go_only_into_contiguous_cpu_tensors(tmp_path):
     """A strided tensor's bytes are not one run from its data pointer: a read there would land
     in the wrong elements (or past the storage), so it is refused."""
     matrix = torch.zeros(4, 4)
     with pytest.raises(ValueError, match="contiguous CPU"):
         _io.writable_bytes(matrix.t())
+    path = mixed_file(tmp_path)
+    with pytest.raises(ValueError, match="contiguous"):  # the ring's copies would land in a copy
+        stream_into(str(path), [torch.zeros(4, 4).t()], [read_header(path).data_start])
     view = _io.writable_bytes(matrix[1])
     view[:4] = struct.pack("<f", 2.5)
     assert matrix[1, 0] == 2.5 and matrix.count_nonzero() == 1
