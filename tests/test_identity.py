@@ -8,6 +8,7 @@ racy-clean rule); two versions sharing a checkpoint dir each convert once."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import mmap
@@ -595,17 +596,24 @@ def test_the_commands_judge_a_recorded_source_by_a_loads_rule(tmp_path, monkeypa
     assert judged() == (None, False)
 
 
-def test_a_rows_status_is_a_loads_rule(tmp_path):
-    """``cache ls``'s status of a row, by a load's rule: the fingerprint is read only where the
-    stat cannot vouch; a symlink at the sibling's name is never followed."""
-    from sa3loader._records import DAMAGED, MISSING_SIBLING, MISSING_SOURCE, OK, STALE
-
+@contextlib.contextmanager
+def one_indexed_row(tmp_path):
+    """A settled checkpoint on a filesystem whose stat vouches, loaded once: it and its row."""
     ckpt = write_version(
         tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11, settle=True
     )
     with mounted(tmp_path / "mountinfo", {tmp_path: "ext4"}):
         load_toy(ckpt, tmp_path / "cache")
         ((_, row),) = Index(str(tmp_path / "cache")).items()
+        yield ckpt, row
+
+
+def test_a_rows_status_is_a_loads_rule(tmp_path):
+    """``cache ls``'s status of a row, by a load's rule: the fingerprint is read only where the
+    stat cannot vouch; a symlink at the sibling's name is never followed."""
+    from sa3loader._records import DAMAGED, MISSING_SIBLING, MISSING_SOURCE, OK, STALE
+
+    with one_indexed_row(tmp_path) as (ckpt, row):
         status = _identity.row_status
         assert status(row) == OK
         assert status(dataclasses.replace(row, checked_ns=None)) == OK  # racy: the fingerprint matches
@@ -643,12 +651,7 @@ def test_a_row_naming_a_sibling_a_load_passes_by_is_stale(tmp_path):
     the stat vouching or not (never an error: a row may name any path)."""
     from sa3loader._records import STALE
 
-    ckpt = write_version(
-        tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11, settle=True
-    )
-    with mounted(tmp_path / "mountinfo", {tmp_path: "ext4"}):
-        load_toy(ckpt, tmp_path / "cache")
-        ((_, row),) = Index(str(tmp_path / "cache")).items()
+    with one_indexed_row(tmp_path) as (ckpt, row):
         status = _identity.row_status
         raw = bytearray(Path(row.sibling_path).read_bytes())
         claim = b'"sa3loader.source_fingerprint":"' + _identity.FINGERPRINT_VERSION.encode()
