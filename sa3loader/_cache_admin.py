@@ -193,13 +193,18 @@ def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     # to another file reuses it. Never delete what a valid row still names.
     in_use = {e.sibling for e in listed if e.status == OK}
     dropped = [e for e in listed if e.status != OK]
-    siblings = [e.sibling for e in dropped if e.status in (STALE, MISSING_SOURCE) and e.sibling not in in_use]
+    stale = [e.sibling for e in dropped if e.status in (STALE, MISSING_SOURCE) and e.sibling not in in_use]
+    # One another cache dir's load made valid for the current source stays: the dry run says so too.
+    needed = {s: why for s in dict.fromkeys(stale) if (why := _still_needed(s, listed)) is not None}
+    siblings = [s for s in stale if s not in needed]
     if max_bytes is not None:
         used = _by_last_use(cache_dir, [e for e in listed if e.status == OK])
         over = _least_used(used, sum(u.st.st_size for u in used) - max_bytes, partial=True)
         dropped += over
         siblings += list(dict.fromkeys(e.sibling for e in over))
-    return _plan(cache_dir, dropped, siblings, [e.sibling for e in listed if e.sibling])
+    plan = _plan(cache_dir, dropped, siblings, [e.sibling for e in listed if e.sibling])
+    plan.kept += [(Removal(s, file_size(s), "sibling", s), why) for s, why in needed.items() if _ours(s)]
+    return plan
 
 
 def plan_clear(cache_dir: str) -> Plan:

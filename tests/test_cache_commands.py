@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,10 +208,12 @@ def test_a_sibling_replaced_after_the_plan_is_kept_with_its_row(tmp_path):
     load_toy(a, cache)  # converted again: a new sibling and row
     outcome = _cache_admin.execute(str(cache), plan, pruning=True)
     sibling = tmp_path / ".cache" / "sa3loader" / "a.fp16.safetensors"
-    assert (str(sibling), "another file was put there since the plan was made") in [
-        (r.path, why) for r, why in outcome.kept
-    ]
-    assert sibling.exists() and [e.source for e in _cache_admin.entries(str(cache))] == [str(a)]
+    assert {(r.path, why) for r, why in outcome.kept} == {
+        (str(sibling), "another file was put there since the plan was made"),
+        (f"{sibling}.lock", "its sibling stays"),  # the lock the new sibling's conversions take
+    }
+    assert sibling.exists() and Path(f"{sibling}.lock").exists()
+    assert [e.source for e in _cache_admin.entries(str(cache))] == [str(a)]
     assert_same_model(load_toy(a, cache), reference(a))
     assert sa3loader.last_load_info().cache_hit
 
