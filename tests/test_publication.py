@@ -181,6 +181,33 @@ def test_a_leftover_that_cannot_be_proved_whole_is_converted_again_with_a_warnin
     assert not leftover.exists() and digest(model) == reference_digest(ckpt)
 
 
+@pytest.mark.parametrize("data", ["as-converted", "another-value-at-a-spot"])
+def test_a_leftover_is_published_only_where_it_holds_the_sources_fp16_at_the_spots(tmp_path, data):
+    """A whole leftover with this source's header: its writer's reads may have seen a value
+    written through a mapping into a dirty page and put back since (no time stamped), so its
+    header proves nothing of its data. Published where it holds fp16 of the source as it is now
+    at the fingerprint's spots; else converted again, never served."""
+    from sa3loader._host import boot_id
+
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    load_toy(ckpt, tmp_path / "probe")
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    raw = bytearray(sibling.read_bytes())
+    if data != "as-converted":
+        header = read_header(sibling)
+        at = header.data_start + header.by_name["blocks.0.ff.weight"].begin  # its first element
+        raw[at : at + 2] = b"\x00\x64" if raw[at : at + 2] != b"\x00\x64" else b"\x00\x65"
+    leftover = sibling.with_name(f"{sibling.name}.incomplete-written-{boot_id()}-0-0-1-abcd1234")
+    leftover.write_bytes(bytes(raw))
+    sibling.unlink()
+    model = load_toy(ckpt, tmp_path / "cache")
+    info = sa3loader.last_load_info()
+    assert bool(info.converted) == (data != "as-converted"), info.events
+    assert digest(model) == reference_digest(ckpt)
+    assert not leftover.exists()
+    _compare.verify(read_header(ckpt), read_header(sibling))
+
+
 def test_a_forked_child_does_not_wait_for_its_parents_publication(tmp_path, held_at_fsync):
     """A server that forks workers after a first load: the publishing thread is the parent's."""
     load_toy(make_ckpt(tmp_path / "model.safetensors"), tmp_path / "cache", published=False)
