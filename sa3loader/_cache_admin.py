@@ -45,6 +45,7 @@ NOT_A_SIBLING_PLACE = (
     "it is not in a .cache/sa3loader or the cache dir (an older version's sibling, or your own "
     "converted file): remove it yourself if you do not need it"
 )
+FOREIGN_LOCK = "its lock file is another user's"
 OVER_CAP = "over cap"  # a valid row whose sibling a cap removes, least recently used first
 
 
@@ -194,8 +195,10 @@ def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     in_use = {e.sibling for e in listed if e.status == OK}
     dropped = [e for e in listed if e.status != OK]
     stale = [e.sibling for e in dropped if e.status in (STALE, MISSING_SOURCE) and e.sibling not in in_use]
-    # One another cache dir's load made valid for the current source stays: the dry run says so too.
+    # What the run would keep stays in the plan, so the dry run says so too: a sibling another
+    # cache dir's load made valid for the current source, one whose lock is another user's.
     needed = {s: why for s in dict.fromkeys(stale) if (why := _still_needed(s, listed)) is not None}
+    needed |= {s: FOREIGN_LOCK for s in stale if s not in needed and _ours(s) and _foreign_lock(s)}
     siblings = [s for s in stale if s not in needed]
     if max_bytes is not None:
         used = _by_last_use(cache_dir, [e for e in listed if e.status == OK])
@@ -252,7 +255,7 @@ def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
     rows = [e for e in rows if not e.sibling or _canonical(e.sibling) not in locked]
     siblings = [s for s in siblings if s not in shared and s not in locked]
     kept = [(Removal(s, file_size(s), "sibling", s), "another checkpoint's row uses it") for s in shared]
-    kept += [(Removal(s, file_size(s), "sibling", s), "its lock file is another user's") for s in locked]
+    kept += [(Removal(s, file_size(s), "sibling", s), FOREIGN_LOCK) for s in locked]
     kept += [
         (Removal(s, file_size(s), "sibling", s), problem)
         for s in siblings

@@ -98,6 +98,28 @@ def test_cache_ls_calls_a_sibling_untrusted_where_a_load_will_not_use_it(tmp_pat
 
 
 @needs_root
+def test_prunes_dry_run_says_a_sibling_whose_lock_is_another_users_stays(tmp_path):
+    """A stale row's sibling whose lock file is another user's: the run cannot take that lock,
+    so it keeps the sibling; the dry run, made on the same state, says the same."""
+    from sa3loader import _cache_admin
+
+    ckpt, cache = checkpoint(tmp_path / "m"), tmp_path / "cache"
+    load_toy(ckpt, cache)
+    sibling = tmp_path / "m" / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    os.chown(f"{sibling}.lock", NEIGHBOUR, NEIGHBOUR)
+    save(random_like_state(build(), seed=4), ckpt)  # the row is stale now
+    planned = _cache_admin.plan_prune(str(cache))
+    done = _cache_admin.prune(str(cache))
+
+    def said(removals, kept):
+        return [r.path for r in removals], [(r.path, why) for r, why in kept]
+
+    assert said(planned.removals, planned.kept) == said(done.removed, done.kept)
+    assert (str(sibling), "its lock file is another user's") in said(done.removed, done.kept)[1]
+    assert sibling.exists()
+
+
+@needs_root
 def test_a_sibling_of_the_sources_owner_in_their_own_dir_is_used(tmp_path):
     """The source's owner controls the source too: their sibling, in a dir only they can write, is fine."""
     theirs = tmp_path / "theirs"
