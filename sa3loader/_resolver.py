@@ -22,6 +22,7 @@ from . import _config, _convert, _faults
 from ._cli_output import human_size
 from ._config import warn_once
 from ._convert import WrittenSibling, unpublished_sibling
+from ._format import Header
 from ._identity import has_float32, holds_fp16_of, is_sa3loader_file, marked_by_sa3loader, sibling_metadata
 from ._index import Index
 from ._lock import ConversionLock
@@ -346,7 +347,7 @@ class SiblingResolver:
         for path in stray_incomplete(target):
             if found is None:
                 found = unpublished_sibling(path, target, prefix, total)
-                if found is not None and not self._holds_the_source(found):
+                if found is not None and not _holds_the_source(found, self.source):
                     found.discard()
                     found = None
                     self.outcome.note(f"{path} does not hold fp16 of the source where the fingerprint reads")
@@ -367,17 +368,18 @@ class SiblingResolver:
                 )
         return found
 
-    def _holds_the_source(self, written: WrittenSibling) -> bool:
-        """Whether a leftover holds fp16 of the source as it is now where the fingerprint reads
-        (read now, after this load's question about waiting pages). Its header proves the claim,
-        not the data: its writer's reads may have seen a value written through a mapping into a
-        dirty page and put back since, with no time stamped (a sibling found beside gets the same
-        check where its claim predates the reads)."""
-        try:
-            with written.open_header() as header:
-                return holds_fp16_of(header, self.source)
-        except ConversionError:
-            return False
+
+def _holds_the_source(written: WrittenSibling, source: Header) -> bool:
+    """Whether a leftover holds fp16 of ``source`` as it is now where the fingerprint reads
+    (read now, after this load's question about waiting pages). Its header proves the claim,
+    not the data: its writer's reads may have seen a value written through a mapping into a
+    dirty page and put back since, with no time stamped (a sibling found beside gets the same
+    check where its claim predates the reads)."""
+    try:
+        with written.open_header() as header:
+            return holds_fp16_of(header, source)
+    except ConversionError:
+        return False
 
 
 def _publish(
