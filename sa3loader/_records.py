@@ -17,6 +17,7 @@ MAX_TIME = 2**33  # seconds: the year 2242
 # What a row (or a sibling found on disk) says of its files now, as the cache commands report it.
 OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "missing sibling"
 DAMAGED = "damaged sibling"  # unreadable, not the file indexed, or not fp16 of its source at a spot
+CONTENT_CHECK_FAILED = "content check failed for"  # a load's event: a sibling replaced
 UNTRUSTED = "untrusted sibling"  # another user's, where a load may not take its weights (``_trust``)
 
 SCHEMA_VERSION = 1

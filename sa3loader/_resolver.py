@@ -18,11 +18,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import _config, _convert, _faults
+from . import _compare, _config, _convert, _faults
 from ._cli_output import human_size
 from ._config import warn_once
 from ._convert import WrittenSibling, unpublished_sibling
-from ._format import Header
 from ._identity import has_float32, holds_fp16_of, is_sa3loader_file, marked_by_sa3loader, sibling_metadata
 from ._index import Index
 from ._lock import ConversionLock
@@ -39,7 +38,7 @@ from ._places import (
     temp_files_of,
 )
 from ._publication import Publication, finish, wait_for_publishing
-from ._records import LAST_USE_STEP_S, IndexRow, Plan, RangeReport
+from ._records import CONTENT_CHECK_FAILED, LAST_USE_STEP_S, IndexRow, Plan, RangeReport
 from ._trust import beside_dir_problem, dir_writable, owned_file_problem
 from .errors import (
     CheckpointChangedError,
@@ -347,10 +346,10 @@ class SiblingResolver:
         for path in stray_incomplete(target):
             if found is None:
                 found = unpublished_sibling(path, target, prefix, total)
-                if found is not None and not _holds_the_source(found, self.source):
+                if found is not None and not _holds_the_source(found, self.finder):
                     found.discard()
                     found = None
-                    self.outcome.note(f"{path} does not hold fp16 of the source where the fingerprint reads")
+                    self.outcome.note(f"{CONTENT_CHECK_FAILED} {path}")
                 if found is not None:
                     self.outcome.note(f"published {path}, which a previous process wrote")
                     logger.info("publishing %s, which a previous process wrote and did not publish", path)
@@ -369,16 +368,20 @@ class SiblingResolver:
         return found
 
 
-def _holds_the_source(written: WrittenSibling, source: Header) -> bool:
-    """Whether a leftover holds fp16 of ``source`` as it is now where the fingerprint reads
-    (read now, after this load's question about waiting pages). Its header proves the claim,
-    not the data: its writer's reads may have seen a value written through a mapping into a
-    dirty page and put back since, with no time stamped (a sibling found beside gets the same
-    check where its claim predates the reads)."""
+def _holds_the_source(written: WrittenSibling, finder: SiblingFinder) -> bool:
+    """Whether a leftover holds fp16 of the source as it is now: every byte with ``verify``, else
+    where the fingerprint reads (read now, after this load's question about waiting pages). Its
+    header proves the claim, not the data: its writer's reads may have seen a value written
+    through a mapping into a dirty page and put back since, with no time stamped (a sibling
+    found beside gets the same check where its claim predates the reads). A leftover cut short
+    meanwhile does not."""
     try:
         with written.open_header() as header:
-            return holds_fp16_of(header, source)
-    except ConversionError:
+            if finder.settings.verify:
+                finder.outcome.checked = _compare.verify(finder.source, header)
+                return True
+            return holds_fp16_of(header, finder.source)
+    except (Sa3LoaderError, OSError):
         return False
 
 

@@ -42,13 +42,18 @@ from ._identity import (
 from ._index import Index
 from ._places import beside_path, cache_path, in_cache_dir, in_hf_hub_cache, legacy_beside_path
 from ._publication import Publication
-from ._records import LAST_USE_STEP_S, ConversionResult, IndexRow, RangeReport, SiblingClaim
+from ._records import (
+    CONTENT_CHECK_FAILED,
+    LAST_USE_STEP_S,
+    ConversionResult,
+    IndexRow,
+    RangeReport,
+    SiblingClaim,
+)
 from ._trust import cache_dir_trust, owner_problem
 from .errors import HeaderError, VerificationError
 
 logger = logging.getLogger(__name__)
-
-CONTENT_CHECK_FAILED = "content check failed for"
 
 
 @dataclass

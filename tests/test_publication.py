@@ -181,31 +181,63 @@ def test_a_leftover_that_cannot_be_proved_whole_is_converted_again_with_a_warnin
     assert not leftover.exists() and digest(model) == reference_digest(ckpt)
 
 
-@pytest.mark.parametrize("data", ["as-converted", "another-value-at-a-spot"])
-def test_a_leftover_is_published_only_where_it_holds_the_sources_fp16_at_the_spots(tmp_path, data):
+@pytest.mark.parametrize(
+    ("data", "verify"),
+    [
+        ("as-converted", False),
+        ("as-converted", True),
+        ("other-at-a-spot", False),
+        ("other-off-the-spots", True),
+    ],
+)
+def test_a_leftover_is_published_only_where_it_holds_the_sources_fp16(tmp_path, data, verify):
     """A whole leftover with this source's header: its writer's reads may have seen a value
     written through a mapping into a dirty page and put back since (no time stamped), so its
     header proves nothing of its data. Published where it holds fp16 of the source as it is now
-    at the fingerprint's spots; else converted again, never served."""
+    at the fingerprint's spots, or at every byte with ``verify``; else converted again."""
+    from sa3loader._host import boot_id
+
+    ckpt = make_ckpt(tmp_path / "model.safetensors", dim=512)  # attn weights: 3 MiB, spots apart
+    load_toy(ckpt, tmp_path / "probe", dim=512)
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    raw = bytearray(sibling.read_bytes())
+    header = read_header(sibling)
+    entry = header.by_name["blocks.0.attn.weight"]
+    at = header.data_start + entry.begin + {"other-at-a-spot": 0, "other-off-the-spots": 200_000}.get(data, 0)
+    if data != "as-converted":
+        raw[at : at + 2] = b"\x00\x64" if raw[at : at + 2] != b"\x00\x64" else b"\x00\x65"
+    leftover = sibling.with_name(f"{sibling.name}.incomplete-written-{boot_id()}-0-0-1-abcd1234")
+    leftover.write_bytes(bytes(raw))
+    sibling.unlink()
+    model = load_toy(ckpt, tmp_path / "cache", dim=512, verify=verify)
+    info = sa3loader.last_load_info()
+    assert bool(info.converted) == (data != "as-converted"), info.events
+    assert any(e.startswith("content check failed") for e in info.events) == bool(info.converted)
+    assert digest(model) == reference_digest(ckpt, dim=512)
+    assert not leftover.exists()
+    _compare.verify(read_header(ckpt), read_header(sibling))
+
+
+def test_a_leftover_cut_short_while_it_is_checked_is_converted_again(tmp_path):
+    """Truncated as its spots are read: not the sibling of this source, so converted again
+    (never an error that fails the load)."""
     from sa3loader._host import boot_id
 
     ckpt = make_ckpt(tmp_path / "model.safetensors")
     load_toy(ckpt, tmp_path / "probe")
     sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
-    raw = bytearray(sibling.read_bytes())
-    if data != "as-converted":
-        header = read_header(sibling)
-        at = header.data_start + header.by_name["blocks.0.ff.weight"].begin  # its first element
-        raw[at : at + 2] = b"\x00\x64" if raw[at : at + 2] != b"\x00\x64" else b"\x00\x65"
     leftover = sibling.with_name(f"{sibling.name}.incomplete-written-{boot_id()}-0-0-1-abcd1234")
-    leftover.write_bytes(bytes(raw))
+    leftover.write_bytes(sibling.read_bytes())
     sibling.unlink()
-    model = load_toy(ckpt, tmp_path / "cache")
-    info = sa3loader.last_load_info()
-    assert bool(info.converted) == (data != "as-converted"), info.events
+
+    def cut(name, subject=None):
+        if name == "spots" and subject == str(sibling) and leftover.exists():
+            os.truncate(leftover, 1000)
+
+    with injected(cut):
+        model = load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted
     assert digest(model) == reference_digest(ckpt)
-    assert not leftover.exists()
-    _compare.verify(read_header(ckpt), read_header(sibling))
 
 
 def test_a_forked_child_does_not_wait_for_its_parents_publication(tmp_path, held_at_fsync):
