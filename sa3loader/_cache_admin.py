@@ -45,7 +45,6 @@ NOT_A_SIBLING_PLACE = (
     "it is not in a .cache/sa3loader or the cache dir (an older version's sibling, or your own "
     "converted file): remove it yourself if you do not need it"
 )
-FOREIGN_LOCK = "its lock file is another user's"
 OVER_CAP = "over cap"  # a valid row whose sibling a cap removes, least recently used first
 
 
@@ -171,17 +170,20 @@ def _plan(
     placed = {s for s in set(named) | set(siblings) if at_sibling_place(s, cache_dir)}
     doomed = {s for s in siblings if s in placed and _ours(s)}
     removals = []
+    locked = []  # what a lock the run cannot take guards: kept, as the run would
     for sibling in sorted(placed | (siblings_with_leftovers(cache_dir) if sweep else set())):
-        if sibling in doomed:
-            removals.append(Removal(sibling, file_size(sibling), "sibling", sibling, _identity(sibling)))
-        removals += _leftovers(sibling, going=sibling in doomed)
+        steps = [Removal(sibling, file_size(sibling), "sibling", sibling, _identity(sibling))]
+        steps = (steps if sibling in doomed else []) + _leftovers(sibling, going=sibling in doomed)
+        why = _lock_problem(sibling) if steps else None
+        removals += steps if why is None else []
+        locked += [(step, why) for step in steps] if why is not None else []
     emptied = _emptied_dirs(cache_dir, removals)
     if not sweep:
         emptied = [d for d in emptied if any(r.path.startswith(d.path) for r in removals if r not in emptied)]
     kept = [
         (Removal(s, file_size(s), "sibling", s), NOT_A_SIBLING_PLACE) for s in siblings if s not in placed
     ]
-    kept = [k for k in kept if _ours(k[0].path)]
+    kept = [k for k in kept if _ours(k[0].path)] + locked
     beside = _emptied_beside_dirs(removals) if tidy else []
     return Plan(rows, removals + emptied + beside, kept)
 
@@ -198,7 +200,7 @@ def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     # What the run would keep stays in the plan, so the dry run says so too: a sibling another
     # cache dir's load made valid for the current source, one whose lock is another user's.
     needed = {s: why for s in dict.fromkeys(stale) if (why := _still_needed(s, listed)) is not None}
-    needed |= {s: FOREIGN_LOCK for s in stale if s not in needed and _ours(s) and _foreign_lock(s)}
+    needed |= {s: why for s in stale if s not in needed and _ours(s) and (why := _lock_problem(s))}
     siblings = [s for s in stale if s not in needed]
     if max_bytes is not None:
         used = _by_last_use(cache_dir, [e for e in listed if e.status == OK])
@@ -227,9 +229,11 @@ def _canonical(path: str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
-def _foreign_lock(sibling: str) -> bool:
+def _lock_problem(sibling: str) -> str | None:
+    """Why a run could not take ``sibling``'s lock (and so keeps it and what it guards), or None."""
     lock = sibling + LOCK_SUFFIX
-    return os.path.lexists(lock) and owned_file_problem(lock) is not None
+    problem = owned_file_problem(lock) if os.path.lexists(lock) else None
+    return f"its lock file is not yours to take ({problem})" if problem is not None else None
 
 
 def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
@@ -251,11 +255,11 @@ def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
                 siblings.append(_canonical(sibling))
     others = {_canonical(e.sibling) for e in listed if e.sibling and e.status == OK and e not in rows}
     shared = [s for s in siblings if s in others]
-    locked = [s for s in siblings if s not in others and _ours(s) and _foreign_lock(s)]
+    locked = {s: why for s in siblings if s not in others and _ours(s) and (why := _lock_problem(s))}
     rows = [e for e in rows if not e.sibling or _canonical(e.sibling) not in locked]
     siblings = [s for s in siblings if s not in shared and s not in locked]
     kept = [(Removal(s, file_size(s), "sibling", s), "another checkpoint's row uses it") for s in shared]
-    kept += [(Removal(s, file_size(s), "sibling", s), FOREIGN_LOCK) for s in locked]
+    kept += [(Removal(s, file_size(s), "sibling", s), why) for s, why in locked.items()]
     kept += [
         (Removal(s, file_size(s), "sibling", s), problem)
         for s in siblings
@@ -407,7 +411,7 @@ def _by_last_use(cache_dir: str, listed: list[Entry], keep: frozenset[str] = fro
         st = os.lstat(sibling) if _ours(sibling) else None
         if st is not None and (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino))
-            found.append(_Used(sibling, st, rows, st.st_nlink == 1 and not _foreign_lock(sibling)))
+            found.append(_Used(sibling, st, rows, st.st_nlink == 1 and not _lock_problem(sibling)))
     return sorted(
         found, key=lambda u: (any(e.status == OK for e in u.rows), max(e.last_used for e in u.rows))
     )

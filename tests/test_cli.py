@@ -897,7 +897,7 @@ def test_cache_rm_keeps_a_sibling_whose_lock_is_another_users_and_says_so_first(
     run("warm", str(src), cache=cache)
     sibling = tmp_path / ".cache" / "sa3loader" / "d.fp16.safetensors"
     os.chown(f"{sibling}.lock", 65534, 65534)  # a teammate's load in a shared folder
-    keep = f"keep sibling {sibling}: its lock file is another user's\n"
+    keep = f"keep sibling {sibling}: its lock file is not yours to take (it is owned by uid 65534)\n"
     assert run("cache", "rm", str(src), "--dry-run", cache=cache).stdout.endswith(
         f"would {keep}would remove 0 row(s)\n"
     )

@@ -100,13 +100,16 @@ def test_cache_ls_calls_a_sibling_untrusted_where_a_load_will_not_use_it(tmp_pat
 @needs_root
 def test_prunes_dry_run_says_a_sibling_whose_lock_is_another_users_stays(tmp_path):
     """A stale row's sibling whose lock file is another user's: the run cannot take that lock,
-    so it keeps the sibling; the dry run, made on the same state, says the same."""
+    so it keeps the sibling and what the lock guards (a killed conversion's temp file); the dry
+    run, made on the same state, says the same, and the reason is what the lock file is."""
     from sa3loader import _cache_admin
 
     ckpt, cache = checkpoint(tmp_path / "m"), tmp_path / "cache"
     load_toy(ckpt, cache)
     sibling = tmp_path / "m" / ".cache" / "sa3loader" / "model.fp16.safetensors"
     os.chown(f"{sibling}.lock", NEIGHBOUR, NEIGHBOUR)
+    temp = sibling.with_name(f"{sibling.name}.incomplete-12345-abcd1234")  # a killed conversion's
+    temp.write_bytes(b"x")
     save(random_like_state(build(), seed=4), ckpt)  # the row is stale now
     planned = _cache_admin.plan_prune(str(cache))
     done = _cache_admin.prune(str(cache))
@@ -115,8 +118,13 @@ def test_prunes_dry_run_says_a_sibling_whose_lock_is_another_users_stays(tmp_pat
         return [r.path for r in removals], [(r.path, why) for r, why in kept]
 
     assert said(planned.removals, planned.kept) == said(done.removed, done.kept)
-    assert (str(sibling), "its lock file is another user's") in said(done.removed, done.kept)[1]
-    assert sibling.exists()
+    why = f"its lock file is not yours to take (it is owned by uid {NEIGHBOUR})"
+    assert (str(sibling), why) in said(done.removed, done.kept)[1]
+    assert sibling.exists() and temp.exists()
+    os.chown(f"{sibling}.lock", os.getuid(), os.getgid())
+    os.unlink(f"{sibling}.lock")
+    os.symlink(tmp_path / "elsewhere", f"{sibling}.lock")  # yours, but a symlink: said as it is
+    assert _cache_admin._lock_problem(str(sibling)) == "its lock file is not yours to take (it is a symlink)"
 
 
 @needs_root
