@@ -139,13 +139,21 @@ def _leftovers(sibling: str, going: bool) -> list[Removal]:
     return found
 
 
+def _own_dir(path: str) -> bool:
+    try:
+        return os.lstat(path).st_uid == os.getuid()
+    except OSError:
+        return False
+
+
 def _emptied_dirs(cache_dir: str, removals: list[Removal]) -> list[Removal]:
     """Dirs under ``<cache>/siblings`` that hold nothing once ``removals`` are gone, deepest first."""
     root = os.path.join(cache_dir, SIBLINGS_SUBDIR)
     going = {r.path for r in removals}
     empty: list[Removal] = []
     for directory, dirs, files in sorted(os.walk(root, topdown=False), reverse=True):
-        if directory == root:
+        # Not one at a lock's name (a run keeps what its lock guards), nor another user's.
+        if directory == root or directory.endswith(LOCK_SUFFIX) or not _own_dir(directory):
             continue
         left = [f for f in files if os.path.join(directory, f) not in going]
         left += [d for d in dirs if os.path.join(directory, d) + os.sep not in going]

@@ -194,6 +194,27 @@ def test_what_a_row_names_outside_sa3loaders_places_is_never_deleted(tmp_path, c
     assert (tmp_path / "project" / "poetry.lock").read_text() == "[[package]]\n"
 
 
+@pytest.mark.parametrize("command", ["prune", "clear"])
+def test_an_empty_dir_at_a_lock_name_is_never_removed(tmp_path, monkeypatch, command):
+    """A directory where a sibling's lock goes: the lock cannot be taken, so the sibling and
+    what the lock guards stay, and so does the directory (it is not sa3loader's to remove)."""
+    from sa3loader import _cache_admin
+
+    monkeypatch.setenv("SA3LOADER_PLACE", "cache")
+    ckpt, cache = make_ckpt(tmp_path / "model.safetensors"), tmp_path / "cache"
+    load_toy(ckpt, cache)
+    sibling = Path(sa3loader.last_load_info().sibling)
+    lock = Path(f"{sibling}.lock")
+    lock.unlink()
+    lock.mkdir()
+    make_ckpt(ckpt, seed=4)  # the row is stale
+    planned = getattr(_cache_admin, f"plan_{command}")(str(cache))
+    done = getattr(_cache_admin, command)(str(cache))
+    assert [r.path for r in planned.removals] == [r.path for r in done.removed]
+    assert str(lock) + os.sep not in [r.path for r in done.removed]
+    assert lock.is_dir() and sibling.exists()
+
+
 def test_a_sibling_replaced_after_the_plan_is_kept_with_its_row(tmp_path):
     """The plan is carried out as made: a sibling converted again meanwhile (another process, a
     retrained checkpoint) is another file, and its new row another row: both stay."""

@@ -128,6 +128,21 @@ def test_prunes_dry_run_says_a_sibling_whose_lock_is_another_users_stays(tmp_pat
 
 
 @needs_root
+def test_an_empty_dir_of_another_user_in_the_cache_dir_is_never_removed(tmp_path):
+    from sa3loader import _cache_admin
+
+    cache = tmp_path / "cache"
+    load_toy(checkpoint(tmp_path / "m"), cache)
+    theirs = cache / "siblings" / "ffffffffffffffff"
+    theirs.mkdir(parents=True)
+    os.chown(theirs, NEIGHBOUR, NEIGHBOUR)
+    for command in ("prune", "clear"):
+        removed = getattr(_cache_admin, command)(str(cache)).removed
+        assert str(theirs) + os.sep not in [r.path for r in removed]
+    assert theirs.is_dir()
+
+
+@needs_root
 def test_a_sibling_of_the_sources_owner_in_their_own_dir_is_used(tmp_path):
     """The source's owner controls the source too: their sibling, in a dir only they can write, is fine."""
     theirs = tmp_path / "theirs"
