@@ -208,8 +208,10 @@ def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     # What the run would keep stays in the plan, so the dry run says so too: a sibling another
     # cache dir's load made valid for the current source, one whose lock is another user's.
     needed = {s: why for s in dict.fromkeys(stale) if (why := _still_needed(s, listed)) is not None}
-    needed |= {s: why for s in stale if s not in needed and _ours(s) and (why := _lock_problem(s))}
+    locked = {s: why for s in stale if s not in needed and _ours(s) and (why := _lock_problem(s))}
+    needed |= locked
     siblings = [s for s in stale if s not in needed]
+    dropped = [e for e in dropped if e.sibling not in locked]  # as rm: a later prune finds it again
     if max_bytes is not None:
         used = _by_last_use(cache_dir, [e for e in listed if e.status == OK])
         over = _least_used(used, sum(u.st.st_size for u in used) - max_bytes, partial=True)

@@ -121,6 +121,9 @@ def test_prunes_dry_run_says_a_sibling_whose_lock_is_another_users_stays(tmp_pat
     why = f"its lock file is not yours to take (it is owned by uid {NEIGHBOUR})"
     assert (str(sibling), why) in said(done.removed, done.kept)[1]
     assert sibling.exists() and temp.exists()
+    assert [e.status for e in done.rows] == [] and len(_cache_admin.entries(str(cache))) == 1  # kept
+    again = _cache_admin.plan_prune(str(cache))  # a later prune still finds it
+    assert (str(sibling), why) in said(again.removals, again.kept)[1]
     os.chown(f"{sibling}.lock", os.getuid(), os.getgid())
     os.unlink(f"{sibling}.lock")
     os.symlink(tmp_path / "elsewhere", f"{sibling}.lock")  # yours, but a symlink: said as it is
