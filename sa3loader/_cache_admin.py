@@ -180,11 +180,16 @@ def _plan(
     removals = []
     locked = []  # what a lock the run cannot take guards: kept, as the run would
     for sibling in sorted(placed | (siblings_with_leftovers(cache_dir) if sweep else set())):
-        steps = [Removal(sibling, file_size(sibling), "sibling", sibling, _identity(sibling))]
-        steps = (steps if sibling in doomed else []) + _leftovers(sibling, going=sibling in doomed)
+        going = sibling in doomed
+        steps = []
+        if going:
+            steps.append(Removal(sibling, file_size(sibling), "sibling", sibling, _identity(sibling)))
+        steps += _leftovers(sibling, going=going)
         why = _lock_problem(sibling) if steps else None
-        removals += steps if why is None else []
-        locked += [(step, why) for step in steps] if why is not None else []
+        if why is None:
+            removals += steps
+        else:
+            locked += [(step, why) for step in steps]
     emptied = _emptied_dirs(cache_dir, removals)
     if not sweep:
         emptied = [d for d in emptied if any(r.path.startswith(d.path) for r in removals if r not in emptied)]
