@@ -180,16 +180,12 @@ def _plan(
     removals = []
     locked = []  # what a lock the run cannot take guards: kept, as the run would
     for sibling in sorted(placed | (siblings_with_leftovers(cache_dir) if sweep else set())):
-        going = sibling in doomed
-        steps = []
-        if going:
-            steps.append(Removal(sibling, file_size(sibling), "sibling", sibling, _identity(sibling)))
-        steps += _leftovers(sibling, going=going)
+        goes = sibling in doomed
+        steps = [Removal(sibling, file_size(sibling), "sibling", sibling, _identity(sibling))] if goes else []
+        steps += _leftovers(sibling, going=goes)
         why = _lock_problem(sibling) if steps else None
-        if why is None:
-            removals += steps
-        else:
-            locked += [(step, why) for step in steps]
+        removals += steps if why is None else []
+        locked += [(step, why) for step in steps if why is not None]
     emptied = _emptied_dirs(cache_dir, removals)
     if not sweep:
         emptied = [d for d in emptied if any(r.path.startswith(d.path) for r in removals if r not in emptied)]
