@@ -400,6 +400,8 @@ def stream_into(
     (``chunk_bytes`` x ``slots``; by default the ring this machine's cores call for)."""
     chunk_bytes = _faults.tuned("ring_slot_bytes", RING_SLOT_BYTES) if chunk_bytes is None else chunk_bytes
     slots = _faults.tuned("ring_slots", RING_SLOTS) if slots is None else slots
+    if not all(t.is_contiguous() for t in dests):  # reshape would copy: the bytes would land there
+        raise ValueError("reads go straight into contiguous tensors only")
     ranges = _byte_ranges(dests, offsets)
     chunks = plan_chunks(ranges, chunk_bytes)
     stats = StreamStats(bytes=sum(n for _, n in ranges), chunks=len(chunks))
@@ -414,8 +416,6 @@ def stream_into(
     stats.pinned = _faults.fact("pinned", None, pinned)
     stats.staging_bytes = sum(t.numel() for t in ring)
     ring_views = [writable_bytes(t) for t in ring]
-    if not all(t.is_contiguous() for t in dests):  # reshape would copy: the bytes would land there
-        raise ValueError("reads go straight into contiguous tensors only")
     targets = [_byte_view(t) if t.numel() else t for t in dests]
 
     local = threading.local()
