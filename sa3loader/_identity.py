@@ -389,7 +389,9 @@ def _sibling_status(row: IndexRow, source: Header, shown_by: str | None, spots: 
                 return STALE  # a load passes it by: another version's, or another file's
             if shown_by == READ_STAT and claim.fingerprint == row.fingerprint:
                 return OK  # a load reads nothing either
-            if fingerprint(source) != claim.fingerprint:
+            # Read already where it showed the source unchanged (it equals the row's then).
+            printed = row.fingerprint if shown_by == READ_FINGERPRINT else fingerprint(source)
+            if printed != claim.fingerprint:
                 return STALE
             # Where the row cannot vouch a load reads the sibling at the spots and converts again.
             return OK if not spots or holds_fp16_of(sib, source) else DAMAGED
