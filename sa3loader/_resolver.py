@@ -18,11 +18,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import _compare, _config, _convert, _faults
+from . import _config, _convert, _faults
 from ._cli_output import human_size
 from ._config import warn_once
 from ._convert import WrittenSibling, unpublished_sibling
-from ._identity import has_float32, holds_fp16_of, is_sa3loader_file, marked_by_sa3loader, sibling_metadata
+from ._identity import has_float32, is_sa3loader_file, marked_by_sa3loader, sibling_metadata
 from ._index import Index
 from ._lock import ConversionLock
 from ._places import (
@@ -346,7 +346,7 @@ class SiblingResolver:
         for path in stray_incomplete(target):
             if found is None:
                 found = unpublished_sibling(path, target, prefix, total)
-                if found is not None and not _holds_the_source(found, self.finder):
+                if found is not None and not _holds_the_source(found, path, self.finder):
                     found.discard()
                     found = None
                     self.outcome.note(f"{CONTENT_CHECK_FAILED} {path}")
@@ -368,19 +368,13 @@ class SiblingResolver:
         return found
 
 
-def _holds_the_source(written: WrittenSibling, finder: SiblingFinder) -> bool:
-    """Whether a leftover holds fp16 of the source as it is now: every byte with ``verify``, else
-    where the fingerprint reads (read now, after this load's question about waiting pages). Its
-    header proves the claim, not the data: its writer's reads may have seen a value written
-    through a mapping into a dirty page and put back since, with no time stamped (a sibling
-    found beside gets the same check where its claim predates the reads). A leftover cut short
-    meanwhile does not."""
+def _holds_the_source(written: WrittenSibling, path: str, finder: SiblingFinder) -> bool:
+    """Whether the leftover at ``path`` holds fp16 of the source as it is now (its header proves
+    the claim, not the data: ``SiblingFinder.holds_the_source``), read after this load's
+    question about waiting pages."""
     try:
         with written.open_header() as header:
-            if finder.settings.verify:
-                finder.outcome.checked = _compare.verify(finder.source, header)
-                return True
-            return holds_fp16_of(header, finder.source)
+            return finder.holds_the_source(header, path)
     except (Sa3LoaderError, OSError):
         return False
 

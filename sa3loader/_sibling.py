@@ -51,7 +51,7 @@ from ._records import (
     SiblingClaim,
 )
 from ._trust import cache_dir_trust, owner_problem
-from .errors import HeaderError, VerificationError
+from .errors import HeaderError, Sa3LoaderError, VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class SiblingFinder:
             self.made_from_another.add(path)
             return False
         # A claim predates the conversion's reads (a mapped write stamps nothing): read the sibling.
-        if (self.settings.verify or not vouched) and not self._content_matches(sibling, self.settings.verify):
+        if (self.settings.verify or not vouched) and not self.holds_the_source(sibling, path):
             return False
         if not vouched:
             self.outcome.note("adopted" if row is None else "revalidated")
@@ -300,27 +300,26 @@ class SiblingFinder:
         if self._stat_problem is None:
             self._stat_problem = stat_vouches(self.real) or ""
             if self._stat_problem:
-                logger.debug(
-                    "%s: the fingerprint is read on every load: %s", self.source.path, self._stat_problem
-                )
+                logger.debug("%s: fingerprint read on every load: %s", self.source.path, self._stat_problem)
         return not self._stat_problem
 
-    def _content_matches(self, sibling: Header, full: bool) -> bool:
-        """Every byte (``verify``), or the fingerprint's spots; a failure is logged once a resolve."""
+    def holds_the_source(self, sibling: Header, name: str) -> bool:
+        """Whether ``sibling`` (as ``name``) holds fp16 of the source now, where a claim cannot
+        vouch (``holds_fp16_of``): every byte under ``verify``, else the fingerprint's spots. One
+        cut short or unreadable meanwhile does not. A failure is logged once; the caller converts."""
         try:
-            if full:
+            if self.settings.verify:
                 self.outcome.checked = _compare.verify(self.source, sibling)
             elif not holds_fp16_of(sibling, self.source, self._spots):
-                raise VerificationError(
-                    f"{sibling.path}: not fp16 of {self.source.path} where the fingerprint reads it",
-                    filename=sibling.path,
-                )
-        except VerificationError as exc:
-            logger.warning("%s", exc)
-            self.outcome.note(f"{CONTENT_CHECK_FAILED} {sibling.path}")
-            self.failed_verify.add(sibling.path)
-            return False
-        return True
+                raise VerificationError(f"{name}: not fp16 of {self.source.path} at the fingerprint's spots")
+        except (Sa3LoaderError, OSError) as exc:
+            problem = str(exc) if isinstance(exc, VerificationError) else f"{name}: not checked whole ({exc})"
+        else:
+            return True
+        logger.warning("%s", problem)
+        self.outcome.note(f"{CONTENT_CHECK_FAILED} {name}")
+        self.failed_verify.add(name)
+        return False
 
     def find(self) -> Header | None:
         row = self.index.get(self.real)

@@ -720,6 +720,26 @@ def test_a_sibling_whose_claim_matches_but_whose_data_does_not_is_converted_agai
     assert_same_model(model, reference(ckpt))
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_sibling_cut_short_while_it_is_checked_is_converted_again(tmp_path, conversions, verify):
+    """A sibling found with no row that vouches is read to check it (its spots, or every byte
+    with ``verify``); truncated meanwhile, it is not the sibling of this source: converted
+    again, as a leftover is (never an error that fails the load)."""
+    ckpt = write_version(tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11)
+    load_toy(ckpt, tmp_path / "probe")
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+
+    def cut(name, subject=None):  # the source's spots are read after the sibling was opened
+        if name == "spots" and subject == str(ckpt) and sibling.stat().st_size > 1000:
+            os.truncate(sibling, 1000)
+
+    with injected(cut):
+        model = load_toy(ckpt, tmp_path / "cache", verify=verify)
+    info = sa3loader.last_load_info()
+    assert len(conversions) == 2 and f"content check failed for {sibling}" in info.events, info.events
+    assert_same_model(model, reference(ckpt))
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
