@@ -121,6 +121,25 @@ def _init_into_meta(func: Any, args: tuple, kwargs: dict | None) -> bool:
     return bool(func in _NN_INIT_DRAWS and kwargs and not args and _is_meta(kwargs.get("tensor")))
 
 
+# The argument types an nn.init call may be recognised by (``_init_call``): plain values.
+_PLAIN_VALUES = (int, float, str, bool, type(None), torch.Generator)
+
+
+def _init_call(func: Any, kwargs: dict) -> tuple | None:
+    """What an nn.init function of torch's own reads of a meta tensor: its shape, strides, dtype,
+    and the other arguments. The same call again does the same (meta holds no values and takes
+    no draw; a draw made elsewhere shows as unseen the first time). None where it must run each
+    time: a zero-element tensor (kaiming's warn each call), a class that may dispatch the call
+    itself (not Tensor or Parameter), or an argument that is not a plain value."""
+    tensor = kwargs["tensor"]
+    others = tuple((k, v) for k, v in kwargs.items() if k != "tensor")
+    if type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.numel() == 0:
+        return None
+    if any(type(v) not in _PLAIN_VALUES for _, v in others):
+        return None
+    return (func, tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.requires_grad, others)
+
+
 def _name(func: Any) -> str:
     name = getattr(func, "__name__", "")
     if name == "__get__":  # a property: say which
@@ -164,11 +183,7 @@ def _any_moved(before: GeneratorStates | None) -> bool:
 class BuildWatch(TorchFunctionMode):
     """What a factory did with random draws and meta tensors while it ran (see the module doc)."""
 
-    def __init__(
-        self,
-        generators: dict[int, tuple[torch.Generator, torch.Tensor]] | None = None,
-        outer: BuildWatch | None = None,
-    ) -> None:
+    def __init__(self, generators: GeneratorStates | None = None, outer: BuildWatch | None = None) -> None:
         super().__init__()
         self.outer = outer  # the watch of a build this one runs inside (a load in a factory)
         # Each generator of the factory's own (not torch's default) as it was before its first draw:
@@ -188,6 +203,7 @@ class BuildWatch(TorchFunctionMode):
         # cannot have marked.
         self._generator_after: torch.Tensor = _generator_state()
         self.unseen_draw = False
+        self._inits_done: set[tuple | None] = set()  # nn.init calls into meta that returned (``_init_call``)
 
     def generator_set(self) -> None:
         """The factory set the generator (``manual_seed``, ``set_rng_state``): not a draw."""
@@ -208,8 +224,9 @@ class BuildWatch(TorchFunctionMode):
         own = _torchs_own(func)
         if draws and kwargs:
             _remember(self.generators, kwargs.get("generator"))
-        if draws and own and name.endswith("_") and args and _is_meta(args[0]):
-            return args[0]  # a draw into a stand-in: meta draws nothing (its arguments go unchecked)
+        skipped = self._needs_no_run(func, name, own, args, kwargs) if draws else None
+        if skipped is not None:
+            return skipped
         # torch.nn.init's functions (by identity) take their tensor by keyword. Into a meta one
         # they draw nothing: they run their own checks, warnings and errors as upstream's build does,
         # with no look at the generator; a draw they make elsewhere shows as unseen.
@@ -229,6 +246,7 @@ class BuildWatch(TorchFunctionMode):
                 self._generator_after = _generator_state()
             self.unseen_draw = self.unseen_draw or _any_moved(private)
         if init_into_meta and out is kwargs["tensor"]:  # nothing new came out: nothing to follow
+            self._inits_done |= {_init_call(func, kwargs)} - {None}  # None: a call to run each time
             return out
         if self._stand_ins:
             self._follow_stand_ins(func, name, args, kwargs, out)
@@ -236,6 +254,16 @@ class BuildWatch(TorchFunctionMode):
         if draws or (self._drawn and self._reads_drawn(args, kwargs)):
             self._follow_draws(func, name, args, kwargs, out)
         return out
+
+    def _needs_no_run(self, func: Any, name: str, own: bool, args: tuple, kwargs: dict | None) -> Any:
+        """What a draw returns without running: a draw of torch's own into a stand-in (meta draws
+        nothing; its arguments go unchecked), an nn.init call that returned before (``_init_call``:
+        31 us a call on meta, 228 calls in the DiT); else None."""
+        if own and name.endswith("_") and args and _is_meta(args[0]):
+            return args[0]
+        if kwargs and _init_into_meta(func, args, kwargs) and _init_call(func, kwargs) in self._inits_done:
+            return kwargs["tensor"]
+        return None
 
     def _follow_draws(self, func: Any, name: str, args: tuple, kwargs: dict | None, out: Any) -> None:
         returned = list(_tensors_out(out))

@@ -1316,6 +1316,58 @@ def test_nn_inits_checks_and_warnings_run_on_a_deferred_parameter(tmp_path):
         )
 
 
+class InitsAlike(ToyDiT):
+    """nn.init calls into stand-ins that look alike: the fast build skips a repeat of a call that
+    returned (``_watch._init_call``), never one with another shape or other arguments (it may
+    raise where the first did not), nor one into a zero-element tensor (it warns each time)."""
+
+    def __init__(self, second: tuple[tuple[int, ...], str] = ((4, 4), "relu")) -> None:
+        super().__init__()
+        self.square = nn.Parameter(torch.empty(4, 4))
+        self.second = nn.Parameter(torch.empty(second[0]))
+        self.empties = nn.ParameterList([nn.Parameter(torch.empty(0, 4)) for _ in range(2)])
+        nn.init.kaiming_uniform_(self.square, nonlinearity="relu")
+        nn.init.kaiming_uniform_(self.second, nonlinearity=second[1])
+        for empty in self.empties:
+            nn.init.kaiming_uniform_(empty)
+
+
+def alike(second, config):
+    return InitsAlike(second)
+
+
+def test_an_init_call_that_repeats_one_that_returned_is_skipped_only_if_it_is_the_same(tmp_path):
+    ckpt = save(random_like_state(InitsAlike(), seed=3), tmp_path / "model.safetensors")
+    with pytest.warns(UserWarning, match="zero-element") as ours:
+        model = sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=lambda c: InitsAlike()
+        )
+    assert sa3loader.last_load_info().build == "fast"
+    with pytest.warns(UserWarning, match="zero-element") as theirs:
+        ref = upstream_recipe(InitsAlike, ckpt, False)
+    said = [str(w.message) for w in theirs]
+    assert [str(w.message) for w in ours] == said and said.count(
+        "Initializing zero-element tensors is a no-op"
+    ) == 2
+    assert_same_model(model, ref)
+
+    state = random_like_state(InitsAlike(), seed=3)
+    for second, error in ((((4, 4), "bogus"), "Unsupported nonlinearity"), (((4,), "relu"), "fewer than 2")):
+        with pytest.raises(ValueError, match=error):
+            InitsAlike(second)
+        # A checkpoint that covers every parameter: the fast build runs the call.
+        ckpt = save({**state, "second": torch.randn(second[0])}, tmp_path / "second.safetensors")
+        with pytest.raises(ValueError, match=error):
+            sa3loader.load_diffusion_cond(
+                {},
+                ckpt,
+                "cpu",
+                False,
+                cache_dir=tmp_path / "d",
+                model_factory=functools.partial(alike, second),
+            )
+
+
 def test_an_init_that_draws_beside_its_parameter_is_upstreams(tmp_path):
     ckpt = save(random_like_state(InitsSparsely(), seed=3), tmp_path / "model.safetensors")
     model = sa3loader.load_diffusion_cond(
