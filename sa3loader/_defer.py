@@ -220,7 +220,8 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
     # the model's parameter, as in upstream's build.
     with torch._C.DisableTorchFunction():
         if param.device != _META:
-            stand_in = nn.Parameter(torch.empty_like(param, device=_META), requires_grad=param.requires_grad)
+            meta = torch.empty_like(param, device=_META)  # holds nothing drawn: no ``_parameter_new``
+            stand_in = _original_parameter_new(nn.Parameter, meta, param.requires_grad)
             if not _layout_kept(param, stand_in):
                 recorder.laid_out.append(f"{type(self).__name__}.{name}")
             _patches.local.watch.unmark_everywhere(param)  # its value is dropped (and the weak refs with it)

@@ -244,7 +244,7 @@ class BuildWatch(TorchFunctionMode):
         finally:
             if looked_at:
                 self._generator_after = _generator_state()
-            self.unseen_draw = self.unseen_draw or _any_moved(private)
+            self.unseen_draw = self.unseen_draw or (private is not None and _any_moved(private))
         if init_into_meta and out is kwargs["tensor"]:  # nothing new came out: nothing to follow
             self._inits_done |= {_init_call(func, kwargs)} - {None}  # None: a call to run each time
             return out
@@ -352,6 +352,8 @@ class BuildWatch(TorchFunctionMode):
         if ref is not None and ref() is tensor:
             return True
         with torch._C.DisableTorchFunction():  # the watch's own look (called from a patch too)
+            if tensor.is_meta:  # never marked, nor its base (``mark``): most of a build's arguments
+                return False
             base = tensor._base
         ref = self._drawn.get(id(base))
         if base is not None and ref is not None and ref() is base:
