@@ -288,8 +288,8 @@ def _build_fast(
         raise FastBuildRefused(
             f"{deferred.unswapped[0]} could not be deferred in place (torch.utils.swap_tensors, torch >= 2.3)"
         )
-    if deferred.laid_out:  # a stand-in is dense: upstream copies into the constructor's layout
-        raise FastBuildRefused(f"{deferred.laid_out[0]} has gaps, an offset, spare or shared memory")
+    if deferred.not_kept:  # a stand-in is dense and plain
+        raise FastBuildRefused(deferred.not_kept[0])
     if watch.read_a_stand_in():  # an error over a stand-in's data the constructor caught itself
         raise FastBuildRefused("the factory read a parameter's value while it was built")
     if watch.device_reads:  # a stand-in's says meta

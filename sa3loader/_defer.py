@@ -61,7 +61,7 @@ class DeferredParameters:
     def __init__(self) -> None:
         self.records: list[tuple[weakref.ref[nn.Module], str]] = []
         self.unswapped: list[str] = []  # deferred as a new object: references to the old one are stale
-        self.laid_out: list[str] = []  # laid out in a way a (dense) stand-in does not keep
+        self.not_kept: list[str] = []  # what a (dense, plain) stand-in does not keep, and of what
 
     def still_deferred(self) -> list[tuple[nn.Module, str]]:
         """Deferred parameters that are still on the meta device."""
@@ -219,14 +219,17 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
     # reference it keeps (a tied module, a list of parameters, attributes set on it) stays
     # the model's parameter, as in upstream's build.
     with torch._C.DisableTorchFunction():
+        where = f"{type(self).__name__}.{name}"
+        if param.is_inference():  # written to only in inference mode: upstream's copy into it fails
+            recorder.not_kept.append(f"{where} is an inference tensor")
         if param.device != _META:
             meta = torch.empty_like(param, device=_META)  # holds nothing drawn: no ``_parameter_new``
             stand_in = _original_parameter_new(nn.Parameter, meta, param.requires_grad)
-            if not _layout_kept(param, stand_in):
-                recorder.laid_out.append(f"{type(self).__name__}.{name}")
+            if not _layout_kept(param, stand_in):  # upstream copies into the constructor's layout
+                recorder.not_kept.append(f"{where} has gaps, an offset, spare or shared memory")
             _patches.local.watch.unmark_everywhere(param)  # its value is dropped (and the weak refs with it)
             if not swap_in_place(param, stand_in):
-                recorder.unswapped.append(f"{type(self).__name__}.{name}")
+                recorder.unswapped.append(where)
                 param = stand_in
     _patches.local.watch.stand_in(param)
     _original_register(self, name, param)  # watched: what a registration hook reads of it is seen

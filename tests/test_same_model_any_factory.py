@@ -1316,27 +1316,58 @@ def test_nn_inits_checks_and_warnings_run_on_a_deferred_parameter(tmp_path):
         )
 
 
+def _parameter(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape), requires_grad=False)
+
+
+def _inference_parameter() -> nn.Parameter:
+    with torch.inference_mode():  # written to outside it: an error
+        return _parameter(4, 4)
+
+
+def _inference_scratch() -> torch.Tensor:
+    with torch.inference_mode():  # meta in upstream's build too
+        return torch.empty(4, 4, device="meta")
+
+
+SECOND_INITS = {  # after kaiming_uniform_(square, a=1): a call that looks alike, and upstream's error
+    "other arguments": (
+        functools.partial(_parameter, 4, 4),
+        {"a": 1, "nonlinearity": "bogus"},
+        "Unsupported",
+    ),
+    "other shape": (functools.partial(_parameter, 4), {"a": 1}, "fewer than 2 dimensions"),
+    "a bool for an int": (functools.partial(_parameter, 4, 4), {"a": True}, "not a valid number"),
+    "an inference parameter": (_inference_parameter, {"a": 1}, "Inplace update to inference tensor"),
+    "an inference tensor": (_inference_scratch, {"a": 1}, "Inplace update to inference tensor"),
+}
+
+
 class InitsAlike(ToyDiT):
     """nn.init calls into stand-ins that look alike: the fast build skips a repeat of a call that
-    returned (``_watch._init_call``), never one with another shape or other arguments (it may
-    raise where the first did not), nor one into a zero-element tensor (it warns each time)."""
+    returned (``_watch.InitCalls``), moving the tensor's version as the call would, and never a
+    call that may do otherwise (``SECOND_INITS``: each raises where the first did not), nor
+    one into a zero-element tensor (it warns each time)."""
 
-    def __init__(self, second: tuple[tuple[int, ...], str] = ((4, 4), "relu")) -> None:
+    def __init__(self, second: str | None = None) -> None:
         super().__init__()
-        self.square = nn.Parameter(torch.empty(4, 4))
-        self.second = nn.Parameter(torch.empty(second[0]))
+        self.square = _parameter(4, 4)
+        make, kwargs, _ = (
+            SECOND_INITS[second] if second else (functools.partial(_parameter, 4, 4), {"a": 1}, "")
+        )
+        second_tensor = make()
+        if isinstance(second_tensor, nn.Parameter):
+            self.second = second_tensor
         self.empties = nn.ParameterList([nn.Parameter(torch.empty(0, 4)) for _ in range(2)])
-        nn.init.kaiming_uniform_(self.square, nonlinearity="relu")
-        nn.init.kaiming_uniform_(self.second, nonlinearity=second[1])
+        nn.init.kaiming_uniform_(self.square, a=1)
+        nn.init.kaiming_uniform_(second_tensor, **kwargs)
+        nn.init.kaiming_uniform_(second_tensor, a=1)  # a repeat into the same tensor: written again
+        self.register_buffer("writes", torch.tensor(float(second_tensor._version)), persistent=False)
         for empty in self.empties:
             nn.init.kaiming_uniform_(empty)
 
 
-def alike(second, config):
-    return InitsAlike(second)
-
-
-def test_an_init_call_that_repeats_one_that_returned_is_skipped_only_if_it_is_the_same(tmp_path):
+def test_an_init_call_that_repeats_one_that_returned_is_skipped_only_if_it_does_the_same(tmp_path):
     ckpt = save(random_like_state(InitsAlike(), seed=3), tmp_path / "model.safetensors")
     with pytest.warns(UserWarning, match="zero-element") as ours:
         model = sa3loader.load_diffusion_cond(
@@ -1346,26 +1377,55 @@ def test_an_init_call_that_repeats_one_that_returned_is_skipped_only_if_it_is_th
     with pytest.warns(UserWarning, match="zero-element") as theirs:
         ref = upstream_recipe(InitsAlike, ckpt, False)
     said = [str(w.message) for w in theirs]
-    assert [str(w.message) for w in ours] == said and said.count(
-        "Initializing zero-element tensors is a no-op"
-    ) == 2
+    assert [str(w.message) for w in ours] == said
+    assert said.count("Initializing zero-element tensors is a no-op") == 2
+    assert model.writes.item() == ref.writes.item() == 2
     assert_same_model(model, ref)
 
-    state = random_like_state(InitsAlike(), seed=3)
-    for second, error in ((((4, 4), "bogus"), "Unsupported nonlinearity"), (((4,), "relu"), "fewer than 2")):
-        with pytest.raises(ValueError, match=error):
-            InitsAlike(second)
-        # A checkpoint that covers every parameter: the fast build runs the call.
-        ckpt = save({**state, "second": torch.randn(second[0])}, tmp_path / "second.safetensors")
-        with pytest.raises(ValueError, match=error):
-            sa3loader.load_diffusion_cond(
-                {},
-                ckpt,
-                "cpu",
-                False,
-                cache_dir=tmp_path / "d",
-                model_factory=functools.partial(alike, second),
-            )
+
+@pytest.mark.parametrize("second", sorted(SECOND_INITS))
+def test_an_init_call_that_looks_like_one_that_returned_still_raises_as_upstreams(tmp_path, second):
+    make, _, error = SECOND_INITS[second]
+    with pytest.raises((ValueError, RuntimeError), match=error):
+        InitsAlike(second)
+    # A checkpoint that covers every parameter: the fast build runs the call.
+    state = {**random_like_state(InitsAlike(), seed=3), "second": torch.randn(make().shape)}
+    ckpt = save(state, tmp_path / "second.safetensors")
+    with pytest.raises((ValueError, RuntimeError), match=error):
+        sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", False, cache_dir=tmp_path, model_factory=functools.partial(alike, second)
+        )
+
+
+def alike(second, config):
+    return InitsAlike(second)
+
+
+class CountsCalls(ToyDiT):
+    """Counts the calls its layers' inits make of a function nn.init uses (a tracing tool that
+    wraps it): each call runs, the fast build's too."""
+
+    def __init__(self) -> None:
+        before = len(CALLS)
+        super().__init__()
+        self.register_buffer("calls", torch.tensor(float(len(CALLS) - before)), persistent=False)
+
+
+CALLS: list[object] = []
+
+
+@pytest.mark.parametrize(("owner", "name"), [(nn.init, "calculate_gain"), (torch.Tensor, "uniform_")])
+def test_a_function_nn_init_uses_that_a_factory_wrapped_sees_every_call(tmp_path, monkeypatch, owner, name):
+    wrapped = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: CALLS.append(a) or wrapped(*a, **k))
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: CountsCalls()
+    )
+    assert sa3loader.last_load_info().build == "fast"
+    ref = upstream_recipe(CountsCalls, ckpt, True)
+    assert model.calls.item() == ref.calls.item() > 1
+    assert_same_model(model, ref)
 
 
 def test_an_init_that_draws_beside_its_parameter_is_upstreams(tmp_path):
