@@ -373,10 +373,11 @@ def _holds_the_source(written: WrittenSibling, path: str, finder: SiblingFinder)
     the claim, not the data: ``SiblingFinder.holds_the_source``), read after this load's
     question about waiting pages."""
     try:
-        with written.open_header() as header:
-            return finder.holds_the_source(header, path)
-    except (Sa3LoaderError, OSError):
+        header = written.open_header()
+    except (Sa3LoaderError, OSError):  # not the header written: not this source's sibling
         return False
+    with header:
+        return finder.holds_the_source(header, path)
 
 
 def _publish(

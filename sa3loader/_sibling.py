@@ -304,15 +304,17 @@ class SiblingFinder:
         return not self._stat_problem
 
     def holds_the_source(self, sibling: Header, name: str) -> bool:
-        """Whether ``sibling`` (as ``name``) holds fp16 of the source now, where a claim cannot
-        vouch (``holds_fp16_of``): every byte under ``verify``, else the fingerprint's spots. One
-        cut short or unreadable meanwhile does not. A failure is logged once; the caller converts."""
+        """Whether ``sibling`` (as ``name``) holds fp16 of the source now (``holds_fp16_of``): every
+        byte under ``verify``, else the fingerprint's spots; not if it cannot be read whole. A failure
+        is logged once (the caller converts again); an error reading the source is raised."""
         try:
             if self.settings.verify:
                 self.outcome.checked = _compare.verify(self.source, sibling)
             elif not holds_fp16_of(sibling, self.source, self._spots):
                 raise VerificationError(f"{name}: not fp16 of {self.source.path} at the fingerprint's spots")
         except (Sa3LoaderError, OSError) as exc:
+            if getattr(exc, "filename", None) == self.source.path:
+                raise  # the source changed as it was read: the load's error, not the sibling's fault
             problem = str(exc) if isinstance(exc, VerificationError) else f"{name}: not checked whole ({exc})"
         else:
             return True
@@ -341,8 +343,7 @@ class SiblingFinder:
     row_for = index_row  # the row for a sibling of this source (the resolver's, too)
 
     def _note_use(self, row: IndexRow) -> None:
-        """Record that the sibling was used now, at most once per ``LAST_USE_STEP_S``: a cap
-        evicts the least recently used, and a hit never pays an index write more often."""
+        """Record the use, at most once per ``LAST_USE_STEP_S`` (the cap evicts the least recently used)."""
         now = time.time()
         if abs(now - row.used()) >= _faults.tuned("last_use_step_s", LAST_USE_STEP_S):
             self.index.put(self.real, dataclasses.replace(row, last_used=now))

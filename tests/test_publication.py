@@ -240,6 +240,30 @@ def test_a_leftover_cut_short_while_it_is_checked_is_converted_again(tmp_path):
     assert digest(model) == reference_digest(ckpt)
 
 
+def test_a_source_cut_short_while_a_leftover_is_checked_fails_the_load_not_the_leftover(tmp_path):
+    """The leftover's check reads the source's spots again; a source truncated then is the load's
+    error (the source's, typed), not a fault of the leftover: it stays for the next load, unblamed."""
+    from sa3loader._host import boot_id
+
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    load_toy(ckpt, tmp_path / "probe")
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    leftover = sibling.with_name(f"{sibling.name}.incomplete-written-{boot_id()}-0-0-1-abcd1234")
+    leftover.write_bytes(sibling.read_bytes())
+    sibling.unlink()
+    source_reads = []
+
+    def cut(name, subject=None):  # the fingerprint's read, then the leftover check's
+        if name == "spots" and subject == str(ckpt):
+            source_reads.append(subject)
+            if len(source_reads) == 2:
+                os.truncate(ckpt, 1000)
+
+    with injected(cut), pytest.raises(sa3loader.errors.TruncatedFileError) as raised:
+        load_toy(ckpt, tmp_path / "cache")
+    assert raised.value.filename == str(ckpt) and leftover.exists()
+
+
 def test_a_forked_child_does_not_wait_for_its_parents_publication(tmp_path, held_at_fsync):
     """A server that forks workers after a first load: the publishing thread is the parent's."""
     load_toy(make_ckpt(tmp_path / "model.safetensors"), tmp_path / "cache", published=False)
