@@ -218,9 +218,8 @@ def test_a_leftover_is_published_only_where_it_holds_the_sources_fp16(tmp_path, 
     _compare.verify(read_header(ckpt), read_header(sibling))
 
 
-def test_a_leftover_cut_short_while_it_is_checked_is_converted_again(tmp_path):
-    """Truncated as its spots are read: not the sibling of this source, so converted again
-    (never an error that fails the load)."""
+def a_whole_leftover(tmp_path):
+    """A checkpoint, and its sibling as a killed conversion left it: written whole, not published."""
     from sa3loader._host import boot_id
 
     ckpt = make_ckpt(tmp_path / "model.safetensors")
@@ -229,6 +228,13 @@ def test_a_leftover_cut_short_while_it_is_checked_is_converted_again(tmp_path):
     leftover = sibling.with_name(f"{sibling.name}.incomplete-written-{boot_id()}-0-0-1-abcd1234")
     leftover.write_bytes(sibling.read_bytes())
     sibling.unlink()
+    return ckpt, sibling, leftover
+
+
+def test_a_leftover_cut_short_while_it_is_checked_is_converted_again(tmp_path):
+    """Truncated as its spots are read: not the sibling of this source, so converted again
+    (never an error that fails the load)."""
+    ckpt, sibling, leftover = a_whole_leftover(tmp_path)
 
     def cut(name, subject=None):
         if name == "spots" and subject == str(sibling) and leftover.exists():
@@ -243,14 +249,7 @@ def test_a_leftover_cut_short_while_it_is_checked_is_converted_again(tmp_path):
 def test_a_source_cut_short_while_a_leftover_is_checked_fails_the_load_not_the_leftover(tmp_path):
     """The leftover's check reads the source's spots again; a source truncated then is the load's
     error (the source's, typed), not a fault of the leftover: it stays for the next load, unblamed."""
-    from sa3loader._host import boot_id
-
-    ckpt = make_ckpt(tmp_path / "model.safetensors")
-    load_toy(ckpt, tmp_path / "probe")
-    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
-    leftover = sibling.with_name(f"{sibling.name}.incomplete-written-{boot_id()}-0-0-1-abcd1234")
-    leftover.write_bytes(sibling.read_bytes())
-    sibling.unlink()
+    ckpt, _, leftover = a_whole_leftover(tmp_path)
     source_reads = []
 
     def cut(name, subject=None):  # the fingerprint's read, then the leftover check's

@@ -1295,16 +1295,24 @@ class InitsAVectorWithAFan(ToyDiT):
         nn.init.kaiming_uniform_(self.vector)  # no fan for one dimension: upstream's build raises
 
 
-def test_nn_inits_checks_and_warnings_run_on_a_deferred_parameter(tmp_path):
-    ckpt = save(random_like_state(InitsAnEmptyParameter(), seed=3), tmp_path / "model.safetensors")
+def fast_and_upstreams_warning_alike(cls, tmp_path, half):
+    """The fast build of ``cls`` and upstream's, each warning of zero-element inits: the models,
+    and upstream's warnings (the fast build's are the same)."""
+    ckpt = save(random_like_state(cls(), seed=3), tmp_path / "model.safetensors")
     with pytest.warns(UserWarning, match="zero-element") as ours:
         model = sa3loader.load_diffusion_cond(
-            {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: InitsAnEmptyParameter()
+            {}, ckpt, "cpu", half, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
         )
     assert sa3loader.last_load_info().build == "fast"
     with pytest.warns(UserWarning, match="zero-element") as theirs:
-        ref = upstream_recipe(InitsAnEmptyParameter, ckpt, True)
-    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]
+        ref = upstream_recipe(cls, ckpt, half)
+    said = [str(w.message) for w in theirs]
+    assert [str(w.message) for w in ours] == said
+    return model, ref, said
+
+
+def test_nn_inits_checks_and_warnings_run_on_a_deferred_parameter(tmp_path):
+    model, ref, _ = fast_and_upstreams_warning_alike(InitsAnEmptyParameter, tmp_path, True)
     assert_same_model(model, ref)
 
     ckpt = save(random_like_state(build(), seed=3), tmp_path / "vector.safetensors")
@@ -1368,16 +1376,7 @@ class InitsAlike(ToyDiT):
 
 
 def test_an_init_call_that_repeats_one_that_returned_is_skipped_only_if_it_does_the_same(tmp_path):
-    ckpt = save(random_like_state(InitsAlike(), seed=3), tmp_path / "model.safetensors")
-    with pytest.warns(UserWarning, match="zero-element") as ours:
-        model = sa3loader.load_diffusion_cond(
-            {}, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=lambda c: InitsAlike()
-        )
-    assert sa3loader.last_load_info().build == "fast"
-    with pytest.warns(UserWarning, match="zero-element") as theirs:
-        ref = upstream_recipe(InitsAlike, ckpt, False)
-    said = [str(w.message) for w in theirs]
-    assert [str(w.message) for w in ours] == said
+    model, ref, said = fast_and_upstreams_warning_alike(InitsAlike, tmp_path, False)
     assert said.count("Initializing zero-element tensors is a no-op") == 2
     assert model.writes.item() == ref.writes.item() == 2
     assert_same_model(model, ref)
