@@ -127,6 +127,7 @@ _PLAIN_VALUES = (int, float, str, bool, type(None), torch.Generator)
 _NN_INIT_AS_MADE = tuple((name, v) for name, v in vars(nn.init).items() if callable(v))
 _TENSOR_DRAWS_AS_MADE = (torch.Tensor.uniform_, torch.Tensor.normal_)
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)  # torch >= 2.1
+_modes_below = getattr(torch._C, "_len_torch_function_stack", None)  # inside a mode: those under it
 
 
 class InitCalls:
@@ -139,7 +140,8 @@ class InitCalls:
     and raises nothing. ``key`` is None where that is not known: a zero-element tensor (kaiming's
     warn each call), an inference tensor (written to only in inference mode), a class that may
     dispatch the call itself, an argument that is not a plain value (bool and int told apart),
-    or nn.init's functions not as torch made them. A view is keyed by its strides: the in-place
+    or nn.init's functions not as torch made them, or another torch function mode under the
+    watch (it sees each call upstream's build makes). A view is keyed by its strides: the in-place
     rules that look at a view's base hold in grad mode, and nn.init writes under ``no_grad``.
     """
 
@@ -156,6 +158,8 @@ class InitCalls:
             return None
         if any(type(v) not in _PLAIN_VALUES for _, _, v in others) or not _torchs_init():
             return None
+        if _modes_below is None or _modes_below():  # another mode would see the call: every time
+            return None
         return (func, tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.requires_grad, others)
 
     def repeat(self, call: tuple | None, tensor: torch.Tensor) -> bool:
@@ -168,6 +172,14 @@ class InitCalls:
     def returned(self, call: tuple | None, moved: int) -> None:
         if call is not None:
             self.moved[call] = moved
+
+
+def _written(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` after an in-place op that was not run: its version moved as the op's would
+    (a saved-tensor check at backward, a factory reading ``_version``)."""
+    if _increment_version is not None and not tensor.is_inference():
+        _increment_version(tensor)
+    return tensor
 
 
 def _torchs_init() -> bool:
@@ -272,7 +284,7 @@ class BuildWatch(TorchFunctionMode):
         if draws and kwargs:
             _remember(self.generators, kwargs.get("generator"))
         if draws and own and name.endswith("_") and args and _is_meta(args[0]):
-            return args[0]  # a draw into a stand-in: meta draws nothing (its arguments go unchecked)
+            return _written(args[0])  # into a stand-in: meta draws nothing (arguments unchecked)
         if draws and _init_into_meta(func, args, kwargs):
             return self._init_into_meta(func, name, kwargs)
         looked_at = draws and own

@@ -1427,6 +1427,56 @@ def test_a_function_nn_init_uses_that_a_factory_wrapped_sees_every_call(tmp_path
     assert_same_model(model, ref)
 
 
+class CountsInitCalls(TorchFunctionMode):
+    """A caller's mode around the load: it sees each nn.init call the factory makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen += getattr(func, "__module__", None) == "torch.nn.init"
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_mode_around_the_load_sees_every_init_call_upstreams_build_makes(tmp_path):
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    with CountsInitCalls() as ours:
+        sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: ToyDiT()
+        )
+    assert sa3loader.last_load_info().build == "fast"
+    with CountsInitCalls() as theirs:
+        upstream_recipe(ToyDiT, ckpt, True)
+    assert ours.seen == theirs.seen > 2
+
+
+class WritesByHand(ToyDiT):
+    """Draws into its parameters by hand and through nn.init functions that reach the watch op
+    by op, and keeps how often each was written: a draw skipped on a stand-in moves its version
+    as the draw would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.square, self.other = _parameter(4, 4), _parameter(4, 4)
+        with torch.no_grad():
+            self.square.normal_()
+        nn.init.xavier_uniform_(self.other)
+        versions = [self.square._version, self.other._version]
+        self.register_buffer("writes", torch.tensor(versions, dtype=torch.float32), persistent=False)
+
+
+def test_a_draw_skipped_on_a_stand_in_moves_its_version_as_the_draw_would(tmp_path):
+    ckpt = save(random_like_state(WritesByHand(), seed=3), tmp_path / "model.safetensors")
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: WritesByHand()
+    )
+    assert sa3loader.last_load_info().build == "fast"
+    ref = upstream_recipe(WritesByHand, ckpt, True)
+    assert model.writes.tolist() == ref.writes.tolist() == [1, 1]
+    assert_same_model(model, ref)
+
+
 def test_an_init_that_draws_beside_its_parameter_is_upstreams(tmp_path):
     ckpt = save(random_like_state(InitsSparsely(), seed=3), tmp_path / "model.safetensors")
     model = sa3loader.load_diffusion_cond(
