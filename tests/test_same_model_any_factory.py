@@ -20,6 +20,7 @@ import random
 import sys
 import threading
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -1475,6 +1476,35 @@ def test_a_draw_skipped_on_a_stand_in_moves_its_version_as_the_draw_would(tmp_pa
     ref = upstream_recipe(WritesByHand, ckpt, True)
     assert model.writes.tolist() == ref.writes.tolist() == [1, 1]
     assert_same_model(model, ref)
+
+
+HELD_WEAKLY: list[object] = []
+
+
+class HoldsAParameterWeakly(ToyDiT):
+    """Something outside the model holds a weak reference to a parameter: torch's swap refuses
+    such a tensor, so the fast build does too (before it is registered, or after)."""
+
+    def __init__(self, when: str = "after") -> None:
+        super().__init__()
+        extra = nn.Parameter(torch.empty(4, 4))
+        if when == "before":
+            HELD_WEAKLY.append(weakref.ref(extra))
+        self.extra = extra
+        if when == "after":
+            HELD_WEAKLY.append(weakref.ref(self.extra))
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_parameter_held_weakly_is_not_swapped_and_the_model_is_upstreams(tmp_path, when):
+    ckpt = save(random_like_state(HoldsAParameterWeakly(), seed=3), tmp_path / "model.safetensors")
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: HoldsAParameterWeakly(when)
+    )
+    info = sa3loader.last_load_info()
+    assert info.build == "faithful"
+    assert ("weakly referenced" if when == "after" else "could not be deferred in place") in info.fallback
+    assert_same_model(model, upstream_recipe(functools.partial(HoldsAParameterWeakly, when), ckpt, True))
 
 
 def test_an_init_that_draws_beside_its_parameter_is_upstreams(tmp_path):
