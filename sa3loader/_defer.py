@@ -252,11 +252,11 @@ def swap_in_place(target: torch.Tensor, replacement: torch.Tensor) -> bool:
     swap = getattr(torch.utils, "swap_tensors", None)
     if swap is None:
         return False
-    if _data_alone(target, replacement):
-        torch._C._swap_tensor_impl(target, replacement)  # swap_tensors' last step: 1 us, not 24
-        return True
     attributes = dict(target.__dict__)
     try:
+        if _data_alone(target, replacement):  # swap_tensors' last step: 1 us, not 24
+            torch._C._swap_tensor_impl(target, replacement)  # refuses a weak reference C++ holds
+            return True
         swap(target, replacement)
     except RuntimeError:
         return False
