@@ -185,9 +185,9 @@ def _deferred_ids(model: nn.Module, deferred: DeferredParameters, assign: dict[s
 
 
 def _refuse_what_placing_loses(model: nn.Module, deferred_ids: set[int]) -> None:
-    """Placing gives each deferred parameter memory of its own, no grad and no hook: refuse
-    where the constructor gave two of them one memory (upstream's later copy overwrites the
-    earlier), set a grad or registered a hook on one."""
+    """Placing gives each deferred parameter memory of its own, no grad, no hook and the class
+    nn.Parameter: refuse where the constructor gave two of them one memory (upstream's later
+    copy overwrites the earlier), set a grad, registered a hook or changed the class of one."""
     memories: dict[int, int] = {}
     with torch._C.DisableTorchFunction():
         for key, param in model.named_parameters():
@@ -195,6 +195,8 @@ def _refuse_what_placing_loses(model: nn.Module, deferred_ids: set[int]) -> None
                 continue
             if param.grad is not None:
                 raise FastBuildRefused(f"{key} has a grad set while it was built")
+            if type(param) is not nn.Parameter:
+                raise FastBuildRefused(f"{key}'s class was changed while it was built")
             if getattr(param, "_backward_hooks", None) or getattr(param, "_post_accumulate_grad_hooks", None):
                 raise FastBuildRefused(f"{key} has a hook registered while it was built")
             memory = param.untyped_storage()._cdata

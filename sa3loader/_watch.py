@@ -184,6 +184,15 @@ def _written(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _draw_to_skip(name: str, args: tuple) -> bool:
+    """An in-place draw into a meta tensor, which needs no run: meta draws nothing (its arguments
+    go unchecked). Not one autograd may refuse (in grad mode, into a tensor that requires grad:
+    upstream's build raises for a leaf), which runs on meta and fails as upstream's does."""
+    if not (name.endswith("_") and args and _is_meta(args[0])):
+        return False
+    return not (torch.is_grad_enabled() and args[0].requires_grad)
+
+
 def _torchs_init() -> bool:
     """Whether nn.init's functions, and the draws they make, are torch's as imported."""
     drawn = (torch.Tensor.uniform_, torch.Tensor.normal_)
@@ -289,8 +298,8 @@ class BuildWatch(TorchFunctionMode):
         own = _torchs_own(func)
         if draws and kwargs:
             _remember(self.generators, kwargs.get("generator"))
-        if draws and own and name.endswith("_") and args and _is_meta(args[0]):
-            return _written(args[0])  # into a stand-in: meta draws nothing (arguments unchecked)
+        if draws and own and _draw_to_skip(name, args):
+            return _written(args[0])
         if draws and _init_into_meta(func, args, kwargs):
             return self._init_into_meta(func, name, kwargs)
         looked_at = draws and own

@@ -1482,20 +1482,22 @@ HELD_WEAKLY: list[object] = []
 
 
 class HoldsAParameterWeakly(ToyDiT):
-    """Something outside the model holds a weak reference to a parameter: torch's swap refuses
-    such a tensor, so the fast build does too (before it is registered, or after)."""
+    """Something outside the model holds a weak reference to a parameter (Python's, or one C++
+    holds): torch's swap refuses such a tensor, so the fast build does too (before it is
+    registered, or after)."""
 
     def __init__(self, when: str = "after") -> None:
         super().__init__()
         extra = nn.Parameter(torch.empty(4, 4))
+        ref = torch._C._WeakTensorRef if when.startswith("c++") else weakref.ref
         if when == "before":
-            HELD_WEAKLY.append(weakref.ref(extra))
+            HELD_WEAKLY.append(ref(extra))
         self.extra = extra
-        if when == "after":
-            HELD_WEAKLY.append(weakref.ref(self.extra))
+        if when.endswith("after"):
+            HELD_WEAKLY.append(ref(self.extra))
 
 
-@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("when", ["before", "after", "c++ after"])
 def test_a_parameter_held_weakly_is_not_swapped_and_the_model_is_upstreams(tmp_path, when):
     ckpt = save(random_like_state(HoldsAParameterWeakly(), seed=3), tmp_path / "model.safetensors")
     model = sa3loader.load_diffusion_cond(
@@ -1503,8 +1505,56 @@ def test_a_parameter_held_weakly_is_not_swapped_and_the_model_is_upstreams(tmp_p
     )
     info = sa3loader.last_load_info()
     assert info.build == "faithful"
-    assert ("weakly referenced" if when == "after" else "could not be deferred in place") in info.fallback
+    assert (
+        "weakly referenced" if when.endswith("after") else "could not be deferred in place"
+    ) in info.fallback
     assert_same_model(model, upstream_recipe(functools.partial(HoldsAParameterWeakly, when), ckpt, True))
+
+
+class DrawsIntoALeafInGradMode(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Parameter(torch.empty(4, 4))
+        self.extra.normal_()  # not under no_grad: autograd refuses, in upstream's build
+
+
+def test_a_draw_autograd_refuses_fails_as_upstreams(tmp_path):
+    # Every parameter in the checkpoint: the fast build runs the draw.
+    state = {**random_like_state(build(), seed=3), "extra": torch.randn(4, 4)}
+    ckpt = save(state, tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad") as theirs:
+        DrawsIntoALeafInGradMode()
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad") as ours:
+        sa3loader.load_diffusion_cond(
+            {},
+            ckpt,
+            "cpu",
+            True,
+            cache_dir=tmp_path / "c",
+            model_factory=lambda c: DrawsIntoALeafInGradMode(),
+        )
+    assert str(ours.value) == str(theirs.value)
+
+
+class ItsOwnParameter(nn.Parameter):
+    pass
+
+
+class ChangesAParametersClass(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Parameter(torch.empty(4, 4))
+        self.extra.__class__ = ItsOwnParameter  # after it is registered
+
+
+def test_a_parameter_whose_class_the_constructor_changed_keeps_it(tmp_path):
+    ckpt = save(random_like_state(ChangesAParametersClass(), seed=3), tmp_path / "model.safetensors")
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: ChangesAParametersClass()
+    )
+    assert "class was changed" in sa3loader.last_load_info().fallback
+    assert type(model.extra) is ItsOwnParameter
+    assert_same_model(model, upstream_recipe(ChangesAParametersClass, ckpt, True))
 
 
 def test_an_init_that_draws_beside_its_parameter_is_upstreams(tmp_path):
