@@ -1401,6 +1401,25 @@ def alike(second, config):
     return InitsAlike(second)
 
 
+class InitsInInferenceMode(ToyDiT):
+    """An nn.init call into an inference tensor, in inference mode: allowed (upstream's build too);
+    such a tensor has no version counter to read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.inference_mode():
+            nn.init.uniform_(torch.empty(4, 4, device="meta"))
+
+
+def test_an_init_call_into_an_inference_tensor_in_inference_mode_builds_fast(tmp_path):
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: InitsInInferenceMode()
+    )
+    assert sa3loader.last_load_info().build == "fast"
+    assert_same_model(model, upstream_recipe(InitsInInferenceMode, ckpt, True))
+
+
 class CountsCalls(ToyDiT):
     """Counts the calls its layers' inits make of a function nn.init uses (a tracing tool that
     wraps it): each call runs, the fast build's too."""
