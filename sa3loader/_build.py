@@ -100,15 +100,21 @@ def _customises_loading(model: nn.Module) -> bool:
     state dict of its own or hooks on either."""
     if type(model).load_state_dict is not nn.Module.load_state_dict or "load_state_dict" in vars(model):
         return True
-    return any(
-        any(getattr(type(m), method) is not getattr(nn.Module, method) for method in _LOADING_METHODS)
-        or any(method in vars(m) for method in _LOADING_METHODS)  # set on the instance
-        or m._load_state_dict_pre_hooks
-        or m._load_state_dict_post_hooks
-        or m._state_dict_pre_hooks
-        or m._state_dict_hooks
-        for m in model.modules()
-    )
+    classes: dict[type, bool] = {}  # a class's methods, looked at once per class (a model has few)
+    for m in model.modules():
+        cls = type(m)
+        if cls not in classes:
+            classes[cls] = any(getattr(cls, n) is not getattr(nn.Module, n) for n in _LOADING_METHODS)
+        if (
+            classes[cls]
+            or any(method in vars(m) for method in _LOADING_METHODS)  # set on the instance
+            or m._load_state_dict_pre_hooks
+            or m._load_state_dict_post_hooks
+            or m._state_dict_pre_hooks
+            or m._state_dict_hooks
+        ):
+            return True
+    return False
 
 
 _LOADING_METHODS = ("_load_from_state_dict", "set_extra_state", "state_dict", "_save_to_state_dict")
@@ -205,16 +211,20 @@ def _refuse_what_placing_loses(model: nn.Module, deferred_ids: set[int]) -> None
 
 
 def _place_parameters(
-    model: nn.Module, assign: dict[str, str], deferred_ids: set[int], values: Values, device: torch.device
+    state: dict[str, Any],
+    assign: dict[str, str],
+    deferred_ids: set[int],
+    values: Values,
+    device: torch.device,
 ) -> None:
     """Give every deferred parameter its final value; copy the rest (buffers) as upstream does.
 
     Not ``load_state_dict(assign=True)``: it would keep each file tensor's own
     dtype, where upstream copies into the model's dtype and casts after; placing
     here keeps upstream's cast chain (``Values``) and lets weights go straight
-    to the device.
+    to the device. ``state``: the model's ``state_dict(keep_vars=True)``, as the keys were
+    planned from (loading that is not nn.Module's own is refused before).
     """
-    state = model.state_dict(keep_vars=True)
     # stand-in -> its value (a tied one's last key wins, as load_state_dict's copies do)
     final: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
@@ -298,10 +308,11 @@ def _build_fast(
         raise FastBuildRefused(f"the factory read a parameter's device ({watch.device_reads[0]})")
     if _customises_loading(model):
         raise FastBuildRefused("a module customises state-dict loading")
-    assign, result = plan_keys(source, model.state_dict(keep_vars=True))
+    state = model.state_dict(keep_vars=True)
+    assign, result = plan_keys(source, state)
     _faults.point("planned", source.path)
     tree = frozenset(id(m) for m in model.modules())
-    attributes = tensor_attributes(model)
+    attributes = tensor_attributes(model, tree)
     missing = None
     try:
         deferred_ids = _deferred_ids(model, deferred, assign)
@@ -322,7 +333,7 @@ def _build_fast(
     del attributes
     watch.release()
     had_graph = _drop_weight_norm_weights(wn_hooks)
-    _place_parameters(model, assign, deferred_ids, values, device)
+    _place_parameters(state, assign, deferred_ids, values, device)
     _recompute_weight_norm(wn_hooks, assign, values, had_graph)
     refuse_meta(replaced, tree, skip=set(), parameters=True, stand_ins=set())
     return model, result
@@ -395,6 +406,8 @@ MISSING_NAMES_SHOWN = 5
 
 def _warn_random_init(model: nn.Module, result: LoadResult, source: Header) -> None:
     """Upstream is silent when a config is deeper than its checkpoint; say it once."""
+    if not result.missing_keys:
+        return
     parameters = dict(model.named_parameters(remove_duplicate=False))
     missing = [key for key in result.missing_keys if key in parameters]
     if missing:

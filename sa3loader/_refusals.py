@@ -30,12 +30,11 @@ _MODULE_BOOKKEEPING = frozenset(k for k in vars(nn.Module()) if not k.endswith("
 Attributes = list[tuple[str, nn.Module, str, Any]]
 
 
-def tensor_attributes(model: nn.Module) -> Attributes:
+def tensor_attributes(model: nn.Module, tree: frozenset[int]) -> Attributes:
     """(module prefix, module, attribute, value) of every attribute that is or may hold a
     tensor, parameters and buffers included: one walk for every check of the build
     (three walks of every attribute were a fifth of a small model's cache hit). Modules of
-    the tree are walked as themselves, never through another's attribute."""
-    tree = {id(m) for m in model.modules()}
+    the tree (``tree``: their ids) are walked as themselves, never through another's attribute."""
     return [
         (prefix, module, attr, value)
         for prefix, module in model.named_modules()
@@ -49,6 +48,8 @@ def tensor_attributes(model: nn.Module) -> Attributes:
 
 def _refuse_replaced(model: nn.Module, assign: dict[str, str], watch: BuildWatch) -> None:
     """``FastBuildRefused`` for a parameter the constructor replaced that the checkpoint does not cover."""
+    if not watch.replaced:
+        return
     keys_of: dict[int, list[str]] = defaultdict(list)
     for key, param in model.named_parameters(remove_duplicate=False):
         keys_of[id(param)].append(key)
