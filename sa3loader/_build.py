@@ -302,6 +302,9 @@ def _build_fast(
         )
     if deferred.not_kept:  # a stand-in is dense and plain
         raise FastBuildRefused(deferred.not_kept[0])
+    shared = deferred.shared_memory()
+    if shared is not None:
+        raise FastBuildRefused(f"{shared} shares memory with another tensor of the model")
     if watch.read_a_stand_in():  # an error over a stand-in's data the constructor caught itself
         raise FastBuildRefused("the factory read a parameter's value while it was built")
     if watch.device_reads:  # a stand-in's says meta

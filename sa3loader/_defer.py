@@ -63,6 +63,25 @@ class DeferredParameters:
         self.records: list[tuple[weakref.ref[nn.Module], str]] = []
         self.unswapped: list[str] = []  # deferred as a new object: references to the old one are stale
         self.not_kept: list[str] = []  # what a (dense, plain) stand-in does not keep, and of what
+        # The memory of each parameter something else held when it was deferred (a tensor it was
+        # made from), kept alive until ``shared_memory`` looks again.
+        self.held_elsewhere: list[tuple[str, torch.UntypedStorage]] = []
+
+    def shared_memory(self) -> str | None:
+        """A deferred parameter whose memory is still another's once the factory returned:
+        another parameter's, a buffer's, an attribute's. Upstream copies into that memory, and
+        every holder sees the checkpoint's value (the last copy's, for two parameters); a
+        stand-in gives the parameter memory of its own. A constructor's local variable is gone
+        by then. Forgets the memory it kept."""
+        seen: set[int] = set()
+        try:
+            for where, storage in self.held_elsewhere:
+                if storage._cdata in seen or _storage_holders(storage) > 1:  # more than our own
+                    return where
+                seen.add(storage._cdata)
+            return None
+        finally:
+            self.held_elsewhere.clear()
 
     def still_deferred(self) -> list[tuple[nn.Module, str]]:
         """Deferred parameters that are still on the meta device."""
@@ -228,6 +247,9 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
             stand_in = _original_parameter_new(nn.Parameter, meta, param.requires_grad)
             if not _layout_kept(param, stand_in):  # upstream copies into the constructor's layout
                 recorder.not_kept.append(f"{where} has gaps, an offset, spare or shared memory")
+            storage = param.untyped_storage()
+            if _storage_holders(storage) > 2:  # more than the parameter and its storage's object
+                recorder.held_elsewhere.append((where, storage))
             _patches.local.watch.unmark_everywhere(param)  # its value is dropped (and the weak refs with it)
             if not swap_in_place(param, stand_in):
                 recorder.unswapped.append(where)
@@ -235,6 +257,13 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
     _patches.local.watch.stand_in(param)
     _original_register(self, name, param)  # watched: what a registration hook reads of it is seen
     recorder.records.append((weakref.ref(self), name))
+
+
+def _storage_holders(storage: torch.UntypedStorage) -> int:
+    """How many hold this memory: each tensor on it, and its Python object (one however many
+    refer to it). Where torch cannot say, more than any check allows (the build is refused)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count(storage._cdata) if use_count is not None else sys.maxsize
 
 
 def _layout_kept(param: torch.Tensor, stand_in: torch.Tensor) -> bool:

@@ -1801,6 +1801,29 @@ class SharesMemory(nn.Module):
         self.head = nn.Parameter(self.w1[:2].detach())
 
 
+class MadeFromOneTensor(nn.Module):
+    """Two parameters made from one tensor, before either is registered: one memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        made_from = torch.zeros(4, 4)
+        self.w1 = nn.Parameter(made_from)
+        self.w2 = nn.Parameter(made_from)
+
+
+class KeepsTheTensorItsParameterWasMadeFrom(nn.Module):
+    """A buffer registered after, and an attribute set before, on a parameter's memory: they
+    show the checkpoint's values after upstream's copy into it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        made_from, other = torch.zeros(4, 4), torch.zeros(4)
+        self.w = nn.Parameter(made_from)
+        self.register_buffer("w_alias", made_from, persistent=False)
+        self.kept = other
+        self.b = nn.Parameter(other)
+
+
 class LaidOutWithGaps(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -1924,6 +1947,8 @@ def fp32_state(cls) -> dict[str, torch.Tensor]:
         WithExtraState,
         OverridesLoadStateDict,
         SharesMemory,
+        MadeFromOneTensor,
+        KeepsTheTensorItsParameterWasMadeFrom,
         LaidOutWithGaps,
         SetsGrads,
         KeepsItsDevice,
@@ -1964,6 +1989,27 @@ def test_what_an_attacker_found_in_loading_and_layouts_is_upstreams(tmp_path, cl
         assert {k: vars(model)[k] for k in plain} == plain
         if cls is SharesMemory and not half:
             assert model.w1.data_ptr() == model.w2.data_ptr() == model.head.data_ptr()
+        if cls is KeepsTheTensorItsParameterWasMadeFrom:  # the checkpoint's values, as upstream's
+            assert torch.equal(bits(model.w_alias), bits(ref.w_alias)) and torch.equal(model.kept, ref.kept)
+
+
+class MadeFromALocalTensor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        made_from = torch.zeros(4, 4)  # held by this frame as the parameter is registered, then gone
+        self.w = nn.Parameter(made_from)
+        self.lin = nn.Linear(4, 4)
+
+
+def test_a_parameter_made_from_a_local_tensor_keeps_the_fast_build(tmp_path):
+    ckpt = save(fp32_state(MadeFromALocalTensor), tmp_path / "model.safetensors")
+    ref = upstream_recipe(MadeFromALocalTensor, ckpt, True)
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: MadeFromALocalTensor()
+    )
+    assert sa3loader.last_load_info().build == "fast", sa3loader.last_load_info().fallback
+    assert_same_model(model, ref)
 
 
 def test_a_parameter_laid_over_one_value_fails_as_upstreams(tmp_path):
