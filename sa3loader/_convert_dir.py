@@ -42,6 +42,7 @@ from ._places import (
     legacy_beside_path,
 )
 from .errors import (
+    ConfigError,
     HubCacheError,
     HubSymlinkError,
     OutputExistsError,
@@ -117,6 +118,8 @@ def convert_file(
     """Convert one checkpoint file to ``out``, or in place (the sibling a load uses: ``cli``)."""
     if out is None and not in_place:
         raise ValueError("convert_file needs out= or in_place=True")
+    if out is not None and not in_place:
+        _refuse_output_over_source(src, out)
     with open_header(src) as header:
         if is_sa3loader_file(header) or not has_float32(header):
             if in_place or out is None:
@@ -155,6 +158,18 @@ def _in_place_target(path: str) -> str:
             filename=path,
         )
     return path
+
+
+def _refuse_output_over_source(src: str, out: str) -> None:
+    """An output that is the source, or a directory holding it: ``--force`` replaces the whole
+    output, so the source (and, for a parent, everything beside it) would be deleted."""
+    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
+    if real_out == real_src or real_src.startswith(real_out.rstrip(os.sep) + os.sep):
+        raise ConfigError(
+            f"--out {out} is {src} or holds it: writing there would delete the source. "
+            "Give another --out, or convert in place with --in-place.",
+            filename=out,
+        )
 
 
 def _refuse_hub_output(out: str, directory: str) -> None:
@@ -258,6 +273,7 @@ def convert_tree(
             _in_place_target(path)
         return _convert_files(src_dir, None, in_place=True, verify=verify, excluded=set())
     out_dir = os.path.abspath(out_dir or src_dir.rstrip(os.sep) + OUTPUT_DIR_SUFFIX)
+    _refuse_output_over_source(src_dir, out_dir)
     _refuse_hub_output(out_dir, out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     _heal_output(out_dir)

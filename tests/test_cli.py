@@ -379,6 +379,34 @@ def test_convert_dir_force_replaces_the_whole_output(ckpt_dir, tmp_path):
     assert sorted(p.name for p in ckpt_dir.parent.iterdir() if p.name.startswith("sa3-fp16")) == ["sa3-fp16"]
 
 
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["the-parent", "the-source", "a-link-to-the-source"])
+def test_convert_dir_refuses_an_output_that_holds_the_source_even_with_force(ckpt_dir, tmp_path, where):
+    """--force replaces the whole output: the source, and for a parent all beside it, would go."""
+    (ckpt_dir.parent / "notes.txt").write_text("the user's")
+    outs = {"the-parent": ckpt_dir.parent, "the-source": ckpt_dir, "a-link-to-the-source": tmp_path / "link"}
+    out = outs[where]
+    if where == "a-link-to-the-source":
+        out.symlink_to(ckpt_dir)
+    before = tree_bytes(tmp_path)
+    proc = run("convert", str(ckpt_dir), "--out", str(out), "--force", cache=tmp_path / "c", check_rc=1)
+    assert "would delete the source" in proc.stderr
+    assert tree_bytes(tmp_path) == before
+
+
+def test_convert_file_refuses_an_output_that_is_the_source_even_with_force(ckpt_dir, tmp_path):
+    source = ckpt_dir / "model.safetensors"
+    (tmp_path / "link.safetensors").symlink_to(source)
+    before = tree_bytes(tmp_path)
+    for out in (source, tmp_path / "link.safetensors"):
+        proc = run("convert", str(source), "--out", str(out), "--force", cache=tmp_path / "c", check_rc=1)
+        assert "would delete the source" in proc.stderr
+    assert tree_bytes(tmp_path) == before
+
+
 def test_convert_dir_heals_what_a_kill_left(ckpt_dir, tmp_path):
     """Killed between its two renames: the old output is aside, the new one complete but unplaced."""
     out = Path(str(ckpt_dir) + "-fp16")
