@@ -14,7 +14,15 @@ import tempfile
 
 from . import _config
 from ._config import warn_once
-from ._places import BESIDE_SUBDIR, LOCK_SUFFIX, is_temp_name, make_private_dirs
+from ._places import (
+    BESIDE_SUBDIR,
+    CACHEDIR_TAG,
+    INDEX_SUBDIR,
+    LOCK_SUFFIX,
+    SIBLINGS_SUBDIR,
+    is_temp_name,
+    make_private_dirs,
+)
 from ._trust import cache_dir_trust
 
 CACHE_APP_NAME = "sa3loader"
@@ -86,10 +94,19 @@ def open_cache_dir_to_all(cache_dir: str) -> list[str]:
     Dirs get r-x for all and the index's files r-- for all; write bits are not
     touched, so the dir stays trusted (no one else can plant files in it).
     Siblings keep their own mode, the source's read bits: never wider than the
-    checkpoint. Returns the paths changed.
+    checkpoint. Only what sa3loader keeps there is opened (a cache dir given as
+    ``~/.cache`` holds other programs' files: they keep their modes). Returns the
+    paths changed.
     """
-    changed = []
-    for directory, _, files in os.walk(cache_dir):
+    changed = _add_bits([(cache_dir, SHARED_DIR_BITS)])
+    tag = os.path.join(cache_dir, CACHEDIR_TAG)
+    if os.path.isfile(tag):
+        changed += _add_bits([(tag, SHARED_FILE_BITS)])
+    for directory, _, files in (
+        walked
+        for subdir in (INDEX_SUBDIR, SIBLINGS_SUBDIR)
+        for walked in os.walk(os.path.join(cache_dir, subdir))
+    ):
         targets = [(directory, SHARED_DIR_BITS)]
         targets += [
             (os.path.join(directory, name), SHARED_FILE_BITS)

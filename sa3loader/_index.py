@@ -27,7 +27,7 @@ from diskcache.core import MODE_RAW, UNKNOWN
 
 from . import _config, _faults
 from ._config import info_once, warn_once
-from ._places import create_cache_dir
+from ._places import INDEX_SUBDIR, create_cache_dir
 from ._records import IndexRow
 from ._trust import cache_dir_trust
 from .errors import (
@@ -37,7 +37,6 @@ from .errors import (
 
 logger = logging.getLogger(__name__)
 
-INDEX_SUBDIR = "index"
 INDEX_TIMEOUT_S = 2.0
 DATABASE_NAME = diskcache.core.DBNAME
 

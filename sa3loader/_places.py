@@ -28,6 +28,7 @@ SHORTENED_SUFFIXES = {SIBLING_SUFFIX: ".fp16h.safetensors", UNSUFFIXED_SIBLING_S
 SIBLING_SUFFIXES = (SIBLING_SUFFIX, UNSUFFIXED_SIBLING_SUFFIX, *SHORTENED_SUFFIXES.values())
 SAFETENSORS_SUFFIX = ".safetensors"
 SIBLINGS_SUBDIR = "siblings"
+INDEX_SUBDIR = "index"  # the index (``_index``)
 # Room left on the filesystem after writing a sibling.
 FREE_SPACE_MARGIN_BYTES = 64 * 1024 * 1024
 

@@ -969,3 +969,25 @@ def test_after_repair_scan_and_clear_still_find_the_cache_dirs_siblings(tmp_path
     out = run("cache", "clear", "--yes", cache=cache).stdout
     assert f"removed sibling {orphan['sibling']}" in out and not os.path.exists(orphan["sibling"])
     assert "no such directory" in run("cache", "scan", str(tmp_path / "nope"), cache=cache, check_rc=1).stderr
+
+
+def test_warm_readable_by_all_opens_only_what_sa3loader_keeps_in_the_cache_dir(tmp_path, capsys):
+    """A cache dir given as ``~/.cache`` holds other programs' private files: they keep their modes."""
+    from support.loads import make_ckpt
+
+    cache = tmp_path / "dot-cache"
+    token, notes = cache / "huggingface" / "token", cache / "other" / "private" / "notes.txt"
+    for path in (token, notes):
+        path.parent.mkdir(parents=True)
+        path.write_text("secret")
+        path.chmod(0o600)
+    for folder in (token.parent, notes.parent, notes.parent.parent, cache):
+        folder.chmod(0o700)
+    theirs = [token, notes, token.parent, notes.parent, notes.parent.parent]
+    before = {p: p.stat().st_mode for p in theirs}
+    ckpt = make_ckpt(tmp_path / "model" / "model.safetensors")
+    assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--readable-by-all", "--json"]) == 0
+    opened = json.loads(capsys.readouterr().out)["opened_to_all"]
+    assert {p: p.stat().st_mode for p in theirs} == before
+    assert str(cache / "index") in opened and (cache / "index").stat().st_mode & 0o555 == 0o555
+    assert not any(str(p) in opened for p in theirs)
