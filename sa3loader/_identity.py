@@ -57,6 +57,7 @@ from ._records import (
     IndexRow,
     SiblingClaim,
     SourceIdentity,
+    sibling_file,
 )
 from ._trust import owner_problem
 from .errors import Sa3LoaderError
@@ -387,7 +388,8 @@ def _sibling_status(row: IndexRow, source: Header, shown_by: str | None, spots: 
                 return DAMAGED if claims_recorded(claim, row.source, row.fingerprint) else STALE
             if claim is None or not _could_be_used(sib, claim, row.source, source):
                 return STALE  # a load passes it by: another version's, or another file's
-            if shown_by == READ_STAT and claim.fingerprint == row.fingerprint:
+            unchanged = row.sibling_file == sibling_file(sib.handle.stat)  # else a load reads it
+            if shown_by == READ_STAT and claim.fingerprint == row.fingerprint and unchanged:
                 return OK  # a load reads nothing either
             # Read already where it showed the source unchanged (it equals the row's then).
             printed = row.fingerprint if shown_by == READ_FINGERPRINT else fingerprint(source)

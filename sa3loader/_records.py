@@ -8,6 +8,7 @@ plan and did (``Entry``, ``Removal``, ``Plan``, ``Outcome``). Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -208,6 +209,8 @@ class IndexRow:
     range: RangeReport | None
     converter_version: str = FORMAT_VERSION
     last_used: float | None = None  # when a load last used the sibling (hours apart); None: never since made
+    # The sibling file indexed (``sibling_file``): another is not vouched for (None: an older row).
+    sibling_file: tuple[int, int, int] | None = None
 
     def used(self) -> float:
         """When the sibling was last used, as far as the row knows (made counts as a use)."""
@@ -223,6 +226,7 @@ class IndexRow:
                 "path": self.sibling_path,
                 "size": self.sibling_size,
                 "header_sha256": self.sibling_header_sha256,
+                **dict(zip(SIBLING_FILE_FIELDS, self.sibling_file or (), strict=False)),
             },
             "converter_version": self.converter_version,
             "created": self.created,
@@ -250,4 +254,21 @@ class IndexRow:
             range=RangeReport(**obj["range"]) if obj["range"] is not None else None,
             converter_version=obj["converter_version"],
             last_used=float(used) if _a_time(used) else None,
+            sibling_file=_sibling_file_of(sibling),
         )
+
+
+SIBLING_FILE_FIELDS = ("device", "inode", "mtime_ns")
+
+
+def sibling_file(stat: os.stat_result) -> tuple[int, int, int]:
+    """What tells the sibling file indexed from another put at its name, or edited in place:
+    its device, inode and mtime (a chmod, the rename that publishes it, moves neither)."""
+    return (stat.st_dev, stat.st_ino, stat.st_mtime_ns)
+
+
+def _sibling_file_of(sibling: dict[str, Any]) -> tuple[int, int, int] | None:
+    device, inode, mtime_ns = (sibling.get(name) for name in SIBLING_FILE_FIELDS)  # absent from older rows
+    if type(device) is int and type(inode) is int and type(mtime_ns) is int:
+        return (device, inode, mtime_ns)
+    return None

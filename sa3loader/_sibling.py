@@ -49,6 +49,7 @@ from ._records import (
     IndexRow,
     RangeReport,
     SiblingClaim,
+    sibling_file,
 )
 from ._trust import cache_dir_trust, owner_problem
 from .errors import HeaderError, Sa3LoaderError, VerificationError
@@ -115,6 +116,7 @@ def index_row(
         sibling_path=sibling.path,
         sibling_size=sibling.file_size,
         sibling_header_sha256=sibling.sha256,
+        sibling_file=sibling_file(_stat_of(sibling)),
         created=time.time() if converted or old is None else old.created,
         range=report if report is not None else (old.range if old is not None else None),
         last_used=time.time(),
@@ -289,7 +291,7 @@ class SiblingFinder:
         then (``_identity.stat_stands_for``, which says when it can)."""
         if row is None or row.sibling_path != sibling.path:
             return False
-        if row.sibling_header_sha256 != sibling.sha256 or row.sibling_size != sibling.file_size:
+        if not _indexes_this_file(row, sibling):
             self.outcome.note(f"sibling {sibling.path} changed since it was indexed")
             return False
         if row.fingerprint != claimed:
@@ -347,6 +349,22 @@ class SiblingFinder:
         now = time.time()
         if abs(now - row.used()) >= _faults.tuned("last_use_step_s", LAST_USE_STEP_S):
             self.index.put(self.real, dataclasses.replace(row, last_used=now))
+
+
+def _indexes_this_file(row: IndexRow, sibling: Header) -> bool:
+    """Whether ``row`` indexed this very file: its header, its size, and the file itself (another
+    put at its name, or this one edited in place, is not: ``sibling_file``; nor is it where an
+    older row did not record the file)."""
+    return (
+        row.sibling_header_sha256 == sibling.sha256
+        and row.sibling_size == sibling.file_size
+        and row.sibling_file == sibling_file(_stat_of(sibling))
+    )
+
+
+def _stat_of(sibling: Header) -> os.stat_result:
+    """The sibling's stat when it was opened (the file read), else now."""
+    return sibling.handle.stat if sibling.handle is not None else os.stat(sibling.path)
 
 
 def _altered(row: IndexRow | None, sibling: Header, claimed: SiblingClaim) -> bool:

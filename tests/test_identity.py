@@ -34,6 +34,7 @@ import sa3loader
 from sa3loader import _faults, _identity
 from sa3loader._format import open_header, read_header
 from sa3loader._index import Index
+from sa3loader._records import sibling_file
 
 
 def write_version(path, seed: int, mtime_ns: int | None = None, *, settle: bool = False):
@@ -245,6 +246,53 @@ def test_a_sibling_altered_since_it_was_indexed_is_converted_again(tmp_path, con
     model = load_toy(ckpt, tmp_path / "cache")
     assert len(conversions) == 2 and "altered since it was indexed" in str(sa3loader.last_load_info().events)
     assert_same_model(model, reference(ckpt))
+
+
+def edited_value(sibling: Path, name: str) -> bytes:
+    """The sibling's bytes with the first fp16 value of tensor ``name`` changed (header kept)."""
+    header, raw = read_header(str(sibling)), bytearray(sibling.read_bytes())
+    at = header.data_start + header.by_name[name].begin
+    raw[at : at + 2] = bytes(b ^ 0x40 for b in raw[at : at + 2])
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("how", ["in-place", "replaced"])
+def test_a_sibling_whose_values_were_altered_since_it_was_indexed_is_not_served(tmp_path, conversions, how):
+    """Same header, same size, another value: the row recorded the file it indexed (device,
+    inode, mtime), so another file at its name, or this one edited, is checked again."""
+    ckpt = write_version(
+        tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11, settle=True
+    )
+    load_toy(ckpt, tmp_path / "cache")
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    edited = edited_value(sibling, "blocks.0.ff.weight")
+    if how == "in-place":
+        writable(sibling).write_bytes(edited)
+    else:
+        other = tmp_path / "other.safetensors"
+        other.write_bytes(edited)
+        os.replace(other, sibling)
+    model = load_toy(ckpt, tmp_path / "cache")
+    events = str(sa3loader.last_load_info().events)
+    assert len(conversions) == 2 and "changed since it was indexed" in events, events
+    assert_same_model(model, reference(ckpt))
+
+
+def test_a_row_that_did_not_record_its_sibling_file_checks_the_sibling_once(tmp_path, conversions):
+    """A row an older version wrote: the sibling is read at the spots, then the row says which file."""
+    ckpt = write_version(
+        tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11, settle=True
+    )
+    load_toy(ckpt, tmp_path / "cache")
+    index = Index(str(tmp_path / "cache"))
+    ((key, row),) = index.items()
+    index.put(key, dataclasses.replace(row, sibling_file=None))
+    load_toy(ckpt, tmp_path / "cache")
+    assert "revalidated" in sa3loader.last_load_info().events and len(conversions) == 1
+    ((_, revalidated),) = index.items()
+    assert revalidated.sibling_file == row.sibling_file is not None
+    load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().events == []
 
 
 def test_a_racy_row_is_checked_again_once_then_trusted(tmp_path, monkeypatch):
@@ -628,8 +676,10 @@ def test_a_rows_status_is_a_loads_rule(tmp_path):
         with open(copy, "r+b") as f, open_header(row.sibling_path) as sib:
             f.seek(sib.data_start + sib.by_name["blocks.0.ff.weight"].begin)
             f.write(b"\x00\x7c")  # +inf where the fingerprint reads: a load converts again
-        altered = dataclasses.replace(row, sibling_path=str(copy))
-        assert status(altered) == OK  # the stat vouches: a load reads no data either
+        assert status(dataclasses.replace(row, sibling_path=str(copy))) == DAMAGED  # another file: read
+        indexed = sibling_file(os.stat(copy))
+        altered = dataclasses.replace(row, sibling_path=str(copy), sibling_file=indexed)
+        assert status(altered) == OK  # the file the row indexed, the stat vouches: a load reads no data
         assert status(dataclasses.replace(altered, fingerprint="other")) == DAMAGED  # unvouched: read
         assert status(dataclasses.replace(altered, checked_ns=None)) == DAMAGED
         racy_altered = dataclasses.replace(altered, checked_ns=None)
@@ -794,3 +844,17 @@ def test_a_sibling_holds_fp16_of_its_source_at_every_spot_of_a_large_tensor(tmp_
         f.write(b"\x00\x7c")  # +inf in its last element
     with open_header(src) as source, open_header(sibling) as sib:
         assert not _identity.holds_fp16_of(sib, source)
+
+
+def test_cache_ls_says_a_sibling_whose_values_were_altered_is_damaged(tmp_path, capsys):
+    from sa3loader import cli
+
+    ckpt = write_version(
+        tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11, settle=True
+    )
+    load_toy(ckpt, tmp_path / "cache")
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    writable(sibling).write_bytes(edited_value(sibling, "blocks.0.ff.weight"))
+    assert cli.main(["cache", "ls", "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert entry["status"] == "damaged sibling"
