@@ -159,15 +159,18 @@ def _build_deferred(
     """The factory's model with its parameters deferred, and what it drew at random. Its
     own errors pass through as they are, so it runs once; only an error that torch raised
     over a meta tensor (a constructor that reads a parameter's value), or one raised because
-    of it, means: build it for real instead. Told by origin, never by the words of a message."""
+    of it, or one drawn values may have decided (an error over them, after an escape or a draw
+    not seen), means: build it for real instead. Told by origin, never by a message's words."""
     try:
         with watched_build(generators.private) as (deferred, watch):
             try:
                 return factory(config), deferred, watch
             except Exception as exc:
                 # torch refused a stand-in's data, in this error's chain or caught by the
-                # constructor before it failed: the error may be the stand-in's doing.
-                if not (watch.refused_meta(exc) or watch.read_a_stand_in() or watch.device_reads):
+                # constructor before it failed: the error may be the stand-in's doing. Or drawn
+                # values may have decided it: upstream's generator draws others.
+                drawn = watch.escapes or not watch.check_generator()
+                if not (watch.refused_meta(exc) or watch.read_a_stand_in() or watch.device_reads or drawn):
                     raise
                 raise FastBuildRefused(
                     f"the factory needs real parameters ({type(exc).__name__}: {exc})"

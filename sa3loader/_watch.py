@@ -44,6 +44,21 @@ METADATA_FUNCTIONS = frozenset(
 )
 
 
+# Functions whose result's shape the values they read decide (a drawn mask's count): the shape
+# of such a result carries drawn values out as a number would, however it is read.
+SHAPE_FROM_VALUES = frozenset(
+    "nonzero argwhere masked_select unique unique_consecutive unique_dim _unique _unique2 bincount"
+    " repeat_interleave tensor_split".split()
+)
+
+
+# Functions that raise, or not, by the values they read: either way tells drawn values.
+VALUE_CHECKS = frozenset(
+    "_assert_async _assert_scalar _functional_assert_async _functional_assert_scalar cholesky"
+    " linalg_cholesky inverse linalg_inv solve linalg_solve lu linalg_lu_factor multinomial".split()
+)
+
+
 # Properties (read through ``__get__``) that are not values.
 METADATA_PROPERTIES = frozenset(
     "shape dtype device requires_grad is_leaf is_cuda is_meta is_cpu is_sparse is_quantized is_mkldnn"
@@ -202,6 +217,16 @@ def _torchs_init() -> bool:
     return drawn == _TENSOR_DRAWS_AS_MADE and all(map(operator.is_, functions, _NN_INIT_AS_MADE))
 
 
+def _decided_by_values(name: str, args: tuple) -> bool:
+    """Whether the values read decide the shape of the result (``SHAPE_FROM_VALUES``,
+    ``where(mask)``, indexing by a mask) or whether it raises (``VALUE_CHECKS``)."""
+    if name in SHAPE_FROM_VALUES or name in VALUE_CHECKS or (name == "where" and len(args) == 1):
+        return True
+    index = args[1] if name == "__getitem__" and len(args) > 1 else ()
+    masks = (torch.bool, torch.uint8)
+    return any(isinstance(i, torch.Tensor) and i.dtype in masks for i in _tensors_out(index))
+
+
 def _name(func: Any) -> str:
     name = getattr(func, "__name__", "")
     if name == "__get__":  # a property: say which
@@ -272,8 +297,7 @@ class BuildWatch(TorchFunctionMode):
         self.device_reads: list[str] = []  # how a stand-in's device was read: "Tensor.is_cpu", ...
         self._stand_ins: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
         self.replaced: list[tuple[weakref.ref[nn.Module], str]] = []  # parameters the constructor replaced
-        # The CPU generator's state after the last draw seen: another state means a draw not seen
-        # (a function missing from RANDOM_DRAWS), whose values it cannot have marked.
+        # The CPU generator after the last draw seen: another state is a draw not seen (not in RANDOM_DRAWS).
         self._generator_after: torch.Tensor = _generator_state()
         self.unseen_draw = False
         self._inits = InitCalls()
@@ -318,9 +342,8 @@ class BuildWatch(TorchFunctionMode):
         return out
 
     def _init_into_meta(self, func: Any, name: str, kwargs: dict) -> Any:
-        """nn.init's functions (by identity; their tensor by keyword) draw nothing into meta: they run
-        their checks, warnings and errors as upstream's build does, with no look at the generator (a
-        draw elsewhere shows as unseen); a repeat of one that returned returns at once (``InitCalls``)."""
+        """nn.init's functions (by identity; tensor by keyword) draw nothing into meta: they run their
+        checks, warnings and errors as upstream's, unlooked at (a draw elsewhere shows as unseen)."""
         tensor, call = kwargs["tensor"], InitCalls.key(func, kwargs)
         if self._inits.repeat(call, tensor):
             return tensor
@@ -340,6 +363,8 @@ class BuildWatch(TorchFunctionMode):
     def _note_error(self, exc: Exception, args: tuple, kwargs: dict | None) -> None:
         if self._from_stand_in(args, kwargs):
             self._meta_errors.append(exc)
+        if self._drawn and self._reads_drawn(args, kwargs):  # drawn values may decide whether it raises
+            self.escapes.append(f"an error over drawn values ({type(exc).__name__})")
 
     def _follow(self, func: Any, name: str, draws: bool, args: tuple, kwargs: dict | None, out: Any) -> None:
         if self._stand_ins:
@@ -358,7 +383,7 @@ class BuildWatch(TorchFunctionMode):
             written = []
         for t in written:
             self.mark(t)
-        if not returned and out is not None and _escapes(func, name, out):
+        if (not returned and out is not None and _escapes(func, name, out)) or _decided_by_values(name, args):
             self.escapes.append(f"Tensor.{_name(func).lstrip('.')}")
 
     def stand_in(self, tensor: torch.Tensor) -> None:

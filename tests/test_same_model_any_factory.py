@@ -2046,3 +2046,60 @@ def test_a_mode_the_constructor_leaves_on_stays_on_and_the_watch_does_not(tmp_pa
         while torch._C._len_torch_function_stack():
             torch._C._pop_torch_function_stack()
     assert stack == [PassesThrough]
+
+
+# What a third outside attack found: drawn values leaving torch through a shape they decide,
+# and through whether torch raises over them. The fast build skipped the init before the draw,
+# so its generator was elsewhere: its mask, its branch, were not upstream's.
+class KeepsTheShapeOfADrawnMask(ToyDiT):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        keep = torch.rand(100) > 0.5
+        positions = torch.arange(100)
+        if how == "nonzero":
+            self.n_kept = keep.nonzero().shape[0]
+        elif how == "masked-select":
+            self.n_kept = positions.masked_select(keep).size(0)
+        else:
+            self.n_kept = len(positions[keep])
+        self.register_buffer("kept", torch.arange(self.n_kept), persistent=False)
+
+
+class BranchesOnAnErrorOverADraw(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        try:
+            torch._assert_async(torch.rand(()) > 0.4)  # upstream's, seeded 0, draws 0.32: raises
+            self.branch = "passed"
+        except RuntimeError:
+            self.branch = "raised"
+
+
+class RaisesOverADraw(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.zeros(1)[(torch.rand(1) + 0.6).long()]  # index 1 raises: upstream's, seeded 0, draws 0.32
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        functools.partial(KeepsTheShapeOfADrawnMask, "nonzero"),
+        functools.partial(KeepsTheShapeOfADrawnMask, "masked-select"),
+        functools.partial(KeepsTheShapeOfADrawnMask, "mask-index"),
+        BranchesOnAnErrorOverADraw,
+        RaisesOverADraw,
+    ],
+    ids=["nonzero", "masked-select", "mask-index", "caught-error", "error"],
+)
+def test_a_drawn_value_read_through_a_shape_or_an_error_gives_upstreams_build(tmp_path, make):
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    ref = upstream_recipe(make, ckpt, False)
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=lambda c: make()
+    )
+    assert sa3loader.last_load_info().build == "faithful"
+    assert_same_model(model, ref)
+    assert getattr(model, "n_kept", None) == getattr(ref, "n_kept", None)
+    assert getattr(model, "branch", None) == getattr(ref, "branch", None)
