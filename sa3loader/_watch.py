@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ._draw_checks import ChecksDraws, check_arguments
+
 _META = torch.device("meta")
 
 # torch functions that draw from a generator.
@@ -289,8 +291,7 @@ class BuildWatch(TorchFunctionMode):
         # put back before upstream's build runs after a refused fast one.
         self.generators = {} if generators is None else generators
         self._drawn: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
-        # The memory drawn values were written to, kept alive until the build's checks are done
-        # (so no other tensor can get the address): a tensor on it is an alias of a draw.
+        # Memory drawn values were written to, kept (its address not reused) until checked: aliases.
         self._drawn_storages: dict[int, torch.UntypedStorage] = {}
         self.escapes: list[str] = []  # how drawn values left torch: "Tensor.item()", ...
         self._meta_errors: list[BaseException] = []  # errors torch raised over a stand-in's data
@@ -315,13 +316,13 @@ class BuildWatch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "").split(".", 1)[0]  # torch.ops' "randn.default" is randn
         draws = name in RANDOM_DRAWS
-        # A function of torch's own draws only what it returns or writes into its tensor. Any
-        # other Python function dispatched through torch's override protocol runs its body with
-        # the watch off: what it draws there is told by the generators' states after it.
+        # A function of torch's own draws only what it returns or writes into its tensor; any other
+        # (torch's override protocol) runs unwatched: the generators' states tell what it drew.
         own = _torchs_own(func)
         if draws and kwargs:
             _remember(self.generators, kwargs.get("generator"))
         if draws and own and _draw_to_skip(name, args):
+            check_arguments(func, args, kwargs)  # as upstream's draw into real memory checks them
             return _written(args[0])
         if draws and _init_into_meta(func, args, kwargs):
             return self._init_into_meta(func, name, kwargs)
@@ -349,7 +350,8 @@ class BuildWatch(TorchFunctionMode):
             return tensor
         version = tensor._version if call is not None else 0  # an inference tensor has none
         try:
-            out = func(**kwargs)
+            with ChecksDraws():  # the draws it makes into meta: checked as real memory checks them
+                out = func(**kwargs)
         except Exception as exc:
             self._note_error(exc, (), kwargs)
             raise

@@ -2103,3 +2103,43 @@ def test_a_drawn_value_read_through_a_shape_or_an_error_gives_upstreams_build(tm
     assert_same_model(model, ref)
     assert getattr(model, "n_kept", None) == getattr(ref, "n_kept", None)
     assert getattr(model, "branch", None) == getattr(ref, "branch", None)
+
+
+class InitsWith(nn.Module):
+    """A layer, an integer parameter, then ``init`` run over them in the constructor."""
+
+    def __init__(self, init) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.idx = nn.Parameter(torch.empty(2, 2, dtype=torch.long), requires_grad=False)
+        init(self)
+
+
+BAD_DRAWS = {
+    "uniform-bounds-reversed": lambda m: nn.init.uniform_(m.lin.weight, 1.0, 0.0),
+    "normal-std-below-0": lambda m: m.lin.weight.data.normal_(0, -1.0),
+    "bernoulli-p-above-1": lambda m: m.lin.weight.data.bernoulli_(1.5),
+    "random-from-above-to": lambda m: m.lin.weight.detach().random_(5, 2),
+    "kaiming-into-integers": lambda m: nn.init.kaiming_uniform_(m.idx),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_DRAWS), ids=list(BAD_DRAWS))
+def test_a_draw_into_a_stand_in_fails_as_upstreams_draw_into_memory(tmp_path, bad):
+    """Meta checks few of a draw's arguments, and a draw skipped on a stand-in none: each is
+    checked on one element of the CPU, so the constructor fails as upstream's does."""
+    state = {"lin.weight": torch.randn(4, 4), "lin.bias": torch.randn(4), "idx": torch.arange(4).view(2, 2)}
+    ckpt = save(state, tmp_path / "model.safetensors")
+    with pytest.raises(Exception) as upstream:
+        InitsWith(BAD_DRAWS[bad])
+    for half in (False, True):
+        with pytest.raises(Exception) as ours:
+            sa3loader.load_diffusion_cond(
+                {},
+                ckpt,
+                "cpu",
+                half,
+                cache_dir=tmp_path / "c",
+                model_factory=lambda c: InitsWith(BAD_DRAWS[bad]),
+            )
+        assert (type(ours.value), str(ours.value)) == (type(upstream.value), str(upstream.value))

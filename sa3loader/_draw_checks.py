@@ -1,0 +1,49 @@
+"""A random draw the fast build does not run (into a meta stand-in), checked as torch checks a
+draw into real memory: upstream's build runs it on the CPU, where a bound out of order
+(``uniform_(w, 1, 0)``), a probability above 1 or a dtype the kernel lacks raises; on meta most
+of those checks never run, and a skipped draw runs none."""
+
+from __future__ import annotations
+
+from types import FunctionType
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# The in-place draws nn.init's functions make, as the dispatcher names them.
+IN_PLACE_DRAWS = frozenset(
+    "uniform_ normal_ random_ exponential_ geometric_ log_normal_ cauchy_ bernoulli_".split()
+)
+
+
+def check_arguments(func: Any, args: tuple, kwargs: dict | None) -> None:
+    """Run the in-place draw ``func`` (a meta tensor first) on one element of the CPU of that
+    dtype, from a generator of its own: its checks raise as upstream's draw into the real
+    tensor does; the value drawn is dropped, and no generator of torch's or the factory's moves.
+    A draw whose other arguments are tensors (a meta probability) is not checked: its own
+    device would differ from the probe's."""
+    if isinstance(func, FunctionType) or any(
+        isinstance(a, torch.Tensor) for a in (*args[1:], *(kwargs or {}).values())
+    ):
+        return
+    given = (kwargs or {}).get("generator")
+    # Upstream's draw refuses a generator of another device before it draws: so does the probe.
+    own = given if isinstance(given, torch.Generator) and given.device.type != "cpu" else torch.Generator()
+    with torch._C.DisableTorchFunction():
+        try:
+            probe = torch.empty(1, dtype=args[0].dtype)
+        except (RuntimeError, TypeError):  # a dtype the CPU cannot hold: nothing to check it on
+            return
+        func(probe, *args[1:], **{**(kwargs or {}), "generator": own})
+
+
+class ChecksDraws(TorchDispatchMode):
+    """Around an nn.init call run into meta: each in-place draw it makes there (which a torch
+    function mode does not see: the call is the mode's) is checked first (``check_arguments``)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = getattr(getattr(func, "overloadpacket", None), "__name__", "")
+        if name in IN_PLACE_DRAWS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            check_arguments(func, args, kwargs)
+        return func(*args, **(kwargs or {}))
