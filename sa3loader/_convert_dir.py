@@ -23,7 +23,6 @@ from ._identity import (
     fingerprint,
     has_float32,
     identity_of,
-    is_sa3loader_file,
     is_sa3loader_path,
     sibling_matches_source,
     sibling_metadata,
@@ -121,7 +120,7 @@ def convert_file(
     if out is not None and not in_place:
         _refuse_output_over_source(src, out)
     with open_header(src) as header:
-        if is_sa3loader_file(header) or not has_float32(header):
+        if not has_float32(header):  # a marker in its metadata (copied from a sibling) is not fp16
             if in_place or out is None:
                 return FileAction(src, src, "unchanged")
             _copy(src, out, force)

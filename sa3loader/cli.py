@@ -71,7 +71,7 @@ def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAc
     failed the check was converted again (``replaced_damaged``).
     """
     with open_header(src) as header:
-        if is_sa3loader_file(header) or not has_float32(header):
+        if not has_float32(header):  # a marker in its metadata (copied from a sibling) is not fp16
             return FileAction(src, src, "unchanged")
         with _resolved(header, resolve_cache_dir(cache_dir), verify, keep_open=True) as outcome:
             if outcome.sibling is None:

@@ -991,3 +991,19 @@ def test_warm_readable_by_all_opens_only_what_sa3loader_keeps_in_the_cache_dir(t
     assert {p: p.stat().st_mode for p in theirs} == before
     assert str(cache / "index") in opened and (cache / "index").stat().st_mode & 0o555 == 0o555
     assert not any(str(p) in opened for p in theirs)
+
+
+def test_an_fp32_checkpoint_carrying_sa3loaders_marker_is_converted_not_reported_unchanged(tmp_path):
+    """Fine-tuned from a sibling and saved with its metadata: float32 again, so it is converted
+    (as a load converts it), never reported as already fp16."""
+    from sa3loader._records import MARKER_KEY
+
+    src = tmp_path / "ckpt" / "model.safetensors"
+    src.parent.mkdir()
+    save_file({"w": torch.randn(8, 8)}, str(src), {MARKER_KEY: "1", "k": "v"})
+    out, out_dir = tmp_path / "out.safetensors", tmp_path / "dir-fp16"
+    for target, args in ((src, ()), (src, ("--out", str(out))), (src.parent, ("--out", str(out_dir)))):
+        proc = run("convert", str(target), *args, cache=tmp_path / "c")
+        assert proc.stdout.startswith("converted"), proc.stdout
+    for written in (out, out_dir / "model.safetensors"):
+        assert read_header(str(written)).by_name["w"].dtype == "F16"
