@@ -254,13 +254,15 @@ def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
     hub cache shares its blob's sibling) stays, and so does one whose lock is another user's,
     with the rows that name it: the plan says so, and executing it does just that."""
     listed = entries(cache_dir)
-    rows, siblings = [], []
+    rows, siblings, unmatched = [], [], []
     for checkpoint in checkpoints:
         named, real = os.path.abspath(checkpoint), os.path.realpath(checkpoint)
         about = [e for e in listed if e.source == named or (e.key or e.source) == real]
         rows += [e for e in about if e not in rows]
         places = [beside_path(named), legacy_beside_path(named)]
         places += [cache_path(cache_dir, named, real, blob_name(real)), cache_path(cache_dir, named, real)]
+        if not about and not any(os.path.lexists(p) for p in (named, *places)):  # a typo, most likely
+            unmatched.append(checkpoint)
         for sibling in [*(e.sibling for e in about if e.sibling), *places]:
             if _canonical(sibling) not in siblings:
                 siblings.append(_canonical(sibling))
@@ -277,7 +279,7 @@ def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
         if at_sibling_place(s, cache_dir) and (problem := owned_file_problem(s)) is not None
     ]
     plan = _plan(cache_dir, rows, siblings, siblings, sweep=False)
-    plan.kept = kept + plan.kept
+    plan.kept, plan.unmatched = kept + plan.kept, unmatched
     return plan
 
 

@@ -331,16 +331,19 @@ def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
 def _rm(args: argparse.Namespace, cache_dir: str) -> int:
     plan = _cache_admin.plan_rm(cache_dir, args.checkpoints)
     verb = "would remove" if args.dry_run else "removed"
+    # A name with no file, row or sibling (a typo, most likely) is said, and the exit is 1.
+    unmatched = [f"nothing matches {c}: no such checkpoint, no row or sibling of it" for c in plan.unmatched]
+    code = EXIT_ERROR if plan.unmatched else EXIT_OK
     if args.dry_run:
         lines = [*_removal_lines(plan.removals, dry_run=True), *_kept_lines(plan.kept, dry_run=True)]
-        lines.append(f"{verb} {len(plan.rows)} row(s)")
-        emit(args, {"dry_run": True, **_plan_data(plan)}, lines)
-        return EXIT_OK
+        lines += [*unmatched, f"{verb} {len(plan.rows)} row(s)"]
+        emit(args, {"dry_run": True, **_plan_data(plan), "unmatched": plan.unmatched}, lines)
+        return code
     outcome = _cache_admin.execute(cache_dir, plan, pruning=False)
     lines = [*_removal_lines(outcome.removed, dry_run=False), *_kept_lines(outcome.kept, dry_run=False)]
-    lines.append(f"{verb} {len(outcome.rows)} row(s)")
-    emit(args, {"dry_run": False, **_outcome_data(outcome)}, lines)
-    return EXIT_OK
+    lines += [*unmatched, f"{verb} {len(outcome.rows)} row(s)"]
+    emit(args, {"dry_run": False, **_outcome_data(outcome), "unmatched": plan.unmatched}, lines)
+    return code
 
 
 def _scan(args: argparse.Namespace, cache_dir: str) -> int:

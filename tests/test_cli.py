@@ -787,10 +787,16 @@ def test_cache_rm_removes_exactly_the_siblings_of_the_checkpoints_given(tmp_path
     assert sorted(p.name for p in hidden.iterdir()) == ["kept.fp16.safetensors", "kept.fp16.safetensors.lock"]
     rows = json.loads(run("cache", "ls", "--json", cache=cache).stdout)
     assert [r["source"] for r in rows] == [str(kept)]
-    assert (
-        run("cache", "rm", str(hub_like), cache=cache).stdout
-        == "removed 0 file(s), 0 B in all\nremoved 0 row(s)\n"
+    # A name with no file, row or sibling (a typo): said, and exit 1, not a silent success.
+    missing = run("cache", "rm", str(hub_like), cache=cache, check_rc=1).stdout
+    assert missing == (
+        "removed 0 file(s), 0 B in all\n"
+        f"nothing matches {hub_like}: no such checkpoint, no row or sibling of it\nremoved 0 row(s)\n"
     )
+    data = json.loads(
+        run("--json", "cache", "rm", str(hub_like), "--dry-run", cache=cache, check_rc=1).stdout
+    )
+    assert data["unmatched"] == [str(hub_like)]
 
 
 def test_cache_rm_removes_a_sibling_in_the_cache_dir_and_its_emptied_folder(tmp_path):
