@@ -24,7 +24,9 @@ sibling as the first load left it, and with both files dropped and read back
 The two sides of a pair run one after the other, the order alternating from pair to pair;
 a pair counts as quiet when the 1-minute load average is under 0.5 as it starts (each
 pair waits up to ``--settle`` seconds for that; the load average is recorded). The floor: a hot ``cat`` of the
-file each side reads. Peak RssAnon is sampled every 2 ms (``load_child.PeakSampler``).
+file each side reads, and the conversion's (``conversion_floor``: reading the source and writing
+the sibling's bytes as the converter does, without the cast); sa3loader's steps come from
+``LoadInfo.timings``. Peak RssAnon is sampled every 2 ms (``load_child.PeakSampler``).
 
 Goals: first load / diffusers fp32 -> fp16 <= 1.0; hit / diffusers fp16 variant <= 1.0 (medians
 of the pairs' ratios); peak RssAnon of the first load < 5% of diffusers' fp32 load.
@@ -90,14 +92,63 @@ def child(side: str, folder: Path, cache: Path) -> None:
                 model_factory=StableAudio3DiTModel.from_config,
             )
             assert info.build == "fast" and info.converted == (side == "first"), info
+            out["phases"] = phases(info.timings)
         touch_every_page(model)
         out["seconds"] = time.perf_counter() - started
+        if "phases" in out:
+            out["phases"]["finish + touch"] = out["seconds"] - sum(out["phases"].values())
         if side == "first":
             sa3loader.wait_for_publishing()
             out["published_s"] = time.perf_counter() - started
     assert all(p.dtype == torch.float16 for p in model.parameters())
     out.update(peak_anon_mb=(sampler.peak - sampler.base) / 1e6)
     print("RESULT " + json.dumps(out))
+
+
+def phases(timings: dict[str, float]) -> dict[str, float]:
+    """A load's steps (``LoadInfo.timings``): the sibling's lookup, its conversion, the build."""
+    convert = timings.get("convert_s", 0.0)
+    return {"lookup": timings["sibling_s"] - convert, "convert": convert, "build": timings["build_s"]}
+
+
+def conversion_floor(source: Path, out_dir: Path, out_bytes: int, threads: int = 2) -> float:
+    """Seconds to read the hot source and write ``out_bytes`` of a new file beside where the
+    sibling goes, ``threads`` at once, with the converter's piece sizes (512 KiB reads, 4 MiB
+    writes) and no cast: the floor of any conversion that reads with ``pread`` and writes with
+    ``pwrite`` (the converter's way; a mapping of the source dies on a truncated source)."""
+    import threading
+
+    read_piece, write_piece = 512 << 10, 4 << 20
+    src_fd = os.open(source, os.O_RDONLY)
+    out = out_dir / f"floor-{os.getpid()}.tmp"
+    out_fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    stripes, taken, lock = out_bytes // write_piece, [0], threading.Lock()
+    per_stripe = max(1, os.fstat(src_fd).st_size // max(1, stripes) // read_piece)
+
+    def worker() -> None:
+        buffer, zeros = bytearray(read_piece), bytes(write_piece)
+        while True:
+            with lock:
+                stripe = taken[0]
+                taken[0] += 1
+            if stripe >= stripes:
+                return
+            for k in range(per_stripe):
+                os.preadv(src_fd, [buffer], (stripe * per_stripe + k) * read_piece)
+            os.pwrite(out_fd, zeros, stripe * write_piece)
+
+    try:
+        started = time.perf_counter()
+        workers = [threading.Thread(target=worker) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return time.perf_counter() - started
+    finally:
+        os.close(src_fd)
+        os.close(out_fd)
+        out.unlink()
 
 
 def siblings(folder: Path, cache: Path) -> list[Path]:
@@ -189,6 +240,7 @@ def report(results: dict[str, list[dict]], folder: Path, cache: Path) -> None:
         f"\nfloor (hot cat): fp32 {hot_cat(folder / FP32):.3f} s, "
         f"fp16 variant {hot_cat(folder / FP16):.3f} s, sibling {hot_cat(sibling):.3f} s"
     )
+    report_phases(first, hit, folder, sibling)
     ratios = {k: med(p["ratio"] for p in v) for k, v in results.items()}
     print("\n| goal | measured | met |\n|---|---|---|")
     for name, value, goal in (
@@ -198,6 +250,27 @@ def report(results: dict[str, list[dict]], folder: Path, cache: Path) -> None:
         ("peak RssAnon first load / diffusers'", anon["first"] / anon["diffusers fp32"], GOAL_ANON),
     ):
         print(f"| {name} <= {goal} | {value:.3f} | {'met' if value <= goal else 'MISSED'} |")
+
+
+def report_phases(first: list[dict], hit: list[dict], folder: Path, sibling: Path) -> None:
+    """Where sa3loader's time goes (medians), and the conversion's floor on this machine."""
+    med = statistics.median
+    steps = list(first[0]["first"]["phases"])
+    print("\n| sa3loader's steps (s) | " + " | ".join(steps) + " |\n|---|" + "---|" * len(steps))
+    for rows, side in ((first, "first"), (hit, "hit")):
+        cells = " | ".join(f"{med(p[side]['phases'][k] for p in rows):.3f}" for k in steps)
+        print(f"| {side} | {cells} |")
+    hot_cat(folder / FP32)
+    floors = [conversion_floor(folder / FP32, sibling.parent, sibling.stat().st_size) for _ in range(3)]
+    floor = med(floors)
+    convert = med(p["first"]["phases"]["convert"] for p in first)
+    theirs = med(p["diffusers fp32"]["seconds"] for p in first)
+    print(
+        "\nconversion floor (2 threads: pread the source, pwrite the sibling's bytes, no cast), "
+        f"median of 3: {floor:.3f} s ({', '.join(f'{f:.2f}' for f in floors)}); the conversion "
+        f"{convert:.3f} s = {convert / floor:.2f}x it; the floor alone = {floor / theirs:.2f}x "
+        "diffusers' whole first load"
+    )
 
 
 def main() -> None:
