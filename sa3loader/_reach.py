@@ -1,10 +1,14 @@
 """What a model holds, found by walking its attributes: the tensors (and devices) kept in
-containers, plain and slotted objects, closures, defaults, partials, bound methods and
-modules outside the model's tree. The build's refusal checks (``_build``) read through it."""
+containers, plain and slotted objects, closures, defaults, partials, bound methods, iterators
+and generators, and modules outside the model's tree. The build's refusal checks (``_build``)
+read through it."""
 
 from __future__ import annotations
 
 import functools
+import gc
+import inspect
+import itertools
 import sys
 import types
 from collections import OrderedDict, deque
@@ -25,6 +29,23 @@ _PLAIN_DICTS = (dict, OrderedDict)
 OPAQUE = (type, types.ModuleType, types.BuiltinFunctionType, str, bytes)
 # ... and, with numbers and None, what the walk passes over.
 HOLD_NO_TENSOR = (*OPAQUE, int, float, bool, complex, type(None))
+
+
+# C objects with no ``__dict__`` that hold what they iterate over: iterators over containers,
+# dict views, map, filter, zip, enumerate, reversed and itertools' (generators: their locals).
+_EMPTY: tuple[Any, ...] = ([], (), set(), {}, "", range(0))
+_VIEWS: tuple[Any, ...] = ({}.keys(), {}.values(), {}.items())
+_ITERATING: tuple[type, ...] = (
+    *{type(iter(c)) for c in _EMPTY},
+    *{type(view) for view in _VIEWS},
+    *{type(iter(view)) for view in _VIEWS},
+    map,
+    filter,
+    zip,
+    enumerate,
+    reversed,
+    *(v for v in vars(itertools).values() if isinstance(v, type)),
+)
 
 
 def _slots(value: Any) -> list[Any]:
@@ -50,6 +71,10 @@ def _held_by(value: Any) -> list[Any]:
         return cells + list(value.__defaults__ or ()) + list((value.__kwdefaults__ or {}).values())
     if isinstance(value, types.MethodType):
         return [value.__self__, value.__func__]
+    if isinstance(value, types.GeneratorType):
+        return list(inspect.getgeneratorlocals(value).values())
+    if isinstance(value, _ITERATING):
+        return gc.get_referents(value)
     held = [value.func, *value.args, *value.keywords.values()] if isinstance(value, functools.partial) else []
     attributes = getattr(value, "__dict__", None)
     return held + (list(attributes.values()) if isinstance(attributes, dict) else []) + _slots(value)

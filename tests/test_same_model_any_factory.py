@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import random
 import sys
 import threading
@@ -2143,3 +2144,37 @@ def test_a_draw_into_a_stand_in_fails_as_upstreams_draw_into_memory(tmp_path, ba
                 model_factory=lambda c: InitsWith(BAD_DRAWS[bad]),
             )
         assert (type(ours.value), str(ours.value)) == (type(upstream.value), str(upstream.value))
+
+
+def _yields(value):
+    yield value
+
+
+@pytest.mark.parametrize(
+    "keep",
+    [
+        lambda drawn: iter([drawn]),
+        lambda drawn: _yields(drawn),
+        lambda drawn: {"k": drawn}.values(),
+        lambda drawn: map(torch.neg, [drawn]),
+        lambda drawn: itertools.cycle([drawn]),
+    ],
+    ids=["list-iterator", "generator", "dict-view", "map", "itertools-cycle"],
+)
+def test_a_draw_kept_in_an_iterator_gives_upstreams_build(tmp_path, keep):
+    """Objects with no ``__dict__`` that hold what they iterate over: walked as containers are."""
+
+    class KeepsADrawInAnIterator(ToyDiT):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kept = keep(torch.randn(2))
+
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    ref = upstream_recipe(KeepsADrawInAnIterator, ckpt, False)
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=lambda c: KeepsADrawInAnIterator()
+    )
+    assert sa3loader.last_load_info().build == "faithful"
+    assert_same_model(model, ref)
+    assert torch.equal(next(iter(model.kept)), next(iter(ref.kept)))
