@@ -18,11 +18,11 @@ IN_PLACE_DRAWS = frozenset(
 
 
 def check_arguments(func: Any, args: tuple, kwargs: dict | None) -> None:
-    """Run the in-place draw ``func`` (a meta tensor first) on one element of the CPU of that
-    dtype, from a generator of its own: its checks raise as upstream's draw into the real
-    tensor does; the value drawn is dropped, and no generator of torch's or the factory's moves.
-    A draw whose other arguments are tensors (a meta probability) is not checked: its own
-    device would differ from the probe's."""
+    """Run the in-place draw ``func`` (a meta tensor first) on one element (none, for a
+    zero-element tensor) of the CPU of that dtype, from a generator of its own: its checks raise
+    as upstream's draw into the real tensor does; the value drawn is dropped, and no generator
+    of torch's or the factory's moves. A draw whose other arguments are tensors (a meta
+    probability) is not checked: its own device would differ from the probe's."""
     if isinstance(func, FunctionType) or any(
         isinstance(a, torch.Tensor) for a in (*args[1:], *(kwargs or {}).values())
     ):
@@ -32,7 +32,8 @@ def check_arguments(func: Any, args: tuple, kwargs: dict | None) -> None:
     own = given if isinstance(given, torch.Generator) and given.device.type != "cpu" else torch.Generator()
     with torch._C.DisableTorchFunction():
         try:
-            probe = torch.empty(1, dtype=args[0].dtype)
+            # A zero-element tensor skips some of a kernel's checks (its dtype's): so does the probe.
+            probe = torch.empty(min(1, args[0].numel()), dtype=args[0].dtype)
         except (RuntimeError, TypeError):  # a dtype the CPU cannot hold: nothing to check it on
             return
         func(probe, *args[1:], **{**(kwargs or {}), "generator": own})

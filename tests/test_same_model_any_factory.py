@@ -2178,3 +2178,33 @@ def test_a_draw_kept_in_an_iterator_gives_upstreams_build(tmp_path, keep):
     assert sa3loader.last_load_info().build == "faithful"
     assert_same_model(model, ref)
     assert torch.equal(next(iter(model.kept)), next(iter(ref.kept)))
+
+
+class DrawsIntoAZeroElementParameter(nn.Module):
+    """Upstream's draw into no element runs no dtype check (normal_ into int64, random_ into
+    complex64 return at once): the probe of the fast build has no element either."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.codes = nn.Parameter(torch.empty(0, dtype=torch.int64), requires_grad=False)
+        self.codes.data.normal_()
+        self.z = nn.Parameter(torch.empty(0, 3, dtype=torch.complex64))
+        self.z.data.random_()
+
+
+def test_a_draw_into_a_zero_element_stand_in_fails_only_where_upstreams_does(tmp_path):
+    state = {k: v for k, v in fp32_state(DrawsIntoAZeroElementParameter).items() if v.dtype == torch.float32}
+    ckpt = save({**state, "codes": torch.empty(0, dtype=torch.int64)}, tmp_path / "model.safetensors")
+    ref = upstream_recipe(DrawsIntoAZeroElementParameter, ckpt, False)
+    make = DrawsIntoAZeroElementParameter
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {},
+        ckpt,
+        "cpu",
+        False,
+        cache_dir=tmp_path / "c",
+        model_factory=lambda c: make(),
+    )
+    assert_same_model(model, ref)
