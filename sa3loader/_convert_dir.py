@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 
@@ -163,12 +164,42 @@ def _refuse_output_over_source(src: str, out: str) -> None:
     """An output that is the source, or a directory holding it: ``--force`` replaces the whole
     output, so the source (and, for a parent, everything beside it) would be deleted."""
     real_src, real_out = os.path.realpath(src), os.path.realpath(out)
-    if real_out == real_src or real_src.startswith(real_out.rstrip(os.sep) + os.sep):
+    if (
+        real_out == real_src
+        or real_src.startswith(real_out.rstrip(os.sep) + os.sep)
+        or _reaches(out, real_src)
+    ):
         raise ConfigError(
             f"--out {out} is {src} or holds it: writing there would delete the source. "
             "Give another --out, or convert in place with --in-place.",
             filename=out,
         )
+
+
+def _reaches(out: str, real_src: str) -> bool:
+    """Whether ``out`` names, by another path (a bind mount: no string comparison sees it), the
+    source's own entry or a directory above it; compared by device and inode. A hard link in
+    another directory is another entry: replacing it leaves the source where it is."""
+    try:
+        target = os.stat(out)
+    except OSError:  # not there: neither the source nor above it
+        return False
+    if not stat.S_ISDIR(target.st_mode):  # the same name in the same directory
+        same_name = os.path.basename(os.path.abspath(out)) == os.path.basename(real_src)
+        return same_name and _same_file(os.path.dirname(os.path.abspath(out)), os.path.dirname(real_src))
+    path = real_src
+    while not _same_file(path, out):
+        if os.path.dirname(path) == path:
+            return False
+        path = os.path.dirname(path)
+    return True
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _refuse_hub_output(out: str, directory: str) -> None:

@@ -1013,3 +1013,24 @@ def test_an_fp32_checkpoint_carrying_sa3loaders_marker_is_converted_not_reported
         assert proc.stdout.startswith("converted"), proc.stdout
     for written in (out, out_dir / "model.safetensors"):
         assert read_header(str(written)).by_name["w"].dtype == "F16"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mount") is None,
+    reason="a bind mount needs root and mount(8) (CI runs as root)",
+)
+def test_convert_refuses_an_output_that_reaches_the_source_through_a_bind_mount(ckpt_dir, tmp_path):
+    """Another path to the same folder, that no comparison of path strings sees."""
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    if subprocess.run(["mount", "--bind", str(ckpt_dir.parent), str(alias)], capture_output=True).returncode:
+        pytest.skip("mount --bind refused here")
+    try:
+        before = tree_bytes(ckpt_dir)
+        source = ckpt_dir / "model.safetensors"
+        for target, out in ((ckpt_dir, alias / ckpt_dir.name), (source, alias / ckpt_dir.name / source.name)):
+            proc = run("convert", str(target), "--out", str(out), "--force", cache=tmp_path / "c", check_rc=1)
+            assert "would delete the source" in proc.stderr
+        assert tree_bytes(ckpt_dir) == before
+    finally:
+        subprocess.run(["umount", str(alias)], check=True)
