@@ -24,6 +24,7 @@ from ._places import (
     make_private_dirs,
 )
 from ._trust import cache_dir_trust
+from .errors import ConfigError
 
 CACHE_APP_NAME = "sa3loader"
 
@@ -88,6 +89,22 @@ def _add_bits(targets: list[tuple[str, int]]) -> list[str]:
     return changed
 
 
+def refuse_to_open_others(cache_dir: str) -> None:
+    """``ConfigError`` where ``cache_dir`` holds more than sa3loader's own entries (a cache dir
+    given as ``~/.cache``): opening it to every user would let them into other programs'
+    folders, whose files may rely on it being private."""
+    try:
+        others = sorted(set(os.listdir(cache_dir)) - {INDEX_SUBDIR, SIBLINGS_SUBDIR, CACHEDIR_TAG})
+    except FileNotFoundError:  # made by this warm: sa3loader's alone
+        return
+    if others:
+        raise ConfigError(
+            f"{cache_dir} holds more than sa3loader's cache ({', '.join(others[:3])}): "
+            "--readable-by-all would open it to every user. Give --cache-dir a folder of its own.",
+            filename=cache_dir,
+        )
+
+
 def open_cache_dir_to_all(cache_dir: str) -> list[str]:
     """Let every user read a cache dir you built (an image built as root, served as another user).
 
@@ -96,8 +113,9 @@ def open_cache_dir_to_all(cache_dir: str) -> list[str]:
     Siblings keep their own mode, the source's read bits: never wider than the
     checkpoint. Only what sa3loader keeps there is opened (a cache dir given as
     ``~/.cache`` holds other programs' files: they keep their modes). Returns the
-    paths changed.
+    paths changed; ``refuse_to_open_others`` first.
     """
+    refuse_to_open_others(cache_dir)
     changed = _add_bits([(cache_dir, SHARED_DIR_BITS)])
     tag = os.path.join(cache_dir, CACHEDIR_TAG)
     if os.path.isfile(tag):

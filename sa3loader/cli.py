@@ -25,7 +25,12 @@ from typing import Any
 
 from . import _cache_admin, _cache_scan, _compare, _config, _faults, _index
 from ._cache_admin import Eviction
-from ._cache_dir import open_cache_dir_to_all, open_siblings_to_all, resolve_cache_dir
+from ._cache_dir import (
+    open_cache_dir_to_all,
+    open_siblings_to_all,
+    refuse_to_open_others,
+    resolve_cache_dir,
+)
 from ._cli_args import UsageError, VersionAsked, build_parser, check_cache_arguments, parsed
 from ._cli_output import (
     EXIT_CHECK_FAILED,
@@ -129,6 +134,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_warm(args: argparse.Namespace) -> int:
     """Create or check the sibling of a checkpoint, or of every checkpoint in a directory."""
     cache_dir = resolve_cache_dir(args.cache_dir)
+    if args.readable_by_all:  # before any work
+        refuse_to_open_others(cache_dir)
     paths = checkpoints_in(args.ckpt) if os.path.isdir(args.ckpt) else [args.ckpt]
     results, lines, code = [], [], EXIT_OK
     for path in paths:

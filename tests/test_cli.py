@@ -977,8 +977,10 @@ def test_after_repair_scan_and_clear_still_find_the_cache_dirs_siblings(tmp_path
     assert "no such directory" in run("cache", "scan", str(tmp_path / "nope"), cache=cache, check_rc=1).stderr
 
 
-def test_warm_readable_by_all_opens_only_what_sa3loader_keeps_in_the_cache_dir(tmp_path, capsys):
-    """A cache dir given as ``~/.cache`` holds other programs' private files: they keep their modes."""
+def test_warm_readable_by_all_refuses_a_cache_dir_that_holds_other_programs_files(tmp_path, capsys):
+    """A cache dir given as ``~/.cache``: opening it (0700 -> 0755) would let every user into
+    other programs' folders, whose files may count on it being private. Refused before any
+    work (exit 1); every mode stays as it was; the next warm, into a folder of its own, opens."""
     from support.loads import make_ckpt
 
     cache = tmp_path / "dot-cache"
@@ -986,17 +988,19 @@ def test_warm_readable_by_all_opens_only_what_sa3loader_keeps_in_the_cache_dir(t
     for path in (token, notes):
         path.parent.mkdir(parents=True)
         path.write_text("secret")
-        path.chmod(0o600)
-    for folder in (token.parent, notes.parent, notes.parent.parent, cache):
-        folder.chmod(0o700)
-    theirs = [token, notes, token.parent, notes.parent, notes.parent.parent]
+        path.chmod(0o644)  # umask 022: only the 0700 cache dir above keeps them private
+    for folder in (token.parent, notes.parent, notes.parent.parent):
+        folder.chmod(0o755)
+    cache.chmod(0o700)
+    theirs = [cache, token, notes, token.parent, notes.parent, notes.parent.parent]
     before = {p: p.stat().st_mode for p in theirs}
     ckpt = make_ckpt(tmp_path / "model" / "model.safetensors")
-    assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--readable-by-all", "--json"]) == 0
-    opened = json.loads(capsys.readouterr().out)["opened_to_all"]
-    assert {p: p.stat().st_mode for p in theirs} == before
-    assert str(cache / "index") in opened and (cache / "index").stat().st_mode & 0o555 == 0o555
-    assert not any(str(p) in opened for p in theirs)
+    assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--readable-by-all"]) == 1
+    assert "holds more than sa3loader's cache (huggingface, other)" in capsys.readouterr().err
+    assert {p: p.stat().st_mode for p in theirs} == before and not (cache / "index").exists()
+    own = tmp_path / "dot-cache" / "sa3loader"
+    assert cli.main(["warm", str(ckpt), "--cache-dir", str(own), "--readable-by-all"]) == 0
+    assert (own / "index").stat().st_mode & 0o555 == 0o555 and {p: p.stat().st_mode for p in theirs} == before
 
 
 def test_an_fp32_checkpoint_carrying_sa3loaders_marker_is_converted_not_reported_unchanged(tmp_path):
