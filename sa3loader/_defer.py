@@ -248,7 +248,9 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
             if not _layout_kept(param, stand_in):  # upstream copies into the constructor's layout
                 recorder.not_kept.append(f"{where} has gaps, an offset, spare or shared memory")
             storage = param.untyped_storage()
-            if _storage_holders(storage) > 2:  # more than the parameter and its storage's object
+            if not storage.resizable():  # numpy's, a buffer's: who else holds it cannot be told
+                recorder.not_kept.append(f"{where} is memory torch does not own (numpy, a buffer)")
+            elif _storage_holders(storage) > 2:  # more than the parameter and its storage's object
                 recorder.held_elsewhere.append((where, storage))
             _patches.local.watch.unmark_everywhere(param)  # its value is dropped (and the weak refs with it)
             if not swap_in_place(param, stand_in):

@@ -1825,6 +1825,17 @@ class KeepsTheTensorItsParameterWasMadeFrom(nn.Module):
         self.b = nn.Parameter(other)
 
 
+class MadeFromMemoryTorchDoesNotOwn(nn.Module):
+    """numpy's memory, kept by the module as an array: upstream's copy shows through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.array = np.zeros((4, 4), dtype=np.float32)
+        self.w = nn.Parameter(torch.from_numpy(self.array))
+        self.raw = bytearray(16)
+        self.b = nn.Parameter(torch.frombuffer(self.raw, dtype=torch.float32))
+
+
 class LaidOutWithGaps(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -1950,6 +1961,7 @@ def fp32_state(cls) -> dict[str, torch.Tensor]:
         SharesMemory,
         MadeFromOneTensor,
         KeepsTheTensorItsParameterWasMadeFrom,
+        MadeFromMemoryTorchDoesNotOwn,
         LaidOutWithGaps,
         SetsGrads,
         KeepsItsDevice,
@@ -1990,6 +2002,8 @@ def test_what_an_attacker_found_in_loading_and_layouts_is_upstreams(tmp_path, cl
         assert {k: vars(model)[k] for k in plain} == plain
         if cls is SharesMemory and not half:
             assert model.w1.data_ptr() == model.w2.data_ptr() == model.head.data_ptr()
+        if cls is MadeFromMemoryTorchDoesNotOwn:
+            assert np.array_equal(model.array, ref.array) and model.raw == ref.raw
         if cls is KeepsTheTensorItsParameterWasMadeFrom:  # the checkpoint's values, as upstream's
             assert torch.equal(bits(model.w_alias), bits(ref.w_alias)) and torch.equal(model.kept, ref.kept)
 
