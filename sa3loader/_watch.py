@@ -50,14 +50,17 @@ METADATA_FUNCTIONS = frozenset(
 # of such a result carries drawn values out as a number would, however it is read.
 SHAPE_FROM_VALUES = frozenset(
     "nonzero argwhere masked_select unique unique_consecutive unique_dim _unique _unique2 bincount"
-    " repeat_interleave tensor_split".split()
+    " repeat_interleave tensor_split one_hot to_sparse _to_sparse _pack_padded_sequence".split()
 )
 
 
 # Functions that raise, or not, by the values they read: either way tells drawn values.
 VALUE_CHECKS = frozenset(
     "_assert_async _assert_scalar _functional_assert_async _functional_assert_scalar cholesky"
-    " linalg_cholesky inverse linalg_inv solve linalg_solve lu linalg_lu_factor multinomial".split()
+    " linalg_cholesky inverse linalg_inv solve linalg_solve lu linalg_lu_factor multinomial"
+    # an index out of range, a probability above 1, a negative deviation or rate
+    " index_select gather take take_along_dim embedding scatter scatter_ index_add index_copy"
+    " index_fill index_put index_put_ bernoulli normal poisson".split()
 )
 
 
@@ -219,14 +222,26 @@ def _torchs_init() -> bool:
     return drawn == _TENSOR_DRAWS_AS_MADE and all(map(operator.is_, functions, _NN_INIT_AS_MADE))
 
 
-def _decided_by_values(name: str, args: tuple) -> bool:
+def _decided_by_values(name: str, args: tuple, kwargs: dict | None) -> bool:
     """Whether the values read decide the shape of the result (``SHAPE_FROM_VALUES``,
-    ``where(mask)``, indexing by a mask) or whether it raises (``VALUE_CHECKS``)."""
+    ``where(mask)``, indexing by a mask) or whether it raises (``VALUE_CHECKS``, indexing by
+    an index); or are read as a number (a one-element integer tensor: a size, a count, a
+    slice's bound), which torch does in C++, unseen."""
     if name in SHAPE_FROM_VALUES or name in VALUE_CHECKS or (name == "where" and len(args) == 1):
         return True
     index = args[1] if name == "__getitem__" and len(args) > 1 else ()
-    masks = (torch.bool, torch.uint8)
-    return any(isinstance(i, torch.Tensor) and i.dtype in masks for i in _tensors_out(index))
+    if any(not i.is_floating_point() for i in _tensors_out(index)):
+        return True
+    bounds = (_parts(p) or () for p in (index if isinstance(index, tuple) else (index,)))
+    read = [*args, *(kwargs or {}).values(), *(b for part in bounds for b in part)]
+    return any(isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() for v in read)
+
+
+def _parts(value: Any) -> tuple | list | None:
+    """What a list or tuple holds, or a slice's bounds; None for anything else."""
+    if isinstance(value, (list, tuple)):
+        return value
+    return (value.start, value.stop, value.step) if isinstance(value, slice) else None
 
 
 def _name(func: Any) -> str:
@@ -236,9 +251,11 @@ def _name(func: Any) -> str:
     return name
 
 
-def _escapes(func: Any, name: str, out: Any) -> bool:
-    """Whether ``out`` (no tensor, not None), computed from drawn values, carries values out of
-    torch: a number, a list, an array, a string, a storage. Metadata does not."""
+def _escapes(func: Any, name: str, out: Any, returned: list) -> bool:
+    """Whether ``out`` (no tensor: none ``returned``; not None), computed from drawn values,
+    carries values out of torch: a number, a list, an array, a string. Metadata does not."""
+    if returned or out is None:
+        return False
     if name == "__get__":
         return _name(func)[1:] not in METADATA_PROPERTIES
     if name in METADATA_FUNCTIONS:
@@ -385,7 +402,7 @@ class BuildWatch(TorchFunctionMode):
             written = []
         for t in written:
             self.mark(t)
-        if (not returned and out is not None and _escapes(func, name, out)) or _decided_by_values(name, args):
+        if _escapes(func, name, out, returned) or _decided_by_values(name, args, kwargs):
             self.escapes.append(f"Tensor.{_name(func).lstrip('.')}")
 
     def stand_in(self, tensor: torch.Tensor) -> None:
@@ -417,7 +434,7 @@ class BuildWatch(TorchFunctionMode):
             if isinstance(value, torch.Tensor):
                 if self.drawn(value):
                     return True
-            elif depth and isinstance(value, (list, tuple)) and self._reads_drawn(value, None, depth - 1):
+            elif depth and (parts := _parts(value)) is not None and self._reads_drawn(parts, None, depth - 1):
                 return True
         return False
 

@@ -34,6 +34,7 @@ from support.loads import load_toy
 from support.processes import child_env, toy_zygote
 from support.toymodel import ToyDiT, build, reference
 from torch import nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 import sa3loader
@@ -412,6 +413,7 @@ def test_a_refused_build_does_not_rewind_a_thread_that_gave_up_waiting_for_it(tm
 FORKED = """
 import os, threading, torch
 from torch import nn
+from torch.nn import functional as F
 import sa3loader
 from support.faults import tuned
 from support.toymodel import build
@@ -2222,3 +2224,58 @@ def test_a_draw_into_a_zero_element_stand_in_fails_only_where_upstreams_does(tmp
         model_factory=lambda c: make(),
     )
     assert_same_model(model, ref)
+
+
+VALUE_DECIDED = {  # (seed, body): each differs between upstream's draws and the fast build's
+    "bernoulli-p-above-1": (4, lambda m: torch.bernoulli(torch.rand(4) * 1.15)),
+    "normal-std-below-0": (2, lambda m: torch.normal(torch.zeros(4), torch.randn(4) + 1.5)),
+    "index-out-of-range": (6, lambda m: torch.zeros(10)[torch.randint(0, 12, (3,))]),
+    "one-hot-width": (0, lambda m: setattr(m, "n", F.one_hot(torch.randint(0, 5, (3,))).shape[1])),
+    "sparse-count": (
+        2,
+        lambda m: setattr(m, "n", (torch.rand(8) > 0.5).float().to_sparse().indices().shape[1]),
+    ),
+    "drawn-size": (2, lambda m: setattr(m, "n", torch.ones(torch.randint(1, 9, ())).shape[0])),
+    "drawn-slice-bound": (2, lambda m: setattr(m, "n", torch.zeros(10)[: torch.randint(1, 9, ())].shape[0])),
+}
+
+
+class DecidesByDrawnValues(nn.Module):
+    def __init__(self, body) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)  # its init, skipped by the fast build, moves the generator
+        body(self)
+
+
+@pytest.mark.parametrize("case", list(VALUE_DECIDED), ids=list(VALUE_DECIDED))
+def test_drawn_values_read_as_a_number_an_index_or_a_size_give_upstreams_outcome(tmp_path, case):
+    """Whether torch raises, or a shape, told by drawn values that torch reads in C++."""
+    seed, body = VALUE_DECIDED[case]
+    ckpt = save({"lin.weight": torch.randn(64, 64), "lin.bias": torch.randn(64)}, tmp_path / "m.safetensors")
+
+    def outcome(load):
+        torch.manual_seed(seed)
+        try:
+            model = load()
+        except Exception as exc:
+            return type(exc), str(exc)
+        return getattr(model, "n", None), [bits(t).numpy().tobytes() for t in model.state_dict().values()]
+
+    def upstream():
+        model = DecidesByDrawnValues(body)
+        model.load_state_dict(load_file(str(ckpt)), strict=False)
+        return model.eval().requires_grad_(False)
+
+    theirs = outcome(upstream)
+    for _ in ("converts", "hit"):
+        ours = outcome(
+            lambda: sa3loader.load_diffusion_cond(
+                {},
+                ckpt,
+                "cpu",
+                False,
+                cache_dir=tmp_path / "c",
+                model_factory=lambda c: DecidesByDrawnValues(body),
+            )
+        )
+        assert ours == theirs
