@@ -21,11 +21,10 @@ def check_arguments(func: Any, args: tuple, kwargs: dict | None) -> None:
     """Run the in-place draw ``func`` (a meta tensor first) on one element (none, for a
     zero-element tensor) of the CPU of that dtype, from a generator of its own: its checks raise
     as upstream's draw into the real tensor does; the value drawn is dropped, and no generator
-    of torch's or the factory's moves. A draw whose other arguments are tensors (a meta
-    probability) is not checked: its own device would differ from the probe's."""
-    if isinstance(func, FunctionType) or any(
-        isinstance(a, torch.Tensor) for a in (*args[1:], *(kwargs or {}).values())
-    ):
+    of torch's or the factory's moves. With tensor arguments (a probability per element), on
+    the whole shape; with a meta one (computed from a stand-in), not at all."""
+    tensors = [a for a in (*args[1:], *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+    if isinstance(func, FunctionType) or any(t.is_meta for t in tensors):
         return
     given = (kwargs or {}).get("generator")
     # Upstream's draw refuses a generator of another device before it draws: so does the probe.
@@ -33,7 +32,8 @@ def check_arguments(func: Any, args: tuple, kwargs: dict | None) -> None:
     with torch._C.DisableTorchFunction():
         try:
             # A zero-element tensor skips some of a kernel's checks (its dtype's): so does the probe.
-            probe = torch.empty(min(1, args[0].numel()), dtype=args[0].dtype)
+            shape = args[0].shape if tensors else (min(1, args[0].numel()),)
+            probe = torch.empty(shape, dtype=args[0].dtype)
         except (RuntimeError, TypeError):  # a dtype the CPU cannot hold: nothing to check it on
             return
         func(probe, *args[1:], **{**(kwargs or {}), "generator": own})

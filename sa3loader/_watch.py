@@ -58,9 +58,7 @@ SHAPE_FROM_VALUES = frozenset(
 VALUE_CHECKS = frozenset(
     "_assert_async _assert_scalar _functional_assert_async _functional_assert_scalar cholesky"
     " linalg_cholesky inverse linalg_inv solve linalg_solve lu linalg_lu_factor multinomial"
-    # an index out of range, a probability above 1, a negative deviation or rate
-    " index_select gather take take_along_dim embedding scatter scatter_ index_add index_copy"
-    " index_fill index_put index_put_ bernoulli normal poisson".split()
+    " bernoulli normal poisson".split()  # (an index out of range: ``_decided_by_values``)
 )
 
 
@@ -223,25 +221,27 @@ def _torchs_init() -> bool:
 
 
 def _decided_by_values(name: str, args: tuple, kwargs: dict | None) -> bool:
-    """Whether the values read decide the shape of the result (``SHAPE_FROM_VALUES``,
-    ``where(mask)``, indexing by a mask) or whether it raises (``VALUE_CHECKS``, indexing by
-    an index); or are read as a number (a one-element integer tensor: a size, a count, a
-    slice's bound), which torch does in C++, unseen."""
+    """Whether an op reading drawn values lets them decide a shape (``SHAPE_FROM_VALUES``),
+    whether it raises (``VALUE_CHECKS``), or reads a tensor as numbers in C++, unseen: an
+    integer or boolean one (an index, a mask) or a one-element one (a size), however nested."""
     if name in SHAPE_FROM_VALUES or name in VALUE_CHECKS or (name == "where" and len(args) == 1):
         return True
-    index = args[1] if name == "__getitem__" and len(args) > 1 else ()
-    if any(not i.is_floating_point() for i in _tensors_out(index)):
-        return True
-    bounds = (_parts(p) or () for p in (index if isinstance(index, tuple) else (index,)))
-    read = [*args, *(kwargs or {}).values(), *(b for part in bounds for b in part)]
-    return any(isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() for v in read)
+    read = _argument_tensors((*args, *(kwargs or {}).values()), ARGUMENT_DEPTH)
+    return any(not t.is_floating_point() or t.numel() == 1 for t in read)
+
+
+def _argument_tensors(values: tuple | list, depth: int) -> Iterator[torch.Tensor]:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif depth and (parts := _parts(value)) is not None:
+            yield from _argument_tensors(parts, depth - 1)
 
 
 def _parts(value: Any) -> tuple | list | None:
     """What a list or tuple holds, or a slice's bounds; None for anything else."""
-    if isinstance(value, (list, tuple)):
-        return value
-    return (value.start, value.stop, value.step) if isinstance(value, slice) else None
+    slice_bounds = (value.start, value.stop, value.step) if isinstance(value, slice) else None
+    return value if isinstance(value, (list, tuple)) else slice_bounds
 
 
 def _name(func: Any) -> str:

@@ -2138,6 +2138,8 @@ BAD_DRAWS = {
     "bernoulli-p-above-1": lambda m: m.lin.weight.data.bernoulli_(1.5),
     "random-from-above-to": lambda m: m.lin.weight.detach().random_(5, 2),
     "kaiming-into-integers": lambda m: nn.init.kaiming_uniform_(m.idx),
+    "bernoulli-tensor-p-above-1": lambda m: m.lin.weight.data.bernoulli_(torch.full((4, 4), 1.5)),
+    "bernoulli-tensor-p-of-another-shape": lambda m: m.lin.weight.data.bernoulli_(torch.full((5,), 0.5)),
 }
 
 
@@ -2226,32 +2228,48 @@ def test_a_draw_into_a_zero_element_stand_in_fails_only_where_upstreams_does(tmp
     assert_same_model(model, ref)
 
 
-VALUE_DECIDED = {  # (seed, body): each differs between upstream's draws and the fast build's
-    "bernoulli-p-above-1": (4, lambda m: torch.bernoulli(torch.rand(4) * 1.15)),
-    "normal-std-below-0": (2, lambda m: torch.normal(torch.zeros(4), torch.randn(4) + 1.5)),
-    "index-out-of-range": (6, lambda m: torch.zeros(10)[torch.randint(0, 12, (3,))]),
-    "one-hot-width": (0, lambda m: setattr(m, "n", F.one_hot(torch.randint(0, 5, (3,))).shape[1])),
+VALUE_DECIDED = {  # (width, seed, body): each differs between upstream's draws and the fast build's
+    "bernoulli-p-above-1": (64, 4, lambda m: torch.bernoulli(torch.rand(4) * 1.15)),
+    "normal-std-below-0": (64, 2, lambda m: torch.normal(torch.zeros(4), torch.randn(4) + 1.5)),
+    "index-out-of-range": (64, 6, lambda m: torch.zeros(10)[torch.randint(0, 12, (3,))]),
+    "one-hot-width": (64, 0, lambda m: setattr(m, "n", F.one_hot(torch.randint(0, 5, (3,))).shape[1])),
     "sparse-count": (
+        64,
         2,
         lambda m: setattr(m, "n", (torch.rand(8) > 0.5).float().to_sparse().indices().shape[1]),
     ),
-    "drawn-size": (2, lambda m: setattr(m, "n", torch.ones(torch.randint(1, 9, ())).shape[0])),
-    "drawn-slice-bound": (2, lambda m: setattr(m, "n", torch.zeros(10)[: torch.randint(1, 9, ())].shape[0])),
+    "drawn-size": (64, 2, lambda m: setattr(m, "n", torch.ones(torch.randint(1, 9, ())).shape[0])),
+    "drawn-slice-bound": (
+        64,
+        2,
+        lambda m: setattr(m, "n", torch.zeros(10)[: torch.randint(1, 9, ())].shape[0]),
+    ),
+    # A fourth attack: sizes in lists, a float read as a number, indexes out of range elsewhere.
+    "size-in-a-list": (8, 0, lambda m: setattr(m, "n", torch.ones([torch.randint(1, 50, ()), 3]).shape[0])),
+    "float-step": (8, 14, lambda m: setattr(m, "n", torch.arange(0.0, 10.0, torch.rand(()) + 0.5).shape[0])),
+    "index-add": (8, 14, lambda m: torch.zeros(10).index_add_(0, torch.randint(0, 11, (2,)), torch.ones(2))),
+    "cross-entropy": (8, 14, lambda m: F.cross_entropy(torch.zeros(2, 10), torch.randint(0, 11, (2,)))),
+    "aten-index": (
+        8,
+        14,
+        lambda m: torch.ops.aten.index.Tensor(torch.zeros(10), [torch.randint(0, 11, (2,))]),
+    ),
 }
 
 
 class DecidesByDrawnValues(nn.Module):
-    def __init__(self, body) -> None:
+    def __init__(self, width, body) -> None:
         super().__init__()
-        self.lin = nn.Linear(64, 64)  # its init, skipped by the fast build, moves the generator
+        self.lin = nn.Linear(width, width)  # its init, skipped by the fast build, moves the generator
         body(self)
 
 
 @pytest.mark.parametrize("case", list(VALUE_DECIDED), ids=list(VALUE_DECIDED))
 def test_drawn_values_read_as_a_number_an_index_or_a_size_give_upstreams_outcome(tmp_path, case):
     """Whether torch raises, or a shape, told by drawn values that torch reads in C++."""
-    seed, body = VALUE_DECIDED[case]
-    ckpt = save({"lin.weight": torch.randn(64, 64), "lin.bias": torch.randn(64)}, tmp_path / "m.safetensors")
+    width, seed, body = VALUE_DECIDED[case]
+    state = {"lin.weight": torch.randn(width, width), "lin.bias": torch.randn(width)}
+    ckpt = save(state, tmp_path / "m.safetensors")
 
     def outcome(load):
         torch.manual_seed(seed)
@@ -2262,7 +2280,7 @@ def test_drawn_values_read_as_a_number_an_index_or_a_size_give_upstreams_outcome
         return getattr(model, "n", None), [bits(t).numpy().tobytes() for t in model.state_dict().values()]
 
     def upstream():
-        model = DecidesByDrawnValues(body)
+        model = DecidesByDrawnValues(width, body)
         model.load_state_dict(load_file(str(ckpt)), strict=False)
         return model.eval().requires_grad_(False)
 
@@ -2275,7 +2293,7 @@ def test_drawn_values_read_as_a_number_an_index_or_a_size_give_upstreams_outcome
                 "cpu",
                 False,
                 cache_dir=tmp_path / "c",
-                model_factory=lambda c: DecidesByDrawnValues(body),
+                model_factory=lambda c: DecidesByDrawnValues(width, body),
             )
         )
         assert ours == theirs
