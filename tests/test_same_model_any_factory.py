@@ -2098,6 +2098,19 @@ class RaisesOverADraw(ToyDiT):
         torch.zeros(1)[(torch.rand(1) + 0.6).long()]  # index 1 raises: upstream's, seeded 0, draws 0.32
 
 
+def faithful_and_upstreams(tmp_path, make) -> tuple[nn.Module, nn.Module]:
+    """A toy checkpoint loaded by ``make`` (fp32): upstream's build, equal to upstream's model."""
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    ref = upstream_recipe(make, ckpt, False)
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=lambda c: make()
+    )
+    assert sa3loader.last_load_info().build == "faithful"
+    assert_same_model(model, ref)
+    return model, ref
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -2110,14 +2123,7 @@ class RaisesOverADraw(ToyDiT):
     ids=["nonzero", "masked-select", "mask-index", "caught-error", "error"],
 )
 def test_a_drawn_value_read_through_a_shape_or_an_error_gives_upstreams_build(tmp_path, make):
-    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
-    ref = upstream_recipe(make, ckpt, False)
-    torch.manual_seed(0)
-    model = sa3loader.load_diffusion_cond(
-        {}, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=lambda c: make()
-    )
-    assert sa3loader.last_load_info().build == "faithful"
-    assert_same_model(model, ref)
+    model, ref = faithful_and_upstreams(tmp_path, make)
     assert getattr(model, "n_kept", None) == getattr(ref, "n_kept", None)
     assert getattr(model, "branch", None) == getattr(ref, "branch", None)
 
@@ -2187,14 +2193,7 @@ def test_a_draw_kept_in_an_iterator_gives_upstreams_build(tmp_path, keep):
             super().__init__()
             self.kept = keep(torch.randn(2))
 
-    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
-    ref = upstream_recipe(KeepsADrawInAnIterator, ckpt, False)
-    torch.manual_seed(0)
-    model = sa3loader.load_diffusion_cond(
-        {}, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=lambda c: KeepsADrawInAnIterator()
-    )
-    assert sa3loader.last_load_info().build == "faithful"
-    assert_same_model(model, ref)
+    model, ref = faithful_and_upstreams(tmp_path, KeepsADrawInAnIterator)
     assert torch.equal(next(iter(model.kept)), next(iter(ref.kept)))
 
 
@@ -2215,16 +2214,7 @@ def test_a_draw_into_a_zero_element_stand_in_fails_only_where_upstreams_does(tmp
     state = {k: v for k, v in fp32_state(DrawsIntoAZeroElementParameter).items() if v.dtype == torch.float32}
     ckpt = save({**state, "codes": torch.empty(0, dtype=torch.int64)}, tmp_path / "model.safetensors")
     ref = upstream_recipe(DrawsIntoAZeroElementParameter, ckpt, False)
-    make = DrawsIntoAZeroElementParameter
-    torch.manual_seed(0)
-    model = sa3loader.load_diffusion_cond(
-        {},
-        ckpt,
-        "cpu",
-        False,
-        cache_dir=tmp_path / "c",
-        model_factory=lambda c: make(),
-    )
+    model = load_toy(ckpt, tmp_path / "c", False, factory=lambda c: DrawsIntoAZeroElementParameter())
     assert_same_model(model, ref)
 
 
