@@ -163,12 +163,7 @@ def _in_place_target(path: str) -> str:
 def _refuse_output_over_source(src: str, out: str) -> None:
     """An output that is the source, or a directory holding it: ``--force`` replaces the whole
     output, so the source (and, for a parent, everything beside it) would be deleted."""
-    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
-    if (
-        real_out == real_src
-        or real_src.startswith(real_out.rstrip(os.sep) + os.sep)
-        or _reaches(out, real_src)
-    ):
+    if _reaches(out, os.path.realpath(src)):
         raise ConfigError(
             f"--out {out} is {src} or holds it: writing there would delete the source. "
             "Give another --out, or convert in place with --in-place.",
@@ -177,16 +172,18 @@ def _refuse_output_over_source(src: str, out: str) -> None:
 
 
 def _reaches(out: str, real_src: str) -> bool:
-    """Whether ``out`` names, by another path (a bind mount: no string comparison sees it), the
-    source's own entry or a directory above it; compared by device and inode. A hard link in
-    another directory is another entry: replacing it leaves the source where it is."""
+    """Whether ``out`` names the source's own entry or a directory above it, by device and inode
+    (through a symlink or a bind mount too: no comparison of path strings sees the latter). A
+    hard link in another directory is another entry: replacing it leaves the source where it is.
+    An output not there yet is neither."""
     try:
         target = os.stat(out)
-    except OSError:  # not there: neither the source nor above it
+    except OSError:
         return False
     if not stat.S_ISDIR(target.st_mode):  # the same name in the same directory
-        same_name = os.path.basename(os.path.abspath(out)) == os.path.basename(real_src)
-        return same_name and _same_file(os.path.dirname(os.path.abspath(out)), os.path.dirname(real_src))
+        real_out = os.path.realpath(out)
+        same_name = os.path.basename(real_out) == os.path.basename(real_src)
+        return same_name and _same_file(os.path.dirname(real_out), os.path.dirname(real_src))
     path = real_src
     while not _same_file(path, out):
         if os.path.dirname(path) == path:
