@@ -202,9 +202,9 @@ def _written(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _draw_to_skip(name: str, args: tuple) -> bool:
-    """An in-place draw into a meta tensor, which needs no run: meta draws nothing (its arguments
-    go unchecked). Not one autograd may refuse (in grad mode, into a tensor that requires grad:
-    upstream's build raises for a leaf), which runs on meta and fails as upstream's does."""
+    """An in-place draw into a meta tensor: meta draws nothing (``check_arguments`` checks it). Not
+    one autograd may refuse (in grad mode, into a tensor that requires grad: upstream's build
+    raises for a leaf), which runs on meta and fails as upstream's does."""
     if not (name.endswith("_") and args and _is_meta(args[0])):
         return False
     return not (torch.is_grad_enabled() and args[0].requires_grad)
@@ -429,7 +429,7 @@ class BuildWatch(TorchFunctionMode):
         return False
 
     def _reads_drawn(self, args: tuple | list, kwargs: dict | None, depth: int = ARGUMENT_DEPTH) -> bool:
-        """Whether an argument (or a tensor in nested lists or tuples of them) holds drawn values."""
+        """Whether an argument (in lists, tuples, slices too) holds drawn values; a hot loop."""
         for value in (*args, *kwargs.values()) if kwargs else args:
             if isinstance(value, torch.Tensor):
                 if self.drawn(value):
