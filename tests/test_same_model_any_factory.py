@@ -62,6 +62,22 @@ def upstream_recipe(cls, ckpt, half, seed=True):
     return model.half() if half else model
 
 
+def built_as_upstreams(tmp_path, make, kind, *, half=False, state=None) -> tuple[nn.Module, nn.Module]:
+    """A checkpoint (``state``, else the toy's) loaded by ``make``: the ``kind`` of build said,
+    and a model equal to upstream's recipe's. Returns both."""
+    ckpt = save(
+        random_like_state(build(), seed=3) if state is None else state, tmp_path / "model.safetensors"
+    )
+    ref = upstream_recipe(make, ckpt, half)
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", half, cache_dir=tmp_path / "c", model_factory=lambda c: make()
+    )
+    assert sa3loader.last_load_info().build == kind
+    assert_same_model(model, ref)
+    return model, ref
+
+
 @pytest.mark.parametrize("cls", [DerivedInADict, DerivedBuffer], ids=["in-a-dict", "non-persistent-buffer"])
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
 def test_a_tensor_derived_from_a_parameter_is_upstreams(tmp_path, cls, half):
@@ -746,12 +762,7 @@ def test_a_factory_that_seeds_the_generator_keeps_the_fast_build(tmp_path):
             torch.manual_seed(5)
             super().__init__()
 
-    ckpt = save(random_like_state(Seeded(), seed=3), tmp_path / "model.safetensors")
-    model = sa3loader.load_diffusion_cond(
-        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: Seeded()
-    )
-    assert sa3loader.last_load_info().build == "fast"
-    assert_same_model(model, upstream_recipe(Seeded, ckpt, True))
+    built_as_upstreams(tmp_path, Seeded, "fast", half=True, state=random_like_state(Seeded(), seed=3))
 
 
 class DrawsFromNumpyAndRandom(ToyDiT):
@@ -1415,12 +1426,7 @@ class InitsInInferenceMode(ToyDiT):
 
 
 def test_an_init_call_into_an_inference_tensor_in_inference_mode_builds_fast(tmp_path):
-    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
-    model = sa3loader.load_diffusion_cond(
-        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: InitsInInferenceMode()
-    )
-    assert sa3loader.last_load_info().build == "fast"
-    assert_same_model(model, upstream_recipe(InitsInInferenceMode, ckpt, True))
+    built_as_upstreams(tmp_path, InitsInInferenceMode, "fast", half=True)
 
 
 class CountsCalls(ToyDiT):
@@ -2098,19 +2104,6 @@ class RaisesOverADraw(ToyDiT):
         torch.zeros(1)[(torch.rand(1) + 0.6).long()]  # index 1 raises: upstream's, seeded 0, draws 0.32
 
 
-def faithful_and_upstreams(tmp_path, make) -> tuple[nn.Module, nn.Module]:
-    """A toy checkpoint loaded by ``make`` (fp32): upstream's build, equal to upstream's model."""
-    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
-    ref = upstream_recipe(make, ckpt, False)
-    torch.manual_seed(0)
-    model = sa3loader.load_diffusion_cond(
-        {}, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=lambda c: make()
-    )
-    assert sa3loader.last_load_info().build == "faithful"
-    assert_same_model(model, ref)
-    return model, ref
-
-
 @pytest.mark.parametrize(
     "make",
     [
@@ -2123,7 +2116,7 @@ def faithful_and_upstreams(tmp_path, make) -> tuple[nn.Module, nn.Module]:
     ids=["nonzero", "masked-select", "mask-index", "caught-error", "error"],
 )
 def test_a_drawn_value_read_through_a_shape_or_an_error_gives_upstreams_build(tmp_path, make):
-    model, ref = faithful_and_upstreams(tmp_path, make)
+    model, ref = built_as_upstreams(tmp_path, make, "faithful")
     assert getattr(model, "n_kept", None) == getattr(ref, "n_kept", None)
     assert getattr(model, "branch", None) == getattr(ref, "branch", None)
 
@@ -2193,7 +2186,7 @@ def test_a_draw_kept_in_an_iterator_gives_upstreams_build(tmp_path, keep):
             super().__init__()
             self.kept = keep(torch.randn(2))
 
-    model, ref = faithful_and_upstreams(tmp_path, KeepsADrawInAnIterator)
+    model, ref = built_as_upstreams(tmp_path, KeepsADrawInAnIterator, "faithful")
     assert torch.equal(next(iter(model.kept)), next(iter(ref.kept)))
 
 
