@@ -75,7 +75,8 @@ class DeferredParameters:
         by then. Forgets the memory it kept."""
         seen: set[int] = set()
         try:
-            for where, storage in self.held_elsewhere:
+            while self.held_elsewhere:
+                where, storage = self.held_elsewhere.pop()  # this frame's reference is the only one
                 if storage._cdata in seen or _storage_holders(storage) > 1:  # more than our own
                     return where
                 seen.add(storage._cdata)
@@ -262,10 +263,30 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
 
 
 def _storage_holders(storage: torch.UntypedStorage) -> int:
-    """How many hold this memory: each tensor on it, and its Python object (one however many
-    refer to it). Where torch cannot say, more than any check allows (the build is refused)."""
+    """How many hold this memory: each tensor on it, its Python object, and each reference to
+    that object beyond the caller's one (a storage kept, typed or untyped, shows the memory
+    too). Where torch cannot say, more than any check allows (the build is refused)."""
     use_count = getattr(torch._C, "_storage_Use_Count", None)
-    return use_count(storage._cdata) if use_count is not None else sys.maxsize
+    if use_count is None:
+        return sys.maxsize
+    holders = use_count(storage._cdata)
+    # Less this frame's argument; torch's own reference to the object comes and goes with the
+    # tensors on the memory, so the baseline is measured for the same case.
+    return holders + sys.getrefcount(storage) - 1 - _STORAGE_REFERENCES_HELD_ONCE[holders > 1]
+
+
+def _references_to_a_storage_held_once(with_a_tensor: bool) -> int:
+    """``sys.getrefcount`` of a storage object that one local variable holds (torch holds one
+    more while a tensor is on the memory, in the versions measured)."""
+    tensor = torch.empty(1)
+    storage = tensor.untyped_storage()
+    if not with_a_tensor:
+        del tensor
+    return sys.getrefcount(storage)
+
+
+# Measured once, at import: never inside a build, whose watch sees every torch call.
+_STORAGE_REFERENCES_HELD_ONCE = {case: _references_to_a_storage_held_once(case) for case in (False, True)}
 
 
 def _layout_kept(param: torch.Tensor, stand_in: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ import random
 import sys
 import threading
 import types
+import warnings
 import weakref
 
 import numpy as np
@@ -1844,6 +1845,20 @@ class MadeFromMemoryTorchDoesNotOwn(nn.Module):
         self.b = nn.Parameter(torch.frombuffer(self.raw, dtype=torch.float32))
 
 
+class KeepsItsParametersStorage(nn.Module):
+    """The storage object of a parameter's memory, kept before it is registered (untyped and
+    typed): upstream's copy into that memory shows through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        w, b = nn.Parameter(torch.zeros(4, 4)), nn.Parameter(torch.zeros(4))
+        self.kept = w.untyped_storage()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # TypedStorage is deprecated
+            self.kept_typed = b.storage()
+        self.w, self.b = w, b
+
+
 class LaidOutWithGaps(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -1969,6 +1984,7 @@ def fp32_state(cls) -> dict[str, torch.Tensor]:
         SharesMemory,
         MadeFromOneTensor,
         KeepsTheTensorItsParameterWasMadeFrom,
+        KeepsItsParametersStorage,
         MadeFromMemoryTorchDoesNotOwn,
         LaidOutWithGaps,
         SetsGrads,
@@ -2014,6 +2030,9 @@ def test_what_an_attacker_found_in_loading_and_layouts_is_upstreams(tmp_path, cl
             assert np.array_equal(model.array, ref.array) and model.raw == ref.raw
         if cls is KeepsTheTensorItsParameterWasMadeFrom:  # the checkpoint's values, as upstream's
             assert torch.equal(bits(model.w_alias), bits(ref.w_alias)) and torch.equal(model.kept, ref.kept)
+        if cls is KeepsItsParametersStorage:
+            assert bytes(model.kept) == bytes(ref.kept)
+            assert bytes(model.kept_typed.untyped()) == bytes(ref.kept_typed.untyped())
 
 
 class MadeFromALocalTensor(nn.Module):
