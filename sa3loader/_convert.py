@@ -391,14 +391,16 @@ class WrittenSibling:
             handle.close()
             raise
 
-    def publish(self, before_rename: Callable[[], None] | None = None) -> None:
+    def publish(self, before_rename: Callable[[], None] | None = None) -> os.stat_result:
         """fsync, then ``os.replace`` to ``dest``: a reader never finds it half-written.
 
         ``before_rename`` may raise to leave ``dest`` alone (the temp file is removed).
+        Returns the stat of the file written, taken before the rename.
         """
         try:
             _faults.point("fsync")
             os.fsync(self.fd)
+            written = os.fstat(self.fd)
             self._close()
             _faults.point("rename")
             if before_rename is not None:
@@ -408,6 +410,7 @@ class WrittenSibling:
         except BaseException as exc:
             self.discard()
             raise _as_conversion_error(exc, self.dest) from exc
+        return written
 
     def discard(self) -> None:
         self._close()

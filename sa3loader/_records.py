@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 # How far apart two records of a sibling's last use are: a cap needs hours, not seconds.
 LAST_USE_STEP_S = 3600.0
@@ -211,7 +211,7 @@ class IndexRow:
     converter_version: str = FORMAT_VERSION
     last_used: float | None = None  # when a load last used the sibling (hours apart); None: never since made
     # The sibling file indexed (``sibling_file``): another is not vouched for (None: an older row).
-    sibling_file: tuple[int, int, int] | None = None
+    sibling_file: SiblingFile | None = None
 
     def used(self) -> float:
         """When the sibling was last used, as far as the row knows (made counts as a use)."""
@@ -259,17 +259,19 @@ class IndexRow:
         )
 
 
-SIBLING_FILE_FIELDS = ("device", "inode", "mtime_ns")
+SIBLING_FILE_FIELDS = ("device", "inode", "mtime_ns", "ctime_ns")
+SiblingFile = tuple[int, int, int, int]
 
 
-def sibling_file(stat: os.stat_result) -> tuple[int, int, int]:
+def sibling_file(stat: os.stat_result) -> SiblingFile:
     """What tells the sibling file indexed from another put at its name, or edited in place:
-    its device, inode and mtime (a chmod, the rename that publishes it, moves neither)."""
-    return (stat.st_dev, stat.st_ino, stat.st_mtime_ns)
+    its device, inode, mtime and ctime (an edit with its mtime put back moves the ctime, which
+    no one sets; so do a chmod and the rename that publishes it: rows are written after both)."""
+    return (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
-def _sibling_file_of(sibling: dict[str, Any]) -> tuple[int, int, int] | None:
-    device, inode, mtime_ns = (sibling.get(name) for name in SIBLING_FILE_FIELDS)  # absent from older rows
-    if type(device) is int and type(inode) is int and type(mtime_ns) is int:
-        return (device, inode, mtime_ns)
+def _sibling_file_of(sibling: dict[str, Any]) -> SiblingFile | None:
+    fields = tuple(sibling.get(name) for name in SIBLING_FILE_FIELDS)  # absent from older rows
+    if all(type(field) is int for field in fields):
+        return cast("SiblingFile", fields)
     return None

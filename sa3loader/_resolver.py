@@ -38,7 +38,7 @@ from ._places import (
     temp_files_of,
 )
 from ._publication import Publication, finish, wait_for_publishing
-from ._records import CONTENT_CHECK_FAILED, LAST_USE_STEP_S, IndexRow, Plan, RangeReport
+from ._records import CONTENT_CHECK_FAILED, LAST_USE_STEP_S, IndexRow, Plan, RangeReport, sibling_file
 from ._trust import beside_dir_problem, dir_writable, owned_file_problem
 from .errors import (
     CheckpointChangedError,
@@ -392,8 +392,12 @@ def _publish(
     """fsync and rename the written sibling, then record it in the index (a new connection
     when none is given: this may run on the publishing thread). ``recheck``, just before the
     rename, raises when the name may no longer be written (the load has long returned)."""
-    written.publish(before_rename=recheck)
+    written_file = written.publish(before_rename=recheck)
     _faults.point("index")
+    with contextlib.suppress(OSError):  # the rename moved its ctime (another file at the name: not recorded)
+        published = os.stat(written.dest)
+        if (published.st_dev, published.st_ino) == (written_file.st_dev, written_file.st_ino):
+            row = dataclasses.replace(row, sibling_file=sibling_file(published))
     with contextlib.ExitStack() as stack:
         if index is None:
             index = stack.enter_context(Index(cache_dir, usable=usable))

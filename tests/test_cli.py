@@ -29,6 +29,7 @@ from support.cli import run, run_process
 from support.compare import writable
 from support.faults import at, injected
 
+import sa3loader
 from sa3loader import __version__, _faults, cli
 from sa3loader._format import read_header
 
@@ -1001,6 +1002,25 @@ def test_warm_readable_by_all_refuses_a_cache_dir_that_holds_other_programs_file
     own = tmp_path / "dot-cache" / "sa3loader"
     assert cli.main(["warm", str(ckpt), "--cache-dir", str(own), "--readable-by-all"]) == 0
     assert (own / "index").stat().st_mode & 0o555 == 0o555 and {p: p.stat().st_mode for p in theirs} == before
+
+
+def test_warm_readable_by_all_leaves_rows_a_load_trusts_without_reading_the_sibling(tmp_path):
+    """Opening a sibling (0600 under umask 077 -> 0644) moves its ctime, which its row records:
+    warm records the row again, so the next load (a baked image's, whose index it cannot write)
+    does not take the sibling for another file."""
+    from support.loads import load_toy, make_ckpt
+
+    ckpt = make_ckpt(tmp_path / "model" / "model.safetensors")
+    ckpt.chmod(0o644)
+    cache = tmp_path / "cache"
+    old = os.umask(0o077)
+    try:
+        assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--readable-by-all"]) == 0
+    finally:
+        os.umask(old)
+    load_toy(ckpt, cache)
+    info = sa3loader.last_load_info()
+    assert info.cache_hit and not [e for e in info.events if "changed since it was indexed" in e], info.events
 
 
 def test_an_fp32_checkpoint_carrying_sa3loaders_marker_is_converted_not_reported_unchanged(tmp_path):

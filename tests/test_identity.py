@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from support.checkpoints import random_like_state, save, settled
 from support.compare import assert_same_model, writable
-from support.faults import injected, mounted, recorded
+from support.faults import at, injected, mounted, recorded
 from support.loads import load_toy, make_ckpt
 from support.toymodel import build, reference
 
@@ -256,22 +256,46 @@ def edited_value(sibling: Path, name: str) -> bytes:
     return bytes(raw)
 
 
-@pytest.mark.parametrize("how", ["in-place", "replaced"])
+@pytest.mark.parametrize("how", ["in-place", "in-place, mtime put back", "replaced"])
 def test_a_sibling_whose_values_were_altered_since_it_was_indexed_is_not_served(tmp_path, conversions, how):
     """Same header, same size, another value: the row recorded the file it indexed (device,
-    inode, mtime), so another file at its name, or this one edited, is checked again."""
+    inode, mtime, ctime), so another file at its name, or this one edited, is checked again."""
     ckpt = write_version(
         tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11, settle=True
     )
     load_toy(ckpt, tmp_path / "cache")
     sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
     edited = edited_value(sibling, "blocks.0.ff.weight")
-    if how == "in-place":
+    if how.startswith("in-place"):
+        indexed = sibling.stat()
         writable(sibling).write_bytes(edited)
+        if how.endswith("put back"):
+            os.utime(sibling, ns=(indexed.st_atime_ns, indexed.st_mtime_ns))
     else:
         other = tmp_path / "other.safetensors"
         other.write_bytes(edited)
         os.replace(other, sibling)
+    model = load_toy(ckpt, tmp_path / "cache")
+    events = str(sa3loader.last_load_info().events)
+    assert len(conversions) == 2 and "changed since it was indexed" in events, events
+    assert_same_model(model, reference(ckpt))
+
+
+def test_a_file_put_at_the_siblings_name_as_it_is_published_is_not_recorded_as_it(tmp_path, conversions):
+    """The row records the sibling as the rename left it (its ctime moved), by name: another
+    file there by then is not the one written, and the next load checks it."""
+    ckpt = write_version(
+        tmp_path / "model.safetensors", seed=3, mtime_ns=time.time_ns() - 10**11, settle=True
+    )
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+
+    def put_another() -> None:
+        other = tmp_path / "other.safetensors"
+        other.write_bytes(edited_value(sibling, "blocks.0.ff.weight"))
+        os.replace(other, sibling)
+
+    with injected(at("index", put_another)):
+        load_toy(ckpt, tmp_path / "cache")
     model = load_toy(ckpt, tmp_path / "cache")
     events = str(sa3loader.last_load_info().events)
     assert len(conversions) == 2 and "changed since it was indexed" in events, events
