@@ -59,9 +59,14 @@ def chunk(request, monkeypatch):
 def test_sibling_equals_save_file_of_converted_tensors(tmp_path, chunk):
     tensors = source_tensors()
     src = tmp_path / "model.safetensors"
-    save_file(tensors, str(src), metadata={"format": "pt", "note": "user"})
+    # A fine-tune of a sibling may carry its keys: the ones sa3loader sets describe this source.
+    theirs = {"format": "pt", "note": "user", "sa3loader.note": "user's", "sa3loader.source_size": "1"}
+    save_file(tensors, str(src), metadata=theirs)
     header = read_header(src)
     metadata = _identity.sibling_metadata(header, IDENTITY, "fp")
+    replaced = {k for k in theirs if metadata[k] != theirs[k]} | (metadata.keys() - theirs.keys())
+    assert replaced and all(k.startswith("sa3loader.") for k in replaced) and "sa3loader.note" not in replaced
+    assert metadata["sa3loader.source_size"] == str(IDENTITY.size)
     result = _convert.convert(header, str(tmp_path / "out.safetensors"), metadata)
 
     expected = tmp_path / "expected.safetensors"
