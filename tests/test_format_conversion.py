@@ -60,7 +60,7 @@ def test_sibling_equals_save_file_of_converted_tensors(tmp_path, chunk):
     tensors = source_tensors()
     src = tmp_path / "model.safetensors"
     # A fine-tune of a sibling may carry its keys: the ones sa3loader sets describe this source.
-    theirs = {"format": "pt", "note": "user", "sa3loader.note": "user's", "sa3loader.source_size": "1"}
+    theirs = {"format": "pt", "note": "user", "sa3loader.note": "user's", "sa3loader.source_size": "12345"}
     save_file(tensors, str(src), metadata=theirs)
     header = read_header(src)
     metadata = _identity.sibling_metadata(header, IDENTITY, "fp")
