@@ -23,6 +23,7 @@ import threading
 import types
 import warnings
 import weakref
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ from support.loads import load_toy
 from support.processes import child_env, toy_zygote
 from support.toymodel import ToyDiT, build, reference
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
@@ -2052,6 +2054,35 @@ def test_a_parameter_made_from_a_local_tensor_keeps_the_fast_build(tmp_path):
     )
     assert sa3loader.last_load_info().build == "fast", sa3loader.last_load_info().fallback
     assert_same_model(model, ref)
+
+
+class NotesWhetherParametersMemoryWent(nn.Module):
+    """Four parameters, each made just before it is registered: whether the memory it was made
+    with is freed by the time registration returns is noted."""
+
+    went: ClassVar[list[bool]] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        for i in range(4):
+            param = nn.Parameter(torch.ones(4, 4))
+            memory = StorageWeakRef(param.untyped_storage())  # does not hold it
+            setattr(self, f"w{i}", param)
+            del param  # the module's, on the meta device where deferred
+            self.went.append(memory.expired())
+
+
+def test_the_fast_build_keeps_no_parameters_memory_that_nothing_else_holds(tmp_path):
+    """A deferred parameter's own memory goes at once: only one whose memory something else
+    holds is kept (to be looked at after the factory). Were every one kept, the fast build of
+    SA3 medium would hold the fp32 model it exists not to make."""
+    ckpt = save(fp32_state(NotesWhetherParametersMemoryWent), tmp_path / "model.safetensors")
+    for _ in ("converts", "hit"):
+        NotesWhetherParametersMemoryWent.went.clear()
+        factory = lambda c: NotesWhetherParametersMemoryWent()  # noqa: E731
+        sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory)
+        assert sa3loader.last_load_info().build == "fast", sa3loader.last_load_info().fallback
+        assert NotesWhetherParametersMemoryWent.went == [True] * 4
 
 
 def test_a_parameter_laid_over_one_value_fails_as_upstreams(tmp_path):
