@@ -17,26 +17,35 @@ IN_PLACE_DRAWS = frozenset(
 )
 
 
-def check_arguments(func: Any, args: tuple, kwargs: dict | None) -> None:
+def check_arguments(func: Any, args: tuple, kwargs: dict | None) -> bool:
     """Run the in-place draw ``func`` (a meta tensor first) on one element (none, for a
     zero-element tensor) of the CPU of that dtype, from a generator of its own: its checks raise
     as upstream's draw into the real tensor does; the value drawn is dropped, and no generator
-    of torch's or the factory's moves. With tensor arguments (a probability per element), on
-    the whole shape; with a meta one (computed from a stand-in), not at all."""
+    of torch's moves. With tensor arguments (a probability per element), on the whole shape;
+    with a meta one (computed from a stand-in), not at all. A generator of the factory's own
+    moves as upstream's draw moves it (its later draws are the model's): the draw is run on the
+    whole shape, laid out as the stand-in is (torch's CPU kernels draw by the layout). False
+    where such a generator could not be moved."""
     tensors = [a for a in (*args[1:], *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
-    if isinstance(func, FunctionType) or any(t.is_meta for t in tensors):
-        return
     given = (kwargs or {}).get("generator")
+    moves = isinstance(given, torch.Generator) and given is not torch.default_generator
+    if isinstance(func, FunctionType) or any(t.is_meta for t in tensors):
+        return not moves
     # Upstream's draw refuses a generator of another device before it draws: so does the probe.
-    own = given if isinstance(given, torch.Generator) and given.device.type != "cpu" else torch.Generator()
+    own = given if moves or (isinstance(given, torch.Generator) and given.device.type != "cpu") else None
     with torch._C.DisableTorchFunction():
         try:
             # A zero-element tensor skips some of a kernel's checks (its dtype's): so does the probe.
             shape = args[0].shape if tensors else (min(1, args[0].numel()),)
-            probe = torch.empty(shape, dtype=args[0].dtype)
+            probe = (
+                torch.empty_strided(args[0].shape, args[0].stride(), dtype=args[0].dtype)
+                if moves
+                else torch.empty(shape, dtype=args[0].dtype)
+            )
         except (RuntimeError, TypeError):  # a dtype the CPU cannot hold: nothing to check it on
-            return
-        func(probe, *args[1:], **{**(kwargs or {}), "generator": own})
+            return not moves
+        func(probe, *args[1:], **{**(kwargs or {}), "generator": own or torch.Generator()})
+    return True
 
 
 class ChecksDraws(TorchDispatchMode):
@@ -46,5 +55,5 @@ class ChecksDraws(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = getattr(getattr(func, "overloadpacket", None), "__name__", "")
         if name in IN_PLACE_DRAWS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
-            check_arguments(func, args, kwargs)
+            check_arguments(func, args, kwargs)  # (no meta argument but the tensor: it moves a generator)
         return func(*args, **(kwargs or {}))

@@ -141,7 +141,7 @@ def _init_into_meta(func: Any, args: tuple, kwargs: dict | None) -> bool:
 
 
 # The argument types an nn.init call may be recognised by (``InitCalls.key``): plain values.
-_PLAIN_VALUES = (int, float, str, bool, type(None), torch.Generator)
+_PLAIN_VALUES = (int, float, str, bool, type(None))  # a generator moves each call (``check_arguments``)
 # What nn.init's functions look up as they run: a factory that wraps one sees every call.
 _nn_init_functions = operator.itemgetter(*(name for name, v in vars(nn.init).items() if callable(v)))
 _NN_INIT_AS_MADE = _nn_init_functions(vars(nn.init))
@@ -339,7 +339,7 @@ class BuildWatch(TorchFunctionMode):
         if draws and kwargs:
             _remember(self.generators, kwargs.get("generator"))
         if draws and own and _draw_to_skip(name, args):
-            check_arguments(func, args, kwargs)  # as upstream's draw into real memory checks them
+            self.unseen_draw |= not check_arguments(func, args, kwargs)  # upstream's checks; its generator
             return _written(args[0])
         if draws and _init_into_meta(func, args, kwargs):
             return self._init_into_meta(func, name, kwargs)

@@ -2330,3 +2330,50 @@ def test_drawn_values_read_as_a_number_an_index_or_a_size_give_upstreams_outcome
             )
         )
         assert ours == theirs
+
+
+class KeepsTheGeneratorItDrawsParametersFrom(nn.Module):
+    """A generator of its own, kept, drawing parameters' init: nn.init's (the same call twice),
+    a tensor's own draw, into a transposed layout (torch's CPU normal_ draws by the layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = torch.Generator().manual_seed(7)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        for lin in (self.a, self.b):
+            nn.init.normal_(lin.weight, generator=self.g)
+        self.t = nn.Parameter(torch.empty(8, 4).t())
+        with torch.no_grad():
+            self.t.normal_(generator=self.g)
+            self.a.bias.uniform_(generator=self.g)
+
+
+def test_a_kept_generator_moves_as_upstreams_build_moves_it(tmp_path):
+    """Upstream's build draws each parameter's init from the model's own generator; the fast
+    build draws nothing into its stand-ins, but moves that generator as those draws would: its
+    next draws (noise the model makes later) are upstream's."""
+    make = KeepsTheGeneratorItDrawsParametersFrom
+    state = {k: torch.randn(v.shape) for k, v in make().state_dict().items()}
+    for _ in ("converts", "hit"):
+        model, ref = built_as_upstreams(tmp_path, make, "fast", state=state)
+        assert torch.equal(model.g.get_state(), ref.g.get_state())
+
+
+class DrawsFromItsGeneratorByAComputedProbability(nn.Module):
+    """A draw into a parameter from its own generator, by a probability computed from another
+    parameter: on meta nothing can be drawn, so the generator cannot be moved as upstream's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = torch.Generator().manual_seed(7)
+        self.q, self.w = nn.Parameter(torch.zeros(8)), nn.Parameter(torch.empty(8))
+        with torch.no_grad():
+            self.w.bernoulli_(torch.sigmoid(self.q), generator=self.g)
+
+
+def test_a_kept_generator_the_fast_build_cannot_move_takes_upstreams_build(tmp_path):
+    make = DrawsFromItsGeneratorByAComputedProbability
+    model, ref = built_as_upstreams(
+        tmp_path, make, "faithful", state={"q": torch.randn(8), "w": torch.randn(8)}
+    )
+    assert torch.equal(model.g.get_state(), ref.g.get_state())
