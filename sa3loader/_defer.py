@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from . import _faults
+from ._holders import storage_holders
 from ._watch import BuildWatch
 
 _META = torch.device("meta")
@@ -77,7 +78,7 @@ class DeferredParameters:
         try:
             while self.held_elsewhere:
                 where, storage = self.held_elsewhere.pop()  # this frame's reference is the only one
-                if storage._cdata in seen or _storage_holders(storage) > 1:  # more than our own
+                if storage._cdata in seen or storage_holders(storage) > 1:  # more than our own
                     return where
                 seen.add(storage._cdata)
             return None
@@ -251,7 +252,7 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
             storage = param.untyped_storage()
             if not storage.resizable():  # numpy's, a buffer's: who else holds it cannot be told
                 recorder.not_kept.append(f"{where} is memory torch does not own (numpy, a buffer)")
-            elif _storage_holders(storage) > 2:  # more than the parameter and its storage's object
+            elif storage_holders(storage) > 2:  # more than the parameter and its storage's object
                 recorder.held_elsewhere.append((where, storage))
             _patches.local.watch.unmark_everywhere(param)  # its value is dropped (and the weak refs with it)
             if not swap_in_place(param, stand_in):
@@ -260,33 +261,6 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
     _patches.local.watch.stand_in(param)
     _original_register(self, name, param)  # watched: what a registration hook reads of it is seen
     recorder.records.append((weakref.ref(self), name))
-
-
-def _storage_holders(storage: torch.UntypedStorage) -> int:
-    """How many hold this memory: each tensor on it, its Python object, and each reference to
-    that object beyond the caller's one (a storage kept, typed or untyped, shows the memory
-    too). Where torch cannot say, more than any check allows (the build is refused)."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:
-        return sys.maxsize
-    holders = use_count(storage._cdata)
-    # Less this frame's argument; torch's own reference to the object comes and goes with the
-    # tensors on the memory, so the baseline is measured for the same case.
-    return holders + sys.getrefcount(storage) - 1 - _STORAGE_REFERENCES_HELD_ONCE[holders > 1]
-
-
-def _references_to_a_storage_held_once(with_a_tensor: bool) -> int:
-    """``sys.getrefcount`` of a storage object that one local variable holds (torch holds one
-    more while a tensor is on the memory, in the versions measured)."""
-    tensor = torch.empty(1)
-    storage = tensor.untyped_storage()
-    if not with_a_tensor:
-        del tensor
-    return sys.getrefcount(storage)
-
-
-# Measured once, at import: never inside a build, whose watch sees every torch call.
-_STORAGE_REFERENCES_HELD_ONCE = {case: _references_to_a_storage_held_once(case) for case in (False, True)}
 
 
 def _layout_kept(param: torch.Tensor, stand_in: torch.Tensor) -> bool:

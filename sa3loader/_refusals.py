@@ -4,14 +4,16 @@ walk of every attribute that may hold a tensor (``_reach``)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import gc
+from collections import Counter, defaultdict
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._holders import storage_holders, storage_of
 from ._reach import HOLD_NO_TENSOR, REACH_DEPTH, TOO_DEEP, holds_nothing, kept_outside_instances, leaves
-from ._watch import BuildWatch
+from ._watch import BuildWatch, outer_watches_keeping, pop_drawn_memory
 
 
 class FastBuildRefused(Exception):
@@ -106,6 +108,7 @@ def refuse_random_or_meta(
             meta_problem = meta_problem or found
     if drawn:
         _refuse_kept_outside(model, watch, tree)
+        _refuse_drawn_memory_held(attributes, assign, watch)
     if missing is not None:
         raise missing
     if meta_problem is not None:
@@ -148,6 +151,44 @@ def _refuse_kept_outside(model: nn.Module, watch: BuildWatch, tree: frozenset[in
         for leaf in leaves(value, tree, depth=OUTSIDE_DEPTH):
             if isinstance(leaf, torch.Tensor) and watch.drawn(leaf):
                 raise FastBuildRefused(f"{where} {_DRAWN}")
+
+
+def _refuse_drawn_memory_held(attributes: Attributes, assign: dict[str, str], watch: BuildWatch) -> None:
+    """A drawn value still held once the factory returned, wherever (a class, any module's
+    globals, a function's attributes, a bound method, nested too deep): torch counts who holds
+    its memory, where the walks above can only name what they reach. Only a parameter or
+    buffer the checkpoint replaces may (the copy into it leaves nothing drawn). Hands the
+    watch's memory over; a cycle the factory left is collected before it counts."""
+    replaced = _replaced_memory(attributes, assign)
+
+    def ours(memory: torch.UntypedStorage) -> int:  # our object, outer builds' watches, those replaced
+        return 1 + outer_watches_keeping(watch, memory) + replaced[memory.data_ptr()]
+
+    held = []
+    while (memory := pop_drawn_memory(watch)) is not None:  # this frame's reference is the only one
+        if storage_holders(memory) > ours(memory):
+            held.append(memory)
+    if held:
+        gc.collect()
+    while held:
+        memory = held.pop()
+        if storage_holders(memory) > ours(memory):
+            raise FastBuildRefused(f"a value drawn at random while it was built is held elsewhere ({_WHERE})")
+
+
+def _replaced_memory(attributes: Attributes, assign: dict[str, str]) -> Counter[int]:
+    """How many parameters and buffers the checkpoint replaces are on each memory (by address)."""
+    replaced: Counter[int] = Counter()
+    for prefix, _, attr, value in attributes:
+        if attr in ("_parameters", "_buffers"):
+            for name, tensor in value.items():
+                memory = storage_of(tensor) if isinstance(tensor, torch.Tensor) else None
+                if memory is not None and f"{prefix}.{name}".lstrip(".") in assign:
+                    replaced[memory.data_ptr()] += 1
+    return replaced
+
+
+_WHERE = "a class, a module's globals, a function's attributes, a bound method, ..."
 
 
 def _meta_problem(leaf: Any, where: str, stand_ins: set[int]) -> str | None:

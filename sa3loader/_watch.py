@@ -16,6 +16,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._draw_checks import ChecksDraws, check_arguments
+from ._holders import storage_of
 
 _META = torch.device("meta")
 
@@ -95,25 +96,11 @@ def _read_by_torch(frame: Any) -> bool:
 # Containers searched for tensors in what a function returns, and in its arguments
 # (``torch.tensor([[x[0], x[1]], [x[2], x[3]]])``).
 OUTPUT_DEPTH = 2
-
-
 ARGUMENT_DEPTH = 4
 
 
 def _generator_state() -> torch.Tensor:
     return torch.default_generator.get_state()
-
-
-def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
-    """The memory ``tensor`` lives in; None for meta, empty or storage-less tensors."""
-    with torch._C.DisableTorchFunction():  # the watch's own look: not the factory's
-        if tensor.is_meta or tensor.numel() == 0:
-            return None
-        try:
-            storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return None
-        return storage if storage.data_ptr() else None
 
 
 def _tensors_out(value: Any, depth: int = OUTPUT_DEPTH) -> Iterator[torch.Tensor]:
@@ -130,9 +117,8 @@ def _is_meta(value: Any) -> bool:
 
 def _torchs_own(func: Any) -> bool:
     """A builtin, or a Python function of torch's own (nn.init, nn.functional, Tensor's methods)."""
-    return not isinstance(func, FunctionType) or (getattr(func, "__module__", None) or "").startswith(
-        "torch."
-    )
+    module = getattr(func, "__module__", None) or ""
+    return not isinstance(func, FunctionType) or module.startswith("torch.")
 
 
 def _init_into_meta(func: Any, args: tuple, kwargs: dict | None) -> bool:
@@ -443,7 +429,7 @@ class BuildWatch(TorchFunctionMode):
             for t in (tensor, tensor._base):
                 if isinstance(t, torch.Tensor) and not t.is_meta:
                     self._drawn[id(t)] = weakref.ref(t)
-                    storage = _storage(t)
+                    storage = storage_of(t)
                     if storage is not None:  # any other tensor on this memory (an alias) holds it too
                         self._drawn_storages[storage.data_ptr()] = storage
 
@@ -459,7 +445,7 @@ class BuildWatch(TorchFunctionMode):
         ref = self._drawn.get(id(tensor))
         if ref is not None and ref() is tensor:
             del self._drawn[id(tensor)]
-        storage = _storage(tensor)
+        storage = storage_of(tensor)
         if storage is not None and tensor.storage_offset() == 0 and tensor.nbytes == storage.nbytes():
             self._drawn_storages.pop(storage.data_ptr(), None)  # all of its memory overwritten
 
@@ -486,7 +472,7 @@ class BuildWatch(TorchFunctionMode):
         if base is not None and ref is not None and ref() is base:
             return True
         if self._drawn_storages:
-            storage = _storage(tensor)
+            storage = storage_of(tensor)
             return storage is not None and storage.data_ptr() in self._drawn_storages
         return False
 
@@ -498,3 +484,17 @@ class BuildWatch(TorchFunctionMode):
         """Whether torch refused a stand-in's data during the build, even where the constructor
         caught the error itself (its fallback value is not upstream's)."""
         return bool(self._meta_errors)
+
+
+def pop_drawn_memory(watch: BuildWatch) -> torch.UntypedStorage | None:
+    """One memory drawn values were written to, handed over: ``watch`` keeps it no longer."""
+    return watch._drawn_storages.popitem()[1] if watch._drawn_storages else None
+
+
+def outer_watches_keeping(watch: BuildWatch, storage: torch.UntypedStorage) -> int:
+    """How many watches of builds ``watch`` runs in (a load in a factory) keep ``storage`` too."""
+    count, outer = 0, watch.outer
+    while outer is not None:
+        count += outer._drawn_storages.get(storage.data_ptr()) is storage
+        outer = outer.outer
+    return count

@@ -16,7 +16,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import gc
 import itertools
+import operator
 import random
 import sys
 import threading
@@ -2377,3 +2379,173 @@ def test_a_kept_generator_the_fast_build_cannot_move_takes_upstreams_build(tmp_p
         tmp_path, make, "faithful", state={"q": torch.randn(8), "w": torch.randn(8)}
     )
     assert torch.equal(model.g.get_state(), ref.g.get_state())
+
+
+# Drawn values kept where no walk of the model looks: each class keeps one (after a linear
+# layer whose skipped init moves the fast build's generator elsewhere) and says where (``held``).
+class _Holder:
+    t: torch.Tensor
+
+
+class _RotaryBase(nn.Module):
+    table: torch.Tensor | None = None
+
+
+_ANOTHER_MODULE = types.ModuleType("another_module_of_the_factory")
+_NESTED_DEEP: dict = {}
+
+
+class KeptInAFunctionsDict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+        def shift(x):
+            return x + shift.bias
+
+        shift.bias = torch.randn(3)  # type: ignore[attr-defined]
+        self.shift = shift
+
+    def held(self):
+        return self.shift.bias
+
+
+class KeptInALambdasGlobals(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.shift = eval("lambda x: x + B", {"B": torch.randn(3)})
+
+    def held(self):
+        return self.shift.__globals__["B"]
+
+
+class KeptInAModuleObject(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.namespace = types.ModuleType("namespace")
+        self.namespace.t = torch.randn(3)
+
+    def held(self):
+        return self.namespace.t
+
+
+class KeptInAMethodcaller(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.add = operator.methodcaller("add", torch.randn(3))
+
+    def held(self):
+        return self.add(torch.zeros(3))
+
+
+class KeptOnAClassItHolds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        _Holder.t = torch.randn(3)
+        self.kind = _Holder
+
+    def held(self):
+        return self.kind.t
+
+
+class KeptByABoundBuiltin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.noise = torch.randn(3).clone
+
+    def held(self):
+        return self.noise()
+
+
+class KeptOnItsBaseClass(_RotaryBase):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        _RotaryBase.table = torch.randn(3)
+
+    def held(self):
+        return self.table
+
+
+class KeptInAnotherModulesGlobal(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        _ANOTHER_MODULE.noise = torch.randn(3)  # type: ignore[attr-defined]
+
+    def held(self):
+        return _ANOTHER_MODULE.noise  # type: ignore[attr-defined]
+
+
+class KeptNestedDeepInItsModulesGlobal(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        _NESTED_DEEP["a"] = {"b": {"c": {"d": [torch.randn(3)]}}}
+
+    def held(self):
+        return _NESTED_DEEP["a"]["b"]["c"]["d"][0]
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        KeptInAFunctionsDict,
+        KeptInALambdasGlobals,
+        KeptInAModuleObject,
+        KeptInAMethodcaller,
+        KeptOnAClassItHolds,
+        KeptByABoundBuiltin,
+        KeptOnItsBaseClass,
+        KeptInAnotherModulesGlobal,
+        KeptNestedDeepInItsModulesGlobal,
+    ],
+)
+def test_a_drawn_value_held_anywhere_after_the_build_takes_upstreams_build(tmp_path, cls):
+    """Wherever a drawn value is held once the factory returned (torch counts who holds its
+    memory), the fast build is refused: the value kept is upstream's."""
+    state = {"lin.weight": torch.randn(4, 4), "lin.bias": torch.randn(4)}
+    ckpt = save(state, tmp_path / "model.safetensors")
+    expected = upstream_recipe(cls, ckpt, False).held().clone()
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
+    )
+    assert sa3loader.last_load_info().build == "faithful"
+    assert torch.equal(model.held(), expected)
+
+
+class LeavesADrawInACycle(nn.Module):
+    """A drawn value the constructor left in a reference cycle: garbage, held by nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        cycle: dict = {"noise": torch.randn(3)}
+        cycle["self"] = cycle
+
+
+def test_a_drawn_value_left_in_garbage_keeps_the_fast_build(tmp_path):
+    state = {"lin.weight": torch.randn(4, 4), "lin.bias": torch.randn(4)}
+    gc.disable()  # the cycle is still there when the build is checked, as after a large build
+    try:
+        built_as_upstreams(tmp_path, LeavesADrawInACycle, "fast", state=state)
+    finally:
+        gc.enable()
+
+
+class DrawsABufferTheCheckpointReplaces(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("table", torch.randn(3))
+
+
+def test_a_drawn_buffer_the_checkpoint_replaces_keeps_the_fast_build(tmp_path):
+    state = {"lin.weight": torch.randn(4, 4), "lin.bias": torch.randn(4), "table": torch.randn(3)}
+    built_as_upstreams(tmp_path, DrawsABufferTheCheckpointReplaces, "fast", state=state)
