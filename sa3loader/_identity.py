@@ -53,6 +53,7 @@ from ._records import (
     MISSING_SOURCE,
     OK,
     STALE,
+    UNREADABLE_SOURCE,
     UNTRUSTED,
     IndexRow,
     SiblingClaim,
@@ -369,6 +370,8 @@ def row_status(row: IndexRow, *, spots: bool = True, shared: bool = False) -> st
         with open_header(row.real_path) as source:
             shown_by = recorded_by(source, row.source, row.fingerprint, row.checked_ns)
             return _sibling_status(row, source, shown_by, spots, shared)
+    except PermissionError:  # (chmod 000 for a while): whether it changed cannot be told
+        return UNREADABLE_SOURCE
     except (Sa3LoaderError, OSError):
         return STALE
 

@@ -20,6 +20,7 @@ OK, STALE, MISSING_SOURCE, MISSING_SIBLING = "ok", "stale", "missing source", "m
 DAMAGED = "damaged sibling"  # unreadable, not the file indexed, or not fp16 of its source at a spot
 CONTENT_CHECK_FAILED = "content check failed for"  # a load's event: a sibling replaced
 UNTRUSTED = "untrusted sibling"  # another user's, where a load may not take its weights (``_trust``)
+UNREADABLE_SOURCE = "unreadable source"  # there, not readable by you now: neither gone nor changed
 
 SCHEMA_VERSION = 1
 FORMAT_VERSION = "1"

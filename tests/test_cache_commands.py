@@ -273,3 +273,30 @@ def test_a_cache_command_that_empties_a_hidden_folder_removes_it(ckpt, tmp_path,
     load_toy(ckpt, cache)
     _cache_admin.clear(str(cache))
     assert [p.name for p in (tmp_path / ".cache").iterdir()] == ["huggingface"]
+
+
+def test_prune_keeps_the_sibling_of_a_checkpoint_it_cannot_read_now(tmp_path, monkeypatch, capsys):
+    """A checkpoint made unreadable for a while (chmod 000, as its owner's other users see it;
+    root reads anyway, so the OS's refusal is played here) is neither gone nor changed: ``cache
+    ls`` says so, ``cache prune`` keeps its sibling, and the next load is a hit."""
+    from sa3loader import cli
+
+    ckpt = make_ckpt(tmp_path / "m" / "model.safetensors")
+    cache = tmp_path / "cache"
+    load_toy(ckpt, cache)
+    sibling = ckpt.parent / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    real_open, refused = os.open, os.path.realpath(ckpt)
+
+    def refusing(path, flags, *args, **kwargs):
+        if os.path.realpath(path) == refused:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing)
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
+    assert "unreadable source" in capsys.readouterr().out
+    assert cli.main(["--cache-dir", str(cache), "cache", "prune"]) == 0
+    assert sibling.exists()
+    monkeypatch.undo()
+    load_toy(ckpt, cache)
+    assert sa3loader.last_load_info().cache_hit
