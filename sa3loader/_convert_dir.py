@@ -127,7 +127,12 @@ def convert_file(
             _copy(src, out, force)
             return FileAction(src, out, "copied")
         if in_place:  # the file the symlink points to: the same one ``header`` reads
-            return _convert_to(header, _in_place_target(src), verify)
+            target = _in_place_target(src)
+            owner = os.stat(target).st_uid
+            action = _convert_to(header, target, verify)
+            if owner != os.geteuid():  # root converting another user's file: it stays theirs
+                os.chown(target, owner, -1)
+            return action
         assert out is not None
         _refuse_hub_output(out, os.path.dirname(os.path.abspath(out)))
         if os.path.exists(out) and not force:
@@ -142,22 +147,34 @@ HUB_HARM = {
 }
 
 
-def _in_place_target(path: str) -> str:
-    if os.path.islink(path):
-        if in_hf_hub_cache(path):
-            raise HubSymlinkError(
-                f"{path} is a Hugging Face hub cache symlink; converting in place would break the "
-                "hub's cache. Convert a copy (--out) or let loads keep their sibling in the cache dir.",
-                filename=path,
-            )
-        return os.path.realpath(path)
-    if in_hub_repo(os.path.dirname(os.path.abspath(path))):  # a hub that stores files, not links
+def _in_place_target(path: str, within: str | None = None) -> str:
+    """The file a conversion in place replaces: ``path``, or the file its symlink points to
+    (inside ``within``, a directory converted: one outside is not what was asked for). Never
+    a hub's, nor another user's (but as root, who gives it back to them)."""
+    if os.path.islink(path) and in_hf_hub_cache(path):
+        raise HubSymlinkError(
+            f"{path} is a Hugging Face hub cache symlink; converting in place would break the "
+            "hub's cache. Convert a copy (--out) or let loads keep their sibling in the cache dir.",
+            filename=path,
+        )
+    if not os.path.islink(path) and in_hub_repo(os.path.dirname(os.path.abspath(path))):  # files, not links
         raise HubCacheError(
             f"{path} is in a Hugging Face hub cache, which sa3loader never writes into "
             f"({HUB_HARM[True]}). Convert a copy (--out) outside it.",
             filename=path,
         )
-    return path
+    real = os.path.realpath(path)
+    folder = os.path.realpath(within) if within is not None else None
+    if folder is not None and os.path.commonpath([real, folder]) != folder:
+        raise ConfigError(
+            f"{path} links to {real}, outside {within}: converting the folder in place would replace "
+            "that file. Convert it by its own name, or a copy (--out).",
+            filename=path,
+        )
+    owner = os.stat(real).st_uid
+    if owner != os.geteuid() and os.geteuid() != 0:
+        raise ConfigError(f"{path} is another user's (uid {owner}): not replaced in place", filename=path)
+    return real if os.path.islink(path) else path
 
 
 def _refuse_output_over_source(src: str, out: str) -> None:
@@ -296,8 +313,8 @@ def convert_tree(
             filename=src_dir,
         )
     if in_place:
-        for path in checkpoints_in(src_dir):  # a hub inside is refused before anything is written
-            _in_place_target(path)
+        for path in checkpoints_in(src_dir):  # refused before anything is written
+            _in_place_target(path, src_dir)
         return _convert_files(src_dir, None, in_place=True, verify=verify, excluded=set())
     out_dir = os.path.abspath(out_dir or src_dir.rstrip(os.sep) + OUTPUT_DIR_SUFFIX)
     _refuse_output_over_source(src_dir, out_dir)

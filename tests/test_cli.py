@@ -20,6 +20,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,77 @@ def test_in_place_refuses_hub_symlinks(tmp_path):
     before = blob.read_bytes()
     proc = run("convert", str(snap / "model.safetensors"), "--in-place", cache=tmp_path / "c", check_rc=1)
     assert "hub" in proc.stderr and blob.read_bytes() == before and (snap / "model.safetensors").is_symlink()
+
+
+def test_convert_dir_in_place_refuses_a_link_to_a_file_outside_it(tmp_path):
+    """A symlink in the folder to a checkpoint elsewhere: converting the folder in place would
+    replace that file, which was not named. Refused before anything is written."""
+    folder, elsewhere = tmp_path / "u", tmp_path / "other"
+    folder.mkdir()
+    elsewhere.mkdir()
+    save_file({"w": torch.randn(4, 4)}, str(folder / "a.safetensors"))
+    save_file({"w": torch.randn(4, 4)}, str(elsewhere / "b.safetensors"))
+    (folder / "b.safetensors").symlink_to(elsewhere / "b.safetensors")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.safetensors")}
+    err = run("--json", "convert", str(folder), "--in-place", cache=tmp_path / "c", check_rc=1)
+    assert json.loads(err.stdout)["error"]["type"] == "ConfigError" and "outside" in err.stdout
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.safetensors")} == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root (CI runs as root)")
+def test_root_converting_another_users_file_in_place_leaves_it_theirs(tmp_path):
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    ckpt = folder / "model.safetensors"
+    save_file({"w": torch.randn(4, 4)}, str(ckpt))
+    os.chown(ckpt, 1000, 1000)
+    run("convert", str(folder), "--in-place", cache=tmp_path / "c")
+    converted = ckpt.stat()
+    assert (converted.st_uid, converted.st_gid) == (1000, 1000)
+    assert {e.dtype for e in read_header(ckpt).entries} == {"F16"}
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="runs the CLI as a second user (nobody) with setpriv, which needs root (CI runs as root)",
+)
+def test_a_user_converting_a_folder_in_place_never_replaces_another_users_file(tmp_path):
+    """A folder the user may write to, holding root's checkpoint: renaming over it would take
+    root's file away. Refused before anything is written (exit 1)."""
+    from support.processes import hidden_from_others
+
+    if (hidden := hidden_from_others(sys.executable, sys.prefix, cli.__file__)) is not None:
+        pytest.skip(f"{hidden} cannot be read by another user")
+    shared = Path(tempfile.mkdtemp(prefix="sa3loader-shared-"))
+    try:
+        shared.chmod(0o777)
+        save_file({"w": torch.randn(4, 4)}, str(shared / "model.safetensors"))
+        (shared / "model.safetensors").chmod(0o644)
+        before = (shared / "model.safetensors").read_bytes()
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        proc = subprocess.run(
+            [
+                *as_nobody,
+                sys.executable,
+                "-m",
+                "sa3loader",
+                "--json",
+                "--cache-dir",
+                str(shared / "c"),
+                "convert",
+                str(shared),
+                "--in-place",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"},
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert "another user's" in json.loads(proc.stdout)["error"]["message"]
+        assert (shared / "model.safetensors").read_bytes() == before
+    finally:
+        shutil.rmtree(shared)
 
 
 @pytest.mark.parametrize("where", ["snapshot", "blobs", "repo"])
