@@ -44,6 +44,7 @@ from ._progress import byte_bar, progress_enabled
 from ._range_report import WIDER_THAN_FP16, count_cast_range, count_range
 from ._records import ConversionResult
 from ._serial import loaded_openmp, serial_ops
+from ._trust import readers_bits
 from .errors import ConversionError, HeaderError, Sa3LoaderError
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def write_sibling(
     total = len(prefix) + (out_entries[-1].end if out_entries else 0)
     tmp = f"{incomplete_prefix(dest)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     source_stat = header.handle.stat if header.handle is not None else os.stat(header.path)
-    mode = source_stat.st_mode & 0o666 or DEFAULT_FILE_MODE
+    mode = readers_bits(header.path, source_stat) & 0o666 or DEFAULT_FILE_MODE
     if read_only:
         mode &= ~0o222
     counts = {"inf": 0, "zero": 0}

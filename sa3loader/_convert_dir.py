@@ -41,6 +41,7 @@ from ._places import (
     is_temp_name,
     legacy_beside_path,
 )
+from ._trust import readers_bits
 from .errors import (
     ConfigError,
     HubCacheError,
@@ -231,7 +232,7 @@ def _copy(src: str, dst: str, force: bool) -> None:
         raise OutputExistsError(f"{dst} exists; pass --force to replace it", filename=dst)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     shutil.copyfile(src, dst)
-    shutil.copymode(src, dst)
+    os.chmod(dst, readers_bits(src, os.stat(src)))  # its mode, less what its folders keep out
 
 
 # A new output dir is staged as <out>INCOMPLETE_INFIX<pid>-<random>, like a file being written;
@@ -324,7 +325,7 @@ def convert_tree(
     if os.path.exists(out_dir) and not force:
         raise OutputExistsError(f"{out_dir} exists; pass --force to replace it", filename=out_dir)
     staging = f"{out_dir}{INCOMPLETE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.mkdir(staging)
+    os.mkdir(staging, readers_bits(src_dir, os.stat(src_dir)) | 0o700)  # no one in who could not enter
     try:
         actions = _convert_files(src_dir, staging, in_place=False, verify=verify, excluded={out_dir, staging})
         _publish_dir(staging, out_dir)

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -39,7 +40,7 @@ from ._places import (
 )
 from ._publication import Publication, finish, wait_for_publishing
 from ._records import CONTENT_CHECK_FAILED, LAST_USE_STEP_S, IndexRow, Plan, RangeReport, sibling_file
-from ._trust import beside_dir_problem, dir_writable, owned_file_problem
+from ._trust import beside_dir_problem, dir_writable, owned_file_problem, readers_bits
 from .errors import (
     CheckpointChangedError,
     ConversionError,
@@ -50,6 +51,7 @@ from .errors import (
 
 if TYPE_CHECKING:  # the loader and the CLI hand them in: both are above this module
     from ._cache_admin import Eviction
+    from ._format import Header
     from ._sibling import SiblingFinder, SiblingOutcome
 
 logger = logging.getLogger(__name__)
@@ -228,7 +230,7 @@ class SiblingResolver:
         out.sibling = f.find()
         if out.sibling is not None:
             out.reason = "cache hit"
-            return out
+            return _narrowed_to_readers(out, self.source)
         metadata = sibling_metadata(self.source, f.identity, f.fingerprint())
         try:
             size = _convert.output_size(self.source, metadata)
@@ -366,6 +368,22 @@ class SiblingResolver:
                     os.path.basename(path),
                 )
         return found
+
+
+def _narrowed_to_readers(out: SiblingOutcome, source: Header) -> SiblingOutcome:
+    """``out``, its sibling readable by no more than its checkpoint now (closed since it was made:
+    a chmod, a folder made private) where it is ours to change (the next load checks it again:
+    its ctime moved)."""
+    sibling = out.sibling
+    if sibling is None or sibling.handle is None or source.handle is None:
+        return out
+    now = stat.S_IMODE(sibling.handle.stat.st_mode)
+    extra = now & 0o444 & ~readers_bits(source.path, source.handle.stat)
+    if extra and sibling.handle.stat.st_uid == os.geteuid():
+        with contextlib.suppress(OSError):
+            os.fchmod(sibling.handle.fileno(), now & ~extra)
+            out.note(f"{sibling.path} made readable only by those who can read {source.path}")
+    return out
 
 
 def _holds_the_source(written: WrittenSibling, path: str, finder: SiblingFinder) -> bool:

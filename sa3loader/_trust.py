@@ -126,3 +126,26 @@ def beside_dir_problem(hidden: str) -> str | None:
     if not dir_writable(existing):
         return f"{existing} is not writable"
     return None
+
+
+def readers_bits(path: str, st: os.stat_result) -> int:
+    """``st``'s permission bits (the file at ``path``) less the read access its folders keep
+    from others: theirs unless every folder above the real file lets others through, the
+    group's unless each lets the group (the file's) or others through. A copy with these bits
+    is readable by no one who cannot read ``path`` (a link's target in a private folder, a
+    folder closed since)."""
+    mode = stat.S_IMODE(st.st_mode)
+    others = group = True
+    folder = os.path.dirname(os.path.realpath(path))
+    while True:
+        try:
+            above = os.stat(folder)
+        except OSError:  # cannot tell: the owner's alone
+            return mode & ~0o077
+        others = others and bool(above.st_mode & 0o001)
+        group = group and bool(above.st_mode & 0o001 or (above.st_mode & 0o010 and above.st_gid == st.st_gid))
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return mode & ~(0 if others else 0o007) & ~(0 if group else 0o070)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
+import tempfile
 import types
 from pathlib import Path
 
@@ -68,3 +70,13 @@ def publications_finish():
 def ckpt(tmp_path):
     torch.manual_seed(0)
     return save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+
+
+@pytest.fixture
+def open_tmp():
+    """A folder every user can traverse: pytest's ``tmp_path`` lies in a folder only its owner
+    may enter, so a sibling made there is for that owner alone (``_trust.readers_bits``)."""
+    root = Path(tempfile.mkdtemp(prefix="sa3loader-open-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)

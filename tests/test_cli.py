@@ -119,6 +119,25 @@ def test_in_place_refuses_hub_symlinks(tmp_path):
     assert "hub" in proc.stderr and blob.read_bytes() == before and (snap / "model.safetensors").is_symlink()
 
 
+def test_convert_dir_of_a_private_folder_makes_an_output_as_private(open_tmp):
+    """A folder only its owner may enter (files 0644 in it, a 0700 sub-folder): the fp16 copy
+    beside it, its weights and the files copied are for the owner alone too."""
+    src = open_tmp / "private"
+    (src / "sub").mkdir(parents=True)
+    save_file({"w": torch.randn(4, 4)}, str(src / "model.safetensors"))
+    save_file({"w": torch.randn(4, 4).half()}, str(src / "sub" / "vae.safetensors"))  # copied as is
+    (src / "config.json").write_text("{}")
+    for path in (src / "model.safetensors", src / "sub" / "vae.safetensors", src / "config.json"):
+        path.chmod(0o644)
+    (src / "sub").chmod(0o700)
+    src.chmod(0o700)
+    run("convert", str(src), cache=open_tmp / "c")
+    out = open_tmp / "private-fp16"
+    assert out.stat().st_mode & 0o077 == 0
+    for path in (out / "model.safetensors", out / "sub" / "vae.safetensors", out / "config.json"):
+        assert path.stat().st_mode & 0o077 == 0, path
+
+
 def test_convert_dir_in_place_refuses_a_link_to_a_file_outside_it(tmp_path):
     """A symlink in the folder to a checkpoint elsewhere: converting the folder in place would
     replace that file, which was not named. Refused before anything is written."""

@@ -118,12 +118,12 @@ def test_only_float32_changes_and_fp16_is_exact_cast(tmp_path):
             assert got.view(torch.uint8).tolist() == value.contiguous().view(torch.uint8).tolist()
 
 
-def test_sibling_permissions_follow_source_minus_write_bits(tmp_path):
+def test_sibling_permissions_follow_source_minus_write_bits(open_tmp):
     """Readable by whoever may read the source (not mkstemp's 0600); writable by no one but root."""
-    src = tmp_path / "model.safetensors"
+    src = open_tmp / "model.safetensors"
     save_file(source_tensors(), str(src))
     os.chmod(src, 0o664)
-    outcome = resolve_sibling(read_header(src), str(tmp_path / "cache"))
+    outcome = resolve_sibling(read_header(src), str(open_tmp / "cache"))
     assert outcome.converted is not None
     mode = os.stat(outcome.sibling.path).st_mode & 0o777
     umask = os.umask(0)

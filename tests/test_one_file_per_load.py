@@ -17,7 +17,7 @@ from safetensors.torch import load as safetensors_load
 from support.checkpoints import random_like_state, save
 from support.compare import assert_same_model, bits
 from support.faults import at, injected
-from support.loads import load_toy
+from support.loads import load_toy, make_ckpt
 from support.memory import mapped_files
 from support.toymodel import build, reference
 
@@ -177,11 +177,12 @@ def test_a_rewrite_of_the_checkpoint_never_changes_a_loaded_model(tmp_path, how)
 
 
 @needs_proc_maps
-def test_a_hit_maps_only_its_own_read_only_sibling(ckpt, tmp_path):
+def test_a_hit_maps_only_its_own_read_only_sibling(open_tmp):
+    ckpt = make_ckpt(open_tmp / "model.safetensors")
     os.chmod(ckpt, 0o640)
-    load_toy(ckpt, tmp_path / "cache")
-    model = load_toy(ckpt, tmp_path / "cache")
-    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    load_toy(ckpt, open_tmp / "cache")
+    model = load_toy(ckpt, open_tmp / "cache")
+    sibling = open_tmp / ".cache" / "sa3loader" / "model.fp16.safetensors"
     assert sa3loader.last_load_info().io == "mmap"
     assert str(sibling) in mapped_files() and str(ckpt) not in mapped_files()
     assert os.stat(sibling).st_mode & 0o777 == 0o440  # the source's mode minus every write bit

@@ -218,13 +218,14 @@ def test_lock_files_are_yours_alone(tmp_path):
 
 
 @needs_root
-def test_a_sibling_keeps_the_sources_group(tmp_path):
+def test_a_sibling_keeps_the_sources_group(open_tmp):
     """A checkpoint readable by one group never gets a copy readable by another."""
-    ckpt = checkpoint(tmp_path / "ckpt")
+    ckpt = checkpoint(open_tmp / "ckpt")
+    (open_tmp / "ckpt").chmod(0o755)
     os.chown(ckpt, -1, NEIGHBOUR)
     ckpt.chmod(0o640)
-    load_toy(ckpt, tmp_path / "cache")
-    sibling = os.stat(tmp_path / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors")
+    load_toy(ckpt, open_tmp / "cache")
+    sibling = os.stat(open_tmp / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors")
     assert (sibling.st_gid, sibling.st_mode & 0o777) == (NEIGHBOUR, 0o440)
 
 
@@ -264,12 +265,14 @@ def test_foreign_fp16_file_is_never_touched(ckpt, tmp_path, conversions, where):
     assert len(conversions) == 1
 
 
-def test_convert_outputs_keep_the_source_mode(ckpt, tmp_path):
+def test_convert_outputs_keep_the_source_mode(open_tmp):
     from sa3loader._convert_dir import convert_file
 
+    ckpt = checkpoint(open_tmp / "ckpt")
+    (open_tmp / "ckpt").chmod(0o755)
     os.chmod(ckpt, 0o640)
-    convert_file(str(ckpt), str(tmp_path / "out.safetensors"))
-    assert os.stat(tmp_path / "out.safetensors").st_mode & 0o777 == 0o640
+    convert_file(str(ckpt), str(open_tmp / "out.safetensors"))
+    assert os.stat(open_tmp / "out.safetensors").st_mode & 0o777 == 0o640
 
 
 def test_a_lock_file_on_a_mount_that_gives_files_another_owner_is_not_left_behind(tmp_path, monkeypatch):
@@ -444,3 +447,74 @@ def test_a_private_group_is_your_primary_one_named_after_you_with_no_other_membe
     gid = MY_GROUP if primary else 6000
     world["groups"][gid] = (name, members)
     assert trust._private_group(gid) is private
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("folder_mode", "expected"),
+    [(0o755, 0o444), (0o750, 0o440), (0o700, 0o400), (0o711, 0o444)],
+    ids=["open", "group", "private", "traversable"],
+)
+def test_a_sibling_is_readable_only_by_those_who_can_read_its_checkpoint(open_tmp, folder_mode, expected):
+    """The checkpoint 0644 in a folder that keeps some out: its sibling (beside a symlink in an
+    open folder, where a load through the link puts it) keeps them out too."""
+    private, public = open_tmp / "private", open_tmp / "public"
+    ckpt = checkpoint(private)
+    ckpt.chmod(0o644)
+    private.chmod(folder_mode)
+    public.mkdir(mode=0o755)
+    (public / "model.safetensors").symlink_to(ckpt)
+    load_toy(public / "model.safetensors", open_tmp / "cache")
+    sibling = public / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    assert sibling.stat().st_mode & 0o777 == expected & ~_umask()
+
+
+def test_a_hit_narrows_a_sibling_whose_checkpoint_was_closed_since(open_tmp):
+    """chmod 600 on the checkpoint after its sibling was made 0444: the next load takes the
+    sibling's other read bits away (it is the loader's), and the load after trusts it again."""
+    ckpt = checkpoint(open_tmp / "ckpt")
+    (open_tmp / "ckpt").chmod(0o755)
+    ckpt.chmod(0o644)
+    load_toy(ckpt, open_tmp / "cache")
+    sibling = open_tmp / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    assert sibling.stat().st_mode & 0o444 == 0o444 & ~_umask()
+    ckpt.chmod(0o600)
+    model = load_toy(ckpt, open_tmp / "cache")
+    assert sa3loader.last_load_info().cache_hit and sibling.stat().st_mode & 0o777 == 0o400
+    assert_same_model(model, reference(ckpt))
+    load_toy(ckpt, open_tmp / "cache")
+    assert sa3loader.last_load_info().cache_hit
+
+
+def test_warm_readable_by_all_never_opens_a_sibling_its_checkpoints_folder_keeps_private(
+    open_tmp, monkeypatch
+):
+    """The checkpoint 0644 in a 0700 folder, its sibling in the cache dir: opening the cache dir
+    to all gives the sibling no read bit the folder keeps from others."""
+    monkeypatch.setenv("SA3LOADER_PLACE", "cache")
+    ckpt = checkpoint(open_tmp / "private")
+    ckpt.chmod(0o644)
+    (open_tmp / "private").chmod(0o700)
+    cache = open_tmp / "cache"
+    assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--readable-by-all"]) == 0
+    (sibling,) = [p for p in cache.rglob("*.safetensors")]
+    assert sibling.stat().st_mode & 0o077 == 0
+
+
+@needs_root
+def test_a_folder_only_another_group_may_enter_keeps_the_checkpoints_group_out(open_tmp):
+    """The checkpoint 0640 of root's group in a folder 0750 of another group: root's group
+    cannot reach it, so its sibling is the owner's alone."""
+    folder = open_tmp / "theirs"
+    ckpt = checkpoint(folder)
+    ckpt.chmod(0o640)
+    os.chown(folder, -1, NEIGHBOUR)
+    folder.chmod(0o750)
+    load_toy(ckpt, open_tmp / "cache")
+    sibling = folder / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    assert sibling.stat().st_mode & 0o777 == 0o400
