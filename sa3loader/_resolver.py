@@ -324,18 +324,11 @@ class SiblingResolver:
         out.sibling = written.open_header()
         row = f.row_for(out.sibling, None, written.result)
         if not self.publish_later:
-            _publish(written, f.cache_dir, f.cache_trusted, f.real, row, f.index)
+            _publish(written, f, row, self.evict, f.index)
             return
         out.note("publishing the sibling in the background")
-        publish = functools.partial(
-            _publish,
-            written,
-            f.cache_dir,
-            f.cache_trusted,
-            f.real,
-            row,
-            recheck=functools.partial(self._refuse_to_overwrite, target),
-        )
+        recheck = functools.partial(self._refuse_to_overwrite, target)
+        publish = functools.partial(_publish, written, f, row, self.evict, recheck=recheck)
         out.publication = Publication(target, publish, held.pop_all(), [written.fd])
 
     def _unpublished(self, target: str, metadata: dict[str, str]) -> WrittenSibling | None:
@@ -400,16 +393,16 @@ def _holds_the_source(written: WrittenSibling, path: str, finder: SiblingFinder)
 
 def _publish(
     written: WrittenSibling,
-    cache_dir: str,
-    usable: bool,
-    key: str,
+    f: SiblingFinder,
     row: IndexRow,
+    evict: Eviction,
     index: Index | None = None,
     recheck: Callable[[], None] | None = None,
 ) -> None:
     """fsync and rename the written sibling, then record it in the index (a new connection
-    when none is given: this may run on the publishing thread). ``recheck``, just before the
-    rename, raises when the name may no longer be written (the load has long returned)."""
+    when none is given: this may run on the publishing thread), then apply the cap again.
+    ``recheck``, just before the rename, raises when the name may no longer be written (the
+    load has long returned)."""
     written_file = written.publish(before_rename=recheck)
     _faults.point("index")
     with contextlib.suppress(OSError):  # the rename moved its ctime (another file at the name: not recorded)
@@ -418,8 +411,29 @@ def _publish(
             row = dataclasses.replace(row, sibling_file=sibling_file(published))
     with contextlib.ExitStack() as stack:
         if index is None:
-            index = stack.enter_context(Index(cache_dir, usable=usable))
-        index.put(key, row)
+            index = stack.enter_context(Index(f.cache_dir, usable=f.cache_trusted))
+        index.put(f.real, row)
+        read_only = index.read_only
+    if not read_only:
+        _cap_again(f, evict, row)
+
+
+def _cap_again(f: SiblingFinder, evict: Eviction, row: IndexRow) -> None:
+    """Under $SA3LOADER_CACHE_MAX once ``row`` is in: loads converting at once each made room
+    for their own sibling alone, so together they may be over it; the least recently used
+    others go (never this one)."""
+    cap = f.settings.cache_max
+    if cap is None or not f.cache_trusted:
+        return
+    try:
+        plan = evict.over_cap(cap, adding=row.sibling_size, keep=frozenset({row.sibling_path}))
+        done = evict.carry_out(plan) if plan is not None and plan.removals else None
+    except (Sa3LoaderError, OSError) as exc:
+        warn_once("cap:" + f.cache_dir, "sa3loader cannot apply $%s: %s", _config.CACHE_MAX_ENV, exc)
+        return
+    for step in done.removed if done is not None else ():
+        if step.kind == "sibling":
+            logger.info("removed the least recently used sibling %s to stay under the cap", step.path)
 
 
 def resolve_sibling(

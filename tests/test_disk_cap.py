@@ -244,3 +244,24 @@ def test_a_sibling_whose_lock_is_another_users_is_not_removed_and_the_cap_holds(
     ] == [str(a)]
     dry = run("cache", "prune", "--max-size", "1kB", "--dry-run", cache=cache).stdout
     assert "would remove sibling" not in dry
+
+
+def test_loads_that_converted_at_once_end_under_the_cap(tmp_path, monkeypatch):
+    """Another process's row lands between this load's cap check and its publication (each
+    made room for its own sibling alone): once this one's row is in, the cap is applied
+    again and the least recently used other sibling goes, never the new one."""
+    a, b, c = three_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    load_toy(a, cache)
+    load_toy(b, cache)
+    index = Index(str(cache))
+    landing = index.get(os.path.realpath(b))
+    index.delete(os.path.realpath(b))  # b's conversion, still running elsewhere
+    size = sibling_of(a).stat().st_size
+    monkeypatch.setenv(_config.CACHE_MAX_ENV, str(2 * size + size // 2))  # room for two
+    with injected(at("convert", lambda: Index(str(cache)).put(os.path.realpath(b), landing))):
+        load_toy(c, cache)
+    assert sa3loader.last_load_info().converted and sibling_of(c).exists()
+    on_disk = [p for p in (tmp_path / SIBLING).glob("*.fp16.safetensors")]
+    assert sum(p.stat().st_size for p in on_disk) <= 2 * size + size // 2, on_disk
+    assert not sibling_of(a).exists()  # the least recently used
