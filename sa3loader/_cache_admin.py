@@ -261,7 +261,8 @@ def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
         rows += [e for e in about if e not in rows]
         places = [beside_path(named), legacy_beside_path(named)]
         places += [cache_path(cache_dir, named, real, blob_name(real)), cache_path(cache_dir, named, real)]
-        if not about and not any(os.path.lexists(p) for p in (named, *places)):  # a typo, most likely
+        # A typo, a sibling's or a folder's name: nothing of a checkpoint's, even if it exists.
+        if not about and not any(os.path.lexists(p) or _leftovers(p, going=True) for p in places):
             unmatched.append(checkpoint)
         for sibling in [*(e.sibling for e in about if e.sibling), *places]:
             if _canonical(sibling) not in siblings:

@@ -883,12 +883,34 @@ def test_cache_rm_removes_exactly_the_siblings_of_the_checkpoints_given(tmp_path
     missing = run("cache", "rm", str(hub_like), cache=cache, check_rc=1).stdout
     assert missing == (
         "removed 0 file(s), 0 B in all\n"
-        f"nothing matches {hub_like}: no such checkpoint, no row or sibling of it\nremoved 0 row(s)\n"
+        f"nothing matches {hub_like}: no row, sibling or temp file of it\nremoved 0 row(s)\n"
     )
     data = json.loads(
         run("--json", "cache", "rm", str(hub_like), "--dry-run", cache=cache, check_rc=1).stdout
     )
     assert data["unmatched"] == [str(hub_like)]
+
+
+def test_cache_rm_says_what_it_removed_and_what_matched_nothing(tmp_path):
+    """A checkpoint gone after a killed first conversion: its temp file is removed, and that is
+    a match (exit 0). A sibling's own name or a folder's is no checkpoint's: nothing matches
+    (exit 1), whatever is there."""
+    from support.loads import make_ckpt
+
+    folder = tmp_path / "m"
+    hidden = folder / ".cache" / "sa3loader"
+    hidden.mkdir(parents=True)
+    killed = hidden / "gone.fp16.safetensors.incomplete-999-deadbeef"
+    killed.write_bytes(b"x" * 100)
+    cache = tmp_path / "c"
+    out = run("cache", "rm", str(folder / "gone.safetensors"), cache=cache).stdout
+    assert f"removed temp file {killed}" in out and "nothing matches" not in out and not killed.exists()
+    ckpt = make_ckpt(folder / "model.safetensors")
+    run("warm", str(ckpt), cache=cache)
+    for name in (hidden / "model.fp16.safetensors", folder):
+        out = run("cache", "rm", str(name), cache=cache, check_rc=1).stdout
+        assert f"nothing matches {name}: no row, sibling or temp file of it" in out
+    assert (hidden / "model.fp16.safetensors").exists()
 
 
 def test_cache_rm_removes_a_sibling_in_the_cache_dir_and_its_emptied_folder(tmp_path):
