@@ -116,11 +116,15 @@ def owner_problem(path: str, st: os.stat_result, source_owner: int, *, shared: b
 def beside_dir_problem(hidden: str) -> str | None:
     """None when a sibling may be written in the hidden folder beside a checkpoint
     (``<folder>/.cache/sa3loader``), else why not: no symlink at either name (it would send
-    the sibling elsewhere), and the first of them that exists writable by you."""
+    the sibling elsewhere), the hidden folder (if there) yours and writable by no one else,
+    and the first of them that exists writable by you."""
     for directory in (os.path.dirname(hidden), hidden):
-        _, problem = _lstat(directory)
+        st, problem = _lstat(directory)
         if problem is not None:
             return f"{directory}: {problem}"
+        if directory == hidden and st is not None and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
+            # Another user's, or open to others' writes: they could take away or swap what goes in.
+            return f"{directory} is another user's, or others may write to it"
     dot_cache = os.path.dirname(hidden)
     existing = next((d for d in (hidden, dot_cache) if os.path.isdir(d)), os.path.dirname(dot_cache))
     if not dir_writable(existing):

@@ -518,3 +518,23 @@ def test_a_folder_only_another_group_may_enter_keeps_the_checkpoints_group_out(o
     load_toy(ckpt, open_tmp / "cache")
     sibling = folder / ".cache" / "sa3loader" / "model.fp16.safetensors"
     assert sibling.stat().st_mode & 0o777 == 0o400
+
+
+@needs_root
+@pytest.mark.parametrize("whose", ["another user's", "writable by all"])
+def test_a_hidden_folder_someone_else_made_beside_a_checkpoint_is_not_written_into(open_tmp, whose):
+    """``.cache/sa3loader`` made in a shared folder by another user (or open to every user's
+    writes): what went in could be taken away or swapped. The sibling goes to the cache dir."""
+    folder = open_tmp / "shared"
+    ckpt = checkpoint(folder)
+    folder.chmod(0o777)
+    hidden = folder / ".cache" / "sa3loader"
+    hidden.mkdir(parents=True)
+    if whose == "another user's":
+        os.chown(hidden, NEIGHBOUR, NEIGHBOUR)
+    hidden.chmod(0o777)
+    model = load_toy(ckpt, open_tmp / "cache")
+    info = sa3loader.last_load_info()
+    assert info.converted and info.sibling.startswith(str(open_tmp / "cache")), info.sibling
+    assert list(hidden.iterdir()) == []
+    assert_same_model(model, reference(ckpt))
