@@ -277,10 +277,10 @@ class SiblingResolver:
         try:
             with contextlib.ExitStack() as held:
                 held.enter_context(ConversionLock(target, timeout=f.settings.lock_timeout))
-                # Check again: another process may have converted while we waited.
+                # Check again: another load may have converted while we waited.
                 out.sibling = f.accept(target, None)
                 if out.sibling is not None:
-                    out.reason = "converted by another process"
+                    out.reason = "converted by another load"  # another process's, or thread's
                     return out
                 written = self._unpublished(target, metadata)
                 if written is None:

@@ -43,7 +43,7 @@ class LoadInfo:
     """What one load did (``last_load_info()``).
 
     ``reason`` is one line: ``fp32 load``, ``cache hit``, ``cache hit (published what a previous
-    process wrote)``, ``converted``, ``converted by another process``, ``no float32 tensors:
+    process wrote)``, ``converted``, ``converted by another load``, ``no float32 tensors:
     loaded as is``, ``already fp16 (an sa3loader output): loaded as is``, ``meta device: nothing
     read``, ``autoencoder fp32 load``, ``DISABLED_REASON`` (``$SA3LOADER_DISABLE=1: upstream's own
     loader``), or why no sibling could be used, ending in ``loading the fp32 source``.

@@ -208,3 +208,32 @@ def test_model_and_model_safetensors_keep_their_own_siblings(tmp_path, conversio
         "model-fp16.safetensors",
         "model.fp16.safetensors",
     ]
+
+
+def test_threads_loading_one_checkpoint_convert_once_and_say_which_waited(tmp_path):
+    """Two threads of one process: one converts, the other waits for its lock and reads what
+    it wrote, and says so (not "another process")."""
+    import threading
+    import time
+
+    from support.faults import at, injected
+
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    converting = threading.Event()
+    reasons: list[str] = []
+
+    def load() -> None:
+        _, info = sa3loader.load(
+            {"dim": 32}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build
+        )
+        reasons.append(info.reason)
+
+    with injected(at("convert", lambda: (converting.set(), time.sleep(1.0)))):
+        first = threading.Thread(target=load)
+        first.start()
+        assert converting.wait(30)
+        second = threading.Thread(target=load)
+        second.start()
+        first.join(60)
+        second.join(60)
+    assert sorted(reasons) == ["converted", "converted by another load"]
