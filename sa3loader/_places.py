@@ -14,6 +14,7 @@ cache's layout (known here only).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -254,17 +255,19 @@ def make_beside_dirs(hidden: str) -> list[str]:
     Best effort: a folder that cannot be created is reported by the room check after."""
     folder = os.path.dirname(os.path.dirname(hidden))
     try:
-        mode = stat.S_IMODE(os.stat(folder).st_mode) & 0o755
+        folder_stat = os.stat(folder)
     except OSError:
         return []
     made = []
     for directory in (os.path.dirname(hidden), hidden):
         try:
-            os.mkdir(directory, mode)
+            os.mkdir(directory, stat.S_IMODE(folder_stat.st_mode) & 0o755)
         except FileExistsError:
             continue
         except OSError:
             break
+        with contextlib.suppress(OSError):  # the folder's group, which reads the checkpoint (else ours)
+            os.chown(directory, -1, folder_stat.st_gid)
         made.append(directory)
     return made
 

@@ -538,3 +538,20 @@ def test_a_hidden_folder_someone_else_made_beside_a_checkpoint_is_not_written_in
     assert info.converted and info.sibling.startswith(str(open_tmp / "cache")), info.sibling
     assert list(hidden.iterdir()) == []
     assert_same_model(model, reference(ckpt))
+
+
+@needs_root
+def test_the_hidden_folder_made_beside_a_checkpoint_lets_the_folders_group_through(open_tmp):
+    """A folder root:NEIGHBOUR 0750, the checkpoint 0640 of that group: its members read it,
+    so they must reach its sibling (root's own group would keep them out)."""
+    folder = open_tmp / "team"
+    ckpt = checkpoint(folder)
+    os.chown(folder, -1, NEIGHBOUR)
+    os.chown(ckpt, -1, NEIGHBOUR)
+    folder.chmod(0o750)
+    ckpt.chmod(0o640)
+    load_toy(ckpt, open_tmp / "cache")
+    for made in (folder / ".cache", folder / ".cache" / "sa3loader"):
+        assert (made.stat().st_gid, made.stat().st_mode & 0o050) == (NEIGHBOUR, 0o050), made
+    sibling = folder / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    assert (sibling.stat().st_gid, sibling.stat().st_mode & 0o777) == (NEIGHBOUR, 0o440)
