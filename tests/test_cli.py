@@ -138,6 +138,18 @@ def test_convert_dir_of_a_private_folder_makes_an_output_as_private(open_tmp):
         assert path.stat().st_mode & 0o077 == 0, path
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["to-dir-fp16", "in-place"])
+def test_convert_of_a_folder_without_a_checkpoint_says_so_and_writes_nothing(tmp_path, in_place):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "README.md").write_text("no weights here")
+    err = run(
+        "--json", "convert", str(folder), *(["--in-place"] * in_place), cache=tmp_path / "c", check_rc=1
+    )
+    assert json.loads(err.stdout)["error"]["type"] == "ConfigError" and "nothing to convert" in err.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
 def test_convert_dir_in_place_refuses_a_link_to_a_file_outside_it(tmp_path):
     """A symlink in the folder to a checkpoint elsewhere: converting the folder in place would
     replace that file, which was not named. Refused before anything is written."""
