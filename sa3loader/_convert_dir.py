@@ -306,8 +306,6 @@ def convert_tree(
     clears what a kill left), never a half-filled output.
     """
     src_dir = os.path.abspath(src_dir)
-    if not checkpoints_in(src_dir):  # an fp16 copy of nothing, or a name mistyped
-        raise ConfigError(f"no .safetensors checkpoint in {src_dir}: nothing to convert", filename=src_dir)
     if out_dir is None and in_hub_repo(src_dir):
         raise HubCacheError(
             f"{src_dir} is inside a Hugging Face hub cache, which sa3loader never writes into "
@@ -315,6 +313,8 @@ def convert_tree(
             "loads keep their siblings in the sa3loader cache dir.",
             filename=src_dir,
         )
+    if not checkpoints_in(src_dir):  # an fp16 copy of nothing, or a name mistyped
+        raise ConfigError(f"no .safetensors checkpoint in {src_dir}: nothing to convert", filename=src_dir)
     if in_place:
         for path in checkpoints_in(src_dir):  # refused before anything is written
             _in_place_target(path, src_dir)
