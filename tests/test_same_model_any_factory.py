@@ -2383,11 +2383,23 @@ def test_a_kept_generator_the_fast_build_cannot_move_takes_upstreams_build(tmp_p
 
 # Drawn values kept where no walk of the model looks: each class keeps one (after a linear
 # layer whose skipped init moves the fast build's generator elsewhere) and says where (``held``).
+class _KeepsADrawAfterASkippedInit(nn.Module):
+    """A linear layer (its init skipped on the fast build), then a draw ``keep`` puts somewhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.keep(torch.randn(3))
+
+    def keep(self, drawn: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
 class _Holder:
     t: torch.Tensor
 
 
-class _RotaryBase(nn.Module):
+class _RotaryBase(_KeepsADrawAfterASkippedInit):
     table: torch.Tensor | None = None
 
 
@@ -2395,98 +2407,79 @@ _ANOTHER_MODULE = types.ModuleType("another_module_of_the_factory")
 _NESTED_DEEP: dict = {}
 
 
-class KeptInAFunctionsDict(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
+class KeptInAFunctionsDict(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
         def shift(x):
             return x + shift.bias
 
-        shift.bias = torch.randn(3)  # type: ignore[attr-defined]
+        shift.bias = drawn  # type: ignore[attr-defined]
         self.shift = shift
 
     def held(self):
         return self.shift.bias
 
 
-class KeptInALambdasGlobals(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.shift = eval("lambda x: x + B", {"B": torch.randn(3)})
+class KeptInALambdasGlobals(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
+        self.shift = eval("lambda x: x + B", {"B": drawn})
 
     def held(self):
         return self.shift.__globals__["B"]
 
 
-class KeptInAModuleObject(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
+class KeptInAModuleObject(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
         self.namespace = types.ModuleType("namespace")
-        self.namespace.t = torch.randn(3)
+        self.namespace.t = drawn
 
     def held(self):
         return self.namespace.t
 
 
-class KeptInAMethodcaller(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.add = operator.methodcaller("add", torch.randn(3))
+class KeptInAMethodcaller(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
+        self.add = operator.methodcaller("add", drawn)
 
     def held(self):
         return self.add(torch.zeros(3))
 
 
-class KeptOnAClassItHolds(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        _Holder.t = torch.randn(3)
+class KeptOnAClassItHolds(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
+        _Holder.t = drawn
         self.kind = _Holder
 
     def held(self):
         return self.kind.t
 
 
-class KeptByABoundBuiltin(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.noise = torch.randn(3).clone
+class KeptByABoundBuiltin(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
+        self.noise = drawn.clone
 
     def held(self):
         return self.noise()
 
 
 class KeptOnItsBaseClass(_RotaryBase):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        _RotaryBase.table = torch.randn(3)
+    def keep(self, drawn):
+        _RotaryBase.table = drawn
 
     def held(self):
         return self.table
 
 
-class KeptInAnotherModulesGlobal(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        _ANOTHER_MODULE.noise = torch.randn(3)  # type: ignore[attr-defined]
+class KeptInAnotherModulesGlobal(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
+        _ANOTHER_MODULE.noise = drawn  # type: ignore[attr-defined]
 
     def held(self):
         return _ANOTHER_MODULE.noise  # type: ignore[attr-defined]
 
 
-class KeptNestedDeepInItsModulesGlobal(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        _NESTED_DEEP["a"] = {"b": {"c": {"d": [torch.randn(3)]}}}
+class KeptNestedDeepInItsModulesGlobal(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
+        _NESTED_DEEP["a"] = {"b": {"c": {"d": [drawn]}}}
 
     def held(self):
         return _NESTED_DEEP["a"]["b"]["c"]["d"][0]
