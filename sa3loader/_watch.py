@@ -16,6 +16,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._draw_checks import ChecksDraws, check_arguments
+from ._escapes import ARGUMENT_DEPTH, decided_by_values, escapes, op_name, parts
 from ._holders import storage_of
 
 _META = torch.device("meta")
@@ -35,40 +36,6 @@ RANDOM_DRAWS = frozenset(
 
 # torch.nn.init's functions among them, by identity (see ``BuildWatch.__torch_function__``).
 _NN_INIT_DRAWS = frozenset(f for name, f in vars(nn.init).items() if name in RANDOM_DRAWS and callable(f))
-
-# Functions whose answer about a tensor is not its values: reading them from a drawn tensor
-# lets nothing drawn out. Anything else that returns no tensor (a number, a list, an array,
-# a string) carries drawn values out of torch.
-METADATA_FUNCTIONS = frozenset(
-    "size dim ndimension numel nelement stride storage_offset element_size is_contiguous"
-    " is_floating_point is_complex is_signed is_pinned is_shared get_device __len__"
-    " is_set_to is_nonzero_shape type __hash__ __get__ __set__ requires_grad_ register_hook"
-    " _has_compatible_shallow_copy_type _is_view is_inference is_conj is_neg".split()
-)
-
-
-# Functions whose result's shape the values they read decide (a drawn mask's count): the shape
-# of such a result carries drawn values out as a number would, however it is read.
-SHAPE_FROM_VALUES = frozenset(
-    "nonzero argwhere masked_select unique unique_consecutive unique_dim _unique _unique2 bincount"
-    " repeat_interleave tensor_split one_hot to_sparse _to_sparse _pack_padded_sequence".split()
-)
-
-
-# Functions that raise, or not, by the values they read: either way tells drawn values.
-VALUE_CHECKS = frozenset(
-    "_assert_async _assert_scalar _functional_assert_async _functional_assert_scalar cholesky"
-    " linalg_cholesky inverse linalg_inv solve linalg_solve lu linalg_lu_factor multinomial"
-    " bernoulli normal poisson".split()  # (an index out of range: ``_decided_by_values``)
-)
-
-
-# Properties (read through ``__get__``) that are not values.
-METADATA_PROPERTIES = frozenset(
-    "shape dtype device requires_grad is_leaf is_cuda is_meta is_cpu is_sparse is_quantized is_mkldnn"
-    " layout ndim names itemsize nbytes grad_fn output_nr _version _base".split()
-)
-
 
 # What tells a stand-in (meta) from upstream's parameter, read into a plain value (a string, a
 # bool) that the build cannot follow: the device, and the text of the tensor.
@@ -96,7 +63,6 @@ def _read_by_torch(frame: Any) -> bool:
 # Containers searched for tensors in what a function returns, and in its arguments
 # (``torch.tensor([[x[0], x[1]], [x[2], x[3]]])``).
 OUTPUT_DEPTH = 2
-ARGUMENT_DEPTH = 4
 
 
 def _generator_state() -> torch.Tensor:
@@ -204,49 +170,6 @@ def _torchs_init() -> bool:
     except KeyError:  # one deleted
         return False
     return drawn == _TENSOR_DRAWS_AS_MADE and all(map(operator.is_, functions, _NN_INIT_AS_MADE))
-
-
-def _decided_by_values(name: str, args: tuple, kwargs: dict | None) -> bool:
-    """Whether an op reading drawn values lets them decide a shape (``SHAPE_FROM_VALUES``),
-    whether it raises (``VALUE_CHECKS``), or reads a tensor as numbers in C++, unseen: an
-    integer or boolean one (an index, a mask) or a one-element one (a size), however nested."""
-    if name in SHAPE_FROM_VALUES or name in VALUE_CHECKS or (name == "where" and len(args) == 1):
-        return True
-    read = _argument_tensors((*args, *(kwargs or {}).values()), ARGUMENT_DEPTH)
-    return any(not t.is_floating_point() or t.numel() == 1 for t in read)
-
-
-def _argument_tensors(values: tuple | list, depth: int) -> Iterator[torch.Tensor]:
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif depth and (parts := _parts(value)) is not None:
-            yield from _argument_tensors(parts, depth - 1)
-
-
-def _parts(value: Any) -> tuple | list | None:
-    """What a list or tuple holds, or a slice's bounds; None for anything else."""
-    slice_bounds = (value.start, value.stop, value.step) if isinstance(value, slice) else None
-    return value if isinstance(value, (list, tuple)) else slice_bounds
-
-
-def _name(func: Any) -> str:
-    name = getattr(func, "__name__", "")
-    if name == "__get__":  # a property: say which
-        return "." + getattr(getattr(func, "__self__", None), "__name__", "?")
-    return name
-
-
-def _escapes(func: Any, name: str, out: Any, returned: list) -> bool:
-    """Whether ``out`` (no tensor: none ``returned``; not None), computed from drawn values,
-    carries values out of torch: a number, a list, an array, a string. Metadata does not."""
-    if returned or out is None:
-        return False
-    if name == "__get__":
-        return _name(func)[1:] not in METADATA_PROPERTIES
-    if name in METADATA_FUNCTIONS:
-        return False
-    return not isinstance(out, (torch.dtype, torch.device, torch.Size))
 
 
 GeneratorStates = dict[int, tuple[torch.Generator, torch.Tensor]]
@@ -388,8 +311,8 @@ class BuildWatch(TorchFunctionMode):
             written = []
         for t in written:
             self.mark(t)
-        if _escapes(func, name, out, returned) or _decided_by_values(name, args, kwargs):
-            self.escapes.append(f"Tensor.{_name(func).lstrip('.')}")
+        if escapes(func, name, out, returned) or decided_by_values(name, args, kwargs):
+            self.escapes.append(f"Tensor.{op_name(func).lstrip('.')}")
 
     def stand_in(self, tensor: torch.Tensor) -> None:
         """``tensor`` is a deferred parameter's meta stand-in, or was computed from one."""
@@ -397,12 +320,12 @@ class BuildWatch(TorchFunctionMode):
 
     def _follow_stand_ins(self, func: Any, name: str, args: tuple, kwargs: dict | None, out: Any) -> None:
         metas = [t for t in _tensors_out(out) if t.is_meta]
-        reveals = name in DEVICE_METHODS or (name == "__get__" and _name(func)[1:] in DEVICE_PROPERTIES)
+        reveals = name in DEVICE_METHODS or (name == "__get__" and op_name(func)[1:] in DEVICE_PROPERTIES)
         if (metas or reveals) and self._from_stand_in(args, kwargs):
             for t in metas:
                 self.stand_in(t)
             if reveals and not _read_by_torch(sys._getframe(2)):
-                self.device_reads.append(f"Tensor.{_name(func).lstrip('.')}")
+                self.device_reads.append(f"Tensor.{op_name(func).lstrip('.')}")
 
     def _from_stand_in(self, args: tuple, kwargs: dict | None) -> bool:
         values = (*args, *kwargs.values()) if kwargs else args
@@ -420,7 +343,7 @@ class BuildWatch(TorchFunctionMode):
             if isinstance(value, torch.Tensor):
                 if self.drawn(value):
                     return True
-            elif depth and (parts := _parts(value)) is not None and self._reads_drawn(parts, None, depth - 1):
+            elif depth and (inner := parts(value)) is not None and self._reads_drawn(inner, None, depth - 1):
                 return True
         return False
 
