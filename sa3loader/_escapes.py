@@ -40,6 +40,13 @@ VALUE_CHECKS = frozenset(
 )
 
 
+# Functions that give a tensor's memory to code torch does not see (a pointer, a storage, an
+# array): a value drawn into that memory later can leave through it, unseen.
+HANDS_OUT_MEMORY = frozenset(
+    "untyped_storage storage _typed_storage data_ptr numpy __array__ __dlpack__".split()
+)
+
+
 # Properties (read through ``__get__``) that are not values.
 METADATA_PROPERTIES = frozenset(
     "shape dtype device requires_grad is_leaf is_cuda is_meta is_cpu is_sparse is_quantized is_mkldnn"

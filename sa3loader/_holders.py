@@ -15,9 +15,23 @@ def storage_of(tensor: torch.Tensor) -> torch.UntypedStorage | None:
             return None
         try:
             storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):
+            return storage if storage.data_ptr() else None
+        except (RuntimeError, NotImplementedError):  # (a jagged nested tensor's raises at data_ptr)
             return None
-        return storage if storage.data_ptr() else None
+
+
+def covers_its_memory(tensor: torch.Tensor, storage: torch.UntypedStorage) -> bool:
+    """Whether ``tensor`` is each byte of ``storage`` once: from its start, as many bytes, laid
+    out as some order of a contiguous layout (a transposed one is; a view whose elements
+    overlap spans the memory yet leaves some of it unwritten)."""
+    if tensor.storage_offset() != 0 or tensor.nbytes != storage.nbytes():
+        return False
+    expected, dims = 1, zip(tensor.shape, tensor.stride(), strict=True)
+    for size, stride in sorted((d for d in dims if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def storage_holders(storage: torch.UntypedStorage) -> int:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ._holders import storage_holders, storage_of
 from ._reach import HOLD_NO_TENSOR, REACH_DEPTH, TOO_DEEP, holds_nothing, kept_outside_instances, leaves
-from ._watch import BuildWatch, outer_watches_keeping, pop_drawn_memory
+from ._watch import BuildWatch, drawn_without_memory, outer_watches_keeping, pop_drawn_memory
 
 
 class FastBuildRefused(Exception):
@@ -164,16 +164,21 @@ def _refuse_drawn_memory_held(attributes: Attributes, assign: dict[str, str], wa
     def ours(memory: torch.UntypedStorage) -> int:  # our object, outer builds' watches, those replaced
         return 1 + outer_watches_keeping(watch, memory) + replaced[memory.data_ptr()]
 
+    def unseen(memory: torch.UntypedStorage) -> bool:  # whoever holds it cannot be counted
+        return memory.data_ptr() in watch.handed_out or not memory.resizable()  # (numpy's, a buffer's)
+
     held = []
     while (memory := pop_drawn_memory(watch)) is not None:  # this frame's reference is the only one
-        if storage_holders(memory) > ours(memory):
+        if unseen(memory) or storage_holders(memory) > ours(memory):
             held.append(memory)
-    if held:
+    if held or drawn_without_memory(watch):
         gc.collect()
     while held:
         memory = held.pop()
-        if storage_holders(memory) > ours(memory):
+        if unseen(memory) or storage_holders(memory) > ours(memory):
             raise FastBuildRefused(f"a value drawn at random while it was built is held elsewhere ({_WHERE})")
+    if drawn_without_memory(watch):
+        raise FastBuildRefused(f"a value drawn at random while it was built is held elsewhere ({_WHERE})")
 
 
 def _replaced_memory(attributes: Attributes, assign: dict[str, str]) -> Counter[int]:

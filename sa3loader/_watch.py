@@ -16,8 +16,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._draw_checks import ChecksDraws, check_arguments
-from ._escapes import ARGUMENT_DEPTH, decided_by_values, escapes, op_name, parts
-from ._holders import storage_of
+from ._escapes import ARGUMENT_DEPTH, HANDS_OUT_MEMORY, decided_by_values, escapes, op_name, parts
+from ._holders import covers_its_memory, storage_of
 
 _META = torch.device("meta")
 
@@ -49,15 +49,19 @@ DEVICE_METHODS = frozenset("get_device data_ptr __repr__ __str__ __format__".spl
 _DISPATCH_MODULES = frozenset({"torch.overrides", "torch._tensor"})
 
 
-def _read_by_torch(frame: Any) -> bool:
+def _read_by_torch(frame: Any) -> bool | None:
     """Whether the code at ``frame`` (past torch's dispatch) is torch's own: ``nn.init`` or
-    ``load_state_dict`` asking ``is_meta`` act on the answer and keep nothing of it."""
+    ``load_state_dict`` asking ``is_meta`` act on the answer and keep nothing of it. None where
+    it is torch's and was given a generator of the factory's own: an nn.init function that
+    returns at once for meta (``trunc_normal_``) skips a draw that would have moved it."""
     while frame is not None and (
         frame.f_globals.get("__name__") in _DISPATCH_MODULES or frame.f_code.co_name == "__torch_function__"
     ):  # torch's dispatch, and any mode above the watch (``with torch.device(...)``'s): not the reader
         frame = frame.f_back
     module = frame.f_globals.get("__name__", "") if frame is not None else ""
-    return module == "torch" or module.startswith("torch.")
+    given = frame.f_locals.get("generator") if frame is not None else None
+    private = isinstance(given, torch.Generator) and given is not torch.default_generator
+    return (None if private else True) if module == "torch" or module.startswith("torch.") else False
 
 
 # Containers searched for tensors in what a function returns, and in its arguments
@@ -227,6 +231,7 @@ class BuildWatch(TorchFunctionMode):
         # The CPU generator after the last draw seen: another state is a draw not seen (not in RANDOM_DRAWS).
         self._generator_after: torch.Tensor = _generator_state()
         self.unseen_draw = False
+        self.handed_out: set[int] = set()  # memory given to code torch does not see (by address)
         self._inits = InitCalls()
 
     def generator_set(self) -> None:
@@ -242,6 +247,8 @@ class BuildWatch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "").split(".", 1)[0]  # torch.ops' "randn.default" is randn
         draws = name in RANDOM_DRAWS
+        if name in HANDS_OUT_MEMORY and args and (memory := storage_of(args[0])) is not None:
+            self.handed_out.add(memory.data_ptr())  # what is drawn into it later may leave unseen
         # A function of torch's own draws only what it returns or writes into its tensor; any other
         # (torch's override protocol) runs unwatched: the generators' states tell what it drew.
         own = _torchs_own(func)
@@ -269,24 +276,7 @@ class BuildWatch(TorchFunctionMode):
         return out
 
     def _init_into_meta(self, func: Any, name: str, kwargs: dict) -> Any:
-        """nn.init's functions (by identity; tensor by keyword) draw nothing into meta: they run their
-        checks, warnings and errors as upstream's, unlooked at (a draw elsewhere shows as unseen)."""
-        tensor, call = kwargs["tensor"], InitCalls.key(func, kwargs)
-        if self._inits.repeat(call, tensor):
-            return tensor
-        version = tensor._version if call is not None else 0  # an inference tensor has none
-        try:
-            with ChecksDraws():  # the draws it makes into meta: checked as real memory checks them
-                out = func(**kwargs)
-        except Exception as exc:
-            self._note_error(exc, (), kwargs)
-            raise
-        if out is tensor:  # nothing new came out: nothing to follow
-            if call is not None:  # (an inference tensor, never keyed, has no version to read)
-                self._inits.returned(call, tensor._version - version)
-            return out
-        self._follow(func, name, True, (), kwargs, out)
-        return out
+        return _run_init_into_meta(self, func, name, kwargs)
 
     def _note_error(self, exc: Exception, args: tuple, kwargs: dict | None) -> None:
         if self._from_stand_in(args, kwargs):
@@ -324,8 +314,10 @@ class BuildWatch(TorchFunctionMode):
         if (metas or reveals) and self._from_stand_in(args, kwargs):
             for t in metas:
                 self.stand_in(t)
-            if reveals and not _read_by_torch(sys._getframe(2)):
-                self.device_reads.append(f"Tensor.{op_name(func).lstrip('.')}")
+            reader = _read_by_torch(sys._getframe(2)) if reveals else True
+            if not reader:  # torch's own reads with a generator skip a draw: one not followed
+                self.unseen_draw = self.unseen_draw or reader is None
+                self.device_reads += [] if reader is None else [f"Tensor.{op_name(func).lstrip('.')}"]
 
     def _from_stand_in(self, args: tuple, kwargs: dict | None) -> bool:
         values = (*args, *kwargs.values()) if kwargs else args
@@ -369,7 +361,7 @@ class BuildWatch(TorchFunctionMode):
         if ref is not None and ref() is tensor:
             del self._drawn[id(tensor)]
         storage = storage_of(tensor)
-        if storage is not None and tensor.storage_offset() == 0 and tensor.nbytes == storage.nbytes():
+        if storage is not None and covers_its_memory(tensor, storage):
             self._drawn_storages.pop(storage.data_ptr(), None)  # all of its memory overwritten
 
     def release(self) -> None:
@@ -421,3 +413,30 @@ def outer_watches_keeping(watch: BuildWatch, storage: torch.UntypedStorage) -> i
         count += outer._drawn_storages.get(storage.data_ptr()) is storage
         outer = outer.outer
     return count
+
+
+def _run_init_into_meta(watch: BuildWatch, func: Any, name: str, kwargs: dict) -> Any:
+    """nn.init's functions (by identity; tensor by keyword) draw nothing into meta: they run their
+    checks, warnings and errors as upstream's, unlooked at (a draw elsewhere shows as unseen)."""
+    tensor, call = kwargs["tensor"], InitCalls.key(func, kwargs)
+    if watch._inits.repeat(call, tensor):
+        return tensor
+    version = tensor._version if call is not None else 0  # an inference tensor has none
+    try:
+        with ChecksDraws():  # the draws it makes into meta: checked as real memory checks them
+            out = func(**kwargs)
+    except Exception as exc:
+        watch._note_error(exc, (), kwargs)
+        raise
+    if out is tensor:  # nothing new came out: nothing to follow
+        if call is not None:  # (an inference tensor, never keyed, has no version to read)
+            watch._inits.returned(call, tensor._version - version)
+        return out
+    watch._follow(func, name, True, (), kwargs, out)
+    return out
+
+
+def drawn_without_memory(watch: BuildWatch) -> list[torch.Tensor]:
+    """Marked tensors still held that have no memory torch can count (nested, mkldnn)."""
+    alive = [ref() for ref in watch._drawn.values()]
+    return [t for t in alive if t is not None and not t.is_meta and t.numel() and storage_of(t) is None]

@@ -14,6 +14,7 @@ in the constructor and a parameter's device read into a plain value give upstrea
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import functools
 import gc
@@ -2485,6 +2486,66 @@ class KeptNestedDeepInItsModulesGlobal(_KeepsADrawAfterASkippedInit):
         return _NESTED_DEEP["a"]["b"]["c"]["d"][0]
 
 
+class KeptAfterACopyOverPartOfIt(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
+        x = torch.randn(8)
+        x.as_strided((4, 2), (1, 1)).copy_(torch.zeros(4, 2))  # offset 0, all 8 spanned: 5 written
+        _NESTED_DEEP["a"] = {"b": {"c": {"d": [x]}}}
+
+    def held(self):
+        return _NESTED_DEEP["a"]["b"]["c"]["d"][0]
+
+
+class KeptAsAnMkldnnTensor(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
+        _NESTED_DEEP["a"] = {"b": {"c": {"d": [drawn.to_mkldnn()]}}}
+
+    def held(self):
+        return _NESTED_DEEP["a"]["b"]["c"]["d"][0].to_dense()
+
+
+class DrawnIntoNumpysMemory(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
+        self.array = np.zeros(3, dtype=np.float32)
+        torch.from_numpy(self.array).normal_()
+
+    def held(self):
+        return torch.from_numpy(self.array)
+
+
+class DrawnIntoABytearray(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
+        self.raw = bytearray(12)
+        torch.frombuffer(self.raw, dtype=torch.float32).normal_()
+
+    def held(self):
+        return torch.frombuffer(self.raw, dtype=torch.float32)
+
+
+class CopiedThroughAStorageTakenBefore(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
+        x, copy = torch.empty(3), torch.empty(3)
+        memory = x.untyped_storage()  # before the draw: no drawn value is read through torch
+        x.normal_()
+        copy.untyped_storage().copy_(memory)
+        self.register_buffer("copy", copy, persistent=False)
+
+    def held(self):
+        return self.copy
+
+
+class CopiedThroughAPointerTakenBefore(_KeepsADrawAfterASkippedInit):
+    def keep(self, drawn):
+        x, copy = torch.empty(3), torch.empty(3)
+        address = x.data_ptr()
+        x.normal_()
+        ctypes.memmove(copy.data_ptr(), address, 12)
+        self.register_buffer("copy", copy, persistent=False)
+
+    def held(self):
+        return self.copy
+
+
 @pytest.mark.parametrize(
     "cls",
     [
@@ -2497,6 +2558,12 @@ class KeptNestedDeepInItsModulesGlobal(_KeepsADrawAfterASkippedInit):
         KeptOnItsBaseClass,
         KeptInAnotherModulesGlobal,
         KeptNestedDeepInItsModulesGlobal,
+        KeptAfterACopyOverPartOfIt,
+        KeptAsAnMkldnnTensor,
+        DrawnIntoNumpysMemory,
+        DrawnIntoABytearray,
+        CopiedThroughAStorageTakenBefore,
+        CopiedThroughAPointerTakenBefore,
     ],
 )
 def test_a_drawn_value_held_anywhere_after_the_build_takes_upstreams_build(tmp_path, cls):
@@ -2542,3 +2609,39 @@ class DrawsABufferTheCheckpointReplaces(nn.Module):
 def test_a_drawn_buffer_the_checkpoint_replaces_keeps_the_fast_build(tmp_path):
     state = {"lin.weight": torch.randn(4, 4), "lin.bias": torch.randn(4), "table": torch.randn(3)}
     built_as_upstreams(tmp_path, DrawsABufferTheCheckpointReplaces, "fast", state=state)
+
+
+class UsesAJaggedTensorAfterADraw(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        torch.randn(2)  # a draw kept nowhere: the watch looks at every op after it
+        jagged = torch.nested.as_nested_tensor([torch.ones(3), torch.ones(5)], layout=torch.jagged)
+        self.register_buffer("lengths", (jagged * 2).offsets().diff(), persistent=False)
+
+
+def test_a_jagged_tensor_after_a_draw_builds_as_upstreams(tmp_path):
+    """A jagged nested tensor has no memory torch can point at: the watch's look must not raise."""
+    state = {"lin.weight": torch.randn(4, 4), "lin.bias": torch.randn(4)}
+    built_as_upstreams(tmp_path, UsesAJaggedTensorAfterADraw, "fast", state=state)
+
+
+class DrawsFromItsGeneratorThroughInitsThatSkipMeta(nn.Module):
+    """nn.init's trunc_normal_, orthogonal_ and sparse_ return at once for a meta tensor, unseen
+    but for reading is_meta: nothing is drawn there, yet upstream's build moves the model's own
+    generator. The fast build cannot: refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = torch.Generator().manual_seed(7)
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        nn.init.trunc_normal_(self.a.weight, generator=self.g)
+        nn.init.orthogonal_(self.b.weight, generator=self.g)
+        nn.init.sparse_(self.c.weight, 0.5, generator=self.g)
+
+
+def test_a_kept_generator_moves_through_inits_that_skip_meta(tmp_path):
+    make = DrawsFromItsGeneratorThroughInitsThatSkipMeta
+    state = {k: torch.randn(v.shape) for k, v in make().state_dict().items()}
+    model, ref = built_as_upstreams(tmp_path, make, "faithful", state=state)
+    assert torch.equal(model.g.get_state(), ref.g.get_state())
