@@ -143,7 +143,7 @@ def open_siblings_to_all(warmed: list[tuple[str, str]]) -> list[str]:
     changed = []
     for checkpoint, sibling in warmed:
         hidden = os.path.dirname(sibling)
-        targets = [(sibling, readers_bits(checkpoint, os.stat(checkpoint)) & 0o444)]
+        targets = [(sibling, readers_bits(checkpoint, os.stat(checkpoint), sibling) & 0o444)]
         if hidden.endswith(os.sep + BESIDE_SUBDIR):
             folder_bits = stat.S_IMODE(os.stat(os.path.dirname(os.path.dirname(hidden))).st_mode)
             targets += [(d, folder_bits & SHARED_DIR_BITS) for d in (os.path.dirname(hidden), hidden)]

@@ -72,7 +72,6 @@ def _piece_bytes() -> int:
 
 READ_AHEAD_STRIPES = 4  # stripes the kernel is asked to read ahead of the workers (a cold disk)
 WORKERS = max(1, min(4, os.cpu_count() or 1))
-DEFAULT_FILE_MODE = 0o644
 
 
 def output_size(header: Header, metadata: dict[str, str]) -> int:
@@ -133,7 +132,7 @@ def write_sibling(
     total = len(prefix) + (out_entries[-1].end if out_entries else 0)
     tmp = f"{incomplete_prefix(dest)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     source_stat = header.handle.stat if header.handle is not None else os.stat(header.path)
-    mode = readers_bits(header.path, source_stat) & 0o666 or DEFAULT_FILE_MODE
+    mode = readers_bits(header.path, source_stat, dest) & 0o666 | 0o400  # ours to read back, at least
     if read_only:
         mode &= ~0o222
     counts = {"inf": 0, "zero": 0}

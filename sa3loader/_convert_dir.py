@@ -129,10 +129,11 @@ def convert_file(
             return FileAction(src, out, "copied")
         if in_place:  # the file the symlink points to: the same one ``header`` reads
             target = _in_place_target(src)
-            owner = os.stat(target).st_uid
+            before = os.stat(target)
             action = _convert_to(header, target, verify)
-            if owner != os.geteuid():  # root converting another user's file: it stays theirs
-                os.chown(target, owner, -1)
+            os.chmod(target, stat.S_IMODE(before.st_mode))  # the user's file: its mode, as it was
+            if before.st_uid != os.geteuid():  # root converting another user's file: it stays theirs
+                os.chown(target, before.st_uid, -1)
             return action
         assert out is not None
         _refuse_hub_output(out, os.path.dirname(os.path.abspath(out)))
@@ -232,7 +233,12 @@ def _copy(src: str, dst: str, force: bool) -> None:
         raise OutputExistsError(f"{dst} exists; pass --force to replace it", filename=dst)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     shutil.copyfile(src, dst)
-    os.chmod(dst, readers_bits(src, os.stat(src)))  # its mode, less what its folders keep out
+    source = os.stat(src)
+    os.chmod(dst, readers_bits(src, source, dst))  # its mode, less what its folders keep out
+    try:  # its group, or none (a copy readable by one group is never readable by another)
+        os.chown(dst, -1, source.st_gid)
+    except PermissionError:
+        os.chmod(dst, readers_bits(src, source, dst) & ~0o070)
 
 
 # A new output dir is staged as <out>INCOMPLETE_INFIX<pid>-<random>, like a file being written;
@@ -327,7 +333,7 @@ def convert_tree(
     if os.path.exists(out_dir) and not force:
         raise OutputExistsError(f"{out_dir} exists; pass --force to replace it", filename=out_dir)
     staging = f"{out_dir}{INCOMPLETE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.mkdir(staging, readers_bits(src_dir, os.stat(src_dir)) | 0o700)  # no one in who could not enter
+    os.mkdir(staging, readers_bits(src_dir, os.stat(src_dir), staging) | 0o700)  # none in who could not enter
     try:
         actions = _convert_files(src_dir, staging, in_place=False, verify=verify, excluded={out_dir, staging})
         _publish_dir(staging, out_dir)

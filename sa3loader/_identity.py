@@ -362,7 +362,12 @@ def row_status(row: IndexRow, *, spots: bool = True, shared: bool = False) -> st
     owner, as in a cache shared on purpose with ``shared``; headers; where the stat does not
     vouch, the fingerprint and, with ``spots``, the sibling where it reads; ``cache verify``
     reads every byte instead)."""
-    if not os.path.isfile(row.real_path):  # gone, or a directory, FIFO or device in its place
+    try:
+        if not stat.S_ISREG(os.stat(row.real_path).st_mode):  # a directory, FIFO or device in its place
+            return MISSING_SOURCE
+    except PermissionError:  # a folder above it closed for a while: neither gone nor changed
+        return UNREADABLE_SOURCE
+    except (OSError, ValueError):  # gone (or a name no file can have)
         return MISSING_SOURCE
     if not os.path.exists(row.sibling_path):
         return MISSING_SIBLING

@@ -370,8 +370,13 @@ def _narrowed_to_readers(out: SiblingOutcome, source: Header) -> SiblingOutcome:
     sibling = out.sibling
     if sibling is None or sibling.handle is None or source.handle is None:
         return out
-    now = stat.S_IMODE(sibling.handle.stat.st_mode)
-    extra = now & 0o444 & ~readers_bits(source.path, source.handle.stat)
+    now, allowed = (
+        stat.S_IMODE(sibling.handle.stat.st_mode),
+        readers_bits(source.path, source.handle.stat, sibling.path),
+    )
+    if sibling.handle.stat.st_gid != source.handle.stat.st_gid:  # a chgrp since: not that group's any more
+        allowed &= ~0o070
+    extra = now & 0o444 & ~allowed
     if extra and sibling.handle.stat.st_uid == os.geteuid():
         with contextlib.suppress(OSError):
             os.fchmod(sibling.handle.fileno(), now & ~extra)

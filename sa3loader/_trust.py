@@ -132,24 +132,42 @@ def beside_dir_problem(hidden: str) -> str | None:
     return None
 
 
-def readers_bits(path: str, st: os.stat_result) -> int:
+def readers_bits(path: str, st: os.stat_result, place: str) -> int:
     """``st``'s permission bits (the file at ``path``) less the read access its folders keep
-    from others: theirs unless every folder above the real file lets others through, the
-    group's unless each lets the group (the file's) or others through. A copy with these bits
-    is readable by no one who cannot read ``path`` (a link's target in a private folder, a
-    folder closed since)."""
+    from a copy at ``place``: for each folder above the real file but not above ``place``
+    (one above both keeps as much from the copy), the others' bits unless it lets others and
+    its own group through (a member of its group is judged by the group's bits), the group's
+    unless it lets the file's group through (its own group's x bit; for another group, both).
+    An ACL on the file or such a folder keeps both out (its bits do not say who reads). A copy
+    with these bits is readable by no one who cannot read ``path``."""
     mode = stat.S_IMODE(st.st_mode)
-    others = group = True
-    folder = os.path.dirname(os.path.realpath(path))
-    while True:
+    real = os.path.realpath(path)
+    shared = set(_folders_above(os.path.realpath(place)))
+    others = group = not _has_acl(real)
+    for folder in _folders_above(real):
+        if folder in shared:
+            continue
         try:
             above = os.stat(folder)
         except OSError:  # cannot tell: the owner's alone
             return mode & ~0o077
-        others = others and bool(above.st_mode & 0o001)
-        group = group and bool(above.st_mode & 0o001 or (above.st_mode & 0o010 and above.st_gid == st.st_gid))
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            break
-        folder = parent
+        bits, gid = above.st_mode, above.st_gid
+        others = others and bool(bits & 0o001 and bits & 0o010) and not _has_acl(folder)
+        group = group and bool(bits & 0o010 and (gid == st.st_gid or bits & 0o001)) and not _has_acl(folder)
     return mode & ~(0 if others else 0o007) & ~(0 if group else 0o070)
+
+
+def _folders_above(path: str) -> list[str]:
+    folders, folder = [], os.path.dirname(path)
+    while folder not in folders:
+        folders.append(folder)
+        folder = os.path.dirname(folder)
+    return folders
+
+
+def _has_acl(path: str) -> bool:
+    """Whether ``path`` carries a POSIX ACL (where the system can say)."""
+    try:
+        return "system.posix_acl_access" in os.listxattr(path, follow_symlinks=False)
+    except (OSError, AttributeError):  # no xattrs here (macOS has no listxattr in os)
+        return False

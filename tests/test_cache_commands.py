@@ -275,7 +275,8 @@ def test_a_cache_command_that_empties_a_hidden_folder_removes_it(ckpt, tmp_path,
     assert [p.name for p in (tmp_path / ".cache").iterdir()] == ["huggingface"]
 
 
-def test_prune_keeps_the_sibling_of_a_checkpoint_it_cannot_read_now(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("closed", ["file", "folder"])
+def test_prune_keeps_the_sibling_of_a_checkpoint_it_cannot_read_now(tmp_path, monkeypatch, capsys, closed):
     """A checkpoint made unreadable for a while (chmod 000, as its owner's other users see it;
     root reads anyway, so the OS's refusal is played here) is neither gone nor changed: ``cache
     ls`` says so, ``cache prune`` keeps its sibling, and the next load is a hit."""
@@ -292,7 +293,16 @@ def test_prune_keeps_the_sibling_of_a_checkpoint_it_cannot_read_now(tmp_path, mo
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real_open(path, flags, *args, **kwargs)
 
+    real_stat = os.stat
+
+    def refusing_stat(path, *args, **kwargs):  # a folder above it closed: not even its stat
+        if os.fspath(path) == refused:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
     monkeypatch.setattr(os, "open", refusing)
+    if closed == "folder":
+        monkeypatch.setattr(os, "stat", refusing_stat)
     assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
     assert "unreadable source" in capsys.readouterr().out
     assert cli.main(["--cache-dir", str(cache), "cache", "prune"]) == 0

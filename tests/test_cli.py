@@ -150,6 +150,18 @@ def test_convert_of_a_folder_without_a_checkpoint_says_so_and_writes_nothing(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
 
+def test_convert_in_place_keeps_the_files_mode(open_tmp):
+    """The user's own file, replaced by its fp16 version: the mode it had (group-writable, in a
+    folder only they enter), not one the umask or the folder would narrow."""
+    folder = open_tmp / "mine"
+    folder.mkdir(mode=0o700)
+    ckpt = folder / "model.safetensors"
+    save_file({"w": torch.randn(4, 4)}, str(ckpt))
+    ckpt.chmod(0o664)
+    run("convert", str(folder), "--in-place", cache=open_tmp / "c")
+    assert ckpt.stat().st_mode & 0o777 == 0o664 and {e.dtype for e in read_header(ckpt).entries} == {"F16"}
+
+
 def test_convert_dir_in_place_refuses_a_link_to_a_file_outside_it(tmp_path):
     """A symlink in the folder to a checkpoint elsewhere: converting the folder in place would
     replace that file, which was not named. Refused before anything is written."""

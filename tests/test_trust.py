@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -457,8 +458,8 @@ def _umask() -> int:
 
 @pytest.mark.parametrize(
     ("folder_mode", "expected"),
-    [(0o755, 0o444), (0o750, 0o440), (0o700, 0o400), (0o711, 0o444)],
-    ids=["open", "group", "private", "traversable"],
+    [(0o755, 0o444), (0o750, 0o440), (0o700, 0o400), (0o711, 0o444), (0o701, 0o400)],
+    ids=["open", "group", "private", "traversable", "others-not-its-group"],
 )
 def test_a_sibling_is_readable_only_by_those_who_can_read_its_checkpoint(open_tmp, folder_mode, expected):
     """The checkpoint 0644 in a folder that keeps some out: its sibling (beside a symlink in an
@@ -508,16 +509,76 @@ def test_warm_readable_by_all_never_opens_a_sibling_its_checkpoints_folder_keeps
 
 @needs_root
 def test_a_folder_only_another_group_may_enter_keeps_the_checkpoints_group_out(open_tmp):
-    """The checkpoint 0640 of root's group in a folder 0750 of another group: root's group
-    cannot reach it, so its sibling is the owner's alone."""
-    folder = open_tmp / "theirs"
+    """The checkpoint 0640 of root's group in a folder 0750 of another group, loaded through a
+    link in an open folder: root's group cannot reach it, so its sibling is the owner's alone."""
+    folder, public = open_tmp / "theirs", open_tmp / "public"
     ckpt = checkpoint(folder)
     ckpt.chmod(0o640)
     os.chown(folder, -1, NEIGHBOUR)
     folder.chmod(0o750)
+    public.mkdir(mode=0o755)
+    (public / "model.safetensors").symlink_to(ckpt)
+    load_toy(public / "model.safetensors", open_tmp / "cache")
+    sibling = public / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    assert sibling.stat().st_mode & 0o777 == 0o400
+
+
+@needs_root
+def test_a_sibling_beside_its_checkpoint_in_a_team_folder_is_the_teams_to_read(open_tmp):
+    """A folder root:team 0750 holding root's checkpoint 0644: the team reads it (through the
+    folder's group), and reads its sibling beside it: the folder keeps the rest out of both."""
+    folder = open_tmp / "team"
+    ckpt = checkpoint(folder)
+    ckpt.chmod(0o644)
+    os.chown(folder, -1, NEIGHBOUR)
+    folder.chmod(0o750)
     load_toy(ckpt, open_tmp / "cache")
     sibling = folder / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    assert sibling.stat().st_mode & 0o777 == 0o444 & ~_umask()
+    assert (folder / ".cache").stat().st_gid == NEIGHBOUR
+
+
+def test_a_checkpoint_no_one_may_read_gets_a_sibling_only_its_owner_reads(open_tmp):
+    """Mode 0000 (root reads it anyway): never a sibling others may read."""
+    ckpt = checkpoint(open_tmp / "ckpt")
+    (open_tmp / "ckpt").chmod(0o755)
+    ckpt.chmod(0)
+    load_toy(ckpt, open_tmp / "cache")
+    sibling = open_tmp / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors"
     assert sibling.stat().st_mode & 0o777 == 0o400
+
+
+@needs_root
+def test_a_hit_takes_the_group_away_from_a_sibling_whose_checkpoint_changed_group(open_tmp):
+    ckpt = checkpoint(open_tmp / "ckpt")
+    (open_tmp / "ckpt").chmod(0o755)
+    os.chown(ckpt, -1, NEIGHBOUR)
+    ckpt.chmod(0o640)
+    load_toy(ckpt, open_tmp / "cache")
+    sibling = open_tmp / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    assert sibling.stat().st_mode & 0o070 == 0o040
+    os.chown(ckpt, -1, 0)  # chgrp: that group may not read it now
+    load_toy(ckpt, open_tmp / "cache")
+    assert sa3loader.last_load_info().cache_hit and sibling.stat().st_mode & 0o070 == 0
+
+
+def test_a_checkpoint_with_an_acl_gets_a_sibling_only_its_owner_reads(open_tmp):
+    """An ACL says who reads where the mode bits do not (``user:1000:---``): the sibling cannot
+    follow it, so it is the owner's alone."""
+    ckpt = checkpoint(open_tmp / "ckpt")
+    (open_tmp / "ckpt").chmod(0o755)
+    ckpt.chmod(0o644)
+    # version 2; user::rw-, user:1000:---, group::r--, mask::r--, other::r--
+    entries = [(0x01, 6, 0xFFFFFFFF), (0x02, 0, 1000), (0x04, 4, 0xFFFFFFFF), (0x10, 4, 0xFFFFFFFF)]
+    entries.append((0x20, 4, 0xFFFFFFFF))
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    try:
+        os.setxattr(ckpt, "system.posix_acl_access", acl)
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs on this filesystem ({exc.strerror})")
+    load_toy(ckpt, open_tmp / "cache")
+    sibling = open_tmp / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    assert sibling.stat().st_mode & 0o077 == 0
 
 
 @needs_root
@@ -555,3 +616,19 @@ def test_the_hidden_folder_made_beside_a_checkpoint_lets_the_folders_group_throu
         assert (made.stat().st_gid, made.stat().st_mode & 0o050) == (NEIGHBOUR, 0o050), made
     sibling = folder / ".cache" / "sa3loader" / "model.fp16.safetensors"
     assert (sibling.stat().st_gid, sibling.stat().st_mode & 0o777) == (NEIGHBOUR, 0o440)
+
+
+@needs_root
+def test_convert_dir_copies_keep_their_sources_group(open_tmp):
+    """A file convert DIR copies as it is (a config), readable by one group: the copy is
+    that group's, never the group of whoever converts."""
+    src = open_tmp / "ckpt"
+    checkpoint(src)
+    src.chmod(0o755)
+    config = src / "model_config.json"
+    config.write_text("{}")
+    os.chown(config, -1, NEIGHBOUR)
+    config.chmod(0o640)
+    assert cli.main(["convert", str(src), "--cache-dir", str(open_tmp / "c")]) == 0
+    copied = (open_tmp / "ckpt-fp16" / "model_config.json").stat()
+    assert (copied.st_gid, copied.st_mode & 0o777) == (NEIGHBOUR, 0o640)
