@@ -10,6 +10,7 @@ skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -40,8 +41,9 @@ from ._places import (
     incomplete_prefix,
     is_temp_name,
     legacy_beside_path,
+    temp_files_of,
 )
-from ._trust import readers_bits
+from ._trust import owned_file_problem, readers_bits
 from .errors import (
     ConfigError,
     HubCacheError,
@@ -90,6 +92,7 @@ def _is_our_artifact(name: str, path: str) -> bool:
 
 
 def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
+    _remove_dead_writers_temps(dest)
     identity = identity_of(header)
     metadata = sibling_metadata(header, identity, fingerprint(header))
     staged = dest if not verify else f"{incomplete_prefix(dest)}verify-{os.getpid()}"
@@ -104,6 +107,18 @@ def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
             raise
         os.replace(staged, dest)
     return action
+
+
+def _remove_dead_writers_temps(dest: str) -> None:
+    """Temp files a killed conversion to ``dest`` left beside it (in place, or to a file: GBs
+    each), whose writer no longer runs: the next conversion to ``dest`` removes them."""
+    infix = os.path.basename(incomplete_prefix(dest))
+    for path in temp_files_of(dest):
+        pid = _writer_pid(os.path.basename(path), infix)
+        gone = pid is not None and pid != os.getpid() and not _process_alive(pid)
+        if gone and owned_file_problem(path) is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def checked(action: FileAction, comparison: _compare.Comparison) -> FileAction:

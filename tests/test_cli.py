@@ -162,6 +162,22 @@ def test_convert_in_place_keeps_the_files_mode(open_tmp):
     assert ckpt.stat().st_mode & 0o777 == 0o664 and {e.dtype for e in read_header(ckpt).entries} == {"F16"}
 
 
+@pytest.mark.parametrize("how", ["in-place", "to-a-file"])
+def test_a_killed_conversions_temp_file_goes_with_the_next_conversion(tmp_path, how):
+    """A conversion in place, or to a file, killed mid-write leaves a temp file beside its
+    output (GBs): the next one removes it; one whose writer still runs stays."""
+    src = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(4, 4)}, str(src))
+    dest = src if how == "in-place" else tmp_path / "out.safetensors"
+    killed = Path(f"{dest}.incomplete-999999999-deadbeef")  # no such process
+    alive = Path(f"{dest}.incomplete-1-0badcafe")  # init's: still running
+    for path in (killed, alive):
+        path.write_bytes(b"x" * 100)
+    where = ["--in-place"] if how == "in-place" else ["--out", str(dest)]
+    run("convert", str(src), *where, cache=tmp_path / "c")
+    assert not killed.exists() and alive.exists()
+
+
 def test_convert_dir_in_place_refuses_a_link_to_a_file_outside_it(tmp_path):
     """A symlink in the folder to a checkpoint elsewhere: converting the folder in place would
     replace that file, which was not named. Refused before anything is written."""
