@@ -38,6 +38,17 @@ def checkpoint(directory: Path) -> Path:
     return save(random_like_state(build(), seed=3), directory / "model.safetensors")
 
 
+def in_an_open_folder(open_tmp: Path, mode: int, group: int | None = None) -> tuple[Path, Path]:
+    """A checkpoint of ``mode`` (and ``group``) in a folder every user may enter, and the path
+    where a load puts its sibling."""
+    ckpt = checkpoint(open_tmp / "ckpt")
+    (open_tmp / "ckpt").chmod(0o755)
+    if group is not None:
+        os.chown(ckpt, -1, group)
+    ckpt.chmod(mode)
+    return ckpt, open_tmp / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors"
+
+
 @needs_root
 def test_a_neighbours_sibling_in_a_shared_dir_is_never_adopted(tmp_path):
     """In a sticky world-writable dir (/tmp), another user makes a genuine sibling of your
@@ -221,13 +232,9 @@ def test_lock_files_are_yours_alone(tmp_path):
 @needs_root
 def test_a_sibling_keeps_the_sources_group(open_tmp):
     """A checkpoint readable by one group never gets a copy readable by another."""
-    ckpt = checkpoint(open_tmp / "ckpt")
-    (open_tmp / "ckpt").chmod(0o755)
-    os.chown(ckpt, -1, NEIGHBOUR)
-    ckpt.chmod(0o640)
+    ckpt, sibling = in_an_open_folder(open_tmp, 0o640, NEIGHBOUR)
     load_toy(ckpt, open_tmp / "cache")
-    sibling = os.stat(open_tmp / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors")
-    assert (sibling.st_gid, sibling.st_mode & 0o777) == (NEIGHBOUR, 0o440)
+    assert (sibling.stat().st_gid, sibling.stat().st_mode & 0o777) == (NEIGHBOUR, 0o440)
 
 
 @pytest.mark.parametrize("kind", ["models", "datasets", "spaces"])
@@ -269,9 +276,7 @@ def test_foreign_fp16_file_is_never_touched(ckpt, tmp_path, conversions, where):
 def test_convert_outputs_keep_the_source_mode(open_tmp):
     from sa3loader._convert_dir import convert_file
 
-    ckpt = checkpoint(open_tmp / "ckpt")
-    (open_tmp / "ckpt").chmod(0o755)
-    os.chmod(ckpt, 0o640)
+    ckpt, _ = in_an_open_folder(open_tmp, 0o640)
     convert_file(str(ckpt), str(open_tmp / "out.safetensors"))
     assert os.stat(open_tmp / "out.safetensors").st_mode & 0o777 == 0o640
 
@@ -478,11 +483,8 @@ def test_a_sibling_is_readable_only_by_those_who_can_read_its_checkpoint(open_tm
 def test_a_hit_narrows_a_sibling_whose_checkpoint_was_closed_since(open_tmp):
     """chmod 600 on the checkpoint after its sibling was made 0444: the next load takes the
     sibling's other read bits away (it is the loader's), and the load after trusts it again."""
-    ckpt = checkpoint(open_tmp / "ckpt")
-    (open_tmp / "ckpt").chmod(0o755)
-    ckpt.chmod(0o644)
+    ckpt, sibling = in_an_open_folder(open_tmp, 0o644)
     load_toy(ckpt, open_tmp / "cache")
-    sibling = open_tmp / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors"
     assert sibling.stat().st_mode & 0o444 == 0o444 & ~_umask()
     ckpt.chmod(0o600)
     model = load_toy(ckpt, open_tmp / "cache")
@@ -540,22 +542,15 @@ def test_a_sibling_beside_its_checkpoint_in_a_team_folder_is_the_teams_to_read(o
 
 def test_a_checkpoint_no_one_may_read_gets_a_sibling_only_its_owner_reads(open_tmp):
     """Mode 0000 (root reads it anyway): never a sibling others may read."""
-    ckpt = checkpoint(open_tmp / "ckpt")
-    (open_tmp / "ckpt").chmod(0o755)
-    ckpt.chmod(0)
+    ckpt, sibling = in_an_open_folder(open_tmp, 0)
     load_toy(ckpt, open_tmp / "cache")
-    sibling = open_tmp / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors"
     assert sibling.stat().st_mode & 0o777 == 0o400
 
 
 @needs_root
 def test_a_hit_takes_the_group_away_from_a_sibling_whose_checkpoint_changed_group(open_tmp):
-    ckpt = checkpoint(open_tmp / "ckpt")
-    (open_tmp / "ckpt").chmod(0o755)
-    os.chown(ckpt, -1, NEIGHBOUR)
-    ckpt.chmod(0o640)
+    ckpt, sibling = in_an_open_folder(open_tmp, 0o640, NEIGHBOUR)
     load_toy(ckpt, open_tmp / "cache")
-    sibling = open_tmp / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors"
     assert sibling.stat().st_mode & 0o070 == 0o040
     os.chown(ckpt, -1, 0)  # chgrp: that group may not read it now
     load_toy(ckpt, open_tmp / "cache")
@@ -565,9 +560,7 @@ def test_a_hit_takes_the_group_away_from_a_sibling_whose_checkpoint_changed_grou
 def test_a_checkpoint_with_an_acl_gets_a_sibling_only_its_owner_reads(open_tmp):
     """An ACL says who reads where the mode bits do not (``user:1000:---``): the sibling cannot
     follow it, so it is the owner's alone."""
-    ckpt = checkpoint(open_tmp / "ckpt")
-    (open_tmp / "ckpt").chmod(0o755)
-    ckpt.chmod(0o644)
+    ckpt, sibling = in_an_open_folder(open_tmp, 0o644)
     # version 2; user::rw-, user:1000:---, group::r--, mask::r--, other::r--
     entries = [(0x01, 6, 0xFFFFFFFF), (0x02, 0, 1000), (0x04, 4, 0xFFFFFFFF), (0x10, 4, 0xFFFFFFFF)]
     entries.append((0x20, 4, 0xFFFFFFFF))
@@ -577,7 +570,6 @@ def test_a_checkpoint_with_an_acl_gets_a_sibling_only_its_owner_reads(open_tmp):
     except OSError as exc:
         pytest.skip(f"no POSIX ACLs on this filesystem ({exc.strerror})")
     load_toy(ckpt, open_tmp / "cache")
-    sibling = open_tmp / "ckpt" / ".cache" / "sa3loader" / "model.fp16.safetensors"
     assert sibling.stat().st_mode & 0o077 == 0
 
 
