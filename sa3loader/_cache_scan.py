@@ -36,15 +36,16 @@ class Found:
     indexed: bool  # a row of this cache dir names it
 
 
-def scan(directories: list[str], rows: dict[str, str]) -> list[Found]:
+def scan(directories: list[str], rows: dict[str, str], unreadable: list[OSError]) -> list[Found]:
     """Every sa3loader sibling under ``directories`` (its name a sibling's, its marker in its
     header), with the checkpoint it belongs to: the file beside it whose sibling it is named
-    as, else the one ``rows`` (an index's sibling -> source) names, else the one its name says."""
+    as, else the one ``rows`` (an index's sibling -> source) names, else the one its name says.
+    Each folder that could not be read is added to ``unreadable`` (what is under it is not seen)."""
     found = []
     for directory in map(os.path.abspath, directories):  # rows name absolute paths
         if not os.path.isdir(directory):
             raise CheckpointNotFoundError(f"no such directory: {directory}", filename=directory)
-        for root, dirs, files in os.walk(directory):
+        for root, dirs, files in os.walk(directory, onerror=unreadable.append):
             dirs.sort()
             # In a checkpoint folder's hidden .cache/sa3loader, the checkpoints are two levels up.
             hidden = root.endswith(os.sep + BESIDE_SUBDIR)

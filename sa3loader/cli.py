@@ -358,7 +358,9 @@ def _rm(args: argparse.Namespace, cache_dir: str) -> int:
 
 
 def _scan(args: argparse.Namespace, cache_dir: str) -> int:
-    found = _cache_scan.scan(args.checkpoints, {e.sibling: e.source for e in _cache_admin.entries(cache_dir)})
+    unreadable: list[OSError] = []
+    rows = {e.sibling: e.source for e in _cache_admin.entries(cache_dir)}
+    found = _cache_scan.scan(args.checkpoints, rows, unreadable)
     lines = [
         f"{f.status:15} {f.sibling}  {human_size(f.bytes)}  source: {f.source or 'not recorded'}"
         + (" (gone)" if f.status == MISSING_SOURCE else "")
@@ -370,8 +372,9 @@ def _scan(args: argparse.Namespace, cache_dir: str) -> int:
         f"{len(found)} sibling(s), {human_size(sum(f.bytes for f in found))} on disk; "
         f"{gone} whose checkpoint is gone (remove with `sa3loader cache rm CHECKPOINT`)"
     )
+    lines += [f"cannot read {e.filename} ({e.strerror}): siblings under it not counted" for e in unreadable]
     emit(args, [asdict(f) for f in found], lines)
-    return EXIT_OK
+    return EXIT_ERROR if unreadable else EXIT_OK
 
 
 def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:

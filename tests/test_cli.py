@@ -1217,3 +1217,22 @@ def test_convert_refuses_an_output_that_reaches_the_source_through_a_bind_mount(
         assert tree_bytes(ckpt_dir) == before
     finally:
         subprocess.run(["umount", str(alias)], check=True)
+
+
+def test_cache_scan_says_which_folders_it_could_not_read_and_exits_1(tmp_path, monkeypatch):
+    """Another user's folder under the one scanned (root reads all: the refusal is played):
+    what is under it is not counted, and the scan says so rather than reporting a clean 0."""
+    from support.loads import load_toy, make_ckpt
+
+    ckpt = make_ckpt(tmp_path / "models" / "theirs" / "model.safetensors")
+    load_toy(ckpt, tmp_path / "c")
+    real_scandir, closed = os.scandir, str(tmp_path / "models" / "theirs")
+
+    def refusing(path="."):
+        if os.fspath(path) == closed:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    out = run("cache", "scan", str(tmp_path / "models"), cache=tmp_path / "c", check_rc=1).stdout
+    assert "0 sibling(s)" in out and f"cannot read {closed} (Permission denied)" in out
