@@ -40,6 +40,7 @@ from ._places import (
     in_hub_repo,
     incomplete_prefix,
     is_temp_name,
+    left_by_a_gone_writer,
     legacy_beside_path,
     temp_files_of,
 )
@@ -112,11 +113,8 @@ def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
 def _remove_dead_writers_temps(dest: str) -> None:
     """Temp files a killed conversion to ``dest`` left beside it (in place, or to a file: GBs
     each), whose writer no longer runs: the next conversion to ``dest`` removes them."""
-    infix = os.path.basename(incomplete_prefix(dest))
     for path in temp_files_of(dest):
-        pid = _writer_pid(os.path.basename(path), infix)
-        gone = pid is not None and pid != os.getpid() and not _process_alive(pid)
-        if gone and owned_file_problem(path) is None:
+        if left_by_a_gone_writer(path, dest) and owned_file_problem(path) is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 

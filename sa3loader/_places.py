@@ -137,6 +137,21 @@ def temp_files_of(dest: str) -> list[str]:
     )
 
 
+def left_by_a_gone_writer(path: str, dest: str) -> bool:
+    """Whether ``path``, a temp file of ``dest`` named ``<pid>-<8 hex>``, was written by a
+    process of this host that no longer runs (a killed conversion's: nothing finishes it)."""
+    match = re.fullmatch(r"([0-9]+)-[0-9a-f]{8}", path[len(incomplete_prefix(dest)) :])
+    if match is None or int(match.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: it runs
+        return False
+    return False
+
+
 def is_temp_name(name: str) -> bool:
     """Whether a file name has the shape of one sa3loader gives a temp file (of any sibling)."""
     head, infix, tail = name.rpartition(INCOMPLETE_INFIX)

@@ -174,7 +174,7 @@ class Plan:
     rows: list[Entry]
     removals: list[Removal]
     kept: list[tuple[Removal, str]] = field(default_factory=list)  # not removed, with why
-    unmatched: list[str] = field(default_factory=list)  # checkpoints named with no row, sibling or temp file
+    unmatched: list[str] = field(default_factory=list)  # names with no row, sibling or its temp file
 
 
 @dataclass

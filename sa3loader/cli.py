@@ -343,7 +343,7 @@ def _rm(args: argparse.Namespace, cache_dir: str) -> int:
     plan = _cache_admin.plan_rm(cache_dir, args.checkpoints)
     verb = "would remove" if args.dry_run else "removed"
     # A name with no file, row or sibling (a typo, most likely) is said, and the exit is 1.
-    unmatched = [f"nothing matches {c}: no row, sibling or temp file of it" for c in plan.unmatched]
+    unmatched = [f"nothing matches {c}: no row of it, nor a sibling or its temp file" for c in plan.unmatched]
     code = EXIT_ERROR if plan.unmatched else EXIT_OK
     if args.dry_run:
         lines = [*_removal_lines(plan.removals, dry_run=True), *_kept_lines(plan.kept, dry_run=True)]

@@ -929,7 +929,7 @@ def test_cache_rm_removes_exactly_the_siblings_of_the_checkpoints_given(tmp_path
     missing = run("cache", "rm", str(hub_like), cache=cache, check_rc=1).stdout
     assert missing == (
         "removed 0 file(s), 0 B in all\n"
-        f"nothing matches {hub_like}: no row, sibling or temp file of it\nremoved 0 row(s)\n"
+        f"nothing matches {hub_like}: no row of it, nor a sibling or its temp file\nremoved 0 row(s)\n"
     )
     data = json.loads(
         run("--json", "cache", "rm", str(hub_like), "--dry-run", cache=cache, check_rc=1).stdout
@@ -955,7 +955,7 @@ def test_cache_rm_says_what_it_removed_and_what_matched_nothing(tmp_path):
     run("warm", str(ckpt), cache=cache)
     for name in (hidden / "model.fp16.safetensors", folder):
         out = run("cache", "rm", str(name), cache=cache, check_rc=1).stdout
-        assert f"nothing matches {name}: no row, sibling or temp file of it" in out
+        assert f"nothing matches {name}: no row of it, nor a sibling or its temp file" in out
     assert (hidden / "model.fp16.safetensors").exists()
 
 
