@@ -329,6 +329,8 @@ def _set_seen(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     source = args[0] if args else kwargs.get("source")
     if watch is not None and isinstance(source, torch.Tensor) and watch.drawn(source):
         watch.mark(self)
+    if watch is not None and isinstance(source, (torch.UntypedStorage, torch.TypedStorage)):
+        watch.handed_out.add(self.untyped_storage()._cdata)  # a storage object the factory holds
     return out
 
 

@@ -13,7 +13,13 @@ from torch import nn
 
 from ._holders import storage_holders, storage_of
 from ._reach import HOLD_NO_TENSOR, REACH_DEPTH, TOO_DEEP, holds_nothing, kept_outside_instances, leaves
-from ._watch import BuildWatch, drawn_without_memory, outer_watches_keeping, pop_drawn_memory
+from ._watch import (
+    BuildWatch,
+    drawn_without_memory,
+    give_back_drawn_memory,
+    outer_watches_keeping,
+    pop_drawn_memory,
+)
 
 
 class FastBuildRefused(Exception):
@@ -165,14 +171,19 @@ def _refuse_drawn_memory_held(attributes: Attributes, assign: dict[str, str], wa
         return 1 + outer_watches_keeping(watch, memory) + replaced[memory.data_ptr()]
 
     def unseen(memory: torch.UntypedStorage) -> bool:  # whoever holds it cannot be counted
-        return memory.data_ptr() in watch.handed_out or not memory.resizable()  # (numpy's, a buffer's)
+        return memory._cdata in watch.handed_out or not memory.resizable()  # (numpy's, a buffer's)
 
     held = []
     while (memory := pop_drawn_memory(watch)) is not None:  # this frame's reference is the only one
         if unseen(memory) or storage_holders(memory) > ours(memory):
             held.append(memory)
     if held or drawn_without_memory(watch):
-        gc.collect()
+        give_back_drawn_memory(watch, held)  # what a finalizer reads of it is followed
+        held.clear()
+        with watch:  # a finalizer the collection runs is the factory's code: watched as the factory was
+            gc.collect()
+        while (memory := pop_drawn_memory(watch)) is not None:  # that memory, and what was drawn or copied
+            held.append(memory)
     while held:
         memory = held.pop()
         if unseen(memory) or storage_holders(memory) > ours(memory):
@@ -183,14 +194,14 @@ def _refuse_drawn_memory_held(attributes: Attributes, assign: dict[str, str], wa
 
 def _replaced_memory(attributes: Attributes, assign: dict[str, str]) -> Counter[int]:
     """How many parameters and buffers the checkpoint replaces are on each memory (by address)."""
-    replaced: Counter[int] = Counter()
+    tensors: dict[int, set[int]] = {}  # each tensor once, however many names it is registered under
     for prefix, _, attr, value in attributes:
         if attr in ("_parameters", "_buffers"):
             for name, tensor in value.items():
                 memory = storage_of(tensor) if isinstance(tensor, torch.Tensor) else None
                 if memory is not None and f"{prefix}.{name}".lstrip(".") in assign:
-                    replaced[memory.data_ptr()] += 1
-    return replaced
+                    tensors.setdefault(memory.data_ptr(), set()).add(id(tensor))
+    return Counter({address: len(ids) for address, ids in tensors.items()})
 
 
 _WHERE = "a class, a module's globals, a function's attributes, a bound method, ..."

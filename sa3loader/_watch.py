@@ -231,7 +231,7 @@ class BuildWatch(TorchFunctionMode):
         # The CPU generator after the last draw seen: another state is a draw not seen (not in RANDOM_DRAWS).
         self._generator_after: torch.Tensor = _generator_state()
         self.unseen_draw = False
-        self.handed_out: set[int] = set()  # memory given to code torch does not see (by address)
+        self.handed_out: set[int] = set()  # memory given to code torch does not see (its _cdata)
         self._inits = InitCalls()
 
     def generator_set(self) -> None:
@@ -248,12 +248,14 @@ class BuildWatch(TorchFunctionMode):
         name = getattr(func, "__name__", "").split(".", 1)[0]  # torch.ops' "randn.default" is randn
         draws = name in RANDOM_DRAWS
         if name in HANDS_OUT_MEMORY and args and (memory := storage_of(args[0])) is not None:
-            self.handed_out.add(memory.data_ptr())  # what is drawn into it later may leave unseen
+            self.handed_out.add(memory._cdata)  # what is drawn into it later may leave unseen
         # A function of torch's own draws only what it returns or writes into its tensor; any other
         # (torch's override protocol) runs unwatched: the generators' states tell what it drew.
         own = _torchs_own(func)
         if draws and kwargs:
             _remember(self.generators, kwargs.get("generator"))
+            # Into a stand-in by ``out=``, from a generator of the factory's own: moved on meta by nothing.
+            self.unseen_draw |= _is_meta(kwargs.get("out")) and id(kwargs.get("generator")) in self.generators
         if draws and own and _draw_to_skip(name, args):
             self.unseen_draw |= not check_arguments(func, args, kwargs)  # upstream's checks; its generator
             return _written(args[0])
@@ -404,6 +406,12 @@ class BuildWatch(TorchFunctionMode):
 def pop_drawn_memory(watch: BuildWatch) -> torch.UntypedStorage | None:
     """One memory drawn values were written to, handed over: ``watch`` keeps it no longer."""
     return watch._drawn_storages.popitem()[1] if watch._drawn_storages else None
+
+
+def give_back_drawn_memory(watch: BuildWatch, memories: list[torch.UntypedStorage]) -> None:
+    """``pop_drawn_memory``'s memory kept by ``watch`` again (its aliases are drawn again)."""
+    for memory in memories:
+        watch._drawn_storages[memory.data_ptr()] = memory
 
 
 def outer_watches_keeping(watch: BuildWatch, storage: torch.UntypedStorage) -> int:
