@@ -1,12 +1,11 @@
 """Inspect and clean a cache dir: list rows, check content, prune, clear, repair, and make room
 for a load (``Eviction``: the least recently used siblings, under the cap or on a full disk).
 
-``prune`` and ``clear`` build one ``Plan`` (the rows to drop and every file
-and dir to remove, each with its size), which ``--dry-run`` shows and a real
-run executes as it is: each step is checked again, under the sibling's
-conversion lock, when it is carried out, and a step whose file changed meanwhile
-is kept and reported, never replaced by what a second scan finds. Nothing
-without sa3loader's metadata marker, and nothing of another user's, is deleted.
+``prune`` and ``clear`` build one ``Plan`` (the rows to drop and every file and dir to
+remove, each with its size), which ``--dry-run`` shows and a real run executes as it is:
+each step is checked again, under the sibling's conversion lock, when it is carried out,
+and a step whose file changed meanwhile is kept and reported, never replaced by what a
+second scan finds. Nothing without sa3loader's marker, and nothing of another user's, is deleted.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from . import _compare, _index
+from . import _compare, _index, _records
 from ._config import shared_cache
 from ._format import open_header
 from ._identity import marked_by_sa3loader, row_status, sibling_matches_source
@@ -45,6 +44,7 @@ NOT_A_SIBLING_PLACE = (
     "it is not in a .cache/sa3loader or the cache dir (an older version's sibling, or your own "
     "converted file): remove it yourself if you do not need it"
 )
+KEPT_BY_PRUNE = (OK, _records.UNREADABLE_SOURCE)  # valid, or its checkpoint out of reach for now
 OVER_CAP = "over cap"  # a valid row whose sibling a cap removes, least recently used first
 
 
@@ -203,8 +203,8 @@ def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     listed = entries(cache_dir)
     # A sibling path can outlive its row's source: a symlinked checkpoint repointed
     # to another file reuses it. Never delete what a valid row still names.
-    in_use = {e.sibling for e in listed if e.status == OK}
-    dropped = [e for e in listed if e.status != OK]
+    in_use = {e.sibling for e in listed if e.status in KEPT_BY_PRUNE}
+    dropped = [e for e in listed if e.status not in KEPT_BY_PRUNE]
     stale = [e.sibling for e in dropped if e.status in (STALE, MISSING_SOURCE) and e.sibling not in in_use]
     # What the run would keep stays in the plan, so the dry run says so too: a sibling another
     # cache dir's load made valid for the current source, one whose lock is another user's.
@@ -214,7 +214,7 @@ def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     siblings = [s for s in stale if s not in needed]
     dropped = [e for e in dropped if e.sibling not in locked]  # as rm: a later prune finds it again
     if max_bytes is not None:
-        used = _by_last_use(cache_dir, [e for e in listed if e.status == OK])
+        used = _by_last_use(cache_dir, [e for e in listed if e.status in KEPT_BY_PRUNE])
         over = _least_used(used, sum(u.st.st_size for u in used) - max_bytes, partial=True)
         dropped += over
         siblings += list(dict.fromkeys(e.sibling for e in over))

@@ -351,8 +351,8 @@ def _keep_group(fd: int, source: os.stat_result, mode: int) -> None:
         return
     try:
         os.fchown(fd, -1, source.st_gid)
-    except PermissionError:
-        os.fchmod(fd, mode & ~0o070)
+    except PermissionError:  # its members are others to the copy: no more than the group had
+        os.fchmod(fd, mode & ~0o070 & ~(0o007 & ~(mode >> 3)))
 
 
 @dataclass

@@ -18,7 +18,7 @@ import stat
 import uuid
 from dataclasses import dataclass
 
-from . import _compare, _convert
+from . import _compare, _convert, _faults
 from ._format import Header, open_header, read_header
 from ._identity import (
     FINGERPRINT_VERSION,
@@ -144,9 +144,7 @@ def convert_file(
             target = _in_place_target(src)
             before = os.stat(target)
             action = _convert_to(header, target, verify)
-            os.chmod(target, stat.S_IMODE(before.st_mode))  # the user's file: its mode, as it was
-            if before.st_uid != os.geteuid():  # root converting another user's file: it stays theirs
-                os.chown(target, before.st_uid, -1)
+            _give_back(target, before)
             return action
         assert out is not None
         _refuse_hub_output(out, os.path.dirname(os.path.abspath(out)))
@@ -154,6 +152,25 @@ def convert_file(
             raise OutputExistsError(f"{out} exists; pass --force to replace it", filename=out)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         return _convert_to(header, out, verify)
+
+
+def _give_back(target: str, before: os.stat_result) -> None:
+    """The replaced file's mode, and owner (root converting another user's file), for the file
+    just written at ``target``: opened without following a link, and changed only while it is
+    one file of ours (a link, or a hard link to another file, swapped in since stays as is)."""
+    _faults.point("give back", target)
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        now = os.fstat(fd)
+        if stat.S_ISREG(now.st_mode) and now.st_nlink == 1 and now.st_uid == os.geteuid():
+            os.fchmod(fd, stat.S_IMODE(before.st_mode))
+            if before.st_uid != os.geteuid():
+                os.fchown(fd, before.st_uid, -1)
+    finally:
+        os.close(fd)
 
 
 HUB_HARM = {
@@ -250,8 +267,9 @@ def _copy(src: str, dst: str, force: bool) -> None:
     os.chmod(dst, readers_bits(src, source, dst))  # its mode, less what its folders keep out
     try:  # its group, or none (a copy readable by one group is never readable by another)
         os.chown(dst, -1, source.st_gid)
-    except PermissionError:
-        os.chmod(dst, readers_bits(src, source, dst) & ~0o070)
+    except PermissionError:  # its members are others to the copy: no more than the group had
+        bits = readers_bits(src, source, dst)
+        os.chmod(dst, bits & ~0o070 & ~(0o007 & ~(bits >> 3)))
 
 
 # A new output dir is staged as <out>INCOMPLETE_INFIX<pid>-<random>, like a file being written;

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from . import _cache_admin, _cache_scan, _compare, _config, _faults, _index
+from . import _cache_admin, _cache_scan, _compare, _config, _faults, _index, _records
 from ._cache_admin import Eviction
 from ._cache_dir import (
     open_cache_dir_to_all,
@@ -390,7 +390,7 @@ def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:
     emit(args, data, lines or ["no rows"])
     # Exit 3 means a problem with a sibling: one whose checkpoint is gone or changed since is
     # not damaged (``cache prune`` tidies it away).
-    fine = (OK, MISSING_SOURCE, STALE)
+    fine = (OK, MISSING_SOURCE, STALE, _records.UNREADABLE_SOURCE)  # (a source unreadable for now)
     return EXIT_OK if all(c.result in fine for c in checks) else EXIT_CHECK_FAILED
 
 

@@ -306,7 +306,8 @@ def test_prune_keeps_the_sibling_of_a_checkpoint_it_cannot_read_now(tmp_path, mo
     assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
     assert "unreadable source" in capsys.readouterr().out
     assert cli.main(["--cache-dir", str(cache), "cache", "prune"]) == 0
-    assert sibling.exists()
+    assert "pruned 0 row(s)" in capsys.readouterr().out and sibling.exists()  # its row stays too
+    assert cli.main(["--cache-dir", str(cache), "cache", "verify"]) == 0  # no sibling's fault
     monkeypatch.undo()
     load_toy(ckpt, cache)
     assert sa3loader.last_load_info().cache_hit

@@ -178,6 +178,29 @@ def test_a_killed_conversions_temp_file_goes_with_the_next_conversion(tmp_path, 
     assert not killed.exists() and alive.exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root (CI runs as root)")
+def test_root_converting_in_place_never_gives_away_a_file_a_link_swapped_in_points_to(tmp_path):
+    """Root converts uid 1000's checkpoint in place; before its mode and owner are given back,
+    uid 1000 (whose folder it is) puts a link to root's private file at its name. That file
+    keeps its owner and mode."""
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    ckpt = folder / "model.safetensors"
+    save_file({"w": torch.randn(4, 4)}, str(ckpt))
+    os.chown(ckpt, 1000, 1000)
+    secret = tmp_path / "root-only"
+    secret.write_text("root's")
+    secret.chmod(0o600)
+
+    def swap() -> None:
+        os.replace(ckpt, folder / "converted.safetensors")
+        ckpt.symlink_to(secret)
+
+    with injected(at("give back", swap)):
+        run("convert", str(folder), "--in-place", cache=tmp_path / "c")
+    assert (secret.stat().st_uid, secret.stat().st_mode & 0o777) == (0, 0o600)
+
+
 def test_convert_dir_in_place_refuses_a_link_to_a_file_outside_it(tmp_path):
     """A symlink in the folder to a checkpoint elsewhere: converting the folder in place would
     replace that file, which was not named. Refused before anything is written."""
@@ -245,6 +268,35 @@ def test_a_user_converting_a_folder_in_place_never_replaces_another_users_file(t
         assert proc.returncode == 1, proc.stderr
         assert "another user's" in json.loads(proc.stdout)["error"]["message"]
         assert (shared / "model.safetensors").read_bytes() == before
+    finally:
+        shutil.rmtree(shared)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="runs the CLI as a second user (nobody) with setpriv, which needs root (CI runs as root)",
+)
+def test_a_sibling_that_cannot_take_its_checkpoints_group_lets_that_group_read_no_more(tmp_path):
+    """root:1000 0604 (group 1000 denied, others allowed), converted by nobody, who cannot give
+    the sibling group 1000: its members are others to the sibling, so others lose read too."""
+    from support.processes import hidden_from_others
+
+    if (hidden := hidden_from_others(sys.executable, sys.prefix, cli.__file__)) is not None:
+        pytest.skip(f"{hidden} cannot be read by another user")
+    shared = Path(tempfile.mkdtemp(prefix="sa3loader-shared-"))
+    try:
+        shared.chmod(0o777)
+        ckpt = shared / "model.safetensors"
+        save_file({"w": torch.randn(4, 4)}, str(ckpt))
+        os.chown(ckpt, 0, 1000)
+        ckpt.chmod(0o604)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+        command = ["-m", "sa3loader", "--json", "--cache-dir", str(shared / "c"), "warm", str(ckpt)]
+        env = {"PATH": os.environ["PATH"], "HOME": "/nonexistent"}
+        proc = subprocess.run([*as_nobody, *command], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        sibling = Path(json.loads(proc.stdout)["sibling"])
+        assert sibling.stat().st_mode & 0o077 == 0, oct(sibling.stat().st_mode)
     finally:
         shutil.rmtree(shared)
 
