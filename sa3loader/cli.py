@@ -153,8 +153,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
                 with open_header(source) as header, _resolved(header, cache_dir, False, keep_open=False):
                     pass
         lines.append(
-            f"made {cache_dir} readable by every user, and each sibling as readable as its checkpoint "
-            f"({len(opened)} path(s) changed)"
+            f"made {cache_dir} readable by every user, and each sibling by no more than its checkpoint's "
+            f"readers ({len(opened)} path(s) changed)"
         )
         results = [{**r, "opened_to_all": opened} for r in results]
     emit(args, results if os.path.isdir(args.ckpt) else results[0], lines)
