@@ -44,7 +44,7 @@ from ._progress import byte_bar, progress_enabled
 from ._range_report import WIDER_THAN_FP16, count_cast_range, count_range
 from ._records import ConversionResult
 from ._serial import loaded_openmp, serial_ops
-from ._trust import readers_bits
+from ._trust import drop_inherited_acl, readers_bits
 from .errors import ConversionError, HeaderError, Sa3LoaderError
 
 logger = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ def write_sibling(
         raise ConversionError(f"cannot create {tmp}: {exc.strerror}", filename=tmp, errno=exc.errno) from exc
     try:
         _keep_group(out_fd, source_stat, mode)
+        drop_inherited_acl(out_fd)  # a folder's default ACL may let read whom the source does not
         shown = progress_enabled(_config.progress() if progress is None else progress)
         desc = f"fp16 {os.path.basename(header.path)}"
         with reading(header) as src_fd, byte_bar(desc, total, shown) as bar:

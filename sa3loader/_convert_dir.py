@@ -44,7 +44,7 @@ from ._places import (
     legacy_beside_path,
     temp_files_of,
 )
-from ._trust import owned_file_problem, readers_bits
+from ._trust import ACL_XATTR, acl_of, owned_file_problem, readers_bits
 from .errors import (
     ConfigError,
     HubCacheError,
@@ -142,9 +142,9 @@ def convert_file(
             return FileAction(src, out, "copied")
         if in_place:  # the file the symlink points to: the same one ``header`` reads
             target = _in_place_target(src)
-            before = os.stat(target)
+            before, acl = os.stat(target), acl_of(target)
             action = _convert_to(header, target, verify)
-            _give_back(target, before)
+            _give_back(target, before, acl)
             return action
         assert out is not None
         _refuse_hub_output(out, os.path.dirname(os.path.abspath(out)))
@@ -154,10 +154,10 @@ def convert_file(
         return _convert_to(header, out, verify)
 
 
-def _give_back(target: str, before: os.stat_result) -> None:
-    """The replaced file's mode, and owner (root converting another user's file), for the file
-    just written at ``target``: opened without following a link, and changed only while it is
-    one file of ours (a link, or a hard link to another file, swapped in since stays as is)."""
+def _give_back(target: str, before: os.stat_result, acl: bytes | None) -> None:
+    """The replaced file's mode, ACL, and owner (root converting another user's file), for the
+    file just written at ``target``: opened without following a link, and changed only while it
+    is one file of ours (a link, or a hard link to another file, swapped in since stays as is)."""
     _faults.point("give back", target)
     try:
         fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -167,6 +167,8 @@ def _give_back(target: str, before: os.stat_result) -> None:
         now = os.fstat(fd)
         if stat.S_ISREG(now.st_mode) and now.st_nlink == 1 and now.st_uid == os.geteuid():
             os.fchmod(fd, stat.S_IMODE(before.st_mode))
+            if acl is not None:
+                os.setxattr(fd, ACL_XATTR, acl)
             if before.st_uid != os.geteuid():
                 os.fchown(fd, before.st_uid, -1)
     finally:

@@ -165,9 +165,31 @@ def _folders_above(path: str) -> list[str]:
     return folders
 
 
+ACL_XATTR = "system.posix_acl_access"
+
+
 def _has_acl(path: str) -> bool:
     """Whether ``path`` carries a POSIX ACL (where the system can say)."""
+    return acl_of(path) is not None
+
+
+def acl_of(path: str | int) -> bytes | None:
+    """The POSIX ACL of ``path`` (a descriptor too), as the xattr holds it; None: none, or no
+    way to tell (no xattrs on the filesystem; macOS has no getxattr in os)."""
     try:
-        return "system.posix_acl_access" in os.listxattr(path, follow_symlinks=False)
-    except (OSError, AttributeError):  # no xattrs here (macOS has no listxattr in os)
-        return False
+        return (
+            os.getxattr(path, ACL_XATTR, follow_symlinks=False)
+            if isinstance(path, str)
+            else os.getxattr(path, ACL_XATTR)
+        )
+    except (OSError, AttributeError):
+        return None
+
+
+def drop_inherited_acl(fd: int) -> None:
+    """Take away an ACL a new file got from its folder's default ACL (it may let read whom the
+    source's bits do not): the file is then its owner's alone (``readers_bits`` opens no more)."""
+    if acl_of(fd) is None:
+        return
+    os.removexattr(fd, ACL_XATTR)
+    os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & 0o700)

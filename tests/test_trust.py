@@ -561,14 +561,7 @@ def test_a_checkpoint_with_an_acl_gets_a_sibling_only_its_owner_reads(open_tmp):
     """An ACL says who reads where the mode bits do not (``user:1000:---``): the sibling cannot
     follow it, so it is the owner's alone."""
     ckpt, sibling = in_an_open_folder(open_tmp, 0o644)
-    # version 2; user::rw-, user:1000:---, group::r--, mask::r--, other::r--
-    entries = [(0x01, 6, 0xFFFFFFFF), (0x02, 0, 1000), (0x04, 4, 0xFFFFFFFF), (0x10, 4, 0xFFFFFFFF)]
-    entries.append((0x20, 4, 0xFFFFFFFF))
-    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
-    try:
-        os.setxattr(ckpt, "system.posix_acl_access", acl)
-    except OSError as exc:
-        pytest.skip(f"no POSIX ACLs on this filesystem ({exc.strerror})")
+    set_acl(ckpt, "access", user=6, named=(1000, 0), group=4, other=4)  # user:1000:---
     load_toy(ckpt, open_tmp / "cache")
     assert sibling.stat().st_mode & 0o077 == 0
 
@@ -624,3 +617,34 @@ def test_convert_dir_copies_keep_their_sources_group(open_tmp):
     assert cli.main(["convert", str(src), "--cache-dir", str(open_tmp / "c")]) == 0
     copied = (open_tmp / "ckpt-fp16" / "model_config.json").stat()
     assert (copied.st_gid, copied.st_mode & 0o777) == (NEIGHBOUR, 0o640)
+
+
+def set_acl(path: Path, kind: str, *, user: int, named: tuple[int, int], group: int, other: int) -> bytes:
+    """A POSIX ACL (``kind``: access or default) with one named user, as the xattr holds it."""
+    whoever = 0xFFFFFFFF
+    entries = [(0x01, user, whoever), (0x02, named[1], named[0]), (0x04, group, whoever)]
+    entries += [(0x10, group | named[1], whoever), (0x20, other, whoever)]
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    try:
+        os.setxattr(path, f"system.posix_acl_{kind}", acl)
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs on this filesystem ({exc.strerror})")
+    return os.getxattr(path, f"system.posix_acl_{kind}")
+
+
+def test_a_folders_default_acl_never_reaches_a_sibling(open_tmp):
+    """The checkpoint 0640 (no ACL of its own) in a folder whose default ACL names uid 65534:
+    a sibling made there would inherit that user's read. It has no ACL, and is its owner's."""
+    ckpt, sibling = in_an_open_folder(open_tmp, 0o640)
+    set_acl(open_tmp / "ckpt", "default", user=7, named=(65534, 4), group=5, other=0)
+    load_toy(ckpt, open_tmp / "cache")
+    assert "system.posix_acl_access" not in os.listxattr(sibling)
+    assert sibling.stat().st_mode & 0o077 == 0
+
+
+def test_convert_in_place_keeps_the_files_acl(open_tmp):
+    ckpt, _ = in_an_open_folder(open_tmp, 0o640)
+    acl = set_acl(ckpt, "access", user=6, named=(65534, 4), group=0, other=0)
+    assert cli.main(["convert", str(ckpt.parent), "--in-place", "--cache-dir", str(open_tmp / "c")]) == 0
+    assert os.getxattr(ckpt, "system.posix_acl_access") == acl
+    assert "F32" not in {e.dtype for e in read_header(ckpt).entries}
