@@ -388,8 +388,10 @@ def _convert_files(
         for name in sorted(files):
             path = os.path.join(root, name)
             dest = path if out_dir is None else os.path.join(out_dir, os.path.relpath(path, src_dir))
-            if _is_our_artifact(name, path):
-                actions.append(FileAction(path, dest, "skipped"))
+            if _is_our_artifact(
+                name, path
+            ):  # (a dead writer's temp file the conversion before removed: gone)
+                actions += [FileAction(path, dest, "skipped")] if os.path.lexists(path) else []
                 continue
             if name.endswith(SAFETENSORS_SUFFIX):
                 actions.append(

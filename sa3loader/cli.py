@@ -143,8 +143,9 @@ def cmd_warm(args: argparse.Namespace) -> int:
         results.append(data)
         lines += line
         code = max(code, rc)
-    if not paths:
+    if not paths:  # a mistyped folder in an image build: the build should stop, as convert's does
         lines.append(f"no .safetensors checkpoint in {args.ckpt}")
+        code = EXIT_ERROR
     if args.readable_by_all:
         warmed = [(r["source"], r["sibling"]) for r in results if r.get("sibling")]
         opened = open_cache_dir_to_all(cache_dir) + open_siblings_to_all(warmed)

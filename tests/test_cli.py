@@ -176,6 +176,17 @@ def test_a_killed_conversions_temp_file_goes_with_the_next_conversion(tmp_path, 
     where = ["--in-place"] if how == "in-place" else ["--out", str(dest)]
     run("convert", str(src), *where, cache=tmp_path / "c")
     assert not killed.exists() and alive.exists()
+    if how == "in-place":  # the folder's: what it removed is not listed as skipped
+        save_file({"w": torch.randn(4, 4)}, str(src))  # fp32 again: converted again
+        killed.write_bytes(b"x" * 100)
+        out = run("convert", str(tmp_path), "--in-place", cache=tmp_path / "c").stdout
+        assert str(killed) not in out and not killed.exists()
+
+
+def test_warm_of_a_folder_without_a_checkpoint_says_so_and_exits_1(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run("warm", str(tmp_path / "empty"), cache=tmp_path / "c", check_rc=1)
+    assert f"no .safetensors checkpoint in {tmp_path / 'empty'}" in proc.stdout
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root (CI runs as root)")
