@@ -44,7 +44,7 @@ from ._progress import byte_bar, progress_enabled
 from ._range_report import WIDER_THAN_FP16, count_cast_range, count_range
 from ._records import ConversionResult
 from ._serial import loaded_openmp, serial_ops
-from ._trust import drop_inherited_acl, readers_bits
+from ._trust import drop_inherited_acl, readers_bits, without_group
 from .errors import ConversionError, HeaderError, Sa3LoaderError
 
 logger = logging.getLogger(__name__)
@@ -352,8 +352,8 @@ def _keep_group(fd: int, source: os.stat_result, mode: int) -> None:
         return
     try:
         os.fchown(fd, -1, source.st_gid)
-    except PermissionError:  # its members are others to the copy: no more than the group had
-        os.fchmod(fd, mode & ~0o070 & ~(0o007 & ~(mode >> 3)))
+    except PermissionError:
+        os.fchmod(fd, without_group(mode))
 
 
 @dataclass

@@ -44,7 +44,7 @@ from ._places import (
     legacy_beside_path,
     temp_files_of,
 )
-from ._trust import ACL_XATTR, acl_of, owned_file_problem, readers_bits
+from ._trust import ACL_XATTR, acl_of, owned_file_problem, readers_bits, without_group
 from .errors import (
     ConfigError,
     HubCacheError,
@@ -266,12 +266,12 @@ def _copy(src: str, dst: str, force: bool) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     shutil.copyfile(src, dst)
     source = os.stat(src)
-    os.chmod(dst, readers_bits(src, source, dst))  # its mode, less what its folders keep out
+    bits = readers_bits(src, source, dst)  # its mode, less what its folders keep out
+    os.chmod(dst, bits)
     try:  # its group, or none (a copy readable by one group is never readable by another)
         os.chown(dst, -1, source.st_gid)
-    except PermissionError:  # its members are others to the copy: no more than the group had
-        bits = readers_bits(src, source, dst)
-        os.chmod(dst, bits & ~0o070 & ~(0o007 & ~(bits >> 3)))
+    except PermissionError:
+        os.chmod(dst, without_group(bits))
 
 
 # A new output dir is staged as <out>INCOMPLETE_INFIX<pid>-<random>, like a file being written;
@@ -388,9 +388,8 @@ def _convert_files(
         for name in sorted(files):
             path = os.path.join(root, name)
             dest = path if out_dir is None else os.path.join(out_dir, os.path.relpath(path, src_dir))
-            if _is_our_artifact(
-                name, path
-            ):  # (a dead writer's temp file the conversion before removed: gone)
+            if _is_our_artifact(name, path):
+                # (A dead writer's temp file a conversion before it removed is gone: not listed.)
                 actions += [FileAction(path, dest, "skipped")] if os.path.lexists(path) else []
                 continue
             if name.endswith(SAFETENSORS_SUFFIX):

@@ -184,11 +184,11 @@ def _refuse_drawn_memory_held(attributes: Attributes, assign: dict[str, str], wa
             gc.collect()
         while (memory := pop_drawn_memory(watch)) is not None:  # that memory, and what was drawn or copied
             held.append(memory)
-    while held:
-        memory = held.pop()
-        if unseen(memory) or storage_holders(memory) > ours(memory):
-            raise FastBuildRefused(f"a value drawn at random while it was built is held elsewhere ({_WHERE})")
-    if drawn_without_memory(watch):
+    refused = bool(drawn_without_memory(watch))
+    while held and not refused:
+        memory = held.pop()  # this frame's reference is the only one
+        refused = unseen(memory) or storage_holders(memory) > ours(memory)
+    if refused:
         raise FastBuildRefused(f"a value drawn at random while it was built is held elsewhere ({_WHERE})")
 
 

@@ -151,10 +151,16 @@ def readers_bits(path: str, st: os.stat_result, place: str) -> int:
             above = os.stat(folder)
         except OSError:  # cannot tell: the owner's alone
             return mode & ~0o077
-        bits, gid = above.st_mode, above.st_gid
-        others = others and bool(bits & 0o001 and bits & 0o010) and not _has_acl(folder)
-        group = group and bool(bits & 0o010 and (gid == st.st_gid or bits & 0o001)) and not _has_acl(folder)
+        bits, gid, acl = above.st_mode, above.st_gid, _has_acl(folder)
+        others = others and bool(bits & 0o001 and bits & 0o010) and not acl
+        group = group and bool(bits & 0o010 and (gid == st.st_gid or bits & 0o001)) and not acl
     return mode & ~(0 if others else 0o007) & ~(0 if group else 0o070)
+
+
+def without_group(bits: int) -> int:
+    """``bits`` for a copy that cannot have its source's group: none for the group, and no more
+    for others than the group had (the group's members are others to the copy)."""
+    return bits & ~0o070 & ~(0o007 & ~(bits >> 3))
 
 
 def _folders_above(path: str) -> list[str]:
