@@ -40,7 +40,7 @@ from ._places import (
 )
 from ._publication import Publication, finish, wait_for_publishing
 from ._records import CONTENT_CHECK_FAILED, LAST_USE_STEP_S, IndexRow, Plan, RangeReport, sibling_file
-from ._trust import beside_dir_problem, dir_writable, owned_file_problem, readers_bits
+from ._trust import beside_dir_problem, dir_writable, owned_file_problem, readers_bits, without_group
 from .errors import (
     CheckpointChangedError,
     ConversionError,
@@ -374,8 +374,8 @@ def _narrowed_to_readers(out: SiblingOutcome, source: Header) -> SiblingOutcome:
         stat.S_IMODE(sibling.handle.stat.st_mode),
         readers_bits(source.path, source.handle.stat, sibling.path),
     )
-    if sibling.handle.stat.st_gid != source.handle.stat.st_gid:  # a chgrp since: not that group's any more
-        allowed &= ~0o070
+    if sibling.handle.stat.st_gid != source.handle.stat.st_gid:  # a chgrp since: as a copy without its group
+        allowed = without_group(allowed)
     extra = now & 0o444 & ~allowed
     if extra and sibling.handle.stat.st_uid == os.geteuid():
         with contextlib.suppress(OSError):

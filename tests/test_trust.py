@@ -648,3 +648,16 @@ def test_convert_in_place_keeps_the_files_acl(open_tmp):
     assert cli.main(["convert", str(ckpt.parent), "--in-place", "--cache-dir", str(open_tmp / "c")]) == 0
     assert os.getxattr(ckpt, "system.posix_acl_access") == acl
     assert "F32" not in {e.dtype for e in read_header(ckpt).entries}
+
+
+@needs_root
+def test_after_a_chgrp_the_checkpoints_new_group_reads_its_sibling_no_more_than_the_checkpoint(open_tmp):
+    """0644 of group NEIGHBOUR, then chgrp root and chmod 0604 (root's group denied): the
+    sibling keeps NEIGHBOUR's group, so root's group are others to it: others lose read too."""
+    ckpt, sibling = in_an_open_folder(open_tmp, 0o644, NEIGHBOUR)
+    load_toy(ckpt, open_tmp / "cache")
+    assert sibling.stat().st_mode & 0o777 == 0o444 & ~_umask()
+    os.chown(ckpt, -1, 0)
+    ckpt.chmod(0o604)
+    load_toy(ckpt, open_tmp / "cache")
+    assert sa3loader.last_load_info().cache_hit and sibling.stat().st_mode & 0o077 == 0
