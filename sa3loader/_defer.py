@@ -330,7 +330,8 @@ def _set_seen(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     if watch is not None and isinstance(source, torch.Tensor) and watch.drawn(source):
         watch.mark(self)
     if watch is not None and isinstance(source, (torch.UntypedStorage, torch.TypedStorage)):
-        watch.handed_out.add(self.untyped_storage()._cdata)  # a storage object the factory holds
+        with torch._C.DisableTorchFunction():  # our own look
+            watch.handed_out.add(self.untyped_storage()._cdata)  # a storage object the factory holds
     return out
 
 

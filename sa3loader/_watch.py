@@ -49,19 +49,28 @@ DEVICE_METHODS = frozenset("get_device data_ptr __repr__ __str__ __format__".spl
 _DISPATCH_MODULES = frozenset({"torch.overrides", "torch._tensor"})
 
 
-def _read_by_torch(frame: Any) -> bool | None:
-    """Whether the code at ``frame`` (past torch's dispatch) is torch's own: ``nn.init`` or
-    ``load_state_dict`` asking ``is_meta`` act on the answer and keep nothing of it. None where
-    it is torch's and was given a generator of the factory's own: an nn.init function that
-    returns at once for meta (``trunc_normal_``) skips a draw that would have moved it."""
+def _reader(frame: Any) -> Any:
+    """The frame of the code that called a torch function, past torch's dispatch and any mode
+    above the watch (``with torch.device(...)``'s); None where there is none."""
     while frame is not None and (
         frame.f_globals.get("__name__") in _DISPATCH_MODULES or frame.f_code.co_name == "__torch_function__"
-    ):  # torch's dispatch, and any mode above the watch (``with torch.device(...)``'s): not the reader
+    ):
         frame = frame.f_back
+    return frame
+
+
+def _torchs(frame: Any) -> bool:
+    """Whether the code at ``frame`` is torch's own: ``nn.init`` or ``load_state_dict`` asking
+    ``is_meta`` act on the answer and keep nothing of it."""
     module = frame.f_globals.get("__name__", "") if frame is not None else ""
-    given = frame.f_locals.get("generator") if frame is not None else None
-    private = isinstance(given, torch.Generator) and given is not torch.default_generator
-    return (None if private else True) if module == "torch" or module.startswith("torch.") else False
+    return module == "torch" or module.startswith("torch.")
+
+
+def _given_own_generator(frame: Any) -> bool:
+    """Whether torch's code at ``frame`` was given a generator of the factory's own: an nn.init
+    function that returns at once for meta (``trunc_normal_``) skips a draw that would move it."""
+    given = frame.f_locals.get("generator")
+    return isinstance(given, torch.Generator) and given is not torch.default_generator
 
 
 # Containers searched for tensors in what a function returns, and in its arguments
@@ -316,10 +325,11 @@ class BuildWatch(TorchFunctionMode):
         if (metas or reveals) and self._from_stand_in(args, kwargs):
             for t in metas:
                 self.stand_in(t)
-            reader = _read_by_torch(sys._getframe(2)) if reveals else True
-            if not reader:  # torch's own reads with a generator skip a draw: one not followed
-                self.unseen_draw = self.unseen_draw or reader is None
-                self.device_reads += [] if reader is None else [f"Tensor.{op_name(func).lstrip('.')}"]
+            reader = _reader(sys._getframe(2)) if reveals else None
+            if reveals and not _torchs(reader):
+                self.device_reads.append(f"Tensor.{op_name(func).lstrip('.')}")
+            elif reveals and _given_own_generator(reader):  # a draw skipped: one not followed
+                self.unseen_draw = True
 
     def _from_stand_in(self, args: tuple, kwargs: dict | None) -> bool:
         values = (*args, *kwargs.values()) if kwargs else args
