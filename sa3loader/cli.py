@@ -343,7 +343,7 @@ def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
 def _rm(args: argparse.Namespace, cache_dir: str) -> int:
     plan = _cache_admin.plan_rm(cache_dir, args.checkpoints)
     verb = "would remove" if args.dry_run else "removed"
-    # A name with no file, row or sibling (a typo, most likely) is said, and the exit is 1.
+    # A name with no row, sibling or sibling's temp file (a typo, most likely) is said: exit 1.
     unmatched = [f"nothing matches {c}: no row of it, nor a sibling or its temp file" for c in plan.unmatched]
     code = EXIT_ERROR if plan.unmatched else EXIT_OK
     if args.dry_run:
