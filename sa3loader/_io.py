@@ -143,15 +143,50 @@ class MappedFile:
         view = torch.frombuffer(self._map, dtype=torch.uint8)
         piece_bytes = _faults.tuned("prefetch_piece_bytes", PREFETCH_PIECE_BYTES)
         chunks = plan_chunks(list(zip(offsets, sizes, strict=True)), piece_bytes)
+        with reading(self.header) as fd:
+            threads = prefetch_threads(fd, chunks, usable_cores())
 
         def piece(chunk: Chunk) -> None:
             if stop is None or not stop.is_set():
                 _faults.point("touch", str(chunk.file_offset))
                 touch_pages(view, chunk.file_offset, chunk.length)
 
-        with ThreadPoolExecutor(PREFETCH_THREADS) as pool:
+        with ThreadPoolExecutor(threads) as pool:
             for _ in pool.map(piece, chunks):
                 pass
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def prefetch_threads(fd: int, chunks: Sequence[Chunk], cores: int) -> int:
+    """Threads to fault ``chunks`` in with.
+
+    Pages on disk: ``PREFETCH_THREADS``, each waiting on a read, keep the disk's queue
+    full. Pages all in the page cache (a byte of each chunk, read only if it is there:
+    ``RWF_NOWAIT``): faulting is CPU work alone, and threads beyond the cores the build
+    leaves (it runs the factory on the caller's thread meanwhile) slow the build more than
+    they speed the faulting (benchmarks/README.md). Only the speed depends on this.
+    """
+    spare = max(1, min(PREFETCH_THREADS, cores - 1))
+    if spare == PREFETCH_THREADS or not all(in_page_cache(fd, c.file_offset + c.length // 2) for c in chunks):
+        return PREFETCH_THREADS
+    return spare
+
+
+def in_page_cache(fd: int, offset: int) -> bool:
+    """Whether the byte at ``offset`` is in the page cache: False where that cannot be told."""
+    nowait = getattr(os, "RWF_NOWAIT", None)
+    if nowait is None:
+        return False
+    try:
+        return os.preadv(fd, [bytearray(1)], offset, nowait) == 1
+    except OSError:  # EAGAIN: on disk; EOPNOTSUPP: a filesystem that cannot say
+        return False
 
 
 def touch_pages(view: torch.Tensor, start: int, length: int) -> None:
