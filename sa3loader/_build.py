@@ -252,7 +252,7 @@ def _with_strides_of(stand_in: torch.Tensor, value: torch.Tensor) -> torch.Tenso
     The deferred stand-in kept them (``empty_like``); file values are contiguous. The
     rare parameter that is not costs one copy (and, on a hit, is no longer a mapped view).
     """
-    if value.numel() < 2 or stand_in.stride() == value.stride():
+    if stand_in.stride() == value.stride():
         return value
     laid_out = torch.empty_strided(stand_in.shape, stand_in.stride(), dtype=value.dtype, device=value.device)
     return laid_out.copy_(value)

@@ -548,6 +548,9 @@ class Strided(ToyDiT):
         self.transposed = torch.nn.Parameter(torch.randn(8, 4).t())
         self.conv2d = torch.nn.Conv2d(4, 8, 3)
         self.conv2d.weight = torch.nn.Parameter(self.conv2d.weight.to(memory_format=torch.channels_last))
+        # one and no element, dense, strides of their own: what upstream's copy keeps
+        self.one = torch.nn.Parameter(torch.empty_strided((1, 1), (3, 7)).zero_())
+        self.none = torch.nn.Parameter(torch.empty_strided((2, 0), (5, 11)))
 
 
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
@@ -568,6 +571,7 @@ def test_parameters_keep_the_strides_upstream_gives_them(tmp_path, half, io):
     assert model.transposed.stride() == (1, 4) and model.conv2d.weight.is_contiguous(
         memory_format=torch.channels_last
     )
+    assert model.one.stride() == (3, 7) and model.none.stride() == (5, 11)
 
 
 class KeptAsPythonList(ToyDiT):

@@ -18,7 +18,8 @@ def writable(path) -> Path:
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view of a tensor's bytes: equal bits, not equal values (-0.0, NaN)."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    flat = t.detach().cpu().reshape(-1)  # a one-element tensor keeps odd strides through contiguous()
+    return torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat).view(torch.uint8)
 
 
 def assert_same_tensor(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -26,6 +27,7 @@ def assert_same_tensor(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} vs {b.dtype}"
     assert a.device == b.device, f"{what}: device {a.device} vs {b.device}"
     assert a.shape == b.shape, f"{what}: shape {a.shape} vs {b.shape}"
+    assert a.stride() == b.stride(), f"{what}: strides {a.stride()} vs {b.stride()}"
     assert a.requires_grad == b.requires_grad, f"{what}: requires_grad"
     assert torch.equal(bits(a), bits(b)), f"{what}: bit patterns differ"
 
