@@ -143,8 +143,11 @@ class MappedFile:
         view = torch.frombuffer(self._map, dtype=torch.uint8)
         piece_bytes = _faults.tuned("prefetch_piece_bytes", PREFETCH_PIECE_BYTES)
         chunks = plan_chunks(list(zip(offsets, sizes, strict=True)), piece_bytes)
-        with reading(self.header) as fd:
-            threads = prefetch_threads(fd, chunks, usable_cores())
+        try:
+            with reading(self.header) as fd:
+                threads = prefetch_threads(fd, chunks, usable_cores())
+        except OSError:  # its name gone, say: the speed alone depends on this answer
+            threads = PREFETCH_THREADS
 
         def piece(chunk: Chunk) -> None:
             if stop is None or not stop.is_set():
@@ -169,8 +172,9 @@ def prefetch_threads(fd: int, chunks: Sequence[Chunk], cores: int) -> int:
     Pages on disk: ``PREFETCH_THREADS``, each waiting on a read, keep the disk's queue
     full. Pages all in the page cache (a byte of each chunk, read only if it is there:
     ``RWF_NOWAIT``): faulting is CPU work alone, and threads beyond the cores the build
-    leaves (it runs the factory on the caller's thread meanwhile) slow the build more than
-    they speed the faulting (benchmarks/README.md). Only the speed depends on this.
+    leaves (a load's early prefetch runs while the factory runs on the caller's thread) slow
+    the build more than they speed the faulting (benchmarks/README.md). Only the speed
+    depends on this.
     """
     spare = max(1, min(PREFETCH_THREADS, cores - 1))
     if spare == PREFETCH_THREADS or not all(in_page_cache(fd, c.file_offset + c.length // 2) for c in chunks):

@@ -488,6 +488,24 @@ def test_the_prefetch_leaves_the_build_a_core_only_where_every_page_is_in_the_pa
             os.close(fd)
 
 
+def test_a_prefetch_whose_file_name_is_gone_still_faults_its_pages_in(tmp_path):
+    """The page cache is asked through the file's name where no descriptor is open: with the
+    name gone, the prefetch runs as for pages on disk, and still maps every page."""
+    from support.memory import rss_file
+
+    from sa3loader._io import MappedFile
+
+    path = save({"w": torch.arange(1 << 20, dtype=torch.float32)}, tmp_path / "model.safetensors")
+    header = read_header(path)
+    assert header.handle is None
+    mapped = MappedFile(header)
+    os.unlink(path)
+    entry = header.entries[0]
+    before = rss_file()
+    mapped.prefetch([header.data_start + entry.begin], [entry.nbytes])
+    assert rss_file() - before >= entry.nbytes - 2 * 4096
+
+
 WITHOUT_NUMPY = """
 import json, sys
 sys.modules["numpy"] = None  # `import numpy` now fails, as where it is not installed
