@@ -117,7 +117,28 @@ def _customises_loading(model: nn.Module) -> bool:
     return False
 
 
-_LOADING_METHODS = ("_load_from_state_dict", "set_extra_state", "state_dict", "_save_to_state_dict")
+_LOADING_METHODS = (
+    "_load_from_state_dict",
+    "set_extra_state",
+    "get_extra_state",
+    "state_dict",
+    "_save_to_state_dict",
+)
+# What upstream's finish runs before its cast: ``to(device)`` runs every module's ``_apply``,
+# ``eval()`` every module's ``train``. There upstream's weights are fp32 on the CPU, the fast
+# build's final already (fp16, on the device). The root's ``to`` is not looked at (diffusers'
+# ModelMixin has one, which reads no weight): design.md.
+_FINISH_METHODS, _ROOT_FINISH_METHODS = ("_apply", "train"), ("eval", "requires_grad_")
+
+
+def _refuse_a_finish_of_its_own(model: nn.Module) -> None:
+    """Refuse a module whose own ``_apply``, ``train`` (the root's ``eval``, ``requires_grad_``)
+    could see the difference."""
+    for m in model.modules():
+        names = _FINISH_METHODS + (_ROOT_FINISH_METHODS if m is model else ())
+        own = [n for n in names if getattr(type(m), n) is not getattr(nn.Module, n) or n in vars(m)]
+        if own:
+            raise FastBuildRefused(f"{type(m).__name__} has a {own[0]} of its own, which the finish runs")
 
 
 def load_faithful(model: nn.Module, source: Header, values: Values) -> LoadResult:
@@ -211,6 +232,10 @@ def _refuse_what_placing_loses(model: nn.Module, deferred_ids: set[int]) -> None
             memory = param.untyped_storage()._cdata
             if memories.setdefault(memory, id(param)) != id(param):
                 raise FastBuildRefused(f"{key} shares memory with another parameter")
+        for prefix, module in model.named_modules():  # upstream's .to() gives a buffer a tensor of its own
+            for name, buffer in module._buffers.items():
+                if id(buffer) in deferred_ids:
+                    raise FastBuildRefused(f"{prefix}.{name} is also a parameter".lstrip("."))
 
 
 def _place_parameters(
@@ -314,6 +339,8 @@ def _build_fast(
         raise FastBuildRefused(f"the factory read a parameter's device ({watch.device_reads[0]})")
     if _customises_loading(model):
         raise FastBuildRefused("a module customises state-dict loading")
+    if values.half or device.type != "cpu":
+        _refuse_a_finish_of_its_own(model)
     state = model.state_dict(keep_vars=True)
     assign, result = plan_keys(source, state)
     _faults.point("planned", source.path)
@@ -387,8 +414,11 @@ class Generators:
 def build(factory: Factory, config: Any, source: Header, values: Values, device: torch.device) -> Built:
     """Fast build when it gives upstream's model, else upstream's own build."""
     generators, others = Generators(), outside_builds()
+    given = _copy_of_plain(config)
     fallback = None
     try:
+        if _to_makes_new_tensors():  # module by module, the constructor's .to() calls too
+            raise FastBuildRefused("torch.__future__ makes .to() make new parameters")
         model, result = _build_fast(factory, config, source, values, device, generators)
     except FastBuildRefused as refused:
         fallback = str(refused)
@@ -399,12 +429,42 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
         nothing_ran = isinstance(refused, _NothingRan)
         if not nothing_ran and others[0] == 0 and outside_builds() == others:
             generators.restore()
+        if given is not _NOT_PLAIN and config != given:  # the factory changed it (a pop): as given
+            config = given
         with not_deferred(), built_outside() if nothing_ran else contextlib.nullcontext():
             model = factory(config)
         result = load_faithful(model, source, values)
     log_skipped(result)
     _warn_random_init(model, result, source)
     return Built(model, result, "fast" if fallback is None else "faithful", fallback)
+
+
+_NOT_PLAIN = object()
+
+
+def _to_makes_new_tensors() -> bool:
+    """torch's flags that make ``.to`` replace or swap each tensor (upstream's cast then unties
+    what it casts one module at a time; the fast build's has nothing left to cast)."""
+    return torch.__future__.get_overwrite_module_params_on_conversion() or (
+        torch.__future__.get_swap_module_params_on_conversion()
+    )
+
+
+def _copy_of_plain(value: Any, depth: int = 32) -> Any:
+    """A deep copy of a config of JSON's types (the released ones): what upstream's build gets
+    after a refused fast build if the factory changed the one given (a ``pop``); the model then
+    holds the copy. ``_NOT_PLAIN`` for any other object (its ``==`` may not compare values)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if depth == 0:
+        return _NOT_PLAIN
+    if type(value) is dict and all(type(k) is str for k in value):
+        copied = {k: _copy_of_plain(v, depth - 1) for k, v in value.items()}
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in copied.values()) else copied
+    if type(value) in (list, tuple):
+        items = [_copy_of_plain(v, depth - 1) for v in value]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else type(value)(items)
+    return _NOT_PLAIN
 
 
 MISSING_NAMES_SHOWN = 5

@@ -221,18 +221,24 @@ def _inside_loader_function() -> bool:
     return False
 
 
+def _registered_by_a_loader() -> bool:
+    """Whether ``load_state_dict`` or a loader function registers it (a loader's value)."""
+    return getattr(_patches.local, "loading", 0) > 0 or _inside_loader_function()
+
+
 def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
     recorder: DeferredParameters | None = getattr(_patches.local, "recorder", None)
-    if recorder is None or type(param) is not nn.Parameter or getattr(_patches.local, "loading", 0) > 0:
-        _original_register(self, name, param)
-        return
-    if _inside_loader_function():  # a loader's value
+    if recorder is None or type(param) is not nn.Parameter or _registered_by_a_loader():
         _original_register(self, name, param)
         return
     if self._parameters.get(name) is not None:
         # A value assigned over a registered parameter, by the constructor: it must come from
         # the checkpoint, or the fast build keeps a value upstream's would not have.
         _patches.local.watch.replaced.append((weakref.ref(self), name))
+        _original_register(self, name, param)
+        return
+    if _placing_would_change(param):  # left as the constructor made it; the build refused after
+        recorder.not_kept.append(f"{type(self).__name__}.{name} is quantized, sparse or a conjugate view")
         _original_register(self, name, param)
         return
     # Parameters derived from deferred ones (weight_norm's g and v) are meta already.
@@ -261,6 +267,13 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
     _patches.local.watch.stand_in(param)
     _original_register(self, name, param)  # watched: what a registration hook reads of it is seen
     recorder.records.append((weakref.ref(self), name))
+
+
+def _placing_would_change(param: torch.Tensor) -> bool:
+    """Quantized, sparse (or mkldnn), a conjugate or negative view: upstream's copy into it keeps
+    that, placing would give a plain dense tensor (and meta has no quantized kernels)."""
+    with torch._C.DisableTorchFunction():
+        return param.is_quantized or param.layout != torch.strided or param.is_conj() or param.is_neg()
 
 
 def _layout_kept(param: torch.Tensor, stand_in: torch.Tensor) -> bool:

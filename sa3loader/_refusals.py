@@ -137,10 +137,12 @@ def _walk(
     owner = f" ({type(module).__name__})"
     problem = None
     for leaf in leaves(value, tree, depth=REACH_DEPTH):
-        if watch is not None and leaf is TOO_DEEP:
-            raise FastBuildRefused(
-                f"{f'{prefix}.{attr}'.lstrip('.')}{owner} holds values nested too deep to follow"
-            )
+        if leaf is TOO_DEEP:  # a drawn value or a meta one may be down there
+            too_deep = f"{f'{prefix}.{attr}'.lstrip('.')}{owner} holds values nested too deep to follow"
+            if watch is not None:
+                raise FastBuildRefused(too_deep)
+            problem = problem or too_deep
+            continue
         if watch is not None and isinstance(leaf, torch.Tensor) and watch.drawn(leaf):
             raise FastBuildRefused(f"{f'{prefix}.{attr}'.lstrip('.')}{owner} {_DRAWN}")
         if stand_ins is not None and problem is None:

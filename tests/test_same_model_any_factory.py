@@ -64,8 +64,8 @@ def upstream_recipe(cls, ckpt, half, seed=True):
         torch.manual_seed(0)
     model = cls()
     model.load_state_dict(load_file(str(ckpt)), strict=False)
-    model.eval().requires_grad_(False)
-    return model.half() if half else model
+    model.to("cpu").eval().requires_grad_(False)
+    return model.to(torch.float16) if half else model  # upstream's call: complex tensors too
 
 
 def built_as_upstreams(tmp_path, make, kind, *, half=False, state=None) -> tuple[nn.Module, nn.Module]:
@@ -2730,3 +2730,207 @@ def test_a_draw_by_out_from_a_kept_generator_takes_upstreams_build(tmp_path):
         tmp_path, DrawsIntoAParameterByOut, "faithful", state={"w": torch.randn(8)}
     )
     assert torch.equal(model.g.get_state(), ref.g.get_state())
+
+
+# What an outside attack on layouts found (12-07): what upstream's copy into a parameter keeps
+# and placing would not (quantized, a conjugate or negative view), and what upstream's finish
+# runs before its cast while the fast build's weights are final already (a module's own train
+# or _apply, a parameter that is also a buffer, torch's conversion flags), or a factory that
+# changes its config before a refusal (it runs again).
+class KeepsAConjugateParameter(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conj = nn.Parameter(torch.zeros(3, dtype=torch.complex64).conj())
+        self.neg = nn.Parameter(torch._neg_view(torch.zeros(3, dtype=torch.complex64)))
+
+
+class KeepsAQuantizedParameter(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Parameter(
+            torch.quantize_per_tensor(torch.zeros(3), 0.1, 0, torch.qint8), requires_grad=False
+        )
+
+
+class FusesOnEval(ToyDiT):
+    def train(self, mode: bool = True):
+        out = super().train(mode)
+        if not mode:  # an inference copy computed from the weights as they are then
+            self.fused = (self.blocks[0].ff.weight * 2).detach()
+        return out
+
+
+class MovesItsOwnWay(ToyDiT):
+    def _apply(self, fn, recurse=True):
+        self.seen = self.blocks[0].ff.weight.detach().clone()
+        return super()._apply(fn, recurse)
+
+
+class RegistersAParameterAsABuffer(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Parameter(torch.zeros(3))
+        self.sub = nn.Module()
+        self.sub.register_buffer("wb", self.extra, persistent=False)
+
+
+class TiesAndHolds(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks[1].ff.weight = self.blocks[0].ff.weight
+        self.held = [self.blocks[0].ff.bias]
+
+
+class KeepsExtraStateItNeverLoads(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = torch.zeros(3)
+
+    def get_extra_state(self):  # no set_extra_state: load_state_dict leaves it as it is
+        return self.extra
+
+
+class KeepsADerivedTensorDeepDown(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        deep: list = [self.blocks[0].ff.weight * 2]
+        for _ in range(13):  # deeper than the walk follows
+            deep = [deep]
+        self.deep = deep
+
+
+def _deepest(value: list) -> torch.Tensor:
+    while isinstance(value, list):
+        value = value[0]
+    return value
+
+
+EXTRA_STATE = {
+    KeepsAConjugateParameter: {
+        "conj": torch.randn(3, dtype=torch.complex64),
+        "neg": torch.randn(3, dtype=torch.complex64),
+    },
+    KeepsAQuantizedParameter: {"q": torch.tensor([0.25, -1.0, 3.0])},
+    RegistersAParameterAsABuffer: {"extra": torch.tensor([1.0, 2.0, 3.0])},
+    KeepsExtraStateItNeverLoads: {"_extra_state": torch.ones(3)},
+}
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        KeepsAConjugateParameter,
+        KeepsAQuantizedParameter,
+        FusesOnEval,
+        MovesItsOwnWay,
+        RegistersAParameterAsABuffer,
+        KeepsExtraStateItNeverLoads,
+        KeepsADerivedTensorDeepDown,
+    ],
+    ids=[
+        "conjugate",
+        "quantized",
+        "train-of-its-own",
+        "apply-of-its-own",
+        "parameter-as-buffer",
+        "get-extra-state",
+        "derived-deep-down",
+    ],
+)
+def test_what_placing_or_the_finish_would_change_is_built_as_upstreams(tmp_path, cls, half):
+    state = random_like_state(build(), seed=3) | EXTRA_STATE.get(cls, {})
+    ckpt = save(state, tmp_path / "model.safetensors")
+    for _ in range(2 if half else 1):  # the conversion, then the hit
+        torch.manual_seed(0)
+        model = sa3loader.load_diffusion_cond(
+            {}, ckpt, "cpu", half, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
+        )
+        ref = upstream_recipe(cls, ckpt, half)
+        finish_only = cls in (FusesOnEval, MovesItsOwnWay)  # fp32 on the CPU: nothing differs
+        assert sa3loader.last_load_info().build == ("fast" if finish_only and not half else "faithful")
+        if cls is KeepsAQuantizedParameter:
+            assert model.q.is_quantized and torch.equal(model.q.int_repr(), ref.q.int_repr())
+            model.q, ref.q = None, None  # the comparison below reads bits of dense tensors
+        assert_same_model(model, ref)
+        if cls is KeepsAConjugateParameter and not half:  # the cast to fp16 keeps the real part
+            assert model.conj.is_conj() and model.neg.is_neg()
+        elif cls is FusesOnEval:
+            assert model.fused.dtype == torch.float32 and torch.equal(bits(model.fused), bits(ref.fused))
+        elif cls is MovesItsOwnWay:
+            assert model.seen.dtype == torch.float32 and torch.equal(bits(model.seen), bits(ref.seen))
+        elif cls is RegistersAParameterAsABuffer:
+            assert (model.sub.wb is model.extra) == (ref.sub.wb is ref.extra)
+        elif cls is KeepsExtraStateItNeverLoads:
+            assert torch.equal(model.extra, ref.extra)
+        elif cls is KeepsADerivedTensorDeepDown:
+            assert torch.equal(bits(_deepest(model.deep)), bits(_deepest(ref.deep)))
+
+
+@pytest.mark.parametrize("flag", ["overwrite", "swap"])
+def test_torchs_conversion_flags_give_upstreams_tensors(tmp_path, flag):
+    """With either flag, upstream's cast to fp16 makes new tensors module by module (tied
+    weights come apart, a list keeps the fp32 one): the fast build has none left to cast."""
+    setter = getattr(torch.__future__, f"set_{flag}_module_params_on_conversion")
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    setter(True)
+    try:
+        for _ in range(2):
+            try:  # with swap, old-style weight_norm's parameters cannot be loaded
+                ref = upstream_recipe(TiesAndHolds, ckpt, True)
+            except RuntimeError as upstreams:
+                with pytest.raises(type(upstreams)):
+                    sa3loader.load_diffusion_cond(
+                        {},
+                        ckpt,
+                        "cpu",
+                        True,
+                        cache_dir=tmp_path / "c",
+                        model_factory=lambda c: TiesAndHolds(),
+                    )
+                assert flag == "swap"
+                return
+            torch.manual_seed(0)
+            model = sa3loader.load_diffusion_cond(
+                {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: TiesAndHolds()
+            )
+            assert sa3loader.last_load_info().build == "faithful"
+            assert_same_model(model, ref)
+            for m in (model, ref):
+                m.tied = m.blocks[1].ff.weight is m.blocks[0].ff.weight
+                m.shared = m.blocks[1].ff.weight.data_ptr() == m.blocks[0].ff.weight.data_ptr()
+            assert (model.tied, model.shared, model.held[0].dtype) == (
+                ref.tied,
+                ref.shared,
+                ref.held[0].dtype,
+            )
+    finally:
+        setter(False)
+
+
+class PopsItsConfig(ToyDiT):
+    def __init__(self, config: dict) -> None:
+        super().__init__(dim=config.pop("dim"))
+        self.kept = config
+        self.gappy = nn.Parameter(torch.zeros(4, 6)[:, ::2])  # gaps: the fast build refuses after it ran
+
+
+def test_a_factory_that_changes_its_config_builds_upstreams_model_after_a_refusal(tmp_path):
+    """Upstream runs the factory once; after a refused fast build it runs again, on the config
+    as the caller gave it (a copy: JSON's types), not as the first run left it."""
+    config = {"dim": 32, "nested": {"a": [1, 2.5, None, "x"]}}
+    state = random_like_state(PopsItsConfig(dict(config, nested={"a": [1]})), seed=3)
+    ckpt = save(state, tmp_path / "model.safetensors")
+    given = {"dim": 32, "nested": {"a": [1, 2.5, None, "x"]}}
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        given, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=PopsItsConfig
+    )
+    assert sa3loader.last_load_info().build == "faithful"
+    torch.manual_seed(0)
+    upstreams = {"dim": 32, "nested": {"a": [1, 2.5, None, "x"]}}
+    ref = PopsItsConfig(upstreams)
+    ref.load_state_dict(load_file(str(ckpt)), strict=False)
+    ref.eval().requires_grad_(False)
+    assert_same_model(model, ref)
+    assert given == upstreams == model.kept == {"nested": {"a": [1, 2.5, None, "x"]}}
