@@ -2766,6 +2766,19 @@ class MovesItsOwnWay(ToyDiT):
         return super()._apply(fn, recurse)
 
 
+class EvalOfItsOwn(ToyDiT):
+    def eval(self):
+        self.seen = self.blocks[0].ff.weight.detach().clone()
+        return super().eval()
+
+
+class TrainSetOnTheInstance(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        block = self.blocks[0]
+        block.train = lambda mode=True: (setattr(self, "seen", block.ff.weight.detach().clone()), block)[1]
+
+
 class RegistersAParameterAsABuffer(ToyDiT):
     def __init__(self) -> None:
         super().__init__()
@@ -2824,6 +2837,8 @@ EXTRA_STATE = {
         KeepsAQuantizedParameter,
         FusesOnEval,
         MovesItsOwnWay,
+        EvalOfItsOwn,
+        TrainSetOnTheInstance,
         RegistersAParameterAsABuffer,
         KeepsExtraStateItNeverLoads,
         KeepsADerivedTensorDeepDown,
@@ -2833,6 +2848,8 @@ EXTRA_STATE = {
         "quantized",
         "train-of-its-own",
         "apply-of-its-own",
+        "eval-of-its-own",
+        "train-on-the-instance",
         "parameter-as-buffer",
         "get-extra-state",
         "derived-deep-down",
@@ -2847,7 +2864,12 @@ def test_what_placing_or_the_finish_would_change_is_built_as_upstreams(tmp_path,
             {}, ckpt, "cpu", half, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
         )
         ref = upstream_recipe(cls, ckpt, half)
-        finish_only = cls in (FusesOnEval, MovesItsOwnWay)  # fp32 on the CPU: nothing differs
+        finish_only = cls in (
+            FusesOnEval,
+            MovesItsOwnWay,
+            EvalOfItsOwn,
+            TrainSetOnTheInstance,
+        )  # fp32, CPU: same
         assert sa3loader.last_load_info().build == ("fast" if finish_only and not half else "faithful")
         if cls is KeepsAQuantizedParameter:
             assert model.q.is_quantized and torch.equal(model.q.int_repr(), ref.q.int_repr())
@@ -2857,7 +2879,7 @@ def test_what_placing_or_the_finish_would_change_is_built_as_upstreams(tmp_path,
             assert model.conj.is_conj() and model.neg.is_neg()
         elif cls is FusesOnEval:
             assert model.fused.dtype == torch.float32 and torch.equal(bits(model.fused), bits(ref.fused))
-        elif cls is MovesItsOwnWay:
+        elif cls in (MovesItsOwnWay, EvalOfItsOwn, TrainSetOnTheInstance):
             assert model.seen.dtype == torch.float32 and torch.equal(bits(model.seen), bits(ref.seen))
         elif cls is RegistersAParameterAsABuffer:
             assert (model.sub.wb is model.extra) == (ref.sub.wb is ref.extra)
