@@ -36,7 +36,14 @@ from ._defer import (
     watched_build,
 )
 from ._format import Header
-from ._refusals import Attributes, FastBuildRefused, refuse_meta, refuse_random_or_meta, tensor_attributes
+from ._refusals import (
+    Attributes,
+    FastBuildRefused,
+    refuse_computed_kept,
+    refuse_meta,
+    refuse_random_or_meta,
+    tensor_attributes,
+)
 from ._watch import BuildWatch
 
 if TYPE_CHECKING:  # the loader hands the values in: a build reads them, never makes them
@@ -364,8 +371,9 @@ def _build_fast(
         (p, m, a, None) for p, m, a, _ in attributes if a == "_parameters" or (id(m), a) in recomputed
     ]
     del attributes
-    watch.release()
+    computed = watch.release(deferred_ids)
     had_graph = _drop_weight_norm_weights(wn_hooks)
+    refuse_computed_kept(computed)
     _place_parameters(state, assign, deferred_ids, values, device)
     _recompute_weight_norm(wn_hooks, assign, values, had_graph)
     refuse_meta(replaced, tree, skip=set(), parameters=True, stand_ins=set())

@@ -5,6 +5,7 @@ walk of every attribute that may hold a tensor (``_reach``)."""
 from __future__ import annotations
 
 import gc
+import weakref
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -262,3 +263,14 @@ def refuse_meta(
             problem = _meta_problem(leaf, where, stand_ins)
             if problem is not None:
                 raise FastBuildRefused(problem)
+
+
+def refuse_computed_kept(computed: list[weakref.ref[torch.Tensor]]) -> None:
+    """Invariant: once the factory returned and weight_norm's weights are dropped, no tensor
+    computed from a stand-in is alive: it is meta, where upstream's is real. The walks name
+    the places they know; this finds every other holder (a bound method, a closure's cell, an
+    exception's args). A cycle is collected first, only when one looks alive."""
+    if any(ref() is not None for ref in computed):
+        gc.collect()
+        if any(ref() is not None for ref in computed):
+            raise FastBuildRefused("a tensor computed from a parameter while it was built is kept somewhere")

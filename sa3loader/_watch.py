@@ -376,11 +376,14 @@ class BuildWatch(TorchFunctionMode):
         if storage is not None and covers_its_memory(tensor, storage):
             self._drawn_storages.pop(storage.data_ptr(), None)  # all of its memory overwritten
 
-    def release(self) -> None:
-        """Drop every reference the watch holds (``swap_in_place`` refuses a tensor with a weak one)."""
+    def release(self, stand_ins: set[int]) -> list[weakref.ref[torch.Tensor]]:
+        """Drop every reference the watch holds (``swap_in_place`` refuses a tensor with a weak
+        one); weak ones to what was computed from the stand-ins (not to them: ``stand_ins``)."""
+        computed = [ref for key, ref in self._stand_ins.items() if key not in stand_ins]
         self._drawn.clear()
         self._drawn_storages.clear()
         self._stand_ins.clear()
+        return computed
 
     def any_drawn(self) -> bool:
         return bool(self._drawn) or bool(self.escapes) or not self.check_generator()
