@@ -16,7 +16,7 @@ import contextlib
 import logging
 import random
 import sys
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,6 +39,7 @@ from ._format import Header
 from ._refusals import (
     Attributes,
     FastBuildRefused,
+    refuse_a_finish_of_its_own,
     refuse_computed_kept,
     refuse_meta,
     refuse_random_or_meta,
@@ -131,21 +132,6 @@ _LOADING_METHODS = (
     "state_dict",
     "_save_to_state_dict",
 )
-# What upstream's finish runs before its cast: ``to(device)`` runs every module's ``_apply``,
-# ``eval()`` every module's ``train``. There upstream's weights are fp32 on the CPU, the fast
-# build's final already (fp16, on the device). The root's ``to`` is not looked at (diffusers'
-# ModelMixin has one, which reads no weight): design.md.
-_FINISH_METHODS, _ROOT_FINISH_METHODS = ("_apply", "train"), ("eval", "requires_grad_")
-
-
-def _refuse_a_finish_of_its_own(model: nn.Module) -> None:
-    """Refuse a module whose own ``_apply``, ``train`` (the root's ``eval``, ``requires_grad_``)
-    could see the difference."""
-    for m in model.modules():
-        names = _FINISH_METHODS + (_ROOT_FINISH_METHODS if m is model else ())
-        own = [n for n in names if getattr(type(m), n) is not getattr(nn.Module, n) or n in vars(m)]
-        if own:
-            raise FastBuildRefused(f"{type(m).__name__} has a {own[0]} of its own, which the finish runs")
 
 
 def load_faithful(model: nn.Module, source: Header, values: Values) -> LoadResult:
@@ -347,7 +333,7 @@ def _build_fast(
     if _customises_loading(model):
         raise FastBuildRefused("a module customises state-dict loading")
     if values.half or device.type != "cpu":
-        _refuse_a_finish_of_its_own(model)
+        refuse_a_finish_of_its_own(model)
     state = model.state_dict(keep_vars=True)
     assign, result = plan_keys(source, state)
     _faults.point("planned", source.path)
@@ -437,7 +423,7 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
         nothing_ran = isinstance(refused, _NothingRan)
         if not nothing_ran and others[0] == 0 and outside_builds() == others:
             generators.restore()
-        if given is not _NOT_PLAIN and config != given:  # the factory changed it (a pop): as given
+        if given is not _NOT_PLAIN and not _same_plain(config, given):  # changed (a pop): as given
             config = given
         with not_deferred(), built_outside() if nothing_ran else contextlib.nullcontext():
             model = factory(config)
@@ -458,21 +444,38 @@ def _to_makes_new_tensors() -> bool:
     )
 
 
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
 def _copy_of_plain(value: Any, depth: int = 32) -> Any:
-    """A deep copy of a config of JSON's types (the released ones): what upstream's build gets
-    after a refused fast build if the factory changed the one given (a ``pop``); the model then
-    holds the copy. ``_NOT_PLAIN`` for any other object (its ``==`` may not compare values)."""
-    if value is None or type(value) in (str, int, float, bool):
+    """A deep copy of a config of JSON's types (the released ones; ``OrderedDict`` and scalar
+    keys too): what upstream's build gets after a refused fast build if the factory changed
+    the one given (a ``pop``); the model then holds the copy. ``_NOT_PLAIN`` for any other
+    object (its ``==`` may not compare values)."""
+    if type(value) in _PLAIN_SCALARS:
         return value
     if depth == 0:
         return _NOT_PLAIN
-    if type(value) is dict and all(type(k) is str for k in value):
-        copied = {k: _copy_of_plain(v, depth - 1) for k, v in value.items()}
-        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in copied.values()) else copied
+    if type(value) in (dict, OrderedDict) and all(type(k) in _PLAIN_SCALARS for k in value):
+        items = [(k, _copy_of_plain(v, depth - 1)) for k, v in value.items()]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for _, v in items) else type(value)(items)
     if type(value) in (list, tuple):
-        items = [_copy_of_plain(v, depth - 1) for v in value]
-        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else type(value)(items)
+        copied = [_copy_of_plain(v, depth - 1) for v in value]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in copied) else type(value)(copied)
     return _NOT_PLAIN
+
+
+def _same_plain(a: Any, b: Any) -> bool:
+    """Equal with the same types and key order all the way down (``==`` takes 1 for True and
+    ignores order; a factory may read either)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        keys = [(type(k), k) for k in a]
+        return keys == [(type(k), k) for k in b] and all(_same_plain(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(_same_plain, a, b))
+    return bool(a is b or a == b)  # the copy keeps each scalar object: a NaN is itself
 
 
 MISSING_NAMES_SHOWN = 5

@@ -270,10 +270,12 @@ def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -
 
 
 def _placing_would_change(param: torch.Tensor) -> bool:
-    """Quantized, sparse (or mkldnn), a conjugate or negative view: upstream's copy into it keeps
-    that, placing would give a plain dense tensor (and meta has no quantized kernels)."""
+    """Quantized, sparse (or mkldnn), a zero tensor, a conjugate or negative view: upstream's
+    copy into it keeps that (or raises), placing would give a plain dense tensor (and meta has
+    no quantized kernels)."""
     with torch._C.DisableTorchFunction():
-        return param.is_quantized or param.layout != torch.strided or param.is_conj() or param.is_neg()
+        kind = param.is_quantized or param.layout != torch.strided or param._is_zerotensor()
+        return kind or param.is_conj() or param.is_neg()
 
 
 def _layout_kept(param: torch.Tensor, stand_in: torch.Tensor) -> bool:

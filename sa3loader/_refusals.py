@@ -274,3 +274,29 @@ def refuse_computed_kept(computed: list[weakref.ref[torch.Tensor]]) -> None:
         gc.collect()
         if any(ref() is not None for ref in computed):
             raise FastBuildRefused("a tensor computed from a parameter while it was built is kept somewhere")
+
+
+# What upstream's finish runs before its cast: ``to(device)`` runs every module's ``_apply``
+# (and ``children``), ``eval()`` every module's ``train`` (which sets ``training``), and
+# ``requires_grad_`` the root's ``parameters``. There upstream's weights are fp32 on the
+# CPU, the fast build's final already (fp16, on the device). The root's ``to`` is not looked at (diffusers'
+# ModelMixin has one, which reads no weight): design.md.
+_FINISH_METHODS = ("_apply", "train", "children", "named_children", "__setattr__")
+_ROOT_FINISH_METHODS = (
+    "eval",
+    "requires_grad_",
+    "parameters",
+    "named_parameters",
+    "named_modules",
+    "_named_members",
+)
+
+
+def refuse_a_finish_of_its_own(model: nn.Module) -> None:
+    """Refuse a module whose own ``_apply``, ``train`` (the root's ``eval``, ``requires_grad_``)
+    could see the difference."""
+    for m in model.modules():
+        names = _FINISH_METHODS + (_ROOT_FINISH_METHODS if m is model else ())
+        own = [n for n in names if getattr(type(m), n) is not getattr(nn.Module, n) or n in vars(m)]
+        if own:
+            raise FastBuildRefused(f"{type(m).__name__} has a {own[0]} of its own, which the finish runs")

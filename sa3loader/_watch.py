@@ -320,9 +320,12 @@ class BuildWatch(TorchFunctionMode):
         self._stand_ins[id(tensor)] = weakref.ref(tensor)
 
     def _follow_stand_ins(self, func: Any, name: str, args: tuple, kwargs: dict | None, out: Any) -> None:
-        metas = [t for t in _tensors_out(out) if t.is_meta]
+        returned = list(_tensors_out(out))
+        metas = [t for t in returned if t.is_meta]
         reveals = name in DEVICE_METHODS or (name == "__get__" and op_name(func)[1:] in DEVICE_PROPERTIES)
-        if (metas or reveals) and self._from_stand_in(args, kwargs):
+        if (returned or reveals) and self._from_stand_in(args, kwargs):
+            if len(metas) < len(returned):  # a CPU x meta matmul or conv: memory nothing wrote
+                self._meta_errors.append(RuntimeError(f"{op_name(func)} made real memory of a stand-in"))
             for t in metas:
                 self.stand_in(t)
             reader = _reader(sys._getframe(2)) if reveals else None

@@ -2842,6 +2842,25 @@ class KeepsADerivedTensorInAClosure(ToyDiT):
         self.scaled = lambda: derived  # the walk reads no closure's cells
 
 
+class KeepsAProbeOfARealInputThroughAParameter(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.probe = torch.ones(1, 32) @ self.blocks[0].ff.weight.t()  # CPU x meta: real memory
+
+
+class ChildrenOfItsOwn(ToyDiT):
+    def children(self):
+        self.seen = self.blocks[0].ff.weight.detach().clone()
+        return super().children()
+
+
+class SetsItsOwnWay(ToyDiT):
+    def __setattr__(self, name, value):
+        if name == "training" and not value:  # eval() sets it
+            object.__setattr__(self, "seen", self.blocks[0].ff.weight.detach().clone())
+        super().__setattr__(name, value)
+
+
 def _deepest(value: list) -> torch.Tensor:
     while isinstance(value, list):
         value = value[0]
@@ -2849,6 +2868,9 @@ def _deepest(value: list) -> torch.Tensor:
 
 
 KEPT_ASIDE = {
+    KeepsAProbeOfARealInputThroughAParameter: lambda m: m.probe,
+    ChildrenOfItsOwn: lambda m: m.seen,
+    SetsItsOwnWay: lambda m: m.seen,
     FusesOnEval: lambda m: m.fused,
     MovesItsOwnWay: lambda m: m.seen,
     EvalOfItsOwn: lambda m: m.seen,
@@ -2884,6 +2906,9 @@ EXTRA_STATE = {
         KeepsADerivedTensorDeepDown,
         KeepsADerivedTensorInABoundMethod,
         KeepsADerivedTensorInAClosure,
+        KeepsAProbeOfARealInputThroughAParameter,
+        ChildrenOfItsOwn,
+        SetsItsOwnWay,
     ],
     ids=[
         "conjugate",
@@ -2897,6 +2922,9 @@ EXTRA_STATE = {
         "derived-deep-down",
         "derived-in-a-bound-method",
         "derived-in-a-closure",
+        "real-input-through-a-parameter",
+        "children-of-its-own",
+        "setattr-of-its-own",
     ],
 )
 def test_what_placing_or_the_finish_would_change_is_built_as_upstreams(tmp_path, cls, half):
@@ -2909,6 +2937,8 @@ def test_what_placing_or_the_finish_would_change_is_built_as_upstreams(tmp_path,
         )
         ref = upstream_recipe(cls, ckpt, half)
         finish_only = cls in (
+            ChildrenOfItsOwn,
+            SetsItsOwnWay,
             FusesOnEval,
             MovesItsOwnWay,
             EvalOfItsOwn,
@@ -2974,6 +3004,31 @@ class PopsItsConfig(ToyDiT):
         super().__init__(dim=config.pop("dim"))
         self.kept = config
         self.gappy = nn.Parameter(torch.zeros(4, 6)[:, ::2])  # gaps: the fast build refuses after it ran
+
+
+class ReordersAndNormalisesItsConfig(ToyDiT):
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.order = list(config)
+        config["type"] = config.pop("type")  # equal, another key order
+        self.kind = type(config["flag"]).__name__
+        config["flag"] = bool(config["flag"])  # equal, another type
+        self.gappy = nn.Parameter(torch.zeros(4, 6)[:, ::2])  # the fast build refuses after it ran
+
+
+@pytest.mark.parametrize("make", [dict, collections.OrderedDict], ids=["dict", "ordered-dict"])
+def test_a_config_changed_where_equality_cannot_see_it_is_given_again_as_it_came(tmp_path, make):
+    def given():
+        return make([("type", "toy"), ("flag", 1), ("ids", {3: [None, 2.5]})])
+
+    ckpt = save(
+        random_like_state(ReordersAndNormalisesItsConfig(given()), seed=3), tmp_path / "model.safetensors"
+    )
+    model = sa3loader.load_diffusion_cond(
+        given(), ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=ReordersAndNormalisesItsConfig
+    )
+    assert sa3loader.last_load_info().build == "faithful"
+    assert (model.order, model.kind) == (["type", "flag", "ids"], "int")
 
 
 def test_a_factory_that_changes_its_config_builds_upstreams_model_after_a_refusal(tmp_path):
