@@ -3010,16 +3010,19 @@ class ReordersAndNormalisesItsConfig(ToyDiT):
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.order = list(config)
-        config["type"] = config.pop("type")  # equal, another key order
         self.kind = type(config["flag"]).__name__
-        config["flag"] = bool(config["flag"])  # equal, another type
+        if config["how"] == "order":
+            config["type"] = config.pop("type")  # equal, another key order
+        else:
+            config["flag"] = bool(config["flag"])  # equal, another type
         self.gappy = nn.Parameter(torch.zeros(4, 6)[:, ::2])  # the fast build refuses after it ran
 
 
+@pytest.mark.parametrize("how", ["order", "type"])
 @pytest.mark.parametrize("make", [dict, collections.OrderedDict], ids=["dict", "ordered-dict"])
-def test_a_config_changed_where_equality_cannot_see_it_is_given_again_as_it_came(tmp_path, make):
+def test_a_config_changed_where_equality_cannot_see_it_is_given_again_as_it_came(tmp_path, make, how):
     def given():
-        return make([("type", "toy"), ("flag", 1), ("ids", {3: [None, 2.5]})])
+        return make([("type", "toy"), ("flag", 1), ("ids", {3: [None, 2.5]}), ("how", how)])
 
     ckpt = save(
         random_like_state(ReordersAndNormalisesItsConfig(given()), seed=3), tmp_path / "model.safetensors"
@@ -3028,7 +3031,7 @@ def test_a_config_changed_where_equality_cannot_see_it_is_given_again_as_it_came
         given(), ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=ReordersAndNormalisesItsConfig
     )
     assert sa3loader.last_load_info().build == "faithful"
-    assert (model.order, model.kind) == (["type", "flag", "ids"], "int")
+    assert (model.order, model.kind) == (["type", "flag", "ids", "how"], "int")
 
 
 def test_a_factory_that_changes_its_config_builds_upstreams_model_after_a_refusal(tmp_path):
@@ -3050,3 +3053,27 @@ def test_a_factory_that_changes_its_config_builds_upstreams_model_after_a_refusa
     ref.eval().requires_grad_(False)
     assert_same_model(model, ref)
     assert given == upstreams == model.kept == {"nested": {"a": [1, 2.5, None, "x"]}}
+
+
+class KeepsAZeroTensorParameter(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.z = nn.Parameter(torch._efficientzerotensor(3))
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_a_zero_tensor_parameter_fails_as_upstreams_copy_into_it_does(tmp_path, half):
+    """A zero tensor is immutable: upstream's copy into it raises; placing would not have."""
+    state = random_like_state(build(), seed=3) | {"z": torch.ones(3)}
+    ckpt = save(state, tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError) as upstreams:
+        upstream_recipe(KeepsAZeroTensorParameter, ckpt, half)
+    with pytest.raises(type(upstreams.value)):
+        sa3loader.load_diffusion_cond(
+            {},
+            ckpt,
+            "cpu",
+            half,
+            cache_dir=tmp_path / "c",
+            model_factory=lambda c: KeepsAZeroTensorParameter(),
+        )
