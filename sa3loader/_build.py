@@ -39,6 +39,7 @@ from ._format import Header
 from ._refusals import (
     Attributes,
     FastBuildRefused,
+    overridden,
     refuse_a_finish_of_its_own,
     refuse_computed_kept,
     refuse_meta,
@@ -106,16 +107,12 @@ def _customises_loading(model: nn.Module) -> bool:
     """Whether loading, or the state dict the fast build finds the model's tensors through, is
     the model's own: ``load_state_dict`` (which upstream calls on the model), extra state, a
     state dict of its own or hooks on either."""
-    if type(model).load_state_dict is not nn.Module.load_state_dict or "load_state_dict" in vars(model):
+    if overridden(model, ("load_state_dict",), {}):
         return True
-    classes: dict[type, bool] = {}  # a class's methods, looked at once per class (a model has few)
+    classes: dict[type, list[str]] = {}  # a class's methods, looked at once per class (a model has few)
     for m in model.modules():
-        cls = type(m)
-        if cls not in classes:
-            classes[cls] = any(getattr(cls, n) is not getattr(nn.Module, n) for n in _LOADING_METHODS)
         if (
-            classes[cls]
-            or any(method in vars(m) for method in _LOADING_METHODS)  # set on the instance
+            overridden(m, _LOADING_METHODS, classes)
             or m._load_state_dict_pre_hooks
             or m._load_state_dict_post_hooks
             or m._state_dict_pre_hooks

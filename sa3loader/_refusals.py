@@ -279,8 +279,8 @@ def refuse_computed_kept(computed: list[weakref.ref[torch.Tensor]]) -> None:
 # What upstream's finish runs before its cast: ``to(device)`` runs every module's ``_apply``
 # (and ``children``), ``eval()`` every module's ``train`` (which sets ``training``), and
 # ``requires_grad_`` the root's ``parameters``. There upstream's weights are fp32 on the
-# CPU, the fast build's final already (fp16, on the device). The root's ``to`` is not looked at (diffusers'
-# ModelMixin has one, which reads no weight): design.md.
+# CPU, the fast build's final already (fp16, on the device). The root's ``to`` is not looked
+# at (diffusers' ModelMixin has one, which reads no weight): design.md.
 _FINISH_METHODS = ("_apply", "train", "children", "named_children", "__setattr__")
 _ROOT_FINISH_METHODS = (
     "eval",
@@ -292,11 +292,22 @@ _ROOT_FINISH_METHODS = (
 )
 
 
+def overridden(module: nn.Module, names: tuple[str, ...], classes: dict[type, list[str]]) -> list[str]:
+    """Which of ``names`` ``module`` has other than nn.Module's: its class's (looked at once per
+    class, kept in ``classes``), else set on the instance itself."""
+    cls = type(module)
+    if cls not in classes:
+        classes[cls] = [n for n in names if getattr(cls, n) is not getattr(nn.Module, n)]
+    return classes[cls] or [n for n in names if n in vars(module)]
+
+
 def refuse_a_finish_of_its_own(model: nn.Module) -> None:
-    """Refuse a module whose own ``_apply``, ``train`` (the root's ``eval``, ``requires_grad_``)
-    could see the difference."""
+    """Refuse a module with its own version of what the finish runs before its cast (above),
+    which could see the fast build's final weights where upstream's are fp32 on the CPU."""
+    classes: dict[type, list[str]] = {}
     for m in model.modules():
-        names = _FINISH_METHODS + (_ROOT_FINISH_METHODS if m is model else ())
-        own = [n for n in names if getattr(type(m), n) is not getattr(nn.Module, n) or n in vars(m)]
+        own = overridden(m, _FINISH_METHODS, classes) or (
+            overridden(m, _ROOT_FINISH_METHODS, {}) if m is model else []
+        )
         if own:
             raise FastBuildRefused(f"{type(m).__name__} has a {own[0]} of its own, which the finish runs")

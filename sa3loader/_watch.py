@@ -233,7 +233,7 @@ class BuildWatch(TorchFunctionMode):
         # Memory drawn values were written to, kept (its address not reused) until checked: aliases.
         self._drawn_storages: dict[int, torch.UntypedStorage] = {}
         self.escapes: list[str] = []  # how drawn values left torch: "Tensor.item()", ...
-        self._meta_errors: list[BaseException] = []  # errors torch raised over a stand-in's data
+        self._meta_errors: list[BaseException] = []  # torch's over a stand-in's data; real memory from one
         self.device_reads: list[str] = []  # how a stand-in's device was read: "Tensor.is_cpu", ...
         self._stand_ins: dict[int, weakref.ref[torch.Tensor]] = {}  # by id; the ref tells a reused id
         self.replaced: list[tuple[weakref.ref[nn.Module], str]] = []  # parameters the constructor replaced
