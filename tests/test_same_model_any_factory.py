@@ -1476,9 +1476,7 @@ def test_a_factory_that_keeps_a_parameter_the_model_no_longer_has_builds_upstrea
     monkeypatch.setattr(torch.Tensor, "uniform_", lambda *a, **k: kept.append(a) or wrapped(*a, **k))
     ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
     torch.manual_seed(0)
-    model = sa3loader.load_diffusion_cond(
-        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: build()
-    )
+    model = load_toy(ckpt, tmp_path / "c", True, factory=lambda c: build())
     assert sa3loader.last_load_info().build == "faithful"
     assert_same_model(model, upstream_recipe(build, ckpt, True))
 
@@ -2932,9 +2930,7 @@ def test_what_placing_or_the_finish_would_change_is_built_as_upstreams(tmp_path,
     ckpt = save(state, tmp_path / "model.safetensors")
     for _ in range(2 if half else 1):  # the conversion, then the hit
         torch.manual_seed(0)
-        model = sa3loader.load_diffusion_cond(
-            {}, ckpt, "cpu", half, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
-        )
+        model = load_toy(ckpt, tmp_path / "c", half, factory=lambda c: cls())
         ref = upstream_recipe(cls, ckpt, half)
         finish_only = cls in (
             ChildrenOfItsOwn,
@@ -2971,20 +2967,11 @@ def test_torchs_conversion_flags_give_upstreams_tensors(tmp_path, flag):
                 ref = upstream_recipe(TiesAndHolds, ckpt, True)
             except RuntimeError as upstreams:
                 with pytest.raises(type(upstreams)):
-                    sa3loader.load_diffusion_cond(
-                        {},
-                        ckpt,
-                        "cpu",
-                        True,
-                        cache_dir=tmp_path / "c",
-                        model_factory=lambda c: TiesAndHolds(),
-                    )
+                    load_toy(ckpt, tmp_path / "c", True, factory=lambda c: TiesAndHolds())
                 assert flag == "swap"
                 return
             torch.manual_seed(0)
-            model = sa3loader.load_diffusion_cond(
-                {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: TiesAndHolds()
-            )
+            model = load_toy(ckpt, tmp_path / "c", True, factory=lambda c: TiesAndHolds())
             assert sa3loader.last_load_info().build == "faithful"
             assert_same_model(model, ref)
             for m in (model, ref):
@@ -3069,11 +3056,4 @@ def test_a_zero_tensor_parameter_fails_as_upstreams_copy_into_it_does(tmp_path, 
     with pytest.raises(RuntimeError) as upstreams:
         upstream_recipe(KeepsAZeroTensorParameter, ckpt, half)
     with pytest.raises(type(upstreams.value)):
-        sa3loader.load_diffusion_cond(
-            {},
-            ckpt,
-            "cpu",
-            half,
-            cache_dir=tmp_path / "c",
-            model_factory=lambda c: KeepsAZeroTensorParameter(),
-        )
+        load_toy(ckpt, tmp_path / "c", half, factory=lambda c: KeepsAZeroTensorParameter())
