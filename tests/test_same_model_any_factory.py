@@ -3057,3 +3057,69 @@ def test_a_zero_tensor_parameter_fails_as_upstreams_copy_into_it_does(tmp_path, 
         upstream_recipe(KeepsAZeroTensorParameter, ckpt, half)
     with pytest.raises(type(upstreams.value)):
         load_toy(ckpt, tmp_path / "c", half, factory=lambda c: KeepsAZeroTensorParameter())
+
+
+class KeepsASparseParameter(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sp = nn.Parameter(torch.eye(3, 4).to_sparse(), requires_grad=False)
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_a_sparse_parameter_is_built_as_upstreams(tmp_path, half):
+    """Placing gives a dense tensor: a sparse parameter is built as upstream builds it, kept
+    sparse when the checkpoint lacks it, and failing as upstream's copy when it has it."""
+    state = random_like_state(build(), seed=3)
+    ckpt = save(state, tmp_path / "model.safetensors")
+    for _ in range(2 if half else 1):  # the conversion, then the hit
+        torch.manual_seed(0)
+        model = load_toy(ckpt, tmp_path / "c", half, factory=lambda c: KeepsASparseParameter())
+        ref = upstream_recipe(KeepsASparseParameter, ckpt, half)
+        assert sa3loader.last_load_info().build == "faithful"
+        assert model.sp.layout == ref.sp.layout == torch.sparse_coo
+        assert torch.equal(bits(model.sp.to_dense()), bits(ref.sp.to_dense()))
+        model.sp, ref.sp = None, None  # the comparison below reads bits of dense tensors
+        assert_same_model(model, ref)
+    ckpt = save(state | {"sp": torch.ones(3, 4)}, tmp_path / "with-sp.safetensors")
+    with pytest.raises(RuntimeError) as upstreams:
+        upstream_recipe(KeepsASparseParameter, ckpt, half)
+    with pytest.raises(type(upstreams.value)):
+        load_toy(ckpt, tmp_path / "c", half, factory=lambda c: KeepsASparseParameter())
+
+
+class KeepsItsConfig(ToyDiT):
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.kept = config
+        self.gappy = nn.Parameter(torch.zeros(4, 6)[:, ::2])  # gaps: the fast build refuses after it ran
+
+
+def _nested(levels: int) -> list:
+    config: list = []
+    for _ in range(levels):
+        config = [config]
+    return config
+
+
+def test_a_config_that_holds_itself_is_given_to_both_builds_as_it_came(tmp_path):
+    """The copy goes 32 levels down: a config that holds itself is not copied (no
+    RecursionError); both builds get the caller's own object."""
+    config: dict = {"dim": 32}
+    config["more"] = config
+    ckpt = save(random_like_state(KeepsItsConfig({}), seed=3), tmp_path / "model.safetensors")
+    model = sa3loader.load_diffusion_cond(
+        config, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=KeepsItsConfig
+    )
+    assert sa3loader.last_load_info().build == "faithful"
+    assert model.kept is config
+
+
+def test_a_config_nested_30_levels_deep_is_copied_for_the_second_build(tmp_path):
+    """Within the 32 levels the copy goes, a factory that pops gets the config as given again."""
+    config = {"dim": 32, "nested": _nested(30)}
+    ckpt = save(random_like_state(PopsItsConfig(dict(config)), seed=3), tmp_path / "model.safetensors")
+    model = sa3loader.load_diffusion_cond(
+        config, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=PopsItsConfig
+    )
+    assert sa3loader.last_load_info().build == "faithful"
+    assert model.kept == {"nested": _nested(30)} and config == {"nested": _nested(30)}
