@@ -5,15 +5,13 @@ for a load (``Eviction``: the least recently used siblings, under the cap or on 
 remove, each with its size), which ``--dry-run`` shows and a real run executes as it is:
 each step is checked again, under the sibling's conversion lock, when it is carried out,
 and a step whose file changed meanwhile is kept and reported, never replaced by what a
-second scan finds. Nothing without sa3loader's marker, and nothing of another user's, is deleted.
-"""
+second scan finds. Nothing without sa3loader's marker, and nothing of another user's, is deleted."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from . import _compare, _index, _records
@@ -363,25 +361,27 @@ def _execute_guarded(sibling: str, steps: list[Removal], live: list[Entry] | Non
         outcome.kept += [(s, f"cannot remove it ({exc.strerror or exc})") for s in steps]
 
 
-def _drop_rows(cache_dir: str, rows: list[Entry]) -> None:
+def _drop_rows(cache_dir: str, rows: list[Entry]) -> list[Entry]:
     """Delete each planned row that is as it was planned (one rewritten since, by a conversion
-    of the source again, is another row: kept)."""
+    of the source again, is another row: kept); the rows deleted."""
     if not rows and not has_index(cache_dir):
         refuse_untrusted(cache_dir)
-        return
+        return []
     with command_index(cache_dir) as index:
-        for entry in rows:
-            now = index.get(entry.key)
-            if now is None or (now.sibling_path, now.created) == (entry.sibling, entry.created):
-                index.delete(entry.key)
+        as_planned = [
+            e
+            for e in rows
+            if (r := index.get(e.key)) is None or (r.sibling_path, r.created) == (e.sibling, e.created)
+        ]
+        return [e for e in as_planned if index.delete(e.key)]
 
 
 def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
     """Carry out ``plan`` as it is: rows first, then each file under its sibling's lock, then dirs."""
-    _drop_rows(cache_dir, plan.rows)
+    dropped = _drop_rows(cache_dir, plan.rows)
     # Rows a prune keeps, and the sources of those it dropped: a sibling valid for either stays.
     live = entries(cache_dir) + plan.rows if pruning else None
-    outcome = Outcome(plan.rows, [], list(plan.kept))
+    outcome = Outcome(dropped, [], list(plan.kept))
     guarded: dict[str, list[Removal]] = {}
     for step in plan.removals:
         if step.kind != "empty dir":
@@ -439,7 +439,7 @@ def _least_used(used: list[_Used], excess: int, *, partial: bool = False) -> lis
         if excess <= 0:
             break
         if u.evictable:
-            over += [dataclasses.replace(e, status=OVER_CAP) for e in u.rows]
+            over += [replace(e, status=OVER_CAP) for e in u.rows]
             excess -= u.st.st_size
     return over if excess <= 0 or partial else []
 

@@ -243,13 +243,23 @@ class Index:
             return cache.get(encode_key(source_real))
         except UnsafeRowError as exc:
             logger.warning("%s: dropping unsafe index row for %s (%s)", self.directory, source_real, exc)
-            self.delete(source_real)
+            if not self.read_only:  # a read-only index keeps it: reading it never fails for that
+                self.delete(source_real)
         except (OSError, sqlite3.Error, diskcache.Timeout, ValueError) as exc:
             self._failed("be read", exc)
         return None
 
     def _writable(self) -> diskcache.Cache | None:
+        """The index to write, or None for a load's that cannot be written; a command's
+        (``strict``) that cannot be written raises: it would report rows it never removed."""
         cache = self._open()
+        if self.read_only and self.strict:
+            path = os.path.join(self.directory, DATABASE_NAME)
+            raise CacheIndexError(
+                f"{path}: the sa3loader index is read-only here (a baked image, or another user's): "
+                "nothing was changed; run this as a user who can write it",
+                filename=path,
+            )
         return None if self.read_only else cache
 
     def put(self, source_real: str, row: IndexRow) -> None:
@@ -261,14 +271,16 @@ class Index:
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             self._failed("be written", exc)
 
-    def delete(self, source_real: str) -> None:
+    def delete(self, source_real: str) -> bool:
+        """Whether a row was deleted."""
         cache = self._writable()
         if cache is None:
-            return
+            return False
         try:
-            cache.delete(encode_key(source_real))
+            return bool(cache.delete(encode_key(source_real)))
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             self._failed("be written", exc)
+            return False
 
     def items(self) -> list[tuple[str, IndexRow | None]]:
         """Every row as (source path, row); the row is None when it is not a valid row."""
@@ -289,8 +301,6 @@ class Index:
     def clear(self) -> int:
         cache = self._writable()
         if cache is None:
-            if self.strict and self.read_only:
-                raise _database_error(self.directory, "be written", PermissionError("it is read-only"))
             return 0
         try:
             return int(cache.clear())

@@ -138,3 +138,38 @@ def test_a_checkpoint_baked_beside_its_sibling_under_umask_077_serves_another_us
     served = as_service(service, image_root, ckpt, cache)
     assert served.returncode == 0, served.stderr
     assert json.loads(served.stdout.strip().splitlines()[-1])["cache_hit"], served.stderr
+
+
+@pytest.mark.parametrize("command", [["cache", "rm", "A"], ["cache", "prune"], ["cache", "clear", "--yes"]])
+def test_a_cache_command_on_a_baked_index_another_user_cannot_write_changes_nothing_and_says_so(
+    service, image_root, capsys, command
+):
+    """A row it cannot delete is not reported deleted: exit 1, the read-only error, every row
+    and file as baked."""
+    from support.loads import make_ckpt
+
+    folder = image_root / "models"
+    kept, gone = make_ckpt(folder / "a.safetensors"), make_ckpt(folder / "b.safetensors", seed=4)
+    for path in (folder, kept, gone):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    cache = image_root / "sa3loader-cache"
+    env = {**SERVICE_ENV, "SA3LOADER_CACHE_DIR": str(cache), "SA3LOADER_PLACE": "cache"}
+    os.environ.update(SA3LOADER_PLACE="cache")
+    try:
+        assert cli.main(["warm", str(folder), "--cache-dir", str(cache), "--readable-by-all"]) == 0
+    finally:
+        del os.environ["SA3LOADER_PLACE"]
+    gone.unlink()  # its row is one prune drops
+    capsys.readouterr()
+    assert cli.main(["cache", "ls", "--cache-dir", str(cache), "--json"]) == 0
+    rows_before = capsys.readouterr().out
+    files_before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
+
+    args = [str(kept) if arg == "A" else arg for arg in command]
+    ran = service.run("sa3loader", *args, "--json", env=env, cwd=image_root, timeout=120)
+    assert ran.returncode == 1, (ran.stdout, ran.stderr)
+    error = json.loads(ran.stdout)["error"]["message"]
+    assert "the sa3loader index is read-only here" in error and "nothing was changed" in error
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == files_before
+    assert cli.main(["cache", "ls", "--cache-dir", str(cache), "--json"]) == 0
+    assert capsys.readouterr().out == rows_before
