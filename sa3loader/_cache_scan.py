@@ -40,8 +40,10 @@ def scan(directories: list[str], rows: dict[str, str], unreadable: list[OSError]
     """Every sa3loader sibling under ``directories`` (its name a sibling's, its marker in its
     header), with the checkpoint it belongs to: the file beside it whose sibling it is named
     as, else the one ``rows`` (an index's sibling -> source) names, else the one its name says.
-    Each folder that could not be read is added to ``unreadable`` (what is under it is not seen)."""
-    found = []
+    Each folder that could not be read is added to ``unreadable`` (what is under it is not seen).
+    A path found twice (overlapping directories) is listed once."""
+    found: list[Found] = []
+    listed: set[str] = set()
     for directory in map(os.path.abspath, directories):  # rows name absolute paths
         if not os.path.isdir(directory):
             raise CheckpointNotFoundError(f"no such directory: {directory}", filename=directory)
@@ -53,8 +55,9 @@ def scan(directories: list[str], rows: dict[str, str], unreadable: list[OSError]
             names = set(os.listdir(folder)) if hidden else set(files)
             for name in sorted(files):
                 path = os.path.join(root, name)
-                if not name.endswith(SIBLING_SUFFIXES) or not marked_by_sa3loader(path):
+                if not name.endswith(SIBLING_SUFFIXES) or path in listed or not marked_by_sa3loader(path):
                     continue
+                listed.add(path)
                 row = rows.get(path)
                 source = _source_beside(folder, name, names) or row
                 if source is None and os.path.basename(os.path.dirname(root)) == SIBLINGS_SUBDIR:
@@ -64,6 +67,18 @@ def scan(directories: list[str], rows: dict[str, str], unreadable: list[OSError]
                 source = source or _named_source(folder, name)
                 found.append(Found(path, _size(path), source, _scanned_status(path, source), row is not None))
     return found
+
+
+def on_disk(found: list[Found]) -> tuple[int, int]:
+    """How many files ``found`` names, and their bytes: a hard link's names are one file."""
+    sizes = {}
+    for f in found:
+        try:
+            st = os.lstat(f.sibling)
+            sizes[(st.st_dev, st.st_ino)] = f.bytes
+        except OSError:  # removed since the scan
+            sizes[(-1, len(sizes))] = f.bytes
+    return len(sizes), sum(sizes.values())
 
 
 def _size(path: str) -> int:

@@ -369,8 +369,9 @@ def _scan(args: argparse.Namespace, cache_dir: str) -> int:
         for f in found
     ]
     gone = sum(f.status == MISSING_SOURCE for f in found)
+    files, size = _cache_scan.on_disk(found)  # hard links to one file: one file
     lines.append(
-        f"{len(found)} sibling(s), {human_size(sum(f.bytes for f in found))} on disk; "
+        f"{files} sibling(s), {human_size(size)} on disk; "
         f"{gone} whose checkpoint is gone (remove with `sa3loader cache rm CHECKPOINT`)"
     )
     lines += [f"cannot read {e.filename} ({e.strerror}): siblings under it not counted" for e in unreadable]

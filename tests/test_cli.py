@@ -1083,6 +1083,21 @@ def test_cache_scan_finds_siblings_no_index_knows_and_says_whose_they_are(tmp_pa
     assert not (folder / ".cache" / "sa3loader" / "b.fp16.safetensors").exists()
 
 
+def test_cache_scan_counts_a_file_once_given_overlapping_dirs_or_a_hard_link(tmp_path):
+    folder, cache = tmp_path / "ckpts", tmp_path / "c"
+    folder.mkdir()
+    save_file({"w": torch.ones(1000)}, str(folder / "a.safetensors"))
+    run("warm", str(folder / "a.safetensors"), cache=cache)
+    hidden = folder / ".cache" / "sa3loader"
+    size = (hidden / "a.fp16.safetensors").stat().st_size
+    total = f"1 sibling(s), {size / 1e3:.3g} kB on disk; "
+    out = run("cache", "scan", str(folder), str(hidden), cache=cache).stdout.splitlines()
+    assert len(out) == 2 and out[-1].startswith(total)
+    os.link(hidden / "a.fp16.safetensors", hidden / "backup.fp16.safetensors")
+    out = run("cache", "scan", str(folder), cache=cache).stdout.splitlines()
+    assert len(out) == 3 and out[-1].startswith(total)  # both names listed, one file counted
+
+
 def test_cache_scan_of_the_cache_dir_names_each_siblings_checkpoint_from_its_row(tmp_path):
     from support.checkpoints import toy_hub_checkpoint
 
