@@ -709,6 +709,9 @@ def test_convert_verify_checks_new_and_existing_siblings_with_measured_figures(s
     flip_last_value(sibling, 1000.0)
     damaged = run("convert", str(src), "--verify", cache=tmp_path / "c", check_rc=3)
     assert f"replaced  {sibling}: it failed the content check\n{verdict}" in damaged.stdout
+    flip_last_value(sibling, 1000.0)  # without --verify: the spots a load checks see it too
+    damaged = run("convert", str(src), cache=tmp_path / "c", check_rc=3)
+    assert f"replaced  {sibling}: it failed the content check\n" in damaged.stdout
 
 
 def test_cache_verify_prints_the_difference_it_measured(src, tmp_path):
