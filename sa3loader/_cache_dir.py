@@ -36,6 +36,10 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
     when someone else controls that fixed name, to a fresh private one instead.
     """
     if cache_dir is not None:
+        if not os.fspath(cache_dir).strip():  # not the current dir: an unset variable, likely
+            raise ConfigError(
+                f"cache_dir is empty ({cache_dir!r}): give a directory, or None for the default"
+            )
         return os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
     from_env = _config.env_path(_config.CACHE_DIR_ENV)
     if from_env is not None:

@@ -46,9 +46,16 @@ def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
     parser.add_argument(
         "--cache-dir",
         default=default,
+        type=_non_empty,
         help="cache dir (default: $SA3LOADER_CACHE_DIR, else $XDG_CACHE_HOME/sa3loader, "
         "else ~/.cache/sa3loader)",
     )
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():  # not the current dir: an unset variable, likely
+        raise argparse.ArgumentTypeError("empty: give a directory, or leave the option out for the default")
+    return value
 
 
 def _cache_options(p: argparse.ArgumentParser) -> None:

@@ -239,11 +239,15 @@ def create_cache_dir(path: str) -> None:
 
 
 def tag_cache_dir(cache_dir: str) -> None:
-    """Write a CACHEDIR.TAG, so backup tools skip gigabytes of siblings; best effort."""
+    """Write a CACHEDIR.TAG, so backup tools skip gigabytes of siblings; best effort. Not in a
+    folder that holds other files (a project folder given as the cache dir): backups would
+    skip those too."""
     path = os.path.join(cache_dir, CACHEDIR_TAG)
     if os.path.exists(path):
         return
     try:
+        if set(os.listdir(cache_dir)) - {INDEX_SUBDIR, SIBLINGS_SUBDIR}:
+            return
         with open(path, "x", encoding="ascii") as f:
             f.write(CACHEDIR_TAG_TEXT)
     except OSError:

@@ -311,3 +311,21 @@ def test_prune_keeps_the_sibling_of_a_checkpoint_it_cannot_read_now(tmp_path, mo
     monkeypatch.undo()
     load_toy(ckpt, cache)
     assert sa3loader.last_load_info().cache_hit
+
+
+def test_a_folder_holding_other_files_given_as_the_cache_dir_gets_no_cachedir_tag(ckpt, tmp_path):
+    """Backup tools skip a tagged folder whole: a project folder with files of its own is used
+    as the cache dir, but not tagged."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine\n")
+    load_toy(ckpt, project)
+    assert (project / "index").is_dir() and not (project / "CACHEDIR.TAG").exists()
+
+
+def test_an_empty_cache_dir_is_refused_not_taken_for_the_current_dir(ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(sa3loader.ConfigError, match="cache_dir is empty"):
+        load_toy(ckpt, "")
+    assert sorted(tmp_path.iterdir()) == before

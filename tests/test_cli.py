@@ -1047,6 +1047,18 @@ def test_cache_rm_needs_checkpoints_and_the_others_take_none(tmp_path):
     run("cache", "ls", str(tmp_path / "x.safetensors"), cache=tmp_path / "c", check_rc=2)
 
 
+def test_an_empty_cache_dir_option_is_bad_usage(tmp_path, monkeypatch):
+    """``--cache-dir "$UNSET"`` is not the current dir (a cache there would tag it for backups
+    to skip)."""
+    monkeypatch.chdir(tmp_path)
+    for args in (
+        ["--cache-dir", "", "cache", "ls"],
+        ["warm", str(tmp_path / "m.safetensors"), "--cache-dir", " "],
+    ):
+        assert "argument --cache-dir: empty" in run(*args, cache=tmp_path / "c", check_rc=2).stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_cache_scan_finds_siblings_no_index_knows_and_says_whose_they_are(tmp_path):
     """After ``rm -rf`` of the cache dir, the siblings beside checkpoints are still listed, with
     their checkpoint (there, changed or gone) and size; a user's own fp16 file is not ours."""
