@@ -4,7 +4,10 @@ walk of every attribute that may hold a tensor (``_reach``)."""
 
 from __future__ import annotations
 
+import functools
 import gc
+import sys
+import types
 import weakref
 from collections import Counter, defaultdict
 from typing import Any
@@ -276,11 +279,10 @@ def refuse_computed_kept(computed: list[weakref.ref[torch.Tensor]]) -> None:
             raise FastBuildRefused("a tensor computed from a parameter while it was built is kept somewhere")
 
 
-# What upstream's finish runs before its cast: ``to(device)`` runs every module's ``_apply``
-# (and ``children``), ``eval()`` every module's ``train`` (which sets ``training``), and
-# ``requires_grad_`` the root's ``parameters``. There upstream's weights are fp32 on the
-# CPU, the fast build's final already (fp16, on the device). The root's ``to`` is not looked
-# at (diffusers' ModelMixin has one, which reads no weight): design.md.
+# What upstream's finish runs before its cast: the root's ``to(device)``, which runs every
+# module's ``_apply`` (and ``children``), ``eval()`` every module's ``train`` (which sets
+# ``training``), and ``requires_grad_`` the root's ``parameters``. There upstream's weights
+# are fp32 on the CPU, the fast build's final already (fp16, on the device).
 _FINISH_METHODS = ("_apply", "train", "children", "named_children", "__setattr__")
 _ROOT_FINISH_METHODS = (
     "eval",
@@ -307,7 +309,38 @@ def refuse_a_finish_of_its_own(model: nn.Module) -> None:
     classes: dict[type, list[str]] = {}
     for m in model.modules():
         own = overridden(m, _FINISH_METHODS, classes) or (
-            overridden(m, _ROOT_FINISH_METHODS, {}) if m is model else []
+            overridden(m, _ROOT_FINISH_METHODS, {}) + (["to"] if _a_to_of_its_own(m) else [])
+            if m is model
+            else []
         )
         if own:
             raise FastBuildRefused(f"{type(m).__name__} has a {own[0]} of its own, which the finish runs")
+
+
+# diffusers' ModelMixin.to, as read (0.42): it looks at the call's arguments, flags and
+# offload hooks, never a weight, then calls nn.Module's. Its function object (by identity)
+# with the names its code uses (a changed body names others): diffusers' DiT stays fast.
+_MIXIN_MODULE = "diffusers.models.modeling_utils"
+_MIXIN_TO_NAMES = frozenset(
+    "BITS_AND_BYTES QuantizationMethod RuntimeError ValueError __class__ __name__ "
+    "_is_group_offload_enabled _keep_in_fp32_modules any device dtype getattr hooks.group_offloading "
+    "is_bitsandbytes_version isinstance logger str super to torch warning".split()
+)
+
+
+def _a_to_of_its_own(model: nn.Module) -> bool:
+    """Whether the root's ``to`` is neither nn.Module's nor diffusers' ModelMixin's as read."""
+    to = vars(model).get("to", type(model).to)
+    if to is nn.Module.to:
+        return False
+    mixin = getattr(sys.modules.get(_MIXIN_MODULE), "ModelMixin", None)
+    theirs = vars(mixin).get("to") if isinstance(mixin, type) else None
+    code = getattr(theirs, "__code__", None)
+    return not (to is theirs and isinstance(code, types.CodeType) and _code_names(code) == _MIXIN_TO_NAMES)
+
+
+@functools.lru_cache(maxsize=8)
+def _code_names(code: types.CodeType) -> frozenset[str]:
+    """The global and attribute names ``code`` and the functions inside it use."""
+    inner = [_code_names(c) for c in code.co_consts if isinstance(c, types.CodeType)]
+    return frozenset(code.co_names).union(*inner)

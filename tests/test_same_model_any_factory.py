@@ -2781,6 +2781,12 @@ class MovesItsOwnWay(ToyDiT):
         return super()._apply(fn, recurse)
 
 
+class ToOfItsOwn(ToyDiT):
+    def to(self, *args, **kwargs):
+        self.seen = self.blocks[0].ff.weight.detach().clone()
+        return super().to(*args, **kwargs)
+
+
 class EvalOfItsOwn(ToyDiT):
     def eval(self):
         self.seen = self.blocks[0].ff.weight.detach().clone()
@@ -2871,6 +2877,7 @@ KEPT_ASIDE = {
     SetsItsOwnWay: lambda m: m.seen,
     FusesOnEval: lambda m: m.fused,
     MovesItsOwnWay: lambda m: m.seen,
+    ToOfItsOwn: lambda m: m.seen,
     EvalOfItsOwn: lambda m: m.seen,
     TrainSetOnTheInstance: lambda m: m.seen,
     KeepsExtraStateItNeverLoads: lambda m: m.extra,
@@ -2897,6 +2904,7 @@ EXTRA_STATE = {
         KeepsAQuantizedParameter,
         FusesOnEval,
         MovesItsOwnWay,
+        ToOfItsOwn,
         EvalOfItsOwn,
         TrainSetOnTheInstance,
         RegistersAParameterAsABuffer,
@@ -2913,6 +2921,7 @@ EXTRA_STATE = {
         "quantized",
         "train-of-its-own",
         "apply-of-its-own",
+        "to-of-its-own",
         "eval-of-its-own",
         "train-on-the-instance",
         "parameter-as-buffer",
@@ -2937,6 +2946,7 @@ def test_what_placing_or_the_finish_would_change_is_built_as_upstreams(tmp_path,
             SetsItsOwnWay,
             FusesOnEval,
             MovesItsOwnWay,
+            ToOfItsOwn,
             EvalOfItsOwn,
             TrainSetOnTheInstance,
         )  # fp32, CPU: same

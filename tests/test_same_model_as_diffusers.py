@@ -63,3 +63,32 @@ def test_diffusers_dit_through_sa3loader_is_fast_and_diffusers_fp16_model(saved,
             assert mine_buffer.dtype == torch.float16
             assert torch.equal(bits(mine_buffer), bits(value.to(torch.float16))), name
     assert info.cache_hit
+
+
+class MovesTheDiTItsOwnWay(diffusers.StableAudio3DiTModel):
+    def to(self, *args, **kwargs):
+        self.seen_dtype = next(self.parameters()).dtype  # upstream's finish shows it fp32 weights
+        return super().to(*args, **kwargs)
+
+
+def _to_of_another_body(self, *args, **kwargs):
+    self.seen_dtype = next(self.parameters()).dtype
+    return torch.nn.Module.to(self, *args, **kwargs)
+
+
+@pytest.mark.parametrize("how", ["subclass", "mixin-body-changed"])
+def test_a_to_other_than_diffusers_own_as_read_takes_upstreams_build(saved, tmp_path, monkeypatch, how):
+    """ModelMixin's ``to`` is trusted by identity and the names its code uses (as read, it
+    reads no weight); a subclass's own ``to``, or a ModelMixin whose ``to`` is another
+    function, sees fp32 weights in upstream's finish: the faithful build."""
+    factory = MovesTheDiTItsOwnWay.from_config
+    if how == "mixin-body-changed":
+        factory = diffusers.StableAudio3DiTModel.from_config
+        monkeypatch.setattr(diffusers.ModelMixin, "to", _to_of_another_body)
+    config = json.loads((saved / "config.json").read_text())
+    ckpt = saved / "diffusion_pytorch_model.safetensors"
+    model = sa3loader.load_diffusion_cond(
+        config, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory
+    )
+    assert sa3loader.last_load_info().build == "faithful"
+    assert model.seen_dtype == torch.float32  # upstream's finish: the cast is its last step
