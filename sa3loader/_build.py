@@ -139,7 +139,7 @@ def load_faithful(model: nn.Module, source: Header, values: Values) -> LoadResul
     for key, name in assign.items():
         # The file's own tensor, as ``load_file`` gives it: ``load_state_dict`` casts it into the
         # model's tensor (a state dict's entry may be a hook's copy in another dtype).
-        state[key] = values.tensor(values.source, name)
+        state[key] = values.read_source(name)
     model.load_state_dict(state, strict=False)
     return result
 

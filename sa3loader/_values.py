@@ -119,6 +119,12 @@ class Values:
             return out
         return self._mapped(header).tensor(entry)
 
+    def read_source(self, name: str) -> torch.Tensor:
+        """The checkpoint's own tensor, read into fresh memory as ``load_file`` gives it (counted)."""
+        value = self.tensor(self.source, name)
+        self.bytes_read += value.numel() * value.element_size()
+        return value
+
     def _mapped(self, header: Header) -> MappedFile:
         if header.path not in self._maps:
             self._maps[header.path] = MappedFile(header)

@@ -155,8 +155,10 @@ def _on_meta(factory: Factory, config: Any, device: Any, half: bool, info: LoadI
 def _built(built: Built, values: Values, device: torch.device, info: LoadInfo) -> nn.Module:
     """Record in ``info`` how the model was built and read; the model."""
     info.build, info.fallback, info.result = built.kind, built.fallback, built.result
-    # The faithful build reads on the CPU and moves the model, as upstream does.
-    info.io = "stream" if streams_to(device) and built.kind == "fast" else values.cpu_io
+    if built.kind == "faithful":  # upstream's: the checkpoint read on the CPU, the model moved
+        info.io, info.sibling = "read", None
+    else:
+        info.io = "stream" if streams_to(device) else values.cpu_io
     info.bytes_read = values.bytes_read
     info.bytes_mapped = values.bytes_mapped
     info.staging_bytes = values.staging_bytes

@@ -213,3 +213,28 @@ def test_timings_split_the_upstream_import_from_the_sibling(tmp_path, monkeypatc
     sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
     timings = sa3loader.last_load_info().timings
     assert timings["import_s"] >= 1000 > timings["sibling_s"]
+
+
+class LoadsItsOwnWay(nn.Module):
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.inner = build(config)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # the fast build is refused for it
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+@pytest.mark.parametrize("io", ["mmap", "read"])
+def test_a_faithful_build_reports_the_checkpoint_read_not_the_sibling(tmp_path, half, io):
+    """Upstream's build reads the fp32 checkpoint (the sibling found is not read): no sibling,
+    plain reads, and the bytes of every tensor it read."""
+    state = {f"inner.{k}": v for k, v in random_like_state(build({}), seed=3).items()}
+    ckpt = save(state, tmp_path / "model.safetensors")
+    for _ in range(2 if half else 1):  # the conversion, then the hit
+        model, info = sa3loader.load(
+            {}, ckpt, "cpu", half, cache_dir=tmp_path / "c", model_factory=LoadsItsOwnWay, io=io
+        )
+        assert info.build == "faithful" and info.cache_hit == (half and not info.converted)
+        assert (info.sibling, info.io, info.bytes_mapped) == (None, "read", 0)
+        assert info.bytes_read == sum(v.numel() * v.element_size() for v in load_file(str(ckpt)).values())
