@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -69,19 +70,25 @@ UPSTREAM_MODULES = (LOADING_UTILS_MODULE, MODEL_MODULE)
 
 class _Installation:
     """What ``install()`` replaced, so that ``uninstall()`` puts it back and
-    ``SA3LOADER_DISABLE=1`` can still call upstream's own function: the one owner of this state."""
+    ``SA3LOADER_DISABLE=1`` can still call upstream's own function: the one owner of this state.
+
+    ``install()`` holds the patch until ``uninstall()``; each ``installed()`` block holds it
+    for the block (nested, or in other threads): it is removed when no one holds it.
+    """
 
     def __init__(self) -> None:
-        self.patched: list[tuple[Any, Callable[..., Any]]] = []  # (module, upstream's function)
+        self.patched: list[tuple[Any, Any]] = []  # (module, what it had bound)
         self.original: Callable[..., Any] | None = None  # upstream's, while installed
+        self.ours: Callable[..., Any] | None = None  # what the modules were given
+        self.explicit = False  # install() was called
+        self.blocks = 0  # installed() blocks open, in any thread
+        self.lock = threading.Lock()
 
 
 _installation = _Installation()
 
 
-def install(load_diffusion_cond: Callable[..., Any]) -> None:
-    """Make upstream's ``load_diffusion_cond`` call ``load_diffusion_cond`` (sa3loader's),
-    everywhere it is bound."""
+def _patch(load_diffusion_cond: Callable[..., Any]) -> None:
     if _installation.patched:
         return
     for name in UPSTREAM_MODULES:
@@ -91,27 +98,55 @@ def install(load_diffusion_cond: Callable[..., Any]) -> None:
             raise UpstreamNotFoundError(
                 f"sa3loader.install() patches stable_audio_3, which is not importable ({exc})"
             ) from exc
+    # loading_utils' function (a wrapper someone set, maybe) and the one ``model`` looks up for
+    # ``from_pretrained``: every module bound to either gets ours.
     original: Callable[..., Any] = getattr(sys.modules[UPSTREAM_MODULES[0]], LOADER_NAME)
-    _installation.original = original
+    bound = [getattr(sys.modules[name], LOADER_NAME) for name in UPSTREAM_MODULES]
+    _installation.original, _installation.ours = original, load_diffusion_cond
     for module in list(sys.modules.values()):
-        if getattr(module, LOADER_NAME, None) is original:
+        had = getattr(module, LOADER_NAME, None)
+        if any(had is f for f in bound):
             setattr(module, LOADER_NAME, load_diffusion_cond)
-            _installation.patched.append((module, original))
+            _installation.patched.append((module, had))
+
+
+def _unpatch() -> None:
+    """Put back each module's own binding, unless someone rebound it since (their patch stays)."""
+    while _installation.patched:
+        module, had = _installation.patched.pop()
+        if getattr(module, LOADER_NAME, None) is _installation.ours:
+            setattr(module, LOADER_NAME, had)
+    _installation.original = _installation.ours = None
+
+
+def install(load_diffusion_cond: Callable[..., Any]) -> None:
+    """Make upstream's ``load_diffusion_cond`` call ``load_diffusion_cond`` (sa3loader's),
+    everywhere it is bound, until ``uninstall()``."""
+    with _installation.lock:
+        _patch(load_diffusion_cond)
+        _installation.explicit = True
 
 
 def uninstall() -> None:
-    """Undo ``install()``; a no-op when it was not installed."""
-    while _installation.patched:
-        module, original = _installation.patched.pop()
-        setattr(module, LOADER_NAME, original)
-    _installation.original = None
+    """Undo ``install()`` (an ``installed()`` block still open keeps the patch until it ends);
+    a no-op when it was not installed. A module that imported the name while installed keeps
+    sa3loader's: it is not told from one that imported it from sa3loader."""
+    with _installation.lock:
+        _installation.explicit = False
+        if not _installation.blocks:
+            _unpatch()
 
 
 @contextlib.contextmanager
 def installed(load_diffusion_cond: Callable[..., Any]) -> Iterator[None]:
-    """``install(load_diffusion_cond)`` for the block only."""
-    install(load_diffusion_cond)
+    """The patch for the block; an ``install()`` made before it stays after it."""
+    with _installation.lock:
+        _patch(load_diffusion_cond)
+        _installation.blocks += 1
     try:
         yield
     finally:
-        uninstall()
+        with _installation.lock:
+            _installation.blocks -= 1
+            if not _installation.blocks and not _installation.explicit:
+                _unpatch()

@@ -185,10 +185,10 @@ def load_into_module(
 
 def _upstream_original() -> Callable[..., nn.Module]:
     original = _upstream.original_load_diffusion_cond()
-    if original is None:
+    if original is None or original in (load_diffusion_cond, load):  # set by hand: it would recurse
+        why = "is not importable" if original is None else "has sa3loader's there (use install())"
         raise UpstreamNotFoundError(
-            f"${_config.DISABLE_ENV}=1 calls upstream's load_diffusion_cond, "
-            "but stable_audio_3 is not importable"
+            f"${_config.DISABLE_ENV}=1 calls upstream's load_diffusion_cond, but stable_audio_3 {why}"
         )
     return original
 

@@ -76,6 +76,85 @@ def test_installed_context_manager_restores(upstream_model_module):
     assert upstream_model_module.load_diffusion_cond is original and lu.load_diffusion_cond is original
 
 
+def _patched(*modules) -> list[bool]:
+    return [m.load_diffusion_cond is sa3loader.load_diffusion_cond for m in modules]
+
+
+def test_installed_blocks_nested_in_threads_or_after_install_keep_the_patch_until_the_last_ends(
+    upstream_model_module,
+):
+    """The patch stays while anyone holds it: an install(), or an installed() block open in
+    this thread or another."""
+    import threading
+
+    lu, model = importlib.import_module("stable_audio_3.loading_utils"), upstream_model_module
+    original = lu.load_diffusion_cond
+    with sa3loader.installed():
+        with sa3loader.installed():
+            pass
+        assert _patched(lu, model) == [True, True]  # the outer block still holds it
+    assert _patched(lu, model) == [False, False]
+    sa3loader.install()
+    with sa3loader.installed():
+        pass
+    assert _patched(lu, model) == [True, True]  # install() holds it until uninstall()
+    with sa3loader.installed():
+        sa3loader.uninstall()
+        assert _patched(lu, model) == [True, True]  # the open block still holds it
+    assert _patched(lu, model) == [False, False]
+
+    entered, left, seen = threading.Event(), threading.Event(), []
+
+    def other_thread():
+        with sa3loader.installed():
+            entered.set()
+            left.wait(10)
+            seen.append(_patched(lu, model))
+
+    with sa3loader.installed():
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        assert entered.wait(10)
+    left.set()  # this thread's block has ended; the other's is still open
+    worker.join(10)
+    assert seen == [[True, True]] and lu.load_diffusion_cond is original
+
+
+def test_install_leaves_others_patches_and_reaches_from_pretrained_past_a_wrapper(upstream_model_module):
+    """A wrapper someone set in loading_utils before install(): ``model``'s binding (what
+    from_pretrained looks up) is patched too; one set after install() survives uninstall()."""
+    lu, model = importlib.import_module("stable_audio_3.loading_utils"), upstream_model_module
+    original = lu.load_diffusion_cond
+
+    def wrapper(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    lu.load_diffusion_cond = wrapper
+    try:
+        sa3loader.install()
+        assert _patched(lu, model) == [True, True]
+        sa3loader.uninstall()
+        assert (lu.load_diffusion_cond, model.load_diffusion_cond) == (wrapper, original)
+        lu.load_diffusion_cond = original
+        sa3loader.install()
+        lu.load_diffusion_cond = wrapper  # someone else's patch, over ours
+        sa3loader.uninstall()
+        assert (lu.load_diffusion_cond, model.load_diffusion_cond) == (wrapper, original)
+    finally:
+        lu.load_diffusion_cond = original
+
+
+def test_disable_with_sa3loaders_function_set_by_hand_is_a_typed_error_not_a_recursion(
+    upstream, tiny_files, monkeypatch
+):
+    config, ckpt = tiny_files
+    lu = importlib.import_module("stable_audio_3.loading_utils")
+    monkeypatch.setattr(lu, "load_diffusion_cond", sa3loader.load_diffusion_cond)
+    monkeypatch.setenv("SA3LOADER_DISABLE", "1")
+    with pytest.raises(sa3loader.UpstreamNotFoundError, match="has sa3loader's there"):
+        sa3loader.load_diffusion_cond(json.loads(config.read_text()), ckpt, "cpu")
+
+
 def test_import_has_no_side_effects(upstream):
     lu = importlib.import_module("stable_audio_3.loading_utils")
     importlib.reload(sa3loader)
