@@ -233,19 +233,24 @@ def load(
     io: str | None = None,
 ) -> Loaded:
     """``load_diffusion_cond``'s model with this load's ``LoadInfo``: for code that makes loads
-    in several threads or tasks and wants each one's report, not the thread's last."""
+    in several threads or tasks and wants each one's report, not the thread's last (which
+    ``last_load_info()`` still gives)."""
     info = LoadInfo(source=os.fspath(ckpt_path), model_half=bool(model_half))
-    model = _load_into(
-        info,
-        model_config,
-        ckpt_path,
-        device,
-        model_half,
-        cache_dir=cache_dir,
-        model_factory=model_factory,
-        verify=verify,
-        io=io,
-    )
+    _reports.record(info)
+    try:
+        model = _load_into(
+            info,
+            model_config,
+            ckpt_path,
+            device,
+            model_half,
+            cache_dir=cache_dir,
+            model_factory=model_factory,
+            verify=verify,
+            io=io,
+        )
+    finally:
+        _reports.record(info)  # again: loads nested in the factory recorded theirs meanwhile
     return Loaded(model, info)
 
 
@@ -270,22 +275,16 @@ def load_diffusion_cond(
     reads into fresh memory); other devices are streamed to through a small
     ring of pinned buffers.
     """
-    info = LoadInfo(source=os.fspath(ckpt_path), model_half=bool(model_half))
-    _reports.record(info)
-    try:
-        return _load_into(
-            info,
-            model_config,
-            ckpt_path,
-            device,
-            model_half,
-            cache_dir=cache_dir,
-            model_factory=model_factory,
-            verify=verify,
-            io=io,
-        )
-    finally:
-        _reports.record(info)  # again: loads nested in the factory recorded theirs meanwhile
+    return load(
+        model_config,
+        ckpt_path,
+        device,
+        model_half,
+        cache_dir=cache_dir,
+        model_factory=model_factory,
+        verify=verify,
+        io=io,
+    ).model
 
 
 def _load_into(

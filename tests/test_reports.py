@@ -99,7 +99,7 @@ def test_last_load_info_is_the_calling_threads_own_load(tmp_path):
 
 def test_the_core_load_returns_each_loads_own_report_and_the_drop_in_wraps_it(tmp_path):
     """``sa3loader.load`` gives the model load_diffusion_cond gives, with that load's LoadInfo,
-    in any thread or task; it leaves the thread's ``last_load_info()`` alone."""
+    in any thread or task; the thread's ``last_load_info()`` is its last load, made either way."""
     from support.compare import assert_same_model
 
     ckpt = make_ckpt(tmp_path / "model.safetensors")
@@ -108,8 +108,11 @@ def test_the_core_load_returns_each_loads_own_report_and_the_drop_in_wraps_it(tm
     assert info.converted and info.source == str(ckpt) and info.timings["total_s"] > 0
     dropped_in = load_toy(ckpt, tmp_path / "c")
     assert_same_model(model, dropped_in)
+    assert sa3loader.last_load_info() is not info  # made by load(), then the drop-in's
     hit = sa3loader.last_load_info()
     assert hit.cache_hit and hit is not info
+    again = sa3loader.load({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build).info
+    assert sa3loader.last_load_info() is again
     other = make_ckpt(tmp_path / "other" / "model.safetensors", seed=4)
     reports = {}
 
@@ -123,7 +126,7 @@ def test_the_core_load_returns_each_loads_own_report_and_the_drop_in_wraps_it(tm
     for t in threads:
         t.join(120)
     assert {p: r.source for p, r in reports.items()} == {ckpt: str(ckpt), other: str(other)}
-    assert sa3loader.last_load_info() is hit
+    assert sa3loader.last_load_info() is again  # loads of other threads are theirs
 
 
 def test_load_autoencoder_reads_the_same_settings(tmp_path, monkeypatch):
