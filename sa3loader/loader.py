@@ -23,7 +23,17 @@ import torch
 from torch import nn
 
 from . import _config, _faults, _upstream
-from ._build import BuildKind, Built, Factory, LoadResult, build, load_faithful, log_skipped, not_deferred
+from ._build import (
+    BuildKind,
+    Built,
+    Factory,
+    LoadResult,
+    build,
+    load_faithful,
+    log_skipped,
+    not_deferred,
+    plan_keys,
+)
 from ._cache_admin import Eviction
 from ._cache_dir import resolve_cache_dir
 from ._config import IoMode
@@ -140,8 +150,12 @@ def _target_device(device: str | torch.device | int | None) -> torch.device:
     return target
 
 
-def _on_meta(factory: Factory, config: Any, device: Any, half: bool, info: LoadInfo) -> nn.Module:
-    """Upstream's build, then ``.to("meta")``: its tensors have no data, so no file is read.
+def _on_meta(
+    factory: Factory, config: Any, device: Any, half: bool, source: Header, info: LoadInfo
+) -> nn.Module:
+    """Upstream's build, then ``.to("meta")``: its tensors have no data, so no value is read
+    (the header is: a file upstream's ``load_file`` refuses fails here too, and the keys it
+    would skip are said).
 
     The factory runs with its real init, as upstream's does, so what stays on the
     CPU (plain attributes computed from the init) and the random state match.
@@ -149,6 +163,8 @@ def _on_meta(factory: Factory, config: Any, device: Any, half: bool, info: LoadI
     with not_deferred():
         model = factory(config)
     info.build, info.reason = "faithful", "meta device: nothing read"
+    info.result = plan_keys(source, model.state_dict())[1]
+    log_skipped(info.result)
     return _finish(model, device, half)
 
 
@@ -323,9 +339,11 @@ def _load_into(
     info.timings["import_s"] = _now() - started  # stable_audio_3's, the first time
     sibling_started = _now()
     target = _target_device(device)
-    if target.type == "meta":  # upstream's model.to("meta"): shapes only, nothing to read
-        return _on_meta(factory, model_config, device, bool(model_half), info)
     with open_header(ckpt_path) as source:
+        if target.type == "meta":  # upstream's model.to("meta"): shapes only, nothing to read
+            model = _on_meta(factory, model_config, device, bool(model_half), source, info)
+            info.timings["total_s"] = _now() - started
+            return model
         outcome = SiblingOutcome(reason="fp32 load")
         if model_half:
             finder = SiblingFinder(source, resolve_cache_dir(cache_dir), settings)

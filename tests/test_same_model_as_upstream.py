@@ -211,12 +211,20 @@ def test_device_none_and_meta_give_upstreams_model(upstream, tmp_path, half):
     path = tricky_checkpoint(upstream, tmp_path, complete=True)
     ref = upstream_model(upstream, upstream.tiny_config, path, half, device=None)
     assert_same_model(ours(upstream, upstream.tiny_config, path, half, tmp_path / "cache", device=None), ref)
+    skipped = sa3loader.last_load_info().result
+    assert skipped.unexpected_keys  # the tricky checkpoint's unknown keys
 
     ref = upstream_model(upstream, upstream.tiny_config, path, half, device="meta")
     rng_after_upstream = torch.random.get_rng_state()
     model = ours(upstream, upstream.tiny_config, path, half, tmp_path / "meta-cache", device="meta")
     assert torch.equal(torch.random.get_rng_state(), rng_after_upstream)
-    assert sa3loader.last_load_info().reason == "meta device: nothing read"
+    info = sa3loader.last_load_info()
+    assert info.reason == "meta device: nothing read" and info.result == skipped  # the header is read
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(FileNotFoundError):  # upstream's load_file opens the file first
+        upstream_model(upstream, upstream.tiny_config, missing, half, device="meta")
+    with pytest.raises(FileNotFoundError):
+        ours(upstream, upstream.tiny_config, missing, half, tmp_path / "meta-cache", device="meta")
     assert not (tmp_path / "meta-cache").exists()
     theirs = dict(ref.state_dict(keep_vars=True))
     mine = dict(model.state_dict(keep_vars=True))
