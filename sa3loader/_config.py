@@ -1,4 +1,5 @@
-"""Every ``SA3LOADER_*`` environment variable: its name, default and parser, read at call time.
+"""Every ``SA3LOADER_*`` environment variable: its name, default and parser, read at call time
+(``SA3LOADER_VERBOSITY`` at import, as huggingface_hub reads its own).
 
 A value that cannot be used is never a silent surprise: a bad ``io`` is a
 ``ConfigError``; a bad timeout or path gets one warning and the default.
@@ -259,9 +260,21 @@ class Settings:
 
 
 def settings(*, io: str | None = None, verify: bool | None = None) -> Settings:
-    """The settings now: the arguments given, else the environment, else the defaults."""
+    """The settings now: the arguments given, else the environment, else the defaults. With
+    $SA3LOADER_DISABLE=1 upstream's own loader uses none of the others: none is read (a bad
+    one cannot fail it)."""
+    if disabled():
+        return Settings(
+            disabled=True,
+            verify=False,
+            io=None,
+            lock_timeout=DEFAULT_LOCK_TIMEOUT_S,
+            progress=True,
+            shared_cache=False,
+            pin=True,
+        )
     return Settings(
-        disabled=disabled(),
+        disabled=False,
         verify=verify_asked(verify),
         io=io_mode(io),
         lock_timeout=lock_timeout(),

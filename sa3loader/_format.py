@@ -60,26 +60,28 @@ PACKED_PAIRS = {"F4"}
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
-_IS_A_DIRECTORY = "{}: is a directory, not a .safetensors file"
+_IS_A_DIRECTORY = "{}: is a directory, not a {} file"
 
 
-def open_for_reading(path: str, *, follow_symlinks: bool = True) -> int:
+def open_for_reading(path: str, *, follow_symlinks: bool = True, kind: str = "checkpoint") -> int:
     """A read-only descriptor of the regular file at ``path``; every failure is a typed error.
 
     Opened non-blocking, so a FIFO planted at the name never hangs the caller
     (it is refused as not a regular file). ``follow_symlinks=False`` refuses a
     symlink at the name: for files sa3loader names itself (siblings), never the user's.
+    ``kind`` names the file in messages (a checkpoint, a model config).
     """
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    described = ".safetensors" if kind == "checkpoint" else kind
     try:
         fd = os.open(path, flags)
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(
-            f"{path}: no such checkpoint file", filename=path, errno=errno.ENOENT
+            f"{path}: no such {kind} file", filename=path, errno=errno.ENOENT
         ) from exc
     except IsADirectoryError as exc:
         raise CheckpointIsADirectoryError(
-            _IS_A_DIRECTORY.format(path), filename=path, errno=errno.EISDIR
+            _IS_A_DIRECTORY.format(path, described), filename=path, errno=errno.EISDIR
         ) from exc
     except PermissionError as exc:
         raise CheckpointPermissionError(
@@ -92,7 +94,9 @@ def open_for_reading(path: str, *, follow_symlinks: bool = True) -> int:
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
-            raise CheckpointIsADirectoryError(_IS_A_DIRECTORY.format(path), filename=path, errno=errno.EISDIR)
+            raise CheckpointIsADirectoryError(
+                _IS_A_DIRECTORY.format(path, described), filename=path, errno=errno.EISDIR
+            )
         if not stat.S_ISREG(mode):
             raise FileAccessError(
                 f"{path}: not a regular file (a FIFO, socket or device)", filename=path, errno=errno.EINVAL

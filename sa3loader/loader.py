@@ -37,11 +37,11 @@ from ._build import (
 from ._cache_admin import Eviction
 from ._cache_dir import resolve_cache_dir
 from ._config import IoMode
-from ._format import Header, check_unchanged, open_header
+from ._format import Header, check_unchanged, open_for_reading, open_header
 from ._resolver import resolve_sibling
 from ._sibling import SiblingFinder, SiblingOutcome
 from ._values import Values, resolve_io, streams_to
-from .errors import UpstreamNotFoundError
+from .errors import ConfigError, UpstreamNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def _load_into(
                 model = _upstream_original()(model_config, ckpt_path, device, model_half)
             else:
                 model = model_factory(model_config)
-                info.result = load_into_module(model, ckpt_path)
+                info.result = load_into_module(model, ckpt_path, io="read")  # no $SA3LOADER_IO
                 _finish(model, device, bool(model_half))
         info.timings["total_s"] = _now() - started
         return model
@@ -397,8 +397,7 @@ def load_autoencoder(
         info.timings["total_s"] = _now() - started
         _reports.record(info)
         return model
-    with open(config_path) as f:
-        config = json.load(f)
+    config = _model_config(os.fspath(config_path))
     if model_factory is None:
         create = _upstream.factory_function("create_autoencoder_from_config")
         model_factory = lambda cfg: create(cfg["model"], cfg["sample_rate"])  # noqa: E731
@@ -421,6 +420,15 @@ def load_autoencoder(
     info.timings["total_s"] = _now() - started
     _reports.record(info)
     return model.to(target)
+
+
+def _model_config(path: str) -> Any:
+    """The JSON config upstream's ``json.load`` reads; a file that is not one is a typed error."""
+    with os.fdopen(open_for_reading(path, kind="model config"), encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except (ValueError, OSError) as exc:  # JSON, UTF-8, or a read error
+            raise ConfigError(f"{path}: not a JSON model config ({exc})", filename=path) from exc
 
 
 def install() -> None:

@@ -131,3 +131,20 @@ def test_a_cache_dir_variable_that_is_no_path_warns_and_is_ignored(
         assert resolve_cache_dir() == str(tmp_path / "xdg" / "sa3loader")
     assert [r.getMessage() for r in caplog.records] == [f"ignoring $SA3LOADER_CACHE_DIR={value!r}: {problem}"]
     assert list(tmp_path.iterdir()) == []  # nothing made under the working directory
+
+
+@pytest.mark.parametrize("how", ["missing", "a directory", "not JSON", "not UTF-8"])
+def test_load_autoencoders_config_file_errors_are_typed_and_name_the_file(tmp_path, how):
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+    config = tmp_path / "model_config.json"
+    expected: type[Exception] = sa3loader.ConfigError
+    if how == "missing":
+        expected = sa3loader.CheckpointNotFoundError
+    elif how == "a directory":
+        config.mkdir()
+        expected = sa3loader.CheckpointIsADirectoryError
+    else:
+        config.write_bytes(b"{model: 1}" if how == "not JSON" else b'{"a": "\xff\xfe"}')
+    with pytest.raises(expected) as err:
+        sa3loader.load_autoencoder(config, ckpt, "cpu", model_factory=lambda c: build())
+    assert err.value.filename == str(config) and str(config) in str(err.value)

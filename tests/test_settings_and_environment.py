@@ -243,6 +243,25 @@ def test_disable_env_touches_no_cache(tmp_path, monkeypatch):
     assert_same_model(model, reference(ckpt))
 
 
+@pytest.mark.parametrize(
+    "variable", ["SA3LOADER_CACHE_MAX=20 gallons", "SA3LOADER_PLACE=nowhere", "SA3LOADER_IO=direct"]
+)
+def test_disable_env_reads_no_other_setting(tmp_path, monkeypatch, variable):
+    """Upstream's own loader uses none of them: a bad one fails the load without DISABLE only."""
+    name, value = variable.split("=")
+    monkeypatch.setenv(name, value)
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+    with pytest.raises(sa3loader.ConfigError):
+        sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
+    monkeypatch.setenv("SA3LOADER_DISABLE", "1")
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build
+    )
+    assert sa3loader.last_load_info().build == "upstream"
+    assert_same_model(model, reference(ckpt))
+
+
 def test_io_from_environment_and_bad_values(tmp_path, monkeypatch):
     torch.manual_seed(0)
     ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
