@@ -60,9 +60,6 @@ PACKED_PAIRS = {"F4"}
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
-_IS_A_DIRECTORY = "{}: is a directory, not a {} file"
-
-
 def open_for_reading(path: str, *, follow_symlinks: bool = True, kind: str = "checkpoint") -> int:
     """A read-only descriptor of the regular file at ``path``; every failure is a typed error.
 
@@ -72,7 +69,7 @@ def open_for_reading(path: str, *, follow_symlinks: bool = True, kind: str = "ch
     ``kind`` names the file in messages (a checkpoint, a model config).
     """
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
-    described = ".safetensors" if kind == "checkpoint" else kind
+    directory = f"{path}: is a directory, not a {'.safetensors' if kind == 'checkpoint' else kind} file"
     try:
         fd = os.open(path, flags)
     except FileNotFoundError as exc:
@@ -80,9 +77,7 @@ def open_for_reading(path: str, *, follow_symlinks: bool = True, kind: str = "ch
             f"{path}: no such {kind} file", filename=path, errno=errno.ENOENT
         ) from exc
     except IsADirectoryError as exc:
-        raise CheckpointIsADirectoryError(
-            _IS_A_DIRECTORY.format(path, described), filename=path, errno=errno.EISDIR
-        ) from exc
+        raise CheckpointIsADirectoryError(directory, filename=path, errno=errno.EISDIR) from exc
     except PermissionError as exc:
         raise CheckpointPermissionError(
             f"{path}: permission denied ({exc.strerror})", filename=path, errno=exc.errno
@@ -94,9 +89,7 @@ def open_for_reading(path: str, *, follow_symlinks: bool = True, kind: str = "ch
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
-            raise CheckpointIsADirectoryError(
-                _IS_A_DIRECTORY.format(path, described), filename=path, errno=errno.EISDIR
-            )
+            raise CheckpointIsADirectoryError(directory, filename=path, errno=errno.EISDIR)
         if not stat.S_ISREG(mode):
             raise FileAccessError(
                 f"{path}: not a regular file (a FIFO, socket or device)", filename=path, errno=errno.EINVAL
