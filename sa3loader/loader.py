@@ -68,7 +68,9 @@ class LoadInfo:
 
     ``timings`` in seconds: ``import_s`` (``stable_audio_3``'s factory, the first time),
     ``sibling_s`` (finding, checking or converting the sibling), ``build_s``, ``read_s``
-    (placing weights), ``total_s``, and ``convert_s`` when it converted.
+    (placing weights), ``total_s``, and ``convert_s`` when it converted; of a
+    ``load_autoencoder``, ``build_s``, ``read_s`` and ``total_s``; on the meta device,
+    ``import_s`` and ``total_s``; with ``DISABLE_REASON``, ``total_s`` alone.
     """
 
     source: str = ""  # the checkpoint as given
@@ -408,6 +410,7 @@ def load_autoencoder(
         if any(e.name.startswith(AUTOENCODER_PREFIX) for e in whole.entries):
             source = whole.subset(AUTOENCODER_PREFIX)
         io_mode = resolve_io(settings.io)
+        build_started = _now()
         with Values(source, None, half=False, io=io_mode, pin=settings.pin, ring=settings.ring) as values:
             if settings.disabled:  # upstream's build with the given factory
                 info.build, info.reason = "upstream", DISABLED_REASON
@@ -417,7 +420,8 @@ def load_autoencoder(
             else:
                 model = _built(build(factory, config, source, values, target), values, target, info)
         check_unchanged(whole)
-    info.timings["total_s"] = _now() - started
+    now = _now()
+    info.timings.update(build_s=now - build_started, read_s=values.read_seconds, total_s=now - started)
     _reports.record(info)
     return model.to(target)
 

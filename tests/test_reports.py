@@ -241,3 +241,16 @@ def test_a_faithful_build_reports_the_checkpoint_read_not_the_sibling(tmp_path, 
         assert info.build == "faithful" and info.cache_hit == (half and not info.converted)
         assert (info.sibling, info.io, info.bytes_mapped) == (None, "read", 0)
         assert info.bytes_read == sum(v.numel() * v.element_size() for v in load_file(str(ckpt)).values())
+
+
+def test_each_loader_reports_the_timings_its_docstring_lists(tmp_path, monkeypatch):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    config = tmp_path / "model_config.json"
+    config.write_text("{}")
+    sa3loader.load_autoencoder(config, ckpt, "cpu", model_factory=build)
+    assert set(sa3loader.last_load_info().timings) == {"build_s", "read_s", "total_s"}
+    sa3loader.load_diffusion_cond({}, ckpt, "meta", True, cache_dir=tmp_path / "c", model_factory=build)
+    assert set(sa3loader.last_load_info().timings) == {"import_s", "total_s"}
+    monkeypatch.setenv("SA3LOADER_DISABLE", "1")
+    sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
+    assert set(sa3loader.last_load_info().timings) == {"total_s"}
