@@ -106,10 +106,12 @@ def convert(
     *,
     read_only: bool = False,
     progress: bool | None = None,
+    before_rename: Callable[[], None] | None = None,
 ) -> ConversionResult:
-    """Write the fp16 sibling of ``header``'s file to ``dest`` and publish it atomically."""
+    """Write the fp16 sibling of ``header``'s file to ``dest`` and publish it atomically
+    (``before_rename``: as ``WrittenSibling.publish``)."""
     written = write_sibling(header, dest, metadata, read_only=read_only, progress=progress)
-    written.publish()
+    written.publish(before_rename)
     return written.result
 
 

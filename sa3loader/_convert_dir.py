@@ -16,6 +16,7 @@ import re
 import shutil
 import stat
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import _compare, _convert, _faults
@@ -44,8 +45,10 @@ from ._places import (
     legacy_beside_path,
     temp_files_of,
 )
+from ._records import SourceIdentity
 from ._trust import ACL_XATTR, acl_of, owned_file_problem, readers_bits, without_group
 from .errors import (
+    CheckpointChangedError,
     ConfigError,
     HubCacheError,
     HubSymlinkError,
@@ -92,22 +95,53 @@ def _is_our_artifact(name: str, path: str) -> bool:
     return name.endswith(SIBLING_SUFFIXES) and is_sa3loader_path(path)
 
 
-def _convert_to(header: Header, dest: str, verify: bool) -> FileAction:
+def _convert_to(header: Header, dest: str, verify: bool, *, in_place: bool = False) -> FileAction:
     _remove_dead_writers_temps(dest)
     identity = identity_of(header)
     metadata = sibling_metadata(header, identity, fingerprint(header))
     staged = dest if not verify else f"{incomplete_prefix(dest)}verify-{os.getpid()}"
-    result = _convert.convert(header, staged, metadata)
+    still_read = _still_the_file_read(identity, dest) if in_place else None
+    result = _convert.convert(header, staged, metadata, before_rename=None if verify else still_read)
     action = FileAction(header.path, dest, "converted", result.overflow_to_inf, result.flushed_to_zero)
     if verify:
         try:
             with open_header(staged, follow_symlinks=False) as output:
                 checked(action, _compare.verify(header, output))
+            if still_read is not None:
+                still_read()
         except BaseException:
             os.unlink(staged)
             raise
         os.replace(staged, dest)
     return action
+
+
+def _still_the_file_read(read: SourceIdentity, path: str) -> Callable[[], None]:
+    """In place: a check, just before the rename, that ``path`` is still the file converted,
+    unchanged; a checkpoint saved over it meanwhile (a trainer's ``mv``) is the user's newer
+    one, never replaced by fp16 of the old. (Between this check and the rename, a few
+    microseconds, a save is not seen: no rename can ask the kernel for both at once.)"""
+
+    def check() -> None:
+        try:
+            now = os.stat(path)
+            same = (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns) == (
+                read.device,
+                read.inode,
+                read.size,
+                read.mtime_ns,
+                read.ctime_ns,
+            )
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise CheckpointChangedError(
+                f"{path} was replaced or changed while it was converted in place: left as it is "
+                "now, not overwritten (convert it again)",
+                filename=path,
+            )
+
+    return check
 
 
 def _remove_dead_writers_temps(dest: str) -> None:
@@ -143,7 +177,7 @@ def convert_file(
         if in_place:  # the file the symlink points to: the same one ``header`` reads
             target = _in_place_target(src)
             before, acl = os.stat(target), acl_of(target)
-            action = _convert_to(header, target, verify)
+            action = _convert_to(header, target, verify, in_place=True)
             _give_back(target, before, acl)
             return action
         assert out is not None

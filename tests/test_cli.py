@@ -212,6 +212,39 @@ def test_root_converting_in_place_never_gives_away_a_file_a_link_swapped_in_poin
     assert (secret.stat().st_uid, secret.stat().st_mode & 0o777) == (0, 0o600)
 
 
+@pytest.mark.parametrize("how", ["mv", "rewritten"])
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "verify"])
+def test_convert_in_place_never_overwrites_a_checkpoint_saved_over_it_meanwhile(tmp_path, how, verify):
+    """A trainer saves a new checkpoint at the name while the old one converts in place: the
+    new one stays (exit 1, CheckpointChangedError), no fp16 of the old one, no temp file."""
+    ckpt = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(ckpt))
+    newer = {"w": torch.randn(64, 64)}
+
+    def save_over() -> None:
+        if how == "mv":
+            save_file(newer, str(tmp_path / "new.tmp"))
+            os.replace(tmp_path / "new.tmp", ckpt)
+        else:
+            os.utime(ckpt, ns=(0, 0))  # the same bytes, a changed file
+
+    with injected(at("data", save_over)):
+        err = run(
+            "--json",
+            "convert",
+            str(ckpt),
+            "--in-place",
+            *(["--verify"] * verify),
+            cache=tmp_path / "c",
+            check_rc=1,
+        )
+    assert json.loads(err.stdout)["error"]["type"] == "CheckpointChangedError"
+    assert read_header(ckpt).by_name["w"].dtype == "F32"
+    if how == "mv":
+        assert torch.equal(load_file(str(ckpt))["w"], newer["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
 def test_convert_dir_in_place_refuses_a_link_to_a_file_outside_it(tmp_path):
     """A symlink in the folder to a checkpoint elsewhere: converting the folder in place would
     replace that file, which was not named. Refused before anything is written."""
