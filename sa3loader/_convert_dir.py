@@ -73,6 +73,7 @@ class FileAction:
     max_abs_diff: float | None = None
     float_tensors: int = 0
     replaced_damaged: bool = False  # a sibling that failed the check was converted again
+    note: str = ""  # why, where it says more than its action (a skipped link)
 
 
 def checkpoints_in(directory: str) -> list[str]:
@@ -413,18 +414,45 @@ def convert_tree(
     return actions
 
 
+def _linked_folders_left_out(
+    root: str, dirs: list[str], walked: set[str], in_place: bool
+) -> list[FileAction]:
+    """Take out of ``dirs`` (to walk) each link to a folder not to walk: in place, any; in a copy,
+    one to a folder walked already (a loop) or to the output. Each is reported, with why."""
+    left_out = []
+    for name in list(dirs):
+        path = os.path.join(root, name)
+        if os.path.islink(path) and (in_place or os.path.realpath(path) in walked):
+            dirs.remove(name)
+            why = "not rewritten in place" if in_place else "its folder is copied already, or is the output"
+            left_out.append(FileAction(path, path, "skipped", note=f"a link to a folder: {why}"))
+        walked.add(os.path.realpath(path))
+    return left_out
+
+
 def _convert_files(
     src_dir: str, out_dir: str | None, *, in_place: bool, verify: bool, excluded: set[str]
 ) -> list[FileAction]:
-    actions = []
-    for root, dirs, files in os.walk(src_dir):
+    actions: list[FileAction] = []
+    walked = {os.path.realpath(src_dir)} | set(map(os.path.realpath, excluded))  # a loop; the output
+    # A copy follows links to folders (a shared encoder folder linked in is part of the model);
+    # in place, a linked folder is outside what was asked to be rewritten.
+    for root, dirs, files in os.walk(src_dir, followlinks=not in_place):
+        if out_dir is not None:  # empty folders too
+            os.makedirs(os.path.join(out_dir, os.path.relpath(root, src_dir)), exist_ok=True)
         dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and os.path.join(root, d) not in excluded)
+        actions += _linked_folders_left_out(root, dirs, walked, in_place)
         for name in sorted(files):
             path = os.path.join(root, name)
             dest = path if out_dir is None else os.path.join(out_dir, os.path.relpath(path, src_dir))
+            if not os.path.exists(path):  # a link to nothing, or (not listed) a dead writer's
+                if os.path.lexists(path):  # temp file a conversion before it removed
+                    actions.append(
+                        FileAction(path, dest, "skipped", note="a link to a file that does not exist")
+                    )
+                continue
             if _is_our_artifact(name, path):
-                # (A dead writer's temp file a conversion before it removed is gone: not listed.)
-                actions += [FileAction(path, dest, "skipped")] if os.path.lexists(path) else []
+                actions.append(FileAction(path, dest, "skipped"))
                 continue
             if name.endswith(SAFETENSORS_SUFFIX):
                 actions.append(

@@ -111,7 +111,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         actions = [
             convert_file(args.src, args.out, in_place=args.in_place, force=args.force, verify=args.verify)
         ]
-    lines = [f"{a.action:9} {a.source} -> {a.output}" for a in actions]
+    lines = [f"{a.action:9} {a.source} -> {a.output}" + (f"  ({a.note})" if a.note else "") for a in actions]
     repaired = [a for a in actions if a.replaced_damaged]
     lines += [f"replaced  {a.output}: it failed the content check" for a in repaired]
     if args.verify:

@@ -245,6 +245,43 @@ def test_convert_in_place_never_overwrites_a_checkpoint_saved_over_it_meanwhile(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["to-dir-fp16", "in-place"])
+def test_convert_dir_takes_linked_and_empty_folders_and_says_what_it_left_out(tmp_path, in_place):
+    """A copy follows a link to a folder (a shared encoder folder linked in is part of the
+    model) and keeps empty folders; a link back into the tree, a link to nothing, and (in
+    place) any linked folder are left out, each said; exit 0."""
+    src, shared = tmp_path / "src", tmp_path / "shared" / "t5gemma"
+    shared.mkdir(parents=True)
+    (src / "empty").mkdir(parents=True)
+    save_file({"w": torch.randn(8, 8)}, str(src / "model.safetensors"))
+    save_file({"w": torch.randn(8, 8)}, str(shared / "enc.safetensors"))
+    (shared / "tokenizer.json").write_text("{}")
+    (src / "t5gemma").symlink_to("../shared/t5gemma")
+    (src / "loop").symlink_to(".")
+    (src / "README.md").symlink_to("gone")
+    shared_before = (shared / "enc.safetensors").read_bytes()
+    out = run("convert", str(src), *(["--in-place"] * in_place), cache=tmp_path / "c").stdout
+    assert f"skipped   {src / 'README.md'} -> " in out and "(a link to a file that does not exist)" in out
+    assert f"skipped   {src / 'loop'} -> {src / 'loop'}  (a link to a folder: " in out
+    if in_place:
+        assert (
+            f"skipped   {src / 't5gemma'} -> {src / 't5gemma'}  (a link to a folder: not rewritten in place)"
+            in out
+        )
+        assert (shared / "enc.safetensors").read_bytes() == shared_before
+        return
+    made = tmp_path / "src-fp16"
+    assert sorted(str(p.relative_to(made)) for p in made.rglob("*")) == [
+        "empty",
+        "model.safetensors",
+        "t5gemma",
+        "t5gemma/enc.safetensors",
+        "t5gemma/tokenizer.json",
+    ]
+    assert read_header(made / "t5gemma" / "enc.safetensors").by_name["w"].dtype == "F16"
+    assert (shared / "enc.safetensors").read_bytes() == shared_before
+
+
 def test_convert_dir_in_place_refuses_a_link_to_a_file_outside_it(tmp_path):
     """A symlink in the folder to a checkpoint elsewhere: converting the folder in place would
     replace that file, which was not named. Refused before anything is written."""
