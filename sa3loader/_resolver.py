@@ -352,13 +352,17 @@ class SiblingResolver:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             if found is None:
+                written = _convert.WRITTEN_TAG in os.path.basename(path)  # else it ended mid-write
                 warn_once(
                     "unpublished:" + target,
                     "%s: a previous process ended before publishing the fp16 sibling it was writing (%s); "
-                    "converting again. A process that exec()s after a first load should call "
-                    "sa3loader.wait_for_publishing() first",
+                    "converting again. %s",
                     self.source.path,
                     os.path.basename(path),
+                    "A process that exec()s after a first load should call "
+                    "sa3loader.wait_for_publishing() first"
+                    if written
+                    else "It had not written all of it (stopped or killed while converting)",
                 )
         return found
 
