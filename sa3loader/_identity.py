@@ -172,8 +172,13 @@ class FileBytes:
         self.reads = _merged(ranges)
         # One task per thread, each a run of reads: a task per read costs more than a hot read.
         runs = [self.reads[i::READ_THREADS] for i in range(min(READ_THREADS, len(self.reads)))]
-        with reading(header) as fd, ThreadPoolExecutor(READ_THREADS) as pool:
-            done = list(pool.map(lambda run: [read_exact(fd, o, n, header.path) for o, n in run], runs))
+        with reading(header) as fd:
+            read_run = lambda run: [read_exact(fd, o, n, header.path) for o, n in run]  # noqa: E731
+            try:
+                with ThreadPoolExecutor(READ_THREADS) as pool:
+                    done = list(pool.map(read_run, runs))
+            except RuntimeError:  # at exit (a publication the process waits for) no pool starts
+                done = [read_run(run) for run in runs]
         self.blocks = [done[i % len(runs)][i // len(runs)] for i in range(len(self.reads))]
         self._starts = [offset for offset, _ in self.reads]
 

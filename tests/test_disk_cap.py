@@ -265,3 +265,24 @@ def test_loads_that_converted_at_once_end_under_the_cap(tmp_path, monkeypatch):
     on_disk = [p for p in (tmp_path / SIBLING).glob("*.fp16.safetensors")]
     assert sum(p.stat().st_size for p in on_disk) <= 2 * size + size // 2, on_disk
     assert not sibling_of(a).exists()  # the least recently used
+
+
+def test_a_process_that_ends_while_publishing_under_a_cap_publishes_quietly(tmp_path):
+    """The cap is applied again once the sibling is in, by the publication the process waits
+    for at exit; reading a row's fingerprint then cannot start a thread pool (Python refuses new
+    futures at exit): it reads in its own thread. No false 'could not publish' warning."""
+    from support.processes import fork_child
+
+    a, b = (
+        make_ckpt(tmp_path / "a" / "model.safetensors"),
+        make_ckpt(tmp_path / "b" / "model.safetensors", seed=4),
+    )
+    cache = tmp_path / "cache"
+    load_toy(a, cache)  # a row whose status the cap reads
+    env = {_config.CACHE_MAX_ENV: "1GB", "CHILD_SLOW_PUBLISH": "0.5", "SA3LOADER_PLACE": "cache"}
+    child = fork_child("load", str(b), str(cache), extra_env=env)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0 and json.loads(out)["converted"], err
+    assert "could not publish" not in err and "cannot apply" not in err, err
+    load_toy(b, cache)
+    assert sa3loader.last_load_info().cache_hit

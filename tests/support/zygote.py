@@ -80,11 +80,11 @@ def torch_lazy_imports() -> None:
 
 
 def _join_threads() -> None:
-    """What the interpreter does at exit, and ``os._exit`` skips: wait for every non-daemon
-    thread (sa3loader publishes a converted sibling on one)."""
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    """What the interpreter does at exit, and ``os._exit`` skips: threading's exit hooks
+    (concurrent.futures refuses new futures from then on), then wait for every non-daemon
+    thread (sa3loader publishes a converted sibling on one). A loop of joins alone missed the
+    hooks, and a publication that started a thread pool at exit passed here, failed for users."""
+    threading._shutdown()  # type: ignore[attr-defined]  # the interpreter's own step
 
 
 def _fork(request: dict) -> int:
