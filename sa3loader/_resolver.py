@@ -88,6 +88,7 @@ def _room_problem(path: str, needed: int, source_bytes: int) -> str | None:
     checkpoint) still fits, with a margin.
     """
     directory = os.path.dirname(path)
+    made = not os.path.isdir(directory)
     try:
         make_private_dirs(directory)
     except OSError as exc:
@@ -96,10 +97,13 @@ def _room_problem(path: str, needed: int, source_bytes: int) -> str | None:
         return f"{directory} is not writable"
     free = free_bytes(directory)
     if _shortfall(directory, needed, source_bytes) > 0:
+        if made:  # no sibling comes: no empty folder left for it
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
         return (
             f"not enough free space in {directory} ({human_size(free)} free): a {human_size(needed)} sibling "
             f"would leave less than another {human_size(source_bytes)} checkpoint and "
-            f"{FREE_SPACE_MARGIN_BYTES >> 20} MiB to spare need"
+            f"{FREE_SPACE_MARGIN_BYTES >> 20} MiB to spare"
         )
     return None
 

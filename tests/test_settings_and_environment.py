@@ -57,10 +57,16 @@ def test_enospc_during_write(tmp_path, monkeypatch, caplog):
     assert_fp32_fallback(ckpt, tmp_path / "cache", caplog, "could not write")
 
 
-def test_not_enough_free_space_up_front(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("place", ["beside", "cache"])
+def test_not_enough_free_space_up_front(tmp_path, monkeypatch, caplog, place):
+    """fp32 is read, the message says why in plain words, and no folder is left for a sibling."""
     ckpt = make_ckpt(tmp_path / "model.safetensors")
+    monkeypatch.setenv("SA3LOADER_PLACE", place)
     monkeypatch.setitem(_faults.facts, "free_bytes", lambda path, real: 1024)
     assert_fp32_fallback(ckpt, tmp_path / "cache", caplog, "not enough free space")
+    reason = sa3loader.last_load_info().reason
+    assert "checkpoint and 64 MiB to spare" in reason and "to spare need" not in reason
+    assert not (tmp_path / ".cache").exists() and not list((tmp_path / "cache").glob("siblings/*"))
 
 
 def test_read_only_source_and_unusable_cache_dir(tmp_path, monkeypatch, caplog):
