@@ -11,18 +11,21 @@ from ._format import open_header
 from ._identity import marked_by_sa3loader, sibling_matches_source
 from ._places import (
     BESIDE_SUBDIR,
+    INCOMPLETE_INFIX,
     SAFETENSORS_SUFFIX,
     SHORTENED_SUFFIXES,
     SIBLING_SUFFIX,
     SIBLING_SUFFIXES,
     SIBLINGS_SUBDIR,
     UNSUFFIXED_SIBLING_SUFFIX,
+    is_temp_name,
     sibling_name,
 )
 from ._records import MISSING_SOURCE, OK, STALE
 from .errors import CheckpointNotFoundError, Sa3LoaderError
 
 UNKNOWN_SOURCE = "unknown source"  # a sibling in a cache dir no row names: `cache clear` removes it
+TEMP_FILE = "temp file"  # a conversion's, being written or left by a killed one; its checkpoint there
 
 
 @dataclass
@@ -55,17 +58,22 @@ def scan(directories: list[str], rows: dict[str, str], unreadable: list[OSError]
             names = set(os.listdir(folder)) if hidden else set(files)
             for name in sorted(files):
                 path = os.path.join(root, name)
-                if not name.endswith(SIBLING_SUFFIXES) or path in listed or not marked_by_sa3loader(path):
+                temp = is_temp_name(name)  # found too: GBs a killed conversion may leave
+                sibling = name.rpartition(INCOMPLETE_INFIX)[0] if temp else name
+                if not sibling.endswith(SIBLING_SUFFIXES) or path in listed or not marked_by_sa3loader(path):
                     continue
                 listed.add(path)
-                row = rows.get(path)
-                source = _source_beside(folder, name, names) or row
+                row = None if temp else rows.get(path)
+                source = _source_beside(folder, sibling, names) or row
                 if source is None and os.path.basename(os.path.dirname(root)) == SIBLINGS_SUBDIR:
                     # In a cache dir, with no row: its name says nothing of its checkpoint's folder.
                     found.append(Found(path, _size(path), "", UNKNOWN_SOURCE, False))
                     continue
-                source = source or _named_source(folder, name)
-                found.append(Found(path, _size(path), source, _scanned_status(path, source), row is not None))
+                source = source or _named_source(folder, sibling)
+                status = (
+                    _scanned_status(path, source) if not temp or not os.path.exists(source) else TEMP_FILE
+                )
+                found.append(Found(path, _size(path), source, status, row is not None))
     return found
 
 

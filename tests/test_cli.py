@@ -1183,6 +1183,28 @@ def test_cache_scan_counts_a_file_once_given_overlapping_dirs_or_a_hard_link(tmp
     assert len(out) == 3 and out[-1].startswith(total)  # both names listed, one file counted
 
 
+def test_cache_scan_finds_a_killed_conversions_temp_file_and_cache_rm_removes_it(tmp_path):
+    """A conversion killed before it published leaves GBs beside the checkpoint; with the
+    checkpoint deleted, no load comes to clean it: scan lists it (a temp file while the
+    checkpoint is there, its checkpoint gone after), and the command it names removes it."""
+    folder, cache = tmp_path / "ckpts", tmp_path / "c"
+    folder.mkdir()
+    ckpt = folder / "model.safetensors"
+    save_file({"w": torch.ones(1000)}, str(ckpt))
+    run("warm", str(ckpt), cache=cache)
+    hidden = folder / ".cache" / "sa3loader"
+    left = hidden / f"model.fp16.safetensors.incomplete-written-{'0' * 32}-0-0-1-abcd1234"
+    (hidden / "model.fp16.safetensors").rename(left)
+    shutil.rmtree(cache)
+    rows = json.loads(run("--json", "cache", "scan", str(folder), cache=cache).stdout)
+    assert [(r["sibling"], r["status"]) for r in rows] == [(str(left), "temp file")]
+    ckpt.unlink()
+    out = run("cache", "scan", str(folder), cache=cache).stdout
+    assert f"missing source  {left}" in out and "1 whose checkpoint is gone" in out
+    run("cache", "rm", str(ckpt), cache=cache)
+    assert not left.exists()
+
+
 def test_cache_scan_of_the_cache_dir_names_each_siblings_checkpoint_from_its_row(tmp_path):
     from support.checkpoints import toy_hub_checkpoint
 
