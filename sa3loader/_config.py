@@ -260,21 +260,9 @@ class Settings:
 
 
 def settings(*, io: str | None = None, verify: bool | None = None) -> Settings:
-    """The settings now: the arguments given, else the environment, else the defaults. With
-    $SA3LOADER_DISABLE=1 upstream's own loader uses none of the others: none is read (a bad
-    one cannot fail it)."""
-    if disabled():
-        return Settings(
-            disabled=True,
-            verify=False,
-            io=None,
-            lock_timeout=DEFAULT_LOCK_TIMEOUT_S,
-            progress=True,
-            shared_cache=False,
-            pin=True,
-        )
+    """The settings now: the arguments given, else the environment, else the defaults."""
     return Settings(
-        disabled=False,
+        disabled=disabled(),
         verify=verify_asked(verify),
         io=io_mode(io),
         lock_timeout=lock_timeout(),
@@ -285,6 +273,16 @@ def settings(*, io: str | None = None, verify: bool | None = None) -> Settings:
         place=place(),
         cache_max=cache_max(),
     )
+
+
+def load_settings(*, io: str | None = None, verify: bool | None = None) -> Settings:
+    """A load's settings: with $SA3LOADER_DISABLE=1 upstream's own loader uses none of the
+    others, so none is read (a bad one cannot fail it); commands read them all (``settings``)."""
+    if disabled():
+        return Settings(
+            True, False, None, DEFAULT_LOCK_TIMEOUT_S, progress=True, shared_cache=False, pin=True
+        )
+    return settings(io=io, verify=verify)
 
 
 _UNEXPANDED = re.compile(r"\$(\w+|\{[^}]*\})")

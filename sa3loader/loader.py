@@ -319,7 +319,9 @@ def _load_into(
 ) -> nn.Module:
     """The load itself, recording what it does in ``info`` (``load`` and ``load_diffusion_cond``)."""
     started = _now()
-    info.settings = settings = _config.settings(io=io, verify=verify)  # a bad value fails before any work
+    info.settings = settings = _config.load_settings(
+        io=io, verify=verify
+    )  # a bad value fails before any work
     if settings.disabled:
         info.build, info.reason = "upstream", DISABLED_REASON
         with not_deferred():  # a load nested in a factory being built deferred
@@ -392,7 +394,7 @@ def load_autoencoder(
     info = LoadInfo(source=os.fspath(ckpt_path), reason="autoencoder fp32 load")
     _reports.record(info)
     started = _now()
-    info.settings = settings = _config.settings(io=io)  # the same settings as load_diffusion_cond
+    info.settings = settings = _config.load_settings(io=io)  # the same settings as load_diffusion_cond
     if settings.disabled and model_factory is None:
         info.build, info.reason = "upstream", DISABLED_REASON
         model = _upstream.loading_utils_function("load_autoencoder")(config_path, ckpt_path, device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -451,3 +452,15 @@ def test_a_symlink_at_the_hidden_folder_is_never_followed(tmp_path, planted):
     assert sa3loader.last_load_info().sibling.startswith(str(tmp_path / "cache"))
     assert list(elsewhere.rglob("*")) == []
     assert_same_model(model, reference(ckpt))
+
+
+def test_commands_read_every_setting_with_disable_set(tmp_path, monkeypatch):
+    """DISABLE switches loads to upstream's loader; a command (an image build's warm) still
+    reads the others: the sibling goes where SA3LOADER_PLACE says."""
+    from support.cli import run
+
+    monkeypatch.setenv("SA3LOADER_DISABLE", "1")
+    monkeypatch.setenv("SA3LOADER_PLACE", "cache")
+    ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
+    warmed = json.loads(run("--json", "warm", str(ckpt), cache=tmp_path / "c").stdout)
+    assert warmed["sibling"].startswith(str(tmp_path / "c" / "siblings"))
