@@ -390,7 +390,8 @@ def parse_header(raw: bytes | bytearray, *, path: str, file_size: int) -> Header
         raise HeaderError(f"{path}: header is not valid JSON ({exc})", filename=path) from None
     if not isinstance(obj, dict):
         raise HeaderError(f"{path}: header is a JSON {type(obj).__name__}, not an object", filename=path)
-    metadata = obj.pop(METADATA_KEY, None) or {}
+    metadata = obj.pop(METADATA_KEY, None)
+    metadata = {} if metadata is None else metadata  # null, as safetensors takes it; [] or "" not
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):

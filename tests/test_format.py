@@ -115,6 +115,11 @@ HOSTILE = {
     "float-shape": dict(header=json.dumps({"a": _entry(shape=(2.0,))}), data=b"\0" * 8),
     "bool-offset": dict(header=json.dumps({"a": _entry(offsets=(False, 8))}), data=b"\0" * 8),
     "metadata-not-strings": dict(header=json.dumps({"__metadata__": {"a": 1}})),
+    # safetensors' parser refuses any __metadata__ but an object or null, falsy ones too
+    **{
+        f"metadata-{name}": dict(header=json.dumps({"__metadata__": v}))
+        for name, v in [("empty-list", []), ("empty-string", ""), ("zero", 0), ("false", False)]
+    },
     "entry-extra-field": dict(header=json.dumps({"a": {**_entry(), "x": 1}}), data=b"\0" * 8),
     "truncated-data": dict(header=json.dumps({"a": _entry(shape=(4,), offsets=(0, 16))}), data=b"\0" * 9),
     "deep-nesting": dict(header="[" * 100000 + "]" * 100000),
