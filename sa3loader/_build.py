@@ -249,7 +249,10 @@ def _place_parameters(
         to_place = [(key, name) for key, name in assign.items() if id(state[key]) in deferred_ids]
         loaded = values.get_many([(name, state[key].dtype) for key, name in to_place], device)
         for (key, _), value in zip(to_place, loaded, strict=True):
-            final[id(state[key])] = (state[key], _with_strides_of(state[key], value))
+            laid_out = _with_strides_of(state[key], value)
+            if laid_out is not value:
+                values.copied(value)
+            final[id(state[key])] = (state[key], laid_out)
         for key, name in assign.items():
             if id(state[key]) not in deferred_ids:
                 state[key].copy_(values.get(name, state[key].dtype, final=False))

@@ -117,13 +117,16 @@ class MappedFile:
                 f"{header.path}: changed size while it was being opened", filename=header.path
             )
 
+    def maps(self, entry: TensorEntry) -> bool:
+        """Whether ``tensor(entry)`` is a view of the mapping (not a copy: empty, or misaligned)."""
+        itemsize = torch_dtype(entry.dtype, self.header.path).itemsize
+        return entry.numel > 0 and (self.header.data_start + entry.begin) % itemsize == 0
+
     def tensor(self, entry: TensorEntry) -> torch.Tensor:
-        dtype = torch_dtype(entry.dtype, self.header.path)
+        dtype, offset = torch_dtype(entry.dtype, self.header.path), self.header.data_start + entry.begin
         if entry.numel == 0:
             return torch.empty(entry.torch_shape, dtype=dtype)
-        offset = self.header.data_start + entry.begin
-        if offset % dtype.itemsize:
-            # Files from other writers may misalign a tensor: copy it instead of viewing.
+        if not self.maps(entry):  # another writer misaligned it: a copy, not a view
             data = bytearray(self._map[offset : offset + entry.nbytes])
             return torch.frombuffer(data, dtype=dtype).view(entry.torch_shape)
         tensor = torch.frombuffer(self._map, dtype=dtype, count=entry.numel, offset=offset)

@@ -76,10 +76,7 @@ class Values:
         pin: bool = True,
         ring: tuple[int, int] | None = None,
     ) -> None:
-        self.source = source
-        self.sibling = sibling
-        self.half = half
-        self.io = io
+        self.source, self.sibling, self.half, self.io = source, sibling, half, io
         self.pin = pin  # stage in pinned memory when streaming to a device ($SA3LOADER_PIN)
         self.ring = ring  # (slots, bytes per slot) of the staging ring ($SA3LOADER_RING), or the default
         self._maps: dict[str, MappedFile] = {}
@@ -87,9 +84,8 @@ class Values:
         self._stop_early = threading.Event()
         self.bytes_read = 0  # placed by reading the file into fresh memory (or streaming it)
         self.bytes_mapped = 0  # placed as views of the sibling's mapping: read when first touched
-        self.read_seconds = 0.0
-        self.staging_bytes = 0
-        self.staging_pinned = False
+        self._views: set[int] = set()  # ids of the views counted in bytes_mapped
+        self.read_seconds, self.staging_bytes, self.staging_pinned = 0.0, 0, False
 
     @property
     def cpu_io(self) -> IoMode:
@@ -121,9 +117,25 @@ class Values:
 
     def read_source(self, name: str) -> torch.Tensor:
         """The checkpoint's own tensor, read into fresh memory as ``load_file`` gives it (counted)."""
-        value = self.tensor(self.source, name)
-        self.bytes_read += value.numel() * value.element_size()
+        return self._counted(self.source, name)
+
+    def _counted(self, header: Header, name: str) -> torch.Tensor:
+        """``tensor``, its bytes counted as read into fresh memory, or mapped (a view: ``copied``)."""
+        value = self.tensor(header, name)
+        entry = header.by_name[name]
+        if self._maps_allowed(header) and self._mapped(header).maps(entry):
+            self.bytes_mapped += entry.nbytes
+            self._views.add(id(value))
+        else:
+            self.bytes_read += entry.nbytes
         return value
+
+    def copied(self, view: torch.Tensor) -> None:
+        """A copy of ``view`` is placed, not the view: its bytes were read into fresh memory."""
+        if id(view) in self._views:
+            self._views.discard(id(view))
+            self.bytes_mapped -= view.nbytes
+            self.bytes_read += view.nbytes
 
     def _mapped(self, header: Header) -> MappedFile:
         if header.path not in self._maps:
@@ -131,12 +143,9 @@ class Values:
         return self._maps[header.path]
 
     def prefetch_early(self, device: torch.device) -> None:
-        """Start faulting in the file most weights will come from, on a background thread.
-
-        Called before the factory runs: building the model (SA3's factory loads the
-        text encoder too) then overlaps with reading the DiT's weights. Only the
-        sibling's mapping is touched early; nothing is placed until the build asks.
-        """
+        """Start faulting in the file most weights will come from, on a background thread, before
+        the factory runs: building the model (SA3's loads the text encoder too) overlaps reading
+        the DiT's weights. Only the sibling's mapping is touched; nothing is placed until asked."""
         header = self.sibling
         if streams_to(device) or header is None or not self._maps_allowed(header):
             return
@@ -179,8 +188,8 @@ class Values:
         """
         header = self._as_is(name, model_dtype, device) if final else None
         if header is not None:
-            return self.tensor(header, name).to(device)
-        value = self.tensor(self.source, name)
+            return self._counted(header, name).to(device)
+        value = self._counted(self.source, name)
         if value.dtype != model_dtype:
             value = value.to(model_dtype)
         value = value.to(device)
@@ -191,6 +200,7 @@ class Values:
     def forget_counts(self) -> None:
         """Start the counters again (a build that was abandoned does not count)."""
         self.bytes_read = self.bytes_mapped = 0
+        self._views.clear()
         self.read_seconds = 0.0
         self.staging_bytes = 0
 
@@ -216,19 +226,17 @@ class Values:
             header = headers[path]
             entries = [header.by_name[wanted[i][0]] for i in indices]
             offsets = [header.data_start + e.begin for e in entries]
-            nbytes = sum(e.nbytes for e in entries)
             streamed = streams_to(device)
             if not streamed and self._maps_allowed(header):
-                self.bytes_mapped += nbytes
                 for i, entry in zip(indices, entries, strict=True):
-                    out[i] = self.tensor(header, entry.name)
+                    out[i] = self._counted(header, entry.name)
                 early = self._early.get(path)
                 if early is not None:  # it faults in every tensor of the file
                     early.join()
                 else:
                     self._maps[path].prefetch(offsets, [e.nbytes for e in entries])
                 continue
-            self.bytes_read += nbytes
+            self.bytes_read += sum(e.nbytes for e in entries)
             dests = [
                 torch.empty(e.torch_shape, dtype=torch_dtype(e.dtype, header.path), device=device)
                 for e in entries

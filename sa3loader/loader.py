@@ -80,8 +80,10 @@ class LoadInfo:
     converted: bool = False  # this load wrote the sibling
     build: BuildKind | Literal["upstream", ""] = ""  # "upstream": SA3LOADER_DISABLE; "": not built yet
     io: IoMode | Literal["stream", ""] = ""  # how CPU weights were read; "stream": to another device
-    bytes_read: int = 0  # weight bytes read from a file into fresh memory (or streamed), with no cast
-    bytes_mapped: int = 0  # weight bytes placed as views of the sibling's mapping (faulted in on use)
+    bytes_read: int = 0  # bytes of the file's tensors read into fresh memory (or streamed), cast after or not
+    bytes_mapped: int = (
+        0  # bytes of the file's tensors placed as views of the sibling's mapping (faulted in on use)
+    )
     staging_bytes: int = 0  # host buffers used to stream to a device (what was pinned, when pinned)
     staging_pinned: bool = False  # the staging buffers were pinned (page-locked) memory
     reason: str = ""  # see above

@@ -254,3 +254,33 @@ def test_each_loader_reports_the_timings_its_docstring_lists(tmp_path, monkeypat
     monkeypatch.setenv("SA3LOADER_DISABLE", "1")
     sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=build)
     assert set(sa3loader.last_load_info().timings) == {"total_s"}
+
+
+class KeepsATransposedWeight(nn.Module):
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.t = nn.Parameter(torch.empty(64, 32).t())  # strides (1, 32): placed as a copy
+        self.c = nn.Parameter(torch.empty(32, 64))
+        self.register_buffer("steps", torch.zeros(8, dtype=torch.int64))
+        if config.get("drawn"):
+            self.register_buffer("noise", torch.randn(4))  # a kept draw: upstream's build
+
+
+@pytest.mark.parametrize("io", ["mmap", "read"])
+def test_bytes_read_and_mapped_say_where_each_placed_tensor_came_from(tmp_path, io):
+    """A view of the sibling's mapping counts as mapped; a copy placed instead (another
+    layout) as read; buffers count as parameters do; either build reads the same bytes."""
+    state = {"t": torch.randn(32, 64), "c": torch.randn(32, 64), "steps": torch.arange(8)}
+    ckpt = save(state, tmp_path / "model.safetensors")
+    t_bytes, c_bytes, steps_bytes = 32 * 64 * 2, 32 * 64 * 2, 8 * 8
+    for _ in range(2):  # the conversion, then the hit
+        info = sa3loader.load(
+            {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=KeepsATransposedWeight, io=io
+        ).info
+        assert info.build == "fast"
+        mapped = c_bytes if io == "mmap" else 0  # a buffer is copied into the one built: read
+        assert (info.bytes_mapped, info.bytes_read) == (mapped, t_bytes + c_bytes + steps_bytes - mapped)
+    fp32 = sa3loader.load({}, ckpt, "cpu", False, model_factory=KeepsATransposedWeight).info
+    drawn = sa3loader.load({"drawn": 1}, ckpt, "cpu", False, model_factory=KeepsATransposedWeight).info
+    assert (fp32.build, drawn.build) == ("fast", "faithful")
+    assert fp32.bytes_read == drawn.bytes_read == sum(v.nbytes for v in state.values())
