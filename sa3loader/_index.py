@@ -388,6 +388,8 @@ def rows(cache_dir: str) -> list[tuple[str, IndexRow | None]]:
     """Every (key, row) of a cache dir's index, a row of the wrong shape as None; none where
     there is no index (reading a cache that was never made creates nothing)."""
     if not has_index(cache_dir):
+        if os.path.isdir(cache_dir):  # others could write there: said, not listed as empty
+            refuse_untrusted(cache_dir)
         return []
     with command_index(cache_dir) as index:
         return list(index.items())

@@ -70,7 +70,7 @@ class LoadInfo:
     ``sibling_s`` (finding, checking or converting the sibling), ``build_s``, ``read_s``
     (placing weights), ``total_s``, and ``convert_s`` when it converted; of a
     ``load_autoencoder``, ``build_s``, ``read_s`` and ``total_s``; on the meta device,
-    ``import_s`` and ``total_s``; with ``DISABLE_REASON``, ``total_s`` alone.
+    ``import_s`` and ``total_s``; with ``DISABLED_REASON``, ``total_s`` alone.
     """
 
     source: str = ""  # the checkpoint as given
@@ -120,6 +120,21 @@ class _Reports:
     def last(self) -> LoadInfo:
         mine: LoadInfo | None = getattr(self._mine, "info", None)
         return mine if mine is not None else self._process
+
+    @contextlib.contextmanager
+    def recording(self, info: LoadInfo) -> Iterator[None]:
+        """``info`` is the last load while it runs and after, recorded again at its end (loads
+        nested in its factory recorded theirs); one that fails leaves the reports as they were."""
+        mine, process = getattr(self._mine, "info", None), self._process
+        self.record(info)
+        try:
+            yield
+        except BaseException:
+            self._mine.info = mine
+            if self._process is info:  # not another thread's load since
+                self._process = process
+            raise
+        self.record(info)
 
 
 _reports = _Reports()
@@ -256,8 +271,7 @@ def load(
     in several threads or tasks and wants each one's report, not the thread's last (which
     ``last_load_info()`` still gives)."""
     info = LoadInfo(source=os.fspath(ckpt_path), model_half=bool(model_half))
-    _reports.record(info)
-    try:
+    with _reports.recording(info):
         model = _load_into(
             info,
             model_config,
@@ -269,8 +283,6 @@ def load(
             verify=verify,
             io=io,
         )
-    finally:
-        _reports.record(info)  # again: loads nested in the factory recorded theirs meanwhile
     return Loaded(model, info)
 
 
@@ -394,14 +406,24 @@ def load_autoencoder(
     ``autoencoder.to(device)``: like upstream, not switched to eval mode.
     """
     info = LoadInfo(source=os.fspath(ckpt_path), reason="autoencoder fp32 load")
-    _reports.record(info)
+    with _reports.recording(info):
+        return _load_autoencoder_into(info, config_path, ckpt_path, device, model_factory, io)
+
+
+def _load_autoencoder_into(
+    info: LoadInfo,
+    config_path: str | os.PathLike[str],
+    ckpt_path: str | os.PathLike[str],
+    device: str | torch.device | int | None,
+    model_factory: Factory | None,
+    io: str | None,
+) -> nn.Module:
     started = _now()
     info.settings = settings = _config.load_settings(io=io)  # the same settings as load_diffusion_cond
     if settings.disabled and model_factory is None:
         info.build, info.reason = "upstream", DISABLED_REASON
         model = _upstream.loading_utils_function("load_autoencoder")(config_path, ckpt_path, device)
         info.timings["total_s"] = _now() - started
-        _reports.record(info)
         return model
     config = _model_config(os.fspath(config_path))
     if model_factory is None:
@@ -426,7 +448,6 @@ def load_autoencoder(
         check_unchanged(whole)
     now = _now()
     info.timings.update(build_s=now - build_started, read_s=values.read_seconds, total_s=now - started)
-    _reports.record(info)
     return model.to(target)
 
 

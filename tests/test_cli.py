@@ -1129,6 +1129,14 @@ def test_an_empty_cache_dir_option_is_bad_usage(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+def test_cache_ls_of_a_cache_dir_others_can_write_says_it_is_refused_not_empty(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    err = run("cache", "ls", cache=shared, check_rc=1).stderr
+    assert "refusing the cache dir" in err and "world-writable" in err
+
+
 def test_cache_scan_finds_siblings_no_index_knows_and_says_whose_they_are(tmp_path):
     """After ``rm -rf`` of the cache dir, the siblings beside checkpoints are still listed, with
     their checkpoint (there, changed or gone) and size; a user's own fp16 file is not ours."""

@@ -284,3 +284,14 @@ def test_bytes_read_and_mapped_say_where_each_placed_tensor_came_from(tmp_path, 
     drawn = sa3loader.load({"drawn": 1}, ckpt, "cpu", False, model_factory=KeepsATransposedWeight).info
     assert (fp32.build, drawn.build) == ("fast", "faithful")
     assert fp32.bytes_read == drawn.bytes_read == sum(v.nbytes for v in state.values())
+
+
+def test_a_load_that_fails_leaves_the_last_report_as_it_was(tmp_path):
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    load_toy(ckpt, tmp_path / "c")
+    before = sa3loader.last_load_info()
+    with pytest.raises(sa3loader.CheckpointNotFoundError):
+        sa3loader.load_autoencoder(tmp_path / "missing.json", ckpt, "cpu", model_factory=build)
+    with pytest.raises(sa3loader.CheckpointNotFoundError):
+        sa3loader.load_diffusion_cond({}, tmp_path / "missing.safetensors", "cpu", True, model_factory=build)
+    assert sa3loader.last_load_info() is before
