@@ -77,18 +77,6 @@ def scan(directories: list[str], rows: dict[str, str], unreadable: list[OSError]
     return found
 
 
-def on_disk(found: list[Found]) -> tuple[int, int]:
-    """How many files ``found`` names, and their bytes: a hard link's names are one file."""
-    sizes = {}
-    for f in found:
-        try:
-            st = os.lstat(f.sibling)
-            sizes[(st.st_dev, st.st_ino)] = f.bytes
-        except OSError:  # removed since the scan
-            sizes[(-1, len(sizes))] = f.bytes
-    return len(sizes), sum(sizes.values())
-
-
 def _size(path: str) -> int:
     try:
         return os.lstat(path).st_size

@@ -238,15 +238,19 @@ def _ls_line(e: Entry, paths: bool) -> str:
     )
 
 
-def _bytes_on_disk(paths: set[str]) -> int:
+def _files_on_disk(paths: set[str]) -> dict[tuple[int, int], int]:
     """The size of each file that exists, once each (rows of copies of a hub blob share one;
-    hard links to one file are one file)."""
+    hard links to one file are one file), by device and inode."""
     files = {}
     for path in paths:
         with contextlib.suppress(OSError, ValueError):
             st = os.stat(path)
             files[st.st_dev, st.st_ino] = st.st_size if stat.S_ISREG(st.st_mode) else 0
-    return sum(files.values())
+    return files
+
+
+def _bytes_on_disk(paths: set[str]) -> int:
+    return sum(_files_on_disk(paths).values())
 
 
 def _ls_total(rows: list[Entry]) -> str:
@@ -369,9 +373,9 @@ def _scan(args: argparse.Namespace, cache_dir: str) -> int:
         for f in found
     ]
     gone = sum(f.status == MISSING_SOURCE for f in found)
-    files, size = _cache_scan.on_disk(found)  # hard links to one file: one file
+    files = _files_on_disk({f.sibling for f in found})  # overlapping dirs, hard links: one file
     lines.append(
-        f"{files} sibling(s), {human_size(size)} on disk; "
+        f"{len(files)} sibling(s), {human_size(sum(files.values()))} on disk; "
         f"{gone} whose checkpoint is gone (remove with `sa3loader cache rm CHECKPOINT`)"
     )
     lines += [f"cannot read {e.filename} ({e.strerror}): siblings under it not counted" for e in unreadable]
