@@ -174,11 +174,12 @@ class FileBytes:
         runs = [self.reads[i::READ_THREADS] for i in range(min(READ_THREADS, len(self.reads)))]
         with reading(header) as fd:
             read_run = lambda run: [read_exact(fd, o, n, header.path) for o, n in run]  # noqa: E731
-            try:
-                with ThreadPoolExecutor(READ_THREADS) as pool:
-                    done = list(pool.map(read_run, runs))
-            except RuntimeError:  # at exit (a publication the process waits for) no pool starts
-                done = [read_run(run) for run in runs]
+            with ThreadPoolExecutor(READ_THREADS) as pool:
+                try:
+                    pending = pool.map(read_run, runs)  # every run submitted here
+                except RuntimeError:  # at exit (a publication the process waits for): no new futures
+                    pending = map(read_run, runs)
+                done = list(pending)
         self.blocks = [done[i % len(runs)][i // len(runs)] for i in range(len(self.reads))]
         self._starts = [offset for offset, _ in self.reads]
 
