@@ -119,6 +119,12 @@ def _unpatch() -> None:
     _installation.original = _installation.ours = None
 
 
+def _unpatch_unless_held() -> None:
+    """The patch goes when no one holds it: no ``install()`` and no ``installed()`` block open."""
+    if not _installation.explicit and not _installation.blocks:
+        _unpatch()
+
+
 def install(load_diffusion_cond: Callable[..., Any]) -> None:
     """Make upstream's ``load_diffusion_cond`` call ``load_diffusion_cond`` (sa3loader's),
     everywhere it is bound, until ``uninstall()``."""
@@ -133,8 +139,7 @@ def uninstall() -> None:
     sa3loader's: it is not told from one that imported it from sa3loader."""
     with _installation.lock:
         _installation.explicit = False
-        if not _installation.blocks:
-            _unpatch()
+        _unpatch_unless_held()
 
 
 @contextlib.contextmanager
@@ -148,5 +153,4 @@ def installed(load_diffusion_cond: Callable[..., Any]) -> Iterator[None]:
     finally:
         with _installation.lock:
             _installation.blocks -= 1
-            if not _installation.blocks and not _installation.explicit:
-                _unpatch()
+            _unpatch_unless_held()
