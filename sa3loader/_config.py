@@ -280,7 +280,13 @@ def load_settings(*, io: str | None = None, verify: bool | None = None) -> Setti
     others, so none is read (a bad one cannot fail it); commands read them all (``settings``)."""
     if disabled():
         return Settings(
-            True, False, None, DEFAULT_LOCK_TIMEOUT_S, progress=True, shared_cache=False, pin=True
+            disabled=True,
+            verify=False,
+            io=None,
+            lock_timeout=DEFAULT_LOCK_TIMEOUT_S,
+            progress=True,
+            shared_cache=False,
+            pin=True,
         )
     return settings(io=io, verify=verify)
 

@@ -80,10 +80,8 @@ class LoadInfo:
     converted: bool = False  # this load wrote the sibling
     build: BuildKind | Literal["upstream", ""] = ""  # "upstream": SA3LOADER_DISABLE; "": not built yet
     io: IoMode | Literal["stream", ""] = ""  # how CPU weights were read; "stream": to another device
-    bytes_read: int = 0  # bytes of the file's tensors read into fresh memory (or streamed), cast after or not
-    bytes_mapped: int = (
-        0  # bytes of the file's tensors placed as views of the sibling's mapping (faulted in on use)
-    )
+    bytes_read: int = 0  # file tensors' bytes read into fresh memory (or streamed), cast after or not
+    bytes_mapped: int = 0  # file tensors' bytes placed as views of the sibling's mapping (faulted in on use)
     staging_bytes: int = 0  # host buffers used to stream to a device (what was pinned, when pinned)
     staging_pinned: bool = False  # the staging buffers were pinned (page-locked) memory
     reason: str = ""  # see above
@@ -331,11 +329,10 @@ def _load_into(
     verify: bool | None = None,
     io: str | None = None,
 ) -> nn.Module:
-    """The load itself, recording what it does in ``info`` (``load`` and ``load_diffusion_cond``)."""
+    """The load itself, recording what it does in ``info`` (``load``'s)."""
     started = _now()
-    info.settings = settings = _config.load_settings(
-        io=io, verify=verify
-    )  # a bad value fails before any work
+    # A bad value fails before any work.
+    info.settings = settings = _config.load_settings(io=io, verify=verify)
     if settings.disabled:
         info.build, info.reason = "upstream", DISABLED_REASON
         with not_deferred():  # a load nested in a factory being built deferred
