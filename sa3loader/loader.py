@@ -32,7 +32,6 @@ from ._build import (
     load_faithful,
     log_skipped,
     not_deferred,
-    plan_keys,
 )
 from ._cache_admin import Eviction
 from ._cache_dir import resolve_cache_dir
@@ -54,9 +53,10 @@ class LoadInfo:
 
     ``reason`` is one line: ``fp32 load``, ``cache hit``, ``cache hit (published what a previous
     process wrote)``, ``converted``, ``converted by another load``, ``no float32 tensors:
-    loaded as is``, ``already fp16 (an sa3loader output): loaded as is``, ``meta device: nothing
-    read``, ``autoencoder fp32 load``, ``DISABLED_REASON`` (``$SA3LOADER_DISABLE=1: upstream's own
-    loader``), or why no sibling could be used, ending in ``loading the fp32 source``.
+    loaded as is``, ``already fp16 (an sa3loader output): loaded as is``, ``meta device:
+    upstream's build and load``, ``autoencoder fp32 load``, ``DISABLED_REASON``
+    (``$SA3LOADER_DISABLE=1: upstream's own loader``), or why no sibling could be used, ending
+    in ``loading the fp32 source``.
 
     ``events``, in order, what the sibling check met: ``adopted`` (a valid sibling without an
     index row), ``revalidated`` (its fingerprint read again: the source was copied or touched,
@@ -170,17 +170,18 @@ def _target_device(device: str | torch.device | int | None) -> torch.device:
 def _on_meta(
     factory: Factory, config: Any, device: Any, half: bool, source: Header, info: LoadInfo
 ) -> nn.Module:
-    """Upstream's build, then ``.to("meta")``: its tensors have no data, so no value is read
-    (the header is: a file upstream's ``load_file`` refuses fails here too, and the keys it
-    would skip are said).
-
-    The factory runs with its real init, as upstream's does, so what stays on the
-    CPU (plain attributes computed from the init) and the random state match.
+    """Upstream's build, load and ``.to("meta")``, the load not skipped: a plain tensor that shares
+    a parameter's memory (old-style spectral_norm's ``weight``, a ``.data`` kept) stays on the CPU
+    with the loaded values, and a module's own load checks may raise. The fp32 file is read,
+    through the load's descriptor; no sibling is made.
     """
     with not_deferred():
         model = factory(config)
-    info.build, info.reason = "faithful", "meta device: nothing read"
-    info.result = plan_keys(source, model.state_dict())[1]
+    with Values(source, None, half=False, io="read") as values:
+        info.result = load_faithful(model, source, values)
+        check_unchanged(source)
+        info.bytes_read = values.bytes_read
+    info.build, info.io, info.reason = "faithful", "read", "meta device: upstream's build and load"
     log_skipped(info.result)
     return _finish(model, device, half)
 
@@ -355,7 +356,7 @@ def _load_into(
     sibling_started = _now()
     target = _target_device(device)
     with open_header(ckpt_path) as source:
-        if target.type == "meta":  # upstream's model.to("meta"): shapes only, nothing to read
+        if target.type == "meta":  # upstream's model.to("meta"), after its load
             model = _on_meta(factory, model_config, device, bool(model_half), source, info)
             info.timings["total_s"] = _now() - started
             return model

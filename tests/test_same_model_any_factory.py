@@ -3133,3 +3133,55 @@ def test_a_config_nested_30_levels_deep_is_copied_for_the_second_build(tmp_path)
     )
     assert sa3loader.last_load_info().build == "faithful"
     assert model.kept == {"nested": _nested(30)} and config == {"nested": _nested(30)}
+
+
+class KeepsWeightData(nn.Module):
+    """A plain tensor sharing a parameter's memory, as old-style spectral_norm keeps ``weight``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+        self.kept = self.layer.weight.data
+
+
+class RefusesInf(nn.Module):
+    """A module's own load check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        if any(bool(v.isinf().any()) for k, v in state_dict.items() if k.startswith(prefix)):
+            raise RuntimeError("refused: inf in the checkpoint")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_on_the_meta_device_the_checkpoint_is_loaded_before_the_move_as_upstreams(tmp_path, half):
+    """Upstream loads, then moves to meta: what shares a parameter's memory outside the module
+    tree keeps the loaded values on the CPU, and a module's own load check raises as upstream's."""
+    state = {"layer.weight": torch.arange(12.0).reshape(3, 4) + 1, "layer.bias": torch.ones(3)}
+    ckpt = save(state, tmp_path / "model.safetensors")
+
+    def upstreams(cls, path):
+        model = cls()
+        model.load_state_dict(load_file(str(path)), strict=False)
+        model.to("meta").eval().requires_grad_(False)
+        return model.to(torch.float16) if half else model
+
+    def ours(cls, path):
+        return sa3loader.load_diffusion_cond(
+            {}, path, "meta", half, cache_dir=tmp_path / "c", model_factory=lambda c: cls()
+        )
+
+    ref, model = upstreams(KeepsWeightData, ckpt), ours(KeepsWeightData, ckpt)
+    assert ref.kept.device.type == "cpu" and torch.equal(ref.kept, state["layer.weight"])
+    assert model.kept.device.type == "cpu" and torch.equal(bits(model.kept), bits(ref.kept))
+    assert model.layer.weight.is_meta and model.layer.weight.dtype == ref.layer.weight.dtype
+    inf = save({**state, "layer.bias": torch.full((3,), float("inf"))}, tmp_path / "inf.safetensors")
+    with pytest.raises(RuntimeError, match="refused: inf"):
+        upstreams(RefusesInf, inf)
+    with pytest.raises(RuntimeError, match="refused: inf"):
+        ours(RefusesInf, inf)
+    assert not (tmp_path / "c").exists()  # no sibling on meta

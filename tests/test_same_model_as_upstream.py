@@ -207,7 +207,8 @@ def test_a_short_generation_gives_upstreams_audio(upstream, tmp_path, half):
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
 def test_device_none_and_meta_give_upstreams_model(upstream, tmp_path, half):
     """``device=None`` leaves upstream's model on the CPU; ``"meta"`` gives its shapes with no data:
-    nothing is read, no sibling is made, and the random state ends where upstream's does."""
+    the fp32 file is read as upstream's load reads it, no sibling is made, and the random state
+    ends where upstream's does."""
     path = tricky_checkpoint(upstream, tmp_path, complete=True)
     ref = upstream_model(upstream, upstream.tiny_config, path, half, device=None)
     assert_same_model(ours(upstream, upstream.tiny_config, path, half, tmp_path / "cache", device=None), ref)
@@ -219,7 +220,8 @@ def test_device_none_and_meta_give_upstreams_model(upstream, tmp_path, half):
     model = ours(upstream, upstream.tiny_config, path, half, tmp_path / "meta-cache", device="meta")
     assert torch.equal(torch.random.get_rng_state(), rng_after_upstream)
     info = sa3loader.last_load_info()
-    assert info.reason == "meta device: nothing read" and info.result == skipped  # the header is read
+    assert info.reason == "meta device: upstream's build and load" and info.result == skipped
+    assert (info.io, info.sibling) == ("read", None) and info.bytes_read > 0
     missing = tmp_path / "missing.safetensors"
     with pytest.raises(FileNotFoundError):  # upstream's load_file opens the file first
         upstream_model(upstream, upstream.tiny_config, missing, half, device="meta")
