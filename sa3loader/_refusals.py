@@ -318,8 +318,9 @@ def refuse_a_finish_of_its_own(model: nn.Module) -> None:
 
 
 # diffusers' ModelMixin.to, as read (0.42): it looks at the call's arguments, flags and
-# offload hooks, never a weight, then calls nn.Module's. Its function object (by identity)
-# with the names its code uses (a changed body names others): diffusers' DiT stays fast.
+# offload hooks, never a weight, then calls nn.Module's. Its function object (by identity),
+# compiled from its module's file (a patch written elsewhere with the same names is not
+# it), with the names its code uses (a changed body names others): diffusers' DiT stays fast.
 _MIXIN_MODULE = "diffusers.models.modeling_utils"
 _MIXIN_TO_NAMES = frozenset(
     "BITS_AND_BYTES QuantizationMethod RuntimeError ValueError __class__ __name__ "
@@ -333,10 +334,13 @@ def _a_to_of_its_own(model: nn.Module) -> bool:
     to = vars(model).get("to", type(model).to)
     if to is nn.Module.to:
         return False
-    mixin = getattr(sys.modules.get(_MIXIN_MODULE), "ModelMixin", None)
+    module = sys.modules.get(_MIXIN_MODULE)
+    mixin = getattr(module, "ModelMixin", None)
     theirs = vars(mixin).get("to") if isinstance(mixin, type) else None
     code = getattr(theirs, "__code__", None)
-    return not (to is theirs and isinstance(code, types.CodeType) and _code_names(code) == _MIXIN_TO_NAMES)
+    if to is not theirs or not isinstance(code, types.CodeType):
+        return True
+    return code.co_filename != getattr(module, "__file__", None) or _code_names(code) != _MIXIN_TO_NAMES
 
 
 @functools.lru_cache(maxsize=8)

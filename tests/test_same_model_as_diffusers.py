@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from support.compare import bits
 
 import sa3loader
@@ -92,3 +93,56 @@ def test_a_to_other_than_diffusers_own_as_read_takes_upstreams_build(saved, tmp_
     )
     assert sa3loader.last_load_info().build == "faithful"
     assert model.seen_dtype == torch.float32  # upstream's finish: the cast is its last step
+
+
+# A ModelMixin.to written elsewhere with the very names diffusers' own uses, which keeps
+# the modules ``_keep_in_fp32_modules`` names in fp32 (an outside attack's case).
+_SAME_NAMES_OTHER_BODY = """
+def to(self, *args, **kwargs):
+    from ..hooks.group_offloading import _is_group_offload_enabled
+    keep = self._keep_in_fp32_modules or []
+    if getattr(self, "_never_set", False):
+        logger.warning(str(self.__class__.__name__)); super(); device; RuntimeError; ValueError
+        QuantizationMethod.BITS_AND_BYTES; is_bitsandbytes_version; _is_group_offload_enabled(self)
+    if not any(isinstance(a, torch.dtype) for a in args):
+        return getattr(getattr(torch, "nn"), "Module").to(self, *args, **kwargs)
+    for name, child in getattr(self, "named_children")():
+        if name not in keep:
+            child.to(*args, **kwargs)
+    return self
+"""
+
+
+class KeepsNormInFp32(diffusers.ModelMixin, diffusers.ConfigMixin):
+    _keep_in_fp32_modules = ["norm"]
+
+    @diffusers.configuration_utils.register_to_config
+    def __init__(self, n: int = 4) -> None:
+        super().__init__()
+        self.layer, self.norm = torch.nn.Linear(n, n), torch.nn.LayerNorm(n)
+
+
+def test_a_mixin_to_with_diffusers_names_but_written_elsewhere_takes_upstreams_build(tmp_path, monkeypatch):
+    """Trusting ModelMixin's ``to`` by its names alone trusted any body that uses them: its code
+    must also be the one diffusers' module holds (compiled from its file)."""
+    from diffusers.models import modeling_utils
+
+    from sa3loader._refusals import _MIXIN_TO_NAMES, _code_names
+
+    scope = {**vars(modeling_utils), "__package__": "diffusers.models"}
+    exec(_SAME_NAMES_OTHER_BODY, scope)
+    assert _code_names(scope["to"].__code__) == _MIXIN_TO_NAMES  # else this case tests nothing
+    monkeypatch.setattr(diffusers.ModelMixin, "to", scope["to"])
+    torch.manual_seed(1)
+    state = {k: torch.randn_like(v) for k, v in KeepsNormInFp32().state_dict().items()}
+    ckpt = tmp_path / "model.safetensors"
+    save_file(state, str(ckpt))
+    for _ in range(2):  # the conversion, then the hit
+        model, info = sa3loader.load(
+            {}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=lambda c: KeepsNormInFp32()
+        )
+        assert info.build == "faithful"
+        assert model.norm.weight.dtype == torch.float32 and torch.equal(
+            model.norm.weight, state["norm.weight"]
+        )
+        assert model.layer.weight.dtype == torch.float16
