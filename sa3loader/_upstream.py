@@ -104,18 +104,30 @@ def _patch(load_diffusion_cond: Callable[..., Any]) -> None:
     bound = [getattr(sys.modules[name], LOADER_NAME) for name in UPSTREAM_MODULES]
     _installation.original, _installation.ours = original, load_diffusion_cond
     for module in list(sys.modules.values()):
-        had = getattr(module, LOADER_NAME, None)
+        namespace = _namespace(module)
+        had = namespace.get(LOADER_NAME)
         if any(had is f for f in bound):
-            setattr(module, LOADER_NAME, load_diffusion_cond)
+            namespace[LOADER_NAME] = load_diffusion_cond
             _installation.patched.append((module, had))
+
+
+def _namespace(module: Any) -> dict[str, Any]:
+    """Where ``module`` binds its names: read there, a lazy module's ``__getattr__`` (which may
+    import, or raise) never runs; anything in ``sys.modules`` with no dict of its own binds nothing."""
+    try:
+        namespace = object.__getattribute__(module, "__dict__")
+    except Exception:  # none (slots), or a property of its own that fails: no binding to read
+        return {}
+    return namespace if isinstance(namespace, dict) else {}
 
 
 def _unpatch() -> None:
     """Put back each module's own binding, unless someone rebound it since (their patch stays)."""
     while _installation.patched:
         module, had = _installation.patched.pop()
-        if getattr(module, LOADER_NAME, None) is _installation.ours:
-            setattr(module, LOADER_NAME, had)
+        namespace = _namespace(module)
+        if namespace.get(LOADER_NAME) is _installation.ours:
+            namespace[LOADER_NAME] = had
     _installation.original = _installation.ours = None
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -142,6 +144,33 @@ def test_install_leaves_others_patches_and_reaches_from_pretrained_past_a_wrappe
         assert (lu.load_diffusion_cond, model.load_diffusion_cond) == (wrapper, original)
     finally:
         lu.load_diffusion_cond = original
+
+
+class RaisesOnAnyMissingName(types.ModuleType):
+    """A lazy module whose ``__getattr__`` fails for any name it does not have."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"lazy import of {name} failed")
+
+
+class NoNamespace:
+    __slots__ = ()  # an object in sys.modules with no __dict__
+
+
+def test_install_reads_each_modules_own_bindings_and_runs_no_lazy_getattr(upstream_model_module, monkeypatch):
+    """A module's binding is in its namespace: a lazy module's ``__getattr__`` (which may raise, or
+    import) is not run, an entry that is not a module is skipped, and every binding is patched."""
+    lu, model = importlib.import_module("stable_audio_3.loading_utils"), upstream_model_module
+    original = lu.load_diffusion_cond
+    user = types.ModuleType("zzz_user_module")
+    user.load_diffusion_cond = original
+    monkeypatch.setitem(sys.modules, "zz_lazy_module", RaisesOnAnyMissingName("zz_lazy_module"))
+    monkeypatch.setitem(sys.modules, "zz_no_namespace", NoNamespace())
+    monkeypatch.setitem(sys.modules, "zzz_user_module", user)
+    sa3loader.install()
+    assert _patched(lu, model) == [True, True] and user.load_diffusion_cond is lu.load_diffusion_cond
+    sa3loader.uninstall()
+    assert (lu.load_diffusion_cond, model.load_diffusion_cond, user.load_diffusion_cond) == (original,) * 3
 
 
 def test_disable_with_sa3loaders_function_set_by_hand_is_a_typed_error_not_a_recursion(
