@@ -34,7 +34,7 @@ from ._places import (
     siblings_with_leftovers,
     temp_files_of,
 )
-from ._records import INVALID, MISSING_SOURCE, OK, STALE, Entry, IndexRow, Outcome, Plan, Removal
+from ._records import DAMAGED, INVALID, MISSING_SOURCE, OK, STALE, Entry, IndexRow, Outcome, Plan, Removal
 from ._trust import owned_file_problem
 from .errors import LockTimeoutError, Sa3LoaderError, UnusableLockError
 
@@ -66,18 +66,18 @@ def _entry(key: str, row: IndexRow | None, cache_dir: str, spots: bool = True) -
 
 
 def entries(cache_dir: str, *, spots: bool = True) -> list[Entry]:
-    """Every row of the index as ``cache ls`` shows it, with its status by a load's rule
-    (``row_status``; without ``spots`` where the caller compares every byte)."""
+    """Every row as ``cache ls`` shows it, status by a load's rule (``row_status``; spots skipped)."""
     return [_entry(key, row, cache_dir, spots) for key, row in _index.rows(cache_dir)]
 
 
 @dataclass
 class Check:
-    """What ``verify_all`` found for one row."""
+    """What ``verify_all`` found for one row; ``status``: the row's, its content compared."""
 
     entry: Entry
     result: str  # "ok", or what is wrong
     max_abs_diff: float | None = None  # over the float tensors, when both files could be compared
+    status: str = ""
 
 
 def verify_all(cache_dir: str, progress: bool = False) -> list[Check]:
@@ -85,7 +85,7 @@ def verify_all(cache_dir: str, progress: bool = False) -> list[Check]:
     checks = []
     for entry in entries(cache_dir, spots=False):  # every byte is compared below
         if entry.status != OK:
-            checks.append(Check(entry, entry.status))
+            checks.append(Check(entry, entry.status, status=entry.status))
             continue
         try:
             with (
@@ -94,10 +94,10 @@ def verify_all(cache_dir: str, progress: bool = False) -> list[Check]:
             ):
                 diff = _compare.compare(source, sib, progress=progress)
         except (Sa3LoaderError, OSError) as exc:
-            checks.append(Check(entry, f"cannot be checked: {exc}"))
+            checks.append(Check(entry, f"cannot be checked: {exc}", status=entry.status))
             continue
         result = OK if diff.equal else f"content mismatch: {', '.join(diff.mismatched[:3])} differ"
-        checks.append(Check(entry, result, diff.max_abs_diff))
+        checks.append(Check(entry, result, diff.max_abs_diff, OK if diff.equal else DAMAGED))
     return checks
 
 

@@ -391,7 +391,13 @@ def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:
         for c in checks
     ]
     data = [
-        {**_entry_data(c.entry), "check": c.result, "max_abs_diff": _finite(c.max_abs_diff)} for c in checks
+        {
+            **_entry_data(c.entry),
+            "status": c.status,
+            "check": c.result,
+            "max_abs_diff": _finite(c.max_abs_diff),
+        }
+        for c in checks
     ]
     emit(args, data, lines or ["no rows"])
     # Exit 3 means a problem with a sibling: one whose checkpoint is gone or changed since is

@@ -789,6 +789,7 @@ def test_cache_verify_prints_the_difference_it_measured(src, tmp_path):
     made = flip_last_value(tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors", 1000.0)
     checks = json.loads(run("cache", "verify", "--json", cache=tmp_path / "c", check_rc=3).stdout)
     assert checks[0]["check"].startswith("content mismatch: w differ")
+    assert checks[0]["status"] == "damaged sibling"  # not the row's "ok", which skipped the spots
     assert checks[0]["max_abs_diff"] == pytest.approx(made) and made > 900
 
 
