@@ -1,16 +1,17 @@
 """Write the fp16 sibling of a checkpoint: streamed, bounded memory, crash-safe.
 
-``safetensors.torch.save_file`` needs every tensor in memory at once, so the
-writer lays out the header itself (``_format.layout``, byte-compatible with
-``save_file``) and streams each tensor from the source with plain reads,
-converting float32 chunks to float16 on the way. The file is written as
-``<dest>.incomplete-<unique>``, held as a ``WrittenSibling`` until it is published
-(fsync, then ``os.replace``: a reader never finds it half-written) or discarded. What a
-process that ended before publishing left is found again by ``unpublished_sibling``.
+``safetensors.torch.save_file`` needs every tensor in memory at once, so the writer lays out
+the header itself (``_format.layout``, byte-compatible with ``save_file``) and streams each
+tensor from the source, converting float32 chunks to float16 on the way (cast from a mapping
+under a read lease: ``_source_reads``; else read). The file is written as
+``<dest>.incomplete-<unique>``, held as a ``WrittenSibling`` until it is published (fsync,
+then ``os.replace``: a reader never finds it half-written) or discarded. What a process that
+ended before publishing left is found again by ``unpublished_sibling``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from . import _config, _faults
+from ._config import IoMode
 from ._dtypes import converted_dtype
 from ._format import (
     HEADER_LENGTH_BYTES,
@@ -38,12 +40,13 @@ from ._format import (
     preadv_exact,
     reading,
 )
-from ._host import boot_id
+from ._host import boot_id, network_filesystem
 from ._places import INCOMPLETE_INFIX, incomplete_prefix
 from ._progress import byte_bar, progress_enabled
 from ._range_report import WIDER_THAN_FP16, count_cast_range, count_range
 from ._records import ConversionResult
 from ._serial import loaded_openmp, serial_ops
+from ._source_reads import LeasedSource, StripeQueue, leased_source
 from ._trust import drop_inherited_acl, readers_bits, without_group
 from .errors import ConversionError, HeaderError, Sa3LoaderError
 
@@ -70,7 +73,6 @@ def _piece_bytes() -> int:
     return max(WIDEST_ELEMENT_BYTES, elements * 4 // WIDEST_ELEMENT_BYTES * WIDEST_ELEMENT_BYTES)
 
 
-READ_AHEAD_STRIPES = 4  # stripes the kernel is asked to read ahead of the workers (a cold disk)
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -107,10 +109,11 @@ def convert(
     read_only: bool = False,
     progress: bool | None = None,
     before_rename: Callable[[], None] | None = None,
+    io: IoMode | None = None,
 ) -> ConversionResult:
     """Write the fp16 sibling of ``header``'s file to ``dest`` and publish it atomically
     (``before_rename``: as ``WrittenSibling.publish``)."""
-    written = write_sibling(header, dest, metadata, read_only=read_only, progress=progress)
+    written = write_sibling(header, dest, metadata, read_only=read_only, progress=progress, io=io)
     written.publish(before_rename)
     return written.result
 
@@ -122,11 +125,13 @@ def write_sibling(
     *,
     read_only: bool = False,
     progress: bool | None = None,
+    io: IoMode | None = None,
 ) -> WrittenSibling:
     """Write the fp16 sibling of ``header``'s file to a temp file beside ``dest``; not published.
 
     The output gets the source's mode; ``read_only`` (siblings that loads map)
-    clears every write bit, so no one but root edits a mapped file in place.
+    clears every write bit, so no one but root edits a mapped file in place. ``io``: the
+    load's setting (None: $SA3LOADER_IO); "read" maps no file, the source included.
     """
     _faults.point("convert", dest)
     started = time.perf_counter()
@@ -148,12 +153,16 @@ def write_sibling(
         drop_inherited_acl(out_fd)  # a folder's default ACL may let read whom the source does not
         shown = progress_enabled(_config.progress() if progress is None else progress)
         desc = f"fp16 {os.path.basename(header.path)}"
-        with reading(header) as src_fd, byte_bar(desc, total, shown) as bar:
-            _faults.point("header")
-            _pwrite_all(out_fd, memoryview(prefix), 0)
-            bar.update(len(prefix))
-            _faults.point("data")
-            _stream_tensors(header, out_entries, len(prefix), src_fd, out_fd, counts, bar)
+        end = header.data_start + max((e.end for e in header.entries), default=0)
+        # A network filesystem's lease does not see other hosts' writers.
+        may_map = network_filesystem(header.path) is None and (io or _config.io_mode(None)) != "read"
+        with reading(header) as src_fd, leased_source(src_fd, header.path, end, may_map=may_map) as mapped:
+            with byte_bar(desc, total, shown) as bar:
+                _faults.point("header")
+                _pwrite_all(out_fd, memoryview(prefix), 0)
+                bar.update(len(prefix))
+                _faults.point("data")
+                _stream_tensors(header, out_entries, len(prefix), (src_fd, mapped), out_fd, counts, bar)
         check_unchanged(header)  # a rewrite in place meanwhile: the sibling would mix two versions
         tmp = mark_written(tmp, dest, counts)
     except BaseException as exc:
@@ -181,64 +190,26 @@ def write_sibling(
 
 
 Piece = tuple[TensorEntry, int, int, int]  # source tensor, source offset, bytes, sibling offset
-
-
-class _Job:
-    """The pieces of a conversion, handed to workers a stripe at a time, in file order.
-
-    The first error any worker meets stops the others at their next piece and
-    is raised by ``raise_first``.
-    """
-
-    def __init__(self, stripes: list[list[Piece]], fd: int, bar: Any) -> None:
-        self._stripes = stripes
-        self._next = 0
-        self._fd, self._bar = fd, bar
-        self._lock = threading.Lock()
-        self.errors: list[BaseException] = []
-
-    def take(self) -> list[Piece]:
-        """The next stripe (empty when done or stopped); asks the kernel to read ahead of it."""
-        with self._lock:
-            if self.errors or self._next >= len(self._stripes):
-                return []
-            stripe = self._stripes[self._next]
-            self._next += 1
-            ahead = self._next + READ_AHEAD_STRIPES - 1
-        if ahead < len(self._stripes) and hasattr(os, "posix_fadvise"):
-            # The sibling's order, not the source's (f32 sorts elsewhere as f16): a stripe
-            # that spans two dtypes may go backwards in the source.
-            offset = min(piece[1] for piece in self._stripes[ahead])
-            end = max(piece[1] + piece[2] for piece in self._stripes[ahead])
-            os.posix_fadvise(self._fd, offset, end - offset, os.POSIX_FADV_WILLNEED)
-        return stripe
-
-    def failed(self, exc: BaseException) -> None:
-        with self._lock:
-            self.errors.append(exc)
-
-    def done(self, nbytes: int) -> None:
-        with self._lock:
-            self._bar.update(nbytes)
-
-    def raise_first(self) -> None:
-        if self.errors:
-            raise self.errors[0]
+Source = tuple[int, LeasedSource | None]  # the source's descriptor; its mapping, where leased
 
 
 def _convert_pieces(
-    job: _Job, header: Header, src_fd: int, out_fd: int, counts: dict[str, int], openmp: list[Any]
+    job: StripeQueue, header: Header, source: Source, out_fd: int, counts: dict[str, int], openmp: list[Any]
 ) -> None:
     """One worker: read, cast and count each piece of the stripes it takes, and write each stripe."""
     try:
         with serial_ops(openmp):
-            _convert_stripes(job, header, src_fd, out_fd, counts)
+            _convert_stripes(job, header, source, out_fd, counts)
     except BaseException as exc:  # handed to the caller, which raises it
         job.failed(exc)
 
 
-def _convert_stripes(job: _Job, header: Header, src_fd: int, out_fd: int, counts: dict[str, int]) -> None:
-    """Each stripe: its pieces read (and cast and counted) into one buffer, written with one call."""
+def _convert_stripes(
+    job: StripeQueue, header: Header, source: Source, out_fd: int, counts: dict[str, int]
+) -> None:
+    """Each stripe: its pieces read (and cast and counted) into one buffer, written with one call;
+    float32 cast straight from the source's mapping while its lease is whole (``_source_reads``)."""
+    src_fd, leased = source
     raw_bytes = bytearray(_piece_bytes())
     raw, raw_view = torch.frombuffer(raw_bytes, dtype=torch.float32), memoryview(raw_bytes)
     scratch = torch.empty(len(raw_bytes) // 4, dtype=torch.int16)  # fp16 bits, for the count
@@ -247,23 +218,27 @@ def _convert_stripes(job: _Job, header: Header, src_fd: int, out_fd: int, counts
     out_view, out_u8 = memoryview(out_bytes), torch.frombuffer(out_bytes, dtype=torch.uint8)
     while stripe := job.take():
         start, base = stripe[0][3], stripe[0][3] // window * window  # where the stripe's window begins
-        for entry, offset, length, out_offset in stripe:
-            if job.errors:  # another worker failed, or the caller was interrupted
-                return
-            at = out_offset - base
-            if entry.dtype != "F32":  # kept as it is: read straight into the stripe
-                preadv_exact(src_fd, [out_view[at : at + length]], offset, header.path)
-                if entry.dtype in WIDER_THAN_FP16:  # cast to fp16 by the load
-                    count_cast_range(entry.dtype, out_view[at : at + length], counts)
-                continue
-            n = length // 4  # most pieces are whole: slicing a tensor costs as much as casting one
-            src, bits, into = (
-                (raw, scratch, raw_view) if n == len(raw) else (raw[:n], scratch[:n], raw_view[:length])
-            )
-            preadv_exact(src_fd, [into], offset, header.path)
-            dst = out_u8[at : at + 2 * n].view(torch.float16)  # at is even: see _stripes
-            dst.copy_(src)
-            count_range(src, dst, counts, bits)
+        with leased.stripe() if leased is not None else contextlib.nullcontext() as mapped:
+            for entry, offset, length, out_offset in stripe:
+                if job.errors:  # another worker failed, or the caller was interrupted
+                    return
+                at = out_offset - base
+                if entry.dtype != "F32":  # kept as it is: read straight into the stripe
+                    preadv_exact(src_fd, [out_view[at : at + length]], offset, header.path)
+                    if entry.dtype in WIDER_THAN_FP16:  # cast to fp16 by the load
+                        count_cast_range(entry.dtype, out_view[at : at + length], counts)
+                    continue
+                n = length // 4  # most pieces are whole: slicing a tensor costs as much as casting one
+                src, bits, into = (
+                    (raw, scratch, raw_view) if n == len(raw) else (raw[:n], scratch[:n], raw_view[:length])
+                )
+                if mapped is not None and offset % 4 == 0:  # a float32 view needs aligned elements
+                    src = mapped[offset : offset + length].view(torch.float32)
+                else:
+                    preadv_exact(src_fd, [into], offset, header.path)
+                dst = out_u8[at : at + 2 * n].view(torch.float16)  # at is even: see _stripes
+                dst.copy_(src)
+                count_range(src, dst, counts, bits)
         last, _, last_length, last_offset = stripe[-1]
         end = last_offset + (last_length // 2 if last.dtype == "F32" else last_length)
         _pwrite_all(out_fd, out_view[start - base : end - base], start)
@@ -305,7 +280,7 @@ def _stream_tensors(
     header: Header,
     out_entries: list[TensorEntry],
     out_data_start: int,
-    src_fd: int,
+    source: Source,
     out_fd: int,
     counts: dict[str, int],
     bar: Any,
@@ -318,13 +293,13 @@ def _stream_tensors(
     which release the GIL.
     """
     job, openmp = (
-        _Job(_stripes(header, out_entries, out_data_start), src_fd, bar),
+        StripeQueue(_stripes(header, out_entries, out_data_start), source[0], bar),
         _faults.fact("openmp", None, loaded_openmp()),
     )
     per_worker = [{"inf": 0, "zero": 0} for _ in range(WORKERS)]
     workers = [
         threading.Thread(
-            target=_convert_pieces, args=(job, header, src_fd, out_fd, mine, openmp), name="sa3loader-convert"
+            target=_convert_pieces, args=(job, header, source, out_fd, mine, openmp), name="sa3loader-convert"
         )
         for mine in per_worker
     ]

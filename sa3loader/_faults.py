@@ -9,14 +9,15 @@ Three things, each a no-op in production:
 - ``tuned(name, default)``: a size a test may shrink to reach a case cheaply (how many
   elements a piece holds, how long a locked index is waited for) (``tunings``).
 
-Points: ``convert`` (a conversion starts; the subject is the sibling), ``header``,
-``data``, ``written`` (a conversion writing its temp file; ``written``: every byte is in
-it, before the load reads it back), ``fsync``, ``rename``, ``index`` (a sibling being
-published), ``locked`` (a conversion lock just taken), ``fingerprint`` (a source's
-fingerprint is read; the subject is its path), ``spots`` (a file read at many small ranges:
-a fingerprint's, a spot check's; the subject is its path), ``built`` (the factory returned, before
-any weight is placed), ``import`` (upstream's factory looked up), ``touch`` (the early
-prefetch faults in a piece), ``patches busy`` (a build starts waiting for another thread's).
+Points: ``convert`` (a conversion starts; the subject is the sibling), ``header``, ``data``,
+``stripe`` (a worker takes the next), ``written`` (a conversion writing its temp file;
+``written``: every byte is in it, before the load reads it back), ``fsync``, ``rename``,
+``index`` (a sibling being published), ``locked`` (a conversion lock just taken),
+``fingerprint`` (a source's fingerprint is read; the subject is its path), ``spots`` (a file
+read at many small ranges: a fingerprint's, a spot check's; the subject is its path),
+``built`` (the factory returned, before any weight is placed), ``import`` (upstream's factory
+looked up), ``touch`` (the early prefetch faults in a piece), ``patches busy`` (a build starts
+waiting for another thread's).
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ registered from the moment it is opened (a fork cannot come between the open and
 the registration: the fork waits for the registry's lock). A forked child closes
 its copies, checked by device and inode, never by a number that may have been
 reused, and never unlocks them (that would unlock the parent's).
+
+**Why not filelock** (4.3.2, 2026-12-05): it acquires a FIFO planted at the lock's name,
+and an existing lock file keeps its mode (0644 from an older writer) where sa3loader
+makes it 0600 (tests in ``test_trust.py``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from . import _config, _convert, _faults
 from ._cli_output import human_size
-from ._config import warn_once
+from ._config import Settings, warn_once
 from ._convert import WrittenSibling, unpublished_sibling
 from ._identity import has_float32, is_sa3loader_file, marked_by_sa3loader, sibling_metadata
 from ._index import Index
@@ -289,10 +289,7 @@ class SiblingResolver:
                 written = self._unpublished(target, metadata)
                 if written is None:
                     self._refuse_to_overwrite(target)
-                    logger.info("converting %s to fp16 at %s", self.source.path, target)
-                    written = _convert.write_sibling(
-                        self.source, target, metadata, read_only=True, progress=f.settings.progress
-                    )
+                    written = _write_new(self.source, target, metadata, f.settings)
                     out.converted = written.result
                 held.callback(written.discard)  # until published: a no-op after the rename
                 self._hand_off(written, held, target)
@@ -402,6 +399,14 @@ def _holds_the_source(written: WrittenSibling, path: str, finder: SiblingFinder)
         return False
     with header:
         return finder.holds_the_source(header, path)
+
+
+def _write_new(source: Header, target: str, metadata: dict[str, str], settings: Settings) -> WrittenSibling:
+    """A new conversion of ``source`` into a temp file beside ``target``, as the load's settings say."""
+    logger.info("converting %s to fp16 at %s", source.path, target)
+    return _convert.write_sibling(
+        source, target, metadata, read_only=True, progress=settings.progress, io=settings.io
+    )
 
 
 def _publish(
