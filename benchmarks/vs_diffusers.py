@@ -17,7 +17,7 @@ timed from imports done to a model in fp16 with one element per 4 KiB page touch
 
 Hot page cache: every file is read just before each side. How a file came into the page
 cache sets what mapping it costs: pages a writer left there are in folios as large as its
-writes were (the sibling's converter writes 256 KiB pieces), pages read back are in folios
+writes were (the converter writes aligned 4 MiB stripes), pages read back are in folios
 as large as readahead's window (8 MiB on this box). So the hit is measured twice: with the
 sibling as the first load left it, and with both files dropped and read back
 (``posix_fadvise(DONTNEED)``, then ``cat``: the state after a reboot or an eviction).
