@@ -40,7 +40,7 @@ from ._format import (
     preadv_exact,
     reading,
 )
-from ._host import boot_id, network_filesystem
+from ._host import boot_id, lease_guards_mapping
 from ._places import INCOMPLETE_INFIX, incomplete_prefix
 from ._progress import byte_bar, progress_enabled
 from ._range_report import WIDER_THAN_FP16, count_cast_range, count_range
@@ -154,8 +154,7 @@ def write_sibling(
         shown = progress_enabled(_config.progress() if progress is None else progress)
         desc = f"fp16 {os.path.basename(header.path)}"
         end = header.data_start + max((e.end for e in header.entries), default=0)
-        # A network filesystem's lease does not see other hosts' writers.
-        may_map = network_filesystem(header.path) is None and (io or _config.io_mode(None)) != "read"
+        may_map = lease_guards_mapping(header.path) and (io or _config.io_mode(None)) != "read"
         with reading(header) as src_fd, leased_source(src_fd, header.path, end, may_map=may_map) as mapped:
             with byte_bar(desc, total, shown) as bar:
                 _faults.point("header")

@@ -124,6 +124,17 @@ def network_filesystem(path: str) -> str | None:
     return None
 
 
+# Where a read lease guards what a mapping maps: the file's own inode, one host, no layer
+# under it (an overlay's lease is on its inode, the mapping on a layer's, and a write to the
+# layer breaks nothing). Anything else, or no mount table: read.
+LEASE_GUARDS_MAPPING = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs"})
+
+
+def lease_guards_mapping(path: str) -> bool:
+    mount = mount_of(path)
+    return mount is not None and mount.fstype in LEASE_GUARDS_MAPPING
+
+
 def stat_vouches(path: str) -> str | None:
     """None when the stat of the file at ``path`` may stand for its content (same device,
     inode, size, mtime and ctime: the same bytes); else why it may not."""

@@ -14,12 +14,14 @@ reads with ``pread`` once a break began: a stripe takes milliseconds, a break at
 a stripe while a writer waits.
 
 The lease is asked for only where the kernel can give it and its break cannot hurt: Linux; a
-local filesystem (a lease does not see other machines' writers); the break's signal, SIGURG
-here (SIGIO's default ends the process), neither caught nor set by anyone but Python
-(``signal.getsignal``). The kernel refuses it to all but the file's owner or CAP_LEASE, and
-while anyone has the file open for writing: then every byte is read, as without a lease. A
-writer that opens the file meanwhile waits until the conversion has read it (seconds), or,
-with ``O_NONBLOCK``, fails with EAGAIN (``truncate(1)`` does).
+filesystem where it guards the inode mapped (``_host.LEASE_GUARDS_MAPPING``: not an overlay,
+whose layers a write can reach under the lease, nor a network one: other hosts' writers); the
+process's own file (root may lease any, but another user's writers would wait on it); the
+break's signal, SIGURG here (SIGIO's default ends the process), caught by no handler, Python's
+or C's (the kernel's mask says). The kernel refuses it while anyone has the file open for
+writing: then every byte is read, as without a lease. A writer that opens the file meanwhile
+waits until the conversion has read its stripes (milliseconds), or, with ``O_NONBLOCK``,
+fails with EAGAIN (``truncate(1)`` does).
 """
 
 from __future__ import annotations
@@ -141,6 +143,10 @@ class LeasedSource:
                     raise
 
 
+def _ours(fd: int) -> bool:
+    return os.fstat(fd).st_uid == os.geteuid()
+
+
 def _mapping(fd: int, end: int, path: str) -> torch.Tensor | None:
     try:
         return torch.frombuffer(mmap.mmap(fd, end, access=mmap.ACCESS_COPY), dtype=torch.uint8)
@@ -157,11 +163,20 @@ def _break_seconds() -> int:
         return 0
 
 
+def _sigurg_caught() -> bool:
+    """Whether SIGURG has a handler: Python's, or one set in C that ``signal.getsignal`` cannot see
+    (a native library's); the kernel's mask of caught signals tells both. Unknown: caught."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    except (OSError, ValueError, StopIteration, IndexError):
+        return True
+    return bool(caught >> (signal.SIGURG - 1) & 1)
+
+
 def _may_lease(may_map: bool) -> bool:
     """Whether a lease may be asked for: a mapping allowed, its break slow enough, signalling nothing."""
-    if not may_map or _F_SETLEASE is None or not hasattr(signal, "SIGURG"):
-        return False
-    if signal.getsignal(signal.SIGURG) not in (signal.SIG_DFL, signal.SIG_IGN):
+    if not may_map or _F_SETLEASE is None or not hasattr(signal, "SIGURG") or _sigurg_caught():
         return False
     return _faults.fact("lease_break_seconds", None, _break_seconds()) >= MIN_BREAK_SECONDS
 
@@ -175,7 +190,8 @@ def leased_source(fd: int, path: str, end: int, *, may_map: bool) -> Iterator[Le
     is not unmapped here: a worker's error may keep a view of it alive in its traceback; it goes
     with the last view, never touched after the lease is given back.
     """
-    if end <= 0 or not _faults.fact("source_lease", path, _may_lease(may_map)):
+    # Another user's file (root may lease it): their writers would wait on this process.
+    if end <= 0 or not _faults.fact("source_lease", path, _may_lease(may_map)) or not _ours(fd):
         yield None
         return
     try:

@@ -7,6 +7,7 @@ file's owner), every byte is read."""
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from support.faults import faked, tuned
+from support.faults import faked, mounted, tuned
 from support.processes import child_env
 
 from sa3loader import _convert, _source_reads
@@ -108,6 +109,27 @@ def test_io_read_maps_no_file_the_source_included(tmp_path, leasable, monkeypatc
     assert converted(src, tmp_path / "mapped.safetensors")[2] < FLOAT32_BYTES
     monkeypatch.setenv("SA3LOADER_IO", "read")
     assert converted(src, tmp_path / "env.safetensors")[2] >= FLOAT32_BYTES
+
+
+def test_no_lease_on_an_overlay_another_users_file_or_with_sigurg_caught_in_c(tmp_path, leasable):
+    """An overlay's lease is on its own inode while the mapping is a layer's (a write to the
+    layer would not wait); root may lease another user's file, whose writers would then wait
+    on it; a handler set in C (a native library's) is not one ``signal.getsignal`` sees."""
+    src = checkpoint(tmp_path / "model.safetensors")
+    assert converted(src, tmp_path / "ext4.safetensors")[2] < FLOAT32_BYTES  # else nothing is tested
+    with mounted(tmp_path / "mounts", {tmp_path: "overlay rw,lowerdir=/a,upperdir=/b"}):
+        assert converted(src, tmp_path / "overlay.safetensors")[2] >= FLOAT32_BYTES
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.signal(signal.SIGURG, ctypes.cast(libc.getpid, ctypes.c_void_p))  # never called: no break
+    try:
+        assert converted(src, tmp_path / "c-handler.safetensors")[2] >= FLOAT32_BYTES
+    finally:
+        libc.signal(signal.SIGURG, 0)  # SIG_DFL
+    if os.geteuid() == 0:  # root could lease a file of nobody's
+        os.chown(src, 65534, 65534)
+        assert converted(src, tmp_path / "theirs.safetensors")[2] >= FLOAT32_BYTES
 
 
 def test_no_lease_when_the_kernel_would_end_a_break_sooner_than_a_stripe_is_sure_to_take(tmp_path, leasable):
