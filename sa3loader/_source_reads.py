@@ -143,13 +143,88 @@ class LeasedSource:
                     raise
 
 
+class _LeasedFiles:
+    """The descriptors this process holds a read lease through, and what a fork does with them:
+    a child's copy (or an inherited mapping) would keep the lease after this process ended,
+    and a writer would wait the whole lease-break-time. The child points its copies at
+    /dev/null (the number stays valid for whatever holds it); the mapping is not inherited
+    (``MADV_DONTFORK``). A lease is taken under the guard a fork waits for."""
+
+    def __init__(self) -> None:
+        self.guard = threading.Lock()
+        self.held: dict[int, tuple[int, int]] = {}  # descriptor -> (device, inode)
+        self.copies: dict[int, list[int]] = {}  # a leased descriptor -> the dups made of it
+
+    def lease(self, fd: int) -> None:
+        with self.guard:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            st = os.fstat(fd)
+            self.held[fd] = (st.st_dev, st.st_ino)
+
+    def mapping(self, fd: int, end: int) -> mmap.mmap:
+        """A private mapping of ``fd``'s first ``end`` bytes. Python's mmap keeps a dup of the
+        descriptor (the same open file, so the lease): it is found by the descriptors that
+        appeared, of the same file, and held as ``fd`` is."""
+        with self.guard:
+            identity = self.held[fd]
+            before = _descriptors_of(identity)
+            mapped = mmap.mmap(fd, end, access=mmap.ACCESS_COPY)
+            self.copies[fd] = sorted(_descriptors_of(identity) - before)
+            self.held.update(dict.fromkeys(self.copies[fd], identity))
+        return mapped
+
+    def forget(self, fd: int) -> None:
+        with self.guard:
+            for leased in (fd, *self.copies.pop(fd, [])):
+                self.held.pop(leased, None)
+
+    def _before_fork(self) -> None:
+        self.guard.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        self.guard.release()
+
+    def _in_child(self) -> None:
+        self.guard, held, self.held, self.copies = threading.Lock(), self.held, {}, {}
+        for fd, identity in held.items():
+            with contextlib.suppress(OSError):  # closed meanwhile: nothing of the lease's left
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) == identity:
+                    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                    os.dup2(null, fd, inheritable=False)
+                    os.close(null)
+
+
+def _descriptors_of(identity: tuple[int, int]) -> set[int]:
+    """This process's descriptors open on the file of this (device, inode)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own, closed since
+            st = os.fstat(int(name))
+            if (st.st_dev, st.st_ino) == identity:
+                found.add(int(name))
+    return found
+
+
+_leased_files = _LeasedFiles()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_leased_files._before_fork,
+        after_in_parent=_leased_files._after_fork_in_parent,
+        after_in_child=_leased_files._in_child,
+    )
+
+
 def _ours(fd: int) -> bool:
     return os.fstat(fd).st_uid == os.geteuid()
 
 
 def _mapping(fd: int, end: int, path: str) -> torch.Tensor | None:
     try:
-        return torch.frombuffer(mmap.mmap(fd, end, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+        mapped = _leased_files.mapping(fd, end)
+        if hasattr(mmap, "MADV_DONTFORK"):
+            mapped.madvise(mmap.MADV_DONTFORK)  # a child's copy would hold the file, so the lease
+        return torch.frombuffer(mapped, dtype=torch.uint8)
     except OSError as exc:  # a filesystem that cannot map, no address space left: read it
         logger.debug("%s: cannot be mapped (%s): reading it", path, exc.strerror)
         return None
@@ -196,7 +271,7 @@ def leased_source(fd: int, path: str, end: int, *, may_map: bool) -> Iterator[Le
         return
     try:
         fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        _leased_files.lease(fd)
     except OSError as exc:
         logger.debug("%s: no read lease (%s): reading it", path, exc.strerror)
         fcntl.fcntl(fd, fcntl.F_SETSIG, 0)
@@ -210,4 +285,5 @@ def leased_source(fd: int, path: str, end: int, *, may_map: bool) -> Iterator[Le
         yield leased
     finally:
         leased.give_back()
+        _leased_files.forget(fd)
         fcntl.fcntl(fd, fcntl.F_SETSIG, 0)

@@ -204,6 +204,62 @@ def test_a_writer_waits_for_a_stripe_and_its_truncation_is_a_typed_error_never_s
     assert outcome in proc.stdout, proc.stdout + proc.stderr
 
 
+FORKED = r"""
+import os, signal, sys, time
+from support.faults import set_hook
+from sa3loader import _convert, _faults
+from sa3loader._format import open_header
+
+src, dest, pidfile = sys.argv[1:4]
+_faults.tunings.update({"piece_elements": 1024, "stripe_bytes": 8192})
+taken = []
+
+def hook(name, subject=None):
+    if name != "stripe":
+        return
+    taken.append(1)
+    if len(taken) == 3:  # another thread's fork, mid-conversion: the child lives on
+        pid = os.fork()
+        if pid == 0:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)  # the test reads the parent's output to its end
+            time.sleep(120)
+            os._exit(0)
+        with open(pidfile, "w") as f:
+            f.write(str(pid))
+    if len(taken) == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+set_hook(hook)
+with open_header(src) as header:
+    _convert.convert(header, dest, {})
+"""
+
+
+def test_a_child_forked_mid_conversion_keeps_no_lease_once_the_converter_is_killed(tmp_path, leasable):
+    """The child's copies of the descriptor and of the mapping would hold the lease after the
+    converting process died: a writer would wait the whole lease-break-time (an O_NONBLOCK one
+    fails with EAGAIN at once, which this test asks)."""
+    src = checkpoint(tmp_path / "model.safetensors")
+    pidfile = tmp_path / "child.pid"
+    proc = subprocess.run(
+        [sys.executable, "-c", FORKED, str(src), str(tmp_path / "out.safetensors"), str(pidfile)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    child = int(pidfile.read_text())
+    try:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        os.kill(child, 0)  # the child is alive
+        fd = os.open(src, os.O_WRONLY | os.O_NONBLOCK)  # BlockingIOError while a lease is held
+        os.close(fd)
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def test_the_lease_is_given_back_and_the_signal_reset_when_the_conversion_ends(tmp_path, leasable):
     src = checkpoint(tmp_path / "model.safetensors")
     with open_header(src) as header:
