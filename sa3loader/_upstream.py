@@ -77,7 +77,7 @@ class _Installation:
     """
 
     def __init__(self) -> None:
-        self.patched: list[tuple[Any, Any]] = []  # (module, what it had bound)
+        self.patched: list[tuple[Any, str, Any]] = []  # (module, name, what it had bound)
         self.original: Callable[..., Any] | None = None  # upstream's, while installed
         self.ours: Callable[..., Any] | None = None  # what the modules were given
         self.explicit = False  # install() was called
@@ -103,12 +103,14 @@ def _patch(load_diffusion_cond: Callable[..., Any]) -> None:
     original: Callable[..., Any] = getattr(sys.modules[UPSTREAM_MODULES[0]], LOADER_NAME)
     bound = [getattr(sys.modules[name], LOADER_NAME) for name in UPSTREAM_MODULES]
     _installation.original, _installation.ours = original, load_diffusion_cond
+    # Under any name (``from ... import load_diffusion_cond as load``): by identity.
+    ids = {id(f) for f in bound}
     for module in list(sys.modules.values()):
         namespace = _namespace(module)
-        had = namespace.get(LOADER_NAME)
-        if any(had is f for f in bound):
-            namespace[LOADER_NAME] = load_diffusion_cond
-            _installation.patched.append((module, had))
+        for name, had in list(namespace.items()):
+            if id(had) in ids:
+                namespace[name] = load_diffusion_cond
+                _installation.patched.append((module, name, had))
 
 
 def _namespace(module: Any) -> dict[str, Any]:
@@ -124,10 +126,10 @@ def _namespace(module: Any) -> dict[str, Any]:
 def _unpatch() -> None:
     """Put back each module's own binding, unless someone rebound it since (their patch stays)."""
     while _installation.patched:
-        module, had = _installation.patched.pop()
+        module, name, had = _installation.patched.pop()
         namespace = _namespace(module)
-        if namespace.get(LOADER_NAME) is _installation.ours:
-            namespace[LOADER_NAME] = had
+        if namespace.get(name) is _installation.ours:
+            namespace[name] = had
     _installation.original = _installation.ours = None
 
 
@@ -139,7 +141,7 @@ def _unpatch_unless_held() -> None:
 
 def install(load_diffusion_cond: Callable[..., Any]) -> None:
     """Make upstream's ``load_diffusion_cond`` call ``load_diffusion_cond`` (sa3loader's),
-    everywhere it is bound, until ``uninstall()``."""
+    in every module that binds it (under any name), until ``uninstall()``."""
     with _installation.lock:
         _patch(load_diffusion_cond)
         _installation.explicit = True

@@ -459,8 +459,8 @@ def _model_config(path: str) -> Any:
 
 
 def install() -> None:
-    """Make upstream's ``load_diffusion_cond`` call sa3loader's, everywhere it is bound (so
-    ``StableAudioModel.from_pretrained`` too); nothing is patched at import time."""
+    """Make upstream's ``load_diffusion_cond`` call sa3loader's in every module that binds it,
+    under any name (so ``StableAudioModel.from_pretrained`` too); nothing is patched at import."""
     _upstream.install(load_diffusion_cond)
 
 

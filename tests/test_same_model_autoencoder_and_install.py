@@ -159,18 +159,22 @@ class NoNamespace:
 
 def test_install_reads_each_modules_own_bindings_and_runs_no_lazy_getattr(upstream_model_module, monkeypatch):
     """A module's binding is in its namespace: a lazy module's ``__getattr__`` (which may raise, or
-    import) is not run, an entry that is not a module is skipped, and every binding is patched."""
+    import) is not run, an entry that is not a module is skipped, and every binding is patched,
+    under any name."""
     lu, model = importlib.import_module("stable_audio_3.loading_utils"), upstream_model_module
     original = lu.load_diffusion_cond
     user = types.ModuleType("zzz_user_module")
     user.load_diffusion_cond = original
+    user.sa3_load = original  # from stable_audio_3.loading_utils import load_diffusion_cond as sa3_load
     monkeypatch.setitem(sys.modules, "zz_lazy_module", RaisesOnAnyMissingName("zz_lazy_module"))
     monkeypatch.setitem(sys.modules, "zz_no_namespace", NoNamespace())
     monkeypatch.setitem(sys.modules, "zzz_user_module", user)
     sa3loader.install()
-    assert _patched(lu, model) == [True, True] and user.load_diffusion_cond is lu.load_diffusion_cond
+    assert _patched(lu, model) == [True, True]
+    assert user.load_diffusion_cond is user.sa3_load is lu.load_diffusion_cond
     sa3loader.uninstall()
     assert (lu.load_diffusion_cond, model.load_diffusion_cond, user.load_diffusion_cond) == (original,) * 3
+    assert user.sa3_load is original
 
 
 def test_disable_with_sa3loaders_function_set_by_hand_is_a_typed_error_not_a_recursion(
