@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 from . import _config
 
 PATH_ACTIONS = ("rm", "scan")  # cache actions that take paths
+PLANNED_ACTIONS = ("prune", "clear", "rm", "repair")  # cache actions --dry-run shows first
 
 
 class UsageError(Exception):
@@ -71,7 +72,7 @@ def _cache_options(p: argparse.ArgumentParser) -> None:
         "checkpoints", nargs="*", metavar="PATH", help="rm: checkpoints (there or gone); scan: dirs"
     )
     p.add_argument(
-        "--dry-run", action="store_true", help="prune, clear, rm, repair: only say what would be done"
+        "--dry-run", action="store_true", help=f"{', '.join(PLANNED_ACTIONS)}: only say what would be done"
     )
     p.add_argument("--paths", action="store_true", help="ls: full paths (hub files are named repo@revision)")
     p.add_argument("--yes", action="store_true", help="clear: do not ask on a terminal")
@@ -136,6 +137,8 @@ def check_cache_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("cache rm and scan take one or more paths; the other cache actions take none")
     if args.max_size is not None and args.cache_command != "prune":
         parser.error("--max-size goes with cache prune")
+    if args.dry_run and args.cache_command not in PLANNED_ACTIONS:  # they change nothing anyway
+        parser.error(f"--dry-run goes with cache {', '.join(PLANNED_ACTIONS)}")
 
 
 def _size_argument(text: str) -> int:

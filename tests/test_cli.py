@@ -1118,6 +1118,14 @@ def test_cache_rm_needs_checkpoints_and_the_others_take_none(tmp_path):
     run("cache", "ls", str(tmp_path / "x.safetensors"), cache=tmp_path / "c", check_rc=2)
 
 
+@pytest.mark.parametrize("action", [["ls"], ["verify"], ["scan", "."]])
+def test_dry_run_on_an_action_that_plans_nothing_is_bad_usage_not_ignored(tmp_path, action):
+    """``--dry-run`` shows the plan of prune, clear, rm and repair; elsewhere it was silently
+    ignored (a README walk took it for an action's own dry run)."""
+    err = run("cache", *action, "--dry-run", cache=tmp_path / "c", check_rc=2).stderr
+    assert "--dry-run goes with cache prune, clear, rm, repair" in err
+
+
 def test_an_empty_cache_dir_option_is_bad_usage(tmp_path, monkeypatch):
     """``--cache-dir "$UNSET"`` is not the current dir (a cache there would tag it for backups
     to skip)."""
