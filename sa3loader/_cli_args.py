@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import _config
+from ._version import __version__
 
 PATH_ACTIONS = ("rm", "scan")  # cache actions that take paths
 PLANNED_ACTIONS = ("prune", "clear", "rm", "repair")  # cache actions --dry-run shows first
@@ -21,8 +22,13 @@ class UsageError(Exception):
         self.usage = usage
 
 
-class VersionAsked(Exception):
-    """``--version``: printed by ``main``, as JSON too when ``--json`` is given (before or after)."""
+class Answered(Exception):
+    """``--version`` or ``--help``: printed by ``main`` (``text``), or as one JSON document
+    (``document``) when ``--json`` is given, before or after."""
+
+    def __init__(self, document: dict[str, str], text: str) -> None:
+        super().__init__(text)
+        self.document, self.text = document, text
 
 
 class _Version(argparse.Action):
@@ -30,12 +36,15 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
 
     def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise VersionAsked
+        raise Answered({"version": __version__}, f"sa3loader {__version__}\n")
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message, self.format_usage())
+
+    def print_help(self, file: Any = None) -> NoReturn:  # argparse's help action, then its exit
+        raise Answered({"help": self.format_help()}, self.format_help())
 
 
 def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:

@@ -31,7 +31,7 @@ from ._cache_dir import (
     refuse_to_open_others,
     resolve_cache_dir,
 )
-from ._cli_args import UsageError, VersionAsked, build_parser, check_cache_arguments, parsed
+from ._cli_args import Answered, UsageError, build_parser, check_cache_arguments, parsed
 from ._cli_output import (
     EXIT_CHECK_FAILED,
     EXIT_ERROR,
@@ -59,7 +59,6 @@ from ._places import hub_name
 from ._records import INVALID, MISSING_SOURCE, OK, STALE, Entry, Outcome, Plan, RangeReport, Removal
 from ._resolver import resolve_sibling
 from ._sibling import SiblingFinder, SiblingOutcome
-from ._version import __version__
 from .errors import ConversionError, Sa3LoaderError, VerificationError
 
 
@@ -466,11 +465,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parsed(parser, argv)
         check_cache_arguments(parser, args)
-    except VersionAsked:
+    except Answered as answer:
         if "--json" in argv:
-            print(json.dumps({"version": __version__}, indent=2))
+            print(json.dumps(answer.document, indent=2))
         else:
-            print(f"sa3loader {__version__}")
+            sys.stdout.write(answer.text)
         return EXIT_OK
     except UsageError as exc:
         if "--json" in argv:

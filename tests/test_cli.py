@@ -902,6 +902,16 @@ def test_json_version_is_one_json_document(argv, capsys):
     assert json.loads(capsys.readouterr().out) == {"version": __version__}
 
 
+@pytest.mark.parametrize(
+    "argv", [["--json", "--help"], ["convert", "--help", "--json"], ["cache", "-h", "--json"]]
+)
+def test_help_with_json_is_one_document_too(tmp_path, argv):
+    """README: with ``--json`` every outcome is one JSON document (``--help`` printed text)."""
+    plain = run(*[a for a in argv if a != "--json"], cache=tmp_path / "c").stdout
+    assert plain.startswith("usage: sa3loader")
+    assert json.loads(run(*argv, cache=tmp_path / "c").stdout) == {"help": plain}
+
+
 def test_a_usage_error_in_json_names_a_public_type(tmp_path):
     usage = run("cache", "lss", "--json", cache=tmp_path / "c", check_rc=2)
     assert json.loads(usage.stdout)["error"]["type"] == "UsageError"
