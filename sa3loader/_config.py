@@ -52,6 +52,7 @@ DEFAULT_LOCK_TIMEOUT_S = 3600.0
 IoMode = Literal["mmap", "read"]  # how CPU weights are read: mapped, or read into fresh memory
 IO_MODES: tuple[IoMode, ...] = ("mmap", "read")
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
 
 
 class Once:
@@ -130,8 +131,19 @@ def apply_verbosity() -> None:
 
 
 def is_true(name: str) -> bool:
-    """A flag variable: 1, true, yes or on (any case) sets it."""
-    return os.environ.get(name, "").strip().lower() in _TRUE
+    """A flag variable: 1, true, yes or on (any case) sets it; unset, empty, 0, false, no or off
+    does not; anything else does not either, with one warning (``=2`` is not taken for on)."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw not in _TRUE and raw not in _FALSE:
+        warn_once(
+            f"env:{name}",
+            "ignoring $%s=%r: not one of %s, or %s",
+            name,
+            raw,
+            "/".join(_TRUE),
+            "/".join(_FALSE[1:]),
+        )
+    return raw in _TRUE
 
 
 def shared_cache() -> bool:
@@ -220,8 +232,8 @@ RING_ENV = "SA3LOADER_RING"
 
 def ring() -> tuple[int, int] | None:
     """$SA3LOADER_RING=SLOTSxMB (``4x64``): the staging ring's shape for transfers to a device,
-    for tuning on unusual hardware (``benchmarks/ring_sweep.py``); None: the shape this
-    machine's cores call for. Not two positive numbers: one warning and the default."""
+    for tuning on unusual hardware; None: the shape this machine's cores call for. Not two
+    positive numbers: one warning and the default."""
     raw = os.environ.get(RING_ENV, "").strip().lower()
     if not raw:
         return None

@@ -112,6 +112,26 @@ def test_a_lock_timeout_that_is_not_a_number_of_seconds_warns_and_uses_the_defau
     ]
 
 
+@pytest.mark.parametrize("name", ["SA3LOADER_DISABLE", "SA3LOADER_VERIFY", "SA3LOADER_SHARED_CACHE"])
+@pytest.mark.parametrize(
+    ("value", "on"), [("2", False), ("ture", False), ("On", True), ("off", False), ("", False)]
+)
+def test_a_flag_not_on_or_off_warns_once_and_is_off(monkeypatch, caplog, name, value, on):
+    """``=2`` or a typo was taken for off without a word (a README walk)."""
+    from sa3loader import _config
+
+    monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.WARNING, logger="sa3loader"):
+        assert _config.is_true(name) is on
+        assert _config.is_true(name) is on
+    warned = (
+        []
+        if value.lower() in ("on", "off", "")
+        else [f"ignoring ${name}={value.lower()!r}: not one of 1/true/yes/on, or 0/false/no/off"]
+    )
+    assert [r.getMessage() for r in caplog.records] == warned
+
+
 @pytest.mark.parametrize(
     ("value", "problem"),
     [
