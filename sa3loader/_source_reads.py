@@ -144,16 +144,17 @@ class LeasedSource:
 
 
 class _LeasedFiles:
-    """The descriptors this process holds a read lease through, and what a fork does with them:
-    a child's copy (or an inherited mapping) would keep the lease after this process ended,
-    and a writer would wait the whole lease-break-time. The child points its copies at
-    /dev/null (the number stays valid for whatever holds it); the mapping is not inherited
+    """The files this process holds a read lease on, and what a fork does with them: a child's
+    copy of the open file (the leased descriptor, the dup Python's mmap keeps, an inherited
+    mapping) would keep the lease after this process ended, and a writer would wait the whole
+    lease-break-time. The child points each descriptor that shares the leased open file at
+    /dev/null (the number stays valid for whatever holds it); a descriptor opened on its own
+    (another open file: no lease, ``F_GETLEASE``) is left alone. The mapping is not inherited
     (``MADV_DONTFORK``). A lease is taken under the guard a fork waits for."""
 
     def __init__(self) -> None:
         self.guard = threading.Lock()
-        self.held: dict[int, tuple[int, int]] = {}  # descriptor -> (device, inode)
-        self.copies: dict[int, list[int]] = {}  # a leased descriptor -> the dups made of it
+        self.held: dict[int, tuple[int, int]] = {}  # leased descriptor -> (device, inode)
 
     def lease(self, fd: int) -> None:
         with self.guard:
@@ -161,22 +162,9 @@ class _LeasedFiles:
             st = os.fstat(fd)
             self.held[fd] = (st.st_dev, st.st_ino)
 
-    def mapping(self, fd: int, end: int) -> mmap.mmap:
-        """A private mapping of ``fd``'s first ``end`` bytes. Python's mmap keeps a dup of the
-        descriptor (the same open file, so the lease): it is found by the descriptors that
-        appeared, of the same file, and held as ``fd`` is."""
-        with self.guard:
-            identity = self.held[fd]
-            before = _descriptors_of(identity)
-            mapped = mmap.mmap(fd, end, access=mmap.ACCESS_COPY)
-            self.copies[fd] = sorted(_descriptors_of(identity) - before)
-            self.held.update(dict.fromkeys(self.copies[fd], identity))
-        return mapped
-
     def forget(self, fd: int) -> None:
         with self.guard:
-            for leased in (fd, *self.copies.pop(fd, [])):
-                self.held.pop(leased, None)
+            self.held.pop(fd, None)
 
     def _before_fork(self) -> None:
         self.guard.acquire()
@@ -185,24 +173,23 @@ class _LeasedFiles:
         self.guard.release()
 
     def _in_child(self) -> None:
-        self.guard, held, self.held, self.copies = threading.Lock(), self.held, {}, {}
-        for fd, identity in held.items():
-            with contextlib.suppress(OSError):  # closed meanwhile: nothing of the lease's left
-                st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) == identity:
-                    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-                    os.dup2(null, fd, inheritable=False)
-                    os.close(null)
+        self.guard, files, self.held = threading.Lock(), set(self.held.values()), {}
+        if files:
+            for fd in _sharing_a_lease(files):
+                null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                os.dup2(null, fd, inheritable=False)
+                os.close(null)
 
 
-def _descriptors_of(identity: tuple[int, int]) -> set[int]:
-    """This process's descriptors open on the file of this (device, inode)."""
-    found = set()
+def _sharing_a_lease(files: set[tuple[int, int]]) -> list[int]:
+    """This process's descriptors, on one of ``files`` (device, inode), whose open file holds a
+    lease: copies of a leased one (only this module leases)."""
+    found = []
     for name in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):  # the listing's own, closed since
             st = os.fstat(int(name))
-            if (st.st_dev, st.st_ino) == identity:
-                found.add(int(name))
+            if (st.st_dev, st.st_ino) in files and fcntl.fcntl(int(name), fcntl.F_GETLEASE) != fcntl.F_UNLCK:
+                found.append(int(name))
     return found
 
 
@@ -221,7 +208,7 @@ def _ours(fd: int) -> bool:
 
 def _mapping(fd: int, end: int, path: str) -> torch.Tensor | None:
     try:
-        mapped = _leased_files.mapping(fd, end)
+        mapped = mmap.mmap(fd, end, access=mmap.ACCESS_COPY)
         if hasattr(mmap, "MADV_DONTFORK"):
             mapped.madvise(mmap.MADV_DONTFORK)  # a child's copy would hold the file, so the lease
         return torch.frombuffer(mapped, dtype=torch.uint8)

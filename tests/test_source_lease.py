@@ -205,14 +205,15 @@ def test_a_writer_waits_for_a_stripe_and_its_truncation_is_a_typed_error_never_s
 
 
 FORKED = r"""
-import os, signal, sys, time
+import os, signal, sys, threading, time
 from support.faults import set_hook
 from sa3loader import _convert, _faults
 from sa3loader._format import open_header
 
 src, dest, pidfile = sys.argv[1:4]
 _faults.tunings.update({"piece_elements": 1024, "stripe_bytes": 8192})
-taken = []
+taken, forked = [], threading.Event()
+mine = os.open(src, os.O_RDONLY)  # the program's own descriptor of the checkpoint
 
 def hook(name, subject=None):
     if name != "stripe":
@@ -221,6 +222,8 @@ def hook(name, subject=None):
     if len(taken) == 3:  # another thread's fork, mid-conversion: the child lives on
         pid = os.fork()
         if pid == 0:
+            with open(pidfile + ".mine", "w") as f:
+                f.write(os.readlink(f"/proc/self/fd/{mine}"))
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)
             os.dup2(null, 2)  # the test reads the parent's output to its end
@@ -228,7 +231,9 @@ def hook(name, subject=None):
             os._exit(0)
         with open(pidfile, "w") as f:
             f.write(str(pid))
+        forked.set()
     if len(taken) == 5:
+        forked.wait(20)
         os.kill(os.getpid(), signal.SIGKILL)
 
 set_hook(hook)
@@ -240,7 +245,8 @@ with open_header(src) as header:
 def test_a_child_forked_mid_conversion_keeps_no_lease_once_the_converter_is_killed(tmp_path, leasable):
     """The child's copies of the descriptor and of the mapping would hold the lease after the
     converting process died: a writer would wait the whole lease-break-time (an O_NONBLOCK one
-    fails with EAGAIN at once, which this test asks)."""
+    fails with EAGAIN at once, which this test asks). The program's own descriptor of the
+    checkpoint (another open file) stays what it was in the child."""
     src = checkpoint(tmp_path / "model.safetensors")
     pidfile = tmp_path / "child.pid"
     proc = subprocess.run(
@@ -253,6 +259,7 @@ def test_a_child_forked_mid_conversion_keeps_no_lease_once_the_converter_is_kill
     child = int(pidfile.read_text())
     try:
         assert proc.returncode == -signal.SIGKILL, proc.stderr
+        assert Path(f"{pidfile}.mine").read_text() == str(src)  # not pointed at /dev/null
         os.kill(child, 0)  # the child is alive
         fd = os.open(src, os.O_WRONLY | os.O_NONBLOCK)  # BlockingIOError while a lease is held
         os.close(fd)
