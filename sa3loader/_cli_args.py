@@ -40,6 +40,11 @@ class _Version(argparse.Action):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviations: main looks for "--json" as written (help, usage errors), so "--jso"
+        # would give JSON for some outcomes and text for others.
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(message, self.format_usage())
 

@@ -103,14 +103,24 @@ def _patch(load_diffusion_cond: Callable[..., Any]) -> None:
     original: Callable[..., Any] = getattr(sys.modules[UPSTREAM_MODULES[0]], LOADER_NAME)
     bound = [getattr(sys.modules[name], LOADER_NAME) for name in UPSTREAM_MODULES]
     _installation.original, _installation.ours = original, load_diffusion_cond
-    # Under any name (``from ... import load_diffusion_cond as load``): by identity.
+    # Under any name (``from ... import load_diffusion_cond as load``): by identity. Upstream's
+    # modules first: a module imported meanwhile (another thread) then binds ours.
     ids = {id(f) for f in bound}
-    for module in list(sys.modules.values()):
-        namespace = _namespace(module)
-        for name, had in list(namespace.items()):
-            if id(had) in ids:
-                namespace[name] = load_diffusion_cond
-                _installation.patched.append((module, name, had))
+    first = [sys.modules[name] for name in UPSTREAM_MODULES]
+    for module in first:
+        _rebind(module, ids, load_diffusion_cond)
+    for module in list(sys.modules.values()):  # taken once upstream's modules bind ours
+        if all(module is not f for f in first):
+            _rebind(module, ids, load_diffusion_cond)
+
+
+def _rebind(module: Any, ids: set[int], ours: Callable[..., Any]) -> None:
+    """Every name ``module`` binds to a function whose id is in ``ids``, bound to ``ours``."""
+    namespace = _namespace(module)
+    for name, had in list(namespace.items()):
+        if id(had) in ids:
+            namespace[name] = ours
+            _installation.patched.append((module, name, had))
 
 
 def _namespace(module: Any) -> dict[str, Any]:
@@ -120,7 +130,7 @@ def _namespace(module: Any) -> dict[str, Any]:
         namespace = object.__getattribute__(module, "__dict__")
     except Exception:  # none (slots), or a property of its own that fails: no binding to read
         return {}
-    return namespace if isinstance(namespace, dict) else {}
+    return namespace if type(namespace) is dict else {}  # a dict of its own kind may refuse a write
 
 
 def _unpatch() -> None:

@@ -912,6 +912,15 @@ def test_help_with_json_is_one_document_too(tmp_path, argv):
     assert json.loads(run(*argv, cache=tmp_path / "c").stdout) == {"help": plain}
 
 
+def test_options_are_not_abbreviated(tmp_path):
+    """``--jso`` was taken for ``--json`` by the parser but not where main looks for "--json"
+    (help, usage errors): some outcomes came out as JSON, others as text."""
+    assert (
+        "unrecognized arguments: --jso"
+        in run("--jso", "cache", "ls", cache=tmp_path / "c", check_rc=2).stderr
+    )
+
+
 def test_a_usage_error_in_json_names_a_public_type(tmp_path):
     usage = run("cache", "lss", "--json", cache=tmp_path / "c", check_rc=2)
     assert json.loads(usage.stdout)["error"]["type"] == "UsageError"

@@ -177,6 +177,48 @@ def test_install_reads_each_modules_own_bindings_and_runs_no_lazy_getattr(upstre
     assert user.sa3_load is original
 
 
+class RefusesWrites(dict):
+    def __setitem__(self, key, value):
+        raise TypeError("read-only namespace")
+
+
+class OddNamespace:
+    """Something in sys.modules whose namespace is a dict of its own kind (it may refuse a write),
+    and which notes, when read, whether upstream's modules bind sa3loader's by then."""
+
+    def __init__(self, binding, loading_utils) -> None:
+        object.__setattr__(self, "_ns", RefusesWrites(load_diffusion_cond=binding))
+        object.__setattr__(self, "_lu", loading_utils)
+        object.__setattr__(self, "seen", [])
+
+    @property
+    def __dict__(self):
+        self.seen.append(self._lu.load_diffusion_cond)
+        return self._ns
+
+
+def test_install_rebinds_upstreams_modules_first_and_leaves_other_kinds_of_namespace(
+    upstream_model_module, monkeypatch
+):
+    """Upstream's modules are rebound before any other is looked at (a module imported meanwhile
+    binds sa3loader's); a namespace that is not a plain dict (which may refuse a write, leaving
+    the patch half made) is left as it is."""
+    lu = importlib.import_module("stable_audio_3.loading_utils")
+    original = lu.load_diffusion_cond
+    odd = OddNamespace(original, lu)
+    modules = dict(sys.modules)
+    sys.modules.clear()  # the odd one first in sys.modules' order, before upstream's
+    sys.modules.update({"aaa_odd_namespace": odd, **modules})
+    try:
+        with sa3loader.installed():
+            assert odd.seen and all(seen is not original for seen in odd.seen)
+            assert odd._ns["load_diffusion_cond"] is original and lu.load_diffusion_cond is not original
+    finally:
+        sys.modules.clear()
+        sys.modules.update(modules)
+    assert lu.load_diffusion_cond is original
+
+
 def test_disable_with_sa3loaders_function_set_by_hand_is_a_typed_error_not_a_recursion(
     upstream, tiny_files, monkeypatch
 ):
