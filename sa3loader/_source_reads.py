@@ -4,14 +4,14 @@
 
 Casting from a mapping skips the copy a ``pread`` makes (a third of a conversion's CPU:
 benchmarks/README.md). A mapping has one hazard: a file shrunk while it is mapped kills the
-reader (SIGBUS) at its next touch past the new end. The invariant that rules it out: while
-this open file holds a read lease (``F_SETLEASE``), no one opens the file for writing or
-truncates it: the kernel holds such an ``open`` or ``truncate`` until the lease is given back,
-or for ``lease-break-time`` seconds after it asked. So a worker reads a stripe from the
-mapping only if the lease was whole as the stripe began (``F_GETLEASE``: no break asked), and
-reads with ``pread`` once a break began: a stripe takes milliseconds, a break at least
-``MIN_BREAK_SECONDS``. Left: a process stopped (SIGSTOP, a debugger) that long in the middle of
-a stripe while a writer waits.
+reader (SIGBUS) at its next touch past the new end. The invariant that rules it out: while an
+open file of it holds a read lease (``F_SETLEASE``; one opened for the lease alone:
+``_LeasedFiles``), no one opens the file for writing or truncates it: the kernel holds such an
+``open`` or ``truncate`` until the lease is given back, or for ``lease-break-time`` seconds
+after it asked. So a worker reads a stripe from the mapping only if the lease was whole as the
+stripe began (``F_GETLEASE``: no break asked), and reads with ``pread`` once a break began: a
+stripe takes milliseconds, a break at least ``MIN_BREAK_SECONDS``. Left: a process stopped
+(SIGSTOP, a debugger) that long in the middle of a stripe while a writer waits.
 
 The lease is asked for only where the kernel can give it and its break cannot hurt: Linux; a
 filesystem where it guards the inode mapped (``_host.LEASE_GUARDS_MAPPING``: not an overlay,
@@ -144,27 +144,42 @@ class LeasedSource:
 
 
 class _LeasedFiles:
-    """The files this process holds a read lease on, and what a fork does with them: a child's
-    copy of the open file (the leased descriptor, the dup Python's mmap keeps, an inherited
-    mapping) would keep the lease after this process ended, and a writer would wait the whole
-    lease-break-time. The child points each descriptor that shares the leased open file at
-    /dev/null (the number stays valid for whatever holds it); a descriptor opened on its own
-    (another open file: no lease, ``F_GETLEASE``) is left alone. The mapping is not inherited
-    (``MADV_DONTFORK``). A lease is taken under the guard a fork waits for."""
+    """The open files this process holds a read lease through, and what a fork does with them.
+
+    A lease belongs to an open file, which lives as long as any descriptor of it, in any
+    process: a child's copy would keep the lease after this process ended, and a writer would
+    wait the whole lease-break-time. So the lease is taken on an open file of its own, opened
+    anew (``/proc/self/fd``: the same inode) under the guard a fork waits for: no child has it
+    but through a fork made while it is registered, and such a child points its copy at
+    /dev/null (the number stays valid for whatever holds it). Nothing else opens it: the
+    mapping is of the load's descriptor (a lease guards the inode, whichever open file maps it).
+    """
 
     def __init__(self) -> None:
         self.guard = threading.Lock()
-        self.held: dict[int, tuple[int, int]] = {}  # leased descriptor -> (device, inode)
+        self.held: dict[int, tuple[int, int]] = {}  # lease's descriptor -> (device, inode)
 
-    def lease(self, fd: int) -> None:
+    def lease(self, fd: int) -> int:
+        """A new descriptor of ``fd``'s file, holding a read lease (``OSError`` as the kernel's)."""
         with self.guard:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-            st = os.fstat(fd)
-            self.held[fd] = (st.st_dev, st.st_ino)
+            own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(own)
+                if (st.st_dev, st.st_ino) != (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                    raise OSError(errno.ESTALE, "not the file read")
+                fcntl.fcntl(own, fcntl.F_SETSIG, signal.SIGURG)
+                fcntl.fcntl(own, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            except BaseException:
+                os.close(own)
+                raise
+            self.held[own] = (st.st_dev, st.st_ino)
+        return own
 
-    def forget(self, fd: int) -> None:
+    def close(self, own: int) -> None:
+        """Give back ``own``'s lease, if it still holds it, and close it."""
         with self.guard:
-            self.held.pop(fd, None)
+            self.held.pop(own, None)
+            os.close(own)  # the lease goes with its open file's last descriptor
 
     def _before_fork(self) -> None:
         self.guard.acquire()
@@ -173,24 +188,14 @@ class _LeasedFiles:
         self.guard.release()
 
     def _in_child(self) -> None:
-        self.guard, files, self.held = threading.Lock(), set(self.held.values()), {}
-        if files:
-            for fd in _sharing_a_lease(files):
-                null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-                os.dup2(null, fd, inheritable=False)
-                os.close(null)
-
-
-def _sharing_a_lease(files: set[tuple[int, int]]) -> list[int]:
-    """This process's descriptors, on one of ``files`` (device, inode), whose open file holds a
-    lease: copies of a leased one (only this module leases)."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the listing's own, closed since
-            st = os.fstat(int(name))
-            if (st.st_dev, st.st_ino) in files and fcntl.fcntl(int(name), fcntl.F_GETLEASE) != fcntl.F_UNLCK:
-                found.append(int(name))
-    return found
+        self.guard, held, self.held = threading.Lock(), self.held, {}
+        for fd, identity in held.items():
+            with contextlib.suppress(OSError):
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) == identity:
+                    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                    os.dup2(null, fd, inheritable=False)
+                    os.close(null)
 
 
 _leased_files = _LeasedFiles()
@@ -208,10 +213,7 @@ def _ours(fd: int) -> bool:
 
 def _mapping(fd: int, end: int, path: str) -> torch.Tensor | None:
     try:
-        mapped = mmap.mmap(fd, end, access=mmap.ACCESS_COPY)
-        if hasattr(mmap, "MADV_DONTFORK"):
-            mapped.madvise(mmap.MADV_DONTFORK)  # a child's copy would hold the file, so the lease
-        return torch.frombuffer(mapped, dtype=torch.uint8)
+        return torch.frombuffer(mmap.mmap(fd, end, access=mmap.ACCESS_COPY), dtype=torch.uint8)
     except OSError as exc:  # a filesystem that cannot map, no address space left: read it
         logger.debug("%s: cannot be mapped (%s): reading it", path, exc.strerror)
         return None
@@ -257,20 +259,19 @@ def leased_source(fd: int, path: str, end: int, *, may_map: bool) -> Iterator[Le
         yield None
         return
     try:
-        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
-        _leased_files.lease(fd)
+        own = _leased_files.lease(fd)
     except OSError as exc:
         logger.debug("%s: no read lease (%s): reading it", path, exc.strerror)
-        fcntl.fcntl(fd, fcntl.F_SETSIG, 0)
         yield None
         return
-    leased = LeasedSource(fd, None)
+    leased = LeasedSource(own, None)
     try:
         # Shrunk before the lease, a mapping past its end would fault: read. Under the lease it stays.
         if os.fstat(fd).st_size >= end:
-            leased = LeasedSource(fd, _mapping(fd, end, path))
+            leased = LeasedSource(own, _mapping(fd, end, path))
         yield leased
     finally:
-        leased.give_back()
-        _leased_files.forget(fd)
-        fcntl.fcntl(fd, fcntl.F_SETSIG, 0)
+        try:
+            leased.give_back()
+        finally:
+            _leased_files.close(own)

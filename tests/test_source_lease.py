@@ -7,6 +7,7 @@ file's owner), every byte is read."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -146,6 +147,10 @@ from sa3loader import _convert, _faults, Sa3LoaderError
 from sa3loader._format import open_header
 
 src, dest, action = sys.argv[1:4]
+
+def breaking(path):
+    inode = f":{os.stat(path).st_ino} "
+    return any("BREAKING" in line and inode in line for line in open("/proc/locks"))
 _faults.tunings.update({"piece_elements": 1024, "stripe_bytes": 8192})
 _convert.WORKERS = 2
 opened, go, taken = threading.Event(), threading.Event(), []
@@ -165,8 +170,8 @@ def hook(name, subject=None):
     taken.append(1)
     if len(taken) == 3:  # the writer asks for the file; go on once the break is pending
         threading.Thread(target=writer).start()
-        deadline, fd = time.monotonic() + 20, header.handle.fileno()
-        while fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK and time.monotonic() < deadline:
+        deadline = time.monotonic() + 20
+        while not breaking(src) and time.monotonic() < deadline:
             time.sleep(0.001)
     elif len(taken) == 4:  # a stripe later: the conversion gave the lease back, the writer has the file
         print("writer opened mid-conversion:", opened.wait(20), flush=True)
@@ -205,33 +210,57 @@ def test_a_writer_waits_for_a_stripe_and_its_truncation_is_a_typed_error_never_s
 
 
 FORKED = r"""
-import os, signal, sys, threading, time
+import os, signal, subprocess, sys, threading, time
 from support.faults import set_hook
 from sa3loader import _convert, _faults
 from sa3loader._format import open_header
 
-src, dest, pidfile = sys.argv[1:4]
+src, dest, pidfile, when = sys.argv[1:5]
 _faults.tunings.update({"piece_elements": 1024, "stripe_bytes": 8192})
 taken, forked = [], threading.Event()
 mine = os.open(src, os.O_RDONLY)  # the program's own descriptor of the checkpoint
 
+def fork_a_child():  # from a thread other than the main one: the child lives on
+    pid = os.fork()
+    if pid == 0:
+        with open(pidfile + ".mine", "w") as f:
+            f.write(os.readlink(f"/proc/self/fd/{mine}"))
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)  # the test reads the parent's output to its end
+        time.sleep(120)
+        os._exit(0)
+    with open(pidfile, "w") as f:
+        f.write(str(pid))
+    forked.set()
+
+def breaking(path):
+    inode = f":{os.stat(path).st_ino} "
+    return any("BREAKING" in line and inode in line for line in open("/proc/locks"))
+
 def hook(name, subject=None):
+    if name == "convert" and when == "before":  # the load's descriptor is open, no lease yet
+        threading.Thread(target=fork_a_child).start()
+        forked.wait(20)
     if name != "stripe":
         return
     taken.append(1)
-    if len(taken) == 3:  # another thread's fork, mid-conversion: the child lives on
-        pid = os.fork()
-        if pid == 0:
-            with open(pidfile + ".mine", "w") as f:
-                f.write(os.readlink(f"/proc/self/fd/{mine}"))
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 1)
-            os.dup2(null, 2)  # the test reads the parent's output to its end
-            time.sleep(120)
-            os._exit(0)
-        with open(pidfile, "w") as f:
-            f.write(str(pid))
-        forked.set()
+    if len(taken) == 3 and when == "mid":
+        fork_a_child()
+    if len(taken) == 3 and when == "breaking":  # a writer waits on the lease, no stripe begins
+        writer = subprocess.Popen(
+            [sys.executable, "-c", f"import os; os.open({src!r}, os.O_WRONLY)"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # the test reads ours to the end
+        )
+        with open(pidfile + ".writer", "w") as f:
+            f.write(str(writer.pid))
+        deadline = time.monotonic() + 20
+        while not breaking(src) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        fork_a_child()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if len(taken) == 4 and when == "breaking":
+        time.sleep(30)  # the other worker: no stripe of its own would give the lease back
     if len(taken) == 5:
         forked.wait(20)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -242,21 +271,26 @@ with open_header(src) as header:
 """
 
 
-def test_a_child_forked_mid_conversion_keeps_no_lease_once_the_converter_is_killed(tmp_path, leasable):
-    """The child's copies of the descriptor and of the mapping would hold the lease after the
-    converting process died: a writer would wait the whole lease-break-time (an O_NONBLOCK one
-    fails with EAGAIN at once, which this test asks). The program's own descriptor of the
-    checkpoint (another open file) stays what it was in the child."""
+@pytest.mark.parametrize("when", ["before", "mid", "breaking"])
+def test_a_child_forked_during_a_conversion_keeps_no_lease_once_the_converter_is_killed(
+    tmp_path, leasable, when
+):
+    """A lease belongs to an open file, which a child's copy keeps open: after the converting
+    process died a writer would wait the whole lease-break-time (an O_NONBLOCK one fails with
+    EAGAIN at once, which this test asks). Forked before the lease was taken, while it is
+    held, or while a writer waits on it. The program's own descriptor of the checkpoint stays
+    what it was in the child."""
     src = checkpoint(tmp_path / "model.safetensors")
     pidfile = tmp_path / "child.pid"
     proc = subprocess.run(
-        [sys.executable, "-c", FORKED, str(src), str(tmp_path / "out.safetensors"), str(pidfile)],
+        [sys.executable, "-c", FORKED, str(src), str(tmp_path / "out.safetensors"), str(pidfile), when],
         env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
     child = int(pidfile.read_text())
+    writer = Path(f"{pidfile}.writer")
     try:
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         assert Path(f"{pidfile}.mine").read_text() == str(src)  # not pointed at /dev/null
@@ -265,6 +299,9 @@ def test_a_child_forked_mid_conversion_keeps_no_lease_once_the_converter_is_kill
         os.close(fd)
     finally:
         os.kill(child, signal.SIGKILL)
+        if writer.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(writer.read_text()), signal.SIGKILL)
 
 
 def test_the_lease_is_given_back_and_the_signal_reset_when_the_conversion_ends(tmp_path, leasable):
