@@ -177,12 +177,8 @@ def _on_meta(
     """
     with not_deferred():
         model = factory(config)
-    with Values(source, None, half=False, io="read") as values:
-        info.result = load_faithful(model, source, values)
-        check_unchanged(source)
-        info.bytes_read = values.bytes_read
+    info.result, info.bytes_read = _copy_state_dict(model, source, "read")
     info.build, info.io, info.reason = "faithful", "read", "meta device: upstream's build and load"
-    log_skipped(info.result)
     return _finish(model, device, half)
 
 
@@ -210,11 +206,19 @@ def load_into_module(
     parameters missing from the file keep their values. Returns what was skipped.
     """
     io_mode = resolve_io(_config.io_mode(io))
-    with open_header(ckpt_path) as source, Values(source, None, half=False, io=io_mode) as values:
+    with open_header(ckpt_path) as source:
+        return _copy_state_dict(module, source, io_mode)[0]
+
+
+def _copy_state_dict(module: nn.Module, source: Header, io_mode: IoMode) -> tuple[LoadResult, int]:
+    """Upstream's ``copy_state_dict(module, load_file(...))`` through ``source``'s descriptor
+    (a rewrite in place meanwhile: ``CheckpointChangedError``); what was skipped (logged), and
+    the bytes read."""
+    with Values(source, None, half=False, io=io_mode) as values:
         result = load_faithful(module, source, values)
         check_unchanged(source)
     log_skipped(result)
-    return result
+    return result, values.bytes_read
 
 
 def _upstream_original() -> Callable[..., nn.Module]:
