@@ -46,7 +46,7 @@ from ._progress import byte_bar, progress_enabled
 from ._range_report import WIDER_THAN_FP16, count_cast_range, count_range
 from ._records import ConversionResult
 from ._serial import loaded_openmp, serial_ops
-from ._source_reads import LeasedSource, StripeQueue, leased_source
+from ._source_reads import LeasedSource, Piece, StripeQueue, leased_source
 from ._trust import drop_inherited_acl, readers_bits, without_group
 from .errors import ConversionError, HeaderError, Sa3LoaderError
 
@@ -188,7 +188,6 @@ def write_sibling(
 # (``unpublished_sibling``). The page cache keeps what a dead process wrote; a restart may not.
 
 
-Piece = tuple[TensorEntry, int, int, int]  # source tensor, source offset, bytes, sibling offset
 Source = tuple[int, LeasedSource | None]  # the source's descriptor; its mapping, where leased
 
 

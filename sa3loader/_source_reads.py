@@ -44,7 +44,8 @@ from . import _faults
 if TYPE_CHECKING:
     from ._format import TensorEntry
 
-    Piece = tuple[TensorEntry, int, int, int]  # source tensor, source offset, bytes, sibling offset
+# Source tensor, source offset, bytes, sibling offset (the entry's type named for checkers only).
+Piece = tuple["TensorEntry", int, int, int]
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +165,8 @@ class _LeasedFiles:
         with self.guard:
             own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
             try:
-                st = os.fstat(own)
-                if (st.st_dev, st.st_ino) != (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                st, read = os.fstat(own), os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (read.st_dev, read.st_ino):
                     raise OSError(errno.ESTALE, "not the file read")
                 fcntl.fcntl(own, fcntl.F_SETSIG, signal.SIGURG)
                 fcntl.fcntl(own, fcntl.F_SETLEASE, fcntl.F_RDLCK)
