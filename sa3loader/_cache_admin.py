@@ -76,8 +76,8 @@ class Check:
 
     entry: Entry
     result: str  # "ok", or what is wrong
+    status: str
     max_abs_diff: float | None = None  # over the float tensors, when both files could be compared
-    status: str = ""
 
 
 def verify_all(cache_dir: str, progress: bool = False) -> list[Check]:
@@ -85,7 +85,7 @@ def verify_all(cache_dir: str, progress: bool = False) -> list[Check]:
     checks = []
     for entry in entries(cache_dir, spots=False):  # every byte is compared below
         if entry.status != OK:
-            checks.append(Check(entry, entry.status, status=entry.status))
+            checks.append(Check(entry, entry.status, entry.status))
             continue
         try:
             with (
@@ -94,10 +94,10 @@ def verify_all(cache_dir: str, progress: bool = False) -> list[Check]:
             ):
                 diff = _compare.compare(source, sib, progress=progress)
         except (Sa3LoaderError, OSError) as exc:
-            checks.append(Check(entry, f"cannot be checked: {exc}", status=entry.status))
+            checks.append(Check(entry, f"cannot be checked: {exc}", entry.status))
             continue
         result = OK if diff.equal else f"content mismatch: {', '.join(diff.mismatched[:3])} differ"
-        checks.append(Check(entry, result, diff.max_abs_diff, OK if diff.equal else DAMAGED))
+        checks.append(Check(entry, result, OK if diff.equal else DAMAGED, diff.max_abs_diff))
     return checks
 
 
