@@ -247,12 +247,17 @@ def _in_place_target(path: str, within: str | None = None) -> str:
 
 
 def _refuse_output_over_source(src: str, out: str) -> None:
-    """An output that is the source, or a directory holding it: ``--force`` replaces the whole
-    output, so the source (and, for a parent, everything beside it) would be deleted."""
-    if _reaches(out, os.path.realpath(src)):
+    """An output that is the source, a directory holding it, or (a folder's) one inside it:
+    ``--force`` replaces the whole output, so the source (for a parent, all beside it; inside,
+    what a run finds there, which the walk leaves out) would be deleted."""
+    holder = os.path.dirname(os.path.abspath(out))
+    while not os.path.isdir(holder) and os.path.dirname(holder) != holder:
+        holder = os.path.dirname(holder)  # the nearest folder the output's entry would be in
+    inside = os.path.isdir(src) and _reaches(src, os.path.realpath(holder))
+    if inside or _reaches(out, os.path.realpath(src)):
         raise ConfigError(
-            f"--out {out} is {src} or holds it: writing there would delete the source. "
-            "Give another --out, or convert in place with --in-place.",
+            f"--out {out} is {src}, holds it or is inside it: writing there would delete the "
+            "source. Give another --out, or convert in place with --in-place.",
             filename=out,
         )
 

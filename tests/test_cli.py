@@ -668,6 +668,24 @@ def test_convert_dir_refuses_an_output_that_holds_the_source_even_with_force(ckp
     assert tree_bytes(tmp_path) == before
 
 
+@pytest.mark.parametrize("out", ["sub", "sub/deeper", "new", "link-to-sub"])
+def test_convert_dir_refuses_an_output_inside_the_source_even_with_force(ckpt_dir, tmp_path, out):
+    """An output folder inside the source: what a run finds there is the source's own (the walk
+    leaves it out, --force replaces it): a subfolder of checkpoints, and a README, stay."""
+    sub = ckpt_dir / "sub"
+    sub.mkdir()
+    save_file({"w": torch.ones(4)}, str(sub / "b.safetensors"))
+    (sub / "README.txt").write_text("the user's")
+    (sub / "deeper").mkdir()
+    (ckpt_dir / "link-to-sub").symlink_to(sub)
+    before = tree_bytes(tmp_path)
+    proc = run(
+        "convert", str(ckpt_dir), "--out", str(ckpt_dir / out), "--force", cache=tmp_path / "c", check_rc=1
+    )
+    assert "would delete the source" in proc.stderr
+    assert tree_bytes(tmp_path) == before
+
+
 def test_convert_file_refuses_an_output_that_is_the_source_even_with_force(ckpt_dir, tmp_path):
     source = ckpt_dir / "model.safetensors"
     (tmp_path / "link.safetensors").symlink_to(source)
