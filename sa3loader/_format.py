@@ -135,13 +135,14 @@ class FileHandle:
 
     def changed(self) -> bool:
         """Whether the file may have been written since it was opened: its size or mtime moved, or
-        its ctime did with its link count unchanged (a rewrite that sets the mtime back). Renaming
-        a new file over this one's name (a republish) moves the ctime too, but takes a link away,
-        and the content is intact."""
+        its ctime did (a rewrite that sets the mtime back), unless it has no name left: a new file
+        renamed over its only name (a republish) or its removal moves the ctime too, and what
+        nothing can open anew is written by no one who did not have it open already. A link
+        added or one of two taken away moves it as well, and may hide a rewrite: a change."""
         now = os.fstat(self.fileno())
         if (now.st_size, now.st_mtime_ns) != (self.stat.st_size, self.stat.st_mtime_ns):
             return True
-        return now.st_ctime_ns != self.stat.st_ctime_ns and now.st_nlink == self.stat.st_nlink
+        return now.st_ctime_ns != self.stat.st_ctime_ns and not now.st_nlink < 1 <= self.stat.st_nlink
 
 
 def read_exact(fd: int, offset: int, length: int, path: str) -> bytearray:

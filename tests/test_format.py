@@ -559,6 +559,18 @@ def test_a_republish_over_the_name_is_no_change_and_a_rewrite_that_keeps_the_mti
         time.sleep(0.02)
         os.chmod(path, 0o600)  # the ctime moves, nothing else
         assert handle.changed()
+    with FileHandle(str(path)) as handle:
+        time.sleep(0.02)
+        os.link(path, tmp_path / "kept.safetensors")  # it has a name still: a rewrite may hide
+        assert handle.changed()
+    with FileHandle(str(path)) as handle:
+        time.sleep(0.02)
+        os.replace(save({"w": torch.ones(2)}, tmp_path / "new.safetensors"), path)  # one of two names
+        assert handle.changed()
+    with FileHandle(str(tmp_path / "kept.safetensors")) as handle:
+        time.sleep(0.02)
+        os.unlink(tmp_path / "kept.safetensors")  # its last name
+        assert not handle.changed()
 
 
 def test_a_failed_read_is_typed_and_says_where(tmp_path, monkeypatch):

@@ -110,21 +110,30 @@ def test_a_checkpoint_rewritten_in_place_during_a_load_is_a_typed_error(tmp_path
     assert isinstance(err.value, OSError) and err.value.filename == str(ckpt)
 
 
-def test_a_rewrite_that_sets_the_mtime_back_during_a_conversion_is_a_typed_error(tmp_path):
+@pytest.mark.parametrize("link", [None, "added", "one of two removed"])
+def test_a_rewrite_that_sets_the_mtime_back_during_a_conversion_is_a_typed_error(tmp_path, link):
     """Only the ctime moves (size, mtime and header kept): the converted sibling may mix two
     versions while claiming the first's fingerprint, so the load fails and publishes nothing;
-    back at the first version, the next load converts it whole."""
+    back at the first version, the next load converts it whole. A hard link added or taken
+    away meanwhile (the name kept) moves the ctime too: it hides nothing."""
     torch.manual_seed(0)
     ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
     first = ckpt.read_bytes()
     other = save(random_like_state(build(), seed=4), tmp_path / "other.safetensors").read_bytes()
     assert len(other) == len(first)
+    backup = tmp_path / "backup.safetensors"
+    if link == "one of two removed":
+        os.link(ckpt, backup)
     stamp = ckpt.stat()
 
     def rewrite(content: bytes) -> None:
         with open(ckpt, "r+b") as f:
             f.write(content)
         os.utime(ckpt, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        if link == "added" and not backup.exists():
+            os.link(ckpt, backup)
+        elif link == "one of two removed" and backup.exists():
+            backup.unlink()
 
     with (
         # The rewrite runs in the converting thread: under the source's read lease its open would
@@ -177,6 +186,31 @@ def test_a_rewrite_of_the_checkpoint_never_changes_a_loaded_model(tmp_path, how)
     os.truncate(ckpt, 1000)
     for key, value in model.state_dict().items():
         assert torch.equal(bits(value), bits(expected[key])), key
+
+
+@pytest.mark.parametrize("io", ["mmap", "read"])
+def test_a_sibling_rewritten_in_place_by_root_changes_only_a_mapped_model(tmp_path, io):
+    """docs/deploying.md: root writes the read-only sibling anyway (a ``cp -r`` of a new model
+    over a served folder): a model that maps it sees the new weights; ``io="read"`` keeps its own."""
+    torch.manual_seed(0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "a" / "model.safetensors")
+    other = save(random_like_state(build(), seed=4), tmp_path / "b" / "model.safetensors")
+    load_toy(ckpt, tmp_path / "cache")
+    load_toy(other, tmp_path / "cache")
+    model = load_toy(ckpt, tmp_path / "cache", io=io)
+    assert sa3loader.last_load_info().cache_hit and sa3loader.last_load_info().io == io
+    served, incoming = (p.parent / ".cache" / "sa3loader" / "model.fp16.safetensors" for p in (ckpt, other))
+    assert os.path.getsize(served) == os.path.getsize(incoming)
+    if os.geteuid() != 0:
+        os.chmod(served, 0o600)  # what root's open ignores
+    with open(served, "r+b") as f:  # cp's O_TRUNC-less case: same size, written over
+        f.write(incoming.read_bytes())
+    mine, theirs = reference(ckpt), reference(other)
+    key = next(k for k, v in mine.state_dict().items() if v.is_floating_point() and v.numel() > 1)
+    now = bits(model.state_dict()[key])
+    assert torch.equal(now, bits((theirs if io == "mmap" else mine).state_dict()[key]))
 
 
 @needs_proc_maps
