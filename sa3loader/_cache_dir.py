@@ -143,7 +143,17 @@ def open_siblings_to_all(warmed: list[tuple[str, str]]) -> list[str]:
     """For each (checkpoint, sibling) warmed: the sibling gets the checkpoint's read bits (made
     under a umask like 077, it had fewer), and a hidden ``.cache/sa3loader`` holding it the
     checkpoint folder's r-x bits: never wider than the checkpoint, never writable by others.
-    Returns the paths changed."""
+    Returns the paths changed; ``ConfigError``, before any change, where a ``.cache`` holds
+    more than sa3loader's folder (``.cache/huggingface``: opened, its token would be read)."""
+    for _, sibling in warmed:
+        hidden = os.path.dirname(sibling)
+        others = os.listdir(os.path.dirname(hidden)) if hidden.endswith(os.sep + BESIDE_SUBDIR) else []
+        if set(others) - {os.path.basename(hidden)}:
+            raise ConfigError(
+                f"{os.path.dirname(hidden)} holds other programs' files ({', '.join(sorted(others)[:3])}): "
+                "--readable-by-all would open it to every user. Nothing was opened.",
+                filename=os.path.dirname(hidden),
+            )
     changed = []
     for checkpoint, sibling in warmed:
         hidden = os.path.dirname(sibling)

@@ -147,7 +147,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         code = EXIT_ERROR
     if args.readable_by_all:
         warmed = [(r["source"], r["sibling"]) for r in results if r.get("sibling")]
-        opened = open_cache_dir_to_all(cache_dir) + open_siblings_to_all(warmed)
+        opened = open_siblings_to_all(warmed) + open_cache_dir_to_all(cache_dir)  # refusals first
         for source, sibling in warmed:  # the chmod moved its ctime: checked and recorded again
             if sibling in opened:
                 with open_header(source) as header, _resolved(header, cache_dir, False, keep_open=False):

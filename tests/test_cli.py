@@ -1402,6 +1402,32 @@ def test_warm_readable_by_all_refuses_a_cache_dir_that_holds_other_programs_file
     assert (own / "index").stat().st_mode & 0o555 == 0o555 and {p: p.stat().st_mode for p in theirs} == before
 
 
+def test_warm_readable_by_all_never_opens_a_dot_cache_beside_a_checkpoint_that_holds_others(tmp_path, capsys):
+    """A checkpoint in a folder whose private ``.cache`` holds huggingface's token: opening
+    ``.cache`` for the sibling beside it would let every user read the token. Refused (exit 1),
+    nothing opened; a ``.cache`` that holds only sa3loader's folder is opened."""
+    from support.loads import make_ckpt
+
+    ckpt = make_ckpt(tmp_path / "home" / "model.safetensors")
+    dot_cache = tmp_path / "home" / ".cache"
+    token = dot_cache / "huggingface" / "token"
+    token.parent.mkdir(parents=True)
+    token.write_text("hf_secret")
+    token.chmod(0o644)
+    token.parent.chmod(0o755)
+    dot_cache.chmod(0o700)
+    (tmp_path / "home").chmod(0o755)
+    ckpt.chmod(0o644)
+    args = ["warm", str(ckpt), "--cache-dir", str(tmp_path / "cache"), "--readable-by-all"]
+    assert cli.main(args) == 1
+    assert f"{dot_cache} holds other programs' files (huggingface, sa3loader)" in capsys.readouterr().err
+    assert dot_cache.stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700  # nothing opened
+    shutil.rmtree(token.parent)
+    assert cli.main(args) == 0
+    assert dot_cache.stat().st_mode & 0o777 == 0o755
+
+
 def test_warm_readable_by_all_leaves_rows_a_load_trusts_without_reading_the_sibling(tmp_path):
     """Opening a sibling (0600 under umask 077 -> 0644) moves its ctime, which its row records:
     warm records the row again, so the next load (a baked image's, whose index it cannot write)
