@@ -237,19 +237,20 @@ def _ls_line(e: Entry, paths: bool) -> str:
     )
 
 
-def _files_on_disk(paths: set[str]) -> dict[tuple[int, int], int]:
+def _files_on_disk(paths: set[str], follow: bool) -> dict[tuple[int, int], int]:
     """The size of each file that exists, once each (rows of copies of a hub blob share one;
-    hard links to one file are one file), by device and inode."""
+    hard links to one file are one file), by device and inode; a link counted (``follow``:
+    a checkpoint's, a hub snapshot's) or not (a link at a sibling's name is no sibling)."""
     files = {}
     for path in paths:
         with contextlib.suppress(OSError, ValueError):
-            st = os.stat(path)
+            st = os.stat(path) if follow else os.lstat(path)
             files[st.st_dev, st.st_ino] = st.st_size if stat.S_ISREG(st.st_mode) else 0
     return files
 
 
-def _bytes_on_disk(paths: set[str]) -> int:
-    return sum(_files_on_disk(paths).values())
+def _bytes_on_disk(paths: set[str], follow: bool = True) -> int:
+    return sum(_files_on_disk(paths, follow).values())
 
 
 def _ls_total(rows: list[Entry]) -> str:
@@ -257,7 +258,7 @@ def _ls_total(rows: list[Entry]) -> str:
     checkpoints, siblings = {e.key or e.source for e in valid}, {e.sibling for e in valid}
     return (
         f"{len(rows)} row(s): {human_size(_bytes_on_disk(checkpoints))} of checkpoints, "
-        f"{human_size(_bytes_on_disk(siblings))} of siblings on disk"
+        f"{human_size(_bytes_on_disk(siblings, follow=False))} of siblings on disk"
     )
 
 
@@ -372,7 +373,7 @@ def _scan(args: argparse.Namespace, cache_dir: str) -> int:
         for f in found
     ]
     gone = sum(f.status == MISSING_SOURCE for f in found)
-    files = _files_on_disk({f.sibling for f in found})  # overlapping dirs, hard links: one file
+    files = _files_on_disk({f.sibling for f in found}, follow=False)  # overlapping dirs, hard links: one
     lines.append(
         f"{len(files)} sibling(s), {human_size(sum(files.values()))} on disk; "
         f"{gone} whose checkpoint is gone (remove with `sa3loader cache rm CHECKPOINT`)"

@@ -1040,9 +1040,13 @@ def test_cache_ls_totals_what_is_on_disk_and_verify_fails_only_for_a_sibling(tmp
         paths.append(src)
     paths[0].unlink()  # a checkpoint deleted: its row's sibling stays, intact
     assert run("cache", "verify", cache=cache).returncode == 0
-    (tmp_path / "b" / ".cache" / "sa3loader" / "model.fp16.safetensors").unlink()  # a sibling deleted by hand
+    deleted = tmp_path / "b" / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    deleted.unlink()  # a sibling deleted by hand
     total = run("cache", "ls", cache=cache).stdout.splitlines()[-1]
     assert total == "2 row(s): 1 MB of checkpoints, 500 kB of siblings on disk", total
+    (tmp_path / "big").write_bytes(bytes(3_000_000))
+    deleted.symlink_to(tmp_path / "big")  # a link at its name is no sibling: neither counted nor sized
+    assert run("cache", "ls", cache=cache).stdout.splitlines()[-1] == total
     assert run("cache", "verify", cache=cache, check_rc=3).returncode == 3
 
 
