@@ -3,8 +3,8 @@ cache's layout (known here only).
 
 - The sibling of ``<stem>.safetensors`` is ``<stem>.fp16.safetensors``; a source named
   without the suffix gets ``<name>-fp16.safetensors``.
-- It goes beside the source, in ``<folder>/.cache/sa3loader/``, when that folder is writable
-  and not inside a hub cache (older versions wrote it next to the source: still found), else to
+- It goes beside the source, in ``<folder>/.cache/sa3loader/``, when that folder is yours,
+  writable and not inside a hub cache (older versions wrote it next to the source: still found), else to
   ``<cache_dir>/siblings/<key>/<name>``, keyed by the hub blob's content hash when the source
   is one (every copy of the blob shares it), else by the source's real path.
 - A hub cache is ``<type>s--<org>--<name>/{snapshots/<rev>/<files>, blobs/<sha256>}``.

@@ -661,3 +661,22 @@ def test_after_a_chgrp_the_checkpoints_new_group_reads_its_sibling_no_more_than_
     ckpt.chmod(0o604)
     load_toy(ckpt, open_tmp / "cache")
     assert sa3loader.last_load_info().cache_hit and sibling.stat().st_mode & 0o077 == 0
+
+
+@needs_root
+@pytest.mark.parametrize("existing", ["the folder", ".cache"])
+def test_root_never_writes_beside_a_checkpoint_in_another_users_folder(open_tmp, existing):
+    """root loading a user's checkpoint: a `.cache/sa3loader` root made in their folder would be
+    one they cannot remove (nor its sibling, nor the folder above it). It goes to the cache dir."""
+    folder = open_tmp / "alice"
+    ckpt = checkpoint(folder)
+    if existing == ".cache":
+        (folder / ".cache").mkdir()
+        os.chown(folder / ".cache", NEIGHBOUR, -1)
+    for path in (folder, ckpt):
+        os.chown(path, NEIGHBOUR, -1)
+    before = sorted(p.name for p in folder.rglob("*"))
+    load_toy(ckpt, open_tmp / "cache")
+    info = sa3loader.last_load_info()
+    assert info.converted and info.sibling.startswith(str(open_tmp / "cache"))
+    assert sorted(p.name for p in folder.rglob("*")) == before
