@@ -12,10 +12,13 @@ ended before publishing left is found again by ``unpublished_sibling``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import logging
 import os
 import stat
+import sys
 import threading
 import time
 import uuid
@@ -126,12 +129,15 @@ def write_sibling(
     read_only: bool = False,
     progress: bool | None = None,
     io: IoMode | None = None,
+    room: Callable[[], str | None] | None = None,
 ) -> WrittenSibling:
     """Write the fp16 sibling of ``header``'s file to a temp file beside ``dest``; not published.
 
     The output gets the source's mode; ``read_only`` (siblings that loads map)
     clears every write bit, so no one but root edits a mapped file in place. ``io``: the
-    load's setting (None: $SA3LOADER_IO); "read" maps no file, the source included.
+    load's setting (None: $SA3LOADER_IO); "read" maps no file, the source included. ``room``:
+    asked once the file's bytes are taken on disk, why there is no room for it after all
+    (loads converting at once each checked the free space before the others took theirs).
     """
     _faults.point("convert", dest)
     started = time.perf_counter()
@@ -150,6 +156,8 @@ def write_sibling(
         raise ConversionError(f"cannot create {tmp}: {exc.strerror}", filename=tmp, errno=exc.errno) from exc
     try:
         _keep_group(out_fd, source_stat, mode)
+        if room is not None and _reserved(out_fd, total) and (problem := room()) is not None:
+            raise ConversionError(problem, filename=dest)
         drop_inherited_acl(out_fd)  # a folder's default ACL may let read whom the source does not
         shown = progress_enabled(_config.progress() if progress is None else progress)
         desc = f"fp16 {os.path.basename(header.path)}"
@@ -315,6 +323,21 @@ def _stream_tensors(
     for mine in per_worker:
         for key, value in mine.items():
             counts[key] += value
+
+
+_FALLOC_FL_KEEP_SIZE = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _reserved(fd: int, size: int) -> bool:
+    """Whether ``size`` bytes of disk are taken for the file now (Linux ``fallocate``, its size
+    kept), or could not be (ENOSPC): either way another load's room check sees them gone.
+    False where the filesystem cannot (glibc's ``posix_fallocate`` writes a byte per block)."""
+    fallocate = getattr(_libc, "fallocate", None)
+    if fallocate is None or size <= 0:
+        return False
+    taken = fallocate(fd, _FALLOC_FL_KEEP_SIZE, ctypes.c_int64(0), ctypes.c_int64(size)) == 0
+    return taken or ctypes.get_errno() == errno.ENOSPC
 
 
 def _keep_group(fd: int, source: os.stat_result, mode: int) -> None:

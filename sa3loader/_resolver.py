@@ -404,8 +404,20 @@ def _holds_the_source(written: WrittenSibling, path: str, finder: SiblingFinder)
 def _write_new(source: Header, target: str, metadata: dict[str, str], settings: Settings) -> WrittenSibling:
     """A new conversion of ``source`` into a temp file beside ``target``, as the load's settings say."""
     logger.info("converting %s to fp16 at %s", source.path, target)
+    room = functools.partial(_room_left, os.path.dirname(target), source.file_size)
     return _convert.write_sibling(
-        source, target, metadata, read_only=True, progress=settings.progress, io=settings.io
+        source, target, metadata, read_only=True, progress=settings.progress, io=settings.io, room=room
+    )
+
+
+def _room_left(directory: str, source_bytes: int) -> str | None:
+    """The room rule again once the new sibling's bytes are taken (``_room_problem`` before)."""
+    if _shortfall(directory, 0, source_bytes) <= 0:
+        return None
+    return (
+        f"not enough free space in {directory} once its bytes were taken ({human_size(free_bytes(directory))}"
+        f" free; another load converting there?): less than another {human_size(source_bytes)} checkpoint"
+        f" and {FREE_SPACE_MARGIN_BYTES >> 20} MiB to spare would be left"
     )
 
 

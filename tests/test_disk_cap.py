@@ -286,3 +286,43 @@ def test_a_process_that_ends_while_publishing_under_a_cap_publishes_quietly(tmp_
     assert "could not publish" not in err and "cannot apply" not in err, err
     load_toy(b, cache)
     assert sa3loader.last_load_info().cache_hit
+
+
+def test_loads_converting_at_once_never_leave_less_room_than_the_rule_keeps(tmp_path, monkeypatch):
+    """Two first loads on a disk with room for one sibling (and the next checkpoint, and the
+    margin): each checks the free space before either wrote a byte. Each takes its sibling's
+    bytes on disk before writing and checks again, so the later sees both: never two siblings."""
+    import threading
+
+    from sa3loader import _faults
+
+    a, b, _ = three_checkpoints(tmp_path)
+    hidden = tmp_path / SIBLING
+    load_toy(a, tmp_path / "probe")  # the sibling's size, then gone
+    size, source = sibling_of(a).stat().st_size, a.stat().st_size
+    for path in hidden.iterdir():
+        path.unlink()
+    budget = (64 << 20) + source + size + size // 2
+
+    def disk_free(path, real):  # what the files there take, reserved blocks too
+        if str(path).startswith(str(hidden)) or str(path) == str(tmp_path / ".cache"):
+            return budget - sum(p.stat().st_blocks * 512 for p in hidden.iterdir() if p.is_file())
+        return 0  # nowhere else: no fallback to the cache dir
+
+    both_checked = threading.Barrier(2, timeout=30)
+    monkeypatch.setattr(_faults, "hook", lambda name, subject=None: name == "convert" and both_checked.wait())
+    infos = []
+
+    def first_load(ckpt):
+        load_toy(ckpt, tmp_path / "cache")
+        infos.append(sa3loader.last_load_info())
+
+    with faked(free_bytes=disk_free):
+        threads = [threading.Thread(target=first_load, args=(ckpt,)) for ckpt in (a, b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert disk_free(str(hidden), None) >= source + (64 << 20)
+    assert len(infos) == 2 and sum(bool(i.converted) for i in infos) <= 1
+    assert all(i.converted or "not enough free space" in i.reason for i in infos), [i.reason for i in infos]
