@@ -126,9 +126,8 @@ def _keep_under_cap(f: SiblingFinder, evict: Eviction, size: int, targets: froze
     wait_for_publishing()  # what this process converted counts once its row is there
     try:
         plan = evict.over_cap(cap, adding=size, keep=targets)
-    except (Sa3LoaderError, OSError) as exc:
-        warn_once("cap:" + f.cache_dir, "sa3loader cannot apply $%s: %s", _config.CACHE_MAX_ENV, exc)
-        return None
+    except (Sa3LoaderError, OSError) as exc:  # not counted, the cap would not hold: no new sibling
+        return f"{over} cannot be applied ({exc}); `sa3loader cache repair` if the index is damaged"
     if plan is None:
         return f"{new} does not fit under {over}, even with older siblings removed"
     if plan.removals and f.index.read_only:

@@ -326,3 +326,22 @@ def test_loads_converting_at_once_never_leave_less_room_than_the_rule_keeps(tmp_
         assert disk_free(str(hidden), None) >= source + (64 << 20)
     assert len(infos) == 2 and sum(bool(i.converted) for i in infos) <= 1
     assert all(i.converted or "not enough free space" in i.reason for i in infos), [i.reason for i in infos]
+
+
+def test_a_cap_that_cannot_be_applied_writes_no_sibling(tmp_path, monkeypatch):
+    """The index damaged: the siblings it names cannot be counted, so a new one could take the
+    disk past $SA3LOADER_CACHE_MAX. The load reads fp32 and says why; after `cache repair`,
+    it converts again under the cap."""
+    a, b, _ = three_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SA3LOADER_PLACE", "cache")
+    load_toy(a, cache)
+    monkeypatch.setenv(_config.CACHE_MAX_ENV, "1GB")
+    (cache / "index" / "cache.db").write_bytes(b"not a database" * 100)
+    load_toy(b, cache)
+    info = sa3loader.last_load_info()
+    assert not info.converted and info.sibling is None and "cannot be applied" in info.reason, info.reason
+    assert len(list((cache / "siblings").rglob("*.safetensors"))) == 1
+    run("cache", "repair", cache=cache)
+    load_toy(b, cache)
+    assert sa3loader.last_load_info().converted
