@@ -485,6 +485,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(COMMANDS[args.command](args))
     except VerificationError as exc:
         return _fail(args.json, EXIT_CHECK_FAILED, exc, "check failed")
+    except BrokenPipeError:  # the reader went (| head): the rest, and the exit's flush, go nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except (Sa3LoaderError, OSError) as exc:
         if args.debug:
             raise

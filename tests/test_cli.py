@@ -1505,3 +1505,18 @@ def test_cache_scan_says_which_folders_it_could_not_read_and_exits_1(tmp_path, m
     monkeypatch.setattr(os, "scandir", refusing)
     out = run("cache", "scan", str(tmp_path / "models"), cache=tmp_path / "c", check_rc=1).stdout
     assert "0 sibling(s)" in out and f"cannot read {closed} (Permission denied)" in out
+
+
+@pytest.mark.parametrize("json_flag", [(), ("--json",)])
+def test_a_reader_that_goes_away_gets_no_traceback_and_exit_1(tmp_path, json_flag):
+    """``sa3loader cache ls | head -c 0``: the output cannot be written (an error, 1), and
+    nothing but that: no traceback, no second error at exit's flush."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sa3loader", "--cache-dir", str(tmp_path / "c"), *json_flag, "cache", "ls"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command writes a byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and err == "", err
