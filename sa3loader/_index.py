@@ -243,8 +243,8 @@ class Index:
             return cache.get(encode_key(source_real))
         except UnsafeRowError as exc:
             logger.warning("%s: dropping unsafe index row for %s (%s)", self.directory, source_real, exc)
-            if not self.read_only:  # a read-only index keeps it: reading it never fails for that
-                self.delete(source_real)
+            if not (self.read_only or self.strict):  # a read-only index keeps it: reading it never
+                self.delete(source_real)  # fails for that; a command's reads change nothing (`prune` does)
         except (OSError, sqlite3.Error, diskcache.Timeout, ValueError) as exc:
             self._failed("be read", exc)
         return None

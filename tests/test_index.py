@@ -105,6 +105,21 @@ def test_planted_pickle_row_is_refused_and_never_runs(loaded, tmp_path):
     assert not marker.exists()
 
 
+def test_cache_ls_shows_an_unsafe_row_and_only_prune_drops_it(loaded, capsys):
+    """A row stored as anything but JSON (SQLite TEXT here): a command that reads changes
+    nothing (`ls` twice says invalid, exit 3); `cache prune` drops it; a load replaces it."""
+    from sa3loader import cli
+
+    ckpt, cache = loaded
+    with sqlite3.connect(cache / "index" / "cache.db") as db:
+        db.execute("UPDATE Cache SET mode = 3, value = ?", ("a row as text",))
+    for _ in range(2):
+        assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 3
+        assert "invalid" in capsys.readouterr().out
+    assert cli.main(["--cache-dir", str(cache), "cache", "prune"]) == 0
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
+
+
 BAD_ROWS = {
     "list": [1, 2],
     "string": "row",
