@@ -117,12 +117,17 @@ def decode_row(mode: int, value: Any) -> Any:
 
 def _database_error(directory: str, what: str, exc: BaseException) -> CacheIndexError:
     path = os.path.join(directory, DATABASE_NAME)
-    return CacheIndexError(
-        f"{path}: the sa3loader index cannot {what} ({exc}). If another process holds it, try again; "
-        "if it is corrupt, `sa3loader cache repair` sets it aside and starts a new one "
-        "(siblings are kept and adopted again by the next load)",
-        filename=path,
-    )
+    if os.path.isdir(directory) and not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+        owner = os.stat(directory).st_uid  # a shared cache's index, made by another user first
+        why = (
+            f"{directory} is uid {owner}'s, closed to this user (uid {os.getuid()}): run this as uid {owner}"
+        )
+    else:
+        why = (
+            "If another process holds it, try again; if it is corrupt, `sa3loader cache repair` sets it "
+            "aside and starts a new one (siblings are kept and adopted again by the next load)"
+        )
+    return CacheIndexError(f"{path}: the sa3loader index cannot {what} ({exc}). {why}", filename=path)
 
 
 def read_only(directory: str) -> bool:

@@ -173,3 +173,31 @@ def test_a_cache_command_on_a_baked_index_another_user_cannot_write_changes_noth
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == files_before
     assert cli.main(["cache", "ls", "--cache-dir", str(cache), "--json"]) == 0
     assert capsys.readouterr().out == rows_before
+
+
+def test_a_cache_shared_on_purpose_is_written_by_the_first_user_and_read_by_the_others(
+    service, image_root, capsys, monkeypatch
+):
+    """docs/deploying.md: a group-writable cache dir with $SA3LOADER_SHARED_CACHE=1. The first
+    user to write it makes the index and the sibling's folder theirs alone: another member of
+    the group reads fp32, and its `cache ls` says whose the index is (not that it is corrupt)."""
+    ckpt = hub_checkpoint(image_root)
+    cache = image_root / "team-cache"
+    cache.mkdir()
+    os.chown(cache, 0, SERVICE_UID)  # the team: root and the service user's group
+    cache.chmod(0o2770)
+    monkeypatch.setenv("SA3LOADER_SHARED_CACHE", "1")
+    assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["converted"]
+    env = {**SERVICE_ENV, "SA3LOADER_SHARED_CACHE": "1", "SA3LOADER_PROGRESS": "0"}
+    served = service.run("support.child", "load", str(ckpt), str(cache), env=env, cwd=image_root, timeout=120)
+    assert served.returncode == 0, served.stderr
+    report = json.loads(served.stdout.strip().splitlines()[-1])
+    assert not report["cache_hit"] and not report["converted"], served.stderr
+    listed = service.run(
+        "sa3loader", "--cache-dir", str(cache), "cache", "ls", env=env, cwd=image_root, timeout=120
+    )
+    assert listed.returncode == 1
+    assert f"{cache / 'index'} is uid 0's, closed to this user (uid {SERVICE_UID})" in listed.stderr, (
+        listed.stderr
+    )
