@@ -110,10 +110,10 @@ def _identity(path: str) -> tuple[int, int, int, int] | None:
 
 
 def file_size(path: str) -> int:
-    try:
-        return os.lstat(path).st_size
-    except OSError:
-        return 0
+    """What removing ``path`` frees: nothing while another name links its file (a backup)."""
+    with contextlib.suppress(OSError):
+        return st.st_size if (st := os.lstat(path)).st_nlink <= 1 else 0
+    return 0
 
 
 def _ours(path: str) -> bool:

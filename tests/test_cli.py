@@ -1520,3 +1520,20 @@ def test_a_reader_that_goes_away_gets_no_traceback_and_exit_1(tmp_path, json_fla
     proc.stdout.close()  # before the command writes a byte
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1 and err == "", err
+
+
+@pytest.mark.parametrize("linked", [False, True])
+def test_cache_clear_counts_only_the_bytes_it_frees(tmp_path, linked):
+    """A sibling another name links (a backup made with ln): removing it frees nothing, and the
+    command says so; alone, its size."""
+    src = tmp_path / "a" / "model.safetensors"
+    src.parent.mkdir()
+    save_file({"w": torch.ones(250_000)}, str(src))
+    cache = tmp_path / "c"
+    sibling = json.loads(run("--json", "warm", str(src), cache=cache).stdout)["sibling"]
+    size = os.path.getsize(sibling)
+    if linked:
+        os.link(sibling, tmp_path / "backup.safetensors")
+    removed = json.loads(run("--json", "cache", "clear", cache=cache).stdout)["removed"]
+    assert [r["bytes"] for r in removed if r["kind"] == "sibling"] == [0 if linked else size]
+    assert (tmp_path / "backup.safetensors").exists() == linked
