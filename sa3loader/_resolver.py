@@ -113,6 +113,12 @@ def _shortfall(directory: str, needed: int, source_bytes: int) -> int:
     return needed + source_bytes + FREE_SPACE_MARGIN_BYTES - free_bytes(directory)
 
 
+def _the_cache_dir(hidden: str, cache_dir: str) -> str | None:
+    """A checkpoint in the cache dir's parent (``~``, ``~/.cache/sa3loader``): its hidden folder is
+    the cache dir, whose top holds only the index and ``siblings/`` (a command opens only those)."""
+    return "it is the cache dir" if os.path.realpath(hidden) == os.path.realpath(cache_dir) else None
+
+
 def _keep_under_cap(f: SiblingFinder, evict: Eviction, size: int, targets: frozenset[str]) -> str | None:
     """Under $SA3LOADER_CACHE_MAX, remove the least recently used siblings so the new one
     fits; None when it does (or there is no cap), else why the load reads fp32."""
@@ -200,7 +206,9 @@ class SiblingResolver:
             problems.append(f"${_config.PLACE_ENV}=cache")
         elif f.beside_allowed():
             beside = beside_path(self.source.path)
-            why_not = beside_dir_problem(os.path.dirname(beside)) or self._overwritable(beside)
+            hidden = os.path.dirname(beside)
+            why_not = _the_cache_dir(hidden, f.cache_dir) or beside_dir_problem(hidden)
+            why_not = why_not or self._overwritable(beside)
             if why_not is None:
                 options.append(beside)
             else:

@@ -464,3 +464,19 @@ def test_commands_read_every_setting_with_disable_set(tmp_path, monkeypatch):
     ckpt = save(random_like_state(build(), seed=1), tmp_path / "model.safetensors")
     warmed = json.loads(run("--json", "warm", str(ckpt), cache=tmp_path / "c").stdout)
     assert warmed["sibling"].startswith(str(tmp_path / "c" / "siblings"))
+
+
+def test_a_checkpoint_beside_the_cache_dir_puts_its_sibling_in_siblings_not_at_the_cache_dirs_top(tmp_path):
+    """A checkpoint in ``~`` with the default cache dir ``~/.cache/sa3loader``: its hidden folder
+    would be the cache dir itself, whose top holds only the index and ``siblings/`` (what
+    ``warm --readable-by-all`` opens and checks). The sibling goes under ``siblings/``."""
+    from sa3loader import cli
+
+    home = tmp_path / "home"
+    ckpt = make_ckpt(home / "model.safetensors")
+    cache = home / ".cache" / "sa3loader"
+    load_toy(ckpt, cache)
+    sibling = Path(sa3loader.last_load_info().sibling)
+    assert sa3loader.last_load_info().converted and sibling.parent.parent.parent == cache
+    assert sorted(p.name for p in cache.iterdir()) == ["CACHEDIR.TAG", "index", "siblings"]
+    assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--readable-by-all"]) == 0
