@@ -325,18 +325,18 @@ def _stream_tensors(
             counts[key] += value
 
 
-_FALLOC_FL_KEEP_SIZE = 1
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def _reserved(fd: int, size: int) -> bool:
-    """Whether ``size`` bytes of disk are taken for the file now (Linux ``fallocate``, its size
-    kept), or could not be (ENOSPC): either way another load's room check sees them gone.
-    False where the filesystem cannot (glibc's ``posix_fallocate`` writes a byte per block)."""
+    """Whether ``size`` bytes of disk are taken for the file now (Linux ``fallocate``: its size
+    too, so ``ls``, ``du`` and ``cache scan`` of a killed writer's file show them), or could not
+    be (ENOSPC): either way another load's room check sees them gone. False where the filesystem
+    cannot (glibc's ``posix_fallocate`` writes a byte per block)."""
     fallocate = getattr(_libc, "fallocate", None)
     if fallocate is None or size <= 0:
         return False
-    taken = fallocate(fd, _FALLOC_FL_KEEP_SIZE, ctypes.c_int64(0), ctypes.c_int64(size)) == 0
+    taken = fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(size)) == 0
     return taken or ctypes.get_errno() == errno.ENOSPC
 
 

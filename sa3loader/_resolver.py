@@ -114,8 +114,7 @@ def _shortfall(directory: str, needed: int, source_bytes: int) -> int:
 
 
 def _the_cache_dir(hidden: str, cache_dir: str) -> str | None:
-    """A checkpoint in the cache dir's parent (``~``, ``~/.cache/sa3loader``): its hidden folder is
-    the cache dir, whose top holds only the index and ``siblings/`` (a command opens only those)."""
+    """A checkpoint in the cache dir's parent (``~``): its hidden folder is the cache dir itself."""
     return "it is the cache dir" if os.path.realpath(hidden) == os.path.realpath(cache_dir) else None
 
 
@@ -164,8 +163,10 @@ def _evict(f: SiblingFinder, evict: Eviction, plan: Callable[[], Plan | None], w
 
 
 def _room_for(f: SiblingFinder, evict: Eviction, target: str, size: int, keep: frozenset[str]) -> str | None:
-    """``_room_problem`` at ``target``, after removing the least recently used siblings on
-    its filesystem where it is short of space (before any fallback)."""
+    """``_room_problem`` at ``target``, after removing the least recently used siblings on its
+    filesystem where short of space (before any fallback). Earlier writers' leftovers of ``target``
+    count as free: under the lock they go (or are published for this load) before a byte is written."""
+    size -= sum(_disk_bytes(path) for path in stray_incomplete(target))
     problem = _room_problem(target, size, f.source.file_size)
     directory = os.path.dirname(target)
     if problem is None or not os.path.isdir(directory):
@@ -175,6 +176,12 @@ def _room_for(f: SiblingFinder, evict: Eviction, target: str, size: int, keep: f
     if needed > 0 and _evict(f, evict, plan, "to make room"):
         return _room_problem(target, size, f.source.file_size)
     return problem
+
+
+def _disk_bytes(path: str) -> int:
+    with contextlib.suppress(OSError):
+        return os.lstat(path).st_blocks * 512
+    return 0
 
 
 class SiblingResolver:

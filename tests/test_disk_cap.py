@@ -345,3 +345,49 @@ def test_a_cap_that_cannot_be_applied_writes_no_sibling(tmp_path, monkeypatch):
     run("cache", "repair", cache=cache)
     load_toy(b, cache)
     assert sa3loader.last_load_info().converted
+
+
+def test_a_killed_conversions_leftover_counts_as_free_room_for_the_next_load(tmp_path):
+    """A conversion killed mid-write leaves a temp file holding the sibling's bytes (taken on
+    disk when it began). On a disk with room for one sibling, the next load of that checkpoint
+    counts them as free: under the lock it removes them, then converts (README: 'a temp file
+    the next load ... removes'). Its size shows them (ls, du, cache scan)."""
+    from sa3loader._places import incomplete_prefix
+
+    a, _, _ = three_checkpoints(tmp_path)
+    hidden = tmp_path / SIBLING
+    load_toy(a, tmp_path / "probe")
+    size, source = sibling_of(a).stat().st_size, a.stat().st_size
+    for path in hidden.iterdir():
+        path.unlink()
+    leftover = f"{incomplete_prefix(str(sibling_of(a)))}999999999-abcd1234"  # no such process
+    with open(leftover, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, size)
+    budget = (64 << 20) + source + size + size // 2  # one sibling, with the leftover gone
+
+    def disk_free(path, real):
+        if str(path).startswith(str(hidden)) or str(path) == str(tmp_path / ".cache"):
+            return budget - sum(p.stat().st_blocks * 512 for p in hidden.iterdir() if p.is_file())
+        return 0
+
+    with faked(free_bytes=disk_free):
+        model = load_toy(a, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted, sa3loader.last_load_info().reason
+    assert not os.path.exists(leftover)
+    assert_same_model(model, reference(a))
+
+
+def test_a_conversion_takes_its_siblings_bytes_before_writing_them(tmp_path):
+    """The temp file holds the whole sibling on disk, and says so by its size, before the
+    first byte of data is written: a kill then leaves what ls, du and cache scan can see."""
+    a, _, _ = three_checkpoints(tmp_path)
+    seen = []
+
+    def look():
+        (temp,) = [p for p in (tmp_path / SIBLING).iterdir() if ".incomplete-" in p.name]
+        seen.append((temp.stat().st_size, temp.stat().st_blocks * 512))
+
+    with injected(at("header", look)):
+        load_toy(a, tmp_path / "cache")
+    size = sibling_of(a).stat().st_size
+    assert len(seen) == 1 and seen[0][0] == size and seen[0][1] >= size, (seen, size)
