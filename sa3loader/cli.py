@@ -461,16 +461,20 @@ def _fail(as_json: bool, code: int, exc: BaseException, kind: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # the reader went (| head): the rest, and the exit's flush, go nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     try:
         args = parsed(parser, argv)
         check_cache_arguments(parser, args)
     except Answered as answer:
-        if "--json" in argv:
-            print(json.dumps(answer.document, indent=2))
-        else:
-            sys.stdout.write(answer.text)
+        print(json.dumps(answer.document, indent=2)) if "--json" in argv else sys.stdout.write(answer.text)
         return EXIT_OK
     except UsageError as exc:
         if "--json" in argv:
@@ -485,16 +489,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(COMMANDS[args.command](args))
     except VerificationError as exc:
         return _fail(args.json, EXIT_CHECK_FAILED, exc, "check failed")
-    except BrokenPipeError:  # the reader went (| head): the rest, and the exit's flush, go nowhere
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_ERROR
     except (Sa3LoaderError, OSError) as exc:
-        if args.debug:
+        if args.debug or isinstance(exc, BrokenPipeError):  # (``main``'s to answer)
             raise
         return _fail(args.json, EXIT_ERROR, exc, "error")
     except KeyboardInterrupt:
         return _fail(args.json, EXIT_INTERRUPTED, KeyboardInterrupt("stopped by Ctrl-C"), "interrupted")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

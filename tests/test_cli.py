@@ -1507,12 +1507,14 @@ def test_cache_scan_says_which_folders_it_could_not_read_and_exits_1(tmp_path, m
     assert "0 sibling(s)" in out and f"cannot read {closed} (Permission denied)" in out
 
 
-@pytest.mark.parametrize("json_flag", [(), ("--json",)])
-def test_a_reader_that_goes_away_gets_no_traceback_and_exit_1(tmp_path, json_flag):
+@pytest.mark.parametrize(
+    "args", [("cache", "ls"), ("--json", "cache", "ls"), ("--help",), ("cache", "--help"), ("--version",)]
+)
+def test_a_reader_that_goes_away_gets_no_traceback_and_exit_1(tmp_path, args):
     """``sa3loader cache ls | head -c 0``: the output cannot be written (an error, 1), and
     nothing but that: no traceback, no second error at exit's flush."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sa3loader", "--cache-dir", str(tmp_path / "c"), *json_flag, "cache", "ls"],
+        [sys.executable, "-m", "sa3loader", "--cache-dir", str(tmp_path / "c"), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
