@@ -117,8 +117,8 @@ def beside_dir_problem(hidden: str) -> str | None:
     """None when a sibling may be written in the hidden folder beside a checkpoint
     (``<folder>/.cache/sa3loader``), else why not: no symlink at either name (it would send
     the sibling elsewhere), the hidden folder (if there) yours and writable by no one else,
-    and the first of them that exists writable by you and yours (what you make in another
-    user's folder, root above all, they could not remove)."""
+    the first of them that exists writable by you and yours, and the checkpoint's folder yours
+    (what you make in another user's folder, root above all, they could not remove)."""
     for directory in (os.path.dirname(hidden), hidden):
         st, problem = _lstat(directory)
         if problem is not None:
@@ -130,8 +130,10 @@ def beside_dir_problem(hidden: str) -> str | None:
     existing = next((d for d in (hidden, dot_cache) if os.path.isdir(d)), os.path.dirname(dot_cache))
     if not dir_writable(existing):
         return f"{existing} is not writable"
-    if os.stat(existing).st_uid != os.geteuid():
-        return f"{existing} is another user's"
+    folder = os.path.dirname(dot_cache)  # (a hidden folder root made there before: no more of root's)
+    for mine in (existing, folder):
+        if os.stat(mine).st_uid != os.geteuid():
+            return f"{mine} is another user's"
     return None
 
 

@@ -664,15 +664,19 @@ def test_after_a_chgrp_the_checkpoints_new_group_reads_its_sibling_no_more_than_
 
 
 @needs_root
-@pytest.mark.parametrize("existing", ["the folder", ".cache"])
+@pytest.mark.parametrize("existing", ["the folder", ".cache", "root's hidden folder"])
 def test_root_never_writes_beside_a_checkpoint_in_another_users_folder(open_tmp, existing):
     """root loading a user's checkpoint: a `.cache/sa3loader` root made in their folder would be
-    one they cannot remove (nor its sibling, nor the folder above it). It goes to the cache dir."""
+    one they cannot remove (nor its sibling, nor the folder above it). It goes to the cache dir,
+    also where an older version left a hidden folder of root's there."""
     folder = open_tmp / "alice"
     ckpt = checkpoint(folder)
-    if existing == ".cache":
+    if existing != "the folder":
         (folder / ".cache").mkdir()
         os.chown(folder / ".cache", NEIGHBOUR, -1)
+    if existing == "root's hidden folder":
+        (folder / ".cache").chmod(0o755)
+        (folder / ".cache" / "sa3loader").mkdir(mode=0o755)
     for path in (folder, ckpt):
         os.chown(path, NEIGHBOUR, -1)
     before = sorted(p.name for p in folder.rglob("*"))
