@@ -1,12 +1,7 @@
-"""Ahead-of-time conversion: one file, or a whole checkpoint directory.
-
-A checkpoint directory (``model.safetensors``, ``model_config.json``, a
-``t5gemma-b-b-ul2/`` folder of bf16 weights and tokenizer files) becomes
-``<dir>-fp16`` or is converted in place: every ``.safetensors`` file with fp32
-tensors is streamed to fp16, everything else is copied byte for byte,
-``.cache`` folders and sa3loader's own siblings, locks and temp files are
-skipped.
-"""
+"""Ahead-of-time conversion: one file, or a whole checkpoint directory (``model.safetensors``,
+a config, a ``t5gemma-b-b-ul2/`` folder) to ``<dir>-fp16`` or in place: every ``.safetensors``
+file with fp32 tensors streamed to fp16, everything else copied byte for byte; ``.cache``
+folders and sa3loader's own siblings, locks and temp files skipped."""
 
 from __future__ import annotations
 
@@ -126,13 +121,8 @@ def _still_the_file_read(read: SourceIdentity, path: str) -> Callable[[], None]:
     def check() -> None:
         try:
             now = os.stat(path)
-            same = (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns) == (
-                read.device,
-                read.inode,
-                read.size,
-                read.mtime_ns,
-                read.ctime_ns,
-            )
+            now_id = (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns)
+            same = now_id == (read.device, read.inode, read.size, read.mtime_ns, read.ctime_ns)
         except FileNotFoundError:
             same = False
         if not same:
@@ -253,8 +243,7 @@ def _refuse_output_over_source(src: str, out: str) -> None:
     holder = os.path.dirname(os.path.abspath(out))
     while not os.path.isdir(holder) and os.path.dirname(holder) != holder:
         holder = os.path.dirname(holder)  # the nearest folder the output's entry would be in
-    inside = os.path.isdir(src) and _reaches(src, os.path.realpath(holder))
-    if inside or _reaches(out, os.path.realpath(src)):
+    if (os.path.isdir(src) and _in_tree(holder, src)) or _reaches(out, os.path.realpath(src)):
         raise ConfigError(
             f"--out {out} is {src}, holds it or is inside it: writing there would delete the "
             "source. Give another --out, or convert in place with --in-place.",
@@ -281,6 +270,21 @@ def _reaches(out: str, real_src: str) -> bool:
             return False
         path = os.path.dirname(path)
     return True
+
+
+def _in_tree(path: str, root: str) -> bool:
+    """Whether the folder ``path`` is ``root`` or under it, by device and inode: through links,
+    and through a bind mount of any folder of the tree, which no walk up from ``path`` meets."""
+    tree: set[tuple[int, int]] = set()
+    todo = [root]
+    while todo:  # every folder of the tree, links followed (as the copy's walk), each once
+        st = os.stat(folder := todo.pop())
+        if (st.st_dev, st.st_ino) not in tree:
+            tree.add((st.st_dev, st.st_ino))
+            todo += [e.path for e in os.scandir(folder) if e.is_dir()]
+    while (st := os.stat(path)) and (st.st_dev, st.st_ino) not in tree and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return (st.st_dev, st.st_ino) in tree
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -321,11 +325,10 @@ ASIDE_INFIX = ".replaced-"
 
 def _process_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        with contextlib.suppress(PermissionError):  # another user's: alive
+            os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -460,11 +463,8 @@ def _convert_files(
                 actions.append(FileAction(path, dest, "skipped"))
                 continue
             if name.endswith(SAFETENSORS_SUFFIX):
-                actions.append(
-                    convert_file(
-                        path, None if in_place else dest, in_place=in_place, force=True, verify=verify
-                    )
-                )
+                out = None if in_place else dest
+                actions.append(convert_file(path, out, in_place=in_place, force=True, verify=verify))
                 continue
             if in_place:
                 actions.append(FileAction(path, path, "unchanged"))

@@ -1488,6 +1488,33 @@ def test_convert_refuses_an_output_that_reaches_the_source_through_a_bind_mount(
         subprocess.run(["umount", str(alias)], check=True)
 
 
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mount") is None,
+    reason="a bind mount needs root and mount(8) (CI runs as root)",
+)
+@pytest.mark.parametrize("bound", [".cache", "t5gemma-b-b-ul2"])
+def test_convert_refuses_an_output_inside_the_source_reached_through_a_bind_mount_of_a_subfolder(
+    ckpt_dir, tmp_path, bound
+):
+    """A folder of the source bound elsewhere: no walk up from the output meets the source,
+    yet the output is inside it (the user's notes there would go with --force)."""
+    (ckpt_dir / bound / "out").mkdir(parents=True)
+    (ckpt_dir / bound / "out" / "notes.txt").write_text("the user's")
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    if subprocess.run(["mount", "--bind", str(ckpt_dir / bound), str(alias)], capture_output=True).returncode:
+        pytest.skip("mount --bind refused here")
+    try:
+        before = tree_bytes(ckpt_dir)
+        proc = run(
+            "convert", str(ckpt_dir), "--out", str(alias / "out"), "--force", cache=tmp_path / "c", check_rc=1
+        )
+        assert "would delete the source" in proc.stderr
+        assert tree_bytes(ckpt_dir) == before
+    finally:
+        subprocess.run(["umount", str(alias)], check=True)
+
+
 def test_cache_scan_says_which_folders_it_could_not_read_and_exits_1(tmp_path, monkeypatch):
     """Another user's folder under the one scanned (root reads all: the refusal is played):
     what is under it is not counted, and the scan says so rather than reporting a clean 0."""
