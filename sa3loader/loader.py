@@ -378,7 +378,8 @@ def _load_into(
             ) as values:
                 values.prefetch_early(target)
                 model = _built(build(factory, model_config, source, values, target), values, target, info)
-            check_unchanged(source)  # a rewrite in place during the load: never a mix of two versions
+            if values.source_read:  # a rewrite in place during the load: never a mix of two versions
+                check_unchanged(source)
     _finish(model, target, bool(model_half))
     now = _now()
     info.timings["build_s"] = now - build_started

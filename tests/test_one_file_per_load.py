@@ -242,3 +242,40 @@ def test_one_kept_parameter_keeps_the_whole_sibling_mapped_and_a_clone_does_not(
     del kept
     gc.collect()
     assert sibling not in mapped_files() and cloned.numel() > 1
+
+
+@pytest.mark.parametrize("op", ["link added", "renamed over a name of two", "one of two names removed"])
+def test_a_hit_that_reads_only_its_sibling_keeps_the_version_opened_whatever_happens_to_the_links(
+    tmp_path, op
+):
+    """A hit checked its sibling against the checkpoint as opened and, for a model of
+    parameters only, reads nothing else of it: a hard link added or taken away meanwhile (a
+    backup by ``cp -al``, a trainer's ``latest``) cannot mix into it. A load that reads the
+    checkpoint itself (fp32, a conversion, buffers) counts such a change as a rewrite: the ctime
+    moved, and only a file left with no name is provably not written."""
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(WithHalfWeights(), seed=3), tmp_path / "model.safetensors")
+    expected = {k: v.half() for k, v in safetensors_load(ckpt.read_bytes()).items()}
+    other = save(random_like_state(WithHalfWeights(), seed=4), tmp_path / "other.safetensors")
+    backup = tmp_path / "backup.safetensors"
+    if op != "link added":
+        os.link(ckpt, backup)
+
+    def factory(config):
+        if not config.get("meddle"):
+            return WithHalfWeights()
+        if op == "link added":
+            os.link(ckpt, backup)
+        elif op == "renamed over a name of two":
+            republish(other, ckpt)
+        else:
+            backup.unlink()
+        return WithHalfWeights()
+
+    sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory)
+    model, info = sa3loader.load(
+        {"meddle": 1}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory
+    )
+    assert info.cache_hit, info.reason
+    for key, value in model.state_dict().items():
+        assert torch.equal(bits(value), bits(expected[key])), key
