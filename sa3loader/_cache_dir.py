@@ -98,7 +98,8 @@ def refuse_to_open_others(cache_dir: str) -> None:
     given as ``~/.cache``): opening it to every user would let them into other programs'
     folders, whose files may rely on it being private."""
     try:
-        others = sorted(set(os.listdir(cache_dir)) - {INDEX_SUBDIR, SIBLINGS_SUBDIR, CACHEDIR_TAG})
+        names = set(os.listdir(cache_dir)) - {INDEX_SUBDIR, SIBLINGS_SUBDIR, CACHEDIR_TAG}
+        others = sorted(n for n in names if not n.startswith(INDEX_SUBDIR + ".corrupt-"))  # repair's
     except FileNotFoundError:  # made by this warm: sa3loader's alone
         return
     if others:
@@ -139,6 +140,17 @@ def open_cache_dir_to_all(cache_dir: str) -> list[str]:
     return changed
 
 
+def closed_above(path: str) -> str | None:
+    """The first folder above ``path`` that other users cannot pass (no x bit for them): what
+    ``--readable-by-all`` opened beneath it they cannot reach. None when every one lets them."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while os.stat(folder).st_mode & stat.S_IXOTH:
+        if os.path.dirname(folder) == folder:
+            return None
+        folder = os.path.dirname(folder)
+    return folder
+
+
 def open_siblings_to_all(warmed: list[tuple[str, str]]) -> list[str]:
     """For each (checkpoint, sibling) warmed: the sibling gets the checkpoint's read bits (made
     under a umask like 077, it had fewer), and a hidden ``.cache/sa3loader`` holding it the
@@ -151,7 +163,8 @@ def open_siblings_to_all(warmed: list[tuple[str, str]]) -> list[str]:
         if set(others) - {os.path.basename(hidden)}:
             raise ConfigError(
                 f"{os.path.dirname(hidden)} holds other programs' files ({', '.join(sorted(others)[:3])}): "
-                "--readable-by-all would open it to every user. Nothing was opened.",
+                "--readable-by-all would open it to every user. Nothing was opened; with "
+                "SA3LOADER_PLACE=cache the sibling goes to the cache dir instead.",
                 filename=os.path.dirname(hidden),
             )
     changed = []

@@ -26,6 +26,7 @@ from typing import Any
 from . import _cache_admin, _cache_scan, _compare, _config, _faults, _index, _records
 from ._cache_admin import Eviction
 from ._cache_dir import (
+    closed_above,
     open_cache_dir_to_all,
     open_siblings_to_all,
     refuse_to_open_others,
@@ -152,9 +153,10 @@ def cmd_warm(args: argparse.Namespace) -> int:
             if sibling in opened:
                 with open_header(source) as header, _resolved(header, cache_dir, False, keep_open=False):
                     pass
+        closed = f"; but {shut} keeps them out of it" if (shut := closed_above(cache_dir)) else ""
         lines.append(
             f"made {cache_dir} readable by every user, and each sibling by no more than its checkpoint's "
-            f"readers ({len(opened)} path(s) changed)"
+            f"readers ({len(opened)} path(s) changed){closed}"
         )
         results = [{**r, "opened_to_all": opened} for r in results]
     emit(args, results if os.path.isdir(args.ckpt) else results[0], lines)

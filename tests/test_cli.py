@@ -1424,7 +1424,9 @@ def test_warm_readable_by_all_never_opens_a_dot_cache_beside_a_checkpoint_that_h
     ckpt.chmod(0o644)
     args = ["warm", str(ckpt), "--cache-dir", str(tmp_path / "cache"), "--readable-by-all"]
     assert cli.main(args) == 1
-    assert f"{dot_cache} holds other programs' files (huggingface, sa3loader)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{dot_cache} holds other programs' files (huggingface, sa3loader)" in err
+    assert "with SA3LOADER_PLACE=cache the sibling goes to the cache dir instead" in err
     assert dot_cache.stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700  # nothing opened
     shutil.rmtree(token.parent)
@@ -1566,3 +1568,30 @@ def test_cache_clear_counts_only_the_bytes_it_frees(tmp_path, linked):
     removed = json.loads(run("--json", "cache", "clear", cache=cache).stdout)["removed"]
     assert [r["bytes"] for r in removed if r["kind"] == "sibling"] == [0 if linked else size]
     assert (tmp_path / "backup.safetensors").exists() == linked
+
+
+def test_warm_readable_by_all_says_which_folder_above_keeps_others_out(tmp_path, capsys):
+    """The cache dir opened, but under a folder others cannot pass: the line says so (they
+    could not reach it). Under folders all pass, it does not. A corrupt index set aside by
+    `cache repair` (sa3loader's own) does not stop it."""
+    import tempfile
+
+    from support.loads import make_ckpt
+
+    ckpt = make_ckpt(tmp_path / "model" / "model.safetensors")
+    closed = tmp_path / "private"
+    closed.mkdir(mode=0o700)
+    assert cli.main(["warm", str(ckpt), "--cache-dir", str(closed / "cache"), "--readable-by-all"]) == 0
+    assert f"but {closed} keeps them out of it" in capsys.readouterr().out
+    open_root = Path(tempfile.mkdtemp())
+    try:
+        open_root.chmod(0o755)
+        cache = open_root / "cache"
+        assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache)]) == 0
+        (cache / "index" / "cache.db").write_bytes(b"not a database" * 100)
+        assert cli.main(["--cache-dir", str(cache), "cache", "repair"]) == 0
+        capsys.readouterr()
+        assert cli.main(["warm", str(ckpt), "--cache-dir", str(cache), "--readable-by-all"]) == 0
+        assert "keeps them out" not in capsys.readouterr().out
+    finally:
+        shutil.rmtree(open_root)
