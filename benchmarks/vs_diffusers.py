@@ -15,7 +15,9 @@ timed from imports done to a model in fp16 with one element per 4 KiB page touch
 - cache hit: the same load with the sibling in place, against diffusers'
   ``from_pretrained(variant="fp16", torch_dtype=float16)`` of the same weights.
 
-Hot page cache: every file is read just before each side. How a file came into the page
+Hot page cache: every file is read just before each side, then ``sync`` (a first load's
+sibling is written back on the next side's time otherwise: diffusers' fp32 load measured
+5.5 s amid it, 4x its own). How a file came into the page
 cache sets what mapping it costs: pages a writer left there are in folios as large as its
 writes were (the converter writes aligned 4 MiB stripes), pages read back are in folios
 as large as readahead's window (8 MiB on this box). So the hit is measured twice: with the
@@ -166,6 +168,7 @@ def run_side(side: str, folder: Path, cache: Path) -> dict:
         drop_cache(*files)
     for path in files:
         subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)  # hot
+    os.sync()  # the other side's written pages on disk first: its writeback is not this side's time
     path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "SA3LOADER_PROGRESS": "0", "PYTHONPATH": path}
     cmd = [sys.executable, __file__, "--child", side.removesuffix(REREAD), "--workdir", str(folder.parent)]
