@@ -16,7 +16,6 @@ streamed through the staging ring.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -86,7 +85,7 @@ class Values:
         self.bytes_read = 0  # placed by reading the file into fresh memory (or streaming it)
         self.bytes_mapped = 0  # placed as views of the sibling's mapping: read when first touched
         self._views: set[int] = set()  # ids of the views counted in bytes_mapped
-        self.read_seconds, self.staging_bytes, self.staging_pinned, self.source_read = 0.0, 0, False, False
+        self.read_seconds, self.staging_bytes, self.staging_pinned = 0.0, 0, False
 
     @property
     def cpu_io(self) -> IoMode:
@@ -111,7 +110,7 @@ class Values:
         entry = header.by_name[name]
         if not self._maps_allowed(header):
             out = torch.empty(entry.torch_shape, dtype=torch_dtype(entry.dtype, header.path))
-            with _reading(self, header) as fd:
+            with reading(header) as fd:
                 read_into(header.path, [out], [header.data_start + entry.begin], fd=fd)
             return out
         return self._mapped(header).tensor(entry)
@@ -243,10 +242,10 @@ class Values:
                 for e in entries
             ]
             if not streamed:
-                with _reading(self, header) as fd:
+                with reading(header) as fd:
                     read_into(header.path, dests, offsets, fd=fd)
             else:
-                with _reading(self, header) as fd:
+                with reading(header) as fd:
                     slots, chunk = self.ring if self.ring is not None else (None, None)
                     stats = stream_into(
                         header.path, dests, offsets, fd=fd, pin=self.pin, slots=slots, chunk_bytes=chunk
@@ -264,13 +263,6 @@ class Values:
             for i, dest in zip(indices, dests, strict=True):
                 out[i] = dest
         return [t for t in out if t is not None]
-
-
-def _reading(values: Values, header: Header) -> contextlib.AbstractContextManager[int]:
-    """``reading(header)``, noting a read of the source: only then may a rewrite of it during the
-    load have mixed into the model (a hit's sibling was checked against it as opened)."""
-    values.source_read = values.source_read or header is values.source
-    return reading(header)
 
 
 def _recast_nans_on_device(

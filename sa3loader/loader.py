@@ -378,8 +378,7 @@ def _load_into(
             ) as values:
                 values.prefetch_early(target)
                 model = _built(build(factory, model_config, source, values, target), values, target, info)
-            if values.source_read:  # a rewrite in place during the load: never a mix of two versions
-                check_unchanged(source)
+            check_unchanged(source)  # a rewrite in place during the load: never a mix of two versions
     _finish(model, target, bool(model_half))
     now = _now()
     info.timings["build_s"] = now - build_started
