@@ -242,3 +242,30 @@ def test_one_kept_parameter_keeps_the_whole_sibling_mapped_and_a_clone_does_not(
     del kept
     gc.collect()
     assert sibling not in mapped_files() and cloned.numel() > 1
+
+
+def test_a_rewrite_between_the_open_and_the_fingerprint_read_is_a_typed_error_on_a_hit(tmp_path):
+    """The checkpoint at rest holds v1 where the row says v2 (rewritten in place, its mtime set
+    back: only the ctime moved), so the hit reads the fingerprint again; a writer puts v2 back
+    in place just before that read. The fingerprint then vouches for v2's sibling, though the
+    load opened v1: the end check (the ctime moved) must fail the load. A skip of that check on
+    hits that read only their sibling returned v2 without a word (30 of 60 races)."""
+    torch.manual_seed(0)
+    ckpt = save(random_like_state(WithHalfWeights(), seed=4), tmp_path / "model.safetensors")
+    v2 = ckpt.read_bytes()
+    v1 = save(random_like_state(WithHalfWeights(), seed=3), tmp_path / "v1.safetensors").read_bytes()
+    assert len(v1) == len(v2)
+    hour_ago = ckpt.stat().st_mtime_ns - 3600 * 10**9
+    os.utime(ckpt, ns=(hour_ago, hour_ago))  # out of the racy window
+
+    def write(content: bytes) -> None:
+        with open(ckpt, "r+b") as f:
+            f.write(content)
+        os.utime(ckpt, ns=(hour_ago, hour_ago))
+
+    factory = lambda config: WithHalfWeights()  # noqa: E731
+    sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory)
+    write(v1)
+    put_back = at("spots", lambda: write(v2))
+    with injected(put_back), pytest.raises(sa3loader.CheckpointChangedError):
+        sa3loader.load_diffusion_cond({}, ckpt, "cpu", True, cache_dir=tmp_path / "c", model_factory=factory)
