@@ -275,13 +275,13 @@ def _reaches(out: str, real_src: str) -> bool:
 def _in_tree(path: str, root: str) -> bool:
     """Whether the folder ``path`` is ``root`` or under it, by device and inode: through links,
     and through a bind mount of any folder of the tree, which no walk up from ``path`` meets."""
-    tree: set[tuple[int, int]] = set()
-    todo = [root]
-    while todo:  # every folder of the tree, links followed (as the copy's walk), each once
-        st = os.stat(folder := todo.pop())
-        if (st.st_dev, st.st_ino) not in tree:
-            tree.add((st.st_dev, st.st_ino))
-            todo += [e.path for e in os.scandir(folder) if e.is_dir()]
+    tree, todo = set[tuple[int, int]](), [root]
+    while todo:  # every folder of the tree, links followed (as the copy's walk), each once; one it
+        with contextlib.suppress(OSError):  # cannot enter (a link loop, closed to you) the copy skips
+            st = os.stat(at := todo.pop())
+            if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in tree:
+                tree.add((st.st_dev, st.st_ino))
+                todo += [e.path for e in os.scandir(at) if e.is_dir(follow_symlinks=False) or e.is_symlink()]
     while (st := os.stat(path)) and (st.st_dev, st.st_ino) not in tree and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return (st.st_dev, st.st_ino) in tree

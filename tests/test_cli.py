@@ -1595,3 +1595,14 @@ def test_warm_readable_by_all_says_which_folder_above_keeps_others_out(tmp_path,
         assert "keeps them out" not in capsys.readouterr().out
     finally:
         shutil.rmtree(open_root)
+
+
+def test_convert_dir_with_a_link_loop_in_it_still_converts(ckpt_dir, tmp_path):
+    """Links that loop (a -> b -> a, a link to itself) are no folders to look into: the check
+    that the output is not inside the source skips them, as the copy's walk does."""
+    (ckpt_dir / "loop1").symlink_to("loop2")
+    (ckpt_dir / "loop2").symlink_to("loop1")
+    (ckpt_dir / "t5gemma-b-b-ul2" / "self").symlink_to("self")
+    out = tmp_path / "out"
+    proc = run("convert", str(ckpt_dir), "--out", str(out), cache=tmp_path / "c")
+    assert (out / "model.safetensors").exists(), proc.stdout + proc.stderr
