@@ -333,7 +333,7 @@ def _reserved(fd: int, size: int) -> bool:
     too, so ``ls``, ``du`` and ``cache scan`` of a killed writer's file show them), or could not
     be (ENOSPC): either way another load's room check sees them gone. False where the filesystem
     cannot (glibc's ``posix_fallocate`` writes a byte per block)."""
-    fallocate = getattr(_libc, "fallocate", None)
+    fallocate = _faults.fact("fallocate", None, getattr(_libc, "fallocate", None))
     if fallocate is None or size <= 0:
         return False
     taken = fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(size)) == 0

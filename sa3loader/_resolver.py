@@ -113,8 +113,7 @@ def _shortfall(directory: str, needed: int, source_bytes: int) -> int:
     return needed + source_bytes + FREE_SPACE_MARGIN_BYTES - free_bytes(directory)
 
 
-def _the_cache_dir(hidden: str, cache_dir: str) -> str | None:
-    """A checkpoint in the cache dir's parent (``~``): its hidden folder is the cache dir itself."""
+def _the_cache_dir(hidden: str, cache_dir: str) -> str | None:  # a checkpoint in ``~``, say
     return "it is the cache dir" if os.path.realpath(hidden) == os.path.realpath(cache_dir) else None
 
 
@@ -179,8 +178,9 @@ def _room_for(f: SiblingFinder, evict: Eviction, target: str, size: int, keep: f
 
 
 def _disk_bytes(path: str) -> int:
+    """What removing ``path`` frees: nothing while another name links it (no fallocate to check)."""
     with contextlib.suppress(OSError):
-        return os.lstat(path).st_blocks * 512
+        return st.st_blocks * 512 if (st := os.lstat(path)).st_nlink == 1 else 0
     return 0
 
 

@@ -391,3 +391,33 @@ def test_a_conversion_takes_its_siblings_bytes_before_writing_them(tmp_path):
         load_toy(a, tmp_path / "cache")
     size = sibling_of(a).stat().st_size
     assert len(seen) == 1 and seen[0][0] == size and seen[0][1] >= size, (seen, size)
+
+
+def test_a_leftover_another_name_links_is_no_room_where_nothing_checks_again(tmp_path):
+    """Without fallocate (no second look once the bytes are written), a leftover counts as free
+    only when removing it frees its blocks: one another name links (a backup, a snapshot's)
+    frees nothing, and the load reads fp32 rather than fill the disk past the rule."""
+    from sa3loader._places import incomplete_prefix
+
+    a, _, _ = three_checkpoints(tmp_path)
+    hidden = tmp_path / SIBLING
+    load_toy(a, tmp_path / "probe")
+    size, source = sibling_of(a).stat().st_size, a.stat().st_size
+    for path in hidden.iterdir():
+        path.unlink()
+    leftover = f"{incomplete_prefix(str(sibling_of(a)))}999999999-abcd1234"
+    with open(leftover, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, size)
+    os.link(leftover, tmp_path / "kept-by-a-backup")
+    budget = (64 << 20) + source + size + size // 2  # one sibling beside the leftover: not two
+
+    def disk_free(path, real):  # blocks by file, however many names it has
+        if str(path).startswith(str(hidden)) or str(path) == str(tmp_path / ".cache"):
+            files = [p for p in (*hidden.iterdir(), tmp_path / "kept-by-a-backup") if p.is_file()]
+            return budget - sum({p.stat().st_ino: p.stat().st_blocks * 512 for p in files}.values())
+        return 0
+
+    with faked(free_bytes=disk_free, fallocate=lambda subject, real: None):
+        load_toy(a, tmp_path / "cache")
+    info = sa3loader.last_load_info()
+    assert not info.converted and "not enough free space" in info.reason, info.reason
