@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from . import _compare, _index, _records
+from . import _index, _records
 from ._config import shared_cache
 from ._format import open_header
 from ._identity import marked_by_sa3loader, row_status, sibling_matches_source
@@ -34,7 +34,7 @@ from ._places import (
     siblings_with_leftovers,
     temp_files_of,
 )
-from ._records import DAMAGED, INVALID, MISSING_SOURCE, OK, STALE, Entry, IndexRow, Outcome, Plan, Removal
+from ._records import INVALID, MISSING_SOURCE, OK, STALE, Entry, IndexRow, Outcome, Plan, Removal
 from ._trust import owned_file_problem
 from .errors import LockTimeoutError, Sa3LoaderError, UnusableLockError
 
@@ -68,37 +68,6 @@ def _entry(key: str, row: IndexRow | None, cache_dir: str, spots: bool = True) -
 def entries(cache_dir: str, *, spots: bool = True) -> list[Entry]:
     """Every row as ``cache ls`` shows it, status by a load's rule (``row_status``; spots skipped)."""
     return [_entry(key, row, cache_dir, spots) for key, row in _index.rows(cache_dir)]
-
-
-@dataclass
-class Check:
-    """What ``verify_all`` found for one row; ``status``: the row's, its content compared."""
-
-    entry: Entry
-    result: str  # "ok", or what is wrong
-    status: str
-    max_abs_diff: float | None = None  # over the float tensors, when both files could be compared
-
-
-def verify_all(cache_dir: str, progress: bool = False) -> list[Check]:
-    """Full content check of every ok row."""
-    checks = []
-    for entry in entries(cache_dir, spots=False):  # every byte is compared below
-        if entry.status != OK:
-            checks.append(Check(entry, entry.status, entry.status))
-            continue
-        try:
-            with (
-                open_header(entry.key or entry.source) as source,  # the file the row is about
-                open_header(entry.sibling, follow_symlinks=False) as sib,
-            ):
-                diff = _compare.compare(source, sib, progress=progress)
-        except (Sa3LoaderError, OSError) as exc:
-            checks.append(Check(entry, f"cannot be checked: {exc}", entry.status))
-            continue
-        result = OK if diff.equal else f"content mismatch: {', '.join(diff.mismatched[:3])} differ"
-        checks.append(Check(entry, result, OK if diff.equal else DAMAGED, diff.max_abs_diff))
-    return checks
 
 
 def _identity(path: str) -> tuple[int, int, int, int] | None:
@@ -213,9 +182,12 @@ def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     dropped = [e for e in dropped if e.sibling not in locked]  # as rm: a later prune finds it again
     if max_bytes is not None:
         used = _by_last_use(cache_dir, [e for e in listed if e.status in KEPT_BY_PRUNE])
-        over = _least_used(used, sum(u.st.st_size for u in used) - max_bytes, partial=True)
+        rowless = _rowless(cache_dir, listed, frozenset())  # no use recorded: the first to go
+        on_disk = sum(u.st.st_size for u in used) + sum(map(file_size, rowless))
+        gone, excess = _first_out(rowless, on_disk - max_bytes)
+        over = _least_used(used, excess, partial=True)
         dropped += over
-        siblings += list(dict.fromkeys(e.sibling for e in over))
+        siblings += list(dict.fromkeys([*gone, *(e.sibling for e in over)]))
     plan = _plan(cache_dir, dropped, siblings, [e.sibling for e in listed if e.sibling])
     plan.kept += [(Removal(s, file_size(s), "sibling", s), why) for s, why in needed.items() if _ours(s)]
     return plan
@@ -225,12 +197,33 @@ def plan_clear(cache_dir: str) -> Plan:
     """Every row, every sibling they name (sa3loader's, yours), every sibling in the cache dir
     no row names (after ``cache repair``, a deleted index), and the leftovers."""
     listed = entries(cache_dir)
-    named = [e.sibling for e in listed if e.sibling]
-    root = os.path.join(cache_dir, SIBLINGS_SUBDIR)
-    for directory, _, files in os.walk(root):
-        named += [os.path.join(directory, n) for n in sorted(files) if n.endswith(SIBLING_SUFFIXES)]
-    named = list(dict.fromkeys(named))
+    named = list(dict.fromkeys([*(e.sibling for e in listed if e.sibling), *_siblings_in(cache_dir)]))
     return _plan(cache_dir, listed, named, named)
+
+
+def _siblings_in(cache_dir: str) -> list[str]:
+    """Every sibling's name under ``<cache>/siblings``, whether or not a row names it."""
+    walked = os.walk(os.path.join(cache_dir, SIBLINGS_SUBDIR))
+    return [os.path.join(d, n) for d, _, ns in walked for n in sorted(ns) if n.endswith(SIBLING_SUFFIXES)]
+
+
+def _rowless(cache_dir: str, listed: list[Entry], keep: frozenset[str]) -> list[str]:
+    """Siblings of yours in the cache dir no row names (their index lost: deleted, set aside by
+    ``cache repair``): they take the disk a cap is about, and no load uses one until it adopts it."""
+    named = {ids[:2] for e in listed if e.sibling and (ids := _identity(e.sibling))}
+    unnamed = [p for p in _siblings_in(cache_dir) if p not in keep and (_identity(p) or ())[:2] not in named]
+    return [path for path in unnamed if _ours(path) and not _lock_problem(path)]
+
+
+def _first_out(paths: list[str], excess: int) -> tuple[list[str], int]:
+    """The first of ``paths`` whose removal frees ``excess`` bytes, and what is left to free after."""
+    gone = []
+    for path in paths:
+        if excess <= 0:
+            break
+        gone.append(path)
+        excess -= file_size(path)
+    return gone, excess
 
 
 def _canonical(path: str) -> str:
@@ -444,8 +437,8 @@ def _least_used(used: list[_Used], excess: int, *, partial: bool = False) -> lis
     return over if excess <= 0 or partial else []
 
 
-def _eviction(cache_dir: str, over: list[Entry]) -> Plan:
-    siblings = list(dict.fromkeys(e.sibling for e in over))
+def _eviction(cache_dir: str, over: list[Entry], rowless: list[str]) -> Plan:
+    siblings = list(dict.fromkeys([*rowless, *(e.sibling for e in over)]))
     return _plan(cache_dir, over, siblings, siblings, sweep=False, tidy=False)  # a load writes next
 
 
@@ -454,10 +447,12 @@ def plan_cap(cache_dir: str, max_bytes: int, *, adding: int, keep: frozenset[str
     one of ``adding`` bytes at a place in ``keep`` (what is there is replaced), take at most
     ``max_bytes``; None when that cannot be (the new one alone is larger, or the others that
     would have to go cannot)."""
-    used = _by_last_use(cache_dir, entries(cache_dir), keep)
-    excess = sum(u.st.st_size for u in used) + adding - max_bytes
+    listed = entries(cache_dir)
+    used, rowless = _by_last_use(cache_dir, listed, keep), _rowless(cache_dir, listed, keep)
+    on_disk = sum(u.st.st_size for u in used) + sum(map(file_size, rowless))
+    gone, excess = _first_out(rowless, on_disk + adding - max_bytes)  # no use recorded: first out
     over = _least_used(used, excess)
-    return None if adding > max_bytes or (excess > 0 and not over) else _eviction(cache_dir, over)
+    return None if adding > max_bytes or (excess > 0 and not over) else _eviction(cache_dir, over, gone)
 
 
 def plan_room(cache_dir: str, directory: str, needed: int, keep: frozenset[str], used_before: float) -> Plan:
@@ -470,7 +465,7 @@ def plan_room(cache_dir: str, directory: str, needed: int, keep: frozenset[str],
         for u in _by_last_use(cache_dir, entries(cache_dir), keep)
         if u.st.st_dev == device and max(e.last_used for e in u.rows) < used_before
     ]
-    return _eviction(cache_dir, _least_used(used, needed))
+    return _eviction(cache_dir, _least_used(used, needed), [])
 
 
 @dataclass(frozen=True)

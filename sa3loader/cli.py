@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from . import _cache_admin, _cache_scan, _compare, _config, _faults, _index, _records
+from . import _cache_admin, _cache_scan, _cache_verify, _compare, _config, _faults, _index, _records
 from ._cache_admin import Eviction
 from ._cache_dir import (
     closed_above,
@@ -386,7 +386,7 @@ def _scan(args: argparse.Namespace, cache_dir: str) -> int:
 
 
 def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:
-    checks = _cache_admin.verify_all(cache_dir, progress=not args.json)
+    checks = _cache_verify.verify_all(_cache_admin.entries(cache_dir, spots=False), progress=not args.json)
     lines = [
         f"{c.result}: {c.entry.source} -> {c.entry.sibling}"
         + (f" (max abs diff {c.max_abs_diff})" if c.max_abs_diff is not None else "")

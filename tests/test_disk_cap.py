@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -421,3 +422,32 @@ def test_a_leftover_another_name_links_is_no_room_where_nothing_checks_again(tmp
         load_toy(a, tmp_path / "cache")
     info = sa3loader.last_load_info()
     assert not info.converted and "not enough free space" in info.reason, info.reason
+
+
+def siblings_in_cache(cache):
+    return sorted((cache / "siblings").rglob("*.fp16.safetensors"))
+
+
+@pytest.mark.parametrize("how", ["a load under the cap", "cache prune --max-size"])
+def test_siblings_a_lost_index_named_count_toward_the_cap_and_go_first(tmp_path, monkeypatch, how):
+    """The index deleted (or set aside by `cache repair`): its siblings in the cache dir still
+    take the disk the cap is about. A load (or `prune --max-size`) counts them, and with no use
+    recorded they go before any sibling a row names."""
+    a, b, c = three_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SA3LOADER_PLACE", "cache")
+    load_toy(a, cache)
+    load_toy(b, cache)
+    size = siblings_in_cache(cache)[0].stat().st_size
+    shutil.rmtree(cache / "index")  # both siblings now no row names
+    if how == "a load under the cap":
+        monkeypatch.setenv(_config.CACHE_MAX_ENV, str(2 * size + size // 2))  # room for two
+        load_toy(c, cache)
+        assert sa3loader.last_load_info().converted
+    else:
+        run("cache", "prune", "--max-size", str(size + size // 2), cache=cache)
+    left = siblings_in_cache(cache)
+    assert (
+        sum(p.stat().st_size for p in left) <= (2 if how == "a load under the cap" else 1) * size + size // 2
+    )
+    assert len(left) == (2 if how == "a load under the cap" else 1), left
