@@ -348,11 +348,9 @@ def test_a_cap_that_cannot_be_applied_writes_no_sibling(tmp_path, monkeypatch):
     assert sa3loader.last_load_info().converted
 
 
-def test_a_killed_conversions_leftover_counts_as_free_room_for_the_next_load(tmp_path):
-    """A conversion killed mid-write leaves a temp file holding the sibling's bytes (taken on
-    disk when it began). On a disk with room for one sibling, the next load of that checkpoint
-    counts them as free: under the lock it removes them, then converts (README: 'a temp file
-    the next load ... removes'). Its size shows them (ls, du, cache scan)."""
+def a_dead_writers_leftover(tmp_path):
+    """Checkpoint a, its hidden folder emptied but for the temp file a killed conversion of it
+    left (its sibling's bytes taken); the sibling's size, the checkpoint's, the temp file."""
     from sa3loader._places import incomplete_prefix
 
     a, _, _ = three_checkpoints(tmp_path)
@@ -364,6 +362,15 @@ def test_a_killed_conversions_leftover_counts_as_free_room_for_the_next_load(tmp
     leftover = f"{incomplete_prefix(str(sibling_of(a)))}999999999-abcd1234"  # no such process
     with open(leftover, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, size)
+    return a, hidden, size, source, leftover
+
+
+def test_a_killed_conversions_leftover_counts_as_free_room_for_the_next_load(tmp_path):
+    """A conversion killed mid-write leaves a temp file holding the sibling's bytes (taken on
+    disk when it began). On a disk with room for one sibling, the next load of that checkpoint
+    counts them as free: under the lock it removes them, then converts (README: 'a temp file
+    the next load ... removes'). Its size shows them (ls, du, cache scan)."""
+    a, hidden, size, source, leftover = a_dead_writers_leftover(tmp_path)
     budget = (64 << 20) + source + size + size // 2  # one sibling, with the leftover gone
 
     def disk_free(path, real):
@@ -398,17 +405,7 @@ def test_a_leftover_another_name_links_is_no_room_where_nothing_checks_again(tmp
     """Without fallocate (no second look once the bytes are written), a leftover counts as free
     only when removing it frees its blocks: one another name links (a backup, a snapshot's)
     frees nothing, and the load reads fp32 rather than fill the disk past the rule."""
-    from sa3loader._places import incomplete_prefix
-
-    a, _, _ = three_checkpoints(tmp_path)
-    hidden = tmp_path / SIBLING
-    load_toy(a, tmp_path / "probe")
-    size, source = sibling_of(a).stat().st_size, a.stat().st_size
-    for path in hidden.iterdir():
-        path.unlink()
-    leftover = f"{incomplete_prefix(str(sibling_of(a)))}999999999-abcd1234"
-    with open(leftover, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, size)
+    a, hidden, size, source, leftover = a_dead_writers_leftover(tmp_path)
     os.link(leftover, tmp_path / "kept-by-a-backup")
     budget = (64 << 20) + source + size + size // 2  # one sibling beside the leftover: not two
 
