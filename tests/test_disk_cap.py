@@ -448,3 +448,26 @@ def test_siblings_a_lost_index_named_count_toward_the_cap_and_go_first(tmp_path,
         sum(p.stat().st_size for p in left) <= (2 if how == "a load under the cap" else 1) * size + size // 2
     )
     assert len(left) == (2 if how == "a load under the cap" else 1), left
+
+
+def test_a_sibling_a_row_names_again_outlives_those_no_row_names(tmp_path, monkeypatch):
+    """After the index is lost, a load of a adopts its sibling again (a row names it, just
+    used); b's no row names. A cap with room for two, then c: b's goes, a's stays, whatever
+    order their folders have."""
+    a, b, c = three_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SA3LOADER_PLACE", "cache")
+    for first, second in ((a, b), (b, a)):
+        shutil.rmtree(cache, ignore_errors=True)
+        load_toy(first, cache)
+        load_toy(second, cache)
+        adopted = sa3loader.last_load_info().sibling
+        size = siblings_in_cache(cache)[0].stat().st_size
+        shutil.rmtree(cache / "index")
+        load_toy(second, cache)  # a row names its sibling again
+        monkeypatch.setenv(_config.CACHE_MAX_ENV, str(2 * size + size // 2))
+        load_toy(c, cache)
+        monkeypatch.delenv(_config.CACHE_MAX_ENV)
+        assert sa3loader.last_load_info().converted
+        left = [str(p) for p in siblings_in_cache(cache)]
+        assert len(left) == 2 and adopted in left, (left, adopted)
