@@ -1606,3 +1606,17 @@ def test_convert_dir_with_a_link_loop_in_it_still_converts(ckpt_dir, tmp_path):
     out = tmp_path / "out"
     proc = run("convert", str(ckpt_dir), "--out", str(out), cache=tmp_path / "c")
     assert (out / "model.safetensors").exists(), proc.stdout + proc.stderr
+
+
+def test_convert_dir_refuses_an_output_inside_a_folder_the_source_links_in(ckpt_dir, tmp_path):
+    """A folder linked into the source (a shared encoder) is part of what the copy walks: an
+    output inside it is inside the source, and --force would replace what is there."""
+    shared = tmp_path / "shared-encoder"
+    (shared / "out").mkdir(parents=True)
+    (shared / "out" / "notes.txt").write_text("the user's")
+    (ckpt_dir / "encoder").symlink_to(shared)
+    before = tree_bytes(shared)
+    proc = run(
+        "convert", str(ckpt_dir), "--out", str(shared / "out"), "--force", cache=tmp_path / "c", check_rc=1
+    )
+    assert "would delete the source" in proc.stderr and tree_bytes(shared) == before
