@@ -1,11 +1,10 @@
-"""Inspect and clean a cache dir: list rows, check content, prune, clear, repair, and make room
-for a load (``Eviction``: the least recently used siblings, under the cap or on a full disk).
+"""Inspect and clean a cache dir: list rows, prune, clear, repair, and make room for a load
+(``Eviction``: the least recently used siblings, under the cap or on a full disk).
 
-``prune`` and ``clear`` build one ``Plan`` (the rows to drop and every file and dir to
-remove, each with its size), which ``--dry-run`` shows and a real run executes as it is:
-each step is checked again, under the sibling's conversion lock, when it is carried out,
-and a step whose file changed meanwhile is kept and reported, never replaced by what a
-second scan finds. Nothing without sa3loader's marker, and nothing of another user's, is deleted."""
+``prune`` and ``clear`` build one ``Plan`` (rows to drop, every file and dir to remove, with
+sizes), which ``--dry-run`` shows and a run executes as it is: each step checked again under
+the sibling's lock; one whose file changed meanwhile is kept and reported, never replaced by
+what a second scan finds. Nothing without sa3loader's marker, nothing of another user's, goes."""
 
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ from ._lock import conversion_lock
 from ._places import (
     BESIDE_SUBDIR,
     LOCK_SUFFIX,
-    SIBLING_SUFFIXES,
     SIBLINGS_SUBDIR,
     at_sibling_place,
     beside_path,
@@ -167,7 +165,7 @@ def _plan(
 def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     """Rows whose source is gone or changed, and invalid rows; the siblings only they name; leftovers.
     With ``max_bytes``, also the least recently used valid ones over that cap (``_over_cap``)."""
-    listed = entries(cache_dir)
+    found, listed = _siblings_in(cache_dir), entries(cache_dir)
     # A sibling path can outlive its row's source: a symlinked checkpoint repointed
     # to another file reuses it. Never delete what a valid row still names.
     in_use = {e.sibling for e in listed if e.status in KEPT_BY_PRUNE}
@@ -182,7 +180,7 @@ def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     dropped = [e for e in dropped if e.sibling not in locked]  # as rm: a later prune finds it again
     if max_bytes is not None:
         used = _by_last_use(cache_dir, [e for e in listed if e.status in KEPT_BY_PRUNE])
-        rowless = _rowless(cache_dir, listed, frozenset())  # no use recorded: the first to go
+        rowless = _rowless(found, listed, frozenset())  # no use recorded: the first to go
         on_disk = sum(u.st.st_size for u in used) + sum(map(file_size, rowless))
         gone, excess = _first_out(rowless, on_disk - max_bytes)
         over = _least_used(used, excess, partial=True)
@@ -202,17 +200,22 @@ def plan_clear(cache_dir: str) -> Plan:
 
 
 def _siblings_in(cache_dir: str) -> list[str]:
-    """Every sibling's name under ``<cache>/siblings``, whether or not a row names it."""
-    walked = os.walk(os.path.join(cache_dir, SIBLINGS_SUBDIR))
-    return [os.path.join(d, n) for d, _, ns in walked for n in sorted(ns) if n.endswith(SIBLING_SUFFIXES)]
+    """Every sibling at ``<cache>/siblings/<key>/``, named by a row or not (no link at ``siblings``)."""
+    root = os.path.join(cache_dir, SIBLINGS_SUBDIR)
+    names = [os.path.join(d, n) for d, _, ns in os.walk(root) if not os.path.islink(root) for n in sorted(ns)]
+    return [name for name in names if at_sibling_place(name, cache_dir)]
 
 
-def _rowless(cache_dir: str, listed: list[Entry], keep: frozenset[str]) -> list[str]:
-    """Siblings of yours in the cache dir no row names (their index lost: deleted, set aside by
-    ``cache repair``): they take the disk a cap is about, and no load uses one until it adopts it."""
-    named = {ids[:2] for e in listed if e.sibling and (ids := _identity(e.sibling))}
-    unnamed = [p for p in _siblings_in(cache_dir) if p not in keep and (_identity(p) or ())[:2] not in named]
-    return [path for path in unnamed if _ours(path) and not _lock_problem(path)]
+def _rowless(found: list[str], listed: list[Entry], keep: frozenset[str]) -> list[str]:
+    """Of the siblings ``found`` in the cache dir before ``listed`` was read (one published since is
+    named), yours no row names (a lost index's) whose removal frees them: a cap counts them."""
+    named = _named_files(listed)
+    unnamed = [p for p in found if p not in keep and (_identity(p) or ())[:2] not in named]
+    return [p for p in unnamed if _ours(p) and not _lock_problem(p) and os.lstat(p).st_nlink == 1]
+
+
+def _named_files(listed: list[Entry]) -> set[tuple[int, ...]]:
+    return {ids[:2] for e in listed if e.sibling and (ids := _identity(e.sibling))}
 
 
 def _first_out(paths: list[str], excess: int) -> tuple[list[str], int]:
@@ -369,12 +372,12 @@ def _drop_rows(cache_dir: str, rows: list[Entry]) -> list[Entry]:
         return [e for e in as_planned if index.delete(e.key)]
 
 
-def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
+def execute(cache_dir: str, plan: Plan, *, pruning: bool, kept: list | None = None) -> Outcome:
     """Carry out ``plan`` as it is: rows first, then each file under its sibling's lock, then dirs."""
     dropped = _drop_rows(cache_dir, plan.rows)
     # Rows a prune keeps, and the sources of those it dropped: a sibling valid for either stays.
     live = entries(cache_dir) + plan.rows if pruning else None
-    outcome = Outcome(dropped, [], list(plan.kept))
+    outcome = Outcome(dropped, [], list(plan.kept) + (kept or []))
     guarded: dict[str, list[Removal]] = {}
     for step in plan.removals:
         if step.kind != "empty dir":
@@ -443,12 +446,10 @@ def _eviction(cache_dir: str, over: list[Entry], rowless: list[str]) -> Plan:
 
 
 def plan_cap(cache_dir: str, max_bytes: int, *, adding: int, keep: frozenset[str]) -> Plan | None:
-    """The least recently used siblings to remove so that those the index names, and a new
-    one of ``adding`` bytes at a place in ``keep`` (what is there is replaced), take at most
-    ``max_bytes``; None when that cannot be (the new one alone is larger, or the others that
-    would have to go cannot)."""
-    listed = entries(cache_dir)
-    used, rowless = _by_last_use(cache_dir, listed, keep), _rowless(cache_dir, listed, keep)
+    """The siblings to remove (no row's first, then the least recently used) so that the rest and
+    a new one of ``adding`` bytes at a place in ``keep`` take at most ``max_bytes``; None: cannot."""
+    found, listed = _siblings_in(cache_dir), entries(cache_dir)
+    used, rowless = _by_last_use(cache_dir, listed, keep), _rowless(found, listed, keep)
     on_disk = sum(u.st.st_size for u in used) + sum(map(file_size, rowless))
     gone, excess = _first_out(rowless, on_disk + adding - max_bytes)  # no use recorded: first out
     over = _least_used(used, excess)
@@ -482,7 +483,11 @@ class Eviction:
         return plan_room(self.cache_dir, directory, needed, keep, used_before)
 
     def carry_out(self, plan: Plan) -> Outcome:
-        return execute(self.cache_dir, plan, pruning=False)
+        # A row-less sibling a load adopted since the plan was made is in use: kept.
+        named, planned = _named_files(entries(self.cache_dir, spots=False)), {e.sibling for e in plan.rows}
+        taken = [r for r in plan.removals if r.path not in planned and (_identity(r.path) or ())[:2] in named]
+        plan.removals = [r for r in plan.removals if r not in taken]
+        return execute(self.cache_dir, plan, pruning=False, kept=[(r, "a row names it now") for r in taken])
 
 
 def prune(cache_dir: str) -> Outcome:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from support.checkpoints import settled
@@ -471,3 +472,35 @@ def test_a_sibling_a_row_names_again_outlives_those_no_row_names(tmp_path, monke
         assert sa3loader.last_load_info().converted
         left = [str(p) for p in siblings_in_cache(cache)]
         assert len(left) == 2 and adopted in left, (left, adopted)
+
+
+def test_row_less_siblings_the_cap_may_remove_are_only_this_cache_dirs_own_and_free_bytes(
+    tmp_path, monkeypatch
+):
+    """Never another cache dir's, reached through a link at ``siblings`` (their rows name them);
+    never one another name links (removing it frees nothing); and one a load adopts between the
+    plan and its execution stays (a row names it now, and the load uses it)."""
+    from sa3loader._cache_admin import Eviction, _siblings_in
+
+    a, b, c = three_checkpoints(tmp_path)
+    monkeypatch.setenv("SA3LOADER_PLACE", "cache")
+    theirs, mine = tmp_path / "theirs", tmp_path / "mine"
+    load_toy(a, theirs)
+    mine.mkdir()
+    (mine / "siblings").symlink_to(theirs / "siblings")
+    run("cache", "prune", "--max-size", "1", cache=mine)
+    assert len(siblings_in_cache(theirs)) == 1  # not reached through the link
+    load_toy(b, tmp_path / "own")
+    load_toy(c, tmp_path / "own")
+    first, other = map(Path, _siblings_in(str(tmp_path / "own")))  # in the order the cap looks
+    os.link(first, tmp_path / "backup")
+    shutil.rmtree(tmp_path / "own" / "index")
+    run("cache", "prune", "--max-size", "1", cache=tmp_path / "own")
+    assert first.exists() and not other.exists()  # removing the linked one would free nothing
+    linked = first
+    os.unlink(tmp_path / "backup")
+    plan = Eviction(str(tmp_path / "own")).over_cap(1 << 40, adding=1 << 40, keep=frozenset())
+    assert plan is not None and [r.path for r in plan.removals if r.kind == "sibling"] == [str(linked)]
+    load_toy(b, tmp_path / "own")  # adopted: a row names it again
+    outcome = Eviction(str(tmp_path / "own")).carry_out(plan)
+    assert linked.exists() and "a row names it now" in [why for _, why in outcome.kept]
