@@ -153,7 +153,7 @@ def breaking(path):
     return any("BREAKING" in line and inode in line for line in open("/proc/locks"))
 _faults.tunings.update({"piece_elements": 1024, "stripe_bytes": 8192})
 _convert.WORKERS = 2
-opened, go, taken = threading.Event(), threading.Event(), []
+opened, go, done, taken = threading.Event(), threading.Event(), threading.Event(), []
 
 def writer():
     fd = os.open(src, os.O_RDWR)  # breaks the lease: waits until it is given back
@@ -163,6 +163,7 @@ def writer():
         os.ftruncate(fd, 0)
         os.write(fd, b"not a checkpoint any more")
     os.close(fd)
+    done.set()
 
 def hook(name, subject=None):
     if name != "stripe":
@@ -176,6 +177,7 @@ def hook(name, subject=None):
     elif len(taken) == 4:  # a stripe later: the conversion gave the lease back, the writer has the file
         print("writer opened mid-conversion:", opened.wait(20), flush=True)
         go.set()
+        done.wait(20)  # its write lands mid-conversion, however busy the machine
 
 set_hook(hook)
 try:
