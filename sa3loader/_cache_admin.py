@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from . import _index, _records
+from ._cache_dir import siblings_in
 from ._config import shared_cache
 from ._format import open_header
 from ._identity import marked_by_sa3loader, row_status, sibling_matches_source
@@ -165,7 +166,7 @@ def _plan(
 def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     """Rows whose source is gone or changed, and invalid rows; the siblings only they name; leftovers.
     With ``max_bytes``, also the least recently used valid ones over that cap (``_over_cap``)."""
-    found, listed = _siblings_in(cache_dir), entries(cache_dir)
+    found, listed = siblings_in(cache_dir), entries(cache_dir)
     # A sibling path can outlive its row's source: a symlinked checkpoint repointed
     # to another file reuses it. Never delete what a valid row still names.
     in_use = {e.sibling for e in listed if e.status in KEPT_BY_PRUNE}
@@ -195,27 +196,20 @@ def plan_clear(cache_dir: str) -> Plan:
     """Every row, every sibling they name (sa3loader's, yours), every sibling in the cache dir
     no row names (after ``cache repair``, a deleted index), and the leftovers."""
     listed = entries(cache_dir)
-    named = list(dict.fromkeys([*(e.sibling for e in listed if e.sibling), *_siblings_in(cache_dir)]))
+    named = list(dict.fromkeys([*(e.sibling for e in listed if e.sibling), *siblings_in(cache_dir)]))
     return _plan(cache_dir, listed, named, named)
-
-
-def _siblings_in(cache_dir: str) -> list[str]:
-    """Every sibling at ``<cache>/siblings/<key>/``, named by a row or not (no link at ``siblings``)."""
-    root = os.path.join(cache_dir, SIBLINGS_SUBDIR)
-    names = [os.path.join(d, n) for d, _, ns in os.walk(root) if not os.path.islink(root) for n in sorted(ns)]
-    return [name for name in names if at_sibling_place(name, cache_dir)]
 
 
 def _rowless(found: list[str], listed: list[Entry], keep: frozenset[str]) -> list[str]:
     """Of the siblings ``found`` in the cache dir before ``listed`` was read (one published since is
     named), yours no row names (a lost index's) whose removal frees them: a cap counts them."""
-    named = _named_files(listed)
+    named = _named_files([e.sibling for e in listed])
     unnamed = [p for p in found if p not in keep and (_identity(p) or ())[:2] not in named]
     return [p for p in unnamed if _ours(p) and not _lock_problem(p) and os.lstat(p).st_nlink == 1]
 
 
-def _named_files(listed: list[Entry]) -> set[tuple[int, ...]]:
-    return {ids[:2] for e in listed if e.sibling and (ids := _identity(e.sibling))}
+def _named_files(siblings: list[str]) -> set[tuple[int, ...]]:
+    return {ids[:2] for path in siblings if path and (ids := _identity(path))}
 
 
 def _first_out(paths: list[str], excess: int) -> tuple[list[str], int]:
@@ -372,12 +366,12 @@ def _drop_rows(cache_dir: str, rows: list[Entry]) -> list[Entry]:
         return [e for e in as_planned if index.delete(e.key)]
 
 
-def execute(cache_dir: str, plan: Plan, *, pruning: bool, kept: list | None = None) -> Outcome:
+def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
     """Carry out ``plan`` as it is: rows first, then each file under its sibling's lock, then dirs."""
     dropped = _drop_rows(cache_dir, plan.rows)
     # Rows a prune keeps, and the sources of those it dropped: a sibling valid for either stays.
     live = entries(cache_dir) + plan.rows if pruning else None
-    outcome = Outcome(dropped, [], list(plan.kept) + (kept or []))
+    outcome = Outcome(dropped, [], list(plan.kept))
     guarded: dict[str, list[Removal]] = {}
     for step in plan.removals:
         if step.kind != "empty dir":
@@ -448,7 +442,7 @@ def _eviction(cache_dir: str, over: list[Entry], rowless: list[str]) -> Plan:
 def plan_cap(cache_dir: str, max_bytes: int, *, adding: int, keep: frozenset[str]) -> Plan | None:
     """The siblings to remove (no row's first, then the least recently used) so that the rest and
     a new one of ``adding`` bytes at a place in ``keep`` take at most ``max_bytes``; None: cannot."""
-    found, listed = _siblings_in(cache_dir), entries(cache_dir)
+    found, listed = siblings_in(cache_dir), entries(cache_dir)
     used, rowless = _by_last_use(cache_dir, listed, keep), _rowless(found, listed, keep)
     on_disk = sum(u.st.st_size for u in used) + sum(map(file_size, rowless))
     gone, excess = _first_out(rowless, on_disk + adding - max_bytes)  # no use recorded: first out
@@ -483,11 +477,15 @@ class Eviction:
         return plan_room(self.cache_dir, directory, needed, keep, used_before)
 
     def carry_out(self, plan: Plan) -> Outcome:
-        # A row-less sibling a load adopted since the plan was made is in use: kept.
-        named, planned = _named_files(entries(self.cache_dir, spots=False)), {e.sibling for e in plan.rows}
-        taken = [r for r in plan.removals if r.path not in planned and (_identity(r.path) or ())[:2] in named]
+        # A row-less sibling a load adopted since the plan is in use: kept (rows read only then).
+        planned = {e.sibling for e in plan.rows}
+        rowless = [r for r in plan.removals if r.kind == "sibling" and r.path not in planned]
+        rows = _index.rows(self.cache_dir) if rowless else []
+        named = _named_files([row.sibling_path for _, row in rows if row])
+        taken = [r for r in rowless if (_identity(r.path) or ())[:2] in named]
         plan.removals = [r for r in plan.removals if r not in taken]
-        return execute(self.cache_dir, plan, pruning=False, kept=[(r, "a row names it now") for r in taken])
+        plan.kept += [(r, "a row names it now") for r in taken]
+        return execute(self.cache_dir, plan, pruning=False)
 
 
 def prune(cache_dir: str) -> Outcome:

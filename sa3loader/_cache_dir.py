@@ -20,6 +20,7 @@ from ._places import (
     INDEX_SUBDIR,
     LOCK_SUFFIX,
     SIBLINGS_SUBDIR,
+    at_sibling_place,
     is_temp_name,
     make_private_dirs,
 )
@@ -138,6 +139,13 @@ def open_cache_dir_to_all(cache_dir: str) -> list[str]:
         ]
         changed += _add_bits(targets)
     return changed
+
+
+def siblings_in(cache_dir: str) -> list[str]:
+    """Every sibling at ``<cache>/siblings/<key>/``, named by a row or not (no link at ``siblings``)."""
+    root = os.path.join(cache_dir, SIBLINGS_SUBDIR)
+    names = [os.path.join(d, n) for d, _, ns in os.walk(root) if not os.path.islink(root) for n in sorted(ns)]
+    return [name for name in names if at_sibling_place(name, cache_dir)]
 
 
 def closed_above(path: str) -> str | None:

@@ -480,7 +480,8 @@ def test_row_less_siblings_the_cap_may_remove_are_only_this_cache_dirs_own_and_f
     """Never another cache dir's, reached through a link at ``siblings`` (their rows name them);
     never one another name links (removing it frees nothing); and one a load adopts between the
     plan and its execution stays (a row names it now, and the load uses it)."""
-    from sa3loader._cache_admin import Eviction, _siblings_in
+    from sa3loader._cache_admin import Eviction
+    from sa3loader._cache_dir import siblings_in
 
     a, b, c = three_checkpoints(tmp_path)
     monkeypatch.setenv("SA3LOADER_PLACE", "cache")
@@ -492,7 +493,7 @@ def test_row_less_siblings_the_cap_may_remove_are_only_this_cache_dirs_own_and_f
     assert len(siblings_in_cache(theirs)) == 1  # not reached through the link
     load_toy(b, tmp_path / "own")
     load_toy(c, tmp_path / "own")
-    first, other = map(Path, _siblings_in(str(tmp_path / "own")))  # in the order the cap looks
+    first, other = map(Path, siblings_in(str(tmp_path / "own")))  # in the order the cap looks
     os.link(first, tmp_path / "backup")
     shutil.rmtree(tmp_path / "own" / "index")
     run("cache", "prune", "--max-size", "1", cache=tmp_path / "own")
