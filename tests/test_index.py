@@ -202,3 +202,80 @@ def test_library_never_imports_pickle_or_torch_load():
     for source in package.glob("*.py"):
         text = source.read_text()
         assert "import pickle" not in text and "torch.load(" not in text, source
+
+
+def test_a_cache_hit_reads_its_row_without_diskcache_and_writes_through_it(loaded, monkeypatch):
+    """A load reads its row with SQLite alone (diskcache's open was a tenth of a DiT's hit); the
+    row it writes (a use recorded) goes through diskcache as before."""
+    import diskcache
+
+    ckpt, cache = loaded
+    index = Index(str(cache))
+    row = index.get(os.path.realpath(ckpt))  # checked well after the source was written: not racy
+    index.put(os.path.realpath(ckpt), dataclasses.replace(row, checked_ns=row.source.ctime_ns + 10**10))
+    index.close()
+    opened = []
+    real_cache = diskcache.Cache
+    monkeypatch.setattr(diskcache, "Cache", lambda *a, **k: opened.append(a) or real_cache(*a, **k))
+    for step, opens in ((3600.0, 0), (0.0, 1)):  # a use recorded once an hour; or every time
+        monkeypatch.setitem(_faults.tunings, "last_use_step_s", step)
+        before = Index(str(cache))._plain_reader().get(os.path.realpath(ckpt))
+        model = load_toy(ckpt, cache)
+        assert sa3loader.last_load_info().cache_hit and digest(model) == reference_digest(ckpt)
+        assert len(opened) == opens
+        after = Index(str(cache))._plain_reader().get(os.path.realpath(ckpt))
+        assert (after == before) == (opens == 0)  # the row written (its last use) only through diskcache
+
+
+def _insert_row(db: Path, key: object, raw: int, expire: float | None, mode: int, value: object) -> None:
+    cols = "key, raw, store_time, expire_time, access_time, access_count, tag, size, mode, filename, value"
+    with sqlite3.connect(db) as con:
+        con.execute(
+            f"INSERT INTO Cache ({cols}) VALUES (?, ?, 0, ?, 0, 0, NULL, 0, ?, NULL, ?)",
+            (key, raw, expire, mode, value),
+        )
+
+
+@pytest.mark.parametrize(
+    "raw, expire, mode, value",
+    [
+        (1, None, 1, b'{"a": 1}'),  # as SafeJSONDisk stores a row
+        (1, 1.0, 1, b'{"a": 1}'),  # expired long ago: diskcache's get says absent
+        (1, 4e9, 1, b'{"a": 1}'),  # expires in 2096
+        (0, None, 1, b'{"a": 1}'),  # a key stored pickled
+        (1, None, 4, b"cos\nsystem\n(S'true'\ntR."),  # a pickled value
+        (1, None, 3, "text"),  # stored as TEXT
+    ],
+)
+def test_the_plain_read_gives_what_diskcache_gives(loaded, raw, expire, mode, value):
+    """The invariant that lets a load skip diskcache's open: for every way a row may be stored,
+    SQLite's read gives diskcache's answer (``SafeJSONDisk``: JSON, or ``UnsafeRowError``)."""
+    import diskcache
+
+    from sa3loader._index import SafeJSONDisk, UnsafeRowError
+
+    _, cache = loaded
+    _insert_row(cache / "index" / "cache.db", "/planted", raw, expire, mode, value)
+    answers = []
+    for reader in (
+        Index(str(cache))._plain_reader(),
+        diskcache.Cache(str(cache / "index"), disk=SafeJSONDisk),
+    ):
+        try:
+            answers.append(reader.get("/planted"))
+        except UnsafeRowError as exc:
+            answers.append(type(exc))
+        reader.close()
+    assert answers[0] == answers[1]
+
+
+def test_the_plain_read_makes_no_database(tmp_path):
+    """Opened for a read, SQLite never creates the file (a cleared cache dir stays empty); the
+    load's read then takes diskcache's path, which makes it as it always did."""
+    from sa3loader._index import _ReadOnlyRows
+
+    (tmp_path / "index").mkdir()
+    with pytest.raises(sqlite3.OperationalError):
+        _ReadOnlyRows(str(tmp_path / "index"), writable=True)
+    assert list((tmp_path / "index").iterdir()) == []
+    assert Index(str(tmp_path))._plain_reader() is None
