@@ -117,27 +117,31 @@ def conversion_floor(source: Path, out_dir: Path, out_bytes: int, threads: int =
     """Seconds to read the hot source and write ``out_bytes`` of a new file beside where the
     sibling goes, ``threads`` at once, with the converter's piece sizes (512 KiB reads, 4 MiB
     writes) and no cast: the floor of any conversion that reads with ``pread`` and writes with
-    ``pwrite`` (the converter's way; a mapping of the source dies on a truncated source)."""
+    ``pwrite`` (the converter's way; a mapping of the source dies on a truncated source). As
+    the converter does, the file's bytes are taken first (``fallocate``) and each 4 MiB is read
+    before it is written (its pages made without the file's lock: ``_convert._populate``)."""
     import threading
 
     read_piece, write_piece = 512 << 10, 4 << 20
     src_fd = os.open(source, os.O_RDONLY)
     out = out_dir / f"floor-{os.getpid()}.tmp"
     out_fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.posix_fallocate(out_fd, 0, out_bytes)
     stripes, taken, lock = out_bytes // write_piece, [0], threading.Lock()
     per_stripe = max(1, os.fstat(src_fd).st_size // max(1, stripes) // read_piece)
 
     def worker() -> None:
-        buffer, zeros = bytearray(read_piece), bytes(write_piece)
+        buffer, stripe_buffer = bytearray(read_piece), bytearray(write_piece)
         while True:
             with lock:
                 stripe = taken[0]
                 taken[0] += 1
             if stripe >= stripes:
                 return
+            os.preadv(out_fd, [stripe_buffer], stripe * write_piece)
             for k in range(per_stripe):
                 os.preadv(src_fd, [buffer], (stripe * per_stripe + k) * read_piece)
-            os.pwrite(out_fd, zeros, stripe * write_piece)
+            os.pwrite(out_fd, stripe_buffer, stripe * write_piece)
 
     try:
         started = time.perf_counter()
