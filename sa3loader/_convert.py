@@ -257,7 +257,8 @@ def _populate(fd: int, into: memoryview, offset: int) -> None:
     its pieces then overwrite: a read makes the file's pages with no lock held, workers in
     parallel; a write makes them under the file's lock, one at a time (a 2.9 GB sibling: written
     4-8 s so, 1.4 s after reads: benchmarks/README.md). Beyond the file's end it reads nothing."""
-    os.preadv(fd, [into], offset)
+    with contextlib.suppress(OSError, AttributeError):  # speed only (no preadv: macOS < 11's Python)
+        os.preadv(fd, [into], offset)
 
 
 def _stripe_bytes() -> int:

@@ -112,7 +112,10 @@ def decode_row(mode: int, value: Any) -> Any:
     """A row's JSON value; ``UnsafeRowError`` for any other way of storing it (pickle above all)."""
     if mode != MODE_RAW or not isinstance(value, (bytes, sqlite3.Binary)):
         raise UnsafeRowError(f"refusing an index row stored in mode {mode} (only JSON is read)")
-    return json.loads(bytes(value).decode("utf-8"))
+    try:
+        return json.loads(bytes(value).decode("utf-8"))
+    except RecursionError:  # nested too deep for Python: not a row (absent, as any invalid one)
+        raise ValueError("index row nested too deep") from None
 
 
 def _database_error(directory: str, what: str, exc: BaseException) -> CacheIndexError:
@@ -143,6 +146,15 @@ def read_only(directory: str) -> bool:
     return not (os.access(directory, os.W_OK | os.X_OK) and os.access(path, os.R_OK | os.W_OK))
 
 
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # SQLite's result codes (sqlite3.SQLITE_BUSY from Python 3.11)
+
+
+def _held_elsewhere(exc: BaseException) -> bool:
+    """SQLite's answer that another connection holds the database (by its code, never its words)."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11; extended codes keep it in the low byte
+    return isinstance(code, int) and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
 def _plain_rows(directory: str) -> _ReadOnlyRows | None:
     """The writable index at ``directory`` opened with SQLite alone; None where there is no
     database, or it is read-only (``Index._open`` says so), or SQLite cannot open it."""
@@ -162,8 +174,10 @@ class _ReadOnlyRows:
     """
 
     def __init__(self, directory: str, *, writable: bool = False) -> None:
-        path = os.path.join(directory, DATABASE_NAME)
-        uri = "file:" + urllib.parse.quote(path)
+        # Any path names its very file: bytes that are not UTF-8, a leading "//" (a URI's host).
+        uri = "file://" + urllib.parse.quote(
+            os.fsencode(os.path.abspath(os.path.join(directory, DATABASE_NAME)))
+        )
         if writable:  # a load's read of a writable index (``Index.get``): never created here
             self._con = sqlite3.connect(uri + "?mode=rw", uri=True, timeout=_index_timeout())
             return
@@ -181,8 +195,10 @@ class _ReadOnlyRows:
             "SELECT mode, value FROM Cache WHERE key = ? AND raw = 1"
             " AND (expire_time IS NULL OR expire_time > ?)",
             (key, time.time()),
-        ).fetchone()
-        return None if found is None else decode_row(found[0], found[1])
+        ).fetchmany(2)
+        if len(found) > 1:  # diskcache's unique index dropped: its open fails on the table
+            raise sqlite3.IntegrityError(f"{len(found)} rows for one key")
+        return decode_row(*found[0]) if found else None
 
     def iterkeys(self) -> list[Any]:
         return [key for (key,) in self._con.execute("SELECT key FROM Cache WHERE raw = 1 ORDER BY rowid")]
@@ -274,9 +290,11 @@ class Index:
         if reader is not None:
             try:
                 return reader.get(encode_key(source_real))
-            except (sqlite3.Error, ValueError):  # an unsafe row too: read again below, as it always was
+            except (sqlite3.Error, ValueError) as exc:  # an unsafe row too: read again below
                 reader.close()
                 self._reader, self._plain = None, False
+                if _held_elsewhere(exc):  # waited for already: the probe would wait as long again
+                    self._failed("open", exc)
         cache = self._open()
         if cache is None:
             return None

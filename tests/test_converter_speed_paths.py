@@ -177,6 +177,43 @@ def test_each_aligned_window_of_the_sibling_is_written_with_one_call(tmp_path, m
     assert result.size == data_start + 3001 * 8 + 40 * 1024 * 2
 
 
+def test_each_window_is_read_from_the_new_file_before_it_is_written(tmp_path, monkeypatch):
+    """A read makes the new file's pages with no lock held, workers in parallel; the write then
+    fills pages that exist (benchmarks/README.md: a write makes them one worker at a time)."""
+    tensors = {"w": torch.randn(40 * 1024), "i": torch.arange(3001, dtype=torch.int64)}
+    calls: list[tuple[str, int, int, int]] = []
+    real_pwrite, real_preadv = os.pwrite, os.preadv
+    monkeypatch.setattr(
+        os, "pwrite", lambda fd, data, at: calls.append(("w", fd, at, len(data))) or real_pwrite(fd, data, at)
+    )
+    monkeypatch.setattr(
+        os,
+        "preadv",
+        lambda fd, views, at, *flags: (
+            calls.append(("r", fd, at, sum(len(v) for v in views))) or real_preadv(fd, views, at, *flags)
+        ),
+    )
+    with tuned(piece_elements=1024, stripe_bytes=8192):
+        convert_saved(tensors, tmp_path)
+    writes = [c for c in calls if c[0] == "w"][1:]  # the header's first
+    assert len(writes) > 3
+    for write in writes:
+        read = ("r", *write[1:])
+        assert read in calls[: calls.index(write)], write
+
+
+def test_a_python_without_preadv_converts_the_same_bytes(tmp_path, monkeypatch):
+    """Python for macOS < 11 has ``pread`` only: the read before each write is for speed alone."""
+    tensors = {"w": torch.randn(40 * 1024), "i": torch.arange(3001, dtype=torch.int64)}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with tuned(piece_elements=1024, stripe_bytes=8192):
+        _, expected = convert_saved(tensors, tmp_path / "a")
+        monkeypatch.delattr(os, "preadv")
+        _, out = convert_saved(tensors, tmp_path / "b")
+    assert out.read_bytes() == expected.read_bytes()
+
+
 def cast_chain_counts(src: torch.Tensor, chain: tuple[torch.dtype, ...]) -> dict[str, int]:
     """What upstream's casts make of ``src``: through ``chain``, then to fp16."""
     dst = src

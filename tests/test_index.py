@@ -279,3 +279,71 @@ def test_the_plain_read_makes_no_database(tmp_path):
         _ReadOnlyRows(str(tmp_path / "index"), writable=True)
     assert list((tmp_path / "index").iterdir()) == []
     assert Index(str(tmp_path))._plain_reader() is None
+
+
+def test_a_cache_dir_whose_name_is_not_utf8_serves_hits(tmp_path):
+    """The index is opened by a URI that names any path's very bytes (an outside attack: the
+    plain read raised UnicodeEncodeError on every hit)."""
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    cache = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/cache-\xff"))
+    for expect_hit in (False, True, True):
+        model = load_toy(ckpt, cache)
+        assert sa3loader.last_load_info().cache_hit == expect_hit
+        assert digest(model) == reference_digest(ckpt)
+        sa3loader.wait_for_publishing()
+    assert Index(str(cache))._plain_reader() is not None
+
+
+def test_a_cache_dir_written_with_a_leading_double_slash_is_read_as_that_very_dir(loaded):
+    """POSIX keeps a leading "//"; in a URI it starts a host (``//localhost/x`` was read as /x)."""
+    ckpt, cache = loaded
+    row = Index(str(cache)).get(os.path.realpath(ckpt))
+    index = Index("/" + str(cache))
+    assert index._plain_reader() is not None and index.get(os.path.realpath(ckpt)) == row
+
+
+def test_an_index_another_connection_holds_is_waited_for_once(loaded, monkeypatch, caplog):
+    """A hit read alone from an index another process holds exclusively gives up after one wait:
+    no probe waits as long again (an outside attack: 4 s where 2 s was the rule)."""
+    ckpt, cache = loaded
+    monkeypatch.setitem(_faults.tunings, "index_timeout_s", 0.2)
+    holder = sqlite3.connect(cache / "index" / "cache.db", isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("UPDATE Cache SET access_count = access_count + 1")
+    connects = []
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: connects.append(a) or real_connect(*a, **k))
+    try:
+        model = load_toy(ckpt, cache)
+        assert digest(model) == reference_digest(ckpt)
+        assert len(connects) == 1 and "cannot open" in caplog.text
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_two_rows_for_one_key_are_absent_as_diskcache_has_them(loaded):
+    """With diskcache's unique index dropped, its open fails on the table: the row is absent, and
+    the plain read says so too (it read the first one)."""
+    ckpt, cache = loaded
+    db = cache / "index" / "cache.db"
+    with sqlite3.connect(db) as con:
+        (name,) = con.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql LIKE '%UNIQUE%'"
+        ).fetchone()
+        con.execute(f"DROP INDEX {name}")
+    _insert_row(db, os.path.realpath(ckpt), 1, None, 1, b'{"a": 1}')
+    assert Index(str(cache)).get(os.path.realpath(ckpt)) is None
+    model = load_toy(ckpt, cache)
+    assert digest(model) == reference_digest(ckpt)
+
+
+def test_a_row_nested_too_deep_is_absent_not_an_error(loaded):
+    """``json.loads`` raises RecursionError on a deep enough value: an invalid row, absent."""
+    ckpt, cache = loaded
+    with sqlite3.connect(cache / "index" / "cache.db") as con:
+        con.execute("UPDATE Cache SET value = ?", (b"[" * 200_000 + b"]" * 200_000,))
+    assert Index(str(cache)).get(os.path.realpath(ckpt)) is None
+    model = load_toy(ckpt, cache)
+    assert digest(model) == reference_digest(ckpt)
