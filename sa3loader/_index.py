@@ -66,7 +66,7 @@ def decode_key(key: str) -> str:
 
 
 class UnsafeRowError(ValueError):
-    """A row was not stored by sa3loader (pickled key or value)."""
+    """A row was not stored by sa3loader (pickled key or value, or not JSON)."""
 
 
 # What ``SafeJSONDisk.get`` gives for a key it will not unpickle: iteration skips it.
@@ -114,13 +114,26 @@ def decode_row(mode: int, value: Any) -> Any:
         raise UnsafeRowError(f"refusing an index row stored in mode {mode} (only JSON is read)")
     try:
         return json.loads(bytes(value).decode("utf-8"))
-    except RecursionError:  # nested too deep for Python: not a row (absent, as any invalid one)
-        raise ValueError("index row nested too deep") from None
+    except (ValueError, RecursionError) as exc:  # (nested too deep for Python): invalid, as ever
+        raise UnsafeRowError(f"refusing an index row that is not JSON ({type(exc).__name__})") from None
+
+
+class _ExpandedPath(OSError):
+    """A cache dir whose path diskcache would change (``os.path.expandvars``): its index elsewhere."""
+
+
+def _refuse_expanded(directory: str) -> None:
+    """diskcache opens ``os.path.expandvars(directory)``: ``.../$HOME/index`` would be an index
+    outside the cache dir, never checked for trust (an outside attack)."""
+    if os.path.expandvars(directory) != directory:
+        raise _ExpandedPath(f"{directory}: diskcache would open {os.path.expandvars(directory)}")
 
 
 def _database_error(directory: str, what: str, exc: BaseException) -> CacheIndexError:
     path = os.path.join(directory, DATABASE_NAME)
-    if os.path.isdir(directory) and not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+    if isinstance(exc, _ExpandedPath):
+        why = "diskcache expands $NAME in its path: give sa3loader a cache dir without '$'"
+    elif os.path.isdir(directory) and not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
         owner = os.stat(directory).st_uid  # a shared cache's index, made by another user first
         why = (
             f"{directory} is uid {owner}'s, closed to this user (uid {os.getuid()}): run this as uid {owner}"
@@ -187,7 +200,7 @@ class _ReadOnlyRows:
         except sqlite3.Error:
             # A WAL database on a read-only layer: no -shm file can be made, and nothing
             # can change the file either, so it is read as immutable.
-            self._con = sqlite3.connect(uri + "?immutable=1", uri=True, timeout=_index_timeout())
+            self._con = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=_index_timeout())
 
     def get(self, key: str) -> Any:
         # diskcache's own get (``Cache.get``): an expired row is absent (sa3loader sets no expiry)
@@ -240,6 +253,7 @@ class Index:
                         self.directory,
                     )
                 else:
+                    _refuse_expanded(self.directory)
                     self._probe()
                     if not os.path.isdir(self.directory):  # a new cache dir
                         create_cache_dir(self.directory)
@@ -379,7 +393,8 @@ class Index:
             con = sqlite3.connect(path, timeout=_index_timeout())
             try:
                 (result,) = con.execute("PRAGMA quick_check").fetchone()
-                con.execute("SELECT count(*) FROM Cache").fetchone()
+                if con.execute("SELECT 1 FROM Cache GROUP BY key, raw HAVING count(*) > 1").fetchone():
+                    result = "two rows for one key (diskcache cannot open it)"
             finally:
                 con.close()
         except sqlite3.OperationalError as exc:

@@ -347,3 +347,58 @@ def test_a_row_nested_too_deep_is_absent_not_an_error(loaded):
     assert Index(str(cache)).get(os.path.realpath(ckpt)) is None
     model = load_toy(ckpt, cache)
     assert digest(model) == reference_digest(ckpt)
+
+
+@pytest.mark.parametrize("value", [b"{not json", b"[" * 200_000 + b"]" * 200_000])
+def test_a_row_that_is_not_json_is_invalid_to_the_commands_not_their_end(loaded, tmp_path, value, capsys):
+    """One undecodable row (another checkpoint's) made every cache command exit 1, and
+    `cache repair` found nothing to repair (an outside attack): `ls` says invalid, `prune` drops it."""
+    from sa3loader import cli
+
+    ckpt, cache = loaded
+    _insert_row(cache / "index" / "cache.db", str(tmp_path / "other.safetensors"), 1, None, 1, value)
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 3
+    assert "invalid" in capsys.readouterr().out
+    assert cli.main(["--cache-dir", str(cache), "cache", "prune"]) == 0
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
+
+
+def test_cache_repair_sets_aside_an_index_with_two_rows_for_one_key(loaded, capsys):
+    """diskcache cannot open such a table (its unique index): `repair` must not call it sound."""
+    from sa3loader import cli
+
+    ckpt, cache = loaded
+    db = cache / "index" / "cache.db"
+    with sqlite3.connect(db) as con:
+        unique = "SELECT name FROM sqlite_master WHERE type = 'index' AND sql LIKE '%UNIQUE%'"
+        (name,) = con.execute(unique).fetchone()
+        con.execute(f"DROP INDEX {name}")
+    _insert_row(db, os.path.realpath(ckpt), 1, None, 1, b'{"a": 1}')
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 1
+    assert cli.main(["--cache-dir", str(cache), "cache", "repair"]) == 0
+    assert "sound" not in capsys.readouterr().out
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
+
+
+def test_the_read_only_open_makes_no_database(tmp_path):
+    """The immutable fallback (a read-only layer) opens read-only too: nothing is created."""
+    from sa3loader._index import _ReadOnlyRows
+
+    (tmp_path / "index").mkdir()
+    with pytest.raises(sqlite3.OperationalError):
+        _ReadOnlyRows(str(tmp_path / "index")).get("/x")
+    assert list((tmp_path / "index").iterdir()) == []
+
+
+def test_a_cache_dir_with_a_dollar_keeps_its_index_inside_it(tmp_path, monkeypatch, caplog):
+    """diskcache expands ``$NAME`` in its path: ``.../d$HOME`` put the index under ``.../d/<home>``,
+    outside the cache dir and its trust check (an outside attack). It is not opened there."""
+    monkeypatch.setenv("SA3_TEST_DIR", "elsewhere")
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    cache = tmp_path / "d$SA3_TEST_DIR"
+    for _ in range(2):
+        model = load_toy(ckpt, cache)
+        assert digest(model) == reference_digest(ckpt)
+        sa3loader.wait_for_publishing()
+    assert not (tmp_path / "delsewhere").exists()
+    assert "diskcache would open" in caplog.text
