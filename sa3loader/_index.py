@@ -162,9 +162,14 @@ def read_only(directory: str) -> bool:
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # SQLite's result codes (sqlite3.SQLITE_BUSY from Python 3.11)
 
 
+def _codes_told() -> bool:
+    """Whether SQLite's errors carry their result code here (Python >= 3.11: its constants too)."""
+    return hasattr(sqlite3, "SQLITE_BUSY")
+
+
 def _held_elsewhere(exc: BaseException) -> bool:
     """SQLite's answer that another connection holds the database (by its code, never its words)."""
-    code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11; extended codes keep it in the low byte
+    code = getattr(exc, "sqlite_errorcode", None) if _codes_told() else None  # the low byte: extended too
     return isinstance(code, int) and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
@@ -192,7 +197,10 @@ class _ReadOnlyRows:
             os.fsencode(os.path.abspath(os.path.join(directory, DATABASE_NAME)))
         )
         if writable:  # a load's read of a writable index (``Index.get``): never created here
-            self._con = sqlite3.connect(uri + "?mode=rw", uri=True, timeout=_index_timeout())
+            # It waits for a held database only where it can tell one by its code (Python >= 3.11,
+            # ``_held_elsewhere``); elsewhere the probe after it waits, once.
+            wait = _index_timeout() if _codes_told() else 0.0
+            self._con = sqlite3.connect(uri + "?mode=rw", uri=True, timeout=wait)
             return
         try:
             self._con = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=_index_timeout())

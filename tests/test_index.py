@@ -402,3 +402,26 @@ def test_a_cache_dir_with_a_dollar_keeps_its_index_inside_it(tmp_path, monkeypat
         sa3loader.wait_for_publishing()
     assert not (tmp_path / "delsewhere").exists()
     assert "diskcache would open" in caplog.text
+
+
+def test_a_python_that_cannot_tell_a_held_index_waits_for_it_once(loaded, monkeypatch, caplog):
+    """Python 3.10's SQLite errors carry no code: the plain read does not wait, the probe does."""
+    ckpt, cache = loaded
+    monkeypatch.delattr(sqlite3, "SQLITE_BUSY", raising=False)  # as Python 3.10's module
+    monkeypatch.setitem(_faults.tunings, "index_timeout_s", 0.2)
+    holder = sqlite3.connect(cache / "index" / "cache.db", isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("UPDATE Cache SET access_count = access_count + 1")
+    waits = []
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(
+        sqlite3, "connect", lambda *a, **k: waits.append(k.get("timeout")) or real_connect(*a, **k)
+    )
+    try:
+        model = load_toy(ckpt, cache)
+        assert digest(model) == reference_digest(ckpt)
+        assert waits == [0.0, 0.2] and "cannot open" in caplog.text  # the plain read, the probe
+    finally:
+        holder.rollback()
+        holder.close()
