@@ -119,14 +119,15 @@ def decode_row(mode: int, value: Any) -> Any:
 
 
 class _ExpandedPath(OSError):
-    """A cache dir whose path diskcache would change (``os.path.expandvars``): its index elsewhere."""
+    """A cache dir whose path diskcache would change (``expanduser``, ``expandvars``): its index elsewhere."""
 
 
 def _refuse_expanded(directory: str) -> None:
-    """diskcache opens ``os.path.expandvars(directory)``: ``.../$HOME/index`` would be an index
-    outside the cache dir, never checked for trust (an outside attack)."""
-    if os.path.expandvars(directory) != directory:
-        raise _ExpandedPath(f"{directory}: diskcache would open {os.path.expandvars(directory)}")
+    """diskcache opens ``directory`` with ``~`` and ``$NAME`` expanded: ``.../$HOME/index`` would be
+    an index outside the cache dir, never checked for trust (an outside attack)."""
+    opened = os.path.expandvars(os.path.expanduser(directory))  # diskcache's own two steps
+    if opened != directory:
+        raise _ExpandedPath(f"{directory}: diskcache would open {opened}")
 
 
 def _database_error(directory: str, what: str, exc: BaseException) -> CacheIndexError:
