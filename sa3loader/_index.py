@@ -41,7 +41,13 @@ INDEX_TIMEOUT_S = 2.0
 DATABASE_NAME = diskcache.core.DBNAME
 
 
-def _index_timeout() -> float:
+# What reading or writing the index may raise: SQLite's, the OS's, diskcache's own; and from
+# diskcache's code, TypeError, KeyError or ValueError where its Settings table holds what it
+# cannot use (a size limit of text, an eviction policy or a Disk argument it has not).
+INDEX_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout, TypeError, KeyError, ValueError)
+
+
+def index_timeout() -> float:
     return _faults.tuned("index_timeout_s", INDEX_TIMEOUT_S)
 
 
@@ -130,7 +136,7 @@ def _refuse_expanded(directory: str) -> None:
         raise _ExpandedPath(f"{directory}: diskcache would open {opened}")
 
 
-def _database_error(directory: str, what: str, exc: BaseException) -> CacheIndexError:
+def database_error(directory: str, what: str, exc: BaseException) -> CacheIndexError:
     path = os.path.join(directory, DATABASE_NAME)
     if isinstance(exc, _ExpandedPath):
         why = "diskcache expands $NAME in its path: give sa3loader a cache dir without '$'"
@@ -200,16 +206,16 @@ class _ReadOnlyRows:
         if writable:  # a load's read of a writable index (``Index.get``): never created here
             # It waits for a held database only where it can tell one by its code (Python >= 3.11,
             # ``_held_elsewhere``); elsewhere the probe after it waits, once.
-            wait = _index_timeout() if _codes_told() else 0.0
+            wait = index_timeout() if _codes_told() else 0.0
             self._con = sqlite3.connect(uri + "?mode=rw", uri=True, timeout=wait)
             return
         try:
-            self._con = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=_index_timeout())
+            self._con = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=index_timeout())
             self._con.execute("SELECT count(*) FROM Cache").fetchone()
         except sqlite3.Error:
             # A WAL database on a read-only layer: no -shm file can be made, and nothing
             # can change the file either, so it is read as immutable.
-            self._con = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=_index_timeout())
+            self._con = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=index_timeout())
 
     def get(self, key: str) -> Any:
         # diskcache's own get (``Cache.get``): an expired row is absent (sa3loader sets no expiry)
@@ -266,8 +272,8 @@ class Index:
                     self._probe()
                     if not os.path.isdir(self.directory):  # a new cache dir
                         create_cache_dir(self.directory)
-                    self._cache = diskcache.Cache(self.directory, timeout=_index_timeout(), disk=SafeJSONDisk)
-            except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+                    self._cache = diskcache.Cache(self.directory, timeout=index_timeout(), disk=SafeJSONDisk)
+            except INDEX_ERRORS as exc:
                 self._failed("open", exc)
         return self._cache
 
@@ -284,7 +290,7 @@ class Index:
         path = os.path.join(self.directory, DATABASE_NAME)
         if not os.path.exists(path):
             return
-        con = sqlite3.connect(path, timeout=_index_timeout(), isolation_level=None)
+        con = sqlite3.connect(path, timeout=index_timeout(), isolation_level=None)
         try:
             # diskcache writes while opening; in WAL mode only a write lock tells us it would wait.
             con.execute("BEGIN IMMEDIATE")
@@ -294,7 +300,7 @@ class Index:
 
     def _failed(self, what: str, exc: BaseException) -> None:
         if self.strict:
-            raise _database_error(self.directory, what, exc) from exc
+            raise database_error(self.directory, what, exc) from exc
         self._broken = what == "open"
         warn_once(
             f"index:{self.directory}:{what}",
@@ -327,7 +333,7 @@ class Index:
             logger.warning("%s: dropping unsafe index row for %s (%s)", self.directory, source_real, exc)
             if not (self.read_only or self.strict):  # a read-only index keeps it: reading it never
                 self.delete(source_real)  # fails for that; a command's reads change nothing (`prune` does)
-        except (OSError, sqlite3.Error, diskcache.Timeout, ValueError) as exc:
+        except INDEX_ERRORS as exc:
             self._failed("be read", exc)
         return None
 
@@ -350,7 +356,7 @@ class Index:
             return
         try:
             cache.set(encode_key(source_real), row.to_json())
-        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+        except INDEX_ERRORS as exc:
             self._failed("be written", exc)
 
     def delete(self, source_real: str) -> bool:
@@ -360,7 +366,7 @@ class Index:
             return False
         try:
             return bool(cache.delete(encode_key(source_real)))
-        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+        except INDEX_ERRORS as exc:
             self._failed("be written", exc)
             return False
 
@@ -371,7 +377,7 @@ class Index:
             return []
         try:
             keys = [k for k in cache.iterkeys() if isinstance(k, str)]
-        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+        except INDEX_ERRORS as exc:
             self._failed("be read", exc)
             return []
         rows: list[tuple[str, IndexRow | None]] = []
@@ -386,33 +392,9 @@ class Index:
             return 0
         try:
             return int(cache.clear())
-        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+        except INDEX_ERRORS as exc:
             self._failed("be written", exc)
             return 0
-
-    def diagnose(self) -> str | None:
-        """None when the database is sound (or absent), else what is wrong with it.
-
-        A database another process holds is not corrupt: ``CacheIndexError``.
-        """
-        path = os.path.join(self.directory, DATABASE_NAME)
-        if not os.path.exists(path):
-            return None
-        try:
-            con = sqlite3.connect(path, timeout=_index_timeout())
-            try:
-                (result,) = con.execute("PRAGMA quick_check").fetchone()
-                if con.execute("SELECT 1 FROM Cache GROUP BY key, raw HAVING count(*) > 1").fetchone():
-                    result = "two rows for one key (diskcache cannot open it)"
-            finally:
-                con.close()
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise _database_error(self.directory, "be checked", exc) from exc
-            return str(exc)
-        except sqlite3.DatabaseError as exc:
-            return str(exc)
-        return None if result == "ok" else str(result)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -433,6 +415,11 @@ class Index:
 def command_index(cache_dir: str) -> Iterator[Index]:
     """The index, strict, only of a dir no one else controls: its rows name files to check and delete."""
     refuse_untrusted(cache_dir)
+    directory = os.path.join(cache_dir, INDEX_SUBDIR)
+    try:
+        _refuse_expanded(directory)  # before a command (`repair`) moves anything
+    except _ExpandedPath as exc:
+        raise database_error(directory, "open", exc) from exc
     with Index(cache_dir, strict=True) as index:
         yield index
 
@@ -450,24 +437,6 @@ def refuse_untrusted(cache_dir: str) -> None:
 def has_index(cache_dir: str) -> bool:
     """Reading a cache that was never made creates nothing: no dir, no index."""
     return os.path.isdir(os.path.join(cache_dir, INDEX_SUBDIR))
-
-
-def repair(cache_dir: str, *, dry_run: bool = False) -> str | None:
-    """Set a corrupt index aside and start a new one; returns where it went (with ``dry_run``,
-    where it would go, and nothing moves), or None if it was fine.
-
-    A locked index is not corrupt: ``CacheIndexError``. Siblings are not touched:
-    loads adopt them again from their own metadata.
-    """
-    with command_index(cache_dir) as index:  # refuses an untrusted dir before anything moves
-        problem = index.diagnose()
-    if problem is None or dry_run:
-        return None if problem is None else f"{index.directory}.corrupt-<time>-<pid>"
-    aside = f"{index.directory}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    os.rename(index.directory, aside)
-    with command_index(cache_dir) as index:
-        index.items()  # a new, empty index
-    return aside
 
 
 def rows(cache_dir: str) -> list[tuple[str, IndexRow | None]]:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from . import _cache_admin, _cache_scan, _cache_verify, _compare, _config, _faults, _index, _records
+from . import _cache_admin, _cache_scan, _cache_verify, _compare, _config, _faults, _index_repair, _records
 from ._cache_admin import Eviction
 from ._cache_dir import (
     closed_above,
@@ -414,7 +414,7 @@ def _finite(value: float | None) -> float | str | None:
 
 
 def _repair(args: argparse.Namespace, cache_dir: str) -> int:
-    aside = _index.repair(cache_dir, dry_run=args.dry_run)
+    aside = _index_repair.repair(cache_dir, dry_run=args.dry_run)
     verb = "would set" if args.dry_run else "set"
     line = (
         f"the index in {cache_dir} is sound: nothing to repair"

@@ -425,3 +425,42 @@ def test_a_python_that_cannot_tell_a_held_index_waits_for_it_once(loaded, monkey
     finally:
         holder.rollback()
         holder.close()
+
+
+SETTINGS_DISKCACHE_CANNOT_USE = {
+    "a Disk argument": ("disk_compress_level", 1),  # what diskcache's own JSONDisk stores
+    "an eviction policy": ("eviction_policy", "bogus"),
+    "a size limit of text": ("size_limit", "abc"),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS_DISKCACHE_CANNOT_USE))
+def test_settings_diskcache_cannot_use_break_no_load_and_repair_sets_them_aside(loaded, setting, capsys):
+    """diskcache raised TypeError or KeyError from its open or its cull: loads failed untyped, and
+    `cache repair` called the index sound while `cache ls` failed (an outside attack)."""
+    from sa3loader import cli
+
+    ckpt, cache = loaded
+    key, value = SETTINGS_DISKCACHE_CANNOT_USE[setting]
+    with sqlite3.connect(cache / "index" / "cache.db") as con:
+        con.execute("INSERT OR REPLACE INTO Settings (key, value) VALUES (?, ?)", (key, value))
+    for ckpt_now in (ckpt, make_ckpt(ckpt.with_name("new.safetensors"), seed=5)):
+        model = load_toy(ckpt_now, cache)
+        assert digest(model) == reference_digest(ckpt_now)
+        sa3loader.wait_for_publishing()
+    assert cli.main(["--cache-dir", str(cache), "cache", "repair"]) == 0
+    assert "sound" not in capsys.readouterr().out
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
+
+
+def test_repair_of_a_cache_dir_diskcache_would_open_elsewhere_moves_nothing(tmp_path, monkeypatch):
+    """Refused before anything moves (it moved the index aside, then failed: exit 1 after the change)."""
+    from sa3loader import cli
+
+    monkeypatch.setenv("SA3_TEST_DIR", "elsewhere")
+    cache = tmp_path / "d$SA3_TEST_DIR"
+    (cache / "index").mkdir(parents=True, mode=0o700)
+    cache.chmod(0o700)
+    (cache / "index" / "cache.db").write_bytes(b"not a database" * 100)
+    assert cli.main(["--cache-dir", str(cache), "cache", "repair"]) == 1
+    assert sorted(p.name for p in cache.iterdir()) == ["index"]
