@@ -4,9 +4,11 @@ never break a load or run code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -302,25 +304,38 @@ def test_a_cache_dir_written_with_a_leading_double_slash_is_read_as_that_very_di
     assert index._plain_reader() is not None and index.get(os.path.realpath(ckpt)) == row
 
 
+@contextlib.contextmanager
+def held_exclusively(db: Path) -> Iterator[None]:
+    """Another connection holding the index, in SQLite's exclusive locking mode."""
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("UPDATE Cache SET access_count = access_count + 1")
+    try:
+        yield
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def connects_seen(monkeypatch) -> list[dict]:
+    """The keyword arguments of each ``sqlite3.connect`` from here on."""
+    seen: list[dict] = []
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: seen.append(k) or real_connect(*a, **k))
+    return seen
+
+
 def test_an_index_another_connection_holds_is_waited_for_once(loaded, monkeypatch, caplog):
     """A hit read alone from an index another process holds exclusively gives up after one wait:
     no probe waits as long again (an outside attack: 4 s where 2 s was the rule)."""
     ckpt, cache = loaded
     monkeypatch.setitem(_faults.tunings, "index_timeout_s", 0.2)
-    holder = sqlite3.connect(cache / "index" / "cache.db", isolation_level=None)
-    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
-    holder.execute("BEGIN EXCLUSIVE")
-    holder.execute("UPDATE Cache SET access_count = access_count + 1")
-    connects = []
-    real_connect = sqlite3.connect
-    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: connects.append(a) or real_connect(*a, **k))
-    try:
+    with held_exclusively(cache / "index" / "cache.db"):
+        connects = connects_seen(monkeypatch)
         model = load_toy(ckpt, cache)
         assert digest(model) == reference_digest(ckpt)
         assert len(connects) == 1 and "cannot open" in caplog.text
-    finally:
-        holder.rollback()
-        holder.close()
 
 
 def test_two_rows_for_one_key_are_absent_as_diskcache_has_them(loaded):
@@ -409,22 +424,12 @@ def test_a_python_that_cannot_tell_a_held_index_waits_for_it_once(loaded, monkey
     ckpt, cache = loaded
     monkeypatch.delattr(sqlite3, "SQLITE_BUSY", raising=False)  # as Python 3.10's module
     monkeypatch.setitem(_faults.tunings, "index_timeout_s", 0.2)
-    holder = sqlite3.connect(cache / "index" / "cache.db", isolation_level=None)
-    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
-    holder.execute("BEGIN EXCLUSIVE")
-    holder.execute("UPDATE Cache SET access_count = access_count + 1")
-    waits = []
-    real_connect = sqlite3.connect
-    monkeypatch.setattr(
-        sqlite3, "connect", lambda *a, **k: waits.append(k.get("timeout")) or real_connect(*a, **k)
-    )
-    try:
+    with held_exclusively(cache / "index" / "cache.db"):
+        connects = connects_seen(monkeypatch)
         model = load_toy(ckpt, cache)
         assert digest(model) == reference_digest(ckpt)
-        assert waits == [0.0, 0.2] and "cannot open" in caplog.text  # the plain read, the probe
-    finally:
-        holder.rollback()
-        holder.close()
+        assert [k.get("timeout") for k in connects] == [0.0, 0.2]  # the plain read, the probe
+        assert "cannot open" in caplog.text
 
 
 SETTINGS_DISKCACHE_CANNOT_USE = {
