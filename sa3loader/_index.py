@@ -124,22 +124,22 @@ def decode_row(mode: int, value: Any) -> Any:
         raise UnsafeRowError(f"refusing an index row that is not JSON ({type(exc).__name__})") from None
 
 
-class _ExpandedPath(OSError):
+class ExpandedPath(OSError):
     """A cache dir whose path diskcache would change (``expanduser``, ``expandvars``): its index elsewhere."""
 
 
-def _refuse_expanded(directory: str) -> None:
+def refuse_expanded(directory: str) -> None:
     """diskcache opens ``directory`` with ``~`` and ``$NAME`` expanded: ``.../$HOME/index`` would be
     an index outside the cache dir, never checked for trust (an outside attack)."""
     opened = os.path.expandvars(os.path.expanduser(directory))  # diskcache's own two steps
     if opened != directory:
-        raise _ExpandedPath(f"{directory}: diskcache would open {opened}")
+        raise ExpandedPath(f"{directory}: diskcache would open {opened}")
 
 
 def database_error(directory: str, what: str, exc: BaseException) -> CacheIndexError:
     path = os.path.join(directory, DATABASE_NAME)
-    if isinstance(exc, _ExpandedPath):
-        why = "diskcache expands $NAME in its path: give sa3loader a cache dir without '$'"
+    if isinstance(exc, ExpandedPath):
+        why = "diskcache expands ~ and $NAME in the paths it opens: give it paths without them"
     elif os.path.isdir(directory) and not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
         owner = os.stat(directory).st_uid  # a shared cache's index, made by another user first
         why = (
@@ -180,18 +180,18 @@ def _held_elsewhere(exc: BaseException) -> bool:
     return isinstance(code, int) and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
-def _plain_rows(directory: str) -> _ReadOnlyRows | None:
+def _plain_rows(directory: str) -> ReadOnlyRows | None:
     """The writable index at ``directory`` opened with SQLite alone; None where there is no
     database, or it is read-only (``Index._open`` says so), or SQLite cannot open it."""
     try:
         if os.path.exists(os.path.join(directory, DATABASE_NAME)) and not read_only(directory):
-            return _ReadOnlyRows(directory, writable=True)
+            return ReadOnlyRows(directory, writable=True)
     except sqlite3.Error:
         pass
     return None
 
 
-class _ReadOnlyRows:
+class ReadOnlyRows:
     """diskcache's table read with SQLite alone, opened read-only: no write lock, nothing created.
 
     Only rows as ``SafeJSONDisk`` stores them are read (a str key stored raw, a
@@ -216,6 +216,10 @@ class _ReadOnlyRows:
             # A WAL database on a read-only layer: no -shm file can be made, and nothing
             # can change the file either, so it is read as immutable.
             self._con = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=index_timeout())
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        return self._con
 
     def get(self, key: str) -> Any:
         # diskcache's own get (``Cache.get``): an expired row is absent (sa3loader sets no expiry)
@@ -247,20 +251,20 @@ class Index:
 
     def __init__(self, cache_dir: str, *, usable: bool = True, strict: bool = False) -> None:
         self.directory = os.path.join(cache_dir, INDEX_SUBDIR)
-        self._cache: diskcache.Cache | _ReadOnlyRows | None = None
+        self._cache: diskcache.Cache | ReadOnlyRows | None = None
         # A load's reads before any write: SQLite alone (diskcache's open runs ~80 statements on
         # three connections, a tenth of a DiT's cache hit); any error there takes diskcache's path.
-        self._reader: _ReadOnlyRows | None = None
+        self._reader: ReadOnlyRows | None = None
         self._plain = not strict
         self._broken = not usable
         self.strict = strict
         self.read_only = False
 
-    def _open(self) -> diskcache.Cache | _ReadOnlyRows | None:
+    def _open(self) -> diskcache.Cache | ReadOnlyRows | None:
         if self._cache is None and not self._broken:
             try:
                 if read_only(self.directory):
-                    self._cache = _ReadOnlyRows(self.directory)
+                    self._cache = ReadOnlyRows(self.directory)
                     self.read_only = True
                     info_once(
                         f"index-read-only:{self.directory}",
@@ -268,7 +272,7 @@ class Index:
                         self.directory,
                     )
                 else:
-                    _refuse_expanded(self.directory)
+                    refuse_expanded(self.directory)
                     self._probe()
                     if not os.path.isdir(self.directory):  # a new cache dir
                         create_cache_dir(self.directory)
@@ -277,7 +281,7 @@ class Index:
                 self._failed("open", exc)
         return self._cache
 
-    def _plain_reader(self) -> _ReadOnlyRows | None:
+    def _plain_reader(self) -> ReadOnlyRows | None:
         """For a load that has not opened diskcache: the writable index read with SQLite alone
         (``_plain_rows``), its rows as diskcache's ``get`` gives them."""
         if self._reader is None and self._cache is None and self._plain and not self._broken:
@@ -417,8 +421,8 @@ def command_index(cache_dir: str) -> Iterator[Index]:
     refuse_untrusted(cache_dir)
     directory = os.path.join(cache_dir, INDEX_SUBDIR)
     try:
-        _refuse_expanded(directory)  # before a command (`repair`) moves anything
-    except _ExpandedPath as exc:
+        refuse_expanded(directory)  # before a command (`repair`) moves anything
+    except ExpandedPath as exc:
         raise database_error(directory, "open", exc) from exc
     with Index(cache_dir, strict=True) as index:
         yield index

@@ -12,28 +12,37 @@ import diskcache
 
 from ._index import (
     DATABASE_NAME,
-    INDEX_ERRORS,
+    ReadOnlyRows,
     SafeJSONDisk,
     command_index,
     database_error,
     index_timeout,
+    read_only,
+    refuse_expanded,
 )
 
 
 def diagnose(directory: str) -> str | None:
     """None when the index database in ``directory`` is sound (or absent), else what is wrong.
 
-    A database another process holds is not corrupt: ``CacheIndexError``.
+    A database another process holds is not corrupt, nor one that cannot be checked here (no
+    room for the copy diskcache opens): ``CacheIndexError``. One this user may only read (a
+    baked image's) is read as a load reads it.
     """
     path = os.path.join(directory, DATABASE_NAME)
     if not os.path.exists(path):
         return None
     try:
-        con = sqlite3.connect(path, timeout=index_timeout())
+        con = (
+            ReadOnlyRows(directory).connection
+            if read_only(directory)
+            else sqlite3.connect(path, timeout=index_timeout())
+        )
         try:
             (result,) = con.execute("PRAGMA quick_check").fetchone()
             if con.execute("SELECT 1 FROM Cache GROUP BY key, raw HAVING count(*) > 1").fetchone():
                 result = "two rows for one key (diskcache cannot open it)"
+            return str(result) if result != "ok" else _diskcache_refuses(directory, con)
         finally:
             con.close()
     except sqlite3.OperationalError as exc:
@@ -42,27 +51,33 @@ def diagnose(directory: str) -> str | None:
         return str(exc)
     except sqlite3.DatabaseError as exc:
         return str(exc)
-    return str(result) if result != "ok" else _diskcache_refuses(path)
 
 
-def _diskcache_refuses(path: str) -> str | None:
-    """Why diskcache cannot open or use the database at ``path`` (a Settings table it cannot
-    use: an outside attack), tried on a copy (SQLite's backup) in a private temp dir; None
-    where it can. The index itself is only read."""
-    with tempfile.TemporaryDirectory(prefix="sa3loader-check-") as scratch:
-        source = sqlite3.connect(path, timeout=index_timeout())
-        copy = sqlite3.connect(os.path.join(scratch, DATABASE_NAME))
-        try:
-            source.backup(copy)
-        finally:
-            source.close()
-            copy.close()
-        try:
-            with diskcache.Cache(scratch, timeout=index_timeout(), disk=SafeJSONDisk) as cache:
-                cache.get("")
-                cache.set("", {})  # a write culls, as a load's does
-        except INDEX_ERRORS as exc:
-            return f"diskcache cannot use it ({type(exc).__name__}: {exc})"
+# What diskcache raises from its own code over a Settings table it cannot use (an outside attack).
+_SETTINGS_IT_CANNOT_USE = (TypeError, KeyError, ValueError)
+
+
+def _diskcache_refuses(directory: str, con: sqlite3.Connection) -> str | None:
+    """Why diskcache cannot use the database ``con`` reads (a Settings table: a Disk argument, an
+    eviction policy, a size limit it cannot use), tried on a copy (SQLite's backup) in a private
+    temp dir; None where it can. Nothing there is the index's fault (no room, a path diskcache
+    would expand): ``CacheIndexError``, never a diagnosis."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="sa3loader-check-") as scratch:
+            refuse_expanded(scratch)  # diskcache would open another place: $TMPDIR with a $NAME
+            copy = sqlite3.connect(os.path.join(scratch, DATABASE_NAME))
+            try:
+                con.backup(copy)
+            finally:
+                copy.close()
+            try:
+                with diskcache.Cache(scratch, timeout=index_timeout(), disk=SafeJSONDisk) as cache:
+                    cache.get("")
+                    cache.set("", {})  # a write culls, as a load's does
+            except _SETTINGS_IT_CANNOT_USE as exc:
+                return f"diskcache cannot use it ({type(exc).__name__}: {exc})"
+    except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+        raise database_error(directory, "be checked (a copy diskcache opens, in the temp dir)", exc) from exc
     return None
 
 

@@ -274,11 +274,11 @@ def test_the_plain_read_gives_what_diskcache_gives(loaded, raw, expire, mode, va
 def test_the_plain_read_makes_no_database(tmp_path):
     """Opened for a read, SQLite never creates the file (a cleared cache dir stays empty); the
     load's read then takes diskcache's path, which makes it as it always did."""
-    from sa3loader._index import _ReadOnlyRows
+    from sa3loader._index import ReadOnlyRows
 
     (tmp_path / "index").mkdir()
     with pytest.raises(sqlite3.OperationalError):
-        _ReadOnlyRows(str(tmp_path / "index"), writable=True)
+        ReadOnlyRows(str(tmp_path / "index"), writable=True)
     assert list((tmp_path / "index").iterdir()) == []
     assert Index(str(tmp_path))._plain_reader() is None
 
@@ -397,11 +397,11 @@ def test_cache_repair_sets_aside_an_index_with_two_rows_for_one_key(loaded, caps
 
 def test_the_read_only_open_makes_no_database(tmp_path):
     """The immutable fallback (a read-only layer) opens read-only too: nothing is created."""
-    from sa3loader._index import _ReadOnlyRows
+    from sa3loader._index import ReadOnlyRows
 
     (tmp_path / "index").mkdir()
     with pytest.raises(sqlite3.OperationalError):
-        _ReadOnlyRows(str(tmp_path / "index")).get("/x")
+        ReadOnlyRows(str(tmp_path / "index")).get("/x")
     assert list((tmp_path / "index").iterdir()) == []
 
 
@@ -469,3 +469,46 @@ def test_repair_of_a_cache_dir_diskcache_would_open_elsewhere_moves_nothing(tmp_
     (cache / "index" / "cache.db").write_bytes(b"not a database" * 100)
     assert cli.main(["--cache-dir", str(cache), "cache", "repair"]) == 1
     assert sorted(p.name for p in cache.iterdir()) == ["index"]
+
+
+def _scratch_at(monkeypatch, folder: Path, *inside: str) -> None:
+    """``tempfile.TemporaryDirectory()`` gives ``folder`` (made with folders ``inside``, removed after)."""
+    import shutil
+    import tempfile
+
+    @contextlib.contextmanager
+    def scratch(*args, **kwargs):
+        for name in ("", *inside):
+            (folder / name).mkdir(parents=True, exist_ok=True)
+        try:
+            yield str(folder)
+        finally:
+            shutil.rmtree(folder)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", scratch)
+
+
+def test_repair_never_sets_aside_a_sound_index_it_could_not_check(loaded, tmp_path, monkeypatch):
+    """A temp dir where diskcache's copy cannot be written (full, here a WAL file it cannot make)
+    is no fault of the index: a typed error, exit 1, the index kept (it was set aside)."""
+    from sa3loader import cli
+
+    ckpt, cache = loaded
+    _scratch_at(monkeypatch, tmp_path / "scratch", "cache.db-wal")
+    assert cli.main(["--cache-dir", str(cache), "cache", "repair"]) == 1
+    assert (cache / "index" / "cache.db").exists()
+    assert not any(p.name.startswith("index.corrupt") for p in cache.iterdir())
+
+
+def test_repair_checks_no_copy_diskcache_would_open_elsewhere(loaded, tmp_path, monkeypatch):
+    """diskcache expands $NAME in the temp dir's path too: it opened an empty database elsewhere
+    and called a broken index sound (an outside attack). A typed error; nothing made there."""
+    from sa3loader import cli
+
+    ckpt, cache = loaded
+    with sqlite3.connect(cache / "index" / "cache.db") as con:
+        con.execute("INSERT OR REPLACE INTO Settings (key, value) VALUES ('eviction_policy', 'bogus')")
+    monkeypatch.setenv("SA3_TEST_DIR", "elsewhere")
+    _scratch_at(monkeypatch, tmp_path / "t$SA3_TEST_DIR")
+    assert cli.main(["--cache-dir", str(cache), "cache", "repair"]) == 1
+    assert not (tmp_path / "telsewhere").exists()

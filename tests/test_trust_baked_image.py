@@ -201,3 +201,26 @@ def test_a_cache_shared_on_purpose_is_written_by_the_first_user_and_read_by_the_
     assert f"{cache / 'index'} is uid 0's, closed to this user (uid {SERVICE_UID})" in listed.stderr, (
         listed.stderr
     )
+
+
+def test_cache_repair_calls_a_sound_baked_index_another_user_reads_sound(service, image_root):
+    """Opened read-write, SQLite's check of a baked WAL index (no -shm file) failed as "attempt to
+    write a readonly database" and repair would set the sound index aside (an outside attack)."""
+    from support.loads import make_ckpt
+
+    folder = image_root / "models"
+    ckpt = make_ckpt(folder / "a.safetensors")
+    for path in (folder, ckpt):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    cache = image_root / "sa3loader-cache"
+    env = {**SERVICE_ENV, "SA3LOADER_CACHE_DIR": str(cache), "SA3LOADER_PLACE": "cache"}
+    os.environ.update(SA3LOADER_PLACE="cache")
+    try:
+        assert cli.main(["warm", str(folder), "--cache-dir", str(cache), "--readable-by-all"]) == 0
+    finally:
+        del os.environ["SA3LOADER_PLACE"]
+    assert not (cache / "index" / "cache.db-shm").exists()
+    ran = service.run(
+        "sa3loader", "cache", "repair", "--dry-run", "--json", env=env, cwd=image_root, timeout=120
+    )
+    assert ran.returncode == 0 and not json.loads(ran.stdout)["repaired"], (ran.stdout, ran.stderr)
