@@ -140,6 +140,20 @@ def test_a_checkpoint_baked_beside_its_sibling_under_umask_077_serves_another_us
     assert json.loads(served.stdout.strip().splitlines()[-1])["cache_hit"], served.stderr
 
 
+def baked_into_the_cache_dir(image_root: Path, folder: Path, *ckpts: Path) -> tuple[Path, dict[str, str]]:
+    """``folder``'s checkpoints warmed by root into a cache dir every user may read; the cache
+    dir, and the service's environment for it."""
+    for path in (folder, *ckpts):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    cache = image_root / "sa3loader-cache"
+    os.environ.update(SA3LOADER_PLACE="cache")
+    try:
+        assert cli.main(["warm", str(folder), "--cache-dir", str(cache), "--readable-by-all"]) == 0
+    finally:
+        del os.environ["SA3LOADER_PLACE"]
+    return cache, {**SERVICE_ENV, "SA3LOADER_CACHE_DIR": str(cache), "SA3LOADER_PLACE": "cache"}
+
+
 @pytest.mark.parametrize("command", [["cache", "rm", "A"], ["cache", "prune"], ["cache", "clear", "--yes"]])
 def test_a_cache_command_on_a_baked_index_another_user_cannot_write_changes_nothing_and_says_so(
     service, image_root, capsys, command
@@ -150,15 +164,7 @@ def test_a_cache_command_on_a_baked_index_another_user_cannot_write_changes_noth
 
     folder = image_root / "models"
     kept, gone = make_ckpt(folder / "a.safetensors"), make_ckpt(folder / "b.safetensors", seed=4)
-    for path in (folder, kept, gone):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    cache = image_root / "sa3loader-cache"
-    env = {**SERVICE_ENV, "SA3LOADER_CACHE_DIR": str(cache), "SA3LOADER_PLACE": "cache"}
-    os.environ.update(SA3LOADER_PLACE="cache")
-    try:
-        assert cli.main(["warm", str(folder), "--cache-dir", str(cache), "--readable-by-all"]) == 0
-    finally:
-        del os.environ["SA3LOADER_PLACE"]
+    cache, env = baked_into_the_cache_dir(image_root, folder, kept, gone)
     gone.unlink()  # its row is one prune drops
     capsys.readouterr()
     assert cli.main(["cache", "ls", "--cache-dir", str(cache), "--json"]) == 0
@@ -209,16 +215,7 @@ def test_cache_repair_calls_a_sound_baked_index_another_user_reads_sound(service
     from support.loads import make_ckpt
 
     folder = image_root / "models"
-    ckpt = make_ckpt(folder / "a.safetensors")
-    for path in (folder, ckpt):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    cache = image_root / "sa3loader-cache"
-    env = {**SERVICE_ENV, "SA3LOADER_CACHE_DIR": str(cache), "SA3LOADER_PLACE": "cache"}
-    os.environ.update(SA3LOADER_PLACE="cache")
-    try:
-        assert cli.main(["warm", str(folder), "--cache-dir", str(cache), "--readable-by-all"]) == 0
-    finally:
-        del os.environ["SA3LOADER_PLACE"]
+    cache, env = baked_into_the_cache_dir(image_root, folder, make_ckpt(folder / "a.safetensors"))
     assert not (cache / "index" / "cache.db-shm").exists()
     ran = service.run(
         "sa3loader", "cache", "repair", "--dry-run", "--json", env=env, cwd=image_root, timeout=120
