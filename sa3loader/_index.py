@@ -191,6 +191,14 @@ def _plain_rows(directory: str) -> ReadOnlyRows | None:
     return None
 
 
+def database_uri(directory: str) -> str:
+    """The index database's SQLite URI (no query): any path names its very file, bytes that
+    are not UTF-8 and a leading "//" (a URI's host) included."""
+    return "file://" + urllib.parse.quote(
+        os.fsencode(os.path.abspath(os.path.join(directory, DATABASE_NAME)))
+    )
+
+
 class ReadOnlyRows:
     """diskcache's table read with SQLite alone, opened read-only: no write lock, nothing created.
 
@@ -199,10 +207,7 @@ class ReadOnlyRows:
     """
 
     def __init__(self, directory: str, *, writable: bool = False) -> None:
-        # Any path names its very file: bytes that are not UTF-8, a leading "//" (a URI's host).
-        uri = "file://" + urllib.parse.quote(
-            os.fsencode(os.path.abspath(os.path.join(directory, DATABASE_NAME)))
-        )
+        uri = database_uri(directory)
         if writable:  # a load's read of a writable index (``Index.get``): never created here
             # It waits for a held database only where it can tell one by its code (Python >= 3.11,
             # ``_held_elsewhere``); elsewhere the probe after it waits, once.

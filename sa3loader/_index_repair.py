@@ -3,6 +3,7 @@ of a copy; if not, set it aside for a new one (siblings are adopted again by the
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import tempfile
@@ -16,18 +17,23 @@ from ._index import (
     SafeJSONDisk,
     command_index,
     database_error,
+    database_uri,
     index_timeout,
     read_only,
     refuse_expanded,
 )
+from .errors import CacheIndexError
+
+logger = logging.getLogger(__name__)
 
 
 def diagnose(directory: str) -> str | None:
     """None when the index database in ``directory`` is sound (or absent), else what is wrong.
 
     A database another process holds is not corrupt, nor one that cannot be checked here (no
-    room for the copy diskcache opens): ``CacheIndexError``. One this user may only read (a
-    baked image's) is read as a load reads it.
+    room for the copy diskcache opens): ``CacheIndexError``. It is opened read-only (a check,
+    `--dry-run` too, changes nothing in it); one this user may only read (a baked image's) is
+    read as a load reads it.
     """
     path = os.path.join(directory, DATABASE_NAME)
     if not os.path.exists(path):
@@ -36,11 +42,13 @@ def diagnose(directory: str) -> str | None:
         con = (
             ReadOnlyRows(directory).connection
             if read_only(directory)
-            else sqlite3.connect(path, timeout=index_timeout())
+            else sqlite3.connect(database_uri(directory) + "?mode=ro", uri=True, timeout=index_timeout())
         )
         try:
             (result,) = con.execute("PRAGMA quick_check").fetchone()
-            if con.execute("SELECT 1 FROM Cache GROUP BY key, raw HAVING count(*) > 1").fetchone():
+            tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            # (no table yet: an index a first load has just made, which diskcache finishes)
+            if "Cache" in tables and con.execute(_TWO_ROWS_FOR_ONE_KEY).fetchone():
                 result = "two rows for one key (diskcache cannot open it)"
             return str(result) if result != "ok" else _diskcache_refuses(directory, con)
         finally:
@@ -53,15 +61,25 @@ def diagnose(directory: str) -> str | None:
         return str(exc)
 
 
-# What diskcache raises from its own code over a Settings table it cannot use (an outside attack).
+_TWO_ROWS_FOR_ONE_KEY = "SELECT 1 FROM Cache GROUP BY key, raw HAVING count(*) > 1"
+# What diskcache raises from its own code over a Settings table it cannot use (an outside attack),
+# and SQLite's result codes for what the database holds (a PRAGMA a setting makes, a column
+# missing: SQLITE_ERROR; a constraint: SQLITE_CONSTRAINT, SQLITE_MISMATCH), not for the temp dir.
 _SETTINGS_IT_CANNOT_USE = (TypeError, KeyError, ValueError)
+_CONTENT_CODES = (1, 19, 20)
+
+
+def _the_contents(exc: sqlite3.Error) -> bool:
+    """Whether SQLite blames what the database holds (by its code; Python < 3.11 tells none)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in _CONTENT_CODES
 
 
 def _diskcache_refuses(directory: str, con: sqlite3.Connection) -> str | None:
     """Why diskcache cannot use the database ``con`` reads (a Settings table: a Disk argument, an
-    eviction policy, a size limit it cannot use), tried on a copy (SQLite's backup) in a private
-    temp dir; None where it can. Nothing there is the index's fault (no room, a path diskcache
-    would expand): ``CacheIndexError``, never a diagnosis."""
+    eviction policy, a size limit, a PRAGMA it cannot use; a column missing), tried on a copy
+    (SQLite's backup) in a private temp dir; None where it can. What is not the index's fault
+    (no room there, a path diskcache would expand): ``CacheIndexError``, never a diagnosis."""
     try:
         with tempfile.TemporaryDirectory(prefix="sa3loader-check-") as scratch:
             refuse_expanded(scratch)  # diskcache would open another place: $TMPDIR with a $NAME
@@ -76,6 +94,10 @@ def _diskcache_refuses(directory: str, con: sqlite3.Connection) -> str | None:
                     cache.set("", {})  # a write culls, as a load's does
             except _SETTINGS_IT_CANNOT_USE as exc:
                 return f"diskcache cannot use it ({type(exc).__name__}: {exc})"
+            except sqlite3.Error as exc:
+                if _the_contents(exc):
+                    return f"diskcache cannot use it ({type(exc).__name__}: {exc})"
+                raise
     except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
         raise database_error(directory, "be checked (a copy diskcache opens, in the temp dir)", exc) from exc
     return None
@@ -86,14 +108,21 @@ def repair(cache_dir: str, *, dry_run: bool = False) -> str | None:
     where it would go, and nothing moves), or None if it was fine.
 
     A locked index is not corrupt: ``CacheIndexError``. Siblings are not touched:
-    loads adopt them again from their own metadata.
+    loads adopt them again from their own metadata. Once it is set aside, a new one that
+    cannot be made now is made by the next load (a warning, not an error: it moved).
     """
     with command_index(cache_dir) as index:  # refuses an untrusted dir before anything moves
         problem = diagnose(index.directory)
     if problem is None or dry_run:
         return None if problem is None else f"{index.directory}.corrupt-<time>-<pid>"
     aside = f"{index.directory}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    os.rename(index.directory, aside)
-    with command_index(cache_dir) as index:
-        index.items()  # a new, empty index
+    try:
+        os.rename(index.directory, aside)
+    except OSError as exc:
+        raise database_error(index.directory, f"be set aside as {aside}", exc) from exc
+    try:
+        with command_index(cache_dir) as index:
+            index.items()  # a new, empty index
+    except CacheIndexError as exc:
+        logger.warning("set %s aside; a new index is made by the next load (%s)", aside, exc)
     return aside

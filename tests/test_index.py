@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -436,6 +437,7 @@ SETTINGS_DISKCACHE_CANNOT_USE = {
     "a Disk argument": ("disk_compress_level", 1),  # what diskcache's own JSONDisk stores
     "an eviction policy": ("eviction_policy", "bogus"),
     "a size limit of text": ("size_limit", "abc"),
+    "a PRAGMA SQLite cannot run": ("sqlite_cache_size", "1 2"),
 }
 
 
@@ -512,3 +514,71 @@ def test_repair_checks_no_copy_diskcache_would_open_elsewhere(loaded, tmp_path, 
     _scratch_at(monkeypatch, tmp_path / "t$SA3_TEST_DIR")
     assert cli.main(["--cache-dir", str(cache), "cache", "repair"]) == 1
     assert not (tmp_path / "telsewhere").exists()
+
+
+def _md5s(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    # (-shm: SQLite's shared-memory index of the WAL, which every reader rebuilds: no content)
+    return {
+        p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.suffix != ".db-shm"
+    }
+
+
+def test_a_checked_index_is_left_as_it_was_and_a_dry_run_changes_nothing(loaded, tmp_path):
+    """A writer that stopped left rows in the WAL: SQLite's check, opened read-write, folded them
+    into the database as it closed (an outside attack: `repair --dry-run` rewrote cache.db)."""
+    from sa3loader import cli
+
+    _, cache = loaded
+    writer = sqlite3.connect(cache / "index" / "cache.db")
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("UPDATE Cache SET access_count = access_count + 1")
+    writer.commit()
+    stopped = tmp_path / "stopped"
+    shutil.copytree(cache, stopped)  # as the writer left it
+    writer.close()
+    before = _md5s(stopped / "index")
+    assert "cache.db-wal" in before
+    assert cli.main(["--cache-dir", str(stopped), "cache", "repair", "--dry-run"]) == 0
+    assert _md5s(stopped / "index") == before
+
+
+def test_an_index_a_first_load_has_just_made_is_sound(loaded):
+    """SQLite makes the file before diskcache makes its tables: an empty one is not corrupt."""
+    from sa3loader import cli
+
+    _, cache = loaded
+    for path in (cache / "index").iterdir():
+        path.unlink()
+    (cache / "index" / "cache.db").write_bytes(b"")
+    assert cli.main(["--cache-dir", str(cache), "cache", "repair"]) == 0
+    assert sorted(p.name for p in (cache / "index").iterdir())[:1] == ["cache.db"]
+    assert not any(p.name.startswith("index.corrupt") for p in cache.iterdir())
+
+
+def test_repair_that_cannot_move_the_index_says_so_typed(loaded, monkeypatch):
+    from sa3loader._index_repair import repair
+    from sa3loader.errors import CacheIndexError
+
+    _, cache = loaded
+    (cache / "index" / "cache.db").write_bytes(b"not a database" * 100)
+    monkeypatch.setattr(os, "rename", lambda *a: (_ for _ in ()).throw(PermissionError(1, "not permitted")))
+    with pytest.raises(CacheIndexError, match="be set aside"):
+        repair(str(cache))
+
+
+def test_repair_that_moved_the_index_says_so_when_no_new_one_can_be_made(loaded, monkeypatch, caplog):
+    """The index set aside is the repair: a new one the next load makes (a warning, exit 0)."""
+    import diskcache
+
+    from sa3loader import cli
+
+    _, cache = loaded
+    (cache / "index" / "cache.db").write_bytes(b"not a database" * 100)
+    monkeypatch.setattr(
+        diskcache, "Cache", lambda *a, **k: (_ for _ in ()).throw(sqlite3.OperationalError("full"))
+    )
+    assert cli.main(["--cache-dir", str(cache), "cache", "repair"]) == 0
+    assert any(p.name.startswith("index.corrupt") for p in cache.iterdir())
+    assert "a new index is made by the next load" in caplog.text
