@@ -54,7 +54,8 @@ def diagnose(directory: str) -> str | None:
         finally:
             con.close()
     except sqlite3.OperationalError as exc:
-        if "locked" in str(exc) or "busy" in str(exc):
+        # Held by another process, or a hot journal only a writer may roll back: not corrupt.
+        if _code(exc) in _NOT_ITS_FAULT or "locked" in str(exc) or "busy" in str(exc):
             raise database_error(directory, "be checked", exc) from exc
         return str(exc)
     except sqlite3.DatabaseError as exc:
@@ -62,17 +63,25 @@ def diagnose(directory: str) -> str | None:
 
 
 _TWO_ROWS_FOR_ONE_KEY = "SELECT 1 FROM Cache GROUP BY key, raw HAVING count(*) > 1"
-# What diskcache raises from its own code over a Settings table it cannot use (an outside attack),
-# and SQLite's result codes for what the database holds (a PRAGMA a setting makes, a column
-# missing: SQLITE_ERROR; a constraint: SQLITE_CONSTRAINT, SQLITE_MISMATCH), not for the temp dir.
+# What diskcache raises from its own code over a Settings table it cannot use (an outside attack).
 _SETTINGS_IT_CANNOT_USE = (TypeError, KeyError, ValueError)
-_CONTENT_CODES = (1, 19, 20)
+# SQLite's result codes: BUSY, LOCKED, READONLY (a hot journal a read-only check cannot roll
+# back) are not the index's fault; IOERR, FULL, CANTOPEN from the copy are the temp dir's.
+_NOT_ITS_FAULT, _THE_TEMP_DIRS = (5, 6, 8), (10, 13, 14)
 
 
-def _the_contents(exc: sqlite3.Error) -> bool:
-    """Whether SQLite blames what the database holds (by its code; Python < 3.11 tells none)."""
+def _code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of ``exc``; None where Python (< 3.11) tells none."""
     code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(code, int) and code & 0xFF in _CONTENT_CODES
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def _the_temp_dirs(exc: sqlite3.Error) -> bool:
+    """Whether an error from diskcache's open of the copy is the temp dir's (no room, no file),
+    not the index's own (a Settings value it runs, a column, a constraint); an OperationalError
+    that tells no code is counted the temp dir's (never a sound index set aside)."""
+    code = _code(exc)
+    return code in _THE_TEMP_DIRS or (code is None and isinstance(exc, sqlite3.OperationalError))
 
 
 def _diskcache_refuses(directory: str, con: sqlite3.Connection) -> str | None:
@@ -95,9 +104,9 @@ def _diskcache_refuses(directory: str, con: sqlite3.Connection) -> str | None:
             except _SETTINGS_IT_CANNOT_USE as exc:
                 return f"diskcache cannot use it ({type(exc).__name__}: {exc})"
             except sqlite3.Error as exc:
-                if _the_contents(exc):
-                    return f"diskcache cannot use it ({type(exc).__name__}: {exc})"
-                raise
+                if _the_temp_dirs(exc):
+                    raise
+                return f"diskcache cannot use it ({type(exc).__name__}: {exc})"
     except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
         raise database_error(directory, "be checked (a copy diskcache opens, in the temp dir)", exc) from exc
     return None

@@ -231,12 +231,18 @@ def test_a_cache_hit_reads_its_row_without_diskcache_and_writes_through_it(loade
 
 
 def _insert_row(db: Path, key: object, raw: int, expire: float | None, mode: int, value: object) -> None:
-    cols = "key, raw, store_time, expire_time, access_time, access_count, tag, size, mode, filename, value"
     with sqlite3.connect(db) as con:
-        con.execute(
-            f"INSERT INTO Cache ({cols}) VALUES (?, ?, 0, ?, 0, 0, NULL, 0, ?, NULL, ?)",
-            (key, raw, expire, mode, value),
-        )
+        _insert_into(con, key, raw, expire, mode, value)
+
+
+def _insert_into(
+    con: sqlite3.Connection, key: object, raw: int, expire: float | None, mode: int, value: object
+) -> None:
+    cols = "key, raw, store_time, expire_time, access_time, access_count, tag, size, mode, filename, value"
+    con.execute(
+        f"INSERT INTO Cache ({cols}) VALUES (?, ?, 0, ?, 0, 0, NULL, 0, ?, NULL, ?)",
+        (key, raw, expire, mode, value),
+    )
 
 
 @pytest.mark.parametrize(
@@ -438,6 +444,8 @@ SETTINGS_DISKCACHE_CANNOT_USE = {
     "an eviction policy": ("eviction_policy", "bogus"),
     "a size limit of text": ("size_limit", "abc"),
     "a PRAGMA SQLite cannot run": ("sqlite_cache_size", "1 2"),
+    "two statements": ("sqlite_cache_size", "1; SELECT 1"),
+    "a read-only connection": ("sqlite_query_only", 1),
 }
 
 
@@ -582,3 +590,28 @@ def test_repair_that_moved_the_index_says_so_when_no_new_one_can_be_made(loaded,
     assert cli.main(["--cache-dir", str(cache), "cache", "repair"]) == 0
     assert any(p.name.startswith("index.corrupt") for p in cache.iterdir())
     assert "a new index is made by the next load" in caplog.text
+
+
+def test_a_hot_journal_a_read_only_check_cannot_roll_back_is_not_called_corrupt(loaded, tmp_path):
+    """An index in rollback-journal mode whose writer stopped mid-transaction: the read-only
+    check cannot roll it back ("attempt to write a readonly database"), which said corrupt."""
+    from sa3loader import cli
+
+    _, cache = loaded
+    stopped = tmp_path / "stopped"
+    shutil.copytree(cache, stopped)
+    db = stopped / "index" / "cache.db"
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("PRAGMA journal_mode = delete")
+    writer.execute("PRAGMA cache_size = 1")  # the transaction's pages spill into the file
+    writer.execute("BEGIN")
+    for n in range(2000):
+        _insert_into(writer, f"/spill/{n}", 1, None, 1, b"x" * 1000)
+    shutil.copy(db, tmp_path / "cache.db")
+    shutil.copy(str(db) + "-journal", tmp_path / "cache.db-journal")
+    writer.execute("ROLLBACK")
+    writer.close()
+    for name in ("cache.db", "cache.db-journal"):  # as the stopped writer left them
+        shutil.copy(tmp_path / name, stopped / "index" / name)
+    assert cli.main(["--cache-dir", str(stopped), "cache", "repair", "--dry-run"]) == 1
+    assert not any(p.name.startswith("index.corrupt") for p in stopped.iterdir())
