@@ -166,7 +166,8 @@ def read_only(directory: str) -> bool:
     return not (os.access(directory, os.W_OK | os.X_OK) and os.access(path, os.R_OK | os.W_OK))
 
 
-_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # SQLite's result codes (sqlite3.SQLITE_BUSY from Python 3.11)
+# SQLite's primary result codes (sqlite3.SQLITE_BUSY and the rest from Python 3.11).
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 5, 6, 8, 10, 13, 14
 
 
 def _codes_told() -> bool:
@@ -174,10 +175,16 @@ def _codes_told() -> bool:
     return hasattr(sqlite3, "SQLITE_BUSY")
 
 
+def sqlite_code(exc: BaseException) -> int | None:
+    """SQLite's primary result code of ``exc`` (the low byte of an extended one); None where
+    Python (< 3.11) tells none: a caller decides by the code, never by the words."""
+    code = getattr(exc, "sqlite_errorcode", None) if _codes_told() else None
+    return code & 0xFF if isinstance(code, int) else None
+
+
 def _held_elsewhere(exc: BaseException) -> bool:
-    """SQLite's answer that another connection holds the database (by its code, never its words)."""
-    code = getattr(exc, "sqlite_errorcode", None) if _codes_told() else None  # the low byte: extended too
-    return isinstance(code, int) and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    """SQLite's answer that another connection holds the database."""
+    return sqlite_code(exc) in (SQLITE_BUSY, SQLITE_LOCKED)
 
 
 def _plain_rows(directory: str) -> ReadOnlyRows | None:
@@ -200,7 +207,9 @@ def database_uri(directory: str) -> str:
 
 
 class ReadOnlyRows:
-    """diskcache's table read with SQLite alone, opened read-only: no write lock, nothing created.
+    """diskcache's table read with SQLite alone, never written: an index this user cannot write
+    opened read-only (immutable where a WAL's -shm cannot be made), a writable one a load reads
+    opened ``mode=rw``; no write lock taken, no database created either way.
 
     Only rows as ``SafeJSONDisk`` stores them are read (a str key stored raw, a
     JSON value stored raw); anything else is absent, never unpickled.

@@ -13,6 +13,12 @@ import diskcache
 
 from ._index import (
     DATABASE_NAME,
+    SQLITE_BUSY,
+    SQLITE_CANTOPEN,
+    SQLITE_FULL,
+    SQLITE_IOERR,
+    SQLITE_LOCKED,
+    SQLITE_READONLY,
     ReadOnlyRows,
     SafeJSONDisk,
     command_index,
@@ -21,6 +27,7 @@ from ._index import (
     index_timeout,
     read_only,
     refuse_expanded,
+    sqlite_code,
 )
 from .errors import CacheIndexError
 
@@ -55,7 +62,7 @@ def diagnose(directory: str) -> str | None:
             con.close()
     except sqlite3.OperationalError as exc:
         # Held by another process, or a hot journal only a writer may roll back: not corrupt.
-        if _code(exc) in _NOT_ITS_FAULT or "locked" in str(exc) or "busy" in str(exc):
+        if sqlite_code(exc) in _NOT_ITS_FAULT or "locked" in str(exc) or "busy" in str(exc):
             raise database_error(directory, "be checked", exc) from exc
         return str(exc)
     except sqlite3.DatabaseError as exc:
@@ -67,20 +74,15 @@ _TWO_ROWS_FOR_ONE_KEY = "SELECT 1 FROM Cache GROUP BY key, raw HAVING count(*) >
 _SETTINGS_IT_CANNOT_USE = (TypeError, KeyError, ValueError)
 # SQLite's result codes: BUSY, LOCKED, READONLY (a hot journal a read-only check cannot roll
 # back) are not the index's fault; IOERR, FULL, CANTOPEN from the copy are the temp dir's.
-_NOT_ITS_FAULT, _THE_TEMP_DIRS = (5, 6, 8), (10, 13, 14)
-
-
-def _code(exc: sqlite3.Error) -> int | None:
-    """SQLite's primary result code of ``exc``; None where Python (< 3.11) tells none."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code & 0xFF if isinstance(code, int) else None
+_NOT_ITS_FAULT = (SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY)
+_THE_TEMP_DIRS = (SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN)
 
 
 def _the_temp_dirs(exc: sqlite3.Error) -> bool:
     """Whether an error from diskcache's open of the copy is the temp dir's (no room, no file),
     not the index's own (a Settings value it runs, a column, a constraint); an OperationalError
     that tells no code is counted the temp dir's (never a sound index set aside)."""
-    code = _code(exc)
+    code = sqlite_code(exc)
     return code in _THE_TEMP_DIRS or (code is None and isinstance(exc, sqlite3.OperationalError))
 
 
@@ -101,10 +103,8 @@ def _diskcache_refuses(directory: str, con: sqlite3.Connection) -> str | None:
                 with diskcache.Cache(scratch, timeout=index_timeout(), disk=SafeJSONDisk) as cache:
                     cache.get("")
                     cache.set("", {})  # a write culls, as a load's does
-            except _SETTINGS_IT_CANNOT_USE as exc:
-                return f"diskcache cannot use it ({type(exc).__name__}: {exc})"
-            except sqlite3.Error as exc:
-                if _the_temp_dirs(exc):
+            except (*_SETTINGS_IT_CANNOT_USE, sqlite3.Error) as exc:
+                if isinstance(exc, sqlite3.Error) and _the_temp_dirs(exc):
                     raise
                 return f"diskcache cannot use it ({type(exc).__name__}: {exc})"
     except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
