@@ -3,9 +3,8 @@
 - ``plan_chunks``: which contiguous reads cover the wanted byte ranges of a file
   (pure arithmetic; shared by the reader and the mapping's prefetch);
 - ``read_into``: parallel ``preadv`` straight into CPU tensors, no staging copy;
-- ``stream_into``: reads into a small ring of pinned host buffers, copied to
-  another device with non-blocking copies on a side stream, so disk reads
-  overlap transfers; the ring is the only host memory used, whatever the model size;
+- ``stream_into``: reads into a small ring of pinned host buffers, copied to another device
+  on a side stream, reads overlapping copies; the ring is the only host memory used;
 - ``MappedFile``: tensors that are views of a private, copy-on-write mapping.
 
 Plain reads (never mmap) serve wherever a mapping is unreliable: a file truncated
@@ -94,6 +93,9 @@ def plan_chunks(ranges: Sequence[tuple[int, int]], chunk_bytes: int = CHUNK_BYTE
 PAGE_BYTES = mmap.PAGESIZE
 PREFETCH_PIECE_BYTES = 64 * 1024 * 1024
 PREFETCH_THREADS = 4
+# Pages in the page cache, faulted in beside the build: each piece waits up to 5 ms (the switch
+# interval) for the GIL; 64 MB pieces held the DiT hit's prefetch 130-200 ms (benchmarks/README.md).
+HOT_PIECE_BYTES = 512 * 1024 * 1024
 
 
 class MappedFile:
@@ -135,22 +137,23 @@ class MappedFile:
     def prefetch(
         self, offsets: Sequence[int], sizes: Sequence[int], stop: threading.Event | None = None
     ) -> None:
-        """Fault in the pages of these ranges now, 64 MB pieces on 4 threads.
+        """Fault in the pages of these ranges now: 64 MB pieces on 4 threads, or, all in the page
+        cache, 512 MB pieces on the cores the build leaves (``prefetch_threads``).
 
-        Touched lazily, weights fault in model order, which jumps around the
-        file and defeats readahead. One touch per page, in file order within
-        each piece, with several pieces in flight keeps the disk's queue full
-        (figures in benchmarks/README.md). ``stop`` abandons the pieces not yet
-        started.
+        Touched lazily, weights fault in model order, which jumps around the file and defeats
+        readahead. One touch per page, in file order within each piece, several pieces in flight,
+        keeps the disk's queue full (benchmarks/README.md). ``stop`` abandons the pieces not yet started.
         """
         view = torch.frombuffer(self._map, dtype=torch.uint8)
-        piece_bytes = _faults.tuned("prefetch_piece_bytes", PREFETCH_PIECE_BYTES)
-        chunks = plan_chunks(list(zip(offsets, sizes, strict=True)), piece_bytes)
+        ranges = list(zip(offsets, sizes, strict=True))
+        chunks = plan_chunks(ranges, _faults.tuned("prefetch_piece_bytes", PREFETCH_PIECE_BYTES))
         try:
             with reading(self.header) as fd:
                 threads = prefetch_threads(fd, chunks, usable_cores())
         except OSError:  # its name gone, say: the speed alone depends on this answer
             threads = PREFETCH_THREADS
+        if threads < PREFETCH_THREADS:  # all in the page cache: CPU work beside the build
+            chunks = plan_chunks(ranges, _faults.tuned("prefetch_hot_piece_bytes", HOT_PIECE_BYTES))
 
         def piece(chunk: Chunk) -> None:
             if stop is None or not stop.is_set():
@@ -158,8 +161,7 @@ class MappedFile:
                 touch_pages(view, chunk.file_offset, chunk.length)
 
         with ThreadPoolExecutor(threads) as pool:
-            for _ in pool.map(piece, chunks):
-                pass
+            list(pool.map(piece, chunks))  # raises what a piece raised
 
 
 def usable_cores() -> int:
@@ -172,12 +174,11 @@ def usable_cores() -> int:
 def prefetch_threads(fd: int, chunks: Sequence[Chunk], cores: int) -> int:
     """Threads to fault ``chunks`` in with.
 
-    Pages on disk: ``PREFETCH_THREADS``, each waiting on a read, keep the disk's queue
-    full. Pages all in the page cache (a byte of each chunk, read only if it is there:
-    ``RWF_NOWAIT``): faulting is CPU work alone, and threads beyond the cores the build
-    leaves (a load's early prefetch runs while the factory runs on the caller's thread) slow
-    the build more than they speed the faulting (benchmarks/README.md). Only the speed
-    depends on this.
+    Pages on disk: ``PREFETCH_THREADS``, each waiting on a read, keep the disk's queue full.
+    Pages all in the page cache (a byte of each chunk, read only if it is there: ``RWF_NOWAIT``):
+    faulting is CPU work alone, and threads beyond the cores the build leaves (the early
+    prefetch runs beside the factory) slow the build more than they speed the faulting
+    (benchmarks/README.md). Only the speed depends on this.
     """
     spare = max(1, min(PREFETCH_THREADS, cores - 1))
     if spare == PREFETCH_THREADS or not all(in_page_cache(fd, c.file_offset + c.length // 2) for c in chunks):

@@ -488,6 +488,34 @@ def test_the_prefetch_leaves_the_build_a_core_only_where_every_page_is_in_the_pa
             os.close(fd)
 
 
+@pytest.mark.parametrize(
+    ("cores", "askable", "pieces"), [(2, True, 4), (1, True, 4), (64, True, 16), (2, False, 16)]
+)
+def test_a_prefetch_of_pages_in_the_page_cache_beside_the_build_touches_few_long_pieces(
+    tmp_path, monkeypatch, cores, askable, pieces
+):
+    """Each piece takes the GIL back from the build's thread (up to 5 ms each: the DiT hit's
+    prefetch ran 130-200 ms in 64 MB pieces). Pages all in the page cache, on the cores the build
+    leaves: pieces of ``prefetch_hot_piece_bytes``; else of ``prefetch_piece_bytes``."""
+    from sa3loader._io import MappedFile
+
+    path = save({"w": torch.arange(1 << 20, dtype=torch.float32)}, tmp_path / "model.safetensors")
+    header = read_header(path)
+    entry = header.entries[0]
+    assert entry.nbytes == 4 << 20
+    monkeypatch.setitem(_faults.tunings, "prefetch_piece_bytes", 256 << 10)
+    monkeypatch.setitem(_faults.tunings, "prefetch_hot_piece_bytes", 1 << 20)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    if not askable:
+        monkeypatch.delattr(os, "RWF_NOWAIT")
+    touched = []
+    monkeypatch.setattr(
+        _faults, "hook", lambda name, subject=None: touched.append(subject) if name == "touch" else None
+    )
+    MappedFile(header).prefetch([header.data_start + entry.begin], [entry.nbytes])
+    assert len(touched) == pieces, touched
+
+
 def test_a_prefetch_whose_file_name_is_gone_still_faults_its_pages_in(tmp_path):
     """The page cache is asked through the file's name where no descriptor is open: with the
     name gone, the prefetch runs as for pages on disk, and still maps every page."""

@@ -977,6 +977,7 @@ def test_a_failing_factory_stops_the_early_prefetch(tmp_path, monkeypatch):
             time.sleep(0.05)
 
     monkeypatch.setitem(_faults.tunings, "prefetch_piece_bytes", 16 * 1024)
+    monkeypatch.setitem(_faults.tunings, "prefetch_hot_piece_bytes", 16 * 1024)  # in the page cache
     monkeypatch.setattr(_faults, "hook", slow_touch)
 
     def broken(config):
