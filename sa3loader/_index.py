@@ -348,9 +348,13 @@ class Index:
         try:
             return cache.get(encode_key(source_real))
         except UnsafeRowError as exc:
-            logger.warning("%s: dropping unsafe index row for %s (%s)", self.directory, source_real, exc)
-            if not (self.read_only or self.strict):  # a read-only index keeps it: reading it never
-                self.delete(source_real)  # fails for that; a command's reads change nothing (`prune` does)
+            # A read-only index keeps it (reading it never fails for that); a command's reads
+            # change nothing (`prune` drops it); a load's drops it.
+            kept = self.read_only or self.strict
+            what = "ignoring" if kept else "dropping"
+            logger.warning("%s: %s unsafe index row for %s (%s)", self.directory, what, source_real, exc)
+            if not kept:
+                self.delete(source_real)
         except INDEX_ERRORS as exc:
             self._failed("be read", exc)
         return None
