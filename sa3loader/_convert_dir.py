@@ -38,6 +38,7 @@ from ._places import (
     is_temp_name,
     left_by_a_gone_writer,
     legacy_beside_path,
+    process_gone,
     temp_files_of,
 )
 from ._records import SourceIdentity
@@ -323,15 +324,6 @@ def _copy(src: str, dst: str, force: bool) -> None:
 ASIDE_INFIX = ".replaced-"
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        with contextlib.suppress(PermissionError):  # another user's: alive
-            os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 # What follows <out>.incomplete- or <out>.replaced- in the name of a staging or set-aside
 # output dir: <pid>-<8 hex>. Only a dir named exactly so is ours to heal or remove.
 STAGING_TAIL = re.compile(r"([0-9]+)-[0-9a-f]{8}")
@@ -354,12 +346,12 @@ def _heal_output(out_dir: str) -> None:
             pid = _writer_pid(name, base + infix)
             if pid is None:
                 continue  # not a name convert gives: someone's own folder
-            if pid != os.getpid() and _process_alive(pid):
+            if pid != os.getpid() and not process_gone(pid):
                 continue  # another convert is still at work
             if infix == ASIDE_INFIX and not os.path.exists(out_dir):
                 os.rename(path, out_dir)  # killed between its two renames: put the old output back
             else:
-                shutil.rmtree(path, ignore_errors=True)
+                _remove_ours(path)
 
 
 def _publish_dir(staging: str, out_dir: str) -> None:
@@ -370,7 +362,14 @@ def _publish_dir(staging: str, out_dir: str) -> None:
     aside = f"{out_dir}{ASIDE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.rename(out_dir, aside)
     os.rename(staging, out_dir)
-    shutil.rmtree(aside, ignore_errors=True)
+    _remove_ours(aside)
+
+
+def _remove_ours(path: str) -> None:
+    """A dir convert staged or set aside; an output that was a link: the link, not what it names."""
+    shutil.rmtree(path, ignore_errors=True)  # refuses a link (ignored): unlinked below
+    with contextlib.suppress(OSError):  # gone already (a dir), or a dir rmtree could not empty
+        os.unlink(path)
 
 
 def convert_tree(

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from . import _config, _faults
 from ._config import LOCK_TIMEOUT_ENV, warn_once
 from ._host import boot_id, network_filesystem
-from ._places import LOCK_SUFFIX
+from ._places import LOCK_SUFFIX, process_gone
 from .errors import LockTimeoutError, UnusableLockError
 
 logger = logging.getLogger(__name__)
@@ -286,13 +286,7 @@ def _holder_is_gone(lease: str) -> bool:
         return False
     if host != _this_host() or "?" in host.split("|")[1:] or holder <= 0:
         return False
-    try:
-        os.kill(holder, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False  # it exists (another user's)
-    return False
+    return process_gone(holder)
 
 
 def _take_over(lease: str) -> None:

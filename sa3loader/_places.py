@@ -141,13 +141,17 @@ def left_by_a_gone_writer(path: str, dest: str) -> bool:
     """Whether ``path``, a temp file of ``dest`` named ``<pid>-<8 hex>``, was written by a
     process of this host that no longer runs (a killed conversion's: nothing finishes it)."""
     match = re.fullmatch(r"([0-9]+)-[0-9a-f]{8}", path[len(incomplete_prefix(dest)) :])
-    if match is None or int(match.group(1)) == os.getpid():
-        return False
+    return match is not None and int(match.group(1)) != os.getpid() and process_gone(int(match.group(1)))
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process of this host has ``pid``: another user's runs (EPERM); one beyond what
+    a kernel gives runs nowhere (``OverflowError``, not a crash of whatever scans for debris)."""
     try:
-        os.kill(int(match.group(1)), 0)
-    except ProcessLookupError:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
         return True
-    except OSError:  # another user's process: it runs
+    except OSError:  # EPERM: another user's process
         return False
     return False
 

@@ -696,11 +696,13 @@ def test_convert_file_refuses_an_output_that_is_the_source_even_with_force(ckpt_
     assert tree_bytes(tmp_path) == before
 
 
-def test_convert_dir_heals_what_a_kill_left(ckpt_dir, tmp_path):
-    """Killed between its two renames: the old output is aside, the new one complete but unplaced."""
+@pytest.mark.parametrize("gone", ["dead", "beyond any pid"])
+def test_convert_dir_heals_what_a_kill_left(ckpt_dir, tmp_path, gone):
+    """Killed between its two renames: the old output is aside, the new one complete but unplaced.
+    A pid no kernel gives (`os.kill` raised OverflowError: a traceback) runs nowhere either."""
     out = Path(str(ckpt_dir) + "-fp16")
     run("convert", str(ckpt_dir), cache=tmp_path / "c")
-    pid = dead_pid()
+    pid = dead_pid() if gone == "dead" else 10**20
     aside = Path(f"{out}.replaced-{pid}-abcd1234")
     staging = Path(f"{out}.incomplete-{pid}-abcd1234")
     out.rename(aside)
@@ -708,6 +710,27 @@ def test_convert_dir_heals_what_a_kill_left(ckpt_dir, tmp_path):
     (staging / "half.safetensors").write_bytes(b"partial")
     run("convert", str(ckpt_dir), cache=tmp_path / "c", check_rc=1)  # the old output is back: --force
     assert (out / "model.safetensors").exists() and not aside.exists() and not staging.exists()
+
+
+@pytest.mark.parametrize("killed", [False, True])
+def test_convert_dir_force_over_a_linked_output_replaces_the_link_and_leaves_nothing_aside(
+    ckpt_dir, tmp_path, killed
+):
+    """An --out that is a link to a folder: --force puts the output where the link was and
+    removes the link set aside (it was left as <out>.replaced-*), never what it names; a kill
+    between the renames left the link aside: the next run removes it as well."""
+    target, out = tmp_path / "elsewhere", tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("the user's")
+    out.symlink_to(target)
+    if killed:  # the new output was placed, the old one (the link) still aside
+        run("convert", str(ckpt_dir), "--out", str(tmp_path / "new"), cache=tmp_path / "c")
+        out.rename(f"{out}.replaced-{dead_pid()}-abcd1234")
+        (tmp_path / "new").rename(out)
+    run("convert", str(ckpt_dir), "--out", str(out), "--force", cache=tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]
+    assert not out.is_symlink() and (out / "model.safetensors").exists()
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
 
 
 def test_convert_dir_leaves_a_users_folder_named_like_its_staging(ckpt_dir, tmp_path):
