@@ -65,9 +65,13 @@ def encode_key(path: str) -> str:
     return path
 
 
-def decode_key(key: str) -> str:
+def decode_key(key: str) -> str | None:
+    """The path ``encode_key`` made ``key`` of; None for a key it never makes (not hex after the prefix)."""
     if key.startswith(_BYTES_KEY_PREFIX):
-        return os.fsdecode(bytes.fromhex(key[len(_BYTES_KEY_PREFIX) :]))
+        try:
+            return os.fsdecode(bytes.fromhex(key[len(_BYTES_KEY_PREFIX) :]))
+        except ValueError:
+            return None
     return key
 
 
@@ -404,8 +408,8 @@ class Index:
             return []
         rows: list[tuple[str, IndexRow | None]] = []
         for key in keys:
-            path = decode_key(key)
-            rows.append((path, IndexRow.from_json(self._read(path))))
+            path = decode_key(key)  # not sa3loader's key: an invalid row (``encode_key(key)`` is key)
+            rows.append((key, None) if path is None else (path, IndexRow.from_json(self._read(path))))
         return rows
 
     def clear(self) -> int:

@@ -194,6 +194,13 @@ class RangeReport:
     flushed_to_zero: int
 
 
+def _range_of(counted: dict[str, Any] | None) -> RangeReport | None:
+    """The row's ``range``, its keys sa3loader reads alone (a newer writer's more are allowed)."""
+    if counted is None:
+        return None
+    return RangeReport(overflow_to_inf=counted["overflow_to_inf"], flushed_to_zero=counted["flushed_to_zero"])
+
+
 @dataclass(frozen=True)
 class IndexRow:
     """One index row, keyed by the source's real path: the source as it was when it was last
@@ -253,7 +260,7 @@ class IndexRow:
             sibling_size=sibling["size"],
             sibling_header_sha256=sibling["header_sha256"],
             created=obj["created"],
-            range=RangeReport(**obj["range"]) if obj["range"] is not None else None,
+            range=_range_of(obj["range"]),
             converter_version=obj["converter_version"],
             last_used=float(used) if _a_time(used) else None,
             sibling_file=_sibling_file_of(sibling),

@@ -620,3 +620,47 @@ def test_a_hot_journal_a_read_only_check_cannot_roll_back_is_not_called_corrupt(
         shutil.copy(tmp_path / name, stopped / "index" / name)
     assert cli.main(["--cache-dir", str(stopped), "cache", "repair", "--dry-run"]) == 1
     assert not any(p.name.startswith("index.corrupt") for p in stopped.iterdir())
+
+
+def test_a_row_with_more_in_its_range_is_read_as_a_row(loaded, tmp_path, monkeypatch, capsys):
+    """Extra keys are allowed (a newer writer's), in ``range`` too: it raised an untyped TypeError
+    from every load of the checkpoint, a capped load of any other, and every cache command (an
+    outside attack), while `cache repair` called the index sound."""
+    import json
+
+    from sa3loader import cli
+
+    ckpt, cache = loaded
+    db = cache / "index" / "cache.db"
+    with sqlite3.connect(db) as con:
+        row = json.loads(con.execute("SELECT value FROM Cache").fetchone()[0])
+        row["range"]["newer_field"] = 0
+        con.execute("UPDATE Cache SET value = ?", (json.dumps(row).encode(),))
+    got = Index(str(cache)).get(os.path.realpath(ckpt))
+    assert (
+        got is not None
+        and got.range is not None
+        and got.range.overflow_to_inf == row["range"]["overflow_to_inf"]
+    )
+    assert digest(load_toy(ckpt, cache)) == reference_digest(ckpt)
+    monkeypatch.setenv("SA3LOADER_CACHE_MAX", "1GB")
+    other = make_ckpt(tmp_path / "other.safetensors")
+    assert digest(load_toy(other, cache)) == reference_digest(other)
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
+    assert "invalid" not in capsys.readouterr().out
+
+
+def test_a_key_sa3loader_never_makes_is_an_invalid_row_not_an_error(loaded, tmp_path, monkeypatch, capsys):
+    """A key with the bytes prefix and no hex after it: every command that lists rows raised an
+    untyped ValueError, and so did a capped load of any checkpoint (an outside attack)."""
+    from sa3loader import cli
+
+    ckpt, cache = loaded
+    _insert_row(cache / "index" / "cache.db", "\x00bytes:zz", 1, None, 1, b'{"a": 1}')
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 3
+    assert "invalid" in capsys.readouterr().out
+    monkeypatch.setenv("SA3LOADER_CACHE_MAX", "1GB")
+    other = make_ckpt(tmp_path / "other.safetensors")
+    assert digest(load_toy(other, cache)) == reference_digest(other)
+    assert cli.main(["--cache-dir", str(cache), "cache", "prune"]) == 0
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
