@@ -122,53 +122,58 @@ def conversion_floor(source: Path, out_dir: Path, out_bytes: int, threads: int =
     ``pwrite`` (the converter's way; a mapping of the source dies on a truncated source). As
     the converter does, the file's bytes are taken first (``fallocate``) and each 4 MiB is read
     before it is written (its pages made without the file's lock: ``_convert._populate``)."""
+    import contextlib
     import threading
 
     read_piece, write_piece = 512 << 10, 4 << 20
-    src_fd = os.open(source, os.O_RDONLY)
+    src_size = source.stat().st_size
+    stripes = -(-out_bytes // write_piece)  # every byte: the last stripe may be short
+    src_per_stripe = -(-src_size // max(1, stripes))
+    taken, lock = [0], threading.Lock()
     out = out_dir / f"floor-{os.getpid()}.tmp"
-    out_fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    os.posix_fallocate(out_fd, 0, out_bytes)
-    stripes, taken, lock = out_bytes // write_piece, [0], threading.Lock()
-    per_stripe = max(1, os.fstat(src_fd).st_size // max(1, stripes) // read_piece)
 
-    def worker() -> None:
-        buffer, stripe_buffer = bytearray(read_piece), bytearray(write_piece)
+    def worker(src_fd: int, out_fd: int) -> None:
+        buffer, stripe_buffer = memoryview(bytearray(read_piece)), memoryview(bytearray(write_piece))
         while True:
             with lock:
                 stripe = taken[0]
                 taken[0] += 1
             if stripe >= stripes:
                 return
-            os.preadv(out_fd, [stripe_buffer], stripe * write_piece)
-            for k in range(per_stripe):
-                os.preadv(src_fd, [buffer], (stripe * per_stripe + k) * read_piece)
-            os.pwrite(out_fd, stripe_buffer, stripe * write_piece)
+            at = stripe * write_piece
+            view = stripe_buffer[: min(write_piece, out_bytes - at)]
+            os.preadv(out_fd, [view], at)
+            begin, end = stripe * src_per_stripe, min(src_size, (stripe + 1) * src_per_stripe)
+            for offset in range(begin, end, read_piece):
+                os.preadv(src_fd, [buffer[: min(read_piece, end - offset)]], offset)
+            os.pwrite(out_fd, view, at)
 
-    try:
+    with contextlib.ExitStack() as owned:  # a failed fallocate (a full disk) leaves nothing behind
+        src_fd = os.open(source, os.O_RDONLY)
+        owned.callback(os.close, src_fd)
+        out_fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        owned.callback(out.unlink)
+        owned.callback(os.close, out_fd)
+        os.posix_fallocate(out_fd, 0, out_bytes)
         started = time.perf_counter()
-        workers = [threading.Thread(target=worker) for _ in range(threads)]
+        workers = [threading.Thread(target=worker, args=(src_fd, out_fd)) for _ in range(threads)]
         for w in workers:
             w.start()
         for w in workers:
             w.join()
         return time.perf_counter() - started
-    finally:
-        os.close(src_fd)
-        os.close(out_fd)
-        out.unlink()
 
 
 def siblings(folder: Path, cache: Path) -> list[Path]:
     """sa3loader's sibling of the fp32 file: beside it (``.cache/sa3loader``) or in the cache dir."""
-    return [*(folder / ".cache").rglob("*.safetensors"), *cache.rglob("*.safetensors")]
+    return [*(folder / ".cache" / "sa3loader").rglob("*.safetensors"), *cache.rglob("*.safetensors")]
 
 
 def ready(side: str, folder: Path, cache: Path) -> None:
     """The state each side starts in: the files it reads hot, no sibling for a first load."""
     if side == "first":  # no sibling anywhere: the cache dir's, or beside in .cache/sa3loader
         shutil.rmtree(cache, ignore_errors=True)
-        shutil.rmtree(folder / ".cache", ignore_errors=True)
+        shutil.rmtree(folder / ".cache" / "sa3loader", ignore_errors=True)  # not the rest of .cache
     files = [folder / (FP16 if side.startswith(("hit", "diffusers fp16")) else FP32)]
     files += siblings(folder, cache) if side.startswith("hit") else []
     if side.endswith(REREAD):
