@@ -121,7 +121,8 @@ class SafeJSONDisk(diskcache.Disk):
 def decode_row(mode: int, value: Any) -> Any:
     """A row's JSON value; ``UnsafeRowError`` for any other way of storing it (pickle above all)."""
     if mode != MODE_RAW or not isinstance(value, (bytes, sqlite3.Binary)):
-        raise UnsafeRowError(f"refusing an index row stored in mode {mode} (only JSON is read)")
+        how = f"stored in mode {mode}" if mode != MODE_RAW else f"holding {type(value).__name__}"
+        raise UnsafeRowError(f"refusing an index row {how} (only JSON in bytes is read)")
     try:
         return json.loads(bytes(value).decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # (nested too deep for Python): invalid, as ever
@@ -355,8 +356,8 @@ class Index:
             # A read-only index keeps it (reading it never fails for that); a command's reads
             # change nothing (`prune` drops it); a load's drops it.
             kept = self.read_only or self.strict
-            what = "ignoring" if kept else "dropping"
-            logger.warning("%s: %s unsafe index row for %s (%s)", self.directory, what, source_real, exc)
+            what = "read as no row" if kept else "dropped"
+            logger.warning("%s: unsafe index row for %s (%s): %s", self.directory, source_real, exc, what)
             if not kept:
                 self.delete(source_real)
         except INDEX_ERRORS as exc:

@@ -137,8 +137,8 @@ class MappedFile:
     def prefetch(
         self, offsets: Sequence[int], sizes: Sequence[int], stop: threading.Event | None = None
     ) -> None:
-        """Fault in the pages of these ranges now: 64 MB pieces on 4 threads, or, all in the page
-        cache, 512 MB pieces on the cores the build leaves (``prefetch_threads``).
+        """Fault in the pages of these ranges now: 64 MB pieces on 4 threads; all in the page cache
+        and fewer cores beside the build, 512 MB pieces on those cores (``prefetch_threads``).
 
         Touched lazily, weights fault in model order, which jumps around the file and defeats
         readahead. One touch per page, in file order within each piece, several pieces in flight,

@@ -229,7 +229,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _ls_line(e: Entry, paths: bool) -> str:
     if e.status == INVALID:
-        return f"{e.status:15} {e.source}: not a valid index row (loads ignore it; `cache prune` drops it)"
+        tail = "not a valid index row (a load of its checkpoint replaces it; `cache prune` drops it)"
+        return f"{e.status:15} {e.source}: {tail}"
     source = e.source if paths else hub_name(e.source) or e.source
     sibling = f" -> {e.sibling}" if paths else ""
     created, used = (time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) for t in (e.created, e.last_used))
@@ -402,8 +403,8 @@ def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:
         for c in checks
     ]
     emit(args, data, lines or ["no rows"])
-    # Exit 3 means a problem with a sibling: one whose checkpoint is gone or changed since is
-    # not damaged (``cache prune`` tidies it away).
+    # Exit 3 means a problem with a sibling or a row: a sibling whose checkpoint is gone or
+    # changed since is not damaged (``cache prune`` tidies it away).
     fine = (OK, MISSING_SOURCE, STALE, _records.UNREADABLE_SOURCE)  # (a source unreadable for now)
     return EXIT_OK if all(c.result in fine for c in checks) else EXIT_CHECK_FAILED
 

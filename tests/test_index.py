@@ -369,6 +369,7 @@ def test_a_row_nested_too_deep_is_absent_not_an_error(loaded):
     assert Index(str(cache)).get(os.path.realpath(ckpt)) is None
     model = load_toy(ckpt, cache)
     assert digest(model) == reference_digest(ckpt)
+    assert Index(str(cache)).get(os.path.realpath(ckpt)) is not None  # the load's own: dropped, new
 
 
 @pytest.mark.parametrize("value", [b"{not json", b"[" * 200_000 + b"]" * 200_000])
@@ -377,7 +378,7 @@ def test_a_row_that_is_not_json_is_invalid_to_the_commands_not_their_end(
 ):
     """One undecodable row (another checkpoint's) made every cache command exit 1, and
     `cache repair` found nothing to repair (an outside attack): `ls` says invalid (and that it
-    ignores it: it once logged "dropping" and kept it), `prune` drops it."""
+    read it as no row: it once logged "dropping" and kept it), `prune` drops it."""
     from sa3loader import cli
 
     ckpt, cache = loaded
@@ -385,7 +386,8 @@ def test_a_row_that_is_not_json_is_invalid_to_the_commands_not_their_end(
     for _ in range(2):  # the row is still there
         assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 3
         assert "invalid" in capsys.readouterr().out
-    assert "ignoring unsafe index row" in caplog.text and "dropping" not in caplog.text
+    assert "read as no row" in caplog.text and "dropped" not in caplog.text
+    assert cli.main(["--cache-dir", str(cache), "cache", "verify"]) == 3  # README: an invalid row
     assert cli.main(["--cache-dir", str(cache), "cache", "prune"]) == 0
     assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
 
