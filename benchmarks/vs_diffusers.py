@@ -55,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 FP32 = "diffusion_pytorch_model.safetensors"
 FP16 = "diffusion_pytorch_model.fp16.safetensors"
 GOAL_FIRST, GOAL_HIT, GOAL_ANON = 1.0, 1.0, 0.05
+MARK = ".written-by-vs-diffusers"  # the only <workdir>/dit it removes to write its models again
 QUIET_LOAD = 0.5
 REREAD = ", re-read"
 PAIRS = (("first", "diffusers fp32"), ("hit", "diffusers fp16"), ("hit" + REREAD, "diffusers fp16" + REREAD))
@@ -316,9 +317,12 @@ def main() -> None:
         child(args.child, folder, cache)
         return
     if not (args.keep and (folder / FP16).exists()):
+        if folder.exists() and not (folder / MARK).exists():  # a folder of the user's own: kept
+            raise SystemExit(f"{folder} exists and was not written by this benchmark: pick another --workdir")
         shutil.rmtree(folder, ignore_errors=True)
         started = time.perf_counter()
         write_models(folder)
+        (folder / MARK).touch()
         print(
             f"saved the default StableAudio3DiTModel (fp32 and fp16) in {time.perf_counter() - started:.0f}s"
         )
