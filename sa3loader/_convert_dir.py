@@ -324,15 +324,18 @@ def _copy(src: str, dst: str, force: bool) -> None:
 ASIDE_INFIX = ".replaced-"
 
 
-# What follows <out>.incomplete- or <out>.replaced- in the name of a staging or set-aside
-# output dir: <pid>-<8 hex>. Only a dir named exactly so is ours to heal or remove.
-STAGING_TAIL = re.compile(r"([0-9]+)-[0-9a-f]{8}")
+STAGING_TAIL = re.compile(r"([0-9]+)-[0-9a-f]{8}")  # after <out>.incomplete- or <out>.replaced-
 
 
-def _writer_pid(name: str, infix: str) -> int | None:
-    """The pid in a name ``_heal_output`` may act on; None: not a name convert gave."""
+def _writer_pid(path: str, infix: str) -> int | None:
+    """The pid in the name of ``path``, a staging or set-aside output ``_heal_output`` may act on:
+    named exactly as convert names them (``<pid>-<8 hex>``) and yours; None: not convert's."""
+    name = os.path.basename(path)
     match = STAGING_TAIL.fullmatch(name.split(infix, 1)[1]) if infix in name else None
-    return int(match.group(1)) if match else None
+    with contextlib.suppress(OSError):  # gone meanwhile: nothing to act on
+        if match and os.lstat(path).st_uid == os.getuid():  # root's convert: never another user's
+            return int(match.group(1))
+    return None
 
 
 def _heal_output(out_dir: str) -> None:
@@ -343,11 +346,9 @@ def _heal_output(out_dir: str) -> None:
         for infix in (ASIDE_INFIX, INCOMPLETE_INFIX):
             if not name.startswith(base + infix):
                 continue
-            pid = _writer_pid(name, base + infix)
-            if pid is None:
-                continue  # not a name convert gives: someone's own folder
-            if pid != os.getpid() and not process_gone(pid):
-                continue  # another convert is still at work
+            pid = _writer_pid(path, base + infix)
+            if pid is None or not process_gone(pid):
+                continue  # someone's own folder; a convert at work (this process's too); no pid of ours
             if infix == ASIDE_INFIX and not os.path.exists(out_dir):
                 os.rename(path, out_dir)  # killed between its two renames: put the old output back
             else:

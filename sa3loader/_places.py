@@ -141,15 +141,21 @@ def left_by_a_gone_writer(path: str, dest: str) -> bool:
     """Whether ``path``, a temp file of ``dest`` named ``<pid>-<8 hex>``, was written by a
     process of this host that no longer runs (a killed conversion's: nothing finishes it)."""
     match = re.fullmatch(r"([0-9]+)-[0-9a-f]{8}", path[len(incomplete_prefix(dest)) :])
-    return match is not None and int(match.group(1)) != os.getpid() and process_gone(int(match.group(1)))
+    return match is not None and process_gone(int(match.group(1)))
+
+
+# Linux's PID_MAX_LIMIT on 64-bit: no writer of this host had a larger pid.
+PID_LIMIT = 1 << 22
 
 
 def process_gone(pid: int) -> bool:
-    """Whether no process of this host has ``pid``: another user's runs (EPERM); one beyond what
-    a kernel gives runs nowhere (``OverflowError``, not a crash of whatever scans for debris)."""
+    """Whether a process of this host that had ``pid`` no longer runs. This one runs, and another
+    user's (EPERM); a pid no kernel gives (0, above ``PID_LIMIT``) is no writer's: not gone."""
+    if not 0 < pid <= PID_LIMIT or pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
+    except ProcessLookupError:
         return True
     except OSError:  # EPERM: another user's process
         return False

@@ -696,13 +696,11 @@ def test_convert_file_refuses_an_output_that_is_the_source_even_with_force(ckpt_
     assert tree_bytes(tmp_path) == before
 
 
-@pytest.mark.parametrize("gone", ["dead", "beyond any pid"])
-def test_convert_dir_heals_what_a_kill_left(ckpt_dir, tmp_path, gone):
-    """Killed between its two renames: the old output is aside, the new one complete but unplaced.
-    A pid no kernel gives (`os.kill` raised OverflowError: a traceback) runs nowhere either."""
+def test_convert_dir_heals_what_a_kill_left(ckpt_dir, tmp_path):
+    """Killed between its two renames: the old output is aside, the new one complete but unplaced."""
     out = Path(str(ckpt_dir) + "-fp16")
     run("convert", str(ckpt_dir), cache=tmp_path / "c")
-    pid = dead_pid() if gone == "dead" else 10**20
+    pid = dead_pid()
     aside = Path(f"{out}.replaced-{pid}-abcd1234")
     staging = Path(f"{out}.incomplete-{pid}-abcd1234")
     out.rename(aside)
@@ -731,6 +729,27 @@ def test_convert_dir_force_over_a_linked_output_replaces_the_link_and_leaves_not
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]
     assert not out.is_symlink() and (out / "model.safetensors").exists()
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("pid", ["beyond any kernel's", "this process's", "another user's"])
+@pytest.mark.parametrize("infix", [".incomplete-", ".replaced-"])
+def test_convert_dir_keeps_a_folder_that_only_looks_like_what_a_kill_left(ckpt_dir, tmp_path, pid, infix):
+    """convert removes only what it made or set aside (an outside attack): a pid no kernel gives
+    counted as gone (10**20 raised OverflowError: a traceback), this process's pid as a dead
+    writer's (two converts in threads), and root's convert removed another user's folder."""
+    from sa3loader import cli
+
+    out = tmp_path / "out"
+    number = {"beyond any kernel's": 99999999999, "this process's": os.getpid()}.get(pid, dead_pid())
+    theirs = Path(f"{out}{infix}{number}-abcdef12")
+    theirs.mkdir()
+    (theirs / "precious.txt").write_text("mine")
+    if pid == "another user's":
+        if os.geteuid() != 0:
+            pytest.skip("giving the folder to another user needs root (CI runs as root)")
+        os.chown(theirs, 65534, 65534)
+    assert cli.main(["--cache-dir", str(tmp_path / "c"), "convert", str(ckpt_dir), "--out", str(out)]) == 0
+    assert (theirs / "precious.txt").read_text() == "mine" and (out / "model.safetensors").exists()
 
 
 def test_convert_dir_leaves_a_users_folder_named_like_its_staging(ckpt_dir, tmp_path):
