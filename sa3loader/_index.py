@@ -66,12 +66,14 @@ def encode_key(path: str) -> str:
 
 
 def decode_key(key: str) -> str | None:
-    """The path ``encode_key`` made ``key`` of; None for a key it never makes (not hex after the prefix)."""
+    """The path ``encode_key`` made ``key`` of; None for a key it never makes (not hex after the
+    prefix, or hex it would not write: a row listed under another key is deleted as that key)."""
     if key.startswith(_BYTES_KEY_PREFIX):
         try:
-            return os.fsdecode(bytes.fromhex(key[len(_BYTES_KEY_PREFIX) :]))
+            path = os.fsdecode(bytes.fromhex(key[len(_BYTES_KEY_PREFIX) :]))
         except ValueError:
             return None
+        return path if encode_key(path) == key else None
     return key
 
 

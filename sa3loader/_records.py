@@ -108,13 +108,21 @@ def _matches(value: Any, shape: Any) -> bool:
         return value is None or _matches(value, shape[1])
     if isinstance(shape, dict):
         return isinstance(value, dict) and all(k in value and _matches(value[k], v) for k, v in shape.items())
-    if shape == _INT:
-        return type(value) is int
+    if shape == _INT:  # what a C integer of the OS holds (a size printed, a time compared)
+        return type(value) is int and -(1 << 63) <= value < 1 << 63
     if shape == _NUMBER:
         return _a_time(value)
-    if shape is str:
-        return type(value) is str and "\x00" not in value  # no file name holds a NUL
+    if shape is str:  # no file name holds a NUL, or a character the OS cannot be given
+        return type(value) is str and "\x00" not in value and _encodable(value)
     return type(value) is shape
+
+
+def _encodable(text: str) -> bool:
+    try:
+        os.fsencode(text)
+    except UnicodeError:  # a lone surrogate: os.open and print raised UnicodeEncodeError
+        return False
+    return True
 
 
 def _a_time(value: Any) -> bool:

@@ -652,17 +652,55 @@ def test_a_row_with_more_in_its_range_is_read_as_a_row(loaded, tmp_path, monkeyp
     assert "invalid" not in capsys.readouterr().out
 
 
-def test_a_key_sa3loader_never_makes_is_an_invalid_row_not_an_error(loaded, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("hexed", ["zz", "2F 74 FF", b"/tmp/x\x00y".hex(), "the checkpoint's path"])
+def test_a_key_sa3loader_never_makes_is_an_invalid_row_not_an_error(
+    loaded, tmp_path, monkeypatch, capsys, hexed
+):
     """A key with the bytes prefix and no hex after it: every command that lists rows raised an
-    untyped ValueError, and so did a capped load of any checkpoint (an outside attack)."""
+    untyped ValueError, and so did a capped load of any checkpoint; hex that ``encode_key`` would
+    not write was listed (and deleted) as another key, so prune said it pruned rows it left (two
+    outside attacks). Such a row is invalid, and `prune` removes it."""
     from sa3loader import cli
 
     ckpt, cache = loaded
-    _insert_row(cache / "index" / "cache.db", "\x00bytes:zz", 1, None, 1, b'{"a": 1}')
+    if hexed == "the checkpoint's path":
+        hexed = os.fsencode(os.path.realpath(ckpt)).hex()
+    _insert_row(cache / "index" / "cache.db", "\x00bytes:" + hexed, 1, None, 1, b'{"a": 1}')
     assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 3
     assert "invalid" in capsys.readouterr().out
     monkeypatch.setenv("SA3LOADER_CACHE_MAX", "1GB")
     other = make_ckpt(tmp_path / "other.safetensors")
     assert digest(load_toy(other, cache)) == reference_digest(other)
     assert cli.main(["--cache-dir", str(cache), "cache", "prune"]) == 0
+    assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
+    with sqlite3.connect(cache / "index" / "cache.db") as con:
+        assert not con.execute("SELECT count(*) FROM Cache WHERE key LIKE ?", ("\x00bytes:%",)).fetchone()[0]
+
+
+@pytest.mark.parametrize(
+    ("part", "field", "value"),
+    [
+        ("sibling", "path", "\ud800"),
+        ("source", "path", "\ud800"),
+        ("source", "size", 10**400),
+        ("sibling", "size", -(10**30)),
+    ],
+)
+def test_a_row_holding_what_the_os_cannot_take_is_invalid_not_an_error(loaded, part, field, value):
+    """A lone surrogate (``os.open``, ``print`` raise UnicodeEncodeError) or an integer no C integer
+    holds (``OverflowError`` printing a size): a load, ls, prune and the dry runs raised untyped
+    errors (an outside attack). Such a row is invalid: the load replaces it."""
+    import json
+
+    from sa3loader import cli
+
+    ckpt, cache = loaded
+    with sqlite3.connect(cache / "index" / "cache.db") as con:
+        row = json.loads(con.execute("SELECT value FROM Cache").fetchone()[0])
+        row[part][field] = value
+        con.execute("UPDATE Cache SET value = ?", (json.dumps(row).encode(),))
+    for command, rc in ((["ls"], 3), (["ls", "--json"], 3), (["verify"], 3), (["prune", "--dry-run"], 0)):
+        assert cli.main(["--cache-dir", str(cache), "cache", *command]) == rc, command
+    assert cli.main(["--cache-dir", str(cache), "cache", "clear", "--dry-run"]) == 0
+    assert digest(load_toy(ckpt, cache)) == reference_digest(ckpt)
     assert cli.main(["--cache-dir", str(cache), "cache", "ls"]) == 0
