@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from support.cli import run, run_process
 from support.compare import writable
 from support.faults import at, injected
+from support.processes import dead_pid
 
 import sa3loader
 from sa3loader import __version__, _faults, cli
@@ -169,7 +170,7 @@ def test_a_killed_conversions_temp_file_goes_with_the_next_conversion(tmp_path, 
     src = tmp_path / "model.safetensors"
     save_file({"w": torch.randn(4, 4)}, str(src))
     dest = src if how == "in-place" else tmp_path / "out.safetensors"
-    killed = Path(f"{dest}.incomplete-999999999-deadbeef")  # no such process
+    killed = Path(f"{dest}.incomplete-{dead_pid()}-deadbeef")  # no such process
     alive = Path(f"{dest}.incomplete-1-0badcafe")  # init's: still running
     for path in (killed, alive):
         path.write_bytes(b"x" * 100)
@@ -611,12 +612,6 @@ def test_warm_takes_a_directory_as_convert_does(ckpt_dir, tmp_path):
     sources = sorted(str(p) for p in ckpt_dir.rglob("*.safetensors") if ".fp16." not in p.name)
     assert sorted(r["source"] for r in again) == sources
     assert all(r["sibling"] for r in again if r["reason"] != "no float32 tensors: loaded as is")
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def test_convert_dir_is_all_or_nothing(ckpt_dir, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from support.cli import run
 from support.compare import assert_same_model
 from support.faults import at, faked, injected, tuned
 from support.loads import load_toy, make_ckpt
+from support.processes import dead_pid
 from support.toymodel import reference
 
 import sa3loader
@@ -368,7 +369,7 @@ def a_dead_writers_leftover(tmp_path):
     size, source = sibling_of(a).stat().st_size, a.stat().st_size
     for path in hidden.iterdir():
         path.unlink()
-    leftover = f"{incomplete_prefix(str(sibling_of(a)))}999999999-abcd1234"  # no such process
+    leftover = f"{incomplete_prefix(str(sibling_of(a)))}{dead_pid()}-abcd1234"  # no such process
     with open(leftover, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, size)
     return a, hidden, size, source, leftover

@@ -198,3 +198,10 @@ def torch_zygote() -> Zygote:
 def toy_zygote() -> Zygote:
     """The zygote of the toy children (``support.child``, sa3loader imported)."""
     return _session_zygote(TOY_PRELOAD)
+
+
+def dead_pid() -> int:
+    """The pid of a process of this host that has ended (a killed writer's, as names carry it)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
