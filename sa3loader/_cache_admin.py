@@ -167,11 +167,11 @@ def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     """Rows whose source is gone or changed, and invalid rows; the siblings only they name; leftovers.
     With ``max_bytes``, also the least recently used valid ones over that cap (``_over_cap``)."""
     found, listed = siblings_in(cache_dir), entries(cache_dir)
-    # A sibling path can outlive its row's source: a symlinked checkpoint repointed
-    # to another file reuses it. Never delete what a valid row still names.
-    in_use = {e.sibling for e in listed if e.status in KEPT_BY_PRUNE}
+    # Never delete what a valid row still names, however spelled (a repointed link reuses it).
+    in_use = {_canonical(e.sibling) for e in listed if e.status in KEPT_BY_PRUNE}
     dropped = [e for e in listed if e.status not in KEPT_BY_PRUNE]
-    stale = [e.sibling for e in dropped if e.status in (STALE, MISSING_SOURCE) and e.sibling not in in_use]
+    gone = [e for e in dropped if e.status in (STALE, MISSING_SOURCE)]
+    stale = [e.sibling for e in gone if _canonical(e.sibling) not in in_use]
     # What the run would keep stays in the plan, so the dry run says so too: a sibling another
     # cache dir's load made valid for the current source, one whose lock is another user's.
     needed = {s: why for s in dict.fromkeys(stale) if (why := _still_needed(s, listed)) is not None}
@@ -291,7 +291,7 @@ def _emptied_beside_dirs(removals: list[Removal]) -> list[Removal]:
 def _still_needed(sibling: str, live: list[Entry]) -> str | None:
     """Why a sibling a prune planned to delete must stay: a live row names it, or it is
     valid for the current source (republished through another cache dir), else None."""
-    if any(e.sibling == sibling and e.status == OK for e in live):
+    if any(e.status == OK and _canonical(e.sibling) == _canonical(sibling) for e in live):
         return "a valid row names it"
     try:
         with open_header(sibling, follow_symlinks=False) as header:

@@ -68,6 +68,39 @@ def test_prune_keeps_a_sibling_that_a_repointed_symlink_reuses(tmp_path):
     assert_same_model(model, reference(b))
 
 
+@pytest.mark.parametrize("spelling", ["/./", "//"])
+def test_prune_keeps_a_sibling_a_valid_row_names_when_a_stale_row_spells_it_otherwise(tmp_path, spelling):
+    """A stale row naming the same sibling as ``dir/./name`` (an outside attack): prune compared
+    the strings and deleted the file a valid row still names."""
+    import json
+    import sqlite3
+
+    from sa3loader import _cache_admin
+
+    torch.manual_seed(0)
+    a = save(random_like_state(build(), seed=3), tmp_path / "a.safetensors")
+    cache = tmp_path / "cache"
+    load_toy(a, cache)
+    sibling = tmp_path / ".cache" / "sa3loader" / "a.fp16.safetensors"
+    with sqlite3.connect(cache / "index" / "cache.db") as con:
+        columns = [c[1] for c in con.execute("PRAGMA table_info(Cache)")]
+        values = dict(zip(columns, con.execute("SELECT * FROM Cache").fetchone(), strict=True))
+        row = json.loads(values["value"])
+        gone = str(tmp_path / "gone.safetensors")
+        row["source"]["path"] = row["source"]["real_path"] = gone
+        row["sibling"]["path"] = str(tmp_path) + spelling + ".cache/sa3loader/a.fp16.safetensors"
+        values.pop("rowid", None)
+        values.update(key=gone, value=json.dumps(row).encode())
+        con.execute(
+            f"INSERT INTO Cache ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+            list(values.values()),
+        )
+    pruned = _cache_admin.prune(str(cache)).rows
+    assert [e.status for e in pruned] == ["missing source"] and sibling.exists()
+    load_toy(a, cache)
+    assert sa3loader.last_load_info().cache_hit
+
+
 @pytest.mark.parametrize("command", ["prune", "clear"])
 def test_prune_and_clear_sweep_leftovers_but_not_a_running_conversion(tmp_path, command):
     """A SIGTERM mid-conversion leaves a temp file; locks and emptied dirs stay behind too."""
