@@ -170,8 +170,8 @@ def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     # Never delete what a valid row still names, however spelled (a repointed link reuses it).
     in_use = {_canonical(e.sibling) for e in listed if e.status in KEPT_BY_PRUNE}
     dropped = [e for e in listed if e.status not in KEPT_BY_PRUNE]
-    gone = [e for e in dropped if e.status in (STALE, MISSING_SOURCE)]
-    stale = [e.sibling for e in gone if _canonical(e.sibling) not in in_use]
+    sourceless = [e for e in dropped if e.status in (STALE, MISSING_SOURCE)]
+    stale = [e.sibling for e in sourceless if _canonical(e.sibling) not in in_use]
     # What the run would keep stays in the plan, so the dry run says so too: a sibling another
     # cache dir's load made valid for the current source, one whose lock is another user's.
     needed = {s: why for s in dict.fromkeys(stale) if (why := _still_needed(s, listed)) is not None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
@@ -15,7 +16,17 @@ def emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
         print(json.dumps(data, indent=2, default=str))
     else:
         for line in lines:
-            print(line)
+            say(line)
+
+
+def say(text: str) -> None:
+    """Print ``text``; a file name the output's encoding cannot hold (not UTF-8, under a strict
+    ``PYTHONIOENCODING=utf-8``: UnicodeEncodeError, a traceback) is written escaped, as on stderr."""
+    try:
+        print(text)
+    except UnicodeEncodeError:  # raised before anything was written
+        encoding = sys.stdout.encoding or "utf-8"
+        print(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
 def human_size(n: int) -> str:

@@ -1,10 +1,9 @@
 """``python -m sa3loader`` / ``sa3loader``: convert ahead of time, warm, inspect the cache.
 
-With ``_cli_output``, the only code that prints (``_cli_args`` holds the parser). Exit
-codes: 0 success, 1 error (one line on stderr; ``--debug`` for the traceback), 2 bad usage,
-3 a check found a problem (``--verify``, ``cache verify``, ``cache ls`` with invalid rows).
-With ``--json`` every outcome, errors included, is one JSON document on stdout. Global
-options (``--cache-dir``, ``--json``, ``--debug``) go before or after the command.
+With ``_cli_output``, the only code that prints (``_cli_args`` holds the parser). Exit codes:
+0 success, 1 error (one line on stderr; ``--debug``: the traceback), 2 bad usage, 3 a check
+found a problem (README.md). With ``--json`` every outcome, errors included, is one JSON
+document on stdout. Global options (``--cache-dir``, ``--json``, ``--debug``) go anywhere.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from ._cli_output import (
     EXIT_USAGE,
     emit,
     human_size,
+    say,
 )
 from ._convert_dir import (
     FileAction,
@@ -331,7 +331,7 @@ def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
         emit(args, {"dry_run": True, **_plan_data(plan)}, lines)
         return EXIT_OK
     if not pruning and not args.yes and not args.json and _faults.fact("interactive", None, interactive()):
-        print("\n".join(_removal_lines(plan.removals, dry_run=True)))
+        say("\n".join(_removal_lines(plan.removals, dry_run=True)))
         answer = _ask(f"clear {rows} and delete these files? [y/N] ")
         if answer is None:
             print("sa3loader: cancelled: nothing deleted", file=sys.stderr)

@@ -1657,3 +1657,23 @@ def test_convert_dir_refuses_an_output_inside_a_folder_the_source_links_in(ckpt_
         "convert", str(ckpt_dir), "--out", str(shared / "out"), "--force", cache=tmp_path / "c", check_rc=1
     )
     assert "would delete the source" in proc.stderr and tree_bytes(shared) == before
+
+
+@pytest.mark.parametrize("command", [["cache", "ls"], ["cache", "clear", "--dry-run"]])
+def test_a_name_that_is_not_utf8_is_printed_escaped_where_the_output_is_strict(
+    tmp_path, monkeypatch, command
+):
+    """``PYTHONIOENCODING=utf-8`` (or a UTF-8 locale but C.UTF-8) makes stdout strict: printing a
+    checkpoint name that is not UTF-8 raised UnicodeEncodeError, exit 1 (an outside attack). It is
+    written escaped, as Python writes it on stderr."""
+    import io
+
+    from support.loads import load_toy, make_ckpt
+
+    ckpt = make_ckpt(tmp_path / os.fsdecode(b"\xff.safetensors"))
+    load_toy(ckpt, tmp_path / "c")
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.main(["--cache-dir", str(tmp_path / "c"), *command]) == 0
+    out.flush()
+    assert "\\udcff." in out.buffer.getvalue().decode("utf-8")
