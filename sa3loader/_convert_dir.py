@@ -319,23 +319,22 @@ def _copy(src: str, dst: str, force: bool) -> None:
         os.chmod(dst, without_group(bits))
 
 
-# A new output dir is staged as <out>INCOMPLETE_INFIX<pid>-<random>, like a file being written;
-# the output it replaces waits as <out>ASIDE_INFIX<pid>-<random> until the new one is in.
-ASIDE_INFIX = ".replaced-"
+ASIDE_INFIX = ".replaced-"  # <out>.replaced-<pid>-<hex>: the output replaced, until the new one is in
 
 
 STAGING_TAIL = re.compile(r"([0-9]+)-[0-9a-f]{8}")  # after <out>.incomplete- or <out>.replaced-
 
 
-def _writer_pid(path: str, infix: str) -> int | None:
-    """The pid in the name of ``path``, a staging or set-aside output ``_heal_output`` may act on:
-    named exactly as convert names them (``<pid>-<8 hex>``) and yours; None: not convert's."""
-    name = os.path.basename(path)
+def _writer_pid(name: str, infix: str) -> int | None:
+    """The pid in a name ``_heal_output`` may act on (``<pid>-<8 hex>``); None: not convert's."""
     match = STAGING_TAIL.fullmatch(name.split(infix, 1)[1]) if infix in name else None
-    with contextlib.suppress(OSError):  # gone meanwhile: nothing to act on
-        if match and os.lstat(path).st_uid == os.getuid():  # root's convert: never another user's
-            return int(match.group(1))
-    return None
+    return int(match.group(1)) if match else None
+
+
+def _yours(path: str) -> bool:  # root's convert removes no other user's folder that looks like its own
+    with contextlib.suppress(OSError):  # gone meanwhile: nothing to remove
+        return os.lstat(path).st_uid == os.getuid()
+    return False
 
 
 def _heal_output(out_dir: str) -> None:
@@ -346,12 +345,12 @@ def _heal_output(out_dir: str) -> None:
         for infix in (ASIDE_INFIX, INCOMPLETE_INFIX):
             if not name.startswith(base + infix):
                 continue
-            pid = _writer_pid(path, base + infix)
+            pid = _writer_pid(name, base + infix)
             if pid is None or not process_gone(pid):
                 continue  # someone's own folder; a convert at work (this process's too); no pid of ours
             if infix == ASIDE_INFIX and not os.path.exists(out_dir):
-                os.rename(path, out_dir)  # killed between its two renames: put the old output back
-            else:
+                os.rename(path, out_dir)  # killed between its renames: the old output back, whoever's
+            elif _yours(path):
                 _remove_ours(path)
 
 

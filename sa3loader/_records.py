@@ -108,8 +108,8 @@ def _matches(value: Any, shape: Any) -> bool:
         return value is None or _matches(value, shape[1])
     if isinstance(shape, dict):
         return isinstance(value, dict) and all(k in value and _matches(value[k], v) for k, v in shape.items())
-    if shape == _INT:  # what the OS's 64-bit fields hold (st_ino is unsigned: overlayfs sets bit 63)
-        return type(value) is int and -(1 << 63) <= value < 1 << 64
+    if shape == _INT:  # any 64-bit field, signed or not (st_ino: overlayfs sets bit 63; st_mtime_ns
+        return type(value) is int and -(1 << 64) < value < 1 << 64  # past 2262), never 10**400
     if shape == _NUMBER:
         return _a_time(value)
     if shape is str:  # no file name holds a NUL, or a character the OS cannot be given

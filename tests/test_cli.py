@@ -731,7 +731,9 @@ def test_convert_dir_force_over_a_linked_output_replaces_the_link_and_leaves_not
 def test_convert_dir_keeps_a_folder_that_only_looks_like_what_a_kill_left(ckpt_dir, tmp_path, pid, infix):
     """convert removes only what it made or set aside (an outside attack): a pid no kernel gives
     counted as gone (10**20 raised OverflowError: a traceback), this process's pid as a dead
-    writer's (two converts in threads), and root's convert removed another user's folder."""
+    writer's (two converts in threads), and root's convert removed another user's folder. An
+    output set aside by a killed ``--force`` is put back whoever owns it (a later attack: root's
+    ``--force`` over another uid's output, killed, stranded it): renaming back removes nothing."""
     from sa3loader import cli
 
     out = tmp_path / "out"
@@ -743,8 +745,13 @@ def test_convert_dir_keeps_a_folder_that_only_looks_like_what_a_kill_left(ckpt_d
         if os.geteuid() != 0:
             pytest.skip("giving the folder to another user needs root (CI runs as root)")
         os.chown(theirs, 65534, 65534)
-    assert cli.main(["--cache-dir", str(tmp_path / "c"), "convert", str(ckpt_dir), "--out", str(out)]) == 0
-    assert (theirs / "precious.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+    rc = cli.main(["--cache-dir", str(tmp_path / "c"), "convert", str(ckpt_dir), "--out", str(out)])
+    if infix == ".replaced-" and pid == "another user's":  # what root's killed --force left: put back
+        assert rc == 1 and (out / "precious.txt").read_text() == "mine" and not theirs.exists()
+        return
+    assert (
+        rc == 0 and (theirs / "precious.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+    )
 
 
 def test_convert_dir_leaves_a_users_folder_named_like_its_staging(ckpt_dir, tmp_path):

@@ -707,8 +707,9 @@ def test_a_row_holding_what_the_os_cannot_take_is_invalid_not_an_error(loaded, p
 
 
 def test_a_row_holds_every_inode_and_device_the_os_gives(loaded):
-    """``st_ino`` and ``st_dev`` are unsigned 64-bit (overlayfs' xino sets the top bit): a row
-    written for such a file stays valid (else every load converts again); one bit more is not."""
+    """``st_ino`` and ``st_dev`` are unsigned 64-bit (overlayfs' xino sets the top bit), and
+    ``st_mtime_ns`` passes 2**63 in 2262 (an outside attack: such a file's row was invalid, every
+    load adopted it again and the cap evicted it first): valid; one bit more is not."""
     import json
 
     from sa3loader._records import valid_row
@@ -716,6 +717,6 @@ def test_a_row_holds_every_inode_and_device_the_os_gives(loaded):
     ckpt, cache = loaded
     with sqlite3.connect(cache / "index" / "cache.db") as con:
         row = json.loads(con.execute("SELECT value FROM Cache").fetchone()[0])
-    for field in ("inode", "device"):
+    for field in ("inode", "device", "mtime_ns", "ctime_ns"):  # times past 2262 too (ext4: 2446)
         for value, valid in (((1 << 64) - 1, True), (1 << 64, False), (-(1 << 63), True)):
             assert valid_row({**row, "source": {**row["source"], field: value}}) is valid, (field, value)
