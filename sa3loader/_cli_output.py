@@ -20,13 +20,18 @@ def emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
 
 
 def say(text: str) -> None:
-    """Print ``text``; a file name the output's encoding cannot hold (not UTF-8, under a strict
-    ``PYTHONIOENCODING=utf-8``: UnicodeEncodeError, a traceback) is written escaped, as on stderr."""
+    print(printable(text))
+
+
+def printable(text: str) -> str:
+    """``text``, escaped where stdout's encoding cannot hold it (a file name not UTF-8 under a
+    strict ``PYTHONIOENCODING=utf-8``: UnicodeEncodeError, a traceback), as stderr writes it."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     try:
-        print(text)
-    except UnicodeEncodeError:  # raised before anything was written
-        encoding = sys.stdout.encoding or "utf-8"
-        print(text.encode(encoding, "backslashreplace").decode(encoding))
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    return text
 
 
 def human_size(n: int) -> str:

@@ -40,6 +40,7 @@ from ._cli_output import (
     EXIT_USAGE,
     emit,
     human_size,
+    printable,
     say,
 )
 from ._convert_dir import (
@@ -310,7 +311,7 @@ def _outcome_data(outcome: Outcome) -> dict[str, Any]:
 def _ask(question: str) -> bool | None:
     """The person's answer; None when they ended the input (Ctrl-D) or pressed Ctrl-C."""
     try:
-        answer = input(question)
+        answer = input(printable(question))
     except (EOFError, KeyboardInterrupt):
         print()
         return None
@@ -403,8 +404,7 @@ def _verify_cache(args: argparse.Namespace, cache_dir: str) -> int:
         for c in checks
     ]
     emit(args, data, lines or ["no rows"])
-    # Exit 3 means a problem with a sibling or a row: a sibling whose checkpoint is gone or
-    # changed since is not damaged (``cache prune`` tidies it away).
+    # Exit 3: a damaged sibling or a row; one whose checkpoint went or changed is not (prune's).
     fine = (OK, MISSING_SOURCE, STALE, _records.UNREADABLE_SOURCE)  # (a source unreadable for now)
     return EXIT_OK if all(c.result in fine for c in checks) else EXIT_CHECK_FAILED
 

@@ -1684,3 +1684,24 @@ def test_a_name_that_is_not_utf8_is_printed_escaped_where_the_output_is_strict(
     assert cli.main(["--cache-dir", str(tmp_path / "c"), *command]) == 0
     out.flush()
     assert "\\udcff." in out.buffer.getvalue().decode("utf-8")
+
+
+def test_the_clear_prompt_names_a_cache_dir_that_is_not_utf8_escaped(src, tmp_path, monkeypatch):
+    """The interactive `cache clear` question names the cache dir: under a strict stdout it
+    raised UnicodeEncodeError, exit 1 (an outside attack). It is asked escaped."""
+    import io
+
+    cache = tmp_path / os.fsdecode(b"c\xff")
+    run("warm", str(src), cache=cache)
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setitem(_faults.facts, "interactive", lambda subject, real: True)
+
+    def answer(prompt: str) -> str:  # as input() does: the prompt on stdout
+        sys.stdout.write(prompt)
+        return "n"
+
+    monkeypatch.setattr("builtins.input", answer)
+    assert cli.main(["--cache-dir", str(cache), "cache", "clear"]) == 0
+    out.flush()
+    assert "c\\udcff" in out.buffer.getvalue().decode("utf-8")
