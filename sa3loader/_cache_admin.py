@@ -291,7 +291,8 @@ def _emptied_beside_dirs(removals: list[Removal]) -> list[Removal]:
 def _still_needed(sibling: str, live: list[Entry]) -> str | None:
     """Why a sibling a prune planned to delete must stay: a live row names it, or it is
     valid for the current source (republished through another cache dir), else None."""
-    if any(e.status == OK and _canonical(e.sibling) == _canonical(sibling) for e in live):
+    canonical = _canonical(sibling)
+    if any(e.status == OK and _canonical(e.sibling) == canonical for e in live):
         return "a valid row names it"
     try:
         with open_header(sibling, follow_symlinks=False) as header:

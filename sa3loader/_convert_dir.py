@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import stat
 import uuid
@@ -30,6 +29,7 @@ from ._places import (
     LOCK_SUFFIX,
     SAFETENSORS_SUFFIX,
     SIBLING_SUFFIXES,
+    WRITER_TAIL,
     beside_path,
     cache_path,
     in_hf_hub_cache,
@@ -322,12 +322,9 @@ def _copy(src: str, dst: str, force: bool) -> None:
 ASIDE_INFIX = ".replaced-"  # <out>.replaced-<pid>-<hex>: the output replaced, until the new one is in
 
 
-STAGING_TAIL = re.compile(r"([0-9]+)-[0-9a-f]{8}")  # after <out>.incomplete- or <out>.replaced-
-
-
 def _writer_pid(name: str, infix: str) -> int | None:
     """The pid in a name ``_heal_output`` may act on (``<pid>-<8 hex>``); None: not convert's."""
-    match = STAGING_TAIL.fullmatch(name.split(infix, 1)[1]) if infix in name else None
+    match = WRITER_TAIL.fullmatch(name.split(infix, 1)[1]) if infix in name else None
     return int(match.group(1)) if match else None
 
 

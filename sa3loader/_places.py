@@ -137,10 +137,14 @@ def temp_files_of(dest: str) -> list[str]:
     )
 
 
+# The tail a writer's pid is read from: a temp file's, a `convert DIR` staging or set-aside output's.
+WRITER_TAIL = re.compile(r"([0-9]+)-[0-9a-f]{8}")
+
+
 def left_by_a_gone_writer(path: str, dest: str) -> bool:
     """Whether ``path``, a temp file of ``dest`` named ``<pid>-<8 hex>``, was written by a
     process of this host that no longer runs (a killed conversion's: nothing finishes it)."""
-    match = re.fullmatch(r"([0-9]+)-[0-9a-f]{8}", path[len(incomplete_prefix(dest)) :])
+    match = WRITER_TAIL.fullmatch(path[len(incomplete_prefix(dest)) :])
     return match is not None and process_gone(int(match.group(1)))
 
 
