@@ -34,7 +34,6 @@ from ._places import (
     cache_path,
     in_hf_hub_cache,
     in_hub_repo,
-    incomplete_prefix,
     is_temp_name,
     left_by_a_gone_writer,
     legacy_beside_path,
@@ -96,20 +95,19 @@ def _convert_to(header: Header, dest: str, verify: bool, *, in_place: bool = Fal
     _remove_dead_writers_temps(dest)
     identity = identity_of(header)
     metadata = sibling_metadata(header, identity, fingerprint(header))
-    staged = dest if not verify else f"{incomplete_prefix(dest)}verify-{os.getpid()}"
     still_read = _still_the_file_read(identity, dest) if in_place else None
-    result = _convert.convert(header, staged, metadata, before_rename=None if verify else still_read)
+    # Checked in its temp file (a name the next conversion removes, should this one be killed).
+    written = _convert.write_sibling(header, dest, metadata)
+    result = written.result
     action = FileAction(header.path, dest, "converted", result.overflow_to_inf, result.flushed_to_zero)
     if verify:
         try:
-            with open_header(staged, follow_symlinks=False) as output:
+            with written.open_header() as output:
                 checked(action, _compare.verify(header, output))
-            if still_read is not None:
-                still_read()
         except BaseException:
-            os.unlink(staged)
+            written.discard()
             raise
-        os.replace(staged, dest)
+    written.publish(still_read)
     return action
 
 

@@ -121,10 +121,15 @@ def sibling_name(source_path: str) -> str:
 
 
 # What follows the prefix in a name sa3loader gave a temp file: <pid>-<8 hex> (being written),
-# written-<boot id>-<inf>-<zero>-<pid>-<8 hex> (all written, not yet published), verify-<pid>.
+# written-<boot id>-<inf>-<zero>-<pid>-<8 hex> (all written, not yet published); an older
+# version's `convert --verify` wrote verify-<pid>, through verify-<pid>.incomplete-<pid>-<8 hex>.
 # Only a name of exactly this shape is sa3loader's: a user's file that merely starts like
 # one (``a.fp16.safetensors.incomplete-epoch3.safetensors``) is never taken for a temp file.
-INCOMPLETE_TAIL = re.compile(r"(?:written-[0-9a-f]+-[0-9]+-[0-9]+-)?[0-9]+-[0-9a-f]{8}|verify-[0-9]+")
+# The group is the pid of the process that wrote it.
+INCOMPLETE_TAIL = re.compile(
+    r"(?:written-[0-9a-f]+-[0-9]+-[0-9]+-)?([0-9]+)-[0-9a-f]{8}"
+    r"|verify-([0-9]+)(?:\.incomplete-[0-9]+-[0-9a-f]{8})?"
+)
 
 
 def temp_files_of(dest: str) -> list[str]:
@@ -142,10 +147,10 @@ WRITER_TAIL = re.compile(r"([0-9]+)-[0-9a-f]{8}")
 
 
 def left_by_a_gone_writer(path: str, dest: str) -> bool:
-    """Whether ``path``, a temp file of ``dest`` named ``<pid>-<8 hex>``, was written by a
+    """Whether ``path``, a temp file of ``dest`` (``INCOMPLETE_TAIL``), was written by a
     process of this host that no longer runs (a killed conversion's: nothing finishes it)."""
-    match = WRITER_TAIL.fullmatch(path[len(incomplete_prefix(dest)) :])
-    return match is not None and process_gone(int(match.group(1)))
+    match = INCOMPLETE_TAIL.fullmatch(path[len(incomplete_prefix(dest)) :])
+    return match is not None and process_gone(int(match.group(1) or match.group(2)))
 
 
 # Linux's PID_MAX_LIMIT on 64-bit: no writer of this host had a larger pid.

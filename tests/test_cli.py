@@ -163,15 +163,26 @@ def test_convert_in_place_keeps_the_files_mode(open_tmp):
     assert ckpt.stat().st_mode & 0o777 == 0o664 and {e.dtype for e in read_header(ckpt).entries} == {"F16"}
 
 
+# The names a killed conversion's temp file can have: being written, written but not yet
+# renamed (``--out``), written and being verified (``--verify``; an older version's name).
+KILLED_TAILS = {
+    "writing": "{pid}-deadbeef",
+    "written": "written-0abc-0-0-{pid}-deadbeef",
+    "verifying": "verify-{pid}",
+    "writing to verify": "verify-{pid}.incomplete-{pid}-deadbeef",
+}
+
+
+@pytest.mark.parametrize("tail", sorted(KILLED_TAILS))
 @pytest.mark.parametrize("how", ["in-place", "to-a-file"])
-def test_a_killed_conversions_temp_file_goes_with_the_next_conversion(tmp_path, how):
+def test_a_killed_conversions_temp_file_goes_with_the_next_conversion(tmp_path, how, tail):
     """A conversion in place, or to a file, killed mid-write leaves a temp file beside its
     output (GBs): the next one removes it; one whose writer still runs stays."""
     src = tmp_path / "model.safetensors"
     save_file({"w": torch.randn(4, 4)}, str(src))
     dest = src if how == "in-place" else tmp_path / "out.safetensors"
-    killed = Path(f"{dest}.incomplete-{dead_pid()}-deadbeef")  # no such process
-    alive = Path(f"{dest}.incomplete-1-0badcafe")  # init's: still running
+    killed = Path(f"{dest}.incomplete-" + KILLED_TAILS[tail].format(pid=dead_pid()))  # no such process
+    alive = Path(f"{dest}.incomplete-" + KILLED_TAILS[tail].format(pid=1))  # init's: still running
     for path in (killed, alive):
         path.write_bytes(b"x" * 100)
     where = ["--in-place"] if how == "in-place" else ["--out", str(dest)]
@@ -844,6 +855,29 @@ def test_convert_verify_checks_new_and_existing_siblings_with_measured_figures(s
     flip_last_value(sibling, 1000.0)  # without --verify: the spots a load checks see it too
     damaged = run("convert", str(src), cache=tmp_path / "c", check_rc=3)
     assert f"replaced  {sibling}: it failed the content check\n" in damaged.stdout
+
+
+def test_convert_verify_that_fails_leaves_neither_output_nor_temp_file(src, tmp_path):
+    """``convert --out --verify``: the written file is checked before it gets its name; one that
+    differs (here: a value changed between its write and its check) is removed, a
+    ``VerificationError``, and ``--out`` is left as it was: absent, or the old output."""
+    from sa3loader._convert_dir import convert_file
+
+    out = tmp_path / "out.safetensors"
+
+    def damage() -> None:
+        (temp,) = tmp_path.glob("out.safetensors.incomplete-*")
+        flip_last_value(temp, 1000.0)
+
+    for before in (None, b"the old output"):
+        if before is not None:
+            out.write_bytes(before)
+        with injected(at("written", damage)), pytest.raises(sa3loader.VerificationError):
+            convert_file(str(src), str(out), verify=True, force=True)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == [
+            "out.safetensors"
+        ] * bool(before)
+        assert before is None or out.read_bytes() == before
 
 
 def test_cache_verify_prints_the_difference_it_measured(src, tmp_path):
