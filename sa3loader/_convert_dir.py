@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import _compare, _convert, _faults
+from ._convert_targets import HUB_HARM, in_place_target, refuse_hub_output, refuse_output_over_source
 from ._format import Header, open_header, read_header
 from ._identity import (
     FINGERPRINT_VERSION,
@@ -32,8 +33,8 @@ from ._places import (
     WRITER_TAIL,
     beside_path,
     cache_path,
-    in_hf_hub_cache,
     in_hub_repo,
+    incomplete_prefix,
     is_temp_name,
     left_by_a_gone_writer,
     legacy_beside_path,
@@ -46,7 +47,6 @@ from .errors import (
     CheckpointChangedError,
     ConfigError,
     HubCacheError,
-    HubSymlinkError,
     OutputExistsError,
     Sa3LoaderError,
 )
@@ -157,7 +157,7 @@ def convert_file(
     if out is None and not in_place:
         raise ValueError("convert_file needs out= or in_place=True")
     if out is not None and not in_place:
-        _refuse_output_over_source(src, out)
+        refuse_output_over_source(src, out)
     with open_header(src) as header:
         if not has_float32(header):  # a marker in its metadata (copied from a sibling) is not fp16
             if in_place or out is None:
@@ -165,14 +165,14 @@ def convert_file(
             _copy(src, out, force)
             return FileAction(src, out, "copied")
         if in_place:  # the file the symlink points to: the same one ``header`` reads
-            target = _in_place_target(src)
+            target = in_place_target(src)
             before, acl = os.stat(target), acl_of(target)
             action = _convert_to(header, target, verify, in_place=True)
             _give_back(target, before, acl)
             return action
         assert out is not None
-        _refuse_hub_output(out, os.path.dirname(os.path.abspath(out)))
-        if os.path.exists(out) and not force:
+        refuse_hub_output(out, os.path.dirname(os.path.abspath(out)))
+        if os.path.lexists(out) and not force:  # a link to nothing too: the user's, never replaced unasked
             raise OutputExistsError(f"{out} exists; pass --force to replace it", filename=out)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         return _convert_to(header, out, verify)
@@ -199,122 +199,35 @@ def _give_back(target: str, before: os.stat_result, acl: bytes | None) -> None:
         os.close(fd)
 
 
-HUB_HARM = {
-    True: "its blobs would no longer hold what their content hashes name",
-    False: "huggingface_hub would list the output as a revision that does not exist",
-}
-
-
-def _in_place_target(path: str, within: str | None = None) -> str:
-    """The file a conversion in place replaces: ``path``, or the file its symlink points to
-    (inside ``within``, a directory converted: one outside is not what was asked for). Never
-    a hub's, nor another user's (but as root, who gives it back to them)."""
-    if os.path.islink(path) and in_hf_hub_cache(path):
-        raise HubSymlinkError(
-            f"{path} is a Hugging Face hub cache symlink; converting in place would break the "
-            "hub's cache. Convert a copy (--out) or let loads keep their sibling in the cache dir.",
-            filename=path,
-        )
-    if not os.path.islink(path) and in_hub_repo(os.path.dirname(os.path.abspath(path))):  # files, not links
-        raise HubCacheError(
-            f"{path} is in a Hugging Face hub cache, which sa3loader never writes into "
-            f"({HUB_HARM[True]}). Convert a copy (--out) outside it.",
-            filename=path,
-        )
-    real = os.path.realpath(path)
-    folder = os.path.realpath(within) if within is not None else None
-    if folder is not None and os.path.commonpath([real, folder]) != folder:
-        raise ConfigError(
-            f"{path} links to {real}, outside {within}: converting the folder in place would replace "
-            "that file. Convert it by its own name, or a copy (--out).",
-            filename=path,
-        )
-    owner = os.stat(real).st_uid
-    if owner != os.geteuid() and os.geteuid() != 0:
-        raise ConfigError(f"{path} is another user's (uid {owner}): not replaced in place", filename=path)
-    return real if os.path.islink(path) else path
-
-
-def _refuse_output_over_source(src: str, out: str) -> None:
-    """An output that is the source, a directory holding it, or (a folder's) one inside it:
-    ``--force`` replaces the whole output, so the source (for a parent, all beside it; inside,
-    what a run finds there, which the walk leaves out) would be deleted."""
-    holder = os.path.dirname(os.path.abspath(out))
-    while not os.path.isdir(holder) and os.path.dirname(holder) != holder:
-        holder = os.path.dirname(holder)  # the nearest folder the output's entry would be in
-    if (os.path.isdir(src) and _in_tree(holder, src)) or _reaches(out, os.path.realpath(src)):
-        raise ConfigError(
-            f"--out {out} is {src}, holds it or is inside it: writing there would delete the "
-            "source. Give another --out, or convert in place with --in-place.",
-            filename=out,
-        )
-
-
-def _reaches(out: str, real_src: str) -> bool:
-    """Whether ``out`` names the source's own entry or a directory above it, by device and inode
-    (through a symlink or a bind mount too: no comparison of path strings sees the latter). A
-    hard link in another directory is another entry: replacing it leaves the source where it is.
-    An output not there yet is neither."""
-    try:
-        target = os.stat(out)
-    except OSError:
-        return False
-    if not stat.S_ISDIR(target.st_mode):  # the same name in the same directory
-        real_out = os.path.realpath(out)
-        same_name = os.path.basename(real_out) == os.path.basename(real_src)
-        return same_name and _same_file(os.path.dirname(real_out), os.path.dirname(real_src))
-    path = real_src
-    while not _same_file(path, out):
-        if os.path.dirname(path) == path:
-            return False
-        path = os.path.dirname(path)
-    return True
-
-
-def _in_tree(path: str, root: str) -> bool:
-    """Whether the folder ``path`` is ``root`` or under it, by device and inode: through links,
-    and through a bind mount of any folder of the tree, which no walk up from ``path`` meets."""
-    tree, todo = set[tuple[int, int]](), [root]
-    while todo:  # every folder of the tree, links followed (as the copy's walk), each once; one it
-        with contextlib.suppress(OSError):  # cannot enter (a link loop, closed to you) the copy skips
-            st = os.stat(at := todo.pop())
-            if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in tree:
-                tree.add((st.st_dev, st.st_ino))
-                todo += [e.path for e in os.scandir(at) if e.is_dir(follow_symlinks=False) or e.is_symlink()]
-    while (st := os.stat(path)) and (st.st_dev, st.st_ino) not in tree and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return (st.st_dev, st.st_ino) in tree
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _refuse_hub_output(out: str, directory: str) -> None:
-    """An output inside a hub cache would be taken for one of its revisions."""
-    if in_hub_repo(directory):
-        raise HubCacheError(
-            f"{out} is inside a Hugging Face hub cache, which sa3loader never writes into "
-            f"({HUB_HARM[False]}). Pick an --out outside it.",
-            filename=out,
-        )
-
-
 def _copy(src: str, dst: str, force: bool) -> None:
-    if os.path.exists(dst) and not force:
+    """``src``'s bytes to ``dst`` through a temp file of our own (0600 until its mode is set)
+    renamed over it: a link at ``dst`` is replaced, never written through, and the copy is never
+    readable by more people than ``src``, not even while it is written."""
+    if os.path.lexists(dst) and not force:
         raise OutputExistsError(f"{dst} exists; pass --force to replace it", filename=dst)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    shutil.copyfile(src, dst)
-    source = os.stat(src)
-    bits = readers_bits(src, source, dst)  # its mode, less what its folders keep out
-    os.chmod(dst, bits)
-    try:  # its group, or none (a copy readable by one group is never readable by another)
-        os.chown(dst, -1, source.st_gid)
-    except PermissionError:
-        os.chmod(dst, without_group(bits))
+    _remove_dead_writers_temps(dst)
+    tmp = f"{incomplete_prefix(dst)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        with open(src, "rb") as reader, open(os.open(tmp, flags, 0o600), "wb") as writer:
+            shutil.copyfileobj(reader, writer, COPY_CHUNK_BYTES)
+            writer.flush()
+            source = os.fstat(reader.fileno())
+            bits = readers_bits(src, source, tmp)  # its mode, less what its folders keep out
+            os.fchmod(writer.fileno(), bits)
+            try:  # its group, or none (a copy readable by one group is never readable by another)
+                os.fchown(writer.fileno(), -1, source.st_gid)
+            except PermissionError:
+                os.fchmod(writer.fileno(), without_group(bits))
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+COPY_CHUNK_BYTES = 16 << 20
 
 
 ASIDE_INFIX = ".replaced-"  # <out>.replaced-<pid>-<hex>: the output replaced, until the new one is in
@@ -351,7 +264,7 @@ def _heal_output(out_dir: str) -> None:
 
 def _publish_dir(staging: str, out_dir: str) -> None:
     """Rename the finished output into place; an old one goes aside first, then away."""
-    if not os.path.exists(out_dir):
+    if not os.path.lexists(out_dir):  # a link to nothing is set aside too (no dir renames over it)
         os.rename(staging, out_dir)
         return
     aside = f"{out_dir}{ASIDE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -393,14 +306,14 @@ def convert_tree(
         raise ConfigError(f"no .safetensors checkpoint in {src_dir}: nothing to convert", filename=src_dir)
     if in_place:
         for path in checkpoints_in(src_dir):  # refused before anything is written
-            _in_place_target(path, src_dir)
+            in_place_target(path, src_dir)
         return _convert_files(src_dir, None, in_place=True, verify=verify, excluded=set())
     out_dir = os.path.abspath(out_dir or src_dir.rstrip(os.sep) + OUTPUT_DIR_SUFFIX)
-    _refuse_output_over_source(src_dir, out_dir)
-    _refuse_hub_output(out_dir, out_dir)
+    refuse_output_over_source(src_dir, out_dir)
+    refuse_hub_output(out_dir, out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     _heal_output(out_dir)
-    if os.path.exists(out_dir) and not force:
+    if os.path.lexists(out_dir) and not force:
         raise OutputExistsError(f"{out_dir} exists; pass --force to replace it", filename=out_dir)
     staging = f"{out_dir}{INCOMPLETE_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.mkdir(staging, readers_bits(src_dir, os.stat(src_dir), staging) | 0o700)  # none in who could not enter

@@ -702,6 +702,31 @@ def test_convert_file_refuses_an_output_that_is_the_source_even_with_force(ckpt_
     assert tree_bytes(tmp_path) == before
 
 
+@pytest.mark.parametrize("what", ["file", "fp16 file (copied)", "dir"])
+@pytest.mark.parametrize("target", ["nothing", "a file"])
+def test_a_link_at_out_is_kept_or_replaced_never_written_through(ckpt_dir, tmp_path, what, target):
+    """``--out`` naming a link (to nothing, or to a file): without ``--force`` the link is the
+    user's, kept, and the refusal is the one for any output there (exit 1, ``exists; pass
+    --force``); with it, the link is replaced by the output, never written through: what it
+    names stays as it was (absent, or the same bytes)."""
+    src = ckpt_dir / "model.safetensors" if what != "dir" else ckpt_dir
+    if what.startswith("fp16"):
+        src = tmp_path / "half.safetensors"
+        save_file({"w": torch.randn(4, 4).half()}, str(src))
+    out, named = tmp_path / "out", tmp_path / "kept" / "x"
+    if target == "a file":
+        named.parent.mkdir()
+        named.write_bytes(b"precious")
+    out.symlink_to(named)
+    proc = run("convert", str(src), "--out", str(out), cache=tmp_path / "c", check_rc=1)
+    assert f"{out} exists; pass --force to replace it" in proc.stderr
+    assert out.is_symlink() and os.readlink(out) == str(named)
+    run("convert", str(src), "--out", str(out), "--force", cache=tmp_path / "c")
+    assert not out.is_symlink() and (out.is_dir() if what == "dir" else out.is_file())
+    assert (named.read_bytes() == b"precious") if target == "a file" else not named.parent.exists()
+    assert not list(tmp_path.glob("out.*"))
+
+
 def test_convert_dir_heals_what_a_kill_left(ckpt_dir, tmp_path):
     """Killed between its two renames: the old output is aside, the new one complete but unplaced."""
     out = Path(str(ckpt_dir) + "-fp16")
