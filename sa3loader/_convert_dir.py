@@ -6,6 +6,7 @@ folders and sa3loader's own siblings, locks and temp files skipped."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import stat
@@ -50,6 +51,8 @@ from .errors import (
     OutputExistsError,
     Sa3LoaderError,
 )
+
+logger = logging.getLogger(__name__)
 
 SKIPPED_DIRS = {".cache"}
 OUTPUT_DIR_SUFFIX = "-fp16"
@@ -278,6 +281,10 @@ def _remove_ours(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)  # refuses a link (ignored): unlinked below
     with contextlib.suppress(OSError):  # gone already (a dir), or a dir rmtree could not empty
         os.unlink(path)
+    if os.path.lexists(path):  # a folder in it you may not empty: said, not left unseen
+        logger.warning(
+            "%s could not be removed (some of it is not yours to delete): remove it yourself", path
+        )
 
 
 def convert_tree(

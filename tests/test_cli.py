@@ -727,6 +727,26 @@ def test_a_link_at_out_is_kept_or_replaced_never_written_through(ckpt_dir, tmp_p
     assert not list(tmp_path.glob("out.*"))
 
 
+def test_an_old_output_that_cannot_be_removed_is_named_not_left_unseen(
+    ckpt_dir, tmp_path, monkeypatch, caplog
+):
+    """``convert DIR --force`` sets the old output aside, then removes it; where part of it is
+    not the user's to delete, the set-aside folder (GBs) stays, and the warning names it."""
+    out = Path(str(ckpt_dir) + "-fp16")
+    run("convert", str(ckpt_dir), cache=tmp_path / "c")
+    rmdir = os.rmdir
+
+    def refused(path, *args, **kwargs):  # as a folder of another user's inside it would be
+        if ".replaced-" in os.fsdecode(path):
+            raise PermissionError(13, "Permission denied", path)
+        return rmdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", refused)
+    run("convert", str(ckpt_dir), "--force", cache=tmp_path / "c")
+    (aside,) = tmp_path.glob(f"{out.name}.replaced-*")
+    assert f"{aside} could not be removed" in caplog.text and out.is_dir()
+
+
 def test_convert_dir_heals_what_a_kill_left(ckpt_dir, tmp_path):
     """Killed between its two renames: the old output is aside, the new one complete but unplaced."""
     out = Path(str(ckpt_dir) + "-fp16")
