@@ -81,10 +81,11 @@ class SiblingClaim:
 
 
 _INT = "int"
+_COUNT = "count"  # a size, a number of values: never below zero
 _NUMBER = "number"
 _OPTIONAL = "optional"
 _IDENTITY_SHAPE = {
-    "size": _INT,
+    "size": _COUNT,
     "mtime_ns": _INT,
     "header_sha256": str,
     "inode": _INT,
@@ -96,10 +97,10 @@ ROW_SHAPE: dict[str, Any] = {
     "schema": _INT,
     "source": {**_IDENTITY_SHAPE, "path": str, "real_path": str},
     "fingerprint": str,
-    "sibling": {"path": str, "size": _INT, "header_sha256": str},
+    "sibling": {"path": str, "size": _COUNT, "header_sha256": str},
     "converter_version": str,
     "created": _NUMBER,
-    "range": (_OPTIONAL, {"overflow_to_inf": _INT, "flushed_to_zero": _INT}),
+    "range": (_OPTIONAL, {"overflow_to_inf": _COUNT, "flushed_to_zero": _COUNT}),
 }
 
 
@@ -110,6 +111,8 @@ def _matches(value: Any, shape: Any) -> bool:
         return isinstance(value, dict) and all(k in value and _matches(value[k], v) for k, v in shape.items())
     if shape == _INT:  # any 64-bit field, signed or not (st_ino: overlayfs sets bit 63; st_mtime_ns
         return type(value) is int and -(1 << 64) < value < 1 << 64  # past 2262), never 10**400
+    if shape == _COUNT:
+        return type(value) is int and 0 <= value < 1 << 64
     if shape == _NUMBER:
         return _a_time(value)
     if shape is str:  # no file name holds a NUL, or a character the OS cannot be given

@@ -684,12 +684,17 @@ def test_a_key_sa3loader_never_makes_is_an_invalid_row_not_an_error(
         ("source", "path", "\ud800"),
         ("source", "size", 10**400),
         ("sibling", "size", -(10**30)),
+        ("sibling", "size", -1),
+        ("source", "size", -1),
+        ("range", "overflow_to_inf", -5),
+        ("range", "flushed_to_zero", -1),
     ],
 )
 def test_a_row_holding_what_the_os_cannot_take_is_invalid_not_an_error(loaded, part, field, value):
     """A lone surrogate (``os.open``, ``print`` raise UnicodeEncodeError) or an integer no C integer
     holds (``OverflowError`` printing a size): a load, ls, prune and the dry runs raised untyped
-    errors (an outside attack). Such a row is invalid: the load replaces it."""
+    errors (an outside attack). A negative size or count, which no file or count has, was printed
+    as it was. Such a row is invalid: the load replaces it."""
     import json
 
     from sa3loader import cli
