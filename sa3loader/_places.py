@@ -216,11 +216,15 @@ def at_sibling_place(path: str, cache_dir: str) -> bool:
     """Whether ``path`` has a sibling's name where only sa3loader writes siblings: a checkpoint
     folder's hidden ``.cache/sa3loader`` or ``<cache>/siblings/<key>``. A file next to a
     checkpoint (an older version's sibling, or your own ``convert --out``), a converted
-    checkpoint, anything a row merely names: not, and so never deleted by a cache command or the cap."""
+    checkpoint, anything a row merely names: not, and so never deleted by a cache command or the cap.
+    The cache dir named another way (a symlinked folder above it) is the cache dir: the folders
+    are compared resolved too, so what a load wrote there is where it really is."""
     folder = os.path.dirname(path)
+    siblings = os.path.join(cache_dir, SIBLINGS_SUBDIR)
     return os.path.basename(path).endswith(SIBLING_SUFFIXES) and (
         folder.endswith(os.sep + BESIDE_SUBDIR)
-        or os.path.dirname(folder) == os.path.join(cache_dir, SIBLINGS_SUBDIR)
+        or os.path.dirname(folder) == siblings
+        or os.path.realpath(os.path.dirname(folder)) == os.path.realpath(siblings)
     )
 
 

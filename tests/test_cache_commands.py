@@ -362,3 +362,25 @@ def test_an_empty_cache_dir_is_refused_not_taken_for_the_current_dir(ckpt, tmp_p
     with pytest.raises(sa3loader.ConfigError, match="cache_dir is empty"):
         load_toy(ckpt, "")
     assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", [["prune"], ["clear", "--yes"], ["rm", "CKPT"]])
+def test_the_cache_dir_by_another_spelling_is_still_the_cache_dir(tmp_path, monkeypatch, command):
+    """Loads named the cache dir through a symlinked folder, a command names it as it really is
+    (or the other way round): its siblings are the cache dir's, removed with their rows, not kept
+    as 'not in the cache dir' (an outside attack: prune stranded the sibling, saying so)."""
+    from support.cli import run
+
+    monkeypatch.setenv("SA3LOADER_PLACE", "cache")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    ckpt = make_ckpt(tmp_path / "ckpt" / "model.safetensors")
+    load_toy(ckpt, tmp_path / "link" / "c")
+    sibling = Path(sa3loader.last_load_info().sibling)
+    assert sibling.is_relative_to(tmp_path / "link") and sibling.exists()
+    if command[0] != "rm":
+        ckpt.unlink()  # prune's reason; clear and rm need none
+    args = [str(ckpt) if a == "CKPT" else a for a in command]
+    out = run("cache", *args, cache=tmp_path / "real" / "c").stdout
+    assert "not in a .cache/sa3loader or the cache dir" not in out
+    assert not sibling.exists() and not list((tmp_path / "real" / "c").rglob("*.safetensors"))
