@@ -300,6 +300,22 @@ def _take_over(lease: str) -> None:
         os.unlink(aside)
 
 
+class _Silence:
+    """How long a lease has gone unrefreshed as this process saw it, by its own clock: a lease
+    stamped in the future (another host's clock ahead, a planted file) is stale once it stops
+    changing, not only once this host's clock passes its mtime."""
+
+    def __init__(self) -> None:
+        self.seen: tuple[int, int, int] | None = None
+        self.since = 0.0
+
+    def for_how_long(self, st: os.stat_result) -> float:
+        now, stamp = time.monotonic(), (st.st_dev, st.st_ino, st.st_mtime_ns)
+        if stamp != self.seen:  # refreshed, or another lease: silent from now
+            self.seen, self.since = stamp, now
+        return now - self.since
+
+
 @contextlib.contextmanager
 def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
     """One converter across hosts on a network filesystem, where flock may not reach them.
@@ -312,15 +328,18 @@ def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
     """
     lease = sibling_path + LEASE_SUFFIX
     token = _lease_token().encode()
+    stale_s = _faults.tuned("lease_stale_s", LEASE_STALE_S)
+    silence = _Silence()
     while True:
         try:
             fd = os.open(lease, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except FileExistsError:
             try:
-                age = time.time() - os.stat(lease).st_mtime
+                st = os.stat(lease)
             except FileNotFoundError:
                 continue
-            if age > LEASE_STALE_S or _holder_is_gone(lease):
+            age = max(time.time() - st.st_mtime, silence.for_how_long(st))
+            if age > stale_s or _holder_is_gone(lease):
                 logger.info("taking over %s (its holder is gone, or silent for %.0fs)", lease, age)
                 _take_over(lease)
                 continue

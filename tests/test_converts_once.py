@@ -8,6 +8,8 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +124,47 @@ def test_a_lease_from_another_host(tmp_path, monkeypatch, age):
         with conversion_lock(str(sibling), 5) as locked:
             assert locked and lease.read_text() != "other-host:123:abc"
         assert not lease.exists()
+
+
+@pytest.mark.parametrize("refreshed", [False, True], ids=["silent", "refreshed"])
+def test_a_lease_stamped_in_the_future_is_stale_once_it_stops_changing(tmp_path, monkeypatch, refreshed):
+    """Another host's clock a day ahead (or a planted file): its lease's mtime is in the future,
+    so its age by this host's clock is negative. A holder that stopped refreshing it is taken
+    over once it has not changed for the stale time, by this process's clock (it waited out
+    the whole lock timeout, an hour by default); one still refreshing it is waited for."""
+    monkeypatch.setitem(
+        _faults.tunings, "mount_table", str(fake_mount_table(tmp_path / "mountinfo", {tmp_path: "nfs4"}))
+    )
+    monkeypatch.setitem(_faults.tunings, "lease_stale_s", 0.3)
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    lease = Path(str(sibling) + ".lease")
+    lease.parent.mkdir(parents=True)
+    lease.write_text("other-host:123:abc")
+    ahead = time.time() + 86400
+    os.utime(lease, (ahead, ahead))
+    stop = threading.Event()
+
+    def holder() -> None:  # the other host's refresher, its clock still a day ahead
+        while not stop.wait(0.05):
+            now = time.time() + 86400
+            os.utime(lease, (now, now))
+
+    refresher = threading.Thread(target=holder, daemon=True)
+    if refreshed:
+        refresher.start()
+    try:
+        if refreshed:
+            with pytest.raises(sa3loader.LockTimeoutError, match="another host"):
+                with conversion_lock(str(sibling), 1.0):
+                    pass
+            assert lease.read_text() == "other-host:123:abc"
+        else:
+            with conversion_lock(str(sibling), 5) as locked:
+                assert locked and lease.read_text() != "other-host:123:abc"
+    finally:
+        stop.set()
+        if refreshed:
+            refresher.join()
 
 
 def test_first_load_converts_second_does_not(ckpt, tmp_path, conversions):
