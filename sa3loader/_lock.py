@@ -259,6 +259,7 @@ LEASE_REFRESH_S = 10.0
 # A lease not refreshed for this long belongs to a dead holder (or a host that
 # lost the volume); generous, so that clock skew between hosts does not matter.
 LEASE_STALE_S = 60.0
+LEASE_TOKEN_MAX = 4096  # a token is about 150 bytes: a lease file is never read further
 
 
 def _this_host() -> str:
@@ -278,9 +279,10 @@ def _lease_token() -> str:
 def _holder_is_gone(lease: str) -> bool:
     """The lease was taken on this host, in this pid namespace, by a process that no longer
     exists: it is taken over at once, not after ``LEASE_STALE_S`` of silence."""
-    try:
-        with open(lease, encoding="utf-8", errors="replace") as f:
-            host, pid, _ = f.read().rsplit(":", 2)
+    try:  # a FIFO swapped in since it was looked at is not waited on
+        with open(os.open(lease, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            token = f.read(LEASE_TOKEN_MAX) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
+        host, pid, _ = token.decode("utf-8", "replace").rsplit(":", 2)
         holder = int(pid)
     except (OSError, ValueError):
         return False
@@ -335,9 +337,15 @@ def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
             fd = os.open(lease, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except FileExistsError:
             try:
-                st = os.stat(lease)
-            except FileNotFoundError:
+                st = os.lstat(lease)
+            except FileNotFoundError:  # given back meanwhile
                 continue
+            if not stat.S_ISREG(st.st_mode):  # never waited on (a FIFO), followed or removed: not ours
+                raise UnusableLockError(
+                    f"{lease} is not a regular file (a link, a FIFO): sa3loader cannot take its lease. "
+                    "Remove it if no one uses it.",
+                    filename=lease,
+                ) from None
             age = max(time.time() - st.st_mtime, silence.for_how_long(st))
             if age > stale_s or _holder_is_gone(lease):
                 logger.info("taking over %s (its holder is gone, or silent for %.0fs)", lease, age)
@@ -370,6 +378,7 @@ def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
     finally:
         stop.set()
         refresher.join()
-        with contextlib.suppress(OSError), open(lease, "rb") as f:
-            if f.read() == token:  # still ours, not taken over meanwhile
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # (a FIFO put there: not waited on)
+        with contextlib.suppress(OSError), open(os.open(lease, flags), "rb") as f:
+            if f.read(LEASE_TOKEN_MAX) == token:  # still ours, not taken over meanwhile
                 os.unlink(lease)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import stat
 import threading
 import time
 from pathlib import Path
@@ -124,6 +125,40 @@ def test_a_lease_from_another_host(tmp_path, monkeypatch, age):
         with conversion_lock(str(sibling), 5) as locked:
             assert locked and lease.read_text() != "other-host:123:abc"
         assert not lease.exists()
+
+
+@pytest.mark.parametrize("planted", ["a link to nothing", "a FIFO"])
+def test_a_lease_name_that_is_no_file_is_refused_at_once_and_kept(tmp_path, monkeypatch, planted):
+    """Where the lease goes (a network filesystem), a link to nothing or a FIFO someone put
+    there: the lock is ``UnusableLockError`` at once (the load writes its sibling elsewhere),
+    the thing kept. A link made the wait spin without end (past its timeout); a FIFO, reading
+    the holder's name blocked for a writer (an outside attack)."""
+    monkeypatch.setitem(
+        _faults.tunings, "mount_table", str(fake_mount_table(tmp_path / "mountinfo", {tmp_path: "nfs4"}))
+    )
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    lease = Path(str(sibling) + ".lease")
+    lease.parent.mkdir(parents=True)
+    if planted == "a FIFO":
+        os.mkfifo(lease)
+    else:
+        lease.symlink_to(tmp_path / "nowhere")
+    raised: list[BaseException] = []
+
+    def take() -> None:
+        try:
+            with conversion_lock(str(sibling), 2.0):
+                pass
+        except BaseException as exc:  # (what the test looks at)
+            raised.append(exc)
+
+    taker = threading.Thread(target=take, daemon=True)
+    taker.start()
+    taker.join(10)
+    assert not taker.is_alive(), "the lock waited past its timeout"
+    assert [type(e) for e in raised] == [sa3loader.UnusableLockError]
+    assert "not a regular file" in str(raised[0])
+    assert lease.is_symlink() if planted != "a FIFO" else stat.S_ISFIFO(lease.lstat().st_mode)
 
 
 @pytest.mark.parametrize("refreshed", [False, True], ids=["silent", "refreshed"])
