@@ -34,7 +34,7 @@ def covers_its_memory(tensor: torch.Tensor, storage: torch.UntypedStorage) -> bo
     return True
 
 
-def storage_holders(storage: torch.UntypedStorage) -> int:
+def storage_holders(storage: torch.UntypedStorage, held_once: dict[bool, int] | None = None) -> int:
     """How many hold this memory: each tensor on it, its Python object, and each reference to
     that object beyond the caller's one (a storage kept, typed or untyped, shows the memory
     too). Where torch cannot say, more than any check allows (the build is refused)."""
@@ -42,20 +42,27 @@ def storage_holders(storage: torch.UntypedStorage) -> int:
     if use_count is None:
         return sys.maxsize
     holders = use_count(storage._cdata)
-    # Less this frame's argument; torch's own reference to the object comes and goes with the
-    # tensors on the memory, so the baseline is measured for the same case.
-    return holders + sys.getrefcount(storage) - 1 - _STORAGE_REFERENCES_HELD_ONCE[holders > 1]
+    # Less the references a caller's one local makes as it reaches ``getrefcount`` (one per call
+    # on Python 3.11, two on 3.10: measured through this very call, as ``held_once``); torch's
+    # own reference to the object comes and goes with the tensors on the memory.
+    once = (held_once or _STORAGE_REFERENCES_HELD_ONCE)[holders > 1]
+    return holders + sys.getrefcount(storage) - once
 
 
 def _references_to_a_storage_held_once(with_a_tensor: bool) -> int:
-    """``sys.getrefcount`` of a storage object that one local variable holds (torch holds one
-    more while a tensor is on the memory, in the versions measured)."""
+    """What ``storage_holders`` counts beyond the memory's use count for a storage that one local
+    variable holds, called as the build calls it (torch holds one more while a tensor is on
+    the memory, in the versions measured)."""
     tensor = torch.empty(1)
     storage = tensor.untyped_storage()
     if not with_a_tensor:
         del tensor
-    return sys.getrefcount(storage)
+    return storage_holders(storage, {False: 0, True: 0}) - torch._C._storage_Use_Count(storage._cdata)
 
 
 # Measured once, at import: never inside a build, whose watch sees every torch call.
-_STORAGE_REFERENCES_HELD_ONCE = {case: _references_to_a_storage_held_once(case) for case in (False, True)}
+_STORAGE_REFERENCES_HELD_ONCE = (
+    {case: _references_to_a_storage_held_once(case) for case in (False, True)}
+    if hasattr(torch._C, "_storage_Use_Count")
+    else {False: 0, True: 0}
+)

@@ -43,8 +43,10 @@ DATABASE_NAME = diskcache.core.DBNAME
 
 # What reading or writing the index may raise: SQLite's, the OS's, diskcache's own; and from
 # diskcache's code, TypeError, KeyError or ValueError where its Settings table holds what it
-# cannot use (a size limit of text, an eviction policy or a Disk argument it has not).
-INDEX_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout, TypeError, KeyError, ValueError)
+# cannot use (a size limit of text, an eviction policy or a Disk argument it has not), and
+# sqlite3.Warning where a PRAGMA value there is two statements (Python < 3.11; then a
+# ProgrammingError, an Error).
+INDEX_ERRORS = (OSError, sqlite3.Error, sqlite3.Warning, diskcache.Timeout, TypeError, KeyError, ValueError)
 
 
 def index_timeout() -> float:

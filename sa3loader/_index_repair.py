@@ -62,7 +62,7 @@ def diagnose(directory: str) -> str | None:
             con.close()
     except sqlite3.OperationalError as exc:
         # Held by another process, or a hot journal only a writer may roll back: not corrupt.
-        if sqlite_code(exc) in _NOT_ITS_FAULT or "locked" in str(exc) or "busy" in str(exc):
+        if sqlite_code(exc) in _NOT_ITS_FAULT or (sqlite_code(exc) is None and _says_not_its_fault(exc)):
             raise database_error(directory, "be checked", exc) from exc
         return str(exc)
     except sqlite3.DatabaseError as exc:
@@ -71,19 +71,31 @@ def diagnose(directory: str) -> str | None:
 
 _TWO_ROWS_FOR_ONE_KEY = "SELECT 1 FROM Cache GROUP BY key, raw HAVING count(*) > 1"
 # What diskcache raises from its own code over a Settings table it cannot use (an outside attack).
-_SETTINGS_IT_CANNOT_USE = (TypeError, KeyError, ValueError)
+_SETTINGS_IT_CANNOT_USE = (TypeError, KeyError, ValueError, sqlite3.Warning)  # (see INDEX_ERRORS)
 # SQLite's result codes: BUSY, LOCKED, READONLY (a hot journal a read-only check cannot roll
 # back) are not the index's fault; IOERR, FULL, CANTOPEN from the copy are the temp dir's.
 _NOT_ITS_FAULT = (SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY)
 _THE_TEMP_DIRS = (SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN)
 
 
+def _says_not_its_fault(exc: sqlite3.Error) -> bool:
+    """Where Python (< 3.11) tells no result code: SQLite's own words for BUSY, LOCKED and
+    READONLY ("database is locked", "... is busy", "attempt to write a readonly database")."""
+    return any(word in str(exc) for word in ("locked", "busy", "readonly"))
+
+
 def _the_temp_dirs(exc: sqlite3.Error) -> bool:
     """Whether an error from diskcache's open of the copy is the temp dir's (no room, no file),
-    not the index's own (a Settings value it runs, a column, a constraint); an OperationalError
-    that tells no code is counted the temp dir's (never a sound index set aside)."""
+    not the index's own (a Settings value it runs, a column, a constraint);
+    where Python (< 3.11) tells no code, SQLite's words for those three codes say it."""
     code = sqlite_code(exc)
-    return code in _THE_TEMP_DIRS or (code is None and isinstance(exc, sqlite3.OperationalError))
+    if code is None:
+        return isinstance(exc, sqlite3.OperationalError) and any(w in str(exc) for w in _TEMP_DIR_WORDS)
+    return code in _THE_TEMP_DIRS
+
+
+# sqlite3_errstr of IOERR, FULL and CANTOPEN: how SQLite words them.
+_TEMP_DIR_WORDS = ("disk I/O error", "database or disk is full", "unable to open database file")
 
 
 def _diskcache_refuses(directory: str, con: sqlite3.Connection) -> str | None:

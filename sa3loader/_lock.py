@@ -378,7 +378,7 @@ def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
     finally:
         stop.set()
         refresher.join()
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # (a FIFO put there: not waited on)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO there: not waited on
         with contextlib.suppress(OSError), open(os.open(lease, flags), "rb") as f:
             if f.read(LEASE_TOKEN_MAX) == token:  # still ours, not taken over meanwhile
                 os.unlink(lease)

@@ -342,7 +342,8 @@ def test_an_index_another_connection_holds_is_waited_for_once(loaded, monkeypatc
         connects = connects_seen(monkeypatch)
         model = load_toy(ckpt, cache)
         assert digest(model) == reference_digest(ckpt)
-        assert len(connects) == 1 and "cannot open" in caplog.text
+        # Python < 3.11 tells no result code: a first read that does not wait, then the one probe.
+        assert len(connects) == (1 if hasattr(sqlite3, "SQLITE_BUSY") else 2) and "cannot open" in caplog.text
 
 
 def test_two_rows_for_one_key_are_absent_as_diskcache_has_them(loaded):
