@@ -50,7 +50,7 @@ from ._range_report import WIDER_THAN_FP16, count_cast_range, count_range
 from ._records import ConversionResult
 from ._serial import loaded_openmp, serial_ops
 from ._source_reads import LeasedSource, Piece, StripeQueue, leased_source
-from ._trust import drop_inherited_acl, readers_bits, without_group
+from ._trust import NEW_FILE_MODE, readers_bits, share_new_file
 from .errors import ConversionError, HeaderError, Sa3LoaderError
 
 logger = logging.getLogger(__name__)
@@ -151,14 +151,14 @@ def write_sibling(
     counts = {"inf": 0, "zero": 0}
     try:
         # O_EXCL never follows a symlink planted at the name; O_NOFOLLOW says so twice.
-        out_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        out_fd = os.open(tmp, flags, NEW_FILE_MODE)
     except OSError as exc:
         raise ConversionError(f"cannot create {tmp}: {exc.strerror}", filename=tmp, errno=exc.errno) from exc
     try:
-        _keep_group(out_fd, source_stat, mode)
+        share_new_file(out_fd, source_stat, mode)  # an inherited ACL, another group: gone first
         if room is not None and _reserved(out_fd, total) and (problem := room()) is not None:
             raise ConversionError(problem, filename=dest)
-        drop_inherited_acl(out_fd)  # a folder's default ACL may let read whom the source does not
         shown = progress_enabled(_config.progress() if progress is None else progress)
         desc = f"fp16 {os.path.basename(header.path)}"
         end = header.data_start + max((e.end for e in header.entries), default=0)
@@ -348,20 +348,6 @@ def _reserved(fd: int, size: int) -> bool:
         return False
     taken = fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(size)) == 0
     return taken or ctypes.get_errno() == errno.ENOSPC
-
-
-def _keep_group(fd: int, source: os.stat_result, mode: int) -> None:
-    """Give the new file the source's group; where that is not allowed, no group access at all.
-
-    A file is created with the process's group (or the directory's): left so, a
-    copy of a checkpoint readable by one group would be readable by another.
-    """
-    if os.fstat(fd).st_gid == source.st_gid:
-        return
-    try:
-        os.fchown(fd, -1, source.st_gid)
-    except PermissionError:
-        os.fchmod(fd, without_group(mode))
 
 
 @dataclass

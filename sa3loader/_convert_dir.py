@@ -13,6 +13,7 @@ import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from . import _compare, _convert, _faults
 from ._convert_targets import HUB_HARM, in_place_target, refuse_hub_output, refuse_output_over_source
@@ -43,7 +44,7 @@ from ._places import (
     temp_files_of,
 )
 from ._records import SourceIdentity
-from ._trust import ACL_XATTR, acl_of, owned_file_problem, readers_bits, without_group
+from ._trust import ACL_XATTR, NEW_FILE_MODE, acl_of, owned_file_problem, readers_bits, share_new_file
 from .errors import (
     CheckpointChangedError,
     ConfigError,
@@ -65,8 +66,9 @@ class FileAction:
     source: str
     output: str
     action: str  # "converted", "copied", "skipped", "unchanged"
-    overflow_to_inf: int = 0
-    flushed_to_zero: int = 0
+    # The range report's counts; None: not known (a sibling found whose row, which kept them, is gone).
+    overflow_to_inf: int | None = 0
+    flushed_to_zero: int | None = 0
     # The content check of the output (``--verify``): None when none was made.
     max_abs_diff: float | None = None
     float_tensors: int = 0
@@ -159,13 +161,18 @@ def convert_file(
     """Convert one checkpoint file to ``out``, or in place (the sibling a load uses: ``cli``)."""
     if out is None and not in_place:
         raise ValueError("convert_file needs out= or in_place=True")
-    if out is not None and not in_place:
+    if out is not None and not in_place:  # a copy too: refused before anything is read or written
         refuse_output_over_source(src, out)
+        refuse_hub_output(out, os.path.dirname(os.path.abspath(out)))
+        if os.path.isdir(out) and not os.path.islink(out):
+            raise OutputExistsError(f"{out} is a folder: give --out the output file's name", filename=out)
+        if os.path.lexists(out) and not force:  # a link to nothing too: the user's, never replaced unasked
+            raise OutputExistsError(f"{out} exists; pass --force to replace it", filename=out)
     with open_header(src) as header:
         if not has_float32(header):  # a marker in its metadata (copied from a sibling) is not fp16
             if in_place or out is None:
                 return FileAction(src, src, "unchanged")
-            _copy(src, out, force)
+            _copy(src, out)
             return FileAction(src, out, "copied")
         if in_place:  # the file the symlink points to: the same one ``header`` reads
             target = in_place_target(src)
@@ -174,9 +181,6 @@ def convert_file(
             _give_back(target, before, acl)
             return action
         assert out is not None
-        refuse_hub_output(out, os.path.dirname(os.path.abspath(out)))
-        if os.path.lexists(out) and not force:  # a link to nothing too: the user's, never replaced unasked
-            raise OutputExistsError(f"{out} exists; pass --force to replace it", filename=out)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         return _convert_to(header, out, verify)
 
@@ -202,27 +206,19 @@ def _give_back(target: str, before: os.stat_result, acl: bytes | None) -> None:
         os.close(fd)
 
 
-def _copy(src: str, dst: str, force: bool) -> None:
+def _copy(src: str, dst: str) -> None:
     """``src``'s bytes to ``dst`` through a temp file of our own (0600 until its mode is set)
     renamed over it: a link at ``dst`` is replaced, never written through, and the copy is never
     readable by more people than ``src``, not even while it is written."""
-    if os.path.lexists(dst) and not force:
-        raise OutputExistsError(f"{dst} exists; pass --force to replace it", filename=dst)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     _remove_dead_writers_temps(dst)
     tmp = f"{incomplete_prefix(dst)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        with open(src, "rb") as reader, open(os.open(tmp, flags, 0o600), "wb") as writer:
-            shutil.copyfileobj(reader, writer, COPY_CHUNK_BYTES)
-            writer.flush()
+        with _regular_file(src) as reader, open(os.open(tmp, flags, NEW_FILE_MODE), "wb") as writer:
             source = os.fstat(reader.fileno())
-            bits = readers_bits(src, source, tmp)  # its mode, less what its folders keep out
-            os.fchmod(writer.fileno(), bits)
-            try:  # its group, or none (a copy readable by one group is never readable by another)
-                os.fchown(writer.fileno(), -1, source.st_gid)
-            except PermissionError:
-                os.fchmod(writer.fileno(), without_group(bits))
+            share_new_file(writer.fileno(), source, readers_bits(src, source, tmp))  # before a byte
+            shutil.copyfileobj(reader, writer, COPY_CHUNK_BYTES)
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -231,6 +227,17 @@ def _copy(src: str, dst: str, force: bool) -> None:
 
 
 COPY_CHUNK_BYTES = 16 << 20
+
+
+def _regular_file(path: str) -> BinaryIO:
+    """``path`` open for reading, where it is a file: a FIFO (which would wait for a writer), a
+    device or a socket is a ``ConfigError``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path} is not a regular file: not copied", filename=path)
+    os.set_blocking(fd, True)
+    return open(fd, "rb")
 
 
 ASIDE_INFIX = ".replaced-"  # <out>.replaced-<pid>-<hex>: the output replaced, until the new one is in
@@ -259,8 +266,10 @@ def _heal_output(out_dir: str) -> None:
             pid = _writer_pid(name, base + infix)
             if pid is None or not process_gone(pid):
                 continue  # someone's own folder; a convert at work (this process's too); no pid of ours
-            if infix == ASIDE_INFIX and not os.path.exists(out_dir):
+            if infix == ASIDE_INFIX and not os.path.lexists(out_dir):
                 os.rename(path, out_dir)  # killed between its renames: the old output back, whoever's
+            elif infix == ASIDE_INFIX and os.path.islink(out_dir):  # put there since: not an output of ours
+                logger.warning("%s is an old output a killed convert set aside: left for you", path)
             elif _yours(path):
                 _remove_ours(path)
 
@@ -373,6 +382,9 @@ def _convert_files(
                         FileAction(path, dest, "skipped", note="a link to a file that does not exist")
                     )
                 continue
+            if not os.path.isfile(path):  # a FIFO (a copy would wait for its writer), a device
+                actions.append(FileAction(path, dest, "skipped", note="not a regular file"))
+                continue
             if _is_our_artifact(name, path):
                 actions.append(FileAction(path, dest, "skipped"))
                 continue
@@ -383,7 +395,7 @@ def _convert_files(
             if in_place:
                 actions.append(FileAction(path, path, "unchanged"))
             else:
-                _copy(path, dest, force=True)
+                _copy(path, dest)
                 actions.append(FileAction(path, dest, "copied"))
     return actions
 

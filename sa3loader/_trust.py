@@ -197,10 +197,49 @@ def acl_of(path: str | int) -> bytes | None:
         return None
 
 
-def drop_inherited_acl(fd: int) -> None:
+def drop_inherited_acl(fd: int) -> bool:
     """Take away an ACL a new file got from its folder's default ACL (it may let read whom the
-    source's bits do not): the file is then its owner's alone (``readers_bits`` opens no more)."""
+    source's bits do not): the file is then its owner's alone (``readers_bits`` opens no more).
+    Whether it had one."""
     if acl_of(fd) is None:
-        return
+        return False
     os.removexattr(fd, ACL_XATTR)
     os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & 0o700)
+    return True
+
+
+# What a file sa3loader writes is created with: no one else can open it until ``share_new_file``
+# has set who may (an ACL inherited, a group not the source's, are only taken away after).
+NEW_FILE_MODE = 0o600
+
+
+def share_new_file(fd: int, source: os.stat_result, mode: int) -> None:
+    """A file just created ``NEW_FILE_MODE`` gets its readers: an ACL from its folder's default
+    ACL dropped (it is then its owner's alone), the source's group (or, where it cannot have it,
+    no group access: a copy readable by one group is never readable by another), then ``mode``
+    less the umask, as a file created with it would have."""
+    if drop_inherited_acl(fd):
+        mode &= 0o700
+    else:
+        mode &= ~process_umask()
+    if os.fstat(fd).st_gid != source.st_gid:
+        try:
+            os.fchown(fd, -1, source.st_gid)
+        except PermissionError:
+            mode = without_group(mode)
+    os.fchmod(fd, mode)
+
+
+def process_umask() -> int:
+    """This process's umask, read (Linux: /proc) where it can be, else set and put back: for that
+    moment a narrower one, never a wider one, for files other threads create."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask

@@ -41,6 +41,7 @@ from ._cli_output import (
     emit,
     human_size,
     printable,
+    range_line,
     say,
 )
 from ._convert_dir import (
@@ -86,14 +87,14 @@ def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAc
             report = (
                 RangeReport(converted.overflow_to_inf, converted.flushed_to_zero)
                 if converted is not None
-                else outcome.stored_range or RangeReport(0, 0)
+                else outcome.stored_range  # None: no row kept what its conversion counted
             )
             action = FileAction(
                 src,
                 outcome.sibling.path,
                 "converted" if converted else "unchanged",
-                report.overflow_to_inf,
-                report.flushed_to_zero,
+                report.overflow_to_inf if report else None,
+                report.flushed_to_zero if report else None,
                 replaced_damaged=outcome.replaced_damaged,
             )
             if verify:
@@ -123,11 +124,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"verify: max abs diff of fp16(source) vs output = {worst} "
             f"over {tensors} float tensor(s) in {len(compared)} file(s)"
         )
-    # An unchanged sibling reports what was stored when it was made.
-    reported = [a for a in actions if a.action in ("converted", "unchanged")]
-    overflow = sum(a.overflow_to_inf for a in reported)
-    flushed = sum(a.flushed_to_zero for a in reported)
-    lines.append(f"fp16 range: {overflow} values overflowed to inf, {flushed} nonzero values flushed to zero")
+    found = [
+        (a.overflow_to_inf, a.flushed_to_zero) for a in actions if a.action in ("converted", "unchanged")
+    ]
+    lines.append(range_line(found))
     emit(args, [asdict(a) for a in actions], lines)
     return EXIT_CHECK_FAILED if repaired else EXIT_OK
 

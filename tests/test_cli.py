@@ -425,17 +425,23 @@ def test_convert_dir_never_writes_into_a_hub_cache(tmp_path, where, in_place):
     assert list((tmp_path / "out").rglob("*.safetensors"))
 
 
-@pytest.mark.parametrize("what", ["snapshot-dir", "file"])
+@pytest.mark.parametrize("what", ["snapshot-dir", "file", "fp16 file (copied)"])
 def test_convert_out_inside_a_hub_cache_is_refused(tmp_path, what):
-    """``--out <repo>/snapshots/fp16`` would be listed by huggingface_hub as a revision."""
+    """``--out <repo>/snapshots/fp16`` would be listed by huggingface_hub as a revision. A file
+    with no float32 is copied, not converted: refused the same (an outside attack: it was
+    copied into the snapshot)."""
     from support.checkpoints import toy_hub_checkpoint
 
     ckpt = toy_hub_checkpoint(tmp_path / "hf", "org/m", "r1")
+    if what.startswith("fp16"):
+        ckpt = tmp_path / "half.safetensors"
+        save_file({"w": torch.randn(4, 4).half()}, str(ckpt))
+    snapshot = tmp_path / "hf" / "hub" / "models--org--m" / "snapshots" / "r1"
     listing = sorted(str(p) for p in (tmp_path / "hf").rglob("*"))
     src, out = (
         (ckpt.parent, ckpt.parent.parent / "fp16")
         if what == "snapshot-dir"
-        else (ckpt, ckpt.parent / "m16.safetensors")
+        else (ckpt, snapshot / "m16.safetensors")
     )
     err = run("--json", "convert", str(src), "--out", str(out), cache=tmp_path / "c", check_rc=1)
     assert json.loads(err.stdout)["error"]["type"] == "HubCacheError"
@@ -745,6 +751,80 @@ def test_an_old_output_that_cannot_be_removed_is_named_not_left_unseen(
     run("convert", str(ckpt_dir), "--force", cache=tmp_path / "c")
     (aside,) = tmp_path.glob(f"{out.name}.replaced-*")
     assert f"{aside} could not be removed" in caplog.text and out.is_dir()
+
+
+def test_convert_dir_skips_what_is_not_a_regular_file(ckpt_dir, tmp_path):
+    """A FIFO in the folder copied: reading it would wait for a writer for ever (an outside
+    attack: the convert hung, its staging folder left). Skipped, saying why; the rest copied."""
+    fifo = ckpt_dir / "pipe"
+    os.mkfifo(fifo)
+    proc = run("convert", str(ckpt_dir), "--out", str(tmp_path / "o"), cache=tmp_path / "c")
+    assert f"skipped   {fifo} -> {tmp_path / 'o' / 'pipe'}  (not a regular file)" in proc.stdout
+    assert (tmp_path / "o" / "model.safetensors").exists() and not (tmp_path / "o" / "pipe").exists()
+
+
+def test_convert_file_to_a_folder_says_to_name_the_file(ckpt_dir, tmp_path):
+    """``convert FILE --out FOLDER``: refused before anything is written, with or without
+    --force (it was a raw IsADirectoryError for a copied file, a ConversionError otherwise)."""
+    (tmp_path / "o").mkdir()
+    half = tmp_path / "half.safetensors"
+    save_file({"w": torch.randn(4, 4).half()}, str(half))
+    for src in (ckpt_dir / "model.safetensors", half):
+        for force in ([], ["--force"]):
+            err = run(
+                "--json",
+                "convert",
+                str(src),
+                "--out",
+                str(tmp_path / "o"),
+                *force,
+                cache=tmp_path / "c",
+                check_rc=1,
+            )
+            error = json.loads(err.stdout)["error"]
+            assert (
+                error["type"] == "OutputExistsError"
+                and "give --out the output file's name" in error["message"]
+            )
+    assert not list((tmp_path / "o").iterdir()) and not list(tmp_path.glob("o.*"))
+
+
+def test_an_old_output_set_aside_is_kept_when_a_link_is_at_out(ckpt_dir, tmp_path, caplog):
+    """A killed ``convert DIR`` left the old output aside; since, a link was put at ``--out``.
+    The link is no output of convert's: the old output is neither renamed over it (a raw
+    ENOTDIR on every run, from an outside attack) nor removed; the warning names it."""
+    out = tmp_path / "o"
+    aside = Path(f"{out}.replaced-{dead_pid()}-deadbeef")
+    aside.mkdir()
+    (aside / "old.safetensors").write_bytes(b"the old output")
+    out.symlink_to(tmp_path / "nowhere")
+    run("convert", str(ckpt_dir), "--out", str(out), "--force", cache=tmp_path / "c")
+    assert (
+        out.is_dir()
+        and not out.is_symlink()
+        and (aside / "old.safetensors").read_bytes() == b"the old output"
+    )
+    assert f"{aside} is an old output a killed convert set aside: left for you" in caplog.text
+
+
+def test_convert_says_the_range_is_not_known_where_no_row_kept_it(tmp_path):
+    """The index lost (removed, or set aside by ``cache repair``): the sibling is found and
+    adopted, but what its conversion counted is gone. Said, never a 0 nothing counted."""
+    src = tmp_path / "model.safetensors"
+    save_file({"w": torch.tensor([1.0, 70000.0, 1e-9, 3e-6])}, str(src))
+    assert (
+        "1 values overflowed to inf, 1 nonzero values flushed"
+        in run("convert", str(src), cache=tmp_path / "c").stdout
+    )
+    shutil.rmtree(tmp_path / "c" / "index")
+    again = run("convert", str(src), cache=tmp_path / "c")
+    assert again.stdout.endswith(
+        "fp16 range: not known (the row that kept it is gone, for 1 found sibling(s))\n"
+    )
+    data = json.loads(run("--json", "convert", str(src), cache=tmp_path / "c").stdout)
+    assert [(a["action"], a["overflow_to_inf"], a["flushed_to_zero"]) for a in data] == [
+        ("unchanged", None, None)
+    ]
 
 
 def test_convert_dir_heals_what_a_kill_left(ckpt_dir, tmp_path):

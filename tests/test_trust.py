@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from support.checkpoints import random_like_state, save
 from support.compare import assert_same_model, writable
 from support.loads import load_toy
@@ -640,6 +642,36 @@ def test_a_folders_default_acl_never_reaches_a_sibling(open_tmp):
     load_toy(ckpt, open_tmp / "cache")
     assert "system.posix_acl_access" not in os.listxattr(sibling)
     assert sibling.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("source", ["fp32 (converted)", "fp16 (copied)"])
+def test_a_folders_default_acl_never_reaches_a_convert_out_file_not_even_while_written(
+    open_tmp, monkeypatch, source
+):
+    """``convert --out`` into a folder whose default ACL names uid 65534, from a 0640 checkpoint
+    it cannot read: the output has no ACL and is its owner's; and every file sa3loader creates
+    is created its owner's alone (an outside attack: uid 65534 opened temp files in the moment
+    between their creation with the final bits and the ACL's removal, and a copy kept the ACL)."""
+    ckpt, _ = in_an_open_folder(open_tmp, 0o640)
+    if source.startswith("fp16"):
+        save_file({"w": torch.randn(8, 8).half()}, str(ckpt))
+    out_dir = open_tmp / "out"
+    out_dir.mkdir(mode=0o755)
+    set_acl(out_dir, "default", user=7, named=(65534, 4), group=5, other=5)
+    created: list[tuple[str, int]] = []
+    real_open = os.open
+
+    def open_and_look(path, flags, mode=0o777, *args, **kwargs):
+        fd = real_open(path, flags, mode, *args, **kwargs)
+        if flags & os.O_CREAT and ".incomplete-" in os.fsdecode(path):  # as another user would find it
+            created.append((os.fsdecode(path), stat.S_IMODE(os.fstat(fd).st_mode)))
+        return fd
+
+    monkeypatch.setattr(os, "open", open_and_look)
+    out = out_dir / "model.safetensors"
+    assert cli.main(["convert", str(ckpt), "--out", str(out), "--cache-dir", str(open_tmp / "c")]) == 0
+    assert created and all(mode & 0o077 == 0 for _, mode in created), created
+    assert "system.posix_acl_access" not in os.listxattr(out) and out.stat().st_mode & 0o077 == 0
 
 
 def test_convert_in_place_keeps_the_files_acl(open_tmp):
