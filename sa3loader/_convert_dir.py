@@ -32,6 +32,7 @@ from ._places import (
     LOCK_SUFFIX,
     SAFETENSORS_SUFFIX,
     SIBLING_SUFFIXES,
+    WRITER_QUIET_S,
     WRITER_TAIL,
     beside_path,
     cache_path,
@@ -41,6 +42,7 @@ from ._places import (
     left_by_a_gone_writer,
     legacy_beside_path,
     process_gone,
+    quiet_for,
     temp_files_of,
 )
 from ._records import SourceIdentity
@@ -266,6 +268,8 @@ def _heal_output(out_dir: str) -> None:
             pid = _writer_pid(name, base + infix)
             if pid is None or not process_gone(pid):
                 continue  # someone's own folder; a convert at work (this process's too); no pid of ours
+            if infix == INCOMPLETE_INFIX and not quiet_for(path, WRITER_QUIET_S):
+                continue  # being filled by a convert of another pid namespace (a container)
             if infix == ASIDE_INFIX and not os.path.lexists(out_dir):
                 os.rename(path, out_dir)  # killed between its renames: the old output back, whoever's
             elif infix == ASIDE_INFIX and os.path.islink(out_dir):  # put there since: not an output of ours

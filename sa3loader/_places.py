@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import stat
+import time
 
 from . import _faults
 
@@ -148,9 +149,30 @@ WRITER_TAIL = re.compile(r"([0-9]+)-[0-9a-f]{8}")
 
 def left_by_a_gone_writer(path: str, dest: str) -> bool:
     """Whether ``path``, a temp file of ``dest`` (``INCOMPLETE_TAIL``), was written by a
-    process of this host that no longer runs (a killed conversion's: nothing finishes it)."""
+    process of this host that no longer runs (a killed conversion's: nothing finishes it), and
+    has been left unchanged since (``WRITER_QUIET_S``)."""
     match = INCOMPLETE_TAIL.fullmatch(path[len(incomplete_prefix(dest)) :])
-    return match is not None and process_gone(int(match.group(1) or match.group(2)))
+    gone = match is not None and process_gone(int(match.group(1) or match.group(2)))
+    return gone and quiet_for(path, WRITER_QUIET_S)
+
+
+# How long a dead writer's temp file or staging folder must have been left unchanged before
+# it is removed: its pid was judged in this pid namespace, and a writer in another (a container
+# sharing the volume) may still be writing it, which changes it at least every few seconds.
+WRITER_QUIET_S = 600.0
+
+
+def quiet_for(path: str, seconds: float) -> bool:
+    """Whether nothing at ``path`` (a file; a folder, and everything in it) changed in the last
+    ``seconds`` (a time ahead of this clock: changed now)."""
+    try:
+        newest = os.lstat(path).st_mtime
+        for root, dirs, files in os.walk(path):  # (nothing to walk for a file)
+            for name in dirs + files:
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    except OSError:  # gone or changing meanwhile: not quiet
+        return False
+    return time.time() - newest > seconds
 
 
 # Linux's PID_MAX_LIMIT on 64-bit: no writer of this host had a larger pid.

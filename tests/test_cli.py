@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from support.cli import run, run_process
 from support.compare import writable
 from support.faults import at, injected
-from support.processes import dead_pid
+from support.processes import dead_pid, left_long_ago
 
 import sa3loader
 from sa3loader import __version__, _faults, cli
@@ -177,20 +177,26 @@ KILLED_TAILS = {
 @pytest.mark.parametrize("how", ["in-place", "to-a-file"])
 def test_a_killed_conversions_temp_file_goes_with_the_next_conversion(tmp_path, how, tail):
     """A conversion in place, or to a file, killed mid-write leaves a temp file beside its
-    output (GBs): the next one removes it; one whose writer still runs stays."""
+    output (GBs): the next one removes it; one whose writer still runs stays, and so does one
+    changed within ``WRITER_QUIET_S`` whatever its pid (a writer in another pid namespace, a
+    container sharing the volume, whose pid means nothing here: an outside attack saw its
+    live temp file removed)."""
     src = tmp_path / "model.safetensors"
     save_file({"w": torch.randn(4, 4)}, str(src))
     dest = src if how == "in-place" else tmp_path / "out.safetensors"
     killed = Path(f"{dest}.incomplete-" + KILLED_TAILS[tail].format(pid=dead_pid()))  # no such process
     alive = Path(f"{dest}.incomplete-" + KILLED_TAILS[tail].format(pid=1))  # init's: still running
-    for path in (killed, alive):
+    elsewhere = Path(f"{dest}.incomplete-" + KILLED_TAILS[tail].format(pid=dead_pid() + 1_000_000))
+    for path in (killed, alive, elsewhere):
         path.write_bytes(b"x" * 100)
+    left_long_ago(killed), left_long_ago(alive)
     where = ["--in-place"] if how == "in-place" else ["--out", str(dest)]
     run("convert", str(src), *where, cache=tmp_path / "c")
-    assert not killed.exists() and alive.exists()
+    assert not killed.exists() and alive.exists() and elsewhere.exists()
     if how == "in-place":  # the folder's: what it removed is not listed as skipped
         save_file({"w": torch.randn(4, 4)}, str(src))  # fp32 again: converted again
         killed.write_bytes(b"x" * 100)
+        left_long_ago(killed)
         out = run("convert", str(tmp_path), "--in-place", cache=tmp_path / "c").stdout
         assert str(killed) not in out and not killed.exists()
 
@@ -838,7 +844,12 @@ def test_convert_dir_heals_what_a_kill_left(ckpt_dir, tmp_path):
     staging.mkdir()
     (staging / "half.safetensors").write_bytes(b"partial")
     run("convert", str(ckpt_dir), cache=tmp_path / "c", check_rc=1)  # the old output is back: --force
-    assert (out / "model.safetensors").exists() and not aside.exists() and not staging.exists()
+    assert (out / "model.safetensors").exists() and not aside.exists()
+    assert staging.exists()  # changed just now: maybe a convert of another pid namespace, at work
+    run("convert", str(ckpt_dir), cache=tmp_path / "c", check_rc=1)
+    left_long_ago(staging)
+    run("convert", str(ckpt_dir), cache=tmp_path / "c", check_rc=1)
+    assert not staging.exists()
 
 
 @pytest.mark.parametrize("killed", [False, True])

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from support.zygote import READY
@@ -205,3 +206,12 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def left_long_ago(path: Path, seconds: float = 3600.0) -> Path:
+    """``path`` (and all in it) last changed ``seconds`` ago: what a killed writer left, not a
+    writer of another pid namespace still at work (``_places.WRITER_QUIET_S``)."""
+    then = time.time() - seconds
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.utime(p, (then, then), follow_symlinks=False)
+    return path
