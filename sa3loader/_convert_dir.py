@@ -221,6 +221,8 @@ def _copy(src: str, dst: str) -> None:
             source = os.fstat(reader.fileno())
             share_new_file(writer.fileno(), source, readers_bits(src, source, tmp))  # before a byte
             shutil.copyfileobj(reader, writer, COPY_CHUNK_BYTES)
+            writer.flush()
+            os.fsync(writer.fileno())  # durable before its name, as a converted file is
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
