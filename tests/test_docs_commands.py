@@ -80,3 +80,13 @@ def test_a_wheel_builds_from_the_checkout(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "sa3loader/loader.py" in names and "sa3loader/py.typed" in names
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
+
+
+def test_the_image_downloads_every_repo_the_medium_config_loads_from(upstream):
+    """Medium's config loads its T5Gemma text encoder from another repo (small-music's): an image
+    built as the Dockerfile says, then run with HF_HUB_OFFLINE=1, must hold that one too (a new
+    user found it missing)."""
+    config = (upstream.root / "configs" / "sa3_medium_model_config.json").read_text()
+    named = set(re.findall(r'"repo_id":\s*"([^"]+)"', config)) | {MEDIUM}
+    downloaded = {run.split()[2] for run in dockerfile_runs() if run.startswith("hf download ")}
+    assert named <= downloaded, named - downloaded

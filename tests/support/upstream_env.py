@@ -25,9 +25,11 @@ T5GEMMA_DIM = 768
 
 
 def find_upstream() -> Path | None:
+    """The folder holding ``stable-audio-3/``; $SA3LOADER_UPSTREAM may name either."""
     candidate = Path(os.environ.get(UPSTREAM_ENV) or DEFAULT_UPSTREAM)
-    if (candidate / "stable-audio-3" / "stable_audio_3" / "loading_utils.py").is_file():
-        return candidate
+    for root in (candidate, candidate.parent):
+        if (root / "stable-audio-3" / "stable_audio_3" / "loading_utils.py").is_file():
+            return root
     return None
 
 
