@@ -131,10 +131,18 @@ def apply_verbosity() -> None:
 
 
 def is_true(name: str) -> bool:
-    """A flag variable: 1, true, yes or on (any case) sets it; unset, empty, 0, false, no or off
-    does not; anything else does not either, with one warning (``=2`` is not taken for on)."""
+    """A flag variable that is off by default (``flag``)."""
+    return flag(name, default=False)
+
+
+def flag(name: str, *, default: bool) -> bool:
+    """A flag variable: 1, true, yes or on (any case) sets it, 0, false, no or off clears it;
+    unset or empty is ``default``, and so is anything else, with one warning (``=2`` is not
+    taken for on, nor ``=maybe`` for either)."""
     raw = os.environ.get(name, "").strip().lower()
-    if raw not in _TRUE and raw not in _FALSE:
+    if raw in _TRUE or raw in _FALSE[1:]:
+        return raw in _TRUE
+    if raw:
         warn_once(
             f"env:{name}",
             "ignoring $%s=%r: not one of %s, or %s",
@@ -143,7 +151,7 @@ def is_true(name: str) -> bool:
             "/".join(_TRUE),
             "/".join(_FALSE[1:]),
         )
-    return raw in _TRUE
+    return default
 
 
 def shared_cache() -> bool:
@@ -247,12 +255,13 @@ def ring() -> tuple[int, int] | None:
 def pin() -> bool:
     """False when $SA3LOADER_PIN=0 (or false, no, off): stage in pageable memory, as where
     pinning is slow or limited (WSL, containers with a small memlock limit)."""
-    return os.environ.get(PIN_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+    return flag(PIN_ENV, default=True)
 
 
 def progress() -> bool:
-    """False when $SA3LOADER_PROGRESS=0 or $TQDM_DISABLE is set (bars show only on a terminal anyway)."""
-    return os.environ.get(PROGRESS_ENV, "").strip() != "0" and not os.environ.get("TQDM_DISABLE")
+    """False when $SA3LOADER_PROGRESS=0 (or false, no, off) or $TQDM_DISABLE is set (bars show
+    only on a terminal anyway)."""
+    return flag(PROGRESS_ENV, default=True) and not os.environ.get("TQDM_DISABLE")
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,30 @@ def test_a_lock_timeout_that_is_not_a_number_of_seconds_warns_and_uses_the_defau
     ]
 
 
+@pytest.mark.parametrize(("name", "read"), [("SA3LOADER_PIN", "pin"), ("SA3LOADER_PROGRESS", "progress")])
+@pytest.mark.parametrize(
+    ("value", "on"),
+    [("false", False), ("No", False), ("0", False), ("yes", True), ("", True), ("maybe", True)],
+)
+def test_a_flag_that_is_on_by_default_reads_every_word_and_warns_of_others(
+    monkeypatch, caplog, name, read, value, on
+):
+    """$SA3LOADER_PROGRESS took only 0 (false and no were on, silently); $SA3LOADER_PIN took
+    =maybe silently (a README walk). Both read the words every flag reads; another value
+    keeps the default, with one warning."""
+    from sa3loader import _config
+
+    monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="sa3loader"):
+        assert getattr(_config, read)() is on
+        assert getattr(_config, read)() is on
+    warned = (
+        [f"ignoring ${name}='maybe': not one of 1/true/yes/on, or 0/false/no/off"] if value == "maybe" else []
+    )
+    assert [r.getMessage() for r in caplog.records] == warned
+
+
 @pytest.mark.parametrize("name", ["SA3LOADER_DISABLE", "SA3LOADER_VERIFY", "SA3LOADER_SHARED_CACHE"])
 @pytest.mark.parametrize(
     ("value", "on"), [("2", False), ("ture", False), ("On", True), ("off", False), ("", False)]
