@@ -58,7 +58,7 @@ from ._identity import (
     has_float32,
     is_sa3loader_file,
 )
-from ._places import hub_name
+from ._places import hub_name, is_temp_name
 from ._records import INVALID, MISSING_SOURCE, OK, STALE, Entry, Outcome, Plan, RangeReport, Removal
 from ._resolver import resolve_sibling
 from ._sibling import SiblingFinder, SiblingOutcome
@@ -219,11 +219,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"fp16 sibling: {human_size(size)} more on disk; model_half=True loads take their weights "
             f"from it ({human_size(size)}) instead of from the checkpoint ({human_size(header.file_size)})"
         )
-        lines.append(
-            f"sibling: {existing} (made for this checkpoint)"
-            if existing
-            else "sibling: none yet (the first model_half=True load or `sa3loader warm` makes it)"
-        )
+        made = "none yet (the first model_half=True load or `sa3loader warm` makes it)"
+        lines.append(f"sibling: {existing} (made for this checkpoint)" if existing else f"sibling: {made}")
     emit(args, data, lines)
     return EXIT_OK
 
@@ -378,8 +375,10 @@ def _scan(args: argparse.Namespace, cache_dir: str) -> int:
     ]
     gone = sum(f.status == MISSING_SOURCE for f in found)
     files = _files_on_disk({f.sibling for f in found}, follow=False)  # overlapping dirs, hard links: one
+    temp = {f.sibling for f in found if is_temp_name(os.path.basename(f.sibling))}  # a killed conversion's
+    temps, size = len(_files_on_disk(temp, follow=False)), human_size(sum(files.values()))
     lines.append(
-        f"{len(files)} sibling(s), {human_size(sum(files.values()))} on disk; "
+        f"{len(files) - temps} sibling(s){f' and {temps} temp file(s)' if temps else ''}, {size} on disk; "
         f"{gone} whose checkpoint is gone (remove with `sa3loader cache rm CHECKPOINT`)"
     )
     lines += [f"cannot read {e.filename} ({e.strerror}): siblings under it not counted" for e in unreadable]

@@ -1470,9 +1470,11 @@ def test_cache_scan_finds_a_killed_conversions_temp_file_and_cache_rm_removes_it
     shutil.rmtree(cache)
     rows = json.loads(run("--json", "cache", "scan", str(folder), cache=cache).stdout)
     assert [(r["sibling"], r["status"]) for r in rows] == [(str(left), "temp file")]
+    assert "0 sibling(s) and 1 temp file(s), " in run("cache", "scan", str(folder), cache=cache).stdout
     ckpt.unlink()
     out = run("cache", "scan", str(folder), cache=cache).stdout
     assert f"missing source  {left}" in out and "1 whose checkpoint is gone" in out
+    assert "0 sibling(s) and 1 temp file(s), " in out  # (a new user's walk: it was "1 sibling(s)")
     run("cache", "rm", str(ckpt), cache=cache)
     assert not left.exists()
 
