@@ -104,27 +104,39 @@ def test_hosts_without_a_shared_flock_still_convert_once(tmp_path):
     assert not (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors.lease").exists()
 
 
-@pytest.mark.parametrize("age", [0, 3600], ids=["held", "stale"])
-def test_a_lease_from_another_host(tmp_path, monkeypatch, age):
-    """A fresh lease means wait (then LockTimeoutError); one left unrefreshed is taken over."""
+def a_lease_on_nfs(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """A sibling's path on a network filesystem (a faked mount table), and its lease's (its
+    folder made, the lease not)."""
     monkeypatch.setitem(
         _faults.tunings, "mount_table", str(fake_mount_table(tmp_path / "mountinfo", {tmp_path: "nfs4"}))
     )
     sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
-    lease = Path(str(sibling) + ".lease")
-    lease.parent.mkdir(parents=True)
+    sibling.parent.mkdir(parents=True)
+    return sibling, Path(str(sibling) + ".lease")
+
+
+def waited_for_or_taken(sibling: Path, lease: Path, *, taken: bool, wait_s: float) -> None:
+    """Another host's lease (``other-host:123:abc``) is taken over, or waited for ``wait_s``
+    (then ``LockTimeoutError``, the lease as it was)."""
+    if taken:
+        with conversion_lock(str(sibling), 5) as locked:
+            assert locked and lease.read_text() != "other-host:123:abc"
+        return
+    with pytest.raises(sa3loader.LockTimeoutError, match="another host"):
+        with conversion_lock(str(sibling), wait_s):
+            pass
+    assert lease.read_text() == "other-host:123:abc"
+
+
+@pytest.mark.parametrize("age", [0, 3600], ids=["held", "stale"])
+def test_a_lease_from_another_host(tmp_path, monkeypatch, age):
+    """A fresh lease means wait (then LockTimeoutError); one left unrefreshed is taken over."""
+    sibling, lease = a_lease_on_nfs(tmp_path, monkeypatch)
     lease.write_text("other-host:123:abc")
     then = lease.stat().st_mtime - age
     os.utime(lease, (then, then))
-    if age == 0:
-        with pytest.raises(sa3loader.LockTimeoutError, match="another host"):
-            with conversion_lock(str(sibling), 0.3):
-                pass
-        assert lease.read_text() == "other-host:123:abc"
-    else:
-        with conversion_lock(str(sibling), 5) as locked:
-            assert locked and lease.read_text() != "other-host:123:abc"
-        assert not lease.exists()
+    waited_for_or_taken(sibling, lease, taken=age > 0, wait_s=0.3)
+    assert age == 0 or not lease.exists()
 
 
 @pytest.mark.parametrize("planted", ["a link to nothing", "a FIFO"])
@@ -133,12 +145,7 @@ def test_a_lease_name_that_is_no_file_is_refused_at_once_and_kept(tmp_path, monk
     there: the lock is ``UnusableLockError`` at once (the load writes its sibling elsewhere),
     the thing kept. A link made the wait spin without end (past its timeout); a FIFO, reading
     the holder's name blocked for a writer (an outside attack)."""
-    monkeypatch.setitem(
-        _faults.tunings, "mount_table", str(fake_mount_table(tmp_path / "mountinfo", {tmp_path: "nfs4"}))
-    )
-    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
-    lease = Path(str(sibling) + ".lease")
-    lease.parent.mkdir(parents=True)
+    sibling, lease = a_lease_on_nfs(tmp_path, monkeypatch)
     if planted == "a FIFO":
         os.mkfifo(lease)
     else:
@@ -167,13 +174,8 @@ def test_a_lease_stamped_in_the_future_is_stale_once_it_stops_changing(tmp_path,
     so its age by this host's clock is negative. A holder that stopped refreshing it is taken
     over once it has not changed for the stale time, by this process's clock (it waited out
     the whole lock timeout, an hour by default); one still refreshing it is waited for."""
-    monkeypatch.setitem(
-        _faults.tunings, "mount_table", str(fake_mount_table(tmp_path / "mountinfo", {tmp_path: "nfs4"}))
-    )
+    sibling, lease = a_lease_on_nfs(tmp_path, monkeypatch)
     monkeypatch.setitem(_faults.tunings, "lease_stale_s", 0.3)
-    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
-    lease = Path(str(sibling) + ".lease")
-    lease.parent.mkdir(parents=True)
     lease.write_text("other-host:123:abc")
     ahead = time.time() + 86400
     os.utime(lease, (ahead, ahead))
@@ -188,14 +190,7 @@ def test_a_lease_stamped_in_the_future_is_stale_once_it_stops_changing(tmp_path,
     if refreshed:
         refresher.start()
     try:
-        if refreshed:
-            with pytest.raises(sa3loader.LockTimeoutError, match="another host"):
-                with conversion_lock(str(sibling), 1.0):
-                    pass
-            assert lease.read_text() == "other-host:123:abc"
-        else:
-            with conversion_lock(str(sibling), 5) as locked:
-                assert locked and lease.read_text() != "other-host:123:abc"
+        waited_for_or_taken(sibling, lease, taken=not refreshed, wait_s=1.0)
     finally:
         stop.set()
         if refreshed:
