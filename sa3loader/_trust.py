@@ -147,6 +147,12 @@ def readers_bits(path: str, st: os.stat_result, place: str) -> int:
     with these bits is readable by no one who cannot read ``path``."""
     mode = stat.S_IMODE(st.st_mode)
     real = os.path.realpath(path)
+    try:  # a link in ``path`` swapped since ``st`` was taken: these folders are another file's
+        now = os.stat(real)
+    except OSError:
+        return mode & ~0o077
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        return mode & ~0o077  # cannot tell: the owner's alone
     shared = set(_folders_above(os.path.realpath(place)))
     others = group = not _has_acl(real)
     for folder in _folders_above(real):

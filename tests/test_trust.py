@@ -716,3 +716,25 @@ def test_root_never_writes_beside_a_checkpoint_in_another_users_folder(open_tmp,
     info = sa3loader.last_load_info()
     assert info.converted and info.sibling.startswith(str(open_tmp / "cache"))
     assert sorted(p.name for p in folder.rglob("*")) == before
+
+
+def test_a_link_swapped_after_the_open_never_lends_its_folders_to_the_file_read(open_tmp):
+    """The mode of a copy comes from the file opened and the folders above it. A link in the
+    source's path swapped between the open and that look (an outside attack: a thread flipping
+    it made 728 of 3000 copies of a file in a 0700 folder readable by all) names another file's
+    folders: the copy is then its owner's alone."""
+    secret_dir, public_dir = open_tmp / "secret", open_tmp / "public"
+    secret_dir.mkdir(mode=0o700)
+    public_dir.mkdir(mode=0o755)
+    (secret_dir / "w").write_bytes(b"secret")
+    (public_dir / "w").write_bytes(b"decoy")
+    for f in (secret_dir / "w", public_dir / "w"):
+        f.chmod(0o644)
+    link = open_tmp / "link"
+    link.symlink_to(secret_dir / "w")
+    opened = os.stat(link)  # the file the copy reads: the secret one
+    link.unlink()
+    link.symlink_to(public_dir / "w")  # swapped before its folders are looked at
+    assert trust.readers_bits(str(link), opened, str(open_tmp / "copy")) & 0o077 == 0
+    assert trust.readers_bits(str(secret_dir / "w"), opened, str(open_tmp / "copy")) & 0o077 == 0
+    assert trust.readers_bits(str(public_dir / "w"), os.stat(public_dir / "w"), str(open_tmp / "c")) == 0o644
