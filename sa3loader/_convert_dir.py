@@ -49,6 +49,7 @@ from ._records import SourceIdentity
 from ._trust import ACL_XATTR, NEW_FILE_MODE, acl_of, owned_file_problem, readers_bits, share_new_file
 from .errors import (
     CheckpointChangedError,
+    CheckpointPermissionError,
     ConfigError,
     HubCacheError,
     OutputExistsError,
@@ -236,7 +237,10 @@ COPY_CHUNK_BYTES = 16 << 20
 def _regular_file(path: str) -> BinaryIO:
     """``path`` open for reading, where it is a file: a FIFO (which would wait for a writer), a
     device or a socket is a ``ConfigError``."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except PermissionError as exc:  # as a load or `info` says it
+        raise CheckpointPermissionError(f"{path} may not be read by this user", filename=path) from exc
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ConfigError(f"{path} is not a regular file: not copied", filename=path)
@@ -254,9 +258,19 @@ def _writer_pid(name: str, infix: str) -> int | None:
 
 
 def _yours(path: str) -> bool:  # root's convert removes no other user's folder that looks like its own
-    with contextlib.suppress(OSError):  # gone meanwhile: nothing to remove
-        return os.lstat(path).st_uid == os.getuid()
+    return _owner_in(path, (os.getuid(),))
+
+
+def _owner_in(path: str, owners: tuple[int | None, ...]) -> bool:
+    with contextlib.suppress(OSError):  # gone meanwhile: nothing to act on
+        return os.lstat(path).st_uid in owners
     return False
+
+
+def _owner_of(path: str) -> int | None:
+    with contextlib.suppress(OSError):
+        return os.stat(path).st_uid
+    return None
 
 
 def _heal_output(out_dir: str) -> None:
@@ -272,12 +286,15 @@ def _heal_output(out_dir: str) -> None:
                 continue  # someone's own folder; a convert at work (this process's too); no pid of ours
             if infix == INCOMPLETE_INFIX and not quiet_for(path, WRITER_QUIET_S):
                 continue  # being filled by a convert of another pid namespace (a container)
-            if infix == ASIDE_INFIX and not os.path.lexists(out_dir):
-                os.rename(path, out_dir)  # killed between its renames: the old output back, whoever's
+            back = infix == ASIDE_INFIX and not os.path.lexists(out_dir)  # killed between its renames
+            if back and _owner_in(path, (os.getuid(), _owner_of(parent or "."))):
+                os.rename(path, out_dir)  # the old output back: yours, or its folder owner's
             elif infix == ASIDE_INFIX and os.path.islink(out_dir):  # put there since: not an output of ours
                 logger.warning("%s is an old output a killed convert set aside: left for you", path)
-            elif _yours(path):
+            elif _yours(path) and not back:
                 _remove_ours(path)
+            else:  # planted by someone who could not put it at the output's name: never adopted
+                logger.warning("%s is named as a convert's leftover but is not yours: left as it is", path)
 
 
 def _publish_dir(staging: str, out_dir: str) -> None:

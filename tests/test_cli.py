@@ -873,25 +873,34 @@ def test_convert_dir_force_over_a_linked_output_replaces_the_link_and_leaves_not
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
 
 
-@pytest.mark.parametrize("pid", ["beyond any kernel's", "this process's", "another user's"])
+@pytest.mark.parametrize(
+    "pid", ["beyond any kernel's", "this process's", "another user's", "another user's, planted"]
+)
 @pytest.mark.parametrize("infix", [".incomplete-", ".replaced-"])
 def test_convert_dir_keeps_a_folder_that_only_looks_like_what_a_kill_left(ckpt_dir, tmp_path, pid, infix):
     """convert removes only what it made or set aside (an outside attack): a pid no kernel gives
     counted as gone (10**20 raised OverflowError: a traceback), this process's pid as a dead
     writer's (two converts in threads), and root's convert removed another user's folder. An
     output set aside by a killed ``--force`` is put back whoever owns it (a later attack: root's
-    ``--force`` over another uid's output, killed, stranded it): renaming back removes nothing."""
+    ``--force`` over another uid's output, killed, stranded it): renaming back removes nothing.
+    Put back only where the folder holding it is that user's: one planted in a folder of
+    someone else's (a sticky /tmp) is never made your output (a third attack: it was, or a
+    raw PermissionError failed every run)."""
     from sa3loader import cli
 
-    out = tmp_path / "out"
+    home = tmp_path / "home"  # the folder the output is in: the other user's, in their case
+    home.mkdir()
+    out = home / "out"
     number = {"beyond any kernel's": 99999999999, "this process's": os.getpid()}.get(pid, dead_pid())
     theirs = Path(f"{out}{infix}{number}-abcdef12")
     theirs.mkdir()
     (theirs / "precious.txt").write_text("mine")
-    if pid == "another user's":
+    if pid.startswith("another user's"):
         if os.geteuid() != 0:
             pytest.skip("giving the folder to another user needs root (CI runs as root)")
         os.chown(theirs, 65534, 65534)
+        if pid == "another user's":
+            os.chown(home, 65534, 65534)
     rc = cli.main(["--cache-dir", str(tmp_path / "c"), "convert", str(ckpt_dir), "--out", str(out)])
     if infix == ".replaced-" and pid == "another user's":  # what root's killed --force left: put back
         assert rc == 1 and (out / "precious.txt").read_text() == "mine" and not theirs.exists()
