@@ -44,11 +44,15 @@ def human_size(n: int) -> str:
 
 def range_line(counted: list[tuple[int | None, int | None]]) -> str:
     """The fp16 range report of the files converted, or found (what was stored when each was
-    made: None where its row, which kept it, is gone): said, never a 0 that nothing counted."""
+    made: None where its row, which kept it, is gone, or where nothing was converted but a load
+    casts bf16 or f64): said, never a 0 that nothing counted."""
     known = [(inf, zero) for inf, zero in counted if inf is not None and zero is not None]
     overflow, flushed = sum(inf for inf, _ in known), sum(zero for _, zero in known)
     line = f"fp16 range: {overflow} values overflowed to inf, {flushed} nonzero values flushed to zero"
     unknown = len(counted) - len(known)
-    if unknown and not known:
-        return f"fp16 range: not known (the row that kept it is gone, for {unknown} found sibling(s))"
-    return line + (f"; not known for {unknown} found sibling(s) whose row is gone" if unknown else "")
+    if not unknown:
+        return line
+    why = "found without the row that kept it, or holding bf16/f64 a load casts"
+    return (
+        f"{line}; not counted for {unknown} file(s) ({why})" if known else f"fp16 range: not counted ({why})"
+    )

@@ -45,6 +45,7 @@ from ._places import (
     quiet_for,
     temp_files_of,
 )
+from ._range_report import WIDER_THAN_FP16
 from ._records import SourceIdentity
 from ._trust import ACL_XATTR, NEW_FILE_MODE, acl_of, owned_file_problem, readers_bits, share_new_file
 from .errors import (
@@ -151,6 +152,13 @@ def _remove_dead_writers_temps(dest: str) -> None:
                 os.unlink(path)
 
 
+def not_converted(header: Header, output: str, action: str) -> FileAction:
+    """A file with no float32, as it is: its range report is nothing (0) where a load casts
+    none of it, not counted (None) where it holds bf16 or f64 a load casts to fp16."""
+    cast = any(entry.dtype in WIDER_THAN_FP16 for entry in header.entries)
+    return FileAction(header.path, output, action, *((None, None) if cast else (0, 0)))
+
+
 def checked(action: FileAction, comparison: _compare.Comparison) -> FileAction:
     """Record in ``action`` what its output's content check measured."""
     action.max_abs_diff = comparison.max_abs_diff
@@ -174,9 +182,9 @@ def convert_file(
     with open_header(src) as header:
         if not has_float32(header):  # a marker in its metadata (copied from a sibling) is not fp16
             if in_place or out is None:
-                return FileAction(src, src, "unchanged")
+                return not_converted(header, src, "unchanged")
             _copy(src, out)
-            return FileAction(src, out, "copied")
+            return not_converted(header, out, "copied")
         if in_place:  # the file the symlink points to: the same one ``header`` reads
             target = in_place_target(src)
             before, acl = os.stat(target), acl_of(target)

@@ -51,6 +51,7 @@ from ._convert_dir import (
     convert_file,
     convert_tree,
     existing_sibling,
+    not_converted,
     sibling_size,
 )
 from ._format import Header, open_header, read_header
@@ -79,7 +80,7 @@ def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAc
     """
     with open_header(src) as header:
         if not has_float32(header):  # a marker in its metadata (copied from a sibling) is not fp16
-            return FileAction(src, src, "unchanged")
+            return not_converted(header, src, "unchanged")
         with _resolved(header, resolve_cache_dir(cache_dir), verify, keep_open=True) as outcome:
             if outcome.sibling is None:
                 raise ConversionError(f"{src}: {outcome.reason}", filename=src)
@@ -124,10 +125,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"verify: max abs diff of fp16(source) vs output = {worst} "
             f"over {tensors} float tensor(s) in {len(compared)} file(s)"
         )
-    found = [
-        (a.overflow_to_inf, a.flushed_to_zero) for a in actions if a.action in ("converted", "unchanged")
-    ]
-    lines.append(range_line(found))
+    done = [a for a in actions if a.action in ("converted", "unchanged", "copied")]  # not a skipped one
+    lines.append(range_line([(a.overflow_to_inf, a.flushed_to_zero) for a in done]))
     emit(args, [asdict(a) for a in actions], lines)
     return EXIT_CHECK_FAILED if repaired else EXIT_OK
 

@@ -813,6 +813,25 @@ def test_an_old_output_set_aside_is_kept_when_a_link_is_at_out(ckpt_dir, tmp_pat
     assert f"{aside} is an old output a killed convert set aside: left for you" in caplog.text
 
 
+NOT_COUNTED_BECAUSE = "found without the row that kept it, or holding bf16/f64 a load casts"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64, torch.float16])
+def test_convert_of_a_file_without_float32_counts_nothing_it_did_not_count(tmp_path, dtype):
+    """No float32: nothing is converted, but a ``model_half`` load still casts bf16 and f64 to
+    fp16 (1e10 overflows): their range is not counted, never 0 (an outside attack); an fp16
+    file's is 0, truly (a load casts nothing)."""
+    src = tmp_path / "model.safetensors"
+    save_file({"w": torch.full((4, 4), 1e10 if dtype != torch.float16 else 1.0, dtype=dtype)}, str(src))
+    counted = (
+        "fp16 range: 0 values"
+        if dtype == torch.float16
+        else f"fp16 range: not counted ({NOT_COUNTED_BECAUSE})"
+    )
+    for where in ([], ["--out", str(tmp_path / "copy.safetensors")]):
+        assert counted in run("convert", str(src), *where, cache=tmp_path / "c").stdout
+
+
 def test_convert_says_the_range_is_not_known_where_no_row_kept_it(tmp_path):
     """The index lost (removed, or set aside by ``cache repair``): the sibling is found and
     adopted, but what its conversion counted is gone. Said, never a 0 nothing counted."""
@@ -824,9 +843,7 @@ def test_convert_says_the_range_is_not_known_where_no_row_kept_it(tmp_path):
     )
     shutil.rmtree(tmp_path / "c" / "index")
     again = run("convert", str(src), cache=tmp_path / "c")
-    assert again.stdout.endswith(
-        "fp16 range: not known (the row that kept it is gone, for 1 found sibling(s))\n"
-    )
+    assert again.stdout.endswith(f"fp16 range: not counted ({NOT_COUNTED_BECAUSE})\n")
     data = json.loads(run("--json", "convert", str(src), cache=tmp_path / "c").stdout)
     assert [(a["action"], a["overflow_to_inf"], a["flushed_to_zero"]) for a in data] == [
         ("unchanged", None, None)
