@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sqlite3
 import tempfile
 import time
@@ -57,6 +58,8 @@ def diagnose(directory: str) -> str | None:
             # (no table yet: an index a first load has just made, which diskcache finishes)
             if "Cache" in tables and con.execute(_TWO_ROWS_FOR_ONE_KEY).fetchone():
                 result = "two rows for one key (diskcache cannot open it)"
+            if result == "ok" and "Settings" in tables:
+                result = _unknown_setting(con) or result
             return str(result) if result != "ok" else _diskcache_refuses(directory, con)
         finally:
             con.close()
@@ -76,6 +79,20 @@ _SETTINGS_IT_CANNOT_USE = (TypeError, KeyError, ValueError, sqlite3.Warning)  # 
 # back) are not the index's fault; IOERR, FULL, CANTOPEN from the copy are the temp dir's.
 _NOT_ITS_FAULT = (SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY)
 _THE_TEMP_DIRS = (SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN)
+
+
+# What diskcache's Settings table may hold: its settings and counts, and the SQLite pragmas and
+# Disk arguments it passes on. It sets every key as an attribute of the cache on open: another
+# (``_directory``) would move it elsewhere, or break every open, and repair's copy with it.
+_A_SETTING = re.compile(r"(?:sqlite|disk)_[a-z][a-z0-9_]*")
+_SETTINGS_KNOWN = frozenset(diskcache.core.DEFAULT_SETTINGS) | frozenset(diskcache.core.METADATA)
+
+
+def _unknown_setting(con: sqlite3.Connection) -> str | None:
+    for (key,) in con.execute("SELECT key FROM Settings"):
+        if key not in _SETTINGS_KNOWN and not (isinstance(key, str) and _A_SETTING.fullmatch(key)):
+            return f"a setting diskcache does not know, which it would set on itself ({key!r})"
+    return None
 
 
 def _says_not_its_fault(exc: sqlite3.Error) -> bool:
