@@ -221,13 +221,11 @@ NEW_FILE_MODE = 0o600
 
 def share_new_file(fd: int, source: os.stat_result, mode: int) -> None:
     """A file just created ``NEW_FILE_MODE`` gets its readers: an ACL from its folder's default
-    ACL dropped (it is then its owner's alone), the source's group (or, where it cannot have it,
-    no group access: a copy readable by one group is never readable by another), then ``mode``
-    less the umask, as a file created with it would have."""
-    if drop_inherited_acl(fd):
-        mode &= 0o700
-    else:
-        mode &= ~process_umask()
+    ACL dropped (it may let read whom the source does not), the source's group (or, where it
+    cannot have it, no group access: a copy readable by one group is never readable by
+    another), then ``mode`` less the umask, as a file created with it would have."""
+    drop_inherited_acl(fd)
+    mode &= ~process_umask()
     if os.fstat(fd).st_gid != source.st_gid:
         try:
             os.fchown(fd, -1, source.st_gid)

@@ -636,12 +636,14 @@ def set_acl(path: Path, kind: str, *, user: int, named: tuple[int, int], group: 
 
 def test_a_folders_default_acl_never_reaches_a_sibling(open_tmp):
     """The checkpoint 0640 (no ACL of its own) in a folder whose default ACL names uid 65534:
-    a sibling made there would inherit that user's read. It has no ACL, and is its owner's."""
+    a sibling made there would inherit that user's read. It has no ACL, and the bits the
+    README promises: the checkpoint's less write bits and the umask (it was its owner's
+    alone: narrower than said, so the checkpoint's group converted its own; an outside attack)."""
     ckpt, sibling = in_an_open_folder(open_tmp, 0o640)
     set_acl(open_tmp / "ckpt", "default", user=7, named=(65534, 4), group=5, other=0)
     load_toy(ckpt, open_tmp / "cache")
     assert "system.posix_acl_access" not in os.listxattr(sibling)
-    assert sibling.stat().st_mode & 0o077 == 0
+    assert sibling.stat().st_mode & 0o777 == 0o440 & ~_umask()
 
 
 @pytest.mark.parametrize("source", ["fp32 (converted)", "fp16 (copied)"])
@@ -649,12 +651,13 @@ def test_a_folders_default_acl_never_reaches_a_convert_out_file_not_even_while_w
     open_tmp, monkeypatch, source
 ):
     """``convert --out`` into a folder whose default ACL names uid 65534, from a 0640 checkpoint
-    it cannot read: the output has no ACL and is its owner's; and every file sa3loader creates
+    it cannot read: the output has no ACL and the checkpoint's bits; and every file sa3loader creates
     is created its owner's alone (an outside attack: uid 65534 opened temp files in the moment
     between their creation with the final bits and the ACL's removal, and a copy kept the ACL)."""
     ckpt, _ = in_an_open_folder(open_tmp, 0o640)
     if source.startswith("fp16"):
         save_file({"w": torch.randn(8, 8).half()}, str(ckpt))
+        ckpt.chmod(0o640)  # (save_file makes it 0600)
     out_dir = open_tmp / "out"
     out_dir.mkdir(mode=0o755)
     set_acl(out_dir, "default", user=7, named=(65534, 4), group=5, other=5)
@@ -671,7 +674,9 @@ def test_a_folders_default_acl_never_reaches_a_convert_out_file_not_even_while_w
     out = out_dir / "model.safetensors"
     assert cli.main(["convert", str(ckpt), "--out", str(out), "--cache-dir", str(open_tmp / "c")]) == 0
     assert created and all(mode & 0o077 == 0 for _, mode in created), created
-    assert "system.posix_acl_access" not in os.listxattr(out) and out.stat().st_mode & 0o077 == 0
+    assert (
+        "system.posix_acl_access" not in os.listxattr(out) and out.stat().st_mode & 0o777 == 0o640 & ~_umask()
+    )
 
 
 def test_convert_in_place_keeps_the_files_acl(open_tmp):
