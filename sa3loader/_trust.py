@@ -153,7 +153,7 @@ def readers_bits(path: str, st: os.stat_result, place: str) -> int:
         return mode & ~0o077
     if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
         return mode & ~0o077  # cannot tell: the owner's alone
-    shared = set(_folders_above(os.path.realpath(place)))
+    shared = _folders_guarding(place)
     others = group = not _has_acl(real)
     for folder in _folders_above(real):
         if folder in shared:
@@ -166,6 +166,35 @@ def readers_bits(path: str, st: os.stat_result, place: str) -> int:
         others = others and bool(bits & 0o001 and bits & 0o010) and not acl
         group = group and bool(bits & 0o010 and (gid == st.st_gid or bits & 0o001)) and not acl
     return mode & ~(0 if others else 0o007) & ~(0 if group else 0o070)
+
+
+def _folders_guarding(place: str) -> set[str]:
+    """The folders above ``place`` that every path to it passes: up to the first mount point (a
+    filesystem, or a folder bound there, is reached by its own paths too: a private folder above
+    a mount of a public one keeps no one from a copy in it)."""
+    guarding = set()
+    for folder in _folders_above(os.path.realpath(place)):
+        guarding.add(folder)
+        if _mount_point(folder):
+            break
+    return guarding
+
+
+def _mount_point(folder: str) -> bool:
+    """Whether ``folder`` is where something is mounted: another device than its parent's, or
+    (a bind mount on the same filesystem) another inode than its parent's entry names; where
+    that cannot be read, taken for one (its folders then keep no one out)."""
+    parent, name = os.path.split(folder)
+    if not name:
+        return True  # the root
+    try:
+        st, up = os.stat(folder), os.stat(parent)
+        if st.st_dev != up.st_dev:
+            return True
+        with os.scandir(parent) as entries:  # readdir names the covered folder's inode, not the mount's
+            return next((e.inode() != st.st_ino for e in entries if e.name == name), True)
+    except OSError:
+        return True
 
 
 def without_group(bits: int) -> int:

@@ -12,6 +12,7 @@ import fcntl
 import os
 import stat
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -743,3 +744,29 @@ def test_a_link_swapped_after_the_open_never_lends_its_folders_to_the_file_read(
     assert trust.readers_bits(str(link), opened, str(open_tmp / "copy")) & 0o077 == 0
     assert trust.readers_bits(str(secret_dir / "w"), opened, str(open_tmp / "copy")) & 0o077 == 0
     assert trust.readers_bits(str(public_dir / "w"), os.stat(public_dir / "w"), str(open_tmp / "c")) == 0o644
+
+
+@needs_root
+def test_a_copy_into_a_public_folder_mounted_inside_a_private_one_is_its_owners(open_tmp):
+    """A 0700 folder holds the checkpoint and a mount of a public folder (a home with a volume
+    mounted in it): a private folder above both kept no one from the copy, it was thought, so
+    the copy kept 0644; yet the public folder is reached by its own path (an outside attack:
+    another user read it there). Folders above a mount point guard nothing."""
+    private, public = open_tmp / "private", open_tmp / "public"
+    (private / "src").mkdir(parents=True)
+    (private / "mnt").mkdir()
+    public.mkdir(mode=0o755)
+    private.chmod(0o700)
+    ckpt = private / "src" / "model.safetensors"
+    save_file({"w": torch.randn(8, 8)}, str(ckpt))
+    ckpt.chmod(0o644)
+    mounted = subprocess.run(["mount", "--bind", str(public), str(private / "mnt")], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here ({mounted.stderr.decode().strip()})")
+    try:
+        assert cli.main(["convert", str(ckpt), "--out", str(private / "mnt" / "out.safetensors")]) == 0
+        assert (public / "out.safetensors").stat().st_mode & 0o077 == 0
+        assert cli.main(["convert", str(ckpt), "--out", str(private / "src" / "out.safetensors")]) == 0
+        assert (private / "src" / "out.safetensors").stat().st_mode & 0o777 == 0o644 & ~_umask()  # guarded
+    finally:
+        subprocess.run(["umount", str(private / "mnt")], check=True)
