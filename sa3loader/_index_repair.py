@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sqlite3
 import tempfile
 import time
@@ -81,17 +80,18 @@ _NOT_ITS_FAULT = (SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY)
 _THE_TEMP_DIRS = (SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN)
 
 
-# What diskcache's Settings table may hold: its settings and counts, and the SQLite pragmas and
-# Disk arguments it passes on. It sets every key as an attribute of the cache on open: another
-# (``_directory``) would move it elsewhere, or break every open, and repair's copy with it.
-_A_SETTING = re.compile(r"(?:sqlite|disk)_[a-z][a-z0-9_]*")
+# What diskcache's Settings table holds in an index sa3loader made (it passes no settings of its
+# own): diskcache's defaults and counts. diskcache sets every key on itself when it opens, runs
+# each sqlite_* as a PRAGMA and gives each disk_* to its Disk: another (``_directory``,
+# ``sqlite_locking_mode``, ``sqlite_max_page_count``) moves the index, locks out every other
+# load, or fills it, for good.
 _SETTINGS_KNOWN = frozenset(diskcache.core.DEFAULT_SETTINGS) | frozenset(diskcache.core.METADATA)
 
 
 def _unknown_setting(con: sqlite3.Connection) -> str | None:
     for (key,) in con.execute("SELECT key FROM Settings"):
-        if key not in _SETTINGS_KNOWN and not (isinstance(key, str) and _A_SETTING.fullmatch(key)):
-            return f"a setting diskcache does not know, which it would set on itself ({key!r})"
+        if key not in _SETTINGS_KNOWN:
+            return f"a setting sa3loader's index never has ({key!r}), which diskcache would act on"
     return None
 
 

@@ -456,6 +456,8 @@ SETTINGS_DISKCACHE_CANNOT_USE = {
     "a read-only connection": ("sqlite_query_only", 1),
     # diskcache sets every key on itself: its directory elsewhere (repair blamed the temp dir)
     "an attribute of its own": ("_directory", "/nonexistent"),
+    # a PRAGMA that fills the index at once: nothing recorded, and repair called it sound (an attack)
+    "a size SQLite stops at": ("sqlite_max_page_count", 1),
 }
 
 
