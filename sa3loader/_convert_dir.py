@@ -13,11 +13,10 @@ import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from . import _compare, _convert, _faults
 from ._convert_targets import HUB_HARM, in_place_target, refuse_hub_output, refuse_output_over_source
-from ._format import Header, open_header, read_header
+from ._format import Header, open_for_reading, open_header, read_header
 from ._identity import (
     FINGERPRINT_VERSION,
     fingerprint,
@@ -50,7 +49,6 @@ from ._records import SourceIdentity
 from ._trust import ACL_XATTR, NEW_FILE_MODE, acl_of, owned_file_problem, readers_bits, share_new_file
 from .errors import (
     CheckpointChangedError,
-    CheckpointPermissionError,
     ConfigError,
     HubCacheError,
     OutputExistsError,
@@ -70,7 +68,8 @@ class FileAction:
     source: str
     output: str
     action: str  # "converted", "copied", "skipped", "unchanged"
-    # The range report's counts; None: not known (a sibling found whose row, which kept them, is gone).
+    # The range report's counts; None: not counted (a sibling found whose row, which kept them,
+    # is gone; a file with no float32 whose bf16 or f64 a load casts).
     overflow_to_inf: int | None = 0
     flushed_to_zero: int | None = 0
     # The content check of the output (``--verify``): None when none was made.
@@ -226,7 +225,11 @@ def _copy(src: str, dst: str) -> None:
     tmp = f"{incomplete_prefix(dst)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        with _regular_file(src) as reader, open(os.open(tmp, flags, NEW_FILE_MODE), "wb") as writer:
+        # open_for_reading: a FIFO (which would wait for a writer), a device, a socket refused, typed
+        with (
+            open(open_for_reading(src, kind="source"), "rb") as reader,
+            open(os.open(tmp, flags, NEW_FILE_MODE), "wb") as writer,
+        ):
             source = os.fstat(reader.fileno())
             share_new_file(writer.fileno(), source, readers_bits(src, source, tmp))  # before a byte
             shutil.copyfileobj(reader, writer, COPY_CHUNK_BYTES)
@@ -240,20 +243,6 @@ def _copy(src: str, dst: str) -> None:
 
 
 COPY_CHUNK_BYTES = 16 << 20
-
-
-def _regular_file(path: str) -> BinaryIO:
-    """``path`` open for reading, where it is a file: a FIFO (which would wait for a writer), a
-    device or a socket is a ``ConfigError``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except PermissionError as exc:  # as a load or `info` says it
-        raise CheckpointPermissionError(f"{path} may not be read by this user", filename=path) from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ConfigError(f"{path} is not a regular file: not copied", filename=path)
-    os.set_blocking(fd, True)
-    return open(fd, "rb")
 
 
 ASIDE_INFIX = ".replaced-"  # <out>.replaced-<pid>-<hex>: the output replaced, until the new one is in

@@ -279,16 +279,21 @@ def _lease_token() -> str:
 def _holder_is_gone(lease: str) -> bool:
     """The lease was taken on this host, in this pid namespace, by a process that no longer
     exists: it is taken over at once, not after ``LEASE_STALE_S`` of silence."""
-    try:  # a FIFO swapped in since it was looked at is not waited on
-        with open(os.open(lease, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-            token = f.read(LEASE_TOKEN_MAX) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
-        host, pid, _ = token.decode("utf-8", "replace").rsplit(":", 2)
+    try:
+        host, pid, _ = _token_in(lease).decode("utf-8", "replace").rsplit(":", 2)
         holder = int(pid)
     except (OSError, ValueError):
         return False
     if host != _this_host() or "?" in host.split("|")[1:] or holder <= 0:
         return False
     return process_gone(holder)
+
+
+def _token_in(lease: str) -> bytes:
+    """What the lease file holds (at most ``LEASE_TOKEN_MAX`` bytes); nothing where it is not a
+    regular file: a link is not followed, a FIFO swapped in since it was looked at not waited on."""
+    with open(os.open(lease, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+        return f.read(LEASE_TOKEN_MAX) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
 
 
 def _take_over(lease: str) -> None:
@@ -378,7 +383,6 @@ def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
     finally:
         stop.set()
         refresher.join()
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO there: not waited on
-        with contextlib.suppress(OSError), open(os.open(lease, flags), "rb") as f:
-            if f.read(LEASE_TOKEN_MAX) == token:  # still ours, not taken over meanwhile
+        with contextlib.suppress(OSError):
+            if _token_in(lease) == token:  # still ours, not taken over meanwhile
                 os.unlink(lease)

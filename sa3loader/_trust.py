@@ -232,17 +232,6 @@ def acl_of(path: str | int) -> bytes | None:
         return None
 
 
-def drop_inherited_acl(fd: int) -> bool:
-    """Take away an ACL a new file got from its folder's default ACL (it may let read whom the
-    source's bits do not): the file is then its owner's alone (``readers_bits`` opens no more).
-    Whether it had one."""
-    if acl_of(fd) is None:
-        return False
-    os.removexattr(fd, ACL_XATTR)
-    os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & 0o700)
-    return True
-
-
 # What a file sa3loader writes is created with: no one else can open it until ``share_new_file``
 # has set who may (an ACL inherited, a group not the source's, are only taken away after).
 NEW_FILE_MODE = 0o600
@@ -252,8 +241,10 @@ def share_new_file(fd: int, source: os.stat_result, mode: int) -> None:
     """A file just created ``NEW_FILE_MODE`` gets its readers: an ACL from its folder's default
     ACL dropped (it may let read whom the source does not), the source's group (or, where it
     cannot have it, no group access: a copy readable by one group is never readable by
-    another), then ``mode`` less the umask, as a file created with it would have."""
-    drop_inherited_acl(fd)
+    another), then ``mode`` less the umask, as a file created with it would have. (The ACL
+    gives no one anything meanwhile: its mask is the group bits of ``NEW_FILE_MODE``, none.)"""
+    if acl_of(fd) is not None:
+        os.removexattr(fd, ACL_XATTR)
     mode &= ~process_umask()
     if os.fstat(fd).st_gid != source.st_gid:
         try:
