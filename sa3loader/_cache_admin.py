@@ -21,13 +21,13 @@ from ._identity import marked_by_sa3loader, row_status, sibling_matches_source
 from ._index import command_index, has_index, refuse_untrusted
 from ._lock import conversion_lock
 from ._places import (
-    BESIDE_SUBDIR,
     LOCK_SUFFIX,
-    SIBLINGS_SUBDIR,
     at_sibling_place,
     beside_path,
     blob_name,
     cache_path,
+    emptied_beside_dirs,
+    emptied_cache_dirs,
     in_cache_dir,
     legacy_beside_path,
     siblings_with_leftovers,
@@ -105,30 +105,6 @@ def _leftovers(sibling: str, going: bool) -> list[Removal]:
     return found
 
 
-def _own_dir(path: str) -> bool:
-    try:
-        return os.lstat(path).st_uid == os.getuid()
-    except OSError:
-        return False
-
-
-def _emptied_dirs(cache_dir: str, removals: list[Removal]) -> list[Removal]:
-    """Dirs under ``<cache>/siblings`` that hold nothing once ``removals`` are gone, deepest first."""
-    root = os.path.join(cache_dir, SIBLINGS_SUBDIR)
-    going = {r.path for r in removals}
-    empty: list[Removal] = []
-    for directory, dirs, files in sorted(os.walk(root, topdown=False), reverse=True):
-        # Not one at a lock's name (a run keeps what its lock guards), nor another user's.
-        if directory == root or directory.endswith(LOCK_SUFFIX) or not _own_dir(directory):
-            continue
-        left = [f for f in files if os.path.join(directory, f) not in going]
-        left += [d for d in dirs if os.path.join(directory, d) + os.sep not in going]
-        if not left:
-            empty.append(Removal(directory + os.sep, 0, "empty dir"))
-            going.add(directory + os.sep)
-    return empty
-
-
 def _plan(
     cache_dir: str,
     rows: list[Entry],
@@ -152,14 +128,14 @@ def _plan(
         why = _lock_problem(sibling) if steps else None
         removals += steps if why is None else []
         locked += [(step, why) for step in steps if why is not None]
-    emptied = _emptied_dirs(cache_dir, removals)
+    emptied = emptied_cache_dirs(cache_dir, removals)
     if not sweep:
         emptied = [d for d in emptied if any(r.path.startswith(d.path) for r in removals if r not in emptied)]
     kept = [
         (Removal(s, file_size(s), "sibling", s), NOT_A_SIBLING_PLACE) for s in siblings if s not in placed
     ]
     kept = [k for k in kept if _ours(k[0].path)] + locked
-    beside = _emptied_beside_dirs(removals) if tidy else []
+    beside = emptied_beside_dirs(removals) if tidy else []
     return Plan(rows, removals + emptied + beside, kept)
 
 
@@ -272,22 +248,6 @@ def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
     return plan
 
 
-def _emptied_beside_dirs(removals: list[Removal]) -> list[Removal]:
-    """The hidden folders beside checkpoints (``.cache/sa3loader``, then ``.cache``) that
-    ``removals`` empty, deepest first."""
-    emptied: list[Removal] = []
-    going = {r.path.rstrip(os.sep) for r in removals}
-    for hidden in sorted({os.path.dirname(r.path) for r in removals if r.kind != "empty dir"}):
-        if not hidden.endswith(os.sep + BESIDE_SUBDIR):
-            continue
-        for folder in (hidden, os.path.dirname(hidden)):
-            with contextlib.suppress(OSError):
-                if all(os.path.join(folder, name) in going for name in os.listdir(folder)):
-                    emptied.append(Removal(folder + os.sep, 0, "empty dir"))
-                    going.add(folder)
-    return emptied
-
-
 def _still_needed(sibling: str, live: list[Entry]) -> str | None:
     """Why a sibling a prune planned to delete must stay: a live row names it, or it is
     valid for the current source (republished through another cache dir), else None."""
@@ -367,6 +327,15 @@ def _drop_rows(cache_dir: str, rows: list[Entry]) -> list[Entry]:
         return [e for e in as_planned if index.delete(e.key)]
 
 
+def _drop_rows_of_missing(cache_dir: str, rows: list[Entry]) -> None:
+    """Drop again each planned row whose sibling is missing now: a load that read it before the
+    rows went may write it back as the siblings go (its last use). Loads write only while the
+    sibling is there (``Index.put``), so after this no row names a sibling removed here."""
+    with command_index(cache_dir) as index:
+        for e in rows:
+            index.delete(e.key, only_if=lambda r: r is not None and not os.path.lexists(r.sibling_path))
+
+
 def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
     """Carry out ``plan`` as it is: rows first, then each file under its sibling's lock, then dirs."""
     dropped = _drop_rows(cache_dir, plan.rows)
@@ -379,6 +348,8 @@ def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
             guarded.setdefault(step.guard, []).append(step)
     for sibling, steps in guarded.items():
         _execute_guarded(sibling, steps, live, outcome)
+    if any(step.kind == "sibling" for step in outcome.removed):
+        _drop_rows_of_missing(cache_dir, plan.rows)
     for step in plan.removals:
         if step.kind == "empty dir":
             try:

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import diskcache
@@ -381,22 +381,32 @@ class Index:
             )
         return None if self.read_only else cache
 
-    def put(self, source_real: str, row: IndexRow) -> None:
+    def put(self, source_real: str, row: IndexRow, *, while_there: bool = False) -> None:
+        """Write ``row``; ``while_there`` (a load's): only while its sibling is on disk, looked at in the
+        write's transaction. A cache command drops, after removing siblings, the rows naming a missing
+        one (``only_if``): whichever goes first, no load leaves a row naming a sibling removed."""
         cache = self._writable()
         if cache is None:
             return
         try:
-            cache.set(encode_key(source_real), row.to_json())
+            with cache.transact():
+                if not while_there or os.path.lexists(row.sibling_path):
+                    cache.set(encode_key(source_real), row.to_json())
         except INDEX_ERRORS as exc:
             self._failed("be written", exc)
 
-    def delete(self, source_real: str) -> bool:
-        """Whether a row was deleted."""
+    def delete(self, source_real: str, only_if: Callable[[IndexRow | None], bool] | None = None) -> bool:
+        """Whether a row was deleted; ``only_if``: only a row it accepts, in the delete's transaction."""
         cache = self._writable()
         if cache is None:
             return False
         try:
-            return bool(cache.delete(encode_key(source_real)))
+            with cache.transact():
+                if only_if is not None and not only_if(
+                    IndexRow.from_json(cache.get(encode_key(source_real)))
+                ):
+                    return False
+                return bool(cache.delete(encode_key(source_real)))
         except INDEX_ERRORS as exc:
             self._failed("be written", exc)
             return False

@@ -23,6 +23,7 @@ import stat
 import time
 
 from . import _faults
+from ._records import Removal
 
 SIBLING_SUFFIX = ".fp16.safetensors"
 UNSUFFIXED_SIBLING_SUFFIX = "-fp16.safetensors"
@@ -355,3 +356,44 @@ def siblings_with_leftovers(cache_dir: str) -> set[str]:
             elif is_temp_name(name):
                 found.add(os.path.join(directory, name.rpartition(INCOMPLETE_INFIX)[0]))
     return found
+
+
+# What a cache command's removals leave empty, to remove too.
+def _own_dir(path: str) -> bool:
+    try:
+        return os.lstat(path).st_uid == os.getuid()
+    except OSError:
+        return False
+
+
+def emptied_cache_dirs(cache_dir: str, removals: list[Removal]) -> list[Removal]:
+    """Dirs under ``<cache>/siblings`` that hold nothing once ``removals`` are gone, deepest first."""
+    root = os.path.join(cache_dir, SIBLINGS_SUBDIR)
+    going = {r.path for r in removals}
+    empty: list[Removal] = []
+    for directory, dirs, files in sorted(os.walk(root, topdown=False), reverse=True):
+        # Not one at a lock's name (a run keeps what its lock guards), nor another user's.
+        if directory == root or directory.endswith(LOCK_SUFFIX) or not _own_dir(directory):
+            continue
+        left = [f for f in files if os.path.join(directory, f) not in going]
+        left += [d for d in dirs if os.path.join(directory, d) + os.sep not in going]
+        if not left:
+            empty.append(Removal(directory + os.sep, 0, "empty dir"))
+            going.add(directory + os.sep)
+    return empty
+
+
+def emptied_beside_dirs(removals: list[Removal]) -> list[Removal]:
+    """The hidden folders beside checkpoints (``.cache/sa3loader``, then ``.cache``) that
+    ``removals`` empty, deepest first."""
+    emptied: list[Removal] = []
+    going = {r.path.rstrip(os.sep) for r in removals}
+    for hidden in sorted({os.path.dirname(r.path) for r in removals if r.kind != "empty dir"}):
+        if not hidden.endswith(os.sep + BESIDE_SUBDIR):
+            continue
+        for folder in (hidden, os.path.dirname(hidden)):
+            with contextlib.suppress(OSError):
+                if all(os.path.join(folder, name) in going for name in os.listdir(folder)):
+                    emptied.append(Removal(folder + os.sep, 0, "empty dir"))
+                    going.add(folder)
+    return emptied

@@ -11,36 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
 import stat
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import _config, _convert, _faults
-from ._cli_output import human_size
 from ._config import Settings, warn_once
 from ._convert import WrittenSibling, unpublished_sibling
 from ._identity import has_float32, is_sa3loader_file, marked_by_sa3loader, sibling_metadata
 from ._index import Index
 from ._lock import ConversionLock
-from ._places import (
-    FREE_SPACE_MARGIN_BYTES,
-    LOCK_SUFFIX,
-    beside_path,
-    cache_path,
-    free_bytes,
-    in_cache_dir,
-    make_beside_dirs,
-    make_private_dirs,
-    remove_if_empty,
-    temp_files_of,
-)
-from ._publication import Publication, finish, wait_for_publishing
-from ._records import CONTENT_CHECK_FAILED, LAST_USE_STEP_S, IndexRow, Plan, RangeReport, sibling_file
-from ._trust import beside_dir_problem, dir_writable, owned_file_problem, readers_bits, without_group
+from ._places import LOCK_SUFFIX, beside_path, cache_path, in_cache_dir, make_beside_dirs, remove_if_empty
+from ._publication import Publication, finish
+from ._records import CONTENT_CHECK_FAILED, IndexRow, RangeReport, sibling_file
+from ._room import cap_again, keep_under_cap, room_for, room_left, stray_incomplete
+from ._trust import beside_dir_problem, owned_file_problem, readers_bits, without_group
 from .errors import (
     CheckpointChangedError,
     ConversionError,
@@ -57,10 +46,18 @@ if TYPE_CHECKING:  # the loader and the CLI hand them in: both are above this mo
 logger = logging.getLogger(__name__)
 
 
-def stray_incomplete(sibling_path: str) -> list[str]:
-    """Temp files of earlier writers of ``sibling_path`` that are yours (another user's are not
-    ours to judge). Call only while holding the lock: then no one is writing them."""
-    return [path for path in temp_files_of(sibling_path) if owned_file_problem(path) is None]
+# A cache command removes a hidden folder it emptied (``cache clear``): a load may have made it
+# just before, to convert into. Made again this many times; nothing was written in it.
+FOLDER_TRIES = 3
+
+
+class _FolderRemoved(Exception):
+    """The folder of a sibling's place is gone (its error: the cause): try again."""
+
+
+def _folder_removed(exc: BaseException, target: str) -> bool:
+    """Whether ``exc`` says a file of ``target``'s is missing because its folder is gone."""
+    return getattr(exc, "errno", None) == errno.ENOENT and not os.path.isdir(os.path.dirname(target))
 
 
 def overwrite_problem(path: str, *, in_cache_dir: bool, other_version: bool) -> str | None:
@@ -80,108 +77,8 @@ def overwrite_problem(path: str, *, in_cache_dir: bool, other_version: bool) -> 
     return None
 
 
-def _room_problem(path: str, needed: int, source_bytes: int) -> str | None:
-    """None when a sibling of ``needed`` bytes may be written at ``path``, else why not.
-
-    The disk is the user's: a sibling is a cache and never takes the space a job needs.
-    Written only where, after it, another file as large as its source (the trainer's next
-    checkpoint) still fits, with a margin.
-    """
-    directory = os.path.dirname(path)
-    made = not os.path.isdir(directory)
-    try:
-        make_private_dirs(directory)
-    except OSError as exc:
-        return f"cannot create {directory} ({exc.strerror})"
-    if not dir_writable(directory):
-        return f"{directory} is not writable"
-    free = free_bytes(directory)
-    if _shortfall(directory, needed, source_bytes) > 0:
-        if made:  # no sibling comes: no empty folder left for it
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
-        return (
-            f"not enough free space in {directory} ({human_size(free)} free): a {human_size(needed)} sibling "
-            f"would leave less than another {human_size(source_bytes)} checkpoint and "
-            f"{FREE_SPACE_MARGIN_BYTES >> 20} MiB to spare"
-        )
-    return None
-
-
-def _shortfall(directory: str, needed: int, source_bytes: int) -> int:
-    """How many bytes more ``directory``'s filesystem needs free for the room rule to hold."""
-    return needed + source_bytes + FREE_SPACE_MARGIN_BYTES - free_bytes(directory)
-
-
 def _the_cache_dir(hidden: str, cache_dir: str) -> str | None:  # a checkpoint in ``~``, say
     return "it is the cache dir" if os.path.realpath(hidden) == os.path.realpath(cache_dir) else None
-
-
-def _keep_under_cap(f: SiblingFinder, evict: Eviction, size: int, targets: frozenset[str]) -> str | None:
-    """Under $SA3LOADER_CACHE_MAX, remove the least recently used siblings so the new one
-    fits; None when it does (or there is no cap), else why the load reads fp32."""
-    cap = f.settings.cache_max
-    if cap is None or not f.cache_trusted:  # an untrusted cache dir's index is not read at all
-        return None
-    over = f"${_config.CACHE_MAX_ENV} ({human_size(cap)})"
-    new = f"the {human_size(size)} fp16 sibling"
-    if size > cap:
-        return f"{new} is larger than {over}"
-    wait_for_publishing()  # what this process converted counts once its row is there
-    try:
-        plan = evict.over_cap(cap, adding=size, keep=targets)
-    except (Sa3LoaderError, OSError) as exc:  # not counted, the cap would not hold: no new sibling
-        return f"{over} cannot be applied ({exc}); `sa3loader cache repair` if the index is damaged"
-    if plan is None:
-        return f"{new} does not fit under {over}, even with older siblings removed"
-    if plan.removals and f.index.read_only:
-        return f"{new} does not fit under {over}, and the index is read-only"
-    _evict(f, evict, lambda: plan, f"to stay under {human_size(cap)}")
-    return None
-
-
-def _evict(f: SiblingFinder, evict: Eviction, plan: Callable[[], Plan | None], why: str) -> bool:
-    """Carry out an eviction plan of this cache dir (never one of a read-only or untrusted
-    index); True when it removed something."""
-    if not f.cache_trusted or f.index.read_only:
-        return False
-    try:
-        planned = plan()
-        done = evict.carry_out(planned) if planned is not None else None
-    except (Sa3LoaderError, OSError) as exc:
-        warn_once("evict:" + f.cache_dir, "sa3loader cannot remove old siblings %s: %s", why, exc)
-        return False
-    if done is None:
-        return False
-    for step in done.removed:
-        if step.kind == "sibling":
-            logger.info(
-                "removed the least recently used sibling %s (%s) %s", step.path, human_size(step.bytes), why
-            )
-    return any(step.kind == "sibling" for step in done.removed)
-
-
-def _room_for(f: SiblingFinder, evict: Eviction, target: str, size: int, keep: frozenset[str]) -> str | None:
-    """``_room_problem`` at ``target``, after removing the least recently used siblings on its
-    filesystem where short of space (before any fallback). Earlier writers' leftovers of ``target``
-    count as free: under the lock they go (or are published for this load) before a byte is written."""
-    size -= sum(_disk_bytes(path) for path in stray_incomplete(target))
-    problem = _room_problem(target, size, f.source.file_size)
-    directory = os.path.dirname(target)
-    if problem is None or not os.path.isdir(directory):
-        return problem
-    needed = _shortfall(directory, size, f.source.file_size)
-    plan = functools.partial(evict.for_room, directory, needed, keep, time.time() - LAST_USE_STEP_S)
-    if needed > 0 and _evict(f, evict, plan, "to make room"):
-        return _room_problem(target, size, f.source.file_size)
-    return problem
-
-
-def _disk_bytes(path: str) -> int:
-    """What removing ``path`` frees: nothing while another name links it (no fallocate to check)."""
-    with contextlib.suppress(OSError):
-        return st.st_blocks * 512 if (st := os.lstat(path)).st_nlink == 1 else 0
-    return 0
 
 
 class SiblingResolver:
@@ -258,17 +155,10 @@ class SiblingResolver:
             return out
         options, problems = self._places_for(size)
         for target in options:
-            made = make_beside_dirs(os.path.dirname(target)) if not in_cache_dir(target, f.cache_dir) else []
-            problem = _room_for(f, self.evict, target, size, frozenset(options))
-            if problem is None:
-                if problems:  # not where it would go first: say where, and why
-                    logger.info("%s: fp16 sibling at %s (%s)", self.source.path, target, "; ".join(problems))
-                try:
-                    return self._convert_at(target, metadata)
-                except UnusableLockError as exc:
-                    problem = str(exc)
-            remove_if_empty(made)  # not used: no empty hidden folder left beside the checkpoint
-            problems.append(problem)
+            placed = self._place_at(target, size, frozenset(options), metadata, problems)
+            if not isinstance(placed, str):
+                return placed
+            problems.append(placed)
         if f.unreadable:  # the likeliest fix first: a sibling is there, unreadable to this user
             path, why = next(iter(f.unreadable.items()))
             problems.insert(
@@ -278,10 +168,44 @@ class SiblingResolver:
         warn_once("fallback:" + f.real, "%s: %s", self.source.path, out.reason)
         return out
 
+    def _place_at(
+        self, target: str, size: int, options: frozenset[str], metadata: dict[str, str], problems: list[str]
+    ) -> SiblingOutcome | str:
+        """Convert at ``target``, else why not; its folder made again where a cache command removed it."""
+        for _ in range(FOLDER_TRIES):
+            try:
+                return self._try_at(target, size, options, metadata, problems)
+            except _FolderRemoved as removed:
+                error = removed.__cause__
+        out = self.outcome
+        out.reason = f"could not write the fp16 sibling ({error}): loading the fp32 source"
+        warn_once("convert:" + self.finder.real, "%s: %s", self.source.path, out.reason)
+        return out
+
+    def _try_at(
+        self, target: str, size: int, options: frozenset[str], metadata: dict[str, str], problems: list[str]
+    ) -> SiblingOutcome | str:
+        f = self.finder
+        made = make_beside_dirs(os.path.dirname(target)) if not in_cache_dir(target, f.cache_dir) else []
+        try:
+            problem = room_for(f, self.evict, target, size, options)
+            if problem is None:
+                if problems:  # not where it would go first: say where, and why
+                    logger.info("%s: fp16 sibling at %s (%s)", self.source.path, target, "; ".join(problems))
+                return self._convert_at(target, metadata)
+        except UnusableLockError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            if _folder_removed(exc, target):
+                raise _FolderRemoved from exc
+            raise
+        remove_if_empty(made)  # not used: no empty hidden folder left beside the checkpoint
+        return problem
+
     def _places_for(self, size: int) -> tuple[list[str], list[str]]:
         """``targets``, once the cap has room for a sibling of ``size`` bytes; none where it cannot."""
         options, problems = self.targets()
-        over_cap = _keep_under_cap(self.finder, self.evict, size, frozenset(options))
+        over_cap = keep_under_cap(self.finder, self.evict, size, frozenset(options))
         return ([], [over_cap]) if over_cap is not None else (options, problems)
 
     def _convert_at(self, target: str, metadata: dict[str, str]) -> SiblingOutcome:
@@ -300,7 +224,7 @@ class SiblingResolver:
                 if out.sibling is not None:
                     out.reason = "converted by another load"  # another process's, or thread's
                     return out
-                written = self._unpublished(target, metadata)
+                written = _unpublished(f, target, metadata)
                 if written is None:
                     self._refuse_to_overwrite(target)
                     written = _write_new(self.source, target, metadata, f.settings)
@@ -310,6 +234,8 @@ class SiblingResolver:
         except (LockTimeoutError, UnusableLockError, CheckpointChangedError):
             raise
         except (ConversionError, OSError) as exc:
+            if _folder_removed(exc, target):
+                raise
             out.close()
             out.sibling = None
             out.converted = None
@@ -346,40 +272,40 @@ class SiblingResolver:
         publish = functools.partial(_publish, written, f, row, self.evict, recheck=recheck)
         out.publication = Publication(target, publish, held.pop_all(), [written.fd])
 
-    def _unpublished(self, target: str, metadata: dict[str, str]) -> WrittenSibling | None:
-        """Under the lock: what earlier writers of ``target`` left. A temp file a process wrote
-        whole and did not publish (it ended first: an ``exec``, a kill) is published as it is
-        when it provably holds this source's sibling; every other leftover is removed, and
-        when one was, the conversion that follows says why at WARNING."""
-        found = None
-        prefix, total = _convert.output_prefix(self.source, metadata)
-        for path in stray_incomplete(target):
-            if found is None:
-                found = unpublished_sibling(path, target, prefix, total)
-                if found is not None and not _holds_the_source(found, path, self.finder):
-                    found.discard()
-                    found = None
-                    self.outcome.note(f"{CONTENT_CHECK_FAILED} {path}")
-                if found is not None:
-                    self.outcome.note(f"published {path}, which a previous process wrote")
-                    logger.info("publishing %s, which a previous process wrote and did not publish", path)
-                    continue
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            if found is None:
-                written = _convert.WRITTEN_TAG in os.path.basename(path)  # else it ended mid-write
-                warn_once(
-                    "unpublished:" + target,
-                    "%s: a previous process ended before publishing the fp16 sibling it was writing (%s); "
-                    "converting again. %s",
-                    self.source.path,
-                    os.path.basename(path),
-                    "A process that exec()s after a first load should call "
-                    "sa3loader.wait_for_publishing() first"
-                    if written
-                    else "It had not written all of it (stopped or killed while converting)",
-                )
-        return found
+
+def _unpublished(finder: SiblingFinder, target: str, metadata: dict[str, str]) -> WrittenSibling | None:
+    """Under the lock: what earlier writers of ``target`` left. A temp file a process wrote
+    whole and did not publish (it ended first: an ``exec``, a kill) is published as it is
+    when it provably holds this source's sibling; every other leftover is removed, and
+    when one was, the conversion that follows says why at WARNING."""
+    found = None
+    prefix, total = _convert.output_prefix(finder.source, metadata)
+    for path in stray_incomplete(target):
+        if found is None:
+            found = unpublished_sibling(path, target, prefix, total)
+            if found is not None and not _holds_the_source(found, path, finder):
+                found.discard()
+                found = None
+                finder.outcome.note(f"{CONTENT_CHECK_FAILED} {path}")
+            if found is not None:
+                finder.outcome.note(f"published {path}, which a previous process wrote")
+                logger.info("publishing %s, which a previous process wrote and did not publish", path)
+                continue
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if found is None:
+            written = _convert.WRITTEN_TAG in os.path.basename(path)  # else it ended mid-write
+            warn_once(
+                "unpublished:" + target,
+                "%s: a previous process ended before publishing the fp16 sibling it was writing (%s); "
+                "converting again. %s",
+                finder.source.path,
+                os.path.basename(path),
+                "A process that exec()s after a first load should call sa3loader.wait_for_publishing() first"
+                if written
+                else "It had not written all of it (stopped or killed while converting)",
+            )
+    return found
 
 
 def _narrowed_to_readers(out: SiblingOutcome, source: Header) -> SiblingOutcome:
@@ -418,20 +344,9 @@ def _holds_the_source(written: WrittenSibling, path: str, finder: SiblingFinder)
 def _write_new(source: Header, target: str, metadata: dict[str, str], settings: Settings) -> WrittenSibling:
     """A new conversion of ``source`` into a temp file beside ``target``, as the load's settings say."""
     logger.info("converting %s to fp16 at %s", source.path, target)
-    room = functools.partial(_room_left, os.path.dirname(target), source.file_size)
+    room = functools.partial(room_left, os.path.dirname(target), source.file_size)
     return _convert.write_sibling(
         source, target, metadata, read_only=True, progress=settings.progress, io=settings.io, room=room
-    )
-
-
-def _room_left(directory: str, source_bytes: int) -> str | None:
-    """The room rule again once the new sibling's bytes are taken (``_room_problem`` before)."""
-    if _shortfall(directory, 0, source_bytes) <= 0:
-        return None
-    return (
-        f"not enough free space in {directory} once its bytes were taken ({human_size(free_bytes(directory))}"
-        f" free; another load converting there?): less than another {human_size(source_bytes)} checkpoint"
-        f" and {FREE_SPACE_MARGIN_BYTES >> 20} MiB to spare would be left"
     )
 
 
@@ -456,28 +371,10 @@ def _publish(
     with contextlib.ExitStack() as stack:
         if index is None:
             index = stack.enter_context(Index(f.cache_dir, usable=f.cache_trusted))
-        index.put(f.real, row)
+        index.put(f.real, row, while_there=True)
         read_only = index.read_only
     if not read_only:
-        _cap_again(f, evict, row)
-
-
-def _cap_again(f: SiblingFinder, evict: Eviction, row: IndexRow) -> None:
-    """Under $SA3LOADER_CACHE_MAX once ``row`` is in: loads converting at once each made room
-    for their own sibling alone, so together they may be over it; the least recently used
-    others go (never this one)."""
-    cap = f.settings.cache_max
-    if cap is None or not f.cache_trusted:
-        return
-    try:
-        plan = evict.over_cap(cap, adding=row.sibling_size, keep=frozenset({row.sibling_path}))
-        done = evict.carry_out(plan) if plan is not None and plan.removals else None
-    except (Sa3LoaderError, OSError) as exc:
-        warn_once("cap:" + f.cache_dir, "sa3loader cannot apply $%s: %s", _config.CACHE_MAX_ENV, exc)
-        return
-    for step in done.removed if done is not None else ():
-        if step.kind == "sibling":
-            logger.info("removed the least recently used sibling %s to stay under the cap", step.path)
+        cap_again(f, evict, row)
 
 
 def resolve_sibling(

@@ -283,7 +283,7 @@ class SiblingFinder:
         )
         if row is not None and self._stat_problem and same == row:
             return self._note_use(row)
-        self.index.put(self.real, new)
+        self.index.put(self.real, new, while_there=True)
 
     def _vouched_for_by(self, row: IndexRow | None, sibling: Header, claimed: str) -> bool:
         """No need to read the fingerprint again: the index row names this very sibling, made
@@ -348,7 +348,7 @@ class SiblingFinder:
         """Record the use, at most once per ``LAST_USE_STEP_S`` (the cap evicts the least recently used)."""
         now = time.time()
         if abs(now - row.used()) >= _faults.tuned("last_use_step_s", LAST_USE_STEP_S):
-            self.index.put(self.real, dataclasses.replace(row, last_used=now))
+            self.index.put(self.real, dataclasses.replace(row, last_used=now), while_there=True)
 
 
 def _indexes_this_file(row: IndexRow, sibling: Header) -> bool:

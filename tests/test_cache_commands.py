@@ -384,3 +384,88 @@ def test_the_cache_dir_by_another_spelling_is_still_the_cache_dir(tmp_path, monk
     out = run("cache", *args, cache=tmp_path / "real" / "c").stdout
     assert "not in a .cache/sa3loader or the cache dir" not in out
     assert not sibling.exists() and not list((tmp_path / "real" / "c").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("met_at", ["the room check", "the lock"])
+def test_a_load_makes_again_the_folder_a_cache_command_removed_before_it_converted(ckpt, tmp_path, met_at):
+    """``cache clear`` removes the hidden folder it empties; a load that had just made it to convert
+    into (its old sibling stale) met the folder gone at its next step: it raised FileNotFoundError
+    (the room check's statvfs) or read fp32 (the lock file's open). It makes the folder again."""
+    from sa3loader import _cache_admin
+    from support.faults import faked
+
+    cache = tmp_path / "cache"
+    load_toy(ckpt, cache)
+    make_ckpt(ckpt, seed=4)  # rewritten: the sibling beside it is stale, the load converts
+    hidden = tmp_path / ".cache" / "sa3loader"
+    asked = []
+
+    def free_bytes(path, real):
+        asked.append(path)
+        if path == str(hidden) and len(asked) == (1 if met_at == "the room check" else 2):
+            _cache_admin.clear(str(cache))  # what a `sa3loader cache clear` beside the load does
+            assert not hidden.exists()
+        return real
+
+    with faked(free_bytes=free_bytes):
+        model = load_toy(ckpt, cache)
+    info = sa3loader.last_load_info()
+    assert info.converted and info.sibling == str(hidden / "model.fp16.safetensors"), info.reason
+    assert_same_model(model, reference(ckpt))
+    assert [e.status for e in _cache_admin.entries(str(cache))] == ["ok"]
+
+
+def test_a_load_writes_no_row_for_a_sibling_removed_while_it_checked_it(ckpt, tmp_path):
+    """A load checking its sibling (the row no longer vouches: it reads the fingerprint's spots)
+    writes the row again after; `cache clear` removed the row and the sibling meanwhile. The load
+    goes on from the file it opened, and leaves no row naming a missing sibling (`cache verify`
+    would exit 3)."""
+    import dataclasses
+
+    from sa3loader import _cache_admin
+    from sa3loader._index import Index
+    from support.faults import injected
+
+    cache = tmp_path / "cache"
+    load_toy(ckpt, cache)
+    with Index(str(cache)) as index:
+        ((key, row),) = index.items()
+        index.put(key, dataclasses.replace(row, checked_ns=None))  # racy: the next load reads the spots
+    sibling = Path(row.sibling_path)
+
+    cleared: list = []
+
+    def removed_while_checked(name, subject=None):
+        if name == "spots" and not cleared:
+            cleared.append(None)  # once (the command reads spots too)
+            cleared[0] = _cache_admin.clear(str(cache))  # `sa3loader cache clear` beside the load
+
+    with injected(removed_while_checked):
+        model = load_toy(ckpt, cache)
+    assert sa3loader.last_load_info().cache_hit and not sibling.exists() and cleared[0].rows
+    assert_same_model(model, reference(ckpt))
+    assert _cache_admin.entries(str(cache)) == []
+
+
+def test_a_row_a_load_writes_back_while_a_command_removes_its_sibling_goes_too(ckpt, tmp_path):
+    """`cache clear` drops the rows, then removes each sibling under its lock. A load that read a
+    row before may write it back in between (its last use; the sibling still there): once the
+    siblings are gone, the command drops again every planned row whose sibling is missing."""
+    from sa3loader import _cache_admin
+    from sa3loader._index import Index
+    from support.faults import injected
+
+    cache = tmp_path / "cache"
+    load_toy(ckpt, cache)
+    with Index(str(cache)) as index:
+        ((key, row),) = index.items()
+
+    def written_back(name, subject=None):
+        if name == "locked":  # the command holds the sibling's lock; its rows are dropped
+            with Index(str(cache)) as index:
+                index.put(key, row, while_there=True)  # as a load's last use: the sibling is there
+
+    with injected(written_back):
+        outcome = _cache_admin.clear(str(cache))
+    assert [r.kind for r in outcome.removed].count("sibling") == 1
+    assert _cache_admin.entries(str(cache)) == []
