@@ -78,7 +78,8 @@ def _cache_options(p: argparse.ArgumentParser) -> None:
         "cache_command",
         choices=["ls", "verify", "prune", "clear", "repair", "rm", "scan"],
         metavar="ACTION",
-        help="ls: list rows; verify: full content check; prune: drop stale rows and leftovers; clear: all; "
+        help="ls: list rows; verify: full content check; prune: drop stale rows, their siblings and what "
+        "killed conversions left in the cache dir or beside an indexed sibling (rm: any); clear: all; "
         "repair: set a corrupt index aside and start a new one; rm CHECKPOINT...: their siblings; "
         "scan DIR...: every sibling there, indexed or not",
     )
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sa3loader",
         description="Convert Stable Audio 3 checkpoints to fp16 ahead of time and manage sa3loader's cache.",
-        epilog="Exit codes: 0 ok, 1 error, 2 bad usage, 3 a check found a problem.",
+        epilog="Exit codes: 0 ok, 1 error, 2 bad usage, 3 a check found a problem, 130 Ctrl-C.",
     )
     parser.add_argument("--version", action=_Version)
     _global_options(parser, default=None)

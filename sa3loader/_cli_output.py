@@ -36,9 +36,10 @@ def printable(text: str) -> str:
 
 def human_size(n: int) -> str:
     """Every size the CLI prints, in one format: three significant digits, decimal units (as pip)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        shown = float(f"{n / scale:.3g}")  # rounded first: 999,700 B is 1 MB, not 1e+03 kB
+        if shown >= 1:
+            return f"{shown:.3g} {unit}" if shown < 1000 else f"{shown:.0f} {unit}"
     return f"{n} B"
 
 
@@ -56,3 +57,24 @@ def range_line(counted: list[tuple[int | None, int | None]]) -> str:
     return (
         f"{line}; not counted for {unknown} file(s) ({why})" if known else f"fp16 range: not counted ({why})"
     )
+
+
+def interactive(as_json: bool) -> bool:
+    """A person at a terminal, who can be asked before files are deleted (with ``--json``, on stderr)."""
+    return sys.stdin.isatty() and (sys.stderr if as_json else sys.stdout).isatty()
+
+
+def ask(question: str, lines: list[str], *, as_json: bool) -> bool | EOFError | KeyboardInterrupt:
+    """The person's yes or no, after ``lines``; the Ctrl-D or Ctrl-C that ended the input instead.
+    With ``--json`` all of it goes to stderr: stdout holds one JSON document."""
+    stream = sys.stderr if as_json else sys.stdout
+    for line in lines:
+        print(printable(line), file=stream)
+    try:
+        if as_json:
+            print(printable(question), end="", file=stream, flush=True)
+        answer = input("" if as_json else printable(question))
+    except (EOFError, KeyboardInterrupt) as ended:
+        print(file=stream)
+        return type(ended)("nothing deleted")
+    return answer.strip().lower() in ("y", "yes")

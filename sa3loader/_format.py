@@ -419,12 +419,11 @@ def parse_header(raw: bytes | bytearray, *, path: str, file_size: int) -> Header
                 filename=path,
             )
         position = entry.end
-    if position != data_size:
-        raise HeaderError(
-            f"{path}: tensors need {position} data bytes but the file holds {data_size} "
-            "(truncated or padded file)",
-            filename=path,
-        )
+    if position != data_size:  # short: cut off (an EOFError too); long: bytes no tensor holds
+        error = TruncatedFileError if position > data_size else HeaderError
+        what = "truncated" if position > data_size else "padded"
+        message = f"{path}: tensors need {position} data bytes but the file holds {data_size} ({what} file)"
+        raise error(message, filename=path)
     return Header(
         path=path,
         file_size=file_size,

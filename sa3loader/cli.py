@@ -38,11 +38,11 @@ from ._cli_output import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    ask,
     emit,
     human_size,
-    printable,
+    interactive,
     range_line,
-    say,
 )
 from ._convert_dir import (
     FileAction,
@@ -304,16 +304,6 @@ def _outcome_data(outcome: Outcome) -> dict[str, Any]:
     }
 
 
-def _ask(question: str) -> bool | None:
-    """The person's answer; None when they ended the input (Ctrl-D) or pressed Ctrl-C."""
-    try:
-        answer = input(printable(question))
-    except (EOFError, KeyboardInterrupt):
-        print()
-        return None
-    return answer.strip().lower() in ("y", "yes")
-
-
 def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
     pruning = args.cache_command == "prune"
     plan = (
@@ -327,14 +317,18 @@ def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
         lines.append(f"would {verb} {rows}")
         emit(args, {"dry_run": True, **_plan_data(plan)}, lines)
         return EXIT_OK
-    if not pruning and not args.yes and not args.json and _faults.fact("interactive", None, interactive()):
-        say("\n".join(_removal_lines(plan.removals, dry_run=True)))
-        answer = _ask(f"clear {rows} and delete these files? [y/N] ")
-        if answer is None:
-            print("sa3loader: cancelled: nothing deleted", file=sys.stderr)
-            return EXIT_ERROR
+    if not pruning and not args.yes and _faults.fact("interactive", None, interactive(args.json)):
+        question = f"clear {rows} and delete these files? [y/N] "
+        answer = ask(question, _removal_lines(plan.removals, dry_run=True), as_json=args.json)
+        if isinstance(answer, BaseException):  # Ctrl-C (130) or Ctrl-D (1)
+            code = EXIT_INTERRUPTED if isinstance(answer, KeyboardInterrupt) else EXIT_ERROR
+            return _fail(args.json, code, answer, "cancelled")
         if not answer:
-            print("nothing deleted")
+            emit(
+                args,
+                {"dry_run": False, "rows": [], "removed": [], "kept": [], "answer": "no"},
+                ["nothing deleted"],
+            )
             return EXIT_OK
     outcome = _cache_admin.execute(cache_dir, plan, pruning=pruning)
     lines = [f"pruned ({e.status}): {e.source}" for e in outcome.rows] if pruning else []
@@ -441,11 +435,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.cache_command == "scan":
         return _scan(args, cache_dir)
     return _prune_or_clear(args, cache_dir)
-
-
-def interactive() -> bool:
-    """A person at a terminal, who can be asked before files are deleted."""
-    return sys.stdin.isatty() and sys.stdout.isatty()
 
 
 COMMANDS = {"convert": cmd_convert, "warm": cmd_warm, "info": cmd_info, "cache": cmd_cache}

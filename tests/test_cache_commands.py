@@ -391,8 +391,9 @@ def test_a_load_makes_again_the_folder_a_cache_command_removed_before_it_convert
     """``cache clear`` removes the hidden folder it empties; a load that had just made it to convert
     into (its old sibling stale) met the folder gone at its next step: it raised FileNotFoundError
     (the room check's statvfs) or read fp32 (the lock file's open). It makes the folder again."""
-    from sa3loader import _cache_admin
     from support.faults import faked
+
+    from sa3loader import _cache_admin
 
     cache = tmp_path / "cache"
     load_toy(ckpt, cache)
@@ -422,9 +423,10 @@ def test_a_load_writes_no_row_for_a_sibling_removed_while_it_checked_it(ckpt, tm
     would exit 3)."""
     import dataclasses
 
+    from support.faults import injected
+
     from sa3loader import _cache_admin
     from sa3loader._index import Index
-    from support.faults import injected
 
     cache = tmp_path / "cache"
     load_toy(ckpt, cache)
@@ -451,9 +453,10 @@ def test_a_row_a_load_writes_back_while_a_command_removes_its_sibling_goes_too(c
     """`cache clear` drops the rows, then removes each sibling under its lock. A load that read a
     row before may write it back in between (its last use; the sibling still there): once the
     siblings are gone, the command drops again every planned row whose sibling is missing."""
+    from support.faults import injected
+
     from sa3loader import _cache_admin
     from sa3loader._index import Index
-    from support.faults import injected
 
     cache = tmp_path / "cache"
     load_toy(ckpt, cache)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from support.cli import run, run_process
 from support.compare import writable
@@ -33,6 +35,7 @@ from support.processes import dead_pid, left_long_ago
 
 import sa3loader
 from sa3loader import __version__, _faults, cli
+from sa3loader._cli_output import human_size
 from sa3loader._format import read_header
 
 
@@ -1184,8 +1187,9 @@ def test_a_usage_error_in_json_names_a_public_type(tmp_path):
     assert json.loads(usage.stdout)["error"]["type"] == "UsageError"
 
 
-@pytest.mark.parametrize("key", [EOFError, KeyboardInterrupt], ids=["ctrl-d", "ctrl-c"])
-def test_ending_input_at_the_prompt_cancels_with_exit_1(src, tmp_path, monkeypatch, key):
+@pytest.mark.parametrize(("key", "code"), [(EOFError, 1), (KeyboardInterrupt, 130)], ids=["ctrl-d", "ctrl-c"])
+def test_ending_input_at_the_prompt_cancels_ctrl_c_with_exit_130(src, tmp_path, monkeypatch, key, code):
+    """README: exit 130 for Ctrl-C (it was 1 at the prompt), 1 for an error (input ended)."""
     run("warm", str(src), cache=tmp_path / "c")
     monkeypatch.setitem(_faults.facts, "interactive", lambda subject, real: True)
 
@@ -1193,9 +1197,38 @@ def test_ending_input_at_the_prompt_cancels_with_exit_1(src, tmp_path, monkeypat
         raise key
 
     monkeypatch.setattr("builtins.input", no_answer)
-    proc = run("cache", "clear", cache=tmp_path / "c", check_rc=1)
+    proc = run("cache", "clear", cache=tmp_path / "c", check_rc=code)
     assert proc.stderr == "sa3loader: cancelled: nothing deleted\n"
     assert (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
+    out = json.loads(run("cache", "clear", "--json", cache=tmp_path / "c", check_rc=code).stdout)
+    assert out["exit_code"] == code and out["error"]["message"] == "nothing deleted"
+    assert (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
+
+
+def test_clear_with_json_asks_at_a_terminal_too_on_stderr(src, tmp_path, monkeypatch, capsys):
+    """`--yes`: "clear: do not ask on a terminal"; `--json` deleted without asking (a docs walk).
+    Asked on stderr, so that stdout stays one JSON document; no: nothing deleted."""
+    run("warm", str(src), cache=tmp_path / "c")
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    monkeypatch.setitem(_faults.facts, "interactive", lambda subject, real: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    proc = run("cache", "clear", "--json", cache=tmp_path / "c")
+    assert json.loads(proc.stdout)["removed"] == [] and sibling.exists()
+    assert "delete these files? [y/N]" in proc.stderr and str(sibling) in proc.stderr
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    assert json.loads(run("cache", "clear", "--json", cache=tmp_path / "c").stdout)["removed"]
+    assert not sibling.exists()
+
+
+@given(st.integers(min_value=0, max_value=10**19))
+def test_every_size_prints_in_three_digits_and_a_unit_never_an_exponent(n):
+    """_cli_output: "three significant digits, decimal units"; 999,704 B printed "1e+03 kB"."""
+    shown = human_size(n)
+    number, unit = shown.split(" ")
+    scale = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "PB": 1e15}[unit]
+    assert "e" not in number and float(number) >= (1 if n else 0)
+    assert float(number) < 1000 or unit == "PB"
+    assert abs(float(number) * scale - n) <= max(0.005 * n, 0.5)
 
 
 def test_cache_ls_names_hub_files_as_hf_does_with_one_size_format_and_a_total(tmp_path):

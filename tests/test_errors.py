@@ -192,3 +192,19 @@ def test_load_autoencoders_config_file_errors_are_typed_and_name_the_file(tmp_pa
     with pytest.raises(expected) as err:
         sa3loader.load_autoencoder(config, ckpt, "cpu", model_factory=lambda c: build())
     assert err.value.filename == str(config) and str(config) in str(err.value)
+
+
+@pytest.mark.parametrize("cut", [1, 100])
+def test_a_checkpoint_cut_short_raises_truncated_file_error_one_padded_a_header_error(tmp_path, cut):
+    """errors.py: ``TruncatedFileError``, a file that ended before the bytes its header promised
+    (an ``EOFError`` too, as documented); bytes past the last tensor are no truncation."""
+    ckpt = save({"w": torch.arange(64.0)}, tmp_path / "model.safetensors")
+    whole = ckpt.read_bytes()
+    ckpt.write_bytes(whole[:-cut])
+    with pytest.raises(sa3loader.TruncatedFileError, match="truncated file") as raised:
+        sa3loader.load_diffusion_cond({}, ckpt, "cpu", False, model_factory=lambda c: torch.nn.Linear(8, 8))
+    assert isinstance(raised.value, EOFError) and raised.value.filename == str(ckpt)
+    ckpt.write_bytes(whole + b"\0" * cut)
+    with pytest.raises(sa3loader.HeaderError, match="padded file") as raised:
+        sa3loader.load_diffusion_cond({}, ckpt, "cpu", False, model_factory=lambda c: torch.nn.Linear(8, 8))
+    assert not isinstance(raised.value, EOFError)
