@@ -136,7 +136,25 @@ def _plan(
     ]
     kept = [k for k in kept if _ours(k[0].path)] + locked
     beside = emptied_beside_dirs(removals) if tidy else []
-    return Plan(rows, removals + emptied + beside, kept)
+    return Plan(rows, _freed(removals) + emptied + beside, kept)
+
+
+def _freed(removals: list[Removal]) -> list[Removal]:
+    """``removals``, each file's bytes counted where removing it frees them: once, at its last
+    name, where the plan removes every name linking it (a folder copied with ``cp -al``)."""
+    names: dict[tuple[int, int], list[int]] = {}
+    for i, r in enumerate(removals):
+        with contextlib.suppress(OSError):
+            st = os.lstat(r.path)
+            if st.st_nlink > 1:
+                names.setdefault((st.st_dev, st.st_ino), []).append(i)
+    out = list(removals)
+    for (dev, ino), indices in names.items():
+        with contextlib.suppress(OSError):
+            st = os.lstat(removals[indices[-1]].path)
+            if (st.st_dev, st.st_ino) == (dev, ino) and len(indices) == st.st_nlink:
+                out[indices[-1]] = replace(removals[indices[-1]], bytes=st.st_size)
+    return out
 
 
 def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:

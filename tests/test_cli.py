@@ -1936,3 +1936,21 @@ def test_the_clear_prompt_names_a_cache_dir_that_is_not_utf8_escaped(src, tmp_pa
     assert cli.main(["--cache-dir", str(cache), "cache", "clear"]) == 0
     out.flush()
     assert "c\\udcff" in out.buffer.getvalue().decode("utf-8")
+
+
+def test_clearing_every_name_of_a_hard_linked_sibling_counts_its_bytes_once(src, tmp_path):
+    """A folder copied with `cp -al` (its .cache/sa3loader too) shares one sibling under two
+    names; removing both frees it, which `cache clear` reported as 0 B (an outside attack)."""
+    cache = tmp_path / "c"
+    run("warm", str(src), cache=cache)
+    copy = tmp_path / "copy"
+    for name in ("model.safetensors", ".cache/sa3loader/model.fp16.safetensors"):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        os.link(tmp_path / name, copy / name)
+    run("warm", str(copy / "model.safetensors"), cache=cache)  # adopts the linked sibling
+    size = (copy / ".cache" / "sa3loader" / "model.fp16.safetensors").stat().st_size
+    for args in (["--dry-run"], ["--yes"]):
+        removed = json.loads(run("cache", "clear", "--json", *args, cache=cache).stdout)["removed"]
+        siblings = [r for r in removed if r["kind"] == "sibling"]
+        assert len(siblings) == 2 and sum(r["bytes"] for r in removed) == size
+    assert not (tmp_path / ".cache").exists() and not (copy / ".cache").exists()
