@@ -444,8 +444,9 @@ def _is_int(value: Any) -> bool:
 
 def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
     where = f"{path}: tensor {name!r}"
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise HeaderError(f"{where}: entry must have exactly dtype, shape and data_offsets", filename=path)
+    # Other fields are ignored, as safetensors' parser ignores them (upstream loads such a file).
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise HeaderError(f"{where}: entry must have dtype, shape and data_offsets", filename=path)
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype not in DTYPE_BITS:
         raise HeaderError(f"{where}: unsupported dtype {dtype!r}", filename=path)

@@ -120,7 +120,9 @@ HOSTILE = {
         f"metadata-{name}": dict(header=json.dumps({"__metadata__": v}))
         for name, v in [("empty-list", []), ("empty-string", ""), ("zero", 0), ("false", False)]
     },
-    "entry-extra-field": dict(header=json.dumps({"a": {**_entry(), "x": 1}}), data=b"\0" * 8),
+    "entry-field-twice": dict(
+        header='{"a": {"dtype": "F32", "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
+    ),
     "truncated-data": dict(header=json.dumps({"a": _entry(shape=(4,), offsets=(0, 16))}), data=b"\0" * 9),
     "deep-nesting": dict(header="[" * 100000 + "]" * 100000),
 }
@@ -133,6 +135,31 @@ def test_hostile_headers_raise_header_error_naming_the_file(tmp_path, case):
         read_header(path)
     assert str(path) in str(err.value) and err.value.filename == str(path)
     assert isinstance(err.value, ValueError) and isinstance(err.value, Sa3LoaderError)
+
+
+@pytest.mark.parametrize("extra", [1, {"note": [1, "x"]}, None])
+def test_an_entry_with_a_field_safetensors_ignores_loads_as_load_file_reads_it(tmp_path, extra):
+    """safetensors' parser ignores a tensor entry's other fields; a drop-in that refused them
+    refused files upstream loads (an outside attack). A field given twice stays an error, as there."""
+    from safetensors.torch import load_file
+
+    import sa3loader
+
+    values = torch.linspace(-3, 3, 8)
+    header = json.dumps({"weight": {**_entry(shape=(2, 4), offsets=(0, 32)), "extra": extra}})
+    path = _file(tmp_path, header, values.numpy().tobytes())
+    assert read_header(path).by_name["weight"].shape == (2, 4)
+    for half in (False, True):
+        model = sa3loader.load_diffusion_cond(
+            {},
+            path,
+            "cpu",
+            half,
+            cache_dir=tmp_path / "c",
+            model_factory=lambda c: torch.nn.Linear(4, 2, bias=False),
+        )
+        expected = load_file(str(path))["weight"].to(torch.float16 if half else torch.float32)
+        assert torch.equal(model.weight, expected)
 
 
 def test_a_header_above_the_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):

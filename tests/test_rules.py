@@ -303,7 +303,7 @@ BAD_HEADERS = {
     "metadata": (bad({"__metadata__": {"a": 1}}), 0, "__metadata__ must map strings to strings"),
     "surrogate": (b'{"__metadata__": {"a": "\\ud800"}}', 0, "header string '\\ud800' is not valid Unicode"),
     "duplicate": (b'{"a": {}, "a": {}}', 0, "(duplicate key 'a')"),
-    "fields": (bad({"t": {"dtype": "F32"}}), 0, "entry must have exactly dtype, shape and"),
+    "fields": (bad({"t": {"dtype": "F32"}}), 0, "entry must have dtype, shape and"),
     "dtype": (bad({"t": entry(dtype="F128")}), 8, "unsupported dtype 'F128'"),
     "shape": (bad({"t": entry(shape=(-1,))}), 8, "shape must be a list of integers 0 <= n < 2**63"),
     "begin-after-end": (bad({"t": entry(offsets=(8, 0))}), 8, BEGIN_AFTER_END),
