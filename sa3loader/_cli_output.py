@@ -43,13 +43,16 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
-def range_line(counted: list[tuple[int | None, int | None]]) -> str:
+def range_line(counted: list[tuple[int | None, int | None, bool]]) -> str:
     """The fp16 range report of the files converted, or found (what was stored when each was
     made: None where its row, which kept it, is gone, or where nothing was converted but a load
-    casts bf16 or f64): said, never a 0 that nothing counted."""
-    known = [(inf, zero) for inf, zero in counted if inf is not None and zero is not None]
-    overflow, flushed = sum(inf for inf, _ in known), sum(zero for _, zero in known)
+    casts bf16 or f64): said, never a 0 that nothing counted. Where a counted file keeps bf16 or
+    f64 as it is, the count is a model_half load's: said too (only float32 changes in the file)."""
+    known = [(inf, zero, kept) for inf, zero, kept in counted if inf is not None and zero is not None]
+    overflow, flushed = sum(inf for inf, _, _ in known), sum(zero for _, zero, _ in known)
     line = f"fp16 range: {overflow} values overflowed to inf, {flushed} nonzero values flushed to zero"
+    if any(kept for _, _, kept in known):
+        line += " (bf16/f64 tensors are kept as they are: counted as a model_half load casts them)"
     unknown = len(counted) - len(known)
     if not unknown:
         return line

@@ -76,6 +76,8 @@ class FileAction:
     max_abs_diff: float | None = None
     float_tensors: int = 0
     replaced_damaged: bool = False  # a sibling that failed the check was converted again
+    # The output keeps bf16 or f64 tensors as they are: counted above as a model_half load casts them.
+    casts_kept: bool = False
     note: str = ""  # why, where it says more than its action (a skipped link)
 
 
@@ -108,6 +110,7 @@ def _convert_to(header: Header, dest: str, verify: bool, *, in_place: bool = Fal
     written = _convert.write_sibling(header, dest, metadata)
     result = written.result
     action = FileAction(header.path, dest, "converted", result.overflow_to_inf, result.flushed_to_zero)
+    action.casts_kept = casts_kept(header)
     if verify:
         try:
             with written.open_header() as output:
@@ -151,11 +154,17 @@ def _remove_dead_writers_temps(dest: str) -> None:
                 os.unlink(path)
 
 
+def casts_kept(header: Header) -> bool:
+    """Whether ``header``'s file holds bf16 or f64, which a conversion keeps and a load casts to fp16."""
+    return any(entry.dtype in WIDER_THAN_FP16 for entry in header.entries)
+
+
 def not_converted(header: Header, output: str, action: str) -> FileAction:
     """A file with no float32, as it is: its range report is nothing (0) where a load casts
     none of it, not counted (None) where it holds bf16 or f64 a load casts to fp16."""
-    cast = any(entry.dtype in WIDER_THAN_FP16 for entry in header.entries)
-    return FileAction(header.path, output, action, *((None, None) if cast else (0, 0)))
+    cast = casts_kept(header)
+    count = None if cast else 0
+    return FileAction(header.path, output, action, count, count, casts_kept=cast)
 
 
 def checked(action: FileAction, comparison: _compare.Comparison) -> FileAction:

@@ -46,6 +46,7 @@ from ._cli_output import (
 )
 from ._convert_dir import (
     FileAction,
+    casts_kept,
     checked,
     checkpoints_in,
     convert_file,
@@ -97,6 +98,7 @@ def _convert_to_sibling(src: str, cache_dir: str | None, verify: bool) -> FileAc
                 report.overflow_to_inf if report else None,
                 report.flushed_to_zero if report else None,
                 replaced_damaged=outcome.replaced_damaged,
+                casts_kept=casts_kept(header),
             )
             if verify:
                 checked(action, outcome.checked or _compare.verify(header, outcome.sibling))
@@ -126,7 +128,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"over {tensors} float tensor(s) in {len(compared)} file(s)"
         )
     done = [a for a in actions if a.action in ("converted", "unchanged", "copied")]  # not a skipped one
-    lines.append(range_line([(a.overflow_to_inf, a.flushed_to_zero) for a in done]))
+    lines.append(range_line([(a.overflow_to_inf, a.flushed_to_zero, a.casts_kept) for a in done]))
     emit(args, [asdict(a) for a in actions], lines)
     return EXIT_CHECK_FAILED if repaired else EXIT_OK
 

@@ -1954,3 +1954,28 @@ def test_clearing_every_name_of_a_hard_linked_sibling_counts_its_bytes_once(src,
         siblings = [r for r in removed if r["kind"] == "sibling"]
         assert len(siblings) == 2 and sum(r["bytes"] for r in removed) == size
     assert not (tmp_path / ".cache").exists() and not (copy / ".cache").exists()
+
+
+@pytest.mark.parametrize("how", [[], ["--out", "OUT"]])
+def test_the_range_line_says_bf16_and_f64_are_counted_as_a_load_casts_them(tmp_path, how):
+    """Only float32 changes in the file; its bf16 and f64 overflow or flush only when a
+    model_half load casts them. The line counted both without saying so (a docs walk)."""
+    src = tmp_path / "model.safetensors"
+    big, tiny = [1.0, 70000.0, 1e-9], [1.0, 1e30, 1e-30]
+    tensors = {"f": torch.tensor(big), "b": torch.tensor(tiny).bfloat16(), "d": torch.tensor(tiny).double()}
+    save_file(tensors, str(src))
+    args = [a.replace("OUT", str(tmp_path / "out.safetensors")) for a in how]
+    line = run("convert", str(src), *args, cache=tmp_path / "c").stdout.splitlines()[-1]
+    inf = sum(int(torch.isinf(t.half()).sum()) for t in tensors.values())
+    zero = sum(int(((t.half() == 0) & (t != 0)).sum()) for t in tensors.values())
+    assert (inf, zero) == (3, 3)  # one each of float32's, bf16's and f64's
+    assert line == (
+        f"fp16 range: {inf} values overflowed to inf, {zero} nonzero values flushed to zero "
+        "(bf16/f64 tensors are kept as they are: counted as a model_half load casts them)"
+    )
+    save_file({"f": torch.tensor(big)}, str(src))  # float32 alone: the count is the file's own
+    plain = run("convert", str(src), *args, "--force" if how else "--verify", cache=tmp_path / "c")
+    assert (
+        plain.stdout.splitlines()[-1]
+        == "fp16 range: 1 values overflowed to inf, 1 nonzero values flushed to zero"
+    )
