@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from ._format import open_header
-from ._identity import marked_by_sa3loader, sibling_matches_source
+from ._identity import holds_fp16_of, marked_by_sa3loader, sibling_matches_source
 from ._places import (
     BESIDE_SUBDIR,
     INCOMPLETE_INFIX,
@@ -21,7 +21,7 @@ from ._places import (
     is_temp_name,
     sibling_name,
 )
-from ._records import MISSING_SOURCE, OK, STALE
+from ._records import DAMAGED, MISSING_SOURCE, OK, STALE
 from .errors import CheckpointNotFoundError, Sa3LoaderError
 
 UNKNOWN_SOURCE = "unknown source"  # a sibling in a cache dir no row names: `cache clear` removes it
@@ -35,7 +35,7 @@ class Found:
     sibling: str
     bytes: int
     source: str  # the checkpoint beside it it was made from, or a row's, or the one its name says
-    status: str  # OK: made from the source as it is now; STALE; MISSING_SOURCE
+    status: str  # OK: made from the source as it is now, its data too at the spots; DAMAGED; STALE; ...
     indexed: bool  # a row of this cache dir names it
 
 
@@ -107,6 +107,10 @@ def _scanned_status(sibling: str, source: str) -> str:
         return MISSING_SOURCE
     try:
         with open_header(source) as current, open_header(sibling, follow_symlinks=False) as made:
-            return OK if sibling_matches_source(made, current) else STALE
+            if not sibling_matches_source(made, current):
+                return STALE
+            # Its header says it is; its data at the fingerprint's spots, as a load reads it
+            # where no row vouches, says whether it still holds fp16 of the source.
+            return OK if holds_fp16_of(made, current) else DAMAGED
     except (Sa3LoaderError, OSError):
         return STALE

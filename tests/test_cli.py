@@ -1979,3 +1979,20 @@ def test_the_range_line_says_bf16_and_f64_are_counted_as_a_load_casts_them(tmp_p
         plain.stdout.splitlines()[-1]
         == "fp16 range: 1 values overflowed to inf, 1 nonzero values flushed to zero"
     )
+
+
+def test_cache_scan_reads_a_siblings_data_as_ls_does_and_says_damaged(tmp_path):
+    """scan said "ok" for a sibling whose data was edited in place, which `cache ls` (and a
+    load) calls damaged: its header still claims the source (a docs walk). It reads the data at
+    the fingerprint's spots too."""
+    src, cache = tmp_path / "model.safetensors", tmp_path / "c"
+    save_file({"w": torch.linspace(-1, 1, 4096)}, str(src))
+    run("warm", str(src), cache=cache)
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    assert run("cache", "scan", str(tmp_path), cache=cache).stdout.startswith("ok ")
+    data_start = 8 + int.from_bytes(sibling.read_bytes()[:8], "little")
+    with open(writable(sibling), "r+b") as f:
+        f.seek(data_start)
+        f.write(b"\x55" * (sibling.stat().st_size - data_start))  # every value, the header kept
+    assert run("cache", "ls", cache=cache).stdout.splitlines()[1].startswith("damaged sibling ")
+    assert run("cache", "scan", str(tmp_path), cache=cache).stdout.startswith("damaged sibling ")
