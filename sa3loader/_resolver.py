@@ -55,6 +55,15 @@ class _FolderRemoved(Exception):
     """The folder of a sibling's place is gone (its error: the cause): try again."""
 
 
+def _anchor(target: str, cache_dir: str) -> str:
+    """The folder ``target``'s own folders hang from: the cache dir, or the checkpoint's."""
+    return (
+        cache_dir
+        if in_cache_dir(target, cache_dir)
+        else os.path.dirname(os.path.dirname(os.path.dirname(target)))
+    )
+
+
 def _folder_removed(exc: BaseException, target: str) -> bool:
     """Whether ``exc`` says a file of ``target``'s is missing because its folder is gone."""
     return getattr(exc, "errno", None) == errno.ENOENT and not os.path.isdir(os.path.dirname(target))
@@ -171,24 +180,30 @@ class SiblingResolver:
     def _place_at(
         self, target: str, size: int, options: frozenset[str], metadata: dict[str, str], problems: list[str]
     ) -> SiblingOutcome | str:
-        """Convert at ``target``, else why not; its folder made again where a cache command removed it."""
-        for _ in range(FOLDER_TRIES):
+        """Convert at ``target``, else why not. Its folder, removed since it was made (``cache
+        clear`` removes the hidden folders it empties), is made again only while ``target`` passes
+        every check of ``targets`` again (its place may hold another user's folder or a link now)
+        and what it hangs from is there (the checkpoint's folder, the cache dir: never one the user
+        removed)."""
+        for attempt in range(FOLDER_TRIES):
+            if attempt and (
+                target not in self.targets()[0] or not os.path.isdir(_anchor(target, self.finder.cache_dir))
+            ):
+                break
             try:
                 return self._try_at(target, size, options, metadata, problems)
             except _FolderRemoved as removed:
                 error = removed.__cause__
-        out = self.outcome
-        out.reason = f"could not write the fp16 sibling ({error}): loading the fp32 source"
-        warn_once("convert:" + self.finder.real, "%s: %s", self.source.path, out.reason)
-        return out
+        return f"{os.path.dirname(target)} was removed as it was made ({error})"
 
     def _try_at(
         self, target: str, size: int, options: frozenset[str], metadata: dict[str, str], problems: list[str]
     ) -> SiblingOutcome | str:
         f = self.finder
-        made = make_beside_dirs(os.path.dirname(target)) if not in_cache_dir(target, f.cache_dir) else []
+        cached = in_cache_dir(target, f.cache_dir)
+        made = [] if cached else make_beside_dirs(os.path.dirname(target))
         try:
-            problem = room_for(f, self.evict, target, size, options)
+            problem = room_for(f, self.evict, target, size, options, create=cached)
             if problem is None:
                 if problems:  # not where it would go first: say where, and why
                     logger.info("%s: fp16 sibling at %s (%s)", self.source.path, target, "; ".join(problems))

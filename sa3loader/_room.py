@@ -36,8 +36,13 @@ def stray_incomplete(sibling_path: str) -> list[str]:
     return [path for path in temp_files_of(sibling_path) if owned_file_problem(path) is None]
 
 
-def room_problem(path: str, needed: int, source_bytes: int) -> str | None:
-    """None when a sibling of ``needed`` bytes may be written at ``path``, else why not.
+def room_problem(
+    path: str, needed: int, source_bytes: int, *, size: int | None = None, create: bool = True
+) -> str | None:
+    """None when a sibling of ``size`` bytes (``needed`` of them new on disk: leftovers it
+    replaces count as free) may be written at ``path``, else why not. ``create``: its folder
+    made where missing (the cache dir's); else (beside a checkpoint, made by the caller) never
+    a folder the user removed.
 
     The disk is the user's: a sibling is a cache and never takes the space a job needs.
     Written only where, after it, another file as large as its source (the trainer's next
@@ -45,6 +50,8 @@ def room_problem(path: str, needed: int, source_bytes: int) -> str | None:
     """
     directory = os.path.dirname(path)
     made = not os.path.isdir(directory)
+    if made and not create:
+        return f"{directory} is not there"
     try:
         make_private_dirs(directory)
     except OSError as exc:
@@ -56,8 +63,9 @@ def room_problem(path: str, needed: int, source_bytes: int) -> str | None:
         if made:  # no sibling comes: no empty folder left for it
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
+        sibling = human_size(needed if size is None else size)
         return (
-            f"not enough free space in {directory} ({human_size(free)} free): a {human_size(needed)} sibling "
+            f"not enough free space in {directory} ({human_size(free)} free): a {sibling} sibling "
             f"would leave less than another {human_size(source_bytes)} checkpoint and "
             f"{FREE_SPACE_MARGIN_BYTES >> 20} MiB to spare"
         )
@@ -113,19 +121,22 @@ def _evict(f: SiblingFinder, evict: Eviction, plan: Callable[[], Plan | None], w
     return any(step.kind == "sibling" for step in done.removed)
 
 
-def room_for(f: SiblingFinder, evict: Eviction, target: str, size: int, keep: frozenset[str]) -> str | None:
+def room_for(
+    f: SiblingFinder, evict: Eviction, target: str, size: int, keep: frozenset[str], *, create: bool
+) -> str | None:
     """``room_problem`` at ``target``, after removing the least recently used siblings on its
     filesystem where short of space (before any fallback). Earlier writers' leftovers of ``target``
     count as free: under the lock they go (or are published for this load) before a byte is written."""
-    size -= sum(_disk_bytes(path) for path in stray_incomplete(target))
-    problem = room_problem(target, size, f.source.file_size)
+    new = size - sum(_disk_bytes(path) for path in stray_incomplete(target))
+    room = functools.partial(room_problem, target, new, f.source.file_size, size=size, create=create)
+    problem = room()
     directory = os.path.dirname(target)
     if problem is None or not os.path.isdir(directory):
         return problem
-    needed = _shortfall(directory, size, f.source.file_size)
+    needed = _shortfall(directory, new, f.source.file_size)
     plan = functools.partial(evict.for_room, directory, needed, keep, time.time() - LAST_USE_STEP_S)
     if needed > 0 and _evict(f, evict, plan, "to make room"):
-        return room_problem(target, size, f.source.file_size)
+        return room()
     return problem
 
 

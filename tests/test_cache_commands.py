@@ -5,6 +5,7 @@ conversions left but never touch a running one; the cache dir carries a CACHEDIR
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -472,3 +473,40 @@ def test_a_row_a_load_writes_back_while_a_command_removes_its_sibling_goes_too(c
         outcome = _cache_admin.clear(str(cache))
     assert [r.kind for r in outcome.removed].count("sibling") == 1
     assert _cache_admin.entries(str(cache)) == []
+
+
+@pytest.mark.parametrize("planted", ["a link elsewhere", "the checkpoint's folder removed"])
+def test_a_folder_made_again_passes_every_check_of_a_first_one(tmp_path, planted):
+    """The folder a load made, removed by a cache command, is made again only where a first one
+    could go: a link put at `.cache` meanwhile (another user of a group-writable folder) sent the
+    sibling into the link's folder; a checkpoint folder the user removed was made again, with a
+    sibling of a checkpoint that was gone (an outside attack). Now: the next place (the cache dir)."""
+    from support.faults import faked
+
+    from sa3loader import _cache_admin
+
+    folder, cache, elsewhere = tmp_path / "run1", tmp_path / "cache", tmp_path / "elsewhere"
+    ckpt = make_ckpt(folder / "model.safetensors")
+    load_toy(ckpt, cache)
+    make_ckpt(ckpt, seed=4)  # stale: the load converts
+    kept = make_ckpt(tmp_path / "kept" / "model.safetensors", seed=4)  # what the load opened, for after
+    hidden, once = folder / ".cache" / "sa3loader", []
+    elsewhere.mkdir()
+
+    def free_bytes(path, real):
+        if path == str(hidden) and not once:
+            once.append(path)
+            _cache_admin.clear(str(cache))  # removes the emptied .cache/sa3loader and .cache
+            if planted == "a link elsewhere":
+                (folder / ".cache").symlink_to(elsewhere)
+            else:
+                shutil.rmtree(folder)
+        return real
+
+    with faked(free_bytes=free_bytes):
+        model = load_toy(ckpt, cache)
+    info = sa3loader.last_load_info()
+    assert list(elsewhere.iterdir()) == []  # nothing through the link
+    assert info.converted and info.sibling.startswith(str(cache) + os.sep), info.reason
+    assert_same_model(model, reference(kept))
+    assert planted == "a link elsewhere" or not folder.exists()  # never made again

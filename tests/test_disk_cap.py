@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -514,3 +515,22 @@ def test_row_less_siblings_the_cap_may_remove_are_only_this_cache_dirs_own_and_f
     load_toy(b if linked.name.startswith("b.") else c, tmp_path / "own")  # adopted: a row names it
     outcome = Eviction(str(tmp_path / "own")).carry_out(plan)
     assert linked.exists() and "a row names it now" in [why for _, why in outcome.kept]
+
+
+def test_the_no_room_reason_names_the_siblings_own_size_not_less_its_leftovers(tmp_path):
+    """A killed conversion's temp file counts as free (it goes before a byte is written), but the
+    reason printed the size less it: "a -7336 B sibling" (an outside attack)."""
+    from sa3loader._cli_output import human_size
+
+    ckpt = make_ckpt(tmp_path / "model.safetensors")
+    load_toy(ckpt, tmp_path / "cache")
+    sibling = sibling_of(ckpt)
+    size = sibling.stat().st_size
+    sibling.unlink()
+    leftover = sibling.parent / f"{sibling.name}.incomplete-{dead_pid()}-0bad1dea"
+    leftover.write_bytes(os.urandom(3 * size))  # a killed conversion's, larger than the sibling
+    with faked(free_bytes=lambda path, real: 1000):
+        load_toy(ckpt, tmp_path / "cache")
+    reason = sa3loader.last_load_info().reason
+    said = re.findall(r"free\): a (.*?) sibling would leave less", reason)
+    assert said == [human_size(size)] * 2, reason  # beside the checkpoint, then in the cache dir
