@@ -345,13 +345,15 @@ def _drop_rows(cache_dir: str, rows: list[Entry]) -> list[Entry]:
         return [e for e in as_planned if index.delete(e.key)]
 
 
-def _drop_rows_of_missing(cache_dir: str, rows: list[Entry]) -> None:
-    """Drop again each planned row whose sibling is missing now: a load that read it before the
-    rows went may write it back as the siblings go (its last use). Loads write only while the
-    sibling is there (``Index.put``), so after this no row names a sibling removed here."""
+def _drop_rows_of_missing(cache_dir: str, removed: set[str]) -> None:
+    """Drop each row naming a sibling removed here and missing now, planned or not: a load that
+    read a row before the rows went may write it back as the siblings go (its last use), one
+    may adopt a sibling no row named when planned. Loads write only while the sibling is there
+    (``Index.put``), so after this no row names a sibling removed here."""
     with command_index(cache_dir) as index:
-        for e in rows:
-            index.delete(e.key, only_if=lambda r: r is not None and not os.path.lexists(r.sibling_path))
+        for key, row in index.items():
+            if row is not None and row.sibling_path in removed:
+                index.delete(key, only_if=lambda r: r is not None and not os.path.lexists(r.sibling_path))
 
 
 def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
@@ -366,8 +368,9 @@ def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
             guarded.setdefault(step.guard, []).append(step)
     for sibling, steps in guarded.items():
         _execute_guarded(sibling, steps, live, outcome)
-    if any(step.kind == "sibling" for step in outcome.removed):
-        _drop_rows_of_missing(cache_dir, plan.rows)
+    removed = {step.path for step in outcome.removed if step.kind == "sibling"}
+    if removed:
+        _drop_rows_of_missing(cache_dir, removed)
     for step in plan.removals:
         if step.kind == "empty dir":
             try:

@@ -510,3 +510,21 @@ def test_a_folder_made_again_passes_every_check_of_a_first_one(tmp_path, planted
     assert info.converted and info.sibling.startswith(str(cache) + os.sep), info.reason
     assert_same_model(model, reference(kept))
     assert planted == "a link elsewhere" or not folder.exists()  # never made again
+
+
+def test_a_row_a_load_writes_for_a_sibling_no_row_named_when_planned_goes_too(ckpt, tmp_path, monkeypatch):
+    """`cache clear` planned a sibling no row named (the index lost: `cache repair`); a load adopted
+    it, writing a row the plan did not know, before the run removed it (an outside attack)."""
+    from sa3loader import _cache_admin, _config
+
+    monkeypatch.setenv(_config.PLACE_ENV, "cache")
+    cache = tmp_path / "cache"
+    load_toy(ckpt, cache)
+    shutil.rmtree(cache / "index")
+    plan = _cache_admin.plan_clear(str(cache))
+    assert [r.kind for r in plan.removals].count("sibling") == 1 and not plan.rows
+    load_toy(ckpt, cache)
+    assert "adopted" in sa3loader.last_load_info().events
+    outcome = _cache_admin.execute(str(cache), plan, pruning=False)
+    assert [r.kind for r in outcome.removed].count("sibling") == 1
+    assert _cache_admin.entries(str(cache)) == []
