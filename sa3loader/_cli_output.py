@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
@@ -23,10 +23,11 @@ def say(text: str) -> None:
     print(printable(text))
 
 
-def printable(text: str) -> str:
-    """``text``, escaped where stdout's encoding cannot hold it (a file name not UTF-8 under a
-    strict ``PYTHONIOENCODING=utf-8``: UnicodeEncodeError, a traceback), as stderr writes it."""
-    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+def printable(text: str, stream: TextIO | None = None) -> str:
+    """``text``, escaped where the encoding of ``stream`` (stdout) cannot hold it (a file name not
+    UTF-8 under a strict ``PYTHONIOENCODING=utf-8``: UnicodeEncodeError, a traceback), as stderr
+    writes it."""
+    encoding = getattr(sys.stdout if stream is None else stream, "encoding", None) or "utf-8"
     try:
         text.encode(encoding)
     except UnicodeEncodeError:
@@ -62,21 +63,26 @@ def range_line(counted: list[tuple[int | None, int | None, bool]]) -> str:
     )
 
 
+def _question_stream(as_json: bool) -> TextIO:
+    """Where a question goes: stdout at a terminal; else stderr (stdout piped to a file or a
+    program, or holding the JSON document), where the person still reads it."""
+    return sys.stdout if not as_json and sys.stdout.isatty() else sys.stderr
+
+
 def interactive(as_json: bool) -> bool:
-    """A person at a terminal, who can be asked before files are deleted (with ``--json``, on stderr)."""
-    return sys.stdin.isatty() and (sys.stderr if as_json else sys.stdout).isatty()
+    """A person at a terminal, who can be asked before files are deleted."""
+    return sys.stdin.isatty() and _question_stream(as_json).isatty()
 
 
 def ask(question: str, lines: list[str], *, as_json: bool) -> bool | EOFError | KeyboardInterrupt:
-    """The person's yes or no, after ``lines``; the Ctrl-D or Ctrl-C that ended the input instead.
-    With ``--json`` all of it goes to stderr: stdout holds one JSON document."""
-    stream = sys.stderr if as_json else sys.stdout
+    """The person's yes or no, after ``lines``; the Ctrl-D or Ctrl-C that ended the input instead."""
+    stream = _question_stream(as_json)
     for line in lines:
-        print(printable(line), file=stream)
+        print(printable(line, stream), file=stream)
     try:
-        if as_json:
-            print(printable(question), end="", file=stream, flush=True)
-        answer = input("" if as_json else printable(question))
+        if stream is not sys.stdout:
+            print(printable(question, stream), end="", file=stream, flush=True)
+        answer = input(printable(question) if stream is sys.stdout else "")
     except (EOFError, KeyboardInterrupt) as ended:
         print(file=stream)
         return type(ended)("nothing deleted")

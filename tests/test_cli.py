@@ -1198,7 +1198,7 @@ def test_ending_input_at_the_prompt_cancels_ctrl_c_with_exit_130(src, tmp_path, 
 
     monkeypatch.setattr("builtins.input", no_answer)
     proc = run("cache", "clear", cache=tmp_path / "c", check_rc=code)
-    assert proc.stderr == "sa3loader: cancelled: nothing deleted\n"
+    assert proc.stderr.endswith("[y/N] \nsa3loader: cancelled: nothing deleted\n")  # stdout is no terminal
     assert (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
     out = json.loads(run("cache", "clear", "--json", cache=tmp_path / "c", check_rc=code).stdout)
     assert out["exit_code"] == code and out["error"]["message"] == "nothing deleted"
@@ -1924,7 +1924,12 @@ def test_the_clear_prompt_names_a_cache_dir_that_is_not_utf8_escaped(src, tmp_pa
 
     cache = tmp_path / os.fsdecode(b"c\xff")
     run("warm", str(src), cache=cache)
-    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+
+    class Terminal(io.TextIOWrapper):  # the question goes to stdout at a terminal
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal(io.BytesIO(), encoding="utf-8", errors="strict")
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setitem(_faults.facts, "interactive", lambda subject, real: True)
 
@@ -1996,3 +2001,23 @@ def test_cache_scan_reads_a_siblings_data_as_ls_does_and_says_damaged(tmp_path):
         f.write(b"\x55" * (sibling.stat().st_size - data_start))  # every value, the header kept
     assert run("cache", "ls", cache=cache).stdout.splitlines()[1].startswith("damaged sibling ")
     assert run("cache", "scan", str(tmp_path), cache=cache).stdout.startswith("damaged sibling ")
+
+
+def test_clear_piped_to_a_file_still_asks_the_person_at_the_terminal(src, tmp_path, monkeypatch):
+    """`cache clear | tee log` at a terminal deleted without asking: only stdout was looked at
+    (an outside attack). A person is there when stdin and stderr are terminals: asked on stderr."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    run("warm", str(src), cache=tmp_path / "c")
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    out, err = io.StringIO(), Terminal()  # stdout into a pipe, stderr on the terminal
+    monkeypatch.setattr(sys, "stdin", Terminal("n\n"))
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert cli.main(["--cache-dir", str(tmp_path / "c"), "cache", "clear"]) == 0
+    assert sibling.exists() and "delete these files? [y/N]" in err.getvalue()
+    assert out.getvalue() == "nothing deleted\n"
