@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _faults
+from . import _faults, _json_rules
 from .errors import (
     CheckpointChangedError,
     CheckpointIsADirectoryError,
@@ -374,19 +374,10 @@ def _parse_file(fd: int, path: str, file_size: int) -> Header:
         raise HeaderError(f"{exc}{guess}", filename=path) from None
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
 def parse_header(raw: bytes | bytearray, *, path: str, file_size: int) -> Header:
     """Validate header bytes against the file size; pure, no I/O."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        obj = _json_rules.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise HeaderError(f"{path}: header is not valid JSON ({exc})", filename=path) from None
     if not isinstance(obj, dict):
@@ -399,10 +390,8 @@ def parse_header(raw: bytes | bytearray, *, path: str, file_size: int) -> Header
         raise HeaderError(f"{path}: __metadata__ must map strings to strings", filename=path)
     # JSON allows escaped lone surrogates; safetensors' parser (serde) refuses them.
     for text in [*obj, *metadata, *metadata.values()]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise HeaderError(f"{path}: header string {text!r} is not valid Unicode", filename=path) from None
+        if not _json_rules.encodable(text):
+            raise HeaderError(f"{path}: header string {text!r} is not valid Unicode", filename=path)
 
     entries = []
     while obj:  # popped one by one, so each parsed JSON entry is freed as its TensorEntry is made
@@ -436,6 +425,7 @@ def parse_header(raw: bytes | bytearray, *, path: str, file_size: int) -> Header
 
 
 DIM_LIMIT, COUNT_LIMIT = 1 << 63, 1 << 64  # torch's int64 dimension; safetensors' 64-bit count
+ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 
 
 def _is_int(value: Any) -> bool:
@@ -444,9 +434,12 @@ def _is_int(value: Any) -> bool:
 
 def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
     where = f"{path}: tensor {name!r}"
-    # Other fields are ignored, as safetensors' parser ignores them (upstream loads such a file).
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+    # Other fields are ignored, as safetensors' parser ignores them (upstream loads such a file),
+    # once read as it reads them: the root and the entry are 2 levels of nesting.
+    if not isinstance(info, dict) or not ENTRY_FIELDS <= set(info):
         raise HeaderError(f"{where}: entry must have dtype, shape and data_offsets", filename=path)
+    if not all(_json_rules.within_limits(v, 2) for k, v in info.items() if k not in ENTRY_FIELDS):
+        raise HeaderError(f"{where}: a field holds what safetensors' parser refuses", filename=path)
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype not in DTYPE_BITS:
         raise HeaderError(f"{where}: unsupported dtype {dtype!r}", filename=path)

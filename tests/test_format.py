@@ -162,6 +162,55 @@ def test_an_entry_with_a_field_safetensors_ignores_loads_as_load_file_reads_it(t
         assert torch.equal(model.weight, expected)
 
 
+EXTRA_FIELDS = {
+    "NaN": "NaN",
+    "Infinity": "-Infinity",
+    "1e400": "1e400",
+    "10**309": "1" + "0" * 309,
+    "10**308": "1" + "0" * 308,
+    "2**70": str(2**70),
+    "1e-400": "1e-400",
+    "lone surrogate": '"\\ud800"',
+    "lone surrogate key": '{"\\ud800": 1}',
+    "surrogate pair": '"\\ud83d\\ude00"',
+    **{f"{n} arrays deep": "[" * n + "]" * n for n in (125, 126)},
+    **{f"{n} objects deep": '{"a":' * n + "1" + "}" * n for n in (125, 126)},
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXTRA_FIELDS))
+def test_a_field_safetensors_ignores_is_read_as_its_parser_reads_it(tmp_path, case):
+    """An entry's other field is parsed whole by safetensors' parser (serde_json), which refuses
+    NaN, numbers past f64, lone surrogates and nesting past 127; sa3loader loaded such files
+    (an outside attack) where upstream's load_file raises. Accepted exactly where load_file is."""
+    from safetensors.torch import load_file
+
+    header = '{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": ' + EXTRA_FIELDS[case] + "}}"
+    path = _file(tmp_path, header, b"\0" * 8)
+    try:
+        load_file(str(path))
+    except Exception:  # safetensors' own error types
+        with pytest.raises(HeaderError):
+            read_header(path)
+    else:
+        assert read_header(path).by_name["w"].shape == (2,)
+
+
+def test_a_key_given_twice_inside_an_ignored_field_is_refused_stricter_than_safetensors(tmp_path):
+    """safetensors takes the last of a key given twice; sa3loader refuses any key given twice (a
+    typed error, never another reading of the file than upstream's)."""
+    from safetensors.torch import load_file
+
+    path = _file(
+        tmp_path,
+        '{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": {"a": 1, "a": 2}}}',
+        b"\0" * 8,
+    )
+    assert list(load_file(str(path))) == ["w"]
+    with pytest.raises(HeaderError, match="duplicate key"):
+        read_header(path)
+
+
 def test_a_header_above_the_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
     """The file holds the bytes, but safetensors would not read such a header: neither do we."""
     path = tmp_path / "big-header.safetensors"
