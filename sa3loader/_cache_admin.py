@@ -26,8 +26,10 @@ from ._places import (
     beside_path,
     blob_name,
     cache_path,
+    canonical_path,
     emptied_beside_dirs,
     emptied_cache_dirs,
+    freed,
     in_cache_dir,
     legacy_beside_path,
     siblings_with_leftovers,
@@ -117,11 +119,22 @@ def _plan(
     """Each sibling to delete, then what conversions of it (and, with ``sweep``, of any sibling in
     the cache dir) left; then the dirs that leaves empty (with ``sweep``, any empty one; with
     ``tidy``, the hidden folders beside checkpoints: not while a load may be about to write one)."""
-    placed = {s for s in set(named) | set(siblings) if at_sibling_place(s, cache_dir)}
-    doomed = {s for s in siblings if s in placed and _ours(s)}
+    by_file: dict[str, str] = {}  # one name per file (a row's may reach it through a link): the dir's own
+    for s in [*named, *siblings]:
+        if at_sibling_place(s, cache_dir) and (
+            canonical_path(s) not in by_file or s.startswith(cache_dir + os.sep)
+        ):
+            by_file[canonical_path(s)] = s
+    placed, going = set(by_file.values()), {canonical_path(s) for s in siblings}
+    doomed = {s for s in placed if canonical_path(s) in going and _ours(s)}
+    swept = (
+        {s for s in siblings_with_leftovers(cache_dir) if canonical_path(s) not in by_file}
+        if sweep
+        else set()
+    )
     removals = []
     locked = []  # what a lock the run cannot take guards: kept, as the run would
-    for sibling in sorted(placed | (siblings_with_leftovers(cache_dir) if sweep else set())):
+    for sibling in sorted(placed | swept):
         goes = sibling in doomed
         steps = [Removal(sibling, file_size(sibling), "sibling", sibling, _identity(sibling))] if goes else []
         steps += _leftovers(sibling, going=goes)
@@ -132,29 +145,13 @@ def _plan(
     if not sweep:
         emptied = [d for d in emptied if any(r.path.startswith(d.path) for r in removals if r not in emptied)]
     kept = [
-        (Removal(s, file_size(s), "sibling", s), NOT_A_SIBLING_PLACE) for s in siblings if s not in placed
+        (Removal(s, file_size(s), "sibling", s), NOT_A_SIBLING_PLACE)
+        for s in siblings
+        if canonical_path(s) not in by_file
     ]
     kept = [k for k in kept if _ours(k[0].path)] + locked
     beside = emptied_beside_dirs(removals) if tidy else []
-    return Plan(rows, _freed(removals) + emptied + beside, kept)
-
-
-def _freed(removals: list[Removal]) -> list[Removal]:
-    """``removals``, each file's bytes counted where removing it frees them: once, at its last
-    name, where the plan removes every name linking it (a folder copied with ``cp -al``)."""
-    names: dict[tuple[int, int], list[int]] = {}
-    for i, r in enumerate(removals):
-        with contextlib.suppress(OSError):
-            st = os.lstat(r.path)
-            if st.st_nlink > 1:
-                names.setdefault((st.st_dev, st.st_ino), []).append(i)
-    out = list(removals)
-    for (dev, ino), indices in names.items():
-        with contextlib.suppress(OSError):
-            st = os.lstat(removals[indices[-1]].path)
-            if (st.st_dev, st.st_ino) == (dev, ino) and len(indices) == st.st_nlink:
-                out[indices[-1]] = replace(removals[indices[-1]], bytes=st.st_size)
-    return out
+    return Plan(rows, freed(removals) + emptied + beside, kept)
 
 
 def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
@@ -162,10 +159,10 @@ def plan_prune(cache_dir: str, max_bytes: int | None = None) -> Plan:
     With ``max_bytes``, also the least recently used valid ones over that cap (``_over_cap``)."""
     found, listed = siblings_in(cache_dir), entries(cache_dir)
     # Never delete what a valid row still names, however spelled (a repointed link reuses it).
-    in_use = {_canonical(e.sibling) for e in listed if e.status in KEPT_BY_PRUNE}
+    in_use = {canonical_path(e.sibling) for e in listed if e.status in KEPT_BY_PRUNE}
     dropped = [e for e in listed if e.status not in KEPT_BY_PRUNE]
     sourceless = [e for e in dropped if e.status in (STALE, MISSING_SOURCE)]
-    stale = [e.sibling for e in sourceless if _canonical(e.sibling) not in in_use]
+    stale = [e.sibling for e in sourceless if canonical_path(e.sibling) not in in_use]
     # What the run would keep stays in the plan, so the dry run says so too: a sibling another
     # cache dir's load made valid for the current source, one whose lock is another user's.
     needed = {s: why for s in dict.fromkeys(stale) if (why := _still_needed(s, listed)) is not None}
@@ -217,11 +214,6 @@ def _first_out(paths: list[str], excess: int) -> tuple[list[str], int]:
     return gone, excess
 
 
-def _canonical(path: str) -> str:
-    """``path`` with its folder's symlinks resolved: one name per sibling, however it was reached."""
-    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-
-
 def _lock_problem(sibling: str) -> str | None:
     """Why a run could not take ``sibling``'s lock (and so keeps it and what it guards), or None."""
     lock = sibling + LOCK_SUFFIX
@@ -247,12 +239,12 @@ def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
         if not about and not any(os.path.lexists(p) or _leftovers(p, going=True) for p in places):
             unmatched.append(checkpoint)
         for sibling in [*(e.sibling for e in about if e.sibling), *places]:
-            if _canonical(sibling) not in siblings:
-                siblings.append(_canonical(sibling))
-    others = {_canonical(e.sibling) for e in listed if e.sibling and e.status == OK and e not in rows}
+            if canonical_path(sibling) not in siblings:
+                siblings.append(canonical_path(sibling))
+    others = {canonical_path(e.sibling) for e in listed if e.sibling and e.status == OK and e not in rows}
     shared = [s for s in siblings if s in others]
     locked = {s: why for s in siblings if s not in others and _ours(s) and (why := _lock_problem(s))}
-    rows = [e for e in rows if not e.sibling or _canonical(e.sibling) not in locked]
+    rows = [e for e in rows if not e.sibling or canonical_path(e.sibling) not in locked]
     siblings = [s for s in siblings if s not in shared and s not in locked]
     kept = [(Removal(s, file_size(s), "sibling", s), "another checkpoint's row uses it") for s in shared]
     kept += [(Removal(s, file_size(s), "sibling", s), why) for s, why in locked.items()]
@@ -269,8 +261,8 @@ def plan_rm(cache_dir: str, checkpoints: list[str]) -> Plan:
 def _still_needed(sibling: str, live: list[Entry]) -> str | None:
     """Why a sibling a prune planned to delete must stay: a live row names it, or it is
     valid for the current source (republished through another cache dir), else None."""
-    canonical = _canonical(sibling)
-    if any(e.status == OK and _canonical(e.sibling) == canonical for e in live):
+    canonical = canonical_path(sibling)
+    if any(e.status == OK and canonical_path(e.sibling) == canonical for e in live):
         return "a valid row names it"
     try:
         with open_header(sibling, follow_symlinks=False) as header:
@@ -352,7 +344,7 @@ def _drop_rows_of_missing(cache_dir: str, removed: set[str]) -> None:
     (``Index.put``), so after this no row names a sibling removed here."""
     with command_index(cache_dir) as index:
         for key, row in index.items():
-            if row is not None and row.sibling_path in removed:
+            if row is not None and canonical_path(row.sibling_path) in removed:
                 index.delete(key, only_if=lambda r: r is not None and not os.path.lexists(r.sibling_path))
 
 
@@ -368,7 +360,7 @@ def execute(cache_dir: str, plan: Plan, *, pruning: bool) -> Outcome:
             guarded.setdefault(step.guard, []).append(step)
     for sibling, steps in guarded.items():
         _execute_guarded(sibling, steps, live, outcome)
-    removed = {step.path for step in outcome.removed if step.kind == "sibling"}
+    removed = {canonical_path(step.path) for step in outcome.removed if step.kind == "sibling"}
     if removed:
         _drop_rows_of_missing(cache_dir, removed)
     for step in plan.removals:

@@ -15,6 +15,7 @@ cache's layout (known here only).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import os
@@ -397,3 +398,27 @@ def emptied_beside_dirs(removals: list[Removal]) -> list[Removal]:
                     emptied.append(Removal(folder + os.sep, 0, "empty dir"))
                     going.add(folder)
     return emptied
+
+
+def canonical_path(path: str) -> str:
+    """``path`` with its folder's symlinks resolved: one name per sibling, however it was reached."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def freed(removals: list[Removal]) -> list[Removal]:
+    """``removals``, each file's bytes counted where removing it frees them: once, at its last
+    name, where the plan removes every name linking it (a folder copied with ``cp -al``)."""
+    names: dict[tuple[int, int], list[int]] = {}
+    spelled = {canonical_path(r.path): i for i, r in enumerate(removals)}  # one index per name
+    for i, r in enumerate(removals):
+        with contextlib.suppress(OSError):
+            st = os.lstat(r.path)
+            if st.st_nlink > 1 and spelled[canonical_path(r.path)] == i:
+                names.setdefault((st.st_dev, st.st_ino), []).append(i)
+    out = list(removals)
+    for (dev, ino), indices in names.items():
+        with contextlib.suppress(OSError):
+            st = os.lstat(removals[indices[-1]].path)
+            if (st.st_dev, st.st_ino) == (dev, ino) and len(indices) == st.st_nlink:
+                out[indices[-1]] = dataclasses.replace(removals[indices[-1]], bytes=st.st_size)
+    return out

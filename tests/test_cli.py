@@ -2021,3 +2021,20 @@ def test_clear_piped_to_a_file_still_asks_the_person_at_the_terminal(src, tmp_pa
     assert cli.main(["--cache-dir", str(tmp_path / "c"), "cache", "clear"]) == 0
     assert sibling.exists() and "delete these files? [y/N]" in err.getvalue()
     assert out.getvalue() == "nothing deleted\n"
+
+
+def test_clear_of_a_cache_dir_its_rows_reach_through_a_link_counts_each_file_once(src, tmp_path, monkeypatch):
+    """Loads named the cache dir through a linked folder above it; `cache clear` of its real path
+    planned the sibling twice (the row's spelling and the scan's): twice the bytes, a lock file
+    removed twice (made again to take its lock) and a false "kept" (an outside attack)."""
+    monkeypatch.setenv("SA3LOADER_PLACE", "cache")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    run("warm", str(src), cache=tmp_path / "link" / "cache")
+    (sibling,) = (tmp_path / "real" / "cache" / "siblings").glob("*/*.safetensors")
+    size = sibling.stat().st_size
+    for args in (["--dry-run"], ["--yes"]):
+        out = json.loads(run("cache", "clear", "--json", *args, cache=tmp_path / "real" / "cache").stdout)
+        assert sorted(r["kind"] for r in out["removed"]) == ["empty dir", "lock file", "sibling"]
+        assert sum(r["bytes"] for r in out["removed"]) == size and out["kept"] == []
+    assert not sibling.exists() and list((tmp_path / "real" / "cache" / "siblings").iterdir()) == []
