@@ -358,6 +358,11 @@ def _parse_file(fd: int, path: str, file_size: int) -> Header:
     (header_size,) = struct.unpack("<Q", length_field)
     guess = _guess_format(bytes(length_field))
     if header_size > file_size - HEADER_LENGTH_BYTES:
+        # A header's first byte, and a length safetensors would read: cut off inside its header.
+        # (The words and the type only: refused either way, a TruncatedFileError is a HeaderError.)
+        cut = file_size > HEADER_LENGTH_BYTES and header_size <= MAX_HEADER_BYTES
+        if cut and read_exact(fd, HEADER_LENGTH_BYTES, 1, path) == b"{":
+            raise TruncatedFileError(f"{path}: file ends inside its {header_size}-byte header", filename=path)
         raise HeaderError(f"{path}: not a safetensors file{guess}", filename=path)
     if header_size > MAX_HEADER_BYTES:  # the file has the bytes; safetensors would not read them
         raise HeaderError(

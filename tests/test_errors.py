@@ -208,3 +208,19 @@ def test_a_checkpoint_cut_short_raises_truncated_file_error_one_padded_a_header_
     with pytest.raises(sa3loader.HeaderError, match="padded file") as raised:
         sa3loader.load_diffusion_cond({}, ckpt, "cpu", False, model_factory=lambda c: torch.nn.Linear(8, 8))
     assert not isinstance(raised.value, EOFError)
+
+
+def test_a_checkpoint_cut_off_inside_its_header_is_a_truncated_file_error(tmp_path):
+    """Cut inside its header, a checkpoint said "not a safetensors file" (an outside attack): it
+    is one, cut short (``TruncatedFileError``, an ``EOFError``). A file that is no safetensors
+    file at all (a pickle, text) still says what it looks like."""
+    ckpt = save({"w": torch.arange(64.0)}, tmp_path / "model.safetensors")
+    whole = ckpt.read_bytes()
+    ckpt.write_bytes(whole[:20])
+    with pytest.raises(sa3loader.TruncatedFileError, match="ends inside its .*-byte header") as raised:
+        sa3loader.load_diffusion_cond({}, ckpt, "cpu", False, model_factory=lambda c: torch.nn.Linear(8, 8))
+    assert isinstance(raised.value, EOFError) and raised.value.filename == str(ckpt)
+    ckpt.write_bytes(b"\x80\x04" + b"\0" * 30)  # a pickle's first bytes
+    with pytest.raises(sa3loader.HeaderError, match="not a safetensors file") as raised:
+        sa3loader.load_diffusion_cond({}, ckpt, "cpu", False, model_factory=lambda c: torch.nn.Linear(8, 8))
+    assert not isinstance(raised.value, EOFError)

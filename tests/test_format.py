@@ -589,7 +589,9 @@ def test_each_refusal_of_a_file_names_it_and_says_what_is_wrong(tmp_path):
     assert "2 bytes is too small" in str(header_error(path))
     path.write_bytes(bytes(8))  # a length field and nothing else: an empty header, not too small
     assert "too small" not in str(header_error(path))
-    path.write_bytes(struct.pack("<Q", 12) + b"{}")  # says 12 header bytes, has 2
+    path.write_bytes(struct.pack("<Q", 12) + b"{}")  # says 12 header bytes, has 2: cut off
+    assert "ends inside its 12-byte header" in str(header_error(path))
+    path.write_bytes(struct.pack("<Q", 12) + b"[]")  # no header's first byte
     assert "not a safetensors file" in str(header_error(path))
     path.write_bytes(b"\x80\x02" + bytes(6) + bytes(640))  # a pickle's first bytes, as a length: 640
     assert "pickle" in str(header_error(path)).lower()
