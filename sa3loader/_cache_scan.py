@@ -18,6 +18,7 @@ from ._places import (
     SIBLING_SUFFIXES,
     SIBLINGS_SUBDIR,
     UNSUFFIXED_SIBLING_SUFFIX,
+    canonical_path,
     is_temp_name,
     sibling_name,
 )
@@ -44,7 +45,7 @@ def scan(directories: list[str], rows: dict[str, str], unreadable: list[OSError]
     header), with the checkpoint it belongs to: the file beside it whose sibling it is named
     as, else the one ``rows`` (an index's sibling -> source) names, else the one its name says.
     Each folder that could not be read is added to ``unreadable`` (what is under it is not seen).
-    A path found twice (overlapping directories) is listed once."""
+    A file found twice (overlapping directories, a link to one) is listed once."""
     found: list[Found] = []
     listed: set[str] = set()
     for directory in map(os.path.abspath, directories):  # rows name absolute paths
@@ -60,9 +61,10 @@ def scan(directories: list[str], rows: dict[str, str], unreadable: list[OSError]
                 path = os.path.join(root, name)
                 temp = is_temp_name(name)  # found too: GBs a killed conversion may leave
                 sibling = name.rpartition(INCOMPLETE_INFIX)[0] if temp else name
-                if not sibling.endswith(SIBLING_SUFFIXES) or path in listed or not marked_by_sa3loader(path):
+                seen = canonical_path(path)  # a dir given twice, or through a link to it: once
+                if not sibling.endswith(SIBLING_SUFFIXES) or seen in listed or not marked_by_sa3loader(path):
                     continue
-                listed.add(path)
+                listed.add(seen)
                 row = None if temp else rows.get(path)
                 source = _source_beside(folder, sibling, names) or row
                 if source is None and os.path.basename(os.path.dirname(root)) == SIBLINGS_SUBDIR:

@@ -1509,6 +1509,9 @@ def test_cache_scan_counts_a_file_once_given_overlapping_dirs_or_a_hard_link(tmp
     total = f"1 sibling(s), {size / 1e3:.3g} kB on disk; "
     out = run("cache", "scan", str(folder), str(hidden), cache=cache).stdout.splitlines()
     assert len(out) == 2 and out[-1].startswith(total)
+    (tmp_path / "link").symlink_to(folder)  # the folder again, through a link: listed once
+    out = run("cache", "scan", str(folder), str(tmp_path / "link"), cache=cache).stdout.splitlines()
+    assert len(out) == 2 and out[-1].startswith(total) and "(no row)" not in out[0]
     os.link(hidden / "a.fp16.safetensors", hidden / "backup.fp16.safetensors")
     out = run("cache", "scan", str(folder), cache=cache).stdout.splitlines()
     assert len(out) == 3 and out[-1].startswith(total)  # both names listed, one file counted
