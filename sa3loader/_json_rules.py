@@ -33,21 +33,14 @@ def _finite(text: str) -> float:
     return value
 
 
-def _in_range(text: str) -> int:
-    value = int(text)
-    if abs(value) > sys.float_info.max:  # serde reads an integer past 64 bits as an f64
-        raise ValueError(f"number out of range: {text[:20]}...")
-    return value
-
-
 def loads(text: str) -> Any:
-    """``json.loads`` refusing a key given twice, NaN and Infinity, and numbers out of f64's range."""
+    """``json.loads`` refusing a key given twice, NaN and Infinity, and fractions out of f64's range
+    (integers are checked where they are read: a Python call for each would slow every load)."""
     return json.loads(
         text,
         object_pairs_hook=_no_duplicates,
         parse_constant=_no_constant,
         parse_float=_finite,
-        parse_int=_in_range,
     )
 
 
@@ -65,6 +58,8 @@ def within_limits(value: Any, nesting: int) -> bool:
     or object past ``MAX_NESTING``: a field safetensors ignores is still parsed whole."""
     if isinstance(value, str):
         return encodable(value)
+    if isinstance(value, int):  # serde reads an integer past 64 bits as an f64: past its range, refused
+        return abs(value) <= sys.float_info.max
     if isinstance(value, (dict, list)):
         if nesting + 1 > MAX_NESTING:
             return False
