@@ -245,6 +245,8 @@ def at_sibling_place(path: str, cache_dir: str) -> bool:
     are compared resolved too, so what a load wrote there is where it really is."""
     folder = os.path.dirname(path)
     siblings = os.path.join(cache_dir, SIBLINGS_SUBDIR)
+    if os.path.islink(siblings):  # a link there leads out of the cache dir: no sibling's place
+        return folder.endswith(os.sep + BESIDE_SUBDIR) and os.path.basename(path).endswith(SIBLING_SUFFIXES)
     return os.path.basename(path).endswith(SIBLING_SUFFIXES) and (
         folder.endswith(os.sep + BESIDE_SUBDIR)
         or os.path.dirname(folder) == siblings

@@ -29,7 +29,7 @@ from ._places import LOCK_SUFFIX, beside_path, cache_path, in_cache_dir, make_be
 from ._publication import Publication, finish
 from ._records import CONTENT_CHECK_FAILED, IndexRow, RangeReport, sibling_file
 from ._room import cap_again, keep_under_cap, room_for, room_left, stray_incomplete
-from ._trust import beside_dir_problem, owned_file_problem, readers_bits, without_group
+from ._trust import beside_dir_problem, cache_place_problem, owned_file_problem, readers_bits, without_group
 from .errors import (
     CheckpointChangedError,
     ConversionError,
@@ -53,6 +53,15 @@ FOLDER_TRIES = 3
 
 class _FolderRemoved(Exception):
     """The folder of a sibling's place is gone (its error: the cause): try again."""
+
+
+def _cache_place(f: SiblingFinder) -> str:
+    """Where in the cache dir the source's sibling goes: its blob's place (copies of a hub blob
+    share one), or its own where the sibling there was made from another file (a copied cache,
+    edited through its link: the two would convert in turn)."""
+    shared = cache_path(f.cache_dir, f.source.path, f.real, f.blob)
+    own = shared in f.made_from_another and f.blob is not None
+    return cache_path(f.cache_dir, f.source.path, f.real) if own else shared
 
 
 def _anchor(target: str, cache_dir: str) -> str:
@@ -129,11 +138,12 @@ class SiblingResolver:
         else:
             problems.append("the source is in a Hugging Face hub cache, which sa3loader never writes into")
         if f.cache_trusted:
-            shared = cache_path(f.cache_dir, self.source.path, f.real, f.blob)
-            # A file whose sibling at its blob's place was made from another file (a copied
-            # cache, edited through its link): its own place, or the two would convert in turn.
-            own = shared in f.made_from_another and f.blob is not None
-            options.append(cache_path(f.cache_dir, self.source.path, f.real) if own else shared)
+            place = _cache_place(f)
+            why_not = cache_place_problem(place, f.cache_dir)
+            if why_not is None:
+                options.append(place)
+            else:
+                problems.append(f"not in the cache dir ({place}: {why_not})")
         else:
             problems.append(f"the cache dir {f.cache_dir} is not trusted")
         return options, problems
@@ -203,7 +213,9 @@ class SiblingResolver:
         cached = in_cache_dir(target, f.cache_dir)
         made = [] if cached else make_beside_dirs(os.path.dirname(target))
         try:
-            problem = room_for(f, self.evict, target, size, options, create=cached)
+            problem = room_for(
+                f, self.evict, target, size, options, create_under=f.cache_dir if cached else None
+            )
             if problem is None:
                 if problems:  # not where it would go first: say where, and why
                     logger.info("%s: fp16 sibling at %s (%s)", self.source.path, target, "; ".join(problems))

@@ -37,12 +37,12 @@ def stray_incomplete(sibling_path: str) -> list[str]:
 
 
 def room_problem(
-    path: str, needed: int, source_bytes: int, *, size: int | None = None, create: bool = True
+    path: str, needed: int, source_bytes: int, *, size: int | None = None, create_under: str | None = None
 ) -> str | None:
     """None when a sibling of ``size`` bytes (``needed`` of them new on disk: leftovers it
-    replaces count as free) may be written at ``path``, else why not. ``create``: its folder
-    made where missing (the cache dir's); else (beside a checkpoint, made by the caller) never
-    a folder the user removed.
+    replaces count as free) may be written at ``path``, else why not. Its folder is made where
+    missing only under ``create_under`` while that is there (the cache dir); beside a checkpoint
+    the caller makes it: never a folder the user removed.
 
     The disk is the user's: a sibling is a cache and never takes the space a job needs.
     Written only where, after it, another file as large as its source (the trainer's next
@@ -50,7 +50,7 @@ def room_problem(
     """
     directory = os.path.dirname(path)
     made = not os.path.isdir(directory)
-    if made and not create:
+    if made and (create_under is None or not os.path.isdir(create_under)):
         return f"{directory} is not there"
     try:
         make_private_dirs(directory)
@@ -122,13 +122,21 @@ def _evict(f: SiblingFinder, evict: Eviction, plan: Callable[[], Plan | None], w
 
 
 def room_for(
-    f: SiblingFinder, evict: Eviction, target: str, size: int, keep: frozenset[str], *, create: bool
+    f: SiblingFinder,
+    evict: Eviction,
+    target: str,
+    size: int,
+    keep: frozenset[str],
+    *,
+    create_under: str | None,
 ) -> str | None:
     """``room_problem`` at ``target``, after removing the least recently used siblings on its
     filesystem where short of space (before any fallback). Earlier writers' leftovers of ``target``
     count as free: under the lock they go (or are published for this load) before a byte is written."""
     new = size - sum(_disk_bytes(path) for path in stray_incomplete(target))
-    room = functools.partial(room_problem, target, new, f.source.file_size, size=size, create=create)
+    room = functools.partial(
+        room_problem, target, new, f.source.file_size, size=size, create_under=create_under
+    )
     problem = room()
     directory = os.path.dirname(target)
     if problem is None or not os.path.isdir(directory):

@@ -137,6 +137,22 @@ def beside_dir_problem(hidden: str) -> str | None:
     return None
 
 
+def cache_place_problem(path: str, cache_dir: str) -> str | None:
+    """None when a sibling may be written at ``path`` in the cache dir (``<cache>/siblings/<key>/``),
+    else why not: the cache dir there (one removed meanwhile is not made again here), and each of
+    ``siblings`` and its key folder, where there, a folder of yours no one else may write (a link,
+    or another user's folder, in a cache shared on purpose, would send the sibling elsewhere)."""
+    if not os.path.isdir(cache_dir):
+        return f"{cache_dir} is not a folder" if os.path.lexists(cache_dir) else f"{cache_dir} is not there"
+    for directory in (os.path.dirname(os.path.dirname(path)), os.path.dirname(path)):
+        st, problem = _lstat(directory)
+        if problem is not None:
+            return f"{directory}: {problem}"
+        if st is not None and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
+            return f"{directory} is another user's, or others may write to it"
+    return None
+
+
 def readers_bits(path: str, st: os.stat_result, place: str) -> int:
     """``st``'s permission bits (the file at ``path``) less the read access its folders keep
     from a copy at ``place``: for each folder above the real file but not above ``place``

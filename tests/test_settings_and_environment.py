@@ -75,7 +75,7 @@ def test_read_only_source_and_unusable_cache_dir(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(_faults.facts, "dir_writable", lambda d, real: "src" not in d and real)
     not_a_dir = tmp_path / "cache-is-a-file"
     not_a_dir.write_text("x")
-    assert_fp32_fallback(ckpt, not_a_dir, caplog, "cannot create")
+    assert_fp32_fallback(ckpt, not_a_dir, caplog, "cache-is-a-file is not a folder")
 
 
 def test_no_home_falls_back_to_temp_with_a_warning(tmp_path, monkeypatch, caplog):

@@ -770,3 +770,80 @@ def test_a_copy_into_a_public_folder_mounted_inside_a_private_one_is_its_owners(
         assert (private / "src" / "out.safetensors").stat().st_mode & 0o777 == 0o644 & ~_umask()  # guarded
     finally:
         subprocess.run(["umount", str(private / "mnt")], check=True)
+
+
+@pytest.mark.parametrize("at", ["siblings", "its key", "its key, another user's"])
+def test_a_sibling_never_goes_through_a_link_or_into_a_folder_of_another_user_in_the_cache_dir(
+    tmp_path, monkeypatch, at
+):
+    """A link at ``<cache>/siblings`` or at its key folder, or a key folder of another user's (a
+    cache shared on purpose), sent the sibling elsewhere: a user's own file there was replaced
+    (an outside attack). That place is refused (the load reads fp32, saying why), and cache
+    commands never remove what is behind such a link."""
+    if at.endswith("another user's") and os.geteuid() != 0:
+        pytest.skip("making files owned by another user needs root (CI runs as root)")
+    from sa3loader import _cache_admin, _config
+    from sa3loader._places import cache_path
+
+    monkeypatch.setenv(_config.PLACE_ENV, "cache")
+    cache, theirs = tmp_path / "cache", tmp_path / "theirs"
+    ckpt = checkpoint(tmp_path / "m")
+    load_toy(ckpt, cache)
+    sibling = Path(cache_path(str(cache), str(ckpt), os.path.realpath(ckpt)))
+    _cache_admin.clear(str(cache))
+    theirs.mkdir()
+    mine = theirs / sibling.name
+    mine.write_bytes(b"a file of the user's own")
+    if at == "siblings":
+        (cache / "siblings").rmdir() if (cache / "siblings").exists() else None
+        (cache / "siblings").symlink_to(tmp_path)
+        (tmp_path / sibling.parent.name).symlink_to(theirs)
+    elif at == "its key":
+        sibling.parent.parent.mkdir(parents=True, exist_ok=True)
+        sibling.parent.symlink_to(theirs)
+    else:
+        sibling.parent.mkdir(parents=True, exist_ok=True)
+        os.chown(sibling.parent, NEIGHBOUR, NEIGHBOUR)
+    model = load_toy(ckpt, cache)
+    info = sa3loader.last_load_info()
+    assert info.sibling is None and "not in the cache dir" in info.reason, info.reason
+    assert_same_model(model, reference(ckpt))
+    assert mine.read_bytes() == b"a file of the user's own" and sorted(os.listdir(theirs)) == [mine.name]
+    if at != "its key, another user's":
+        os.link(mine, tmp_path / "keep")  # what a clear would remove through the link
+        _cache_admin.clear(str(cache))
+        assert mine.exists()
+
+
+@pytest.mark.parametrize("when", ["as the source is fingerprinted", "at the room check"])
+def test_a_cache_dir_removed_during_a_load_is_not_made_again_by_it(tmp_path, monkeypatch, when):
+    """`rm -rf` of the cache dir during a load: the load made it again, an index and a sibling
+    in it (an outside attack). Not made again: the load reads fp32."""
+    import shutil
+
+    from support.faults import at, faked, injected
+
+    from sa3loader import _config
+
+    monkeypatch.setenv(_config.PLACE_ENV, "cache")
+    cache = tmp_path / "cache"
+    ckpt = checkpoint(tmp_path / "m")
+    load_toy(ckpt, cache)
+    torch.manual_seed(1)
+    save(random_like_state(build(), seed=4), ckpt)  # stale: the load converts
+    once: list = []
+
+    def remove() -> None:
+        if not once:
+            once.append(shutil.rmtree(cache))
+
+    def free_bytes(path, real):
+        if path.startswith(str(cache)) and when == "at the room check":
+            remove()
+        return real
+
+    early = at("fingerprint", remove if when.startswith("as the source") else lambda: None)
+    with faked(free_bytes=free_bytes), injected(early):
+        model = load_toy(ckpt, cache)
+    assert not cache.exists() and sa3loader.last_load_info().sibling is None
+    assert_same_model(model, reference(ckpt))
