@@ -443,7 +443,8 @@ def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
     # once read as it reads them: the root and the entry are 2 levels of nesting.
     if not isinstance(info, dict) or not ENTRY_FIELDS <= set(info):
         raise HeaderError(f"{where}: entry must have dtype, shape and data_offsets", filename=path)
-    if not all(_json_rules.within_limits(v, 2) for k, v in info.items() if k not in ENTRY_FIELDS):
+    extra = [(k, v) for k, v in info.items() if k not in ENTRY_FIELDS]
+    if not all(_json_rules.encodable(k) and _json_rules.within_limits(v, 2) for k, v in extra):
         raise HeaderError(f"{where}: a field holds what safetensors' parser refuses", filename=path)
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype not in DTYPE_BITS:

@@ -33,15 +33,17 @@ def _finite(text: str) -> float:
     return value
 
 
+def _minus_zero_a_float(text: str) -> float | int:
+    return -0.0 if text == "-0" else int(text)  # serde reads -0 as a float, never as an integer
+
+
 def loads(text: str) -> Any:
     """``json.loads`` refusing a key given twice, NaN and Infinity, and fractions out of f64's range
     (integers are checked where they are read: a Python call for each would slow every load)."""
-    return json.loads(
-        text,
-        object_pairs_hook=_no_duplicates,
-        parse_constant=_no_constant,
-        parse_float=_finite,
-    )
+    hooks: dict[str, Any] = {"object_pairs_hook": _no_duplicates, "parse_constant": _no_constant}
+    if "-0" in text:  # rare (a name may hold it): a Python call per integer only then
+        hooks["parse_int"] = _minus_zero_a_float
+    return json.loads(text, parse_float=_finite, **hooks)
 
 
 def encodable(text: str) -> bool:

@@ -178,6 +178,34 @@ EXTRA_FIELDS = {
 }
 
 
+_W = '{"w": {"dtype": "F32", "shape": [2], '
+WHOLE_HEADERS = {  # serde reads -0 as a float: no size or offset
+    "-0 offset": _W + '"data_offsets": [-0, 8]}}',
+    "-0 dimension": '{"w": {"dtype": "F32", "shape": [2, -0], "data_offsets": [0, 0]}, "v": '
+    + json.dumps(_entry())
+    + "}",
+    "-0 in a name": '{"w-0": ' + json.dumps(_entry()) + "}",
+    "-0 ignored": _W + '"data_offsets": [0, 8], "x": -0}}',
+    "lone surrogate field name": _W + '"data_offsets": [0, 8], "\\udc80": 1}}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(WHOLE_HEADERS))
+def test_a_header_is_accepted_exactly_where_safetensors_accepts_it(tmp_path, case):
+    """Differential, against load_file: -0 (serde's float) in a size or an offset, a lone
+    surrogate in an ignored field's name (an outside attack: sa3loader loaded both)."""
+    from safetensors.torch import load_file
+
+    path = _file(tmp_path, WHOLE_HEADERS[case], b"\0" * 8)
+    try:
+        load_file(str(path))
+    except Exception:  # safetensors' own error types
+        with pytest.raises(HeaderError):
+            read_header(path)
+    else:
+        read_header(path)
+
+
 @pytest.mark.parametrize("case", sorted(EXTRA_FIELDS))
 def test_a_field_safetensors_ignores_is_read_as_its_parser_reads_it(tmp_path, case):
     """An entry's other field is parsed whole by safetensors' parser (serde_json), which refuses
