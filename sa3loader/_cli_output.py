@@ -64,25 +64,28 @@ def range_line(counted: list[tuple[int | None, int | None, bool]]) -> str:
 
 
 def _question_stream(as_json: bool) -> TextIO:
-    """Where a question goes: stdout at a terminal; else stderr (stdout piped to a file or a
-    program, or holding the JSON document), where the person still reads it."""
-    return sys.stdout if not as_json and sys.stdout.isatty() else sys.stderr
+    """Where a question goes: the terminal; stdout where both are (stderr where stdout holds
+    ``--json``'s document), stderr where neither is."""
+    if as_json:
+        return sys.stdout if sys.stdout.isatty() and not sys.stderr.isatty() else sys.stderr
+    return sys.stdout if sys.stdout.isatty() else sys.stderr
 
 
 def interactive(as_json: bool) -> bool:
-    """A person at a terminal, who can be asked before files are deleted."""
+    """A person at a terminal, who can be asked before files are deleted: stdin and the stream
+    the question goes to are terminals (stdout or stderr redirected alone, they still are)."""
     return sys.stdin.isatty() and _question_stream(as_json).isatty()
 
 
 def ask(question: str, lines: list[str], *, as_json: bool) -> bool | EOFError | KeyboardInterrupt:
-    """The person's yes or no, after ``lines``; the Ctrl-D or Ctrl-C that ended the input instead."""
+    """The person's yes or no, after ``lines``; the Ctrl-D or Ctrl-C that ended the input instead.
+    The question is written here (``input()`` itself may prompt on stderr, redirected or not)."""
     stream = _question_stream(as_json)
     for line in lines:
         print(printable(line, stream), file=stream)
+    print(printable(question, stream), end="", file=stream, flush=True)
     try:
-        if stream is not sys.stdout:
-            print(printable(question, stream), end="", file=stream, flush=True)
-        answer = input(printable(question) if stream is sys.stdout else "")
+        answer = input("")
     except (EOFError, KeyboardInterrupt) as ended:
         print(file=stream)
         return type(ended)("nothing deleted")

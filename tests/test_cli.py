@@ -2041,3 +2041,31 @@ def test_clear_of_a_cache_dir_its_rows_reach_through_a_link_counts_each_file_onc
         assert sorted(r["kind"] for r in out["removed"]) == ["empty dir", "lock file", "sibling"]
         assert sum(r["bytes"] for r in out["removed"]) == size and out["kept"] == []
     assert not sibling.exists() and list((tmp_path / "real" / "cache" / "siblings").iterdir()) == []
+
+
+@pytest.mark.parametrize("json_out", [True, False], ids=["--json", "text"])
+def test_clear_with_stderr_redirected_still_asks_on_the_terminal(src, tmp_path, monkeypatch, json_out):
+    """`sa3loader --json cache clear 2>log` at a terminal deleted without asking (the question
+    went to stderr, a file); in text, input() put the question in the log (an outside attack).
+    Asked where the person is: stdout, the terminal."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    run("warm", str(src), cache=tmp_path / "c")
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    out, log = Terminal(), io.StringIO()  # stdout on the terminal, stderr into a file
+
+    def answer(prompt: str) -> str:
+        sys.stderr.write(prompt)  # as input() may, without readline
+        return "n"
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr("builtins.input", answer)
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", log)
+    args = ["--json"] * json_out + ["--cache-dir", str(tmp_path / "c"), "cache", "clear"]
+    assert cli.main(args) == 0
+    assert sibling.exists() and "delete these files? [y/N]" in out.getvalue() and log.getvalue() == ""
