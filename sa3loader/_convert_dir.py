@@ -429,15 +429,19 @@ def _convert_files(
     return actions
 
 
-def existing_sibling(header: Header, cache_dir: str) -> str | None:
-    """The sibling a load would use, when one made for this very checkpoint is there already."""
+def sibling_places(header: Header, cache_dir: str) -> tuple[str, ...]:
+    """Where a load looks for this checkpoint's sibling."""
     real, blob = os.path.realpath(header.path), identity_of(header).blob
-    places = (
+    return (
         beside_path(header.path),
         legacy_beside_path(header.path),
         cache_path(cache_dir, header.path, real, blob),
     )
-    for path in places:
+
+
+def existing_sibling(header: Header, cache_dir: str) -> str | None:
+    """The sibling a load would use, when one made for this very checkpoint is there already."""
+    for path in sibling_places(header, cache_dir):
         try:
             sibling = read_header(path, follow_symlinks=False)
         except (Sa3LoaderError, OSError):

@@ -53,6 +53,7 @@ from ._convert_dir import (
     convert_tree,
     existing_sibling,
     not_converted,
+    sibling_places,
     sibling_size,
 )
 from ._format import Header, open_header, read_header
@@ -220,7 +221,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"fp16 sibling: {human_size(size)} more on disk; model_half=True loads take their weights "
             f"from it ({human_size(size)}) instead of from the checkpoint ({human_size(header.file_size)})"
         )
+        there = [p for p in sibling_places(header, resolve_cache_dir(args.cache_dir)) if os.path.lexists(p)]
         made = "none yet (the first model_half=True load or `sa3loader warm` makes it)"
+        if there:  # damaged, made from another version of it, or another file
+            made = f"none usable ({there[0]} is there, but it is not this checkpoint's fp16 as it is now)"
         lines.append(f"sibling: {existing} (made for this checkpoint)" if existing else f"sibling: {made}")
     emit(args, data, lines)
     return EXIT_OK

@@ -2069,3 +2069,20 @@ def test_clear_with_stderr_redirected_still_asks_on_the_terminal(src, tmp_path, 
     args = ["--json"] * json_out + ["--cache-dir", str(tmp_path / "c"), "cache", "clear"]
     assert cli.main(args) == 0
     assert sibling.exists() and "delete these files? [y/N]" in out.getvalue() and log.getvalue() == ""
+
+
+def test_info_says_a_file_at_the_siblings_place_is_there_but_not_usable(src, tmp_path):
+    """`info` said "none yet" with a damaged sibling at its place (an outside attack): the file
+    is there, and no load uses it as it is."""
+    run("warm", str(src), cache=tmp_path / "c")
+    sibling = tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors"
+    assert (
+        f"sibling: {sibling} (made for this checkpoint)" in run("info", str(src), cache=tmp_path / "c").stdout
+    )
+    writable(sibling).write_bytes(sibling.read_bytes()[:100])  # cut short: damaged
+    out = run("info", str(src), cache=tmp_path / "c").stdout
+    assert (
+        f"sibling: none usable ({sibling} is there, but it is not this checkpoint's fp16 as it is now)" in out
+    )
+    sibling.unlink()
+    assert "sibling: none yet" in run("info", str(src), cache=tmp_path / "c").stdout
