@@ -119,14 +119,13 @@ def _plan(
     """Each sibling to delete, then what conversions of it (and, with ``sweep``, of any sibling in
     the cache dir) left; then the dirs that leaves empty (with ``sweep``, any empty one; with
     ``tidy``, the hidden folders beside checkpoints: not while a load may be about to write one)."""
+    canonical = {s: canonical_path(s) for s in [*named, *siblings]}  # resolved once: folders' links
     by_file: dict[str, str] = {}  # one name per file (a row's may reach it through a link): the dir's own
-    for s in [*named, *siblings]:
-        if at_sibling_place(s, cache_dir) and (
-            canonical_path(s) not in by_file or s.startswith(cache_dir + os.sep)
-        ):
-            by_file[canonical_path(s)] = s
-    placed, going = set(by_file.values()), {canonical_path(s) for s in siblings}
-    doomed = {s for s in placed if canonical_path(s) in going and _ours(s)}
+    for s, resolved in canonical.items():
+        if at_sibling_place(s, cache_dir) and (resolved not in by_file or s.startswith(cache_dir + os.sep)):
+            by_file[resolved] = s
+    placed, going = set(by_file.values()), {canonical[s] for s in siblings}
+    doomed = {s for s in placed if canonical[s] in going and _ours(s)}
     swept = (
         {s for s in siblings_with_leftovers(cache_dir) if canonical_path(s) not in by_file}
         if sweep
@@ -147,7 +146,7 @@ def _plan(
     kept = [
         (Removal(s, file_size(s), "sibling", s), NOT_A_SIBLING_PLACE)
         for s in siblings
-        if canonical_path(s) not in by_file
+        if canonical[s] not in by_file
     ]
     kept = [k for k in kept if _ours(k[0].path)] + locked
     beside = emptied_beside_dirs(removals) if tidy else []

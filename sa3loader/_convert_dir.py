@@ -439,9 +439,10 @@ def sibling_places(header: Header, cache_dir: str) -> tuple[str, ...]:
     )
 
 
-def existing_sibling(header: Header, cache_dir: str) -> str | None:
-    """The sibling a load would use, when one made for this very checkpoint is there already."""
-    for path in sibling_places(header, cache_dir):
+def existing_sibling(header: Header, places: tuple[str, ...]) -> str | None:
+    """The sibling a load would use, when one made for this very checkpoint is at one of its
+    ``places`` (``sibling_places``) already."""
+    for path in places:
         try:
             sibling = read_header(path, follow_symlinks=False)
         except (Sa3LoaderError, OSError):

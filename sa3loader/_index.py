@@ -400,13 +400,12 @@ class Index:
         cache = self._writable()
         if cache is None:
             return False
+        key = encode_key(source_real)
         try:
             with cache.transact():
-                if only_if is not None and not only_if(
-                    IndexRow.from_json(cache.get(encode_key(source_real)))
-                ):
+                if only_if is not None and not only_if(IndexRow.from_json(cache.get(key))):
                     return False
-                return bool(cache.delete(encode_key(source_real)))
+                return bool(cache.delete(key))
         except INDEX_ERRORS as exc:
             self._failed("be written", exc)
             return False

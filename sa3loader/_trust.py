@@ -119,13 +119,9 @@ def beside_dir_problem(hidden: str) -> str | None:
     the sibling elsewhere), the hidden folder (if there) yours and writable by no one else,
     the first of them that exists writable by you and yours, and the checkpoint's folder yours
     (what you make in another user's folder, root above all, they could not remove)."""
-    for directory in (os.path.dirname(hidden), hidden):
-        st, problem = _lstat(directory)
-        if problem is not None:
-            return f"{directory}: {problem}"
-        if directory == hidden and st is not None and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
-            # Another user's, or open to others' writes: they could take away or swap what goes in.
-            return f"{directory} is another user's, or others may write to it"
+    problem = _folder_problem(os.path.dirname(hidden), private=False) or _folder_problem(hidden, private=True)
+    if problem is not None:
+        return problem
     dot_cache = os.path.dirname(hidden)
     existing = next((d for d in (hidden, dot_cache) if os.path.isdir(d)), os.path.dirname(dot_cache))
     if not dir_writable(existing):
@@ -144,12 +140,21 @@ def cache_place_problem(path: str, cache_dir: str) -> str | None:
     or another user's folder, in a cache shared on purpose, would send the sibling elsewhere)."""
     if not os.path.isdir(cache_dir):
         return f"{cache_dir} is not a folder" if os.path.lexists(cache_dir) else f"{cache_dir} is not there"
-    for directory in (os.path.dirname(os.path.dirname(path)), os.path.dirname(path)):
-        st, problem = _lstat(directory)
-        if problem is not None:
-            return f"{directory}: {problem}"
-        if st is not None and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
-            return f"{directory} is another user's, or others may write to it"
+    key_folder = os.path.dirname(path)
+    return _folder_problem(os.path.dirname(key_folder), private=True) or _folder_problem(
+        key_folder, private=True
+    )
+
+
+def _folder_problem(directory: str, *, private: bool) -> str | None:
+    """Why a sibling may not go under ``directory``: a symlink there (it would send the sibling
+    elsewhere), or one that cannot be inspected; with ``private``, a folder there that is another
+    user's or open to others' writes (they could take away or swap what goes in). Absent: none."""
+    st, problem = _lstat(directory)
+    if problem is not None:
+        return f"{directory}: {problem}"
+    if private and st is not None and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
+        return f"{directory} is another user's, or others may write to it"
     return None
 
 

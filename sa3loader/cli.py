@@ -200,7 +200,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         counts[entry.dtype] += 1
         nbytes[entry.dtype] += entry.nbytes
     f32 = nbytes.get("F32", 0)
-    existing = existing_sibling(header, resolve_cache_dir(args.cache_dir)) if f32 else None
+    places = sibling_places(header, resolve_cache_dir(args.cache_dir)) if f32 else ()
+    existing = existing_sibling(header, places)
     size = os.path.getsize(existing) if existing else sibling_size(header) if f32 else 0
     data = {
         "path": header.path,
@@ -221,7 +222,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"fp16 sibling: {human_size(size)} more on disk; model_half=True loads take their weights "
             f"from it ({human_size(size)}) instead of from the checkpoint ({human_size(header.file_size)})"
         )
-        there = [p for p in sibling_places(header, resolve_cache_dir(args.cache_dir)) if os.path.lexists(p)]
+        there = [p for p in places if os.path.lexists(p)]
         made = "none yet (the first model_half=True load or `sa3loader warm` makes it)"
         if there:  # damaged, made from another version of it, or another file
             made = f"none usable ({there[0]} is there, but it is not this checkpoint's fp16 as it is now)"
