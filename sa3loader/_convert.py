@@ -12,13 +12,10 @@ ended before publishing left is found again by ``unpublished_sibling``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import hashlib
 import logging
 import os
 import stat
-import sys
 import threading
 import time
 import uuid
@@ -44,6 +41,7 @@ from ._format import (
     reading,
 )
 from ._host import boot_id, lease_guards_mapping
+from ._new_file import output_mapping, populate, pwrite_all, take_space
 from ._places import INCOMPLETE_INFIX, incomplete_prefix
 from ._progress import byte_bar, progress_enabled
 from ._range_report import WIDER_THAN_FP16, count_cast_range, count_range
@@ -157,19 +155,23 @@ def write_sibling(
         raise ConversionError(f"cannot create {tmp}: {exc.strerror}", filename=tmp, errno=exc.errno) from exc
     try:
         share_new_file(out_fd, source_stat, mode)  # an inherited ACL, another group: gone first
-        if room is not None and _reserved(out_fd, total) and (problem := room()) is not None:
+        taken = take_space(out_fd, total)
+        if room is not None and taken is not None and (problem := room()) is not None:
             raise ConversionError(problem, filename=dest)
         shown = progress_enabled(_config.progress() if progress is None else progress)
         desc = f"fp16 {os.path.basename(header.path)}"
         end = header.data_start + max((e.end for e in header.entries), default=0)
-        may_map = lease_guards_mapping(header.path) and (io or _config.io_mode(None)) != "read"
+        plain_reads = (io or _config.io_mode(None)) == "read"  # no file mapped, this one neither
+        may_map = not plain_reads and lease_guards_mapping(header.path)
+        mappable = taken and not plain_reads
         with reading(header) as src_fd, leased_source(src_fd, header.path, end, may_map=may_map) as mapped:
-            with byte_bar(desc, total, shown) as bar:
+            with byte_bar(desc, total, shown) as bar, output_mapping(out_fd, total, mappable) as out_map:
                 _faults.point("header")
-                _pwrite_all(out_fd, memoryview(prefix), 0)
+                pwrite_all(out_fd, memoryview(prefix), 0)
                 bar.update(len(prefix))
                 _faults.point("data")
-                _stream_tensors(header, out_entries, len(prefix), (src_fd, mapped), out_fd, counts, bar)
+                output = (out_fd, out_map)
+                _stream_tensors(header, out_entries, len(prefix), (src_fd, mapped), output, counts, bar)
         check_unchanged(header)  # a rewrite in place meanwhile: the sibling would mix two versions
         tmp = mark_written(tmp, dest, counts)
     except BaseException as exc:
@@ -197,36 +199,46 @@ def write_sibling(
 
 
 Source = tuple[int, LeasedSource | None]  # the source's descriptor; its mapping, where leased
+Output = tuple[int, memoryview | None]  # the new file's descriptor; its writable mapping, where taken
 
 
 def _convert_pieces(
-    job: StripeQueue, header: Header, source: Source, out_fd: int, counts: dict[str, int], openmp: list[Any]
+    job: StripeQueue,
+    header: Header,
+    source: Source,
+    output: Output,
+    counts: dict[str, int],
+    openmp: list[Any],
 ) -> None:
     """One worker: read, cast and count each piece of the stripes it takes, and write each stripe."""
     try:
         with serial_ops(openmp):
-            _convert_stripes(job, header, source, out_fd, counts)
+            _convert_stripes(job, header, source, output, counts)
     except BaseException as exc:  # handed to the caller, which raises it
         job.failed(exc)
 
 
 def _convert_stripes(
-    job: StripeQueue, header: Header, source: Source, out_fd: int, counts: dict[str, int]
+    job: StripeQueue, header: Header, source: Source, output: Output, counts: dict[str, int]
 ) -> None:
-    """Each stripe: its pieces read (and cast and counted) into one buffer, written with one call;
-    float32 cast straight from the source's mapping while its lease is whole (``_source_reads``)."""
+    """Each stripe: its pieces read (and cast and counted) into the new file's mapping, or into
+    one buffer written with one call; float32 cast straight from the source's mapping while its
+    lease is whole (``_source_reads``)."""
     src_fd, leased = source
+    out_fd, out_map = output
     raw_bytes = bytearray(_piece_bytes())
     raw, raw_view = torch.frombuffer(raw_bytes, dtype=torch.float32), memoryview(raw_bytes)
     scratch = torch.empty(len(raw_bytes) // 4, dtype=torch.int16)  # fp16 bits, for the count
     window = _stripe_bytes()
-    out_bytes = bytearray(window)
-    out_view, out_u8 = memoryview(out_bytes), torch.frombuffer(out_bytes, dtype=torch.uint8)
+    out_view = out_map if out_map is not None else memoryview(bytearray(window))
+    out_u8 = torch.frombuffer(out_view, dtype=torch.uint8)
     while stripe := job.take():
-        start, base = stripe[0][3], stripe[0][3] // window * window  # where the stripe's window begins
+        start = stripe[0][3]
+        base = 0 if out_map is not None else start // window * window  # where out_view begins in the file
         last, _, last_length, last_offset = stripe[-1]
         end = last_offset + (last_length // 2 if last.dtype == "F32" else last_length)
-        _populate(out_fd, out_view[start - base : end - base], start)
+        if out_map is None:
+            populate(out_fd, out_view[start - base : end - base], start)
         with leased.stripe() if leased is not None else contextlib.nullcontext() as mapped:
             for entry, offset, length, out_offset in stripe:
                 if job.errors:  # another worker failed, or the caller was interrupted
@@ -248,17 +260,9 @@ def _convert_stripes(
                 dst = out_u8[at : at + 2 * n].view(torch.float16)  # at is even: see _stripes
                 dst.copy_(src)
                 count_range(src, dst, counts, bits)
-        _pwrite_all(out_fd, out_view[start - base : end - base], start)
+        if out_map is None:
+            pwrite_all(out_fd, out_view[start - base : end - base], start)
         job.done(end - start)
-
-
-def _populate(fd: int, into: memoryview, offset: int) -> None:
-    """Read the stripe's range of the new file (zeros, bytes taken: ``_reserved``) into the buffer
-    its pieces then overwrite: a read makes the file's pages with no lock held, workers in
-    parallel; a write makes them under the file's lock, one at a time (a 2.9 GB sibling: written
-    4-8 s so, 1.4 s after reads: benchmarks/README.md). Beyond the file's end it reads nothing."""
-    with contextlib.suppress(OSError, AttributeError):  # speed only (no preadv: macOS < 11's Python)
-        os.preadv(fd, [into], offset)
 
 
 def _stripe_bytes() -> int:
@@ -286,18 +290,12 @@ def _stripes(header: Header, out_entries: list[TensorEntry], out_data_start: int
     return list(stripes.values())
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written
-
-
 def _stream_tensors(
     header: Header,
     out_entries: list[TensorEntry],
     out_data_start: int,
     source: Source,
-    out_fd: int,
+    output: Output,
     counts: dict[str, int],
     bar: Any,
 ) -> None:
@@ -315,7 +313,7 @@ def _stream_tensors(
     per_worker = [{"inf": 0, "zero": 0} for _ in range(WORKERS)]
     workers = [
         threading.Thread(
-            target=_convert_pieces, args=(job, header, source, out_fd, mine, openmp), name="sa3loader-convert"
+            target=_convert_pieces, args=(job, header, source, output, mine, openmp), name="sa3loader-convert"
         )
         for mine in per_worker
     ]
@@ -333,21 +331,6 @@ def _stream_tensors(
     for mine in per_worker:
         for key, value in mine.items():
             counts[key] += value
-
-
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _reserved(fd: int, size: int) -> bool:
-    """Whether ``size`` bytes of disk are taken for the file now (Linux ``fallocate``: its size
-    too, so ``ls``, ``du`` and ``cache scan`` of a killed writer's file show them), or could not
-    be (ENOSPC): either way another load's room check sees them gone. False where the filesystem
-    cannot (glibc's ``posix_fallocate`` writes a byte per block)."""
-    fallocate = _faults.fact("fallocate", None, getattr(_libc, "fallocate", None))
-    if fallocate is None or size <= 0:
-        return False
-    taken = fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(size)) == 0
-    return taken or ctypes.get_errno() == errno.ENOSPC
 
 
 @dataclass

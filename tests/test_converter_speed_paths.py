@@ -4,6 +4,8 @@ its own thread (``_serial``) without touching the thread count of any other thre
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import struct
 import sys
@@ -15,9 +17,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from support.faults import faked, tuned
+from support.faults import faked, injected, tuned
 
-from sa3loader import _convert, _identity
+from sa3loader import _convert, _host, _identity, _new_file
 from sa3loader._format import DTYPE_BITS, layout, read_header
 from sa3loader._range_report import count_cast_range, count_range
 from sa3loader._records import ConversionResult, SourceIdentity
@@ -90,6 +92,10 @@ def convert_saved(tensors: dict[str, torch.Tensor], folder: Path) -> tuple[Conve
     return _convert.convert(header, str(out), _identity.sibling_metadata(header, identity, "fp")), out
 
 
+def not_in_place(subject, real):  # the new file written with pwrite, wherever it is
+    return False
+
+
 def in_thread(work):
     seen = []
     thread = threading.Thread(target=lambda: seen.append(work()))
@@ -159,8 +165,9 @@ def test_each_worker_runs_its_ops_on_its_own_thread_and_puts_the_count_back(tmp_
 
 
 def test_each_aligned_window_of_the_sibling_is_written_with_one_call(tmp_path, monkeypatch):
-    """Pages a write leaves in the page cache are in folios as large and as aligned as the
-    write: a later mapping of the sibling faults in a folio at once (benchmarks/README.md)."""
+    """Where the new file is not mapped: pages a write leaves in the page cache are in folios as
+    large and as aligned as the write, so a later mapping of the sibling faults in a folio at
+    once (benchmarks/README.md)."""
     tensors = {"w": torch.randn(40 * 1024), "i": torch.arange(3001, dtype=torch.int64)}
     writes: list[tuple[int, int]] = []
     real_pwrite = os.pwrite
@@ -168,7 +175,8 @@ def test_each_aligned_window_of_the_sibling_is_written_with_one_call(tmp_path, m
         os, "pwrite", lambda fd, data, at: writes.append((at, len(data))) or real_pwrite(fd, data, at)
     )
     window = 8192
-    with tuned(piece_elements=1024, stripe_bytes=window):  # pieces of 4 KiB read: 2 KiB of fp16 written
+    # pieces of 4 KiB read: 2 KiB of fp16 written
+    with tuned(piece_elements=1024, stripe_bytes=window), faked(writes_in_place=not_in_place):
         result, out = convert_saved(tensors, tmp_path)
     data_start = 8 + struct.unpack("<Q", out.read_bytes()[:8])[0]
     # Every window the data touches, once, cut at the data's start and end: 3001 x 8 bytes, then 40 KiB x 2.
@@ -193,7 +201,7 @@ def test_each_window_is_read_from_the_new_file_before_it_is_written(tmp_path, mo
             calls.append(("r", fd, at, sum(len(v) for v in views))) or real_preadv(fd, views, at, *flags)
         ),
     )
-    with tuned(piece_elements=1024, stripe_bytes=8192):
+    with tuned(piece_elements=1024, stripe_bytes=8192), faked(writes_in_place=not_in_place):
         convert_saved(tensors, tmp_path)
     writes = [c for c in calls if c[0] == "w"][1:]  # the header's first
     assert len(writes) > 3
@@ -207,7 +215,7 @@ def test_a_python_without_preadv_converts_the_same_bytes(tmp_path, monkeypatch):
     tensors = {"w": torch.randn(40 * 1024), "i": torch.arange(3001, dtype=torch.int64)}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    with tuned(piece_elements=1024, stripe_bytes=8192):
+    with tuned(piece_elements=1024, stripe_bytes=8192), faked(writes_in_place=not_in_place):
         _, expected = convert_saved(tensors, tmp_path / "a")
         monkeypatch.delattr(os, "preadv")
         _, out = convert_saved(tensors, tmp_path / "b")
@@ -278,3 +286,129 @@ def test_the_layout_puts_every_tensor_at_a_multiple_of_its_element_size(tensors,
     assert len(prefix) % 8 == 0  # the data section starts 8-aligned
     for entry in entries:
         assert entry.begin % (DTYPE_BITS[entry.dtype] // 8) == 0, entry
+
+
+# The cast straight into the new file's mapping (``_new_file.output_mapping``).
+
+IN_PLACE_FILESYSTEMS = {"ext4", "xfs", "tmpfs"}
+
+
+def writes_in_place_here(folder: Path) -> bool:
+    mount = _host.mount_of(str(folder))
+    return mount is not None and mount.fstype in IN_PLACE_FILESYSTEMS
+
+
+def mapped_for_writing(points: list[bool]):
+    """A hook: at each stripe a worker takes, whether a temp file is mapped shared and writable."""
+
+    def hook(name, subject=None):
+        if name == "stripe":
+            maps = Path("/proc/self/maps").read_text().splitlines()
+            points.append(any(" rw-s " in line and ".incomplete-" in line for line in maps))
+
+    return hook
+
+
+MIXED = {
+    "f32": torch.tensor(SPECIAL * 700, dtype=torch.float32),
+    "odd": torch.randn(4099),
+    "f16": torch.randn(3001).half(),
+    "bf16": torch.tensor([1e5, 1e-9, 3.0] * 999, dtype=torch.bfloat16),
+    "f64": torch.tensor([1e39, -1e-46, 2.5] * 501, dtype=torch.float64),
+    "i64": torch.arange(3001, dtype=torch.int64),
+    "u8": torch.arange(255, dtype=torch.uint8),
+    "empty": torch.zeros(0, 7),
+}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the new file is mapped on Linux only")
+def test_a_cast_into_the_mapped_file_writes_the_bytes_and_counts_of_the_buffered_one(tmp_path):
+    if not writes_in_place_here(tmp_path):
+        pytest.skip(f"{tmp_path} is on none of {sorted(IN_PLACE_FILESYSTEMS)}: never mapped there")
+    (tmp_path / "mapped").mkdir()
+    (tmp_path / "buffered").mkdir()
+    mapped: list[bool] = []
+    with tuned(piece_elements=1024, stripe_bytes=8192):
+        with injected(mapped_for_writing(mapped)):
+            result, out = convert_saved(MIXED, tmp_path / "mapped")
+        with faked(writes_in_place=not_in_place):
+            expected_result, expected = convert_saved(MIXED, tmp_path / "buffered")
+    assert len(mapped) > 3 and all(mapped), "every stripe cast into the mapped file"
+    assert out.read_bytes() == expected.read_bytes()
+    counts = (result.overflow_to_inf, result.flushed_to_zero)
+    assert counts == (expected_result.overflow_to_inf, expected_result.flushed_to_zero)
+    assert min(counts) > 0
+    assert read_header(out).entries == read_header(expected).entries
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the new file is mapped on Linux only")
+@pytest.mark.parametrize(
+    ("mode", "taken", "mapped"),
+    [
+        (0o600, True, True),
+        (0o440, True, True),  # read-only for everyone: the descriptor still writes
+        (0o644, True, True),
+        (0o620, True, False),  # its group could open it and cut it short under the mapping
+        (0o602, True, False),
+        (0o600, None, False),  # no fallocate: a write fault may find no block
+        (0o600, False, False),  # ENOSPC
+    ],
+)
+def test_the_new_file_is_mapped_only_where_no_write_fault_can_fail(tmp_path, mode, taken, mapped):
+    if not writes_in_place_here(tmp_path):
+        pytest.skip(f"{tmp_path} is on none of {sorted(IN_PLACE_FILESYSTEMS)}: never mapped there")
+    fd = os.open(tmp_path / "new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, 4096)  # the size fallocate gives it
+        os.fchmod(fd, mode)
+        assert _new_file.mappable(fd, taken) is mapped
+        with _new_file.output_mapping(fd, 4096, taken) as view:
+            assert (view is not None) is mapped
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="statfs' type numbers are Linux's")
+def test_the_filesystem_type_is_read_from_the_open_file(tmp_path):
+    fd = os.open(tmp_path / "new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        assert _new_file.mappable(fd, True) is writes_in_place_here(tmp_path)
+    finally:
+        os.close(fd)
+    with open("/proc/self/status", "rb") as proc:  # procfs: no block behind any byte
+        assert not _new_file.mappable(proc.fileno(), True)
+
+
+def test_space_not_taken_is_told_from_a_full_disk():
+    def failing(code):
+        def fallocate(*args):
+            ctypes.set_errno(code)
+            return -1
+
+        return lambda subject, real: fallocate
+
+    with faked(fallocate=failing(errno.ENOSPC)):
+        assert _new_file.take_space(0, 10) is False
+    with faked(fallocate=failing(errno.EOPNOTSUPP)):
+        assert _new_file.take_space(0, 10) is None
+    with faked(fallocate=lambda subject, real: None):
+        assert _new_file.take_space(0, 10) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the new file is mapped on Linux only")
+def test_a_sibling_its_group_may_write_is_written_without_a_mapping(tmp_path):
+    """``convert`` (not a load: loads write read-only siblings) gives the sibling the source's
+    bits, write bits too: another user could cut it short under a mapping."""
+    if not writes_in_place_here(tmp_path):
+        pytest.skip(f"{tmp_path} is on none of {sorted(IN_PLACE_FILESYSTEMS)}: never mapped there")
+    save_file(MIXED, str(tmp_path / "model.safetensors"))
+    os.chmod(tmp_path / "model.safetensors", 0o664)
+    mapped: list[bool] = []
+    old_umask = os.umask(0o002)
+    try:
+        with tuned(piece_elements=1024, stripe_bytes=8192), injected(mapped_for_writing(mapped)):
+            _convert.convert(read_header(tmp_path / "model.safetensors"), str(tmp_path / "out"), {})
+    finally:
+        os.umask(old_umask)
+    assert os.stat(tmp_path / "out").st_mode & 0o020
+    assert mapped and not any(mapped)

@@ -55,6 +55,8 @@ def test_enospc_during_write(tmp_path, monkeypatch, caplog):
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", full_disk)  # the header's and every stripe's writer
+    # Where the new file is written with pwrite: a mapped one's bytes are all taken before.
+    monkeypatch.setitem(_faults.facts, "writes_in_place", lambda subject, real: False)
     assert_fp32_fallback(ckpt, tmp_path / "cache", caplog, "could not write")
 
 

@@ -2,7 +2,8 @@
 
 python -m support.child load CKPT CACHE            -> prints {"converted", "cache_hit", "digest"}
 python -m support.child kill-at PHASE CKPT CACHE   -> SIGKILLs itself when conversion reaches PHASE
-python -m support.child kill-after N CKPT CACHE    -> SIGKILLs itself once conversion has written N bytes
+python -m support.child kill-after N CKPT CACHE    -> SIGKILLs itself once conversion has written
+                                                      (or, mapped, taken stripes of) N bytes
 python -m support.child kill-publishing CKPT CACHE -> prints the load's result, then SIGKILLs itself
                                                       while the sibling is being published
 python -m support.child republish CKPT N           -> rewrites the published sibling N times
@@ -106,9 +107,15 @@ def cmd_kill_after(limit: str, ckpt: str, cache: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return n
 
-    # The converter's only writer, for the header and every piece.
+    # The converter's writers: pwrite for the header (and every stripe where the new file is
+    # not mapped); a stripe a worker takes, for its bytes, where it is cast into the mapping.
     os.pwrite = lambda fd, data, offset: counted(real_pwrite(fd, data, offset))
+    _faults.tunings["stripe_bytes"] = KILL_STRIPE_BYTES
+    set_hook(lambda name, subject=None: counted(KILL_STRIPE_BYTES) if name == "stripe" else None)
     resolve_sibling(read_header(ckpt), cache)
+
+
+KILL_STRIPE_BYTES = 64 << 10  # many stripes in a small file: kills all along it
 
 
 def cmd_republish(ckpt: str, count: str) -> None:
