@@ -12,11 +12,11 @@ ended before publishing left is found again by ``unpublished_sibling``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import stat
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +27,7 @@ import torch
 
 from . import _config, _faults
 from ._config import IoMode
+from ._crew import run_crew
 from ._dtypes import converted_dtype
 from ._format import (
     HEADER_LENGTH_BYTES,
@@ -311,22 +312,10 @@ def _stream_tensors(
         _faults.fact("openmp", None, loaded_openmp()),
     )
     per_worker = [{"inf": 0, "zero": 0} for _ in range(WORKERS)]
-    workers = [
-        threading.Thread(
-            target=_convert_pieces, args=(job, header, source, output, mine, openmp), name="sa3loader-convert"
-        )
-        for mine in per_worker
-    ]
-    for worker in workers:
-        worker.start()
-    try:
-        for worker in workers:
-            worker.join()
-    except BaseException as exc:  # KeyboardInterrupt: the workers must not write once fd is closed
-        job.failed(exc)
-        for worker in workers:
-            worker.join()
-        raise
+    work = functools.partial(_convert_pieces, job, header, source, output)
+    workers = [functools.partial(work, mine, openmp) for mine in per_worker]
+    # Returns once no worker runs, Ctrl-C or not: the caller then closes the files and mappings.
+    run_crew(workers, "sa3loader-convert", stop=job.failed)
     job.raise_first()
     for mine in per_worker:
         for key, value in mine.items():

@@ -74,7 +74,8 @@ def output_mapping(fd: int, size: int, taken: bool | None) -> Iterator[memoryvie
     try:
         yield view
     finally:
-        # A worker's error (its traceback holding a view) may keep the mapping: unmapped when freed.
+        # Every worker has ended (``run_crew``); a slice of the view that an error's traceback
+        # keeps keeps the mapping (BufferError) until it is freed: unmapped then.
         with contextlib.suppress(BufferError):
             view.release()
             mapping.close()

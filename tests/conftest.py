@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import types
 from pathlib import Path
@@ -17,6 +18,15 @@ from support.toymodel import build
 from support.upstream_env import DEFAULT_UPSTREAM, UPSTREAM_ENV, find_upstream, import_upstream
 
 import sa3loader
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt here, as in a terminal, even where the suite was started
+    in the background (a shell starts those with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(autouse=True)

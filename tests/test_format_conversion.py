@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import threading
 import time
@@ -13,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support.compare import writable
+from support.faults import injected
 from support.siblings import resolve_sibling
 
 import sa3loader
@@ -179,7 +181,9 @@ def test_verify_accepts_a_true_sibling_and_catches_a_data_flip(tmp_path, chunk, 
         _compare.verify(read_header(src), read_header(outcome.sibling.path))
 
 
-def test_an_interrupt_while_converting_stops_every_worker_before_the_file_is_closed(tmp_path, monkeypatch):
+def test_an_interrupt_while_converting_stops_every_worker_before_the_file_is_closed(
+    tmp_path, monkeypatch, ctrl_c_raises
+):
     """Ctrl-C lands in the main thread's wait for the workers: none may write on after the
     temp file's descriptor is closed (the number could be reused by then)."""
     src = tmp_path / "model.safetensors"
@@ -187,23 +191,21 @@ def test_an_interrupt_while_converting_stops_every_worker_before_the_file_is_clo
     header = read_header(src)
     monkeypatch.setitem(_faults.tunings, "piece_elements", 1024)
     monkeypatch.setitem(_faults.tunings, "stripe_bytes", 2048)
+    monkeypatch.setitem(_faults.facts, "writes_in_place", lambda subject, real: False)  # pwrite
     real_read = os.preadv
     monkeypatch.setattr(os, "preadv", lambda *a: (time.sleep(0.005), real_read(*a))[1])
-    real_join = threading.Thread.join
     interrupted = []
 
-    def join(thread, timeout=None):
-        if thread.name == "sa3loader-convert" and not interrupted:
-            interrupted.append(thread)
-            raise KeyboardInterrupt
-        return real_join(thread, timeout)
+    def interrupt(name, subject=None):
+        if name == "stripe" and not interrupted:
+            interrupted.append(threading.current_thread().name)
+            os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(threading.Thread, "join", join)
-    with pytest.raises(KeyboardInterrupt):
+    with injected(interrupt), pytest.raises(KeyboardInterrupt):
         _convert.convert(
             header, str(tmp_path / "out.safetensors"), _identity.sibling_metadata(header, IDENTITY, "fp")
         )
-    assert interrupted
+    assert interrupted == ["sa3loader-convert"]
     assert not [t for t in threading.enumerate() if t.name == "sa3loader-convert" and t.is_alive()]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 

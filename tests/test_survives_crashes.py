@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from support.child import digest
 from support.loads import load_toy, make_ckpt, reference_digest
-from support.processes import fork_child
+from support.processes import LOAD_TIMEOUT_S, fork_child, start_child
 from support.siblings import resolve_sibling
 
 import sa3loader
@@ -71,3 +74,22 @@ def test_sigkill_at_random_points_never_leaves_a_bad_sibling(tmp_path):
         ).exists()  # nothing published mid-write
         assert_healed(ckpt, cache, BIG_DIM, expected)
         (tmp_path / ".cache" / "sa3loader" / "model.fp16.safetensors").unlink()
+
+
+@pytest.mark.parametrize("writer", ["mapping", "pwrite"])
+def test_ctrl_c_mid_write_returns_once_no_worker_runs(tmp_path, writer):
+    """On CPython < 3.13 a join that Ctrl-C interrupts makes the next join return while the
+    thread runs: a worker then cast into the closed mapping (SIGSEGV) or wrote through a closed
+    descriptor. The load raises KeyboardInterrupt only once every worker has stopped."""
+    ckpt = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(1_000_000), "b": torch.randn(10)}, str(ckpt))
+    env = {"CHILD_WRITE_WITH_PWRITE": "1"} if writer == "pwrite" else {}
+    child = start_child("interrupt-mid-write", str(ckpt), str(tmp_path / "out.safetensors"), extra_env=env)
+    out, err = child.communicate(timeout=LOAD_TIMEOUT_S)
+    assert child.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1]) == {
+        "interrupted": True,
+        "ran_after": [],
+        "alive": [],
+        "left": [],
+    }

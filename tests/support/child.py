@@ -7,6 +7,8 @@ python -m support.child kill-after N CKPT CACHE    -> SIGKILLs itself once conve
 python -m support.child kill-publishing CKPT CACHE -> prints the load's result, then SIGKILLs itself
                                                       while the sibling is being published
 python -m support.child republish CKPT N           -> rewrites the published sibling N times
+python -m support.child interrupt-mid-write CKPT OUT -> Ctrl-C while every worker is mid-stripe; prints
+                                                      what ran after the KeyboardInterrupt was raised
 
 (with ``PYTHONPATH=tests``; ``support.processes`` starts them).
 """
@@ -118,6 +120,46 @@ def cmd_kill_after(limit: str, ckpt: str, cache: str) -> None:
 KILL_STRIPE_BYTES = 64 << 10  # many stripes in a small file: kills all along it
 
 
+def cmd_interrupt_mid_write(ckpt: str, out: str) -> None:
+    """The first worker at a stripe sends Ctrl-C; each then waits 0.3 s before writing its stripe,
+    so the KeyboardInterrupt reaches the main thread while every worker is mid-stripe."""
+    raised_at: list[float] = []
+    after: list[str] = []
+    interrupt = threading.Lock()
+
+    def hook(name: str, subject: str | None = None) -> None:
+        if name != "stripe" or raised_at:
+            return
+        if interrupt.acquire(blocking=False):
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)
+        if raised_at:  # the load has returned: nothing may run on for it now
+            after.append(threading.current_thread().name)
+
+    set_hook(hook)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, started however
+    _faults.tunings["stripe_bytes"] = KILL_STRIPE_BYTES
+    if os.environ.get("CHILD_WRITE_WITH_PWRITE"):
+        _faults.facts["writes_in_place"] = lambda subject, real: False
+    try:
+        _convert.convert(read_header(ckpt), out, {}, read_only=True)
+    except KeyboardInterrupt:
+        raised_at.append(time.monotonic())
+    time.sleep(0.6)  # a worker left running would cast into the closed mapping now
+    alive = [t.name for t in threading.enumerate() if t.name == "sa3loader-convert"]
+    folder = Path(out).parent
+    print(
+        json.dumps(
+            {
+                "interrupted": bool(raised_at),
+                "ran_after": after,
+                "alive": alive,
+                "left": sorted(p.name for p in folder.iterdir() if ".incomplete" in p.name),
+            }
+        )
+    )
+
+
 def cmd_republish(ckpt: str, count: str) -> None:
     header = read_header(ckpt)
     sibling = read_header(beside_path(ckpt))
@@ -165,6 +207,7 @@ COMMANDS = {
     "kill-publishing": cmd_kill_publishing,
     "exec-publishing": cmd_exec_publishing,
     "kill-after": cmd_kill_after,
+    "interrupt-mid-write": cmd_interrupt_mid_write,
     "republish": cmd_republish,
 }
 

@@ -1,0 +1,73 @@
+"""Worker threads that must all be gone before what they share is freed: ``run_crew``.
+
+Not ``Thread.join``: on CPython before 3.13 a join that Ctrl-C interrupts marks the thread
+stopped, and the next join returns at once while the thread still runs. A conversion that
+closed its files and mappings then had workers writing into memory no longer mapped (SIGSEGV)
+or into a descriptor number reused by another file. Here each worker counts itself in before
+it touches anything and out when it ends; once the crew is stopped, a worker that has not
+counted in never does (it returns at once), so "none counted in" means none can touch anything.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+
+class _Crew:
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._changed = threading.Condition()
+        self._running = 0  # counted in, not yet out
+        self._ended = 0  # counted out, or refused once stopped
+        self._stopped = False
+
+    def work(self, target: Callable[[], None]) -> None:
+        with self._changed:
+            refused = self._stopped
+            self._running += not refused
+        try:
+            if not refused:
+                target()
+        finally:
+            with self._changed:
+                self._running -= not refused
+                self._ended += 1
+                self._changed.notify_all()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+
+    def over(self) -> bool:
+        """Every worker ended, or the crew is stopped and none is counted in."""
+        return self._running == 0 and (self._stopped or self._ended == self._size)
+
+    def wait(self) -> None:
+        with self._changed:
+            while not self.over():
+                self._changed.wait()
+
+
+def run_crew(targets: Sequence[Callable[[], None]], name: str, stop: Callable[[BaseException], None]) -> None:
+    """Run each target on a thread of its own; return once none runs. An error while starting
+    them, or Ctrl-C while waiting (as often as it comes), calls ``stop`` (which makes the targets
+    return at their next step), waits for those counted in, and is raised then."""
+    crew = _Crew(len(targets))
+    interrupted: BaseException | None = None
+    try:
+        for target in targets:
+            threading.Thread(target=crew.work, args=(target,), name=name).start()
+    except BaseException as exc:  # Ctrl-C, or no thread to be had: those started are stopped
+        interrupted = exc
+    while True:
+        try:
+            if interrupted is not None:  # inside the try: Ctrl-C again here is caught too
+                crew.stop()
+                stop(interrupted)
+            crew.wait()
+            break
+        except BaseException as exc:
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted

@@ -1,0 +1,129 @@
+"""``run_crew`` returns only once no worker runs: after Ctrl-C (however often), and after a
+thread that could not be started. What a conversion frees next (its files, its mappings) is
+then touched by no one (tests/test_survives_crashes.py: the same through a real conversion)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+from sa3loader._crew import run_crew
+
+
+class Workers:
+    """Targets that each run until stopped (or for ``seconds``), recording when they end."""
+
+    def __init__(self, count: int, seconds: float = 10.0) -> None:
+        self.stopped = threading.Event()
+        self.started: list[int] = []
+        self.ended: list[float] = []
+        self.seconds = seconds
+        self.count = count
+        self.stop_reasons: list[BaseException] = []
+
+    def targets(self):
+        return [lambda i=i: self.run(i) for i in range(self.count)]
+
+    def run(self, i: int) -> None:
+        self.started.append(i)
+        self.stopped.wait(self.seconds)
+        time.sleep(0.2)  # still running well after it was told to stop
+        self.ended.append(time.monotonic())
+
+    def stop(self, reason: BaseException) -> None:
+        self.stop_reasons.append(reason)
+        self.stopped.set()
+
+
+def test_every_target_runs_once_and_has_ended_when_it_returns():
+    workers = Workers(4, seconds=0.0)
+    run_crew(workers.targets(), "test-crew", workers.stop)
+    assert sorted(workers.started) == [0, 1, 2, 3] and len(workers.ended) == 4
+    assert workers.stop_reasons == []
+
+
+def interrupt_main_thread(after: float, times: int, gap: float) -> threading.Thread:
+    def send():
+        time.sleep(after)
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(gap)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return sender
+
+
+def sent_all(sender: threading.Thread) -> None:
+    """Wait for the last signal, absorbing any that ``run_crew`` let through (a failure shown by
+    the test's asserts, not a KeyboardInterrupt that stops the whole run)."""
+    while sender.is_alive():
+        try:
+            sender.join(0.01)
+        except KeyboardInterrupt:
+            pass
+    try:
+        time.sleep(0.05)  # a signal still in flight lands here
+    except KeyboardInterrupt:
+        pass
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to itself: POSIX")
+@pytest.mark.parametrize("times", [1, 3])
+def test_ctrl_c_stops_the_workers_and_is_raised_once_they_have_ended(times, ctrl_c_raises):
+    workers = Workers(3)
+    sender = interrupt_main_thread(after=0.3, times=times, gap=0.0005)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_crew(workers.targets(), "test-crew", workers.stop)
+        raised = time.monotonic()
+    finally:
+        sent_all(sender)
+    assert len(workers.ended) == 3 and max(workers.ended) <= raised
+    assert workers.stop_reasons and all(isinstance(r, KeyboardInterrupt) for r in workers.stop_reasons)
+
+
+def test_a_thread_that_cannot_start_stops_those_started_and_waits_for_them(monkeypatch):
+    workers = Workers(4)
+    real_start = threading.Thread.start
+    starts = []
+
+    def start(thread):
+        if thread.name == "test-crew" and len(starts) == 2:
+            raise RuntimeError("can't start new thread")
+        starts.append(thread)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)  # the OS's fault: no thread to be had
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        run_crew(workers.targets(), "test-crew", workers.stop)
+    raised = time.monotonic()
+    assert len(workers.ended) == len(workers.started) <= 2
+    assert not workers.ended or max(workers.ended) <= raised
+    assert [type(r) for r in workers.stop_reasons[:1]] == [RuntimeError]
+
+
+def test_a_worker_that_starts_after_the_crew_stopped_never_runs(monkeypatch):
+    """Ctrl-C inside ``Thread.start`` cannot tell whether the thread runs: one that runs later
+    finds the crew stopped and returns before it touches anything."""
+    workers = Workers(3)
+    real_start = threading.Thread.start
+    late: list[threading.Thread] = []
+
+    def start(thread):
+        if thread.name == "test-crew" and not late:
+            late.append(thread)
+            raise KeyboardInterrupt  # as if Ctrl-C came before it ran: it runs after all
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        run_crew(workers.targets(), "test-crew", workers.stop)
+    real_start(late[0])  # it runs now, the crew long stopped
+    late[0].join()
+    assert workers.started == []
