@@ -10,13 +10,16 @@ counted in never does (it returns at once), so "none counted in" means none can 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 
+logger = logging.getLogger(__name__)
+
 
 class _Crew:
-    def __init__(self, size: int) -> None:
-        self._size = size
+    def __init__(self) -> None:
+        self.size = 0  # workers that run: set before ``wait``
         self._changed = threading.Condition()
         self._running = 0  # counted in, not yet out
         self._ended = 0  # counted out, or refused once stopped
@@ -41,7 +44,7 @@ class _Crew:
 
     def over(self) -> bool:
         """Every worker ended, or the crew is stopped and none is counted in."""
-        return self._running == 0 and (self._stopped or self._ended == self._size)
+        return self._running == 0 and (self._stopped or self._ended == self.size)
 
     def wait(self) -> None:
         with self._changed:
@@ -50,15 +53,25 @@ class _Crew:
 
 
 def run_crew(targets: Sequence[Callable[[], None]], name: str, stop: Callable[[BaseException], None]) -> None:
-    """Run each target on a thread of its own; return once none runs. An error while starting
-    them, or Ctrl-C while waiting (as often as it comes), calls ``stop`` (which makes the targets
-    return at their next step), waits for those counted in, and is raised then."""
-    crew = _Crew(len(targets))
+    """Run the targets, interchangeable workers (each takes work until none is left), each on a
+    thread of its own while threads can be had (none at all, a pids limit: the first runs on the
+    calling thread); return once none runs. Ctrl-C while starting or waiting (as often as it
+    comes) calls ``stop`` (which makes the targets return at their next step), waits for those
+    counted in, and is raised then."""
+    crew = _Crew()
     interrupted: BaseException | None = None
     try:
         for target in targets:
-            threading.Thread(target=crew.work, args=(target,), name=name).start()
-    except BaseException as exc:  # Ctrl-C, or no thread to be had: those started are stopped
+            try:
+                threading.Thread(target=crew.work, args=(target,), name=name).start()
+            except RuntimeError as exc:  # can't start new thread: those started do the work
+                logger.info("%d of %d %s threads started (%s)", crew.size, len(targets), name, exc)
+                break
+            crew.size += 1
+        if crew.size == 0 and targets:
+            crew.size = 1
+            crew.work(targets[0])
+    except BaseException as exc:  # Ctrl-C: those started are stopped
         interrupted = exc
     while True:
         try:

@@ -210,6 +210,27 @@ def test_an_interrupt_while_converting_stops_every_worker_before_the_file_is_clo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("threads", [0, 1])
+def test_a_conversion_with_fewer_threads_than_workers_writes_the_same_file(tmp_path, monkeypatch, threads):
+    """Under a pids limit (``can't start new thread``), the workers that could be started (or
+    the calling thread) convert it all: not a bare RuntimeError out of the load."""
+    src = tmp_path / "model.safetensors"
+    save_file({f"w{i}": torch.randn(64, 64) for i in range(8)}, str(src))
+    monkeypatch.setitem(_faults.tunings, "stripe_bytes", 4096)
+    _convert.convert(read_header(src), str(tmp_path / "all.safetensors"), {})
+    real_start, started = threading.Thread.start, []
+
+    def start(thread):
+        if thread.name == "sa3loader-convert" and len(started) >= threads:
+            raise RuntimeError("can't start new thread")
+        started.append(thread)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    _convert.convert(read_header(src), str(tmp_path / "few.safetensors"), {})
+    assert (tmp_path / "few.safetensors").read_bytes() == (tmp_path / "all.safetensors").read_bytes()
+
+
 def test_a_stripe_that_goes_back_in_the_source_is_read_ahead_too(tmp_path):
     """The sibling's order is not the source's (f32 sorts after bf16 once it is f16): a stripe
     read ahead across that boundary spans backwards in the source, which must not fail the
