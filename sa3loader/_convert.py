@@ -164,9 +164,9 @@ def write_sibling(
         end = header.data_start + max((e.end for e in header.entries), default=0)
         plain_reads = (io or _config.io_mode(None)) == "read"  # no file mapped, this one neither
         may_map = not plain_reads and lease_guards_mapping(header.path)
-        mappable = taken and not plain_reads
+        map_output = taken and not plain_reads
         with reading(header) as src_fd, leased_source(src_fd, header.path, end, may_map=may_map) as mapped:
-            with byte_bar(desc, total, shown) as bar, output_mapping(out_fd, total, mappable) as out_map:
+            with byte_bar(desc, total, shown) as bar, output_mapping(out_fd, total, map_output) as out_map:
                 _faults.point("header")
                 pwrite_all(out_fd, memoryview(prefix), 0)
                 bar.update(len(prefix))
@@ -312,8 +312,9 @@ def _stream_tensors(
         _faults.fact("openmp", None, loaded_openmp()),
     )
     per_worker = [{"inf": 0, "zero": 0} for _ in range(WORKERS)]
-    work = functools.partial(_convert_pieces, job, header, source, output)
-    workers = [functools.partial(work, mine, openmp) for mine in per_worker]
+    workers = [
+        functools.partial(_convert_pieces, job, header, source, output, mine, openmp) for mine in per_worker
+    ]
     # Returns once no worker runs, Ctrl-C or not: the caller then closes the files and mappings.
     run_crew(workers, "sa3loader-convert", stop=job.failed)
     job.raise_first()

@@ -62,9 +62,11 @@ def run_crew(targets: Sequence[Callable[[], None]], name: str, stop: Callable[[B
     interrupted: BaseException | None = None
     try:
         for target in targets:
+            # A new Thread's start raises RuntimeError only when no thread can be had (a limit,
+            # the interpreter shutting down): those started do the work.
             try:
                 threading.Thread(target=crew.work, args=(target,), name=name).start()
-            except RuntimeError as exc:  # can't start new thread: those started do the work
+            except RuntimeError as exc:
                 logger.info("%d of %d %s threads started (%s)", crew.size, len(targets), name, exc)
                 break
             crew.size += 1

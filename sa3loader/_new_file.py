@@ -38,6 +38,8 @@ RESERVED_WRITES_IN_PLACE = frozenset({0xEF53, 0x58465342, 0x01021994})  # ext4, 
 
 
 def _writes_in_place(fd: int) -> bool:
+    """Of the open file itself, not its path's mount (``_host.mount_of``): a folder swapped for a
+    link since it was opened cannot make another filesystem's answer stand for it."""
     fstatfs = getattr(_libc, "fstatfs", None)
     if fstatfs is None:
         return False

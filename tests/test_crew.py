@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from support.faults import thread_starts_refused
 
 from sa3loader._crew import run_crew
 
@@ -88,25 +89,10 @@ def test_ctrl_c_stops_the_workers_and_is_raised_once_they_have_ended(times, ctrl
     assert workers.stop_reasons and all(isinstance(r, KeyboardInterrupt) for r in workers.stop_reasons)
 
 
-def refused_from(count: int):
-    """``Thread.start`` as under a pids limit: the crew's threads from the ``count``-th on
-    cannot be started (the OS's fault)."""
-    real_start = threading.Thread.start
-    starts: list[threading.Thread] = []
-
-    def start(thread):
-        if thread.name == "test-crew" and len(starts) >= count:
-            raise RuntimeError("can't start new thread")
-        starts.append(thread)
-        real_start(thread)
-
-    return start
-
-
 @pytest.mark.parametrize("threads", [0, 1, 2])
 def test_workers_that_cannot_be_had_leave_the_work_to_those_that_can(monkeypatch, threads):
     workers = Workers(4, seconds=0.0)
-    monkeypatch.setattr(threading.Thread, "start", refused_from(threads))
+    monkeypatch.setattr(threading.Thread, "start", thread_starts_refused("test-crew", threads))
     run_crew(workers.targets(), "test-crew", workers.stop)
     assert sorted(workers.started) == list(range(max(threads, 1)))  # none: the calling thread's
     assert len(workers.ended) == len(workers.started) and workers.stop_reasons == []

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support.compare import writable
-from support.faults import injected
+from support.faults import injected, thread_starts_refused
 from support.siblings import resolve_sibling
 
 import sa3loader
@@ -218,15 +218,7 @@ def test_a_conversion_with_fewer_threads_than_workers_writes_the_same_file(tmp_p
     save_file({f"w{i}": torch.randn(64, 64) for i in range(8)}, str(src))
     monkeypatch.setitem(_faults.tunings, "stripe_bytes", 4096)
     _convert.convert(read_header(src), str(tmp_path / "all.safetensors"), {})
-    real_start, started = threading.Thread.start, []
-
-    def start(thread):
-        if thread.name == "sa3loader-convert" and len(started) >= threads:
-            raise RuntimeError("can't start new thread")
-        started.append(thread)
-        real_start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(threading.Thread, "start", thread_starts_refused("sa3loader-convert", threads))
     _convert.convert(read_header(src), str(tmp_path / "few.safetensors"), {})
     assert (tmp_path / "few.safetensors").read_bytes() == (tmp_path / "all.safetensors").read_bytes()
 

@@ -99,6 +99,9 @@ def cmd_kill_at(phase: str, ckpt: str, cache: str) -> None:
     load(ckpt, cache)
 
 
+KILL_STRIPE_BYTES = 64 << 10  # many stripes in a small file: kills all along it
+
+
 def cmd_kill_after(limit: str, ckpt: str, cache: str) -> None:
     written = [0]
     real_pwrite = os.pwrite
@@ -115,9 +118,6 @@ def cmd_kill_after(limit: str, ckpt: str, cache: str) -> None:
     _faults.tunings["stripe_bytes"] = KILL_STRIPE_BYTES
     set_hook(lambda name, subject=None: counted(KILL_STRIPE_BYTES) if name == "stripe" else None)
     resolve_sibling(read_header(ckpt), cache)
-
-
-KILL_STRIPE_BYTES = 64 << 10  # many stripes in a small file: kills all along it
 
 
 def cmd_interrupt_mid_write(ckpt: str, out: str) -> None:

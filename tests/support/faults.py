@@ -13,6 +13,7 @@ No test replaces a name inside the package; patching ``os``, ``fcntl``, ``mmap``
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -96,3 +97,18 @@ def fake_mount_table(table: Path, mounts: dict[Path | str, str]) -> Path:
 def mounted(table: Path, mounts: dict[Path | str, str]) -> contextlib.AbstractContextManager[None]:
     """Inside the block, sa3loader reads a mount table in which each of ``mounts`` is of its type."""
     return tuned(mount_table=str(fake_mount_table(table, mounts)))
+
+
+def thread_starts_refused(name: str, after: int) -> Callable[[threading.Thread], None]:
+    """A ``threading.Thread.start`` as under a pids limit: threads named ``name`` past the first
+    ``after`` cannot be started (the OS's fault, patched on ``threading``)."""
+    real_start = threading.Thread.start
+    started: list[threading.Thread] = []
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == name and len(started) >= after:
+            raise RuntimeError("can't start new thread")
+        started.append(thread)
+        real_start(thread)
+
+    return start
