@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _config, _faults
+from ._crew import started
 from ._dtypes import converted_dtype, torch_dtype
 from ._format import Header, TensorEntry, pieces_of, preadv_exact, read_exact, reading
 from ._progress import byte_bar, progress_enabled
@@ -60,30 +61,42 @@ class _Pieces:
         self._reader = threading.Thread(target=self._read_ahead, name="sa3loader-read-ahead", daemon=True)
 
     def __enter__(self) -> _Pieces:
-        self._reader.start()
+        started(self._reader, without=f"{self._header.path} is read without reading ahead")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._free.put(None)  # stops the reader at its next wait for a buffer
-        self._reader.join()
+        if self._reader.ident is not None:
+            self._free.put(None)  # stops the reader at its next wait for a buffer
+            self._reader.join()
+
+    def _reads(self) -> Iterator[tuple[int, TensorEntry, int]]:
+        """Each piece read into a free buffer: (its buffer, its tensor, its length)."""
+        for entry, offset, length in self._keys:
+            slot = self._free.get()
+            if slot is None:  # the caller stopped early
+                return
+            preadv_exact(self._fd, [memoryview(self._slots[slot][0])[:length]], offset, self._header.path)
+            yield slot, entry, length
 
     def _read_ahead(self) -> None:
         try:
-            for entry, offset, length in self._keys:
-                slot = self._free.get()
-                if slot is None:  # the caller stopped early
-                    return
-                preadv_exact(self._fd, [memoryview(self._slots[slot][0])[:length]], offset, self._header.path)
-                self._ready.put((slot, entry, length))
+            for item in self._reads():
+                self._ready.put(item)
             self._ready.put(None)
         except BaseException as exc:  # handed to the caller, which raises it
             self._ready.put(exc)
 
-    def __iter__(self) -> Iterator[tuple[int, TensorEntry, memoryview]]:
+    def _read(self) -> Iterator[tuple[int, TensorEntry, int]]:
+        if self._reader.ident is None:  # not started: no reader to wait for
+            yield from self._reads()
+            return
         while (item := self._ready.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
-            slot, entry, length = item
+            yield item
+
+    def __iter__(self) -> Iterator[tuple[int, TensorEntry, memoryview]]:
+        for slot, entry, length in self._read():
             raw, half = self._slots[slot]
             if entry.dtype != "F32":
                 yield slot, entry, memoryview(raw)[:length]

@@ -13,8 +13,22 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 logger = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+
+
+def started(thread: threading.Thread, without: str) -> bool:
+    """Start ``thread``, or say (logged) what is done ``without`` it where no thread can be had (a
+    pids limit: ``Thread.start`` raises RuntimeError only then); whether it started."""
+    try:
+        thread.start()
+    except RuntimeError as exc:
+        logger.info("%s (%s)", without, exc)
+        return False
+    return True
 
 
 class _Crew:
@@ -86,3 +100,34 @@ def run_crew(targets: Sequence[Callable[[], None]], name: str, stop: Callable[[B
             interrupted = interrupted or exc
     if interrupted is not None:
         raise interrupted
+
+
+def map_on_crew(function: Callable[[Item], object], items: Sequence[Item], threads: int, name: str) -> None:
+    """``function`` on every item, on up to ``threads`` threads of ``run_crew`` (so on the calling
+    thread where none can be had, and never still running once this returns, Ctrl-C or not): not
+    ``ThreadPoolExecutor``, whose ``submit`` raises a bare RuntimeError where no thread can be had.
+    The first error stops the others at their next item and is raised once none runs."""
+    lock = threading.Lock()
+    left = list(reversed(items))
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if errors or not left:
+                    return
+                item = left.pop()
+            try:
+                function(item)
+            except BaseException as exc:  # raised by the caller, once no worker runs
+                with lock:
+                    errors.append(exc)
+                return
+
+    def stop(exc: BaseException) -> None:
+        with lock:
+            errors.append(exc)
+
+    run_crew([worker] * min(threads, len(items)), name, stop=stop)
+    if errors:
+        raise errors[0]

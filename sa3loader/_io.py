@@ -27,6 +27,7 @@ import torch
 
 from . import _faults
 from ._config import warn_once
+from ._crew import map_on_crew
 from ._dtypes import torch_dtype
 from ._format import Header, TensorEntry, open_for_reading, preadv_exact, reading
 from .errors import FileAccessError, TruncatedFileError
@@ -160,8 +161,7 @@ class MappedFile:
                 _faults.point("touch", str(chunk.file_offset))
                 touch_pages(view, chunk.file_offset, chunk.length)
 
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(piece, chunks))  # raises what a piece raised
+        map_on_crew(piece, chunks, threads, "sa3loader-prefetch")  # raises what a piece raised
 
 
 def usable_cores() -> int:
@@ -334,9 +334,7 @@ def read_into(
             for chunk in chunks:
                 read(chunk)
         else:
-            with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
-                for _ in pool.map(read, chunks):
-                    pass
+            map_on_crew(read, chunks, threads, "sa3loader-read")
 
 
 @contextlib.contextmanager

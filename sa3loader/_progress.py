@@ -15,8 +15,22 @@ def progress_enabled(allowed: bool) -> bool:
     return allowed and sys.stderr.isatty()
 
 
-def byte_bar(desc: str, total: int, enabled: bool) -> tqdm[Any]:
+class NoBar:
+    """What a hidden bar is: tqdm, even disabled, starts its monitor thread (and warns where no
+    thread can be had: a pids limit)."""
+
+    def __enter__(self) -> NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def byte_bar(desc: str, total: int, enabled: bool) -> tqdm[Any] | NoBar:
     """A progress bar in bytes, shown only when enabled and for work long enough to watch."""
-    return tqdm(
-        total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled or total < PROGRESS_MIN_BYTES
-    )
+    if not enabled or total < PROGRESS_MIN_BYTES:
+        return NoBar()
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc)

@@ -25,6 +25,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from ._crew import started
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,9 +68,8 @@ class Publication:
             if self._started:
                 return
             self._started = True
-        try:
-            threading.Thread(target=self._run, name="sa3loader-publish", daemon=False).start()
-        except RuntimeError:  # "can't start new thread": a pids limit
+        publisher = threading.Thread(target=self._run, name="sa3loader-publish", daemon=False)
+        if not started(publisher, without="the fp16 sibling is published before the load returns"):
             self._run()
 
     def orphan(self) -> None:

@@ -25,6 +25,7 @@ import torch
 
 from . import _faults
 from ._config import IoMode
+from ._crew import started
 from ._dtypes import torch_dtype
 from ._format import Header, reading
 from ._host import network_filesystem
@@ -160,8 +161,8 @@ class Values:
             daemon=True,
             name="sa3loader-prefetch",
         )
-        thread.start()
-        self._early[header.path] = thread
+        if started(thread, without=f"no early prefetch of {header.path}: placing faults its pages in"):
+            self._early[header.path] = thread
 
     def _as_is(self, name: str, model_dtype: torch.dtype, device: torch.device) -> Header | None:
         """The file whose bytes are already the final value on ``device``, if one is."""

@@ -1,6 +1,7 @@
 """``run_crew`` returns only once no worker runs: after Ctrl-C (however often), and after a
-thread that could not be started. What a conversion frees next (its files, its mappings) is
-then touched by no one (tests/test_survives_crashes.py: the same through a real conversion)."""
+thread that could not be started; ``map_on_crew`` (reads and the prefetch) on top of it. What a
+conversion frees next (its files, its mappings) is then touched by no one
+(tests/test_survives_crashes.py: the same through a real conversion)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 import pytest
 from support.faults import thread_starts_refused
 
-from sa3loader._crew import run_crew
+from sa3loader._crew import map_on_crew, run_crew
 
 
 class Workers:
@@ -117,3 +118,36 @@ def test_a_worker_that_starts_after_the_crew_stopped_never_runs(monkeypatch):
     real_start(late[0])  # it runs now, the crew long stopped
     late[0].join()
     assert workers.started == []
+
+
+@pytest.mark.parametrize("threads", [0, 1, 4])
+def test_map_on_crew_does_every_item_once_on_the_threads_it_can_have(monkeypatch, threads):
+    monkeypatch.setattr(threading.Thread, "start", thread_starts_refused("test-map", threads))
+    done: list[int] = []
+    ran_on: set[str] = set()
+
+    def do(item: int) -> None:
+        ran_on.add(threading.current_thread().name)
+        done.append(item)
+
+    map_on_crew(do, range(50), threads=4, name="test-map")
+    assert sorted(done) == list(range(50))
+    assert ran_on <= ({"test-map"} if threads else {threading.current_thread().name})
+
+
+def test_map_on_crew_raises_the_first_error_once_no_item_runs():
+    """An item that fails stops the others at their next item; the error is raised only after
+    every item that started has ended (what they read into is freed after)."""
+    ended: list[int] = []
+
+    def do(item: int) -> None:
+        if item == 3:
+            raise OSError("a read failed")
+        time.sleep(0.01)
+        ended.append(item)
+
+    with pytest.raises(OSError, match="a read failed"):
+        map_on_crew(do, range(100), threads=4, name="test-map")
+    settled = list(ended)
+    time.sleep(0.1)
+    assert ended == settled and len(ended) < 99  # none ran on after; the rest were skipped

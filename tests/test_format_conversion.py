@@ -163,8 +163,14 @@ def test_converting_a_sibling_again_changes_nothing(tmp_path):
     assert second.converted is None and second.sibling.path == first.sibling.path
 
 
+@pytest.mark.parametrize("reads_ahead", [True, False], ids=["read-ahead", "no-thread"])
 @pytest.mark.parametrize("flipped", [k for k, v in source_tensors().items() if v.numel()])
-def test_verify_accepts_a_true_sibling_and_catches_a_data_flip(tmp_path, chunk, flipped):
+def test_verify_accepts_a_true_sibling_and_catches_a_data_flip(
+    tmp_path, chunk, flipped, reads_ahead, monkeypatch
+):
+    """Also where its read-ahead thread cannot start (a pids limit): it reads on the caller's thread."""
+    if not reads_ahead:
+        monkeypatch.setattr(threading.Thread, "start", thread_starts_refused("sa3loader-read-ahead", after=0))
     src = tmp_path / "model.safetensors"
     save_file(source_tensors(), str(src))
     outcome = resolve_sibling(read_header(src), str(tmp_path / "cache"))

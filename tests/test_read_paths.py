@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import tqdm.auto
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from support.checkpoints import random_like_state, save
+from support.child import digest
 from support.compare import assert_same_model, bits
-from support.faults import faked, injected, mounted
+from support.faults import faked, injected, mounted, thread_starts_refused
 from support.late_copies import LateCopies
-from support.loads import load_toy
+from support.loads import load_toy, make_ckpt, reference_digest
 from support.memory import mapped_files
 from support.toymodel import build, reference
 
@@ -125,6 +127,34 @@ def assert_same_tensors(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tens
 def test_reads_match_load_file(tmp_path, reader, chunk_bytes, make):
     path = make(tmp_path)
     assert_same_tensors(load_with(reader, path, chunk_bytes=chunk_bytes), load_file(str(path)))
+
+
+def test_a_read_in_many_chunks_where_no_thread_can_be_had_reads_on_the_calling_thread(tmp_path, monkeypatch):
+    """Under a pids limit no reader thread starts: not a bare RuntimeError, the same bytes."""
+    path = mixed_file(tmp_path)
+    monkeypatch.setattr(threading.Thread, "start", thread_starts_refused(None, after=0))
+    assert_same_tensors(load_with(read_into, path, chunk_bytes=7), load_file(str(path)))
+
+
+@pytest.mark.parametrize("io", ["mmap", "read"])
+def test_a_load_where_no_thread_can_be_had_converts_and_hits_as_ever(tmp_path, monkeypatch, recwarn, io):
+    """A service user at its pids limit (RLIMIT_NPROC, a container's pids.max): the prefetch, the
+    readers, the converters and the publication cannot start a thread. The first load and the hit
+    run on the calling thread and give upstream's model, not a bare RuntimeError, nor a warning
+    (a hidden progress bar starts no thread)."""
+    ckpt = make_ckpt(tmp_path / "m" / "model.safetensors", dim=64)
+    monkeypatch.setattr(threading.Thread, "start", thread_starts_refused(None, after=0))
+    # As in a new process: no monitor yet (one that failed to start turns them off for good).
+    monkeypatch.setattr(tqdm.auto.tqdm, "monitor", None)
+    monkeypatch.setattr(tqdm.auto.tqdm, "monitor_interval", 10)
+    monkeypatch.setitem(_faults.tunings, "prefetch_piece_bytes", 4096)  # many pieces to fault in
+    monkeypatch.setitem(_faults.tunings, "prefetch_hot_piece_bytes", 4096)
+    for converts in (True, False):
+        model = load_toy(ckpt, tmp_path / "cache", dim=64, io=io)
+        info = sa3loader.last_load_info()
+        assert (info.converted, info.cache_hit, info.build) == (converts, not converts, "fast")
+        assert digest(model) == reference_digest(ckpt, dim=64)
+    assert not [w for w in recwarn if "thread" in str(w.message)]
 
 
 @pytest.mark.parametrize("reader", [read_into, stream_into], ids=["read_into", "stream_into"])

@@ -99,14 +99,14 @@ def mounted(table: Path, mounts: dict[Path | str, str]) -> contextlib.AbstractCo
     return tuned(mount_table=str(fake_mount_table(table, mounts)))
 
 
-def thread_starts_refused(name: str, after: int) -> Callable[[threading.Thread], None]:
-    """A ``threading.Thread.start`` as under a pids limit: threads named ``name`` past the first
-    ``after`` cannot be started (the OS's fault, patched on ``threading``)."""
+def thread_starts_refused(name: str | None, after: int) -> Callable[[threading.Thread], None]:
+    """A ``threading.Thread.start`` as under a pids limit: threads named ``name`` (None: any
+    thread) past the first ``after`` cannot be started (the OS's fault, patched on ``threading``)."""
     real_start = threading.Thread.start
     started: list[threading.Thread] = []
 
     def start(thread: threading.Thread) -> None:
-        if thread.name == name and len(started) >= after:
+        if name in (None, thread.name) and len(started) >= after:
             raise RuntimeError("can't start new thread")
         started.append(thread)
         real_start(thread)
