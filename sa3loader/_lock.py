@@ -38,6 +38,7 @@ from collections.abc import Iterator
 
 from . import _config, _faults
 from ._config import LOCK_TIMEOUT_ENV, warn_once
+from ._crew import started
 from ._host import boot_id, network_filesystem
 from ._places import LOCK_SUFFIX, process_gone
 from .errors import LockTimeoutError, UnusableLockError
@@ -336,6 +337,32 @@ def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
     lease = sibling_path + LEASE_SUFFIX
     token = _lease_token().encode()
     stale_s = _faults.tuned("lease_stale_s", LEASE_STALE_S)
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(LEASE_REFRESH_S):
+            with contextlib.suppress(OSError):
+                os.utime(lease)
+
+    refresher = threading.Thread(target=refresh, name="sa3loader-lease", daemon=True)
+    _take_lease(lease, token, deadline, stale_s)
+    try:
+        unrefreshed = f"{lease} is not refreshed: another host may take it over after {stale_s:.0f}s"
+        started(refresher, without=unrefreshed)
+        yield
+    finally:
+        stop.set()
+        # Given back before the join: a Ctrl-C during the join leaves no lease behind.
+        with contextlib.suppress(OSError):
+            if _token_in(lease) == token:  # still ours, not taken over meanwhile
+                os.unlink(lease)
+        if refresher.ident is not None:
+            refresher.join()
+
+
+def _take_lease(lease: str, token: bytes, deadline: float, stale_s: float) -> None:
+    """Create ``lease`` holding ``token``, waiting for its holder (or taking a stale one over)
+    until ``deadline``."""
     silence = _Silence()
     while True:
         try:
@@ -368,21 +395,4 @@ def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
             os.write(fd, token)
         finally:
             os.close(fd)
-        break
-    stop = threading.Event()
-
-    def refresh() -> None:
-        while not stop.wait(LEASE_REFRESH_S):
-            with contextlib.suppress(OSError):
-                os.utime(lease)
-
-    refresher = threading.Thread(target=refresh, name="sa3loader-lease", daemon=True)
-    refresher.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        refresher.join()
-        with contextlib.suppress(OSError):
-            if _token_in(lease) == token:  # still ours, not taken over meanwhile
-                os.unlink(lease)
+        return

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from support.checkpoints import toy_hub_checkpoint
 from support.child import digest
-from support.faults import at, fake_mount_table, injected
+from support.faults import at, fake_mount_table, injected, thread_starts_refused
 from support.loads import load_toy, make_ckpt, reference_digest
 from support.processes import fork_child
 from support.toymodel import build
@@ -148,3 +148,40 @@ def test_a_lease_whose_holder_on_this_host_is_gone_is_taken_over_at_once(tmp_pat
     lease.write_text(mine)  # a live holder (this process) is waited for
     with pytest.raises(sa3loader.LockTimeoutError), conversion_lock(str(sibling), timeout=0.3):
         pass
+
+
+def _on_a_network_filesystem(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """A sibling path whose lock takes a lease (the mount table says NFS); and the lease's path."""
+    monkeypatch.setitem(
+        _faults.tunings, "mount_table", str(fake_mount_table(tmp_path / "mountinfo", {tmp_path: "nfs4"}))
+    )
+    sibling = tmp_path / "model.fp16.safetensors"
+    return sibling, Path(str(sibling) + ".lease")
+
+
+def test_a_lease_whose_refresher_cannot_start_is_held_and_given_back(tmp_path, monkeypatch):
+    """Under a pids limit the lease's refresher thread cannot start: the lock is still taken (the
+    lease unrefreshed, which is logged) and given back, not a bare RuntimeError with the lease left."""
+    sibling, lease = _on_a_network_filesystem(tmp_path, monkeypatch)
+    monkeypatch.setattr(threading.Thread, "start", thread_starts_refused("sa3loader-lease", after=0))
+    with conversion_lock(str(sibling), timeout=2) as locked:
+        assert locked and f":{os.getpid()}:" in lease.read_text()
+    assert not lease.exists()
+
+
+def test_a_ctrl_c_while_the_lease_refresher_is_joined_leaves_no_lease(tmp_path, monkeypatch):
+    """Ctrl-C lands as the lock waits for the lease's refresher to end: the lease is already given
+    back (a lease of this live process would hold off every other loader for a minute)."""
+    sibling, lease = _on_a_network_filesystem(tmp_path, monkeypatch)
+    real_join = threading.Thread.join
+
+    def join(thread: threading.Thread, timeout: float | None = None) -> None:
+        if thread.name == "sa3loader-lease":
+            real_join(thread, timeout)  # the refresher ends: the interrupt comes after
+            raise KeyboardInterrupt
+        real_join(thread, timeout)
+
+    monkeypatch.setattr(threading.Thread, "join", join)
+    with pytest.raises(KeyboardInterrupt), conversion_lock(str(sibling), timeout=2) as locked:
+        assert locked and lease.exists()
+    assert not lease.exists()
