@@ -1,4 +1,5 @@
-"""Worker threads that must all be gone before what they share is freed: ``run_crew``.
+"""Worker threads that must all be gone before what they share is freed: ``run_crew``, and
+``map_on_crew`` on it; ``started``, a thread or word of what goes without it (a pids limit).
 
 Not ``Thread.join``: on CPython before 3.13 a join that Ctrl-C interrupts marks the thread
 stopped, and the next join returns at once while the thread still runs. A conversion that

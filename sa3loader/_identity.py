@@ -25,11 +25,11 @@ import os
 import stat
 import struct
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from . import _faults
+from ._crew import map_on_crew
 from ._dtypes import converted_dtype
 from ._format import (
     DTYPE_BITS,
@@ -172,14 +172,14 @@ class FileBytes:
         self.reads = _merged(ranges)
         # One task per thread, each a run of reads: a task per read costs more than a hot read.
         runs = [self.reads[i::READ_THREADS] for i in range(min(READ_THREADS, len(self.reads)))]
+        done: list[list[bytearray]] = [[] for _ in runs]
         with reading(header) as fd:
-            read_run = lambda run: [read_exact(fd, o, n, header.path) for o, n in run]  # noqa: E731
-            with ThreadPoolExecutor(READ_THREADS) as pool:
-                try:
-                    pending = pool.map(read_run, runs)  # every run submitted here
-                except RuntimeError:  # at exit (a publication the process waits for): no new futures
-                    pending = map(read_run, runs)
-                done = list(pending)
+
+            def read_run(i: int) -> None:
+                done[i] = [read_exact(fd, o, n, header.path) for o, n in runs[i]]
+
+            # At exit (a publication the process waits for) or at a pids limit: the calling thread.
+            map_on_crew(read_run, range(len(runs)), READ_THREADS, "sa3loader-spots")
         self.blocks = [done[i % len(runs)][i // len(runs)] for i in range(len(self.reads))]
         self._starts = [offset for offset, _ in self.reads]
 

@@ -69,7 +69,7 @@ class Publication:
                 return
             self._started = True
         publisher = threading.Thread(target=self._run, name="sa3loader-publish", daemon=False)
-        if not started(publisher, without="the fp16 sibling is published before the load returns"):
+        if not started(publisher, without="the fp16 sibling is published on this thread"):
             self._run()
 
     def orphan(self) -> None:
