@@ -4,6 +4,7 @@ piece compared with the sibling's bytes; the largest difference is measured wher
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -61,12 +62,23 @@ class _Pieces:
         self._reader = threading.Thread(target=self._read_ahead, name="sa3loader-read-ahead", daemon=True)
 
     def __enter__(self) -> _Pieces:
-        started(self._reader, without=f"{self._header.path} is read without reading ahead")
+        try:
+            started(self._reader, without=f"{self._header.path} is read without reading ahead")
+        except BaseException:  # Ctrl-C inside start: the reader may run all the same; it stops now
+            self._stop_reader()
+            raise
         return self
+
+    def _stop_reader(self) -> None:
+        """The reader ends at its next wait for a buffer: none is left but the stop."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._free.get_nowait()
+        self._free.put(None)
 
     def __exit__(self, *exc: object) -> None:
         if self._reader.ident is not None:
-            self._free.put(None)  # stops the reader at its next wait for a buffer
+            self._stop_reader()
             self._reader.join()
 
     def _reads(self) -> Iterator[tuple[int, TensorEntry, int]]:

@@ -12,9 +12,11 @@ counted in never does (it returns at once), so "none counted in" means none can 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,10 @@ class _Crew:
     def stop(self) -> None:
         with self._changed:
             self._stopped = True
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     def over(self) -> bool:
         """Every worker ended, or the crew is stopped and none is counted in."""
@@ -132,3 +138,78 @@ def map_on_crew(function: Callable[[Item], object], items: Sequence[Item], threa
     run_crew([worker] * min(threads, len(items)), name, stop=stop)
     if errors:
         raise errors[0]
+
+
+# How often an idle helper looks whether its crew was stopped.
+IDLE_CHECK_S = 0.05
+Handed = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]  # a submitted call
+
+
+class Helpers:
+    """Up to ``count`` threads, each running the calls ``submit`` hands over, each call once (a
+    ``Future``); where none could start (a pids limit), ``submit`` runs the call at once. Not
+    ``ThreadPoolExecutor``: its ``submit`` raises a bare RuntimeError where no thread can be had,
+    and its exit joins with ``Thread.join``, which Ctrl-C cuts short (CPython < 3.13): a helper
+    then read on into memory freed after (``_io.stream_into``'s ring). The exit here returns only
+    once no helper runs, however many Ctrl-Cs come; a call not yet begun never runs then."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self._crew = _Crew()
+        self._calls: queue.Queue[Handed | None] = queue.Queue()
+        self._count, self._name = count, name
+
+    def __enter__(self) -> Helpers:
+        try:
+            for _ in range(self._count):
+                helper = threading.Thread(target=self._crew.work, args=(self._serve,), name=self._name)
+                if not started(helper, without=f"{self._name}: {self._crew.size} of {self._count} threads"):
+                    break
+                self._crew.size += 1
+        except BaseException as exc:  # Ctrl-C while starting: those started end first
+            _stop_and_wait(self._crew, exc)
+        return self
+
+    def submit(self, call: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        if self._crew.size:
+            self._calls.put((future, call, args))
+        else:
+            _run_into(future, call, args)
+        return future
+
+    def _serve(self) -> None:
+        while not self._crew.stopped:
+            try:
+                handed = self._calls.get(timeout=IDLE_CHECK_S)
+            except queue.Empty:
+                continue
+            if handed is None:
+                return
+            _run_into(*handed)
+
+    def __exit__(self, *exc: object) -> None:
+        self._crew.stop()
+        for _ in range(self._crew.size):  # wakes each waiting helper (a late one sees the stop)
+            self._calls.put(None)
+        _stop_and_wait(self._crew, None)
+
+
+def _run_into(future: Future[Any], call: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        future.set_result(call(*args))
+    except BaseException as exc:  # the submitter's to raise
+        future.set_exception(exc)
+
+
+def _stop_and_wait(crew: _Crew, interrupted: BaseException | None) -> None:
+    """Stop ``crew`` and wait until none of it runs, catching Ctrl-C as often as it comes; then
+    raise ``interrupted`` or the first Ctrl-C."""
+    while True:
+        try:
+            crew.stop()
+            crew.wait()
+            break
+        except BaseException as exc:
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted

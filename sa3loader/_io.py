@@ -20,14 +20,13 @@ import mmap
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from . import _faults
 from ._config import warn_once
-from ._crew import map_on_crew
+from ._crew import Helpers, map_on_crew
 from ._dtypes import torch_dtype
 from ._format import Header, TensorEntry, open_for_reading, preadv_exact, reading
 from .errors import FileAccessError, TruncatedFileError
@@ -471,7 +470,7 @@ def stream_into(
         preadv_exact(descriptor, [ring_views[slot][: chunk.length]], chunk.file_offset, path)
 
     try:
-        with _descriptor(path, fd) as descriptor, ThreadPoolExecutor(slots) as pool:
+        with _descriptor(path, fd) as descriptor, Helpers(slots, "sa3loader-stream") as pool:
             pending = {i: pool.submit(read, i) for i in range(slots)}
             for i, chunk in enumerate(chunks):
                 pending.pop(i).result()

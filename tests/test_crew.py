@@ -5,14 +5,12 @@ conversion frees next (its files, its mappings) is then touched by no one
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import threading
 import time
 
 import pytest
-from support.faults import thread_starts_refused
+from support.faults import interrupt_main_thread, sent_all, thread_starts_refused
 
 from sa3loader._crew import map_on_crew, run_crew
 
@@ -47,32 +45,6 @@ def test_every_target_runs_once_and_has_ended_when_it_returns():
     run_crew(workers.targets(), "test-crew", workers.stop)
     assert sorted(workers.started) == [0, 1, 2, 3] and len(workers.ended) == 4
     assert workers.stop_reasons == []
-
-
-def interrupt_main_thread(after: float, times: int, gap: float) -> threading.Thread:
-    def send():
-        time.sleep(after)
-        for _ in range(times):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(gap)
-
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
-    return sender
-
-
-def sent_all(sender: threading.Thread) -> None:
-    """Wait for the last signal, absorbing any that ``run_crew`` let through (a failure shown by
-    the test's asserts, not a KeyboardInterrupt that stops the whole run)."""
-    while sender.is_alive():
-        try:
-            sender.join(0.01)
-        except KeyboardInterrupt:
-            pass
-    try:
-        time.sleep(0.05)  # a signal still in flight lands here
-    except KeyboardInterrupt:
-        pass
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to itself: POSIX")

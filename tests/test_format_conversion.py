@@ -187,6 +187,28 @@ def test_verify_accepts_a_true_sibling_and_catches_a_data_flip(
         _compare.verify(read_header(src), read_header(outcome.sibling.path))
 
 
+def test_ctrl_c_inside_the_start_of_verifys_reader_leaves_no_reader_behind(tmp_path, monkeypatch):
+    """Ctrl-C lands in ``Thread.start`` once the reader runs (start waits for it to say so): the
+    reader, with its four buffers, ends all the same (an attack found it waiting for good)."""
+    src = tmp_path / "model.safetensors"
+    save_file(source_tensors(), str(src))
+    outcome = resolve_sibling(read_header(src), str(tmp_path / "cache"))
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        real_start(thread)
+        if thread.name == "sa3loader-read-ahead":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        _compare.verify(read_header(src), outcome.sibling)
+    deadline = time.monotonic() + 10
+    while any(t.name == "sa3loader-read-ahead" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "verify's reader still runs"
+        time.sleep(0.01)
+
+
 def test_an_interrupt_while_converting_stops_every_worker_before_the_file_is_closed(
     tmp_path, monkeypatch, ctrl_c_raises
 ):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from support.checkpoints import random_like_state, save
 from support.child import digest
 from support.compare import assert_same_model, bits
-from support.faults import faked, injected, mounted, thread_starts_refused
+from support.faults import faked, injected, interrupt_main_thread, mounted, sent_all, thread_starts_refused
 from support.late_copies import LateCopies
 from support.loads import load_toy, make_ckpt, reference_digest
 from support.memory import mapped_files
@@ -129,11 +131,16 @@ def test_reads_match_load_file(tmp_path, reader, chunk_bytes, make):
     assert_same_tensors(load_with(reader, path, chunk_bytes=chunk_bytes), load_file(str(path)))
 
 
-def test_a_read_in_many_chunks_where_no_thread_can_be_had_reads_on_the_calling_thread(tmp_path, monkeypatch):
-    """Under a pids limit no reader thread starts: not a bare RuntimeError, the same bytes."""
+@pytest.mark.parametrize("reader", [read_into, stream_into], ids=["read_into", "stream_into"])
+@pytest.mark.parametrize("threads", [0, 1])
+def test_a_read_in_many_chunks_where_threads_run_out_reads_on_those_it_has(
+    tmp_path, monkeypatch, reader, threads
+):
+    """Under a pids limit no reader thread starts, or fewer than asked: not a bare RuntimeError,
+    the same bytes (none: on the calling thread)."""
     path = mixed_file(tmp_path)
-    monkeypatch.setattr(threading.Thread, "start", thread_starts_refused(None, after=0))
-    assert_same_tensors(load_with(read_into, path, chunk_bytes=7), load_file(str(path)))
+    monkeypatch.setattr(threading.Thread, "start", thread_starts_refused(None, after=threads))
+    assert_same_tensors(load_with(reader, path, chunk_bytes=7), load_file(str(path)))
 
 
 @pytest.mark.parametrize("io", ["mmap", "read"])
@@ -155,6 +162,35 @@ def test_a_load_where_no_thread_can_be_had_converts_and_hits_as_ever(tmp_path, m
         assert (info.converted, info.cache_hit, info.build) == (converts, not converts, "fast")
         assert digest(model) == reference_digest(ckpt, dim=64)
     assert not [w for w in recwarn if "thread" in str(w.message)]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="SIGINT to itself: POSIX")
+@pytest.mark.parametrize("reader", [read_into, stream_into], ids=["read_into", "stream_into"])
+def test_ctrl_c_during_a_read_returns_only_once_no_thread_reads(tmp_path, monkeypatch, ctrl_c_raises, reader):
+    """Two Ctrl-Cs: the first in the wait for a read, the second in the wait for the reader
+    threads. The read returns (raising) only once none reads: the staging ring (every device
+    load's) or the tensors are freed after, and a late read once wrote into memory the program
+    had reused (an attack; ``Thread.join`` cut short on CPython < 3.13)."""
+    path = mixed_file(tmp_path)
+    returned = threading.Event()
+    late: list[int] = []
+    real_preadv = os.preadv
+
+    def slow_preadv(fd, buffers, offset, *flags):  # a slow disk: each read waits, then reads
+        time.sleep(0.05)
+        late.extend([offset] if returned.is_set() else [])  # into memory given back by now
+        return real_preadv(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "preadv", slow_preadv)
+    sender = interrupt_main_thread(after=0.12, times=2, gap=0.03)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            load_with(reader, path, chunk_bytes=64, **({"slots": 2} if reader is stream_into else {}))
+        returned.set()
+    finally:
+        sent_all(sender)
+    time.sleep(0.3)
+    assert late == []
 
 
 @pytest.mark.parametrize("reader", [read_into, stream_into], ids=["read_into", "stream_into"])

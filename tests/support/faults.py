@@ -13,7 +13,10 @@ No test replaces a name inside the package; patching ``os``, ``fcntl``, ``mmap``
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -112,3 +115,32 @@ def thread_starts_refused(name: str | None, after: int) -> Callable[[threading.T
         real_start(thread)
 
     return start
+
+
+def interrupt_main_thread(after: float, times: int, gap: float) -> threading.Thread:
+    """Ctrl-C ``times`` times, ``gap`` seconds apart, ``after`` seconds from now (SIGINT to this
+    process: the main thread raises KeyboardInterrupt where it is; ``ctrl_c_raises``)."""
+
+    def send() -> None:
+        time.sleep(after)
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(gap)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return sender
+
+
+def sent_all(sender: threading.Thread) -> None:
+    """Wait for the last signal, absorbing any that the code under test let through (a failure shown by
+    the test's asserts, not a KeyboardInterrupt that stops the whole run)."""
+    while sender.is_alive():
+        try:
+            sender.join(0.01)
+        except KeyboardInterrupt:
+            pass
+    try:
+        time.sleep(0.05)  # a signal still in flight lands here
+    except KeyboardInterrupt:
+        pass
