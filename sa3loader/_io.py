@@ -1,7 +1,6 @@
 """Bytes into tensors: read plans, parallel reads, the pinned staging ring, mappings.
 
-- ``plan_chunks``: which contiguous reads cover the wanted byte ranges of a file
-  (pure arithmetic; shared by the reader and the mapping's prefetch);
+- ``plan_chunks``: the contiguous reads that cover a file's wanted bytes (arithmetic);
 - ``read_into``: parallel ``preadv`` straight into CPU tensors, no staging copy;
 - ``stream_into``: reads into a small ring of pinned host buffers, copied to another device
   on a side stream, reads overlapping copies; the ring is the only host memory used;
@@ -29,6 +28,7 @@ from ._config import warn_once
 from ._crew import Helpers, map_on_crew
 from ._dtypes import torch_dtype
 from ._format import Header, TensorEntry, open_for_reading, preadv_exact, reading
+from ._serial import loaded_openmp, serial_ops
 from .errors import FileAccessError, TruncatedFileError
 
 # Read plans: pure arithmetic, no I/O.
@@ -155,10 +155,13 @@ class MappedFile:
         if threads < PREFETCH_THREADS:  # all in the page cache: CPU work beside the build
             chunks = plan_chunks(ranges, _faults.tuned("prefetch_hot_piece_bytes", HOT_PIECE_BYTES))
 
-        def piece(chunk: Chunk) -> None:
-            if stop is None or not stop.is_set():
-                _faults.point("touch", str(chunk.file_offset))
-                touch_pages(view, chunk.file_offset, chunk.length)
+        openmp = loaded_openmp()
+
+        def piece(chunk: Chunk) -> None:  # one thread's ops: libgomp ends the process where a team
+            if stop is None or not stop.is_set():  # of ours cannot have threads (a pids limit)
+                with serial_ops(openmp):
+                    _faults.point("touch", str(chunk.file_offset))
+                    touch_pages(view, chunk.file_offset, chunk.length)
 
         map_on_crew(piece, chunks, threads, "sa3loader-prefetch")  # raises what a piece raised
 

@@ -21,7 +21,14 @@ from safetensors.torch import load_file, save_file
 from support.checkpoints import random_like_state, save
 from support.child import digest
 from support.compare import assert_same_model, bits
-from support.faults import faked, injected, interrupt_main_thread, mounted, sent_all, thread_starts_refused
+from support.faults import (
+    faked,
+    injected,
+    interrupt_main_thread,
+    mounted,
+    sent_all,
+    thread_starts_refused,
+)
 from support.late_copies import LateCopies
 from support.loads import load_toy, make_ckpt, reference_digest
 from support.memory import mapped_files
@@ -32,6 +39,7 @@ from sa3loader import TruncatedFileError, _faults, _io
 from sa3loader._dtypes import TORCH_DTYPES
 from sa3loader._format import read_header
 from sa3loader._io import MAX_GAP_BYTES, plan_chunks, read_into, stream_into
+from sa3loader._serial import loaded_openmp
 
 
 def covered_bytes(chunks, ranges):
@@ -162,6 +170,25 @@ def test_a_load_where_no_thread_can_be_had_converts_and_hits_as_ever(tmp_path, m
         assert (info.converted, info.cache_hit, info.build) == (converts, not converts, "fast")
         assert digest(model) == reference_digest(ckpt, dim=64)
     assert not [w for w in recwarn if "thread" in str(w.message)]
+
+
+@pytest.mark.skipif(not loaded_openmp(), reason="no OpenMP runtime loaded (a torch without one)")
+def test_the_prefetch_faults_pages_in_with_one_threads_ops(tmp_path):
+    """A thread of ours that runs a parallel torch op makes an OpenMP team of its own: threads
+    more, and under a pids limit that plain torch survives libgomp ends the process (an attack,
+    as a service user). The prefetch's touches run with OpenMP set to one thread, in whichever
+    thread runs them."""
+    ckpt = make_ckpt(tmp_path / "m" / "model.safetensors", dim=64)
+    load_toy(ckpt, tmp_path / "cache", dim=64)  # makes the sibling
+    counts: list[list[int]] = []
+
+    def omp_threads() -> None:
+        counts.append([lib.omp_get_max_threads() for lib in loaded_openmp()])
+
+    with injected(lambda name, subject=None: omp_threads() if name == "touch" else None):
+        load_toy(ckpt, tmp_path / "cache", dim=64)
+    assert sa3loader.last_load_info().cache_hit
+    assert counts and all(c == [1] * len(c) for c in counts)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="SIGINT to itself: POSIX")
