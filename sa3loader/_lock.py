@@ -61,7 +61,8 @@ def _identity(fd: int) -> tuple[int, int] | None:
 
 
 class _Registry:
-    """Every lock descriptor this process has open, and what to do with them at a fork.
+    """Every lock descriptor this process has open, the tokens of the leases it holds, and what
+    to do with them at a fork.
 
     The one piece of process state the lock needs: its owner is this class, its
     fork behaviour is ``_close_in_child``.
@@ -70,6 +71,9 @@ class _Registry:
     def __init__(self) -> None:
         self.guard = threading.Lock()
         self.open: dict[int, tuple[int, int] | None] = {}  # descriptor -> (device, inode)
+        # A lease of this process's pid holding another token was left by an interrupted
+        # conversion here (no other process has this pid on this host).
+        self.live_tokens: set[bytes] = set()
 
     def opened(self, path: str, flags: int) -> int:
         with self.guard:
@@ -94,6 +98,7 @@ class _Registry:
             if identity is not None and _identity(fd) == identity:
                 os.close(fd)  # never LOCK_UN: the lock is the parent's open file description's
         self.open.clear()
+        self.live_tokens.clear()  # the parent's (its pid, not the child's)
 
 
 _registry = _Registry()
@@ -345,19 +350,30 @@ def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
                 os.utime(lease)
 
     refresher = threading.Thread(target=refresh, name="sa3loader-lease", daemon=True)
-    _take_lease(lease, token, deadline, stale_s)
-    try:
+    _registry.live_tokens.add(token)
+    try:  # from before the lease is made: a Ctrl-C anywhere after leaves none behind
+        _take_lease(lease, token, deadline, stale_s)
         unrefreshed = f"{lease} is not refreshed: another host may take it over after {stale_s:.0f}s"
         started(refresher, without=unrefreshed)
         yield
     finally:
         stop.set()
+        _registry.live_tokens.discard(token)  # first: a lease a second Ctrl-C leaves is a leftover
         # Given back before the join: a Ctrl-C during the join leaves no lease behind.
         with contextlib.suppress(OSError):
             if _token_in(lease) == token:  # still ours, not taken over meanwhile
                 os.unlink(lease)
         if refresher.ident is not None:
             refresher.join()
+
+
+def _left_here(lease: str) -> bool:
+    try:
+        token = _token_in(lease)
+    except OSError:
+        return False
+    ours = f"{_this_host()}:{os.getpid()}".encode()
+    return token not in _registry.live_tokens and token.rsplit(b":", 1)[0] == ours
 
 
 def _take_lease(lease: str, token: bytes, deadline: float, stale_s: float) -> None:
@@ -379,7 +395,7 @@ def _take_lease(lease: str, token: bytes, deadline: float, stale_s: float) -> No
                     filename=lease,
                 ) from None
             age = max(time.time() - st.st_mtime, silence.for_how_long(st))
-            if age > stale_s or _holder_is_gone(lease):
+            if age > stale_s or _holder_is_gone(lease) or _left_here(lease):
                 logger.info("taking over %s (its holder is gone, or silent for %.0fs)", lease, age)
                 _take_over(lease)
                 continue
@@ -393,6 +409,9 @@ def _take_lease(lease: str, token: bytes, deadline: float, stale_s: float) -> No
             continue
         try:
             os.write(fd, token)
+        except BaseException:  # a lease holding no token is no one's to take over for a minute
+            os.unlink(lease)
+            raise
         finally:
             os.close(fd)
         return

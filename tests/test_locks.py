@@ -9,6 +9,8 @@ filesystems) left by a dead process on this host is taken over at once.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -145,7 +147,7 @@ def test_a_lease_whose_holder_on_this_host_is_gone_is_taken_over_at_once(tmp_pat
         assert locked and f":{pid}:" not in lease.read_text()  # its pid field (not in the random part)
     assert not lease.exists()
 
-    lease.write_text(mine)  # a live holder (this process) is waited for
+    lease.write_text(mine.replace(f":{os.getpid()}:", f":{os.getppid()}:"))  # a live holder is waited for
     with pytest.raises(sa3loader.LockTimeoutError), conversion_lock(str(sibling), timeout=0.3):
         pass
 
@@ -185,3 +187,47 @@ def test_a_ctrl_c_while_the_lease_refresher_is_joined_leaves_no_lease(tmp_path, 
     with pytest.raises(KeyboardInterrupt), conversion_lock(str(sibling), timeout=2) as locked:
         assert locked and lease.exists()
     assert not lease.exists()
+
+
+def test_a_lease_this_process_left_behind_is_taken_over_at_once(tmp_path, monkeypatch):
+    """A lease of this process's pid that no conversion here holds was left by one that Ctrl-C
+    stopped: the next load in the process takes it at once, not after a minute (an attack saw a
+    reload hang on it); one another conversion here holds is waited for."""
+    sibling, lease = _on_a_network_filesystem(tmp_path, monkeypatch)
+    lease.write_text(_lease_token())  # this pid's, held by no one
+
+    def no_flock(fd: int, operation: int) -> None:  # an NFS mount without locks: the lease alone
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with conversion_lock(str(sibling), timeout=2) as locked:
+        assert locked and lease.exists()
+        with pytest.raises(sa3loader.LockTimeoutError), conversion_lock(str(sibling), timeout=0.3):
+            pass  # its lease, held here, is waited for
+    assert not lease.exists()
+
+
+@pytest.mark.parametrize("call", ["write", "close"])
+def test_a_ctrl_c_as_the_lease_is_made_leaves_no_lease(tmp_path, monkeypatch, call):
+    """Ctrl-C lands as the lease file is written (an empty lease is no one's to take over for a
+    minute) or just after it is closed, before the lock is held: no lease is left."""
+    sibling, lease = _on_a_network_filesystem(tmp_path, monkeypatch)
+    real = getattr(os, call)
+    interrupted: list[int] = []
+
+    def interrupting(fd: int, *args):
+        is_lease = not interrupted and os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == lease.name
+        if is_lease and call == "write":
+            interrupted.append(fd)
+            raise KeyboardInterrupt
+        got = real(fd, *args)
+        if is_lease:
+            interrupted.append(fd)
+            raise KeyboardInterrupt
+        return got
+
+    monkeypatch.setattr(os, call, interrupting)
+    with pytest.raises(KeyboardInterrupt), conversion_lock(str(sibling), timeout=2):
+        pass
+    monkeypatch.undo()
+    assert interrupted and not lease.exists()
