@@ -30,6 +30,20 @@ from ._crew import started
 logger = logging.getLogger(__name__)
 
 
+class HeldUntilPublished(contextlib.ExitStack):
+    """The lock and the temp file a publication takes over. A stack dropped before the publication
+    runs (Ctrl-C as it is handed over: ``pop_all`` makes one of this class) closes itself: the lock
+    is released and the temp file removed, or the next load here would wait on its own lock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._owner = os.getpid()  # a forked child's copy is the parent's to close (``orphan``)
+
+    def __del__(self) -> None:
+        if os.getpid() == self._owner:
+            self.close()
+
+
 class Publication:
     """``publish`` to run on a thread, then close ``held`` (the conversion lock) there.
 
@@ -46,11 +60,15 @@ class Publication:
     ) -> None:
         self._key, self._publish, self._held, self._what = sibling, publish, held, sibling
         self.descriptors = [(fd, _identity(fd)) for fd in descriptors]
-        self._started, self._done = False, threading.Event()
+        self._started, self._running, self._done = False, False, threading.Event()
         self._start_lock = threading.Lock()
         _pending.add(sibling, self)
 
     def _run(self) -> None:
+        with self._start_lock:
+            if self._running:
+                return
+            self._running = True
         try:
             with self._held:
                 self._publish()
@@ -69,8 +87,12 @@ class Publication:
                 return
             self._started = True
         publisher = threading.Thread(target=self._run, name="sa3loader-publish", daemon=False)
-        if not started(publisher, without="the fp16 sibling is published on this thread"):
-            self._run()
+        try:
+            if not started(publisher, without="the fp16 sibling is published on this thread"):
+                self._run()
+        except BaseException:  # Ctrl-C inside start: the thread may run or not; the next start tries
+            self._started = False  # again (a wait, the next load's), and ``_run`` runs once at most
+            raise
 
     def orphan(self) -> None:
         """In a forked child: the parent publishes this, never the child, which closes its

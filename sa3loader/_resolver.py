@@ -26,7 +26,7 @@ from ._identity import has_float32, is_sa3loader_file, marked_by_sa3loader, sibl
 from ._index import Index
 from ._lock import ConversionLock
 from ._places import LOCK_SUFFIX, beside_path, cache_path, in_cache_dir, make_beside_dirs, remove_if_empty
-from ._publication import Publication, finish
+from ._publication import HeldUntilPublished, Publication, finish
 from ._records import CONTENT_CHECK_FAILED, IndexRow, RangeReport, sibling_file
 from ._room import cap_again, keep_under_cap, room_for, room_left, stray_incomplete
 from ._trust import beside_dir_problem, cache_place_problem, owned_file_problem, readers_bits, without_group
@@ -244,7 +244,7 @@ class SiblingResolver:
         """
         out, f = self.outcome, self.finder
         try:
-            with contextlib.ExitStack() as held:
+            with HeldUntilPublished() as held:
                 held.enter_context(ConversionLock(target, timeout=f.settings.lock_timeout))
                 # Check again: another load may have converted while we waited.
                 out.sibling = f.accept(target, None)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -364,3 +365,60 @@ def test_a_forked_child_closes_its_copy_of_the_lock(tmp_path, held_at_fsync):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert lock_descriptors(sibling) == 1 and not lock_is_free(sibling)  # the parent's is still held
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    return [p.name for p in tmp_path.rglob("*") if ".incomplete-" in p.name]
+
+
+@pytest.mark.parametrize("thread_made", [False, True], ids=["before-the-thread", "thread-made"])
+def test_a_ctrl_c_inside_the_publishers_start_still_publishes_once(tmp_path, monkeypatch, thread_made):
+    """Ctrl-C lands in ``Thread.start`` of the publisher (where CPython acts on a pending signal):
+    the thread may run or not. Once waited for, the sibling is published, once; the next load of
+    the process hits it instead of waiting for ever on a publication no one runs (an attack)."""
+    ckpt = make_ckpt(tmp_path / "m" / "model.safetensors")
+    real_start = threading.Thread.start
+    interrupted: list[str] = []
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "sa3loader-publish" and not interrupted:
+            interrupted.append(thread.name)
+            if thread_made:
+                real_start(thread)
+            raise KeyboardInterrupt
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        load_toy(ckpt, tmp_path / "cache", published=False)
+    assert interrupted and sa3loader.wait_for_publishing(WAIT_S)
+    model = load_toy(ckpt, tmp_path / "cache", published=False)
+    assert sa3loader.last_load_info().cache_hit and digest(model) == reference_digest(ckpt)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_ctrl_c_as_the_lock_is_handed_to_the_publication_releases_it(tmp_path, monkeypatch):
+    """Ctrl-C inside the publication's constructor, the lock and the temp file already taken from
+    the load: they are released and removed, or the next load here waits on its own lock."""
+    ckpt = make_ckpt(tmp_path / "m" / "model.safetensors")
+    real_fstat = os.fstat
+    interrupted: list[int] = []
+
+    def fstat(fd):
+        frame = sys._getframe(1)
+        while frame is not None and "publish" not in frame.f_locals:
+            frame = frame.f_back
+        if frame is not None and frame.f_code.co_name == "__init__" and not interrupted:
+            interrupted.append(fd)  # the publication's look at the temp file's descriptor
+            raise KeyboardInterrupt
+        return real_fstat(fd)
+
+    monkeypatch.setattr(os, "fstat", fstat)
+    with pytest.raises(KeyboardInterrupt):
+        load_toy(ckpt, tmp_path / "cache", published=False)
+    monkeypatch.undo()
+    assert interrupted
+    monkeypatch.setenv("SA3LOADER_LOCK_TIMEOUT", "5")
+    model = load_toy(ckpt, tmp_path / "cache")
+    assert sa3loader.last_load_info().converted and digest(model) == reference_digest(ckpt)
+    assert leftovers(tmp_path) == []
