@@ -265,6 +265,7 @@ LEASE_REFRESH_S = 10.0
 # A lease not refreshed for this long belongs to a dead holder (or a host that
 # lost the volume); generous, so that clock skew between hosts does not matter.
 LEASE_STALE_S = 60.0
+EMPTY_LEASE_S = 5.0
 LEASE_TOKEN_MAX = 4096  # a token is about 150 bytes: a lease file is never read further
 
 
@@ -363,7 +364,7 @@ def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
         with contextlib.suppress(OSError):
             if _token_in(lease) == token:  # still ours, not taken over meanwhile
                 os.unlink(lease)
-        if refresher.ident is not None:
+        with contextlib.suppress(RuntimeError):  # never started (a Ctrl-C inside start: it sees the stop)
             refresher.join()
 
 
@@ -395,7 +396,12 @@ def _take_lease(lease: str, token: bytes, deadline: float, stale_s: float) -> No
                     filename=lease,
                 ) from None
             age = max(time.time() - st.st_mtime, silence.for_how_long(st))
-            if age > stale_s or _holder_is_gone(lease) or _left_here(lease):
+            # A holder writes its token the moment it creates the lease: one empty and unchanged
+            # for EMPTY_LEASE_S is a creation Ctrl-C cut short (before its token was written).
+            empty_left = st.st_size == 0 and silence.for_how_long(st) > _faults.tuned(
+                "empty_lease_s", EMPTY_LEASE_S
+            )
+            if age > stale_s or empty_left or _holder_is_gone(lease) or _left_here(lease):
                 logger.info("taking over %s (its holder is gone, or silent for %.0fs)", lease, age)
                 _take_over(lease)
                 continue
