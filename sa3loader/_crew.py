@@ -96,17 +96,7 @@ def run_crew(targets: Sequence[Callable[[], None]], name: str, stop: Callable[[B
             crew.work(targets[0])
     except BaseException as exc:  # Ctrl-C: those started are stopped
         interrupted = exc
-    while True:
-        try:
-            if interrupted is not None:  # inside the try: Ctrl-C again here is caught too
-                crew.stop()
-                stop(interrupted)
-            crew.wait()
-            break
-        except BaseException as exc:
-            interrupted = interrupted or exc
-    if interrupted is not None:
-        raise interrupted
+    _wait_for_none_running(crew, interrupted, stop)
 
 
 def map_on_crew(function: Callable[[Item], object], items: Sequence[Item], threads: int, name: str) -> None:
@@ -188,10 +178,12 @@ class Helpers:
             _run_into(*handed)
 
     def __exit__(self, *exc: object) -> None:
-        self._crew.stop()
-        for _ in range(self._crew.size):  # wakes each waiting helper (a late one sees the stop)
-            self._calls.put(None)
-        _stop_and_wait(self._crew, None)
+        try:
+            self._crew.stop()
+            for _ in range(self._crew.size):  # wakes each waiting helper (a late one sees the stop)
+                self._calls.put(None)
+        finally:  # Ctrl-C above: still none runs once this returns
+            _stop_and_wait(self._crew, None)
 
 
 def _run_into(future: Future[Any], call: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -202,11 +194,24 @@ def _run_into(future: Future[Any], call: Callable[..., Any], args: tuple[Any, ..
 
 
 def _stop_and_wait(crew: _Crew, interrupted: BaseException | None) -> None:
-    """Stop ``crew`` and wait until none of it runs, catching Ctrl-C as often as it comes; then
-    raise ``interrupted`` or the first Ctrl-C."""
+    _wait_for_none_running(crew, interrupted, None, stop_now=True)
+
+
+def _wait_for_none_running(
+    crew: _Crew,
+    interrupted: BaseException | None,
+    stop: Callable[[BaseException], None] | None,
+    stop_now: bool = False,
+) -> None:
+    """Wait until no worker of ``crew`` runs, catching Ctrl-C as often as it comes; the crew
+    stopped at once (``stop_now``) or once interrupted, then ``stop`` called (each time: the
+    targets return at their next step). Then raise ``interrupted``, or the first Ctrl-C."""
     while True:
         try:
-            crew.stop()
+            if stop_now or interrupted is not None:  # in the try: Ctrl-C again here is caught too
+                crew.stop()
+                if stop is not None and interrupted is not None:
+                    stop(interrupted)
             crew.wait()
             break
         except BaseException as exc:
