@@ -12,20 +12,58 @@ counted in never does (it returns at once), so "none counted in" means none can 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 
 
+OURS = "sa3loader-"  # the name of every thread sa3loader starts
+
+
+class _CallerTeams:
+    """Which threads have made their OpenMP team: the one piece of process state here; a forked
+    child has no team (libgomp makes it again there), so it starts with none made."""
+
+    def __init__(self) -> None:
+        self.made = threading.local()
+
+    def reset_in_child(self) -> None:
+        self.made = threading.local()
+
+    def first(self) -> None:
+        """The calling thread's OpenMP team, made now if it is not yet: its first parallel op
+        needs threads, and ours must not take the pids it needs first (at a pids limit libgomp
+        then ends the process where the plain recipe, which makes the same team, loads: an
+        attack, as a service user). Our own threads run one thread's ops (``_serial``)."""
+        if not getattr(self.made, "team", False) and not threading.current_thread().name.startswith(OURS):
+            with torch._C.DisableTorchFunction():  # not a factory's op to a watch or a device mode
+                torch.empty(2 * PARALLEL_GRAIN).fill_(0)  # above torch's grain: a parallel op
+            self.made.team = True
+
+
+_caller_teams = _CallerTeams()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_caller_teams.reset_in_child)
+_caller_team_first = _caller_teams.first
+
+
+# torch's at::internal::GRAIN_SIZE: elementwise ops on fewer elements run on the calling thread.
+PARALLEL_GRAIN = 32768
+
+
 def started(thread: threading.Thread, without: str) -> bool:
     """Start ``thread``, or say (logged) what is done ``without`` it where no thread can be had (a
     pids limit: ``Thread.start`` raises RuntimeError only then); whether it started."""
+    _caller_team_first()
     try:
         thread.start()
     except RuntimeError as exc:
@@ -86,6 +124,7 @@ def run_crew(targets: Sequence[Callable[[], None]], name: str, stop: Callable[[B
             # A new Thread's start raises RuntimeError only when no thread can be had (a limit,
             # the interpreter shutting down): those started do the work.
             try:
+                _caller_team_first()
                 threading.Thread(target=crew.work, args=(target,), name=name).start()
             except RuntimeError as exc:
                 logger.info("%d of %d %s threads started (%s)", crew.size, len(targets), name, exc)

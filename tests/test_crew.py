@@ -5,11 +5,14 @@ conversion frees next (its files, its mappings) is then touched by no one
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
+import torch
 from support.faults import interrupt_main_thread, sent_all, thread_starts_refused
 
 from sa3loader._crew import map_on_crew, run_crew
@@ -123,3 +126,34 @@ def test_map_on_crew_raises_the_first_error_once_no_item_runs():
     settled = list(ended)
     time.sleep(0.1)
     assert ended == settled and len(ended) < 99  # none ran on after; the rest were skipped
+
+
+TEAM_CHILD = """
+import os, threading, time, torch
+from sa3loader._crew import map_on_crew
+grown = []
+def caller():
+    map_on_crew(lambda item: None, range(4), threads=2, name="test-map")
+    while any(t.name == "test-map" for t in threading.enumerate()):
+        time.sleep(0.01)
+    time.sleep(0.2)  # their OS threads gone too
+    before = len(os.listdir("/proc/self/task"))
+    torch.empty(1 << 16).fill_(0)  # the caller's first parallel op of its own
+    grown.append(len(os.listdir("/proc/self/task")) - before)
+thread = threading.Thread(target=caller)  # a fresh thread: no OpenMP team yet
+thread.start()
+thread.join()
+print(grown[0])
+"""
+
+
+@pytest.mark.skipif(
+    not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2, reason="needs /proc and 2 cores"
+)
+def test_the_callers_openmp_team_is_made_before_a_thread_of_ours_takes_a_pid():
+    """At a pids limit the caller's first parallel op (the plain recipe makes the same) failed in
+    libgomp, which ends the process, once our threads had taken the pids its team needed (an
+    attack, as a service user). Made first, it takes no thread later. In a new process: another
+    test's threads may have left libgomp threads to reuse."""
+    child = subprocess.run([sys.executable, "-c", TEAM_CHILD], capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "0", child.stdout + child.stderr
