@@ -71,10 +71,12 @@ class _Pieces:
 
     def _stop_reader(self) -> None:
         """The reader ends at its next wait for a buffer: none is left but the stop."""
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._free.get_nowait()
-        self._free.put(None)
+        try:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._free.get_nowait()
+        finally:  # a second Ctrl-C in the drain: the stop still goes in (after the buffers left)
+            self._free.put(None)
 
     def __exit__(self, *exc: object) -> None:
         if self._reader.ident is not None:

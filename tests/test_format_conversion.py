@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import struct
 import threading
@@ -187,20 +188,31 @@ def test_verify_accepts_a_true_sibling_and_catches_a_data_flip(
         _compare.verify(read_header(src), read_header(outcome.sibling.path))
 
 
-def test_ctrl_c_inside_the_start_of_verifys_reader_leaves_no_reader_behind(tmp_path, monkeypatch):
+@pytest.mark.parametrize("second", [False, True], ids=["one-ctrl-c", "another-as-it-stops"])
+def test_ctrl_c_inside_the_start_of_verifys_reader_leaves_no_reader_behind(tmp_path, monkeypatch, second):
     """Ctrl-C lands in ``Thread.start`` once the reader runs (start waits for it to say so): the
-    reader, with its four buffers, ends all the same (an attack found it waiting for good)."""
+    reader, with its four buffers, ends all the same (an attack found it waiting for good), also
+    where a second Ctrl-C lands as the reader is told to stop."""
     src = tmp_path / "model.safetensors"
     save_file(source_tensors(), str(src))
     outcome = resolve_sibling(read_header(src), str(tmp_path / "cache"))
-    real_start = threading.Thread.start
+    real_start, real_get_nowait = threading.Thread.start, queue.Queue.get_nowait
+    stopping: list[bool] = []
 
     def start(thread: threading.Thread) -> None:
         real_start(thread)
         if thread.name == "sa3loader-read-ahead":
+            stopping.append(True)
             raise KeyboardInterrupt
 
+    def get_nowait(q: queue.Queue):
+        if second and stopping and len(stopping) == 1:
+            stopping.append(True)
+            raise KeyboardInterrupt
+        return real_get_nowait(q)
+
     monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(queue.Queue, "get_nowait", get_nowait)
     with pytest.raises(KeyboardInterrupt):
         _compare.verify(read_header(src), outcome.sibling)
     deadline = time.monotonic() + 10
