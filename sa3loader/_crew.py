@@ -27,6 +27,8 @@ Item = TypeVar("Item")
 
 
 OURS = "sa3loader-"  # the name of every thread sa3loader starts
+# torch's at::internal::GRAIN_SIZE: elementwise ops on fewer elements run on the calling thread.
+PARALLEL_GRAIN = 32768
 
 
 class _CallerTeams:
@@ -53,17 +55,13 @@ class _CallerTeams:
 _caller_teams = _CallerTeams()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_caller_teams.reset_in_child)
-_caller_team_first = _caller_teams.first
-
-
-# torch's at::internal::GRAIN_SIZE: elementwise ops on fewer elements run on the calling thread.
-PARALLEL_GRAIN = 32768
 
 
 def started(thread: threading.Thread, without: str) -> bool:
     """Start ``thread``, or say (logged) what is done ``without`` it where no thread can be had (a
-    pids limit: ``Thread.start`` raises RuntimeError only then); whether it started."""
-    _caller_team_first()
+    pids limit, the interpreter shutting down: ``Thread.start`` raises RuntimeError only then);
+    whether it started."""
+    _caller_teams.first()
     try:
         thread.start()
     except RuntimeError as exc:
@@ -121,14 +119,9 @@ def run_crew(targets: Sequence[Callable[[], None]], name: str, stop: Callable[[B
     interrupted: BaseException | None = None
     try:
         for target in targets:
-            # A new Thread's start raises RuntimeError only when no thread can be had (a limit,
-            # the interpreter shutting down): those started do the work.
-            try:
-                _caller_team_first()
-                threading.Thread(target=crew.work, args=(target,), name=name).start()
-            except RuntimeError as exc:
-                logger.info("%d of %d %s threads started (%s)", crew.size, len(targets), name, exc)
-                break
+            worker = threading.Thread(target=crew.work, args=(target,), name=name)
+            if not started(worker, without=f"{crew.size} of {len(targets)} {name} threads started"):
+                break  # those started do the work
             crew.size += 1
         if crew.size == 0 and targets:
             crew.size = 1

@@ -283,15 +283,28 @@ def _lease_token() -> str:
     return f"{_this_host()}:{os.getpid()}:{uuid.uuid4().hex}"
 
 
-def _holder_is_gone(lease: str) -> bool:
-    """The lease was taken on this host, in this pid namespace, by a process that no longer
-    exists: it is taken over at once, not after ``LEASE_STALE_S`` of silence."""
+def _held_token(lease: str) -> bytes | None:
+    """The token in the lease file; None where it cannot be read."""
     try:
-        host, pid, _ = _token_in(lease).decode("utf-8", "replace").rsplit(":", 2)
+        return _token_in(lease)
+    except OSError:
+        return None
+
+
+def _left_by(token: bytes | None) -> bool:
+    """The lease holding ``token`` was taken on this host, in this pid namespace, by a process
+    that no longer exists, or by this one and no conversion here holds it (one Ctrl-C stopped):
+    it is taken over at once, not after ``LEASE_STALE_S`` of silence."""
+    try:
+        host, pid, _ = (token or b"").decode("utf-8", "replace").rsplit(":", 2)
         holder = int(pid)
-    except (OSError, ValueError):
+    except ValueError:
         return False
-    if host != _this_host() or "?" in host.split("|")[1:] or holder <= 0:
+    if host != _this_host() or holder <= 0:
+        return False
+    if holder == os.getpid():  # this process's: the registry knows what it holds
+        return token not in _registry.live_tokens
+    if "?" in host.split("|")[1:]:  # no boot or pid namespace to tell this host's pids by
         return False
     return process_gone(holder)
 
@@ -368,15 +381,6 @@ def host_lease(sibling_path: str, deadline: float) -> Iterator[None]:
             refresher.join()
 
 
-def _left_here(lease: str) -> bool:
-    try:
-        token = _token_in(lease)
-    except OSError:
-        return False
-    ours = f"{_this_host()}:{os.getpid()}".encode()
-    return token not in _registry.live_tokens and token.rsplit(b":", 1)[0] == ours
-
-
 def _take_lease(lease: str, token: bytes, deadline: float, stale_s: float) -> None:
     """Create ``lease`` holding ``token``, waiting for its holder (or taking a stale one over)
     until ``deadline``."""
@@ -395,13 +399,12 @@ def _take_lease(lease: str, token: bytes, deadline: float, stale_s: float) -> No
                     "Remove it if no one uses it.",
                     filename=lease,
                 ) from None
-            age = max(time.time() - st.st_mtime, silence.for_how_long(st))
+            silent = silence.for_how_long(st)
+            age = max(time.time() - st.st_mtime, silent)
             # A holder writes its token the moment it creates the lease: one empty and unchanged
             # for EMPTY_LEASE_S is a creation Ctrl-C cut short (before its token was written).
-            empty_left = st.st_size == 0 and silence.for_how_long(st) > _faults.tuned(
-                "empty_lease_s", EMPTY_LEASE_S
-            )
-            if age > stale_s or empty_left or _holder_is_gone(lease) or _left_here(lease):
+            empty_left = st.st_size == 0 and silent > _faults.tuned("empty_lease_s", EMPTY_LEASE_S)
+            if age > stale_s or empty_left or _left_by(_held_token(lease)):
                 logger.info("taking over %s (its holder is gone, or silent for %.0fs)", lease, age)
                 _take_over(lease)
                 continue
