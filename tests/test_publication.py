@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -422,3 +423,39 @@ def test_a_ctrl_c_as_the_lock_is_handed_to_the_publication_releases_it(tmp_path,
     model = load_toy(ckpt, tmp_path / "cache")
     assert sa3loader.last_load_info().converted and digest(model) == reference_digest(ckpt)
     assert leftovers(tmp_path) == []
+
+
+FORKS_AND_ENDS = """
+import os, sys, threading
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+import sa3loader
+from sa3loader import _faults
+from support.loads import load_toy, make_ckpt
+tmp = Path(sys.argv[1])
+reached, release = threading.Event(), threading.Event()
+def hook(name, subject=None):
+    if name == "fsync":
+        reached.set()
+        release.wait(60)
+_faults.hook = hook
+load_toy(make_ckpt(tmp / "model.safetensors"), tmp / "cache", published=False)
+assert reached.wait(60)
+pid = os.fork()
+if pid:
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    release.set()
+    assert sa3loader.wait_for_publishing(60)
+    print("published" if (tmp / ".cache" / "sa3loader" / "model.fp16.safetensors").exists() else "gone")
+# the child returns: the interpreter ends normally, freeing what it holds (the parent's publication)
+"""
+
+
+def test_a_forked_child_that_ends_normally_leaves_its_parents_publication_alone(tmp_path):
+    """A worker forked while its parent publishes, ending as a Python program does (its objects
+    freed): the parent's lock and temp file, copied into the child, are not the child's to close
+    or remove. In a new process: pytest's own exit is not the child's."""
+    tests = str(Path(__file__).parent)
+    command = [sys.executable, "-c", FORKS_AND_ENDS, str(tmp_path), tests]
+    child = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout.strip() == "published", child.stdout + child.stderr[-2000:]
