@@ -4,6 +4,7 @@ that holds the lock, the process waits for it at exit, and a kill or a failure t
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import sa3loader
 from sa3loader import _compare, _faults
 from sa3loader._format import read_header
 from sa3loader._lock import conversion_lock
+from sa3loader._publication import HeldUntilPublished
 
 WAIT_S = 30
 
@@ -459,3 +461,23 @@ def test_a_forked_child_that_ends_normally_leaves_its_parents_publication_alone(
     command = [sys.executable, "-c", FORKS_AND_ENDS, str(tmp_path), tests]
     child = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert child.returncode == 0 and child.stdout.strip() == "published", child.stdout + child.stderr[-2000:]
+
+
+def test_a_forked_childs_copy_of_a_dropped_hold_is_the_parents_to_close(tmp_path):
+    """``HeldUntilPublished`` closes itself when dropped, in its own process only: a forked child
+    that frees its copy leaves the parent's lock held and its temp file in place."""
+    sibling, temp = tmp_path / "model.fp16.safetensors", tmp_path / "model.incomplete"
+    temp.write_bytes(b"half-written")
+    held = HeldUntilPublished()
+    assert held.enter_context(conversion_lock(str(sibling), timeout=5))
+    held.callback(temp.unlink)
+    pid = os.fork()
+    if pid == 0:  # the child's only reference: freed here, at once
+        del held
+        gc.collect()
+        os._exit(0)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert temp.exists() and not lock_is_free(sibling)
+    del held  # the parent's own drop closes it
+    gc.collect()
+    assert not temp.exists() and lock_is_free(sibling)
