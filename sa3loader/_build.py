@@ -16,7 +16,7 @@ import contextlib
 import logging
 import random
 import sys
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,6 +36,7 @@ from ._defer import (
     watched_build,
 )
 from ._format import Header
+from ._given_config import snapshot, unchanged
 from ._refusals import (
     Attributes,
     FastBuildRefused,
@@ -408,7 +409,7 @@ class Generators:
 def build(factory: Factory, config: Any, source: Header, values: Values, device: torch.device) -> Built:
     """Fast build when it gives upstream's model, else upstream's own build."""
     generators, others = Generators(), outside_builds()
-    given = _copy_of_plain(config)
+    given = snapshot(config)
     fallback = None
     try:
         if _to_makes_new_tensors():  # module by module, the constructor's .to() calls too
@@ -423,7 +424,7 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
         nothing_ran = isinstance(refused, _NothingRan)
         if not nothing_ran and others[0] == 0 and outside_builds() == others:
             generators.restore()
-        if given is not _NOT_PLAIN and not _same_plain(config, given):  # changed (a pop): as given
+        if not unchanged(config, given):  # changed (a pop): as it came
             config = given
         with not_deferred(), built_outside() if nothing_ran else contextlib.nullcontext():
             model = factory(config)
@@ -433,49 +434,12 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
     return Built(model, result, "fast" if fallback is None else "faithful", fallback)
 
 
-_NOT_PLAIN = object()
-
-
 def _to_makes_new_tensors() -> bool:
     """torch's flags that make ``.to`` replace or swap each tensor (upstream's cast then unties
     what it casts one module at a time; the fast build's has nothing left to cast)."""
     return torch.__future__.get_overwrite_module_params_on_conversion() or (
         torch.__future__.get_swap_module_params_on_conversion()
     )
-
-
-_PLAIN_SCALARS = (str, int, float, bool, type(None))
-
-
-def _copy_of_plain(value: Any, depth: int = 32) -> Any:
-    """A deep copy of a config of JSON's types (the released ones; ``OrderedDict`` and scalar
-    keys too): what upstream's build gets after a refused fast build if the factory changed
-    the one given (a ``pop``); the model then holds the copy. ``_NOT_PLAIN`` for any other
-    object (its ``==`` may not compare values)."""
-    if type(value) in _PLAIN_SCALARS:
-        return value
-    if depth == 0:
-        return _NOT_PLAIN
-    if type(value) in (dict, OrderedDict) and all(type(k) in _PLAIN_SCALARS for k in value):
-        items = [(k, _copy_of_plain(v, depth - 1)) for k, v in value.items()]
-        return _NOT_PLAIN if any(v is _NOT_PLAIN for _, v in items) else type(value)(items)
-    if type(value) in (list, tuple):
-        copied = [_copy_of_plain(v, depth - 1) for v in value]
-        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in copied) else type(value)(copied)
-    return _NOT_PLAIN
-
-
-def _same_plain(a: Any, b: Any) -> bool:
-    """Equal with the same types and key order all the way down (``==`` takes 1 for True and
-    ignores order; a factory may read either)."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        keys = [(type(k), k) for k in a]
-        return keys == [(type(k), k) for k in b] and all(_same_plain(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(map(_same_plain, a, b))
-    return bool(a is b or a == b)  # the copy keeps each scalar object: a NaN is itself
 
 
 MISSING_NAMES_SHOWN = 5

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sa3loader import HeaderError, _build, _identity, _places, _trust
+from sa3loader import HeaderError, _build, _given_config, _identity, _places, _trust
 from sa3loader._format import _guess_format, layout, parse_header
 from sa3loader._io import MAX_GAP_BYTES, plan_chunks
 from sa3loader._records import IndexRow, RangeReport, SiblingClaim, SourceIdentity
@@ -93,6 +93,88 @@ def test_plan_keys_skips_what_upstream_skips_and_the_later_key_wins():
     assert result.unexpected_keys == ["unknown.key"]
     assert result.mismatched_keys == ["blocks.1.weight"]
     assert result.missing_keys == ["blocks.1.weight", "missing"]
+
+
+# ------------------------------------------------------------------ the config a second build gets
+
+_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=3),
+    st.sampled_from([torch.float32, torch.int8, os.sep, math.inf]),
+)
+_configs = st.recursive(
+    _leaves,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(st.one_of(st.text(max_size=2), st.integers()), inner, max_size=3),
+    ),
+    max_leaves=12,
+)
+
+
+@given(_configs)
+def test_a_snapshot_is_a_new_set_of_containers_holding_the_same_objects(config):
+    taken = _given_config.snapshot(config)
+    assert _given_config.unchanged(config, taken)
+
+    def same_shape(a, b):
+        if type(a) in (list, tuple, dict):
+            assert type(b) is type(a) and (a is not b or a == ())
+            pairs = zip(a.items(), b.items(), strict=True) if isinstance(a, dict) else [(a, b)]
+            if isinstance(a, dict):
+                for (ka, va), (kb, vb) in pairs:
+                    assert ka is kb
+                    same_shape(va, vb)
+            else:
+                for va, vb in zip(a, b, strict=True):
+                    same_shape(va, vb)
+        else:
+            assert a is b
+
+    same_shape(config, taken)
+
+
+def test_every_change_a_factory_makes_to_a_container_is_seen():
+    def fresh():
+        return {"dim": 4, "dtype": torch.float16, "ids": [1, (2, 3)], "flag": 1}
+
+    changes = {
+        "pop": lambda c: c.pop("dim"),
+        "add": lambda c: c.setdefault("extra", 0),
+        "reorder": lambda c: c.update(dim=c.pop("dim")),
+        "equal, not the same": lambda c: c.update(flag=True),
+        "nested": lambda c: c["ids"].append(4),
+        "nested replaced": lambda c: c["ids"].__setitem__(1, (2, 3.0)),
+        "another leaf": lambda c: c.update(dtype=torch.float32),
+        "list to tuple": lambda c: c.update(ids=tuple(c["ids"])),
+    }
+    for name, change in changes.items():
+        config = fresh()
+        taken = _given_config.snapshot(config)
+        change(config)
+        assert not _given_config.unchanged(config, taken), name
+        assert taken == fresh() and taken["dtype"] is torch.float16, name
+    config = fresh()
+    assert _given_config.unchanged(config, _given_config.snapshot(config))
+
+
+def test_a_subclassed_container_or_one_past_the_depth_is_kept_as_itself():
+    import collections
+
+    counts = collections.Counter(a=1)
+    config = {"counts": counts, "deep": [[[]]]}
+    taken = _given_config.snapshot(config, depth=2)
+    assert taken["counts"] is counts and taken["deep"] is not config["deep"]
+    assert taken["deep"][0] is config["deep"][0]  # depth 2: the third level is the caller's
+    counts["b"] = 2  # inside an object kept as itself: not seen
+    assert _given_config.unchanged(config, taken, depth=2)
+    ordered = collections.OrderedDict(a=[1])
+    assert type(_given_config.snapshot(ordered)) is collections.OrderedDict
+    assert not _given_config.unchanged(dict(ordered), _given_config.snapshot(ordered))
 
 
 # ------------------------------------------------------------------ read plans

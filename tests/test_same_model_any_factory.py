@@ -26,6 +26,7 @@ import threading
 import types
 import warnings
 import weakref
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -3051,6 +3052,33 @@ def test_a_factory_that_changes_its_config_builds_upstreams_model_after_a_refusa
     ref.eval().requires_grad_(False)
     assert_same_model(model, ref)
     assert given == upstreams == model.kept == {"nested": {"a": [1, 2.5, None, "x"]}}
+
+
+class PopsAConfigOfObjects(ToyDiT):
+    def __init__(self, config: dict) -> None:
+        super().__init__(dim=config.pop("dim"))
+        self.kept = config
+        self.extra = nn.Parameter(torch.zeros(3, dtype=config["dtype"]))  # not in the checkpoint: refused
+
+
+def test_a_factory_that_pops_from_a_config_of_objects_builds_upstreams_model_after_a_refusal(tmp_path):
+    """A config holding objects other than JSON's (a torch.dtype, a path): its containers are
+    given again as they came, holding the caller's very objects (an attack: a KeyError)."""
+    dtype, where = torch.float32, Path("somewhere")
+    state = random_like_state(PopsAConfigOfObjects({"dim": 32, "dtype": dtype}), seed=3)
+    ckpt = save({k: v for k, v in state.items() if k != "extra"}, tmp_path / "model.safetensors")
+    given = {"dim": 32, "dtype": dtype, "where": [where]}
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        given, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=PopsAConfigOfObjects
+    )
+    assert sa3loader.last_load_info().build == "faithful"
+    torch.manual_seed(0)
+    ref = PopsAConfigOfObjects({"dim": 32, "dtype": dtype, "where": [where]})
+    ref.load_state_dict(load_file(str(ckpt)), strict=False)
+    ref.eval().requires_grad_(False)
+    assert_same_model(model, ref)
+    assert model.kept == {"dtype": dtype, "where": [where]} and model.kept["where"][0] is where
 
 
 class KeepsAZeroTensorParameter(ToyDiT):
