@@ -450,7 +450,9 @@ def _warn_random_init(model: nn.Module, result: LoadResult, source: Header) -> N
     if not result.missing_keys:
         return
     parameters = dict(model.named_parameters(remove_duplicate=False))
-    missing = [key for key in result.missing_keys if key in parameters]
+    absent = set(result.missing_keys)
+    loaded = {id(param) for key, param in parameters.items() if key not in absent}  # a tied name's too
+    missing = [key for key in result.missing_keys if key in parameters and id(parameters[key]) not in loaded]
     if missing:
         shown = ", ".join(missing[:MISSING_NAMES_SHOWN]) + (
             ", ..." if len(missing) > MISSING_NAMES_SHOWN else ""

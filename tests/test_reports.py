@@ -295,3 +295,27 @@ def test_a_load_that_fails_leaves_the_last_report_as_it_was(tmp_path):
     with pytest.raises(sa3loader.CheckpointNotFoundError):
         sa3loader.load_diffusion_cond({}, tmp_path / "missing.safetensors", "cpu", True, model_factory=build)
     assert sa3loader.last_load_info() is before
+
+
+def test_a_tied_parameter_saved_under_one_name_is_not_said_to_keep_its_random_init(tmp_path, caplog):
+    """A head tied to the embedding, saved once (safetensors' ``save_model`` keeps one name): the
+    other name is the same, loaded parameter, not one that keeps its random init (an attack)."""
+    import logging
+
+    from torch import nn
+
+    def tied(config):
+        model = nn.Module()
+        model.emb, model.out = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        model.out.weight = model.emb.weight
+        model.extra = nn.Parameter(torch.zeros(2))
+        return model
+
+    ckpt = save({"emb.weight": torch.ones(10, 4)}, tmp_path / "model.safetensors")
+    caplog.set_level(logging.WARNING, logger="sa3loader")
+    model = sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=tied
+    )
+    assert model.out.weight is model.emb.weight and bool((model.out.weight == 1).all())
+    warnings = [r.getMessage() for r in caplog.records if "random init" in r.getMessage()]
+    assert len(warnings) == 1 and "1 parameters" in warnings[0] and "(extra)" in warnings[0], warnings
