@@ -162,6 +162,15 @@ def test_every_change_a_factory_makes_to_a_container_is_seen():
     assert _given_config.unchanged(config, _given_config.snapshot(config))
 
 
+def test_a_config_that_holds_itself_is_copied_and_compared_to_the_depth_and_no_further():
+    config: dict = {"dim": 4}
+    config["itself"] = config
+    taken = _given_config.snapshot(config)
+    assert _given_config.unchanged(config, taken)  # no RecursionError
+    config.pop("dim")
+    assert not _given_config.unchanged(config, taken) and taken["itself"]["dim"] == 4
+
+
 def test_a_subclassed_container_or_one_past_the_depth_is_kept_as_itself():
     import collections
 
