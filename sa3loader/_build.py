@@ -48,6 +48,7 @@ from ._refusals import (
     tensor_attributes,
 )
 from ._watch import BuildWatch
+from .errors import FactoryRebuildError
 
 if TYPE_CHECKING:  # the loader hands the values in: a build reads them, never makes them
     from ._values import Values
@@ -166,7 +167,7 @@ class _NothingRan(FastBuildRefused):
 
 
 def _build_deferred(
-    factory: Factory, config: Any, generators: Generators
+    factory: Factory, config: Any, generators: Generators, first_run: FirstRun
 ) -> tuple[nn.Module, DeferredParameters, BuildWatch]:
     """The factory's model with its parameters deferred, and what it drew at random. Its
     own errors pass through as they are, so it runs once; only an error that torch raised
@@ -187,6 +188,8 @@ def _build_deferred(
                 raise FastBuildRefused(
                     f"the factory needs real parameters ({type(exc).__name__}: {exc})"
                 ) from exc
+            finally:
+                first_run.update(deferred.stand_ins())
     except PatchesBusy as busy:  # raised only before the factory ran: upstream's build needs none
         raise _NothingRan(str(busy)) from None
 
@@ -315,9 +318,10 @@ def _build_fast(
     values: Values,
     device: torch.device,
     generators: Generators,
+    first_run: FirstRun,
 ) -> tuple[nn.Module, LoadResult]:
     """Model with every parameter placed from the file, or ``FastBuildRefused`` saying why not."""
-    model, deferred, watch = _build_deferred(factory, config, generators)
+    model, deferred, watch = _build_deferred(factory, config, generators, first_run)
     if deferred.unswapped:
         raise FastBuildRefused(
             f"{deferred.unswapped[0]} could not be deferred in place (torch.utils.swap_tensors, torch >= 2.3)"
@@ -409,12 +413,12 @@ class Generators:
 def build(factory: Factory, config: Any, source: Header, values: Values, device: torch.device) -> Built:
     """Fast build when it gives upstream's model, else upstream's own build."""
     generators, others = Generators(), outside_builds()
-    given = snapshot(config)
+    given, first_run = snapshot(config), FirstRun()
     fallback = None
     try:
         if _to_makes_new_tensors():  # module by module, the constructor's .to() calls too
             raise FastBuildRefused("torch.__future__ makes .to() make new parameters")
-        model, result = _build_fast(factory, config, source, values, device, generators)
+        model, result = _build_fast(factory, config, source, values, device, generators, first_run)
     except FastBuildRefused as refused:
         fallback = str(refused)
         logger.info("%s: using upstream's full build (%s)", source.path, fallback)
@@ -428,10 +432,31 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
             config = given
         with not_deferred(), built_outside() if nothing_ran else contextlib.nullcontext():
             model = factory(config)
+        _refuse_parts_of_the_first_run(model, first_run, source, fallback)
         result = load_faithful(model, source, values)
     log_skipped(result)
     _warn_random_init(model, result, source)
     return Built(model, result, "fast" if fallback is None else "faithful", fallback)
+
+
+FirstRun = dict[
+    int, nn.Parameter
+]  # the fast attempt's stand-ins, by id (no weak reference: it blocks a swap)
+
+
+def _refuse_parts_of_the_first_run(model: nn.Module, first_run: FirstRun, source: Header, why: str) -> None:
+    """Upstream runs the factory once. A second run that reused part of the first's model (a
+    module cache of the factory's) holds its meta stand-ins, which copying the checkpoint
+    into leaves empty, where upstream's model has loaded values (an attack)."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for key, tensor in tensors:
+        if first_run.get(id(tensor)) is tensor:
+            raise FactoryRebuildError(
+                f"{source.path}: the fast build was refused ({why}), and the factory's second run "
+                f"reused {key} from its first (a module cache of its own?); upstream builds once: "
+                "set SA3LOADER_DISABLE=1",
+                filename=source.path,
+            )
 
 
 def _to_makes_new_tensors() -> bool:

@@ -96,5 +96,10 @@ class CacheIndexError(Sa3LoaderError, OSError):
     """A cache command could not read or write the index (locked by another process, or corrupt)."""
 
 
+class FactoryRebuildError(Sa3LoaderError, RuntimeError):
+    """After a refused fast build, the factory's second run reused part of the first run's model
+    (a module cache of its own), which holds no values: set $SA3LOADER_DISABLE=1."""
+
+
 class ConfigError(Sa3LoaderError, ValueError):
     """An argument or an ``SA3LOADER_*`` environment variable has a value sa3loader cannot use."""

@@ -3081,6 +3081,49 @@ def test_a_factory_that_pops_from_a_config_of_objects_builds_upstreams_model_aft
     assert model.kept == {"dtype": dtype, "where": [where]} and model.kept["where"][0] is where
 
 
+_ENCODERS: dict[str, nn.Linear] = {}
+
+
+class SharesACachedEncoder(nn.Module):
+    """The shared encoder built once per process (a module cache), and a parameter the
+    checkpoint lacks: the fast build is refused after the factory ran."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        if "enc" not in _ENCODERS:
+            _ENCODERS["enc"] = nn.Linear(4, 4)
+        self.enc = _ENCODERS["enc"]
+        self.head = nn.Linear(4, 2)
+        self.extra = nn.Parameter(torch.zeros(3))
+
+
+@pytest.mark.parametrize("cached_before", [False, True], ids=["cached-by-the-load", "cached-before"])
+def test_a_second_run_that_reuses_the_first_runs_module_is_a_typed_error(tmp_path, cached_before):
+    """Upstream builds once. A second run that reuses a module the refused first run cached holds
+    its meta stand-ins: a FactoryRebuildError saying what to do (an attack: NotImplementedError
+    from the finish). A module cached before the load is real in both runs: upstream's model."""
+    state = {"enc.weight": torch.ones(4, 4), "enc.bias": torch.zeros(4)}
+    state |= {"head.weight": torch.full((2, 4), 2.0), "head.bias": torch.zeros(2)}
+    ckpt = save(state, tmp_path / "model.safetensors")
+    _ENCODERS.clear()
+    try:
+        if cached_before:
+            torch.manual_seed(0)
+            SharesACachedEncoder({})
+            model = load_toy(ckpt, tmp_path / "c", factory=SharesACachedEncoder)
+            assert sa3loader.last_load_info().build == "faithful"
+            ref = upstream_recipe(lambda: SharesACachedEncoder({}), ckpt, True)
+            assert model.enc is ref.enc and bool((model.enc.weight == 1).all())
+            assert_same_model(model, ref)
+            return
+        with pytest.raises(sa3loader.FactoryRebuildError, match="reused enc.weight") as raised:
+            load_toy(ckpt, tmp_path / "c", factory=SharesACachedEncoder)
+        assert isinstance(raised.value, RuntimeError) and raised.value.filename == str(ckpt)
+        assert "SA3LOADER_DISABLE=1" in str(raised.value)
+    finally:
+        _ENCODERS.clear()
+
+
 class KeepsAZeroTensorParameter(ToyDiT):
     def __init__(self) -> None:
         super().__init__()
