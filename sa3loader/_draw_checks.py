@@ -52,8 +52,29 @@ class ChecksDraws(TorchDispatchMode):
     """Around an nn.init call run into meta: each in-place draw it makes there (which a torch
     function mode does not see: the call is the mode's) is checked first (``check_arguments``)."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """No ``torch._disable_dynamo`` wrapper, whose first call imports torch._dynamo (1.1 s: a
+        fresh process's every first load paid it); nothing compiles inside a build's nn.init."""
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = getattr(getattr(func, "overloadpacket", None), "__name__", "")
         if name in IN_PLACE_DRAWS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
             check_arguments(func, args, kwargs)  # (no meta argument but the tensor: it moves a generator)
+            if _probed_whole(args, kwargs):
+                return args[0]
         return func(*args, **(kwargs or {}))
+
+
+def _probed_whole(args: tuple, kwargs: dict | None) -> bool:
+    """Whether ``check_arguments`` ran every check the meta kernel would: numbers alone, on a
+    dtype the CPU holds. Meta draws nothing, so the kernel is skipped: some are Python references
+    (``normal_``'s) whose first call imports torch._dynamo (1.1 s)."""
+    if any(isinstance(a, torch.Tensor) for a in (*args[1:], *(kwargs or {}).values())):
+        return False
+    try:
+        torch.empty(0, dtype=args[0].dtype)
+    except (RuntimeError, TypeError):
+        return False
+    return True

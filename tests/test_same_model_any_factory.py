@@ -21,6 +21,7 @@ import gc
 import itertools
 import operator
 import random
+import subprocess
 import sys
 import threading
 import types
@@ -3257,3 +3258,37 @@ def test_on_the_meta_device_the_checkpoint_is_loaded_before_the_move_as_upstream
     with pytest.raises(RuntimeError, match="refused: inf"):
         ours(RefusesInf, inf)
     assert not (tmp_path / "c").exists()  # no sibling on meta
+
+
+LOADS_WITHOUT_DYNAMO = """
+import sys
+import torch
+from safetensors.torch import save_file
+from torch import nn
+import sa3loader
+if "torch._dynamo" in sys.modules:
+    print("imported before the load")
+    sys.exit(0)
+def factory(config):
+    return nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Conv1d(8, 8, 3), nn.Embedding(4, 8))
+save_file(factory({}).state_dict(), sys.argv[1] + "/model.safetensors")
+for _ in range(2):  # the conversion, then the hit
+    ckpt, cache = sys.argv[1] + "/model.safetensors", sys.argv[1] + "/c"
+    sa3loader.load({}, ckpt, "cpu", True, model_factory=factory, cache_dir=cache)
+    assert sa3loader.last_load_info().build == "fast"
+print("imported" if "torch._dynamo" in sys.modules else "not imported")
+"""
+
+
+def test_a_fast_build_of_nn_init_layers_does_not_import_torch_dynamo(tmp_path):
+    """torch wraps a dispatch mode's ``__torch_dispatch__``, and some meta kernels (``normal_``'s
+    Python reference), so that their first call imports torch._dynamo: 1.1 s that every first
+    load in a fresh process paid (a new user's report). The draw checks' mode opts out, and
+    skips the meta kernel of a draw it checked whole; nothing compiles inside a build."""
+    run = subprocess.run(
+        [sys.executable, "-c", LOADS_WITHOUT_DYNAMO, str(tmp_path)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    if run.stdout.strip() == "imported before the load":
+        pytest.skip("this torch imports torch._dynamo with torch itself")
+    assert run.stdout.strip() == "not imported"
