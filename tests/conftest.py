@@ -60,7 +60,7 @@ def upstream() -> Upstream:
     if root is None:
         pytest.skip(
             f"upstream stable_audio_3 source not found at {os.environ.get(UPSTREAM_ENV) or DEFAULT_UPSTREAM} "
-            f"(set ${UPSTREAM_ENV} to the folder holding its stable-audio-3/ and configs/)"
+            f"(set ${UPSTREAM_ENV} to the folder holding its stable-audio-3/ and configs/tiny_sa3.json)"
         )
     factory = import_upstream(root)
     loading_utils = importlib.import_module("stable_audio_3.loading_utils")

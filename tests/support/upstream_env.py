@@ -25,10 +25,12 @@ T5GEMMA_DIM = 768
 
 
 def find_upstream() -> Path | None:
-    """The folder holding ``stable-audio-3/``; $SA3LOADER_UPSTREAM may name either."""
+    """The folder holding ``stable-audio-3/`` and ``configs/tiny_sa3.json`` (the tests' config:
+    a folder without it is skipped, not an error); $SA3LOADER_UPSTREAM may name either."""
     candidate = Path(os.environ.get(UPSTREAM_ENV) or DEFAULT_UPSTREAM)
     for root in (candidate, candidate.parent):
-        if (root / "stable-audio-3" / "stable_audio_3" / "loading_utils.py").is_file():
+        package = root / "stable-audio-3" / "stable_audio_3" / "loading_utils.py"
+        if package.is_file() and (root / "configs" / "tiny_sa3.json").is_file():
             return root
     return None
 
