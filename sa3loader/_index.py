@@ -29,7 +29,7 @@ from . import _config, _faults
 from ._config import info_once, warn_once
 from ._places import INDEX_SUBDIR, create_cache_dir
 from ._records import IndexRow
-from ._trust import cache_dir_trust
+from ._trust import cache_dir_trust, refused_cache_dir_hint
 from .errors import (
     CacheIndexError,
     UntrustedCacheDirError,
@@ -469,7 +469,7 @@ def refuse_untrusted(cache_dir: str) -> None:
     if distrust is not None:
         raise UntrustedCacheDirError(
             f"refusing the cache dir {cache_dir}: {distrust} "
-            f"(set ${_config.SHARED_CACHE_ENV}=1 for a shared team cache)",
+            f"({refused_cache_dir_hint(distrust, _config.SHARED_CACHE_ENV)})",
             filename=cache_dir,
         )
 

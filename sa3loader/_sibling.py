@@ -51,7 +51,7 @@ from ._records import (
     SiblingClaim,
     sibling_file,
 )
-from ._trust import cache_dir_trust, owner_problem
+from ._trust import cache_dir_trust, owner_problem, refused_cache_dir_hint
 from .errors import HeaderError, Sa3LoaderError, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -128,10 +128,10 @@ def _trusted(cache_dir: str, settings: _config.Settings) -> bool:
     if distrust is not None:
         warn_once(
             f"untrusted:{cache_dir}",
-            "ignoring the sa3loader cache dir %s: %s (set $%s=1 for a shared team cache)",
+            "ignoring the sa3loader cache dir %s: %s (%s)",
             cache_dir,
             distrust,
-            _config.SHARED_CACHE_ENV,
+            refused_cache_dir_hint(distrust, _config.SHARED_CACHE_ENV),
         )
     return distrust is None
 

@@ -43,8 +43,19 @@ def _lstat(path: str) -> tuple[os.stat_result | None, str | None]:
     except ValueError:  # a NUL in a path a row names: no file can have that name
         return None, "it is not a possible file name"
     if stat.S_ISLNK(st.st_mode):
-        return None, "it is a symlink"
+        return None, SYMLINK
     return st, None
+
+
+SYMLINK = "it is a symlink"  # told by identity (``refused_cache_dir_hint``)
+
+
+def refused_cache_dir_hint(problem: str, shared_env: str) -> str:
+    """What to do about a cache dir ``cache_dir_trust`` refused: a symlink's target is named
+    instead (one planted in a shared dir could lead anywhere); a dir shared on purpose is said so."""
+    if problem is SYMLINK:
+        return "name the directory it points to instead"
+    return f"set ${shared_env}=1 for a shared team cache"
 
 
 def cache_dir_trust(path: str, *, shared: bool) -> str | None:

@@ -9,6 +9,7 @@ a symlink; siblings never widen who can read the weights.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import stat
 import struct
@@ -396,6 +397,27 @@ def test_a_symlink_or_a_file_where_the_cache_dir_goes(tmp_path):
     assert trust.owned_file_problem(str(tmp_path / "link")) == "it is a symlink"
     assert trust.cache_dir_trust(str(tmp_path / "file"), shared=False) is None  # making dirs in it fails
     assert trust.cache_dir_trust(str(tmp_path / "absent"), shared=False) is None
+
+
+def test_a_refused_cache_dir_says_what_to_do_about_its_own_problem(tmp_path, monkeypatch, caplog):
+    """A symlink: name its target (a shared team cache is not what a user's own link is, a new
+    user's report); a dir others can write to: say it is shared on purpose."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.delenv("SA3LOADER_SHARED_CACHE", raising=False)
+    with pytest.raises(UntrustedCacheDirError, match="symlink [(]name the directory it points to instead[)]"):
+        _index.refuse_untrusted(str(tmp_path / "link"))
+    (tmp_path / "open").mkdir(mode=0o777)
+    os.chmod(tmp_path / "open", 0o777)
+    with pytest.raises(UntrustedCacheDirError, match=r"world-writable [(]set \$SA3LOADER_SHARED_CACHE=1 for"):
+        _index.refuse_untrusted(str(tmp_path / "open"))
+    (tmp_path / "m").mkdir()
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "m" / "model.safetensors")
+    monkeypatch.setenv("SA3LOADER_PLACE", "cache")
+    caplog.set_level(logging.WARNING, logger="sa3loader")
+    load_toy(ckpt, tmp_path / "link")
+    warned = [r.getMessage() for r in caplog.records if "ignoring the sa3loader cache dir" in r.getMessage()]
+    assert warned and warned[0].endswith("it is a symlink (name the directory it points to instead)")
 
 
 @pytest.mark.parametrize(
