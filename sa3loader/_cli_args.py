@@ -4,6 +4,7 @@ argparse cannot make, each a ``UsageError`` (exit 2) that ``--json`` can report 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -145,7 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_cache_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot tell: options that go with another option or kind of path."""
+    if args.command == "convert" and args.force and args.out is None and not args.in_place:
+        if not os.path.isdir(args.src):  # a new user's report: --force said "unchanged"
+            parser.error(
+                "--force replaces an --out file or a directory's output; a file's sibling is "
+                "replaced when stale or damaged (cache rm FILE, then convert, makes it anew)"
+            )
     if not getattr(args, "cache_command", None):
         return
     if (args.cache_command in PATH_ACTIONS) != bool(args.checkpoints):

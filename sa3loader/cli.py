@@ -31,7 +31,7 @@ from ._cache_dir import (
     refuse_to_open_others,
     resolve_cache_dir,
 )
-from ._cli_args import Answered, UsageError, build_parser, check_cache_arguments, parsed
+from ._cli_args import Answered, UsageError, build_parser, check_arguments, parsed
 from ._cli_output import (
     EXIT_CHECK_FAILED,
     EXIT_ERROR,
@@ -469,7 +469,7 @@ def _main(argv: list[str]) -> int:
     parser = build_parser()
     try:
         args = parsed(parser, argv)
-        check_cache_arguments(parser, args)
+        check_arguments(parser, args)
     except Answered as answer:
         print(json.dumps(answer.document, indent=2)) if "--json" in argv else sys.stdout.write(answer.text)
         return EXIT_OK

@@ -91,6 +91,17 @@ def test_convert_directory_copy(ckpt_dir, tmp_path):
     run("convert", str(ckpt_dir), "--force", cache=tmp_path / "c")
 
 
+def test_force_without_an_output_to_replace_is_a_usage_error(ckpt_dir, tmp_path):
+    """``convert FILE --force`` printed "unchanged" and replaced nothing (a new user's report):
+    --force replaces an --out file or a directory's output; a sibling is the cache's to renew."""
+    ckpt = ckpt_dir / "model.safetensors"
+    refused = run("convert", str(ckpt), "--force", cache=tmp_path / "c", check_rc=2)
+    assert "cache rm FILE" in refused.stderr and "Traceback" not in refused.stderr
+    assert not list(tmp_path.rglob("*.fp16.safetensors"))  # nothing done
+    run("convert", str(ckpt), "--out", str(tmp_path / "out.safetensors"), cache=tmp_path / "c")
+    run("convert", str(ckpt), "--out", str(tmp_path / "out.safetensors"), "--force", cache=tmp_path / "c")
+
+
 def test_convert_in_place_is_idempotent_and_skips_auto_siblings(ckpt_dir, tmp_path):
     run("warm", str(ckpt_dir / "model.safetensors"), cache=tmp_path / "c")
     assert (ckpt_dir / ".cache" / "sa3loader" / "model.fp16.safetensors").exists()
