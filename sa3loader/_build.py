@@ -439,9 +439,8 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
     return Built(model, result, "fast" if fallback is None else "faithful", fallback)
 
 
-FirstRun = dict[
-    int, nn.Parameter
-]  # the fast attempt's stand-ins, by id (no weak reference: it blocks a swap)
+# The fast attempt's stand-ins, by id (no weak reference to them: it would block their swap).
+FirstRun = dict[int, nn.Parameter]
 
 
 def _refuse_parts_of_the_first_run(model: nn.Module, first_run: FirstRun, source: Header, why: str) -> None:
@@ -450,7 +449,7 @@ def _refuse_parts_of_the_first_run(model: nn.Module, first_run: FirstRun, source
     into leaves empty, where upstream's model has loaded values (an attack)."""
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for key, tensor in tensors:
-        if first_run.get(id(tensor)) is tensor:
+        if first_run.get(id(tensor)) is tensor and tensor.is_meta:  # one placed before the refusal is loaded
             raise FactoryRebuildError(
                 f"{source.path}: the fast build was refused ({why}), and the factory's second run "
                 f"reused {key} from its first (a module cache of its own?); upstream builds once: "

@@ -3125,6 +3125,39 @@ def test_a_second_run_that_reuses_the_first_runs_module_is_a_typed_error(tmp_pat
         _ENCODERS.clear()
 
 
+class SharesACachedEncoderAndAWeakReference(nn.Module):
+    """The shared encoder cached per process, and a head weakly referenced: placing refuses at
+    the head, after the encoder's weights were placed (real, loaded) by the refused attempt."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        if "enc" not in _ENCODERS:
+            _ENCODERS["enc"] = nn.Linear(4, 4)
+        self.enc = _ENCODERS["enc"]
+        self.head = nn.Linear(4, 2)
+        self.watched = weakref.ref(self.head.weight)
+
+
+def test_a_second_run_that_reuses_a_module_placed_before_the_refusal_loads_upstreams_model(tmp_path):
+    """Reuse of a stand-in already placed (loaded, real) is no stand-in left empty: the
+    checkpoint is copied into it again, and the model is upstream's."""
+    state = {"enc.weight": torch.ones(4, 4), "enc.bias": torch.zeros(4)}
+    state |= {"head.weight": torch.full((2, 4), 2.0), "head.bias": torch.zeros(2)}
+    ckpt = save(state, tmp_path / "model.safetensors")
+    _ENCODERS.clear()
+    try:
+        model = load_toy(ckpt, tmp_path / "c", factory=SharesACachedEncoderAndAWeakReference)
+        info = sa3loader.last_load_info()
+        assert info.build == "faithful" and "weakly referenced" in info.fallback
+        assert not model.enc.weight.is_meta and bool((model.enc.weight == 1).all())
+        _ENCODERS.clear()
+        ref = upstream_recipe(lambda: SharesACachedEncoderAndAWeakReference({}), ckpt, True)
+        model.watched = ref.watched = None
+        assert_same_model(model, ref)
+    finally:
+        _ENCODERS.clear()
+
+
 class KeepsAZeroTensorParameter(ToyDiT):
     def __init__(self) -> None:
         super().__init__()
