@@ -351,14 +351,16 @@ def _rm(args: argparse.Namespace, cache_dir: str) -> int:
     # A name with no row, sibling or sibling's temp file (a typo, most likely) is said: exit 1.
     unmatched = [f"nothing matches {c}: no row of it, nor a sibling or its temp file" for c in plan.unmatched]
     code = EXIT_ERROR if plan.unmatched else EXIT_OK
+    # What matched nothing first; alone where nothing matched (no "removed 0" before it).
+    matched = bool(plan.removals or plan.kept or plan.rows)
     if args.dry_run:
         lines = [*_removal_lines(plan.removals, dry_run=True), *_kept_lines(plan.kept, dry_run=True)]
-        lines += [*unmatched, f"{verb} {len(plan.rows)} row(s)"]
+        lines = [*unmatched, *lines, f"{verb} {len(plan.rows)} row(s)"] if matched else unmatched
         emit(args, {"dry_run": True, **_plan_data(plan), "unmatched": plan.unmatched}, lines)
         return code
     outcome = _cache_admin.execute(cache_dir, plan, pruning=False)
     lines = [*_removal_lines(outcome.removed, dry_run=False), *_kept_lines(outcome.kept, dry_run=False)]
-    lines += [*unmatched, f"{verb} {len(outcome.rows)} row(s)"]
+    lines = [*unmatched, *lines, f"{verb} {len(outcome.rows)} row(s)"] if matched else unmatched
     emit(args, {"dry_run": False, **_outcome_data(outcome), "unmatched": plan.unmatched}, lines)
     return code
 

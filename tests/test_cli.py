@@ -1389,10 +1389,7 @@ def test_cache_rm_removes_exactly_the_siblings_of_the_checkpoints_given(tmp_path
     assert [r["source"] for r in rows] == [str(kept)]
     # A name with no file, row or sibling (a typo): said, and exit 1, not a silent success.
     missing = run("cache", "rm", str(hub_like), cache=cache, check_rc=1).stdout
-    assert missing == (
-        "removed 0 file(s), 0 B in all\n"
-        f"nothing matches {hub_like}: no row of it, nor a sibling or its temp file\nremoved 0 row(s)\n"
-    )
+    assert missing == f"nothing matches {hub_like}: no row of it, nor a sibling or its temp file\n"
     data = json.loads(
         run("--json", "cache", "rm", str(hub_like), "--dry-run", cache=cache, check_rc=1).stdout
     )
@@ -1419,6 +1416,22 @@ def test_cache_rm_says_what_it_removed_and_what_matched_nothing(tmp_path):
         out = run("cache", "rm", str(name), cache=cache, check_rc=1).stdout
         assert f"nothing matches {name}: no row of it, nor a sibling or its temp file" in out
     assert (hidden / "model.fp16.safetensors").exists()
+
+
+def test_cache_rm_says_what_matched_nothing_first(tmp_path):
+    """A new user's report: "removed 0 file(s)" came before the error. Now what matched nothing
+    comes first, then what was removed; alone where nothing matched (exit 1 either way)."""
+    from support.loads import make_ckpt
+
+    ckpt, typo, cache = (
+        make_ckpt(tmp_path / "m" / "model.safetensors"),
+        tmp_path / "m" / "typo",
+        tmp_path / "c",
+    )
+    run("warm", str(ckpt), cache=cache)
+    lines = run("cache", "rm", str(typo), str(ckpt), cache=cache, check_rc=1).stdout.splitlines()
+    assert lines[0] == f"nothing matches {typo}: no row of it, nor a sibling or its temp file"
+    assert lines[1].startswith("removed sibling ") and lines[-1] == "removed 1 row(s)", lines
 
 
 def test_cache_rm_removes_a_sibling_in_the_cache_dir_and_its_emptied_folder(tmp_path):
