@@ -3098,14 +3098,17 @@ class SharesACachedEncoder(nn.Module):
         self.extra = nn.Parameter(torch.zeros(3))
 
 
+def _encoder_and_head(path: Path) -> Path:
+    state = {"enc.weight": torch.ones(4, 4), "enc.bias": torch.zeros(4)}
+    return save(state | {"head.weight": torch.full((2, 4), 2.0), "head.bias": torch.zeros(2)}, path)
+
+
 @pytest.mark.parametrize("cached_before", [False, True], ids=["cached-by-the-load", "cached-before"])
 def test_a_second_run_that_reuses_the_first_runs_module_is_a_typed_error(tmp_path, cached_before):
     """Upstream builds once. A second run that reuses a module the refused first run cached holds
     its meta stand-ins: a FactoryRebuildError saying what to do (an attack: NotImplementedError
     from the finish). A module cached before the load is real in both runs: upstream's model."""
-    state = {"enc.weight": torch.ones(4, 4), "enc.bias": torch.zeros(4)}
-    state |= {"head.weight": torch.full((2, 4), 2.0), "head.bias": torch.zeros(2)}
-    ckpt = save(state, tmp_path / "model.safetensors")
+    ckpt = _encoder_and_head(tmp_path / "model.safetensors")
     _ENCODERS.clear()
     try:
         if cached_before:
@@ -3125,25 +3128,20 @@ def test_a_second_run_that_reuses_the_first_runs_module_is_a_typed_error(tmp_pat
         _ENCODERS.clear()
 
 
-class SharesACachedEncoderAndAWeakReference(nn.Module):
+class SharesACachedEncoderAndAWeakReference(SharesACachedEncoder):
     """The shared encoder cached per process, and a head weakly referenced: placing refuses at
     the head, after the encoder's weights were placed (real, loaded) by the refused attempt."""
 
     def __init__(self, config: dict) -> None:
-        super().__init__()
-        if "enc" not in _ENCODERS:
-            _ENCODERS["enc"] = nn.Linear(4, 4)
-        self.enc = _ENCODERS["enc"]
-        self.head = nn.Linear(4, 2)
+        super().__init__(config)
+        del self.extra  # in the checkpoint: every parameter is
         self.watched = weakref.ref(self.head.weight)
 
 
 def test_a_second_run_that_reuses_a_module_placed_before_the_refusal_loads_upstreams_model(tmp_path):
     """Reuse of a stand-in already placed (loaded, real) is no stand-in left empty: the
     checkpoint is copied into it again, and the model is upstream's."""
-    state = {"enc.weight": torch.ones(4, 4), "enc.bias": torch.zeros(4)}
-    state |= {"head.weight": torch.full((2, 4), 2.0), "head.bias": torch.zeros(2)}
-    ckpt = save(state, tmp_path / "model.safetensors")
+    ckpt = _encoder_and_head(tmp_path / "model.safetensors")
     _ENCODERS.clear()
     try:
         model = load_toy(ckpt, tmp_path / "c", factory=SharesACachedEncoderAndAWeakReference)
