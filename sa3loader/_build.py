@@ -36,7 +36,7 @@ from ._defer import (
     watched_build,
 )
 from ._format import Header
-from ._given_config import snapshot, unchanged
+from ._given_config import Snapshot
 from ._refusals import (
     Attributes,
     FastBuildRefused,
@@ -413,7 +413,7 @@ class Generators:
 def build(factory: Factory, config: Any, source: Header, values: Values, device: torch.device) -> Built:
     """Fast build when it gives upstream's model, else upstream's own build."""
     generators, others = Generators(), outside_builds()
-    given, first_run = snapshot(config), FirstRun()
+    given, first_run = Snapshot(config), FirstRun()
     fallback = None
     try:
         if _to_makes_new_tensors():  # module by module, the constructor's .to() calls too
@@ -428,8 +428,8 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
         nothing_ran = isinstance(refused, _NothingRan)
         if not nothing_ran and others[0] == 0 and outside_builds() == others:
             generators.restore()
-        if not unchanged(config, given):  # changed (a pop): as it came
-            config = given
+        if given.changed():  # a pop, say: the caller's config as it came, as upstream's run gets it
+            given.put_back()
         with not_deferred(), built_outside() if nothing_ran else contextlib.nullcontext():
             model = factory(config)
         _refuse_parts_of_the_first_run(model, first_run, source, fallback)

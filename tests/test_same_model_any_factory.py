@@ -3082,6 +3082,39 @@ def test_a_factory_that_pops_from_a_config_of_objects_builds_upstreams_model_aft
     assert model.kept == {"dtype": dtype, "where": [where]} and model.kept["where"][0] is where
 
 
+class StampsAndSharesItsConfig(ToyDiT):
+    """Writes a draw into its config and keeps it; pops through one of two keys that share a
+    dict (an attack: the copy split them, and the caller's config kept the first run's stamp)."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        config["stamp"] = torch.randn(()).item()  # an escaped draw: the fast build is refused
+        size = config["enc"].pop("size", 2) + config["dec"].get("size", 8)
+        self.head = nn.Linear(4, size)
+        self.kept = config
+
+
+def test_the_second_run_gets_the_callers_own_config_put_back_and_leaves_it_as_upstreams(tmp_path):
+    def given():
+        shared = {"size": 3}
+        return {"enc": shared, "dec": shared}
+
+    ckpt = save(random_like_state(StampsAndSharesItsConfig(given()), seed=3), tmp_path / "model.safetensors")
+    config = given()
+    torch.manual_seed(0)
+    model = sa3loader.load_diffusion_cond(
+        config, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=StampsAndSharesItsConfig
+    )
+    assert sa3loader.last_load_info().build == "faithful"
+    upstreams = given()
+    torch.manual_seed(0)
+    ref = StampsAndSharesItsConfig(upstreams)
+    ref.load_state_dict(load_file(str(ckpt)), strict=False)
+    ref.eval().requires_grad_(False)
+    assert_same_model(model, ref)
+    assert model.kept is config and config == upstreams and config["enc"] is config["dec"]
+
+
 _ENCODERS: dict[str, nn.Linear] = {}
 
 
