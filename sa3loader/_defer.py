@@ -67,6 +67,9 @@ class DeferredParameters:
         # The memory of each parameter something else held when it was deferred (a tensor it was
         # made from), kept alive until ``shared_memory`` looks again.
         self.held_elsewhere: list[tuple[str, torch.UntypedStorage]] = []
+        # Parameters made while the factory runs, by id (held: the id stays theirs). Only these
+        # are deferred: one made before (a model of the caller's, tied in) keeps its memory.
+        self.made: dict[int, torch.Tensor] = {}
 
     def shared_memory(self) -> str | None:
         """A deferred parameter whose memory is still another's once the factory returned:
@@ -237,7 +240,12 @@ def _registered_by_a_loader() -> bool:
 
 def _register_deferred(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
     recorder: DeferredParameters | None = getattr(_patches.local, "recorder", None)
-    if recorder is None or type(param) is not nn.Parameter or _registered_by_a_loader():
+    if (
+        recorder is None
+        or type(param) is not nn.Parameter
+        or recorder.made.get(id(param)) is not param  # the caller's: upstream copies into it, as placing does
+        or _registered_by_a_loader()
+    ):
         _original_register(self, name, param)
         return
     if self._parameters.get(name) is not None:
@@ -380,6 +388,9 @@ def _set_rng_state_seen(new_state: torch.Tensor) -> None:
 
 def _parameter_new(cls: type, data: torch.Tensor | None = None, requires_grad: bool = True) -> Any:
     param: torch.Tensor = _original_parameter_new(cls, data, requires_grad)
+    recorder: DeferredParameters | None = getattr(_patches.local, "recorder", None)
+    if recorder is not None:
+        recorder.made[id(param)] = param
     watch: BuildWatch | None = getattr(_patches.local, "watch", None)
     if watch is not None and isinstance(data, torch.Tensor) and watch.drawn(data):
         watch.mark(param)
@@ -417,6 +428,7 @@ def watched_build(
         with _watching(watch):
             yield recorder, watch
     finally:
+        recorder.made.clear()  # a temporary Parameter is not kept past the factory
         _patches.local.recorder, _patches.local.watch, _patches.local.outer_frame = saved
         _patches.exit()
 

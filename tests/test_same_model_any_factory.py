@@ -3115,6 +3115,42 @@ def test_the_second_run_gets_the_callers_own_config_put_back_and_leaves_it_as_up
     assert model.kept is config and config == upstreams and config["enc"] is config["dec"]
 
 
+_CALLERS_ENCODER: list[nn.Embedding] = []
+
+
+class TiesTheCallersEmbedding(nn.Module):
+    """Ties in a parameter of a model the caller built before the load (a text encoder's)."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.tok_emb = _CALLERS_ENCODER[0].weight
+        self.head = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("covered", [True, False], ids=["in-the-checkpoint", "not-in-it"])
+def test_a_parameter_of_the_callers_tied_in_keeps_its_memory_and_loads_as_upstreams(tmp_path, covered):
+    """An attack: the caller's own parameter, registered by the factory, was deferred (its data
+    swapped for meta in place): the caller's encoder lost its weights, and the load raised. Only
+    parameters made while the factory runs are deferred; upstream copies into the caller's."""
+    state = {"tok_emb": torch.full((5, 4), 3.0), "head.weight": torch.ones(2, 4), "head.bias": torch.zeros(2)}
+    ckpt = save(
+        state if covered else {k: v for k, v in state.items() if k != "tok_emb"}, tmp_path / "m.safetensors"
+    )
+    results = []
+    for ours in (True, False):
+        torch.manual_seed(1)
+        _CALLERS_ENCODER[:] = [nn.Embedding(5, 4)]
+        if ours:
+            model = load_toy(ckpt, tmp_path / "c", half=False, factory=TiesTheCallersEmbedding)
+            assert sa3loader.last_load_info().build == "fast"  # the caller's is no stand-in to cover
+        else:
+            model = upstream_recipe(lambda: TiesTheCallersEmbedding({}), ckpt, False)
+        assert model.tok_emb is _CALLERS_ENCODER[0].weight and model.tok_emb.device.type == "cpu"
+        results.append(model)
+    assert_same_model(*results)
+    _CALLERS_ENCODER.clear()
+
+
 _ENCODERS: dict[str, nn.Linear] = {}
 
 
