@@ -13,6 +13,7 @@ follows upstream's rules, quirks included (``plan_keys``)."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import random
 import sys
@@ -35,6 +36,7 @@ from ._defer import (
     swap_in_place,
     watched_build,
 )
+from ._first_run import FirstRun
 from ._format import Header
 from ._given_config import Snapshot
 from ._refusals import (
@@ -47,7 +49,7 @@ from ._refusals import (
     refuse_random_or_meta,
     tensor_attributes,
 )
-from ._watch import BuildWatch
+from ._watch import BuildWatch, drawn_alive, stand_ins_alive
 from .errors import FactoryRebuildError
 
 if TYPE_CHECKING:  # the loader hands the values in: a build reads them, never makes them
@@ -185,11 +187,10 @@ def _build_deferred(
                 drawn = watch.escapes or not watch.check_generator()
                 if not (watch.refused_meta(exc) or watch.read_a_stand_in() or watch.device_reads or drawn):
                     raise
+                first_run.note([*deferred.stand_ins().values(), *stand_ins_alive(watch)], drawn_alive(watch))
                 raise FastBuildRefused(
                     f"the factory needs real parameters ({type(exc).__name__}: {exc})"
                 ) from exc
-            finally:
-                first_run.update(deferred.stand_ins())
     except PatchesBusy as busy:  # raised only before the factory ran: upstream's build needs none
         raise _NothingRan(str(busy)) from None
 
@@ -322,6 +323,22 @@ def _build_fast(
 ) -> tuple[nn.Module, LoadResult]:
     """Model with every parameter placed from the file, or ``FastBuildRefused`` saying why not."""
     model, deferred, watch = _build_deferred(factory, config, generators, first_run)
+    try:
+        return _checked_and_placed(model, deferred, watch, source, values, device)
+    except FastBuildRefused:
+        # No swap from here on: weak references to the stand-ins block none.
+        first_run.note([*deferred.stand_ins().values(), *stand_ins_alive(watch)], drawn_alive(watch))
+        raise
+
+
+def _checked_and_placed(
+    model: nn.Module,
+    deferred: DeferredParameters,
+    watch: BuildWatch,
+    source: Header,
+    values: Values,
+    device: torch.device,
+) -> tuple[nn.Module, LoadResult]:
     if deferred.unswapped:
         raise FastBuildRefused(
             f"{deferred.unswapped[0]} could not be deferred in place (torch.utils.swap_tensors, torch >= 2.3)"
@@ -414,48 +431,39 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
     """Fast build when it gives upstream's model, else upstream's own build."""
     generators, others = Generators(), outside_builds()
     given, first_run = Snapshot(config), FirstRun()
-    fallback = None
     try:
         if _to_makes_new_tensors():  # module by module, the constructor's .to() calls too
             raise FastBuildRefused("torch.__future__ makes .to() make new parameters")
         model, result = _build_fast(factory, config, source, values, device, generators, first_run)
-    except FastBuildRefused as refused:
-        fallback = str(refused)
-        logger.info("%s: using upstream's full build (%s)", source.path, fallback)
-        values.forget_counts()  # what the abandoned fast build read does not count
-        # Put back what the fast attempt moved, unless its factory never ran (it gave up
-        # waiting) or another thread that gave up drew meanwhile (rewinding would undo that).
-        nothing_ran = isinstance(refused, _NothingRan)
-        if not nothing_ran and others[0] == 0 and outside_builds() == others:
-            generators.restore()
-        if given.changed():  # a pop, say: the caller's config as it came, as upstream's run gets it
-            given.put_back()
-        with not_deferred(), built_outside() if nothing_ran else contextlib.nullcontext():
-            model = factory(config)
-        _refuse_parts_of_the_first_run(model, first_run, source, fallback)
-        result = load_faithful(model, source, values)
+    except FastBuildRefused as refused:  # left here: its frames, and the first model, go with it
+        fallback, nothing_ran = str(refused), isinstance(refused, _NothingRan)
+    else:
+        return _built(model, result, source, None)
+    logger.info("%s: using upstream's full build (%s)", source.path, fallback)
+    values.forget_counts()  # what the abandoned fast build read does not count
+    gc.collect()  # its cycles too: what the factory holds weakly is gone, as in upstream's one run
+    # Put back what the fast attempt moved, unless its factory never ran (it gave up
+    # waiting) or another thread that gave up drew meanwhile (rewinding would undo that).
+    if not nothing_ran and others[0] == 0 and outside_builds() == others:
+        generators.restore()
+    if given.changed():  # a pop, say: the caller's config as it came, as upstream's run gets it
+        given.put_back()
+    with not_deferred(), built_outside() if nothing_ran else contextlib.nullcontext():
+        model = factory(config)
+    reused = first_run.reused(model)
+    if reused is not None:
+        raise FactoryRebuildError(
+            f"{source.path}: the fast build was refused ({fallback}), and the factory's second run "
+            f"reused what its first made ({reused}); upstream builds once: set SA3LOADER_DISABLE=1",
+            filename=source.path,
+        )
+    return _built(model, load_faithful(model, source, values), source, fallback)
+
+
+def _built(model: nn.Module, result: LoadResult, source: Header, fallback: str | None) -> Built:
     log_skipped(result)
     _warn_random_init(model, result, source)
     return Built(model, result, "fast" if fallback is None else "faithful", fallback)
-
-
-# The fast attempt's stand-ins, by id (no weak reference to them: it would block their swap).
-FirstRun = dict[int, nn.Parameter]
-
-
-def _refuse_parts_of_the_first_run(model: nn.Module, first_run: FirstRun, source: Header, why: str) -> None:
-    """Upstream runs the factory once. A second run that reused part of the first's model (a
-    module cache of the factory's) holds its meta stand-ins, which copying the checkpoint
-    into leaves empty, where upstream's model has loaded values (an attack)."""
-    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for key, tensor in tensors:
-        if first_run.get(id(tensor)) is tensor and tensor.is_meta:  # one placed before the refusal is loaded
-            raise FactoryRebuildError(
-                f"{source.path}: the fast build was refused ({why}), and the factory's second run "
-                f"reused {key} from its first (a module cache of its own?); upstream builds once: "
-                "set SA3LOADER_DISABLE=1",
-                filename=source.path,
-            )
 
 
 def _to_makes_new_tensors() -> bool:

@@ -464,3 +464,13 @@ def drawn_without_memory(watch: BuildWatch) -> list[torch.Tensor]:
     """Marked tensors still held that have no memory torch can count (nested, mkldnn)."""
     alive = [ref() for ref in watch._drawn.values()]
     return [t for t in alive if t is not None and not t.is_meta and t.numel() and storage_of(t) is None]
+
+
+def drawn_alive(watch: BuildWatch) -> list[torch.Tensor]:
+    """Every tensor a draw wrote, or computed from one, still held."""
+    return [t for t in (ref() for ref in watch._drawn.values()) if t is not None]
+
+
+def stand_ins_alive(watch: BuildWatch) -> list[torch.Tensor]:
+    """Every stand-in, and tensor computed from one, still held."""
+    return [t for t in (ref() for ref in watch._stand_ins.values()) if t is not None]

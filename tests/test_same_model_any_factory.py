@@ -14,6 +14,7 @@ in the constructor and a parameter's device read into a plain value give upstrea
 from __future__ import annotations
 
 import collections
+import copy
 import ctypes
 import dataclasses
 import functools
@@ -21,6 +22,7 @@ import gc
 import itertools
 import operator
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -3189,12 +3191,74 @@ def test_a_second_run_that_reuses_the_first_runs_module_is_a_typed_error(tmp_pat
             assert model.enc is ref.enc and bool((model.enc.weight == 1).all())
             assert_same_model(model, ref)
             return
-        with pytest.raises(sa3loader.FactoryRebuildError, match="reused enc.weight") as raised:
+        with pytest.raises(sa3loader.FactoryRebuildError, match="enc.weight: a stand-in") as raised:
             load_toy(ckpt, tmp_path / "c", factory=SharesACachedEncoder)
         assert isinstance(raised.value, RuntimeError) and raised.value.filename == str(ckpt)
         assert "SA3LOADER_DISABLE=1" in str(raised.value)
     finally:
         _ENCODERS.clear()
+
+
+_KEPT: dict = {}
+
+
+class KeepsFromItsFirstRun(nn.Module):
+    """A factory that keeps something of its first run (``how``), and a parameter the
+    checkpoint lacks: the fast build is refused after it ran."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        how = config["how"]
+        if how == "weak module cache":
+            gc.collect()
+            self.enc = _KEPT.get("enc") or nn.Linear(4, 4)
+            _KEPT["enc"] = self.enc  # a WeakValueDictionary: alive only while a model holds it
+        elif how == "random buffer":
+            _KEPT.setdefault("fourier", torch.randn(4, 4))
+            self.enc = nn.Linear(4, 4)
+            self.register_buffer("fourier", _KEPT["fourier"], persistent=False)
+        elif how == "copied prototype":
+            _KEPT.setdefault("proto", nn.Linear(4, 4))
+            self.enc = copy.deepcopy(_KEPT["proto"])
+        elif how == "tensor from a parameter":
+            self.enc = nn.Linear(4, 4)
+            _KEPT.setdefault("norms", self.enc.weight.detach().norm(dim=1))
+            self.register_buffer("norms", _KEPT["norms"], persistent=False)
+        self.head = nn.Linear(4, 2)
+        self.extra = nn.Parameter(torch.zeros(3))
+
+
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [
+        ("weak module cache", None),
+        ("random buffer", "fourier: a tensor it drew at random"),
+        ("copied prototype", "enc.weight: on meta, made from what the first run left"),
+        ("tensor from a parameter", "norms: a stand-in"),
+    ],
+)
+def test_what_a_factory_keeps_of_its_first_run_is_upstreams_or_a_typed_error(tmp_path, how, said):
+    """A second attack: the refused first model, alive during the second run, kept a weak cache
+    full (upstream's one run finds it empty); a kept drawn buffer was reused silently with values
+    of another generator position; a prototype's copies and a tensor computed from a stand-in
+    were meta, and the finish raised torch's NotImplementedError."""
+    global _KEPT
+    _KEPT = weakref.WeakValueDictionary() if how == "weak module cache" else {}
+    ckpt = _encoder_and_head(tmp_path / "model.safetensors")
+    factory = functools.partial(lambda c, how: KeepsFromItsFirstRun({"how": how}), how=how)
+    try:
+        if said is not None:
+            with pytest.raises(sa3loader.FactoryRebuildError, match=re.escape(said)):
+                load_toy(ckpt, tmp_path / "c", factory=factory)
+            return
+        ours = load_toy(ckpt, tmp_path / "c", factory=factory).state_dict()
+        assert sa3loader.last_load_info().build == "faithful"
+        ours = {key: bits(value).clone() for key, value in ours.items()}
+        gc.collect()  # our model gone: upstream's one run finds the weak cache empty too
+        theirs = upstream_recipe(lambda: factory({}), ckpt, True).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], bits(theirs[k])) for k in ours)
+    finally:
+        _KEPT = {}
 
 
 class SharesACachedEncoderAndAWeakReference(SharesACachedEncoder):

@@ -1,0 +1,51 @@
+"""What a refused fast attempt's factory run made that the second run may reuse: a module, a
+parameter or a drawn tensor the factory keeps (a cache of its own, a prototype it copies).
+
+Upstream runs the factory once. Reused, a stand-in still on meta holds nothing (copying the
+checkpoint into it does nothing: the finish fails), and a tensor drawn at random holds what the
+fast attempt's generator gave, at another position than upstream's. Noted at the refusal
+only, weakly (placing, before it, needs no weak reference to a parameter: it blocks the swap).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+STAND_IN, DRAWN = "a stand-in of its parameters, left empty", "a tensor it drew at random"
+
+
+class FirstRun:
+    def __init__(self) -> None:
+        self._made: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}  # by id; the ref tells a reused id
+
+    def note(self, stand_ins: Iterable[torch.Tensor], drawn: Iterable[torch.Tensor]) -> None:
+        for tensor in stand_ins:
+            self._made[id(tensor)] = (weakref.ref(tensor), STAND_IN)
+        for tensor in drawn:
+            self._made.setdefault(id(tensor), (weakref.ref(tensor), DRAWN))
+
+    def reused(self, model: nn.Module) -> str | None:
+        """What of the first run the second run's ``model`` holds, said; None where nothing."""
+        tensors = [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+        for key, tensor in tensors:
+            ref, kind = self._made.get(id(tensor), (None, ""))
+            if (
+                ref is not None and ref() is tensor and (kind == DRAWN or tensor.is_meta)
+            ):  # a placed one is loaded
+                return f"{key}: {kind}"
+        if any(t.is_meta for _, t in tensors) and self._left_on_meta():
+            key = next(k for k, t in tensors if t.is_meta)
+            return f"{key}: on meta, made from what the first run left (a prototype it copies?)"
+        return None
+
+    def _left_on_meta(self) -> bool:
+        """Whether a stand-in of the first run is still held (the first model dropped)."""
+        alive = (ref() for ref, kind in self._made.values() if kind == STAND_IN)
+        return any(t is not None and t.is_meta for t in alive)
