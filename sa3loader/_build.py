@@ -478,7 +478,8 @@ MISSING_NAMES_SHOWN = 5
 
 
 def _warn_random_init(model: nn.Module, result: LoadResult, source: Header) -> None:
-    """Upstream is silent when a config is deeper than its checkpoint; say it once."""
+    """Upstream is silent when a config is deeper than its checkpoint; say it once (what the
+    factory gave may be a loader's values: ``from_pretrained`` in it, an attack)."""
     if not result.missing_keys:
         return
     parameters = dict(model.named_parameters(remove_duplicate=False))
@@ -490,8 +491,9 @@ def _warn_random_init(model: nn.Module, result: LoadResult, source: Header) -> N
             ", ..." if len(missing) > MISSING_NAMES_SHOWN else ""
         )
         logger.warning(
-            "%s: %d parameters are not in the checkpoint and keep their random init (%s)",
+            "%s: %d parameters are not in the checkpoint and keep what the factory gave them: a random "
+            "init, or a loader's values (%s)",
             source.path,
-            len(missing),
+            len({id(parameters[key]) for key in missing}),  # tied names: one parameter
             shown,
         )

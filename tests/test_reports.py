@@ -319,3 +319,9 @@ def test_a_tied_parameter_saved_under_one_name_is_not_said_to_keep_its_random_in
     assert model.out.weight is model.emb.weight and bool((model.out.weight == 1).all())
     warnings = [r.getMessage() for r in caplog.records if "random init" in r.getMessage()]
     assert len(warnings) == 1 and "1 parameters" in warnings[0] and "(extra)" in warnings[0], warnings
+    caplog.clear()  # neither name in the checkpoint: both said, one parameter counted
+    ckpt = save({"extra": torch.ones(2)}, tmp_path / "neither.safetensors")
+    sa3loader.load_diffusion_cond({}, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=tied)
+    warnings = [r.getMessage() for r in caplog.records if "random init" in r.getMessage()]
+    assert len(warnings) == 1 and "1 parameters" in warnings[0], warnings
+    assert "(emb.weight, out.weight)" in warnings[0], warnings
