@@ -8,6 +8,7 @@ a cache hit. Both are checked bit for bit against fp32-load-then-cast.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -49,6 +50,7 @@ def main() -> None:
         torch.manual_seed(0)
         save_file({k: v + 0.25 for k, v in build(config).state_dict().items()}, ckpt)
 
+        dynamo_before = "torch._dynamo" in sys.modules
         loads = []
         for _ in range(2):
             started = time.perf_counter()
@@ -63,9 +65,12 @@ def main() -> None:
         sibling_mb = os.path.getsize(first.sibling) / 1e6
         print(
             f"first load:  converted={first.converted}, sibling {sibling_mb:.1f} MB fp16, "
-            f"{loads[0][0]:.3f}s (conversion {first.timings['convert_s']:.3f}s)"
+            f"{loads[0][0]:.3f}s (conversion {first.timings['convert_s']:.3f}s, "
+            f"build {first.timings['build_s']:.3f}s)"
         )
         print(f"second load: cache_hit={second.cache_hit}, {loads[1][0]:.3f}s, {second.build} build")
+        if not dynamo_before and "torch._dynamo" in sys.modules:  # once per process, not per load
+            print("(the first build imported torch._dynamo: torch's weight_norm on meta needs it)")
 
         reference = build(config)
         reference.load_state_dict(load_file(ckpt), strict=False)
