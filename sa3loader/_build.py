@@ -38,7 +38,6 @@ from ._defer import (
 )
 from ._first_run import FirstRun
 from ._format import Header
-from ._given_config import Snapshot
 from ._refusals import (
     Attributes,
     FastBuildRefused,
@@ -178,6 +177,7 @@ def _build_deferred(
     not seen), means: build it for real instead. Told by origin, never by a message's words."""
     try:
         with watched_build(generators.private) as (deferred, watch):
+            first_run.config.take(config)
             try:
                 return factory(config), deferred, watch
             except Exception as exc:
@@ -430,7 +430,7 @@ class Generators:
 def build(factory: Factory, config: Any, source: Header, values: Values, device: torch.device) -> Built:
     """Fast build when it gives upstream's model, else upstream's own build."""
     generators, others = Generators(), outside_builds()
-    given, first_run = Snapshot(config), FirstRun()
+    first_run = FirstRun()
     try:
         if _to_makes_new_tensors():  # module by module, the constructor's .to() calls too
             raise FastBuildRefused("torch.__future__ makes .to() make new parameters")
@@ -446,8 +446,8 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
     # waiting) or another thread that gave up drew meanwhile (rewinding would undo that).
     if not nothing_ran and others[0] == 0 and outside_builds() == others:
         generators.restore()
-    if given.changed():  # a pop, say: the caller's config as it came, as upstream's run gets it
-        given.put_back()
+    if first_run.config.changed():  # a pop, say: the caller's config as it came, as upstream's run gets it
+        first_run.config.put_back()
     with not_deferred(), built_outside() if nothing_ran else contextlib.nullcontext():
         model = factory(config)
     reused = first_run.reused(model)

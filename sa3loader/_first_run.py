@@ -15,30 +15,35 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ._given_config import Snapshot
+
 STAND_IN, DRAWN = "a stand-in of its parameters, left empty", "a tensor it drew at random"
+Made = tuple["weakref.ref[torch.Tensor]", str, int]  # the tensor, its kind, its version then
 
 
 class FirstRun:
     def __init__(self) -> None:
-        self._made: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}  # by id; the ref tells a reused id
+        self._made: dict[int, Made] = {}  # by id; the ref tells a reused id
+        self.config = Snapshot()  # taken as the factory starts: under the build lock, another thread's done
 
     def note(self, stand_ins: Iterable[torch.Tensor], drawn: Iterable[torch.Tensor]) -> None:
         for tensor in stand_ins:
-            self._made[id(tensor)] = (weakref.ref(tensor), STAND_IN)
+            self._made[id(tensor)] = (weakref.ref(tensor), STAND_IN, 0)
         for tensor in drawn:
-            self._made.setdefault(id(tensor), (weakref.ref(tensor), DRAWN))
+            self._made.setdefault(id(tensor), (weakref.ref(tensor), DRAWN, _version(tensor)))
 
     def reused(self, model: nn.Module) -> str | None:
-        """What of the first run the second run's ``model`` holds, said; None where nothing."""
-        tensors = [
-            *model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False),
-        ]
+        """What of the first run the second run's ``model`` holds, said; None where nothing. A
+        stand-in placed before the refusal holds loaded values (the checkpoint goes in again);
+        a drawn tensor the second run wrote into again (a caller's module re-initialised:
+        its version moved) holds the second run's draw."""
+        tensors: list[tuple[str, torch.Tensor]] = [*model.named_parameters(remove_duplicate=False)]
+        tensors += model.named_buffers(remove_duplicate=False)
         for key, tensor in tensors:
-            ref, kind = self._made.get(id(tensor), (None, ""))
-            if (
-                ref is not None and ref() is tensor and (kind == DRAWN or tensor.is_meta)
-            ):  # a placed one is loaded
+            ref, kind, version = self._made.get(id(tensor), (None, "", 0))
+            if ref is None or ref() is not tensor:
+                continue
+            if (kind == STAND_IN and tensor.is_meta) or (kind == DRAWN and _version(tensor) == version):
                 return f"{key}: {kind}"
         if any(t.is_meta for _, t in tensors) and self._left_on_meta():
             key = next(k for k, t in tensors if t.is_meta)
@@ -47,5 +52,13 @@ class FirstRun:
 
     def _left_on_meta(self) -> bool:
         """Whether a stand-in of the first run is still held (the first model dropped)."""
-        alive = (ref() for ref, kind in self._made.values() if kind == STAND_IN)
+        alive = (ref() for ref, kind, _ in self._made.values() if kind == STAND_IN)
         return any(t is not None and t.is_meta for t in alive)
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """Its in-place writes so far; -1 where torch keeps no count (an inference tensor)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1

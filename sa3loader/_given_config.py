@@ -2,38 +2,46 @@
 
 The fast attempt runs the factory first; a factory that changes its config (``pop`` of the
 keys it handles, a value it writes back) would leave the second run a config upstream's single
-run never saw: a KeyError, or another model. ``Snapshot`` keeps the contents of every container
-the config reaches (dicts, lists, sets; tuples are walked), each once however often it is
-reached (a dict shared by two keys, one that holds itself), and puts them back in place: the
-second run gets the caller's very objects, and leaves them as upstream's run would. What a
-factory changes inside any other object (a dataclass, a class of the user's) is not seen.
+run never saw: a KeyError, or another model. ``Snapshot`` keeps the contents of every dict and
+list and set the config reaches (their subclasses too: an EasyDict; tuples are walked), each once
+however often it is reached (a dict shared by two keys, one that holds itself), and puts back
+in place those that changed: the second run gets the caller's very objects, and leaves them as
+upstream's run would. Through the builtins' own methods (a subclass's ``update`` may convert
+what it is given). A set gets its members back, in the order its new table gives. Not seen:
+what changes inside any other object (a deque, a dataclass, a class of the user's).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from typing import Any
 
-# Containers put back in place: their own ``clear``/``update``/slice assignment, as the builtins'.
-_MAPPINGS = (dict, OrderedDict, defaultdict)
-_LISTS = (list,)
-_SETS = (set,)
+
+def _mapping(container: dict) -> type[dict]:
+    """Whose methods read and write ``container``: an OrderedDict keeps its order apart."""
+    return OrderedDict if isinstance(container, OrderedDict) else dict
 
 
 def _contents(container: Any) -> list[Any]:
-    """What ``container`` holds, as objects: (key, value) pairs of a mapping, in order."""
-    return list(container.items()) if type(container) in _MAPPINGS else list(container)
+    """What ``container`` holds, as objects: a dict's keys and values, alternating, in order."""
+    if isinstance(container, dict):
+        return [x for pair in _mapping(container).items(container) for x in pair]
+    if isinstance(container, set):
+        return list(set.__iter__(container))
+    return list(tuple.__iter__(container) if isinstance(container, tuple) else list.__iter__(container))
 
 
 def _walked(value: Any) -> bool:
-    return type(value) in _MAPPINGS + _LISTS + _SETS or isinstance(value, tuple)
+    return isinstance(value, (dict, list, tuple, set))
 
 
 class Snapshot:
-    """Every container ``config`` reaches, with what it held when taken."""
+    """Every dict, list and tuple the config reaches, with what it held when taken."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self) -> None:
         self._held: dict[int, tuple[Any, list[Any]]] = {}  # id -> (container, its contents)
+
+    def take(self, config: Any) -> None:
         pending = [config]
         while pending:  # not recursive: any depth, any cycle
             value = pending.pop()
@@ -41,8 +49,7 @@ class Snapshot:
                 continue
             contents = _contents(value)
             self._held[id(value)] = (value, contents)
-            for item in contents:
-                pending.extend(item if type(value) in _MAPPINGS else (item,))
+            pending.extend(contents)
 
     def changed(self) -> bool:
         """Whether any container holds other objects now, or the same in another order (by
@@ -50,22 +57,32 @@ class Snapshot:
         return any(_changed(container, contents) for container, contents in self._held.values())
 
     def put_back(self) -> None:
-        """Every container that changed, as it was taken, in place (a tuple cannot change; a
-        set gets its members back, its order then Python's)."""
+        """Every container that changed, as it was taken, in place (a tuple cannot change). A
+        dict whose keys are as they were gets its values back one by one: never empty meanwhile
+        (another thread's factory may read a config shared with this load)."""
         for container, contents in self._held.values():
             if not _changed(container, contents):
                 continue
-            if type(container) in _LISTS:
-                container[:] = contents
+            if isinstance(container, list):
+                list.__setitem__(container, slice(None), contents)
+                continue
+            if isinstance(container, set):  # its members; its order is then the hash table's
+                set.clear(container)
+                set.update(container, contents)
+                continue
+            keys, values, kind = contents[0::2], contents[1::2], _mapping(container)
+            now = list(kind.__iter__(container))
+            if len(now) == len(keys) and all(a is b for a, b in zip(now, keys, strict=True)):
+                for key, value in zip(keys, values, strict=True):
+                    kind.__setitem__(container, key, value)
             else:
-                container.clear()
-                container.update(contents)
+                kind.clear(container)
+                for key, value in zip(keys, values, strict=True):
+                    kind.__setitem__(container, key, value)
 
 
 def _changed(container: Any, contents: list[Any]) -> bool:
     now = _contents(container)
-    if type(container) in _SETS:  # its order is the hash table's: the members tell
+    if isinstance(container, set):  # its order is the hash table's: the members tell
         return {id(x) for x in now} != {id(x) for x in contents}
-    if type(container) in _MAPPINGS:  # (key, value) pairs made anew by ``items``
-        now, contents = [x for pair in now for x in pair], [x for pair in contents for x in pair]
     return len(now) != len(contents) or any(a is not b for a, b in zip(now, contents, strict=True))

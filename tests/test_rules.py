@@ -119,15 +119,32 @@ _configs = st.recursive(
 
 @given(_configs)
 def test_a_config_just_taken_is_unchanged_and_put_back_changes_nothing(config):
-    taken = _given_config.Snapshot(config)
+    taken = _given_config.Snapshot()
+    taken.take(config)
     assert not taken.changed()
     before = repr(config)
     taken.put_back()
     assert repr(config) == before and not taken.changed()
 
 
+class _EasyDict(dict):
+    def update(self, *args, **kwargs):  # converts what it is given, as EasyDict's does
+        super().update(
+            {k: _EasyDict(v) if isinstance(v, dict) else v for k, v in dict(*args, **kwargs).items()}
+        )
+
+
+class _Rows(list):
+    pass
+
+
 def _config() -> dict:
-    return {"dim": 4, "dtype": torch.float16, "ids": [1, (2, [3])], "flag": 1, "tags": {"a"}}
+    import collections
+
+    return {
+        "dim": 4, "dtype": torch.float16, "ids": [1, (2, [3])], "flag": 1, "tags": {"a"},
+        "easy": _EasyDict(x={"deep": 1}), "rows": _Rows([1, 2]), "ordered": collections.OrderedDict(a=1, b=2),
+    }  # fmt: skip
 
 
 CHANGES = {
@@ -138,7 +155,10 @@ CHANGES = {
     "nested": lambda c: c["ids"].append(4),
     "in a tuple": lambda c: c["ids"][1][1].append(4),
     "another leaf": lambda c: c.update(dtype=torch.float32),
+    "in a dict subclass": lambda c: c["easy"].pop("x"),
+    "in a list subclass": lambda c: c["rows"].pop(),
     "a set": lambda c: c["tags"].add("b"),
+    "an ordered dict's order": lambda c: c["ordered"].move_to_end("a"),
     "cleared": lambda c: c.clear(),
 }
 
@@ -147,13 +167,16 @@ CHANGES = {
 def test_every_change_to_a_container_is_seen_and_put_back_in_place(change):
     config = _config()
     ids, inner, tags = config["ids"], config["ids"][1][1], config["tags"]
-    taken = _given_config.Snapshot(config)
+    taken = _given_config.Snapshot()
+    taken.take(config)
     change(config)
     assert taken.changed()
     taken.put_back()
     assert config == _config() and list(config) == list(_config()) and not taken.changed()
     assert config["ids"] is ids and config["ids"][1][1] is inner and config["tags"] is tags
     assert type(config["flag"]) is int and config["dtype"] is torch.float16
+    assert type(config["easy"]["x"]) is dict  # put back by dict's own methods, not the subclass's
+    assert list(config["ordered"]) == ["a", "b"]
 
 
 def test_a_container_reached_twice_or_holding_itself_is_one_container_put_back_once():
@@ -162,7 +185,8 @@ def test_a_container_reached_twice_or_holding_itself_is_one_container_put_back_o
     shared = {"kind": "big"}
     config: dict = {"enc": shared, "dec": shared, "dim": 2}
     config["itself"] = config
-    taken = _given_config.Snapshot(config)
+    taken = _given_config.Snapshot()
+    taken.take(config)
     assert not taken.changed()
     config["enc"].pop("kind")
     config["itself"].pop("dim")
@@ -182,7 +206,8 @@ def test_any_depth_and_the_builtin_subclasses_that_change_in_place_are_followed(
         deep = deep[0]
     pair = collections.namedtuple("pair", "a b")([1], 2)
     config["pair"] = pair
-    taken = _given_config.Snapshot(config)
+    taken = _given_config.Snapshot()
+    taken.take(config)
     deep.append("bottom")
     config["counts"]["b"] += 1
     pair.a.append(2)
@@ -192,14 +217,44 @@ def test_any_depth_and_the_builtin_subclasses_that_change_in_place_are_followed(
     assert config["counts"]["z"] == 0  # still a defaultdict
 
 
+def test_a_shared_config_is_never_emptied_while_its_values_are_put_back():
+    """An attack: two threads loading with one config; put back by clear() and update(), the
+    other thread's factory met an empty dict. Keys as they were: values put back one by one
+    (``clear`` is never called: the profiler sees every call of a builtin)."""
+    import sys
+
+    config = {"scale": 1, "dim": 4}
+    taken = _given_config.Snapshot()
+    taken.take(config)
+    config["scale"] = 1.0
+
+    def builtins_called() -> list[str]:
+        called: list[str] = []
+        sys.setprofile(lambda frame, event, arg: called.append(arg.__name__) if event == "c_call" else None)
+        try:
+            taken.put_back()
+        finally:
+            sys.setprofile(None)
+        return called
+
+    assert "clear" not in builtins_called()
+    assert config == {"scale": 1, "dim": 4} and type(config["scale"]) is int
+    config.pop("dim")  # keys changed: emptied and filled again, in order
+    assert "clear" in builtins_called() and list(config.items()) == [("scale", 1), ("dim", 4)]
+
+
 def test_a_change_inside_an_object_of_another_class_is_not_seen():
+    import collections
+
     class Settings:
         dim = 4
 
-    settings = Settings()
-    config = {"settings": settings}
-    taken = _given_config.Snapshot(config)
+    settings, queue = Settings(), collections.deque([1])
+    config = {"settings": settings, "queue": queue}
+    taken = _given_config.Snapshot()
+    taken.take(config)
     settings.dim = 8
+    queue.pop()
     assert not taken.changed()
 
 

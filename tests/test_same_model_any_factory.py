@@ -3153,6 +3153,40 @@ def test_a_parameter_of_the_callers_tied_in_keeps_its_memory_and_loads_as_upstre
     _CALLERS_ENCODER.clear()
 
 
+class ReinitialisesTheCallersLayer(nn.Module):
+    """Ties in a layer the caller built, re-initialises every Linear (the usual ``apply``),
+    and has a parameter the checkpoint lacks: refused after the first run drew into the
+    caller's layer, which the second run draws into again."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.cond = _CALLERS_ENCODER[0]
+        self.head = nn.Linear(4, 2)
+        self.extra = nn.Parameter(torch.zeros(3))
+        self.apply(lambda m: nn.init.xavier_uniform_(m.weight) if isinstance(m, nn.Linear) else None)
+
+
+def test_a_callers_layer_drawn_into_again_by_the_second_run_is_upstreams(tmp_path):
+    """A third attack: the first run's draw into the caller's real layer was noted as drawn, and
+    the second run holding it (drawn into again, as upstream's one run does) was refused."""
+    state = {"cond.weight": torch.ones(4, 4), "cond.bias": torch.zeros(4)}
+    ckpt = save(
+        state | {"head.weight": torch.ones(2, 4), "head.bias": torch.zeros(2)}, tmp_path / "m.safetensors"
+    )
+    results = []
+    for ours in (True, False):
+        torch.manual_seed(1)
+        _CALLERS_ENCODER[:] = [nn.Linear(4, 4)]
+        if ours:
+            results.append(load_toy(ckpt, tmp_path / "c", factory=ReinitialisesTheCallersLayer))
+            assert sa3loader.last_load_info().build == "faithful"
+        else:
+            results.append(upstream_recipe(lambda: ReinitialisesTheCallersLayer({}), ckpt, True))
+        assert results[-1].cond is _CALLERS_ENCODER[0]
+    assert_same_model(*results)
+    _CALLERS_ENCODER.clear()
+
+
 _ENCODERS: dict[str, nn.Linear] = {}
 
 
