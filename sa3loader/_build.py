@@ -441,7 +441,8 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
         return _built(model, result, source, None)
     logger.info("%s: using upstream's full build (%s)", source.path, fallback)
     values.forget_counts()  # what the abandoned fast build read does not count
-    gc.collect()  # its cycles too: what the factory holds weakly is gone, as in upstream's one run
+    if first_run.held():  # a cycle, say: what the factory holds weakly goes, as in upstream's one run
+        gc.collect()
     # Put back what the fast attempt moved, unless its factory never ran (it gave up
     # waiting) or another thread that gave up drew meanwhile (rewinding would undo that).
     if not nothing_ran and others[0] == 0 and outside_builds() == others:

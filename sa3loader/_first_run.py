@@ -50,6 +50,10 @@ class FirstRun:
             return f"{key}: on meta, made from what the first run left (a prototype it copies?)"
         return None
 
+    def held(self) -> bool:
+        """Whether anything the first run made is still held: a cycle, or the factory's own."""
+        return any(ref() is not None for ref, _, _ in self._made.values())
+
     def _left_on_meta(self) -> bool:
         """Whether a stand-in of the first run is still held (the first model dropped)."""
         alive = (ref() for ref, kind, _ in self._made.values() if kind == STAND_IN)
