@@ -179,6 +179,16 @@ def test_every_change_to_a_container_is_seen_and_put_back_in_place(change):
     assert list(config["ordered"]) == ["a", "b"]
 
 
+def test_every_container_changed_at_once_is_put_back():
+    config = _config()
+    taken = _given_config.Snapshot()
+    taken.take(config)
+    for name in ("nested", "in a tuple", "a set", "in a dict subclass", "in a list subclass", "pop"):
+        CHANGES[name](config)
+    taken.put_back()
+    assert config == _config() and not taken.changed()
+
+
 def test_a_container_reached_twice_or_holding_itself_is_one_container_put_back_once():
     """An attack: a dict shared by two keys was copied twice, so a pop through one key no
     longer showed through the other; a dict holding itself, likewise."""
