@@ -17,6 +17,7 @@ import gc
 import logging
 import random
 import sys
+import traceback
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -429,14 +430,14 @@ class Generators:
 
 def build(factory: Factory, config: Any, source: Header, values: Values, device: torch.device) -> Built:
     """Fast build when it gives upstream's model, else upstream's own build."""
-    generators, others = Generators(), outside_builds()
-    first_run = FirstRun()
+    generators, others, first_run = Generators(), outside_builds(), FirstRun()
     try:
         if _to_makes_new_tensors():  # module by module, the constructor's .to() calls too
             raise FastBuildRefused("torch.__future__ makes .to() make new parameters")
         model, result = _build_fast(factory, config, source, values, device, generators, first_run)
     except FastBuildRefused as refused:  # left here: its frames, and the first model, go with it
         fallback, nothing_ran = str(refused), isinstance(refused, _NothingRan)
+        traceback.clear_frames(refused.__traceback__)  # a frame holding it (``missing``) is a cycle
     else:
         return _built(model, result, source, None)
     logger.info("%s: using upstream's full build (%s)", source.path, fallback)
@@ -451,8 +452,7 @@ def build(factory: Factory, config: Any, source: Header, values: Values, device:
         first_run.config.put_back()
     with not_deferred(), built_outside() if nothing_ran else contextlib.nullcontext():
         model = factory(config)
-    reused = first_run.reused(model)
-    if reused is not None:
+    if (reused := first_run.reused(model)) is not None:
         raise FactoryRebuildError(
             f"{source.path}: the fast build was refused ({fallback}), and the factory's second run "
             f"reused what its first made ({reused}); upstream builds once: set SA3LOADER_DISABLE=1",

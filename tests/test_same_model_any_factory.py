@@ -3295,6 +3295,28 @@ def test_what_a_factory_keeps_of_its_first_run_is_upstreams_or_a_typed_error(tmp
         _KEPT = {}
 
 
+def test_a_refused_build_of_a_plain_model_runs_no_full_collection(tmp_path):
+    """A fourth attack: our own frame held the refusal (``missing``), a cycle that kept the first
+    model alive, so every refused load ran gc.collect() (+230 ms with transformers imported).
+    Collections are counted through gc.callbacks, automatic ones off meanwhile."""
+    ckpt = _encoder_and_head(tmp_path / "model.safetensors")
+    started: list[int] = []
+
+    def count(phase, info):
+        if phase == "start":
+            started.append(info["generation"])
+
+    gc.collect()
+    gc.disable()
+    gc.callbacks.append(count)
+    try:
+        load_toy(ckpt, tmp_path / "c", factory=lambda c: KeepsFromItsFirstRun({"how": "nothing"}))
+    finally:
+        gc.callbacks.remove(count)
+        gc.enable()
+    assert sa3loader.last_load_info().build == "faithful" and started == []
+
+
 class SharesACachedEncoderAndAWeakReference(SharesACachedEncoder):
     """The shared encoder cached per process, and a head weakly referenced: placing refuses at
     the head, after the encoder's weights were placed (real, loaded) by the refused attempt."""
