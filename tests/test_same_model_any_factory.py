@@ -3480,6 +3480,22 @@ def test_on_the_meta_device_the_checkpoint_is_loaded_before_the_move_as_upstream
     assert not (tmp_path / "c").exists()  # no sibling on meta
 
 
+class DrawsIntoAnEmptyIntegerMetaTensor(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        nn.init.normal_(torch.empty(0, 3, device="meta", dtype=torch.int64))  # meta's kernel refuses
+
+
+def test_a_draw_the_meta_kernel_refuses_on_the_factorys_own_meta_tensor_raises_as_upstream(tmp_path):
+    """A fourth attack: the skipped meta kernel (a draw checked whole on the CPU) hid meta's own
+    refusal of an int dtype, which the CPU's kernel does not check on zero elements."""
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError) as upstreams:
+        upstream_recipe(DrawsIntoAnEmptyIntegerMetaTensor, ckpt, True)
+    with pytest.raises(type(upstreams.value), match="floating-point"):
+        load_toy(ckpt, tmp_path / "c", factory=lambda c: DrawsIntoAnEmptyIntegerMetaTensor())
+
+
 LOADS_WITHOUT_DYNAMO = """
 import sys
 import torch
