@@ -2,13 +2,14 @@
 
 The fast attempt runs the factory first; a factory that changes its config (``pop`` of the
 keys it handles, a value it writes back) would leave the second run a config upstream's single
-run never saw: a KeyError, or another model. ``Snapshot`` keeps the contents of every dict and
-list and set the config reaches (their subclasses too: an EasyDict; tuples are walked), each once
-however often it is reached (a dict shared by two keys, one that holds itself), and puts back
-in place those that changed: the second run gets the caller's very objects, and leaves them as
-upstream's run would. Through the builtins' own methods (a subclass's ``update`` may convert
-what it is given). A set gets its members back, in the order its new table gives. Not seen:
-what changes inside any other object (a deque, a dataclass, a class of the user's).
+run never saw: a KeyError, or another model. ``Snapshot`` keeps the contents of every dict,
+list and set the config reaches (subclasses too, with their attributes: an EasyDict mirrors
+its keys there; tuples are walked), each once however often it is reached (a dict shared by
+two keys, one that holds itself), and puts back in place those that changed: the second
+run gets the caller's very objects, and leaves them as upstream's run would. Through the
+builtins' own methods (a subclass's ``update`` may convert what it is given). A set gets its
+members back, in the order its new table gives. Not seen: what changes inside any other
+object (a deque, a dataclass, a class of the user's).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Snapshot:
             contents = _contents(value)
             self._held[id(value)] = (value, contents)
             pending.extend(contents)
+            pending.append(getattr(value, "__dict__", None))  # a subclass's attributes (an EasyDict's)
 
     def changed(self) -> bool:
         """Whether any container holds other objects now, or the same in another order (by

@@ -138,12 +138,29 @@ class _Rows(list):
     pass
 
 
+class _AttributeDict(dict):
+    """Keys mirrored as attributes, as EasyDict keeps them."""
+
+    def __init__(self, **items):
+        super().__init__(items)
+        self.__dict__.update(items)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        self[name] = value
+
+    def pop(self, key, *default):
+        self.__dict__.pop(key, None)
+        return super().pop(key, *default)
+
+
 def _config() -> dict:
     import collections
 
     return {
         "dim": 4, "dtype": torch.float16, "ids": [1, (2, [3])], "flag": 1, "tags": {"a"},
         "easy": _EasyDict(x={"deep": 1}), "rows": _Rows([1, 2]), "ordered": collections.OrderedDict(a=1, b=2),
+        "attrs": _AttributeDict(width=4),
     }  # fmt: skip
 
 
@@ -158,6 +175,8 @@ CHANGES = {
     "in a dict subclass": lambda c: c["easy"].pop("x"),
     "in a list subclass": lambda c: c["rows"].pop(),
     "a set": lambda c: c["tags"].add("b"),
+    "an attribute dict's key": lambda c: setattr(c["attrs"], "width", 8),
+    "an attribute dict's pop": lambda c: c["attrs"].pop("width"),
     "an ordered dict's order": lambda c: c["ordered"].move_to_end("a"),
     "cleared": lambda c: c.clear(),
 }
@@ -177,6 +196,7 @@ def test_every_change_to_a_container_is_seen_and_put_back_in_place(change):
     assert type(config["flag"]) is int and config["dtype"] is torch.float16
     assert type(config["easy"]["x"]) is dict  # put back by dict's own methods, not the subclass's
     assert list(config["ordered"]) == ["a", "b"]
+    assert config["attrs"].width == 4 and config["attrs"]["width"] == 4  # its attributes too
 
 
 def test_every_container_changed_at_once_is_put_back():
