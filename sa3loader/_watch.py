@@ -265,10 +265,10 @@ class BuildWatch(TorchFunctionMode):
             _remember(self.generators, kwargs.get("generator"))
             # Into a stand-in by ``out=``, from a generator of the factory's own: moved on meta by nothing.
             self.unseen_draw |= _is_meta(kwargs.get("out")) and id(kwargs.get("generator")) in self.generators
-        if draws and own and _draw_to_skip(name, args):
+        if draws and own and _draw_to_skip(name, args) and self._from_stand_in(args[:1], None):
             self.unseen_draw |= not check_arguments(func, args, kwargs)  # upstream's checks; its generator
             return _written(args[0])
-        if draws and _init_into_meta(func, args, kwargs):
+        if draws and _init_into_meta(func, args, kwargs) and self._from_stand_in((kwargs["tensor"],), None):
             return self._init_into_meta(func, name, kwargs)
         looked_at = draws and own
         if looked_at:

@@ -3496,6 +3496,26 @@ def test_a_draw_the_meta_kernel_refuses_on_the_factorys_own_meta_tensor_raises_a
         load_toy(ckpt, tmp_path / "c", factory=lambda c: DrawsIntoAnEmptyIntegerMetaTensor())
 
 
+class DrawsIntoItsOwnMetaTensors(ToyDiT):
+    """Meta tensors of its own (no stand-in): upstream's build draws into meta too, where the
+    CPU's checks (bounds, an int dtype's kernel) never run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn.init.uniform_(torch.empty(2, 3, device="meta"), 1.0, 0.0)
+        torch.empty(4, device="meta", dtype=torch.int64).uniform_()
+
+
+def test_a_draw_into_the_factorys_own_meta_tensor_is_not_checked_as_cpu_memory(tmp_path):
+    """A fourth attack: the CPU probe, meant for stand-ins (upstream draws into real memory
+    there), ran on the factory's own meta tensors and raised where upstream's build does not."""
+    ckpt = save(random_like_state(build(), seed=3), tmp_path / "model.safetensors")
+    ref = upstream_recipe(DrawsIntoItsOwnMetaTensors, ckpt, True)
+    torch.manual_seed(0)
+    model = load_toy(ckpt, tmp_path / "c", factory=lambda c: DrawsIntoItsOwnMetaTensors())
+    assert_same_model(model, ref)  # a draw that leaves torch on meta refuses: upstream's build
+
+
 LOADS_WITHOUT_DYNAMO = """
 import sys
 import torch
