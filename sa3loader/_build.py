@@ -49,7 +49,7 @@ from ._refusals import (
     refuse_random_or_meta,
     tensor_attributes,
 )
-from ._watch import BuildWatch, drawn_alive, stand_ins_alive
+from ._watch import BuildWatch
 from .errors import FactoryRebuildError
 
 if TYPE_CHECKING:  # the loader hands the values in: a build reads them, never makes them
@@ -188,7 +188,7 @@ def _build_deferred(
                 drawn = watch.escapes or not watch.check_generator()
                 if not (watch.refused_meta(exc) or watch.read_a_stand_in() or watch.device_reads or drawn):
                     raise
-                first_run.note([*deferred.stand_ins().values(), *stand_ins_alive(watch)], drawn_alive(watch))
+                first_run.note(deferred, watch)
                 raise FastBuildRefused(
                     f"the factory needs real parameters ({type(exc).__name__}: {exc})"
                 ) from exc
@@ -328,7 +328,7 @@ def _build_fast(
         return _checked_and_placed(model, deferred, watch, source, values, device)
     except FastBuildRefused:
         # No swap from here on: weak references to the stand-ins block none.
-        first_run.note([*deferred.stand_ins().values(), *stand_ins_alive(watch)], drawn_alive(watch))
+        first_run.note(deferred, watch)
         raise
 
 

@@ -88,14 +88,14 @@ class DeferredParameters:
         finally:
             self.held_elsewhere.clear()
 
-    def stand_ins(self) -> dict[int, nn.Parameter]:
-        """Every deferred parameter (its stand-in, or the value placed since), by id."""
+    def stand_ins(self) -> list[nn.Parameter]:
+        """Every deferred parameter: its stand-in, or the value placed since."""
         held = ((ref(), name) for ref, name in self.records)
-        return {
-            id(p): p
+        return [
+            p
             for module, name in held
             if module is not None and (p := module._parameters.get(name)) is not None
-        }
+        ]
 
     def still_deferred(self) -> list[tuple[nn.Module, str]]:
         """Deferred parameters that are still on the meta device."""

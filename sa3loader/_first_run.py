@@ -10,12 +10,17 @@ only, weakly (placing, before it, needs no weak reference to a parameter: it blo
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ._given_config import Snapshot
+from ._watch import drawn_alive, stand_ins_alive
+
+if TYPE_CHECKING:  # handed in by the build
+    from ._defer import DeferredParameters
+    from ._watch import BuildWatch
 
 STAND_IN, DRAWN = "a stand-in of its parameters, left empty", "a tensor it drew at random"
 Made = tuple["weakref.ref[torch.Tensor]", str, int]  # the tensor, its kind, its version then
@@ -26,10 +31,11 @@ class FirstRun:
         self._made: dict[int, Made] = {}  # by id; the ref tells a reused id
         self.config = Snapshot()  # taken as the factory starts: under the build lock, another thread's done
 
-    def note(self, stand_ins: Iterable[torch.Tensor], drawn: Iterable[torch.Tensor]) -> None:
-        for tensor in stand_ins:
+    def note(self, deferred: DeferredParameters, watch: BuildWatch) -> None:
+        """At the refusal: the deferred parameters, what was computed from them, what was drawn."""
+        for tensor in [*deferred.stand_ins(), *stand_ins_alive(watch)]:
             self._made[id(tensor)] = (weakref.ref(tensor), STAND_IN, 0)
-        for tensor in drawn:
+        for tensor in drawn_alive(watch):
             self._made.setdefault(id(tensor), (weakref.ref(tensor), DRAWN, _version(tensor)))
 
     def reused(self, model: nn.Module) -> str | None:

@@ -462,15 +462,18 @@ def _run_init_into_meta(watch: BuildWatch, func: Any, name: str, kwargs: dict) -
 
 def drawn_without_memory(watch: BuildWatch) -> list[torch.Tensor]:
     """Marked tensors still held that have no memory torch can count (nested, mkldnn)."""
-    alive = [ref() for ref in watch._drawn.values()]
-    return [t for t in alive if t is not None and not t.is_meta and t.numel() and storage_of(t) is None]
+    return [t for t in drawn_alive(watch) if not t.is_meta and t.numel() and storage_of(t) is None]
 
 
 def drawn_alive(watch: BuildWatch) -> list[torch.Tensor]:
     """Every tensor a draw wrote, or computed from one, still held."""
-    return [t for t in (ref() for ref in watch._drawn.values()) if t is not None]
+    return _alive(watch._drawn)
 
 
 def stand_ins_alive(watch: BuildWatch) -> list[torch.Tensor]:
     """Every stand-in, and tensor computed from one, still held."""
-    return [t for t in (ref() for ref in watch._stand_ins.values()) if t is not None]
+    return _alive(watch._stand_ins)
+
+
+def _alive(refs: dict[int, weakref.ref[torch.Tensor]]) -> list[torch.Tensor]:
+    return [t for t in (ref() for ref in refs.values()) if t is not None]
