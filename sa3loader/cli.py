@@ -347,21 +347,18 @@ def _prune_or_clear(args: argparse.Namespace, cache_dir: str) -> int:
 
 def _rm(args: argparse.Namespace, cache_dir: str) -> int:
     plan = _cache_admin.plan_rm(cache_dir, args.checkpoints)
-    verb = "would remove" if args.dry_run else "removed"
-    # A name with no row, sibling or sibling's temp file (a typo, most likely) is said: exit 1.
-    unmatched = [f"nothing matches {c}: no row of it, nor a sibling or its temp file" for c in plan.unmatched]
-    code = EXIT_ERROR if plan.unmatched else EXIT_OK
-    # What matched nothing first; alone where nothing matched (no "removed 0" before it).
-    matched = bool(plan.removals or plan.kept or plan.rows)
+    code = EXIT_ERROR if plan.unmatched else EXIT_OK  # a typo, most likely: said, exit 1
     if args.dry_run:
-        lines = [*_removal_lines(plan.removals, dry_run=True), *_kept_lines(plan.kept, dry_run=True)]
-        lines = [*unmatched, *lines, f"{verb} {len(plan.rows)} row(s)"] if matched else unmatched
-        emit(args, {"dry_run": True, **_plan_data(plan), "unmatched": plan.unmatched}, lines)
-        return code
-    outcome = _cache_admin.execute(cache_dir, plan, pruning=False)
-    lines = [*_removal_lines(outcome.removed, dry_run=False), *_kept_lines(outcome.kept, dry_run=False)]
-    lines = [*unmatched, *lines, f"{verb} {len(outcome.rows)} row(s)"] if matched else unmatched
-    emit(args, {"dry_run": False, **_outcome_data(outcome), "unmatched": plan.unmatched}, lines)
+        data, removed, kept, rows = _plan_data(plan), plan.removals, plan.kept, plan.rows
+    else:
+        outcome = _cache_admin.execute(cache_dir, plan, pruning=False)
+        data, removed, kept, rows = _outcome_data(outcome), outcome.removed, outcome.kept, outcome.rows
+    # What matched nothing first; alone where nothing matched (no "removed 0" before it).
+    lines = [f"nothing matches {c}: no row of it, nor a sibling or its temp file" for c in plan.unmatched]
+    if plan.removals or plan.kept or plan.rows:
+        lines += [*_removal_lines(removed, args.dry_run), *_kept_lines(kept, args.dry_run)]
+        lines.append(f"{'would remove' if args.dry_run else 'removed'} {len(rows)} row(s)")
+    emit(args, {"dry_run": args.dry_run, **data, "unmatched": plan.unmatched}, lines)
     return code
 
 
