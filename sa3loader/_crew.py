@@ -91,6 +91,14 @@ class _Crew:
                 self._ended += 1
                 self._changed.notify_all()
 
+    def hire(self, targets: Sequence[Callable[[], None]], name: str) -> None:
+        """A thread for each target while threads can be had (``started``); ``size`` counts them."""
+        for target in targets:
+            worker = threading.Thread(target=self.work, args=(target,), name=name)
+            if not started(worker, without=f"{self.size} of {len(targets)} {name} threads started"):
+                return  # those started do the work
+            self.size += 1
+
     def stop(self) -> None:
         with self._changed:
             self._stopped = True
@@ -118,11 +126,7 @@ def run_crew(targets: Sequence[Callable[[], None]], name: str, stop: Callable[[B
     crew = _Crew()
     interrupted: BaseException | None = None
     try:
-        for target in targets:
-            worker = threading.Thread(target=crew.work, args=(target,), name=name)
-            if not started(worker, without=f"{crew.size} of {len(targets)} {name} threads started"):
-                break  # those started do the work
-            crew.size += 1
+        crew.hire(targets, name)
         if crew.size == 0 and targets:
             crew.size = 1
             crew.work(targets[0])
@@ -182,11 +186,7 @@ class Helpers:
 
     def __enter__(self) -> Helpers:
         try:
-            for _ in range(self._count):
-                helper = threading.Thread(target=self._crew.work, args=(self._serve,), name=self._name)
-                if not started(helper, without=f"{self._name}: {self._crew.size} of {self._count} threads"):
-                    break
-                self._crew.size += 1
+            self._crew.hire([self._serve] * self._count, self._name)
         except BaseException as exc:  # Ctrl-C while starting: those started end first
             _stop_and_wait(self._crew, exc)
         return self
