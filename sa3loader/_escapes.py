@@ -47,6 +47,20 @@ HANDS_OUT_MEMORY = frozenset(
 )
 
 
+# What each registration (``grad_fn``) and nn.init's fan (``dim``, ``size``) read of a stand-in:
+# metadata of a meta tensor, never drawn (``_watch``'s ``mark``), so the watch's full look would
+# only note an error over a stand-in: these take a short way (922 calls in a DiT's build).
+METADATA_OF = frozenset({torch.Tensor.dim, torch._C.TensorBase.size, torch._C.TensorBase.grad_fn.__get__})
+METADATA_NAMES = frozenset(f.__name__ for f in METADATA_OF)  # looked at first: a name's hash is kept
+
+
+def metadata_of_meta(func: Any, args: tuple, kwargs: dict | None) -> bool:
+    """``func`` is one of ``METADATA_OF``, of a plain meta tensor, with number arguments only."""
+    if kwargs or func not in METADATA_OF or type(args[0]) not in (torch.Tensor, torch.nn.Parameter):
+        return False
+    return args[0].is_meta and all(type(a) is int for a in args[1:])
+
+
 # Properties (read through ``__get__``) that are not values.
 METADATA_PROPERTIES = frozenset(
     "shape dtype device requires_grad is_leaf is_cuda is_meta is_cpu is_sparse is_quantized is_mkldnn"

@@ -16,7 +16,16 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._draw_checks import ChecksDraws, check_arguments
-from ._escapes import ARGUMENT_DEPTH, HANDS_OUT_MEMORY, decided_by_values, escapes, op_name, parts
+from ._escapes import (
+    ARGUMENT_DEPTH,
+    HANDS_OUT_MEMORY,
+    METADATA_NAMES,
+    decided_by_values,
+    escapes,
+    metadata_of_meta,
+    op_name,
+    parts,
+)
 from ._holders import covers_its_memory, storage_of
 
 _META = torch.device("meta")
@@ -255,6 +264,8 @@ class BuildWatch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "").split(".", 1)[0]  # torch.ops' "randn.default" is randn
+        if name in METADATA_NAMES and args and metadata_of_meta(func, args, kwargs):
+            return _read_metadata(self, func, args)
         draws = name in RANDOM_DRAWS
         if name in HANDS_OUT_MEMORY and args and (memory := storage_of(args[0])) is not None:
             self.handed_out.add(memory._cdata)  # what is drawn into it later may leave unseen
@@ -375,9 +386,10 @@ class BuildWatch(TorchFunctionMode):
         ref = self._drawn.get(id(tensor))
         if ref is not None and ref() is tensor:
             del self._drawn[id(tensor)]
-        storage = storage_of(tensor)
-        if storage is not None and covers_its_memory(tensor, storage):
-            self._drawn_storages.pop(storage.data_ptr(), None)  # all of its memory overwritten
+        storage = storage_of(tensor) if self._drawn_storages else None  # each deferred parameter: cheap
+        if storage is not None and storage.data_ptr() in self._drawn_storages:
+            if covers_its_memory(tensor, storage):  # all of its memory overwritten
+                del self._drawn_storages[storage.data_ptr()]
 
     def release(self, stand_ins: set[int]) -> list[weakref.ref[torch.Tensor]]:
         """Drop every reference the watch holds (``swap_in_place`` refuses a tensor with a weak
@@ -437,6 +449,15 @@ def outer_watches_keeping(watch: BuildWatch, storage: torch.UntypedStorage) -> i
         count += outer._drawn_storages.get(storage.data_ptr()) is storage
         outer = outer.outer
     return count
+
+
+def _read_metadata(watch: BuildWatch, func: Any, args: tuple) -> Any:
+    """``metadata_of_meta``'s call: its error over a stand-in noted, as the full look notes it."""
+    try:
+        return func(*args)
+    except Exception as exc:
+        watch._note_error(exc, args, None)
+        raise
 
 
 def _run_init_into_meta(watch: BuildWatch, func: Any, name: str, kwargs: dict) -> Any:

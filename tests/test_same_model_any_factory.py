@@ -1075,6 +1075,44 @@ def test_what_a_constructor_holds_of_its_parameters_is_upstreams(tmp_path, kind)
     assert_same_model(model, ref)
 
 
+class CatchesAStandInsMissingDim(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        try:  # IndexError here and upstream: caught over a stand-in, it refuses as any such error
+            self.blocks[0].ff.weight.size(5)
+        except IndexError:
+            self.caught = True
+
+
+class ReadsTheDimOfADrawnInteger(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rank = torch.randint(1, 9, (1,)).dim()  # read as a number: counted as drawn values read
+
+
+class ReadsItsParametersMetadata(ToyDiT):
+    def __init__(self) -> None:
+        super().__init__()
+        weight = self.blocks[0].ff.weight
+        self.fan = (weight.dim(), weight.size(1), weight.grad_fn)
+
+
+@pytest.mark.parametrize(
+    "cls, kind",
+    [
+        (CatchesAStandInsMissingDim, "faithful"),
+        (ReadsTheDimOfADrawnInteger, "faithful"),
+        (ReadsItsParametersMetadata, "fast"),
+    ],
+    ids=["error-over-a-stand-in", "drawn-integer", "stand-in"],
+)
+def test_metadata_reads_take_the_short_way_only_where_the_full_look_sees_nothing(tmp_path, cls, kind):
+    """``dim``, ``size`` and ``grad_fn`` of a stand-in skip the watch's full look (a DiT's build
+    reads them 922 times): an error over a stand-in is still noted, and a drawn tensor's are
+    still looked at, as before."""
+    built_as_upstreams(tmp_path, cls, kind, half=True)
+
+
 def test_torchs_refusal_wrapped_any_number_of_times_or_caught_builds_upstreams_way(tmp_path):
     """A constructor that catches torch's refusal of a stand-in's data and then fails, or wraps
     it in nine layers of ``raise ... from``: the faithful build runs, as upstream's would."""
