@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import math
+import operator
 import os
 import stat
 import struct
@@ -438,39 +439,39 @@ def _is_int(value: Any) -> bool:
 
 
 def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
-    where = f"{path}: tensor {name!r}"
+    """One tensor's entry, checked as safetensors does (a load parses two headers of ~1,000 each)."""
     # Other fields are ignored, as safetensors' parser ignores them (upstream loads such a file),
     # once read as it reads them: the root and the entry are 2 levels of nesting.
-    if not isinstance(info, dict) or not ENTRY_FIELDS <= set(info):
-        raise HeaderError(f"{where}: entry must have dtype, shape and data_offsets", filename=path)
+    if not isinstance(info, dict) or not info.keys() >= ENTRY_FIELDS:
+        raise _entry_error(path, name, "entry must have dtype, shape and data_offsets")
     extra = [(k, v) for k, v in info.items() if k not in ENTRY_FIELDS]
     if not all(_json_rules.encodable(k) and _json_rules.within_limits(v, 2) for k, v in extra):
-        raise HeaderError(f"{where}: a field holds what safetensors' parser refuses", filename=path)
+        raise _entry_error(path, name, "a field holds what safetensors' parser refuses")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype not in DTYPE_BITS:
-        raise HeaderError(f"{where}: unsupported dtype {dtype!r}", filename=path)
+        raise _entry_error(path, name, f"unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < DIM_LIMIT for d in shape):
-        raise HeaderError(f"{where}: shape must be a list of integers 0 <= n < 2**63", filename=path)
+        raise _entry_error(path, name, "shape must be a list of integers 0 <= n < 2**63")
     # Its product, left to right, must not overflow even before a 0 makes it 0 (safetensors').
-    if not all(count < COUNT_LIMIT for count in itertools.accumulate(shape, lambda a, b: a * b)):
-        raise HeaderError(f"{where}: shape {shape} overflows 64 bits", filename=path)
+    if not all(count < COUNT_LIMIT for count in itertools.accumulate(shape, operator.mul)):
+        raise _entry_error(path, name, f"shape {shape} overflows 64 bits")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_int(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise HeaderError(f"{where}: data_offsets must be two integers 0 <= begin <= end", filename=path)
-    if (math.prod(shape) * DTYPE_BITS[dtype]) % 8 or (dtype in PACKED_PAIRS and (not shape or shape[-1] % 2)):
-        raise HeaderError(f"{where}: {dtype} x {shape} does not fill whole bytes", filename=path)
-    expected = data_bytes(dtype, shape)
-    if offsets[1] - offsets[0] != expected:
-        raise HeaderError(
-            f"{where}: {offsets[1] - offsets[0]} data bytes do not match "
-            f"{dtype} x {shape} = {expected} bytes",
-            filename=path,
-        )
+        raise _entry_error(path, name, "data_offsets must be two integers 0 <= begin <= end")
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8 or (dtype in PACKED_PAIRS and (not shape or shape[-1] % 2)):
+        raise _entry_error(path, name, f"{dtype} x {shape} does not fill whole bytes")
+    if (got := offsets[1] - offsets[0]) != bits // 8:  # ``data_bytes``
+        raise _entry_error(path, name, f"{got} data bytes do not match {dtype} x {shape} = {bits // 8} bytes")
     return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _entry_error(path: str, name: str, problem: str) -> HeaderError:
+    return HeaderError(f"{path}: tensor {name!r}: {problem}", filename=path)
 
 
 def layout(
