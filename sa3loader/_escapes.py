@@ -50,7 +50,9 @@ HANDS_OUT_MEMORY = frozenset(
 # What each registration (``grad_fn``) and nn.init's fan (``dim``, ``size``) read of a stand-in:
 # metadata of a meta tensor, never drawn (``_watch``'s ``mark``), so the watch's full look would
 # only note an error over a stand-in: these take a short way (922 calls in a DiT's build).
-METADATA_OF = frozenset({torch.Tensor.dim, torch._C.TensorBase.size, torch._C.TensorBase.grad_fn.__get__})
+METADATA_OF = frozenset(
+    {torch.Tensor.dim, torch._C.TensorBase.size, vars(torch._C.TensorBase)["grad_fn"].__get__}
+)
 METADATA_NAMES = frozenset(f.__name__ for f in METADATA_OF)  # looked at first: a name's hash is kept
 
 
