@@ -462,11 +462,10 @@ def _parse_entry(name: str, info: Any, path: str) -> TensorEntry:
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise _entry_error(path, name, "data_offsets must be two integers 0 <= begin <= end")
-    bits = math.prod(shape) * DTYPE_BITS[dtype]
-    if bits % 8 or (dtype in PACKED_PAIRS and (not shape or shape[-1] % 2)):
+    if (math.prod(shape) * DTYPE_BITS[dtype]) % 8 or (dtype in PACKED_PAIRS and (not shape or shape[-1] % 2)):
         raise _entry_error(path, name, f"{dtype} x {shape} does not fill whole bytes")
-    if (got := offsets[1] - offsets[0]) != bits // 8:  # ``data_bytes``
-        raise _entry_error(path, name, f"{got} data bytes do not match {dtype} x {shape} = {bits // 8} bytes")
+    if (got := offsets[1] - offsets[0]) != (expected := data_bytes(dtype, shape)):
+        raise _entry_error(path, name, f"{got} data bytes do not match {dtype} x {shape} = {expected} bytes")
     return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 

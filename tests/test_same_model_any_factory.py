@@ -1113,6 +1113,37 @@ def test_metadata_reads_take_the_short_way_only_where_the_full_look_sees_nothing
     built_as_upstreams(tmp_path, cls, kind, half=True)
 
 
+def test_a_nested_factory_reading_the_outer_stand_ins_metadata_keeps_both_builds_fast(tmp_path):
+    """The short way looks at the stand-in under no torch function mode: an outer load's watch
+    saw its ``is_meta`` as a device read and refused (helper-81's attack)."""
+    inner_ckpt = save(
+        {"lin.weight": torch.randn(2, 3), "lin.bias": torch.randn(2)}, tmp_path / "inner.safetensors"
+    )
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+
+            def width(config):  # the inner factory reads the outer build's stand-in
+                weight = self.a.weight
+                return nn.Sequential(nn.Linear(weight.size(1) if weight.dim() == 2 else 5, 2))
+
+            self.inner = sa3loader.load_diffusion_cond(
+                {}, inner_ckpt, "cpu", False, cache_dir=tmp_path / "ci", model_factory=width
+            )
+
+    torch.manual_seed(0)
+    outer_state = {"a.weight": torch.randn(3, 3), "a.bias": torch.randn(3)}
+    outer_state.update({"inner.0.weight": torch.randn(2, 3), "inner.0.bias": torch.randn(2)})
+    ckpt = save(outer_state, tmp_path / "outer.safetensors")
+    sa3loader.load_diffusion_cond(
+        {}, ckpt, "cpu", False, cache_dir=tmp_path / "c", model_factory=lambda c: Outer()
+    )
+    info = sa3loader.last_load_info()
+    assert info.build == "fast", info.fallback
+
+
 def test_torchs_refusal_wrapped_any_number_of_times_or_caught_builds_upstreams_way(tmp_path):
     """A constructor that catches torch's refusal of a stand-in's data and then fails, or wraps
     it in nine layers of ``raise ... from``: the faithful build runs, as upstream's would."""
